@@ -1,0 +1,185 @@
+//! The YAML document's shape: serde DTOs, kept apart from the domain model they convert into.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConfigDoc {
+    /// ISO-8601 duration; how long a hold lives unsettled. Default `PT5M`.
+    #[serde(default)]
+    pub hold_ttl: Option<String>,
+    pub entity_types: Vec<EntityTypeDto>,
+    #[serde(default)]
+    pub attribution: Vec<AttributionDto>,
+    pub features: Vec<FeatureDto>,
+    #[serde(default)]
+    pub prices: Vec<PriceTableDto>,
+    #[serde(default)]
+    pub customers: Vec<CustomerDto>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EntityTypeDto {
+    pub name: String,
+    #[serde(default)]
+    pub parents: Vec<String>,
+    #[serde(default)]
+    pub dimensional: bool,
+    #[serde(default)]
+    pub dimension: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum OnUnknownDto {
+    #[default]
+    Reject,
+    Create,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AttributionDto {
+    pub dimension: String,
+    pub entity_type: String,
+    #[serde(default)]
+    pub on_unknown: OnUnknownDto,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PerDto {
+    Request,
+    Price,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AlsoDrawDto {
+    pub feature: String,
+    pub per: PerDto,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FeatureDto {
+    pub id: String,
+    #[serde(default)]
+    pub also_draws: Vec<AlsoDrawDto>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModelPriceDto {
+    #[serde(rename = "match")]
+    pub pattern: String,
+    pub input_per_million: u64,
+    pub output_per_million: u64,
+    #[serde(default)]
+    pub cached_per_million: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PriceTableDto {
+    pub version: String,
+    pub effective_from: DateTime<Utc>,
+    pub models: Vec<ModelPriceDto>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EntityDto {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub entity_type: String,
+    #[serde(default)]
+    pub parent: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum KindDto {
+    Rate,
+    Quota,
+    Concurrency,
+    Credits,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ModeDto {
+    #[default]
+    Enforce,
+    Soft,
+    Shadow,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LimitDto {
+    pub id: String,
+    #[serde(default)]
+    pub entity: Option<String>,
+    #[serde(default)]
+    pub entity_type: Option<String>,
+    pub feature: String,
+    pub kind: KindDto,
+    #[serde(default)]
+    pub limit: Option<u64>,
+    #[serde(default)]
+    pub window: Option<String>,
+    #[serde(default)]
+    pub period: Option<String>,
+    #[serde(default)]
+    pub anchor: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub pool_by: Option<String>,
+    #[serde(default)]
+    pub scope: BTreeMap<String, String>,
+    #[serde(default)]
+    pub mode: ModeDto,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum CategoryDto {
+    Paid,
+    Promo,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrantDto {
+    pub id: String,
+    pub entity: String,
+    pub feature: String,
+    #[serde(default)]
+    pub pool: Option<String>,
+    pub amount: u64,
+    #[serde(default)]
+    pub priority: u32,
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
+    pub category: CategoryDto,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CustomerDto {
+    pub id: String,
+    #[serde(default)]
+    pub max_auto_entities: Option<u32>,
+    #[serde(default)]
+    pub entities: Vec<EntityDto>,
+    #[serde(default)]
+    pub auto_create_parents: BTreeMap<String, String>,
+    #[serde(default)]
+    pub limits: Vec<LimitDto>,
+    #[serde(default)]
+    pub grants: Vec<GrantDto>,
+}

@@ -1,0 +1,121 @@
+//! What a decision answers: granted or not, the hold, the per-level chain and the denial.
+
+use std::fmt;
+use std::str::FromStr;
+
+use super::Timestamp;
+use super::model::Mode;
+
+/// A hold (reservation) id: the customer and a per-customer sequence number. Carrying the
+/// customer lets any store find the hold's shard (or Redis hash slot) without a global index.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HoldId {
+    pub customer: String,
+    pub seq: u64,
+}
+
+impl fmt::Display for HoldId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.customer, self.seq)
+    }
+}
+
+/// Why a string is not a hold id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a hold id; expected `<customerId>:<number>`")]
+pub struct ParseHoldIdError(pub String);
+
+impl FromStr for HoldId {
+    type Err = ParseHoldIdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ParseHoldIdError(s.chars().take(200).collect());
+        let (customer, seq) = s.rsplit_once(':').ok_or_else(err)?;
+        if customer.is_empty() {
+            return Err(err());
+        }
+        let seq = seq.parse::<u64>().map_err(|_| err())?;
+        Ok(Self { customer: customer.to_string(), seq })
+    }
+}
+
+/// One limit on one level of the chain, as it stood for this decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainEntry {
+    /// 0 is the leaf (the most specific entity); the last level is the root.
+    pub level: usize,
+    pub entity_id: String,
+    pub entity_type: String,
+    pub limit_id: String,
+    pub feature_id: String,
+    pub kind: &'static str,
+    pub mode: Mode,
+    /// What this decision asked of the limit (units, or 1 for a concurrency slot).
+    pub requested: u64,
+    pub usage_limit: u64,
+    /// Usage counted, including open holds; after this decision's hold when it was granted.
+    pub current_usage: u64,
+    pub remaining: u64,
+    /// When `remaining` next grows: the period end, the oldest units leaving a rolling
+    /// window, or the soonest grant expiry for credits. `None` when nothing is scheduled.
+    pub reset_at: Option<Timestamp>,
+    /// The request did not fit this limit. On an `enforce` limit that denies; on `soft` and
+    /// `shadow` it is recorded and the request goes on.
+    pub exceeded: bool,
+}
+
+/// Which limit blocked a denied decision, and when to retry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub level: usize,
+    pub entity_id: String,
+    pub limit_id: String,
+    pub kind: &'static str,
+    pub reason: String,
+    /// The earliest time the same request could pass, if known. `None` when it depends on
+    /// something else (a slot freed, a grant added) or can never pass.
+    pub retry_at: Option<Timestamp>,
+}
+
+/// The answer to `check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub granted: bool,
+    /// Present when granted and not a dry run, and some limit applied.
+    pub hold_id: Option<HoldId>,
+    pub dry_run: bool,
+    /// No limit applied to this request: it is allowed, and says so.
+    pub no_matching_limit: bool,
+    pub chain: Vec<ChainEntry>,
+    pub denial: Option<Denial>,
+}
+
+impl Decision {
+    /// Soft or shadow limits this request exceeded without being denied.
+    pub fn would_deny(&self) -> impl Iterator<Item = &ChainEntry> {
+        self.chain.iter().filter(|e| e.exceeded && e.mode != Mode::Enforce)
+    }
+
+    /// The entry with the least remaining: the figure to put in `RateLimit-*` headers.
+    pub fn tightest(&self) -> Option<&ChainEntry> {
+        if let Some(d) = &self.denial {
+            return self.chain.iter().find(|e| e.level == d.level && e.limit_id == d.limit_id);
+        }
+        self.chain.iter().filter(|e| e.mode == Mode::Enforce).min_by_key(|e| e.remaining)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hold_ids_round_trip_and_reject_garbage() {
+        let id = HoldId { customer: "acme:eu".into(), seq: 42 };
+        assert_eq!(id.to_string(), "acme:eu:42");
+        assert_eq!("acme:eu:42".parse::<HoldId>().unwrap(), id);
+        for bad in ["", "acme", ":1", "acme:x", "acme:-1"] {
+            assert!(bad.parse::<HoldId>().is_err(), "{bad} parsed");
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! One customer's counters, open holds and hold expiry: the "check all, then hold all" step
+//! and settlement, as plain data. In-process stores wrap one ledger per customer in a lock.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::collections::hash_map::Entry;
+
+use rustc_hash::FxHashMap;
+
+use super::counter::{self, CounterKey, CounterSpec, CounterState, HoldMark};
+use super::credits::GrantBalance;
+use super::model::Mode;
+use super::plan::{AmountRule, Plan, Usage};
+use super::{HoldId, Timestamp};
+
+/// What one hold placed on one counter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HoldPart {
+    pub key: CounterKey,
+    pub spec: CounterSpec,
+    pub mark: HoldMark,
+    pub held: u64,
+    pub rule: AmountRule,
+}
+
+/// An open hold.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hold {
+    pub expires_at: Timestamp,
+    pub parts: Vec<HoldPart>,
+}
+
+/// The result of [`Ledger::reserve`]; see `store::Reservation`.
+pub type Reservation = crate::store::Reservation;
+
+/// How a hold was closed, for callers that record events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closing<'a> {
+    Settle(&'a Usage),
+    Release,
+}
+
+/// One customer's state.
+#[derive(Debug, Default, Clone)]
+pub struct Ledger {
+    counters: FxHashMap<CounterKey, CounterState>,
+    holds: FxHashMap<u64, Hold>,
+    /// Expiry times of holds; entries of holds closed earlier are skipped when they surface.
+    expiry: BinaryHeap<Reverse<(Timestamp, u64)>>,
+    /// The next hold number. Hold numbers only grow, so any number below this one that is not
+    /// open was closed: that is what makes settlement idempotent without remembering it.
+    next_seq: u64,
+}
+
+impl Ledger {
+    pub fn counter_count(&self) -> usize {
+        self.counters.len()
+    }
+
+    pub fn open_holds(&self) -> usize {
+        self.holds.len()
+    }
+
+    pub fn hold(&self, seq: u64) -> Option<&Hold> {
+        self.holds.get(&seq)
+    }
+
+    /// Checks every counter of `plan` and, if every enforcing one fits and `hold` is set,
+    /// holds on all of them. Due holds are expired first so the readings are current.
+    pub fn reserve(&mut self, plan: &Plan, hold: bool, now: Timestamp) -> Reservation {
+        self.expire_due(now);
+        let mut readings: Vec<_> = plan
+            .counters
+            .iter()
+            .map(|c| counter::read(&c.spec, self.counters.get(&c.key), c.amount, now))
+            .collect();
+        let blocking = plan
+            .counters
+            .iter()
+            .zip(&readings)
+            .position(|(c, r)| c.mode == Mode::Enforce && !r.fits);
+        if blocking.is_some() || !hold || plan.counters.is_empty() {
+            return Reservation { readings, blocking, hold: None };
+        }
+        let seq = self.next_seq.max(1);
+        self.next_seq = seq + 1;
+        let mut parts = Vec::with_capacity(plan.counters.len());
+        for (c, reading) in plan.counters.iter().zip(readings.iter_mut()) {
+            let state = match self.counters.entry(c.key) {
+                Entry::Occupied(o) => Some(o.into_mut()),
+                Entry::Vacant(v) => CounterState::fresh(&c.spec, now).map(|s| v.insert(s)),
+            };
+            let mark = match state {
+                Some(state) => {
+                    let mark = counter::hold(&c.spec, state, c.amount, now);
+                    let after = counter::read(&c.spec, Some(state), 0, now);
+                    *reading = counter::Reading { fits: reading.fits, retry_at: reading.retry_at, ..after };
+                    mark
+                }
+                None => HoldMark::Nothing,
+            };
+            parts.push(HoldPart {
+                key: c.key,
+                spec: c.spec.clone(),
+                mark,
+                held: c.amount,
+                rule: c.rule.clone(),
+            });
+        }
+        let expires_at = now.plus_millis(plan.hold_ttl_millis);
+        self.holds.insert(seq, Hold { expires_at, parts });
+        self.expiry.push(Reverse((expires_at, seq)));
+        Reservation {
+            readings,
+            blocking: None,
+            hold: Some(HoldId { customer: plan.customer_id.clone(), seq }),
+        }
+    }
+
+    /// Settles or releases hold `seq`. `Some(true)` if this call closed it, `Some(false)` if it
+    /// was already closed, `None` if no such hold was ever placed.
+    pub fn close(&mut self, seq: u64, how: Closing<'_>, now: Timestamp) -> Option<bool> {
+        let Some(hold) = self.holds.remove(&seq) else {
+            return (seq > 0 && seq < self.next_seq).then_some(false);
+        };
+        for part in &hold.parts {
+            let Some(state) = self.counters.get_mut(&part.key) else { continue };
+            match how {
+                Closing::Settle(actual) => {
+                    counter::settle(state, &part.mark, part.held, part.rule.amount(actual), now)
+                }
+                Closing::Release => counter::release(state, &part.mark, part.held, now),
+            }
+        }
+        Some(true)
+    }
+
+    /// Commits every hold whose TTL has passed at its held amount. Returns how many.
+    pub fn expire_due(&mut self, now: Timestamp) -> usize {
+        let mut expired = 0;
+        while let Some(Reverse((at, seq))) = self.expiry.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.expiry.pop();
+            let Some(hold) = self.holds.remove(&seq) else { continue };
+            for part in &hold.parts {
+                if let Some(state) = self.counters.get_mut(&part.key) {
+                    counter::expire(state, &part.mark);
+                }
+            }
+            expired += 1;
+        }
+        expired
+    }
+
+    /// The earliest expiry still pending, if any (a hint for sweepers).
+    pub fn next_expiry(&self) -> Option<Timestamp> {
+        self.expiry.peek().map(|Reverse((at, _))| *at)
+    }
+
+    pub fn add_grant(&mut self, pool: CounterKey, grant: GrantBalance) -> bool {
+        let state = self
+            .counters
+            .entry(pool)
+            .or_insert_with(|| CounterState::Credits(Box::default()));
+        match state {
+            CounterState::Credits(p) => p.add_grant(grant),
+            _ => false,
+        }
+    }
+
+    pub fn counted(&self, key: CounterKey, spec: &CounterSpec, now: Timestamp) -> Option<u64> {
+        self.counters.get(&key).map(|s| counter::counted(spec, s, now))
+    }
+}

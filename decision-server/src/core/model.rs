@@ -1,0 +1,239 @@
+//! The domain model: customers, entity types and trees, attribution, features, limits, grants
+//! and prices. Built once from config (see `crate::config`) and shared immutably.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::period::CalendarPeriod;
+use super::symbols::{Sym, Symbols};
+use super::window::RollingWindow;
+use super::Timestamp;
+
+/// Whether a limit may deny.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Denies when exceeded.
+    Enforce,
+    /// Never denies; an exceeded limit raises an alert.
+    Soft,
+    /// Never denies; an exceeded limit is logged as a would-deny.
+    Shadow,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Soft => "soft",
+            Mode::Shadow => "shadow",
+        }
+    }
+}
+
+/// What a limit bounds, and how.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LimitKind {
+    /// At most `limit` units in any rolling window.
+    Rate { limit: u64, window: RollingWindow },
+    /// At most `limit` units per calendar period; resets at the period boundary.
+    Quota { limit: u64, period: CalendarPeriod },
+    /// At most `limit` requests in flight.
+    Concurrency { limit: u32 },
+    /// A balance fed by grants. `pool_by` names the dimension whose value selects an isolated
+    /// pool (for example `apiKey`); without it the holder has one pool.
+    Credits { pool_by: Option<String> },
+}
+
+impl LimitKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            LimitKind::Rate { .. } => "rate",
+            LimitKind::Quota { .. } => "quota",
+            LimitKind::Concurrency { .. } => "concurrency",
+            LimitKind::Credits { .. } => "credits",
+        }
+    }
+}
+
+/// Which entities a limit applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitTarget {
+    /// One entity of the customer's tree.
+    Entity(Sym),
+    /// Every entity of this type, each with its own counter.
+    EntityType(usize),
+}
+
+/// A limit (assignment) of one customer.
+#[derive(Debug, Clone)]
+pub struct Limit {
+    pub id: String,
+    pub sym: Sym,
+    pub feature: usize,
+    pub target: LimitTarget,
+    /// Dimension filters: the limit applies only when every named dimension matches its pattern.
+    pub scope: Vec<(String, glob::Pattern)>,
+    pub kind: LimitKind,
+    pub mode: Mode,
+}
+
+impl Limit {
+    /// Whether the request's dimensions fall inside this limit's scope. A scoped dimension that
+    /// the request does not carry does not match.
+    pub fn in_scope(&self, dimensions: &HashMap<String, String>) -> bool {
+        self.scope.iter().all(|(dim, pattern)| {
+            dimensions.get(dim).is_some_and(|value| pattern.matches(value))
+        })
+    }
+}
+
+/// A declared entity type.
+#[derive(Debug, Clone)]
+pub struct EntityType {
+    pub name: String,
+    /// Types an entity of this type may hang under. Empty for a root type.
+    pub parents: Vec<usize>,
+    /// Dimensional types (model, endpoint, region...) are not in the tree; they scope limits.
+    pub dimensional: bool,
+    /// For a dimensional type: the request dimension that carries its value.
+    pub dimension: Option<String>,
+}
+
+/// What to do with a dimension value naming an entity that does not exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUnknown {
+    Reject,
+    /// Create it under the nearest resolved ancestor, or under the customer's default parent
+    /// for its type. Bounded per customer by `max_auto_entities`.
+    Create,
+}
+
+/// Maps one request dimension to entities of one type.
+#[derive(Debug, Clone)]
+pub struct Attribution {
+    pub dimension: String,
+    pub entity_type: usize,
+    pub on_unknown: OnUnknown,
+}
+
+/// How a check of one feature also draws on another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrawRule {
+    /// One unit per request, whatever the usage.
+    PerRequest,
+    /// The usage priced through the price table.
+    Priced,
+}
+
+/// A metered capability.
+#[derive(Debug, Clone)]
+pub struct Feature {
+    pub id: String,
+    /// Other features a check of this one draws on, and how.
+    pub also_draws: Vec<(usize, DrawRule)>,
+}
+
+/// Paid credits are spent after promotional ones of the same priority and expiry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum GrantCategory {
+    Promo,
+    Paid,
+}
+
+/// A credit grant as declared.
+#[derive(Debug, Clone)]
+pub struct GrantSpec {
+    pub id: String,
+    pub entity: Sym,
+    pub feature: usize,
+    pub pool: Option<String>,
+    pub amount: u64,
+    pub priority: u32,
+    pub expires_at: Option<Timestamp>,
+    pub category: GrantCategory,
+}
+
+/// Prices of one model pattern, in the credit feature's units per million tokens.
+#[derive(Debug, Clone)]
+pub struct ModelPrice {
+    pub pattern: glob::Pattern,
+    pub input_per_million: u64,
+    pub output_per_million: u64,
+    pub cached_per_million: u64,
+}
+
+/// One version of the price table.
+#[derive(Debug, Clone)]
+pub struct PriceTable {
+    pub version: String,
+    pub effective_from: Timestamp,
+    pub models: Vec<ModelPrice>,
+}
+
+/// A node of a customer's entity tree.
+#[derive(Debug, Clone)]
+pub struct EntityNode {
+    pub id: String,
+    pub entity_type: usize,
+    pub parent: Option<Sym>,
+}
+
+/// One customer: its tree, its limits and its grants.
+#[derive(Debug, Clone)]
+pub struct CustomerModel {
+    pub id: String,
+    pub sym: Sym,
+    pub entities: HashMap<Sym, EntityNode>,
+    /// The single root of the tree; a request that names no entity is charged here.
+    pub root: Option<Sym>,
+    pub limits: Vec<Limit>,
+    pub limits_by_entity: HashMap<Sym, Vec<usize>>,
+    pub limits_by_type: HashMap<usize, Vec<usize>>,
+    pub grants: Vec<GrantSpec>,
+    /// Default parent entity, per entity type, for auto-created entities.
+    pub auto_parents: HashMap<usize, Sym>,
+    pub max_auto_entities: u32,
+}
+
+/// Everything a decision reads. Immutable; a reload builds a new one.
+#[derive(Debug)]
+pub struct Model {
+    pub symbols: Arc<Symbols>,
+    pub entity_types: Vec<EntityType>,
+    pub attribution: Vec<Attribution>,
+    pub features: Vec<Feature>,
+    pub feature_index: HashMap<String, usize>,
+    pub prices: Vec<PriceTable>,
+    pub customers: HashMap<String, CustomerModel>,
+    /// How long a hold lives before it is committed at its held amount.
+    pub hold_ttl_millis: i64,
+}
+
+impl Model {
+    pub fn customer(&self, id: &str) -> Option<&CustomerModel> {
+        self.customers.get(id)
+    }
+
+    pub fn feature(&self, id: &str) -> Option<usize> {
+        self.feature_index.get(id).copied()
+    }
+
+    /// The price table in force at `now`: the latest whose `effective_from` has passed.
+    pub fn price_table_at(&self, now: Timestamp) -> Option<&PriceTable> {
+        self.prices.iter().filter(|t| t.effective_from <= now).max_by_key(|t| t.effective_from)
+    }
+}
+
+impl CustomerModel {
+    /// The credits limit that holds `entity`'s balance of `feature`: one on the entity itself,
+    /// else one on its type.
+    pub fn credits_limit_for(&self, entity: Sym, feature: usize) -> Option<&Limit> {
+        let entity_type = self.entities.get(&entity).map(|n| n.entity_type);
+        let on_entity = self.limits_by_entity.get(&entity).into_iter().flatten();
+        let on_type = entity_type.and_then(|t| self.limits_by_type.get(&t)).into_iter().flatten();
+        on_entity
+            .chain(on_type)
+            .filter_map(|i| self.limits.get(*i))
+            .find(|l| l.feature == feature && matches!(l.kind, LimitKind::Credits { .. }))
+    }
+}

@@ -1,0 +1,478 @@
+//! Hierarchy resolution: from a request's customer, feature and dimensions to the chain of
+//! entities (leaf to root) and every counter the decision must check and hold.
+
+use std::collections::HashMap;
+
+use dashmap::DashMap;
+
+use super::counter::{CounterKey, CounterSpec};
+use super::model::{CustomerModel, DrawRule, Limit, LimitKind, Mode, Model, ModelPrice, OnUnknown};
+use super::symbols::Sym;
+use super::Timestamp;
+
+/// Token counts of one call, for pricing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TokenCounts {
+    pub input: u64,
+    pub output: u64,
+    pub cached: u64,
+}
+
+/// Usage asked for at check time, or reported at settlement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    /// Units of the checked feature.
+    pub units: u64,
+    /// The token breakdown, when known; it prices credits precisely.
+    pub tokens: Option<TokenCounts>,
+}
+
+impl Usage {
+    pub fn units(units: u64) -> Self {
+        Self { units, tokens: None }
+    }
+}
+
+/// How a counter's amount follows the usage, so settlement can recompute it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AmountRule {
+    /// The feature's own units.
+    Units,
+    /// One per request (also every concurrency slot), whatever the usage.
+    PerRequest,
+    /// Usage priced by this model price, in the credit feature's units.
+    Priced(PriceSnapshot),
+}
+
+/// The per-million prices a hold was priced with; kept so settlement uses the same version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PriceSnapshot {
+    pub input_per_million: u64,
+    pub output_per_million: u64,
+    pub cached_per_million: u64,
+}
+
+impl From<&ModelPrice> for PriceSnapshot {
+    fn from(p: &ModelPrice) -> Self {
+        Self {
+            input_per_million: p.input_per_million,
+            output_per_million: p.output_per_million,
+            cached_per_million: p.cached_per_million,
+        }
+    }
+}
+
+impl PriceSnapshot {
+    /// Credits for `usage`, rounded up. Without a token breakdown every unit is priced at the
+    /// dearest rate: a hold must not under-reserve, and settlement corrects it.
+    pub fn price(&self, usage: &Usage) -> u64 {
+        let micro = match usage.tokens {
+            Some(t) => {
+                u128::from(t.input) * u128::from(self.input_per_million)
+                    + u128::from(t.output) * u128::from(self.output_per_million)
+                    + u128::from(t.cached) * u128::from(self.cached_per_million)
+            }
+            None => {
+                let dearest = self
+                    .input_per_million
+                    .max(self.output_per_million)
+                    .max(self.cached_per_million);
+                u128::from(usage.units) * u128::from(dearest)
+            }
+        };
+        u64::try_from(micro.div_ceil(1_000_000)).unwrap_or(u64::MAX)
+    }
+}
+
+impl AmountRule {
+    pub fn amount(&self, usage: &Usage) -> u64 {
+        match self {
+            AmountRule::Units => usage.units,
+            AmountRule::PerRequest => 1,
+            AmountRule::Priced(p) => p.price(usage),
+        }
+    }
+}
+
+/// One level of the resolved chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainLevel {
+    pub entity: Sym,
+    pub entity_id: String,
+    pub entity_type: String,
+}
+
+/// One counter a decision checks and holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedCounter {
+    pub level: usize,
+    pub key: CounterKey,
+    pub spec: CounterSpec,
+    pub mode: Mode,
+    pub amount: u64,
+    pub rule: AmountRule,
+    pub limit_id: String,
+    pub feature_id: String,
+    pub kind: &'static str,
+}
+
+/// Everything a store needs to decide one request atomically.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub customer: Sym,
+    pub customer_id: String,
+    pub chain: Vec<ChainLevel>,
+    pub counters: Vec<PlannedCounter>,
+    pub usage: Usage,
+    pub hold_ttl_millis: i64,
+}
+
+/// Why a request could not be resolved to a chain. None of these changes any counter.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("unknown customer `{0}`")]
+    UnknownCustomer(String),
+    #[error("unknown feature `{0}`")]
+    UnknownFeature(String),
+    #[error("dimension `{dimension}` names entity `{value}`, which customer `{customer}` does not have")]
+    UnknownEntity { customer: String, dimension: String, value: String },
+    #[error("dimension `{dimension}` names entity `{value}`, which is a `{actual}`, not a `{expected}`")]
+    WrongEntityType { dimension: String, value: String, expected: String, actual: String },
+    #[error("dimensions disagree: `{a}` is not under `{b}` in customer `{customer}`'s tree")]
+    InconsistentDimensions { customer: String, a: String, b: String },
+    #[error("cannot create entity `{value}` (dimension `{dimension}`): customer `{customer}` has no default parent for type `{entity_type}` and no ancestor was given")]
+    NoDefaultParent { customer: String, dimension: String, value: String, entity_type: String },
+    #[error("cannot create entity `{value}`: customer `{customer}` already has {max} auto-created entities, the configured maximum")]
+    AutoEntityLimit { customer: String, value: String, max: u32 },
+    #[error("more than one dimension names an unknown entity ({0}); at most one entity is created per request")]
+    SeveralUnknown(String),
+    #[error("no price for model `{model}` in the price table in force, needed by limit `{limit}`")]
+    NoPrice { model: String, limit: String },
+    #[error("dimension `{0}` is longer than 256 bytes")]
+    ValueTooLong(String),
+}
+
+/// Entities created on the fly for `on_unknown: create`, per customer, with a cap each so that a
+/// flood of random ids cannot exhaust memory.
+#[derive(Debug, Default)]
+pub struct AutoEntities {
+    by_customer: DashMap<Sym, HashMap<Sym, AutoEntity>>,
+}
+
+/// An entity created on the fly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AutoEntity {
+    pub entity_type: usize,
+    pub parent: Sym,
+}
+
+impl AutoEntities {
+    pub fn count(&self, customer: Sym) -> usize {
+        self.by_customer.get(&customer).map_or(0, |m| m.len())
+    }
+}
+
+const MAX_VALUE_LEN: usize = 256;
+
+/// A resolved dimension: a known entity or one to create.
+enum Resolved {
+    Known(Sym),
+    Unknown { dimension: String, value: String, entity_type: usize },
+}
+
+impl Model {
+    /// Resolves a request to its plan. Reads the model; writes nothing but, for
+    /// `on_unknown: create`, the bounded registry of auto-created entities.
+    pub fn plan(
+        &self,
+        auto: &AutoEntities,
+        customer_id: &str,
+        feature_id: &str,
+        usage: Usage,
+        dimensions: &HashMap<String, String>,
+        now: Timestamp,
+    ) -> Result<Plan, PlanError> {
+        let customer = self
+            .customer(customer_id)
+            .ok_or_else(|| PlanError::UnknownCustomer(truncate(customer_id)))?;
+        let feature =
+            self.feature(feature_id).ok_or_else(|| PlanError::UnknownFeature(truncate(feature_id)))?;
+        if let Some((k, _)) = dimensions.iter().find(|(_, v)| v.len() > MAX_VALUE_LEN) {
+            return Err(PlanError::ValueTooLong(truncate(k)));
+        }
+        let chain = self.resolve_chain(auto, customer, dimensions)?;
+        let mut counters = Vec::new();
+        for (level, node) in chain.iter().enumerate() {
+            let entity_type = self.entity_type_of(customer, auto, node.entity);
+            let by_entity = customer.limits_by_entity.get(&node.entity).into_iter().flatten();
+            let by_type = entity_type
+                .and_then(|t| customer.limits_by_type.get(&t))
+                .into_iter()
+                .flatten();
+            for li in by_entity.chain(by_type) {
+                let Some(limit) = customer.limits.get(*li) else { continue };
+                if !limit.in_scope(dimensions) {
+                    continue;
+                }
+                let rule = if limit.feature == feature {
+                    AmountRule::Units
+                } else if let Some((_, draw)) = self
+                    .features
+                    .get(feature)
+                    .and_then(|f| f.also_draws.iter().find(|(f2, _)| *f2 == limit.feature))
+                {
+                    match draw {
+                        DrawRule::PerRequest => AmountRule::PerRequest,
+                        DrawRule::Priced => AmountRule::Priced(self.price_for(limit, dimensions, now)?),
+                    }
+                } else {
+                    continue;
+                };
+                let rule = if matches!(limit.kind, LimitKind::Concurrency { .. }) {
+                    AmountRule::PerRequest
+                } else {
+                    rule
+                };
+                counters.push(self.planned(level, node.entity, limit, rule, &usage, dimensions));
+            }
+        }
+        Ok(Plan {
+            customer: customer.sym,
+            customer_id: customer.id.clone(),
+            chain,
+            counters,
+            usage,
+            hold_ttl_millis: self.hold_ttl_millis,
+        })
+    }
+
+    fn planned(
+        &self,
+        level: usize,
+        entity: Sym,
+        limit: &Limit,
+        rule: AmountRule,
+        usage: &Usage,
+        dimensions: &HashMap<String, String>,
+    ) -> PlannedCounter {
+        let mut partition = None;
+        let spec = match &limit.kind {
+            LimitKind::Rate { limit, window } => CounterSpec::Rate { limit: *limit, window: *window },
+            LimitKind::Quota { limit, period } => {
+                CounterSpec::Quota { limit: *limit, period: period.clone() }
+            }
+            LimitKind::Concurrency { limit } => CounterSpec::Concurrency { limit: *limit },
+            LimitKind::Credits { pool_by: None } => CounterSpec::Credits { pool_known: true },
+            LimitKind::Credits { pool_by: Some(dim) } => {
+                // Pool names are interned only when a grant creates the pool, so a request
+                // naming an unheard-of pool allocates nothing and finds an empty balance.
+                partition = dimensions.get(dim).and_then(|v| self.symbols.get(v));
+                CounterSpec::Credits { pool_known: partition.is_some() }
+            }
+        };
+        PlannedCounter {
+            level,
+            key: CounterKey { entity, limit: limit.sym, partition },
+            spec,
+            mode: limit.mode,
+            amount: rule.amount(usage),
+            rule,
+            limit_id: limit.id.clone(),
+            feature_id: self.features.get(limit.feature).map(|f| f.id.clone()).unwrap_or_default(),
+            kind: limit.kind.name(),
+        }
+    }
+
+    fn price_for(
+        &self,
+        limit: &Limit,
+        dimensions: &HashMap<String, String>,
+        now: Timestamp,
+    ) -> Result<PriceSnapshot, PlanError> {
+        let model = dimensions.get("model").map(String::as_str).unwrap_or("");
+        self.price_table_at(now)
+            .and_then(|t| t.models.iter().find(|p| p.pattern.matches(model)))
+            .map(PriceSnapshot::from)
+            .ok_or_else(|| PlanError::NoPrice { model: truncate(model), limit: limit.id.clone() })
+    }
+
+    fn entity_type_of(&self, customer: &CustomerModel, auto: &AutoEntities, e: Sym) -> Option<usize> {
+        customer.entities.get(&e).map(|n| n.entity_type).or_else(|| {
+            auto.by_customer.get(&customer.sym).and_then(|m| m.get(&e).map(|a| a.entity_type))
+        })
+    }
+
+    fn parent_of(&self, customer: &CustomerModel, auto: &AutoEntities, e: Sym) -> Option<Sym> {
+        match customer.entities.get(&e) {
+            Some(n) => n.parent,
+            None => auto.by_customer.get(&customer.sym).and_then(|m| m.get(&e).map(|a| a.parent)),
+        }
+    }
+
+    /// Ancestors of `leaf`, leaf first. Bounded by the tree size, so a cycle (which config
+    /// validation rules out) cannot loop forever.
+    fn ancestors(&self, customer: &CustomerModel, auto: &AutoEntities, leaf: Sym) -> Vec<Sym> {
+        let mut out = vec![leaf];
+        let mut cur = leaf;
+        while let Some(p) = self.parent_of(customer, auto, cur) {
+            if out.len() > customer.entities.len() + 1 {
+                break;
+            }
+            out.push(p);
+            cur = p;
+        }
+        out
+    }
+
+    fn resolve_chain(
+        &self,
+        auto: &AutoEntities,
+        customer: &CustomerModel,
+        dimensions: &HashMap<String, String>,
+    ) -> Result<Vec<ChainLevel>, PlanError> {
+        let mut resolved = Vec::new();
+        for rule in &self.attribution {
+            let Some(value) = dimensions.get(&rule.dimension) else { continue };
+            let sym = self.symbols.get(value);
+            let known_type = sym.and_then(|s| self.entity_type_of(customer, auto, s));
+            match (sym, known_type) {
+                (Some(s), Some(t)) if t == rule.entity_type => resolved.push(Resolved::Known(s)),
+                (Some(_), Some(t)) => {
+                    return Err(PlanError::WrongEntityType {
+                        dimension: rule.dimension.clone(),
+                        value: truncate(value),
+                        expected: self.type_name(rule.entity_type),
+                        actual: self.type_name(t),
+                    });
+                }
+                _ if rule.on_unknown == OnUnknown::Reject => {
+                    return Err(PlanError::UnknownEntity {
+                        customer: customer.id.clone(),
+                        dimension: rule.dimension.clone(),
+                        value: truncate(value),
+                    });
+                }
+                _ => resolved.push(Resolved::Unknown {
+                    dimension: rule.dimension.clone(),
+                    value: value.clone(),
+                    entity_type: rule.entity_type,
+                }),
+            }
+        }
+
+        // The deepest known entity; every other known one must be its ancestor.
+        let known: Vec<Sym> = resolved
+            .iter()
+            .filter_map(|r| if let Resolved::Known(s) = r { Some(*s) } else { None })
+            .collect();
+        let mut leaf_chain: Option<Vec<Sym>> = None;
+        for s in &known {
+            let chain = self.ancestors(customer, auto, *s);
+            if leaf_chain.as_ref().is_none_or(|c| chain.len() > c.len()) {
+                leaf_chain = Some(chain);
+            }
+        }
+        if let Some(chain) = &leaf_chain {
+            for s in &known {
+                if !chain.contains(s) {
+                    let leaf = chain.first().copied().unwrap_or(*s);
+                    return Err(PlanError::InconsistentDimensions {
+                        customer: customer.id.clone(),
+                        a: self.symbols.resolve(leaf).to_string(),
+                        b: self.symbols.resolve(*s).to_string(),
+                    });
+                }
+            }
+        }
+
+        let unknown: Vec<(String, String, usize)> = resolved
+            .into_iter()
+            .filter_map(|r| match r {
+                Resolved::Unknown { dimension, value, entity_type } => {
+                    Some((dimension, value, entity_type))
+                }
+                Resolved::Known(_) => None,
+            })
+            .collect();
+        let chain = match (unknown.as_slice(), leaf_chain) {
+            ([], Some(chain)) => chain,
+            ([], None) => customer.root.into_iter().collect(),
+            ([(dimension, value, entity_type)], known_chain) => {
+                let created = self.create(auto, customer, dimension, value, *entity_type, known_chain.as_deref())?;
+                self.ancestors(customer, auto, created)
+            }
+            (many, _) => {
+                let names: Vec<&str> = many.iter().map(|(d, _, _)| d.as_str()).collect();
+                return Err(PlanError::SeveralUnknown(names.join(", ")));
+            }
+        };
+        Ok(chain
+            .into_iter()
+            .map(|e| ChainLevel {
+                entity: e,
+                entity_id: self.symbols.resolve(e).to_string(),
+                entity_type: self
+                    .entity_type_of(customer, auto, e)
+                    .map(|t| self.type_name(t))
+                    .unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    /// Creates (or finds, if another request created it first) an entity for an unknown id.
+    fn create(
+        &self,
+        auto: &AutoEntities,
+        customer: &CustomerModel,
+        dimension: &str,
+        value: &str,
+        entity_type: usize,
+        known_chain: Option<&[Sym]>,
+    ) -> Result<Sym, PlanError> {
+        let allowed = self.entity_types.get(entity_type).map(|t| t.parents.as_slice()).unwrap_or(&[]);
+        // Hang it under the deepest given entity that may be its parent, else the default.
+        let parent = known_chain
+            .and_then(|c| {
+                c.iter().copied().find(|s| {
+                    self.entity_type_of(customer, auto, *s).is_some_and(|t| allowed.contains(&t))
+                })
+            })
+            .or_else(|| customer.auto_parents.get(&entity_type).copied())
+            .ok_or_else(|| PlanError::NoDefaultParent {
+                customer: customer.id.clone(),
+                dimension: dimension.to_string(),
+                value: truncate(value),
+                entity_type: self.type_name(entity_type),
+            })?;
+        let mut registry = auto.by_customer.entry(customer.sym).or_default();
+        if let Some(existing) = self.symbols.get(value).filter(|s| registry.contains_key(s)) {
+            return Ok(existing);
+        }
+        if registry.len() >= customer.max_auto_entities as usize {
+            return Err(PlanError::AutoEntityLimit {
+                customer: customer.id.clone(),
+                value: truncate(value),
+                max: customer.max_auto_entities,
+            });
+        }
+        let sym = self.symbols.intern(value);
+        registry.insert(sym, AutoEntity { entity_type, parent });
+        Ok(sym)
+    }
+
+    fn type_name(&self, t: usize) -> String {
+        self.entity_types.get(t).map(|t| t.name.clone()).unwrap_or_default()
+    }
+}
+
+/// Untrusted values go into error messages at a bounded length.
+fn truncate(s: &str) -> String {
+    if s.len() <= 64 {
+        return s.to_string();
+    }
+    let mut end = 64;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}

@@ -1,0 +1,208 @@
+//! The decision engine: the current model, the counter store and the clock, put together into
+//! `check`, `settle`, `release` and hold expiry.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::clock::Clock;
+use crate::core::counter::CounterKey;
+use crate::core::credits::GrantBalance;
+use crate::core::plan::{AutoEntities, Plan, PlanError, Usage};
+use crate::core::{ChainEntry, Decision, Denial, HoldId, Model};
+use crate::store::{CloseOutcome, CounterStore, CustomerRef, ReserveMode, StoreError};
+
+/// One check request.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckRequest<'a> {
+    pub customer: &'a str,
+    pub feature: &'a str,
+    pub usage: Usage,
+    pub dimensions: &'a HashMap<String, String>,
+    /// Answer as a real check would, and hold nothing.
+    pub dry_run: bool,
+}
+
+/// Why a call failed. A failed call changes no counter.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecisionError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Decisions over one model and one store.
+#[derive(Debug)]
+pub struct Engine {
+    model: ArcSwap<Model>,
+    store: Arc<dyn CounterStore>,
+    clock: Arc<dyn Clock>,
+    auto: AutoEntities,
+}
+
+impl Engine {
+    /// An engine over `store`, with the model's grants added to it (idempotently).
+    pub fn new(
+        model: Model,
+        store: Arc<dyn CounterStore>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, StoreError> {
+        let engine = Self {
+            model: ArcSwap::from_pointee(model),
+            store,
+            clock,
+            auto: AutoEntities::default(),
+        };
+        engine.seed_grants(&engine.model())?;
+        Ok(engine)
+    }
+
+    pub fn model(&self) -> Arc<Model> {
+        self.model.load_full()
+    }
+
+    pub fn store(&self) -> &Arc<dyn CounterStore> {
+        &self.store
+    }
+
+    pub fn now(&self) -> crate::core::Timestamp {
+        self.clock.now()
+    }
+
+    /// Puts a new model in force for the next decision. Counters carry over: they are keyed
+    /// by interned ids, which the new model shares.
+    pub fn replace_model(&self, model: Model) -> Result<(), StoreError> {
+        self.seed_grants(&model)?;
+        self.model.store(Arc::new(model));
+        Ok(())
+    }
+
+    fn seed_grants(&self, model: &Model) -> Result<(), StoreError> {
+        for customer in model.customers.values() {
+            let cref = CustomerRef { sym: customer.sym, id: &customer.id };
+            for g in &customer.grants {
+                let Some(limit) = customer.credits_limit_for(g.entity, g.feature) else { continue };
+                let partition = g.pool.as_deref().map(|p| model.symbols.intern(p));
+                let key = CounterKey { entity: g.entity, limit: limit.sym, partition };
+                let balance = GrantBalance {
+                    id: g.id.clone(),
+                    priority: g.priority,
+                    expires_at: g.expires_at,
+                    category: g.category,
+                    amount: g.amount,
+                    remaining: g.amount,
+                };
+                self.store.add_grant(cref, key, balance)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves the request without touching counters.
+    pub fn plan(&self, req: &CheckRequest<'_>) -> Result<Plan, DecisionError> {
+        let model = self.model.load();
+        Ok(model.plan(&self.auto, req.customer, req.feature, req.usage, req.dimensions, self.clock.now())?)
+    }
+
+    /// Checks every limit on every level of the chain and, if all pass, holds the requested
+    /// usage on all of them in one atomic step.
+    pub fn check(&self, req: &CheckRequest<'_>) -> Result<Decision, DecisionError> {
+        let now = self.clock.now();
+        let model = self.model.load();
+        let plan =
+            model.plan(&self.auto, req.customer, req.feature, req.usage, req.dimensions, now)?;
+        let mode = if req.dry_run { ReserveMode::DryRun } else { ReserveMode::Hold };
+        let cref = CustomerRef { sym: plan.customer, id: &plan.customer_id };
+        let reservation = self.store.reserve(cref, &plan, mode, now)?;
+
+        let chain: Vec<ChainEntry> = plan
+            .counters
+            .iter()
+            .zip(&reservation.readings)
+            .map(|(c, r)| {
+                let level = plan.chain.get(c.level);
+                ChainEntry {
+                    level: c.level,
+                    entity_id: level.map(|l| l.entity_id.clone()).unwrap_or_default(),
+                    entity_type: level.map(|l| l.entity_type.clone()).unwrap_or_default(),
+                    limit_id: c.limit_id.clone(),
+                    feature_id: c.feature_id.clone(),
+                    kind: c.kind,
+                    mode: c.mode,
+                    requested: c.amount,
+                    usage_limit: r.usage_limit,
+                    current_usage: r.current_usage,
+                    remaining: r.remaining,
+                    reset_at: r.reset_at,
+                    exceeded: !r.fits,
+                }
+            })
+            .collect();
+        let denial = reservation.blocking.and_then(|i| {
+            let c = plan.counters.get(i)?;
+            let r = reservation.readings.get(i)?;
+            let entry = chain.get(i)?;
+            Some(Denial {
+                level: c.level,
+                entity_id: entry.entity_id.clone(),
+                limit_id: c.limit_id.clone(),
+                kind: c.kind,
+                reason: format!(
+                    "{} limit `{}` on {} `{}` (chain level {}): {} of {} used, {} requested",
+                    c.kind,
+                    c.limit_id,
+                    entry.entity_type,
+                    entry.entity_id,
+                    c.level,
+                    r.current_usage,
+                    r.usage_limit,
+                    c.amount
+                ),
+                retry_at: r.retry_at,
+            })
+        });
+        Ok(Decision {
+            granted: denial.is_none(),
+            hold_id: reservation.hold,
+            dry_run: req.dry_run,
+            no_matching_limit: plan.counters.is_empty(),
+            chain,
+            denial,
+        })
+    }
+
+    fn customer_ref<'a>(&self, model: &Model, hold: &'a HoldId) -> Result<CustomerRef<'a>, StoreError> {
+        let sym = model
+            .symbols
+            .get(&hold.customer)
+            .ok_or_else(|| StoreError::UnknownHold(hold.to_string()))?;
+        Ok(CustomerRef { sym, id: &hold.customer })
+    }
+
+    /// Corrects every counter of the hold by `actual - held`. Idempotent.
+    pub fn settle(&self, hold: &HoldId, actual: Usage) -> Result<CloseOutcome, DecisionError> {
+        let model = self.model.load();
+        let cref = self.customer_ref(&model, hold)?;
+        Ok(self.store.settle(cref, hold, &actual, self.clock.now())?)
+    }
+
+    /// Undoes the hold. Idempotent.
+    pub fn release(&self, hold: &HoldId) -> Result<CloseOutcome, DecisionError> {
+        let model = self.model.load();
+        let cref = self.customer_ref(&model, hold)?;
+        Ok(self.store.release(cref, hold, self.clock.now())?)
+    }
+
+    /// Commits every hold past its TTL at its held amount.
+    pub fn expire_due(&self) -> Result<usize, DecisionError> {
+        Ok(self.store.expire_due(self.clock.now())?)
+    }
+
+    /// How many entities `customer` has had created on the fly.
+    pub fn auto_created(&self, customer: &str) -> usize {
+        let model = self.model.load();
+        model.customer(customer).map_or(0, |c| self.auto.count(c.sym))
+    }
+}

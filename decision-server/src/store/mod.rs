@@ -1,0 +1,121 @@
+//! The counter-store trait: where counters, holds and credit pools live. One implementation
+//! per backend; every one runs the same arithmetic from `core::counter`.
+
+pub mod memory;
+
+pub use memory::MemoryStore;
+
+use crate::core::counter::{CounterKey, Reading};
+use crate::core::credits::GrantBalance;
+use crate::core::plan::{Plan, Usage};
+use crate::core::{HoldId, Sym, Timestamp};
+
+/// A customer as stores see it: the interned symbol for in-process maps and the id for
+/// anything keyed by text (a Redis `{customerId}` hash tag, a log line).
+#[derive(Debug, Clone, Copy)]
+pub struct CustomerRef<'a> {
+    pub sym: Sym,
+    pub id: &'a str,
+}
+
+/// Whether `reserve` places holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReserveMode {
+    Hold,
+    /// Read every counter and answer as a real check would; change nothing.
+    DryRun,
+}
+
+/// The outcome of the atomic "check every counter, then hold every counter" step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    /// One reading per planned counter, in plan order. After the hold when granted.
+    pub readings: Vec<Reading>,
+    /// The first enforcing counter that did not fit, if any.
+    pub blocking: Option<usize>,
+    pub hold: Option<HoldId>,
+}
+
+/// How an attempt to close a hold went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseOutcome {
+    /// This call closed it.
+    Closed,
+    /// It had already been settled, released or expired; nothing changed.
+    AlreadyClosed,
+}
+
+/// Sizes, for metrics and memory accounting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreStats {
+    pub customers: usize,
+    pub counters: usize,
+    pub holds_open: usize,
+}
+
+/// What can go wrong in a store.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("hold `{0}` does not exist")]
+    UnknownHold(String),
+    #[error("counter store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Counters, holds and credit pools, atomic per customer.
+///
+/// Invariant: every counter one call touches belongs to one customer, so an implementation
+/// needs atomicity per customer only: a lock per customer in memory, a Lua script on one hash
+/// slot (`{customerId}` key tags) in Redis, a transaction in an embedded database.
+pub trait CounterStore: Send + Sync + std::fmt::Debug {
+    /// Reads every counter of `plan`; if every enforcing one fits, holds `amount` on all of
+    /// them, in one atomic step. A denial or a dry run changes nothing.
+    fn reserve(
+        &self,
+        customer: CustomerRef<'_>,
+        plan: &Plan,
+        mode: ReserveMode,
+        now: Timestamp,
+    ) -> Result<Reservation, StoreError>;
+
+    /// Corrects every counter of a hold by `actual - held` and closes it. Idempotent.
+    fn settle(
+        &self,
+        customer: CustomerRef<'_>,
+        hold: &HoldId,
+        actual: &Usage,
+        now: Timestamp,
+    ) -> Result<CloseOutcome, StoreError>;
+
+    /// Undoes a hold entirely. Idempotent.
+    fn release(
+        &self,
+        customer: CustomerRef<'_>,
+        hold: &HoldId,
+        now: Timestamp,
+    ) -> Result<CloseOutcome, StoreError>;
+
+    /// Commits every hold whose TTL has passed at its held amount. Returns how many.
+    fn expire_due(&self, now: Timestamp) -> Result<usize, StoreError>;
+
+    /// Adds a grant to a credit pool, creating the pool. Idempotent by grant id: returns
+    /// `false` if the grant was already there.
+    fn add_grant(
+        &self,
+        customer: CustomerRef<'_>,
+        pool: CounterKey,
+        grant: GrantBalance,
+    ) -> Result<bool, StoreError>;
+
+    /// The units a counter counts now (see `core::counter::counted`), or `None` if it has no
+    /// state. For inspection and invariants, not for decisions.
+    fn counted(
+        &self,
+        customer: CustomerRef<'_>,
+        key: CounterKey,
+        spec: &crate::core::counter::CounterSpec,
+        now: Timestamp,
+    ) -> Result<Option<u64>, StoreError>;
+
+    fn stats(&self) -> StoreStats;
+}
