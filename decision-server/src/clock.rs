@@ -29,7 +29,9 @@ pub struct ManualClock {
 
 impl ManualClock {
     pub fn new(start: Timestamp) -> Self {
-        Self { millis: Arc::new(AtomicI64::new(start.millis())) }
+        Self {
+            millis: Arc::new(AtomicI64::new(start.millis())),
+        }
     }
 
     pub fn set(&self, to: Timestamp) {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::clock::Clock;
-use crate::core::counter::CounterKey;
+use crate::core::counter::{CounterKey, CounterSpec};
 use crate::core::credits::GrantBalance;
 use crate::core::plan::{AutoEntities, Plan, PlanError, Usage};
 use crate::core::{ChainEntry, Decision, Denial, HoldId, Model};
@@ -81,11 +81,20 @@ impl Engine {
 
     fn seed_grants(&self, model: &Model) -> Result<(), StoreError> {
         for customer in model.customers.values() {
-            let cref = CustomerRef { sym: customer.sym, id: &customer.id };
+            let cref = CustomerRef {
+                sym: customer.sym,
+                id: &customer.id,
+            };
             for g in &customer.grants {
-                let Some(limit) = customer.credits_limit_for(g.entity, g.feature) else { continue };
+                let Some(limit) = customer.credits_limit_for(g.entity, g.feature) else {
+                    continue;
+                };
                 let partition = g.pool.as_deref().map(|p| model.symbols.intern(p));
-                let key = CounterKey { entity: g.entity, limit: limit.sym, partition };
+                let key = CounterKey {
+                    entity: g.entity,
+                    limit: limit.sym,
+                    partition,
+                };
                 let balance = GrantBalance {
                     id: g.id.clone(),
                     priority: g.priority,
@@ -103,7 +112,14 @@ impl Engine {
     /// Resolves the request without touching counters.
     pub fn plan(&self, req: &CheckRequest<'_>) -> Result<Plan, DecisionError> {
         let model = self.model.load();
-        Ok(model.plan(&self.auto, req.customer, req.feature, req.usage, req.dimensions, self.clock.now())?)
+        Ok(model.plan(
+            &self.auto,
+            req.customer,
+            req.feature,
+            req.usage,
+            req.dimensions,
+            self.clock.now(),
+        )?)
     }
 
     /// Checks every limit on every level of the chain and, if all pass, holds the requested
@@ -111,10 +127,23 @@ impl Engine {
     pub fn check(&self, req: &CheckRequest<'_>) -> Result<Decision, DecisionError> {
         let now = self.clock.now();
         let model = self.model.load();
-        let plan =
-            model.plan(&self.auto, req.customer, req.feature, req.usage, req.dimensions, now)?;
-        let mode = if req.dry_run { ReserveMode::DryRun } else { ReserveMode::Hold };
-        let cref = CustomerRef { sym: plan.customer, id: &plan.customer_id };
+        let plan = model.plan(
+            &self.auto,
+            req.customer,
+            req.feature,
+            req.usage,
+            req.dimensions,
+            now,
+        )?;
+        let mode = if req.dry_run {
+            ReserveMode::DryRun
+        } else {
+            ReserveMode::Hold
+        };
+        let cref = CustomerRef {
+            sym: plan.customer,
+            id: &plan.customer_id,
+        };
         let reservation = self.store.reserve(cref, &plan, mode, now)?;
 
         let chain: Vec<ChainEntry> = plan
@@ -173,12 +202,19 @@ impl Engine {
         })
     }
 
-    fn customer_ref<'a>(&self, model: &Model, hold: &'a HoldId) -> Result<CustomerRef<'a>, StoreError> {
+    fn customer_ref<'a>(
+        &self,
+        model: &Model,
+        hold: &'a HoldId,
+    ) -> Result<CustomerRef<'a>, StoreError> {
         let sym = model
             .symbols
             .get(&hold.customer)
             .ok_or_else(|| StoreError::UnknownHold(hold.to_string()))?;
-        Ok(CustomerRef { sym, id: &hold.customer })
+        Ok(CustomerRef {
+            sym,
+            id: &hold.customer,
+        })
     }
 
     /// Corrects every counter of the hold by `actual - held`. Idempotent.
@@ -200,9 +236,49 @@ impl Engine {
         Ok(self.store.expire_due(self.clock.now())?)
     }
 
+    /// The units counted now by limit `limit_id` for entity `entity_id` of `customer` (in pool
+    /// `pool` for isolated credit pools). `None` if the limit or entity is unknown or the counter
+    /// has no state yet. For inspection and tests, not for decisions.
+    pub fn counted(
+        &self,
+        customer: &str,
+        entity_id: &str,
+        limit_id: &str,
+        pool: Option<&str>,
+    ) -> Result<Option<u64>, StoreError> {
+        let model = self.model.load();
+        let Some(c) = model.customer(customer) else {
+            return Ok(None);
+        };
+        let Some(limit) = c.limits.iter().find(|l| l.id == limit_id) else {
+            return Ok(None);
+        };
+        let Some(entity) = model.symbols.get(entity_id) else {
+            return Ok(None);
+        };
+        let partition = pool.and_then(|p| model.symbols.get(p));
+        let key = CounterKey {
+            entity,
+            limit: limit.sym,
+            partition,
+        };
+        let spec = CounterSpec::of(&limit.kind, partition.is_some());
+        self.store.counted(
+            CustomerRef {
+                sym: c.sym,
+                id: &c.id,
+            },
+            key,
+            &spec,
+            self.clock.now(),
+        )
+    }
+
     /// How many entities `customer` has had created on the fly.
     pub fn auto_created(&self, customer: &str) -> usize {
         let model = self.model.load();
-        model.customer(customer).map_or(0, |c| self.auto.count(c.sym))
+        model
+            .customer(customer)
+            .map_or(0, |c| self.auto.count(c.sym))
     }
 }

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use tollgate::core::Symbols;
 
 #[derive(Debug, Parser)]
-#[command(name = "tollgate", version, about = "Tollgate usage-governance decision sidecar")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "Tollgate usage-governance decision sidecar"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -27,23 +31,25 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Validate { file } => match tollgate::config::load_file(&file, Arc::new(Symbols::new())) {
-            Ok(model) => {
-                let limits: usize = model.customers.values().map(|c| c.limits.len()).sum();
-                println!(
-                    "{}: ok ({} customers, {} limits, {} features)",
-                    file.display(),
-                    model.customers.len(),
-                    limits,
-                    model.features.len()
-                );
-                ExitCode::SUCCESS
+        Command::Validate { file } => {
+            match tollgate::config::load_file(&file, Arc::new(Symbols::new())) {
+                Ok(model) => {
+                    let limits: usize = model.customers.values().map(|c| c.limits.len()).sum();
+                    println!(
+                        "{}: ok ({} customers, {} limits, {} features)",
+                        file.display(),
+                        model.customers.len(),
+                        limits,
+                        model.features.len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    eprintln!("{}: {} problem(s) found", file.display(), errors.0.len());
+                    ExitCode::FAILURE
+                }
             }
-            Err(errors) => {
-                eprintln!("{errors}");
-                eprintln!("{}: {} problem(s) found", file.display(), errors.0.len());
-                ExitCode::FAILURE
-            }
-        },
+        }
     }
 }

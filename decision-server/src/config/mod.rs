@@ -84,9 +84,16 @@ pub fn parse(text: &str, file: &str, symbols: Arc<Symbols>) -> Result<Model, Con
             message: e.into_inner().to_string(),
         }])
     })?;
-    let mut v = Validator { file, errors: Vec::new() };
+    let mut v = Validator {
+        file,
+        errors: Vec::new(),
+    };
     let model = v.build(doc, symbols);
-    if v.errors.is_empty() { Ok(model) } else { Err(ConfigErrors(v.errors)) }
+    if v.errors.is_empty() {
+        Ok(model)
+    } else {
+        Err(ConfigErrors(v.errors))
+    }
 }
 
 struct Validator<'f> {
@@ -101,7 +108,10 @@ fn valid_id(id: &str) -> Result<(), String> {
     if id.len() > MAX_ID_LEN {
         return Err(format!("is longer than {MAX_ID_LEN} bytes"));
     }
-    if let Some(c) = id.chars().find(|c| !c.is_ascii_graphic() || matches!(c, '{' | '}')) {
+    if let Some(c) = id
+        .chars()
+        .find(|c| !c.is_ascii_graphic() || matches!(c, '{' | '}'))
+    {
         return Err(format!(
             "`{id}` contains {c:?}; ids are printable ASCII without spaces, `{{` or `}}`"
         ));
@@ -144,8 +154,11 @@ impl Validator<'_> {
             }
         };
         let entity_types = self.entity_types(&doc.entity_types);
-        let type_index: HashMap<&str, usize> =
-            entity_types.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
+        let type_index: HashMap<&str, usize> = entity_types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.as_str(), i))
+            .collect();
         let attribution = self.attribution(&doc.attribution, &entity_types, &type_index);
         let (features, feature_index) = self.features(&doc.features);
         let prices = self.prices(&doc.prices);
@@ -187,10 +200,18 @@ impl Validator<'_> {
         let mut seen = HashMap::new();
         for (i, t) in dtos.iter().enumerate() {
             self.check_id(format!("entityTypes[{i}].name"), &t.name);
-            self.unique(&mut seen, "entity type", &t.name, format!("entityTypes[{i}].name"));
+            self.unique(
+                &mut seen,
+                "entity type",
+                &t.name,
+                format!("entityTypes[{i}].name"),
+            );
         }
-        let index: HashMap<&str, usize> =
-            dtos.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect();
+        let index: HashMap<&str, usize> = dtos
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.as_str(), i))
+            .collect();
         let mut out = Vec::with_capacity(dtos.len());
         for (i, t) in dtos.iter().enumerate() {
             let path = format!("entityTypes[{i}]");
@@ -199,18 +220,29 @@ impl Validator<'_> {
                 match index.get(p.as_str()) {
                     Some(&j) if dtos.get(j).is_some_and(|d| d.dimensional) => self.err(
                         format!("{path}.parents[{pi}]"),
-                        format!("`{p}` is a dimensional type; dimensional types are not in the tree"),
+                        format!(
+                            "`{p}` is a dimensional type; dimensional types are not in the tree"
+                        ),
                     ),
                     Some(&j) => parents.push(j),
-                    None => self.err(format!("{path}.parents[{pi}]"), format!("unknown entity type `{p}`")),
+                    None => self.err(
+                        format!("{path}.parents[{pi}]"),
+                        format!("unknown entity type `{p}`"),
+                    ),
                 }
             }
             if t.dimensional {
                 if !t.parents.is_empty() {
-                    self.err(format!("{path}.parents"), "a dimensional type has no parents; it is not in the tree");
+                    self.err(
+                        format!("{path}.parents"),
+                        "a dimensional type has no parents; it is not in the tree",
+                    );
                 }
                 if t.dimension.is_none() {
-                    self.err(format!("{path}.dimension"), "a dimensional type must name the request dimension that carries it");
+                    self.err(
+                        format!("{path}.dimension"),
+                        "a dimensional type must name the request dimension that carries it",
+                    );
                 }
             } else if t.dimension.is_some() {
                 self.err(format!("{path}.dimension"), "only a dimensional type names a dimension; attribute tree types with `attribution`");
@@ -224,12 +256,18 @@ impl Validator<'_> {
         }
         // The parent relation between types must be acyclic, or a tree could loop.
         for start in 0..out.len() {
-            let mut stack: Vec<usize> = out.get(start).map(|t| t.parents.clone()).unwrap_or_default();
+            let mut stack: Vec<usize> = out
+                .get(start)
+                .map(|t| t.parents.clone())
+                .unwrap_or_default();
             let mut visited = HashSet::new();
             while let Some(t) = stack.pop() {
                 if t == start {
                     let name = out.get(start).map(|t| t.name.clone()).unwrap_or_default();
-                    self.err(format!("entityTypes[{start}].parents"), format!("entity type `{name}` is its own ancestor"));
+                    self.err(
+                        format!("entityTypes[{start}].parents"),
+                        format!("entity type `{name}` is its own ancestor"),
+                    );
                     break;
                 }
                 if visited.insert(t) {
@@ -250,11 +288,19 @@ impl Validator<'_> {
         let mut out = Vec::new();
         for (i, a) in dtos.iter().enumerate() {
             let path = format!("attribution[{i}]");
-            self.unique(&mut seen, "attribution for dimension", &a.dimension, format!("{path}.dimension"));
+            self.unique(
+                &mut seen,
+                "attribution for dimension",
+                &a.dimension,
+                format!("{path}.dimension"),
+            );
             match type_index.get(a.entity_type.as_str()) {
                 Some(&t) if types.get(t).is_some_and(|t| t.dimensional) => self.err(
                     format!("{path}.entityType"),
-                    format!("`{}` is a dimensional type; attribution maps dimensions to tree entities", a.entity_type),
+                    format!(
+                        "`{}` is a dimensional type; attribution maps dimensions to tree entities",
+                        a.entity_type
+                    ),
                 ),
                 Some(&t) => out.push(Attribution {
                     dimension: a.dimension.clone(),
@@ -264,7 +310,10 @@ impl Validator<'_> {
                         OnUnknownDto::Create => OnUnknown::Create,
                     },
                 }),
-                None => self.err(format!("{path}.entityType"), format!("unknown entity type `{}`", a.entity_type)),
+                None => self.err(
+                    format!("{path}.entityType"),
+                    format!("unknown entity type `{}`", a.entity_type),
+                ),
             }
         }
         out
@@ -276,15 +325,20 @@ impl Validator<'_> {
             self.check_id(format!("features[{i}].id"), &f.id);
             self.unique(&mut seen, "feature", &f.id, format!("features[{i}].id"));
         }
-        let index: HashMap<String, usize> =
-            dtos.iter().enumerate().map(|(i, f)| (f.id.clone(), i)).collect();
+        let index: HashMap<String, usize> = dtos
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.id.clone(), i))
+            .collect();
         let mut out = Vec::new();
         for (i, f) in dtos.iter().enumerate() {
             let mut also = Vec::new();
             for (j, d) in f.also_draws.iter().enumerate() {
                 let path = format!("features[{i}].alsoDraws[{j}].feature");
                 match index.get(&d.feature) {
-                    Some(&k) if k == i => self.err(path, format!("feature `{}` cannot draw on itself", f.id)),
+                    Some(&k) if k == i => {
+                        self.err(path, format!("feature `{}` cannot draw on itself", f.id))
+                    }
                     Some(&k) => also.push((
                         k,
                         match d.per {
@@ -295,7 +349,10 @@ impl Validator<'_> {
                     None => self.err(path, format!("unknown feature `{}`", d.feature)),
                 }
             }
-            out.push(Feature { id: f.id.clone(), also_draws: also });
+            out.push(Feature {
+                id: f.id.clone(),
+                also_draws: also,
+            });
         }
         (out, index)
     }
@@ -304,7 +361,12 @@ impl Validator<'_> {
         let mut seen = HashMap::new();
         let mut out = Vec::new();
         for (i, t) in dtos.iter().enumerate() {
-            self.unique(&mut seen, "price table version", &t.version, format!("prices[{i}].version"));
+            self.unique(
+                &mut seen,
+                "price table version",
+                &t.version,
+                format!("prices[{i}].version"),
+            );
             let mut models = Vec::new();
             for (j, m) in t.models.iter().enumerate() {
                 match glob::Pattern::new(&m.pattern) {
@@ -314,7 +376,10 @@ impl Validator<'_> {
                         output_per_million: m.output_per_million,
                         cached_per_million: m.cached_per_million,
                     }),
-                    Err(e) => self.err(format!("prices[{i}].models[{j}].match"), format!("`{}` is not a valid pattern: {e}", m.pattern)),
+                    Err(e) => self.err(
+                        format!("prices[{i}].models[{j}].match"),
+                        format!("`{}` is not a valid pattern: {e}", m.pattern),
+                    ),
                 }
             }
             out.push(PriceTable {
@@ -330,17 +395,23 @@ impl Validator<'_> {
         let syms = ctx.symbols;
         let mut entities: HashMap<crate::core::Sym, EntityNode> = HashMap::new();
         let mut seen = HashMap::new();
-        let by_id: HashMap<&str, &EntityDto> = c.entities.iter().map(|e| (e.id.as_str(), e)).collect();
+        let by_id: HashMap<&str, &EntityDto> =
+            c.entities.iter().map(|e| (e.id.as_str(), e)).collect();
         let mut roots = Vec::new();
         for (i, e) in c.entities.iter().enumerate() {
             let epath = format!("{path}.entities[{i}]");
             self.check_id(format!("{epath}.id"), &e.id);
             self.unique(&mut seen, "entity", &e.id, format!("{epath}.id"));
             let Some(&t) = ctx.type_index.get(e.entity_type.as_str()) else {
-                self.err(format!("{epath}.type"), format!("unknown entity type `{}`", e.entity_type));
+                self.err(
+                    format!("{epath}.type"),
+                    format!("unknown entity type `{}`", e.entity_type),
+                );
                 continue;
             };
-            let Some(ty) = ctx.entity_types.get(t) else { continue };
+            let Some(ty) = ctx.entity_types.get(t) else {
+                continue;
+            };
             if ty.dimensional {
                 self.err(format!("{epath}.type"), format!("`{}` is a dimensional type; its values scope limits and are not tree entities", ty.name));
                 continue;
@@ -352,7 +423,13 @@ impl Validator<'_> {
                 }
                 None => {
                     let names = self.type_names(ctx, &ty.parents);
-                    self.err(format!("{epath}.parent"), format!("entity `{}` of type `{}` needs a parent of type {names}", e.id, ty.name));
+                    self.err(
+                        format!("{epath}.parent"),
+                        format!(
+                            "entity `{}` of type `{}` needs a parent of type {names}",
+                            e.id, ty.name
+                        ),
+                    );
                     continue;
                 }
                 Some(p) => match by_id.get(p.as_str()) {
@@ -375,10 +452,29 @@ impl Validator<'_> {
                     }
                 },
             };
-            entities.insert(syms.intern(&e.id), EntityNode { id: e.id.clone(), entity_type: t, parent });
+            entities.insert(
+                syms.intern(&e.id),
+                EntityNode {
+                    id: e.id.clone(),
+                    entity_type: t,
+                    parent,
+                },
+            );
         }
         if roots.len() > 1 {
-            self.err(format!("{path}.entities"), format!("customer `{}` has {} root entities ({}); a tree has exactly one", c.id, roots.len(), roots.iter().map(|r| format!("`{r}`")).collect::<Vec<_>>().join(", ")));
+            self.err(
+                format!("{path}.entities"),
+                format!(
+                    "customer `{}` has {} root entities ({}); a tree has exactly one",
+                    c.id,
+                    roots.len(),
+                    roots
+                        .iter()
+                        .map(|r| format!("`{r}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
         }
 
         let mut auto_parents = HashMap::new();
@@ -388,12 +484,22 @@ impl Validator<'_> {
                 self.err(apath, format!("unknown entity type `{tname}`"));
                 continue;
             };
-            let allowed = ctx.entity_types.get(t).map(|t| t.parents.clone()).unwrap_or_default();
-            match syms.get(parent).and_then(|s| entities.get(&s).map(|n| (s, n.entity_type))) {
+            let allowed = ctx
+                .entity_types
+                .get(t)
+                .map(|t| t.parents.clone())
+                .unwrap_or_default();
+            match syms
+                .get(parent)
+                .and_then(|s| entities.get(&s).map(|n| (s, n.entity_type)))
+            {
                 Some((s, pt)) if allowed.contains(&pt) => {
                     auto_parents.insert(t, s);
                 }
-                Some(_) => self.err(apath, format!("entity `{parent}` cannot be the parent of a `{tname}`")),
+                Some(_) => self.err(
+                    apath,
+                    format!("entity `{parent}` cannot be the parent of a `{tname}`"),
+                ),
                 None => self.err(apath, format!("unknown entity `{parent}`")),
             }
         }
@@ -410,7 +516,11 @@ impl Validator<'_> {
         let mut model = CustomerModel {
             id: c.id.clone(),
             sym: syms.intern(&c.id),
-            root: if roots.len() == 1 { roots.first().map(|r| syms.intern(r)) } else { None },
+            root: if roots.len() == 1 {
+                roots.first().map(|r| syms.intern(r))
+            } else {
+                None
+            },
             entities,
             limits,
             limits_by_entity,
@@ -455,19 +565,27 @@ impl Validator<'_> {
                         None
                     }
                 },
-                (None, Some(t)) => match ctx.type_index.get(t.as_str()) {
-                    Some(&ti) if ctx.entity_types.get(ti).is_some_and(|t| t.dimensional) => {
-                        self.err(format!("{lpath}.entityType"), format!("`{t}` is a dimensional type; scope the limit with `scope` instead"));
-                        None
+                (None, Some(t)) => {
+                    match ctx.type_index.get(t.as_str()) {
+                        Some(&ti) if ctx.entity_types.get(ti).is_some_and(|t| t.dimensional) => {
+                            self.err(format!("{lpath}.entityType"), format!("`{t}` is a dimensional type; scope the limit with `scope` instead"));
+                            None
+                        }
+                        Some(&ti) => Some(LimitTarget::EntityType(ti)),
+                        None => {
+                            self.err(
+                                format!("{lpath}.entityType"),
+                                format!("unknown entity type `{t}`"),
+                            );
+                            None
+                        }
                     }
-                    Some(&ti) => Some(LimitTarget::EntityType(ti)),
-                    None => {
-                        self.err(format!("{lpath}.entityType"), format!("unknown entity type `{t}`"));
-                        None
-                    }
-                },
+                }
                 (Some(_), Some(_)) => {
-                    self.err(lpath.clone(), "give either `entity` or `entityType`, not both");
+                    self.err(
+                        lpath.clone(),
+                        "give either `entity` or `entityType`, not both",
+                    );
                     None
                 }
                 (None, None) => {
@@ -477,7 +595,10 @@ impl Validator<'_> {
             };
             let feature = ctx.feature_index.get(&l.feature).copied();
             if feature.is_none() {
-                self.err(format!("{lpath}.feature"), format!("unknown feature `{}`", l.feature));
+                self.err(
+                    format!("{lpath}.feature"),
+                    format!("unknown feature `{}`", l.feature),
+                );
             }
             let kind = self.limit_kind(ctx, &lpath, l);
             let mut scope = Vec::new();
@@ -485,17 +606,31 @@ impl Validator<'_> {
                 if !ctx.dimensions.contains(dim) {
                     let mut known: Vec<&String> = ctx.dimensions.iter().collect();
                     known.sort();
-                    let known = known.iter().map(|d| format!("`{d}`")).collect::<Vec<_>>().join(", ");
-                    self.err(format!("{lpath}.scope.{dim}"), format!("unknown dimension `{dim}`; known dimensions: {known}"));
+                    let known = known
+                        .iter()
+                        .map(|d| format!("`{d}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    self.err(
+                        format!("{lpath}.scope.{dim}"),
+                        format!("unknown dimension `{dim}`; known dimensions: {known}"),
+                    );
                     continue;
                 }
                 match glob::Pattern::new(pattern) {
                     Ok(p) => scope.push((dim.clone(), p)),
-                    Err(e) => self.err(format!("{lpath}.scope.{dim}"), format!("`{pattern}` is not a valid pattern: {e}")),
+                    Err(e) => self.err(
+                        format!("{lpath}.scope.{dim}"),
+                        format!("`{pattern}` is not a valid pattern: {e}"),
+                    ),
                 }
             }
             if let (Some(LimitKind::Credits { .. }), Some(f)) = (&kind, feature) {
-                let holder = l.entity.clone().or_else(|| l.entity_type.as_ref().map(|t| format!("type:{t}"))).unwrap_or_default();
+                let holder = l
+                    .entity
+                    .clone()
+                    .or_else(|| l.entity_type.as_ref().map(|t| format!("type:{t}")))
+                    .unwrap_or_default();
                 if let Some(first) = credits_holders.get(&(holder.clone(), f)) {
                     self.err(format!("{lpath}.kind"), format!("a second credits limit for feature `{}` on the same holder (first at {first}); one balance per holder and feature", l.feature));
                 } else {
@@ -526,7 +661,11 @@ impl Validator<'_> {
 
     fn limit_kind(&mut self, ctx: &Ctx<'_>, lpath: &str, l: &LimitDto) -> Option<LimitKind> {
         let given: [(&str, bool, &[KindDto]); 5] = [
-            ("limit", l.limit.is_some(), &[KindDto::Rate, KindDto::Quota, KindDto::Concurrency]),
+            (
+                "limit",
+                l.limit.is_some(),
+                &[KindDto::Rate, KindDto::Quota, KindDto::Concurrency],
+            ),
             ("window", l.window.is_some(), &[KindDto::Rate]),
             ("period", l.period.is_some(), &[KindDto::Quota]),
             ("anchor", l.anchor.is_some(), &[KindDto::Quota]),
@@ -541,13 +680,19 @@ impl Validator<'_> {
         let mut ok = true;
         for (field, present, kinds) in given {
             if present && !kinds.contains(&l.kind) {
-                self.err(format!("{lpath}.{field}"), format!("`{field}` does not apply to a {kind_name} limit"));
+                self.err(
+                    format!("{lpath}.{field}"),
+                    format!("`{field}` does not apply to a {kind_name} limit"),
+                );
                 ok = false;
             }
         }
         let need = |v: &mut Self, field: &str, present: bool| {
             if !present {
-                v.err(format!("{lpath}.{field}"), format!("a {kind_name} limit needs `{field}`"));
+                v.err(
+                    format!("{lpath}.{field}"),
+                    format!("a {kind_name} limit needs `{field}`"),
+                );
             }
             present
         };
@@ -561,13 +706,20 @@ impl Validator<'_> {
                 ok &= need(self, "limit", l.limit.is_some());
                 ok &= need(self, "window", l.window.is_some());
                 if limit > u64::from(u32::MAX) {
-                    self.err(format!("{lpath}.limit"), format!("a rate limit counts at most {} units per window", u32::MAX));
+                    self.err(
+                        format!("{lpath}.limit"),
+                        format!("a rate limit counts at most {} units per window", u32::MAX),
+                    );
                     ok = false;
                 }
                 let window = l.window.as_deref().map(|w| {
-                    parse_fixed_millis(w).map_err(|e| e.to_string()).and_then(|ms| {
-                        RollingWindow::new(ms).ok_or_else(|| format!("`{w}` is too short; a window is at least 7 ms"))
-                    })
+                    parse_fixed_millis(w)
+                        .map_err(|e| e.to_string())
+                        .and_then(|ms| {
+                            RollingWindow::new(ms).ok_or_else(|| {
+                                format!("`{w}` is too short; a window is at least 7 ms")
+                            })
+                        })
                 });
                 match window {
                     Some(Ok(window)) if ok => Some(LimitKind::Rate { limit, window }),
@@ -603,34 +755,58 @@ impl Validator<'_> {
                     Ok(limit) if ok => Some(LimitKind::Concurrency { limit }),
                     Ok(_) => None,
                     Err(_) => {
-                        self.err(format!("{lpath}.limit"), format!("a concurrency limit is at most {}", u32::MAX));
+                        self.err(
+                            format!("{lpath}.limit"),
+                            format!("a concurrency limit is at most {}", u32::MAX),
+                        );
                         None
                     }
                 }
             }
             KindDto::Credits => {
                 if let Some(dim) = l.pool_by.as_ref().filter(|d| !ctx.dimensions.contains(*d)) {
-                    self.err(format!("{lpath}.poolBy"), format!("unknown dimension `{dim}`"));
+                    self.err(
+                        format!("{lpath}.poolBy"),
+                        format!("unknown dimension `{dim}`"),
+                    );
                     return None;
                 }
-                ok.then(|| LimitKind::Credits { pool_by: l.pool_by.clone() })
+                ok.then(|| LimitKind::Credits {
+                    pool_by: l.pool_by.clone(),
+                })
             }
         }
     }
 
-    fn grants(&mut self, ctx: &Ctx<'_>, path: &str, c: &CustomerDto, model: &CustomerModel) -> Vec<GrantSpec> {
+    fn grants(
+        &mut self,
+        ctx: &Ctx<'_>,
+        path: &str,
+        c: &CustomerDto,
+        model: &CustomerModel,
+    ) -> Vec<GrantSpec> {
         let mut seen = HashMap::new();
         let mut out = Vec::new();
         for (i, g) in c.grants.iter().enumerate() {
             let gpath = format!("{path}.grants[{i}]");
             self.check_id(format!("{gpath}.id"), &g.id);
             self.unique(&mut seen, "grant", &g.id, format!("{gpath}.id"));
-            let Some(entity) = ctx.symbols.get(&g.entity).filter(|s| model.entities.contains_key(s)) else {
-                self.err(format!("{gpath}.entity"), format!("unknown entity `{}`", g.entity));
+            let Some(entity) = ctx
+                .symbols
+                .get(&g.entity)
+                .filter(|s| model.entities.contains_key(s))
+            else {
+                self.err(
+                    format!("{gpath}.entity"),
+                    format!("unknown entity `{}`", g.entity),
+                );
                 continue;
             };
             let Some(&feature) = ctx.feature_index.get(&g.feature) else {
-                self.err(format!("{gpath}.feature"), format!("unknown feature `{}`", g.feature));
+                self.err(
+                    format!("{gpath}.feature"),
+                    format!("unknown feature `{}`", g.feature),
+                );
                 continue;
             };
             let Some(limit) = model.credits_limit_for(entity, feature) else {
@@ -640,11 +816,20 @@ impl Validator<'_> {
             let pooled = matches!(limit.kind, LimitKind::Credits { pool_by: Some(_) });
             match (&g.pool, pooled) {
                 (None, true) => {
-                    self.err(format!("{gpath}.pool"), format!("limit `{}` keeps isolated pools; name the pool this grant feeds", limit.id));
+                    self.err(
+                        format!("{gpath}.pool"),
+                        format!(
+                            "limit `{}` keeps isolated pools; name the pool this grant feeds",
+                            limit.id
+                        ),
+                    );
                     continue;
                 }
                 (Some(_), false) => {
-                    self.err(format!("{gpath}.pool"), format!("limit `{}` keeps one balance, not isolated pools", limit.id));
+                    self.err(
+                        format!("{gpath}.pool"),
+                        format!("limit `{}` keeps one balance, not isolated pools", limit.id),
+                    );
                     continue;
                 }
                 _ => {}

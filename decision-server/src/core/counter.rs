@@ -3,6 +3,7 @@
 
 use super::Timestamp;
 use super::credits::{CreditPool, Draw};
+use super::model::LimitKind;
 use super::period::CalendarPeriod;
 use super::symbols::Sym;
 use super::window::{RollingWindow, WindowState};
@@ -20,12 +21,42 @@ pub struct CounterKey {
 /// settled even after the model was reloaded.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CounterSpec {
-    Rate { limit: u64, window: RollingWindow },
-    Quota { limit: u64, period: CalendarPeriod },
-    Concurrency { limit: u32 },
+    Rate {
+        limit: u64,
+        window: RollingWindow,
+    },
+    Quota {
+        limit: u64,
+        period: CalendarPeriod,
+    },
+    Concurrency {
+        limit: u32,
+    },
     /// `pool_known` is false when the request names a pool that has never had a grant (or
     /// names none): such a pool holds nothing, and no state is created for it.
-    Credits { pool_known: bool },
+    Credits {
+        pool_known: bool,
+    },
+}
+
+impl CounterSpec {
+    /// The arithmetic of a limit of `kind`. `pool_known` matters only for isolated credit
+    /// pools: whether the request's pool has ever had a grant.
+    pub fn of(kind: &LimitKind, pool_known: bool) -> Self {
+        match kind {
+            LimitKind::Rate { limit, window } => Self::Rate {
+                limit: *limit,
+                window: *window,
+            },
+            LimitKind::Quota { limit, period } => Self::Quota {
+                limit: *limit,
+                period: period.clone(),
+            },
+            LimitKind::Concurrency { limit } => Self::Concurrency { limit: *limit },
+            LimitKind::Credits { pool_by: None } => Self::Credits { pool_known: true },
+            LimitKind::Credits { pool_by: Some(_) } => Self::Credits { pool_known },
+        }
+    }
 }
 
 /// The mutable state of one counter.
@@ -33,7 +64,10 @@ pub enum CounterSpec {
 pub enum CounterState {
     Window(WindowState),
     /// Usage (settled and held) in calendar period `index`.
-    Period { index: i64, used: u64 },
+    Period {
+        index: i64,
+        used: u64,
+    },
     InFlight(u32),
     /// Boxed: pools are few and large; the common counters stay small.
     Credits(Box<CreditPool>),
@@ -44,9 +78,10 @@ impl CounterState {
     pub fn fresh(spec: &CounterSpec, now: Timestamp) -> Option<Self> {
         match spec {
             CounterSpec::Rate { window, .. } => Some(Self::Window(WindowState::new(window, now))),
-            CounterSpec::Quota { period, .. } => {
-                Some(Self::Period { index: period.index_at(now), used: 0 })
-            }
+            CounterSpec::Quota { period, .. } => Some(Self::Period {
+                index: period.index_at(now),
+                used: 0,
+            }),
             CounterSpec::Concurrency { .. } => Some(Self::InFlight(0)),
             CounterSpec::Credits { .. } => None,
         }
@@ -56,10 +91,16 @@ impl CounterState {
 /// What a hold left on one counter, so that settlement and release can undo exactly that.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HoldMark {
-    Window { bucket: i64 },
-    Period { index: i64 },
+    Window {
+        bucket: i64,
+    },
+    Period {
+        index: i64,
+    },
     InFlight,
-    Credits { draws: Vec<Draw> },
+    Credits {
+        draws: Vec<Draw>,
+    },
     /// Nothing was placed (a credit pool with no state never grants, so this only appears for
     /// non-enforcing limits that were exceeded on an empty pool).
     Nothing,
@@ -97,7 +138,12 @@ pub fn read(
 ) -> Reading {
     match (spec, state) {
         (CounterSpec::Rate { limit, window }, Some(CounterState::Window(w))) => {
-            let mut r = reading(*limit, w.used(window, now), amount, w.next_release(window, now));
+            let mut r = reading(
+                *limit,
+                w.used(window, now),
+                amount,
+                w.next_release(window, now),
+            );
             if !r.fits {
                 r.retry_at = w.retry_at(window, now, *limit, amount);
             }
@@ -141,16 +187,11 @@ pub fn read(
 
 /// Places `amount` on the counter. The caller has already decided the request passes; for
 /// non-enforcing limits this may take the counter past its limit, which is the point.
-pub fn hold(
-    spec: &CounterSpec,
-    state: &mut CounterState,
-    amount: u64,
-    now: Timestamp,
-) -> HoldMark {
+pub fn hold(spec: &CounterSpec, state: &mut CounterState, amount: u64, now: Timestamp) -> HoldMark {
     match (spec, state) {
-        (CounterSpec::Rate { window, .. }, CounterState::Window(w)) => {
-            HoldMark::Window { bucket: w.add(window, now, amount) }
-        }
+        (CounterSpec::Rate { window, .. }, CounterState::Window(w)) => HoldMark::Window {
+            bucket: w.add(window, now, amount),
+        },
         (CounterSpec::Quota { period, .. }, CounterState::Period { index, used }) => {
             let current = period.index_at(now);
             if *index != current {
@@ -166,7 +207,9 @@ pub fn hold(
         }
         (CounterSpec::Credits { .. }, CounterState::Credits(pool)) => {
             // A shadow or soft credit limit may be short; record what it could not cover as debt.
-            HoldMark::Credits { draws: pool.draw_forced(amount, now) }
+            HoldMark::Credits {
+                draws: pool.draw_forced(amount, now),
+            }
         }
         _ => HoldMark::Nothing,
     }
@@ -177,7 +220,10 @@ pub fn settle(state: &mut CounterState, mark: &HoldMark, held: u64, actual: u64,
     let delta = i128::from(actual) - i128::from(held);
     match (state, mark) {
         (CounterState::Window(w), HoldMark::Window { bucket }) => {
-            w.adjust(*bucket, i64::try_from(delta).unwrap_or(if delta < 0 { i64::MIN } else { i64::MAX }));
+            w.adjust(
+                *bucket,
+                i64::try_from(delta).unwrap_or(if delta < 0 { i64::MIN } else { i64::MAX }),
+            );
         }
         // A correction for a period that has closed is dropped: that quota has reset.
         (CounterState::Period { index, used }, HoldMark::Period { index: held_in })
@@ -225,7 +271,10 @@ pub fn counted(spec: &CounterSpec, state: &CounterState, now: Timestamp) -> u64 
         }
         (_, CounterState::InFlight(n)) => u64::from(*n),
         (_, CounterState::Credits(pool)) => {
-            pool.grants().map(|g| g.amount - g.remaining.min(g.amount)).sum::<u64>() + pool.debt()
+            pool.grants()
+                .map(|g| g.amount - g.remaining.min(g.amount))
+                .sum::<u64>()
+                + pool.debt()
         }
         _ => 0,
     }
@@ -245,7 +294,10 @@ mod tests {
     fn quota_hold_settle_and_rollover() {
         let period = CalendarPeriod::parse("P1D", "2026-01-01T00:00:00Z".parse().unwrap()).unwrap();
         let day0 = period.start_of(0);
-        let spec = CounterSpec::Quota { limit: 100, period: period.clone() };
+        let spec = CounterSpec::Quota {
+            limit: 100,
+            period: period.clone(),
+        };
         let mut s = CounterState::fresh(&spec, day0).unwrap();
         let mark = hold(&spec, &mut s, 60, day0);
         let r = read(&spec, Some(&s), 50, day0);

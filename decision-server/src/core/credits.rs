@@ -23,7 +23,12 @@ impl GrantBalance {
     /// The spending order: lower priority number first, then soonest expiry (never-expiring
     /// last), then promotional before paid, then id for a stable tie-break.
     fn order_key(&self) -> (u32, i64, GrantCategory, &str) {
-        (self.priority, self.expires_at.map_or(i64::MAX, Timestamp::millis), self.category, &self.id)
+        (
+            self.priority,
+            self.expires_at.map_or(i64::MAX, Timestamp::millis),
+            self.category,
+            &self.id,
+        )
     }
 }
 
@@ -49,7 +54,9 @@ pub struct CreditPool {
 impl CreditPool {
     /// The grants, in spending order.
     pub fn grants(&self) -> impl Iterator<Item = &GrantBalance> {
-        self.order.iter().filter_map(|i| self.grants.get(*i as usize))
+        self.order
+            .iter()
+            .filter_map(|i| self.grants.get(*i as usize))
     }
 
     pub fn debt(&self) -> u64 {
@@ -68,7 +75,9 @@ impl CreditPool {
         let position = u32::try_from(self.grants.len()).unwrap_or(u32::MAX);
         let grants = &self.grants;
         let at = self.order.partition_point(|i| {
-            grants.get(*i as usize).is_some_and(|g| g.order_key() <= grant.order_key())
+            grants
+                .get(*i as usize)
+                .is_some_and(|g| g.order_key() <= grant.order_key())
         });
         self.order.insert(at, position);
         self.grants.push(grant);
@@ -77,7 +86,12 @@ impl CreditPool {
 
     /// Units available at `now`.
     pub fn available(&self, now: Timestamp) -> u64 {
-        let total: u64 = self.grants.iter().filter(|g| g.usable(now)).map(|g| g.remaining).sum();
+        let total: u64 = self
+            .grants
+            .iter()
+            .filter(|g| g.usable(now))
+            .map(|g| g.remaining)
+            .sum();
         total.saturating_sub(self.debt)
     }
 
@@ -92,7 +106,11 @@ impl CreditPool {
 
     /// The soonest expiry among usable grants: when `available` next drops on its own.
     pub fn next_expiry(&self, now: Timestamp) -> Option<Timestamp> {
-        self.grants.iter().filter(|g| g.usable(now)).filter_map(|g| g.expires_at).min()
+        self.grants
+            .iter()
+            .filter(|g| g.usable(now))
+            .filter_map(|g| g.expires_at)
+            .min()
     }
 
     /// Takes `amount` in spending order. Returns the draws, or `None` (taking nothing) if the
@@ -119,14 +137,19 @@ impl CreditPool {
             if left == 0 {
                 break;
             }
-            let Some(g) = self.grants.get_mut(*i as usize) else { continue };
+            let Some(g) = self.grants.get_mut(*i as usize) else {
+                continue;
+            };
             if !g.usable(now) {
                 continue;
             }
             let take = g.remaining.min(left);
             g.remaining -= take;
             left -= take;
-            draws.push(Draw { grant: *i, amount: take });
+            draws.push(Draw {
+                grant: *i,
+                amount: take,
+            });
         }
         (draws, left)
     }
@@ -159,7 +182,13 @@ impl CreditPool {
 mod tests {
     use super::*;
 
-    fn grant(id: &str, priority: u32, expires: Option<i64>, cat: GrantCategory, amount: u64) -> GrantBalance {
+    fn grant(
+        id: &str,
+        priority: u32,
+        expires: Option<i64>,
+        cat: GrantCategory,
+        amount: u64,
+    ) -> GrantBalance {
         GrantBalance {
             id: id.into(),
             priority,
@@ -180,16 +209,31 @@ mod tests {
     fn spends_by_priority_then_expiry_then_promo_before_paid() {
         let mut p = CreditPool::default();
         p.add_grant(grant("paid-late", 1, Some(9_000), GrantCategory::Paid, 10));
-        p.add_grant(grant("promo-late", 1, Some(9_000), GrantCategory::Promo, 10));
+        p.add_grant(grant(
+            "promo-late",
+            1,
+            Some(9_000),
+            GrantCategory::Promo,
+            10,
+        ));
         p.add_grant(grant("paid-soon", 1, Some(5_000), GrantCategory::Paid, 10));
         p.add_grant(grant("never", 1, None, GrantCategory::Promo, 10));
         p.add_grant(grant("prio0", 0, None, GrantCategory::Paid, 10));
         let order: Vec<&str> = p.grants().map(|g| g.id.as_str()).collect();
-        assert_eq!(order, ["prio0", "paid-soon", "promo-late", "paid-late", "never"]);
+        assert_eq!(
+            order,
+            ["prio0", "paid-soon", "promo-late", "paid-late", "never"]
+        );
         p.draw(25, NOW).unwrap();
         assert_eq!(
             remaining(&p),
-            [("prio0", 0), ("paid-soon", 0), ("promo-late", 5), ("paid-late", 10), ("never", 10)]
+            [
+                ("prio0", 0),
+                ("paid-soon", 0),
+                ("promo-late", 5),
+                ("paid-late", 10),
+                ("never", 10)
+            ]
         );
     }
 
@@ -199,13 +243,31 @@ mod tests {
         p.add_grant(grant("a", 0, None, GrantCategory::Paid, 30));
         p.add_grant(grant("b", 1, None, GrantCategory::Paid, 30));
         let draws = p.draw(50, NOW).unwrap();
-        assert_eq!(draws, [Draw { grant: 0, amount: 30 }, Draw { grant: 1, amount: 20 }]);
+        assert_eq!(
+            draws,
+            [
+                Draw {
+                    grant: 0,
+                    amount: 30
+                },
+                Draw {
+                    grant: 1,
+                    amount: 20
+                }
+            ]
+        );
         // A grant added while the hold is open sorts first but must not move the draws.
         p.add_grant(grant("c", 0, Some(2_000), GrantCategory::Promo, 1));
         p.draw(1, NOW).unwrap();
         let kept = p.refund(&draws, 25);
         assert_eq!(remaining(&p), [("c", 0), ("a", 5), ("b", 30)]);
-        assert_eq!(kept, [Draw { grant: 0, amount: 25 }]);
+        assert_eq!(
+            kept,
+            [Draw {
+                grant: 0,
+                amount: 25
+            }]
+        );
         assert_eq!(p.available(NOW), 35);
     }
 
@@ -230,6 +292,9 @@ mod tests {
         assert!(p.add_grant(grant("b", 0, None, GrantCategory::Paid, 20)));
         assert_eq!(p.debt(), 0);
         assert_eq!(p.available(NOW), 15);
-        assert!(!p.add_grant(grant("b", 0, None, GrantCategory::Paid, 20)), "idempotent");
+        assert!(
+            !p.add_grant(grant("b", 0, None, GrantCategory::Paid, 20)),
+            "idempotent"
+        );
     }
 }

@@ -35,7 +35,10 @@ impl FromStr for HoldId {
             return Err(err());
         }
         let seq = seq.parse::<u64>().map_err(|_| err())?;
-        Ok(Self { customer: customer.to_string(), seq })
+        Ok(Self {
+            customer: customer.to_string(),
+            seq,
+        })
     }
 }
 
@@ -93,15 +96,23 @@ pub struct Decision {
 impl Decision {
     /// Soft or shadow limits this request exceeded without being denied.
     pub fn would_deny(&self) -> impl Iterator<Item = &ChainEntry> {
-        self.chain.iter().filter(|e| e.exceeded && e.mode != Mode::Enforce)
+        self.chain
+            .iter()
+            .filter(|e| e.exceeded && e.mode != Mode::Enforce)
     }
 
     /// The entry with the least remaining: the figure to put in `RateLimit-*` headers.
     pub fn tightest(&self) -> Option<&ChainEntry> {
         if let Some(d) = &self.denial {
-            return self.chain.iter().find(|e| e.level == d.level && e.limit_id == d.limit_id);
+            return self
+                .chain
+                .iter()
+                .find(|e| e.level == d.level && e.limit_id == d.limit_id);
         }
-        self.chain.iter().filter(|e| e.mode == Mode::Enforce).min_by_key(|e| e.remaining)
+        self.chain
+            .iter()
+            .filter(|e| e.mode == Mode::Enforce)
+            .min_by_key(|e| e.remaining)
     }
 }
 
@@ -111,7 +122,10 @@ mod tests {
 
     #[test]
     fn hold_ids_round_trip_and_reject_garbage() {
-        let id = HoldId { customer: "acme:eu".into(), seq: 42 };
+        let id = HoldId {
+            customer: "acme:eu".into(),
+            seq: 42,
+        };
         assert_eq!(id.to_string(), "acme:eu:42");
         assert_eq!("acme:eu:42".parse::<HoldId>().unwrap(), id);
         for bad in ["", "acme", ":1", "acme:x", "acme:-1"] {

@@ -80,7 +80,11 @@ impl Ledger {
             .zip(&readings)
             .position(|(c, r)| c.mode == Mode::Enforce && !r.fits);
         if blocking.is_some() || !hold || plan.counters.is_empty() {
-            return Reservation { readings, blocking, hold: None };
+            return Reservation {
+                readings,
+                blocking,
+                hold: None,
+            };
         }
         let seq = self.next_seq.max(1);
         self.next_seq = seq + 1;
@@ -94,7 +98,11 @@ impl Ledger {
                 Some(state) => {
                     let mark = counter::hold(&c.spec, state, c.amount, now);
                     let after = counter::read(&c.spec, Some(state), 0, now);
-                    *reading = counter::Reading { fits: reading.fits, retry_at: reading.retry_at, ..after };
+                    *reading = counter::Reading {
+                        fits: reading.fits,
+                        retry_at: reading.retry_at,
+                        ..after
+                    };
                     mark
                 }
                 None => HoldMark::Nothing,
@@ -113,7 +121,10 @@ impl Ledger {
         Reservation {
             readings,
             blocking: None,
-            hold: Some(HoldId { customer: plan.customer_id.clone(), seq }),
+            hold: Some(HoldId {
+                customer: plan.customer_id.clone(),
+                seq,
+            }),
         }
     }
 
@@ -124,7 +135,9 @@ impl Ledger {
             return (seq > 0 && seq < self.next_seq).then_some(false);
         };
         for part in &hold.parts {
-            let Some(state) = self.counters.get_mut(&part.key) else { continue };
+            let Some(state) = self.counters.get_mut(&part.key) else {
+                continue;
+            };
             match how {
                 Closing::Settle(actual) => {
                     counter::settle(state, &part.mark, part.held, part.rule.amount(actual), now)
@@ -143,7 +156,9 @@ impl Ledger {
                 break;
             }
             self.expiry.pop();
-            let Some(hold) = self.holds.remove(&seq) else { continue };
+            let Some(hold) = self.holds.remove(&seq) else {
+                continue;
+            };
             for part in &hold.parts {
                 if let Some(state) = self.counters.get_mut(&part.key) {
                     counter::expire(state, &part.mark);
@@ -171,6 +186,8 @@ impl Ledger {
     }
 
     pub fn counted(&self, key: CounterKey, spec: &CounterSpec, now: Timestamp) -> Option<u64> {
-        self.counters.get(&key).map(|s| counter::counted(spec, s, now))
+        self.counters
+            .get(&key)
+            .map(|s| counter::counted(spec, s, now))
     }
 }

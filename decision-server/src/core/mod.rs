@@ -53,6 +53,11 @@ impl Timestamp {
 
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.to_datetime().to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        write!(
+            f,
+            "{}",
+            self.to_datetime()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        )
     }
 }

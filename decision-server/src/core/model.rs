@@ -4,10 +4,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::Timestamp;
 use super::period::CalendarPeriod;
 use super::symbols::{Sym, Symbols};
 use super::window::RollingWindow;
-use super::Timestamp;
 
 /// Whether a limit may deny.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -82,7 +82,9 @@ impl Limit {
     /// the request does not carry does not match.
     pub fn in_scope(&self, dimensions: &HashMap<String, String>) -> bool {
         self.scope.iter().all(|(dim, pattern)| {
-            dimensions.get(dim).is_some_and(|value| pattern.matches(value))
+            dimensions
+                .get(dim)
+                .is_some_and(|value| pattern.matches(value))
         })
     }
 }
@@ -220,7 +222,10 @@ impl Model {
 
     /// The price table in force at `now`: the latest whose `effective_from` has passed.
     pub fn price_table_at(&self, now: Timestamp) -> Option<&PriceTable> {
-        self.prices.iter().filter(|t| t.effective_from <= now).max_by_key(|t| t.effective_from)
+        self.prices
+            .iter()
+            .filter(|t| t.effective_from <= now)
+            .max_by_key(|t| t.effective_from)
     }
 }
 
@@ -230,7 +235,10 @@ impl CustomerModel {
     pub fn credits_limit_for(&self, entity: Sym, feature: usize) -> Option<&Limit> {
         let entity_type = self.entities.get(&entity).map(|n| n.entity_type);
         let on_entity = self.limits_by_entity.get(&entity).into_iter().flatten();
-        let on_type = entity_type.and_then(|t| self.limits_by_type.get(&t)).into_iter().flatten();
+        let on_type = entity_type
+            .and_then(|t| self.limits_by_type.get(&t))
+            .into_iter()
+            .flatten();
         on_entity
             .chain(on_type)
             .filter_map(|i| self.limits.get(*i))

@@ -33,15 +33,18 @@ pub enum DurationError {
     Mixed(String),
     #[error("`{0}` is zero; it must be positive")]
     Zero(String),
-    #[error("`{0}` has a unit shorter than an hour; a calendar period is counted in hours, days, weeks, months or years")]
+    #[error(
+        "`{0}` has a unit shorter than an hour; a calendar period is counted in hours, days, weeks, months or years"
+    )]
     TooFine(String),
-    #[error("`{0}` uses months or years, which have no fixed length; a rolling window needs one, such as PT1M, PT1H or P1D")]
+    #[error(
+        "`{0}` uses months or years, which have no fixed length; a rolling window needs one, such as PT1M, PT1H or P1D"
+    )]
     NotFixed(String),
 }
 
 fn parse_iso(text: &str) -> Result<iso8601::Duration, DurationError> {
-    let parsed =
-        iso8601::duration(text).map_err(|_| DurationError::Syntax(text.to_string()))?;
+    let parsed = iso8601::duration(text).map_err(|_| DurationError::Syntax(text.to_string()))?;
     // The parser accepts trailing garbage; the canonical rendering tells whether it was all used.
     if parsed.to_string() != text {
         return Err(DurationError::Syntax(text.to_string()));
@@ -57,7 +60,15 @@ fn parse_iso(text: &str) -> Result<iso8601::Duration, DurationError> {
 pub fn parse_fixed_millis(text: &str) -> Result<i64, DurationError> {
     match parse_iso(text)? {
         iso8601::Duration::Weeks(w) => Ok(i64::from(w) * 7 * 86_400_000),
-        iso8601::Duration::YMDHMS { year, month, day, hour, minute, second, millisecond } => {
+        iso8601::Duration::YMDHMS {
+            year,
+            month,
+            day,
+            hour,
+            minute,
+            second,
+            millisecond,
+        } => {
             if year != 0 || month != 0 {
                 return Err(DurationError::NotFixed(text.to_string()));
             }
@@ -75,7 +86,15 @@ impl CalendarPeriod {
     pub fn parse(text: &str, anchor: DateTime<Utc>) -> Result<Self, DurationError> {
         let (unit, count) = match parse_iso(text)? {
             iso8601::Duration::Weeks(w) => (PeriodUnit::Weeks, w),
-            iso8601::Duration::YMDHMS { year, month, day, hour, minute, second, millisecond } => {
+            iso8601::Duration::YMDHMS {
+                year,
+                month,
+                day,
+                hour,
+                minute,
+                second,
+                millisecond,
+            } => {
                 let parts = [year, month, day, hour, minute, second, millisecond];
                 if parts.iter().filter(|p| **p != 0).count() > 1 {
                     return Err(DurationError::Mixed(text.to_string()));
@@ -94,7 +113,11 @@ impl CalendarPeriod {
                 }
             }
         };
-        Ok(Self { unit, count, anchor })
+        Ok(Self {
+            unit,
+            count,
+            anchor,
+        })
     }
 
     fn fixed_millis(&self) -> Option<i64> {
@@ -111,21 +134,26 @@ impl CalendarPeriod {
     pub fn start_of(&self, index: i64) -> Timestamp {
         match self.fixed_millis() {
             Some(len) => Timestamp::from_millis(
-                self.anchor.timestamp_millis().saturating_add(index.saturating_mul(len)),
+                self.anchor
+                    .timestamp_millis()
+                    .saturating_add(index.saturating_mul(len)),
             ),
             None => {
                 let months = index.saturating_mul(i64::from(self.count));
-                let magnitude = Months::new(u32::try_from(months.unsigned_abs()).unwrap_or(u32::MAX));
+                let magnitude =
+                    Months::new(u32::try_from(months.unsigned_abs()).unwrap_or(u32::MAX));
                 let shifted = if months >= 0 {
                     self.anchor.checked_add_months(magnitude)
                 } else {
                     self.anchor.checked_sub_months(magnitude)
                 };
-                shifted.map(Timestamp::from_datetime).unwrap_or(if months >= 0 {
-                    Timestamp::from_millis(i64::MAX)
-                } else {
-                    Timestamp::from_millis(i64::MIN)
-                })
+                shifted
+                    .map(Timestamp::from_datetime)
+                    .unwrap_or(if months >= 0 {
+                        Timestamp::from_millis(i64::MAX)
+                    } else {
+                        Timestamp::from_millis(i64::MIN)
+                    })
             }
         }
     }
@@ -225,10 +253,22 @@ mod tests {
             CalendarPeriod::parse("monthly", a).unwrap_err(),
             DurationError::Syntax("monthly".into())
         );
-        assert_eq!(CalendarPeriod::parse("P1M2D", a).unwrap_err(), DurationError::Mixed("P1M2D".into()));
-        assert_eq!(CalendarPeriod::parse("PT5M", a).unwrap_err(), DurationError::TooFine("PT5M".into()));
-        assert_eq!(CalendarPeriod::parse("P0D", a).unwrap_err(), DurationError::Zero("P0D".into()));
-        assert_eq!(parse_fixed_millis("P1M").unwrap_err(), DurationError::NotFixed("P1M".into()));
+        assert_eq!(
+            CalendarPeriod::parse("P1M2D", a).unwrap_err(),
+            DurationError::Mixed("P1M2D".into())
+        );
+        assert_eq!(
+            CalendarPeriod::parse("PT5M", a).unwrap_err(),
+            DurationError::TooFine("PT5M".into())
+        );
+        assert_eq!(
+            CalendarPeriod::parse("P0D", a).unwrap_err(),
+            DurationError::Zero("P0D".into())
+        );
+        assert_eq!(
+            parse_fixed_millis("P1M").unwrap_err(),
+            DurationError::NotFixed("P1M".into())
+        );
         assert_eq!(parse_fixed_millis("PT1M").unwrap(), 60_000);
         assert_eq!(parse_fixed_millis("P1W").unwrap(), 7 * 86_400_000);
     }

@@ -5,10 +5,10 @@ use std::collections::HashMap;
 
 use dashmap::DashMap;
 
+use super::Timestamp;
 use super::counter::{CounterKey, CounterSpec};
 use super::model::{CustomerModel, DrawRule, Limit, LimitKind, Mode, Model, ModelPrice, OnUnknown};
 use super::symbols::Sym;
-use super::Timestamp;
 
 /// Token counts of one call, for pricing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -29,7 +29,10 @@ pub struct Usage {
 
 impl Usage {
     pub fn units(units: u64) -> Self {
-        Self { units, tokens: None }
+        Self {
+            units,
+            tokens: None,
+        }
     }
 }
 
@@ -134,17 +137,49 @@ pub enum PlanError {
     UnknownCustomer(String),
     #[error("unknown feature `{0}`")]
     UnknownFeature(String),
-    #[error("dimension `{dimension}` names entity `{value}`, which customer `{customer}` does not have")]
-    UnknownEntity { customer: String, dimension: String, value: String },
-    #[error("dimension `{dimension}` names entity `{value}`, which is a `{actual}`, not a `{expected}`")]
-    WrongEntityType { dimension: String, value: String, expected: String, actual: String },
+    #[error(
+        "dimension `{dimension}` names entity `{value}`, which customer `{customer}` does not have"
+    )]
+    UnknownEntity {
+        customer: String,
+        dimension: String,
+        value: String,
+    },
+    #[error(
+        "dimension `{dimension}` names entity `{value}`, which is a `{actual}`, not a `{expected}`"
+    )]
+    WrongEntityType {
+        dimension: String,
+        value: String,
+        expected: String,
+        actual: String,
+    },
     #[error("dimensions disagree: `{a}` is not under `{b}` in customer `{customer}`'s tree")]
-    InconsistentDimensions { customer: String, a: String, b: String },
-    #[error("cannot create entity `{value}` (dimension `{dimension}`): customer `{customer}` has no default parent for type `{entity_type}` and no ancestor was given")]
-    NoDefaultParent { customer: String, dimension: String, value: String, entity_type: String },
-    #[error("cannot create entity `{value}`: customer `{customer}` already has {max} auto-created entities, the configured maximum")]
-    AutoEntityLimit { customer: String, value: String, max: u32 },
-    #[error("more than one dimension names an unknown entity ({0}); at most one entity is created per request")]
+    InconsistentDimensions {
+        customer: String,
+        a: String,
+        b: String,
+    },
+    #[error(
+        "cannot create entity `{value}` (dimension `{dimension}`): customer `{customer}` has no default parent for type `{entity_type}` and no ancestor was given"
+    )]
+    NoDefaultParent {
+        customer: String,
+        dimension: String,
+        value: String,
+        entity_type: String,
+    },
+    #[error(
+        "cannot create entity `{value}`: customer `{customer}` already has {max} auto-created entities, the configured maximum"
+    )]
+    AutoEntityLimit {
+        customer: String,
+        value: String,
+        max: u32,
+    },
+    #[error(
+        "more than one dimension names an unknown entity ({0}); at most one entity is created per request"
+    )]
     SeveralUnknown(String),
     #[error("no price for model `{model}` in the price table in force, needed by limit `{limit}`")]
     NoPrice { model: String, limit: String },
@@ -177,7 +212,11 @@ const MAX_VALUE_LEN: usize = 256;
 /// A resolved dimension: a known entity or one to create.
 enum Resolved {
     Known(Sym),
-    Unknown { dimension: String, value: String, entity_type: usize },
+    Unknown {
+        dimension: String,
+        value: String,
+        entity_type: usize,
+    },
 }
 
 impl Model {
@@ -195,8 +234,9 @@ impl Model {
         let customer = self
             .customer(customer_id)
             .ok_or_else(|| PlanError::UnknownCustomer(truncate(customer_id)))?;
-        let feature =
-            self.feature(feature_id).ok_or_else(|| PlanError::UnknownFeature(truncate(feature_id)))?;
+        let feature = self
+            .feature(feature_id)
+            .ok_or_else(|| PlanError::UnknownFeature(truncate(feature_id)))?;
         if let Some((k, _)) = dimensions.iter().find(|(_, v)| v.len() > MAX_VALUE_LEN) {
             return Err(PlanError::ValueTooLong(truncate(k)));
         }
@@ -204,13 +244,19 @@ impl Model {
         let mut counters = Vec::new();
         for (level, node) in chain.iter().enumerate() {
             let entity_type = self.entity_type_of(customer, auto, node.entity);
-            let by_entity = customer.limits_by_entity.get(&node.entity).into_iter().flatten();
+            let by_entity = customer
+                .limits_by_entity
+                .get(&node.entity)
+                .into_iter()
+                .flatten();
             let by_type = entity_type
                 .and_then(|t| customer.limits_by_type.get(&t))
                 .into_iter()
                 .flatten();
             for li in by_entity.chain(by_type) {
-                let Some(limit) = customer.limits.get(*li) else { continue };
+                let Some(limit) = customer.limits.get(*li) else {
+                    continue;
+                };
                 if !limit.in_scope(dimensions) {
                     continue;
                 }
@@ -223,7 +269,9 @@ impl Model {
                 {
                     match draw {
                         DrawRule::PerRequest => AmountRule::PerRequest,
-                        DrawRule::Priced => AmountRule::Priced(self.price_for(limit, dimensions, now)?),
+                        DrawRule::Priced => {
+                            AmountRule::Priced(self.price_for(limit, dimensions, now)?)
+                        }
                     }
                 } else {
                     continue;
@@ -256,29 +304,29 @@ impl Model {
         dimensions: &HashMap<String, String>,
     ) -> PlannedCounter {
         let mut partition = None;
-        let spec = match &limit.kind {
-            LimitKind::Rate { limit, window } => CounterSpec::Rate { limit: *limit, window: *window },
-            LimitKind::Quota { limit, period } => {
-                CounterSpec::Quota { limit: *limit, period: period.clone() }
-            }
-            LimitKind::Concurrency { limit } => CounterSpec::Concurrency { limit: *limit },
-            LimitKind::Credits { pool_by: None } => CounterSpec::Credits { pool_known: true },
-            LimitKind::Credits { pool_by: Some(dim) } => {
-                // Pool names are interned only when a grant creates the pool, so a request
-                // naming an unheard-of pool allocates nothing and finds an empty balance.
-                partition = dimensions.get(dim).and_then(|v| self.symbols.get(v));
-                CounterSpec::Credits { pool_known: partition.is_some() }
-            }
-        };
+        if let LimitKind::Credits { pool_by: Some(dim) } = &limit.kind {
+            // Pool names are interned only when a grant creates the pool, so a request naming
+            // an unheard-of pool allocates nothing and finds an empty balance.
+            partition = dimensions.get(dim).and_then(|v| self.symbols.get(v));
+        }
+        let spec = CounterSpec::of(&limit.kind, partition.is_some());
         PlannedCounter {
             level,
-            key: CounterKey { entity, limit: limit.sym, partition },
+            key: CounterKey {
+                entity,
+                limit: limit.sym,
+                partition,
+            },
             spec,
             mode: limit.mode,
             amount: rule.amount(usage),
             rule,
             limit_id: limit.id.clone(),
-            feature_id: self.features.get(limit.feature).map(|f| f.id.clone()).unwrap_or_default(),
+            feature_id: self
+                .features
+                .get(limit.feature)
+                .map(|f| f.id.clone())
+                .unwrap_or_default(),
             kind: limit.kind.name(),
         }
     }
@@ -293,19 +341,36 @@ impl Model {
         self.price_table_at(now)
             .and_then(|t| t.models.iter().find(|p| p.pattern.matches(model)))
             .map(PriceSnapshot::from)
-            .ok_or_else(|| PlanError::NoPrice { model: truncate(model), limit: limit.id.clone() })
+            .ok_or_else(|| PlanError::NoPrice {
+                model: truncate(model),
+                limit: limit.id.clone(),
+            })
     }
 
-    fn entity_type_of(&self, customer: &CustomerModel, auto: &AutoEntities, e: Sym) -> Option<usize> {
-        customer.entities.get(&e).map(|n| n.entity_type).or_else(|| {
-            auto.by_customer.get(&customer.sym).and_then(|m| m.get(&e).map(|a| a.entity_type))
-        })
+    fn entity_type_of(
+        &self,
+        customer: &CustomerModel,
+        auto: &AutoEntities,
+        e: Sym,
+    ) -> Option<usize> {
+        customer
+            .entities
+            .get(&e)
+            .map(|n| n.entity_type)
+            .or_else(|| {
+                auto.by_customer
+                    .get(&customer.sym)
+                    .and_then(|m| m.get(&e).map(|a| a.entity_type))
+            })
     }
 
     fn parent_of(&self, customer: &CustomerModel, auto: &AutoEntities, e: Sym) -> Option<Sym> {
         match customer.entities.get(&e) {
             Some(n) => n.parent,
-            None => auto.by_customer.get(&customer.sym).and_then(|m| m.get(&e).map(|a| a.parent)),
+            None => auto
+                .by_customer
+                .get(&customer.sym)
+                .and_then(|m| m.get(&e).map(|a| a.parent)),
         }
     }
 
@@ -332,7 +397,9 @@ impl Model {
     ) -> Result<Vec<ChainLevel>, PlanError> {
         let mut resolved = Vec::new();
         for rule in &self.attribution {
-            let Some(value) = dimensions.get(&rule.dimension) else { continue };
+            let Some(value) = dimensions.get(&rule.dimension) else {
+                continue;
+            };
             let sym = self.symbols.get(value);
             let known_type = sym.and_then(|s| self.entity_type_of(customer, auto, s));
             match (sym, known_type) {
@@ -363,7 +430,13 @@ impl Model {
         // The deepest known entity; every other known one must be its ancestor.
         let known: Vec<Sym> = resolved
             .iter()
-            .filter_map(|r| if let Resolved::Known(s) = r { Some(*s) } else { None })
+            .filter_map(|r| {
+                if let Resolved::Known(s) = r {
+                    Some(*s)
+                } else {
+                    None
+                }
+            })
             .collect();
         let mut leaf_chain: Option<Vec<Sym>> = None;
         for s in &known {
@@ -388,9 +461,11 @@ impl Model {
         let unknown: Vec<(String, String, usize)> = resolved
             .into_iter()
             .filter_map(|r| match r {
-                Resolved::Unknown { dimension, value, entity_type } => {
-                    Some((dimension, value, entity_type))
-                }
+                Resolved::Unknown {
+                    dimension,
+                    value,
+                    entity_type,
+                } => Some((dimension, value, entity_type)),
                 Resolved::Known(_) => None,
             })
             .collect();
@@ -398,7 +473,14 @@ impl Model {
             ([], Some(chain)) => chain,
             ([], None) => customer.root.into_iter().collect(),
             ([(dimension, value, entity_type)], known_chain) => {
-                let created = self.create(auto, customer, dimension, value, *entity_type, known_chain.as_deref())?;
+                let created = self.create(
+                    auto,
+                    customer,
+                    dimension,
+                    value,
+                    *entity_type,
+                    known_chain.as_deref(),
+                )?;
                 self.ancestors(customer, auto, created)
             }
             (many, _) => {
@@ -429,12 +511,17 @@ impl Model {
         entity_type: usize,
         known_chain: Option<&[Sym]>,
     ) -> Result<Sym, PlanError> {
-        let allowed = self.entity_types.get(entity_type).map(|t| t.parents.as_slice()).unwrap_or(&[]);
+        let allowed = self
+            .entity_types
+            .get(entity_type)
+            .map(|t| t.parents.as_slice())
+            .unwrap_or(&[]);
         // Hang it under the deepest given entity that may be its parent, else the default.
         let parent = known_chain
             .and_then(|c| {
                 c.iter().copied().find(|s| {
-                    self.entity_type_of(customer, auto, *s).is_some_and(|t| allowed.contains(&t))
+                    self.entity_type_of(customer, auto, *s)
+                        .is_some_and(|t| allowed.contains(&t))
                 })
             })
             .or_else(|| customer.auto_parents.get(&entity_type).copied())
@@ -456,12 +543,21 @@ impl Model {
             });
         }
         let sym = self.symbols.intern(value);
-        registry.insert(sym, AutoEntity { entity_type, parent });
+        registry.insert(
+            sym,
+            AutoEntity {
+                entity_type,
+                parent,
+            },
+        );
         Ok(sym)
     }
 
     fn type_name(&self, t: usize) -> String {
-        self.entity_types.get(t).map(|t| t.name.clone()).unwrap_or_default()
+        self.entity_types
+            .get(t)
+            .map(|t| t.name.clone())
+            .unwrap_or_default()
     }
 }
 

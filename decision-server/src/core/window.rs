@@ -28,7 +28,10 @@ impl RollingWindow {
         }
         // Round the bucket up so that `spans` buckets always cover the whole window.
         let bucket_millis = (window_millis + spans - 1) / spans;
-        Some(Self { window_millis, bucket_millis })
+        Some(Self {
+            window_millis,
+            bucket_millis,
+        })
     }
 
     pub fn window_millis(&self) -> i64 {
@@ -45,7 +48,11 @@ impl RollingWindow {
 
     /// When the given bucket stops being counted.
     fn bucket_expiry(&self, bucket: i64) -> Timestamp {
-        Timestamp::from_millis(bucket.saturating_add(RING as i64).saturating_mul(self.bucket_millis))
+        Timestamp::from_millis(
+            bucket
+                .saturating_add(RING as i64)
+                .saturating_mul(self.bucket_millis),
+        )
     }
 }
 
@@ -62,7 +69,10 @@ fn slot(bucket: i64) -> usize {
 
 impl WindowState {
     pub fn new(window: &RollingWindow, now: Timestamp) -> Self {
-        Self { head: window.bucket_at(now), counts: [0; RING] }
+        Self {
+            head: window.bucket_at(now),
+            counts: [0; RING],
+        }
     }
 
     /// The bucket that `now` writes to. A clock that stepped backwards writes to the head.
@@ -85,7 +95,9 @@ impl WindowState {
 
     /// Units counted in the window ending at `now`.
     pub fn used(&self, window: &RollingWindow, now: Timestamp) -> u64 {
-        self.live_buckets(window, now).map(|b| u64::from(self.count_of(b))).sum()
+        self.live_buckets(window, now)
+            .map(|b| u64::from(self.count_of(b)))
+            .sum()
     }
 
     /// Moves the head to `now`'s bucket, clearing buckets that fell out of the ring.
@@ -218,10 +230,17 @@ mod tests {
         }
         for (i, start) in grants.iter().enumerate() {
             let in_window = grants[i..].iter().take_while(|g| **g < start + MIN).count();
-            assert!(in_window as u64 <= limit, "{in_window} grants in the window from {start}");
+            assert!(
+                in_window as u64 <= limit,
+                "{in_window} grants in the window from {start}"
+            );
         }
         // And it is not starved either: over 5 minutes it grants at least 4 windows' worth.
-        assert!(grants.len() as u64 >= 4 * limit, "only {} granted", grants.len());
+        assert!(
+            grants.len() as u64 >= 4 * limit,
+            "only {} granted",
+            grants.len()
+        );
     }
 
     #[test]

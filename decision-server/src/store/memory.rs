@@ -6,7 +6,9 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 use rustc_hash::FxBuildHasher;
 
-use super::{CloseOutcome, CounterStore, CustomerRef, Reservation, ReserveMode, StoreError, StoreStats};
+use super::{
+    CloseOutcome, CounterStore, CustomerRef, Reservation, ReserveMode, StoreError, StoreStats,
+};
 use crate::core::counter::{CounterKey, CounterSpec};
 use crate::core::credits::GrantBalance;
 use crate::core::ledger::{Closing, Ledger};
@@ -93,13 +95,20 @@ impl CounterStore for MemoryStore {
 
     fn expire_due(&self, now: Timestamp) -> Result<usize, StoreError> {
         // Collect first: a customer's lock is never awaited while a map shard is held.
-        let ledgers: Vec<Arc<Mutex<Ledger>>> =
-            self.customers.iter().map(|e| Arc::clone(e.value())).collect();
+        let ledgers: Vec<Arc<Mutex<Ledger>>> = self
+            .customers
+            .iter()
+            .map(|e| Arc::clone(e.value()))
+            .collect();
         Ok(ledgers
             .iter()
             .map(|l| {
                 let mut l = l.lock();
-                if l.next_expiry().is_some_and(|at| at <= now) { l.expire_due(now) } else { 0 }
+                if l.next_expiry().is_some_and(|at| at <= now) {
+                    l.expire_due(now)
+                } else {
+                    0
+                }
             })
             .sum())
     }
@@ -120,13 +129,21 @@ impl CounterStore for MemoryStore {
         spec: &CounterSpec,
         now: Timestamp,
     ) -> Result<Option<u64>, StoreError> {
-        Ok(self.existing(customer.sym).and_then(|l| l.lock().counted(key, spec, now)))
+        Ok(self
+            .existing(customer.sym)
+            .and_then(|l| l.lock().counted(key, spec, now)))
     }
 
     fn stats(&self) -> StoreStats {
-        let mut stats = StoreStats { customers: self.customers.len(), ..StoreStats::default() };
-        let ledgers: Vec<Arc<Mutex<Ledger>>> =
-            self.customers.iter().map(|e| Arc::clone(e.value())).collect();
+        let mut stats = StoreStats {
+            customers: self.customers.len(),
+            ..StoreStats::default()
+        };
+        let ledgers: Vec<Arc<Mutex<Ledger>>> = self
+            .customers
+            .iter()
+            .map(|e| Arc::clone(e.value()))
+            .collect();
         for l in ledgers {
             let l = l.lock();
             stats.counters += l.counter_count();
