@@ -1,0 +1,156 @@
+//! Shared test harness: config from YAML text, an engine over a given store with a manual
+//! clock, and the macro that runs one test body against every store implementation.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tollgate::clock::ManualClock;
+use tollgate::core::plan::{TokenCounts, Usage};
+use tollgate::core::{Decision, HoldId, Model, Symbols, Timestamp};
+use tollgate::store::CounterStore;
+use tollgate::{CheckRequest, Engine};
+
+/// Runs each named test function `f(store)` once per counter-store implementation, each as its own test, in the
+/// manner of Limitador's `test_with_all_storage_impls!`.
+#[macro_export]
+macro_rules! test_with_all_stores {
+    ($($name:ident),+ $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn memory() {
+                    super::$name(std::sync::Arc::new(tollgate::store::MemoryStore::new()));
+                }
+            }
+        )+
+    };
+}
+
+pub fn model(yaml: &str) -> Model {
+    match tollgate::config::parse(yaml, "test.yaml", Arc::new(Symbols::new())) {
+        Ok(m) => m,
+        Err(e) => panic!("test config is invalid:\n{e}"),
+    }
+}
+
+pub fn at(s: &str) -> Timestamp {
+    Timestamp::from_datetime(s.parse().unwrap())
+}
+
+pub struct Harness {
+    pub engine: Engine,
+    pub clock: ManualClock,
+}
+
+pub fn harness(yaml: &str, store: Arc<dyn CounterStore>, start: &str) -> Harness {
+    let clock = ManualClock::new(at(start));
+    let engine = Engine::new(model(yaml), store, Arc::new(clock.clone())).unwrap();
+    Harness { engine, clock }
+}
+
+pub fn dims(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+impl Harness {
+    pub fn check(&self, customer: &str, feature: &str, units: u64, d: &[(&str, &str)]) -> Decision {
+        self.check_usage(customer, feature, Usage::units(units), d)
+    }
+
+    pub fn check_usage(&self, customer: &str, feature: &str, usage: Usage, d: &[(&str, &str)]) -> Decision {
+        let dimensions = dims(d);
+        self.engine
+            .check(&CheckRequest { customer, feature, usage, dimensions: &dimensions, dry_run: false })
+            .unwrap()
+    }
+
+    pub fn dry_run(&self, customer: &str, feature: &str, units: u64, d: &[(&str, &str)]) -> Decision {
+        let dimensions = dims(d);
+        self.engine
+            .check(&CheckRequest {
+                customer,
+                feature,
+                usage: Usage::units(units),
+                dimensions: &dimensions,
+                dry_run: true,
+            })
+            .unwrap()
+    }
+
+    pub fn counted(&self, customer: &str, entity: &str, limit: &str) -> u64 {
+        self.engine.counted(customer, entity, limit, None).unwrap().unwrap_or(0)
+    }
+
+    pub fn settle(&self, hold: &HoldId, units: u64) {
+        self.engine.settle(hold, Usage::units(units)).unwrap();
+    }
+
+    pub fn advance_secs(&self, secs: i64) {
+        self.clock.advance_millis(secs * 1_000);
+    }
+}
+
+pub fn tokens(input: u64, output: u64, cached: u64) -> Usage {
+    Usage { units: input + output + cached, tokens: Some(TokenCounts { input, output, cached }) }
+}
+
+/// A four-level tree (org → dept → team → user) with room for limits appended per test.
+pub const TREE: &str = r#"
+entityTypes:
+  - name: org
+  - name: dept
+    parents: [org]
+  - name: team
+    parents: [dept]
+  - name: user
+    parents: [team]
+  - name: model
+    dimensional: true
+    dimension: model
+  - name: key
+    dimensional: true
+    dimension: apiKey
+attribution:
+  - dimension: userId
+    entityType: user
+  - dimension: teamId
+    entityType: team
+features:
+  - id: tokens
+    alsoDraws:
+      - { feature: requests, per: request }
+      - { feature: credits, per: price }
+  - id: requests
+  - id: credits
+prices:
+  - version: v1
+    effectiveFrom: 2020-01-01T00:00:00Z
+    models:
+      - { match: "big*", inputPerMillion: 2000000, outputPerMillion: 8000000, cachedPerMillion: 1000000 }
+      - { match: "*", inputPerMillion: 1000000, outputPerMillion: 1000000 }
+customers:
+  - id: acme
+    entities:
+      - { id: acme, type: org }
+      - { id: d1, type: dept, parent: acme }
+      - { id: d2, type: dept, parent: acme }
+      - { id: t1, type: team, parent: d1 }
+      - { id: t2, type: team, parent: d1 }
+      - { id: t3, type: team, parent: d2 }
+      - { id: u1, type: user, parent: t1 }
+      - { id: u2, type: user, parent: t1 }
+      - { id: u3, type: user, parent: t2 }
+      - { id: u4, type: user, parent: t3 }
+"#;
+
+/// `TREE` with `limits` (and optionally more customer keys) appended to customer `acme`.
+pub fn tree_with(customer_extra: &str) -> String {
+    let mut s = TREE.to_string();
+    for line in customer_extra.lines() {
+        s.push_str("    ");
+        s.push_str(line);
+        s.push('\n');
+    }
+    s
+}

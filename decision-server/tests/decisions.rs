@@ -1,0 +1,423 @@
+//! Decisions through the engine, limit kind by limit kind, run against every counter store.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use tollgate::core::model::Mode;
+use tollgate::core::plan::{PlanError, Usage};
+use tollgate::core::{HoldId, Timestamp};
+use tollgate::store::{CloseOutcome, CounterStore, StoreError};
+use tollgate::{CheckRequest, DecisionError};
+
+type Store = Arc<dyn CounterStore>;
+
+test_with_all_stores! {
+    rate_has_no_burst_at_the_window_edge,
+    quota_rolls_over_at_month_end,
+    quota_rolls_over_across_a_leap_day,
+    concurrency_counts_requests_in_flight,
+    credits_spend_soonest_expiring_grant_first,
+    credits_isolated_pools,
+    shadow_and_soft_never_deny_and_record_would_deny,
+    a_denial_holds_nothing_and_names_the_blocking_level,
+    chain_reports_every_level_leaf_to_root,
+    no_matching_limit_is_allowed_and_says_so,
+    dry_run_holds_nothing,
+    settle_corrects_and_is_idempotent,
+    release_undoes_a_hold,
+    expiry_commits_the_held_amount,
+    dimension_scoped_limits,
+    bad_dimensions_are_errors_and_change_nothing,
+    auto_created_entities_are_bounded,
+    derived_features_count_requests_and_price_credits,
+}
+
+const USER_RATE: &str = r#"
+limits:
+  - { id: user-rate, entityType: user, feature: tokens, kind: rate, limit: 100, window: PT1M }
+"#;
+
+fn rate_has_no_burst_at_the_window_edge(store: Store) {
+    let h = harness(&tree_with(USER_RATE), store, "2026-03-10T10:00:59.900Z");
+    let d = h.check("acme", "tokens", 100, &[("userId", "u1")]);
+    assert!(d.granted);
+    // A fixed one-minute window would reset at 10:01:00. A rolling one does not.
+    h.clock.set(at("2026-03-10T10:01:00.100Z"));
+    let d = h.check("acme", "tokens", 1, &[("userId", "u1")]);
+    assert!(!d.granted);
+    let denial = d.denial.unwrap();
+    assert_eq!((denial.limit_id.as_str(), denial.kind, denial.entity_id.as_str()), ("user-rate", "rate", "u1"));
+    let retry = denial.retry_at.unwrap();
+    assert!(retry >= at("2026-03-10T10:01:59.900Z"), "retry {retry} is less than a window after the spend");
+    h.clock.set(Timestamp::from_millis(retry.millis() - 1));
+    assert!(!h.check("acme", "tokens", 1, &[("userId", "u1")]).granted);
+    h.clock.set(retry);
+    assert!(h.check("acme", "tokens", 1, &[("userId", "u1")]).granted);
+    // Another user has a counter of its own.
+    assert!(h.check("acme", "tokens", 100, &[("userId", "u2")]).granted);
+}
+
+fn quota_rolls_over_at_month_end(store: Store) {
+    let limits = r#"
+limits:
+  - { id: org-month, entity: acme, feature: tokens, kind: quota, limit: 1000, period: P1M, anchor: "2026-01-31T00:00:00Z" }
+"#;
+    let h = harness(&tree_with(limits), store, "2026-02-27T12:00:00Z");
+    assert!(h.check("acme", "tokens", 1000, &[("userId", "u1")]).granted);
+    let d = h.check("acme", "tokens", 1, &[("userId", "u1")]);
+    assert!(!d.granted);
+    // Anchored on the 31st: in February the period turns on the last day, the 28th.
+    assert_eq!(d.denial.unwrap().retry_at, Some(at("2026-02-28T00:00:00Z")));
+    h.clock.set(at("2026-02-27T23:59:59.999Z"));
+    assert!(!h.check("acme", "tokens", 1, &[("userId", "u1")]).granted);
+    h.clock.set(at("2026-02-28T00:00:00Z"));
+    let d = h.check("acme", "tokens", 1, &[("userId", "u1")]);
+    assert!(d.granted);
+    assert_eq!(d.chain[0].reset_at, Some(at("2026-03-31T00:00:00Z")));
+    assert_eq!(d.chain[0].current_usage, 1);
+}
+
+fn quota_rolls_over_across_a_leap_day(store: Store) {
+    let limits = r#"
+limits:
+  - { id: team-day, entityType: team, feature: tokens, kind: quota, limit: 500, period: P1D }
+"#;
+    let h = harness(&tree_with(limits), store, "2028-02-28T23:00:00Z");
+    assert!(h.check("acme", "tokens", 500, &[("userId", "u1")]).granted);
+    let d = h.check("acme", "tokens", 1, &[("userId", "u2")]);
+    assert_eq!(d.denial.unwrap().retry_at, Some(at("2028-02-29T00:00:00Z")));
+    h.clock.set(at("2028-02-29T00:00:00Z"));
+    let d = h.check("acme", "tokens", 500, &[("userId", "u2")]);
+    assert!(d.granted);
+    assert_eq!(d.chain[0].reset_at, Some(at("2028-03-01T00:00:00Z")));
+    assert!(!h.check("acme", "tokens", 1, &[("userId", "u1")]).granted);
+    h.clock.set(at("2028-03-01T00:00:00Z"));
+    assert!(h.check("acme", "tokens", 500, &[("userId", "u1")]).granted);
+}
+
+fn concurrency_counts_requests_in_flight(store: Store) {
+    let limits = r#"
+limits:
+  - { id: user-slots, entityType: user, feature: tokens, kind: concurrency, limit: 2 }
+"#;
+    let h = harness(&tree_with(limits), store, "2026-03-10T10:00:00Z");
+    let a = h.check("acme", "tokens", 5_000, &[("userId", "u1")]);
+    let b = h.check("acme", "tokens", 5_000, &[("userId", "u1")]);
+    assert!(a.granted && b.granted);
+    let c = h.check("acme", "tokens", 1, &[("userId", "u1")]);
+    assert!(!c.granted);
+    assert_eq!(c.denial.as_ref().unwrap().kind, "concurrency");
+    assert_eq!(c.denial.unwrap().retry_at, None);
+    assert_eq!(h.counted("acme", "u1", "user-slots"), 2);
+    h.settle(a.hold_id.as_ref().unwrap(), 4_000);
+    assert_eq!(h.counted("acme", "u1", "user-slots"), 1);
+    let c = h.check("acme", "tokens", 1, &[("userId", "u1")]);
+    assert!(c.granted);
+    h.engine.release(c.hold_id.as_ref().unwrap()).unwrap();
+    // Expiry frees the slot too.
+    h.advance_secs(301);
+    h.engine.expire_due().unwrap();
+    assert_eq!(h.counted("acme", "u1", "user-slots"), 0);
+}
+
+const CREDITS: &str = r#"
+limits:
+  - { id: org-credits, entity: acme, feature: credits, kind: credits }
+grants:
+  - { id: late, entity: acme, feature: credits, amount: 100, priority: 1, category: paid }
+  - { id: soon, entity: acme, feature: credits, amount: 100, priority: 1, category: paid, expiresAt: "2026-04-01T00:00:00Z" }
+  - { id: low, entity: acme, feature: credits, amount: 1000, priority: 5, category: promo }
+"#;
+
+fn credits_spend_soonest_expiring_grant_first(store: Store) {
+    let h = harness(&tree_with(CREDITS), store, "2026-03-10T10:00:00Z");
+    // Priced at 1 credit per token for model "small": 150 credits span two grants.
+    let d = h.check_usage("acme", "tokens", tokens(150, 0, 0), &[("userId", "u1"), ("model", "small")]);
+    assert!(d.granted);
+    let entry = &d.chain[0];
+    assert_eq!((entry.limit_id.as_str(), entry.requested, entry.remaining), ("org-credits", 150, 1050));
+    // The soonest-expiring grant went first and is spent in full: no usable grant expires now.
+    assert_eq!(entry.reset_at, None);
+    h.settle(d.hold_id.as_ref().unwrap(), 150);
+    // Had the never-expiring grant been spent first, 50 of `soon` would now expire unused.
+    h.clock.set(at("2026-04-01T00:00:00Z"));
+    let d = h.dry_run("acme", "credits", 0, &[("userId", "u1")]);
+    assert_eq!(d.chain[0].remaining, 1050, "`soon` was spent in full before `late`");
+    // Priority 5 is spent only after both priority-1 grants.
+    let d = h.check("acme", "credits", 60, &[("userId", "u1")]);
+    assert!(d.granted);
+    let d = h.check("acme", "credits", 1000, &[("userId", "u1")]);
+    assert!(d.granted);
+    assert!(!h.check("acme", "credits", 1, &[("userId", "u1")]).granted);
+}
+
+fn credits_isolated_pools(store: Store) {
+    let limits = r#"
+limits:
+  - { id: key-credits, entity: acme, feature: credits, kind: credits, poolBy: apiKey }
+grants:
+  - { id: a, entity: acme, feature: credits, pool: key-a, amount: 100, category: paid }
+  - { id: b, entity: acme, feature: credits, pool: key-b, amount: 10, category: promo }
+"#;
+    let h = harness(&tree_with(limits), store, "2026-03-10T10:00:00Z");
+    let b = [("userId", "u1"), ("apiKey", "key-b")];
+    assert!(h.check("acme", "credits", 10, &b).granted);
+    let d = h.check("acme", "credits", 1, &b);
+    assert!(!d.granted, "key-b's pool is empty even though key-a's is not");
+    assert!(h.check("acme", "credits", 100, &[("userId", "u1"), ("apiKey", "key-a")]).granted);
+    // A pool never granted, or no pool named, holds nothing: never silently unlimited.
+    assert!(!h.check("acme", "credits", 1, &[("userId", "u1"), ("apiKey", "key-zzz")]).granted);
+    assert!(!h.check("acme", "credits", 1, &[("userId", "u1")]).granted);
+    assert_eq!(h.engine.counted("acme", "acme", "key-credits", Some("key-b")).unwrap(), Some(10));
+}
+
+fn shadow_and_soft_never_deny_and_record_would_deny(store: Store) {
+    let limits = r#"
+limits:
+  - { id: team-shadow, entityType: team, feature: tokens, kind: quota, limit: 10, period: P1D, mode: shadow }
+  - { id: dept-soft, entityType: dept, feature: tokens, kind: rate, limit: 15, window: PT1H, mode: soft }
+"#;
+    let h = harness(&tree_with(limits), store, "2026-03-10T10:00:00Z");
+    let d = h.check("acme", "tokens", 20, &[("userId", "u1")]);
+    assert!(d.granted);
+    assert!(d.denial.is_none());
+    let would: Vec<(&str, Mode)> = d.would_deny().map(|e| (e.limit_id.as_str(), e.mode)).collect();
+    assert_eq!(would, [("team-shadow", Mode::Shadow), ("dept-soft", Mode::Soft)]);
+    // The usage is counted all the same, past the limit.
+    assert_eq!(h.counted("acme", "t1", "team-shadow"), 20);
+    assert_eq!(h.counted("acme", "d1", "dept-soft"), 20);
+    let d = h.check("acme", "tokens", 1, &[("userId", "u2")]);
+    assert!(d.granted);
+    assert_eq!(d.chain[0].remaining, 0);
+    assert!(d.chain[0].exceeded);
+}
+
+fn a_denial_holds_nothing_and_names_the_blocking_level(store: Store) {
+    let limits = r#"
+limits:
+  - { id: user-rate, entityType: user, feature: tokens, kind: rate, limit: 1000, window: PT1M }
+  - { id: team-day, entityType: team, feature: tokens, kind: quota, limit: 1000, period: P1D }
+  - { id: org-day, entity: acme, feature: tokens, kind: quota, limit: 100, period: P1D }
+"#;
+    let h = harness(&tree_with(limits), store, "2026-03-10T10:00:00Z");
+    assert!(h.check("acme", "tokens", 90, &[("userId", "u1")]).granted);
+    let d = h.check("acme", "tokens", 20, &[("userId", "u3")]);
+    assert!(!d.granted);
+    assert_eq!(d.hold_id, None);
+    let denial = d.denial.unwrap();
+    assert_eq!(denial.level, 3);
+    assert_eq!((denial.entity_id.as_str(), denial.limit_id.as_str()), ("acme", "org-day"));
+    assert_eq!(denial.reason, "quota limit `org-day` on org `acme` (chain level 3): 90 of 100 used, 20 requested");
+    assert_eq!(denial.retry_at, Some(at("2026-03-11T00:00:00Z")));
+    // Levels that passed were not touched.
+    assert_eq!(h.engine.counted("acme", "u3", "user-rate", None).unwrap(), None);
+    assert_eq!(h.counted("acme", "t2", "team-day"), 0);
+    assert_eq!(h.counted("acme", "acme", "org-day"), 90);
+    assert_eq!(h.engine.store().stats().holds_open, 1);
+}
+
+fn chain_reports_every_level_leaf_to_root(store: Store) {
+    let limits = r#"
+limits:
+  - { id: user-rate, entityType: user, feature: tokens, kind: rate, limit: 1000, window: PT1M }
+  - { id: team-day, entityType: team, feature: tokens, kind: quota, limit: 5000, period: P1D }
+  - { id: dept-slots, entityType: dept, feature: tokens, kind: concurrency, limit: 3 }
+  - { id: org-month, entity: acme, feature: tokens, kind: quota, limit: 100000, period: P1M }
+"#;
+    let h = harness(&tree_with(limits), store, "2026-03-10T10:00:00Z");
+    let d = h.check("acme", "tokens", 250, &[("userId", "u1")]);
+    assert!(d.granted && !d.no_matching_limit);
+    let got: Vec<(usize, &str, &str, &str, u64, u64, u64)> = d
+        .chain
+        .iter()
+        .map(|e| (e.level, e.entity_id.as_str(), e.entity_type.as_str(), e.limit_id.as_str(), e.usage_limit, e.current_usage, e.remaining))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (0, "u1", "user", "user-rate", 1000, 250, 750),
+            (1, "t1", "team", "team-day", 5000, 250, 4750),
+            (2, "d1", "dept", "dept-slots", 3, 1, 2),
+            (3, "acme", "org", "org-month", 100000, 250, 99750),
+        ]
+    );
+    assert_eq!(d.chain[3].reset_at, Some(at("2026-04-01T00:00:00Z")));
+    assert_eq!(d.tightest().unwrap().limit_id, "dept-slots");
+    assert!(d.hold_id.is_some());
+}
+
+fn no_matching_limit_is_allowed_and_says_so(store: Store) {
+    let limits = r#"
+limits:
+  - { id: gpt4-only, entityType: team, feature: tokens, kind: quota, limit: 1, period: P1D, scope: { model: "gpt-4*" } }
+"#;
+    let h = harness(&tree_with(limits), store, "2026-03-10T10:00:00Z");
+    let d = h.check("acme", "tokens", 1_000_000, &[("userId", "u1"), ("model", "small")]);
+    assert!(d.granted);
+    assert!(d.no_matching_limit);
+    assert!(d.chain.is_empty());
+    assert_eq!(d.hold_id, None);
+}
+
+fn dry_run_holds_nothing(store: Store) {
+    let h = harness(&tree_with(USER_RATE), store, "2026-03-10T10:00:00Z");
+    let d = h.dry_run("acme", "tokens", 60, &[("userId", "u1")]);
+    assert!(d.granted && d.dry_run);
+    assert_eq!(d.hold_id, None);
+    assert_eq!(d.chain[0].current_usage, 0);
+    assert!(h.check("acme", "tokens", 60, &[("userId", "u1")]).granted);
+    let d = h.dry_run("acme", "tokens", 60, &[("userId", "u1")]);
+    assert!(!d.granted);
+    assert_eq!(d.denial.unwrap().limit_id, "user-rate");
+    assert_eq!(h.counted("acme", "u1", "user-rate"), 60);
+}
+
+fn settle_corrects_and_is_idempotent(store: Store) {
+    let h = harness(&tree_with(USER_RATE), store, "2026-03-10T10:00:00Z");
+    let d = h.check("acme", "tokens", 80, &[("userId", "u1")]);
+    let hold = d.hold_id.unwrap();
+    assert_eq!(h.engine.settle(&hold, Usage::units(30)).unwrap(), CloseOutcome::Closed);
+    assert_eq!(h.counted("acme", "u1", "user-rate"), 30);
+    assert_eq!(h.engine.settle(&hold, Usage::units(90)).unwrap(), CloseOutcome::AlreadyClosed);
+    assert_eq!(h.engine.release(&hold).unwrap(), CloseOutcome::AlreadyClosed);
+    assert_eq!(h.counted("acme", "u1", "user-rate"), 30);
+    // Actual usage above the hold is recorded too: it happened.
+    let hold = h.check("acme", "tokens", 10, &[("userId", "u1")]).hold_id.unwrap();
+    h.settle(&hold, 95);
+    assert_eq!(h.counted("acme", "u1", "user-rate"), 125);
+    assert!(!h.check("acme", "tokens", 1, &[("userId", "u1")]).granted);
+    let unknown = HoldId { customer: "acme".into(), seq: 999 };
+    assert_eq!(
+        h.engine.settle(&unknown, Usage::units(1)),
+        Err(DecisionError::Store(StoreError::UnknownHold("acme:999".into())))
+    );
+}
+
+fn release_undoes_a_hold(store: Store) {
+    let h = harness(&tree_with(USER_RATE), store, "2026-03-10T10:00:00Z");
+    let hold = h.check("acme", "tokens", 100, &[("userId", "u1")]).hold_id.unwrap();
+    assert!(!h.check("acme", "tokens", 1, &[("userId", "u1")]).granted);
+    assert_eq!(h.engine.release(&hold).unwrap(), CloseOutcome::Closed);
+    assert_eq!(h.counted("acme", "u1", "user-rate"), 0);
+    assert!(h.check("acme", "tokens", 100, &[("userId", "u1")]).granted);
+}
+
+fn expiry_commits_the_held_amount(store: Store) {
+    let limits = r#"
+limits:
+  - { id: team-day, entityType: team, feature: tokens, kind: quota, limit: 1000, period: P1D }
+  - { id: user-slots, entityType: user, feature: tokens, kind: concurrency, limit: 1 }
+"#;
+    let h = harness(&tree_with(limits), store, "2026-03-10T10:00:00Z");
+    let hold = h.check("acme", "tokens", 400, &[("userId", "u1")]).hold_id.unwrap();
+    h.advance_secs(299);
+    assert_eq!(h.engine.expire_due().unwrap(), 0);
+    h.advance_secs(1);
+    assert_eq!(h.engine.expire_due().unwrap(), 1);
+    assert_eq!(h.counted("acme", "t1", "team-day"), 400);
+    assert_eq!(h.counted("acme", "u1", "user-slots"), 0);
+    assert_eq!(h.engine.settle(&hold, Usage::units(10)).unwrap(), CloseOutcome::AlreadyClosed);
+    assert_eq!(h.counted("acme", "t1", "team-day"), 400);
+    assert_eq!(h.engine.store().stats().holds_open, 0);
+}
+
+fn dimension_scoped_limits(store: Store) {
+    let limits = r#"
+limits:
+  - { id: gpt4, entityType: team, feature: tokens, kind: quota, limit: 100, period: P1D, scope: { model: "gpt-4*" } }
+"#;
+    let h = harness(&tree_with(limits), store, "2026-03-10T10:00:00Z");
+    assert!(h.check("acme", "tokens", 100, &[("userId", "u1"), ("model", "gpt-4o")]).granted);
+    let d = h.check("acme", "tokens", 1, &[("userId", "u1"), ("model", "gpt-4.1-mini")]);
+    assert_eq!(d.denial.unwrap().limit_id, "gpt4");
+    assert!(h.check("acme", "tokens", 1_000, &[("userId", "u1"), ("model", "o3")]).granted);
+    assert!(h.check("acme", "tokens", 1_000, &[("userId", "u1")]).granted);
+    // Another team has its own gpt-4 counter.
+    assert!(h.check("acme", "tokens", 100, &[("userId", "u3"), ("model", "gpt-4o")]).granted);
+}
+
+fn bad_dimensions_are_errors_and_change_nothing(store: Store) {
+    let h = harness(&tree_with(USER_RATE), store, "2026-03-10T10:00:00Z");
+    let run = |customer: &str, feature: &str, d: &[(&str, &str)]| {
+        let dimensions = dims(d);
+        h.engine
+            .check(&CheckRequest { customer, feature, usage: Usage::units(1), dimensions: &dimensions, dry_run: false })
+            .unwrap_err()
+    };
+    assert_eq!(run("nobody", "tokens", &[]), DecisionError::Plan(PlanError::UnknownCustomer("nobody".into())));
+    assert_eq!(run("acme", "gold", &[]), DecisionError::Plan(PlanError::UnknownFeature("gold".into())));
+    assert_eq!(
+        run("acme", "tokens", &[("userId", "mallory")]).to_string(),
+        "dimension `userId` names entity `mallory`, which customer `acme` does not have"
+    );
+    assert_eq!(
+        run("acme", "tokens", &[("userId", "t1")]).to_string(),
+        "dimension `userId` names entity `t1`, which is a `team`, not a `user`"
+    );
+    assert_eq!(
+        run("acme", "tokens", &[("userId", "u1"), ("teamId", "t3")]).to_string(),
+        "dimensions disagree: `u1` is not under `t3` in customer `acme`'s tree"
+    );
+    let long = "x".repeat(300);
+    assert_eq!(run("acme", "tokens", &[("userId", &long)]).to_string(), "dimension `userId` is longer than 256 bytes");
+    assert_eq!(h.engine.store().stats().counters, 0);
+    assert_eq!(h.engine.store().stats().holds_open, 0);
+}
+
+fn auto_created_entities_are_bounded(store: Store) {
+    let yaml = tree_with(
+        r#"
+maxAutoEntities: 2
+autoCreateParents:
+  user: t3
+limits:
+  - { id: team-day, entityType: team, feature: tokens, kind: quota, limit: 1000, period: P1D }
+"#,
+    )
+    .replace("  - dimension: userId\n    entityType: user\n", "  - dimension: userId\n    entityType: user\n    onUnknown: create\n");
+    let h = harness(&yaml, store, "2026-03-10T10:00:00Z");
+    // Under the given team when one is named, else under the default parent.
+    let d = h.check("acme", "tokens", 5, &[("userId", "new-1"), ("teamId", "t1")]);
+    assert_eq!(d.chain[0].entity_id, "t1");
+    let d = h.check("acme", "tokens", 5, &[("userId", "new-2")]);
+    assert_eq!(d.chain[0].entity_id, "t3");
+    // Known now: no new entity, same parent as before.
+    let d = h.check("acme", "tokens", 5, &[("userId", "new-1")]);
+    assert_eq!(d.chain[0].entity_id, "t1");
+    let dimensions = dims(&[("userId", "new-3")]);
+    let err = h
+        .engine
+        .check(&CheckRequest { customer: "acme", feature: "tokens", usage: Usage::units(1), dimensions: &dimensions, dry_run: false })
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "cannot create entity `new-3`: customer `acme` already has 2 auto-created entities, the configured maximum"
+    );
+    assert_eq!(h.engine.auto_created("acme"), 2);
+}
+
+fn derived_features_count_requests_and_price_credits(store: Store) {
+    let limits = r#"
+limits:
+  - { id: user-requests, entityType: user, feature: requests, kind: rate, limit: 2, window: PT1M }
+  - { id: org-credits, entity: acme, feature: credits, kind: credits }
+grants:
+  - { id: g, entity: acme, feature: credits, amount: 1000000, category: paid }
+"#;
+    let h = harness(&tree_with(limits), store, "2026-03-10T10:00:00Z");
+    let ctx = [("userId", "u1"), ("model", "big-1")];
+    // No breakdown yet: 1000 tokens priced at the dearest rate, 8 credits per 1000 tokens... per
+    // million: 1000 * 8_000_000 / 1_000_000 = 8000.
+    let d = h.check_usage("acme", "tokens", Usage::units(1000), &ctx);
+    let got: Vec<(&str, u64)> = d.chain.iter().map(|e| (e.limit_id.as_str(), e.requested)).collect();
+    assert_eq!(got, [("user-requests", 1), ("org-credits", 8000)]);
+    // Settled with the real breakdown: 600 in, 300 out, 100 cached = 1200 + 2400 + 100.
+    h.engine.settle(d.hold_id.as_ref().unwrap(), tokens(600, 300, 100)).unwrap();
+    assert_eq!(h.counted("acme", "acme", "org-credits"), 3700);
+    assert_eq!(h.counted("acme", "u1", "user-requests"), 1);
+    assert!(h.check_usage("acme", "tokens", Usage::units(1), &ctx).granted);
+    let d = h.check_usage("acme", "tokens", Usage::units(1), &ctx);
+    assert_eq!(d.denial.unwrap().limit_id, "user-requests");
+}
