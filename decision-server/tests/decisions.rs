@@ -148,7 +148,7 @@ fn credits_spend_soonest_expiring_grant_first(store: Store) {
     // Priority 5 is spent only after both priority-1 grants.
     let d = h.check("acme", "credits", 60, &[("userId", "u1")]);
     assert!(d.granted);
-    let d = h.check("acme", "credits", 1000, &[("userId", "u1")]);
+    let d = h.check("acme", "credits", 990, &[("userId", "u1")]);
     assert!(d.granted);
     assert!(!h.check("acme", "credits", 1, &[("userId", "u1")]).granted);
 }
