@@ -48,9 +48,19 @@ fn rate_has_no_burst_at_the_window_edge(store: Store) {
     let d = h.check("acme", "tokens", 1, &[("userId", "u1")]);
     assert!(!d.granted);
     let denial = d.denial.unwrap();
-    assert_eq!((denial.limit_id.as_str(), denial.kind, denial.entity_id.as_str()), ("user-rate", "rate", "u1"));
+    assert_eq!(
+        (
+            denial.limit_id.as_str(),
+            denial.kind,
+            denial.entity_id.as_str()
+        ),
+        ("user-rate", "rate", "u1")
+    );
     let retry = denial.retry_at.unwrap();
-    assert!(retry >= at("2026-03-10T10:01:59.900Z"), "retry {retry} is less than a window after the spend");
+    assert!(
+        retry >= at("2026-03-10T10:01:59.900Z"),
+        "retry {retry} is less than a window after the spend"
+    );
     h.clock.set(Timestamp::from_millis(retry.millis() - 1));
     assert!(!h.check("acme", "tokens", 1, &[("userId", "u1")]).granted);
     h.clock.set(retry);
@@ -134,17 +144,28 @@ grants:
 fn credits_spend_soonest_expiring_grant_first(store: Store) {
     let h = harness(&tree_with(CREDITS), store, "2026-03-10T10:00:00Z");
     // Priced at 1 credit per token for model "small": 150 credits span two grants.
-    let d = h.check_usage("acme", "tokens", tokens(150, 0, 0), &[("userId", "u1"), ("model", "small")]);
+    let d = h.check_usage(
+        "acme",
+        "tokens",
+        tokens(150, 0, 0),
+        &[("userId", "u1"), ("model", "small")],
+    );
     assert!(d.granted);
     let entry = &d.chain[0];
-    assert_eq!((entry.limit_id.as_str(), entry.requested, entry.remaining), ("org-credits", 150, 1050));
+    assert_eq!(
+        (entry.limit_id.as_str(), entry.requested, entry.remaining),
+        ("org-credits", 150, 1050)
+    );
     // The soonest-expiring grant went first and is spent in full: no usable grant expires now.
     assert_eq!(entry.reset_at, None);
     h.settle(d.hold_id.as_ref().unwrap(), 150);
     // Had the never-expiring grant been spent first, 50 of `soon` would now expire unused.
     h.clock.set(at("2026-04-01T00:00:00Z"));
     let d = h.dry_run("acme", "credits", 0, &[("userId", "u1")]);
-    assert_eq!(d.chain[0].remaining, 1050, "`soon` was spent in full before `late`");
+    assert_eq!(
+        d.chain[0].remaining, 1050,
+        "`soon` was spent in full before `late`"
+    );
     // Priority 5 is spent only after both priority-1 grants.
     let d = h.check("acme", "credits", 60, &[("userId", "u1")]);
     assert!(d.granted);
@@ -165,12 +186,36 @@ grants:
     let b = [("userId", "u1"), ("apiKey", "key-b")];
     assert!(h.check("acme", "credits", 10, &b).granted);
     let d = h.check("acme", "credits", 1, &b);
-    assert!(!d.granted, "key-b's pool is empty even though key-a's is not");
-    assert!(h.check("acme", "credits", 100, &[("userId", "u1"), ("apiKey", "key-a")]).granted);
+    assert!(
+        !d.granted,
+        "key-b's pool is empty even though key-a's is not"
+    );
+    assert!(
+        h.check(
+            "acme",
+            "credits",
+            100,
+            &[("userId", "u1"), ("apiKey", "key-a")]
+        )
+        .granted
+    );
     // A pool never granted, or no pool named, holds nothing: never silently unlimited.
-    assert!(!h.check("acme", "credits", 1, &[("userId", "u1"), ("apiKey", "key-zzz")]).granted);
+    assert!(
+        !h.check(
+            "acme",
+            "credits",
+            1,
+            &[("userId", "u1"), ("apiKey", "key-zzz")]
+        )
+        .granted
+    );
     assert!(!h.check("acme", "credits", 1, &[("userId", "u1")]).granted);
-    assert_eq!(h.engine.counted("acme", "acme", "key-credits", Some("key-b")).unwrap(), Some(10));
+    assert_eq!(
+        h.engine
+            .counted("acme", "acme", "key-credits", Some("key-b"))
+            .unwrap(),
+        Some(10)
+    );
 }
 
 fn shadow_and_soft_never_deny_and_record_would_deny(store: Store) {
@@ -183,8 +228,14 @@ limits:
     let d = h.check("acme", "tokens", 20, &[("userId", "u1")]);
     assert!(d.granted);
     assert!(d.denial.is_none());
-    let would: Vec<(&str, Mode)> = d.would_deny().map(|e| (e.limit_id.as_str(), e.mode)).collect();
-    assert_eq!(would, [("team-shadow", Mode::Shadow), ("dept-soft", Mode::Soft)]);
+    let would: Vec<(&str, Mode)> = d
+        .would_deny()
+        .map(|e| (e.limit_id.as_str(), e.mode))
+        .collect();
+    assert_eq!(
+        would,
+        [("team-shadow", Mode::Shadow), ("dept-soft", Mode::Soft)]
+    );
     // The usage is counted all the same, past the limit.
     assert_eq!(h.counted("acme", "t1", "team-shadow"), 20);
     assert_eq!(h.counted("acme", "d1", "dept-soft"), 20);
@@ -208,11 +259,20 @@ limits:
     assert_eq!(d.hold_id, None);
     let denial = d.denial.unwrap();
     assert_eq!(denial.level, 3);
-    assert_eq!((denial.entity_id.as_str(), denial.limit_id.as_str()), ("acme", "org-day"));
-    assert_eq!(denial.reason, "quota limit `org-day` on org `acme` (chain level 3): 90 of 100 used, 20 requested");
+    assert_eq!(
+        (denial.entity_id.as_str(), denial.limit_id.as_str()),
+        ("acme", "org-day")
+    );
+    assert_eq!(
+        denial.reason,
+        "quota limit `org-day` on org `acme` (chain level 3): 90 of 100 used, 20 requested"
+    );
     assert_eq!(denial.retry_at, Some(at("2026-03-11T00:00:00Z")));
     // Levels that passed were not touched.
-    assert_eq!(h.engine.counted("acme", "u3", "user-rate", None).unwrap(), None);
+    assert_eq!(
+        h.engine.counted("acme", "u3", "user-rate", None).unwrap(),
+        None
+    );
     assert_eq!(h.counted("acme", "t2", "team-day"), 0);
     assert_eq!(h.counted("acme", "acme", "org-day"), 90);
     assert_eq!(h.engine.store().stats().holds_open, 1);
@@ -232,7 +292,17 @@ limits:
     let got: Vec<(usize, &str, &str, &str, u64, u64, u64)> = d
         .chain
         .iter()
-        .map(|e| (e.level, e.entity_id.as_str(), e.entity_type.as_str(), e.limit_id.as_str(), e.usage_limit, e.current_usage, e.remaining))
+        .map(|e| {
+            (
+                e.level,
+                e.entity_id.as_str(),
+                e.entity_type.as_str(),
+                e.limit_id.as_str(),
+                e.usage_limit,
+                e.current_usage,
+                e.remaining,
+            )
+        })
         .collect();
     assert_eq!(
         got,
@@ -254,7 +324,12 @@ limits:
   - { id: gpt4-only, entityType: team, feature: tokens, kind: quota, limit: 1, period: P1D, scope: { model: "gpt-4*" } }
 "#;
     let h = harness(&tree_with(limits), store, "2026-03-10T10:00:00Z");
-    let d = h.check("acme", "tokens", 1_000_000, &[("userId", "u1"), ("model", "small")]);
+    let d = h.check(
+        "acme",
+        "tokens",
+        1_000_000,
+        &[("userId", "u1"), ("model", "small")],
+    );
     assert!(d.granted);
     assert!(d.no_matching_limit);
     assert!(d.chain.is_empty());
@@ -278,26 +353,46 @@ fn settle_corrects_and_is_idempotent(store: Store) {
     let h = harness(&tree_with(USER_RATE), store, "2026-03-10T10:00:00Z");
     let d = h.check("acme", "tokens", 80, &[("userId", "u1")]);
     let hold = d.hold_id.unwrap();
-    assert_eq!(h.engine.settle(&hold, Usage::units(30)).unwrap(), CloseOutcome::Closed);
+    assert_eq!(
+        h.engine.settle(&hold, Usage::units(30)).unwrap(),
+        CloseOutcome::Closed
+    );
     assert_eq!(h.counted("acme", "u1", "user-rate"), 30);
-    assert_eq!(h.engine.settle(&hold, Usage::units(90)).unwrap(), CloseOutcome::AlreadyClosed);
-    assert_eq!(h.engine.release(&hold).unwrap(), CloseOutcome::AlreadyClosed);
+    assert_eq!(
+        h.engine.settle(&hold, Usage::units(90)).unwrap(),
+        CloseOutcome::AlreadyClosed
+    );
+    assert_eq!(
+        h.engine.release(&hold).unwrap(),
+        CloseOutcome::AlreadyClosed
+    );
     assert_eq!(h.counted("acme", "u1", "user-rate"), 30);
     // Actual usage above the hold is recorded too: it happened.
-    let hold = h.check("acme", "tokens", 10, &[("userId", "u1")]).hold_id.unwrap();
+    let hold = h
+        .check("acme", "tokens", 10, &[("userId", "u1")])
+        .hold_id
+        .unwrap();
     h.settle(&hold, 95);
     assert_eq!(h.counted("acme", "u1", "user-rate"), 125);
     assert!(!h.check("acme", "tokens", 1, &[("userId", "u1")]).granted);
-    let unknown = HoldId { customer: "acme".into(), seq: 999 };
+    let unknown = HoldId {
+        customer: "acme".into(),
+        seq: 999,
+    };
     assert_eq!(
         h.engine.settle(&unknown, Usage::units(1)),
-        Err(DecisionError::Store(StoreError::UnknownHold("acme:999".into())))
+        Err(DecisionError::Store(StoreError::UnknownHold(
+            "acme:999".into()
+        )))
     );
 }
 
 fn release_undoes_a_hold(store: Store) {
     let h = harness(&tree_with(USER_RATE), store, "2026-03-10T10:00:00Z");
-    let hold = h.check("acme", "tokens", 100, &[("userId", "u1")]).hold_id.unwrap();
+    let hold = h
+        .check("acme", "tokens", 100, &[("userId", "u1")])
+        .hold_id
+        .unwrap();
     assert!(!h.check("acme", "tokens", 1, &[("userId", "u1")]).granted);
     assert_eq!(h.engine.release(&hold).unwrap(), CloseOutcome::Closed);
     assert_eq!(h.counted("acme", "u1", "user-rate"), 0);
@@ -311,14 +406,20 @@ limits:
   - { id: user-slots, entityType: user, feature: tokens, kind: concurrency, limit: 1 }
 "#;
     let h = harness(&tree_with(limits), store, "2026-03-10T10:00:00Z");
-    let hold = h.check("acme", "tokens", 400, &[("userId", "u1")]).hold_id.unwrap();
+    let hold = h
+        .check("acme", "tokens", 400, &[("userId", "u1")])
+        .hold_id
+        .unwrap();
     h.advance_secs(299);
     assert_eq!(h.engine.expire_due().unwrap(), 0);
     h.advance_secs(1);
     assert_eq!(h.engine.expire_due().unwrap(), 1);
     assert_eq!(h.counted("acme", "t1", "team-day"), 400);
     assert_eq!(h.counted("acme", "u1", "user-slots"), 0);
-    assert_eq!(h.engine.settle(&hold, Usage::units(10)).unwrap(), CloseOutcome::AlreadyClosed);
+    assert_eq!(
+        h.engine.settle(&hold, Usage::units(10)).unwrap(),
+        CloseOutcome::AlreadyClosed
+    );
     assert_eq!(h.counted("acme", "t1", "team-day"), 400);
     assert_eq!(h.engine.store().stats().holds_open, 0);
 }
@@ -329,13 +430,45 @@ limits:
   - { id: gpt4, entityType: team, feature: tokens, kind: quota, limit: 100, period: P1D, scope: { model: "gpt-4*" } }
 "#;
     let h = harness(&tree_with(limits), store, "2026-03-10T10:00:00Z");
-    assert!(h.check("acme", "tokens", 100, &[("userId", "u1"), ("model", "gpt-4o")]).granted);
-    let d = h.check("acme", "tokens", 1, &[("userId", "u1"), ("model", "gpt-4.1-mini")]);
+    assert!(
+        h.check(
+            "acme",
+            "tokens",
+            100,
+            &[("userId", "u1"), ("model", "gpt-4o")]
+        )
+        .granted
+    );
+    let d = h.check(
+        "acme",
+        "tokens",
+        1,
+        &[("userId", "u1"), ("model", "gpt-4.1-mini")],
+    );
     assert_eq!(d.denial.unwrap().limit_id, "gpt4");
-    assert!(h.check("acme", "tokens", 1_000, &[("userId", "u1"), ("model", "o3")]).granted);
-    assert!(h.check("acme", "tokens", 1_000, &[("userId", "u1")]).granted);
+    assert!(
+        h.check(
+            "acme",
+            "tokens",
+            1_000,
+            &[("userId", "u1"), ("model", "o3")]
+        )
+        .granted
+    );
+    assert!(
+        h.check("acme", "tokens", 1_000, &[("userId", "u1")])
+            .granted
+    );
     // Another team has its own gpt-4 counter.
-    assert!(h.check("acme", "tokens", 100, &[("userId", "u3"), ("model", "gpt-4o")]).granted);
+    assert!(
+        h.check(
+            "acme",
+            "tokens",
+            100,
+            &[("userId", "u3"), ("model", "gpt-4o")]
+        )
+        .granted
+    );
 }
 
 fn bad_dimensions_are_errors_and_change_nothing(store: Store) {
@@ -343,11 +476,23 @@ fn bad_dimensions_are_errors_and_change_nothing(store: Store) {
     let run = |customer: &str, feature: &str, d: &[(&str, &str)]| {
         let dimensions = dims(d);
         h.engine
-            .check(&CheckRequest { customer, feature, usage: Usage::units(1), dimensions: &dimensions, dry_run: false })
+            .check(&CheckRequest {
+                customer,
+                feature,
+                usage: Usage::units(1),
+                dimensions: &dimensions,
+                dry_run: false,
+            })
             .unwrap_err()
     };
-    assert_eq!(run("nobody", "tokens", &[]), DecisionError::Plan(PlanError::UnknownCustomer("nobody".into())));
-    assert_eq!(run("acme", "gold", &[]), DecisionError::Plan(PlanError::UnknownFeature("gold".into())));
+    assert_eq!(
+        run("nobody", "tokens", &[]),
+        DecisionError::Plan(PlanError::UnknownCustomer("nobody".into()))
+    );
+    assert_eq!(
+        run("acme", "gold", &[]),
+        DecisionError::Plan(PlanError::UnknownFeature("gold".into()))
+    );
     assert_eq!(
         run("acme", "tokens", &[("userId", "mallory")]).to_string(),
         "dimension `userId` names entity `mallory`, which customer `acme` does not have"
@@ -361,7 +506,10 @@ fn bad_dimensions_are_errors_and_change_nothing(store: Store) {
         "dimensions disagree: `u1` is not under `t3` in customer `acme`'s tree"
     );
     let long = "x".repeat(300);
-    assert_eq!(run("acme", "tokens", &[("userId", &long)]).to_string(), "dimension `userId` is longer than 256 bytes");
+    assert_eq!(
+        run("acme", "tokens", &[("userId", &long)]).to_string(),
+        "dimension `userId` is longer than 256 bytes"
+    );
     assert_eq!(h.engine.store().stats().counters, 0);
     assert_eq!(h.engine.store().stats().holds_open, 0);
 }
@@ -376,10 +524,18 @@ limits:
   - { id: team-day, entityType: team, feature: tokens, kind: quota, limit: 1000, period: P1D }
 "#,
     )
-    .replace("  - dimension: userId\n    entityType: user\n", "  - dimension: userId\n    entityType: user\n    onUnknown: create\n");
+    .replace(
+        "  - dimension: userId\n    entityType: user\n",
+        "  - dimension: userId\n    entityType: user\n    onUnknown: create\n",
+    );
     let h = harness(&yaml, store, "2026-03-10T10:00:00Z");
     // Under the given team when one is named, else under the default parent.
-    let d = h.check("acme", "tokens", 5, &[("userId", "new-1"), ("teamId", "t1")]);
+    let d = h.check(
+        "acme",
+        "tokens",
+        5,
+        &[("userId", "new-1"), ("teamId", "t1")],
+    );
     assert_eq!(d.chain[0].entity_id, "t1");
     let d = h.check("acme", "tokens", 5, &[("userId", "new-2")]);
     assert_eq!(d.chain[0].entity_id, "t3");
@@ -389,7 +545,13 @@ limits:
     let dimensions = dims(&[("userId", "new-3")]);
     let err = h
         .engine
-        .check(&CheckRequest { customer: "acme", feature: "tokens", usage: Usage::units(1), dimensions: &dimensions, dry_run: false })
+        .check(&CheckRequest {
+            customer: "acme",
+            feature: "tokens",
+            usage: Usage::units(1),
+            dimensions: &dimensions,
+            dry_run: false,
+        })
         .unwrap_err();
     assert_eq!(
         err.to_string(),
@@ -411,13 +573,22 @@ grants:
     // No breakdown yet: 1000 tokens priced at the dearest rate, 8 credits per 1000 tokens... per
     // million: 1000 * 8_000_000 / 1_000_000 = 8000.
     let d = h.check_usage("acme", "tokens", Usage::units(1000), &ctx);
-    let got: Vec<(&str, u64)> = d.chain.iter().map(|e| (e.limit_id.as_str(), e.requested)).collect();
+    let got: Vec<(&str, u64)> = d
+        .chain
+        .iter()
+        .map(|e| (e.limit_id.as_str(), e.requested))
+        .collect();
     assert_eq!(got, [("user-requests", 1), ("org-credits", 8000)]);
     // Settled with the real breakdown: 600 in, 300 out, 100 cached = 1200 + 2400 + 100.
-    h.engine.settle(d.hold_id.as_ref().unwrap(), tokens(600, 300, 100)).unwrap();
+    h.engine
+        .settle(d.hold_id.as_ref().unwrap(), tokens(600, 300, 100))
+        .unwrap();
     assert_eq!(h.counted("acme", "acme", "org-credits"), 3700);
     assert_eq!(h.counted("acme", "u1", "user-requests"), 1);
-    assert!(h.check_usage("acme", "tokens", Usage::units(1), &ctx).granted);
+    assert!(
+        h.check_usage("acme", "tokens", Usage::units(1), &ctx)
+            .granted
+    );
     let d = h.check_usage("acme", "tokens", Usage::units(1), &ctx);
     assert_eq!(d.denial.unwrap().limit_id, "user-requests");
 }

@@ -131,6 +131,9 @@ impl Ledger {
     /// Settles or releases hold `seq`. `Some(true)` if this call closed it, `Some(false)` if it
     /// was already closed, `None` if no such hold was ever placed.
     pub fn close(&mut self, seq: u64, how: Closing<'_>, now: Timestamp) -> Option<bool> {
+        // A hold past its TTL is expired (committed as held) even if no sweep has run yet, so the
+        // outcome never depends on when the sweeper last ran.
+        self.expire_due(now);
         let Some(hold) = self.holds.remove(&seq) else {
             return (seq > 0 && seq < self.next_seq).then_some(false);
         };

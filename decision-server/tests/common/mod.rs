@@ -27,6 +27,24 @@ macro_rules! test_with_all_stores {
     };
 }
 
+/// Like `test_with_all_stores!`, for tests that need a fresh store per case: each named
+/// function gets a factory, `f(&dyn Fn() -> Arc<dyn CounterStore>)`.
+#[macro_export]
+macro_rules! test_with_all_store_factories {
+    ($($name:ident),+ $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn memory() {
+                    super::$name(&|| -> std::sync::Arc<dyn tollgate::store::CounterStore> {
+                        std::sync::Arc::new(tollgate::store::MemoryStore::new())
+                    });
+                }
+            }
+        )+
+    };
+}
+
 pub fn model(yaml: &str) -> Model {
     match tollgate::config::parse(yaml, "test.yaml", Arc::new(Symbols::new())) {
         Ok(m) => m,
@@ -50,7 +68,10 @@ pub fn harness(yaml: &str, store: Arc<dyn CounterStore>, start: &str) -> Harness
 }
 
 pub fn dims(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 impl Harness {
@@ -58,14 +79,32 @@ impl Harness {
         self.check_usage(customer, feature, Usage::units(units), d)
     }
 
-    pub fn check_usage(&self, customer: &str, feature: &str, usage: Usage, d: &[(&str, &str)]) -> Decision {
+    pub fn check_usage(
+        &self,
+        customer: &str,
+        feature: &str,
+        usage: Usage,
+        d: &[(&str, &str)],
+    ) -> Decision {
         let dimensions = dims(d);
         self.engine
-            .check(&CheckRequest { customer, feature, usage, dimensions: &dimensions, dry_run: false })
+            .check(&CheckRequest {
+                customer,
+                feature,
+                usage,
+                dimensions: &dimensions,
+                dry_run: false,
+            })
             .unwrap()
     }
 
-    pub fn dry_run(&self, customer: &str, feature: &str, units: u64, d: &[(&str, &str)]) -> Decision {
+    pub fn dry_run(
+        &self,
+        customer: &str,
+        feature: &str,
+        units: u64,
+        d: &[(&str, &str)],
+    ) -> Decision {
         let dimensions = dims(d);
         self.engine
             .check(&CheckRequest {
@@ -79,7 +118,10 @@ impl Harness {
     }
 
     pub fn counted(&self, customer: &str, entity: &str, limit: &str) -> u64 {
-        self.engine.counted(customer, entity, limit, None).unwrap().unwrap_or(0)
+        self.engine
+            .counted(customer, entity, limit, None)
+            .unwrap()
+            .unwrap_or(0)
     }
 
     pub fn settle(&self, hold: &HoldId, units: u64) {
@@ -92,7 +134,14 @@ impl Harness {
 }
 
 pub fn tokens(input: u64, output: u64, cached: u64) -> Usage {
-    Usage { units: input + output + cached, tokens: Some(TokenCounts { input, output, cached }) }
+    Usage {
+        units: input + output + cached,
+        tokens: Some(TokenCounts {
+            input,
+            output,
+            cached,
+        }),
+    }
 }
 
 /// A four-level tree (org → dept → team → user) with room for limits appended per test.
