@@ -78,10 +78,25 @@ pub fn parse(text: &str, file: &str, symbols: Arc<Symbols>) -> Result<Model, Con
     let de = serde_yaml_ng::Deserializer::from_str(text);
     let doc: ConfigDoc = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
+        // serde_path_to_error writes `?` for a segment it could not name (a syntax error).
+        let path = path.trim_end_matches(".?").trim_end_matches('?');
+        let path = if path == "." {
+            String::new()
+        } else {
+            path.to_string()
+        };
+        let message = e.into_inner().to_string();
+        // The YAML error may start with its own (shorter) path; ours is the precise one.
+        let message = match message.split_once(": ") {
+            Some((prefix, rest)) if !prefix.contains(' ') && path.starts_with(prefix) => {
+                rest.to_string()
+            }
+            _ => message,
+        };
         ConfigErrors(vec![ConfigError {
             file: file.to_string(),
-            path: if path == "." { String::new() } else { path },
-            message: e.into_inner().to_string(),
+            path,
+            message,
         }])
     })?;
     let mut v = Validator {
@@ -134,13 +149,22 @@ impl Validator<'_> {
         }
     }
 
-    /// Records `id` as seen at `path`; reports a duplicate naming the first place.
-    fn unique(&mut self, seen: &mut HashMap<String, String>, what: &str, id: &str, path: String) {
+    /// Records `id` as seen at `path`; reports a duplicate naming the first place, and returns
+    /// whether `id` was new.
+    fn unique(
+        &mut self,
+        seen: &mut HashMap<String, String>,
+        what: &str,
+        id: &str,
+        path: String,
+    ) -> bool {
         if let Some(first) = seen.get(id) {
             let msg = format!("duplicate {what} `{id}` (first defined at {first})");
             self.err(path, msg);
+            false
         } else {
             seen.insert(id.to_string(), path);
+            true
         }
     }
 
@@ -395,13 +419,18 @@ impl Validator<'_> {
         let syms = ctx.symbols;
         let mut entities: HashMap<crate::core::Sym, EntityNode> = HashMap::new();
         let mut seen = HashMap::new();
-        let by_id: HashMap<&str, &EntityDto> =
-            c.entities.iter().map(|e| (e.id.as_str(), e)).collect();
+        // The first declaration of an id wins; later ones are reported as duplicates.
+        let mut by_id: HashMap<&str, &EntityDto> = HashMap::new();
+        for e in c.entities.iter().rev() {
+            by_id.insert(e.id.as_str(), e);
+        }
         let mut roots = Vec::new();
         for (i, e) in c.entities.iter().enumerate() {
             let epath = format!("{path}.entities[{i}]");
             self.check_id(format!("{epath}.id"), &e.id);
-            self.unique(&mut seen, "entity", &e.id, format!("{epath}.id"));
+            if !self.unique(&mut seen, "entity", &e.id, format!("{epath}.id")) {
+                continue;
+            }
             let Some(&t) = ctx.type_index.get(e.entity_type.as_str()) else {
                 self.err(
                     format!("{epath}.type"),
@@ -504,7 +533,12 @@ impl Validator<'_> {
             }
         }
 
-        let limits = self.limits(ctx, path, c, &entities);
+        // An entity that was declared but failed validation has been reported already; a limit
+        // or grant naming it is skipped quietly rather than reported as naming an unknown one.
+        let declared: HashSet<&str> = c.entities.iter().map(|e| e.id.as_str()).collect();
+        let errors_before_limits = self.errors.len();
+        let limits = self.limits(ctx, path, c, &entities, &declared);
+        let limits_failed = self.errors.len() > errors_before_limits;
         let mut limits_by_entity: HashMap<crate::core::Sym, Vec<usize>> = HashMap::new();
         let mut limits_by_type: HashMap<usize, Vec<usize>> = HashMap::new();
         for (i, l) in limits.iter().enumerate() {
@@ -529,7 +563,7 @@ impl Validator<'_> {
             auto_parents,
             max_auto_entities: c.max_auto_entities.unwrap_or(DEFAULT_MAX_AUTO_ENTITIES),
         };
-        model.grants = self.grants(ctx, path, c, &model);
+        model.grants = self.grants(ctx, path, c, &model, &declared, limits_failed);
         model
     }
 
@@ -548,6 +582,7 @@ impl Validator<'_> {
         path: &str,
         c: &CustomerDto,
         entities: &HashMap<crate::core::Sym, EntityNode>,
+        declared: &HashSet<&str>,
     ) -> Vec<Limit> {
         let mut seen = HashMap::new();
         let mut credits_holders: HashMap<(String, usize), String> = HashMap::new();
@@ -560,6 +595,7 @@ impl Validator<'_> {
             let target = match (&l.entity, &l.entity_type) {
                 (Some(e), None) => match ctx.symbols.get(e).filter(|s| entities.contains_key(s)) {
                     Some(s) => Some(LimitTarget::Entity(s)),
+                    None if declared.contains(e.as_str()) => None,
                     None => {
                         self.err(format!("{lpath}.entity"), format!("unknown entity `{e}`"));
                         None
@@ -784,6 +820,8 @@ impl Validator<'_> {
         path: &str,
         c: &CustomerDto,
         model: &CustomerModel,
+        declared: &HashSet<&str>,
+        limits_failed: bool,
     ) -> Vec<GrantSpec> {
         let mut seen = HashMap::new();
         let mut out = Vec::new();
@@ -796,10 +834,12 @@ impl Validator<'_> {
                 .get(&g.entity)
                 .filter(|s| model.entities.contains_key(s))
             else {
-                self.err(
-                    format!("{gpath}.entity"),
-                    format!("unknown entity `{}`", g.entity),
-                );
+                if !declared.contains(g.entity.as_str()) {
+                    self.err(
+                        format!("{gpath}.entity"),
+                        format!("unknown entity `{}`", g.entity),
+                    );
+                }
                 continue;
             };
             let Some(&feature) = ctx.feature_index.get(&g.feature) else {
@@ -810,6 +850,10 @@ impl Validator<'_> {
                 continue;
             };
             let Some(limit) = model.credits_limit_for(entity, feature) else {
+                if limits_failed {
+                    // The limit meant to hold it may be the one that failed; already reported.
+                    continue;
+                }
                 self.err(gpath.clone(), format!("no credits limit for feature `{}` on entity `{}` or its type to hold this grant", g.feature, g.entity));
                 continue;
             };

@@ -1,0 +1,458 @@
+//! Config validation: every class of error, with its exact message, file and YAML path; and the
+//! `tollgate validate` command's output and exit code.
+
+use std::process::Command;
+use std::sync::Arc;
+
+use tollgate::config::{self, ConfigError};
+use tollgate::core::Symbols;
+
+const BASE: &str = r#"entityTypes:
+  - name: org
+  - name: team
+    parents: [org]
+  - name: user
+    parents: [team]
+  - name: model
+    dimensional: true
+    dimension: model
+attribution:
+  - dimension: userId
+    entityType: user
+features:
+  - id: tokens
+    alsoDraws:
+      - { feature: credits, per: price }
+  - id: credits
+prices:
+  - version: v1
+    effectiveFrom: 2026-01-01T00:00:00Z
+    models:
+      - { match: "gpt-4*", inputPerMillion: 10, outputPerMillion: 30 }
+customers:
+  - id: acme
+    entities:
+      - { id: acme, type: org }
+      - { id: t1, type: team, parent: acme }
+      - { id: u1, type: user, parent: t1 }
+    limits:
+      - { id: l-rate, entityType: user, feature: tokens, kind: rate, limit: 10, window: PT1M }
+      - { id: l-quota, entity: t1, feature: tokens, kind: quota, limit: 10, period: P1D }
+      - { id: l-credits, entity: acme, feature: credits, kind: credits }
+    grants:
+      - { id: g1, entity: acme, feature: credits, amount: 100, category: paid }
+"#;
+
+fn errors(yaml: &str) -> Vec<String> {
+    match config::parse(yaml, "tollgate.yaml", Arc::new(Symbols::new())) {
+        Ok(_) => vec![],
+        Err(e) => e.0.iter().map(ConfigError::to_string).collect(),
+    }
+}
+
+/// `BASE` with `from` replaced by `to`; the replacement must apply.
+fn with(from: &str, to: &str) -> String {
+    assert!(BASE.contains(from), "BASE has no `{from}`");
+    BASE.replacen(from, to, 1)
+}
+
+fn assert_errors(yaml: &str, expected: &[&str]) {
+    assert_eq!(errors(yaml), expected, "for config:\n{yaml}");
+}
+
+#[test]
+fn the_base_config_is_valid() {
+    assert_errors(BASE, &[]);
+}
+
+#[test]
+fn yaml_syntax_error() {
+    assert_errors(
+        &with("  - name: org\n", "  - name: \"org\n"),
+        &[
+            "tollgate.yaml: entityTypes[0]: did not find expected key at line 22 column 19, while parsing a block mapping at line 2 column 5",
+        ],
+    );
+}
+
+#[test]
+fn unknown_field() {
+    assert_errors(
+        &with("kind: quota, limit: 10", "kind: quota, limt: 10"),
+        &[
+            "tollgate.yaml: customers[0].limits[1].limt: unknown field `limt`, expected one of `id`, `entity`, `entityType`, `feature`, `kind`, `limit`, `window`, `period`, `anchor`, `poolBy`, `scope`, `mode` at line 31 column 66",
+        ],
+    );
+}
+
+#[test]
+fn wrong_type() {
+    assert_errors(
+        &with("amount: 100", "amount: lots"),
+        &[
+            "tollgate.yaml: customers[0].grants[0].amount: invalid type: string \"lots\", expected u64 at line 34 column 59",
+        ],
+    );
+}
+
+#[test]
+fn unknown_enum_value() {
+    assert_errors(
+        &with("kind: quota", "kind: monthly"),
+        &[
+            "tollgate.yaml: customers[0].limits[1].kind: unknown variant `monthly`, expected one of `rate`, `quota`, `concurrency`, `credits` at line 31 column 59",
+        ],
+    );
+}
+
+#[test]
+fn missing_field() {
+    assert_errors(
+        &with(
+            "{ id: l-quota, entity: t1, feature: tokens,",
+            "{ id: l-quota, entity: t1,",
+        ),
+        &["tollgate.yaml: customers[0].limits[1]: missing field `feature` at line 31 column 9"],
+    );
+}
+
+#[test]
+fn bad_timestamp() {
+    assert_errors(
+        &with(
+            "effectiveFrom: 2026-01-01T00:00:00Z",
+            "effectiveFrom: new-year",
+        ),
+        &[
+            "tollgate.yaml: prices[0].effectiveFrom: input contains invalid characters at line 20 column 20",
+        ],
+    );
+}
+
+#[test]
+fn duplicate_ids() {
+    assert_errors(
+        &with("id: l-quota", "id: l-rate"),
+        &[
+            "tollgate.yaml: customers[0].limits[1].id: duplicate limit `l-rate` (first defined at customers[0].limits[0].id)",
+        ],
+    );
+    assert_errors(
+        &with(
+            "      - { id: u1, type: user, parent: t1 }\n",
+            "      - { id: u1, type: user, parent: t1 }\n      - { id: t1, type: user, parent: t1 }\n",
+        ),
+        &[
+            "tollgate.yaml: customers[0].entities[3].id: duplicate entity `t1` (first defined at customers[0].entities[1].id)",
+        ],
+    );
+    let two_customers = format!("{BASE}  - id: acme\n");
+    assert_errors(
+        &two_customers,
+        &[
+            "tollgate.yaml: customers[1].id: duplicate customer `acme` (first defined at customers[0].id)",
+        ],
+    );
+}
+
+#[test]
+fn unknown_references() {
+    assert_errors(
+        &with("entity: t1, feature: tokens", "entity: t9, feature: tokenz"),
+        &[
+            "tollgate.yaml: customers[0].limits[1].entity: unknown entity `t9`",
+            "tollgate.yaml: customers[0].limits[1].feature: unknown feature `tokenz`",
+        ],
+    );
+    assert_errors(
+        &with(
+            "{ id: u1, type: user, parent: t1 }",
+            "{ id: u1, type: user, parent: t7 }",
+        ),
+        &["tollgate.yaml: customers[0].entities[2].parent: unknown entity `t7`"],
+    );
+    assert_errors(
+        &with("entityType: user\n", "entityType: member\n"),
+        &["tollgate.yaml: attribution[0].entityType: unknown entity type `member`"],
+    );
+    assert_errors(
+        &with("parents: [org]", "parents: [orgs]"),
+        &[
+            "tollgate.yaml: entityTypes[1].parents[0]: unknown entity type `orgs`",
+            "tollgate.yaml: customers[0].entities[1].parent: entity `t1` of type `team` cannot hang under `acme` of type `org`; allowed parent types: none (it is a root type)",
+            "tollgate.yaml: customers[0].entities[1].parent: entity `t1` of type `team` cannot hang under `acme` of type `org`; allowed parent types: none (it is a root type)",
+        ][..2],
+    );
+}
+
+#[test]
+fn tree_shape() {
+    assert_errors(
+        &with(
+            "{ id: u1, type: user, parent: t1 }",
+            "{ id: u1, type: user, parent: acme }",
+        ),
+        &[
+            "tollgate.yaml: customers[0].entities[2].parent: entity `u1` of type `user` cannot hang under `acme` of type `org`; allowed parent types: `team`",
+        ],
+    );
+    assert_errors(
+        &with(
+            "{ id: u1, type: user, parent: t1 }",
+            "{ id: u1, type: user }",
+        ),
+        &[
+            "tollgate.yaml: customers[0].entities[2].parent: entity `u1` of type `user` needs a parent of type `team`",
+        ],
+    );
+    assert_errors(
+        &with(
+            "      - { id: acme, type: org }\n",
+            "      - { id: acme, type: org }\n      - { id: other, type: org }\n",
+        ),
+        &[
+            "tollgate.yaml: customers[0].entities: customer `acme` has 2 root entities (`acme`, `other`); a tree has exactly one",
+        ],
+    );
+    assert_errors(
+        &with("  - name: org\n", "  - name: org\n    parents: [user]\n"),
+        &[
+            "tollgate.yaml: entityTypes[0].parents: entity type `org` is its own ancestor",
+            "tollgate.yaml: entityTypes[1].parents: entity type `team` is its own ancestor",
+            "tollgate.yaml: entityTypes[2].parents: entity type `user` is its own ancestor",
+            "tollgate.yaml: customers[0].entities[0].parent: entity `acme` of type `org` needs a parent of type `user`",
+        ],
+    );
+    assert_errors(
+        &with(
+            "{ id: u1, type: user, parent: t1 }",
+            "{ id: u1, type: model, parent: t1 }",
+        ),
+        &[
+            "tollgate.yaml: customers[0].entities[2].type: `model` is a dimensional type; its values scope limits and are not tree entities",
+        ],
+    );
+}
+
+#[test]
+fn periods_and_windows() {
+    assert_errors(
+        &with("period: P1D", "period: P1M2D"),
+        &[
+            "tollgate.yaml: customers[0].limits[1].period: `P1M2D` mixes units; a period takes one unit, for example P1M or P7D",
+        ],
+    );
+    assert_errors(
+        &with("period: P1D", "period: daily"),
+        &[
+            "tollgate.yaml: customers[0].limits[1].period: `daily` is not an ISO-8601 duration such as PT1M, P1D, P1W or P1M",
+        ],
+    );
+    assert_errors(
+        &with("period: P1D", "period: PT15M"),
+        &[
+            "tollgate.yaml: customers[0].limits[1].period: `PT15M` has a unit shorter than an hour; a calendar period is counted in hours, days, weeks, months or years",
+        ],
+    );
+    assert_errors(
+        &with("window: PT1M", "window: P1M"),
+        &[
+            "tollgate.yaml: customers[0].limits[0].window: `P1M` uses months or years, which have no fixed length; a rolling window needs one, such as PT1M, PT1H or P1D",
+        ],
+    );
+    assert_errors(
+        &with("entities:", "holdTtl: P0D\n    entities:")
+            .replacen("holdTtl: P0D\n    ", "", 1)
+            .replacen("entityTypes:", "holdTtl: P0D\nentityTypes:", 1),
+        &["tollgate.yaml: holdTtl: `P0D` is zero; it must be positive"],
+    );
+}
+
+#[test]
+fn kind_specific_fields() {
+    assert_errors(
+        &with(
+            "kind: quota, limit: 10, period: P1D",
+            "kind: quota, limit: 10",
+        ),
+        &["tollgate.yaml: customers[0].limits[1].period: a quota limit needs `period`"],
+    );
+    assert_errors(
+        &with(
+            "kind: quota, limit: 10, period: P1D",
+            "kind: quota, limit: 10, period: P1D, window: PT1M",
+        ),
+        &["tollgate.yaml: customers[0].limits[1].window: `window` does not apply to a quota limit"],
+    );
+    assert_errors(
+        &with("kind: credits }", "kind: credits, limit: 5 }"),
+        &["tollgate.yaml: customers[0].limits[2].limit: `limit` does not apply to a credits limit"],
+    );
+    assert_errors(
+        &with("kind: rate, limit: 10,", "kind: rate, limit: 0,"),
+        &["tollgate.yaml: customers[0].limits[0].limit: must be greater than zero"],
+    );
+    assert_errors(
+        &with("kind: rate, limit: 10,", "kind: rate, limit: 5000000000,"),
+        &[
+            "tollgate.yaml: customers[0].limits[0].limit: a rate limit counts at most 4294967295 units per window",
+        ],
+    );
+    assert_errors(
+        &with(
+            "{ id: l-quota, entity: t1,",
+            "{ id: l-quota, entity: t1, entityType: team,",
+        ),
+        &["tollgate.yaml: customers[0].limits[1]: give either `entity` or `entityType`, not both"],
+    );
+}
+
+#[test]
+fn scopes_and_pools() {
+    assert_errors(
+        &with(
+            "kind: quota, limit: 10, period: P1D }",
+            "kind: quota, limit: 10, period: P1D, scope: { region: eu } }",
+        ),
+        &[
+            "tollgate.yaml: customers[0].limits[1].scope.region: unknown dimension `region`; known dimensions: `model`, `userId`",
+        ],
+    );
+    assert_errors(
+        &with(
+            "kind: quota, limit: 10, period: P1D }",
+            "kind: quota, limit: 10, period: P1D, scope: { model: \"gpt-[4\" } }",
+        ),
+        &[
+            "tollgate.yaml: customers[0].limits[1].scope.model: `gpt-[4` is not a valid pattern: Pattern syntax error near position 4: invalid range pattern",
+        ],
+    );
+    assert_errors(
+        &with("kind: credits }", "kind: credits, poolBy: apiKey }"),
+        &["tollgate.yaml: customers[0].limits[2].poolBy: unknown dimension `apiKey`"],
+    );
+    assert_errors(
+        &with("kind: credits }", "kind: credits, poolBy: model }"),
+        &[
+            "tollgate.yaml: customers[0].grants[0].pool: limit `l-credits` keeps isolated pools; name the pool this grant feeds",
+        ],
+    );
+    assert_errors(
+        &with("amount: 100,", "pool: p1, amount: 100,"),
+        &[
+            "tollgate.yaml: customers[0].grants[0].pool: limit `l-credits` keeps one balance, not isolated pools",
+        ],
+    );
+    assert_errors(
+        &with("{ id: g1, entity: acme,", "{ id: g1, entity: t1,"),
+        &[
+            "tollgate.yaml: customers[0].grants[0]: no credits limit for feature `credits` on entity `t1` or its type to hold this grant",
+        ],
+    );
+}
+
+#[test]
+fn ids_are_checked() {
+    assert_errors(
+        &with("  - id: acme\n", "  - id: \"ac me\"\n"),
+        &[
+            "tollgate.yaml: customers[0].id: `ac me` contains ' '; ids are printable ASCII without spaces, `{` or `}`",
+        ],
+    );
+    assert_errors(
+        &with("  - id: acme\n", "  - id: \"{acme}\"\n"),
+        &[
+            "tollgate.yaml: customers[0].id: `{acme}` contains '{'; ids are printable ASCII without spaces, `{` or `}`",
+        ],
+    );
+}
+
+#[test]
+fn features_cannot_draw_on_themselves_or_unknowns() {
+    assert_errors(
+        &with(
+            "{ feature: credits, per: price }",
+            "{ feature: tokens, per: price }",
+        ),
+        &[
+            "tollgate.yaml: features[0].alsoDraws[0].feature: feature `tokens` cannot draw on itself",
+        ],
+    );
+    assert_errors(
+        &with(
+            "{ feature: credits, per: price }",
+            "{ feature: dollars, per: price }",
+        ),
+        &["tollgate.yaml: features[0].alsoDraws[0].feature: unknown feature `dollars`"],
+    );
+}
+
+#[test]
+fn several_problems_are_all_reported() {
+    let yaml = with("entity: t1, feature: tokens", "entity: t9, feature: tokens").replacen(
+        "period: P1D",
+        "period: P1X",
+        1,
+    );
+    assert_eq!(errors(&yaml).len(), 2, "{:?}", errors(&yaml));
+}
+
+#[test]
+fn the_shipped_examples_are_valid() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    for name in ["ai-tokens-org.yaml", "agents-workspace.yaml"] {
+        let path = std::path::Path::new(dir).join(name);
+        if let Err(e) = config::load_file(&path, Arc::new(Symbols::new())) {
+            panic!("{name}:\n{e}");
+        }
+    }
+}
+
+#[test]
+fn validate_command_prints_errors_and_exits_non_zero() {
+    let dir = std::env::temp_dir().join(format!("tollgate-validate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, with("period: P1D", "period: P1M2D")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("validate")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(
+        stderr,
+        format!(
+            "{0}: customers[0].limits[1].period: `P1M2D` mixes units; a period takes one unit, for example P1M or P7D\n{0}: 1 problem(s) found\n",
+            bad.display()
+        )
+    );
+    let good = dir.join("good.yaml");
+    std::fs::write(&good, BASE).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("validate")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!(
+            "{}: ok (1 customers, 3 limits, 2 features)\n",
+            good.display()
+        )
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("validate")
+        .arg(dir.join("missing.yaml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8(out.stderr)
+            .unwrap()
+            .contains("missing.yaml: cannot read the file: No such file or directory")
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
