@@ -1,5 +1,6 @@
 //! Config validation: every class of error, with its exact message, file and YAML path; and the
 //! `tollgate validate` command's output and exit code.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
 use std::process::Command;
 use std::sync::Arc;

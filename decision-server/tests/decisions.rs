@@ -1,4 +1,5 @@
 //! Decisions through the engine, limit kind by limit kind, run against every counter store.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
 mod common;
 

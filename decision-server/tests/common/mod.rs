@@ -1,6 +1,6 @@
 //! Shared test harness: config from YAML text, an engine over a given store with a manual
 //! clock, and the macro that runs one test body against every store implementation.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashMap;
 use std::sync::Arc;
