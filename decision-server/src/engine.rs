@@ -262,7 +262,7 @@ impl Engine {
             limit: limit.sym,
             partition,
         };
-        let spec = CounterSpec::of(&limit.kind, partition.is_some());
+        let spec = CounterSpec::of(&limit.kind, partition.is_some(), self.clock.now());
         self.store.counted(
             CustomerRef {
                 sym: c.sym,

@@ -15,8 +15,9 @@ use crate::core::model::{
 };
 use crate::core::period::{CalendarPeriod, parse_fixed_millis};
 use crate::core::window::RollingWindow;
-use crate::core::{Symbols, Timestamp};
+use crate::core::{Name, Symbols, Timestamp};
 use dto::*;
+use rustc_hash::FxHashMap;
 
 /// Hold TTL when the config names none.
 pub const DEFAULT_HOLD_TTL: &str = "PT5M";
@@ -199,7 +200,7 @@ impl Validator<'_> {
             dimensions: &dimensions,
             symbols: &symbols,
         };
-        let mut customers = HashMap::new();
+        let mut customers = FxHashMap::default();
         let mut seen = HashMap::new();
         for (ci, c) in doc.customers.iter().enumerate() {
             let path = format!("customers[{ci}]");
@@ -272,7 +273,7 @@ impl Validator<'_> {
                 self.err(format!("{path}.dimension"), "only a dimensional type names a dimension; attribute tree types with `attribution`");
             }
             out.push(EntityType {
-                name: t.name.clone(),
+                name: Name::from(&t.name),
                 parents,
                 dimensional: t.dimensional,
                 dimension: t.dimension.clone(),
@@ -343,13 +344,13 @@ impl Validator<'_> {
         out
     }
 
-    fn features(&mut self, dtos: &[FeatureDto]) -> (Vec<Feature>, HashMap<String, usize>) {
+    fn features(&mut self, dtos: &[FeatureDto]) -> (Vec<Feature>, FxHashMap<String, usize>) {
         let mut seen = HashMap::new();
         for (i, f) in dtos.iter().enumerate() {
             self.check_id(format!("features[{i}].id"), &f.id);
             self.unique(&mut seen, "feature", &f.id, format!("features[{i}].id"));
         }
-        let index: HashMap<String, usize> = dtos
+        let index: FxHashMap<String, usize> = dtos
             .iter()
             .enumerate()
             .map(|(i, f)| (f.id.clone(), i))
@@ -374,7 +375,7 @@ impl Validator<'_> {
                 }
             }
             out.push(Feature {
-                id: f.id.clone(),
+                id: Name::from(&f.id),
                 also_draws: also,
             });
         }
@@ -417,7 +418,7 @@ impl Validator<'_> {
 
     fn customer(&mut self, ctx: &Ctx<'_>, path: &str, c: &CustomerDto) -> CustomerModel {
         let syms = ctx.symbols;
-        let mut entities: HashMap<crate::core::Sym, EntityNode> = HashMap::new();
+        let mut entities: FxHashMap<crate::core::Sym, EntityNode> = FxHashMap::default();
         let mut seen = HashMap::new();
         // The first declaration of an id wins; later ones are reported as duplicates.
         let mut by_id: HashMap<&str, &EntityDto> = HashMap::new();
@@ -484,7 +485,7 @@ impl Validator<'_> {
             entities.insert(
                 syms.intern(&e.id),
                 EntityNode {
-                    id: e.id.clone(),
+                    id: Name::from(&e.id),
                     entity_type: t,
                     parent,
                 },
@@ -506,7 +507,7 @@ impl Validator<'_> {
             );
         }
 
-        let mut auto_parents = HashMap::new();
+        let mut auto_parents = FxHashMap::default();
         for (tname, parent) in &c.auto_create_parents {
             let apath = format!("{path}.autoCreateParents.{tname}");
             let Some(&t) = ctx.type_index.get(tname.as_str()) else {
@@ -539,8 +540,8 @@ impl Validator<'_> {
         let errors_before_limits = self.errors.len();
         let limits = self.limits(ctx, path, c, &entities, &declared);
         let limits_failed = self.errors.len() > errors_before_limits;
-        let mut limits_by_entity: HashMap<crate::core::Sym, Vec<usize>> = HashMap::new();
-        let mut limits_by_type: HashMap<usize, Vec<usize>> = HashMap::new();
+        let mut limits_by_entity: FxHashMap<crate::core::Sym, Vec<usize>> = FxHashMap::default();
+        let mut limits_by_type: FxHashMap<usize, Vec<usize>> = FxHashMap::default();
         for (i, l) in limits.iter().enumerate() {
             match l.target {
                 LimitTarget::Entity(e) => limits_by_entity.entry(e).or_default().push(i),
@@ -548,7 +549,7 @@ impl Validator<'_> {
             }
         }
         let mut model = CustomerModel {
-            id: c.id.clone(),
+            id: Name::from(&c.id),
             sym: syms.intern(&c.id),
             root: if roots.len() == 1 {
                 roots.first().map(|r| syms.intern(r))
@@ -581,7 +582,7 @@ impl Validator<'_> {
         ctx: &Ctx<'_>,
         path: &str,
         c: &CustomerDto,
-        entities: &HashMap<crate::core::Sym, EntityNode>,
+        entities: &FxHashMap<crate::core::Sym, EntityNode>,
         declared: &HashSet<&str>,
     ) -> Vec<Limit> {
         let mut seen = HashMap::new();
@@ -678,7 +679,7 @@ impl Validator<'_> {
             }
             if let (Some(target), Some(feature), Some(kind)) = (target, feature, kind) {
                 out.push(Limit {
-                    id: l.id.clone(),
+                    id: Name::from(&l.id),
                     sym: ctx.symbols.intern(&l.id),
                     feature,
                     target,
@@ -904,7 +905,7 @@ impl Validator<'_> {
 struct Ctx<'a> {
     entity_types: &'a [EntityType],
     type_index: &'a HashMap<&'a str, usize>,
-    feature_index: &'a HashMap<String, usize>,
+    feature_index: &'a FxHashMap<String, usize>,
     dimensions: &'a HashSet<String>,
     symbols: &'a Symbols,
 }

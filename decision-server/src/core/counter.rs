@@ -25,9 +25,13 @@ pub enum CounterSpec {
         limit: u64,
         window: RollingWindow,
     },
+    /// `index` and `reset_at` are the period in force at the decision's time, worked out once
+    /// when the spec is made: calendar arithmetic is the costliest part of a quota check.
     Quota {
         limit: u64,
         period: CalendarPeriod,
+        index: i64,
+        reset_at: Timestamp,
     },
     Concurrency {
         limit: u32,
@@ -40,18 +44,23 @@ pub enum CounterSpec {
 }
 
 impl CounterSpec {
-    /// The arithmetic of a limit of `kind`. `pool_known` matters only for isolated credit
-    /// pools: whether the request's pool has ever had a grant.
-    pub fn of(kind: &LimitKind, pool_known: bool) -> Self {
+    /// The arithmetic of a limit of `kind` at `now`. `pool_known` matters only for isolated
+    /// credit pools: whether the request's pool has ever had a grant.
+    pub fn of(kind: &LimitKind, pool_known: bool, now: Timestamp) -> Self {
         match kind {
             LimitKind::Rate { limit, window } => Self::Rate {
                 limit: *limit,
                 window: *window,
             },
-            LimitKind::Quota { limit, period } => Self::Quota {
-                limit: *limit,
-                period: period.clone(),
-            },
+            LimitKind::Quota { limit, period } => {
+                let index = period.index_at(now);
+                Self::Quota {
+                    limit: *limit,
+                    period: period.clone(),
+                    index,
+                    reset_at: period.reset_at(index),
+                }
+            }
             LimitKind::Concurrency { limit } => Self::Concurrency { limit: *limit },
             LimitKind::Credits { pool_by: None } => Self::Credits { pool_known: true },
             LimitKind::Credits { pool_by: Some(_) } => Self::Credits { pool_known },
@@ -78,8 +87,8 @@ impl CounterState {
     pub fn fresh(spec: &CounterSpec, now: Timestamp) -> Option<Self> {
         match spec {
             CounterSpec::Rate { window, .. } => Some(Self::Window(WindowState::new(window, now))),
-            CounterSpec::Quota { period, .. } => Some(Self::Period {
-                index: period.index_at(now),
+            CounterSpec::Quota { index, .. } => Some(Self::Period {
+                index: *index,
                 used: 0,
             }),
             CounterSpec::Concurrency { .. } => Some(Self::InFlight(0)),
@@ -150,13 +159,20 @@ pub fn read(
             r
         }
         (CounterSpec::Rate { limit, .. }, _) => reading(*limit, 0, amount, None),
-        (CounterSpec::Quota { limit, period }, state) => {
-            let index = period.index_at(now);
+        (
+            CounterSpec::Quota {
+                limit,
+                index,
+                reset_at,
+                ..
+            },
+            state,
+        ) => {
             let used = match state {
-                Some(CounterState::Period { index: i, used }) if *i == index => *used,
+                Some(CounterState::Period { index: i, used }) if i == index => *used,
                 _ => 0,
             };
-            let mut r = reading(*limit, used, amount, Some(period.reset_at(index)));
+            let mut r = reading(*limit, used, amount, Some(*reset_at));
             if !r.fits && amount <= *limit {
                 r.retry_at = r.reset_at;
             }
@@ -192,8 +208,8 @@ pub fn hold(spec: &CounterSpec, state: &mut CounterState, amount: u64, now: Time
         (CounterSpec::Rate { window, .. }, CounterState::Window(w)) => HoldMark::Window {
             bucket: w.add(window, now, amount),
         },
-        (CounterSpec::Quota { period, .. }, CounterState::Period { index, used }) => {
-            let current = period.index_at(now);
+        (CounterSpec::Quota { index: current, .. }, CounterState::Period { index, used }) => {
+            let current = *current;
             if *index != current {
                 *index = current;
                 *used = 0;
@@ -294,10 +310,11 @@ mod tests {
     fn quota_hold_settle_and_rollover() {
         let period = CalendarPeriod::parse("P1D", "2026-01-01T00:00:00Z".parse().unwrap()).unwrap();
         let day0 = period.start_of(0);
-        let spec = CounterSpec::Quota {
+        let kind = LimitKind::Quota {
             limit: 100,
             period: period.clone(),
         };
+        let spec = CounterSpec::of(&kind, true, day0);
         let mut s = CounterState::fresh(&spec, day0).unwrap();
         let mark = hold(&spec, &mut s, 60, day0);
         let r = read(&spec, Some(&s), 50, day0);
@@ -307,6 +324,7 @@ mod tests {
         assert_eq!(read(&spec, Some(&s), 0, day0).current_usage, 20);
         // Next day the quota has reset; a late settlement of yesterday's hold is dropped.
         let day1 = period.start_of(1);
+        let spec = CounterSpec::of(&kind, true, day1);
         assert_eq!(read(&spec, Some(&s), 0, day1).current_usage, 0);
         let m2 = hold(&spec, &mut s, 10, day1);
         settle(&mut s, &mark, 60, 90, day1);
@@ -318,7 +336,7 @@ mod tests {
     #[test]
     fn a_request_larger_than_the_quota_has_no_retry_time() {
         let period = CalendarPeriod::parse("P1M", "2026-01-01T00:00:00Z".parse().unwrap()).unwrap();
-        let spec = CounterSpec::Quota { limit: 100, period };
+        let spec = CounterSpec::of(&LimitKind::Quota { limit: 100, period }, true, t(0));
         let r = read(&spec, None, 101, t(0));
         assert!(!r.fits);
         assert_eq!(r.retry_at, None);

@@ -5,6 +5,7 @@ use std::str::FromStr;
 
 use super::Timestamp;
 use super::model::Mode;
+use super::symbols::Name;
 
 /// A hold (reservation) id: the customer and a per-customer sequence number. Carrying the
 /// customer lets any store find the hold's shard (or Redis hash slot) without a global index.
@@ -47,10 +48,10 @@ impl FromStr for HoldId {
 pub struct ChainEntry {
     /// 0 is the leaf (the most specific entity); the last level is the root.
     pub level: usize,
-    pub entity_id: String,
-    pub entity_type: String,
-    pub limit_id: String,
-    pub feature_id: String,
+    pub entity_id: Name,
+    pub entity_type: Name,
+    pub limit_id: Name,
+    pub feature_id: Name,
     pub kind: &'static str,
     pub mode: Mode,
     /// What this decision asked of the limit (units, or 1 for a concurrency slot).
@@ -71,8 +72,8 @@ pub struct ChainEntry {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denial {
     pub level: usize,
-    pub entity_id: String,
-    pub limit_id: String,
+    pub entity_id: Name,
+    pub limit_id: Name,
     pub kind: &'static str,
     pub reason: String,
     /// The earliest time the same request could pass, if known. `None` when it depends on

@@ -122,7 +122,7 @@ impl Ledger {
             readings,
             blocking: None,
             hold: Some(HoldId {
-                customer: plan.customer_id.clone(),
+                customer: plan.customer_id.to_string(),
                 seq,
             }),
         }

@@ -16,7 +16,7 @@ pub use model::{
     Mode, Model, OnUnknown,
 };
 pub use plan::{Plan, PlanError, Usage};
-pub use symbols::{Sym, Symbols};
+pub use symbols::{Name, Sym, Symbols};
 
 use std::fmt;
 

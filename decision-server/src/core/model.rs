@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use super::Timestamp;
 use super::period::CalendarPeriod;
-use super::symbols::{Sym, Symbols};
+use rustc_hash::FxHashMap;
+
+use super::symbols::{Name, Sym, Symbols};
 use super::window::RollingWindow;
 
 /// Whether a limit may deny.
@@ -67,7 +69,7 @@ pub enum LimitTarget {
 /// A limit (assignment) of one customer.
 #[derive(Debug, Clone)]
 pub struct Limit {
-    pub id: String,
+    pub id: Name,
     pub sym: Sym,
     pub feature: usize,
     pub target: LimitTarget,
@@ -92,7 +94,7 @@ impl Limit {
 /// A declared entity type.
 #[derive(Debug, Clone)]
 pub struct EntityType {
-    pub name: String,
+    pub name: Name,
     /// Types an entity of this type may hang under. Empty for a root type.
     pub parents: Vec<usize>,
     /// Dimensional types (model, endpoint, region...) are not in the tree; they scope limits.
@@ -130,7 +132,7 @@ pub enum DrawRule {
 /// A metered capability.
 #[derive(Debug, Clone)]
 pub struct Feature {
-    pub id: String,
+    pub id: Name,
     /// Other features a check of this one draws on, and how.
     pub also_draws: Vec<(usize, DrawRule)>,
 }
@@ -175,7 +177,7 @@ pub struct PriceTable {
 /// A node of a customer's entity tree.
 #[derive(Debug, Clone)]
 pub struct EntityNode {
-    pub id: String,
+    pub id: Name,
     pub entity_type: usize,
     pub parent: Option<Sym>,
 }
@@ -183,17 +185,17 @@ pub struct EntityNode {
 /// One customer: its tree, its limits and its grants.
 #[derive(Debug, Clone)]
 pub struct CustomerModel {
-    pub id: String,
+    pub id: Name,
     pub sym: Sym,
-    pub entities: HashMap<Sym, EntityNode>,
+    pub entities: FxHashMap<Sym, EntityNode>,
     /// The single root of the tree; a request that names no entity is charged here.
     pub root: Option<Sym>,
     pub limits: Vec<Limit>,
-    pub limits_by_entity: HashMap<Sym, Vec<usize>>,
-    pub limits_by_type: HashMap<usize, Vec<usize>>,
+    pub limits_by_entity: FxHashMap<Sym, Vec<usize>>,
+    pub limits_by_type: FxHashMap<usize, Vec<usize>>,
     pub grants: Vec<GrantSpec>,
     /// Default parent entity, per entity type, for auto-created entities.
-    pub auto_parents: HashMap<usize, Sym>,
+    pub auto_parents: FxHashMap<usize, Sym>,
     pub max_auto_entities: u32,
 }
 
@@ -204,9 +206,9 @@ pub struct Model {
     pub entity_types: Vec<EntityType>,
     pub attribution: Vec<Attribution>,
     pub features: Vec<Feature>,
-    pub feature_index: HashMap<String, usize>,
+    pub feature_index: FxHashMap<String, usize>,
     pub prices: Vec<PriceTable>,
-    pub customers: HashMap<String, CustomerModel>,
+    pub customers: FxHashMap<String, CustomerModel>,
     /// How long a hold lives before it is committed at its held amount.
     pub hold_ttl_millis: i64,
 }

@@ -8,7 +8,7 @@ use dashmap::DashMap;
 use super::Timestamp;
 use super::counter::{CounterKey, CounterSpec};
 use super::model::{CustomerModel, DrawRule, Limit, LimitKind, Mode, Model, ModelPrice, OnUnknown};
-use super::symbols::Sym;
+use super::symbols::{Name, Sym};
 
 /// Token counts of one call, for pricing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -101,8 +101,8 @@ impl AmountRule {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainLevel {
     pub entity: Sym,
-    pub entity_id: String,
-    pub entity_type: String,
+    pub entity_id: Name,
+    pub entity_type: Name,
 }
 
 /// One counter a decision checks and holds.
@@ -114,8 +114,8 @@ pub struct PlannedCounter {
     pub mode: Mode,
     pub amount: u64,
     pub rule: AmountRule,
-    pub limit_id: String,
-    pub feature_id: String,
+    pub limit_id: Name,
+    pub feature_id: Name,
     pub kind: &'static str,
 }
 
@@ -123,7 +123,7 @@ pub struct PlannedCounter {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     pub customer: Sym,
-    pub customer_id: String,
+    pub customer_id: Name,
     pub chain: Vec<ChainLevel>,
     pub counters: Vec<PlannedCounter>,
     pub usage: Usage,
@@ -187,6 +187,13 @@ pub enum PlanError {
     ValueTooLong(String),
 }
 
+/// What `planned` reads of the request.
+struct RequestCtx<'a> {
+    usage: &'a Usage,
+    dimensions: &'a HashMap<String, String>,
+    now: Timestamp,
+}
+
 /// Entities created on the fly for `on_unknown: create`, per customer, with a cap each so that a
 /// flood of random ids cannot exhaust memory.
 #[derive(Debug, Default)]
@@ -195,8 +202,9 @@ pub struct AutoEntities {
 }
 
 /// An entity created on the fly.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AutoEntity {
+    pub id: Name,
     pub entity_type: usize,
     pub parent: Sym,
 }
@@ -241,6 +249,11 @@ impl Model {
             return Err(PlanError::ValueTooLong(truncate(k)));
         }
         let chain = self.resolve_chain(auto, customer, dimensions)?;
+        let req = RequestCtx {
+            usage: &usage,
+            dimensions,
+            now,
+        };
         let mut counters = Vec::new();
         for (level, node) in chain.iter().enumerate() {
             let entity_type = self.entity_type_of(customer, auto, node.entity);
@@ -281,7 +294,7 @@ impl Model {
                 } else {
                     rule
                 };
-                counters.push(self.planned(level, node.entity, limit, rule, &usage, dimensions));
+                counters.push(self.planned(level, node.entity, limit, rule, &req));
             }
         }
         Ok(Plan {
@@ -300,16 +313,15 @@ impl Model {
         entity: Sym,
         limit: &Limit,
         rule: AmountRule,
-        usage: &Usage,
-        dimensions: &HashMap<String, String>,
+        req: &RequestCtx<'_>,
     ) -> PlannedCounter {
         let mut partition = None;
         if let LimitKind::Credits { pool_by: Some(dim) } = &limit.kind {
             // Pool names are interned only when a grant creates the pool, so a request naming
             // an unheard-of pool allocates nothing and finds an empty balance.
-            partition = dimensions.get(dim).and_then(|v| self.symbols.get(v));
+            partition = req.dimensions.get(dim).and_then(|v| self.symbols.get(v));
         }
-        let spec = CounterSpec::of(&limit.kind, partition.is_some());
+        let spec = CounterSpec::of(&limit.kind, partition.is_some(), req.now);
         PlannedCounter {
             level,
             key: CounterKey {
@@ -319,7 +331,7 @@ impl Model {
             },
             spec,
             mode: limit.mode,
-            amount: rule.amount(usage),
+            amount: rule.amount(req.usage),
             rule,
             limit_id: limit.id.clone(),
             feature_id: self
@@ -343,7 +355,7 @@ impl Model {
             .map(PriceSnapshot::from)
             .ok_or_else(|| PlanError::NoPrice {
                 model: truncate(model),
-                limit: limit.id.clone(),
+                limit: limit.id.to_string(),
             })
     }
 
@@ -362,6 +374,17 @@ impl Model {
                     .get(&customer.sym)
                     .and_then(|m| m.get(&e).map(|a| a.entity_type))
             })
+    }
+
+    fn entity_name(&self, customer: &CustomerModel, auto: &AutoEntities, e: Sym) -> Name {
+        match customer.entities.get(&e) {
+            Some(n) => n.id.clone(),
+            None => auto
+                .by_customer
+                .get(&customer.sym)
+                .and_then(|m| m.get(&e).map(|a| a.id.clone()))
+                .unwrap_or_else(|| Name::from(self.symbols.resolve(e))),
+        }
     }
 
     fn parent_of(&self, customer: &CustomerModel, auto: &AutoEntities, e: Sym) -> Option<Sym> {
@@ -408,13 +431,13 @@ impl Model {
                     return Err(PlanError::WrongEntityType {
                         dimension: rule.dimension.clone(),
                         value: truncate(value),
-                        expected: self.type_name(rule.entity_type),
-                        actual: self.type_name(t),
+                        expected: self.type_name(rule.entity_type).to_string(),
+                        actual: self.type_name(t).to_string(),
                     });
                 }
                 _ if rule.on_unknown == OnUnknown::Reject => {
                     return Err(PlanError::UnknownEntity {
-                        customer: customer.id.clone(),
+                        customer: customer.id.to_string(),
                         dimension: rule.dimension.clone(),
                         value: truncate(value),
                     });
@@ -450,7 +473,7 @@ impl Model {
                 if !chain.contains(s) {
                     let leaf = chain.first().copied().unwrap_or(*s);
                     return Err(PlanError::InconsistentDimensions {
-                        customer: customer.id.clone(),
+                        customer: customer.id.to_string(),
                         a: self.symbols.resolve(leaf).to_string(),
                         b: self.symbols.resolve(*s).to_string(),
                     });
@@ -492,7 +515,7 @@ impl Model {
             .into_iter()
             .map(|e| ChainLevel {
                 entity: e,
-                entity_id: self.symbols.resolve(e).to_string(),
+                entity_id: self.entity_name(customer, auto, e),
                 entity_type: self
                     .entity_type_of(customer, auto, e)
                     .map(|t| self.type_name(t))
@@ -526,10 +549,10 @@ impl Model {
             })
             .or_else(|| customer.auto_parents.get(&entity_type).copied())
             .ok_or_else(|| PlanError::NoDefaultParent {
-                customer: customer.id.clone(),
+                customer: customer.id.to_string(),
                 dimension: dimension.to_string(),
                 value: truncate(value),
-                entity_type: self.type_name(entity_type),
+                entity_type: self.type_name(entity_type).to_string(),
             })?;
         let mut registry = auto.by_customer.entry(customer.sym).or_default();
         if let Some(existing) = self.symbols.get(value).filter(|s| registry.contains_key(s)) {
@@ -537,7 +560,7 @@ impl Model {
         }
         if registry.len() >= customer.max_auto_entities as usize {
             return Err(PlanError::AutoEntityLimit {
-                customer: customer.id.clone(),
+                customer: customer.id.to_string(),
                 value: truncate(value),
                 max: customer.max_auto_entities,
             });
@@ -546,6 +569,7 @@ impl Model {
         registry.insert(
             sym,
             AutoEntity {
+                id: Name::from(value),
                 entity_type,
                 parent,
             },
@@ -553,7 +577,7 @@ impl Model {
         Ok(sym)
     }
 
-    fn type_name(&self, t: usize) -> String {
+    fn type_name(&self, t: usize) -> Name {
         self.entity_types
             .get(t)
             .map(|t| t.name.clone())
