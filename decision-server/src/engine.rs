@@ -154,10 +154,10 @@ impl Engine {
                 let level = plan.chain.get(c.level);
                 ChainEntry {
                     level: c.level,
-                    entity_id: level.map(|l| l.entity_id.clone()).unwrap_or_default(),
-                    entity_type: level.map(|l| l.entity_type.clone()).unwrap_or_default(),
-                    limit_id: c.limit_id.clone(),
-                    feature_id: c.feature_id.clone(),
+                    entity_id: level.map(|l| l.entity_id).unwrap_or_default(),
+                    entity_type: level.map(|l| l.entity_type).unwrap_or_default(),
+                    limit_id: c.limit_id,
+                    feature_id: c.feature_id,
                     kind: c.kind,
                     mode: c.mode,
                     requested: c.amount,
@@ -175,8 +175,8 @@ impl Engine {
             let entry = chain.get(i)?;
             Some(Denial {
                 level: c.level,
-                entity_id: entry.entity_id.clone(),
-                limit_id: c.limit_id.clone(),
+                entity_id: entry.entity_id,
+                limit_id: c.limit_id,
                 kind: c.kind,
                 reason: format!(
                     "{} limit `{}` on {} `{}` (chain level {}): {} of {} used, {} requested",

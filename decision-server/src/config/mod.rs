@@ -288,7 +288,7 @@ impl Validator<'_> {
             let mut visited = HashSet::new();
             while let Some(t) = stack.pop() {
                 if t == start {
-                    let name = out.get(start).map(|t| t.name.clone()).unwrap_or_default();
+                    let name = out.get(start).map(|t| t.name).unwrap_or_default();
                     self.err(
                         format!("entityTypes[{start}].parents"),
                         format!("entity type `{name}` is its own ancestor"),

@@ -53,12 +53,12 @@ impl CounterSpec {
                 window: *window,
             },
             LimitKind::Quota { limit, period } => {
-                let index = period.index_at(now);
+                let (index, reset_at) = period.period_at(now);
                 Self::Quota {
                     limit: *limit,
                     period: period.clone(),
                     index,
-                    reset_at: period.reset_at(index),
+                    reset_at,
                 }
             }
             LimitKind::Concurrency { limit } => Self::Concurrency { limit: *limit },
@@ -281,7 +281,7 @@ pub fn counted(spec: &CounterSpec, state: &CounterState, now: Timestamp) -> u64 
     match (spec, state) {
         (CounterSpec::Rate { window, .. }, CounterState::Window(w)) => w.used(window, now),
         (CounterSpec::Quota { period, .. }, CounterState::Period { index, used })
-            if *index == period.index_at(now) =>
+            if *index == period.period_at(now).0 =>
         {
             *used
         }

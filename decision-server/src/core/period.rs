@@ -1,6 +1,9 @@
 //! Calendar periods for `quota` limits: an ISO-8601 duration plus an anchor, in UTC.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Datelike, Months, Utc};
+use crossbeam_utils::atomic::AtomicCell;
 
 use super::Timestamp;
 
@@ -16,13 +19,35 @@ pub enum PeriodUnit {
 }
 
 /// A repeating calendar period such as `P1M` anchored at `2026-01-01T00:00:00Z`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct CalendarPeriod {
     unit: PeriodUnit,
     /// How many units per period (12 for `P1Y`).
     count: u32,
     anchor: DateTime<Utc>,
+    /// The last period looked up, shared by every clone of this period.
+    ///
+    /// Trade-off: calendar arithmetic (month lengths, the anchor's day) costs tens of
+    /// nanoseconds a call and a quota check needs the period's number and end. Periods change
+    /// rarely, so the last answer is kept; a lookup inside it is a lock-free read.
+    last: Arc<AtomicCell<Bounds>>,
 }
+
+/// One period: its number and its span `[start, end)` in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Bounds {
+    index: i64,
+    start: i64,
+    end: i64,
+}
+
+impl PartialEq for CalendarPeriod {
+    fn eq(&self, other: &Self) -> bool {
+        (self.unit, self.count, self.anchor) == (other.unit, other.count, other.anchor)
+    }
+}
+
+impl Eq for CalendarPeriod {}
 
 /// Why a duration is not a usable period or window.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -113,10 +138,16 @@ impl CalendarPeriod {
                 }
             }
         };
+        let empty = Bounds {
+            index: 0,
+            start: i64::MIN,
+            end: i64::MIN,
+        };
         Ok(Self {
             unit,
             count,
             anchor,
+            last: Arc::new(AtomicCell::new(empty)),
         })
     }
 
@@ -156,6 +187,19 @@ impl CalendarPeriod {
                     })
             }
         }
+    }
+
+    /// The number of the period that contains `now`, and when it ends (the quota's reset).
+    pub fn period_at(&self, now: Timestamp) -> (i64, Timestamp) {
+        let last = self.last.load();
+        if last.start <= now.millis() && now.millis() < last.end {
+            return (last.index, Timestamp::from_millis(last.end));
+        }
+        let index = self.index_at(now);
+        let start = self.start_of(index).millis();
+        let end = self.start_of(index + 1).millis();
+        self.last.store(Bounds { index, start, end });
+        (index, Timestamp::from_millis(end))
     }
 
     /// The number of the period that contains `now`.
@@ -271,5 +315,31 @@ mod tests {
         );
         assert_eq!(parse_fixed_millis("PT1M").unwrap(), 60_000);
         assert_eq!(parse_fixed_millis("P1W").unwrap(), 7 * 86_400_000);
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+
+    #[test]
+    fn the_cached_period_follows_time_both_ways() {
+        let p = CalendarPeriod::parse("P1M", "2026-01-31T00:00:00Z".parse().unwrap()).unwrap();
+        let at = |s: &str| Timestamp::from_datetime(s.parse::<DateTime<Utc>>().unwrap());
+        let clone = p.clone();
+        for (now, index, end) in [
+            ("2026-02-27T23:59:59.999Z", 0, "2026-02-28T00:00:00Z"),
+            ("2026-02-28T00:00:00Z", 1, "2026-03-31T00:00:00Z"),
+            ("2026-03-30T00:00:00Z", 1, "2026-03-31T00:00:00Z"),
+            ("2026-01-31T00:00:00Z", 0, "2026-02-28T00:00:00Z"),
+            ("2026-03-31T00:00:00Z", 2, "2026-04-30T00:00:00Z"),
+        ] {
+            assert_eq!(p.period_at(at(now)), (index, at(end)), "at {now}");
+            assert_eq!(
+                clone.period_at(at(now)),
+                (p.index_at(at(now)), at(end)),
+                "clone at {now}"
+            );
+        }
     }
 }

@@ -299,7 +299,7 @@ impl Model {
         }
         Ok(Plan {
             customer: customer.sym,
-            customer_id: customer.id.clone(),
+            customer_id: customer.id,
             chain,
             counters,
             usage,
@@ -333,11 +333,11 @@ impl Model {
             mode: limit.mode,
             amount: rule.amount(req.usage),
             rule,
-            limit_id: limit.id.clone(),
+            limit_id: limit.id,
             feature_id: self
                 .features
                 .get(limit.feature)
-                .map(|f| f.id.clone())
+                .map(|f| f.id)
                 .unwrap_or_default(),
             kind: limit.kind.name(),
         }
@@ -378,11 +378,11 @@ impl Model {
 
     fn entity_name(&self, customer: &CustomerModel, auto: &AutoEntities, e: Sym) -> Name {
         match customer.entities.get(&e) {
-            Some(n) => n.id.clone(),
+            Some(n) => n.id,
             None => auto
                 .by_customer
                 .get(&customer.sym)
-                .and_then(|m| m.get(&e).map(|a| a.id.clone()))
+                .and_then(|m| m.get(&e).map(|a| a.id))
                 .unwrap_or_else(|| Name::from(self.symbols.resolve(e))),
         }
     }
@@ -578,10 +578,7 @@ impl Model {
     }
 
     fn type_name(&self, t: usize) -> Name {
-        self.entity_types
-            .get(t)
-            .map(|t| t.name.clone())
-            .unwrap_or_default()
+        self.entity_types.get(t).map(|t| t.name).unwrap_or_default()
     }
 }
 
