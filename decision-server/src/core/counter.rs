@@ -4,7 +4,6 @@
 use super::Timestamp;
 use super::credits::{CreditPool, Draw};
 use super::model::LimitKind;
-use super::period::CalendarPeriod;
 use super::symbols::Sym;
 use super::window::{RollingWindow, WindowState};
 
@@ -29,7 +28,6 @@ pub enum CounterSpec {
     /// when the spec is made: calendar arithmetic is the costliest part of a quota check.
     Quota {
         limit: u64,
-        period: CalendarPeriod,
         index: i64,
         reset_at: Timestamp,
     },
@@ -56,7 +54,6 @@ impl CounterSpec {
                 let (index, reset_at) = period.period_at(now);
                 Self::Quota {
                     limit: *limit,
-                    period: period.clone(),
                     index,
                     reset_at,
                 }
@@ -280,8 +277,8 @@ pub fn expire(state: &mut CounterState, mark: &HoldMark) {
 pub fn counted(spec: &CounterSpec, state: &CounterState, now: Timestamp) -> u64 {
     match (spec, state) {
         (CounterSpec::Rate { window, .. }, CounterState::Window(w)) => w.used(window, now),
-        (CounterSpec::Quota { period, .. }, CounterState::Period { index, used })
-            if *index == period.period_at(now).0 =>
+        (CounterSpec::Quota { index: current, .. }, CounterState::Period { index, used })
+            if index == current =>
         {
             *used
         }
@@ -300,6 +297,7 @@ pub fn counted(spec: &CounterSpec, state: &CounterState, now: Timestamp) -> u64 
 mod tests {
     use super::*;
     use crate::core::credits::GrantBalance;
+    use crate::core::period::CalendarPeriod;
     use crate::core::model::GrantCategory;
 
     fn t(ms: i64) -> Timestamp {

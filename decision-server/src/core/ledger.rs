@@ -17,7 +17,6 @@ use super::{HoldId, Timestamp};
 #[derive(Debug, Clone, PartialEq)]
 pub struct HoldPart {
     pub key: CounterKey,
-    pub spec: CounterSpec,
     pub mark: HoldMark,
     pub held: u64,
     pub rule: AmountRule,
@@ -109,7 +108,6 @@ impl Ledger {
             };
             parts.push(HoldPart {
                 key: c.key,
-                spec: c.spec.clone(),
                 mark,
                 held: c.amount,
                 rule: c.rule.clone(),
