@@ -198,6 +198,46 @@ pub fn read(
     }
 }
 
+/// The reading of a counter just after `hold` placed `amount` on it, derived from the reading
+/// before rather than read again: the hold added exactly `amount` (one slot for concurrency).
+pub fn after_hold(
+    spec: &CounterSpec,
+    state: &CounterState,
+    before: &Reading,
+    amount: u64,
+    now: Timestamp,
+) -> Reading {
+    if let CounterSpec::Credits { .. } = spec {
+        // Which grants a draw emptied decides the pool's next expiry: read it again. Pools are
+        // few, so this costs little overall.
+        let after = read(spec, Some(state), 0, now);
+        return Reading {
+            fits: before.fits,
+            retry_at: before.retry_at,
+            ..after
+        };
+    }
+    let added = if matches!(spec, CounterSpec::Concurrency { .. }) {
+        1
+    } else {
+        amount
+    };
+    let reset_at = match (spec, before.reset_at) {
+        // The first units in an empty window set when it starts to drain.
+        (CounterSpec::Rate { window, .. }, None) => match state {
+            CounterState::Window(w) => w.next_release(window, now),
+            _ => None,
+        },
+        (_, reset_at) => reset_at,
+    };
+    Reading {
+        current_usage: before.current_usage.saturating_add(added),
+        remaining: before.remaining.saturating_sub(added),
+        reset_at,
+        ..*before
+    }
+}
+
 /// Places `amount` on the counter. The caller has already decided the request passes; for
 /// non-enforcing limits this may take the counter past its limit, which is the point.
 pub fn hold(spec: &CounterSpec, state: &mut CounterState, amount: u64, now: Timestamp) -> HoldMark {
@@ -297,8 +337,8 @@ pub fn counted(spec: &CounterSpec, state: &CounterState, now: Timestamp) -> u64 
 mod tests {
     use super::*;
     use crate::core::credits::GrantBalance;
-    use crate::core::period::CalendarPeriod;
     use crate::core::model::GrantCategory;
+    use crate::core::period::CalendarPeriod;
 
     fn t(ms: i64) -> Timestamp {
         Timestamp::from_millis(ms)

@@ -96,12 +96,7 @@ impl Ledger {
             let mark = match state {
                 Some(state) => {
                     let mark = counter::hold(&c.spec, state, c.amount, now);
-                    let after = counter::read(&c.spec, Some(state), 0, now);
-                    *reading = counter::Reading {
-                        fits: reading.fits,
-                        retry_at: reading.retry_at,
-                        ..after
-                    };
+                    *reading = counter::after_hold(&c.spec, state, reading, c.amount, now);
                     mark
                 }
                 None => HoldMark::Nothing,
