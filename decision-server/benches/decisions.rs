@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use tollgate::clock::ManualClock;
+use tollgate::core::Timestamp;
 use tollgate::core::plan::Usage;
-use tollgate::core::{Symbols, Timestamp};
 use tollgate::store::MemoryStore;
 use tollgate::{CheckRequest, Engine};
 
@@ -49,8 +49,7 @@ fn config(customers: usize) -> String {
 }
 
 fn engine(customers: usize) -> (Engine, ManualClock) {
-    let model = tollgate::config::parse(&config(customers), "bench.yaml", Arc::new(Symbols::new()))
-        .unwrap();
+    let model = tollgate::config::parse(&config(customers), "bench.yaml").unwrap();
     let clock = ManualClock::new(Timestamp::from_millis(1_780_000_000_000));
     let engine = Engine::new(model, Arc::new(MemoryStore::new()), Arc::new(clock.clone())).unwrap();
     (engine, clock)

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tollgate::clock::ManualClock;
+use tollgate::core::Timestamp;
 use tollgate::core::plan::Usage;
-use tollgate::core::{Symbols, Timestamp};
 use tollgate::store::MemoryStore;
 use tollgate::{CheckRequest, Engine};
 
@@ -43,12 +43,7 @@ fn config(max_users: usize) -> String {
 fn measure(counters_wanted: usize) {
     let users = counters_wanted / 3;
     let per_customer = users.div_ceil(CUSTOMERS);
-    let model = tollgate::config::parse(
-        &config(per_customer),
-        "bench.yaml",
-        Arc::new(Symbols::new()),
-    )
-    .unwrap();
+    let model = tollgate::config::parse(&config(per_customer), "bench.yaml").unwrap();
     let clock = ManualClock::new(Timestamp::from_millis(1_780_000_000_000));
     let engine = Engine::new(model, Arc::new(MemoryStore::new()), Arc::new(clock)).unwrap();
     let before = rss_bytes();

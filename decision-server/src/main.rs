@@ -2,10 +2,8 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use tollgate::core::Symbols;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -31,25 +29,23 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Validate { file } => {
-            match tollgate::config::load_file(&file, Arc::new(Symbols::new())) {
-                Ok(model) => {
-                    let limits: usize = model.customers.values().map(|c| c.limits.len()).sum();
-                    println!(
-                        "{}: ok ({} customers, {} limits, {} features)",
-                        file.display(),
-                        model.customers.len(),
-                        limits,
-                        model.features.len()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(errors) => {
-                    eprintln!("{errors}");
-                    eprintln!("{}: {} problem(s) found", file.display(), errors.0.len());
-                    ExitCode::FAILURE
-                }
+        Command::Validate { file } => match tollgate::config::load_file(&file) {
+            Ok(model) => {
+                let limits: usize = model.customers.values().map(|c| c.limits.len()).sum();
+                println!(
+                    "{}: ok ({} customers, {} limits, {} features)",
+                    file.display(),
+                    model.customers.len(),
+                    limits,
+                    model.features.len()
+                );
+                ExitCode::SUCCESS
             }
-        }
+            Err(errors) => {
+                eprintln!("{errors}");
+                eprintln!("{}: {} problem(s) found", file.display(), errors.0.len());
+                ExitCode::FAILURE
+            }
+        },
     }
 }

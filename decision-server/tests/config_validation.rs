@@ -3,10 +3,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
 use std::process::Command;
-use std::sync::Arc;
 
 use tollgate::config::{self, ConfigError};
-use tollgate::core::Symbols;
 
 const BASE: &str = r#"entityTypes:
   - name: org
@@ -45,7 +43,7 @@ customers:
 "#;
 
 fn errors(yaml: &str) -> Vec<String> {
-    match config::parse(yaml, "tollgate.yaml", Arc::new(Symbols::new())) {
+    match config::parse(yaml, "tollgate.yaml") {
         Ok(_) => vec![],
         Err(e) => e.0.iter().map(ConfigError::to_string).collect(),
     }
@@ -403,7 +401,7 @@ fn the_shipped_examples_are_valid() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
     for name in ["ai-tokens-org.yaml", "agents-workspace.yaml"] {
         let path = std::path::Path::new(dir).join(name);
-        if let Err(e) = config::load_file(&path, Arc::new(Symbols::new())) {
+        if let Err(e) = config::load_file(&path) {
             panic!("{name}:\n{e}");
         }
     }

@@ -5,7 +5,6 @@ pub mod dto;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
@@ -62,7 +61,7 @@ impl fmt::Display for ConfigErrors {
 }
 
 /// Reads and validates the config file at `path`.
-pub fn load_file(path: &Path, symbols: Arc<Symbols>) -> Result<Model, ConfigErrors> {
+pub fn load_file(path: &Path) -> Result<Model, ConfigErrors> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
@@ -71,11 +70,11 @@ pub fn load_file(path: &Path, symbols: Arc<Symbols>) -> Result<Model, ConfigErro
             message: format!("cannot read the file: {e}"),
         }])
     })?;
-    parse(&text, &file, symbols)
+    parse(&text, &file)
 }
 
 /// Parses and validates config `text`; `file` names it in errors.
-pub fn parse(text: &str, file: &str, symbols: Arc<Symbols>) -> Result<Model, ConfigErrors> {
+pub fn parse(text: &str, file: &str) -> Result<Model, ConfigErrors> {
     let de = serde_yaml_ng::Deserializer::from_str(text);
     let doc: ConfigDoc = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -104,7 +103,7 @@ pub fn parse(text: &str, file: &str, symbols: Arc<Symbols>) -> Result<Model, Con
         file,
         errors: Vec::new(),
     };
-    let model = v.build(doc, symbols);
+    let model = v.build(doc);
     if v.errors.is_empty() {
         Ok(model)
     } else {
@@ -169,7 +168,8 @@ impl Validator<'_> {
         }
     }
 
-    fn build(&mut self, doc: ConfigDoc, symbols: Arc<Symbols>) -> Model {
+    fn build(&mut self, doc: ConfigDoc) -> Model {
+        let symbols = Symbols::new();
         let hold_ttl = doc.hold_ttl.as_deref().unwrap_or(DEFAULT_HOLD_TTL);
         let hold_ttl_millis = match parse_fixed_millis(hold_ttl) {
             Ok(ms) => ms,

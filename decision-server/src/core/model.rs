@@ -2,7 +2,6 @@
 //! and prices. Built once from config (see `crate::config`) and shared immutably.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use super::Timestamp;
 use super::period::CalendarPeriod;
@@ -202,7 +201,8 @@ pub struct CustomerModel {
 /// Everything a decision reads. Immutable; a reload builds a new one.
 #[derive(Debug)]
 pub struct Model {
-    pub symbols: Arc<Symbols>,
+    /// A handle to the process-wide symbol table (see `core::symbols`).
+    pub symbols: Symbols,
     pub entity_types: Vec<EntityType>,
     pub attribution: Vec<Attribution>,
     pub features: Vec<Feature>,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tollgate::clock::ManualClock;
 use tollgate::core::plan::{TokenCounts, Usage};
-use tollgate::core::{Decision, HoldId, Model, Symbols, Timestamp};
+use tollgate::core::{Decision, HoldId, Model, Timestamp};
 use tollgate::store::CounterStore;
 use tollgate::{CheckRequest, Engine};
 
@@ -46,7 +46,7 @@ macro_rules! test_with_all_store_factories {
 }
 
 pub fn model(yaml: &str) -> Model {
-    match tollgate::config::parse(yaml, "test.yaml", Arc::new(Symbols::new())) {
+    match tollgate::config::parse(yaml, "test.yaml") {
         Ok(m) => m,
         Err(e) => panic!("test config is invalid:\n{e}"),
     }
