@@ -86,16 +86,7 @@ impl Harness {
         usage: Usage,
         d: &[(&str, &str)],
     ) -> Decision {
-        let dimensions = dims(d);
-        self.engine
-            .check(&CheckRequest {
-                customer,
-                feature,
-                usage,
-                dimensions: &dimensions,
-                dry_run: false,
-            })
-            .unwrap()
+        self.decide(customer, feature, usage, d, false)
     }
 
     pub fn dry_run(
@@ -105,14 +96,25 @@ impl Harness {
         units: u64,
         d: &[(&str, &str)],
     ) -> Decision {
+        self.decide(customer, feature, Usage::units(units), d, true)
+    }
+
+    fn decide(
+        &self,
+        customer: &str,
+        feature: &str,
+        usage: Usage,
+        d: &[(&str, &str)],
+        dry_run: bool,
+    ) -> Decision {
         let dimensions = dims(d);
         self.engine
             .check(&CheckRequest {
                 customer,
                 feature,
-                usage: Usage::units(units),
+                usage,
                 dimensions: &dimensions,
-                dry_run: true,
+                dry_run,
             })
             .unwrap()
     }
