@@ -243,7 +243,8 @@ fn race_once(make: Factory<'_>, cap: u64, sizes: &[u64]) {
     let h = harness(&race_config(cap), make(), "2026-03-10T10:00:00Z");
     let min = *sizes.iter().min().unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
-    let max_checks_per_thread = (cap / min) as usize * 2 + 1_000;
+    // Each grant of the smallest size can be preceded by one denial of every other size.
+    let max_checks_per_thread = (cap / min) as usize * 2 * sizes.len() + 1_000;
     let (granted, checks): (Vec<u64>, Vec<usize>) = std::thread::scope(|s| {
         let handles: Vec<_> = (0..THREADS)
             .map(|t| {
@@ -252,6 +253,8 @@ fn race_once(make: Factory<'_>, cap: u64, sizes: &[u64]) {
                     let user = format!("u{t}");
                     let mut committed = 0u64;
                     let mut n = 0usize;
+                    let mut grants = 0usize;
+                    let mut denied_once = false;
                     loop {
                         assert!(
                             n < max_checks_per_thread && Instant::now() < deadline,
@@ -261,9 +264,12 @@ fn race_once(make: Factory<'_>, cap: u64, sizes: &[u64]) {
                         n += 1;
                         let d = h.check("acme", "tokens", size, &[("userId", &user)]);
                         if d.granted {
+                            grants += 1;
                             let hold = d.hold_id.unwrap();
-                            // Every fifth grant is released: capacity comes back and is raced for.
-                            if n.is_multiple_of(5) {
+                            // Until the cap first pushes back, every fifth grant is released, so
+                            // capacity comes back and is raced for. After that, releasing could
+                            // hand the same unit back and forth forever; everything settles.
+                            if !denied_once && grants.is_multiple_of(5) {
                                 h.engine.release(&hold).unwrap();
                             } else {
                                 h.engine.settle(&hold, Usage::units(size)).unwrap();
@@ -271,6 +277,8 @@ fn race_once(make: Factory<'_>, cap: u64, sizes: &[u64]) {
                             }
                         } else if size == min {
                             return (committed, n);
+                        } else {
+                            denied_once = true;
                         }
                     }
                 })
