@@ -202,9 +202,8 @@ pub struct AutoEntities {
 }
 
 /// An entity created on the fly.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AutoEntity {
-    pub id: Name,
     pub entity_type: usize,
     pub parent: Sym,
 }
@@ -376,17 +375,6 @@ impl Model {
             })
     }
 
-    fn entity_name(&self, customer: &CustomerModel, auto: &AutoEntities, e: Sym) -> Name {
-        match customer.entities.get(&e) {
-            Some(n) => n.id,
-            None => auto
-                .by_customer
-                .get(&customer.sym)
-                .and_then(|m| m.get(&e).map(|a| a.id))
-                .unwrap_or_else(|| Name::from(self.symbols.resolve(e))),
-        }
-    }
-
     fn parent_of(&self, customer: &CustomerModel, auto: &AutoEntities, e: Sym) -> Option<Sym> {
         match customer.entities.get(&e) {
             Some(n) => n.parent,
@@ -515,7 +503,8 @@ impl Model {
             .into_iter()
             .map(|e| ChainLevel {
                 entity: e,
-                entity_id: self.entity_name(customer, auto, e),
+                // Entity ids are interned, so the symbol is the name.
+                entity_id: Name::from(e),
                 entity_type: self
                     .entity_type_of(customer, auto, e)
                     .map(|t| self.type_name(t))
@@ -569,7 +558,6 @@ impl Model {
         registry.insert(
             sym,
             AutoEntity {
-                id: Name::from(value),
                 entity_type,
                 parent,
             },
