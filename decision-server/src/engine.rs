@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 use crate::clock::Clock;
 use crate::core::counter::{CounterKey, CounterSpec};
 use crate::core::credits::GrantBalance;
-use crate::core::plan::{AutoEntities, Plan, PlanError, Usage};
+use crate::core::plan::{AutoEntities, PlanError, Usage};
 use crate::core::{ChainEntry, Decision, Denial, HoldId, Model};
 use crate::store::{CloseOutcome, CounterStore, CustomerRef, ReserveMode, StoreError};
 
@@ -107,19 +107,6 @@ impl Engine {
             }
         }
         Ok(())
-    }
-
-    /// Resolves the request without touching counters.
-    pub fn plan(&self, req: &CheckRequest<'_>) -> Result<Plan, DecisionError> {
-        let model = self.model.load();
-        Ok(model.plan(
-            &self.auto,
-            req.customer,
-            req.feature,
-            req.usage,
-            req.dimensions,
-            self.clock.now(),
-        )?)
     }
 
     /// Checks every limit on every level of the chain and, if all pass, holds the requested

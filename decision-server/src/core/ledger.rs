@@ -60,10 +60,6 @@ impl Ledger {
         self.holds.len()
     }
 
-    pub fn hold(&self, seq: u64) -> Option<&Hold> {
-        self.holds.get(&seq)
-    }
-
     /// Checks every counter of `plan` and, if every enforcing one fits and `hold` is set,
     /// holds on all of them. Due holds are expired first so the readings are current.
     pub fn reserve(&mut self, plan: &Plan, hold: bool, now: Timestamp) -> Reservation {
