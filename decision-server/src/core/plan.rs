@@ -253,7 +253,8 @@ impl Model {
             dimensions,
             now,
         };
-        let mut counters = Vec::new();
+        // Three limits a level is typical; sizing up front spares regrowing (and moving) the list.
+        let mut counters = Vec::with_capacity(chain.len() * 3);
         for (level, node) in chain.iter().enumerate() {
             let entity_type = self.entity_type_of(customer, auto, node.entity);
             let by_entity = customer
