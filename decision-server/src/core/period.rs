@@ -68,7 +68,20 @@ pub enum DurationError {
     NotFixed(String),
 }
 
-fn parse_iso(text: &str) -> Result<iso8601::Duration, DurationError> {
+/// The components of a parsed duration; exactly one form (weeks, or the rest) is non-zero.
+#[derive(Debug, Default)]
+struct Parts {
+    years: u32,
+    months: u32,
+    weeks: u32,
+    days: u32,
+    hours: u32,
+    minutes: u32,
+    seconds: u32,
+    millis: u32,
+}
+
+fn parse_iso(text: &str) -> Result<Parts, DurationError> {
     let parsed = iso8601::duration(text).map_err(|_| DurationError::Syntax(text.to_string()))?;
     // The parser accepts trailing garbage; the canonical rendering tells whether it was all used.
     if parsed.to_string() != text {
@@ -77,14 +90,11 @@ fn parse_iso(text: &str) -> Result<iso8601::Duration, DurationError> {
     if parsed.is_zero() {
         return Err(DurationError::Zero(text.to_string()));
     }
-    Ok(parsed)
-}
-
-/// Parses a fixed-length ISO-8601 duration (weeks, days, hours, minutes, seconds) to
-/// milliseconds, for rolling windows and hold TTLs.
-pub fn parse_fixed_millis(text: &str) -> Result<i64, DurationError> {
-    match parse_iso(text)? {
-        iso8601::Duration::Weeks(w) => Ok(i64::from(w) * 7 * 86_400_000),
+    Ok(match parsed {
+        iso8601::Duration::Weeks(weeks) => Parts {
+            weeks,
+            ..Parts::default()
+        },
         iso8601::Duration::YMDHMS {
             year,
             month,
@@ -93,50 +103,57 @@ pub fn parse_fixed_millis(text: &str) -> Result<i64, DurationError> {
             minute,
             second,
             millisecond,
-        } => {
-            if year != 0 || month != 0 {
-                return Err(DurationError::NotFixed(text.to_string()));
-            }
-            Ok(i64::from(day) * 86_400_000
-                + i64::from(hour) * 3_600_000
-                + i64::from(minute) * 60_000
-                + i64::from(second) * 1_000
-                + i64::from(millisecond))
-        }
+        } => Parts {
+            years: year,
+            months: month,
+            weeks: 0,
+            days: day,
+            hours: hour,
+            minutes: minute,
+            seconds: second,
+            millis: millisecond,
+        },
+    })
+}
+
+/// Parses a fixed-length ISO-8601 duration (weeks, days, hours, minutes, seconds) to
+/// milliseconds, for rolling windows and hold TTLs.
+pub fn parse_fixed_millis(text: &str) -> Result<i64, DurationError> {
+    let p = parse_iso(text)?;
+    if p.years != 0 || p.months != 0 {
+        return Err(DurationError::NotFixed(text.to_string()));
     }
+    Ok(i64::from(p.weeks) * 7 * 86_400_000
+        + i64::from(p.days) * 86_400_000
+        + i64::from(p.hours) * 3_600_000
+        + i64::from(p.minutes) * 60_000
+        + i64::from(p.seconds) * 1_000
+        + i64::from(p.millis))
 }
 
 impl CalendarPeriod {
     /// Parses `text` (one unit: `PnY`, `PnM`, `PnW`, `PnD` or `PTnH`) anchored at `anchor`.
     pub fn parse(text: &str, anchor: DateTime<Utc>) -> Result<Self, DurationError> {
-        let (unit, count) = match parse_iso(text)? {
-            iso8601::Duration::Weeks(w) => (PeriodUnit::Weeks, w),
-            iso8601::Duration::YMDHMS {
-                year,
-                month,
-                day,
-                hour,
-                minute,
-                second,
-                millisecond,
-            } => {
-                let parts = [year, month, day, hour, minute, second, millisecond];
-                if parts.iter().filter(|p| **p != 0).count() > 1 {
-                    return Err(DurationError::Mixed(text.to_string()));
-                }
-                if minute != 0 || second != 0 || millisecond != 0 {
-                    return Err(DurationError::TooFine(text.to_string()));
-                }
-                if year != 0 {
-                    (PeriodUnit::Months, year.saturating_mul(12))
-                } else if month != 0 {
-                    (PeriodUnit::Months, month)
-                } else if day != 0 {
-                    (PeriodUnit::Days, day)
-                } else {
-                    (PeriodUnit::Hours, hour)
-                }
-            }
+        let p = parse_iso(text)?;
+        let all = [
+            p.years, p.months, p.weeks, p.days, p.hours, p.minutes, p.seconds, p.millis,
+        ];
+        if all.iter().filter(|n| **n != 0).count() > 1 {
+            return Err(DurationError::Mixed(text.to_string()));
+        }
+        if p.minutes != 0 || p.seconds != 0 || p.millis != 0 {
+            return Err(DurationError::TooFine(text.to_string()));
+        }
+        let (unit, count) = if p.years != 0 {
+            (PeriodUnit::Months, p.years.saturating_mul(12))
+        } else if p.months != 0 {
+            (PeriodUnit::Months, p.months)
+        } else if p.weeks != 0 {
+            (PeriodUnit::Weeks, p.weeks)
+        } else if p.days != 0 {
+            (PeriodUnit::Days, p.days)
+        } else {
+            (PeriodUnit::Hours, p.hours)
         };
         let empty = Bounds {
             index: 0,
