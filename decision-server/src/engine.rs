@@ -82,7 +82,7 @@ impl Engine {
     fn seed_grants(&self, model: &Model) -> Result<(), StoreError> {
         for customer in model.customers.values() {
             let cref = CustomerRef {
-                sym: customer.sym,
+                sym: customer.id.sym(),
                 id: &customer.id,
             };
             for g in &customer.grants {
@@ -92,7 +92,7 @@ impl Engine {
                 let partition = g.pool.as_deref().map(|p| model.symbols.intern(p));
                 let key = CounterKey {
                     entity: g.entity,
-                    limit: limit.sym,
+                    limit: limit.id.sym(),
                     partition,
                 };
                 let balance = GrantBalance {
@@ -128,8 +128,8 @@ impl Engine {
             ReserveMode::Hold
         };
         let cref = CustomerRef {
-            sym: plan.customer,
-            id: &plan.customer_id,
+            sym: plan.customer.sym(),
+            id: plan.customer.as_str(),
         };
         let reservation = self.store.reserve(cref, &plan, mode, now)?;
 
@@ -246,13 +246,13 @@ impl Engine {
         let partition = pool.and_then(|p| model.symbols.get(p));
         let key = CounterKey {
             entity,
-            limit: limit.sym,
+            limit: limit.id.sym(),
             partition,
         };
         let spec = CounterSpec::of(&limit.kind, partition.is_some(), self.clock.now());
         self.store.counted(
             CustomerRef {
-                sym: c.sym,
+                sym: c.id.sym(),
                 id: &c.id,
             },
             key,
@@ -266,6 +266,6 @@ impl Engine {
         let model = self.model.load();
         model
             .customer(customer)
-            .map_or(0, |c| self.auto.count(c.sym))
+            .map_or(0, |c| self.auto.count(c.id.sym()))
     }
 }

@@ -550,7 +550,6 @@ impl Validator<'_> {
         }
         let mut model = CustomerModel {
             id: Name::from(&c.id),
-            sym: syms.intern(&c.id),
             root: if roots.len() == 1 {
                 roots.first().map(|r| syms.intern(r))
             } else {
@@ -680,7 +679,6 @@ impl Validator<'_> {
             if let (Some(target), Some(feature), Some(kind)) = (target, feature, kind) {
                 out.push(Limit {
                     id: Name::from(&l.id),
-                    sym: ctx.symbols.intern(&l.id),
                     feature,
                     target,
                     scope,

@@ -7,7 +7,7 @@ use std::collections::hash_map::Entry;
 
 use rustc_hash::FxHashMap;
 
-use super::counter::{self, CounterKey, CounterSpec, CounterState, HoldMark};
+use super::counter::{self, CounterKey, CounterSpec, CounterState, HoldMark, Reading};
 use super::credits::GrantBalance;
 use super::model::Mode;
 use super::plan::{AmountRule, Plan, Usage};
@@ -29,8 +29,15 @@ pub struct Hold {
     pub parts: Vec<HoldPart>,
 }
 
-/// The result of [`Ledger::reserve`]; see `store::Reservation`.
-pub type Reservation = crate::store::Reservation;
+/// The outcome of the atomic "check every counter, then hold every counter" step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    /// One reading per planned counter, in plan order. After the hold when granted.
+    pub readings: Vec<Reading>,
+    /// The first enforcing counter that did not fit, if any.
+    pub blocking: Option<usize>,
+    pub hold: Option<HoldId>,
+}
 
 /// How a hold was closed, for callers that record events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,7 +118,7 @@ impl Ledger {
             readings,
             blocking: None,
             hold: Some(HoldId {
-                customer: plan.customer_id.to_string(),
+                customer: plan.customer.to_string(),
                 seq,
             }),
         }

@@ -69,7 +69,6 @@ pub enum LimitTarget {
 #[derive(Debug, Clone)]
 pub struct Limit {
     pub id: Name,
-    pub sym: Sym,
     pub feature: usize,
     pub target: LimitTarget,
     /// Dimension filters: the limit applies only when every named dimension matches its pattern.
@@ -185,7 +184,6 @@ pub struct EntityNode {
 #[derive(Debug, Clone)]
 pub struct CustomerModel {
     pub id: Name,
-    pub sym: Sym,
     pub entities: FxHashMap<Sym, EntityNode>,
     /// The single root of the tree; a request that names no entity is charged here.
     pub root: Option<Sym>,

@@ -122,8 +122,8 @@ pub struct PlannedCounter {
 /// Everything a store needs to decide one request atomically.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
-    pub customer: Sym,
-    pub customer_id: Name,
+    /// The customer; its symbol keys in-process maps, its text keys anything textual.
+    pub customer: Name,
     pub chain: Vec<ChainLevel>,
     pub counters: Vec<PlannedCounter>,
     pub usage: Usage,
@@ -273,33 +273,29 @@ impl Model {
                 if !limit.in_scope(dimensions) {
                     continue;
                 }
-                let rule = if limit.feature == feature {
-                    AmountRule::Units
-                } else if let Some((_, draw)) = self
-                    .features
-                    .get(feature)
-                    .and_then(|f| f.also_draws.iter().find(|(f2, _)| *f2 == limit.feature))
-                {
-                    match draw {
-                        DrawRule::PerRequest => AmountRule::PerRequest,
-                        DrawRule::Priced => {
-                            AmountRule::Priced(self.price_for(limit, dimensions, now)?)
-                        }
+                // How this check reaches the limit's feature: directly, or through `alsoDraws`.
+                let via = if limit.feature == feature {
+                    None
+                } else {
+                    match self.draw_rule(feature, limit.feature) {
+                        Some(draw) => Some(draw),
+                        None => continue,
                     }
-                } else {
-                    continue;
                 };
-                let rule = if matches!(limit.kind, LimitKind::Concurrency { .. }) {
-                    AmountRule::PerRequest
-                } else {
-                    rule
+                let rule = match (&limit.kind, via) {
+                    // A concurrency limit counts requests whatever the feature's units or price.
+                    (LimitKind::Concurrency { .. }, _) => AmountRule::PerRequest,
+                    (_, None) => AmountRule::Units,
+                    (_, Some(DrawRule::PerRequest)) => AmountRule::PerRequest,
+                    (_, Some(DrawRule::Priced)) => {
+                        AmountRule::Priced(self.price_for(limit, dimensions, now)?)
+                    }
                 };
                 counters.push(self.planned(level, node.entity, limit, rule, &req));
             }
         }
         Ok(Plan {
-            customer: customer.sym,
-            customer_id: customer.id,
+            customer: customer.id,
             chain,
             counters,
             usage,
@@ -326,7 +322,7 @@ impl Model {
             level,
             key: CounterKey {
                 entity,
-                limit: limit.sym,
+                limit: limit.id.sym(),
                 partition,
             },
             spec,
@@ -341,6 +337,14 @@ impl Model {
                 .unwrap_or_default(),
             kind: limit.kind.name(),
         }
+    }
+
+    /// How a check of `feature` also draws on `other`, if it does.
+    fn draw_rule(&self, feature: usize, other: usize) -> Option<DrawRule> {
+        self.features
+            .get(feature)
+            .and_then(|f| f.also_draws.iter().find(|(f2, _)| *f2 == other))
+            .map(|(_, draw)| *draw)
     }
 
     fn price_for(
@@ -359,31 +363,33 @@ impl Model {
             })
     }
 
+    /// An entity's type and parent: declared in the tree, else created on the fly.
+    fn node(
+        &self,
+        customer: &CustomerModel,
+        auto: &AutoEntities,
+        e: Sym,
+    ) -> Option<(usize, Option<Sym>)> {
+        match customer.entities.get(&e) {
+            Some(n) => Some((n.entity_type, n.parent)),
+            None => auto
+                .by_customer
+                .get(&customer.id.sym())
+                .and_then(|m| m.get(&e).map(|a| (a.entity_type, Some(a.parent)))),
+        }
+    }
+
     fn entity_type_of(
         &self,
         customer: &CustomerModel,
         auto: &AutoEntities,
         e: Sym,
     ) -> Option<usize> {
-        customer
-            .entities
-            .get(&e)
-            .map(|n| n.entity_type)
-            .or_else(|| {
-                auto.by_customer
-                    .get(&customer.sym)
-                    .and_then(|m| m.get(&e).map(|a| a.entity_type))
-            })
+        self.node(customer, auto, e).map(|(t, _)| t)
     }
 
     fn parent_of(&self, customer: &CustomerModel, auto: &AutoEntities, e: Sym) -> Option<Sym> {
-        match customer.entities.get(&e) {
-            Some(n) => n.parent,
-            None => auto
-                .by_customer
-                .get(&customer.sym)
-                .and_then(|m| m.get(&e).map(|a| a.parent)),
-        }
+        self.node(customer, auto, e).and_then(|(_, p)| p)
     }
 
     /// Ancestors of `leaf`, leaf first. Bounded by the tree size, so a cycle (which config
@@ -544,7 +550,7 @@ impl Model {
                 value: truncate(value),
                 entity_type: self.type_name(entity_type).to_string(),
             })?;
-        let mut registry = auto.by_customer.entry(customer.sym).or_default();
+        let mut registry = auto.by_customer.entry(customer.id.sym()).or_default();
         if let Some(existing) = self.symbols.get(value).filter(|s| registry.contains_key(s)) {
             return Ok(existing);
         }

@@ -39,6 +39,15 @@ impl MemoryStore {
         Arc::clone(self.customers.entry(customer).or_default().value())
     }
 
+    /// Every customer's ledger, collected first so that no customer lock is ever awaited while
+    /// a map shard is held.
+    fn all_ledgers(&self) -> Vec<Arc<Mutex<Ledger>>> {
+        self.customers
+            .iter()
+            .map(|e| Arc::clone(e.value()))
+            .collect()
+    }
+
     fn existing(&self, customer: Sym) -> Option<Arc<Mutex<Ledger>>> {
         self.customers.get(&customer).map(|l| Arc::clone(l.value()))
     }
@@ -94,12 +103,7 @@ impl CounterStore for MemoryStore {
     }
 
     fn expire_due(&self, now: Timestamp) -> Result<usize, StoreError> {
-        // Collect first: a customer's lock is never awaited while a map shard is held.
-        let ledgers: Vec<Arc<Mutex<Ledger>>> = self
-            .customers
-            .iter()
-            .map(|e| Arc::clone(e.value()))
-            .collect();
+        let ledgers = self.all_ledgers();
         Ok(ledgers
             .iter()
             .map(|l| {
@@ -139,11 +143,7 @@ impl CounterStore for MemoryStore {
             customers: self.customers.len(),
             ..StoreStats::default()
         };
-        let ledgers: Vec<Arc<Mutex<Ledger>>> = self
-            .customers
-            .iter()
-            .map(|e| Arc::clone(e.value()))
-            .collect();
+        let ledgers = self.all_ledgers();
         for l in ledgers {
             let l = l.lock();
             stats.counters += l.counter_count();

@@ -5,7 +5,9 @@ pub mod memory;
 
 pub use memory::MemoryStore;
 
-use crate::core::counter::{CounterKey, Reading};
+pub use crate::core::ledger::Reservation;
+
+use crate::core::counter::CounterKey;
 use crate::core::credits::GrantBalance;
 use crate::core::plan::{Plan, Usage};
 use crate::core::{HoldId, Sym, Timestamp};
@@ -24,16 +26,6 @@ pub enum ReserveMode {
     Hold,
     /// Read every counter and answer as a real check would; change nothing.
     DryRun,
-}
-
-/// The outcome of the atomic "check every counter, then hold every counter" step.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reservation {
-    /// One reading per planned counter, in plan order. After the hold when granted.
-    pub readings: Vec<Reading>,
-    /// The first enforcing counter that did not fit, if any.
-    pub blocking: Option<usize>,
-    pub hold: Option<HoldId>,
 }
 
 /// How an attempt to close a hold went.
