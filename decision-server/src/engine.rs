@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 use crate::clock::Clock;
 use crate::core::counter::{CounterKey, CounterSpec};
 use crate::core::credits::GrantBalance;
-use crate::core::plan::{AutoEntities, PlanError, Usage};
+use crate::core::plan::{AutoEntities, Plan, PlanError, Usage};
 use crate::core::{ChainEntry, Decision, Denial, HoldId, Model};
 use crate::store::{CloseOutcome, CounterStore, CustomerRef, ReserveMode, StoreError};
 
@@ -113,15 +113,7 @@ impl Engine {
     /// usage on all of them in one atomic step.
     pub fn check(&self, req: &CheckRequest<'_>) -> Result<Decision, DecisionError> {
         let now = self.clock.now();
-        let model = self.model.load();
-        let plan = model.plan(
-            &self.auto,
-            req.customer,
-            req.feature,
-            req.usage,
-            req.dimensions,
-            now,
-        )?;
+        let plan = self.plan(req, now)?;
         let mode = if req.dry_run {
             ReserveMode::DryRun
         } else {
@@ -187,6 +179,34 @@ impl Engine {
             chain,
             denial,
         })
+    }
+
+    fn plan(&self, req: &CheckRequest<'_>, now: crate::core::Timestamp) -> Result<Plan, PlanError> {
+        self.model.load().plan(
+            &self.auto,
+            req.customer,
+            req.feature,
+            req.usage,
+            req.dimensions,
+            now,
+        )
+    }
+
+    /// Records usage that was never gated (it already happened) on every counter the same
+    /// request would have been checked against. Returns `false`, changing nothing, if
+    /// `idempotency_key` was already recorded for the customer.
+    pub fn ingest(
+        &self,
+        req: &CheckRequest<'_>,
+        idempotency_key: &str,
+    ) -> Result<bool, DecisionError> {
+        let now = self.clock.now();
+        let plan = self.plan(req, now)?;
+        let cref = CustomerRef {
+            sym: plan.customer.sym(),
+            id: plan.customer.as_str(),
+        };
+        Ok(self.store.record(cref, &plan, idempotency_key, now)?)
     }
 
     fn customer_ref<'a>(

@@ -1,9 +1,16 @@
 //! Tollgate's decision sidecar: the decision core, the counter stores, config and the engine.
 
+pub mod api;
+pub mod auth;
+pub mod catalog;
 pub mod clock;
 pub mod config;
 pub mod core;
 pub mod engine;
+pub mod grpc;
+pub mod metrics;
+pub mod server;
+pub mod service;
 pub mod store;
 
 pub use engine::{CheckRequest, DecisionError, Engine};

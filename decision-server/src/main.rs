@@ -1,8 +1,9 @@
-//! The `tollgate` command line: validate a config file (and, later, serve it).
+//! The `tollgate` command line: serve a config, validate one, or make credentials for one.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -18,32 +19,102 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the sidecar: ext_authz, gRPC and HTTP listeners, as the config says.
+    Serve {
+        /// The YAML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Tokio worker threads; default one per core.
+        #[arg(long)]
+        workers: Option<usize>,
+    },
     /// Validate a config file: print every problem with its file and YAML path, exit non-zero
     /// if there is any.
     Validate {
         /// The YAML config file.
         file: PathBuf,
     },
+    /// Make a new operator token or customer API key, and print the config lines that accept it.
+    Keygen {
+        /// Make an API key for this customer (otherwise an operator token).
+        #[arg(long)]
+        customer: Option<String>,
+        /// The key's public id (default `<customer>-key`).
+        #[arg(long)]
+        id: Option<String>,
+    },
+}
+
+fn validate(file: &std::path::Path) -> ExitCode {
+    match tollgate::config::load_path(file) {
+        Ok(loaded) => {
+            let model = &loaded.model;
+            let limits: usize = model.customers.values().map(|c| c.limits.len()).sum();
+            println!(
+                "{}: ok ({} customers, {} limits, {} features)",
+                file.display(),
+                model.customers.len(),
+                limits,
+                model.features.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("{}: {} problem(s) found", file.display(), errors.0.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn keygen(customer: Option<String>, id: Option<String>) {
+    let secret = tollgate::auth::random_secret();
+    match customer {
+        None => {
+            let token = secret;
+            println!("operator token (keep it secret): {token}");
+            println!("config:");
+            println!("  server:\n    credentials:");
+            println!(
+                "      operatorTokenSha256: {}",
+                hex::encode(tollgate::auth::sha256(&token))
+            );
+        }
+        Some(customer) => {
+            let id = id.unwrap_or_else(|| format!("{customer}-key"));
+            let key = format!("{id}.{secret}");
+            println!("API key for `{customer}` (keep it secret): {key}");
+            println!("config, under server.credentials.apiKeys:");
+            println!(
+                "  - {{ id: {id}, customer: {customer}, sha256: {} }}",
+                hex::encode(tollgate::auth::sha256(&key))
+            );
+        }
+    }
+}
+
+fn serve(config: PathBuf, workers: Option<usize>) -> anyhow::Result<()> {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(n) = workers {
+        runtime.worker_threads(n.max(1));
+    }
+    let runtime = runtime.build().context("cannot start the tokio runtime")?;
+    runtime.block_on(tollgate::server::run(config))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Validate { file } => match tollgate::config::load_file(&file) {
-            Ok(model) => {
-                let limits: usize = model.customers.values().map(|c| c.limits.len()).sum();
-                println!(
-                    "{}: ok ({} customers, {} limits, {} features)",
-                    file.display(),
-                    model.customers.len(),
-                    limits,
-                    model.features.len()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(errors) => {
-                eprintln!("{errors}");
-                eprintln!("{}: {} problem(s) found", file.display(), errors.0.len());
+        Command::Validate { file } => validate(&file),
+        Command::Keygen { customer, id } => {
+            keygen(customer, id);
+            ExitCode::SUCCESS
+        }
+        Command::Serve { config, workers } => match serve(config, workers) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tollgate: {e:#}");
                 ExitCode::FAILURE
             }
         },

@@ -3,9 +3,10 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConfigDoc {
     /// ISO-8601 duration; how long a hold lives unsettled. Default `PT5M`.
@@ -19,9 +20,13 @@ pub struct ConfigDoc {
     pub prices: Vec<PriceTableDto>,
     #[serde(default)]
     pub customers: Vec<CustomerDto>,
+    /// Listeners, storage, credentials, the ext_authz mapping and logging (`tollgate serve`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Object)]
+    pub server: Option<super::server::ServerDto>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EntityTypeDto {
     pub name: String,
@@ -33,7 +38,7 @@ pub struct EntityTypeDto {
     pub dimension: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum OnUnknownDto {
     #[default]
@@ -41,7 +46,7 @@ pub enum OnUnknownDto {
     Create,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AttributionDto {
     pub dimension: String,
@@ -50,21 +55,21 @@ pub struct AttributionDto {
     pub on_unknown: OnUnknownDto,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum PerDto {
     Request,
     Price,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AlsoDrawDto {
     pub feature: String,
     pub per: PerDto,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FeatureDto {
     pub id: String,
@@ -72,7 +77,7 @@ pub struct FeatureDto {
     pub also_draws: Vec<AlsoDrawDto>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ModelPriceDto {
     #[serde(rename = "match")]
@@ -83,7 +88,7 @@ pub struct ModelPriceDto {
     pub cached_per_million: u64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PriceTableDto {
     pub version: String,
@@ -91,7 +96,7 @@ pub struct PriceTableDto {
     pub models: Vec<ModelPriceDto>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EntityDto {
     pub id: String,
@@ -101,7 +106,7 @@ pub struct EntityDto {
     pub parent: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum KindDto {
     Rate,
@@ -110,7 +115,7 @@ pub enum KindDto {
     Credits,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum ModeDto {
     #[default]
@@ -119,7 +124,7 @@ pub enum ModeDto {
     Shadow,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LimitDto {
     pub id: String,
@@ -145,14 +150,14 @@ pub struct LimitDto {
     pub mode: ModeDto,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum CategoryDto {
     Paid,
     Promo,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GrantDto {
     pub id: String,
@@ -168,7 +173,7 @@ pub struct GrantDto {
     pub category: CategoryDto,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CustomerDto {
     pub id: String,

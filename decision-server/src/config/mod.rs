@@ -1,6 +1,7 @@
 //! The YAML config: parsing, validation with file-and-path errors, and conversion to the model.
 
 pub mod dto;
+pub mod server;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -75,6 +76,64 @@ pub fn load_file(path: &Path) -> Result<Model, ConfigErrors> {
 
 /// Parses and validates config `text`; `file` names it in errors.
 pub fn parse(text: &str, file: &str) -> Result<Model, ConfigErrors> {
+    Ok(load(text, file)?.model)
+}
+
+/// A whole config file, validated: the document (the base admin changes apply to), the
+/// decision model built from it, and the server settings.
+#[derive(Debug)]
+pub struct Loaded {
+    pub doc: ConfigDoc,
+    pub model: Model,
+    pub server: server::ServerSettings,
+}
+
+/// Reads and validates the whole config file at `path`, server section included.
+pub fn load_path(path: &Path) -> Result<Loaded, ConfigErrors> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: file.clone(),
+            path: String::new(),
+            message: format!("cannot read the file: {e}"),
+        }])
+    })?;
+    load(&text, &file)
+}
+
+/// Parses and validates the whole config `text`, server section included, reporting every
+/// problem of both parts at once.
+pub fn load(text: &str, file: &str) -> Result<Loaded, ConfigErrors> {
+    let mut doc = parse_doc(text, file)?;
+    let server_dto = doc.server.take().unwrap_or_default();
+    let model = build_model(&doc, file);
+    let server = server::ServerSettings::from_dto(&server_dto, file);
+    match (model, server) {
+        (Ok(model), Ok(server)) => Ok(Loaded { doc, model, server }),
+        (model, server) => {
+            let mut errors = model.err().map(|e| e.0).unwrap_or_default();
+            errors.extend(server.err().map(|e| e.0).unwrap_or_default());
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+/// Validates a model document and builds the decision model from it.
+pub fn build_model(doc: &ConfigDoc, file: &str) -> Result<Model, ConfigErrors> {
+    let mut v = Validator {
+        file,
+        errors: Vec::new(),
+    };
+    let model = v.build(doc);
+    if v.errors.is_empty() {
+        Ok(model)
+    } else {
+        Err(ConfigErrors(v.errors))
+    }
+}
+
+/// Parses config `text` into its document, without validating what it means.
+pub fn parse_doc(text: &str, file: &str) -> Result<ConfigDoc, ConfigErrors> {
     let de = serde_yaml_ng::Deserializer::from_str(text);
     let doc: ConfigDoc = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -99,16 +158,7 @@ pub fn parse(text: &str, file: &str) -> Result<Model, ConfigErrors> {
             message,
         }])
     })?;
-    let mut v = Validator {
-        file,
-        errors: Vec::new(),
-    };
-    let model = v.build(doc);
-    if v.errors.is_empty() {
-        Ok(model)
-    } else {
-        Err(ConfigErrors(v.errors))
-    }
+    Ok(doc)
 }
 
 struct Validator<'f> {
@@ -168,7 +218,7 @@ impl Validator<'_> {
         }
     }
 
-    fn build(&mut self, doc: ConfigDoc) -> Model {
+    fn build(&mut self, doc: &ConfigDoc) -> Model {
         let symbols = Symbols::new();
         let hold_ttl = doc.hold_ttl.as_deref().unwrap_or(DEFAULT_HOLD_TTL);
         let hold_ttl_millis = match parse_fixed_millis(hold_ttl) {

@@ -102,7 +102,8 @@ impl Decision {
             .filter(|e| e.exceeded && e.mode != Mode::Enforce)
     }
 
-    /// The entry with the least remaining: the figure to put in `RateLimit-*` headers.
+    /// The enforcing entry with the smallest share left (the blocking one on denial): the
+    /// figure to put in `RateLimit-*` headers.
     pub fn tightest(&self) -> Option<&ChainEntry> {
         if let Some(d) = &self.denial {
             return self
@@ -110,10 +111,16 @@ impl Decision {
                 .iter()
                 .find(|e| e.level == d.level && e.limit_id == d.limit_id);
         }
+        // Tightest by share left, not by units: the limits of one chain count different
+        // things (tokens, requests, slots, credits).
         self.chain
             .iter()
             .filter(|e| e.mode == Mode::Enforce)
-            .min_by_key(|e| e.remaining)
+            .min_by(|a, b| {
+                let left_a = u128::from(a.remaining) * u128::from(b.usage_limit.max(1));
+                let left_b = u128::from(b.remaining) * u128::from(a.usage_limit.max(1));
+                left_a.cmp(&left_b)
+            })
     }
 }
 

@@ -2,8 +2,8 @@
 //! and settlement, as plain data. In-process stores wrap one ledger per customer in a lock.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::collections::hash_map::Entry;
+use std::collections::{BinaryHeap, VecDeque};
 
 use rustc_hash::FxHashMap;
 
@@ -46,6 +46,24 @@ pub enum Closing<'a> {
     Release,
 }
 
+/// How long ingested usage's idempotency keys are remembered, per customer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyRetention {
+    pub millis: i64,
+    pub max_keys: usize,
+}
+
+impl Default for KeyRetention {
+    /// A day, and at most 100,000 keys per customer: a flood of fresh keys cannot grow memory
+    /// past that; a retry older than both is counted again.
+    fn default() -> Self {
+        Self {
+            millis: 24 * 3_600_000,
+            max_keys: 100_000,
+        }
+    }
+}
+
 /// One customer's state.
 #[derive(Debug, Default, Clone)]
 pub struct Ledger {
@@ -53,6 +71,9 @@ pub struct Ledger {
     holds: FxHashMap<u64, Hold>,
     /// Expiry times of holds; entries of holds closed earlier are skipped when they surface.
     expiry: BinaryHeap<Reverse<(Timestamp, u64)>>,
+    /// Idempotency keys of ingested usage still remembered, and their order for eviction.
+    seen_keys: rustc_hash::FxHashSet<Box<str>>,
+    seen_order: VecDeque<(Timestamp, Box<str>)>,
     /// The next hold number. Hold numbers only grow, so any number below this one that is not
     /// open was closed: that is what makes settlement idempotent without remembering it.
     next_seq: u64,
@@ -145,6 +166,45 @@ impl Ledger {
             }
         }
         Some(true)
+    }
+
+    /// Records usage that was never gated, on every counter of `plan`, whether or not it fits:
+    /// it already happened. Skipped if `key` was seen within the last `retention_millis` or the
+    /// last `max_keys` keys; returns whether it was recorded.
+    pub fn record(
+        &mut self,
+        plan: &Plan,
+        key: &str,
+        retention: KeyRetention,
+        now: Timestamp,
+    ) -> bool {
+        while let Some((at, _)) = self.seen_order.front() {
+            let stale = now.millis().saturating_sub(at.millis()) > retention.millis;
+            if !stale && self.seen_order.len() < retention.max_keys.max(1) {
+                break;
+            }
+            if let Some((_, k)) = self.seen_order.pop_front() {
+                self.seen_keys.remove(&k);
+            }
+        }
+        if self.seen_keys.contains(key) {
+            return false;
+        }
+        self.seen_keys.insert(key.into());
+        self.seen_order.push_back((now, key.into()));
+        for c in &plan.counters {
+            let state = match self.counters.entry(c.key) {
+                Entry::Occupied(o) => Some(o.into_mut()),
+                Entry::Vacant(v) => CounterState::fresh(&c.spec, now).map(|s| v.insert(s)),
+            };
+            if let Some(state) = state {
+                // Held and committed at once, as an expired hold is: a concurrency slot is taken
+                // and given back, every other counter keeps the amount.
+                let mark = counter::hold(&c.spec, state, c.amount, now);
+                counter::expire(state, &mark);
+            }
+        }
+        true
     }
 
     /// Commits every hold whose TTL has passed at its held amount. Returns how many.

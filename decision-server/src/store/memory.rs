@@ -11,7 +11,7 @@ use super::{
 };
 use crate::core::counter::{CounterKey, CounterSpec};
 use crate::core::credits::GrantBalance;
-use crate::core::ledger::{Closing, Ledger};
+use crate::core::ledger::{Closing, KeyRetention, Ledger};
 use crate::core::plan::{Plan, Usage};
 use crate::core::{HoldId, Sym, Timestamp};
 
@@ -25,11 +25,20 @@ use crate::core::{HoldId, Sym, Timestamp};
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     customers: DashMap<Sym, Arc<Mutex<Ledger>>, FxBuildHasher>,
+    retention: KeyRetention,
 }
 
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A store that remembers ingest idempotency keys as `retention` says.
+    pub fn with_key_retention(retention: KeyRetention) -> Self {
+        Self {
+            retention,
+            ..Self::default()
+        }
     }
 
     fn ledger(&self, customer: Sym) -> Arc<Mutex<Ledger>> {
@@ -136,6 +145,18 @@ impl CounterStore for MemoryStore {
         Ok(self
             .existing(customer.sym)
             .and_then(|l| l.lock().counted(key, spec, now)))
+    }
+
+    fn record(
+        &self,
+        customer: CustomerRef<'_>,
+        plan: &Plan,
+        idempotency_key: &str,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let ledger = self.ledger(customer.sym);
+        let mut ledger = ledger.lock();
+        Ok(ledger.record(plan, idempotency_key, self.retention, now))
     }
 
     fn stats(&self) -> StoreStats {

@@ -109,5 +109,15 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
         now: Timestamp,
     ) -> Result<Option<u64>, StoreError>;
 
+    /// Records usage that was never gated on every counter of `plan`, unless `idempotency_key`
+    /// was already recorded for this customer (see `KeyRetention`). Returns whether it was.
+    fn record(
+        &self,
+        customer: CustomerRef<'_>,
+        plan: &Plan,
+        idempotency_key: &str,
+        now: Timestamp,
+    ) -> Result<bool, StoreError>;
+
     fn stats(&self) -> StoreStats;
 }

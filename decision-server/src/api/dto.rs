@@ -1,0 +1,265 @@
+//! The HTTP/JSON API's request and response bodies (camelCase), with `From` conversions from
+//! the domain types. The admin resources reuse the config document's DTOs.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::core::plan::{TokenCounts, Usage};
+use crate::core::{ChainEntry, Decision, Timestamp};
+use crate::service::IngestStatus;
+
+fn time(t: Option<Timestamp>) -> Option<DateTime<Utc>> {
+    t.and_then(|t| DateTime::from_timestamp_millis(t.millis()))
+}
+
+/// Token counts of one model call; they price credits precisely.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TokensDto {
+    #[serde(default)]
+    pub input: u64,
+    #[serde(default)]
+    pub output: u64,
+    #[serde(default)]
+    pub cached: u64,
+}
+
+pub fn usage(units: u64, tokens: Option<TokensDto>) -> Usage {
+    Usage {
+        units,
+        tokens: tokens.map(|t| TokenCounts {
+            input: t.input,
+            output: t.output,
+            cached: t.cached,
+        }),
+    }
+}
+
+/// `POST /v1/customers/{customerId}/entitlements/check`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CheckBody {
+    pub feature_id: String,
+    /// Units of the feature asked for (tokens, requests, credits...).
+    pub requested_usage: u64,
+    /// Request attributes such as `userId`, `teamId`, `model`.
+    #[serde(default)]
+    pub dimensions: HashMap<String, String>,
+    /// Answer as a real check would and hold nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    #[serde(default)]
+    pub tokens: Option<TokensDto>,
+}
+
+/// One limit on one level of the chain, as it stood for this decision.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChainEntryDto {
+    /// 0 is the leaf; the last level is the root.
+    pub level: usize,
+    pub entity_id: String,
+    pub entity_type: String,
+    pub limit_id: String,
+    pub feature_id: String,
+    /// `rate`, `quota`, `concurrency` or `credits`.
+    pub kind: String,
+    /// `enforce`, `soft` or `shadow`.
+    pub mode: String,
+    pub requested: u64,
+    pub usage_limit: u64,
+    pub current_usage: u64,
+    pub remaining: u64,
+    pub reset_at: Option<DateTime<Utc>>,
+    pub exceeded: bool,
+}
+
+impl From<&ChainEntry> for ChainEntryDto {
+    fn from(e: &ChainEntry) -> Self {
+        Self {
+            level: e.level,
+            entity_id: e.entity_id.to_string(),
+            entity_type: e.entity_type.to_string(),
+            limit_id: e.limit_id.to_string(),
+            feature_id: e.feature_id.to_string(),
+            kind: e.kind.to_string(),
+            mode: e.mode.as_str().to_string(),
+            requested: e.requested,
+            usage_limit: e.usage_limit,
+            current_usage: e.current_usage,
+            remaining: e.remaining,
+            reset_at: time(e.reset_at),
+            exceeded: e.exceeded,
+        }
+    }
+}
+
+/// The answer to a check. The top-level figures are those of the tightest enforcing limit
+/// (the blocking one on a denial).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckResult {
+    pub is_granted: bool,
+    /// Settle or release it when the call is done. Absent when nothing was held.
+    pub hold_id: Option<String>,
+    pub access_denied_reason: Option<String>,
+    pub usage_limit: Option<u64>,
+    pub current_usage: Option<u64>,
+    pub remaining: Option<u64>,
+    pub reset_at: Option<DateTime<Utc>>,
+    /// When the same request could pass, if known.
+    pub retry_at: Option<DateTime<Utc>>,
+    /// The blocking level, entity and limit of a denial.
+    pub denied_by: Option<DeniedBy>,
+    /// No limit applied: the request is allowed.
+    pub no_matching_limit: bool,
+    pub dry_run: bool,
+    /// Soft or shadow limits exceeded without denying.
+    pub would_deny: Vec<String>,
+    pub chain: Vec<ChainEntryDto>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeniedBy {
+    pub level: usize,
+    pub entity_id: String,
+    pub limit_id: String,
+    pub kind: String,
+}
+
+impl From<&Decision> for CheckResult {
+    fn from(d: &Decision) -> Self {
+        let tight = d.tightest();
+        Self {
+            is_granted: d.granted,
+            hold_id: d.hold_id.as_ref().map(ToString::to_string),
+            access_denied_reason: d.denial.as_ref().map(|x| x.reason.clone()),
+            usage_limit: tight.map(|e| e.usage_limit),
+            current_usage: tight.map(|e| e.current_usage),
+            remaining: tight.map(|e| e.remaining),
+            reset_at: time(tight.and_then(|e| e.reset_at)),
+            retry_at: time(d.denial.as_ref().and_then(|x| x.retry_at)),
+            denied_by: d.denial.as_ref().map(|x| DeniedBy {
+                level: x.level,
+                entity_id: x.entity_id.to_string(),
+                limit_id: x.limit_id.to_string(),
+                kind: x.kind.to_string(),
+            }),
+            no_matching_limit: d.no_matching_limit,
+            dry_run: d.dry_run,
+            would_deny: d.would_deny().map(|e| e.limit_id.to_string()).collect(),
+            chain: d.chain.iter().map(Into::into).collect(),
+        }
+    }
+}
+
+/// `POST /v1/holds/{holdId}/settle`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SettleBody {
+    pub actual_usage: u64,
+    #[serde(default)]
+    pub tokens: Option<TokensDto>,
+}
+
+/// How a settle or release went.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CloseResult {
+    pub hold_id: String,
+    /// False when the hold had already been settled, released or expired: nothing changed.
+    pub closed: bool,
+}
+
+/// One usage event that was never gated.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UsageEventDto {
+    /// Retries with the same key are recorded once.
+    pub idempotency_key: String,
+    pub customer_id: String,
+    pub feature_id: String,
+    pub usage: u64,
+    #[serde(default)]
+    pub dimensions: HashMap<String, String>,
+    #[serde(default)]
+    pub tokens: Option<TokensDto>,
+}
+
+/// `POST /v1/usage`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UsageBatch {
+    pub events: Vec<UsageEventDto>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum UsageStatus {
+    Recorded,
+    Duplicate,
+    Rejected,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageEventResult {
+    pub idempotency_key: String,
+    pub status: UsageStatus,
+    pub error: Option<String>,
+}
+
+impl UsageEventResult {
+    pub fn new(idempotency_key: String, status: IngestStatus) -> Self {
+        let (status, error) = match status {
+            IngestStatus::Recorded => (UsageStatus::Recorded, None),
+            IngestStatus::Duplicate => (UsageStatus::Duplicate, None),
+            IngestStatus::Rejected(m) => (UsageStatus::Rejected, Some(m)),
+        };
+        Self {
+            idempotency_key,
+            status,
+            error,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageBatchResult {
+    pub results: Vec<UsageEventResult>,
+}
+
+/// An error answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorDetail {
+    /// A stable code such as `bad_request`, `unauthorized`, `forbidden`, `not_found`.
+    pub code: String,
+    pub message: String,
+    /// Every problem, for a refused admin change.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CustomerList {
+    pub customers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Health {
+    pub status: String,
+}

@@ -1,0 +1,271 @@
+//! The decision model as a document: the config file's model sections plus the admin changes
+//! made through the API, rebuilt and validated into the engine's model on every change.
+//!
+//! Admin changes are kept as an ordered list of operations over the file's document, so a
+//! reload of the file replays them on the new base instead of losing them.
+
+use parking_lot::Mutex;
+
+use crate::config::dto::{ConfigDoc, CustomerDto, EntityDto, GrantDto, LimitDto, PriceTableDto};
+use crate::config::{ConfigErrors, build_model};
+use crate::engine::Engine;
+use crate::store::StoreError;
+
+/// One admin change.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdminOp {
+    /// Create (`create`) or create-or-replace a customer, whole.
+    PutCustomer {
+        customer: CustomerDto,
+        create: bool,
+    },
+    DeleteCustomer {
+        id: String,
+    },
+    PutEntity {
+        customer: String,
+        entity: EntityDto,
+        create: bool,
+    },
+    DeleteEntity {
+        customer: String,
+        id: String,
+    },
+    PutLimit {
+        customer: String,
+        limit: LimitDto,
+        create: bool,
+    },
+    DeleteLimit {
+        customer: String,
+        id: String,
+    },
+    /// Grants are added, never replaced: the credits they carried may be spent.
+    AddGrant {
+        customer: String,
+        grant: GrantDto,
+    },
+    PutPrices {
+        table: PriceTableDto,
+        create: bool,
+    },
+    DeletePrices {
+        version: String,
+    },
+}
+
+/// Why an admin change was refused. A refused change changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    Conflict(String),
+    #[error("the change would make the model invalid:\n{0}")]
+    Invalid(ConfigErrors),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Replaces the item whose id is `id`, or appends it; `create` refuses an existing one.
+fn put<T>(
+    list: &mut Vec<T>,
+    item: T,
+    id_of: impl Fn(&T) -> &str,
+    create: bool,
+    what: String,
+) -> Result<(), AdminError> {
+    let id = id_of(&item).to_string();
+    match list.iter_mut().find(|x| id_of(x) == id) {
+        Some(_) if create => Err(AdminError::Conflict(what)),
+        Some(slot) => {
+            *slot = item;
+            Ok(())
+        }
+        None => {
+            list.push(item);
+            Ok(())
+        }
+    }
+}
+
+fn delete<T>(
+    list: &mut Vec<T>,
+    id: &str,
+    id_of: impl Fn(&T) -> &str,
+    what: String,
+) -> Result<(), AdminError> {
+    let before = list.len();
+    list.retain(|x| id_of(x) != id);
+    if list.len() == before {
+        Err(AdminError::NotFound(what))
+    } else {
+        Ok(())
+    }
+}
+
+fn customer_mut<'d>(doc: &'d mut ConfigDoc, id: &str) -> Result<&'d mut CustomerDto, AdminError> {
+    doc.customers
+        .iter_mut()
+        .find(|c| c.id == id)
+        .ok_or_else(|| AdminError::NotFound(format!("customer `{id}`")))
+}
+
+impl AdminOp {
+    /// Applies the change to `doc`'s structure; validation of the result is the caller's.
+    pub fn apply(&self, doc: &mut ConfigDoc) -> Result<(), AdminError> {
+        match self {
+            AdminOp::PutCustomer { customer, create } => put(
+                &mut doc.customers,
+                customer.clone(),
+                |c| &c.id,
+                *create,
+                format!("customer `{}`", customer.id),
+            ),
+            AdminOp::DeleteCustomer { id } => delete(
+                &mut doc.customers,
+                id,
+                |c| &c.id,
+                format!("customer `{id}`"),
+            ),
+            AdminOp::PutEntity {
+                customer,
+                entity,
+                create,
+            } => put(
+                &mut customer_mut(doc, customer)?.entities,
+                entity.clone(),
+                |e| &e.id,
+                *create,
+                format!("entity `{}` of customer `{customer}`", entity.id),
+            ),
+            AdminOp::DeleteEntity { customer, id } => delete(
+                &mut customer_mut(doc, customer)?.entities,
+                id,
+                |e| &e.id,
+                format!("entity `{id}` of customer `{customer}`"),
+            ),
+            AdminOp::PutLimit {
+                customer,
+                limit,
+                create,
+            } => put(
+                &mut customer_mut(doc, customer)?.limits,
+                limit.clone(),
+                |l| &l.id,
+                *create,
+                format!("limit `{}` of customer `{customer}`", limit.id),
+            ),
+            AdminOp::DeleteLimit { customer, id } => delete(
+                &mut customer_mut(doc, customer)?.limits,
+                id,
+                |l| &l.id,
+                format!("limit `{id}` of customer `{customer}`"),
+            ),
+            AdminOp::AddGrant { customer, grant } => put(
+                &mut customer_mut(doc, customer)?.grants,
+                grant.clone(),
+                |g| &g.id,
+                true,
+                format!("grant `{}` of customer `{customer}`", grant.id),
+            ),
+            AdminOp::PutPrices { table, create } => put(
+                &mut doc.prices,
+                table.clone(),
+                |t| &t.version,
+                *create,
+                format!("price table `{}`", table.version),
+            ),
+            AdminOp::DeletePrices { version } => delete(
+                &mut doc.prices,
+                version,
+                |t| &t.version,
+                format!("price table `{version}`"),
+            ),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    /// The model sections of the config file.
+    base: ConfigDoc,
+    /// Admin changes since start, in order.
+    ops: Vec<AdminOp>,
+    /// `base` with `ops` applied: what the engine's model was built from.
+    current: ConfigDoc,
+}
+
+/// The model document and its admin changes. Changes are serialised by one lock; decisions
+/// never take it (they read the engine's model).
+#[derive(Debug)]
+pub struct Catalog {
+    state: Mutex<State>,
+}
+
+/// Names admin changes in validation errors, where a file name would be.
+const ADMIN_SOURCE: &str = "admin change";
+
+impl Catalog {
+    pub fn new(base: ConfigDoc) -> Self {
+        Self {
+            state: Mutex::new(State {
+                current: base.clone(),
+                base,
+                ops: Vec::new(),
+            }),
+        }
+    }
+
+    /// Reads the current document.
+    pub fn read<R>(&self, f: impl FnOnce(&ConfigDoc) -> R) -> R {
+        f(&self.state.lock().current)
+    }
+
+    /// Applies `op`, validates the whole result and puts the new model in force for the next
+    /// decision; or changes nothing and says why.
+    pub fn apply(&self, engine: &Engine, op: AdminOp) -> Result<(), AdminError> {
+        let mut state = self.state.lock();
+        let mut next = state.current.clone();
+        op.apply(&mut next)?;
+        let model = build_model(&next, ADMIN_SOURCE).map_err(AdminError::Invalid)?;
+        engine.replace_model(model)?;
+        state.current = next;
+        state.ops.push(op);
+        Ok(())
+    }
+
+    /// Puts a new base document (a reloaded file) in force with the admin changes replayed on
+    /// it. A change that no longer applies (its customer is gone) is dropped and returned as
+    /// a message. If the result is invalid, nothing changes.
+    pub fn rebase(&self, engine: &Engine, base: ConfigDoc) -> Result<Vec<String>, AdminError> {
+        let mut state = self.state.lock();
+        let mut next = base.clone();
+        let mut kept = Vec::with_capacity(state.ops.len());
+        let mut dropped = Vec::new();
+        for op in &state.ops {
+            match op.apply(&mut next) {
+                Ok(()) => kept.push(op.clone()),
+                Err(e) => dropped.push(format!("admin change dropped on reload: {e}")),
+            }
+        }
+        let model = build_model(&next, ADMIN_SOURCE).map_err(AdminError::Invalid)?;
+        engine.replace_model(model)?;
+        *state = State {
+            base,
+            ops: kept,
+            current: next,
+        };
+        Ok(dropped)
+    }
+
+    /// How many admin changes are in force on top of the file.
+    pub fn admin_changes(&self) -> usize {
+        self.state.lock().ops.len()
+    }
+
+    /// The file's own document, without admin changes.
+    pub fn base(&self) -> ConfigDoc {
+        self.state.lock().base.clone()
+    }
+}

@@ -1,0 +1,479 @@
+//! The `server:` section of the config: listeners, storage, credentials, the ext_authz input
+//! mapping and logging, as DTOs and as validated settings.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::{ConfigError, ConfigErrors};
+use crate::core::period::parse_fixed_millis;
+
+/// Where the ext_authz service listens unless configured: loopback, for the local Envoy.
+pub const DEFAULT_EXT_AUTHZ_LISTEN: &str = "127.0.0.1:9191";
+/// Where Tollgate's own gRPC API listens unless configured.
+pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:9192";
+/// Where the HTTP/JSON API, `/metrics` and `/openapi.json` listen unless configured.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9190";
+/// Largest HTTP request body accepted unless configured.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// How long shutdown waits for in-flight calls unless configured.
+pub const DEFAULT_SHUTDOWN_GRACE: &str = "PT10S";
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServerDto {
+    #[serde(default)]
+    pub listeners: ListenersDto,
+    #[serde(default)]
+    pub storage: StorageDto,
+    #[serde(default)]
+    pub credentials: CredentialsDto,
+    #[serde(default)]
+    pub ext_authz: ExtAuthzDto,
+    #[serde(default)]
+    pub logging: LoggingDto,
+    #[serde(default)]
+    pub max_body_bytes: Option<usize>,
+    /// ISO-8601 duration shutdown waits for in-flight calls before it gives up.
+    #[serde(default)]
+    pub shutdown_grace: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ListenersDto {
+    /// `host:port` or `unix:/path`. Default loopback.
+    #[serde(default)]
+    pub ext_authz: Option<String>,
+    #[serde(default)]
+    pub grpc: Option<String>,
+    #[serde(default)]
+    pub http: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum StorageKindDto {
+    #[default]
+    Memory,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StorageDto {
+    #[serde(default)]
+    pub kind: StorageKindDto,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CredentialsDto {
+    /// Hex SHA-256 of the operator token (`tollgate keygen --operator` prints both).
+    #[serde(default)]
+    pub operator_token_sha256: Option<String>,
+    #[serde(default)]
+    pub api_keys: Vec<ApiKeyDto>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApiKeyDto {
+    /// The key's public id: the part of the key before the `.`.
+    pub id: String,
+    pub customer: String,
+    /// Hex SHA-256 of the whole key.
+    pub sha256: String,
+}
+
+/// Where one request attribute comes from when the ext_authz request does not carry it in
+/// `context_extensions`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SourceDto {
+    #[serde(default)]
+    pub header: Option<String>,
+    #[serde(default)]
+    pub constant: Option<String>,
+    /// Used when the header is absent.
+    #[serde(default)]
+    pub default: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum BadInputDto {
+    #[default]
+    Deny,
+    Allow,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExtAuthzDto {
+    #[serde(default)]
+    pub customer: Option<SourceDto>,
+    #[serde(default)]
+    pub feature: Option<SourceDto>,
+    #[serde(default)]
+    pub usage: Option<SourceDto>,
+    /// Dimension name → source.
+    #[serde(default)]
+    pub dimensions: BTreeMap<String, SourceDto>,
+    /// HTTP status of a denial. Default 429.
+    #[serde(default)]
+    pub deny_status: Option<u16>,
+    /// What to do with a request whose input is missing or wrong. Default `deny`.
+    #[serde(default)]
+    pub on_bad_input: BadInputDto,
+    /// HTTP status of a bad-input denial. Default 400.
+    #[serde(default)]
+    pub bad_input_status: Option<u16>,
+    /// Add `x-tollgate-hold-id` and `x-tollgate-remaining` to the request sent upstream.
+    /// Default true.
+    #[serde(default)]
+    pub upstream_headers: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LogFormatDto {
+    #[default]
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoggingDto {
+    #[serde(default)]
+    pub format: LogFormatDto,
+    /// A `tracing` filter such as `info` or `tollgate=debug,info`. Default `info`;
+    /// `RUST_LOG` overrides it.
+    #[serde(default)]
+    pub level: Option<String>,
+}
+
+/// A listening address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl ListenAddr {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("`unix:` needs a socket path".into());
+            }
+            return Ok(Self::Unix(PathBuf::from(path)));
+        }
+        s.parse::<SocketAddr>().map(Self::Tcp).map_err(|_| {
+            format!("`{s}` is not an address; expected `host:port` (an IP) or `unix:/path`")
+        })
+    }
+
+    /// Whether only this machine can reach it.
+    pub fn is_local(&self) -> bool {
+        match self {
+            Self::Tcp(a) => a.ip().is_loopback(),
+            Self::Unix(_) => true,
+        }
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "{a}"),
+            Self::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Where the ext_authz service reads one attribute after `context_extensions`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Source {
+    /// Lower-case header name (Envoy sends header names lower-cased).
+    pub header: Option<String>,
+    pub constant: Option<String>,
+    pub default: Option<String>,
+}
+
+impl Source {
+    fn header(name: &str) -> Self {
+        Self {
+            header: Some(name.to_string()),
+            ..Self::default()
+        }
+    }
+}
+
+/// The ext_authz input mapping and answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtAuthzSettings {
+    pub customer: Source,
+    pub feature: Source,
+    pub usage: Source,
+    pub dimensions: Vec<(String, Source)>,
+    pub deny_status: u16,
+    pub allow_bad_input: bool,
+    pub bad_input_status: u16,
+    pub upstream_headers: bool,
+}
+
+impl Default for ExtAuthzSettings {
+    fn default() -> Self {
+        Self {
+            customer: Source::header("x-tollgate-customer"),
+            feature: Source::header("x-tollgate-feature"),
+            usage: Source::header("x-tollgate-usage"),
+            dimensions: Vec::new(),
+            deny_status: 429,
+            allow_bad_input: false,
+            bad_input_status: 400,
+            upstream_headers: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// One configured API key: its customer and the SHA-256 of the whole key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeySpec {
+    pub id: String,
+    pub customer: String,
+    pub sha256: [u8; 32],
+}
+
+/// The validated `server:` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    pub ext_authz_listen: ListenAddr,
+    pub grpc_listen: ListenAddr,
+    pub http_listen: ListenAddr,
+    pub operator_sha256: Option<[u8; 32]>,
+    pub api_keys: Vec<ApiKeySpec>,
+    pub ext_authz: ExtAuthzSettings,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub max_body_bytes: usize,
+    pub shutdown_grace_millis: i64,
+}
+
+struct Errors<'f> {
+    file: &'f str,
+    list: Vec<ConfigError>,
+}
+
+impl Errors<'_> {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.list.push(ConfigError {
+            file: self.file.to_string(),
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+fn digest(hex_text: &str) -> Result<[u8; 32], String> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_text, &mut out)
+        .map_err(|e| format!("not a hex SHA-256 digest (64 hex digits): {e}"))?;
+    Ok(out)
+}
+
+fn source(dto: &SourceDto, path: &str, errors: &mut Errors<'_>) -> Source {
+    match (&dto.header, &dto.constant) {
+        (Some(_), Some(_)) => errors.push(path, "give either `header` or `constant`, not both"),
+        (None, None) => errors.push(path, "give a `header` or a `constant`"),
+        _ => {}
+    }
+    if let Some(h) = &dto.header
+        && (h.is_empty()
+            || !h
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+    {
+        errors.push(
+            format!("{path}.header"),
+            format!("`{h}` is not a header name"),
+        );
+    }
+    Source {
+        header: dto.header.as_ref().map(|h| h.to_ascii_lowercase()),
+        constant: dto.constant.clone(),
+        default: dto.default.clone(),
+    }
+}
+
+fn status(code: Option<u16>, default: u16, path: &str, errors: &mut Errors<'_>) -> u16 {
+    let code = code.unwrap_or(default);
+    if !(400..=599).contains(&code) {
+        errors.push(
+            path,
+            format!("{code} is not an error status; use 400 to 599"),
+        );
+    }
+    code
+}
+
+impl ServerSettings {
+    /// Validates the section; every error names `file` and its path under `server`.
+    pub fn from_dto(dto: &ServerDto, file: &str) -> Result<Self, ConfigErrors> {
+        let mut errors = Errors {
+            file,
+            list: Vec::new(),
+        };
+        let mut listen = |value: &Option<String>, default: &str, name: &str| {
+            ListenAddr::parse(value.as_deref().unwrap_or(default)).unwrap_or_else(|m| {
+                errors.push(format!("server.listeners.{name}"), m);
+                ListenAddr::Unix(PathBuf::new())
+            })
+        };
+        let ext_authz_listen = listen(
+            &dto.listeners.ext_authz,
+            DEFAULT_EXT_AUTHZ_LISTEN,
+            "extAuthz",
+        );
+        let grpc_listen = listen(&dto.listeners.grpc, DEFAULT_GRPC_LISTEN, "grpc");
+        let http_listen = listen(&dto.listeners.http, DEFAULT_HTTP_LISTEN, "http");
+
+        let operator_sha256 = dto
+            .credentials
+            .operator_token_sha256
+            .as_deref()
+            .and_then(|h| {
+                digest(h)
+                    .map_err(|m| errors.push("server.credentials.operatorTokenSha256", m))
+                    .ok()
+            });
+        let mut api_keys = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, k) in dto.credentials.api_keys.iter().enumerate() {
+            let path = format!("server.credentials.apiKeys[{i}]");
+            if k.id.is_empty()
+                || !k
+                    .id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                errors.push(
+                    format!("{path}.id"),
+                    format!(
+                        "`{}` is not a key id; use letters, digits, `-` and `_`",
+                        k.id
+                    ),
+                );
+            }
+            if !seen.insert(k.id.clone()) {
+                errors.push(format!("{path}.id"), format!("duplicate key id `{}`", k.id));
+            }
+            match digest(&k.sha256) {
+                Ok(sha256) => api_keys.push(ApiKeySpec {
+                    id: k.id.clone(),
+                    customer: k.customer.clone(),
+                    sha256,
+                }),
+                Err(m) => errors.push(format!("{path}.sha256"), m),
+            }
+        }
+
+        let e = &dto.ext_authz;
+        let defaults = ExtAuthzSettings::default();
+        let pick =
+            |d: &Option<SourceDto>, fallback: Source, name: &str, errors: &mut Errors<'_>| {
+                d.as_ref().map_or(fallback, |d| {
+                    source(d, &format!("server.extAuthz.{name}"), errors)
+                })
+            };
+        let customer = pick(&e.customer, defaults.customer, "customer", &mut errors);
+        let feature = pick(&e.feature, defaults.feature, "feature", &mut errors);
+        let usage = pick(&e.usage, defaults.usage, "usage", &mut errors);
+        if let Some(c) = &usage.constant
+            && c.parse::<u64>().is_err()
+        {
+            errors.push(
+                "server.extAuthz.usage.constant",
+                format!("`{c}` is not a whole number of units"),
+            );
+        }
+        let dimensions = e
+            .dimensions
+            .iter()
+            .map(|(name, d)| {
+                let s = source(
+                    d,
+                    &format!("server.extAuthz.dimensions.{name}"),
+                    &mut errors,
+                );
+                (name.clone(), s)
+            })
+            .collect();
+        let deny_status = status(
+            e.deny_status,
+            429,
+            "server.extAuthz.denyStatus",
+            &mut errors,
+        );
+        let bad_input_status = status(
+            e.bad_input_status,
+            400,
+            "server.extAuthz.badInputStatus",
+            &mut errors,
+        );
+
+        let grace = dto
+            .shutdown_grace
+            .as_deref()
+            .unwrap_or(DEFAULT_SHUTDOWN_GRACE);
+        let shutdown_grace_millis = parse_fixed_millis(grace).unwrap_or_else(|m| {
+            errors.push("server.shutdownGrace", m.to_string());
+            0
+        });
+        let max_body_bytes = dto.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        if max_body_bytes == 0 {
+            errors.push("server.maxBodyBytes", "must be at least 1");
+        }
+        let log_level = dto.logging.level.clone().unwrap_or_else(|| "info".into());
+        if let Err(m) = log_level.parse::<tracing_subscriber::EnvFilter>() {
+            errors.push("server.logging.level", format!("`{log_level}`: {m}"));
+        }
+
+        if !errors.list.is_empty() {
+            return Err(ConfigErrors(errors.list));
+        }
+        Ok(Self {
+            ext_authz_listen,
+            grpc_listen,
+            http_listen,
+            operator_sha256,
+            api_keys,
+            ext_authz: ExtAuthzSettings {
+                customer,
+                feature,
+                usage,
+                dimensions,
+                deny_status,
+                allow_bad_input: e.on_bad_input == BadInputDto::Allow,
+                bad_input_status,
+                upstream_headers: e.upstream_headers.unwrap_or(true),
+            },
+            log_format: match dto.logging.format {
+                LogFormatDto::Pretty => LogFormat::Pretty,
+                LogFormatDto::Json => LogFormat::Json,
+            },
+            log_level,
+            max_body_bytes,
+            shutdown_grace_millis,
+        })
+    }
+}

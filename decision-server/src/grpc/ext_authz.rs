@@ -1,0 +1,431 @@
+//! Envoy's `envoy.service.auth.v3.Authorization/Check`: the request's customer, feature, usage
+//! and dimensions from `context_extensions` or mapped headers, a decision, and the answer in
+//! the shape Envoy's `ext_authz` filter (or Tollgate's WASM filter) applies.
+//!
+//! `context_extensions` keys (set per route in Envoy, or by the WASM filter):
+//! `tollgate.customer`, `tollgate.feature`, `tollgate.usage`, `tollgate.dim.<dimension>`.
+//! They win over headers: they come from the operator's route config, headers from the client.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use envoy_types::ext_authz::v3::pb::{
+    Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderValue, HeaderValueOption,
+    HttpResponse, HttpStatus, OkHttpResponse,
+};
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+use envoy_types::pb::google::rpc;
+use tonic::{Request, Response, Status};
+
+use crate::config::server::{ExtAuthzSettings, Source};
+use crate::core::plan::Usage;
+use crate::core::{Decision, Timestamp};
+use crate::engine::{CheckRequest as Check, DecisionError};
+use crate::metrics::Api;
+use crate::service::Service;
+
+pub const KEY_CUSTOMER: &str = "tollgate.customer";
+pub const KEY_FEATURE: &str = "tollgate.feature";
+pub const KEY_USAGE: &str = "tollgate.usage";
+pub const KEY_DIMENSION_PREFIX: &str = "tollgate.dim.";
+
+/// The hold id, for settlement by the WASM filter or the upstream.
+pub const HEADER_HOLD_ID: &str = "x-tollgate-hold-id";
+/// Remaining budget of the tightest enforcing limit.
+pub const HEADER_REMAINING: &str = "x-tollgate-remaining";
+/// Set on requests let through without a decision (bad input with `onBadInput: allow`).
+pub const HEADER_UNCHECKED: &str = "x-tollgate-unchecked";
+/// Set when no limit applied to the request.
+pub const HEADER_NO_LIMIT: &str = "x-tollgate-no-matching-limit";
+
+/// What the ext_authz request asks, after extraction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Extracted {
+    pub customer: String,
+    pub feature: String,
+    pub usage: u64,
+    pub dimensions: HashMap<String, String>,
+}
+
+/// Reads one attribute: the context extension, then the mapped header or constant, then the
+/// default.
+fn lookup<'a>(
+    extensions: &'a HashMap<String, String>,
+    key: &str,
+    source: &'a Source,
+    header: &impl Fn(&str) -> Option<&'a str>,
+) -> Option<&'a str> {
+    extensions
+        .get(key)
+        .map(String::as_str)
+        .or(source.constant.as_deref())
+        .or_else(|| source.header.as_deref().and_then(header))
+        .or(source.default.as_deref())
+}
+
+/// Pulls the decision's input out of an ext_authz request. Errors say which input is wrong.
+pub fn extract<'a>(
+    settings: &'a ExtAuthzSettings,
+    extensions: &'a HashMap<String, String>,
+    header: impl Fn(&str) -> Option<&'a str>,
+) -> Result<Extracted, String> {
+    let describe = |key: &str, s: &Source| match &s.header {
+        Some(h) => format!("context extension `{key}` or header `{h}`"),
+        None => format!("context extension `{key}`"),
+    };
+    let customer = lookup(extensions, KEY_CUSTOMER, &settings.customer, &header)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            format!(
+                "no customer: set {}",
+                describe(KEY_CUSTOMER, &settings.customer)
+            )
+        })?;
+    let feature = lookup(extensions, KEY_FEATURE, &settings.feature, &header)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            format!(
+                "no feature: set {}",
+                describe(KEY_FEATURE, &settings.feature)
+            )
+        })?;
+    let usage_text = lookup(extensions, KEY_USAGE, &settings.usage, &header).ok_or_else(|| {
+        format!(
+            "no requested usage: set {}",
+            describe(KEY_USAGE, &settings.usage)
+        )
+    })?;
+    let usage = usage_text.trim().parse::<u64>().map_err(|_| {
+        format!(
+            "requested usage `{}` is not a whole number of units",
+            usage_text.chars().take(64).collect::<String>()
+        )
+    })?;
+    let mut dimensions = HashMap::new();
+    for (name, source) in &settings.dimensions {
+        let key = format!("{KEY_DIMENSION_PREFIX}{name}");
+        if let Some(v) = lookup(extensions, &key, source, &header) {
+            dimensions.insert(name.clone(), v.to_string());
+        }
+    }
+    for (k, v) in extensions {
+        if let Some(name) = k.strip_prefix(KEY_DIMENSION_PREFIX) {
+            dimensions.insert(name.to_string(), v.clone());
+        }
+    }
+    Ok(Extracted {
+        customer: customer.to_string(),
+        feature: feature.to_string(),
+        usage,
+        dimensions,
+    })
+}
+
+fn header(key: &str, value: impl Into<String>) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_string(),
+            value: value.into(),
+            raw_value: Vec::new(),
+        }),
+        ..HeaderValueOption::default()
+    }
+}
+
+fn seconds_until(at: Option<Timestamp>, now: Timestamp) -> Option<u64> {
+    at.map(|t| {
+        let ms = t.millis().saturating_sub(now.millis()).max(0);
+        u64::try_from(ms).unwrap_or(0).div_ceil(1000)
+    })
+}
+
+/// `RateLimit-*` headers for the tightest limit of a decision.
+fn rate_limit_headers(d: &Decision, now: Timestamp) -> Vec<HeaderValueOption> {
+    let Some(e) = d.tightest() else {
+        return Vec::new();
+    };
+    let mut out = vec![
+        header("ratelimit-limit", e.usage_limit.to_string()),
+        header("ratelimit-remaining", e.remaining.to_string()),
+    ];
+    if let Some(s) = seconds_until(e.reset_at, now) {
+        out.push(header("ratelimit-reset", s.to_string()));
+    }
+    out
+}
+
+fn ok_status() -> Option<rpc::Status> {
+    Some(rpc::Status {
+        code: tonic::Code::Ok.into(),
+        ..rpc::Status::default()
+    })
+}
+
+fn denied(code: u16, reason: &str, headers: Vec<HeaderValueOption>, body: String) -> CheckResponse {
+    let mut headers = headers;
+    headers.push(header("content-type", "application/json"));
+    CheckResponse {
+        status: Some(rpc::Status {
+            code: tonic::Code::PermissionDenied.into(),
+            message: reason.to_string(),
+            details: Vec::new(),
+        }),
+        http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+            status: Some(HttpStatus { code: code.into() }),
+            headers,
+            body,
+        })),
+        dynamic_metadata: None,
+    }
+}
+
+fn string_value(s: impl Into<String>) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.into())),
+    }
+}
+
+/// The answer for a bad request: a denial with `status`, or (when configured) a pass marked
+/// as unchecked.
+pub fn bad_input_response(settings: &ExtAuthzSettings, reason: &str) -> CheckResponse {
+    if settings.allow_bad_input {
+        return CheckResponse {
+            status: ok_status(),
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                headers: vec![header(HEADER_UNCHECKED, "bad-input")],
+                ..OkHttpResponse::default()
+            })),
+            dynamic_metadata: None,
+        };
+    }
+    let body = serde_json::json!({
+        "error": "bad_request",
+        "message": reason,
+    });
+    denied(
+        settings.bad_input_status,
+        reason,
+        Vec::new(),
+        body.to_string(),
+    )
+}
+
+/// The answer for a decision.
+pub fn decision_response(
+    settings: &ExtAuthzSettings,
+    d: &Decision,
+    now: Timestamp,
+) -> CheckResponse {
+    let rl = rate_limit_headers(d, now);
+    if let Some(denial) = &d.denial {
+        let retry_after = seconds_until(denial.retry_at, now);
+        let mut headers = rl;
+        if let Some(s) = retry_after {
+            headers.push(header("retry-after", s.to_string()));
+        }
+        let entry = d.tightest();
+        let body = serde_json::json!({
+            "error": "usage_limit_exceeded",
+            "message": denial.reason,
+            "level": denial.level,
+            "entityId": denial.entity_id.as_str(),
+            "entityType": entry.map(|e| e.entity_type.as_str()),
+            "limitId": denial.limit_id.as_str(),
+            "kind": denial.kind,
+            "usageLimit": entry.map(|e| e.usage_limit),
+            "currentUsage": entry.map(|e| e.current_usage),
+            "remaining": entry.map(|e| e.remaining),
+            "retryAfterSeconds": retry_after,
+        });
+        return denied(
+            settings.deny_status,
+            &denial.reason,
+            headers,
+            body.to_string(),
+        );
+    }
+    let remaining = d.tightest().map(|e| e.remaining);
+    let mut upstream = Vec::new();
+    let mut meta = HashMap::new();
+    if let Some(h) = &d.hold_id {
+        let h = h.to_string();
+        if settings.upstream_headers {
+            upstream.push(header(HEADER_HOLD_ID, h.clone()));
+        }
+        meta.insert("holdId".to_string(), string_value(h));
+    }
+    if let Some(r) = remaining {
+        if settings.upstream_headers {
+            upstream.push(header(HEADER_REMAINING, r.to_string()));
+        }
+        meta.insert("remaining".to_string(), string_value(r.to_string()));
+    }
+    if d.no_matching_limit {
+        if settings.upstream_headers {
+            upstream.push(header(HEADER_NO_LIMIT, "true"));
+        }
+        meta.insert("noMatchingLimit".to_string(), string_value("true"));
+    }
+    CheckResponse {
+        status: ok_status(),
+        http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+            headers: upstream,
+            response_headers_to_add: rl,
+            ..OkHttpResponse::default()
+        })),
+        dynamic_metadata: (!meta.is_empty()).then_some(Struct { fields: meta }),
+    }
+}
+
+/// The ext_authz gRPC service.
+#[derive(Debug, Clone)]
+pub struct ExtAuthzService {
+    service: Arc<Service>,
+}
+
+impl ExtAuthzService {
+    pub fn new(service: Arc<Service>) -> Self {
+        Self { service }
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for ExtAuthzService {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let request = request.into_inner();
+        let runtime = self.service.runtime();
+        let settings = &runtime.ext_authz;
+        let empty = HashMap::new();
+        let attributes = request.attributes.as_ref();
+        let extensions = attributes.map_or(&empty, |a| &a.context_extensions);
+        let http = attributes
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref());
+        let headers = http.map(|h| &h.headers);
+        let header_map = http.and_then(|h| h.header_map.as_ref());
+        // Envoy sends `headers`, or `header_map` when `encode_raw_headers` is on.
+        let header_of = |name: &str| -> Option<&str> {
+            headers
+                .and_then(|h| h.get(name))
+                .map(String::as_str)
+                .or_else(|| {
+                    header_map?.headers.iter().find(|h| h.key == name).map(|h| {
+                        if h.value.is_empty() {
+                            std::str::from_utf8(&h.raw_value).unwrap_or("")
+                        } else {
+                            h.value.as_str()
+                        }
+                    })
+                })
+        };
+        let input = match extract(settings, extensions, header_of) {
+            Ok(i) => i,
+            Err(reason) => {
+                self.service.metrics.decision(
+                    Api::ExtAuthz,
+                    crate::metrics::Outcome::BadInput,
+                    std::time::Duration::ZERO,
+                );
+                return Ok(Response::new(bad_input_response(settings, &reason)));
+            }
+        };
+        let check = Check {
+            customer: &input.customer,
+            feature: &input.feature,
+            usage: Usage::units(input.usage),
+            dimensions: &input.dimensions,
+            dry_run: false,
+        };
+        match self.service.check(Api::ExtAuthz, &check) {
+            Ok(d) => Ok(Response::new(decision_response(
+                settings,
+                &d,
+                self.service.engine.now(),
+            ))),
+            Err(DecisionError::Plan(e)) => {
+                Ok(Response::new(bad_input_response(settings, &e.to_string())))
+            }
+            // The store failed: an error status lets Envoy apply the route's fail mode.
+            Err(DecisionError::Store(e)) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> ExtAuthzSettings {
+        ExtAuthzSettings {
+            dimensions: vec![(
+                "teamId".into(),
+                Source {
+                    header: Some("x-team-id".into()),
+                    ..Source::default()
+                },
+            )],
+            ..ExtAuthzSettings::default()
+        }
+    }
+
+    #[test]
+    fn context_extensions_win_over_headers() {
+        let s = settings();
+        let ext: HashMap<String, String> = [
+            (KEY_CUSTOMER, "acme"),
+            (KEY_USAGE, "7"),
+            ("tollgate.dim.userId", "alice"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let headers: HashMap<&str, &str> = [
+            ("x-tollgate-customer", "evil"),
+            ("x-tollgate-feature", "ai-tokens"),
+            ("x-team-id", "ml"),
+        ]
+        .into_iter()
+        .collect();
+        let got = extract(&s, &ext, |h| headers.get(h).copied()).unwrap();
+        assert_eq!(got.customer, "acme");
+        assert_eq!(got.feature, "ai-tokens");
+        assert_eq!(got.usage, 7);
+        assert_eq!(got.dimensions.get("teamId").map(String::as_str), Some("ml"));
+        assert_eq!(
+            got.dimensions.get("userId").map(String::as_str),
+            Some("alice")
+        );
+    }
+
+    #[test]
+    fn missing_and_malformed_input_is_named() {
+        let s = settings();
+        let ext = HashMap::new();
+        let err = extract(&s, &ext, |_| None).unwrap_err();
+        assert!(err.contains("no customer"), "{err}");
+        assert!(err.contains("x-tollgate-customer"), "{err}");
+        let err = extract(&s, &ext, |h| match h {
+            "x-tollgate-customer" => Some("acme"),
+            "x-tollgate-feature" => Some("ai-tokens"),
+            "x-tollgate-usage" => Some("12abc"),
+            _ => None,
+        })
+        .unwrap_err();
+        assert!(err.contains("`12abc` is not a whole number"), "{err}");
+    }
+
+    #[test]
+    fn bad_input_can_be_allowed_and_marked() {
+        let mut s = settings();
+        s.allow_bad_input = true;
+        let r = bad_input_response(&s, "no customer");
+        assert_eq!(r.status.unwrap().code, 0);
+        let Some(HttpResponse::OkResponse(ok)) = r.http_response else {
+            panic!("not ok")
+        };
+        assert_eq!(ok.headers[0].header.as_ref().unwrap().key, HEADER_UNCHECKED);
+    }
+}

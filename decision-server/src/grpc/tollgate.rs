@@ -1,0 +1,309 @@
+//! Tollgate's own gRPC service (`tollgate.v1.Tollgate`): check, settle, release, usage ingest
+//! and the `WatchUsage` stream, with the same credentials as the HTTP API.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tollgate_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use crate::auth::Principal;
+use crate::core::plan::{TokenCounts, Usage};
+use crate::core::{ChainEntry, Decision, HoldId};
+use crate::engine::{CheckRequest, DecisionError};
+use crate::metrics::Api;
+use crate::service::{EventKind, IngestItem, IngestStatus, Service, UsageEvent};
+use crate::store::{CloseOutcome, StoreError};
+
+use super::generated::tollgate_server::Tollgate;
+
+fn usage(units: u64, tokens: Option<pb::Tokens>) -> Usage {
+    Usage {
+        units,
+        tokens: tokens.map(|t| TokenCounts {
+            input: t.input,
+            output: t.output,
+            cached: t.cached,
+        }),
+    }
+}
+
+fn millis(t: Option<crate::core::Timestamp>) -> i64 {
+    t.map_or(0, |t| t.millis())
+}
+
+impl From<&ChainEntry> for pb::ChainEntry {
+    fn from(e: &ChainEntry) -> Self {
+        Self {
+            level: u32::try_from(e.level).unwrap_or(u32::MAX),
+            entity_id: e.entity_id.to_string(),
+            entity_type: e.entity_type.to_string(),
+            limit_id: e.limit_id.to_string(),
+            feature_id: e.feature_id.to_string(),
+            kind: e.kind.to_string(),
+            mode: e.mode.as_str().to_string(),
+            requested: e.requested,
+            usage_limit: e.usage_limit,
+            current_usage: e.current_usage,
+            remaining: e.remaining,
+            reset_at_ms: millis(e.reset_at),
+            exceeded: e.exceeded,
+        }
+    }
+}
+
+impl From<&Decision> for pb::CheckResponse {
+    fn from(d: &Decision) -> Self {
+        let tight = d.tightest();
+        Self {
+            is_granted: d.granted,
+            hold_id: d
+                .hold_id
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            access_denied_reason: d
+                .denial
+                .as_ref()
+                .map(|x| x.reason.clone())
+                .unwrap_or_default(),
+            usage_limit: tight.map_or(0, |e| e.usage_limit),
+            current_usage: tight.map_or(0, |e| e.current_usage),
+            remaining: tight.map_or(0, |e| e.remaining),
+            reset_at_ms: millis(tight.and_then(|e| e.reset_at)),
+            retry_at_ms: millis(d.denial.as_ref().and_then(|x| x.retry_at)),
+            no_matching_limit: d.no_matching_limit,
+            chain: d.chain.iter().map(Into::into).collect(),
+            would_deny: d.would_deny().map(|e| e.limit_id.to_string()).collect(),
+        }
+    }
+}
+
+impl From<&UsageEvent> for pb::UsageEvent {
+    fn from(e: &UsageEvent) -> Self {
+        let kind = match e.kind {
+            EventKind::Granted => pb::usage_event::Kind::Granted,
+            EventKind::Denied => pb::usage_event::Kind::Denied,
+            EventKind::Settled => pb::usage_event::Kind::Settled,
+            EventKind::Released => pb::usage_event::Kind::Released,
+            EventKind::Ingested => pb::usage_event::Kind::Ingested,
+        };
+        Self {
+            kind: kind.into(),
+            at_ms: e.at.millis(),
+            customer_id: e.customer.clone(),
+            feature_id: e.feature.clone(),
+            hold_id: e.hold_id.clone().unwrap_or_default(),
+            usage: e.usage,
+            dimensions: e.dimensions.clone(),
+            limit_id: e.limit_id.clone().unwrap_or_default(),
+            entity_id: e.entity_id.clone().unwrap_or_default(),
+            skipped: 0,
+        }
+    }
+}
+
+fn decision_status(e: DecisionError) -> Status {
+    match e {
+        DecisionError::Plan(e) => Status::invalid_argument(e.to_string()),
+        DecisionError::Store(e @ StoreError::UnknownHold(_)) => Status::not_found(e.to_string()),
+        DecisionError::Store(e) => Status::unavailable(e.to_string()),
+    }
+}
+
+/// The gRPC service.
+#[derive(Debug, Clone)]
+pub struct TollgateService {
+    service: Arc<Service>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl TollgateService {
+    /// `shutdown` turning true ends open `WatchUsage` streams, so shutdown can drain.
+    pub fn new(service: Arc<Service>, shutdown: watch::Receiver<bool>) -> Self {
+        Self { service, shutdown }
+    }
+
+    fn principal<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .map(|v| {
+                v.to_str().map_err(|_| {
+                    Status::unauthenticated("the `authorization` metadata is not text")
+                })
+            })
+            .transpose()?;
+        self.service
+            .runtime()
+            .credentials
+            .authenticate_header(header)
+            .map_err(|e| Status::unauthenticated(e.to_string()))
+    }
+
+    fn hold<T>(&self, request: &Request<T>, hold_id: &str) -> Result<HoldId, Status> {
+        let principal = self.principal(request)?;
+        let hold: HoldId =
+            hold_id
+                .parse()
+                .map_err(|e: crate::core::decision::ParseHoldIdError| {
+                    Status::invalid_argument(e.to_string())
+                })?;
+        if !principal.may_access(&hold.customer) {
+            return Err(forbidden(&hold.customer));
+        }
+        Ok(hold)
+    }
+}
+
+fn forbidden(customer: &str) -> Status {
+    Status::permission_denied(format!(
+        "these credentials do not reach customer `{customer}`"
+    ))
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::UsageEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Tollgate for TollgateService {
+    async fn check(
+        &self,
+        request: Request<pb::CheckRequest>,
+    ) -> Result<Response<pb::CheckResponse>, Status> {
+        let principal = self.principal(&request)?;
+        let r = request.into_inner();
+        if !principal.may_access(&r.customer_id) {
+            return Err(forbidden(&r.customer_id));
+        }
+        let req = CheckRequest {
+            customer: &r.customer_id,
+            feature: &r.feature_id,
+            usage: usage(r.requested_usage, r.tokens),
+            dimensions: &r.dimensions,
+            dry_run: r.dry_run,
+        };
+        let d = self
+            .service
+            .check(Api::Grpc, &req)
+            .map_err(decision_status)?;
+        Ok(Response::new((&d).into()))
+    }
+
+    async fn settle(
+        &self,
+        request: Request<pb::SettleRequest>,
+    ) -> Result<Response<pb::SettleResponse>, Status> {
+        let hold = self.hold(&request, &request.get_ref().hold_id)?;
+        let r = request.into_inner();
+        let outcome = self
+            .service
+            .settle(&hold, usage(r.actual_usage, r.tokens))
+            .map_err(decision_status)?;
+        Ok(Response::new(pb::SettleResponse {
+            closed: outcome == CloseOutcome::Closed,
+        }))
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let hold = self.hold(&request, &request.get_ref().hold_id)?;
+        let outcome = self.service.release(&hold).map_err(decision_status)?;
+        Ok(Response::new(pb::ReleaseResponse {
+            closed: outcome == CloseOutcome::Closed,
+        }))
+    }
+
+    async fn ingest_usage(
+        &self,
+        request: Request<pb::IngestUsageRequest>,
+    ) -> Result<Response<pb::IngestUsageResponse>, Status> {
+        let principal = self.principal(&request)?;
+        let events = request.into_inner().events;
+        // All or nothing on access: one foreign event refuses the batch before anything counts.
+        if let Some(e) = events
+            .iter()
+            .find(|e| !principal.may_access(&e.customer_id))
+        {
+            return Err(forbidden(&e.customer_id));
+        }
+        let results = events
+            .into_iter()
+            .map(|e| {
+                let item = IngestItem {
+                    idempotency_key: e.idempotency_key,
+                    customer: e.customer_id,
+                    feature: e.feature_id,
+                    usage: usage(e.usage, e.tokens),
+                    dimensions: e.dimensions,
+                };
+                let (status, error) = match self.service.ingest(&item) {
+                    IngestStatus::Recorded => (pb::ingest_result::Status::Recorded, String::new()),
+                    IngestStatus::Duplicate => {
+                        (pb::ingest_result::Status::Duplicate, String::new())
+                    }
+                    IngestStatus::Rejected(m) => (pb::ingest_result::Status::Rejected, m),
+                };
+                pb::IngestResult {
+                    idempotency_key: item.idempotency_key,
+                    status: status.into(),
+                    error,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::IngestUsageResponse { results }))
+    }
+
+    type WatchUsageStream = EventStream;
+
+    async fn watch_usage(
+        &self,
+        request: Request<pb::WatchUsageRequest>,
+    ) -> Result<Response<Self::WatchUsageStream>, Status> {
+        let principal = self.principal(&request)?;
+        let customer = request.into_inner().customer_id;
+        let filter = match (&principal, customer.is_empty()) {
+            (Principal::Operator, true) => None,
+            (Principal::Customer(_), true) => {
+                return Err(Status::invalid_argument(
+                    "customer_id is required with a customer API key",
+                ));
+            }
+            (p, false) if !p.may_access(&customer) => return Err(forbidden(&customer)),
+            (_, false) => Some(customer),
+        };
+        let mut events = self.service.subscribe();
+        let mut shutdown = self.shutdown.clone();
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            loop {
+                let item = tokio::select! {
+                    _ = shutdown.changed() => break,
+                    e = events.recv() => e,
+                };
+                let out = match item {
+                    Ok(e) if filter.as_ref().is_none_or(|c| *c == e.customer) => {
+                        pb::UsageEvent::from(&e)
+                    }
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(n)) => pb::UsageEvent {
+                        kind: pb::usage_event::Kind::Lagged.into(),
+                        skipped: n,
+                        dimensions: HashMap::new(),
+                        ..pb::UsageEvent::default()
+                    },
+                    Err(broadcast::error::RecvError::Closed) => break,
+                };
+                if tx.send(Ok(out)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

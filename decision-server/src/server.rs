@@ -1,0 +1,360 @@
+//! `tollgate serve`: binds the ext_authz, gRPC and HTTP listeners, runs the hold-expiry sweep
+//! and config reload (SIGHUP or a change to the file), and drains in-flight calls on SIGTERM.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tracing_subscriber::EnvFilter;
+
+use crate::clock::SystemClock;
+use crate::config::server::{ListenAddr, LogFormat, ServerSettings};
+use crate::config::{self, ConfigErrors, Loaded};
+use crate::engine::Engine;
+use crate::grpc::{ExtAuthzService, TollgateServer, TollgateService};
+use crate::service::Service;
+use crate::store::MemoryStore;
+
+/// How often holds past their TTL are committed.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// File-change events closer together than this make one reload (editors write in steps).
+const RELOAD_SETTLE: Duration = Duration::from_millis(250);
+
+/// Starts `tracing` as the config says; `RUST_LOG` overrides the level.
+pub fn init_tracing(settings: &ServerSettings) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(settings.log_level.as_str()));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second initialisation (tests running several servers in one process) is harmless.
+    let _ = match settings.log_format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Pretty => builder.try_init(),
+    };
+}
+
+/// A bound listener of any kind.
+enum Bound {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Bound {
+    async fn bind(addr: &ListenAddr, what: &str) -> anyhow::Result<(Self, ListenAddr)> {
+        match addr {
+            ListenAddr::Tcp(a) => {
+                let l = TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("cannot listen for {what} on {a}"))?;
+                let local = l.local_addr()?;
+                Ok((Self::Tcp(l), ListenAddr::Tcp(local)))
+            }
+            ListenAddr::Unix(p) => {
+                // A socket file left by a previous run would make bind fail.
+                if p.exists() {
+                    std::fs::remove_file(p).with_context(|| {
+                        format!("cannot remove the stale socket {} for {what}", p.display())
+                    })?;
+                }
+                let l = UnixListener::bind(p)
+                    .with_context(|| format!("cannot listen for {what} on {}", p.display()))?;
+                Ok((Self::Unix(l), addr.clone()))
+            }
+        }
+    }
+}
+
+async fn serve_grpc(
+    router: tonic::transport::server::Router,
+    bound: Bound,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    let signal = async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    };
+    match bound {
+        Bound::Tcp(l) => {
+            let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
+            router.serve_with_incoming_shutdown(incoming, signal).await
+        }
+        Bound::Unix(l) => {
+            router
+                .serve_with_incoming_shutdown(UnixListenerStream::new(l), signal)
+                .await
+        }
+    }
+}
+
+async fn serve_http(
+    router: axum::Router,
+    bound: Bound,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let signal = async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    };
+    match bound {
+        Bound::Tcp(l) => axum::serve(l, router).with_graceful_shutdown(signal).await,
+        Bound::Unix(l) => axum::serve(l, router).with_graceful_shutdown(signal).await,
+    }
+}
+
+/// Builds the engine and service for a loaded config.
+pub fn build_service(loaded: Loaded) -> anyhow::Result<Arc<Service>> {
+    let Loaded { doc, model, server } = loaded;
+    let store = Arc::new(MemoryStore::new());
+    let engine = Engine::new(model, store, Arc::new(SystemClock))
+        .context("cannot seed the store with the config's grants")?;
+    Ok(Arc::new(Service::new(engine, doc, &server)))
+}
+
+/// Runs the sidecar until SIGTERM or SIGINT, then drains.
+pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
+    let loaded = config::load_path(&config_path).map_err(config_error)?;
+    init_tracing(&loaded.server);
+    let settings = loaded.server.clone();
+    let service = build_service(loaded)?;
+
+    let (ext_bound, ext_addr) = Bound::bind(&settings.ext_authz_listen, "ext_authz").await?;
+    let (grpc_bound, grpc_addr) = Bound::bind(&settings.grpc_listen, "gRPC").await?;
+    let (http_bound, http_addr) = Bound::bind(&settings.http_listen, "HTTP").await?;
+    if !settings.ext_authz_listen.is_local() {
+        tracing::warn!(addr = %ext_addr, "the ext_authz listener is reachable from other machines; it has no credentials and is meant for the local Envoy");
+    }
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<AuthorizationServer<ExtAuthzService>>()
+        .await;
+    health
+        .set_serving::<TollgateServer<TollgateService>>()
+        .await;
+
+    let mut servers = JoinSet::new();
+    let ext_router = Server::builder()
+        .add_service(health_service.clone())
+        .add_service(AuthorizationServer::new(ExtAuthzService::new(Arc::clone(
+            &service,
+        ))));
+    servers.spawn({
+        let rx = shutdown_rx.clone();
+        async move {
+            serve_grpc(ext_router, ext_bound, rx)
+                .await
+                .context("ext_authz server")
+        }
+    });
+    let grpc_router =
+        Server::builder()
+            .add_service(health_service)
+            .add_service(TollgateServer::new(TollgateService::new(
+                Arc::clone(&service),
+                shutdown_rx.clone(),
+            )));
+    servers.spawn({
+        let rx = shutdown_rx.clone();
+        async move {
+            serve_grpc(grpc_router, grpc_bound, rx)
+                .await
+                .context("gRPC server")
+        }
+    });
+    let http_router = crate::api::router(Arc::clone(&service), settings.max_body_bytes);
+    servers.spawn({
+        let rx = shutdown_rx.clone();
+        async move {
+            serve_http(http_router, http_bound, rx)
+                .await
+                .context("HTTP server")
+        }
+    });
+
+    let sweeper = tokio::spawn(sweep(Arc::clone(&service), shutdown_rx.clone()));
+    let reloader = tokio::spawn(reload_loop(
+        Arc::clone(&service),
+        config_path.clone(),
+        settings.clone(),
+        shutdown_rx.clone(),
+    ));
+
+    tracing::info!(ext_authz = %ext_addr, grpc = %grpc_addr, http = %http_addr, config = %config_path.display(), "tollgate serving");
+    // One machine-readable line on stdout, for scripts and tests that bind port 0.
+    println!("tollgate ready ext_authz={ext_addr} grpc={grpc_addr} http={http_addr}");
+
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let early_exit = tokio::select! {
+        _ = term.recv() => None,
+        _ = int.recv() => None,
+        r = servers.join_next() => r,
+    };
+    if let Some(r) = early_exit {
+        let _ = shutdown_tx.send(true);
+        return match r {
+            Ok(Ok(())) => Err(anyhow::anyhow!("a listener stopped unexpectedly")),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(anyhow::anyhow!("a listener task failed: {e}")),
+        };
+    }
+    tracing::info!("shutting down: refusing new connections, draining in-flight calls");
+    health
+        .set_not_serving::<AuthorizationServer<ExtAuthzService>>()
+        .await;
+    let _ = shutdown_tx.send(true);
+    let grace = Duration::from_millis(u64::try_from(settings.shutdown_grace_millis).unwrap_or(0));
+    let drained = tokio::time::timeout(grace, async {
+        while let Some(r) = servers.join_next().await {
+            match r {
+                Ok(Err(e)) => tracing::warn!(error = %e, "listener ended with an error"),
+                Err(e) => tracing::warn!(error = %e, "listener task failed"),
+                Ok(Ok(())) => {}
+            }
+        }
+    })
+    .await;
+    sweeper.abort();
+    reloader.abort();
+    match drained {
+        Ok(()) => tracing::info!("drained; bye"),
+        Err(_) => tracing::warn!(
+            ?grace,
+            "calls still in flight after the shutdown grace; exiting anyway"
+        ),
+    }
+    for addr in [&ext_addr, &grpc_addr, &http_addr] {
+        if let ListenAddr::Unix(p) = addr {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    Ok(())
+}
+
+/// Config errors as one `anyhow` error listing every problem.
+pub fn config_error(errors: ConfigErrors) -> anyhow::Error {
+    anyhow::anyhow!("{errors}\n{} problem(s) in the config", errors.0.len())
+}
+
+async fn sweep(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => {}
+        }
+        match service.engine.expire_due() {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(expired = n, "holds past their TTL committed"),
+            Err(e) => tracing::warn!(error = %e, "hold expiry sweep failed"),
+        }
+    }
+}
+
+/// Reloads the config on SIGHUP or when the file changes.
+async fn reload_loop(
+    service: Arc<Service>,
+    path: PathBuf,
+    running: ServerSettings,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let _watcher = match watch_file(&path, tx) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, file = %path.display(), "cannot watch the config file; reload with SIGHUP");
+            None
+        }
+    };
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGHUP");
+            return;
+        }
+    };
+    let mut last = std::fs::read(&path).ok();
+    loop {
+        let forced = tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = hup.recv() => true,
+            Some(()) = rx.recv() => false,
+        };
+        if !forced {
+            tokio::time::sleep(RELOAD_SETTLE).await;
+            while rx.try_recv().is_ok() {}
+            let now = std::fs::read(&path).ok();
+            if now == last {
+                continue;
+            }
+            last = now;
+        }
+        reload_once(&service, &path, &running);
+    }
+}
+
+/// Validates the file and, only if it is valid, puts it in force. Returns whether it did.
+pub fn reload_once(service: &Service, path: &Path, running: &ServerSettings) -> bool {
+    let loaded = match config::load_path(path) {
+        Ok(l) => l,
+        Err(errors) => {
+            service.metrics.reload("rejected");
+            for e in &errors.0 {
+                tracing::error!(problem = %e, "config reload rejected; the running config stays");
+            }
+            return false;
+        }
+    };
+    let s = &loaded.server;
+    if s.ext_authz_listen != running.ext_authz_listen
+        || s.grpc_listen != running.grpc_listen
+        || s.http_listen != running.http_listen
+    {
+        tracing::warn!("listener addresses changed in the config; they take effect on restart");
+    }
+    match service.reload(loaded) {
+        Ok(dropped) => {
+            for d in dropped {
+                tracing::warn!("{d}");
+            }
+            service.metrics.reload("applied");
+            tracing::info!(file = %path.display(), "config reloaded");
+            true
+        }
+        Err(e) => {
+            service.metrics.reload("rejected");
+            tracing::error!(error = %e, "config reload rejected; the running config stays");
+            false
+        }
+    }
+}
+
+fn watch_file(path: &Path, tx: mpsc::Sender<()>) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let name = path.file_name().map(ToOwned::to_owned);
+    // Watch the directory: editors and config management replace the file by renaming.
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event
+            && event.paths.iter().any(|p| p.file_name() == name.as_deref())
+        {
+            // A full channel already holds a pending reload.
+            let _ = tx.try_send(());
+        }
+    })?;
+    watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+    Ok(watcher)
+}

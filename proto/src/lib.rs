@@ -1,0 +1,15 @@
+//! Tollgate's own gRPC messages (`tollgate.v1`), generated from `proto/tollgate/v1/tollgate.proto`.
+//!
+//! Only prost messages live here, no transport, so that the WASM filter (`wasm32-wasip1`) and
+//! the sidecar share one definition. The sidecar generates its tonic service against these
+//! types with `extern_path`.
+
+#![allow(missing_docs, clippy::all)]
+
+/// `tollgate.v1`.
+pub mod v1 {
+    include!(concat!(env!("OUT_DIR"), "/tollgate.v1.rs"));
+}
+
+/// The serialized file descriptor set, for gRPC reflection and for building the service.
+pub const PROTO_ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/proto");
