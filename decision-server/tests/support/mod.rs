@@ -1,0 +1,92 @@
+//! A sidecar fixture for the API tests: a 3-level tree (organization → team → user) for two
+//! customers, an operator token and one API key per customer.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use tollgate::service::Service;
+
+pub const OPERATOR: &str = "op-token";
+pub const ACME_KEY: &str = "acme-key.acme-secret";
+pub const GLOBEX_KEY: &str = "globex-key.globex-secret";
+
+/// Org cap shared by every acme user.
+pub const ACME_ORG_CAP: u64 = 1000;
+
+/// The fixture config with `listeners` spliced into its `server:` section.
+pub fn config_with(listeners: &str) -> String {
+    let sha = |s: &str| hex::encode(tollgate::auth::sha256(s));
+    format!(
+        r#"
+entityTypes:
+  - name: organization
+  - name: team
+    parents: [organization]
+  - name: user
+    parents: [team]
+attribution:
+  - dimension: userId
+    entityType: user
+features:
+  - id: ai-tokens
+  - id: ai-requests
+customers:
+  - id: acme
+    entities:
+      - {{ id: acme, type: organization }}
+      - {{ id: ml, type: team, parent: acme }}
+      - {{ id: web, type: team, parent: acme }}
+      - {{ id: alice, type: user, parent: ml }}
+      - {{ id: bob, type: user, parent: ml }}
+      - {{ id: carol, type: user, parent: web }}
+    limits:
+      - {{ id: org-daily, entity: acme, feature: ai-tokens, kind: quota, limit: {ACME_ORG_CAP}, period: P1D }}
+      - {{ id: team-daily, entityType: team, feature: ai-tokens, kind: quota, limit: 100000, period: P1D }}
+      - {{ id: user-daily, entityType: user, feature: ai-tokens, kind: quota, limit: 100000, period: P1D }}
+  - id: globex
+    entities:
+      - {{ id: globex, type: organization }}
+      - {{ id: ops, type: team, parent: globex }}
+      - {{ id: dave, type: user, parent: ops }}
+    limits:
+      - {{ id: org-daily, entity: globex, feature: ai-tokens, kind: quota, limit: 500, period: P1D }}
+server:
+{listeners}
+  credentials:
+    operatorTokenSha256: {op}
+    apiKeys:
+      - {{ id: acme-key, customer: acme, sha256: {acme} }}
+      - {{ id: globex-key, customer: globex, sha256: {globex} }}
+  extAuthz:
+    dimensions:
+      userId: {{ header: x-user-id }}
+  maxBodyBytes: 65536
+"#,
+        op = sha(OPERATOR),
+        acme = sha(ACME_KEY),
+        globex = sha(GLOBEX_KEY),
+    )
+}
+
+pub fn config() -> String {
+    config_with("  logging: { level: warn }")
+}
+
+/// A service over the fixture config, in memory.
+pub fn service() -> Arc<Service> {
+    service_from(&config())
+}
+
+pub fn service_from(text: &str) -> Arc<Service> {
+    let loaded = tollgate::config::load(text, "fixture.yaml").expect("fixture config is valid");
+    tollgate::server::build_service(loaded).expect("service")
+}
+
+/// What acme's org counter counts now.
+pub fn org_counted(service: &Service, customer: &str) -> u64 {
+    service
+        .engine
+        .counted(customer, customer, "org-daily", None)
+        .unwrap()
+        .unwrap_or(0)
+}
