@@ -1,0 +1,495 @@
+//! The gRPC services in process: Envoy's ext_authz `Check` (grant, denial body and headers,
+//! bad input both ways) and `tollgate.v1` (check, settle, release, ingest, watch, credentials).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse, HttpResponse};
+use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
+    HttpRequest, Request as AttrRequest,
+};
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
+use tollgate::grpc::generated::tollgate_server::Tollgate;
+use tollgate::grpc::{ExtAuthzService, TollgateService};
+use tollgate::service::Service;
+use tollgate_proto::v1 as pb;
+use tonic::{Code, Request};
+
+use support::{ACME_KEY, ACME_ORG_CAP, GLOBEX_KEY, OPERATOR, org_counted};
+
+fn authz_request(headers: &[(&str, &str)], extensions: &[(&str, &str)]) -> Request<CheckRequest> {
+    let to_map = |kv: &[(&str, &str)]| -> HashMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    Request::new(CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(AttrRequest {
+                http: Some(HttpRequest {
+                    headers: to_map(headers),
+                    ..HttpRequest::default()
+                }),
+                ..AttrRequest::default()
+            }),
+            context_extensions: to_map(extensions),
+            ..AttributeContext::default()
+        }),
+    })
+}
+
+fn headers_of(
+    list: &[envoy_types::ext_authz::v3::pb::HeaderValueOption],
+) -> HashMap<String, String> {
+    list.iter()
+        .filter_map(|h| h.header.as_ref())
+        .map(|h| (h.key.clone(), h.value.clone()))
+        .collect()
+}
+
+async fn authz(
+    service: &Arc<Service>,
+    headers: &[(&str, &str)],
+    ext: &[(&str, &str)],
+) -> CheckResponse {
+    ExtAuthzService::new(Arc::clone(service))
+        .check(authz_request(headers, ext))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test]
+async fn ext_authz_grant_returns_ok_with_hold_for_the_filter_and_upstream() {
+    let service = support::service();
+    let r = authz(
+        &service,
+        &[
+            ("x-tollgate-customer", "acme"),
+            ("x-tollgate-feature", "ai-tokens"),
+            ("x-tollgate-usage", "40"),
+            ("x-user-id", "alice"),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(r.status.unwrap().code, Code::Ok as i32);
+    let Some(HttpResponse::OkResponse(ok)) = r.http_response else {
+        panic!("not an OK response")
+    };
+    let upstream = headers_of(&ok.headers);
+    assert_eq!(upstream["x-tollgate-hold-id"], "acme:1");
+    assert_eq!(
+        upstream["x-tollgate-remaining"],
+        (ACME_ORG_CAP - 40).to_string()
+    );
+    let client = headers_of(&ok.response_headers_to_add);
+    assert_eq!(client["ratelimit-limit"], ACME_ORG_CAP.to_string());
+    assert!(client.contains_key("ratelimit-reset"));
+    let meta = r.dynamic_metadata.unwrap();
+    assert!(format!("{:?}", meta.fields["holdId"]).contains("acme:1"));
+    assert_eq!(org_counted(&service, "acme"), 40);
+}
+
+#[tokio::test]
+async fn ext_authz_context_extensions_carry_the_request_without_headers() {
+    let service = support::service();
+    let ext = [
+        ("tollgate.customer", "acme"),
+        ("tollgate.feature", "ai-tokens"),
+        ("tollgate.usage", "5"),
+        ("tollgate.dim.userId", "carol"),
+    ];
+    let r = authz(&service, &[], &ext).await;
+    assert_eq!(r.status.unwrap().code, 0);
+    assert_eq!(org_counted(&service, "acme"), 5);
+    assert_eq!(
+        service
+            .engine
+            .counted("acme", "web", "team-daily", None)
+            .unwrap(),
+        Some(5)
+    );
+}
+
+#[tokio::test]
+async fn ext_authz_denial_carries_status_json_body_and_rate_limit_headers() {
+    let service = support::service();
+    let h = |usage: &'static str| {
+        [
+            ("x-tollgate-customer", "acme"),
+            ("x-tollgate-feature", "ai-tokens"),
+            ("x-tollgate-usage", usage),
+            ("x-user-id", "bob"),
+        ]
+    };
+    authz(&service, &h("990"), &[]).await;
+    let r = authz(&service, &h("20"), &[]).await;
+    assert_eq!(
+        r.status.as_ref().unwrap().code,
+        Code::PermissionDenied as i32
+    );
+    let Some(HttpResponse::DeniedResponse(d)) = r.http_response else {
+        panic!("not a denial")
+    };
+    assert_eq!(d.status.unwrap().code, 429);
+    let headers = headers_of(&d.headers);
+    assert_eq!(headers["ratelimit-limit"], ACME_ORG_CAP.to_string());
+    assert_eq!(headers["ratelimit-remaining"], "10");
+    let reset: u64 = headers["ratelimit-reset"].parse().unwrap();
+    let retry: u64 = headers["retry-after"].parse().unwrap();
+    assert!(
+        reset > 0 && reset <= 86_400 && retry == reset,
+        "{reset} {retry}"
+    );
+    assert_eq!(headers["content-type"], "application/json");
+    let body: serde_json::Value = serde_json::from_str(&d.body).unwrap();
+    assert_eq!(body["error"], "usage_limit_exceeded");
+    assert_eq!(body["limitId"], "org-daily");
+    assert_eq!(body["entityId"], "acme");
+    assert_eq!(body["entityType"], "organization");
+    assert_eq!(body["level"], 2);
+    assert_eq!(org_counted(&service, "acme"), 990);
+}
+
+#[tokio::test]
+async fn ext_authz_bad_input_denies_with_reason_or_passes_marked_as_configured() {
+    let service = support::service();
+    let cases: [(&[(&str, &str)], &str); 4] = [
+        (&[("x-tollgate-usage", "1")], "no customer"),
+        (
+            &[
+                ("x-tollgate-customer", "acme"),
+                ("x-tollgate-feature", "ai-tokens"),
+                ("x-tollgate-usage", "ten"),
+                ("x-user-id", "alice"),
+            ],
+            "`ten` is not a whole number",
+        ),
+        (
+            &[
+                ("x-tollgate-customer", "acme"),
+                ("x-tollgate-feature", "nope"),
+                ("x-tollgate-usage", "1"),
+                ("x-user-id", "alice"),
+            ],
+            "nope",
+        ),
+        (
+            &[
+                ("x-tollgate-customer", "acme"),
+                ("x-tollgate-feature", "ai-tokens"),
+                ("x-user-id", "alice"),
+            ],
+            "no requested usage",
+        ),
+    ];
+    for (headers, reason) in cases {
+        let r = authz(&service, headers, &[]).await;
+        let Some(HttpResponse::DeniedResponse(d)) = r.http_response else {
+            panic!("{reason}: not denied")
+        };
+        assert_eq!(d.status.unwrap().code, 400, "{reason}");
+        let body: serde_json::Value = serde_json::from_str(&d.body).unwrap();
+        assert_eq!(body["error"], "bad_request");
+        assert!(
+            body["message"].as_str().unwrap().contains(reason),
+            "{reason}: {body}"
+        );
+    }
+    assert_eq!(org_counted(&service, "acme"), 0);
+    assert_eq!(service.engine.store().stats().holds_open, 0);
+
+    let allow = support::config().replace(
+        "  extAuthz:\n",
+        "  extAuthz:\n    onBadInput: allow\n    badInputStatus: 422\n",
+    );
+    let service = support::service_from(&allow);
+    let r = authz(&service, &[("x-tollgate-usage", "1")], &[]).await;
+    assert_eq!(r.status.unwrap().code, 0);
+    let Some(HttpResponse::OkResponse(ok)) = r.http_response else {
+        panic!("not allowed")
+    };
+    assert_eq!(headers_of(&ok.headers)["x-tollgate-unchecked"], "bad-input");
+    assert_eq!(org_counted(&service, "acme"), 0);
+}
+
+fn authed<T>(message: T, token: &str) -> Request<T> {
+    let mut r = Request::new(message);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+fn tollgate(service: &Arc<Service>) -> (TollgateService, watch::Sender<bool>) {
+    let (tx, rx) = watch::channel(false);
+    (TollgateService::new(Arc::clone(service), rx), tx)
+}
+
+fn check_msg(customer: &str, user: &str, usage: u64) -> pb::CheckRequest {
+    pb::CheckRequest {
+        customer_id: customer.into(),
+        feature_id: "ai-tokens".into(),
+        requested_usage: usage,
+        dimensions: [("userId".to_string(), user.to_string())].into(),
+        ..pb::CheckRequest::default()
+    }
+}
+
+#[tokio::test]
+async fn tollgate_check_settle_release_round_trip() {
+    let service = support::service();
+    let (svc, _tx) = tollgate(&service);
+    let r = svc
+        .check(authed(check_msg("acme", "alice", 300), ACME_KEY))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.is_granted);
+    assert_eq!(r.chain.len(), 3);
+    assert_eq!(r.chain[2].limit_id, "org-daily");
+    let settle = |hold: &str, actual| {
+        authed(
+            pb::SettleRequest {
+                hold_id: hold.into(),
+                actual_usage: actual,
+                tokens: None,
+            },
+            ACME_KEY,
+        )
+    };
+    let s = svc
+        .settle(settle(&r.hold_id, 100))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(s.closed);
+    assert_eq!(org_counted(&service, "acme"), 100);
+    let s = svc
+        .settle(settle(&r.hold_id, 999))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!s.closed, "idempotent");
+    assert_eq!(org_counted(&service, "acme"), 100);
+
+    let r2 = svc
+        .check(authed(check_msg("acme", "bob", 200), OPERATOR))
+        .await
+        .unwrap()
+        .into_inner();
+    let rel = svc
+        .release(authed(
+            pb::ReleaseRequest {
+                hold_id: r2.hold_id.clone(),
+            },
+            OPERATOR,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(rel.closed);
+    assert_eq!(org_counted(&service, "acme"), 100);
+
+    let denied = svc
+        .check(authed(check_msg("acme", "bob", 901), ACME_KEY))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!denied.is_granted);
+    assert!(denied.access_denied_reason.contains("org-daily"));
+    assert!(denied.retry_at_ms > 0);
+
+    let missing = svc.settle(settle("acme:424242", 1)).await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    let garbage = svc.settle(settle("garbage", 1)).await.unwrap_err();
+    assert_eq!(garbage.code(), Code::InvalidArgument);
+    let bad = svc
+        .check(authed(check_msg("acme", "mallory", 1), ACME_KEY))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn tollgate_ingest_skips_duplicate_keys() {
+    let service = support::service();
+    let (svc, _tx) = tollgate(&service);
+    let event = |key: &str| pb::UsageRecord {
+        idempotency_key: key.into(),
+        customer_id: "acme".into(),
+        feature_id: "ai-tokens".into(),
+        usage: 30,
+        dimensions: [("userId".to_string(), "alice".to_string())].into(),
+        tokens: None,
+    };
+    let r = svc
+        .ingest_usage(authed(
+            pb::IngestUsageRequest {
+                events: vec![event("k1"), event("k1"), event("")],
+            },
+            ACME_KEY,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let statuses: Vec<_> = r.results.iter().map(|r| r.status()).collect();
+    use pb::ingest_result::Status as S;
+    assert_eq!(statuses, [S::Recorded, S::Duplicate, S::Rejected]);
+    assert!(r.results[2].error.contains("idempotencyKey"));
+    assert_eq!(org_counted(&service, "acme"), 30);
+}
+
+#[tokio::test]
+async fn tollgate_credentials_and_cross_customer_refusals() {
+    let service = support::service();
+    let (svc, _tx) = tollgate(&service);
+    let no_auth = svc
+        .check(Request::new(check_msg("acme", "alice", 1)))
+        .await
+        .unwrap_err();
+    assert_eq!(no_auth.code(), Code::Unauthenticated);
+    let wrong = svc
+        .check(authed(check_msg("acme", "alice", 1), "nope"))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Code::Unauthenticated);
+    let cross = svc
+        .check(authed(check_msg("acme", "alice", 1), GLOBEX_KEY))
+        .await
+        .unwrap_err();
+    assert_eq!(cross.code(), Code::PermissionDenied);
+    let hold = svc
+        .check(authed(check_msg("acme", "alice", 10), ACME_KEY))
+        .await
+        .unwrap()
+        .into_inner()
+        .hold_id;
+    let cross = svc
+        .settle(authed(
+            pb::SettleRequest {
+                hold_id: hold.clone(),
+                actual_usage: 0,
+                tokens: None,
+            },
+            GLOBEX_KEY,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(cross.code(), Code::PermissionDenied);
+    let cross = svc
+        .release(authed(pb::ReleaseRequest { hold_id: hold }, GLOBEX_KEY))
+        .await
+        .unwrap_err();
+    assert_eq!(cross.code(), Code::PermissionDenied);
+    let cross = svc
+        .ingest_usage(authed(
+            pb::IngestUsageRequest {
+                events: vec![pb::UsageRecord {
+                    idempotency_key: "x".into(),
+                    customer_id: "acme".into(),
+                    feature_id: "ai-tokens".into(),
+                    usage: 5,
+                    ..Default::default()
+                }],
+            },
+            GLOBEX_KEY,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(cross.code(), Code::PermissionDenied);
+    let cross = svc
+        .watch_usage(authed(
+            pb::WatchUsageRequest {
+                customer_id: "acme".into(),
+            },
+            GLOBEX_KEY,
+        ))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(cross.code(), Code::PermissionDenied);
+    let all = svc
+        .watch_usage(authed(
+            pb::WatchUsageRequest {
+                customer_id: String::new(),
+            },
+            GLOBEX_KEY,
+        ))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(all.code(), Code::InvalidArgument);
+    assert_eq!(org_counted(&service, "acme"), 10);
+}
+
+#[tokio::test]
+async fn watch_usage_streams_a_customers_decisions_and_settlements() {
+    let service = support::service();
+    let (svc, shutdown) = tollgate(&service);
+    let mut stream = svc
+        .watch_usage(authed(
+            pb::WatchUsageRequest {
+                customer_id: "acme".into(),
+            },
+            ACME_KEY,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let hold = svc
+        .check(authed(check_msg("acme", "alice", 700), OPERATOR))
+        .await
+        .unwrap()
+        .into_inner()
+        .hold_id;
+    svc.check(authed(check_msg("globex", "dave", 1), OPERATOR))
+        .await
+        .unwrap();
+    svc.check(authed(check_msg("acme", "bob", 700), OPERATOR))
+        .await
+        .unwrap();
+    svc.settle(authed(
+        pb::SettleRequest {
+            hold_id: hold.clone(),
+            actual_usage: 650,
+            tokens: None,
+        },
+        OPERATOR,
+    ))
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let e = tokio::time::timeout(std::time::Duration::from_secs(5), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        got.push(e);
+    }
+    use pb::usage_event::Kind;
+    assert_eq!(
+        got.iter().map(|e| e.kind()).collect::<Vec<_>>(),
+        [Kind::Granted, Kind::Denied, Kind::Settled]
+    );
+    assert!(
+        got.iter().all(|e| e.customer_id == "acme"),
+        "globex's event is filtered out"
+    );
+    assert_eq!(got[0].hold_id, hold);
+    assert_eq!(got[0].dimensions["userId"], "alice");
+    assert_eq!(got[1].limit_id, "org-daily");
+    assert_eq!(got[2].usage, 650);
+    // Shutdown ends the stream, so a draining server is not held open by watchers.
+    shutdown.send(true).unwrap();
+    let end = tokio::time::timeout(std::time::Duration::from_secs(5), stream.next())
+        .await
+        .unwrap();
+    assert!(end.is_none());
+}
