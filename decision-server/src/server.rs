@@ -35,7 +35,8 @@ pub fn init_tracing(settings: &ServerSettings) {
         .unwrap_or_else(|_| EnvFilter::new(settings.log_level.as_str()));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     // A second initialisation (tests running several servers in one process) is harmless.
     let _ = match settings.log_format {
         LogFormat::Json => builder.json().try_init(),
