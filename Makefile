@@ -3,7 +3,7 @@
 CARGO ?= cargo
 WASM_TARGET := wasm32-wasip1
 
-.PHONY: test setup-rust fmt-check clippy wasm unit bench
+.PHONY: test setup-rust fmt-check clippy wasm unit bench bench-grpc
 
 ## The whole test suite: toolchain set-up, format, lints, the wasm build and every test.
 test: setup-rust fmt-check clippy wasm unit
@@ -27,3 +27,7 @@ unit:
 ## Criterion benchmarks (not part of the test suite).
 bench:
 	$(CARGO) bench -p tollgate --bench decisions
+
+## ext_authz and HTTP load against the release sidecar, calibrated against a no-op server.
+bench-grpc:
+	bench/grpc.sh
