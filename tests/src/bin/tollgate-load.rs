@@ -33,7 +33,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const BENCH_TOKEN: &str = "bench-operator-token";
 
 #[derive(Debug, Parser)]
-#[command(name = "tollgate-load", about = "Load generator for the Tollgate sidecar")]
+#[command(
+    name = "tollgate-load",
+    about = "Load generator for the Tollgate sidecar"
+)]
 struct Cli {
     /// Tokio worker threads for this process (default: one per core).
     #[arg(long, global = true)]
@@ -350,7 +353,10 @@ fn spawn_noop(workers: Option<usize>) -> anyhow::Result<(Child, String)> {
         .stdout(Stdio::piped())
         .spawn()
         .context("cannot start the no-op server")?;
-    let stdout = child.stdout.take().context("no stdout from the no-op server")?;
+    let stdout = child
+        .stdout
+        .take()
+        .context("no stdout from the no-op server")?;
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line)?;
     let Some(addr) = line.trim().strip_prefix("noop ready ext_authz=") else {
@@ -362,7 +368,10 @@ fn spawn_noop(workers: Option<usize>) -> anyhow::Result<(Child, String)> {
 
 async fn main_async(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Cmd::Config { customers, max_users } => {
+        Cmd::Config {
+            customers,
+            max_users,
+        } => {
             print!("{}", config(customers, max_users));
             Ok(())
         }
