@@ -8,7 +8,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use tokio::sync::broadcast;
 
-use crate::auth::Credentials;
+use crate::auth::{Credentials, Principal};
 use crate::catalog::{AdminError, AdminOp, Catalog};
 use crate::config::Loaded;
 use crate::config::dto::ConfigDoc;
@@ -257,6 +257,19 @@ impl Service {
             });
         }
         status
+    }
+
+    /// Records a batch of events for `principal`. If any event belongs to a customer the
+    /// principal does not reach, nothing is recorded and that customer is returned.
+    pub fn ingest_batch(
+        &self,
+        principal: &Principal,
+        items: &[IngestItem],
+    ) -> Result<Vec<IngestStatus>, String> {
+        if let Some(foreign) = items.iter().find(|i| !principal.may_access(&i.customer)) {
+            return Err(foreign.customer.clone());
+        }
+        Ok(items.iter().map(|i| self.ingest(i)).collect())
     }
 
     /// Applies an admin change; it is in force for the next decision.

@@ -121,23 +121,24 @@ pub async fn ingest(
             batch.events.len()
         )));
     }
-    for e in &batch.events {
-        caller.for_customer(&e.customer_id)?;
-    }
-    let results = batch
+    let items: Vec<IngestItem> = batch
         .events
         .into_iter()
-        .map(|e| {
-            let item = IngestItem {
-                idempotency_key: e.idempotency_key,
-                customer: e.customer_id,
-                feature: e.feature_id,
-                usage: usage(e.usage, e.tokens),
-                dimensions: e.dimensions,
-            };
-            let status = state.ingest(&item);
-            UsageEventResult::new(item.idempotency_key, status)
+        .map(|e| IngestItem {
+            idempotency_key: e.idempotency_key,
+            customer: e.customer_id,
+            feature: e.feature_id,
+            usage: usage(e.usage, e.tokens),
+            dimensions: e.dimensions,
         })
+        .collect();
+    let statuses = state
+        .ingest_batch(&caller.0, &items)
+        .map_err(|customer| ApiError::forbidden(&customer))?;
+    let results = items
+        .into_iter()
+        .zip(statuses)
+        .map(|(item, status)| UsageEventResult::new(item.idempotency_key, status))
         .collect();
     Ok(ApiJson(UsageBatchResult { results }))
 }

@@ -61,17 +61,9 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-/// Reads and validates the config file at `path`.
+/// Reads and validates the config file at `path`, and returns its decision model.
 pub fn load_file(path: &Path) -> Result<Model, ConfigErrors> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors(vec![ConfigError {
-            file: file.clone(),
-            path: String::new(),
-            message: format!("cannot read the file: {e}"),
-        }])
-    })?;
-    parse(&text, &file)
+    Ok(load_path(path)?.model)
 }
 
 /// Parses and validates config `text`; `file` names it in errors.

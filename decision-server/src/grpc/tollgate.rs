@@ -224,25 +224,27 @@ impl Tollgate for TollgateService {
         request: Request<pb::IngestUsageRequest>,
     ) -> Result<Response<pb::IngestUsageResponse>, Status> {
         let principal = self.principal(&request)?;
-        let events = request.into_inner().events;
-        // All or nothing on access: one foreign event refuses the batch before anything counts.
-        if let Some(e) = events
-            .iter()
-            .find(|e| !principal.may_access(&e.customer_id))
-        {
-            return Err(forbidden(&e.customer_id));
-        }
-        let results = events
+        let items: Vec<IngestItem> = request
+            .into_inner()
+            .events
             .into_iter()
-            .map(|e| {
-                let item = IngestItem {
-                    idempotency_key: e.idempotency_key,
-                    customer: e.customer_id,
-                    feature: e.feature_id,
-                    usage: usage(e.usage, e.tokens),
-                    dimensions: e.dimensions,
-                };
-                let (status, error) = match self.service.ingest(&item) {
+            .map(|e| IngestItem {
+                idempotency_key: e.idempotency_key,
+                customer: e.customer_id,
+                feature: e.feature_id,
+                usage: usage(e.usage, e.tokens),
+                dimensions: e.dimensions,
+            })
+            .collect();
+        let statuses = self
+            .service
+            .ingest_batch(&principal, &items)
+            .map_err(|customer| forbidden(&customer))?;
+        let results = items
+            .into_iter()
+            .zip(statuses)
+            .map(|(item, status)| {
+                let (status, error) = match status {
                     IngestStatus::Recorded => (pb::ingest_result::Status::Recorded, String::new()),
                     IngestStatus::Duplicate => {
                         (pb::ingest_result::Status::Duplicate, String::new())
