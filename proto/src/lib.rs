@@ -10,6 +10,3 @@
 pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/tollgate.v1.rs"));
 }
-
-/// The serialized file descriptor set, for gRPC reflection and for building the service.
-pub const PROTO_ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/proto");
