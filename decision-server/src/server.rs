@@ -28,6 +28,8 @@ use crate::store::MemoryStore;
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// File-change events closer together than this make one reload (editors write in steps).
 const RELOAD_SETTLE: Duration = Duration::from_millis(250);
+/// How often the config file is compared when no file event arrives.
+const RELOAD_POLL: Duration = Duration::from_secs(5);
 
 /// Starts `tracing` as the config says; `RUST_LOG` overrides the level.
 pub fn init_tracing(settings: &ServerSettings) {
@@ -121,7 +123,8 @@ pub fn build_service(loaded: Loaded) -> anyhow::Result<Arc<Service>> {
 
 /// Runs the sidecar until SIGTERM or SIGINT, then drains.
 pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
-    let loaded = config::load_path(&config_path).map_err(config_error)?;
+    let text = config::read_path(&config_path).map_err(config_error)?;
+    let loaded = config::load(&text, &config_path.display().to_string()).map_err(config_error)?;
     init_tracing(&loaded.server);
     let settings = loaded.server.clone();
     let service = build_service(loaded)?;
@@ -182,12 +185,15 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     });
 
     let sweeper = tokio::spawn(sweep(Arc::clone(&service), shutdown_rx.clone()));
-    let reloader = tokio::spawn(reload_loop(
+    // Set up before "ready": a SIGHUP or an edit right after start must not be lost (or,
+    // for SIGHUP, kill the process with the default action).
+    let reloader = Reloader::new(
         Arc::clone(&service),
         config_path.clone(),
+        text,
         settings.clone(),
-        shutdown_rx.clone(),
-    ));
+    )?;
+    let reloader = tokio::spawn(reloader.run(shutdown_rx.clone()));
 
     tracing::info!(ext_authz = %ext_addr, grpc = %grpc_addr, http = %http_addr, config = %config_path.display(), "tollgate serving");
     // One machine-readable line on stdout, for scripts and tests that bind port 0.
@@ -262,56 +268,92 @@ async fn sweep(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
 }
 
 /// Reloads the config on SIGHUP or when the file changes.
-async fn reload_loop(
+struct Reloader {
     service: Arc<Service>,
     path: PathBuf,
+    /// The text in force, so that events that do not change the file do nothing.
+    last: String,
     running: ServerSettings,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let (tx, mut rx) = mpsc::channel::<()>(1);
-    let _watcher = match watch_file(&path, tx) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!(error = %e, file = %path.display(), "cannot watch the config file; reload with SIGHUP");
-            None
-        }
-    };
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGHUP");
-            return;
-        }
-    };
-    let mut last = std::fs::read(&path).ok();
-    loop {
-        let forced = tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = hup.recv() => true,
-            Some(()) = rx.recv() => false,
+    hup: tokio::signal::unix::Signal,
+    changed: mpsc::Receiver<()>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl Reloader {
+    fn new(
+        service: Arc<Service>,
+        path: PathBuf,
+        text: String,
+        running: ServerSettings,
+    ) -> anyhow::Result<Self> {
+        let hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+        let (tx, changed) = mpsc::channel::<()>(1);
+        let watcher = match watch_file(&path, tx) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, file = %path.display(), "cannot watch the config file; it is polled every {}s, or reload with SIGHUP", RELOAD_POLL.as_secs());
+                None
+            }
         };
-        if !forced {
-            tokio::time::sleep(RELOAD_SETTLE).await;
-            while rx.try_recv().is_ok() {}
-            let now = std::fs::read(&path).ok();
-            if now == last {
+        Ok(Self {
+            service,
+            path,
+            last: text,
+            running,
+            hup,
+            changed,
+            _watcher: watcher,
+        })
+    }
+
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        // File events can be missing (network and some overlay filesystems, an exhausted
+        // inotify limit), so the file is also compared on a slow timer.
+        let mut poll = tokio::time::interval(RELOAD_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        poll.tick().await;
+        loop {
+            let forced = tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = self.hup.recv() => true,
+                Some(()) = self.changed.recv() => {
+                    // Let a burst of writes finish before reading.
+                    tokio::time::sleep(RELOAD_SETTLE).await;
+                    while self.changed.try_recv().is_ok() {}
+                    false
+                }
+                _ = poll.tick() => false,
+            };
+            let text = match config::read_path(&self.path) {
+                Ok(t) => t,
+                Err(errors) => {
+                    reject(&self.service, &errors);
+                    continue;
+                }
+            };
+            if !forced && text == self.last {
                 continue;
             }
-            last = now;
+            self.last.clone_from(&text);
+            reload_text(&self.service, &self.path, &text, &self.running);
         }
-        reload_once(&service, &path, &running);
     }
 }
 
-/// Validates the file and, only if it is valid, puts it in force. Returns whether it did.
-pub fn reload_once(service: &Service, path: &Path, running: &ServerSettings) -> bool {
-    let loaded = match config::load_path(path) {
+fn reject(service: &Service, errors: &ConfigErrors) {
+    service.metrics.reload("rejected");
+    for e in &errors.0 {
+        tracing::error!(problem = %e, "config reload rejected; the running config stays");
+    }
+}
+
+/// Validates the config `text` read from `path` and, only if it is valid, puts it in force.
+/// Returns whether it did.
+fn reload_text(service: &Service, path: &Path, text: &str, running: &ServerSettings) -> bool {
+    let loaded = match config::load(text, &path.display().to_string()) {
         Ok(l) => l,
         Err(errors) => {
-            service.metrics.reload("rejected");
-            for e in &errors.0 {
-                tracing::error!(problem = %e, "config reload rejected; the running config stays");
-            }
+            reject(service, &errors);
             return false;
         }
     };

@@ -82,15 +82,18 @@ pub struct Loaded {
 
 /// Reads and validates the whole config file at `path`, server section included.
 pub fn load_path(path: &Path) -> Result<Loaded, ConfigErrors> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    load(&read_path(path)?, &path.display().to_string())
+}
+
+/// Reads a config file's text, naming the file if it cannot.
+pub fn read_path(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
-            file: file.clone(),
+            file: path.display().to_string(),
             path: String::new(),
             message: format!("cannot read the file: {e}"),
         }])
-    })?;
-    load(&text, &file)
+    })
 }
 
 /// Parses and validates the whole config `text`, server section included, reporting every
