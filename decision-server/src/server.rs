@@ -150,7 +150,11 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         .add_service(health_service.clone())
         .add_service(AuthorizationServer::new(ExtAuthzService::new(Arc::clone(
             &service,
-        ))));
+        ))))
+        .add_service(TollgateServer::new(TollgateService::local(
+            Arc::clone(&service),
+            shutdown_rx.clone(),
+        )));
     servers.spawn({
         let rx = shutdown_rx.clone();
         async move {

@@ -10,3 +10,9 @@
 pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/tollgate.v1.rs"));
 }
+
+/// The subset of Envoy's ext_authz v3 (and route metadata) messages the WASM filter uses, with
+/// Envoy's field numbers; see `proto/tollgate/envoywire/v1/ext_authz.proto`.
+pub mod envoywire {
+    include!(concat!(env!("OUT_DIR"), "/tollgate.envoywire.v1.rs"));
+}

@@ -1,0 +1,547 @@
+//! The filter's plugin configuration: the JSON DTO Envoy hands to `on_configure`, its validated
+//! form, and the per-route overrides read from route metadata.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use regex_lite::Regex;
+use serde::Deserialize;
+
+/// A config problem, with the JSON path it is at.
+#[derive(Debug, thiserror::Error)]
+#[error("tollgate filter config: at `{path}`: {message}")]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+fn err(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+/// What happens when the sidecar cannot give an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum FailMode {
+    /// Pass the request, marked `x-tollgate-unchecked`.
+    Open,
+    /// Answer `failStatus` with a JSON body.
+    Closed,
+}
+
+/// What happens to a hold when the actual usage cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum OnUnknownUsage {
+    /// Release the hold: nothing is charged.
+    Release,
+    /// Leave the hold open: the estimate stays charged until the hold expires, then is released
+    /// by the sidecar's expiry.
+    Keep,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ConfigDto {
+    sidecar: SidecarDto,
+    #[serde(default)]
+    fail_mode: Option<FailMode>,
+    #[serde(default)]
+    fail_status: Option<u16>,
+    #[serde(default)]
+    bad_input_status: Option<u16>,
+    #[serde(default)]
+    max_body_bytes: Option<usize>,
+    #[serde(default)]
+    customer: Option<RuleDto>,
+    #[serde(default)]
+    feature: Option<RuleDto>,
+    #[serde(default)]
+    usage: Option<RuleDto>,
+    #[serde(default)]
+    dimensions: BTreeMap<String, RuleDto>,
+    #[serde(default)]
+    upstream_headers: Option<bool>,
+    #[serde(default)]
+    settlement: Option<SettlementDto>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SidecarDto {
+    cluster: String,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+/// One extraction rule as written: exactly one source, then `default` and `required`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RuleDto {
+    header: Option<String>,
+    query: Option<String>,
+    path: Option<String>,
+    group: Option<String>,
+    jwt_claim: Option<String>,
+    jwt_metadata: Option<String>,
+    body: Option<String>,
+    constant: Option<String>,
+    default: Option<String>,
+    #[serde(default)]
+    required: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SettlementDto {
+    #[serde(default)]
+    enabled: Option<bool>,
+    #[serde(default)]
+    usage_pointer: Option<String>,
+    #[serde(default)]
+    header: Option<String>,
+    #[serde(default)]
+    on_unknown_usage: Option<OnUnknownUsage>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    max_response_bytes: Option<usize>,
+}
+
+/// Where a value comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A request header (lower-case name).
+    Header(String),
+    /// A query parameter.
+    Query(String),
+    /// A named capture group of a regex over the path (query excluded).
+    Path { regex: Regex, group: String },
+    /// A claim (a name, or a JSON pointer starting with `/`) of the JWT payload: from the
+    /// bearer token (`metadata: None`), or from `jwt_authn`'s `payload_in_metadata` key.
+    JwtClaim {
+        claim: String,
+        metadata: Option<String>,
+    },
+    /// A JSON pointer into the request body.
+    Body(String),
+    /// A fixed value.
+    Constant(String),
+}
+
+/// A validated extraction rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// What the rule fills, for error messages: `customer`, `usage`, `dimensions.teamId`.
+    pub name: String,
+    pub source: Source,
+    pub default: Option<String>,
+    pub required: bool,
+}
+
+/// How the actual usage is read from the response.
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    pub enabled: bool,
+    /// A JSON pointer to a whole number in the JSON body or in an SSE event; `None` reads the
+    /// OpenAI `usage` object (`total_tokens`, or prompt + completion).
+    pub usage_pointer: Option<String>,
+    /// A response header holding the usage; it wins over the body when present.
+    pub header: Option<String>,
+    pub on_unknown_usage: OnUnknownUsage,
+    pub timeout: Duration,
+    /// The most of a JSON response body kept to read usage from.
+    pub max_response_bytes: usize,
+}
+
+/// The validated filter config.
+#[derive(Debug, Clone)]
+pub struct FilterConfig {
+    pub cluster: String,
+    pub timeout: Duration,
+    pub fail_mode: FailMode,
+    pub fail_status: u16,
+    pub bad_input_status: u16,
+    pub max_body_bytes: usize,
+    pub customer: Option<Rule>,
+    pub feature: Option<Rule>,
+    pub usage: Option<Rule>,
+    pub dimensions: Vec<Rule>,
+    pub upstream_headers: bool,
+    pub settlement: Settlement,
+}
+
+pub const DEFAULT_TIMEOUT_MS: u64 = 200;
+pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
+
+impl FilterConfig {
+    /// Parses and validates the plugin configuration bytes.
+    pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
+        let de = &mut serde_json::Deserializer::from_slice(bytes);
+        let dto: ConfigDto = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            err(path, e.into_inner().to_string())
+        })?;
+        Self::from_dto(dto)
+    }
+
+    fn from_dto(dto: ConfigDto) -> Result<Self, ConfigError> {
+        if dto.sidecar.cluster.trim().is_empty() {
+            return Err(err(
+                "sidecar.cluster",
+                "must name the sidecar's Envoy cluster",
+            ));
+        }
+        let timeout = timeout_ms(
+            dto.sidecar.timeout_ms,
+            DEFAULT_TIMEOUT_MS,
+            "sidecar.timeoutMs",
+        )?;
+        let fail_status = status(dto.fail_status, 503, "failStatus")?;
+        let bad_input_status = status(dto.bad_input_status, 400, "badInputStatus")?;
+        let max_body_bytes = dto.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        if max_body_bytes == 0 {
+            return Err(err("maxBodyBytes", "must be above 0"));
+        }
+        let customer = dto.customer.map(|r| rule("customer", r)).transpose()?;
+        let feature = dto.feature.map(|r| rule("feature", r)).transpose()?;
+        let usage = dto.usage.map(|r| rule("usage", r)).transpose()?;
+        if let Some(d) = usage.as_ref().and_then(|u| u.default.as_deref())
+            && d.trim().parse::<u64>().is_err()
+        {
+            return Err(err("usage.default", format!("`{d}` is not a whole number")));
+        }
+        let mut dimensions = Vec::with_capacity(dto.dimensions.len());
+        for (name, r) in dto.dimensions {
+            if name.is_empty() {
+                return Err(err("dimensions", "a dimension name is empty"));
+            }
+            dimensions.push(rule(&format!("dimensions.{name}"), r)?);
+        }
+        let s = dto.settlement.unwrap_or(SettlementDto {
+            enabled: None,
+            usage_pointer: None,
+            header: None,
+            on_unknown_usage: None,
+            timeout_ms: None,
+            max_response_bytes: None,
+        });
+        if let Some(p) = &s.usage_pointer {
+            pointer(p, "settlement.usagePointer")?;
+        }
+        let settlement = Settlement {
+            enabled: s.enabled.unwrap_or(true),
+            usage_pointer: s.usage_pointer,
+            header: s.header.map(|h| h.to_ascii_lowercase()),
+            on_unknown_usage: s.on_unknown_usage.unwrap_or(OnUnknownUsage::Release),
+            timeout: timeout_ms(s.timeout_ms, 1000, "settlement.timeoutMs")?,
+            max_response_bytes: s.max_response_bytes.unwrap_or(4 * 1024 * 1024),
+        };
+        Ok(Self {
+            cluster: dto.sidecar.cluster,
+            timeout,
+            fail_mode: dto.fail_mode.unwrap_or(FailMode::Closed),
+            fail_status,
+            bad_input_status,
+            max_body_bytes,
+            customer,
+            feature,
+            usage,
+            dimensions,
+            upstream_headers: dto.upstream_headers.unwrap_or(true),
+            settlement,
+        })
+    }
+
+    /// Every rule, in the order they are applied.
+    pub fn rules(&self) -> impl Iterator<Item = &Rule> {
+        self.customer
+            .iter()
+            .chain(&self.feature)
+            .chain(&self.usage)
+            .chain(&self.dimensions)
+    }
+
+    /// Whether any rule reads the request body, so that the filter must buffer it.
+    pub fn needs_body(&self) -> bool {
+        self.rules().any(|r| matches!(r.source, Source::Body(_)))
+    }
+}
+
+fn timeout_ms(v: Option<u64>, default: u64, path: &str) -> Result<Duration, ConfigError> {
+    match v.unwrap_or(default) {
+        0 => Err(err(path, "must be above 0")),
+        ms if ms > 60_000 => Err(err(path, "must be at most 60000 (one minute)")),
+        ms => Ok(Duration::from_millis(ms)),
+    }
+}
+
+fn status(v: Option<u16>, default: u16, path: &str) -> Result<u16, ConfigError> {
+    let s = v.unwrap_or(default);
+    if !(200..=599).contains(&s) {
+        return Err(err(
+            path,
+            format!("{s} is not an HTTP status from 200 to 599"),
+        ));
+    }
+    Ok(s)
+}
+
+fn pointer(p: &str, path: &str) -> Result<(), ConfigError> {
+    if !p.starts_with('/') {
+        return Err(err(
+            path,
+            format!("`{p}` is not a JSON pointer: it must start with `/`"),
+        ));
+    }
+    Ok(())
+}
+
+fn rule(name: &str, r: RuleDto) -> Result<Rule, ConfigError> {
+    let set: Vec<&str> = [
+        ("header", r.header.is_some()),
+        ("query", r.query.is_some()),
+        ("path", r.path.is_some()),
+        ("jwtClaim", r.jwt_claim.is_some()),
+        ("body", r.body.is_some()),
+        ("constant", r.constant.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(k, on)| on.then_some(k))
+    .collect();
+    if set.len() != 1 {
+        return Err(err(
+            name,
+            format!(
+                "set exactly one of header, query, path, jwtClaim, body, constant (found {})",
+                if set.is_empty() {
+                    "none".to_string()
+                } else {
+                    set.join(", ")
+                }
+            ),
+        ));
+    }
+    if r.group.is_some() && r.path.is_none() {
+        return Err(err(
+            format!("{name}.group"),
+            "only a `path` rule has a group",
+        ));
+    }
+    if r.jwt_metadata.is_some() && r.jwt_claim.is_none() {
+        return Err(err(
+            format!("{name}.jwtMetadata"),
+            "only a `jwtClaim` rule reads jwt_authn metadata",
+        ));
+    }
+    let source = if let Some(h) = r.header {
+        if h.is_empty() {
+            return Err(err(format!("{name}.header"), "is empty"));
+        }
+        Source::Header(h.to_ascii_lowercase())
+    } else if let Some(q) = r.query {
+        Source::Query(q)
+    } else if let Some(p) = r.path {
+        let regex = Regex::new(&p)
+            .map_err(|e| err(format!("{name}.path"), format!("not a valid regex: {e}")))?;
+        let group = r.group.ok_or_else(|| {
+            err(
+                format!("{name}.group"),
+                "a `path` rule names the capture group that holds the value",
+            )
+        })?;
+        if !regex.capture_names().flatten().any(|n| n == group) {
+            return Err(err(
+                format!("{name}.group"),
+                format!("the regex has no capture group named `{group}`"),
+            ));
+        }
+        Source::Path { regex, group }
+    } else if let Some(claim) = r.jwt_claim {
+        if claim.is_empty() {
+            return Err(err(format!("{name}.jwtClaim"), "is empty"));
+        }
+        Source::JwtClaim {
+            claim,
+            metadata: r.jwt_metadata,
+        }
+    } else if let Some(b) = r.body {
+        pointer(&b, &format!("{name}.body"))?;
+        Source::Body(b)
+    } else if let Some(c) = r.constant {
+        Source::Constant(c)
+    } else {
+        return Err(err(name, "no source"));
+    };
+    Ok(Rule {
+        name: name.to_string(),
+        source,
+        default: r.default,
+        required: r.required,
+    })
+}
+
+/// Per-route settings from the route's metadata, `filter_metadata["tollgate"]`.
+#[derive(Debug, Default, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteOverride {
+    #[serde(default)]
+    pub fail_mode: Option<FailMode>,
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub fail_status: Option<u16>,
+    /// Skip the filter on this route.
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+impl RouteOverride {
+    /// Reads the override from route metadata converted to JSON.
+    pub fn from_json(v: serde_json::Value) -> Result<Self, ConfigError> {
+        let o: Self = serde_path_to_error::deserialize(v).map_err(|e| {
+            let path = format!("route metadata tollgate.{}", e.path());
+            err(path, e.into_inner().to_string())
+        })?;
+        if let Some(ms) = o.timeout_ms {
+            timeout_ms(
+                Some(ms),
+                DEFAULT_TIMEOUT_MS,
+                "route metadata tollgate.timeoutMs",
+            )?;
+        }
+        if let Some(s) = o.fail_status {
+            status(Some(s), 503, "route metadata tollgate.failStatus")?;
+        }
+        Ok(o)
+    }
+}
+
+/// The settings one request runs with: the filter's, with the route's override applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Effective {
+    pub fail_mode: FailMode,
+    pub fail_status: u16,
+    pub timeout: Duration,
+}
+
+impl FilterConfig {
+    pub fn effective(&self, o: Option<&RouteOverride>) -> Effective {
+        Effective {
+            fail_mode: o.and_then(|o| o.fail_mode).unwrap_or(self.fail_mode),
+            fail_status: o.and_then(|o| o.fail_status).unwrap_or(self.fail_status),
+            timeout: o
+                .and_then(|o| o.timeout_ms)
+                .map_or(self.timeout, Duration::from_millis),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<FilterConfig, ConfigError> {
+        FilterConfig::parse(s.as_bytes())
+    }
+
+    #[test]
+    fn a_full_config_parses() {
+        let c = parse(
+            r#"{
+              "sidecar": {"cluster": "tollgate", "timeoutMs": 150},
+              "failMode": "open",
+              "customer": {"header": "X-Tollgate-Customer", "required": true},
+              "feature": {"constant": "ai-tokens"},
+              "usage": {"body": "/max_tokens", "default": "256"},
+              "dimensions": {
+                "teamId": {"path": "^/teams/(?P<team>[^/]+)/", "group": "team"},
+                "userId": {"jwtClaim": "sub"},
+                "model": {"body": "/model"},
+                "region": {"query": "region", "default": "eu"}
+              },
+              "settlement": {"onUnknownUsage": "keep"}
+            }"#,
+        )
+        .unwrap();
+        assert_eq!(c.timeout, Duration::from_millis(150));
+        assert_eq!(c.fail_mode, FailMode::Open);
+        assert!(
+            matches!(c.customer.as_ref().unwrap().source, Source::Header(ref h) if h == "x-tollgate-customer")
+        );
+        assert!(c.needs_body());
+        assert_eq!(c.dimensions.len(), 4);
+        assert_eq!(c.settlement.on_unknown_usage, OnUnknownUsage::Keep);
+        assert_eq!(c.fail_status, 503);
+    }
+
+    #[test]
+    fn errors_name_the_place() {
+        let cases = [
+            (r#"{}"#, "missing field `sidecar`"),
+            (r#"{"sidecar": {"cluster": ""}}"#, "sidecar.cluster"),
+            (
+                r#"{"sidecar": {"cluster": "t"}, "failMode": "maybe"}"#,
+                "failMode",
+            ),
+            (
+                r#"{"sidecar": {"cluster": "t"}, "customer": {}}"#,
+                "found none",
+            ),
+            (
+                r#"{"sidecar": {"cluster": "t"}, "customer": {"header": "a", "query": "b"}}"#,
+                "found header, query",
+            ),
+            (
+                r#"{"sidecar": {"cluster": "t"}, "dimensions": {"t": {"path": "(", "group": "x"}}}"#,
+                "dimensions.t.path",
+            ),
+            (
+                r#"{"sidecar": {"cluster": "t"}, "dimensions": {"t": {"path": "^/(?P<a>x)", "group": "b"}}}"#,
+                "no capture group named `b`",
+            ),
+            (
+                r#"{"sidecar": {"cluster": "t"}, "usage": {"body": "max_tokens"}}"#,
+                "JSON pointer",
+            ),
+            (
+                r#"{"sidecar": {"cluster": "t"}, "usage": {"constant": "1", "default": "x"}}"#,
+                "usage.default",
+            ),
+            (
+                r#"{"sidecar": {"cluster": "t"}, "failStatus": 99}"#,
+                "failStatus",
+            ),
+            (
+                r#"{"sidecar": {"cluster": "t", "timeoutMs": 0}}"#,
+                "sidecar.timeoutMs",
+            ),
+            (
+                r#"{"sidecar": {"cluster": "t"}, "bogus": 1}"#,
+                "unknown field `bogus`",
+            ),
+            (r#"not json"#, "expected"),
+        ];
+        for (text, want) in cases {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn route_overrides_apply_over_the_filter() {
+        let c = parse(r#"{"sidecar": {"cluster": "t"}}"#).unwrap();
+        let o = RouteOverride::from_json(serde_json::json!({"failMode": "open", "timeoutMs": 50}))
+            .unwrap();
+        let e = c.effective(Some(&o));
+        assert_eq!(e.fail_mode, FailMode::Open);
+        assert_eq!(e.timeout, Duration::from_millis(50));
+        assert_eq!(e.fail_status, 503);
+        assert_eq!(c.effective(None).fail_mode, FailMode::Closed);
+        let bad = RouteOverride::from_json(serde_json::json!({"failMode": 3})).unwrap_err();
+        assert!(bad.to_string().contains("tollgate.failMode"), "{bad}");
+    }
+}

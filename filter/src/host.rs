@@ -1,0 +1,551 @@
+//! The only module that calls the proxy-wasm host: contexts, headers, bodies, properties, the
+//! gRPC calls, local replies and stats. It moves data between Envoy and the plain modules.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::time::{Duration, SystemTime};
+
+use prost::Message;
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
+use serde_json::Value;
+use tollgate_proto::envoywire as wire;
+
+use crate::config::{Effective, FilterConfig, RouteOverride};
+use crate::decision::{self, FailAction, Failure, Reply, Verdict};
+use crate::extract::{self, BadInput, RequestView};
+use crate::pbjson::struct_to_json;
+use crate::settle::{self, Close, Tracker, Unknown};
+
+fn log(level: LogLevel, message: &str) {
+    let _ = hostcalls::log(level, message);
+}
+
+/// The filter's counters, as Envoy stats (`wasmcustom.tollgate.*`).
+#[derive(Debug, Default, Clone, Copy)]
+struct Stats {
+    granted: u32,
+    denied: u32,
+    bad_input: u32,
+    fail_open: u32,
+    fail_closed: u32,
+    settled: u32,
+    released: u32,
+    kept: u32,
+    usage_unknown: u32,
+    close_retried: u32,
+    close_failed: u32,
+}
+
+impl Stats {
+    fn define() -> Self {
+        let d = |name: &str| hostcalls::define_metric(MetricType::Counter, name).unwrap_or(0);
+        Self {
+            granted: d("tollgate.granted"),
+            denied: d("tollgate.denied"),
+            bad_input: d("tollgate.bad_input"),
+            fail_open: d("tollgate.fail_open"),
+            fail_closed: d("tollgate.fail_closed"),
+            settled: d("tollgate.settled"),
+            released: d("tollgate.released"),
+            kept: d("tollgate.hold_kept"),
+            usage_unknown: d("tollgate.usage_unknown"),
+            close_retried: d("tollgate.close_retried"),
+            close_failed: d("tollgate.close_failed"),
+        }
+    }
+
+    fn bump(id: u32) {
+        if id != 0 {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+}
+
+/// A hold to close, queued for the root context. Closes are sent from the root, not from the
+/// request's context: Envoy cancels a context's calls when its stream ends, and the response's
+/// end is exactly when the usage is known.
+#[derive(Debug, Clone)]
+struct CloseJob {
+    hold_id: String,
+    method: &'static str,
+    body: Vec<u8>,
+    attempt: u32,
+    not_before: SystemTime,
+}
+
+const CLOSE_ATTEMPTS: u32 = 4;
+const TICK: Duration = Duration::from_millis(10);
+
+#[derive(Debug)]
+struct Shared {
+    config: FilterConfig,
+    stats: Stats,
+    queue: RefCell<VecDeque<CloseJob>>,
+    ticking: RefCell<bool>,
+}
+
+impl Shared {
+    fn enqueue(&self, job: CloseJob) {
+        self.queue.borrow_mut().push_back(job);
+        if !*self.ticking.borrow() {
+            // Sets the tick of this VM's root context, whichever context calls it.
+            if hostcalls::set_tick_period(TICK).is_ok() {
+                *self.ticking.borrow_mut() = true;
+            }
+        }
+    }
+
+    fn close(&self, hold_id: &str, close: &Close, why: Option<Unknown>) {
+        if let Some(why) = why {
+            Stats::bump(self.stats.usage_unknown);
+            log(
+                LogLevel::Info,
+                &format!("hold {hold_id}: usage unknown ({why:?}); closing by policy: {close:?}"),
+            );
+        }
+        match settle::close_call(hold_id, close) {
+            Some((method, body)) => self.enqueue(CloseJob {
+                hold_id: hold_id.to_string(),
+                method,
+                body,
+                attempt: 0,
+                not_before: SystemTime::UNIX_EPOCH,
+            }),
+            None => Stats::bump(self.stats.kept),
+        }
+    }
+}
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        Box::new(Root { shared: None, inflight: HashMap::new() })
+    });
+}}
+
+/// The per-VM (per worker) root context: the config, the stats and the close queue.
+#[derive(Debug)]
+struct Root {
+    shared: Option<Rc<Shared>>,
+    inflight: HashMap<u32, CloseJob>,
+}
+
+impl Root {
+    fn retry_or_fail(&mut self, shared: &Shared, mut job: CloseJob, why: &str) {
+        job.attempt += 1;
+        if job.attempt >= CLOSE_ATTEMPTS {
+            Stats::bump(shared.stats.close_failed);
+            log(
+                LogLevel::Error,
+                &format!(
+                    "{} of hold {} failed {} times ({why}); the hold stays open until it expires",
+                    job.method, job.hold_id, job.attempt
+                ),
+            );
+            return;
+        }
+        Stats::bump(shared.stats.close_retried);
+        let now = hostcalls::get_current_time().unwrap_or(SystemTime::UNIX_EPOCH);
+        job.not_before = now + Duration::from_millis(100 << job.attempt);
+        shared.enqueue(job);
+    }
+}
+
+impl Context for Root {
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, _size: usize) {
+        let (Some(shared), Some(job)) = (self.shared.clone(), self.inflight.remove(&token_id))
+        else {
+            return;
+        };
+        if status_code == 0 {
+            Stats::bump(if job.method == "Settle" {
+                shared.stats.settled
+            } else {
+                shared.stats.released
+            });
+            return;
+        }
+        let (code, message) = hostcalls::get_grpc_status().unwrap_or((status_code, None));
+        // Status 5 (NOT_FOUND): the hold is gone (expired, or closed before); retrying cannot help.
+        if code == 5 {
+            log(
+                LogLevel::Warn,
+                &format!(
+                    "{} of hold {}: {}",
+                    job.method,
+                    job.hold_id,
+                    message.unwrap_or_default()
+                ),
+            );
+            Stats::bump(shared.stats.close_failed);
+            return;
+        }
+        let why = format!("gRPC status {code}: {}", message.unwrap_or_default());
+        self.retry_or_fail(&shared, job, &why);
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, size: usize) -> bool {
+        let bytes =
+            hostcalls::get_buffer(proxy_wasm::types::BufferType::PluginConfiguration, 0, size)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+        match FilterConfig::parse(&bytes) {
+            Ok(config) => {
+                self.shared = Some(Rc::new(Shared {
+                    config,
+                    stats: Stats::define(),
+                    queue: RefCell::new(VecDeque::new()),
+                    ticking: RefCell::new(false),
+                }));
+                true
+            }
+            Err(e) => {
+                // Returning false makes Envoy refuse the config: a bad filter config fails at
+                // load time, not on the first request.
+                log(LogLevel::Critical, &e.to_string());
+                false
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        let now = hostcalls::get_current_time().unwrap_or(SystemTime::UNIX_EPOCH);
+        let due: Vec<CloseJob> = {
+            let mut q = shared.queue.borrow_mut();
+            let (due, later): (VecDeque<_>, VecDeque<_>) =
+                q.drain(..).partition(|j| j.not_before <= now);
+            *q = later;
+            due.into()
+        };
+        for job in due {
+            match hostcalls::dispatch_grpc_call(
+                &shared.config.cluster,
+                settle::TOLLGATE_SERVICE,
+                job.method,
+                Vec::new(),
+                Some(&job.body),
+                shared.config.settlement.timeout,
+            ) {
+                Ok(token) => {
+                    self.inflight.insert(token, job);
+                }
+                Err(e) => self.retry_or_fail(&shared, job, &format!("dispatch: {e:?}")),
+            }
+        }
+        if shared.queue.borrow().is_empty() && hostcalls::set_tick_period(Duration::ZERO).is_ok() {
+            *shared.ticking.borrow_mut() = false;
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let shared = self.shared.clone()?;
+        Some(Box::new(Http {
+            shared,
+            effective: None,
+            awaiting_body: false,
+            response_headers: Vec::new(),
+            tracker: None,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+/// One request.
+#[derive(Debug)]
+struct Http {
+    shared: Rc<Shared>,
+    effective: Option<Effective>,
+    awaiting_body: bool,
+    response_headers: Vec<(String, String)>,
+    tracker: Option<Tracker>,
+}
+
+struct HostView;
+
+impl RequestView for HostView {
+    fn header(&self, name: &str) -> Option<String> {
+        hostcalls::get_map_value(proxy_wasm::types::MapType::HttpRequestHeaders, name)
+            .ok()
+            .flatten()
+    }
+
+    fn path(&self) -> Option<String> {
+        self.header(":path")
+    }
+
+    fn jwt_metadata(&self, key: &str) -> Option<Value> {
+        let bytes = hostcalls::get_property(vec![
+            "metadata",
+            "filter_metadata",
+            "envoy.filters.http.jwt_authn",
+            key,
+        ])
+        .ok()
+        .flatten()?;
+        prost_types::Struct::decode(bytes.as_slice())
+            .ok()
+            .map(|s| struct_to_json(&s))
+    }
+}
+
+impl Http {
+    fn reply(&self, r: &Reply) {
+        let headers: Vec<(&str, &str)> = r
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        if let Err(e) = hostcalls::send_http_response(r.status, headers, Some(&r.body)) {
+            log(
+                LogLevel::Error,
+                &format!("cannot send the local reply: {e:?}"),
+            );
+        }
+    }
+
+    fn bad_input(&self, bad: &BadInput) -> Action {
+        Stats::bump(self.shared.stats.bad_input);
+        self.reply(&decision::bad_input_reply(
+            self.shared.config.bad_input_status,
+            bad,
+        ));
+        Action::Pause
+    }
+
+    /// The route's override from `filter_metadata["tollgate"]`, if any.
+    fn route_override(&self) -> Option<RouteOverride> {
+        let bytes = hostcalls::get_property(vec!["xds", "route_metadata"])
+            .ok()
+            .flatten()?;
+        let meta = wire::Metadata::decode(bytes.as_slice()).ok()?;
+        let s = meta.filter_metadata.get("tollgate")?;
+        match RouteOverride::from_json(struct_to_json(s)) {
+            Ok(o) => Some(o),
+            Err(e) => {
+                log(
+                    LogLevel::Error,
+                    &format!("{e}; the filter's own settings apply"),
+                );
+                None
+            }
+        }
+    }
+
+    fn decide(&mut self, body: Option<&Value>) -> Action {
+        let x = match extract::extract(&self.shared.config, &HostView, body) {
+            Ok(x) => x,
+            Err(bad) => return self.bad_input(&bad),
+        };
+        let info = decision::RequestInfo {
+            id: HostView.header("x-request-id").unwrap_or_default(),
+            method: HostView.header(":method").unwrap_or_default(),
+            path: HostView.path().unwrap_or_default(),
+            host: HostView.header(":authority").unwrap_or_default(),
+        };
+        let message = decision::check_request(&x, &info);
+        let timeout = self.effective().timeout;
+        match hostcalls::dispatch_grpc_call(
+            &self.shared.config.cluster,
+            decision::AUTHZ_SERVICE,
+            decision::AUTHZ_METHOD,
+            Vec::new(),
+            Some(&message),
+            timeout,
+        ) {
+            Ok(_) => Action::Pause,
+            // An unknown cluster fails here, synchronously.
+            Err(e) => self.fail(&Failure::Dispatch(format!(
+                "{e:?} (is cluster `{}` defined?)",
+                self.shared.config.cluster
+            ))),
+        }
+    }
+
+    fn effective(&self) -> Effective {
+        self.effective
+            .unwrap_or_else(|| self.shared.config.effective(None))
+    }
+
+    /// Applies the fail mode; returns the action for a callback that can still return one.
+    fn fail(&mut self, failure: &Failure) -> Action {
+        log(LogLevel::Warn, &format!("{failure}"));
+        match decision::on_failure(&self.effective(), failure) {
+            FailAction::Open(mark) => {
+                Stats::bump(self.shared.stats.fail_open);
+                self.set_http_request_header(decision::HEADER_UNCHECKED, Some(&mark));
+                Action::Continue
+            }
+            FailAction::Closed(reply) => {
+                Stats::bump(self.shared.stats.fail_closed);
+                self.reply(&reply);
+                Action::Pause
+            }
+        }
+    }
+
+    fn close(&mut self, outcome: Option<(Close, Option<Unknown>)>) {
+        if let (Some((close, why)), Some(t)) = (outcome, self.tracker.as_ref()) {
+            self.shared.close(t.hold_id(), &close, why);
+        }
+    }
+}
+
+impl Context for Http {
+    fn on_grpc_call_response(&mut self, _token_id: u32, status_code: u32, size: usize) {
+        let verdict = if status_code != 0 {
+            let (code, message) = hostcalls::get_grpc_status().unwrap_or((status_code, None));
+            Verdict::Fail(Failure::from_grpc(code, message))
+        } else {
+            let body = self
+                .get_grpc_call_response_body(0, size)
+                .unwrap_or_default();
+            decision::verdict(&body, self.shared.config.upstream_headers)
+        };
+        match verdict {
+            Verdict::Grant(g) => {
+                Stats::bump(self.shared.stats.granted);
+                for name in &g.remove_headers {
+                    self.set_http_request_header(name, None);
+                }
+                for (k, v) in &g.upstream_headers {
+                    self.set_http_request_header(k, Some(v));
+                }
+                self.response_headers = g.response_headers;
+                if self.shared.config.settlement.enabled {
+                    self.tracker = g.hold_id.map(Tracker::new);
+                }
+                self.resume_http_request();
+            }
+            Verdict::Deny(reply) => {
+                Stats::bump(self.shared.stats.denied);
+                self.reply(&reply);
+            }
+            Verdict::Fail(f) => {
+                if self.fail(&f) == Action::Continue {
+                    self.resume_http_request();
+                }
+            }
+        }
+    }
+}
+
+impl HttpContext for Http {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let o = self.route_override();
+        if o.as_ref().is_some_and(|o| o.disabled) {
+            return Action::Continue;
+        }
+        self.effective = Some(self.shared.config.effective(o.as_ref()));
+        let config = &self.shared.config;
+        if config.needs_body() && !end_of_stream {
+            let limit = config.max_body_bytes;
+            if let Some(len) = HostView
+                .header("content-length")
+                .and_then(|l| l.trim().parse::<usize>().ok())
+                && len > limit
+            {
+                return self.bad_input(&BadInput::BodyTooLarge { limit });
+            }
+            self.awaiting_body = true;
+            return Action::Pause;
+        }
+        self.decide(None)
+    }
+
+    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if !self.awaiting_body {
+            return Action::Continue;
+        }
+        let limit = self.shared.config.max_body_bytes;
+        if size > limit {
+            self.awaiting_body = false;
+            return self.bad_input(&BadInput::BodyTooLarge { limit });
+        }
+        if !end_of_stream {
+            // Envoy keeps buffering; the whole body arrives with end_of_stream.
+            return Action::Pause;
+        }
+        self.awaiting_body = false;
+        let bytes = self.get_http_request_body(0, size).unwrap_or_default();
+        match extract::parse_body(&bytes) {
+            Ok(body) => self.decide(body.as_ref()),
+            Err(bad) => self.bad_input(&bad),
+        }
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        if self.awaiting_body {
+            self.awaiting_body = false;
+            let bytes = self
+                .get_http_request_body(0, usize::MAX)
+                .unwrap_or_default();
+            return match extract::parse_body(&bytes) {
+                Ok(body) => self.decide(body.as_ref()),
+                Err(bad) => self.bad_input(&bad),
+            };
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        for (k, v) in std::mem::take(&mut self.response_headers) {
+            self.set_http_response_header(&k, Some(&v));
+        }
+        let Some(t) = self.tracker.as_mut() else {
+            return Action::Continue;
+        };
+        let s = &self.shared.config.settlement;
+        let status = HostViewResponse::header(":status").and_then(|v| v.parse().ok());
+        let ct = HostViewResponse::header("content-type");
+        let usage = s.header.as_deref().and_then(HostViewResponse::header);
+        let outcome = t.on_headers(s, status, ct.as_deref(), usage.as_deref(), end_of_stream);
+        self.close(outcome);
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if self.tracker.is_none() {
+            return Action::Continue;
+        }
+        let chunk = if size > 0 {
+            self.get_http_response_body(0, size).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let s = &self.shared.config.settlement;
+        let outcome = self
+            .tracker
+            .as_mut()
+            .and_then(|t| t.on_body(s, &chunk, end_of_stream));
+        self.close(outcome);
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        let s = &self.shared.config.settlement;
+        let outcome = self.tracker.as_mut().and_then(|t| t.on_end(s));
+        self.close(outcome);
+    }
+}
+
+struct HostViewResponse;
+
+impl HostViewResponse {
+    fn header(name: &str) -> Option<String> {
+        hostcalls::get_map_value(proxy_wasm::types::MapType::HttpResponseHeaders, name)
+            .ok()
+            .flatten()
+    }
+}
