@@ -57,7 +57,8 @@ fn usage_json(prompt: u64, completion: u64) -> Value {
 }
 
 /// Request headers echoed back as `x-echo-<name>`, so a test can see what reached the upstream.
-const ECHOED: [&str; 4] = [
+const ECHOED: [&str; 5] = [
+    "x-envoy-auth-failure-mode-allowed",
     "x-tollgate-hold-id",
     "x-tollgate-remaining",
     "x-tollgate-unchecked",

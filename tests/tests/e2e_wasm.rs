@@ -1,0 +1,399 @@
+//! End to end through real Envoy with the release WASM filter, the real sidecar binary and the
+//! mock OpenAI upstream, all on loopback: decisions, the hierarchy, racing agents, settlement,
+//! fail modes (sidecar killed, hung, missing HTTP/2, unknown cluster) and malformed input.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::{RESEARCH_CAP, Stack, chat_body, jwt, true_usage};
+
+const FILTER: &str = "wasm-filter.yaml";
+const COMPLETIONS: &str = "/v1/chat/completions";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_then_denies_at_the_team_cap_though_the_user_has_budget() {
+    let s = Stack::start(FILTER);
+    let alice = jwt(json!({"sub": "alice"}));
+    let headers = [
+        ("x-tollgate-customer", "acme"),
+        ("authorization", alice.as_str()),
+    ];
+    // Each request holds 100 and settles to its true usage (1 + 24).
+    let mut spent = 0;
+    let mut denial = None;
+    for _ in 0..40 {
+        let r = s.chat(COMPLETIONS, &headers, &chat_body(1, 100)).await;
+        match r.status {
+            200 => {
+                assert!(r.header("ratelimit-remaining").is_some(), "{:?}", r.headers);
+                assert!(
+                    r.header("x-echo-x-tollgate-hold-id").is_some(),
+                    "the upstream saw no hold id: {:?}",
+                    r.headers
+                );
+                spent += r.total_tokens();
+                s.usage_settles_at("acme", json!({"userId": "alice"}), "research-daily", spent)
+                    .await;
+            }
+            429 => {
+                denial = Some(r);
+                break;
+            }
+            other => panic!("unexpected {other}: {}", r.text),
+        }
+    }
+    let denial = denial.expect("the team cap never denied");
+    assert!(
+        spent + 100 > RESEARCH_CAP && spent <= RESEARCH_CAP,
+        "spent {spent}"
+    );
+    let body = denial.json();
+    assert_eq!(body["error"], "usage_limit_exceeded");
+    assert_eq!(body["entityType"], "team");
+    assert_eq!(body["entityId"], "research");
+    assert_eq!(body["limitId"], "research-daily");
+    for h in [
+        "ratelimit-limit",
+        "ratelimit-remaining",
+        "ratelimit-reset",
+        "retry-after",
+    ] {
+        assert!(
+            denial.header(h).is_some(),
+            "denial lacks {h}: {:?}",
+            denial.headers
+        );
+    }
+    // Alice's own budget is far from used: the team is what blocked.
+    let user = s
+        .usage("acme", json!({"userId": "alice"}), "user-daily")
+        .await;
+    assert_eq!(user, spent);
+    assert!(user < 10_000);
+    // Another team of the same customer still gets through.
+    let bob = jwt(json!({"sub": "bob"}));
+    let r = s
+        .chat(
+            COMPLETIONS,
+            &[
+                ("x-tollgate-customer", "acme"),
+                ("authorization", bob.as_str()),
+            ],
+            &chat_body(1, 100),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(s.envoy.stat("wasmcustom.tollgate.denied").unwrap() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_agents_racing_one_cap_never_overspend_it() {
+    let s = Arc::new(Stack::start(FILTER));
+    let granted = Arc::new(AtomicU64::new(0));
+    let denied = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for agent in 0..40 {
+        let (s, granted, denied) = (s.clone(), granted.clone(), denied.clone());
+        tasks.spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            // Bounded: at most 30 requests per agent, stop after 3 denials.
+            let mut denials = 0;
+            for _ in 0..30 {
+                if denials >= 3 || Instant::now() > deadline {
+                    break;
+                }
+                let words = 1 + agent % 5;
+                let r = s
+                    .chat(
+                        COMPLETIONS,
+                        &[("x-tollgate-customer", "globex"), ("x-team-id", "labs")],
+                        &chat_body(words, 40),
+                    )
+                    .await;
+                match r.status {
+                    200 => {
+                        granted.fetch_add(r.total_tokens(), Ordering::Relaxed);
+                    }
+                    429 => {
+                        denials += 1;
+                        denied.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => panic!("agent {agent}: unexpected {other}: {}", r.text),
+                }
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    let total = granted.load(Ordering::Relaxed);
+    assert!(
+        total <= support::GLOBEX_CAP,
+        "granted {total} tokens past the cap"
+    );
+    assert!(
+        denied.load(Ordering::Relaxed) > 0,
+        "the cap was never reached"
+    );
+    // Every grant settled: the counter is exactly the usage the upstream reported.
+    s.usage_settles_at("globex", json!({"teamId": "labs"}), "globex-daily", total)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_and_sse_responses_settle_to_the_true_usage() {
+    let s = Stack::start(FILTER);
+    let h = [("x-tollgate-customer", "initech"), ("x-team-id", "ops")];
+    let dims = json!({"teamId": "ops"});
+    // JSON: holds 500, settles to 3 + 24.
+    let r = s.chat(COMPLETIONS, &h, &chat_body(3, 500)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.total_tokens(), true_usage(3, 500));
+    let mut want = true_usage(3, 500);
+    s.usage_settles_at("initech", dims.clone(), "initech-daily", want)
+        .await;
+
+    // SSE with include_usage: the last chunk's usage.
+    let mut body = chat_body(4, 10);
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let r = s.chat(COMPLETIONS, &h, &body).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    assert!(r.text.contains("data: [DONE]"));
+    want += true_usage(4, 10);
+    s.usage_settles_at("initech", dims.clone(), "initech-daily", want)
+        .await;
+
+    // A stream with no usage chunk: released by policy, nothing charged.
+    body["stream_options"] = json!({"include_usage": false});
+    let r = s.chat(COMPLETIONS, &h, &body).await;
+    assert_eq!(r.status, 200);
+    // An upstream error: released.
+    let r = s
+        .chat(
+            COMPLETIONS,
+            &[h[0], h[1], ("x-mock-status", "500")],
+            &chat_body(1, 50),
+        )
+        .await;
+    assert_eq!(r.status, 500);
+    // A stream that breaks before its usage: released.
+    body["stream_options"] = json!({"include_usage": true});
+    let _ = s
+        .chat(COMPLETIONS, &[h[0], h[1], ("x-mock-break", "1")], &body)
+        .await;
+    s.usage_settles_at("initech", dims, "initech-daily", want)
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.envoy.stat("wasmcustom.tollgate.released").unwrap() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the three holds were not released"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        s.envoy.stat("wasmcustom.tollgate.usage_unknown").unwrap(),
+        3
+    );
+    assert_eq!(s.envoy.stat("wasmcustom.tollgate.settled").unwrap(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_sidecar_fails_closed_with_503_and_open_marked() {
+    let mut s = Stack::start(FILTER);
+    let h = [("x-tollgate-customer", "initech"), ("x-team-id", "ops")];
+    assert_eq!(s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await.status, 200);
+    s.sidecar.proc.signal("KILL").unwrap();
+    s.sidecar.proc.kill();
+
+    let closed = s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await;
+    assert_eq!(closed.status, 503, "{}", closed.text);
+    assert_eq!(closed.json()["error"], "usage_check_unavailable");
+    assert_eq!(closed.json()["reason"], "unavailable");
+
+    let open = s
+        .chat("/open/v1/chat/completions", &h, &chat_body(1, 5))
+        .await;
+    assert_eq!(open.status, 200, "{}", open.text);
+    assert_eq!(
+        open.header("x-echo-x-tollgate-unchecked"),
+        Some("sidecar-unavailable"),
+        "the upstream did not see the request marked: {:?}",
+        open.headers
+    );
+    assert_eq!(s.envoy.stat("wasmcustom.tollgate.fail_closed").unwrap(), 1);
+    assert_eq!(s.envoy.stat("wasmcustom.tollgate.fail_open").unwrap(), 1);
+    assert_eq!(s.envoy.stat("wasmcustom.tollgate.denied").unwrap(), 0);
+}
+
+/// A socket that accepts connections and never answers.
+fn hung_listener() -> (std::net::TcpListener, u16) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    (l, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_sidecar_is_timed_out_per_route_fail_mode() {
+    let (hung, port) = hung_listener();
+    // Keep accepted connections open, answering nothing.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in hung.incoming().take(64).flatten() {
+            held.push(c);
+        }
+    });
+    let s = Stack::start_with(FILTER, |c| {
+        // Point the sidecar cluster at the silent socket.
+        let marker = "port_value: ";
+        let cluster = c.find("name: tollgate\n").unwrap();
+        let at = cluster + c[cluster..].find(marker).unwrap() + marker.len();
+        let end = at + c[at..].find(' ').unwrap();
+        format!("{}{port}{}", &c[..at], &c[end..])
+    });
+    let h = [("x-tollgate-customer", "initech"), ("x-team-id", "ops")];
+    let started = Instant::now();
+    let closed = s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await;
+    let waited = started.elapsed();
+    assert_eq!(closed.status, 503, "{}", closed.text);
+    assert_eq!(closed.json()["reason"], "timeout", "{}", closed.text);
+    // The 250 ms filter timeout applied, not the route's 300 s nor the client's 30 s.
+    assert!(waited >= Duration::from_millis(200), "{waited:?}");
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    let open = s
+        .chat("/open/v1/chat/completions", &h, &chat_body(1, 5))
+        .await;
+    assert_eq!(open.status, 200);
+    assert_eq!(
+        open.header("x-echo-x-tollgate-unchecked"),
+        Some("sidecar-timeout")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_http2_and_an_unknown_cluster_follow_the_fail_mode() {
+    // Without HTTP/2 on the sidecar cluster, every gRPC call fails.
+    let s = Stack::start_with(FILTER, |c| {
+        c.replace("http2_protocol_options: {}", "http_protocol_options: {}")
+    });
+    let h = [("x-tollgate-customer", "initech"), ("x-team-id", "ops")];
+    let r = s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await;
+    assert_eq!(r.status, 503, "{}", r.text);
+    let r = s
+        .chat("/open/v1/chat/completions", &h, &chat_body(1, 5))
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(r.header("x-echo-x-tollgate-unchecked").is_some());
+    drop(s);
+
+    // A filter pointed at a cluster that does not exist fails at dispatch.
+    let s = Stack::start_with(FILTER, |c| {
+        c.replace(
+            r#""cluster": "tollgate""#,
+            r#""cluster": "no-such-cluster""#,
+        )
+    });
+    let r = s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await;
+    assert_eq!(r.status, 503, "{}", r.text);
+    assert_eq!(r.json()["reason"], "dispatch_failed");
+    let r = s
+        .chat("/open/v1/chat/completions", &h, &chat_body(1, 5))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("x-echo-x-tollgate-unchecked"),
+        Some("sidecar-dispatch-failed")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_is_refused_before_any_decision() {
+    let s = Stack::start(FILTER);
+    let ok = [("x-tollgate-customer", "initech"), ("x-team-id", "ops")];
+    let before = s.sidecar_decisions().await;
+
+    let r = s
+        .chat(COMPLETIONS, &[("x-team-id", "ops")], &chat_body(1, 5))
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["reason"], "missing_value");
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("x-tollgate-customer")
+    );
+
+    let r = s
+        .chat(
+            COMPLETIONS,
+            &ok,
+            &json!({"model": "m", "max_tokens": "lots"}),
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["reason"], "not_a_number");
+
+    let big = json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x".repeat(300_000)}]});
+    let r = s.chat(COMPLETIONS, &ok, &big).await;
+    assert_eq!(r.status, 413, "{}", r.text);
+    assert_eq!(r.json()["reason"], "body_too_large");
+
+    let r = s
+        .http
+        .post(format!("{}{COMPLETIONS}", s.envoy.url))
+        .header("x-tollgate-customer", "initech")
+        .header("content-type", "application/json")
+        .body("{\"model\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["reason"], "body_not_json");
+
+    for token in [
+        "Bearer not-a-jwt",
+        "Bearer a.%%%.c",
+        "Bearer a.bm90LWpzb24.c",
+    ] {
+        let r = s
+            .chat(
+                COMPLETIONS,
+                &[ok[0], ok[1], ("authorization", token)],
+                &chat_body(1, 5),
+            )
+            .await;
+        assert_eq!(r.status, 400, "{token}: {}", r.text);
+        assert_eq!(r.json()["reason"], "bad_jwt");
+    }
+    assert_eq!(
+        s.sidecar_decisions().await,
+        before,
+        "the sidecar was called"
+    );
+    assert_eq!(s.envoy.stat("wasmcustom.tollgate.bad_input").unwrap(), 7);
+    // The same stack still serves good requests.
+    assert_eq!(s.chat(COMPLETIONS, &ok, &chat_body(1, 5)).await.status, 200);
+}
+
+#[test]
+fn a_bad_filter_config_stops_envoy_at_load_with_the_reason() {
+    let mock = tollgate_tests::harness::MockLlm::start().unwrap();
+    let config = tollgate_tests::harness::envoy_config(FILTER, 9, mock.port().unwrap())
+        .unwrap()
+        .replace(r#""failMode": "closed""#, r#""failMode": "sometimes""#);
+    let e = tollgate_tests::harness::Envoy::start(&config).unwrap_err();
+    let text = format!("{e:#}");
+    assert!(
+        text.contains("tollgate filter config: at `failMode`"),
+        "Envoy's log does not name the problem:\n{text}"
+    );
+}

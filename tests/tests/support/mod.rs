@@ -1,0 +1,233 @@
+//! Shared set-up for the end-to-end tests: the sidecar config, the process trio, requests.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+use tollgate_tests::harness::{Envoy, MockLlm, Sidecar, envoy_config};
+
+pub const OPERATOR: &str = "demo-operator-token";
+pub const RESEARCH_CAP: u64 = 300;
+pub const GLOBEX_CAP: u64 = 2000;
+
+/// acme: org → research/sales → users; globex: one org cap raced by agents; initech: roomy.
+pub const SIDECAR: &str = r#"
+holdTtl: PT5M
+entityTypes:
+  - name: organization
+  - name: team
+    parents: [organization]
+  - name: user
+    parents: [team]
+attribution:
+  - dimension: userId
+    entityType: user
+  - dimension: teamId
+    entityType: team
+features:
+  - id: ai-tokens
+customers:
+  - id: acme
+    entities:
+      - { id: acme, type: organization }
+      - { id: research, type: team, parent: acme }
+      - { id: sales, type: team, parent: acme }
+      - { id: alice, type: user, parent: research }
+      - { id: carol, type: user, parent: research }
+      - { id: bob, type: user, parent: sales }
+    limits:
+      - { id: org-daily, entity: acme, feature: ai-tokens, kind: quota, limit: 1000000, period: P1D }
+      - { id: research-daily, entity: research, feature: ai-tokens, kind: quota, limit: 300, period: P1D }
+      - { id: user-daily, entityType: user, feature: ai-tokens, kind: quota, limit: 10000, period: P1D }
+  - id: globex
+    entities:
+      - { id: globex, type: organization }
+      - { id: labs, type: team, parent: globex }
+    limits:
+      - { id: globex-daily, entity: globex, feature: ai-tokens, kind: quota, limit: 2000, period: P1D }
+  - id: initech
+    entities:
+      - { id: initech, type: organization }
+      - { id: ops, type: team, parent: initech }
+    limits:
+      - { id: initech-daily, entity: initech, feature: ai-tokens, kind: quota, limit: 1000000, period: P1D }
+server:
+  listeners: { extAuthz: "127.0.0.1:0", grpc: "127.0.0.1:0", http: "127.0.0.1:0" }
+  credentials:
+    operatorTokenSha256: 61112491d046c3f6f8ab801f170d9b2d0c734a17ceff60dee92123fb507cfc3f
+  extAuthz:
+    customer: { header: x-tollgate-customer }
+    usage: { header: x-tollgate-usage }
+    dimensions:
+      userId: { header: x-user-id }
+      teamId: { header: x-team-id }
+  logging: { level: warn }
+"#;
+
+/// The sidecar, the mock upstream and Envoy on `envoy/<file>`.
+pub struct Stack {
+    pub sidecar: Sidecar,
+    pub mock: MockLlm,
+    pub envoy: Envoy,
+    pub http: reqwest::Client,
+}
+
+impl Stack {
+    pub fn start(file: &str) -> Self {
+        Self::start_with(file, |c| c)
+    }
+
+    /// Starts with the rendered Envoy config changed by `edit`.
+    pub fn start_with(file: &str, edit: impl FnOnce(String) -> String) -> Self {
+        let sidecar = Sidecar::start(SIDECAR).unwrap();
+        let mock = MockLlm::start().unwrap();
+        let config = envoy_config(
+            file,
+            sidecar.ext_authz_port().unwrap(),
+            mock.port().unwrap(),
+        )
+        .unwrap();
+        let envoy = Envoy::start(&edit(config)).unwrap();
+        Self {
+            sidecar,
+            mock,
+            envoy,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    /// A chat completion through Envoy.
+    pub async fn chat(&self, path: &str, headers: &[(&str, &str)], body: &Value) -> Reply {
+        let mut req = self
+            .http
+            .post(format!("{}{path}", self.envoy.url))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        Reply::from(req.send().await.unwrap()).await
+    }
+
+    /// A limit's current usage, by a dry-run check that holds nothing.
+    pub async fn usage(&self, customer: &str, dims: Value, limit_id: &str) -> u64 {
+        let v: Value = self
+            .http
+            .post(format!(
+                "http://{}/v1/customers/{customer}/entitlements/check",
+                self.sidecar.http
+            ))
+            .bearer_auth(OPERATOR)
+            .json(&json!({"featureId": "ai-tokens", "requestedUsage": 0, "dimensions": dims, "dryRun": true}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["chain"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no chain in {v}"))
+            .iter()
+            .find(|e| e["limitId"] == limit_id)
+            .unwrap_or_else(|| panic!("no {limit_id} in {v}"))["currentUsage"]
+            .as_u64()
+            .unwrap()
+    }
+
+    /// Waits (bounded) until the limit's usage is `want`; settles arrive shortly after responses.
+    pub async fn usage_settles_at(&self, customer: &str, dims: Value, limit_id: &str, want: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = self.usage(customer, dims.clone(), limit_id).await;
+            if got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{limit_id} usage is {got}, expected {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The sidecar's decision counters, summed over outcomes.
+    pub async fn sidecar_decisions(&self) -> u64 {
+        let text = self
+            .http
+            .get(format!("http://{}/metrics", self.sidecar.http))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("tollgate_decisions_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub text: String,
+}
+
+impl Reply {
+    async fn from(r: reqwest::Response) -> Self {
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let text = r.text().await.unwrap_or_default();
+        Self {
+            status,
+            headers,
+            text,
+        }
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// `usage.total_tokens` of a JSON completion.
+    pub fn total_tokens(&self) -> u64 {
+        self.json()["usage"]["total_tokens"].as_u64().unwrap()
+    }
+}
+
+/// An unsigned JWT with `claims` (the filter reads claims; verifying is jwt_authn's job).
+pub fn jwt(claims: Value) -> String {
+    let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    format!(
+        "Bearer {}.{}.{}",
+        b(r#"{"alg":"none"}"#),
+        b(&claims.to_string()),
+        b("sig")
+    )
+}
+
+/// A chat body: `words` words of prompt, `max_tokens`.
+pub fn chat_body(words: usize, max_tokens: u64) -> Value {
+    json!({
+        "model": "gpt-4o-mini",
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": vec!["word"; words].join(" ")}],
+    })
+}
+
+/// The usage the mock reports for [`chat_body`].
+pub fn true_usage(words: usize, max_tokens: u64) -> u64 {
+    words.max(1) as u64 + max_tokens.min(24)
+}
