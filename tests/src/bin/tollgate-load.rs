@@ -49,6 +49,8 @@ struct Cli {
 enum Target {
     ExtAuthz,
     Http,
+    /// `POST /v1/chat/completions` through Envoy (or straight to the mock upstream).
+    Proxy,
 }
 
 #[derive(Debug, Subcommand)]
@@ -68,6 +70,21 @@ enum Cmd {
     },
     /// Drive load and print throughput and latency percentiles.
     Run(RunArgs),
+    /// Added latency through Envoy: no filter, the WASM filter + sidecar, native ext_authz +
+    /// sidecar, at each concurrency, in one run.
+    EnvoyBench {
+        #[arg(long, value_delimiter = ',', default_value = "1,16")]
+        concurrency: Vec<usize>,
+        #[arg(long, default_value_t = 20_000)]
+        requests: u64,
+        #[arg(long, default_value_t = 30)]
+        duration_secs: u64,
+        #[arg(long, default_value_t = 10_000)]
+        users: u64,
+        /// Rounds over the three paths; each round runs every path once, in turn.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+    },
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -126,7 +143,7 @@ fn config(customers: usize, max_users: usize) -> String {
     }
     let _ = write!(
         out,
-        "server:\n  listeners: {{ extAuthz: \"127.0.0.1:0\", grpc: \"127.0.0.1:0\", http: \"127.0.0.1:0\" }}\n  credentials:\n    operatorTokenSha256: {sha}\n  logging: {{ level: warn }}\n"
+        "server:\n  listeners: {{ extAuthz: \"127.0.0.1:0\", grpc: \"127.0.0.1:0\", http: \"127.0.0.1:0\" }}\n  credentials:\n    operatorTokenSha256: {sha}\n  extAuthz:\n    dimensions:\n      userId: {{ header: x-user-id }}\n  logging: {{ level: warn }}\n"
     );
     out
 }
@@ -233,7 +250,23 @@ impl Outcome {
 enum Client {
     Grpc(AuthorizationClient<Channel>),
     Http(reqwest::Client, String),
+    Proxy(reqwest::Client, String),
 }
+
+/// An unsigned JWT whose `sub` is `user`, as the WASM filter's `userId` rule reads it.
+fn bearer(user: &str) -> String {
+    use base64::Engine as _;
+    let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    format!(
+        "Bearer {}.{}.{}",
+        b(r#"{"alg":"none"}"#),
+        b(&format!(r#"{{"sub":"{user}"}}"#)),
+        b("bench")
+    )
+}
+
+const CHAT_BODY: &str =
+    r#"{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"Say hi"}]}"#;
 
 async fn run(args: &RunArgs, addr: &str) -> anyhow::Result<Outcome> {
     let connections = args.connections.clamp(1, args.concurrency.max(1));
@@ -249,6 +282,13 @@ async fn run(args: &RunArgs, addr: &str) -> anyhow::Result<Outcome> {
                 Client::Grpc(AuthorizationClient::new(channel))
             }
             Target::Http => Client::Http(
+                reqwest::Client::builder()
+                    .tcp_nodelay(true)
+                    .pool_max_idle_per_host(args.concurrency)
+                    .build()?,
+                addr.to_string(),
+            ),
+            Target::Proxy => Client::Proxy(
                 reqwest::Client::builder()
                     .tcp_nodelay(true)
                     .pool_max_idle_per_host(args.concurrency)
@@ -273,7 +313,7 @@ async fn run(args: &RunArgs, addr: &str) -> anyhow::Result<Outcome> {
             let client = &clients[w % clients.len()];
             let mut grpc = match client {
                 Client::Grpc(c) => Some(c.clone()),
-                Client::Http(..) => None,
+                Client::Http(..) | Client::Proxy(..) => None,
             };
             while issued.fetch_add(1, Ordering::Relaxed) < args.requests && Instant::now() < deadline {
                 let user = rng.next() % args.users.max(1);
@@ -307,6 +347,28 @@ async fn run(args: &RunArgs, addr: &str) -> anyhow::Result<Outcome> {
                                 true
                             }
                             _ => false,
+                        }
+                    }
+                    (Client::Proxy(c, addr), _) => {
+                        let r = c
+                            .post(format!("http://{addr}/v1/chat/completions"))
+                            .header("content-type", "application/json")
+                            .header("x-tollgate-customer", &customer)
+                            .header("x-user-id", &user)
+                            .header("authorization", bearer(&user))
+                            .body(CHAT_BODY)
+                            .send()
+                            .await;
+                        match r {
+                            Ok(r) => {
+                                let status = r.status().as_u16();
+                                let _ = r.bytes().await;
+                                if status == 429 {
+                                    denied += 1;
+                                }
+                                status == 200 || status == 429
+                            }
+                            Err(_) => false,
                         }
                     }
                     _ => false,
@@ -376,6 +438,13 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Noop { listen } => noop(&listen).await,
+        Cmd::EnvoyBench {
+            concurrency,
+            requests,
+            duration_secs,
+            users,
+            rounds,
+        } => envoy_bench(&concurrency, requests, duration_secs, users, rounds).await,
         Cmd::Run(args) => {
             if args.calibrate {
                 if args.target != Target::ExtAuthz {
@@ -401,6 +470,91 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Envoy's config with the Tollgate filter removed: the no-filter baseline.
+fn without_filter(config: &str) -> anyhow::Result<String> {
+    let start = config
+        .find("                  - name: tollgate\n")
+        .context("no tollgate filter in the config")?;
+    let end = config
+        .find("                  - name: envoy.filters.http.router")
+        .context("no router in the config")?;
+    Ok(format!("{}{}", &config[..start], &config[end..]))
+}
+
+async fn envoy_bench(
+    concurrency: &[usize],
+    requests: u64,
+    duration_secs: u64,
+    users: u64,
+    rounds: usize,
+) -> anyhow::Result<()> {
+    use tollgate_tests::harness::{Envoy, MockLlm, Sidecar, envoy_config};
+    let mock = MockLlm::start()?;
+    let sidecar = Sidecar::start(&config(10, 1_000_000))?;
+    let (sp, up) = (sidecar.ext_authz_port()?, mock.port()?);
+    let wasm_config = envoy_config("wasm-filter.yaml", sp, up)?;
+    let plain = Envoy::start(&without_filter(&wasm_config)?)?;
+    let wasm = Envoy::start(&wasm_config)?;
+    let native = Envoy::start(&envoy_config("native-ext-authz.yaml", sp, up)?)?;
+    let paths = [("no-filter", &plain), ("wasm", &wasm), ("native", &native)];
+    for &c in concurrency {
+        let mut best: HashMap<&str, Outcome> = HashMap::new();
+        for round in 0..rounds {
+            for (name, envoy) in paths {
+                let args = RunArgs {
+                    addr: envoy.url.trim_start_matches("http://").to_string(),
+                    target: Target::Proxy,
+                    concurrency: c,
+                    requests,
+                    duration_secs,
+                    connections: c,
+                    customers: 10,
+                    users,
+                    usage: 16,
+                    calibrate: false,
+                    label: format!("{name}#{round}"),
+                };
+                let o = run(&args, &args.addr).await?;
+                o.print(&args.label, &args);
+                if o.errors > 0 {
+                    bail!("{name}: {} errors", o.errors);
+                }
+                // Keep each path's round with the lower p50: the least disturbed by the rest
+                // of the machine.
+                let keep = best
+                    .get(name)
+                    .is_none_or(|b| o.hist.value_at_quantile(0.5) < b.hist.value_at_quantile(0.5));
+                if keep {
+                    best.insert(name, o);
+                }
+            }
+        }
+        let q = |name: &str, p: f64| {
+            best.get(name)
+                .map_or(0.0, |o| o.hist.value_at_quantile(p) as f64 / 1000.0)
+        };
+        println!("concurrency {c}: added over no-filter (ms)   p50     p99     p999");
+        for name in ["wasm", "native"] {
+            println!(
+                "  {name:<8}                              {:>7.3} {:>7.3} {:>7.3}",
+                q(name, 0.5) - q("no-filter", 0.5),
+                q(name, 0.99) - q("no-filter", 0.99),
+                q(name, 0.999) - q("no-filter", 0.999),
+            );
+        }
+        let ratio = |p: f64| {
+            (q("wasm", p) - q("no-filter", p)) / (q("native", p) - q("no-filter", p)).max(0.001)
+        };
+        println!(
+            "  wasm added / native added: p50 {:.2}x  p99 {:.2}x",
+            ratio(0.5),
+            ratio(0.99)
+        );
+    }
+    drop((plain, wasm, native, sidecar, mock));
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {

@@ -1,0 +1,287 @@
+//! The demo: real Envoy with Tollgate's WASM filter, the sidecar on the example config and a
+//! mock OpenAI upstream, all on loopback ports the OS picks. It sends requests for two teams of
+//! one customer until a team cap denies, shows a hold settled down to the true usage, then
+//! stops the sidecar and shows a fail-closed and a fail-open request. Everything it started is
+//! stopped on exit, on error and on Ctrl-C.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use tollgate_tests::harness::{Envoy, MockLlm, Sidecar, envoy_config, root};
+
+const OPERATOR: &str = "demo-operator-token";
+
+struct Demo {
+    sidecar: Sidecar,
+    _mock: MockLlm,
+    envoy: Envoy,
+    http: reqwest::Client,
+}
+
+/// The example config with its listeners moved to free ports.
+fn sidecar_config() -> anyhow::Result<String> {
+    let path = root().join("decision-server/examples/gateway-demo.yaml");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let mut doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)
+        .with_context(|| format!("{} is not YAML", path.display()))?;
+    let listeners = doc
+        .get_mut("server")
+        .and_then(|s| s.get_mut("listeners"))
+        .context("the example config has no server.listeners")?;
+    for name in ["extAuthz", "grpc", "http"] {
+        listeners[name] = serde_yaml_ng::Value::from("127.0.0.1:0");
+    }
+    Ok(serde_yaml_ng::to_string(&doc)?)
+}
+
+fn jwt(sub: &str) -> String {
+    use base64::Engine as _;
+    let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    format!(
+        "Bearer {}.{}.{}",
+        b(r#"{"alg":"none"}"#),
+        b(&json!({ "sub": sub }).to_string()),
+        b("demo")
+    )
+}
+
+impl Demo {
+    fn start() -> anyhow::Result<Self> {
+        let mock = MockLlm::start()?;
+        println!("  mock OpenAI upstream     http://{}", mock.addr);
+        let sidecar = Sidecar::start(&sidecar_config()?)?;
+        println!(
+            "  tollgate sidecar         ext_authz {}  http {}",
+            sidecar.ext_authz, sidecar.http
+        );
+        let envoy = Envoy::start(&envoy_config(
+            "wasm-filter.yaml",
+            sidecar.ext_authz_port()?,
+            mock.port()?,
+        )?)?;
+        println!(
+            "  envoy + WASM filter      {}  (admin {})",
+            envoy.url, envoy.admin
+        );
+        Ok(Self {
+            sidecar,
+            _mock: mock,
+            envoy,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()?,
+        })
+    }
+
+    async fn chat(
+        &self,
+        path: &str,
+        team: &str,
+        user: &str,
+        max_tokens: u64,
+        stream: bool,
+    ) -> anyhow::Result<(u16, reqwest::header::HeaderMap, String)> {
+        let mut body = json!({
+            "model": "gpt-4o-mini",
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": "Summarise the quarterly report in three bullet points"}],
+        });
+        if stream {
+            body["stream"] = json!(true);
+            body["stream_options"] = json!({"include_usage": true});
+        }
+        let r = self
+            .http
+            .post(format!("{}{path}", self.envoy.url))
+            .header("content-type", "application/json")
+            .header("x-tollgate-customer", "acme")
+            .header("x-team-id", team)
+            .header("authorization", jwt(user))
+            .body(body.to_string())
+            .send()
+            .await
+            .context("the request through Envoy failed")?;
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        Ok((status, headers, r.text().await?))
+    }
+
+    async fn team_usage(&self, team: &str, limit: &str) -> anyhow::Result<u64> {
+        let v: Value = self
+            .http
+            .post(format!(
+                "http://{}/v1/customers/acme/entitlements/check",
+                self.sidecar.http
+            ))
+            .bearer_auth(OPERATOR)
+            .json(&json!({"featureId": "ai-tokens", "requestedUsage": 0,
+                "dimensions": {"teamId": team}, "dryRun": true}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        v["chain"]
+            .as_array()
+            .and_then(|c| c.iter().find(|e| e["limitId"] == limit))
+            .and_then(|e| e["currentUsage"].as_u64())
+            .with_context(|| format!("no {limit} in {v}"))
+    }
+
+    /// Waits for the settle the filter sends after a response.
+    async fn usage_becomes(&self, team: &str, limit: &str, want: u64) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let got = self.team_usage(team, limit).await?;
+            if got == want || Instant::now() > deadline {
+                return Ok(got);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn run(&mut self) -> anyhow::Result<()> {
+        println!(
+            "\n1. Two teams of acme spend tokens; research's daily cap is 400, sales' is 5,000."
+        );
+        println!(
+            "   Each call holds its max_tokens (120) and settles to what the model reported.\n"
+        );
+        let (mut research, mut sales) = (0, 0);
+        let mut denied = false;
+        // Bounded: stop one sales call after research's first denial, or after 30 calls.
+        for i in 1..=30 {
+            if denied && i % 3 != 0 {
+                continue;
+            }
+            let (team, user, limit) = if i % 3 == 0 {
+                ("sales", "bob", "sales-daily-tokens")
+            } else {
+                ("research", "alice", "research-daily-tokens")
+            };
+            let (status, headers, text) = self
+                .chat("/v1/chat/completions", team, user, 120, false)
+                .await?;
+            if status == 200 {
+                let used = serde_json::from_str::<Value>(&text)?["usage"]["total_tokens"]
+                    .as_u64()
+                    .unwrap_or(0);
+                let remaining = headers
+                    .get("ratelimit-remaining")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("?");
+                let spent = if team == "research" {
+                    &mut research
+                } else {
+                    &mut sales
+                };
+                *spent += used;
+                self.usage_becomes(team, limit, *spent).await?;
+                println!(
+                    "   #{i:<2} {team:<8} {user:<6} GRANTED  used {used:>3} tokens   remaining after hold {remaining:>5}"
+                );
+                if denied {
+                    println!("        (sales is under its own cap: still granted)");
+                    break;
+                }
+            } else if status == 429 {
+                let body: Value = serde_json::from_str(&text)?;
+                println!(
+                    "   #{i:<2} {team:<8} {user:<6} DENIED   {status}: {}",
+                    body["message"].as_str().unwrap_or(&text)
+                );
+                println!(
+                    "        retry-after {}s, blocked at level {} ({} `{}`)",
+                    headers
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("?"),
+                    body["level"],
+                    body["entityType"].as_str().unwrap_or("?"),
+                    body["entityId"].as_str().unwrap_or("?")
+                );
+                denied = true;
+            } else {
+                bail!("unexpected status {status}: {text}");
+            }
+        }
+        if !denied {
+            bail!("the research cap never denied");
+        }
+
+        println!("\n2. A settled hold: a streamed call for sales holds 500 tokens, then settles.");
+        let before = self.team_usage("sales", "sales-daily-tokens").await?;
+        let (status, _, text) = self
+            .chat("/v1/chat/completions", "sales", "bob", 500, true)
+            .await?;
+        if status != 200 {
+            bail!("the streamed call was not granted ({status}): {text}");
+        }
+        let reported = text
+            .lines()
+            .rev()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .find_map(|v| v["usage"]["total_tokens"].as_u64())
+            .context("the stream carried no usage")?;
+        let after = self
+            .usage_becomes("sales", "sales-daily-tokens", before + reported)
+            .await?;
+        println!(
+            "   sales counter before {before}, the call held its max_tokens (500) while it ran,"
+        );
+        println!(
+            "   the stream's final chunk reported {reported} tokens: counter now {after} (+{})",
+            after.saturating_sub(before)
+        );
+        if after != before + reported {
+            bail!("the hold did not settle to the true usage");
+        }
+
+        println!("\n3. The sidecar stops (SIGKILL).");
+        self.sidecar.proc.kill();
+        let (status, _, text) = self
+            .chat("/v1/chat/completions", "sales", "bob", 50, false)
+            .await?;
+        let reason = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v["reason"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        println!("   fail-closed route /v1/...      -> {status} ({reason})");
+        let (status, headers, _) = self
+            .chat("/open/v1/chat/completions", "sales", "bob", 50, false)
+            .await?;
+        let mark = headers
+            .get("x-echo-x-tollgate-unchecked")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
+        println!(
+            "   fail-open route   /open/v1/... -> {status}, upstream saw x-tollgate-unchecked: {mark}"
+        );
+        for stat in ["granted", "denied", "settled", "fail_closed", "fail_open"] {
+            let name = format!("wasmcustom.tollgate.{stat}");
+            println!(
+                "   envoy stat {name:<32} {}",
+                self.envoy.stat(&name).unwrap_or(0)
+            );
+        }
+        Ok(())
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    println!("Tollgate demo: starting processes on loopback");
+    let mut demo = Demo::start()?;
+    let outcome = tokio::select! {
+        r = demo.run() => r,
+        _ = tokio::signal::ctrl_c() => {
+            println!("\ninterrupted");
+            Ok(())
+        }
+    };
+    drop(demo);
+    println!("\nstopped Envoy, the sidecar and the mock upstream");
+    outcome
+}
