@@ -77,7 +77,7 @@ struct CloseJob {
 }
 
 const CLOSE_ATTEMPTS: u32 = 4;
-const TICK: Duration = Duration::from_millis(10);
+const TICK: Duration = Duration::from_millis(1);
 
 #[derive(Debug)]
 struct Shared {
@@ -252,6 +252,7 @@ impl RootContext for Root {
             shared,
             effective: None,
             awaiting_body: false,
+            deciding: false,
             response_headers: Vec::new(),
             tracker: None,
         }))
@@ -268,6 +269,9 @@ struct Http {
     shared: Rc<Shared>,
     effective: Option<Effective>,
     awaiting_body: bool,
+    /// A decision call is in flight. Body and trailer callbacks must then pause: returning
+    /// Continue from them would let the request upstream before the answer.
+    deciding: bool,
     response_headers: Vec<(String, String)>,
     tracker: Option<Tracker>,
 }
@@ -364,7 +368,10 @@ impl Http {
             Some(&message),
             timeout,
         ) {
-            Ok(_) => Action::Pause,
+            Ok(_) => {
+                self.deciding = true;
+                Action::Pause
+            }
             // An unknown cluster fails here, synchronously.
             Err(e) => self.fail(&Failure::Dispatch(format!(
                 "{e:?} (is cluster `{}` defined?)",
@@ -404,6 +411,7 @@ impl Http {
 
 impl Context for Http {
     fn on_grpc_call_response(&mut self, _token_id: u32, status_code: u32, size: usize) {
+        self.deciding = false;
         let verdict = if status_code != 0 {
             let (code, message) = hostcalls::get_grpc_status().unwrap_or((status_code, None));
             Verdict::Fail(Failure::from_grpc(code, message))
@@ -465,6 +473,10 @@ impl HttpContext for Http {
     }
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if self.deciding {
+            // Envoy buffers it until the decision resumes the request.
+            return Action::Pause;
+        }
         if !self.awaiting_body {
             return Action::Continue;
         }
@@ -486,6 +498,9 @@ impl HttpContext for Http {
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        if self.deciding {
+            return Action::Pause;
+        }
         if self.awaiting_body {
             self.awaiting_body = false;
             let bytes = self

@@ -250,14 +250,8 @@ async fn a_hung_sidecar_is_timed_out_per_route_fail_mode() {
             held.push(c);
         }
     });
-    let s = Stack::start_with(FILTER, |c| {
-        // Point the sidecar cluster at the silent socket.
-        let marker = "port_value: ";
-        let cluster = c.find("name: tollgate\n").unwrap();
-        let at = cluster + c[cluster..].find(marker).unwrap() + marker.len();
-        let end = at + c[at..].find(' ').unwrap();
-        format!("{}{port}{}", &c[..at], &c[end..])
-    });
+    // Point the sidecar cluster at the silent socket.
+    let s = Stack::start_with(FILTER, |c| sidecar_port(&c, port));
     let h = [("x-tollgate-customer", "initech"), ("x-team-id", "ops")];
     let started = Instant::now();
     let closed = s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await;
@@ -275,6 +269,49 @@ async fn a_hung_sidecar_is_timed_out_per_route_fail_mode() {
         open.header("x-echo-x-tollgate-unchecked"),
         Some("sidecar-timeout")
     );
+}
+
+/// Points the sidecar cluster of a rendered config at `port`.
+fn sidecar_port(c: &str, port: u16) -> String {
+    let marker = "port_value: ";
+    let cluster = c.find("name: tollgate\n").unwrap();
+    let at = cluster + c[cluster..].find(marker).unwrap() + marker.len();
+    let end = at + c[at..].find(' ').unwrap();
+    format!("{}{port}{}", &c[..at], &c[end..])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_no_rule_reads_still_waits_for_the_decision() {
+    // With no body rule the filter decides on the headers; the body that follows must be held
+    // until the answer, not let through with it.
+    let (hung, port) = hung_listener();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in hung.incoming().take(64).flatten() {
+            held.push(c);
+        }
+    });
+    let s = Stack::start_with(FILTER, |c| {
+        sidecar_port(
+            &c.replace(
+                r#""usage": { "body": "/max_tokens", "default": "256" }"#,
+                r#""usage": { "constant": "16" }"#,
+            )
+            .replace(
+                r#""model": { "body": "/model" }"#,
+                r#""model": { "header": "x-model" }"#,
+            ),
+            port,
+        )
+    });
+    let h = [("x-tollgate-customer", "initech"), ("x-team-id", "ops")];
+    let r = s.chat(COMPLETIONS, &h, &chat_body(3, 5)).await;
+    assert_eq!(
+        r.status, 503,
+        "the request went upstream before the decision: {}",
+        r.text
+    );
+    assert_eq!(r.json()["reason"], "timeout");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

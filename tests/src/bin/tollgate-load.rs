@@ -84,6 +84,10 @@ enum Cmd {
         /// Rounds over the three paths; each round runs every path once, in turn.
         #[arg(long, default_value_t = 2)]
         rounds: usize,
+        /// Also run the WASM filter without settlement, and without body rules, to see where
+        /// its added time goes.
+        #[arg(long)]
+        breakdown: bool,
     },
 }
 
@@ -444,7 +448,18 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
             duration_secs,
             users,
             rounds,
-        } => envoy_bench(&concurrency, requests, duration_secs, users, rounds).await,
+            breakdown,
+        } => {
+            envoy_bench(
+                &concurrency,
+                requests,
+                duration_secs,
+                users,
+                rounds,
+                breakdown,
+            )
+            .await
+        }
         Cmd::Run(args) => {
             if args.calibrate {
                 if args.target != Target::ExtAuthz {
@@ -489,6 +504,7 @@ async fn envoy_bench(
     duration_secs: u64,
     users: u64,
     rounds: usize,
+    breakdown: bool,
 ) -> anyhow::Result<()> {
     use tollgate_tests::harness::{Envoy, MockLlm, Sidecar, envoy_config};
     let mock = MockLlm::start()?;
@@ -498,11 +514,30 @@ async fn envoy_bench(
     let plain = Envoy::start(&without_filter(&wasm_config)?)?;
     let wasm = Envoy::start(&wasm_config)?;
     let native = Envoy::start(&envoy_config("native-ext-authz.yaml", sp, up)?)?;
-    let paths = [("no-filter", &plain), ("wasm", &wasm), ("native", &native)];
+    let mut extra = Vec::new();
+    if breakdown {
+        let no_settle = wasm_config.replace(
+            r#""settlement": { "onUnknownUsage": "release", "timeoutMs": 1000 }"#,
+            r#""settlement": { "enabled": false }"#,
+        );
+        let no_body = no_settle
+            .replace(
+                r#""usage": { "body": "/max_tokens", "default": "256" }"#,
+                r#""usage": { "constant": "16" }"#,
+            )
+            .replace(
+                r#""model": { "body": "/model" }"#,
+                r#""model": { "constant": "m" }"#,
+            );
+        extra.push(("wasm-no-settle", Envoy::start(&no_settle)?));
+        extra.push(("wasm-no-settle-no-body", Envoy::start(&no_body)?));
+    }
+    let mut paths = vec![("no-filter", &plain), ("wasm", &wasm), ("native", &native)];
+    paths.extend(extra.iter().map(|(n, e)| (*n, e)));
     for &c in concurrency {
         let mut best: HashMap<&str, Outcome> = HashMap::new();
         for round in 0..rounds {
-            for (name, envoy) in paths {
+            for &(name, envoy) in &paths {
                 let args = RunArgs {
                     addr: envoy.url.trim_start_matches("http://").to_string(),
                     target: Target::Proxy,
@@ -536,7 +571,7 @@ async fn envoy_bench(
                 .map_or(0.0, |o| o.hist.value_at_quantile(p) as f64 / 1000.0)
         };
         println!("concurrency {c}: added over no-filter (ms)   p50     p99     p999");
-        for name in ["wasm", "native"] {
+        for name in paths.iter().map(|(n, _)| *n).filter(|n| *n != "no-filter") {
             println!(
                 "  {name:<8}                              {:>7.3} {:>7.3} {:>7.3}",
                 q(name, 0.5) - q("no-filter", 0.5),
@@ -553,7 +588,8 @@ async fn envoy_bench(
             ratio(0.99)
         );
     }
-    drop((plain, wasm, native, sidecar, mock));
+    drop(paths);
+    drop((extra, plain, wasm, native, sidecar, mock));
     Ok(())
 }
 
