@@ -493,3 +493,92 @@ async fn watch_usage_streams_a_customers_decisions_and_settlements() {
         .unwrap();
     assert!(end.is_none());
 }
+
+#[tokio::test]
+async fn close_holds_settles_and_releases_many_with_a_result_each() {
+    use pb::hold_close_result::Status as S;
+    let service = support::service();
+    let (svc, _tx) = tollgate(&service);
+    let mut holds = Vec::new();
+    for (user, usage) in [("alice", 100), ("bob", 200), ("alice", 50)] {
+        let r = svc
+            .check(authed(check_msg("acme", user, usage), OPERATOR))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.is_granted);
+        holds.push(r.hold_id);
+    }
+    let globex = svc
+        .check(authed(check_msg("globex", "dave", 10), OPERATOR))
+        .await
+        .unwrap()
+        .into_inner()
+        .hold_id;
+    let close = |id: &str, actual: Option<u64>| pb::HoldClose {
+        hold_id: id.into(),
+        actual_usage: actual,
+        tokens: None,
+    };
+    let request = pb::CloseHoldsRequest {
+        holds: vec![
+            close(&holds[0], Some(40)),
+            close(&holds[1], None),
+            close(&holds[0], Some(999)),
+            close("acme:999999", Some(1)),
+            close("not a hold", None),
+            close(&globex, Some(1)),
+            close(&holds[2], Some(50)),
+        ],
+    };
+    let results = svc
+        .close_holds(authed(request.clone(), ACME_KEY))
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let statuses: Vec<S> = results.iter().map(|r| r.status()).collect();
+    assert_eq!(
+        statuses,
+        [
+            S::Closed,
+            S::Closed,
+            S::AlreadyClosed,
+            S::Rejected,
+            S::Rejected,
+            S::Rejected,
+            S::Closed
+        ]
+    );
+    assert!(results[5].message.contains("globex"), "{:?}", results[5]);
+    // 40 settled + 50 settled; bob's 200 released; the second settle changed nothing.
+    assert_eq!(org_counted(&service, "acme"), 90);
+
+    // Without credentials only the ext_authz listener's local service may close holds.
+    let err = svc
+        .close_holds(Request::new(request.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let (rx_tx, rx) = watch::channel(false);
+    let local = TollgateService::local(Arc::clone(&service), rx);
+    let results = local
+        .close_holds(Request::new(pb::CloseHoldsRequest {
+            holds: vec![close(&globex, Some(7))],
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(results[0].status(), S::Closed);
+    drop(rx_tx);
+
+    let too_many = pb::CloseHoldsRequest {
+        holds: (0..1001).map(|_| close("acme:1", None)).collect(),
+    };
+    let err = svc
+        .close_holds(authed(too_many, OPERATOR))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}

@@ -8,6 +8,7 @@ use tollgate_proto::v1 as pb;
 use crate::config::{OnUnknownUsage, Settlement};
 
 pub const TOLLGATE_SERVICE: &str = "tollgate.v1.Tollgate";
+pub const CLOSE_HOLDS: &str = "CloseHolds";
 
 /// Usage read from a response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -279,27 +280,60 @@ fn unknown(s: &Settlement, why: Unknown) -> (Close, Option<Unknown>) {
     (close, Some(why))
 }
 
-/// The gRPC method and encoded request that carry a close, or `None` for [`Close::Keep`].
-pub fn close_call(hold_id: &str, close: &Close) -> Option<(&'static str, Vec<u8>)> {
+/// The `CloseHolds` item that carries a close, or `None` for [`Close::Keep`].
+pub fn hold_close(hold_id: &str, close: &Close) -> Option<pb::HoldClose> {
     match close {
-        Close::Settle(r) => Some((
-            "Settle",
-            pb::SettleRequest {
-                hold_id: hold_id.to_string(),
-                actual_usage: r.total,
-                tokens: r.tokens,
-            }
-            .encode_to_vec(),
-        )),
-        Close::Release => Some((
-            "Release",
-            pb::ReleaseRequest {
-                hold_id: hold_id.to_string(),
-            }
-            .encode_to_vec(),
-        )),
+        Close::Settle(r) => Some(pb::HoldClose {
+            hold_id: hold_id.to_string(),
+            actual_usage: Some(r.total),
+            tokens: r.tokens,
+        }),
+        Close::Release => Some(pb::HoldClose {
+            hold_id: hold_id.to_string(),
+            actual_usage: None,
+            tokens: None,
+        }),
         Close::Keep => None,
     }
+}
+
+/// One `CloseHolds` call for a batch of closes, encoded.
+pub fn close_holds_request(holds: Vec<pb::HoldClose>) -> Vec<u8> {
+    pb::CloseHoldsRequest { holds }.encode_to_vec()
+}
+
+/// What became of each close of a batch, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseResult {
+    /// Closed now, or already closed: done either way.
+    Done,
+    /// Refused for good (unknown hold, another customer's): counted, not retried.
+    Rejected,
+    /// The sidecar's store failed: retry.
+    Retry,
+}
+
+/// Reads a `CloseHoldsResponse` for a batch of `n` closes. `None` when it is unreadable or
+/// does not answer every close, so the caller retries the whole batch (closes are idempotent).
+pub fn close_results(body: &[u8], n: usize) -> Option<Vec<(CloseResult, String)>> {
+    use pb::hold_close_result::Status;
+    let r = pb::CloseHoldsResponse::decode(body).ok()?;
+    if r.results.len() != n {
+        return None;
+    }
+    Some(
+        r.results
+            .into_iter()
+            .map(|x| {
+                let kind = match x.status() {
+                    Status::Closed | Status::AlreadyClosed => CloseResult::Done,
+                    Status::Rejected => CloseResult::Rejected,
+                    Status::Failed => CloseResult::Retry,
+                };
+                (kind, x.message)
+            })
+            .collect(),
+    )
 }
 
 #[cfg(test)]
@@ -438,15 +472,68 @@ mod tests {
             t.on_body(&s, &[b' '; 2048], true),
             Some((Close::Release, Some(Unknown::TooLarge)))
         );
-        assert_eq!(close_call("h", &Close::Keep), None);
-        let (method, bytes) = close_call("h", &Close::Release).unwrap();
-        assert_eq!(method, "Release");
+        assert_eq!(hold_close("h", &Close::Keep), None);
+        let release = hold_close("h", &Close::Release).unwrap();
         assert_eq!(
-            pb::ReleaseRequest::decode(bytes.as_slice())
-                .unwrap()
-                .hold_id,
-            "h"
+            (release.hold_id.as_str(), release.actual_usage),
+            ("h", None)
         );
+        let settle = hold_close(
+            "h",
+            &Close::Settle(Reading {
+                total: 5,
+                tokens: None,
+            }),
+        )
+        .unwrap();
+        assert_eq!(settle.actual_usage, Some(5));
+        let bytes = close_holds_request(vec![release, settle]);
+        assert_eq!(
+            pb::CloseHoldsRequest::decode(bytes.as_slice())
+                .unwrap()
+                .holds
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn close_results_map_each_status_and_refuse_short_answers() {
+        use pb::hold_close_result::Status;
+        let answer = |statuses: &[Status]| {
+            pb::CloseHoldsResponse {
+                results: statuses
+                    .iter()
+                    .map(|s| pb::HoldCloseResult {
+                        status: *s as i32,
+                        message: String::new(),
+                    })
+                    .collect(),
+            }
+            .encode_to_vec()
+        };
+        let all = [
+            Status::Closed,
+            Status::AlreadyClosed,
+            Status::Rejected,
+            Status::Failed,
+        ];
+        let got: Vec<CloseResult> = close_results(&answer(&all), 4)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(
+            got,
+            [
+                CloseResult::Done,
+                CloseResult::Done,
+                CloseResult::Rejected,
+                CloseResult::Retry
+            ]
+        );
+        assert_eq!(close_results(&answer(&all[..3]), 4), None);
+        assert_eq!(close_results(b"\xff\xff", 1), None);
     }
 
     fn close_tokens(c: &Close) -> Option<pb::Tokens> {

@@ -184,6 +184,43 @@ impl TollgateService {
     }
 }
 
+/// The most holds one `CloseHolds` call may close.
+const MAX_CLOSE_BATCH: usize = 1000;
+
+impl TollgateService {
+    fn close_one(&self, principal: &Principal, h: &pb::HoldClose) -> pb::HoldCloseResult {
+        use pb::hold_close_result::Status as S;
+        let result = |status: S, message: String| pb::HoldCloseResult {
+            status: status as i32,
+            message,
+        };
+        let hold: HoldId = match h.hold_id.parse() {
+            Ok(hold) => hold,
+            Err(e) => return result(S::Rejected, format!("hold `{}`: {e}", h.hold_id)),
+        };
+        if !principal.may_access(&hold.customer) {
+            return result(S::Rejected, forbidden(&hold.customer).message().to_string());
+        }
+        let outcome = match h.actual_usage {
+            Some(units) => self.service.settle(&hold, usage(units, h.tokens)),
+            None => self.service.release(&hold),
+        };
+        match outcome {
+            Ok(CloseOutcome::Closed) => result(S::Closed, String::new()),
+            Ok(CloseOutcome::AlreadyClosed) => result(S::AlreadyClosed, String::new()),
+            Err(e) => {
+                let status = decision_status(e);
+                let s = if status.code() == tonic::Code::Unavailable {
+                    S::Failed
+                } else {
+                    S::Rejected
+                };
+                result(s, format!("hold `{}`: {}", h.hold_id, status.message()))
+            }
+        }
+    }
+}
+
 fn forbidden(customer: &str) -> Status {
     Status::permission_denied(format!(
         "these credentials do not reach customer `{customer}`"
@@ -241,6 +278,29 @@ impl Tollgate for TollgateService {
         Ok(Response::new(pb::ReleaseResponse {
             closed: outcome == CloseOutcome::Closed,
         }))
+    }
+
+    async fn close_holds(
+        &self,
+        request: Request<pb::CloseHoldsRequest>,
+    ) -> Result<Response<pb::CloseHoldsResponse>, Status> {
+        let principal = if self.local {
+            Principal::Operator
+        } else {
+            self.principal(&request)?
+        };
+        let holds = request.into_inner().holds;
+        if holds.len() > MAX_CLOSE_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "{} holds in one call; at most {MAX_CLOSE_BATCH}",
+                holds.len()
+            )));
+        }
+        let results = holds
+            .iter()
+            .map(|h| self.close_one(&principal, h))
+            .collect();
+        Ok(Response::new(pb::CloseHoldsResponse { results }))
     }
 
     async fn ingest_usage(
