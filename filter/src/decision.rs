@@ -13,15 +13,10 @@ use crate::extract::{BadInput, Extracted};
 pub const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 pub const AUTHZ_METHOD: &str = "Check";
 
-/// `context_extensions` keys, as the sidecar documents them.
-pub const KEY_CUSTOMER: &str = "tollgate.customer";
-pub const KEY_FEATURE: &str = "tollgate.feature";
-pub const KEY_USAGE: &str = "tollgate.usage";
-pub const KEY_DIMENSION_PREFIX: &str = "tollgate.dim.";
-
-/// Marks a request that passed without a decision.
-pub const HEADER_UNCHECKED: &str = "x-tollgate-unchecked";
-const HEADER_HOLD_ID: &str = "x-tollgate-hold-id";
+pub use tollgate_proto::ext_authz::HEADER_UNCHECKED;
+use tollgate_proto::ext_authz::{
+    HEADER_HOLD_ID, KEY_CUSTOMER, KEY_DIMENSION_PREFIX, KEY_FEATURE, KEY_USAGE, METADATA_HOLD_ID,
+};
 
 /// Request facts sent along for the sidecar's logs.
 #[derive(Debug, Default, Clone)]
@@ -194,7 +189,7 @@ pub fn verdict(body: &[u8], upstream_headers: bool) -> Verdict {
             grant.hold_id = r
                 .dynamic_metadata
                 .as_ref()
-                .and_then(|m| m.fields.get("holdId"))
+                .and_then(|m| m.fields.get(METADATA_HOLD_ID))
                 .and_then(|v| match &v.kind {
                     Some(Kind::StringValue(s)) => Some(s.clone()),
                     _ => None,

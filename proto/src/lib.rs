@@ -16,3 +16,25 @@ pub mod v1 {
 pub mod envoywire {
     include!(concat!(env!("OUT_DIR"), "/tollgate.envoywire.v1.rs"));
 }
+
+/// The ext_authz contract between the sidecar and whoever calls it (the WASM filter, or Envoy's
+/// own filter with per-route `context_extensions`): one definition for both sides.
+pub mod ext_authz {
+    /// `context_extensions` keys.
+    pub const KEY_CUSTOMER: &str = "tollgate.customer";
+    pub const KEY_FEATURE: &str = "tollgate.feature";
+    pub const KEY_USAGE: &str = "tollgate.usage";
+    /// Followed by the dimension name: `tollgate.dim.teamId`.
+    pub const KEY_DIMENSION_PREFIX: &str = "tollgate.dim.";
+
+    /// The hold id, for settlement by the WASM filter or the upstream.
+    pub const HEADER_HOLD_ID: &str = "x-tollgate-hold-id";
+    /// Remaining budget of the tightest enforcing limit.
+    pub const HEADER_REMAINING: &str = "x-tollgate-remaining";
+    /// Set on requests let through without a decision.
+    pub const HEADER_UNCHECKED: &str = "x-tollgate-unchecked";
+    /// Set when no limit applied to the request.
+    pub const HEADER_NO_LIMIT: &str = "x-tollgate-no-matching-limit";
+    /// The dynamic metadata key of the hold id.
+    pub const METADATA_HOLD_ID: &str = "holdId";
+}

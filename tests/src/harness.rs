@@ -10,6 +10,37 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+/// `Bearer <jwt>` with these claims and no real signature. The filter reads claims without
+/// verifying them (that is `jwt_authn`'s job), so tests, the demo and the load generator can
+/// name any user.
+pub fn unsigned_bearer(claims: &serde_json::Value) -> String {
+    use base64::Engine as _;
+    let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    format!(
+        "Bearer {}.{}.{}",
+        b(r#"{"alg":"none"}"#),
+        b(&claims.to_string()),
+        b("unsigned")
+    )
+}
+
+/// A loopback socket that accepts connections and never answers: a hung sidecar. Returns its
+/// port; it holds up to 64 connections open for as long as the process runs.
+pub fn hung_listener() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot bind a hung listener")?;
+    let port = l.local_addr()?.port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in l.incoming().take(64).flatten() {
+            held.push(c);
+        }
+        // Keep them open until the process ends.
+        std::thread::park();
+        drop(held);
+    });
+    Ok(port)
+}
+
 /// The workspace root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

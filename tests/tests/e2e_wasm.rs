@@ -233,23 +233,9 @@ async fn a_killed_sidecar_fails_closed_with_503_and_open_marked() {
     assert_eq!(s.envoy.stat("wasmcustom.tollgate.denied").unwrap(), 0);
 }
 
-/// A socket that accepts connections and never answers.
-fn hung_listener() -> (std::net::TcpListener, u16) {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    (l, port)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_sidecar_is_timed_out_per_route_fail_mode() {
-    let (hung, port) = hung_listener();
-    // Keep accepted connections open, answering nothing.
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for c in hung.incoming().take(64).flatten() {
-            held.push(c);
-        }
-    });
+    let port = tollgate_tests::harness::hung_listener().unwrap();
     // Point the sidecar cluster at the silent socket.
     let s = Stack::start_with(FILTER, |c| sidecar_port(&c, port));
     let h = [("x-tollgate-customer", "initech"), ("x-team-id", "ops")];
@@ -284,13 +270,7 @@ fn sidecar_port(c: &str, port: u16) -> String {
 async fn a_body_no_rule_reads_still_waits_for_the_decision() {
     // With no body rule the filter decides on the headers; the body that follows must be held
     // until the answer, not let through with it.
-    let (hung, port) = hung_listener();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for c in hung.incoming().take(64).flatten() {
-            held.push(c);
-        }
-    });
+    let port = tollgate_tests::harness::hung_listener().unwrap();
     let s = Stack::start_with(FILTER, |c| {
         sidecar_port(
             &c.replace(

@@ -24,19 +24,10 @@ use crate::engine::{CheckRequest as Check, DecisionError};
 use crate::metrics::Api;
 use crate::service::Service;
 
-pub const KEY_CUSTOMER: &str = "tollgate.customer";
-pub const KEY_FEATURE: &str = "tollgate.feature";
-pub const KEY_USAGE: &str = "tollgate.usage";
-pub const KEY_DIMENSION_PREFIX: &str = "tollgate.dim.";
-
-/// The hold id, for settlement by the WASM filter or the upstream.
-pub const HEADER_HOLD_ID: &str = "x-tollgate-hold-id";
-/// Remaining budget of the tightest enforcing limit.
-pub const HEADER_REMAINING: &str = "x-tollgate-remaining";
-/// Set on requests let through without a decision (bad input with `onBadInput: allow`).
-pub const HEADER_UNCHECKED: &str = "x-tollgate-unchecked";
-/// Set when no limit applied to the request.
-pub const HEADER_NO_LIMIT: &str = "x-tollgate-no-matching-limit";
+pub use tollgate_proto::ext_authz::{
+    HEADER_HOLD_ID, HEADER_NO_LIMIT, HEADER_REMAINING, HEADER_UNCHECKED, KEY_CUSTOMER,
+    KEY_DIMENSION_PREFIX, KEY_FEATURE, KEY_USAGE, METADATA_HOLD_ID,
+};
 
 /// What the ext_authz request asks, after extraction.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,7 +243,7 @@ pub fn decision_response(
         if settings.upstream_headers {
             upstream.push(header(HEADER_HOLD_ID, h.clone()));
         }
-        meta.insert("holdId".to_string(), string_value(h));
+        meta.insert(METADATA_HOLD_ID.to_string(), string_value(h));
     }
     if let Some(r) = remaining {
         if settings.upstream_headers {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
-use tollgate_tests::harness::{Envoy, MockLlm, Sidecar, envoy_config, root};
+use tollgate_tests::harness::{Envoy, MockLlm, Sidecar, envoy_config, root, unsigned_bearer};
 
 const OPERATOR: &str = "demo-operator-token";
 
@@ -37,14 +37,7 @@ fn sidecar_config() -> anyhow::Result<String> {
 }
 
 fn jwt(sub: &str) -> String {
-    use base64::Engine as _;
-    let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-    format!(
-        "Bearer {}.{}.{}",
-        b(r#"{"alg":"none"}"#),
-        b(&json!({ "sub": sub }).to_string()),
-        b("demo")
-    )
+    unsigned_bearer(&json!({ "sub": sub }))
 }
 
 impl Demo {

@@ -259,14 +259,7 @@ enum Client {
 
 /// An unsigned JWT whose `sub` is `user`, as the WASM filter's `userId` rule reads it.
 fn bearer(user: &str) -> String {
-    use base64::Engine as _;
-    let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-    format!(
-        "Bearer {}.{}.{}",
-        b(r#"{"alg":"none"}"#),
-        b(&format!(r#"{{"sub":"{user}"}}"#)),
-        b("bench")
-    )
+    tollgate_tests::harness::unsigned_bearer(&serde_json::json!({ "sub": user }))
 }
 
 const CHAT_BODY: &str =

@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use serde_json::{Value, json};
 use tollgate_tests::harness::{Envoy, MockLlm, Sidecar, envoy_config};
 
@@ -209,13 +208,7 @@ impl Reply {
 
 /// An unsigned JWT with `claims` (the filter reads claims; verifying is jwt_authn's job).
 pub fn jwt(claims: Value) -> String {
-    let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-    format!(
-        "Bearer {}.{}.{}",
-        b(r#"{"alg":"none"}"#),
-        b(&claims.to_string()),
-        b("sig")
-    )
+    tollgate_tests::harness::unsigned_bearer(&claims)
 }
 
 /// A chat body: `words` words of prompt, `max_tokens`.
