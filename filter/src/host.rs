@@ -345,17 +345,15 @@ impl RequestView for HostView {
     }
 
     fn jwt_metadata(&self, key: &str) -> Option<Value> {
-        let bytes = hostcalls::get_property(vec![
-            "metadata",
-            "filter_metadata",
-            "envoy.filters.http.jwt_authn",
-            key,
-        ])
-        .ok()
-        .flatten()?;
-        prost_types::Struct::decode(bytes.as_slice())
-            .ok()
-            .map(|s| struct_to_json(&s))
+        // The whole dynamic metadata, as an `envoy.config.core.v3.Metadata` message: a path
+        // into a Struct would come back in the host's pairs format, which holds strings only.
+        let bytes = hostcalls::get_property(vec!["metadata"]).ok().flatten()?;
+        let meta = wire::Metadata::decode(bytes.as_slice()).ok()?;
+        let ns = meta.filter_metadata.get("envoy.filters.http.jwt_authn")?;
+        match struct_to_json(ns) {
+            Value::Object(mut fields) => fields.remove(key),
+            _ => None,
+        }
     }
 }
 

@@ -414,3 +414,86 @@ fn a_bad_filter_config_stops_envoy_at_load_with_the_reason() {
         "Envoy's log does not name the problem:\n{text}"
     );
 }
+
+/// An HS256 JWT signed with `key`.
+fn signed_jwt(claims: serde_json::Value, key: &[u8]) -> String {
+    use base64::Engine as _;
+    use hmac::Mac as _;
+    let b = |s: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let signing_input = format!(
+        "{}.{}",
+        b(br#"{"alg":"HS256","typ":"JWT"}"#),
+        b(claims.to_string().as_bytes())
+    );
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
+    mac.update(signing_input.as_bytes());
+    format!("{signing_input}.{}", b(&mac.finalize().into_bytes()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_come_from_jwt_authn_metadata_after_verification() {
+    use base64::Engine as _;
+    const KEY: &[u8] = b"tollgate-e2e-shared-secret-32-bytes!";
+    let jwks = serde_json::json!({"keys": [{"kty": "oct", "alg": "HS256", "kid": "k1",
+        "k": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(KEY)}]});
+    let jwt_authn = format!(
+        r#"                  - name: envoy.filters.http.jwt_authn
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication
+                      providers:
+                        e2e:
+                          issuer: tollgate-e2e
+                          local_jwks:
+                            inline_string: '{jwks}'
+                          payload_in_metadata: jwt_payload
+                          forward: true
+                      rules:
+                        - match: {{ prefix: "/" }}
+                          requires: {{ provider_name: e2e }}
+"#
+    );
+    let s = Stack::start_with(FILTER, |c| {
+        let at = c.find("                  - name: tollgate\n").unwrap();
+        format!("{}{jwt_authn}{}", &c[..at], &c[at..]).replace(
+            r#""userId": { "jwtClaim": "sub" }"#,
+            r#""userId": { "jwtClaim": "sub", "jwtMetadata": "jwt_payload" }"#,
+        )
+    });
+    let token = signed_jwt(json!({"iss": "tollgate-e2e", "sub": "carol"}), KEY);
+    let bearer = format!("Bearer {token}");
+    let h = [
+        ("x-tollgate-customer", "acme"),
+        ("authorization", bearer.as_str()),
+    ];
+    let r = s.chat(COMPLETIONS, &h, &chat_body(2, 10)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // Carol (research) was charged: the claim came from the verified payload.
+    s.usage_settles_at(
+        "acme",
+        json!({"userId": "carol"}),
+        "user-daily",
+        true_usage(2, 10),
+    )
+    .await;
+
+    // A token signed with another key never reaches the filter.
+    let forged = format!(
+        "Bearer {}",
+        signed_jwt(
+            json!({"iss": "tollgate-e2e", "sub": "carol"}),
+            b"another key entirely"
+        )
+    );
+    let r = s
+        .chat(
+            COMPLETIONS,
+            &[
+                ("x-tollgate-customer", "acme"),
+                ("authorization", forged.as_str()),
+            ],
+            &chat_body(2, 10),
+        )
+        .await;
+    assert_eq!(r.status, 401, "{}", r.text);
+    assert_eq!(s.envoy.stat("wasmcustom.tollgate.granted").unwrap(), 1);
+}
