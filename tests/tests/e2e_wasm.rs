@@ -206,6 +206,61 @@ async fn json_and_sse_responses_settle_to_the_true_usage() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_header_settles_when_configured() {
+    let s = Stack::start_with(FILTER, |c| {
+        c.replace(
+            r#""settlement": { "onUnknownUsage": "release", "timeoutMs": 1000 }"#,
+            r#""settlement": { "header": "X-Usage-Total-Tokens", "onUnknownUsage": "keep" }"#,
+        )
+    });
+    let h = [
+        ("x-tollgate-customer", "initech"),
+        ("x-team-id", "ops"),
+        ("x-mock-usage-header", "1"),
+    ];
+    let r = s.chat(COMPLETIONS, &h, &chat_body(5, 300)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("x-usage-total-tokens"), Some("29"));
+    s.usage_settles_at(
+        "initech",
+        json!({"teamId": "ops"}),
+        "initech-daily",
+        true_usage(5, 300),
+    )
+    .await;
+    // Without the header, the JSON body's usage settles; an upstream error under `keep` leaves
+    // its hold charged at the estimate (40) until it expires.
+    let r = s
+        .chat(
+            COMPLETIONS,
+            &h[..2],
+            &json!({"model": "m", "max_tokens": 40}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let r = s
+        .chat(
+            COMPLETIONS,
+            &[h[0], h[1], ("x-mock-status", "502")],
+            &json!({"model": "m", "max_tokens": 40}),
+        )
+        .await;
+    assert_eq!(r.status, 502);
+    s.usage_settles_at(
+        "initech",
+        json!({"teamId": "ops"}),
+        "initech-daily",
+        true_usage(5, 300) + true_usage(1, 40) + 40,
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.envoy.stat("wasmcustom.tollgate.hold_kept").unwrap() < 1 {
+        assert!(Instant::now() < deadline, "the kept hold was not counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_sidecar_fails_closed_with_503_and_open_marked() {
     let mut s = Stack::start(FILTER);
     let h = [("x-tollgate-customer", "initech"), ("x-team-id", "ops")];

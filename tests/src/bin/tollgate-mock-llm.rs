@@ -5,7 +5,8 @@
 //! whitespace-separated words of every message's content (at least 1), completion tokens are
 //! `max_tokens` capped at 24 (16 without `max_tokens`). Test controls, by request header:
 //! `x-mock-status: 500` answers that status; `x-mock-break: 1` ends an SSE stream before its
-//! usage chunk by resetting the connection.
+//! usage chunk by resetting the connection; `x-mock-usage-header: 1` reports the total usage in
+//! an `x-usage-total-tokens` response header and leaves `usage` out of the body.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -65,8 +66,22 @@ const ECHOED: [&str; 5] = [
     "x-tollgate-no-matching-limit",
 ];
 
-async fn completions(headers: HeaderMap, body: Json<Value>) -> Response {
-    let mut response = answer(&headers, body).await;
+async fn completions(headers: HeaderMap, Json(body): Json<Value>) -> Response {
+    if headers.contains_key("x-mock-usage-header") {
+        let (prompt, completion) = usage_of(&body);
+        let mut response = Json(json!({
+            "id": "chatcmpl-mock",
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
+        }))
+        .into_response();
+        response.headers_mut().insert(
+            "x-usage-total-tokens",
+            axum::http::HeaderValue::from(prompt + completion),
+        );
+        return response;
+    }
+    let mut response = answer(&headers, Json(body)).await;
     for name in ECHOED {
         if let Some(v) = headers.get(name)
             && let Ok(echo) = axum::http::HeaderName::try_from(format!("x-echo-{name}"))
