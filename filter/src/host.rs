@@ -1,7 +1,7 @@
 //! The only module that calls the proxy-wasm host: contexts, headers, bodies, properties, the
 //! gRPC calls, local replies and stats. It moves data between Envoy and the plain modules.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::{Duration, SystemTime};
@@ -98,25 +98,25 @@ struct Shared {
     config: FilterConfig,
     stats: Stats,
     queue: RefCell<VecDeque<CloseJob>>,
-    ticking: RefCell<bool>,
+    ticking: Cell<bool>,
 }
 
 impl Shared {
     fn enqueue(&self, job: CloseJob) {
         self.queue.borrow_mut().push_back(job);
-        if !*self.ticking.borrow() {
-            // Sets the tick of this VM's root context, whichever context calls it.
-            if hostcalls::set_tick_period(TICK).is_ok() {
-                *self.ticking.borrow_mut() = true;
-            }
+        // Sets the tick of this VM's root context, whichever context calls it.
+        if !self.ticking.get() && hostcalls::set_tick_period(TICK).is_ok() {
+            self.ticking.set(true);
         }
     }
 
     fn close(&self, hold_id: &str, close: &Close, why: Option<Unknown>) {
         if let Some(why) = why {
             Stats::bump(self.stats.usage_unknown);
+            // Debug, not info: a burst of upstream errors would otherwise log a line each; the
+            // `usage_unknown` stat counts them.
             log(
-                LogLevel::Info,
+                LogLevel::Debug,
                 &format!("hold {hold_id}: usage unknown ({why:?}); closing by policy: {close:?}"),
             );
         }
@@ -230,7 +230,7 @@ impl RootContext for Root {
                     config,
                     stats: Stats::define(),
                     queue: RefCell::new(VecDeque::new()),
-                    ticking: RefCell::new(false),
+                    ticking: Cell::new(false),
                 }));
                 true
             }
@@ -279,7 +279,7 @@ impl RootContext for Root {
             }
         }
         if shared.queue.borrow().is_empty() && hostcalls::set_tick_period(Duration::ZERO).is_ok() {
-            *shared.ticking.borrow_mut() = false;
+            shared.ticking.set(false);
         }
     }
 
