@@ -17,12 +17,12 @@ use tonic::transport::server::TcpIncoming;
 use tracing_subscriber::EnvFilter;
 
 use crate::clock::SystemClock;
-use crate::config::server::{ListenAddr, LogFormat, ServerSettings};
+use crate::config::server::{ListenAddr, LogFormat, ServerSettings, Storage};
 use crate::config::{self, ConfigErrors, Loaded};
 use crate::engine::Engine;
 use crate::grpc::{ExtAuthzService, TollgateServer, TollgateService};
 use crate::service::Service;
-use crate::store::MemoryStore;
+use crate::store::{CounterStore, DurableStore, MemoryStore};
 
 /// How often holds past their TTL are committed.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -115,7 +115,24 @@ async fn serve_http(
 /// Builds the engine and service for a loaded config.
 pub fn build_service(loaded: Loaded) -> anyhow::Result<Arc<Service>> {
     let Loaded { doc, model, server } = loaded;
-    let store = Arc::new(MemoryStore::new());
+    let store: Arc<dyn CounterStore> = match &server.storage {
+        Storage::Memory => Arc::new(MemoryStore::new()),
+        Storage::Durable { path, durability } => {
+            let started = std::time::Instant::now();
+            let store = DurableStore::open(path, *durability)?;
+            let stats = store.stats();
+            tracing::info!(
+                file = %path.display(),
+                ?durability,
+                customers = stats.customers,
+                counters = stats.counters,
+                holds_open = stats.holds_open,
+                millis = started.elapsed().as_millis() as u64,
+                "durable store opened"
+            );
+            Arc::new(store)
+        }
+    };
     let engine = Engine::new(model, store, Arc::new(SystemClock))
         .context("cannot seed the store with the config's grants")?;
     Ok(Arc::new(Service::new(engine, doc, &server)))
@@ -236,6 +253,10 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     .await;
     sweeper.abort();
     reloader.abort();
+    // Whatever the durability mode, a clean stop loses nothing.
+    if let Err(e) = service.engine.store().flush() {
+        tracing::error!(error = %e, "could not store the last changes");
+    }
     match drained {
         Ok(()) => tracing::info!("drained; bye"),
         Err(_) => tracing::warn!(

@@ -5,108 +5,15 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use envoy_types::ext_authz::v3::pb::CheckRequest;
-use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-use serde_json::json;
 
-use support::{ACME_ORG_CAP, OPERATOR};
-
-struct Sidecar {
-    child: Child,
-    ext_authz: String,
-    http: String,
-    _dir: tempfile::TempDir,
-    config: std::path::PathBuf,
-}
-
-impl Sidecar {
-    fn start(text: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("tollgate.yaml");
-        std::fs::write(&config, text).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .args(["--workers", "2"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        assert!(
-            line.starts_with("tollgate ready "),
-            "unexpected first line: {line:?}"
-        );
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|f| f.strip_prefix(&format!("{name}=")))
-                .unwrap()
-                .to_string()
-        };
-        Self {
-            ext_authz: field("ext_authz"),
-            http: field("http"),
-            child,
-            _dir: dir,
-            config,
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{sig}");
-    }
-
-    /// The org counter, read with a dry-run check that holds nothing.
-    async fn org_usage(&self, http: &reqwest::Client, usage: u64) -> serde_json::Value {
-        http.post(format!("http://{}/v1/customers/acme/entitlements/check", self.http))
-            .bearer_auth(OPERATOR)
-            .json(&json!({"featureId": "ai-tokens", "requestedUsage": usage, "dimensions": {"userId": "alice"}, "dryRun": true}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-const LOOPBACK_PORT_0: &str = "  listeners: { extAuthz: \"127.0.0.1:0\", grpc: \"127.0.0.1:0\", http: \"127.0.0.1:0\" }\n  logging: { level: warn }";
-
-fn check(user: &str, usage: u64) -> CheckRequest {
-    let ext = [
-        ("tollgate.customer", "acme".to_string()),
-        ("tollgate.feature", "ai-tokens".to_string()),
-        ("tollgate.usage", usage.to_string()),
-        ("tollgate.dim.userId", user.to_string()),
-    ];
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            context_extensions: ext.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
-            ..AttributeContext::default()
-        }),
-    }
-}
+use support::ACME_ORG_CAP;
+use support::sidecar::{LOOPBACK_PORT_0, Sidecar, check};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_grpc_clients_never_overspend_one_cap() {

@@ -59,6 +59,18 @@ pub struct ListenersDto {
 pub enum StorageKindDto {
     #[default]
     Memory,
+    /// The embedded durable store (redb), at `path`.
+    Durable,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum DurabilityDto {
+    /// Group commit every `commitIntervalMs` (default 100): a crash loses at most that window.
+    #[default]
+    Batched,
+    /// A decision returns only once its change is committed.
+    Sync,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -66,6 +78,14 @@ pub enum StorageKindDto {
 pub struct StorageDto {
     #[serde(default)]
     pub kind: StorageKindDto,
+    /// The store file (`kind: durable`).
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub durability: DurabilityDto,
+    /// Milliseconds between group commits in `batched` mode (default 100, at most 10,000).
+    #[serde(default)]
+    pub commit_interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -267,6 +287,17 @@ pub struct ServerSettings {
     pub log_level: String,
     pub max_body_bytes: usize,
     pub shutdown_grace_millis: i64,
+    pub storage: Storage,
+}
+
+/// Where counters live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Storage {
+    Memory,
+    Durable {
+        path: std::path::PathBuf,
+        durability: crate::store::Durability,
+    },
 }
 
 struct Errors<'f> {
@@ -439,6 +470,37 @@ impl ServerSettings {
             errors.push("server.shutdownGrace", m.to_string());
             0
         });
+        let storage = match dto.storage.kind {
+            StorageKindDto::Memory => Storage::Memory,
+            StorageKindDto::Durable => {
+                let path = dto.storage.path.clone().unwrap_or_default();
+                if path.trim().is_empty() {
+                    errors.push(
+                        "server.storage.path",
+                        "a durable store needs the path of its file",
+                    );
+                }
+                let durability = match dto.storage.durability {
+                    DurabilityDto::Sync => crate::store::Durability::Sync,
+                    DurabilityDto::Batched => {
+                        let millis = dto.storage.commit_interval_ms.unwrap_or(100);
+                        if !(1..=10_000).contains(&millis) {
+                            errors.push(
+                                "server.storage.commitIntervalMs",
+                                format!("{millis} is not from 1 to 10000"),
+                            );
+                        }
+                        crate::store::Durability::Batched {
+                            interval: std::time::Duration::from_millis(millis),
+                        }
+                    }
+                };
+                Storage::Durable {
+                    path: std::path::PathBuf::from(path),
+                    durability,
+                }
+            }
+        };
         let max_body_bytes = dto.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
         if max_body_bytes == 0 {
             errors.push("server.maxBodyBytes", "must be at least 1");
@@ -474,6 +536,7 @@ impl ServerSettings {
             log_level,
             max_body_bytes,
             shutdown_grace_millis,
+            storage,
         })
     }
 }

@@ -9,10 +9,15 @@ use super::window::{RollingWindow, WindowState};
 
 /// Identifies one counter within one customer: the entity, the limit and, for isolated credit
 /// pools, the resource. 12 bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct CounterKey {
+    #[serde(with = "super::symbols::as_text")]
     pub entity: Sym,
+    #[serde(with = "super::symbols::as_text")]
     pub limit: Sym,
+    #[serde(with = "super::symbols::option_as_text")]
     pub partition: Option<Sym>,
 }
 
@@ -66,7 +71,7 @@ impl CounterSpec {
 }
 
 /// The mutable state of one counter.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum CounterState {
     Window(WindowState),
     /// Usage (settled and held) in calendar period `index`.
@@ -95,7 +100,7 @@ impl CounterState {
 }
 
 /// What a hold left on one counter, so that settlement and release can undo exactly that.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum HoldMark {
     Window {
         bucket: i64,

@@ -5,7 +5,7 @@ use super::Timestamp;
 use super::model::GrantCategory;
 
 /// One grant's balance inside a pool.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GrantBalance {
     pub id: String,
     pub priority: u32,
@@ -34,14 +34,14 @@ impl GrantBalance {
 
 /// Units taken from one grant by one hold, kept so a release or a smaller settlement can give
 /// them back to the grants they came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Draw {
     pub grant: u32,
     pub amount: u64,
 }
 
 /// The grants of one holder (entity, feature and, for isolated pools, resource).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CreditPool {
     /// Append-only, so that a hold's draws can name grants by position.
     grants: Vec<GrantBalance>,

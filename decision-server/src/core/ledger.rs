@@ -14,7 +14,7 @@ use super::plan::{AmountRule, Plan, Usage};
 use super::{HoldId, Timestamp};
 
 /// What one hold placed on one counter.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct HoldPart {
     pub key: CounterKey,
     pub mark: HoldMark,
@@ -23,7 +23,7 @@ pub struct HoldPart {
 }
 
 /// An open hold.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Hold {
     pub expires_at: Timestamp,
     pub parts: Vec<HoldPart>,
@@ -77,9 +77,116 @@ pub struct Ledger {
     /// The next hold number. Hold numbers only grow, so any number below this one that is not
     /// open was closed: that is what makes settlement idempotent without remembering it.
     next_seq: u64,
+    /// What changed since the last [`Ledger::take_changes`]; `None` unless a store persists
+    /// the ledger, so the in-memory store pays one branch per change and nothing more.
+    dirty: Option<Box<Dirty>>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Dirty {
+    counters: rustc_hash::FxHashSet<CounterKey>,
+    opened: Vec<u64>,
+    closed: Vec<u64>,
+    keys_added: Vec<(Timestamp, Box<str>)>,
+    keys_dropped: Vec<Box<str>>,
+}
+
+/// What changed in a ledger since the last [`Ledger::take_changes`]: the rows a persisting
+/// store writes. Applying every `Changes` in order to an empty ledger's rows gives the ledger.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Changes {
+    /// The current state of every counter touched.
+    pub counters: Vec<(CounterKey, CounterState)>,
+    /// Holds opened and still open.
+    pub opened: Vec<(u64, Hold)>,
+    /// Holds closed (settled, released, expired); some may have been opened in this batch.
+    pub closed: Vec<u64>,
+    pub next_seq: u64,
+    /// Idempotency keys remembered, and forgotten.
+    pub keys_added: Vec<(Timestamp, Box<str>)>,
+    pub keys_dropped: Vec<Box<str>>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.counters.is_empty()
+            && self.opened.is_empty()
+            && self.closed.is_empty()
+            && self.keys_added.is_empty()
+            && self.keys_dropped.is_empty()
+    }
 }
 
 impl Ledger {
+    /// An empty ledger that records its changes for [`Ledger::take_changes`].
+    pub fn tracked() -> Self {
+        Self {
+            dirty: Some(Box::default()),
+            ..Self::default()
+        }
+    }
+
+    /// A tracked ledger rebuilt from persisted rows.
+    pub fn restore(
+        counters: impl IntoIterator<Item = (CounterKey, CounterState)>,
+        holds: impl IntoIterator<Item = (u64, Hold)>,
+        next_seq: u64,
+        keys: impl IntoIterator<Item = (Timestamp, Box<str>)>,
+    ) -> Self {
+        let mut l = Self::tracked();
+        l.counters = counters.into_iter().collect();
+        for (seq, hold) in holds {
+            l.expiry.push(Reverse((hold.expires_at, seq)));
+            l.next_seq = l.next_seq.max(seq + 1);
+            l.holds.insert(seq, hold);
+        }
+        l.next_seq = l.next_seq.max(next_seq);
+        let mut keys: Vec<_> = keys.into_iter().collect();
+        keys.sort_by_key(|(at, _)| *at);
+        for (at, k) in keys {
+            l.seen_keys.insert(k.clone());
+            l.seen_order.push_back((at, k));
+        }
+        l
+    }
+
+    /// Everything that changed since the last call (empty for an untracked ledger).
+    pub fn take_changes(&mut self) -> Changes {
+        let Some(dirty) = self.dirty.as_mut() else {
+            return Changes::default();
+        };
+        let d = std::mem::take(dirty.as_mut());
+        Changes {
+            counters: d
+                .counters
+                .into_iter()
+                .filter_map(|k| self.counters.get(&k).map(|s| (k, s.clone())))
+                .collect(),
+            opened: d
+                .opened
+                .into_iter()
+                .filter_map(|seq| self.holds.get(&seq).map(|h| (seq, h.clone())))
+                .collect(),
+            closed: d.closed,
+            next_seq: self.next_seq,
+            keys_added: d.keys_added,
+            keys_dropped: d.keys_dropped,
+        }
+    }
+
+    fn touch(&mut self, key: CounterKey) {
+        if let Some(d) = self.dirty.as_mut() {
+            d.counters.insert(key);
+        }
+    }
+
+    fn touch_hold(&mut self, hold: &Hold, seq: u64) {
+        if let Some(d) = self.dirty.as_mut() {
+            d.counters.extend(hold.parts.iter().map(|p| p.key));
+            d.closed.push(seq);
+        }
+    }
+
     pub fn counter_count(&self) -> usize {
         self.counters.len()
     }
@@ -133,6 +240,10 @@ impl Ledger {
             });
         }
         let expires_at = now.plus_millis(plan.hold_ttl_millis);
+        if let Some(d) = self.dirty.as_mut() {
+            d.counters.extend(parts.iter().map(|p| p.key));
+            d.opened.push(seq);
+        }
         self.holds.insert(seq, Hold { expires_at, parts });
         self.expiry.push(Reverse((expires_at, seq)));
         Reservation {
@@ -154,6 +265,7 @@ impl Ledger {
         let Some(hold) = self.holds.remove(&seq) else {
             return (seq > 0 && seq < self.next_seq).then_some(false);
         };
+        self.touch_hold(&hold, seq);
         for part in &hold.parts {
             let Some(state) = self.counters.get_mut(&part.key) else {
                 continue;
@@ -185,6 +297,9 @@ impl Ledger {
             }
             if let Some((_, k)) = self.seen_order.pop_front() {
                 self.seen_keys.remove(&k);
+                if let Some(d) = self.dirty.as_mut() {
+                    d.keys_dropped.push(k);
+                }
             }
         }
         if self.seen_keys.contains(key) {
@@ -192,6 +307,10 @@ impl Ledger {
         }
         self.seen_keys.insert(key.into());
         self.seen_order.push_back((now, key.into()));
+        if let Some(d) = self.dirty.as_mut() {
+            d.keys_added.push((now, key.into()));
+            d.counters.extend(plan.counters.iter().map(|c| c.key));
+        }
         for c in &plan.counters {
             let state = match self.counters.entry(c.key) {
                 Entry::Occupied(o) => Some(o.into_mut()),
@@ -218,6 +337,7 @@ impl Ledger {
             let Some(hold) = self.holds.remove(&seq) else {
                 continue;
             };
+            self.touch_hold(&hold, seq);
             for part in &hold.parts {
                 if let Some(state) = self.counters.get_mut(&part.key) {
                     counter::expire(state, &part.mark);
@@ -234,6 +354,7 @@ impl Ledger {
     }
 
     pub fn add_grant(&mut self, pool: CounterKey, grant: GrantBalance) -> bool {
+        self.touch(pool);
         let state = self
             .counters
             .entry(pool)

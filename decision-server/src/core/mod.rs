@@ -21,7 +21,19 @@ pub use symbols::{Name, Sym, Symbols};
 use std::fmt;
 
 /// Milliseconds since the Unix epoch, UTC. The core's only notion of time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub struct Timestamp(i64);
 
 impl Timestamp {

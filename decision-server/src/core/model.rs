@@ -136,7 +136,9 @@ pub struct Feature {
 }
 
 /// Paid credits are spent after promotional ones of the same priority and expiry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum GrantCategory {
     Promo,
     Paid,

@@ -37,7 +37,7 @@ impl Usage {
 }
 
 /// How a counter's amount follows the usage, so settlement can recompute it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum AmountRule {
     /// The feature's own units.
     Units,
@@ -48,7 +48,7 @@ pub enum AmountRule {
 }
 
 /// The per-million prices a hold was priced with; kept so settlement uses the same version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PriceSnapshot {
     pub input_per_million: u64,
     pub output_per_million: u64,

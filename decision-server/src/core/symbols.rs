@@ -51,6 +51,38 @@ impl Symbols {
     }
 }
 
+/// Serde for a [`Sym`] as its text, so persisted state survives a restart (symbols are numbered
+/// per process).
+pub mod as_text {
+    use super::{Sym, Symbols};
+
+    pub fn serialize<S: serde::Serializer>(sym: &Sym, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(Symbols.resolve(*sym))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Sym, D::Error> {
+        let text: std::borrow::Cow<'de, str> = serde::Deserialize::deserialize(d)?;
+        Ok(Symbols.intern(&text))
+    }
+}
+
+/// Serde for an `Option<Sym>` as optional text.
+pub mod option_as_text {
+    use super::{Sym, Symbols};
+
+    pub fn serialize<S: serde::Serializer>(sym: &Option<Sym>, s: S) -> Result<S::Ok, S::Error> {
+        match sym {
+            Some(sym) => s.serialize_some(Symbols.resolve(*sym)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Sym>, D::Error> {
+        let text: Option<std::borrow::Cow<'de, str>> = serde::Deserialize::deserialize(d)?;
+        Ok(text.map(|t| Symbols.intern(&t)))
+    }
+}
+
 /// An id as a name: a symbol that reads as its string. `Copy`, 4 bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Name(Sym);

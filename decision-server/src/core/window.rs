@@ -57,7 +57,7 @@ impl RollingWindow {
 }
 
 /// The counts of one rate counter. `head` is the newest bucket written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct WindowState {
     head: i64,
     counts: [u32; RING],

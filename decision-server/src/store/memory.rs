@@ -1,4 +1,5 @@
-//! The in-memory counter store: one ledger per customer, each behind its own lock.
+//! The in-memory counter store: one ledger per customer, each behind its own lock, optionally
+//! journaled (the durable store is this store plus a journal).
 
 use std::sync::Arc;
 
@@ -7,7 +8,8 @@ use parking_lot::Mutex;
 use rustc_hash::FxBuildHasher;
 
 use super::{
-    CloseOutcome, CounterStore, CustomerRef, Reservation, ReserveMode, StoreError, StoreStats,
+    CloseOutcome, CounterStore, CustomerRef, Journal, Reservation, ReserveMode, StoreError,
+    StoreStats,
 };
 use crate::core::counter::{CounterKey, CounterSpec};
 use crate::core::credits::GrantBalance;
@@ -26,6 +28,8 @@ use crate::core::{HoldId, Sym, Timestamp};
 pub struct MemoryStore {
     customers: DashMap<Sym, Arc<Mutex<Ledger>>, FxBuildHasher>,
     retention: KeyRetention,
+    /// Where every ledger change goes, when the store is durable.
+    journal: Option<Arc<dyn Journal>>,
 }
 
 impl MemoryStore {
@@ -41,11 +45,63 @@ impl MemoryStore {
         }
     }
 
+    /// A journaled store over restored ledgers: each change is appended to `journal` under
+    /// its customer's lock (so the journal sees one customer's changes in order), and the call
+    /// returns once the journal says it may.
+    pub(crate) fn journaled(
+        journal: Arc<dyn Journal>,
+        ledgers: impl IntoIterator<Item = (Sym, Ledger)>,
+    ) -> Self {
+        Self {
+            customers: ledgers
+                .into_iter()
+                .map(|(sym, l)| (sym, Arc::new(Mutex::new(l))))
+                .collect(),
+            retention: KeyRetention::default(),
+            journal: Some(journal),
+        }
+    }
+
     fn ledger(&self, customer: Sym) -> Arc<Mutex<Ledger>> {
         if let Some(l) = self.customers.get(&customer) {
             return Arc::clone(l.value());
         }
-        Arc::clone(self.customers.entry(customer).or_default().value())
+        let fresh = || {
+            Arc::new(Mutex::new(if self.journal.is_some() {
+                Ledger::tracked()
+            } else {
+                Ledger::default()
+            }))
+        };
+        Arc::clone(self.customers.entry(customer).or_insert_with(fresh).value())
+    }
+
+    /// Runs `f` on the customer's ledger under its lock, then journals what changed.
+    fn write<R>(
+        &self,
+        customer: CustomerRef<'_>,
+        ledger: &Mutex<Ledger>,
+        f: impl FnOnce(&mut Ledger) -> R,
+    ) -> Result<R, StoreError> {
+        let Some(journal) = &self.journal else {
+            return Ok(f(&mut ledger.lock()));
+        };
+        let (out, ticket) = {
+            let mut l = ledger.lock();
+            let out = f(&mut l);
+            let changes = l.take_changes();
+            let ticket = if changes.is_empty() {
+                None
+            } else {
+                Some(journal.append(customer.id, changes)?)
+            };
+            (out, ticket)
+        };
+        // Waited for outside the lock: other decisions of this customer join the same commit.
+        if let Some(t) = ticket {
+            journal.wait(t)?;
+        }
+        Ok(out)
     }
 
     /// Every customer's ledger, collected first so that no customer lock is ever awaited while
@@ -54,6 +110,14 @@ impl MemoryStore {
         self.customers
             .iter()
             .map(|e| Arc::clone(e.value()))
+            .collect()
+    }
+
+    /// Every customer with its ledger, collected first like [`Self::all_ledgers`].
+    fn all_entries(&self) -> Vec<(Sym, Arc<Mutex<Ledger>>)> {
+        self.customers
+            .iter()
+            .map(|e| (*e.key(), Arc::clone(e.value())))
             .collect()
     }
 
@@ -70,8 +134,7 @@ impl MemoryStore {
     ) -> Result<CloseOutcome, StoreError> {
         let unknown = || StoreError::UnknownHold(hold.to_string());
         let ledger = self.existing(customer.sym).ok_or_else(unknown)?;
-        let mut ledger = ledger.lock();
-        match ledger.close(hold.seq, how, now) {
+        match self.write(customer, &ledger, |l| l.close(hold.seq, how, now))? {
             Some(true) => Ok(CloseOutcome::Closed),
             Some(false) => Ok(CloseOutcome::AlreadyClosed),
             None => Err(unknown()),
@@ -88,8 +151,9 @@ impl CounterStore for MemoryStore {
         now: Timestamp,
     ) -> Result<Reservation, StoreError> {
         let ledger = self.ledger(customer.sym);
-        let mut ledger = ledger.lock();
-        Ok(ledger.reserve(plan, mode == ReserveMode::Hold, now))
+        self.write(customer, &ledger, |l| {
+            l.reserve(plan, mode == ReserveMode::Hold, now)
+        })
     }
 
     fn settle(
@@ -112,18 +176,17 @@ impl CounterStore for MemoryStore {
     }
 
     fn expire_due(&self, now: Timestamp) -> Result<usize, StoreError> {
-        let ledgers = self.all_ledgers();
-        Ok(ledgers
-            .iter()
-            .map(|l| {
-                let mut l = l.lock();
-                if l.next_expiry().is_some_and(|at| at <= now) {
-                    l.expire_due(now)
-                } else {
-                    0
-                }
-            })
-            .sum())
+        let mut expired = 0;
+        for entry in self.all_entries() {
+            let (sym, ledger) = entry;
+            if ledger.lock().next_expiry().is_none_or(|at| at > now) {
+                continue;
+            }
+            let id = crate::core::symbols::Symbols.resolve(sym);
+            let customer = CustomerRef { sym, id };
+            expired += self.write(customer, &ledger, |l| l.expire_due(now))?;
+        }
+        Ok(expired)
     }
 
     fn add_grant(
@@ -132,7 +195,8 @@ impl CounterStore for MemoryStore {
         pool: CounterKey,
         grant: GrantBalance,
     ) -> Result<bool, StoreError> {
-        Ok(self.ledger(customer.sym).lock().add_grant(pool, grant))
+        let ledger = self.ledger(customer.sym);
+        self.write(customer, &ledger, |l| l.add_grant(pool, grant))
     }
 
     fn counted(
@@ -155,8 +219,10 @@ impl CounterStore for MemoryStore {
         now: Timestamp,
     ) -> Result<bool, StoreError> {
         let ledger = self.ledger(customer.sym);
-        let mut ledger = ledger.lock();
-        Ok(ledger.record(plan, idempotency_key, self.retention, now))
+        let retention = self.retention;
+        self.write(customer, &ledger, |l| {
+            l.record(plan, idempotency_key, retention, now)
+        })
     }
 
     fn stats(&self) -> StoreStats {

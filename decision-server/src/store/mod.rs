@@ -1,10 +1,13 @@
 //! The counter-store trait: where counters, holds and credit pools live. One implementation
 //! per backend; every one runs the same arithmetic from `core::counter`.
 
+pub mod durable;
 pub mod memory;
 
+pub use durable::{Durability, DurableStore};
 pub use memory::MemoryStore;
 
+use crate::core::ledger::Changes;
 pub use crate::core::ledger::Reservation;
 
 use crate::core::counter::CounterKey;
@@ -120,4 +123,18 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
     ) -> Result<bool, StoreError>;
 
     fn stats(&self) -> StoreStats;
+
+    /// Returns once every change made so far is stored (a no-op for stores that keep nothing).
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+/// Where a journaled store sends each ledger change: the durable store's writer.
+pub(crate) trait Journal: Send + Sync + std::fmt::Debug {
+    /// Takes the changes of one call on `customer`'s ledger, made under its lock, and returns
+    /// a ticket for [`Journal::wait`].
+    fn append(&self, customer: &str, changes: Changes) -> Result<u64, StoreError>;
+    /// Returns once the change behind `ticket` is as durable as the store promises.
+    fn wait(&self, ticket: u64) -> Result<(), StoreError>;
 }

@@ -22,6 +22,16 @@ macro_rules! test_with_all_stores {
                 fn memory() {
                     super::$name(std::sync::Arc::new(tollgate::store::MemoryStore::new()));
                 }
+                #[test]
+                fn durable_batched() {
+                    super::$name($crate::common::durable(tollgate::store::Durability::Batched {
+                        interval: std::time::Duration::from_millis(20),
+                    }));
+                }
+                #[test]
+                fn durable_sync() {
+                    super::$name($crate::common::durable(tollgate::store::Durability::Sync));
+                }
             }
         )+
     };
@@ -40,9 +50,38 @@ macro_rules! test_with_all_store_factories {
                         std::sync::Arc::new(tollgate::store::MemoryStore::new())
                     });
                 }
+                #[test]
+                fn durable_batched() {
+                    super::$name(&|| -> std::sync::Arc<dyn tollgate::store::CounterStore> {
+                        $crate::common::durable(tollgate::store::Durability::Batched {
+                            interval: std::time::Duration::from_millis(20),
+                        })
+                    });
+                }
+                #[test]
+                fn durable_sync() {
+                    super::$name(&|| -> std::sync::Arc<dyn tollgate::store::CounterStore> {
+                        $crate::common::durable(tollgate::store::Durability::Sync)
+                    });
+                }
             }
         )+
     };
+}
+
+/// A durable store in a fresh file under the target directory's test scratch space (kept, so a
+/// failing test's file can be looked at).
+pub fn durable(
+    durability: tollgate::store::Durability,
+) -> std::sync::Arc<tollgate::store::DurableStore> {
+    let dir = tempfile::Builder::new()
+        .prefix("store-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap()
+        .keep();
+    std::sync::Arc::new(
+        tollgate::store::DurableStore::open(&dir.join("tollgate.redb"), durability).unwrap(),
+    )
 }
 
 pub fn model(yaml: &str) -> Model {

@@ -2,6 +2,8 @@
 //! customers, an operator token and one API key per customer.
 #![allow(dead_code)]
 
+pub mod sidecar;
+
 use std::sync::Arc;
 
 use tollgate::service::Service;

@@ -1,0 +1,531 @@
+//! The durable embedded store: the in-memory ledgers, with every change written to a redb file
+//! by one group-committing writer thread, and the ledgers rebuilt from that file on open.
+//!
+//! The file holds the ledgers' rows, updated in place: one row per counter, per open hold, per
+//! remembered idempotency key, and a next-hold-number per customer. Trade-off: rows updated in
+//! place rather than an event log with snapshots, because redb is already a copy-on-write
+//! B-tree with atomic commits, so its file is the snapshot and a restart reads only live rows;
+//! the cost is a rewrite of each touched counter per commit, which group commit amortises
+//! (a hot counter touched a thousand times between commits is written once).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::{Condvar, Mutex, RwLock};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::memory::MemoryStore;
+use super::{
+    CloseOutcome, CounterStore, CustomerRef, Journal, Reservation, ReserveMode, StoreError,
+    StoreStats,
+};
+use crate::core::counter::{CounterKey, CounterSpec, CounterState};
+use crate::core::credits::GrantBalance;
+use crate::core::ledger::{Changes, Hold, Ledger};
+use crate::core::plan::{Plan, Usage};
+use crate::core::symbols::Symbols;
+use crate::core::{HoldId, Timestamp};
+
+/// Counter rows: (customer, counter key) → counter state.
+const COUNTERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("counters");
+/// Open holds: (customer, hold number) → hold.
+const HOLDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("holds");
+/// Per customer: the next hold number.
+const NEXT_SEQ: TableDefinition<&str, u64> = TableDefinition::new("next_seq");
+/// Remembered idempotency keys: (customer, key) → when it was seen.
+const KEYS: TableDefinition<&[u8], i64> = TableDefinition::new("idempotency_keys");
+
+/// When a decision counts as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Changes are committed together every `interval`; a crash loses at most that window.
+    Batched { interval: Duration },
+    /// A call returns only after its change is committed. Calls that arrive while a commit
+    /// runs share the next one.
+    Sync,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot open the store file {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: Box<redb::Error>,
+    },
+    #[error("the store file {path} is unreadable: {message}")]
+    Corrupt { path: PathBuf, message: String },
+    #[error("cannot start the store's writer thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The durable store.
+#[derive(Debug)]
+pub struct DurableStore {
+    inner: MemoryStore,
+    log: Arc<Log>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// A key prefixed by its customer's id (length-prefixed, so any id is safe).
+fn row_key(customer: &str, rest: &[u8]) -> Vec<u8> {
+    let id = customer.as_bytes();
+    let len = u16::try_from(id.len()).unwrap_or(u16::MAX);
+    let mut k = Vec::with_capacity(2 + id.len() + rest.len());
+    k.extend_from_slice(&len.to_be_bytes());
+    k.extend_from_slice(&id[..usize::from(len)]);
+    k.extend_from_slice(rest);
+    k
+}
+
+fn split_key(k: &[u8]) -> Option<(&str, &[u8])> {
+    let len = usize::from(u16::from_be_bytes([*k.first()?, *k.get(1)?]));
+    let id = std::str::from_utf8(k.get(2..2 + len)?).ok()?;
+    Some((id, k.get(2 + len..)?))
+}
+
+/// One call's changes, in the writer's queue.
+#[derive(Debug)]
+struct Entry {
+    ticket: u64,
+    customer: String,
+    changes: Changes,
+}
+
+#[derive(Debug, Default)]
+struct Committed {
+    /// Every ticket up to this one is committed.
+    upto: u64,
+    /// Tickets committed past a gap (a ticket taken but not yet queued by its thread).
+    ahead: std::collections::BTreeSet<u64>,
+    /// Set when a commit failed: the store refuses work from then on.
+    failed: Option<String>,
+}
+
+impl Committed {
+    fn mark(&mut self, tickets: impl IntoIterator<Item = u64>) {
+        self.ahead.extend(tickets);
+        while self.ahead.first() == Some(&(self.upto + 1)) {
+            self.ahead.pop_first();
+            self.upto += 1;
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Log {
+    durability: Durability,
+    /// Tickets are taken without a lock, so two threads may queue theirs out of order; the
+    /// committed mark only moves over an unbroken run (see [`Committed::mark`]).
+    next_ticket: AtomicU64,
+    queue: RwLock<Option<mpsc::Sender<Entry>>>,
+    failed: AtomicBool,
+    committed: Mutex<Committed>,
+    done: Condvar,
+}
+
+impl Journal for Log {
+    fn append(&self, customer: &str, changes: Changes) -> Result<u64, StoreError> {
+        if self.failed.load(Ordering::Acquire) {
+            let why = self.committed.lock().failed.clone().unwrap_or_default();
+            return Err(StoreError::Unavailable(why));
+        }
+        let q = self.queue.read();
+        let tx = q
+            .as_ref()
+            .ok_or_else(|| StoreError::Unavailable("the store is closed".into()))?;
+        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed) + 1;
+        tx.send(Entry {
+            ticket,
+            customer: customer.to_string(),
+            changes,
+        })
+        .map_err(|_| StoreError::Unavailable("the store's writer has stopped".into()))?;
+        Ok(ticket)
+    }
+
+    fn wait(&self, ticket: u64) -> Result<(), StoreError> {
+        if self.durability != Durability::Sync {
+            return Ok(());
+        }
+        self.wait_committed(ticket)
+    }
+}
+
+impl Log {
+    fn wait_committed(&self, ticket: u64) -> Result<(), StoreError> {
+        let mut c = self.committed.lock();
+        loop {
+            if let Some(why) = &c.failed {
+                return Err(StoreError::Unavailable(why.clone()));
+            }
+            if c.upto >= ticket {
+                return Ok(());
+            }
+            self.done.wait(&mut c);
+        }
+    }
+}
+
+/// A batch's rows with only the last write of each kept, and nothing encoded until then: a
+/// counter touched a thousand times between commits is encoded and written once, and a hold
+/// opened and closed in between not at all.
+#[derive(Debug, Default)]
+struct Rows<'a> {
+    counters: HashMap<(&'a str, CounterKey), &'a CounterState>,
+    /// `None`: delete.
+    holds: HashMap<(&'a str, u64), Option<&'a Hold>>,
+    keys: HashMap<(&'a str, &'a str), Option<Timestamp>>,
+    next_seq: HashMap<&'a str, u64>,
+}
+
+impl<'a> Rows<'a> {
+    fn add(&mut self, e: &'a Entry) {
+        let c = &e.changes;
+        let customer = e.customer.as_str();
+        // Order within one call: closes and forgotten keys first, then what was added, as the
+        // ledger did them.
+        for seq in &c.closed {
+            self.holds.insert((customer, *seq), None);
+        }
+        for k in &c.keys_dropped {
+            self.keys.insert((customer, k), None);
+        }
+        for (key, state) in &c.counters {
+            self.counters.insert((customer, *key), state);
+        }
+        for (seq, hold) in &c.opened {
+            self.holds.insert((customer, *seq), Some(hold));
+        }
+        for (at, k) in &c.keys_added {
+            self.keys.insert((customer, k), Some(*at));
+        }
+        self.next_seq.insert(customer, c.next_seq);
+    }
+}
+
+/// Writes one batch of entries in one transaction.
+fn commit(db: &Database, batch: &[Entry]) -> Result<(), redb::Error> {
+    let mut rows = Rows::default();
+    for e in batch {
+        rows.add(e);
+    }
+    let txn = db.begin_write()?;
+    {
+        let mut counters = txn.open_table(COUNTERS)?;
+        for ((customer, key), state) in &rows.counters {
+            let k = row_key(customer, &postcard::to_stdvec(key).map_err(to_redb)?);
+            let v = postcard::to_stdvec(state).map_err(to_redb)?;
+            counters.insert(k.as_slice(), v.as_slice())?;
+        }
+        let mut holds = txn.open_table(HOLDS)?;
+        for ((customer, seq), hold) in &rows.holds {
+            let k = row_key(customer, &seq.to_be_bytes());
+            match hold {
+                Some(h) => {
+                    let v = postcard::to_stdvec(h).map_err(to_redb)?;
+                    holds.insert(k.as_slice(), v.as_slice())?;
+                }
+                None => {
+                    holds.remove(k.as_slice())?;
+                }
+            }
+        }
+        let mut keys = txn.open_table(KEYS)?;
+        for ((customer, key), at) in &rows.keys {
+            let k = row_key(customer, key.as_bytes());
+            match at {
+                Some(at) => {
+                    keys.insert(k.as_slice(), at.millis())?;
+                }
+                None => {
+                    keys.remove(k.as_slice())?;
+                }
+            }
+        }
+        let mut next = txn.open_table(NEXT_SEQ)?;
+        for (customer, seq) in &rows.next_seq {
+            next.insert(*customer, *seq)?;
+        }
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+fn to_redb(e: postcard::Error) -> redb::Error {
+    redb::Error::Corrupted(format!("cannot encode a row: {e}"))
+}
+
+/// The writer thread: waits for entries, gathers what is queued (in batched mode, for the
+/// interval), commits it in one transaction and moves the committed mark.
+fn writer(db: Database, rx: mpsc::Receiver<Entry>, log: Arc<Log>) {
+    let mut batch = Vec::new();
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        if let Durability::Batched { interval } = log.durability {
+            // Sleep rather than wait on the queue: waiting would wake this thread once per
+            // decision; sleeping wakes it once per commit.
+            std::thread::sleep(interval);
+        }
+        batch.extend(rx.try_iter());
+        let result = commit(&db, &batch);
+        let mut c = log.committed.lock();
+        match result {
+            Ok(()) => c.mark(batch.iter().map(|e| e.ticket)),
+            Err(e) => {
+                let why = format!("the store could not commit: {e}");
+                tracing::error!(error = %e, "durable store commit failed; refusing decisions from now on");
+                c.failed = Some(why);
+                log.failed.store(true, Ordering::Release);
+            }
+        }
+        batch.clear();
+        drop(c);
+        log.done.notify_all();
+    }
+}
+
+/// Reads every row back into ledgers.
+fn restore(db: &Database, path: &Path) -> Result<Vec<(String, Ledger)>, OpenError> {
+    let corrupt = |message: String| OpenError::Corrupt {
+        path: path.to_path_buf(),
+        message,
+    };
+    let open = |e: redb::Error| OpenError::Open {
+        path: path.to_path_buf(),
+        source: Box::new(e),
+    };
+    #[derive(Default)]
+    struct Rows {
+        counters: Vec<(CounterKey, CounterState)>,
+        holds: Vec<(u64, Hold)>,
+        next_seq: u64,
+        keys: Vec<(Timestamp, Box<str>)>,
+    }
+    let mut by_customer: HashMap<String, Rows> = HashMap::new();
+    let txn = db.begin_read().map_err(|e| open(e.into()))?;
+    let counters = txn.open_table(COUNTERS).map_err(|e| open(e.into()))?;
+    for row in counters.iter().map_err(|e| open(e.into()))? {
+        let (k, v) = row.map_err(|e| open(e.into()))?;
+        let (customer, key) =
+            split_key(k.value()).ok_or_else(|| corrupt("a counter row key".into()))?;
+        let key: CounterKey =
+            postcard::from_bytes(key).map_err(|e| corrupt(format!("a counter key: {e}")))?;
+        let state: CounterState = postcard::from_bytes(v.value())
+            .map_err(|e| corrupt(format!("counter state of `{customer}`: {e}")))?;
+        by_customer
+            .entry(customer.to_string())
+            .or_default()
+            .counters
+            .push((key, state));
+    }
+    let holds = txn.open_table(HOLDS).map_err(|e| open(e.into()))?;
+    for row in holds.iter().map_err(|e| open(e.into()))? {
+        let (k, v) = row.map_err(|e| open(e.into()))?;
+        let (customer, seq) = split_key(k.value()).ok_or_else(|| corrupt("a hold key".into()))?;
+        let seq = u64::from_be_bytes(
+            seq.try_into()
+                .map_err(|_| corrupt(format!("a hold number of `{customer}`")))?,
+        );
+        let hold: Hold = postcard::from_bytes(v.value())
+            .map_err(|e| corrupt(format!("hold {customer}:{seq}: {e}")))?;
+        by_customer
+            .entry(customer.to_string())
+            .or_default()
+            .holds
+            .push((seq, hold));
+    }
+    let next = txn.open_table(NEXT_SEQ).map_err(|e| open(e.into()))?;
+    for row in next.iter().map_err(|e| open(e.into()))? {
+        let (k, v) = row.map_err(|e| open(e.into()))?;
+        by_customer
+            .entry(k.value().to_string())
+            .or_default()
+            .next_seq = v.value();
+    }
+    let keys = txn.open_table(KEYS).map_err(|e| open(e.into()))?;
+    for row in keys.iter().map_err(|e| open(e.into()))? {
+        let (k, v) = row.map_err(|e| open(e.into()))?;
+        let (customer, key) =
+            split_key(k.value()).ok_or_else(|| corrupt("an idempotency key row".into()))?;
+        let key = std::str::from_utf8(key).map_err(|e| corrupt(format!("a key: {e}")))?;
+        by_customer
+            .entry(customer.to_string())
+            .or_default()
+            .keys
+            .push((Timestamp::from_millis(v.value()), key.into()));
+    }
+    Ok(by_customer
+        .into_iter()
+        .map(|(c, r)| {
+            let ledger = Ledger::restore(r.counters, r.holds, r.next_seq, r.keys);
+            (c, ledger)
+        })
+        .collect())
+}
+
+impl DurableStore {
+    /// Opens (or creates) the store file at `path` and rebuilds every ledger from it.
+    pub fn open(path: &Path, durability: Durability) -> Result<Self, OpenError> {
+        let open = |e: redb::Error| OpenError::Open {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        };
+        let db = Database::create(path).map_err(|e| open(e.into()))?;
+        // Create the tables, so a fresh file reads as empty.
+        let txn = db.begin_write().map_err(|e| open(e.into()))?;
+        {
+            txn.open_table(COUNTERS).map_err(|e| open(e.into()))?;
+            txn.open_table(HOLDS).map_err(|e| open(e.into()))?;
+            txn.open_table(NEXT_SEQ).map_err(|e| open(e.into()))?;
+            txn.open_table(KEYS).map_err(|e| open(e.into()))?;
+        }
+        txn.commit().map_err(|e| open(e.into()))?;
+        let ledgers = restore(&db, path)?;
+        let (tx, rx) = mpsc::channel();
+        let log = Arc::new(Log {
+            durability,
+            next_ticket: AtomicU64::new(0),
+            queue: RwLock::new(Some(tx)),
+            failed: AtomicBool::new(false),
+            committed: Mutex::new(Committed::default()),
+            done: Condvar::new(),
+        });
+        let writer = std::thread::Builder::new()
+            .name("tollgate-store-writer".into())
+            .spawn({
+                let log = Arc::clone(&log);
+                move || writer(db, rx, log)
+            })
+            .map_err(OpenError::Thread)?;
+        let inner = MemoryStore::journaled(
+            Arc::clone(&log) as Arc<dyn Journal>,
+            ledgers.into_iter().map(|(c, l)| (Symbols.intern(&c), l)),
+        );
+        Ok(Self {
+            inner,
+            log,
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    /// Commits what is queued and stops the writer. Later calls fail as unavailable.
+    pub fn close(&self) {
+        *self.log.queue.write() = None;
+        if let Some(w) = self.writer.lock().take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for DurableStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl CounterStore for DurableStore {
+    fn reserve(
+        &self,
+        customer: CustomerRef<'_>,
+        plan: &Plan,
+        mode: ReserveMode,
+        now: Timestamp,
+    ) -> Result<Reservation, StoreError> {
+        self.inner.reserve(customer, plan, mode, now)
+    }
+
+    fn settle(
+        &self,
+        customer: CustomerRef<'_>,
+        hold: &HoldId,
+        actual: &Usage,
+        now: Timestamp,
+    ) -> Result<CloseOutcome, StoreError> {
+        self.inner.settle(customer, hold, actual, now)
+    }
+
+    fn release(
+        &self,
+        customer: CustomerRef<'_>,
+        hold: &HoldId,
+        now: Timestamp,
+    ) -> Result<CloseOutcome, StoreError> {
+        self.inner.release(customer, hold, now)
+    }
+
+    fn expire_due(&self, now: Timestamp) -> Result<usize, StoreError> {
+        self.inner.expire_due(now)
+    }
+
+    fn add_grant(
+        &self,
+        customer: CustomerRef<'_>,
+        pool: CounterKey,
+        grant: GrantBalance,
+    ) -> Result<bool, StoreError> {
+        self.inner.add_grant(customer, pool, grant)
+    }
+
+    fn counted(
+        &self,
+        customer: CustomerRef<'_>,
+        key: CounterKey,
+        spec: &CounterSpec,
+        now: Timestamp,
+    ) -> Result<Option<u64>, StoreError> {
+        self.inner.counted(customer, key, spec, now)
+    }
+
+    fn record(
+        &self,
+        customer: CustomerRef<'_>,
+        plan: &Plan,
+        idempotency_key: &str,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        self.inner.record(customer, plan, idempotency_key, now)
+    }
+
+    fn stats(&self) -> StoreStats {
+        self.inner.stats()
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.log
+            .wait_committed(self.log.next_ticket.load(Ordering::Acquire))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_committed_mark_moves_only_over_an_unbroken_run() {
+        let mut c = Committed::default();
+        c.mark([2, 3]);
+        assert_eq!(c.upto, 0, "ticket 1 is not committed yet");
+        c.mark([1]);
+        assert_eq!(c.upto, 3);
+        c.mark([5]);
+        assert_eq!(c.upto, 3);
+        c.mark([4]);
+        assert_eq!((c.upto, c.ahead.len()), (5, 0));
+    }
+
+    #[test]
+    fn row_keys_split_back_whatever_the_id() {
+        for id in ["acme", "", "a\0b", "ünïcode"] {
+            let k = row_key(id, b"rest");
+            assert_eq!(split_key(&k), Some((id, &b"rest"[..])));
+        }
+        assert_eq!(split_key(&[0]), None);
+        assert_eq!(split_key(&[0, 9, b'a']), None);
+    }
+}

@@ -1,0 +1,188 @@
+//! The real binary on the durable store, killed with SIGKILL in the middle of a load and
+//! restarted on the same file: in `sync` mode every decision a client saw granted is in the
+//! counters, in `batched` mode all but the last commit window's; open holds come back and
+//! settle once.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use parking_lot::Mutex;
+use serde_json::json;
+use support::OPERATOR;
+use support::sidecar::{LOOPBACK_PORT_0, Sidecar, check};
+
+const CLIENTS: usize = 16;
+
+/// The acme org counter after a restart.
+async fn org_counter(s: &Sidecar, http: &reqwest::Client) -> u64 {
+    let v = s.org_usage(http, 0).await;
+    v["chain"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["limitId"] == "org-daily")
+        .unwrap()["currentUsage"]
+        .as_u64()
+        .unwrap()
+}
+
+struct Load {
+    /// Units granted, by the time the client saw the grant.
+    granted: Mutex<Vec<(Instant, u64)>>,
+    holds: Mutex<Vec<(String, u64)>>,
+    stop: AtomicBool,
+}
+
+async fn crash_and_restart(storage: &str, window: Duration) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tollgate.redb");
+    let text = support::config_with(&format!(
+        "{LOOPBACK_PORT_0}\n  storage: {{ kind: durable, path: \"{}\", {storage} }}",
+        db.display()
+    ))
+    .replace("limit: 1000, period: P1D", "limit: 1000000000, period: P1D");
+    let config = dir.path().join("tollgate.yaml");
+    std::fs::write(&config, &text).unwrap();
+    let mut sidecar = Sidecar::start_at(&config);
+
+    let load = Arc::new(Load {
+        granted: Mutex::new(Vec::new()),
+        holds: Mutex::new(Vec::new()),
+        stop: AtomicBool::new(false),
+    });
+    let mut tasks = Vec::new();
+    for client in 0..CLIENTS {
+        let addr = format!("http://{}", sidecar.ext_authz);
+        let load = Arc::clone(&load);
+        tasks.push(tokio::spawn(async move {
+            let mut c = AuthorizationClient::connect(addr).await.unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            // Bounded in count and time; the kill ends it sooner.
+            for i in 0..100_000u64 {
+                if load.stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    break;
+                }
+                let usage = 1 + (client as u64 + i) % 7;
+                let Ok(r) = c.check(check("alice", usage)).await else {
+                    break; // the sidecar is gone
+                };
+                let r = r.into_inner();
+                assert_eq!(r.status.unwrap().code, 0, "a check was denied");
+                load.granted.lock().push((Instant::now(), usage));
+                if i % 50 == 0 {
+                    let ok = match r.http_response {
+                        Some(envoy_types::ext_authz::v3::pb::HttpResponse::OkResponse(o)) => o,
+                        other => panic!("not a grant: {other:?}"),
+                    };
+                    let hold = ok
+                        .headers
+                        .iter()
+                        .filter_map(|h| h.header.as_ref())
+                        .find(|h| h.key == "x-tollgate-hold-id")
+                        .unwrap()
+                        .value
+                        .clone();
+                    load.holds.lock().push((hold, usage));
+                }
+            }
+        }));
+    }
+    // Let the load run, then kill the sidecar in the middle of it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let killed_at = Instant::now();
+    sidecar.signal("KILL");
+    let _ = sidecar.child.wait();
+    load.stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let granted = load.granted.lock().clone();
+    let total: u64 = granted.iter().map(|(_, u)| u).sum();
+    assert!(
+        granted.len() > 100,
+        "too little load before the kill: {}",
+        granted.len()
+    );
+    // Grants the clients saw at least one commit window before the kill.
+    let settled_before: u64 = granted
+        .iter()
+        .filter(|(at, _)| *at + window + Duration::from_millis(50) < killed_at)
+        .map(|(_, u)| u)
+        .sum();
+
+    drop(sidecar);
+    let sidecar = Sidecar::start_at(&config);
+    let http = reqwest::Client::new();
+    let restored = org_counter(&sidecar, &http).await;
+    // At most one decision per client was in flight at the kill: committed, but its answer
+    // never arrived.
+    let in_flight = CLIENTS as u64 * 7;
+    eprintln!(
+        "{storage}: {} grants, {total} units seen granted, {settled_before} a window before the kill, {restored} restored",
+        granted.len()
+    );
+    assert!(
+        restored <= total + in_flight,
+        "restored {restored} > granted {total} + in flight {in_flight}"
+    );
+    if window.is_zero() {
+        assert!(
+            restored >= total,
+            "sync: restored {restored} < {total} granted before the kill"
+        );
+    } else {
+        assert!(
+            restored >= settled_before,
+            "batched: restored {restored} < {settled_before} granted more than a window before the kill"
+        );
+    }
+
+    // Holds opened before the kill (the earliest sampled, long before it) settle after the
+    // restart, once.
+    let holds = load.holds.lock().clone();
+    let (hold, held) = holds
+        .iter()
+        .find(|(_, u)| *u > 1)
+        .cloned()
+        .expect("no hold over 1 unit was sampled");
+    let settle = |hold: String| {
+        let http = http.clone();
+        let url = format!("http://{}/v1/holds/{hold}/settle", sidecar.http);
+        async move {
+            http.post(url)
+                .bearer_auth(OPERATOR)
+                .json(&json!({"actualUsage": 1}))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let before = org_counter(&sidecar, &http).await;
+    let r = settle(hold.clone()).await;
+    let status = r.status();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(status.is_success(), "{status}: {body}");
+    assert_eq!(body["closed"], true, "{body}");
+    assert_eq!(org_counter(&sidecar, &http).await, before - (held - 1));
+    let again: serde_json::Value = settle(hold).await.json().await.unwrap();
+    assert_eq!(again["closed"], false, "{again}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_mode_keeps_every_grant_across_a_sigkill() {
+    crash_and_restart("durability: sync", Duration::ZERO).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_mode_loses_at_most_its_commit_window_across_a_sigkill() {
+    crash_and_restart(
+        "durability: batched, commitIntervalMs: 100",
+        Duration::from_millis(100),
+    )
+    .await;
+}

@@ -1,0 +1,168 @@
+//! The durable store across a restart in process: counters of every kind, open holds, credit
+//! grants and ingest keys come back from the file, and holds opened before it close after.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Harness, dims, harness, tokens, tree_with};
+use tollgate::clock::Clock;
+use tollgate::engine::CheckRequest;
+use tollgate::store::{CloseOutcome, CounterStore, Durability, DurableStore};
+
+const LIMITS: &str = r#"
+limits:
+  - { id: org-month, entity: acme, feature: tokens, kind: quota, limit: 100000, period: P1M }
+  - { id: user-rate, entityType: user, feature: tokens, kind: rate, limit: 50000, window: PT1H }
+  - { id: team-slots, entityType: team, feature: requests, kind: concurrency, limit: 10 }
+  - { id: org-credits, entity: acme, feature: credits, kind: credits }
+grants:
+  - { id: g1, entity: acme, feature: credits, amount: 1000000, category: paid }
+"#;
+
+const START: &str = "2026-03-10T10:00:00Z";
+
+fn open(path: &Path, durability: Durability) -> Harness {
+    let store: Arc<dyn CounterStore> = Arc::new(DurableStore::open(path, durability).unwrap());
+    harness(&tree_with(LIMITS), store, START)
+}
+
+/// Everything a restart must keep, read through the engine.
+fn snapshot(h: &Harness) -> Vec<u64> {
+    vec![
+        h.counted("acme", "acme", "org-month"),
+        h.counted("acme", "u1", "user-rate"),
+        h.counted("acme", "u2", "user-rate"),
+        h.counted("acme", "t1", "team-slots"),
+        h.counted("acme", "acme", "org-credits"),
+        h.engine.store().stats().holds_open as u64,
+        h.engine.store().stats().counters as u64,
+    ]
+}
+
+fn restart_keeps_everything(durability: Durability) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.redb");
+    let (open_hold, settled_hold, before) = {
+        let h = open(&path, durability);
+        let u1 = [("userId", "u1"), ("model", "small")];
+        let open_hold = h
+            .check_usage("acme", "tokens", tokens(300, 200, 0), &u1)
+            .hold_id
+            .unwrap();
+        let settled = h
+            .check_usage("acme", "tokens", tokens(100, 100, 0), &[("userId", "u2")])
+            .hold_id
+            .unwrap();
+        h.settle(&settled, 150);
+        let released = h.check("acme", "tokens", 40, &u1).hold_id.unwrap();
+        h.engine.release(&released).unwrap();
+        let d = dims(&[("userId", "u2")]);
+        let req = CheckRequest {
+            customer: "acme",
+            feature: "tokens",
+            usage: tokens(10, 10, 0),
+            dimensions: &d,
+            dry_run: false,
+        };
+        assert!(h.engine.ingest(&req, "evt-1").unwrap());
+        let before = snapshot(&h);
+        assert_eq!(before[5], 1, "one hold open");
+        assert!(before[0] > 0 && before[4] > 0, "{before:?}");
+        (open_hold, settled, before)
+        // The harness and its store drop here: the writer commits what is queued.
+    };
+
+    let h = open(&path, durability);
+    assert_eq!(snapshot(&h), before, "state after the restart");
+    // The hold opened before the restart settles after it, once.
+    assert_eq!(
+        h.engine.settle(&open_hold, tokens(100, 50, 0)).unwrap(),
+        CloseOutcome::Closed
+    );
+    assert_eq!(
+        h.engine.settle(&settled_hold, tokens(1, 1, 0)).unwrap(),
+        CloseOutcome::AlreadyClosed,
+        "a hold settled before the restart stays settled"
+    );
+    assert_eq!(
+        h.counted("acme", "t1", "team-slots"),
+        0,
+        "its slot came back"
+    );
+    // The ingest key is remembered.
+    let d = dims(&[("userId", "u2")]);
+    let req = CheckRequest {
+        customer: "acme",
+        feature: "tokens",
+        usage: tokens(10, 10, 0),
+        dimensions: &d,
+        dry_run: false,
+    };
+    assert!(!h.engine.ingest(&req, "evt-1").unwrap());
+    // New holds number on from the old ones.
+    let next = h
+        .check("acme", "tokens", 1, &[("userId", "u1")])
+        .hold_id
+        .unwrap();
+    assert!(next.seq > open_hold.seq, "{next} after {open_hold}");
+    let after = snapshot(&h);
+    drop(h);
+    let h = open(&path, durability);
+    assert_eq!(snapshot(&h), after, "state after a second restart");
+}
+
+#[test]
+fn restart_keeps_everything_sync() {
+    restart_keeps_everything(Durability::Sync);
+}
+
+#[test]
+fn restart_keeps_everything_batched() {
+    restart_keeps_everything(Durability::Batched {
+        interval: Duration::from_millis(50),
+    });
+}
+
+#[test]
+fn holds_open_at_the_restart_expire_at_their_held_amount() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.redb");
+    let hold = {
+        let h = open(&path, Durability::Sync);
+        h.check("acme", "tokens", 700, &[("userId", "u1")])
+            .hold_id
+            .unwrap()
+    };
+    let h = open(&path, Durability::Sync);
+    assert_eq!(h.engine.store().stats().holds_open, 1);
+    // Past the default hold TTL the sweep commits it as held.
+    h.advance_secs(3_600);
+    h.engine.store().expire_due(h.clock.now()).unwrap();
+    assert_eq!(h.engine.store().stats().holds_open, 0);
+    assert_eq!(h.counted("acme", "acme", "org-month"), 700);
+    assert_eq!(
+        h.engine.release(&hold).unwrap(),
+        CloseOutcome::AlreadyClosed
+    );
+    drop(h);
+    let h = open(&path, Durability::Sync);
+    assert_eq!(
+        h.engine.store().stats().holds_open,
+        0,
+        "the expiry was stored"
+    );
+    assert_eq!(h.counted("acme", "acme", "org-month"), 700);
+}
+
+#[test]
+fn a_file_that_is_not_a_store_is_refused_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("not-a-store.redb");
+    std::fs::write(&path, b"this is not a redb file, just text").unwrap();
+    let e = DurableStore::open(&path, Durability::Sync).unwrap_err();
+    assert!(e.to_string().contains("not-a-store.redb"), "{e}");
+}

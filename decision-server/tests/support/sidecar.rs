@@ -1,0 +1,111 @@
+//! The sidecar binary as a child process on free loopback ports, for the process tests.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use envoy_types::ext_authz::v3::pb::CheckRequest;
+use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+use serde_json::json;
+
+use super::OPERATOR;
+
+pub const LOOPBACK_PORT_0: &str = "  listeners: { extAuthz: \"127.0.0.1:0\", grpc: \"127.0.0.1:0\", http: \"127.0.0.1:0\" }\n  logging: { level: warn }";
+
+pub struct Sidecar {
+    pub child: Child,
+    pub ext_authz: String,
+    pub http: String,
+    /// The config's folder, when this handle made it.
+    _dir: Option<tempfile::TempDir>,
+    pub config: std::path::PathBuf,
+}
+
+impl Sidecar {
+    pub fn start(text: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("tollgate.yaml");
+        std::fs::write(&config, text).unwrap();
+        let mut s = Self::start_at(&config);
+        s._dir = Some(dir);
+        s
+    }
+
+    /// Starts the binary on an existing config file (a restart uses the same file).
+    pub fn start_at(config: &std::path::Path) -> Self {
+        let config = config.to_path_buf();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .args(["--workers", "2"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        assert!(
+            line.starts_with("tollgate ready "),
+            "unexpected first line: {line:?}"
+        );
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(&format!("{name}=")))
+                .unwrap()
+                .to_string()
+        };
+        Self {
+            ext_authz: field("ext_authz"),
+            http: field("http"),
+            child,
+            _dir: None,
+            config,
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig}");
+    }
+
+    /// The org counter, read with a dry-run check that holds nothing.
+    pub async fn org_usage(&self, http: &reqwest::Client, usage: u64) -> serde_json::Value {
+        http.post(format!("http://{}/v1/customers/acme/entitlements/check", self.http))
+            .bearer_auth(OPERATOR)
+            .json(&json!({"featureId": "ai-tokens", "requestedUsage": usage, "dimensions": {"userId": "alice"}, "dryRun": true}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An ext_authz check for acme's `ai-tokens` by `user`.
+pub fn check(user: &str, usage: u64) -> CheckRequest {
+    let ext = [
+        ("tollgate.customer", "acme".to_string()),
+        ("tollgate.feature", "ai-tokens".to_string()),
+        ("tollgate.usage", usage.to_string()),
+        ("tollgate.dim.userId", user.to_string()),
+    ];
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            context_extensions: ext.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            ..AttributeContext::default()
+        }),
+    }
+}
