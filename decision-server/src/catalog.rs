@@ -11,8 +11,9 @@ use crate::config::{ConfigErrors, build_model};
 use crate::engine::Engine;
 use crate::store::StoreError;
 
-/// One admin change.
-#[derive(Debug, Clone, PartialEq)]
+/// One admin change. Serialisable: a durable store keeps the list across restarts.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "camelCase")]
 pub enum AdminOp {
     /// Create (`create`) or create-or-replace a customer, whole.
     PutCustomer {
@@ -203,6 +204,31 @@ pub struct Catalog {
     state: Mutex<State>,
 }
 
+/// Stores the whole list of admin changes (they are few; rewriting keeps the stored list
+/// exactly the list in force).
+fn save(engine: &Engine, ops: &[AdminOp]) -> Result<(), AdminError> {
+    let encoded = ops
+        .iter()
+        .map(serde_json::to_vec)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StoreError::Unavailable(format!("cannot encode an admin change: {e}")))?;
+    engine.store().save_admin_changes(&encoded)?;
+    Ok(())
+}
+
+/// Reads the admin changes a store kept. An entry that no longer parses is skipped and named.
+pub fn load(engine: &Engine) -> Result<(Vec<AdminOp>, Vec<String>), StoreError> {
+    let mut ops = Vec::new();
+    let mut skipped = Vec::new();
+    for (i, bytes) in engine.store().admin_changes()?.into_iter().enumerate() {
+        match serde_json::from_slice(&bytes) {
+            Ok(op) => ops.push(op),
+            Err(e) => skipped.push(format!("stored admin change {i} skipped: {e}")),
+        }
+    }
+    Ok((ops, skipped))
+}
+
 /// Names admin changes in validation errors, where a file name would be.
 const ADMIN_SOURCE: &str = "admin change";
 
@@ -229,10 +255,25 @@ impl Catalog {
         let mut next = state.current.clone();
         op.apply(&mut next)?;
         let model = build_model(&next, ADMIN_SOURCE).map_err(AdminError::Invalid)?;
+        let mut ops = state.ops.clone();
+        ops.push(op);
+        // Stored before it takes effect: a change the store could not keep is refused.
+        save(engine, &ops)?;
         engine.replace_model(model)?;
         state.current = next;
-        state.ops.push(op);
+        state.ops = ops;
         Ok(())
+    }
+
+    /// Puts admin changes kept by the store (from before a restart) back on the base
+    /// document. Changes that no longer apply are dropped and returned as messages.
+    pub fn replay(&self, engine: &Engine, ops: Vec<AdminOp>) -> Result<Vec<String>, AdminError> {
+        let base = {
+            let mut state = self.state.lock();
+            state.ops = ops;
+            state.base.clone()
+        };
+        self.rebase(engine, base)
     }
 
     /// Puts a new base document (a reloaded file) in force with the admin changes replayed on
@@ -250,6 +291,9 @@ impl Catalog {
             }
         }
         let model = build_model(&next, ADMIN_SOURCE).map_err(AdminError::Invalid)?;
+        if !dropped.is_empty() {
+            save(engine, &kept)?;
+        }
         engine.replace_model(model)?;
         *state = State {
             base,

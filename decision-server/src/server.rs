@@ -135,7 +135,24 @@ pub fn build_service(loaded: Loaded) -> anyhow::Result<Arc<Service>> {
     };
     let engine = Engine::new(model, store, Arc::new(SystemClock))
         .context("cannot seed the store with the config's grants")?;
-    Ok(Arc::new(Service::new(engine, doc, &server)))
+    let service = Arc::new(Service::new(engine, doc, &server));
+    // Admin changes kept by a durable store from before the restart go back on the file.
+    let (ops, skipped) =
+        crate::catalog::load(&service.engine).context("cannot read the stored admin changes")?;
+    for s in skipped {
+        tracing::warn!("{s}");
+    }
+    if !ops.is_empty() {
+        let n = ops.len();
+        let dropped = service.catalog.replay(&service.engine, ops).map_err(|e| {
+            anyhow::anyhow!("the stored admin changes do not apply to this config: {e}")
+        })?;
+        for d in &dropped {
+            tracing::warn!("{d}");
+        }
+        tracing::info!(kept = n - dropped.len(), "stored admin changes restored");
+    }
+    Ok(service)
 }
 
 /// Runs the sidecar until SIGTERM or SIGINT, then drains.

@@ -40,6 +40,8 @@ const HOLDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("holds");
 const NEXT_SEQ: TableDefinition<&str, u64> = TableDefinition::new("next_seq");
 /// Remembered idempotency keys: (customer, key) → when it was seen.
 const KEYS: TableDefinition<&[u8], i64> = TableDefinition::new("idempotency_keys");
+/// Admin changes made through the API, in order: position → encoded change.
+const ADMIN: TableDefinition<u64, &[u8]> = TableDefinition::new("admin_changes");
 
 /// When a decision counts as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +70,8 @@ pub enum OpenError {
 #[derive(Debug)]
 pub struct DurableStore {
     inner: MemoryStore,
+    /// Shared with the writer thread; admin changes are written directly (they are rare).
+    db: Arc<Database>,
     log: Arc<Log>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -263,7 +267,7 @@ fn to_redb(e: postcard::Error) -> redb::Error {
 
 /// The writer thread: waits for entries, gathers what is queued (in batched mode, for the
 /// interval), commits it in one transaction and moves the committed mark.
-fn writer(db: Database, rx: mpsc::Receiver<Entry>, log: Arc<Log>) {
+fn writer(db: Arc<Database>, rx: mpsc::Receiver<Entry>, log: Arc<Log>) {
     let mut batch = Vec::new();
     while let Ok(first) = rx.recv() {
         batch.push(first);
@@ -384,9 +388,11 @@ impl DurableStore {
             txn.open_table(HOLDS).map_err(|e| open(e.into()))?;
             txn.open_table(NEXT_SEQ).map_err(|e| open(e.into()))?;
             txn.open_table(KEYS).map_err(|e| open(e.into()))?;
+            txn.open_table(ADMIN).map_err(|e| open(e.into()))?;
         }
         txn.commit().map_err(|e| open(e.into()))?;
         let ledgers = restore(&db, path)?;
+        let db = Arc::new(db);
         let (tx, rx) = mpsc::channel();
         let log = Arc::new(Log {
             durability,
@@ -400,6 +406,7 @@ impl DurableStore {
             .name("tollgate-store-writer".into())
             .spawn({
                 let log = Arc::clone(&log);
+                let db = Arc::clone(&db);
                 move || writer(db, rx, log)
             })
             .map_err(OpenError::Thread)?;
@@ -409,6 +416,7 @@ impl DurableStore {
         );
         Ok(Self {
             inner,
+            db,
             log,
             writer: Mutex::new(Some(writer)),
         })
@@ -499,6 +507,33 @@ impl CounterStore for DurableStore {
     fn flush(&self) -> Result<(), StoreError> {
         self.log
             .wait_committed(self.log.next_ticket.load(Ordering::Acquire))
+    }
+
+    fn save_admin_changes(&self, changes: &[Vec<u8>]) -> Result<(), StoreError> {
+        let fail =
+            |e: redb::Error| StoreError::Unavailable(format!("cannot store admin changes: {e}"));
+        let txn = self.db.begin_write().map_err(|e| fail(e.into()))?;
+        {
+            let mut t = txn.open_table(ADMIN).map_err(|e| fail(e.into()))?;
+            t.retain(|_, _| false).map_err(|e| fail(e.into()))?;
+            for (i, c) in (0u64..).zip(changes) {
+                t.insert(i, c.as_slice()).map_err(|e| fail(e.into()))?;
+            }
+        }
+        txn.commit().map_err(|e| fail(e.into()))
+    }
+
+    fn admin_changes(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        let fail =
+            |e: redb::Error| StoreError::Unavailable(format!("cannot read admin changes: {e}"));
+        let txn = self.db.begin_read().map_err(|e| fail(e.into()))?;
+        let t = txn.open_table(ADMIN).map_err(|e| fail(e.into()))?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(|e| fail(e.into()))? {
+            let (_, v) = row.map_err(|e| fail(e.into()))?;
+            out.push(v.value().to_vec());
+        }
+        Ok(out)
     }
 }
 

@@ -128,6 +128,17 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
     fn flush(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    /// Replaces the kept list of admin changes (opaque encoded entries, in order). Stores that
+    /// keep nothing across restarts keep nothing.
+    fn save_admin_changes(&self, _changes: &[Vec<u8>]) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// The admin changes kept by [`CounterStore::save_admin_changes`], in order.
+    fn admin_changes(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        Ok(Vec::new())
+    }
 }
 
 /// Where a journaled store sends each ledger change: the durable store's writer.
