@@ -108,6 +108,22 @@ impl Service {
         }
     }
 
+    /// Runs a store call. A store that waits for the disk (the durable store in sync mode)
+    /// would otherwise park a runtime worker per waiting decision; `block_in_place` hands the
+    /// worker's other tasks to another thread first, so every in-flight decision can wait on
+    /// the same group commit. Trade-off: a thread hand-off per decision, paid only by stores
+    /// that block.
+    fn storing<R>(&self, f: impl FnOnce() -> R) -> R {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        let multi_thread =
+            Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread);
+        if multi_thread && self.engine.store().blocks() {
+            tokio::task::block_in_place(f)
+        } else {
+            f()
+        }
+    }
+
     pub fn runtime(&self) -> arc_swap::Guard<Arc<Runtime>> {
         self.runtime.load()
     }
@@ -134,7 +150,7 @@ impl Service {
     /// A decision, counted in metrics by `api` and outcome, and streamed to watchers.
     pub fn check(&self, api: Api, req: &CheckRequest<'_>) -> Result<Decision, DecisionError> {
         let started = Instant::now();
-        let result = self.engine.check(req);
+        let result = self.storing(|| self.engine.check(req));
         let outcome = match &result {
             Ok(d) if !d.granted => Outcome::Denied,
             Ok(d) if d.would_deny().next().is_some() => Outcome::ShadowDenied,
@@ -206,13 +222,13 @@ impl Service {
 
     /// Corrects every counter of `hold` to the actual usage. Idempotent.
     pub fn settle(&self, hold: &HoldId, actual: Usage) -> Result<CloseOutcome, DecisionError> {
-        let result = self.engine.settle(hold, actual);
+        let result = self.storing(|| self.engine.settle(hold, actual));
         self.closed(hold, actual.units, EventKind::Settled, result)
     }
 
     /// Undoes `hold`. Idempotent.
     pub fn release(&self, hold: &HoldId) -> Result<CloseOutcome, DecisionError> {
-        let result = self.engine.release(hold);
+        let result = self.storing(|| self.engine.release(hold));
         self.closed(hold, 0, EventKind::Released, result)
     }
 
@@ -232,7 +248,7 @@ impl Service {
                 dimensions: &item.dimensions,
                 dry_run: false,
             };
-            match self.engine.ingest(&req, &item.idempotency_key) {
+            match self.storing(|| self.engine.ingest(&req, &item.idempotency_key)) {
                 Ok(true) => IngestStatus::Recorded,
                 Ok(false) => IngestStatus::Duplicate,
                 Err(e) => IngestStatus::Rejected(e.to_string()),

@@ -174,6 +174,17 @@ impl Ledger {
         }
     }
 
+    /// Whether a tracked ledger has changes not yet taken.
+    pub fn has_changes(&self) -> bool {
+        self.dirty.as_ref().is_some_and(|d| {
+            !(d.counters.is_empty()
+                && d.opened.is_empty()
+                && d.closed.is_empty()
+                && d.keys_added.is_empty()
+                && d.keys_dropped.is_empty())
+        })
+    }
+
     fn touch(&mut self, key: CounterKey) {
         if let Some(d) = self.dirty.as_mut() {
             d.counters.insert(key);

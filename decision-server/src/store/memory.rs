@@ -24,9 +24,19 @@ use crate::core::{HoldId, Sym, Timestamp};
 /// customer's own mutex, so the map's shard lock is held only for the lookup. Two customers
 /// never wait on each other; one hot customer serialises on its own lock, which is the
 /// atomicity a decision needs anyway.
+/// One customer's ledger and, in a journaled store, the commit it waits in.
+#[derive(Debug, Default)]
+pub(crate) struct Book {
+    pub(crate) ledger: Ledger,
+    /// The journal commit that will store this ledger's pending changes, once queued.
+    pub(crate) queued: Option<u64>,
+}
+
+pub(crate) type SharedBook = Arc<Mutex<Book>>;
+
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    customers: DashMap<Sym, Arc<Mutex<Ledger>>, FxBuildHasher>,
+    customers: DashMap<Sym, SharedBook, FxBuildHasher>,
     retention: KeyRetention,
     /// Where every ledger change goes, when the store is durable.
     journal: Option<Arc<dyn Journal>>,
@@ -55,45 +65,56 @@ impl MemoryStore {
         Self {
             customers: ledgers
                 .into_iter()
-                .map(|(sym, l)| (sym, Arc::new(Mutex::new(l))))
+                .map(|(sym, ledger)| {
+                    (
+                        sym,
+                        Arc::new(Mutex::new(Book {
+                            ledger,
+                            queued: None,
+                        })),
+                    )
+                })
                 .collect(),
             retention: KeyRetention::default(),
             journal: Some(journal),
         }
     }
 
-    fn ledger(&self, customer: Sym) -> Arc<Mutex<Ledger>> {
+    fn ledger(&self, customer: Sym) -> SharedBook {
         if let Some(l) = self.customers.get(&customer) {
             return Arc::clone(l.value());
         }
         let fresh = || {
-            Arc::new(Mutex::new(if self.journal.is_some() {
-                Ledger::tracked()
-            } else {
-                Ledger::default()
+            Arc::new(Mutex::new(Book {
+                ledger: if self.journal.is_some() {
+                    Ledger::tracked()
+                } else {
+                    Ledger::default()
+                },
+                queued: None,
             }))
         };
         Arc::clone(self.customers.entry(customer).or_insert_with(fresh).value())
     }
 
-    /// Runs `f` on the customer's ledger under its lock, then journals what changed.
+    /// Runs `f` on the customer's ledger under its lock; a journaled store then queues the
+    /// customer for the next commit and, if the journal says so, waits for that commit.
     fn write<R>(
         &self,
         customer: CustomerRef<'_>,
-        ledger: &Mutex<Ledger>,
+        book: &SharedBook,
         f: impl FnOnce(&mut Ledger) -> R,
     ) -> Result<R, StoreError> {
         let Some(journal) = &self.journal else {
-            return Ok(f(&mut ledger.lock()));
+            return Ok(f(&mut book.lock().ledger));
         };
         let (out, ticket) = {
-            let mut l = ledger.lock();
-            let out = f(&mut l);
-            let changes = l.take_changes();
-            let ticket = if changes.is_empty() {
-                None
+            let mut b = book.lock();
+            let out = f(&mut b.ledger);
+            let ticket = if b.ledger.has_changes() {
+                Some(journal.changed(customer.sym, book, &mut b.queued)?)
             } else {
-                Some(journal.append(customer.id, changes)?)
+                None
             };
             (out, ticket)
         };
@@ -106,7 +127,7 @@ impl MemoryStore {
 
     /// Every customer's ledger, collected first so that no customer lock is ever awaited while
     /// a map shard is held.
-    fn all_ledgers(&self) -> Vec<Arc<Mutex<Ledger>>> {
+    fn all_ledgers(&self) -> Vec<SharedBook> {
         self.customers
             .iter()
             .map(|e| Arc::clone(e.value()))
@@ -114,14 +135,14 @@ impl MemoryStore {
     }
 
     /// Every customer with its ledger, collected first like [`Self::all_ledgers`].
-    fn all_entries(&self) -> Vec<(Sym, Arc<Mutex<Ledger>>)> {
+    fn all_entries(&self) -> Vec<(Sym, SharedBook)> {
         self.customers
             .iter()
             .map(|e| (*e.key(), Arc::clone(e.value())))
             .collect()
     }
 
-    fn existing(&self, customer: Sym) -> Option<Arc<Mutex<Ledger>>> {
+    fn existing(&self, customer: Sym) -> Option<SharedBook> {
         self.customers.get(&customer).map(|l| Arc::clone(l.value()))
     }
 
@@ -179,7 +200,7 @@ impl CounterStore for MemoryStore {
         let mut expired = 0;
         for entry in self.all_entries() {
             let (sym, ledger) = entry;
-            if ledger.lock().next_expiry().is_none_or(|at| at > now) {
+            if ledger.lock().ledger.next_expiry().is_none_or(|at| at > now) {
                 continue;
             }
             let id = crate::core::symbols::Symbols.resolve(sym);
@@ -208,7 +229,7 @@ impl CounterStore for MemoryStore {
     ) -> Result<Option<u64>, StoreError> {
         Ok(self
             .existing(customer.sym)
-            .and_then(|l| l.lock().counted(key, spec, now)))
+            .and_then(|l| l.lock().ledger.counted(key, spec, now)))
     }
 
     fn record(
@@ -232,9 +253,9 @@ impl CounterStore for MemoryStore {
         };
         let ledgers = self.all_ledgers();
         for l in ledgers {
-            let l = l.lock();
-            stats.counters += l.counter_count();
-            stats.holds_open += l.open_holds();
+            let b = l.lock();
+            stats.counters += b.ledger.counter_count();
+            stats.holds_open += b.ledger.open_holds();
         }
         stats
     }

@@ -7,7 +7,6 @@ pub mod memory;
 pub use durable::{Durability, DurableStore};
 pub use memory::MemoryStore;
 
-use crate::core::ledger::Changes;
 pub use crate::core::ledger::Reservation;
 
 use crate::core::counter::CounterKey;
@@ -124,6 +123,12 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
 
     fn stats(&self) -> StoreStats;
 
+    /// Whether calls wait for I/O (a disk commit), so callers on an async runtime should not
+    /// run them on a runtime worker as they are.
+    fn blocks(&self) -> bool {
+        false
+    }
+
     /// Returns once every change made so far is stored (a no-op for stores that keep nothing).
     fn flush(&self) -> Result<(), StoreError> {
         Ok(())
@@ -141,11 +146,18 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// Where a journaled store sends each ledger change: the durable store's writer.
+/// Where a journaled store reports each ledger change: the durable store's writer.
 pub(crate) trait Journal: Send + Sync + std::fmt::Debug {
-    /// Takes the changes of one call on `customer`'s ledger, made under its lock, and returns
-    /// a ticket for [`Journal::wait`].
-    fn append(&self, customer: &str, changes: Changes) -> Result<u64, StoreError>;
-    /// Returns once the change behind `ticket` is as durable as the store promises.
+    /// Called under the customer's lock after a call changed its ledger. Queues the customer
+    /// for the next commit unless it already waits in one (`queued`), and returns the commit
+    /// to wait for with [`Journal::wait`]. The writer reads the ledger's changes itself, at
+    /// commit time, under the same lock.
+    fn changed(
+        &self,
+        customer: crate::core::Sym,
+        book: &memory::SharedBook,
+        queued: &mut Option<u64>,
+    ) -> Result<u64, StoreError>;
+    /// Returns once commit `ticket` is as durable as the store promises.
     fn wait(&self, ticket: u64) -> Result<(), StoreError>;
 }

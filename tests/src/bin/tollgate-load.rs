@@ -62,6 +62,10 @@ enum Cmd {
         /// Users each customer may have created on first sight.
         #[arg(long, default_value_t = 1_000_000)]
         max_users: usize,
+        /// The `server.storage` section's body, YAML flow style, e.g.
+        /// `kind: durable, path: /tmp/t.redb, durability: sync`.
+        #[arg(long)]
+        storage: Option<String>,
     },
     /// Serve a no-op ext_authz that answers OK at once.
     Noop {
@@ -430,8 +434,13 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
         Cmd::Config {
             customers,
             max_users,
+            storage,
         } => {
-            print!("{}", config(customers, max_users));
+            let mut text = config(customers, max_users);
+            if let Some(s) = storage {
+                text.push_str(&format!("  storage: {{ {s} }}\n"));
+            }
+            print!("{text}");
             Ok(())
         }
         Cmd::Noop { listen } => noop(&listen).await,
