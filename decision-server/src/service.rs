@@ -17,7 +17,7 @@ use crate::core::plan::Usage;
 use crate::core::{Decision, HoldId, Timestamp};
 use crate::engine::{CheckRequest, DecisionError, Engine};
 use crate::metrics::{Api, Metrics, Outcome};
-use crate::store::{CloseOutcome, StoreError};
+use crate::store::{CloseOutcome, Commit, StoreError, deferring};
 
 /// How many usage events a slow watcher may fall behind before it misses some.
 const EVENT_BUFFER: usize = 4096;
@@ -108,20 +108,69 @@ impl Service {
         }
     }
 
-    /// Runs a store call. A store that waits for the disk (the durable store in sync mode)
-    /// would otherwise park a runtime worker per waiting decision; `block_in_place` hands the
-    /// worker's other tasks to another thread first, so every in-flight decision can wait on
-    /// the same group commit. Trade-off: a thread hand-off per decision, paid only by stores
-    /// that block.
-    fn storing<R>(&self, f: impl FnOnce() -> R) -> R {
-        use tokio::runtime::{Handle, RuntimeFlavor};
-        let multi_thread =
-            Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread);
-        if multi_thread && self.engine.store().blocks() {
-            tokio::task::block_in_place(f)
-        } else {
-            f()
+    /// Runs a store call. With a store that commits before answering (the durable store in
+    /// sync mode), the commit is awaited here rather than waited for on the runtime thread, so
+    /// every in-flight decision can share one commit and no worker is parked.
+    async fn stored<T, E: From<StoreError>>(
+        &self,
+        f: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
+        let Some(mut commits) = self.engine.store().commits() else {
+            return f();
+        };
+        let (result, ticket) = deferring(f);
+        if let Some(t) = ticket {
+            Commit::reached(&mut commits, t).await?;
         }
+        result
+    }
+
+    /// Like [`Service::stored`] for many calls: they share one commit wait. If that commit
+    /// fails, every call's result becomes the store error.
+    async fn stored_all<T>(
+        &self,
+        f: impl FnOnce() -> Vec<Result<T, DecisionError>>,
+    ) -> Vec<Result<T, DecisionError>> {
+        let Some(mut commits) = self.engine.store().commits() else {
+            return f();
+        };
+        let (results, ticket) = deferring(f);
+        if let Some(t) = ticket
+            && let Err(e) = Commit::reached(&mut commits, t).await
+        {
+            return results
+                .into_iter()
+                .map(|_| Err(DecisionError::Store(e.clone())))
+                .collect();
+        }
+        results
+    }
+
+    /// Settles (`Some(usage)`) or releases (`None`) many holds with one commit wait, a result
+    /// each, in order.
+    pub async fn close_many(
+        &self,
+        closes: &[(HoldId, Option<Usage>)],
+    ) -> Vec<Result<CloseOutcome, DecisionError>> {
+        let results = self
+            .stored_all(|| {
+                closes
+                    .iter()
+                    .map(|(hold, usage)| match usage {
+                        Some(u) => self.engine.settle(hold, *u),
+                        None => self.engine.release(hold),
+                    })
+                    .collect()
+            })
+            .await;
+        closes
+            .iter()
+            .zip(results)
+            .map(|((hold, usage), r)| match usage {
+                Some(u) => self.closed(hold, u.units, EventKind::Settled, r),
+                None => self.closed(hold, 0, EventKind::Released, r),
+            })
+            .collect()
     }
 
     pub fn runtime(&self) -> arc_swap::Guard<Arc<Runtime>> {
@@ -148,9 +197,9 @@ impl Service {
     }
 
     /// A decision, counted in metrics by `api` and outcome, and streamed to watchers.
-    pub fn check(&self, api: Api, req: &CheckRequest<'_>) -> Result<Decision, DecisionError> {
+    pub async fn check(&self, api: Api, req: &CheckRequest<'_>) -> Result<Decision, DecisionError> {
         let started = Instant::now();
-        let result = self.storing(|| self.engine.check(req));
+        let result = self.stored(|| self.engine.check(req)).await;
         let outcome = match &result {
             Ok(d) if !d.granted => Outcome::Denied,
             Ok(d) if d.would_deny().next().is_some() => Outcome::ShadowDenied,
@@ -221,38 +270,65 @@ impl Service {
     }
 
     /// Corrects every counter of `hold` to the actual usage. Idempotent.
-    pub fn settle(&self, hold: &HoldId, actual: Usage) -> Result<CloseOutcome, DecisionError> {
-        let result = self.storing(|| self.engine.settle(hold, actual));
+    pub async fn settle(
+        &self,
+        hold: &HoldId,
+        actual: Usage,
+    ) -> Result<CloseOutcome, DecisionError> {
+        let result = self.stored(|| self.engine.settle(hold, actual)).await;
         self.closed(hold, actual.units, EventKind::Settled, result)
     }
 
     /// Undoes `hold`. Idempotent.
-    pub fn release(&self, hold: &HoldId) -> Result<CloseOutcome, DecisionError> {
-        let result = self.storing(|| self.engine.release(hold));
+    pub async fn release(&self, hold: &HoldId) -> Result<CloseOutcome, DecisionError> {
+        let result = self.stored(|| self.engine.release(hold)).await;
         self.closed(hold, 0, EventKind::Released, result)
     }
 
     /// Records one event of usage that was never gated.
-    pub fn ingest(&self, item: &IngestItem) -> IngestStatus {
-        let status = if item.idempotency_key.is_empty()
-            || item.idempotency_key.len() > MAX_IDEMPOTENCY_KEY
-        {
-            IngestStatus::Rejected(format!(
+    pub async fn ingest(&self, item: &IngestItem) -> IngestStatus {
+        self.ingest_all(std::slice::from_ref(item))
+            .await
+            .pop()
+            .unwrap_or(IngestStatus::Rejected("nothing to record".into()))
+    }
+
+    /// Records events with one commit wait, a status each, in order.
+    async fn ingest_all(&self, items: &[IngestItem]) -> Vec<IngestStatus> {
+        let results = self
+            .stored_all(|| items.iter().map(|i| self.ingest_now(i)).collect())
+            .await;
+        items
+            .iter()
+            .zip(results)
+            .map(|(item, r)| self.ingested(item, r))
+            .collect()
+    }
+
+    /// The store call of one ingest; `Ok(None)` for an event refused before any store call.
+    fn ingest_now(&self, item: &IngestItem) -> Result<Option<bool>, DecisionError> {
+        if item.idempotency_key.is_empty() || item.idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
+            return Ok(None);
+        }
+        let req = CheckRequest {
+            customer: &item.customer,
+            feature: &item.feature,
+            usage: item.usage,
+            dimensions: &item.dimensions,
+            dry_run: false,
+        };
+        self.engine.ingest(&req, &item.idempotency_key).map(Some)
+    }
+
+    /// Metrics and events for one ingest outcome.
+    fn ingested(&self, item: &IngestItem, r: Result<Option<bool>, DecisionError>) -> IngestStatus {
+        let status = match r {
+            Ok(None) => IngestStatus::Rejected(format!(
                 "idempotencyKey must be 1 to {MAX_IDEMPOTENCY_KEY} bytes"
-            ))
-        } else {
-            let req = CheckRequest {
-                customer: &item.customer,
-                feature: &item.feature,
-                usage: item.usage,
-                dimensions: &item.dimensions,
-                dry_run: false,
-            };
-            match self.storing(|| self.engine.ingest(&req, &item.idempotency_key)) {
-                Ok(true) => IngestStatus::Recorded,
-                Ok(false) => IngestStatus::Duplicate,
-                Err(e) => IngestStatus::Rejected(e.to_string()),
-            }
+            )),
+            Ok(Some(true)) => IngestStatus::Recorded,
+            Ok(Some(false)) => IngestStatus::Duplicate,
+            Err(e) => IngestStatus::Rejected(e.to_string()),
         };
         self.metrics.ingest(match status {
             IngestStatus::Recorded => "recorded",
@@ -277,7 +353,7 @@ impl Service {
 
     /// Records a batch of events for `principal`. If any event belongs to a customer the
     /// principal does not reach, nothing is recorded and that customer is returned.
-    pub fn ingest_batch(
+    pub async fn ingest_batch(
         &self,
         principal: &Principal,
         items: &[IngestItem],
@@ -285,7 +361,7 @@ impl Service {
         if let Some(foreign) = items.iter().find(|i| !principal.may_access(&i.customer)) {
             return Err(foreign.customer.clone());
         }
-        Ok(items.iter().map(|i| self.ingest(i)).collect())
+        Ok(self.ingest_all(items).await)
     }
 
     /// Applies an admin change; it is in force for the next decision.

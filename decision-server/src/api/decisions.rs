@@ -41,7 +41,7 @@ pub async fn check(
         dimensions: &body.dimensions,
         dry_run: body.dry_run,
     };
-    let d = state.check(Api::Http, &req)?;
+    let d = state.check(Api::Http, &req).await?;
     Ok(ApiJson((&d).into()))
 }
 
@@ -76,7 +76,9 @@ pub async fn settle(
     ApiJson(body): ApiJson<SettleBody>,
 ) -> Result<ApiJson<CloseResult>, ApiError> {
     let hold = parse_hold(&hold_id)?;
-    let outcome = state.settle(&hold, usage(body.actual_usage, body.tokens))?;
+    let outcome = state
+        .settle(&hold, usage(body.actual_usage, body.tokens))
+        .await?;
     Ok(close_result(&hold, outcome))
 }
 
@@ -95,7 +97,7 @@ pub async fn release(
     ApiPath(hold_id): ApiPath<String>,
 ) -> Result<ApiJson<CloseResult>, ApiError> {
     let hold = parse_hold(&hold_id)?;
-    let outcome = state.release(&hold)?;
+    let outcome = state.release(&hold).await?;
     Ok(close_result(&hold, outcome))
 }
 
@@ -134,6 +136,7 @@ pub async fn ingest(
         .collect();
     let statuses = state
         .ingest_batch(&caller.0, &items)
+        .await
         .map_err(|customer| ApiError::forbidden(&customer))?;
     let results = items
         .into_iter()

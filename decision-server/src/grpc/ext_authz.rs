@@ -330,7 +330,7 @@ impl Authorization for ExtAuthzService {
             dimensions: &input.dimensions,
             dry_run: false,
         };
-        match self.service.check(Api::ExtAuthz, &check) {
+        match self.service.check(Api::ExtAuthz, &check).await {
             Ok(d) => Ok(Response::new(decision_response(
                 settings,
                 &d,

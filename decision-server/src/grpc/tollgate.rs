@@ -188,36 +188,67 @@ impl TollgateService {
 const MAX_CLOSE_BATCH: usize = 1000;
 
 impl TollgateService {
-    fn close_one(&self, principal: &Principal, h: &pb::HoldClose) -> pb::HoldCloseResult {
+    /// Closes every hold it may (one commit wait for all), a result each, in order.
+    async fn close_all(
+        &self,
+        principal: &Principal,
+        holds: &[pb::HoldClose],
+    ) -> Vec<pb::HoldCloseResult> {
         use pb::hold_close_result::Status as S;
         let result = |status: S, message: String| pb::HoldCloseResult {
             status: status as i32,
             message,
         };
-        let hold: HoldId = match h.hold_id.parse() {
-            Ok(hold) => hold,
-            Err(e) => return result(S::Rejected, format!("hold `{}`: {e}", h.hold_id)),
-        };
-        if !principal.may_access(&hold.customer) {
-            return result(S::Rejected, forbidden(&hold.customer).message().to_string());
-        }
-        let outcome = match h.actual_usage {
-            Some(units) => self.service.settle(&hold, usage(units, h.tokens)),
-            None => self.service.release(&hold),
-        };
-        match outcome {
-            Ok(CloseOutcome::Closed) => result(S::Closed, String::new()),
-            Ok(CloseOutcome::AlreadyClosed) => result(S::AlreadyClosed, String::new()),
-            Err(e) => {
-                let status = decision_status(e);
-                let s = if status.code() == tonic::Code::Unavailable {
-                    S::Failed
-                } else {
-                    S::Rejected
-                };
-                result(s, format!("hold `{}`: {}", h.hold_id, status.message()))
-            }
-        }
+        // Parse and authorise each first; only those that pass reach the store.
+        let parsed: Vec<Result<HoldId, pb::HoldCloseResult>> = holds
+            .iter()
+            .map(|h| {
+                let hold: HoldId = h
+                    .hold_id
+                    .parse()
+                    .map_err(|e| result(S::Rejected, format!("hold `{}`: {e}", h.hold_id)))?;
+                if !principal.may_access(&hold.customer) {
+                    return Err(result(
+                        S::Rejected,
+                        forbidden(&hold.customer).message().to_string(),
+                    ));
+                }
+                Ok(hold)
+            })
+            .collect();
+        let closes: Vec<(HoldId, Option<crate::core::plan::Usage>)> = parsed
+            .iter()
+            .zip(holds)
+            .filter_map(|(p, h)| {
+                p.as_ref()
+                    .ok()
+                    .map(|hold| (hold.clone(), h.actual_usage.map(|u| usage(u, h.tokens))))
+            })
+            .collect();
+        let mut outcomes = self.service.close_many(&closes).await.into_iter();
+        parsed
+            .into_iter()
+            .zip(holds)
+            .map(|(p, h)| match p {
+                Err(refused) => refused,
+                Ok(_) => match outcomes.next() {
+                    Some(Ok(CloseOutcome::Closed)) => result(S::Closed, String::new()),
+                    Some(Ok(CloseOutcome::AlreadyClosed)) => {
+                        result(S::AlreadyClosed, String::new())
+                    }
+                    Some(Err(e)) => {
+                        let status = decision_status(e);
+                        let s = if status.code() == tonic::Code::Unavailable {
+                            S::Failed
+                        } else {
+                            S::Rejected
+                        };
+                        result(s, format!("hold `{}`: {}", h.hold_id, status.message()))
+                    }
+                    None => result(S::Failed, "no outcome".into()),
+                },
+            })
+            .collect()
     }
 }
 
@@ -250,6 +281,7 @@ impl Tollgate for TollgateService {
         let d = self
             .service
             .check(Api::Grpc, &req)
+            .await
             .map_err(decision_status)?;
         Ok(Response::new((&d).into()))
     }
@@ -263,6 +295,7 @@ impl Tollgate for TollgateService {
         let outcome = self
             .service
             .settle(&hold, usage(r.actual_usage, r.tokens))
+            .await
             .map_err(decision_status)?;
         Ok(Response::new(pb::SettleResponse {
             closed: outcome == CloseOutcome::Closed,
@@ -274,7 +307,7 @@ impl Tollgate for TollgateService {
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let hold = self.hold(&request, &request.get_ref().hold_id)?;
-        let outcome = self.service.release(&hold).map_err(decision_status)?;
+        let outcome = self.service.release(&hold).await.map_err(decision_status)?;
         Ok(Response::new(pb::ReleaseResponse {
             closed: outcome == CloseOutcome::Closed,
         }))
@@ -296,10 +329,7 @@ impl Tollgate for TollgateService {
                 holds.len()
             )));
         }
-        let results = holds
-            .iter()
-            .map(|h| self.close_one(&principal, h))
-            .collect();
+        let results = self.close_all(&principal, &holds).await;
         Ok(Response::new(pb::CloseHoldsResponse { results }))
     }
 
@@ -323,6 +353,7 @@ impl Tollgate for TollgateService {
         let statuses = self
             .service
             .ingest_batch(&principal, &items)
+            .await
             .map_err(|customer| forbidden(&customer))?;
         let results = items
             .into_iter()

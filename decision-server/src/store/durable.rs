@@ -27,7 +27,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::memory::{MemoryStore, SharedBook};
 use super::{
-    CloseOutcome, CounterStore, CustomerRef, Journal, Reservation, ReserveMode, StoreError,
+    CloseOutcome, Commit, CounterStore, CustomerRef, Journal, Reservation, ReserveMode, StoreError,
     StoreStats,
 };
 use crate::core::counter::{CounterKey, CounterSpec, CounterState};
@@ -125,6 +125,8 @@ struct Pending {
 #[derive(Debug)]
 struct Log {
     durability: Durability,
+    /// The committed mark for async waiters ([`CounterStore::commits`]).
+    watch: tokio::sync::watch::Sender<Commit>,
     pending: Mutex<Pending>,
     /// Wakes the writer when the first customer is queued.
     wake: Condvar,
@@ -318,6 +320,10 @@ fn writer(db: Arc<Database>, log: Arc<Log>) {
                 log.failed.store(true, Ordering::Release);
             }
         }
+        log.watch.send_replace(Commit {
+            upto: c.upto,
+            failed: c.failed.clone(),
+        });
         drop(c);
         log.done.notify_all();
     }
@@ -424,6 +430,7 @@ impl DurableStore {
         let db = Arc::new(db);
         let log = Arc::new(Log {
             durability,
+            watch: tokio::sync::watch::Sender::new(Commit::default()),
             pending: Mutex::new(Pending {
                 open: 1,
                 list: Vec::new(),
@@ -537,8 +544,8 @@ impl CounterStore for DurableStore {
         self.inner.stats()
     }
 
-    fn blocks(&self) -> bool {
-        self.log.durability == Durability::Sync
+    fn commits(&self) -> Option<tokio::sync::watch::Receiver<Commit>> {
+        (self.log.durability == Durability::Sync).then(|| self.log.watch.subscribe())
     }
 
     fn flush(&self) -> Result<(), StoreError> {

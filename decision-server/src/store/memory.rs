@@ -119,7 +119,10 @@ impl MemoryStore {
             (out, ticket)
         };
         // Waited for outside the lock: other decisions of this customer join the same commit.
-        if let Some(t) = ticket {
+        // An async caller defers the wait and awaits the commit itself.
+        if let Some(t) = ticket
+            && !super::defer(t)
+        {
             journal.wait(t)?;
         }
         Ok(out)

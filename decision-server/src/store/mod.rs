@@ -123,10 +123,11 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
 
     fn stats(&self) -> StoreStats;
 
-    /// Whether calls wait for I/O (a disk commit), so callers on an async runtime should not
-    /// run them on a runtime worker as they are.
-    fn blocks(&self) -> bool {
-        false
+    /// For a store whose calls wait for a commit (the durable store in sync mode): the
+    /// committed mark, so that async callers can run a call with [`deferring`] and await its
+    /// commit instead of blocking a runtime thread.
+    fn commits(&self) -> Option<tokio::sync::watch::Receiver<Commit>> {
+        None
     }
 
     /// Returns once every change made so far is stored (a no-op for stores that keep nothing).
@@ -144,6 +145,57 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
     fn admin_changes(&self) -> Result<Vec<Vec<u8>>, StoreError> {
         Ok(Vec::new())
     }
+}
+
+/// How far a store's commits have got.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Commit {
+    /// Every commit up to this number is stored.
+    pub upto: u64,
+    /// Set once a commit failed; nothing is stored after it.
+    pub failed: Option<String>,
+}
+
+impl Commit {
+    /// Waits until commit `ticket` is stored.
+    pub async fn reached(
+        rx: &mut tokio::sync::watch::Receiver<Commit>,
+        ticket: u64,
+    ) -> Result<(), StoreError> {
+        let c = rx
+            .wait_for(|c| c.upto >= ticket || c.failed.is_some())
+            .await
+            .map_err(|_| StoreError::Unavailable("the store's writer has stopped".into()))?;
+        match &c.failed {
+            Some(why) => Err(StoreError::Unavailable(why.clone())),
+            None => Ok(()),
+        }
+    }
+}
+
+thread_local! {
+    static DEFERRING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static DEFERRED: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with commit waits deferred: store calls made by `f` on this thread do not wait
+/// for their commit; the highest commit they would have waited for is returned, to be awaited
+/// with [`Commit::reached`]. Trade-off: a thread-local rather than a ticket threaded through
+/// every store and engine signature, sound because `f` runs synchronously on this thread.
+pub fn deferring<R>(f: impl FnOnce() -> R) -> (R, Option<u64>) {
+    DEFERRING.with(|d| d.set(true));
+    let r = f();
+    DEFERRING.with(|d| d.set(false));
+    (r, DEFERRED.with(std::cell::Cell::take))
+}
+
+/// Called by a store that would wait for commit `ticket`: true if the wait is deferred.
+pub(crate) fn defer(ticket: u64) -> bool {
+    if !DEFERRING.with(std::cell::Cell::get) {
+        return false;
+    }
+    DEFERRED.with(|d| d.set(Some(d.get().map_or(ticket, |t| t.max(ticket)))));
+    true
 }
 
 /// Where a journaled store reports each ledger change: the durable store's writer.
