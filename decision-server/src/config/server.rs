@@ -19,6 +19,8 @@ pub const DEFAULT_GRPC_LISTEN: &str = "127.0.0.1:9192";
 pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9190";
 /// Largest HTTP request body accepted unless configured.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// The durable store's file when the config names none, next to the config file.
+pub const DEFAULT_STORE_FILE: &str = "tollgate.redb";
 /// How long shutdown waits for in-flight calls unless configured.
 pub const DEFAULT_SHUTDOWN_GRACE: &str = "PT10S";
 
@@ -57,9 +59,10 @@ pub struct ListenersDto {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum StorageKindDto {
-    #[default]
+    /// Counters in process memory only: lost on restart.
     Memory,
-    /// The embedded durable store (redb), at `path`.
+    /// The embedded durable store (redb), at `path`: the default.
+    #[default]
     Durable,
 }
 
@@ -78,7 +81,8 @@ pub enum DurabilityDto {
 pub struct StorageDto {
     #[serde(default)]
     pub kind: StorageKindDto,
-    /// The store file (`kind: durable`).
+    /// The store file (`kind: durable`); relative to the config file's folder. Default
+    /// `tollgate.redb`.
     #[serde(default)]
     pub path: Option<String>,
     #[serde(default)]
@@ -473,13 +477,22 @@ impl ServerSettings {
         let storage = match dto.storage.kind {
             StorageKindDto::Memory => Storage::Memory,
             StorageKindDto::Durable => {
-                let path = dto.storage.path.clone().unwrap_or_default();
+                let path = dto
+                    .storage
+                    .path
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_STORE_FILE.to_string());
                 if path.trim().is_empty() {
                     errors.push(
                         "server.storage.path",
                         "a durable store needs the path of its file",
                     );
                 }
+                // Relative to the config file, so the store stays with the config that made it
+                // whatever folder the process starts in.
+                let path = std::path::Path::new(file)
+                    .parent()
+                    .map_or_else(|| std::path::PathBuf::from(&path), |dir| dir.join(&path));
                 let durability = match dto.storage.durability {
                     DurabilityDto::Sync => crate::store::Durability::Sync,
                     DurabilityDto::Batched => {
@@ -495,10 +508,7 @@ impl ServerSettings {
                         }
                     }
                 };
-                Storage::Durable {
-                    path: std::path::PathBuf::from(path),
-                    durability,
-                }
+                Storage::Durable { path, durability }
             }
         };
         let max_body_bytes = dto.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);

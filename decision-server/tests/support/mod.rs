@@ -71,7 +71,8 @@ server:
 }
 
 pub fn config() -> String {
-    config_with("  logging: { level: warn }")
+    // In process: counters in memory, no store file next to a config that has no folder.
+    config_with("  logging: { level: warn }\n  storage: { kind: memory }")
 }
 
 /// A service over the fixture config, in memory.

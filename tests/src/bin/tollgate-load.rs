@@ -437,9 +437,9 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
             storage,
         } => {
             let mut text = config(customers, max_users);
-            if let Some(s) = storage {
-                text.push_str(&format!("  storage: {{ {s} }}\n"));
-            }
+            // In memory unless told otherwise: the figures in bench/README.md are for it.
+            let s = storage.unwrap_or_else(|| "kind: memory".into());
+            text.push_str(&format!("  storage: {{ {s} }}\n"));
             print!("{text}");
             Ok(())
         }
