@@ -183,9 +183,18 @@ thread_local! {
 /// with [`Commit::reached`]. Trade-off: a thread-local rather than a ticket threaded through
 /// every store and engine signature, sound because `f` runs synchronously on this thread.
 pub fn deferring<R>(f: impl FnOnce() -> R) -> (R, Option<u64>) {
+    /// Turns deferral off however `f` ends, so a later caller on this thread waits again.
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            DEFERRING.with(|d| d.set(false));
+        }
+    }
+    DEFERRED.with(std::cell::Cell::take);
     DEFERRING.with(|d| d.set(true));
+    let reset = Reset;
     let r = f();
-    DEFERRING.with(|d| d.set(false));
+    drop(reset);
     (r, DEFERRED.with(std::cell::Cell::take))
 }
 
@@ -212,4 +221,25 @@ pub(crate) trait Journal: Send + Sync + std::fmt::Debug {
     ) -> Result<u64, StoreError>;
     /// Returns once commit `ticket` is as durable as the store promises.
     fn wait(&self, ticket: u64) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deferral_is_scoped_to_the_closure_and_keeps_the_highest_commit() {
+        assert!(!defer(1), "outside `deferring` a store waits itself");
+        let ((), ticket) = deferring(|| {
+            assert!(defer(5));
+            assert!(defer(3));
+        });
+        assert_eq!(ticket, Some(5));
+        assert!(!defer(2), "deferral ends with the closure");
+        let ((), none) = deferring(|| {});
+        assert_eq!(none, None);
+        let unwound = std::panic::catch_unwind(|| deferring(|| panic!("in the closure")));
+        assert!(unwound.is_err());
+        assert!(!defer(4), "deferral ends even when the closure panics");
+    }
 }
