@@ -27,9 +27,9 @@ run() { # label, storage section (or empty)
   "$LOAD" --workers 2 run --addr "$addr" --concurrency 64 --requests "$N" --users 1000 \
     --duration-secs 30 --label "$label" $3
   kill "$(cat "$work/pid")"; wait "$(cat "$work/pid")" 2>/dev/null || true
-  rm -f "$work"/*.redb
+  rm -rf "$work"/data
 }
 
 run memory "" --calibrate
-run batched "kind: durable, path: $work/t.redb, durability: batched, commitIntervalMs: 100" ""
-run sync "kind: durable, path: $work/t.redb, durability: sync" ""
+run batched "kind: durable, path: $work/data/t.redb, durability: batched, commitIntervalMs: 100" ""
+run sync "kind: durable, path: $work/data/t.redb, durability: sync" ""

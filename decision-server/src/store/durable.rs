@@ -419,6 +419,9 @@ impl DurableStore {
             path: path.to_path_buf(),
             source: Box::new(e),
         };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| open(e.into()))?;
+        }
         let db = Database::create(path).map_err(|e| open(e.into()))?;
         // Create the tables, so a fresh file reads as empty.
         let txn = db.begin_write().map_err(|e| open(e.into()))?;
