@@ -87,8 +87,10 @@ struct Dirty {
     counters: rustc_hash::FxHashSet<CounterKey>,
     opened: Vec<u64>,
     closed: Vec<u64>,
-    keys_added: Vec<(Timestamp, Box<str>)>,
-    keys_dropped: Vec<Box<str>>,
+    /// Each idempotency key's latest fate: remembered since (`Some`), or forgotten (`None`).
+    /// One entry per key, so a key forgotten and seen again (or the reverse) between two
+    /// takes ends up as it is now.
+    keys: FxHashMap<Box<str>, Option<Timestamp>>,
 }
 
 /// What changed in a ledger since the last [`Ledger::take_changes`]: the rows a persisting
@@ -102,9 +104,8 @@ pub struct Changes {
     /// Holds closed (settled, released, expired); some may have been opened in this batch.
     pub closed: Vec<u64>,
     pub next_seq: u64,
-    /// Idempotency keys remembered, and forgotten.
-    pub keys_added: Vec<(Timestamp, Box<str>)>,
-    pub keys_dropped: Vec<Box<str>>,
+    /// Idempotency keys remembered since (`Some`), or forgotten (`None`).
+    pub keys: Vec<(Box<str>, Option<Timestamp>)>,
 }
 
 impl Changes {
@@ -112,8 +113,7 @@ impl Changes {
         self.counters.is_empty()
             && self.opened.is_empty()
             && self.closed.is_empty()
-            && self.keys_added.is_empty()
-            && self.keys_dropped.is_empty()
+            && self.keys.is_empty()
     }
 }
 
@@ -169,8 +169,7 @@ impl Ledger {
                 .collect(),
             closed: d.closed,
             next_seq: self.next_seq,
-            keys_added: d.keys_added,
-            keys_dropped: d.keys_dropped,
+            keys: d.keys.into_iter().collect(),
         }
     }
 
@@ -180,8 +179,7 @@ impl Ledger {
             !(d.counters.is_empty()
                 && d.opened.is_empty()
                 && d.closed.is_empty()
-                && d.keys_added.is_empty()
-                && d.keys_dropped.is_empty())
+                && d.keys.is_empty())
         })
     }
 
@@ -309,7 +307,7 @@ impl Ledger {
             if let Some((_, k)) = self.seen_order.pop_front() {
                 self.seen_keys.remove(&k);
                 if let Some(d) = self.dirty.as_mut() {
-                    d.keys_dropped.push(k);
+                    d.keys.insert(k, None);
                 }
             }
         }
@@ -319,7 +317,7 @@ impl Ledger {
         self.seen_keys.insert(key.into());
         self.seen_order.push_back((now, key.into()));
         if let Some(d) = self.dirty.as_mut() {
-            d.keys_added.push((now, key.into()));
+            d.keys.insert(key.into(), Some(now));
             d.counters.extend(plan.counters.iter().map(|c| c.key));
         }
         for c in &plan.counters {
@@ -380,5 +378,44 @@ impl Ledger {
         self.counters
             .get(&key)
             .map(|s| counter::counted(spec, s, now))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn empty_plan() -> Plan {
+        Plan {
+            customer: "acme".into(),
+            chain: Vec::new(),
+            counters: Vec::new(),
+            usage: Usage::units(1),
+            hold_ttl_millis: 1_000,
+        }
+    }
+
+    #[test]
+    fn changes_give_each_idempotency_key_its_latest_fate() {
+        let keep_one = KeyRetention {
+            millis: i64::MAX,
+            max_keys: 1,
+        };
+        let at = Timestamp::from_millis;
+        let mut l = Ledger::tracked();
+        let plan = empty_plan();
+        assert!(l.record(&plan, "a", keep_one, at(1)));
+        assert!(l.record(&plan, "b", keep_one, at(2)), "evicts a");
+        assert!(l.record(&plan, "a", keep_one, at(3)), "a again, evicts b");
+        let mut keys = l.take_changes().keys;
+        keys.sort();
+        assert_eq!(
+            keys,
+            vec![("a".into(), Some(at(3))), ("b".into(), None)],
+            "a is remembered (seen at 3), b forgotten"
+        );
+        assert!(!l.has_changes());
+        let untracked = Ledger::default().take_changes();
+        assert!(untracked.is_empty());
     }
 }

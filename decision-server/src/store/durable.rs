@@ -202,22 +202,20 @@ impl<'a> Rows<'a> {
     fn add(&mut self, e: &'a Entry) {
         let c = &e.changes;
         let customer = e.customer.as_str();
-        // Order within one call: closes and forgotten keys first, then what was added, as the
-        // ledger did them.
+        // Closes first, then opens: a hold number is never reused, so a hold in both lists was
+        // opened and closed between two commits (it is not in `opened`, which lists open ones).
         for seq in &c.closed {
             self.holds.insert((customer, *seq), None);
         }
-        for k in &c.keys_dropped {
-            self.keys.insert((customer, k), None);
-        }
+
         for (key, state) in &c.counters {
             self.counters.insert((customer, *key), state);
         }
         for (seq, hold) in &c.opened {
             self.holds.insert((customer, *seq), Some(hold));
         }
-        for (at, k) in &c.keys_added {
-            self.keys.insert((customer, k), Some(*at));
+        for (k, at) in &c.keys {
+            self.keys.insert((customer, k), *at);
         }
         self.next_seq.insert(customer, c.next_seq);
     }
