@@ -552,3 +552,34 @@ async fn claims_come_from_jwt_authn_metadata_after_verification() {
     assert_eq!(r.status, 401, "{}", r.text);
     assert_eq!(s.envoy.stat("wasmcustom.tollgate.granted").unwrap(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_answer_and_an_error_status_follow_the_fail_mode() {
+    use tollgate_tests::harness::{FakeAnswer, fake_authz};
+    let h = [("x-tollgate-customer", "initech"), ("x-team-id", "ops")];
+    for (answer, reason) in [
+        (FakeAnswer::Garbage, "bad_response"),
+        (FakeAnswer::Internal, "grpc_error"),
+    ] {
+        let port = fake_authz(answer).await.unwrap();
+        let s = Stack::start_with(FILTER, |c| sidecar_port(&c, port));
+        let closed = s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await;
+        assert_eq!(closed.status, 503, "{answer:?}: {}", closed.text);
+        assert_eq!(
+            closed.json()["reason"],
+            reason,
+            "{answer:?}: {}",
+            closed.text
+        );
+        let open = s
+            .chat("/open/v1/chat/completions", &h, &chat_body(1, 5))
+            .await;
+        assert_eq!(open.status, 200, "{answer:?}: {}", open.text);
+        assert_eq!(
+            open.header("x-echo-x-tollgate-unchecked"),
+            Some(format!("sidecar-{}", reason.replace('_', "-")).as_str()),
+            "{answer:?}"
+        );
+        assert_eq!(s.envoy.stat("wasmcustom.tollgate.granted").unwrap(), 0);
+    }
+}
