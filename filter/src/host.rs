@@ -321,6 +321,8 @@ struct Http {
 #[derive(Debug, Default)]
 struct HostView {
     headers: Vec<(String, String)>,
+    /// `jwt_authn`'s metadata, read once however many rules use it.
+    jwt: std::cell::OnceCell<Option<serde_json::Map<String, Value>>>,
 }
 
 impl HostView {
@@ -328,6 +330,20 @@ impl HostView {
         Self {
             headers: hostcalls::get_map(proxy_wasm::types::MapType::HttpRequestHeaders)
                 .unwrap_or_default(),
+            jwt: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// The whole dynamic metadata, as an `envoy.config.core.v3.Metadata` message (a path into
+    /// a Struct would come back in the host's pairs format, which holds strings only), and in
+    /// it `jwt_authn`'s namespace.
+    fn read_jwt_namespace() -> Option<serde_json::Map<String, Value>> {
+        let bytes = hostcalls::get_property(vec!["metadata"]).ok().flatten()?;
+        let meta = wire::Metadata::decode(bytes.as_slice()).ok()?;
+        let ns = meta.filter_metadata.get("envoy.filters.http.jwt_authn")?;
+        match struct_to_json(ns) {
+            Value::Object(fields) => Some(fields),
+            _ => None,
         }
     }
 }
@@ -345,15 +361,11 @@ impl RequestView for HostView {
     }
 
     fn jwt_metadata(&self, key: &str) -> Option<Value> {
-        // The whole dynamic metadata, as an `envoy.config.core.v3.Metadata` message: a path
-        // into a Struct would come back in the host's pairs format, which holds strings only.
-        let bytes = hostcalls::get_property(vec!["metadata"]).ok().flatten()?;
-        let meta = wire::Metadata::decode(bytes.as_slice()).ok()?;
-        let ns = meta.filter_metadata.get("envoy.filters.http.jwt_authn")?;
-        match struct_to_json(ns) {
-            Value::Object(mut fields) => fields.remove(key),
-            _ => None,
-        }
+        self.jwt
+            .get_or_init(Self::read_jwt_namespace)
+            .as_ref()?
+            .get(key)
+            .cloned()
     }
 }
 
