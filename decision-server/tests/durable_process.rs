@@ -111,7 +111,8 @@ async fn crash_and_restart(storage: &str, window: Duration) {
     // Grants the clients saw at least one commit window before the kill.
     let settled_before: u64 = granted
         .iter()
-        .filter(|(at, _)| *at + window + Duration::from_millis(50) < killed_at)
+        // Slack for a slow machine: a commit itself can take tens of ms under load.
+        .filter(|(at, _)| *at + window * 2 + Duration::from_millis(250) < killed_at)
         .map(|(_, u)| u)
         .sum();
 
@@ -123,7 +124,7 @@ async fn crash_and_restart(storage: &str, window: Duration) {
     // never arrived.
     let in_flight = CLIENTS as u64 * 7;
     eprintln!(
-        "{storage}: {} grants, {total} units seen granted, {settled_before} a window before the kill, {restored} restored",
+        "{storage}: {} grants, {total} units seen granted, {settled_before} well before the kill, {restored} restored",
         granted.len()
     );
     assert!(
@@ -138,7 +139,7 @@ async fn crash_and_restart(storage: &str, window: Duration) {
     } else {
         assert!(
             restored >= settled_before,
-            "batched: restored {restored} < {settled_before} granted more than a window before the kill"
+            "batched: restored {restored} < {settled_before} granted more than two windows and 250 ms before the kill"
         );
     }
 
