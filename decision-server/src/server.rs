@@ -301,7 +301,7 @@ async fn sweep(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
             _ = shutdown.changed() => return,
             _ = tick.tick() => {}
         }
-        match service.engine.expire_due() {
+        match service.expire_due().await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(expired = n, "holds past their TTL committed"),
             Err(e) => tracing::warn!(error = %e, "hold expiry sweep failed"),

@@ -173,6 +173,12 @@ impl Service {
             .collect()
     }
 
+    /// Commits every hold past its TTL at its held amount; in sync mode one commit wait for
+    /// all customers, awaited rather than blocking the runtime.
+    pub async fn expire_due(&self) -> Result<usize, DecisionError> {
+        self.stored(|| self.engine.expire_due()).await
+    }
+
     pub fn runtime(&self) -> arc_swap::Guard<Arc<Runtime>> {
         self.runtime.load()
     }
