@@ -9,7 +9,7 @@ ENVOY_DIR := $(TOOLS)/envoy-$(ENVOY_VERSION)
 export TOLLGATE_ENVOY := $(ENVOY_DIR)/envoy/_bin/envoy
 export TOLLGATE_WASM := $(CURDIR)/target/$(WASM_TARGET)/release/tollgate_filter.wasm
 
-.PHONY: demo test setup-rust setup-envoy fmt-check clippy wasm unit bench bench-grpc bench-envoy
+.PHONY: demo test setup-rust setup-envoy fmt-check clippy wasm unit bench bench-grpc bench-envoy bench-store
 
 ## The demo: real Envoy, the WASM filter, the sidecar and a mock OpenAI upstream on loopback.
 demo: setup-rust setup-envoy wasm
@@ -58,3 +58,7 @@ bench-grpc:
 ## Added latency through Envoy: no filter, the WASM filter, native ext_authz.
 bench-envoy: setup-rust setup-envoy wasm
 	bench/envoy.sh
+
+## Decisions by store: in-memory, durable batched, durable sync.
+bench-store:
+	bench/store.sh
