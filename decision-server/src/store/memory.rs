@@ -128,16 +128,8 @@ impl MemoryStore {
         Ok(out)
     }
 
-    /// Every customer's ledger, collected first so that no customer lock is ever awaited while
-    /// a map shard is held.
-    fn all_ledgers(&self) -> Vec<SharedBook> {
-        self.customers
-            .iter()
-            .map(|e| Arc::clone(e.value()))
-            .collect()
-    }
-
-    /// Every customer with its ledger, collected first like [`Self::all_ledgers`].
+    /// Every customer with its ledger, collected first so that no customer lock is ever
+    /// awaited while a map shard is held.
     fn all_entries(&self) -> Vec<(Sym, SharedBook)> {
         self.customers
             .iter()
@@ -254,8 +246,7 @@ impl CounterStore for MemoryStore {
             customers: self.customers.len(),
             ..StoreStats::default()
         };
-        let ledgers = self.all_ledgers();
-        for l in ledgers {
+        for (_, l) in self.all_entries() {
             let b = l.lock();
             stats.counters += b.ledger.counter_count();
             stats.holds_open += b.ledger.open_holds();
