@@ -9,11 +9,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use futures_util::FutureExt;
 use tollgate::clock::ManualClock;
 use tollgate::core::Timestamp;
 use tollgate::core::plan::Usage;
 use tollgate::store::MemoryStore;
 use tollgate::{CheckRequest, Engine};
+
+/// Runs an engine call over the in-memory store, which finishes on its first poll.
+fn ready<T>(f: impl std::future::Future<Output = T>) -> T {
+    f.now_or_never()
+        .expect("an in-memory store call finishes at once")
+}
 
 /// `customers` customers, each org → dept → team → 16 users, three limits on every level.
 fn config(customers: usize) -> String {
@@ -51,7 +58,12 @@ fn config(customers: usize) -> String {
 fn engine(customers: usize) -> (Engine, ManualClock) {
     let model = tollgate::config::parse(&config(customers), "bench.yaml").unwrap();
     let clock = ManualClock::new(Timestamp::from_millis(1_780_000_000_000));
-    let engine = Engine::new(model, Arc::new(MemoryStore::new()), Arc::new(clock.clone())).unwrap();
+    let engine = ready(Engine::new(
+        model,
+        Arc::new(MemoryStore::new()),
+        Arc::new(clock.clone()),
+    ))
+    .unwrap();
     (engine, clock)
 }
 
@@ -60,19 +72,16 @@ fn dims(customer: usize, user: usize) -> HashMap<String, String> {
 }
 
 fn check_hold_settle(engine: &Engine, customer: &str, dims: &HashMap<String, String>) {
-    let d = engine
-        .check(&CheckRequest {
-            customer,
-            feature: "tokens",
-            usage: Usage::units(100),
-            dimensions: dims,
-            dry_run: false,
-        })
-        .unwrap();
+    let d = ready(engine.check(&CheckRequest {
+        customer,
+        feature: "tokens",
+        usage: Usage::units(100),
+        dimensions: dims,
+        dry_run: false,
+    }))
+    .unwrap();
     assert!(d.granted && d.chain.len() == 12);
-    engine
-        .settle(d.hold_id.as_ref().unwrap(), Usage::units(80))
-        .unwrap();
+    ready(engine.settle(d.hold_id.as_ref().unwrap(), Usage::units(80))).unwrap();
 }
 
 fn single_thread(c: &mut Criterion) {
@@ -85,17 +94,16 @@ fn single_thread(c: &mut Criterion) {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 let start = Instant::now();
-                let d = engine
-                    .check(&CheckRequest {
-                        customer: "c0",
-                        feature: "tokens",
-                        usage: Usage::units(100),
-                        dimensions: &d,
-                        dry_run: false,
-                    })
-                    .unwrap();
+                let d = ready(engine.check(&CheckRequest {
+                    customer: "c0",
+                    feature: "tokens",
+                    usage: Usage::units(100),
+                    dimensions: &d,
+                    dry_run: false,
+                }))
+                .unwrap();
                 total += start.elapsed();
-                engine.release(d.hold_id.as_ref().unwrap()).unwrap();
+                ready(engine.release(d.hold_id.as_ref().unwrap())).unwrap();
             }
             total
         })
@@ -108,15 +116,14 @@ fn single_thread(c: &mut Criterion) {
     });
     g.bench_function("dry-run check (4 levels x 3 limits)", |b| {
         b.iter(|| {
-            engine
-                .check(&CheckRequest {
-                    customer: "c0",
-                    feature: "tokens",
-                    usage: Usage::units(100),
-                    dimensions: &d,
-                    dry_run: true,
-                })
-                .unwrap()
+            ready(engine.check(&CheckRequest {
+                customer: "c0",
+                feature: "tokens",
+                usage: Usage::units(100),
+                dimensions: &d,
+                dry_run: true,
+            }))
+            .unwrap()
         })
     });
     g.finish();

@@ -7,11 +7,18 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::FutureExt;
 use tollgate::clock::ManualClock;
 use tollgate::core::Timestamp;
 use tollgate::core::plan::Usage;
 use tollgate::store::MemoryStore;
 use tollgate::{CheckRequest, Engine};
+
+/// Runs an engine call over the in-memory store, which finishes on its first poll.
+fn ready<T>(f: impl std::future::Future<Output = T>) -> T {
+    f.now_or_never()
+        .expect("an in-memory store call finishes at once")
+}
 
 const CUSTOMERS: usize = 100;
 
@@ -45,26 +52,28 @@ fn measure(counters_wanted: usize) {
     let per_customer = users.div_ceil(CUSTOMERS);
     let model = tollgate::config::parse(&config(per_customer), "bench.yaml").unwrap();
     let clock = ManualClock::new(Timestamp::from_millis(1_780_000_000_000));
-    let engine = Engine::new(model, Arc::new(MemoryStore::new()), Arc::new(clock)).unwrap();
+    let engine = ready(Engine::new(
+        model,
+        Arc::new(MemoryStore::new()),
+        Arc::new(clock),
+    ))
+    .unwrap();
     let before = rss_bytes();
     let start = Instant::now();
     let mut dims = HashMap::new();
     for u in 0..users {
         let customer = format!("c{}", u % CUSTOMERS);
         dims.insert("userId".to_string(), format!("user-{u:08}"));
-        let d = engine
-            .check(&CheckRequest {
-                customer: &customer,
-                feature: "tokens",
-                usage: Usage::units(10),
-                dimensions: &dims,
-                dry_run: false,
-            })
-            .unwrap();
+        let d = ready(engine.check(&CheckRequest {
+            customer: &customer,
+            feature: "tokens",
+            usage: Usage::units(10),
+            dimensions: &dims,
+            dry_run: false,
+        }))
+        .unwrap();
         assert!(d.granted);
-        engine
-            .settle(d.hold_id.as_ref().unwrap(), Usage::units(7))
-            .unwrap();
+        ready(engine.settle(d.hold_id.as_ref().unwrap(), Usage::units(7))).unwrap();
     }
     let elapsed = start.elapsed();
     let after = rss_bytes();

@@ -197,11 +197,13 @@ struct State {
     current: ConfigDoc,
 }
 
-/// The model document and its admin changes. Changes are serialised by one lock; decisions
-/// never take it (they read the engine's model).
+/// The model document and its admin changes. Changes are serialised by one async lock held
+/// across their store calls; the state lock is only held to read or swap the documents, and
+/// decisions take neither (they read the engine's model).
 #[derive(Debug)]
 pub struct Catalog {
     state: Mutex<State>,
+    changing: tokio::sync::Mutex<()>,
 }
 
 /// Stores the whole list of admin changes (they are few; rewriting keeps the stored list
@@ -240,6 +242,7 @@ impl Catalog {
                 base,
                 ops: Vec::new(),
             }),
+            changing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -250,16 +253,19 @@ impl Catalog {
 
     /// Applies `op`, validates the whole result and puts the new model in force for the next
     /// decision; or changes nothing and says why.
-    pub fn apply(&self, engine: &Engine, op: AdminOp) -> Result<(), AdminError> {
-        let mut state = self.state.lock();
-        let mut next = state.current.clone();
+    pub async fn apply(&self, engine: &Engine, op: AdminOp) -> Result<(), AdminError> {
+        let _changing = self.changing.lock().await;
+        let (mut next, mut ops) = {
+            let state = self.state.lock();
+            (state.current.clone(), state.ops.clone())
+        };
         op.apply(&mut next)?;
         let model = build_model(&next, ADMIN_SOURCE).map_err(AdminError::Invalid)?;
-        let mut ops = state.ops.clone();
         ops.push(op);
         // Stored before it takes effect: a change the store could not keep is refused.
         save(engine, &ops)?;
-        engine.replace_model(model)?;
+        engine.replace_model(model).await?;
+        let mut state = self.state.lock();
         state.current = next;
         state.ops = ops;
         Ok(())
@@ -267,24 +273,33 @@ impl Catalog {
 
     /// Puts admin changes kept by the store (from before a restart) back on the base
     /// document. Changes that no longer apply are dropped and returned as messages.
-    pub fn replay(&self, engine: &Engine, ops: Vec<AdminOp>) -> Result<Vec<String>, AdminError> {
+    pub async fn replay(
+        &self,
+        engine: &Engine,
+        ops: Vec<AdminOp>,
+    ) -> Result<Vec<String>, AdminError> {
         let base = {
             let mut state = self.state.lock();
             state.ops = ops;
             state.base.clone()
         };
-        self.rebase(engine, base)
+        self.rebase(engine, base).await
     }
 
     /// Puts a new base document (a reloaded file) in force with the admin changes replayed on
     /// it. A change that no longer applies (its customer is gone) is dropped and returned as
     /// a message. If the result is invalid, nothing changes.
-    pub fn rebase(&self, engine: &Engine, base: ConfigDoc) -> Result<Vec<String>, AdminError> {
-        let mut state = self.state.lock();
+    pub async fn rebase(
+        &self,
+        engine: &Engine,
+        base: ConfigDoc,
+    ) -> Result<Vec<String>, AdminError> {
+        let _changing = self.changing.lock().await;
+        let ops = self.state.lock().ops.clone();
         let mut next = base.clone();
-        let mut kept = Vec::with_capacity(state.ops.len());
+        let mut kept = Vec::with_capacity(ops.len());
         let mut dropped = Vec::new();
-        for op in &state.ops {
+        for op in &ops {
             match op.apply(&mut next) {
                 Ok(()) => kept.push(op.clone()),
                 Err(e) => dropped.push(format!("admin change dropped on reload: {e}")),
@@ -294,8 +309,8 @@ impl Catalog {
         if !dropped.is_empty() {
             save(engine, &kept)?;
         }
-        engine.replace_model(model)?;
-        *state = State {
+        engine.replace_model(model).await?;
+        *self.state.lock() = State {
             base,
             ops: kept,
             current: next,

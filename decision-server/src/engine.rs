@@ -44,7 +44,7 @@ pub struct Engine {
 
 impl Engine {
     /// An engine over `store`, with the model's grants added to it (idempotently).
-    pub fn new(
+    pub async fn new(
         model: Model,
         store: Arc<dyn CounterStore>,
         clock: Arc<dyn Clock>,
@@ -55,7 +55,7 @@ impl Engine {
             clock,
             auto: AutoEntities::default(),
         };
-        engine.seed_grants(&engine.model())?;
+        engine.seed_grants(&engine.model()).await?;
         Ok(engine)
     }
 
@@ -73,13 +73,13 @@ impl Engine {
 
     /// Puts a new model in force for the next decision. Counters carry over: they are keyed
     /// by interned ids, which the new model shares.
-    pub fn replace_model(&self, model: Model) -> Result<(), StoreError> {
-        self.seed_grants(&model)?;
+    pub async fn replace_model(&self, model: Model) -> Result<(), StoreError> {
+        self.seed_grants(&model).await?;
         self.model.store(Arc::new(model));
         Ok(())
     }
 
-    fn seed_grants(&self, model: &Model) -> Result<(), StoreError> {
+    async fn seed_grants(&self, model: &Model) -> Result<(), StoreError> {
         for customer in model.customers.values() {
             let cref = CustomerRef {
                 sym: customer.id.sym(),
@@ -103,7 +103,7 @@ impl Engine {
                     amount: g.amount,
                     remaining: g.amount,
                 };
-                self.store.add_grant(cref, key, balance)?;
+                self.store.add_grant(cref, key, balance).await?;
             }
         }
         Ok(())
@@ -111,7 +111,7 @@ impl Engine {
 
     /// Checks every limit on every level of the chain and, if all pass, holds the requested
     /// usage on all of them in one atomic step.
-    pub fn check(&self, req: &CheckRequest<'_>) -> Result<Decision, DecisionError> {
+    pub async fn check(&self, req: &CheckRequest<'_>) -> Result<Decision, DecisionError> {
         let now = self.clock.now();
         let plan = self.plan(req, now)?;
         let mode = if req.dry_run {
@@ -123,7 +123,7 @@ impl Engine {
             sym: plan.customer.sym(),
             id: plan.customer.as_str(),
         };
-        let reservation = self.store.reserve(cref, &plan, mode, now)?;
+        let reservation = self.store.reserve(cref, &plan, mode, now).await?;
 
         let chain: Vec<ChainEntry> = plan
             .counters
@@ -195,7 +195,7 @@ impl Engine {
     /// Records usage that was never gated (it already happened) on every counter the same
     /// request would have been checked against. Returns `false`, changing nothing, if
     /// `idempotency_key` was already recorded for the customer.
-    pub fn ingest(
+    pub async fn ingest(
         &self,
         req: &CheckRequest<'_>,
         idempotency_key: &str,
@@ -206,7 +206,7 @@ impl Engine {
             sym: plan.customer.sym(),
             id: plan.customer.as_str(),
         };
-        Ok(self.store.record(cref, &plan, idempotency_key, now)?)
+        Ok(self.store.record(cref, &plan, idempotency_key, now).await?)
     }
 
     fn customer_ref<'a>(
@@ -225,35 +225,40 @@ impl Engine {
     }
 
     /// Corrects every counter of the hold by `actual - held`. Idempotent.
-    pub fn settle(&self, hold: &HoldId, actual: Usage) -> Result<CloseOutcome, DecisionError> {
-        let model = self.model.load();
-        let cref = self.customer_ref(&model, hold)?;
-        Ok(self.store.settle(cref, hold, &actual, self.clock.now())?)
+    pub async fn settle(
+        &self,
+        hold: &HoldId,
+        actual: Usage,
+    ) -> Result<CloseOutcome, DecisionError> {
+        let cref = self.customer_ref(&self.model.load(), hold)?;
+        Ok(self
+            .store
+            .settle(cref, hold, &actual, self.clock.now())
+            .await?)
     }
 
     /// Undoes the hold. Idempotent.
-    pub fn release(&self, hold: &HoldId) -> Result<CloseOutcome, DecisionError> {
-        let model = self.model.load();
-        let cref = self.customer_ref(&model, hold)?;
-        Ok(self.store.release(cref, hold, self.clock.now())?)
+    pub async fn release(&self, hold: &HoldId) -> Result<CloseOutcome, DecisionError> {
+        let cref = self.customer_ref(&self.model.load(), hold)?;
+        Ok(self.store.release(cref, hold, self.clock.now()).await?)
     }
 
     /// Commits every hold past its TTL at its held amount.
-    pub fn expire_due(&self) -> Result<usize, DecisionError> {
-        Ok(self.store.expire_due(self.clock.now())?)
+    pub async fn expire_due(&self) -> Result<usize, DecisionError> {
+        Ok(self.store.expire_due(self.clock.now()).await?)
     }
 
     /// The units counted now by limit `limit_id` for entity `entity_id` of `customer` (in pool
     /// `pool` for isolated credit pools). `None` if the limit or entity is unknown or the counter
     /// has no state yet. For inspection and tests, not for decisions.
-    pub fn counted(
+    pub async fn counted(
         &self,
         customer: &str,
         entity_id: &str,
         limit_id: &str,
         pool: Option<&str>,
     ) -> Result<Option<u64>, StoreError> {
-        let model = self.model.load();
+        let model = self.model.load_full();
         let Some(c) = model.customer(customer) else {
             return Ok(None);
         };
@@ -269,16 +274,13 @@ impl Engine {
             limit: limit.id.sym(),
             partition,
         };
-        let spec = CounterSpec::of(&limit.kind, partition.is_some(), self.clock.now());
-        self.store.counted(
-            CustomerRef {
-                sym: c.id.sym(),
-                id: &c.id,
-            },
-            key,
-            &spec,
-            self.clock.now(),
-        )
+        let now = self.clock.now();
+        let spec = CounterSpec::of(&limit.kind, partition.is_some(), now);
+        let cref = CustomerRef {
+            sym: c.id.sym(),
+            id: &c.id,
+        };
+        self.store.counted(cref, key, &spec, now).await
     }
 
     /// How many entities `customer` has had created on the fly.

@@ -113,7 +113,7 @@ async fn serve_http(
 }
 
 /// Builds the engine and service for a loaded config.
-pub fn build_service(loaded: Loaded) -> anyhow::Result<Arc<Service>> {
+pub async fn build_service(loaded: Loaded) -> anyhow::Result<Arc<Service>> {
     let Loaded { doc, model, server } = loaded;
     let store: Arc<dyn CounterStore> = match &server.storage {
         Storage::Memory => Arc::new(MemoryStore::new()),
@@ -134,6 +134,7 @@ pub fn build_service(loaded: Loaded) -> anyhow::Result<Arc<Service>> {
         }
     };
     let engine = Engine::new(model, store, Arc::new(SystemClock))
+        .await
         .context("cannot seed the store with the config's grants")?;
     let service = Arc::new(Service::new(engine, doc, &server));
     // Admin changes kept by a durable store from before the restart go back on the file.
@@ -144,9 +145,13 @@ pub fn build_service(loaded: Loaded) -> anyhow::Result<Arc<Service>> {
     }
     if !ops.is_empty() {
         let n = ops.len();
-        let dropped = service.catalog.replay(&service.engine, ops).map_err(|e| {
-            anyhow::anyhow!("the stored admin changes do not apply to this config: {e}")
-        })?;
+        let dropped = service
+            .catalog
+            .replay(&service.engine, ops)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("the stored admin changes do not apply to this config: {e}")
+            })?;
         for d in &dropped {
             tracing::warn!("{d}");
         }
@@ -161,7 +166,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let loaded = config::load(&text, &config_path.display().to_string()).map_err(config_error)?;
     init_tracing(&loaded.server);
     let settings = loaded.server.clone();
-    let service = build_service(loaded)?;
+    let service = build_service(loaded).await?;
 
     let (ext_bound, ext_addr) = Bound::bind(&settings.ext_authz_listen, "ext_authz").await?;
     let (grpc_bound, grpc_addr) = Bound::bind(&settings.grpc_listen, "gRPC").await?;
@@ -377,7 +382,7 @@ impl Reloader {
                 continue;
             }
             self.last.clone_from(&text);
-            reload_text(&self.service, &self.path, &text, &self.running);
+            reload_text(&self.service, &self.path, &text, &self.running).await;
         }
     }
 }
@@ -391,7 +396,7 @@ fn reject(service: &Service, errors: &ConfigErrors) {
 
 /// Validates the config `text` read from `path` and, only if it is valid, puts it in force.
 /// Returns whether it did.
-fn reload_text(service: &Service, path: &Path, text: &str, running: &ServerSettings) -> bool {
+async fn reload_text(service: &Service, path: &Path, text: &str, running: &ServerSettings) -> bool {
     let loaded = match config::load(text, &path.display().to_string()) {
         Ok(l) => l,
         Err(errors) => {
@@ -406,7 +411,7 @@ fn reload_text(service: &Service, path: &Path, text: &str, running: &ServerSetti
     {
         tracing::warn!("listener addresses changed in the config; they take effect on restart");
     }
-    match service.reload(loaded) {
+    match service.reload(loaded).await {
         Ok(dropped) => {
             for d in dropped {
                 tracing::warn!("{d}");

@@ -17,7 +17,8 @@ use crate::core::plan::Usage;
 use crate::core::{Decision, HoldId, Timestamp};
 use crate::engine::{CheckRequest, DecisionError, Engine};
 use crate::metrics::{Api, Metrics, Outcome};
-use crate::store::{CloseOutcome, Commit, StoreError, deferring};
+use crate::store::{CloseOutcome, StoreError};
+use futures_util::future::join_all;
 
 /// How many usage events a slow watcher may fall behind before it misses some.
 const EVENT_BUFFER: usize = 4096;
@@ -108,61 +109,20 @@ impl Service {
         }
     }
 
-    /// Runs a store call. With a store that commits before answering (the durable store in
-    /// sync mode), the commit is awaited here rather than waited for on the runtime thread, so
-    /// every in-flight decision can share one commit and no worker is parked.
-    async fn stored<T, E: From<StoreError>>(
-        &self,
-        f: impl FnOnce() -> Result<T, E>,
-    ) -> Result<T, E> {
-        let Some(mut commits) = self.engine.store().commits() else {
-            return f();
-        };
-        let (result, ticket) = deferring(f);
-        if let Some(t) = ticket {
-            Commit::reached(&mut commits, t).await?;
-        }
-        result
-    }
-
-    /// Like [`Service::stored`] for many calls: they share one commit wait. If that commit
-    /// fails, every call's result becomes the store error.
-    async fn stored_all<T>(
-        &self,
-        f: impl FnOnce() -> Vec<Result<T, DecisionError>>,
-    ) -> Vec<Result<T, DecisionError>> {
-        let Some(mut commits) = self.engine.store().commits() else {
-            return f();
-        };
-        let (results, ticket) = deferring(f);
-        if let Some(t) = ticket
-            && let Err(e) = Commit::reached(&mut commits, t).await
-        {
-            return results
-                .into_iter()
-                .map(|_| Err(DecisionError::Store(e.clone())))
-                .collect();
-        }
-        results
-    }
-
-    /// Settles (`Some(usage)`) or releases (`None`) many holds with one commit wait, a result
-    /// each, in order.
+    /// Settles (`Some(usage)`) or releases (`None`) many holds, a result each, in order.
     pub async fn close_many(
         &self,
         closes: &[(HoldId, Option<Usage>)],
     ) -> Vec<Result<CloseOutcome, DecisionError>> {
-        let results = self
-            .stored_all(|| {
-                closes
-                    .iter()
-                    .map(|(hold, usage)| match usage {
-                        Some(u) => self.engine.settle(hold, *u),
-                        None => self.engine.release(hold),
-                    })
-                    .collect()
-            })
-            .await;
+        // Joined rather than awaited one by one: every close does its store work on the first
+        // poll, so in sync mode they all share one commit.
+        let results = join_all(closes.iter().map(|(hold, usage)| async move {
+            match usage {
+                Some(u) => self.engine.settle(hold, *u).await,
+                None => self.engine.release(hold).await,
+            }
+        }))
+        .await;
         closes
             .iter()
             .zip(results)
@@ -173,10 +133,9 @@ impl Service {
             .collect()
     }
 
-    /// Commits every hold past its TTL at its held amount; in sync mode one commit wait for
-    /// all customers, awaited rather than blocking the runtime.
+    /// Commits every hold past its TTL at its held amount.
     pub async fn expire_due(&self) -> Result<usize, DecisionError> {
-        self.stored(|| self.engine.expire_due()).await
+        self.engine.expire_due().await
     }
 
     pub fn runtime(&self) -> arc_swap::Guard<Arc<Runtime>> {
@@ -185,8 +144,8 @@ impl Service {
 
     /// Puts a reloaded config in force: the model (admin changes replayed on it), the
     /// credentials and the ext_authz mapping. On error nothing changes.
-    pub fn reload(&self, loaded: Loaded) -> Result<Vec<String>, AdminError> {
-        let dropped = self.catalog.rebase(&self.engine, loaded.doc)?;
+    pub async fn reload(&self, loaded: Loaded) -> Result<Vec<String>, AdminError> {
+        let dropped = self.catalog.rebase(&self.engine, loaded.doc).await?;
         self.runtime.store(Arc::new(Runtime::from(&loaded.server)));
         Ok(dropped)
     }
@@ -205,7 +164,7 @@ impl Service {
     /// A decision, counted in metrics by `api` and outcome, and streamed to watchers.
     pub async fn check(&self, api: Api, req: &CheckRequest<'_>) -> Result<Decision, DecisionError> {
         let started = Instant::now();
-        let result = self.stored(|| self.engine.check(req)).await;
+        let result = self.engine.check(req).await;
         let outcome = match &result {
             Ok(d) if !d.granted => Outcome::Denied,
             Ok(d) if d.would_deny().next().is_some() => Outcome::ShadowDenied,
@@ -281,13 +240,13 @@ impl Service {
         hold: &HoldId,
         actual: Usage,
     ) -> Result<CloseOutcome, DecisionError> {
-        let result = self.stored(|| self.engine.settle(hold, actual)).await;
+        let result = self.engine.settle(hold, actual).await;
         self.closed(hold, actual.units, EventKind::Settled, result)
     }
 
     /// Undoes `hold`. Idempotent.
     pub async fn release(&self, hold: &HoldId) -> Result<CloseOutcome, DecisionError> {
-        let result = self.stored(|| self.engine.release(hold)).await;
+        let result = self.engine.release(hold).await;
         self.closed(hold, 0, EventKind::Released, result)
     }
 
@@ -299,11 +258,9 @@ impl Service {
             .unwrap_or(IngestStatus::Rejected("nothing to record".into()))
     }
 
-    /// Records events with one commit wait, a status each, in order.
+    /// Records events, a status each, in order (joined, so in sync mode they share a commit).
     async fn ingest_all(&self, items: &[IngestItem]) -> Vec<IngestStatus> {
-        let results = self
-            .stored_all(|| items.iter().map(|i| self.ingest_now(i)).collect())
-            .await;
+        let results = join_all(items.iter().map(|i| self.ingest_now(i))).await;
         items
             .iter()
             .zip(results)
@@ -312,7 +269,7 @@ impl Service {
     }
 
     /// The store call of one ingest; `Ok(None)` for an event refused before any store call.
-    fn ingest_now(&self, item: &IngestItem) -> Result<Option<bool>, DecisionError> {
+    async fn ingest_now(&self, item: &IngestItem) -> Result<Option<bool>, DecisionError> {
         if item.idempotency_key.is_empty() || item.idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
             return Ok(None);
         }
@@ -323,7 +280,10 @@ impl Service {
             dimensions: &item.dimensions,
             dry_run: false,
         };
-        self.engine.ingest(&req, &item.idempotency_key).map(Some)
+        self.engine
+            .ingest(&req, &item.idempotency_key)
+            .await
+            .map(Some)
     }
 
     /// Metrics and events for one ingest outcome.
@@ -371,9 +331,9 @@ impl Service {
     }
 
     /// Applies an admin change; it is in force for the next decision.
-    pub fn admin(&self, op: AdminOp) -> Result<(), AdminError> {
+    pub async fn admin(&self, op: AdminOp) -> Result<(), AdminError> {
         let what = format!("{op:?}");
-        let result = self.catalog.apply(&self.engine, op);
+        let result = self.catalog.apply(&self.engine, op).await;
         match &result {
             Ok(()) => {
                 tracing::info!(change = %what.chars().take(200).collect::<String>(), "admin change applied")

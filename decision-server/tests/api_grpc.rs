@@ -66,7 +66,7 @@ async fn authz(
 
 #[tokio::test]
 async fn ext_authz_grant_returns_ok_with_hold_for_the_filter_and_upstream() {
-    let service = support::service();
+    let service = support::service().await;
     let r = authz(
         &service,
         &[
@@ -93,12 +93,12 @@ async fn ext_authz_grant_returns_ok_with_hold_for_the_filter_and_upstream() {
     assert!(client.contains_key("ratelimit-reset"));
     let meta = r.dynamic_metadata.unwrap();
     assert!(format!("{:?}", meta.fields["holdId"]).contains("acme:1"));
-    assert_eq!(org_counted(&service, "acme"), 40);
+    assert_eq!(org_counted(&service, "acme").await, 40);
 }
 
 #[tokio::test]
 async fn ext_authz_context_extensions_carry_the_request_without_headers() {
-    let service = support::service();
+    let service = support::service().await;
     let ext = [
         ("tollgate.customer", "acme"),
         ("tollgate.feature", "ai-tokens"),
@@ -107,11 +107,12 @@ async fn ext_authz_context_extensions_carry_the_request_without_headers() {
     ];
     let r = authz(&service, &[], &ext).await;
     assert_eq!(r.status.unwrap().code, 0);
-    assert_eq!(org_counted(&service, "acme"), 5);
+    assert_eq!(org_counted(&service, "acme").await, 5);
     assert_eq!(
         service
             .engine
             .counted("acme", "web", "team-daily", None)
+            .await
             .unwrap(),
         Some(5)
     );
@@ -119,7 +120,7 @@ async fn ext_authz_context_extensions_carry_the_request_without_headers() {
 
 #[tokio::test]
 async fn ext_authz_denial_carries_status_json_body_and_rate_limit_headers() {
-    let service = support::service();
+    let service = support::service().await;
     let h = |usage: &'static str| {
         [
             ("x-tollgate-customer", "acme"),
@@ -154,12 +155,12 @@ async fn ext_authz_denial_carries_status_json_body_and_rate_limit_headers() {
     assert_eq!(body["entityId"], "acme");
     assert_eq!(body["entityType"], "organization");
     assert_eq!(body["level"], 2);
-    assert_eq!(org_counted(&service, "acme"), 990);
+    assert_eq!(org_counted(&service, "acme").await, 990);
 }
 
 #[tokio::test]
 async fn ext_authz_bad_input_denies_with_reason_or_passes_marked_as_configured() {
-    let service = support::service();
+    let service = support::service().await;
     let cases: [(&[(&str, &str)], &str); 4] = [
         (&[("x-tollgate-usage", "1")], "no customer"),
         (
@@ -202,21 +203,21 @@ async fn ext_authz_bad_input_denies_with_reason_or_passes_marked_as_configured()
             "{reason}: {body}"
         );
     }
-    assert_eq!(org_counted(&service, "acme"), 0);
+    assert_eq!(org_counted(&service, "acme").await, 0);
     assert_eq!(service.engine.store().stats().holds_open, 0);
 
     let allow = support::config().replace(
         "  extAuthz:\n",
         "  extAuthz:\n    onBadInput: allow\n    badInputStatus: 422\n",
     );
-    let service = support::service_from(&allow);
+    let service = support::service_from(&allow).await;
     let r = authz(&service, &[("x-tollgate-usage", "1")], &[]).await;
     assert_eq!(r.status.unwrap().code, 0);
     let Some(HttpResponse::OkResponse(ok)) = r.http_response else {
         panic!("not allowed")
     };
     assert_eq!(headers_of(&ok.headers)["x-tollgate-unchecked"], "bad-input");
-    assert_eq!(org_counted(&service, "acme"), 0);
+    assert_eq!(org_counted(&service, "acme").await, 0);
 }
 
 fn authed<T>(message: T, token: &str) -> Request<T> {
@@ -243,7 +244,7 @@ fn check_msg(customer: &str, user: &str, usage: u64) -> pb::CheckRequest {
 
 #[tokio::test]
 async fn tollgate_check_settle_release_round_trip() {
-    let service = support::service();
+    let service = support::service().await;
     let (svc, _tx) = tollgate(&service);
     let r = svc
         .check(authed(check_msg("acme", "alice", 300), ACME_KEY))
@@ -269,14 +270,14 @@ async fn tollgate_check_settle_release_round_trip() {
         .unwrap()
         .into_inner();
     assert!(s.closed);
-    assert_eq!(org_counted(&service, "acme"), 100);
+    assert_eq!(org_counted(&service, "acme").await, 100);
     let s = svc
         .settle(settle(&r.hold_id, 999))
         .await
         .unwrap()
         .into_inner();
     assert!(!s.closed, "idempotent");
-    assert_eq!(org_counted(&service, "acme"), 100);
+    assert_eq!(org_counted(&service, "acme").await, 100);
 
     let r2 = svc
         .check(authed(check_msg("acme", "bob", 200), OPERATOR))
@@ -294,7 +295,7 @@ async fn tollgate_check_settle_release_round_trip() {
         .unwrap()
         .into_inner();
     assert!(rel.closed);
-    assert_eq!(org_counted(&service, "acme"), 100);
+    assert_eq!(org_counted(&service, "acme").await, 100);
 
     let denied = svc
         .check(authed(check_msg("acme", "bob", 901), ACME_KEY))
@@ -318,7 +319,7 @@ async fn tollgate_check_settle_release_round_trip() {
 
 #[tokio::test]
 async fn tollgate_ingest_skips_duplicate_keys() {
-    let service = support::service();
+    let service = support::service().await;
     let (svc, _tx) = tollgate(&service);
     let event = |key: &str| pb::UsageRecord {
         idempotency_key: key.into(),
@@ -342,12 +343,12 @@ async fn tollgate_ingest_skips_duplicate_keys() {
     use pb::ingest_result::Status as S;
     assert_eq!(statuses, [S::Recorded, S::Duplicate, S::Rejected]);
     assert!(r.results[2].error.contains("idempotencyKey"));
-    assert_eq!(org_counted(&service, "acme"), 30);
+    assert_eq!(org_counted(&service, "acme").await, 30);
 }
 
 #[tokio::test]
 async fn tollgate_credentials_and_cross_customer_refusals() {
-    let service = support::service();
+    let service = support::service().await;
     let (svc, _tx) = tollgate(&service);
     let no_auth = svc
         .check(Request::new(check_msg("acme", "alice", 1)))
@@ -425,12 +426,12 @@ async fn tollgate_credentials_and_cross_customer_refusals() {
         .err()
         .unwrap();
     assert_eq!(all.code(), Code::InvalidArgument);
-    assert_eq!(org_counted(&service, "acme"), 10);
+    assert_eq!(org_counted(&service, "acme").await, 10);
 }
 
 #[tokio::test]
 async fn watch_usage_streams_a_customers_decisions_and_settlements() {
-    let service = support::service();
+    let service = support::service().await;
     let (svc, shutdown) = tollgate(&service);
     let mut stream = svc
         .watch_usage(authed(
@@ -497,7 +498,7 @@ async fn watch_usage_streams_a_customers_decisions_and_settlements() {
 #[tokio::test]
 async fn close_holds_settles_and_releases_many_with_a_result_each() {
     use pb::hold_close_result::Status as S;
-    let service = support::service();
+    let service = support::service().await;
     let (svc, _tx) = tollgate(&service);
     let mut holds = Vec::new();
     for (user, usage) in [("alice", 100), ("bob", 200), ("alice", 50)] {
@@ -552,7 +553,7 @@ async fn close_holds_settles_and_releases_many_with_a_result_each() {
     );
     assert!(results[5].message.contains("globex"), "{:?}", results[5]);
     // 40 settled + 50 settled; bob's 200 released; the second settle changed nothing.
-    assert_eq!(org_counted(&service, "acme"), 90);
+    assert_eq!(org_counted(&service, "acme").await, 90);
 
     // Without credentials only the ext_authz listener's local service may close holds.
     let err = svc

@@ -21,8 +21,8 @@ struct Api {
 }
 
 impl Api {
-    fn new() -> Self {
-        let service = support::service();
+    async fn new() -> Self {
+        let service = support::service().await;
         let router = tollgate::api::router(Arc::clone(&service), 65536);
         Self { service, router }
     }
@@ -81,14 +81,14 @@ impl Api {
         .await
     }
 
-    fn acme_org(&self) -> u64 {
-        org_counted(&self.service, "acme")
+    async fn acme_org(&self) -> u64 {
+        org_counted(&self.service, "acme").await
     }
 }
 
 #[tokio::test]
 async fn grant_carries_hold_and_three_level_chain() {
-    let api = Api::new();
+    let api = Api::new().await;
     let (status, body) = api.check(ACME_KEY, "acme", "alice", 100).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["isGranted"], true);
@@ -107,12 +107,12 @@ async fn grant_carries_hold_and_three_level_chain() {
     // The tightest limit is the org's: 90 % left against 99.9 %.
     assert_eq!(body["usageLimit"], ACME_ORG_CAP);
     assert_eq!(body["remaining"], ACME_ORG_CAP - 100);
-    assert_eq!(api.acme_org(), 100);
+    assert_eq!(api.acme_org().await, 100);
 }
 
 #[tokio::test]
 async fn denial_names_the_blocking_level_and_changes_nothing() {
-    let api = Api::new();
+    let api = Api::new().await;
     let (_, first) = api.check(ACME_KEY, "acme", "alice", 900).await;
     assert_eq!(first["isGranted"], true);
     let (status, body) = api.check(ACME_KEY, "acme", "carol", 200).await;
@@ -128,12 +128,12 @@ async fn denial_names_the_blocking_level_and_changes_nothing() {
         "{reason}"
     );
     assert!(body["retryAt"].is_string(), "a quota says when it resets");
-    assert_eq!(api.acme_org(), 900);
+    assert_eq!(api.acme_org().await, 900);
 }
 
 #[tokio::test]
 async fn settle_corrects_to_actual_and_is_idempotent() {
-    let api = Api::new();
+    let api = Api::new().await;
     let (_, body) = api.check(ACME_KEY, "acme", "alice", 300).await;
     let hold = body["holdId"].as_str().unwrap().to_string();
     let path = format!("/v1/holds/{hold}/settle");
@@ -147,7 +147,7 @@ async fn settle_corrects_to_actual_and_is_idempotent() {
         .await;
     assert_eq!(status, StatusCode::OK, "{r}");
     assert_eq!(r["closed"], true);
-    assert_eq!(api.acme_org(), 120);
+    assert_eq!(api.acme_org().await, 120);
     let (status, r) = api
         .call(
             Method::POST,
@@ -158,7 +158,7 @@ async fn settle_corrects_to_actual_and_is_idempotent() {
         .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(r["closed"], false, "a second settle changes nothing");
-    assert_eq!(api.acme_org(), 120);
+    assert_eq!(api.acme_org().await, 120);
     let (status, r) = api
         .call(
             Method::POST,
@@ -181,10 +181,10 @@ async fn settle_corrects_to_actual_and_is_idempotent() {
 
 #[tokio::test]
 async fn release_undoes_the_hold() {
-    let api = Api::new();
+    let api = Api::new().await;
     let (_, body) = api.check(OPERATOR, "acme", "bob", 250).await;
     let hold = body["holdId"].as_str().unwrap().to_string();
-    assert_eq!(api.acme_org(), 250);
+    assert_eq!(api.acme_org().await, 250);
     let (status, r) = api
         .call(
             Method::POST,
@@ -195,7 +195,7 @@ async fn release_undoes_the_hold() {
         .await;
     assert_eq!(status, StatusCode::OK, "{r}");
     assert_eq!(r["closed"], true);
-    assert_eq!(api.acme_org(), 0);
+    assert_eq!(api.acme_org().await, 0);
     let (_, r) = api
         .call(
             Method::POST,
@@ -209,7 +209,7 @@ async fn release_undoes_the_hold() {
 
 #[tokio::test]
 async fn ingest_counts_once_per_idempotency_key() {
-    let api = Api::new();
+    let api = Api::new().await;
     let event = json!({"idempotencyKey": "evt-1", "customerId": "acme", "featureId": "ai-tokens", "usage": 70, "dimensions": {"userId": "alice"}});
     let batch = json!({"events": [event.clone(), {"idempotencyKey": "evt-2", "customerId": "acme", "featureId": "nope", "usage": 1}]});
     let (status, r) = api
@@ -219,7 +219,7 @@ async fn ingest_counts_once_per_idempotency_key() {
     assert_eq!(r["results"][0]["status"], "recorded");
     assert_eq!(r["results"][1]["status"], "rejected");
     assert!(r["results"][1]["error"].as_str().unwrap().contains("nope"));
-    assert_eq!(api.acme_org(), 70);
+    assert_eq!(api.acme_org().await, 70);
     let (_, r) = api
         .call(
             Method::POST,
@@ -229,21 +229,21 @@ async fn ingest_counts_once_per_idempotency_key() {
         )
         .await;
     assert_eq!(r["results"][0]["status"], "duplicate");
-    assert_eq!(api.acme_org(), 70, "a duplicate key counts nothing");
+    assert_eq!(api.acme_org().await, 70, "a duplicate key counts nothing");
     // Ingested usage counts even past the cap: it already happened.
     let big = json!({"events": [{"idempotencyKey": "evt-3", "customerId": "acme", "featureId": "ai-tokens", "usage": 5000, "dimensions": {"userId": "alice"}}]});
     let (_, r) = api
         .call(Method::POST, "/v1/usage", Some(ACME_KEY), Some(big))
         .await;
     assert_eq!(r["results"][0]["status"], "recorded");
-    assert_eq!(api.acme_org(), 5070);
+    assert_eq!(api.acme_org().await, 5070);
     let (_, body) = api.check(ACME_KEY, "acme", "alice", 1).await;
     assert_eq!(body["isGranted"], false);
 }
 
 #[tokio::test]
 async fn admin_changes_apply_to_the_next_decision() {
-    let api = Api::new();
+    let api = Api::new().await;
     // A new, tighter limit on team `ml`.
     let limit = json!({"id": "ml-small", "entity": "ml", "feature": "ai-tokens", "kind": "quota", "limit": 50, "period": "P1D"});
     let (status, r) = api
@@ -399,7 +399,7 @@ async fn admin_changes_apply_to_the_next_decision() {
 
 #[tokio::test]
 async fn grants_and_prices_through_the_api() {
-    let api = Api::new();
+    let api = Api::new().await;
     // A credits limit needs grants: add the limit, then a grant, then spend.
     let limit =
         json!({"id": "org-credits", "entity": "acme", "feature": "ai-requests", "kind": "credits"});
@@ -503,7 +503,7 @@ async fn grants_and_prices_through_the_api() {
 
 #[tokio::test]
 async fn credentials_are_checked_and_cross_customer_calls_change_nothing() {
-    let api = Api::new();
+    let api = Api::new().await;
     let body =
         json!({"featureId": "ai-tokens", "requestedUsage": 10, "dimensions": {"userId": "dave"}});
     let path = "/v1/customers/globex/entitlements/check";
@@ -532,7 +532,7 @@ async fn credentials_are_checked_and_cross_customer_calls_change_nothing() {
         .raw(Method::POST, path, Some(ACME_KEY), Body::from("{not json"))
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    assert_eq!(org_counted(&api.service, "globex"), 0);
+    assert_eq!(org_counted(&api.service, "globex").await, 0);
     // globex's own hold cannot be settled or released by acme.
     let (_, r) = api
         .call(Method::POST, path, Some(GLOBEX_KEY), Some(body))
@@ -549,7 +549,7 @@ async fn credentials_are_checked_and_cross_customer_calls_change_nothing() {
             .await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{action}");
     }
-    assert_eq!(org_counted(&api.service, "globex"), 10);
+    assert_eq!(org_counted(&api.service, "globex").await, 10);
     // Ingest for another customer refuses the whole batch.
     let batch = json!({"events": [
         {"idempotencyKey": "a", "customerId": "acme", "featureId": "ai-tokens", "usage": 1, "dimensions": {"userId": "alice"}},
@@ -558,7 +558,7 @@ async fn credentials_are_checked_and_cross_customer_calls_change_nothing() {
         .call(Method::POST, "/v1/usage", Some(ACME_KEY), Some(batch))
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    assert_eq!(api.acme_org(), 0);
+    assert_eq!(api.acme_org().await, 0);
     // Admin: a customer key reads its own customer only and writes nothing.
     let (status, _) = api
         .call(Method::GET, "/v1/customers/acme", Some(ACME_KEY), None)
@@ -591,7 +591,7 @@ async fn credentials_are_checked_and_cross_customer_calls_change_nothing() {
 
 #[tokio::test]
 async fn bad_input_gets_a_clear_error_and_changes_nothing() {
-    let api = Api::new();
+    let api = Api::new().await;
     let path = "/v1/customers/acme/entitlements/check";
     let (status, r) = api
         .raw(
@@ -679,13 +679,13 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         status == StatusCode::BAD_REQUEST || status == StatusCode::PAYLOAD_TOO_LARGE,
         "{status} {r}"
     );
-    assert_eq!(api.acme_org(), 0);
+    assert_eq!(api.acme_org().await, 0);
     assert_eq!(api.service.engine.store().stats().holds_open, 0);
 }
 
 #[tokio::test]
 async fn metrics_count_decisions_by_outcome() {
-    let api = Api::new();
+    let api = Api::new().await;
     api.check(OPERATOR, "acme", "alice", 600).await;
     api.check(OPERATOR, "acme", "alice", 600).await;
     api.check(OPERATOR, "acme", "nobody", 1).await;
@@ -707,7 +707,7 @@ async fn metrics_count_decisions_by_outcome() {
 
 #[tokio::test]
 async fn openapi_document_covers_every_route_of_the_router() {
-    let api = Api::new();
+    let api = Api::new().await;
     let (status, doc) = api.call(Method::GET, "/openapi.json", None, None).await;
     assert_eq!(status, StatusCode::OK);
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));

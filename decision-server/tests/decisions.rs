@@ -126,10 +126,11 @@ limits:
     assert_eq!(h.counted("acme", "u1", "user-slots"), 1);
     let c = h.check("acme", "tokens", 1, &[("userId", "u1")]);
     assert!(c.granted);
-    h.engine.release(c.hold_id.as_ref().unwrap()).unwrap();
+    h.run(h.engine.release(c.hold_id.as_ref().unwrap()))
+        .unwrap();
     // Expiry frees the slot too.
     h.advance_secs(301);
-    h.engine.expire_due().unwrap();
+    h.run(h.engine.expire_due()).unwrap();
     assert_eq!(h.counted("acme", "u1", "user-slots"), 0);
 }
 
@@ -212,9 +213,11 @@ grants:
     );
     assert!(!h.check("acme", "credits", 1, &[("userId", "u1")]).granted);
     assert_eq!(
-        h.engine
-            .counted("acme", "acme", "key-credits", Some("key-b"))
-            .unwrap(),
+        h.run(
+            h.engine
+                .counted("acme", "acme", "key-credits", Some("key-b"))
+        )
+        .unwrap(),
         Some(10)
     );
 }
@@ -271,7 +274,8 @@ limits:
     assert_eq!(denial.retry_at, Some(at("2026-03-11T00:00:00Z")));
     // Levels that passed were not touched.
     assert_eq!(
-        h.engine.counted("acme", "u3", "user-rate", None).unwrap(),
+        h.run(h.engine.counted("acme", "u3", "user-rate", None))
+            .unwrap(),
         None
     );
     assert_eq!(h.counted("acme", "t2", "team-day"), 0);
@@ -355,16 +359,16 @@ fn settle_corrects_and_is_idempotent(store: Store) {
     let d = h.check("acme", "tokens", 80, &[("userId", "u1")]);
     let hold = d.hold_id.unwrap();
     assert_eq!(
-        h.engine.settle(&hold, Usage::units(30)).unwrap(),
+        h.run(h.engine.settle(&hold, Usage::units(30))).unwrap(),
         CloseOutcome::Closed
     );
     assert_eq!(h.counted("acme", "u1", "user-rate"), 30);
     assert_eq!(
-        h.engine.settle(&hold, Usage::units(90)).unwrap(),
+        h.run(h.engine.settle(&hold, Usage::units(90))).unwrap(),
         CloseOutcome::AlreadyClosed
     );
     assert_eq!(
-        h.engine.release(&hold).unwrap(),
+        h.run(h.engine.release(&hold)).unwrap(),
         CloseOutcome::AlreadyClosed
     );
     assert_eq!(h.counted("acme", "u1", "user-rate"), 30);
@@ -381,7 +385,7 @@ fn settle_corrects_and_is_idempotent(store: Store) {
         seq: 999,
     };
     assert_eq!(
-        h.engine.settle(&unknown, Usage::units(1)),
+        h.run(h.engine.settle(&unknown, Usage::units(1))),
         Err(DecisionError::Store(StoreError::UnknownHold(
             "acme:999".into()
         )))
@@ -395,7 +399,10 @@ fn release_undoes_a_hold(store: Store) {
         .hold_id
         .unwrap();
     assert!(!h.check("acme", "tokens", 1, &[("userId", "u1")]).granted);
-    assert_eq!(h.engine.release(&hold).unwrap(), CloseOutcome::Closed);
+    assert_eq!(
+        h.run(h.engine.release(&hold)).unwrap(),
+        CloseOutcome::Closed
+    );
     assert_eq!(h.counted("acme", "u1", "user-rate"), 0);
     assert!(h.check("acme", "tokens", 100, &[("userId", "u1")]).granted);
 }
@@ -412,13 +419,13 @@ limits:
         .hold_id
         .unwrap();
     h.advance_secs(299);
-    assert_eq!(h.engine.expire_due().unwrap(), 0);
+    assert_eq!(h.run(h.engine.expire_due()).unwrap(), 0);
     h.advance_secs(1);
-    assert_eq!(h.engine.expire_due().unwrap(), 1);
+    assert_eq!(h.run(h.engine.expire_due()).unwrap(), 1);
     assert_eq!(h.counted("acme", "t1", "team-day"), 400);
     assert_eq!(h.counted("acme", "u1", "user-slots"), 0);
     assert_eq!(
-        h.engine.settle(&hold, Usage::units(10)).unwrap(),
+        h.run(h.engine.settle(&hold, Usage::units(10))).unwrap(),
         CloseOutcome::AlreadyClosed
     );
     assert_eq!(h.counted("acme", "t1", "team-day"), 400);
@@ -476,15 +483,14 @@ fn bad_dimensions_are_errors_and_change_nothing(store: Store) {
     let h = harness(&tree_with(USER_RATE), store, "2026-03-10T10:00:00Z");
     let run = |customer: &str, feature: &str, d: &[(&str, &str)]| {
         let dimensions = dims(d);
-        h.engine
-            .check(&CheckRequest {
-                customer,
-                feature,
-                usage: Usage::units(1),
-                dimensions: &dimensions,
-                dry_run: false,
-            })
-            .unwrap_err()
+        h.run(h.engine.check(&CheckRequest {
+            customer,
+            feature,
+            usage: Usage::units(1),
+            dimensions: &dimensions,
+            dry_run: false,
+        }))
+        .unwrap_err()
     };
     assert_eq!(
         run("nobody", "tokens", &[]),
@@ -545,14 +551,13 @@ limits:
     assert_eq!(d.chain[0].entity_id, "t1");
     let dimensions = dims(&[("userId", "new-3")]);
     let err = h
-        .engine
-        .check(&CheckRequest {
+        .run(h.engine.check(&CheckRequest {
             customer: "acme",
             feature: "tokens",
             usage: Usage::units(1),
             dimensions: &dimensions,
             dry_run: false,
-        })
+        }))
         .unwrap_err();
     assert_eq!(
         err.to_string(),
@@ -581,9 +586,11 @@ grants:
         .collect();
     assert_eq!(got, [("user-requests", 1), ("org-credits", 8000)]);
     // Settled with the real breakdown: 600 in, 300 out, 100 cached = 1200 + 2400 + 100.
-    h.engine
-        .settle(d.hold_id.as_ref().unwrap(), tokens(600, 300, 100))
-        .unwrap();
+    h.run(
+        h.engine
+            .settle(d.hold_id.as_ref().unwrap(), tokens(600, 300, 100)),
+    )
+    .unwrap();
     assert_eq!(h.counted("acme", "acme", "org-credits"), 3700);
     assert_eq!(h.counted("acme", "u1", "user-requests"), 1);
     assert!(

@@ -59,7 +59,7 @@ fn restart_keeps_everything(durability: Durability) {
             .unwrap();
         h.settle(&settled, 150);
         let released = h.check("acme", "tokens", 40, &u1).hold_id.unwrap();
-        h.engine.release(&released).unwrap();
+        h.run(h.engine.release(&released)).unwrap();
         let d = dims(&[("userId", "u2")]);
         let req = CheckRequest {
             customer: "acme",
@@ -68,7 +68,7 @@ fn restart_keeps_everything(durability: Durability) {
             dimensions: &d,
             dry_run: false,
         };
-        assert!(h.engine.ingest(&req, "evt-1").unwrap());
+        assert!(h.run(h.engine.ingest(&req, "evt-1")).unwrap());
         let before = snapshot(&h);
         assert_eq!(before[5], 1, "one hold open");
         assert!(before[0] > 0 && before[4] > 0, "{before:?}");
@@ -80,11 +80,13 @@ fn restart_keeps_everything(durability: Durability) {
     assert_eq!(snapshot(&h), before, "state after the restart");
     // The hold opened before the restart settles after it, once.
     assert_eq!(
-        h.engine.settle(&open_hold, tokens(100, 50, 0)).unwrap(),
+        h.run(h.engine.settle(&open_hold, tokens(100, 50, 0)))
+            .unwrap(),
         CloseOutcome::Closed
     );
     assert_eq!(
-        h.engine.settle(&settled_hold, tokens(1, 1, 0)).unwrap(),
+        h.run(h.engine.settle(&settled_hold, tokens(1, 1, 0)))
+            .unwrap(),
         CloseOutcome::AlreadyClosed,
         "a hold settled before the restart stays settled"
     );
@@ -102,7 +104,7 @@ fn restart_keeps_everything(durability: Durability) {
         dimensions: &d,
         dry_run: false,
     };
-    assert!(!h.engine.ingest(&req, "evt-1").unwrap());
+    assert!(!h.run(h.engine.ingest(&req, "evt-1")).unwrap());
     // New holds number on from the old ones.
     let next = h
         .check("acme", "tokens", 1, &[("userId", "u1")])
@@ -141,11 +143,11 @@ fn holds_open_at_the_restart_expire_at_their_held_amount() {
     assert_eq!(h.engine.store().stats().holds_open, 1);
     // Past the default hold TTL the sweep commits it as held.
     h.advance_secs(3_600);
-    h.engine.store().expire_due(h.clock.now()).unwrap();
+    h.run(h.engine.store().expire_due(h.clock.now())).unwrap();
     assert_eq!(h.engine.store().stats().holds_open, 0);
     assert_eq!(h.counted("acme", "acme", "org-month"), 700);
     assert_eq!(
-        h.engine.release(&hold).unwrap(),
+        h.run(h.engine.release(&hold)).unwrap(),
         CloseOutcome::AlreadyClosed
     );
     drop(h);

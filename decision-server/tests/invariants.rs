@@ -134,10 +134,13 @@ fn run_ops(make: Factory<'_>, ops: &[Op]) -> Result<(), TestCaseError> {
     let small = [("model", "small")];
 
     let verify = |holds: &mut [ModelHold], when: &str| -> Result<(), TestCaseError> {
-        h.engine.expire_due().unwrap();
+        h.run(h.engine.expire_due()).unwrap();
         mark_expired(holds, h.engine.now().millis());
         for ((e, l), want) in expected(holds) {
-            let got = h.engine.counted("acme", e, l, None).unwrap().unwrap_or(0);
+            let got = h
+                .run(h.engine.counted("acme", e, l, None))
+                .unwrap()
+                .unwrap_or(0);
             prop_assert_eq!(got, want, "counter {}/{} {}", e, l, when);
         }
         Ok(())
@@ -174,7 +177,8 @@ fn run_ops(make: Factory<'_>, ops: &[Op]) -> Result<(), TestCaseError> {
             Op::Settle { hold, actual } if !holds.is_empty() => {
                 let n = holds.len();
                 let mh = &mut holds[hold % n];
-                h.engine.settle(&mh.id, Usage::units(*actual)).unwrap();
+                h.run(h.engine.settle(&mh.id, Usage::units(*actual)))
+                    .unwrap();
                 if mh.fate == Fate::Open {
                     mh.fate = Fate::Settled(*actual);
                 }
@@ -182,7 +186,7 @@ fn run_ops(make: Factory<'_>, ops: &[Op]) -> Result<(), TestCaseError> {
             Op::Release { hold } if !holds.is_empty() => {
                 let n = holds.len();
                 let mh = &mut holds[hold % n];
-                h.engine.release(&mh.id).unwrap();
+                h.run(h.engine.release(&mh.id)).unwrap();
                 if mh.fate == Fate::Open {
                     mh.fate = Fate::Released;
                 }
@@ -270,9 +274,9 @@ fn race_once(make: Factory<'_>, cap: u64, sizes: &[u64]) {
                             // capacity comes back and is raced for. After that, releasing could
                             // hand the same unit back and forth forever; everything settles.
                             if !denied_once && grants.is_multiple_of(5) {
-                                h.engine.release(&hold).unwrap();
+                                h.run(h.engine.release(&hold)).unwrap();
                             } else {
-                                h.engine.settle(&hold, Usage::units(size)).unwrap();
+                                h.run(h.engine.settle(&hold, Usage::units(size))).unwrap();
                                 committed += size;
                             }
                         } else if size == min {

@@ -57,13 +57,13 @@ proptest! {
     ) {
         let h = harness(&tree_with(LIMITS), Arc::new(MemoryStore::new()), "2026-03-10T10:00:00Z");
         let dims: HashMap<String, String> = dims;
-        let result = h.engine.check(&CheckRequest {
+        let result = h.run(h.engine.check(&CheckRequest {
             customer: &customer,
             feature: &feature,
             usage: Usage::units(units),
             dimensions: &dims,
             dry_run: false,
-        });
+        }));
         let stats = h.engine.store().stats();
         match result {
             Ok(d) => prop_assert_eq!(stats.holds_open, usize::from(d.hold_id.is_some())),

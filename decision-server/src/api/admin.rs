@@ -31,18 +31,18 @@ fn read_customer<R>(
 }
 
 /// Applies an operator's change and answers with `body` and `status`.
-fn change<T>(
+async fn change<T>(
     state: &AppState,
     op: AdminOp,
     status: StatusCode,
     body: T,
 ) -> Result<(StatusCode, ApiJson<T>), ApiError> {
-    state.admin(op)?;
+    state.admin(op).await?;
     Ok((status, ApiJson(body)))
 }
 
-fn delete(state: &AppState, op: AdminOp) -> Result<StatusCode, ApiError> {
-    state.admin(op)?;
+async fn delete(state: &AppState, op: AdminOp) -> Result<StatusCode, ApiError> {
+    state.admin(op).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -88,7 +88,7 @@ pub async fn create_customer(
         customer: body.clone(),
         create: true,
     };
-    change(&state, op, StatusCode::CREATED, body)
+    change(&state, op, StatusCode::CREATED, body).await
 }
 
 /// One customer, whole.
@@ -121,7 +121,7 @@ pub async fn put_customer(
         customer: body.clone(),
         create: false,
     };
-    change(&state, op, StatusCode::OK, body)
+    change(&state, op, StatusCode::OK, body).await
 }
 
 /// Deletes a customer. Its counters stay in the store until it is created again.
@@ -134,7 +134,7 @@ pub async fn delete_customer(
     _op: Operator,
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    delete(&state, AdminOp::DeleteCustomer { id })
+    delete(&state, AdminOp::DeleteCustomer { id }).await
 }
 
 /// A customer's entities.
@@ -167,7 +167,7 @@ pub async fn create_entity(
         entity: body.clone(),
         create: true,
     };
-    change(&state, op, StatusCode::CREATED, body)
+    change(&state, op, StatusCode::CREATED, body).await
 }
 
 /// Creates or replaces an entity (moving it to another parent, for instance).
@@ -188,7 +188,7 @@ pub async fn put_entity(
         entity: body.clone(),
         create: false,
     };
-    change(&state, op, StatusCode::OK, body)
+    change(&state, op, StatusCode::OK, body).await
 }
 
 /// Removes an entity. Refused while children or limits still name it.
@@ -201,7 +201,7 @@ pub async fn delete_entity(
     _op: Operator,
     ApiPath((customer, id)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    delete(&state, AdminOp::DeleteEntity { customer, id })
+    delete(&state, AdminOp::DeleteEntity { customer, id }).await
 }
 
 /// A customer's limits.
@@ -234,7 +234,7 @@ pub async fn create_limit(
         limit: body.clone(),
         create: true,
     };
-    change(&state, op, StatusCode::CREATED, body)
+    change(&state, op, StatusCode::CREATED, body).await
 }
 
 /// Creates or replaces a limit. Its counter carries over when the kind stays the same.
@@ -255,7 +255,7 @@ pub async fn put_limit(
         limit: body.clone(),
         create: false,
     };
-    change(&state, op, StatusCode::OK, body)
+    change(&state, op, StatusCode::OK, body).await
 }
 
 /// Removes a limit.
@@ -268,7 +268,7 @@ pub async fn delete_limit(
     _op: Operator,
     ApiPath((customer, id)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    delete(&state, AdminOp::DeleteLimit { customer, id })
+    delete(&state, AdminOp::DeleteLimit { customer, id }).await
 }
 
 /// A customer's credit grants, as granted.
@@ -300,7 +300,7 @@ pub async fn create_grant(
         customer,
         grant: body.clone(),
     };
-    change(&state, op, StatusCode::CREATED, body)
+    change(&state, op, StatusCode::CREATED, body).await
 }
 
 /// The price tables, every version.
@@ -328,7 +328,7 @@ pub async fn create_prices(
         table: body.clone(),
         create: true,
     };
-    change(&state, op, StatusCode::CREATED, body)
+    change(&state, op, StatusCode::CREATED, body).await
 }
 
 /// Creates or replaces a price table version.
@@ -348,7 +348,7 @@ pub async fn put_prices(
         table: body.clone(),
         create: false,
     };
-    change(&state, op, StatusCode::OK, body)
+    change(&state, op, StatusCode::OK, body).await
 }
 
 /// Removes a price table version. Open holds keep the prices they were priced with.
@@ -361,5 +361,5 @@ pub async fn delete_prices(
     _op: Operator,
     ApiPath(version): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    delete(&state, AdminOp::DeletePrices { version })
+    delete(&state, AdminOp::DeletePrices { version }).await
 }

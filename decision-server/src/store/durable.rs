@@ -163,11 +163,8 @@ impl Journal for Log {
         Ok(p.open)
     }
 
-    fn wait(&self, ticket: u64) -> Result<(), StoreError> {
-        if self.durability != Durability::Sync {
-            return Ok(());
-        }
-        self.wait_committed(ticket)
+    fn sync_commits(&self) -> Option<tokio::sync::watch::Receiver<Commit>> {
+        (self.durability == Durability::Sync).then(|| self.watch.subscribe())
     }
 }
 
@@ -482,75 +479,74 @@ impl Drop for DurableStore {
     }
 }
 
+#[async_trait::async_trait]
 impl CounterStore for DurableStore {
-    fn reserve(
+    async fn reserve(
         &self,
         customer: CustomerRef<'_>,
         plan: &Plan,
         mode: ReserveMode,
         now: Timestamp,
     ) -> Result<Reservation, StoreError> {
-        self.inner.reserve(customer, plan, mode, now)
+        self.inner.reserve(customer, plan, mode, now).await
     }
 
-    fn settle(
+    async fn settle(
         &self,
         customer: CustomerRef<'_>,
         hold: &HoldId,
         actual: &Usage,
         now: Timestamp,
     ) -> Result<CloseOutcome, StoreError> {
-        self.inner.settle(customer, hold, actual, now)
+        self.inner.settle(customer, hold, actual, now).await
     }
 
-    fn release(
+    async fn release(
         &self,
         customer: CustomerRef<'_>,
         hold: &HoldId,
         now: Timestamp,
     ) -> Result<CloseOutcome, StoreError> {
-        self.inner.release(customer, hold, now)
+        self.inner.release(customer, hold, now).await
     }
 
-    fn expire_due(&self, now: Timestamp) -> Result<usize, StoreError> {
-        self.inner.expire_due(now)
+    async fn expire_due(&self, now: Timestamp) -> Result<usize, StoreError> {
+        self.inner.expire_due(now).await
     }
 
-    fn add_grant(
+    async fn add_grant(
         &self,
         customer: CustomerRef<'_>,
         pool: CounterKey,
         grant: GrantBalance,
     ) -> Result<bool, StoreError> {
-        self.inner.add_grant(customer, pool, grant)
+        self.inner.add_grant(customer, pool, grant).await
     }
 
-    fn counted(
+    async fn counted(
         &self,
         customer: CustomerRef<'_>,
         key: CounterKey,
         spec: &CounterSpec,
         now: Timestamp,
     ) -> Result<Option<u64>, StoreError> {
-        self.inner.counted(customer, key, spec, now)
+        self.inner.counted(customer, key, spec, now).await
     }
 
-    fn record(
+    async fn record(
         &self,
         customer: CustomerRef<'_>,
         plan: &Plan,
         idempotency_key: &str,
         now: Timestamp,
     ) -> Result<bool, StoreError> {
-        self.inner.record(customer, plan, idempotency_key, now)
+        self.inner
+            .record(customer, plan, idempotency_key, now)
+            .await
     }
 
     fn stats(&self) -> StoreStats {
         self.inner.stats()
-    }
-
-    fn commits(&self) -> Option<tokio::sync::watch::Receiver<Commit>> {
-        (self.log.durability == Durability::Sync).then(|| self.log.watch.subscribe())
     }
 
     fn flush(&self) -> Result<(), StoreError> {

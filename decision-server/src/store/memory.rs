@@ -8,7 +8,7 @@ use parking_lot::Mutex;
 use rustc_hash::FxBuildHasher;
 
 use super::{
-    CloseOutcome, CounterStore, CustomerRef, Journal, Reservation, ReserveMode, StoreError,
+    CloseOutcome, Commit, CounterStore, CustomerRef, Journal, Reservation, ReserveMode, StoreError,
     StoreStats,
 };
 use crate::core::counter::{CounterKey, CounterSpec};
@@ -98,33 +98,49 @@ impl MemoryStore {
     }
 
     /// Runs `f` on the customer's ledger under its lock; a journaled store then queues the
-    /// customer for the next commit and, if the journal says so, waits for that commit.
-    fn write<R>(
+    /// customer for the next commit. Returns the commit to await, if any (see
+    /// [`MemoryStore::committed`]); the lock is released before anyone waits, so other
+    /// decisions of this customer join the same commit.
+    fn write_now<R>(
         &self,
-        customer: CustomerRef<'_>,
+        customer: Sym,
+        book: &SharedBook,
+        f: impl FnOnce(&mut Ledger) -> R,
+    ) -> Result<(R, Option<u64>), StoreError> {
+        let Some(journal) = &self.journal else {
+            return Ok((f(&mut book.lock().ledger), None));
+        };
+        let mut b = book.lock();
+        let out = f(&mut b.ledger);
+        let ticket = if b.ledger.has_changes() {
+            Some(journal.changed(customer, book, &mut b.queued)?)
+        } else {
+            None
+        };
+        Ok((out, ticket))
+    }
+
+    /// Returns once commit `ticket` is as durable as the store promises: at once unless the
+    /// store is durable in sync mode.
+    async fn committed(&self, ticket: Option<u64>) -> Result<(), StoreError> {
+        let (Some(t), Some(journal)) = (ticket, &self.journal) else {
+            return Ok(());
+        };
+        match journal.sync_commits() {
+            Some(mut rx) => Commit::reached(&mut rx, t).await,
+            None => Ok(()),
+        }
+    }
+
+    /// [`MemoryStore::write_now`], then waits for its commit.
+    async fn write<R>(
+        &self,
+        customer: Sym,
         book: &SharedBook,
         f: impl FnOnce(&mut Ledger) -> R,
     ) -> Result<R, StoreError> {
-        let Some(journal) = &self.journal else {
-            return Ok(f(&mut book.lock().ledger));
-        };
-        let (out, ticket) = {
-            let mut b = book.lock();
-            let out = f(&mut b.ledger);
-            let ticket = if b.ledger.has_changes() {
-                Some(journal.changed(customer.sym, book, &mut b.queued)?)
-            } else {
-                None
-            };
-            (out, ticket)
-        };
-        // Waited for outside the lock: other decisions of this customer join the same commit.
-        // An async caller defers the wait and awaits the commit itself.
-        if let Some(t) = ticket
-            && !super::defer(t)
-        {
-            journal.wait(t)?;
-        }
+        let (out, ticket) = self.write_now(customer, book, f)?;
+        self.committed(ticket).await?;
         Ok(out)
     }
 
@@ -141,7 +157,7 @@ impl MemoryStore {
         self.customers.get(&customer).map(|l| Arc::clone(l.value()))
     }
 
-    fn close(
+    async fn close(
         &self,
         customer: CustomerRef<'_>,
         hold: &HoldId,
@@ -150,7 +166,10 @@ impl MemoryStore {
     ) -> Result<CloseOutcome, StoreError> {
         let unknown = || StoreError::UnknownHold(hold.to_string());
         let ledger = self.existing(customer.sym).ok_or_else(unknown)?;
-        match self.write(customer, &ledger, |l| l.close(hold.seq, how, now))? {
+        match self
+            .write(customer.sym, &ledger, |l| l.close(hold.seq, how, now))
+            .await?
+        {
             Some(true) => Ok(CloseOutcome::Closed),
             Some(false) => Ok(CloseOutcome::AlreadyClosed),
             None => Err(unknown()),
@@ -158,8 +177,9 @@ impl MemoryStore {
     }
 }
 
+#[async_trait::async_trait]
 impl CounterStore for MemoryStore {
-    fn reserve(
+    async fn reserve(
         &self,
         customer: CustomerRef<'_>,
         plan: &Plan,
@@ -167,12 +187,13 @@ impl CounterStore for MemoryStore {
         now: Timestamp,
     ) -> Result<Reservation, StoreError> {
         let ledger = self.ledger(customer.sym);
-        self.write(customer, &ledger, |l| {
+        self.write(customer.sym, &ledger, |l| {
             l.reserve(plan, mode == ReserveMode::Hold, now)
         })
+        .await
     }
 
-    fn settle(
+    async fn settle(
         &self,
         customer: CustomerRef<'_>,
         hold: &HoldId,
@@ -180,42 +201,46 @@ impl CounterStore for MemoryStore {
         now: Timestamp,
     ) -> Result<CloseOutcome, StoreError> {
         self.close(customer, hold, Closing::Settle(actual), now)
+            .await
     }
 
-    fn release(
+    async fn release(
         &self,
         customer: CustomerRef<'_>,
         hold: &HoldId,
         now: Timestamp,
     ) -> Result<CloseOutcome, StoreError> {
-        self.close(customer, hold, Closing::Release, now)
+        self.close(customer, hold, Closing::Release, now).await
     }
 
-    fn expire_due(&self, now: Timestamp) -> Result<usize, StoreError> {
+    async fn expire_due(&self, now: Timestamp) -> Result<usize, StoreError> {
+        // Every customer's expiry first, then one wait for the newest commit they joined.
         let mut expired = 0;
-        for entry in self.all_entries() {
-            let (sym, ledger) = entry;
+        let mut last = None;
+        for (sym, ledger) in self.all_entries() {
             if ledger.lock().ledger.next_expiry().is_none_or(|at| at > now) {
                 continue;
             }
-            let id = crate::core::symbols::Symbols.resolve(sym);
-            let customer = CustomerRef { sym, id };
-            expired += self.write(customer, &ledger, |l| l.expire_due(now))?;
+            let (n, ticket) = self.write_now(sym, &ledger, |l| l.expire_due(now))?;
+            expired += n;
+            last = last.max(ticket);
         }
+        self.committed(last).await?;
         Ok(expired)
     }
 
-    fn add_grant(
+    async fn add_grant(
         &self,
         customer: CustomerRef<'_>,
         pool: CounterKey,
         grant: GrantBalance,
     ) -> Result<bool, StoreError> {
         let ledger = self.ledger(customer.sym);
-        self.write(customer, &ledger, |l| l.add_grant(pool, grant))
+        self.write(customer.sym, &ledger, |l| l.add_grant(pool, grant))
+            .await
     }
 
-    fn counted(
+    async fn counted(
         &self,
         customer: CustomerRef<'_>,
         key: CounterKey,
@@ -227,7 +252,7 @@ impl CounterStore for MemoryStore {
             .and_then(|l| l.lock().ledger.counted(key, spec, now)))
     }
 
-    fn record(
+    async fn record(
         &self,
         customer: CustomerRef<'_>,
         plan: &Plan,
@@ -236,9 +261,10 @@ impl CounterStore for MemoryStore {
     ) -> Result<bool, StoreError> {
         let ledger = self.ledger(customer.sym);
         let retention = self.retention;
-        self.write(customer, &ledger, |l| {
+        self.write(customer.sym, &ledger, |l| {
             l.record(plan, idempotency_key, retention, now)
         })
+        .await
     }
 
     fn stats(&self) -> StoreStats {

@@ -61,10 +61,15 @@ pub enum StoreError {
 /// Invariant: every counter one call touches belongs to one customer, so an implementation
 /// needs atomicity per customer only: a lock per customer in memory, a Lua script on one hash
 /// slot (`{customerId}` key tags) in Redis, a transaction in an embedded database.
+///
+/// Trade-off: the calls are async (boxed futures, one allocation each) so that a networked
+/// store never parks a runtime thread; the in-process stores finish their work on the first
+/// poll and only a durable store in sync mode awaits anything (its commit).
+#[async_trait::async_trait]
 pub trait CounterStore: Send + Sync + std::fmt::Debug {
     /// Reads every counter of `plan`; if every enforcing one fits, holds `amount` on all of
     /// them, in one atomic step. A denial or a dry run changes nothing.
-    fn reserve(
+    async fn reserve(
         &self,
         customer: CustomerRef<'_>,
         plan: &Plan,
@@ -73,7 +78,7 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
     ) -> Result<Reservation, StoreError>;
 
     /// Corrects every counter of a hold by `actual - held` and closes it. Idempotent.
-    fn settle(
+    async fn settle(
         &self,
         customer: CustomerRef<'_>,
         hold: &HoldId,
@@ -82,7 +87,7 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
     ) -> Result<CloseOutcome, StoreError>;
 
     /// Undoes a hold entirely. Idempotent.
-    fn release(
+    async fn release(
         &self,
         customer: CustomerRef<'_>,
         hold: &HoldId,
@@ -90,11 +95,11 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
     ) -> Result<CloseOutcome, StoreError>;
 
     /// Commits every hold whose TTL has passed at its held amount. Returns how many.
-    fn expire_due(&self, now: Timestamp) -> Result<usize, StoreError>;
+    async fn expire_due(&self, now: Timestamp) -> Result<usize, StoreError>;
 
     /// Adds a grant to a credit pool, creating the pool. Idempotent by grant id: returns
     /// `false` if the grant was already there.
-    fn add_grant(
+    async fn add_grant(
         &self,
         customer: CustomerRef<'_>,
         pool: CounterKey,
@@ -103,7 +108,7 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
 
     /// The units a counter counts now (see `core::counter::counted`), or `None` if it has no
     /// state. For inspection and invariants, not for decisions.
-    fn counted(
+    async fn counted(
         &self,
         customer: CustomerRef<'_>,
         key: CounterKey,
@@ -113,7 +118,7 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
 
     /// Records usage that was never gated on every counter of `plan`, unless `idempotency_key`
     /// was already recorded for this customer (see `KeyRetention`). Returns whether it was.
-    fn record(
+    async fn record(
         &self,
         customer: CustomerRef<'_>,
         plan: &Plan,
@@ -121,14 +126,8 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
         now: Timestamp,
     ) -> Result<bool, StoreError>;
 
+    /// Sizes as this process knows them (a shared store reports what this replica last saw).
     fn stats(&self) -> StoreStats;
-
-    /// For a store whose calls wait for a commit (the durable store in sync mode): the
-    /// committed mark, so that async callers can run a call with [`deferring`] and await its
-    /// commit instead of blocking a runtime thread.
-    fn commits(&self) -> Option<tokio::sync::watch::Receiver<Commit>> {
-        None
-    }
 
     /// Returns once every change made so far is stored (a no-op for stores that keep nothing).
     fn flush(&self) -> Result<(), StoreError> {
@@ -173,45 +172,11 @@ impl Commit {
     }
 }
 
-thread_local! {
-    static DEFERRING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    static DEFERRED: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
-}
-
-/// Runs `f` with commit waits deferred: store calls made by `f` on this thread do not wait
-/// for their commit; the highest commit they would have waited for is returned, to be awaited
-/// with [`Commit::reached`]. Trade-off: a thread-local rather than a ticket threaded through
-/// every store and engine signature, sound because `f` runs synchronously on this thread.
-pub fn deferring<R>(f: impl FnOnce() -> R) -> (R, Option<u64>) {
-    /// Turns deferral off however `f` ends, so a later caller on this thread waits again.
-    struct Reset;
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            DEFERRING.with(|d| d.set(false));
-        }
-    }
-    DEFERRED.with(std::cell::Cell::take);
-    DEFERRING.with(|d| d.set(true));
-    let reset = Reset;
-    let r = f();
-    drop(reset);
-    (r, DEFERRED.with(std::cell::Cell::take))
-}
-
-/// Called by a store that would wait for commit `ticket`: true if the wait is deferred.
-pub(crate) fn defer(ticket: u64) -> bool {
-    if !DEFERRING.with(std::cell::Cell::get) {
-        return false;
-    }
-    DEFERRED.with(|d| d.set(Some(d.get().map_or(ticket, |t| t.max(ticket)))));
-    true
-}
-
 /// Where a journaled store reports each ledger change: the durable store's writer.
 pub(crate) trait Journal: Send + Sync + std::fmt::Debug {
     /// Called under the customer's lock after a call changed its ledger. Queues the customer
     /// for the next commit unless it already waits in one (`queued`), and returns the commit
-    /// to wait for with [`Journal::wait`]. The writer reads the ledger's changes itself, at
+    /// to wait for (see [`Journal::sync_commits`]). The writer reads the ledger's changes itself, at
     /// commit time, under the same lock.
     fn changed(
         &self,
@@ -219,27 +184,7 @@ pub(crate) trait Journal: Send + Sync + std::fmt::Debug {
         book: &memory::SharedBook,
         queued: &mut Option<u64>,
     ) -> Result<u64, StoreError>;
-    /// Returns once commit `ticket` is as durable as the store promises.
-    fn wait(&self, ticket: u64) -> Result<(), StoreError>;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn deferral_is_scoped_to_the_closure_and_keeps_the_highest_commit() {
-        assert!(!defer(1), "outside `deferring` a store waits itself");
-        let ((), ticket) = deferring(|| {
-            assert!(defer(5));
-            assert!(defer(3));
-        });
-        assert_eq!(ticket, Some(5));
-        assert!(!defer(2), "deferral ends with the closure");
-        let ((), none) = deferring(|| {});
-        assert_eq!(none, None);
-        let unwound = std::panic::catch_unwind(|| deferring(|| panic!("in the closure")));
-        assert!(unwound.is_err());
-        assert!(!defer(4), "deferral ends even when the closure panics");
-    }
+    /// In sync mode, the committed mark to await a commit on; `None` when calls need not
+    /// wait for their commit (batched mode).
+    fn sync_commits(&self) -> Option<tokio::sync::watch::Receiver<Commit>>;
 }

@@ -95,15 +95,42 @@ pub fn at(s: &str) -> Timestamp {
     Timestamp::from_datetime(s.parse().unwrap())
 }
 
+/// An engine with a manual clock, driven synchronously: each call runs on the harness's own
+/// runtime (multi-threaded, so threads may call at once, and a networked store's connection
+/// keeps being driven between calls).
 pub struct Harness {
     pub engine: Engine,
     pub clock: ManualClock,
+    pub rt: Arc<tokio::runtime::Runtime>,
+}
+
+/// A runtime for driving async store and engine calls from plain tests.
+pub fn runtime() -> Arc<tokio::runtime::Runtime> {
+    Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap(),
+    )
 }
 
 pub fn harness(yaml: &str, store: Arc<dyn CounterStore>, start: &str) -> Harness {
+    harness_on(runtime(), yaml, store, start)
+}
+
+/// A harness on a given runtime (the one a store was opened on).
+pub fn harness_on(
+    rt: Arc<tokio::runtime::Runtime>,
+    yaml: &str,
+    store: Arc<dyn CounterStore>,
+    start: &str,
+) -> Harness {
     let clock = ManualClock::new(at(start));
-    let engine = Engine::new(model(yaml), store, Arc::new(clock.clone())).unwrap();
-    Harness { engine, clock }
+    let engine = rt
+        .block_on(Engine::new(model(yaml), store, Arc::new(clock.clone())))
+        .unwrap();
+    Harness { engine, clock, rt }
 }
 
 pub fn dims(pairs: &[(&str, &str)]) -> HashMap<String, String> {
@@ -147,26 +174,43 @@ impl Harness {
         dry_run: bool,
     ) -> Decision {
         let dimensions = dims(d);
-        self.engine
-            .check(&CheckRequest {
+        self.rt
+            .block_on(self.engine.check(&CheckRequest {
                 customer,
                 feature,
                 usage,
                 dimensions: &dimensions,
                 dry_run,
-            })
+            }))
             .unwrap()
     }
 
+    /// Runs an engine call to completion.
+    pub fn run<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
     pub fn counted(&self, customer: &str, entity: &str, limit: &str) -> u64 {
-        self.engine
-            .counted(customer, entity, limit, None)
+        self.counted_in(customer, entity, limit, None)
+    }
+
+    pub fn counted_in(&self, customer: &str, entity: &str, limit: &str, pool: Option<&str>) -> u64 {
+        self.run(self.engine.counted(customer, entity, limit, pool))
             .unwrap()
             .unwrap_or(0)
     }
 
     pub fn settle(&self, hold: &HoldId, units: u64) {
-        self.engine.settle(hold, Usage::units(units)).unwrap();
+        self.run(self.engine.settle(hold, Usage::units(units)))
+            .unwrap();
+    }
+
+    pub fn release(&self, hold: &HoldId) {
+        self.run(self.engine.release(hold)).unwrap();
+    }
+
+    pub fn expire_due(&self) -> usize {
+        self.run(self.engine.expire_due()).unwrap()
     }
 
     pub fn advance_secs(&self, secs: i64) {

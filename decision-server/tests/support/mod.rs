@@ -76,20 +76,23 @@ pub fn config() -> String {
 }
 
 /// A service over the fixture config, in memory.
-pub fn service() -> Arc<Service> {
-    service_from(&config())
+pub async fn service() -> Arc<Service> {
+    service_from(&config()).await
 }
 
-pub fn service_from(text: &str) -> Arc<Service> {
+pub async fn service_from(text: &str) -> Arc<Service> {
     let loaded = tollgate::config::load(text, "fixture.yaml").expect("fixture config is valid");
-    tollgate::server::build_service(loaded).expect("service")
+    tollgate::server::build_service(loaded)
+        .await
+        .expect("service")
 }
 
 /// What acme's org counter counts now.
-pub fn org_counted(service: &Service, customer: &str) -> u64 {
+pub async fn org_counted(service: &Service, customer: &str) -> u64 {
     service
         .engine
         .counted(customer, customer, "org-daily", None)
+        .await
         .unwrap()
         .unwrap_or(0)
 }
