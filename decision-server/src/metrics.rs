@@ -100,6 +100,8 @@ pub struct Metrics {
     closes: Family<ResultLabels, Counter>,
     ingested: Family<ResultLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
+    store_failures: Counter,
+    breaker_rejections: Counter,
 }
 
 impl Default for Metrics {
@@ -157,7 +159,21 @@ impl Metrics {
             "Config reloads by result",
             reloads.clone(),
         );
+        let store_failures = Counter::default();
+        registry.register(
+            "store_failures",
+            "Calls to a networked store (Redis) that failed or timed out",
+            store_failures.clone(),
+        );
+        let breaker_rejections = Counter::default();
+        registry.register(
+            "store_breaker_rejections",
+            "Store calls refused at once because the circuit breaker was open",
+            breaker_rejections.clone(),
+        );
         Self {
+            store_failures,
+            breaker_rejections,
             registry,
             decisions,
             latency,
@@ -200,6 +216,10 @@ impl Metrics {
         self.counters_active.set(gauge(stats.counters));
         self.holds_open.set(gauge(stats.holds_open));
         self.customers_active.set(gauge(stats.customers));
+        // The store keeps the running totals; the counters catch up to them.
+        let catch_up = |c: &Counter, total: u64| c.inc_by(total.saturating_sub(c.get()));
+        catch_up(&self.store_failures, stats.backend_failures);
+        catch_up(&self.breaker_rejections, stats.breaker_rejections);
         let mut out = String::new();
         // Writing into a String cannot fail; an error would leave a partial page, not a panic.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

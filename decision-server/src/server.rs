@@ -132,6 +132,15 @@ pub async fn build_service(loaded: Loaded) -> anyhow::Result<Arc<Service>> {
             );
             Arc::new(store)
         }
+        Storage::Redis(settings) => {
+            let store = crate::store::RedisStore::connect(
+                settings.clone(),
+                crate::core::ledger::KeyRetention::default(),
+            )
+            .await?;
+            tracing::info!(target = ?settings.target, prefix = %settings.prefix, "redis store connected");
+            Arc::new(store)
+        }
     };
     let engine = Engine::new(model, store, Arc::new(SystemClock))
         .await

@@ -66,6 +66,8 @@ pub enum StorageKindDto {
     /// The embedded durable store (redb), at `path`: the default.
     #[default]
     Durable,
+    /// Redis, one node (`url`) or a Cluster (`cluster`), shared by several replicas.
+    Redis,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +94,25 @@ pub struct StorageDto {
     /// Milliseconds between group commits in `batched` mode (default 100, at most 10,000).
     #[serde(default)]
     pub commit_interval_ms: Option<u64>,
+    /// `kind: redis`: the node's URL, `redis://host:port/db` (or `rediss://` for TLS).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// `kind: redis`: URLs of some nodes of a Redis Cluster (instead of `url`).
+    #[serde(default)]
+    pub cluster: Vec<String>,
+    /// `kind: redis`: prefix of every key (default `tollgate`), no `{` or `}`.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// `kind: redis`: the most one call may take, in ms (default 100); past it the decision
+    /// fails as unavailable and the route's fail mode applies.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// `kind: redis`: consecutive failed calls that open the circuit breaker (default 5).
+    #[serde(default)]
+    pub breaker_failures: Option<u32>,
+    /// `kind: redis`: how long an open breaker fails calls at once, in ms (default 1000).
+    #[serde(default)]
+    pub breaker_open_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -304,6 +325,74 @@ pub enum Storage {
         path: std::path::PathBuf,
         durability: crate::store::Durability,
     },
+    Redis(crate::store::RedisSettings),
+}
+
+/// The Redis settings of `kind: redis`, every problem pushed to `errors`.
+fn redis_settings(dto: &StorageDto, errors: &mut Errors<'_>) -> crate::store::RedisSettings {
+    use crate::store::RedisTarget;
+    let target = match (&dto.url, dto.cluster.is_empty()) {
+        (Some(url), true) => RedisTarget::Node(url.clone()),
+        (None, false) => RedisTarget::Cluster(dto.cluster.clone()),
+        (Some(_), false) => {
+            errors.push(
+                "server.storage.url",
+                "give either `url` (one node) or `cluster` (node URLs), not both",
+            );
+            RedisTarget::Node(String::new())
+        }
+        (None, true) => {
+            errors.push(
+                "server.storage.url",
+                "`kind: redis` needs `url` (one node) or `cluster` (node URLs)",
+            );
+            RedisTarget::Node(String::new())
+        }
+    };
+    let urls = match &target {
+        RedisTarget::Node(u) => std::slice::from_ref(u),
+        RedisTarget::Cluster(us) => us.as_slice(),
+    };
+    for u in urls.iter().filter(|u| !u.is_empty()) {
+        if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+            errors.push(
+                "server.storage.url",
+                format!("`{u}` is not a redis:// or rediss:// URL"),
+            );
+        }
+    }
+    let prefix = dto.prefix.clone().unwrap_or_else(|| "tollgate".into());
+    if prefix.is_empty() || prefix.contains(['{', '}']) {
+        errors.push(
+            "server.storage.prefix",
+            format!("`{prefix}` must be non-empty and have no `{{` or `}}` (they make hash tags)"),
+        );
+    }
+    let timeout_ms = dto.timeout_ms.unwrap_or(100);
+    if !(1..=60_000).contains(&timeout_ms) {
+        errors.push(
+            "server.storage.timeoutMs",
+            format!("{timeout_ms} is not from 1 to 60000"),
+        );
+    }
+    let breaker_failures = dto.breaker_failures.unwrap_or(5);
+    if breaker_failures == 0 {
+        errors.push("server.storage.breakerFailures", "must be at least 1");
+    }
+    let breaker_open_ms = dto.breaker_open_ms.unwrap_or(1_000);
+    if !(1..=600_000).contains(&breaker_open_ms) {
+        errors.push(
+            "server.storage.breakerOpenMs",
+            format!("{breaker_open_ms} is not from 1 to 600000"),
+        );
+    }
+    crate::store::RedisSettings {
+        target,
+        prefix,
+        timeout: std::time::Duration::from_millis(timeout_ms),
+        breaker_failures,
+        breaker_open: std::time::Duration::from_millis(breaker_open_ms),
+    }
 }
 
 struct Errors<'f> {
@@ -512,6 +601,7 @@ impl ServerSettings {
                 };
                 Storage::Durable { path, durability }
             }
+            StorageKindDto::Redis => Storage::Redis(redis_settings(&dto.storage, &mut errors)),
         };
         let max_body_bytes = dto.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
         if max_body_bytes == 0 {

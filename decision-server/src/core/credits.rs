@@ -52,6 +52,16 @@ pub struct CreditPool {
 }
 
 impl CreditPool {
+    /// A pool from its parts, as a store that keeps them elsewhere hands them back: the grants
+    /// in the order they were added, their spending order as positions, and the debt.
+    pub fn from_parts(grants: Vec<GrantBalance>, order: Vec<u32>, debt: u64) -> Self {
+        Self {
+            grants,
+            order,
+            debt,
+        }
+    }
+
     /// The grants, in spending order.
     pub fn grants(&self) -> impl Iterator<Item = &GrantBalance> {
         self.order

@@ -64,6 +64,53 @@ impl Default for KeyRetention {
     }
 }
 
+/// The first enforcing counter of `plan` whose reading does not fit: the one that denies.
+fn first_blocking(plan: &Plan, readings: &[Reading]) -> Option<usize> {
+    plan.counters
+        .iter()
+        .zip(readings)
+        .position(|(c, r)| c.mode == Mode::Enforce && !r.fits)
+}
+
+/// A reservation's readings and blocking counter worked out from the states its counters had
+/// before it, as [`Ledger::reserve`] works them out in place: for a store that decides and
+/// holds elsewhere (a Redis script) and hands back the states it read. `before[i]` is the
+/// state of `plan.counters[i]`; `held` says whether the hold was placed.
+pub fn readings_from(
+    plan: &Plan,
+    before: Vec<Option<CounterState>>,
+    held: bool,
+    now: Timestamp,
+) -> (Vec<Reading>, Option<usize>) {
+    // A counter named twice in one plan is one state, as in a ledger.
+    let mut states: FxHashMap<CounterKey, Option<CounterState>> = FxHashMap::default();
+    for (c, s) in plan.counters.iter().zip(before) {
+        states.entry(c.key).or_insert(s);
+    }
+    let mut readings: Vec<Reading> = plan
+        .counters
+        .iter()
+        .map(|c| {
+            let state = states.get(&c.key).and_then(Option::as_ref);
+            counter::read(&c.spec, state, c.amount, now)
+        })
+        .collect();
+    let blocking = first_blocking(plan, &readings);
+    if held && blocking.is_none() {
+        for (c, reading) in plan.counters.iter().zip(readings.iter_mut()) {
+            let slot = states.entry(c.key).or_insert(None);
+            if slot.is_none() {
+                *slot = CounterState::fresh(&c.spec, now);
+            }
+            if let Some(state) = slot {
+                counter::hold(&c.spec, state, c.amount, now);
+                *reading = counter::after_hold(&c.spec, state, reading, c.amount, now);
+            }
+        }
+    }
+    (readings, blocking)
+}
+
 /// One customer's state.
 #[derive(Debug, Default, Clone)]
 pub struct Ledger {
@@ -204,11 +251,7 @@ impl Ledger {
             .iter()
             .map(|c| counter::read(&c.spec, self.counters.get(&c.key), c.amount, now))
             .collect();
-        let blocking = plan
-            .counters
-            .iter()
-            .zip(&readings)
-            .position(|(c, r)| c.mode == Mode::Enforce && !r.fits);
+        let blocking = first_blocking(plan, &readings);
         if blocking.is_some() || !hold || plan.counters.is_empty() {
             return Reservation {
                 readings,

@@ -68,6 +68,16 @@ fn slot(bucket: i64) -> usize {
 }
 
 impl WindowState {
+    /// A state from its parts, as a store that keeps them elsewhere hands them back.
+    pub fn from_parts(head: i64, counts: [u32; RING]) -> Self {
+        Self { head, counts }
+    }
+
+    /// The newest bucket written and the ring's counts (slot `bucket mod RING`).
+    pub fn parts(&self) -> (i64, [u32; RING]) {
+        (self.head, self.counts)
+    }
+
     pub fn new(window: &RollingWindow, now: Timestamp) -> Self {
         Self {
             head: window.bucket_at(now),

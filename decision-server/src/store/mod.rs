@@ -3,7 +3,9 @@
 
 pub mod durable;
 pub mod memory;
+pub mod redis;
 
+pub use self::redis::{RedisSettings, RedisStore, RedisTarget};
 pub use durable::{Durability, DurableStore};
 pub use memory::MemoryStore;
 
@@ -45,6 +47,10 @@ pub struct StoreStats {
     pub customers: usize,
     pub counters: usize,
     pub holds_open: usize,
+    /// Calls to a networked store that failed (unreachable, timed out), since start.
+    pub backend_failures: u64,
+    /// Calls refused at once because the circuit breaker was open, since start.
+    pub breaker_rejections: u64,
 }
 
 /// What can go wrong in a store.

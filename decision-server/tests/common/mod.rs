@@ -32,6 +32,11 @@ macro_rules! test_with_all_stores {
                 fn durable_sync() {
                     super::$name($crate::common::durable(tollgate::store::Durability::Sync));
                 }
+                #[test]
+                fn redis() {
+                    let server = $crate::common::RedisServer::start();
+                    super::$name($crate::common::redis_store(&server));
+                }
             }
         )+
     };
@@ -64,9 +69,48 @@ macro_rules! test_with_all_store_factories {
                         $crate::common::durable(tollgate::store::Durability::Sync)
                     });
                 }
+                #[test]
+                fn redis() {
+                    let server = $crate::common::RedisServer::start();
+                    super::$name(&|| -> std::sync::Arc<dyn tollgate::store::CounterStore> {
+                        $crate::common::redis_store(&server)
+                    });
+                }
             }
         )+
     };
+}
+
+#[path = "../support/redis.rs"]
+mod redis_server;
+#[allow(unused_imports)]
+pub use redis_server::{RedisCluster, RedisServer};
+
+/// A Redis store on `server` under a key prefix no other store of this process uses, so the
+/// cases of one test can share a server. Connected on the shared runtime, which keeps
+/// driving its connection.
+pub fn redis_store(server: &RedisServer) -> Arc<tollgate::store::RedisStore> {
+    redis_store_on(tollgate::store::RedisTarget::Node(server.url()))
+}
+
+pub fn redis_store_on(target: tollgate::store::RedisTarget) -> Arc<tollgate::store::RedisStore> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let settings = tollgate::store::RedisSettings {
+        target,
+        prefix: format!("t{n}"),
+        timeout: std::time::Duration::from_secs(5),
+        breaker_failures: 5,
+        breaker_open: std::time::Duration::from_millis(500),
+    };
+    Arc::new(
+        runtime()
+            .block_on(tollgate::store::RedisStore::connect(
+                settings,
+                tollgate::core::ledger::KeyRetention::default(),
+            ))
+            .unwrap(),
+    )
 }
 
 /// A durable store in a fresh file under the target directory's test scratch space (kept, so a
@@ -104,15 +148,19 @@ pub struct Harness {
     pub rt: Arc<tokio::runtime::Runtime>,
 }
 
-/// A runtime for driving async store and engine calls from plain tests.
+/// The runtime every plain test of this process drives async store and engine calls on.
+/// Shared, because a networked store's connection lives on the runtime it was opened on.
 pub fn runtime() -> Arc<tokio::runtime::Runtime> {
-    Arc::new(
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap(),
-    )
+    static RT: std::sync::OnceLock<Arc<tokio::runtime::Runtime>> = std::sync::OnceLock::new();
+    Arc::clone(RT.get_or_init(|| {
+        Arc::new(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap(),
+        )
+    }))
 }
 
 pub fn harness(yaml: &str, store: Arc<dyn CounterStore>, start: &str) -> Harness {

@@ -1,0 +1,424 @@
+-- Tollgate's Redis counter store: every call on one customer's counters, atomic on its hash
+-- slot. It mirrors decision-server/src/core/{window,counter,credits,ledger}.rs: a change there
+-- is made here too, and the shared store test suite runs both.
+--
+-- KEYS[1] the customer's meta hash (`seq`: next hold number, `n`: counters), KEYS[2] its open
+-- holds (hash: seq -> hold), KEYS[3] their expiry (zset: seq by expiry), KEYS[4] its ingest
+-- idempotency keys (zset: key by time), KEYS[5..] the entity hashes (field -> counter state)
+-- the call names. Every key carries the `{customerId}` hash tag, so a hold's entity keys,
+-- read back at settlement or expiry, are on the same slot as the declared ones.
+--
+-- ARGV[1] is the operation, ARGV[2] now (ms since the epoch). Every reply starts with
+-- {result, holds open, counters, earliest hold expiry or false}.
+--
+-- Counter states are msgpack arrays tagged by kind:
+--   {1, head, c0..c7}                rolling window ring (slot = bucket mod 8)
+--   {2, period index, used}          calendar quota
+--   {3, in flight}                   concurrency
+--   {4, debt, order, grants}         credit pool; order: positions (0-based) in spending
+--                                    order; grants: {id, priority, expires|false, category,
+--                                    amount, remaining} in the order they were added
+-- A hold is {expires, parts}; a part is {entity key, field, mark, held, rule, p_in, p_out,
+-- p_cached}; marks are {1, bucket}, {2, period index}, {3}, {4, draws (pos, amount, ...)};
+-- rules are 0 units, 1 one per request, 2 priced (by the snapshot's per-million prices).
+
+local META, HOLDS, EXPIRY, SEEN = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local op = ARGV[1]
+local now = tonumber(ARGV[2])
+
+local RING = 8
+local U32 = 4294967295
+local RATE, QUOTA, CONC, CRED = 1, 2, 3, 4
+
+-- States read or written by this call, so a counter named twice is one state.
+local cache = {}
+
+local function load(key, field)
+  local id = key .. '\0' .. field
+  local entry = cache[id]
+  if entry == nil then
+    local raw = redis.call('HGET', key, field)
+    entry = { raw = raw, st = raw and cmsgpack.unpack(raw) or false }
+    cache[id] = entry
+  end
+  return entry
+end
+
+-- Writes a loaded state back; later readers in this call see the new bytes.
+local function save(key, field, entry)
+  entry.raw = cmsgpack.pack(entry.st)
+  if redis.call('HSET', key, field, entry.raw) == 1 then
+    redis.call('HINCRBY', META, 'n', 1)
+  end
+end
+
+-- Rolling window (core/window.rs) --------------------------------------------------------
+
+local function count_of(st, b)
+  local head = st[2]
+  if b > head or b <= head - RING then return 0 end
+  return st[3 + (b % RING)]
+end
+
+local function window_used(st, bucket)
+  local current = math.max(bucket, st[2])
+  local used = 0
+  for b = current - RING + 1, current do used = used + count_of(st, b) end
+  return used
+end
+
+local function roll(st, bucket)
+  local current = math.max(bucket, st[2])
+  if current - st[2] >= RING then
+    for i = 3, 2 + RING do st[i] = 0 end
+  else
+    for b = st[2] + 1, current do st[3 + (b % RING)] = 0 end
+  end
+  st[2] = current
+  return current
+end
+
+-- Credit pools (core/credits.rs) ----------------------------------------------------------
+
+local function usable(g)
+  return g[6] > 0 and (g[3] == false or now < g[3])
+end
+
+local function available(st)
+  local total = 0
+  for _, g in ipairs(st[4]) do
+    if usable(g) then total = total + g[6] end
+  end
+  return math.max(0, total - st[2])
+end
+
+local function draw_forced(st, amount)
+  local left = amount
+  local draws = {}
+  for _, pos in ipairs(st[3]) do
+    if left == 0 then break end
+    local g = st[4][pos + 1]
+    if g and usable(g) then
+      local take = math.min(g[6], left)
+      g[6] = g[6] - take
+      left = left - take
+      draws[#draws + 1] = pos
+      draws[#draws + 1] = take
+    end
+  end
+  st[2] = st[2] + left
+  return draws
+end
+
+local function refund(st, draws, amount)
+  local drawn = 0
+  for i = 2, #draws, 2 do drawn = drawn + draws[i] end
+  st[2] = math.max(0, st[2] - math.max(0, amount - drawn))
+  local left = amount
+  for i = #draws - 1, 1, -2 do
+    if left == 0 then break end
+    local give = math.min(draws[i + 1], left)
+    local g = st[4][draws[i] + 1]
+    if g then g[6] = math.min(g[6] + give, g[5]) end
+    left = left - give
+  end
+end
+
+-- Byte order, as Rust compares strings (Lua's `<` follows the server's locale).
+local function bytes_less(a, b)
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+
+-- Spending order: priority, soonest expiry (none last), promotional first, then id.
+local function grant_less(a, b)
+  if a[2] ~= b[2] then return a[2] < b[2] end
+  local ea = a[3] or math.huge
+  local eb = b[3] or math.huge
+  if ea ~= eb then return ea < eb end
+  if a[4] ~= b[4] then return a[4] < b[4] end
+  return bytes_less(a[1], b[1])
+end
+
+local function add_grant(st, grant)
+  for _, g in ipairs(st[4]) do
+    if g[1] == grant[1] then return 0 end
+  end
+  local paid = math.min(st[2], grant[6])
+  grant[6] = grant[6] - paid
+  st[2] = st[2] - paid
+  local pos = #st[4]
+  local at = #st[3] + 1
+  for i, p in ipairs(st[3]) do
+    if grant_less(grant, st[4][p + 1]) then
+      at = i
+      break
+    end
+  end
+  table.insert(st[3], at, pos)
+  st[4][pos + 1] = grant
+  return 1
+end
+
+-- One counter (core/counter.rs) -----------------------------------------------------------
+
+-- A planned counter from ARGV[i..i+10]: entity key index, field, kind, limit, bucket or
+-- period index, enforcing, amount, rule, and the rule's three prices.
+local GROUP = 11
+local function planned(i)
+  return {
+    key = KEYS[tonumber(ARGV[i])], field = ARGV[i + 1], kind = tonumber(ARGV[i + 2]),
+    limit = tonumber(ARGV[i + 3]), at = tonumber(ARGV[i + 4]),
+    enforce = ARGV[i + 5] == '1', amount = tonumber(ARGV[i + 6]), rule = tonumber(ARGV[i + 7]),
+    p_in = tonumber(ARGV[i + 8]), p_out = tonumber(ARGV[i + 9]), p_cached = tonumber(ARGV[i + 10]),
+  }
+end
+
+local function fits(c, st)
+  if c.kind == RATE then
+    local used = (st and st[1] == RATE) and window_used(st, c.at) or 0
+    return used + c.amount <= c.limit
+  elseif c.kind == QUOTA then
+    local used = (st and st[1] == QUOTA and st[2] == c.at) and st[3] or 0
+    return used + c.amount <= c.limit
+  elseif c.kind == CONC then
+    local used = (st and st[1] == CONC) and st[2] or 0
+    return used + 1 <= c.limit
+  elseif st and st[1] == CRED then
+    return available(st) >= c.amount
+  end
+  return c.amount <= 0
+end
+
+local function fresh(c)
+  if c.kind == RATE then return { RATE, c.at, 0, 0, 0, 0, 0, 0, 0, 0 }
+  elseif c.kind == QUOTA then return { QUOTA, c.at, 0 }
+  elseif c.kind == CONC then return { CONC, 0 }
+  end
+  return false
+end
+
+local function hold(c, st)
+  if c.kind == RATE and st[1] == RATE then
+    local bucket = roll(st, c.at)
+    local i = 3 + (bucket % RING)
+    st[i] = math.min(st[i] + c.amount, U32)
+    return { RATE, bucket }
+  elseif c.kind == QUOTA and st[1] == QUOTA then
+    if st[2] ~= c.at then
+      st[2] = c.at
+      st[3] = 0
+    end
+    st[3] = st[3] + c.amount
+    return { QUOTA, c.at }
+  elseif c.kind == CONC and st[1] == CONC then
+    st[2] = math.min(st[2] + 1, U32)
+    return { CONC }
+  elseif c.kind == CRED and st[1] == CRED then
+    return { CRED, draw_forced(st, c.amount) }
+  end
+  return false
+end
+
+local function settle(st, mark, held, actual)
+  local delta = actual - held
+  if st[1] == RATE and mark[1] == RATE then
+    local b = mark[2]
+    if not (b > st[2] or b <= st[2] - RING) then
+      local i = 3 + (b % RING)
+      st[i] = math.min(math.max(0, st[i] + delta), U32)
+    end
+  elseif st[1] == QUOTA and mark[1] == QUOTA then
+    if st[2] == mark[2] then st[3] = math.max(0, st[3] + delta) end
+  elseif st[1] == CONC and mark[1] == CONC then
+    st[2] = math.max(0, st[2] - 1)
+  elseif st[1] == CRED and mark[1] == CRED then
+    if actual < held then
+      refund(st, mark[2], held - actual)
+    elseif actual > held then
+      draw_forced(st, actual - held)
+    end
+  end
+end
+
+local function expire(st, mark)
+  if st[1] == CONC and mark[1] == CONC then st[2] = math.max(0, st[2] - 1) end
+end
+
+-- The ledger (core/ledger.rs) -------------------------------------------------------------
+
+local function expire_due()
+  local due = redis.call('ZRANGEBYSCORE', EXPIRY, '-inf', now)
+  for _, seq in ipairs(due) do
+    local raw = redis.call('HGET', HOLDS, seq)
+    if raw then
+      local h = cmsgpack.unpack(raw)
+      for _, part in ipairs(h[2]) do
+        if part[3][1] == CONC then
+          local e = load(part[1], part[2])
+          if e.st then
+            expire(e.st, part[3])
+            save(part[1], part[2], e)
+          end
+        end
+      end
+      redis.call('HDEL', HOLDS, seq)
+    end
+  end
+  if #due > 0 then redis.call('ZREMRANGEBYSCORE', EXPIRY, '-inf', now) end
+  return #due
+end
+
+local function reply(result, extra)
+  local first = redis.call('ZRANGE', EXPIRY, 0, 0, 'WITHSCORES')
+  local out = {
+    result,
+    redis.call('HLEN', HOLDS),
+    tonumber(redis.call('HGET', META, 'n') or 0),
+    first[2] and tonumber(first[2]) or false,
+  }
+  -- `false` entries (no state) stay in place and reach the caller as nil replies.
+  for _, v in ipairs(extra or {}) do out[#out + 1] = v end
+  return out
+end
+
+-- ARGV: 'reserve', now, hold (1/0), ttl ms, counters, then a group per counter.
+-- Result: the blocking counter (1-based, 0 if none), then the hold number (0 if none), then
+-- each counter's state before the call (false if it had none).
+local function reserve()
+  local place, ttl, n = ARGV[3] == '1', tonumber(ARGV[4]), tonumber(ARGV[5])
+  expire_due()
+  local counters, before = {}, {}
+  local blocking = 0
+  for i = 1, n do
+    local c = planned(6 + (i - 1) * GROUP)
+    counters[i] = c
+    local e = load(c.key, c.field)
+    before[i] = e.raw
+    if blocking == 0 and c.enforce and not fits(c, e.st) then blocking = i end
+  end
+  if blocking > 0 or not place or n == 0 then
+    return reply(blocking, { 0, unpack(before, 1, n) })
+  end
+  local seq = math.max(tonumber(redis.call('HGET', META, 'seq') or 0), 1)
+  redis.call('HSET', META, 'seq', seq + 1)
+  local parts = {}
+  for i = 1, n do
+    local c = counters[i]
+    local e = load(c.key, c.field)
+    if not e.st then e.st = fresh(c) end
+    if e.st then
+      local mark = hold(c, e.st)
+      save(c.key, c.field, e)
+      if mark then
+        parts[#parts + 1] = { c.key, c.field, mark, c.amount, c.rule, c.p_in, c.p_out, c.p_cached }
+      end
+    end
+  end
+  local expires = now + ttl
+  redis.call('HSET', HOLDS, seq, cmsgpack.pack({ expires, parts }))
+  redis.call('ZADD', EXPIRY, expires, seq)
+  return reply(0, { seq, unpack(before, 1, n) })
+end
+
+-- ARGV: 'close', now, hold number, 's' (settle) or 'r' (release), actual units, then the
+-- amounts of the hold's priced parts in order, if the caller has priced them.
+-- Result: 0 closed, 1 already closed, 2 no such hold, 3 the priced parts' prices are needed
+-- first (then their per-million prices follow, three per part; nothing changed).
+local function close()
+  local seq, how, units = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+  expire_due()
+  local raw = redis.call('HGET', HOLDS, seq)
+  if not raw then
+    local next_seq = tonumber(redis.call('HGET', META, 'seq') or 0)
+    return reply((seq > 0 and seq < next_seq) and 1 or 2)
+  end
+  local h = cmsgpack.unpack(raw)
+  local priced = {}
+  if how == 's' then
+    for _, part in ipairs(h[2]) do
+      if part[5] == 2 then
+        priced[#priced + 1] = part[6]
+        priced[#priced + 1] = part[7]
+        priced[#priced + 1] = part[8]
+      end
+    end
+    if #priced > 0 and #ARGV < 6 then return reply(3, priced) end
+  end
+  local p = 6
+  for _, part in ipairs(h[2]) do
+    local actual = 0
+    if how == 's' then
+      if part[5] == 0 then
+        actual = units
+      elseif part[5] == 1 then
+        actual = 1
+      else
+        actual = tonumber(ARGV[p])
+        p = p + 1
+      end
+    end
+    local e = load(part[1], part[2])
+    if e.st then
+      settle(e.st, part[3], part[4], actual)
+      save(part[1], part[2], e)
+    end
+  end
+  redis.call('HDEL', HOLDS, seq)
+  redis.call('ZREM', EXPIRY, seq)
+  return reply(0)
+end
+
+-- ARGV: 'record', now, idempotency key, retention ms, most keys kept, counters, groups.
+-- Result: 1 recorded, 0 the key was already recorded.
+local function record()
+  local key, keep_ms, keep_max, n = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+  redis.call('ZREMRANGEBYSCORE', SEEN, '-inf', string.format('(%d', now - keep_ms))
+  local over = redis.call('ZCARD', SEEN) - math.max(keep_max, 1) + 1
+  if over > 0 then redis.call('ZPOPMIN', SEEN, over) end
+  if redis.call('ZSCORE', SEEN, key) then return reply(0) end
+  redis.call('ZADD', SEEN, now, key)
+  for i = 1, n do
+    local c = planned(7 + (i - 1) * GROUP)
+    local e = load(c.key, c.field)
+    if not e.st then e.st = fresh(c) end
+    if e.st then
+      local mark = hold(c, e.st)
+      if mark then expire(e.st, mark) end
+      save(c.key, c.field, e)
+    end
+  end
+  return reply(1)
+end
+
+-- ARGV: 'grant', now, entity key index, field, id, priority, expires ('' for never),
+-- category (0 promotional, 1 paid), amount. Result: 1 added, 0 already there.
+local function grant()
+  local key, field = KEYS[tonumber(ARGV[3])], ARGV[4]
+  local expires = false
+  if ARGV[7] ~= '' then expires = tonumber(ARGV[7]) end
+  local g = { ARGV[5], tonumber(ARGV[6]), expires, tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[9]) }
+  local e = load(key, field)
+  local created = not e.st
+  if created then e.st = { CRED, 0, {}, {} } end
+  if e.st[1] ~= CRED then return reply(0) end
+  local added = add_grant(e.st, g)
+  if added == 1 or created then save(key, field, e) end
+  return reply(added)
+end
+
+-- ARGV: 'expire', now. Result: how many holds expired.
+local function sweep()
+  return reply(expire_due())
+end
+
+if op == 'reserve' then return reserve()
+elseif op == 'close' then return close()
+elseif op == 'record' then return record()
+elseif op == 'grant' then return grant()
+elseif op == 'expire' then return sweep()
+end
+return redis.error_reply('tollgate: unknown operation ' .. tostring(op))
