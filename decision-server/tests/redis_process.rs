@@ -1,0 +1,342 @@
+//! The real binary on the Redis store: three replicas sharing one cap through one Redis and
+//! through a 3-master Redis Cluster, Redis stopped and frozen mid-load (every decision answers
+//! within the timeout, unavailable; decisions recover once it is back, with no restart), and a
+//! replica killed mid-load (no granted usage lost from the counters).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use support::ACME_ORG_CAP;
+use support::redis::{RedisCluster, RedisServer};
+use support::sidecar::{LOOPBACK_PORT_0, Sidecar, check};
+use tonic::Code;
+
+const CLIENTS: usize = 64;
+const SIZES: [u64; 4] = [1, 3, 7, 13];
+const USERS: [&str; 3] = ["alice", "bob", "carol"];
+
+fn config(storage: &str) -> String {
+    support::config_with(&format!("{LOOPBACK_PORT_0}\n  storage: {storage}"))
+}
+
+fn node(redis: &RedisServer, extra: &str) -> String {
+    format!(
+        "{{ kind: redis, url: \"{}\", prefix: tg{extra} }}",
+        redis.url()
+    )
+}
+
+/// acme's org counter as a replica sees it (a dry run holds nothing).
+async fn org_counter(s: &Sidecar) -> u64 {
+    let v = s.org_usage(&reqwest::Client::new(), 0).await;
+    v["chain"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no chain in {v}"))
+        .iter()
+        .find(|e| e["limitId"] == "org-daily")
+        .unwrap()["currentUsage"]
+        .as_u64()
+        .unwrap()
+}
+
+/// 64 clients, each on its own connection to one of `replicas` in turn, race acme's 1,000
+/// unit org cap until each has seen 5 denials. Returns the units they were granted.
+async fn race(replicas: &[Sidecar]) -> u64 {
+    let granted = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut tasks = Vec::new();
+    for client in 0..CLIENTS {
+        let addr = format!("http://{}", replicas[client % replicas.len()].ext_authz);
+        let granted = Arc::clone(&granted);
+        tasks.push(tokio::spawn(async move {
+            let mut c = AuthorizationClient::connect(addr).await.unwrap();
+            let mut denials = 0;
+            for i in 0..400usize {
+                if Instant::now() > deadline || denials >= 5 {
+                    break;
+                }
+                let size = SIZES[(client + i) % SIZES.len()];
+                let r = c
+                    .check(check(USERS[(client + i) % USERS.len()], size))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                if r.status.unwrap().code == 0 {
+                    granted.fetch_add(size, Ordering::Relaxed);
+                } else {
+                    denials += 1;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    granted.load(Ordering::Relaxed)
+}
+
+async fn replicas_share_one_cap(storage: &str) -> Vec<Sidecar> {
+    let replicas: Vec<Sidecar> = (0..3).map(|_| Sidecar::start(&config(storage))).collect();
+    let total = race(&replicas).await;
+    assert!(
+        total <= ACME_ORG_CAP,
+        "three replicas granted {total}, past the shared cap {ACME_ORG_CAP}"
+    );
+    assert!(
+        ACME_ORG_CAP - total < 13,
+        "the cap was not used up: {total} of {ACME_ORG_CAP}"
+    );
+    for r in &replicas {
+        assert_eq!(
+            org_counter(r).await,
+            total,
+            "every replica reads the shared counter as exactly what was granted"
+        );
+    }
+    replicas
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_on_one_redis_never_overspend_a_shared_cap() {
+    let redis = RedisServer::start();
+    replicas_share_one_cap(&node(&redis, "")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_on_a_redis_cluster_never_overspend_a_shared_cap() {
+    let cluster = RedisCluster::start();
+    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let storage = format!("{{ kind: redis, cluster: [{}] }}", urls.join(", "));
+    let _replicas = replicas_share_one_cap(&storage).await;
+    // Every key of acme carries its hash tag, so one node holds them all.
+    let keys = cluster.keys_per_node();
+    assert_eq!(
+        keys.iter().filter(|n| **n > 0).count(),
+        1,
+        "acme's keys spread over nodes: {keys:?}"
+    );
+}
+
+/// Runs `clients` loops of checks against `sidecar` until `stop`, recording how long each
+/// answer took and how it went.
+struct Probe {
+    slowest_ms: AtomicU64,
+    unavailable: AtomicU64,
+    granted: AtomicU64,
+    other: AtomicU64,
+}
+
+async fn probe_while(
+    sidecar: &Sidecar,
+    stop: Arc<AtomicBool>,
+    probe: Arc<Probe>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for client in 0..16usize {
+        let addr = format!("http://{}", sidecar.ext_authz);
+        let stop = Arc::clone(&stop);
+        let probe = Arc::clone(&probe);
+        tasks.push(tokio::spawn(async move {
+            let mut c = AuthorizationClient::connect(addr).await.unwrap();
+            // Bounded in count as well as by `stop`.
+            for i in 0..100_000usize {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let started = Instant::now();
+                let r = c.check(check(USERS[(client + i) % USERS.len()], 1)).await;
+                let took = started.elapsed().as_millis() as u64;
+                probe.slowest_ms.fetch_max(took, Ordering::Relaxed);
+                match r {
+                    Ok(r) if r.get_ref().status.as_ref().unwrap().code == 0 => {
+                        probe.granted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(s) if s.code() == Code::Unavailable => {
+                        probe.unavailable.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        probe.other.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    tasks
+}
+
+fn fresh_probe() -> Arc<Probe> {
+    Arc::new(Probe {
+        slowest_ms: AtomicU64::new(0),
+        unavailable: AtomicU64::new(0),
+        granted: AtomicU64::new(0),
+        other: AtomicU64::new(0),
+    })
+}
+
+/// Load while `fault` is in force for a second: every answer is an unavailable status, and
+/// none takes more than `bound` (the store's 200 ms timeout plus slack for a loaded machine;
+/// a call that hung would take the whole second or more).
+async fn under_fault(sidecar: &Sidecar, bound_ms: u64) -> Arc<Probe> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let probe = fresh_probe();
+    let tasks = probe_while(sidecar, Arc::clone(&stop), Arc::clone(&probe)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(
+        probe.unavailable.load(Ordering::Relaxed) > 16,
+        "decisions were made while Redis was down"
+    );
+    assert_eq!(probe.granted.load(Ordering::Relaxed), 0);
+    assert_eq!(probe.other.load(Ordering::Relaxed), 0);
+    let slowest = probe.slowest_ms.load(Ordering::Relaxed);
+    assert!(
+        slowest < bound_ms,
+        "a decision took {slowest} ms with Redis down; the timeout is 200 ms"
+    );
+    probe
+}
+
+/// Checks until one is granted again, at most 15 s; returns how many tries it took.
+async fn recovers(sidecar: &Sidecar) -> usize {
+    let mut c = AuthorizationClient::connect(format!("http://{}", sidecar.ext_authz))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for tries in 1.. {
+        if let Ok(r) = c.check(check("alice", 1)).await
+            && r.get_ref().status.as_ref().unwrap().code == 0
+        {
+            return tries;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "decisions did not recover within 15 s of Redis coming back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    unreachable!()
+}
+
+async fn metric(sidecar: &Sidecar, name: &str) -> u64 {
+    let text = reqwest::get(format!("http://{}/metrics", sidecar.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_or_frozen_mid_load_answers_within_the_timeout_then_recovers() {
+    let mut redis = RedisServer::start();
+    let storage = format!(
+        "{{ kind: redis, url: \"{}\", timeoutMs: 200, breakerFailures: 5, breakerOpenMs: 300 }}",
+        redis.url()
+    );
+    let sidecar = Sidecar::start(&config(&storage));
+    assert_eq!(recovers(&sidecar).await, 1, "a first decision is granted");
+
+    // Killed: connections drop, the port refuses.
+    redis.stop();
+    under_fault(&sidecar, 1_000).await;
+    redis.restart();
+    recovers(&sidecar).await;
+
+    // Frozen: connections stay open and nothing answers; only the timeout ends a call.
+    redis.pause();
+    under_fault(&sidecar, 1_000).await;
+    redis.resume();
+    recovers(&sidecar).await;
+
+    assert!(metric(&sidecar, "tollgate_store_failures_total").await > 0);
+    assert!(
+        metric(&sidecar, "tollgate_store_breaker_rejections_total").await > 0,
+        "the breaker never opened"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_load_loses_no_granted_usage() {
+    let redis = RedisServer::start();
+    let text = config(&node(&redis, "")).replace(
+        &format!("limit: {ACME_ORG_CAP}, period: P1D"),
+        "limit: 1000000000, period: P1D",
+    );
+    let mut replicas: Vec<Sidecar> = (0..3).map(|_| Sidecar::start(&text)).collect();
+    let granted = Arc::new(AtomicU64::new(0));
+    // Units of calls that failed, whose outcome the client never learned.
+    let unknown = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for client in 0..48usize {
+        let addr = format!("http://{}", replicas[client % 3].ext_authz);
+        let (granted, unknown, stop) = (
+            Arc::clone(&granted),
+            Arc::clone(&unknown),
+            Arc::clone(&stop),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut c = AuthorizationClient::connect(addr).await.unwrap();
+            for i in 0..100_000usize {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let size = SIZES[(client + i) % SIZES.len()];
+                match c
+                    .check(check(USERS[(client + i) % USERS.len()], size))
+                    .await
+                {
+                    Ok(r) if r.get_ref().status.as_ref().unwrap().code == 0 => {
+                        granted.fetch_add(size, Ordering::Relaxed);
+                    }
+                    Ok(r) => panic!("denied under a cap of 1e9: {r:?}"),
+                    Err(_) => {
+                        // The replica is gone; this client's last call may or may not have
+                        // been counted. It stops here.
+                        unknown.fetch_add(size, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    replicas[0].signal("KILL");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let _ = replicas[0].child.wait();
+    replicas.remove(0);
+    let granted = granted.load(Ordering::Relaxed);
+    let unknown = unknown.load(Ordering::Relaxed);
+    assert!(granted > 0);
+    assert!(unknown > 0, "no client saw the replica die");
+    for r in &replicas {
+        let counted = org_counter(r).await;
+        assert!(
+            counted >= granted,
+            "granted usage lost: {counted} counted, {granted} granted"
+        );
+        assert!(
+            counted <= granted + unknown,
+            "{counted} counted, more than {granted} granted plus {unknown} in flight at the kill"
+        );
+    }
+}
