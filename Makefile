@@ -9,10 +9,10 @@ ENVOY_DIR := $(TOOLS)/envoy-$(ENVOY_VERSION)
 export TOLLGATE_ENVOY := $(ENVOY_DIR)/envoy/_bin/envoy
 export TOLLGATE_WASM := $(CURDIR)/target/$(WASM_TARGET)/release/tollgate_filter.wasm
 
-.PHONY: setup-redis demo test setup-rust setup-envoy fmt-check clippy wasm unit bench bench-grpc bench-envoy bench-store
+.PHONY: setup-redis demo test setup-rust setup-envoy fmt-check clippy wasm unit bench bench-grpc bench-envoy bench-store bench-redis-memory
 
 ## The demo: real Envoy, the WASM filter, the sidecar and a mock OpenAI upstream on loopback.
-demo: setup-rust setup-envoy setup-redis wasm
+demo: setup-rust setup-envoy wasm
 	$(CARGO) build --release --locked -p tollgate -p tollgate-tests
 	$(CURDIR)/target/release/tollgate-demo
 
@@ -73,5 +73,9 @@ bench-envoy: setup-rust setup-envoy wasm
 	bench/envoy.sh
 
 ## Decisions by store: in-memory, durable batched, durable sync.
-bench-store:
+bench-store: setup-redis
 	bench/store.sh
+
+## Redis memory per active counter.
+bench-redis-memory: setup-redis
+	bench/redis-memory.sh

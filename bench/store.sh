@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Decision throughput and latency by store, in one run, with the same load generator: the
-# in-memory store (baseline), the durable embedded store in batched and sync mode, and the
-# no-op ext_authz calibration server. ext_authz Check over loopback gRPC, 3-level chain
+# in-memory store (baseline), the durable embedded store in batched and sync mode, Redis on a
+# single node (Debian's redis-server, no persistence, on a free loopback port), and the no-op
+# ext_authz calibration server. ext_authz Check over loopback gRPC, 3-level chain
 # (organization -> team -> user), 10 customers, 1,000 users, concurrency 64. The sidecar and the
 # load generator share the machine's cores (2 tokio workers each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked -p tollgate -p tollgate-tests >&2
 work=$(mktemp -d)
-trap 'kill $(cat "$work/pid" 2>/dev/null) 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'kill $(cat "$work/pid" "$work/redis.pid" 2>/dev/null) 2>/dev/null || true; rm -rf "$work"' EXIT
 LOAD=target/release/tollgate-load
 N=${N:-200000}
 echo "# $(date -u +%F) $(nproc) cores: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); disk: $(df -h "$work" | awk 'NR==2{print $1}')"
@@ -33,3 +34,10 @@ run() { # label, storage section (or empty)
 run memory "" --calibrate
 run batched "kind: durable, path: $work/data/t.redb, durability: batched, commitIntervalMs: 100" ""
 run sync "kind: durable, path: $work/data/t.redb, durability: sync" ""
+
+redis_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+redis-server --bind 127.0.0.1 --port "$redis_port" --save '' --appendonly no --dir "$work" > "$work/redis.log" 2>&1 &
+echo $! > "$work/redis.pid"
+for _ in $(seq 100); do redis-cli -p "$redis_port" ping 2>/dev/null | grep -q PONG && break; sleep 0.1; done
+echo "# $(redis-server --version)"
+run redis "kind: redis, url: \"redis://127.0.0.1:$redis_port/\", timeoutMs: 1000" ""
