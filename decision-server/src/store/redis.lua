@@ -9,7 +9,9 @@
 -- read back at settlement or expiry, are on the same slot as the declared ones.
 --
 -- ARGV[1] is the operation, ARGV[2] now (ms since the epoch). Every reply starts with
--- {result, holds open, counters, earliest hold expiry or false}.
+-- {result, holds open, counters (-1: none added by this call), earliest hold expiry (-1: not
+-- looked up; false: no hold)}. Looking the expiry up costs a call, so only the sweep does;
+-- the caller keeps a lower bound from the holds it placed.
 --
 -- Counter states are msgpack arrays tagged by kind:
 --   {1, head, c0..c7}                rolling window ring (slot = bucket mod 8)
@@ -44,11 +46,14 @@ local function load(key, field)
   return entry
 end
 
+-- The customer's counter count once this call added one; -1 while it has not.
+local counters = -1
+
 -- Writes a loaded state back; later readers in this call see the new bytes.
 local function save(key, field, entry)
   entry.raw = cmsgpack.pack(entry.st)
   if redis.call('HSET', key, field, entry.raw) == 1 then
-    redis.call('HINCRBY', META, 'n', 1)
+    counters = redis.call('HINCRBY', META, 'n', 1)
   end
 end
 
@@ -272,14 +277,8 @@ local function expire_due()
   return #due
 end
 
-local function reply(result, extra)
-  local first = redis.call('ZRANGE', EXPIRY, 0, 0, 'WITHSCORES')
-  local out = {
-    result,
-    redis.call('HLEN', HOLDS),
-    tonumber(redis.call('HGET', META, 'n') or 0),
-    first[2] and tonumber(first[2]) or false,
-  }
+local function reply(result, extra, next_expiry)
+  local out = { result, redis.call('HLEN', HOLDS), counters, next_expiry or -1 }
   -- `false` entries (no state) stay in place and reach the caller as nil replies.
   for _, v in ipairs(extra or {}) do out[#out + 1] = v end
   return out
@@ -410,9 +409,11 @@ local function grant()
   return reply(added)
 end
 
--- ARGV: 'expire', now. Result: how many holds expired.
+-- ARGV: 'expire', now. Result: how many holds expired; the header has the next expiry.
 local function sweep()
-  return reply(expire_due())
+  local n = expire_due()
+  local first = redis.call('ZRANGE', EXPIRY, 0, 0, 'WITHSCORES')
+  return reply(n, nil, first[2] and tonumber(first[2]) or false)
 end
 
 if op == 'reserve' then return reserve()

@@ -63,7 +63,8 @@ enum Conn {
 struct Known {
     holds_open: usize,
     counters: usize,
-    /// The earliest expiry of an open hold, when there is one.
+    /// No open hold expires before this (a lower bound: holds placed here lower it, the sweep
+    /// sets it exactly), when any may be open.
     next_expiry: Option<i64>,
 }
 
@@ -399,14 +400,20 @@ impl RedisStore {
             }
         };
         self.breaker.on_success();
-        self.known.insert(
-            customer,
-            Known {
-                holds_open: reply.get(1).and_then(int).unwrap_or(0).max(0) as usize,
-                counters: reply.get(2).and_then(int).unwrap_or(0).max(0) as usize,
-                next_expiry: reply.get(3).and_then(int),
-            },
-        );
+        let mut known = self.known.entry(customer).or_default();
+        known.holds_open = reply.get(1).and_then(int).unwrap_or(0).max(0) as usize;
+        if let Some(n) = reply.get(2).and_then(int).filter(|n| *n >= 0) {
+            known.counters = n as usize;
+        }
+        match reply.get(3) {
+            Some(Value::Nil) => known.next_expiry = None,
+            Some(v) => {
+                if let Some(at) = int(v).filter(|at| *at >= 0) {
+                    known.next_expiry = Some(at);
+                }
+            }
+            None => {}
+        }
         Ok(reply)
     }
 
@@ -564,6 +571,12 @@ impl CounterStore for RedisStore {
             .map(state_of)
             .collect::<Result<Vec<_>, _>>()?;
         let placed = seq > 0;
+        if placed {
+            let expires = now.plus_millis(plan.hold_ttl_millis).millis();
+            if let Some(mut k) = self.known.get_mut(&customer.sym) {
+                k.next_expiry = Some(k.next_expiry.map_or(expires, |at| at.min(expires)));
+            }
+        }
         let (readings, computed) = readings_from(plan, before, placed, now);
         let blocking = usize::try_from(blocking)
             .ok()

@@ -16,6 +16,18 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A free port whose cluster bus port (the port + 10000, which Redis Cluster also binds) is
+/// free and in range.
+fn free_cluster_port() -> u16 {
+    for _ in 0..1000 {
+        let port = free_port();
+        if port <= 55_535 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port pair for a cluster node");
+}
+
 fn redis_server() -> String {
     std::env::var("TOLLGATE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into())
 }
@@ -45,17 +57,33 @@ impl RedisServer {
             .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
             .unwrap()
             .keep();
+        let cluster = extra.contains(&"--cluster-enabled");
+        let pick = || {
+            if cluster {
+                free_cluster_port()
+            } else {
+                free_port()
+            }
+        };
         let mut s = Self {
             child: None,
-            port: free_port(),
+            port: pick(),
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
-        s.spawn();
-        s
+        // A port found free can be taken by another process before Redis binds it: then Redis
+        // exits at once, and another port is tried.
+        for _ in 0..5 {
+            if s.spawn() {
+                return s;
+            }
+            s.port = pick();
+        }
+        panic!("redis-server did not start on 5 free ports in a row");
     }
 
-    fn spawn(&mut self) {
+    /// Starts the server on `self.port`; false if it exited at once (the port was taken).
+    fn spawn(&mut self) -> bool {
         let child = Command::new(redis_server())
             .args(["--bind", "127.0.0.1", "--port"])
             .arg(self.port.to_string())
@@ -72,10 +100,10 @@ impl RedisServer {
                 )
             });
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready()
     }
 
-    fn wait_ready(&self) {
+    fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if self
@@ -83,7 +111,13 @@ impl RedisServer {
                 .map(|o| o.trim() == "PONG")
                 .unwrap_or(false)
             {
-                return;
+                return true;
+            }
+            if let Some(c) = self.child.as_mut()
+                && c.try_wait().unwrap().is_some()
+            {
+                self.child = None;
+                return false;
             }
             assert!(
                 Instant::now() < deadline,
@@ -140,7 +174,11 @@ impl RedisServer {
     /// Starts it again on the same port (empty: no persistence).
     pub fn restart(&mut self) {
         self.stop();
-        self.spawn();
+        assert!(
+            self.spawn(),
+            "redis-server did not restart on port {}",
+            self.port
+        );
     }
 
     /// Freezes the process (SIGSTOP): connections stay open and nothing answers.
