@@ -2,3 +2,4 @@
 //! mock upstream) started on free loopback ports and stopped on drop.
 
 pub mod harness;
+pub mod redis;

@@ -1,6 +1,7 @@
 //! End to end through real Envoy with the release WASM filter, the real sidecar binary and the
 //! mock OpenAI upstream, all on loopback: decisions, the hierarchy, racing agents, settlement,
-//! fail modes (sidecar killed, hung, missing HTTP/2, unknown cluster) and malformed input.
+//! fail modes (sidecar killed, hung, its Redis down, missing HTTP/2, unknown cluster) and
+//! malformed input.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
@@ -286,6 +287,58 @@ async fn a_killed_sidecar_fails_closed_with_503_and_open_marked() {
     assert_eq!(s.envoy.stat("wasmcustom.tollgate.fail_closed").unwrap(), 1);
     assert_eq!(s.envoy.stat("wasmcustom.tollgate.fail_open").unwrap(), 1);
     assert_eq!(s.envoy.stat("wasmcustom.tollgate.denied").unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_follows_each_route_fail_mode_then_decisions_recover() {
+    let mut redis = tollgate_tests::redis::RedisServer::start();
+    let sidecar = support::SIDECAR.replace(
+        "  logging: { level: warn }",
+        &format!(
+            "  logging: {{ level: warn }}\n  storage: {{ kind: redis, url: \"{}\", timeoutMs: 100 }}",
+            redis.url()
+        ),
+    );
+    let s = Stack::start_full(FILTER, &sidecar, |c| c);
+    let h = [("x-tollgate-customer", "initech"), ("x-team-id", "ops")];
+    assert_eq!(s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await.status, 200);
+    assert!(s.usage("initech", json!({}), "initech-daily").await > 0);
+
+    redis.stop();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let closed = s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await;
+        assert_eq!(closed.status, 503, "{}", closed.text);
+        assert_eq!(closed.json()["reason"], "unavailable", "{}", closed.text);
+        let open = s
+            .chat("/open/v1/chat/completions", &h, &chat_body(1, 5))
+            .await;
+        assert_eq!(open.status, 200, "{}", open.text);
+        assert_eq!(
+            open.header("x-echo-x-tollgate-unchecked"),
+            Some("sidecar-unavailable")
+        );
+        // Answered by the store's 100 ms timeout or at once (refused, or the breaker open),
+        // never left to the client's 30 s: a generous bound for a loaded machine.
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    assert_eq!(s.envoy.stat("wasmcustom.tollgate.fail_closed").unwrap(), 5);
+    assert_eq!(s.envoy.stat("wasmcustom.tollgate.denied").unwrap(), 0);
+
+    // Back (empty: this Redis keeps nothing), with no sidecar or Envoy restart.
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await;
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", r.text);
+        assert!(Instant::now() < deadline, "no recovery within 15 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The recovered decision is counted in the new Redis.
+    assert!(s.usage("initech", json!({}), "initech-daily").await > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

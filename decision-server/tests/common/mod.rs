@@ -81,7 +81,7 @@ macro_rules! test_with_all_store_factories {
     };
 }
 
-#[path = "../support/redis.rs"]
+#[path = "../../../tests/src/redis.rs"]
 mod redis_server;
 #[allow(unused_imports)]
 pub use redis_server::{RedisCluster, RedisServer};

@@ -2,6 +2,7 @@
 //! customers, an operator token and one API key per customer.
 #![allow(dead_code)]
 
+#[path = "../../../tests/src/redis.rs"]
 pub mod redis;
 pub mod sidecar;
 

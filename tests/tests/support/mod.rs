@@ -79,7 +79,12 @@ impl Stack {
 
     /// Starts with the rendered Envoy config changed by `edit`.
     pub fn start_with(file: &str, edit: impl FnOnce(String) -> String) -> Self {
-        let sidecar = Sidecar::start(SIDECAR).unwrap();
+        Self::start_full(file, SIDECAR, edit)
+    }
+
+    /// Starts with the sidecar's config `sidecar` (for example [`SIDECAR`] on another store).
+    pub fn start_full(file: &str, sidecar: &str, edit: impl FnOnce(String) -> String) -> Self {
+        let sidecar = Sidecar::start(sidecar).unwrap();
         let mock = MockLlm::start().unwrap();
         let config = envoy_config(
             file,

@@ -1,6 +1,7 @@
 //! Real `redis-server` processes on free loopback ports, owned by a test: a single node, a
 //! node that can be stopped, paused and started again on its port, and a 3-master Cluster
-//! made with `redis-cli --cluster create`.
+//! made with `redis-cli --cluster create`. Also compiled into the sidecar crate's tests (by
+//! path), which cannot depend on this crate.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::PathBuf;
@@ -37,6 +38,7 @@ fn redis_cli() -> String {
 }
 
 /// One `redis-server`, killed when dropped.
+#[derive(Debug)]
 pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
@@ -53,8 +55,8 @@ impl RedisServer {
     /// A node with extra `redis-server` arguments (for example `--cluster-enabled yes`).
     pub fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
-            .prefix("redis-")
-            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .prefix("tollgate-redis-")
+            .tempdir()
             .unwrap()
             .keep();
         let cluster = extra.contains(&"--cluster-enabled");
@@ -216,6 +218,7 @@ impl Drop for RedisServer {
 }
 
 /// Three cluster-enabled masters joined by `redis-cli --cluster create`, slots spread.
+#[derive(Debug)]
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
 }
