@@ -37,6 +37,11 @@ macro_rules! test_with_all_stores {
                     let server = $crate::common::RedisServer::start();
                     super::$name($crate::common::redis_store(&server));
                 }
+                #[test]
+                fn redis_cluster() {
+                    let cluster = $crate::common::RedisCluster::start();
+                    super::$name($crate::common::redis_cluster_store(&cluster));
+                }
             }
         )+
     };
@@ -76,6 +81,13 @@ macro_rules! test_with_all_store_factories {
                         $crate::common::redis_store(&server)
                     });
                 }
+                #[test]
+                fn redis_cluster() {
+                    let cluster = $crate::common::RedisCluster::start();
+                    super::$name(&|| -> std::sync::Arc<dyn tollgate::store::CounterStore> {
+                        $crate::common::redis_cluster_store(&cluster)
+                    });
+                }
             }
         )+
     };
@@ -83,7 +95,6 @@ macro_rules! test_with_all_store_factories {
 
 #[path = "../../../tests/src/redis.rs"]
 mod redis_server;
-#[allow(unused_imports)]
 pub use redis_server::{RedisCluster, RedisServer};
 
 /// A Redis store on `server` under a key prefix no other store of this process uses, so the
@@ -91,6 +102,11 @@ pub use redis_server::{RedisCluster, RedisServer};
 /// driving its connection.
 pub fn redis_store(server: &RedisServer) -> Arc<tollgate::store::RedisStore> {
     redis_store_on(tollgate::store::RedisTarget::Node(server.url()))
+}
+
+/// A Redis store on a 3-master Cluster, under its own key prefix.
+pub fn redis_cluster_store(cluster: &RedisCluster) -> Arc<tollgate::store::RedisStore> {
+    redis_store_on(tollgate::store::RedisTarget::Cluster(cluster.urls()))
 }
 
 pub fn redis_store_on(target: tollgate::store::RedisTarget) -> Arc<tollgate::store::RedisStore> {
