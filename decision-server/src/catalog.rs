@@ -191,10 +191,12 @@ impl AdminOp {
 struct State {
     /// The model sections of the config file.
     base: ConfigDoc,
-    /// Admin changes since start, in order.
+    /// Admin changes in force, in order.
     ops: Vec<AdminOp>,
     /// `base` with `ops` applied: what the engine's model was built from.
     current: ConfigDoc,
+    /// The store's revision of `ops` (see `CounterStore::save_admin_changes`).
+    revision: u64,
 }
 
 /// The model document and its admin changes. Changes are serialised by one async lock held
@@ -206,33 +208,49 @@ pub struct Catalog {
     changing: tokio::sync::Mutex<()>,
 }
 
-/// Stores the whole list of admin changes (they are few; rewriting keeps the stored list
-/// exactly the list in force).
-fn save(engine: &Engine, ops: &[AdminOp]) -> Result<(), AdminError> {
+/// Stores the whole list of admin changes if the kept list is still at revision `base` (they
+/// are few; rewriting keeps the stored list exactly the list in force). The new revision.
+async fn save(engine: &Engine, ops: &[AdminOp], base: u64) -> Result<u64, AdminError> {
     let encoded = ops
         .iter()
         .map(serde_json::to_vec)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| StoreError::Unavailable(format!("cannot encode an admin change: {e}")))?;
-    engine.store().save_admin_changes(&encoded)?;
-    Ok(())
+    Ok(engine.store().save_admin_changes(&encoded, base).await?)
+}
+
+/// Admin changes as a store keeps them, decoded.
+#[derive(Debug, Clone, Default)]
+pub struct Kept {
+    pub ops: Vec<AdminOp>,
+    pub revision: u64,
+    /// Entries that no longer parse, named; they are skipped.
+    pub skipped: Vec<String>,
 }
 
 /// Reads the admin changes a store kept. An entry that no longer parses is skipped and named.
-pub fn load(engine: &Engine) -> Result<(Vec<AdminOp>, Vec<String>), StoreError> {
-    let mut ops = Vec::new();
-    let mut skipped = Vec::new();
-    for (i, bytes) in engine.store().admin_changes()?.into_iter().enumerate() {
-        match serde_json::from_slice(&bytes) {
-            Ok(op) => ops.push(op),
-            Err(e) => skipped.push(format!("stored admin change {i} skipped: {e}")),
+pub async fn load(engine: &Engine) -> Result<Kept, StoreError> {
+    let kept = engine.store().admin_changes().await?;
+    let mut out = Kept {
+        revision: kept.revision,
+        ..Kept::default()
+    };
+    for (i, bytes) in kept.entries.iter().enumerate() {
+        match serde_json::from_slice(bytes) {
+            Ok(op) => out.ops.push(op),
+            Err(e) => out
+                .skipped
+                .push(format!("stored admin change {i} skipped: {e}")),
         }
     }
-    Ok((ops, skipped))
+    Ok(out)
 }
 
 /// Names admin changes in validation errors, where a file name would be.
 const ADMIN_SOURCE: &str = "admin change";
+
+/// Attempts at an admin change while other replicas keep saving theirs first.
+const SAVE_ATTEMPTS: usize = 5;
 
 impl Catalog {
     pub fn new(base: ConfigDoc) -> Self {
@@ -241,6 +259,7 @@ impl Catalog {
                 current: base.clone(),
                 base,
                 ops: Vec::new(),
+                revision: 0,
             }),
             changing: tokio::sync::Mutex::new(()),
         }
@@ -252,38 +271,76 @@ impl Catalog {
     }
 
     /// Applies `op`, validates the whole result and puts the new model in force for the next
-    /// decision; or changes nothing and says why.
+    /// decision; or changes nothing and says why. If another replica saved admin changes
+    /// meanwhile, theirs are taken in first and `op` is applied on top of them.
     pub async fn apply(&self, engine: &Engine, op: AdminOp) -> Result<(), AdminError> {
         let _changing = self.changing.lock().await;
-        let (mut next, mut ops) = {
-            let state = self.state.lock();
-            (state.current.clone(), state.ops.clone())
-        };
-        op.apply(&mut next)?;
-        let model = build_model(&next, ADMIN_SOURCE).map_err(AdminError::Invalid)?;
-        ops.push(op);
-        // Stored before it takes effect: a change the store could not keep is refused.
-        save(engine, &ops)?;
-        engine.replace_model(model).await?;
-        let mut state = self.state.lock();
-        state.current = next;
-        state.ops = ops;
-        Ok(())
+        for _ in 0..SAVE_ATTEMPTS {
+            let (mut next, mut ops, revision) = {
+                let state = self.state.lock();
+                (state.current.clone(), state.ops.clone(), state.revision)
+            };
+            op.apply(&mut next)?;
+            let model = build_model(&next, ADMIN_SOURCE).map_err(AdminError::Invalid)?;
+            ops.push(op.clone());
+            // Stored before it takes effect: a change the store could not keep is refused.
+            match save(engine, &ops, revision).await {
+                Ok(revision) => {
+                    engine.replace_model(model).await?;
+                    let mut state = self.state.lock();
+                    state.current = next;
+                    state.ops = ops;
+                    state.revision = revision;
+                    return Ok(());
+                }
+                Err(AdminError::Store(StoreError::AdminMoved(_))) => {
+                    let kept = load(engine).await?;
+                    self.put_in_force(engine, None, kept.ops, kept.revision, false)
+                        .await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "other replicas saved admin changes first {SAVE_ATTEMPTS} times in a row; try again"
+        ))
+        .into())
     }
 
-    /// Puts admin changes kept by the store (from before a restart) back on the base
-    /// document. Changes that no longer apply are dropped and returned as messages.
-    pub async fn replay(
-        &self,
-        engine: &Engine,
-        ops: Vec<AdminOp>,
-    ) -> Result<Vec<String>, AdminError> {
-        let base = {
-            let mut state = self.state.lock();
-            state.ops = ops;
-            state.base.clone()
+    /// Puts admin changes kept by the store (from before a restart, or saved by another
+    /// replica) back on the base document. Changes that no longer apply are dropped and
+    /// returned as messages.
+    pub async fn replay(&self, engine: &Engine, kept: Kept) -> Result<Vec<String>, AdminError> {
+        let _changing = self.changing.lock().await;
+        self.put_in_force(engine, None, kept.ops, kept.revision, false)
+            .await
+    }
+
+    /// Takes in the admin changes another replica saved, if the store's revision moved past
+    /// this catalog's. Returns whether it did. For stores that only this process changes, a
+    /// no-op.
+    pub async fn follow(&self, engine: &Engine) -> Result<bool, AdminError> {
+        let Some(revision) = engine.store().admin_revision().await? else {
+            return Ok(false);
         };
-        self.rebase(engine, base).await
+        if revision == self.state.lock().revision {
+            return Ok(false);
+        }
+        let _changing = self.changing.lock().await;
+        let kept = load(engine).await?;
+        if kept.revision == self.state.lock().revision {
+            return Ok(false);
+        }
+        for s in &kept.skipped {
+            tracing::warn!("{s}");
+        }
+        let dropped = self
+            .put_in_force(engine, None, kept.ops, kept.revision, false)
+            .await?;
+        for d in dropped {
+            tracing::warn!("{d}");
+        }
+        Ok(true)
     }
 
     /// Puts a new base document (a reloaded file) in force with the admin changes replayed on
@@ -295,25 +352,45 @@ impl Catalog {
         base: ConfigDoc,
     ) -> Result<Vec<String>, AdminError> {
         let _changing = self.changing.lock().await;
-        let ops = self.state.lock().ops.clone();
+        let (ops, revision) = {
+            let state = self.state.lock();
+            (state.ops.clone(), state.revision)
+        };
+        self.put_in_force(engine, Some(base), ops, revision, true)
+            .await
+    }
+
+    /// Builds the model from `base` (or the current base) with `ops` replayed, and puts it in
+    /// force. Ops that no longer apply are dropped (and, with `save_dropped`, the shorter list
+    /// is stored). Called with `changing` held.
+    async fn put_in_force(
+        &self,
+        engine: &Engine,
+        base: Option<ConfigDoc>,
+        ops: Vec<AdminOp>,
+        mut revision: u64,
+        save_dropped: bool,
+    ) -> Result<Vec<String>, AdminError> {
+        let base = base.unwrap_or_else(|| self.state.lock().base.clone());
         let mut next = base.clone();
         let mut kept = Vec::with_capacity(ops.len());
         let mut dropped = Vec::new();
-        for op in &ops {
+        for op in ops {
             match op.apply(&mut next) {
-                Ok(()) => kept.push(op.clone()),
+                Ok(()) => kept.push(op),
                 Err(e) => dropped.push(format!("admin change dropped on reload: {e}")),
             }
         }
         let model = build_model(&next, ADMIN_SOURCE).map_err(AdminError::Invalid)?;
-        if !dropped.is_empty() {
-            save(engine, &kept)?;
+        if save_dropped && !dropped.is_empty() {
+            revision = save(engine, &kept, revision).await?;
         }
         engine.replace_model(model).await?;
         *self.state.lock() = State {
             base,
             ops: kept,
             current: next,
+            revision,
         };
         Ok(dropped)
     }

@@ -146,17 +146,19 @@ pub async fn build_service(loaded: Loaded) -> anyhow::Result<Arc<Service>> {
         .await
         .context("cannot seed the store with the config's grants")?;
     let service = Arc::new(Service::new(engine, doc, &server));
-    // Admin changes kept by a durable store from before the restart go back on the file.
-    let (ops, skipped) =
-        crate::catalog::load(&service.engine).context("cannot read the stored admin changes")?;
-    for s in skipped {
+    // Admin changes kept by the store (from before a restart, or made on another replica
+    // sharing it) go back on the file.
+    let kept = crate::catalog::load(&service.engine)
+        .await
+        .context("cannot read the stored admin changes")?;
+    for s in &kept.skipped {
         tracing::warn!("{s}");
     }
-    if !ops.is_empty() {
-        let n = ops.len();
+    if !kept.ops.is_empty() || kept.revision > 0 {
+        let n = kept.ops.len();
         let dropped = service
             .catalog
-            .replay(&service.engine, ops)
+            .replay(&service.engine, kept)
             .await
             .map_err(|e| {
                 anyhow::anyhow!("the stored admin changes do not apply to this config: {e}")
@@ -308,6 +310,7 @@ pub fn config_error(errors: ConfigErrors) -> anyhow::Error {
     anyhow::anyhow!("{errors}\n{} problem(s) in the config", errors.0.len())
 }
 
+/// Every second: commits holds past their TTL, and follows admin changes other replicas save.
 async fn sweep(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     loop {
@@ -319,6 +322,12 @@ async fn sweep(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
             Ok(0) => {}
             Ok(n) => tracing::debug!(expired = n, "holds past their TTL committed"),
             Err(e) => tracing::warn!(error = %e, "hold expiry sweep failed"),
+        }
+        // A store shared by replicas: take in admin changes another replica saved.
+        match service.catalog.follow(&service.engine).await {
+            Ok(false) => {}
+            Ok(true) => tracing::info!("admin changes saved by another replica are in force"),
+            Err(e) => tracing::warn!(error = %e, "cannot take in the shared admin changes"),
         }
     }
 }

@@ -340,3 +340,89 @@ async fn a_replica_killed_mid_load_loses_no_granted_usage() {
         );
     }
 }
+
+/// An operator API call on a replica: the status and the JSON body.
+async fn admin(
+    s: &Sidecar,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut r = reqwest::Client::new()
+        .request(method, format!("http://{}{path}", s.http))
+        .bearer_auth(support::OPERATOR);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let r = r.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or_default())
+}
+
+/// Waits (at most 10 s) until `path` on `s` mentions `needle`.
+async fn until_listed(s: &Sidecar, path: &str, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, v) = admin(s, reqwest::Method::GET, path, None).await;
+        if v.to_string().contains(needle) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{needle} never reached the replica at {}: {v}",
+            s.http
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_changes_on_one_replica_reach_every_replica() {
+    use reqwest::Method;
+    use serde_json::json;
+    let redis = RedisServer::start();
+    let text = config(&node(&redis, ""));
+    let a = Sidecar::start(&text);
+    let b = Sidecar::start(&text);
+
+    // A limit and a grant made at the same moment on two replicas: the second to save finds
+    // the first's change saved, takes it in and saves both; neither is lost.
+    let limit =
+        json!({"id": "org-credits", "entity": "acme", "feature": "ai-requests", "kind": "credits"});
+    let team = json!({"id": "ml-requests", "entity": "ml", "feature": "ai-requests", "kind": "quota", "limit": 1000, "period": "P1D"});
+    let (on_a, on_b) = tokio::join!(
+        admin(&a, Method::POST, "/v1/customers/acme/limits", Some(limit)),
+        admin(&b, Method::POST, "/v1/customers/acme/limits", Some(team)),
+    );
+    assert_eq!(on_a.0, 201, "{}", on_a.1);
+    assert_eq!(on_b.0, 201, "{}", on_b.1);
+    for s in [&a, &b] {
+        until_listed(s, "/v1/customers/acme/limits", "org-credits").await;
+        until_listed(s, "/v1/customers/acme/limits", "ml-requests").await;
+    }
+    let grant = json!({"id": "g1", "entity": "acme", "feature": "ai-requests", "amount": 10, "category": "paid"});
+    let (status, r) = admin(&b, Method::POST, "/v1/customers/acme/grants", Some(grant)).await;
+    assert_eq!(status, 201, "{r}");
+    until_listed(&a, "/v1/customers/acme/grants", "\"g1\"").await;
+
+    // One pool of 10 credits, spent 3 at a time through both replicas: three fit, a fourth
+    // does not, wherever it is asked.
+    let spend =
+        json!({"featureId": "ai-requests", "requestedUsage": 3, "dimensions": {"userId": "alice"}});
+    for (s, expected) in [(&a, true), (&b, true), (&a, true), (&b, false), (&a, false)] {
+        let (_, r) = admin(
+            s,
+            Method::POST,
+            "/v1/customers/acme/entitlements/check",
+            Some(spend.clone()),
+        )
+        .await;
+        assert_eq!(r["isGranted"], expected, "{r}");
+    }
+
+    // A replica started later has them from the start.
+    let c = Sidecar::start(&text);
+    let (_, limits) = admin(&c, Method::GET, "/v1/customers/acme/limits", None).await;
+    assert!(limits.to_string().contains("org-credits"), "{limits}");
+    assert!(limits.to_string().contains("ml-requests"), "{limits}");
+}

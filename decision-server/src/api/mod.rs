@@ -120,6 +120,7 @@ impl From<StoreError> for ApiError {
                 "unavailable",
                 e.to_string(),
             ),
+            StoreError::AdminMoved(_) => Self::new(StatusCode::CONFLICT, "conflict", e.to_string()),
         }
     }
 }

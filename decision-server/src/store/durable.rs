@@ -27,8 +27,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::memory::{MemoryStore, SharedBook};
 use super::{
-    CloseOutcome, Commit, CounterStore, CustomerRef, Journal, Reservation, ReserveMode, StoreError,
-    StoreStats,
+    AdminChanges, CloseOutcome, Commit, CounterStore, CustomerRef, Journal, Reservation,
+    ReserveMode, StoreError, StoreStats,
 };
 use crate::core::counter::{CounterKey, CounterSpec, CounterState};
 use crate::core::credits::GrantBalance;
@@ -561,31 +561,37 @@ impl CounterStore for DurableStore {
         self.log.wait_committed(last)
     }
 
-    fn save_admin_changes(&self, changes: &[Vec<u8>]) -> Result<(), StoreError> {
+    /// One process owns the file, and the catalog saves one change at a time: the revision is
+    /// only counted, never contested.
+    async fn save_admin_changes(&self, entries: &[Vec<u8>], base: u64) -> Result<u64, StoreError> {
         let fail =
             |e: redb::Error| StoreError::Unavailable(format!("cannot store admin changes: {e}"));
         let txn = self.db.begin_write().map_err(|e| fail(e.into()))?;
         {
             let mut t = txn.open_table(ADMIN).map_err(|e| fail(e.into()))?;
             t.retain(|_, _| false).map_err(|e| fail(e.into()))?;
-            for (i, c) in (0u64..).zip(changes) {
+            for (i, c) in (0u64..).zip(entries) {
                 t.insert(i, c.as_slice()).map_err(|e| fail(e.into()))?;
             }
         }
-        txn.commit().map_err(|e| fail(e.into()))
+        txn.commit().map_err(|e| fail(e.into()))?;
+        Ok(base + 1)
     }
 
-    fn admin_changes(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+    async fn admin_changes(&self) -> Result<AdminChanges, StoreError> {
         let fail =
             |e: redb::Error| StoreError::Unavailable(format!("cannot read admin changes: {e}"));
         let txn = self.db.begin_read().map_err(|e| fail(e.into()))?;
         let t = txn.open_table(ADMIN).map_err(|e| fail(e.into()))?;
-        let mut out = Vec::new();
+        let mut entries = Vec::new();
         for row in t.iter().map_err(|e| fail(e.into()))? {
             let (_, v) = row.map_err(|e| fail(e.into()))?;
-            out.push(v.value().to_vec());
+            entries.push(v.value().to_vec());
         }
-        Ok(out)
+        Ok(AdminChanges {
+            revision: 0,
+            entries,
+        })
     }
 }
 

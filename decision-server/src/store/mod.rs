@@ -60,6 +60,16 @@ pub enum StoreError {
     UnknownHold(String),
     #[error("counter store unavailable: {0}")]
     Unavailable(String),
+    #[error("the admin changes were changed by another replica (now at revision {0})")]
+    AdminMoved(u64),
+}
+
+/// The admin changes a store keeps: opaque encoded entries, in order, and the revision they
+/// are at (a store shared by replicas counts every save; others may start from 0).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdminChanges {
+    pub revision: u64,
+    pub entries: Vec<Vec<u8>>,
 }
 
 /// Counters, holds and credit pools, atomic per customer.
@@ -140,15 +150,22 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
-    /// Replaces the kept list of admin changes (opaque encoded entries, in order). Stores that
+    /// Replaces the kept list of admin changes if it is still at revision `base`, and returns
+    /// the new revision; [`StoreError::AdminMoved`] if another replica saved since. Stores that
     /// keep nothing across restarts keep nothing.
-    fn save_admin_changes(&self, _changes: &[Vec<u8>]) -> Result<(), StoreError> {
-        Ok(())
+    async fn save_admin_changes(&self, _entries: &[Vec<u8>], base: u64) -> Result<u64, StoreError> {
+        Ok(base + 1)
     }
 
-    /// The admin changes kept by [`CounterStore::save_admin_changes`], in order.
-    fn admin_changes(&self) -> Result<Vec<Vec<u8>>, StoreError> {
-        Ok(Vec::new())
+    /// The admin changes kept by [`CounterStore::save_admin_changes`].
+    async fn admin_changes(&self) -> Result<AdminChanges, StoreError> {
+        Ok(AdminChanges::default())
+    }
+
+    /// For a store that several replicas share: the kept admin changes' revision, which moves
+    /// when any replica saves. `None` when only this process changes them.
+    async fn admin_revision(&self) -> Result<Option<u64>, StoreError> {
+        Ok(None)
     }
 }
 

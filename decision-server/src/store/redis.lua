@@ -9,9 +9,12 @@
 -- read back at settlement or expiry, are on the same slot as the declared ones.
 --
 -- ARGV[1] is the operation, ARGV[2] now (ms since the epoch). Every reply starts with
--- {result, holds open, counters (-1: none added by this call), earliest hold expiry (-1: not
--- looked up; false: no hold)}. Looking the expiry up costs a call, so only the sweep does;
--- the caller keeps a lower bound from the holds it placed.
+-- {result, holds open (-1: unchanged by this call), counters (-1: none added by this call),
+-- earliest hold expiry (-1: not looked up; false: no hold), holds version (-1: unchanged)}.
+-- Looking the expiry up costs a call, so only the sweep does; the caller keeps a lower bound
+-- from the holds it placed. The holds version counts the calls that opened or closed a hold,
+-- in the order Redis ran them, so a caller whose replies arrive out of order keeps the
+-- newest count.
 --
 -- Counter states are msgpack arrays tagged by kind:
 --   {1, head, c0..c7}                rolling window ring (slot = bucket mod 8)
@@ -48,6 +51,8 @@ end
 
 -- The customer's counter count once this call added one; -1 while it has not.
 local counters = -1
+-- Whether this call opened or closed a hold.
+local holds_changed = false
 
 -- Writes a loaded state back; later readers in this call see the new bytes.
 local function save(key, field, entry)
@@ -271,6 +276,7 @@ local function expire_due()
         end
       end
       redis.call('HDEL', HOLDS, seq)
+      holds_changed = true
     end
   end
   if #due > 0 then redis.call('ZREMRANGEBYSCORE', EXPIRY, '-inf', now) end
@@ -278,7 +284,12 @@ local function expire_due()
 end
 
 local function reply(result, extra, next_expiry)
-  local out = { result, redis.call('HLEN', HOLDS), counters, next_expiry or -1 }
+  local holds, version = -1, -1
+  if holds_changed then
+    holds = redis.call('HLEN', HOLDS)
+    version = redis.call('HINCRBY', META, 'v', 1)
+  end
+  local out = { result, holds, counters, next_expiry or -1, version }
   -- `false` entries (no state) stay in place and reach the caller as nil replies.
   for _, v in ipairs(extra or {}) do out[#out + 1] = v end
   return out
@@ -320,6 +331,7 @@ local function reserve()
   local expires = now + ttl
   redis.call('HSET', HOLDS, seq, cmsgpack.pack({ expires, parts }))
   redis.call('ZADD', EXPIRY, expires, seq)
+  holds_changed = true
   return reply(0, { seq, unpack(before, 1, n) })
 end
 
@@ -368,6 +380,7 @@ local function close()
   end
   redis.call('HDEL', HOLDS, seq)
   redis.call('ZREM', EXPIRY, seq)
+  holds_changed = true
   return reply(0)
 end
 

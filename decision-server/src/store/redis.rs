@@ -15,7 +15,8 @@ use redis::{Script, ScriptInvocation, Value};
 use rustc_hash::FxBuildHasher;
 
 use super::{
-    CloseOutcome, CounterStore, CustomerRef, Reservation, ReserveMode, StoreError, StoreStats,
+    AdminChanges, CloseOutcome, CounterStore, CustomerRef, Reservation, ReserveMode, StoreError,
+    StoreStats,
 };
 use crate::core::counter::{CounterKey, CounterSpec, CounterState};
 use crate::core::credits::{CreditPool, GrantBalance};
@@ -28,6 +29,23 @@ use crate::core::{HoldId, Sym, Timestamp};
 
 /// The script every call runs; see its header for the key layout and the state encoding.
 const LUA: &str = include_str!("redis.lua");
+
+/// The admin changes every replica shares: KEYS[1] their revision, KEYS[2] the list of
+/// entries. `save` replaces the list only if the revision is still ARGV[2], then counts it up:
+/// two replicas changing at once cannot drop each other's change.
+const ADMIN_LUA: &str = r"
+if ARGV[1] == 'save' then
+  local rev = tonumber(redis.call('GET', KEYS[1]) or 0)
+  if rev ~= tonumber(ARGV[2]) then return {0, rev} end
+  redis.call('DEL', KEYS[2])
+  for i = 3, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+  return {1, redis.call('INCR', KEYS[1])}
+end
+return {tonumber(redis.call('GET', KEYS[1]) or 0), redis.call('LRANGE', KEYS[2], 0, -1)}
+";
+
+/// Items every reply of the customer script starts with (see `redis.lua`).
+const HEADER: usize = 5;
 
 /// Where the Redis store connects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +84,9 @@ struct Known {
     /// No open hold expires before this (a lower bound: holds placed here lower it, the sweep
     /// sets it exactly), when any may be open.
     next_expiry: Option<i64>,
+    /// The customer's holds version `holds_open` was read at (replies can arrive out of the
+    /// order Redis ran them in; the newest count wins).
+    holds_version: i64,
 }
 
 type Breaker = StateMachine<ConsecutiveFailures<Constant>, ()>;
@@ -80,6 +101,7 @@ type Breaker = StateMachine<ConsecutiveFailures<Constant>, ()>;
 pub struct RedisStore {
     conn: Conn,
     script: Script,
+    admin_script: Script,
     settings: RedisSettings,
     retention: KeyRetention,
     breaker: Breaker,
@@ -349,6 +371,7 @@ impl RedisStore {
         Ok(Self {
             conn,
             script: Script::new(LUA),
+            admin_script: Script::new(ADMIN_LUA),
             settings,
             retention,
             breaker,
@@ -358,13 +381,9 @@ impl RedisStore {
         })
     }
 
-    /// Runs one script call within the timeout, through the circuit breaker. Returns the
-    /// reply's items; the first four are the script's common header.
-    async fn run(
-        &self,
-        customer: Sym,
-        invocation: &ScriptInvocation<'_>,
-    ) -> Result<Vec<Value>, StoreError> {
+    /// Runs one script call within the timeout, through the circuit breaker; the reply's
+    /// items.
+    async fn call(&self, invocation: &ScriptInvocation<'_>) -> Result<Vec<Value>, StoreError> {
         if !self.breaker.is_call_permitted() {
             self.rejected.fetch_add(1, Ordering::Relaxed);
             return Err(StoreError::Unavailable(format!(
@@ -381,7 +400,7 @@ impl RedisStore {
             }
         };
         let reply = match tokio::time::timeout(self.settings.timeout, call).await {
-            Ok(Ok(Value::Array(items))) if items.len() >= 4 => items,
+            Ok(Ok(Value::Array(items))) => items,
             Ok(Ok(other)) => {
                 return Err(bad_reply(
                     &format!("{other:?}").chars().take(200).collect::<String>(),
@@ -400,8 +419,29 @@ impl RedisStore {
             }
         };
         self.breaker.on_success();
+        Ok(reply)
+    }
+
+    /// Runs one call of the customer script ([`RedisStore::call`]) and notes what its header
+    /// says of the customer (the first [`HEADER`] items).
+    async fn run(
+        &self,
+        customer: Sym,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<Vec<Value>, StoreError> {
+        let reply = self.call(invocation).await?;
+        if reply.len() < HEADER {
+            return Err(bad_reply("a reply without its header"));
+        }
         let mut known = self.known.entry(customer).or_default();
-        known.holds_open = reply.get(1).and_then(int).unwrap_or(0).max(0) as usize;
+        if let (Some(version), Some(holds)) =
+            (reply.get(4).and_then(int), reply.get(1).and_then(int))
+            && version > known.holds_version
+            && holds >= 0
+        {
+            known.holds_version = version;
+            known.holds_open = holds as usize;
+        }
         if let Some(n) = reply.get(2).and_then(int).filter(|n| *n >= 0) {
             known.counters = n as usize;
         }
@@ -459,6 +499,38 @@ impl RedisStore {
         CallKeys::new(&self.settings.prefix, customer)
     }
 
+    /// The shared admin changes' keys: one hash tag, so the save script is atomic on a Cluster
+    /// too. The suffixes differ from every customer key's, whatever the customer's id.
+    fn admin_invocation(&self, op: &str) -> ScriptInvocation<'_> {
+        let mut inv = self.admin_script.prepare_invoke();
+        inv.key(format!("{}:{{admin}}:rev", self.settings.prefix))
+            .key(format!("{}:{{admin}}:ops", self.settings.prefix))
+            .arg(op);
+        inv
+    }
+
+    async fn load_admin(&self) -> Result<AdminChanges, StoreError> {
+        let reply = self.call(&self.admin_invocation("load")).await?;
+        let revision = reply
+            .first()
+            .and_then(int)
+            .ok_or_else(|| bad_reply("admin load"))?;
+        let entries = match reply.get(1) {
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    Value::BulkString(b) => Ok(b.clone()),
+                    _ => Err(bad_reply("an admin change that is not bytes")),
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            _ => Vec::new(),
+        };
+        Ok(AdminChanges {
+            revision: revision.max(0) as u64,
+            entries,
+        })
+    }
+
     async fn close(
         &self,
         customer: CustomerRef<'_>,
@@ -483,7 +555,7 @@ impl RedisStore {
             // hold was priced and settle with those amounts (the hold cannot change between).
             let usage = actual.copied().unwrap_or_default();
             let amounts: Vec<u64> = reply
-                .get(4..)
+                .get(HEADER..)
                 .unwrap_or(&[])
                 .chunks(3)
                 .map(|p| {
@@ -560,11 +632,11 @@ impl CounterStore for RedisStore {
             .and_then(int)
             .ok_or_else(|| bad_reply("reserve"))?;
         let seq = reply
-            .get(4)
+            .get(HEADER)
             .and_then(int)
             .ok_or_else(|| bad_reply("reserve"))?;
         let before = reply
-            .get(5..)
+            .get(HEADER + 1..)
             .filter(|b| b.len() == plan.counters.len())
             .ok_or_else(|| bad_reply("reserve: one state per counter expected"))?
             .iter()
@@ -704,6 +776,33 @@ impl CounterStore for RedisStore {
         }
         let reply = self.run(customer.sym, &inv).await?;
         Ok(reply.first().and_then(int) == Some(1))
+    }
+
+    async fn save_admin_changes(&self, entries: &[Vec<u8>], base: u64) -> Result<u64, StoreError> {
+        let mut inv = self.admin_invocation("save");
+        inv.arg(base);
+        for e in entries {
+            inv.arg(e.as_slice());
+        }
+        let reply = self.call(&inv).await?;
+        let revision = reply
+            .get(1)
+            .and_then(int)
+            .ok_or_else(|| bad_reply("admin save"))?;
+        let revision = revision.max(0) as u64;
+        match reply.first().and_then(int) {
+            Some(1) => Ok(revision),
+            _ => Err(StoreError::AdminMoved(revision)),
+        }
+    }
+
+    async fn admin_changes(&self) -> Result<AdminChanges, StoreError> {
+        self.load_admin().await
+    }
+
+    async fn admin_revision(&self) -> Result<Option<u64>, StoreError> {
+        let reply = self.call(&self.admin_invocation("load")).await?;
+        Ok(reply.first().and_then(int).map(|r| r.max(0) as u64))
     }
 
     fn stats(&self) -> StoreStats {
