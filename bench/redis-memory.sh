@@ -5,15 +5,13 @@
 # growth of Redis's `used_memory` is divided by the counters the store holds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 cargo build --release --locked -p tollgate -p tollgate-tests >&2
 work=$(mktemp -d)
 trap 'kill $(cat "$work/pid" "$work/redis.pid" 2>/dev/null) 2>/dev/null || true; rm -rf "$work"' EXIT
 LOAD=target/release/tollgate-load
 USERS=${USERS:-300000}
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-redis-server --bind 127.0.0.1 --port "$port" --save '' --appendonly no --dir "$work" > "$work/redis.log" 2>&1 &
-echo $! > "$work/redis.pid"
-for _ in $(seq 100); do redis-cli -p "$port" ping 2>/dev/null | grep -q PONG && break; sleep 0.1; done
+port=$(start_redis "$work")
 mem() { redis-cli -p "$port" info memory | awk -F: '/^used_memory:/{print $2+0}'; }
 "$LOAD" config --customers 10 --max-users 10000000 --hold-ttl PT1S \
   --storage "kind: redis, url: \"redis://127.0.0.1:$port/\", timeoutMs: 1000" > "$work/bench.yaml"

@@ -7,6 +7,7 @@
 # load generator share the machine's cores (2 tokio workers each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 cargo build --release --locked -p tollgate -p tollgate-tests >&2
 work=$(mktemp -d)
 trap 'kill $(cat "$work/pid" "$work/redis.pid" 2>/dev/null) 2>/dev/null || true; rm -rf "$work"' EXIT
@@ -35,9 +36,6 @@ run memory "" --calibrate
 run batched "kind: durable, path: $work/data/t.redb, durability: batched, commitIntervalMs: 100" ""
 run sync "kind: durable, path: $work/data/t.redb, durability: sync" ""
 
-redis_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-redis-server --bind 127.0.0.1 --port "$redis_port" --save '' --appendonly no --dir "$work" > "$work/redis.log" 2>&1 &
-echo $! > "$work/redis.pid"
-for _ in $(seq 100); do redis-cli -p "$redis_port" ping 2>/dev/null | grep -q PONG && break; sleep 0.1; done
+redis_port=$(start_redis "$work")
 echo "# $(redis-server --version)"
 run redis "kind: redis, url: \"redis://127.0.0.1:$redis_port/\", timeoutMs: 1000" ""

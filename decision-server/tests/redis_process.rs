@@ -13,10 +13,9 @@ use std::time::{Duration, Instant};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use support::ACME_ORG_CAP;
 use support::redis::{RedisCluster, RedisServer};
-use support::sidecar::{LOOPBACK_PORT_0, Sidecar, check};
+use support::sidecar::{LOOPBACK_PORT_0, Sidecar, check, race_one_cap};
 use tonic::Code;
 
-const CLIENTS: usize = 64;
 const SIZES: [u64; 4] = [1, 3, 7, 13];
 const USERS: [&str; 3] = ["alice", "bob", "carol"];
 
@@ -44,45 +43,10 @@ async fn org_counter(s: &Sidecar) -> u64 {
         .unwrap()
 }
 
-/// 64 clients, each on its own connection to one of `replicas` in turn, race acme's 1,000
-/// unit org cap until each has seen 5 denials. Returns the units they were granted.
-async fn race(replicas: &[Sidecar]) -> u64 {
-    let granted = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut tasks = Vec::new();
-    for client in 0..CLIENTS {
-        let addr = format!("http://{}", replicas[client % replicas.len()].ext_authz);
-        let granted = Arc::clone(&granted);
-        tasks.push(tokio::spawn(async move {
-            let mut c = AuthorizationClient::connect(addr).await.unwrap();
-            let mut denials = 0;
-            for i in 0..400usize {
-                if Instant::now() > deadline || denials >= 5 {
-                    break;
-                }
-                let size = SIZES[(client + i) % SIZES.len()];
-                let r = c
-                    .check(check(USERS[(client + i) % USERS.len()], size))
-                    .await
-                    .unwrap()
-                    .into_inner();
-                if r.status.unwrap().code == 0 {
-                    granted.fetch_add(size, Ordering::Relaxed);
-                } else {
-                    denials += 1;
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    granted.load(Ordering::Relaxed)
-}
-
 async fn replicas_share_one_cap(storage: &str) -> Vec<Sidecar> {
     let replicas: Vec<Sidecar> = (0..3).map(|_| Sidecar::start(&config(storage))).collect();
-    let total = race(&replicas).await;
+    let addrs: Vec<String> = replicas.iter().map(|r| r.ext_authz.clone()).collect();
+    let total = race_one_cap(&addrs).await;
     assert!(
         total <= ACME_ORG_CAP,
         "three replicas granted {total}, past the shared cap {ACME_ORG_CAP}"

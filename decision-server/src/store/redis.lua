@@ -422,6 +422,12 @@ local function grant()
   return reply(added)
 end
 
+-- ARGV: 'counted', now, entity key index, field. Result: 0, then the counter's state (false
+-- for none). Reads only; due holds are not expired (as a ledger's `counted`).
+local function counted()
+  return reply(0, { load(KEYS[tonumber(ARGV[3])], ARGV[4]).raw })
+end
+
 -- ARGV: 'expire', now. Result: how many holds expired; the header has the next expiry.
 local function sweep()
   local n = expire_due()
@@ -434,5 +440,6 @@ elseif op == 'close' then return close()
 elseif op == 'record' then return record()
 elseif op == 'grant' then return grant()
 elseif op == 'expire' then return sweep()
+elseif op == 'counted' then return counted()
 end
 return redis.error_reply('tollgate: unknown operation ' .. tostring(op))

@@ -472,8 +472,7 @@ impl RedisStore {
         inv
     }
 
-    /// Adds `plan`'s counters to `inv` (and their entity hashes to `keys`), as the script's
-    /// counter groups.
+    /// `plan`'s counters as the script's counter groups (their entity hashes added to `keys`).
     fn counters(&self, plan: &Plan, keys: &mut CallKeys, now: Timestamp) -> Vec<CounterArgs> {
         plan.counters
             .iter()
@@ -493,6 +492,27 @@ impl RedisStore {
                 }
             })
             .collect()
+    }
+
+    /// Runs `op` on `plan`'s counters: `head` adds the operation's own arguments, then the
+    /// count of counters and a group each follow.
+    async fn run_plan(
+        &self,
+        customer: CustomerRef<'_>,
+        plan: &Plan,
+        op: &str,
+        now: Timestamp,
+        head: impl FnOnce(&mut ScriptInvocation<'_>),
+    ) -> Result<Vec<Value>, StoreError> {
+        let mut keys = self.keys(customer.id);
+        let counters = self.counters(plan, &mut keys, now);
+        let mut inv = self.invocation(&keys, op, now);
+        head(&mut inv);
+        inv.arg(counters.len());
+        for c in &counters {
+            c.push(&mut inv);
+        }
+        self.run(customer.sym, &inv).await
     }
 
     fn keys(&self, customer: &str) -> CallKeys {
@@ -617,16 +637,12 @@ impl CounterStore for RedisStore {
         mode: ReserveMode,
         now: Timestamp,
     ) -> Result<Reservation, StoreError> {
-        let mut keys = self.keys(customer.id);
-        let counters = self.counters(plan, &mut keys, now);
-        let mut inv = self.invocation(&keys, "reserve", now);
-        inv.arg(u8::from(mode == ReserveMode::Hold))
-            .arg(plan.hold_ttl_millis)
-            .arg(counters.len());
-        for c in &counters {
-            c.push(&mut inv);
-        }
-        let reply = self.run(customer.sym, &inv).await?;
+        let reply = self
+            .run_plan(customer, plan, "reserve", now, |inv| {
+                inv.arg(u8::from(mode == ReserveMode::Hold))
+                    .arg(plan.hold_ttl_millis);
+            })
+            .await?;
         let blocking = reply
             .first()
             .and_then(int)
@@ -740,21 +756,11 @@ impl CounterStore for RedisStore {
     ) -> Result<Option<u64>, StoreError> {
         let mut keys = self.keys(customer.id);
         let index = keys.entity(key.entity);
-        let entity_key = keys.keys.get(index - 1).cloned().unwrap_or_default();
-        let mut conn = self.conn.clone();
-        let mut cmd = redis::cmd("HGET");
-        cmd.arg(entity_key).arg(field(key));
-        let call = async {
-            match &mut conn {
-                Conn::Node(c) => cmd.query_async::<Value>(c).await,
-                Conn::Cluster(c) => cmd.query_async::<Value>(c).await,
-            }
-        };
-        let value = tokio::time::timeout(self.settings.timeout, call)
-            .await
-            .map_err(|_| StoreError::Unavailable("redis: no answer in time".into()))?
-            .map_err(|e| StoreError::Unavailable(format!("redis: {e}")))?;
-        Ok(state_of(&value)?.map(|s| crate::core::counter::counted(spec, &s, now)))
+        let mut inv = self.invocation(&keys, "counted", now);
+        inv.arg(index).arg(field(key));
+        let reply = self.run(customer.sym, &inv).await?;
+        let value = reply.get(HEADER).unwrap_or(&Value::Nil);
+        Ok(state_of(value)?.map(|s| crate::core::counter::counted(spec, &s, now)))
     }
 
     async fn record(
@@ -764,17 +770,13 @@ impl CounterStore for RedisStore {
         idempotency_key: &str,
         now: Timestamp,
     ) -> Result<bool, StoreError> {
-        let mut keys = self.keys(customer.id);
-        let counters = self.counters(plan, &mut keys, now);
-        let mut inv = self.invocation(&keys, "record", now);
-        inv.arg(idempotency_key)
-            .arg(self.retention.millis)
-            .arg(self.retention.max_keys)
-            .arg(counters.len());
-        for c in &counters {
-            c.push(&mut inv);
-        }
-        let reply = self.run(customer.sym, &inv).await?;
+        let reply = self
+            .run_plan(customer, plan, "record", now, |inv| {
+                inv.arg(idempotency_key)
+                    .arg(self.retention.millis)
+                    .arg(self.retention.max_keys);
+            })
+            .await?;
         Ok(reply.first().and_then(int) == Some(1))
     }
 

@@ -109,3 +109,49 @@ pub fn check(user: &str, usage: u64) -> CheckRequest {
         }),
     }
 }
+
+/// 64 clients, each on its own connection (64 real HTTP/2 clients, not 64 streams on one) to
+/// one of `ext_authz` in turn, race acme's org cap with checks of 1, 3, 7 and 13 units by
+/// three users, until each has seen 5 denials (at most 400 checks each, 60 s). Returns the
+/// units granted.
+pub async fn race_one_cap(ext_authz: &[String]) -> u64 {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+
+    const USERS: [&str; 3] = ["alice", "bob", "carol"];
+    const SIZES: [u64; 4] = [1, 3, 7, 13];
+    let granted = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut tasks = Vec::new();
+    for client in 0..64usize {
+        let addr = format!("http://{}", ext_authz[client % ext_authz.len()]);
+        let granted = Arc::clone(&granted);
+        tasks.push(tokio::spawn(async move {
+            let mut c = AuthorizationClient::connect(addr).await.unwrap();
+            let mut denials = 0;
+            for i in 0..400usize {
+                if Instant::now() > deadline || denials >= 5 {
+                    break;
+                }
+                let size = SIZES[(client + i) % SIZES.len()];
+                let r = c
+                    .check(check(USERS[(client + i) % USERS.len()], size))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                if r.status.unwrap().code == 0 {
+                    granted.fetch_add(size, Ordering::Relaxed);
+                } else {
+                    denials += 1;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    granted.load(Ordering::Relaxed)
+}

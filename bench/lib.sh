@@ -1,0 +1,20 @@
+# Shared by the bench scripts (sourced): a free loopback port, and a Redis server on one.
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# start_redis DIR: Debian's redis-server on a free loopback port, no persistence, its pid in
+# DIR/redis.pid; prints the port once it answers PING.
+start_redis() {
+  local dir=$1 port
+  port=$(free_port)
+  redis-server --bind 127.0.0.1 --port "$port" --save '' --appendonly no --dir "$dir" \
+    > "$dir/redis.log" 2>&1 &
+  echo $! > "$dir/redis.pid"
+  for _ in $(seq 100); do
+    redis-cli -p "$port" ping 2>/dev/null | grep -q PONG && break
+    sleep 0.1
+  done
+  echo "$port"
+}
