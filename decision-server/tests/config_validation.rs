@@ -455,3 +455,55 @@ fn validate_command_prints_errors_and_exits_non_zero() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The errors of `BASE` with a `server.storage` section, loaded whole (model and server).
+fn storage_errors(storage: &str) -> Vec<String> {
+    let text = format!("{BASE}server:\n  storage: {storage}\n");
+    match config::load(&text, "tollgate.yaml") {
+        Ok(_) => vec![],
+        Err(e) => e.0.iter().map(ConfigError::to_string).collect(),
+    }
+}
+
+#[test]
+fn redis_storage_settings() {
+    assert_eq!(
+        storage_errors("{ kind: redis, url: \"redis://127.0.0.1:6379/\" }"),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        storage_errors(
+            "{ kind: redis, cluster: [\"redis://127.0.0.1:7000\", \"redis://127.0.0.1:7001\"], prefix: tg, timeoutMs: 50, breakerFailures: 3, breakerOpenMs: 200 }"
+        ),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        storage_errors("{ kind: redis }"),
+        [
+            "tollgate.yaml: server.storage.url: `kind: redis` needs `url` (one node) or `cluster` (node URLs)"
+        ]
+    );
+    assert_eq!(
+        storage_errors("{ kind: redis, url: \"redis://a/\", cluster: [\"redis://b/\"] }"),
+        [
+            "tollgate.yaml: server.storage.url: give either `url` (one node) or `cluster` (node URLs), not both"
+        ]
+    );
+    assert_eq!(
+        storage_errors(
+            "{ kind: redis, url: \"http://127.0.0.1:6379\", prefix: \"a{b}\", timeoutMs: 0, breakerFailures: 0, breakerOpenMs: 0 }"
+        ),
+        [
+            "tollgate.yaml: server.storage.url: `http://127.0.0.1:6379` is not a redis:// or rediss:// URL",
+            "tollgate.yaml: server.storage.prefix: `a{b}` must be non-empty and have no `{` or `}` (they make hash tags)",
+            "tollgate.yaml: server.storage.timeoutMs: 0 is not from 1 to 60000",
+            "tollgate.yaml: server.storage.breakerFailures: must be at least 1",
+            "tollgate.yaml: server.storage.breakerOpenMs: 0 is not from 1 to 600000",
+        ]
+    );
+    assert_eq!(
+        storage_errors("{ kind: redis, url: \"redis://x/\", hosts: 3 }").len(),
+        1,
+        "an unknown field is refused"
+    );
+}

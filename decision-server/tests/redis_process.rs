@@ -1,7 +1,8 @@
 //! The real binary on the Redis store: three replicas sharing one cap through one Redis and
 //! through a 3-master Redis Cluster, Redis stopped and frozen mid-load (every decision answers
-//! within the timeout, unavailable; decisions recover once it is back, with no restart), and a
-//! replica killed mid-load (no granted usage lost from the counters).
+//! within the timeout, unavailable; decisions recover once it is back, with no restart), a
+//! replica killed mid-load (no granted usage lost from the counters), admin changes made on
+//! one replica reaching every replica, and an unreachable Redis refused at start.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
@@ -389,4 +390,32 @@ async fn admin_changes_on_one_replica_reach_every_replica() {
     let (_, limits) = admin(&c, Method::GET, "/v1/customers/acme/limits", None).await;
     assert!(limits.to_string().contains("org-credits"), "{limits}");
     assert!(limits.to_string().contains("ml-requests"), "{limits}");
+}
+
+#[test]
+fn an_unreachable_redis_at_start_is_refused_with_the_address() {
+    // A port nothing listens on: taken and released.
+    let port = support::redis::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tollgate.yaml");
+    let url = format!("redis://127.0.0.1:{port}/");
+    std::fs::write(
+        &config,
+        self::config(&format!(
+            "{{ kind: redis, url: \"{url}\", timeoutMs: 200 }}"
+        )),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("redis storage: cannot connect to {url}")),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "nothing was served");
 }
