@@ -18,6 +18,7 @@ test_with_all_stores! {
     rate_has_no_burst_at_the_window_edge,
     quota_rolls_over_at_month_end,
     quota_rolls_over_across_a_leap_day,
+    a_late_clock_never_reopens_a_closed_period,
     concurrency_counts_requests_in_flight,
     credits_spend_soonest_expiring_grant_first,
     credits_isolated_pools,
@@ -88,6 +89,45 @@ limits:
     assert!(d.granted);
     assert_eq!(d.chain[0].reset_at, Some(at("2026-03-31T00:00:00Z")));
     assert_eq!(d.chain[0].current_usage, 1);
+}
+
+/// Two engines on one store (two replicas on one Redis), one clock 50 ms behind the other,
+/// around the turn of a daily quota: the late one counts in the new period too, and never
+/// resets it to spend the old period's remainder again.
+fn a_late_clock_never_reopens_a_closed_period(store: Store) {
+    let limits = r#"
+limits:
+  - { id: team-day, entity: t1, feature: tokens, kind: quota, limit: 100, period: P1D }
+"#;
+    let yaml = tree_with(limits);
+    let ahead = harness(&yaml, Arc::clone(&store), "2026-03-10T00:00:00.020Z");
+    let late = harness_on(
+        Arc::clone(&ahead.rt),
+        &yaml,
+        store,
+        "2026-03-09T23:59:59.970Z",
+    );
+    assert!(
+        ahead
+            .check("acme", "tokens", 80, &[("userId", "u1")])
+            .granted
+    );
+    // Still the 9th by its clock: it sees the 10th's 80, not an empty 9th.
+    let d = late.check("acme", "tokens", 30, &[("userId", "u2")]);
+    assert!(
+        !d.granted,
+        "the late replica spent past the new period's cap"
+    );
+    assert!(
+        late.check("acme", "tokens", 20, &[("userId", "u2")])
+            .granted
+    );
+    assert_eq!(ahead.counted("acme", "t1", "team-day"), 100);
+    assert!(
+        !ahead
+            .check("acme", "tokens", 1, &[("userId", "u1")])
+            .granted
+    );
 }
 
 fn quota_rolls_over_across_a_leap_day(store: Store) {

@@ -170,8 +170,11 @@ pub fn read(
             },
             state,
         ) => {
+            // A state already in a later period (written by a replica whose clock is ahead, or
+            // before this clock stepped back) is the period in force: counting it as empty
+            // would let a late clock spend the new period's cap again.
             let used = match state {
-                Some(CounterState::Period { index: i, used }) if i == index => *used,
+                Some(CounterState::Period { index: i, used }) if i >= index => *used,
                 _ => 0,
             };
             let mut r = reading(*limit, used, amount, Some(*reset_at));
@@ -251,13 +254,14 @@ pub fn hold(spec: &CounterSpec, state: &mut CounterState, amount: u64, now: Time
             bucket: w.add(window, now, amount),
         },
         (CounterSpec::Quota { index: current, .. }, CounterState::Period { index, used }) => {
-            let current = *current;
-            if *index != current {
-                *index = current;
+            // Only a later period starts afresh; an earlier one (a late clock) counts in the
+            // period already in force, never resetting it.
+            if *index < *current {
+                *index = *current;
                 *used = 0;
             }
             *used = used.saturating_add(amount);
-            HoldMark::Period { index: current }
+            HoldMark::Period { index: *index }
         }
         (CounterSpec::Concurrency { .. }, CounterState::InFlight(n)) => {
             *n = n.saturating_add(1);
@@ -323,7 +327,7 @@ pub fn counted(spec: &CounterSpec, state: &CounterState, now: Timestamp) -> u64 
     match (spec, state) {
         (CounterSpec::Rate { window, .. }, CounterState::Window(w)) => w.used(window, now),
         (CounterSpec::Quota { index: current, .. }, CounterState::Period { index, used })
-            if index == current =>
+            if index >= current =>
         {
             *used
         }
@@ -374,6 +378,28 @@ mod tests {
         assert_eq!(read(&spec, Some(&s), 0, day1).current_usage, 10);
         release(&mut s, &m2, 10, day1);
         assert_eq!(read(&spec, Some(&s), 0, day1).current_usage, 0);
+    }
+
+    #[test]
+    fn a_late_clock_counts_in_the_period_in_force_and_never_resets_it() {
+        let period = CalendarPeriod::parse("P1D", "2026-01-01T00:00:00Z".parse().unwrap()).unwrap();
+        let kind = LimitKind::Quota {
+            limit: 100,
+            period: period.clone(),
+        };
+        let day1 = period.start_of(1);
+        let ahead = CounterSpec::of(&kind, true, day1);
+        let mut s = CounterState::fresh(&ahead, day1).unwrap();
+        hold(&ahead, &mut s, 70, day1);
+        // A replica whose clock still says day 0 reads day 1's usage, and adds to it.
+        let late = CounterSpec::of(&kind, true, day1.plus_millis(-5));
+        assert_eq!(read(&late, Some(&s), 0, day1).current_usage, 70);
+        assert!(!read(&late, Some(&s), 40, day1).fits);
+        let m = hold(&late, &mut s, 20, day1);
+        assert_eq!(m, HoldMark::Period { index: 1 });
+        assert_eq!(counted(&ahead, &s, day1), 90);
+        settle(&mut s, &m, 20, 5, day1);
+        assert_eq!(counted(&ahead, &s, day1), 75);
     }
 
     #[test]

@@ -192,7 +192,7 @@ local function fits(c, st)
     local used = (st and st[1] == RATE) and window_used(st, c.at) or 0
     return used + c.amount <= c.limit
   elseif c.kind == QUOTA then
-    local used = (st and st[1] == QUOTA and st[2] == c.at) and st[3] or 0
+    local used = (st and st[1] == QUOTA and st[2] >= c.at) and st[3] or 0
     return used + c.amount <= c.limit
   elseif c.kind == CONC then
     local used = (st and st[1] == CONC) and st[2] or 0
@@ -218,12 +218,14 @@ local function hold(c, st)
     st[i] = math.min(st[i] + c.amount, U32)
     return { RATE, bucket }
   elseif c.kind == QUOTA and st[1] == QUOTA then
-    if st[2] ~= c.at then
+    -- Only a later period starts afresh: a replica whose clock is behind counts in the
+    -- period in force (core/counter.rs `hold`).
+    if st[2] < c.at then
       st[2] = c.at
       st[3] = 0
     end
     st[3] = st[3] + c.amount
-    return { QUOTA, c.at }
+    return { QUOTA, st[2] }
   elseif c.kind == CONC and st[1] == CONC then
     st[2] = math.min(st[2] + 1, U32)
     return { CONC }
