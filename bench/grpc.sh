@@ -5,10 +5,8 @@
 # Sidecar and load generator share the machine's cores (2 tokio workers each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --locked -p tollgate -p tollgate-tests >&2
-work=$(mktemp -d)
-trap 'kill $(cat "$work/pid" 2>/dev/null) 2>/dev/null || true; rm -rf "$work"' EXIT
-LOAD=target/release/tollgate-load
+. bench/lib.sh
+bench_setup
 echo "# $(date -u +%F) $(nproc) cores: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 
 start_sidecar() {

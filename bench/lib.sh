@@ -1,4 +1,14 @@
-# Shared by the bench scripts (sourced): a free loopback port, and a Redis server on one.
+# Shared by the bench scripts (sourced): the release build and a scratch folder, a free
+# loopback port, and a Redis server on one.
+
+# bench_setup: builds the release binaries, makes the scratch folder `$work` (removed on exit,
+# with the processes whose pids are in `$work/pid` and `$work/redis.pid` stopped), sets `$LOAD`.
+bench_setup() {
+  cargo build --release --locked -p tollgate -p tollgate-tests >&2
+  work=$(mktemp -d)
+  trap 'kill $(cat "$work/pid" "$work/redis.pid" 2>/dev/null) 2>/dev/null || true; rm -rf "$work"' EXIT
+  LOAD=target/release/tollgate-load
+}
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'

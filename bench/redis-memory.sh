@@ -6,10 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
-cargo build --release --locked -p tollgate -p tollgate-tests >&2
-work=$(mktemp -d)
-trap 'kill $(cat "$work/pid" "$work/redis.pid" 2>/dev/null) 2>/dev/null || true; rm -rf "$work"' EXIT
-LOAD=target/release/tollgate-load
+bench_setup
 USERS=${USERS:-300000}
 port=$(start_redis "$work")
 mem() { redis-cli -p "$port" info memory | awk -F: '/^used_memory:/{print $2+0}'; }

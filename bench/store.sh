@@ -8,10 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
-cargo build --release --locked -p tollgate -p tollgate-tests >&2
-work=$(mktemp -d)
-trap 'kill $(cat "$work/pid" "$work/redis.pid" 2>/dev/null) 2>/dev/null || true; rm -rf "$work"' EXIT
-LOAD=target/release/tollgate-load
+bench_setup
 N=${N:-200000}
 echo "# $(date -u +%F) $(nproc) cores: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); disk: $(df -h "$work" | awk 'NR==2{print $1}')"
 
