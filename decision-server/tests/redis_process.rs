@@ -212,7 +212,7 @@ async fn metric(sidecar: &Sidecar, name: &str) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_stopped_or_frozen_mid_load_answers_within_the_timeout_then_recovers() {
+async fn redis_stopped_dropping_or_frozen_mid_load_answers_within_the_timeout_then_recovers() {
     let mut redis = RedisServer::start();
     let storage = format!(
         "{{ kind: redis, url: \"{}\", timeoutMs: 200, breakerFailures: 5, breakerOpenMs: 300 }}",
@@ -225,6 +225,14 @@ async fn redis_stopped_or_frozen_mid_load_answers_within_the_timeout_then_recove
     redis.stop();
     under_fault(&sidecar, 1_000).await;
     redis.restart();
+    recovers(&sidecar).await;
+
+    // Connections dropped by the server (Redis up throughout): re-made on their own.
+    let killed = redis.cli(&["CLIENT", "KILL", "TYPE", "normal"]).unwrap();
+    assert!(
+        killed.trim().parse::<u64>().unwrap() >= 1,
+        "no client was connected"
+    );
     recovers(&sidecar).await;
 
     // Frozen: connections stay open and nothing answers; only the timeout ends a call.
