@@ -712,15 +712,27 @@ impl CounterStore for RedisStore {
             .filter(|e| e.next_expiry.is_some_and(|at| at <= now.millis()))
             .map(|e| *e.key())
             .collect();
+        // One customer's failure does not hold up the others; the first error is returned
+        // once all were tried, and the next sweep tries it again.
         let mut expired = 0;
+        let mut first_error = None;
         for sym in due {
             let keys = self.keys(Symbols.resolve(sym));
-            let reply = self
-                .run(sym, &self.invocation(&keys, "expire", now))
-                .await?;
-            expired += reply.first().and_then(int).unwrap_or(0).max(0) as usize;
+            match self.run(sym, &self.invocation(&keys, "expire", now)).await {
+                Ok(reply) => expired += reply.first().and_then(int).unwrap_or(0).max(0) as usize,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
         }
-        Ok(expired)
+        match first_error {
+            Some(e) if expired == 0 => Err(e),
+            Some(e) => {
+                tracing::warn!(error = %e, expired, "some customers' holds could not be expired");
+                Ok(expired)
+            }
+            None => Ok(expired),
+        }
     }
 
     async fn add_grant(
