@@ -191,17 +191,6 @@ impl RedisServer {
     pub fn resume(&self) {
         self.signal("-CONT");
     }
-
-    /// `used_memory` from `INFO memory`.
-    pub fn used_memory(&self) -> u64 {
-        let info = self.cli(&["INFO", "memory"]).unwrap();
-        info.lines()
-            .find_map(|l| l.strip_prefix("used_memory:"))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    }
 }
 
 impl Drop for RedisServer {
