@@ -113,7 +113,12 @@ impl Engine {
     /// usage on all of them in one atomic step.
     pub async fn check(&self, req: &CheckRequest<'_>) -> Result<Decision, DecisionError> {
         let now = self.clock.now();
-        let plan = self.plan(req, now)?;
+        let mut plan = self.plan(req, now)?;
+        if !req.dry_run {
+            // From the thread's CSPRNG (ChaCha, seeded by the OS): the tag is what makes a hold
+            // id unguessable.
+            plan.hold_tag = rand::random::<u128>();
+        }
         let mode = if req.dry_run {
             ReserveMode::DryRun
         } else {

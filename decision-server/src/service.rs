@@ -216,6 +216,7 @@ impl Service {
             (Ok(CloseOutcome::Closed), _) => "released",
             (Ok(CloseOutcome::AlreadyClosed), _) => "already_closed",
             (Err(DecisionError::Store(StoreError::UnknownHold(_))), _) => "unknown_hold",
+            (Err(DecisionError::Store(StoreError::SettleTooLarge { .. })), _) => "too_large",
             (Err(_), _) => "error",
         });
         if let Ok(CloseOutcome::Closed) = result {

@@ -83,7 +83,11 @@ async fn ext_authz_grant_returns_ok_with_hold_for_the_filter_and_upstream() {
         panic!("not an OK response")
     };
     let upstream = headers_of(&ok.headers);
-    assert_eq!(upstream["x-tollgate-hold-id"], "acme:1");
+    let hold = &upstream["x-tollgate-hold-id"];
+    assert!(
+        hold.starts_with("acme:1:") && hold.len() == "acme:1:".len() + 32,
+        "{hold}"
+    );
     assert_eq!(
         upstream["x-tollgate-remaining"],
         (ACME_ORG_CAP - 40).to_string()
@@ -92,7 +96,7 @@ async fn ext_authz_grant_returns_ok_with_hold_for_the_filter_and_upstream() {
     assert_eq!(client["ratelimit-limit"], ACME_ORG_CAP.to_string());
     assert!(client.contains_key("ratelimit-reset"));
     let meta = r.dynamic_metadata.unwrap();
-    assert!(format!("{:?}", meta.fields["holdId"]).contains("acme:1"));
+    assert!(format!("{:?}", meta.fields["holdId"]).contains(hold.as_str()));
     assert_eq!(org_counted(&service, "acme").await, 40);
 }
 
@@ -306,7 +310,10 @@ async fn tollgate_check_settle_release_round_trip() {
     assert!(denied.access_denied_reason.contains("org-daily"));
     assert!(denied.retry_at_ms > 0);
 
-    let missing = svc.settle(settle("acme:424242", 1)).await.unwrap_err();
+    let missing = svc
+        .settle(settle("acme:424242:0123456789abcdef0123456789abcdef", 1))
+        .await
+        .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
     let garbage = svc.settle(settle("garbage", 1)).await.unwrap_err();
     assert_eq!(garbage.code(), Code::InvalidArgument);

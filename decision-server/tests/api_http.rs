@@ -137,6 +137,25 @@ async fn settle_corrects_to_actual_and_is_idempotent() {
     let (_, body) = api.check(ACME_KEY, "acme", "alice", 300).await;
     let hold = body["holdId"].as_str().unwrap().to_string();
     let path = format!("/v1/holds/{hold}/settle");
+    // Ten times the request is the most a settlement may report: refused, nothing moves.
+    let (status, r) = api
+        .call(
+            Method::POST,
+            &path,
+            Some(ACME_KEY),
+            Some(json!({"actualUsage": 3001})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{r}");
+    assert_eq!(r["error"]["code"], "settle_too_large");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 3000"),
+        "{r}"
+    );
+    assert_eq!(api.acme_org().await, 300);
     let (status, r) = api
         .call(
             Method::POST,
@@ -162,7 +181,7 @@ async fn settle_corrects_to_actual_and_is_idempotent() {
     let (status, r) = api
         .call(
             Method::POST,
-            "/v1/holds/acme:999999/settle",
+            "/v1/holds/acme:999999:0123456789abcdef0123456789abcdef/settle",
             Some(ACME_KEY),
             Some(json!({"actualUsage": 1})),
         )

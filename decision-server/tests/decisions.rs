@@ -34,6 +34,13 @@ test_with_all_stores! {
     bad_dimensions_are_errors_and_change_nothing,
     auto_created_entities_are_bounded,
     derived_features_count_requests_and_price_credits,
+    a_hold_id_with_another_tag_reaches_nothing,
+    a_settlement_over_the_maximum_is_refused_and_changes_nothing,
+    a_feature_sets_its_own_settlement_maximum,
+}
+
+test_with_all_store_factories! {
+    ids_from_before_a_restart_never_close_a_later_hold,
 }
 
 const USER_RATE: &str = r#"
@@ -423,13 +430,164 @@ fn settle_corrects_and_is_idempotent(store: Store) {
     let unknown = HoldId {
         customer: "acme".into(),
         seq: 999,
+        tag: 7,
     };
     assert_eq!(
         h.run(h.engine.settle(&unknown, Usage::units(1))),
         Err(DecisionError::Store(StoreError::UnknownHold(
-            "acme:999".into()
+            "acme:999:00000000000000000000000000000007".into()
         )))
     );
+}
+
+fn a_hold_id_with_another_tag_reaches_nothing(store: Store) {
+    let h = harness(&tree_with(USER_RATE), store, "2026-03-10T10:00:00Z");
+    let a = h.check("acme", "tokens", 40, &[("userId", "u1")]);
+    let b = h.check("acme", "tokens", 20, &[("userId", "u1")]);
+    let (a, b) = (a.hold_id.unwrap(), b.hold_id.unwrap());
+    assert_ne!(a.tag, b.tag, "every hold draws its own tag");
+    assert_ne!(a.tag, 0);
+    assert_eq!(a.to_string().rsplit(':').next().unwrap().len(), 32);
+    // The right number with a guessed tag: refused as unknown, and nothing moves.
+    for guess in [0, 1, a.tag ^ 1, b.tag] {
+        let forged = HoldId {
+            tag: guess,
+            ..a.clone()
+        };
+        assert!(matches!(
+            h.run(h.engine.settle(&forged, Usage::units(0))),
+            Err(DecisionError::Store(StoreError::UnknownHold(_)))
+        ));
+        assert!(matches!(
+            h.run(h.engine.release(&forged)),
+            Err(DecisionError::Store(StoreError::UnknownHold(_)))
+        ));
+    }
+    assert_eq!(h.counted("acme", "u1", "user-rate"), 60);
+    h.settle(&a, 10);
+    h.release(&b);
+    assert_eq!(h.counted("acme", "u1", "user-rate"), 10);
+}
+
+fn a_settlement_over_the_maximum_is_refused_and_changes_nothing(store: Store) {
+    let limits = r#"
+limits:
+  - { id: user-day, entityType: user, feature: tokens, kind: quota, limit: 100000, period: P1D }
+  - { id: team-day, entityType: team, feature: tokens, kind: quota, limit: 100000, period: P1D }
+"#;
+    let h = harness(&tree_with(limits), store, "2026-03-10T10:00:00Z");
+    let hold = h
+        .check("acme", "tokens", 50, &[("userId", "u1")])
+        .hold_id
+        .unwrap();
+    // Ten times the request is the default bound: 500 may settle, 501 may not.
+    for too_much in [
+        Usage::units(501),
+        Usage::units(u64::MAX),
+        tokens(400, 101, 0),
+        Usage {
+            units: 10,
+            tokens: Some(tollgate::core::plan::TokenCounts {
+                input: u64::MAX,
+                output: u64::MAX,
+                cached: 0,
+            }),
+        },
+    ] {
+        match h.run(h.engine.settle(&hold, too_much)) {
+            Err(DecisionError::Store(StoreError::SettleTooLarge { max, .. })) => {
+                assert_eq!(max, 500)
+            }
+            other => panic!("{too_much:?} settled: {other:?}"),
+        }
+        assert_eq!(
+            h.counted("acme", "u1", "user-day"),
+            50,
+            "the hold is untouched"
+        );
+        assert_eq!(h.counted("acme", "t1", "team-day"), 50);
+    }
+    // The largest legitimate over-settlement still works, once.
+    assert_eq!(
+        h.run(h.engine.settle(&hold, Usage::units(500))).unwrap(),
+        CloseOutcome::Closed
+    );
+    assert_eq!(h.counted("acme", "u1", "user-day"), 500);
+    assert_eq!(h.counted("acme", "t1", "team-day"), 500);
+    // A release has no usage to bound.
+    let hold = h
+        .check("acme", "tokens", 0, &[("userId", "u1")])
+        .hold_id
+        .unwrap();
+    assert!(matches!(
+        h.run(h.engine.settle(&hold, Usage::units(11))),
+        Err(DecisionError::Store(StoreError::SettleTooLarge {
+            max: 10,
+            ..
+        }))
+    ));
+    h.release(&hold);
+    assert_eq!(h.counted("acme", "u1", "user-day"), 500);
+}
+
+fn a_feature_sets_its_own_settlement_maximum(store: Store) {
+    let yaml = tree_with(
+        r#"
+limits:
+  - { id: user-day, entityType: user, feature: tokens, kind: quota, limit: 1000000, period: P1D }
+"#,
+    )
+    .replace(
+        "  - id: tokens\n",
+        "  - id: tokens\n    maxSettleUsage: 200000\n",
+    );
+    assert!(yaml.contains("maxSettleUsage"));
+    let h = harness(&yaml, store, "2026-03-10T10:00:00Z");
+    let hold = h
+        .check("acme", "tokens", 10, &[("userId", "u1")])
+        .hold_id
+        .unwrap();
+    assert!(matches!(
+        h.run(h.engine.settle(&hold, Usage::units(200_001))),
+        Err(DecisionError::Store(StoreError::SettleTooLarge {
+            max: 200_000,
+            ..
+        }))
+    ));
+    h.settle(&hold, 150_000);
+    assert_eq!(h.counted("acme", "u1", "user-day"), 150_000);
+}
+
+/// A store that lost its state (a restart of the in-memory store, a crash inside the durable
+/// store's commit window, a Redis without persistence) numbers holds from where it stands; an
+/// id from before must never close the new hold that got its number.
+fn ids_from_before_a_restart_never_close_a_later_hold(stores: &dyn Fn() -> Store) {
+    let before = harness(&tree_with(USER_RATE), stores(), "2026-03-10T10:00:00Z");
+    let old = before
+        .check("acme", "tokens", 30, &[("userId", "u1")])
+        .hold_id
+        .unwrap();
+    let after = harness(&tree_with(USER_RATE), stores(), "2026-03-10T10:00:00Z");
+    let new = after
+        .check("acme", "tokens", 70, &[("userId", "u1")])
+        .hold_id
+        .unwrap();
+    assert_eq!(
+        new.seq, old.seq,
+        "the lost state numbers from the same place"
+    );
+    assert_ne!(new.to_string(), old.to_string(), "ids never repeat");
+    assert!(matches!(
+        after.run(after.engine.settle(&old, Usage::units(1))),
+        Err(DecisionError::Store(StoreError::UnknownHold(_)))
+    ));
+    assert_eq!(
+        after.counted("acme", "u1", "user-rate"),
+        70,
+        "the new hold is untouched"
+    );
+    after.settle(&new, 5);
+    assert_eq!(after.counted("acme", "u1", "user-rate"), 5);
 }
 
 fn release_undoes_a_hold(store: Store) {

@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use common::*;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use tollgate::DecisionError;
 use tollgate::core::HoldId;
 use tollgate::core::plan::Usage;
-use tollgate::store::CounterStore;
+use tollgate::store::{CounterStore, StoreError};
 
 type Factory<'a> = &'a dyn Fn() -> Arc<dyn CounterStore>;
 
@@ -177,10 +178,25 @@ fn run_ops(make: Factory<'_>, ops: &[Op]) -> Result<(), TestCaseError> {
             Op::Settle { hold, actual } if !holds.is_empty() => {
                 let n = holds.len();
                 let mh = &mut holds[hold % n];
-                h.run(h.engine.settle(&mh.id, Usage::units(*actual)))
-                    .unwrap();
-                if mh.fate == Fate::Open {
-                    mh.fate = Fate::Settled(*actual);
+                let result = h.run(h.engine.settle(&mh.id, Usage::units(*actual)));
+                // An open hold settles up to ten times its amount; past that nothing changes.
+                let max = mh.amount.max(1) * 10;
+                if mh.fate == Fate::Open && *actual > max {
+                    prop_assert!(
+                        matches!(
+                            result,
+                            Err(DecisionError::Store(StoreError::SettleTooLarge { .. }))
+                        ),
+                        "op {} {:?}: {:?}",
+                        i,
+                        op,
+                        result
+                    );
+                } else {
+                    result.unwrap();
+                    if mh.fate == Fate::Open {
+                        mh.fate = Fate::Settled(*actual);
+                    }
                 }
             }
             Op::Release { hold } if !holds.is_empty() => {

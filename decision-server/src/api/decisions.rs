@@ -61,12 +61,13 @@ fn close_result(hold: &HoldId, outcome: CloseOutcome) -> ApiJson<CloseResult> {
 /// Corrects every counter of the hold to the actual usage. Idempotent: a second call changes
 /// nothing and answers `closed: false`.
 #[utoipa::path(post, path = "/v1/holds/{holdId}/settle", tag = "decisions",
-    params(("holdId" = String, Path, description = "`<customerId>:<number>`, from the check")),
+    params(("holdId" = String, Path, description = "`<customerId>:<number>:<tag>`, from the check")),
     request_body = SettleBody,
     responses(
         (status = 200, body = CloseResult),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody, description = "No such hold"),
+        (status = 422, body = ErrorBody, description = "The usage is over the hold's settlement maximum; nothing changed"),
     ),
     security(("bearer" = [])))]
 pub async fn settle(
@@ -84,7 +85,7 @@ pub async fn settle(
 
 /// Undoes the hold on every counter. Idempotent.
 #[utoipa::path(post, path = "/v1/holds/{holdId}/release", tag = "decisions",
-    params(("holdId" = String, Path, description = "`<customerId>:<number>`, from the check")),
+    params(("holdId" = String, Path, description = "`<customerId>:<number>:<tag>`, from the check")),
     responses(
         (status = 200, body = CloseResult),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),

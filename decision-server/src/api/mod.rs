@@ -115,6 +115,11 @@ impl From<StoreError> for ApiError {
             StoreError::UnknownHold(_) => {
                 Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
             }
+            StoreError::SettleTooLarge { .. } => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "settle_too_large",
+                e.to_string(),
+            ),
             StoreError::Unavailable(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",

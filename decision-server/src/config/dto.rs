@@ -75,6 +75,10 @@ pub struct FeatureDto {
     pub id: String,
     #[serde(default)]
     pub also_draws: Vec<AlsoDrawDto>,
+    /// The most usage one settlement may report, in the feature's units. Unset: ten times
+    /// the requested usage of the hold being settled. A larger settlement is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_settle_usage: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -419,9 +419,16 @@ impl Validator<'_> {
                     None => self.err(path, format!("unknown feature `{}`", d.feature)),
                 }
             }
+            if f.max_settle_usage == Some(0) {
+                self.err(
+                    format!("features[{i}].maxSettleUsage"),
+                    "must be at least 1; leave it out for ten times the requested usage",
+                );
+            }
             out.push(Feature {
                 id: Name::from(&f.id),
                 also_draws: also,
+                max_settle: f.max_settle_usage,
             });
         }
         (out, index)

@@ -7,23 +7,28 @@ use super::Timestamp;
 use super::model::Mode;
 use super::symbols::Name;
 
-/// A hold (reservation) id: the customer and a per-customer sequence number. Carrying the
-/// customer lets any store find the hold's shard (or Redis hash slot) without a global index.
+/// A hold (reservation) id: the customer, a per-customer sequence number and a 128-bit random
+/// tag, written `<customer>:<seq>:<32 hex digits>`. Carrying the customer lets any store find
+/// the hold's shard (or Redis hash slot) without a global index; the sequence number keys the
+/// hold and makes closes idempotent; the tag, drawn when the hold is placed and kept with it,
+/// makes the id impossible to guess or enumerate, and keeps an id from before a restart (when
+/// sequence numbers may start again) from ever naming a later hold.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct HoldId {
     pub customer: String,
     pub seq: u64,
+    pub tag: u128,
 }
 
 impl fmt::Display for HoldId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.customer, self.seq)
+        write!(f, "{}:{}:{:032x}", self.customer, self.seq, self.tag)
     }
 }
 
 /// Why a string is not a hold id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`{0}` is not a hold id; expected `<customerId>:<number>`")]
+#[error("`{0}` is not a hold id; expected `<customerId>:<number>:<32 hex digits>`")]
 pub struct ParseHoldIdError(pub String);
 
 impl FromStr for HoldId {
@@ -31,14 +36,17 @@ impl FromStr for HoldId {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = || ParseHoldIdError(s.chars().take(200).collect());
-        let (customer, seq) = s.rsplit_once(':').ok_or_else(err)?;
-        if customer.is_empty() {
+        let (rest, tag) = s.rsplit_once(':').ok_or_else(err)?;
+        let (customer, seq) = rest.rsplit_once(':').ok_or_else(err)?;
+        if customer.is_empty() || tag.len() != 32 || !tag.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(err());
         }
         let seq = seq.parse::<u64>().map_err(|_| err())?;
+        let tag = u128::from_str_radix(tag, 16).map_err(|_| err())?;
         Ok(Self {
             customer: customer.to_string(),
             seq,
+            tag,
         })
     }
 }
@@ -133,10 +141,26 @@ mod tests {
         let id = HoldId {
             customer: "acme:eu".into(),
             seq: 42,
+            tag: 0xabc,
         };
-        assert_eq!(id.to_string(), "acme:eu:42");
-        assert_eq!("acme:eu:42".parse::<HoldId>().unwrap(), id);
-        for bad in ["", "acme", ":1", "acme:x", "acme:-1"] {
+        let text = "acme:eu:42:00000000000000000000000000000abc";
+        assert_eq!(id.to_string(), text);
+        assert_eq!(text.parse::<HoldId>().unwrap(), id);
+        let tag = "0123456789abcdef0123456789ABCDEF";
+        for bad in [
+            "",
+            "acme",
+            ":1",
+            "acme:x",
+            "acme:-1",
+            "acme:42",
+            &format!(":1:{tag}"),
+            &format!("acme:x:{tag}"),
+            &format!("acme:1:{}", &tag[1..]),
+            &format!("acme:1:{tag}0"),
+            "acme:1:0123456789abcdef0123456789abcdeg",
+            "acme:1:+123456789abcdef0123456789abcdef",
+        ] {
             assert!(bad.parse::<HoldId>().is_err(), "{bad} parsed");
         }
     }

@@ -27,6 +27,23 @@ pub struct HoldPart {
 pub struct Hold {
     pub expires_at: Timestamp,
     pub parts: Vec<HoldPart>,
+    /// The random part of the hold's id; a close naming another tag does not reach it.
+    pub tag: u128,
+    /// The most usage a settlement may report.
+    pub max_settle: u64,
+}
+
+/// How an attempt to close a hold went, in a ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseResult {
+    /// This call closed it.
+    Closed,
+    /// It had been closed before; nothing changed.
+    AlreadyClosed,
+    /// No open or closed hold has this number and tag.
+    Unknown,
+    /// The settlement reports more than the hold allows (`max`); nothing changed.
+    TooLarge { max: u64 },
 }
 
 /// The outcome of the atomic "check every counter, then hold every counter" step.
@@ -287,7 +304,15 @@ impl Ledger {
             d.counters.extend(parts.iter().map(|p| p.key));
             d.opened.push(seq);
         }
-        self.holds.insert(seq, Hold { expires_at, parts });
+        self.holds.insert(
+            seq,
+            Hold {
+                expires_at,
+                parts,
+                tag: plan.hold_tag,
+                max_settle: plan.max_settle,
+            },
+        );
         self.expiry.push(Reverse((expires_at, seq)));
         Reservation {
             readings,
@@ -295,18 +320,39 @@ impl Ledger {
             hold: Some(HoldId {
                 customer: plan.customer.to_string(),
                 seq,
+                tag: plan.hold_tag,
             }),
         }
     }
 
-    /// Settles or releases hold `seq`. `Some(true)` if this call closed it, `Some(false)` if it
-    /// was already closed, `None` if no such hold was ever placed.
-    pub fn close(&mut self, seq: u64, how: Closing<'_>, now: Timestamp) -> Option<bool> {
+    /// Settles or releases hold `seq` if its tag is `tag`.
+    ///
+    /// A number below the next one that is not open was closed: `AlreadyClosed`, whatever the
+    /// tag (closed holds are not remembered, so the tag cannot be checked; nothing changes
+    /// either way). An open hold under another tag is `Unknown`, as is a number never given.
+    pub fn close(&mut self, seq: u64, tag: u128, how: Closing<'_>, now: Timestamp) -> CloseResult {
         // A hold past its TTL is expired (committed as held) even if no sweep has run yet, so the
         // outcome never depends on when the sweeper last ran.
         self.expire_due(now);
+        let Some(open) = self.holds.get(&seq) else {
+            return if seq > 0 && seq < self.next_seq {
+                CloseResult::AlreadyClosed
+            } else {
+                CloseResult::Unknown
+            };
+        };
+        if open.tag != tag {
+            return CloseResult::Unknown;
+        }
+        if let Closing::Settle(actual) = how
+            && actual.largest_figure() > open.max_settle
+        {
+            return CloseResult::TooLarge {
+                max: open.max_settle,
+            };
+        }
         let Some(hold) = self.holds.remove(&seq) else {
-            return (seq > 0 && seq < self.next_seq).then_some(false);
+            return CloseResult::Unknown;
         };
         self.touch_hold(&hold, seq);
         for part in &hold.parts {
@@ -320,7 +366,7 @@ impl Ledger {
                 Closing::Release => counter::release(state, &part.mark, part.held, now),
             }
         }
-        Some(true)
+        CloseResult::Closed
     }
 
     /// Records usage that was never gated, on every counter of `plan`, whether or not it fits:
@@ -426,6 +472,8 @@ mod tests {
             counters: Vec::new(),
             usage: Usage::units(1),
             hold_ttl_millis: 1_000,
+            max_settle: 10,
+            hold_tag: 0,
         }
     }
 

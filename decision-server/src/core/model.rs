@@ -133,6 +133,9 @@ pub struct Feature {
     pub id: Name,
     /// Other features a check of this one draws on, and how.
     pub also_draws: Vec<(usize, DrawRule)>,
+    /// The most usage one settlement of this feature may report; unset, a multiple of the
+    /// requested usage (`plan::DEFAULT_SETTLE_FACTOR`).
+    pub max_settle: Option<u64>,
 }
 
 /// Paid credits are spent after promotional ones of the same priority and expiry.

@@ -34,7 +34,25 @@ impl Usage {
             tokens: None,
         }
     }
+
+    /// The largest figure this usage reports: its units, or its tokens added up. A settlement
+    /// is bounded by this, so neither figure can carry an absurd amount past the bound.
+    pub fn largest_figure(&self) -> u64 {
+        let tokens = self.tokens.map_or(0, |t| {
+            t.input.saturating_add(t.output).saturating_add(t.cached)
+        });
+        self.units.max(tokens)
+    }
 }
+
+/// How many times the requested usage a settlement may report when the feature sets no
+/// `maxSettleUsage`. Trade-off: generous, because a hold is an estimate (a prompt's size, an
+/// output budget) and a real call may exceed it a few times over; bounded, because without a
+/// bound one settlement of 2^64-1 units fills every quota of a chain and drains its credits.
+pub const DEFAULT_SETTLE_FACTOR: u64 = 10;
+
+/// 2^53: the largest whole number every store keeps exactly (a Lua number is a double).
+pub const MAX_EXACT: u64 = 1 << 53;
 
 /// How a counter's amount follows the usage, so settlement can recompute it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -128,6 +146,12 @@ pub struct Plan {
     pub counters: Vec<PlannedCounter>,
     pub usage: Usage,
     pub hold_ttl_millis: i64,
+    /// The most usage a settlement of this decision's hold may report (see
+    /// [`Usage::largest_figure`]).
+    pub max_settle: u64,
+    /// The random tag of the hold this decision places; the engine draws it (the core reads
+    /// no randomness) and it becomes part of the hold id.
+    pub hold_tag: u128,
 }
 
 /// Why a request could not be resolved to a chain. None of these changes any counter.
@@ -294,12 +318,21 @@ impl Model {
                 counters.push(self.planned(level, node.entity, limit, rule, &req));
             }
         }
+        let max_settle = self
+            .features
+            .get(feature)
+            .and_then(|f| f.max_settle)
+            .unwrap_or_else(|| usage.units.max(1).saturating_mul(DEFAULT_SETTLE_FACTOR))
+            // Exact in a double (Redis scripts count in Lua numbers); far above any real usage.
+            .min(MAX_EXACT);
         Ok(Plan {
             customer: customer.id,
             chain,
             counters,
             usage,
             hold_ttl_millis: self.hold_ttl_millis,
+            max_settle,
+            hold_tag: 0,
         })
     }
 

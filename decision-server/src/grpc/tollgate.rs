@@ -111,6 +111,9 @@ fn decision_status(e: DecisionError) -> Status {
     match e {
         DecisionError::Plan(e) => Status::invalid_argument(e.to_string()),
         DecisionError::Store(e @ StoreError::UnknownHold(_)) => Status::not_found(e.to_string()),
+        DecisionError::Store(e @ StoreError::SettleTooLarge { .. }) => {
+            Status::invalid_argument(e.to_string())
+        }
         DecisionError::Store(e) => Status::unavailable(e.to_string()),
     }
 }

@@ -13,7 +13,7 @@ use super::{
 };
 use crate::core::counter::{CounterKey, CounterSpec};
 use crate::core::credits::GrantBalance;
-use crate::core::ledger::{Closing, KeyRetention, Ledger};
+use crate::core::ledger::{CloseResult, Closing, KeyRetention, Ledger};
 use crate::core::plan::{Plan, Usage};
 use crate::core::{HoldId, Sym, Timestamp};
 
@@ -166,14 +166,33 @@ impl MemoryStore {
     ) -> Result<CloseOutcome, StoreError> {
         let unknown = || StoreError::UnknownHold(hold.to_string());
         let ledger = self.existing(customer.sym).ok_or_else(unknown)?;
-        match self
-            .write(customer.sym, &ledger, |l| l.close(hold.seq, how, now))
-            .await?
-        {
-            Some(true) => Ok(CloseOutcome::Closed),
-            Some(false) => Ok(CloseOutcome::AlreadyClosed),
-            None => Err(unknown()),
-        }
+        let result = self
+            .write(customer.sym, &ledger, |l| {
+                l.close(hold.seq, hold.tag, how, now)
+            })
+            .await?;
+        close_outcome(hold, how, result)
+    }
+}
+
+/// A ledger's close result as the store trait answers it.
+pub(crate) fn close_outcome(
+    hold: &HoldId,
+    how: Closing<'_>,
+    result: CloseResult,
+) -> Result<CloseOutcome, StoreError> {
+    match result {
+        CloseResult::Closed => Ok(CloseOutcome::Closed),
+        CloseResult::AlreadyClosed => Ok(CloseOutcome::AlreadyClosed),
+        CloseResult::Unknown => Err(StoreError::UnknownHold(hold.to_string())),
+        CloseResult::TooLarge { max } => Err(StoreError::SettleTooLarge {
+            hold: hold.to_string(),
+            actual: match how {
+                Closing::Settle(u) => u.largest_figure(),
+                Closing::Release => 0,
+            },
+            max,
+        }),
     }
 }
 

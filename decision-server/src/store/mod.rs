@@ -58,6 +58,10 @@ pub struct StoreStats {
 pub enum StoreError {
     #[error("hold `{0}` does not exist")]
     UnknownHold(String),
+    #[error(
+        "hold `{hold}` cannot be settled at {actual} units: a settlement of this hold may report at most {max} (set the feature's `maxSettleUsage` for more); nothing changed"
+    )]
+    SettleTooLarge { hold: String, actual: u64, max: u64 },
     #[error("counter store unavailable: {0}")]
     Unavailable(String),
     #[error("the admin changes were changed by another replica (now at revision {0})")]

@@ -23,7 +23,8 @@
 --   {4, debt, order, grants}         credit pool; order: positions (0-based) in spending
 --                                    order; grants: {id, priority, expires|false, category,
 --                                    amount, remaining} in the order they were added
--- A hold is {expires, parts}; a part is {entity key, field, mark, held, rule, p_in, p_out,
+-- A hold is {expires, parts, tag, max settle}: tag is the hold id's random part (32 hex
+-- digits), max settle the most usage a settlement may report; a part is {entity key, field, mark, held, rule, p_in, p_out,
 -- p_cached}; marks are {1, bucket}, {2, period index}, {3}, {4, draws (pos, amount, ...)};
 -- rules are 0 units, 1 one per request, 2 priced (by the snapshot's per-million prices).
 
@@ -297,16 +298,17 @@ local function reply(result, extra, next_expiry)
   return out
 end
 
--- ARGV: 'reserve', now, hold (1/0), ttl ms, counters, then a group per counter.
--- Result: the blocking counter (1-based, 0 if none), then the hold number (0 if none), then
--- each counter's state before the call (false if it had none).
+-- ARGV: 'reserve', now, hold (1/0), ttl ms, tag, max settle, counters, then a group per
+-- counter. Result: the blocking counter (1-based, 0 if none), then the hold number (0 if
+-- none), then each counter's state before the call (false if it had none).
 local function reserve()
-  local place, ttl, n = ARGV[3] == '1', tonumber(ARGV[4]), tonumber(ARGV[5])
+  local place, ttl, tag, max_settle = ARGV[3] == '1', tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
+  local n = tonumber(ARGV[7])
   expire_due()
   local counters, before = {}, {}
   local blocking = 0
   for i = 1, n do
-    local c = planned(6 + (i - 1) * GROUP)
+    local c = planned(8 + (i - 1) * GROUP)
     counters[i] = c
     local e = load(c.key, c.field)
     before[i] = e.raw
@@ -331,18 +333,21 @@ local function reserve()
     end
   end
   local expires = now + ttl
-  redis.call('HSET', HOLDS, seq, cmsgpack.pack({ expires, parts }))
+  redis.call('HSET', HOLDS, seq, cmsgpack.pack({ expires, parts, tag, max_settle }))
   redis.call('ZADD', EXPIRY, expires, seq)
   holds_changed = true
   return reply(0, { seq, unpack(before, 1, n) })
 end
 
--- ARGV: 'close', now, hold number, 's' (settle) or 'r' (release), actual units, then the
--- amounts of the hold's priced parts in order, if the caller has priced them.
--- Result: 0 closed, 1 already closed, 2 no such hold, 3 the priced parts' prices are needed
--- first (then their per-million prices follow, three per part; nothing changed).
+-- ARGV: 'close', now, hold number, 's' (settle) or 'r' (release), actual units, tag, the
+-- largest figure the usage reports, then the amounts of the hold's priced parts in order, if
+-- the caller has priced them.
+-- Result: 0 closed, 1 already closed, 2 no such hold (or another tag), 3 the priced parts'
+-- prices are needed first (then their per-million prices follow, three per part; nothing
+-- changed), 4 the usage is over the hold's max settle (which follows; nothing changed).
 local function close()
   local seq, how, units = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+  local tag, figure = ARGV[6], tonumber(ARGV[7])
   expire_due()
   local raw = redis.call('HGET', HOLDS, seq)
   if not raw then
@@ -350,6 +355,8 @@ local function close()
     return reply((seq > 0 and seq < next_seq) and 1 or 2)
   end
   local h = cmsgpack.unpack(raw)
+  if h[3] ~= tag then return reply(2) end
+  if how == 's' and figure > h[4] then return reply(4, { h[4] }) end
   local priced = {}
   if how == 's' then
     for _, part in ipairs(h[2]) do
@@ -359,9 +366,9 @@ local function close()
         priced[#priced + 1] = part[8]
       end
     end
-    if #priced > 0 and #ARGV < 6 then return reply(3, priced) end
+    if #priced > 0 and #ARGV < 8 then return reply(3, priced) end
   end
-  local p = 6
+  local p = 8
   for _, part in ipairs(h[2]) do
     local actual = 0
     if how == 's' then

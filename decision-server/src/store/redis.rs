@@ -184,6 +184,11 @@ fn field(key: CounterKey) -> String {
     }
 }
 
+/// A hold tag as the script keeps it: 32 hex digits (a Lua number could not hold 128 bits).
+fn tag_text(tag: u128) -> String {
+    format!("{tag:032x}")
+}
+
 fn bad_reply(what: &str) -> StoreError {
     StoreError::Unavailable(format!("redis: unexpected script reply: {what}"))
 }
@@ -563,7 +568,9 @@ impl RedisStore {
             let mut inv = self.invocation(&keys, "close", now);
             inv.arg(hold.seq)
                 .arg(if actual.is_some() { "s" } else { "r" })
-                .arg(actual.map_or(0, |u| u.units));
+                .arg(actual.map_or(0, |u| u.units))
+                .arg(tag_text(hold.tag))
+                .arg(actual.map_or(0, Usage::largest_figure));
             for p in prices.unwrap_or(&[]) {
                 inv.arg(*p);
             }
@@ -594,6 +601,11 @@ impl RedisStore {
             Some(0) => Ok(CloseOutcome::Closed),
             Some(1) => Ok(CloseOutcome::AlreadyClosed),
             Some(2) => Err(StoreError::UnknownHold(hold.to_string())),
+            Some(4) => Err(StoreError::SettleTooLarge {
+                hold: hold.to_string(),
+                actual: actual.map_or(0, Usage::largest_figure),
+                max: reply.get(HEADER).and_then(int).unwrap_or(0).max(0) as u64,
+            }),
             _ => Err(bad_reply("close")),
         }
     }
@@ -640,7 +652,9 @@ impl CounterStore for RedisStore {
         let reply = self
             .run_plan(customer, plan, "reserve", now, |inv| {
                 inv.arg(u8::from(mode == ReserveMode::Hold))
-                    .arg(plan.hold_ttl_millis);
+                    .arg(plan.hold_ttl_millis)
+                    .arg(tag_text(plan.hold_tag))
+                    .arg(plan.max_settle);
             })
             .await?;
         let blocking = reply
@@ -679,6 +693,7 @@ impl CounterStore for RedisStore {
             hold: placed.then(|| HoldId {
                 customer: plan.customer.to_string(),
                 seq: seq as u64,
+                tag: plan.hold_tag,
             }),
         })
     }
