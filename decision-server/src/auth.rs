@@ -1,16 +1,18 @@
-//! Credentials: the operator token and per-customer API keys, stored as SHA-256 digests and
-//! compared in constant time.
+//! Credentials: the operator token, per-customer API keys and gateway tokens (what Envoy
+//! presents on the ext_authz listener), stored as SHA-256 digests and compared in constant
+//! time.
 //!
 //! Trade-off: keys and tokens are 256-bit random secrets, not passwords, so a fast hash is
 //! enough: nobody can search a 2^256 space, and a slow KDF (argon2) would cost every API call
 //! tens of milliseconds.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::server::ApiKeySpec;
+use crate::config::server::{ApiKeySpec, GatewayTokenSpec};
 
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +21,10 @@ pub enum Principal {
     Operator,
     /// A customer's API key: that customer's data and decisions only.
     Customer(String),
+    /// A gateway token: the Envoy in front of the sidecar, which decides and closes holds for
+    /// the customers it serves (all of them, or the listed ones) on the ext_authz listener,
+    /// and nothing else.
+    Gateway(Option<Arc<[String]>>),
 }
 
 impl Principal {
@@ -27,12 +33,22 @@ impl Principal {
         match self {
             Principal::Operator => true,
             Principal::Customer(c) => c == customer,
+            Principal::Gateway(None) => true,
+            Principal::Gateway(Some(list)) => list.iter().any(|c| c == customer),
         }
     }
 
     pub fn is_operator(&self) -> bool {
         matches!(self, Principal::Operator)
     }
+}
+
+/// Which listener a credential is presented on: gateway tokens are good on the ext_authz
+/// listener only, so a token lifted from an Envoy config reaches no API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    ExtAuthz,
+    Api,
 }
 
 /// Why a caller was not identified.
@@ -44,14 +60,19 @@ pub enum AuthError {
     Malformed,
     #[error("invalid credentials: the token is not the operator token or a known API key")]
     Invalid,
+    #[error(
+        "a gateway token is accepted on the ext_authz listener only; use an API key or the operator token here"
+    )]
+    GatewayOnly,
 }
 
 /// The configured credentials.
 #[derive(Debug, Default, Clone)]
 pub struct Credentials {
     operator: Option<[u8; 32]>,
-    /// Key id (the part before the `.`) → customer and digest of the whole key.
-    keys: HashMap<String, (String, [u8; 32])>,
+    /// Key id (the part before the `.`) → who the key is and the digest of the whole key.
+    /// API keys and gateway tokens share one id space (validation refuses a duplicate id).
+    keys: HashMap<String, (Principal, [u8; 32])>,
 }
 
 /// SHA-256 of `secret`, as stored in the config.
@@ -60,18 +81,40 @@ pub fn sha256(secret: &str) -> [u8; 32] {
 }
 
 impl Credentials {
-    pub fn new(operator: Option<[u8; 32]>, keys: &[ApiKeySpec]) -> Self {
+    pub fn new(
+        operator: Option<[u8; 32]>,
+        keys: &[ApiKeySpec],
+        gateways: &[GatewayTokenSpec],
+    ) -> Self {
+        let api = keys.iter().map(|k| {
+            (
+                k.id.clone(),
+                (Principal::Customer(k.customer.clone()), k.sha256),
+            )
+        });
+        let gateway = gateways.iter().map(|g| {
+            let scope = g.customers.as_ref().map(|c| Arc::from(c.as_slice()));
+            (g.id.clone(), (Principal::Gateway(scope), g.sha256))
+        });
         Self {
             operator,
-            keys: keys
-                .iter()
-                .map(|k| (k.id.clone(), (k.customer.clone(), k.sha256)))
-                .collect(),
+            keys: api.chain(gateway).collect(),
         }
     }
 
-    /// Identifies the caller from an `authorization` header value.
-    pub fn authenticate_header(&self, header: Option<&str>) -> Result<Principal, AuthError> {
+    /// Whether any gateway token is configured (without one, Envoy cannot be let in).
+    pub fn has_gateway_tokens(&self) -> bool {
+        self.keys
+            .values()
+            .any(|(p, _)| matches!(p, Principal::Gateway(_)))
+    }
+
+    /// Identifies the caller from an `authorization` header value presented on `listener`.
+    pub fn authenticate_header(
+        &self,
+        header: Option<&str>,
+        listener: Listener,
+    ) -> Result<Principal, AuthError> {
         let header = header.ok_or(AuthError::Missing)?;
         let token = header
             .strip_prefix("Bearer ")
@@ -79,18 +122,22 @@ impl Credentials {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::Malformed)?;
-        self.authenticate(token)
+        match self.authenticate(token)? {
+            Principal::Gateway(_) if listener == Listener::Api => Err(AuthError::GatewayOnly),
+            p => Ok(p),
+        }
     }
 
-    /// Identifies the caller from a bearer token. An API key is `<keyId>.<secret>`; the key id
-    /// only selects which digest to compare against, the comparison is over the whole key.
+    /// Identifies the caller from a bearer token. An API key or gateway token is
+    /// `<keyId>.<secret>`; the key id only selects which digest to compare against, the
+    /// comparison is over the whole key.
     pub fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
         let presented = sha256(token);
         if let Some((id, _)) = token.split_once('.')
-            && let Some((customer, stored)) = self.keys.get(id)
+            && let Some((principal, stored)) = self.keys.get(id)
             && bool::from(presented.ct_eq(stored))
         {
-            return Ok(Principal::Customer(customer.clone()));
+            return Ok(principal.clone());
         }
         match &self.operator {
             Some(op) if bool::from(presented.ct_eq(op)) => Ok(Principal::Operator),
@@ -119,7 +166,40 @@ mod tests {
                 customer: "acme".into(),
                 sha256: sha256("acme-app.s3cret"),
             }],
+            &[
+                GatewayTokenSpec {
+                    id: "envoy".into(),
+                    sha256: sha256("envoy.gw"),
+                    customers: None,
+                },
+                GatewayTokenSpec {
+                    id: "edge-eu".into(),
+                    sha256: sha256("edge-eu.gw"),
+                    customers: Some(vec!["acme".into()]),
+                },
+            ],
         )
+    }
+
+    #[test]
+    fn gateway_tokens_work_on_the_ext_authz_listener_only() {
+        let c = creds();
+        assert!(c.has_gateway_tokens());
+        let all = c
+            .authenticate_header(Some("Bearer envoy.gw"), Listener::ExtAuthz)
+            .unwrap();
+        assert!(all.may_access("acme") && all.may_access("globex"));
+        assert!(!all.is_operator());
+        assert_eq!(
+            c.authenticate_header(Some("Bearer envoy.gw"), Listener::Api),
+            Err(AuthError::GatewayOnly)
+        );
+        let eu = c
+            .authenticate_header(Some("Bearer edge-eu.gw"), Listener::ExtAuthz)
+            .unwrap();
+        assert!(eu.may_access("acme") && !eu.may_access("globex"));
+        assert_eq!(c.authenticate("envoy.wrong"), Err(AuthError::Invalid));
+        assert!(!Credentials::new(None, &[], &[]).has_gateway_tokens());
     }
 
     #[test]
@@ -133,23 +213,26 @@ mod tests {
         assert_eq!(c.authenticate("acme-app.wrong"), Err(AuthError::Invalid));
         assert_eq!(c.authenticate("other.s3cret"), Err(AuthError::Invalid));
         assert_eq!(
-            c.authenticate_header(Some("Bearer op-secret")),
+            c.authenticate_header(Some("Bearer op-secret"), Listener::Api),
             Ok(Principal::Operator)
         );
-        assert_eq!(c.authenticate_header(None), Err(AuthError::Missing));
         assert_eq!(
-            c.authenticate_header(Some("Basic abc")),
+            c.authenticate_header(None, Listener::Api),
+            Err(AuthError::Missing)
+        );
+        assert_eq!(
+            c.authenticate_header(Some("Basic abc"), Listener::ExtAuthz),
             Err(AuthError::Malformed)
         );
         assert_eq!(
-            c.authenticate_header(Some("Bearer ")),
+            c.authenticate_header(Some("Bearer "), Listener::Api),
             Err(AuthError::Malformed)
         );
     }
 
     #[test]
     fn without_an_operator_token_nothing_is_operator() {
-        let c = Credentials::new(None, &[]);
+        let c = Credentials::new(None, &[], &[]);
         assert_eq!(c.authenticate(""), Err(AuthError::Invalid));
         assert_eq!(c.authenticate("anything"), Err(AuthError::Invalid));
     }

@@ -9,9 +9,19 @@ use arc_swap::ArcSwap;
 use crate::clock::Clock;
 use crate::core::counter::{CounterKey, CounterSpec};
 use crate::core::credits::GrantBalance;
-use crate::core::plan::{AutoEntities, Plan, PlanError, Usage};
+use crate::core::model::CustomerModel;
+use crate::core::plan::{
+    ASSUMED_ID, Assumed, AutoEntities, AutoEntity, Plan, PlanError, Planned, Registry, Usage,
+};
 use crate::core::{ChainEntry, Decision, Denial, HoldId, Model};
-use crate::store::{CloseOutcome, CounterStore, CustomerRef, ReserveMode, StoreError};
+use crate::store::{
+    AutoEntityOutcome, CloseOutcome, CounterStore, CustomerRef, ReserveMode, StoreError,
+    StoredEntity,
+};
+
+/// The most entities one request may have to fetch from the store before it can be planned:
+/// the one it names, and the auto-created parents above it this process has not seen yet.
+const MAX_LEARN: usize = 16;
 
 /// One check request.
 #[derive(Debug, Clone, Copy)]
@@ -113,7 +123,7 @@ impl Engine {
     /// usage on all of them in one atomic step.
     pub async fn check(&self, req: &CheckRequest<'_>) -> Result<Decision, DecisionError> {
         let now = self.clock.now();
-        let mut plan = self.plan(req, now)?;
+        let mut plan = self.plan(req, now, !req.dry_run).await?;
         if !req.dry_run {
             // From the thread's CSPRNG (ChaCha, seeded by the OS): the tag is what makes a hold
             // id unguessable.
@@ -186,15 +196,153 @@ impl Engine {
         })
     }
 
-    fn plan(&self, req: &CheckRequest<'_>, now: crate::core::Timestamp) -> Result<Plan, PlanError> {
-        self.model.load().plan(
-            &self.auto,
-            req.customer,
-            req.feature,
-            req.usage,
-            req.dimensions,
-            now,
-        )
+    /// Resolves a request to its plan. An entity the request names that this process does not
+    /// know is looked up in the store, and created there when `create` is set (within the
+    /// customer's cap); without `create` (a dry run) one that does not exist is assumed, under
+    /// a placeholder, and nothing is created.
+    async fn plan(
+        &self,
+        req: &CheckRequest<'_>,
+        now: crate::core::Timestamp,
+        create: bool,
+    ) -> Result<Plan, DecisionError> {
+        let model = self.model.load_full();
+        let mut assumed: Option<Assumed> = None;
+        for _ in 0..MAX_LEARN {
+            let registry = Registry {
+                auto: &self.auto,
+                assumed: assumed.as_ref(),
+            };
+            let new = match model.plan(
+                &registry,
+                req.customer,
+                req.feature,
+                req.usage,
+                req.dimensions,
+                now,
+            )? {
+                Planned::Ready(plan) => return Ok(plan),
+                Planned::Create(new) => new,
+            };
+            let customer = model
+                .customer(req.customer)
+                .ok_or_else(|| PlanError::UnknownCustomer(req.customer.to_string()))?;
+            let proposed = StoredEntity {
+                entity_type: type_name(&model, new.entity_type),
+                parent: model.symbols.resolve(new.parent).to_string(),
+            };
+            match self
+                .store
+                .auto_entity(
+                    customer_ref(customer),
+                    &new.value,
+                    &proposed,
+                    customer.max_auto_entities,
+                    create,
+                )
+                .await?
+            {
+                AutoEntityOutcome::Found(e) | AutoEntityOutcome::Created(e) => {
+                    self.learn(&model, customer, &new.value, e).await?;
+                }
+                AutoEntityOutcome::Full => {
+                    return Err(PlanError::AutoEntityLimit {
+                        customer: customer.id.to_string(),
+                        value: new.value.chars().take(64).collect(),
+                        max: customer.max_auto_entities,
+                    }
+                    .into());
+                }
+                AutoEntityOutcome::Absent => {
+                    assumed = Some(Assumed {
+                        value: new.value,
+                        sym: model.symbols.intern(ASSUMED_ID),
+                        node: AutoEntity {
+                            entity_type: new.entity_type,
+                            parent: new.parent,
+                        },
+                    });
+                }
+            }
+        }
+        Err(PlanError::BadStoredEntity {
+            customer: req.customer.to_string(),
+            entity: String::new(),
+            problem: format!("more than {MAX_LEARN} levels of entities created on the fly"),
+        }
+        .into())
+    }
+
+    /// Notes a stored entity in this process's copy, after the auto-created parents above it
+    /// that this process has not seen (fetched from the store), so its chain is whole.
+    async fn learn(
+        &self,
+        model: &Model,
+        customer: &CustomerModel,
+        id: &str,
+        entity: StoredEntity,
+    ) -> Result<(), DecisionError> {
+        let bad = |entity: &str, problem: String| PlanError::BadStoredEntity {
+            customer: customer.id.to_string(),
+            entity: entity.to_string(),
+            problem,
+        };
+        let known = |parent: &str| {
+            model.symbols.get(parent).is_some_and(|p| {
+                customer.entities.contains_key(&p) || self.auto.get(customer.id.sym(), p).is_some()
+            })
+        };
+        let mut pending = vec![(id.to_string(), entity)];
+        while let Some((top, e)) = pending.last() {
+            if known(&e.parent) {
+                break;
+            }
+            if pending.len() >= MAX_LEARN {
+                return Err(bad(top, "its chain of created parents is too deep".into()).into());
+            }
+            let parent = e.parent.clone();
+            match self
+                .store
+                .auto_entity(customer_ref(customer), &parent, e, 0, false)
+                .await?
+            {
+                AutoEntityOutcome::Found(pe) => pending.push((parent, pe)),
+                _ => {
+                    return Err(bad(
+                        top,
+                        format!("its parent `{parent}` is neither in the model nor stored"),
+                    )
+                    .into());
+                }
+            }
+        }
+        for (id, e) in pending.into_iter().rev() {
+            let entity_type = model
+                .entity_types
+                .iter()
+                .position(|t| t.name == e.entity_type.as_str())
+                .ok_or_else(|| {
+                    bad(
+                        &id,
+                        format!("its type `{}` is not in the model", e.entity_type),
+                    )
+                })?;
+            let parent = model
+                .symbols
+                .get(&e.parent)
+                .ok_or_else(|| bad(&id, format!("its parent `{}` is unknown", e.parent)))?;
+            // Interned only once the store holds it: bounded by the customer's cap.
+            let sym = model.symbols.intern(&id);
+            self.auto.insert(
+                customer.id.sym(),
+                sym,
+                AutoEntity {
+                    entity_type,
+                    parent,
+                },
+            );
+        }
+        Ok(())
     }
 
     /// Records usage that was never gated (it already happened) on every counter the same
@@ -206,7 +354,7 @@ impl Engine {
         idempotency_key: &str,
     ) -> Result<bool, DecisionError> {
         let now = self.clock.now();
-        let plan = self.plan(req, now)?;
+        let plan = self.plan(req, now, true).await?;
         let cref = CustomerRef {
             sym: plan.customer.sym(),
             id: plan.customer.as_str(),
@@ -288,11 +436,27 @@ impl Engine {
         self.store.counted(cref, key, &spec, now).await
     }
 
-    /// How many entities `customer` has had created on the fly.
-    pub fn auto_created(&self, customer: &str) -> usize {
-        let model = self.model.load();
-        model
-            .customer(customer)
-            .map_or(0, |c| self.auto.count(c.id.sym()))
+    /// How many entities `customer` has had created on the fly, as the store counts them.
+    pub async fn auto_created(&self, customer: &str) -> Result<usize, StoreError> {
+        let model = self.model.load_full();
+        match model.customer(customer) {
+            Some(c) => self.store.auto_entity_count(customer_ref(c)).await,
+            None => Ok(0),
+        }
     }
+}
+
+fn customer_ref(c: &CustomerModel) -> CustomerRef<'_> {
+    CustomerRef {
+        sym: c.id.sym(),
+        id: c.id.as_str(),
+    }
+}
+
+fn type_name(model: &Model, t: usize) -> String {
+    model
+        .entity_types
+        .get(t)
+        .map(|t| t.name.to_string())
+        .unwrap_or_default()
 }

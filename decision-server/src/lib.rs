@@ -9,6 +9,7 @@ pub mod core;
 pub mod engine;
 pub mod grpc;
 pub mod metrics;
+pub mod net;
 pub mod server;
 pub mod service;
 pub mod store;

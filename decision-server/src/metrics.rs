@@ -83,6 +83,45 @@ struct ResultLabels {
     result: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClosedLabels {
+    listener: &'static str,
+    reason: &'static str,
+}
+
+/// Connection counts by listener, for `net::incoming`.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionMetrics {
+    open: Family<ListenerLabels, Gauge>,
+    closed: Family<ClosedLabels, Counter>,
+}
+
+impl crate::net::ConnectionEvents for ConnectionMetrics {
+    fn opened(&self, listener: &'static str) {
+        self.open.get_or_create(&ListenerLabels { listener }).inc();
+    }
+
+    fn closed(&self, listener: &'static str, reason: Option<crate::net::CloseReason>) {
+        // A refused connection was never counted open.
+        if reason != Some(crate::net::CloseReason::Full) {
+            self.open.get_or_create(&ListenerLabels { listener }).dec();
+        }
+        if let Some(r) = reason {
+            self.closed
+                .get_or_create(&ClosedLabels {
+                    listener,
+                    reason: r.as_str(),
+                })
+                .inc();
+        }
+    }
+}
+
 fn latency_histogram() -> Histogram {
     // 5 µs to ~80 ms: the decision itself is microseconds; the tail shows lock waits.
     Histogram::new(exponential_buckets(0.000_005, 2.0, 15))
@@ -102,6 +141,7 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     store_failures: Counter,
     breaker_rejections: Counter,
+    connections: ConnectionMetrics,
 }
 
 impl Default for Metrics {
@@ -171,7 +211,19 @@ impl Metrics {
             "Store calls refused at once because the circuit breaker was open",
             breaker_rejections.clone(),
         );
+        let connections = ConnectionMetrics::default();
+        registry.register(
+            "connections_open",
+            "Open client connections by listener",
+            connections.open.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Connections the sidecar refused (listener full) or closed (idle, no credential in time)",
+            connections.closed.clone(),
+        );
         Self {
+            connections,
             store_failures,
             breaker_rejections,
             registry,
@@ -184,6 +236,11 @@ impl Metrics {
             ingested,
             reloads,
         }
+    }
+
+    /// The connection counters, for the listeners.
+    pub fn connections(&self) -> ConnectionMetrics {
+        self.connections.clone()
     }
 
     pub fn decision(&self, api: Api, outcome: Outcome, took: Duration) {

@@ -11,10 +11,10 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tracing_subscriber::EnvFilter;
+
+use crate::net::{Bound, ConnState, ConnectionBudget, Timeouts, incoming};
 
 use crate::clock::SystemClock;
 use crate::config::server::{ListenAddr, LogFormat, ServerSettings, Storage};
@@ -46,70 +46,48 @@ pub fn init_tracing(settings: &ServerSettings) {
     };
 }
 
-/// A bound listener of any kind.
-enum Bound {
-    Tcp(TcpListener),
-    Unix(UnixListener),
-}
-
-impl Bound {
-    async fn bind(addr: &ListenAddr, what: &str) -> anyhow::Result<(Self, ListenAddr)> {
-        match addr {
-            ListenAddr::Tcp(a) => {
-                let l = TcpListener::bind(a)
-                    .await
-                    .with_context(|| format!("cannot listen for {what} on {a}"))?;
-                let local = l.local_addr()?;
-                Ok((Self::Tcp(l), ListenAddr::Tcp(local)))
+/// Binds `addr`.
+async fn bind(addr: &ListenAddr, what: &str) -> anyhow::Result<(Bound, ListenAddr)> {
+    match addr {
+        ListenAddr::Tcp(a) => {
+            let l = TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen for {what} on {a}"))?;
+            let local = l.local_addr()?;
+            Ok((Bound::Tcp(l), ListenAddr::Tcp(local)))
+        }
+        ListenAddr::Unix(p) => {
+            // A socket file left by a previous run would make bind fail.
+            if p.exists() {
+                std::fs::remove_file(p).with_context(|| {
+                    format!("cannot remove the stale socket {} for {what}", p.display())
+                })?;
             }
-            ListenAddr::Unix(p) => {
-                // A socket file left by a previous run would make bind fail.
-                if p.exists() {
-                    std::fs::remove_file(p).with_context(|| {
-                        format!("cannot remove the stale socket {} for {what}", p.display())
-                    })?;
-                }
-                let l = UnixListener::bind(p)
-                    .with_context(|| format!("cannot listen for {what} on {}", p.display()))?;
-                Ok((Self::Unix(l), addr.clone()))
-            }
+            let l = UnixListener::bind(p)
+                .with_context(|| format!("cannot listen for {what} on {}", p.display()))?;
+            Ok((Bound::Unix(l), addr.clone()))
         }
     }
 }
 
 async fn serve_grpc(
     router: tonic::transport::server::Router,
-    bound: Bound,
+    incoming: impl futures_util::Stream<Item = std::io::Result<crate::net::Guarded>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
     let signal = async move {
         let _ = shutdown.wait_for(|s| *s).await;
     };
-    match bound {
-        Bound::Tcp(l) => {
-            let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
-            router.serve_with_incoming_shutdown(incoming, signal).await
-        }
-        Bound::Unix(l) => {
-            router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(l), signal)
-                .await
-        }
-    }
+    router.serve_with_incoming_shutdown(incoming, signal).await
 }
 
-async fn serve_http(
-    router: axum::Router,
-    bound: Bound,
-    mut shutdown: watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    let signal = async move {
-        let _ = shutdown.wait_for(|s| *s).await;
-    };
-    match bound {
-        Bound::Tcp(l) => axum::serve(l, router).with_graceful_shutdown(signal).await,
-        Bound::Unix(l) => axum::serve(l, router).with_graceful_shutdown(signal).await,
-    }
+/// A gRPC server with the settings every gRPC listener shares: server pings every 30 s, so
+/// that a live but quiet peer (a watcher waiting for events) is never idle, and a dead one is
+/// found.
+fn grpc_builder() -> Server {
+    Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
 }
 
 /// Builds the engine and service for a loaded config.
@@ -179,11 +157,25 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let settings = loaded.server.clone();
     let service = build_service(loaded).await?;
 
-    let (ext_bound, ext_addr) = Bound::bind(&settings.ext_authz_listen, "ext_authz").await?;
-    let (grpc_bound, grpc_addr) = Bound::bind(&settings.grpc_listen, "gRPC").await?;
-    let (http_bound, http_addr) = Bound::bind(&settings.http_listen, "HTTP").await?;
-    if !settings.ext_authz_listen.is_local() {
-        tracing::warn!(addr = %ext_addr, "the ext_authz listener is reachable from other machines; it has no credentials and is meant for the local Envoy");
+    let (ext_bound, ext_addr) = bind(&settings.ext_authz_listen, "ext_authz").await?;
+    let (grpc_bound, grpc_addr) = bind(&settings.grpc_listen, "gRPC").await?;
+    let (http_bound, http_addr) = bind(&settings.http_listen, "HTTP").await?;
+    let budget = ConnectionBudget::from_limits(&settings.connections);
+    tracing::info!(
+        ext_authz = budget.ext_authz,
+        grpc = budget.grpc,
+        http = budget.http,
+        "connection limits"
+    );
+    let events: Arc<dyn crate::net::ConnectionEvents> = Arc::new(service.metrics.connections());
+    let c = &settings.connections;
+    let grpc_timeouts = Timeouts {
+        idle: c.idle_timeout,
+        auth: Some(c.auth_timeout),
+    };
+    let max_message = settings.limits.max_grpc_message_bytes;
+    for w in settings.warnings() {
+        tracing::warn!("{w}");
     }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -196,45 +188,73 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         .await;
 
     let mut servers = JoinSet::new();
-    let ext_router = Server::builder()
+    let ext_router = grpc_builder()
         .add_service(health_service.clone())
-        .add_service(AuthorizationServer::new(ExtAuthzService::new(Arc::clone(
-            &service,
-        ))))
-        .add_service(TollgateServer::new(TollgateService::local(
-            Arc::clone(&service),
-            shutdown_rx.clone(),
-        )));
+        .add_service(
+            AuthorizationServer::new(ExtAuthzService::new(Arc::clone(&service)))
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(
+            TollgateServer::new(TollgateService::ext_authz(
+                Arc::clone(&service),
+                shutdown_rx.clone(),
+            ))
+            .max_decoding_message_size(max_message),
+        );
+    let ext_incoming = incoming(
+        ext_bound,
+        "ext_authz",
+        budget.ext_authz,
+        grpc_timeouts,
+        Arc::clone(&events),
+    );
     servers.spawn({
         let rx = shutdown_rx.clone();
         async move {
-            serve_grpc(ext_router, ext_bound, rx)
+            serve_grpc(ext_router, ext_incoming, rx)
                 .await
                 .context("ext_authz server")
         }
     });
-    let grpc_router =
-        Server::builder()
-            .add_service(health_service)
-            .add_service(TollgateServer::new(TollgateService::new(
-                Arc::clone(&service),
-                shutdown_rx.clone(),
-            )));
+    let grpc_router = grpc_builder().add_service(health_service).add_service(
+        TollgateServer::new(TollgateService::new(
+            Arc::clone(&service),
+            shutdown_rx.clone(),
+        ))
+        .max_decoding_message_size(max_message),
+    );
+    let grpc_incoming = incoming(
+        grpc_bound,
+        "grpc",
+        budget.grpc,
+        grpc_timeouts,
+        Arc::clone(&events),
+    );
     servers.spawn({
         let rx = shutdown_rx.clone();
         async move {
-            serve_grpc(grpc_router, grpc_bound, rx)
+            serve_grpc(grpc_router, grpc_incoming, rx)
                 .await
                 .context("gRPC server")
         }
     });
     let http_router = crate::api::router(Arc::clone(&service), settings.max_body_bytes);
+    let http_incoming = incoming(
+        http_bound,
+        "http",
+        budget.http,
+        Timeouts {
+            idle: c.idle_timeout,
+            auth: None,
+        },
+        Arc::clone(&events),
+    );
     servers.spawn({
         let rx = shutdown_rx.clone();
+        let connections = settings.connections.clone();
         async move {
-            serve_http(http_router, http_bound, rx)
-                .await
-                .context("HTTP server")
+            crate::net::serve_http(http_router, http_incoming, &connections, rx).await;
+            Ok(())
         }
     });
 
@@ -303,6 +323,14 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Notes that the connection a request came on presented a valid credential, which exempts
+/// it from the auth timeout (see [`ConnState`]).
+pub fn mark_authenticated<T>(request: &tonic::Request<T>) {
+    if let Some(state) = request.extensions().get::<ConnState>() {
+        state.authenticated();
+    }
 }
 
 /// Config errors as one `anyhow` error listing every problem.

@@ -12,8 +12,8 @@ use crate::auth::{Credentials, Principal};
 use crate::catalog::{AdminError, AdminOp, Catalog};
 use crate::config::Loaded;
 use crate::config::dto::ConfigDoc;
-use crate::config::server::{ExtAuthzSettings, ServerSettings};
-use crate::core::plan::Usage;
+use crate::config::server::{ExtAuthzSettings, RequestLimits, ServerSettings};
+use crate::core::plan::{PlanError, Usage};
 use crate::core::{Decision, HoldId, Timestamp};
 use crate::engine::{CheckRequest, DecisionError, Engine};
 use crate::metrics::{Api, Metrics, Outcome};
@@ -28,15 +28,39 @@ const EVENT_BUFFER: usize = 4096;
 pub struct Runtime {
     pub credentials: Credentials,
     pub ext_authz: ExtAuthzSettings,
+    pub limits: RequestLimits,
 }
 
 impl From<&ServerSettings> for Runtime {
     fn from(s: &ServerSettings) -> Self {
         Self {
-            credentials: Credentials::new(s.operator_sha256, &s.api_keys),
+            credentials: Credentials::new(s.operator_sha256, &s.api_keys, &s.gateway_tokens),
             ext_authz: s.ext_authz.clone(),
+            limits: s.limits,
         }
     }
+}
+
+/// Refuses a request whose dimensions are over the configured bounds, on every front end:
+/// they are copied into events and records, so their size is memory any caller could grow.
+pub fn bounded_dimensions(
+    dimensions: &HashMap<String, String>,
+    limits: &RequestLimits,
+) -> Result<(), PlanError> {
+    if dimensions.len() > limits.max_dimensions {
+        return Err(PlanError::TooManyDimensions {
+            count: dimensions.len(),
+            max: limits.max_dimensions,
+        });
+    }
+    let bytes: usize = dimensions.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > limits.max_dimension_bytes {
+        return Err(PlanError::DimensionsTooLarge {
+            bytes,
+            max: limits.max_dimension_bytes,
+        });
+    }
+    Ok(())
 }
 
 /// What happened, for `WatchUsage` and the push stream.
@@ -154,6 +178,16 @@ impl Service {
         self.events.subscribe()
     }
 
+    /// The dimensions the model reads: all an event keeps of a request's dimensions.
+    fn declared(&self, dimensions: &HashMap<String, String>) -> HashMap<String, String> {
+        let model = self.engine.model();
+        dimensions
+            .iter()
+            .filter(|(k, _)| model.dimensions.contains(*k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
     fn emit(&self, make: impl FnOnce() -> UsageEvent) {
         // Building an event copies the dimensions; skip it when nobody is watching.
         if self.events.receiver_count() > 0 {
@@ -164,7 +198,10 @@ impl Service {
     /// A decision, counted in metrics by `api` and outcome, and streamed to watchers.
     pub async fn check(&self, api: Api, req: &CheckRequest<'_>) -> Result<Decision, DecisionError> {
         let started = Instant::now();
-        let result = self.engine.check(req).await;
+        let result = match bounded_dimensions(req.dimensions, &self.runtime().limits) {
+            Ok(()) => self.engine.check(req).await,
+            Err(e) => Err(e.into()),
+        };
         let outcome = match &result {
             Ok(d) if !d.granted => Outcome::Denied,
             Ok(d) if d.would_deny().next().is_some() => Outcome::ShadowDenied,
@@ -196,7 +233,7 @@ impl Service {
                 feature: req.feature.to_string(),
                 hold_id: d.hold_id.as_ref().map(ToString::to_string),
                 usage: req.usage.units,
-                dimensions: req.dimensions.clone(),
+                dimensions: self.declared(req.dimensions),
                 limit_id: d.denial.as_ref().map(|x| x.limit_id.to_string()),
                 entity_id: d.denial.as_ref().map(|x| x.entity_id.to_string()),
             });
@@ -274,6 +311,7 @@ impl Service {
         if item.idempotency_key.is_empty() || item.idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
             return Ok(None);
         }
+        bounded_dimensions(&item.dimensions, &self.runtime().limits)?;
         let req = CheckRequest {
             customer: &item.customer,
             feature: &item.feature,
@@ -310,7 +348,7 @@ impl Service {
                 feature: item.feature.clone(),
                 hold_id: None,
                 usage: item.usage.units,
-                dimensions: item.dimensions.clone(),
+                dimensions: self.declared(&item.dimensions),
                 limit_id: None,
                 entity_id: None,
             });

@@ -20,7 +20,7 @@ use tollgate::service::Service;
 use tollgate_proto::v1 as pb;
 use tonic::{Code, Request};
 
-use support::{ACME_KEY, ACME_ORG_CAP, GLOBEX_KEY, OPERATOR, org_counted};
+use support::{ACME_GATEWAY, ACME_KEY, ACME_ORG_CAP, GATEWAY, GLOBEX_KEY, OPERATOR, org_counted};
 
 fn authz_request(headers: &[(&str, &str)], extensions: &[(&str, &str)]) -> Request<CheckRequest> {
     let to_map = |kv: &[(&str, &str)]| -> HashMap<String, String> {
@@ -52,16 +52,83 @@ fn headers_of(
         .collect()
 }
 
+/// An ext_authz `Check` as Envoy sends it, with the gateway token.
 async fn authz(
     service: &Arc<Service>,
     headers: &[(&str, &str)],
     ext: &[(&str, &str)],
 ) -> CheckResponse {
-    ExtAuthzService::new(Arc::clone(service))
-        .check(authz_request(headers, ext))
+    authz_as(service, Some(GATEWAY), headers, ext)
         .await
         .unwrap()
         .into_inner()
+}
+
+async fn authz_as(
+    service: &Arc<Service>,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    ext: &[(&str, &str)],
+) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
+    let mut request = authz_request(headers, ext);
+    if let Some(t) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    ExtAuthzService::new(Arc::clone(service))
+        .check(request)
+        .await
+}
+
+#[tokio::test]
+async fn ext_authz_needs_a_credential_that_reaches_the_customer() {
+    let service = support::service().await;
+    let ext = [
+        ("tollgate.customer", "globex"),
+        ("tollgate.feature", "ai-tokens"),
+        ("tollgate.usage", "10"),
+    ];
+    for (token, code) in [
+        (None, Code::Unauthenticated),
+        (Some("envoy.wrong-secret"), Code::Unauthenticated),
+        (Some("not-even-a-key"), Code::Unauthenticated),
+        (Some(ACME_KEY), Code::PermissionDenied),
+        (Some(ACME_GATEWAY), Code::PermissionDenied),
+    ] {
+        let err = authz_as(&service, token, &[], &ext).await.unwrap_err();
+        assert_eq!(err.code(), code, "{token:?}: {err:?}");
+    }
+    assert_eq!(org_counted(&service, "globex").await, 0, "nothing was held");
+    // The customer's own key, the operator and the gateway token reach it.
+    for token in [GLOBEX_KEY, OPERATOR, GATEWAY] {
+        let r = authz_as(&service, Some(token), &[], &ext)
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status.unwrap().code, Code::Ok as i32, "{token}");
+    }
+    assert_eq!(org_counted(&service, "globex").await, 30);
+    // A gateway token is for the ext_authz listener only: the API listener refuses it, and
+    // on the ext_authz listener it decides and closes holds, nothing else.
+    let (api, _tx) = tollgate(&service);
+    let err = api
+        .check(authed(check_msg("acme", "alice", 1), GATEWAY))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("ext_authz listener only"), "{err:?}");
+    let (rx_tx, rx) = watch::channel(false);
+    let local = TollgateService::ext_authz(Arc::clone(&service), rx);
+    let err = local
+        .ingest_usage(authed(
+            pb::IngestUsageRequest { events: Vec::new() },
+            GATEWAY,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    drop(rx_tx);
 }
 
 #[tokio::test]
@@ -83,10 +150,9 @@ async fn ext_authz_grant_returns_ok_with_hold_for_the_filter_and_upstream() {
         panic!("not an OK response")
     };
     let upstream = headers_of(&ok.headers);
-    let hold = &upstream["x-tollgate-hold-id"];
     assert!(
-        hold.starts_with("acme:1:") && hold.len() == "acme:1:".len() + 32,
-        "{hold}"
+        !upstream.contains_key("x-tollgate-hold-id"),
+        "the hold id goes upstream only when asked for: {upstream:?}"
     );
     assert_eq!(
         upstream["x-tollgate-remaining"],
@@ -96,7 +162,31 @@ async fn ext_authz_grant_returns_ok_with_hold_for_the_filter_and_upstream() {
     assert_eq!(client["ratelimit-limit"], ACME_ORG_CAP.to_string());
     assert!(client.contains_key("ratelimit-reset"));
     let meta = r.dynamic_metadata.unwrap();
-    assert!(format!("{:?}", meta.fields["holdId"]).contains(hold.as_str()));
+    let hold = format!("{:?}", meta.fields["holdId"]);
+    assert!(hold.contains("acme:1:"), "{hold}");
+    // Asked for, it goes upstream too.
+    let service = support::service_from(
+        &support::config().replace("  extAuthz:\n", "  extAuthz:\n    upstreamHoldId: true\n"),
+    )
+    .await;
+    let r = authz(
+        &service,
+        &[
+            ("x-tollgate-customer", "acme"),
+            ("x-tollgate-feature", "ai-tokens"),
+            ("x-tollgate-usage", "40"),
+        ],
+        &[],
+    )
+    .await;
+    let Some(HttpResponse::OkResponse(ok)) = r.http_response else {
+        panic!("not an OK response")
+    };
+    let hold = &headers_of(&ok.headers)["x-tollgate-hold-id"];
+    assert!(
+        hold.starts_with("acme:1:") && hold.len() == "acme:1:".len() + 32,
+        "{hold}"
+    );
     assert_eq!(org_counted(&service, "acme").await, 40);
 }
 
@@ -533,7 +623,7 @@ async fn close_holds_settles_and_releases_many_with_a_result_each() {
             close(&holds[0], Some(40)),
             close(&holds[1], None),
             close(&holds[0], Some(999)),
-            close("acme:999999", Some(1)),
+            close("acme:999999:0123456789abcdef0123456789abcdef", Some(1)),
             close("not a hold", None),
             close(&globex, Some(1)),
             close(&holds[2], Some(50)),
@@ -562,23 +652,74 @@ async fn close_holds_settles_and_releases_many_with_a_result_each() {
     // 40 settled + 50 settled; bob's 200 released; the second settle changed nothing.
     assert_eq!(org_counted(&service, "acme").await, 90);
 
-    // Without credentials only the ext_authz listener's local service may close holds.
+    // No listener closes holds without credentials; on the ext_authz listener the gateway
+    // token closes them, and a customer key only its own customer's.
     let err = svc
         .close_holds(Request::new(request.clone()))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     let (rx_tx, rx) = watch::channel(false);
-    let local = TollgateService::local(Arc::clone(&service), rx);
-    let results = local
+    let local = TollgateService::ext_authz(Arc::clone(&service), rx);
+    let err = local
         .close_holds(Request::new(pb::CloseHoldsRequest {
-            holds: vec![close(&globex, Some(7))],
+            holds: vec![close(&globex, Some(0))],
         }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let results = local
+        .close_holds(authed(
+            pb::CloseHoldsRequest {
+                holds: vec![close(&globex, Some(0))],
+            },
+            ACME_KEY,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(
+        results[0].status(),
+        S::Rejected,
+        "acme's key, globex's hold"
+    );
+    // Enumerating globex's hold numbers reaches nothing: an id needs the hold's tag.
+    let guesses = pb::CloseHoldsRequest {
+        holds: (1..=800)
+            .map(|n| close(&format!("globex:{n}"), Some(0)))
+            .chain((1..=200).map(|n| close(&format!("globex:{n}:{:032x}", n * 7919), Some(0))))
+            .collect(),
+    };
+    let results = local
+        .close_holds(authed(guesses, GATEWAY))
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert!(
+        results.iter().all(|r| r.status() == S::Rejected),
+        "{:?}",
+        results.iter().find(|r| r.status() != S::Rejected)
+    );
+    assert_eq!(
+        org_counted(&service, "globex").await,
+        10,
+        "globex's hold is still open"
+    );
+    let results = local
+        .close_holds(authed(
+            pb::CloseHoldsRequest {
+                holds: vec![close(&globex, Some(7))],
+            },
+            GATEWAY,
+        ))
         .await
         .unwrap()
         .into_inner()
         .results;
     assert_eq!(results[0].status(), S::Closed);
+    assert_eq!(org_counted(&service, "globex").await, 7);
     drop(rx_tx);
 
     let too_many = pb::CloseHoldsRequest {

@@ -37,6 +37,9 @@ test_with_all_stores! {
     a_hold_id_with_another_tag_reaches_nothing,
     a_settlement_over_the_maximum_is_refused_and_changes_nothing,
     a_feature_sets_its_own_settlement_maximum,
+    a_dry_run_creates_nothing,
+    replicas_share_auto_entities_their_parents_and_the_cap,
+    auto_created_ids_obey_the_config_rules,
 }
 
 test_with_all_store_factories! {
@@ -761,7 +764,134 @@ limits:
         err.to_string(),
         "cannot create entity `new-3`: customer `acme` already has 2 auto-created entities, the configured maximum"
     );
-    assert_eq!(h.engine.auto_created("acme"), 2);
+    assert_eq!(h.run(h.engine.auto_created("acme")).unwrap(), 2);
+}
+
+const AUTO: &str = r#"
+maxAutoEntities: 3
+autoCreateParents:
+  user: t3
+limits:
+  - { id: team-day, entityType: team, feature: tokens, kind: quota, limit: 1000, period: P1D }
+  - { id: user-day, entityType: user, feature: tokens, kind: quota, limit: 100, period: P1D }
+"#;
+
+fn auto_yaml() -> String {
+    tree_with(AUTO).replace(
+        "  - dimension: userId\n    entityType: user\n",
+        "  - dimension: userId\n    entityType: user\n    onUnknown: create\n",
+    )
+}
+
+fn a_dry_run_creates_nothing(store: Store) {
+    let h = harness(&auto_yaml(), store, "2026-03-10T10:00:00Z");
+    for i in 0..5 {
+        // Answered as a real check would be, with the would-be entity in its place.
+        let d = h.dry_run("acme", "tokens", 150, &[("userId", &format!("ghost-{i}"))]);
+        assert!(!d.granted, "the user's own limit would deny");
+        assert_eq!(d.chain[0].entity_id, "(new entity)");
+        assert_eq!(d.chain[0].limit_id, "user-day");
+        assert_eq!(d.chain[1].entity_id, "t3");
+        let d = h.dry_run("acme", "tokens", 50, &[("userId", &format!("ghost-{i}"))]);
+        assert!(d.granted);
+    }
+    assert_eq!(h.run(h.engine.auto_created("acme")).unwrap(), 0);
+    // Real checks still have the whole cap.
+    for i in 0..3 {
+        assert!(
+            h.check("acme", "tokens", 1, &[("userId", &format!("real-{i}"))])
+                .granted
+        );
+    }
+    assert_eq!(h.run(h.engine.auto_created("acme")).unwrap(), 3);
+    // A dry run of an entity that exists reads its counters.
+    let d = h.dry_run("acme", "tokens", 0, &[("userId", "real-0")]);
+    assert_eq!(d.chain[0].entity_id, "real-0");
+    assert_eq!(d.chain[0].current_usage, 1);
+}
+
+/// Two engines on one store are two replicas on one Redis (or two front ends of one process):
+/// the entities created on the fly, their parents and the cap are the store's, not an engine's.
+fn replicas_share_auto_entities_their_parents_and_the_cap(store: Store) {
+    let a = harness(&auto_yaml(), Arc::clone(&store), "2026-03-10T10:00:00Z");
+    let b = harness(&auto_yaml(), store, "2026-03-10T10:00:00Z");
+    // First seen on A with a team: under t1.
+    let d = a.check(
+        "acme",
+        "tokens",
+        5,
+        &[("userId", "agent-x"), ("teamId", "t1")],
+    );
+    assert_eq!(d.chain[1].entity_id, "t1");
+    // Then on B without one: still under t1, not the default parent t3.
+    let d = b.check("acme", "tokens", 5, &[("userId", "agent-x")]);
+    let levels: Vec<&str> = d.chain.iter().map(|e| e.entity_id.as_str()).collect();
+    assert_eq!(levels, ["agent-x", "t1"]);
+    assert_eq!(b.counted("acme", "agent-x", "user-day"), 10);
+    // One cap for both: two more on B, then neither may create.
+    assert!(
+        b.check("acme", "tokens", 1, &[("userId", "agent-y")])
+            .granted
+    );
+    assert!(
+        a.check("acme", "tokens", 1, &[("userId", "agent-z")])
+            .granted
+    );
+    for h in [&a, &b] {
+        let dimensions = dims(&[("userId", "agent-w")]);
+        let err = h
+            .run(h.engine.check(&CheckRequest {
+                customer: "acme",
+                feature: "tokens",
+                usage: Usage::units(1),
+                dimensions: &dimensions,
+                dry_run: false,
+            }))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DecisionError::Plan(PlanError::AutoEntityLimit { max: 3, .. })
+            ),
+            "{err}"
+        );
+        assert_eq!(h.run(h.engine.auto_created("acme")).unwrap(), 3);
+    }
+    // Entities the other replica created are known here too, with their parents.
+    let d = a.check("acme", "tokens", 1, &[("userId", "agent-y")]);
+    assert_eq!(d.chain[1].entity_id, "t3");
+}
+
+fn auto_created_ids_obey_the_config_rules(store: Store) {
+    let h = harness(&auto_yaml(), store, "2026-03-10T10:00:00Z");
+    let long = "x".repeat(129);
+    for bad in [
+        "line\nbreak",
+        "nul\0",
+        "rtl\u{202e}txt",
+        "{acme}",
+        "with space",
+        "tab\t",
+        "caf\u{e9}",
+        long.as_str(),
+    ] {
+        let dimensions = dims(&[("userId", bad)]);
+        let err = h
+            .run(h.engine.check(&CheckRequest {
+                customer: "acme",
+                feature: "tokens",
+                usage: Usage::units(1),
+                dimensions: &dimensions,
+                dry_run: false,
+            }))
+            .unwrap_err();
+        assert!(
+            matches!(err, DecisionError::Plan(PlanError::BadEntityId { .. })),
+            "{bad:?}: {err}"
+        );
+    }
+    assert_eq!(h.run(h.engine.auto_created("acme")).unwrap(), 0);
+    assert_eq!(h.engine.store().stats().holds_open, 0);
 }
 
 fn derived_features_count_requests_and_price_credits(store: Store) {

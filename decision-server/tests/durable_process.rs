@@ -14,7 +14,7 @@ use envoy_types::pb::envoy::service::auth::v3::authorization_client::Authorizati
 use parking_lot::Mutex;
 use serde_json::json;
 use support::OPERATOR;
-use support::sidecar::{LOOPBACK_PORT_0, Sidecar, check};
+use support::sidecar::{LOOPBACK_PORT_0, Sidecar, check, hold_of};
 
 const CLIENTS: usize = 16;
 
@@ -72,21 +72,10 @@ async fn crash_and_restart(storage: &str, window: Duration) {
                     break; // the sidecar is gone
                 };
                 let r = r.into_inner();
-                assert_eq!(r.status.unwrap().code, 0, "a check was denied");
+                assert_eq!(r.status.as_ref().unwrap().code, 0, "a check was denied");
                 load.granted.lock().push((Instant::now(), usage));
                 if i % 50 == 0 {
-                    let ok = match r.http_response {
-                        Some(envoy_types::ext_authz::v3::pb::HttpResponse::OkResponse(o)) => o,
-                        other => panic!("not a grant: {other:?}"),
-                    };
-                    let hold = ok
-                        .headers
-                        .iter()
-                        .filter_map(|h| h.header.as_ref())
-                        .find(|h| h.key == "x-tollgate-hold-id")
-                        .unwrap()
-                        .value
-                        .clone();
+                    let hold = hold_of(&r).expect("a grant carries its hold id");
                     load.holds.lock().push((hold, usage));
                 }
             }

@@ -168,3 +168,66 @@ fn a_file_that_is_not_a_store_is_refused_with_its_path() {
     let e = DurableStore::open(&path, Durability::Sync).unwrap_err();
     assert!(e.to_string().contains("not-a-store.redb"), "{e}");
 }
+
+/// Entities created on the fly, their parents and the customer's cap are in the file: a
+/// restart neither forgets them (which let another `maxAutoEntities` in after each restart)
+/// nor moves one under another parent.
+#[test]
+fn auto_created_entities_and_their_cap_survive_a_restart() {
+    let yaml = tree_with(
+        r#"
+maxAutoEntities: 2
+autoCreateParents:
+  user: t3
+limits:
+  - { id: user-day, entityType: user, feature: tokens, kind: quota, limit: 100, period: P1D }
+"#,
+    )
+    .replace(
+        "  - dimension: userId\n    entityType: user\n",
+        "  - dimension: userId\n    entityType: user\n    onUnknown: create\n",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.redb");
+    let start = |path: &Path| {
+        let store: Arc<dyn CounterStore> =
+            Arc::new(DurableStore::open(path, Durability::Sync).unwrap());
+        harness(&yaml, store, START)
+    };
+    {
+        let h = start(&path);
+        let d = h.check(
+            "acme",
+            "tokens",
+            7,
+            &[("userId", "new-1"), ("teamId", "t1")],
+        );
+        assert_eq!(d.chain[0].entity_id, "new-1");
+        assert!(h.check("acme", "tokens", 7, &[("userId", "new-2")]).granted);
+    }
+    let h = start(&path);
+    assert_eq!(h.run(h.engine.auto_created("acme")).unwrap(), 2);
+    let d = dims(&[("userId", "new-3")]);
+    let refused = h.run(h.engine.check(&CheckRequest {
+        customer: "acme",
+        feature: "tokens",
+        usage: tollgate::core::plan::Usage::units(1),
+        dimensions: &d,
+        dry_run: false,
+    }));
+    assert!(
+        refused.is_err(),
+        "the cap outlives the restart: {refused:?}"
+    );
+    // new-1 keeps the parent it was created under, though this request names no team.
+    let d = h.check("acme", "tokens", 1, &[("userId", "new-1")]);
+    assert!(d.granted);
+    assert_eq!(h.counted("acme", "new-1", "user-day"), 8);
+    let d = h.dry_run(
+        "acme",
+        "tokens",
+        0,
+        &[("userId", "new-1"), ("teamId", "t1")],
+    );
+    assert!(d.granted, "new-1 is under t1: {:?}", d.denial);
+}

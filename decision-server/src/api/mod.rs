@@ -247,7 +247,7 @@ impl FromRequestParts<AppState> for Caller {
         state
             .runtime()
             .credentials
-            .authenticate_header(header)
+            .authenticate_header(header, crate::auth::Listener::Api)
             .map(Caller)
             .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()))
     }

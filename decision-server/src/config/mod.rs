@@ -23,8 +23,8 @@ use rustc_hash::FxHashMap;
 pub const DEFAULT_HOLD_TTL: &str = "PT5M";
 /// Entities a customer may have created on the fly when the config names no maximum.
 pub const DEFAULT_MAX_AUTO_ENTITIES: u32 = 10_000;
-/// Longest id accepted anywhere in the config.
-pub const MAX_ID_LEN: usize = 128;
+pub use crate::core::model::MAX_ID_LEN;
+use crate::core::model::valid_id;
 
 /// One problem in a config file: where, and what.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,7 +102,8 @@ pub fn load(text: &str, file: &str) -> Result<Loaded, ConfigErrors> {
     let mut doc = parse_doc(text, file)?;
     let server_dto = doc.server.take().unwrap_or_default();
     let model = build_model(&doc, file);
-    let server = server::ServerSettings::from_dto(&server_dto, file);
+    let customers: HashSet<&str> = doc.customers.iter().map(|c| c.id.as_str()).collect();
+    let server = server::ServerSettings::from_dto(&server_dto, file, &customers);
     match (model, server) {
         (Ok(model), Ok(server)) => Ok(Loaded { doc, model, server }),
         (model, server) => {
@@ -159,24 +160,6 @@ pub fn parse_doc(text: &str, file: &str) -> Result<ConfigDoc, ConfigErrors> {
 struct Validator<'f> {
     file: &'f str,
     errors: Vec<ConfigError>,
-}
-
-fn valid_id(id: &str) -> Result<(), String> {
-    if id.is_empty() {
-        return Err("must not be empty".into());
-    }
-    if id.len() > MAX_ID_LEN {
-        return Err(format!("is longer than {MAX_ID_LEN} bytes"));
-    }
-    if let Some(c) = id
-        .chars()
-        .find(|c| !c.is_ascii_graphic() || matches!(c, '{' | '}'))
-    {
-        return Err(format!(
-            "`{id}` contains {c:?}; ids are printable ASCII without spaces, `{{` or `}}`"
-        ));
-    }
-    Ok(())
 }
 
 impl Validator<'_> {
@@ -263,6 +246,7 @@ impl Validator<'_> {
             prices,
             customers,
             hold_ttl_millis,
+            dimensions,
         }
     }
 

@@ -44,6 +44,55 @@ pub struct ServerDto {
     /// ISO-8601 duration shutdown waits for in-flight calls before it gives up.
     #[serde(default)]
     pub shutdown_grace: Option<String>,
+    #[serde(default)]
+    pub connections: ConnectionsDto,
+    #[serde(default)]
+    pub limits: RequestLimitsDto,
+}
+
+/// Bounds on connections, so that idle, slow or abandoned clients cannot take the file
+/// descriptors Envoy's connection needs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConnectionsDto {
+    /// Most open connections on the ext_authz listener. Default: half of what the process's
+    /// file-descriptor limit leaves after a reserve, at most 4096.
+    #[serde(default)]
+    pub max_ext_authz: Option<usize>,
+    /// Most open connections on the gRPC listener. Default: a quarter, at most 1024.
+    #[serde(default)]
+    pub max_grpc: Option<usize>,
+    /// Most open connections on the HTTP listener. Default: a quarter, at most 1024.
+    #[serde(default)]
+    pub max_http: Option<usize>,
+    /// A connection that sends and receives nothing for this long is closed. Default `PT5M`.
+    #[serde(default)]
+    pub idle_timeout: Option<String>,
+    /// A gRPC connection that has carried no call with a valid credential this long after it
+    /// opened is closed. Default `PT10S`.
+    #[serde(default)]
+    pub auth_timeout: Option<String>,
+    /// HTTP: the most a request's headers (and an idle keep-alive wait) may take. Default `PT10S`.
+    #[serde(default)]
+    pub header_timeout: Option<String>,
+    /// HTTP: the most a whole request, body included, may take. Default `PT30S`.
+    #[serde(default)]
+    pub request_timeout: Option<String>,
+}
+
+/// Bounds on what one request may carry.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestLimitsDto {
+    /// Most dimensions one request may carry. Default 32.
+    #[serde(default)]
+    pub max_dimensions: Option<usize>,
+    /// Most bytes of dimension names and values together. Default 8192.
+    #[serde(default)]
+    pub max_dimension_bytes: Option<usize>,
+    /// Largest gRPC message accepted, in bytes. Default 1 MiB.
+    #[serde(default)]
+    pub max_grpc_message_bytes: Option<usize>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -123,6 +172,21 @@ pub struct CredentialsDto {
     pub operator_token_sha256: Option<String>,
     #[serde(default)]
     pub api_keys: Vec<ApiKeyDto>,
+    /// Tokens Envoy presents on the ext_authz listener (`tollgate keygen --gateway`).
+    #[serde(default)]
+    pub gateway_tokens: Vec<GatewayTokenDto>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayTokenDto {
+    /// The token's public id: the part of the token before the `.`.
+    pub id: String,
+    /// Hex SHA-256 of the whole token.
+    pub sha256: String,
+    /// The customers this gateway decides for; unset, every customer.
+    #[serde(default)]
+    pub customers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -178,10 +242,15 @@ pub struct ExtAuthzDto {
     /// HTTP status of a bad-input denial. Default 400.
     #[serde(default)]
     pub bad_input_status: Option<u16>,
-    /// Add `x-tollgate-hold-id` and `x-tollgate-remaining` to the request sent upstream.
-    /// Default true.
+    /// Add `x-tollgate-remaining` (and `x-tollgate-no-matching-limit`) to the request sent
+    /// upstream. Default true.
     #[serde(default)]
     pub upstream_headers: Option<bool>,
+    /// Also send the hold id upstream in `x-tollgate-hold-id`, for an application that settles
+    /// its own holds. Default false: a hold id is a capability to close the hold, and the
+    /// upstream (or whatever it logs to) has no use for it otherwise.
+    #[serde(default)]
+    pub upstream_hold_id: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -241,6 +310,24 @@ impl fmt::Display for ListenAddr {
     }
 }
 
+impl ServerSettings {
+    /// What is valid but unwise, for `tollgate validate` and the log at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(h) = &self.ext_authz.customer.header {
+            out.push(format!(
+                "server.extAuthz.customer: the customer comes from the client's own `{h}` header, so any client can charge any customer; take it from the route's context extension `tollgate.customer`, or from a verified JWT claim through the WASM filter"
+            ));
+        }
+        if self.gateway_tokens.is_empty() {
+            out.push(
+                "server.credentials.gatewayTokens: none configured; Envoy's calls to the ext_authz listener will be refused unless it presents an API key or the operator token (`tollgate keygen --gateway envoy` makes one)".to_string(),
+            );
+        }
+        out
+    }
+}
+
 /// Where the ext_authz service reads one attribute after `context_extensions`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Source {
@@ -270,12 +357,16 @@ pub struct ExtAuthzSettings {
     pub allow_bad_input: bool,
     pub bad_input_status: u16,
     pub upstream_headers: bool,
+    pub upstream_hold_id: bool,
 }
 
 impl Default for ExtAuthzSettings {
+    /// The customer has no header by default: a header is whatever the client sends, and the
+    /// customer decides who pays. It comes from the route's context extensions (or a verified
+    /// JWT through the WASM filter) unless the config names a header on purpose.
     fn default() -> Self {
         Self {
-            customer: Source::header("x-tollgate-customer"),
+            customer: Source::default(),
             feature: Source::header("x-tollgate-feature"),
             usage: Source::header("x-tollgate-usage"),
             dimensions: Vec::new(),
@@ -283,6 +374,7 @@ impl Default for ExtAuthzSettings {
             allow_bad_input: false,
             bad_input_status: 400,
             upstream_headers: true,
+            upstream_hold_id: false,
         }
     }
 }
@@ -301,6 +393,46 @@ pub struct ApiKeySpec {
     pub sha256: [u8; 32],
 }
 
+/// One configured gateway token: the SHA-256 of the whole token, and the customers it reaches
+/// (`None`: all).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayTokenSpec {
+    pub id: String,
+    pub sha256: [u8; 32],
+    pub customers: Option<Vec<String>>,
+}
+
+/// Connection bounds, validated; `None` maxima are worked out from the descriptor limit at
+/// start (see `net::ConnectionBudget`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connections {
+    pub max_ext_authz: Option<usize>,
+    pub max_grpc: Option<usize>,
+    pub max_http: Option<usize>,
+    pub idle_timeout: std::time::Duration,
+    pub auth_timeout: std::time::Duration,
+    pub header_timeout: std::time::Duration,
+    pub request_timeout: std::time::Duration,
+}
+
+/// Per-request bounds, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    pub max_dimensions: usize,
+    pub max_dimension_bytes: usize,
+    pub max_grpc_message_bytes: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self {
+            max_dimensions: 32,
+            max_dimension_bytes: 8192,
+            max_grpc_message_bytes: 1024 * 1024,
+        }
+    }
+}
+
 /// The validated `server:` section.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerSettings {
@@ -309,12 +441,15 @@ pub struct ServerSettings {
     pub http_listen: ListenAddr,
     pub operator_sha256: Option<[u8; 32]>,
     pub api_keys: Vec<ApiKeySpec>,
+    pub gateway_tokens: Vec<GatewayTokenSpec>,
     pub ext_authz: ExtAuthzSettings,
     pub log_format: LogFormat,
     pub log_level: String,
     pub max_body_bytes: usize,
     pub shutdown_grace_millis: i64,
     pub storage: Storage,
+    pub connections: Connections,
+    pub limits: RequestLimits,
 }
 
 /// Where counters live.
@@ -452,9 +587,21 @@ fn status(code: Option<u16>, default: u16, path: &str, errors: &mut Errors<'_>) 
     code
 }
 
+fn key_id_ok(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 impl ServerSettings {
     /// Validates the section; every error names `file` and its path under `server`.
-    pub fn from_dto(dto: &ServerDto, file: &str) -> Result<Self, ConfigErrors> {
+    /// `customers` are the customers the file declares: a credential may only name those.
+    pub fn from_dto(
+        dto: &ServerDto,
+        file: &str,
+        customers: &std::collections::HashSet<&str>,
+    ) -> Result<Self, ConfigErrors> {
         let mut errors = Errors {
             file,
             list: Vec::new(),
@@ -486,12 +633,7 @@ impl ServerSettings {
         let mut seen = std::collections::HashSet::new();
         for (i, k) in dto.credentials.api_keys.iter().enumerate() {
             let path = format!("server.credentials.apiKeys[{i}]");
-            if k.id.is_empty()
-                || !k
-                    .id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            {
+            if !key_id_ok(&k.id) {
                 errors.push(
                     format!("{path}.id"),
                     format!(
@@ -503,11 +645,66 @@ impl ServerSettings {
             if !seen.insert(k.id.clone()) {
                 errors.push(format!("{path}.id"), format!("duplicate key id `{}`", k.id));
             }
+            // A key for a customer the file does not declare would reach whichever customer
+            // is later created with that id.
+            if !customers.contains(k.customer.as_str()) {
+                errors.push(
+                    format!("{path}.customer"),
+                    format!(
+                        "unknown customer `{}`; an API key must name a customer of this file",
+                        k.customer
+                    ),
+                );
+            }
             match digest(&k.sha256) {
                 Ok(sha256) => api_keys.push(ApiKeySpec {
                     id: k.id.clone(),
                     customer: k.customer.clone(),
                     sha256,
+                }),
+                Err(m) => errors.push(format!("{path}.sha256"), m),
+            }
+        }
+        let mut gateway_tokens = Vec::new();
+        for (i, g) in dto.credentials.gateway_tokens.iter().enumerate() {
+            let path = format!("server.credentials.gatewayTokens[{i}]");
+            if !key_id_ok(&g.id) {
+                errors.push(
+                    format!("{path}.id"),
+                    format!(
+                        "`{}` is not a token id; use letters, digits, `-` and `_`",
+                        g.id
+                    ),
+                );
+            }
+            if !seen.insert(g.id.clone()) {
+                errors.push(
+                    format!("{path}.id"),
+                    format!(
+                        "duplicate key id `{}` (API keys and gateway tokens share ids)",
+                        g.id
+                    ),
+                );
+            }
+            for (j, c) in g.customers.iter().flatten().enumerate() {
+                if !customers.contains(c.as_str()) {
+                    errors.push(
+                        format!("{path}.customers[{j}]"),
+                        format!("unknown customer `{c}`"),
+                    );
+                }
+            }
+            if g.customers.as_ref().is_some_and(Vec::is_empty) {
+                errors.push(
+                    format!("{path}.customers"),
+                    "an empty list reaches no customer; leave it out for every customer",
+                );
+            }
+            match digest(&g.sha256) {
+                Ok(sha256) => gateway_tokens.push(GatewayTokenSpec {
+                    id: g.id.clone(),
+                    sha256,
+                    customers: g.customers.clone(),
                 }),
                 Err(m) => errors.push(format!("{path}.sha256"), m),
             }
@@ -603,6 +800,70 @@ impl ServerSettings {
             }
             StorageKindDto::Redis => Storage::Redis(redis_settings(&dto.storage, &mut errors)),
         };
+        let c = &dto.connections;
+        let mut duration = |v: &Option<String>, default: &str, name: &str| {
+            let text = v.as_deref().unwrap_or(default);
+            match parse_fixed_millis(text) {
+                Ok(ms) if ms > 0 => std::time::Duration::from_millis(ms.unsigned_abs()),
+                Ok(_) => {
+                    errors.push(format!("server.connections.{name}"), "must be above zero");
+                    std::time::Duration::ZERO
+                }
+                Err(m) => {
+                    errors.push(format!("server.connections.{name}"), m.to_string());
+                    std::time::Duration::ZERO
+                }
+            }
+        };
+        let idle_timeout = duration(&c.idle_timeout, "PT5M", "idleTimeout");
+        let auth_timeout = duration(&c.auth_timeout, "PT10S", "authTimeout");
+        let header_timeout = duration(&c.header_timeout, "PT10S", "headerTimeout");
+        let request_timeout = duration(&c.request_timeout, "PT30S", "requestTimeout");
+        for (v, name) in [
+            (c.max_ext_authz, "maxExtAuthz"),
+            (c.max_grpc, "maxGrpc"),
+            (c.max_http, "maxHttp"),
+        ] {
+            if v == Some(0) {
+                errors.push(format!("server.connections.{name}"), "must be at least 1");
+            }
+        }
+        let connections = Connections {
+            max_ext_authz: c.max_ext_authz,
+            max_grpc: c.max_grpc,
+            max_http: c.max_http,
+            idle_timeout,
+            auth_timeout,
+            header_timeout,
+            request_timeout,
+        };
+        let d = RequestLimits::default();
+        let limits = RequestLimits {
+            max_dimensions: dto.limits.max_dimensions.unwrap_or(d.max_dimensions),
+            max_dimension_bytes: dto
+                .limits
+                .max_dimension_bytes
+                .unwrap_or(d.max_dimension_bytes),
+            max_grpc_message_bytes: dto
+                .limits
+                .max_grpc_message_bytes
+                .unwrap_or(d.max_grpc_message_bytes),
+        };
+        if !(1..=1024).contains(&limits.max_dimensions) {
+            errors.push("server.limits.maxDimensions", "must be from 1 to 1024");
+        }
+        if !(64..=1024 * 1024).contains(&limits.max_dimension_bytes) {
+            errors.push(
+                "server.limits.maxDimensionBytes",
+                "must be from 64 to 1048576",
+            );
+        }
+        if !(4096..=64 * 1024 * 1024).contains(&limits.max_grpc_message_bytes) {
+            errors.push(
+                "server.limits.maxGrpcMessageBytes",
+                "must be from 4096 to 67108864",
+            );
+        }
         let max_body_bytes = dto.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
         if max_body_bytes == 0 {
             errors.push("server.maxBodyBytes", "must be at least 1");
@@ -621,6 +882,7 @@ impl ServerSettings {
             http_listen,
             operator_sha256,
             api_keys,
+            gateway_tokens,
             ext_authz: ExtAuthzSettings {
                 customer,
                 feature,
@@ -630,6 +892,7 @@ impl ServerSettings {
                 allow_bad_input: e.on_bad_input == BadInputDto::Allow,
                 bad_input_status,
                 upstream_headers: e.upstream_headers.unwrap_or(true),
+                upstream_hold_id: e.upstream_hold_id.unwrap_or(false),
             },
             log_format: match dto.logging.format {
                 LogFormatDto::Pretty => LogFormat::Pretty,
@@ -639,6 +902,8 @@ impl ServerSettings {
             max_body_bytes,
             shutdown_grace_millis,
             storage,
+            connections,
+            limits,
         })
     }
 }

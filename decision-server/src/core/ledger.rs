@@ -33,6 +33,27 @@ pub struct Hold {
     pub max_settle: u64,
 }
 
+/// An entity created on the fly, as a store keeps it: by type name and parent id, so that it
+/// means the same after a reload and on every replica.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredEntity {
+    pub entity_type: String,
+    pub parent: String,
+}
+
+/// How a store answered for an entity created on the fly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AutoEntityOutcome {
+    /// It existed already (perhaps under another parent than proposed: the first one wins).
+    Found(StoredEntity),
+    /// This call created it as proposed.
+    Created(StoredEntity),
+    /// The customer has its maximum of entities created on the fly; nothing was created.
+    Full,
+    /// It does not exist, and the call asked not to create it (a dry run).
+    Absent,
+}
+
 /// How an attempt to close a hold went, in a ledger.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseResult {
@@ -141,6 +162,8 @@ pub struct Ledger {
     /// The next hold number. Hold numbers only grow, so any number below this one that is not
     /// open was closed: that is what makes settlement idempotent without remembering it.
     next_seq: u64,
+    /// Entities created on the fly, by id; their count is the customer's cap.
+    entities: FxHashMap<Box<str>, StoredEntity>,
     /// What changed since the last [`Ledger::take_changes`]; `None` unless a store persists
     /// the ledger, so the in-memory store pays one branch per change and nothing more.
     dirty: Option<Box<Dirty>>,
@@ -155,6 +178,7 @@ struct Dirty {
     /// One entry per key, so a key forgotten and seen again (or the reverse) between two
     /// takes ends up as it is now.
     keys: FxHashMap<Box<str>, Option<Timestamp>>,
+    entities: Vec<Box<str>>,
 }
 
 /// What changed in a ledger since the last [`Ledger::take_changes`]: the rows a persisting
@@ -170,6 +194,8 @@ pub struct Changes {
     pub next_seq: u64,
     /// Idempotency keys remembered since (`Some`), or forgotten (`None`).
     pub keys: Vec<(Box<str>, Option<Timestamp>)>,
+    /// Entities created on the fly (they are never removed).
+    pub entities: Vec<(Box<str>, StoredEntity)>,
 }
 
 impl Ledger {
@@ -187,9 +213,11 @@ impl Ledger {
         holds: impl IntoIterator<Item = (u64, Hold)>,
         next_seq: u64,
         keys: impl IntoIterator<Item = (Timestamp, Box<str>)>,
+        entities: impl IntoIterator<Item = (Box<str>, StoredEntity)>,
     ) -> Self {
         let mut l = Self::tracked();
         l.counters = counters.into_iter().collect();
+        l.entities = entities.into_iter().collect();
         for (seq, hold) in holds {
             l.expiry.push(Reverse((hold.expires_at, seq)));
             l.next_seq = l.next_seq.max(seq + 1);
@@ -225,6 +253,11 @@ impl Ledger {
             closed: d.closed,
             next_seq: self.next_seq,
             keys: d.keys.into_iter().collect(),
+            entities: d
+                .entities
+                .into_iter()
+                .filter_map(|id| self.entities.get(&id).map(|e| (id, e.clone())))
+                .collect(),
         }
     }
 
@@ -234,7 +267,8 @@ impl Ledger {
             !(d.counters.is_empty()
                 && d.opened.is_empty()
                 && d.closed.is_empty()
-                && d.keys.is_empty())
+                && d.keys.is_empty()
+                && d.entities.is_empty())
         })
     }
 
@@ -249,6 +283,37 @@ impl Ledger {
             d.counters.extend(hold.parts.iter().map(|p| p.key));
             d.closed.push(seq);
         }
+    }
+
+    /// Finds entity `id`, or (when `create` is set and the customer has fewer than `max`)
+    /// creates it as `proposed`. One atomic step per customer: two calls for one new id
+    /// create it once, and both see the first one's parent.
+    pub fn auto_entity(
+        &mut self,
+        id: &str,
+        proposed: &StoredEntity,
+        max: u32,
+        create: bool,
+    ) -> AutoEntityOutcome {
+        if let Some(e) = self.entities.get(id) {
+            return AutoEntityOutcome::Found(e.clone());
+        }
+        if !create {
+            return AutoEntityOutcome::Absent;
+        }
+        if self.entities.len() >= max as usize {
+            return AutoEntityOutcome::Full;
+        }
+        self.entities.insert(id.into(), proposed.clone());
+        if let Some(d) = self.dirty.as_mut() {
+            d.entities.push(id.into());
+        }
+        AutoEntityOutcome::Created(proposed.clone())
+    }
+
+    /// How many entities were created on the fly.
+    pub fn auto_entity_count(&self) -> usize {
+        self.entities.len()
     }
 
     pub fn counter_count(&self) -> usize {

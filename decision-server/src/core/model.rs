@@ -201,6 +201,31 @@ pub struct CustomerModel {
     pub max_auto_entities: u32,
 }
 
+/// Longest id accepted anywhere: in the config, and for entities created on the fly.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Whether `id` may name a customer, entity, limit or feature: 1 to [`MAX_ID_LEN`] bytes of
+/// printable ASCII without spaces, `{` or `}` (which would make Redis hash tags). The same rule
+/// holds for configured ids and for ids a request creates.
+pub fn valid_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(format!("is longer than {MAX_ID_LEN} bytes"));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !c.is_ascii_graphic() || matches!(c, '{' | '}'))
+    {
+        return Err(format!(
+            "`{}` contains {c:?}; ids are printable ASCII without spaces, `{{` or `}}`",
+            id.escape_debug()
+        ));
+    }
+    Ok(())
+}
+
 /// Everything a decision reads. Immutable; a reload builds a new one.
 #[derive(Debug)]
 pub struct Model {
@@ -214,6 +239,9 @@ pub struct Model {
     pub customers: FxHashMap<String, CustomerModel>,
     /// How long a hold lives before it is committed at its held amount.
     pub hold_ttl_millis: i64,
+    /// The request dimensions the model reads (attribution, dimensional types, `model`):
+    /// what usage records and events keep of a request's dimensions.
+    pub dimensions: std::collections::HashSet<String>,
 }
 
 impl Model {

@@ -209,6 +209,24 @@ pub enum PlanError {
     NoPrice { model: String, limit: String },
     #[error("dimension `{0}` is longer than 256 bytes")]
     ValueTooLong(String),
+    #[error(
+        "dimension `{dimension}` names entity `{value}`, which cannot be created: its id {problem}"
+    )]
+    BadEntityId {
+        dimension: String,
+        value: String,
+        problem: String,
+    },
+    #[error("customer `{customer}`'s stored entity `{entity}` cannot be used: {problem}")]
+    BadStoredEntity {
+        customer: String,
+        entity: String,
+        problem: String,
+    },
+    #[error("{count} dimensions in one request; at most {max}")]
+    TooManyDimensions { count: usize, max: usize },
+    #[error("the dimensions' names and values take {bytes} bytes; at most {max}")]
+    DimensionsTooLarge { bytes: usize, max: usize },
 }
 
 /// What `planned` reads of the request.
@@ -218,8 +236,9 @@ struct RequestCtx<'a> {
     now: Timestamp,
 }
 
-/// Entities created on the fly for `on_unknown: create`, per customer, with a cap each so that a
-/// flood of random ids cannot exhaust memory.
+/// This process's copy of the entities created on the fly (`onUnknown: create`), per customer.
+/// The store holds the entities and their cap (see `CounterStore::auto_entity`); this copy
+/// only holds entities the store has, so it is bounded by the cap too.
 #[derive(Debug, Default)]
 pub struct AutoEntities {
     by_customer: DashMap<Sym, HashMap<Sym, AutoEntity>>,
@@ -233,9 +252,71 @@ pub struct AutoEntity {
 }
 
 impl AutoEntities {
+    /// How many this process knows of (the store's count may be higher).
     pub fn count(&self, customer: Sym) -> usize {
         self.by_customer.get(&customer).map_or(0, |m| m.len())
     }
+
+    /// Notes an entity the store has.
+    pub fn insert(&self, customer: Sym, entity: Sym, node: AutoEntity) {
+        self.by_customer
+            .entry(customer)
+            .or_default()
+            .insert(entity, node);
+    }
+
+    pub fn get(&self, customer: Sym, entity: Sym) -> Option<AutoEntity> {
+        self.by_customer
+            .get(&customer)
+            .and_then(|m| m.get(&entity).copied())
+    }
+}
+
+/// The auto-created entities a plan may see: this process's copy, and for a dry run the one
+/// entity the request would create, assumed without being created.
+#[derive(Debug, Clone, Copy)]
+pub struct Registry<'a> {
+    pub auto: &'a AutoEntities,
+    pub assumed: Option<&'a Assumed>,
+}
+
+impl<'a> Registry<'a> {
+    pub fn new(auto: &'a AutoEntities) -> Self {
+        Self {
+            auto,
+            assumed: None,
+        }
+    }
+}
+
+/// An entity a dry run would create: planned as if it existed, under the placeholder symbol
+/// [`ASSUMED_ID`] (an id no configured entity can have), so that nothing untrusted is interned.
+#[derive(Debug, Clone)]
+pub struct Assumed {
+    pub value: String,
+    pub sym: Sym,
+    pub node: AutoEntity,
+}
+
+/// The id a dry run's would-be entity reads as in its answer.
+pub const ASSUMED_ID: &str = "(new entity)";
+
+/// An entity a request names that neither the model nor this process knows, with the parent
+/// the request gives it: the store must find or create it before the request can be planned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEntity {
+    pub dimension: String,
+    pub value: String,
+    pub entity_type: usize,
+    pub parent: Sym,
+}
+
+/// What resolving a request gave.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Planned {
+    Ready(Plan),
+    /// Ask the store for this entity first, then plan again.
+    Create(NewEntity),
 }
 
 const MAX_VALUE_LEN: usize = 256;
@@ -251,17 +332,17 @@ enum Resolved {
 }
 
 impl Model {
-    /// Resolves a request to its plan. Reads the model; writes nothing but, for
-    /// `on_unknown: create`, the bounded registry of auto-created entities.
+    /// Resolves a request to its plan. Reads the model and writes nothing: an entity to create
+    /// is handed back ([`Planned::Create`]) for the caller to create in the store.
     pub fn plan(
         &self,
-        auto: &AutoEntities,
+        auto: &Registry<'_>,
         customer_id: &str,
         feature_id: &str,
         usage: Usage,
         dimensions: &HashMap<String, String>,
         now: Timestamp,
-    ) -> Result<Plan, PlanError> {
+    ) -> Result<Planned, PlanError> {
         let customer = self
             .customer(customer_id)
             .ok_or_else(|| PlanError::UnknownCustomer(truncate(customer_id)))?;
@@ -271,7 +352,10 @@ impl Model {
         if let Some((k, _)) = dimensions.iter().find(|(_, v)| v.len() > MAX_VALUE_LEN) {
             return Err(PlanError::ValueTooLong(truncate(k)));
         }
-        let chain = self.resolve_chain(auto, customer, dimensions)?;
+        let chain = match self.resolve_chain(auto, customer, dimensions)? {
+            Ok(chain) => chain,
+            Err(new) => return Ok(Planned::Create(new)),
+        };
         let req = RequestCtx {
             usage: &usage,
             dimensions,
@@ -325,7 +409,7 @@ impl Model {
             .unwrap_or_else(|| usage.units.max(1).saturating_mul(DEFAULT_SETTLE_FACTOR))
             // Exact in a double (Redis scripts count in Lua numbers); far above any real usage.
             .min(MAX_EXACT);
-        Ok(Plan {
+        Ok(Planned::Ready(Plan {
             customer: customer.id,
             chain,
             counters,
@@ -333,7 +417,7 @@ impl Model {
             hold_ttl_millis: self.hold_ttl_millis,
             max_settle,
             hold_tag: 0,
-        })
+        }))
     }
 
     fn planned(
@@ -400,38 +484,41 @@ impl Model {
     fn node(
         &self,
         customer: &CustomerModel,
-        auto: &AutoEntities,
+        auto: &Registry<'_>,
         e: Sym,
     ) -> Option<(usize, Option<Sym>)> {
-        match customer.entities.get(&e) {
-            Some(n) => Some((n.entity_type, n.parent)),
-            None => auto
-                .by_customer
-                .get(&customer.id.sym())
-                .and_then(|m| m.get(&e).map(|a| (a.entity_type, Some(a.parent)))),
+        if let Some(n) = customer.entities.get(&e) {
+            return Some((n.entity_type, n.parent));
         }
+        if let Some(a) = auto.assumed.filter(|a| a.sym == e) {
+            return Some((a.node.entity_type, Some(a.node.parent)));
+        }
+        auto.auto
+            .get(customer.id.sym(), e)
+            .map(|a| (a.entity_type, Some(a.parent)))
     }
 
     fn entity_type_of(
         &self,
         customer: &CustomerModel,
-        auto: &AutoEntities,
+        auto: &Registry<'_>,
         e: Sym,
     ) -> Option<usize> {
         self.node(customer, auto, e).map(|(t, _)| t)
     }
 
-    fn parent_of(&self, customer: &CustomerModel, auto: &AutoEntities, e: Sym) -> Option<Sym> {
+    fn parent_of(&self, customer: &CustomerModel, auto: &Registry<'_>, e: Sym) -> Option<Sym> {
         self.node(customer, auto, e).and_then(|(_, p)| p)
     }
 
-    /// Ancestors of `leaf`, leaf first. Bounded by the tree size, so a cycle (which config
-    /// validation rules out) cannot loop forever.
-    fn ancestors(&self, customer: &CustomerModel, auto: &AutoEntities, leaf: Sym) -> Vec<Sym> {
+    /// Ancestors of `leaf`, leaf first. Bounded by the tree size (and as many auto-created
+    /// levels as there are entity types), so a cycle (which validation rules out) cannot loop
+    /// forever.
+    fn ancestors(&self, customer: &CustomerModel, auto: &Registry<'_>, leaf: Sym) -> Vec<Sym> {
         let mut out = vec![leaf];
         let mut cur = leaf;
         while let Some(p) = self.parent_of(customer, auto, cur) {
-            if out.len() > customer.entities.len() + 1 {
+            if out.len() > customer.entities.len() + self.entity_types.len() + 1 {
                 break;
             }
             out.push(p);
@@ -442,16 +529,20 @@ impl Model {
 
     fn resolve_chain(
         &self,
-        auto: &AutoEntities,
+        auto: &Registry<'_>,
         customer: &CustomerModel,
         dimensions: &HashMap<String, String>,
-    ) -> Result<Vec<ChainLevel>, PlanError> {
+    ) -> Result<Result<Vec<ChainLevel>, NewEntity>, PlanError> {
         let mut resolved = Vec::new();
         for rule in &self.attribution {
             let Some(value) = dimensions.get(&rule.dimension) else {
                 continue;
             };
-            let sym = self.symbols.get(value);
+            let sym = auto
+                .assumed
+                .filter(|a| a.value == *value)
+                .map(|a| a.sym)
+                .or_else(|| self.symbols.get(value));
             let known_type = sym.and_then(|s| self.entity_type_of(customer, auto, s));
             match (sym, known_type) {
                 (Some(s), Some(t)) if t == rule.entity_type => resolved.push(Resolved::Known(s)),
@@ -524,7 +615,7 @@ impl Model {
             ([], Some(chain)) => chain,
             ([], None) => customer.root.into_iter().collect(),
             ([(dimension, value, entity_type)], known_chain) => {
-                let created = self.create(
+                let parent = self.new_parent(
                     auto,
                     customer,
                     dimension,
@@ -532,14 +623,19 @@ impl Model {
                     *entity_type,
                     known_chain.as_deref(),
                 )?;
-                self.ancestors(customer, auto, created)
+                return Ok(Err(NewEntity {
+                    dimension: dimension.clone(),
+                    value: value.clone(),
+                    entity_type: *entity_type,
+                    parent,
+                }));
             }
             (many, _) => {
                 let names: Vec<&str> = many.iter().map(|(d, _, _)| d.as_str()).collect();
                 return Err(PlanError::SeveralUnknown(names.join(", ")));
             }
         };
-        Ok(chain
+        Ok(Ok(chain
             .into_iter()
             .map(|e| ChainLevel {
                 entity: e,
@@ -550,26 +646,34 @@ impl Model {
                     .map(|t| self.type_name(t))
                     .unwrap_or_default(),
             })
-            .collect())
+            .collect()))
     }
 
-    /// Creates (or finds, if another request created it first) an entity for an unknown id.
-    fn create(
+    /// The parent an entity created for an unknown id gets: the deepest entity the request
+    /// names that may be its parent, else the customer's default parent for its type. The id
+    /// must be one a config could declare.
+    fn new_parent(
         &self,
-        auto: &AutoEntities,
+        auto: &Registry<'_>,
         customer: &CustomerModel,
         dimension: &str,
         value: &str,
         entity_type: usize,
         known_chain: Option<&[Sym]>,
     ) -> Result<Sym, PlanError> {
+        if let Err(problem) = super::model::valid_id(value) {
+            return Err(PlanError::BadEntityId {
+                dimension: dimension.to_string(),
+                value: truncate(&value.escape_debug().to_string()),
+                problem,
+            });
+        }
         let allowed = self
             .entity_types
             .get(entity_type)
             .map(|t| t.parents.as_slice())
             .unwrap_or(&[]);
-        // Hang it under the deepest given entity that may be its parent, else the default.
-        let parent = known_chain
+        known_chain
             .and_then(|c| {
                 c.iter().copied().find(|s| {
                     self.entity_type_of(customer, auto, *s)
@@ -582,27 +686,7 @@ impl Model {
                 dimension: dimension.to_string(),
                 value: truncate(value),
                 entity_type: self.type_name(entity_type).to_string(),
-            })?;
-        let mut registry = auto.by_customer.entry(customer.id.sym()).or_default();
-        if let Some(existing) = self.symbols.get(value).filter(|s| registry.contains_key(s)) {
-            return Ok(existing);
-        }
-        if registry.len() >= customer.max_auto_entities as usize {
-            return Err(PlanError::AutoEntityLimit {
-                customer: customer.id.to_string(),
-                value: truncate(value),
-                max: customer.max_auto_entities,
-            });
-        }
-        let sym = self.symbols.intern(value);
-        registry.insert(
-            sym,
-            AutoEntity {
-                entity_type,
-                parent,
-            },
-        );
-        Ok(sym)
+            })
     }
 
     fn type_name(&self, t: usize) -> Name {

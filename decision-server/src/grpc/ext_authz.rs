@@ -17,6 +17,7 @@ use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
+use crate::auth::Listener;
 use crate::config::server::{ExtAuthzSettings, Source};
 use crate::core::plan::Usage;
 use crate::core::{Decision, Timestamp};
@@ -240,7 +241,7 @@ pub fn decision_response(
     let mut meta = HashMap::new();
     if let Some(h) = &d.hold_id {
         let h = h.to_string();
-        if settings.upstream_headers {
+        if settings.upstream_hold_id {
             upstream.push(header(HEADER_HOLD_ID, h.clone()));
         }
         meta.insert(METADATA_HOLD_ID.to_string(), string_value(h));
@@ -286,6 +287,8 @@ impl Authorization for ExtAuthzService {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
+        // The credential comes first: a call without one changes nothing and learns nothing.
+        let principal = super::tollgate::principal_of(&self.service, &request, Listener::ExtAuthz)?;
         let request = request.into_inner();
         let runtime = self.service.runtime();
         let settings = &runtime.ext_authz;
@@ -323,6 +326,12 @@ impl Authorization for ExtAuthzService {
                 return Ok(Response::new(bad_input_response(settings, &reason)));
             }
         };
+        if !principal.may_access(&input.customer) {
+            return Err(Status::permission_denied(format!(
+                "these credentials do not reach customer `{}`",
+                input.customer
+            )));
+        }
         let check = Check {
             customer: &input.customer,
             feature: &input.feature,
@@ -393,11 +402,22 @@ mod tests {
 
     #[test]
     fn missing_and_malformed_input_is_named() {
-        let s = settings();
+        let mut s = settings();
         let ext = HashMap::new();
         let err = extract(&s, &ext, |_| None).unwrap_err();
         assert!(err.contains("no customer"), "{err}");
-        assert!(err.contains("x-tollgate-customer"), "{err}");
+        assert!(
+            err.contains("context extension `tollgate.customer`"),
+            "{err}"
+        );
+        // By default a client's own header never names the customer.
+        let err =
+            extract(&s, &ext, |h| (h == "x-tollgate-customer").then_some("acme")).unwrap_err();
+        assert!(err.contains("no customer"), "{err}");
+        s.customer = Source {
+            header: Some("x-tollgate-customer".into()),
+            ..Source::default()
+        };
         let err = extract(&s, &ext, |h| match h {
             "x-tollgate-customer" => Some("acme"),
             "x-tollgate-feature" => Some("ai-tokens"),

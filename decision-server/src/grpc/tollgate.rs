@@ -11,7 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tollgate_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use crate::auth::Principal;
+use crate::auth::{Listener, Principal};
 use crate::core::plan::{TokenCounts, Usage};
 use crate::core::{ChainEntry, Decision, HoldId};
 use crate::engine::{CheckRequest, DecisionError};
@@ -123,10 +123,33 @@ fn decision_status(e: DecisionError) -> Status {
 pub struct TollgateService {
     service: Arc<Service>,
     shutdown: watch::Receiver<bool>,
-    /// Served on the ext_authz listener for the local Envoy: `Settle` and `Release` need no
-    /// credentials there, as `Check` on that listener needs none. Every other method still
-    /// authenticates.
-    local: bool,
+    /// The listener it serves: on the ext_authz listener, where the WASM filter settles and
+    /// releases the holds its checks opened, gateway tokens are accepted too.
+    listener: Listener,
+}
+
+/// The caller of a gRPC request, from its `authorization` metadata, as presented on
+/// `listener`; every front end on gRPC asks this one function.
+pub fn principal_of<T>(
+    service: &Service,
+    request: &Request<T>,
+    listener: Listener,
+) -> Result<Principal, Status> {
+    let header = request
+        .metadata()
+        .get("authorization")
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| Status::unauthenticated("the `authorization` metadata is not text"))
+        })
+        .transpose()?;
+    let principal = service
+        .runtime()
+        .credentials
+        .authenticate_header(header, listener)
+        .map_err(|e| Status::unauthenticated(e.to_string()))?;
+    crate::server::mark_authenticated(request);
+    Ok(principal)
 }
 
 impl TollgateService {
@@ -135,45 +158,36 @@ impl TollgateService {
         Self {
             service,
             shutdown,
-            local: false,
+            listener: Listener::Api,
         }
     }
 
-    /// The same service for the ext_authz listener, where the WASM filter settles and releases
-    /// the holds its checks opened. Trade-off: the filter cannot hold a secret worth the name
-    /// (its config is readable by whoever runs Envoy), and the listener is already trusted to
-    /// open holds, so closing them needs no more.
-    pub fn local(service: Arc<Service>, shutdown: watch::Receiver<bool>) -> Self {
+    /// The same service for the ext_authz listener: the filter closes its holds there with the
+    /// gateway token it decides with.
+    pub fn ext_authz(service: Arc<Service>, shutdown: watch::Receiver<bool>) -> Self {
         Self {
             service,
             shutdown,
-            local: true,
+            listener: Listener::ExtAuthz,
         }
     }
 
     fn principal<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
-        let header = request
-            .metadata()
-            .get("authorization")
-            .map(|v| {
-                v.to_str().map_err(|_| {
-                    Status::unauthenticated("the `authorization` metadata is not text")
-                })
-            })
-            .transpose()?;
-        self.service
-            .runtime()
-            .credentials
-            .authenticate_header(header)
-            .map_err(|e| Status::unauthenticated(e.to_string()))
+        principal_of(&self.service, request, self.listener)
+    }
+
+    /// The caller, for a method a gateway token may not call (ingest, watch).
+    fn principal_not_gateway<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
+        match self.principal(request)? {
+            Principal::Gateway(_) => Err(Status::permission_denied(
+                "a gateway token decides and closes holds; this method needs an API key or the operator token",
+            )),
+            p => Ok(p),
+        }
     }
 
     fn hold<T>(&self, request: &Request<T>, hold_id: &str) -> Result<HoldId, Status> {
-        let principal = if self.local {
-            Principal::Operator
-        } else {
-            self.principal(request)?
-        };
+        let principal = self.principal(request)?;
         let hold: HoldId =
             hold_id
                 .parse()
@@ -320,11 +334,7 @@ impl Tollgate for TollgateService {
         &self,
         request: Request<pb::CloseHoldsRequest>,
     ) -> Result<Response<pb::CloseHoldsResponse>, Status> {
-        let principal = if self.local {
-            Principal::Operator
-        } else {
-            self.principal(&request)?
-        };
+        let principal = self.principal(&request)?;
         let holds = request.into_inner().holds;
         if holds.len() > MAX_CLOSE_BATCH {
             return Err(Status::invalid_argument(format!(
@@ -340,7 +350,7 @@ impl Tollgate for TollgateService {
         &self,
         request: Request<pb::IngestUsageRequest>,
     ) -> Result<Response<pb::IngestUsageResponse>, Status> {
-        let principal = self.principal(&request)?;
+        let principal = self.principal_not_gateway(&request)?;
         let items: Vec<IngestItem> = request
             .into_inner()
             .events
@@ -385,11 +395,11 @@ impl Tollgate for TollgateService {
         &self,
         request: Request<pb::WatchUsageRequest>,
     ) -> Result<Response<Self::WatchUsageStream>, Status> {
-        let principal = self.principal(&request)?;
+        let principal = self.principal_not_gateway(&request)?;
         let customer = request.into_inner().customer_id;
         let filter = match (&principal, customer.is_empty()) {
             (Principal::Operator, true) => None,
-            (Principal::Customer(_), true) => {
+            (Principal::Customer(_) | Principal::Gateway(_), true) => {
                 return Err(Status::invalid_argument(
                     "customer_id is required with a customer API key",
                 ));

@@ -27,8 +27,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::memory::{MemoryStore, SharedBook};
 use super::{
-    AdminChanges, CloseOutcome, Commit, CounterStore, CustomerRef, Journal, Reservation,
-    ReserveMode, StoreError, StoreStats,
+    AdminChanges, AutoEntityOutcome, CloseOutcome, Commit, CounterStore, CustomerRef, Journal,
+    Reservation, ReserveMode, StoreError, StoreStats, StoredEntity,
 };
 use crate::core::counter::{CounterKey, CounterSpec, CounterState};
 use crate::core::credits::GrantBalance;
@@ -45,6 +45,8 @@ const HOLDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("holds");
 const NEXT_SEQ: TableDefinition<&str, u64> = TableDefinition::new("next_seq");
 /// Remembered idempotency keys: (customer, key) → when it was seen.
 const KEYS: TableDefinition<&[u8], i64> = TableDefinition::new("idempotency_keys");
+/// Entities created on the fly: (customer, entity id) → type and parent.
+const ENTITIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("auto_entities");
 /// Admin changes made through the API, in order: position → encoded change.
 const ADMIN: TableDefinition<u64, &[u8]> = TableDefinition::new("admin_changes");
 
@@ -193,6 +195,7 @@ struct Rows<'a> {
     holds: HashMap<(&'a str, u64), Option<&'a Hold>>,
     keys: HashMap<(&'a str, &'a str), Option<Timestamp>>,
     next_seq: HashMap<&'a str, u64>,
+    entities: HashMap<(&'a str, &'a str), &'a StoredEntity>,
 }
 
 impl<'a> Rows<'a> {
@@ -213,6 +216,9 @@ impl<'a> Rows<'a> {
         }
         for (k, at) in &c.keys {
             self.keys.insert((customer, k), *at);
+        }
+        for (id, e) in &c.entities {
+            self.entities.insert((customer, id), e);
         }
         self.next_seq.insert(customer, c.next_seq);
     }
@@ -260,6 +266,12 @@ fn commit(db: &Database, batch: &[Entry]) -> Result<(), redb::Error> {
         let mut next = txn.open_table(NEXT_SEQ)?;
         for (customer, seq) in &rows.next_seq {
             next.insert(*customer, *seq)?;
+        }
+        let mut entities = txn.open_table(ENTITIES)?;
+        for ((customer, id), e) in &rows.entities {
+            let k = row_key(customer, id.as_bytes());
+            let v = postcard::to_stdvec(e).map_err(to_redb)?;
+            entities.insert(k.as_slice(), v.as_slice())?;
         }
     }
     txn.commit()?;
@@ -344,6 +356,7 @@ fn restore(db: &Database, path: &Path) -> Result<Vec<(String, Ledger)>, OpenErro
         holds: Vec<(u64, Hold)>,
         next_seq: u64,
         keys: Vec<(Timestamp, Box<str>)>,
+        entities: Vec<(Box<str>, StoredEntity)>,
     }
     let mut by_customer: HashMap<String, Rows> = HashMap::new();
     let txn = db.begin_read().map_err(|e| open(e.into()))?;
@@ -398,10 +411,24 @@ fn restore(db: &Database, path: &Path) -> Result<Vec<(String, Ledger)>, OpenErro
             .keys
             .push((Timestamp::from_millis(v.value()), key.into()));
     }
+    let entities = txn.open_table(ENTITIES).map_err(|e| open(e.into()))?;
+    for row in entities.iter().map_err(|e| open(e.into()))? {
+        let (k, v) = row.map_err(|e| open(e.into()))?;
+        let (customer, id) =
+            split_key(k.value()).ok_or_else(|| corrupt("an entity row key".into()))?;
+        let id = std::str::from_utf8(id).map_err(|e| corrupt(format!("an entity id: {e}")))?;
+        let e: StoredEntity = postcard::from_bytes(v.value())
+            .map_err(|e| corrupt(format!("entity `{id}` of `{customer}`: {e}")))?;
+        by_customer
+            .entry(customer.to_string())
+            .or_default()
+            .entities
+            .push((id.into(), e));
+    }
     Ok(by_customer
         .into_iter()
         .map(|(c, r)| {
-            let ledger = Ledger::restore(r.counters, r.holds, r.next_seq, r.keys);
+            let ledger = Ledger::restore(r.counters, r.holds, r.next_seq, r.keys, r.entities);
             (c, ledger)
         })
         .collect())
@@ -426,6 +453,7 @@ impl DurableStore {
             txn.open_table(NEXT_SEQ).map_err(|e| open(e.into()))?;
             txn.open_table(KEYS).map_err(|e| open(e.into()))?;
             txn.open_table(ADMIN).map_err(|e| open(e.into()))?;
+            txn.open_table(ENTITIES).map_err(|e| open(e.into()))?;
         }
         txn.commit().map_err(|e| open(e.into()))?;
         let ledgers = restore(&db, path)?;
@@ -543,6 +571,23 @@ impl CounterStore for DurableStore {
         self.inner
             .record(customer, plan, idempotency_key, now)
             .await
+    }
+
+    async fn auto_entity(
+        &self,
+        customer: CustomerRef<'_>,
+        id: &str,
+        proposed: &StoredEntity,
+        max: u32,
+        create: bool,
+    ) -> Result<AutoEntityOutcome, StoreError> {
+        self.inner
+            .auto_entity(customer, id, proposed, max, create)
+            .await
+    }
+
+    async fn auto_entity_count(&self, customer: CustomerRef<'_>) -> Result<usize, StoreError> {
+        self.inner.auto_entity_count(customer).await
     }
 
     fn stats(&self) -> StoreStats {

@@ -8,8 +8,8 @@ use parking_lot::Mutex;
 use rustc_hash::FxBuildHasher;
 
 use super::{
-    CloseOutcome, Commit, CounterStore, CustomerRef, Journal, Reservation, ReserveMode, StoreError,
-    StoreStats,
+    AutoEntityOutcome, CloseOutcome, Commit, CounterStore, CustomerRef, Journal, Reservation,
+    ReserveMode, StoreError, StoreStats, StoredEntity,
 };
 use crate::core::counter::{CounterKey, CounterSpec};
 use crate::core::credits::GrantBalance;
@@ -284,6 +284,27 @@ impl CounterStore for MemoryStore {
             l.record(plan, idempotency_key, retention, now)
         })
         .await
+    }
+
+    async fn auto_entity(
+        &self,
+        customer: CustomerRef<'_>,
+        id: &str,
+        proposed: &StoredEntity,
+        max: u32,
+        create: bool,
+    ) -> Result<AutoEntityOutcome, StoreError> {
+        let ledger = self.ledger(customer.sym);
+        self.write(customer.sym, &ledger, |l| {
+            l.auto_entity(id, proposed, max, create)
+        })
+        .await
+    }
+
+    async fn auto_entity_count(&self, customer: CustomerRef<'_>) -> Result<usize, StoreError> {
+        Ok(self
+            .existing(customer.sym)
+            .map_or(0, |l| l.lock().ledger.auto_entity_count()))
     }
 
     fn stats(&self) -> StoreStats {

@@ -9,7 +9,7 @@ pub use self::redis::{RedisSettings, RedisStore, RedisTarget};
 pub use durable::{Durability, DurableStore};
 pub use memory::MemoryStore;
 
-pub use crate::core::ledger::Reservation;
+pub use crate::core::ledger::{AutoEntityOutcome, Reservation, StoredEntity};
 
 use crate::core::counter::CounterKey;
 use crate::core::credits::GrantBalance;
@@ -145,6 +145,22 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
         idempotency_key: &str,
         now: Timestamp,
     ) -> Result<bool, StoreError>;
+
+    /// Finds the entity `id` created on the fly for this customer, or (if `create` is set and
+    /// the customer has fewer than `max`) creates it as `proposed`, in one atomic step: the
+    /// entities and their cap live where the counters do, so they survive restarts with them
+    /// and replicas sharing a store share one set.
+    async fn auto_entity(
+        &self,
+        customer: CustomerRef<'_>,
+        id: &str,
+        proposed: &StoredEntity,
+        max: u32,
+        create: bool,
+    ) -> Result<AutoEntityOutcome, StoreError>;
+
+    /// How many entities were created on the fly for this customer.
+    async fn auto_entity_count(&self, customer: CustomerRef<'_>) -> Result<usize, StoreError>;
 
     /// Sizes as this process knows them (a shared store reports what this replica last saw).
     fn stats(&self) -> StoreStats;

@@ -4,8 +4,8 @@
 --
 -- KEYS[1] the customer's meta hash (`seq`: next hold number, `n`: counters), KEYS[2] its open
 -- holds (hash: seq -> hold), KEYS[3] their expiry (zset: seq by expiry), KEYS[4] its ingest
--- idempotency keys (zset: key by time), KEYS[5..] the entity hashes (field -> counter state)
--- the call names. Every key carries the `{customerId}` hash tag, so a hold's entity keys,
+-- idempotency keys (zset: key by time), KEYS[5] its entities created on the fly (hash: id ->
+-- {type, parent}), KEYS[6..] the entity hashes (field -> counter state) the call names. Every key carries the `{customerId}` hash tag, so a hold's entity keys,
 -- read back at settlement or expiry, are on the same slot as the declared ones.
 --
 -- ARGV[1] is the operation, ARGV[2] now (ms since the epoch). Every reply starts with
@@ -28,7 +28,7 @@
 -- p_cached}; marks are {1, bucket}, {2, period index}, {3}, {4, draws (pos, amount, ...)};
 -- rules are 0 units, 1 one per request, 2 priced (by the snapshot's per-million prices).
 
-local META, HOLDS, EXPIRY, SEEN = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local META, HOLDS, EXPIRY, SEEN, AUTO = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local op = ARGV[1]
 local now = tonumber(ARGV[2])
 
@@ -437,6 +437,27 @@ local function counted()
   return reply(0, { load(KEYS[tonumber(ARGV[3])], ARGV[4]).raw })
 end
 
+-- ARGV: 'entity', now, id, type, parent, most entities, create (1/0). Result: 0 found, 1
+-- created, 2 the customer has its most (nothing created), 3 absent (not created); found and
+-- created are followed by the entity's type and parent.
+local function entity()
+  local id, etype, parent, most, create = ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7] == '1'
+  local raw = redis.call('HGET', AUTO, id)
+  if raw then
+    local e = cmsgpack.unpack(raw)
+    return reply(0, { e[1], e[2] })
+  end
+  if not create then return reply(3) end
+  if redis.call('HLEN', AUTO) >= most then return reply(2) end
+  redis.call('HSET', AUTO, id, cmsgpack.pack({ etype, parent }))
+  return reply(1, { etype, parent })
+end
+
+-- ARGV: 'entities', now. Result: how many entities were created on the fly.
+local function entities()
+  return reply(redis.call('HLEN', AUTO))
+end
+
 -- ARGV: 'expire', now. Result: how many holds expired; the header has the next expiry.
 local function sweep()
   local n = expire_due()
@@ -450,5 +471,7 @@ elseif op == 'record' then return record()
 elseif op == 'grant' then return grant()
 elseif op == 'expire' then return sweep()
 elseif op == 'counted' then return counted()
+elseif op == 'entity' then return entity()
+elseif op == 'entities' then return entities()
 end
 return redis.error_reply('tollgate: unknown operation ' .. tostring(op))

@@ -15,8 +15,8 @@ use redis::{Script, ScriptInvocation, Value};
 use rustc_hash::FxBuildHasher;
 
 use super::{
-    AdminChanges, CloseOutcome, CounterStore, CustomerRef, Reservation, ReserveMode, StoreError,
-    StoreStats,
+    AdminChanges, AutoEntityOutcome, CloseOutcome, CounterStore, CustomerRef, Reservation,
+    ReserveMode, StoreError, StoreStats, StoredEntity,
 };
 use crate::core::counter::{CounterKey, CounterSpec, CounterState};
 use crate::core::credits::{CreditPool, GrantBalance};
@@ -289,7 +289,7 @@ fn state_of(v: &Value) -> Result<Option<CounterState>, StoreError> {
     }
 }
 
-/// The keys of one customer: the four fixed ones first, then entity hashes as added.
+/// The keys of one customer: the five fixed ones first, then entity hashes as added.
 struct CallKeys {
     base: String,
     keys: Vec<String>,
@@ -298,7 +298,7 @@ struct CallKeys {
 impl CallKeys {
     fn new(prefix: &str, customer: &str) -> Self {
         let base = format!("{prefix}:{{{customer}}}:");
-        let keys = ["m", "h", "x", "k"]
+        let keys = ["m", "h", "x", "k", "a"]
             .iter()
             .map(|s| format!("{base}{s}"))
             .collect();
@@ -807,6 +807,53 @@ impl CounterStore for RedisStore {
         Ok(reply.first().and_then(int) == Some(1))
     }
 
+    async fn auto_entity(
+        &self,
+        customer: CustomerRef<'_>,
+        id: &str,
+        proposed: &StoredEntity,
+        max: u32,
+        create: bool,
+    ) -> Result<AutoEntityOutcome, StoreError> {
+        let keys = self.keys(customer.id);
+        let mut inv = self.invocation(&keys, "entity", Timestamp::default());
+        inv.arg(id)
+            .arg(&proposed.entity_type)
+            .arg(&proposed.parent)
+            .arg(max)
+            .arg(u8::from(create));
+        let reply = self.run(customer.sym, &inv).await?;
+        let text = |i: usize| match reply.get(HEADER + i) {
+            Some(Value::BulkString(b)) => String::from_utf8(b.clone())
+                .map_err(|_| bad_reply("an entity field that is not text")),
+            _ => Err(bad_reply("an entity without its type and parent")),
+        };
+        let stored = || -> Result<StoredEntity, StoreError> {
+            Ok(StoredEntity {
+                entity_type: text(0)?,
+                parent: text(1)?,
+            })
+        };
+        match reply.first().and_then(int) {
+            Some(0) => Ok(AutoEntityOutcome::Found(stored()?)),
+            Some(1) => Ok(AutoEntityOutcome::Created(stored()?)),
+            Some(2) => Ok(AutoEntityOutcome::Full),
+            Some(3) => Ok(AutoEntityOutcome::Absent),
+            _ => Err(bad_reply("entity")),
+        }
+    }
+
+    async fn auto_entity_count(&self, customer: CustomerRef<'_>) -> Result<usize, StoreError> {
+        let keys = self.keys(customer.id);
+        let reply = self
+            .run(
+                customer.sym,
+                &self.invocation(&keys, "entities", Timestamp::default()),
+            )
+            .await?;
+        Ok(reply.first().and_then(int).unwrap_or(0).max(0) as usize)
+    }
+
     async fn save_admin_changes(&self, entries: &[Vec<u8>], base: u64) -> Result<u64, StoreError> {
         let mut inv = self.admin_invocation("save");
         inv.arg(base);
@@ -861,7 +908,7 @@ mod tests {
         for k in &keys.keys {
             assert!(k.starts_with("tg:{acme}:"), "{k}");
         }
-        assert_eq!(keys.keys.len(), 5);
+        assert_eq!(keys.keys.len(), 6);
     }
 
     #[test]

@@ -13,6 +13,10 @@ use tollgate::service::Service;
 pub const OPERATOR: &str = "op-token";
 pub const ACME_KEY: &str = "acme-key.acme-secret";
 pub const GLOBEX_KEY: &str = "globex-key.globex-secret";
+/// What Envoy presents on the ext_authz listener: every customer.
+pub const GATEWAY: &str = "envoy.gateway-secret";
+/// A gateway token for acme only.
+pub const ACME_GATEWAY: &str = "edge-acme.edge-secret";
 
 /// Org cap shared by every acme user.
 pub const ACME_ORG_CAP: u64 = 1000;
@@ -61,7 +65,11 @@ server:
     apiKeys:
       - {{ id: acme-key, customer: acme, sha256: {acme} }}
       - {{ id: globex-key, customer: globex, sha256: {globex} }}
+    gatewayTokens:
+      - {{ id: envoy, sha256: {gateway} }}
+      - {{ id: edge-acme, sha256: {edge}, customers: [acme] }}
   extAuthz:
+    customer: {{ header: x-tollgate-customer }}
     dimensions:
       userId: {{ header: x-user-id }}
   maxBodyBytes: 65536
@@ -69,6 +77,8 @@ server:
         op = sha(OPERATOR),
         acme = sha(ACME_KEY),
         globex = sha(GLOBEX_KEY),
+        gateway = sha(GATEWAY),
+        edge = sha(ACME_GATEWAY),
     )
 }
 

@@ -94,19 +94,32 @@ impl Drop for Sidecar {
     }
 }
 
-/// An ext_authz check for acme's `ai-tokens` by `user`.
-pub fn check(user: &str, usage: u64) -> CheckRequest {
+/// An ext_authz check for acme's `ai-tokens` by `user`, with the gateway token Envoy sends.
+pub fn check(user: &str, usage: u64) -> tonic::Request<CheckRequest> {
     let ext = [
         ("tollgate.customer", "acme".to_string()),
         ("tollgate.feature", "ai-tokens".to_string()),
         ("tollgate.usage", usage.to_string()),
         ("tollgate.dim.userId", user.to_string()),
     ];
-    CheckRequest {
+    let mut r = tonic::Request::new(CheckRequest {
         attributes: Some(AttributeContext {
             context_extensions: ext.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
             ..AttributeContext::default()
         }),
+    });
+    if let Ok(v) = format!("Bearer {}", super::GATEWAY).parse() {
+        r.metadata_mut().insert("authorization", v);
+    }
+    r
+}
+
+/// The hold id of a granted ext_authz answer, from its dynamic metadata.
+pub fn hold_of(r: &envoy_types::ext_authz::v3::pb::CheckResponse) -> Option<String> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    match &r.dynamic_metadata.as_ref()?.fields.get("holdId")?.kind {
+        Some(Kind::StringValue(s)) => Some(s.clone()),
+        _ => None,
     }
 }
 
