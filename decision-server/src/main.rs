@@ -39,11 +39,15 @@ enum Command {
         /// The YAML config file.
         file: PathBuf,
     },
-    /// Make a new operator token or customer API key, and print the config lines that accept it.
+    /// Make a new operator token, customer API key or gateway token, and print the config
+    /// lines that accept it.
     Keygen {
         /// Make an API key for this customer (otherwise an operator token).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "gateway")]
         customer: Option<String>,
+        /// Make a gateway token for Envoy's calls to the ext_authz listener, with this id.
+        #[arg(long)]
+        gateway: Option<String>,
         /// The key's public id (default `<customer>-key`).
         #[arg(long)]
         id: Option<String>,
@@ -53,6 +57,9 @@ enum Command {
 fn validate(file: &std::path::Path) -> ExitCode {
     match tollgate::config::load_path(file) {
         Ok(loaded) => {
+            for w in loaded.server.warnings() {
+                eprintln!("{}: warning: {w}", file.display());
+            }
             let model = &loaded.model;
             let limits: usize = model.customers.values().map(|c| c.limits.len()).sum();
             println!(
@@ -72,8 +79,18 @@ fn validate(file: &std::path::Path) -> ExitCode {
     }
 }
 
-fn keygen(customer: Option<String>, id: Option<String>) {
+fn keygen(customer: Option<String>, gateway: Option<String>, id: Option<String>) {
     let secret = tollgate::auth::random_secret();
+    if let Some(gateway) = gateway {
+        let token = format!("{gateway}.{secret}");
+        println!("gateway token (keep it secret; give it to Envoy): {token}");
+        println!("config, under server.credentials.gatewayTokens:");
+        println!(
+            "  - {{ id: {gateway}, sha256: {} }}",
+            hex::encode(tollgate::auth::sha256(&token))
+        );
+        return;
+    }
     match customer {
         None => {
             let token = secret;
@@ -112,8 +129,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { file } => validate(&file),
-        Command::Keygen { customer, id } => {
-            keygen(customer, id);
+        Command::Keygen {
+            customer,
+            gateway,
+            id,
+        } => {
+            keygen(customer, gateway, id);
             ExitCode::SUCCESS
         }
         Command::Serve { config, workers } => match serve(config, workers) {

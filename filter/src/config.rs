@@ -75,6 +75,14 @@ struct SidecarDto {
     cluster: String,
     #[serde(default)]
     timeout_ms: Option<u64>,
+    /// The gateway token, inline. Prefer `tokenEnv`: an inline token is in Envoy's config,
+    /// which its admin interface (`/config_dump`) shows to whoever reaches it.
+    #[serde(default)]
+    token: Option<String>,
+    /// The environment variable that holds the gateway token, as the Wasm VM sees it (Envoy's
+    /// `vm_config.environment_variables`, Istio's `vmConfig.env`).
+    #[serde(default)]
+    token_env: Option<String>,
 }
 
 /// One extraction rule as written: exactly one source, then `default` and `required`.
@@ -158,9 +166,11 @@ pub struct Settlement {
 }
 
 /// The validated filter config.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FilterConfig {
     pub cluster: String,
+    /// `Bearer <gateway token>`: the `authorization` metadata of every call to the sidecar.
+    pub authorization: String,
     pub timeout: Duration,
     pub fail_mode: FailMode,
     pub fail_status: u16,
@@ -174,27 +184,68 @@ pub struct FilterConfig {
     pub settlement: Settlement,
 }
 
+/// Everything but the credential, which must never reach a log line.
+impl std::fmt::Debug for FilterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FilterConfig")
+            .field("cluster", &self.cluster)
+            .field("authorization", &"<redacted>")
+            .field("timeout", &self.timeout)
+            .field("fail_mode", &self.fail_mode)
+            .finish_non_exhaustive()
+    }
+}
+
 pub const DEFAULT_TIMEOUT_MS: u64 = 200;
 pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
 
 impl FilterConfig {
-    /// Parses and validates the plugin configuration bytes.
-    pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
+    /// Parses and validates the plugin configuration bytes; `env` reads the VM's environment
+    /// (for `sidecar.tokenEnv`).
+    pub fn parse(bytes: &[u8], env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let de = &mut serde_json::Deserializer::from_slice(bytes);
         let dto: ConfigDto = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             err(path, e.into_inner().to_string())
         })?;
-        Self::from_dto(dto)
+        Self::from_dto(dto, env)
     }
 
-    fn from_dto(dto: ConfigDto) -> Result<Self, ConfigError> {
+    fn from_dto(dto: ConfigDto, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         if dto.sidecar.cluster.trim().is_empty() {
             return Err(err(
                 "sidecar.cluster",
                 "must name the sidecar's Envoy cluster",
             ));
         }
+        let token = match (&dto.sidecar.token, &dto.sidecar.token_env) {
+            (Some(t), None) => t.clone(),
+            (None, Some(name)) => env(name).ok_or_else(|| {
+                err(
+                    "sidecar.tokenEnv",
+                    format!(
+                        "the environment variable `{name}` is not set in the Wasm VM (give it in vm_config.environment_variables)"
+                    ),
+                )
+            })?,
+            (Some(_), Some(_)) => {
+                return Err(err("sidecar", "give either `token` or `tokenEnv`, not both"));
+            }
+            (None, None) => {
+                return Err(err(
+                    "sidecar",
+                    "set `tokenEnv` (or `token`): the sidecar's ext_authz listener refuses calls without a gateway token (`tollgate keygen --gateway`)",
+                ));
+            }
+        };
+        let token = token.trim();
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(err(
+                "sidecar.token",
+                "the gateway token is empty or not printable ASCII",
+            ));
+        }
+        let authorization = format!("Bearer {token}");
         let timeout = timeout_ms(
             dto.sidecar.timeout_ms,
             DEFAULT_TIMEOUT_MS,
@@ -242,6 +293,7 @@ impl FilterConfig {
         };
         Ok(Self {
             cluster: dto.sidecar.cluster,
+            authorization,
             timeout,
             fail_mode: dto.fail_mode.unwrap_or(FailMode::Closed),
             fail_status,
@@ -263,6 +315,21 @@ impl FilterConfig {
             .chain(&self.feature)
             .chain(&self.usage)
             .chain(&self.dimensions)
+    }
+
+    /// What is valid but unwise, logged when Envoy loads the config.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(Rule {
+            source: Source::Header(h),
+            ..
+        }) = &self.customer
+        {
+            out.push(format!(
+                "tollgate filter config: `customer` comes from the client's own `{h}` header, so any client can charge any customer; read it from a verified JWT (`jwtClaim` with `jwtMetadata`) or set it per route"
+            ));
+        }
+        out
     }
 
     /// Whether any rule reads the request body, so that the filter must buffer it.
@@ -445,14 +512,46 @@ mod tests {
     use super::*;
 
     fn parse(s: &str) -> Result<FilterConfig, ConfigError> {
-        FilterConfig::parse(s.as_bytes())
+        FilterConfig::parse(s.as_bytes(), |name| {
+            (name == "GATEWAY_TOKEN").then(|| "envoy.secret".to_string())
+        })
+    }
+
+    #[test]
+    fn the_gateway_token_is_required_inline_or_from_the_environment() {
+        let c = parse(r#"{"sidecar": {"cluster": "t", "tokenEnv": "GATEWAY_TOKEN"}}"#).unwrap();
+        assert_eq!(c.authorization, "Bearer envoy.secret");
+        assert!(
+            !format!("{c:?}").contains("secret"),
+            "never in a debug line"
+        );
+        let c = parse(r#"{"sidecar": {"cluster": "t", "token": "a.b"}}"#).unwrap();
+        assert_eq!(c.authorization, "Bearer a.b");
+        for (text, want) in [
+            (r#"{"sidecar": {"cluster": "t"}}"#, "set `tokenEnv`"),
+            (
+                r#"{"sidecar": {"cluster": "t", "tokenEnv": "NOPE"}}"#,
+                "`NOPE` is not set",
+            ),
+            (
+                r#"{"sidecar": {"cluster": "t", "token": "a", "tokenEnv": "GATEWAY_TOKEN"}}"#,
+                "not both",
+            ),
+            (
+                r#"{"sidecar": {"cluster": "t", "token": "a b"}}"#,
+                "not printable",
+            ),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
     }
 
     #[test]
     fn a_full_config_parses() {
         let c = parse(
             r#"{
-              "sidecar": {"cluster": "tollgate", "timeoutMs": 150},
+              "sidecar": {"cluster": "tollgate", "timeoutMs": 150, "token": "envoy.x"},
               "failMode": "open",
               "customer": {"header": "X-Tollgate-Customer", "required": true},
               "feature": {"constant": "ai-tokens"},
@@ -484,43 +583,43 @@ mod tests {
             (r#"{}"#, "missing field `sidecar`"),
             (r#"{"sidecar": {"cluster": ""}}"#, "sidecar.cluster"),
             (
-                r#"{"sidecar": {"cluster": "t"}, "failMode": "maybe"}"#,
+                r#"{"sidecar": {"cluster": "t", "token": "x"}, "failMode": "maybe"}"#,
                 "failMode",
             ),
             (
-                r#"{"sidecar": {"cluster": "t"}, "customer": {}}"#,
+                r#"{"sidecar": {"cluster": "t", "token": "x"}, "customer": {}}"#,
                 "found none",
             ),
             (
-                r#"{"sidecar": {"cluster": "t"}, "customer": {"header": "a", "query": "b"}}"#,
+                r#"{"sidecar": {"cluster": "t", "token": "x"}, "customer": {"header": "a", "query": "b"}}"#,
                 "found header, query",
             ),
             (
-                r#"{"sidecar": {"cluster": "t"}, "dimensions": {"t": {"path": "(", "group": "x"}}}"#,
+                r#"{"sidecar": {"cluster": "t", "token": "x"}, "dimensions": {"t": {"path": "(", "group": "x"}}}"#,
                 "dimensions.t.path",
             ),
             (
-                r#"{"sidecar": {"cluster": "t"}, "dimensions": {"t": {"path": "^/(?P<a>x)", "group": "b"}}}"#,
+                r#"{"sidecar": {"cluster": "t", "token": "x"}, "dimensions": {"t": {"path": "^/(?P<a>x)", "group": "b"}}}"#,
                 "no capture group named `b`",
             ),
             (
-                r#"{"sidecar": {"cluster": "t"}, "usage": {"body": "max_tokens"}}"#,
+                r#"{"sidecar": {"cluster": "t", "token": "x"}, "usage": {"body": "max_tokens"}}"#,
                 "JSON pointer",
             ),
             (
-                r#"{"sidecar": {"cluster": "t"}, "usage": {"constant": "1", "default": "x"}}"#,
+                r#"{"sidecar": {"cluster": "t", "token": "x"}, "usage": {"constant": "1", "default": "x"}}"#,
                 "usage.default",
             ),
             (
-                r#"{"sidecar": {"cluster": "t"}, "failStatus": 99}"#,
+                r#"{"sidecar": {"cluster": "t", "token": "x"}, "failStatus": 99}"#,
                 "failStatus",
             ),
             (
-                r#"{"sidecar": {"cluster": "t", "timeoutMs": 0}}"#,
+                r#"{"sidecar": {"cluster": "t", "timeoutMs": 0, "token": "x"}}"#,
                 "sidecar.timeoutMs",
             ),
             (
-                r#"{"sidecar": {"cluster": "t"}, "bogus": 1}"#,
+                r#"{"sidecar": {"cluster": "t", "token": "x"}, "bogus": 1}"#,
                 "unknown field `bogus`",
             ),
             (r#"not json"#, "expected"),
@@ -533,7 +632,7 @@ mod tests {
 
     #[test]
     fn route_overrides_apply_over_the_filter() {
-        let c = parse(r#"{"sidecar": {"cluster": "t"}}"#).unwrap();
+        let c = parse(r#"{"sidecar": {"cluster": "t", "token": "x"}}"#).unwrap();
         let o = RouteOverride::from_json(serde_json::json!({"failMode": "open", "timeoutMs": 50}))
             .unwrap();
         let e = c.effective(Some(&o));

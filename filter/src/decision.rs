@@ -101,6 +101,10 @@ impl Failure {
             Self::Dispatch(_) => "dispatch_failed",
             Self::Timeout => "timeout",
             Self::Status { code: 14, .. } => "unavailable",
+            // The gateway token is missing, wrong, or does not reach the customer: a
+            // configuration problem, told apart from an outage.
+            Self::Status { code: 16, .. } => "unauthenticated",
+            Self::Status { code: 7, .. } => "permission_denied",
             Self::Status { .. } => "grpc_error",
             Self::Undecodable(_) => "bad_response",
             Self::ErrorResponse(_) => "error_response",

@@ -289,8 +289,11 @@ mod tests {
     }
 
     fn config(rules: &str) -> FilterConfig {
-        FilterConfig::parse(format!(r#"{{"sidecar": {{"cluster": "t"}}, {rules}}}"#).as_bytes())
-            .unwrap()
+        FilterConfig::parse(
+            format!(r#"{{"sidecar": {{"cluster": "t", "token": "x"}}, {rules}}}"#).as_bytes(),
+            |_| None,
+        )
+        .unwrap()
     }
 
     fn jwt(payload: &str) -> String {

@@ -224,8 +224,11 @@ impl RootContext for Root {
                 .ok()
                 .flatten()
                 .unwrap_or_default();
-        match FilterConfig::parse(&bytes) {
+        match FilterConfig::parse(&bytes, |name| std::env::var(name).ok()) {
             Ok(config) => {
+                for w in config.warnings() {
+                    log(LogLevel::Warn, &w);
+                }
                 self.shared = Some(Rc::new(Shared {
                     config,
                     stats: Stats::define(),
@@ -264,7 +267,7 @@ impl RootContext for Root {
                 &shared.config.cluster,
                 settle::TOLLGATE_SERVICE,
                 settle::CLOSE_HOLDS,
-                Vec::new(),
+                vec![("authorization", shared.config.authorization.as_bytes())],
                 Some(&request),
                 shared.config.settlement.timeout,
             ) {
@@ -430,7 +433,7 @@ impl Http {
             &self.shared.config.cluster,
             decision::AUTHZ_SERVICE,
             decision::AUTHZ_METHOD,
-            Vec::new(),
+            vec![("authorization", self.shared.config.authorization.as_bytes())],
             Some(&message),
             timeout,
         ) {

@@ -1,12 +1,13 @@
 //! End to end through Envoy's own ext_authz filter (no WASM) and the real sidecar: the
-//! customer and dimensions from headers, feature and usage from per-route
-//! `context_extensions`, grant, denial at the team cap, and both fail modes.
+//! customer and user from the claims jwt_authn verified, the team from a header, feature and
+//! usage from per-route `context_extensions`, the gateway token in the call's metadata; grant,
+//! denial at the team cap, and both fail modes.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
 
 use serde_json::json;
-use support::{RESEARCH_CAP, Stack, chat_body};
+use support::{INITECH, RESEARCH_CAP, Stack, caller, chat_body};
 
 const NATIVE: &str = "native-ext-authz.yaml";
 const COMPLETIONS: &str = "/v1/chat/completions";
@@ -14,14 +15,15 @@ const COMPLETIONS: &str = "/v1/chat/completions";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_ext_authz_grants_then_denies_at_the_team_cap() {
     let s = Stack::start(NATIVE);
-    let h = [("x-tollgate-customer", "acme"), ("x-user-id", "carol")];
+    let carol = caller("acme", Some("carol"));
+    let h = [("authorization", carol.as_str())];
     // Each request holds the route's 256 tokens (no settlement on this path): one fits under
     // research's 300, the second does not.
     let r = s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert!(
-        r.header("x-echo-x-tollgate-hold-id").is_some(),
-        "{:?}",
+        r.header("x-echo-x-tollgate-hold-id").is_none(),
+        "the hold id goes upstream only when asked for: {:?}",
         r.headers
     );
     assert!(r.header("ratelimit-remaining").is_some(), "{:?}", r.headers);
@@ -43,17 +45,35 @@ async fn native_ext_authz_grants_then_denies_at_the_team_cap() {
     ] {
         assert!(r.header(h).is_some(), "denial lacks {h}: {:?}", r.headers);
     }
-    // Bad input from headers: no customer.
+    // A verified token that names no customer: bad input, nothing held.
+    let no_org = format!(
+        "Bearer {}",
+        tollgate_tests::harness::signed_jwt(
+            &json!({"iss": tollgate_tests::harness::JWT_ISSUER, "sub": "carol"}),
+            tollgate_tests::harness::JWT_KEY
+        )
+    );
     let r = s
-        .chat(COMPLETIONS, &[("x-user-id", "carol")], &chat_body(1, 5))
+        .chat(
+            COMPLETIONS,
+            &[
+                ("authorization", no_org.as_str()),
+                ("x-tollgate-customer", "acme"),
+            ],
+            &chat_body(1, 5),
+        )
         .await;
     assert_eq!(r.status, 400, "{}", r.text);
+    assert!(r.text.contains("no customer"), "{}", r.text);
+    // No token: jwt_authn refuses before any decision.
+    let r = s.chat(COMPLETIONS, &[], &chat_body(1, 5)).await;
+    assert_eq!(r.status, 401, "{}", r.text);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_ext_authz_fails_closed_or_open_by_route_when_the_sidecar_dies() {
     let mut s = Stack::start(NATIVE);
-    let h = [("x-tollgate-customer", "initech"), ("x-team-id", "ops")];
+    let h = [("authorization", INITECH.as_str()), ("x-team-id", "ops")];
     assert_eq!(s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await.status, 200);
     s.sidecar.proc.signal("KILL").unwrap();
     s.sidecar.proc.kill();

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{RESEARCH_CAP, Stack, chat_body, jwt, true_usage};
+use support::{GLOBEX, INITECH, RESEARCH_CAP, Stack, caller, chat_body, true_usage};
 
 const FILTER: &str = "wasm-filter.yaml";
 const COMPLETIONS: &str = "/v1/chat/completions";
@@ -19,11 +19,8 @@ const COMPLETIONS: &str = "/v1/chat/completions";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grants_then_denies_at_the_team_cap_though_the_user_has_budget() {
     let s = Stack::start(FILTER);
-    let alice = jwt(json!({"sub": "alice"}));
-    let headers = [
-        ("x-tollgate-customer", "acme"),
-        ("authorization", alice.as_str()),
-    ];
+    let alice = caller("acme", Some("alice"));
+    let headers = [("authorization", alice.as_str())];
     // Each request holds 100 and settles to its true usage (1 + 24).
     let mut spent = 0;
     let mut denial = None;
@@ -33,8 +30,8 @@ async fn grants_then_denies_at_the_team_cap_though_the_user_has_budget() {
             200 => {
                 assert!(r.header("ratelimit-remaining").is_some(), "{:?}", r.headers);
                 assert!(
-                    r.header("x-echo-x-tollgate-hold-id").is_some(),
-                    "the upstream saw no hold id: {:?}",
+                    r.header("x-echo-x-tollgate-hold-id").is_none(),
+                    "a hold id is a capability; it goes upstream only when asked for: {:?}",
                     r.headers
                 );
                 spent += r.total_tokens();
@@ -77,14 +74,11 @@ async fn grants_then_denies_at_the_team_cap_though_the_user_has_budget() {
     assert_eq!(user, spent);
     assert!(user < 10_000);
     // Another team of the same customer still gets through.
-    let bob = jwt(json!({"sub": "bob"}));
+    let bob = caller("acme", Some("bob"));
     let r = s
         .chat(
             COMPLETIONS,
-            &[
-                ("x-tollgate-customer", "acme"),
-                ("authorization", bob.as_str()),
-            ],
+            &[("authorization", bob.as_str())],
             &chat_body(1, 100),
         )
         .await;
@@ -112,7 +106,7 @@ async fn forty_agents_racing_one_cap_never_overspend_it() {
                 let r = s
                     .chat(
                         COMPLETIONS,
-                        &[("x-tollgate-customer", "globex"), ("x-team-id", "labs")],
+                        &[("authorization", GLOBEX.as_str()), ("x-team-id", "labs")],
                         &chat_body(words, 40),
                     )
                     .await;
@@ -149,7 +143,7 @@ async fn forty_agents_racing_one_cap_never_overspend_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_and_sse_responses_settle_to_the_true_usage() {
     let s = Stack::start(FILTER);
-    let h = [("x-tollgate-customer", "initech"), ("x-team-id", "ops")];
+    let h = [("authorization", INITECH.as_str()), ("x-team-id", "ops")];
     let dims = json!({"teamId": "ops"});
     // JSON: holds 500, settles to 3 + 24.
     let r = s.chat(COMPLETIONS, &h, &chat_body(3, 500)).await;
@@ -215,7 +209,7 @@ async fn a_usage_header_settles_when_configured() {
         )
     });
     let h = [
-        ("x-tollgate-customer", "initech"),
+        ("authorization", INITECH.as_str()),
         ("x-team-id", "ops"),
         ("x-mock-usage-header", "1"),
     ];
@@ -264,7 +258,7 @@ async fn a_usage_header_settles_when_configured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_sidecar_fails_closed_with_503_and_open_marked() {
     let mut s = Stack::start(FILTER);
-    let h = [("x-tollgate-customer", "initech"), ("x-team-id", "ops")];
+    let h = [("authorization", INITECH.as_str()), ("x-team-id", "ops")];
     assert_eq!(s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await.status, 200);
     s.sidecar.proc.signal("KILL").unwrap();
     s.sidecar.proc.kill();
@@ -300,7 +294,7 @@ async fn redis_down_follows_each_route_fail_mode_then_decisions_recover() {
         ),
     );
     let s = Stack::start_full(FILTER, &sidecar, |c| c);
-    let h = [("x-tollgate-customer", "initech"), ("x-team-id", "ops")];
+    let h = [("authorization", INITECH.as_str()), ("x-team-id", "ops")];
     assert_eq!(s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await.status, 200);
     assert!(s.usage("initech", json!({}), "initech-daily").await > 0);
 
@@ -346,7 +340,7 @@ async fn a_hung_sidecar_is_timed_out_per_route_fail_mode() {
     let port = tollgate_tests::harness::hung_listener().unwrap();
     // Point the sidecar cluster at the silent socket.
     let s = Stack::start_with(FILTER, |c| sidecar_port(&c, port));
-    let h = [("x-tollgate-customer", "initech"), ("x-team-id", "ops")];
+    let h = [("authorization", INITECH.as_str()), ("x-team-id", "ops")];
     let started = Instant::now();
     let closed = s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await;
     let waited = started.elapsed();
@@ -392,7 +386,7 @@ async fn a_body_no_rule_reads_still_waits_for_the_decision() {
             port,
         )
     });
-    let h = [("x-tollgate-customer", "initech"), ("x-team-id", "ops")];
+    let h = [("authorization", INITECH.as_str()), ("x-team-id", "ops")];
     let r = s.chat(COMPLETIONS, &h, &chat_body(3, 5)).await;
     assert_eq!(
         r.status, 503,
@@ -406,9 +400,12 @@ async fn a_body_no_rule_reads_still_waits_for_the_decision() {
 async fn missing_http2_and_an_unknown_cluster_follow_the_fail_mode() {
     // Without HTTP/2 on the sidecar cluster, every gRPC call fails.
     let s = Stack::start_with(FILTER, |c| {
-        c.replace("http2_protocol_options: {}", "http_protocol_options: {}")
+        c.replace(
+            "http2_protocol_options: { connection_keepalive: { interval: 30s, timeout: 5s } }",
+            "http_protocol_options: {}",
+        )
     });
-    let h = [("x-tollgate-customer", "initech"), ("x-team-id", "ops")];
+    let h = [("authorization", INITECH.as_str()), ("x-team-id", "ops")];
     let r = s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await;
     assert_eq!(r.status, 503, "{}", r.text);
     let r = s
@@ -441,19 +438,30 @@ async fn missing_http2_and_an_unknown_cluster_follow_the_fail_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_input_is_refused_before_any_decision() {
     let s = Stack::start(FILTER);
-    let ok = [("x-tollgate-customer", "initech"), ("x-team-id", "ops")];
+    let ok = [("authorization", INITECH.as_str()), ("x-team-id", "ops")];
     let before = s.sidecar_decisions().await;
 
+    // A verified token that names no customer.
+    let no_org = format!(
+        "Bearer {}",
+        tollgate_tests::harness::signed_jwt(
+            &json!({"iss": tollgate_tests::harness::JWT_ISSUER, "sub": "someone"}),
+            tollgate_tests::harness::JWT_KEY
+        )
+    );
     let r = s
-        .chat(COMPLETIONS, &[("x-team-id", "ops")], &chat_body(1, 5))
+        .chat(
+            COMPLETIONS,
+            &[("authorization", no_org.as_str()), ("x-team-id", "ops")],
+            &chat_body(1, 5),
+        )
         .await;
-    assert_eq!(r.status, 400);
+    assert_eq!(r.status, 400, "{}", r.text);
     assert_eq!(r.json()["reason"], "missing_value");
     assert!(
-        r.json()["message"]
-            .as_str()
-            .unwrap()
-            .contains("x-tollgate-customer")
+        r.json()["message"].as_str().unwrap().contains("org"),
+        "{}",
+        r.text
     );
 
     let r = s
@@ -474,7 +482,7 @@ async fn malformed_input_is_refused_before_any_decision() {
     let r = s
         .http
         .post(format!("{}{COMPLETIONS}", s.envoy.url))
-        .header("x-tollgate-customer", "initech")
+        .header("authorization", INITECH.as_str())
         .header("content-type", "application/json")
         .body("{\"model\": ")
         .send()
@@ -484,27 +492,40 @@ async fn malformed_input_is_refused_before_any_decision() {
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["reason"], "body_not_json");
 
+    // Tokens that are not JWTs, or not signed by the platform, never reach the filter:
+    // jwt_authn answers 401. (The filter's own reading of malformed tokens is unit-tested.)
+    let forged = format!(
+        "Bearer {}",
+        tollgate_tests::harness::signed_jwt(
+            &json!({"iss": tollgate_tests::harness::JWT_ISSUER, "org": "initech"}),
+            b"not the platform's key"
+        )
+    );
     for token in [
         "Bearer not-a-jwt",
         "Bearer a.%%%.c",
         "Bearer a.bm90LWpzb24.c",
+        forged.as_str(),
     ] {
         let r = s
             .chat(
                 COMPLETIONS,
-                &[ok[0], ok[1], ("authorization", token)],
+                &[("authorization", token), ok[1]],
                 &chat_body(1, 5),
             )
             .await;
-        assert_eq!(r.status, 400, "{token}: {}", r.text);
-        assert_eq!(r.json()["reason"], "bad_jwt");
+        assert_eq!(r.status, 401, "{token}: {}", r.text);
     }
+    let r = s
+        .chat(COMPLETIONS, &[("x-team-id", "ops")], &chat_body(1, 5))
+        .await;
+    assert_eq!(r.status, 401, "no token at all: {}", r.text);
     assert_eq!(
         s.sidecar_decisions().await,
         before,
         "the sidecar was called"
     );
-    assert_eq!(s.envoy.stat("wasmcustom.tollgate.bad_input").unwrap(), 7);
+    assert_eq!(s.envoy.stat("wasmcustom.tollgate.bad_input").unwrap(), 4);
     // The same stack still serves good requests.
     assert_eq!(s.chat(COMPLETIONS, &ok, &chat_body(1, 5)).await.status, 200);
 }
@@ -523,59 +544,17 @@ fn a_bad_filter_config_stops_envoy_at_load_with_the_reason() {
     );
 }
 
-/// An HS256 JWT signed with `key`.
-fn signed_jwt(claims: serde_json::Value, key: &[u8]) -> String {
-    use base64::Engine as _;
-    use hmac::Mac as _;
-    let b = |s: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-    let signing_input = format!(
-        "{}.{}",
-        b(br#"{"alg":"HS256","typ":"JWT"}"#),
-        b(claims.to_string().as_bytes())
-    );
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
-    mac.update(signing_input.as_bytes());
-    format!("{signing_input}.{}", b(&mac.finalize().into_bytes()))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn claims_come_from_jwt_authn_metadata_after_verification() {
-    use base64::Engine as _;
-    const KEY: &[u8] = b"tollgate-e2e-shared-secret-32-bytes!";
-    let jwks = serde_json::json!({"keys": [{"kty": "oct", "alg": "HS256", "kid": "k1",
-        "k": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(KEY)}]});
-    let jwt_authn = format!(
-        r#"                  - name: envoy.filters.http.jwt_authn
-                    typed_config:
-                      "@type": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication
-                      providers:
-                        e2e:
-                          issuer: tollgate-e2e
-                          local_jwks:
-                            inline_string: '{jwks}'
-                          payload_in_metadata: jwt_payload
-                          forward: true
-                      rules:
-                        - match: {{ prefix: "/" }}
-                          requires: {{ provider_name: e2e }}
-"#
-    );
-    let s = Stack::start_with(FILTER, |c| {
-        let at = c.find("                  - name: tollgate\n").unwrap();
-        format!("{}{jwt_authn}{}", &c[..at], &c[at..]).replace(
-            r#""userId": { "jwtClaim": "sub" }"#,
-            r#""userId": { "jwtClaim": "sub", "jwtMetadata": "jwt_payload" }"#,
-        )
-    });
-    let token = signed_jwt(json!({"iss": "tollgate-e2e", "sub": "carol"}), KEY);
-    let bearer = format!("Bearer {token}");
+async fn the_customer_is_the_verified_claim_never_a_client_header() {
+    let s = Stack::start(FILTER);
+    let carol = caller("acme", Some("carol"));
+    // A client header naming another customer is not read: acme pays, as its token says.
     let h = [
-        ("x-tollgate-customer", "acme"),
-        ("authorization", bearer.as_str()),
+        ("authorization", carol.as_str()),
+        ("x-tollgate-customer", "globex"),
     ];
     let r = s.chat(COMPLETIONS, &h, &chat_body(2, 10)).await;
     assert_eq!(r.status, 200, "{}", r.text);
-    // Carol (research) was charged: the claim came from the verified payload.
     s.usage_settles_at(
         "acme",
         json!({"userId": "carol"}),
@@ -583,22 +562,23 @@ async fn claims_come_from_jwt_authn_metadata_after_verification() {
         true_usage(2, 10),
     )
     .await;
-
-    // A token signed with another key never reaches the filter.
+    assert_eq!(
+        s.usage("globex", json!({"teamId": "labs"}), "globex-daily")
+            .await,
+        0
+    );
+    // A token for another customer signed with another key never reaches the filter.
     let forged = format!(
         "Bearer {}",
-        signed_jwt(
-            json!({"iss": "tollgate-e2e", "sub": "carol"}),
+        tollgate_tests::harness::signed_jwt(
+            &json!({"iss": tollgate_tests::harness::JWT_ISSUER, "org": "globex", "sub": "carol"}),
             b"another key entirely"
         )
     );
     let r = s
         .chat(
             COMPLETIONS,
-            &[
-                ("x-tollgate-customer", "acme"),
-                ("authorization", forged.as_str()),
-            ],
+            &[("authorization", forged.as_str())],
             &chat_body(2, 10),
         )
         .await;
@@ -607,9 +587,39 @@ async fn claims_come_from_jwt_authn_metadata_after_verification() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_gateway_token_fails_like_an_outage_and_holds_nothing() {
+    // The filter presents a token the sidecar does not accept: every decision is refused
+    // (gRPC UNAUTHENTICATED), told apart from an outage by its reason, and nothing is held.
+    let s = Stack::start_with(FILTER, |c| {
+        c.replace(
+            r#""tokenEnv": "TOLLGATE_GATEWAY_TOKEN""#,
+            r#""token": "envoy.not-the-token""#,
+        )
+    });
+    let h = [("authorization", INITECH.as_str()), ("x-team-id", "ops")];
+    let closed = s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await;
+    assert_eq!(closed.status, 503, "{}", closed.text);
+    assert_eq!(
+        closed.json()["reason"],
+        "unauthenticated",
+        "{}",
+        closed.text
+    );
+    let open = s
+        .chat("/open/v1/chat/completions", &h, &chat_body(1, 5))
+        .await;
+    assert_eq!(open.status, 200, "{}", open.text);
+    assert_eq!(
+        open.header("x-echo-x-tollgate-unchecked"),
+        Some("sidecar-unauthenticated")
+    );
+    assert_eq!(s.usage("initech", json!({}), "initech-daily").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_answer_and_an_error_status_follow_the_fail_mode() {
     use tollgate_tests::harness::{FakeAnswer, fake_authz};
-    let h = [("x-tollgate-customer", "initech"), ("x-team-id", "ops")];
+    let h = [("authorization", INITECH.as_str()), ("x-team-id", "ops")];
     for (answer, reason) in [
         (FakeAnswer::Garbage, "bad_response"),
         (FakeAnswer::Internal, "grpc_error"),

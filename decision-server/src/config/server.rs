@@ -208,6 +208,14 @@ pub struct SourceDto {
     pub header: Option<String>,
     #[serde(default)]
     pub constant: Option<String>,
+    /// A claim (a name, or a JSON pointer such as `/org/id`) of the JWT payload Envoy's
+    /// `jwt_authn` verified and stored (`payload_in_metadata`), sent to the sidecar with
+    /// `metadata_context_namespaces: [envoy.filters.http.jwt_authn]`.
+    #[serde(default)]
+    pub jwt_claim: Option<String>,
+    /// The `payload_in_metadata` key jwt_authn stored the payload under. Default `jwt_payload`.
+    #[serde(default)]
+    pub jwt_metadata: Option<String>,
     /// Used when the header is absent.
     #[serde(default)]
     pub default: Option<String>,
@@ -334,6 +342,8 @@ pub struct Source {
     /// Lower-case header name (Envoy sends header names lower-cased).
     pub header: Option<String>,
     pub constant: Option<String>,
+    /// A verified JWT claim: the claim, and jwt_authn's `payload_in_metadata` key.
+    pub jwt_claim: Option<(String, String)>,
     pub default: Option<String>,
 }
 
@@ -553,10 +563,27 @@ fn digest(hex_text: &str) -> Result<[u8; 32], String> {
 }
 
 fn source(dto: &SourceDto, path: &str, errors: &mut Errors<'_>) -> Source {
-    match (&dto.header, &dto.constant) {
-        (Some(_), Some(_)) => errors.push(path, "give either `header` or `constant`, not both"),
-        (None, None) => errors.push(path, "give a `header` or a `constant`"),
-        _ => {}
+    let given = [
+        dto.header.is_some(),
+        dto.constant.is_some(),
+        dto.jwt_claim.is_some(),
+    ]
+    .iter()
+    .filter(|x| **x)
+    .count();
+    match given {
+        0 => errors.push(path, "give a `header`, a `constant` or a `jwtClaim`"),
+        1 => {}
+        _ => errors.push(path, "give one of `header`, `constant` and `jwtClaim`"),
+    }
+    if dto.jwt_metadata.is_some() && dto.jwt_claim.is_none() {
+        errors.push(
+            format!("{path}.jwtMetadata"),
+            "only a `jwtClaim` source reads jwt_authn's metadata",
+        );
+    }
+    if dto.jwt_claim.as_deref() == Some("") {
+        errors.push(format!("{path}.jwtClaim"), "is empty");
     }
     if let Some(h) = &dto.header
         && (h.is_empty()
@@ -572,6 +599,14 @@ fn source(dto: &SourceDto, path: &str, errors: &mut Errors<'_>) -> Source {
     Source {
         header: dto.header.as_ref().map(|h| h.to_ascii_lowercase()),
         constant: dto.constant.clone(),
+        jwt_claim: dto.jwt_claim.clone().map(|c| {
+            (
+                c,
+                dto.jwt_metadata
+                    .clone()
+                    .unwrap_or_else(|| "jwt_payload".to_string()),
+            )
+        }),
         default: dto.default.clone(),
     }
 }

@@ -39,33 +39,58 @@ pub struct Extracted {
     pub dimensions: HashMap<String, String>,
 }
 
-/// Reads one attribute: the context extension, then the mapped header or constant, then the
-/// default.
+/// What an ext_authz request offers besides its context extensions: its headers, and the
+/// claims of the JWT Envoy's `jwt_authn` verified (from the request's metadata context).
+pub trait RequestFacts<'a> {
+    fn header(&self, name: &str) -> Option<&'a str>;
+    /// Claim `claim` (a name, or a JSON pointer) of the payload jwt_authn stored under `key`.
+    fn jwt_claim(&self, key: &str, claim: &str) -> Option<String>;
+}
+
+/// Reads one attribute: the context extension, then the mapped constant, header or claim,
+/// then the default.
 fn lookup<'a>(
     extensions: &'a HashMap<String, String>,
     key: &str,
     source: &'a Source,
-    header: &impl Fn(&str) -> Option<&'a str>,
-) -> Option<&'a str> {
+    facts: &impl RequestFacts<'a>,
+) -> Option<std::borrow::Cow<'a, str>> {
+    use std::borrow::Cow;
     extensions
         .get(key)
-        .map(String::as_str)
-        .or(source.constant.as_deref())
-        .or_else(|| source.header.as_deref().and_then(header))
-        .or(source.default.as_deref())
+        .map(|s| Cow::Borrowed(s.as_str()))
+        .or_else(|| source.constant.as_deref().map(Cow::Borrowed))
+        .or_else(|| {
+            source
+                .header
+                .as_deref()
+                .and_then(|h| facts.header(h))
+                .map(Cow::Borrowed)
+        })
+        .or_else(|| {
+            source
+                .jwt_claim
+                .as_ref()
+                .and_then(|(claim, key)| facts.jwt_claim(key, claim))
+                .map(Cow::Owned)
+        })
+        .or_else(|| source.default.as_deref().map(Cow::Borrowed))
 }
 
 /// Pulls the decision's input out of an ext_authz request. Errors say which input is wrong.
 pub fn extract<'a>(
     settings: &'a ExtAuthzSettings,
     extensions: &'a HashMap<String, String>,
-    header: impl Fn(&str) -> Option<&'a str>,
+    facts: impl RequestFacts<'a>,
 ) -> Result<Extracted, String> {
-    let describe = |key: &str, s: &Source| match &s.header {
-        Some(h) => format!("context extension `{key}` or header `{h}`"),
-        None => format!("context extension `{key}`"),
+    let describe = |key: &str, s: &Source| match (&s.header, &s.jwt_claim) {
+        (Some(h), _) => format!("context extension `{key}` or header `{h}`"),
+        (_, Some((claim, _))) => {
+            format!("context extension `{key}` or the verified JWT claim `{claim}`")
+        }
+        _ => format!("context extension `{key}`"),
     };
-    let customer = lookup(extensions, KEY_CUSTOMER, &settings.customer, &header)
+    let customer = lookup(extensions, KEY_CUSTOMER, &settings.customer, &facts)
         .filter(|s| !s.is_empty())
         .ok_or_else(|| {
             format!(
@@ -73,7 +98,7 @@ pub fn extract<'a>(
                 describe(KEY_CUSTOMER, &settings.customer)
             )
         })?;
-    let feature = lookup(extensions, KEY_FEATURE, &settings.feature, &header)
+    let feature = lookup(extensions, KEY_FEATURE, &settings.feature, &facts)
         .filter(|s| !s.is_empty())
         .ok_or_else(|| {
             format!(
@@ -81,7 +106,7 @@ pub fn extract<'a>(
                 describe(KEY_FEATURE, &settings.feature)
             )
         })?;
-    let usage_text = lookup(extensions, KEY_USAGE, &settings.usage, &header).ok_or_else(|| {
+    let usage_text = lookup(extensions, KEY_USAGE, &settings.usage, &facts).ok_or_else(|| {
         format!(
             "no requested usage: set {}",
             describe(KEY_USAGE, &settings.usage)
@@ -96,7 +121,7 @@ pub fn extract<'a>(
     let mut dimensions = HashMap::new();
     for (name, source) in &settings.dimensions {
         let key = format!("{KEY_DIMENSION_PREFIX}{name}");
-        if let Some(v) = lookup(extensions, &key, source, &header) {
+        if let Some(v) = lookup(extensions, &key, source, &facts) {
             dimensions.insert(name.clone(), v.to_string());
         }
     }
@@ -269,6 +294,69 @@ pub fn decision_response(
     }
 }
 
+/// An Envoy `CheckRequest`'s headers and metadata context.
+struct EnvoyFacts<'a> {
+    http: Option<&'a envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest>,
+    metadata: Option<&'a envoy_types::pb::envoy::config::core::v3::Metadata>,
+}
+
+/// jwt_authn's metadata namespace.
+const JWT_AUTHN: &str = "envoy.filters.http.jwt_authn";
+
+impl<'a> RequestFacts<'a> for EnvoyFacts<'a> {
+    fn header(&self, name: &str) -> Option<&'a str> {
+        let http = self.http?;
+        // Envoy sends `headers`, or `header_map` when `encode_raw_headers` is on.
+        http.headers.get(name).map(String::as_str).or_else(|| {
+            http.header_map
+                .as_ref()?
+                .headers
+                .iter()
+                .find(|h| h.key == name)
+                .map(|h| {
+                    if h.value.is_empty() {
+                        std::str::from_utf8(&h.raw_value).unwrap_or("")
+                    } else {
+                        h.value.as_str()
+                    }
+                })
+        })
+    }
+
+    fn jwt_claim(&self, key: &str, claim: &str) -> Option<String> {
+        let payload = self
+            .metadata?
+            .filter_metadata
+            .get(JWT_AUTHN)?
+            .fields
+            .get(key)?;
+        let mut v = payload;
+        if let Some(pointer) = claim.strip_prefix('/') {
+            for part in pointer.split('/') {
+                let part = part.replace("~1", "/").replace("~0", "~");
+                match &v.kind {
+                    Some(Kind::StructValue(s)) => v = s.fields.get(&part)?,
+                    _ => return None,
+                }
+            }
+        } else {
+            match &v.kind {
+                Some(Kind::StructValue(s)) => v = s.fields.get(claim)?,
+                _ => return None,
+            }
+        }
+        match &v.kind {
+            Some(Kind::StringValue(s)) => Some(s.clone()),
+            // JSON numbers arrive as doubles; whole ones read as integers.
+            Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() < 9.0e15 => {
+                Some(format!("{}", *n as i64))
+            }
+            Some(Kind::BoolValue(b)) => Some(b.to_string()),
+            _ => None,
+        }
+    }
+}
+
 /// The ext_authz gRPC service.
 #[derive(Debug, Clone)]
 pub struct ExtAuthzService {
@@ -298,24 +386,11 @@ impl Authorization for ExtAuthzService {
         let http = attributes
             .and_then(|a| a.request.as_ref())
             .and_then(|r| r.http.as_ref());
-        let headers = http.map(|h| &h.headers);
-        let header_map = http.and_then(|h| h.header_map.as_ref());
-        // Envoy sends `headers`, or `header_map` when `encode_raw_headers` is on.
-        let header_of = |name: &str| -> Option<&str> {
-            headers
-                .and_then(|h| h.get(name))
-                .map(String::as_str)
-                .or_else(|| {
-                    header_map?.headers.iter().find(|h| h.key == name).map(|h| {
-                        if h.value.is_empty() {
-                            std::str::from_utf8(&h.raw_value).unwrap_or("")
-                        } else {
-                            h.value.as_str()
-                        }
-                    })
-                })
+        let facts = EnvoyFacts {
+            http,
+            metadata: attributes.and_then(|a| a.metadata_context.as_ref()),
         };
-        let input = match extract(settings, extensions, header_of) {
+        let input = match extract(settings, extensions, facts) {
             Ok(i) => i,
             Err(reason) => {
                 self.service.metrics.decision(
@@ -371,6 +446,77 @@ mod tests {
         }
     }
 
+    /// Headers from a closure, and no JWT.
+    struct Headers<F>(F);
+
+    impl<'a, F: Fn(&str) -> Option<&'a str>> RequestFacts<'a> for Headers<F> {
+        fn header(&self, name: &str) -> Option<&'a str> {
+            (self.0)(name)
+        }
+
+        fn jwt_claim(&self, _key: &str, _claim: &str) -> Option<String> {
+            None
+        }
+    }
+
+    #[test]
+    fn a_verified_jwt_claim_names_the_customer() {
+        use envoy_types::pb::envoy::config::core::v3::Metadata;
+        let mut s = settings();
+        s.customer = Source {
+            jwt_claim: Some(("/org/id".into(), "jwt_payload".into())),
+            ..Source::default()
+        };
+        let payload = Struct {
+            fields: [(
+                "org".to_string(),
+                Value {
+                    kind: Some(Kind::StructValue(Struct {
+                        fields: [("id".to_string(), string_value("acme"))].into(),
+                    })),
+                },
+            )]
+            .into(),
+        };
+        let meta = Metadata {
+            filter_metadata: [(
+                JWT_AUTHN.to_string(),
+                Struct {
+                    fields: [(
+                        "jwt_payload".to_string(),
+                        Value {
+                            kind: Some(Kind::StructValue(payload)),
+                        },
+                    )]
+                    .into(),
+                },
+            )]
+            .into(),
+            ..Metadata::default()
+        };
+        let ext: HashMap<String, String> = [(KEY_USAGE.to_string(), "1".to_string())].into();
+        let facts = EnvoyFacts {
+            http: None,
+            metadata: Some(&meta),
+        };
+        let mut with_feature = s.clone();
+        with_feature.feature.constant = Some("ai-tokens".into());
+        assert_eq!(
+            extract(&with_feature, &ext, facts).unwrap().customer,
+            "acme"
+        );
+        let err = extract(
+            &with_feature,
+            &ext,
+            EnvoyFacts {
+                http: None,
+                metadata: None,
+            },
+        )
+        .unwrap_err();
+        assert!(err.contains("verified JWT claim `/org/id`"), "{err}");
+    }
+
     #[test]
     fn context_extensions_win_over_headers() {
         let s = settings();
@@ -389,7 +535,7 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let got = extract(&s, &ext, |h| headers.get(h).copied()).unwrap();
+        let got = extract(&s, &ext, Headers(|h: &str| headers.get(h).copied())).unwrap();
         assert_eq!(got.customer, "acme");
         assert_eq!(got.feature, "ai-tokens");
         assert_eq!(got.usage, 7);
@@ -404,26 +550,34 @@ mod tests {
     fn missing_and_malformed_input_is_named() {
         let mut s = settings();
         let ext = HashMap::new();
-        let err = extract(&s, &ext, |_| None).unwrap_err();
+        let err = extract(&s, &ext, Headers(|_: &str| None)).unwrap_err();
         assert!(err.contains("no customer"), "{err}");
         assert!(
             err.contains("context extension `tollgate.customer`"),
             "{err}"
         );
         // By default a client's own header never names the customer.
-        let err =
-            extract(&s, &ext, |h| (h == "x-tollgate-customer").then_some("acme")).unwrap_err();
+        let err = extract(
+            &s,
+            &ext,
+            Headers(|h: &str| (h == "x-tollgate-customer").then_some("acme")),
+        )
+        .unwrap_err();
         assert!(err.contains("no customer"), "{err}");
         s.customer = Source {
             header: Some("x-tollgate-customer".into()),
             ..Source::default()
         };
-        let err = extract(&s, &ext, |h| match h {
-            "x-tollgate-customer" => Some("acme"),
-            "x-tollgate-feature" => Some("ai-tokens"),
-            "x-tollgate-usage" => Some("12abc"),
-            _ => None,
-        })
+        let err = extract(
+            &s,
+            &ext,
+            Headers(|h: &str| match h {
+                "x-tollgate-customer" => Some("acme"),
+                "x-tollgate-feature" => Some("ai-tokens"),
+                "x-tollgate-usage" => Some("12abc"),
+                _ => None,
+            }),
+        )
         .unwrap_err();
         assert!(err.contains("`12abc` is not a whole number"), "{err}");
     }

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
-use tollgate_tests::harness::{Envoy, MockLlm, Sidecar, envoy_config, root, unsigned_bearer};
+use tollgate_tests::harness::{
+    Envoy, MockLlm, Sidecar, bearer_for, envoy_config, gateway_token_config, root,
+};
 
 const OPERATOR: &str = "demo-operator-token";
 
@@ -19,7 +21,8 @@ struct Demo {
     http: reqwest::Client,
 }
 
-/// The example config with its listeners moved to free ports.
+/// The example config with its listeners moved to free ports, and the gateway token the
+/// demo's Envoy presents.
 fn sidecar_config() -> anyhow::Result<String> {
     let path = root().join("decision-server/examples/gateway-demo.yaml");
     let text = std::fs::read_to_string(&path)
@@ -33,11 +36,19 @@ fn sidecar_config() -> anyhow::Result<String> {
     for name in ["extAuthz", "grpc", "http"] {
         listeners[name] = serde_yaml_ng::Value::from("127.0.0.1:0");
     }
+    let gateway: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&format!("credentials:\n{}", gateway_token_config()))?;
+    let credentials = doc
+        .get_mut("server")
+        .and_then(|s| s.get_mut("credentials"))
+        .context("the example config has no server.credentials")?;
+    credentials["gatewayTokens"] = gateway["credentials"]["gatewayTokens"].clone();
     Ok(serde_yaml_ng::to_string(&doc)?)
 }
 
+/// A JWT for `sub` of acme, signed as the platform's identity provider would.
 fn jwt(sub: &str) -> String {
-    unsigned_bearer(&json!({ "sub": sub }))
+    bearer_for("acme", json!({ "sub": sub }))
 }
 
 impl Demo {
@@ -89,7 +100,6 @@ impl Demo {
             .http
             .post(format!("{}{path}", self.envoy.url))
             .header("content-type", "application/json")
-            .header("x-tollgate-customer", "acme")
             .header("x-team-id", team)
             .header("authorization", jwt(user))
             .body(body.to_string())

@@ -154,7 +154,8 @@ fn config(customers: usize, max_users: usize, hold_ttl: &str) -> String {
     }
     let _ = write!(
         out,
-        "server:\n  listeners: {{ extAuthz: \"127.0.0.1:0\", grpc: \"127.0.0.1:0\", http: \"127.0.0.1:0\" }}\n  credentials:\n    operatorTokenSha256: {sha}\n  extAuthz:\n    dimensions:\n      userId: {{ header: x-user-id }}\n  logging: {{ level: warn }}\n"
+        "server:\n  listeners: {{ extAuthz: \"127.0.0.1:0\", grpc: \"127.0.0.1:0\", http: \"127.0.0.1:0\" }}\n  credentials:\n    operatorTokenSha256: {sha}\n{gateway}  extAuthz:\n    customer: {{ jwtClaim: org }}\n    dimensions:\n      userId: {{ jwtClaim: sub }}\n  logging: {{ level: warn }}\n",
+        gateway = tollgate_tests::harness::gateway_token_config()
     );
     out
 }
@@ -205,7 +206,8 @@ impl Rng {
     }
 }
 
-fn authz_request(customer: &str, user: &str, usage: u64) -> CheckRequest {
+/// An ext_authz check as Envoy sends it, with the gateway token.
+fn authz_request(customer: &str, user: &str, usage: u64) -> tonic::Request<CheckRequest> {
     let ext: HashMap<String, String> = [
         ("tollgate.customer", customer.to_string()),
         ("tollgate.feature", "ai-tokens".to_string()),
@@ -215,12 +217,16 @@ fn authz_request(customer: &str, user: &str, usage: u64) -> CheckRequest {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    CheckRequest {
+    let mut r = tonic::Request::new(CheckRequest {
         attributes: Some(AttributeContext {
             context_extensions: ext,
             ..AttributeContext::default()
         }),
+    });
+    if let Ok(v) = format!("Bearer {}", tollgate_tests::harness::GATEWAY_TOKEN).parse() {
+        r.metadata_mut().insert("authorization", v);
     }
+    r
 }
 
 #[derive(Debug)]
@@ -264,9 +270,9 @@ enum Client {
     Proxy(reqwest::Client, String),
 }
 
-/// An unsigned JWT whose `sub` is `user`, as the WASM filter's `userId` rule reads it.
-fn bearer(user: &str) -> String {
-    tollgate_tests::harness::unsigned_bearer(&serde_json::json!({ "sub": user }))
+/// A signed JWT for `user` of `customer`, as Envoy's jwt_authn verifies it.
+fn bearer(customer: &str, user: &str) -> String {
+    tollgate_tests::harness::bearer_for(customer, serde_json::json!({ "sub": user }))
 }
 
 const CHAT_BODY: &str =
@@ -357,9 +363,7 @@ async fn run(args: &RunArgs, addr: &str) -> anyhow::Result<Outcome> {
                         let r = c
                             .post(format!("http://{addr}/v1/chat/completions"))
                             .header("content-type", "application/json")
-                            .header("x-tollgate-customer", &customer)
-                            .header("x-user-id", &user)
-                            .header("authorization", bearer(&user))
+                            .header("authorization", bearer(&customer, &user))
                             .body(CHAT_BODY)
                             .send()
                             .await;

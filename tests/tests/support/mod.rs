@@ -1,17 +1,18 @@
 //! Shared set-up for the end-to-end tests: the sidecar config, the process trio, requests.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tollgate_tests::harness::{Envoy, MockLlm, Sidecar, envoy_config};
+use tollgate_tests::harness::{Envoy, MockLlm, Sidecar, envoy_config, gateway_token_config};
 
 pub const OPERATOR: &str = "demo-operator-token";
 pub const RESEARCH_CAP: u64 = 300;
 pub const GLOBEX_CAP: u64 = 2000;
 
 /// acme: org → research/sales → users; globex: one org cap raced by agents; initech: roomy.
-pub const SIDECAR: &str = r#"
+const SIDECAR_TEMPLATE: &str = r#"
 holdTtl: PT5M
 entityTypes:
   - name: organization
@@ -55,14 +56,30 @@ server:
   listeners: { extAuthz: "127.0.0.1:0", grpc: "127.0.0.1:0", http: "127.0.0.1:0" }
   credentials:
     operatorTokenSha256: 61112491d046c3f6f8ab801f170d9b2d0c734a17ceff60dee92123fb507cfc3f
-  extAuthz:
-    customer: { header: x-tollgate-customer }
+{{GATEWAY}}  extAuthz:
+    customer: { jwtClaim: org }
     usage: { header: x-tollgate-usage }
     dimensions:
-      userId: { header: x-user-id }
+      userId: { jwtClaim: sub }
       teamId: { header: x-team-id }
   logging: { level: warn }
 "#;
+
+/// [`SIDECAR_TEMPLATE`] with the gateway token Envoy presents.
+pub static SIDECAR: LazyLock<String> =
+    LazyLock::new(|| SIDECAR_TEMPLATE.replace("{{GATEWAY}}", &gateway_token_config()));
+
+/// A caller of `customer` (claim `org`), as user `sub` if given: `Bearer <signed JWT>`.
+pub fn caller(customer: &str, sub: Option<&str>) -> String {
+    let claims = match sub {
+        Some(s) => json!({ "sub": s }),
+        None => json!({}),
+    };
+    tollgate_tests::harness::bearer_for(customer, claims)
+}
+
+pub static INITECH: LazyLock<String> = LazyLock::new(|| caller("initech", None));
+pub static GLOBEX: LazyLock<String> = LazyLock::new(|| caller("globex", None));
 
 /// The sidecar, the mock upstream and Envoy on `envoy/<file>`.
 pub struct Stack {
@@ -79,7 +96,7 @@ impl Stack {
 
     /// Starts with the rendered Envoy config changed by `edit`.
     pub fn start_with(file: &str, edit: impl FnOnce(String) -> String) -> Self {
-        Self::start_full(file, SIDECAR, edit)
+        Self::start_full(file, &SIDECAR, edit)
     }
 
     /// Starts with the sidecar's config `sidecar` (for example [`SIDECAR`] on another store).
@@ -209,11 +226,6 @@ impl Reply {
     pub fn total_tokens(&self) -> u64 {
         self.json()["usage"]["total_tokens"].as_u64().unwrap()
     }
-}
-
-/// An unsigned JWT with `claims` (the filter reads claims; verifying is jwt_authn's job).
-pub fn jwt(claims: Value) -> String {
-    tollgate_tests::harness::unsigned_bearer(&claims)
 }
 
 /// A chat body: `words` words of prompt, `max_tokens`.
