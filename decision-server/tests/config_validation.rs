@@ -256,7 +256,7 @@ fn periods_and_windows() {
     assert_errors(
         &with("window: PT1M", "window: P1M"),
         &[
-            "tollgate.yaml: customers[0].limits[0].window: `P1M` uses months or years, which have no fixed length; a rolling window needs one, such as PT1M, PT1H or P1D",
+            "tollgate.yaml: customers[0].limits[0].window: `P1M` uses months or years, which have no fixed length; give a fixed one, such as PT1M, PT1H or P1D",
         ],
     );
     assert_errors(
@@ -399,7 +399,11 @@ fn several_problems_are_all_reported() {
 #[test]
 fn the_shipped_examples_are_valid() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
-    for name in ["ai-tokens-org.yaml", "agents-workspace.yaml"] {
+    for name in [
+        "ai-tokens-org.yaml",
+        "agents-workspace.yaml",
+        "gateway-demo.yaml",
+    ] {
         let path = std::path::Path::new(dir).join(name);
         if let Err(e) = config::load_file(&path) {
             panic!("{name}:\n{e}");
@@ -454,6 +458,95 @@ fn validate_command_prints_errors_and_exits_non_zero() {
             .contains("missing.yaml: cannot read the file: No such file or directory")
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The errors of `BASE` with `server` (a YAML block), loaded whole (model and server).
+fn server_errors(server: &str) -> Vec<String> {
+    let text = format!("{BASE}server:\n{server}");
+    match config::load(&text, "tollgate.yaml") {
+        Ok(_) => vec![],
+        Err(e) => e.0.iter().map(ConfigError::to_string).collect(),
+    }
+}
+
+const SHA: &str = "61112491d046c3f6f8ab801f170d9b2d0c734a17ceff60dee92123fb507cfc3f";
+
+#[test]
+fn credentials_name_only_declared_customers() {
+    assert_eq!(
+        server_errors(&format!(
+            "  credentials:\n    apiKeys:\n      - {{ id: k1, customer: acme, sha256: {SHA} }}\n      - {{ id: k2, customer: globex, sha256: {SHA} }}\n    gatewayTokens:\n      - {{ id: envoy, sha256: {SHA} }}\n      - {{ id: edge, sha256: {SHA}, customers: [acme, initech] }}\n      - {{ id: k1, sha256: {SHA} }}\n      - {{ id: \"bad id\", sha256: nothex, customers: [] }}\n"
+        )),
+        [
+            "tollgate.yaml: server.credentials.apiKeys[1].customer: unknown customer `globex`; an API key must name a customer of this file",
+            "tollgate.yaml: server.credentials.gatewayTokens[1].customers[1]: unknown customer `initech`",
+            "tollgate.yaml: server.credentials.gatewayTokens[2].id: duplicate key id `k1` (API keys and gateway tokens share ids)",
+            "tollgate.yaml: server.credentials.gatewayTokens[3].id: `bad id` is not a token id; use letters, digits, `-` and `_`",
+            "tollgate.yaml: server.credentials.gatewayTokens[3].customers: an empty list reaches no customer; leave it out for every customer",
+            "tollgate.yaml: server.credentials.gatewayTokens[3].sha256: not a hex SHA-256 digest (64 hex digits): Invalid string length",
+        ]
+    );
+}
+
+#[test]
+fn ext_authz_sources_and_connection_bounds() {
+    assert_eq!(
+        server_errors(
+            "  extAuthz:\n    customer: { header: x-c, jwtClaim: org }\n    feature: { jwtMetadata: p }\n    dimensions:\n      userId: { jwtClaim: \"\" }\n  connections: { maxHttp: 0, idleTimeout: P1M, authTimeout: PT0S }\n  limits: { maxDimensions: 0, maxDimensionBytes: 10, maxGrpcMessageBytes: 100 }\n"
+        ),
+        [
+            "tollgate.yaml: server.extAuthz.customer: give one of `header`, `constant` and `jwtClaim`",
+            "tollgate.yaml: server.extAuthz.feature: give a `header`, a `constant` or a `jwtClaim`",
+            "tollgate.yaml: server.extAuthz.feature.jwtMetadata: only a `jwtClaim` source reads jwt_authn's metadata",
+            "tollgate.yaml: server.extAuthz.dimensions.userId.jwtClaim: is empty",
+            "tollgate.yaml: server.connections.idleTimeout: `P1M` uses months or years, which have no fixed length; give a fixed one, such as PT1M, PT1H or P1D",
+            "tollgate.yaml: server.connections.authTimeout: `PT0S` is not an ISO-8601 duration such as PT1M, P1D, P1W or P1M",
+            "tollgate.yaml: server.connections.maxHttp: must be at least 1",
+            "tollgate.yaml: server.limits.maxDimensions: must be from 1 to 1024",
+            "tollgate.yaml: server.limits.maxDimensionBytes: must be from 64 to 1048576",
+            "tollgate.yaml: server.limits.maxGrpcMessageBytes: must be from 4096 to 67108864",
+        ]
+    );
+}
+
+#[test]
+fn validate_warns_when_a_client_header_names_the_customer() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("trusting.yaml");
+    std::fs::write(
+        &file,
+        format!("{BASE}server:\n  extAuthz:\n    customer: {{ header: X-Tollgate-Customer }}\n"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("validate")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "a warning is not an error");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("warning: server.extAuthz.customer: the customer comes from the client's own `x-tollgate-customer` header, so any client can charge any customer"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("warning: server.credentials.gatewayTokens: none configured"),
+        "{stderr}"
+    );
+    // The shipped examples take the customer from verified claims: no such warning.
+    for name in ["ai-tokens-org.yaml", "gateway-demo.yaml"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .arg("validate")
+            .arg(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("examples")
+                    .join(name),
+            )
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        assert_eq!(String::from_utf8(out.stderr).unwrap(), "", "{name}");
+    }
 }
 
 /// The errors of `BASE` with a `server.storage` section, loaded whole (model and server).

@@ -138,3 +138,121 @@ fn an_invalid_config_is_refused_at_start_with_file_and_path() {
     );
     assert!(out.stdout.is_empty(), "nothing was served");
 }
+
+/// Resident memory of a process, from `/proc`.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+/// An ext_authz check for alice with `dims` extra dimensions of `len`-byte values.
+fn check_with_dims(
+    dims: usize,
+    len: usize,
+) -> tonic::Request<envoy_types::ext_authz::v3::pb::CheckRequest> {
+    let mut r = support::sidecar::check("alice", 1);
+    if let Some(a) = r.get_mut().attributes.as_mut() {
+        for i in 0..dims {
+            a.context_extensions
+                .insert(format!("tollgate.dim.d{i}"), "v".repeat(len));
+        }
+    }
+    r
+}
+
+/// A watcher that never reads, and requests with huge dimension maps: the requests over the
+/// bounds are refused and count nothing, and memory stays bounded (events keep only the
+/// dimensions the model declares; the stream's buffers are bounded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_watcher_and_huge_dimension_maps_cannot_grow_memory() {
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    use tollgate::grpc::TollgateClient;
+
+    let text = support::config_with(LOOPBACK_PORT_0)
+        .replace("limit: 1000, period: P1D", "limit: 1000000000, period: P1D");
+    let sidecar = Sidecar::start(&text);
+    let pid = sidecar.child.id();
+    let mut watch_client = TollgateClient::connect(format!("http://{}", sidecar.grpc))
+        .await
+        .unwrap();
+    let mut watch = tonic::Request::new(tollgate_proto::v1::WatchUsageRequest::default());
+    watch.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", support::OPERATOR).parse().unwrap(),
+    );
+    // Opened and never polled again: a stuck watcher.
+    let _stuck = watch_client.watch_usage(watch).await.unwrap().into_inner();
+
+    let mut c = AuthorizationClient::connect(format!("http://{}", sidecar.ext_authz))
+        .await
+        .unwrap()
+        .max_encoding_message_size(64 * 1024 * 1024);
+    // Warm up, then measure.
+    for _ in 0..200 {
+        c.check(check_with_dims(31, 250)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_bytes(pid);
+
+    // 100,000 dimensions: over the gRPC message bound, refused before any decision.
+    let err = c.check(check_with_dims(100_000, 20)).await.unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
+        "{err:?}"
+    );
+    // 10,000 small dimensions (a 300 KB message): refused as bad input, nothing counted.
+    let http = reqwest::Client::new();
+    let counted = |v: serde_json::Value| v["chain"][0]["currentUsage"].as_u64().unwrap();
+    let used = counted(sidecar.org_usage(&http, 0).await);
+    for _ in 0..20 {
+        let r = c
+            .check(check_with_dims(10_000, 20))
+            .await
+            .unwrap()
+            .into_inner();
+        let denied = format!("{:?}", r.http_response);
+        assert!(
+            denied.contains("10001 dimensions in one request; at most 32"),
+            "{denied}"
+        );
+    }
+    // 33 dimensions, or 32 whose values add up past 8 KiB: refused too.
+    let r = c.check(check_with_dims(32, 10)).await.unwrap().into_inner();
+    assert!(format!("{:?}", r.http_response).contains("33 dimensions"));
+    let r = c
+        .check(check_with_dims(31, 300))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(format!("{:?}", r.http_response).contains("at most 8192"));
+    assert_eq!(counted(sidecar.org_usage(&http, 0).await), used);
+
+    // 3,000 granted checks carrying as much as the bounds allow, with the watcher stuck.
+    for _ in 0..3_000 {
+        let r = c
+            .check(check_with_dims(31, 250))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status.unwrap().code, 0);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = rss_bytes(pid);
+    let grown = after.saturating_sub(before);
+    eprintln!(
+        "sidecar RSS {} MiB before, {} MiB after 3,000 checks with a stuck watcher (+{} KiB)",
+        before >> 20,
+        after >> 20,
+        grown >> 10
+    );
+    // Measured: about 1 MiB; with whole dimension maps in the events, 35 MiB.
+    assert!(grown < 16 << 20, "memory grew by {} MiB", grown >> 20);
+}

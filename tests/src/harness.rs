@@ -262,9 +262,30 @@ impl Sidecar {
         Self::start_at(config, dir)
     }
 
+    /// Starts `tollgate serve` on `config_text` with at most `fds` file descriptors (soft and
+    /// hard limit, set by util-linux's `prlimit`).
+    pub fn start_with_fd_limit(config_text: &str, fds: u64) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir().context("cannot make a temp dir")?;
+        let config = dir.path().join("tollgate.yaml");
+        std::fs::write(&config, config_text).context("cannot write the sidecar config")?;
+        Self::launch(config, dir, Some(fds))
+    }
+
     fn start_at(config: PathBuf, dir: tempfile::TempDir) -> anyhow::Result<Self> {
+        Self::launch(config, dir, None)
+    }
+
+    fn launch(config: PathBuf, dir: tempfile::TempDir, fds: Option<u64>) -> anyhow::Result<Self> {
         let bin = workspace_bin("tollgate", "TOLLGATE_BIN")?;
-        let mut child = Command::new(&bin)
+        let mut command = match fds {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let mut child = command
             .args(["serve", "--config"])
             .arg(&config)
             .args(["--workers", "2"])

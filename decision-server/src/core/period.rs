@@ -63,7 +63,7 @@ pub enum DurationError {
     )]
     TooFine(String),
     #[error(
-        "`{0}` uses months or years, which have no fixed length; a rolling window needs one, such as PT1M, PT1H or P1D"
+        "`{0}` uses months or years, which have no fixed length; give a fixed one, such as PT1M, PT1H or P1D"
     )]
     NotFixed(String),
 }

@@ -15,6 +15,7 @@ pub const LOOPBACK_PORT_0: &str = "  listeners: { extAuthz: \"127.0.0.1:0\", grp
 pub struct Sidecar {
     pub child: Child,
     pub ext_authz: String,
+    pub grpc: String,
     pub http: String,
     /// The config's folder, when this handle made it.
     _dir: Option<tempfile::TempDir>,
@@ -57,6 +58,7 @@ impl Sidecar {
         };
         Self {
             ext_authz: field("ext_authz"),
+            grpc: field("grpc"),
             http: field("http"),
             child,
             _dir: None,
