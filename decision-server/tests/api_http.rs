@@ -680,6 +680,37 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         StatusCode::BAD_REQUEST,
         "unknown entity is rejected: {r}"
     );
+    // More dimensions than a request may carry: refused before any decision, on check and
+    // on ingest alike.
+    let many: serde_json::Map<String, Value> =
+        (0..40).map(|i| (format!("d{i}"), json!("x"))).collect();
+    let (status, r) = api
+        .call(
+            Method::POST,
+            path,
+            Some(OPERATOR),
+            Some(json!({"featureId": "ai-tokens", "requestedUsage": 1, "dimensions": many})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("40 dimensions in one request; at most 32"),
+        "{r}"
+    );
+    let (status, r) = api
+        .call(
+            Method::POST,
+            "/v1/usage",
+            Some(OPERATOR),
+            Some(json!({"events": [{"idempotencyKey": "k-many", "customerId": "acme", "featureId": "ai-tokens", "usage": 1, "dimensions": many}]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{r}");
+    assert_eq!(r["results"][0]["status"], "rejected", "{r}");
+    assert_eq!(api.acme_org().await, 0);
     let (status, r) = api
         .call(Method::GET, "/v2/nothing", Some(OPERATOR), None)
         .await;
