@@ -750,16 +750,7 @@ limits:
     // Known now: no new entity, same parent as before.
     let d = h.check("acme", "tokens", 5, &[("userId", "new-1")]);
     assert_eq!(d.chain[0].entity_id, "t1");
-    let dimensions = dims(&[("userId", "new-3")]);
-    let err = h
-        .run(h.engine.check(&CheckRequest {
-            customer: "acme",
-            feature: "tokens",
-            usage: Usage::units(1),
-            dimensions: &dimensions,
-            dry_run: false,
-        }))
-        .unwrap_err();
+    let err = h.check_err("acme", "tokens", 1, &[("userId", "new-3")]);
     assert_eq!(
         err.to_string(),
         "cannot create entity `new-3`: customer `acme` already has 2 auto-created entities, the configured maximum"
@@ -838,16 +829,7 @@ fn replicas_share_auto_entities_their_parents_and_the_cap(store: Store) {
             .granted
     );
     for h in [&a, &b] {
-        let dimensions = dims(&[("userId", "agent-w")]);
-        let err = h
-            .run(h.engine.check(&CheckRequest {
-                customer: "acme",
-                feature: "tokens",
-                usage: Usage::units(1),
-                dimensions: &dimensions,
-                dry_run: false,
-            }))
-            .unwrap_err();
+        let err = h.check_err("acme", "tokens", 1, &[("userId", "agent-w")]);
         assert!(
             matches!(
                 err,
@@ -875,16 +857,7 @@ fn auto_created_ids_obey_the_config_rules(store: Store) {
         "caf\u{e9}",
         long.as_str(),
     ] {
-        let dimensions = dims(&[("userId", bad)]);
-        let err = h
-            .run(h.engine.check(&CheckRequest {
-                customer: "acme",
-                feature: "tokens",
-                usage: Usage::units(1),
-                dimensions: &dimensions,
-                dry_run: false,
-            }))
-            .unwrap_err();
+        let err = h.check_err("acme", "tokens", 1, &[("userId", bad)]);
         assert!(
             matches!(err, DecisionError::Plan(PlanError::BadEntityId { .. })),
             "{bad:?}: {err}"

@@ -207,17 +207,12 @@ limits:
     }
     let h = start(&path);
     assert_eq!(h.run(h.engine.auto_created("acme")).unwrap(), 2);
-    let d = dims(&[("userId", "new-3")]);
-    let refused = h.run(h.engine.check(&CheckRequest {
-        customer: "acme",
-        feature: "tokens",
-        usage: tollgate::core::plan::Usage::units(1),
-        dimensions: &d,
-        dry_run: false,
-    }));
+    let refused = h.check_err("acme", "tokens", 1, &[("userId", "new-3")]);
     assert!(
-        refused.is_err(),
-        "the cap outlives the restart: {refused:?}"
+        refused
+            .to_string()
+            .contains("already has 2 auto-created entities"),
+        "the cap outlives the restart: {refused}"
     );
     // new-1 keeps the parent it was created under, though this request names no team.
     let d = h.check("acme", "tokens", 1, &[("userId", "new-1")]);

@@ -249,6 +249,27 @@ impl Harness {
             .unwrap()
     }
 
+    /// A check that is expected to fail: the engine's error.
+    pub fn check_err(
+        &self,
+        customer: &str,
+        feature: &str,
+        units: u64,
+        d: &[(&str, &str)],
+    ) -> tollgate::DecisionError {
+        let dimensions = dims(d);
+        match self.rt.block_on(self.engine.check(&CheckRequest {
+            customer,
+            feature,
+            usage: Usage::units(units),
+            dimensions: &dimensions,
+            dry_run: false,
+        })) {
+            Ok(d) => panic!("the check was answered: {d:?}"),
+            Err(e) => e,
+        }
+    }
+
     /// Runs an engine call to completion.
     pub fn run<F: std::future::Future>(&self, f: F) -> F::Output {
         self.rt.block_on(f)
