@@ -73,6 +73,7 @@ fn dims(customer: usize, user: usize) -> HashMap<String, String> {
 
 fn check_hold_settle(engine: &Engine, customer: &str, dims: &HashMap<String, String>) {
     let d = ready(engine.check(&CheckRequest {
+        deadline: None,
         customer,
         feature: "tokens",
         usage: Usage::units(100),
@@ -95,6 +96,7 @@ fn single_thread(c: &mut Criterion) {
             for _ in 0..iters {
                 let start = Instant::now();
                 let d = ready(engine.check(&CheckRequest {
+                    deadline: None,
                     customer: "c0",
                     feature: "tokens",
                     usage: Usage::units(100),
@@ -117,6 +119,7 @@ fn single_thread(c: &mut Criterion) {
     g.bench_function("dry-run check (4 levels x 3 limits)", |b| {
         b.iter(|| {
             ready(engine.check(&CheckRequest {
+                deadline: None,
                 customer: "c0",
                 feature: "tokens",
                 usage: Usage::units(100),

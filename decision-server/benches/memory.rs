@@ -65,6 +65,7 @@ fn measure(counters_wanted: usize) {
         let customer = format!("c{}", u % CUSTOMERS);
         dims.insert("userId".to_string(), format!("user-{u:08}"));
         let d = ready(engine.check(&CheckRequest {
+            deadline: None,
             customer: &customer,
             feature: "tokens",
             usage: Usage::units(10),

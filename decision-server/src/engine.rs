@@ -32,6 +32,9 @@ pub struct CheckRequest<'a> {
     pub dimensions: &'a HashMap<String, String>,
     /// Answer as a real check would, and hold nothing.
     pub dry_run: bool,
+    /// When the caller stops waiting for the answer (Envoy's filter sends it). Past it nothing
+    /// is decided, and a hold placed too late for the caller is released at once.
+    pub deadline: Option<crate::core::Timestamp>,
 }
 
 /// Why a call failed. A failed call changes no counter.
@@ -41,6 +44,43 @@ pub enum DecisionError {
     Plan(#[from] PlanError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The caller's deadline passed before the decision was made; nothing is held.
+    #[error("the caller's deadline passed before the decision was made; nothing was held")]
+    DeadlineExceeded,
+}
+
+/// Releases a decision's hold if the decision is dropped while its store call is in flight:
+/// the caller went away (Envoy reset the stream on its timeout), so nobody will ever settle or
+/// release what the store places. The release runs on its own task, since a drop cannot wait.
+struct CancelOnDrop {
+    store: Arc<dyn CounterStore>,
+    customer: crate::core::Name,
+    tag: u128,
+    now: crate::core::Timestamp,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (store, customer, tag, now) =
+            (Arc::clone(&self.store), self.customer, self.tag, self.now);
+        runtime.spawn(async move {
+            let cref = CustomerRef {
+                sym: customer.sym(),
+                id: customer.as_str(),
+            };
+            match store.cancel(cref, tag, now).await {
+                Ok(released) => tracing::debug!(customer = cref.id, released, "abandoned decision cancelled"),
+                Err(e) => tracing::warn!(customer = cref.id, error = %e, "cannot cancel an abandoned decision yet"),
+            }
+        });
+    }
 }
 
 /// Decisions over one model and one store.
@@ -123,6 +163,12 @@ impl Engine {
     /// usage on all of them in one atomic step.
     pub async fn check(&self, req: &CheckRequest<'_>) -> Result<Decision, DecisionError> {
         let now = self.clock.now();
+        let past = |deadline: Option<crate::core::Timestamp>| {
+            deadline.is_some_and(|d| self.clock.now() > d)
+        };
+        if past(req.deadline) {
+            return Err(DecisionError::DeadlineExceeded);
+        }
         let mut plan = self.plan(req, now, !req.dry_run).await?;
         if !req.dry_run {
             // From the thread's CSPRNG (ChaCha, seeded by the OS): the tag is what makes a hold
@@ -138,7 +184,24 @@ impl Engine {
             sym: plan.customer.sym(),
             id: plan.customer.as_str(),
         };
-        let reservation = self.store.reserve(cref, &plan, mode, now).await?;
+        let mut guard = CancelOnDrop {
+            store: Arc::clone(&self.store),
+            customer: plan.customer,
+            tag: plan.hold_tag,
+            now,
+            armed: !req.dry_run,
+        };
+        let reservation = self.store.reserve(cref, &plan, mode, now).await;
+        guard.armed = false;
+        let reservation = reservation?;
+        if let Some(hold) = &reservation.hold
+            && past(req.deadline)
+        {
+            // Decided after the caller stopped waiting (a stalled sidecar or store): the answer
+            // would reach nobody, so the hold goes now rather than at its TTL, charged.
+            self.store.release(cref, hold, self.clock.now()).await?;
+            return Err(DecisionError::DeadlineExceeded);
+        }
 
         let chain: Vec<ChainEntry> = plan
             .counters

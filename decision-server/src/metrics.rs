@@ -40,6 +40,8 @@ pub enum Outcome {
     ShadowDenied,
     BadInput,
     Error,
+    /// Decided (or about to be) after the caller's deadline: nothing held.
+    Late,
 }
 
 impl Outcome {
@@ -50,6 +52,7 @@ impl Outcome {
             Outcome::ShadowDenied => "shadow_denied",
             Outcome::BadInput => "bad_input",
             Outcome::Error => "error",
+            Outcome::Late => "deadline_exceeded",
         }
     }
 }

@@ -208,6 +208,7 @@ impl Service {
             Ok(_) => Outcome::Granted,
             Err(DecisionError::Plan(_)) => Outcome::BadInput,
             Err(DecisionError::Store(_)) => Outcome::Error,
+            Err(DecisionError::DeadlineExceeded) => Outcome::Late,
         };
         self.metrics.decision(api, outcome, started.elapsed());
         match &result {
@@ -313,6 +314,7 @@ impl Service {
         }
         bounded_dimensions(&item.dimensions, &self.runtime().limits)?;
         let req = CheckRequest {
+            deadline: None,
             customer: &item.customer,
             feature: &item.feature,
             usage: item.usage,

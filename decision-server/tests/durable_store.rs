@@ -62,6 +62,7 @@ fn restart_keeps_everything(durability: Durability) {
         h.run(h.engine.release(&released)).unwrap();
         let d = dims(&[("userId", "u2")]);
         let req = CheckRequest {
+            deadline: None,
             customer: "acme",
             feature: "tokens",
             usage: tokens(10, 10, 0),
@@ -98,6 +99,7 @@ fn restart_keeps_everything(durability: Durability) {
     // The ingest key is remembered.
     let d = dims(&[("userId", "u2")]);
     let req = CheckRequest {
+        deadline: None,
         customer: "acme",
         feature: "tokens",
         usage: tokens(10, 10, 0),

@@ -58,6 +58,7 @@ proptest! {
         let h = harness(&tree_with(LIMITS), Arc::new(MemoryStore::new()), "2026-03-10T10:00:00Z");
         let dims: HashMap<String, String> = dims;
         let result = h.run(h.engine.check(&CheckRequest {
+            deadline: None,
             customer: &customer,
             feature: &feature,
             usage: Usage::units(units),

@@ -24,6 +24,9 @@ pub mod ext_authz {
     pub const KEY_CUSTOMER: &str = "tollgate.customer";
     pub const KEY_FEATURE: &str = "tollgate.feature";
     pub const KEY_USAGE: &str = "tollgate.usage";
+    /// When the caller stops waiting, in milliseconds since the Unix epoch: past it the sidecar
+    /// decides nothing, and releases a hold it placed too late.
+    pub const KEY_DEADLINE: &str = "tollgate.deadline";
     /// Followed by the dimension name: `tollgate.dim.teamId`.
     pub const KEY_DIMENSION_PREFIX: &str = "tollgate.dim.";
 

@@ -35,6 +35,7 @@ pub async fn check(
     ApiJson(body): ApiJson<CheckBody>,
 ) -> Result<ApiJson<CheckResult>, ApiError> {
     let req = CheckRequest {
+        deadline: None,
         customer: &customer,
         feature: &body.feature_id,
         usage: usage(body.requested_usage, body.tokens),

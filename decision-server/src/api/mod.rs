@@ -105,6 +105,11 @@ impl From<DecisionError> for ApiError {
                 Self::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string())
             }
             DecisionError::Store(e) => e.into(),
+            e @ DecisionError::DeadlineExceeded => Self::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "deadline_exceeded",
+                e.to_string(),
+            ),
         }
     }
 }

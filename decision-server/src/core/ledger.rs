@@ -392,23 +392,22 @@ impl Ledger {
 
     /// Settles or releases hold `seq` if its tag is `tag`.
     ///
-    /// A number below the next one that is not open was closed: `AlreadyClosed`, whatever the
-    /// tag (closed holds are not remembered, so the tag cannot be checked; nothing changes
-    /// either way). An open hold under another tag is `Unknown`, as is a number never given.
+    /// A number below the next one with no open hold under this tag is `AlreadyClosed` (closed
+    /// holds are not remembered, so their tags cannot be checked; nothing changes either way);
+    /// a number never given is `Unknown`.
     pub fn close(&mut self, seq: u64, tag: u128, how: Closing<'_>, now: Timestamp) -> CloseResult {
         // A hold past its TTL is expired (committed as held) even if no sweep has run yet, so the
         // outcome never depends on when the sweeper last ran.
         self.expire_due(now);
-        let Some(open) = self.holds.get(&seq) else {
+        // An open hold is reached by its number and its tag together; with another tag the id
+        // names no open hold, and is answered as any number that is not open.
+        let Some(open) = self.holds.get(&seq).filter(|h| h.tag == tag) else {
             return if seq > 0 && seq < self.next_seq {
                 CloseResult::AlreadyClosed
             } else {
                 CloseResult::Unknown
             };
         };
-        if open.tag != tag {
-            return CloseResult::Unknown;
-        }
         if let Closing::Settle(actual) = how
             && actual.largest_figure() > open.max_settle
         {
@@ -432,6 +431,22 @@ impl Ledger {
             }
         }
         CloseResult::Closed
+    }
+
+    /// Releases the open hold whose tag is `tag`, if there is one: the hold of a decision whose
+    /// caller gave up before it got the answer. Returns whether one was released.
+    ///
+    /// Trade-off: a scan of the open holds rather than an index by tag, because this runs only
+    /// for abandoned decisions, and an index would cost every decision a map entry.
+    pub fn cancel(&mut self, tag: u128, now: Timestamp) -> bool {
+        let Some(seq) = self
+            .holds
+            .iter()
+            .find_map(|(seq, h)| (h.tag == tag).then_some(*seq))
+        else {
+            return false;
+        };
+        self.close(seq, tag, Closing::Release, now) == CloseResult::Closed
     }
 
     /// Records usage that was never gated, on every counter of `plan`, whether or not it fits:

@@ -27,7 +27,7 @@ use crate::service::Service;
 
 pub use tollgate_proto::ext_authz::{
     HEADER_HOLD_ID, HEADER_NO_LIMIT, HEADER_REMAINING, HEADER_UNCHECKED, KEY_CUSTOMER,
-    KEY_DIMENSION_PREFIX, KEY_FEATURE, KEY_USAGE, METADATA_HOLD_ID,
+    KEY_DEADLINE, KEY_DIMENSION_PREFIX, KEY_FEATURE, KEY_USAGE, METADATA_HOLD_ID,
 };
 
 /// What the ext_authz request asks, after extraction.
@@ -37,6 +37,8 @@ pub struct Extracted {
     pub feature: String,
     pub usage: u64,
     pub dimensions: HashMap<String, String>,
+    /// `tollgate.deadline`: when the caller stops waiting, in ms since the epoch.
+    pub deadline: Option<Timestamp>,
 }
 
 /// What an ext_authz request offers besides its context extensions: its headers, and the
@@ -130,11 +132,23 @@ pub fn extract<'a>(
             dimensions.insert(name.to_string(), v.clone());
         }
     }
+    let deadline = match extensions.get(KEY_DEADLINE) {
+        None => None,
+        Some(text) => Some(Timestamp::from_millis(text.trim().parse::<i64>().map_err(
+            |_| {
+                format!(
+                    "context extension `{KEY_DEADLINE}` `{}` is not a time in ms since the epoch",
+                    text.chars().take(32).collect::<String>()
+                )
+            },
+        )?)),
+    };
     Ok(Extracted {
         customer: customer.to_string(),
         feature: feature.to_string(),
         usage,
         dimensions,
+        deadline,
     })
 }
 
@@ -408,6 +422,7 @@ impl Authorization for ExtAuthzService {
             )));
         }
         let check = Check {
+            deadline: input.deadline,
             customer: &input.customer,
             feature: &input.feature,
             usage: Usage::units(input.usage),
@@ -425,6 +440,9 @@ impl Authorization for ExtAuthzService {
             }
             // The store failed: an error status lets Envoy apply the route's fail mode.
             Err(DecisionError::Store(e)) => Err(Status::unavailable(e.to_string())),
+            Err(e @ DecisionError::DeadlineExceeded) => {
+                Err(Status::deadline_exceeded(e.to_string()))
+            }
         }
     }
 }

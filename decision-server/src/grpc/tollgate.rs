@@ -115,6 +115,7 @@ fn decision_status(e: DecisionError) -> Status {
             Status::invalid_argument(e.to_string())
         }
         DecisionError::Store(e) => Status::unavailable(e.to_string()),
+        e @ DecisionError::DeadlineExceeded => Status::deadline_exceeded(e.to_string()),
     }
 }
 
@@ -289,6 +290,7 @@ impl Tollgate for TollgateService {
             return Err(forbidden(&r.customer_id));
         }
         let req = CheckRequest {
+            deadline: None,
             customer: &r.customer_id,
             feature: &r.feature_id,
             usage: usage(r.requested_usage, r.tokens),

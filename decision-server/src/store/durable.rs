@@ -538,6 +538,15 @@ impl CounterStore for DurableStore {
         self.inner.release(customer, hold, now).await
     }
 
+    async fn cancel(
+        &self,
+        customer: CustomerRef<'_>,
+        tag: u128,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        self.inner.cancel(customer, tag, now).await
+    }
+
     async fn expire_due(&self, now: Timestamp) -> Result<usize, StoreError> {
         self.inner.expire_due(now).await
     }

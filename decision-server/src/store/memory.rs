@@ -40,6 +40,8 @@ pub struct MemoryStore {
     retention: KeyRetention,
     /// Where every ledger change goes, when the store is durable.
     journal: Option<Arc<dyn Journal>>,
+    /// Holds released by `cancel`, since start.
+    abandoned: std::sync::atomic::AtomicU64,
 }
 
 impl MemoryStore {
@@ -77,6 +79,7 @@ impl MemoryStore {
                 .collect(),
             retention: KeyRetention::default(),
             journal: Some(journal),
+            abandoned: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -232,6 +235,27 @@ impl CounterStore for MemoryStore {
         self.close(customer, hold, Closing::Release, now).await
     }
 
+    async fn cancel(
+        &self,
+        customer: CustomerRef<'_>,
+        tag: u128,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        // A reserve here is done by the time its call returns, so there is nothing that could
+        // arrive later: only the hold itself needs releasing.
+        let Some(ledger) = self.existing(customer.sym) else {
+            return Ok(false);
+        };
+        let released = self
+            .write(customer.sym, &ledger, |l| l.cancel(tag, now))
+            .await?;
+        if released {
+            self.abandoned
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(released)
+    }
+
     async fn expire_due(&self, now: Timestamp) -> Result<usize, StoreError> {
         // Every customer's expiry first, then one wait for the newest commit they joined.
         let mut expired = 0;
@@ -310,6 +334,7 @@ impl CounterStore for MemoryStore {
     fn stats(&self) -> StoreStats {
         let mut stats = StoreStats {
             customers: self.customers.len(),
+            abandoned_released: self.abandoned.load(std::sync::atomic::Ordering::Relaxed),
             ..StoreStats::default()
         };
         for (_, l) in self.all_entries() {

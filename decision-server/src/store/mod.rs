@@ -51,6 +51,9 @@ pub struct StoreStats {
     pub backend_failures: u64,
     /// Calls refused at once because the circuit breaker was open, since start.
     pub breaker_rejections: u64,
+    /// Holds released because their decision's caller was gone (or the store's answer was
+    /// lost), since start.
+    pub abandoned_released: u64,
 }
 
 /// What can go wrong in a store.
@@ -113,6 +116,17 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
         hold: &HoldId,
         now: Timestamp,
     ) -> Result<CloseOutcome, StoreError>;
+
+    /// Releases the hold a `reserve` with this tag placed, or (a store whose calls can arrive
+    /// late: Redis) makes sure one arriving later places nothing. For decisions whose caller
+    /// gave up (timed out, went away) before the answer: an abandoned call is never charged.
+    /// Returns whether a hold was released.
+    async fn cancel(
+        &self,
+        customer: CustomerRef<'_>,
+        tag: u128,
+        now: Timestamp,
+    ) -> Result<bool, StoreError>;
 
     /// Commits every hold whose TTL has passed at its held amount. Returns how many.
     async fn expire_due(&self, now: Timestamp) -> Result<usize, StoreError>;

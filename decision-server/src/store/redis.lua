@@ -3,9 +3,12 @@
 -- is made here too, and the shared store test suite runs both.
 --
 -- KEYS[1] the customer's meta hash (`seq`: next hold number, `n`: counters), KEYS[2] its open
--- holds (hash: seq -> hold), KEYS[3] their expiry (zset: seq by expiry), KEYS[4] its ingest
+-- holds (hash: tag -> hold), KEYS[3] their expiry (zset: tag by expiry), KEYS[4] its ingest
 -- idempotency keys (zset: key by time), KEYS[5] its entities created on the fly (hash: id ->
--- {type, parent}), KEYS[6..] the entity hashes (field -> counter state) the call names. Every key carries the `{customerId}` hash tag, so a hold's entity keys,
+-- {type, parent}), KEYS[6] the tags of cancelled decisions (zset: tag by when it is
+-- forgotten), KEYS[7..] the entity hashes (field -> counter state) the call names. Holds are
+-- keyed by their tag, the random part of the hold id, so that a decision whose answer was lost
+-- can be cancelled by the tag its caller drew. Every key carries the `{customerId}` hash tag, so a hold's entity keys,
 -- read back at settlement or expiry, are on the same slot as the declared ones.
 --
 -- ARGV[1] is the operation, ARGV[2] now (ms since the epoch). Every reply starts with
@@ -23,12 +26,13 @@
 --   {4, debt, order, grants}         credit pool; order: positions (0-based) in spending
 --                                    order; grants: {id, priority, expires|false, category,
 --                                    amount, remaining} in the order they were added
--- A hold is {expires, parts, tag, max settle}: tag is the hold id's random part (32 hex
--- digits), max settle the most usage a settlement may report; a part is {entity key, field, mark, held, rule, p_in, p_out,
--- p_cached}; marks are {1, bucket}, {2, period index}, {3}, {4, draws (pos, amount, ...)};
--- rules are 0 units, 1 one per request, 2 priced (by the snapshot's per-million prices).
+-- A hold is {expires, parts, tag, max settle, seq}: tag is the hold id's random part (32 hex
+-- digits), max settle the most usage a settlement may report, seq its number; a part is
+-- {entity key, field, mark, held, rule, p_in, p_out, p_cached}; marks are {1, bucket},
+-- {2, period index}, {3}, {4, draws (pos, amount, ...)}; rules are 0 units, 1 one per request,
+-- 2 priced (by the snapshot's per-million prices).
 
-local META, HOLDS, EXPIRY, SEEN, AUTO = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local META, HOLDS, EXPIRY, SEEN, AUTO, CANCELLED = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local op = ARGV[1]
 local now = tonumber(ARGV[2])
 
@@ -265,8 +269,8 @@ end
 
 local function expire_due()
   local due = redis.call('ZRANGEBYSCORE', EXPIRY, '-inf', now)
-  for _, seq in ipairs(due) do
-    local raw = redis.call('HGET', HOLDS, seq)
+  for _, tag in ipairs(due) do
+    local raw = redis.call('HGET', HOLDS, tag)
     if raw then
       local h = cmsgpack.unpack(raw)
       for _, part in ipairs(h[2]) do
@@ -278,7 +282,7 @@ local function expire_due()
           end
         end
       end
-      redis.call('HDEL', HOLDS, seq)
+      redis.call('HDEL', HOLDS, tag)
       holds_changed = true
     end
   end
@@ -305,6 +309,8 @@ local function reserve()
   local place, ttl, tag, max_settle = ARGV[3] == '1', tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
   local n = tonumber(ARGV[7])
   expire_due()
+  -- Cancelled before it ran (its caller gave up and the cancel overtook it): hold nothing.
+  if place and redis.call('ZSCORE', CANCELLED, tag) then place = false end
   local counters, before = {}, {}
   local blocking = 0
   for i = 1, n do
@@ -333,42 +339,16 @@ local function reserve()
     end
   end
   local expires = now + ttl
-  redis.call('HSET', HOLDS, seq, cmsgpack.pack({ expires, parts, tag, max_settle }))
-  redis.call('ZADD', EXPIRY, expires, seq)
+  redis.call('HSET', HOLDS, tag, cmsgpack.pack({ expires, parts, tag, max_settle, seq }))
+  redis.call('ZADD', EXPIRY, expires, tag)
   holds_changed = true
   return reply(0, { seq, unpack(before, 1, n) })
 end
 
--- ARGV: 'close', now, hold number, 's' (settle) or 'r' (release), actual units, tag, the
--- largest figure the usage reports, then the amounts of the hold's priced parts in order, if
--- the caller has priced them.
--- Result: 0 closed, 1 already closed, 2 no such hold (or another tag), 3 the priced parts'
--- prices are needed first (then their per-million prices follow, three per part; nothing
--- changed), 4 the usage is over the hold's max settle (which follows; nothing changed).
-local function close()
-  local seq, how, units = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
-  local tag, figure = ARGV[6], tonumber(ARGV[7])
-  expire_due()
-  local raw = redis.call('HGET', HOLDS, seq)
-  if not raw then
-    local next_seq = tonumber(redis.call('HGET', META, 'seq') or 0)
-    return reply((seq > 0 and seq < next_seq) and 1 or 2)
-  end
-  local h = cmsgpack.unpack(raw)
-  if h[3] ~= tag then return reply(2) end
-  if how == 's' and figure > h[4] then return reply(4, { h[4] }) end
-  local priced = {}
-  if how == 's' then
-    for _, part in ipairs(h[2]) do
-      if part[5] == 2 then
-        priced[#priced + 1] = part[6]
-        priced[#priced + 1] = part[7]
-        priced[#priced + 1] = part[8]
-      end
-    end
-    if #priced > 0 and #ARGV < 8 then return reply(3, priced) end
-  end
-  local p = 8
+-- Settles (`how` 's', at `units`, priced parts from ARGV[first_priced..]) or releases
+-- (anything else) the open hold `h` under `tag`, and forgets it.
+local function close_hold(tag, h, how, units, first_priced)
+  local p = first_priced
   for _, part in ipairs(h[2]) do
     local actual = 0
     if how == 's' then
@@ -387,9 +367,56 @@ local function close()
       save(part[1], part[2], e)
     end
   end
-  redis.call('HDEL', HOLDS, seq)
-  redis.call('ZREM', EXPIRY, seq)
+  redis.call('HDEL', HOLDS, tag)
+  redis.call('ZREM', EXPIRY, tag)
   holds_changed = true
+end
+
+-- ARGV: 'close', now, hold number, 's' (settle) or 'r' (release), actual units, tag, the
+-- largest figure the usage reports, then the amounts of the hold's priced parts in order, if
+-- the caller has priced them.
+-- Result: 0 closed, 1 already closed, 2 no such hold (or another tag), 3 the priced parts'
+-- prices are needed first (then their per-million prices follow, three per part; nothing
+-- changed), 4 the usage is over the hold's max settle (which follows; nothing changed).
+local function close()
+  local seq, how, units = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+  local tag, figure = ARGV[6], tonumber(ARGV[7])
+  expire_due()
+  local raw = redis.call('HGET', HOLDS, tag)
+  local h = raw and cmsgpack.unpack(raw)
+  -- An open hold is reached by its number and tag together; any other id names no open hold.
+  if not h or h[5] ~= seq then
+    local next_seq = tonumber(redis.call('HGET', META, 'seq') or 0)
+    return reply((seq > 0 and seq < next_seq) and 1 or 2)
+  end
+  if how == 's' and figure > h[4] then return reply(4, { h[4] }) end
+  local priced = {}
+  if how == 's' then
+    for _, part in ipairs(h[2]) do
+      if part[5] == 2 then
+        priced[#priced + 1] = part[6]
+        priced[#priced + 1] = part[7]
+        priced[#priced + 1] = part[8]
+      end
+    end
+    if #priced > 0 and #ARGV < 8 then return reply(3, priced) end
+  end
+  close_hold(tag, h, how, units, 8)
+  return reply(0)
+end
+
+-- ARGV: 'cancel', now, tag, how long to remember it (ms). Releases the open hold under `tag`
+-- (1), or remembers the tag so that a reserve carrying it, arriving later, holds nothing (0).
+local function cancel()
+  local tag, keep = ARGV[3], tonumber(ARGV[4])
+  redis.call('ZREMRANGEBYSCORE', CANCELLED, '-inf', now)
+  expire_due()
+  local raw = redis.call('HGET', HOLDS, tag)
+  if raw then
+    close_hold(tag, cmsgpack.unpack(raw), 'r', 0, 0)
+    return reply(1)
+  end
+  redis.call('ZADD', CANCELLED, now + keep, tag)
   return reply(0)
 end
 
@@ -471,6 +498,7 @@ elseif op == 'record' then return record()
 elseif op == 'grant' then return grant()
 elseif op == 'expire' then return sweep()
 elseif op == 'counted' then return counted()
+elseif op == 'cancel' then return cancel()
 elseif op == 'entity' then return entity()
 elseif op == 'entities' then return entities()
 end

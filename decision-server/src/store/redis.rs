@@ -2,7 +2,8 @@
 //! `{customerId}` hash tag, every call one Lua script (`redis.lua`) run atomically on that
 //! slot, against one node or a Redis Cluster; with timeouts and a circuit breaker.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -108,6 +109,114 @@ pub struct RedisStore {
     known: DashMap<Sym, Known, FxBuildHasher>,
     failures: AtomicU64,
     rejected: AtomicU64,
+    canceller: Canceller,
+}
+
+/// How long a cancelled decision's tag is remembered, so that its reserve, if it runs later
+/// still, holds nothing. Far longer than any call can be delayed in a live connection.
+const CANCEL_MEMORY_MS: i64 = 3_600_000;
+/// How long the canceller keeps trying to reach Redis for one cancel.
+const CANCEL_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3_600);
+/// The most cancels waiting to reach Redis at once; past it a cancel is dropped and logged
+/// (its hold, if one was placed, expires at the held amount).
+const MAX_PENDING_CANCELS: usize = 100_000;
+
+/// Releases, in the background and until Redis answers, the holds of decisions whose answer
+/// was lost. Shares the store's connection: a cancel sent after its reserve on one connection
+/// runs after it in Redis, and the remembered tag covers a reserve resent on a new connection.
+#[derive(Clone)]
+struct Canceller {
+    conn: Conn,
+    script: Script,
+    prefix: String,
+    timeout: std::time::Duration,
+    pending: Arc<AtomicUsize>,
+    released: Arc<AtomicU64>,
+}
+
+impl Canceller {
+    /// The cancel call for `tag` of `customer`.
+    fn invocation(&self, keys: &CallKeys, tag: u128, now: Timestamp) -> ScriptInvocation<'_> {
+        let mut inv = self.script.prepare_invoke();
+        for k in &keys.keys {
+            inv.key(k);
+        }
+        inv.arg("cancel")
+            .arg(now.millis())
+            .arg(tag_text(tag))
+            .arg(CANCEL_MEMORY_MS);
+        inv
+    }
+
+    /// One attempt from the background: releases the hold with `tag`, or remembers the tag.
+    /// `Ok(true)` if a hold was released.
+    async fn cancel(&self, customer: &str, tag: u128, now: Timestamp) -> Result<bool, StoreError> {
+        let keys = CallKeys::new(&self.prefix, customer);
+        let inv = self.invocation(&keys, tag, now);
+        let mut conn = self.conn.clone();
+        let call = async {
+            match &mut conn {
+                Conn::Node(c) => inv.invoke_async::<Value>(c).await,
+                Conn::Cluster(c) => inv.invoke_async::<Value>(c).await,
+            }
+        };
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(Value::Array(items))) => Ok(self.released(&items)),
+            Ok(Ok(other)) => Err(bad_reply(
+                &format!("{other:?}").chars().take(200).collect::<String>(),
+            )),
+            Ok(Err(e)) => Err(StoreError::Unavailable(format!("redis: {e}"))),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "redis: no answer within {} ms",
+                self.timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// Whether a cancel's reply says it released a hold (and counts it).
+    fn released(&self, reply: &[Value]) -> bool {
+        let released = reply.first().and_then(int) == Some(1);
+        if released {
+            self.released.fetch_add(1, Ordering::Relaxed);
+        }
+        released
+    }
+
+    /// Cancels in the background, retrying with backoff until Redis answers.
+    fn cancel_soon(&self, customer: &str, tag: u128, now: Timestamp) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.pending.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_CANCELS {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+            tracing::error!(customer, tag = %tag_text(tag), "too many cancels waiting for Redis; this decision's hold, if placed, will expire charged");
+            return;
+        }
+        let me = self.clone();
+        let customer = customer.to_string();
+        runtime.spawn(async move {
+            let started = std::time::Instant::now();
+            let mut wait = std::time::Duration::from_millis(50);
+            loop {
+                let elapsed = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
+                match me.cancel(&customer, tag, now.plus_millis(elapsed)).await {
+                    Ok(released) => {
+                        tracing::debug!(customer, released, "lost decision cancelled");
+                        break;
+                    }
+                    Err(e) if started.elapsed() > CANCEL_PATIENCE => {
+                        tracing::error!(customer, error = %e, "cannot cancel a lost decision; its hold, if placed, will expire charged");
+                        break;
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(std::time::Duration::from_secs(2));
+                    }
+                }
+            }
+            me.pending.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -289,7 +398,7 @@ fn state_of(v: &Value) -> Result<Option<CounterState>, StoreError> {
     }
 }
 
-/// The keys of one customer: the five fixed ones first, then entity hashes as added.
+/// The keys of one customer: the six fixed ones first, then entity hashes as added.
 struct CallKeys {
     base: String,
     keys: Vec<String>,
@@ -298,7 +407,7 @@ struct CallKeys {
 impl CallKeys {
     fn new(prefix: &str, customer: &str) -> Self {
         let base = format!("{prefix}:{{{customer}}}:");
-        let keys = ["m", "h", "x", "k", "a"]
+        let keys = ["m", "h", "x", "k", "a", "c"]
             .iter()
             .map(|s| format!("{base}{s}"))
             .collect();
@@ -373,9 +482,18 @@ impl RedisStore {
                 failsafe::backoff::constant(settings.breaker_open),
             ))
             .build();
+        let script = Script::new(LUA);
+        let canceller = Canceller {
+            conn: conn.clone(),
+            script: script.clone(),
+            prefix: settings.prefix.clone(),
+            timeout: settings.timeout,
+            pending: Arc::new(AtomicUsize::new(0)),
+            released: Arc::new(AtomicU64::new(0)),
+        };
         Ok(Self {
             conn,
-            script: Script::new(LUA),
+            script,
             admin_script: Script::new(ADMIN_LUA),
             settings,
             retention,
@@ -383,12 +501,23 @@ impl RedisStore {
             known: DashMap::default(),
             failures: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            canceller,
         })
     }
 
     /// Runs one script call within the timeout, through the circuit breaker; the reply's
     /// items.
     async fn call(&self, invocation: &ScriptInvocation<'_>) -> Result<Vec<Value>, StoreError> {
+        self.call_noting(invocation, &AtomicBool::new(false)).await
+    }
+
+    /// [`RedisStore::call`], setting `sent` once the call has gone to Redis (so a failure after
+    /// it may still have run there, late).
+    async fn call_noting(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+        sent: &AtomicBool,
+    ) -> Result<Vec<Value>, StoreError> {
         if !self.breaker.is_call_permitted() {
             self.rejected.fetch_add(1, Ordering::Relaxed);
             return Err(StoreError::Unavailable(format!(
@@ -398,6 +527,7 @@ impl RedisStore {
             )));
         }
         let mut conn = self.conn.clone();
+        sent.store(true, Ordering::Relaxed);
         let call = async {
             match &mut conn {
                 Conn::Node(c) => invocation.invoke_async::<Value>(c).await,
@@ -434,7 +564,18 @@ impl RedisStore {
         customer: Sym,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<Vec<Value>, StoreError> {
-        let reply = self.call(invocation).await?;
+        self.run_noting(customer, invocation, &AtomicBool::new(false))
+            .await
+    }
+
+    /// [`RedisStore::run`], noting in `sent` whether the call went to Redis.
+    async fn run_noting(
+        &self,
+        customer: Sym,
+        invocation: &ScriptInvocation<'_>,
+        sent: &AtomicBool,
+    ) -> Result<Vec<Value>, StoreError> {
+        let reply = self.call_noting(invocation, sent).await?;
         if reply.len() < HEADER {
             return Err(bad_reply("a reply without its header"));
         }
@@ -508,6 +649,7 @@ impl RedisStore {
         op: &str,
         now: Timestamp,
         head: impl FnOnce(&mut ScriptInvocation<'_>),
+        sent: &AtomicBool,
     ) -> Result<Vec<Value>, StoreError> {
         let mut keys = self.keys(customer.id);
         let counters = self.counters(plan, &mut keys, now);
@@ -517,7 +659,7 @@ impl RedisStore {
         for c in &counters {
             c.push(&mut inv);
         }
-        self.run(customer.sym, &inv).await
+        self.run_noting(customer.sym, &inv, sent).await
     }
 
     fn keys(&self, customer: &str) -> CallKeys {
@@ -649,14 +791,33 @@ impl CounterStore for RedisStore {
         mode: ReserveMode,
         now: Timestamp,
     ) -> Result<Reservation, StoreError> {
+        let sent = AtomicBool::new(false);
         let reply = self
-            .run_plan(customer, plan, "reserve", now, |inv| {
-                inv.arg(u8::from(mode == ReserveMode::Hold))
-                    .arg(plan.hold_ttl_millis)
-                    .arg(tag_text(plan.hold_tag))
-                    .arg(plan.max_settle);
-            })
-            .await?;
+            .run_plan(
+                customer,
+                plan,
+                "reserve",
+                now,
+                |inv| {
+                    inv.arg(u8::from(mode == ReserveMode::Hold))
+                        .arg(plan.hold_ttl_millis)
+                        .arg(tag_text(plan.hold_tag))
+                        .arg(plan.max_settle);
+                },
+                &sent,
+            )
+            .await;
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                // The call may still run in Redis, late (a timeout, a connection lost after
+                // sending): the caller hears "unavailable", so whatever it holds must go.
+                if mode == ReserveMode::Hold && sent.load(Ordering::Relaxed) {
+                    self.canceller.cancel_soon(customer.id, plan.hold_tag, now);
+                }
+                return Err(e);
+            }
+        };
         let blocking = reply
             .first()
             .and_then(int)
@@ -715,6 +876,24 @@ impl CounterStore for RedisStore {
         now: Timestamp,
     ) -> Result<CloseOutcome, StoreError> {
         self.close(customer, hold, None, now).await
+    }
+
+    async fn cancel(
+        &self,
+        customer: CustomerRef<'_>,
+        tag: u128,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let keys = self.keys(customer.id);
+        let inv = self.canceller.invocation(&keys, tag, now);
+        match self.run(customer.sym, &inv).await {
+            Ok(reply) => Ok(self.canceller.released(&reply)),
+            Err(e) => {
+                // Not answered now: keep trying in the background.
+                self.canceller.cancel_soon(customer.id, tag, now);
+                Err(e)
+            }
+        }
     }
 
     /// Sweeps the customers this replica has seen with holds due. A hold placed by a replica
@@ -798,11 +977,18 @@ impl CounterStore for RedisStore {
         now: Timestamp,
     ) -> Result<bool, StoreError> {
         let reply = self
-            .run_plan(customer, plan, "record", now, |inv| {
-                inv.arg(idempotency_key)
-                    .arg(self.retention.millis)
-                    .arg(self.retention.max_keys);
-            })
+            .run_plan(
+                customer,
+                plan,
+                "record",
+                now,
+                |inv| {
+                    inv.arg(idempotency_key)
+                        .arg(self.retention.millis)
+                        .arg(self.retention.max_keys);
+                },
+                &AtomicBool::new(false),
+            )
             .await?;
         Ok(reply.first().and_then(int) == Some(1))
     }
@@ -891,6 +1077,7 @@ impl CounterStore for RedisStore {
             stats.holds_open += e.holds_open;
         }
         stats.backend_failures = self.failures.load(Ordering::Relaxed);
+        stats.abandoned_released = self.canceller.released.load(Ordering::Relaxed);
         stats.breaker_rejections = self.rejected.load(Ordering::Relaxed);
         stats
     }
@@ -908,7 +1095,7 @@ mod tests {
         for k in &keys.keys {
             assert!(k.starts_with("tg:{acme}:"), "{k}");
         }
-        assert_eq!(keys.keys.len(), 6);
+        assert_eq!(keys.keys.len(), 7);
     }
 
     #[test]

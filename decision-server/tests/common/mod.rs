@@ -240,6 +240,7 @@ impl Harness {
         let dimensions = dims(d);
         self.rt
             .block_on(self.engine.check(&CheckRequest {
+                deadline: None,
                 customer,
                 feature,
                 usage,
@@ -259,6 +260,7 @@ impl Harness {
     ) -> tollgate::DecisionError {
         let dimensions = dims(d);
         match self.rt.block_on(self.engine.check(&CheckRequest {
+            deadline: None,
             customer,
             feature,
             usage: Usage::units(units),

@@ -1,0 +1,302 @@
+//! Decisions whose caller gave up are never charged, on every store: a check that passes its
+//! deadline before deciding holds nothing; a hold placed after the deadline is released at once;
+//! a check dropped while its store call is in flight (Envoy reset the stream) has its hold
+//! released; and a cancel that overtakes its reserve (Redis) makes the reserve hold nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use tollgate::clock::ManualClock;
+use tollgate::core::counter::{CounterKey, CounterSpec};
+use tollgate::core::credits::GrantBalance;
+use tollgate::core::plan::{AutoEntities, Plan, Planned, Registry, Usage};
+use tollgate::core::{HoldId, Timestamp};
+use tollgate::store::{
+    AutoEntityOutcome, CloseOutcome, CounterStore, CustomerRef, Reservation, ReserveMode,
+    StoreError, StoreStats, StoredEntity,
+};
+use tollgate::{CheckRequest, DecisionError};
+
+type Store = Arc<dyn CounterStore>;
+
+test_with_all_stores! {
+    a_check_past_its_deadline_decides_nothing,
+    a_hold_placed_after_the_deadline_is_released_at_once,
+    a_check_dropped_during_its_store_call_releases_its_hold,
+    a_cancel_that_overtakes_its_reserve_makes_it_hold_nothing,
+}
+
+const LIMITS: &str = r#"
+limits:
+  - { id: user-day, entityType: user, feature: tokens, kind: quota, limit: 1000, period: P1D }
+  - { id: user-slots, entityType: user, feature: tokens, kind: concurrency, limit: 1 }
+"#;
+
+/// What a store does after a reserve has placed its hold, before it answers: a stalled store.
+#[derive(Debug, Clone)]
+enum After {
+    /// Answer at once.
+    Answer,
+    /// Time passes (the store or the sidecar stalled) before the answer.
+    Stall(ManualClock, i64),
+    /// Never answer: the answer is lost.
+    Hang,
+}
+
+/// A store that runs `inner` and then does as `after` says.
+#[derive(Debug)]
+struct Hooked {
+    inner: Store,
+    after: parking_lot::Mutex<After>,
+}
+
+#[async_trait::async_trait]
+impl CounterStore for Hooked {
+    async fn reserve(
+        &self,
+        customer: CustomerRef<'_>,
+        plan: &Plan,
+        mode: ReserveMode,
+        now: Timestamp,
+    ) -> Result<Reservation, StoreError> {
+        let r = self.inner.reserve(customer, plan, mode, now).await;
+        let after = self.after.lock().clone();
+        match after {
+            After::Answer => {}
+            After::Stall(clock, ms) => clock.advance_millis(ms),
+            After::Hang => std::future::pending::<()>().await,
+        }
+        r
+    }
+    async fn settle(
+        &self,
+        c: CustomerRef<'_>,
+        h: &HoldId,
+        u: &Usage,
+        now: Timestamp,
+    ) -> Result<CloseOutcome, StoreError> {
+        self.inner.settle(c, h, u, now).await
+    }
+    async fn release(
+        &self,
+        c: CustomerRef<'_>,
+        h: &HoldId,
+        now: Timestamp,
+    ) -> Result<CloseOutcome, StoreError> {
+        self.inner.release(c, h, now).await
+    }
+    async fn cancel(
+        &self,
+        c: CustomerRef<'_>,
+        tag: u128,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        self.inner.cancel(c, tag, now).await
+    }
+    async fn expire_due(&self, now: Timestamp) -> Result<usize, StoreError> {
+        self.inner.expire_due(now).await
+    }
+    async fn add_grant(
+        &self,
+        c: CustomerRef<'_>,
+        k: CounterKey,
+        g: GrantBalance,
+    ) -> Result<bool, StoreError> {
+        self.inner.add_grant(c, k, g).await
+    }
+    async fn counted(
+        &self,
+        c: CustomerRef<'_>,
+        k: CounterKey,
+        s: &CounterSpec,
+        now: Timestamp,
+    ) -> Result<Option<u64>, StoreError> {
+        self.inner.counted(c, k, s, now).await
+    }
+    async fn record(
+        &self,
+        c: CustomerRef<'_>,
+        p: &Plan,
+        key: &str,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        self.inner.record(c, p, key, now).await
+    }
+    async fn auto_entity(
+        &self,
+        c: CustomerRef<'_>,
+        id: &str,
+        e: &StoredEntity,
+        max: u32,
+        create: bool,
+    ) -> Result<AutoEntityOutcome, StoreError> {
+        self.inner.auto_entity(c, id, e, max, create).await
+    }
+    async fn auto_entity_count(&self, c: CustomerRef<'_>) -> Result<usize, StoreError> {
+        self.inner.auto_entity_count(c).await
+    }
+    fn stats(&self) -> StoreStats {
+        self.inner.stats()
+    }
+}
+
+fn hooked(store: Store) -> (Harness, Arc<Hooked>) {
+    let hooked = Arc::new(Hooked {
+        inner: store,
+        after: parking_lot::Mutex::new(After::Answer),
+    });
+    let h = harness(
+        &tree_with(LIMITS),
+        Arc::clone(&hooked) as Store,
+        "2026-03-10T10:00:00Z",
+    );
+    (h, hooked)
+}
+
+fn check_by(
+    h: &Harness,
+    units: u64,
+    deadline: Option<Timestamp>,
+) -> Result<tollgate::core::Decision, DecisionError> {
+    let dimensions = dims(&[("userId", "u1")]);
+    h.run(h.engine.check(&CheckRequest {
+        deadline,
+        customer: "acme",
+        feature: "tokens",
+        usage: Usage::units(units),
+        dimensions: &dimensions,
+        dry_run: false,
+    }))
+}
+
+/// Nothing counted on either limit, no hold open: nobody pays for the abandoned call.
+fn nothing_held(h: &Harness) {
+    assert_eq!(h.counted("acme", "u1", "user-day"), 0);
+    assert_eq!(h.counted("acme", "u1", "user-slots"), 0);
+    assert_eq!(
+        h.engine.store().stats().holds_open,
+        0,
+        "a hold is left open"
+    );
+}
+
+fn a_check_past_its_deadline_decides_nothing(store: Store) {
+    let (h, _) = hooked(store);
+    let past = h.engine.now().plus_millis(-1);
+    assert_eq!(
+        check_by(&h, 100, Some(past)),
+        Err(DecisionError::DeadlineExceeded)
+    );
+    nothing_held(&h);
+    // In time, it is decided as usual.
+    let d = check_by(&h, 100, Some(h.engine.now().plus_millis(250))).unwrap();
+    assert!(d.granted);
+}
+
+fn a_hold_placed_after_the_deadline_is_released_at_once(store: Store) {
+    let (h, hooked) = hooked(store);
+    // The store answers 2 s after the call, past the caller's 250 ms.
+    *hooked.after.lock() = After::Stall(h.clock.clone(), 2_000);
+    let deadline = h.engine.now().plus_millis(250);
+    assert_eq!(
+        check_by(&h, 100, Some(deadline)),
+        Err(DecisionError::DeadlineExceeded)
+    );
+    nothing_held(&h);
+    // The concurrency slot is free again: the next call gets it.
+    *hooked.after.lock() = After::Answer;
+    assert!(check_by(&h, 100, None).unwrap().granted);
+}
+
+fn a_check_dropped_during_its_store_call_releases_its_hold(store: Store) {
+    let (h, hooked) = hooked(store);
+    *hooked.after.lock() = After::Hang;
+    let dimensions = dims(&[("userId", "u1")]);
+    let request = CheckRequest {
+        deadline: None,
+        customer: "acme",
+        feature: "tokens",
+        usage: Usage::units(100),
+        dimensions: &dimensions,
+        dry_run: false,
+    };
+    // The caller gives up (Envoy resets the stream): the decision future is dropped while the
+    // store has placed the hold and not yet answered.
+    let gave_up = h.run(async {
+        tokio::time::timeout(Duration::from_millis(50), h.engine.check(&request)).await
+    });
+    assert!(gave_up.is_err(), "the hung store answered");
+    // The release runs on its own task; wait for it (bounded).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while h.engine.store().stats().holds_open > 0 || h.counted("acme", "u1", "user-day") > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the abandoned hold was not released"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    nothing_held(&h);
+    assert!(h.engine.store().stats().abandoned_released >= 1);
+}
+
+fn a_cancel_that_overtakes_its_reserve_makes_it_hold_nothing(store: Store) {
+    let (h, _) = hooked(store);
+    let model = h.engine.model();
+    let auto = AutoEntities::default();
+    let dimensions = dims(&[("userId", "u1")]);
+    let Planned::Ready(mut plan) = model
+        .plan(
+            &Registry::new(&auto),
+            "acme",
+            "tokens",
+            Usage::units(100),
+            &dimensions,
+            h.engine.now(),
+        )
+        .unwrap()
+    else {
+        panic!("u1 is in the tree")
+    };
+    plan.hold_tag = 0x5eed;
+    let cref = CustomerRef {
+        sym: plan.customer.sym(),
+        id: plan.customer.as_str(),
+    };
+    let store = h.engine.store();
+    // The cancel runs first (nothing to release yet)...
+    assert!(
+        !h.run(store.cancel(cref, plan.hold_tag, h.engine.now()))
+            .unwrap()
+    );
+    let r = h
+        .run(store.reserve(cref, &plan, ReserveMode::Hold, h.engine.now()))
+        .unwrap();
+    // ...then a store that can run a call late (Redis) holds nothing for it; the in-process
+    // stores cannot run a reserve after its caller's cancel, and they hold as asked.
+    let redis = format!("{:?}", h.engine.store()).contains("RedisStore");
+    if redis {
+        assert_eq!(r.hold, None);
+        nothing_held(&h);
+    } else {
+        let hold = r.hold.unwrap();
+        assert!(h.run(store.cancel(cref, hold.tag, h.engine.now())).unwrap());
+        nothing_held(&h);
+    }
+    // A cancel after the reserve releases it, on every store.
+    plan.hold_tag = 0xbeef;
+    let r = h
+        .run(store.reserve(cref, &plan, ReserveMode::Hold, h.engine.now()))
+        .unwrap();
+    assert!(r.hold.is_some());
+    assert_eq!(h.counted("acme", "u1", "user-day"), 100);
+    assert!(h.run(store.cancel(cref, 0xbeef, h.engine.now())).unwrap());
+    nothing_held(&h);
+    assert!(
+        !h.run(store.cancel(cref, 0xbeef, h.engine.now())).unwrap(),
+        "once"
+    );
+}
