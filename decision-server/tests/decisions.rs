@@ -493,7 +493,7 @@ limits:
             tokens: Some(tollgate::core::plan::TokenCounts {
                 input: u64::MAX,
                 output: u64::MAX,
-                cached: 0,
+                ..Default::default()
             }),
         },
     ] {
@@ -895,6 +895,29 @@ grants:
     )
     .unwrap();
     assert_eq!(h.counted("acme", "acme", "org-credits"), 3700);
+    // Cache writes are priced at their own rate (2.5 per token), reasoning is part of output.
+    let d2 = h.check_usage(
+        "acme",
+        "tokens",
+        Usage::units(1000),
+        &[("userId", "u2"), ("model", "big-1")],
+    );
+    let written = Usage {
+        units: 700,
+        tokens: Some(tollgate::core::plan::TokenCounts {
+            input: 100,
+            output: 200,
+            cached: 0,
+            cache_write: 400,
+            reasoning: 50,
+        }),
+    };
+    h.run(h.engine.settle(d2.hold_id.as_ref().unwrap(), written))
+        .unwrap();
+    assert_eq!(
+        h.counted("acme", "acme", "org-credits"),
+        3700 + 200 + 1600 + 1000
+    );
     assert_eq!(h.counted("acme", "u1", "user-requests"), 1);
     assert!(
         h.check_usage("acme", "tokens", Usage::units(1), &ctx)

@@ -4,8 +4,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use std::rc::Rc;
+
 use regex_lite::Regex;
 use serde::Deserialize;
+
+use crate::api::{Api, Estimate};
 
 /// A config problem, with the JSON path it is at.
 #[derive(Debug, thiserror::Error)]
@@ -32,15 +36,40 @@ pub enum FailMode {
     Closed,
 }
 
-/// What happens to a hold when the actual usage cannot be read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+/// What a hold is charged when content was delivered and the usage never came (a stream
+/// without usage, a client that left before it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
-pub enum OnUnknownUsage {
-    /// Release the hold: nothing is charged.
+pub enum OnMissingUsage {
+    /// The documented estimate: the prompt from the request's size, the output from the
+    /// content delivered (falls back to the hold when the content cannot be counted).
+    #[default]
+    Estimate,
+    /// The hold's full amount.
+    Hold,
+    /// Nothing. Lets delivered output go uncharged: for routes where that is acceptable.
     Release,
-    /// Leave the hold open: the estimate stays charged until the hold expires, then is released
-    /// by the sidecar's expiry.
-    Keep,
+}
+
+/// What a hold is charged when the upstream answers an error status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum OnUpstreamError {
+    /// Nothing: the providers do not bill errors.
+    #[default]
+    Release,
+    /// The hold's full amount.
+    Hold,
+}
+
+/// Whether the filter asks a streamed chat for usage the client did not ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum StreamUsage {
+    /// Add `stream_options.include_usage` and take the extra event out of the client's stream.
+    #[default]
+    Inject,
+    Off,
 }
 
 #[derive(Debug, Deserialize)]
@@ -67,6 +96,27 @@ struct ConfigDto {
     upstream_headers: Option<bool>,
     #[serde(default)]
     settlement: Option<SettlementDto>,
+    /// An API preset: `openai-chat`, `openai-responses`, `anthropic-messages`, or `custom`.
+    #[serde(default)]
+    api: Option<Api>,
+    #[serde(default)]
+    estimate: Option<EstimateDto>,
+    /// Remove `accept-encoding` from governed requests, so the usage can be read from the
+    /// answer (default true).
+    #[serde(default)]
+    strip_accept_encoding: Option<bool>,
+    /// This filter instance's name, for per-instance route overrides.
+    #[serde(default)]
+    instance: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct EstimateDto {
+    #[serde(default)]
+    default_max_tokens: Option<u64>,
+    #[serde(default)]
+    bytes_per_token: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,9 +136,9 @@ struct SidecarDto {
 }
 
 /// One extraction rule as written: exactly one source, then `default` and `required`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RuleDto {
+pub struct RuleDto {
     header: Option<String>,
     query: Option<String>,
     path: Option<String>,
@@ -102,9 +152,9 @@ struct RuleDto {
     required: bool,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct SettlementDto {
+pub struct SettlementDto {
     #[serde(default)]
     enabled: Option<bool>,
     #[serde(default)]
@@ -112,7 +162,11 @@ struct SettlementDto {
     #[serde(default)]
     header: Option<String>,
     #[serde(default)]
-    on_unknown_usage: Option<OnUnknownUsage>,
+    on_missing_usage: Option<OnMissingUsage>,
+    #[serde(default)]
+    on_upstream_error: Option<OnUpstreamError>,
+    #[serde(default)]
+    stream_usage: Option<StreamUsage>,
     #[serde(default)]
     timeout_ms: Option<u64>,
     #[serde(default)]
@@ -151,18 +205,54 @@ pub struct Rule {
 }
 
 /// How the actual usage is read from the response.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settlement {
     pub enabled: bool,
     /// A JSON pointer to a whole number in the JSON body or in an SSE event; `None` reads the
-    /// OpenAI `usage` object (`total_tokens`, or prompt + completion).
+    /// API's own usage (the preset's, or an OpenAI-style `usage` object).
     pub usage_pointer: Option<String>,
     /// A response header holding the usage; it wins over the body when present.
     pub header: Option<String>,
-    pub on_unknown_usage: OnUnknownUsage,
+    pub on_missing_usage: OnMissingUsage,
+    pub on_upstream_error: OnUpstreamError,
+    pub stream_usage: StreamUsage,
+    pub estimate: Estimate,
     pub timeout: Duration,
     /// The most of a JSON response body kept to read usage from.
     pub max_response_bytes: usize,
+}
+
+impl Settlement {
+    /// These settings with `o`'s fields over them; `path` names where `o` is, for errors.
+    fn with(&self, o: &SettlementDto, path: &str) -> Result<Self, ConfigError> {
+        let mut s = self.clone();
+        if let Some(v) = o.enabled {
+            s.enabled = v;
+        }
+        if let Some(p) = &o.usage_pointer {
+            pointer(p, &format!("{path}.usagePointer"))?;
+            s.usage_pointer = Some(p.clone());
+        }
+        if let Some(h) = &o.header {
+            s.header = Some(h.to_ascii_lowercase());
+        }
+        if let Some(v) = o.on_missing_usage {
+            s.on_missing_usage = v;
+        }
+        if let Some(v) = o.on_upstream_error {
+            s.on_upstream_error = v;
+        }
+        if let Some(v) = o.stream_usage {
+            s.stream_usage = v;
+        }
+        if let Some(ms) = o.timeout_ms {
+            s.timeout = timeout_ms(Some(ms), 1000, &format!("{path}.timeoutMs"))?;
+        }
+        if let Some(b) = o.max_response_bytes {
+            s.max_response_bytes = b;
+        }
+        Ok(s)
+    }
 }
 
 /// The validated filter config.
@@ -181,7 +271,10 @@ pub struct FilterConfig {
     pub usage: Option<Rule>,
     pub dimensions: Vec<Rule>,
     pub upstream_headers: bool,
-    pub settlement: Settlement,
+    pub settlement: Rc<Settlement>,
+    pub api: Api,
+    pub strip_accept_encoding: bool,
+    pub instance: Option<String>,
 }
 
 /// Everything but the credential, which must never reach a log line.
@@ -272,25 +365,27 @@ impl FilterConfig {
             }
             dimensions.push(rule(&format!("dimensions.{name}"), r)?);
         }
-        let s = dto.settlement.unwrap_or(SettlementDto {
-            enabled: None,
+        let e = dto.estimate.unwrap_or_default();
+        let defaults = Estimate::default();
+        let estimate = Estimate {
+            default_max_tokens: e.default_max_tokens.unwrap_or(defaults.default_max_tokens),
+            bytes_per_token: e.bytes_per_token.unwrap_or(defaults.bytes_per_token),
+        };
+        if estimate.bytes_per_token == 0 {
+            return Err(err("estimate.bytesPerToken", "must be above 0"));
+        }
+        let base = Settlement {
+            enabled: true,
             usage_pointer: None,
             header: None,
-            on_unknown_usage: None,
-            timeout_ms: None,
-            max_response_bytes: None,
-        });
-        if let Some(p) = &s.usage_pointer {
-            pointer(p, "settlement.usagePointer")?;
-        }
-        let settlement = Settlement {
-            enabled: s.enabled.unwrap_or(true),
-            usage_pointer: s.usage_pointer,
-            header: s.header.map(|h| h.to_ascii_lowercase()),
-            on_unknown_usage: s.on_unknown_usage.unwrap_or(OnUnknownUsage::Release),
-            timeout: timeout_ms(s.timeout_ms, 1000, "settlement.timeoutMs")?,
-            max_response_bytes: s.max_response_bytes.unwrap_or(4 * 1024 * 1024),
+            on_missing_usage: OnMissingUsage::default(),
+            on_upstream_error: OnUpstreamError::default(),
+            stream_usage: StreamUsage::default(),
+            estimate,
+            timeout: Duration::from_millis(1000),
+            max_response_bytes: 4 * 1024 * 1024,
         };
+        let settlement = base.with(&dto.settlement.unwrap_or_default(), "settlement")?;
         Ok(Self {
             cluster: dto.sidecar.cluster,
             authorization,
@@ -304,7 +399,10 @@ impl FilterConfig {
             usage,
             dimensions,
             upstream_headers: dto.upstream_headers.unwrap_or(true),
-            settlement,
+            settlement: Rc::new(settlement),
+            api: dto.api.unwrap_or_default(),
+            strip_accept_encoding: dto.strip_accept_encoding.unwrap_or(true),
+            instance: dto.instance,
         })
     }
 
@@ -332,8 +430,8 @@ impl FilterConfig {
         out
     }
 
-    /// Whether any rule reads the request body, so that the filter must buffer it.
-    pub fn needs_body(&self) -> bool {
+    /// Whether any rule reads the request body.
+    fn rules_read_body(&self) -> bool {
         self.rules().any(|r| matches!(r.source, Source::Body(_)))
     }
 }
@@ -451,59 +549,174 @@ fn rule(name: &str, r: RuleDto) -> Result<Rule, ConfigError> {
     })
 }
 
-/// Per-route settings from the route's metadata, `filter_metadata["tollgate"]`.
+/// Per-route settings from the route's metadata, `filter_metadata["tollgate"]`, as written:
+/// every field optional; `instances` holds the same fields for one filter instance by name.
 #[derive(Debug, Default, Clone, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct RouteOverride {
+struct OverrideDto {
     #[serde(default)]
-    pub fail_mode: Option<FailMode>,
+    fail_mode: Option<FailMode>,
     #[serde(default)]
-    pub timeout_ms: Option<u64>,
+    timeout_ms: Option<u64>,
     #[serde(default)]
-    pub fail_status: Option<u16>,
+    fail_status: Option<u16>,
     /// Skip the filter on this route.
     #[serde(default)]
+    disabled: Option<bool>,
+    #[serde(default)]
+    api: Option<Api>,
+    #[serde(default)]
+    usage: Option<RuleDto>,
+    #[serde(default)]
+    settlement: Option<SettlementDto>,
+    #[serde(default)]
+    instances: BTreeMap<String, OverrideDto>,
+}
+
+/// A route's override, validated: what it changes for this filter instance.
+#[derive(Debug, Clone)]
+pub struct RouteOverride {
+    pub fail_mode: Option<FailMode>,
+    pub timeout: Option<Duration>,
+    pub fail_status: Option<u16>,
     pub disabled: bool,
+    pub api: Option<Api>,
+    pub usage: Option<Rc<Rule>>,
+    pub settlement: Option<SettlementDto>,
 }
 
 impl RouteOverride {
-    /// Reads the override from route metadata converted to JSON.
-    pub fn from_json(v: serde_json::Value) -> Result<Self, ConfigError> {
-        let o: Self = serde_path_to_error::deserialize(v).map_err(|e| {
+    /// Reads the override from route metadata converted to JSON, for the filter instance named
+    /// `instance` (its `instances` entry wins over the shared fields).
+    pub fn from_json(v: serde_json::Value, instance: Option<&str>) -> Result<Self, ConfigError> {
+        let o: OverrideDto = serde_path_to_error::deserialize(v).map_err(|e| {
             let path = format!("route metadata tollgate.{}", e.path());
             err(path, e.into_inner().to_string())
         })?;
-        if let Some(ms) = o.timeout_ms {
-            timeout_ms(
-                Some(ms),
-                DEFAULT_TIMEOUT_MS,
-                "route metadata tollgate.timeoutMs",
-            )?;
+        let mut out = Self::one(&o, "route metadata tollgate")?;
+        if let Some(name) = instance
+            && let Some(i) = o.instances.get(name)
+        {
+            let path = format!("route metadata tollgate.instances.{name}");
+            let mine = Self::one(i, &path)?;
+            out = Self {
+                fail_mode: mine.fail_mode.or(out.fail_mode),
+                timeout: mine.timeout.or(out.timeout),
+                fail_status: mine.fail_status.or(out.fail_status),
+                disabled: i.disabled.unwrap_or(out.disabled),
+                api: mine.api.or(out.api),
+                usage: mine.usage.or(out.usage),
+                settlement: match (out.settlement, mine.settlement) {
+                    (Some(a), Some(b)) => Some(merge_settlement(a, b)),
+                    (a, b) => b.or(a),
+                },
+            };
         }
+        Ok(out)
+    }
+
+    fn one(o: &OverrideDto, path: &str) -> Result<Self, ConfigError> {
+        let timeout = o
+            .timeout_ms
+            .map(|ms| timeout_ms(Some(ms), DEFAULT_TIMEOUT_MS, &format!("{path}.timeoutMs")))
+            .transpose()?;
         if let Some(s) = o.fail_status {
-            status(Some(s), 503, "route metadata tollgate.failStatus")?;
+            status(Some(s), 503, &format!("{path}.failStatus"))?;
         }
-        Ok(o)
+        let usage = o
+            .usage
+            .clone()
+            .map(|r| rule(&format!("{path}.usage"), r).map(Rc::new))
+            .transpose()?;
+        if let Some(p) = o
+            .settlement
+            .as_ref()
+            .and_then(|s| s.usage_pointer.as_deref())
+        {
+            pointer(p, &format!("{path}.settlement.usagePointer"))?;
+        }
+        Ok(Self {
+            fail_mode: o.fail_mode,
+            timeout,
+            fail_status: o.fail_status,
+            disabled: o.disabled.unwrap_or(false),
+            api: o.api,
+            usage,
+            settlement: o.settlement.clone(),
+        })
+    }
+}
+
+/// `b`'s settlement fields over `a`'s.
+fn merge_settlement(a: SettlementDto, b: SettlementDto) -> SettlementDto {
+    SettlementDto {
+        enabled: b.enabled.or(a.enabled),
+        usage_pointer: b.usage_pointer.or(a.usage_pointer),
+        header: b.header.or(a.header),
+        on_missing_usage: b.on_missing_usage.or(a.on_missing_usage),
+        on_upstream_error: b.on_upstream_error.or(a.on_upstream_error),
+        stream_usage: b.stream_usage.or(a.stream_usage),
+        timeout_ms: b.timeout_ms.or(a.timeout_ms),
+        max_response_bytes: b.max_response_bytes.or(a.max_response_bytes),
     }
 }
 
 /// The settings one request runs with: the filter's, with the route's override applied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Effective {
     pub fail_mode: FailMode,
     pub fail_status: u16,
     pub timeout: Duration,
+    pub api: Api,
+    /// The route's own usage rule, over the filter's (and over the preset's estimate).
+    pub usage: Option<Rc<Rule>>,
+    pub settlement: Rc<Settlement>,
 }
 
 impl FilterConfig {
-    pub fn effective(&self, o: Option<&RouteOverride>) -> Effective {
-        Effective {
+    /// The settings for a route with override `o`. A bad settlement override is logged by the
+    /// caller and the filter's settlement applies.
+    pub fn effective(&self, o: Option<&RouteOverride>) -> Result<Effective, ConfigError> {
+        let settlement = match o.and_then(|o| o.settlement.as_ref()) {
+            Some(dto) => Rc::new(
+                self.settlement
+                    .with(dto, "route metadata tollgate.settlement")?,
+            ),
+            None => Rc::clone(&self.settlement),
+        };
+        Ok(Effective {
             fail_mode: o.and_then(|o| o.fail_mode).unwrap_or(self.fail_mode),
             fail_status: o.and_then(|o| o.fail_status).unwrap_or(self.fail_status),
-            timeout: o
-                .and_then(|o| o.timeout_ms)
-                .map_or(self.timeout, Duration::from_millis),
+            timeout: o.and_then(|o| o.timeout).unwrap_or(self.timeout),
+            api: o.and_then(|o| o.api).unwrap_or(self.api),
+            usage: o.and_then(|o| o.usage.clone()),
+            settlement,
+        })
+    }
+
+    /// The filter's own settings, for a route without an override.
+    pub fn plain(&self) -> Effective {
+        Effective {
+            fail_mode: self.fail_mode,
+            fail_status: self.fail_status,
+            timeout: self.timeout,
+            api: self.api,
+            usage: None,
+            settlement: Rc::clone(&self.settlement),
         }
+    }
+}
+
+impl Effective {
+    /// Whether the request body must be buffered: a rule reads it, or a preset estimates from
+    /// it.
+    pub fn needs_body(&self, config: &FilterConfig) -> bool {
+        self.api != Api::Custom
+            || config.rules_read_body()
+            || self
+                .usage
+                .as_ref()
+                .is_some_and(|r| matches!(r.source, Source::Body(_)))
     }
 }
 
@@ -562,7 +775,7 @@ mod tests {
                 "model": {"body": "/model"},
                 "region": {"query": "region", "default": "eu"}
               },
-              "settlement": {"onUnknownUsage": "keep"}
+              "settlement": {"onMissingUsage": "hold"}
             }"#,
         )
         .unwrap();
@@ -571,9 +784,10 @@ mod tests {
         assert!(
             matches!(c.customer.as_ref().unwrap().source, Source::Header(ref h) if h == "x-tollgate-customer")
         );
-        assert!(c.needs_body());
+        assert!(c.plain().needs_body(&c));
         assert_eq!(c.dimensions.len(), 4);
-        assert_eq!(c.settlement.on_unknown_usage, OnUnknownUsage::Keep);
+        assert_eq!(c.settlement.on_missing_usage, OnMissingUsage::Hold);
+        assert_eq!(c.api, Api::Custom);
         assert_eq!(c.fail_status, 503);
     }
 
@@ -632,15 +846,66 @@ mod tests {
 
     #[test]
     fn route_overrides_apply_over_the_filter() {
-        let c = parse(r#"{"sidecar": {"cluster": "t", "token": "x"}}"#).unwrap();
-        let o = RouteOverride::from_json(serde_json::json!({"failMode": "open", "timeoutMs": 50}))
-            .unwrap();
-        let e = c.effective(Some(&o));
+        let c = parse(r#"{"sidecar": {"cluster": "t", "token": "x"}, "instance": "a"}"#).unwrap();
+        let o = RouteOverride::from_json(
+            serde_json::json!({"failMode": "open", "timeoutMs": 50}),
+            c.instance.as_deref(),
+        )
+        .unwrap();
+        let e = c.effective(Some(&o)).unwrap();
         assert_eq!(e.fail_mode, FailMode::Open);
         assert_eq!(e.timeout, Duration::from_millis(50));
         assert_eq!(e.fail_status, 503);
-        assert_eq!(c.effective(None).fail_mode, FailMode::Closed);
-        let bad = RouteOverride::from_json(serde_json::json!({"failMode": 3})).unwrap_err();
+        assert_eq!(c.plain().fail_mode, FailMode::Closed);
+        let bad = RouteOverride::from_json(serde_json::json!({"failMode": 3}), None).unwrap_err();
         assert!(bad.to_string().contains("tollgate.failMode"), "{bad}");
+    }
+
+    #[test]
+    fn a_route_sets_the_preset_usage_and_settlement_per_instance() {
+        let c =
+            parse(r#"{"sidecar": {"cluster": "t", "token": "x"}, "instance": "billing"}"#).unwrap();
+        let meta = serde_json::json!({
+            "api": "openai-chat",
+            "settlement": {"onMissingUsage": "hold"},
+            "instances": {
+                "billing": {"api": "anthropic-messages", "settlement": {"streamUsage": "off"},
+                            "usage": {"header": "x-units"}},
+                "other": {"disabled": true}
+            }
+        });
+        let o = RouteOverride::from_json(meta.clone(), c.instance.as_deref()).unwrap();
+        assert!(!o.disabled, "only the instance named `other` is off");
+        let e = c.effective(Some(&o)).unwrap();
+        assert_eq!(e.api, Api::AnthropicMessages);
+        assert_eq!(
+            e.settlement.on_missing_usage,
+            OnMissingUsage::Hold,
+            "shared field kept"
+        );
+        assert_eq!(
+            e.settlement.stream_usage,
+            StreamUsage::Off,
+            "instance field"
+        );
+        assert!(
+            matches!(e.usage.as_deref().unwrap().source, Source::Header(ref h) if h == "x-units")
+        );
+        assert!(e.needs_body(&c), "a preset reads the body");
+        let other = RouteOverride::from_json(meta, Some("other")).unwrap();
+        assert!(other.disabled);
+        assert_eq!(c.effective(Some(&other)).unwrap().api, Api::OpenaiChat);
+        let bad = RouteOverride::from_json(
+            serde_json::json!({"instances": {"billing": {"api": "gemini"}}}),
+            Some("billing"),
+        )
+        .unwrap_err();
+        assert!(bad.to_string().contains("instances.billing.api"), "{bad}");
+        let bad = RouteOverride::from_json(
+            serde_json::json!({"settlement": {"usagePointer": "usage"}}),
+            None,
+        )
+        .unwrap_err();
+        assert!(bad.to_string().contains("JSON pointer"), "{bad}");
     }
 }

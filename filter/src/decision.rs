@@ -6,6 +6,7 @@ use prost::Message;
 use prost_types::value::Kind;
 use tollgate_proto::envoywire as wire;
 
+use crate::api::{Api, ErrorKind, LimitKind, error_body};
 use crate::config::{Effective, FailMode};
 use crate::extract::{BadInput, Extracted};
 
@@ -15,7 +16,8 @@ pub const AUTHZ_METHOD: &str = "Check";
 
 pub use tollgate_proto::ext_authz::HEADER_UNCHECKED;
 use tollgate_proto::ext_authz::{
-    HEADER_HOLD_ID, KEY_CUSTOMER, KEY_DIMENSION_PREFIX, KEY_FEATURE, KEY_USAGE, METADATA_HOLD_ID,
+    HEADER_HOLD_ID, KEY_CUSTOMER, KEY_DEADLINE, KEY_DIMENSION_PREFIX, KEY_FEATURE, KEY_USAGE,
+    METADATA_HOLD_ID,
 };
 
 /// Request facts sent along for the sidecar's logs.
@@ -27,9 +29,22 @@ pub struct RequestInfo {
     pub host: String,
 }
 
-/// The ext_authz `CheckRequest` for one request, encoded.
-pub fn check_request(x: &Extracted, info: &RequestInfo) -> Vec<u8> {
-    let mut ext = std::collections::HashMap::with_capacity(3 + x.dimensions.len());
+/// When the sidecar should stop deciding, in ms since the epoch: the call's timeout less a
+/// margin for the answer's way back (a quarter of it, at most 50 ms), so that a decision made in
+/// time reaches the filter before it gives up.
+pub fn deadline_millis(now_millis: u64, timeout: std::time::Duration) -> u64 {
+    let timeout = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+    let margin = (timeout / 4).min(50);
+    now_millis.saturating_add(timeout - margin)
+}
+
+/// The ext_authz `CheckRequest` for one request, encoded. `deadline` (ms since the epoch) tells
+/// the sidecar when the filter stops waiting.
+pub fn check_request(x: &Extracted, info: &RequestInfo, deadline: Option<u64>) -> Vec<u8> {
+    let mut ext = std::collections::HashMap::with_capacity(4 + x.dimensions.len());
+    if let Some(d) = deadline {
+        ext.insert(KEY_DEADLINE.to_string(), d.to_string());
+    }
     if let Some(c) = &x.customer {
         ext.insert(KEY_CUSTOMER.to_string(), c.clone());
     }
@@ -231,6 +246,39 @@ pub fn verdict(body: &[u8], upstream_headers: bool) -> Verdict {
     }
 }
 
+/// A denial in the API's own error shape (OpenAI's or Anthropic's), so that its SDKs show which
+/// level and limit blocked and when to retry; `x-should-retry: false` when retrying cannot help
+/// soon: the request is larger than the whole limit, or the limit resets after more than a
+/// minute (the SDKs would otherwise retry within seconds, pointlessly).
+pub fn shape_denial(api: Api, mut reply: Reply) -> Reply {
+    let Ok(details) = serde_json::from_slice::<serde_json::Value>(&reply.body) else {
+        return reply;
+    };
+    let never_fits = details["neverFits"].as_bool() == Some(true);
+    let retry_after = details["retryAfterSeconds"].as_u64();
+    let mut message = format!(
+        "Tollgate: {}",
+        details["message"]
+            .as_str()
+            .unwrap_or("a usage limit denied this request")
+    );
+    if never_fits {
+        message.push_str("; this request is larger than the whole limit and can never fit it");
+    } else if let Some(s) = retry_after {
+        message.push_str(&format!("; it resets in {s} s"));
+    }
+    let kind = LimitKind::of(details["kind"].as_str().unwrap_or(""));
+    if let Some(body) = error_body(api, ErrorKind::Limit(kind), &message, &details) {
+        reply.body = body.to_string().into_bytes();
+    }
+    if never_fits || retry_after.is_some_and(|s| s > 60) {
+        reply
+            .headers
+            .push(("x-should-retry".into(), "false".into()));
+    }
+    reply
+}
+
 /// What to do when the sidecar gave no answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FailAction {
@@ -248,35 +296,46 @@ fn json_reply(status: u32, body: serde_json::Value) -> Reply {
     }
 }
 
-/// Applies the fail mode.
+/// Applies the fail mode. A fail-closed answer takes the API's error shape; it says
+/// `x-should-retry: false` when the sidecar refused the gateway's credential (a retry cannot
+/// help until the configuration is fixed).
 pub fn on_failure(e: &Effective, failure: &Failure) -> FailAction {
     match e.fail_mode {
         FailMode::Open => FailAction::Open(format!("sidecar-{}", failure.code().replace('_', "-"))),
-        FailMode::Closed => FailAction::Closed(json_reply(
-            u32::from(e.fail_status),
-            serde_json::json!({
+        FailMode::Closed => {
+            let details = serde_json::json!({
                 "error": "usage_check_unavailable",
                 "reason": failure.code(),
                 "message": failure.to_string(),
-            }),
-        )),
+            });
+            let message = format!("Tollgate could not check this request's usage: {failure}");
+            let body =
+                error_body(e.api, ErrorKind::Unavailable, &message, &details).unwrap_or(details);
+            let mut reply = json_reply(u32::from(e.fail_status), body);
+            if matches!(failure.code(), "unauthenticated" | "permission_denied") {
+                reply
+                    .headers
+                    .push(("x-should-retry".into(), "false".into()));
+            }
+            FailAction::Closed(reply)
+        }
     }
 }
 
-/// The answer to unusable input.
-pub fn bad_input_reply(status: u16, bad: &BadInput) -> Reply {
+/// The answer to unusable input, in the API's error shape.
+pub fn bad_input_reply(api: Api, status: u16, bad: &BadInput) -> Reply {
     let status = match bad {
         BadInput::BodyTooLarge { .. } => 413,
         _ => u32::from(status),
     };
-    json_reply(
-        status,
-        serde_json::json!({
-            "error": "bad_request_input",
-            "reason": bad.code(),
-            "message": bad.to_string(),
-        }),
-    )
+    let details = serde_json::json!({
+        "error": "bad_request_input",
+        "reason": bad.code(),
+        "message": bad.to_string(),
+    });
+    let message = format!("Tollgate cannot read this request: {bad}");
+    let body = error_body(api, ErrorKind::BadRequest, &message, &details).unwrap_or(details);
+    json_reply(status, body)
 }
 
 #[cfg(test)]
@@ -303,6 +362,7 @@ mod tests {
             feature: Some("ai-tokens".into()),
             usage: Some(300),
             dimensions: vec![("teamId".into(), "research".into())],
+            prompt: 0,
         };
         let info = RequestInfo {
             id: "r1".into(),
@@ -310,12 +370,20 @@ mod tests {
             path: "/v1/chat/completions".into(),
             host: "api".into(),
         };
-        let r = wire::CheckRequest::decode(check_request(&x, &info).as_slice()).unwrap();
+        let r =
+            wire::CheckRequest::decode(check_request(&x, &info, Some(1234)).as_slice()).unwrap();
         let a = r.attributes.unwrap();
         assert_eq!(a.context_extensions["tollgate.customer"], "acme");
         assert_eq!(a.context_extensions["tollgate.feature"], "ai-tokens");
         assert_eq!(a.context_extensions["tollgate.usage"], "300");
         assert_eq!(a.context_extensions["tollgate.dim.teamId"], "research");
+        assert_eq!(a.context_extensions["tollgate.deadline"], "1234");
+        assert_eq!(
+            deadline_millis(1_000, Duration::from_millis(250)),
+            1_000 + 200,
+            "a quarter of margin, at most 50 ms"
+        );
+        assert_eq!(deadline_millis(1_000, Duration::from_millis(100)), 1_075);
         assert_eq!(a.request.unwrap().http.unwrap().method, "POST");
     }
 
@@ -378,15 +446,72 @@ mod tests {
     }
 
     #[test]
-    fn failures_follow_the_fail_mode() {
-        let closed = Effective {
-            fail_mode: FailMode::Closed,
-            fail_status: 503,
-            timeout: Duration::from_millis(100),
+    fn denials_take_the_apis_shape_and_say_when_not_to_retry() {
+        let sidecar = Reply {
+            status: 429,
+            headers: vec![("retry-after".into(), "30".into())],
+            body: serde_json::json!({"error": "usage_limit_exceeded", "message": "quota limit `team-day` on team `research` (chain level 1): 380 of 400 used, 500 requested",
+                "level": 1, "entityId": "research", "limitId": "team-day", "kind": "quota",
+                "usageLimit": 400, "retryAfterSeconds": 30, "neverFits": true})
+            .to_string()
+            .into_bytes(),
         };
+        let r = shape_denial(Api::OpenaiChat, sidecar.clone());
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("team-day") && message.contains("can never fit"),
+            "{message}"
+        );
+        assert_eq!(body["error"]["type"], "insufficient_quota");
+        assert_eq!(body["error"]["tollgate"]["entityId"], "research");
+        assert!(
+            r.headers
+                .contains(&("x-should-retry".into(), "false".into()))
+        );
+        let r = shape_denial(Api::AnthropicMessages, sidecar.clone());
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["type"], "error");
+        assert_eq!(body["error"]["type"], "rate_limit_error");
+        // It fits later: no advice against retrying, and the reset is in the message.
+        let mut later = sidecar.clone();
+        later.body =
+            serde_json::json!({"message": "rate limit", "kind": "rate", "retryAfterSeconds": 7})
+                .to_string()
+                .into_bytes();
+        let r = shape_denial(Api::OpenaiResponses, later);
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("resets in 7 s")
+        );
+        assert_eq!(body["error"]["type"], "rate_limit_exceeded");
+        assert!(!r.headers.iter().any(|(k, _)| k == "x-should-retry"));
+        // The plain form keeps the sidecar's body.
+        assert_eq!(
+            shape_denial(Api::Custom, sidecar.clone()).body,
+            {
+                let mut s = sidecar;
+                s.headers.push(("x-should-retry".into(), "false".into()));
+                s
+            }
+            .body
+        );
+    }
+
+    #[test]
+    fn failures_follow_the_fail_mode() {
+        let config = crate::config::FilterConfig::parse(
+            br#"{"sidecar": {"cluster": "t", "token": "x"}}"#,
+            |_| None,
+        )
+        .unwrap();
+        let closed = config.plain();
         let open = Effective {
             fail_mode: FailMode::Open,
-            ..closed
+            ..closed.clone()
         };
         let t = Failure::from_grpc(14, Some("upstream request timeout".into()));
         assert_eq!(t, Failure::Timeout);

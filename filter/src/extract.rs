@@ -7,7 +7,8 @@ use std::fmt;
 use base64::Engine as _;
 use serde_json::Value;
 
-use crate::config::{FilterConfig, Rule, Source};
+use crate::api::Api;
+use crate::config::{Effective, FilterConfig, Rule, Source};
 
 /// What the rules read from the request. The host module implements it over proxy-wasm calls;
 /// tests implement it over maps.
@@ -82,6 +83,8 @@ pub struct Extracted {
     pub feature: Option<String>,
     pub usage: Option<u64>,
     pub dimensions: Vec<(String, String)>,
+    /// The prompt's estimated tokens (from the body's size), for a response without usage.
+    pub prompt: u64,
 }
 
 /// Parses a buffered request body for the body rules. An empty body reads as no body.
@@ -94,15 +97,26 @@ pub fn parse_body(bytes: &[u8]) -> Result<Option<Value>, BadInput> {
         .map_err(|e| BadInput::BodyNotJson(e.to_string()))
 }
 
-/// Applies every rule of `config`.
+/// The request body as the rules read it: parsed, and its size.
+#[derive(Debug, Clone, Copy)]
+pub struct Body<'a> {
+    pub json: Option<&'a Value>,
+    pub len: usize,
+}
+
+/// Applies every rule of `config`, as `e` (the route's settings) says: the route's usage rule
+/// wins over the filter's, which wins over the preset's estimate.
 pub fn extract(
     config: &FilterConfig,
+    e: &Effective,
     view: &dyn RequestView,
-    body: Option<&Value>,
+    body: Body<'_>,
 ) -> Result<Extracted, BadInput> {
+    let estimate = &e.settlement.estimate;
+    let body_json = body.json;
     let cx = Cx {
         view,
-        body,
+        body: body_json,
         path: OnceCell::new(),
         bearer: OnceCell::new(),
     };
@@ -121,14 +135,27 @@ pub fn extract(
             .flatten(),
         usage: None,
         dimensions: Vec::with_capacity(config.dimensions.len()),
+        prompt: e.api.prompt_estimate(body.len, estimate),
     };
-    if let Some(rule) = &config.usage
-        && let Some(v) = cx.value(rule)?
-    {
-        out.usage = Some(v.trim().parse::<u64>().map_err(|_| BadInput::NotANumber {
-            what: rule.name.clone(),
-            value: v,
-        })?);
+    match e.usage.as_deref().or(config.usage.as_ref()) {
+        Some(rule) => {
+            if let Some(v) = cx.value(rule)? {
+                out.usage = Some(v.trim().parse::<u64>().map_err(|_| BadInput::NotANumber {
+                    what: rule.name.clone(),
+                    value: v,
+                })?);
+            }
+        }
+        None if e.api != Api::Custom => {
+            let empty = Value::Null;
+            let json = body_json.unwrap_or(&empty);
+            e.api.check_budget(json).map_err(|b| BadInput::NotANumber {
+                what: b.field.to_string(),
+                value: b.value,
+            })?;
+            out.usage = Some(e.api.hold(json, body.len, estimate));
+        }
+        None => {}
     }
     for rule in &config.dimensions {
         if let Some(v) = cx.value(rule)? {
@@ -326,7 +353,16 @@ mod tests {
         v.meta
             .insert("jwt_payload".into(), serde_json::json!({"tier": "gold"}));
         let body = serde_json::json!({"model": "gpt-4o", "max_tokens": 512});
-        let x = extract(&c, &v, Some(&body)).unwrap();
+        let x = extract(
+            &c,
+            &c.plain(),
+            &v,
+            Body {
+                json: Some(&body),
+                len: 0,
+            },
+        )
+        .unwrap();
         assert_eq!(x.customer.as_deref(), Some("acme"));
         assert_eq!(x.feature.as_deref(), Some("ai-tokens"));
         assert_eq!(x.usage, Some(512));
@@ -347,13 +383,13 @@ mod tests {
                "dimensions": {"teamId": {"header": "x-team", "default": "none"}, "x": {"query": "x"}}"#,
         );
         let mut v = View::default();
-        let e = extract(&c, &v, None).unwrap_err();
+        let e = extract(&c, &c.plain(), &v, Body { json: None, len: 0 }).unwrap_err();
         assert_eq!(
             e.to_string(),
             "`customer` is required: header `x-customer` is missing"
         );
         v.headers.insert("x-customer".into(), "acme".into());
-        let x = extract(&c, &v, None).unwrap();
+        let x = extract(&c, &c.plain(), &v, Body { json: None, len: 0 }).unwrap();
         assert_eq!(x.usage, Some(256));
         assert_eq!(
             x.dimensions,
@@ -362,7 +398,7 @@ mod tests {
         // An empty header counts as absent.
         v.headers.insert("x-customer".into(), String::new());
         assert!(matches!(
-            extract(&c, &v, None),
+            extract(&c, &c.plain(), &v, Body { json: None, len: 0 }),
             Err(BadInput::Missing { .. })
         ));
     }
@@ -384,7 +420,17 @@ mod tests {
             ),
         ] {
             assert_eq!(
-                extract(&c, &v, Some(&body)).unwrap_err().code(),
+                extract(
+                    &c,
+                    &c.plain(),
+                    &v,
+                    Body {
+                        json: Some(&body),
+                        len: 0
+                    }
+                )
+                .unwrap_err()
+                .code(),
                 code,
                 "{body}"
             );
@@ -403,13 +449,18 @@ mod tests {
         ] {
             let mut v = View::default();
             v.headers.insert("authorization".into(), token.into());
-            let e = extract(&c, &v, None).unwrap_err();
+            let e = extract(&c, &c.plain(), &v, Body { json: None, len: 0 }).unwrap_err();
             assert_eq!(e.code(), "bad_jwt", "{token}: {e}");
         }
         // No bearer token at all: the claim is simply absent.
         let mut v = View::default();
         v.headers
             .insert("authorization".into(), "Basic dXNlcjpwdw==".into());
-        assert_eq!(extract(&c, &v, None).unwrap().customer, None);
+        assert_eq!(
+            extract(&c, &c.plain(), &v, Body { json: None, len: 0 })
+                .unwrap()
+                .customer,
+            None
+        );
     }
 }

@@ -13,11 +13,12 @@ use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
 use serde_json::Value;
 use tollgate_proto::envoywire as wire;
 
-use crate::config::{Effective, FilterConfig, RouteOverride};
+use crate::api::ask_for_usage;
+use crate::config::{Effective, FilterConfig, RouteOverride, StreamUsage};
 use crate::decision::{self, FailAction, Failure, Reply, Verdict};
-use crate::extract::{self, BadInput, RequestView};
+use crate::extract::{self, BadInput, Body, RequestView};
 use crate::pbjson::struct_to_json;
-use crate::settle::{self, Close, CloseResult, Tracker, Unknown};
+use crate::settle::{self, Close, CloseResult, Held, Tracker, Unknown};
 use tollgate_proto::v1 as pb;
 
 fn log(level: LogLevel, message: &str) {
@@ -34,8 +35,9 @@ struct Stats {
     fail_closed: u32,
     settled: u32,
     released: u32,
-    kept: u32,
     usage_unknown: u32,
+    usage_estimated: u32,
+    usage_requested: u32,
     close_retried: u32,
     close_failed: u32,
 }
@@ -51,8 +53,9 @@ impl Stats {
             fail_closed: d("tollgate.fail_closed"),
             settled: d("tollgate.settled"),
             released: d("tollgate.released"),
-            kept: d("tollgate.hold_kept"),
             usage_unknown: d("tollgate.usage_unknown"),
+            usage_estimated: d("tollgate.usage_estimated"),
+            usage_requested: d("tollgate.usage_requested"),
             close_retried: d("tollgate.close_retried"),
             close_failed: d("tollgate.close_failed"),
         }
@@ -93,12 +96,25 @@ const TICK: Duration = Duration::from_millis(5);
 /// The most closes in one call (the sidecar takes up to 1,000).
 const MAX_BATCH: usize = 500;
 
+/// The most route overrides kept parsed; past it the cache starts over.
+const MAX_OVERRIDES: usize = 256;
+
 #[derive(Debug)]
 struct Shared {
     config: FilterConfig,
     stats: Stats,
     queue: RefCell<VecDeque<CloseJob>>,
     ticking: Cell<bool>,
+    /// Route overrides by the route metadata bytes they were read from: parsed (regexes
+    /// compiled) once per route, not once per request.
+    overrides: RefCell<HashMap<Vec<u8>, Option<Rc<Resolved>>>>,
+}
+
+/// A route's settings, resolved once.
+#[derive(Debug)]
+struct Resolved {
+    disabled: bool,
+    effective: Effective,
 }
 
 impl Shared {
@@ -113,6 +129,9 @@ impl Shared {
     fn close(&self, hold_id: &str, close: &Close, why: Option<Unknown>) {
         if let Some(why) = why {
             Stats::bump(self.stats.usage_unknown);
+            if matches!(close, Close::Settle(_)) {
+                Stats::bump(self.stats.usage_estimated);
+            }
             // Debug, not info: a burst of upstream errors would otherwise log a line each; the
             // `usage_unknown` stat counts them.
             log(
@@ -120,14 +139,11 @@ impl Shared {
                 &format!("hold {hold_id}: usage unknown ({why:?}); closing by policy: {close:?}"),
             );
         }
-        match settle::hold_close(hold_id, close) {
-            Some(hold) => self.enqueue(CloseJob {
-                hold,
-                attempt: 0,
-                not_before: SystemTime::UNIX_EPOCH,
-            }),
-            None => Stats::bump(self.stats.kept),
-        }
+        self.enqueue(CloseJob {
+            hold: settle::hold_close(hold_id, close),
+            attempt: 0,
+            not_before: SystemTime::UNIX_EPOCH,
+        });
     }
 }
 
@@ -234,6 +250,7 @@ impl RootContext for Root {
                     stats: Stats::define(),
                     queue: RefCell::new(VecDeque::new()),
                     ticking: Cell::new(false),
+                    overrides: RefCell::new(HashMap::new()),
                 }));
                 true
             }
@@ -296,6 +313,7 @@ impl RootContext for Root {
             view: HostView::default(),
             response_headers: Vec::new(),
             tracker: None,
+            pending: None,
         }))
     }
 
@@ -308,7 +326,7 @@ impl RootContext for Root {
 #[derive(Debug)]
 struct Http {
     shared: Rc<Shared>,
-    effective: Option<Effective>,
+    effective: Option<Rc<Resolved>>,
     awaiting_body: bool,
     /// A decision call is in flight. Body and trailer callbacks must then pause: returning
     /// Continue from them would let the request upstream before the answer.
@@ -317,6 +335,8 @@ struct Http {
     view: HostView,
     response_headers: Vec<(String, String)>,
     tracker: Option<Tracker>,
+    /// What the tracker of a granted request will need, known once the decision is asked for.
+    pending: Option<Held>,
 }
 
 /// The request's headers, read from the host in one call when the request starts: one host
@@ -390,21 +410,45 @@ impl Http {
     fn bad_input(&self, bad: &BadInput) -> Action {
         Stats::bump(self.shared.stats.bad_input);
         self.reply(&decision::bad_input_reply(
+            self.effective().api,
             self.shared.config.bad_input_status,
             bad,
         ));
         Action::Pause
     }
 
-    /// The route's override from `filter_metadata["tollgate"]`, if any.
-    fn route_override(&self) -> Option<RouteOverride> {
+    /// The route's settings: the filter's, with the route's `filter_metadata["tollgate"]`
+    /// over them (read once per route, then from the cache).
+    fn route_settings(&self) -> Option<Rc<Resolved>> {
         let bytes = hostcalls::get_property(vec!["xds", "route_metadata"])
             .ok()
-            .flatten()?;
-        let meta = wire::Metadata::decode(bytes.as_slice()).ok()?;
+            .flatten()
+            .unwrap_or_default();
+        if let Some(hit) = self.shared.overrides.borrow().get(&bytes) {
+            return hit.clone();
+        }
+        let resolved = self.resolve(&bytes);
+        let mut cache = self.shared.overrides.borrow_mut();
+        if cache.len() >= MAX_OVERRIDES {
+            cache.clear();
+        }
+        cache.insert(bytes, resolved.clone());
+        resolved
+    }
+
+    fn resolve(&self, bytes: &[u8]) -> Option<Rc<Resolved>> {
+        let config = &self.shared.config;
+        let meta = wire::Metadata::decode(bytes).ok()?;
         let s = meta.filter_metadata.get("tollgate")?;
-        match RouteOverride::from_json(struct_to_json(s)) {
-            Ok(o) => Some(o),
+        let resolved = RouteOverride::from_json(struct_to_json(s), config.instance.as_deref())
+            .and_then(|o| {
+                Ok(Resolved {
+                    disabled: o.disabled,
+                    effective: config.effective(Some(&o))?,
+                })
+            });
+        match resolved {
+            Ok(r) => Some(Rc::new(r)),
             Err(e) => {
                 log(
                     LogLevel::Error,
@@ -415,9 +459,49 @@ impl Http {
         }
     }
 
-    fn decide(&mut self, body: Option<&Value>) -> Action {
+    /// Adds `include_usage` to a streamed chat request that did not ask for it, so its usage can
+    /// be read; the tracker then takes the extra event out of the client's stream. Returns
+    /// whether it did.
+    fn ask_for_usage(&self, body: &mut Value, size: usize) -> bool {
+        let e = self.effective();
+        if !e.settlement.enabled
+            || e.settlement.stream_usage != StreamUsage::Inject
+            || !e.api.streams_without_usage(body)
+        {
+            return false;
+        }
+        ask_for_usage(body);
+        let Ok(bytes) = serde_json::to_vec(body) else {
+            return false;
+        };
+        if hostcalls::set_buffer(
+            proxy_wasm::types::BufferType::HttpRequestBody,
+            0,
+            size,
+            &bytes,
+        )
+        .is_err()
+        {
+            return false;
+        }
+        // The length changed; the upstream must not read the old one.
+        self.set_http_request_header("content-length", Some(&bytes.len().to_string()));
+        Stats::bump(self.shared.stats.usage_requested);
+        true
+    }
+
+    fn decide(&mut self, body: Option<&Value>, body_len: usize, strip_usage: bool) -> Action {
         let view = std::mem::take(&mut self.view);
-        let x = match extract::extract(&self.shared.config, &view, body) {
+        let e = self.effective();
+        let x = match extract::extract(
+            &self.shared.config,
+            &e,
+            &view,
+            Body {
+                json: body,
+                len: body_len,
+            },
+        ) {
             Ok(x) => x,
             Err(bad) => return self.bad_input(&bad),
         };
@@ -427,8 +511,19 @@ impl Http {
             path: view.path().unwrap_or_default(),
             host: view.header(":authority").unwrap_or_default(),
         };
-        let message = decision::check_request(&x, &info);
-        let timeout = self.effective().timeout;
+        let timeout = e.timeout;
+        let now = hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .and_then(|d| u64::try_from(d.as_millis()).ok());
+        let deadline = now.map(|n| decision::deadline_millis(n, timeout));
+        let message = decision::check_request(&x, &info, deadline);
+        self.pending = Some(Held {
+            api: e.api,
+            units: x.usage.unwrap_or(0),
+            prompt: x.prompt,
+            strip_usage,
+        });
         match hostcalls::dispatch_grpc_call(
             &self.shared.config.cluster,
             decision::AUTHZ_SERVICE,
@@ -451,7 +546,8 @@ impl Http {
 
     fn effective(&self) -> Effective {
         self.effective
-            .unwrap_or_else(|| self.shared.config.effective(None))
+            .as_ref()
+            .map_or_else(|| self.shared.config.plain(), |r| r.effective.clone())
     }
 
     /// Applies the fail mode; returns the action for a callback that can still return one.
@@ -471,7 +567,7 @@ impl Http {
         }
     }
 
-    fn close(&mut self, outcome: Option<(Close, Option<Unknown>)>) {
+    fn close(&mut self, outcome: Option<settle::Outcome>) {
         if let (Some((close, why)), Some(t)) = (outcome, self.tracker.as_ref()) {
             self.shared.close(t.hold_id(), &close, why);
         }
@@ -500,14 +596,16 @@ impl Context for Http {
                     self.set_http_request_header(k, Some(v));
                 }
                 self.response_headers = g.response_headers;
-                if self.shared.config.settlement.enabled {
-                    self.tracker = g.hold_id.map(Tracker::new);
+                if self.effective().settlement.enabled
+                    && let (Some(hold), Some(held)) = (g.hold_id, self.pending.take())
+                {
+                    self.tracker = Some(Tracker::new(hold, held));
                 }
                 self.resume_http_request();
             }
             Verdict::Deny(reply) => {
                 Stats::bump(self.shared.stats.denied);
-                self.reply(&reply);
+                self.reply(&decision::shape_denial(self.effective().api, reply));
             }
             Verdict::Fail(f) => {
                 if self.fail(&f) == Action::Continue {
@@ -520,14 +618,20 @@ impl Context for Http {
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let o = self.route_override();
-        if o.as_ref().is_some_and(|o| o.disabled) {
+        let resolved = self.route_settings();
+        if resolved.as_ref().is_some_and(|r| r.disabled) {
             return Action::Continue;
         }
-        self.effective = Some(self.shared.config.effective(o.as_ref()));
+        self.effective = resolved;
         self.view = HostView::read();
         let config = &self.shared.config;
-        if config.needs_body() && !end_of_stream {
+        let e = self.effective();
+        if e.settlement.enabled && config.strip_accept_encoding {
+            // The answer must be readable for its usage; a compressor filter placed before this
+            // one still compresses it for the client.
+            self.set_http_request_header("accept-encoding", None);
+        }
+        if e.needs_body(config) && !end_of_stream {
             let limit = config.max_body_bytes;
             if let Some(len) = self
                 .view
@@ -540,7 +644,7 @@ impl HttpContext for Http {
             self.awaiting_body = true;
             return Action::Pause;
         }
-        self.decide(None)
+        self.decide(None, 0, false)
     }
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
@@ -563,7 +667,11 @@ impl HttpContext for Http {
         self.awaiting_body = false;
         let bytes = self.get_http_request_body(0, size).unwrap_or_default();
         match extract::parse_body(&bytes) {
-            Ok(body) => self.decide(body.as_ref()),
+            Ok(Some(mut body)) => {
+                let strip = self.ask_for_usage(&mut body, size);
+                self.decide(Some(&body), bytes.len(), strip)
+            }
+            Ok(None) => self.decide(None, bytes.len(), false),
             Err(bad) => self.bad_input(&bad),
         }
     }
@@ -578,7 +686,7 @@ impl HttpContext for Http {
                 .get_http_request_body(0, usize::MAX)
                 .unwrap_or_default();
             return match extract::parse_body(&bytes) {
-                Ok(body) => self.decide(body.as_ref()),
+                Ok(body) => self.decide(body.as_ref(), bytes.len(), false),
                 Err(bad) => self.bad_input(&bad),
             };
         }
@@ -589,14 +697,27 @@ impl HttpContext for Http {
         for (k, v) in std::mem::take(&mut self.response_headers) {
             self.set_http_response_header(&k, Some(&v));
         }
+        let e = self.effective();
         let Some(t) = self.tracker.as_mut() else {
             return Action::Continue;
         };
-        let s = &self.shared.config.settlement;
+        let s = &e.settlement;
         let status = HostViewResponse::header(":status").and_then(|v| v.parse().ok());
         let ct = HostViewResponse::header("content-type");
+        let encoding = HostViewResponse::header("content-encoding");
         let usage = s.header.as_deref().and_then(HostViewResponse::header);
-        let outcome = t.on_headers(s, status, ct.as_deref(), usage.as_deref(), end_of_stream);
+        let outcome = t.on_headers(
+            s,
+            status,
+            ct.as_deref(),
+            encoding.as_deref(),
+            usage.as_deref(),
+            end_of_stream,
+        );
+        if t.strips_usage() {
+            // Events are taken out of the stream: its length changes.
+            self.set_http_response_header("content-length", None);
+        }
         self.close(outcome);
         Action::Continue
     }
@@ -610,18 +731,32 @@ impl HttpContext for Http {
         } else {
             Vec::new()
         };
-        let s = &self.shared.config.settlement;
-        let outcome = self
+        let e = self.effective();
+        let Some((outcome, replaced)) = self
             .tracker
             .as_mut()
-            .and_then(|t| t.on_body(s, &chunk, end_of_stream));
+            .map(|t| t.on_body(&e.settlement, &chunk, end_of_stream))
+        else {
+            return Action::Continue;
+        };
+        if let Some(bytes) = replaced
+            && hostcalls::set_buffer(
+                proxy_wasm::types::BufferType::HttpResponseBody,
+                0,
+                size,
+                &bytes,
+            )
+            .is_err()
+        {
+            log(LogLevel::Warn, "cannot rewrite a response chunk");
+        }
         self.close(outcome);
         Action::Continue
     }
 
     fn on_log(&mut self) {
-        let s = &self.shared.config.settlement;
-        let outcome = self.tracker.as_mut().and_then(|t| t.on_end(s));
+        let e = self.effective();
+        let outcome = self.tracker.as_mut().and_then(|t| t.on_end(&e.settlement));
         self.close(outcome);
     }
 }

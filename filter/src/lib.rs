@@ -2,6 +2,7 @@
 //! modes and settlement from the response. Everything but `host` is plain Rust, tested natively;
 //! `host` is built for wasm only, where the proxy-wasm host functions exist.
 
+pub mod api;
 pub mod config;
 pub mod decision;
 pub mod extract;

@@ -1,11 +1,13 @@
 //! Settlement: the actual usage read from the upstream's response (a header, a JSON body, or
-//! an SSE stream scanned incrementally), and the `Settle`/`Release` call that closes the hold.
+//! an SSE stream scanned incrementally), the estimate when it never comes, and the
+//! `CloseHolds` call that closes the hold.
 
 use prost::Message;
 use serde_json::Value;
 use tollgate_proto::v1 as pb;
 
-use crate::config::{OnUnknownUsage, Settlement};
+use crate::api::{Api, UsageAcc, content_bytes};
+use crate::config::{OnMissingUsage, OnUpstreamError, Settlement};
 
 pub const TOLLGATE_SERVICE: &str = "tollgate.v1.Tollgate";
 pub const CLOSE_HOLDS: &str = "CloseHolds";
@@ -14,11 +16,12 @@ pub const CLOSE_HOLDS: &str = "CloseHolds";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Reading {
     pub total: u64,
-    /// Set when the OpenAI `usage` object gave the split.
+    /// The token split, when the response gave it (or the estimate made one).
     pub tokens: Option<pb::Tokens>,
 }
 
-/// Reads usage from a JSON document: the number at `pointer`, or the OpenAI `usage` object.
+/// Reads usage for the plain form (no preset): the number at `pointer`, or an OpenAI-style
+/// `usage` object.
 pub fn reading_from_json(doc: &Value, pointer: Option<&str>) -> Option<Reading> {
     if let Some(p) = pointer {
         return doc.pointer(p).and_then(Value::as_u64).map(|total| Reading {
@@ -26,103 +29,153 @@ pub fn reading_from_json(doc: &Value, pointer: Option<&str>) -> Option<Reading> 
             tokens: None,
         });
     }
-    let usage = doc.get("usage").filter(|u| u.is_object())?;
-    let n = |k: &str| usage.get(k).and_then(Value::as_u64);
-    let input = n("prompt_tokens").or_else(|| n("input_tokens"));
-    let output = n("completion_tokens").or_else(|| n("output_tokens"));
-    let total = n("total_tokens").or(match (input, output) {
-        (Some(i), Some(o)) => i.checked_add(o),
-        _ => None,
-    })?;
-    let cached = usage
-        .pointer("/prompt_tokens_details/cached_tokens")
-        .or_else(|| usage.pointer("/input_tokens_details/cached_tokens"))
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
-    Some(Reading {
-        total,
-        tokens: Some(pb::Tokens {
-            input: input.unwrap_or(0),
-            output: output.unwrap_or(0),
-            cached,
-        }),
-    })
+    let mut acc = UsageAcc::default();
+    acc.absorb(Api::Custom, doc);
+    acc.reading()
 }
 
-/// Scans an SSE stream chunk by chunk for the last event that carries usage, keeping only the
-/// unfinished line between chunks.
+/// What one response has shown so far: its usage, and how much content it delivered.
+#[derive(Debug, Default)]
+struct Seen {
+    usage: UsageAcc,
+    /// Set when a usage pointer (the plain form) found a number.
+    pointed: Option<Reading>,
+    /// Bytes of generated content.
+    content: u64,
+}
+
+impl Seen {
+    fn take(&mut self, api: Api, pointer: Option<&str>, doc: &Value) {
+        match pointer {
+            Some(p) => {
+                if let Some(r) = reading_from_json(doc, Some(p)) {
+                    self.pointed = Some(r);
+                }
+            }
+            None => {
+                self.usage.absorb(api, doc);
+            }
+        }
+        self.content = self.content.saturating_add(content_bytes(api, doc));
+    }
+
+    fn reading(&self) -> Option<Reading> {
+        self.pointed.or_else(|| self.usage.reading())
+    }
+}
+
+/// Scans an SSE stream chunk by chunk: every event's usage and content, keeping only the
+/// unfinished line between chunks. With `strip`, it also hands back the chunk without the
+/// usage-only events the filter asked for on the client's behalf.
 #[derive(Debug, Default)]
 pub struct SseScanner {
     partial: Vec<u8>,
     /// The partial line grew past the cap and is being skipped to its end.
     skipping: bool,
-    last: Option<Reading>,
+    seen: Seen,
     saw_done: bool,
+    strip: bool,
 }
 
 /// A line longer than this is no usage event; it is skipped, not buffered.
 const MAX_SSE_LINE: usize = 256 * 1024;
 
 impl SseScanner {
-    pub fn feed(&mut self, chunk: &[u8], pointer: Option<&str>) {
+    /// A scanner that takes out the usage-only events (`include_usage` added by the filter).
+    pub fn stripping() -> Self {
+        Self {
+            strip: true,
+            ..Self::default()
+        }
+    }
+
+    /// Takes in one chunk. When stripping, returns what the client gets of it: its complete
+    /// lines but the stripped events (the unfinished last line waits for the next chunk).
+    pub fn feed(&mut self, api: Api, chunk: &[u8], pointer: Option<&str>) -> Option<Vec<u8>> {
+        let mut out = self.strip.then(|| Vec::with_capacity(chunk.len()));
         let mut rest = chunk;
         while let Some(i) = rest.iter().position(|&b| b == b'\n') {
             let (head, tail) = rest.split_at(i);
             rest = &tail[1..];
             if self.skipping {
+                // An over-long line: passed on as it came, never read.
                 self.skipping = false;
-                self.partial.clear();
+                if let Some(o) = out.as_mut() {
+                    o.extend_from_slice(head);
+                    o.push(b'\n');
+                }
                 continue;
             }
-            if self.partial.is_empty() {
-                self.line(head, pointer);
+            let line = if self.partial.is_empty() {
+                std::borrow::Cow::Borrowed(head)
             } else {
-                let mut line = std::mem::take(&mut self.partial);
-                line.extend_from_slice(head);
-                self.line(&line, pointer);
+                let mut l = std::mem::take(&mut self.partial);
+                l.extend_from_slice(head);
+                std::borrow::Cow::Owned(l)
+            };
+            let keep = self.line(api, &line, pointer);
+            if let Some(o) = out.as_mut()
+                && keep
+            {
+                o.extend_from_slice(&line);
+                o.push(b'\n');
             }
         }
-        if !self.skipping {
+        if self.skipping {
+            if let Some(o) = out.as_mut() {
+                o.extend_from_slice(rest);
+            }
+        } else {
             self.partial.extend_from_slice(rest);
             if self.partial.len() > MAX_SSE_LINE {
+                if let Some(o) = out.as_mut() {
+                    o.append(&mut self.partial);
+                }
                 self.partial.clear();
                 self.skipping = true;
             }
         }
+        out
     }
 
-    fn line(&mut self, line: &[u8], pointer: Option<&str>) {
+    /// Reads one line; returns whether the client should get it.
+    fn line(&mut self, api: Api, line: &[u8], pointer: Option<&str>) -> bool {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         let Some(data) = line.strip_prefix(b"data:") else {
-            return;
+            return true;
         };
         let data = data.trim_ascii();
         if data == b"[DONE]" {
             self.saw_done = true;
-            return;
+            return true;
         }
-        // Most events are content deltas; parse only those that can carry usage.
-        let key: &[u8] = match pointer {
-            None => b"usage",
-            Some(p) => p.rsplit('/').next().unwrap_or(p).as_bytes(),
+        if !data.starts_with(b"{") {
+            return true;
+        }
+        let Ok(doc) = serde_json::from_slice::<Value>(data) else {
+            return true;
         };
-        if !data.windows(key.len().max(1)).any(|w| w == key) {
-            return;
-        }
-        if let Ok(doc) = serde_json::from_slice::<Value>(data)
-            && let Some(r) = reading_from_json(&doc, pointer)
-        {
-            self.last = Some(r);
-        }
+        self.seen.take(api, pointer, &doc);
+        !(self.strip && crate::api::is_usage_chunk(&doc))
     }
 
-    /// The usage seen, once the stream has ended.
-    pub fn finish(&mut self, pointer: Option<&str>) -> Option<Reading> {
-        if !self.partial.is_empty() && !self.skipping {
-            let line = std::mem::take(&mut self.partial);
-            self.line(&line, pointer);
+    /// The end of the stream: the unfinished last line is read (and, when stripping, handed
+    /// back if the client should get it).
+    pub fn finish(&mut self, api: Api, pointer: Option<&str>) -> Option<Vec<u8>> {
+        if self.partial.is_empty() || self.skipping {
+            return None;
         }
-        self.last
+        let line = std::mem::take(&mut self.partial);
+        let keep = self.line(api, &line, pointer);
+        (self.strip && keep).then_some(line)
+    }
+
+    pub fn reading(&self) -> Option<Reading> {
+        self.seen.reading()
+    }
+
+    pub fn content(&self) -> u64 {
+        self.seen.content
     }
 
     pub fn saw_done(&self) -> bool {
@@ -135,49 +188,76 @@ impl SseScanner {
 pub enum Close {
     Settle(Reading),
     Release,
-    /// Left open: it expires on the sidecar with the estimate charged.
-    Keep,
 }
 
-/// Why the usage could not be read, for stats and logs.
+/// Why the usage was not read from the response, for stats and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unknown {
     /// The upstream answered an error status.
     UpstreamError,
-    /// The response ended (or broke off) without usage.
+    /// Content was delivered and no usage came with it (a stream without usage, a client that
+    /// left before it, a JSON answer without it).
     NoUsage,
-    /// The response was never completed: the client or upstream reset the stream.
-    Broken,
+    /// Nothing was delivered before the response ended or broke off.
+    NothingDelivered,
     /// The JSON body was over the kept size.
     TooLarge,
+    /// The answer was compressed, so it could not be read.
+    Encoded,
 }
+
+/// What the tracker decided, and why the usage was not read (when it was not).
+pub type Outcome = (Close, Option<Unknown>);
 
 #[derive(Debug, PartialEq, Eq)]
 enum Mode {
     Waiting,
     Json,
     Sse,
+    /// Delivered, but not readable (compressed): only its size is known.
+    Opaque,
     Done,
+}
+
+/// What the tracker knows of its request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    pub api: Api,
+    /// The units the hold asked for: what `hold` charges.
+    pub units: u64,
+    /// The prompt's estimated tokens, for the estimate of a response without usage.
+    pub prompt: u64,
+    /// The filter added `include_usage`: take the usage-only event out of the client's stream.
+    pub strip_usage: bool,
 }
 
 /// Follows one granted request's response to its usage.
 #[derive(Debug)]
 pub struct Tracker {
     hold_id: String,
+    held: Held,
     mode: Mode,
     body: Vec<u8>,
     too_large: bool,
+    /// Response body bytes delivered.
+    delivered: u64,
     sse: SseScanner,
 }
 
 impl Tracker {
-    pub fn new(hold_id: String) -> Self {
+    pub fn new(hold_id: String, held: Held) -> Self {
         Self {
             hold_id,
+            held,
             mode: Mode::Waiting,
             body: Vec::new(),
             too_large: false,
-            sse: SseScanner::default(),
+            delivered: 0,
+            sse: if held.strip_usage {
+                SseScanner::stripping()
+            } else {
+                SseScanner::default()
+            },
         }
     }
 
@@ -185,18 +265,27 @@ impl Tracker {
         &self.hold_id
     }
 
-    /// The response headers. Returns the close when they already decide it.
+    /// Whether the client's stream loses the usage-only events (see [`Held::strip_usage`]).
+    pub fn strips_usage(&self) -> bool {
+        self.held.strip_usage && self.mode == Mode::Sse
+    }
+
+    /// The response headers. Returns the outcome when they already decide it.
     pub fn on_headers(
         &mut self,
         s: &Settlement,
         status: Option<u32>,
         content_type: Option<&str>,
+        content_encoding: Option<&str>,
         usage_header: Option<&str>,
         end_of_stream: bool,
-    ) -> Option<(Close, Option<Unknown>)> {
+    ) -> Option<Outcome> {
         if !status.is_some_and(|s| (200..300).contains(&s)) {
             self.mode = Mode::Done;
-            return Some(unknown(s, Unknown::UpstreamError));
+            return Some(match s.on_upstream_error {
+                OnUpstreamError::Release => (Close::Release, Some(Unknown::UpstreamError)),
+                OnUpstreamError::Hold => (self.at_hold(), Some(Unknown::UpstreamError)),
+            });
         }
         if let Some(total) = usage_header.and_then(|h| h.trim().parse::<u64>().ok()) {
             self.mode = Mode::Done;
@@ -208,29 +297,45 @@ impl Tracker {
                 None,
             ));
         }
+        let encoded = content_encoding
+            .map(str::trim)
+            .is_some_and(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"));
         let ct = content_type.unwrap_or("").to_ascii_lowercase();
-        self.mode = if ct.starts_with("text/event-stream") {
+        self.mode = if encoded {
+            Mode::Opaque
+        } else if ct.starts_with("text/event-stream") {
             Mode::Sse
         } else {
             Mode::Json
         };
         if end_of_stream {
-            self.mode = Mode::Done;
-            return Some(unknown(s, Unknown::NoUsage));
+            return Some(self.end(s));
         }
         None
     }
 
-    /// A response body chunk. Returns the close at the end of the stream.
+    /// A response body chunk. Returns the outcome at the end of the stream, and the chunk to
+    /// hand on instead of this one, if it changed.
     pub fn on_body(
         &mut self,
         s: &Settlement,
         chunk: &[u8],
         end_of_stream: bool,
-    ) -> Option<(Close, Option<Unknown>)> {
+    ) -> (Option<Outcome>, Option<Vec<u8>>) {
         let pointer = s.usage_pointer.as_deref();
+        self.delivered = self
+            .delivered
+            .saturating_add(u64::try_from(chunk.len()).unwrap_or(u64::MAX));
+        let mut replaced = None;
         match self.mode {
-            Mode::Sse => self.sse.feed(chunk, pointer),
+            Mode::Sse => {
+                replaced = self.sse.feed(self.held.api, chunk, pointer);
+                if end_of_stream && let Some(tail) = self.sse.finish(self.held.api, pointer) {
+                    replaced
+                        .get_or_insert_with(Vec::new)
+                        .extend_from_slice(&tail);
+                }
+            }
             Mode::Json if !self.too_large => {
                 if self.body.len() + chunk.len() > s.max_response_bytes {
                     self.too_large = true;
@@ -241,59 +346,97 @@ impl Tracker {
             }
             _ => {}
         }
-        if !end_of_stream {
-            return None;
+        if !end_of_stream || self.mode == Mode::Done || self.mode == Mode::Waiting {
+            return (None, replaced);
         }
-        let reading = match self.mode {
-            Mode::Sse => self.sse.finish(pointer),
-            Mode::Json if self.too_large => {
-                self.mode = Mode::Done;
-                return Some(unknown(s, Unknown::TooLarge));
-            }
-            Mode::Json => serde_json::from_slice::<Value>(&self.body)
-                .ok()
-                .and_then(|doc| reading_from_json(&doc, pointer)),
-            _ => return None,
-        };
-        self.mode = Mode::Done;
-        Some(match reading {
-            Some(r) => (Close::Settle(r), None),
-            None => unknown(s, Unknown::NoUsage),
-        })
+        (Some(self.end(s)), replaced)
     }
 
-    /// The request is over; if the response never completed, the hold closes by policy.
-    pub fn on_end(&mut self, s: &Settlement) -> Option<(Close, Option<Unknown>)> {
+    /// The request is over (the response may not have completed: the client or the upstream
+    /// went away). Closes the hold if nothing did yet.
+    pub fn on_end(&mut self, s: &Settlement) -> Option<Outcome> {
         if self.mode == Mode::Done {
             return None;
         }
-        self.mode = Mode::Done;
-        Some(unknown(s, Unknown::Broken))
+        Some(self.end(s))
+    }
+
+    /// Decides the close from what the response showed: its usage whenever some was seen, in
+    /// whatever order the ends arrived; else the policy for delivered content without usage;
+    /// else a release (nothing was delivered).
+    fn end(&mut self, s: &Settlement) -> Outcome {
+        let mode = std::mem::replace(&mut self.mode, Mode::Done);
+        let pointer = s.usage_pointer.as_deref();
+        let (reading, content, unreadable) = match mode {
+            Mode::Sse => (self.sse.reading(), Some(self.sse.content()), None),
+            Mode::Json if self.too_large => (None, None, Some(Unknown::TooLarge)),
+            Mode::Json => {
+                let doc = serde_json::from_slice::<Value>(&self.body).ok();
+                let mut seen = Seen::default();
+                if let Some(d) = &doc {
+                    seen.take(self.held.api, pointer, d);
+                }
+                self.body = Vec::new();
+                (seen.reading(), doc.map(|_| seen.content), None)
+            }
+            Mode::Opaque => (None, None, Some(Unknown::Encoded)),
+            Mode::Waiting | Mode::Done => (None, Some(0), None),
+        };
+        if let Some(r) = reading {
+            return (Close::Settle(r), None);
+        }
+        let delivered = match (mode, content) {
+            (Mode::Sse, Some(c)) => c > 0,
+            _ => self.delivered > 0,
+        };
+        if !delivered {
+            return (Close::Release, Some(Unknown::NothingDelivered));
+        }
+        let why = unreadable.unwrap_or(Unknown::NoUsage);
+        let close = match (s.on_missing_usage, content) {
+            (OnMissingUsage::Release, _) => Close::Release,
+            (OnMissingUsage::Estimate, Some(bytes)) => Close::Settle(self.estimate(s, bytes)),
+            // Nothing to count from (compressed, or too large to keep): charge the hold.
+            (OnMissingUsage::Estimate | OnMissingUsage::Hold, _) => self.at_hold(),
+        };
+        (close, Some(why))
+    }
+
+    /// The documented estimate: the prompt's tokens from the request body's size, plus the
+    /// output's from the content delivered, both at `bytesPerToken`.
+    fn estimate(&self, s: &Settlement, content_bytes: u64) -> Reading {
+        let output = s.estimate.tokens(content_bytes);
+        Reading {
+            total: self.held.prompt.saturating_add(output),
+            tokens: Some(pb::Tokens {
+                input: self.held.prompt,
+                output,
+                ..pb::Tokens::default()
+            }),
+        }
+    }
+
+    fn at_hold(&self) -> Close {
+        Close::Settle(Reading {
+            total: self.held.units,
+            tokens: None,
+        })
     }
 }
 
-fn unknown(s: &Settlement, why: Unknown) -> (Close, Option<Unknown>) {
-    let close = match s.on_unknown_usage {
-        OnUnknownUsage::Release => Close::Release,
-        OnUnknownUsage::Keep => Close::Keep,
-    };
-    (close, Some(why))
-}
-
-/// The `CloseHolds` item that carries a close, or `None` for [`Close::Keep`].
-pub fn hold_close(hold_id: &str, close: &Close) -> Option<pb::HoldClose> {
+/// The `CloseHolds` item that carries a close.
+pub fn hold_close(hold_id: &str, close: &Close) -> pb::HoldClose {
     match close {
-        Close::Settle(r) => Some(pb::HoldClose {
+        Close::Settle(r) => pb::HoldClose {
             hold_id: hold_id.to_string(),
             actual_usage: Some(r.total),
             tokens: r.tokens,
-        }),
-        Close::Release => Some(pb::HoldClose {
+        },
+        Close::Release => pb::HoldClose {
             hold_id: hold_id.to_string(),
             actual_usage: None,
             tokens: None,
-        }),
-        Close::Keep => None,
+        },
     }
 }
 
@@ -341,45 +484,30 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::api::Estimate;
+    use crate::config::StreamUsage;
 
-    fn settlement(on_unknown: OnUnknownUsage) -> Settlement {
+    fn settlement(missing: OnMissingUsage) -> Settlement {
         Settlement {
             enabled: true,
             usage_pointer: None,
             header: None,
-            on_unknown_usage: on_unknown,
+            on_missing_usage: missing,
+            on_upstream_error: OnUpstreamError::Release,
+            stream_usage: StreamUsage::Inject,
+            estimate: Estimate::default(),
             timeout: Duration::from_secs(1),
             max_response_bytes: 1024,
         }
     }
 
-    #[test]
-    fn openai_usage_reads_with_its_split() {
-        let doc = serde_json::json!({"usage": {"prompt_tokens": 12, "completion_tokens": 30,
-            "total_tokens": 42, "prompt_tokens_details": {"cached_tokens": 4}}});
-        let r = reading_from_json(&doc, None).unwrap();
-        assert_eq!(r.total, 42);
-        assert_eq!(
-            r.tokens,
-            Some(pb::Tokens {
-                input: 12,
-                output: 30,
-                cached: 4
-            })
-        );
-        let no_total = serde_json::json!({"usage": {"prompt_tokens": 2, "completion_tokens": 3}});
-        assert_eq!(reading_from_json(&no_total, None).unwrap().total, 5);
-        assert_eq!(
-            reading_from_json(&serde_json::json!({"usage": null}), None),
-            None
-        );
-        let custom = serde_json::json!({"meta": {"units": 9}});
-        assert_eq!(
-            reading_from_json(&custom, Some("/meta/units"))
-                .unwrap()
-                .total,
-            9
-        );
+    fn held(api: Api) -> Held {
+        Held {
+            api,
+            units: 500,
+            prompt: 40,
+            strip_usage: false,
+        }
     }
 
     const STREAM: &str = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n\
@@ -388,92 +516,226 @@ mod tests {
         data: [DONE]\n\n";
 
     #[test]
-    fn sse_usage_is_found_whatever_the_chunking() {
+    fn sse_usage_and_content_are_found_whatever_the_chunking() {
         let bytes = STREAM.as_bytes();
         for size in [1, 2, 3, 7, 16, 64, bytes.len()] {
             let mut s = SseScanner::default();
             for chunk in bytes.chunks(size) {
-                s.feed(chunk, None);
+                assert_eq!(
+                    s.feed(Api::OpenaiChat, chunk, None),
+                    None,
+                    "passed on as is"
+                );
             }
-            assert_eq!(
-                s.finish(None).map(|r| r.total),
-                Some(12),
-                "chunk size {size}"
-            );
+            s.finish(Api::OpenaiChat, None);
+            assert_eq!(s.reading().map(|r| r.total), Some(12), "chunk size {size}");
+            assert_eq!(s.content(), 8);
             assert!(s.saw_done());
         }
         // CRLF line ends and a last line with no newline.
         let crlf = STREAM.replace('\n', "\r\n");
         let mut s = SseScanner::default();
-        s.feed(crlf.trim_end().as_bytes(), None);
-        assert_eq!(s.finish(None).map(|r| r.total), Some(12));
+        s.feed(Api::OpenaiChat, crlf.trim_end().as_bytes(), None);
+        s.finish(Api::OpenaiChat, None);
+        assert_eq!(s.reading().map(|r| r.total), Some(12));
     }
 
     #[test]
-    fn a_huge_line_is_skipped_not_buffered() {
-        let mut s = SseScanner::default();
-        s.feed(b"data: ", None);
+    fn the_usage_chunk_the_filter_asked_for_is_taken_out_of_the_clients_stream() {
+        let bytes = STREAM.as_bytes();
+        for size in [1, 5, 33, bytes.len()] {
+            let mut s = SseScanner::stripping();
+            let mut client = Vec::new();
+            for chunk in bytes.chunks(size) {
+                client.extend(s.feed(Api::OpenaiChat, chunk, None).unwrap());
+            }
+            client.extend(s.finish(Api::OpenaiChat, None).unwrap_or_default());
+            let client = String::from_utf8(client).unwrap();
+            assert!(!client.contains("\"usage\":{"), "{client}");
+            assert!(client.contains("\" there\"") && client.ends_with("data: [DONE]\n\n"));
+            assert_eq!(s.reading().map(|r| r.total), Some(12), "read all the same");
+        }
+    }
+
+    #[test]
+    fn a_huge_line_is_passed_on_not_buffered() {
+        let mut s = SseScanner::stripping();
+        let mut out = s.feed(Api::OpenaiChat, b"data: ", None).unwrap();
         for _ in 0..100 {
-            s.feed(&[b'x'; 8192], None);
+            out.extend(s.feed(Api::OpenaiChat, &[b'x'; 8192], None).unwrap());
         }
         assert!(s.partial.len() <= MAX_SSE_LINE);
-        s.feed(b"\ndata: {\"usage\":{\"total_tokens\":3}}\n", None);
-        assert_eq!(s.finish(None).map(|r| r.total), Some(3));
+        out.extend(
+            s.feed(
+                Api::OpenaiChat,
+                b"\ndata: {\"usage\":{\"total_tokens\":3}}\n",
+                None,
+            )
+            .unwrap(),
+        );
+        assert_eq!(out.len(), 6 + 100 * 8192 + 1 + 35, "every byte passed on");
+        assert_eq!(s.reading().map(|r| r.total), Some(3));
     }
 
     #[test]
-    fn the_tracker_settles_or_applies_the_policy() {
-        let s = settlement(OnUnknownUsage::Release);
-        // JSON over two chunks.
-        let mut t = Tracker::new("h".into());
-        assert_eq!(
-            t.on_headers(&s, Some(200), Some("application/json"), None, false),
-            None
-        );
-        assert_eq!(t.on_body(&s, b"{\"usage\":{\"total_tokens\"", false), None);
-        let (close, why) = t.on_body(&s, b":9}}", true).unwrap();
-        assert_eq!(
-            close,
-            Close::Settle(Reading {
-                total: 9,
-                tokens: close_tokens(&close)
-            })
+    fn usage_seen_settles_however_the_response_ends() {
+        let s = settlement(OnMissingUsage::Estimate);
+        // The client leaves after [DONE], before the upstream's end: the usage it saw counts.
+        let mut t = Tracker::new("h".into(), held(Api::OpenaiChat));
+        t.on_headers(&s, Some(200), Some("text/event-stream"), None, None, false);
+        let (done, _) = t.on_body(&s, STREAM.as_bytes(), false);
+        assert_eq!(done, None);
+        let (close, why) = t.on_end(&s).unwrap();
+        assert!(
+            matches!(close, Close::Settle(r) if r.total == 12),
+            "{close:?}"
         );
         assert_eq!(why, None);
         assert_eq!(t.on_end(&s), None, "closed once");
+    }
 
-        // Upstream error: released, counted.
-        let mut t = Tracker::new("h".into());
+    #[test]
+    fn delivered_output_without_usage_is_charged_by_policy_and_nothing_delivered_is_free() {
+        let words = "data: {\"choices\":[{\"delta\":{\"content\":\"0123456789abcdef\"}}]}\n\n";
+        for (policy, want) in [
+            (OnMissingUsage::Estimate, Some(40 + 4)),
+            (OnMissingUsage::Hold, Some(500)),
+            (OnMissingUsage::Release, None),
+        ] {
+            let s = settlement(policy);
+            let mut t = Tracker::new("h".into(), held(Api::OpenaiChat));
+            t.on_headers(&s, Some(200), Some("text/event-stream"), None, None, false);
+            t.on_body(&s, words.as_bytes(), false);
+            let (close, why) = t.on_end(&s).unwrap();
+            match want {
+                Some(total) => {
+                    assert!(
+                        matches!(close, Close::Settle(r) if r.total == total),
+                        "{close:?}"
+                    )
+                }
+                None => assert_eq!(close, Close::Release),
+            }
+            assert_eq!(why, Some(Unknown::NoUsage));
+        }
+        // The stream ended (upstream finished) without usage: the same.
+        let s = settlement(OnMissingUsage::Estimate);
+        let mut t = Tracker::new("h".into(), held(Api::OpenaiChat));
+        t.on_headers(&s, Some(200), Some("text/event-stream"), None, None, false);
+        let (done, _) = t.on_body(&s, words.as_bytes(), true);
+        assert!(matches!(done, Some((Close::Settle(r), _)) if r.total == 44));
+        // Only a role chunk, then the client left: nothing delivered, nothing charged.
+        let mut t = Tracker::new("h".into(), held(Api::OpenaiChat));
+        t.on_headers(&s, Some(200), Some("text/event-stream"), None, None, false);
+        t.on_body(
+            &s,
+            b"data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\n",
+            false,
+        );
         assert_eq!(
-            t.on_headers(&s, Some(502), None, None, false),
+            t.on_end(&s),
+            Some((Close::Release, Some(Unknown::NothingDelivered)))
+        );
+    }
+
+    #[test]
+    fn anthropic_and_responses_streams_settle_at_their_usage() {
+        let s = settlement(OnMissingUsage::Estimate);
+        let anthropic = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n\
+            event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"Hello\"}}\n\n\
+            event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\n\n\
+            event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        let mut t = Tracker::new("h".into(), held(Api::AnthropicMessages));
+        t.on_headers(
+            &s,
+            Some(200),
+            Some("text/event-stream; charset=utf-8"),
+            None,
+            None,
+            false,
+        );
+        let (done, _) = t.on_body(&s, anthropic.as_bytes(), true);
+        let Some((Close::Settle(r), None)) = done else {
+            panic!("{done:?}")
+        };
+        assert_eq!(r.total, 40);
+        let responses = "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n\
+            event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":9,\"output_tokens\":3,\"total_tokens\":12}}}\n\n";
+        let mut t = Tracker::new("h".into(), held(Api::OpenaiResponses));
+        t.on_headers(&s, Some(200), Some("text/event-stream"), None, None, false);
+        let (done, _) = t.on_body(&s, responses.as_bytes(), true);
+        assert!(
+            matches!(done, Some((Close::Settle(r), None)) if r.total == 12),
+            "{done:?}"
+        );
+    }
+
+    #[test]
+    fn json_answers_errors_headers_and_compressed_answers() {
+        let s = settlement(OnMissingUsage::Estimate);
+        // JSON over two chunks.
+        let mut t = Tracker::new("h".into(), held(Api::OpenaiChat));
+        assert_eq!(
+            t.on_headers(&s, Some(200), Some("application/json"), None, None, false),
+            None
+        );
+        assert_eq!(
+            t.on_body(&s, b"{\"usage\":{\"total_tokens\"", false).0,
+            None
+        );
+        let (close, why) = t.on_body(&s, b":9}}", true).0.unwrap();
+        assert!(matches!(close, Close::Settle(r) if r.total == 9));
+        assert_eq!(why, None);
+        assert_eq!(t.on_end(&s), None, "closed once");
+        // Upstream error: released by default, or charged at the hold.
+        let mut t = Tracker::new("h".into(), held(Api::OpenaiChat));
+        assert_eq!(
+            t.on_headers(&s, Some(502), None, None, None, false),
             Some((Close::Release, Some(Unknown::UpstreamError)))
         );
-        // A header wins.
-        let mut t = Tracker::new("h".into());
-        assert_eq!(
-            t.on_headers(&s, Some(200), None, Some("41"), false)
-                .unwrap()
-                .0,
-            Close::Settle(Reading {
-                total: 41,
-                tokens: None
-            })
+        let mut hold = settlement(OnMissingUsage::Estimate);
+        hold.on_upstream_error = OnUpstreamError::Hold;
+        let mut t = Tracker::new("h".into(), held(Api::OpenaiChat));
+        assert!(matches!(
+            t.on_headers(&hold, Some(500), None, None, None, false),
+            Some((Close::Settle(r), _)) if r.total == 500
+        ));
+        // A usage header wins.
+        let mut t = Tracker::new("h".into(), held(Api::Custom));
+        assert!(matches!(
+            t.on_headers(&s, Some(200), None, None, Some("41"), false),
+            Some((Close::Settle(r), None)) if r.total == 41
+        ));
+        // A JSON answer without usage: its content is counted.
+        let mut t = Tracker::new("h".into(), held(Api::OpenaiChat));
+        t.on_headers(&s, Some(200), Some("application/json"), None, None, false);
+        let (done, _) = t.on_body(
+            &s,
+            b"{\"choices\":[{\"message\":{\"content\":\"twelve bytes\"}}]}",
+            true,
         );
-        // A stream broken before usage: the policy, here keep.
-        let keep = settlement(OnUnknownUsage::Keep);
-        let mut t = Tracker::new("h".into());
-        t.on_headers(&keep, Some(200), Some("text/event-stream"), None, false);
-        t.on_body(&keep, b"data: {\"usage\":null}\n", false);
-        assert_eq!(t.on_end(&keep), Some((Close::Keep, Some(Unknown::Broken))));
-        // A body over the kept size.
-        let mut t = Tracker::new("h".into());
-        t.on_headers(&s, Some(200), Some("application/json"), None, false);
-        assert_eq!(
-            t.on_body(&s, &[b' '; 2048], true),
-            Some((Close::Release, Some(Unknown::TooLarge)))
+        assert!(matches!(done, Some((Close::Settle(r), Some(Unknown::NoUsage))) if r.total == 43));
+        // Compressed: unreadable, so the hold is charged (nothing to count from).
+        let mut t = Tracker::new("h".into(), held(Api::OpenaiChat));
+        t.on_headers(
+            &s,
+            Some(200),
+            Some("application/json"),
+            Some("gzip"),
+            None,
+            false,
         );
-        assert_eq!(hold_close("h", &Close::Keep), None);
-        let release = hold_close("h", &Close::Release).unwrap();
+        let (done, _) = t.on_body(&s, &[0x1f, 0x8b, 8, 0], true);
+        assert!(matches!(done, Some((Close::Settle(r), Some(Unknown::Encoded))) if r.total == 500));
+        // A body over the kept size: the hold.
+        let mut t = Tracker::new("h".into(), held(Api::OpenaiChat));
+        t.on_headers(&s, Some(200), Some("application/json"), None, None, false);
+        assert!(matches!(
+            t.on_body(&s, &[b' '; 2048], true).0,
+            Some((Close::Settle(r), Some(Unknown::TooLarge))) if r.total == 500
+        ));
+        // The close messages.
+        let release = hold_close("h", &Close::Release);
         assert_eq!(
             (release.hold_id.as_str(), release.actual_usage),
             ("h", None)
@@ -484,8 +746,7 @@ mod tests {
                 total: 5,
                 tokens: None,
             }),
-        )
-        .unwrap();
+        );
         assert_eq!(settle.actual_usage, Some(5));
         let bytes = close_holds_request(vec![release, settle]);
         assert_eq!(
@@ -494,6 +755,23 @@ mod tests {
                 .holds
                 .len(),
             2
+        );
+    }
+
+    #[test]
+    fn the_plain_form_reads_a_pointer() {
+        let custom = serde_json::json!({"meta": {"units": 9}});
+        assert_eq!(
+            reading_from_json(&custom, Some("/meta/units"))
+                .unwrap()
+                .total,
+            9
+        );
+        let no_total = serde_json::json!({"usage": {"prompt_tokens": 2, "completion_tokens": 3}});
+        assert_eq!(reading_from_json(&no_total, None).unwrap().total, 5);
+        assert_eq!(
+            reading_from_json(&serde_json::json!({"usage": null}), None),
+            None
         );
     }
 
@@ -534,12 +812,5 @@ mod tests {
         );
         assert_eq!(close_results(&answer(&all[..3]), 4), None);
         assert_eq!(close_results(b"\xff\xff", 1), None);
-    }
-
-    fn close_tokens(c: &Close) -> Option<pb::Tokens> {
-        match c {
-            Close::Settle(r) => r.tokens,
-            _ => None,
-        }
     }
 }

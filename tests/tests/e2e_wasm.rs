@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{GLOBEX, INITECH, RESEARCH_CAP, Stack, caller, chat_body, true_usage};
+use support::{GLOBEX, INITECH, RESEARCH_CAP, Stack, caller, chat_body, hold_for, true_usage};
 
 const FILTER: &str = "wasm-filter.yaml";
 const COMPLETIONS: &str = "/v1/chat/completions";
@@ -21,7 +21,9 @@ async fn grants_then_denies_at_the_team_cap_though_the_user_has_budget() {
     let s = Stack::start(FILTER);
     let alice = caller("acme", Some("alice"));
     let headers = [("authorization", alice.as_str())];
-    // Each request holds 100 and settles to its true usage (1 + 24).
+    // Each request holds its output budget (100) plus its prompt's size in tokens, and settles
+    // to its true usage (1 + 24).
+    let hold = hold_for(&chat_body(1, 100));
     let mut spent = 0;
     let mut denial = None;
     for _ in 0..40 {
@@ -47,11 +49,17 @@ async fn grants_then_denies_at_the_team_cap_though_the_user_has_budget() {
     }
     let denial = denial.expect("the team cap never denied");
     assert!(
-        spent + 100 > RESEARCH_CAP && spent <= RESEARCH_CAP,
-        "spent {spent}"
+        spent + hold > RESEARCH_CAP && spent <= RESEARCH_CAP,
+        "spent {spent}, hold {hold}"
     );
-    let body = denial.json();
+    let body = denial.tollgate();
     assert_eq!(body["error"], "usage_limit_exceeded");
+    // In OpenAI's error shape, so the SDKs show the message.
+    let message = denial.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(message.contains("research-daily"), "{message}");
     assert_eq!(body["entityType"], "team");
     assert_eq!(body["entityId"], "research");
     assert_eq!(body["limitId"], "research-daily");
@@ -165,11 +173,21 @@ async fn json_and_sse_responses_settle_to_the_true_usage() {
     s.usage_settles_at("initech", dims.clone(), "initech-daily", want)
         .await;
 
-    // A stream with no usage chunk: released by policy, nothing charged.
+    // A stream that did not ask for usage: the filter asks for it (`include_usage`), settles
+    // at it, and takes the extra event out of what the client sees.
     body["stream_options"] = json!({"include_usage": false});
     let r = s.chat(COMPLETIONS, &h, &body).await;
     assert_eq!(r.status, 200);
-    // An upstream error: released.
+    assert!(r.text.contains("data: [DONE]"), "{}", r.text);
+    assert!(
+        !r.text.contains("\"usage\":{"),
+        "the client got a usage event it did not ask for: {}",
+        r.text
+    );
+    want += true_usage(4, 10);
+    s.usage_settles_at("initech", dims.clone(), "initech-daily", want)
+        .await;
+    // An upstream error: released, nothing charged.
     let r = s
         .chat(
             COMPLETIONS,
@@ -178,34 +196,44 @@ async fn json_and_sse_responses_settle_to_the_true_usage() {
         )
         .await;
     assert_eq!(r.status, 500);
-    // A stream that breaks before its usage: released.
+    // A stream that breaks after its content, before its usage: the documented estimate, the
+    // prompt from the request's size and the output from the content delivered (10 "tok ").
     body["stream_options"] = json!({"include_usage": true});
     let _ = s
         .chat(COMPLETIONS, &[h[0], h[1], ("x-mock-break", "1")], &body)
         .await;
+    want += (body.to_string().len() as u64).div_ceil(4) + 10;
     s.usage_settles_at("initech", dims, "initech-daily", want)
         .await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while s.envoy.stat("wasmcustom.tollgate.released").unwrap() < 3 {
+    while s.envoy.stat("wasmcustom.tollgate.released").unwrap() < 1 {
         assert!(
             Instant::now() < deadline,
-            "the three holds were not released"
+            "the error's hold was not released"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(
         s.envoy.stat("wasmcustom.tollgate.usage_unknown").unwrap(),
-        3
+        2
     );
-    assert_eq!(s.envoy.stat("wasmcustom.tollgate.settled").unwrap(), 2);
+    assert_eq!(
+        s.envoy.stat("wasmcustom.tollgate.usage_estimated").unwrap(),
+        1
+    );
+    assert_eq!(
+        s.envoy.stat("wasmcustom.tollgate.usage_requested").unwrap(),
+        1
+    );
+    assert_eq!(s.envoy.stat("wasmcustom.tollgate.settled").unwrap(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_usage_header_settles_when_configured() {
     let s = Stack::start_with(FILTER, |c| {
         c.replace(
-            r#""settlement": { "onUnknownUsage": "release", "timeoutMs": 1000 }"#,
-            r#""settlement": { "header": "X-Usage-Total-Tokens", "onUnknownUsage": "keep" }"#,
+            r#""settlement": { "onMissingUsage": "estimate", "timeoutMs": 1000 }"#,
+            r#""settlement": { "header": "X-Usage-Total-Tokens", "onUpstreamError": "hold" }"#,
         )
     });
     let h = [
@@ -223,36 +251,22 @@ async fn a_usage_header_settles_when_configured() {
         true_usage(5, 300),
     )
     .await;
-    // Without the header, the JSON body's usage settles; an upstream error under `keep` leaves
-    // its hold charged at the estimate (40) until it expires.
-    let r = s
-        .chat(
-            COMPLETIONS,
-            &h[..2],
-            &json!({"model": "m", "max_tokens": 40}),
-        )
-        .await;
+    // Without the header, the JSON body's usage settles; an upstream error under
+    // `onUpstreamError: hold` is charged its hold.
+    let small = json!({"model": "m", "max_tokens": 40});
+    let r = s.chat(COMPLETIONS, &h[..2], &small).await;
     assert_eq!(r.status, 200);
     let r = s
-        .chat(
-            COMPLETIONS,
-            &[h[0], h[1], ("x-mock-status", "502")],
-            &json!({"model": "m", "max_tokens": 40}),
-        )
+        .chat(COMPLETIONS, &[h[0], h[1], ("x-mock-status", "502")], &small)
         .await;
     assert_eq!(r.status, 502);
     s.usage_settles_at(
         "initech",
         json!({"teamId": "ops"}),
         "initech-daily",
-        true_usage(5, 300) + true_usage(1, 40) + 40,
+        true_usage(5, 300) + true_usage(1, 40) + hold_for(&small),
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while s.envoy.stat("wasmcustom.tollgate.hold_kept").unwrap() < 1 {
-        assert!(Instant::now() < deadline, "the kept hold was not counted");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -265,8 +279,8 @@ async fn a_killed_sidecar_fails_closed_with_503_and_open_marked() {
 
     let closed = s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await;
     assert_eq!(closed.status, 503, "{}", closed.text);
-    assert_eq!(closed.json()["error"], "usage_check_unavailable");
-    assert_eq!(closed.json()["reason"], "unavailable");
+    assert_eq!(closed.tollgate()["error"], "usage_check_unavailable");
+    assert_eq!(closed.tollgate()["reason"], "unavailable");
 
     let open = s
         .chat("/open/v1/chat/completions", &h, &chat_body(1, 5))
@@ -303,7 +317,12 @@ async fn redis_down_follows_each_route_fail_mode_then_decisions_recover() {
         let started = Instant::now();
         let closed = s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await;
         assert_eq!(closed.status, 503, "{}", closed.text);
-        assert_eq!(closed.json()["reason"], "unavailable", "{}", closed.text);
+        assert_eq!(
+            closed.tollgate()["reason"],
+            "unavailable",
+            "{}",
+            closed.text
+        );
         let open = s
             .chat("/open/v1/chat/completions", &h, &chat_body(1, 5))
             .await;
@@ -345,7 +364,7 @@ async fn a_hung_sidecar_is_timed_out_per_route_fail_mode() {
     let closed = s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await;
     let waited = started.elapsed();
     assert_eq!(closed.status, 503, "{}", closed.text);
-    assert_eq!(closed.json()["reason"], "timeout", "{}", closed.text);
+    assert_eq!(closed.tollgate()["reason"], "timeout", "{}", closed.text);
     // The 250 ms filter timeout applied, not the route's 300 s nor the client's 30 s.
     assert!(waited >= Duration::from_millis(200), "{waited:?}");
     assert!(waited < Duration::from_secs(10), "{waited:?}");
@@ -376,8 +395,8 @@ async fn a_body_no_rule_reads_still_waits_for_the_decision() {
     let s = Stack::start_with(FILTER, |c| {
         sidecar_port(
             &c.replace(
-                r#""usage": { "body": "/max_tokens", "default": "256" }"#,
-                r#""usage": { "constant": "16" }"#,
+                r#""api": "openai-chat","#,
+                r#""api": "custom", "usage": { "constant": "16" },"#,
             )
             .replace(
                 r#""model": { "body": "/model" }"#,
@@ -393,7 +412,7 @@ async fn a_body_no_rule_reads_still_waits_for_the_decision() {
         "the request went upstream before the decision: {}",
         r.text
     );
-    assert_eq!(r.json()["reason"], "timeout");
+    assert_eq!(r.tollgate()["reason"], "timeout");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -424,7 +443,7 @@ async fn missing_http2_and_an_unknown_cluster_follow_the_fail_mode() {
     });
     let r = s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await;
     assert_eq!(r.status, 503, "{}", r.text);
-    assert_eq!(r.json()["reason"], "dispatch_failed");
+    assert_eq!(r.tollgate()["reason"], "dispatch_failed");
     let r = s
         .chat("/open/v1/chat/completions", &h, &chat_body(1, 5))
         .await;
@@ -457,9 +476,9 @@ async fn malformed_input_is_refused_before_any_decision() {
         )
         .await;
     assert_eq!(r.status, 400, "{}", r.text);
-    assert_eq!(r.json()["reason"], "missing_value");
+    assert_eq!(r.tollgate()["reason"], "missing_value");
     assert!(
-        r.json()["message"].as_str().unwrap().contains("org"),
+        r.tollgate()["message"].as_str().unwrap().contains("org"),
         "{}",
         r.text
     );
@@ -472,12 +491,12 @@ async fn malformed_input_is_refused_before_any_decision() {
         )
         .await;
     assert_eq!(r.status, 400);
-    assert_eq!(r.json()["reason"], "not_a_number");
+    assert_eq!(r.tollgate()["reason"], "not_a_number");
 
     let big = json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x".repeat(300_000)}]});
     let r = s.chat(COMPLETIONS, &ok, &big).await;
     assert_eq!(r.status, 413, "{}", r.text);
-    assert_eq!(r.json()["reason"], "body_too_large");
+    assert_eq!(r.tollgate()["reason"], "body_too_large");
 
     let r = s
         .http
@@ -490,7 +509,7 @@ async fn malformed_input_is_refused_before_any_decision() {
         .unwrap();
     assert_eq!(r.status(), 400);
     let body: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(body["reason"], "body_not_json");
+    assert_eq!(body["error"]["tollgate"]["reason"], "body_not_json");
 
     // Tokens that are not JWTs, or not signed by the platform, never reach the filter:
     // jwt_authn answers 401. (The filter's own reading of malformed tokens is unit-tested.)
@@ -600,7 +619,7 @@ async fn a_wrong_gateway_token_fails_like_an_outage_and_holds_nothing() {
     let closed = s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await;
     assert_eq!(closed.status, 503, "{}", closed.text);
     assert_eq!(
-        closed.json()["reason"],
+        closed.tollgate()["reason"],
         "unauthenticated",
         "{}",
         closed.text
@@ -629,7 +648,7 @@ async fn an_unreadable_answer_and_an_error_status_follow_the_fail_mode() {
         let closed = s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await;
         assert_eq!(closed.status, 503, "{answer:?}: {}", closed.text);
         assert_eq!(
-            closed.json()["reason"],
+            closed.tollgate()["reason"],
             reason,
             "{answer:?}: {}",
             closed.text

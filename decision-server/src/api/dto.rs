@@ -25,6 +25,12 @@ pub struct TokensDto {
     pub output: u64,
     #[serde(default)]
     pub cached: u64,
+    /// Input written to the provider's prompt cache.
+    #[serde(default)]
+    pub cache_write: u64,
+    /// Part of `output`: recorded, not priced apart.
+    #[serde(default)]
+    pub reasoning: u64,
 }
 
 pub fn usage(units: u64, tokens: Option<TokensDto>) -> Usage {
@@ -34,6 +40,8 @@ pub fn usage(units: u64, tokens: Option<TokensDto>) -> Usage {
             input: t.input,
             output: t.output,
             cached: t.cached,
+            cache_write: t.cache_write,
+            reasoning: t.reasoning,
         }),
     }
 }

@@ -90,6 +90,9 @@ pub struct ModelPriceDto {
     pub output_per_million: u64,
     #[serde(default)]
     pub cached_per_million: u64,
+    /// Price of input written to the prompt cache; unset, the input price.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_per_million: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

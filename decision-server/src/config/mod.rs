@@ -436,6 +436,9 @@ impl Validator<'_> {
                         input_per_million: m.input_per_million,
                         output_per_million: m.output_per_million,
                         cached_per_million: m.cached_per_million,
+                        cache_write_per_million: m
+                            .cache_write_per_million
+                            .unwrap_or(m.input_per_million),
                     }),
                     Err(e) => self.err(
                         format!("prices[{i}].models[{j}].match"),

@@ -167,6 +167,7 @@ pub struct ModelPrice {
     pub input_per_million: u64,
     pub output_per_million: u64,
     pub cached_per_million: u64,
+    pub cache_write_per_million: u64,
 }
 
 /// One version of the price table.

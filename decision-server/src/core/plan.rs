@@ -10,12 +10,17 @@ use super::counter::{CounterKey, CounterSpec};
 use super::model::{CustomerModel, DrawRule, Limit, LimitKind, Mode, Model, ModelPrice, OnUnknown};
 use super::symbols::{Name, Sym};
 
-/// Token counts of one call, for pricing.
+/// Token counts of one call, for pricing. `input` excludes the cached and cache-written
+/// tokens; `reasoning` is part of `output` (recorded, not priced apart).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TokenCounts {
     pub input: u64,
     pub output: u64,
+    /// Read from the provider's prompt cache.
     pub cached: u64,
+    /// Written to the provider's prompt cache.
+    pub cache_write: u64,
+    pub reasoning: u64,
 }
 
 /// Usage asked for at check time, or reported at settlement.
@@ -39,7 +44,10 @@ impl Usage {
     /// is bounded by this, so neither figure can carry an absurd amount past the bound.
     pub fn largest_figure(&self) -> u64 {
         let tokens = self.tokens.map_or(0, |t| {
-            t.input.saturating_add(t.output).saturating_add(t.cached)
+            t.input
+                .saturating_add(t.output)
+                .saturating_add(t.cached)
+                .saturating_add(t.cache_write)
         });
         self.units.max(tokens)
     }
@@ -71,6 +79,7 @@ pub struct PriceSnapshot {
     pub input_per_million: u64,
     pub output_per_million: u64,
     pub cached_per_million: u64,
+    pub cache_write_per_million: u64,
 }
 
 impl From<&ModelPrice> for PriceSnapshot {
@@ -79,6 +88,7 @@ impl From<&ModelPrice> for PriceSnapshot {
             input_per_million: p.input_per_million,
             output_per_million: p.output_per_million,
             cached_per_million: p.cached_per_million,
+            cache_write_per_million: p.cache_write_per_million,
         }
     }
 }
@@ -92,12 +102,14 @@ impl PriceSnapshot {
                 u128::from(t.input) * u128::from(self.input_per_million)
                     + u128::from(t.output) * u128::from(self.output_per_million)
                     + u128::from(t.cached) * u128::from(self.cached_per_million)
+                    + u128::from(t.cache_write) * u128::from(self.cache_write_per_million)
             }
             None => {
                 let dearest = self
                     .input_per_million
                     .max(self.output_per_million)
-                    .max(self.cached_per_million);
+                    .max(self.cached_per_million)
+                    .max(self.cache_write_per_million);
                 u128::from(usage.units) * u128::from(dearest)
             }
         };

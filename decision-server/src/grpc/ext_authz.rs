@@ -267,6 +267,8 @@ pub fn decision_response(
             "currentUsage": entry.map(|e| e.current_usage),
             "remaining": entry.map(|e| e.remaining),
             "retryAfterSeconds": retry_after,
+            // Larger than the whole limit: no amount of waiting lets it through.
+            "neverFits": entry.is_some_and(|e| e.kind != "credits" && e.requested > e.usage_limit),
         });
         return denied(
             settings.deny_status,

@@ -28,6 +28,8 @@ fn usage(units: u64, tokens: Option<pb::Tokens>) -> Usage {
             input: t.input,
             output: t.output,
             cached: t.cached,
+            cache_write: t.cache_write,
+            reasoning: t.reasoning,
         }),
     }
 }

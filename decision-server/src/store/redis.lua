@@ -28,7 +28,7 @@
 --                                    amount, remaining} in the order they were added
 -- A hold is {expires, parts, tag, max settle, seq}: tag is the hold id's random part (32 hex
 -- digits), max settle the most usage a settlement may report, seq its number; a part is
--- {entity key, field, mark, held, rule, p_in, p_out, p_cached}; marks are {1, bucket},
+-- {entity key, field, mark, held, rule, p_in, p_out, p_cached, p_cache_write}; marks are {1, bucket},
 -- {2, period index}, {3}, {4, draws (pos, amount, ...)}; rules are 0 units, 1 one per request,
 -- 2 priced (by the snapshot's per-million prices).
 
@@ -180,15 +180,16 @@ end
 
 -- One counter (core/counter.rs) -----------------------------------------------------------
 
--- A planned counter from ARGV[i..i+10]: entity key index, field, kind, limit, bucket or
--- period index, enforcing, amount, rule, and the rule's three prices.
-local GROUP = 11
+-- A planned counter from ARGV[i..i+11]: entity key index, field, kind, limit, bucket or
+-- period index, enforcing, amount, rule, and the rule's four prices.
+local GROUP = 12
 local function planned(i)
   return {
     key = KEYS[tonumber(ARGV[i])], field = ARGV[i + 1], kind = tonumber(ARGV[i + 2]),
     limit = tonumber(ARGV[i + 3]), at = tonumber(ARGV[i + 4]),
     enforce = ARGV[i + 5] == '1', amount = tonumber(ARGV[i + 6]), rule = tonumber(ARGV[i + 7]),
     p_in = tonumber(ARGV[i + 8]), p_out = tonumber(ARGV[i + 9]), p_cached = tonumber(ARGV[i + 10]),
+    p_cache_write = tonumber(ARGV[i + 11]),
   }
 end
 
@@ -334,7 +335,7 @@ local function reserve()
       local mark = hold(c, e.st)
       save(c.key, c.field, e)
       if mark then
-        parts[#parts + 1] = { c.key, c.field, mark, c.amount, c.rule, c.p_in, c.p_out, c.p_cached }
+        parts[#parts + 1] = { c.key, c.field, mark, c.amount, c.rule, c.p_in, c.p_out, c.p_cached, c.p_cache_write }
       end
     end
   end
@@ -376,7 +377,7 @@ end
 -- largest figure the usage reports, then the amounts of the hold's priced parts in order, if
 -- the caller has priced them.
 -- Result: 0 closed, 1 already closed, 2 no such hold (or another tag), 3 the priced parts'
--- prices are needed first (then their per-million prices follow, three per part; nothing
+-- prices are needed first (then their per-million prices follow, four per part; nothing
 -- changed), 4 the usage is over the hold's max settle (which follows; nothing changed).
 local function close()
   local seq, how, units = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
@@ -397,6 +398,7 @@ local function close()
         priced[#priced + 1] = part[6]
         priced[#priced + 1] = part[7]
         priced[#priced + 1] = part[8]
+        priced[#priced + 1] = part[9] or part[6]
       end
     end
     if #priced > 0 and #ARGV < 8 then return reply(3, priced) end

@@ -253,16 +253,17 @@ fn kind_code(spec: &CounterSpec, now: Timestamp) -> (u8, u64, i64) {
     }
 }
 
-fn rule_code(rule: &AmountRule) -> (u8, [u64; 3]) {
+fn rule_code(rule: &AmountRule) -> (u8, [u64; 4]) {
     match rule {
-        AmountRule::Units => (0, [0; 3]),
-        AmountRule::PerRequest => (1, [0; 3]),
+        AmountRule::Units => (0, [0; 4]),
+        AmountRule::PerRequest => (1, [0; 4]),
         AmountRule::Priced(p) => (
             2,
             [
                 p.input_per_million,
                 p.output_per_million,
                 p.cached_per_million,
+                p.cache_write_per_million,
             ],
         ),
     }
@@ -726,13 +727,14 @@ impl RedisStore {
             let amounts: Vec<u64> = reply
                 .get(HEADER..)
                 .unwrap_or(&[])
-                .chunks(3)
+                .chunks(4)
                 .map(|p| {
                     let n = |i: usize| p.get(i).and_then(int).unwrap_or(0).max(0) as u64;
                     crate::core::plan::PriceSnapshot {
                         input_per_million: n(0),
                         output_per_million: n(1),
                         cached_per_million: n(2),
+                        cache_write_per_million: n(3),
                     }
                     .price(&usage)
                 })
@@ -763,7 +765,7 @@ struct CounterArgs {
     enforce: bool,
     amount: u64,
     rule: u8,
-    prices: [u64; 3],
+    prices: [u64; 4],
 }
 
 impl CounterArgs {
@@ -778,7 +780,8 @@ impl CounterArgs {
             .arg(self.rule)
             .arg(self.prices[0])
             .arg(self.prices[1])
-            .arg(self.prices[2]);
+            .arg(self.prices[2])
+            .arg(self.prices[3]);
     }
 }
 

@@ -312,6 +312,7 @@ pub fn tokens(input: u64, output: u64, cached: u64) -> Usage {
             input,
             output,
             cached,
+            ..TokenCounts::default()
         }),
     }
 }
@@ -348,7 +349,7 @@ prices:
   - version: v1
     effectiveFrom: 2020-01-01T00:00:00Z
     models:
-      - { match: "big*", inputPerMillion: 2000000, outputPerMillion: 8000000, cachedPerMillion: 1000000 }
+      - { match: "big*", inputPerMillion: 2000000, outputPerMillion: 8000000, cachedPerMillion: 1000000, cacheWritePerMillion: 2500000 }
       - { match: "*", inputPerMillion: 1000000, outputPerMillion: 1000000 }
 customers:
   - id: acme

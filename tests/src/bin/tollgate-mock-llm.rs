@@ -1,12 +1,20 @@
-//! A mock OpenAI-compatible upstream for the demo, the end-to-end tests and the Envoy
-//! benchmarks: `POST /v1/chat/completions`, JSON or SSE (`"stream": true`), with `usage`.
+//! A mock model upstream for the demo, the end-to-end tests and the Envoy benchmarks, speaking
+//! the three APIs Tollgate has presets for, JSON or SSE (`"stream": true`), with usage:
+//! OpenAI's `POST /v1/chat/completions` and `POST /v1/responses`, and Anthropic's
+//! `POST /v1/messages`, in the shapes their official SDKs parse.
 //!
 //! Usage is deterministic, so callers can compute the true usage: prompt tokens are the
-//! whitespace-separated words of every message's content (at least 1), completion tokens are
-//! `max_tokens` capped at 24 (16 without `max_tokens`). Test controls, by request header:
-//! `x-mock-status: 500` answers that status; `x-mock-break: 1` ends an SSE stream before its
-//! usage chunk by resetting the connection; `x-mock-usage-header: 1` reports the total usage in
-//! an `x-usage-total-tokens` response header and leaves `usage` out of the body.
+//! whitespace-separated words of every message's (or `input`'s) text (at least 1), output
+//! tokens are the output budget (`max_tokens`, `max_completion_tokens`, `max_output_tokens`)
+//! capped at 24 (16 without one), times `n`; the content is one `"tok "` per output token.
+//! Answers are gzip-compressed when the request accepts it.
+//!
+//! Test controls, by request header: `x-mock-status: 500` answers that status;
+//! `x-mock-break: 1` ends a stream before its usage by resetting the connection;
+//! `x-mock-usage-header: 1` reports the total usage in an `x-usage-total-tokens` response header
+//! and leaves `usage` out of the body; `x-mock-linger-ms: N` keeps a stream open N ms after its
+//! last event (`[DONE]`) before ending it; `x-mock-cache: <write>,<read>` reports that many
+//! cache-written and cache-read input tokens (Anthropic) or cached tokens (OpenAI, the read).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -26,7 +34,9 @@ use serde_json::{Value, json};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser, Debug)]
-#[command(about = "A mock OpenAI-compatible chat completions server")]
+#[command(
+    about = "A mock model upstream: OpenAI chat completions and responses, Anthropic messages"
+)]
 struct Args {
     /// Address to listen on (port 0 picks a free port; the bound address is printed).
     #[arg(long, default_value = "127.0.0.1:0")]
@@ -35,53 +45,84 @@ struct Args {
 
 const MAX_COMPLETION: u64 = 24;
 
-/// The usage the mock reports for a request body.
-fn usage_of(body: &Value) -> (u64, u64) {
-    let prompt = body["messages"]
-        .as_array()
-        .map(|m| {
-            m.iter()
-                .filter_map(|m| m["content"].as_str())
-                .map(|c| c.split_whitespace().count() as u64)
-                .sum::<u64>()
-        })
-        .unwrap_or(0)
-        .max(1);
-    let completion = body["max_tokens"]
-        .as_u64()
-        .map_or(16, |m| m.min(MAX_COMPLETION));
-    (prompt, completion)
+/// Which API a request came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    Chat,
+    Responses,
+    Messages,
 }
 
-fn usage_json(prompt: u64, completion: u64) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+fn words(v: &Value) -> u64 {
+    match v {
+        Value::String(s) => s.split_whitespace().count() as u64,
+        Value::Array(items) => items.iter().map(words).sum(),
+        Value::Object(o) => ["content", "text", "input"]
+            .iter()
+            .filter_map(|k| o.get(*k))
+            .map(words)
+            .sum(),
+        _ => 0,
+    }
+}
+
+/// The usage the mock reports for a request body: (prompt, completion).
+fn usage_of(api: Api, body: &Value) -> (u64, u64) {
+    let prompt = match api {
+        Api::Responses => words(&body["input"]) + words(&body["instructions"]),
+        Api::Chat | Api::Messages => words(&body["messages"]) + words(&body["system"]),
+    }
+    .max(1);
+    let budget = match api {
+        Api::Chat => body["max_completion_tokens"]
+            .as_u64()
+            .or(body["max_tokens"].as_u64()),
+        Api::Responses => body["max_output_tokens"].as_u64(),
+        Api::Messages => body["max_tokens"].as_u64(),
+    };
+    let n = if api == Api::Chat {
+        body["n"].as_u64().unwrap_or(1).max(1)
+    } else {
+        1
+    };
+    (prompt, budget.map_or(16, |m| m.min(MAX_COMPLETION)) * n)
+}
+
+/// Cache-written and cache-read input tokens asked for with `x-mock-cache: <write>,<read>`.
+fn cache_of(headers: &HeaderMap) -> (u64, u64) {
+    headers
+        .get("x-mock-cache")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(','))
+        .map_or((0, 0), |(w, r)| {
+            (w.trim().parse().unwrap_or(0), r.trim().parse().unwrap_or(0))
+        })
 }
 
 /// Request headers echoed back as `x-echo-<name>`, so a test can see what reached the upstream.
-const ECHOED: [&str; 5] = [
+const ECHOED: [&str; 6] = [
     "x-envoy-auth-failure-mode-allowed",
     "x-tollgate-hold-id",
     "x-tollgate-remaining",
     "x-tollgate-unchecked",
     "x-tollgate-no-matching-limit",
+    "accept-encoding",
 ];
 
-async fn completions(headers: HeaderMap, Json(body): Json<Value>) -> Response {
-    if headers.contains_key("x-mock-usage-header") {
-        let (prompt, completion) = usage_of(&body);
-        let mut response = Json(json!({
-            "id": "chatcmpl-mock",
-            "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
-        }))
-        .into_response();
-        response.headers_mut().insert(
-            "x-usage-total-tokens",
-            axum::http::HeaderValue::from(prompt + completion),
-        );
-        return response;
-    }
-    let mut response = answer(&headers, Json(body)).await;
+async fn chat(headers: HeaderMap, Json(body): Json<Value>) -> Response {
+    respond(Api::Chat, headers, body).await
+}
+
+async fn responses(headers: HeaderMap, Json(body): Json<Value>) -> Response {
+    respond(Api::Responses, headers, body).await
+}
+
+async fn messages(headers: HeaderMap, Json(body): Json<Value>) -> Response {
+    respond(Api::Messages, headers, body).await
+}
+
+async fn respond(api: Api, headers: HeaderMap, body: Value) -> Response {
+    let mut response = answer(api, &headers, body);
     for name in ECHOED {
         if let Some(v) = headers.get(name)
             && let Ok(echo) = axum::http::HeaderName::try_from(format!("x-echo-{name}"))
@@ -92,31 +133,64 @@ async fn completions(headers: HeaderMap, Json(body): Json<Value>) -> Response {
     response
 }
 
-async fn answer(headers: &HeaderMap, Json(body): Json<Value>) -> Response {
+fn usage_json(api: Api, prompt: u64, completion: u64, cache: (u64, u64)) -> Value {
+    let (write, read) = cache;
+    match api {
+        Api::Chat => json!({"prompt_tokens": prompt + read, "completion_tokens": completion,
+            "total_tokens": prompt + read + completion,
+            "prompt_tokens_details": {"cached_tokens": read},
+            "completion_tokens_details": {"reasoning_tokens": 0}}),
+        Api::Responses => json!({"input_tokens": prompt + read,
+            "input_tokens_details": {"cached_tokens": read}, "output_tokens": completion,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt + read + completion}),
+        Api::Messages => json!({"input_tokens": prompt, "output_tokens": completion,
+            "cache_creation_input_tokens": write, "cache_read_input_tokens": read}),
+    }
+}
+
+fn answer(api: Api, headers: &HeaderMap, body: Value) -> Response {
     if let Some(s) = headers
         .get("x-mock-status")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u16>().ok())
         .and_then(|s| StatusCode::from_u16(s).ok())
     {
-        return (s, Json(json!({"error": {"message": "mock failure"}}))).into_response();
+        let error = match api {
+            Api::Messages => {
+                json!({"type": "error", "error": {"type": "api_error", "message": "mock failure"}})
+            }
+            _ => json!({"error": {"message": "mock failure", "type": "server_error"}}),
+        };
+        return (s, Json(error)).into_response();
     }
-    let (prompt, completion) = usage_of(&body);
+    let (prompt, completion) = usage_of(api, &body);
+    let cache = cache_of(headers);
     let model = body["model"].as_str().unwrap_or("mock-1").to_string();
+    let text = "tok ".repeat(usize::try_from(completion).unwrap_or(0));
+    if headers.contains_key("x-mock-usage-header") {
+        let mut response = Json(whole(api, &model, &text, None)).into_response();
+        response.headers_mut().insert(
+            "x-usage-total-tokens",
+            axum::http::HeaderValue::from(prompt + completion),
+        );
+        return response;
+    }
     if body["stream"].as_bool() != Some(true) {
-        let text = vec!["tok"; usize::try_from(completion).unwrap_or(0)].join(" ");
-        return Json(json!({
-            "id": "chatcmpl-mock",
-            "object": "chat.completion",
-            "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            "usage": usage_json(prompt, completion),
-        }))
-        .into_response();
+        let usage = usage_json(api, prompt, completion, cache);
+        return Json(whole(api, &model, &text, Some(usage))).into_response();
     }
     let broken = headers.contains_key("x-mock-break");
-    let include_usage = body["stream_options"]["include_usage"].as_bool() == Some(true);
-    let stream = async_stream(model, prompt, completion, include_usage, broken);
+    let linger = headers
+        .get("x-mock-linger-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis);
+    let include_usage =
+        api != Api::Chat || body["stream_options"]["include_usage"].as_bool() == Some(true);
+    let usage = include_usage.then(|| usage_json(api, prompt, completion, cache));
+    let events = stream_events(api, &model, completion, usage, cache, broken);
+    let stream = async_stream::stream(events, linger);
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
@@ -124,32 +198,193 @@ async fn answer(headers: &HeaderMap, Json(body): Json<Value>) -> Response {
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-/// The SSE events: one delta per completion token, then the usage chunk, then `[DONE]`.
-fn async_stream(
-    model: String,
-    prompt: u64,
-    completion: u64,
-    include_usage: bool,
-    broken: bool,
-) -> impl futures_core::Stream<Item = Result<Bytes, std::io::Error>> {
-    let mut events: Vec<Result<Bytes, std::io::Error>> = (0..completion)
-        .map(|_| {
-            let chunk = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": model,
-                "choices": [{"index": 0, "delta": {"content": "tok "}}], "usage": null});
-            Ok(Bytes::from(format!("data: {chunk}\n\n")))
-        })
-        .collect();
-    if broken {
-        events.push(Err(std::io::Error::other("mock stream broken on purpose")));
-    } else {
-        if include_usage {
-            let chunk = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": model,
-                "choices": [], "usage": usage_json(prompt, completion)});
-            events.push(Ok(Bytes::from(format!("data: {chunk}\n\n"))));
-        }
-        events.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
+/// A whole (non-streamed) answer.
+fn whole(api: Api, model: &str, text: &str, usage: Option<Value>) -> Value {
+    let mut v = match api {
+        Api::Chat => json!({
+            "id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": "stop"}],
+        }),
+        Api::Responses => response_object(model, text, "completed"),
+        Api::Messages => json!({
+            "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn", "stop_sequence": null,
+        }),
+    };
+    if let Some(u) = usage {
+        v["usage"] = u;
     }
-    tokio_stream::StreamExt::throttle(tokio_stream::iter(events), Duration::from_micros(200))
+    v
+}
+
+fn response_object(model: &str, text: &str, status: &str) -> Value {
+    json!({
+        "id": "resp_mock", "object": "response", "created_at": 0, "status": status,
+        "model": model, "parallel_tool_calls": true, "tool_choice": "auto", "tools": [],
+        "output": [{"type": "message", "id": "msg_mock", "role": "assistant", "status": status,
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+    })
+}
+
+fn sse(event: Option<&str>, data: &Value) -> Result<Bytes, std::io::Error> {
+    Ok(Bytes::from(match event {
+        Some(e) => format!("event: {e}\ndata: {data}\n\n"),
+        None => format!("data: {data}\n\n"),
+    }))
+}
+
+/// The events of a stream: one content delta per output token, then the usage the API
+/// reports at its end, in the API's own events.
+fn stream_events(
+    api: Api,
+    model: &str,
+    completion: u64,
+    usage: Option<Value>,
+    cache: (u64, u64),
+    broken: bool,
+) -> Vec<Result<Bytes, std::io::Error>> {
+    let mut events = Vec::new();
+    let broke = || Err(std::io::Error::other("mock stream broken on purpose"));
+    match api {
+        Api::Chat => {
+            events.push(sse(None, &json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk",
+                "created": 0, "model": model,
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}], "usage": null})));
+            for _ in 0..completion {
+                events.push(sse(
+                    None,
+                    &json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk",
+                    "created": 0, "model": model,
+                    "choices": [{"index": 0, "delta": {"content": "tok "}}], "usage": null}),
+                ));
+            }
+            events.push(sse(
+                None,
+                &json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk",
+                "created": 0, "model": model,
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": null}),
+            ));
+            if broken {
+                events.push(broke());
+                return events;
+            }
+            if let Some(u) = usage {
+                events.push(sse(
+                    None,
+                    &json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk",
+                    "created": 0, "model": model, "choices": [], "usage": u}),
+                ));
+            }
+            events.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
+        }
+        Api::Responses => {
+            let mut seq = 0u64;
+            let mut next = || {
+                seq += 1;
+                seq
+            };
+            let mut created = response_object(model, "", "in_progress");
+            created["output"] = json!([]);
+            events.push(sse(Some("response.created"),
+                &json!({"type": "response.created", "sequence_number": next(), "response": created})));
+            for _ in 0..completion {
+                events.push(sse(
+                    Some("response.output_text.delta"),
+                    &json!({"type": "response.output_text.delta", "sequence_number": next(),
+                        "item_id": "msg_mock", "output_index": 0, "content_index": 0,
+                        "delta": "tok ", "logprobs": []}),
+                ));
+            }
+            if broken {
+                events.push(broke());
+                return events;
+            }
+            let mut done = response_object(
+                model,
+                &"tok ".repeat(usize::try_from(completion).unwrap_or(0)),
+                "completed",
+            );
+            if let Some(u) = usage {
+                done["usage"] = u;
+            }
+            events.push(sse(
+                Some("response.completed"),
+                &json!({"type": "response.completed", "sequence_number": next(), "response": done}),
+            ));
+        }
+        Api::Messages => {
+            let (write, read) = cache;
+            let prompt = usage
+                .as_ref()
+                .and_then(|u| u["input_tokens"].as_u64())
+                .unwrap_or(0);
+            events.push(sse(
+                Some("message_start"),
+                &json!({"type": "message_start", "message": {
+                "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
+                "content": [], "stop_reason": null, "stop_sequence": null,
+                "usage": {"input_tokens": prompt, "output_tokens": 1,
+                          "cache_creation_input_tokens": write, "cache_read_input_tokens": read}}}),
+            ));
+            events.push(sse(
+                Some("content_block_start"),
+                &json!({"type": "content_block_start",
+                "index": 0, "content_block": {"type": "text", "text": ""}}),
+            ));
+            for _ in 0..completion {
+                events.push(sse(
+                    Some("content_block_delta"),
+                    &json!({"type": "content_block_delta",
+                    "index": 0, "delta": {"type": "text_delta", "text": "tok "}}),
+                ));
+            }
+            events.push(sse(
+                Some("content_block_stop"),
+                &json!({"type": "content_block_stop", "index": 0}),
+            ));
+            if broken {
+                events.push(broke());
+                return events;
+            }
+            events.push(sse(
+                Some("message_delta"),
+                &json!({"type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+                "usage": {"output_tokens": completion}}),
+            ));
+            events.push(sse(Some("message_stop"), &json!({"type": "message_stop"})));
+        }
+    }
+    events
+}
+
+/// The events as a body stream, 200 µs apart, then (with `linger`) an open wait before the end:
+/// an upstream that finishes its response a little after its last event (`[DONE]`).
+mod async_stream {
+    use std::time::Duration;
+
+    use axum::body::Bytes;
+    use futures_core::Stream;
+    use futures_util::StreamExt as _;
+
+    pub fn stream(
+        events: Vec<Result<Bytes, std::io::Error>>,
+        linger: Option<Duration>,
+    ) -> impl Stream<Item = Result<Bytes, std::io::Error>> {
+        let paced = tokio_stream::StreamExt::throttle(
+            tokio_stream::iter(events),
+            Duration::from_micros(200),
+        );
+        let tail = futures_util::stream::once(async move {
+            if let Some(d) = linger {
+                tokio::time::sleep(d).await;
+            }
+        })
+        .filter_map(|()| async { None::<Result<Bytes, std::io::Error>> });
+        paced.chain(tail)
+    }
 }
 
 async fn health() -> Result<&'static str, Infallible> {
@@ -160,8 +395,16 @@ async fn health() -> Result<&'static str, Infallible> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let app = Router::new()
-        .route("/v1/chat/completions", post(completions))
-        .route("/healthz", get(health));
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/responses", post(responses))
+        .route("/v1/messages", post(messages))
+        .route("/healthz", get(health))
+        // Like the providers: compressed when the request accepts it (streams too).
+        .layer(
+            tower_http::compression::CompressionLayer::new()
+                .gzip(true)
+                .compress_when(tower_http::compression::predicate::SizeAbove::new(0)),
+        );
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -181,10 +424,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn usage_is_words_and_capped_completion() {
+    fn usage_is_words_and_capped_output() {
         let body =
             json!({"messages": [{"role": "user", "content": "one two three"}], "max_tokens": 100});
-        assert_eq!(usage_of(&body), (3, MAX_COMPLETION));
-        assert_eq!(usage_of(&json!({})), (1, 16));
+        assert_eq!(usage_of(Api::Chat, &body), (3, MAX_COMPLETION));
+        assert_eq!(usage_of(Api::Chat, &json!({})), (1, 16));
+        let n = json!({"messages": [], "max_completion_tokens": 5, "n": 3});
+        assert_eq!(usage_of(Api::Chat, &n), (1, 15));
+        let r = json!({"input": [{"role": "user", "content": [{"type": "input_text", "text": "a b"}]}],
+            "instructions": "c", "max_output_tokens": 7});
+        assert_eq!(usage_of(Api::Responses, &r), (3, 7));
+        let m = json!({"system": "s", "messages": [{"role": "user", "content": "x y"}], "max_tokens": 2});
+        assert_eq!(usage_of(Api::Messages, &m), (3, 2));
     }
 }

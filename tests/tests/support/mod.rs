@@ -222,6 +222,19 @@ impl Reply {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
+    /// Tollgate's own fields of an answer the filter wrote: under `error.tollgate` in an
+    /// OpenAI-shaped error, `tollgate` in an Anthropic one, or the body itself.
+    pub fn tollgate(&self) -> Value {
+        let v = self.json();
+        if v["error"]["tollgate"].is_object() {
+            return v["error"]["tollgate"].clone();
+        }
+        if v["tollgate"].is_object() {
+            return v["tollgate"].clone();
+        }
+        v
+    }
+
     /// `usage.total_tokens` of a JSON completion.
     pub fn total_tokens(&self) -> u64 {
         self.json()["usage"]["total_tokens"].as_u64().unwrap()
@@ -240,4 +253,14 @@ pub fn chat_body(words: usize, max_tokens: u64) -> Value {
 /// The usage the mock reports for [`chat_body`].
 pub fn true_usage(words: usize, max_tokens: u64) -> u64 {
     words.max(1) as u64 + max_tokens.min(24)
+}
+
+/// What the `openai-chat` preset holds for `body`: its output budget plus its size in tokens
+/// (4 bytes each, rounded up).
+pub fn hold_for(body: &Value) -> u64 {
+    let budget = body["max_completion_tokens"]
+        .as_u64()
+        .or(body["max_tokens"].as_u64())
+        .unwrap_or(4096);
+    budget * body["n"].as_u64().unwrap_or(1) + (body.to_string().len() as u64).div_ceil(4)
 }
