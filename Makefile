@@ -9,7 +9,7 @@ ENVOY_DIR := $(TOOLS)/envoy-$(ENVOY_VERSION)
 export TOLLGATE_ENVOY := $(ENVOY_DIR)/envoy/_bin/envoy
 export TOLLGATE_WASM := $(CURDIR)/target/$(WASM_TARGET)/release/tollgate_filter.wasm
 
-.PHONY: setup-redis demo test setup-rust setup-envoy fmt-check clippy wasm unit bench bench-grpc bench-envoy bench-store bench-redis-memory
+.PHONY: setup-redis setup-python demo test setup-rust setup-envoy fmt-check clippy wasm unit bench bench-grpc bench-envoy bench-store bench-redis-memory
 
 ## The demo: real Envoy, the WASM filter, the sidecar and a mock OpenAI upstream on loopback.
 demo: setup-rust setup-envoy wasm
@@ -17,7 +17,7 @@ demo: setup-rust setup-envoy wasm
 	$(CURDIR)/target/release/tollgate-demo
 
 ## The whole test suite: toolchain set-up, format, lints, the wasm build and every test.
-test: setup-rust setup-envoy setup-redis fmt-check clippy wasm unit
+test: setup-rust setup-envoy setup-redis setup-python fmt-check clippy wasm unit
 
 setup-rust:
 	rustup target add $(WASM_TARGET)
@@ -43,6 +43,20 @@ setup-redis:
 		$$SUDO apt-get install -y -q redis-server >/dev/null 2>&1 || \
 			{ $$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server; } && \
 		redis-server --version; \
+	fi
+
+## The official `openai` and `anthropic` Python SDKs, pinned, in a venv the project owns: the
+## end-to-end tests drive Envoy with them as users do.
+VENV := $(TOOLS)/venv
+SDKS := openai==3.57.0 anthropic==2.14.0
+setup-python:
+	@if [ -x "$(VENV)/bin/python" ] && "$(VENV)/bin/python" -m pip show -q openai anthropic >/dev/null 2>&1 && \
+		"$(VENV)/bin/python" -c "import openai, anthropic, sys; sys.exit(0 if (openai.__version__, anthropic.__version__) == ('3.57.0', '2.14.0') else 1)"; then \
+		echo "openai and anthropic SDKs present in $(VENV)"; \
+	else \
+		python3 -m venv "$(VENV)" && \
+		"$(VENV)/bin/python" -m pip install --disable-pip-version-check --quiet $(SDKS) && \
+		"$(VENV)/bin/python" -c "import openai, anthropic; print('openai', openai.__version__, 'anthropic', anthropic.__version__)"; \
 	fi
 
 fmt-check:

@@ -176,17 +176,21 @@ impl Stack {
         }
     }
 
-    /// The sidecar's decision counters, summed over outcomes.
-    pub async fn sidecar_decisions(&self) -> u64 {
-        let text = self
-            .http
+    /// The sidecar's `/metrics` page.
+    pub async fn sidecar_metrics(&self) -> String {
+        self.http
             .get(format!("http://{}/metrics", self.sidecar.http))
             .send()
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// The sidecar's decision counters, summed over outcomes.
+    pub async fn sidecar_decisions(&self) -> u64 {
+        let text = self.sidecar_metrics().await;
         text.lines()
             .filter(|l| l.starts_with("tollgate_decisions_total{"))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

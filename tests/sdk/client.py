@@ -1,0 +1,211 @@
+"""Drives Envoy with the official `openai` and `anthropic` Python SDKs, as users do.
+
+One scenario per run; prints one JSON object with what the client saw. The end-to-end tests
+(`tests/tests/e2e_sdk.rs`) run it against real Envoy, the WASM filter, the sidecar and the
+mock upstream, and check the sidecar's counters against what the client saw.
+
+    python client.py --base-url http://127.0.0.1:PORT --token JWT [--team ops] SCENARIO [ARGS]
+"""
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+
+import anthropic
+import openai
+
+PROMPT = "Summarise the quarterly report in three bullet points"
+
+
+def openai_client(args, **kw):
+    # The platform's JWT is the "API key": the SDK sends it as `Authorization: Bearer`.
+    return openai.OpenAI(
+        base_url=args.base_url + "/v1",
+        api_key=args.token,
+        default_headers={"x-team-id": args.team, **kw.pop("headers", {})},
+        **kw,
+    )
+
+
+def anthropic_client(args, **kw):
+    return anthropic.Anthropic(
+        base_url=args.base_url,
+        auth_token=args.token,
+        default_headers={"x-team-id": args.team, **kw.pop("headers", {})},
+        **kw,
+    )
+
+
+def usage_dict(u):
+    return None if u is None else u.model_dump()
+
+
+def chat_json(args):
+    r = openai_client(args).chat.completions.create(
+        model="gpt-4o-mini", max_tokens=args.max_tokens,
+        messages=[{"role": "user", "content": PROMPT}])
+    return {"text": r.choices[0].message.content, "usage": usage_dict(r.usage)}
+
+
+def chat_stream(args, include_usage=True, headers=None, leave_at=None):
+    """A streamed chat. `leave_at`: 'finish' closes the stream at the chunk with a
+    finish_reason (before any usage); by default the SDK reads to `[DONE]` and closes."""
+    kw = {}
+    if include_usage:
+        kw["stream_options"] = {"include_usage": True}
+    client = openai_client(args, headers=headers or {})
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini", max_tokens=args.max_tokens, stream=True,
+        messages=[{"role": "user", "content": PROMPT}], **kw)
+    text, usage, chunks = "", None, 0
+    for chunk in stream:
+        chunks += 1
+        if chunk.usage is not None:
+            usage = usage_dict(chunk.usage)
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            if leave_at == "finish" and c.finish_reason is not None:
+                stream.close()
+                return {"text": text, "usage": usage, "chunks": chunks, "left": True}
+    return {"text": text, "usage": usage, "chunks": chunks}
+
+
+def responses_json(args):
+    r = openai_client(args).responses.create(
+        model="gpt-4o-mini", input=PROMPT, max_output_tokens=args.max_tokens)
+    return {"text": r.output_text, "usage": usage_dict(r.usage)}
+
+
+def responses_stream(args):
+    stream = openai_client(args).responses.create(
+        model="gpt-4o-mini", input=PROMPT, max_output_tokens=args.max_tokens, stream=True)
+    text, usage = "", None
+    for event in stream:
+        if event.type == "response.output_text.delta":
+            text += event.delta
+        elif event.type == "response.completed":
+            usage = usage_dict(event.response.usage)
+    return {"text": text, "usage": usage}
+
+
+def messages_json(args, headers=None):
+    r = anthropic_client(args, headers=headers or {}).messages.create(
+        model="claude-sonnet-4", max_tokens=args.max_tokens,
+        messages=[{"role": "user", "content": PROMPT}])
+    return {"text": r.content[0].text, "usage": usage_dict(r.usage)}
+
+
+def messages_stream(args, headers=None):
+    client = anthropic_client(args, headers=headers or {})
+    with client.messages.stream(
+            model="claude-sonnet-4", max_tokens=args.max_tokens,
+            messages=[{"role": "user", "content": PROMPT}]) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    return {"text": text, "usage": usage_dict(final.usage)}
+
+
+def denied(args):
+    """A request the SDK is refused: what `str(exception)` says, and the status."""
+    try:
+        if args.api == "anthropic":
+            anthropic_client(args).messages.create(
+                model="claude-sonnet-4", max_tokens=args.max_tokens,
+                messages=[{"role": "user", "content": PROMPT}])
+        else:
+            openai_client(args).chat.completions.create(
+                model="gpt-4o-mini", max_tokens=args.max_tokens,
+                messages=[{"role": "user", "content": PROMPT}])
+    except (openai.APIStatusError, anthropic.APIStatusError) as e:
+        return {"status": e.status_code, "message": str(e),
+                "should_retry": e.response.headers.get("x-should-retry")}
+    return {"status": 200}
+
+
+async def race(args):
+    """Many SDK clients at once against one cap, random sizes and prompt lengths, each
+    streamed or not: what was granted, by the usage each answer reported."""
+    client = openai.AsyncOpenAI(base_url=args.base_url + "/v1", api_key=args.token,
+                                default_headers={"x-team-id": args.team}, max_retries=0)
+    rng = random.Random(args.seed)
+    granted, denied_n, errors = 0, 0, []
+
+    async def agent(i):
+        nonlocal granted, denied_n
+        local = random.Random(rng.random())
+        for _ in range(args.requests):
+            n_words = local.randint(1, 60)
+            words = " ".join(["word"] * n_words)
+            budget = local.randint(1, 40)
+            # What the mock upstream uses: the prompt's words plus the budget capped at 24. A
+            # stream that did not ask for usage never shows it to the client (the filter asks
+            # for it and hides it), so the client counts from this.
+            true_usage = n_words + min(budget, 24)
+            try:
+                kind = local.random()
+                if kind < 0.4:
+                    r = await client.chat.completions.create(
+                        model="gpt-4o-mini", max_tokens=budget,
+                        messages=[{"role": "user", "content": words}])
+                    assert r.usage.total_tokens == true_usage, r.usage
+                else:
+                    options = {"include_usage": True} if kind < 0.7 else None
+                    stream = await client.chat.completions.create(
+                        model="gpt-4o-mini", max_tokens=budget, stream=True,
+                        messages=[{"role": "user", "content": words}],
+                        **({"stream_options": options} if options else {}))
+                    async for chunk in stream:
+                        if chunk.usage is not None:
+                            assert chunk.usage.total_tokens == true_usage, chunk.usage
+                granted += true_usage
+            except openai.RateLimitError:
+                denied_n += 1
+            except openai.APIStatusError as e:  # pragma: no cover - reported to the test
+                errors.append(f"{e.status_code}: {e}")
+
+    await asyncio.gather(*(agent(i) for i in range(args.agents)))
+    await client.close()
+    return {"granted": granted, "denied": denied_n, "errors": errors}
+
+
+SCENARIOS = {
+    "chat-json": chat_json,
+    "chat-stream": lambda a: chat_stream(a),
+    "chat-stream-no-usage": lambda a: chat_stream(a, include_usage=False),
+    "chat-stream-leave-at-done": lambda a: chat_stream(
+        a, headers={"x-mock-linger-ms": "800"}),
+    "chat-stream-leave-at-finish": lambda a: chat_stream(
+        a, include_usage=False, leave_at="finish"),
+    "responses-json": responses_json,
+    "responses-stream": responses_stream,
+    "messages-json": messages_json,
+    "messages-stream": messages_stream,
+    "messages-cache": lambda a: messages_json(a, headers={"x-mock-cache": "100,50"}),
+    "denied": denied,
+}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--base-url", required=True)
+    p.add_argument("--token", required=True)
+    p.add_argument("--team", default="ops")
+    p.add_argument("--max-tokens", type=int, default=20)
+    p.add_argument("--api", default="openai")
+    p.add_argument("--agents", type=int, default=24)
+    p.add_argument("--requests", type=int, default=8)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("scenario", choices=sorted([*SCENARIOS, "race"]))
+    args = p.parse_args()
+    if args.scenario == "race":
+        out = asyncio.run(race(args))
+    else:
+        out = SCENARIOS[args.scenario](args)
+    json.dump(out, sys.stdout)
+    print()
+
+
+if __name__ == "__main__":
+    main()
