@@ -149,7 +149,7 @@ impl Demo {
             "\n1. Two teams of acme spend tokens; research's daily cap is 400, sales' is 5,000."
         );
         println!(
-            "   Each call holds its max_tokens (120) and settles to what the model reported.\n"
+            "   Each call holds its max_tokens (120) plus its prompt's size in tokens, and settles\n   to what the model reported.\n"
         );
         let (mut research, mut sales) = (0, 0);
         let mut denied = false;
@@ -189,10 +189,12 @@ impl Demo {
                     break;
                 }
             } else if status == 429 {
+                // OpenAI's error shape, as the SDKs show it; Tollgate's fields ride along.
                 let body: Value = serde_json::from_str(&text)?;
+                let details = &body["error"]["tollgate"];
                 println!(
                     "   #{i:<2} {team:<8} {user:<6} DENIED   {status}: {}",
-                    body["message"].as_str().unwrap_or(&text)
+                    body["error"]["message"].as_str().unwrap_or(&text)
                 );
                 println!(
                     "        retry-after {}s, blocked at level {} ({} `{}`)",
@@ -200,9 +202,9 @@ impl Demo {
                         .get("retry-after")
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("?"),
-                    body["level"],
-                    body["entityType"].as_str().unwrap_or("?"),
-                    body["entityId"].as_str().unwrap_or("?")
+                    details["level"],
+                    details["entityType"].as_str().unwrap_or("?"),
+                    details["entityId"].as_str().unwrap_or("?")
                 );
                 denied = true;
             } else {
@@ -232,7 +234,7 @@ impl Demo {
             .usage_becomes("sales", "sales-daily-tokens", before + reported)
             .await?;
         println!(
-            "   sales counter before {before}, the call held its max_tokens (500) while it ran,"
+            "   sales counter before {before}, the call held its max_tokens (500) and its prompt while it ran,"
         );
         println!(
             "   the stream's final chunk reported {reported} tokens: counter now {after} (+{})",
@@ -249,7 +251,7 @@ impl Demo {
             .await?;
         let reason = serde_json::from_str::<Value>(&text)
             .ok()
-            .and_then(|v| v["reason"].as_str().map(str::to_string))
+            .and_then(|v| v["error"]["tollgate"]["reason"].as_str().map(str::to_string))
             .unwrap_or_default();
         println!("   fail-closed route /v1/...      -> {status} ({reason})");
         let (status, headers, _) = self
