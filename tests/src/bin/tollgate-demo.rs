@@ -251,7 +251,11 @@ impl Demo {
             .await?;
         let reason = serde_json::from_str::<Value>(&text)
             .ok()
-            .and_then(|v| v["error"]["tollgate"]["reason"].as_str().map(str::to_string))
+            .and_then(|v| {
+                v["error"]["tollgate"]["reason"]
+                    .as_str()
+                    .map(str::to_string)
+            })
             .unwrap_or_default();
         println!("   fail-closed route /v1/...      -> {status} ({reason})");
         let (status, headers, _) = self
