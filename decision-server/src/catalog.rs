@@ -195,7 +195,7 @@ struct State {
     ops: Vec<AdminOp>,
     /// `base` with `ops` applied: what the engine's model was built from.
     current: ConfigDoc,
-    /// The store's revision of `ops` (see `CounterStore::save_admin_changes`).
+    /// The store's revision of `ops` (see `AdminLog::save`).
     revision: u64,
 }
 
@@ -216,7 +216,7 @@ async fn save(engine: &Engine, ops: &[AdminOp], base: u64) -> Result<u64, AdminE
         .map(serde_json::to_vec)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| StoreError::Unavailable(format!("cannot encode an admin change: {e}")))?;
-    Ok(engine.store().save_admin_changes(&encoded, base).await?)
+    Ok(engine.store().admin_log().save(&encoded, base).await?)
 }
 
 /// Admin changes as a store keeps them, decoded.
@@ -230,7 +230,7 @@ pub struct Kept {
 
 /// Reads the admin changes a store kept. An entry that no longer parses is skipped and named.
 pub async fn load(engine: &Engine) -> Result<Kept, StoreError> {
-    let kept = engine.store().admin_changes().await?;
+    let kept = engine.store().admin_log().load().await?;
     let mut out = Kept {
         revision: kept.revision,
         ..Kept::default()
@@ -320,7 +320,7 @@ impl Catalog {
     /// this catalog's. Returns whether it did. For stores that only this process changes, a
     /// no-op.
     pub async fn follow(&self, engine: &Engine) -> Result<bool, AdminError> {
-        let Some(revision) = engine.store().admin_revision().await? else {
+        let Some(revision) = engine.store().admin_log().revision().await? else {
             return Ok(false);
         };
         if revision == self.state.lock().revision {

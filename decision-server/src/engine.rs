@@ -13,10 +13,9 @@ use crate::core::model::CustomerModel;
 use crate::core::plan::{
     ASSUMED_ID, Assumed, AutoEntities, AutoEntity, Plan, PlanError, Planned, Registry, Usage,
 };
-use crate::core::{ChainEntry, Decision, Denial, HoldId, Model};
+use crate::core::{ChainEntry, Decision, Denial, HoldId, Model, Symbols};
 use crate::store::{
-    AutoEntityOutcome, CloseOutcome, CounterStore, CustomerRef, ReserveMode, StoreError,
-    StoredEntity,
+    AutoEntityOutcome, CloseOutcome, CounterStore, HoldKey, ReserveMode, StoreError, StoredEntity,
 };
 
 /// The most entities one request may have to fetch from the store before it can be planned:
@@ -71,13 +70,9 @@ impl Drop for CancelOnDrop {
         let (store, customer, tag, now) =
             (Arc::clone(&self.store), self.customer, self.tag, self.now);
         runtime.spawn(async move {
-            let cref = CustomerRef {
-                sym: customer.sym(),
-                id: customer.as_str(),
-            };
-            match store.cancel(cref, tag, now).await {
-                Ok(released) => tracing::debug!(customer = cref.id, released, "abandoned decision cancelled"),
-                Err(e) => tracing::warn!(customer = cref.id, error = %e, "cannot cancel an abandoned decision yet"),
+            match store.cancel(customer, tag, now).await {
+                Ok(released) => tracing::debug!(customer = customer.as_str(), released, "abandoned decision cancelled"),
+                Err(e) => tracing::warn!(customer = customer.as_str(), error = %e, "cannot cancel an abandoned decision yet"),
             }
         });
     }
@@ -131,10 +126,6 @@ impl Engine {
 
     async fn seed_grants(&self, model: &Model) -> Result<(), StoreError> {
         for customer in model.customers.values() {
-            let cref = CustomerRef {
-                sym: customer.id.sym(),
-                id: &customer.id,
-            };
             for g in &customer.grants {
                 let Some(limit) = customer.credits_limit_for(g.entity, g.feature) else {
                     continue;
@@ -153,7 +144,7 @@ impl Engine {
                     amount: g.amount,
                     remaining: g.amount,
                 };
-                self.store.add_grant(cref, key, balance).await?;
+                self.store.add_grant(customer.id, key, balance).await?;
             }
         }
         Ok(())
@@ -180,10 +171,6 @@ impl Engine {
         } else {
             ReserveMode::Hold
         };
-        let cref = CustomerRef {
-            sym: plan.customer.sym(),
-            id: plan.customer.as_str(),
-        };
         let mut guard = CancelOnDrop {
             store: Arc::clone(&self.store),
             customer: plan.customer,
@@ -191,7 +178,7 @@ impl Engine {
             now,
             armed: !req.dry_run,
         };
-        let reservation = self.store.reserve(cref, &plan, mode, now).await;
+        let reservation = self.store.reserve(&plan, mode, now).await;
         guard.armed = false;
         let reservation = reservation?;
         if let Some(hold) = &reservation.hold
@@ -199,7 +186,12 @@ impl Engine {
         {
             // Decided after the caller stopped waiting (a stalled sidecar or store): the answer
             // would reach nobody, so the hold goes now rather than at its TTL, charged.
-            self.store.release(cref, hold, self.clock.now()).await?;
+            let key = HoldKey {
+                customer: plan.customer,
+                seq: hold.seq,
+                tag: hold.tag,
+            };
+            self.store.release(key, self.clock.now()).await?;
             return Err(DecisionError::DeadlineExceeded);
         }
 
@@ -297,7 +289,7 @@ impl Engine {
             match self
                 .store
                 .auto_entity(
-                    customer_ref(customer),
+                    customer.id,
                     &new.value,
                     &proposed,
                     customer.max_auto_entities,
@@ -366,7 +358,7 @@ impl Engine {
             let parent = e.parent.clone();
             match self
                 .store
-                .auto_entity(customer_ref(customer), &parent, e, 0, false)
+                .auto_entity(customer.id, &parent, e, 0, false)
                 .await?
             {
                 AutoEntityOutcome::Found(pe) => pending.push((parent, pe)),
@@ -418,25 +410,19 @@ impl Engine {
     ) -> Result<bool, DecisionError> {
         let now = self.clock.now();
         let plan = self.plan(req, now, true).await?;
-        let cref = CustomerRef {
-            sym: plan.customer.sym(),
-            id: plan.customer.as_str(),
-        };
-        Ok(self.store.record(cref, &plan, idempotency_key, now).await?)
+        Ok(self.store.record(&plan, idempotency_key, now).await?)
     }
 
-    fn customer_ref<'a>(
-        &self,
-        model: &Model,
-        hold: &'a HoldId,
-    ) -> Result<CustomerRef<'a>, StoreError> {
-        let sym = model
-            .symbols
+    /// The store's key of a hold id: its customer interned (a customer the process never saw
+    /// has no hold).
+    fn hold_key(&self, hold: &HoldId) -> Result<HoldKey, StoreError> {
+        let sym = Symbols
             .get(&hold.customer)
             .ok_or_else(|| StoreError::UnknownHold(hold.to_string()))?;
-        Ok(CustomerRef {
-            sym,
-            id: &hold.customer,
+        Ok(HoldKey {
+            customer: crate::core::Name::from(sym),
+            seq: hold.seq,
+            tag: hold.tag,
         })
     }
 
@@ -446,17 +432,14 @@ impl Engine {
         hold: &HoldId,
         actual: Usage,
     ) -> Result<CloseOutcome, DecisionError> {
-        let cref = self.customer_ref(&self.model.load(), hold)?;
-        Ok(self
-            .store
-            .settle(cref, hold, &actual, self.clock.now())
-            .await?)
+        let key = self.hold_key(hold)?;
+        Ok(self.store.settle(key, &actual, self.clock.now()).await?)
     }
 
     /// Undoes the hold. Idempotent.
     pub async fn release(&self, hold: &HoldId) -> Result<CloseOutcome, DecisionError> {
-        let cref = self.customer_ref(&self.model.load(), hold)?;
-        Ok(self.store.release(cref, hold, self.clock.now()).await?)
+        let key = self.hold_key(hold)?;
+        Ok(self.store.release(key, self.clock.now()).await?)
     }
 
     /// Commits every hold past its TTL at its held amount.
@@ -492,27 +475,16 @@ impl Engine {
         };
         let now = self.clock.now();
         let spec = CounterSpec::of(&limit.kind, partition.is_some(), now);
-        let cref = CustomerRef {
-            sym: c.id.sym(),
-            id: &c.id,
-        };
-        self.store.counted(cref, key, &spec, now).await
+        self.store.counted(c.id, key, &spec, now).await
     }
 
     /// How many entities `customer` has had created on the fly, as the store counts them.
     pub async fn auto_created(&self, customer: &str) -> Result<usize, StoreError> {
         let model = self.model.load_full();
         match model.customer(customer) {
-            Some(c) => self.store.auto_entity_count(customer_ref(c)).await,
+            Some(c) => self.store.auto_entity_count(c.id).await,
             None => Ok(0),
         }
-    }
-}
-
-fn customer_ref(c: &CustomerModel) -> CustomerRef<'_> {
-    CustomerRef {
-        sym: c.id.sym(),
-        id: c.id.as_str(),
     }
 }
 

@@ -144,6 +144,7 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     store_failures: Counter,
     breaker_rejections: Counter,
+    script_disagreements: Counter,
     connections: ConnectionMetrics,
 }
 
@@ -214,6 +215,12 @@ impl Metrics {
             "Store calls refused at once because the circuit breaker was open",
             breaker_rejections.clone(),
         );
+        let script_disagreements = Counter::default();
+        registry.register(
+            "store_script_disagreements",
+            "Decisions where the Redis script and the decision core disagreed (a bug if not 0)",
+            script_disagreements.clone(),
+        );
         let connections = ConnectionMetrics::default();
         registry.register(
             "connections_open",
@@ -227,6 +234,7 @@ impl Metrics {
         );
         Self {
             connections,
+            script_disagreements,
             store_failures,
             breaker_rejections,
             registry,
@@ -280,6 +288,7 @@ impl Metrics {
         let catch_up = |c: &Counter, total: u64| c.inc_by(total.saturating_sub(c.get()));
         catch_up(&self.store_failures, stats.backend_failures);
         catch_up(&self.breaker_rejections, stats.breaker_rejections);
+        catch_up(&self.script_disagreements, stats.script_disagreements);
         let mut out = String::new();
         // Writing into a String cannot fail; an error would leave a partial page, not a panic.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

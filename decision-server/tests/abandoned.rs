@@ -14,9 +14,9 @@ use tollgate::clock::ManualClock;
 use tollgate::core::counter::{CounterKey, CounterSpec};
 use tollgate::core::credits::GrantBalance;
 use tollgate::core::plan::{AutoEntities, Plan, Planned, Registry, Usage};
-use tollgate::core::{HoldId, Timestamp};
+use tollgate::core::{Name, Timestamp};
 use tollgate::store::{
-    AutoEntityOutcome, CloseOutcome, CounterStore, CustomerRef, Reservation, ReserveMode,
+    AdminLog, AutoEntityOutcome, CloseOutcome, CounterStore, HoldKey, Reservation, ReserveMode,
     StoreError, StoreStats, StoredEntity,
 };
 use tollgate::{CheckRequest, DecisionError};
@@ -58,12 +58,11 @@ struct Hooked {
 impl CounterStore for Hooked {
     async fn reserve(
         &self,
-        customer: CustomerRef<'_>,
         plan: &Plan,
         mode: ReserveMode,
         now: Timestamp,
     ) -> Result<Reservation, StoreError> {
-        let r = self.inner.reserve(customer, plan, mode, now).await;
+        let r = self.inner.reserve(plan, mode, now).await;
         let after = self.after.lock().clone();
         match after {
             After::Answer => {}
@@ -74,61 +73,39 @@ impl CounterStore for Hooked {
     }
     async fn settle(
         &self,
-        c: CustomerRef<'_>,
-        h: &HoldId,
+        h: HoldKey,
         u: &Usage,
         now: Timestamp,
     ) -> Result<CloseOutcome, StoreError> {
-        self.inner.settle(c, h, u, now).await
+        self.inner.settle(h, u, now).await
     }
-    async fn release(
-        &self,
-        c: CustomerRef<'_>,
-        h: &HoldId,
-        now: Timestamp,
-    ) -> Result<CloseOutcome, StoreError> {
-        self.inner.release(c, h, now).await
+    async fn release(&self, h: HoldKey, now: Timestamp) -> Result<CloseOutcome, StoreError> {
+        self.inner.release(h, now).await
     }
-    async fn cancel(
-        &self,
-        c: CustomerRef<'_>,
-        tag: u128,
-        now: Timestamp,
-    ) -> Result<bool, StoreError> {
+    async fn cancel(&self, c: Name, tag: u128, now: Timestamp) -> Result<bool, StoreError> {
         self.inner.cancel(c, tag, now).await
     }
     async fn expire_due(&self, now: Timestamp) -> Result<usize, StoreError> {
         self.inner.expire_due(now).await
     }
-    async fn add_grant(
-        &self,
-        c: CustomerRef<'_>,
-        k: CounterKey,
-        g: GrantBalance,
-    ) -> Result<bool, StoreError> {
+    async fn add_grant(&self, c: Name, k: CounterKey, g: GrantBalance) -> Result<bool, StoreError> {
         self.inner.add_grant(c, k, g).await
     }
     async fn counted(
         &self,
-        c: CustomerRef<'_>,
+        c: Name,
         k: CounterKey,
         s: &CounterSpec,
         now: Timestamp,
     ) -> Result<Option<u64>, StoreError> {
         self.inner.counted(c, k, s, now).await
     }
-    async fn record(
-        &self,
-        c: CustomerRef<'_>,
-        p: &Plan,
-        key: &str,
-        now: Timestamp,
-    ) -> Result<bool, StoreError> {
-        self.inner.record(c, p, key, now).await
+    async fn record(&self, p: &Plan, key: &str, now: Timestamp) -> Result<bool, StoreError> {
+        self.inner.record(p, key, now).await
     }
     async fn auto_entity(
         &self,
-        c: CustomerRef<'_>,
+        c: Name,
         id: &str,
         e: &StoredEntity,
         max: u32,
@@ -136,11 +113,17 @@ impl CounterStore for Hooked {
     ) -> Result<AutoEntityOutcome, StoreError> {
         self.inner.auto_entity(c, id, e, max, create).await
     }
-    async fn auto_entity_count(&self, c: CustomerRef<'_>) -> Result<usize, StoreError> {
+    async fn auto_entity_count(&self, c: Name) -> Result<usize, StoreError> {
         self.inner.auto_entity_count(c).await
     }
     fn stats(&self) -> StoreStats {
         self.inner.stats()
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush()
+    }
+    fn admin_log(&self) -> &dyn AdminLog {
+        self.inner.admin_log()
     }
 }
 
@@ -262,18 +245,15 @@ fn a_cancel_that_overtakes_its_reserve_makes_it_hold_nothing(store: Store) {
         panic!("u1 is in the tree")
     };
     plan.hold_tag = 0x5eed;
-    let cref = CustomerRef {
-        sym: plan.customer.sym(),
-        id: plan.customer.as_str(),
-    };
+    let customer = plan.customer;
     let store = h.engine.store();
     // The cancel runs first (nothing to release yet)...
     assert!(
-        !h.run(store.cancel(cref, plan.hold_tag, h.engine.now()))
+        !h.run(store.cancel(customer, plan.hold_tag, h.engine.now()))
             .unwrap()
     );
     let r = h
-        .run(store.reserve(cref, &plan, ReserveMode::Hold, h.engine.now()))
+        .run(store.reserve(&plan, ReserveMode::Hold, h.engine.now()))
         .unwrap();
     // ...then a store that can run a call late (Redis) holds nothing for it; the in-process
     // stores cannot run a reserve after its caller's cancel, and they hold as asked.
@@ -283,20 +263,27 @@ fn a_cancel_that_overtakes_its_reserve_makes_it_hold_nothing(store: Store) {
         nothing_held(&h);
     } else {
         let hold = r.hold.unwrap();
-        assert!(h.run(store.cancel(cref, hold.tag, h.engine.now())).unwrap());
+        assert!(
+            h.run(store.cancel(customer, hold.tag, h.engine.now()))
+                .unwrap()
+        );
         nothing_held(&h);
     }
     // A cancel after the reserve releases it, on every store.
     plan.hold_tag = 0xbeef;
     let r = h
-        .run(store.reserve(cref, &plan, ReserveMode::Hold, h.engine.now()))
+        .run(store.reserve(&plan, ReserveMode::Hold, h.engine.now()))
         .unwrap();
     assert!(r.hold.is_some());
     assert_eq!(h.counted("acme", "u1", "user-day"), 100);
-    assert!(h.run(store.cancel(cref, 0xbeef, h.engine.now())).unwrap());
+    assert!(
+        h.run(store.cancel(customer, 0xbeef, h.engine.now()))
+            .unwrap()
+    );
     nothing_held(&h);
     assert!(
-        !h.run(store.cancel(cref, 0xbeef, h.engine.now())).unwrap(),
+        !h.run(store.cancel(customer, 0xbeef, h.engine.now()))
+            .unwrap(),
         "once"
     );
 }

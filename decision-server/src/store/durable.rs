@@ -25,17 +25,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use parking_lot::{Condvar, Mutex};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::memory::{MemoryStore, SharedBook};
-use super::{
-    AdminChanges, AutoEntityOutcome, CloseOutcome, Commit, CounterStore, CustomerRef, Journal,
-    Reservation, ReserveMode, StoreError, StoreStats, StoredEntity,
-};
-use crate::core::counter::{CounterKey, CounterSpec, CounterState};
-use crate::core::credits::GrantBalance;
+use super::memory::{Journal, MemoryStore, SharedBook};
+use super::{AdminChanges, AdminLog, StoreError, StoredEntity};
+use crate::core::counter::{CounterKey, CounterState};
 use crate::core::ledger::{Changes, Hold, Ledger};
-use crate::core::plan::{Plan, Usage};
 use crate::core::symbols::Symbols;
-use crate::core::{HoldId, Sym, Timestamp};
+use crate::core::{Sym, Timestamp};
 
 /// Counter rows: (customer, counter key) → counter state.
 const COUNTERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("counters");
@@ -73,10 +68,14 @@ pub enum OpenError {
     Thread(std::io::Error),
 }
 
-/// The durable store.
+/// The durable store: the in-memory store with this module's journal. `DurableStore::open`
+/// returns that [`MemoryStore`]; dropping it commits what is queued and stops the writer.
+#[derive(Debug, Clone, Copy)]
+pub struct DurableStore;
+
+/// The journal behind a durable store: the file, the commit log and the writer thread.
 #[derive(Debug)]
-pub struct DurableStore {
-    inner: MemoryStore,
+struct FileJournal {
     /// Shared with the writer thread; admin changes are written directly (they are rare).
     db: Arc<Database>,
     log: Arc<Log>,
@@ -107,12 +106,23 @@ struct Entry {
     changes: Changes,
 }
 
-#[derive(Debug, Default)]
-struct Committed {
+/// How far the commits have got.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Commit {
     /// Every commit up to this one is stored.
     upto: u64,
     /// Set when a commit failed: the store refuses work from then on.
     failed: Option<String>,
+}
+
+impl Commit {
+    /// Whether commit `ticket` is settled: stored (`Ok`), or never will be (`Err`).
+    fn outcome(&self, ticket: u64) -> Option<Result<(), StoreError>> {
+        match &self.failed {
+            Some(why) => Some(Err(StoreError::Unavailable(why.clone()))),
+            None => (self.upto >= ticket).then_some(Ok(())),
+        }
+    }
 }
 
 /// Customers with changes waiting for the next commit.
@@ -127,17 +137,59 @@ struct Pending {
 #[derive(Debug)]
 struct Log {
     durability: Durability,
-    /// The committed mark for async waiters ([`CounterStore::commits`]).
+    /// The committed mark for async waiters ([`Journal::committed`]).
     watch: tokio::sync::watch::Sender<Commit>,
     pending: Mutex<Pending>,
     /// Wakes the writer when the first customer is queued.
     wake: Condvar,
     failed: AtomicBool,
-    committed: Mutex<Committed>,
+    /// The committed mark for blocking waiters ([`Journal::flush`]).
+    committed: Mutex<Commit>,
     done: Condvar,
 }
 
-impl Journal for Log {
+#[async_trait::async_trait]
+impl Journal for FileJournal {
+    fn changed(
+        &self,
+        customer: Sym,
+        book: &SharedBook,
+        queued: &mut Option<u64>,
+    ) -> Result<u64, StoreError> {
+        self.log.changed(customer, book, queued)
+    }
+
+    fn waits(&self) -> bool {
+        self.log.durability == Durability::Sync
+    }
+
+    async fn committed(&self, ticket: u64) -> Result<(), StoreError> {
+        let mut rx = self.log.watch.subscribe();
+        let c = rx
+            .wait_for(|c| c.outcome(ticket).is_some())
+            .await
+            .map_err(|_| StoreError::Unavailable("the store's writer has stopped".into()))?;
+        c.outcome(ticket).unwrap_or(Ok(()))
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        let last = {
+            let p = self.log.pending.lock();
+            if p.list.is_empty() {
+                p.open - 1
+            } else {
+                p.open
+            }
+        };
+        self.log.wait_committed(last)
+    }
+
+    fn admin_log(&self) -> &dyn AdminLog {
+        self
+    }
+}
+
+impl Log {
     fn changed(
         &self,
         customer: Sym,
@@ -165,20 +217,11 @@ impl Journal for Log {
         Ok(p.open)
     }
 
-    fn sync_commits(&self) -> Option<tokio::sync::watch::Receiver<Commit>> {
-        (self.durability == Durability::Sync).then(|| self.watch.subscribe())
-    }
-}
-
-impl Log {
     fn wait_committed(&self, ticket: u64) -> Result<(), StoreError> {
         let mut c = self.committed.lock();
         loop {
-            if let Some(why) = &c.failed {
-                return Err(StoreError::Unavailable(why.clone()));
-            }
-            if c.upto >= ticket {
-                return Ok(());
+            if let Some(outcome) = c.outcome(ticket) {
+                return outcome;
             }
             self.done.wait(&mut c);
         }
@@ -189,7 +232,7 @@ impl Log {
 /// counter touched a thousand times between commits is encoded and written once, and a hold
 /// opened and closed in between not at all.
 #[derive(Debug, Default)]
-struct Rows<'a> {
+struct Batch<'a> {
     counters: HashMap<(&'a str, CounterKey), &'a CounterState>,
     /// `None`: delete.
     holds: HashMap<(&'a str, u64), Option<&'a Hold>>,
@@ -198,7 +241,7 @@ struct Rows<'a> {
     entities: HashMap<(&'a str, &'a str), &'a StoredEntity>,
 }
 
-impl<'a> Rows<'a> {
+impl<'a> Batch<'a> {
     fn add(&mut self, e: &'a Entry) {
         let c = &e.changes;
         let customer = e.customer.as_str();
@@ -226,7 +269,7 @@ impl<'a> Rows<'a> {
 
 /// Writes one batch of entries in one transaction.
 fn commit(db: &Database, batch: &[Entry]) -> Result<(), redb::Error> {
-    let mut rows = Rows::default();
+    let mut rows = Batch::default();
     for e in batch {
         rows.add(e);
     }
@@ -331,10 +374,7 @@ fn writer(db: Arc<Database>, log: Arc<Log>) {
                 log.failed.store(true, Ordering::Release);
             }
         }
-        log.watch.send_replace(Commit {
-            upto: c.upto,
-            failed: c.failed.clone(),
-        });
+        log.watch.send_replace(c.clone());
         drop(c);
         log.done.notify_all();
     }
@@ -351,14 +391,14 @@ fn restore(db: &Database, path: &Path) -> Result<Vec<(String, Ledger)>, OpenErro
         source: Box::new(e),
     };
     #[derive(Default)]
-    struct Rows {
+    struct Restored {
         counters: Vec<(CounterKey, CounterState)>,
         holds: Vec<(u64, Hold)>,
         next_seq: u64,
         keys: Vec<(Timestamp, Box<str>)>,
         entities: Vec<(Box<str>, StoredEntity)>,
     }
-    let mut by_customer: HashMap<String, Rows> = HashMap::new();
+    let mut by_customer: HashMap<String, Restored> = HashMap::new();
     let txn = db.begin_read().map_err(|e| open(e.into()))?;
     let counters = txn.open_table(COUNTERS).map_err(|e| open(e.into()))?;
     for row in counters.iter().map_err(|e| open(e.into()))? {
@@ -435,8 +475,9 @@ fn restore(db: &Database, path: &Path) -> Result<Vec<(String, Ledger)>, OpenErro
 }
 
 impl DurableStore {
-    /// Opens (or creates) the store file at `path` and rebuilds every ledger from it.
-    pub fn open(path: &Path, durability: Durability) -> Result<Self, OpenError> {
+    /// Opens (or creates) the store file at `path`, rebuilds every ledger from it, and returns
+    /// the in-memory store that journals every change to it.
+    pub fn open(path: &Path, durability: Durability) -> Result<MemoryStore, OpenError> {
         let open = |e: redb::Error| OpenError::Open {
             path: path.to_path_buf(),
             source: Box::new(e),
@@ -468,7 +509,7 @@ impl DurableStore {
             }),
             wake: Condvar::new(),
             failed: AtomicBool::new(false),
-            committed: Mutex::new(Committed::default()),
+            committed: Mutex::new(Commit::default()),
             done: Condvar::new(),
         });
         let writer = std::thread::Builder::new()
@@ -479,20 +520,21 @@ impl DurableStore {
                 move || writer(db, log)
             })
             .map_err(OpenError::Thread)?;
-        let inner = MemoryStore::journaled(
-            Arc::clone(&log) as Arc<dyn Journal>,
-            ledgers.into_iter().map(|(c, l)| (Symbols.intern(&c), l)),
-        );
-        Ok(Self {
-            inner,
+        let journal = FileJournal {
             db,
             log,
             writer: Mutex::new(Some(writer)),
-        })
+        };
+        Ok(MemoryStore::journaled(
+            Arc::new(journal),
+            ledgers.into_iter().map(|(c, l)| (Symbols.intern(&c), l)),
+        ))
     }
+}
 
+impl FileJournal {
     /// Commits what is queued and stops the writer. Later calls fail as unavailable.
-    pub fn close(&self) {
+    fn close(&self) {
         self.log.pending.lock().closed = true;
         self.log.wake.notify_one();
         if let Some(w) = self.writer.lock().take() {
@@ -501,123 +543,17 @@ impl DurableStore {
     }
 }
 
-impl Drop for DurableStore {
+impl Drop for FileJournal {
     fn drop(&mut self) {
         self.close();
     }
 }
 
 #[async_trait::async_trait]
-impl CounterStore for DurableStore {
-    async fn reserve(
-        &self,
-        customer: CustomerRef<'_>,
-        plan: &Plan,
-        mode: ReserveMode,
-        now: Timestamp,
-    ) -> Result<Reservation, StoreError> {
-        self.inner.reserve(customer, plan, mode, now).await
-    }
-
-    async fn settle(
-        &self,
-        customer: CustomerRef<'_>,
-        hold: &HoldId,
-        actual: &Usage,
-        now: Timestamp,
-    ) -> Result<CloseOutcome, StoreError> {
-        self.inner.settle(customer, hold, actual, now).await
-    }
-
-    async fn release(
-        &self,
-        customer: CustomerRef<'_>,
-        hold: &HoldId,
-        now: Timestamp,
-    ) -> Result<CloseOutcome, StoreError> {
-        self.inner.release(customer, hold, now).await
-    }
-
-    async fn cancel(
-        &self,
-        customer: CustomerRef<'_>,
-        tag: u128,
-        now: Timestamp,
-    ) -> Result<bool, StoreError> {
-        self.inner.cancel(customer, tag, now).await
-    }
-
-    async fn expire_due(&self, now: Timestamp) -> Result<usize, StoreError> {
-        self.inner.expire_due(now).await
-    }
-
-    async fn add_grant(
-        &self,
-        customer: CustomerRef<'_>,
-        pool: CounterKey,
-        grant: GrantBalance,
-    ) -> Result<bool, StoreError> {
-        self.inner.add_grant(customer, pool, grant).await
-    }
-
-    async fn counted(
-        &self,
-        customer: CustomerRef<'_>,
-        key: CounterKey,
-        spec: &CounterSpec,
-        now: Timestamp,
-    ) -> Result<Option<u64>, StoreError> {
-        self.inner.counted(customer, key, spec, now).await
-    }
-
-    async fn record(
-        &self,
-        customer: CustomerRef<'_>,
-        plan: &Plan,
-        idempotency_key: &str,
-        now: Timestamp,
-    ) -> Result<bool, StoreError> {
-        self.inner
-            .record(customer, plan, idempotency_key, now)
-            .await
-    }
-
-    async fn auto_entity(
-        &self,
-        customer: CustomerRef<'_>,
-        id: &str,
-        proposed: &StoredEntity,
-        max: u32,
-        create: bool,
-    ) -> Result<AutoEntityOutcome, StoreError> {
-        self.inner
-            .auto_entity(customer, id, proposed, max, create)
-            .await
-    }
-
-    async fn auto_entity_count(&self, customer: CustomerRef<'_>) -> Result<usize, StoreError> {
-        self.inner.auto_entity_count(customer).await
-    }
-
-    fn stats(&self) -> StoreStats {
-        self.inner.stats()
-    }
-
-    fn flush(&self) -> Result<(), StoreError> {
-        let last = {
-            let p = self.log.pending.lock();
-            if p.list.is_empty() {
-                p.open - 1
-            } else {
-                p.open
-            }
-        };
-        self.log.wait_committed(last)
-    }
-
+impl AdminLog for FileJournal {
     /// One process owns the file, and the catalog saves one change at a time: the revision is
     /// only counted, never contested.
-    async fn save_admin_changes(&self, entries: &[Vec<u8>], base: u64) -> Result<u64, StoreError> {
+    async fn save(&self, entries: &[Vec<u8>], base: u64) -> Result<u64, StoreError> {
         let fail =
             |e: redb::Error| StoreError::Unavailable(format!("cannot store admin changes: {e}"));
         let txn = self.db.begin_write().map_err(|e| fail(e.into()))?;
@@ -632,7 +568,7 @@ impl CounterStore for DurableStore {
         Ok(base + 1)
     }
 
-    async fn admin_changes(&self) -> Result<AdminChanges, StoreError> {
+    async fn load(&self) -> Result<AdminChanges, StoreError> {
         let fail =
             |e: redb::Error| StoreError::Unavailable(format!("cannot read admin changes: {e}"));
         let txn = self.db.begin_read().map_err(|e| fail(e.into()))?;
@@ -646,6 +582,10 @@ impl CounterStore for DurableStore {
             revision: 0,
             entries,
         })
+    }
+
+    async fn revision(&self) -> Result<Option<u64>, StoreError> {
+        Ok(None)
     }
 }
 

@@ -1,29 +1,23 @@
 //! The in-memory counter store: one ledger per customer, each behind its own lock, optionally
-//! journaled (the durable store is this store plus a journal).
+//! journaled (the durable store is this store with a journal: see `durable.rs`).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use rustc_hash::FxBuildHasher;
 
 use super::{
-    AutoEntityOutcome, CloseOutcome, Commit, CounterStore, CustomerRef, Journal, Reservation,
+    AdminLog, AutoEntityOutcome, CloseOutcome, CounterStore, HoldKey, NothingKept, Reservation,
     ReserveMode, StoreError, StoreStats, StoredEntity,
 };
 use crate::core::counter::{CounterKey, CounterSpec};
 use crate::core::credits::GrantBalance;
 use crate::core::ledger::{CloseResult, Closing, KeyRetention, Ledger};
 use crate::core::plan::{Plan, Usage};
-use crate::core::{HoldId, Sym, Timestamp};
+use crate::core::{Name, Sym, Timestamp};
 
-/// Counters in process memory. Lost on restart; the default for tests and the base the
-/// durable store builds on.
-///
-/// Trade-off: the map hands out an `Arc` per customer and the decision runs under that
-/// customer's own mutex, so the map's shard lock is held only for the lookup. Two customers
-/// never wait on each other; one hot customer serialises on its own lock, which is the
-/// atomicity a decision needs anyway.
 /// One customer's ledger and, in a journaled store, the commit it waits in.
 #[derive(Debug, Default)]
 pub(crate) struct Book {
@@ -34,6 +28,40 @@ pub(crate) struct Book {
 
 pub(crate) type SharedBook = Arc<Mutex<Book>>;
 
+/// Where a journaled store reports each ledger change: the durable store's writer.
+#[async_trait::async_trait]
+pub(crate) trait Journal: Send + Sync + std::fmt::Debug {
+    /// Called under the customer's lock after a call changed its ledger. Queues the customer
+    /// for the next commit unless it already waits in one (`queued`), and returns the commit
+    /// that will hold the change. The writer reads the ledger's changes itself, at commit time,
+    /// under the same lock.
+    fn changed(
+        &self,
+        customer: Sym,
+        book: &SharedBook,
+        queued: &mut Option<u64>,
+    ) -> Result<u64, StoreError>;
+
+    /// Whether a call must wait for its commit before it answers (sync durability).
+    fn waits(&self) -> bool;
+
+    /// Returns once commit `ticket` is stored (or the store has failed).
+    async fn committed(&self, ticket: u64) -> Result<(), StoreError>;
+
+    /// Returns once every change queued so far is stored.
+    fn flush(&self) -> Result<(), StoreError>;
+
+    /// Where the journal keeps the admin changes.
+    fn admin_log(&self) -> &dyn AdminLog;
+}
+
+/// Counters in process memory. Lost on restart unless journaled; the default for tests and
+/// the base the durable store builds on.
+///
+/// Trade-off: the map hands out an `Arc` per customer and the decision runs under that
+/// customer's own mutex, so the map's shard lock is held only for the lookup. Two customers
+/// never wait on each other; one hot customer serialises on its own lock, which is the
+/// atomicity a decision needs anyway.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     customers: DashMap<Sym, SharedBook, FxBuildHasher>,
@@ -41,7 +69,7 @@ pub struct MemoryStore {
     /// Where every ledger change goes, when the store is durable.
     journal: Option<Arc<dyn Journal>>,
     /// Holds released by `cancel`, since start.
-    abandoned: std::sync::atomic::AtomicU64,
+    abandoned: AtomicU64,
 }
 
 impl MemoryStore {
@@ -57,7 +85,7 @@ impl MemoryStore {
         }
     }
 
-    /// A journaled store over restored ledgers: each change is appended to `journal` under
+    /// A journaled store over restored ledgers: each change is reported to `journal` under
     /// its customer's lock (so the journal sees one customer's changes in order), and the call
     /// returns once the journal says it may.
     pub(crate) fn journaled(
@@ -77,13 +105,13 @@ impl MemoryStore {
                     )
                 })
                 .collect(),
-            retention: KeyRetention::default(),
             journal: Some(journal),
-            abandoned: std::sync::atomic::AtomicU64::new(0),
+            ..Self::default()
         }
     }
 
-    fn ledger(&self, customer: Sym) -> SharedBook {
+    /// The customer's book, made if it has none yet.
+    fn book(&self, customer: Sym) -> SharedBook {
         if let Some(l) = self.customers.get(&customer) {
             return Arc::clone(l.value());
         }
@@ -126,12 +154,9 @@ impl MemoryStore {
     /// Returns once commit `ticket` is as durable as the store promises: at once unless the
     /// store is durable in sync mode.
     async fn committed(&self, ticket: Option<u64>) -> Result<(), StoreError> {
-        let (Some(t), Some(journal)) = (ticket, &self.journal) else {
-            return Ok(());
-        };
-        match journal.sync_commits() {
-            Some(mut rx) => Commit::reached(&mut rx, t).await,
-            None => Ok(()),
+        match (ticket, &self.journal) {
+            (Some(t), Some(journal)) if journal.waits() => journal.committed(t).await,
+            _ => Ok(()),
         }
     }
 
@@ -162,17 +187,15 @@ impl MemoryStore {
 
     async fn close(
         &self,
-        customer: CustomerRef<'_>,
-        hold: &HoldId,
+        hold: HoldKey,
         how: Closing<'_>,
         now: Timestamp,
     ) -> Result<CloseOutcome, StoreError> {
         let unknown = || StoreError::UnknownHold(hold.to_string());
-        let ledger = self.existing(customer.sym).ok_or_else(unknown)?;
+        let sym = hold.customer.sym();
+        let book = self.existing(sym).ok_or_else(unknown)?;
         let result = self
-            .write(customer.sym, &ledger, |l| {
-                l.close(hold.seq, hold.tag, how, now)
-            })
+            .write(sym, &book, |l| l.close(hold.seq, hold.tag, how, now))
             .await?;
         close_outcome(hold, how, result)
     }
@@ -180,7 +203,7 @@ impl MemoryStore {
 
 /// A ledger's close result as the store trait answers it.
 pub(crate) fn close_outcome(
-    hold: &HoldId,
+    hold: HoldKey,
     how: Closing<'_>,
     result: CloseResult,
 ) -> Result<CloseOutcome, StoreError> {
@@ -203,13 +226,13 @@ pub(crate) fn close_outcome(
 impl CounterStore for MemoryStore {
     async fn reserve(
         &self,
-        customer: CustomerRef<'_>,
         plan: &Plan,
         mode: ReserveMode,
         now: Timestamp,
     ) -> Result<Reservation, StoreError> {
-        let ledger = self.ledger(customer.sym);
-        self.write(customer.sym, &ledger, |l| {
+        let sym = plan.customer.sym();
+        let book = self.book(sym);
+        self.write(sym, &book, |l| {
             l.reserve(plan, mode == ReserveMode::Hold, now)
         })
         .await
@@ -217,41 +240,27 @@ impl CounterStore for MemoryStore {
 
     async fn settle(
         &self,
-        customer: CustomerRef<'_>,
-        hold: &HoldId,
+        hold: HoldKey,
         actual: &Usage,
         now: Timestamp,
     ) -> Result<CloseOutcome, StoreError> {
-        self.close(customer, hold, Closing::Settle(actual), now)
-            .await
+        self.close(hold, Closing::Settle(actual), now).await
     }
 
-    async fn release(
-        &self,
-        customer: CustomerRef<'_>,
-        hold: &HoldId,
-        now: Timestamp,
-    ) -> Result<CloseOutcome, StoreError> {
-        self.close(customer, hold, Closing::Release, now).await
+    async fn release(&self, hold: HoldKey, now: Timestamp) -> Result<CloseOutcome, StoreError> {
+        self.close(hold, Closing::Release, now).await
     }
 
-    async fn cancel(
-        &self,
-        customer: CustomerRef<'_>,
-        tag: u128,
-        now: Timestamp,
-    ) -> Result<bool, StoreError> {
+    async fn cancel(&self, customer: Name, tag: u128, now: Timestamp) -> Result<bool, StoreError> {
         // A reserve here is done by the time its call returns, so there is nothing that could
         // arrive later: only the hold itself needs releasing.
-        let Some(ledger) = self.existing(customer.sym) else {
+        let sym = customer.sym();
+        let Some(book) = self.existing(sym) else {
             return Ok(false);
         };
-        let released = self
-            .write(customer.sym, &ledger, |l| l.cancel(tag, now))
-            .await?;
+        let released = self.write(sym, &book, |l| l.cancel(tag, now)).await?;
         if released {
-            self.abandoned
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.abandoned.fetch_add(1, Ordering::Relaxed);
         }
         Ok(released)
     }
@@ -260,11 +269,11 @@ impl CounterStore for MemoryStore {
         // Every customer's expiry first, then one wait for the newest commit they joined.
         let mut expired = 0;
         let mut last = None;
-        for (sym, ledger) in self.all_entries() {
-            if ledger.lock().ledger.next_expiry().is_none_or(|at| at > now) {
+        for (sym, book) in self.all_entries() {
+            if book.lock().ledger.next_expiry().is_none_or(|at| at > now) {
                 continue;
             }
-            let (n, ticket) = self.write_now(sym, &ledger, |l| l.expire_due(now))?;
+            let (n, ticket) = self.write_now(sym, &book, |l| l.expire_due(now))?;
             expired += n;
             last = last.max(ticket);
         }
@@ -274,37 +283,37 @@ impl CounterStore for MemoryStore {
 
     async fn add_grant(
         &self,
-        customer: CustomerRef<'_>,
+        customer: Name,
         pool: CounterKey,
         grant: GrantBalance,
     ) -> Result<bool, StoreError> {
-        let ledger = self.ledger(customer.sym);
-        self.write(customer.sym, &ledger, |l| l.add_grant(pool, grant))
-            .await
+        let sym = customer.sym();
+        let book = self.book(sym);
+        self.write(sym, &book, |l| l.add_grant(pool, grant)).await
     }
 
     async fn counted(
         &self,
-        customer: CustomerRef<'_>,
+        customer: Name,
         key: CounterKey,
         spec: &CounterSpec,
         now: Timestamp,
     ) -> Result<Option<u64>, StoreError> {
         Ok(self
-            .existing(customer.sym)
+            .existing(customer.sym())
             .and_then(|l| l.lock().ledger.counted(key, spec, now)))
     }
 
     async fn record(
         &self,
-        customer: CustomerRef<'_>,
         plan: &Plan,
         idempotency_key: &str,
         now: Timestamp,
     ) -> Result<bool, StoreError> {
-        let ledger = self.ledger(customer.sym);
+        let sym = plan.customer.sym();
+        let book = self.book(sym);
         let retention = self.retention;
-        self.write(customer.sym, &ledger, |l| {
+        self.write(sym, &book, |l| {
             l.record(plan, idempotency_key, retention, now)
         })
         .await
@@ -312,29 +321,28 @@ impl CounterStore for MemoryStore {
 
     async fn auto_entity(
         &self,
-        customer: CustomerRef<'_>,
+        customer: Name,
         id: &str,
         proposed: &StoredEntity,
         max: u32,
         create: bool,
     ) -> Result<AutoEntityOutcome, StoreError> {
-        let ledger = self.ledger(customer.sym);
-        self.write(customer.sym, &ledger, |l| {
-            l.auto_entity(id, proposed, max, create)
-        })
-        .await
+        let sym = customer.sym();
+        let book = self.book(sym);
+        self.write(sym, &book, |l| l.auto_entity(id, proposed, max, create))
+            .await
     }
 
-    async fn auto_entity_count(&self, customer: CustomerRef<'_>) -> Result<usize, StoreError> {
+    async fn auto_entity_count(&self, customer: Name) -> Result<usize, StoreError> {
         Ok(self
-            .existing(customer.sym)
+            .existing(customer.sym())
             .map_or(0, |l| l.lock().ledger.auto_entity_count()))
     }
 
     fn stats(&self) -> StoreStats {
         let mut stats = StoreStats {
             customers: self.customers.len(),
-            abandoned_released: self.abandoned.load(std::sync::atomic::Ordering::Relaxed),
+            abandoned_released: self.abandoned.load(Ordering::Relaxed),
             ..StoreStats::default()
         };
         for (_, l) in self.all_entries() {
@@ -343,5 +351,19 @@ impl CounterStore for MemoryStore {
             stats.holds_open += b.ledger.open_holds();
         }
         stats
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        match &self.journal {
+            Some(j) => j.flush(),
+            None => Ok(()),
+        }
+    }
+
+    fn admin_log(&self) -> &dyn AdminLog {
+        match &self.journal {
+            Some(j) => j.admin_log(),
+            None => &NothingKept,
+        }
     }
 }

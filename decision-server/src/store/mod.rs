@@ -14,14 +14,21 @@ pub use crate::core::ledger::{AutoEntityOutcome, Reservation, StoredEntity};
 use crate::core::counter::CounterKey;
 use crate::core::credits::GrantBalance;
 use crate::core::plan::{Plan, Usage};
-use crate::core::{HoldId, Sym, Timestamp};
+use crate::core::{Name, Timestamp};
 
-/// A customer as stores see it: the interned symbol for in-process maps and the id for
-/// anything keyed by text (a Redis `{customerId}` hash tag, a log line).
-#[derive(Debug, Clone, Copy)]
-pub struct CustomerRef<'a> {
-    pub sym: Sym,
-    pub id: &'a str,
+/// A hold as stores see it: its customer (interned, so its symbol keys in-process maps and its
+/// text a Redis `{customerId}` hash tag), its number and its tag. Written as the hold id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldKey {
+    pub customer: Name,
+    pub seq: u64,
+    pub tag: u128,
+}
+
+impl std::fmt::Display for HoldKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{:032x}", self.customer, self.seq, self.tag)
+    }
 }
 
 /// Whether `reserve` places holds.
@@ -54,6 +61,9 @@ pub struct StoreStats {
     /// Holds released because their decision's caller was gone (or the store's answer was
     /// lost), since start.
     pub abandoned_released: u64,
+    /// Decisions where a store's second arithmetic (the Redis script) and the core disagreed,
+    /// since start. Always 0 unless there is a bug.
+    pub script_disagreements: u64,
 }
 
 /// What can go wrong in a store.
@@ -83,18 +93,18 @@ pub struct AdminChanges {
 ///
 /// Invariant: every counter one call touches belongs to one customer, so an implementation
 /// needs atomicity per customer only: a lock per customer in memory, a Lua script on one hash
-/// slot (`{customerId}` key tags) in Redis, a transaction in an embedded database.
+/// slot (`{customerId}` key tags) in Redis, a transaction in an embedded database. The customer
+/// reaches a store once per call: in the plan, in the hold, or as the `customer` argument.
 ///
 /// Trade-off: the calls are async (boxed futures, one allocation each) so that a networked
 /// store never parks a runtime thread; the in-process stores finish their work on the first
 /// poll and only a durable store in sync mode awaits anything (its commit).
 #[async_trait::async_trait]
 pub trait CounterStore: Send + Sync + std::fmt::Debug {
-    /// Reads every counter of `plan`; if every enforcing one fits, holds `amount` on all of
-    /// them, in one atomic step. A denial or a dry run changes nothing.
+    /// Reads every counter of `plan` (of `plan.customer`); if every enforcing one fits, holds
+    /// `amount` on all of them, in one atomic step. A denial or a dry run changes nothing.
     async fn reserve(
         &self,
-        customer: CustomerRef<'_>,
         plan: &Plan,
         mode: ReserveMode,
         now: Timestamp,
@@ -103,30 +113,19 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
     /// Corrects every counter of a hold by `actual - held` and closes it. Idempotent.
     async fn settle(
         &self,
-        customer: CustomerRef<'_>,
-        hold: &HoldId,
+        hold: HoldKey,
         actual: &Usage,
         now: Timestamp,
     ) -> Result<CloseOutcome, StoreError>;
 
     /// Undoes a hold entirely. Idempotent.
-    async fn release(
-        &self,
-        customer: CustomerRef<'_>,
-        hold: &HoldId,
-        now: Timestamp,
-    ) -> Result<CloseOutcome, StoreError>;
+    async fn release(&self, hold: HoldKey, now: Timestamp) -> Result<CloseOutcome, StoreError>;
 
     /// Releases the hold a `reserve` with this tag placed, or (a store whose calls can arrive
     /// late: Redis) makes sure one arriving later places nothing. For decisions whose caller
     /// gave up (timed out, went away) before the answer: an abandoned call is never charged.
     /// Returns whether a hold was released.
-    async fn cancel(
-        &self,
-        customer: CustomerRef<'_>,
-        tag: u128,
-        now: Timestamp,
-    ) -> Result<bool, StoreError>;
+    async fn cancel(&self, customer: Name, tag: u128, now: Timestamp) -> Result<bool, StoreError>;
 
     /// Commits every hold whose TTL has passed at its held amount. Returns how many.
     async fn expire_due(&self, now: Timestamp) -> Result<usize, StoreError>;
@@ -135,7 +134,7 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
     /// `false` if the grant was already there.
     async fn add_grant(
         &self,
-        customer: CustomerRef<'_>,
+        customer: Name,
         pool: CounterKey,
         grant: GrantBalance,
     ) -> Result<bool, StoreError>;
@@ -144,7 +143,7 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
     /// state. For inspection and invariants, not for decisions.
     async fn counted(
         &self,
-        customer: CustomerRef<'_>,
+        customer: Name,
         key: CounterKey,
         spec: &crate::core::counter::CounterSpec,
         now: Timestamp,
@@ -154,7 +153,6 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
     /// was already recorded for this customer (see `KeyRetention`). Returns whether it was.
     async fn record(
         &self,
-        customer: CustomerRef<'_>,
         plan: &Plan,
         idempotency_key: &str,
         now: Timestamp,
@@ -166,7 +164,7 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
     /// and replicas sharing a store share one set.
     async fn auto_entity(
         &self,
-        customer: CustomerRef<'_>,
+        customer: Name,
         id: &str,
         proposed: &StoredEntity,
         max: u32,
@@ -174,74 +172,51 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
     ) -> Result<AutoEntityOutcome, StoreError>;
 
     /// How many entities were created on the fly for this customer.
-    async fn auto_entity_count(&self, customer: CustomerRef<'_>) -> Result<usize, StoreError>;
+    async fn auto_entity_count(&self, customer: Name) -> Result<usize, StoreError>;
 
     /// Sizes as this process knows them (a shared store reports what this replica last saw).
     fn stats(&self) -> StoreStats;
 
     /// Returns once every change made so far is stored (a no-op for stores that keep nothing).
-    fn flush(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
+    fn flush(&self) -> Result<(), StoreError>;
 
-    /// Replaces the kept list of admin changes if it is still at revision `base`, and returns
-    /// the new revision; [`StoreError::AdminMoved`] if another replica saved since. Stores that
-    /// keep nothing across restarts keep nothing.
-    async fn save_admin_changes(&self, _entries: &[Vec<u8>], base: u64) -> Result<u64, StoreError> {
+    /// Where this store keeps the admin changes made through the API.
+    fn admin_log(&self) -> &dyn AdminLog;
+}
+
+/// The admin changes made through the API, kept with a revision. A job of its own: a store
+/// that keeps counters keeps these too, and must say how.
+#[async_trait::async_trait]
+pub trait AdminLog: Send + Sync {
+    /// Replaces the kept list if it is still at revision `base`, and returns the new revision;
+    /// [`StoreError::AdminMoved`] if another replica saved since.
+    async fn save(&self, entries: &[Vec<u8>], base: u64) -> Result<u64, StoreError>;
+
+    /// The kept list and its revision.
+    async fn load(&self) -> Result<AdminChanges, StoreError>;
+
+    /// For a log several replicas share: its revision, which moves when any replica saves.
+    /// `None` when only this process changes it.
+    async fn revision(&self) -> Result<Option<u64>, StoreError>;
+}
+
+/// The admin log of a store that keeps nothing across restarts (the in-memory store): every
+/// save succeeds and nothing is ever read back. Written out, not defaulted, so that a new
+/// backend has to decide.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NothingKept;
+
+#[async_trait::async_trait]
+impl AdminLog for NothingKept {
+    async fn save(&self, _entries: &[Vec<u8>], base: u64) -> Result<u64, StoreError> {
         Ok(base + 1)
     }
 
-    /// The admin changes kept by [`CounterStore::save_admin_changes`].
-    async fn admin_changes(&self) -> Result<AdminChanges, StoreError> {
+    async fn load(&self) -> Result<AdminChanges, StoreError> {
         Ok(AdminChanges::default())
     }
 
-    /// For a store that several replicas share: the kept admin changes' revision, which moves
-    /// when any replica saves. `None` when only this process changes them.
-    async fn admin_revision(&self) -> Result<Option<u64>, StoreError> {
+    async fn revision(&self) -> Result<Option<u64>, StoreError> {
         Ok(None)
     }
-}
-
-/// How far a store's commits have got.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Commit {
-    /// Every commit up to this number is stored.
-    pub upto: u64,
-    /// Set once a commit failed; nothing is stored after it.
-    pub failed: Option<String>,
-}
-
-impl Commit {
-    /// Waits until commit `ticket` is stored.
-    pub async fn reached(
-        rx: &mut tokio::sync::watch::Receiver<Commit>,
-        ticket: u64,
-    ) -> Result<(), StoreError> {
-        let c = rx
-            .wait_for(|c| c.upto >= ticket || c.failed.is_some())
-            .await
-            .map_err(|_| StoreError::Unavailable("the store's writer has stopped".into()))?;
-        match &c.failed {
-            Some(why) => Err(StoreError::Unavailable(why.clone())),
-            None => Ok(()),
-        }
-    }
-}
-
-/// Where a journaled store reports each ledger change: the durable store's writer.
-pub(crate) trait Journal: Send + Sync + std::fmt::Debug {
-    /// Called under the customer's lock after a call changed its ledger. Queues the customer
-    /// for the next commit unless it already waits in one (`queued`), and returns the commit
-    /// to wait for (see [`Journal::sync_commits`]). The writer reads the ledger's changes itself, at
-    /// commit time, under the same lock.
-    fn changed(
-        &self,
-        customer: crate::core::Sym,
-        book: &memory::SharedBook,
-        queued: &mut Option<u64>,
-    ) -> Result<u64, StoreError>;
-    /// In sync mode, the committed mark to await a commit on; `None` when calls need not
-    /// wait for their commit (batched mode).
-    fn sync_commits(&self) -> Option<tokio::sync::watch::Receiver<Commit>>;
 }

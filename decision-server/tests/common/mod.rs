@@ -133,7 +133,7 @@ pub fn redis_store_on(target: tollgate::store::RedisTarget) -> Arc<tollgate::sto
 /// failing test's file can be looked at).
 pub fn durable(
     durability: tollgate::store::Durability,
-) -> std::sync::Arc<tollgate::store::DurableStore> {
+) -> std::sync::Arc<tollgate::store::MemoryStore> {
     let dir = tempfile::Builder::new()
         .prefix("store-")
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
@@ -202,6 +202,17 @@ pub fn dims(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+/// Every test on a store ends with no decision where a store's second arithmetic (the Redis
+/// script) disagreed with the core: the store counts them, and the harness fails on any.
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let n = self.engine.store().stats().script_disagreements;
+        if n > 0 && !std::thread::panicking() {
+            panic!("{n} decision(s) where the Redis script and the core disagreed");
+        }
+    }
 }
 
 impl Harness {

@@ -1,0 +1,195 @@
+//! The connection to Redis: one node (`ConnectionManager`, which reconnects on its own) or a
+//! Cluster, every call under a timeout and a circuit breaker, failures counted.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use failsafe::StateMachine;
+use failsafe::backoff::Constant;
+use failsafe::failure_policy::ConsecutiveFailures;
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use redis::{ScriptInvocation, Value};
+
+use super::wire::bad_reply;
+use super::{RedisSettings, RedisTarget};
+use crate::store::StoreError;
+
+#[derive(Clone)]
+pub enum Conn {
+    Node(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// How one call failed.
+#[derive(Debug)]
+pub enum Failure {
+    /// Redis answered, but not as the script does: not the connection's fault.
+    Reply(StoreError),
+    /// Redis could not be reached, or did not answer in time.
+    Transport(StoreError),
+}
+
+impl From<Failure> for StoreError {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::Reply(e) | Failure::Transport(e) => e,
+        }
+    }
+}
+
+impl Conn {
+    /// Runs `invocation` once, within `timeout`; the reply's items.
+    pub async fn invoke(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+        timeout: Duration,
+    ) -> Result<Vec<Value>, Failure> {
+        let mut conn = self.clone();
+        let call = async {
+            match &mut conn {
+                Conn::Node(c) => invocation.invoke_async::<Value>(c).await,
+                Conn::Cluster(c) => invocation.invoke_async::<Value>(c).await,
+            }
+        };
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(Value::Array(items))) => Ok(items),
+            Ok(Ok(other)) => Err(Failure::Reply(bad_reply(
+                &format!("{other:?}").chars().take(200).collect::<String>(),
+            ))),
+            Ok(Err(e)) => Err(Failure::Transport(StoreError::Unavailable(format!(
+                "redis: {e}"
+            )))),
+            Err(_) => Err(Failure::Transport(StoreError::Unavailable(format!(
+                "redis: no answer within {} ms",
+                timeout.as_millis()
+            )))),
+        }
+    }
+}
+
+/// Why the Redis store could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("redis storage: bad target `{target}`: {source}")]
+    Target {
+        target: String,
+        source: redis::RedisError,
+    },
+    #[error("redis storage: cannot connect to {target}: {source}")]
+    Connect {
+        target: String,
+        source: redis::RedisError,
+    },
+}
+
+type Breaker = StateMachine<ConsecutiveFailures<Constant>, ()>;
+
+/// The connection with its breaker and its counts.
+pub struct Link {
+    pub conn: Conn,
+    timeout: Duration,
+    breaker: Breaker,
+    breaker_failures: u32,
+    breaker_open: Duration,
+    pub failures: AtomicU64,
+    pub rejected: AtomicU64,
+}
+
+impl Link {
+    /// Connects (the first connection is made now, so a wrong address fails at start).
+    pub async fn connect(settings: &RedisSettings) -> Result<Self, ConnectError> {
+        let conn = match &settings.target {
+            RedisTarget::Node(url) => {
+                let client =
+                    redis::Client::open(url.as_str()).map_err(|e| ConnectError::Target {
+                        target: url.clone(),
+                        source: e,
+                    })?;
+                // Reconnects on its own after a connection loss or a Redis restart; a call
+                // made while it is down fails at once and the breaker counts it.
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(settings.timeout))
+                    .set_response_timeout(Some(settings.timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_millis(500));
+                let manager = ConnectionManager::new_with_config(client, config)
+                    .await
+                    .map_err(|e| ConnectError::Connect {
+                        target: url.clone(),
+                        source: e,
+                    })?;
+                Conn::Node(manager)
+            }
+            RedisTarget::Cluster(urls) => {
+                let target = urls.join(",");
+                let client = redis::cluster::ClusterClientBuilder::new(urls.clone())
+                    .connection_timeout(settings.timeout)
+                    .response_timeout(settings.timeout)
+                    .retries(2)
+                    .min_retry_wait(5)
+                    .max_retry_wait(50)
+                    .build()
+                    .map_err(|e| ConnectError::Target {
+                        target: target.clone(),
+                        source: e,
+                    })?;
+                let conn = client
+                    .get_async_connection()
+                    .await
+                    .map_err(|e| ConnectError::Connect { target, source: e })?;
+                Conn::Cluster(conn)
+            }
+        };
+        let breaker = failsafe::Config::new()
+            .failure_policy(failsafe::failure_policy::consecutive_failures(
+                settings.breaker_failures.max(1),
+                failsafe::backoff::constant(settings.breaker_open),
+            ))
+            .build();
+        Ok(Self {
+            conn,
+            timeout: settings.timeout,
+            breaker,
+            breaker_failures: settings.breaker_failures,
+            breaker_open: settings.breaker_open,
+            failures: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+        })
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Runs one script call within the timeout, through the circuit breaker; the reply's
+    /// items. Sets `sent` once the call has gone to Redis (so a failure after it may still
+    /// have run there, late).
+    pub async fn call(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+        sent: &AtomicBool,
+    ) -> Result<Vec<Value>, StoreError> {
+        if !self.breaker.is_call_permitted() {
+            self.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(StoreError::Unavailable(format!(
+                "redis: circuit breaker open after {} consecutive failed calls; calls are tried again after {} ms",
+                self.breaker_failures,
+                self.breaker_open.as_millis()
+            )));
+        }
+        sent.store(true, Ordering::Relaxed);
+        match self.conn.invoke(invocation, self.timeout).await {
+            Ok(items) => {
+                self.breaker.on_success();
+                Ok(items)
+            }
+            Err(Failure::Reply(e)) => Err(e),
+            Err(Failure::Transport(e)) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                self.breaker.on_error();
+                Err(e)
+            }
+        }
+    }
+}

@@ -1,0 +1,590 @@
+//! The Redis counter store: each customer's counters, holds and grants under one
+//! `{customerId}` hash tag, every call one Lua script (`redis.lua`) run atomically on that
+//! slot, against one node or a Redis Cluster; with timeouts and a circuit breaker.
+//!
+//! Design decision: the decision runs inside a Lua script, not as `WATCH`/`MULTI` around the
+//! core's arithmetic in Rust. A script is one atomic step on the customer's slot and one round
+//! trip, whatever the contention: with `WATCH`, every concurrent decision on a hot customer
+//! (many agents on one cap) would abort and retry, each retry a round trip, so the busiest caps
+//! would be the slowest. The price is a second implementation of the arithmetic, in Lua. What
+//! keeps the two in step: the script only decides what fits and applies holds; the readings a
+//! decision reports are worked out by the core from the states the script hands back
+//! (`core::ledger::readings_from`); the shared store suite runs every decision test on Redis;
+//! the differential test (`tests/store_equivalence.rs`) runs random sequences on both; and a
+//! decision where the script and the core disagree is counted
+//! (`tollgate_store_script_disagreements_total`) and fails the test harness.
+//!
+//! Modules: `link` (connection and breaker), `wire` (the script's numbers and packed states),
+//! `keys` (the key layout), `cancel` (lost decisions), `admin` (the shared admin changes).
+
+mod admin;
+mod cancel;
+mod keys;
+mod link;
+mod wire;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use redis::{Script, ScriptInvocation, Value};
+use rustc_hash::FxBuildHasher;
+
+pub use link::ConnectError;
+
+use self::cancel::Canceller;
+use self::keys::{CallKeys, field};
+use self::link::Link;
+use self::wire::{
+    CLOSE_ALREADY_CLOSED, CLOSE_CLOSED, CLOSE_NEEDS_PRICES, CLOSE_NO_SUCH_HOLD, CLOSE_TOO_LARGE,
+    CounterArgs, DONE, ENTITY_ABSENT, ENTITY_CREATED, ENTITY_FOUND, ENTITY_FULL, HEADER,
+    PRICES_PER_PART, SLOT_COUNTERS, SLOT_HOLDS_OPEN, SLOT_HOLDS_VERSION, SLOT_NEXT_EXPIRY,
+    bad_reply, category_code, int, kind_code, result, rule_code, state_of, tag_text,
+};
+use super::{
+    AdminLog, AutoEntityOutcome, CloseOutcome, CounterStore, HoldKey, Reservation, ReserveMode,
+    StoreError, StoreStats, StoredEntity,
+};
+use crate::core::counter::{CounterKey, CounterSpec};
+use crate::core::credits::GrantBalance;
+use crate::core::ledger::{KeyRetention, readings_from};
+use crate::core::model::Mode;
+use crate::core::plan::{Plan, PriceSnapshot, Usage};
+use crate::core::{HoldId, Name, Sym, Timestamp};
+
+/// The script every call runs; see its header for the key layout and the state encoding.
+const LUA: &str = include_str!("redis.lua");
+
+/// Where the Redis store connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One node (or a proxy in front of several), by URL: `redis://127.0.0.1:6379/0`.
+    Node(String),
+    /// A Redis Cluster, by the URLs of some of its nodes; the rest are discovered.
+    Cluster(Vec<String>),
+}
+
+/// How the Redis store connects and when it gives up on a call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    pub target: RedisTarget,
+    /// Prefixes every key, so several deployments can share one Redis.
+    pub prefix: String,
+    /// The most a call may take, connecting included; past it the call fails as unavailable.
+    pub timeout: Duration,
+    /// Consecutive failed calls that open the circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker fails calls at once before letting calls try again.
+    pub breaker_open: Duration,
+}
+
+/// What this replica last saw of a customer, for metrics and the expiry sweep.
+#[derive(Debug, Clone, Copy, Default)]
+struct Known {
+    holds_open: usize,
+    counters: usize,
+    /// No open hold expires before this (a lower bound: holds placed here lower it, the sweep
+    /// sets it exactly), when any may be open.
+    next_expiry: Option<i64>,
+    /// The customer's holds version `holds_open` was read at (replies can arrive out of the
+    /// order Redis ran them in; the newest count wins).
+    holds_version: i64,
+}
+
+/// Counters in Redis, shared by every sidecar replica that points at the same Redis.
+///
+/// Trade-off: the script does the check-and-hold arithmetic itself (so a decision is one
+/// round trip and atomic on the customer's slot) and hands back the states it read; the
+/// readings a decision reports are then worked out here by the same core functions the
+/// in-process stores use, so the Lua only has to agree with them on what fits and on what a
+/// hold changes.
+pub struct RedisStore {
+    link: Link,
+    script: Script,
+    admin_script: Script,
+    settings: RedisSettings,
+    retention: KeyRetention,
+    known: DashMap<Sym, Known, FxBuildHasher>,
+    canceller: Canceller,
+    /// Decisions where the script's verdict and the core's reading of its states differ.
+    disagreements: AtomicU64,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("settings", &self.settings)
+            .field("customers", &self.known.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Connects (the first connection is made now, so a wrong address fails at start) and
+    /// loads nothing else: the script is sent on first use.
+    pub async fn connect(
+        settings: RedisSettings,
+        retention: KeyRetention,
+    ) -> Result<Self, ConnectError> {
+        let link = Link::connect(&settings).await?;
+        let script = Script::new(LUA);
+        let canceller = Canceller {
+            conn: link.conn.clone(),
+            script: script.clone(),
+            prefix: settings.prefix.clone(),
+            timeout: settings.timeout,
+            pending: Arc::new(AtomicUsize::new(0)),
+            released: Arc::new(AtomicU64::new(0)),
+        };
+        Ok(Self {
+            link,
+            script,
+            admin_script: admin::script(),
+            settings,
+            retention,
+            known: DashMap::default(),
+            canceller,
+            disagreements: AtomicU64::new(0),
+        })
+    }
+
+    /// The key of a customer's open holds, for inspection (`HLEN`).
+    pub fn holds_key(&self, customer: &str) -> String {
+        CallKeys::holds(&self.settings.prefix, customer)
+    }
+
+    /// Runs one call of the customer script and notes what its header says of the customer.
+    async fn run(
+        &self,
+        customer: Sym,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<Vec<Value>, StoreError> {
+        self.run_noting(customer, invocation, &AtomicBool::new(false))
+            .await
+    }
+
+    /// [`RedisStore::run`], noting in `sent` whether the call went to Redis.
+    async fn run_noting(
+        &self,
+        customer: Sym,
+        invocation: &ScriptInvocation<'_>,
+        sent: &AtomicBool,
+    ) -> Result<Vec<Value>, StoreError> {
+        let reply = self.link.call(invocation, sent).await?;
+        if reply.len() < HEADER {
+            return Err(bad_reply("a reply without its header"));
+        }
+        let slot = |i: usize| reply.get(i).and_then(int);
+        let mut known = self.known.entry(customer).or_default();
+        if let (Some(version), Some(holds)) = (slot(SLOT_HOLDS_VERSION), slot(SLOT_HOLDS_OPEN))
+            && version > known.holds_version
+            && holds >= 0
+        {
+            known.holds_version = version;
+            known.holds_open = holds as usize;
+        }
+        if let Some(n) = slot(SLOT_COUNTERS).filter(|n| *n >= 0) {
+            known.counters = n as usize;
+        }
+        match reply.get(SLOT_NEXT_EXPIRY) {
+            Some(Value::Nil) => known.next_expiry = None,
+            Some(v) => {
+                if let Some(at) = int(v).filter(|at| *at >= 0) {
+                    known.next_expiry = Some(at);
+                }
+            }
+            None => {}
+        }
+        Ok(reply)
+    }
+
+    /// An invocation of `op` on `keys`, with `now` as the second argument.
+    fn invocation<'a>(&'a self, keys: &CallKeys, op: &str, now: Timestamp) -> ScriptInvocation<'a> {
+        let mut inv = self.script.prepare_invoke();
+        for k in &keys.keys {
+            inv.key(k);
+        }
+        inv.arg(op).arg(now.millis());
+        inv
+    }
+
+    /// `plan`'s counters as the script's counter groups (their entity hashes added to `keys`).
+    fn counters(&self, plan: &Plan, keys: &mut CallKeys, now: Timestamp) -> Vec<CounterArgs> {
+        plan.counters
+            .iter()
+            .map(|c| {
+                let (kind, limit, at) = kind_code(&c.spec, now);
+                let (rule, prices) = rule_code(&c.rule);
+                CounterArgs {
+                    key: keys.entity(c.key.entity),
+                    field: field(c.key),
+                    kind,
+                    limit,
+                    at,
+                    enforce: c.mode == Mode::Enforce,
+                    amount: c.amount,
+                    rule,
+                    prices,
+                }
+            })
+            .collect()
+    }
+
+    /// Runs `op` on `plan`'s counters: `head` adds the operation's own arguments, then the
+    /// count of counters and a group each follow.
+    async fn run_plan(
+        &self,
+        plan: &Plan,
+        op: &str,
+        now: Timestamp,
+        head: impl FnOnce(&mut ScriptInvocation<'_>),
+        sent: &AtomicBool,
+    ) -> Result<Vec<Value>, StoreError> {
+        let mut keys = self.keys(plan.customer);
+        let counters = self.counters(plan, &mut keys, now);
+        let mut inv = self.invocation(&keys, op, now);
+        head(&mut inv);
+        inv.arg(counters.len());
+        for c in &counters {
+            c.push(&mut inv);
+        }
+        self.run_noting(plan.customer.sym(), &inv, sent).await
+    }
+
+    fn keys(&self, customer: Name) -> CallKeys {
+        CallKeys::new(&self.settings.prefix, customer.as_str())
+    }
+
+    async fn close(
+        &self,
+        hold: HoldKey,
+        actual: Option<&Usage>,
+        now: Timestamp,
+    ) -> Result<CloseOutcome, StoreError> {
+        let keys = self.keys(hold.customer);
+        let base = |prices: Option<&[u64]>| {
+            let mut inv = self.invocation(&keys, "close", now);
+            inv.arg(hold.seq)
+                .arg(if actual.is_some() { "s" } else { "r" })
+                .arg(actual.map_or(0, |u| u.units))
+                .arg(tag_text(hold.tag))
+                .arg(actual.map_or(0, Usage::largest_figure));
+            for p in prices.unwrap_or(&[]) {
+                inv.arg(*p);
+            }
+            inv
+        };
+        let sym = hold.customer.sym();
+        let mut reply = self.run(sym, &base(None)).await?;
+        if result(&reply) == Some(CLOSE_NEEDS_PRICES) {
+            // Priced parts: the script sent back their prices; price the usage the way the
+            // hold was priced and settle with those amounts (the hold cannot change between).
+            let usage = actual.copied().unwrap_or_default();
+            let amounts: Vec<u64> = reply
+                .get(HEADER..)
+                .unwrap_or(&[])
+                .chunks(PRICES_PER_PART)
+                .map(|p| {
+                    let n = |i: usize| p.get(i).and_then(int).unwrap_or(0).max(0) as u64;
+                    PriceSnapshot {
+                        input_per_million: n(0),
+                        output_per_million: n(1),
+                        cached_per_million: n(2),
+                        cache_write_per_million: n(3),
+                    }
+                    .price(&usage)
+                })
+                .collect();
+            reply = self.run(sym, &base(Some(&amounts))).await?;
+        }
+        match result(&reply) {
+            Some(CLOSE_CLOSED) => Ok(CloseOutcome::Closed),
+            Some(CLOSE_ALREADY_CLOSED) => Ok(CloseOutcome::AlreadyClosed),
+            Some(CLOSE_NO_SUCH_HOLD) => Err(StoreError::UnknownHold(hold.to_string())),
+            Some(CLOSE_TOO_LARGE) => Err(StoreError::SettleTooLarge {
+                hold: hold.to_string(),
+                actual: actual.map_or(0, Usage::largest_figure),
+                max: reply.get(HEADER).and_then(int).unwrap_or(0).max(0) as u64,
+            }),
+            _ => Err(bad_reply("close")),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl CounterStore for RedisStore {
+    async fn reserve(
+        &self,
+        plan: &Plan,
+        mode: ReserveMode,
+        now: Timestamp,
+    ) -> Result<Reservation, StoreError> {
+        let sent = AtomicBool::new(false);
+        let reply = self
+            .run_plan(
+                plan,
+                "reserve",
+                now,
+                |inv| {
+                    inv.arg(u8::from(mode == ReserveMode::Hold))
+                        .arg(plan.hold_ttl_millis)
+                        .arg(tag_text(plan.hold_tag))
+                        .arg(plan.max_settle);
+                },
+                &sent,
+            )
+            .await;
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                // The call may still run in Redis, late (a timeout, a connection lost after
+                // sending): the caller hears "unavailable", so whatever it holds must go.
+                if mode == ReserveMode::Hold && sent.load(Ordering::Relaxed) {
+                    self.canceller
+                        .cancel_soon(plan.customer.as_str(), plan.hold_tag, now);
+                }
+                return Err(e);
+            }
+        };
+        // `reserve()`: the blocking counter (1-based, 0 if none), the hold number (0 if none),
+        // then each counter's state before the call.
+        let blocking = result(&reply).ok_or_else(|| bad_reply("reserve"))?;
+        let seq = reply
+            .get(HEADER)
+            .and_then(int)
+            .ok_or_else(|| bad_reply("reserve"))?;
+        let before = reply
+            .get(HEADER + 1..)
+            .filter(|b| b.len() == plan.counters.len())
+            .ok_or_else(|| bad_reply("reserve: one state per counter expected"))?
+            .iter()
+            .map(state_of)
+            .collect::<Result<Vec<_>, _>>()?;
+        let placed = seq > 0;
+        if placed {
+            let expires = now.plus_millis(plan.hold_ttl_millis).millis();
+            if let Some(mut k) = self.known.get_mut(&plan.customer.sym()) {
+                k.next_expiry = Some(k.next_expiry.map_or(expires, |at| at.min(expires)));
+            }
+        }
+        let (readings, computed) = readings_from(plan, before, placed, now);
+        let blocking = usize::try_from(blocking)
+            .ok()
+            .and_then(|b| b.checked_sub(1));
+        if blocking != computed {
+            // The script decided; a disagreement means it and the core differ somewhere.
+            self.disagreements.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(customer = plan.customer.as_str(), script = ?blocking, core = ?computed, "redis script and core disagree on a decision");
+        }
+        Ok(Reservation {
+            readings,
+            blocking,
+            hold: placed.then(|| HoldId {
+                customer: plan.customer.to_string(),
+                seq: seq as u64,
+                tag: plan.hold_tag,
+            }),
+        })
+    }
+
+    async fn settle(
+        &self,
+        hold: HoldKey,
+        actual: &Usage,
+        now: Timestamp,
+    ) -> Result<CloseOutcome, StoreError> {
+        self.close(hold, Some(actual), now).await
+    }
+
+    async fn release(&self, hold: HoldKey, now: Timestamp) -> Result<CloseOutcome, StoreError> {
+        self.close(hold, None, now).await
+    }
+
+    async fn cancel(&self, customer: Name, tag: u128, now: Timestamp) -> Result<bool, StoreError> {
+        let keys = self.keys(customer);
+        let inv = self.canceller.invocation(&keys, tag, now);
+        match self.run(customer.sym(), &inv).await {
+            Ok(reply) => Ok(self.canceller.released(&reply)),
+            Err(e) => {
+                // Not answered now: keep trying in the background.
+                self.canceller.cancel_soon(customer.as_str(), tag, now);
+                Err(e)
+            }
+        }
+    }
+
+    /// Sweeps the customers this replica has seen with holds due. A hold placed by a replica
+    /// that is gone is expired by the next call of any replica on that customer (every script
+    /// expires due holds first), so no decision ever counts it late.
+    async fn expire_due(&self, now: Timestamp) -> Result<usize, StoreError> {
+        let due: Vec<Sym> = self
+            .known
+            .iter()
+            .filter(|e| e.next_expiry.is_some_and(|at| at <= now.millis()))
+            .map(|e| *e.key())
+            .collect();
+        // One customer's failure does not hold up the others; the first error is returned
+        // once all were tried, and the next sweep tries it again.
+        let mut expired = 0;
+        let mut first_error = None;
+        for sym in due {
+            let keys = self.keys(Name::from(sym));
+            match self.run(sym, &self.invocation(&keys, "expire", now)).await {
+                Ok(reply) => expired += result(&reply).unwrap_or(0).max(0) as usize,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) if expired == 0 => Err(e),
+            Some(e) => {
+                tracing::warn!(error = %e, expired, "some customers' holds could not be expired");
+                Ok(expired)
+            }
+            None => Ok(expired),
+        }
+    }
+
+    async fn add_grant(
+        &self,
+        customer: Name,
+        pool: CounterKey,
+        grant: GrantBalance,
+    ) -> Result<bool, StoreError> {
+        let mut keys = self.keys(customer);
+        let key = keys.entity(pool.entity);
+        let mut inv = self.invocation(&keys, "grant", Timestamp::default());
+        inv.arg(key)
+            .arg(field(pool))
+            .arg(&grant.id)
+            .arg(grant.priority)
+            .arg(
+                grant
+                    .expires_at
+                    .map_or(String::new(), |t| t.millis().to_string()),
+            )
+            .arg(category_code(grant.category))
+            .arg(grant.amount);
+        let reply = self.run(customer.sym(), &inv).await?;
+        Ok(result(&reply) == Some(DONE))
+    }
+
+    async fn counted(
+        &self,
+        customer: Name,
+        key: CounterKey,
+        spec: &CounterSpec,
+        now: Timestamp,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut keys = self.keys(customer);
+        let index = keys.entity(key.entity);
+        let mut inv = self.invocation(&keys, "counted", now);
+        inv.arg(index).arg(field(key));
+        let reply = self.run(customer.sym(), &inv).await?;
+        let value = reply.get(HEADER).unwrap_or(&Value::Nil);
+        Ok(state_of(value)?.map(|s| crate::core::counter::counted(spec, &s, now)))
+    }
+
+    async fn record(
+        &self,
+        plan: &Plan,
+        idempotency_key: &str,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let reply = self
+            .run_plan(
+                plan,
+                "record",
+                now,
+                |inv| {
+                    inv.arg(idempotency_key)
+                        .arg(self.retention.millis)
+                        .arg(self.retention.max_keys);
+                },
+                &AtomicBool::new(false),
+            )
+            .await?;
+        Ok(result(&reply) == Some(DONE))
+    }
+
+    async fn auto_entity(
+        &self,
+        customer: Name,
+        id: &str,
+        proposed: &StoredEntity,
+        max: u32,
+        create: bool,
+    ) -> Result<AutoEntityOutcome, StoreError> {
+        let keys = self.keys(customer);
+        let mut inv = self.invocation(&keys, "entity", Timestamp::default());
+        inv.arg(id)
+            .arg(&proposed.entity_type)
+            .arg(&proposed.parent)
+            .arg(max)
+            .arg(u8::from(create));
+        let reply = self.run(customer.sym(), &inv).await?;
+        let text = |i: usize| match reply.get(HEADER + i) {
+            Some(Value::BulkString(b)) => String::from_utf8(b.clone())
+                .map_err(|_| bad_reply("an entity field that is not text")),
+            _ => Err(bad_reply("an entity without its type and parent")),
+        };
+        let stored = || -> Result<StoredEntity, StoreError> {
+            Ok(StoredEntity {
+                entity_type: text(0)?,
+                parent: text(1)?,
+            })
+        };
+        match result(&reply) {
+            Some(ENTITY_FOUND) => Ok(AutoEntityOutcome::Found(stored()?)),
+            Some(ENTITY_CREATED) => Ok(AutoEntityOutcome::Created(stored()?)),
+            Some(ENTITY_FULL) => Ok(AutoEntityOutcome::Full),
+            Some(ENTITY_ABSENT) => Ok(AutoEntityOutcome::Absent),
+            _ => Err(bad_reply("entity")),
+        }
+    }
+
+    async fn auto_entity_count(&self, customer: Name) -> Result<usize, StoreError> {
+        let keys = self.keys(customer);
+        let reply = self
+            .run(
+                customer.sym(),
+                &self.invocation(&keys, "entities", Timestamp::default()),
+            )
+            .await?;
+        Ok(result(&reply).unwrap_or(0).max(0) as usize)
+    }
+
+    fn stats(&self) -> StoreStats {
+        let mut stats = StoreStats {
+            customers: self.known.len(),
+            ..StoreStats::default()
+        };
+        for e in self.known.iter() {
+            stats.counters += e.counters;
+            stats.holds_open += e.holds_open;
+        }
+        stats.backend_failures = self.link.failures.load(Ordering::Relaxed);
+        stats.breaker_rejections = self.link.rejected.load(Ordering::Relaxed);
+        stats.abandoned_released = self.canceller.released.load(Ordering::Relaxed);
+        stats.script_disagreements = self.disagreements.load(Ordering::Relaxed);
+        stats
+    }
+
+    /// Every call is answered once Redis has run it: nothing waits here.
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn admin_log(&self) -> &dyn AdminLog {
+        self
+    }
+}
+
+/// The timeout a call runs under, for tests that reason about it.
+impl RedisStore {
+    pub fn call_timeout(&self) -> Duration {
+        self.link.timeout()
+    }
+}

@@ -1,0 +1,258 @@
+//! The script's wire format, named once on the Rust side: its numbers for counter kinds,
+//! amount rules, grant categories and results, the slots of its reply header, the counter
+//! states it packs with msgpack, and the argument group of one planned counter. Each name
+//! says which part of `redis.lua` it mirrors; change both together.
+
+use redis::{ScriptInvocation, Value};
+
+use crate::core::Timestamp;
+use crate::core::counter::{CounterSpec, CounterState};
+use crate::core::credits::{CreditPool, GrantBalance};
+use crate::core::model::GrantCategory;
+use crate::core::plan::AmountRule;
+use crate::core::window::{RING, WindowState};
+use crate::store::StoreError;
+
+/// Counter kinds (`redis.lua`: `local RATE, QUOTA, CONC, CRED = 1, 2, 3, 4`), the tag of each
+/// packed state.
+pub const KIND_RATE: u8 = 1;
+pub const KIND_QUOTA: u8 = 2;
+pub const KIND_CONCURRENCY: u8 = 3;
+pub const KIND_CREDITS: u8 = 4;
+
+/// Amount rules (`redis.lua` header: "rules are 0 units, 1 one per request, 2 priced").
+pub const RULE_UNITS: u8 = 0;
+pub const RULE_PER_REQUEST: u8 = 1;
+pub const RULE_PRICED: u8 = 2;
+
+/// Grant categories (`redis.lua` `grant()`: "category (0 promotional, 1 paid)").
+pub const CATEGORY_PROMO: i64 = 0;
+pub const CATEGORY_PAID: i64 = 1;
+
+/// The reply header every call starts with (`redis.lua` `reply()`: `{result, holds open,
+/// counters, earliest hold expiry, holds version}`); the operation's own items follow.
+pub const SLOT_RESULT: usize = 0;
+pub const SLOT_HOLDS_OPEN: usize = 1;
+pub const SLOT_COUNTERS: usize = 2;
+pub const SLOT_NEXT_EXPIRY: usize = 3;
+pub const SLOT_HOLDS_VERSION: usize = 4;
+pub const HEADER: usize = 5;
+
+/// `close()`'s results.
+pub const CLOSE_CLOSED: i64 = 0;
+pub const CLOSE_ALREADY_CLOSED: i64 = 1;
+pub const CLOSE_NO_SUCH_HOLD: i64 = 2;
+/// The hold has priced parts: their four per-million prices follow; price and call again.
+pub const CLOSE_NEEDS_PRICES: i64 = 3;
+/// The usage is over the hold's max settle, which follows.
+pub const CLOSE_TOO_LARGE: i64 = 4;
+/// Prices per priced part in `close()`'s `CLOSE_NEEDS_PRICES` reply.
+pub const PRICES_PER_PART: usize = 4;
+
+/// `entity()`'s results; found and created are followed by the type and parent.
+pub const ENTITY_FOUND: i64 = 0;
+pub const ENTITY_CREATED: i64 = 1;
+pub const ENTITY_FULL: i64 = 2;
+pub const ENTITY_ABSENT: i64 = 3;
+
+/// `record()`'s and `grant()`'s "done" (1) against "already there" (0); `cancel()`'s
+/// "released" (1) against "remembered" (0).
+pub const DONE: i64 = 1;
+
+/// A planned counter's kind, limit and bucket (or period index), as the script numbers them.
+pub fn kind_code(spec: &CounterSpec, now: Timestamp) -> (u8, u64, i64) {
+    match spec {
+        CounterSpec::Rate { limit, window } => (KIND_RATE, *limit, window.bucket_at(now)),
+        CounterSpec::Quota { limit, index, .. } => (KIND_QUOTA, *limit, *index),
+        CounterSpec::Concurrency { limit } => (KIND_CONCURRENCY, u64::from(*limit), 0),
+        CounterSpec::Credits { .. } => (KIND_CREDITS, 0, 0),
+    }
+}
+
+/// An amount rule and its four per-million prices (zero unless priced).
+pub fn rule_code(rule: &AmountRule) -> (u8, [u64; 4]) {
+    match rule {
+        AmountRule::Units => (RULE_UNITS, [0; 4]),
+        AmountRule::PerRequest => (RULE_PER_REQUEST, [0; 4]),
+        AmountRule::Priced(p) => (
+            RULE_PRICED,
+            [
+                p.input_per_million,
+                p.output_per_million,
+                p.cached_per_million,
+                p.cache_write_per_million,
+            ],
+        ),
+    }
+}
+
+pub fn category_code(c: GrantCategory) -> i64 {
+    match c {
+        GrantCategory::Promo => CATEGORY_PROMO,
+        GrantCategory::Paid => CATEGORY_PAID,
+    }
+}
+
+fn category_of(code: i64) -> GrantCategory {
+    if code == CATEGORY_PROMO {
+        GrantCategory::Promo
+    } else {
+        GrantCategory::Paid
+    }
+}
+
+/// A hold tag as the script keeps it: 32 hex digits (a Lua number could not hold 128 bits).
+pub fn tag_text(tag: u128) -> String {
+    format!("{tag:032x}")
+}
+
+pub fn bad_reply(what: &str) -> StoreError {
+    StoreError::Unavailable(format!("redis: unexpected script reply: {what}"))
+}
+
+pub fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+/// The operation's result (the header's first slot).
+pub fn result(reply: &[Value]) -> Option<i64> {
+    reply.get(SLOT_RESULT).and_then(int)
+}
+
+fn mp_int(v: &rmpv::Value) -> Option<i64> {
+    match v {
+        rmpv::Value::Integer(i) => i.as_i64().or_else(|| i.as_u64().map(|u| u as i64)),
+        // Lua numbers are doubles; the script only stores whole ones.
+        rmpv::Value::F64(f) => Some(*f as i64),
+        rmpv::Value::F32(f) => Some(*f as i64),
+        _ => None,
+    }
+}
+
+fn mp_u64(v: &rmpv::Value) -> Option<u64> {
+    mp_int(v).map(|i| u64::try_from(i).unwrap_or(0))
+}
+
+/// An array, or an empty map (which is how an empty Lua table may come back).
+fn mp_array(v: &rmpv::Value) -> Option<&[rmpv::Value]> {
+    match v {
+        rmpv::Value::Array(a) => Some(a),
+        rmpv::Value::Map(m) if m.is_empty() => Some(&[]),
+        _ => None,
+    }
+}
+
+/// A counter state as the script packs it (`redis.lua` header, "Counter states are msgpack
+/// arrays tagged by kind").
+fn decode_state(bytes: &[u8]) -> Option<CounterState> {
+    let value = rmpv::decode::read_value(&mut &bytes[..]).ok()?;
+    let a = mp_array(&value)?;
+    let kind = u8::try_from(mp_int(a.first()?)?).ok()?;
+    match kind {
+        KIND_RATE => {
+            let mut counts = [0u32; RING];
+            for (c, v) in counts.iter_mut().zip(a.get(2..)?) {
+                *c = u32::try_from(mp_u64(v)?).unwrap_or(u32::MAX);
+            }
+            Some(CounterState::Window(WindowState::from_parts(
+                mp_int(a.get(1)?)?,
+                counts,
+            )))
+        }
+        KIND_QUOTA => Some(CounterState::Period {
+            index: mp_int(a.get(1)?)?,
+            used: mp_u64(a.get(2)?)?,
+        }),
+        KIND_CONCURRENCY => Some(CounterState::InFlight(
+            u32::try_from(mp_u64(a.get(1)?)?).unwrap_or(u32::MAX),
+        )),
+        KIND_CREDITS => {
+            let debt = mp_u64(a.get(1)?)?;
+            let order = mp_array(a.get(2)?)?
+                .iter()
+                .map(|p| mp_u64(p).and_then(|p| u32::try_from(p).ok()))
+                .collect::<Option<Vec<u32>>>()?;
+            let grants = mp_array(a.get(3)?)?
+                .iter()
+                .map(|g| {
+                    let g = mp_array(g)?;
+                    Some(GrantBalance {
+                        id: g.first()?.as_str()?.to_string(),
+                        priority: u32::try_from(mp_u64(g.get(1)?)?).unwrap_or(u32::MAX),
+                        expires_at: match g.get(2)? {
+                            rmpv::Value::Boolean(false) | rmpv::Value::Nil => None,
+                            v => Some(Timestamp::from_millis(mp_int(v)?)),
+                        },
+                        category: category_of(mp_int(g.get(3)?)?),
+                        amount: mp_u64(g.get(4)?)?,
+                        remaining: mp_u64(g.get(5)?)?,
+                    })
+                })
+                .collect::<Option<Vec<_>>>()?;
+            Some(CounterState::Credits(Box::new(CreditPool::from_parts(
+                grants, order, debt,
+            ))))
+        }
+        _ => None,
+    }
+}
+
+/// A state read back from Redis: `None` for no state; undecodable bytes are an error, never
+/// a silently empty counter.
+pub fn state_of(v: &Value) -> Result<Option<CounterState>, StoreError> {
+    match v {
+        Value::Nil => Ok(None),
+        Value::BulkString(b) => decode_state(b)
+            .map(Some)
+            .ok_or_else(|| bad_reply("a counter state that does not decode")),
+        _ => Err(bad_reply("a counter state that is not bytes")),
+    }
+}
+
+/// One planned counter, as the script's group of arguments (`redis.lua` `planned()`: entity
+/// key index, field, kind, limit, bucket or period index, enforcing, amount, rule, four prices).
+#[derive(Debug)]
+pub struct CounterArgs {
+    pub key: usize,
+    pub field: String,
+    pub kind: u8,
+    pub limit: u64,
+    pub at: i64,
+    pub enforce: bool,
+    pub amount: u64,
+    pub rule: u8,
+    pub prices: [u64; 4],
+}
+
+impl CounterArgs {
+    pub fn push(&self, inv: &mut ScriptInvocation<'_>) {
+        inv.arg(self.key)
+            .arg(&self.field)
+            .arg(self.kind)
+            .arg(self.limit)
+            .arg(self.at)
+            .arg(u8::from(self.enforce))
+            .arg(self.amount)
+            .arg(self.rule)
+            .arg(self.prices[0])
+            .arg(self.prices[1])
+            .arg(self.prices[2])
+            .arg(self.prices[3]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn undecodable_states_are_errors() {
+        assert!(state_of(&Value::BulkString(vec![0xc1])).is_err());
+        assert!(state_of(&Value::Int(3)).is_err());
+        assert_eq!(state_of(&Value::Nil).unwrap(), None);
+    }
+}
