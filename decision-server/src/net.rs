@@ -47,7 +47,7 @@ pub struct ConnectionBudget {
 
 impl ConnectionBudget {
     /// Raises the soft descriptor limit to the hard one, then gives the ext_authz listener
-    /// half of what is left after [`RESERVED_FDS`] and the gRPC and HTTP listeners a quarter
+    /// half of what is left after the descriptors reserved for files and the store and the gRPC and HTTP listeners a quarter
     /// each, unless the config sets a listener's maximum. Trade-off: a configured maximum is
     /// taken as given even if it overcommits the descriptors; the operator asked for it.
     pub fn from_limits(c: &Connections) -> Self {

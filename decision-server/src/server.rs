@@ -126,25 +126,12 @@ pub async fn build_service(loaded: Loaded) -> anyhow::Result<Arc<Service>> {
     let service = Arc::new(Service::new(engine, doc, &server));
     // Admin changes kept by the store (from before a restart, or made on another replica
     // sharing it) go back on the file.
-    let kept = crate::catalog::load(&service.engine)
+    let restored = service
+        .restore_admin_changes()
         .await
-        .context("cannot read the stored admin changes")?;
-    for s in &kept.skipped {
-        tracing::warn!("{s}");
-    }
-    if !kept.ops.is_empty() || kept.revision > 0 {
-        let n = kept.ops.len();
-        let dropped = service
-            .catalog
-            .replay(&service.engine, kept)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!("the stored admin changes do not apply to this config: {e}")
-            })?;
-        for d in &dropped {
-            tracing::warn!("{d}");
-        }
-        tracing::info!(kept = n - dropped.len(), "stored admin changes restored");
+        .context("cannot restore the admin changes the store kept")?;
+    if restored > 0 {
+        tracing::info!(kept = restored, "stored admin changes restored");
     }
     Ok(service)
 }
@@ -167,7 +154,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         http = budget.http,
         "connection limits"
     );
-    let events: Arc<dyn crate::net::ConnectionEvents> = Arc::new(service.metrics.connections());
+    let events: Arc<dyn crate::net::ConnectionEvents> = Arc::new(service.connection_events());
     let c = &settings.connections;
     let grpc_timeouts = Timeouts {
         idle: c.idle_timeout,
@@ -307,7 +294,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     sweeper.abort();
     reloader.abort();
     // Whatever the durability mode, a clean stop loses nothing.
-    if let Err(e) = service.engine.store().flush() {
+    if let Err(e) = service.flush() {
         tracing::error!(error = %e, "could not store the last changes");
     }
     match drained {
@@ -352,7 +339,7 @@ async fn sweep(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
             Err(e) => tracing::warn!(error = %e, "hold expiry sweep failed"),
         }
         // A store shared by replicas: take in admin changes another replica saved.
-        match service.catalog.follow(&service.engine).await {
+        match service.follow_admin_changes().await {
             Ok(false) => {}
             Ok(true) => tracing::info!("admin changes saved by another replica are in force"),
             Err(e) => tracing::warn!(error = %e, "cannot take in the shared admin changes"),
@@ -434,7 +421,7 @@ impl Reloader {
 }
 
 fn reject(service: &Service, errors: &ConfigErrors) {
-    service.metrics.reload("rejected");
+    service.reload_counted("rejected");
     for e in &errors.0 {
         tracing::error!(problem = %e, "config reload rejected; the running config stays");
     }
@@ -462,12 +449,12 @@ async fn reload_text(service: &Service, path: &Path, text: &str, running: &Serve
             for d in dropped {
                 tracing::warn!("{d}");
             }
-            service.metrics.reload("applied");
+            service.reload_counted("applied");
             tracing::info!(file = %path.display(), "config reloaded");
             true
         }
         Err(e) => {
-            service.metrics.reload("rejected");
+            service.reload_counted("rejected");
             tracing::error!(error = %e, "config reload rejected; the running config stays");
             false
         }

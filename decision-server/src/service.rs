@@ -25,13 +25,13 @@ const EVENT_BUFFER: usize = 4096;
 
 /// The settings a reload can change while running.
 #[derive(Debug)]
-pub struct Runtime {
+pub struct Reloadable {
     pub credentials: Credentials,
     pub ext_authz: ExtAuthzSettings,
     pub limits: RequestLimits,
 }
 
-impl From<&ServerSettings> for Runtime {
+impl From<&ServerSettings> for Reloadable {
     fn from(s: &ServerSettings) -> Self {
         Self {
             credentials: Credentials::new(s.operator_sha256, &s.api_keys, &s.gateway_tokens),
@@ -110,13 +110,64 @@ pub enum IngestStatus {
 /// Longest idempotency key accepted.
 pub const MAX_IDEMPOTENCY_KEY: usize = 256;
 
+/// The most events one ingest call, or holds one close call, may carry, on every front end:
+/// one call's work is joined into one commit, so its size is latency every other caller waits.
+pub const MAX_BATCH: usize = 1000;
+
+/// Why a whole batch was refused, before any of it reached the store.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    #[error("{count} {what} in one batch; at most {max}")]
+    TooLarge {
+        what: &'static str,
+        count: usize,
+        max: usize,
+    },
+    /// An event of a customer the caller does not reach.
+    #[error("these credentials do not reach customer `{0}`")]
+    Foreign(String),
+}
+
+/// One hold of a close batch: its id as the caller sent it, and the usage to settle at
+/// (`None` releases it).
+#[derive(Debug, Clone, Copy)]
+pub struct CloseItem<'a> {
+    pub hold_id: &'a str,
+    pub usage: Option<Usage>,
+}
+
+/// Why one hold of a close batch was not closed.
+#[derive(Debug, thiserror::Error)]
+pub enum CloseError {
+    /// Its id does not parse, or it belongs to a customer the caller does not reach: it never
+    /// reached the store.
+    #[error("hold `{hold}`: {reason}")]
+    Refused { hold: String, reason: String },
+    #[error("hold `{hold}`: {error}")]
+    Failed {
+        hold: String,
+        error: Box<DecisionError>,
+    },
+}
+
+fn within_batch(what: &'static str, count: usize) -> Result<(), BatchError> {
+    if count > MAX_BATCH {
+        return Err(BatchError::TooLarge {
+            what,
+            count,
+            max: MAX_BATCH,
+        });
+    }
+    Ok(())
+}
+
 /// Everything the front ends share.
 #[derive(Debug)]
 pub struct Service {
-    pub engine: Engine,
-    pub catalog: Catalog,
-    pub metrics: Metrics,
-    runtime: ArcSwap<Runtime>,
+    engine: Engine,
+    catalog: Catalog,
+    metrics: Metrics,
+    settings: ArcSwap<Reloadable>,
     events: broadcast::Sender<UsageEvent>,
 }
 
@@ -128,13 +179,64 @@ impl Service {
             engine,
             catalog: Catalog::new(doc),
             metrics: Metrics::new(),
-            runtime: ArcSwap::from_pointee(Runtime::from(server)),
+            settings: ArcSwap::from_pointee(Reloadable::from(server)),
             events,
         }
     }
 
+    /// Closes a batch of holds for `principal`, a result each, in order. A hold whose id does
+    /// not parse or whose customer the principal does not reach is refused on its own; the
+    /// rest reach the store together.
+    pub async fn close_batch(
+        &self,
+        principal: &Principal,
+        items: &[CloseItem<'_>],
+    ) -> Result<Vec<Result<CloseOutcome, CloseError>>, BatchError> {
+        within_batch("holds", items.len())?;
+        let refused = |item: &CloseItem<'_>, reason: String| CloseError::Refused {
+            hold: item.hold_id.to_string(),
+            reason,
+        };
+        let parsed: Vec<Result<(HoldId, Option<Usage>), CloseError>> = items
+            .iter()
+            .map(|item| {
+                let hold: HoldId = item.hold_id.parse().map_err(
+                    |e: crate::core::decision::ParseHoldIdError| refused(item, e.to_string()),
+                )?;
+                if !principal.may_access(&hold.customer) {
+                    let reason = BatchError::Foreign(hold.customer.clone()).to_string();
+                    return Err(refused(item, reason));
+                }
+                Ok((hold, item.usage))
+            })
+            .collect();
+        let closes: Vec<(HoldId, Option<Usage>)> = parsed
+            .iter()
+            .filter_map(|p| p.as_ref().ok().cloned())
+            .collect();
+        let mut outcomes = self.close_many(&closes).await.into_iter();
+        Ok(parsed
+            .into_iter()
+            .map(|p| {
+                let (hold, _) = p?;
+                match outcomes.next() {
+                    Some(Ok(outcome)) => Ok(outcome),
+                    Some(Err(error)) => Err(CloseError::Failed {
+                        hold: hold.to_string(),
+                        error: Box::new(error),
+                    }),
+                    // One outcome per close reaches here by construction; kept total anyway.
+                    None => Err(CloseError::Refused {
+                        hold: hold.to_string(),
+                        reason: "no outcome".into(),
+                    }),
+                }
+            })
+            .collect())
+    }
+
     /// Settles (`Some(usage)`) or releases (`None`) many holds, a result each, in order.
-    pub async fn close_many(
+    async fn close_many(
         &self,
         closes: &[(HoldId, Option<Usage>)],
     ) -> Vec<Result<CloseOutcome, DecisionError>> {
@@ -162,15 +264,100 @@ impl Service {
         self.engine.expire_due().await
     }
 
-    pub fn runtime(&self) -> arc_swap::Guard<Arc<Runtime>> {
-        self.runtime.load()
+    /// The settings in force (credentials, ext_authz mapping, request bounds).
+    pub fn settings(&self) -> arc_swap::Guard<Arc<Reloadable>> {
+        self.settings.load()
+    }
+
+    /// The time decisions are made at.
+    pub fn now(&self) -> Timestamp {
+        self.engine.now()
+    }
+
+    /// Counts a request refused before it reached a decision (its input could not be read).
+    pub fn bad_input(&self, api: Api) {
+        self.metrics
+            .decision(api, Outcome::BadInput, std::time::Duration::ZERO);
+    }
+
+    /// Counts a config reload attempt by how it ended (`applied`, `rejected`).
+    pub fn reload_counted(&self, result: &'static str) {
+        self.metrics.reload(result);
+    }
+
+    /// The connection counters the listeners report to.
+    pub fn connection_events(&self) -> crate::metrics::ConnectionMetrics {
+        self.metrics.connections()
+    }
+
+    /// The Prometheus exposition of every metric, the store's included.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(self.engine.store().stats())
+    }
+
+    /// The store's figures (open holds, counters, ...).
+    pub fn store_stats(&self) -> crate::store::StoreStats {
+        self.engine.store().stats()
+    }
+
+    /// The units counted now by a limit for an entity (see [`Engine::counted`]). For
+    /// inspection and tests, not for decisions.
+    pub async fn counted(
+        &self,
+        customer: &str,
+        entity_id: &str,
+        limit_id: &str,
+        pool: Option<&str>,
+    ) -> Result<Option<u64>, StoreError> {
+        self.engine
+            .counted(customer, entity_id, limit_id, pool)
+            .await
+    }
+
+    /// Makes every change so far durable (a clean stop calls it whatever the mode).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.engine.store().flush()
+    }
+
+    /// Reads the config in force (file plus admin changes).
+    pub fn read_config<R>(&self, f: impl FnOnce(&ConfigDoc) -> R) -> R {
+        self.catalog.read(f)
+    }
+
+    /// How many admin changes are in force on top of the file.
+    pub fn admin_changes(&self) -> usize {
+        self.catalog.admin_changes()
+    }
+
+    /// Puts back the admin changes the store kept (from before a restart, or saved by another
+    /// replica). Returns how many were restored; logs those that no longer apply.
+    pub async fn restore_admin_changes(&self) -> Result<usize, AdminError> {
+        let kept = crate::catalog::load(&self.engine).await?;
+        for s in &kept.skipped {
+            tracing::warn!("{s}");
+        }
+        if kept.ops.is_empty() && kept.revision == 0 {
+            return Ok(0);
+        }
+        let n = kept.ops.len();
+        let dropped = self.catalog.replay(&self.engine, kept).await?;
+        for d in &dropped {
+            tracing::warn!("{d}");
+        }
+        Ok(n - dropped.len())
+    }
+
+    /// Takes in admin changes another replica saved to a shared store; `true` if any were.
+    pub async fn follow_admin_changes(&self) -> Result<bool, AdminError> {
+        self.catalog.follow(&self.engine).await
     }
 
     /// Puts a reloaded config in force: the model (admin changes replayed on it), the
     /// credentials and the ext_authz mapping. On error nothing changes.
     pub async fn reload(&self, loaded: Loaded) -> Result<Vec<String>, AdminError> {
         let dropped = self.catalog.rebase(&self.engine, loaded.doc).await?;
-        self.runtime.store(Arc::new(Runtime::from(&loaded.server)));
+        self.settings
+            .store(Arc::new(Reloadable::from(&loaded.server)));
         Ok(dropped)
     }
 
@@ -198,7 +385,7 @@ impl Service {
     /// A decision, counted in metrics by `api` and outcome, and streamed to watchers.
     pub async fn check(&self, api: Api, req: &CheckRequest<'_>) -> Result<Decision, DecisionError> {
         let started = Instant::now();
-        let result = match bounded_dimensions(req.dimensions, &self.runtime().limits) {
+        let result = match bounded_dimensions(req.dimensions, &self.settings().limits) {
             Ok(()) => self.engine.check(req).await,
             Err(e) => Err(e.into()),
         };
@@ -312,7 +499,7 @@ impl Service {
         if item.idempotency_key.is_empty() || item.idempotency_key.len() > MAX_IDEMPOTENCY_KEY {
             return Ok(None);
         }
-        bounded_dimensions(&item.dimensions, &self.runtime().limits)?;
+        bounded_dimensions(&item.dimensions, &self.settings().limits)?;
         let req = CheckRequest {
             deadline: None,
             customer: &item.customer,
@@ -364,9 +551,10 @@ impl Service {
         &self,
         principal: &Principal,
         items: &[IngestItem],
-    ) -> Result<Vec<IngestStatus>, String> {
+    ) -> Result<Vec<IngestStatus>, BatchError> {
+        within_batch("events", items.len())?;
         if let Some(foreign) = items.iter().find(|i| !principal.may_access(&i.customer)) {
-            return Err(foreign.customer.clone());
+            return Err(BatchError::Foreign(foreign.customer.clone()));
         }
         Ok(self.ingest_all(items).await)
     }

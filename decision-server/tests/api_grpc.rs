@@ -204,7 +204,6 @@ async fn ext_authz_context_extensions_carry_the_request_without_headers() {
     assert_eq!(org_counted(&service, "acme").await, 5);
     assert_eq!(
         service
-            .engine
             .counted("acme", "web", "team-daily", None)
             .await
             .unwrap(),
@@ -298,7 +297,7 @@ async fn ext_authz_bad_input_denies_with_reason_or_passes_marked_as_configured()
         );
     }
     assert_eq!(org_counted(&service, "acme").await, 0);
-    assert_eq!(service.engine.store().stats().holds_open, 0);
+    assert_eq!(service.store_stats().holds_open, 0);
 
     let allow = support::config().replace(
         "  extAuthz:\n",
@@ -440,6 +439,20 @@ async fn tollgate_ingest_skips_duplicate_keys() {
     use pb::ingest_result::Status as S;
     assert_eq!(statuses, [S::Recorded, S::Duplicate, S::Rejected]);
     assert!(r.results[2].error.contains("idempotencyKey"));
+    assert_eq!(org_counted(&service, "acme").await, 30);
+
+    // The batch cap is the service's, so gRPC refuses the batch HTTP refuses: whole, unrecorded.
+    let too_many = svc
+        .ingest_usage(authed(
+            pb::IngestUsageRequest {
+                events: (0..1001).map(|i| event(&format!("big-{i}"))).collect(),
+            },
+            ACME_KEY,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(too_many.code(), Code::InvalidArgument);
+    assert!(too_many.message().contains("at most 1000"), "{too_many:?}");
     assert_eq!(org_counted(&service, "acme").await, 30);
 }
 

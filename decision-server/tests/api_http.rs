@@ -605,7 +605,7 @@ async fn credentials_are_checked_and_cross_customer_calls_change_nothing() {
         .call(Method::DELETE, "/v1/customers/acme", Some(ACME_KEY), None)
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    assert_eq!(api.service.catalog.admin_changes(), 0);
+    assert_eq!(api.service.admin_changes(), 0);
 }
 
 #[tokio::test]
@@ -730,7 +730,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         "{status} {r}"
     );
     assert_eq!(api.acme_org().await, 0);
-    assert_eq!(api.service.engine.store().stats().holds_open, 0);
+    assert_eq!(api.service.store_stats().holds_open, 0);
 }
 
 #[tokio::test]

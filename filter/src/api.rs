@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tollgate_proto::v1 as pb;
 
-use crate::settle::Reading;
+use crate::settle::UsageReading;
 
 /// An API preset, chosen per filter or per route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -234,7 +234,7 @@ impl UsageAcc {
     }
 
     /// The usage as the sidecar takes it, once any was reported.
-    pub fn reading(&self) -> Option<Reading> {
+    pub fn reading(&self) -> Option<UsageReading> {
         if self.input.is_none() && self.output.is_none() && self.total.is_none() {
             return None;
         }
@@ -250,7 +250,7 @@ impl UsageAcc {
             .saturating_add(tokens.output)
             .saturating_add(tokens.cached)
             .saturating_add(tokens.cache_write);
-        Some(Reading {
+        Some(UsageReading {
             total: self.total.unwrap_or(sum).max(sum),
             tokens: Some(tokens),
         })

@@ -14,7 +14,7 @@ pub const CLOSE_HOLDS: &str = "CloseHolds";
 
 /// Usage read from a response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Reading {
+pub struct UsageReading {
     pub total: u64,
     /// The token split, when the response gave it (or the estimate made one).
     pub tokens: Option<pb::Tokens>,
@@ -22,12 +22,15 @@ pub struct Reading {
 
 /// Reads usage for the plain form (no preset): the number at `pointer`, or an OpenAI-style
 /// `usage` object.
-pub fn reading_from_json(doc: &Value, pointer: Option<&str>) -> Option<Reading> {
+pub fn reading_from_json(doc: &Value, pointer: Option<&str>) -> Option<UsageReading> {
     if let Some(p) = pointer {
-        return doc.pointer(p).and_then(Value::as_u64).map(|total| Reading {
-            total,
-            tokens: None,
-        });
+        return doc
+            .pointer(p)
+            .and_then(Value::as_u64)
+            .map(|total| UsageReading {
+                total,
+                tokens: None,
+            });
     }
     let mut acc = UsageAcc::default();
     acc.absorb(Api::Custom, doc);
@@ -39,7 +42,7 @@ pub fn reading_from_json(doc: &Value, pointer: Option<&str>) -> Option<Reading> 
 struct Seen {
     usage: UsageAcc,
     /// Set when a usage pointer (the plain form) found a number.
-    pointed: Option<Reading>,
+    pointed: Option<UsageReading>,
     /// Bytes of generated content.
     content: u64,
 }
@@ -59,7 +62,7 @@ impl Seen {
         self.content = self.content.saturating_add(content_bytes(api, doc));
     }
 
-    fn reading(&self) -> Option<Reading> {
+    fn reading(&self) -> Option<UsageReading> {
         self.pointed.or_else(|| self.usage.reading())
     }
 }
@@ -170,7 +173,7 @@ impl SseScanner {
         (self.strip && keep).then_some(line)
     }
 
-    pub fn reading(&self) -> Option<Reading> {
+    pub fn reading(&self) -> Option<UsageReading> {
         self.seen.reading()
     }
 
@@ -186,7 +189,7 @@ impl SseScanner {
 /// How a hold ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Close {
-    Settle(Reading),
+    Settle(UsageReading),
     Release,
 }
 
@@ -290,7 +293,7 @@ impl Tracker {
         if let Some(total) = usage_header.and_then(|h| h.trim().parse::<u64>().ok()) {
             self.mode = Mode::Done;
             return Some((
-                Close::Settle(Reading {
+                Close::Settle(UsageReading {
                     total,
                     tokens: None,
                 }),
@@ -404,9 +407,9 @@ impl Tracker {
 
     /// The documented estimate: the prompt's tokens from the request body's size, plus the
     /// output's from the content delivered, both at `bytesPerToken`.
-    fn estimate(&self, s: &Settlement, content_bytes: u64) -> Reading {
+    fn estimate(&self, s: &Settlement, content_bytes: u64) -> UsageReading {
         let output = s.estimate.tokens(content_bytes);
-        Reading {
+        UsageReading {
             total: self.held.prompt.saturating_add(output),
             tokens: Some(pb::Tokens {
                 input: self.held.prompt,
@@ -417,7 +420,7 @@ impl Tracker {
     }
 
     fn at_hold(&self) -> Close {
-        Close::Settle(Reading {
+        Close::Settle(UsageReading {
             total: self.held.units,
             tokens: None,
         })
@@ -742,7 +745,7 @@ mod tests {
         );
         let settle = hold_close(
             "h",
-            &Close::Settle(Reading {
+            &Close::Settle(UsageReading {
                 total: 5,
                 tokens: None,
             }),

@@ -19,8 +19,7 @@ fn read_customer<R>(
 ) -> Result<R, ApiError> {
     caller.for_customer(id)?;
     state
-        .catalog
-        .read(|doc| doc.customers.iter().find(|c| c.id == id).map(f))
+        .read_config(|doc| doc.customers.iter().find(|c| c.id == id).map(f))
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -64,7 +63,7 @@ pub async fn list_customers(
     State(state): State<AppState>,
     caller: Caller,
 ) -> ApiJson<CustomerList> {
-    let customers = state.catalog.read(|doc| {
+    let customers = state.read_config(|doc| {
         doc.customers
             .iter()
             .filter(|c| caller.0.may_access(&c.id))
@@ -311,7 +310,7 @@ pub async fn list_prices(
     State(state): State<AppState>,
     _caller: Caller,
 ) -> ApiJson<Vec<PriceTableDto>> {
-    ApiJson(state.catalog.read(|doc| doc.prices.clone()))
+    ApiJson(state.read_config(|doc| doc.prices.clone()))
 }
 
 /// Adds a price table version.

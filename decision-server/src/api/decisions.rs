@@ -10,11 +10,8 @@ use super::{ApiError, ApiJson, ApiPath, AppState, Caller, ScopedCaller};
 use crate::core::HoldId;
 use crate::engine::CheckRequest;
 use crate::metrics::Api;
-use crate::service::IngestItem;
+use crate::service::{BatchError, IngestItem};
 use crate::store::CloseOutcome;
-
-/// Most events one `POST /v1/usage` may carry.
-pub const MAX_USAGE_BATCH: usize = 1000;
 
 /// Checks every limit on every level of the chain and, if all pass, holds the usage.
 ///
@@ -119,12 +116,6 @@ pub async fn ingest(
     caller: Caller,
     ApiJson(batch): ApiJson<UsageBatch>,
 ) -> Result<ApiJson<UsageBatchResult>, ApiError> {
-    if batch.events.len() > MAX_USAGE_BATCH {
-        return Err(ApiError::bad_request(format!(
-            "{} events in one batch; at most {MAX_USAGE_BATCH}",
-            batch.events.len()
-        )));
-    }
     let items: Vec<IngestItem> = batch
         .events
         .into_iter()
@@ -139,7 +130,10 @@ pub async fn ingest(
     let statuses = state
         .ingest_batch(&caller.0, &items)
         .await
-        .map_err(|customer| ApiError::forbidden(&customer))?;
+        .map_err(|e| match e {
+            e @ BatchError::TooLarge { .. } => ApiError::bad_request(e.to_string()),
+            BatchError::Foreign(customer) => ApiError::forbidden(&customer),
+        })?;
     let results = items
         .into_iter()
         .zip(statuses)

@@ -250,7 +250,7 @@ impl FromRequestParts<AppState> for Caller {
             })
             .transpose()?;
         state
-            .runtime()
+            .settings()
             .credentials
             .authenticate_header(header, crate::auth::Listener::Api)
             .map(Caller)
@@ -306,7 +306,7 @@ async fn healthz() -> ApiJson<Health> {
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 async fn metrics(State(state): State<AppState>) -> Response {
-    let body = state.metrics.render(state.engine.store().stats());
+    let body = state.render_metrics();
     (
         [(
             header::CONTENT_TYPE,

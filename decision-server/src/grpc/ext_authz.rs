@@ -394,8 +394,8 @@ impl Authorization for ExtAuthzService {
         // The credential comes first: a call without one changes nothing and learns nothing.
         let principal = super::tollgate::principal_of(&self.service, &request, Listener::ExtAuthz)?;
         let request = request.into_inner();
-        let runtime = self.service.runtime();
-        let settings = &runtime.ext_authz;
+        let reloadable = self.service.settings();
+        let settings = &reloadable.ext_authz;
         let empty = HashMap::new();
         let attributes = request.attributes.as_ref();
         let extensions = attributes.map_or(&empty, |a| &a.context_extensions);
@@ -409,11 +409,7 @@ impl Authorization for ExtAuthzService {
         let input = match extract(settings, extensions, facts) {
             Ok(i) => i,
             Err(reason) => {
-                self.service.metrics.decision(
-                    Api::ExtAuthz,
-                    crate::metrics::Outcome::BadInput,
-                    std::time::Duration::ZERO,
-                );
+                self.service.bad_input(Api::ExtAuthz);
                 return Ok(Response::new(bad_input_response(settings, &reason)));
             }
         };
@@ -435,7 +431,7 @@ impl Authorization for ExtAuthzService {
             Ok(d) => Ok(Response::new(decision_response(
                 settings,
                 &d,
-                self.service.engine.now(),
+                self.service.now(),
             ))),
             Err(DecisionError::Plan(e)) => {
                 Ok(Response::new(bad_input_response(settings, &e.to_string())))

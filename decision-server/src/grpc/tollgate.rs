@@ -16,7 +16,9 @@ use crate::core::plan::{TokenCounts, Usage};
 use crate::core::{ChainEntry, Decision, HoldId};
 use crate::engine::{CheckRequest, DecisionError};
 use crate::metrics::Api;
-use crate::service::{EventKind, IngestItem, IngestStatus, Service, UsageEvent};
+use crate::service::{
+    BatchError, CloseError, CloseItem, EventKind, IngestItem, IngestStatus, Service, UsageEvent,
+};
 use crate::store::{CloseOutcome, StoreError};
 
 use super::generated::tollgate_server::Tollgate;
@@ -147,7 +149,7 @@ pub fn principal_of<T>(
         })
         .transpose()?;
     let principal = service
-        .runtime()
+        .settings()
         .credentials
         .authenticate_header(header, listener)
         .map_err(|e| Status::unauthenticated(e.to_string()))?;
@@ -204,71 +206,55 @@ impl TollgateService {
     }
 }
 
-/// The most holds one `CloseHolds` call may close.
-const MAX_CLOSE_BATCH: usize = 1000;
-
 impl TollgateService {
     /// Closes every hold it may (one commit wait for all), a result each, in order.
     async fn close_all(
         &self,
         principal: &Principal,
         holds: &[pb::HoldClose],
-    ) -> Vec<pb::HoldCloseResult> {
+    ) -> Result<Vec<pb::HoldCloseResult>, Status> {
         use pb::hold_close_result::Status as S;
+        let items: Vec<CloseItem<'_>> = holds
+            .iter()
+            .map(|h| CloseItem {
+                hold_id: &h.hold_id,
+                usage: h.actual_usage.map(|u| usage(u, h.tokens)),
+            })
+            .collect();
+        let results = self
+            .service
+            .close_batch(principal, &items)
+            .await
+            .map_err(batch_status)?;
         let result = |status: S, message: String| pb::HoldCloseResult {
             status: status as i32,
             message,
         };
-        // Parse and authorise each first; only those that pass reach the store.
-        let parsed: Vec<Result<HoldId, pb::HoldCloseResult>> = holds
-            .iter()
-            .map(|h| {
-                let hold: HoldId = h
-                    .hold_id
-                    .parse()
-                    .map_err(|e| result(S::Rejected, format!("hold `{}`: {e}", h.hold_id)))?;
-                if !principal.may_access(&hold.customer) {
-                    return Err(result(
-                        S::Rejected,
-                        forbidden(&hold.customer).message().to_string(),
-                    ));
-                }
-                Ok(hold)
-            })
-            .collect();
-        let closes: Vec<(HoldId, Option<crate::core::plan::Usage>)> = parsed
-            .iter()
-            .zip(holds)
-            .filter_map(|(p, h)| {
-                p.as_ref()
-                    .ok()
-                    .map(|hold| (hold.clone(), h.actual_usage.map(|u| usage(u, h.tokens))))
-            })
-            .collect();
-        let mut outcomes = self.service.close_many(&closes).await.into_iter();
-        parsed
+        Ok(results
             .into_iter()
-            .zip(holds)
-            .map(|(p, h)| match p {
-                Err(refused) => refused,
-                Ok(_) => match outcomes.next() {
-                    Some(Ok(CloseOutcome::Closed)) => result(S::Closed, String::new()),
-                    Some(Ok(CloseOutcome::AlreadyClosed)) => {
-                        result(S::AlreadyClosed, String::new())
-                    }
-                    Some(Err(e)) => {
-                        let status = decision_status(e);
-                        let s = if status.code() == tonic::Code::Unavailable {
-                            S::Failed
-                        } else {
-                            S::Rejected
-                        };
-                        result(s, format!("hold `{}`: {}", h.hold_id, status.message()))
-                    }
-                    None => result(S::Failed, "no outcome".into()),
-                },
+            .map(|r| match r {
+                Ok(CloseOutcome::Closed) => result(S::Closed, String::new()),
+                Ok(CloseOutcome::AlreadyClosed) => result(S::AlreadyClosed, String::new()),
+                Err(e @ CloseError::Refused { .. }) => result(S::Rejected, e.to_string()),
+                Err(CloseError::Failed { hold, error }) => {
+                    let status = decision_status(*error);
+                    let s = if status.code() == tonic::Code::Unavailable {
+                        S::Failed
+                    } else {
+                        S::Rejected
+                    };
+                    result(s, format!("hold `{hold}`: {}", status.message()))
+                }
             })
-            .collect()
+            .collect())
+    }
+}
+
+/// A refused batch: too large is the caller's argument, a foreign customer its permission.
+fn batch_status(e: BatchError) -> Status {
+    match e {
+        e @ BatchError::TooLarge { .. } => Status::invalid_argument(e.to_string()),
+        e @ BatchError::Foreign(_) => Status::permission_denied(e.to_string()),
     }
 }
 
@@ -340,13 +326,7 @@ impl Tollgate for TollgateService {
     ) -> Result<Response<pb::CloseHoldsResponse>, Status> {
         let principal = self.principal(&request)?;
         let holds = request.into_inner().holds;
-        if holds.len() > MAX_CLOSE_BATCH {
-            return Err(Status::invalid_argument(format!(
-                "{} holds in one call; at most {MAX_CLOSE_BATCH}",
-                holds.len()
-            )));
-        }
-        let results = self.close_all(&principal, &holds).await;
+        let results = self.close_all(&principal, &holds).await?;
         Ok(Response::new(pb::CloseHoldsResponse { results }))
     }
 
@@ -371,7 +351,7 @@ impl Tollgate for TollgateService {
             .service
             .ingest_batch(&principal, &items)
             .await
-            .map_err(|customer| forbidden(&customer))?;
+            .map_err(batch_status)?;
         let results = items
             .into_iter()
             .zip(statuses)

@@ -102,7 +102,6 @@ pub async fn service_from(text: &str) -> Arc<Service> {
 /// What acme's org counter counts now.
 pub async fn org_counted(service: &Service, customer: &str) -> u64 {
     service
-        .engine
         .counted(customer, customer, "org-daily", None)
         .await
         .unwrap()
