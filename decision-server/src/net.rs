@@ -46,10 +46,11 @@ pub struct ConnectionBudget {
 }
 
 impl ConnectionBudget {
-    /// Raises the soft descriptor limit to the hard one, then gives the ext_authz listener
-    /// half of what is left after the descriptors reserved for files and the store and the gRPC and HTTP listeners a quarter
-    /// each, unless the config sets a listener's maximum. Trade-off: a configured maximum is
-    /// taken as given even if it overcommits the descriptors; the operator asked for it.
+    /// Raises the soft descriptor limit to the hard one, keeps some descriptors back for files
+    /// and the store, then gives the ext_authz listener half of the rest and the gRPC and HTTP
+    /// listeners a quarter each, unless the config sets a listener's maximum. Trade-off: a
+    /// configured maximum is taken as given even if it overcommits the descriptors; the
+    /// operator asked for it.
     pub fn from_limits(c: &Connections) -> Self {
         let soft = rlimit::increase_nofile_limit(u64::MAX)
             .or_else(|_| rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft))
