@@ -2,7 +2,7 @@
 //! bad input both ways) and `tollgate.v1` (check, settle, release, ingest, watch, credentials).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+mod common;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,7 +20,9 @@ use tollgate::service::Service;
 use tollgate_proto::v1 as pb;
 use tonic::{Code, Request};
 
-use support::{ACME_GATEWAY, ACME_KEY, ACME_ORG_CAP, GATEWAY, GLOBEX_KEY, OPERATOR, org_counted};
+use common::service::{
+    ACME_GATEWAY, ACME_KEY, ACME_ORG_CAP, GATEWAY, GLOBEX_KEY, OPERATOR, org_counted,
+};
 
 fn authz_request(headers: &[(&str, &str)], extensions: &[(&str, &str)]) -> Request<CheckRequest> {
     let to_map = |kv: &[(&str, &str)]| -> HashMap<String, String> {
@@ -83,7 +85,7 @@ async fn authz_as(
 
 #[tokio::test]
 async fn ext_authz_needs_a_credential_that_reaches_the_customer() {
-    let service = support::service().await;
+    let service = common::service::service().await;
     let ext = [
         ("tollgate.customer", "globex"),
         ("tollgate.feature", "ai-tokens"),
@@ -133,7 +135,7 @@ async fn ext_authz_needs_a_credential_that_reaches_the_customer() {
 
 #[tokio::test]
 async fn ext_authz_grant_returns_ok_with_hold_for_the_filter_and_upstream() {
-    let service = support::service().await;
+    let service = common::service::service().await;
     let r = authz(
         &service,
         &[
@@ -165,8 +167,9 @@ async fn ext_authz_grant_returns_ok_with_hold_for_the_filter_and_upstream() {
     let hold = format!("{:?}", meta.fields["holdId"]);
     assert!(hold.contains("acme:1:"), "{hold}");
     // Asked for, it goes upstream too.
-    let service = support::service_from(
-        &support::config().replace("  extAuthz:\n", "  extAuthz:\n    upstreamHoldId: true\n"),
+    let service = common::service::service_from(
+        &common::service::config()
+            .replace("  extAuthz:\n", "  extAuthz:\n    upstreamHoldId: true\n"),
     )
     .await;
     let r = authz(
@@ -192,7 +195,7 @@ async fn ext_authz_grant_returns_ok_with_hold_for_the_filter_and_upstream() {
 
 #[tokio::test]
 async fn ext_authz_context_extensions_carry_the_request_without_headers() {
-    let service = support::service().await;
+    let service = common::service::service().await;
     let ext = [
         ("tollgate.customer", "acme"),
         ("tollgate.feature", "ai-tokens"),
@@ -213,7 +216,7 @@ async fn ext_authz_context_extensions_carry_the_request_without_headers() {
 
 #[tokio::test]
 async fn ext_authz_denial_carries_status_json_body_and_rate_limit_headers() {
-    let service = support::service().await;
+    let service = common::service::service().await;
     let h = |usage: &'static str| {
         [
             ("x-tollgate-customer", "acme"),
@@ -253,7 +256,7 @@ async fn ext_authz_denial_carries_status_json_body_and_rate_limit_headers() {
 
 #[tokio::test]
 async fn ext_authz_bad_input_denies_with_reason_or_passes_marked_as_configured() {
-    let service = support::service().await;
+    let service = common::service::service().await;
     let cases: [(&[(&str, &str)], &str); 4] = [
         (&[("x-tollgate-usage", "1")], "no customer"),
         (
@@ -299,11 +302,11 @@ async fn ext_authz_bad_input_denies_with_reason_or_passes_marked_as_configured()
     assert_eq!(org_counted(&service, "acme").await, 0);
     assert_eq!(service.store_stats().holds_open, 0);
 
-    let allow = support::config().replace(
+    let allow = common::service::config().replace(
         "  extAuthz:\n",
         "  extAuthz:\n    onBadInput: allow\n    badInputStatus: 422\n",
     );
-    let service = support::service_from(&allow).await;
+    let service = common::service::service_from(&allow).await;
     let r = authz(&service, &[("x-tollgate-usage", "1")], &[]).await;
     assert_eq!(r.status.unwrap().code, 0);
     let Some(HttpResponse::OkResponse(ok)) = r.http_response else {
@@ -337,7 +340,7 @@ fn check_msg(customer: &str, user: &str, usage: u64) -> pb::CheckRequest {
 
 #[tokio::test]
 async fn tollgate_check_settle_release_round_trip() {
-    let service = support::service().await;
+    let service = common::service::service().await;
     let (svc, _tx) = tollgate(&service);
     let r = svc
         .check(authed(check_msg("acme", "alice", 300), ACME_KEY))
@@ -415,7 +418,7 @@ async fn tollgate_check_settle_release_round_trip() {
 
 #[tokio::test]
 async fn tollgate_ingest_skips_duplicate_keys() {
-    let service = support::service().await;
+    let service = common::service::service().await;
     let (svc, _tx) = tollgate(&service);
     let event = |key: &str| pb::UsageRecord {
         idempotency_key: key.into(),
@@ -458,7 +461,7 @@ async fn tollgate_ingest_skips_duplicate_keys() {
 
 #[tokio::test]
 async fn tollgate_credentials_and_cross_customer_refusals() {
-    let service = support::service().await;
+    let service = common::service::service().await;
     let (svc, _tx) = tollgate(&service);
     let no_auth = svc
         .check(Request::new(check_msg("acme", "alice", 1)))
@@ -541,7 +544,7 @@ async fn tollgate_credentials_and_cross_customer_refusals() {
 
 #[tokio::test]
 async fn watch_usage_streams_a_customers_decisions_and_settlements() {
-    let service = support::service().await;
+    let service = common::service::service().await;
     let (svc, shutdown) = tollgate(&service);
     let mut stream = svc
         .watch_usage(authed(
@@ -608,7 +611,7 @@ async fn watch_usage_streams_a_customers_decisions_and_settlements() {
 #[tokio::test]
 async fn close_holds_settles_and_releases_many_with_a_result_each() {
     use pb::hold_close_result::Status as S;
-    let service = support::service().await;
+    let service = common::service::service().await;
     let (svc, _tx) = tollgate(&service);
     let mut holds = Vec::new();
     for (user, usage) in [("alice", 100), ("bob", 200), ("alice", 50)] {

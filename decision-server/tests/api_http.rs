@@ -2,7 +2,7 @@
 //! OpenAPI document against the router.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+mod common;
 
 use std::sync::Arc;
 
@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tollgate::service::Service;
 use tower::ServiceExt;
 
-use support::{ACME_KEY, ACME_ORG_CAP, GLOBEX_KEY, OPERATOR, org_counted};
+use common::service::{ACME_KEY, ACME_ORG_CAP, GLOBEX_KEY, OPERATOR, org_counted};
 
 struct Api {
     service: Arc<Service>,
@@ -22,7 +22,7 @@ struct Api {
 
 impl Api {
     async fn new() -> Self {
-        let service = support::service().await;
+        let service = common::service::service().await;
         let router = tollgate::api::router(Arc::clone(&service), 65536);
         Self { service, router }
     }

@@ -40,6 +40,7 @@ test_with_all_stores! {
     a_dry_run_creates_nothing,
     replicas_share_auto_entities_their_parents_and_the_cap,
     auto_created_ids_obey_the_config_rules,
+    ingest_keys_are_idempotent_kept_for_their_retention_and_evicted_oldest_first,
 }
 
 test_with_all_store_factories! {
@@ -925,4 +926,54 @@ grants:
     );
     let d = h.check_usage("acme", "tokens", Usage::units(1), &ctx);
     assert_eq!(d.denial.unwrap().limit_id, "user-requests");
+}
+
+const ORG_QUOTA: &str = r#"
+limits:
+  - { id: org-day, entity: acme, feature: tokens, kind: quota, limit: 1000, period: P1D }
+"#;
+
+/// Ingest through the engine as `POST /v1/usage` does: the key is remembered per customer for
+/// `KEY_RETENTION` (one hour, four keys), oldest evicted first, and keys of the same
+/// millisecond evicted in key order, which every backend can keep (a Redis sorted set breaks
+/// score ties by member; the durable file restores by key).
+fn ingest_keys_are_idempotent_kept_for_their_retention_and_evicted_oldest_first(store: Store) {
+    let h = harness(&tree_with(ORG_QUOTA), store, "2026-03-10T10:00:00Z");
+    let dims = dims(&[("userId", "u1")]);
+    let ingest = |customer: &str, key: &str, units: u64| {
+        let req = CheckRequest {
+            deadline: None,
+            customer,
+            feature: "tokens",
+            usage: Usage::units(units),
+            dimensions: &dims,
+            dry_run: false,
+        };
+        h.run(h.engine.ingest(&req, key)).unwrap()
+    };
+    assert!(ingest("acme", "b", 10));
+    assert!(!ingest("acme", "b", 10), "a repeated key changes nothing");
+    assert_eq!(h.counted("acme", "acme", "org-day"), 10);
+    // Usage already happened: it is recorded past the cap.
+    assert!(ingest("acme", "a", 2000));
+    assert_eq!(h.counted("acme", "acme", "org-day"), 2010);
+
+    // Four keys are kept. "a" and "b" share a millisecond: "a" sorts first, so it goes first.
+    h.clock.advance_millis(1);
+    assert!(ingest("acme", "c", 1));
+    assert!(ingest("acme", "d", 1));
+    assert!(ingest("acme", "e", 1), "a fifth key evicts the oldest");
+    assert!(
+        ingest("acme", "a", 1),
+        "`a` was evicted, so it counts again"
+    );
+    assert!(!ingest("acme", "d", 1), "`d` is still remembered");
+    assert_eq!(h.counted("acme", "acme", "org-day"), 2014);
+
+    // An hour to the millisecond is still within the retention; past it, a key counts again.
+    h.clock.advance_millis(3_600_000);
+    assert!(!ingest("acme", "e", 1), "`e` is exactly an hour old");
+    h.clock.advance_millis(1);
+    assert!(ingest("acme", "e", 1), "`e` is past its hour");
+    assert_eq!(h.counted("acme", "acme", "org-day"), 2015);
 }

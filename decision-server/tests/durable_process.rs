@@ -4,23 +4,24 @@
 //! settle once; admin changes (a limit, a grant) and the credits spent from them survive.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::ext_authz::{check, hold_of, org_usage};
+use common::service::OPERATOR;
+use common::{LOOPBACK_PORT_0, Sidecar};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use parking_lot::Mutex;
 use serde_json::json;
-use support::OPERATOR;
-use support::sidecar::{LOOPBACK_PORT_0, Sidecar, check, hold_of};
 
 const CLIENTS: usize = 16;
 
 /// The acme org counter after a restart.
 async fn org_counter(s: &Sidecar, http: &reqwest::Client) -> u64 {
-    let v = s.org_usage(http, 0).await;
+    let v = org_usage(s, http, 0).await;
     v["chain"]
         .as_array()
         .unwrap()
@@ -41,14 +42,14 @@ struct Load {
 async fn crash_and_restart(storage: &str, window: Duration) {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("tollgate.redb");
-    let text = support::config_with(&format!(
+    let text = common::service::config_with(&format!(
         "{LOOPBACK_PORT_0}\n  storage: {{ kind: durable, path: \"{}\", {storage} }}",
         db.display()
     ))
     .replace("limit: 1000, period: P1D", "limit: 1000000000, period: P1D");
     let config = dir.path().join("tollgate.yaml");
     std::fs::write(&config, &text).unwrap();
-    let mut sidecar = Sidecar::start_at(&config);
+    let mut sidecar = Sidecar::start_at(&config).unwrap();
 
     let load = Arc::new(Load {
         granted: Mutex::new(Vec::new()),
@@ -84,8 +85,8 @@ async fn crash_and_restart(storage: &str, window: Duration) {
     // Let the load run, then kill the sidecar in the middle of it.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let killed_at = Instant::now();
-    sidecar.signal("KILL");
-    let _ = sidecar.child.wait();
+    sidecar.signal("KILL").unwrap();
+    sidecar.proc.kill();
     load.stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await.unwrap();
@@ -106,7 +107,7 @@ async fn crash_and_restart(storage: &str, window: Duration) {
         .sum();
 
     drop(sidecar);
-    let sidecar = Sidecar::start_at(&config);
+    let sidecar = Sidecar::start_at(&config).unwrap();
     let http = reqwest::Client::new();
     let restored = org_counter(&sidecar, &http).await;
     // At most one decision per client was in flight at the kill: committed, but its answer
@@ -181,7 +182,7 @@ async fn batched_mode_loses_at_most_its_commit_window_across_a_sigkill() {
 async fn admin_changes_and_credits_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("tollgate.redb");
-    let text = support::config_with(&format!(
+    let text = common::service::config_with(&format!(
         "{LOOPBACK_PORT_0}\n  storage: {{ kind: durable, path: \"{}\", durability: sync }}",
         db.display()
     ));
@@ -208,7 +209,7 @@ async fn admin_changes_and_credits_survive_a_restart() {
     let spend =
         json!({"featureId": "ai-requests", "requestedUsage": 3, "dimensions": {"userId": "alice"}});
     {
-        let s = Sidecar::start_at(&config);
+        let s = Sidecar::start_at(&config).unwrap();
         let limit = json!({"id": "org-credits", "entity": "acme", "feature": "ai-requests", "kind": "credits"});
         let (status, r) = call(
             &s,
@@ -236,9 +237,9 @@ async fn admin_changes_and_credits_survive_a_restart() {
         .await;
         assert_eq!(r["isGranted"], true, "{r}");
         // Killed, not stopped: nothing gets a chance to flush.
-        s.signal("KILL");
+        s.signal("KILL").unwrap();
     }
-    let s = Sidecar::start_at(&config);
+    let s = Sidecar::start_at(&config).unwrap();
     let (_, limits) = call(&s, reqwest::Method::GET, "/v1/customers/acme/limits", None).await;
     assert!(
         limits.to_string().contains("org-credits"),

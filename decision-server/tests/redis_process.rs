@@ -5,23 +5,24 @@
 //! one replica reaching every replica, and an unreachable Redis refused at start.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::ext_authz::{check, org_usage, race_one_cap};
+use common::service::ACME_ORG_CAP;
+use common::{LOOPBACK_PORT_0, Sidecar};
+use common::{RedisCluster, RedisServer};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-use support::ACME_ORG_CAP;
-use support::redis::{RedisCluster, RedisServer};
-use support::sidecar::{LOOPBACK_PORT_0, Sidecar, check, race_one_cap};
 use tonic::Code;
 
 const SIZES: [u64; 4] = [1, 3, 7, 13];
 const USERS: [&str; 3] = ["alice", "bob", "carol"];
 
 fn config(storage: &str) -> String {
-    support::config_with(&format!("{LOOPBACK_PORT_0}\n  storage: {storage}"))
+    common::service::config_with(&format!("{LOOPBACK_PORT_0}\n  storage: {storage}"))
 }
 
 /// A Redis node's storage section. The timeout is generous: these tests are about sharing
@@ -35,7 +36,7 @@ fn node(redis: &RedisServer, extra: &str) -> String {
 
 /// acme's org counter as a replica sees it (a dry run holds nothing).
 async fn org_counter(s: &Sidecar) -> u64 {
-    let v = s.org_usage(&reqwest::Client::new(), 0).await;
+    let v = org_usage(s, &reqwest::Client::new(), 0).await;
     v["chain"]
         .as_array()
         .unwrap_or_else(|| panic!("no chain in {v}"))
@@ -47,7 +48,9 @@ async fn org_counter(s: &Sidecar) -> u64 {
 }
 
 async fn replicas_share_one_cap(storage: &str) -> Vec<Sidecar> {
-    let replicas: Vec<Sidecar> = (0..3).map(|_| Sidecar::start(&config(storage))).collect();
+    let replicas: Vec<Sidecar> = (0..3)
+        .map(|_| Sidecar::start(&config(storage)).unwrap())
+        .collect();
     let addrs: Vec<String> = replicas.iter().map(|r| r.ext_authz.clone()).collect();
     let total = race_one_cap(&addrs).await;
     assert!(
@@ -63,6 +66,11 @@ async fn replicas_share_one_cap(storage: &str) -> Vec<Sidecar> {
             org_counter(r).await,
             total,
             "every replica reads the shared counter as exactly what was granted"
+        );
+        // The script decided every check; the core read each answer the same way.
+        assert_eq!(
+            metric(r, "tollgate_store_script_disagreements_total").await,
+            0
         );
     }
     replicas
@@ -197,18 +205,9 @@ async fn recovers(sidecar: &Sidecar) -> usize {
 }
 
 async fn metric(sidecar: &Sidecar, name: &str) -> u64 {
-    let text = reqwest::get(format!("http://{}/metrics", sidecar.http))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {name} in /metrics"))
-        .trim()
-        .parse()
-        .unwrap()
+    let m = sidecar.metrics().await.unwrap();
+    m.get(name, &[])
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{m}")) as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,7 +217,7 @@ async fn redis_stopped_dropping_or_frozen_mid_load_answers_within_the_timeout_th
         "{{ kind: redis, url: \"{}\", timeoutMs: 200, breakerFailures: 5, breakerOpenMs: 300 }}",
         redis.url()
     );
-    let sidecar = Sidecar::start(&config(&storage));
+    let sidecar = Sidecar::start(&config(&storage)).unwrap();
     recovers(&sidecar).await;
 
     // Killed: connections drop, the port refuses.
@@ -255,7 +254,7 @@ async fn a_replica_killed_mid_load_loses_no_granted_usage() {
         &format!("limit: {ACME_ORG_CAP}, period: P1D"),
         "limit: 1000000000, period: P1D",
     );
-    let mut replicas: Vec<Sidecar> = (0..3).map(|_| Sidecar::start(&text)).collect();
+    let mut replicas: Vec<Sidecar> = (0..3).map(|_| Sidecar::start(&text).unwrap()).collect();
     let granted = Arc::new(AtomicU64::new(0));
     // Units of calls that failed, whose outcome the client never learned.
     let unknown = Arc::new(AtomicU64::new(0));
@@ -294,13 +293,13 @@ async fn a_replica_killed_mid_load_loses_no_granted_usage() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(800)).await;
-    replicas[0].signal("KILL");
+    replicas[0].signal("KILL").unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await.unwrap();
     }
-    let _ = replicas[0].child.wait();
+    replicas[0].proc.kill();
     replicas.remove(0);
     let granted = granted.load(Ordering::Relaxed);
     let unknown = unknown.load(Ordering::Relaxed);
@@ -328,7 +327,7 @@ async fn admin(
 ) -> (u16, serde_json::Value) {
     let mut r = reqwest::Client::new()
         .request(method, format!("http://{}{path}", s.http))
-        .bearer_auth(support::OPERATOR);
+        .bearer_auth(common::service::OPERATOR);
     if let Some(b) = body {
         r = r.json(&b);
     }
@@ -360,8 +359,8 @@ async fn admin_changes_on_one_replica_reach_every_replica() {
     use serde_json::json;
     let redis = RedisServer::start();
     let text = config(&node(&redis, ""));
-    let a = Sidecar::start(&text);
-    let b = Sidecar::start(&text);
+    let a = Sidecar::start(&text).unwrap();
+    let b = Sidecar::start(&text).unwrap();
 
     // A limit and a grant made at the same moment on two replicas: the second to save finds
     // the first's change saved, takes it in and saves both; neither is lost.
@@ -399,7 +398,7 @@ async fn admin_changes_on_one_replica_reach_every_replica() {
     }
 
     // A replica started later has them from the start.
-    let c = Sidecar::start(&text);
+    let c = Sidecar::start(&text).unwrap();
     let (_, limits) = admin(&c, Method::GET, "/v1/customers/acme/limits", None).await;
     assert!(limits.to_string().contains("org-credits"), "{limits}");
     assert!(limits.to_string().contains("ml-requests"), "{limits}");
@@ -408,7 +407,7 @@ async fn admin_changes_on_one_replica_reach_every_replica() {
 #[test]
 fn an_unreachable_redis_at_start_is_refused_with_the_address() {
     // A port nothing listens on: taken and released.
-    let port = support::redis::free_port();
+    let port = common::free_port();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("tollgate.yaml");
     let url = format!("redis://127.0.0.1:{port}/");

@@ -3,17 +3,18 @@
 //! shutdown on SIGTERM, and a bad config refused at start.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+mod common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::ACME_ORG_CAP;
-use support::sidecar::{LOOPBACK_PORT_0, Sidecar, race_one_cap};
+use common::ext_authz::{org_usage, race_one_cap};
+use common::service::ACME_ORG_CAP;
+use common::{LOOPBACK_PORT_0, Sidecar};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_grpc_clients_never_overspend_one_cap() {
-    let sidecar = Sidecar::start(&support::config_with(LOOPBACK_PORT_0));
+    let sidecar = Sidecar::start(&common::service::config_with(LOOPBACK_PORT_0)).unwrap();
     let total = race_one_cap(std::slice::from_ref(&sidecar.ext_authz)).await;
     assert!(
         total <= ACME_ORG_CAP,
@@ -25,7 +26,7 @@ async fn sixty_four_grpc_clients_never_overspend_one_cap() {
     );
     // The sidecar's own counter agrees with what the clients were granted.
     let http = reqwest::Client::new();
-    let view = sidecar.org_usage(&http, 1).await;
+    let view = org_usage(&sidecar, &http, 1).await;
     let org = view["chain"]
         .as_array()
         .unwrap()
@@ -37,8 +38,8 @@ async fn sixty_four_grpc_clients_never_overspend_one_cap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_applies_valid_files_keeps_bad_ones_out_and_sigterm_drains() {
-    let text = support::config_with(LOOPBACK_PORT_0);
-    let mut sidecar = Sidecar::start(&text);
+    let text = common::service::config_with(LOOPBACK_PORT_0);
+    let mut sidecar = Sidecar::start(&text).unwrap();
     let http = reqwest::Client::new();
     let cap_seen = |v: &serde_json::Value| {
         v["chain"]
@@ -50,7 +51,7 @@ async fn reload_applies_valid_files_keeps_bad_ones_out_and_sigterm_drains() {
             .as_u64()
             .unwrap()
     };
-    assert_eq!(cap_seen(&sidecar.org_usage(&http, 1).await), ACME_ORG_CAP);
+    assert_eq!(cap_seen(&org_usage(&sidecar, &http, 1).await), ACME_ORG_CAP);
 
     // A file change with a new cap takes effect without a restart.
     let raised = text.replace("limit: 1000, period: P1D", "limit: 2000, period: P1D");
@@ -58,7 +59,7 @@ async fn reload_applies_valid_files_keeps_bad_ones_out_and_sigterm_drains() {
     std::fs::write(&sidecar.config, &raised).unwrap();
     // Inotify usually reports it at once; the 5 s poll is the backstop.
     let until = Instant::now() + Duration::from_secs(20);
-    while cap_seen(&sidecar.org_usage(&http, 1).await) != 2000 {
+    while cap_seen(&org_usage(&sidecar, &http, 1).await) != 2000 {
         assert!(Instant::now() < until, "the file change was not applied");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -69,19 +70,12 @@ async fn reload_applies_valid_files_keeps_bad_ones_out_and_sigterm_drains() {
         raised.replace("period: P1D", "period: P1Q"),
     )
     .unwrap();
-    sidecar.signal("HUP");
+    sidecar.signal("HUP").unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(cap_seen(&sidecar.org_usage(&http, 1).await), 2000);
-    let metrics = http
-        .get(format!("http://{}/metrics", sidecar.http))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    assert_eq!(cap_seen(&org_usage(&sidecar, &http, 1).await), 2000);
+    let metrics = sidecar.metrics().await.unwrap();
     assert!(
-        metrics.contains(r#"tollgate_config_reloads_total{result="rejected"}"#),
+        metrics.get("tollgate_config_reloads_total", &[("result", "rejected")]) >= Some(1.0),
         "{metrics}"
     );
 
@@ -91,18 +85,18 @@ async fn reload_applies_valid_files_keeps_bad_ones_out_and_sigterm_drains() {
         text.replace("limit: 1000, period: P1D", "limit: 3000, period: P1D"),
     )
     .unwrap();
-    sidecar.signal("HUP");
+    sidecar.signal("HUP").unwrap();
     let until = Instant::now() + Duration::from_secs(10);
-    while cap_seen(&sidecar.org_usage(&http, 1).await) != 3000 {
+    while cap_seen(&org_usage(&sidecar, &http, 1).await) != 3000 {
         assert!(Instant::now() < until, "SIGHUP reload was not applied");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // SIGTERM: the process drains and exits cleanly.
-    sidecar.signal("TERM");
+    sidecar.signal("TERM").unwrap();
     let until = Instant::now() + Duration::from_secs(15);
     let status = loop {
-        if let Some(s) = sidecar.child.try_wait().unwrap() {
+        if let Some(s) = sidecar.proc.try_wait() {
             break s;
         }
         assert!(Instant::now() < until, "no exit after SIGTERM");
@@ -115,7 +109,7 @@ async fn reload_applies_valid_files_keeps_bad_ones_out_and_sigterm_drains() {
 fn an_invalid_config_is_refused_at_start_with_file_and_path() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("bad.yaml");
-    let text = support::config_with("  listeners: { http: \"not-an-address\" }")
+    let text = common::service::config_with("  listeners: { http: \"not-an-address\" }")
         .replace("limit: 1000, period: P1D", "limit: 1000, period: P1Q");
     std::fs::write(&config, text).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
@@ -155,7 +149,7 @@ fn check_with_dims(
     dims: usize,
     len: usize,
 ) -> tonic::Request<envoy_types::ext_authz::v3::pb::CheckRequest> {
-    let mut r = support::sidecar::check("alice", 1);
+    let mut r = common::ext_authz::check("alice", 1);
     if let Some(a) = r.get_mut().attributes.as_mut() {
         for i in 0..dims {
             a.context_extensions
@@ -173,17 +167,19 @@ async fn a_stuck_watcher_and_huge_dimension_maps_cannot_grow_memory() {
     use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
     use tollgate::grpc::TollgateClient;
 
-    let text = support::config_with(LOOPBACK_PORT_0)
+    let text = common::service::config_with(LOOPBACK_PORT_0)
         .replace("limit: 1000, period: P1D", "limit: 1000000000, period: P1D");
-    let sidecar = Sidecar::start(&text);
-    let pid = sidecar.child.id();
+    let sidecar = Sidecar::start(&text).unwrap();
+    let pid = sidecar.proc.pid().unwrap();
     let mut watch_client = TollgateClient::connect(format!("http://{}", sidecar.grpc))
         .await
         .unwrap();
     let mut watch = tonic::Request::new(tollgate_proto::v1::WatchUsageRequest::default());
     watch.metadata_mut().insert(
         "authorization",
-        format!("Bearer {}", support::OPERATOR).parse().unwrap(),
+        format!("Bearer {}", common::service::OPERATOR)
+            .parse()
+            .unwrap(),
     );
     // Opened and never polled again: a stuck watcher.
     let _stuck = watch_client.watch_usage(watch).await.unwrap().into_inner();
@@ -211,7 +207,7 @@ async fn a_stuck_watcher_and_huge_dimension_maps_cannot_grow_memory() {
     // 10,000 small dimensions (a 300 KB message): refused as bad input, nothing counted.
     let http = reqwest::Client::new();
     let counted = |v: serde_json::Value| v["chain"][0]["currentUsage"].as_u64().unwrap();
-    let used = counted(sidecar.org_usage(&http, 0).await);
+    let used = counted(org_usage(&sidecar, &http, 0).await);
     for _ in 0..20 {
         let r = c
             .check(check_with_dims(10_000, 20))
@@ -233,7 +229,7 @@ async fn a_stuck_watcher_and_huge_dimension_maps_cannot_grow_memory() {
         .unwrap()
         .into_inner();
     assert!(format!("{:?}", r.http_response).contains("at most 8192"));
-    assert_eq!(counted(sidecar.org_usage(&http, 0).await), used);
+    assert_eq!(counted(org_usage(&sidecar, &http, 0).await), used);
 
     // 3,000 granted checks carrying as much as the bounds allow, with the watcher stuck.
     for _ in 0..3_000 {

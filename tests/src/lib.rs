@@ -1,5 +1,4 @@
-//! Support for Tollgate's end-to-end tests and demo: real processes (Envoy, the sidecar, the
-//! mock upstream) started on free loopback ports and stopped on drop.
+//! Support for Tollgate's end-to-end tests beyond the shared test kit: driving Envoy with the
+//! official Python SDKs.
 
-pub mod harness;
-pub mod redis;
+pub mod sdk;

@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use support::{INITECH, SIDECAR, chat_body};
-use tollgate_tests::harness::{Envoy, MockLlm, Sidecar, envoy_config};
+use tollgate_testkit::{Envoy, MockLlm, Sidecar, envoy_config};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundreds_of_idle_connections_cannot_starve_envoys_checks() {
@@ -83,25 +83,14 @@ async fn hundreds_of_idle_connections_cannot_starve_envoys_checks() {
     }
     drop(held);
     // And the listeners counted what they refused and closed.
-    let metrics = http
-        .get(format!("http://{}/metrics", sidecar.http))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let value = |needle: &str| {
-        metrics
-            .lines()
-            .find(|l| l.starts_with("tollgate_connections_closed_total{") && l.contains(needle))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
+    let metrics = sidecar.metrics().await.unwrap();
+    let value = |listener: &str, reason: &str| {
+        metrics.sum(
+            "tollgate_connections_closed_total",
+            &[("listener", listener), ("reason", reason)],
+        )
     };
-    assert!(value(r#"listener="http",reason="full""#) > 0.0, "{metrics}");
-    assert!(value(r#"listener="grpc",reason="full""#) > 0.0, "{metrics}");
-    assert!(
-        value(r#"listener="grpc",reason="unauthenticated""#) > 0.0,
-        "{metrics}"
-    );
+    assert!(value("http", "full") > 0.0, "{metrics}");
+    assert!(value("grpc", "full") > 0.0, "{metrics}");
+    assert!(value("grpc", "unauthenticated") > 0.0, "{metrics}");
 }

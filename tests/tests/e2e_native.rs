@@ -48,9 +48,9 @@ async fn native_ext_authz_grants_then_denies_at_the_team_cap() {
     // A verified token that names no customer: bad input, nothing held.
     let no_org = format!(
         "Bearer {}",
-        tollgate_tests::harness::signed_jwt(
-            &json!({"iss": tollgate_tests::harness::JWT_ISSUER, "sub": "carol"}),
-            tollgate_tests::harness::JWT_KEY
+        tollgate_testkit::signed_jwt(
+            &json!({"iss": tollgate_testkit::JWT_ISSUER, "sub": "carol"}),
+            tollgate_testkit::JWT_KEY
         )
     );
     let r = s

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::{INITECH, Stack, caller, chat_body, true_usage};
-use tollgate_tests::harness::sdk;
+use tollgate_tests::sdk::sdk;
 
 const FILTER: &str = "wasm-filter.yaml";
 const T: Duration = Duration::from_secs(60);
@@ -222,7 +222,7 @@ async fn sdk_clients_racing_one_cap_never_overspend_it() {
         .await;
     let metrics = s.sidecar_metrics().await;
     assert!(
-        metrics.lines().any(|l| l == "tollgate_holds_open 0"),
+        metrics.get("tollgate_holds_open", &[]) == Some(0.0),
         "a hold is left open"
     );
 }
@@ -265,7 +265,7 @@ async fn a_stalled_sidecar_charges_nothing_for_calls_that_timed_out() {
     );
     let metrics = s.sidecar_metrics().await;
     assert!(
-        metrics.lines().any(|l| l == "tollgate_holds_open 0"),
+        metrics.get("tollgate_holds_open", &[]) == Some(0.0),
         "a hold is left open:\n{metrics}"
     );
     // And it decides again as usual.
@@ -284,7 +284,7 @@ async fn a_stalled_sidecar_charges_nothing_for_calls_that_timed_out() {
 /// answered unavailable while it was stopped leave no hold once it runs again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_redis_leaves_no_hold_for_checks_answered_unavailable() {
-    let redis = tollgate_tests::redis::RedisServer::start();
+    let redis = tollgate_testkit::RedisServer::start();
     let sidecar = support::SIDECAR.replace(
         "  logging: { level: warn }",
         &format!(

@@ -299,7 +299,7 @@ async fn a_killed_sidecar_fails_closed_with_503_and_open_marked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_follows_each_route_fail_mode_then_decisions_recover() {
-    let mut redis = tollgate_tests::redis::RedisServer::start();
+    let mut redis = tollgate_testkit::RedisServer::start();
     let sidecar = support::SIDECAR.replace(
         "  logging: { level: warn }",
         &format!(
@@ -356,7 +356,7 @@ async fn redis_down_follows_each_route_fail_mode_then_decisions_recover() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_sidecar_is_timed_out_per_route_fail_mode() {
-    let port = tollgate_tests::harness::hung_listener().unwrap();
+    let port = tollgate_testkit::hung_listener().unwrap();
     // Point the sidecar cluster at the silent socket.
     let s = Stack::start_with(FILTER, |c| sidecar_port(&c, port));
     let h = [("authorization", INITECH.as_str()), ("x-team-id", "ops")];
@@ -391,7 +391,7 @@ fn sidecar_port(c: &str, port: u16) -> String {
 async fn a_body_no_rule_reads_still_waits_for_the_decision() {
     // With no body rule the filter decides on the headers; the body that follows must be held
     // until the answer, not let through with it.
-    let port = tollgate_tests::harness::hung_listener().unwrap();
+    let port = tollgate_testkit::hung_listener().unwrap();
     let s = Stack::start_with(FILTER, |c| {
         sidecar_port(
             &c.replace(
@@ -463,9 +463,9 @@ async fn malformed_input_is_refused_before_any_decision() {
     // A verified token that names no customer.
     let no_org = format!(
         "Bearer {}",
-        tollgate_tests::harness::signed_jwt(
-            &json!({"iss": tollgate_tests::harness::JWT_ISSUER, "sub": "someone"}),
-            tollgate_tests::harness::JWT_KEY
+        tollgate_testkit::signed_jwt(
+            &json!({"iss": tollgate_testkit::JWT_ISSUER, "sub": "someone"}),
+            tollgate_testkit::JWT_KEY
         )
     );
     let r = s
@@ -515,8 +515,8 @@ async fn malformed_input_is_refused_before_any_decision() {
     // jwt_authn answers 401. (The filter's own reading of malformed tokens is unit-tested.)
     let forged = format!(
         "Bearer {}",
-        tollgate_tests::harness::signed_jwt(
-            &json!({"iss": tollgate_tests::harness::JWT_ISSUER, "org": "initech"}),
+        tollgate_testkit::signed_jwt(
+            &json!({"iss": tollgate_testkit::JWT_ISSUER, "org": "initech"}),
             b"not the platform's key"
         )
     );
@@ -551,11 +551,11 @@ async fn malformed_input_is_refused_before_any_decision() {
 
 #[test]
 fn a_bad_filter_config_stops_envoy_at_load_with_the_reason() {
-    let mock = tollgate_tests::harness::MockLlm::start().unwrap();
-    let config = tollgate_tests::harness::envoy_config(FILTER, 9, mock.port().unwrap())
+    let mock = tollgate_testkit::MockLlm::start().unwrap();
+    let config = tollgate_testkit::envoy_config(FILTER, 9, mock.port().unwrap())
         .unwrap()
         .replace(r#""failMode": "closed""#, r#""failMode": "sometimes""#);
-    let e = tollgate_tests::harness::Envoy::start(&config).unwrap_err();
+    let e = tollgate_testkit::Envoy::start(&config).unwrap_err();
     let text = format!("{e:#}");
     assert!(
         text.contains("tollgate filter config: at `failMode`"),
@@ -589,8 +589,8 @@ async fn the_customer_is_the_verified_claim_never_a_client_header() {
     // A token for another customer signed with another key never reaches the filter.
     let forged = format!(
         "Bearer {}",
-        tollgate_tests::harness::signed_jwt(
-            &json!({"iss": tollgate_tests::harness::JWT_ISSUER, "org": "globex", "sub": "carol"}),
+        tollgate_testkit::signed_jwt(
+            &json!({"iss": tollgate_testkit::JWT_ISSUER, "org": "globex", "sub": "carol"}),
             b"another key entirely"
         )
     );
@@ -637,7 +637,7 @@ async fn a_wrong_gateway_token_fails_like_an_outage_and_holds_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_answer_and_an_error_status_follow_the_fail_mode() {
-    use tollgate_tests::harness::{FakeAnswer, fake_authz};
+    use tollgate_testkit::{FakeAnswer, fake_authz};
     let h = [("authorization", INITECH.as_str()), ("x-team-id", "ops")];
     for (answer, reason) in [
         (FakeAnswer::Garbage, "bad_response"),

@@ -3,7 +3,7 @@
 
 use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap};
 
 use rustc_hash::FxHashMap;
 
@@ -156,9 +156,13 @@ pub struct Ledger {
     holds: FxHashMap<u64, Hold>,
     /// Expiry times of holds; entries of holds closed earlier are skipped when they surface.
     expiry: BinaryHeap<Reverse<(Timestamp, u64)>>,
-    /// Idempotency keys of ingested usage still remembered, and their order for eviction.
+    /// Idempotency keys of ingested usage still remembered, and their order for eviction:
+    /// oldest first, keys of the same millisecond by key. Trade-off: a sorted set (log n per
+    /// key) rather than an insertion-ordered queue, because the order must be one every
+    /// backend can keep: a file restored by key, and a Redis sorted set, which breaks score
+    /// ties by member.
     seen_keys: rustc_hash::FxHashSet<Box<str>>,
-    seen_order: VecDeque<(Timestamp, Box<str>)>,
+    seen_order: BTreeSet<(Timestamp, Box<str>)>,
     /// The next hold number. Hold numbers only grow, so any number below this one that is not
     /// open was closed: that is what makes settlement idempotent without remembering it.
     next_seq: u64,
@@ -224,11 +228,9 @@ impl Ledger {
             l.holds.insert(seq, hold);
         }
         l.next_seq = l.next_seq.max(next_seq);
-        let mut keys: Vec<_> = keys.into_iter().collect();
-        keys.sort_by_key(|(at, _)| *at);
         for (at, k) in keys {
             l.seen_keys.insert(k.clone());
-            l.seen_order.push_back((at, k));
+            l.seen_order.insert((at, k));
         }
         l
     }
@@ -459,12 +461,12 @@ impl Ledger {
         retention: KeyRetention,
         now: Timestamp,
     ) -> bool {
-        while let Some((at, _)) = self.seen_order.front() {
+        while let Some((at, _)) = self.seen_order.first() {
             let stale = now.millis().saturating_sub(at.millis()) > retention.millis;
             if !stale && self.seen_order.len() < retention.max_keys.max(1) {
                 break;
             }
-            if let Some((_, k)) = self.seen_order.pop_front() {
+            if let Some((_, k)) = self.seen_order.pop_first() {
                 self.seen_keys.remove(&k);
                 if let Some(d) = self.dirty.as_mut() {
                     d.keys.insert(k, None);
@@ -475,7 +477,7 @@ impl Ledger {
             return false;
         }
         self.seen_keys.insert(key.into());
-        self.seen_order.push_back((now, key.into()));
+        self.seen_order.insert((now, key.into()));
         if let Some(d) = self.dirty.as_mut() {
             d.keys.insert(key.into(), Some(now));
             d.counters.extend(plan.counters.iter().map(|c| c.key));

@@ -77,12 +77,12 @@ impl MemoryStore {
         Self::default()
     }
 
-    /// A store that remembers ingest idempotency keys as `retention` says.
-    pub fn with_key_retention(retention: KeyRetention) -> Self {
-        Self {
-            retention,
-            ..Self::default()
-        }
+    /// This store, remembering ingest idempotency keys as `retention` says (durable stores
+    /// too: `DurableStore::open(..)?.with_key_retention(..)`).
+    #[must_use]
+    pub fn with_key_retention(mut self, retention: KeyRetention) -> Self {
+        self.retention = retention;
+        self
     }
 
     /// A journaled store over restored ledgers: each change is reported to `journal` under

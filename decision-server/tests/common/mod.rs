@@ -1,6 +1,18 @@
-//! Shared test harness: config from YAML text, an engine over a given store with a manual
-//! clock, and the macro that runs one test body against every store implementation.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! The sidecar crate's test support: config from YAML text, an engine over a given store
+//! with a manual clock, the macro that runs one test body against every store
+//! implementation, the in-process service fixture ([`service`]) and the ext_authz helpers
+//! for sidecar processes ([`ext_authz`]). Processes themselves (the sidecar, Redis) come
+//! from the workspace's test kit.
+#![allow(
+    dead_code,
+    unused_imports,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
+
+pub mod ext_authz;
+pub mod service;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,7 +32,7 @@ macro_rules! test_with_all_stores {
             mod $name {
                 #[test]
                 fn memory() {
-                    super::$name(std::sync::Arc::new(tollgate::store::MemoryStore::new()));
+                    super::$name($crate::common::memory());
                 }
                 #[test]
                 fn durable_batched() {
@@ -57,7 +69,7 @@ macro_rules! test_with_all_store_factories {
                 #[test]
                 fn memory() {
                     super::$name(&|| -> std::sync::Arc<dyn tollgate::store::CounterStore> {
-                        std::sync::Arc::new(tollgate::store::MemoryStore::new())
+                        $crate::common::memory()
                     });
                 }
                 #[test]
@@ -93,9 +105,21 @@ macro_rules! test_with_all_store_factories {
     };
 }
 
-#[path = "../../../tests/src/redis.rs"]
-mod redis_server;
-pub use redis_server::{RedisCluster, RedisServer};
+pub use tollgate_testkit::sidecar::LOOPBACK_PORT_0;
+
+/// How long, and how many, ingest idempotency keys the test stores remember: few, so a test
+/// can reach eviction by count as well as by age.
+pub const KEY_RETENTION: tollgate::core::ledger::KeyRetention =
+    tollgate::core::ledger::KeyRetention {
+        millis: 3_600_000,
+        max_keys: 4,
+    };
+
+/// An in-memory store keeping [`KEY_RETENTION`].
+pub fn memory() -> Arc<tollgate::store::MemoryStore> {
+    Arc::new(tollgate::store::MemoryStore::new().with_key_retention(KEY_RETENTION))
+}
+pub use tollgate_testkit::{RedisCluster, RedisServer, Sidecar, free_port};
 
 /// A Redis store on `server` under a key prefix no other store of this process uses, so the
 /// cases of one test can share a server. Connected on the shared runtime, which keeps
@@ -123,7 +147,7 @@ pub fn redis_store_on(target: tollgate::store::RedisTarget) -> Arc<tollgate::sto
         runtime()
             .block_on(tollgate::store::RedisStore::connect(
                 settings,
-                tollgate::core::ledger::KeyRetention::default(),
+                KEY_RETENTION,
             ))
             .unwrap(),
     )
@@ -140,7 +164,9 @@ pub fn durable(
         .unwrap()
         .keep();
     std::sync::Arc::new(
-        tollgate::store::DurableStore::open(&dir.join("tollgate.redb"), durability).unwrap(),
+        tollgate::store::DurableStore::open(&dir.join("tollgate.redb"), durability)
+            .unwrap()
+            .with_key_retention(KEY_RETENTION),
     )
 }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
-use tollgate_tests::harness::{
+use tollgate_testkit::{
     Envoy, MockLlm, Sidecar, bearer_for, envoy_config, gateway_token_config, root,
 };
 

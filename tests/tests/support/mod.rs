@@ -5,7 +5,7 @@ use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tollgate_tests::harness::{Envoy, MockLlm, Sidecar, envoy_config, gateway_token_config};
+use tollgate_testkit::{Envoy, Metrics, MockLlm, Sidecar, envoy_config, gateway_token_config};
 
 pub const OPERATOR: &str = "demo-operator-token";
 pub const RESEARCH_CAP: u64 = 300;
@@ -75,7 +75,7 @@ pub fn caller(customer: &str, sub: Option<&str>) -> String {
         Some(s) => json!({ "sub": s }),
         None => json!({}),
     };
-    tollgate_tests::harness::bearer_for(customer, claims)
+    tollgate_testkit::bearer_for(customer, claims)
 }
 
 pub static INITECH: LazyLock<String> = LazyLock::new(|| caller("initech", None));
@@ -177,24 +177,15 @@ impl Stack {
     }
 
     /// The sidecar's `/metrics` page.
-    pub async fn sidecar_metrics(&self) -> String {
-        self.http
-            .get(format!("http://{}/metrics", self.sidecar.http))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+    pub async fn sidecar_metrics(&self) -> Metrics {
+        self.sidecar.metrics().await.unwrap()
     }
 
     /// The sidecar's decision counters, summed over outcomes.
     pub async fn sidecar_decisions(&self) -> u64 {
-        let text = self.sidecar_metrics().await;
-        text.lines()
-            .filter(|l| l.starts_with("tollgate_decisions_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
+        self.sidecar_metrics()
+            .await
+            .sum("tollgate_decisions_total", &[]) as u64
     }
 }
 

@@ -423,7 +423,8 @@ local function cancel()
 end
 
 -- ARGV: 'record', now, idempotency key, retention ms, most keys kept, counters, groups.
--- Result: 1 recorded, 0 the key was already recorded.
+-- Result: 1 recorded, 0 the key was already recorded. Keys are evicted oldest first, keys of
+-- one millisecond in member order (the sorted set's tie-break), as `Ledger::record` does.
 local function record()
   local key, keep_ms, keep_max, n = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
   redis.call('ZREMRANGEBYSCORE', SEEN, '-inf', string.format('(%d', now - keep_ms))

@@ -1,10 +1,5 @@
-//! A sidecar fixture for the API tests: a 3-level tree (organization → team → user) for two
-//! customers, an operator token and one API key per customer.
-#![allow(dead_code)]
-
-#[path = "../../../tests/src/redis.rs"]
-pub mod redis;
-pub mod sidecar;
+//! The sidecar fixture for the API and process tests: a 3-level tree (organization → team →
+//! user) for two customers, an operator token, one API key per customer and gateway tokens.
 
 use std::sync::Arc;
 

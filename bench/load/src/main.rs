@@ -155,7 +155,7 @@ fn config(customers: usize, max_users: usize, hold_ttl: &str) -> String {
     let _ = write!(
         out,
         "server:\n  listeners: {{ extAuthz: \"127.0.0.1:0\", grpc: \"127.0.0.1:0\", http: \"127.0.0.1:0\" }}\n  credentials:\n    operatorTokenSha256: {sha}\n{gateway}  extAuthz:\n    customer: {{ jwtClaim: org }}\n    dimensions:\n      userId: {{ jwtClaim: sub }}\n  logging: {{ level: warn }}\n",
-        gateway = tollgate_tests::harness::gateway_token_config()
+        gateway = tollgate_testkit::gateway_token_config()
     );
     out
 }
@@ -223,7 +223,7 @@ fn authz_request(customer: &str, user: &str, usage: u64) -> tonic::Request<Check
             ..AttributeContext::default()
         }),
     });
-    if let Ok(v) = format!("Bearer {}", tollgate_tests::harness::GATEWAY_TOKEN).parse() {
+    if let Ok(v) = format!("Bearer {}", tollgate_testkit::GATEWAY_TOKEN).parse() {
         r.metadata_mut().insert("authorization", v);
     }
     r
@@ -272,7 +272,7 @@ enum Client {
 
 /// A signed JWT for `user` of `customer`, as Envoy's jwt_authn verifies it.
 fn bearer(customer: &str, user: &str) -> String {
-    tollgate_tests::harness::bearer_for(customer, serde_json::json!({ "sub": user }))
+    tollgate_testkit::bearer_for(customer, serde_json::json!({ "sub": user }))
 }
 
 const CHAT_BODY: &str =
@@ -516,7 +516,7 @@ async fn envoy_bench(
     rounds: usize,
     breakdown: bool,
 ) -> anyhow::Result<()> {
-    use tollgate_tests::harness::{Envoy, MockLlm, Sidecar, envoy_config};
+    use tollgate_testkit::{Envoy, MockLlm, Sidecar, envoy_config};
     let mock = MockLlm::start()?;
     let sidecar = Sidecar::start(&config(10, 1_000_000, "PT10M"))?;
     let (sp, up) = (sidecar.ext_authz_port()?, mock.port()?);

@@ -1,8 +1,9 @@
 //! Real `redis-server` processes on free loopback ports, owned by a test: a single node, a
 //! node that can be stopped, paused and started again on its port, and a 3-master Cluster
-//! made with `redis-cli --cluster create`. Also compiled into the sidecar crate's tests (by
-//! path), which cannot depend on this crate.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! made with `redis-cli --cluster create`.
+// A server that cannot start fails the test that asked for it, with the reason: panicking
+// here is the test's failure, not a request path's.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

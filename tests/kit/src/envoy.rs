@@ -1,0 +1,215 @@
+//! Envoy from the project's `.tools` folder, running a config rendered from a template under
+//! `envoy/` with the release filter.
+
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::credentials::{GATEWAY_TOKEN, JWT_ISSUER, jwks};
+use crate::proc::{Proc, root};
+
+/// Envoy 1.40 from the project's `.tools` folder (`make setup-envoy`), or `TOLLGATE_ENVOY`.
+pub fn envoy_binary() -> anyhow::Result<PathBuf> {
+    let p = std::env::var_os("TOLLGATE_ENVOY").map_or_else(
+        || root().join(".tools/envoy-1.40.0/envoy/_bin/envoy"),
+        PathBuf::from,
+    );
+    if !p.is_file() {
+        bail!(
+            "Envoy is not installed at {}: run `make setup-envoy` (or `make test`)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// The release filter, built by `make wasm`, or `TOLLGATE_WASM`.
+pub fn wasm_module() -> anyhow::Result<PathBuf> {
+    let p = std::env::var_os("TOLLGATE_WASM").map_or_else(
+        || root().join("target/wasm32-wasip1/release/tollgate_filter.wasm"),
+        PathBuf::from,
+    );
+    if !p.is_file() {
+        bail!(
+            "the filter is not built at {}: run `make wasm` (or `make test`)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// Envoy running a config rendered from a template under `envoy/`.
+#[derive(Debug)]
+pub struct Envoy {
+    pub proc: Proc,
+    /// `http://127.0.0.1:<port>` of the listener.
+    pub url: String,
+    pub admin: String,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Fills `{{NAME}}` placeholders; every placeholder must be given.
+pub fn render(template: &str, values: &[(&str, String)]) -> anyhow::Result<String> {
+    let mut out = template.to_string();
+    for (k, v) in values {
+        out = out.replace(&format!("{{{{{k}}}}}"), v);
+    }
+    if let Some(i) = out.find("{{") {
+        let rest: String = out[i..].chars().take(40).collect();
+        bail!("an unfilled placeholder is left in the Envoy config: {rest}");
+    }
+    Ok(out)
+}
+
+impl Envoy {
+    /// Starts Envoy on `config` (rendered, with `LISTEN_PORT` and `ADMIN_PORT` left at 0).
+    /// Envoy runs in its own process group so that signals meant for the test runner (or a
+    /// script that exits) do not reach it; the handle kills it.
+    pub fn start(config: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir().context("cannot make a temp dir")?;
+        let path = dir.path().join("envoy.yaml");
+        std::fs::write(&path, config).context("cannot write the Envoy config")?;
+        let admin_file = dir.path().join("admin.txt");
+        let log = dir.path().join("envoy.log");
+        let log_file = std::fs::File::create(&log).context("cannot create the Envoy log")?;
+        let child = Command::new(envoy_binary()?)
+            .arg("-c")
+            .arg(&path)
+            .args([
+                "--concurrency",
+                "2",
+                "--disable-hot-restart",
+                "-l",
+                "warning",
+            ])
+            .args(["--component-log-level", "wasm:info"])
+            .arg("--admin-address-path")
+            .arg(&admin_file)
+            .env("TOLLGATE_GATEWAY_TOKEN", GATEWAY_TOKEN)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .process_group(0)
+            .spawn()
+            .context("cannot start Envoy")?;
+        let mut proc = Proc::new(child, "envoy");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let admin = loop {
+            if let Some(status) = proc.try_wait() {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                bail!("Envoy exited ({status}) before it was ready:\n{text}");
+            }
+            if let Ok(a) = std::fs::read_to_string(&admin_file)
+                && !a.trim().is_empty()
+            {
+                break a.trim().to_string();
+            }
+            if Instant::now() > deadline {
+                bail!("Envoy wrote no admin address within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let port = loop {
+            if let Some(p) = listener_port(&admin) {
+                break p;
+            }
+            if let Some(status) = proc.try_wait() {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                bail!("Envoy exited ({status}) before it was ready:\n{text}");
+            }
+            if Instant::now() > deadline {
+                bail!("Envoy's listener was not up within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Ok(Self {
+            proc,
+            url: format!("http://127.0.0.1:{port}"),
+            admin,
+            log,
+            _dir: dir,
+        })
+    }
+
+    /// One Envoy stat's value, from `/stats?filter=`.
+    pub fn stat(&self, name: &str) -> anyhow::Result<u64> {
+        let text = http_get(&self.admin, &format!("/stats?filter=^{name}$"))?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no stat `{name}` in {text:?}"))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A minimal HTTP/1.1 GET over loopback for Envoy's admin endpoint (no client runtime needed).
+fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let (head, body) = out
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no HTTP response from {addr}{path}"))?;
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Ok(body.to_string());
+    }
+    // De-chunk: "<hex size>\r\n<data>\r\n" ... "0\r\n\r\n".
+    let mut rest = body;
+    let mut data = String::new();
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16)
+            .with_context(|| format!("bad chunk size {size:?}"))?;
+        if n == 0 || tail.len() < n {
+            break;
+        }
+        data.push_str(&tail[..n]);
+        rest = tail[n..].trim_start_matches("\r\n");
+    }
+    Ok(data)
+}
+
+/// The port of Envoy's first listener, once it is bound.
+fn listener_port(admin: &str) -> Option<u16> {
+    let text = http_get(admin, "/listeners?format=json").ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let port =
+        v["listener_statuses"][0]["local_address"]["socket_address"]["port_value"].as_u64()?;
+    u16::try_from(port).ok().filter(|p| *p != 0)
+}
+
+/// Renders `envoy/<file>` for the given sidecar and upstream ports, with the release filter.
+pub fn envoy_config(file: &str, sidecar_port: u16, upstream_port: u16) -> anyhow::Result<String> {
+    let path = root().join("envoy").join(file);
+    let template = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    render(
+        &template,
+        &[
+            ("LISTEN_PORT", "0".into()),
+            ("ADMIN_PORT", "0".into()),
+            ("SIDECAR_PORT", sidecar_port.to_string()),
+            ("UPSTREAM_PORT", upstream_port.to_string()),
+            ("WASM", wasm_module()?.display().to_string()),
+            ("JWT_ISSUER", JWT_ISSUER.to_string()),
+            ("JWT_JWKS", jwks()),
+            ("GATEWAY_TOKEN", GATEWAY_TOKEN.to_string()),
+        ],
+    )
+}
