@@ -641,273 +641,19 @@ impl ServerSettings {
             file,
             list: Vec::new(),
         };
-        let mut listen = |value: &Option<String>, default: &str, name: &str| {
-            ListenAddr::parse(value.as_deref().unwrap_or(default)).unwrap_or_else(|m| {
-                errors.push(format!("server.listeners.{name}"), m);
-                ListenAddr::Unix(PathBuf::new())
-            })
-        };
-        let ext_authz_listen = listen(
-            &dto.listeners.ext_authz,
-            DEFAULT_EXT_AUTHZ_LISTEN,
-            "extAuthz",
-        );
-        let grpc_listen = listen(&dto.listeners.grpc, DEFAULT_GRPC_LISTEN, "grpc");
-        let http_listen = listen(&dto.listeners.http, DEFAULT_HTTP_LISTEN, "http");
-
-        let operator_sha256 = dto
-            .credentials
-            .operator_token_sha256
-            .as_deref()
-            .and_then(|h| {
-                digest(h)
-                    .map_err(|m| errors.push("server.credentials.operatorTokenSha256", m))
-                    .ok()
-            });
-        let mut api_keys = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        for (i, k) in dto.credentials.api_keys.iter().enumerate() {
-            let path = format!("server.credentials.apiKeys[{i}]");
-            if !key_id_ok(&k.id) {
-                errors.push(
-                    format!("{path}.id"),
-                    format!(
-                        "`{}` is not a key id; use letters, digits, `-` and `_`",
-                        k.id
-                    ),
-                );
-            }
-            if !seen.insert(k.id.clone()) {
-                errors.push(format!("{path}.id"), format!("duplicate key id `{}`", k.id));
-            }
-            // A key for a customer the file does not declare would reach whichever customer
-            // is later created with that id.
-            if !customers.contains(k.customer.as_str()) {
-                errors.push(
-                    format!("{path}.customer"),
-                    format!(
-                        "unknown customer `{}`; an API key must name a customer of this file",
-                        k.customer
-                    ),
-                );
-            }
-            match digest(&k.sha256) {
-                Ok(sha256) => api_keys.push(ApiKeySpec {
-                    id: k.id.clone(),
-                    customer: k.customer.clone(),
-                    sha256,
-                }),
-                Err(m) => errors.push(format!("{path}.sha256"), m),
-            }
-        }
-        let mut gateway_tokens = Vec::new();
-        for (i, g) in dto.credentials.gateway_tokens.iter().enumerate() {
-            let path = format!("server.credentials.gatewayTokens[{i}]");
-            if !key_id_ok(&g.id) {
-                errors.push(
-                    format!("{path}.id"),
-                    format!(
-                        "`{}` is not a token id; use letters, digits, `-` and `_`",
-                        g.id
-                    ),
-                );
-            }
-            if !seen.insert(g.id.clone()) {
-                errors.push(
-                    format!("{path}.id"),
-                    format!(
-                        "duplicate key id `{}` (API keys and gateway tokens share ids)",
-                        g.id
-                    ),
-                );
-            }
-            for (j, c) in g.customers.iter().flatten().enumerate() {
-                if !customers.contains(c.as_str()) {
-                    errors.push(
-                        format!("{path}.customers[{j}]"),
-                        format!("unknown customer `{c}`"),
-                    );
-                }
-            }
-            if g.customers.as_ref().is_some_and(Vec::is_empty) {
-                errors.push(
-                    format!("{path}.customers"),
-                    "an empty list reaches no customer; leave it out for every customer",
-                );
-            }
-            match digest(&g.sha256) {
-                Ok(sha256) => gateway_tokens.push(GatewayTokenSpec {
-                    id: g.id.clone(),
-                    sha256,
-                    customers: g.customers.clone(),
-                }),
-                Err(m) => errors.push(format!("{path}.sha256"), m),
-            }
-        }
-
-        let e = &dto.ext_authz;
-        let defaults = ExtAuthzSettings::default();
-        let pick =
-            |d: &Option<SourceDto>, fallback: Source, name: &str, errors: &mut Errors<'_>| {
-                d.as_ref().map_or(fallback, |d| {
-                    source(d, &format!("server.extAuthz.{name}"), errors)
-                })
-            };
-        let customer = pick(&e.customer, defaults.customer, "customer", &mut errors);
-        let feature = pick(&e.feature, defaults.feature, "feature", &mut errors);
-        let usage = pick(&e.usage, defaults.usage, "usage", &mut errors);
-        if let Some(c) = &usage.constant
-            && c.parse::<u64>().is_err()
-        {
-            errors.push(
-                "server.extAuthz.usage.constant",
-                format!("`{c}` is not a whole number of units"),
-            );
-        }
-        let dimensions = e
-            .dimensions
-            .iter()
-            .map(|(name, d)| {
-                let s = source(
-                    d,
-                    &format!("server.extAuthz.dimensions.{name}"),
-                    &mut errors,
-                );
-                (name.clone(), s)
-            })
-            .collect();
-        let deny_status = status(
-            e.deny_status,
-            429,
-            "server.extAuthz.denyStatus",
-            &mut errors,
-        );
-        let bad_input_status = status(
-            e.bad_input_status,
-            400,
-            "server.extAuthz.badInputStatus",
-            &mut errors,
-        );
-
-        let grace = dto
-            .shutdown_grace
-            .as_deref()
-            .unwrap_or(DEFAULT_SHUTDOWN_GRACE);
-        let shutdown_grace_millis = parse_fixed_millis(grace).unwrap_or_else(|m| {
-            errors.push("server.shutdownGrace", m.to_string());
-            0
-        });
-        let storage = match dto.storage.kind {
-            StorageKindDto::Memory => Storage::Memory,
-            StorageKindDto::Durable => {
-                let path = dto
-                    .storage
-                    .path
-                    .clone()
-                    .unwrap_or_else(|| DEFAULT_STORE_FILE.to_string());
-                if path.trim().is_empty() {
-                    errors.push(
-                        "server.storage.path",
-                        "a durable store needs the path of its file",
-                    );
-                }
-                // Relative to the config file, so the store stays with the config that made it
-                // whatever folder the process starts in.
-                let path = std::path::Path::new(file)
-                    .parent()
-                    .map_or_else(|| std::path::PathBuf::from(&path), |dir| dir.join(&path));
-                let durability = match dto.storage.durability {
-                    DurabilityDto::Sync => crate::store::Durability::Sync,
-                    DurabilityDto::Batched => {
-                        let millis = dto.storage.commit_interval_ms.unwrap_or(100);
-                        if !(1..=10_000).contains(&millis) {
-                            errors.push(
-                                "server.storage.commitIntervalMs",
-                                format!("{millis} is not from 1 to 10000"),
-                            );
-                        }
-                        crate::store::Durability::Batched {
-                            interval: std::time::Duration::from_millis(millis),
-                        }
-                    }
-                };
-                Storage::Durable { path, durability }
-            }
-            StorageKindDto::Redis => Storage::Redis(redis_settings(&dto.storage, &mut errors)),
-        };
-        let c = &dto.connections;
-        let mut duration = |v: &Option<String>, default: &str, name: &str| {
-            let text = v.as_deref().unwrap_or(default);
-            match parse_fixed_millis(text) {
-                Ok(ms) if ms > 0 => std::time::Duration::from_millis(ms.unsigned_abs()),
-                Ok(_) => {
-                    errors.push(format!("server.connections.{name}"), "must be above zero");
-                    std::time::Duration::ZERO
-                }
-                Err(m) => {
-                    errors.push(format!("server.connections.{name}"), m.to_string());
-                    std::time::Duration::ZERO
-                }
-            }
-        };
-        let idle_timeout = duration(&c.idle_timeout, "PT5M", "idleTimeout");
-        let auth_timeout = duration(&c.auth_timeout, "PT10S", "authTimeout");
-        let header_timeout = duration(&c.header_timeout, "PT10S", "headerTimeout");
-        let request_timeout = duration(&c.request_timeout, "PT30S", "requestTimeout");
-        for (v, name) in [
-            (c.max_ext_authz, "maxExtAuthz"),
-            (c.max_grpc, "maxGrpc"),
-            (c.max_http, "maxHttp"),
-        ] {
-            if v == Some(0) {
-                errors.push(format!("server.connections.{name}"), "must be at least 1");
-            }
-        }
-        let connections = Connections {
-            max_ext_authz: c.max_ext_authz,
-            max_grpc: c.max_grpc,
-            max_http: c.max_http,
-            idle_timeout,
-            auth_timeout,
-            header_timeout,
-            request_timeout,
-        };
-        let d = RequestLimits::default();
-        let limits = RequestLimits {
-            max_dimensions: dto.limits.max_dimensions.unwrap_or(d.max_dimensions),
-            max_dimension_bytes: dto
-                .limits
-                .max_dimension_bytes
-                .unwrap_or(d.max_dimension_bytes),
-            max_grpc_message_bytes: dto
-                .limits
-                .max_grpc_message_bytes
-                .unwrap_or(d.max_grpc_message_bytes),
-        };
-        if !(1..=1024).contains(&limits.max_dimensions) {
-            errors.push("server.limits.maxDimensions", "must be from 1 to 1024");
-        }
-        if !(64..=1024 * 1024).contains(&limits.max_dimension_bytes) {
-            errors.push(
-                "server.limits.maxDimensionBytes",
-                "must be from 64 to 1048576",
-            );
-        }
-        if !(4096..=64 * 1024 * 1024).contains(&limits.max_grpc_message_bytes) {
-            errors.push(
-                "server.limits.maxGrpcMessageBytes",
-                "must be from 4096 to 67108864",
-            );
-        }
+        let (ext_authz_listen, grpc_listen, http_listen) = listeners(dto, &mut errors);
+        let (operator_sha256, api_keys, gateway_tokens) =
+            credentials(&dto.credentials, customers, &mut errors);
+        let ext_authz = ext_authz(&dto.ext_authz, &mut errors);
+        let shutdown_grace_millis = shutdown_grace(dto, &mut errors);
+        let storage = storage(&dto.storage, file, &mut errors);
+        let connections = connections(&dto.connections, &mut errors);
+        let limits = request_limits(&dto.limits, &mut errors);
         let max_body_bytes = dto.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
         if max_body_bytes == 0 {
             errors.push("server.maxBodyBytes", "must be at least 1");
         }
-        let log_level = dto.logging.level.clone().unwrap_or_else(|| "info".into());
-        if let Err(m) = log_level.parse::<tracing_subscriber::EnvFilter>() {
-            errors.push("server.logging.level", format!("`{log_level}`: {m}"));
-        }
-
+        let (log_format, log_level) = logging(dto, &mut errors);
         if !errors.list.is_empty() {
             return Err(ConfigErrors(errors.list));
         }
@@ -918,21 +664,8 @@ impl ServerSettings {
             operator_sha256,
             api_keys,
             gateway_tokens,
-            ext_authz: ExtAuthzSettings {
-                customer,
-                feature,
-                usage,
-                dimensions,
-                deny_status,
-                allow_bad_input: e.on_bad_input == BadInputDto::Allow,
-                bad_input_status,
-                upstream_headers: e.upstream_headers.unwrap_or(true),
-                upstream_hold_id: e.upstream_hold_id.unwrap_or(false),
-            },
-            log_format: match dto.logging.format {
-                LogFormatDto::Pretty => LogFormat::Pretty,
-                LogFormatDto::Json => LogFormat::Json,
-            },
+            ext_authz,
+            log_format,
             log_level,
             max_body_bytes,
             shutdown_grace_millis,
@@ -941,4 +674,305 @@ impl ServerSettings {
             limits,
         })
     }
+}
+
+/// `server.listeners`: the ext_authz, gRPC and HTTP addresses.
+fn listeners(dto: &ServerDto, errors: &mut Errors<'_>) -> (ListenAddr, ListenAddr, ListenAddr) {
+    let mut listen = |value: &Option<String>, default: &str, name: &str| {
+        ListenAddr::parse(value.as_deref().unwrap_or(default)).unwrap_or_else(|m| {
+            errors.push(format!("server.listeners.{name}"), m);
+            ListenAddr::Unix(PathBuf::new())
+        })
+    };
+    let ext_authz_listen = listen(
+        &dto.listeners.ext_authz,
+        DEFAULT_EXT_AUTHZ_LISTEN,
+        "extAuthz",
+    );
+    let grpc_listen = listen(&dto.listeners.grpc, DEFAULT_GRPC_LISTEN, "grpc");
+    let http_listen = listen(&dto.listeners.http, DEFAULT_HTTP_LISTEN, "http");
+
+    (ext_authz_listen, grpc_listen, http_listen)
+}
+
+/// The operator token's digest, the API keys and the gateway tokens.
+type CredentialSpecs = (Option<[u8; 32]>, Vec<ApiKeySpec>, Vec<GatewayTokenSpec>);
+
+/// `server.credentials`: the operator token, API keys and gateway tokens (ids unique across
+/// both; every customer named is one of the file's).
+fn credentials(
+    dto: &CredentialsDto,
+    customers: &std::collections::HashSet<&str>,
+    errors: &mut Errors<'_>,
+) -> CredentialSpecs {
+    let operator_sha256 = dto.operator_token_sha256.as_deref().and_then(|h| {
+        digest(h)
+            .map_err(|m| errors.push("server.credentials.operatorTokenSha256", m))
+            .ok()
+    });
+    let mut api_keys = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (i, k) in dto.api_keys.iter().enumerate() {
+        let path = format!("server.credentials.apiKeys[{i}]");
+        if !key_id_ok(&k.id) {
+            errors.push(
+                format!("{path}.id"),
+                format!(
+                    "`{}` is not a key id; use letters, digits, `-` and `_`",
+                    k.id
+                ),
+            );
+        }
+        if !seen.insert(k.id.clone()) {
+            errors.push(format!("{path}.id"), format!("duplicate key id `{}`", k.id));
+        }
+        // A key for a customer the file does not declare would reach whichever customer
+        // is later created with that id.
+        if !customers.contains(k.customer.as_str()) {
+            errors.push(
+                format!("{path}.customer"),
+                format!(
+                    "unknown customer `{}`; an API key must name a customer of this file",
+                    k.customer
+                ),
+            );
+        }
+        match digest(&k.sha256) {
+            Ok(sha256) => api_keys.push(ApiKeySpec {
+                id: k.id.clone(),
+                customer: k.customer.clone(),
+                sha256,
+            }),
+            Err(m) => errors.push(format!("{path}.sha256"), m),
+        }
+    }
+    let mut gateway_tokens = Vec::new();
+    for (i, g) in dto.gateway_tokens.iter().enumerate() {
+        let path = format!("server.credentials.gatewayTokens[{i}]");
+        if !key_id_ok(&g.id) {
+            errors.push(
+                format!("{path}.id"),
+                format!(
+                    "`{}` is not a token id; use letters, digits, `-` and `_`",
+                    g.id
+                ),
+            );
+        }
+        if !seen.insert(g.id.clone()) {
+            errors.push(
+                format!("{path}.id"),
+                format!(
+                    "duplicate key id `{}` (API keys and gateway tokens share ids)",
+                    g.id
+                ),
+            );
+        }
+        for (j, c) in g.customers.iter().flatten().enumerate() {
+            if !customers.contains(c.as_str()) {
+                errors.push(
+                    format!("{path}.customers[{j}]"),
+                    format!("unknown customer `{c}`"),
+                );
+            }
+        }
+        if g.customers.as_ref().is_some_and(Vec::is_empty) {
+            errors.push(
+                format!("{path}.customers"),
+                "an empty list reaches no customer; leave it out for every customer",
+            );
+        }
+        match digest(&g.sha256) {
+            Ok(sha256) => gateway_tokens.push(GatewayTokenSpec {
+                id: g.id.clone(),
+                sha256,
+                customers: g.customers.clone(),
+            }),
+            Err(m) => errors.push(format!("{path}.sha256"), m),
+        }
+    }
+
+    (operator_sha256, api_keys, gateway_tokens)
+}
+
+/// `server.extAuthz`: where each input is read from, and the answers' statuses.
+fn ext_authz(e: &ExtAuthzDto, errors: &mut Errors<'_>) -> ExtAuthzSettings {
+    let defaults = ExtAuthzSettings::default();
+    let pick = |d: &Option<SourceDto>, fallback: Source, name: &str, errors: &mut Errors<'_>| {
+        d.as_ref().map_or(fallback, |d| {
+            source(d, &format!("server.extAuthz.{name}"), errors)
+        })
+    };
+    let customer = pick(&e.customer, defaults.customer, "customer", errors);
+    let feature = pick(&e.feature, defaults.feature, "feature", errors);
+    let usage = pick(&e.usage, defaults.usage, "usage", errors);
+    if let Some(c) = &usage.constant
+        && c.parse::<u64>().is_err()
+    {
+        errors.push(
+            "server.extAuthz.usage.constant",
+            format!("`{c}` is not a whole number of units"),
+        );
+    }
+    let dimensions = e
+        .dimensions
+        .iter()
+        .map(|(name, d)| {
+            let s = source(d, &format!("server.extAuthz.dimensions.{name}"), errors);
+            (name.clone(), s)
+        })
+        .collect();
+    let deny_status = status(e.deny_status, 429, "server.extAuthz.denyStatus", errors);
+    let bad_input_status = status(
+        e.bad_input_status,
+        400,
+        "server.extAuthz.badInputStatus",
+        errors,
+    );
+
+    ExtAuthzSettings {
+        customer,
+        feature,
+        usage,
+        dimensions,
+        deny_status,
+        allow_bad_input: e.on_bad_input == BadInputDto::Allow,
+        bad_input_status,
+        upstream_headers: e.upstream_headers.unwrap_or(true),
+        upstream_hold_id: e.upstream_hold_id.unwrap_or(false),
+    }
+}
+
+/// `server.shutdownGrace`, in milliseconds.
+fn shutdown_grace(dto: &ServerDto, errors: &mut Errors<'_>) -> i64 {
+    let grace = dto
+        .shutdown_grace
+        .as_deref()
+        .unwrap_or(DEFAULT_SHUTDOWN_GRACE);
+    parse_fixed_millis(grace).unwrap_or_else(|m| {
+        errors.push("server.shutdownGrace", m.to_string());
+        0
+    })
+}
+
+/// `server.storage`: where counters live. A durable store's path is relative to the config
+/// file.
+fn storage(dto: &StorageDto, file: &str, errors: &mut Errors<'_>) -> Storage {
+    match dto.kind {
+        StorageKindDto::Memory => Storage::Memory,
+        StorageKindDto::Durable => {
+            let path = dto
+                .path
+                .clone()
+                .unwrap_or_else(|| DEFAULT_STORE_FILE.to_string());
+            if path.trim().is_empty() {
+                errors.push(
+                    "server.storage.path",
+                    "a durable store needs the path of its file",
+                );
+            }
+            // Relative to the config file, so the store stays with the config that made it
+            // whatever folder the process starts in.
+            let path = std::path::Path::new(file)
+                .parent()
+                .map_or_else(|| std::path::PathBuf::from(&path), |dir| dir.join(&path));
+            let durability = match dto.durability {
+                DurabilityDto::Sync => crate::store::Durability::Sync,
+                DurabilityDto::Batched => {
+                    let millis = dto.commit_interval_ms.unwrap_or(100);
+                    if !(1..=10_000).contains(&millis) {
+                        errors.push(
+                            "server.storage.commitIntervalMs",
+                            format!("{millis} is not from 1 to 10000"),
+                        );
+                    }
+                    crate::store::Durability::Batched {
+                        interval: std::time::Duration::from_millis(millis),
+                    }
+                }
+            };
+            Storage::Durable { path, durability }
+        }
+        StorageKindDto::Redis => Storage::Redis(redis_settings(dto, errors)),
+    }
+}
+
+/// `server.connections`: per-listener caps and timeouts.
+fn connections(c: &ConnectionsDto, errors: &mut Errors<'_>) -> Connections {
+    let mut duration = |v: &Option<String>, default: &str, name: &str| {
+        let text = v.as_deref().unwrap_or(default);
+        match parse_fixed_millis(text) {
+            Ok(ms) if ms > 0 => std::time::Duration::from_millis(ms.unsigned_abs()),
+            Ok(_) => {
+                errors.push(format!("server.connections.{name}"), "must be above zero");
+                std::time::Duration::ZERO
+            }
+            Err(m) => {
+                errors.push(format!("server.connections.{name}"), m.to_string());
+                std::time::Duration::ZERO
+            }
+        }
+    };
+    let idle_timeout = duration(&c.idle_timeout, "PT5M", "idleTimeout");
+    let auth_timeout = duration(&c.auth_timeout, "PT10S", "authTimeout");
+    let header_timeout = duration(&c.header_timeout, "PT10S", "headerTimeout");
+    let request_timeout = duration(&c.request_timeout, "PT30S", "requestTimeout");
+    for (v, name) in [
+        (c.max_ext_authz, "maxExtAuthz"),
+        (c.max_grpc, "maxGrpc"),
+        (c.max_http, "maxHttp"),
+    ] {
+        if v == Some(0) {
+            errors.push(format!("server.connections.{name}"), "must be at least 1");
+        }
+    }
+    Connections {
+        max_ext_authz: c.max_ext_authz,
+        max_grpc: c.max_grpc,
+        max_http: c.max_http,
+        idle_timeout,
+        auth_timeout,
+        header_timeout,
+        request_timeout,
+    }
+}
+
+/// `server.limits`: bounds on what one request may carry.
+fn request_limits(dto: &RequestLimitsDto, errors: &mut Errors<'_>) -> RequestLimits {
+    let d = RequestLimits::default();
+    let limits = RequestLimits {
+        max_dimensions: dto.max_dimensions.unwrap_or(d.max_dimensions),
+        max_dimension_bytes: dto.max_dimension_bytes.unwrap_or(d.max_dimension_bytes),
+        max_grpc_message_bytes: dto
+            .max_grpc_message_bytes
+            .unwrap_or(d.max_grpc_message_bytes),
+    };
+    if !(1..=1024).contains(&limits.max_dimensions) {
+        errors.push("server.limits.maxDimensions", "must be from 1 to 1024");
+    }
+    if !(64..=1024 * 1024).contains(&limits.max_dimension_bytes) {
+        errors.push(
+            "server.limits.maxDimensionBytes",
+            "must be from 64 to 1048576",
+        );
+    }
+    if !(4096..=64 * 1024 * 1024).contains(&limits.max_grpc_message_bytes) {
+        errors.push(
+            "server.limits.maxGrpcMessageBytes",
+            "must be from 4096 to 67108864",
+        );
+    }
+    limits
+}
+
+/// `server.logging`: the format and the level filter.
+fn logging(dto: &ServerDto, errors: &mut Errors<'_>) -> (LogFormat, String) {
+    let log_level = dto.logging.level.clone().unwrap_or_else(|| "info".into());
+    if let Err(m) = log_level.parse::<tracing_subscriber::EnvFilter>() {
+        errors.push("server.logging.level", format!("`{log_level}`: {m}"));
+    }
+    let format = match dto.logging.format {
+        LogFormatDto::Pretty => LogFormat::Pretty,
+        LogFormatDto::Json => LogFormat::Json,
+    };
+    (format, log_level)
 }

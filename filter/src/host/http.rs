@@ -1,330 +1,28 @@
-//! The only module that calls the proxy-wasm host: contexts, headers, bodies, properties, the
-//! gRPC calls, local replies and stats. It moves data between Envoy and the plain modules.
+//! The per-request context: reads the request, asks the sidecar, applies the verdict, and
+//! follows the response to settle the hold.
 
-use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use prost::Message;
+
 use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::{Action, LogLevel};
 use serde_json::Value;
 use tollgate_proto::envoywire as wire;
 
+use super::{MAX_OVERRIDES, Resolved, Shared, Stats, log};
 use crate::api::ask_for_usage;
-use crate::config::{Effective, FilterConfig, RouteOverride, StreamUsage};
+use crate::config::{Effective, RouteOverride, StreamUsage};
 use crate::decision::{self, FailAction, Failure, Reply, Verdict};
 use crate::extract::{self, BadInput, Body, RequestView};
 use crate::pbjson::struct_to_json;
-use crate::settle::{self, Close, CloseResult, Held, Tracker, Unknown};
-use tollgate_proto::v1 as pb;
-
-fn log(level: LogLevel, message: &str) {
-    let _ = hostcalls::log(level, message);
-}
-
-/// The filter's counters, as Envoy stats (`wasmcustom.tollgate.*`).
-#[derive(Debug, Default, Clone, Copy)]
-struct Stats {
-    granted: u32,
-    denied: u32,
-    bad_input: u32,
-    fail_open: u32,
-    fail_closed: u32,
-    settled: u32,
-    released: u32,
-    usage_unknown: u32,
-    usage_estimated: u32,
-    usage_requested: u32,
-    close_retried: u32,
-    close_failed: u32,
-}
-
-impl Stats {
-    fn define() -> Self {
-        let d = |name: &str| hostcalls::define_metric(MetricType::Counter, name).unwrap_or(0);
-        Self {
-            granted: d("tollgate.granted"),
-            denied: d("tollgate.denied"),
-            bad_input: d("tollgate.bad_input"),
-            fail_open: d("tollgate.fail_open"),
-            fail_closed: d("tollgate.fail_closed"),
-            settled: d("tollgate.settled"),
-            released: d("tollgate.released"),
-            usage_unknown: d("tollgate.usage_unknown"),
-            usage_estimated: d("tollgate.usage_estimated"),
-            usage_requested: d("tollgate.usage_requested"),
-            close_retried: d("tollgate.close_retried"),
-            close_failed: d("tollgate.close_failed"),
-        }
-    }
-
-    fn bump(id: u32) {
-        if id != 0 {
-            let _ = hostcalls::increment_metric(id, 1);
-        }
-    }
-}
-
-/// A hold to close, queued for the root context. Closes are sent from the root, not from the
-/// request's context: Envoy cancels a context's calls when its stream ends, and the response's
-/// end is exactly when the usage is known.
-#[derive(Debug, Clone)]
-struct CloseJob {
-    hold: pb::HoldClose,
-    attempt: u32,
-    not_before: SystemTime,
-}
-
-impl CloseJob {
-    fn what(&self) -> &'static str {
-        if self.hold.actual_usage.is_some() {
-            "settle"
-        } else {
-            "release"
-        }
-    }
-}
-
-const CLOSE_ATTEMPTS: u32 = 4;
-/// Closes wait up to this long and go to the sidecar as one `CloseHolds` call. Trade-off: a
-/// settle lands a few ms after the response, and in exchange Envoy's worker makes one call per
-/// tick instead of one per request (one per request cost the next requests' latency).
-const TICK: Duration = Duration::from_millis(5);
-/// The most closes in one call (the sidecar takes up to 1,000).
-const MAX_BATCH: usize = 500;
-
-/// The most route overrides kept parsed; past it the cache starts over.
-const MAX_OVERRIDES: usize = 256;
-
-#[derive(Debug)]
-struct Shared {
-    config: FilterConfig,
-    stats: Stats,
-    queue: RefCell<VecDeque<CloseJob>>,
-    ticking: Cell<bool>,
-    /// Route overrides by the route metadata bytes they were read from: parsed (regexes
-    /// compiled) once per route, not once per request.
-    overrides: RefCell<HashMap<Vec<u8>, Option<Rc<Resolved>>>>,
-}
-
-/// A route's settings, resolved once.
-#[derive(Debug)]
-struct Resolved {
-    disabled: bool,
-    effective: Effective,
-}
-
-impl Shared {
-    fn enqueue(&self, job: CloseJob) {
-        self.queue.borrow_mut().push_back(job);
-        // Sets the tick of this VM's root context, whichever context calls it.
-        if !self.ticking.get() && hostcalls::set_tick_period(TICK).is_ok() {
-            self.ticking.set(true);
-        }
-    }
-
-    fn close(&self, hold_id: &str, close: &Close, why: Option<Unknown>) {
-        if let Some(why) = why {
-            Stats::bump(self.stats.usage_unknown);
-            if matches!(close, Close::Settle(_)) {
-                Stats::bump(self.stats.usage_estimated);
-            }
-            // Debug, not info: a burst of upstream errors would otherwise log a line each; the
-            // `usage_unknown` stat counts them.
-            log(
-                LogLevel::Debug,
-                &format!("hold {hold_id}: usage unknown ({why:?}); closing by policy: {close:?}"),
-            );
-        }
-        self.enqueue(CloseJob {
-            hold: settle::hold_close(hold_id, close),
-            attempt: 0,
-            not_before: SystemTime::UNIX_EPOCH,
-        });
-    }
-}
-
-proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root { shared: None, inflight: HashMap::new() })
-    });
-}}
-
-/// The per-VM (per worker) root context: the config, the stats and the close queue.
-#[derive(Debug)]
-struct Root {
-    shared: Option<Rc<Shared>>,
-    inflight: HashMap<u32, Vec<CloseJob>>,
-}
-
-impl Root {
-    fn retry_or_fail(&mut self, shared: &Shared, mut job: CloseJob, why: &str) {
-        job.attempt += 1;
-        if job.attempt >= CLOSE_ATTEMPTS {
-            Stats::bump(shared.stats.close_failed);
-            log(
-                LogLevel::Error,
-                &format!(
-                    "{} of hold {} failed {} times ({why}); the hold stays open until it expires",
-                    job.what(),
-                    job.hold.hold_id,
-                    job.attempt
-                ),
-            );
-            return;
-        }
-        Stats::bump(shared.stats.close_retried);
-        let now = hostcalls::get_current_time().unwrap_or(SystemTime::UNIX_EPOCH);
-        job.not_before = now + Duration::from_millis(100 << job.attempt);
-        shared.enqueue(job);
-    }
-}
-
-impl Context for Root {
-    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, size: usize) {
-        let (Some(shared), Some(jobs)) = (self.shared.clone(), self.inflight.remove(&token_id))
-        else {
-            return;
-        };
-        let results = if status_code == 0 {
-            let body = self
-                .get_grpc_call_response_body(0, size)
-                .unwrap_or_default();
-            settle::close_results(&body, jobs.len())
-                .ok_or_else(|| "an unreadable CloseHolds answer".to_string())
-        } else {
-            let (code, message) = hostcalls::get_grpc_status().unwrap_or((status_code, None));
-            Err(format!(
-                "gRPC status {code}: {}",
-                message.unwrap_or_default()
-            ))
-        };
-        let results = match results {
-            Ok(r) => r,
-            Err(why) => {
-                // Closes are idempotent on the sidecar: the whole batch is sent again.
-                for job in jobs {
-                    self.retry_or_fail(&shared, job, &why);
-                }
-                return;
-            }
-        };
-        for (job, (result, message)) in jobs.into_iter().zip(results) {
-            match result {
-                CloseResult::Done => Stats::bump(if job.hold.actual_usage.is_some() {
-                    shared.stats.settled
-                } else {
-                    shared.stats.released
-                }),
-                CloseResult::Rejected => {
-                    Stats::bump(shared.stats.close_failed);
-                    log(
-                        LogLevel::Warn,
-                        &format!("{} refused: {message}", job.what()),
-                    );
-                }
-                CloseResult::Retry => self.retry_or_fail(&shared, job, &message),
-            }
-        }
-    }
-}
-
-impl RootContext for Root {
-    fn on_configure(&mut self, size: usize) -> bool {
-        let bytes =
-            hostcalls::get_buffer(proxy_wasm::types::BufferType::PluginConfiguration, 0, size)
-                .ok()
-                .flatten()
-                .unwrap_or_default();
-        match FilterConfig::parse(&bytes, |name| std::env::var(name).ok()) {
-            Ok(config) => {
-                for w in config.warnings() {
-                    log(LogLevel::Warn, &w);
-                }
-                self.shared = Some(Rc::new(Shared {
-                    config,
-                    stats: Stats::define(),
-                    queue: RefCell::new(VecDeque::new()),
-                    ticking: Cell::new(false),
-                    overrides: RefCell::new(HashMap::new()),
-                }));
-                true
-            }
-            Err(e) => {
-                // Returning false makes Envoy refuse the config: a bad filter config fails at
-                // load time, not on the first request.
-                log(LogLevel::Critical, &e.to_string());
-                false
-            }
-        }
-    }
-
-    fn on_tick(&mut self) {
-        let Some(shared) = self.shared.clone() else {
-            return;
-        };
-        let now = hostcalls::get_current_time().unwrap_or(SystemTime::UNIX_EPOCH);
-        let due: Vec<CloseJob> = {
-            let mut q = shared.queue.borrow_mut();
-            let (due, later): (VecDeque<_>, VecDeque<_>) =
-                q.drain(..).partition(|j| j.not_before <= now);
-            *q = later;
-            due.into()
-        };
-        let mut due = due.into_iter().peekable();
-        while due.peek().is_some() {
-            let batch: Vec<CloseJob> = due.by_ref().take(MAX_BATCH).collect();
-            let request =
-                settle::close_holds_request(batch.iter().map(|j| j.hold.clone()).collect());
-            match hostcalls::dispatch_grpc_call(
-                &shared.config.cluster,
-                settle::TOLLGATE_SERVICE,
-                settle::CLOSE_HOLDS,
-                vec![("authorization", shared.config.authorization.as_bytes())],
-                Some(&request),
-                shared.config.settlement.timeout,
-            ) {
-                Ok(token) => {
-                    self.inflight.insert(token, batch);
-                }
-                Err(e) => {
-                    for job in batch {
-                        self.retry_or_fail(&shared, job, &format!("dispatch: {e:?}"));
-                    }
-                }
-            }
-        }
-        if shared.queue.borrow().is_empty() && hostcalls::set_tick_period(Duration::ZERO).is_ok() {
-            shared.ticking.set(false);
-        }
-    }
-
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let shared = self.shared.clone()?;
-        Some(Box::new(Http {
-            shared,
-            effective: None,
-            awaiting_body: false,
-            deciding: false,
-            view: HostView::default(),
-            response_headers: Vec::new(),
-            tracker: None,
-            pending: None,
-        }))
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
-}
+use crate::settle::{self, Held, Tracker};
 
 /// One request.
 #[derive(Debug)]
-struct Http {
+pub(super) struct Http {
     shared: Rc<Shared>,
     effective: Option<Rc<Resolved>>,
     awaiting_body: bool,
@@ -393,6 +91,19 @@ impl RequestView for HostView {
 }
 
 impl Http {
+    pub(super) fn new(shared: Rc<Shared>) -> Self {
+        Self {
+            shared,
+            effective: None,
+            awaiting_body: false,
+            deciding: false,
+            view: HostView::default(),
+            response_headers: Vec::new(),
+            tracker: None,
+            pending: None,
+        }
+    }
+
     fn reply(&self, r: &Reply) {
         let headers: Vec<(&str, &str)> = r
             .headers

@@ -1,0 +1,125 @@
+//! The only module that calls the proxy-wasm host: contexts, headers, bodies, properties, the
+//! gRPC calls, local replies and stats. It moves data between Envoy and the plain modules:
+//! `root` is the per-worker context (config, stats, the close queue's calls), `http` the
+//! per-request one.
+
+mod http;
+mod root;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::RootContext;
+use proxy_wasm::types::{LogLevel, MetricType};
+
+use crate::close_queue::{CloseJob, CloseQueue, TICK};
+use crate::config::{Effective, FilterConfig};
+use crate::settle::{self, Close, Unknown};
+
+pub(super) fn log(level: LogLevel, message: &str) {
+    let _ = hostcalls::log(level, message);
+}
+
+/// The filter's counters, as Envoy stats (`wasmcustom.tollgate.*`).
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Stats {
+    granted: u32,
+    denied: u32,
+    bad_input: u32,
+    fail_open: u32,
+    fail_closed: u32,
+    settled: u32,
+    released: u32,
+    usage_unknown: u32,
+    usage_estimated: u32,
+    usage_requested: u32,
+    close_retried: u32,
+    close_failed: u32,
+}
+
+impl Stats {
+    pub(super) fn define() -> Self {
+        let d = |name: &str| hostcalls::define_metric(MetricType::Counter, name).unwrap_or(0);
+        Self {
+            granted: d("tollgate.granted"),
+            denied: d("tollgate.denied"),
+            bad_input: d("tollgate.bad_input"),
+            fail_open: d("tollgate.fail_open"),
+            fail_closed: d("tollgate.fail_closed"),
+            settled: d("tollgate.settled"),
+            released: d("tollgate.released"),
+            usage_unknown: d("tollgate.usage_unknown"),
+            usage_estimated: d("tollgate.usage_estimated"),
+            usage_requested: d("tollgate.usage_requested"),
+            close_retried: d("tollgate.close_retried"),
+            close_failed: d("tollgate.close_failed"),
+        }
+    }
+
+    pub(super) fn bump(id: u32) {
+        if id != 0 {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+}
+
+/// The most route overrides kept parsed; past it the cache starts over.
+const MAX_OVERRIDES: usize = 256;
+
+#[derive(Debug)]
+pub(super) struct Shared {
+    config: FilterConfig,
+    stats: Stats,
+    queue: RefCell<CloseQueue>,
+    ticking: Cell<bool>,
+    /// Route overrides by the route metadata bytes they were read from: parsed (regexes
+    /// compiled) once per route, not once per request.
+    overrides: RefCell<HashMap<Vec<u8>, Option<Rc<Resolved>>>>,
+}
+
+/// A route's settings, resolved once.
+#[derive(Debug)]
+pub(super) struct Resolved {
+    disabled: bool,
+    effective: Effective,
+}
+
+impl Shared {
+    pub(super) fn enqueue(&self, job: CloseJob) {
+        self.queue.borrow_mut().push(job);
+        self.keep_ticking();
+    }
+
+    /// Makes sure the root context ticks while closes wait. Sets the tick of this VM's root
+    /// context, whichever context calls it.
+    pub(super) fn keep_ticking(&self) {
+        if !self.ticking.get() && hostcalls::set_tick_period(TICK).is_ok() {
+            self.ticking.set(true);
+        }
+    }
+
+    pub(super) fn close(&self, hold_id: &str, close: &Close, why: Option<Unknown>) {
+        if let Some(why) = why {
+            Stats::bump(self.stats.usage_unknown);
+            if matches!(close, Close::Settle(_)) {
+                Stats::bump(self.stats.usage_estimated);
+            }
+            // Debug, not info: a burst of upstream errors would otherwise log a line each; the
+            // `usage_unknown` stat counts them.
+            log(
+                LogLevel::Debug,
+                &format!("hold {hold_id}: usage unknown ({why:?}); closing by policy: {close:?}"),
+            );
+        }
+        self.enqueue(CloseJob::new(settle::hold_close(hold_id, close)));
+    }
+}
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        Box::new(root::Root::default())
+    });
+}}
