@@ -86,7 +86,7 @@ bench-grpc:
 bench-envoy: setup-rust setup-envoy wasm
 	bench/envoy.sh
 
-## Decisions by store: in-memory, durable batched, durable sync.
+## Decisions by store: in-memory, durable batched, durable sync, Redis on one node.
 bench-store: setup-redis
 	bench/store.sh
 

@@ -13,6 +13,16 @@
 //! B-tree with atomic commits, so its file is the snapshot and a restart reads only live rows;
 //! the cost is a rewrite of each touched counter per commit, which group commit amortises
 //! (a hot counter touched a thousand times between commits is written once).
+//!
+//! Under the customer's lock, a call that changed something queues the customer for the open
+//! commit (once per commit) and gets that commit's number. The writer waits for a queued
+//! customer (then for `commitIntervalMs` in batched mode), closes the open commit, takes each
+//! queued ledger's changes under its lock, keeps only the last write of each row and commits
+//! one redb transaction. In sync mode a call is answered only after its commit: it awaits the
+//! commit number on a watch channel, so no runtime thread is held and every decision in flight
+//! shares the next commit; batches (`CloseHolds`, ingest) join their calls' futures, so they
+//! share one commit too. Invariant: a change is in the commit whose number its call got, because
+//! the writer clears a ledger's "queued" mark under the same lock it takes the changes under.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

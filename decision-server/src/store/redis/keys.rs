@@ -1,5 +1,11 @@
 //! The key layout: every key of a customer carries its `{customerId}` hash tag, so one script
-//! call touches one slot of one node (`redis.lua` header, KEYS).
+//! call touches one slot of one node (`redis.lua` header, KEYS). Keys are
+//! `<prefix>:{<customer>}:<suffix>`: a meta hash (next hold number, counter count), the open
+//! holds (hash, by tag) and their expiry (zset), the ingest keys (zset), the entities created
+//! on the fly (hash: id → type and parent; its length is the cap's count), the cancelled tags
+//! (zset), and one hash per entity with a field per limit, whose value is the counter state
+//! packed with msgpack. Keys a hold names are read back at settlement and expiry without being
+//! declared, which Redis allows because they are on the slot of the declared keys.
 
 use crate::core::Sym;
 use crate::core::counter::CounterKey;

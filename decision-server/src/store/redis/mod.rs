@@ -280,6 +280,8 @@ impl RedisStore {
         if result(&reply) == Some(CLOSE_NEEDS_PRICES) {
             // Priced parts: the script sent back their prices; price the usage the way the
             // hold was priced and settle with those amounts (the hold cannot change between).
+            // Trade-off: a second round trip for token-priced settlements, so that pricing
+            // stays in the core's integers and never runs in Lua's doubles.
             let usage = actual.copied().unwrap_or_default();
             let amounts: Vec<u64> = reply
                 .get(HEADER..)
