@@ -188,21 +188,19 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
             ))
             .max_decoding_message_size(max_message),
         );
-    let ext_incoming = incoming(
-        ext_bound,
-        "ext_authz",
-        budget.ext_authz,
-        grpc_timeouts,
-        Arc::clone(&events),
-    );
-    servers.spawn({
+    let mut spawn_grpc = |router: tonic::transport::server::Router,
+                          bound: Bound,
+                          listener: &'static str,
+                          max: usize| {
+        let incoming = incoming(bound, listener, max, grpc_timeouts, Arc::clone(&events));
         let rx = shutdown_rx.clone();
-        async move {
-            serve_grpc(ext_router, ext_incoming, rx)
+        servers.spawn(async move {
+            serve_grpc(router, incoming, rx)
                 .await
-                .context("ext_authz server")
-        }
-    });
+                .with_context(|| format!("{listener} server"))
+        });
+    };
+    spawn_grpc(ext_router, ext_bound, "ext_authz", budget.ext_authz);
     let grpc_router = grpc_builder().add_service(health_service).add_service(
         TollgateServer::new(TollgateService::new(
             Arc::clone(&service),
@@ -210,21 +208,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         ))
         .max_decoding_message_size(max_message),
     );
-    let grpc_incoming = incoming(
-        grpc_bound,
-        "grpc",
-        budget.grpc,
-        grpc_timeouts,
-        Arc::clone(&events),
-    );
-    servers.spawn({
-        let rx = shutdown_rx.clone();
-        async move {
-            serve_grpc(grpc_router, grpc_incoming, rx)
-                .await
-                .context("gRPC server")
-        }
-    });
+    spawn_grpc(grpc_router, grpc_bound, "grpc", budget.grpc);
     let http_router = crate::api::router(Arc::clone(&service), settings.max_body_bytes);
     let http_incoming = incoming(
         http_bound,

@@ -390,6 +390,35 @@ fn writer(db: Arc<Database>, log: Arc<Log>) {
     }
 }
 
+/// Every row of a `customer ‖ key → value` table, handed to `each` as (customer, key, value).
+fn customer_rows<V: redb::Value + 'static>(
+    txn: &redb::ReadTransaction,
+    table: TableDefinition<&[u8], V>,
+    what: &str,
+    open: &dyn Fn(redb::Error) -> OpenError,
+    corrupt: &dyn Fn(String) -> OpenError,
+    mut each: impl FnMut(&str, &[u8], V::SelfType<'_>) -> Result<(), OpenError>,
+) -> Result<(), OpenError> {
+    let t = txn.open_table(table).map_err(|e| open(e.into()))?;
+    for row in t.iter().map_err(|e| open(e.into()))? {
+        let (k, v) = row.map_err(|e| open(e.into()))?;
+        let (customer, key) =
+            split_key(k.value()).ok_or_else(|| corrupt(format!("{what} row key")))?;
+        each(customer, key, v.value())?;
+    }
+    Ok(())
+}
+
+/// What the file holds of one customer.
+#[derive(Default)]
+struct Restored {
+    counters: Vec<(CounterKey, CounterState)>,
+    holds: Vec<(u64, Hold)>,
+    next_seq: u64,
+    keys: Vec<(Timestamp, Box<str>)>,
+    entities: Vec<(Box<str>, StoredEntity)>,
+}
+
 /// Reads every row back into ledgers.
 fn restore(db: &Database, path: &Path) -> Result<Vec<(String, Ledger)>, OpenError> {
     let corrupt = |message: String| OpenError::Corrupt {
@@ -400,47 +429,57 @@ fn restore(db: &Database, path: &Path) -> Result<Vec<(String, Ledger)>, OpenErro
         path: path.to_path_buf(),
         source: Box::new(e),
     };
-    #[derive(Default)]
-    struct Restored {
-        counters: Vec<(CounterKey, CounterState)>,
-        holds: Vec<(u64, Hold)>,
-        next_seq: u64,
-        keys: Vec<(Timestamp, Box<str>)>,
-        entities: Vec<(Box<str>, StoredEntity)>,
-    }
     let mut by_customer: HashMap<String, Restored> = HashMap::new();
     let txn = db.begin_read().map_err(|e| open(e.into()))?;
-    let counters = txn.open_table(COUNTERS).map_err(|e| open(e.into()))?;
-    for row in counters.iter().map_err(|e| open(e.into()))? {
-        let (k, v) = row.map_err(|e| open(e.into()))?;
-        let (customer, key) =
-            split_key(k.value()).ok_or_else(|| corrupt("a counter row key".into()))?;
-        let key: CounterKey =
-            postcard::from_bytes(key).map_err(|e| corrupt(format!("a counter key: {e}")))?;
-        let state: CounterState = postcard::from_bytes(v.value())
-            .map_err(|e| corrupt(format!("counter state of `{customer}`: {e}")))?;
-        by_customer
-            .entry(customer.to_string())
-            .or_default()
-            .counters
-            .push((key, state));
-    }
-    let holds = txn.open_table(HOLDS).map_err(|e| open(e.into()))?;
-    for row in holds.iter().map_err(|e| open(e.into()))? {
-        let (k, v) = row.map_err(|e| open(e.into()))?;
-        let (customer, seq) = split_key(k.value()).ok_or_else(|| corrupt("a hold key".into()))?;
-        let seq = u64::from_be_bytes(
-            seq.try_into()
-                .map_err(|_| corrupt(format!("a hold number of `{customer}`")))?,
-        );
-        let hold: Hold = postcard::from_bytes(v.value())
-            .map_err(|e| corrupt(format!("hold {customer}:{seq}: {e}")))?;
-        by_customer
-            .entry(customer.to_string())
-            .or_default()
-            .holds
-            .push((seq, hold));
-    }
+    customer_rows(
+        &txn,
+        COUNTERS,
+        "a counter",
+        &open,
+        &corrupt,
+        |customer, key, v| {
+            let key: CounterKey =
+                postcard::from_bytes(key).map_err(|e| corrupt(format!("a counter key: {e}")))?;
+            let state: CounterState = postcard::from_bytes(v)
+                .map_err(|e| corrupt(format!("counter state of `{customer}`: {e}")))?;
+            let r = by_customer.entry(customer.to_string()).or_default();
+            r.counters.push((key, state));
+            Ok(())
+        },
+    )?;
+    customer_rows(
+        &txn,
+        HOLDS,
+        "a hold",
+        &open,
+        &corrupt,
+        |customer, seq, v| {
+            let seq = u64::from_be_bytes(
+                seq.try_into()
+                    .map_err(|_| corrupt(format!("a hold number of `{customer}`")))?,
+            );
+            let hold: Hold = postcard::from_bytes(v)
+                .map_err(|e| corrupt(format!("hold {customer}:{seq}: {e}")))?;
+            let r = by_customer.entry(customer.to_string()).or_default();
+            r.holds.push((seq, hold));
+            Ok(())
+        },
+    )?;
+    customer_rows(
+        &txn,
+        ENTITIES,
+        "an entity",
+        &open,
+        &corrupt,
+        |customer, id, v| {
+            let id = std::str::from_utf8(id).map_err(|e| corrupt(format!("an entity id: {e}")))?;
+            let e: StoredEntity = postcard::from_bytes(v)
+                .map_err(|e| corrupt(format!("entity `{id}` of `{customer}`: {e}")))?;
+            let r = by_customer.entry(customer.to_string()).or_default();
+            r.entities.push((id.into(), e));
+            Ok(())
+        },
+    )?;
     let next = txn.open_table(NEXT_SEQ).map_err(|e| open(e.into()))?;
     for row in next.iter().map_err(|e| open(e.into()))? {
         let (k, v) = row.map_err(|e| open(e.into()))?;
@@ -449,32 +488,19 @@ fn restore(db: &Database, path: &Path) -> Result<Vec<(String, Ledger)>, OpenErro
             .or_default()
             .next_seq = v.value();
     }
-    let keys = txn.open_table(KEYS).map_err(|e| open(e.into()))?;
-    for row in keys.iter().map_err(|e| open(e.into()))? {
-        let (k, v) = row.map_err(|e| open(e.into()))?;
-        let (customer, key) =
-            split_key(k.value()).ok_or_else(|| corrupt("an idempotency key row".into()))?;
-        let key = std::str::from_utf8(key).map_err(|e| corrupt(format!("a key: {e}")))?;
-        by_customer
-            .entry(customer.to_string())
-            .or_default()
-            .keys
-            .push((Timestamp::from_millis(v.value()), key.into()));
-    }
-    let entities = txn.open_table(ENTITIES).map_err(|e| open(e.into()))?;
-    for row in entities.iter().map_err(|e| open(e.into()))? {
-        let (k, v) = row.map_err(|e| open(e.into()))?;
-        let (customer, id) =
-            split_key(k.value()).ok_or_else(|| corrupt("an entity row key".into()))?;
-        let id = std::str::from_utf8(id).map_err(|e| corrupt(format!("an entity id: {e}")))?;
-        let e: StoredEntity = postcard::from_bytes(v.value())
-            .map_err(|e| corrupt(format!("entity `{id}` of `{customer}`: {e}")))?;
-        by_customer
-            .entry(customer.to_string())
-            .or_default()
-            .entities
-            .push((id.into(), e));
-    }
+    customer_rows(
+        &txn,
+        KEYS,
+        "an idempotency key",
+        &open,
+        &corrupt,
+        |customer, key, at| {
+            let key = std::str::from_utf8(key).map_err(|e| corrupt(format!("a key: {e}")))?;
+            let r = by_customer.entry(customer.to_string()).or_default();
+            r.keys.push((Timestamp::from_millis(at), key.into()));
+            Ok(())
+        },
+    )?;
     Ok(by_customer
         .into_iter()
         .map(|(c, r)| {

@@ -18,16 +18,10 @@ pub const ACME_ORG_CAP: u64 = 1000;
 
 /// The fixture config with `listeners` spliced into its `server:` section.
 pub fn config_with(listeners: &str) -> String {
-    let sha = |s: &str| hex::encode(tollgate::auth::sha256(s));
+    let sha = tollgate_testkit::sha256_hex;
     format!(
         r#"
-entityTypes:
-  - name: organization
-  - name: team
-    parents: [organization]
-  - name: user
-    parents: [team]
-attribution:
+{types}attribution:
   - dimension: userId
     entityType: user
 features:
@@ -69,6 +63,7 @@ server:
       userId: {{ header: x-user-id }}
   maxBodyBytes: 65536
 "#,
+        types = tollgate_testkit::ORG_TEAM_USER,
         op = sha(OPERATOR),
         acme = sha(ACME_KEY),
         globex = sha(GLOBEX_KEY),

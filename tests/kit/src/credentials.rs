@@ -13,10 +13,9 @@ pub const JWT_KEY: &[u8] = b"tollgate-e2e-shared-secret-32-bytes!";
 
 /// The sidecar config lines that accept [`GATEWAY_TOKEN`].
 pub fn gateway_token_config() -> String {
-    use sha2::Digest as _;
     format!(
         "    gatewayTokens:\n      - {{ id: envoy, sha256: {} }}\n",
-        hex::encode(sha2::Sha256::digest(GATEWAY_TOKEN.as_bytes()))
+        crate::fixtures::sha256_hex(GATEWAY_TOKEN)
     )
 }
 

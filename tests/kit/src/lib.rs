@@ -4,6 +4,7 @@
 
 pub mod credentials;
 pub mod envoy;
+pub mod fixtures;
 pub mod metrics;
 pub mod proc;
 pub mod redis;
@@ -15,6 +16,7 @@ pub use credentials::{
     unsigned_bearer,
 };
 pub use envoy::{Envoy, envoy_binary, envoy_config, render, wasm_module};
+pub use fixtures::{ORG_TEAM_USER, sha256_hex};
 pub use metrics::Metrics;
 pub use proc::{Proc, root};
 pub use redis::{RedisCluster, RedisServer, free_port};

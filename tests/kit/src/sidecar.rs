@@ -84,6 +84,50 @@ impl Sidecar {
         })
     }
 
+    /// Runs `tollgate serve` on `config`, expecting it to refuse to start: returns what it
+    /// wrote to stderr once it exits with an error, having served nothing (no ready line). An
+    /// error if it exits cleanly, printed its ready line, or is still running after 30 s (then
+    /// it is killed).
+    pub fn refused_start(config: &Path) -> anyhow::Result<String> {
+        use std::io::Read as _;
+        let bin = workspace_bin("tollgate", "TOLLGATE_BIN")?;
+        let mut child = Command::new(&bin)
+            .args(["serve", "--config"])
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!(
+                    "the sidecar was still running after 30 s; it was expected to refuse"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let (mut stdout, mut stderr) = (String::new(), String::new());
+        if let Some(mut o) = child.stdout.take() {
+            o.read_to_string(&mut stdout)?;
+        }
+        if let Some(mut e) = child.stderr.take() {
+            e.read_to_string(&mut stderr)?;
+        }
+        anyhow::ensure!(!status.success(), "the sidecar exited cleanly: {stderr}");
+        anyhow::ensure!(
+            stdout.is_empty(),
+            "the sidecar printed {stdout:?} before it exited: it served"
+        );
+        Ok(stderr)
+    }
+
     /// Sends `signal` (a name such as `KILL`, `TERM` or `HUP`).
     pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
         self.proc.signal(signal)

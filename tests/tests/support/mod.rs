@@ -14,13 +14,7 @@ pub const GLOBEX_CAP: u64 = 2000;
 /// acme: org → research/sales → users; globex: one org cap raced by agents; initech: roomy.
 const SIDECAR_TEMPLATE: &str = r#"
 holdTtl: PT5M
-entityTypes:
-  - name: organization
-  - name: team
-    parents: [organization]
-  - name: user
-    parents: [team]
-attribution:
+{{TYPES}}attribution:
   - dimension: userId
     entityType: user
   - dimension: teamId
@@ -65,9 +59,12 @@ server:
   logging: { level: warn }
 "#;
 
-/// [`SIDECAR_TEMPLATE`] with the gateway token Envoy presents.
-pub static SIDECAR: LazyLock<String> =
-    LazyLock::new(|| SIDECAR_TEMPLATE.replace("{{GATEWAY}}", &gateway_token_config()));
+/// [`SIDECAR_TEMPLATE`] with the entity types and the gateway token Envoy presents.
+pub static SIDECAR: LazyLock<String> = LazyLock::new(|| {
+    SIDECAR_TEMPLATE
+        .replace("{{TYPES}}", tollgate_testkit::ORG_TEAM_USER)
+        .replace("{{GATEWAY}}", &gateway_token_config())
+});
 
 /// A caller of `customer` (claim `org`), as user `sub` if given: `Bearer <signed JWT>`.
 pub fn caller(customer: &str, sub: Option<&str>) -> String {
