@@ -939,17 +939,14 @@ limits:
 /// score ties by member; the durable file restores by key).
 fn ingest_keys_are_idempotent_kept_for_their_retention_and_evicted_oldest_first(store: Store) {
     let h = harness(&tree_with(ORG_QUOTA), store, "2026-03-10T10:00:00Z");
-    let dims = dims(&[("userId", "u1")]);
     let ingest = |customer: &str, key: &str, units: u64| {
-        let req = CheckRequest {
-            deadline: None,
+        h.ingest(
             customer,
-            feature: "tokens",
-            usage: Usage::units(units),
-            dimensions: &dims,
-            dry_run: false,
-        };
-        h.run(h.engine.ingest(&req, key)).unwrap()
+            "tokens",
+            Usage::units(units),
+            &[("userId", "u1")],
+            key,
+        )
     };
     assert!(ingest("acme", "b", 10));
     assert!(!ingest("acme", "b", 10), "a repeated key changes nothing");

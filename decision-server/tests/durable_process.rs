@@ -211,23 +211,12 @@ async fn admin_changes_and_credits_survive_a_restart() {
     {
         let s = Sidecar::start_at(&config).unwrap();
         let limit = json!({"id": "org-credits", "entity": "acme", "feature": "ai-requests", "kind": "credits"});
-        let (status, r) = call(
-            &s,
-            reqwest::Method::POST,
-            "/v1/customers/acme/limits",
-            Some(limit),
-        )
-        .await;
-        assert_eq!(status, 201, "{r}");
         let grant = json!({"id": "g1", "entity": "acme", "feature": "ai-requests", "amount": 10, "category": "paid"});
-        let (status, r) = call(
-            &s,
-            reqwest::Method::POST,
-            "/v1/customers/acme/grants",
-            Some(grant),
-        )
-        .await;
-        assert_eq!(status, 201, "{r}");
+        for (path, body) in [("limits", limit), ("grants", grant)] {
+            let path = format!("/v1/customers/acme/{path}");
+            let (status, r) = call(&s, reqwest::Method::POST, &path, Some(body)).await;
+            assert_eq!(status, 201, "{path}: {r}");
+        }
         let (_, r) = call(
             &s,
             reqwest::Method::POST,

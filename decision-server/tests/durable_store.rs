@@ -8,9 +8,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Harness, dims, harness, tokens, tree_with};
+use common::{Harness, harness, tokens, tree_with};
 use tollgate::clock::Clock;
-use tollgate::engine::CheckRequest;
 use tollgate::store::{CloseOutcome, CounterStore, Durability, DurableStore};
 
 const LIMITS: &str = r#"
@@ -60,16 +59,8 @@ fn restart_keeps_everything(durability: Durability) {
         h.settle(&settled, 150);
         let released = h.check("acme", "tokens", 40, &u1).hold_id.unwrap();
         h.run(h.engine.release(&released)).unwrap();
-        let d = dims(&[("userId", "u2")]);
-        let req = CheckRequest {
-            deadline: None,
-            customer: "acme",
-            feature: "tokens",
-            usage: tokens(10, 10, 0),
-            dimensions: &d,
-            dry_run: false,
-        };
-        assert!(h.run(h.engine.ingest(&req, "evt-1")).unwrap());
+        let u2 = [("userId", "u2")];
+        assert!(h.ingest("acme", "tokens", tokens(10, 10, 0), &u2, "evt-1"));
         let before = snapshot(&h);
         assert_eq!(before[5], 1, "one hold open");
         assert!(before[0] > 0 && before[4] > 0, "{before:?}");
@@ -97,16 +88,8 @@ fn restart_keeps_everything(durability: Durability) {
         "its slot came back"
     );
     // The ingest key is remembered.
-    let d = dims(&[("userId", "u2")]);
-    let req = CheckRequest {
-        deadline: None,
-        customer: "acme",
-        feature: "tokens",
-        usage: tokens(10, 10, 0),
-        dimensions: &d,
-        dry_run: false,
-    };
-    assert!(!h.run(h.engine.ingest(&req, "evt-1")).unwrap());
+    let u2 = [("userId", "u2")];
+    assert!(!h.ingest("acme", "tokens", tokens(10, 10, 0), &u2, "evt-1"));
     // New holds number on from the old ones.
     let next = h
         .check("acme", "tokens", 1, &[("userId", "u1")])

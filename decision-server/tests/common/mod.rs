@@ -256,6 +256,27 @@ impl Harness {
         self.decide(customer, feature, usage, d, false)
     }
 
+    /// Records usage under idempotency `key` as `POST /v1/usage` does; whether it was recorded.
+    pub fn ingest(
+        &self,
+        customer: &str,
+        feature: &str,
+        usage: Usage,
+        d: &[(&str, &str)],
+        key: &str,
+    ) -> bool {
+        let dimensions = dims(d);
+        let req = CheckRequest {
+            deadline: None,
+            customer,
+            feature,
+            usage,
+            dimensions: &dimensions,
+            dry_run: false,
+        };
+        self.run(self.engine.ingest(&req, key)).unwrap()
+    }
+
     pub fn dry_run(
         &self,
         customer: &str,
