@@ -100,6 +100,7 @@ impl Engine {
             clock,
             auto: AutoEntities::default(),
         };
+        engine.store.configure_records(engine.model().records);
         engine.seed_grants(&engine.model()).await?;
         Ok(engine)
     }
@@ -120,6 +121,7 @@ impl Engine {
     /// by interned ids, which the new model shares.
     pub async fn replace_model(&self, model: Model) -> Result<(), StoreError> {
         self.seed_grants(&model).await?;
+        self.store.configure_records(model.records);
         self.model.store(Arc::new(model));
         Ok(())
     }

@@ -13,5 +13,6 @@ pub mod net;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod usage;
 
 pub use engine::{CheckRequest, DecisionError, Engine};

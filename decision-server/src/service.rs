@@ -184,6 +184,11 @@ impl Service {
         }
     }
 
+    /// The engine, for the read-only queries (usage, budgets) that go to it directly.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
     /// Closes a batch of holds for `principal`, a result each, in order. A hold whose id does
     /// not parse or whose customer the principal does not reach is refused on its own; the
     /// rest reach the store together.

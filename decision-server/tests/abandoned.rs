@@ -52,6 +52,8 @@ enum After {
 struct Hooked {
     inner: Store,
     after: parking_lot::Mutex<After>,
+    /// Notified when a reserve has placed its hold and started to hang.
+    hung: tokio::sync::Notify,
 }
 
 #[async_trait::async_trait]
@@ -67,7 +69,10 @@ impl CounterStore for Hooked {
         match after {
             After::Answer => {}
             After::Stall(clock, ms) => clock.advance_millis(ms),
-            After::Hang => std::future::pending::<()>().await,
+            After::Hang => {
+                self.hung.notify_one();
+                std::future::pending::<()>().await
+            }
         }
         r
     }
@@ -125,12 +130,43 @@ impl CounterStore for Hooked {
     fn admin_log(&self) -> &dyn AdminLog {
         self.inner.admin_log()
     }
+    fn configure_records(&self, r: tollgate::core::rollup::RecordSettings) {
+        self.inner.configure_records(r)
+    }
+    async fn usage_buckets(
+        &self,
+        c: Name,
+        g: tollgate::core::rollup::Granularity,
+        from: i64,
+        to: i64,
+    ) -> Result<
+        Vec<(
+            i64,
+            tollgate::core::rollup::SeriesKey,
+            tollgate::core::rollup::Measures,
+        )>,
+        StoreError,
+    > {
+        self.inner.usage_buckets(c, g, from, to).await
+    }
+    async fn read_events(
+        &self,
+        c: Option<Name>,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<tollgate::store::events::EventPage, StoreError> {
+        self.inner.read_events(c, after, max).await
+    }
+    fn event_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.event_signal()
+    }
 }
 
 fn hooked(store: Store) -> (Harness, Arc<Hooked>) {
     let hooked = Arc::new(Hooked {
         inner: store,
         after: parking_lot::Mutex::new(After::Answer),
+        hung: tokio::sync::Notify::new(),
     });
     let h = harness(
         &tree_with(LIMITS),
@@ -209,10 +245,21 @@ fn a_check_dropped_during_its_store_call_releases_its_hold(store: Store) {
     };
     // The caller gives up (Envoy resets the stream): the decision future is dropped while the
     // store has placed the hold and not yet answered.
+    // It gives up only once the store has placed the hold (a fixed timeout could fire before
+    // a slow commit placed it, which is the other test's case).
     let gave_up = h.run(async {
-        tokio::time::timeout(Duration::from_millis(50), h.engine.check(&request)).await
+        tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::select! {
+                d = h.engine.check(&request) => Err(d),
+                () = hooked.hung.notified() => Ok(()),
+            }
+        })
+        .await
     });
-    assert!(gave_up.is_err(), "the hung store answered");
+    assert!(
+        matches!(gave_up, Ok(Ok(()))),
+        "the hung store answered, or never placed the hold: {gave_up:?}"
+    );
     // The release runs on its own task; wait for it (bounded).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while h.engine.store().stats().holds_open > 0 || h.counted("acme", "u1", "user-day") > 0 {

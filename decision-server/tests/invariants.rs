@@ -328,8 +328,14 @@ fn race_once(make: Factory<'_>, cap: u64, sizes: &[u64]) {
 }
 
 fn racing_threads_never_exceed_a_shared_cap(make: Factory<'_>) {
+    // Every size mix against a small and a prime cap, and the mixed sizes against a large
+    // one. A large cap of size-1 requests only adds calls (100,000 grants per store, most of
+    // the run on Redis in a debug build) without a new interleaving, so it is left out.
     for cap in [1_000, 9_973, 100_000] {
         for sizes in [&[1u64][..], &[1, 2, 3, 5, 8], &[7, 50, 128, 333]] {
+            if cap == 100_000 && sizes == [1] {
+                continue;
+            }
             race_once(make, cap, sizes);
         }
     }

@@ -258,6 +258,9 @@ pub struct ErrorDetail {
     /// Every problem, for a refused admin change.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<String>,
+    /// The query parameter that was wrong, for a refused query.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameter: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -270,4 +273,199 @@ pub struct CustomerList {
 #[serde(rename_all = "camelCase")]
 pub struct Health {
     pub status: String,
+}
+
+/// What one window (or one top-spenders row) adds up to.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeasuresDto {
+    /// Units of the feature (tokens, requests, credits...).
+    pub units: u64,
+    /// Token split, where the calls reported one.
+    pub tokens: TokensDto,
+    pub credits: u64,
+    /// Calls recorded (settled, released, expired or ingested).
+    pub requests: u64,
+    /// Calls denied.
+    pub denied: u64,
+}
+
+impl From<&crate::core::rollup::Measures> for MeasuresDto {
+    fn from(m: &crate::core::rollup::Measures) -> Self {
+        Self {
+            units: m.units,
+            tokens: TokensDto {
+                input: m.input,
+                output: m.output,
+                cached: m.cached,
+                cache_write: m.cache_write,
+                reasoning: m.reasoning,
+            },
+            credits: m.credits,
+            requests: m.requests,
+            denied: m.denied,
+        }
+    }
+}
+
+fn ms_time(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+/// One window of a series.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsagePoint {
+    pub window_start: DateTime<Utc>,
+    pub window_end: DateTime<Utc>,
+    #[serde(flatten)]
+    pub measures: MeasuresDto,
+}
+
+/// One series: its `groupBy` values (`null` where its records carry no such key) and a point
+/// for every window of the range, zero where nothing was recorded.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageSeries {
+    pub group_by: std::collections::BTreeMap<String, Option<String>>,
+    pub points: Vec<UsagePoint>,
+}
+
+/// `GET /v1/customers/{customerId}/usage/history`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageHistory {
+    /// The range covered: whole windows, from the window holding `from`.
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    /// `MINUTE`, `HOUR` or `DAY`.
+    pub window_size: String,
+    pub time_zone: String,
+    pub series: Vec<UsageSeries>,
+}
+
+impl From<&crate::usage::History> for UsageHistory {
+    fn from(h: &crate::usage::History) -> Self {
+        Self {
+            from: ms_time(h.from),
+            to: ms_time(h.to),
+            window_size: h.window.name().to_string(),
+            time_zone: h.tz.name().to_string(),
+            series: h
+                .series
+                .iter()
+                .map(|s| UsageSeries {
+                    group_by: s.group.iter().cloned().collect(),
+                    points: s
+                        .points
+                        .iter()
+                        .map(|(start, end, m)| UsagePoint {
+                            window_start: ms_time(*start),
+                            window_end: ms_time(*end),
+                            measures: m.into(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One row of the top spenders.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TopSpender {
+    /// The value of `by` (`null` for records without it).
+    pub value: Option<String>,
+    #[serde(flatten)]
+    pub measures: MeasuresDto,
+}
+
+/// `GET /v1/customers/{customerId}/usage/top`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageTop {
+    pub by: String,
+    /// The range read, widened to whole buckets.
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub rows: Vec<TopSpender>,
+}
+
+impl From<&crate::usage::Top> for UsageTop {
+    fn from(t: &crate::usage::Top) -> Self {
+        Self {
+            by: t.by.clone(),
+            from: ms_time(t.from),
+            to: ms_time(t.to),
+            rows: t
+                .rows
+                .iter()
+                .map(|r| TopSpender {
+                    value: r.value.clone(),
+                    measures: (&r.measures).into(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One limit on an entity, as it stands.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitStateDto {
+    pub limit_id: String,
+    pub feature_id: String,
+    pub kind: String,
+    pub mode: String,
+    /// Set on the entity's type rather than on the entity itself.
+    pub inherited_from_type: bool,
+    pub used: u64,
+    /// `null` for credits, whose size is what was granted.
+    pub limit: Option<u64>,
+    pub remaining: Option<u64>,
+    pub resets_at: Option<DateTime<Utc>>,
+    /// When the remaining units run out at the recent burn rate, if before the reset.
+    pub projected_exhaustion: Option<DateTime<Utc>>,
+    /// Units spent in the burn-rate window (`recentSeconds` long).
+    pub recent_units: u64,
+    pub recent_seconds: i64,
+}
+
+/// `GET /v1/customers/{customerId}/entities/{entityId}/budget`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BudgetDto {
+    pub entity_id: String,
+    pub entity_type: String,
+    pub at: DateTime<Utc>,
+    pub limits: Vec<LimitStateDto>,
+}
+
+impl From<&crate::usage::Budget> for BudgetDto {
+    fn from(b: &crate::usage::Budget) -> Self {
+        Self {
+            entity_id: b.entity.clone(),
+            entity_type: b.entity_type.clone(),
+            at: ms_time(b.at),
+            limits: b
+                .limits
+                .iter()
+                .map(|l| LimitStateDto {
+                    limit_id: l.limit_id.clone(),
+                    feature_id: l.feature.clone(),
+                    kind: l.kind.to_string(),
+                    mode: l.mode.to_string(),
+                    inherited_from_type: l.inherited_from_type,
+                    used: l.used,
+                    limit: l.limit,
+                    remaining: l.remaining,
+                    resets_at: l.resets_at.map(ms_time),
+                    projected_exhaustion: l.projected_exhaustion.map(ms_time),
+                    recent_units: l.recent_units,
+                    recent_seconds: l.recent_millis / 1000,
+                })
+                .collect(),
+        }
+    }
 }

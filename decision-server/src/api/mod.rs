@@ -4,6 +4,7 @@
 mod admin;
 mod decisions;
 pub mod dto;
+mod usage;
 
 use std::sync::Arc;
 
@@ -33,6 +34,7 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub problems: Vec<String>,
+    pub parameter: Option<&'static str>,
 }
 
 impl ApiError {
@@ -42,6 +44,19 @@ impl ApiError {
             code,
             message: message.into(),
             problems: Vec::new(),
+            parameter: None,
+        }
+    }
+
+    /// A 400 for query parameter `param`.
+    pub fn bad_parameter(param: &'static str, message: impl std::fmt::Display) -> Self {
+        Self {
+            parameter: Some(param),
+            ..Self::new(
+                StatusCode::BAD_REQUEST,
+                "bad_parameter",
+                format!("`{param}`: {message}"),
+            )
         }
     }
 
@@ -73,6 +88,7 @@ impl IntoResponse for ApiError {
                 code: self.code.to_string(),
                 message: self.message,
                 problems: self.problems,
+                parameter: self.parameter.map(str::to_string),
             },
         };
         (self.status, axum::Json(body)).into_response()
@@ -131,6 +147,7 @@ impl From<StoreError> for ApiError {
                 e.to_string(),
             ),
             StoreError::AdminMoved(_) => Self::new(StatusCode::CONFLICT, "conflict", e.to_string()),
+            StoreError::BadCursor(_) => Self::bad_request(e.to_string()),
         }
     }
 }
@@ -145,6 +162,7 @@ impl From<AdminError> for ApiError {
                 code: "invalid_change",
                 message: "the change would make the model invalid; nothing was changed".into(),
                 problems: errors.0.iter().map(ToString::to_string).collect(),
+                parameter: None,
             },
             AdminError::Store(e) => e.into(),
         }
@@ -267,6 +285,7 @@ impl FromRequestParts<AppState> for Caller {
     modifiers(&BearerAuth),
     tags(
         (name = "decisions", description = "Checks, holds and usage"),
+        (name = "usage", description = "Usage attribution: history, top spenders, budget state"),
         (name = "admin", description = "Customers, entities, limits, grants and prices (operator token)"),
         (name = "operations", description = "Health, metrics and this document")
     )
@@ -367,6 +386,9 @@ pub fn router_and_doc(
         .routes(routes!(admin::list_grants, admin::create_grant))
         .routes(routes!(admin::list_prices, admin::create_prices))
         .routes(routes!(admin::put_prices, admin::delete_prices))
+        .routes(routes!(usage::history))
+        .routes(routes!(usage::top))
+        .routes(routes!(usage::budget))
         .with_state(state)
         .split_for_parts();
     let json = doc.to_json().unwrap_or_else(|_| "{}".to_string());

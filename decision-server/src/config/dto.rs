@@ -20,6 +20,9 @@ pub struct ConfigDoc {
     pub prices: Vec<PriceTableDto>,
     #[serde(default)]
     pub customers: Vec<CustomerDto>,
+    /// Usage records: which dimensions they keep, and how long their rollups are kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_records: Option<UsageRecordsDto>,
     /// Listeners, storage, credentials, the ext_authz mapping and logging (`tollgate serve`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Object)]
@@ -194,4 +197,39 @@ pub struct CustomerDto {
     pub limits: Vec<LimitDto>,
     #[serde(default)]
     pub grants: Vec<GrantDto>,
+}
+
+/// `usageRecords`: attribution of every unit to its entity chain and dimensions.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UsageRecordsDto {
+    /// Default true. Off: no records, rollups or usage stream.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// Request dimensions recorded besides the ones the model reads (`model`, dimensional
+    /// types, attribution), for example `endpoint` or `region`.
+    #[serde(default)]
+    pub dimensions: Vec<String>,
+    /// ISO-8601 durations; defaults `PT48H`, `P90D`, `P730D`.
+    #[serde(default)]
+    pub retention: RetentionDto,
+    /// Distinct values of one dimension kept per customer before more fold into
+    /// `__other__`. Default 1000.
+    #[serde(default)]
+    pub max_values_per_dimension: Option<usize>,
+    /// The most points (windows × series) one history query returns; a query over it gets a
+    /// 400. Default 10000.
+    #[serde(default)]
+    pub max_query_points: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetentionDto {
+    #[serde(default)]
+    pub minute: Option<String>,
+    #[serde(default)]
+    pub hour: Option<String>,
+    #[serde(default)]
+    pub day: Option<String>,
 }

@@ -15,6 +15,7 @@ use crate::core::model::{
     valid_id,
 };
 use crate::core::period::{CalendarPeriod, parse_fixed_millis};
+use crate::core::rollup::{Granularity, RecordSettings};
 use crate::core::window::RollingWindow;
 use crate::core::{Name, Symbols, Timestamp};
 
@@ -95,6 +96,22 @@ impl Validator<'_> {
             attribution.iter().map(|a| a.dimension.clone()).collect();
         dimensions.extend(entity_types.iter().filter_map(|t| t.dimension.clone()));
         dimensions.insert("model".to_string());
+        let records_dto = doc.usage_records.clone().unwrap_or_default();
+        let records = self.record_settings(&records_dto);
+        for (i, d) in records_dto.dimensions.iter().enumerate() {
+            self.check_id(format!("usageRecords.dimensions[{i}]"), d);
+            dimensions.insert(d.clone());
+        }
+        let mut recorded_dimensions: Vec<Name> = dimensions
+            .iter()
+            .filter(|d| !attribution.iter().any(|a| &a.dimension == *d))
+            .map(|d| Name::from(symbols.intern(d)))
+            .collect();
+        recorded_dimensions.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        let chain_keys = entity_types
+            .iter()
+            .map(|t| Name::from(symbols.intern(&format!("{}Id", t.name))))
+            .collect();
 
         let ctx = Ctx {
             entity_types: &entity_types,
@@ -122,7 +139,59 @@ impl Validator<'_> {
             customers,
             hold_ttl_millis,
             dimensions,
+            recorded_dimensions,
+            chain_keys,
+            records,
         }
+    }
+
+    /// `usageRecords`: retention by bucket size (each at least its bucket, hour at least as
+    /// long as minute, day at least as long as hour) and the fold cap.
+    fn record_settings(&mut self, dto: &UsageRecordsDto) -> RecordSettings {
+        let mut settings = RecordSettings {
+            enabled: dto.enabled.unwrap_or(true),
+            ..RecordSettings::default()
+        };
+        let given = [
+            (&dto.retention.minute, Granularity::Minute, "minute"),
+            (&dto.retention.hour, Granularity::Hour, "hour"),
+            (&dto.retention.day, Granularity::Day, "day"),
+        ];
+        for (value, g, name) in given {
+            let Some(text) = value else { continue };
+            let path = format!("usageRecords.retention.{name}");
+            match parse_fixed_millis(text) {
+                Ok(ms) if ms >= g.millis() => settings.retention_millis[g.index()] = ms,
+                Ok(_) => self.err(path, format!("`{text}` is shorter than one {name} bucket")),
+                Err(e) => self.err(path, e.to_string()),
+            }
+        }
+        let [m, h, d] = settings.retention_millis;
+        if h < m || d < h {
+            self.err(
+                "usageRecords.retention",
+                "a coarser bucket must be kept at least as long as a finer one (minute ≤ hour ≤ day)",
+            );
+        }
+        if let Some(n) = dto.max_values_per_dimension {
+            if !(1..=1_000_000).contains(&n) {
+                self.err(
+                    "usageRecords.maxValuesPerDimension",
+                    format!("{n} is not from 1 to 1000000"),
+                );
+            }
+            settings.max_values_per_dimension = n;
+        }
+        if let Some(n) = dto.max_query_points {
+            if !(10..=1_000_000).contains(&n) {
+                self.err(
+                    "usageRecords.maxQueryPoints",
+                    format!("{n} is not from 10 to 1000000"),
+                );
+            }
+            settings.max_query_points = n;
+        }
+        settings
     }
 
     fn entity_types(&mut self, dtos: &[EntityTypeDto]) -> Vec<EntityType> {

@@ -10,7 +10,10 @@ use rustc_hash::FxHashMap;
 use super::counter::{self, CounterKey, CounterSpec, CounterState, HoldMark, Reading};
 use super::credits::GrantBalance;
 use super::model::Mode;
-use super::plan::{AmountRule, Plan, Usage};
+use super::plan::{AmountRule, Plan, Usage, priced_credits};
+use super::rollup::{
+    Measures, RecordKind, RecordRef, RecordSettings, RollupChanges, Rollups, UsageRecord,
+};
 use super::{HoldId, Timestamp};
 
 /// What one hold placed on one counter.
@@ -31,6 +34,20 @@ pub struct Hold {
     pub tag: u128,
     /// The most usage a settlement may report.
     pub max_settle: u64,
+    /// What the hold's usage record is attributed to. Trade-off: kept out of the hold's own
+    /// encoding (a persisting store writes it beside the hold), so that files written before
+    /// records existed still read.
+    #[serde(skip)]
+    pub record: Option<HoldRecord>,
+}
+
+/// A hold's attribution: its series, and the usage and credits it held (what an expiry
+/// commits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HoldRecord {
+    pub series: u32,
+    pub held: Usage,
+    pub credits: u64,
 }
 
 /// An entity created on the fly, as a store keeps it: by type name and parent id, so that it
@@ -171,6 +188,12 @@ pub struct Ledger {
     /// What changed since the last [`Ledger::take_changes`]; `None` unless a store persists
     /// the ledger, so the in-memory store pays one branch per change and nothing more.
     dirty: Option<Box<Dirty>>,
+    /// Usage attributed to series, in time buckets.
+    rollups: Rollups,
+    /// How records are kept; the store sets it before each call ([`Ledger::configure`]).
+    records: RecordSettings,
+    /// Records made since the last [`Ledger::take_records`], for the usage stream.
+    emitted: Vec<UsageRecord>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -191,6 +214,8 @@ struct Dirty {
 pub struct Changes {
     /// The current state of every counter touched.
     pub counters: Vec<(CounterKey, CounterState)>,
+    /// Series and buckets of the rollups changed.
+    pub rollups: RollupChanges,
     /// Holds opened and still open.
     pub opened: Vec<(u64, Hold)>,
     /// Holds closed (settled, released, expired); some may have been opened in this batch.
@@ -207,7 +232,47 @@ impl Ledger {
     pub fn tracked() -> Self {
         Self {
             dirty: Some(Box::default()),
+            rollups: Rollups::tracked(),
             ..Self::default()
+        }
+    }
+
+    /// Sets how records are kept from now on.
+    pub fn configure(&mut self, records: RecordSettings) {
+        self.records = records;
+    }
+
+    /// The records made since the last call, oldest first.
+    pub fn take_records(&mut self) -> Vec<UsageRecord> {
+        std::mem::take(&mut self.emitted)
+    }
+
+    /// The rollups, for queries.
+    pub fn rollups(&self) -> &Rollups {
+        &self.rollups
+    }
+
+    /// Attributes `measures` to series `series` at `at`, and emits the record.
+    fn attribute(
+        &mut self,
+        kind: RecordKind,
+        series: u32,
+        at: Timestamp,
+        measures: Measures,
+        reference: RecordRef,
+    ) {
+        if !self.records.enabled {
+            return;
+        }
+        self.rollups.add(series, at, &measures, &self.records);
+        if let Some(key) = self.rollups.key(series) {
+            self.emitted.push(UsageRecord {
+                kind,
+                at,
+                series: key.clone(),
+                measures,
+                reference,
+            });
         }
     }
 
@@ -218,8 +283,10 @@ impl Ledger {
         next_seq: u64,
         keys: impl IntoIterator<Item = (Timestamp, Box<str>)>,
         entities: impl IntoIterator<Item = (Box<str>, StoredEntity)>,
+        rollups: Rollups,
     ) -> Self {
         let mut l = Self::tracked();
+        l.rollups = rollups;
         l.counters = counters.into_iter().collect();
         l.entities = entities.into_iter().collect();
         for (seq, hold) in holds {
@@ -247,6 +314,7 @@ impl Ledger {
                 .into_iter()
                 .filter_map(|k| self.counters.get(&k).map(|s| (k, s.clone())))
                 .collect(),
+            rollups: self.rollups.take_changes(),
             opened: d
                 .opened
                 .into_iter()
@@ -265,13 +333,14 @@ impl Ledger {
 
     /// Whether a tracked ledger has changes not yet taken.
     pub fn has_changes(&self) -> bool {
-        self.dirty.as_ref().is_some_and(|d| {
-            !(d.counters.is_empty()
-                && d.opened.is_empty()
-                && d.closed.is_empty()
-                && d.keys.is_empty()
-                && d.entities.is_empty())
-        })
+        self.rollups.has_changes()
+            || self.dirty.as_ref().is_some_and(|d| {
+                !(d.counters.is_empty()
+                    && d.opened.is_empty()
+                    && d.closed.is_empty()
+                    && d.keys.is_empty()
+                    && d.entities.is_empty())
+            })
     }
 
     fn touch(&mut self, key: CounterKey) {
@@ -336,6 +405,23 @@ impl Ledger {
             .map(|c| counter::read(&c.spec, self.counters.get(&c.key), c.amount, now))
             .collect();
         let blocking = first_blocking(plan, &readings);
+        if let (Some(b), true) = (blocking, hold && self.records.enabled)
+            && let Some(c) = plan.counters.get(b)
+        {
+            let series = self.rollups.series_id(
+                &plan.series,
+                Some(c.limit_id),
+                self.records.max_values_per_dimension,
+            );
+            let reference = RecordRef::Level(c.level);
+            self.attribute(
+                RecordKind::Denied,
+                series,
+                now,
+                Measures::denial(),
+                reference,
+            );
+        }
         if blocking.is_some() || !hold || plan.counters.is_empty() {
             return Reservation {
                 readings,
@@ -371,6 +457,15 @@ impl Ledger {
             d.counters.extend(parts.iter().map(|p| p.key));
             d.opened.push(seq);
         }
+        let record = self.records.enabled.then(|| HoldRecord {
+            series: self.rollups.series_id(
+                &plan.series,
+                None,
+                self.records.max_values_per_dimension,
+            ),
+            held: plan.usage,
+            credits: plan.credits(&plan.usage),
+        });
         self.holds.insert(
             seq,
             Hold {
@@ -378,6 +473,7 @@ impl Ledger {
                 parts,
                 tag: plan.hold_tag,
                 max_settle: plan.max_settle,
+                record,
             },
         );
         self.expiry.push(Reverse((expires_at, seq)));
@@ -431,6 +527,20 @@ impl Ledger {
                 }
                 Closing::Release => counter::release(state, &part.mark, part.held, now),
             }
+        }
+        if let Some(r) = hold.record {
+            let (kind, measures) = match how {
+                Closing::Settle(actual) => (
+                    RecordKind::Settled,
+                    Measures::of_call(
+                        actual.units,
+                        actual.tokens,
+                        priced_credits(hold.parts.iter().map(|p| &p.rule), actual),
+                    ),
+                ),
+                Closing::Release => (RecordKind::Released, Measures::of_call(0, None, 0)),
+            };
+            self.attribute(kind, r.series, now, measures, RecordRef::Hold { seq, tag });
         }
         CloseResult::Closed
     }
@@ -494,6 +604,20 @@ impl Ledger {
                 counter::expire(state, &mark);
             }
         }
+        if self.records.enabled {
+            let series =
+                self.rollups
+                    .series_id(&plan.series, None, self.records.max_values_per_dimension);
+            let usage = plan.usage;
+            let measures = Measures::of_call(usage.units, usage.tokens, plan.credits(&usage));
+            self.attribute(
+                RecordKind::Ingested,
+                series,
+                now,
+                measures,
+                RecordRef::Key(key.into()),
+            );
+        }
         true
     }
 
@@ -514,7 +638,15 @@ impl Ledger {
                     counter::expire(state, &part.mark);
                 }
             }
+            if let Some(r) = hold.record {
+                let measures = Measures::of_call(r.held.units, r.held.tokens, r.credits);
+                let reference = RecordRef::Hold { seq, tag: hold.tag };
+                self.attribute(RecordKind::Expired, r.series, at, measures, reference);
+            }
             expired += 1;
+        }
+        if self.records.enabled {
+            self.rollups.prune(now, &self.records);
         }
         expired
     }
@@ -556,6 +688,7 @@ mod tests {
             hold_ttl_millis: 1_000,
             max_settle: 10,
             hold_tag: 0,
+            series: Default::default(),
         }
     }
 

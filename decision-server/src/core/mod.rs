@@ -7,7 +7,9 @@ pub mod ledger;
 pub mod model;
 pub mod period;
 pub mod plan;
+pub mod rollup;
 pub mod symbols;
+pub mod usage_query;
 pub mod window;
 
 pub use decision::{ChainEntry, Decision, Denial, HoldId, ParseHoldIdError};

@@ -240,9 +240,17 @@ pub struct Model {
     pub customers: FxHashMap<String, CustomerModel>,
     /// How long a hold lives before it is committed at its held amount.
     pub hold_ttl_millis: i64,
-    /// The request dimensions the model reads (attribution, dimensional types, `model`):
-    /// what usage records and events keep of a request's dimensions.
+    /// The request dimensions the model reads (attribution, dimensional types, `model`), and
+    /// those `usageRecords.dimensions` adds: what usage records and events keep of a request's
+    /// dimensions.
     pub dimensions: std::collections::HashSet<String>,
+    /// The dimensions a usage record keeps as values of their own (every declared one but the
+    /// attribution dimensions, whose values are entity ids and appear in the chain), sorted.
+    pub recorded_dimensions: Vec<Name>,
+    /// The attribute name each entity type's level carries in a record (`<type>Id`), by type.
+    pub chain_keys: Vec<Name>,
+    /// Retention of usage rollups and the fold cap.
+    pub records: crate::core::rollup::RecordSettings,
 }
 
 impl Model {

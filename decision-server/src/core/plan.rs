@@ -8,11 +8,12 @@ use dashmap::DashMap;
 use super::Timestamp;
 use super::counter::{CounterKey, CounterSpec};
 use super::model::{CustomerModel, DrawRule, Limit, LimitKind, Mode, Model, ModelPrice, OnUnknown};
+use super::rollup::SeriesDraft;
 use super::symbols::{Name, Sym};
 
 /// Token counts of one call, for pricing. `input` excludes the cached and cache-written
 /// tokens; `reasoning` is part of `output` (recorded, not priced apart).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct TokenCounts {
     pub input: u64,
     pub output: u64,
@@ -24,7 +25,7 @@ pub struct TokenCounts {
 }
 
 /// Usage asked for at check time, or reported at settlement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     /// Units of the checked feature.
     pub units: u64,
@@ -164,6 +165,25 @@ pub struct Plan {
     /// The random tag of the hold this decision places; the engine draws it (the core reads
     /// no randomness) and it becomes part of the hold id.
     pub hold_tag: u128,
+    /// What the decision's usage record is attributed to.
+    pub series: SeriesDraft,
+}
+
+impl Plan {
+    /// The credits `usage` is priced at: the amount of the plan's priced draw (every priced
+    /// counter of one plan prices the same call), 0 if no limit prices it.
+    pub fn credits(&self, usage: &Usage) -> u64 {
+        priced_credits(self.counters.iter().map(|c| &c.rule), usage)
+    }
+}
+
+/// The largest amount any priced rule gives `usage`: the call's credits.
+pub fn priced_credits<'a>(rules: impl Iterator<Item = &'a AmountRule>, usage: &Usage) -> u64 {
+    rules
+        .filter(|r| matches!(r, AmountRule::Priced(_)))
+        .map(|r| r.amount(usage))
+        .max()
+        .unwrap_or(0)
 }
 
 /// Why a request could not be resolved to a chain. None of these changes any counter.
@@ -421,6 +441,7 @@ impl Model {
             .unwrap_or_else(|| usage.units.max(1).saturating_mul(DEFAULT_SETTLE_FACTOR))
             // Exact in a double (Redis scripts count in Lua numbers); far above any real usage.
             .min(MAX_EXACT);
+        let series = self.series_draft(feature, &chain, dimensions);
         Ok(Planned::Ready(Plan {
             customer: customer.id,
             chain,
@@ -429,7 +450,45 @@ impl Model {
             hold_ttl_millis: self.hold_ttl_millis,
             max_settle,
             hold_tag: 0,
+            series,
         }))
+    }
+
+    /// What a record of this request is attributed to: the feature, each level of the chain
+    /// (`<type>Id`), and the recorded dimensions the request carries.
+    fn series_draft(
+        &self,
+        feature: usize,
+        chain: &[ChainLevel],
+        dimensions: &HashMap<String, String>,
+    ) -> SeriesDraft {
+        if !self.records.enabled {
+            return SeriesDraft::default();
+        }
+        let chain_attrs = chain
+            .iter()
+            .filter_map(|level| {
+                let t = self
+                    .entity_types
+                    .iter()
+                    .position(|t| t.name == level.entity_type)?;
+                Some((*self.chain_keys.get(t)?, level.entity_id))
+            })
+            .collect();
+        let dims = self
+            .recorded_dimensions
+            .iter()
+            .filter_map(|k| {
+                dimensions
+                    .get(k.as_str())
+                    .map(|v| (*k, Box::from(v.as_str())))
+            })
+            .collect();
+        SeriesDraft {
+            feature: self.features.get(feature).map(|f| f.id).unwrap_or_default(),
+            chain: chain_attrs,
+            dimensions: dims,
+        }
     }
 
     fn planned(

@@ -33,12 +33,14 @@ use std::time::Duration;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::{Condvar, Mutex};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
+use super::events::{EventBody, StreamRetention};
 use super::memory::{Journal, MemoryStore, SharedBook};
 use super::{AdminChanges, AdminLog, StoreError, StoredEntity};
 use crate::core::counter::{CounterKey, CounterState};
-use crate::core::ledger::{Changes, Hold, Ledger};
+use crate::core::ledger::{Changes, Hold, HoldRecord, Ledger};
+use crate::core::rollup::{BucketKey, Granularity, Measures, Rollups, SeriesKey};
 use crate::core::symbols::Symbols;
 use crate::core::{Sym, Timestamp};
 
@@ -54,6 +56,29 @@ const KEYS: TableDefinition<&[u8], i64> = TableDefinition::new("idempotency_keys
 const ENTITIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("auto_entities");
 /// Admin changes made through the API, in order: position → encoded change.
 const ADMIN: TableDefinition<u64, &[u8]> = TableDefinition::new("admin_changes");
+/// Usage series: (customer, series id) → series key.
+const SERIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("usage_series");
+/// Usage rollups: (customer, bucket size, bucket start, series id) → measures.
+const BUCKETS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("usage_buckets");
+/// The attribution of open holds: (customer, hold number) → series and held usage. Apart
+/// from the holds so that files written before usage records existed still read.
+const HOLD_RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("hold_records");
+/// The usage stream: event id → (customer, time, body).
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("usage_events");
+
+/// A bucket row's key after the customer: size, start, series id, in an order that sorts by
+/// size then time.
+fn bucket_key(customer: &str, g: Granularity, start: i64, id: u32) -> Vec<u8> {
+    let mut rest = Vec::with_capacity(13);
+    rest.push(g as u8);
+    rest.extend_from_slice(&(start ^ i64::MIN).to_be_bytes());
+    rest.extend_from_slice(&id.to_be_bytes());
+    row_key(customer, &rest)
+}
+
+fn granularity_of(b: u8) -> Option<Granularity> {
+    Granularity::ALL.into_iter().find(|g| *g as u8 == b)
+}
 
 /// When a decision counts as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,6 +181,10 @@ struct Log {
     /// The committed mark for blocking waiters ([`Journal::flush`]).
     committed: Mutex<Commit>,
     done: Condvar,
+    /// Stream events waiting for the next commit. Taken after the ledgers' changes, so a
+    /// commit holds the events of every change it holds (and perhaps a few of the next).
+    events: Mutex<Vec<(u64, Sym, Timestamp, EventBody)>>,
+    retention: StreamRetention,
 }
 
 #[async_trait::async_trait]
@@ -196,6 +225,15 @@ impl Journal for FileJournal {
 
     fn admin_log(&self) -> &dyn AdminLog {
         self
+    }
+
+    fn events(&self, customer: Sym, events: Vec<(u64, (Timestamp, EventBody))>) {
+        let mut pending = self.log.events.lock();
+        pending.extend(
+            events
+                .into_iter()
+                .map(|(id, (at, body))| (id, customer, at, body)),
+        );
     }
 }
 
@@ -249,6 +287,9 @@ struct Batch<'a> {
     keys: HashMap<(&'a str, &'a str), Option<Timestamp>>,
     next_seq: HashMap<&'a str, u64>,
     entities: HashMap<(&'a str, &'a str), &'a StoredEntity>,
+    series: HashMap<(&'a str, u32), &'a SeriesKey>,
+    buckets: HashMap<(&'a str, BucketKey), Measures>,
+    dropped: Vec<(&'a str, Granularity, i64)>,
 }
 
 impl<'a> Batch<'a> {
@@ -274,17 +315,34 @@ impl<'a> Batch<'a> {
             self.entities.insert((customer, id), e);
         }
         self.next_seq.insert(customer, c.next_seq);
+        for (id, key) in &c.rollups.series {
+            self.series.insert((customer, *id), key);
+        }
+        for (g, start) in &c.rollups.dropped {
+            self.buckets
+                .retain(|(cu, (bg, bs, _)), _| !(*cu == customer && bg == g && bs == start));
+            self.dropped.push((customer, *g, *start));
+        }
+        for (key, m) in &c.rollups.buckets {
+            self.buckets.insert((customer, *key), *m);
+        }
     }
 }
 
-/// Writes one batch of entries in one transaction.
-fn commit(db: &Database, batch: &[Entry]) -> Result<(), redb::Error> {
+/// Writes one batch of entries, and the stream events taken with them, in one transaction.
+fn commit(
+    db: &Database,
+    batch: &[Entry],
+    events: &[(u64, Sym, Timestamp, EventBody)],
+    retention: StreamRetention,
+) -> Result<(), redb::Error> {
     let mut rows = Batch::default();
     for e in batch {
         rows.add(e);
     }
     let txn = db.begin_write()?;
     {
+        write_usage(&txn, &rows, events, retention)?;
         let mut counters = txn.open_table(COUNTERS)?;
         for ((customer, key), state) in &rows.counters {
             let k = row_key(customer, &postcard::to_stdvec(key).map_err(to_redb)?);
@@ -292,15 +350,21 @@ fn commit(db: &Database, batch: &[Entry]) -> Result<(), redb::Error> {
             counters.insert(k.as_slice(), v.as_slice())?;
         }
         let mut holds = txn.open_table(HOLDS)?;
+        let mut hold_records = txn.open_table(HOLD_RECORDS)?;
         for ((customer, seq), hold) in &rows.holds {
             let k = row_key(customer, &seq.to_be_bytes());
             match hold {
                 Some(h) => {
                     let v = postcard::to_stdvec(h).map_err(to_redb)?;
                     holds.insert(k.as_slice(), v.as_slice())?;
+                    if let Some(r) = &h.record {
+                        let v = postcard::to_stdvec(r).map_err(to_redb)?;
+                        hold_records.insert(k.as_slice(), v.as_slice())?;
+                    }
                 }
                 None => {
                     holds.remove(k.as_slice())?;
+                    hold_records.remove(k.as_slice())?;
                 }
             }
         }
@@ -329,6 +393,65 @@ fn commit(db: &Database, batch: &[Entry]) -> Result<(), redb::Error> {
     }
     txn.commit()?;
     Ok(())
+}
+
+/// The usage rows of a batch: new series, changed buckets, buckets past their retention, and
+/// the stream events (trimmed to the stream's retention).
+fn write_usage(
+    txn: &redb::WriteTransaction,
+    rows: &Batch<'_>,
+    events: &[(u64, Sym, Timestamp, EventBody)],
+    retention: StreamRetention,
+) -> Result<(), redb::Error> {
+    let mut series = txn.open_table(SERIES)?;
+    for ((customer, id), key) in &rows.series {
+        let k = row_key(customer, &id.to_be_bytes());
+        let v = postcard::to_stdvec(key).map_err(to_redb)?;
+        series.insert(k.as_slice(), v.as_slice())?;
+    }
+    let mut buckets = txn.open_table(BUCKETS)?;
+    for (customer, g, start) in &rows.dropped {
+        let from = bucket_key(customer, *g, *start, 0);
+        let to = bucket_key(customer, *g, *start, u32::MAX);
+        buckets.retain_in(from.as_slice()..=to.as_slice(), |_, _| false)?;
+    }
+    for ((customer, (g, start, id)), m) in &rows.buckets {
+        let k = bucket_key(customer, *g, *start, *id);
+        let v = postcard::to_stdvec(m).map_err(to_redb)?;
+        buckets.insert(k.as_slice(), v.as_slice())?;
+    }
+    let mut table = txn.open_table(EVENTS)?;
+    let mut newest = None;
+    for (id, customer, at, body) in events {
+        let v = postcard::to_stdvec(&(Symbols.resolve(*customer), at.millis(), body))
+            .map_err(to_redb)?;
+        table.insert(*id, v.as_slice())?;
+        newest = newest.max(Some(at.millis()));
+    }
+    if let Some(newest) = newest {
+        let mut len = table.len()?;
+        let cutoff = newest.saturating_sub(retention.millis);
+        loop {
+            let first = table.first()?.map(|(id, v)| {
+                (
+                    id.value(),
+                    decode_event(v.value()).map_or(i64::MIN, |e| e.1),
+                )
+            });
+            let Some((id, at)) = first else { break };
+            if len as usize <= retention.max_events && at >= cutoff {
+                break;
+            }
+            table.remove(id)?;
+            len -= 1;
+        }
+    }
+    Ok(())
+}
+
+/// A stored stream event: its customer, time and body.
+fn decode_event(v: &[u8]) -> Option<(String, i64, EventBody)> {
+    postcard::from_bytes(v).ok()
 }
 
 fn to_redb(e: postcard::Error) -> redb::Error {
@@ -371,8 +494,9 @@ fn writer(db: Arc<Database>, log: Arc<Log>) {
                 }
             })
             .collect();
+        let events = std::mem::take(&mut *log.events.lock());
         let t0 = std::time::Instant::now();
-        let result = commit(&db, &batch);
+        let result = commit(&db, &batch, &events, log.retention);
         tracing::trace!(commit = commit_no, customers = batch.len(), took = ?t0.elapsed(), "store commit");
         let mut c = log.committed.lock();
         match result {
@@ -417,6 +541,9 @@ struct Restored {
     next_seq: u64,
     keys: Vec<(Timestamp, Box<str>)>,
     entities: Vec<(Box<str>, StoredEntity)>,
+    hold_records: HashMap<u64, HoldRecord>,
+    series: Vec<(u32, SeriesKey)>,
+    buckets: Vec<(BucketKey, Measures)>,
 }
 
 /// Reads every row back into ledgers.
@@ -490,6 +617,68 @@ fn restore(db: &Database, path: &Path) -> Result<Vec<(String, Ledger)>, OpenErro
     }
     customer_rows(
         &txn,
+        HOLD_RECORDS,
+        "a hold record",
+        &open,
+        &corrupt,
+        |customer, seq, v| {
+            let seq = u64::from_be_bytes(
+                seq.try_into()
+                    .map_err(|_| corrupt(format!("a hold record number of `{customer}`")))?,
+            );
+            let r: HoldRecord = postcard::from_bytes(v)
+                .map_err(|e| corrupt(format!("hold record {customer}:{seq}: {e}")))?;
+            let entry = by_customer.entry(customer.to_string()).or_default();
+            entry.hold_records.insert(seq, r);
+            Ok(())
+        },
+    )?;
+    customer_rows(
+        &txn,
+        SERIES,
+        "a usage series",
+        &open,
+        &corrupt,
+        |customer, id, v| {
+            let id = u32::from_be_bytes(
+                id.try_into()
+                    .map_err(|_| corrupt(format!("a usage series id of `{customer}`")))?,
+            );
+            let key: SeriesKey = postcard::from_bytes(v)
+                .map_err(|e| corrupt(format!("usage series {id} of `{customer}`: {e}")))?;
+            let entry = by_customer.entry(customer.to_string()).or_default();
+            entry.series.push((id, key));
+            Ok(())
+        },
+    )?;
+    customer_rows(
+        &txn,
+        BUCKETS,
+        "a usage bucket",
+        &open,
+        &corrupt,
+        |customer, k, v| {
+            let bad = || corrupt(format!("a usage bucket key of `{customer}`"));
+            let g = k.first().and_then(|b| granularity_of(*b)).ok_or_else(bad)?;
+            let start = k
+                .get(1..9)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(|b| i64::from_be_bytes(b) ^ i64::MIN)
+                .ok_or_else(bad)?;
+            let id = k
+                .get(9..13)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map(u32::from_be_bytes)
+                .ok_or_else(bad)?;
+            let m: Measures = postcard::from_bytes(v)
+                .map_err(|e| corrupt(format!("usage bucket of `{customer}`: {e}")))?;
+            let entry = by_customer.entry(customer.to_string()).or_default();
+            entry.buckets.push(((g, start, id), m));
+            Ok(())
+        },
+    )?;
+    customer_rows(
+        &txn,
         KEYS,
         "an idempotency key",
         &open,
@@ -503,11 +692,44 @@ fn restore(db: &Database, path: &Path) -> Result<Vec<(String, Ledger)>, OpenErro
     )?;
     Ok(by_customer
         .into_iter()
-        .map(|(c, r)| {
-            let ledger = Ledger::restore(r.counters, r.holds, r.next_seq, r.keys, r.entities);
+        .map(|(c, mut r)| {
+            for (seq, hold) in &mut r.holds {
+                hold.record = r.hold_records.remove(seq);
+            }
+            let rollups = Rollups::restore(r.series, r.buckets);
+            let ledger =
+                Ledger::restore(r.counters, r.holds, r.next_seq, r.keys, r.entities, rollups);
             (c, ledger)
         })
         .collect())
+}
+
+/// The stream events kept, oldest first.
+fn restore_events(
+    db: &Database,
+    path: &Path,
+) -> Result<Vec<(u64, crate::core::Name, Timestamp, EventBody)>, OpenError> {
+    let open = |e: redb::Error| OpenError::Open {
+        path: path.to_path_buf(),
+        source: Box::new(e),
+    };
+    let txn = db.begin_read().map_err(|e| open(e.into()))?;
+    let table = txn.open_table(EVENTS).map_err(|e| open(e.into()))?;
+    let mut out = Vec::new();
+    for row in table.iter().map_err(|e| open(e.into()))? {
+        let (k, v) = row.map_err(|e| open(e.into()))?;
+        let (customer, at, body) = decode_event(v.value()).ok_or_else(|| OpenError::Corrupt {
+            path: path.to_path_buf(),
+            message: format!("stream event {}", k.value()),
+        })?;
+        out.push((
+            k.value(),
+            crate::core::Name::from(customer.as_str()),
+            Timestamp::from_millis(at),
+            body,
+        ));
+    }
+    Ok(out)
 }
 
 impl DurableStore {
@@ -531,9 +753,14 @@ impl DurableStore {
             txn.open_table(KEYS).map_err(|e| open(e.into()))?;
             txn.open_table(ADMIN).map_err(|e| open(e.into()))?;
             txn.open_table(ENTITIES).map_err(|e| open(e.into()))?;
+            txn.open_table(SERIES).map_err(|e| open(e.into()))?;
+            txn.open_table(BUCKETS).map_err(|e| open(e.into()))?;
+            txn.open_table(HOLD_RECORDS).map_err(|e| open(e.into()))?;
+            txn.open_table(EVENTS).map_err(|e| open(e.into()))?;
         }
         txn.commit().map_err(|e| open(e.into()))?;
         let ledgers = restore(&db, path)?;
+        let events = restore_events(&db, path)?;
         let db = Arc::new(db);
         let log = Arc::new(Log {
             durability,
@@ -547,6 +774,8 @@ impl DurableStore {
             failed: AtomicBool::new(false),
             committed: Mutex::new(Commit::default()),
             done: Condvar::new(),
+            events: Mutex::new(Vec::new()),
+            retention: StreamRetention::default(),
         });
         let writer = std::thread::Builder::new()
             .name("tollgate-store-writer".into())
@@ -561,10 +790,12 @@ impl DurableStore {
             log,
             writer: Mutex::new(Some(writer)),
         };
-        Ok(MemoryStore::journaled(
+        let store = MemoryStore::journaled(
             Arc::new(journal),
             ledgers.into_iter().map(|(c, l)| (Symbols.intern(&c), l)),
-        ))
+        );
+        store.events().restore(events);
+        Ok(store)
     }
 }
 

@@ -5,17 +5,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use rustc_hash::FxBuildHasher;
 
+use super::events::{EventBody, EventLog, EventPage};
 use super::{
     AdminLog, AutoEntityOutcome, CloseOutcome, CounterStore, HoldKey, NothingKept, Reservation,
     ReserveMode, StoreError, StoreStats, StoredEntity,
 };
+use crate::clock::Clock as _;
 use crate::core::counter::{CounterKey, CounterSpec};
 use crate::core::credits::GrantBalance;
 use crate::core::ledger::{CloseResult, Closing, KeyRetention, Ledger};
 use crate::core::plan::{Plan, Usage};
+use crate::core::rollup::{Granularity, Measures, RecordSettings, SeriesKey};
 use crate::core::{Name, Sym, Timestamp};
 
 /// One customer's ledger and, in a journaled store, the commit it waits in.
@@ -53,6 +56,10 @@ pub(crate) trait Journal: Send + Sync + std::fmt::Debug {
 
     /// Where the journal keeps the admin changes.
     fn admin_log(&self) -> &dyn AdminLog;
+
+    /// Called under the customer's lock with the stream events a call made, numbered; they
+    /// are stored with the customer's next commit.
+    fn events(&self, customer: Sym, events: Vec<(u64, (Timestamp, EventBody))>);
 }
 
 /// Counters in process memory. Lost on restart unless journaled; the default for tests and
@@ -62,19 +69,41 @@ pub(crate) trait Journal: Send + Sync + std::fmt::Debug {
 /// customer's own mutex, so the map's shard lock is held only for the lookup. Two customers
 /// never wait on each other; one hot customer serialises on its own lock, which is the
 /// atomicity a decision needs anyway.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryStore {
     customers: DashMap<Sym, SharedBook, FxBuildHasher>,
     retention: KeyRetention,
+    /// How usage records are kept; set by the engine with each model.
+    records: RwLock<RecordSettings>,
+    /// The usage stream: every record, numbered.
+    events: EventLog,
     /// Where every ledger change goes, when the store is durable.
     journal: Option<Arc<dyn Journal>>,
     /// Holds released by `cancel`, since start.
     abandoned: AtomicU64,
 }
 
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self {
+            customers: DashMap::default(),
+            retention: KeyRetention::default(),
+            records: RwLock::new(RecordSettings::default()),
+            events: EventLog::new(0, crate::clock::SystemClock.now()),
+            journal: None,
+            abandoned: AtomicU64::new(0),
+        }
+    }
+}
+
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The usage stream's log.
+    pub(crate) fn events(&self) -> &EventLog {
+        &self.events
     }
 
     /// This store, remembering ingest idempotency keys as `retention` says (durable stores
@@ -138,11 +167,27 @@ impl MemoryStore {
         book: &SharedBook,
         f: impl FnOnce(&mut Ledger) -> R,
     ) -> Result<(R, Option<u64>), StoreError> {
-        let Some(journal) = &self.journal else {
-            return Ok((f(&mut book.lock().ledger), None));
-        };
+        let records = *self.records.read();
         let mut b = book.lock();
+        b.ledger.configure(records);
         let out = f(&mut b.ledger);
+        let made = b.ledger.take_records();
+        if !made.is_empty() {
+            // Numbered under the customer's lock, so one customer's events are in the order
+            // its calls ran.
+            let last = made.iter().map(|r| r.at).max().unwrap_or_default();
+            let bodies: Vec<_> = made
+                .into_iter()
+                .map(|r| (r.at, EventBody::Record(r)))
+                .collect();
+            let ids = self.events.push(Name::from(customer), bodies.clone(), last);
+            if let Some(journal) = &self.journal {
+                journal.events(customer, ids.into_iter().zip(bodies).collect());
+            }
+        }
+        let Some(journal) = &self.journal else {
+            return Ok((out, None));
+        };
         let ticket = if b.ledger.has_changes() {
             Some(journal.changed(customer, book, &mut b.queued)?)
         } else {
@@ -365,5 +410,41 @@ impl CounterStore for MemoryStore {
             Some(j) => j.admin_log(),
             None => &NothingKept,
         }
+    }
+
+    fn configure_records(&self, settings: RecordSettings) {
+        *self.records.write() = settings;
+    }
+
+    async fn usage_buckets(
+        &self,
+        customer: Name,
+        g: Granularity,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(i64, SeriesKey, Measures)>, StoreError> {
+        Ok(self
+            .existing(customer.sym())
+            .map(|b| b.lock().ledger.rollups().scan(g, from, to))
+            .unwrap_or_default())
+    }
+
+    async fn read_events(
+        &self,
+        customer: Option<Name>,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<EventPage, StoreError> {
+        let after = match after {
+            Some(text) => Some(text.parse::<u64>().map_err(|_| {
+                StoreError::BadCursor(format!("`{text}` is not an event id of this stream"))
+            })?),
+            None => None,
+        };
+        Ok(self.events.read(customer, after, max))
+    }
+
+    fn event_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.events.subscribe()
     }
 }

@@ -2,6 +2,7 @@
 //! per backend; every one runs the same arithmetic from `core::counter`.
 
 pub mod durable;
+pub mod events;
 pub mod memory;
 pub mod redis;
 
@@ -14,7 +15,9 @@ pub use crate::core::ledger::{AutoEntityOutcome, Reservation, StoredEntity};
 use crate::core::counter::CounterKey;
 use crate::core::credits::GrantBalance;
 use crate::core::plan::{Plan, Usage};
+use crate::core::rollup::{Granularity, Measures, RecordSettings, SeriesKey};
 use crate::core::{Name, Timestamp};
+use events::EventPage;
 
 /// A hold as stores see it: its customer (interned, so its symbol keys in-process maps and its
 /// text a Redis `{customerId}` hash tag), its number and its tag. Written as the hold id.
@@ -79,6 +82,8 @@ pub enum StoreError {
     Unavailable(String),
     #[error("the admin changes were changed by another replica (now at revision {0})")]
     AdminMoved(u64),
+    #[error("bad stream cursor: {0}")]
+    BadCursor(String),
 }
 
 /// The admin changes a store keeps: opaque encoded entries, in order, and the revision they
@@ -182,6 +187,32 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
 
     /// Where this store keeps the admin changes made through the API.
     fn admin_log(&self) -> &dyn AdminLog;
+
+    /// Sets how usage records are kept (the engine calls it with each model in force).
+    fn configure_records(&self, settings: RecordSettings);
+
+    /// `customer`'s rollup buckets of size `g` starting in `[from, to)` (ms), as (bucket
+    /// start, series, measures).
+    async fn usage_buckets(
+        &self,
+        customer: Name,
+        g: Granularity,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(i64, SeriesKey, Measures)>, StoreError>;
+
+    /// Up to `max` events of the usage stream after cursor `after` (an event id this store
+    /// gave), of `customer` only or of every customer, oldest first.
+    async fn read_events(
+        &self,
+        customer: Option<Name>,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<EventPage, StoreError>;
+
+    /// Changes whenever this process adds events (a shared store's other replicas add events
+    /// too: readers also poll).
+    fn event_signal(&self) -> tokio::sync::watch::Receiver<u64>;
 }
 
 /// The admin changes made through the API, kept with a revision. A job of its own: a store

@@ -9,8 +9,10 @@ use redis::{Script, ScriptInvocation, Value};
 
 use super::keys::CallKeys;
 use super::link::Conn;
-use super::wire::{DONE, result, tag_text};
+use super::wire::{DONE, push_record_settings, result, tag_text};
 use crate::core::Timestamp;
+use crate::core::rollup::RecordSettings;
+use crate::store::events::StreamRetention;
 
 /// How long a cancelled decision's tag is remembered (`redis.lua` `cancel()`), so that its
 /// reserve, if it runs later still, holds nothing. Far longer than any call can be delayed in a
@@ -28,6 +30,8 @@ const MAX_PENDING_CANCELS: usize = 100_000;
 pub struct Canceller {
     pub conn: Conn,
     pub script: Script,
+    /// How usage records are kept: a cancel releases (a record) and expires due holds.
+    pub records: Arc<parking_lot::RwLock<RecordSettings>>,
     pub prefix: String,
     pub timeout: Duration,
     pub pending: Arc<AtomicUsize>,
@@ -45,6 +49,7 @@ impl Canceller {
             .arg(now.millis())
             .arg(tag_text(tag))
             .arg(CANCEL_MEMORY_MS);
+        push_record_settings(&mut inv, &self.records.read(), &StreamRetention::default());
         inv
     }
 

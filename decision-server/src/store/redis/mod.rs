@@ -23,6 +23,8 @@ mod keys;
 mod link;
 mod wire;
 
+use super::events::{EventBody, EventPage, StreamEvent, StreamRetention};
+use crate::core::rollup::{Granularity, Measures, RecordSettings, SeriesKey};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -40,7 +42,8 @@ use self::wire::{
     CLOSE_ALREADY_CLOSED, CLOSE_CLOSED, CLOSE_NEEDS_PRICES, CLOSE_NO_SUCH_HOLD, CLOSE_TOO_LARGE,
     CounterArgs, DONE, ENTITY_ABSENT, ENTITY_CREATED, ENTITY_FOUND, ENTITY_FULL, HEADER,
     PRICES_PER_PART, SLOT_COUNTERS, SLOT_HOLDS_OPEN, SLOT_HOLDS_VERSION, SLOT_NEXT_EXPIRY,
-    bad_reply, category_code, int, kind_code, result, rule_code, state_of, tag_text,
+    bad_reply, category_code, decode_record, decode_series, int, kind_code, measures_of,
+    push_record_draft, push_record_settings, result, rule_code, state_of, tag_text,
 };
 use super::{
     AdminLog, AutoEntityOutcome, CloseOutcome, CounterStore, HoldKey, Reservation, ReserveMode,
@@ -109,6 +112,10 @@ pub struct RedisStore {
     canceller: Canceller,
     /// Decisions where the script's verdict and the core's reading of its states differ.
     disagreements: AtomicU64,
+    /// How usage records are kept (sent with every script call).
+    records: Arc<parking_lot::RwLock<RecordSettings>>,
+    /// Changes when this replica adds stream events.
+    event_signal: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -129,7 +136,9 @@ impl RedisStore {
     ) -> Result<Self, ConnectError> {
         let link = Link::connect(&settings).await?;
         let script = Script::new(LUA);
+        let records = Arc::new(parking_lot::RwLock::new(RecordSettings::default()));
         let canceller = Canceller {
+            records: Arc::clone(&records),
             conn: link.conn.clone(),
             script: script.clone(),
             prefix: settings.prefix.clone(),
@@ -146,6 +155,8 @@ impl RedisStore {
             known: DashMap::default(),
             canceller,
             disagreements: AtomicU64::new(0),
+            records,
+            event_signal: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -249,7 +260,17 @@ impl RedisStore {
         for c in &counters {
             c.push(&mut inv);
         }
+        // What the call records: the plan's series and the measures of its usage (what a
+        // hold's expiry commits, or what an ingest adds).
+        let usage = &plan.usage;
+        let measures = Measures::of_call(usage.units, usage.tokens, plan.credits(usage));
+        push_record_draft(&mut inv, plan, &measures);
+        self.push_record_settings(&mut inv);
         self.run_noting(plan.customer.sym(), &inv, sent).await
+    }
+
+    fn push_record_settings(&self, inv: &mut ScriptInvocation<'_>) {
+        push_record_settings(inv, &self.records.read(), &StreamRetention::default());
     }
 
     fn keys(&self, customer: Name) -> CallKeys {
@@ -273,6 +294,13 @@ impl RedisStore {
             for p in prices.unwrap_or(&[]) {
                 inv.arg(*p);
             }
+            let t = actual.and_then(|u| u.tokens).unwrap_or_default();
+            inv.arg(t.input)
+                .arg(t.output)
+                .arg(t.cached)
+                .arg(t.cache_write)
+                .arg(t.reasoning);
+            self.push_record_settings(&mut inv);
             inv
         };
         let sym = hold.customer.sym();
@@ -314,8 +342,104 @@ impl RedisStore {
     }
 }
 
+/// Whether `s` is a stream id (`<ms>-<seq>`), as the script's `XRANGE` takes it.
+fn is_stream_id(s: &str) -> bool {
+    s.split_once('-').is_some_and(|(ms, seq)| {
+        !ms.is_empty()
+            && !seq.is_empty()
+            && ms.len() <= 20
+            && seq.len() <= 20
+            && ms.bytes().all(|b| b.is_ascii_digit())
+            && seq.bytes().all(|b| b.is_ascii_digit())
+    })
+}
+
 #[async_trait::async_trait]
 impl CounterStore for RedisStore {
+    fn configure_records(&self, settings: RecordSettings) {
+        *self.records.write() = settings;
+    }
+
+    async fn usage_buckets(
+        &self,
+        customer: Name,
+        g: Granularity,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(i64, SeriesKey, Measures)>, StoreError> {
+        let keys = self.keys(customer);
+        let mut inv = self.invocation(&keys, "buckets", Timestamp::default());
+        let from = from.div_euclid(g.millis()) * g.millis();
+        inv.arg(g.index() + 1).arg(from).arg(to);
+        let reply = self.run(customer.sym(), &inv).await?;
+        reply
+            .get(HEADER..)
+            .unwrap_or(&[])
+            .chunks(3)
+            .map(|row| match row {
+                [start, Value::BulkString(series), Value::BulkString(m)] => {
+                    Some((int(start)?, decode_series(series)?, measures_of(m)?))
+                }
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad_reply("buckets: a row that does not decode"))
+    }
+
+    /// Per customer only: each customer's events are a Redis stream on its slot, and their
+    /// ids are the stream's. Following every customer is left to the caller, which knows the
+    /// customers (a stream across slots could not be written in the call that counts).
+    async fn read_events(
+        &self,
+        customer: Option<Name>,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<EventPage, StoreError> {
+        let Some(customer) = customer else {
+            return Err(StoreError::Unavailable(
+                "redis: events are kept per customer; read each customer's stream".into(),
+            ));
+        };
+        if let Some(a) = after
+            && !is_stream_id(a)
+        {
+            return Err(StoreError::BadCursor(a.to_string()));
+        }
+        let keys = self.keys(customer);
+        let mut inv = self.invocation(&keys, "events", Timestamp::default());
+        inv.arg(after.unwrap_or("")).arg(max);
+        let reply = self.run(customer.sym(), &inv).await?;
+        let gap = result(&reply) == Some(1);
+        let events = reply
+            .get(HEADER..)
+            .unwrap_or(&[])
+            .chunks(2)
+            .map(|e| match e {
+                [id, Value::BulkString(body)] => {
+                    let id = match id {
+                        Value::BulkString(b) => String::from_utf8(b.clone()).ok()?,
+                        Value::SimpleString(s) => s.clone(),
+                        _ => return None,
+                    };
+                    let record = decode_record(body)?;
+                    Some(StreamEvent {
+                        id,
+                        customer,
+                        at: record.at,
+                        body: Arc::new(EventBody::Record(record)),
+                    })
+                }
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad_reply("events: an event that does not decode"))?;
+        Ok(EventPage { events, gap })
+    }
+
+    fn event_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.event_signal.subscribe()
+    }
+
     async fn reserve(
         &self,
         plan: &Plan,
@@ -432,7 +556,9 @@ impl CounterStore for RedisStore {
         let mut first_error = None;
         for sym in due {
             let keys = self.keys(Name::from(sym));
-            match self.run(sym, &self.invocation(&keys, "expire", now)).await {
+            let mut inv = self.invocation(&keys, "expire", now);
+            self.push_record_settings(&mut inv);
+            match self.run(sym, &inv).await {
                 Ok(reply) => expired += result(&reply).unwrap_or(0).max(0) as usize,
                 Err(e) => {
                     first_error.get_or_insert(e);

@@ -31,6 +31,17 @@
 -- {entity key, field, mark, held, rule, p_in, p_out, p_cached, p_cache_write}; marks are {1, bucket},
 -- {2, period index}, {3}, {4, draws (pos, amount, ...)}; rules are 0 units, 1 one per request,
 -- 2 priced (by the snapshot's per-million prices).
+--
+-- Usage records (core/rollup.rs): the calls that may make one (reserve, close, record,
+-- expire, cancel) end with the record settings, REC_ARGS values: enabled (1/0), the minute,
+-- hour and day retention (ms), the most values of one dimension, the stream's retention (ms)
+-- and most events. A record adds its measures {units, input, output, cached, cache write,
+-- reasoning, credits, requests, denied} to its series' field of the minute, hour and day
+-- bucket hashes (`r<1|2|3>:<start>`, expiring with their retention) and appends an event to
+-- the customer's stream (`s`), in the same call that changed the counters. A series is
+-- msgpack {feature, name, value, ...} with the names in byte order; dimension values past
+-- the customer's most fold into `__other__` (the distinct values kept in the hash `d`). A
+-- hold keeps its series and held measures (h[6], h[7]) for its settle, release or expiry.
 
 local META, HOLDS, EXPIRY, SEEN, AUTO, CANCELLED = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local op = ARGV[1]
@@ -39,6 +50,24 @@ local now = tonumber(ARGV[2])
 local RING = 8
 local U32 = 4294967295
 local RATE, QUOTA, CONC, CRED = 1, 2, 3, 4
+
+-- The customer's key prefix (`<prefix>:{<customer>}:`): the record keys derive from it.
+local BASE = string.sub(META, 1, #META - 1)
+
+-- The record settings at the end of ARGV, on the calls that carry them; false when off.
+local REC_ARGS = 7
+local REC = false
+if op == 'reserve' or op == 'close' or op == 'record' or op == 'expire' or op == 'cancel' then
+  local b = #ARGV - REC_ARGS
+  if ARGV[b + 1] == '1' then
+    REC = {
+      ret = { tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]) },
+      max_values = tonumber(ARGV[b + 5]),
+      stream_ms = tonumber(ARGV[b + 6]),
+      stream_max = tonumber(ARGV[b + 7]),
+    }
+  end
+end
 
 -- States read or written by this call, so a counter named twice is one state.
 local cache = {}
@@ -266,6 +295,97 @@ local function expire(st, mark)
   if st[1] == CONC and mark[1] == CONC then st[2] = math.max(0, st[2] - 1) end
 end
 
+-- Usage records (core/rollup.rs) ---------------------------------------------------------
+
+local GRAIN = { 60000, 3600000, 86400000 }
+local MEASURES = 9
+local SETTLED, RELEASED, EXPIRED, INGESTED, DENIED = 1, 2, 3, 4, 5
+
+-- Adds measures `m` to `series` in the buckets holding now, and appends the event: kind,
+-- time, series, measures, and the reference (hold number and tag, an idempotency key, or the
+-- denying level).
+local function attribute(kind, series, m, a, b)
+  for gi, g in ipairs(GRAIN) do
+    local start = now - (now % g)
+    local keep_until = start + g + REC.ret[gi]
+    if keep_until > now then
+      local key = BASE .. 'r' .. gi .. ':' .. start
+      local raw = redis.call('HGET', key, series)
+      local cur = raw and cmsgpack.unpack(raw) or { 0, 0, 0, 0, 0, 0, 0, 0, 0 }
+      for i = 1, MEASURES do cur[i] = cur[i] + m[i] end
+      redis.call('HSET', key, series, cmsgpack.pack(cur))
+      -- Relative to this call's clock, not Redis's: the replicas' clock is the one counters
+      -- and retention follow.
+      redis.call('PEXPIRE', key, keep_until - now)
+    end
+  end
+  local stream = BASE .. 's'
+  redis.call('XADD', stream, 'MAXLEN', '~', REC.stream_max, '*', 'e',
+    cmsgpack.pack({ kind, now, series, m, a or false, b or false }))
+  -- Stream ids carry Redis's clock, so the retention is measured on it.
+  local t = redis.call('TIME')
+  local server_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('XTRIM', stream, 'MINID', '~', server_ms - REC.stream_ms)
+end
+
+-- A dimension value as recorded: itself while the customer has fewer than its most distinct
+-- values of that dimension (or has seen it), `__other__` past that.
+local function fold(dim, v)
+  local seen = BASE .. 'd'
+  local f = dim .. '\0' .. v
+  if redis.call('HEXISTS', seen, f) == 1 then return v end
+  if tonumber(redis.call('HGET', seen, dim) or 0) >= REC.max_values then
+    redis.call('HINCRBY', seen, '\0folded', 1)
+    return '__other__'
+  end
+  redis.call('HSET', seen, f, 1)
+  redis.call('HINCRBY', seen, dim, 1)
+  return v
+end
+
+-- The series draft at ARGV[p..]: feature, attribute count, then (name, value, foldable 1/0)
+-- with the names in byte order. Returns the draft and the index after it.
+local function draft_at(p)
+  local d = { feature = ARGV[p], attrs = {} }
+  local n = tonumber(ARGV[p + 1])
+  p = p + 2
+  for _ = 1, n do
+    d.attrs[#d.attrs + 1] = { ARGV[p], ARGV[p + 1], ARGV[p + 2] == '1' }
+    p = p + 3
+  end
+  return d, p
+end
+
+-- The series of draft `d` (its dimension values folded), with `deniedBy` = `limit` in its
+-- place when given.
+local function series_of(d, limit)
+  local out = { d.feature }
+  local pending = limit
+  for _, a in ipairs(d.attrs) do
+    if pending and bytes_less('deniedBy', a[1]) then
+      out[#out + 1] = 'deniedBy'
+      out[#out + 1] = pending
+      pending = nil
+    end
+    if not (limit and a[1] == 'deniedBy') then
+      out[#out + 1] = a[1]
+      out[#out + 1] = a[3] and fold(a[1], a[2]) or a[2]
+    end
+  end
+  if pending then
+    out[#out + 1] = 'deniedBy'
+    out[#out + 1] = pending
+  end
+  return cmsgpack.pack(out)
+end
+
+-- Nine measures at ARGV[p..].
+local function measures_at(p)
+  local m = {}
+  for i = 1, MEASURES do m[i] = tonumber(ARGV[p + i - 1]) end
+  return m
+end
+
 -- The ledger (core/ledger.rs) -------------------------------------------------------------
 
 local function expire_due()
@@ -283,6 +403,8 @@ local function expire_due()
           end
         end
       end
+      -- Expired at the held amount, as counted.
+      if REC and h[6] then attribute(EXPIRED, h[6], h[7], h[5], h[3]) end
       redis.call('HDEL', HOLDS, tag)
       holds_changed = true
     end
@@ -304,7 +426,8 @@ local function reply(result, extra, next_expiry)
 end
 
 -- ARGV: 'reserve', now, hold (1/0), ttl ms, tag, max settle, counters, then a group per
--- counter. Result: the blocking counter (1-based, 0 if none), then the hold number (0 if
+-- counter, then the series draft, each counter's (limit id, chain level), the held measures
+-- (what an expiry records), and the record settings. Result: the blocking counter (1-based, 0 if none), then the hold number (0 if
 -- none), then each counter's state before the call (false if it had none).
 local function reserve()
   local place, ttl, tag, max_settle = ARGV[3] == '1', tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
@@ -320,6 +443,13 @@ local function reserve()
     local e = load(c.key, c.field)
     before[i] = e.raw
     if blocking == 0 and c.enforce and not fits(c, e.st) then blocking = i end
+  end
+  local draft, limits_at
+  if REC and place then draft, limits_at = draft_at(8 + n * GROUP) end
+  if blocking > 0 and draft then
+    local limit, level = ARGV[limits_at + 2 * (blocking - 1)], tonumber(ARGV[limits_at + 2 * blocking - 1])
+    local m = { 0, 0, 0, 0, 0, 0, 0, 0, 1 }
+    attribute(DENIED, series_of(draft, limit), m, level, false)
   end
   if blocking > 0 or not place or n == 0 then
     return reply(blocking, { 0, unpack(before, 1, n) })
@@ -340,16 +470,22 @@ local function reserve()
     end
   end
   local expires = now + ttl
-  redis.call('HSET', HOLDS, tag, cmsgpack.pack({ expires, parts, tag, max_settle, seq }))
+  local h = { expires, parts, tag, max_settle, seq }
+  if draft then
+    h[6] = series_of(draft, nil)
+    h[7] = measures_at(limits_at + 2 * n)
+  end
+  redis.call('HSET', HOLDS, tag, cmsgpack.pack(h))
   redis.call('ZADD', EXPIRY, expires, tag)
   holds_changed = true
   return reply(0, { seq, unpack(before, 1, n) })
 end
 
--- Settles (`how` 's', at `units`, priced parts from ARGV[first_priced..]) or releases
--- (anything else) the open hold `h` under `tag`, and forgets it.
-local function close_hold(tag, h, how, units, first_priced)
+-- Settles (`how` 's', at `units`, priced parts from ARGV[first_priced..], the token split
+-- `tokens`) or releases (anything else) the open hold `h` under `tag`, and forgets it.
+local function close_hold(tag, h, how, units, first_priced, tokens)
   local p = first_priced
+  local credits = 0
   for _, part in ipairs(h[2]) do
     local actual = 0
     if how == 's' then
@@ -359,6 +495,7 @@ local function close_hold(tag, h, how, units, first_priced)
         actual = 1
       else
         actual = tonumber(ARGV[p])
+        credits = math.max(credits, actual)
         p = p + 1
       end
     end
@@ -368,6 +505,14 @@ local function close_hold(tag, h, how, units, first_priced)
       save(part[1], part[2], e)
     end
   end
+  if REC and h[6] then
+    if how == 's' then
+      local t = tokens or { 0, 0, 0, 0, 0 }
+      attribute(SETTLED, h[6], { units, t[1], t[2], t[3], t[4], t[5], credits, 1, 0 }, h[5], h[3])
+    else
+      attribute(RELEASED, h[6], { 0, 0, 0, 0, 0, 0, 0, 1, 0 }, h[5], h[3])
+    end
+  end
   redis.call('HDEL', HOLDS, tag)
   redis.call('ZREM', EXPIRY, tag)
   holds_changed = true
@@ -375,10 +520,12 @@ end
 
 -- ARGV: 'close', now, hold number, 's' (settle) or 'r' (release), actual units, tag, the
 -- largest figure the usage reports, then the amounts of the hold's priced parts in order, if
--- the caller has priced them.
+-- the caller has priced them, then the token split (input, output, cached, cache write,
+-- reasoning), and the record settings.
 -- Result: 0 closed, 1 already closed, 2 no such hold (or another tag), 3 the priced parts'
 -- prices are needed first (then their per-million prices follow, four per part; nothing
 -- changed), 4 the usage is over the hold's max settle (which follows; nothing changed).
+local CLOSE_TAIL = 5 + REC_ARGS
 local function close()
   local seq, how, units = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
   local tag, figure = ARGV[6], tonumber(ARGV[7])
@@ -401,9 +548,12 @@ local function close()
         priced[#priced + 1] = part[9] or part[6]
       end
     end
-    if #priced > 0 and #ARGV < 8 then return reply(3, priced) end
+    if #priced > 0 and #ARGV < 8 + CLOSE_TAIL then return reply(3, priced) end
   end
-  close_hold(tag, h, how, units, 8)
+  local t = #ARGV - CLOSE_TAIL
+  local tokens = { tonumber(ARGV[t + 1]), tonumber(ARGV[t + 2]), tonumber(ARGV[t + 3]),
+    tonumber(ARGV[t + 4]), tonumber(ARGV[t + 5]) }
+  close_hold(tag, h, how, units, 8, tokens)
   return reply(0)
 end
 
@@ -415,14 +565,15 @@ local function cancel()
   expire_due()
   local raw = redis.call('HGET', HOLDS, tag)
   if raw then
-    close_hold(tag, cmsgpack.unpack(raw), 'r', 0, 0)
+    close_hold(tag, cmsgpack.unpack(raw), 'r', 0, 0, nil)
     return reply(1)
   end
   redis.call('ZADD', CANCELLED, now + keep, tag)
   return reply(0)
 end
 
--- ARGV: 'record', now, idempotency key, retention ms, most keys kept, counters, groups.
+-- ARGV: 'record', now, idempotency key, retention ms, most keys kept, counters, groups, then
+-- the series draft, each counter's (limit id, level), the measures, and the record settings.
 -- Result: 1 recorded, 0 the key was already recorded. Keys are evicted oldest first, keys of
 -- one millisecond in member order (the sorted set's tie-break), as `Ledger::record` does.
 local function record()
@@ -441,6 +592,10 @@ local function record()
       if mark then expire(e.st, mark) end
       save(c.key, c.field, e)
     end
+  end
+  if REC then
+    local draft, limits_at = draft_at(7 + n * GROUP)
+    attribute(INGESTED, series_of(draft, nil), measures_at(limits_at + 2 * n), key, false)
   end
   return reply(1)
 end
@@ -495,7 +650,57 @@ local function sweep()
   return reply(n, nil, first[2] and tonumber(first[2]) or false)
 end
 
+-- ARGV: 'buckets', now, size (1 minute, 2 hour, 3 day), from, to (ms; from aligned).
+-- Result: 0, then (bucket start, series, packed measures) for every series of every bucket
+-- kept with a start in [from, to).
+local function buckets()
+  local gi, from, to = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+  local g = GRAIN[gi]
+  local out = {}
+  for start = from, to - 1, g do
+    local kv = redis.call('HGETALL', BASE .. 'r' .. gi .. ':' .. start)
+    for i = 1, #kv, 2 do
+      out[#out + 1] = start
+      out[#out + 1] = kv[i]
+      out[#out + 1] = kv[i + 1]
+    end
+  end
+  return reply(0, out)
+end
+
+-- ARGV: 'events', now, after ('' for the start), most. Result: whether events after `after`
+-- were trimmed away (1/0), then (id, packed event) oldest first.
+local function events()
+  local stream, after, most = BASE .. 's', ARGV[3], tonumber(ARGV[4])
+  if redis.call('EXISTS', stream) == 0 then return reply(0, {}) end
+  local gap = 0
+  local start = '-'
+  if after ~= '' then
+    start = '(' .. after
+    local info = redis.call('XINFO', 'STREAM', stream)
+    for i = 1, #info, 2 do
+      if info[i] == 'max-deleted-entry-id' then
+        local d = info[i + 1]
+        local dm, ds = string.match(d, '^(%d+)-(%d+)$')
+        local am, as = string.match(after, '^(%d+)-(%d+)$')
+        if dm and am then
+          dm, ds, am, as = tonumber(dm), tonumber(ds), tonumber(am), tonumber(as)
+          if am < dm or (am == dm and as < ds) then gap = 1 end
+        end
+      end
+    end
+  end
+  local out = {}
+  for _, e in ipairs(redis.call('XRANGE', stream, start, '+', 'COUNT', most)) do
+    out[#out + 1] = e[1]
+    out[#out + 1] = e[2][2]
+  end
+  return reply(gap, out)
+end
+
 if op == 'reserve' then return reserve()
+elseif op == 'buckets' then return buckets()
+elseif op == 'events' then return events()
 elseif op == 'close' then return close()
 elseif op == 'record' then return record()
 elseif op == 'grant' then return grant()

@@ -9,9 +9,13 @@ use crate::core::Timestamp;
 use crate::core::counter::{CounterSpec, CounterState};
 use crate::core::credits::{CreditPool, GrantBalance};
 use crate::core::model::GrantCategory;
-use crate::core::plan::AmountRule;
+use crate::core::plan::{AmountRule, Plan};
+use crate::core::rollup::{
+    Measures, RecordKind, RecordRef, RecordSettings, SeriesKey, UsageRecord,
+};
 use crate::core::window::{RING, WindowState};
 use crate::store::StoreError;
+use crate::store::events::StreamRetention;
 
 /// Counter kinds (`redis.lua`: `local RATE, QUOTA, CONC, CRED = 1, 2, 3, 4`), the tag of each
 /// packed state.
@@ -211,6 +215,114 @@ pub fn state_of(v: &Value) -> Result<Option<CounterState>, StoreError> {
             .ok_or_else(|| bad_reply("a counter state that does not decode")),
         _ => Err(bad_reply("a counter state that is not bytes")),
     }
+}
+
+/// The record settings every recording call ends with (`redis.lua` `REC_ARGS`): enabled,
+/// the three retentions, the most values of one dimension, the stream's retention and most
+/// events.
+pub fn push_record_settings(
+    inv: &mut ScriptInvocation<'_>,
+    s: &RecordSettings,
+    stream: &StreamRetention,
+) {
+    inv.arg(u8::from(s.enabled));
+    for ms in s.retention_millis {
+        inv.arg(ms);
+    }
+    inv.arg(s.max_values_per_dimension)
+        .arg(stream.millis)
+        .arg(stream.max_events);
+}
+
+/// A plan's record arguments (`redis.lua` `draft_at`, then each counter's limit id and level,
+/// then `measures`): the series draft with its attributes in byte order, each marked
+/// foldable when it is a dimension rather than a chain level.
+pub fn push_record_draft(inv: &mut ScriptInvocation<'_>, plan: &Plan, measures: &Measures) {
+    let d = &plan.series;
+    let mut attrs: Vec<(&str, &str, bool)> = d
+        .chain
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str(), false))
+        .chain(d.dimensions.iter().map(|(k, v)| (k.as_str(), &**v, true)))
+        .collect();
+    // As `SeriesDraft::key_with`: sorted, one value per name.
+    attrs.sort();
+    attrs.dedup_by(|a, b| a.0 == b.0);
+    inv.arg(d.feature.as_str()).arg(attrs.len());
+    for (k, v, fold) in attrs {
+        inv.arg(k).arg(v).arg(u8::from(fold));
+    }
+    for c in &plan.counters {
+        inv.arg(c.limit_id.as_str()).arg(c.level);
+    }
+    for m in measures.to_array() {
+        inv.arg(m);
+    }
+}
+
+/// A series as the script packs it: {feature, name, value, ...}.
+pub fn decode_series(bytes: &[u8]) -> Option<SeriesKey> {
+    let value = rmpv::decode::read_value(&mut &bytes[..]).ok()?;
+    let a = mp_array(&value)?;
+    let feature: Box<str> = a.first()?.as_str()?.into();
+    let mut attrs = a
+        .get(1..)?
+        .chunks(2)
+        .map(|kv| Some((kv.first()?.as_str()?.into(), kv.get(1)?.as_str()?.into())))
+        .collect::<Option<Vec<(Box<str>, Box<str>)>>>()?;
+    attrs.sort();
+    Some(SeriesKey { feature, attrs })
+}
+
+fn decode_measures(v: &rmpv::Value) -> Option<Measures> {
+    let a = mp_array(v)?;
+    let n = a.iter().map(mp_u64).collect::<Option<Vec<u64>>>()?;
+    Some(Measures::from_slice(&n))
+}
+
+/// Packed measures (a bucket field's value).
+pub fn measures_of(bytes: &[u8]) -> Option<Measures> {
+    decode_measures(&rmpv::decode::read_value(&mut &bytes[..]).ok()?)
+}
+
+/// Record kinds (`redis.lua`: `SETTLED, RELEASED, EXPIRED, INGESTED, DENIED`).
+fn record_kind(code: i64) -> Option<RecordKind> {
+    Some(match code {
+        1 => RecordKind::Settled,
+        2 => RecordKind::Released,
+        3 => RecordKind::Expired,
+        4 => RecordKind::Ingested,
+        5 => RecordKind::Denied,
+        _ => return None,
+    })
+}
+
+/// A stream event as the script packs it: {kind, time, series, measures, a, b}, where (a, b)
+/// is (hold number, tag), (idempotency key, false) or (denying level, false).
+pub fn decode_record(bytes: &[u8]) -> Option<UsageRecord> {
+    let value = rmpv::decode::read_value(&mut &bytes[..]).ok()?;
+    let a = mp_array(&value)?;
+    let kind = record_kind(mp_int(a.first()?)?)?;
+    let series = match a.get(2)? {
+        rmpv::Value::Binary(b) => decode_series(b)?,
+        rmpv::Value::String(s) => decode_series(s.as_bytes())?,
+        _ => return None,
+    };
+    let reference = match kind {
+        RecordKind::Ingested => RecordRef::Key(a.get(4)?.as_str()?.into()),
+        RecordKind::Denied => RecordRef::Level(usize::try_from(mp_u64(a.get(4)?)?).ok()?),
+        _ => RecordRef::Hold {
+            seq: mp_u64(a.get(4)?)?,
+            tag: u128::from_str_radix(a.get(5)?.as_str()?, 16).ok()?,
+        },
+    };
+    Some(UsageRecord {
+        kind,
+        at: Timestamp::from_millis(mp_int(a.get(1)?)?),
+        series,
+        measures: decode_measures(a.get(3)?)?,
+        reference,
+    })
 }
 
 /// One planned counter, as the script's group of arguments (`redis.lua` `planned()`: entity

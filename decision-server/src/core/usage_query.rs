@@ -1,0 +1,657 @@
+//! Usage queries over rollup buckets, as pure arithmetic: which bucket size answers a history
+//! query (windows in a time zone, retention, the points cap), grouping and filtering series
+//! into points, top spenders, and exhaustion projected from the recent burn rate.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, NaiveDateTime, TimeZone, Timelike, Utc};
+use chrono_tz::Tz;
+
+use super::rollup::{Granularity, Measures, RecordSettings, SeriesKey};
+
+/// The attribute name a query uses for the feature (series carry it apart from attributes).
+pub const FEATURE_KEY: &str = "featureId";
+
+/// A query parameter that cannot be answered: which one, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{param}`: {message}")]
+pub struct QueryError {
+    pub param: &'static str,
+    pub message: String,
+}
+
+impl QueryError {
+    pub fn new(param: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            param,
+            message: message.into(),
+        }
+    }
+}
+
+/// Which series a query reads: a feature, and attribute values that must match exactly.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SeriesFilter {
+    pub feature: Option<String>,
+    pub equals: Vec<(String, String)>,
+}
+
+impl SeriesFilter {
+    pub fn matches(&self, key: &SeriesKey) -> bool {
+        self.feature
+            .as_deref()
+            .is_none_or(|f| f == key.feature.as_ref())
+            && self
+                .equals
+                .iter()
+                .all(|(k, v)| attribute(key, k) == Some(v.as_str()))
+    }
+}
+
+/// The value of `name` in a series: the feature for [`FEATURE_KEY`], else the attribute.
+pub fn attribute<'a>(key: &'a SeriesKey, name: &str) -> Option<&'a str> {
+    if name == FEATURE_KEY {
+        Some(key.feature.as_ref())
+    } else {
+        key.get(name)
+    }
+}
+
+/// A history query, parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryQuery {
+    pub from: i64,
+    pub to: i64,
+    pub window: Granularity,
+    pub group_by: Vec<String>,
+    pub filter: SeriesFilter,
+    pub tz: Tz,
+}
+
+/// How a history query is answered: its windows (absolute ms, `[start, end)`) and the bucket
+/// size whose buckets tile every one of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryPlan {
+    pub windows: Vec<(i64, i64)>,
+    pub granularity: Granularity,
+}
+
+impl HistoryPlan {
+    /// The range of bucket starts to read.
+    pub fn range(&self) -> (i64, i64) {
+        let from = self.windows.first().map_or(0, |w| w.0);
+        let to = self.windows.last().map_or(0, |w| w.1);
+        (from, to)
+    }
+}
+
+/// One series of an answer: its `groupBy` values (in the query's order; `None` where a series
+/// has no such attribute) and a point per window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistorySeries {
+    pub group: Vec<(String, Option<String>)>,
+    pub points: Vec<(i64, i64, Measures)>,
+}
+
+/// Plans `q` at `now`: the windows cover `[from, to)` whole (the first starts at or before
+/// `from`, at a window boundary in the query's zone), and the bucket size is the coarsest that
+/// is still kept for the first window and whose buckets fit the window boundaries.
+pub fn plan_history(
+    q: &HistoryQuery,
+    now: i64,
+    settings: &RecordSettings,
+    max_points: usize,
+) -> Result<HistoryPlan, QueryError> {
+    if q.from >= q.to {
+        return Err(QueryError::new("from", "must be before `to`"));
+    }
+    let windows = windows(q.from, q.to, q.window, q.tz, max_points)?;
+    let first = windows.first().map_or(q.from, |w| w.0);
+    let kept = |g: Granularity| !expired_at(settings, g, first, now);
+    if !kept(q.window) && q.window != Granularity::Day {
+        return Err(QueryError::new(
+            "windowSize",
+            format!(
+                "{} buckets are kept for {}; `from` is older. Use a larger windowSize or a later `from`",
+                q.window.name(),
+                human(settings.retention(q.window))
+            ),
+        ));
+    }
+    if !kept(Granularity::Day) {
+        return Err(QueryError::new(
+            "from",
+            format!(
+                "is older than any usage kept (DAY buckets are kept for {})",
+                human(settings.retention(Granularity::Day))
+            ),
+        ));
+    }
+    let aligned = |g: Granularity| {
+        windows
+            .iter()
+            .all(|(s, e)| s.rem_euclid(g.millis()) == 0 && e.rem_euclid(g.millis()) == 0)
+    };
+    let granularity = Granularity::ALL
+        .into_iter()
+        .rev()
+        .filter(|g| *g <= q.window)
+        .find(|g| kept(*g) && aligned(*g))
+        .ok_or_else(|| {
+            QueryError::new(
+                "timeZone",
+                format!(
+                    "{} windows in {} do not start on a bucket still kept for that range; \
+                     use a later `from` or another timeZone",
+                    q.window.name(),
+                    q.tz.name()
+                ),
+            )
+        })?;
+    Ok(HistoryPlan {
+        windows,
+        granularity,
+    })
+}
+
+fn expired_at(settings: &RecordSettings, g: Granularity, start: i64, now: i64) -> bool {
+    start + g.millis() + settings.retention(g) <= now
+}
+
+/// The windows of size `g` in zone `tz` that cover `[from, to)`.
+fn windows(
+    from: i64,
+    to: i64,
+    g: Granularity,
+    tz: Tz,
+    max_points: usize,
+) -> Result<Vec<(i64, i64)>, QueryError> {
+    let mut out = Vec::new();
+    let mut start = window_start(from, g, tz)?;
+    while start < to {
+        let end = next_start(start, g, tz)?;
+        out.push((start, end));
+        if out.len() > max_points {
+            return Err(QueryError::new(
+                "from",
+                format!(
+                    "the range holds more than {max_points} {} windows (the most one query \
+                     returns); narrow it or use a larger windowSize",
+                    g.name()
+                ),
+            ));
+        }
+        start = end;
+    }
+    Ok(out)
+}
+
+fn local(ms: i64, tz: Tz) -> Result<NaiveDateTime, QueryError> {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .map(|t| t.with_timezone(&tz).naive_local())
+        .ok_or_else(|| QueryError::new("from", format!("{ms} ms is out of range")))
+}
+
+/// The absolute time of local time `t`; a local time skipped by a clock change maps to the
+/// first instant after the gap, an ambiguous one to its first occurrence.
+fn absolute(mut t: NaiveDateTime, tz: Tz) -> Result<i64, QueryError> {
+    for _ in 0..48 {
+        if let Some(at) = tz.from_local_datetime(&t).earliest() {
+            return Ok(at.timestamp_millis());
+        }
+        t += Duration::minutes(30);
+    }
+    Err(QueryError::new(
+        "timeZone",
+        format!("no instant in {} matches local time {t}", tz.name()),
+    ))
+}
+
+fn window_start(ms: i64, g: Granularity, tz: Tz) -> Result<i64, QueryError> {
+    if g == Granularity::Minute {
+        return Ok(ms.div_euclid(g.millis()) * g.millis());
+    }
+    let t = local(ms, tz)?;
+    let floored = match g {
+        Granularity::Hour => t.date().and_hms_opt(t.hour(), 0, 0),
+        _ => t.date().and_hms_opt(0, 0, 0),
+    }
+    .ok_or_else(|| QueryError::new("from", "cannot floor to a window"))?;
+    let start = absolute(floored, tz)?;
+    // A window start pushed past a clock change can land after `ms`; step back one unit.
+    if start > ms {
+        let back = match g {
+            Granularity::Hour => floored - Duration::hours(1),
+            _ => floored - Duration::days(1),
+        };
+        return absolute(back, tz);
+    }
+    Ok(start)
+}
+
+fn next_start(start: i64, g: Granularity, tz: Tz) -> Result<i64, QueryError> {
+    match g {
+        Granularity::Minute => Ok(start + g.millis()),
+        // Hours are absolute: a zone's clock change moves local hours, not their length.
+        Granularity::Hour => Ok(start + g.millis()),
+        Granularity::Day => {
+            let t = local(start, tz)?;
+            let next = (t.date() + Duration::days(1))
+                .and_hms_opt(0, 0, 0)
+                .ok_or_else(|| QueryError::new("to", "date out of range"))?;
+            let at = absolute(next, tz)?;
+            Ok(at.max(start + 1))
+        }
+    }
+}
+
+/// Sums `rows` (bucket start, series, measures) that pass the filter into one series per
+/// distinct `groupBy` tuple, with a point for every window (zero where nothing was recorded).
+pub fn group_history(
+    q: &HistoryQuery,
+    plan: &HistoryPlan,
+    rows: &[(i64, SeriesKey, Measures)],
+    max_points: usize,
+) -> Result<Vec<HistorySeries>, QueryError> {
+    let starts: Vec<i64> = plan.windows.iter().map(|w| w.0).collect();
+    let mut groups: BTreeMap<Vec<Option<String>>, Vec<Measures>> = BTreeMap::new();
+    for (start, key, m) in rows {
+        if !q.filter.matches(key) {
+            continue;
+        }
+        let i = starts.partition_point(|s| s <= start);
+        let Some(slot) = i.checked_sub(1) else {
+            continue;
+        };
+        if plan.windows.get(slot).is_none_or(|w| *start >= w.1) {
+            continue;
+        }
+        let group: Vec<Option<String>> = q
+            .group_by
+            .iter()
+            .map(|k| attribute(key, k).map(str::to_string))
+            .collect();
+        if !groups.contains_key(&group)
+            && (groups.len() + 1).saturating_mul(plan.windows.len()) > max_points
+        {
+            return Err(QueryError::new(
+                "groupBy",
+                format!(
+                    "the answer would hold more than {max_points} points ({} windows per \
+                     series); group by fewer keys, filter, or narrow the range",
+                    plan.windows.len()
+                ),
+            ));
+        }
+        let points = groups
+            .entry(group)
+            .or_insert_with(|| vec![Measures::default(); plan.windows.len()]);
+        if let Some(p) = points.get_mut(slot) {
+            p.add(m);
+        }
+    }
+    Ok(groups
+        .into_iter()
+        .map(|(values, points)| HistorySeries {
+            group: q.group_by.iter().cloned().zip(values).collect(),
+            points: plan
+                .windows
+                .iter()
+                .zip(points)
+                .map(|((s, e), m)| (*s, *e, m))
+                .collect(),
+        })
+        .collect())
+}
+
+/// The bucket size and range that read `[from, to)` whole: `from` floored and `to` ceiled to
+/// the minute, then the coarsest size still kept at `from` whose buckets tile the range.
+pub fn plan_range(
+    from: i64,
+    to: i64,
+    now: i64,
+    settings: &RecordSettings,
+) -> Result<(Granularity, i64, i64), QueryError> {
+    if from >= to {
+        return Err(QueryError::new("from", "must be before `to`"));
+    }
+    let minute = Granularity::Minute.millis();
+    let (from, to) = widen(from, to, minute);
+    let kept = |g: Granularity| !expired_at(settings, g, from, now);
+    if let Some(g) = Granularity::ALL
+        .into_iter()
+        .rev()
+        .find(|g| kept(*g) && from.rem_euclid(g.millis()) == 0 && to.rem_euclid(g.millis()) == 0)
+    {
+        return Ok((g, from, to));
+    }
+    // No size still kept tiles the range: widen it to the finest size still kept.
+    let g = Granularity::ALL
+        .into_iter()
+        .find(|g| kept(*g))
+        .ok_or_else(|| QueryError::new("from", "is older than any usage kept"))?;
+    let (from, to) = widen(from, to, g.millis());
+    Ok((g, from, to))
+}
+
+/// `[from, to)` widened to whole units of `unit` ms.
+fn widen(from: i64, to: i64, unit: i64) -> (i64, i64) {
+    (
+        from.div_euclid(unit) * unit,
+        (to.saturating_add(unit - 1)).div_euclid(unit) * unit,
+    )
+}
+
+/// One row of a top-spenders answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopRow {
+    pub value: Option<String>,
+    pub measures: Measures,
+}
+
+/// The `limit` values of `by` that spent the most units (then the most requests, then by
+/// value), from rows that pass `filter`.
+pub fn top(
+    rows: &[(i64, SeriesKey, Measures)],
+    by: &str,
+    filter: &SeriesFilter,
+    limit: usize,
+) -> Vec<TopRow> {
+    let mut sums: BTreeMap<Option<&str>, Measures> = BTreeMap::new();
+    for (_, key, m) in rows {
+        if filter.matches(key) {
+            sums.entry(attribute(key, by)).or_default().add(m);
+        }
+    }
+    let mut out: Vec<TopRow> = sums
+        .into_iter()
+        .map(|(v, measures)| TopRow {
+            value: v.map(str::to_string),
+            measures,
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        b.measures
+            .units
+            .cmp(&a.measures.units)
+            .then(b.measures.requests.cmp(&a.measures.requests))
+            .then(a.value.cmp(&b.value))
+    });
+    out.truncate(limit);
+    out
+}
+
+/// When `remaining` units run out at the rate of `recent_units` per `recent_millis`, if that
+/// is before `reset_at` (when the budget comes back anyway). `None` when nothing is burning.
+pub fn projected_exhaustion(
+    now: i64,
+    remaining: u64,
+    recent_units: u64,
+    recent_millis: i64,
+    reset_at: Option<i64>,
+) -> Option<i64> {
+    if recent_units == 0 || recent_millis <= 0 {
+        return None;
+    }
+    if remaining == 0 {
+        return Some(now);
+    }
+    let ms = (u128::from(remaining) * recent_millis as u128).div_ceil(u128::from(recent_units));
+    let at = now.saturating_add(i64::try_from(ms).unwrap_or(i64::MAX));
+    match reset_at {
+        Some(r) if at >= r => None,
+        _ => Some(at),
+    }
+}
+
+fn human(ms: i64) -> String {
+    let h = ms / 3_600_000;
+    if h >= 48 && h % 24 == 0 {
+        format!("{} days", h / 24)
+    } else if h >= 1 {
+        format!("{h} hours")
+    } else {
+        format!("{} minutes", ms / 60_000)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: i64 = 3_600_000;
+    const D: i64 = 24 * H;
+
+    fn ms(s: &str) -> i64 {
+        DateTime::parse_from_rfc3339(s)
+            .map(|t| t.timestamp_millis())
+            .unwrap_or(0)
+    }
+
+    fn q(from: &str, to: &str, window: Granularity, tz: Tz) -> HistoryQuery {
+        HistoryQuery {
+            from: ms(from),
+            to: ms(to),
+            window,
+            group_by: vec!["userId".into()],
+            filter: SeriesFilter::default(),
+            tz,
+        }
+    }
+
+    fn series(user: &str) -> SeriesKey {
+        SeriesKey {
+            feature: "tokens".into(),
+            attrs: vec![
+                ("orgId".into(), "acme".into()),
+                ("userId".into(), user.into()),
+            ],
+        }
+    }
+
+    fn units(n: u64) -> Measures {
+        Measures {
+            units: n,
+            requests: 1,
+            ..Measures::default()
+        }
+    }
+
+    #[test]
+    fn berlin_days_follow_the_clock_change_and_read_hour_buckets() {
+        let now = ms("2026-04-01T00:00:00Z");
+        let query = q(
+            "2026-03-28T12:00:00Z",
+            "2026-03-30T12:00:00Z",
+            Granularity::Day,
+            chrono_tz::Europe::Berlin,
+        );
+        let plan = plan_history(&query, now, &RecordSettings::default(), 100).unwrap();
+        // 28 March at midnight in Berlin is 23:00 UTC the day before; 29 March is 23 hours long.
+        assert_eq!(plan.windows[0].0, ms("2026-03-27T23:00:00Z"));
+        assert_eq!(plan.windows[1].0, ms("2026-03-28T23:00:00Z"));
+        assert_eq!(plan.windows[1].1 - plan.windows[1].0, 23 * H);
+        assert_eq!(plan.windows.len(), 3);
+        assert_eq!(plan.granularity, Granularity::Hour);
+        // In UTC the same days read day buckets.
+        let utc = HistoryQuery {
+            tz: chrono_tz::UTC,
+            ..query
+        };
+        let plan = plan_history(&utc, now, &RecordSettings::default(), 100).unwrap();
+        assert_eq!(plan.granularity, Granularity::Day);
+    }
+
+    #[test]
+    fn a_half_hour_zone_needs_minutes_and_fails_once_they_are_gone() {
+        let query = q(
+            "2026-03-01T00:00:00Z",
+            "2026-03-02T00:00:00Z",
+            Granularity::Hour,
+            chrono_tz::Asia::Kolkata,
+        );
+        let recent = plan_history(
+            &query,
+            ms("2026-03-02T01:00:00Z"),
+            &RecordSettings::default(),
+            100,
+        )
+        .unwrap();
+        assert_eq!(recent.granularity, Granularity::Minute);
+        let late = plan_history(
+            &query,
+            ms("2026-03-10T00:00:00Z"),
+            &RecordSettings::default(),
+            100,
+        )
+        .unwrap_err();
+        assert_eq!(late.param, "timeZone");
+    }
+
+    #[test]
+    fn bad_ranges_name_their_parameter() {
+        let now = ms("2026-03-10T00:00:00Z");
+        let s = RecordSettings::default();
+        let backwards = q(
+            "2026-03-02T00:00:00Z",
+            "2026-03-01T00:00:00Z",
+            Granularity::Hour,
+            chrono_tz::UTC,
+        );
+        assert_eq!(
+            plan_history(&backwards, now, &s, 100).unwrap_err().param,
+            "from"
+        );
+        let too_fine = q(
+            "2026-03-01T00:00:00Z",
+            "2026-03-01T01:00:00Z",
+            Granularity::Minute,
+            chrono_tz::UTC,
+        );
+        assert_eq!(
+            plan_history(&too_fine, now, &s, 100).unwrap_err().param,
+            "windowSize"
+        );
+        let too_many = q(
+            "2026-03-01T00:00:00Z",
+            "2026-03-09T00:00:00Z",
+            Granularity::Hour,
+            chrono_tz::UTC,
+        );
+        assert_eq!(
+            plan_history(&too_many, now, &s, 100).unwrap_err().param,
+            "from"
+        );
+    }
+
+    #[test]
+    fn rows_group_into_dense_points_and_the_group_cap_holds() {
+        let query = q(
+            "2026-03-01T00:00:00Z",
+            "2026-03-01T03:00:00Z",
+            Granularity::Hour,
+            chrono_tz::UTC,
+        );
+        let plan = plan_history(
+            &query,
+            ms("2026-03-01T04:00:00Z"),
+            &RecordSettings::default(),
+            100,
+        )
+        .unwrap();
+        let t0 = ms("2026-03-01T00:00:00Z");
+        let rows = vec![
+            (t0, series("u1"), units(5)),
+            (t0 + 60_000, series("u1"), units(7)),
+            (t0 + 2 * H, series("u2"), units(3)),
+            (t0 + 3 * H, series("u2"), units(100)),
+        ];
+        let plan_min = HistoryPlan {
+            granularity: Granularity::Minute,
+            ..plan
+        };
+        let out = group_history(&query, &plan_min, &rows, 100).unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].group, vec![("userId".into(), Some("u1".into()))]);
+        let u1: Vec<u64> = out[0].points.iter().map(|p| p.2.units).collect();
+        assert_eq!(u1, vec![12, 0, 0]);
+        let u2: Vec<u64> = out[1].points.iter().map(|p| p.2.units).collect();
+        assert_eq!(u2, vec![0, 0, 3], "the row past `to` is left out");
+        let capped = group_history(&query, &plan_min, &rows, 5).unwrap_err();
+        assert_eq!(capped.param, "groupBy");
+    }
+
+    #[test]
+    fn top_ranks_by_units_and_filters() {
+        let rows = vec![
+            (0, series("u1"), units(5)),
+            (0, series("u2"), units(9)),
+            (60_000, series("u1"), units(7)),
+        ];
+        let out = top(&rows, "userId", &SeriesFilter::default(), 10);
+        assert_eq!(out[0].value.as_deref(), Some("u1"));
+        assert_eq!(out[0].measures.units, 12);
+        assert_eq!(top(&rows, "userId", &SeriesFilter::default(), 1).len(), 1);
+        let only_u2 = SeriesFilter {
+            feature: Some("tokens".into()),
+            equals: vec![("userId".into(), "u2".into())],
+        };
+        assert_eq!(top(&rows, "userId", &only_u2, 10).len(), 1);
+    }
+
+    #[test]
+    fn ranges_read_the_coarsest_aligned_buckets_still_kept() {
+        let s = RecordSettings::default();
+        let now = ms("2026-03-10T00:00:00Z");
+        let (g, _, _) = plan_range(
+            ms("2026-03-01T00:00:00Z"),
+            ms("2026-03-03T00:00:00Z"),
+            now,
+            &s,
+        )
+        .unwrap();
+        assert_eq!(g, Granularity::Day);
+        let (g, from, _) = plan_range(
+            ms("2026-03-09T10:00:30Z"),
+            ms("2026-03-09T10:30:00Z"),
+            now,
+            &s,
+        )
+        .unwrap();
+        assert_eq!((g, from), (Granularity::Minute, ms("2026-03-09T10:00:00Z")));
+        // Widened to the minute, the range tiles into hours: read the hours.
+        let (g, _, _) = plan_range(
+            ms("2026-03-09T10:00:30Z"),
+            ms("2026-03-09T11:00:00Z"),
+            now,
+            &s,
+        )
+        .unwrap();
+        assert_eq!(g, Granularity::Hour);
+        // Unaligned and past the minute retention: widened to hours.
+        let (g, from, _) = plan_range(
+            ms("2026-03-01T10:10:00Z"),
+            ms("2026-03-01T11:00:00Z"),
+            now,
+            &s,
+        )
+        .unwrap();
+        assert_eq!((g, from), (Granularity::Hour, ms("2026-03-01T10:00:00Z")));
+        let _ = D;
+    }
+
+    #[test]
+    fn exhaustion_projects_from_the_burn_rate_unless_the_reset_comes_first() {
+        // 100 units in 10 minutes, 600 left: an hour.
+        assert_eq!(
+            projected_exhaustion(0, 600, 100, 600_000, None),
+            Some(3_600_000)
+        );
+        assert_eq!(
+            projected_exhaustion(0, 600, 100, 600_000, Some(1_000)),
+            None
+        );
+        assert_eq!(projected_exhaustion(0, 600, 0, 600_000, None), None);
+        assert_eq!(projected_exhaustion(5, 0, 1, 1, None), Some(5));
+    }
+}

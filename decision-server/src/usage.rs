@@ -1,0 +1,335 @@
+//! Usage queries of one customer (history, top spenders, an entity's budget state): their
+//! keys checked against the customer's model, the rollups read from the store, and the
+//! arithmetic left to `core::usage_query`. Every front end (HTTP, the portal) calls these.
+
+use chrono_tz::Tz;
+
+use crate::core::Name;
+use crate::core::model::{CustomerModel, LimitKind, Model};
+use crate::core::rollup::{DENIED_BY, Granularity};
+use crate::core::usage_query::{
+    self, FEATURE_KEY, HistoryQuery, HistorySeries, QueryError, SeriesFilter, TopRow,
+};
+use crate::engine::Engine;
+use crate::store::StoreError;
+
+/// Why a usage query was not answered.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    #[error(transparent)]
+    Query(#[from] QueryError),
+    #[error("no customer `{0}`")]
+    UnknownCustomer(String),
+    #[error("customer `{customer}` has no entity `{entity}`")]
+    UnknownEntity { customer: String, entity: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The usage range a query reads when it names none: the last day.
+pub const DEFAULT_RANGE_MILLIS: i64 = 86_400_000;
+
+/// How far back the burn rate of a budget projection looks.
+pub const BURN_WINDOW_MILLIS: i64 = 15 * 60_000;
+
+/// A history request as the front ends parse it.
+#[derive(Debug, Clone)]
+pub struct HistoryRequest {
+    pub feature: Option<String>,
+    pub from: Option<i64>,
+    pub to: Option<i64>,
+    pub window: Granularity,
+    pub group_by: Vec<String>,
+    pub filters: Vec<(String, String)>,
+    pub tz: Tz,
+}
+
+/// A history answer: the range it covers (whole windows) and its series.
+#[derive(Debug, Clone)]
+pub struct History {
+    pub from: i64,
+    pub to: i64,
+    pub window: Granularity,
+    pub tz: Tz,
+    pub series: Vec<HistorySeries>,
+}
+
+/// A top-spenders request.
+#[derive(Debug, Clone)]
+pub struct TopRequest {
+    pub by: String,
+    pub feature: Option<String>,
+    pub from: Option<i64>,
+    pub to: Option<i64>,
+    pub filters: Vec<(String, String)>,
+    pub limit: usize,
+}
+
+/// A top-spenders answer and the range it read (widened to whole buckets).
+#[derive(Debug, Clone)]
+pub struct Top {
+    pub by: String,
+    pub from: i64,
+    pub to: i64,
+    pub rows: Vec<TopRow>,
+}
+
+/// Most rows one top-spenders answer holds.
+pub const MAX_TOP: usize = 1_000;
+
+/// One limit on an entity, as it stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitState {
+    pub limit_id: String,
+    pub feature: String,
+    pub kind: &'static str,
+    pub mode: &'static str,
+    /// Where the limit is set: on the entity itself, or on its type.
+    pub inherited_from_type: bool,
+    pub used: u64,
+    /// `None` for credits, whose size is what was granted.
+    pub limit: Option<u64>,
+    pub remaining: Option<u64>,
+    /// When a calendar quota starts over.
+    pub resets_at: Option<i64>,
+    /// When the remaining units run out at the last 15 minutes' burn rate, if before the reset.
+    pub projected_exhaustion: Option<i64>,
+    /// Units spent in the burn-rate window, and its length.
+    pub recent_units: u64,
+    pub recent_millis: i64,
+}
+
+/// An entity's budget: its type and every limit on it.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    pub entity: String,
+    pub entity_type: String,
+    pub at: i64,
+    pub limits: Vec<LimitState>,
+}
+
+fn customer<'a>(model: &'a Model, id: &str) -> Result<&'a CustomerModel, UsageError> {
+    model
+        .customer(id)
+        .ok_or_else(|| UsageError::UnknownCustomer(id.to_string()))
+}
+
+/// Whether `key` names something a record carries: the feature, an entity type's level
+/// (`<type>Id`), a recorded dimension, or the limit that denied.
+fn known_key(model: &Model, key: &str) -> bool {
+    key == FEATURE_KEY
+        || key == DENIED_BY
+        || model.chain_keys.iter().any(|k| k.as_str() == key)
+        || model.recorded_dimensions.iter().any(|k| k.as_str() == key)
+}
+
+fn keys_hint(model: &Model) -> String {
+    let mut keys: Vec<&str> = vec![FEATURE_KEY, DENIED_BY];
+    keys.extend(model.chain_keys.iter().map(Name::as_str));
+    keys.extend(model.recorded_dimensions.iter().map(Name::as_str));
+    keys.join(", ")
+}
+
+fn check_keys<'a>(
+    model: &Model,
+    param: &'static str,
+    keys: impl IntoIterator<Item = &'a str>,
+) -> Result<(), QueryError> {
+    for k in keys {
+        if !known_key(model, k) {
+            return Err(QueryError::new(
+                param,
+                format!(
+                    "`{k}` is not a key usage is recorded by; known: {}",
+                    keys_hint(model)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn filter(
+    model: &Model,
+    feature: Option<&String>,
+    filters: &[(String, String)],
+) -> Result<SeriesFilter, QueryError> {
+    if let Some(f) = feature
+        && model.feature(f).is_none()
+    {
+        return Err(QueryError::new("featureId", format!("no feature `{f}`")));
+    }
+    check_keys(model, "filter", filters.iter().map(|(k, _)| k.as_str()))?;
+    Ok(SeriesFilter {
+        feature: feature.cloned(),
+        equals: filters.to_vec(),
+    })
+}
+
+fn range(from: Option<i64>, to: Option<i64>, now: i64) -> (i64, i64) {
+    let to = to.unwrap_or(now);
+    (from.unwrap_or(to - DEFAULT_RANGE_MILLIS), to)
+}
+
+/// Usage of `customer_id` over time, in windows, grouped and filtered.
+pub async fn history(
+    engine: &Engine,
+    customer_id: &str,
+    req: HistoryRequest,
+) -> Result<History, UsageError> {
+    let model = engine.model();
+    let c = customer(&model, customer_id)?;
+    check_keys(&model, "groupBy", req.group_by.iter().map(String::as_str))?;
+    let filter = filter(&model, req.feature.as_ref(), &req.filters)?;
+    let now = engine.now().millis();
+    let (from, to) = range(req.from, req.to, now);
+    let q = HistoryQuery {
+        from,
+        to,
+        window: req.window,
+        group_by: req.group_by,
+        filter,
+        tz: req.tz,
+    };
+    let max_points = model.records.max_query_points;
+    let plan = usage_query::plan_history(&q, now, &model.records, max_points)?;
+    let (read_from, read_to) = plan.range();
+    let rows = engine
+        .store()
+        .usage_buckets(c.id, plan.granularity, read_from, read_to)
+        .await?;
+    let series = usage_query::group_history(&q, &plan, &rows, max_points)?;
+    Ok(History {
+        from: read_from,
+        to: read_to,
+        window: q.window,
+        tz: q.tz,
+        series,
+    })
+}
+
+/// The values of one key that spent the most.
+pub async fn top(engine: &Engine, customer_id: &str, req: TopRequest) -> Result<Top, UsageError> {
+    let model = engine.model();
+    let c = customer(&model, customer_id)?;
+    check_keys(&model, "by", [req.by.as_str()])?;
+    if !(1..=MAX_TOP).contains(&req.limit) {
+        return Err(QueryError::new("limit", format!("must be from 1 to {MAX_TOP}")).into());
+    }
+    let filter = filter(&model, req.feature.as_ref(), &req.filters)?;
+    let now = engine.now().millis();
+    let (from, to) = range(req.from, req.to, now);
+    let (g, from, to) = usage_query::plan_range(from, to, now, &model.records)?;
+    let rows = engine.store().usage_buckets(c.id, g, from, to).await?;
+    Ok(Top {
+        rows: usage_query::top(&rows, &req.by, &filter, req.limit),
+        by: req.by,
+        from,
+        to,
+    })
+}
+
+/// Every limit on entity `entity_id` of `customer_id`: usage, remaining, reset and the
+/// projected exhaustion from the recent burn rate.
+pub async fn budget(
+    engine: &Engine,
+    customer_id: &str,
+    entity_id: &str,
+) -> Result<Budget, UsageError> {
+    let model = engine.model();
+    let c = customer(&model, customer_id)?;
+    let unknown = || UsageError::UnknownEntity {
+        customer: customer_id.to_string(),
+        entity: entity_id.to_string(),
+    };
+    let sym = model.symbols.get(entity_id).ok_or_else(unknown)?;
+    let node = c.entities.get(&sym).ok_or_else(unknown)?;
+    let type_key = model
+        .chain_keys
+        .get(node.entity_type)
+        .map(Name::as_str)
+        .unwrap_or_default();
+    let now = engine.now();
+    // The burn rate: this entity's units per feature over the last minutes, from minute
+    // buckets (or the coarsest still kept, if minutes are configured shorter).
+    let (g, from, to) = usage_query::plan_range(
+        now.millis() - BURN_WINDOW_MILLIS,
+        now.millis(),
+        now.millis(),
+        &model.records,
+    )?;
+    let rows = engine.store().usage_buckets(c.id, g, from, to).await?;
+    let recent_millis = (now.millis() - from).max(1);
+    let on_entity = c.limits_by_entity.get(&sym).into_iter().flatten();
+    let on_type = c
+        .limits_by_type
+        .get(&node.entity_type)
+        .into_iter()
+        .flatten();
+    let mut limits = Vec::new();
+    for (i, inherited) in on_entity
+        .map(|i| (*i, false))
+        .chain(on_type.map(|i| (*i, true)))
+    {
+        let Some(limit) = c.limits.get(i) else {
+            continue;
+        };
+        let feature = model
+            .features
+            .get(limit.feature)
+            .map(|f| f.id.to_string())
+            .unwrap_or_default();
+        let used = engine
+            .counted(customer_id, entity_id, limit.id.as_str(), None)
+            .await?
+            .unwrap_or(0);
+        let recent_units: u64 = rows
+            .iter()
+            .filter(|(_, k, _)| k.feature.as_ref() == feature && k.get(type_key) == Some(entity_id))
+            .map(|(_, _, m)| m.units)
+            .sum();
+        let (cap, resets_at) = match &limit.kind {
+            LimitKind::Rate { limit, .. } => (Some(*limit), None),
+            LimitKind::Quota { limit, period } => {
+                (Some(*limit), Some(period.period_at(now).1.millis()))
+            }
+            LimitKind::Concurrency { limit } => (Some(u64::from(*limit)), None),
+            LimitKind::Credits { .. } => (None, None),
+        };
+        let remaining = cap.map(|l| l.saturating_sub(used));
+        let projected = match (&limit.kind, remaining) {
+            (LimitKind::Concurrency { .. }, _) | (_, None) => None,
+            (_, Some(r)) => usage_query::projected_exhaustion(
+                now.millis(),
+                r,
+                recent_units,
+                recent_millis,
+                resets_at,
+            ),
+        };
+        limits.push(LimitState {
+            limit_id: limit.id.to_string(),
+            feature,
+            kind: limit.kind.name(),
+            mode: limit.mode.as_str(),
+            inherited_from_type: inherited,
+            used,
+            limit: cap,
+            remaining,
+            resets_at,
+            projected_exhaustion: projected,
+            recent_units,
+            recent_millis,
+        });
+    }
+    Ok(Budget {
+        entity: entity_id.to_string(),
+        entity_type: model
+            .entity_types
+            .get(node.entity_type)
+            .map(|t| t.name.to_string())
+            .unwrap_or_default(),
+        at: now.millis(),
+        limits,
+    })
+}

@@ -1,0 +1,178 @@
+//! Usage records on every store: each settle, release, expiry, ingest and denial attributed
+//! once to its chain and dimensions, in minute, hour and day rollups that always equal what
+//! the counters counted, and in a stream a reader resumes by cursor.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{Harness, harness, tokens, tree_with};
+use tollgate::core::Name;
+use tollgate::core::rollup::{Granularity, Measures, OTHER, RecordKind, SeriesKey};
+use tollgate::store::CounterStore;
+use tollgate::store::events::EventBody;
+
+type Store = Arc<dyn CounterStore>;
+
+test_with_all_stores!(
+    every_unit_is_attributed_once_and_equals_what_was_counted,
+    distinct_dimension_values_fold_past_the_customers_most,
+);
+
+const LIMITS: &str = r#"
+limits:
+  - { id: team-day, entityType: team, feature: tokens, kind: quota, limit: 1000, period: P1D }
+  - { id: user-slots, entityType: user, feature: tokens, kind: concurrency, limit: 5 }
+"#;
+
+fn config(max_values: usize) -> String {
+    format!(
+        "usageRecords:\n  dimensions: [region]\n  maxValuesPerDimension: {max_values}\n{}",
+        tree_with(LIMITS)
+    )
+}
+
+fn buckets(h: &Harness, g: Granularity) -> Vec<(i64, SeriesKey, Measures)> {
+    use tollgate::clock::Clock;
+    // Every bucket of the last days (the test's clock starts on 2026-03-10).
+    let to = h.clock.now().millis() + 86_400_000;
+    let from = g.start(tollgate::core::Timestamp::from_millis(to - 5 * 86_400_000));
+    h.run(
+        h.engine
+            .store()
+            .usage_buckets(Name::from("acme"), g, from, to),
+    )
+    .unwrap()
+}
+
+/// Sums of the buckets whose series has `key` = `value` (every series when `key` is empty).
+fn sum(rows: &[(i64, SeriesKey, Measures)], key: &str, value: &str) -> Measures {
+    let mut m = Measures::default();
+    for (_, s, x) in rows {
+        if key.is_empty() || s.get(key) == Some(value) {
+            m.add(x);
+        }
+    }
+    m
+}
+
+fn every_unit_is_attributed_once_and_equals_what_was_counted(store: Store) {
+    let h = harness(&config(100), store, "2026-03-10T10:00:00Z");
+    let eu = [("userId", "u1"), ("region", "eu")];
+    // Settled with a token split; a second settle adds nothing.
+    let a = h.check("acme", "tokens", 100, &eu).hold_id.unwrap();
+    h.run(h.engine.settle(&a, tokens(50, 30, 0))).unwrap();
+    h.run(h.engine.settle(&a, tokens(500, 300, 0))).unwrap();
+    // Released: a request, no units.
+    let b = h.check("acme", "tokens", 100, &[("userId", "u2"), ("region", "us")]);
+    h.release(b.hold_id.as_ref().unwrap());
+    // Left to expire: committed at the held amount.
+    let c = h.check("acme", "tokens", 200, &[("userId", "u3"), ("region", "us")]);
+    assert!(c.granted);
+    // Denied by team t1's day quota.
+    assert!(!h.check("acme", "tokens", 5_000, &eu).granted);
+    // A dry run is an answer, not usage: no record.
+    assert!(!h.dry_run("acme", "tokens", 5_000, &eu).granted);
+    // Ingested once under its key.
+    let u4 = [("userId", "u4"), ("region", "eu")];
+    assert!(h.ingest("acme", "tokens", tokens(40, 30, 0), &u4, "k1"));
+    assert!(!h.ingest("acme", "tokens", tokens(40, 30, 0), &u4, "k1"));
+    h.advance_secs(301);
+    assert_eq!(h.expire_due(), 1);
+
+    for g in Granularity::ALL {
+        let rows = buckets(&h, g);
+        let all = sum(&rows, "", "");
+        assert_eq!(
+            (all.units, all.input, all.output, all.requests, all.denied),
+            (80 + 200 + 70, 50 + 40, 30 + 30, 4, 1),
+            "{g:?}: {rows:?}"
+        );
+        // What each team's rollups hold is what its counter counted.
+        for team in ["t1", "t2", "t3"] {
+            assert_eq!(
+                sum(&rows, "teamId", team).units,
+                h.counted("acme", team, "team-day"),
+                "{g:?} {team}"
+            );
+        }
+        let denied = sum(&rows, "deniedBy", "team-day");
+        assert_eq!((denied.denied, denied.units), (1, 0), "{g:?}");
+        assert_eq!(sum(&rows, "region", "us").units, 200);
+        assert_eq!(sum(&rows, "orgId", "acme").units, 350);
+        assert_eq!(sum(&rows, "deptId", "d1").units, 280);
+    }
+    // Minute buckets start on the minute the record was made.
+    let minutes: Vec<i64> = buckets(&h, Granularity::Minute)
+        .iter()
+        .map(|(s, _, _)| *s)
+        .collect();
+    assert!(minutes.iter().all(|s| s % 60_000 == 0), "{minutes:?}");
+
+    // The stream: every record once, in order, resumable after any event.
+    let store = h.engine.store();
+    let acme = Name::from("acme");
+    let page = h.run(store.read_events(Some(acme), None, 100)).unwrap();
+    let kinds: Vec<RecordKind> = page
+        .events
+        .iter()
+        .map(|e| match &*e.body {
+            EventBody::Record(r) => r.kind,
+            EventBody::Alert(_) => panic!("no alert was set"),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            RecordKind::Settled,
+            RecordKind::Released,
+            RecordKind::Denied,
+            RecordKind::Ingested,
+            RecordKind::Expired
+        ]
+    );
+    assert!(!page.gap);
+    let after = &page.events[1].id;
+    let rest = h
+        .run(store.read_events(Some(acme), Some(after), 100))
+        .unwrap();
+    let ids: Vec<&str> = rest.events.iter().map(|e| e.id.as_str()).collect();
+    let expected: Vec<&str> = page.events[2..].iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, expected);
+    let last = &page.events[4].id;
+    let none = h
+        .run(store.read_events(Some(acme), Some(last), 100))
+        .unwrap();
+    assert!(none.events.is_empty() && !none.gap);
+    assert!(
+        h.run(store.read_events(Some(acme), Some("not a cursor"), 10))
+            .is_err()
+    );
+    // Another customer's stream has none of it.
+    let other = h
+        .run(store.read_events(Some(Name::from("globex")), None, 10))
+        .unwrap();
+    assert!(other.events.is_empty());
+}
+
+fn distinct_dimension_values_fold_past_the_customers_most(store: Store) {
+    let h = harness(&config(2), store, "2026-03-10T10:00:00Z");
+    for (i, region) in ["eu", "us", "ap", "sa", "eu"].iter().enumerate() {
+        let key = format!("k{i}");
+        assert!(h.ingest(
+            "acme",
+            "tokens",
+            tokens(1, 0, 0),
+            &[("userId", "u1"), ("region", region)],
+            &key
+        ));
+    }
+    let rows = buckets(&h, Granularity::Hour);
+    assert_eq!(sum(&rows, "region", "eu").units, 2);
+    assert_eq!(sum(&rows, "region", "us").units, 1);
+    assert_eq!(sum(&rows, "region", OTHER).units, 2, "{rows:?}");
+    assert_eq!(sum(&rows, "region", "ap").units, 0);
+    // Entity ids are never folded: they are bounded by the model already.
+    assert_eq!(sum(&rows, "userId", "u1").units, 5);
+}

@@ -1,0 +1,362 @@
+//! The usage attribution API in process: history grouped and filtered by every kind of key,
+//! top spenders, an entity's budget state, the 400s that name their parameter, and tenancy.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use common::service::{ACME_KEY, GLOBEX_KEY, OPERATOR};
+
+struct Api {
+    router: axum::Router,
+}
+
+impl Api {
+    /// The fixture, recording the `model` dimension too, and at most `max_points` per query.
+    async fn new(max_points: usize) -> Self {
+        let config = format!(
+            "usageRecords:\n  dimensions: [model]\n  maxQueryPoints: {max_points}\n{}",
+            common::service::config()
+        );
+        let service = common::service::service_from(&config).await;
+        Self {
+            router: tollgate::api::router(Arc::clone(&service), 65536),
+        }
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {token}"))
+            .body(body.map_or(Body::empty(), |b| Body::from(b.to_string())))
+            .unwrap();
+        let resp = self.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.call(Method::GET, path, ACME_KEY, None).await
+    }
+
+    /// A check for `user` with `model`; settled at `settle` units, or released when `None`.
+    /// Returns whether it was granted.
+    async fn spend(&self, user: &str, model: &str, requested: u64, settle: Option<u64>) -> bool {
+        let (status, d) = self
+            .call(
+                Method::POST,
+                "/v1/customers/acme/entitlements/check",
+                ACME_KEY,
+                Some(
+                    json!({"featureId": "ai-tokens", "requestedUsage": requested,
+                    "dimensions": {"userId": user, "model": model}}),
+                ),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{d}");
+        let Some(hold) = d["holdId"].as_str() else {
+            return false;
+        };
+        let (path, body) = match settle {
+            Some(u) => (
+                format!("/v1/holds/{hold}/settle"),
+                Some(json!({"actualUsage": u})),
+            ),
+            None => (format!("/v1/holds/{hold}/release"), None),
+        };
+        let (status, r) = self.call(Method::POST, &path, ACME_KEY, body).await;
+        assert_eq!(status, StatusCode::OK, "{r}");
+        true
+    }
+
+    /// The usage made by every test: alice (team ml) 80 on gpt-4o, bob (ml) 50 on claude,
+    /// carol (web) a released call on gpt-4o and one denied by the org cap.
+    async fn spend_fixture(&self) {
+        assert!(self.spend("alice", "gpt-4o", 100, Some(80)).await);
+        assert!(self.spend("bob", "claude", 60, Some(50)).await);
+        assert!(self.spend("carol", "gpt-4o", 30, None).await);
+        assert!(!self.spend("carol", "gpt-4o", 5000, Some(1)).await);
+    }
+}
+
+/// Sums of one series' points: (units, requests, denied).
+fn totals(series: &Value) -> (u64, u64, u64) {
+    let mut t = (0, 0, 0);
+    for p in series["points"].as_array().unwrap() {
+        t.0 += p["units"].as_u64().unwrap();
+        t.1 += p["requests"].as_u64().unwrap();
+        t.2 += p["denied"].as_u64().unwrap();
+    }
+    t
+}
+
+/// The series whose `groupBy[key]` is `value`.
+fn series<'a>(h: &'a Value, key: &str, value: Option<&str>) -> &'a Value {
+    h["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["groupBy"][key].as_str() == value)
+        .unwrap_or_else(|| panic!("no series with {key}={value:?} in {h}"))
+}
+
+#[tokio::test]
+async fn history_attributes_every_unit_by_team_model_and_denying_limit() {
+    let api = Api::new(10_000).await;
+    api.spend_fixture().await;
+
+    let (status, h) = api
+        .get("/v1/customers/acme/usage/history?groupBy=teamId&windowSize=HOUR")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{h}");
+    assert_eq!(h["windowSize"], "HOUR");
+    assert_eq!(h["series"].as_array().unwrap().len(), 2, "{h}");
+    assert_eq!(totals(series(&h, "teamId", Some("ml"))), (130, 2, 0));
+    // carol: one released call (a request, no units) and one denial.
+    assert_eq!(totals(series(&h, "teamId", Some("web"))), (0, 1, 1));
+    // A point for every hour of the default day, dense, in order.
+    let points = series(&h, "teamId", Some("ml"))["points"]
+        .as_array()
+        .unwrap();
+    assert!(points.len() >= 24, "{}", points.len());
+    for w in points.windows(2) {
+        assert_eq!(w[0]["windowEnd"], w[1]["windowStart"]);
+    }
+
+    let (_, h) = api
+        .get("/v1/customers/acme/usage/history?groupBy=model&filter%5BteamId%5D=ml&featureId=ai-tokens")
+        .await;
+    assert_eq!(h["series"].as_array().unwrap().len(), 2, "{h}");
+    assert_eq!(totals(series(&h, "model", Some("gpt-4o"))).0, 80);
+    assert_eq!(totals(series(&h, "model", Some("claude"))).0, 50);
+
+    let (_, h) = api
+        .get("/v1/customers/acme/usage/history?groupBy=deniedBy&groupBy=userId")
+        .await;
+    let denied = series(&h, "deniedBy", Some("org-daily"));
+    assert_eq!(denied["groupBy"]["userId"], "carol");
+    assert_eq!(totals(denied), (0, 0, 1));
+
+    // No groupBy: one series with everything.
+    let (_, h) = api
+        .get("/v1/customers/acme/usage/history?windowSize=DAY")
+        .await;
+    assert_eq!(h["series"].as_array().unwrap().len(), 1, "{h}");
+    assert_eq!(totals(&h["series"][0]), (130, 3, 1));
+
+    // Globex spent nothing, and sees none of acme's usage.
+    let (status, h) = api
+        .call(
+            Method::GET,
+            "/v1/customers/globex/usage/history",
+            GLOBEX_KEY,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{h}");
+    assert!(
+        h["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| totals(s) == (0, 0, 0)),
+        "{h}"
+    );
+}
+
+#[tokio::test]
+async fn day_windows_align_to_the_asked_time_zone() {
+    let api = Api::new(10_000).await;
+    api.spend_fixture().await;
+    let (status, h) = api
+        .get("/v1/customers/acme/usage/history?windowSize=DAY&timeZone=Europe/Berlin")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{h}");
+    assert_eq!(h["timeZone"], "Europe/Berlin");
+    let points = h["series"][0]["points"].as_array().unwrap();
+    // The last day spans two Berlin days; each window runs midnight to midnight there.
+    assert_eq!(points.len(), 2, "{h}");
+    for p in points {
+        for edge in ["windowStart", "windowEnd"] {
+            let t = chrono::DateTime::parse_from_rfc3339(p[edge].as_str().unwrap())
+                .unwrap()
+                .with_timezone(&chrono_tz::Europe::Berlin);
+            assert_eq!(
+                t.format("%H:%M:%S").to_string(),
+                "00:00:00",
+                "{edge} of {p}"
+            );
+        }
+    }
+    assert_eq!(totals(&h["series"][0]).0, 130);
+    // Day buckets are whole UTC days: a range past the hours' retention cannot be cut at
+    // Berlin's midnight, and the answer says so instead of shifting the windows.
+    let (status, e) = api
+        .get("/v1/customers/acme/usage/history?windowSize=DAY&timeZone=Europe/Berlin&from=2026-01-10T00:00:00Z&to=2026-01-12T00:00:00Z")
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
+    assert_eq!(e["error"]["parameter"], "timeZone", "{e}");
+    let (status, h) = api
+        .get("/v1/customers/acme/usage/history?windowSize=DAY&from=2026-01-10T00:00:00Z&to=2026-01-12T00:00:00Z")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{h}");
+    // Past every retention (days are kept two years).
+    let (status, e) = api
+        .get("/v1/customers/acme/usage/history?windowSize=DAY&from=2020-01-10T00:00:00Z&to=2020-01-12T00:00:00Z")
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
+    assert_eq!(e["error"]["parameter"], "from", "{e}");
+}
+
+#[tokio::test]
+async fn top_spenders_and_budget_state() {
+    let api = Api::new(10_000).await;
+    api.spend_fixture().await;
+
+    let (status, t) = api
+        .get("/v1/customers/acme/usage/top?by=userId&limit=2")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{t}");
+    let rows = t["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (rows[0]["value"].as_str(), rows[0]["units"].as_u64()),
+        (Some("alice"), Some(80))
+    );
+    assert_eq!(
+        (rows[1]["value"].as_str(), rows[1]["units"].as_u64()),
+        (Some("bob"), Some(50))
+    );
+    let (_, t) = api
+        .get("/v1/customers/acme/usage/top?by=model&filter%5BuserId%5D=bob")
+        .await;
+    assert_eq!(t["rows"].as_array().unwrap().len(), 1, "{t}");
+    assert_eq!(t["rows"][0]["value"], "claude");
+
+    let (status, b) = api.get("/v1/customers/acme/entities/ml/budget").await;
+    assert_eq!(status, StatusCode::OK, "{b}");
+    assert_eq!(b["entityType"], "team");
+    let team = &b["limits"][0];
+    assert_eq!(team["limitId"], "team-daily");
+    assert_eq!(team["inheritedFromType"], true);
+    assert_eq!(team["used"], 130);
+    assert_eq!(team["limit"], 100_000);
+    assert_eq!(team["remaining"], 100_000 - 130);
+    assert!(team["resetsAt"].is_string(), "{b}");
+    assert_eq!(team["recentUnits"], 130);
+    // 130 units in the last minutes will not spend 99,870 before the day ends.
+    assert_eq!(team["projectedExhaustion"], Value::Null, "{b}");
+
+    let (_, b) = api.get("/v1/customers/acme/entities/acme/budget").await;
+    let org = &b["limits"][0];
+    assert_eq!(
+        (org["limitId"].as_str(), org["used"].as_u64()),
+        (Some("org-daily"), Some(130))
+    );
+    assert_eq!(org["inheritedFromType"], false);
+    // 870 left at 130 units per 15 minutes runs out within the day: a projection exists and
+    // lies between now and the reset.
+    let at = b["at"].as_str().unwrap();
+    let exhaustion = org["projectedExhaustion"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{b}"));
+    assert!(
+        exhaustion > at && exhaustion <= org["resetsAt"].as_str().unwrap(),
+        "{b}"
+    );
+
+    let (status, e) = api.get("/v1/customers/acme/entities/nobody/budget").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{e}");
+}
+
+#[tokio::test]
+async fn bad_parameters_get_a_400_that_names_them() {
+    let api = Api::new(60).await;
+    let cases = [
+        ("usage/history?groupBy=department", "groupBy"),
+        ("usage/history?filter%5Bcolour%5D=red", "filter"),
+        ("usage/history?featureId=nope", "featureId"),
+        (
+            "usage/history?from=2026-01-02T00:00:00Z&to=2026-01-01T00:00:00Z",
+            "from",
+        ),
+        ("usage/history?from=yesterday", "from"),
+        ("usage/history?windowSize=WEEK", "windowSize"),
+        ("usage/history?timeZone=Mars/Olympus", "timeZone"),
+        ("usage/history?windowSize=HOUR&from=a&from=b", "from"),
+        // Minute buckets are kept 48 hours.
+        (
+            "usage/history?windowSize=MINUTE&from=2020-01-01T00:00:00Z&to=2020-01-01T01:00:00Z",
+            "windowSize",
+        ),
+        // 120 hourly windows, over the 60 points this sidecar returns.
+        (
+            "usage/history?windowSize=HOUR&from=2026-01-01T00:00:00Z&to=2026-01-06T00:00:00Z",
+            "from",
+        ),
+        ("usage/top", "by"),
+        ("usage/top?by=shoeSize", "by"),
+        ("usage/top?by=userId&limit=0", "limit"),
+        ("usage/top?by=userId&limit=ten", "limit"),
+    ];
+    for (query, param) in cases {
+        let (status, e) = api.get(&format!("/v1/customers/acme/{query}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {e}");
+        assert_eq!(e["error"]["code"], "bad_parameter", "{query}: {e}");
+        assert_eq!(e["error"]["parameter"], param, "{query}: {e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(param),
+            "{query}: {e}"
+        );
+    }
+    // Groups × windows over the cap: 25 hours × 3 (user, model) pairs.
+    api.spend_fixture().await;
+    let (status, e) = api
+        .get("/v1/customers/acme/usage/history?windowSize=HOUR&groupBy=userId&groupBy=model")
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
+    assert_eq!(e["error"]["parameter"], "groupBy", "{e}");
+    let (status, e) = api.get("/v1/customers/acme/usage/history?colour=red").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("`colour`"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_customer_key_reads_only_its_own_usage() {
+    let api = Api::new(10_000).await;
+    api.spend_fixture().await;
+    for path in [
+        "/v1/customers/acme/usage/history",
+        "/v1/customers/acme/usage/top?by=userId",
+        "/v1/customers/acme/entities/acme/budget",
+    ] {
+        let (status, e) = api.call(Method::GET, path, GLOBEX_KEY, None).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {e}");
+        let (status, _) = api.call(Method::GET, path, "globex-key.wrong", None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+        let (status, b) = api.call(Method::GET, path, OPERATOR, None).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {b}");
+    }
+}
