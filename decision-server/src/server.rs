@@ -264,6 +264,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         .set_not_serving::<AuthorizationServer<ExtAuthzService>>()
         .await;
     let _ = shutdown_tx.send(true);
+    service.stop();
     let grace = Duration::from_millis(u64::try_from(settings.shutdown_grace_millis).unwrap_or(0));
     let drained = tokio::time::timeout(grace, async {
         while let Some(r) = servers.join_next().await {

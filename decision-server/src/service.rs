@@ -169,6 +169,8 @@ pub struct Service {
     metrics: Metrics,
     settings: ArcSwap<Reloadable>,
     events: broadcast::Sender<UsageEvent>,
+    /// Turns true when the server stops: long-lived responses (the usage stream) end on it.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl Service {
@@ -181,7 +183,18 @@ impl Service {
             metrics: Metrics::new(),
             settings: ArcSwap::from_pointee(Reloadable::from(server)),
             events,
+            stopping: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// Ends the long-lived responses (usage streams), so that a graceful stop can drain.
+    pub fn stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Turns true when [`Service::stop`] is called.
+    pub fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stopping.subscribe()
     }
 
     /// The engine, for the read-only queries (usage, budgets) that go to it directly.

@@ -2,6 +2,10 @@
 //! keys checked against the customer's model, the rollups read from the store, and the
 //! arithmetic left to `core::usage_query`. Every front end (HTTP, the portal) calls these.
 
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
 use chrono_tz::Tz;
 
 use crate::core::Name;
@@ -11,7 +15,8 @@ use crate::core::usage_query::{
     self, FEATURE_KEY, HistoryQuery, HistorySeries, QueryError, SeriesFilter, TopRow,
 };
 use crate::engine::Engine;
-use crate::store::StoreError;
+use crate::store::events::{EventPage, StreamEvent};
+use crate::store::{CounterStore, StoreError};
 
 /// Why a usage query was not answered.
 #[derive(Debug, thiserror::Error)]
@@ -332,4 +337,100 @@ pub async fn budget(
         at: now.millis(),
         limits,
     })
+}
+
+/// What a follower of the usage stream receives.
+#[derive(Debug, Clone)]
+pub enum Followed {
+    Event(StreamEvent),
+    /// The cursor was older than what is kept: events may have been missed before the next.
+    Gap,
+    /// The store could not be read; the follower tries again.
+    Unavailable(String),
+}
+
+/// Events read per store call while following.
+const FOLLOW_PAGE: usize = 256;
+
+struct Follower {
+    store: Arc<dyn CounterStore>,
+    customer: Option<Name>,
+    cursor: Option<String>,
+    buffer: VecDeque<Followed>,
+    signal: tokio::sync::watch::Receiver<u64>,
+    poll: Duration,
+    stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Follower {
+    fn take(&mut self, page: EventPage) {
+        if page.gap {
+            self.buffer.push_back(Followed::Gap);
+        }
+        if let Some(last) = page.events.last() {
+            self.cursor = Some(last.id.clone());
+        }
+        self.buffer
+            .extend(page.events.into_iter().map(Followed::Event));
+    }
+}
+
+/// Follows the usage stream of `customer` (every customer when `None`) from after `after`:
+/// the first page is read now, so a bad cursor or an unreachable store is an error to answer
+/// with; then events as they come, woken by this process's events and polled every `poll`
+/// for other replicas'. Ends when `stopping` turns true.
+pub async fn follow(
+    store: Arc<dyn CounterStore>,
+    customer: Option<Name>,
+    after: Option<String>,
+    poll: Duration,
+    stopping: tokio::sync::watch::Receiver<bool>,
+) -> Result<impl futures_util::Stream<Item = Followed> + Send + 'static, StoreError> {
+    let signal = store.event_signal();
+    let first = store
+        .read_events(customer, after.as_deref(), FOLLOW_PAGE)
+        .await?;
+    let mut f = Follower {
+        store,
+        customer,
+        cursor: after,
+        buffer: VecDeque::new(),
+        signal,
+        poll,
+        stopping,
+    };
+    f.take(first);
+    Ok(futures_util::stream::unfold(f, |mut f| async move {
+        loop {
+            if *f.stopping.borrow() {
+                return None;
+            }
+            if let Some(item) = f.buffer.pop_front() {
+                return Some((item, f));
+            }
+            // Marked seen before reading, so an event added during the read still wakes.
+            f.signal.borrow_and_update();
+            match f
+                .store
+                .read_events(f.customer, f.cursor.as_deref(), FOLLOW_PAGE)
+                .await
+            {
+                Ok(page) if !page.events.is_empty() || page.gap => f.take(page),
+                Ok(_) => {
+                    tokio::select! {
+                        _ = f.signal.changed() => {}
+                        _ = tokio::time::sleep(f.poll) => {}
+                        _ = f.stopping.changed() => {}
+                    }
+                }
+                Err(e) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(f.poll) => {}
+                        _ = f.stopping.changed() => {}
+                    }
+                    return Some((Followed::Unavailable(e.to_string()), f));
+                }
+            }
+        }
+    }))
 }

@@ -18,6 +18,66 @@ struct Api {
     router: axum::Router,
 }
 
+/// An open event stream, read frame by frame.
+struct Sse {
+    body: Body,
+    text: String,
+}
+
+/// One server-sent event: its `event:`, `id:` and `data:` fields.
+#[derive(Debug)]
+struct Frame {
+    event: String,
+    id: Option<String>,
+    data: String,
+}
+
+impl Sse {
+    /// The next event (heartbeat comments are skipped), within 10 s.
+    async fn next(&mut self) -> Frame {
+        self.next_raw(true).await
+    }
+
+    async fn next_raw(&mut self, skip_comments: bool) -> Frame {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            while let Some(end) = self.text.find("\n\n") {
+                let block: String = self.text.drain(..end + 2).collect();
+                let mut f = Frame {
+                    event: "message".into(),
+                    id: None,
+                    data: String::new(),
+                };
+                let mut comment = true;
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        f.event = v.trim().into();
+                        comment = false;
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        f.id = Some(v.trim().into());
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        f.data.push_str(v.trim_start());
+                        comment = false;
+                    } else if let Some(v) = line.strip_prefix(':') {
+                        f.event = format!(":{}", v.trim());
+                    }
+                }
+                if !(comment && skip_comments) {
+                    return f;
+                }
+            }
+            let frame = tokio::time::timeout_at(deadline, self.body.frame())
+                .await
+                .expect("an event within 10 s")
+                .expect("the stream is open")
+                .unwrap();
+            if let Ok(bytes) = frame.into_data() {
+                self.text.push_str(std::str::from_utf8(&bytes).unwrap());
+            }
+        }
+    }
+}
+
 impl Api {
     /// The fixture, recording the `model` dimension too, and at most `max_points` per query.
     async fn new(max_points: usize) -> Self {
@@ -51,6 +111,45 @@ impl Api {
         (
             status,
             serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// Opens an event stream; the status, and the stream when it is 200.
+    async fn open(
+        &self,
+        path: &str,
+        token: &str,
+        last_id: Option<&str>,
+    ) -> (StatusCode, Option<Sse>, Value) {
+        let mut req = Request::builder()
+            .uri(path)
+            .header("authorization", format!("Bearer {token}"));
+        if let Some(id) = last_id {
+            req = req.header("last-event-id", id);
+        }
+        let resp = self
+            .router
+            .clone()
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        if status != StatusCode::OK {
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            return (
+                status,
+                None,
+                serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            );
+        }
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        (
+            status,
+            Some(Sse {
+                body: resp.into_body(),
+                text: String::new(),
+            }),
+            Value::Null,
         )
     }
 
@@ -359,4 +458,142 @@ async fn a_customer_key_reads_only_its_own_usage() {
         let (status, b) = api.call(Method::GET, path, OPERATOR, None).await;
         assert_eq!(status, StatusCode::OK, "{path}: {b}");
     }
+}
+
+#[tokio::test]
+async fn the_push_stream_delivers_records_live_and_resumes_without_repeats() {
+    let api = Api::new(10_000).await;
+    let (status, sse, _) = api
+        .open(
+            "/v1/customers/acme/usage/stream?heartbeatSeconds=1",
+            ACME_KEY,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let mut sse = sse.unwrap();
+    // Live: made after the stream opened.
+    api.spend_fixture().await;
+    let mut seen = Vec::new();
+    for expected in ["settled", "settled", "released", "denied"] {
+        let f = sse.next().await;
+        assert_eq!(f.event, "usage", "{f:?}");
+        let e: Value = serde_json::from_str(&f.data).unwrap();
+        assert_eq!(e["kind"], expected, "{e}");
+        assert_eq!(e["customerId"], "acme");
+        assert_eq!(Some(e["id"].as_str().unwrap()), f.id.as_deref());
+        seen.push((f.id.unwrap(), e));
+    }
+    assert_eq!(seen[0].1["units"], 80);
+    assert_eq!(seen[0].1["attributes"]["teamId"], "ml");
+    assert_eq!(seen[0].1["attributes"]["model"], "gpt-4o");
+    assert!(seen[0].1["holdId"].as_str().unwrap().starts_with("acme:"));
+    assert_eq!(seen[3].1["attributes"]["deniedBy"], "org-daily");
+    // A heartbeat comes while nothing happens.
+    let beat = sse.next_raw(false).await;
+    assert_eq!(beat.event, ":heartbeat", "{beat:?}");
+
+    // Reconnecting after the second event gets the third and fourth, once each.
+    let (_, sse, _) = api
+        .open(
+            "/v1/customers/acme/usage/stream",
+            ACME_KEY,
+            Some(&seen[1].0),
+        )
+        .await;
+    let mut sse = sse.unwrap();
+    for (id, _) in &seen[2..] {
+        assert_eq!(sse.next().await.id.as_ref(), Some(id));
+    }
+    assert!(api.spend("bob", "claude", 10, Some(10)).await);
+    let f = sse.next().await;
+    let e: Value = serde_json::from_str(&f.data).unwrap();
+    assert_eq!(
+        (e["kind"].as_str(), e["units"].as_u64()),
+        (Some("settled"), Some(10))
+    );
+    assert!(!seen.iter().any(|(id, _)| Some(id) == f.id.as_ref()));
+
+    // From the start of what is kept, with `after` empty: everything, in order.
+    let (_, sse, _) = api
+        .open("/v1/customers/acme/usage/stream", ACME_KEY, None)
+        .await;
+    let mut sse = sse.unwrap();
+    for (id, _) in &seen {
+        assert_eq!(sse.next().await.id.as_ref(), Some(id));
+    }
+}
+
+#[tokio::test]
+async fn the_push_stream_is_scoped_to_the_callers_customer() {
+    let api = Api::new(10_000).await;
+    let (status, _, e) = api
+        .open("/v1/customers/acme/usage/stream", GLOBEX_KEY, None)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{e}");
+    let (status, _, e) = api.open("/v1/usage/stream", ACME_KEY, None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{e}");
+    let (status, _, e) = api
+        .open(
+            "/v1/customers/acme/usage/stream",
+            ACME_KEY,
+            Some("yesterday"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
+    assert_eq!(e["error"]["parameter"], "after", "{e}");
+    let (status, _, e) = api
+        .open(
+            "/v1/customers/acme/usage/stream?heartbeatSeconds=0",
+            ACME_KEY,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
+    let (status, _, e) = api
+        .open("/v1/customers/nobody/usage/stream", OPERATOR, None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{e}");
+
+    // Globex's stream never carries acme's usage; the operator's carries both.
+    let (_, globex, _) = api
+        .open("/v1/customers/globex/usage/stream", GLOBEX_KEY, None)
+        .await;
+    let (_, all, _) = api.open("/v1/usage/stream", OPERATOR, None).await;
+    let (mut globex, mut all) = (globex.unwrap(), all.unwrap());
+    assert!(api.spend("alice", "gpt-4o", 10, Some(10)).await);
+    let (status, d) = api
+        .call(
+            Method::POST,
+            "/v1/customers/globex/entitlements/check",
+            GLOBEX_KEY,
+            Some(json!({"featureId": "ai-tokens", "requestedUsage": 5, "dimensions": {"userId": "dave"}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{d}");
+    let hold = d["holdId"].as_str().unwrap();
+    let (status, _) = api
+        .call(
+            Method::POST,
+            &format!("/v1/holds/{hold}/release"),
+            GLOBEX_KEY,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let g: Value = serde_json::from_str(&globex.next().await.data).unwrap();
+    assert_eq!(
+        (g["customerId"].as_str(), g["kind"].as_str()),
+        (Some("globex"), Some("released"))
+    );
+    let customers: Vec<String> = [all.next().await, all.next().await]
+        .iter()
+        .map(|f| {
+            serde_json::from_str::<Value>(&f.data).unwrap()["customerId"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(customers, ["acme", "globex"]);
 }

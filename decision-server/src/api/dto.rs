@@ -469,3 +469,68 @@ impl From<&crate::usage::Budget> for BudgetDto {
         }
     }
 }
+
+/// One usage record on the push stream (`event: usage`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageRecordEvent {
+    /// The event's id: resume after it with `Last-Event-ID`.
+    pub id: String,
+    pub customer_id: String,
+    /// `settled`, `released`, `expired`, `ingested` or `denied`.
+    pub kind: String,
+    pub at: DateTime<Utc>,
+    pub feature_id: String,
+    /// The entity chain (`<type>Id`) and the recorded dimensions; `deniedBy` on a denial.
+    pub attributes: std::collections::BTreeMap<String, String>,
+    #[serde(flatten)]
+    pub measures: MeasuresDto,
+    /// The hold a settle, release or expiry closed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold_id: Option<String>,
+    /// The ingested event's idempotency key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// For a denial: the chain level (0 is the leaf) of the limit that blocked it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub denied_at_level: Option<usize>,
+}
+
+impl UsageRecordEvent {
+    pub fn new(id: &str, customer: &str, r: &crate::core::rollup::UsageRecord) -> Self {
+        use crate::core::rollup::RecordRef;
+        let (hold_id, idempotency_key, denied_at_level) = match &r.reference {
+            RecordRef::Hold { seq, tag } => (
+                Some(
+                    crate::core::HoldId {
+                        customer: customer.to_string(),
+                        seq: *seq,
+                        tag: *tag,
+                    }
+                    .to_string(),
+                ),
+                None,
+                None,
+            ),
+            RecordRef::Key(k) => (None, Some(k.to_string()), None),
+            RecordRef::Level(l) => (None, None, Some(*l)),
+        };
+        Self {
+            id: id.to_string(),
+            customer_id: customer.to_string(),
+            kind: r.kind.as_str().to_string(),
+            at: ms_time(r.at.millis()),
+            feature_id: r.series.feature.to_string(),
+            attributes: r
+                .series
+                .attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            measures: (&r.measures).into(),
+            hold_id,
+            idempotency_key,
+            denied_at_level,
+        }
+    }
+}

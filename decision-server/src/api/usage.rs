@@ -1,14 +1,25 @@
 //! HTTP handlers for usage attribution: history, top spenders and an entity's budget state,
 //! with their query strings parsed strictly (an unknown or repeated parameter is a 400 naming it).
 
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
 use axum::extract::{RawQuery, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
 use chrono::DateTime;
 use chrono_tz::Tz;
+use futures_util::StreamExt;
 
-use super::dto::{BudgetDto, ErrorBody, UsageHistory, UsageTop};
-use super::{ApiError, ApiJson, ApiPath, AppState, ScopedCaller};
+use super::dto::{BudgetDto, ErrorBody, UsageHistory, UsageRecordEvent, UsageTop};
+use super::{ApiError, ApiJson, ApiPath, AppState, Operator, ScopedCaller};
+use crate::core::Name;
 use crate::core::rollup::Granularity;
-use crate::usage::{self, HistoryRequest, TopRequest, UsageError};
+use crate::store::StoreError;
+use crate::store::events::EventBody;
+use crate::usage::{self, Followed, HistoryRequest, TopRequest, UsageError};
 
 impl From<UsageError> for ApiError {
     fn from(e: UsageError) -> Self {
@@ -241,6 +252,142 @@ pub async fn budget(
 ) -> Result<ApiJson<BudgetDto>, ApiError> {
     let b = usage::budget(state.engine(), &customer, &entity).await?;
     Ok(ApiJson((&b).into()))
+}
+
+/// How often a usage stream polls the store for other replicas' events, besides waking on
+/// this process's own: the bound on how late a replica's event reaches a subscriber elsewhere.
+const STREAM_POLL: Duration = Duration::from_millis(500);
+
+/// The usage stream as server-sent events: `event: usage` with the record as JSON and its id,
+/// `event: gap` when the cursor was older than what is kept, `event: unavailable` while the
+/// store cannot be read (the stream goes on), and a comment line as heartbeat.
+async fn sse(
+    state: &AppState,
+    customer: Option<String>,
+    headers: &HeaderMap,
+    raw: Option<&str>,
+) -> Result<Response, ApiError> {
+    let p = Params::parse(raw, &["after", "heartbeatSeconds"], false)?;
+    // A reconnecting EventSource sends the last id it saw; it wins over the URL's `after`.
+    let after = match headers.get("last-event-id") {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ApiError::bad_request("`Last-Event-ID` is not text"))?
+                .to_string(),
+        ),
+        None => p.get("after").map(str::to_string),
+    }
+    .filter(|a| !a.is_empty());
+    let heartbeat = match p.get("heartbeatSeconds") {
+        None => 15,
+        Some(v) => v
+            .parse::<u64>()
+            .ok()
+            .filter(|s| (1..=300).contains(s))
+            .ok_or_else(|| {
+                ApiError::bad_parameter("heartbeatSeconds", format!("`{v}` is not from 1 to 300"))
+            })?,
+    };
+    let name = match &customer {
+        Some(c) => {
+            if state.engine().model().customer(c).is_none() {
+                return Err(UsageError::UnknownCustomer(c.clone()).into());
+            }
+            Some(Name::from(c.as_str()))
+        }
+        None => None,
+    };
+    let follow = usage::follow(
+        Arc::clone(state.engine().store()),
+        name,
+        after,
+        STREAM_POLL,
+        state.stopping(),
+    )
+    .await
+    .map_err(|e| match e {
+        StoreError::BadCursor(c) => ApiError::bad_parameter(
+            "after",
+            format!("`{c}` is not an event id of this stream (send the `id` of an event received)"),
+        ),
+        e => e.into(),
+    })?;
+    let events = follow.map(|f| {
+        let event = match f {
+            Followed::Event(e) => match &*e.body {
+                EventBody::Record(r) => Event::default()
+                    .id(e.id.as_str())
+                    .event("usage")
+                    .json_data(UsageRecordEvent::new(&e.id, e.customer.as_str(), r)),
+                EventBody::Alert(body) => Ok(Event::default()
+                    .id(e.id.as_str())
+                    .event("alert")
+                    .data(body.as_str())),
+            },
+            Followed::Gap => Ok(Event::default().event("gap").data(
+                r#"{"message":"events between the cursor and the next event are no longer kept"}"#,
+            )),
+            Followed::Unavailable(m) => Event::default()
+                .event("unavailable")
+                .json_data(serde_json::json!({ "message": m })),
+        };
+        Ok::<_, Infallible>(event.unwrap_or_else(|e| {
+            Event::default()
+                .event("unavailable")
+                .data(format!("an event could not be encoded: {e}"))
+        }))
+    });
+    Ok(Sse::new(events)
+        .keep_alive(
+            KeepAlive::new()
+                .interval(Duration::from_secs(heartbeat))
+                .text("heartbeat"),
+        )
+        .into_response())
+}
+
+/// The customer's usage as it happens, as server-sent events; resumable with `Last-Event-ID`
+/// (or `after`) within the stream's retention, nothing sent twice.
+#[utoipa::path(get, path = "/v1/customers/{customerId}/usage/stream", tag = "usage",
+    params(
+        ("customerId" = String, Path, description = "The customer"),
+        ("after" = Option<String>, Query, description = "Resume after this event id (the `Last-Event-ID` header wins)"),
+        ("heartbeatSeconds" = Option<u64>, Query, description = "Seconds between heartbeats, 1 to 300 (default 15)"),
+    ),
+    responses(
+        (status = 200, description = "`event: usage` (UsageRecordEvent), `alert`, `gap`, `unavailable`", content_type = "text/event-stream", body = UsageRecordEvent),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn stream(
+    State(state): State<AppState>,
+    ScopedCaller { customer }: ScopedCaller,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    sse(&state, Some(customer), &headers, raw.as_deref()).await
+}
+
+/// Every customer's usage as it happens (operator token), as `/usage/stream` of one customer.
+#[utoipa::path(get, path = "/v1/usage/stream", tag = "usage",
+    params(
+        ("after" = Option<String>, Query, description = "Resume after this event id (the `Last-Event-ID` header wins)"),
+        ("heartbeatSeconds" = Option<u64>, Query, description = "Seconds between heartbeats, 1 to 300 (default 15)"),
+    ),
+    responses(
+        (status = 200, description = "As the customer stream, for every customer", content_type = "text/event-stream", body = UsageRecordEvent),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 503, body = ErrorBody, description = "The store keeps events per customer only (Redis)"),
+    ),
+    security(("bearer" = [])))]
+pub async fn stream_all(
+    State(state): State<AppState>,
+    _op: Operator,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    sse(&state, None, &headers, raw.as_deref()).await
 }
 
 #[cfg(test)]
