@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use common::{Harness, harness, tokens, tree_with};
 use tollgate::clock::Clock;
+use tollgate::core::rollup::Granularity;
+use tollgate::store::events::EventBody;
 use tollgate::store::{CloseOutcome, CounterStore, Durability, DurableStore};
 
 const LIMITS: &str = r#"
@@ -27,6 +29,32 @@ const START: &str = "2026-03-10T10:00:00Z";
 fn open(path: &Path, durability: Durability) -> Harness {
     let store: Arc<dyn CounterStore> = Arc::new(DurableStore::open(path, durability).unwrap());
     harness(&tree_with(LIMITS), store, START)
+}
+
+/// The usage attribution a restart must keep: the hour rollups (sorted) and the stream's
+/// events (id, kind, units).
+fn attribution(h: &Harness) -> (Vec<String>, Vec<(String, String, u64)>) {
+    let store = h.engine.store();
+    let acme = tollgate::core::Name::from("acme");
+    let to = h.clock.now().millis() + 3_600_000;
+    let mut rows: Vec<String> = h
+        .run(store.usage_buckets(acme, Granularity::Hour, to - 86_400_000 * 2, to))
+        .unwrap()
+        .into_iter()
+        .map(|r| format!("{r:?}"))
+        .collect();
+    rows.sort();
+    let events = h
+        .run(store.read_events(Some(acme), None, 1_000))
+        .unwrap()
+        .events
+        .into_iter()
+        .map(|e| match &*e.body {
+            EventBody::Record(r) => (e.id, format!("{:?}", r.kind), r.measures.units),
+            EventBody::Alert(a) => (e.id, a.clone(), 0),
+        })
+        .collect();
+    (rows, events)
 }
 
 /// Everything a restart must keep, read through the engine.
@@ -64,12 +92,20 @@ fn restart_keeps_everything(durability: Durability) {
         let before = snapshot(&h);
         assert_eq!(before[5], 1, "one hold open");
         assert!(before[0] > 0 && before[4] > 0, "{before:?}");
-        (open_hold, settled, before)
+        (open_hold, settled, (before, attribution(&h)))
         // The harness and its store drop here: the writer commits what is queued.
     };
 
+    let (before, (rollups, events)) = before;
     let h = open(&path, durability);
     assert_eq!(snapshot(&h), before, "state after the restart");
+    // Attribution too: the settle, the release and the ingest, in rollups and in the stream.
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert_eq!(
+        attribution(&h),
+        (rollups, events.clone()),
+        "attribution after the restart"
+    );
     // The hold opened before the restart settles after it, once.
     assert_eq!(
         h.run(h.engine.settle(&open_hold, tokens(100, 50, 0)))
@@ -96,6 +132,18 @@ fn restart_keeps_everything(durability: Durability) {
         .hold_id
         .unwrap();
     assert!(next.seq > open_hold.seq, "{next} after {open_hold}");
+    // The hold opened before the restart is attributed to its series, once, and the stream's
+    // ids go on rising from the ones kept.
+    let (_, now_events) = attribution(&h);
+    assert_eq!(now_events.len(), 4, "{now_events:?}");
+    let (last_id, kind, units) = &now_events[3];
+    assert_eq!((kind.as_str(), *units), ("Settled", 150));
+    let id = |s: &str| s.parse::<u64>().unwrap();
+    assert!(
+        id(last_id) > id(&events[2].0),
+        "{last_id} after {}",
+        events[2].0
+    );
     let after = snapshot(&h);
     drop(h);
     let h = open(&path, durability);

@@ -81,9 +81,16 @@ impl Sse {
 impl Api {
     /// The fixture, recording the `model` dimension too, and at most `max_points` per query.
     async fn new(max_points: usize) -> Self {
+        Self::on(max_points, "{ kind: memory }").await
+    }
+
+    /// The fixture on the given `storage:` section.
+    async fn on(max_points: usize, storage: &str) -> Self {
         let config = format!(
             "usageRecords:\n  dimensions: [model]\n  maxQueryPoints: {max_points}\n{}",
-            common::service::config()
+            common::service::config_with(&format!(
+                "  logging: {{ level: warn }}\n  storage: {storage}"
+            ))
         );
         let service = common::service::service_from(&config).await;
         Self {
@@ -596,4 +603,48 @@ async fn the_push_stream_is_scoped_to_the_callers_customer() {
         })
         .collect();
     assert_eq!(customers, ["acme", "globex"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_sharing_redis_see_each_others_usage_live() {
+    let redis = tokio::task::spawn_blocking(common::RedisServer::start)
+        .await
+        .unwrap();
+    let storage = format!("{{ kind: redis, url: \"{}\" }}", redis.url());
+    let (a, b) = (
+        Api::on(10_000, &storage).await,
+        Api::on(10_000, &storage).await,
+    );
+    let (_, sse, _) = b
+        .open("/v1/customers/acme/usage/stream", ACME_KEY, None)
+        .await;
+    let mut sse = sse.unwrap();
+    // Spent through replica A; B's subscriber gets it (B polls Redis every 500 ms).
+    assert!(a.spend("alice", "gpt-4o", 100, Some(80)).await);
+    let f = sse.next().await;
+    let e: Value = serde_json::from_str(&f.data).unwrap();
+    assert_eq!(
+        (e["kind"].as_str(), e["units"].as_u64()),
+        (Some("settled"), Some(80)),
+        "{e}"
+    );
+    // And B's queries read A's rollups: one store, one truth.
+    let (status, t) = b.get("/v1/customers/acme/usage/top?by=userId").await;
+    assert_eq!(status, StatusCode::OK, "{t}");
+    assert_eq!(t["rows"][0]["value"], "alice");
+    assert_eq!(t["rows"][0]["units"], 80);
+    // Resuming on A after B's last id: the same ids on every replica.
+    assert!(b.spend("bob", "claude", 10, Some(10)).await);
+    let (_, sse_a, _) = a
+        .open("/v1/customers/acme/usage/stream", ACME_KEY, f.id.as_deref())
+        .await;
+    let g: Value = serde_json::from_str(&sse_a.unwrap().next().await.data).unwrap();
+    assert_eq!(
+        (g["kind"].as_str(), g["units"].as_u64()),
+        (Some("settled"), Some(10)),
+        "{g}"
+    );
+    // Every customer at once is not kept on Redis (a stream per customer): a clear 503.
+    let (status, _, e) = a.open("/v1/usage/stream", OPERATOR, None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{e}");
 }
