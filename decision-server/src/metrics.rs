@@ -145,6 +145,8 @@ pub struct Metrics {
     store_failures: Counter,
     breaker_rejections: Counter,
     script_disagreements: Counter,
+    values_folded: Counter,
+    usage_series: Gauge,
     connections: ConnectionMetrics,
 }
 
@@ -184,6 +186,18 @@ impl Metrics {
             "customers_active",
             "Customers with state in the store",
             customers_active.clone(),
+        );
+        let values_folded = Counter::default();
+        registry.register(
+            "usage_values_folded",
+            "Dimension values recorded as __other__ because their customer had the most distinct values",
+            values_folded.clone(),
+        );
+        let usage_series = Gauge::default();
+        registry.register(
+            "usage_series",
+            "Usage series kept (distinct feature, entity chain and dimension values)",
+            usage_series.clone(),
         );
         let closes = Family::<ResultLabels, Counter>::default();
         registry.register(
@@ -235,6 +249,8 @@ impl Metrics {
         Self {
             connections,
             script_disagreements,
+            values_folded,
+            usage_series,
             store_failures,
             breaker_rejections,
             registry,
@@ -289,6 +305,8 @@ impl Metrics {
         catch_up(&self.store_failures, stats.backend_failures);
         catch_up(&self.breaker_rejections, stats.breaker_rejections);
         catch_up(&self.script_disagreements, stats.script_disagreements);
+        catch_up(&self.values_folded, stats.values_folded);
+        self.usage_series.set(gauge(stats.usage_series));
         let mut out = String::new();
         // Writing into a String cannot fail; an error would leave a partial page, not a panic.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

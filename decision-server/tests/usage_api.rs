@@ -269,6 +269,20 @@ async fn history_attributes_every_unit_by_team_model_and_denying_limit() {
     assert_eq!(h["series"].as_array().unwrap().len(), 1, "{h}");
     assert_eq!(totals(&h["series"][0]), (130, 3, 1));
 
+    // Four series (alice, bob, carol's release, carol's denial), nothing folded.
+    let req = Request::builder()
+        .uri("/metrics")
+        .body(Body::empty())
+        .unwrap();
+    let resp = api.router.clone().oneshot(req).await.unwrap();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let metrics = String::from_utf8_lossy(&bytes);
+    assert!(metrics.contains("\ntollgate_usage_series 4\n"), "{metrics}");
+    assert!(
+        metrics.contains("\ntollgate_usage_values_folded_total 0\n"),
+        "{metrics}"
+    );
+
     // Globex spent nothing, and sees none of acme's usage.
     let (status, h) = api
         .call(

@@ -412,6 +412,11 @@ impl Rollups {
         }
     }
 
+    /// Dimension values folded into [`OTHER`] since start, and the series kept.
+    pub fn counts(&self) -> (u64, usize) {
+        (self.folded, self.series.len())
+    }
+
     /// Drops every bucket past its retention at `now`.
     pub fn prune(&mut self, now: Timestamp, settings: &RecordSettings) {
         for g in Granularity::ALL {

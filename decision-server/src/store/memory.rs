@@ -394,6 +394,9 @@ impl CounterStore for MemoryStore {
             let b = l.lock();
             stats.counters += b.ledger.counter_count();
             stats.holds_open += b.ledger.open_holds();
+            let (folded, series) = b.ledger.rollups().counts();
+            stats.values_folded += folded;
+            stats.usage_series += series;
         }
         stats
     }

@@ -67,6 +67,11 @@ pub struct StoreStats {
     /// Decisions where a store's second arithmetic (the Redis script) and the core disagreed,
     /// since start. Always 0 unless there is a bug.
     pub script_disagreements: u64,
+    /// Dimension values recorded as `__other__` because their customer had the most distinct
+    /// values, since start (in-process stores).
+    pub values_folded: u64,
+    /// Usage series (distinct feature, chain and dimension values) kept (in-process stores).
+    pub usage_series: usize,
 }
 
 /// What can go wrong in a store.
