@@ -1,5 +1,6 @@
 //! Tollgate's decision sidecar: the decision core, the counter stores, config and the engine.
 
+pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod catalog;

@@ -171,6 +171,7 @@ pub struct Service {
     events: broadcast::Sender<UsageEvent>,
     /// Turns true when the server stops: long-lived responses (the usage stream) end on it.
     stopping: tokio::sync::watch::Sender<bool>,
+    alert_claims: crate::alerts::Claims,
 }
 
 impl Service {
@@ -184,6 +185,7 @@ impl Service {
             settings: ArcSwap::from_pointee(Reloadable::from(server)),
             events,
             stopping: tokio::sync::watch::Sender::new(false),
+            alert_claims: crate::alerts::Claims::default(),
         }
     }
 
@@ -424,6 +426,15 @@ impl Service {
                 tracing::debug!(customer = req.customer, feature = req.feature, reason = ?d.denial.as_ref().map(|x| &x.reason), "denied")
             }
             Ok(_) => {}
+        }
+        // Alerts inline: evaluating is pure and costs nothing; only a decision that crosses a
+        // threshold (rare) or falls back under a held one calls the store, once per crossing.
+        if let Ok(d) = &result
+            && let Err(e) =
+                crate::alerts::after_decision(&self.engine, &self.alert_claims, req.customer, d)
+                    .await
+        {
+            tracing::warn!(customer = req.customer, error = %e, "an alert could not be claimed; it fires on the next crossing check");
         }
         if let Ok(d) = &result
             && !d.dry_run

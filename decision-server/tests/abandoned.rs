@@ -160,6 +160,19 @@ impl CounterStore for Hooked {
     fn event_signal(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.event_signal()
     }
+    async fn claim_alert(
+        &self,
+        c: Name,
+        key: &str,
+        until: Option<i64>,
+        body: &str,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        self.inner.claim_alert(c, key, until, body, now).await
+    }
+    async fn rearm_alert(&self, c: Name, key: &str) -> Result<bool, StoreError> {
+        self.inner.rearm_alert(c, key).await
+    }
 }
 
 fn hooked(store: Store) -> (Harness, Arc<Hooked>) {

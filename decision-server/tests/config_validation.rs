@@ -600,3 +600,30 @@ fn redis_storage_settings() {
         "an unknown field is refused"
     );
 }
+
+#[test]
+fn alert_rules_and_webhooks() {
+    let ok = format!(
+        "{BASE}    webhooks:\n      - {{ id: ops, url: \"https://hooks.example.com/t\", secrets: [whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw] }}\n    alerts:\n      - {{ id: a1, entityType: team, limit: l-quota, percent: [50, 80], webhooks: [ops] }}\n      - {{ id: a2, entity: u1, feature: tokens, absolute: [5] }}\nalerting: {{ hysteresisPercent: 20 }}\n"
+    );
+    assert_errors(&ok, &[]);
+    let bad = format!(
+        "{BASE}    webhooks:\n      - {{ id: ops, url: \"http://hooks.example.com/t\", secrets: [MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw] }}\n      - {{ id: ops2, url: \"https://h.example\", secrets: [] }}\n    alerts:\n      - {{ id: a1, entityType: squad, limit: nope, percent: [0], webhooks: [pager] }}\n      - {{ id: a2, entity: u1, feature: tokens }}\n      - {{ id: a3, entity: u1, entityType: user, limit: l-rate, absolute: [0] }}\nalerting: {{ hysteresisPercent: 101 }}\n"
+    );
+    assert_errors(
+        &bad,
+        &[
+            "tollgate.yaml: customers[0].webhooks[0].url: `http://hooks.example.com/t` must be https (plain http only to a loopback receiver)",
+            "tollgate.yaml: customers[0].webhooks[0].secrets[0]: a webhook secret must start with `whsec_` followed by base64",
+            "tollgate.yaml: customers[0].webhooks[1].secrets: at least one `whsec_` secret is needed",
+            "tollgate.yaml: customers[0].alerts[0].entityType: unknown entity type `squad`",
+            "tollgate.yaml: customers[0].alerts[0].limit: customer `acme` has no limit `nope`",
+            "tollgate.yaml: customers[0].alerts[0].percent: 0 is not from 1 to 1000",
+            "tollgate.yaml: customers[0].alerts[0].webhooks[0]: customer `acme` has no webhook `pager`",
+            "tollgate.yaml: customers[0].alerts[1]: no trigger: give `percent`, `absolute` or `softLimit: true`",
+            "tollgate.yaml: customers[0].alerts[2]: give one of `entity` or `entityType`",
+            "tollgate.yaml: customers[0].alerts[2].absolute: a threshold of 0 would fire on nothing spent",
+            "tollgate.yaml: alerting.hysteresisPercent: 101 is over 100",
+        ],
+    );
+}

@@ -259,3 +259,52 @@ limits:
     );
     assert!(d.granted, "new-1 is under t1: {:?}", d.denial);
 }
+
+#[test]
+fn alert_claims_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.redb");
+    let acme = tollgate::core::Name::from("acme");
+    let now = tollgate::core::Timestamp::from_millis(1_000);
+    {
+        let h = open(&path, Durability::Sync);
+        let store = h.engine.store();
+        assert!(
+            h.run(store.claim_alert(acme, "k-period", Some(5_000), "{}", now))
+                .unwrap()
+        );
+        assert!(
+            h.run(store.claim_alert(acme, "k-hyst", None, "{}", now))
+                .unwrap()
+        );
+    }
+    let h = open(&path, Durability::Sync);
+    let store = h.engine.store();
+    // Still claimed: a restart does not fire a crossing twice.
+    assert!(
+        !h.run(store.claim_alert(acme, "k-period", Some(5_000), "{}", now))
+            .unwrap()
+    );
+    assert!(
+        !h.run(store.claim_alert(acme, "k-hyst", None, "{}", now))
+            .unwrap()
+    );
+    // A period's claim lapses at its end; a re-armed claim can fire again.
+    let later = tollgate::core::Timestamp::from_millis(5_000);
+    assert!(
+        h.run(store.claim_alert(acme, "k-period", Some(9_000), "{}", later))
+            .unwrap()
+    );
+    assert!(h.run(store.rearm_alert(acme, "k-hyst")).unwrap());
+    drop(h);
+    let h = open(&path, Durability::Sync);
+    let store = h.engine.store();
+    assert!(
+        h.run(store.claim_alert(acme, "k-hyst", None, "{}", later))
+            .unwrap()
+    );
+    assert!(
+        !h.run(store.claim_alert(acme, "k-period", Some(9_000), "{}", later))
+            .unwrap()
+    );
+}

@@ -23,6 +23,9 @@ pub struct ConfigDoc {
     /// Usage records: which dimensions they keep, and how long their rollups are kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage_records: Option<UsageRecordsDto>,
+    /// How alerts re-arm and are delivered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alerting: Option<AlertingDto>,
     /// Listeners, storage, credentials, the ext_authz mapping and logging (`tollgate serve`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Object)]
@@ -197,6 +200,53 @@ pub struct CustomerDto {
     pub limits: Vec<LimitDto>,
     #[serde(default)]
     pub grants: Vec<GrantDto>,
+    /// Where alerts are delivered besides the usage stream.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<WebhookDto>,
+    /// Threshold alerts on the customer's limits.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<AlertRuleDto>,
+}
+
+/// A webhook endpoint, signed per the Standard Webhooks spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WebhookDto {
+    pub id: String,
+    /// `https://` (or `http://` for a receiver on loopback).
+    pub url: String,
+    /// `whsec_<base64>` secrets; every one signs each call (one `v1,` signature each), so a
+    /// rotation adds the new secret, waits for receivers to switch, then drops the old one.
+    pub secrets: Vec<String>,
+}
+
+/// An alert rule: which limits it watches and when it fires.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AlertRuleDto {
+    pub id: String,
+    /// One entity, or every entity of `entityType`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entity_type: Option<String>,
+    /// One limit, or every limit of `feature` on the entity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feature: Option<String>,
+    /// Percentages of the limit (for example `[50, 80, 100]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub percent: Vec<u32>,
+    /// Absolute amounts of usage.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub absolute: Vec<u64>,
+    /// Fire when a `soft` limit is exceeded.
+    #[serde(default)]
+    pub soft_limit: bool,
+    /// Webhook ids to deliver to; every alert is also on the usage stream.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<String>,
 }
 
 /// `usageRecords`: attribution of every unit to its entity chain and dimensions.
@@ -232,4 +282,14 @@ pub struct RetentionDto {
     pub hour: Option<String>,
     #[serde(default)]
     pub day: Option<String>,
+}
+
+/// `alerting`: how alerts re-arm and how webhooks are retried.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AlertingDto {
+    /// A threshold on a limit without periods (rate, concurrency, credits) fires again once
+    /// usage has fallen this many percent of the threshold under it. Default 10.
+    #[serde(default)]
+    pub hysteresis_percent: Option<u32>,
 }

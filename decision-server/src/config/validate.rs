@@ -10,11 +10,14 @@ use rustc_hash::FxHashMap;
 use super::dto::*;
 use super::{ConfigError, ConfigErrors, DEFAULT_HOLD_TTL, DEFAULT_MAX_AUTO_ENTITIES};
 use crate::core::model::{
-    Attribution, CustomerModel, DrawRule, EntityNode, EntityType, Feature, GrantCategory,
-    GrantSpec, Limit, LimitKind, LimitTarget, Mode, Model, ModelPrice, OnUnknown, PriceTable,
-    valid_id,
+    AlertRule, Attribution, CustomerModel, DrawRule, EntityNode, EntityType, Feature,
+    GrantCategory, GrantSpec, Limit, LimitKind, LimitTarget, Mode, Model, ModelPrice, OnUnknown,
+    PriceTable, Webhook, valid_id,
 };
 use crate::core::period::{CalendarPeriod, parse_fixed_millis};
+
+/// How far under a threshold (percent of it) usage falls before the alert re-arms.
+const DEFAULT_ALERT_HYSTERESIS: u32 = 10;
 use crate::core::rollup::{Granularity, RecordSettings};
 use crate::core::window::RollingWindow;
 use crate::core::{Name, Symbols, Timestamp};
@@ -142,6 +145,18 @@ impl Validator<'_> {
             recorded_dimensions,
             chain_keys,
             records,
+            alert_hysteresis_percent: self.hysteresis(doc.alerting.as_ref()),
+        }
+    }
+
+    fn hysteresis(&mut self, dto: Option<&AlertingDto>) -> u32 {
+        match dto.and_then(|a| a.hysteresis_percent) {
+            None => DEFAULT_ALERT_HYSTERESIS,
+            Some(p) if p <= 100 => p,
+            Some(p) => {
+                self.err("alerting.hysteresisPercent", format!("{p} is over 100"));
+                DEFAULT_ALERT_HYSTERESIS
+            }
         }
     }
 
@@ -545,9 +560,181 @@ impl Validator<'_> {
             grants: Vec::new(),
             auto_parents,
             max_auto_entities: c.max_auto_entities.unwrap_or(DEFAULT_MAX_AUTO_ENTITIES),
+            alerts: Vec::new(),
+            webhooks: self.webhooks(path, c),
         };
         model.grants = self.grants(ctx, path, c, &model, &declared, limits_failed);
+        model.alerts = self.alerts(ctx, path, c, &model, &declared);
         model
+    }
+
+    /// A customer's webhook endpoints: unique ids, an http(s) URL (plain http only to a
+    /// loopback host), and at least one `whsec_` secret that decodes.
+    fn webhooks(&mut self, path: &str, c: &CustomerDto) -> Vec<Webhook> {
+        let mut seen = HashMap::new();
+        let mut out = Vec::new();
+        for (i, w) in c.webhooks.iter().enumerate() {
+            let wpath = format!("{path}.webhooks[{i}]");
+            self.check_id(format!("{wpath}.id"), &w.id);
+            self.unique(&mut seen, "webhook", &w.id, format!("{wpath}.id"));
+            match reqwest::Url::parse(&w.url) {
+                Ok(u) if u.scheme() == "https" => {}
+                Ok(u)
+                    if u.scheme() == "http"
+                        && matches!(u.host_str(), Some("127.0.0.1" | "[::1]" | "localhost")) => {}
+                Ok(_) => self.err(
+                    format!("{wpath}.url"),
+                    format!(
+                        "`{}` must be https (plain http only to a loopback receiver)",
+                        w.url
+                    ),
+                ),
+                Err(e) => self.err(
+                    format!("{wpath}.url"),
+                    format!("`{}` is not a URL: {e}", w.url),
+                ),
+            }
+            if w.secrets.is_empty() {
+                self.err(
+                    format!("{wpath}.secrets"),
+                    "at least one `whsec_` secret is needed",
+                );
+            }
+            for (j, secret) in w.secrets.iter().enumerate() {
+                if let Err(e) = crate::alerts::sign::check_secret(secret) {
+                    self.err(format!("{wpath}.secrets[{j}]"), e.to_string());
+                }
+            }
+            out.push(Webhook {
+                id: Name::from(&w.id),
+                url: w.url.clone(),
+                secrets: w.secrets.clone(),
+            });
+        }
+        out
+    }
+
+    /// A customer's alert rules: a target entity or type, a limit of the customer or a
+    /// feature, at least one trigger, and webhooks the customer declares.
+    fn alerts(
+        &mut self,
+        ctx: &Ctx<'_>,
+        path: &str,
+        c: &CustomerDto,
+        model: &CustomerModel,
+        declared: &HashSet<&str>,
+    ) -> Vec<AlertRule> {
+        let mut seen = HashMap::new();
+        let mut out = Vec::new();
+        for (i, a) in c.alerts.iter().enumerate() {
+            let apath = format!("{path}.alerts[{i}]");
+            let errors_before = self.errors.len();
+            self.check_id(format!("{apath}.id"), &a.id);
+            self.unique(&mut seen, "alert", &a.id, format!("{apath}.id"));
+            let target = match (&a.entity, &a.entity_type) {
+                (Some(e), None) => {
+                    match ctx
+                        .symbols
+                        .get(e)
+                        .filter(|s| model.entities.contains_key(s))
+                    {
+                        Some(s) => Some(LimitTarget::Entity(s)),
+                        None if declared.contains(e.as_str()) => None,
+                        None => {
+                            self.err(format!("{apath}.entity"), format!("unknown entity `{e}`"));
+                            None
+                        }
+                    }
+                }
+                (None, Some(t)) => match ctx.type_index.get(t.as_str()) {
+                    Some(&ti) => Some(LimitTarget::EntityType(ti)),
+                    None => {
+                        self.err(
+                            format!("{apath}.entityType"),
+                            format!("unknown entity type `{t}`"),
+                        );
+                        None
+                    }
+                },
+                _ => {
+                    self.err(apath.clone(), "give one of `entity` or `entityType`");
+                    None
+                }
+            };
+            let (limit, feature) = match (&a.limit, &a.feature) {
+                (Some(l), None) => {
+                    if !c.limits.iter().any(|x| x.id == *l) {
+                        self.err(
+                            format!("{apath}.limit"),
+                            format!("customer `{}` has no limit `{l}`", c.id),
+                        );
+                    }
+                    (Some(Name::from(l)), None)
+                }
+                (None, Some(f)) => match ctx.feature_index.get(f) {
+                    Some(fi) => (None, Some(*fi)),
+                    None => {
+                        self.err(format!("{apath}.feature"), format!("unknown feature `{f}`"));
+                        (None, None)
+                    }
+                },
+                _ => {
+                    self.err(apath.clone(), "give one of `limit` or `feature`");
+                    (None, None)
+                }
+            };
+            if a.percent.is_empty() && a.absolute.is_empty() && !a.soft_limit {
+                self.err(
+                    apath.clone(),
+                    "no trigger: give `percent`, `absolute` or `softLimit: true`",
+                );
+            }
+            if let Some(p) = a.percent.iter().find(|p| !(1..=1000).contains(*p)) {
+                self.err(
+                    format!("{apath}.percent"),
+                    format!("{p} is not from 1 to 1000"),
+                );
+            }
+            if a.absolute.contains(&0) {
+                self.err(
+                    format!("{apath}.absolute"),
+                    "a threshold of 0 would fire on nothing spent",
+                );
+            }
+            let mut webhooks = Vec::new();
+            for (j, w) in a.webhooks.iter().enumerate() {
+                match c.webhooks.iter().position(|x| x.id == *w) {
+                    Some(k) => webhooks.push(k),
+                    None => self.err(
+                        format!("{apath}.webhooks[{j}]"),
+                        format!("customer `{}` has no webhook `{w}`", c.id),
+                    ),
+                }
+            }
+            if self.errors.len() > errors_before {
+                continue;
+            }
+            let (Some(target), true) = (target, limit.is_some() || feature.is_some()) else {
+                continue;
+            };
+            let mut percent = a.percent.clone();
+            percent.sort_unstable();
+            percent.dedup();
+            let mut absolute = a.absolute.clone();
+            absolute.sort_unstable();
+            absolute.dedup();
+            out.push(AlertRule {
+                id: Name::from(&a.id),
+                target,
+                limit,
+                feature,
+                percent,
+                absolute,
+                soft_limit: a.soft_limit,
+                webhooks,
+            });
+        }
+        out
     }
 
     fn type_names(&self, ctx: &Ctx<'_>, types: &[usize]) -> String {

@@ -194,6 +194,10 @@ pub struct Ledger {
     records: RecordSettings,
     /// Records made since the last [`Ledger::take_records`], for the usage stream.
     emitted: Vec<UsageRecord>,
+    /// Alert thresholds claimed: key → until when (ms; `None`: until re-armed).
+    alert_claims: FxHashMap<Box<str>, Option<i64>>,
+    /// Alerts claimed since the last [`Ledger::take_alerts`]: when, and the encoded alert.
+    emitted_alerts: Vec<(Timestamp, String)>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -206,6 +210,7 @@ struct Dirty {
     /// takes ends up as it is now.
     keys: FxHashMap<Box<str>, Option<Timestamp>>,
     entities: Vec<Box<str>>,
+    alerts: rustc_hash::FxHashSet<Box<str>>,
 }
 
 /// What changed in a ledger since the last [`Ledger::take_changes`]: the rows a persisting
@@ -225,6 +230,9 @@ pub struct Changes {
     pub keys: Vec<(Box<str>, Option<Timestamp>)>,
     /// Entities created on the fly (they are never removed).
     pub entities: Vec<(Box<str>, StoredEntity)>,
+    /// Alert claims made (`Some(until)`, `until` in ms or `None` for "until re-armed") or
+    /// dropped (`None`).
+    pub alerts: Vec<(Box<str>, Option<Option<i64>>)>,
 }
 
 impl Ledger {
@@ -328,7 +336,57 @@ impl Ledger {
                 .into_iter()
                 .filter_map(|id| self.entities.get(&id).map(|e| (id, e.clone())))
                 .collect(),
+            alerts: d
+                .alerts
+                .into_iter()
+                .map(|k| {
+                    let v = self.alert_claims.get(&k).copied();
+                    (k, v)
+                })
+                .collect(),
         }
+    }
+
+    /// Claims alert threshold `key` until `until` (ms; `None`: until re-armed) and emits
+    /// `body`, unless the key is claimed already and its claim still holds at `now`. Whether
+    /// this call claimed it: one crossing fires once.
+    pub fn claim_alert(
+        &mut self,
+        key: &str,
+        until: Option<i64>,
+        body: String,
+        now: Timestamp,
+    ) -> bool {
+        if let Some(held) = self.alert_claims.get(key)
+            && held.is_none_or(|u| u > now.millis())
+        {
+            return false;
+        }
+        self.alert_claims.insert(key.into(), until);
+        if let Some(d) = self.dirty.as_mut() {
+            d.alerts.insert(key.into());
+        }
+        self.emitted_alerts.push((now, body));
+        true
+    }
+
+    /// Re-arms alert threshold `key`; whether it was claimed.
+    pub fn rearm_alert(&mut self, key: &str) -> bool {
+        let was = self.alert_claims.remove(key).is_some();
+        if was && let Some(d) = self.dirty.as_mut() {
+            d.alerts.insert(key.into());
+        }
+        was
+    }
+
+    /// The alerts claimed since the last call, oldest first.
+    pub fn take_alerts(&mut self) -> Vec<(Timestamp, String)> {
+        std::mem::take(&mut self.emitted_alerts)
+    }
+
+    /// Puts back alert claims a persisting store kept.
+    pub fn restore_alerts(&mut self, claims: impl IntoIterator<Item = (Box<str>, Option<i64>)>) {
+        self.alert_claims.extend(claims);
     }
 
     /// Whether a tracked ledger has changes not yet taken.
@@ -339,7 +397,8 @@ impl Ledger {
                     && d.opened.is_empty()
                     && d.closed.is_empty()
                     && d.keys.is_empty()
-                    && d.entities.is_empty())
+                    && d.entities.is_empty()
+                    && d.alerts.is_empty())
             })
     }
 

@@ -1,5 +1,6 @@
 //! The pure decision core: model, hierarchy resolution and limit arithmetic. Nothing here does I/O.
 
+pub mod alerts;
 pub mod counter;
 pub mod credits;
 pub mod decision;

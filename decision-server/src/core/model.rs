@@ -200,6 +200,44 @@ pub struct CustomerModel {
     /// Default parent entity, per entity type, for auto-created entities.
     pub auto_parents: FxHashMap<usize, Sym>,
     pub max_auto_entities: u32,
+    pub alerts: Vec<AlertRule>,
+    pub webhooks: Vec<Webhook>,
+}
+
+/// A threshold alert on a customer's limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertRule {
+    pub id: Name,
+    pub target: LimitTarget,
+    /// One limit, or every limit of one feature (by index), on the target.
+    pub limit: Option<Name>,
+    pub feature: Option<usize>,
+    /// Percent thresholds, ascending.
+    pub percent: Vec<u32>,
+    /// Absolute thresholds, ascending.
+    pub absolute: Vec<u64>,
+    pub soft_limit: bool,
+    /// Indices into the customer's webhooks.
+    pub webhooks: Vec<usize>,
+}
+
+/// A webhook endpoint and its signing secrets (`whsec_...`, each signs every call).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Webhook {
+    pub id: Name,
+    pub url: String,
+    pub secrets: Vec<String>,
+}
+
+impl std::fmt::Debug for Webhook {
+    /// Without the secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook")
+            .field("id", &self.id)
+            .field("url", &self.url)
+            .field("secrets", &self.secrets.len())
+            .finish()
+    }
 }
 
 /// Longest id accepted anywhere: in the config, and for entities created on the fly.
@@ -251,6 +289,9 @@ pub struct Model {
     pub chain_keys: Vec<Name>,
     /// Retention of usage rollups and the fold cap.
     pub records: crate::core::rollup::RecordSettings,
+    /// How far under a threshold usage must fall before an alert on a limit without periods
+    /// fires again, in percent of the threshold.
+    pub alert_hysteresis_percent: u32,
 }
 
 impl Model {

@@ -52,6 +52,8 @@ const HOLDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("holds");
 const NEXT_SEQ: TableDefinition<&str, u64> = TableDefinition::new("next_seq");
 /// Remembered idempotency keys: (customer, key) → when it was seen.
 const KEYS: TableDefinition<&[u8], i64> = TableDefinition::new("idempotency_keys");
+/// Alert claims: (customer, key) → until when (ms; -1 until re-armed).
+const ALERT_CLAIMS: TableDefinition<&[u8], i64> = TableDefinition::new("alert_claims");
 /// Entities created on the fly: (customer, entity id) → type and parent.
 const ENTITIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("auto_entities");
 /// Admin changes made through the API, in order: position → encoded change.
@@ -285,6 +287,8 @@ struct Batch<'a> {
     /// `None`: delete.
     holds: HashMap<(&'a str, u64), Option<&'a Hold>>,
     keys: HashMap<(&'a str, &'a str), Option<Timestamp>>,
+    /// `None`: delete.
+    alerts: HashMap<(&'a str, &'a str), Option<Option<i64>>>,
     next_seq: HashMap<&'a str, u64>,
     entities: HashMap<(&'a str, &'a str), &'a StoredEntity>,
     series: HashMap<(&'a str, u32), &'a SeriesKey>,
@@ -310,6 +314,9 @@ impl<'a> Batch<'a> {
         }
         for (k, at) in &c.keys {
             self.keys.insert((customer, k), *at);
+        }
+        for (k, until) in &c.alerts {
+            self.alerts.insert((customer, k), *until);
         }
         for (id, e) in &c.entities {
             self.entities.insert((customer, id), e);
@@ -377,6 +384,18 @@ fn commit(
                 }
                 None => {
                     keys.remove(k.as_slice())?;
+                }
+            }
+        }
+        let mut alerts = txn.open_table(ALERT_CLAIMS)?;
+        for ((customer, key), until) in &rows.alerts {
+            let k = row_key(customer, key.as_bytes());
+            match until {
+                Some(until) => {
+                    alerts.insert(k.as_slice(), until.unwrap_or(-1))?;
+                }
+                None => {
+                    alerts.remove(k.as_slice())?;
                 }
             }
         }
@@ -541,6 +560,7 @@ struct Restored {
     next_seq: u64,
     keys: Vec<(Timestamp, Box<str>)>,
     entities: Vec<(Box<str>, StoredEntity)>,
+    alerts: Vec<(Box<str>, Option<i64>)>,
     hold_records: HashMap<u64, HoldRecord>,
     series: Vec<(u32, SeriesKey)>,
     buckets: Vec<(BucketKey, Measures)>,
@@ -690,6 +710,20 @@ fn restore(db: &Database, path: &Path) -> Result<Vec<(String, Ledger)>, OpenErro
             Ok(())
         },
     )?;
+    customer_rows(
+        &txn,
+        ALERT_CLAIMS,
+        "an alert claim",
+        &open,
+        &corrupt,
+        |customer, key, until| {
+            let key =
+                std::str::from_utf8(key).map_err(|e| corrupt(format!("an alert key: {e}")))?;
+            let r = by_customer.entry(customer.to_string()).or_default();
+            r.alerts.push((key.into(), (until >= 0).then_some(until)));
+            Ok(())
+        },
+    )?;
     Ok(by_customer
         .into_iter()
         .map(|(c, mut r)| {
@@ -697,8 +731,9 @@ fn restore(db: &Database, path: &Path) -> Result<Vec<(String, Ledger)>, OpenErro
                 hold.record = r.hold_records.remove(seq);
             }
             let rollups = Rollups::restore(r.series, r.buckets);
-            let ledger =
+            let mut ledger =
                 Ledger::restore(r.counters, r.holds, r.next_seq, r.keys, r.entities, rollups);
+            ledger.restore_alerts(r.alerts);
             (c, ledger)
         })
         .collect())
@@ -751,6 +786,7 @@ impl DurableStore {
             txn.open_table(HOLDS).map_err(|e| open(e.into()))?;
             txn.open_table(NEXT_SEQ).map_err(|e| open(e.into()))?;
             txn.open_table(KEYS).map_err(|e| open(e.into()))?;
+            txn.open_table(ALERT_CLAIMS).map_err(|e| open(e.into()))?;
             txn.open_table(ADMIN).map_err(|e| open(e.into()))?;
             txn.open_table(ENTITIES).map_err(|e| open(e.into()))?;
             txn.open_table(SERIES).map_err(|e| open(e.into()))?;

@@ -172,14 +172,16 @@ impl MemoryStore {
         b.ledger.configure(records);
         let out = f(&mut b.ledger);
         let made = b.ledger.take_records();
-        if !made.is_empty() {
+        let alerts = b.ledger.take_alerts();
+        if !made.is_empty() || !alerts.is_empty() {
             // Numbered under the customer's lock, so one customer's events are in the order
             // its calls ran.
-            let last = made.iter().map(|r| r.at).max().unwrap_or_default();
             let bodies: Vec<_> = made
                 .into_iter()
                 .map(|r| (r.at, EventBody::Record(r)))
+                .chain(alerts.into_iter().map(|(at, a)| (at, EventBody::Alert(a))))
                 .collect();
+            let last = bodies.iter().map(|(at, _)| *at).max().unwrap_or_default();
             let ids = self.events.push(Name::from(customer), bodies.clone(), last);
             if let Some(journal) = &self.journal {
                 journal.events(customer, ids.into_iter().zip(bodies).collect());
@@ -362,6 +364,28 @@ impl CounterStore for MemoryStore {
             l.record(plan, idempotency_key, retention, now)
         })
         .await
+    }
+
+    async fn claim_alert(
+        &self,
+        customer: Name,
+        key: &str,
+        until: Option<i64>,
+        body: &str,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let sym = customer.sym();
+        let book = self.book(sym);
+        self.write(sym, &book, |l| {
+            l.claim_alert(key, until, body.to_string(), now)
+        })
+        .await
+    }
+
+    async fn rearm_alert(&self, customer: Name, key: &str) -> Result<bool, StoreError> {
+        let sym = customer.sym();
+        let book = self.book(sym);
+        self.write(sym, &book, |l| l.rearm_alert(key)).await
     }
 
     async fn auto_entity(

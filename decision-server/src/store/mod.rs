@@ -215,6 +215,22 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
         max: usize,
     ) -> Result<EventPage, StoreError>;
 
+    /// Claims alert threshold `key` of `customer` until `until` (ms; `None`: until re-armed)
+    /// and appends `body` to the customer's usage stream, in one atomic step; whether this
+    /// call claimed it (`false`: claimed already and still held, nothing appended). One
+    /// crossing therefore fires once, whichever replica sees it first.
+    async fn claim_alert(
+        &self,
+        customer: Name,
+        key: &str,
+        until: Option<i64>,
+        body: &str,
+        now: Timestamp,
+    ) -> Result<bool, StoreError>;
+
+    /// Drops the claim on alert threshold `key`, so it can fire again; whether there was one.
+    async fn rearm_alert(&self, customer: Name, key: &str) -> Result<bool, StoreError>;
+
     /// Changes whenever this process adds events (a shared store's other replicas add events
     /// too: readers also poll).
     fn event_signal(&self) -> tokio::sync::watch::Receiver<u64>;

@@ -23,7 +23,7 @@ mod keys;
 mod link;
 mod wire;
 
-use super::events::{EventBody, EventPage, StreamEvent, StreamRetention};
+use super::events::{EventPage, StreamEvent, StreamRetention};
 use crate::core::rollup::{Granularity, Measures, RecordSettings, SeriesKey};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -42,7 +42,7 @@ use self::wire::{
     CLOSE_ALREADY_CLOSED, CLOSE_CLOSED, CLOSE_NEEDS_PRICES, CLOSE_NO_SUCH_HOLD, CLOSE_TOO_LARGE,
     CounterArgs, DONE, ENTITY_ABSENT, ENTITY_CREATED, ENTITY_FOUND, ENTITY_FULL, HEADER,
     PRICES_PER_PART, SLOT_COUNTERS, SLOT_HOLDS_OPEN, SLOT_HOLDS_VERSION, SLOT_NEXT_EXPIRY,
-    bad_reply, category_code, decode_record, decode_series, int, kind_code, measures_of,
+    bad_reply, category_code, decode_event, decode_series, int, kind_code, measures_of,
     push_record_draft, push_record_settings, result, rule_code, state_of, tag_text,
 };
 use super::{
@@ -386,6 +386,32 @@ impl CounterStore for RedisStore {
             .ok_or_else(|| bad_reply("buckets: a row that does not decode"))
     }
 
+    async fn claim_alert(
+        &self,
+        customer: Name,
+        key: &str,
+        until: Option<i64>,
+        body: &str,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let keys = self.keys(customer);
+        let mut inv = self.invocation(&keys, "alert", now);
+        inv.arg(key)
+            .arg(until.map_or_else(String::new, |u| u.to_string()))
+            .arg(body);
+        self.push_record_settings(&mut inv);
+        let reply = self.run(customer.sym(), &inv).await?;
+        Ok(result(&reply) == Some(DONE))
+    }
+
+    async fn rearm_alert(&self, customer: Name, key: &str) -> Result<bool, StoreError> {
+        let keys = self.keys(customer);
+        let mut inv = self.invocation(&keys, "rearm", Timestamp::default());
+        inv.arg(key);
+        let reply = self.run(customer.sym(), &inv).await?;
+        Ok(result(&reply) == Some(DONE))
+    }
+
     /// Per customer only: each customer's events are a Redis stream on its slot, and their
     /// ids are the stream's. Following every customer is left to the caller, which knows the
     /// customers (a stream across slots could not be written in the call that counts).
@@ -421,12 +447,12 @@ impl CounterStore for RedisStore {
                         Value::SimpleString(s) => s.clone(),
                         _ => return None,
                     };
-                    let record = decode_record(body)?;
+                    let (at, body) = decode_event(body)?;
                     Some(StreamEvent {
                         id,
                         customer,
-                        at: record.at,
-                        body: Arc::new(EventBody::Record(record)),
+                        at,
+                        body: Arc::new(body),
                     })
                 }
                 _ => None,

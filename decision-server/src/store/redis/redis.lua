@@ -57,7 +57,8 @@ local BASE = string.sub(META, 1, #META - 1)
 -- The record settings at the end of ARGV, on the calls that carry them; false when off.
 local REC_ARGS = 7
 local REC = false
-if op == 'reserve' or op == 'close' or op == 'record' or op == 'expire' or op == 'cancel' then
+if op == 'reserve' or op == 'close' or op == 'record' or op == 'expire' or op == 'cancel'
+  or op == 'alert' then
   local b = #ARGV - REC_ARGS
   if ARGV[b + 1] == '1' then
     REC = {
@@ -298,8 +299,18 @@ end
 -- Usage records (core/rollup.rs) ---------------------------------------------------------
 
 local GRAIN = { 60000, 3600000, 86400000 }
+
+-- Appends a packed event to the customer's stream, trimmed to `most` events and `keep_ms`.
+local function append(event, most, keep_ms)
+  local stream = BASE .. 's'
+  redis.call('XADD', stream, 'MAXLEN', '~', most, '*', 'e', event)
+  -- Stream ids carry Redis's clock, so the retention is measured on it.
+  local t = redis.call('TIME')
+  local server_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('XTRIM', stream, 'MINID', '~', server_ms - keep_ms)
+end
 local MEASURES = 9
-local SETTLED, RELEASED, EXPIRED, INGESTED, DENIED = 1, 2, 3, 4, 5
+local SETTLED, RELEASED, EXPIRED, INGESTED, DENIED, ALERT = 1, 2, 3, 4, 5, 6
 
 -- Adds measures `m` to `series` in the buckets holding now, and appends the event: kind,
 -- time, series, measures, and the reference (hold number and tag, an idempotency key, or the
@@ -319,13 +330,7 @@ local function attribute(kind, series, m, a, b)
       redis.call('PEXPIRE', key, keep_until - now)
     end
   end
-  local stream = BASE .. 's'
-  redis.call('XADD', stream, 'MAXLEN', '~', REC.stream_max, '*', 'e',
-    cmsgpack.pack({ kind, now, series, m, a or false, b or false }))
-  -- Stream ids carry Redis's clock, so the retention is measured on it.
-  local t = redis.call('TIME')
-  local server_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('XTRIM', stream, 'MINID', '~', server_ms - REC.stream_ms)
+  append(cmsgpack.pack({ kind, now, series, m, a or false, b or false }), REC.stream_max, REC.stream_ms)
 end
 
 -- A dimension value as recorded: itself while the customer has fewer than its most distinct
@@ -698,7 +703,32 @@ local function events()
   return reply(gap, out)
 end
 
+-- ARGV: 'alert', now, key, until (ms, '' for "until re-armed"), body, then the record
+-- settings. Claims alert threshold `key` (the hash `al`: key -> until, -1 for none) unless
+-- it is claimed and the claim still holds, and appends {ALERT, now, body} to the stream.
+-- Result: 1 claimed, 0 claimed already.
+local function alert()
+  local key, till, body = ARGV[3], ARGV[4], ARGV[5]
+  local claims = BASE .. 'al'
+  local held = redis.call('HGET', claims, key)
+  if held then
+    local u = tonumber(held)
+    if u < 0 or u > now then return reply(0) end
+  end
+  redis.call('HSET', claims, key, till == '' and -1 or tonumber(till))
+  local b = #ARGV - REC_ARGS
+  append(cmsgpack.pack({ ALERT, now, body }), tonumber(ARGV[b + 7]), tonumber(ARGV[b + 6]))
+  return reply(1)
+end
+
+-- ARGV: 'rearm', now, key. Result: 1 a claim was dropped, 0 there was none.
+local function rearm()
+  return reply(redis.call('HDEL', BASE .. 'al', ARGV[3]))
+end
+
 if op == 'reserve' then return reserve()
+elseif op == 'alert' then return alert()
+elseif op == 'rearm' then return rearm()
 elseif op == 'buckets' then return buckets()
 elseif op == 'events' then return events()
 elseif op == 'close' then return close()

@@ -15,7 +15,7 @@ use crate::core::rollup::{
 };
 use crate::core::window::{RING, WindowState};
 use crate::store::StoreError;
-use crate::store::events::StreamRetention;
+use crate::store::events::{EventBody, StreamRetention};
 
 /// Counter kinds (`redis.lua`: `local RATE, QUOTA, CONC, CRED = 1, 2, 3, 4`), the tag of each
 /// packed state.
@@ -297,11 +297,29 @@ fn record_kind(code: i64) -> Option<RecordKind> {
     })
 }
 
-/// A stream event as the script packs it: {kind, time, series, measures, a, b}, where (a, b)
-/// is (hold number, tag), (idempotency key, false) or (denying level, false).
-pub fn decode_record(bytes: &[u8]) -> Option<UsageRecord> {
+/// The alert kind on the stream (`redis.lua` `ALERT`): {6, time, body}.
+const KIND_ALERT: i64 = 6;
+
+/// A stream event as the script packs it: a record, or an alert.
+pub fn decode_event(bytes: &[u8]) -> Option<(Timestamp, EventBody)> {
     let value = rmpv::decode::read_value(&mut &bytes[..]).ok()?;
     let a = mp_array(&value)?;
+    if mp_int(a.first()?)? == KIND_ALERT {
+        let at = Timestamp::from_millis(mp_int(a.get(1)?)?);
+        let body = match a.get(2)? {
+            rmpv::Value::String(s) => s.as_str()?.to_string(),
+            rmpv::Value::Binary(b) => String::from_utf8(b.clone()).ok()?,
+            _ => return None,
+        };
+        return Some((at, EventBody::Alert(body)));
+    }
+    let r = decode_record(a)?;
+    Some((r.at, EventBody::Record(r)))
+}
+
+/// A usage record as the script packs it: {kind, time, series, measures, a, b}, where (a, b)
+/// is (hold number, tag), (idempotency key, false) or (denying level, false).
+fn decode_record(a: &[rmpv::Value]) -> Option<UsageRecord> {
     let kind = record_kind(mp_int(a.first()?)?)?;
     let series = match a.get(2)? {
         rmpv::Value::Binary(b) => decode_series(b)?,

@@ -1,0 +1,154 @@
+//! Alert thresholds: which of a customer's rules a decision's chain crossed (pure), and the
+//! key that makes each crossing fire once per limit period.
+
+use super::decision::ChainEntry;
+use super::model::{AlertRule, CustomerModel, LimitTarget, Mode, Model};
+use super::{Name, Timestamp};
+
+/// What a rule watches for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Percent(u32),
+    Absolute(u64),
+    SoftLimit,
+}
+
+impl Trigger {
+    fn tag(self) -> String {
+        match self {
+            Trigger::Percent(p) => format!("p{p}"),
+            Trigger::Absolute(a) => format!("a{a}"),
+            Trigger::SoftLimit => "soft".into(),
+        }
+    }
+}
+
+/// A threshold one decision crossed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Crossing {
+    pub rule: Name,
+    pub trigger: Trigger,
+    /// The usage amount the trigger stands for.
+    pub threshold: u64,
+    pub entry: ChainEntry,
+    /// Fires once per this key: the rule, entity, limit, trigger and, for a limit with
+    /// periods, the period's end.
+    pub key: String,
+    /// When the claim lapses (the period's end), or `None`: until usage falls back under the
+    /// threshold by the hysteresis margin.
+    pub until: Option<i64>,
+}
+
+/// A claim to drop: usage fell far enough under its threshold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rearm {
+    pub key: String,
+}
+
+fn applies(model: &Model, rule: &AlertRule, e: &ChainEntry) -> bool {
+    let target = match rule.target {
+        LimitTarget::Entity(sym) => model.symbols.get(e.entity_id.as_str()) == Some(sym),
+        LimitTarget::EntityType(t) => model
+            .entity_types
+            .get(t)
+            .is_some_and(|et| et.name == e.entity_type.as_str()),
+    };
+    let limit = match (&rule.limit, rule.feature) {
+        (Some(l), _) => *l == e.limit_id,
+        (None, Some(f)) => model.feature(e.feature_id.as_str()) == Some(f),
+        (None, None) => false,
+    };
+    target && limit
+}
+
+/// `percent` of `limit`, rounded up: the least usage at or over the percentage.
+fn percent_of(limit: u64, percent: u32) -> u64 {
+    let v = (u128::from(limit) * u128::from(percent)).div_ceil(100);
+    u64::try_from(v).unwrap_or(u64::MAX)
+}
+
+fn key(rule: &AlertRule, e: &ChainEntry, trigger: Trigger, until: Option<i64>) -> String {
+    // The unit separator cannot appear in a config id.
+    format!(
+        "{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}",
+        rule.id,
+        e.entity_id,
+        e.limit_id,
+        trigger.tag(),
+        until.map_or_else(|| "-".to_string(), |u| u.to_string())
+    )
+}
+
+/// The thresholds `chain` (a granted decision's, usage counted after its hold) crossed, and
+/// the claims of limits without periods that usage has fallen back under.
+///
+/// A threshold is crossed when the usage before this decision was under it and is at or over
+/// it now. Credits are not watched: their size is what was granted, not a limit.
+pub fn evaluate(
+    model: &Model,
+    customer: &CustomerModel,
+    chain: &[ChainEntry],
+) -> (Vec<Crossing>, Vec<Rearm>) {
+    let mut crossed = Vec::new();
+    let mut rearm = Vec::new();
+    if customer.alerts.is_empty() {
+        return (crossed, rearm);
+    }
+    for e in chain.iter().filter(|e| e.kind != "credits") {
+        let after = e.current_usage;
+        let before = after.saturating_sub(e.requested);
+        // A quota's claim lasts its period; other kinds re-arm by hysteresis.
+        let until = (e.kind == "quota")
+            .then(|| e.reset_at.map(Timestamp::millis))
+            .flatten();
+        for rule in customer.alerts.iter().filter(|r| applies(model, r, e)) {
+            let thresholds = rule
+                .percent
+                .iter()
+                .map(|p| (Trigger::Percent(*p), percent_of(e.usage_limit, *p)))
+                .chain(rule.absolute.iter().map(|a| (Trigger::Absolute(*a), *a)));
+            for (trigger, t) in thresholds {
+                let k = key(rule, e, trigger, until);
+                if before < t && t <= after {
+                    crossed.push(Crossing {
+                        rule: rule.id,
+                        trigger,
+                        threshold: t,
+                        entry: e.clone(),
+                        key: k,
+                        until,
+                    });
+                } else if until.is_none() {
+                    let margin = u128::from(t) * u128::from(model.alert_hysteresis_percent) / 100;
+                    if u128::from(after) + margin < u128::from(t) {
+                        rearm.push(Rearm { key: k });
+                    }
+                }
+            }
+            if rule.soft_limit && e.mode == Mode::Soft && e.exceeded {
+                let trigger = Trigger::SoftLimit;
+                crossed.push(Crossing {
+                    rule: rule.id,
+                    trigger,
+                    threshold: e.usage_limit,
+                    entry: e.clone(),
+                    key: key(rule, e, trigger, until),
+                    until,
+                });
+            }
+        }
+    }
+    (crossed, rearm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_thresholds_round_up() {
+        assert_eq!(percent_of(1000, 80), 800);
+        assert_eq!(percent_of(999, 50), 500);
+        assert_eq!(percent_of(u64::MAX, 1000), u64::MAX);
+    }
+}

@@ -1,0 +1,199 @@
+//! Threshold alerts on every store: each crossing fires once per limit period however many
+//! replicas see it, fires again in the next period or after usage falls back under the
+//! hysteresis margin, and reaches the usage stream with its Standard Webhooks body.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{Harness, harness, tree_with};
+use serde_json::Value;
+use tollgate::alerts::{Claims, after_decision};
+use tollgate::core::Name;
+use tollgate::store::CounterStore;
+use tollgate::store::events::EventBody;
+
+type Store = Arc<dyn CounterStore>;
+
+test_with_all_stores!(
+    a_crossing_fires_once_per_period_across_replicas,
+    limits_without_periods_rearm_by_hysteresis,
+);
+
+const START: &str = "2026-03-10T10:00:00Z";
+
+const LIMITS: &str = r#"
+limits:
+  - { id: team-day, entityType: team, feature: tokens, kind: quota, limit: 1000, period: P1D }
+  - { id: user-hour, entityType: user, feature: requests, kind: rate, limit: 100, window: PT1H }
+webhooks:
+  - { id: ops, url: "http://127.0.0.1:9/hook", secrets: [whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw] }
+alerts:
+  - { id: team-budget, entityType: team, limit: team-day, percent: [50, 80, 100], absolute: [900], webhooks: [ops] }
+  - { id: user-pace, entity: u2, feature: requests, percent: [80] }
+"#;
+
+/// A check for `user`, then the alerts it fires through replica `claims`.
+fn spend(h: &Harness, claims: &Claims, user: &str, units: u64) -> (bool, usize) {
+    let d = h.check("acme", "tokens", units, &[("userId", user)]);
+    let fired = h
+        .run(after_decision(&h.engine, claims, "acme", &d))
+        .unwrap();
+    (d.granted, fired)
+}
+
+/// The alert bodies on acme's stream, in order.
+fn alerts_on_stream(h: &Harness) -> Vec<Value> {
+    h.run(
+        h.engine
+            .store()
+            .read_events(Some(Name::from("acme")), None, 1000),
+    )
+    .unwrap()
+    .events
+    .iter()
+    .filter_map(|e| match &*e.body {
+        EventBody::Alert(a) => Some(serde_json::from_str(a).unwrap()),
+        EventBody::Record(_) => None,
+    })
+    .collect()
+}
+
+fn a_crossing_fires_once_per_period_across_replicas(store: Store) {
+    let h = harness(&tree_with(LIMITS), Arc::clone(&store), START);
+    // A second replica on the same store, with its own process state.
+    let h2 = harness(&tree_with(LIMITS), store, START);
+    let (claims, claims2) = (Claims::default(), Claims::default());
+
+    assert_eq!(spend(&h, &claims, "u1", 400), (true, 0));
+    let d = h.check("acme", "tokens", 150, &[("userId", "u1")]);
+    // Both replicas see the decision that crossed 50 %: one alert.
+    let a = h
+        .run(after_decision(&h.engine, &claims, "acme", &d))
+        .unwrap();
+    let b = h2
+        .run(after_decision(&h2.engine, &claims2, "acme", &d))
+        .unwrap();
+    assert_eq!((a, b), (1, 0));
+    assert_eq!(spend(&h2, &claims2, "u2", 300), (true, 1), "80 % at 850");
+    assert_eq!(
+        spend(&h, &claims, "u1", 100),
+        (true, 1),
+        "900 absolute at 950"
+    );
+    assert_eq!(
+        spend(&h, &claims, "u1", 100),
+        (false, 0),
+        "denied: nothing crossed"
+    );
+    assert_eq!(spend(&h, &claims, "u1", 50), (true, 1), "100 % at 1000");
+
+    let alerts = alerts_on_stream(&h);
+    let triggers: Vec<String> = alerts
+        .iter()
+        .map(|a| a["data"]["trigger"].to_string())
+        .collect();
+    assert_eq!(
+        triggers,
+        [
+            r#"{"percent":50}"#,
+            r#"{"percent":80}"#,
+            r#"{"absolute":900}"#,
+            r#"{"percent":100}"#
+        ]
+    );
+    let first = &alerts[0];
+    assert_eq!(first["type"], "limit.threshold_crossed");
+    assert_eq!(first["data"]["entityId"], "t1");
+    assert_eq!(first["data"]["limitId"], "team-day");
+    assert_eq!(first["data"]["used"], 550);
+    assert_eq!(first["data"]["threshold"], 500);
+    assert_eq!(first["data"]["resetsAt"], "2026-03-11T00:00:00.000Z");
+    let id = first["data"]["alertId"].as_str().unwrap();
+    assert!(id.starts_with("alert_") && id.len() == 6 + 32, "{id}");
+
+    // Usage falls and rises again within the day: the period's claims hold, nothing fires.
+    let t2 = h.check("acme", "tokens", 100, &[("userId", "u3")]);
+    assert!(t2.granted, "team t2 has its own counter");
+    assert_eq!(
+        h.run(after_decision(&h.engine, &claims, "acme", &t2))
+            .unwrap(),
+        0
+    );
+
+    // The next day is a new period: 50 % fires again.
+    h.advance_secs(86_400);
+    assert_eq!(spend(&h, &claims, "u1", 600), (true, 1));
+    // One alert for the new period. (The stream keeps the last hour: in process, by the
+    // records' clock, the first day's alerts are gone; Redis trims by its own clock.)
+    let alerts = alerts_on_stream(&h);
+    let new_day: Vec<&Value> = alerts
+        .iter()
+        .filter(|a| a["data"]["resetsAt"] == "2026-03-12T00:00:00.000Z")
+        .collect();
+    assert_eq!(new_day.len(), 1, "{alerts:?}");
+    assert_eq!(new_day[0]["data"]["trigger"]["percent"], 50);
+    assert_eq!(alerts.last(), Some(new_day[0]));
+}
+
+fn limits_without_periods_rearm_by_hysteresis(store: Store) {
+    let h = harness(&tree_with(LIMITS), store, START);
+    let claims = Claims::default();
+    let u2 = [("userId", "u2")];
+    let mut holds = Vec::new();
+    // Every token check also counts a request on `user-hour` (100 per rolling hour).
+    for _ in 0..79 {
+        let d = h.check("acme", "tokens", 1, &u2);
+        assert_eq!(
+            h.run(after_decision(&h.engine, &claims, "acme", &d))
+                .unwrap(),
+            0
+        );
+        holds.push(d.hold_id.unwrap());
+    }
+    let d = h.check("acme", "tokens", 1, &u2);
+    assert_eq!(
+        h.run(after_decision(&h.engine, &claims, "acme", &d))
+            .unwrap(),
+        1,
+        "80 %"
+    );
+    holds.push(d.hold_id.unwrap());
+    // Released back down to 75: still within 10 % of the threshold; crossing again is the
+    // same excursion and does not fire.
+    for hold in holds.drain(..5) {
+        h.release(&hold);
+    }
+    let d = h.check("acme", "tokens", 1, &u2);
+    h.run(after_decision(&h.engine, &claims, "acme", &d))
+        .unwrap();
+    for _ in 0..4 {
+        let d = h.check("acme", "tokens", 1, &u2);
+        assert_eq!(
+            h.run(after_decision(&h.engine, &claims, "acme", &d))
+                .unwrap(),
+            0
+        );
+    }
+    // Down to 10, under 72 (80 less 10 %): re-armed; the next crossing fires.
+    for hold in holds.drain(..) {
+        h.release(&hold);
+    }
+    let mut fired = 0;
+    for _ in 0..80 {
+        let d = h.check("acme", "tokens", 1, &u2);
+        fired += h
+            .run(after_decision(&h.engine, &claims, "acme", &d))
+            .unwrap();
+    }
+    assert_eq!(fired, 1);
+    let bodies = alerts_on_stream(&h);
+    assert_eq!(bodies.len(), 2);
+    assert!(bodies.iter().all(|b| b["data"]["limitId"] == "user-hour"));
+    assert!(
+        bodies
+            .iter()
+            .all(|b| b["data"]["resetsAt"].is_string() || b["data"]["resetsAt"].is_null())
+    );
+}
