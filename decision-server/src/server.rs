@@ -230,6 +230,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     });
 
     let sweeper = tokio::spawn(sweep(Arc::clone(&service), shutdown_rx.clone()));
+    let deliverer = tokio::spawn(deliver(Arc::clone(&service), shutdown_rx.clone()));
     // Set up before "ready": a SIGHUP or an edit right after start must not be lost (or,
     // for SIGHUP, kill the process with the default action).
     let reloader = Reloader::new(
@@ -277,6 +278,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     })
     .await;
     sweeper.abort();
+    deliverer.abort();
     reloader.abort();
     // Whatever the durability mode, a clean stop loses nothing.
     if let Err(e) = service.flush() {
@@ -328,6 +330,24 @@ async fn sweep(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
             Ok(false) => {}
             Ok(true) => tracing::info!("admin changes saved by another replica are in force"),
             Err(e) => tracing::warn!(error = %e, "cannot take in the shared admin changes"),
+        }
+    }
+}
+
+/// Four times a second: sends the webhook deliveries due (apart from the sweep, so a slow
+/// receiver never delays hold expiry).
+async fn deliver(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => {}
+        }
+        match service.deliver_due().await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(attempts = n, "webhook deliveries attempted"),
+            Err(e) => tracing::warn!(error = %e, "webhook delivery pass failed"),
         }
     }
 }

@@ -172,6 +172,7 @@ pub struct Service {
     /// Turns true when the server stops: long-lived responses (the usage stream) end on it.
     stopping: tokio::sync::watch::Sender<bool>,
     alert_claims: crate::alerts::Claims,
+    deliverer: Option<crate::alerts::deliver::Deliverer>,
 }
 
 impl Service {
@@ -186,6 +187,21 @@ impl Service {
             events,
             stopping: tokio::sync::watch::Sender::new(false),
             alert_claims: crate::alerts::Claims::default(),
+            deliverer: match crate::alerts::deliver::Deliverer::new() {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    tracing::error!(error = %e, "no HTTP client for webhooks: alerts reach the usage stream only");
+                    None
+                }
+            },
+        }
+    }
+
+    /// Sends the webhook deliveries due now; how many attempts were made.
+    pub async fn deliver_due(&self) -> Result<usize, StoreError> {
+        match &self.deliverer {
+            Some(d) => d.pass(&self.engine).await,
+            None => Ok(0),
         }
     }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use tollgate::clock::ManualClock;
+use tollgate::core::alerts::Delivery;
 use tollgate::core::counter::{CounterKey, CounterSpec};
 use tollgate::core::credits::GrantBalance;
 use tollgate::core::plan::{AutoEntities, Plan, Planned, Registry, Usage};
@@ -166,9 +167,30 @@ impl CounterStore for Hooked {
         key: &str,
         until: Option<i64>,
         body: &str,
+        deliveries: &[Delivery],
         now: Timestamp,
     ) -> Result<bool, StoreError> {
-        self.inner.claim_alert(c, key, until, body, now).await
+        self.inner
+            .claim_alert(c, key, until, body, deliveries, now)
+            .await
+    }
+    async fn enqueue_deliveries(&self, c: Name, d: &[Delivery]) -> Result<(), StoreError> {
+        self.inner.enqueue_deliveries(c, d).await
+    }
+    async fn lease_deliveries(
+        &self,
+        c: Name,
+        now: Timestamp,
+        lease_ms: i64,
+        max: usize,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        self.inner.lease_deliveries(c, now, lease_ms, max).await
+    }
+    async fn finish_delivery(&self, c: Name, d: &Delivery) -> Result<(), StoreError> {
+        self.inner.finish_delivery(c, d).await
+    }
+    async fn deliveries(&self, c: Name, max: usize) -> Result<Vec<Delivery>, StoreError> {
+        self.inner.deliveries(c, max).await
     }
     async fn rearm_alert(&self, c: Name, key: &str) -> Result<bool, StoreError> {
         self.inner.rearm_alert(c, key).await

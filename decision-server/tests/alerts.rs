@@ -10,7 +10,8 @@ use std::sync::Arc;
 use common::{Harness, harness, tree_with};
 use serde_json::Value;
 use tollgate::alerts::{Claims, after_decision};
-use tollgate::core::Name;
+use tollgate::core::alerts::{Attempt, Delivery};
+use tollgate::core::{Name, Timestamp};
 use tollgate::store::CounterStore;
 use tollgate::store::events::EventBody;
 
@@ -19,6 +20,7 @@ type Store = Arc<dyn CounterStore>;
 test_with_all_stores!(
     a_crossing_fires_once_per_period_across_replicas,
     limits_without_periods_rearm_by_hysteresis,
+    the_outbox_leases_each_delivery_to_one_caller_and_keeps_the_log,
 );
 
 const START: &str = "2026-03-10T10:00:00Z";
@@ -195,5 +197,80 @@ fn limits_without_periods_rearm_by_hysteresis(store: Store) {
         bodies
             .iter()
             .all(|b| b["data"]["resetsAt"].is_string() || b["data"]["resetsAt"].is_null())
+    );
+}
+
+fn delivery(id: &str, created: i64) -> Delivery {
+    Delivery {
+        id: id.into(),
+        webhook: "ops".into(),
+        body: format!(r#"{{"type":"webhook.test","n":{created}}}"#),
+        created,
+        next_at: Some(created),
+        delivered: false,
+        attempts: Vec::new(),
+    }
+}
+
+fn the_outbox_leases_each_delivery_to_one_caller_and_keeps_the_log(store: Store) {
+    let h = harness(&tree_with(LIMITS), store, START);
+    let s = h.engine.store();
+    let acme = Name::from("acme");
+    let at = |ms: i64| Timestamp::from_millis(ms);
+    h.run(s.enqueue_deliveries(acme, &[delivery("msg_a", 1_000), delivery("msg_b", 2_000)]))
+        .unwrap();
+    // Only what is due, oldest due first; a leased delivery is nobody else's until the lease
+    // ends.
+    let first = h
+        .run(s.lease_deliveries(acme, at(1_500), 60_000, 10))
+        .unwrap();
+    assert_eq!(
+        first.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+        ["msg_a"]
+    );
+    let second = h
+        .run(s.lease_deliveries(acme, at(2_500), 60_000, 10))
+        .unwrap();
+    assert_eq!(
+        second.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+        ["msg_b"]
+    );
+    assert!(
+        h.run(s.lease_deliveries(acme, at(3_000), 60_000, 10))
+            .unwrap()
+            .is_empty()
+    );
+    // A lease that ends unfinished (its replica died) is taken again.
+    let again = h
+        .run(s.lease_deliveries(acme, at(61_500), 60_000, 10))
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].id, "msg_a");
+    // Finished: delivered, never due again; the log keeps it, newest first.
+    let mut done = again[0].clone();
+    done.attempts.push(Attempt {
+        at: 61_500,
+        status: Some(200),
+        error: None,
+    });
+    done.delivered = true;
+    done.next_at = None;
+    h.run(s.finish_delivery(acme, &done)).unwrap();
+    assert!(
+        h.run(s.lease_deliveries(acme, at(500_000), 60_000, 10))
+            .unwrap()
+            .iter()
+            .all(|d| d.id != "msg_a")
+    );
+    let log = h.run(s.deliveries(acme, 10)).unwrap();
+    assert_eq!(
+        log.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+        ["msg_b", "msg_a"]
+    );
+    assert_eq!(log[1], done);
+    assert!(
+        h.run(s.deliveries(Name::from("globex"), 10))
+            .unwrap()
+            .is_empty()
     );
 }

@@ -249,3 +249,113 @@ async fn admin_changes_and_credits_survive_a_restart() {
         assert_eq!(r["isGranted"], expected, "{r}");
     }
 }
+
+/// An alert crossed before a SIGKILL is delivered after the restart: its delivery waits in
+/// the durable outbox (here the receiver is down until after the kill), and is sent once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_crossed_before_a_kill_is_delivered_after_the_restart() {
+    use common::service::ACME_KEY;
+    use common::webhooks::{Receiver, WHSEC};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tollgate.redb");
+    let port = common::free_port();
+    let text = common::service::config_with(&format!(
+        "{LOOPBACK_PORT_0}\n  storage: {{ kind: durable, path: \"{}\", durability: sync }}",
+        db.display()
+    ))
+    .replacen(
+        "  - id: globex\n",
+        &format!(
+            "    webhooks:\n      - {{ id: ops, url: \"http://127.0.0.1:{port}/hook\", secrets: [{WHSEC}] }}\n    alerts:\n      - {{ id: half, entity: acme, limit: org-daily, percent: [50], webhooks: [ops] }}\n  - id: globex\n"
+        ),
+        1,
+    );
+    let text = format!(
+        "alerting: {{ retrySchedule: [PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S] }}\n{text}"
+    );
+    let config = dir.path().join("tollgate.yaml");
+    std::fs::write(&config, &text).unwrap();
+    let sidecar = Sidecar::start_at(&config).unwrap();
+    let http = reqwest::Client::new();
+    let r: serde_json::Value = http
+        .post(format!("http://{}/v1/customers/acme/entitlements/check", sidecar.http))
+        .bearer_auth(ACME_KEY)
+        .json(&json!({"featureId": "ai-tokens", "requestedUsage": 600, "dimensions": {"userId": "alice"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["isGranted"], true, "{r}");
+    // The receiver is down: wait (bounded) until an attempt has failed, so the delivery is
+    // known to sit in the outbox.
+    let log_url = format!(
+        "http://{}/v1/customers/acme/alerts/deliveries",
+        sidecar.http
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log: serde_json::Value = http
+            .get(&log_url)
+            .bearer_auth(ACME_KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let attempts = log["deliveries"][0]["attempts"]
+            .as_array()
+            .map_or(0, Vec::len);
+        if attempts > 0 {
+            assert_eq!(log["deliveries"][0]["status"], "pending", "{log}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no attempt within 20 s: {log}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sidecar.signal("KILL").unwrap();
+    drop(sidecar);
+
+    let receiver = Receiver::start(0, port).await;
+    let sidecar = Sidecar::start_at(&config).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while receiver.calls().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "not delivered within 20 s of the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Delivered once: a further pass sends nothing.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let calls = receiver.calls();
+    assert_eq!(calls.len(), 1);
+    let (headers, body) = &calls[0];
+    standardwebhooks::Webhook::new(WHSEC)
+        .unwrap()
+        .verify(body.as_bytes(), headers)
+        .unwrap();
+    let alert: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(alert["data"]["used"], 600);
+    let log_url = format!(
+        "http://{}/v1/customers/acme/alerts/deliveries",
+        sidecar.http
+    );
+    let log: serde_json::Value = http
+        .get(&log_url)
+        .bearer_auth(ACME_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(log["deliveries"][0]["status"], "delivered", "{log}");
+    assert!(
+        log["deliveries"][0]["attempts"].as_array().unwrap().len() >= 2,
+        "{log}"
+    );
+    drop(sidecar);
+}

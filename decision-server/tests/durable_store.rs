@@ -266,33 +266,58 @@ fn alert_claims_survive_a_restart() {
     let path = dir.path().join("tollgate.redb");
     let acme = tollgate::core::Name::from("acme");
     let now = tollgate::core::Timestamp::from_millis(1_000);
+    let outbox = tollgate::core::alerts::Delivery {
+        id: "msg_1".into(),
+        webhook: "ops".into(),
+        body: "{}".into(),
+        created: 1_000,
+        next_at: Some(1_000),
+        delivered: false,
+        attempts: Vec::new(),
+    };
     {
         let h = open(&path, Durability::Sync);
         let store = h.engine.store();
         assert!(
-            h.run(store.claim_alert(acme, "k-period", Some(5_000), "{}", now))
-                .unwrap()
+            h.run(store.claim_alert(
+                acme,
+                "k-period",
+                Some(5_000),
+                "{}",
+                std::slice::from_ref(&outbox),
+                now
+            ))
+            .unwrap()
         );
         assert!(
-            h.run(store.claim_alert(acme, "k-hyst", None, "{}", now))
+            h.run(store.claim_alert(acme, "k-hyst", None, "{}", &[], now))
                 .unwrap()
         );
     }
     let h = open(&path, Durability::Sync);
     let store = h.engine.store();
+    // The claim's delivery waits in the outbox after the restart.
+    assert_eq!(
+        h.run(store.deliveries(acme, 10)).unwrap(),
+        std::slice::from_ref(&outbox)
+    );
+    let leased = h
+        .run(store.lease_deliveries(acme, now, 60_000, 10))
+        .unwrap();
+    assert_eq!(leased.len(), 1);
     // Still claimed: a restart does not fire a crossing twice.
     assert!(
-        !h.run(store.claim_alert(acme, "k-period", Some(5_000), "{}", now))
+        !h.run(store.claim_alert(acme, "k-period", Some(5_000), "{}", &[], now))
             .unwrap()
     );
     assert!(
-        !h.run(store.claim_alert(acme, "k-hyst", None, "{}", now))
+        !h.run(store.claim_alert(acme, "k-hyst", None, "{}", &[], now))
             .unwrap()
     );
     // A period's claim lapses at its end; a re-armed claim can fire again.
     let later = tollgate::core::Timestamp::from_millis(5_000);
     assert!(
-        h.run(store.claim_alert(acme, "k-period", Some(9_000), "{}", later))
+        h.run(store.claim_alert(acme, "k-period", Some(9_000), "{}", &[], later))
             .unwrap()
     );
     assert!(h.run(store.rearm_alert(acme, "k-hyst")).unwrap());
@@ -300,11 +325,11 @@ fn alert_claims_survive_a_restart() {
     let h = open(&path, Durability::Sync);
     let store = h.engine.store();
     assert!(
-        h.run(store.claim_alert(acme, "k-hyst", None, "{}", later))
+        h.run(store.claim_alert(acme, "k-hyst", None, "{}", &[], later))
             .unwrap()
     );
     assert!(
-        !h.run(store.claim_alert(acme, "k-period", Some(9_000), "{}", later))
+        !h.run(store.claim_alert(acme, "k-period", Some(9_000), "{}", &[], later))
             .unwrap()
     );
 }

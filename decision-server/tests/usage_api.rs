@@ -16,6 +16,7 @@ use common::service::{ACME_KEY, GLOBEX_KEY, OPERATOR};
 
 struct Api {
     router: axum::Router,
+    service: Arc<tollgate::service::Service>,
 }
 
 /// An open event stream, read frame by frame.
@@ -86,15 +87,27 @@ impl Api {
 
     /// The fixture on the given `storage:` section.
     async fn on(max_points: usize, storage: &str) -> Self {
+        Self::with(max_points, storage, "").await
+    }
+
+    /// As [`Api::on`], with `acme_extra` YAML (already indented) added to customer acme and
+    /// `top` added at the top level.
+    async fn with(max_points: usize, storage: &str, acme_extra: &str) -> Self {
         let config = format!(
-            "usageRecords:\n  dimensions: [model]\n  maxQueryPoints: {max_points}\n{}",
+            "usageRecords:\n  dimensions: [model]\n  maxQueryPoints: {max_points}\nalerting: {{ retrySchedule: [PT1S], timeoutMs: 2000 }}\n{}",
             common::service::config_with(&format!(
                 "  logging: {{ level: warn }}\n  storage: {storage}"
             ))
         );
+        let config = config.replacen(
+            "  - id: globex\n",
+            &format!("{acme_extra}  - id: globex\n"),
+            1,
+        );
         let service = common::service::service_from(&config).await;
         Self {
             router: tollgate::api::router(Arc::clone(&service), 65536),
+            service,
         }
     }
 
@@ -661,4 +674,124 @@ async fn replicas_sharing_redis_see_each_others_usage_live() {
     // Every customer at once is not kept on Redis (a stream per customer): a clear 503.
     let (status, _, e) = a.open("/v1/usage/stream", OPERATOR, None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{e}");
+}
+
+use common::webhooks::{Receiver, WHSEC};
+
+#[tokio::test]
+async fn a_crossed_threshold_is_delivered_signed_retried_and_logged() {
+    let receiver = Receiver::start(1, 0).await;
+    let acme = format!(
+        "    webhooks:\n      - {{ id: ops, url: \"{}\", secrets: [{WHSEC}] }}\n    alerts:\n      - {{ id: org-half, entity: acme, limit: org-daily, percent: [50], webhooks: [ops] }}\n",
+        receiver.url
+    );
+    let api = Api::with(10_000, "{ kind: memory }", &acme).await;
+    // The schedule: one retry, a second after the first attempt.
+    assert!(api.spend("alice", "gpt-4o", 600, Some(600)).await);
+    let (_, sse, _) = api
+        .open("/v1/customers/acme/usage/stream", ACME_KEY, None)
+        .await;
+    let mut sse = sse.unwrap();
+    let alert = loop {
+        let f = sse.next().await;
+        if f.event == "alert" {
+            break f;
+        }
+    };
+    let a: Value = serde_json::from_str(&alert.data).unwrap();
+    assert_eq!(
+        (a["type"].as_str(), a["data"]["used"].as_u64()),
+        (Some("limit.threshold_crossed"), Some(600))
+    );
+
+    // First attempt: the receiver fails it.
+    assert_eq!(api.service.deliver_due().await.unwrap(), 1);
+    let (_, log) = api.get("/v1/customers/acme/alerts/deliveries").await;
+    let d = &log["deliveries"][0];
+    assert_eq!(
+        (d["status"].as_str(), d["attempts"][0]["status"].as_u64()),
+        (Some("pending"), Some(500)),
+        "{log}"
+    );
+    // Not due again before the schedule says.
+    assert_eq!(api.service.deliver_due().await.unwrap(), 0);
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    assert_eq!(api.service.deliver_due().await.unwrap(), 1);
+    let (_, log) = api.get("/v1/customers/acme/alerts/deliveries").await;
+    let d = &log["deliveries"][0];
+    assert_eq!(d["status"], "delivered", "{log}");
+    assert_eq!(d["attempts"].as_array().unwrap().len(), 2);
+    assert_eq!(d["attempts"][1]["status"], 204);
+    assert_eq!(d["eventType"], "limit.threshold_crossed");
+    assert_eq!(d["payload"]["data"]["alertId"], a["data"]["alertId"]);
+
+    // Both attempts: the same webhook-id, each signed for its own timestamp.
+    let calls = receiver.calls();
+    assert_eq!(calls.len(), 2);
+    let wh = standardwebhooks::Webhook::new(WHSEC).unwrap();
+    for (headers, body) in &calls {
+        assert_eq!(headers["webhook-id"], d["id"].as_str().unwrap());
+        wh.verify(body.as_bytes(), headers).unwrap();
+        assert_eq!(serde_json::from_str::<Value>(body).unwrap(), a);
+    }
+    // A forged body fails the receiver's check.
+    let (headers, _) = &calls[1];
+    assert!(wh.verify(br#"{"type":"forged"}"#, headers).is_err());
+
+    // A test delivery goes the same way and shows first in the log.
+    let (status, t) = api
+        .call(
+            Method::POST,
+            "/v1/customers/acme/webhooks/ops/test",
+            ACME_KEY,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{t}");
+    assert_eq!(api.service.deliver_due().await.unwrap(), 1);
+    let calls = receiver.calls();
+    let (headers, body) = calls.last().unwrap();
+    wh.verify(body.as_bytes(), headers).unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(body).unwrap()["type"],
+        "webhook.test"
+    );
+    let (_, log) = api
+        .get("/v1/customers/acme/alerts/deliveries?limit=1")
+        .await;
+    assert_eq!(log["deliveries"].as_array().unwrap().len(), 1);
+    assert_eq!(log["deliveries"][0]["id"], t["deliveryId"]);
+    assert_eq!(log["deliveries"][0]["status"], "delivered");
+
+    // Tenancy and unknown webhooks.
+    let (status, _) = api
+        .call(
+            Method::GET,
+            "/v1/customers/acme/alerts/deliveries",
+            GLOBEX_KEY,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = api
+        .call(
+            Method::POST,
+            "/v1/customers/acme/webhooks/ops/test",
+            GLOBEX_KEY,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = api
+        .call(
+            Method::POST,
+            "/v1/customers/acme/webhooks/nope/test",
+            ACME_KEY,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // The crossing does not fire again within the day.
+    assert!(api.spend("bob", "claude", 100, Some(100)).await);
+    assert_eq!(api.service.deliver_due().await.unwrap(), 0);
 }

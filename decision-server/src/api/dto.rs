@@ -534,3 +534,76 @@ impl UsageRecordEvent {
         }
     }
 }
+
+/// One webhook delivery and its attempts (`GET .../alerts/deliveries`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryDto {
+    /// The `webhook-id` header: the same on every attempt.
+    pub id: String,
+    pub webhook_id: String,
+    /// The payload's `type` (`limit.threshold_crossed`, `webhook.test`...).
+    pub event_type: String,
+    pub created_at: DateTime<Utc>,
+    /// `delivered`, `pending` (an attempt is due at `nextAttemptAt`) or `failed` (the retry
+    /// schedule is used up).
+    pub status: String,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub attempts: Vec<AttemptDto>,
+    /// The JSON body sent.
+    #[schema(value_type = Object)]
+    pub payload: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AttemptDto {
+    pub at: DateTime<Utc>,
+    /// The receiver's HTTP status, if it answered.
+    pub status: Option<u16>,
+    pub error: Option<String>,
+}
+
+impl From<&crate::core::alerts::Delivery> for DeliveryDto {
+    fn from(d: &crate::core::alerts::Delivery) -> Self {
+        let payload: serde_json::Value =
+            serde_json::from_str(&d.body).unwrap_or(serde_json::Value::Null);
+        Self {
+            id: d.id.clone(),
+            webhook_id: d.webhook.clone(),
+            event_type: payload["type"].as_str().unwrap_or_default().to_string(),
+            created_at: ms_time(d.created),
+            status: match (d.delivered, d.next_at) {
+                (true, _) => "delivered",
+                (false, Some(_)) => "pending",
+                (false, None) => "failed",
+            }
+            .to_string(),
+            next_attempt_at: d.next_at.map(ms_time),
+            attempts: d
+                .attempts
+                .iter()
+                .map(|a| AttemptDto {
+                    at: ms_time(a.at),
+                    status: a.status,
+                    error: a.error.clone(),
+                })
+                .collect(),
+            payload,
+        }
+    }
+}
+
+/// `GET /v1/customers/{customerId}/alerts/deliveries`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryLog {
+    pub deliveries: Vec<DeliveryDto>,
+}
+
+/// `POST /v1/customers/{customerId}/webhooks/{webhookId}/test`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TestDelivery {
+    pub delivery_id: String,
+}

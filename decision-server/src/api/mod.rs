@@ -391,6 +391,8 @@ pub fn router_and_doc(
         .routes(routes!(usage::budget))
         .routes(routes!(usage::stream))
         .routes(routes!(usage::stream_all))
+        .routes(routes!(usage::deliveries))
+        .routes(routes!(usage::test_webhook))
         .with_state(state)
         .split_for_parts();
     let json = doc.to_json().unwrap_or_else(|_| "{}".to_string());

@@ -13,7 +13,10 @@ use chrono::DateTime;
 use chrono_tz::Tz;
 use futures_util::StreamExt;
 
-use super::dto::{BudgetDto, ErrorBody, UsageHistory, UsageRecordEvent, UsageTop};
+use super::dto::{
+    BudgetDto, DeliveryDto, DeliveryLog, ErrorBody, TestDelivery, UsageHistory, UsageRecordEvent,
+    UsageTop,
+};
 use super::{ApiError, ApiJson, ApiPath, AppState, Operator, ScopedCaller};
 use crate::core::Name;
 use crate::core::rollup::Granularity;
@@ -388,6 +391,74 @@ pub async fn stream_all(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     sse(&state, None, &headers, raw.as_deref()).await
+}
+
+/// The customer's webhook deliveries, newest first: alerts and tests, each with its attempts
+/// and status.
+#[utoipa::path(get, path = "/v1/customers/{customerId}/alerts/deliveries", tag = "usage",
+    params(
+        ("customerId" = String, Path, description = "The customer"),
+        ("limit" = Option<usize>, Query, description = "Most entries, 1 to 1000 (default 100)"),
+    ),
+    responses(
+        (status = 200, body = DeliveryLog),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn deliveries(
+    State(state): State<AppState>,
+    ScopedCaller { customer }: ScopedCaller,
+    RawQuery(raw): RawQuery,
+) -> Result<ApiJson<DeliveryLog>, ApiError> {
+    let p = Params::parse(raw.as_deref(), &["limit"], false)?;
+    let limit = match p.get("limit") {
+        None => 100,
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_parameter("limit", format!("`{v}` is not from 1 to 1000"))
+            })?,
+    };
+    let Some(c) = state.engine().model().customer(&customer).map(|c| c.id) else {
+        return Err(UsageError::UnknownCustomer(customer).into());
+    };
+    let log = state.engine().store().deliveries(c, limit).await?;
+    Ok(ApiJson(DeliveryLog {
+        deliveries: log.iter().map(DeliveryDto::from).collect(),
+    }))
+}
+
+/// Sends a signed `webhook.test` call to one of the customer's webhooks, through the same
+/// outbox, signing and retries as alerts; its delivery shows in the delivery log.
+#[utoipa::path(post, path = "/v1/customers/{customerId}/webhooks/{webhookId}/test", tag = "usage",
+    params(
+        ("customerId" = String, Path, description = "The customer"),
+        ("webhookId" = String, Path, description = "The webhook"),
+    ),
+    responses(
+        (status = 202, body = TestDelivery),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn test_webhook(
+    State(state): State<AppState>,
+    ScopedCaller { customer }: ScopedCaller,
+    ApiPath((_customer, webhook)): ApiPath<(String, String)>,
+) -> Result<(axum::http::StatusCode, ApiJson<TestDelivery>), ApiError> {
+    match crate::alerts::test_delivery(state.engine(), &customer, &webhook).await? {
+        Some(id) => Ok((
+            axum::http::StatusCode::ACCEPTED,
+            ApiJson(TestDelivery { delivery_id: id }),
+        )),
+        None => Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "not_found",
+            format!("customer `{customer}` has no webhook `{webhook}`"),
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -292,4 +292,11 @@ pub struct AlertingDto {
     /// usage has fallen this many percent of the threshold under it. Default 10.
     #[serde(default)]
     pub hysteresis_percent: Option<u32>,
+    /// ISO-8601 delays before each retry of a failed webhook call (the first call is made at
+    /// once). Default `[PT5S, PT5M, PT30M, PT2H, PT5H, PT10H, PT10H]`.
+    #[serde(default)]
+    pub retry_schedule: Option<Vec<String>>,
+    /// How long one webhook call may take, in ms. Default 10000.
+    #[serde(default)]
+    pub timeout_ms: Option<u32>,
 }

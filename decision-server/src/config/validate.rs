@@ -10,9 +10,9 @@ use rustc_hash::FxHashMap;
 use super::dto::*;
 use super::{ConfigError, ConfigErrors, DEFAULT_HOLD_TTL, DEFAULT_MAX_AUTO_ENTITIES};
 use crate::core::model::{
-    AlertRule, Attribution, CustomerModel, DrawRule, EntityNode, EntityType, Feature,
-    GrantCategory, GrantSpec, Limit, LimitKind, LimitTarget, Mode, Model, ModelPrice, OnUnknown,
-    PriceTable, Webhook, valid_id,
+    AlertDelivery, AlertRule, Attribution, CustomerModel, DrawRule, EntityNode, EntityType,
+    Feature, GrantCategory, GrantSpec, Limit, LimitKind, LimitTarget, Mode, Model, ModelPrice,
+    OnUnknown, PriceTable, Webhook, valid_id,
 };
 use crate::core::period::{CalendarPeriod, parse_fixed_millis};
 
@@ -146,6 +146,34 @@ impl Validator<'_> {
             chain_keys,
             records,
             alert_hysteresis_percent: self.hysteresis(doc.alerting.as_ref()),
+            alerting: self.alert_delivery(doc.alerting.as_ref()),
+        }
+    }
+
+    fn alert_delivery(&mut self, dto: Option<&AlertingDto>) -> AlertDelivery {
+        const DEFAULT_RETRIES: [&str; 7] =
+            ["PT5S", "PT5M", "PT30M", "PT2H", "PT5H", "PT10H", "PT10H"];
+        let given = dto.and_then(|a| a.retry_schedule.clone());
+        let texts: Vec<String> =
+            given.unwrap_or_else(|| DEFAULT_RETRIES.iter().map(ToString::to_string).collect());
+        let mut retry_millis = Vec::new();
+        for (i, t) in texts.iter().enumerate() {
+            match parse_fixed_millis(t) {
+                Ok(ms) => retry_millis.push(ms),
+                Err(e) => self.err(format!("alerting.retrySchedule[{i}]"), e.to_string()),
+            }
+        }
+        let timeout_millis = match dto.and_then(|a| a.timeout_ms) {
+            None => 10_000,
+            Some(ms) if (1..=60_000).contains(&ms) => i64::from(ms),
+            Some(ms) => {
+                self.err("alerting.timeoutMs", format!("{ms} is not from 1 to 60000"));
+                10_000
+            }
+        };
+        AlertDelivery {
+            retry_millis,
+            timeout_millis,
         }
     }
 

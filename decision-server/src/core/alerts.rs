@@ -152,3 +152,40 @@ mod tests {
         assert_eq!(percent_of(u64::MAX, 1000), u64::MAX);
     }
 }
+
+/// One webhook call to make (an alert, or a test), and what became of it: the outbox row and
+/// the delivery log entry at once.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Delivery {
+    /// The `webhook-id`: the same on every attempt, so receivers can drop repeats.
+    pub id: String,
+    pub webhook: String,
+    /// The JSON body sent.
+    pub body: String,
+    pub created: i64,
+    /// When the next attempt is due; `None` once delivered or given up.
+    pub next_at: Option<i64>,
+    pub delivered: bool,
+    pub attempts: Vec<Attempt>,
+}
+
+/// One attempt to deliver.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Attempt {
+    pub at: i64,
+    /// The receiver's HTTP status, if it answered.
+    pub status: Option<u16>,
+    /// Why the attempt failed, when it did.
+    pub error: Option<String>,
+}
+
+/// Most deliveries one customer's log keeps; the oldest finished ones go first.
+pub const MAX_DELIVERIES_KEPT: usize = 1_000;
+
+/// When the attempt after `attempts` is due, by `schedule` (delays after the first attempt;
+/// the first is due at once): `None` when the schedule is used up.
+pub fn next_attempt(schedule: &[i64], attempts: usize, now: i64) -> Option<i64> {
+    schedule.get(attempts.checked_sub(1)?).map(|d| now + d)
+}

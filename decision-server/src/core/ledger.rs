@@ -7,6 +7,7 @@ use std::collections::{BTreeSet, BinaryHeap};
 
 use rustc_hash::FxHashMap;
 
+use super::alerts::{Delivery, MAX_DELIVERIES_KEPT};
 use super::counter::{self, CounterKey, CounterSpec, CounterState, HoldMark, Reading};
 use super::credits::GrantBalance;
 use super::model::Mode;
@@ -198,6 +199,8 @@ pub struct Ledger {
     alert_claims: FxHashMap<Box<str>, Option<i64>>,
     /// Alerts claimed since the last [`Ledger::take_alerts`]: when, and the encoded alert.
     emitted_alerts: Vec<(Timestamp, String)>,
+    /// Webhook deliveries: the outbox (those with `next_at`) and the log, by id.
+    deliveries: FxHashMap<Box<str>, Delivery>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -211,6 +214,7 @@ struct Dirty {
     keys: FxHashMap<Box<str>, Option<Timestamp>>,
     entities: Vec<Box<str>>,
     alerts: rustc_hash::FxHashSet<Box<str>>,
+    deliveries: rustc_hash::FxHashSet<Box<str>>,
 }
 
 /// What changed in a ledger since the last [`Ledger::take_changes`]: the rows a persisting
@@ -233,6 +237,8 @@ pub struct Changes {
     /// Alert claims made (`Some(until)`, `until` in ms or `None` for "until re-armed") or
     /// dropped (`None`).
     pub alerts: Vec<(Box<str>, Option<Option<i64>>)>,
+    /// Deliveries added or changed (`Some`) or dropped from the log (`None`).
+    pub deliveries: Vec<(Box<str>, Option<Delivery>)>,
 }
 
 impl Ledger {
@@ -344,7 +350,89 @@ impl Ledger {
                     (k, v)
                 })
                 .collect(),
+            deliveries: d
+                .deliveries
+                .into_iter()
+                .map(|k| {
+                    let v = self.deliveries.get(&k).cloned();
+                    (k, v)
+                })
+                .collect(),
         }
+    }
+
+    fn touch_delivery(&mut self, id: &str) {
+        if let Some(d) = self.dirty.as_mut() {
+            d.deliveries.insert(id.into());
+        }
+    }
+
+    /// Adds deliveries to the outbox; the log keeps the newest [`MAX_DELIVERIES_KEPT`],
+    /// dropping finished ones first.
+    pub fn enqueue(&mut self, new: Vec<Delivery>) {
+        for d in new {
+            self.touch_delivery(&d.id);
+            self.deliveries.insert(d.id.as_str().into(), d);
+        }
+        let over = self.deliveries.len().saturating_sub(MAX_DELIVERIES_KEPT);
+        if over > 0 {
+            let mut finished: Vec<(i64, Box<str>)> = self
+                .deliveries
+                .iter()
+                .filter(|(_, d)| d.next_at.is_none())
+                .map(|(k, d)| (d.created, k.clone()))
+                .collect();
+            finished.sort();
+            for (_, k) in finished.into_iter().take(over) {
+                self.deliveries.remove(&k);
+                self.touch_delivery(&k);
+            }
+        }
+    }
+
+    /// Up to `max` deliveries due at `now`, each leased until `now + lease_ms` (its next
+    /// attempt moved there, so no other caller takes it meanwhile), oldest due first.
+    pub fn lease(&mut self, now: Timestamp, lease_ms: i64, max: usize) -> Vec<Delivery> {
+        let mut due: Vec<(i64, Box<str>)> = self
+            .deliveries
+            .iter()
+            .filter_map(|(k, d)| {
+                d.next_at
+                    .filter(|at| *at <= now.millis())
+                    .map(|at| (at, k.clone()))
+            })
+            .collect();
+        due.sort();
+        let mut out = Vec::new();
+        for (_, k) in due.into_iter().take(max) {
+            if let Some(d) = self.deliveries.get_mut(&k) {
+                d.next_at = Some(now.millis() + lease_ms);
+                out.push(d.clone());
+            }
+            self.touch_delivery(&k);
+        }
+        out
+    }
+
+    /// Replaces a delivery after an attempt (its attempts, next time, delivered).
+    pub fn finish(&mut self, d: Delivery) {
+        if self.deliveries.contains_key(d.id.as_str()) {
+            self.touch_delivery(&d.id);
+            self.deliveries.insert(d.id.as_str().into(), d);
+        }
+    }
+
+    /// Up to `max` deliveries, newest first.
+    pub fn deliveries(&self, max: usize) -> Vec<Delivery> {
+        let mut all: Vec<&Delivery> = self.deliveries.values().collect();
+        all.sort_by(|a, b| b.created.cmp(&a.created).then(b.id.cmp(&a.id)));
+        all.into_iter().take(max).cloned().collect()
+    }
+
+    /// Puts back deliveries a persisting store kept.
+    pub fn restore_deliveries(&mut self, rows: impl IntoIterator<Item = Delivery>) {
+        self.deliveries
+            .extend(rows.into_iter().map(|d| (d.id.as_str().into(), d)));
     }
 
     /// Claims alert threshold `key` until `until` (ms; `None`: until re-armed) and emits
@@ -355,6 +443,7 @@ impl Ledger {
         key: &str,
         until: Option<i64>,
         body: String,
+        deliveries: Vec<Delivery>,
         now: Timestamp,
     ) -> bool {
         if let Some(held) = self.alert_claims.get(key)
@@ -362,6 +451,7 @@ impl Ledger {
         {
             return false;
         }
+        self.enqueue(deliveries);
         self.alert_claims.insert(key.into(), until);
         if let Some(d) = self.dirty.as_mut() {
             d.alerts.insert(key.into());
@@ -398,7 +488,8 @@ impl Ledger {
                     && d.closed.is_empty()
                     && d.keys.is_empty()
                     && d.entities.is_empty()
-                    && d.alerts.is_empty())
+                    && d.alerts.is_empty()
+                    && d.deliveries.is_empty())
             })
     }
 

@@ -292,6 +292,17 @@ pub struct Model {
     /// How far under a threshold usage must fall before an alert on a limit without periods
     /// fires again, in percent of the threshold.
     pub alert_hysteresis_percent: u32,
+    /// How webhooks are retried and timed out.
+    pub alerting: AlertDelivery,
+}
+
+/// Webhook delivery settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertDelivery {
+    /// Delays after the first attempt (which is made at once) before each retry, in ms.
+    pub retry_millis: Vec<i64>,
+    /// How long one attempt may take.
+    pub timeout_millis: i64,
 }
 
 impl Model {

@@ -38,6 +38,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use super::events::{EventBody, StreamRetention};
 use super::memory::{Journal, MemoryStore, SharedBook};
 use super::{AdminChanges, AdminLog, StoreError, StoredEntity};
+use crate::core::alerts::Delivery;
 use crate::core::counter::{CounterKey, CounterState};
 use crate::core::ledger::{Changes, Hold, HoldRecord, Ledger};
 use crate::core::rollup::{BucketKey, Granularity, Measures, Rollups, SeriesKey};
@@ -54,6 +55,8 @@ const NEXT_SEQ: TableDefinition<&str, u64> = TableDefinition::new("next_seq");
 const KEYS: TableDefinition<&[u8], i64> = TableDefinition::new("idempotency_keys");
 /// Alert claims: (customer, key) → until when (ms; -1 until re-armed).
 const ALERT_CLAIMS: TableDefinition<&[u8], i64> = TableDefinition::new("alert_claims");
+/// Webhook deliveries (outbox and log): (customer, id) → the delivery, postcard.
+const DELIVERIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("deliveries");
 /// Entities created on the fly: (customer, entity id) → type and parent.
 const ENTITIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("auto_entities");
 /// Admin changes made through the API, in order: position → encoded change.
@@ -289,6 +292,8 @@ struct Batch<'a> {
     keys: HashMap<(&'a str, &'a str), Option<Timestamp>>,
     /// `None`: delete.
     alerts: HashMap<(&'a str, &'a str), Option<Option<i64>>>,
+    /// `None`: delete.
+    deliveries: HashMap<(&'a str, &'a str), Option<&'a Delivery>>,
     next_seq: HashMap<&'a str, u64>,
     entities: HashMap<(&'a str, &'a str), &'a StoredEntity>,
     series: HashMap<(&'a str, u32), &'a SeriesKey>,
@@ -317,6 +322,9 @@ impl<'a> Batch<'a> {
         }
         for (k, until) in &c.alerts {
             self.alerts.insert((customer, k), *until);
+        }
+        for (k, d) in &c.deliveries {
+            self.deliveries.insert((customer, k), d.as_ref());
         }
         for (id, e) in &c.entities {
             self.entities.insert((customer, id), e);
@@ -396,6 +404,21 @@ fn commit(
                 }
                 None => {
                     alerts.remove(k.as_slice())?;
+                }
+            }
+        }
+        let mut deliveries = txn.open_table(DELIVERIES)?;
+        for ((customer, id), d) in &rows.deliveries {
+            let k = row_key(customer, id.as_bytes());
+            match d {
+                Some(d) => {
+                    let v = postcard::to_allocvec(d).map_err(|e| {
+                        redb::Error::Corrupted(format!("a delivery does not encode: {e}"))
+                    })?;
+                    deliveries.insert(k.as_slice(), v.as_slice())?;
+                }
+                None => {
+                    deliveries.remove(k.as_slice())?;
                 }
             }
         }
@@ -561,6 +584,7 @@ struct Restored {
     keys: Vec<(Timestamp, Box<str>)>,
     entities: Vec<(Box<str>, StoredEntity)>,
     alerts: Vec<(Box<str>, Option<i64>)>,
+    deliveries: Vec<Delivery>,
     hold_records: HashMap<u64, HoldRecord>,
     series: Vec<(u32, SeriesKey)>,
     buckets: Vec<(BucketKey, Measures)>,
@@ -724,6 +748,23 @@ fn restore(db: &Database, path: &Path) -> Result<Vec<(String, Ledger)>, OpenErro
             Ok(())
         },
     )?;
+    customer_rows(
+        &txn,
+        DELIVERIES,
+        "a delivery",
+        &open,
+        &corrupt,
+        |customer, _, v| {
+            let d: Delivery = postcard::from_bytes(v)
+                .map_err(|e| corrupt(format!("a delivery of `{customer}`: {e}")))?;
+            by_customer
+                .entry(customer.to_string())
+                .or_default()
+                .deliveries
+                .push(d);
+            Ok(())
+        },
+    )?;
     Ok(by_customer
         .into_iter()
         .map(|(c, mut r)| {
@@ -734,6 +775,7 @@ fn restore(db: &Database, path: &Path) -> Result<Vec<(String, Ledger)>, OpenErro
             let mut ledger =
                 Ledger::restore(r.counters, r.holds, r.next_seq, r.keys, r.entities, rollups);
             ledger.restore_alerts(r.alerts);
+            ledger.restore_deliveries(r.deliveries);
             (c, ledger)
         })
         .collect())
@@ -787,6 +829,7 @@ impl DurableStore {
             txn.open_table(NEXT_SEQ).map_err(|e| open(e.into()))?;
             txn.open_table(KEYS).map_err(|e| open(e.into()))?;
             txn.open_table(ALERT_CLAIMS).map_err(|e| open(e.into()))?;
+            txn.open_table(DELIVERIES).map_err(|e| open(e.into()))?;
             txn.open_table(ADMIN).map_err(|e| open(e.into()))?;
             txn.open_table(ENTITIES).map_err(|e| open(e.into()))?;
             txn.open_table(SERIES).map_err(|e| open(e.into()))?;

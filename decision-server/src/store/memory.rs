@@ -14,6 +14,7 @@ use super::{
     ReserveMode, StoreError, StoreStats, StoredEntity,
 };
 use crate::clock::Clock as _;
+use crate::core::alerts::Delivery;
 use crate::core::counter::{CounterKey, CounterSpec};
 use crate::core::credits::GrantBalance;
 use crate::core::ledger::{CloseResult, Closing, KeyRetention, Ledger};
@@ -372,14 +373,52 @@ impl CounterStore for MemoryStore {
         key: &str,
         until: Option<i64>,
         body: &str,
+        deliveries: &[Delivery],
         now: Timestamp,
     ) -> Result<bool, StoreError> {
         let sym = customer.sym();
         let book = self.book(sym);
         self.write(sym, &book, |l| {
-            l.claim_alert(key, until, body.to_string(), now)
+            l.claim_alert(key, until, body.to_string(), deliveries.to_vec(), now)
         })
         .await
+    }
+
+    async fn enqueue_deliveries(
+        &self,
+        customer: Name,
+        deliveries: &[Delivery],
+    ) -> Result<(), StoreError> {
+        let sym = customer.sym();
+        let book = self.book(sym);
+        self.write(sym, &book, |l| l.enqueue(deliveries.to_vec()))
+            .await
+    }
+
+    async fn lease_deliveries(
+        &self,
+        customer: Name,
+        now: Timestamp,
+        lease_ms: i64,
+        max: usize,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let sym = customer.sym();
+        let book = self.book(sym);
+        self.write(sym, &book, |l| l.lease(now, lease_ms, max))
+            .await
+    }
+
+    async fn finish_delivery(&self, customer: Name, delivery: &Delivery) -> Result<(), StoreError> {
+        let sym = customer.sym();
+        let book = self.book(sym);
+        self.write(sym, &book, |l| l.finish(delivery.clone())).await
+    }
+
+    async fn deliveries(&self, customer: Name, max: usize) -> Result<Vec<Delivery>, StoreError> {
+        Ok(self
+            .existing(customer.sym())
+            .map(|b| b.lock().ledger.deliveries(max))
+            .unwrap_or_default())
     }
 
     async fn rearm_alert(&self, customer: Name, key: &str) -> Result<bool, StoreError> {

@@ -12,6 +12,7 @@ pub use memory::MemoryStore;
 
 pub use crate::core::ledger::{AutoEntityOutcome, Reservation, StoredEntity};
 
+use crate::core::alerts::Delivery;
 use crate::core::counter::CounterKey;
 use crate::core::credits::GrantBalance;
 use crate::core::plan::{Plan, Usage};
@@ -219,14 +220,39 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
     /// and appends `body` to the customer's usage stream, in one atomic step; whether this
     /// call claimed it (`false`: claimed already and still held, nothing appended). One
     /// crossing therefore fires once, whichever replica sees it first.
+    /// The alert's webhook `deliveries` join the outbox in the same step.
     async fn claim_alert(
         &self,
         customer: Name,
         key: &str,
         until: Option<i64>,
         body: &str,
+        deliveries: &[Delivery],
         now: Timestamp,
     ) -> Result<bool, StoreError>;
+
+    /// Adds webhook deliveries to `customer`'s outbox (a test delivery).
+    async fn enqueue_deliveries(
+        &self,
+        customer: Name,
+        deliveries: &[Delivery],
+    ) -> Result<(), StoreError>;
+
+    /// Up to `max` of `customer`'s deliveries due at `now`, each leased for `lease_ms` (its
+    /// next attempt moved past the lease, so no other replica takes it meanwhile).
+    async fn lease_deliveries(
+        &self,
+        customer: Name,
+        now: Timestamp,
+        lease_ms: i64,
+        max: usize,
+    ) -> Result<Vec<Delivery>, StoreError>;
+
+    /// Stores a delivery after an attempt: its attempts, its next time (`None`: finished).
+    async fn finish_delivery(&self, customer: Name, delivery: &Delivery) -> Result<(), StoreError>;
+
+    /// `customer`'s delivery log, newest first, at most `max`.
+    async fn deliveries(&self, customer: Name, max: usize) -> Result<Vec<Delivery>, StoreError>;
 
     /// Drops the claim on alert threshold `key`, so it can fire again; whether there was one.
     async fn rearm_alert(&self, customer: Name, key: &str) -> Result<bool, StoreError>;

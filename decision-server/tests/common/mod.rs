@@ -13,6 +13,7 @@
 
 pub mod ext_authz;
 pub mod service;
+pub mod webhooks;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -24,6 +24,7 @@ mod link;
 mod wire;
 
 use super::events::{EventPage, StreamEvent, StreamRetention};
+use crate::core::alerts::Delivery;
 use crate::core::rollup::{Granularity, Measures, RecordSettings, SeriesKey};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -342,6 +343,44 @@ impl RedisStore {
     }
 }
 
+/// A delivery as the script stores it: its JSON (the script only moves it around).
+fn encode_delivery(d: &Delivery) -> Result<String, StoreError> {
+    serde_json::to_string(d).map_err(|e| StoreError::Unavailable(format!("a delivery: {e}")))
+}
+
+/// Deliveries as the script's `enqueue_at` takes them: a count, then (id, created, due,
+/// encoded) each.
+fn push_deliveries(
+    inv: &mut ScriptInvocation<'_>,
+    deliveries: &[Delivery],
+) -> Result<(), StoreError> {
+    inv.arg(deliveries.len());
+    for d in deliveries {
+        inv.arg(&d.id)
+            .arg(d.created)
+            .arg(d.next_at.unwrap_or(d.created))
+            .arg(encode_delivery(d)?);
+    }
+    Ok(())
+}
+
+/// The deliveries after a reply's header (a missing one, dropped from the log meanwhile, is
+/// skipped).
+fn decode_deliveries(reply: &[Value]) -> Result<Vec<Delivery>, StoreError> {
+    reply
+        .get(HEADER..)
+        .unwrap_or(&[])
+        .iter()
+        .filter_map(|v| match v {
+            Value::BulkString(b) => Some(
+                serde_json::from_slice(b)
+                    .map_err(|e| bad_reply(&format!("a delivery that does not decode: {e}"))),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Whether `s` is a stream id (`<ms>-<seq>`), as the script's `XRANGE` takes it.
 fn is_stream_id(s: &str) -> bool {
     s.split_once('-').is_some_and(|(ms, seq)| {
@@ -392,6 +431,7 @@ impl CounterStore for RedisStore {
         key: &str,
         until: Option<i64>,
         body: &str,
+        deliveries: &[Delivery],
         now: Timestamp,
     ) -> Result<bool, StoreError> {
         let keys = self.keys(customer);
@@ -399,9 +439,54 @@ impl CounterStore for RedisStore {
         inv.arg(key)
             .arg(until.map_or_else(String::new, |u| u.to_string()))
             .arg(body);
+        push_deliveries(&mut inv, deliveries)?;
         self.push_record_settings(&mut inv);
         let reply = self.run(customer.sym(), &inv).await?;
         Ok(result(&reply) == Some(DONE))
+    }
+
+    async fn enqueue_deliveries(
+        &self,
+        customer: Name,
+        deliveries: &[Delivery],
+    ) -> Result<(), StoreError> {
+        let keys = self.keys(customer);
+        let mut inv = self.invocation(&keys, "enqueue", Timestamp::default());
+        push_deliveries(&mut inv, deliveries)?;
+        self.run(customer.sym(), &inv).await?;
+        Ok(())
+    }
+
+    async fn lease_deliveries(
+        &self,
+        customer: Name,
+        now: Timestamp,
+        lease_ms: i64,
+        max: usize,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let keys = self.keys(customer);
+        let mut inv = self.invocation(&keys, "lease", now);
+        inv.arg(lease_ms).arg(max);
+        let reply = self.run(customer.sym(), &inv).await?;
+        decode_deliveries(&reply)
+    }
+
+    async fn finish_delivery(&self, customer: Name, delivery: &Delivery) -> Result<(), StoreError> {
+        let keys = self.keys(customer);
+        let mut inv = self.invocation(&keys, "finish", Timestamp::default());
+        inv.arg(&delivery.id)
+            .arg(delivery.next_at.map_or_else(String::new, |t| t.to_string()))
+            .arg(encode_delivery(delivery)?);
+        self.run(customer.sym(), &inv).await?;
+        Ok(())
+    }
+
+    async fn deliveries(&self, customer: Name, max: usize) -> Result<Vec<Delivery>, StoreError> {
+        let keys = self.keys(customer);
+        let mut inv = self.invocation(&keys, "deliveries", Timestamp::default());
+        inv.arg(max.max(1));
+        let reply = self.run(customer.sym(), &inv).await?;
+        decode_deliveries(&reply)
     }
 
     async fn rearm_alert(&self, customer: Name, key: &str) -> Result<bool, StoreError> {
