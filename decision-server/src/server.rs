@@ -334,15 +334,26 @@ async fn sweep(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// Four times a second: sends the webhook deliveries due (apart from the sweep, so a slow
-/// receiver never delays hold expiry).
+/// Four times a second: sends the webhook deliveries due; every minute, the alerts that read
+/// recent usage (projected exhaustion, denial bursts). Apart from the sweep, so a slow
+/// receiver never delays hold expiry.
 async fn deliver(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut minute = tokio::time::interval(Duration::from_secs(60));
+    minute.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = tick.tick() => {}
+            _ = minute.tick() => {
+                match crate::alerts::background_pass(service.engine()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(fired = n, "projection and denial-burst alerts fired"),
+                    Err(e) => tracing::warn!(error = %e, "projection and denial-burst pass failed"),
+                }
+                continue;
+            }
         }
         match service.deliver_due().await {
             Ok(0) => {}

@@ -21,6 +21,7 @@ test_with_all_stores!(
     a_crossing_fires_once_per_period_across_replicas,
     limits_without_periods_rearm_by_hysteresis,
     the_outbox_leases_each_delivery_to_one_caller_and_keeps_the_log,
+    denial_bursts_and_projected_exhaustion_fire_once,
 );
 
 const START: &str = "2026-03-10T10:00:00Z";
@@ -34,6 +35,8 @@ webhooks:
 alerts:
   - { id: team-budget, entityType: team, limit: team-day, percent: [50, 80, 100], absolute: [900], webhooks: [ops] }
   - { id: user-pace, entity: u2, feature: requests, percent: [80] }
+  - { id: burst, entityType: user, feature: tokens, denials: { count: 3, within: PT5M } }
+  - { id: runway, entityType: team, limit: team-day, exhaustionWithin: PT2H }
 "#;
 
 /// A check for `user`, then the alerts it fires through replica `claims`.
@@ -273,4 +276,32 @@ fn the_outbox_leases_each_delivery_to_one_caller_and_keeps_the_log(store: Store)
             .unwrap()
             .is_empty()
     );
+}
+
+fn denial_bursts_and_projected_exhaustion_fire_once(store: Store) {
+    let h = harness(&tree_with(LIMITS), store, START);
+    let pass = || h.run(tollgate::alerts::background_pass(&h.engine)).unwrap();
+    assert_eq!(pass(), 0, "nothing spent yet");
+    // Team t1 spends 990 of its 1000 within minutes; u2 stays idle.
+    let spent = h.check("acme", "tokens", 990, &[("userId", "u1")]);
+    h.settle(spent.hold_id.as_ref().unwrap(), 990);
+    h.advance_secs(60);
+    // Two denials: under the burst's count.
+    for _ in 0..2 {
+        assert!(!h.check("acme", "tokens", 100, &[("userId", "u1")]).granted);
+    }
+    assert_eq!(pass(), 1, "the runway: 10 left at 990 per 15 minutes");
+    assert!(!h.check("acme", "tokens", 100, &[("userId", "u1")]).granted);
+    assert_eq!(pass(), 1, "the third denial within 5 minutes: a burst");
+    assert_eq!(pass(), 0, "each fires once");
+    let bodies = alerts_on_stream(&h);
+    let types: Vec<&str> = bodies.iter().map(|b| b["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["limit.exhaustion_projected", "limit.denial_burst"]);
+    assert_eq!(bodies[0]["data"]["entityId"], "t1");
+    assert_eq!(bodies[0]["data"]["remaining"], 10);
+    assert_eq!(bodies[1]["data"]["entityId"], "u1");
+    assert_eq!(bodies[1]["data"]["denied"], 3);
+    // Past the burst's window the denials age out; new ones start a new count.
+    h.advance_secs(301);
+    assert_eq!(pass(), 0);
 }

@@ -620,7 +620,7 @@ fn alert_rules_and_webhooks() {
             "tollgate.yaml: customers[0].alerts[0].limit: customer `acme` has no limit `nope`",
             "tollgate.yaml: customers[0].alerts[0].percent: 0 is not from 1 to 1000",
             "tollgate.yaml: customers[0].alerts[0].webhooks[0]: customer `acme` has no webhook `pager`",
-            "tollgate.yaml: customers[0].alerts[1]: no trigger: give `percent`, `absolute` or `softLimit: true`",
+            "tollgate.yaml: customers[0].alerts[1]: no trigger: give `percent`, `absolute`, `softLimit: true`, `exhaustionWithin` or `denials`",
             "tollgate.yaml: customers[0].alerts[2]: give one of `entity` or `entityType`",
             "tollgate.yaml: customers[0].alerts[2].absolute: a threshold of 0 would fire on nothing spent",
             "tollgate.yaml: alerting.hysteresisPercent: 101 is over 100",

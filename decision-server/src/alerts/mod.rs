@@ -5,13 +5,17 @@
 pub mod deliver;
 pub mod sign;
 
+use std::collections::BTreeMap;
+
 use dashmap::DashSet;
 use rand::RngCore;
 use serde_json::json;
 
-use crate::core::Timestamp;
 use crate::core::alerts::{self, Crossing, Delivery, Trigger};
 use crate::core::decision::Decision;
+use crate::core::model::{AlertRule, CustomerModel, LimitTarget};
+use crate::core::rollup::{DENIED_BY, Granularity, SeriesKey};
+use crate::core::{Name, Timestamp};
 use crate::engine::Engine;
 use crate::store::StoreError;
 
@@ -19,6 +23,10 @@ use crate::store::StoreError;
 pub const THRESHOLD_CROSSED: &str = "limit.threshold_crossed";
 /// The event type of an exceeded soft limit.
 pub const SOFT_LIMIT_EXCEEDED: &str = "limit.soft_exceeded";
+/// The event type of a budget projected to run out soon.
+pub const EXHAUSTION_PROJECTED: &str = "limit.exhaustion_projected";
+/// The event type of a burst of denials.
+pub const DENIAL_BURST: &str = "limit.denial_burst";
 
 /// Claim keys this replica holds, so it asks the store to re-arm only those it knows of
 /// (a check that stays under a threshold costs no store call).
@@ -115,6 +123,196 @@ pub async fn test_delivery(
     Ok(Some(d.id))
 }
 
+/// Claims `key` for rule `rule` and, if this call claimed it, puts `body` on the stream and
+/// in the outbox for the rule's webhooks, in one store step; whether it fired.
+async fn fire(
+    engine: &Engine,
+    c: &CustomerModel,
+    rule: Name,
+    key: &str,
+    until: Option<i64>,
+    id: &str,
+    body: &str,
+) -> Result<bool, StoreError> {
+    let now = engine.now();
+    let webhooks = c
+        .alerts
+        .iter()
+        .find(|r| r.id == rule)
+        .map(|r| r.webhooks.as_slice())
+        .unwrap_or_default();
+    let deliveries: Vec<Delivery> = webhooks
+        .iter()
+        .filter_map(|w| c.webhooks.get(*w))
+        .map(|w| new_delivery(id, w.id.as_str(), body, now))
+        .collect();
+    engine
+        .store()
+        .claim_alert(c.id, key, until, body, &deliveries, now)
+        .await
+}
+
+/// Most entities one background pass projects per customer: a pass stays bounded whatever
+/// the tree's size (the busiest ones by recent units come first).
+const MAX_PROJECTED_PER_PASS: usize = 1_000;
+
+/// The triggers that read recent usage rather than one decision: projected exhaustion and
+/// denial bursts. Reads each customer's minute rollups once; run every minute by the server.
+/// Returns how many alerts fired.
+pub async fn background_pass(engine: &Engine) -> Result<usize, StoreError> {
+    let model = engine.model();
+    let now = engine.now();
+    let mut fired = 0;
+    for c in model.customers.values() {
+        let rules: Vec<&AlertRule> = c
+            .alerts
+            .iter()
+            .filter(|r| r.exhaustion_within.is_some() || r.denials.is_some())
+            .collect();
+        if rules.is_empty() {
+            continue;
+        }
+        let longest = rules
+            .iter()
+            .filter_map(|r| r.denials.map(|d| d.1))
+            .max()
+            .unwrap_or(0)
+            .max(crate::usage::BURN_WINDOW_MILLIS);
+        let g = Granularity::Minute;
+        let from = g.start(Timestamp::from_millis(now.millis() - longest));
+        let rows = engine
+            .store()
+            .usage_buckets(c.id, g, from, now.millis() + g.millis())
+            .await?;
+        for rule in rules {
+            let (type_index, only) = match rule.target {
+                LimitTarget::Entity(sym) => (
+                    c.entities.get(&sym).map(|e| e.entity_type),
+                    Some(model.symbols.resolve(sym)),
+                ),
+                LimitTarget::EntityType(t) => (Some(t), None),
+            };
+            let Some(key_name) = type_index.and_then(|t| model.chain_keys.get(t)) else {
+                continue;
+            };
+            let feature = rule
+                .feature
+                .and_then(|f| model.features.get(f))
+                .map(|f| f.id.to_string());
+            let matches = |k: &SeriesKey| {
+                feature.as_deref().is_none_or(|f| &*k.feature == f)
+                    && only.is_none_or(|e| k.get(key_name.as_str()) == Some(e))
+            };
+            if let Some((count, within)) = rule.denials {
+                // Whole minutes: the buckets that start within the window.
+                let since = now.millis() - within;
+                let mut by_entity: BTreeMap<&str, u64> = BTreeMap::new();
+                for (start, k, m) in &rows {
+                    let limit_ok = rule
+                        .limit
+                        .is_none_or(|l| k.get(DENIED_BY) == Some(l.as_str()));
+                    if *start >= since
+                        && m.denied > 0
+                        && matches(k)
+                        && limit_ok
+                        && let Some(e) = k.get(key_name.as_str())
+                    {
+                        *by_entity.entry(e).or_default() += m.denied;
+                    }
+                }
+                for (entity, n) in by_entity
+                    .into_iter()
+                    .filter(|(_, n)| *n >= u64::from(count))
+                {
+                    let window = now.millis().div_euclid(within);
+                    let key = format!("{}\u{1f}{entity}\u{1f}denials\u{1f}{window}", rule.id);
+                    let id = random_id();
+                    let body = json!({
+                        "type": DENIAL_BURST,
+                        "timestamp": rfc3339(now),
+                        "data": {
+                            "alertId": format!("alert_{id}"),
+                            "ruleId": rule.id.as_str(),
+                            "customerId": c.id.as_str(),
+                            "entityId": entity,
+                            "limitId": rule.limit.map(|l| l.to_string()),
+                            "denied": n,
+                            "count": count,
+                            "withinSeconds": within / 1000,
+                        }
+                    })
+                    .to_string();
+                    let until = Some((window + 1) * within);
+                    fired += usize::from(fire(engine, c, rule.id, &key, until, &id, &body).await?);
+                }
+            }
+            if let Some(horizon) = rule.exhaustion_within {
+                let mut spent: BTreeMap<&str, u64> = BTreeMap::new();
+                for (_, k, m) in &rows {
+                    if m.units > 0
+                        && matches(k)
+                        && let Some(e) = k.get(key_name.as_str())
+                    {
+                        *spent.entry(e).or_default() += m.units;
+                    }
+                }
+                let mut busiest: Vec<(&str, u64)> = spent.into_iter().collect();
+                busiest.sort_by_key(|e| std::cmp::Reverse(e.1));
+                for (entity, _) in busiest.into_iter().take(MAX_PROJECTED_PER_PASS) {
+                    let budget = match crate::usage::budget(engine, c.id.as_str(), entity).await {
+                        Ok(b) => b,
+                        Err(crate::usage::UsageError::Store(e)) => return Err(e),
+                        Err(_) => continue,
+                    };
+                    for l in budget.limits.iter().filter(|l| {
+                        rule.limit.is_none_or(|x| x.as_str() == l.limit_id)
+                            && feature.as_deref().is_none_or(|f| f == l.feature)
+                    }) {
+                        let Some(at) = l
+                            .projected_exhaustion
+                            .filter(|at| *at - now.millis() <= horizon)
+                        else {
+                            continue;
+                        };
+                        let key = format!(
+                            "{}\u{1f}{entity}\u{1f}{}\u{1f}exhaustion\u{1f}{}",
+                            rule.id,
+                            l.limit_id,
+                            l.resets_at
+                                .map_or_else(|| "-".to_string(), |r| r.to_string())
+                        );
+                        let id = random_id();
+                        let body = json!({
+                            "type": EXHAUSTION_PROJECTED,
+                            "timestamp": rfc3339(now),
+                            "data": {
+                                "alertId": format!("alert_{id}"),
+                                "ruleId": rule.id.as_str(),
+                                "customerId": c.id.as_str(),
+                                "entityId": entity,
+                                "limitId": l.limit_id,
+                                "featureId": l.feature,
+                                "used": l.used,
+                                "limit": l.limit,
+                                "remaining": l.remaining,
+                                "projectedExhaustion": rfc3339(Timestamp::from_millis(at)),
+                                "resetsAt": l.resets_at.map(|r| rfc3339(Timestamp::from_millis(r))),
+                                "recentUnits": l.recent_units,
+                            }
+                        })
+                        .to_string();
+                        // Once per period; without one, once per horizon.
+                        let until = l.resets_at.or(Some(now.millis() + horizon));
+                        fired +=
+                            usize::from(fire(engine, c, rule.id, &key, until, &id, &body).await?);
+                    }
+                }
+            }
+        }
+    }
+    Ok(fired)
+}
+
 /// Claims every threshold `decision` crossed and re-arms the claims this replica holds that
 /// usage fell back under. Returns how many alerts fired. Alerts are a side effect of an
 /// answered decision: the caller logs a failure, the decision stands.
@@ -138,21 +336,7 @@ pub async fn after_decision(
     for x in &crossed {
         let id = random_id();
         let body = body(customer, x, &id, now);
-        let webhooks = c
-            .alerts
-            .iter()
-            .find(|r| r.id == x.rule)
-            .map(|r| r.webhooks.as_slice())
-            .unwrap_or_default();
-        let deliveries: Vec<Delivery> = webhooks
-            .iter()
-            .filter_map(|w| c.webhooks.get(*w))
-            .map(|w| new_delivery(&id, w.id.as_str(), &body, now))
-            .collect();
-        let claimed = store
-            .claim_alert(c.id, &x.key, x.until, &body, &deliveries, now)
-            .await?;
-        fired += usize::from(claimed);
+        fired += usize::from(fire(engine, c, x.rule, &x.key, x.until, &id, &body).await?);
         if x.until.is_none() {
             claims.held.insert((customer.to_string(), x.key.clone()));
         }

@@ -244,9 +244,26 @@ pub struct AlertRuleDto {
     /// Fire when a `soft` limit is exceeded.
     #[serde(default)]
     pub soft_limit: bool,
+    /// Fire when the remaining units run out within this ISO-8601 duration at the last 15
+    /// minutes' burn rate (checked every minute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exhaustion_within: Option<String>,
+    /// Fire when the entity's requests were denied at least `count` times `within` a
+    /// duration (checked every minute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denials: Option<DenialBurstDto>,
     /// Webhook ids to deliver to; every alert is also on the usage stream.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<String>,
+}
+
+/// A denial burst: `count` denials within `within` (ISO-8601, at most the minute buckets'
+/// retention).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DenialBurstDto {
+    pub count: u32,
+    pub within: String,
 }
 
 /// `usageRecords`: attribution of every unit to its entity chain and dimensions.

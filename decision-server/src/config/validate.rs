@@ -122,6 +122,7 @@ impl Validator<'_> {
             feature_index: &feature_index,
             dimensions: &dimensions,
             symbols: &symbols,
+            minute_retention: records.retention(Granularity::Minute),
         };
         let mut customers = FxHashMap::default();
         let mut seen = HashMap::new();
@@ -711,12 +712,37 @@ impl Validator<'_> {
                     (None, None)
                 }
             };
-            if a.percent.is_empty() && a.absolute.is_empty() && !a.soft_limit {
+            if a.percent.is_empty()
+                && a.absolute.is_empty()
+                && !a.soft_limit
+                && a.exhaustion_within.is_none()
+                && a.denials.is_none()
+            {
                 self.err(
                     apath.clone(),
-                    "no trigger: give `percent`, `absolute` or `softLimit: true`",
+                    "no trigger: give `percent`, `absolute`, `softLimit: true`, `exhaustionWithin` or `denials`",
                 );
             }
+            let exhaustion_within = a.exhaustion_within.as_ref().and_then(|t| {
+                parse_fixed_millis(t)
+                    .map_err(|e| self.err(format!("{apath}.exhaustionWithin"), e.to_string()))
+                    .ok()
+            });
+            let denials = a.denials.as_ref().and_then(|d| {
+                let within = parse_fixed_millis(&d.within)
+                    .map_err(|e| self.err(format!("{apath}.denials.within"), e.to_string()))
+                    .ok()?;
+                if d.count == 0 {
+                    self.err(format!("{apath}.denials.count"), "must be at least 1");
+                }
+                if within < 60_000 || within > ctx.minute_retention {
+                    self.err(
+                        format!("{apath}.denials.within"),
+                        "must be from one minute to the minute buckets' retention",
+                    );
+                }
+                Some((d.count, within))
+            });
             if let Some(p) = a.percent.iter().find(|p| !(1..=1000).contains(*p)) {
                 self.err(
                     format!("{apath}.percent"),
@@ -759,6 +785,8 @@ impl Validator<'_> {
                 percent,
                 absolute,
                 soft_limit: a.soft_limit,
+                exhaustion_within,
+                denials,
                 webhooks,
             });
         }
@@ -1104,4 +1132,6 @@ struct Ctx<'a> {
     feature_index: &'a FxHashMap<String, usize>,
     dimensions: &'a HashSet<String>,
     symbols: &'a Symbols,
+    /// How long minute buckets are kept (a denial burst's window fits in it).
+    minute_retention: i64,
 }

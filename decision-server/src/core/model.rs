@@ -217,6 +217,10 @@ pub struct AlertRule {
     /// Absolute thresholds, ascending.
     pub absolute: Vec<u64>,
     pub soft_limit: bool,
+    /// Fire when the remaining units run out within this many ms at the recent burn rate.
+    pub exhaustion_within: Option<i64>,
+    /// Fire on this many denials within this many ms.
+    pub denials: Option<(u32, i64)>,
     /// Indices into the customer's webhooks.
     pub webhooks: Vec<usize>,
 }
