@@ -553,10 +553,14 @@ impl Service {
             dimensions: &item.dimensions,
             dry_run: false,
         };
-        self.engine
-            .ingest(&req, &item.idempotency_key)
-            .await
-            .map(Some)
+        let recorded = self.engine.ingest(&req, &item.idempotency_key).await?;
+        if recorded
+            && let Err(e) =
+                crate::alerts::after_ingest(&self.engine, &self.alert_claims, &req).await
+        {
+            tracing::warn!(customer = req.customer, error = %e, "an alert could not be claimed; it fires on the next crossing check");
+        }
+        Ok(Some(recorded))
     }
 
     /// Metrics and events for one ingest outcome.

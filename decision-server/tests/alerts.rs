@@ -22,6 +22,7 @@ test_with_all_stores!(
     limits_without_periods_rearm_by_hysteresis,
     the_outbox_leases_each_delivery_to_one_caller_and_keeps_the_log,
     denial_bursts_and_projected_exhaustion_fire_once,
+    ingested_usage_crosses_thresholds_too,
 );
 
 const START: &str = "2026-03-10T10:00:00Z";
@@ -304,4 +305,33 @@ fn denial_bursts_and_projected_exhaustion_fire_once(store: Store) {
     // Past the burst's window the denials age out; new ones start a new count.
     h.advance_secs(301);
     assert_eq!(pass(), 0);
+}
+
+fn ingested_usage_crosses_thresholds_too(store: Store) {
+    let h = harness(&tree_with(LIMITS), store, START);
+    let claims = Claims::default();
+    let dimensions = common::dims(&[("userId", "u1")]);
+    let ingest = |units: u64, key: &str| {
+        let req = tollgate::CheckRequest {
+            deadline: None,
+            customer: "acme",
+            feature: "tokens",
+            usage: tollgate::core::plan::Usage::units(units),
+            dimensions: &dimensions,
+            dry_run: false,
+        };
+        assert!(h.run(h.engine.ingest(&req, key)).unwrap());
+        h.run(tollgate::alerts::after_ingest(&h.engine, &claims, &req))
+            .unwrap()
+    };
+    assert_eq!(ingest(400, "e1"), 0);
+    assert_eq!(ingest(200, "e2"), 1, "600 of 1000 crosses 50 %");
+    // Ingest counts past a cap (the usage happened): 80 %, 900 and 100 % at once.
+    assert_eq!(ingest(500, "e3"), 3);
+    assert_eq!(h.counted("acme", "t1", "team-day"), 1100);
+    let triggers: Vec<String> = alerts_on_stream(&h)
+        .iter()
+        .map(|a| a["data"]["trigger"].to_string())
+        .collect();
+    assert_eq!(triggers.len(), 4, "{triggers:?}");
 }

@@ -313,6 +313,42 @@ pub async fn background_pass(engine: &Engine) -> Result<usize, StoreError> {
     Ok(fired)
 }
 
+/// The thresholds an ingested event crossed: its usage is already counted, so the chain is
+/// read with a dry run of the same request (no hold, no record), whose usage counted now
+/// includes the event and whose `requested` is what the event added. Costs one store read per event, and only for
+/// customers with alert rules. Concurrency limits are left out: an ingest holds no slot.
+pub async fn after_ingest(
+    engine: &Engine,
+    claims: &Claims,
+    req: &crate::engine::CheckRequest<'_>,
+) -> Result<usize, StoreError> {
+    let has_rules = engine.model().customer(req.customer).is_some_and(|c| {
+        c.alerts
+            .iter()
+            .any(|r| !r.percent.is_empty() || !r.absolute.is_empty())
+    });
+    if !has_rules {
+        return Ok(0);
+    }
+    let dry = crate::engine::CheckRequest {
+        dry_run: true,
+        ..*req
+    };
+    let mut d = match engine.check(&dry).await {
+        Ok(d) => d,
+        Err(crate::engine::DecisionError::Store(e)) => return Err(e),
+        // The event was recorded; a request the model cannot plan has no chain to watch.
+        Err(_) => return Ok(0),
+    };
+    // A dry run counts without this request: `current_usage` already holds the event, and
+    // `requested` is what it added, so the crossing test reads before and after as for a
+    // granted check.
+    d.chain.retain(|e| e.kind != "concurrency");
+    d.granted = true;
+    d.dry_run = false;
+    after_decision(engine, claims, req.customer, &d).await
+}
+
 /// Claims every threshold `decision` crossed and re-arms the claims this replica holds that
 /// usage fell back under. Returns how many alerts fired. Alerts are a side effect of an
 /// answered decision: the caller logs a failure, the decision stands.
