@@ -521,6 +521,7 @@ async fn tollgate_credentials_and_cross_customer_refusals() {
         .watch_usage(authed(
             pb::WatchUsageRequest {
                 customer_id: "acme".into(),
+                ..pb::WatchUsageRequest::default()
             },
             GLOBEX_KEY,
         ))
@@ -532,6 +533,7 @@ async fn tollgate_credentials_and_cross_customer_refusals() {
         .watch_usage(authed(
             pb::WatchUsageRequest {
                 customer_id: String::new(),
+                ..pb::WatchUsageRequest::default()
             },
             GLOBEX_KEY,
         ))
@@ -550,6 +552,7 @@ async fn watch_usage_streams_a_customers_decisions_and_settlements() {
         .watch_usage(authed(
             pb::WatchUsageRequest {
                 customer_id: "acme".into(),
+                ..pb::WatchUsageRequest::default()
             },
             ACME_KEY,
         ))
@@ -748,4 +751,97 @@ async fn close_holds_settles_and_releases_many_with_a_result_each() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn resumable_watch_usage_streams_records_with_ids_and_resumes() {
+    let service = common::service::service().await;
+    let (svc, shutdown) = tollgate(&service);
+    let watch = |after: &str| {
+        authed(
+            pb::WatchUsageRequest {
+                customer_id: "acme".into(),
+                resumable: true,
+                after: after.into(),
+            },
+            ACME_KEY,
+        )
+    };
+    let mut stream = svc.watch_usage(watch("")).await.unwrap().into_inner();
+    let hold = svc
+        .check(authed(check_msg("acme", "alice", 700), OPERATOR))
+        .await
+        .unwrap()
+        .into_inner()
+        .hold_id;
+    svc.check(authed(check_msg("acme", "bob", 700), OPERATOR))
+        .await
+        .unwrap();
+    svc.settle(authed(
+        pb::SettleRequest {
+            hold_id: hold.clone(),
+            actual_usage: 650,
+            tokens: None,
+        },
+        OPERATOR,
+    ))
+    .await
+    .unwrap();
+    use pb::usage_event::Kind;
+    let denied = next(&mut stream).await;
+    let settled = next(&mut stream).await;
+    assert_eq!(
+        (denied.kind(), settled.kind()),
+        (Kind::Denied, Kind::Settled)
+    );
+    assert_eq!(denied.limit_id, "org-daily");
+    assert_eq!(denied.attributes["userId"], "bob");
+    assert_eq!(
+        (settled.usage, settled.hold_id.as_str()),
+        (650, hold.as_str())
+    );
+    assert_eq!(settled.attributes["teamId"], "ml");
+    assert!(!denied.event_id.is_empty() && denied.event_id != settled.event_id);
+    // Resuming after the denial gets the settlement, and nothing twice.
+    let mut resumed = svc
+        .watch_usage(watch(&denied.event_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next(&mut resumed).await.event_id, settled.event_id);
+    // A bad cursor and a foreign customer are refused.
+    let Err(bad) = svc.watch_usage(watch("not-an-id")).await else {
+        panic!("a bad cursor was accepted");
+    };
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    let Err(foreign) = svc
+        .watch_usage(authed(
+            pb::WatchUsageRequest {
+                customer_id: "acme".into(),
+                resumable: true,
+                after: String::new(),
+            },
+            GLOBEX_KEY,
+        ))
+        .await
+    else {
+        panic!("another customer's key was accepted");
+    };
+    assert_eq!(foreign.code(), tonic::Code::PermissionDenied);
+    shutdown.send(true).unwrap();
+    let end = tokio::time::timeout(std::time::Duration::from_secs(5), stream.next())
+        .await
+        .unwrap();
+    assert!(end.is_none());
+}
+
+type EventStream = <TollgateService as Tollgate>::WatchUsageStream;
+
+/// The next event of a watch, within 5 s.
+async fn next(s: &mut EventStream) -> pb::UsageEvent {
+    tokio::time::timeout(std::time::Duration::from_secs(5), s.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
 }

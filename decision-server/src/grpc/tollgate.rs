@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use futures_util::StreamExt;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -13,13 +14,16 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::{Listener, Principal};
 use crate::core::plan::{TokenCounts, Usage};
+use crate::core::rollup::{RecordKind, RecordRef};
 use crate::core::{ChainEntry, Decision, HoldId};
 use crate::engine::{CheckRequest, DecisionError};
 use crate::metrics::Api;
 use crate::service::{
     BatchError, CloseError, CloseItem, EventKind, IngestItem, IngestStatus, Service, UsageEvent,
 };
+use crate::store::events::EventBody;
 use crate::store::{CloseOutcome, StoreError};
+use crate::usage::Followed;
 
 use super::generated::tollgate_server::Tollgate;
 
@@ -87,6 +91,115 @@ impl From<&Decision> for pb::CheckResponse {
     }
 }
 
+/// A store event (usage record or alert) as the resumable `WatchUsage` sends it.
+fn stream_event(f: Followed) -> pb::UsageEvent {
+    use pb::usage_event::Kind;
+    let e = match f {
+        Followed::Event(e) => e,
+        Followed::Gap => {
+            return pb::UsageEvent {
+                kind: Kind::Gap.into(),
+                ..pb::UsageEvent::default()
+            };
+        }
+        Followed::Unavailable(m) => {
+            // Not an event of the stream: the watcher is told through the alert text field,
+            // with no id, and the stream goes on.
+            return pb::UsageEvent {
+                kind: Kind::Unspecified.into(),
+                alert_json: serde_json::json!({ "unavailable": m }).to_string(),
+                ..pb::UsageEvent::default()
+            };
+        }
+    };
+    let base = pb::UsageEvent {
+        event_id: e.id.clone(),
+        at_ms: e.at.millis(),
+        customer_id: e.customer.to_string(),
+        ..pb::UsageEvent::default()
+    };
+    match &*e.body {
+        EventBody::Alert(a) => pb::UsageEvent {
+            kind: Kind::Alert.into(),
+            alert_json: a.clone(),
+            ..base
+        },
+        EventBody::Record(r) => {
+            let kind = match r.kind {
+                RecordKind::Settled => Kind::Settled,
+                RecordKind::Released => Kind::Released,
+                RecordKind::Expired => Kind::Expired,
+                RecordKind::Ingested => Kind::Ingested,
+                RecordKind::Denied => Kind::Denied,
+            };
+            let hold_id = match r.reference {
+                RecordRef::Hold { seq, tag } => HoldId {
+                    customer: e.customer.to_string(),
+                    seq,
+                    tag,
+                }
+                .to_string(),
+                _ => String::new(),
+            };
+            pb::UsageEvent {
+                kind: kind.into(),
+                feature_id: r.series.feature.to_string(),
+                usage: r.measures.units,
+                hold_id,
+                limit_id: r
+                    .series
+                    .get(crate::core::rollup::DENIED_BY)
+                    .unwrap_or_default()
+                    .to_string(),
+                attributes: r
+                    .series
+                    .attrs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..base
+            }
+        }
+    }
+}
+
+impl TollgateService {
+    /// `WatchUsage` in resumable mode: the store's events after `after`.
+    async fn watch_resumable(
+        &self,
+        customer: Option<String>,
+        after: String,
+    ) -> Result<Response<EventStream>, Status> {
+        let name = match &customer {
+            Some(c) if self.service.engine().model().customer(c).is_none() => {
+                return Err(Status::not_found(format!("no customer `{c}`")));
+            }
+            Some(c) => Some(crate::core::Name::from(c.as_str())),
+            None => None,
+        };
+        let after = (!after.is_empty()).then_some(after);
+        let follow = crate::usage::follow(
+            Arc::clone(self.service.engine().store()),
+            name,
+            after,
+            std::time::Duration::from_millis(500),
+            self.service.stopping(),
+        )
+        .await
+        .map_err(|e| match e {
+            StoreError::BadCursor(c) => {
+                Status::invalid_argument(format!("`{c}` is not an event id of this stream"))
+            }
+            e => Status::unavailable(e.to_string()),
+        })?;
+        let mut shutdown = self.shutdown.clone();
+        let stream = follow.map(|f| Ok(stream_event(f))).take_until(async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
 impl From<&UsageEvent> for pb::UsageEvent {
     fn from(e: &UsageEvent) -> Self {
         let kind = match e.kind {
@@ -106,7 +219,7 @@ impl From<&UsageEvent> for pb::UsageEvent {
             dimensions: e.dimensions.clone(),
             limit_id: e.limit_id.clone().unwrap_or_default(),
             entity_id: e.entity_id.clone().unwrap_or_default(),
-            skipped: 0,
+            ..Self::default()
         }
     }
 }
@@ -380,7 +493,8 @@ impl Tollgate for TollgateService {
         request: Request<pb::WatchUsageRequest>,
     ) -> Result<Response<Self::WatchUsageStream>, Status> {
         let principal = self.principal_not_gateway(&request)?;
-        let customer = request.into_inner().customer_id;
+        let req = request.into_inner();
+        let customer = req.customer_id;
         let filter = match (&principal, customer.is_empty()) {
             (Principal::Operator, true) => None,
             (Principal::Customer(_) | Principal::Gateway(_), true) => {
@@ -391,6 +505,9 @@ impl Tollgate for TollgateService {
             (p, false) if !p.may_access(&customer) => return Err(forbidden(&customer)),
             (_, false) => Some(customer),
         };
+        if req.resumable {
+            return self.watch_resumable(filter, req.after).await;
+        }
         let mut events = self.service.subscribe();
         let mut shutdown = self.shutdown.clone();
         let (tx, rx) = mpsc::channel(256);
