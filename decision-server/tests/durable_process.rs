@@ -250,6 +250,18 @@ async fn admin_changes_and_credits_survive_a_restart() {
     }
 }
 
+/// acme's webhook delivery log at `url`.
+async fn delivery_log(http: &reqwest::Client, url: &str) -> serde_json::Value {
+    http.get(url)
+        .bearer_auth(common::service::ACME_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// An alert crossed before a SIGKILL is delivered after the restart: its delivery waits in
 /// the durable outbox (here the receiver is down until after the kill), and is sent once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -296,15 +308,7 @@ async fn an_alert_crossed_before_a_kill_is_delivered_after_the_restart() {
     );
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let log: serde_json::Value = http
-            .get(&log_url)
-            .bearer_auth(ACME_KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let log = delivery_log(&http, &log_url).await;
         let attempts = log["deliveries"][0]["attempts"]
             .as_array()
             .map_or(0, Vec::len);
@@ -343,15 +347,7 @@ async fn an_alert_crossed_before_a_kill_is_delivered_after_the_restart() {
         "http://{}/v1/customers/acme/alerts/deliveries",
         sidecar.http
     );
-    let log: serde_json::Value = http
-        .get(&log_url)
-        .bearer_auth(ACME_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let log = delivery_log(&http, &log_url).await;
     assert_eq!(log["deliveries"][0]["status"], "delivered", "{log}");
     assert!(
         log["deliveries"][0]["attempts"].as_array().unwrap().len() >= 2,

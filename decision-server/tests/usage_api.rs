@@ -764,33 +764,29 @@ async fn a_crossed_threshold_is_delivered_signed_retried_and_logged() {
     assert_eq!(log["deliveries"][0]["status"], "delivered");
 
     // Tenancy and unknown webhooks.
-    let (status, _) = api
-        .call(
+    for (method, path, key, expected) in [
+        (
             Method::GET,
             "/v1/customers/acme/alerts/deliveries",
             GLOBEX_KEY,
-            None,
-        )
-        .await;
-    assert_eq!(status, StatusCode::FORBIDDEN);
-    let (status, _) = api
-        .call(
+            StatusCode::FORBIDDEN,
+        ),
+        (
             Method::POST,
             "/v1/customers/acme/webhooks/ops/test",
             GLOBEX_KEY,
-            None,
-        )
-        .await;
-    assert_eq!(status, StatusCode::FORBIDDEN);
-    let (status, _) = api
-        .call(
+            StatusCode::FORBIDDEN,
+        ),
+        (
             Method::POST,
             "/v1/customers/acme/webhooks/nope/test",
             ACME_KEY,
-            None,
-        )
-        .await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
+            StatusCode::NOT_FOUND,
+        ),
+    ] {
+        let (status, _) = api.call(method, path, key, None).await;
+        assert_eq!(status, expected, "{path}");
+    }
     // The crossing does not fire again within the day.
     assert!(api.spend("bob", "claude", 100, Some(100)).await);
     assert_eq!(api.service.deliver_due().await.unwrap(), 0);
