@@ -9,7 +9,7 @@ ENVOY_DIR := $(TOOLS)/envoy-$(ENVOY_VERSION)
 export TOLLGATE_ENVOY := $(ENVOY_DIR)/envoy/_bin/envoy
 export TOLLGATE_WASM := $(CURDIR)/target/$(WASM_TARGET)/release/tollgate_filter.wasm
 
-.PHONY: setup-redis setup-python demo test setup-rust setup-envoy fmt-check clippy wasm unit bench bench-grpc bench-envoy bench-store bench-redis-memory
+.PHONY: setup-redis setup-python demo test setup-rust setup-envoy fmt-check clippy wasm unit bench bench-grpc bench-envoy bench-store bench-redis-memory bench-usage
 
 ## The demo: real Envoy, the WASM filter, the sidecar and a mock OpenAI upstream on loopback.
 demo: setup-rust setup-envoy wasm
@@ -93,3 +93,7 @@ bench-store: setup-redis
 ## Redis memory per active counter.
 bench-redis-memory: setup-redis
 	bench/redis-memory.sh
+
+## Attribution's costs: bytes per series, history queries, throughput on/off, stream delay.
+bench-usage: setup-redis
+	bench/usage.sh

@@ -90,10 +90,10 @@ fn grpc_builder() -> Server {
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
 }
 
-/// Builds the engine and service for a loaded config.
-pub async fn build_service(loaded: Loaded) -> anyhow::Result<Arc<Service>> {
-    let Loaded { doc, model, server } = loaded;
-    let store: Arc<dyn CounterStore> = match &server.storage {
+/// Opens the store `storage` names: the durable file (reporting what it holds), or a
+/// connection to Redis (the first connection made now, so a wrong address fails at start).
+pub async fn open_store(storage: &Storage) -> anyhow::Result<Arc<dyn CounterStore>> {
+    Ok(match storage {
         Storage::Memory => Arc::new(MemoryStore::new()),
         Storage::Durable { path, durability } => {
             let started = std::time::Instant::now();
@@ -119,7 +119,13 @@ pub async fn build_service(loaded: Loaded) -> anyhow::Result<Arc<Service>> {
             tracing::info!(target = ?settings.target, prefix = %settings.prefix, "redis store connected");
             Arc::new(store)
         }
-    };
+    })
+}
+
+/// Builds the engine and service for a loaded config.
+pub async fn build_service(loaded: Loaded) -> anyhow::Result<Arc<Service>> {
+    let Loaded { doc, model, server } = loaded;
+    let store = open_store(&server.storage).await?;
     let engine = Engine::new(model, store, Arc::new(SystemClock))
         .await
         .context("cannot seed the store with the config's grants")?;

@@ -224,10 +224,13 @@ pub async fn top(engine: &Engine, customer_id: &str, req: TopRequest) -> Result<
     let filter = filter(&model, req.feature.as_ref(), &req.filters)?;
     let now = engine.now().millis();
     let (from, to) = range(req.from, req.to, now);
-    let (g, from, to) = usage_query::plan_range(from, to, now, &model.records)?;
-    let rows = engine.store().usage_buckets(c.id, g, from, to).await?;
+    let (from, to, segments) = usage_query::plan_segments(from, to, now, &model.records)?;
+    let mut scans = Vec::with_capacity(segments.len());
+    for (g, a, b) in segments {
+        scans.push(engine.store().usage_buckets(c.id, g, a, b).await?);
+    }
     Ok(Top {
-        rows: usage_query::top(&rows, &req.by, &filter, req.limit),
+        rows: usage_query::top(&scans, &req.by, &filter, req.limit),
         by: req.by,
         from,
         to,
@@ -289,7 +292,7 @@ pub async fn budget(
             .await?
             .unwrap_or(0);
         let recent_units: u64 = rows
-            .iter()
+            .rows()
             .filter(|(_, k, _)| k.feature.as_ref() == feature && k.get(type_key) == Some(entity_id))
             .map(|(_, _, m)| m.units)
             .sum();

@@ -140,14 +140,7 @@ impl CounterStore for Hooked {
         g: tollgate::core::rollup::Granularity,
         from: i64,
         to: i64,
-    ) -> Result<
-        Vec<(
-            i64,
-            tollgate::core::rollup::SeriesKey,
-            tollgate::core::rollup::Measures,
-        )>,
-        StoreError,
-    > {
+    ) -> Result<tollgate::core::rollup::BucketScan, StoreError> {
         self.inner.usage_buckets(c, g, from, to).await
     }
     async fn read_events(

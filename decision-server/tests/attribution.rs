@@ -44,6 +44,9 @@ fn buckets(h: &Harness, g: Granularity) -> Vec<(i64, SeriesKey, Measures)> {
             .usage_buckets(Name::from("acme"), g, from, to),
     )
     .unwrap()
+    .rows()
+    .map(|(start, key, m)| (start, key.clone(), *m))
+    .collect()
 }
 
 /// Sums of the buckets whose series has `key` = `value` (every series when `key` is empty).

@@ -40,7 +40,7 @@ fn attribution(h: &Harness) -> (Vec<String>, Vec<(String, String, u64)>) {
     let mut rows: Vec<String> = h
         .run(store.usage_buckets(acme, Granularity::Hour, to - 86_400_000 * 2, to))
         .unwrap()
-        .into_iter()
+        .rows()
         .map(|r| format!("{r:?}"))
         .collect();
     rows.sort();

@@ -23,6 +23,9 @@ use envoy_types::ext_authz::v3::{CheckResponseExt, OkHttpResponseBuilder};
 use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use hdrhistogram::Histogram;
+use tollgate::grpc::TollgateClient;
+use tollgate_proto::v1::usage_event::Kind as UsageKind;
+use tollgate_proto::v1::{CheckRequest as DecideRequest, SettleRequest, WatchUsageRequest};
 use tonic::transport::Channel;
 
 // The same allocator as the sidecar, so the no-op calibration server is built like it.
@@ -51,6 +54,9 @@ enum Target {
     Http,
     /// `POST /v1/chat/completions` through Envoy (or straight to the mock upstream).
     Proxy,
+    /// Tollgate's own gRPC API (`--addr` is the gRPC listener): `Check`, then `Settle` of the
+    /// hold at the requested usage, as the WASM filter does; every call leaves a usage record.
+    Decide,
 }
 
 #[derive(Debug, Subcommand)]
@@ -69,6 +75,27 @@ enum Cmd {
         /// How long a hold lives unless settled (ISO 8601 duration).
         #[arg(long, default_value = "PT10M")]
         hold_ttl: String,
+        /// Turn usage records (attribution, rollups, the usage stream) off.
+        #[arg(long)]
+        no_records: bool,
+    },
+    /// Delay from a settle to its event on the usage stream: settles `calls` holds one at a
+    /// time on `--settle-addr` while a resumable `WatchUsage` on `--watch-addr` (the same
+    /// sidecar, or another replica sharing the store) waits for each one's event.
+    StreamDelay {
+        /// gRPC listener of the sidecar that decides and settles.
+        #[arg(long)]
+        settle_addr: String,
+        /// gRPC listener of the sidecar that streams (may be the same one).
+        #[arg(long)]
+        watch_addr: String,
+        #[arg(long, default_value_t = 500)]
+        calls: u64,
+        /// Pause between calls, so each delay is measured on a quiet stream.
+        #[arg(long, default_value_t = 20)]
+        interval_ms: u64,
+        #[arg(long, default_value = "stream")]
+        label: String,
     },
     /// Serve a no-op ext_authz that answers OK at once.
     Noop {
@@ -262,6 +289,7 @@ impl Outcome {
 
 enum Client {
     Grpc(AuthorizationClient<Channel>),
+    Decide(TollgateClient<Channel>),
     Http(reqwest::Client, String),
     Proxy(reqwest::Client, String),
 }
@@ -287,6 +315,7 @@ async fn run(args: &RunArgs, addr: &str) -> anyhow::Result<Outcome> {
                     .with_context(|| format!("cannot connect to {addr}"))?;
                 Client::Grpc(AuthorizationClient::new(channel))
             }
+            Target::Decide => Client::Decide(TollgateClient::new(channel_to(addr).await?)),
             Target::Http => Client::Http(
                 reqwest::Client::builder()
                     .tcp_nodelay(true)
@@ -319,7 +348,11 @@ async fn run(args: &RunArgs, addr: &str) -> anyhow::Result<Outcome> {
             let client = &clients[w % clients.len()];
             let mut grpc = match client {
                 Client::Grpc(c) => Some(c.clone()),
-                Client::Http(..) | Client::Proxy(..) => None,
+                Client::Http(..) | Client::Proxy(..) | Client::Decide(_) => None,
+            };
+            let mut decide = match client {
+                Client::Decide(c) => Some(c.clone()),
+                _ => None,
             };
             while issued.fetch_add(1, Ordering::Relaxed) < args.requests && Instant::now() < deadline {
                 let user = rng.next() % args.users.max(1);
@@ -336,6 +369,18 @@ async fn run(args: &RunArgs, addr: &str) -> anyhow::Result<Outcome> {
                             true
                         }
                         Err(_) => false,
+                    },
+                    (Client::Decide(_), _) => match decide.as_mut() {
+                        Some(c) => match decide_and_settle(c, &customer, &user, args.usage).await {
+                            Ok(granted) => {
+                                if !granted {
+                                    denied += 1;
+                                }
+                                true
+                            }
+                            Err(_) => false,
+                        },
+                        None => false,
                     },
                     (Client::Http(c, addr), _) => {
                         let r = c
@@ -406,6 +451,146 @@ async fn run(args: &RunArgs, addr: &str) -> anyhow::Result<Outcome> {
     })
 }
 
+async fn channel_to(addr: &str) -> anyhow::Result<Channel> {
+    Channel::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {addr}"))
+}
+
+/// A request to Tollgate's own API with the operator token.
+fn operator<T>(message: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    if let Ok(v) = format!("Bearer {BENCH_TOKEN}").parse() {
+        r.metadata_mut().insert("authorization", v);
+    }
+    r
+}
+
+/// `Check` then, if granted, `Settle` at the requested usage. Returns whether it was granted
+/// and the hold id (empty on denial).
+async fn check_and_settle(
+    c: &mut TollgateClient<Channel>,
+    customer: &str,
+    user: &str,
+    usage: u64,
+) -> Result<(bool, String), tonic::Status> {
+    let answer = c
+        .check(operator(DecideRequest {
+            customer_id: customer.to_string(),
+            feature_id: "ai-tokens".to_string(),
+            requested_usage: usage,
+            dimensions: [("userId".to_string(), user.to_string())].into(),
+            ..DecideRequest::default()
+        }))
+        .await?
+        .into_inner();
+    if answer.is_granted && !answer.hold_id.is_empty() {
+        c.settle(operator(SettleRequest {
+            hold_id: answer.hold_id.clone(),
+            actual_usage: usage,
+            tokens: None,
+        }))
+        .await?;
+    }
+    Ok((answer.is_granted, answer.hold_id))
+}
+
+async fn decide_and_settle(
+    c: &mut TollgateClient<Channel>,
+    customer: &str,
+    user: &str,
+    usage: u64,
+) -> Result<bool, tonic::Status> {
+    Ok(check_and_settle(c, customer, user, usage).await?.0)
+}
+
+/// See `Cmd::StreamDelay`. The delay runs from just before the `Settle` is sent to the
+/// moment its event is read off the stream.
+async fn stream_delay(
+    settle_addr: &str,
+    watch_addr: &str,
+    calls: u64,
+    interval_ms: u64,
+    label: &str,
+) -> anyhow::Result<()> {
+    let mut decide = TollgateClient::new(channel_to(settle_addr).await?);
+    let mut watch = TollgateClient::new(channel_to(watch_addr).await?);
+    // Start after everything already kept: the newest event now, found by settling one call
+    // and reading up to its event.
+    let customer = "c0";
+    let mut stream = watch
+        .watch_usage(operator(WatchUsageRequest {
+            customer_id: customer.to_string(),
+            resumable: true,
+            after: String::new(),
+        }))
+        .await?
+        .into_inner();
+    let (_, first) = check_and_settle(&mut decide, customer, "u-first", 1).await?;
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .context("no event within 10 s")??
+            .context("the stream ended")?;
+        if e.hold_id == first && e.kind == UsageKind::Settled as i32 {
+            break;
+        }
+    }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut lost = 0u64;
+    for i in 0..calls {
+        let answer = decide
+            .check(operator(DecideRequest {
+                customer_id: customer.to_string(),
+                feature_id: "ai-tokens".to_string(),
+                requested_usage: 5,
+                dimensions: [("userId".to_string(), format!("u{}", i % 100))].into(),
+                ..DecideRequest::default()
+            }))
+            .await?
+            .into_inner();
+        anyhow::ensure!(answer.is_granted, "call {i} was denied");
+        let t0 = Instant::now();
+        decide
+            .settle(operator(SettleRequest {
+                hold_id: answer.hold_id.clone(),
+                actual_usage: 3,
+                tokens: None,
+            }))
+            .await?;
+        let found = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(e) = stream.message().await? {
+                if e.hold_id == answer.hold_id && e.kind == UsageKind::Settled as i32 {
+                    return anyhow::Ok(true);
+                }
+            }
+            anyhow::Ok(false)
+        })
+        .await;
+        match found {
+            Ok(Ok(true)) => {
+                let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+                hist.record(us.max(1))?;
+            }
+            _ => lost += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(interval_ms)).await;
+    }
+    let q = |p: f64| hist.value_at_quantile(p) as f64 / 1000.0;
+    println!(
+        "{label:<10} settle->event calls={} seen={} lost={lost} p50={:.3}ms p90={:.3}ms p99={:.3}ms max={:.3}ms",
+        calls,
+        hist.len(),
+        q(0.50),
+        q(0.90),
+        q(0.99),
+        hist.max() as f64 / 1000.0
+    );
+    Ok(())
+}
+
 /// Starts `tollgate-load noop` as a child process, so it competes for the same cores as the
 /// sidecar would.
 fn spawn_noop(workers: Option<usize>) -> anyhow::Result<(Child, String)> {
@@ -439,8 +624,12 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
             max_users,
             storage,
             hold_ttl,
+            no_records,
         } => {
             let mut text = config(customers, max_users, &hold_ttl);
+            if no_records {
+                text = format!("usageRecords: {{ enabled: false }}\n{text}");
+            }
             // In memory unless told otherwise: the figures in bench/README.md are for it.
             let s = storage.unwrap_or_else(|| "kind: memory".into());
             text.push_str(&format!("  storage: {{ {s} }}\n"));
@@ -448,6 +637,13 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Noop { listen } => noop(&listen).await,
+        Cmd::StreamDelay {
+            settle_addr,
+            watch_addr,
+            calls,
+            interval_ms,
+            label,
+        } => stream_delay(&settle_addr, &watch_addr, calls, interval_ms, &label).await,
         Cmd::EnvoyBench {
             concurrency,
             requests,

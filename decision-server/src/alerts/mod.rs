@@ -207,11 +207,11 @@ pub async fn background_pass(engine: &Engine) -> Result<usize, StoreError> {
                 // Whole minutes: the buckets that start within the window.
                 let since = now.millis() - within;
                 let mut by_entity: BTreeMap<&str, u64> = BTreeMap::new();
-                for (start, k, m) in &rows {
+                for (start, k, m) in rows.rows() {
                     let limit_ok = rule
                         .limit
                         .is_none_or(|l| k.get(DENIED_BY) == Some(l.as_str()));
-                    if *start >= since
+                    if start >= since
                         && m.denied > 0
                         && matches(k)
                         && limit_ok
@@ -248,7 +248,7 @@ pub async fn background_pass(engine: &Engine) -> Result<usize, StoreError> {
             }
             if let Some(horizon) = rule.exhaustion_within {
                 let mut spent: BTreeMap<&str, u64> = BTreeMap::new();
-                for (_, k, m) in &rows {
+                for (_, k, m) in rows.rows() {
                     if m.units > 0
                         && matches(k)
                         && let Some(e) = k.get(key_name.as_str())

@@ -3,6 +3,7 @@
 //! dimensions), and the per-customer rollups of records in minute, hour and day buckets.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
@@ -288,14 +289,78 @@ impl RecordKind {
 /// Bucket `start` of size `g`, for one series.
 pub type BucketKey = (Granularity, i64, u32);
 
+/// One bucket: the measures of every series that recorded in it, by series id.
+pub type Bucket = FxHashMap<u32, Measures>;
+
+/// Buckets of one size read for a query: each bucket's start and contents, and the keys of
+/// the series their ids name. Grouping reads each series' key once, not once per bucket.
+#[derive(Debug, Clone, Default)]
+pub struct BucketScan {
+    pub series: Vec<Arc<SeriesKey>>,
+    pub buckets: Vec<(i64, Arc<Bucket>)>,
+}
+
+impl BucketScan {
+    /// A scan of `rows` (bucket start, series, measures), as a networked store reads them.
+    pub fn from_rows(rows: impl IntoIterator<Item = (i64, SeriesKey, Measures)>) -> Self {
+        let mut ids: FxHashMap<SeriesKey, u32> = FxHashMap::default();
+        let mut by_start: BTreeMap<i64, Bucket> = BTreeMap::new();
+        let mut series = Vec::new();
+        for (start, key, m) in rows {
+            let next = u32::try_from(series.len()).unwrap_or(u32::MAX);
+            let id = *ids.entry(key).or_insert_with_key(|k| {
+                series.push(Arc::new(k.clone()));
+                next
+            });
+            by_start
+                .entry(start)
+                .or_default()
+                .entry(id)
+                .or_default()
+                .add(&m);
+        }
+        Self {
+            series,
+            buckets: by_start
+                .into_iter()
+                .map(|(s, b)| (s, Arc::new(b)))
+                .collect(),
+        }
+    }
+
+    /// Every row: (bucket start, series, measures), bucket by bucket.
+    pub fn rows(&self) -> impl Iterator<Item = (i64, &SeriesKey, &Measures)> {
+        self.buckets.iter().flat_map(move |(start, bucket)| {
+            bucket.iter().filter_map(move |(id, m)| {
+                self.series
+                    .get(*id as usize)
+                    .map(|k| (*start, k.as_ref(), m))
+            })
+        })
+    }
+
+    /// How many rows the scan holds.
+    pub fn len(&self) -> usize {
+        self.buckets.iter().map(|(_, b)| b.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buckets.iter().all(|(_, b)| b.is_empty())
+    }
+}
+
 /// One customer's rollups: its series (by id), the distinct values of its folded dimensions,
 /// and the buckets. In-process stores keep one per ledger, under the customer's lock.
 #[derive(Debug, Default, Clone)]
 pub struct Rollups {
-    ids: FxHashMap<SeriesKey, u32>,
-    series: Vec<SeriesKey>,
+    ids: FxHashMap<Arc<SeriesKey>, u32>,
+    series: Vec<Arc<SeriesKey>>,
     values: FxHashMap<Box<str>, FxHashSet<Box<str>>>,
-    buckets: BTreeMap<(Granularity, i64), FxHashMap<u32, Measures>>,
+    /// Shared with readers: a query takes the buckets it reads by reference count under the
+    /// customer's lock and sums them after releasing it, so a long query never stalls that
+    /// customer's decisions; a bucket still held by a reader is copied when it next changes
+    /// (only the current minute, hour and day buckets change).
+    buckets: BTreeMap<(Granularity, i64), Arc<Bucket>>,
     /// Dimension values folded into [`OTHER`], since start.
     folded: u64,
     dirty: Option<Box<RollupDirty>>,
@@ -337,18 +402,24 @@ impl Rollups {
         for (id, key) in series {
             // Ids are dense from 0; a gap (a row lost) is filled so later ids still line up.
             while r.series.len() < id as usize {
-                r.series.push(SeriesKey {
+                r.series.push(Arc::new(SeriesKey {
                     feature: "".into(),
                     attrs: Vec::new(),
-                });
+                }));
             }
             r.note_values(&key);
-            r.ids.insert(key.clone(), id);
+            let key = Arc::new(key);
+            r.ids.insert(Arc::clone(&key), id);
             r.series.push(key);
         }
+        let mut by_bucket: BTreeMap<(Granularity, i64), Bucket> = BTreeMap::new();
         for ((g, start, id), m) in buckets {
-            r.buckets.entry((g, start)).or_default().insert(id, m);
+            by_bucket.entry((g, start)).or_default().insert(id, m);
         }
+        r.buckets = by_bucket
+            .into_iter()
+            .map(|(k, b)| (k, Arc::new(b)))
+            .collect();
         r
     }
 
@@ -385,7 +456,8 @@ impl Rollups {
             return *id;
         }
         let id = u32::try_from(self.series.len()).unwrap_or(u32::MAX);
-        self.ids.insert(key.clone(), id);
+        let key = Arc::new(key);
+        self.ids.insert(Arc::clone(&key), id);
         self.series.push(key);
         if let Some(d) = self.dirty.as_mut() {
             d.series.push(id);
@@ -400,9 +472,7 @@ impl Rollups {
             if settings.expired(g, start, at) {
                 continue;
             }
-            self.buckets
-                .entry((g, start))
-                .or_default()
+            Arc::make_mut(self.buckets.entry((g, start)).or_default())
                 .entry(id)
                 .or_default()
                 .add(m);
@@ -432,22 +502,21 @@ impl Rollups {
         }
     }
 
-    /// Every bucket of size `g` whose start is in `[from, to)`, as (start, series, measures).
-    pub fn scan(&self, g: Granularity, from: i64, to: i64) -> Vec<(i64, SeriesKey, Measures)> {
-        let mut out = Vec::new();
-        for (&(_, start), by_series) in self.buckets.range((g, from)..(g, to)) {
-            for (id, m) in by_series {
-                if let Some(key) = self.series.get(*id as usize) {
-                    out.push((start, key.clone(), *m));
-                }
-            }
+    /// Every bucket of size `g` whose start is in `[from, to)`, shared (no bucket is copied).
+    pub fn scan(&self, g: Granularity, from: i64, to: i64) -> BucketScan {
+        BucketScan {
+            series: self.series.clone(),
+            buckets: self
+                .buckets
+                .range((g, from)..(g, to))
+                .map(|(&(_, start), b)| (start, Arc::clone(b)))
+                .collect(),
         }
-        out
     }
 
     /// The key of series `id`.
     pub fn key(&self, id: u32) -> Option<&SeriesKey> {
-        self.series.get(id as usize)
+        self.series.get(id as usize).map(Arc::as_ref)
     }
 
     pub fn series_count(&self) -> usize {
@@ -455,7 +524,7 @@ impl Rollups {
     }
 
     pub fn bucket_entries(&self) -> usize {
-        self.buckets.values().map(FxHashMap::len).sum()
+        self.buckets.values().map(|b| b.len()).sum()
     }
 
     pub fn folded(&self) -> u64 {
@@ -478,7 +547,11 @@ impl Rollups {
             series: d
                 .series
                 .into_iter()
-                .filter_map(|id| self.series.get(id as usize).map(|k| (id, k.clone())))
+                .filter_map(|id| {
+                    self.series
+                        .get(id as usize)
+                        .map(|k| (id, SeriesKey::clone(k)))
+                })
                 .collect(),
             buckets: d
                 .buckets
@@ -548,7 +621,8 @@ mod tests {
             &settings,
         );
         let hour = Granularity::Hour.start(t0);
-        let rows = r.scan(Granularity::Hour, hour, hour + 3_600_000);
+        let scan = r.scan(Granularity::Hour, hour, hour + 3_600_000);
+        let rows: Vec<_> = scan.rows().collect();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].2.units, 12);
         assert_eq!(rows[0].2.requests, 2);

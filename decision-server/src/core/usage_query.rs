@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Duration, NaiveDateTime, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
 
-use super::rollup::{Granularity, Measures, RecordSettings, SeriesKey};
+use rustc_hash::FxHashMap;
+
+use super::rollup::{BucketScan, Granularity, Measures, RecordSettings, SeriesKey};
 
 /// The attribute name a query uses for the feature (series carry it apart from attributes).
 pub const FEATURE_KEY: &str = "featureId";
@@ -245,20 +247,21 @@ fn next_start(start: i64, g: Granularity, tz: Tz) -> Result<i64, QueryError> {
     }
 }
 
-/// Sums `rows` (bucket start, series, measures) that pass the filter into one series per
-/// distinct `groupBy` tuple, with a point for every window (zero where nothing was recorded).
+/// Sums the buckets of `scan` whose series pass the filter into one series per distinct
+/// `groupBy` tuple, with a point for every window (zero where nothing was recorded).
 pub fn group_history(
     q: &HistoryQuery,
     plan: &HistoryPlan,
-    rows: &[(i64, SeriesKey, Measures)],
+    scan: &BucketScan,
     max_points: usize,
 ) -> Result<Vec<HistorySeries>, QueryError> {
     let starts: Vec<i64> = plan.windows.iter().map(|w| w.0).collect();
-    let mut groups: BTreeMap<Vec<Option<String>>, Vec<Measures>> = BTreeMap::new();
-    for (start, key, m) in rows {
-        if !q.filter.matches(key) {
-            continue;
-        }
+    // Each series' group is worked out once (its filter and its groupBy values), then every
+    // row costs an index and an addition: a month of hour buckets is millions of rows.
+    let mut group_of: Vec<Option<Option<usize>>> = vec![None; scan.series.len()];
+    let mut index: FxHashMap<Vec<Option<&str>>, usize> = FxHashMap::default();
+    let mut groups: Vec<(Vec<Option<&str>>, Vec<Measures>)> = Vec::new();
+    for (start, bucket) in &scan.buckets {
         let i = starts.partition_point(|s| s <= start);
         let Some(slot) = i.checked_sub(1) else {
             continue;
@@ -266,34 +269,53 @@ pub fn group_history(
         if plan.windows.get(slot).is_none_or(|w| *start >= w.1) {
             continue;
         }
-        let group: Vec<Option<String>> = q
-            .group_by
-            .iter()
-            .map(|k| attribute(key, k).map(str::to_string))
-            .collect();
-        if !groups.contains_key(&group)
-            && (groups.len() + 1).saturating_mul(plan.windows.len()) > max_points
-        {
-            return Err(QueryError::new(
-                "groupBy",
-                format!(
-                    "the answer would hold more than {max_points} points ({} windows per \
-                     series); group by fewer keys, filter, or narrow the range",
-                    plan.windows.len()
-                ),
-            ));
-        }
-        let points = groups
-            .entry(group)
-            .or_insert_with(|| vec![Measures::default(); plan.windows.len()]);
-        if let Some(p) = points.get_mut(slot) {
-            p.add(m);
+        for (id, m) in bucket.iter() {
+            let (Some(cached), Some(key)) = (
+                group_of.get_mut(*id as usize),
+                scan.series.get(*id as usize),
+            ) else {
+                continue;
+            };
+            let g = match cached {
+                Some(g) => *g,
+                None => {
+                    let g = if q.filter.matches(key) {
+                        let values: Vec<Option<&str>> =
+                            q.group_by.iter().map(|k| attribute(key, k)).collect();
+                        let next = groups.len();
+                        let g = *index.entry(values.clone()).or_insert(next);
+                        if g == next {
+                            if (next + 1).saturating_mul(plan.windows.len()) > max_points {
+                                return Err(too_many_points(max_points, plan.windows.len()));
+                            }
+                            groups.push((values, vec![Measures::default(); plan.windows.len()]));
+                        }
+                        Some(g)
+                    } else {
+                        None
+                    };
+                    *cached = Some(g);
+                    g
+                }
+            };
+            if let Some(p) = g
+                .and_then(|g| groups.get_mut(g))
+                .and_then(|(_, points)| points.get_mut(slot))
+            {
+                p.add(m);
+            }
         }
     }
+    groups.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(groups
         .into_iter()
         .map(|(values, points)| HistorySeries {
-            group: q.group_by.iter().cloned().zip(values).collect(),
+            group: q
+                .group_by
+                .iter()
+                .cloned()
+                .zip(values.into_iter().map(|v| v.map(str::to_string)))
+                .collect(),
             points: plan
                 .windows
                 .iter()
@@ -302,6 +324,16 @@ pub fn group_history(
                 .collect(),
         })
         .collect())
+}
+
+fn too_many_points(max_points: usize, windows: usize) -> QueryError {
+    QueryError::new(
+        "groupBy",
+        format!(
+            "the answer would hold more than {max_points} points ({windows} windows per \
+             series); group by fewer keys, filter, or narrow the range"
+        ),
+    )
 }
 
 /// The bucket size and range that read `[from, to)` whole: `from` floored and `to` ceiled to
@@ -334,6 +366,53 @@ pub fn plan_range(
     Ok((g, from, to))
 }
 
+/// A read of one bucket size over `[from, to)`.
+pub type Segment = (Granularity, i64, i64);
+
+/// [`plan_range`]'s range cut into the fewest reads: the whole days in it from day buckets,
+/// the whole hours left at either end from hour buckets, and the rest from the size
+/// `plan_range` chose; each coarser size only where it is still kept. A month's top spenders
+/// then read about 30 day buckets and a few dozen hour buckets rather than 720 hour buckets.
+pub fn plan_segments(
+    from: i64,
+    to: i64,
+    now: i64,
+    settings: &RecordSettings,
+) -> Result<(i64, i64, Vec<Segment>), QueryError> {
+    let (finest, from, to) = plan_range(from, to, now, settings)?;
+    let mut out = Vec::new();
+    tile(from, to, finest, now, settings, &mut out);
+    Ok((from, to, out))
+}
+
+fn tile(
+    from: i64,
+    to: i64,
+    finest: Granularity,
+    now: i64,
+    settings: &RecordSettings,
+    out: &mut Vec<Segment>,
+) {
+    if from >= to {
+        return;
+    }
+    for g in [Granularity::Day, Granularity::Hour] {
+        if g <= finest {
+            continue;
+        }
+        let unit = g.millis();
+        let (a, b) = (from.div_euclid(unit) * unit, to.div_euclid(unit) * unit);
+        let a = if a < from { a + unit } else { a };
+        if a < b && !expired_at(settings, g, a, now) {
+            tile(from, a, finest, now, settings, out);
+            out.push((g, a, b));
+            tile(b, to, finest, now, settings, out);
+            return;
+        }
+    }
+    out.push((finest, from, to));
+}
+
 /// `[from, to)` widened to whole units of `unit` ms.
 fn widen(from: i64, to: i64, unit: i64) -> (i64, i64) {
     (
@@ -351,16 +430,23 @@ pub struct TopRow {
 
 /// The `limit` values of `by` that spent the most units (then the most requests, then by
 /// value), from rows that pass `filter`.
-pub fn top(
-    rows: &[(i64, SeriesKey, Measures)],
-    by: &str,
-    filter: &SeriesFilter,
-    limit: usize,
-) -> Vec<TopRow> {
+pub fn top(scans: &[BucketScan], by: &str, filter: &SeriesFilter, limit: usize) -> Vec<TopRow> {
     let mut sums: BTreeMap<Option<&str>, Measures> = BTreeMap::new();
-    for (_, key, m) in rows {
-        if filter.matches(key) {
-            sums.entry(attribute(key, by)).or_default().add(m);
+    for scan in scans {
+        // Each series' own total first (one pass over the rows), then one filter and lookup
+        // per series.
+        let mut per_series = vec![Measures::default(); scan.series.len()];
+        for (_, bucket) in &scan.buckets {
+            for (id, m) in bucket.iter() {
+                if let Some(total) = per_series.get_mut(*id as usize) {
+                    total.add(m);
+                }
+            }
+        }
+        for (key, m) in scan.series.iter().zip(&per_series) {
+            if *m != Measures::default() && filter.matches(key) {
+                sums.entry(attribute(key, by)).or_default().add(m);
+            }
         }
     }
     let mut out: Vec<TopRow> = sums
@@ -570,6 +656,7 @@ mod tests {
             granularity: Granularity::Minute,
             ..plan
         };
+        let rows = BucketScan::from_rows(rows);
         let out = group_history(&query, &plan_min, &rows, 100).unwrap();
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].group, vec![("userId".into(), Some("u1".into()))]);
@@ -588,6 +675,7 @@ mod tests {
             (0, series("u2"), units(9)),
             (60_000, series("u1"), units(7)),
         ];
+        let rows = [BucketScan::from_rows(rows)];
         let out = top(&rows, "userId", &SeriesFilter::default(), 10);
         assert_eq!(out[0].value.as_deref(), Some("u1"));
         assert_eq!(out[0].measures.units, 12);
@@ -638,6 +726,79 @@ mod tests {
         .unwrap();
         assert_eq!((g, from), (Granularity::Hour, ms("2026-03-01T10:00:00Z")));
         let _ = D;
+    }
+
+    #[test]
+    fn segments_read_whole_days_and_hours_from_the_coarsest_buckets() {
+        let week = RecordSettings {
+            retention_millis: [7 * D, 90 * D, 730 * D],
+            ..RecordSettings::default()
+        };
+        let now = ms("2026-03-10T12:00:00Z");
+        let (from, to, segs) = plan_segments(
+            ms("2026-03-07T22:30:00Z"),
+            ms("2026-03-10T11:45:10Z"),
+            now,
+            &week,
+        )
+        .unwrap();
+        assert_eq!(
+            (from, to),
+            (ms("2026-03-07T22:30:00Z"), ms("2026-03-10T11:46:00Z"))
+        );
+        assert_eq!(
+            segs,
+            vec![
+                (
+                    Granularity::Minute,
+                    ms("2026-03-07T22:30:00Z"),
+                    ms("2026-03-07T23:00:00Z")
+                ),
+                (
+                    Granularity::Hour,
+                    ms("2026-03-07T23:00:00Z"),
+                    ms("2026-03-08T00:00:00Z")
+                ),
+                (
+                    Granularity::Day,
+                    ms("2026-03-08T00:00:00Z"),
+                    ms("2026-03-10T00:00:00Z")
+                ),
+                (
+                    Granularity::Hour,
+                    ms("2026-03-10T00:00:00Z"),
+                    ms("2026-03-10T11:00:00Z")
+                ),
+                (
+                    Granularity::Minute,
+                    ms("2026-03-10T11:00:00Z"),
+                    ms("2026-03-10T11:46:00Z")
+                ),
+            ]
+        );
+        // Segments tile the range exactly, without gaps or overlaps.
+        assert!(segs.windows(2).all(|w| w[0].2 == w[1].1));
+        // Past the minute retention, the ends are widened to hours and only hours and days
+        // are read.
+        let s = RecordSettings::default();
+        let (from, _, segs) = plan_segments(
+            ms("2026-02-01T10:10:00Z"),
+            ms("2026-03-01T00:00:00Z"),
+            now,
+            &s,
+        )
+        .unwrap();
+        assert_eq!(from, ms("2026-02-01T10:00:00Z"));
+        assert_eq!(segs.len(), 2);
+        assert_eq!(segs[0].0, Granularity::Hour);
+        assert_eq!(
+            segs[1],
+            (
+                Granularity::Day,
+                ms("2026-02-02T00:00:00Z"),
+                ms("2026-03-01T00:00:00Z")
+            )
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::core::counter::{CounterKey, CounterSpec};
 use crate::core::credits::GrantBalance;
 use crate::core::ledger::{CloseResult, Closing, KeyRetention, Ledger};
 use crate::core::plan::{Plan, Usage};
-use crate::core::rollup::{Granularity, Measures, RecordSettings, SeriesKey};
+use crate::core::rollup::{BucketScan, Granularity, RecordSettings};
 use crate::core::{Name, Sym, Timestamp};
 
 /// One customer's ledger and, in a journaled store, the commit it waits in.
@@ -488,7 +488,7 @@ impl CounterStore for MemoryStore {
         g: Granularity,
         from: i64,
         to: i64,
-    ) -> Result<Vec<(i64, SeriesKey, Measures)>, StoreError> {
+    ) -> Result<BucketScan, StoreError> {
         Ok(self
             .existing(customer.sym())
             .map(|b| b.lock().ledger.rollups().scan(g, from, to))

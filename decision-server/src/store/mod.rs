@@ -16,7 +16,7 @@ use crate::core::alerts::Delivery;
 use crate::core::counter::CounterKey;
 use crate::core::credits::GrantBalance;
 use crate::core::plan::{Plan, Usage};
-use crate::core::rollup::{Granularity, Measures, RecordSettings, SeriesKey};
+use crate::core::rollup::{BucketScan, Granularity, RecordSettings};
 use crate::core::{Name, Timestamp};
 use events::EventPage;
 
@@ -197,15 +197,14 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
     /// Sets how usage records are kept (the engine calls it with each model in force).
     fn configure_records(&self, settings: RecordSettings);
 
-    /// `customer`'s rollup buckets of size `g` starting in `[from, to)` (ms), as (bucket
-    /// start, series, measures).
+    /// `customer`'s rollup buckets of size `g` starting in `[from, to)` (ms).
     async fn usage_buckets(
         &self,
         customer: Name,
         g: Granularity,
         from: i64,
         to: i64,
-    ) -> Result<Vec<(i64, SeriesKey, Measures)>, StoreError>;
+    ) -> Result<BucketScan, StoreError>;
 
     /// Up to `max` events of the usage stream after cursor `after` (an event id this store
     /// gave), of `customer` only or of every customer, oldest first.

@@ -25,7 +25,8 @@ mod wire;
 
 use super::events::{EventPage, StreamEvent, StreamRetention};
 use crate::core::alerts::Delivery;
-use crate::core::rollup::{Granularity, Measures, RecordSettings, SeriesKey};
+use crate::core::rollup::{BucketScan, Granularity, Measures, RecordSettings, SeriesKey};
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -405,24 +406,35 @@ impl CounterStore for RedisStore {
         g: Granularity,
         from: i64,
         to: i64,
-    ) -> Result<Vec<(i64, SeriesKey, Measures)>, StoreError> {
+    ) -> Result<BucketScan, StoreError> {
         let keys = self.keys(customer);
         let mut inv = self.invocation(&keys, "buckets", Timestamp::default());
         let from = from.div_euclid(g.millis()) * g.millis();
         inv.arg(g.index() + 1).arg(from).arg(to);
         let reply = self.run(customer.sym(), &inv).await?;
-        reply
-            .get(HEADER..)
-            .unwrap_or(&[])
-            .chunks(3)
-            .map(|row| match row {
-                [start, Value::BulkString(series), Value::BulkString(m)] => {
-                    Some((int(start)?, decode_series(series)?, measures_of(m)?))
+        // A series comes back once per bucket it is in: each distinct encoding is decoded once.
+        let mut decoded: FxHashMap<&[u8], SeriesKey> = FxHashMap::default();
+        let mut rows = Vec::new();
+        for row in reply.get(HEADER..).unwrap_or(&[]).chunks(3) {
+            let [start, Value::BulkString(series), Value::BulkString(m)] = row else {
+                return Err(bad_reply(
+                    "buckets: a row that is not (start, series, measures)",
+                ));
+            };
+            let key = match decoded.get(series.as_slice()) {
+                Some(k) => k.clone(),
+                None => {
+                    let k = decode_series(series)
+                        .ok_or_else(|| bad_reply("buckets: a series that does not decode"))?;
+                    decoded.insert(series.as_slice(), k.clone());
+                    k
                 }
-                _ => None,
-            })
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| bad_reply("buckets: a row that does not decode"))
+            };
+            let start = int(start).ok_or_else(|| bad_reply("buckets: a bad bucket start"))?;
+            let m = measures_of(m).ok_or_else(|| bad_reply("buckets: bad measures"))?;
+            rows.push((start, key, m));
+        }
+        Ok(BucketScan::from_rows(rows))
     }
 
     async fn claim_alert(
