@@ -57,5 +57,6 @@ stop_sidecars
   --storage "kind: redis, url: \"redis://127.0.0.1:$redis_port/\", timeoutMs: 1000" > "$work/redis.yaml"
 start_sidecar a "$work/redis.yaml"
 start_sidecar b "$work/redis.yaml"
-"$LOAD" stream-delay --settle-addr "$(addr_of a grpc)" --watch-addr "$(addr_of b grpc)" --label redis-2rep
+"$LOAD" stream-delay --settle-addr "$(addr_of a grpc)" --watch-addr "$(addr_of b grpc)" \
+  --calls 200 --interval-ms 250 --label redis-2rep
 stop_sidecars

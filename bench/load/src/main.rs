@@ -91,7 +91,8 @@ enum Cmd {
         watch_addr: String,
         #[arg(long, default_value_t = 500)]
         calls: u64,
-        /// Pause between calls, so each delay is measured on a quiet stream.
+        /// Mean pause between calls (each drawn from [0, 2 x this)), so each delay is measured
+        /// on a quiet stream.
         #[arg(long, default_value_t = 20)]
         interval_ms: u64,
         #[arg(long, default_value = "stream")]
@@ -540,6 +541,7 @@ async fn stream_delay(
     }
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut lost = 0u64;
+    let mut rng = Rng(0x5eed);
     for i in 0..calls {
         let answer = decide
             .check(operator(DecideRequest {
@@ -576,7 +578,10 @@ async fn stream_delay(
             }
             _ => lost += 1,
         }
-        tokio::time::sleep(Duration::from_millis(interval_ms)).await;
+        // A pause drawn from [0, 2 x interval): calls land anywhere in a replica's poll
+        // period, not in step with it.
+        let pause = rng.next() % (2 * interval_ms).max(1);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
     }
     let q = |p: f64| hist.value_at_quantile(p) as f64 / 1000.0;
     println!(

@@ -4,6 +4,7 @@
 use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, BinaryHeap};
+use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
@@ -283,7 +284,7 @@ impl Ledger {
             self.emitted.push(UsageRecord {
                 kind,
                 at,
-                series: key.clone(),
+                series: Arc::clone(key),
                 measures,
                 reference,
             });

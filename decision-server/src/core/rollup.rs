@@ -3,6 +3,7 @@
 //! dimensions), and the per-customer rollups of records in minute, hour and day buckets.
 
 use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -203,7 +204,7 @@ impl SeriesKey {
 
 /// A decision's series before its dimension values are folded: known when the plan is made,
 /// folded by the store that keeps the customer's distinct values.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct SeriesDraft {
     pub feature: Name,
     /// The chain, as `<type>Id` → entity id; never folded (entities are bounded already).
@@ -213,6 +214,23 @@ pub struct SeriesDraft {
 }
 
 impl SeriesDraft {
+    /// Whether `key` is exactly the key this draft makes unfolded (with `denied_by`): every
+    /// chain level and dimension with its own value, and nothing else.
+    fn made(&self, key: &SeriesKey, denied_by: Option<Name>) -> bool {
+        let expected = self.chain.len() + self.dimensions.len() + usize::from(denied_by.is_some());
+        key.attrs.len() == expected
+            && *key.feature == *self.feature.as_str()
+            && self
+                .chain
+                .iter()
+                .all(|(k, v)| key.get(k.as_str()) == Some(v.as_str()))
+            && self
+                .dimensions
+                .iter()
+                .all(|(k, v)| key.get(k.as_str()) == Some(&**v))
+            && denied_by.is_none_or(|l| key.get(DENIED_BY) == Some(l.as_str()))
+    }
+
     /// The series key, dimension values passed through `fold`, sorted; for a denial, with the
     /// blocking limit as [`DENIED_BY`].
     pub fn key_with(
@@ -249,7 +267,8 @@ impl SeriesDraft {
 pub struct UsageRecord {
     pub kind: RecordKind,
     pub at: Timestamp,
-    pub series: SeriesKey,
+    /// Shared with the rollups (and every other record of the series).
+    pub series: Arc<SeriesKey>,
     pub measures: Measures,
     pub reference: RecordRef,
 }
@@ -355,6 +374,10 @@ impl BucketScan {
 pub struct Rollups {
     ids: FxHashMap<Arc<SeriesKey>, u32>,
     series: Vec<Arc<SeriesKey>>,
+    /// A draft's hash (with its blocking limit) → the series it made: a known series is found
+    /// without building its key (which allocates every string). Verified against the key, so
+    /// a collision costs only the slow path.
+    drafts: FxHashMap<u64, u32>,
     values: FxHashMap<Box<str>, FxHashSet<Box<str>>>,
     /// Shared with readers: a query takes the buckets it reads by reference count under the
     /// customer's lock and sums them after releasing it, so a long query never stalls that
@@ -439,11 +462,26 @@ impl Rollups {
         denied_by: Option<Name>,
         max_values: usize,
     ) -> u32 {
+        let hash = {
+            let mut h = rustc_hash::FxHasher::default();
+            (draft, denied_by).hash(&mut h);
+            h.finish()
+        };
+        if let Some(id) = self.drafts.get(&hash)
+            && self
+                .series
+                .get(*id as usize)
+                .is_some_and(|k| draft.made(k, denied_by))
+        {
+            return *id;
+        }
         let mut folded = 0;
         let values = &mut self.values;
         let key = draft.key_with(denied_by, |k, v| {
             let seen = values.entry(k.into()).or_default();
-            if seen.contains(v) || seen.len() < max_values {
+            if seen.contains(v) {
+                v.into()
+            } else if seen.len() < max_values {
                 seen.insert(v.into());
                 v.into()
             } else {
@@ -453,12 +491,14 @@ impl Rollups {
         });
         self.folded += folded;
         if let Some(id) = self.ids.get(&key) {
+            self.drafts.entry(hash).or_insert(*id);
             return *id;
         }
         let id = u32::try_from(self.series.len()).unwrap_or(u32::MAX);
         let key = Arc::new(key);
         self.ids.insert(Arc::clone(&key), id);
         self.series.push(key);
+        self.drafts.entry(hash).or_insert(id);
         if let Some(d) = self.dirty.as_mut() {
             d.series.push(id);
         }
@@ -515,8 +555,8 @@ impl Rollups {
     }
 
     /// The key of series `id`.
-    pub fn key(&self, id: u32) -> Option<&SeriesKey> {
-        self.series.get(id as usize).map(Arc::as_ref)
+    pub fn key(&self, id: u32) -> Option<&Arc<SeriesKey>> {
+        self.series.get(id as usize)
     }
 
     pub fn series_count(&self) -> usize {

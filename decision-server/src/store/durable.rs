@@ -71,6 +71,11 @@ const HOLD_RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("hold_r
 /// The usage stream: event id → (customer, time, body).
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("usage_events");
 
+/// A stream event waiting for the next commit: id, customer, time, body.
+type JournalEvent = (u64, Sym, Timestamp, Arc<EventBody>);
+/// A stream event read back from the file.
+type KeptEvent = (u64, crate::core::Name, Timestamp, Arc<EventBody>);
+
 /// A bucket row's key after the customer: size, start, series id, in an order that sorts by
 /// size then time.
 fn bucket_key(customer: &str, g: Granularity, start: i64, id: u32) -> Vec<u8> {
@@ -188,7 +193,7 @@ struct Log {
     done: Condvar,
     /// Stream events waiting for the next commit. Taken after the ledgers' changes, so a
     /// commit holds the events of every change it holds (and perhaps a few of the next).
-    events: Mutex<Vec<(u64, Sym, Timestamp, EventBody)>>,
+    events: Mutex<Vec<JournalEvent>>,
     retention: StreamRetention,
 }
 
@@ -232,7 +237,7 @@ impl Journal for FileJournal {
         self
     }
 
-    fn events(&self, customer: Sym, events: Vec<(u64, (Timestamp, EventBody))>) {
+    fn events(&self, customer: Sym, events: Vec<(u64, (Timestamp, Arc<EventBody>))>) {
         let mut pending = self.log.events.lock();
         pending.extend(
             events
@@ -348,7 +353,7 @@ impl<'a> Batch<'a> {
 fn commit(
     db: &Database,
     batch: &[Entry],
-    events: &[(u64, Sym, Timestamp, EventBody)],
+    events: &[JournalEvent],
     retention: StreamRetention,
 ) -> Result<(), redb::Error> {
     let mut rows = Batch::default();
@@ -442,7 +447,7 @@ fn commit(
 fn write_usage(
     txn: &redb::WriteTransaction,
     rows: &Batch<'_>,
-    events: &[(u64, Sym, Timestamp, EventBody)],
+    events: &[JournalEvent],
     retention: StreamRetention,
 ) -> Result<(), redb::Error> {
     let mut series = txn.open_table(SERIES)?;
@@ -782,10 +787,7 @@ fn restore(db: &Database, path: &Path) -> Result<Vec<(String, Ledger)>, OpenErro
 }
 
 /// The stream events kept, oldest first.
-fn restore_events(
-    db: &Database,
-    path: &Path,
-) -> Result<Vec<(u64, crate::core::Name, Timestamp, EventBody)>, OpenError> {
+fn restore_events(db: &Database, path: &Path) -> Result<Vec<KeptEvent>, OpenError> {
     let open = |e: redb::Error| OpenError::Open {
         path: path.to_path_buf(),
         source: Box::new(e),
@@ -803,7 +805,7 @@ fn restore_events(
             k.value(),
             crate::core::Name::from(customer.as_str()),
             Timestamp::from_millis(at),
-            body,
+            Arc::new(body),
         ));
     }
     Ok(out)

@@ -98,7 +98,10 @@ impl EventLog {
     }
 
     /// Puts back events a durable store kept, oldest first.
-    pub fn restore(&self, events: impl IntoIterator<Item = (u64, Name, Timestamp, EventBody)>) {
+    pub fn restore(
+        &self,
+        events: impl IntoIterator<Item = (u64, Name, Timestamp, Arc<EventBody>)>,
+    ) {
         let mut inner = self.inner.lock();
         for (id, customer, at, body) in events {
             inner.next = inner.next.max(id + 1);
@@ -106,7 +109,7 @@ impl EventLog {
                 id,
                 customer,
                 at,
-                body: Arc::new(body),
+                body,
             });
         }
     }
@@ -115,7 +118,7 @@ impl EventLog {
     pub fn push(
         &self,
         customer: Name,
-        bodies: Vec<(Timestamp, EventBody)>,
+        bodies: Vec<(Timestamp, Arc<EventBody>)>,
         now: Timestamp,
     ) -> Vec<u64> {
         if bodies.is_empty() {
@@ -130,7 +133,7 @@ impl EventLog {
                 id,
                 customer,
                 at,
-                body: Arc::new(body),
+                body,
             });
             ids.push(id);
         }
@@ -210,8 +213,22 @@ mod tests {
         let acme: Name = "acme".into();
         let globex: Name = "globex".into();
         let now = Timestamp::from_millis(1_000);
-        let a = log.push(acme, vec![alert(1), alert(2)], now);
-        let g = log.push(globex, vec![alert(3)], now);
+        let a = log.push(
+            acme,
+            vec![alert(1), alert(2)]
+                .into_iter()
+                .map(|(t, b)| (t, Arc::new(b)))
+                .collect(),
+            now,
+        );
+        let g = log.push(
+            globex,
+            vec![alert(3)]
+                .into_iter()
+                .map(|(t, b)| (t, Arc::new(b)))
+                .collect(),
+            now,
+        );
         assert!(a[0] < a[1] && a[1] < g[0]);
         let all = log.read(None, None, 10);
         assert_eq!(all.events.len(), 3);
@@ -223,7 +240,14 @@ mod tests {
             millis: i64::MAX / 2,
             max_events: 2,
         });
-        log.push(acme, vec![alert(4)], now);
+        log.push(
+            acme,
+            vec![alert(4)]
+                .into_iter()
+                .map(|(t, b)| (t, Arc::new(b)))
+                .collect(),
+            now,
+        );
         let late = log.read(None, Some(a[0]), 10);
         assert!(late.gap, "the event after the cursor was dropped");
         assert_eq!(late.events.len(), 2);

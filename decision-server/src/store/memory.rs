@@ -60,7 +60,7 @@ pub(crate) trait Journal: Send + Sync + std::fmt::Debug {
 
     /// Called under the customer's lock with the stream events a call made, numbered; they
     /// are stored with the customer's next commit.
-    fn events(&self, customer: Sym, events: Vec<(u64, (Timestamp, EventBody))>);
+    fn events(&self, customer: Sym, events: Vec<(u64, (Timestamp, Arc<EventBody>))>);
 }
 
 /// Counters in process memory. Lost on restart unless journaled; the default for tests and
@@ -179,11 +179,15 @@ impl MemoryStore {
             // its calls ran.
             let bodies: Vec<_> = made
                 .into_iter()
-                .map(|r| (r.at, EventBody::Record(r)))
-                .chain(alerts.into_iter().map(|(at, a)| (at, EventBody::Alert(a))))
+                .map(|r| (r.at, Arc::new(EventBody::Record(r))))
+                .chain(
+                    alerts
+                        .into_iter()
+                        .map(|(at, a)| (at, Arc::new(EventBody::Alert(a)))),
+                )
                 .collect();
             let last = bodies.iter().map(|(at, _)| *at).max().unwrap_or_default();
-            let ids = self.events.push(Name::from(customer), bodies.clone(), last);
+            let ids = self.events.push(Name::from(customer), bodies.clone(), last); // clones Arcs only
             if let Some(journal) = &self.journal {
                 journal.events(customer, ids.into_iter().zip(bodies).collect());
             }

@@ -3,6 +3,8 @@
 //! states it packs with msgpack, and the argument group of one planned counter. Each name
 //! says which part of `redis.lua` it mirrors; change both together.
 
+use std::sync::Arc;
+
 use redis::{ScriptInvocation, Value};
 
 use crate::core::Timestamp;
@@ -337,7 +339,7 @@ fn decode_record(a: &[rmpv::Value]) -> Option<UsageRecord> {
     Some(UsageRecord {
         kind,
         at: Timestamp::from_millis(mp_int(a.get(1)?)?),
-        series,
+        series: Arc::new(series),
         measures: decode_measures(a.get(3)?)?,
         reference,
     })
