@@ -29,8 +29,10 @@ enum Command {
         /// The YAML config file.
         #[arg(long, short)]
         config: PathBuf,
-        /// Tokio worker threads; default one per core.
-        #[arg(long)]
+        /// Tokio worker threads. Default: the CPUs this process may use, which on Linux is the
+        /// cgroup CPU quota rounded down (at least 1) or the affinity mask, not the host's
+        /// core count. A pod sets it from its CPU limit (see `k8s/`).
+        #[arg(long, env = "TOLLGATE_WORKERS")]
         workers: Option<usize>,
     },
     /// Validate a config file: print every problem with its file and YAML path, exit non-zero
@@ -116,13 +118,26 @@ fn keygen(customer: Option<String>, gateway: Option<String>, id: Option<String>)
 }
 
 fn serve(config: PathBuf, workers: Option<usize>) -> anyhow::Result<()> {
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all();
-    if let Some(n) = workers {
-        runtime.worker_threads(n.max(1));
-    }
-    let runtime = runtime.build().context("cannot start the tokio runtime")?;
-    runtime.block_on(tollgate::server::run(config))
+    let workers = match workers {
+        Some(n) => tollgate::server::Workers {
+            threads: n.max(1),
+            from: "--workers / TOLLGATE_WORKERS",
+        },
+        // std reads the cgroup v2 `cpu.max` (or v1 CFS quota) and the affinity mask: in a
+        // container with a 1.5-CPU limit on a 32-core node this is 1, not 32. Oversizing
+        // hurt: on 2 cores beside the load, 2 workers made 28,700 checks/s and 1 made
+        // 50,800/s (bench/README.md).
+        None => tollgate::server::Workers {
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            from: "the CPU quota and affinity",
+        },
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(workers.threads)
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(tollgate::server::run(config, workers))
 }
 
 fn main() -> ExitCode {

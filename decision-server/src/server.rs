@@ -142,11 +142,23 @@ pub async fn build_service(loaded: Loaded) -> anyhow::Result<Arc<Service>> {
     Ok(service)
 }
 
+/// How many tokio worker threads the sidecar runs, and what set the number (for the log).
+#[derive(Debug, Clone, Copy)]
+pub struct Workers {
+    pub threads: usize,
+    pub from: &'static str,
+}
+
 /// Runs the sidecar until SIGTERM or SIGINT, then drains.
-pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
+pub async fn run(config_path: PathBuf, workers: Workers) -> anyhow::Result<()> {
     let text = config::read_path(&config_path).map_err(config_error)?;
     let loaded = config::load(&text, &config_path.display().to_string()).map_err(config_error)?;
     init_tracing(&loaded.server);
+    tracing::info!(
+        workers = workers.threads,
+        from = workers.from,
+        "tokio workers"
+    );
     let settings = loaded.server.clone();
     let service = build_service(loaded).await?;
 
