@@ -176,8 +176,8 @@ fn durable_tables(file: &std::path::Path, series: usize) {
     let db = loop {
         match redb::Database::open(file) {
             Ok(db) => break db,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
+            // The store's writer thread lets go of the file as it shuts down.
+            Err(_) if Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
             Err(e) => panic!("cannot reopen {}: {e}", file.display()),
@@ -234,12 +234,12 @@ async fn main_async() {
         _ => "kind: memory".to_string(),
     };
     let loaded = tollgate::config::load(&config(teams, &storage), "usage-bench.yaml").unwrap();
-    let store = tollgate::server::open_store(&loaded.server.storage)
-        .await
-        .unwrap();
     if let Storage::Redis(_) = loaded.server.storage {
         assert!(!redis_url.is_empty(), "STORE=redis needs REDIS_URL");
     }
+    let store = tollgate::server::open_store(&loaded.server.storage)
+        .await
+        .unwrap();
     let start = END_MS - days as i64 * DAY_MS;
     let clock = Arc::new(ManualClock::new(Timestamp::from_millis(start)));
     let engine = Engine::new(loaded.model, store, clock.clone())

@@ -125,8 +125,8 @@ fn serve(config: PathBuf, workers: Option<usize>) -> anyhow::Result<()> {
         },
         // std reads the cgroup v2 `cpu.max` (or v1 CFS quota) and the affinity mask: in a
         // container with a 1.5-CPU limit on a 32-core node this is 1, not 32. Oversizing
-        // hurt: on 2 cores beside the load, 2 workers made 28,700 checks/s and 1 made
-        // 50,800/s (bench/README.md).
+        // hurt: on 2 cores beside the load, 2 workers made about 21,700 checks/s and 1
+        // made about 24,500/s (bench/README.md).
         None => tollgate::server::Workers {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             from: "the CPU quota and affinity",

@@ -308,14 +308,7 @@ async fn run(args: &RunArgs, addr: &str) -> anyhow::Result<Outcome> {
     let mut clients = Vec::with_capacity(connections);
     for _ in 0..connections {
         clients.push(match args.target {
-            Target::ExtAuthz => {
-                let channel = Channel::from_shared(format!("http://{addr}"))?
-                    .tcp_nodelay(true)
-                    .connect()
-                    .await
-                    .with_context(|| format!("cannot connect to {addr}"))?;
-                Client::Grpc(AuthorizationClient::new(channel))
-            }
+            Target::ExtAuthz => Client::Grpc(AuthorizationClient::new(channel_to(addr).await?)),
             Target::Decide => Client::Decide(TollgateClient::new(channel_to(addr).await?)),
             Target::Http => Client::Http(
                 reqwest::Client::builder()
@@ -372,8 +365,8 @@ async fn run(args: &RunArgs, addr: &str) -> anyhow::Result<Outcome> {
                         Err(_) => false,
                     },
                     (Client::Decide(_), _) => match decide.as_mut() {
-                        Some(c) => match decide_and_settle(c, &customer, &user, args.usage).await {
-                            Ok(granted) => {
+                        Some(c) => match check_and_settle(c, &customer, &user, args.usage).await {
+                            Ok((granted, _)) => {
                                 if !granted {
                                     denied += 1;
                                 }
@@ -469,6 +462,17 @@ fn operator<T>(message: T) -> tonic::Request<T> {
     r
 }
 
+/// A decision request of the bench's feature for `user` of `customer`.
+fn decide_request(customer: &str, user: String, usage: u64) -> tonic::Request<DecideRequest> {
+    operator(DecideRequest {
+        customer_id: customer.to_string(),
+        feature_id: "ai-tokens".to_string(),
+        requested_usage: usage,
+        dimensions: [("userId".to_string(), user)].into(),
+        ..DecideRequest::default()
+    })
+}
+
 /// `Check` then, if granted, `Settle` at the requested usage. Returns whether it was granted
 /// and the hold id (empty on denial).
 async fn check_and_settle(
@@ -478,13 +482,7 @@ async fn check_and_settle(
     usage: u64,
 ) -> Result<(bool, String), tonic::Status> {
     let answer = c
-        .check(operator(DecideRequest {
-            customer_id: customer.to_string(),
-            feature_id: "ai-tokens".to_string(),
-            requested_usage: usage,
-            dimensions: [("userId".to_string(), user.to_string())].into(),
-            ..DecideRequest::default()
-        }))
+        .check(decide_request(customer, user.to_string(), usage))
         .await?
         .into_inner();
     if answer.is_granted && !answer.hold_id.is_empty() {
@@ -496,15 +494,6 @@ async fn check_and_settle(
         .await?;
     }
     Ok((answer.is_granted, answer.hold_id))
-}
-
-async fn decide_and_settle(
-    c: &mut TollgateClient<Channel>,
-    customer: &str,
-    user: &str,
-    usage: u64,
-) -> Result<bool, tonic::Status> {
-    Ok(check_and_settle(c, customer, user, usage).await?.0)
 }
 
 /// See `Cmd::StreamDelay`. The delay runs from just before the `Settle` is sent to the
@@ -544,13 +533,7 @@ async fn stream_delay(
     let mut rng = Rng(0x5eed);
     for i in 0..calls {
         let answer = decide
-            .check(operator(DecideRequest {
-                customer_id: customer.to_string(),
-                feature_id: "ai-tokens".to_string(),
-                requested_usage: 5,
-                dimensions: [("userId".to_string(), format!("u{}", i % 100))].into(),
-                ..DecideRequest::default()
-            }))
+            .check(decide_request(customer, format!("u{}", i % 100), 5))
             .await?
             .into_inner();
         anyhow::ensure!(answer.is_granted, "call {i} was denied");

@@ -259,8 +259,7 @@ pub fn group_history(
     // Each series' group is worked out once (its filter and its groupBy values), then every
     // row costs an index and an addition: a month of hour buckets is millions of rows.
     let mut group_of: Vec<Option<Option<usize>>> = vec![None; scan.series.len()];
-    let mut index: FxHashMap<Vec<Option<&str>>, usize> = FxHashMap::default();
-    let mut groups: Vec<(Vec<Option<&str>>, Vec<Measures>)> = Vec::new();
+    let mut groups = Groups::default();
     for (start, bucket) in &scan.buckets {
         let i = starts.partition_point(|s| s <= start);
         let Some(slot) = i.checked_sub(1) else {
@@ -278,34 +277,17 @@ pub fn group_history(
             };
             let g = match cached {
                 Some(g) => *g,
-                None => {
-                    let g = if q.filter.matches(key) {
-                        let values: Vec<Option<&str>> =
-                            q.group_by.iter().map(|k| attribute(key, k)).collect();
-                        let next = groups.len();
-                        let g = *index.entry(values.clone()).or_insert(next);
-                        if g == next {
-                            if (next + 1).saturating_mul(plan.windows.len()) > max_points {
-                                return Err(too_many_points(max_points, plan.windows.len()));
-                            }
-                            groups.push((values, vec![Measures::default(); plan.windows.len()]));
-                        }
-                        Some(g)
-                    } else {
-                        None
-                    };
-                    *cached = Some(g);
-                    g
-                }
+                None => *cached.insert(groups.of(q, key, plan.windows.len(), max_points)?),
             };
             if let Some(p) = g
-                .and_then(|g| groups.get_mut(g))
+                .and_then(|g| groups.rows.get_mut(g))
                 .and_then(|(_, points)| points.get_mut(slot))
             {
                 p.add(m);
             }
         }
     }
+    let mut groups = groups.rows;
     groups.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(groups
         .into_iter()
@@ -326,14 +308,44 @@ pub fn group_history(
         .collect())
 }
 
-fn too_many_points(max_points: usize, windows: usize) -> QueryError {
-    QueryError::new(
-        "groupBy",
-        format!(
-            "the answer would hold more than {max_points} points ({windows} windows per \
-             series); group by fewer keys, filter, or narrow the range"
-        ),
-    )
+/// The groups of a history answer: each distinct `groupBy` tuple and its points.
+#[derive(Default)]
+struct Groups<'k> {
+    index: FxHashMap<Vec<Option<&'k str>>, usize>,
+    rows: Vec<(Vec<Option<&'k str>>, Vec<Measures>)>,
+}
+
+impl<'k> Groups<'k> {
+    /// The group series `key` adds to (`None` when the filter leaves it out), made if new;
+    /// an error if one more group would take the answer past `max_points`.
+    fn of(
+        &mut self,
+        q: &HistoryQuery,
+        key: &'k SeriesKey,
+        windows: usize,
+        max_points: usize,
+    ) -> Result<Option<usize>, QueryError> {
+        if !q.filter.matches(key) {
+            return Ok(None);
+        }
+        let values: Vec<Option<&str>> = q.group_by.iter().map(|k| attribute(key, k)).collect();
+        if let Some(g) = self.index.get(&values) {
+            return Ok(Some(*g));
+        }
+        let next = self.rows.len();
+        if (next + 1).saturating_mul(windows) > max_points {
+            return Err(QueryError::new(
+                "groupBy",
+                format!(
+                    "the answer would hold more than {max_points} points ({windows} windows per \
+                     series); group by fewer keys, filter, or narrow the range"
+                ),
+            ));
+        }
+        self.index.insert(values.clone(), next);
+        self.rows.push((values, vec![Measures::default(); windows]));
+        Ok(Some(next))
+    }
 }
 
 /// The bucket size and range that read `[from, to)` whole: `from` floored and `to` ceiled to

@@ -200,10 +200,10 @@ impl EventLog {
 mod tests {
     use super::*;
 
-    fn alert(n: u32) -> (Timestamp, EventBody) {
+    fn alert(n: u32) -> (Timestamp, Arc<EventBody>) {
         (
             Timestamp::from_millis(1_000),
-            EventBody::Alert(n.to_string()),
+            Arc::new(EventBody::Alert(n.to_string())),
         )
     }
 
@@ -213,22 +213,8 @@ mod tests {
         let acme: Name = "acme".into();
         let globex: Name = "globex".into();
         let now = Timestamp::from_millis(1_000);
-        let a = log.push(
-            acme,
-            vec![alert(1), alert(2)]
-                .into_iter()
-                .map(|(t, b)| (t, Arc::new(b)))
-                .collect(),
-            now,
-        );
-        let g = log.push(
-            globex,
-            vec![alert(3)]
-                .into_iter()
-                .map(|(t, b)| (t, Arc::new(b)))
-                .collect(),
-            now,
-        );
+        let a = log.push(acme, vec![alert(1), alert(2)], now);
+        let g = log.push(globex, vec![alert(3)], now);
         assert!(a[0] < a[1] && a[1] < g[0]);
         let all = log.read(None, None, 10);
         assert_eq!(all.events.len(), 3);
@@ -240,14 +226,7 @@ mod tests {
             millis: i64::MAX / 2,
             max_events: 2,
         });
-        log.push(
-            acme,
-            vec![alert(4)]
-                .into_iter()
-                .map(|(t, b)| (t, Arc::new(b)))
-                .collect(),
-            now,
-        );
+        log.push(acme, vec![alert(4)], now);
         let late = log.read(None, Some(a[0]), 10);
         assert!(late.gap, "the event after the cursor was dropped");
         assert_eq!(late.events.len(), 2);

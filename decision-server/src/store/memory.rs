@@ -187,8 +187,10 @@ impl MemoryStore {
                 )
                 .collect();
             let last = bodies.iter().map(|(at, _)| *at).max().unwrap_or_default();
-            let ids = self.events.push(Name::from(customer), bodies.clone(), last); // clones Arcs only
-            if let Some(journal) = &self.journal {
+            // The journal shares the bodies (a copy of the Arcs, only when there is one).
+            let journaled = self.journal.as_ref().map(|j| (j, bodies.clone()));
+            let ids = self.events.push(Name::from(customer), bodies, last);
+            if let Some((journal, bodies)) = journaled {
                 journal.events(customer, ids.into_iter().zip(bodies).collect());
             }
         }
