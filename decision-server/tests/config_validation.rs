@@ -573,13 +573,27 @@ fn redis_storage_settings() {
     assert_eq!(
         storage_errors("{ kind: redis }"),
         [
-            "tollgate.yaml: server.storage.url: `kind: redis` needs `url` (one node) or `cluster` (node URLs)"
+            "tollgate.yaml: server.storage.url: `kind: redis` needs `url` (one node), `urlEnv` or `cluster` (node URLs)"
         ]
     );
+    let one_of = "tollgate.yaml: server.storage.url: give one of `url` (one node), `urlEnv` (one node, URL from the environment) or `cluster` (node URLs)";
     assert_eq!(
         storage_errors("{ kind: redis, url: \"redis://a/\", cluster: [\"redis://b/\"] }"),
+        [one_of]
+    );
+    assert_eq!(
+        storage_errors("{ kind: redis, url: \"redis://a/\", urlEnv: REDIS_URL }"),
+        [one_of]
+    );
+    // The URL itself is read when the store connects, so a config names the variable only.
+    assert_eq!(
+        storage_errors("{ kind: redis, urlEnv: TOLLGATE_REDIS_URL }"),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        storage_errors("{ kind: redis, urlEnv: \"redis://a/\" }"),
         [
-            "tollgate.yaml: server.storage.url: give either `url` (one node) or `cluster` (node URLs), not both"
+            "tollgate.yaml: server.storage.urlEnv: `redis://a/` is not an environment variable name (letters, digits, `_`)"
         ]
     );
     assert_eq!(

@@ -425,3 +425,39 @@ fn an_unreachable_redis_at_start_is_refused_with_the_address() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_from_the_environment_connects_and_never_shows_in_errors() {
+    let redis = RedisServer::start();
+    let storage = "{ kind: redis, urlEnv: TOLLGATE_REDIS_URL, prefix: tgenv, timeoutMs: 5000 }";
+    let s =
+        Sidecar::start_with_env(&config(storage), &[("TOLLGATE_REDIS_URL", &redis.url())]).unwrap();
+    let mut client = AuthorizationClient::connect(format!("http://{}", s.ext_authz))
+        .await
+        .unwrap();
+    let answer = client.check(check("alice", 5)).await.unwrap();
+    assert_eq!(answer.get_ref().status.as_ref().unwrap().code, 0);
+    assert_eq!(
+        org_counter(&s).await,
+        5,
+        "the decision was counted in Redis"
+    );
+
+    // A URL with a password to a port nothing listens on: the error names the variable.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.yaml");
+    std::fs::write(&path, config(storage)).unwrap();
+    let url = format!("redis://:s3cret-pass@127.0.0.1:{}/", common::free_port());
+    let err = Sidecar::refused_start_with_env(&path, &[("TOLLGATE_REDIS_URL", &url)]).unwrap();
+    assert!(
+        err.contains("cannot connect to the URL in $TOLLGATE_REDIS_URL"),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret-pass"), "the password leaked: {err}");
+    // Unset: refused, saying which variable.
+    let err = Sidecar::refused_start_with_env(&path, &[]).unwrap();
+    assert!(
+        err.contains("`server.storage.urlEnv` names `TOLLGATE_REDIS_URL`, which is not set"),
+        "{err}"
+    );
+}

@@ -146,6 +146,10 @@ pub struct StorageDto {
     /// `kind: redis`: the node's URL, `redis://host:port/db` (or `rediss://` for TLS).
     #[serde(default)]
     pub url: Option<String>,
+    /// `kind: redis`: the environment variable holding the node's URL (instead of `url`), for
+    /// a URL with a password kept in a Secret; read when the store connects.
+    #[serde(default)]
+    pub url_env: Option<String>,
     /// `kind: redis`: URLs of some nodes of a Redis Cluster (instead of `url`).
     #[serde(default)]
     pub cluster: Vec<String>,
@@ -476,20 +480,34 @@ pub enum Storage {
 /// The Redis settings of `kind: redis`, every problem pushed to `errors`.
 fn redis_settings(dto: &StorageDto, errors: &mut Errors<'_>) -> crate::store::RedisSettings {
     use crate::store::RedisTarget;
-    let target = match (&dto.url, dto.cluster.is_empty()) {
-        (Some(url), true) => RedisTarget::Node(url.clone()),
-        (None, false) => RedisTarget::Cluster(dto.cluster.clone()),
-        (Some(_), false) => {
+    let given = [
+        dto.url.is_some(),
+        dto.url_env.is_some(),
+        !dto.cluster.is_empty(),
+    ];
+    let target = match (&dto.url, &dto.url_env) {
+        _ if given.iter().filter(|g| **g).count() > 1 => {
             errors.push(
                 "server.storage.url",
-                "give either `url` (one node) or `cluster` (node URLs), not both",
+                "give one of `url` (one node), `urlEnv` (one node, URL from the environment) or `cluster` (node URLs)",
             );
             RedisTarget::Node(String::new())
         }
-        (None, true) => {
+        (Some(url), _) => RedisTarget::Node(url.clone()),
+        (_, Some(var)) => {
+            if var.is_empty() || !var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                errors.push(
+                    "server.storage.urlEnv",
+                    format!("`{var}` is not an environment variable name (letters, digits, `_`)"),
+                );
+            }
+            RedisTarget::NodeFromEnv(var.clone())
+        }
+        _ if !dto.cluster.is_empty() => RedisTarget::Cluster(dto.cluster.clone()),
+        _ => {
             errors.push(
                 "server.storage.url",
-                "`kind: redis` needs `url` (one node) or `cluster` (node URLs)",
+                "`kind: redis` needs `url` (one node), `urlEnv` or `cluster` (node URLs)",
             );
             RedisTarget::Node(String::new())
         }
@@ -497,6 +515,7 @@ fn redis_settings(dto: &StorageDto, errors: &mut Errors<'_>) -> crate::store::Re
     let urls = match &target {
         RedisTarget::Node(u) => std::slice::from_ref(u),
         RedisTarget::Cluster(us) => us.as_slice(),
+        RedisTarget::NodeFromEnv(_) => &[],
     };
     for u in urls.iter().filter(|u| !u.is_empty()) {
         if !(u.starts_with("redis://") || u.starts_with("rediss://")) {

@@ -28,30 +28,39 @@ pub struct Sidecar {
 impl Sidecar {
     /// Starts `tollgate serve` on `config_text`, whose `server.listeners` should use port 0.
     pub fn start(config_text: &str) -> anyhow::Result<Self> {
-        Self::start_limited(config_text, None)
+        Self::start_limited(config_text, None, &[])
     }
 
     /// Starts `tollgate serve` on `config_text` with at most `fds` file descriptors (soft and
     /// hard limit, set by util-linux's `prlimit`).
     pub fn start_with_fd_limit(config_text: &str, fds: u64) -> anyhow::Result<Self> {
-        Self::start_limited(config_text, Some(fds))
+        Self::start_limited(config_text, Some(fds), &[])
     }
 
-    fn start_limited(config_text: &str, fds: Option<u64>) -> anyhow::Result<Self> {
+    /// Starts `tollgate serve` on `config_text` with these extra environment variables.
+    pub fn start_with_env(config_text: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::start_limited(config_text, None, env)
+    }
+
+    fn start_limited(
+        config_text: &str,
+        fds: Option<u64>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir().context("cannot make a temp dir")?;
         let config = dir.path().join("tollgate.yaml");
         std::fs::write(&config, config_text).context("cannot write the sidecar config")?;
-        let mut s = Self::launch(config, fds)?;
+        let mut s = Self::launch(config, fds, env)?;
         s._dir = Some(dir);
         Ok(s)
     }
 
     /// Starts `tollgate serve` on an existing config file (a restart uses the same file).
     pub fn start_at(config: &Path) -> anyhow::Result<Self> {
-        Self::launch(config.to_path_buf(), None)
+        Self::launch(config.to_path_buf(), None, &[])
     }
 
-    fn launch(config: PathBuf, fds: Option<u64>) -> anyhow::Result<Self> {
+    fn launch(config: PathBuf, fds: Option<u64>, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let bin = workspace_bin("tollgate", "TOLLGATE_BIN")?;
         let mut command = match fds {
             Some(n) => {
@@ -65,6 +74,7 @@ impl Sidecar {
             .args(["serve", "--config"])
             .arg(&config)
             .args(["--workers", "2"])
+            .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -89,11 +99,17 @@ impl Sidecar {
     /// error if it exits cleanly, printed its ready line, or is still running after 30 s (then
     /// it is killed).
     pub fn refused_start(config: &Path) -> anyhow::Result<String> {
+        Self::refused_start_with_env(config, &[])
+    }
+
+    /// [`Sidecar::refused_start`] with these extra environment variables.
+    pub fn refused_start_with_env(config: &Path, env: &[(&str, &str)]) -> anyhow::Result<String> {
         use std::io::Read as _;
         let bin = workspace_bin("tollgate", "TOLLGATE_BIN")?;
         let mut child = Command::new(&bin)
             .args(["serve", "--config"])
             .arg(config)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

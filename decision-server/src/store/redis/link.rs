@@ -81,6 +81,10 @@ pub enum ConnectError {
         target: String,
         source: redis::RedisError,
     },
+    #[error(
+        "redis storage: `server.storage.urlEnv` names `{var}`, which is not set in the environment (or is not a redis:// or rediss:// URL)"
+    )]
+    Env { var: String },
 }
 
 type Breaker = StateMachine<ConsecutiveFailures<Constant>, ()>;
@@ -96,14 +100,29 @@ pub struct Link {
     pub rejected: AtomicU64,
 }
 
+/// The one node's URL, and how errors name it: a URL from the environment may carry a
+/// password, so errors name the variable instead.
+fn node_url(target: &RedisTarget) -> Result<(String, String), ConnectError> {
+    match target {
+        RedisTarget::NodeFromEnv(var) => std::env::var(var)
+            .ok()
+            .filter(|u| u.starts_with("redis://") || u.starts_with("rediss://"))
+            .map(|u| (u, format!("the URL in ${var}")))
+            .ok_or_else(|| ConnectError::Env { var: var.clone() }),
+        RedisTarget::Node(url) => Ok((url.clone(), url.clone())),
+        RedisTarget::Cluster(urls) => Ok((urls.join(","), urls.join(","))),
+    }
+}
+
 impl Link {
     /// Connects (the first connection is made now, so a wrong address fails at start).
     pub async fn connect(settings: &RedisSettings) -> Result<Self, ConnectError> {
         let conn = match &settings.target {
-            RedisTarget::Node(url) => {
+            RedisTarget::Node(_) | RedisTarget::NodeFromEnv(_) => {
+                let (url, shown) = node_url(&settings.target)?;
                 let client =
                     redis::Client::open(url.as_str()).map_err(|e| ConnectError::Target {
-                        target: url.clone(),
+                        target: shown.clone(),
                         source: e,
                     })?;
                 // Reconnects on its own after a connection loss or a Redis restart; a call
@@ -116,7 +135,7 @@ impl Link {
                 let manager = ConnectionManager::new_with_config(client, config)
                     .await
                     .map_err(|e| ConnectError::Connect {
-                        target: url.clone(),
+                        target: shown,
                         source: e,
                     })?;
                 Conn::Node(manager)

@@ -66,6 +66,9 @@ const LUA: &str = include_str!("redis.lua");
 pub enum RedisTarget {
     /// One node (or a proxy in front of several), by URL: `redis://127.0.0.1:6379/0`.
     Node(String),
+    /// One node, by the URL in this environment variable (a URL with a password, from a
+    /// Kubernetes Secret), read when the store connects.
+    NodeFromEnv(String),
     /// A Redis Cluster, by the URLs of some of its nodes; the rest are discovered.
     Cluster(Vec<String>),
 }
