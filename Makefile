@@ -1,5 +1,7 @@
 # Tollgate's set-up and test entry points. Every target installs what it needs, idempotently.
 
+# Recipes use bash (process substitution).
+SHELL := /bin/bash
 CARGO ?= cargo
 WASM_TARGET := wasm32-wasip1
 ENVOY_VERSION := 1.40.0
@@ -9,7 +11,7 @@ ENVOY_DIR := $(TOOLS)/envoy-$(ENVOY_VERSION)
 export TOLLGATE_ENVOY := $(ENVOY_DIR)/envoy/_bin/envoy
 export TOLLGATE_WASM := $(CURDIR)/target/$(WASM_TARGET)/release/tollgate_filter.wasm
 
-.PHONY: setup-redis setup-python demo test setup-rust setup-envoy fmt-check clippy wasm unit bench bench-grpc bench-envoy bench-store bench-redis-memory bench-usage
+.PHONY: setup-skopeo wasm-image wasm-pin setup-redis setup-python demo test setup-rust setup-envoy fmt-check clippy wasm unit bench bench-grpc bench-envoy bench-store bench-redis-memory bench-usage
 
 ## The demo: real Envoy, the WASM filter, the sidecar and a mock OpenAI upstream on loopback.
 demo: setup-rust setup-envoy wasm
@@ -17,7 +19,7 @@ demo: setup-rust setup-envoy wasm
 	$(CURDIR)/target/release/tollgate-demo
 
 ## The whole test suite: toolchain set-up, format, lints, the wasm build and every test.
-test: setup-rust setup-envoy setup-redis setup-python fmt-check clippy wasm unit
+test: setup-rust setup-envoy setup-redis setup-python setup-skopeo fmt-check clippy wasm unit
 
 setup-rust:
 	rustup target add $(WASM_TARGET)
@@ -46,18 +48,40 @@ setup-redis:
 	fi
 
 ## The official `openai` and `anthropic` Python SDKs, pinned, in a venv the project owns: the
-## end-to-end tests drive Envoy with them as users do.
+## end-to-end tests drive Envoy with them as users do. `kubernetes-validate` checks the
+## manifests in k8s/ against the Kubernetes schemas, offline.
 VENV := $(TOOLS)/venv
-SDKS := openai==3.57.0 anthropic==2.14.0
+PY_PINS := openai==3.57.0 anthropic==2.14.0 kubernetes-validate==1.37.0
 setup-python:
-	@if [ -x "$(VENV)/bin/python" ] && "$(VENV)/bin/python" -m pip show -q openai anthropic >/dev/null 2>&1 && \
-		"$(VENV)/bin/python" -c "import openai, anthropic, sys; sys.exit(0 if (openai.__version__, anthropic.__version__) == ('3.57.0', '2.14.0') else 1)"; then \
-		echo "openai and anthropic SDKs present in $(VENV)"; \
+	@if [ -x "$(VENV)/bin/python" ] && \
+		[ "$$("$(VENV)/bin/python" -m pip freeze 2>/dev/null | grep -c -x -F -f <(printf '%s\n' $(PY_PINS)))" = 3 ]; then \
+		echo "$(PY_PINS) present in $(VENV)"; \
 	else \
 		python3 -m venv "$(VENV)" && \
-		"$(VENV)/bin/python" -m pip install --disable-pip-version-check --quiet $(SDKS) && \
-		"$(VENV)/bin/python" -c "import openai, anthropic; print('openai', openai.__version__, 'anthropic', anthropic.__version__)"; \
+		"$(VENV)/bin/python" -m pip install --disable-pip-version-check --quiet $(PY_PINS) && \
+		"$(VENV)/bin/python" -m pip freeze | grep -x -F -f <(printf '%s\n' $(PY_PINS)); \
 	fi
+
+## Debian's skopeo, to inspect the filter's OCI image layout the way a registry client reads it.
+setup-skopeo:
+	@if command -v skopeo >/dev/null; then \
+		skopeo --version; \
+	else \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$$SUDO apt-get install -y -q skopeo >/dev/null 2>&1 || \
+			{ $$SUDO apt-get update -q && $$SUDO apt-get install -y -q skopeo; } && \
+		skopeo --version; \
+	fi
+
+## The filter as an OCI image layout in target/wasm-image (push it with
+## `skopeo copy oci:target/wasm-image:0.1.0 docker://<registry>/tollgate/filter:0.1.0`).
+wasm-image: wasm
+	$(CARGO) run -q -p tollgate-xtask --locked -- wasm-image --wasm "$(TOLLGATE_WASM)" --out target/wasm-image
+
+## Rewrites the module and image pins in k8s/overlays after the filter changed.
+wasm-pin: wasm
+	$(CARGO) run -q -p tollgate-xtask --locked -- wasm-image --wasm "$(TOLLGATE_WASM)" --out target/wasm-image --pin k8s
 
 fmt-check:
 	$(CARGO) fmt --all -- --check
@@ -66,8 +90,13 @@ clippy:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) clippy -p tollgate-filter --target $(WASM_TARGET) --locked -- -D warnings
 
+## Reproducible: the registry's absolute path is remapped, so the same sources and toolchain
+## give the same bytes in any checkout, and the pins in k8s/overlays (the module's sha256 and
+## its OCI image's digest) hold wherever it is built.
+CARGO_HOME ?= $(HOME)/.cargo
+WASM_RUSTFLAGS := --remap-path-prefix=$(CARGO_HOME)=/cargo --remap-path-prefix=$(CURDIR)=/tollgate
 wasm:
-	$(CARGO) build -p tollgate-filter --target $(WASM_TARGET) --release --locked
+	RUSTFLAGS="$(WASM_RUSTFLAGS)" $(CARGO) build -p tollgate-filter --target $(WASM_TARGET) --release --locked
 	@size=$$(stat -c %s "$(TOLLGATE_WASM)"); echo "tollgate_filter.wasm: $$size bytes"; \
 		test $$size -lt 1048576 || { echo "the filter is over 1 MiB"; exit 1; }
 

@@ -259,6 +259,8 @@ impl Settlement {
 #[derive(Clone)]
 pub struct FilterConfig {
     pub cluster: String,
+    /// The upstream of every gRPC call to the sidecar: see [`grpc_upstream`].
+    pub grpc_upstream: String,
     /// `Bearer <gateway token>`: the `authorization` metadata of every call to the sidecar.
     pub authorization: String,
     pub timeout: Duration,
@@ -387,6 +389,7 @@ impl FilterConfig {
         };
         let settlement = base.with(&dto.settlement.unwrap_or_default(), "settlement")?;
         Ok(Self {
+            grpc_upstream: grpc_upstream(&dto.sidecar.cluster),
             cluster: dto.sidecar.cluster,
             authorization,
             timeout,
@@ -720,9 +723,58 @@ impl Effective {
     }
 }
 
+/// Envoy's `GrpcService`, the two fields of it a gRPC call's upstream needs.
+#[derive(Clone, PartialEq, prost::Message)]
+struct GrpcServiceDto {
+    #[prost(message, optional, tag = "1")]
+    envoy_grpc: Option<EnvoyGrpcDto>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct EnvoyGrpcDto {
+    #[prost(string, tag = "1")]
+    cluster_name: String,
+    #[prost(string, tag = "2")]
+    authority: String,
+}
+
+/// What the filter hands Envoy as a gRPC call's upstream: the cluster's name, or, when that
+/// name cannot be an HTTP/2 `:authority` (Istio's `outbound|9191||host` names hold `|`, and
+/// the decision server refuses such a request as a protocol error), a serialized
+/// `GrpcService` naming the cluster with a valid authority (`|` becomes `_.`, as Istio does
+/// for its own ext_authz). Envoy reads the upstream as a `GrpcService` when it parses as one.
+fn grpc_upstream(cluster: &str) -> String {
+    if cluster
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._~:".contains(&b))
+    {
+        return cluster.to_string();
+    }
+    let service = GrpcServiceDto {
+        envoy_grpc: Some(EnvoyGrpcDto {
+            cluster_name: cluster.to_string(),
+            authority: cluster.replace('|', "_."),
+        }),
+    };
+    // The SDK takes the upstream as a `&str`: the encoding is ASCII while the name is shorter
+    // than 128 bytes (one-byte lengths). A longer name is passed as it is.
+    String::from_utf8(prost::Message::encode_to_vec(&service))
+        .unwrap_or_else(|_| cluster.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_istio_cluster_name_goes_to_envoy_as_a_grpc_service_with_a_valid_authority() {
+        assert_eq!(grpc_upstream("tollgate"), "tollgate");
+        let upstream = grpc_upstream("outbound|9191||tollgate.local");
+        let decoded: GrpcServiceDto = prost::Message::decode(upstream.as_bytes()).unwrap();
+        let g = decoded.envoy_grpc.unwrap();
+        assert_eq!(g.cluster_name, "outbound|9191||tollgate.local");
+        assert_eq!(g.authority, "outbound_.9191_._.tollgate.local");
+    }
 
     fn parse(s: &str) -> Result<FilterConfig, ConfigError> {
         FilterConfig::parse(s.as_bytes(), |name| {

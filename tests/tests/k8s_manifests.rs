@@ -1,6 +1,9 @@
 //! The Kubernetes manifests in `k8s/`, proven offline: every kustomization builds with
-//! `kubectl kustomize`, the ConfigMap's `tollgate.yaml` passes the sidecar's own validation,
-//! and the Deployment keeps the pod's hardening and shutdown timing.
+//! `kubectl kustomize`; every Istio object validates against its CRD's strict schema
+//! (`k8s/schemas/`) and every core object against the Kubernetes schemas (`kubernetes-validate
+//! --strict`, for the version in [`KUBERNETES`]); the ConfigMap's `tollgate.yaml` passes the
+//! sidecar's own validation, the filter configs in the WasmPlugin and the EnvoyFilter pass the
+//! filter's, and the pods keep their hardening and shutdown timing.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 use std::path::{Path, PathBuf};
@@ -13,10 +16,19 @@ fn k8s() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../k8s")
 }
 
-/// Every folder under `k8s/` holding a `kustomization.yaml`.
+/// The Kubernetes version the manifests are written for (and validated against).
+const KUBERNETES: &str = "1.32.0";
+
+/// Every folder under `k8s/` holding a `kustomization.yaml` that builds on its own (not a
+/// `kind: Component`, which only builds inside an overlay).
 fn kustomizations() -> Vec<PathBuf> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-        if dir.join("kustomization.yaml").exists() {
+        let k = dir.join("kustomization.yaml");
+        if k.exists()
+            && !std::fs::read_to_string(&k)
+                .unwrap()
+                .contains("kind: Component")
+        {
             out.push(dir.to_path_buf());
         }
         for e in std::fs::read_dir(dir).unwrap().flatten() {
@@ -61,6 +73,20 @@ fn of_kind<'a>(objects: &'a [Value], kind: &str) -> Vec<&'a Value> {
 fn every_kustomization_builds() {
     let dirs = kustomizations();
     assert!(dirs.iter().any(|d| d.ends_with("base")), "{dirs:?}");
+    for overlay in [
+        "embedded",
+        "redis",
+        "istio-wasm",
+        "istio-wasm/workload",
+        "istio-envoyfilter",
+        "istio-ext-authz",
+    ] {
+        assert!(
+            dirs.iter()
+                .any(|d| d.ends_with(format!("overlays/{overlay}"))),
+            "overlays/{overlay} is missing: {dirs:?}"
+        );
+    }
     for dir in dirs {
         let objects = build(&dir);
         assert!(!objects.is_empty(), "{} built nothing", dir.display());
@@ -99,7 +125,12 @@ fn the_config_map_holds_a_valid_config_and_the_pod_matches_it() {
             .collect();
         assert!(!pods.is_empty(), "{}: no workload", dir.display());
         for pod in pods {
-            let c = &pod["containers"][0];
+            let c = pod["containers"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == "tollgate")
+                .unwrap_or_else(|| panic!("{}: no `tollgate` container", dir.display()));
             let pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
                 .as_i64()
                 .unwrap();
@@ -131,4 +162,206 @@ fn the_config_map_holds_a_valid_config_and_the_pod_matches_it() {
             }
         }
     }
+}
+
+fn is_istio(o: &Value) -> bool {
+    o["apiVersion"]
+        .as_str()
+        .is_some_and(|v| v.contains(".istio.io/"))
+}
+
+/// The strict schema `k8s/schemas/index.json` lists for an object's apiVersion and kind.
+fn schema_for(o: &Value) -> serde_json::Value {
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(k8s().join("schemas/index.json")).unwrap())
+            .unwrap();
+    let entry = index["schemas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| {
+            e["apiVersion"] == o["apiVersion"].as_str().unwrap()
+                && e["kind"] == o["kind"].as_str().unwrap()
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "k8s/schemas has no schema for {} {}: copy it from the Istio CRDs",
+                o["apiVersion"].as_str().unwrap(),
+                o["kind"].as_str().unwrap()
+            )
+        });
+    let file = k8s().join("schemas").join(entry["file"].as_str().unwrap());
+    serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap()
+}
+
+/// The schema errors of one Istio object (empty when it is valid).
+fn schema_errors(o: &Value) -> Vec<String> {
+    let schema = schema_for(o);
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let instance = serde_json::to_value(o).unwrap();
+    validator
+        .iter_errors(&instance)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect()
+}
+
+#[test]
+fn every_istio_object_validates_against_its_crd_schema() {
+    let mut seen = std::collections::BTreeSet::new();
+    for dir in kustomizations() {
+        for o in build(&dir).iter().filter(|o| is_istio(o)) {
+            seen.insert(o["kind"].as_str().unwrap().to_string());
+            let errors = schema_errors(o);
+            assert!(
+                errors.is_empty(),
+                "{}: {} {} does not validate:\n{}",
+                dir.display(),
+                o["kind"].as_str().unwrap(),
+                o["metadata"]["name"].as_str().unwrap(),
+                errors.join("\n")
+            );
+        }
+    }
+    for kind in [
+        "WasmPlugin",
+        "EnvoyFilter",
+        "ServiceEntry",
+        "AuthorizationPolicy",
+        "RequestAuthentication",
+    ] {
+        assert!(seen.contains(kind), "no {kind} was validated: {seen:?}");
+    }
+}
+
+/// Finds the first object of `kind` in `overlay`'s build.
+fn object(overlay: &str, kind: &str) -> Value {
+    of_kind(&build(&k8s().join("overlays").join(overlay)), kind)
+        .first()
+        .map(|o| (*o).clone())
+        .unwrap_or_else(|| panic!("overlays/{overlay} has no {kind}"))
+}
+
+#[test]
+fn a_misspelled_field_fails_validation() {
+    // An Istio object: a field the CRD does not have, at the top of the spec and deep inside.
+    let mut wasm = object("istio-wasm", "WasmPlugin");
+    assert!(schema_errors(&wasm).is_empty());
+    let strategy = wasm["spec"]["failStrategy"].clone();
+    wasm["spec"]
+        .as_mapping_mut()
+        .unwrap()
+        .insert("failStrategyy".into(), strategy);
+    assert!(
+        schema_errors(&wasm)
+            .iter()
+            .any(|e| e.contains("failStrategyy")),
+        "{:?}",
+        schema_errors(&wasm)
+    );
+    let mut filter = object("istio-envoyfilter", "EnvoyFilter");
+    filter["spec"]["configPatches"][0]["patch"]
+        .as_mapping_mut()
+        .unwrap()
+        .insert("operaton".into(), "ADD".into());
+    assert!(!schema_errors(&filter).is_empty());
+    // A value outside an enum.
+    let mut policy = object("istio-ext-authz", "AuthorizationPolicy");
+    policy["spec"]["action"] = "CUSTOMISED".into();
+    assert!(!schema_errors(&policy).is_empty());
+
+    // A core object: kubernetes-validate in strict mode refuses an unknown field.
+    let mut deployment = object("redis", "Deployment");
+    deployment["spec"]
+        .as_mapping_mut()
+        .unwrap()
+        .insert("replicass".into(), 3.into());
+    let errors = kubernetes_validate(&[&deployment]).unwrap_err();
+    assert!(errors.contains("replicass"), "{errors}");
+}
+
+/// `kubernetes-validate --strict` on these objects: Err with its report when any fails.
+fn kubernetes_validate(objects: &[&Value]) -> Result<(), String> {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/venv/bin/kubernetes-validate");
+    assert!(
+        bin.exists(),
+        "{} is missing: `make setup-python` installs it",
+        bin.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("objects.yaml");
+    let text: Vec<String> = objects
+        .iter()
+        .map(|o| serde_yaml_ng::to_string(o).unwrap())
+        .collect();
+    std::fs::write(&file, text.join("---\n")).unwrap();
+    let out = Command::new(&bin)
+        .args(["--strict", "--quiet", "-k", KUBERNETES])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() && !report.contains("ERROR") {
+        Ok(())
+    } else {
+        Err(report)
+    }
+}
+
+#[test]
+fn every_core_object_validates_against_the_kubernetes_schemas() {
+    for dir in kustomizations() {
+        let objects = build(&dir);
+        let core: Vec<&Value> = objects.iter().filter(|o| !is_istio(o)).collect();
+        assert!(!core.is_empty(), "{}", dir.display());
+        if let Err(report) = kubernetes_validate(&core) {
+            panic!(
+                "{}: not valid for Kubernetes {KUBERNETES}:\n{report}",
+                dir.display()
+            );
+        }
+    }
+}
+
+/// The filter's own parser on a config from a manifest: no error and no warning.
+fn assert_valid_filter_config(json: &[u8], what: &str) -> tollgate_filter::config::FilterConfig {
+    let config = tollgate_filter::config::FilterConfig::parse(json, |_| Some("gw.token".into()))
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(config.warnings(), Vec::<String>::new(), "{what}");
+    config
+}
+
+#[test]
+fn the_filter_configs_in_the_istio_manifests_pass_the_filters_own_validation() {
+    for overlay in ["istio-wasm", "istio-wasm/workload"] {
+        let plugin = object(overlay, "WasmPlugin");
+        let json = serde_json::to_vec(&plugin["spec"]["pluginConfig"]).unwrap();
+        assert_valid_filter_config(&json, &format!("overlays/{overlay}: pluginConfig"));
+        // What a misspelled key does: the filter refuses it (Istio passes it through).
+        let mut bad = plugin["spec"]["pluginConfig"].clone();
+        bad.as_mapping_mut()
+            .unwrap()
+            .insert("failmode".into(), "open".into());
+        assert!(
+            tollgate_filter::config::FilterConfig::parse(
+                &serde_json::to_vec(&bad).unwrap(),
+                |_| Some("t".into())
+            )
+            .is_err()
+        );
+    }
+    let filter = object("istio-envoyfilter", "EnvoyFilter");
+    let patch = filter["spec"]["configPatches"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| p["applyTo"] == "HTTP_FILTER")
+        .unwrap();
+    let text = patch["patch"]["value"]["typed_config"]["config"]["configuration"]["value"]
+        .as_str()
+        .unwrap();
+    assert_valid_filter_config(text.as_bytes(), "overlays/istio-envoyfilter: configuration");
 }

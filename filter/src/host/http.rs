@@ -236,7 +236,7 @@ impl Http {
             strip_usage,
         });
         match hostcalls::dispatch_grpc_call(
-            &self.shared.config.cluster,
+            &self.shared.config.grpc_upstream,
             decision::AUTHZ_SERVICE,
             decision::AUTHZ_METHOD,
             vec![("authorization", self.shared.config.authorization.as_bytes())],

@@ -129,7 +129,7 @@ impl RootContext for Root {
             let request =
                 settle::close_holds_request(batch.iter().map(|j| j.hold.clone()).collect());
             match hostcalls::dispatch_grpc_call(
-                &shared.config.cluster,
+                &shared.config.grpc_upstream,
                 settle::TOLLGATE_SERVICE,
                 settle::CLOSE_HOLDS,
                 vec![("authorization", shared.config.authorization.as_bytes())],

@@ -98,15 +98,18 @@ impl Stack {
 
     /// Starts with the sidecar's config `sidecar` (for example [`SIDECAR`] on another store).
     pub fn start_full(file: &str, sidecar: &str, edit: impl FnOnce(String) -> String) -> Self {
+        Self::start_built(sidecar, |sidecar_port, upstream_port| {
+            edit(envoy_config(file, sidecar_port, upstream_port).unwrap())
+        })
+    }
+
+    /// Starts Envoy on the config `build` makes from the sidecar's ext_authz port and the
+    /// mock upstream's port.
+    pub fn start_built(sidecar: &str, build: impl FnOnce(u16, u16) -> String) -> Self {
         let sidecar = Sidecar::start(sidecar).unwrap();
         let mock = MockLlm::start().unwrap();
-        let config = envoy_config(
-            file,
-            sidecar.ext_authz_port().unwrap(),
-            mock.port().unwrap(),
-        )
-        .unwrap();
-        let envoy = Envoy::start(&edit(config)).unwrap();
+        let config = build(sidecar.ext_authz_port().unwrap(), mock.port().unwrap());
+        let envoy = Envoy::start(&config).unwrap();
         Self {
             sidecar,
             mock,
