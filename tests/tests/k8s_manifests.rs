@@ -365,3 +365,124 @@ fn the_filter_configs_in_the_istio_manifests_pass_the_filters_own_validation() {
         .unwrap();
     assert_valid_filter_config(text.as_bytes(), "overlays/istio-envoyfilter: configuration");
 }
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+#[test]
+fn the_filter_image_holds_the_built_module_and_the_manifests_pin_it() {
+    let wasm_path = tollgate_testkit::wasm_module().unwrap();
+    let wasm = std::fs::read(&wasm_path).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("image");
+    let image = tollgate_xtask::write_wasm_image(&wasm, &layout, "0.1.0").unwrap();
+
+    // Read back the way a registry client reads it.
+    let reference = format!("oci:{}:0.1.0", layout.display());
+    let out = Command::new("skopeo")
+        .args(["inspect", "--raw", &reference])
+        .output()
+        .unwrap_or_else(|e| panic!("skopeo is needed (`make setup-skopeo`): {e}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        sha256_hex(&out.stdout),
+        image.manifest_sha256,
+        "the image digest"
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 1, "Istio's oci variant has one layer");
+    assert_eq!(layers[0]["mediaType"], tollgate_xtask::WASM_LAYER);
+    assert_eq!(
+        layers[0]["digest"],
+        format!("sha256:{}", sha256_hex(&wasm)),
+        "the layer is the built module"
+    );
+    // A copy verifies every blob against its digest; the copied layer is the module's bytes.
+    let copy = dir.path().join("copy");
+    let out = Command::new("skopeo")
+        .args(["copy", "--quiet", &reference])
+        .arg(format!("oci:{}:0.1.0", copy.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let blob = std::fs::read(copy.join("blobs/sha256").join(sha256_hex(&wasm))).unwrap();
+    assert!(
+        blob == wasm,
+        "the copied layer differs from {}",
+        wasm_path.display()
+    );
+
+    // The pins: the WasmPlugins hold the image digest, the EnvoyFilter the module's.
+    for (file, pin) in tollgate_xtask::PINS {
+        let text = std::fs::read_to_string(k8s().join(file)).unwrap();
+        let want = match pin {
+            tollgate_xtask::Pin::Image => &image.manifest_sha256,
+            tollgate_xtask::Pin::Module => &image.module_sha256,
+        };
+        assert_eq!(
+            tollgate_xtask::pins_in(&text),
+            vec![want.clone()],
+            "k8s/{file} pins another build of the filter: run `make wasm-pin` (it rebuilds the \
+             module, writes the image to target/wasm-image and rewrites the pins)"
+        );
+    }
+}
+
+/// No container engine runs here, so the decision server's image is not built in the tests;
+/// what can be checked of its Dockerfile is: a build stage and a distroless final stage, the
+/// user the pods run as, the binary the pods' `args` are for, and that the binary needs no
+/// shared library beyond what distroless `cc` ships (glibc, libgcc).
+#[test]
+fn the_decision_server_dockerfile_matches_the_pods_and_the_binary() {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../decision-server/Dockerfile"),
+    )
+    .unwrap();
+    let froms: Vec<&str> = text.lines().filter(|l| l.starts_with("FROM ")).collect();
+    assert!(froms.len() >= 2, "a multi-stage build: {froms:?}");
+    assert!(froms.last().unwrap().contains("distroless/cc"), "{froms:?}");
+    assert!(text.contains("cargo build --release --locked -p tollgate"));
+    assert!(text.contains("ENTRYPOINT [\"/tollgate\"]"));
+    let user = text
+        .lines()
+        .find_map(|l| l.strip_prefix("USER "))
+        .expect("a USER line");
+    let objects = build(&k8s().join("base"));
+    let pod = &of_kind(&objects, "Deployment")[0]["spec"]["template"]["spec"];
+    let uid = pod["securityContext"]["runAsUser"].as_i64().unwrap();
+    assert_eq!(user.trim(), format!("{uid}:{uid}"));
+    assert_eq!(pod["containers"][0]["args"][0], "serve");
+
+    let bin = tollgate_testkit::proc::workspace_bin("tollgate", "TOLLGATE_BIN").unwrap();
+    let out = Command::new("ldd").arg(&bin).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in text.lines() {
+        let lib = line.split_whitespace().next().unwrap_or("");
+        assert!(
+            [
+                "linux-vdso",
+                "libc.so",
+                "libm.so",
+                "libgcc_s.so",
+                "libpthread.so",
+                "libdl.so",
+                "ld-linux",
+                "/lib64/ld-linux"
+            ]
+            .iter()
+            .any(|ok| lib.contains(ok)),
+            "the binary needs {lib}, which distroless cc does not ship:\n{text}"
+        );
+    }
+}
