@@ -287,16 +287,22 @@ async fn the_wasm_plugin_on_the_gateway_reaches_the_decision_server_through_its_
         .unwrap()["port"]
         .as_u64()
         .unwrap();
-    let issuer = issuer(&objects);
+    wasm_plugin_governs_calls(&objects, &plugin, &host, port).await;
+}
+
+/// Runs `plugin` (from `objects`) in Envoy with the decision server behind the cluster Istio
+/// makes for `host`:`port`, which the pluginConfig must name; then grants, settles and denies.
+async fn wasm_plugin_governs_calls(objects: &[Value], plugin: &Value, host: &str, port: u64) {
+    let issuer = issuer(objects);
     let stack = Stack::start_built(&sidecar(), |sidecar_port, upstream_port| {
-        let (name, cluster) = istio_service_cluster(&host, port, sidecar_port);
+        let (name, cluster) = istio_service_cluster(host, port, sidecar_port);
         assert_eq!(
             plugin["spec"]["pluginConfig"]["sidecar"]["cluster"], name,
-            "the pluginConfig names the cluster Istio makes for the Service"
+            "the pluginConfig names the cluster Istio makes for the service"
         );
         istio_gateway(
             &issuer,
-            wasm_plugin_filter(&plugin),
+            wasm_plugin_filter(plugin),
             vec![cluster],
             upstream_port,
         )
@@ -312,18 +318,7 @@ async fn the_wasm_plugin_on_a_workload_reaches_its_own_pod_through_the_service_e
     let host = entry["spec"]["hosts"][0].as_str().unwrap().to_string();
     let port = entry["spec"]["ports"][0]["number"].as_u64().unwrap();
     assert_eq!(entry["spec"]["endpoints"][0]["address"], "127.0.0.1");
-    let issuer = issuer(&objects);
-    let stack = Stack::start_built(&sidecar(), |sidecar_port, upstream_port| {
-        let (name, cluster) = istio_service_cluster(&host, port, sidecar_port);
-        assert_eq!(plugin["spec"]["pluginConfig"]["sidecar"]["cluster"], name);
-        istio_gateway(
-            &issuer,
-            wasm_plugin_filter(&plugin),
-            vec![cluster],
-            upstream_port,
-        )
-    });
-    grant_settle_deny(&stack, &issuer).await;
+    wasm_plugin_governs_calls(&objects, &plugin, &host, port).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
