@@ -1,6 +1,6 @@
 //! Credentials: the operator token, per-customer API keys and gateway tokens (what Envoy
 //! presents on the ext_authz listener), stored as SHA-256 digests and compared in constant
-//! time.
+//! time; and mesh peers, Istio workloads whose verified identity the pod's proxy forwards.
 //!
 //! Trade-off: keys and tokens are 256-bit random secrets, not passwords, so a fast hash is
 //! enough: nobody can search a 2^256 space, and a slow KDF (argon2) would cost every API call
@@ -12,7 +12,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::server::{ApiKeySpec, GatewayTokenSpec};
+use crate::config::server::{ApiKeySpec, GatewayTokenSpec, MeshPeerSpec};
 
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +64,10 @@ pub enum AuthError {
         "a gateway token is accepted on the ext_authz listener only; use an API key or the operator token here"
     )]
     GatewayOnly,
+    #[error(
+        "the mesh peer `{0}` (from `x-forwarded-client-cert`) is not one of server.credentials.meshPeers"
+    )]
+    UnknownPeer(String),
 }
 
 /// The configured credentials.
@@ -73,6 +77,8 @@ pub struct Credentials {
     /// Key id (the part before the `.`) → who the key is and the digest of the whole key.
     /// API keys and gateway tokens share one id space (validation refuses a duplicate id).
     keys: HashMap<String, (Principal, [u8; 32])>,
+    /// SPIFFE id → the gateway principal it stands for.
+    mesh_peers: HashMap<String, Principal>,
 }
 
 /// SHA-256 of `secret`, as stored in the config.
@@ -99,6 +105,54 @@ impl Credentials {
         Self {
             operator,
             keys: api.chain(gateway).collect(),
+            mesh_peers: HashMap::new(),
+        }
+    }
+
+    /// The same credentials, also letting in `peers` on the ext_authz listener.
+    pub fn with_mesh_peers(mut self, peers: &[MeshPeerSpec]) -> Self {
+        self.mesh_peers = peers
+            .iter()
+            .map(|p| {
+                let scope = p.customers.as_ref().map(|c| Arc::from(c.as_slice()));
+                (p.spiffe_id.clone(), Principal::Gateway(scope))
+            })
+            .collect();
+        self
+    }
+
+    /// Identifies the caller of a call on `listener` from its `authorization` header or, on
+    /// the ext_authz listener with mesh peers configured and no `authorization`, from the
+    /// `x-forwarded-client-cert` header the pod's Istio proxy set.
+    ///
+    /// Trade-off: the header is only as good as the path to the port. Istio's inbound proxy
+    /// appends the element of the certificate it verified last (`APPEND_FORWARD`), so the
+    /// last element is the proxy's word and earlier ones are the caller's; only the last is
+    /// read. Anything that reaches the port without that proxy could write the header itself,
+    /// which is why mesh peers are opt-in and `tollgate validate` warns about them.
+    pub fn authenticate_request(
+        &self,
+        authorization: Option<&str>,
+        client_cert: Option<&str>,
+        listener: Listener,
+    ) -> Result<Principal, AuthError> {
+        match (authorization, client_cert) {
+            (None, Some(xfcc)) if listener == Listener::ExtAuthz && !self.mesh_peers.is_empty() => {
+                let uris = xfcc_last_uris(xfcc);
+                uris.iter()
+                    .find_map(|u| self.mesh_peers.get(*u))
+                    .cloned()
+                    .ok_or_else(|| {
+                        AuthError::UnknownPeer(
+                            uris.first()
+                                .map_or("(no URI)", |u| u)
+                                .chars()
+                                .take(200)
+                                .collect(),
+                        )
+                    })
+            }
+            _ => self.authenticate_header(authorization, listener),
         }
     }
 
@@ -144,6 +198,42 @@ impl Credentials {
             _ => Err(AuthError::Invalid),
         }
     }
+}
+
+/// Splits `text` at `sep` where it is outside a double-quoted value (XFCC quotes `Subject`,
+/// which holds commas and semicolons, and escapes `"` inside quotes with `\`).
+fn split_unquoted(text: &str, sep: u8) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut quoted, mut escaped, mut start) = (false, false, 0);
+    for (i, b) in text.bytes().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            _ if b == sep && !quoted => {
+                parts.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&text[start..]);
+    parts
+}
+
+/// The `URI` values of the last element of an `x-forwarded-client-cert` header: the
+/// certificate the nearest proxy verified (a certificate may carry several URI SANs).
+pub fn xfcc_last_uris(xfcc: &str) -> Vec<&str> {
+    let Some(last) = split_unquoted(xfcc, b',').pop() else {
+        return Vec::new();
+    };
+    split_unquoted(last, b';')
+        .into_iter()
+        .filter_map(|pair| pair.split_once('='))
+        .filter(|(k, _)| k.trim().eq_ignore_ascii_case("uri"))
+        .map(|(_, v)| v.trim().trim_matches('"'))
+        .filter(|v| !v.is_empty())
+        .collect()
 }
 
 /// A new random secret: 32 bytes, hex.
@@ -235,6 +325,93 @@ mod tests {
         let c = Credentials::new(None, &[], &[]);
         assert_eq!(c.authenticate(""), Err(AuthError::Invalid));
         assert_eq!(c.authenticate("anything"), Err(AuthError::Invalid));
+    }
+
+    const GATEWAY_ID: &str = "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway";
+
+    fn meshed() -> Credentials {
+        creds().with_mesh_peers(&[
+            MeshPeerSpec {
+                spiffe_id: GATEWAY_ID.into(),
+                customers: None,
+            },
+            MeshPeerSpec {
+                spiffe_id: "spiffe://cluster.local/ns/eu/sa/edge".into(),
+                customers: Some(vec!["acme".into()]),
+            },
+        ])
+    }
+
+    #[test]
+    fn xfcc_is_read_from_its_last_element_only() {
+        let own = format!(
+            "By=spiffe://cluster.local/ns/tollgate/sa/tollgate;Hash=ab12;Subject=\"\";URI={GATEWAY_ID}"
+        );
+        assert_eq!(xfcc_last_uris(&own), vec![GATEWAY_ID]);
+        // A caller's own element comes first; the proxy's verified one is appended last.
+        let forged =
+            format!("By=x;URI={GATEWAY_ID},By=y;Hash=cd;URI=spiffe://cluster.local/ns/apps/sa/app");
+        assert_eq!(
+            xfcc_last_uris(&forged),
+            vec!["spiffe://cluster.local/ns/apps/sa/app"]
+        );
+        // Quoted subjects hold commas, semicolons and escaped quotes.
+        let quoted = format!(
+            "By=a;Subject=\"CN=x,O=\\\"evil;URI={GATEWAY_ID}\\\",C=US\";URI=spiffe://td/ns/a/sa/b;URI=spiffe://td/ns/a/sa/c"
+        );
+        assert_eq!(
+            xfcc_last_uris(&quoted),
+            vec!["spiffe://td/ns/a/sa/b", "spiffe://td/ns/a/sa/c"]
+        );
+        assert!(xfcc_last_uris("By=a;Hash=b;DNS=x.example").is_empty());
+        assert!(xfcc_last_uris("").is_empty());
+    }
+
+    #[test]
+    fn mesh_peers_are_gateways_on_the_ext_authz_listener_only() {
+        let c = meshed();
+        let xfcc = format!("By=spiffe://cluster.local/ns/tollgate/sa/tollgate;URI={GATEWAY_ID}");
+        let gw = c
+            .authenticate_request(None, Some(&xfcc), Listener::ExtAuthz)
+            .unwrap();
+        assert_eq!(gw, Principal::Gateway(None));
+        let eu = c
+            .authenticate_request(
+                None,
+                Some("By=x;URI=spiffe://cluster.local/ns/eu/sa/edge"),
+                Listener::ExtAuthz,
+            )
+            .unwrap();
+        assert!(eu.may_access("acme") && !eu.may_access("globex"));
+        // Not on the API listener, where only tokens count.
+        assert_eq!(
+            c.authenticate_request(None, Some(&xfcc), Listener::Api),
+            Err(AuthError::Missing)
+        );
+        // Another workload of the mesh, or the gateway's id in an earlier element, is not let in.
+        let other = c
+            .authenticate_request(
+                None,
+                Some(&format!(
+                    "URI={GATEWAY_ID},By=y;URI=spiffe://cluster.local/ns/apps/sa/app"
+                )),
+                Listener::ExtAuthz,
+            )
+            .unwrap_err();
+        assert_eq!(
+            other,
+            AuthError::UnknownPeer("spiffe://cluster.local/ns/apps/sa/app".into())
+        );
+        // A presented token is judged as a token, whatever the header says.
+        assert_eq!(
+            c.authenticate_request(Some("Bearer envoy.wrong"), Some(&xfcc), Listener::ExtAuthz),
+            Err(AuthError::Invalid)
+        );
+        // Without configured peers the header is ignored.
+        assert_eq!(
+            creds().authenticate_request(None, Some(&xfcc), Listener::ExtAuthz),
+            Err(AuthError::Missing)
+        );
     }
 
     #[test]

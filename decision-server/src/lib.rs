@@ -9,6 +9,7 @@ pub mod config;
 pub mod core;
 pub mod engine;
 pub mod grpc;
+pub mod jwt;
 pub mod metrics;
 pub mod net;
 pub mod server;

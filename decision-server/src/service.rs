@@ -34,7 +34,8 @@ pub struct Reloadable {
 impl From<&ServerSettings> for Reloadable {
     fn from(s: &ServerSettings) -> Self {
         Self {
-            credentials: Credentials::new(s.operator_sha256, &s.api_keys, &s.gateway_tokens),
+            credentials: Credentials::new(s.operator_sha256, &s.api_keys, &s.gateway_tokens)
+                .with_mesh_peers(&s.mesh_peers),
             ext_authz: s.ext_authz.clone(),
             limits: s.limits,
         }

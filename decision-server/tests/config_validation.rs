@@ -489,6 +489,48 @@ fn credentials_name_only_declared_customers() {
 }
 
 #[test]
+fn mesh_peers_are_spiffe_ids_of_declared_customers() {
+    assert_eq!(
+        server_errors(
+            "  credentials:\n    meshPeers:\n      - { spiffeId: \"spiffe://cluster.local/ns/istio-system/sa/gw\" }\n      - { spiffeId: \"spiffe://cluster.local/ns/eu/sa/edge\", customers: [acme, initech] }\n      - { spiffeId: \"spiffe://cluster.local/ns/istio-system/sa/gw\" }\n      - { spiffeId: \"spiffe://td/ns/a;URI=spiffe://td/x\", customers: [] }\n      - { spiffeId: istio-ingressgateway }\n"
+        ),
+        [
+            "tollgate.yaml: server.credentials.meshPeers[1].customers[1]: unknown customer `initech`",
+            "tollgate.yaml: server.credentials.meshPeers[2].spiffeId: duplicate mesh peer `spiffe://cluster.local/ns/istio-system/sa/gw`",
+            "tollgate.yaml: server.credentials.meshPeers[3].spiffeId: `spiffe://td/ns/a;URI=spiffe://td/x` is not a SPIFFE id such as `spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account`",
+            "tollgate.yaml: server.credentials.meshPeers[3].customers: an empty list reaches no customer; leave it out for every customer",
+            "tollgate.yaml: server.credentials.meshPeers[4].spiffeId: `istio-ingressgateway` is not a SPIFFE id such as `spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account`",
+        ]
+    );
+}
+
+#[test]
+fn a_bearer_jwt_needs_an_issuer_and_a_usable_key_set() {
+    let errors = |b: &str| server_errors(&format!("  extAuthz:\n    bearerJwt: {b}\n"));
+    assert_eq!(
+        errors("{ issuer: \"\", jwks: { keys: [] } }"),
+        ["tollgate.yaml: server.extAuthz.bearerJwt.issuer: is empty"]
+    );
+    assert_eq!(
+        errors("{ issuer: i }"),
+        ["tollgate.yaml: server.extAuthz.bearerJwt: give one of `jwks` and `jwksFile`"]
+    );
+    assert_eq!(
+        errors("{ issuer: i, jwks: { keys: [] } }"),
+        ["tollgate.yaml: server.extAuthz.bearerJwt.jwks: the key set has no keys"]
+    );
+    let missing = errors("{ issuer: i, jwksFile: no-such-jwks.json }");
+    assert!(
+        missing[0].starts_with("tollgate.yaml: server.extAuthz.bearerJwt.jwksFile: cannot read `no-such-jwks.json`"),
+        "{missing:?}"
+    );
+    assert_eq!(
+        errors("{ issuer: i, jwks: { keys: [ { kty: oct, k: AAAA } ] } }"),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
 fn ext_authz_sources_and_connection_bounds() {
     assert_eq!(
         server_errors(

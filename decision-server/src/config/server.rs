@@ -179,6 +179,22 @@ pub struct CredentialsDto {
     /// Tokens Envoy presents on the ext_authz listener (`tollgate keygen --gateway`).
     #[serde(default)]
     pub gateway_tokens: Vec<GatewayTokenDto>,
+    /// Mesh identities (SPIFFE ids) let in on the ext_authz listener as gateways, read from the
+    /// `x-forwarded-client-cert` header the pod's Istio proxy sets after it verified the
+    /// caller's mTLS certificate: for Istio's own ext_authz filter, which cannot send a token.
+    #[serde(default)]
+    pub mesh_peers: Vec<MeshPeerDto>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshPeerDto {
+    /// The peer's SPIFFE id, such as
+    /// `spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account`.
+    pub spiffe_id: String,
+    /// The customers this peer decides for; unset, every customer.
+    #[serde(default)]
+    pub customers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -263,6 +279,27 @@ pub struct ExtAuthzDto {
     /// upstream (or whatever it logs to) has no use for it otherwise.
     #[serde(default)]
     pub upstream_hold_id: Option<bool>,
+    /// Verify the caller's own `authorization: Bearer <jwt>` here, for `jwtClaim` sources,
+    /// when the proxy sends no verified payload in the request's metadata (Istio's CUSTOM
+    /// provider cannot).
+    #[serde(default)]
+    pub bearer_jwt: Option<BearerJwtDto>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BearerJwtDto {
+    /// The one issuer (`iss`) accepted.
+    pub issuer: String,
+    /// Accepted `aud` values; empty, a token that names an audience is refused.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// The issuer's JWKS document, inline.
+    #[serde(default)]
+    pub jwks: Option<serde_json::Value>,
+    /// Or a file holding it (relative to this config file), read at start and reload.
+    #[serde(default)]
+    pub jwks_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -328,12 +365,17 @@ impl ServerSettings {
         let mut out = Vec::new();
         if let Some(h) = &self.ext_authz.customer.header {
             out.push(format!(
-                "server.extAuthz.customer: the customer comes from the client's own `{h}` header, so any client can charge any customer; take it from the route's context extension `tollgate.customer`, or from a verified JWT claim through the WASM filter"
+                "server.extAuthz.customer: the customer comes from the client's own `{h}` header, so any client can charge any customer unless your proxy overwrites that header from a verified token on every checked request (Istio: `outputClaimToHeaders`, with the CUSTOM policy limited to requests with a `requestPrincipal`); otherwise take it from the route's context extension `tollgate.customer`, or from a verified JWT claim through the WASM filter"
             ));
         }
-        if self.gateway_tokens.is_empty() {
+        if self.gateway_tokens.is_empty() && self.mesh_peers.is_empty() {
             out.push(
                 "server.credentials.gatewayTokens: none configured; Envoy's calls to the ext_authz listener will be refused unless it presents an API key or the operator token (`tollgate keygen --gateway envoy` makes one)".to_string(),
+            );
+        }
+        if !self.mesh_peers.is_empty() {
+            out.push(
+                "server.credentials.meshPeers: the ext_authz listener trusts the `x-forwarded-client-cert` header of each call; only the pod's own Istio proxy may reach that port (STRICT mTLS for the pod, no other container in it), or any neighbour can claim a mesh identity".to_string(),
             );
         }
         out
@@ -372,6 +414,8 @@ pub struct ExtAuthzSettings {
     pub bad_input_status: u16,
     pub upstream_headers: bool,
     pub upstream_hold_id: bool,
+    /// Verifies the caller's bearer JWT for `jwtClaim` sources (see [`BearerJwtDto`]).
+    pub bearer_jwt: Option<std::sync::Arc<crate::jwt::BearerJwt>>,
 }
 
 impl Default for ExtAuthzSettings {
@@ -389,6 +433,7 @@ impl Default for ExtAuthzSettings {
             bad_input_status: 400,
             upstream_headers: true,
             upstream_hold_id: false,
+            bearer_jwt: None,
         }
     }
 }
@@ -413,6 +458,14 @@ pub struct ApiKeySpec {
 pub struct GatewayTokenSpec {
     pub id: String,
     pub sha256: [u8; 32],
+    pub customers: Option<Vec<String>>,
+}
+
+/// One configured mesh peer: the SPIFFE id its verified certificate carries, and the customers
+/// it reaches (`None`: all).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshPeerSpec {
+    pub spiffe_id: String,
     pub customers: Option<Vec<String>>,
 }
 
@@ -456,6 +509,7 @@ pub struct ServerSettings {
     pub operator_sha256: Option<[u8; 32]>,
     pub api_keys: Vec<ApiKeySpec>,
     pub gateway_tokens: Vec<GatewayTokenSpec>,
+    pub mesh_peers: Vec<MeshPeerSpec>,
     pub ext_authz: ExtAuthzSettings,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -661,9 +715,13 @@ impl ServerSettings {
             list: Vec::new(),
         };
         let (ext_authz_listen, grpc_listen, http_listen) = listeners(dto, &mut errors);
-        let (operator_sha256, api_keys, gateway_tokens) =
-            credentials(&dto.credentials, customers, &mut errors);
-        let ext_authz = ext_authz(&dto.ext_authz, &mut errors);
+        let CredentialSpecs {
+            operator_sha256,
+            api_keys,
+            gateway_tokens,
+            mesh_peers,
+        } = credentials(&dto.credentials, customers, &mut errors);
+        let ext_authz = ext_authz(&dto.ext_authz, file, &mut errors);
         let shutdown_grace_millis = shutdown_grace(dto, &mut errors);
         let storage = storage(&dto.storage, file, &mut errors);
         let connections = connections(&dto.connections, &mut errors);
@@ -683,6 +741,7 @@ impl ServerSettings {
             operator_sha256,
             api_keys,
             gateway_tokens,
+            mesh_peers,
             ext_authz,
             log_format,
             log_level,
@@ -714,8 +773,51 @@ fn listeners(dto: &ServerDto, errors: &mut Errors<'_>) -> (ListenAddr, ListenAdd
     (ext_authz_listen, grpc_listen, http_listen)
 }
 
-/// The operator token's digest, the API keys and the gateway tokens.
-type CredentialSpecs = (Option<[u8; 32]>, Vec<ApiKeySpec>, Vec<GatewayTokenSpec>);
+/// The operator token's digest, the API keys, the gateway tokens and the mesh peers.
+struct CredentialSpecs {
+    operator_sha256: Option<[u8; 32]>,
+    api_keys: Vec<ApiKeySpec>,
+    gateway_tokens: Vec<GatewayTokenSpec>,
+    mesh_peers: Vec<MeshPeerSpec>,
+}
+
+/// Checks a customer list of a credential at `path`: every name is the file's, and the list,
+/// when given, is not empty.
+fn credential_customers(
+    list: Option<&Vec<String>>,
+    path: &str,
+    customers: &std::collections::HashSet<&str>,
+    errors: &mut Errors<'_>,
+) {
+    for (j, c) in list.into_iter().flatten().enumerate() {
+        if !customers.contains(c.as_str()) {
+            errors.push(
+                format!("{path}.customers[{j}]"),
+                format!("unknown customer `{c}`"),
+            );
+        }
+    }
+    if list.is_some_and(Vec::is_empty) {
+        errors.push(
+            format!("{path}.customers"),
+            "an empty list reaches no customer; leave it out for every customer",
+        );
+    }
+}
+
+/// Whether `id` is a SPIFFE id as Envoy writes it into `x-forwarded-client-cert`: `spiffe://`,
+/// a trust domain, a path, and none of the characters that header uses as separators.
+fn spiffe_id_ok(id: &str) -> bool {
+    id.strip_prefix("spiffe://")
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(domain, path)| {
+            !domain.is_empty()
+                && !path.is_empty()
+                && id.bytes().all(|b| {
+                    b.is_ascii_graphic() && !matches!(b, b',' | b';' | b'"' | b'=' | b'\\')
+                })
+        })
+}
 
 /// `server.credentials`: the operator token, API keys and gateway tokens (ids unique across
 /// both; every customer named is one of the file's).
@@ -786,20 +888,7 @@ fn credentials(
                 ),
             );
         }
-        for (j, c) in g.customers.iter().flatten().enumerate() {
-            if !customers.contains(c.as_str()) {
-                errors.push(
-                    format!("{path}.customers[{j}]"),
-                    format!("unknown customer `{c}`"),
-                );
-            }
-        }
-        if g.customers.as_ref().is_some_and(Vec::is_empty) {
-            errors.push(
-                format!("{path}.customers"),
-                "an empty list reaches no customer; leave it out for every customer",
-            );
-        }
+        credential_customers(g.customers.as_ref(), &path, customers, errors);
         match digest(&g.sha256) {
             Ok(sha256) => gateway_tokens.push(GatewayTokenSpec {
                 id: g.id.clone(),
@@ -810,11 +899,80 @@ fn credentials(
         }
     }
 
-    (operator_sha256, api_keys, gateway_tokens)
+    let mut mesh_peers = Vec::new();
+    let mut peers_seen = std::collections::HashSet::new();
+    for (i, p) in dto.mesh_peers.iter().enumerate() {
+        let path = format!("server.credentials.meshPeers[{i}]");
+        if !spiffe_id_ok(&p.spiffe_id) {
+            errors.push(
+                format!("{path}.spiffeId"),
+                format!(
+                    "`{}` is not a SPIFFE id such as `spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account`",
+                    p.spiffe_id
+                ),
+            );
+        }
+        if !peers_seen.insert(p.spiffe_id.as_str()) {
+            errors.push(
+                format!("{path}.spiffeId"),
+                format!("duplicate mesh peer `{}`", p.spiffe_id),
+            );
+        }
+        credential_customers(p.customers.as_ref(), &path, customers, errors);
+        mesh_peers.push(MeshPeerSpec {
+            spiffe_id: p.spiffe_id.clone(),
+            customers: p.customers.clone(),
+        });
+    }
+    CredentialSpecs {
+        operator_sha256,
+        api_keys,
+        gateway_tokens,
+        mesh_peers,
+    }
 }
 
 /// `server.extAuthz`: where each input is read from, and the answers' statuses.
-fn ext_authz(e: &ExtAuthzDto, errors: &mut Errors<'_>) -> ExtAuthzSettings {
+/// `server.extAuthz.bearerJwt`: the issuer and its keys, inline or from a file next to the
+/// config.
+fn bearer_jwt(
+    dto: &BearerJwtDto,
+    file: &str,
+    errors: &mut Errors<'_>,
+) -> Option<std::sync::Arc<crate::jwt::BearerJwt>> {
+    let path = "server.extAuthz.bearerJwt";
+    if dto.issuer.trim().is_empty() {
+        errors.push(format!("{path}.issuer"), "is empty");
+        return None;
+    }
+    let (text, at) = match (&dto.jwks, &dto.jwks_file) {
+        (Some(v), None) => (v.to_string(), format!("{path}.jwks")),
+        (None, Some(f)) => {
+            let full = std::path::Path::new(file)
+                .parent()
+                .map_or_else(|| std::path::PathBuf::from(f), |dir| dir.join(f));
+            match std::fs::read_to_string(&full) {
+                Ok(t) => (t, format!("{path}.jwksFile")),
+                Err(e) => {
+                    errors.push(
+                        format!("{path}.jwksFile"),
+                        format!("cannot read `{}`: {e}", full.display()),
+                    );
+                    return None;
+                }
+            }
+        }
+        _ => {
+            errors.push(path, "give one of `jwks` and `jwksFile`");
+            return None;
+        }
+    };
+    crate::jwt::BearerJwt::new(&dto.issuer, &dto.audiences, &text)
+        .map_err(|m| errors.push(at, m))
+        .ok()
+}
+
+fn ext_authz(e: &ExtAuthzDto, file: &str, errors: &mut Errors<'_>) -> ExtAuthzSettings {
     let defaults = ExtAuthzSettings::default();
     let pick = |d: &Option<SourceDto>, fallback: Source, name: &str, errors: &mut Errors<'_>| {
         d.as_ref().map_or(fallback, |d| {
@@ -858,6 +1016,10 @@ fn ext_authz(e: &ExtAuthzDto, errors: &mut Errors<'_>) -> ExtAuthzSettings {
         bad_input_status,
         upstream_headers: e.upstream_headers.unwrap_or(true),
         upstream_hold_id: e.upstream_hold_id.unwrap_or(false),
+        bearer_jwt: e
+            .bearer_jwt
+            .as_ref()
+            .and_then(|b| bearer_jwt(b, file, errors)),
     }
 }
 

@@ -310,10 +310,27 @@ pub fn decision_response(
     }
 }
 
-/// An Envoy `CheckRequest`'s headers and metadata context.
+/// An Envoy `CheckRequest`'s headers and metadata context, and the payload of the caller's
+/// bearer JWT when the sidecar verified it itself.
 struct EnvoyFacts<'a> {
     http: Option<&'a envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest>,
     metadata: Option<&'a envoy_types::pb::envoy::config::core::v3::Metadata>,
+    bearer: Option<&'a serde_json::Value>,
+}
+
+/// Claim `claim` (a name, or a JSON pointer) of a verified JSON payload, as text.
+fn json_claim(payload: &serde_json::Value, claim: &str) -> Option<String> {
+    let v = if claim.starts_with('/') {
+        payload.pointer(claim)?
+    } else {
+        payload.get(claim)?
+    };
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) if n.is_u64() || n.is_i64() => Some(n.to_string()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
 }
 
 /// jwt_authn's metadata namespace.
@@ -340,6 +357,14 @@ impl<'a> RequestFacts<'a> for EnvoyFacts<'a> {
     }
 
     fn jwt_claim(&self, key: &str, claim: &str) -> Option<String> {
+        self.metadata_claim(key, claim)
+            .or_else(|| json_claim(self.bearer?, claim))
+    }
+}
+
+impl EnvoyFacts<'_> {
+    /// A claim of the payload jwt_authn verified and sent in the metadata context.
+    fn metadata_claim(&self, key: &str, claim: &str) -> Option<String> {
         let payload = self
             .metadata?
             .filter_metadata
@@ -402,9 +427,31 @@ impl Authorization for ExtAuthzService {
         let http = attributes
             .and_then(|a| a.request.as_ref())
             .and_then(|r| r.http.as_ref());
+        // With `bearerJwt`, the caller's own token is verified here; a request whose token
+        // fails is refused whole rather than charged to whatever the rest of it says.
+        let verified = match &settings.bearer_jwt {
+            None => None,
+            Some(v) => {
+                let header = http
+                    .and_then(|h| h.headers.get("authorization"))
+                    .map(String::as_str);
+                match v.verify(header) {
+                    Ok(payload) => Some(payload),
+                    Err(reason) => {
+                        self.service.bad_input(Api::ExtAuthz);
+                        let reason = format!(
+                            "the caller's bearer token (issuer `{}`) is not accepted: {reason}",
+                            v.issuer()
+                        );
+                        return Ok(Response::new(bad_input_response(settings, &reason)));
+                    }
+                }
+            }
+        };
         let facts = EnvoyFacts {
             http,
             metadata: attributes.and_then(|a| a.metadata_context.as_ref()),
+            bearer: verified.as_ref(),
         };
         let input = match extract(settings, extensions, facts) {
             Ok(i) => i,
@@ -514,6 +561,7 @@ mod tests {
         let facts = EnvoyFacts {
             http: None,
             metadata: Some(&meta),
+            bearer: None,
         };
         let mut with_feature = s.clone();
         with_feature.feature.constant = Some("ai-tokens".into());
@@ -527,10 +575,24 @@ mod tests {
             EnvoyFacts {
                 http: None,
                 metadata: None,
+                bearer: None,
             },
         )
         .unwrap_err();
         assert!(err.contains("verified JWT claim `/org/id`"), "{err}");
+        // The payload the sidecar verified itself serves the same claims.
+        let bearer = serde_json::json!({"org": {"id": "globex"}, "n": 7});
+        let facts = EnvoyFacts {
+            http: None,
+            metadata: None,
+            bearer: Some(&bearer),
+        };
+        assert_eq!(
+            extract(&with_feature, &ext, facts).unwrap().customer,
+            "globex"
+        );
+        assert_eq!(json_claim(&bearer, "n").as_deref(), Some("7"));
+        assert_eq!(json_claim(&bearer, "org"), None);
     }
 
     #[test]

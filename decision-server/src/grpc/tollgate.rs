@@ -261,10 +261,14 @@ pub fn principal_of<T>(
                 .map_err(|_| Status::unauthenticated("the `authorization` metadata is not text"))
         })
         .transpose()?;
+    let client_cert = request
+        .metadata()
+        .get("x-forwarded-client-cert")
+        .and_then(|v| v.to_str().ok());
     let principal = service
         .settings()
         .credentials
-        .authenticate_header(header, listener)
+        .authenticate_request(header, client_cert, listener)
         .map_err(|e| Status::unauthenticated(e.to_string()))?;
     crate::server::mark_authenticated(request);
     Ok(principal)
