@@ -316,6 +316,98 @@ async fn ext_authz_bad_input_denies_with_reason_or_passes_marked_as_configured()
     assert_eq!(org_counted(&service, "acme").await, 0);
 }
 
+/// Istio's own ext_authz filter: no token, only the gateway's identity in the
+/// `x-forwarded-client-cert` the decision server's pod proxy wrote, and the caller's own bearer
+/// JWT among the request's headers, which the decision server verifies itself.
+#[tokio::test]
+async fn a_mesh_peer_with_the_callers_verified_jwt_is_checked_and_anything_less_is_not() {
+    const GATEWAY_ID: &str = "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway";
+    let issuer = "https://auth.example.com";
+    let config = common::service::config()
+        .replace(
+            "    gatewayTokens:\n",
+            &format!("    meshPeers:\n      - {{ spiffeId: \"{GATEWAY_ID}\" }}\n    gatewayTokens:\n"),
+        )
+        .replace(
+            "  extAuthz:\n    customer: { header: x-tollgate-customer }\n    dimensions:\n      userId: { header: x-user-id }\n",
+            &format!(
+                "  extAuthz:\n    bearerJwt: {{ issuer: \"{issuer}\", jwks: {} }}\n    badInputStatus: 401\n    customer: {{ jwtClaim: org }}\n    feature: {{ constant: ai-tokens }}\n    usage: {{ constant: \"100\" }}\n    dimensions:\n      userId: {{ jwtClaim: sub }}\n",
+                tollgate_testkit::jwks()
+            ),
+        );
+    assert!(config.contains("meshPeers") && config.contains("bearerJwt"));
+    let service = common::service::service_from(&config).await;
+    let jwt = |claims: serde_json::Value, key: &[u8]| {
+        format!("Bearer {}", tollgate_testkit::signed_jwt(&claims, key))
+    };
+    let alice = jwt(
+        serde_json::json!({"iss": issuer, "org": "acme", "sub": "alice"}),
+        tollgate_testkit::JWT_KEY,
+    );
+    let check = |xfcc: Option<String>, bearer: Option<String>| {
+        let service = Arc::clone(&service);
+        async move {
+            let headers: Vec<(&str, &str)> = bearer
+                .as_deref()
+                .map(|b| vec![("authorization", b)])
+                .unwrap_or_default();
+            let mut request = authz_request(&headers, &[]);
+            if let Some(x) = xfcc {
+                request
+                    .metadata_mut()
+                    .insert("x-forwarded-client-cert", x.parse().unwrap());
+            }
+            ExtAuthzService::new(service).check(request).await
+        }
+    };
+    let own = format!(
+        "By=spiffe://cluster.local/ns/tollgate/sa/tollgate;Hash=00ff;Subject=\"\";URI={GATEWAY_ID}"
+    );
+    // The gateway's identity and a caller's valid token: checked, charged to the token's org.
+    let r = check(Some(own.clone()), Some(alice.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status.unwrap().code, Code::Ok as i32);
+    assert_eq!(org_counted(&service, "acme").await, 100);
+    // No credential, another workload's identity, or the gateway's id in an element the caller
+    // wrote (not the last): refused before anything is read.
+    for xfcc in [
+        None,
+        Some("By=x;URI=spiffe://cluster.local/ns/apps/sa/default".to_string()),
+        Some(format!(
+            "URI={GATEWAY_ID},By=x;URI=spiffe://cluster.local/ns/apps/sa/default"
+        )),
+    ] {
+        let err = check(xfcc.clone(), Some(alice.clone())).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{xfcc:?}: {err:?}");
+    }
+    // The gateway's identity with no token, a token signed by someone else, or one of another
+    // issuer: refused with 401 and charged to nobody, whatever the token claims.
+    let forged = jwt(
+        serde_json::json!({"iss": issuer, "org": "globex", "sub": "dave"}),
+        b"not the identity provider's key",
+    );
+    let foreign = jwt(
+        serde_json::json!({"iss": "https://evil.example", "org": "globex"}),
+        tollgate_testkit::JWT_KEY,
+    );
+    for (bearer, reason) in [
+        (None, "no `authorization` header"),
+        (Some(forged), "InvalidSignature"),
+        (Some(foreign), "InvalidIssuer"),
+    ] {
+        let r = check(Some(own.clone()), bearer).await.unwrap().into_inner();
+        let Some(HttpResponse::DeniedResponse(d)) = r.http_response else {
+            panic!("{reason}: not denied")
+        };
+        assert_eq!(d.status.unwrap().code, 401, "{reason}");
+        assert!(d.body.contains(reason), "{reason}: {}", d.body);
+    }
+    assert_eq!(org_counted(&service, "globex").await, 0);
+    assert_eq!(org_counted(&service, "acme").await, 100);
+}
+
 fn authed<T>(message: T, token: &str) -> Request<T> {
     let mut r = Request::new(message);
     r.metadata_mut()

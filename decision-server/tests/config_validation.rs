@@ -521,7 +521,9 @@ fn a_bearer_jwt_needs_an_issuer_and_a_usable_key_set() {
     );
     let missing = errors("{ issuer: i, jwksFile: no-such-jwks.json }");
     assert!(
-        missing[0].starts_with("tollgate.yaml: server.extAuthz.bearerJwt.jwksFile: cannot read `no-such-jwks.json`"),
+        missing[0].starts_with(
+            "tollgate.yaml: server.extAuthz.bearerJwt.jwksFile: cannot read `no-such-jwks.json`"
+        ),
         "{missing:?}"
     );
     assert_eq!(

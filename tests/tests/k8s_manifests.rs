@@ -113,8 +113,15 @@ fn the_config_map_holds_a_valid_config_and_the_pod_matches_it() {
         }) else {
             continue;
         };
+        // The ConfigMap's keys as the pod sees them: files side by side in one directory.
+        let mounted = tempfile::tempdir().unwrap();
+        for (name, value) in cm["data"].as_mapping().unwrap() {
+            let name = name.as_str().unwrap();
+            std::fs::write(mounted.path().join(name), value.as_str().unwrap()).unwrap();
+        }
         let text = cm["data"]["tollgate.yaml"].as_str().unwrap();
-        let loaded = tollgate::config::load(text, &format!("{}: tollgate.yaml", dir.display()))
+        let file = mounted.path().join("tollgate.yaml");
+        let loaded = tollgate::config::load(text, &file.display().to_string())
             .unwrap_or_else(|e| panic!("{}: the config does not validate:\n{e}", dir.display()));
         let grace_ms = loaded.server.shutdown_grace_millis;
 
