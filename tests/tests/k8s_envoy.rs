@@ -113,13 +113,9 @@ fn istio_gateway(
         json!({ "name": "envoy.filters.http.router", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" } }),
     );
-    json!({
-        "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } } },
-        "static_resources": {
-            "listeners": [{
-                "name": "0.0.0.0_8080",
-                "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } },
-                "filter_chains": [{ "filters": [{
+    loopback_envoy(
+        "0.0.0.0_8080",
+        json!({ "filters": [{
                     "name": "envoy.filters.network.http_connection_manager",
                     "typed_config": {
                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -134,11 +130,24 @@ fn istio_gateway(
                             }]
                         },
                         "http_filters": http_filters
-
                     }
-                }] }]
+                }] }),
+        all_clusters,
+    )
+}
+
+/// An Envoy with one listener on a free loopback port (`filter_chain` its one chain), the
+/// admin interface likewise, and `clusters`.
+fn loopback_envoy(listener: &str, filter_chain: Value, clusters: Vec<Value>) -> String {
+    json!({
+        "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } } },
+        "static_resources": {
+            "listeners": [{
+                "name": listener,
+                "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } },
+                "filter_chains": [filter_chain]
             }],
-            "clusters": all_clusters
+            "clusters": clusters
         }
     })
     .to_string()
@@ -443,58 +452,42 @@ impl MeshCa {
 /// sidecar inbound listener does (`APPEND_FORWARD`, subject, URI and DNS), then to the
 /// decision server on loopback.
 fn inbound_proxy(mesh: &MeshCa, own: &Leaf, sidecar_port: u16) -> String {
-    json!({
-        "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } } },
-        "static_resources": {
-            "listeners": [{
-                "name": "virtualInbound",
-                "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } },
-                "filter_chains": [{
-                    "transport_socket": { "name": "envoy.transport_sockets.tls", "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                        "require_client_certificate": true,
-                        "common_tls_context": {
-                            "alpn_protocols": ["h2"],
-                            "tls_certificates": [{ "certificate_chain": { "filename": own.cert },
-                                "private_key": { "filename": own.key } }],
-                            "validation_context": { "trusted_ca": { "filename": mesh.root() } }
-                        }
-                    } },
-                    "filters": [{
-                        "name": "envoy.filters.network.http_connection_manager",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                            "stat_prefix": "inbound_0.0.0.0_9191",
-                            "forward_client_cert_details": "APPEND_FORWARD",
-                            "set_current_client_cert_details": { "subject": true, "uri": true, "dns": true },
-                            "route_config": { "name": "inbound|9191||", "virtual_hosts": [{
-                                "name": "inbound|http|9191", "domains": ["*"],
-                                "routes": [{ "match": { "prefix": "/" },
-                                    "route": { "cluster": "inbound|9191||", "timeout": "0s" } }]
-                            }] },
-                            "http_filters": [{ "name": "envoy.filters.http.router", "typed_config": {
-                                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" } }]
-                        }
-                    }]
-                }]
-            }],
-            "clusters": [{
-                "name": "inbound|9191||",
-                "type": "STATIC",
-                "connect_timeout": "10s",
-                "typed_extension_protocol_options": {
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                        "explicit_http_config": { "http2_protocol_options": {} }
-                    }
-                },
-                "load_assignment": { "cluster_name": "inbound|9191||", "endpoints": [{ "lb_endpoints": [{
-                    "endpoint": { "address": { "socket_address": {
-                        "address": "127.0.0.1", "port_value": sidecar_port } } } }] }] }
+    // The inbound cluster has the shape of a service cluster: HTTP/2, one loopback endpoint.
+    let (_, mut cluster) = istio_service_cluster("", 0, sidecar_port);
+    cluster["name"] = "inbound|9191||".into();
+    cluster["load_assignment"]["cluster_name"] = "inbound|9191||".into();
+    loopback_envoy(
+        "virtualInbound",
+        json!({
+            "transport_socket": { "name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "require_client_certificate": true,
+                "common_tls_context": {
+                    "alpn_protocols": ["h2"],
+                    "tls_certificates": [{ "certificate_chain": { "filename": own.cert },
+                        "private_key": { "filename": own.key } }],
+                    "validation_context": { "trusted_ca": { "filename": mesh.root() } }
+                }
+            } },
+            "filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "inbound_0.0.0.0_9191",
+                    "forward_client_cert_details": "APPEND_FORWARD",
+                    "set_current_client_cert_details": { "subject": true, "uri": true, "dns": true },
+                    "route_config": { "name": "inbound|9191||", "virtual_hosts": [{
+                        "name": "inbound|http|9191", "domains": ["*"],
+                        "routes": [{ "match": { "prefix": "/" },
+                            "route": { "cluster": "inbound|9191||", "timeout": "0s" } }]
+                    }] },
+                    "http_filters": [{ "name": "envoy.filters.http.router", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" } }]
+                }
             }]
-        }
-    })
-    .to_string()
+        }),
+        vec![cluster],
+    )
 }
 
 /// The gateway's cluster for the provider's service, as Istio makes it with auto mTLS: the
