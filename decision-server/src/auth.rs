@@ -14,13 +14,37 @@ use subtle::ConstantTimeEq;
 
 use crate::config::server::{ApiKeySpec, GatewayTokenSpec, MeshPeerSpec};
 
+/// What a customer's API key may do for its customer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Role {
+    /// Reads and decisions (an application's key): what every key could do before roles.
+    #[default]
+    App,
+    /// Reads only (dashboards, the portal's read-only users).
+    Viewer,
+    /// Reads, decisions, and the customer's own limits (within the operator's ceilings),
+    /// alert rules and webhooks.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::App => "app",
+            Role::Viewer => "viewer",
+            Role::Admin => "admin",
+        }
+    }
+}
+
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
     /// The operator token: every customer, the admin API.
     Operator,
-    /// A customer's API key: that customer's data and decisions only.
-    Customer(String),
+    /// A customer's API key: that customer's data only, as far as its role goes.
+    Customer(String, Role),
     /// A gateway token: the Envoy in front of the sidecar, which decides and closes holds for
     /// the customers it serves (all of them, or the listed ones) on the ext_authz listener,
     /// and nothing else.
@@ -32,7 +56,7 @@ impl Principal {
     pub fn may_access(&self, customer: &str) -> bool {
         match self {
             Principal::Operator => true,
-            Principal::Customer(c) => c == customer,
+            Principal::Customer(c, _) => c == customer,
             Principal::Gateway(None) => true,
             Principal::Gateway(Some(list)) => list.iter().any(|c| c == customer),
         }
@@ -40,6 +64,31 @@ impl Principal {
 
     pub fn is_operator(&self) -> bool {
         matches!(self, Principal::Operator)
+    }
+
+    /// Whether this caller may place or close holds and report usage for `customer`: a
+    /// viewer key only reads.
+    pub fn may_decide(&self, customer: &str) -> bool {
+        self.may_access(customer) && !matches!(self, Principal::Customer(_, Role::Viewer))
+    }
+
+    /// Whether this caller may change `customer`'s limits, alert rules and webhooks: the
+    /// operator, or the customer's admin key (within the operator's ceilings).
+    pub fn may_manage(&self, customer: &str) -> bool {
+        match self {
+            Principal::Operator => true,
+            Principal::Customer(c, Role::Admin) => c == customer,
+            _ => false,
+        }
+    }
+
+    /// Who this is, for the audit log: `operator`, `<customer>:<role>` or `gateway`.
+    pub fn describe(&self) -> String {
+        match self {
+            Principal::Operator => "operator".to_string(),
+            Principal::Customer(c, role) => format!("{c}:{}", role.as_str()),
+            Principal::Gateway(_) => "gateway".to_string(),
+        }
     }
 }
 
@@ -95,7 +144,7 @@ impl Credentials {
         let api = keys.iter().map(|k| {
             (
                 k.id.clone(),
-                (Principal::Customer(k.customer.clone()), k.sha256),
+                (Principal::Customer(k.customer.clone(), k.role), k.sha256),
             )
         });
         let gateway = gateways.iter().map(|g| {
@@ -255,6 +304,7 @@ mod tests {
                 id: "acme-app".into(),
                 customer: "acme".into(),
                 sha256: sha256("acme-app.s3cret"),
+                role: Role::App,
             }],
             &[
                 GatewayTokenSpec {
@@ -298,7 +348,7 @@ mod tests {
         assert_eq!(c.authenticate("op-secret"), Ok(Principal::Operator));
         assert_eq!(
             c.authenticate("acme-app.s3cret"),
-            Ok(Principal::Customer("acme".into()))
+            Ok(Principal::Customer("acme".into(), Role::App))
         );
         assert_eq!(c.authenticate("acme-app.wrong"), Err(AuthError::Invalid));
         assert_eq!(c.authenticate("other.s3cret"), Err(AuthError::Invalid));
@@ -415,9 +465,23 @@ mod tests {
     }
 
     #[test]
+    fn roles_bound_what_a_customer_key_does() {
+        let viewer = Principal::Customer("a".into(), Role::Viewer);
+        let app = Principal::Customer("a".into(), Role::App);
+        let admin = Principal::Customer("a".into(), Role::Admin);
+        assert!(viewer.may_access("a") && !viewer.may_decide("a") && !viewer.may_manage("a"));
+        assert!(app.may_decide("a") && !app.may_manage("a"));
+        assert!(admin.may_decide("a") && admin.may_manage("a"));
+        assert!(!admin.may_manage("b") && !admin.may_decide("b"));
+        assert!(Principal::Operator.may_manage("b"));
+        assert!(!Principal::Gateway(None).may_manage("a"));
+        assert_eq!(admin.describe(), "a:admin");
+    }
+
+    #[test]
     fn access_is_per_customer() {
         assert!(Principal::Operator.may_access("x"));
-        let p = Principal::Customer("a".into());
+        let p = Principal::Customer("a".into(), Role::App);
         assert!(p.may_access("a"));
         assert!(!p.may_access("b"));
     }

@@ -6,7 +6,11 @@
 
 use parking_lot::Mutex;
 
-use crate::config::dto::{ConfigDoc, CustomerDto, EntityDto, GrantDto, LimitDto, PriceTableDto};
+use crate::auth::{Principal, Role};
+use crate::config::dto::{
+    AlertRuleDto, ConfigDoc, CustomerDto, EntityDto, GrantDto, KindDto, LimitDto, PriceTableDto,
+    WebhookDto,
+};
 use crate::config::{ConfigErrors, build_model};
 use crate::engine::Engine;
 use crate::store::StoreError;
@@ -53,6 +57,25 @@ pub enum AdminOp {
     DeletePrices {
         version: String,
     },
+    PutAlertRule {
+        customer: String,
+        rule: AlertRuleDto,
+        create: bool,
+    },
+    DeleteAlertRule {
+        customer: String,
+        id: String,
+    },
+    /// A webhook with its secrets (made by the server, shown to the caller once).
+    PutWebhook {
+        customer: String,
+        webhook: WebhookDto,
+        create: bool,
+    },
+    DeleteWebhook {
+        customer: String,
+        id: String,
+    },
 }
 
 /// Why an admin change was refused. A refused change changes nothing.
@@ -64,6 +87,9 @@ pub enum AdminError {
     Conflict(String),
     #[error("the change would make the model invalid:\n{0}")]
     Invalid(ConfigErrors),
+    /// Not allowed for this caller; the text says why (the portal shows it as it is).
+    #[error("{0}")]
+    Refused(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -183,16 +209,269 @@ impl AdminOp {
                 |t| &t.version,
                 format!("price table `{version}`"),
             ),
+            AdminOp::PutAlertRule {
+                customer,
+                rule,
+                create,
+            } => put(
+                &mut customer_mut(doc, customer)?.alerts,
+                rule.clone(),
+                |r| &r.id,
+                *create,
+                format!("alert rule `{}` of customer `{customer}`", rule.id),
+            ),
+            AdminOp::DeleteAlertRule { customer, id } => delete(
+                &mut customer_mut(doc, customer)?.alerts,
+                id,
+                |r| &r.id,
+                format!("alert rule `{id}` of customer `{customer}`"),
+            ),
+            AdminOp::PutWebhook {
+                customer,
+                webhook,
+                create,
+            } => put(
+                &mut customer_mut(doc, customer)?.webhooks,
+                webhook.clone(),
+                |w| &w.id,
+                *create,
+                format!("webhook `{}` of customer `{customer}`", webhook.id),
+            ),
+            AdminOp::DeleteWebhook { customer, id } => delete(
+                &mut customer_mut(doc, customer)?.webhooks,
+                id,
+                |w| &w.id,
+                format!("webhook `{id}` of customer `{customer}`"),
+            ),
         }
     }
+
+    /// The customer this change is about, if it is about one.
+    pub fn customer(&self) -> Option<&str> {
+        match self {
+            AdminOp::PutCustomer { customer, .. } => Some(&customer.id),
+            AdminOp::DeleteCustomer { id } => Some(id),
+            AdminOp::PutEntity { customer, .. }
+            | AdminOp::DeleteEntity { customer, .. }
+            | AdminOp::PutLimit { customer, .. }
+            | AdminOp::DeleteLimit { customer, .. }
+            | AdminOp::AddGrant { customer, .. }
+            | AdminOp::PutAlertRule { customer, .. }
+            | AdminOp::DeleteAlertRule { customer, .. }
+            | AdminOp::PutWebhook { customer, .. }
+            | AdminOp::DeleteWebhook { customer, .. } => Some(customer),
+            AdminOp::PutPrices { .. } | AdminOp::DeletePrices { .. } => None,
+        }
+    }
+
+    /// What kind of thing it changes and which one: `limit team-daily`.
+    pub fn target(&self) -> (&'static str, &str) {
+        match self {
+            AdminOp::PutCustomer { customer, .. } => ("customer", &customer.id),
+            AdminOp::DeleteCustomer { id } => ("customer", id),
+            AdminOp::PutEntity { entity, .. } => ("entity", &entity.id),
+            AdminOp::DeleteEntity { id, .. } => ("entity", id),
+            AdminOp::PutLimit { limit, .. } => ("limit", &limit.id),
+            AdminOp::DeleteLimit { id, .. } => ("limit", id),
+            AdminOp::AddGrant { grant, .. } => ("grant", &grant.id),
+            AdminOp::PutPrices { table, .. } => ("prices", &table.version),
+            AdminOp::DeletePrices { version } => ("prices", version),
+            AdminOp::PutAlertRule { rule, .. } => ("alert", &rule.id),
+            AdminOp::DeleteAlertRule { id, .. } => ("alert", id),
+            AdminOp::PutWebhook { webhook, .. } => ("webhook", &webhook.id),
+            AdminOp::DeleteWebhook { id, .. } => ("webhook", id),
+        }
+    }
+
+    /// `create`, `update` or `delete`.
+    pub fn action(&self) -> &'static str {
+        match self {
+            AdminOp::PutCustomer { create: true, .. }
+            | AdminOp::PutEntity { create: true, .. }
+            | AdminOp::PutLimit { create: true, .. }
+            | AdminOp::PutPrices { create: true, .. }
+            | AdminOp::PutAlertRule { create: true, .. }
+            | AdminOp::PutWebhook { create: true, .. }
+            | AdminOp::AddGrant { .. } => "create",
+            AdminOp::PutCustomer { .. }
+            | AdminOp::PutEntity { .. }
+            | AdminOp::PutLimit { .. }
+            | AdminOp::PutPrices { .. }
+            | AdminOp::PutAlertRule { .. }
+            | AdminOp::PutWebhook { .. } => "update",
+            _ => "delete",
+        }
+    }
+}
+
+/// A webhook with its secrets hidden: they are shown once, when made.
+pub fn redacted_webhook(w: &WebhookDto) -> WebhookDto {
+    WebhookDto {
+        secrets: w.secrets.iter().map(|_| REDACTED.to_string()).collect(),
+        ..w.clone()
+    }
+}
+
+/// What stands in for a secret in anything read back.
+pub const REDACTED: &str = "(redacted)";
+
+/// The object `op` changes, as it stands in `doc` (secrets hidden), for the audit log.
+fn subject(doc: &ConfigDoc, op: &AdminOp) -> Option<serde_json::Value> {
+    fn json<T: serde::Serialize>(t: Option<&T>) -> Option<serde_json::Value> {
+        t.and_then(|t| serde_json::to_value(t).ok())
+    }
+    let (kind, id) = op.target();
+    let customer = op
+        .customer()
+        .and_then(|c| doc.customers.iter().find(|x| x.id == c));
+    match kind {
+        "customer" => customer
+            .map(|c| {
+                let mut c = c.clone();
+                c.webhooks = c.webhooks.iter().map(redacted_webhook).collect();
+                c
+            })
+            .and_then(|c| json(Some(&c))),
+        "entity" => json(customer.and_then(|c| c.entities.iter().find(|e| e.id == id))),
+        "limit" => json(customer.and_then(|c| c.limits.iter().find(|l| l.id == id))),
+        "grant" => json(customer.and_then(|c| c.grants.iter().find(|g| g.id == id))),
+        "alert" => json(customer.and_then(|c| c.alerts.iter().find(|r| r.id == id))),
+        "webhook" => json(
+            customer
+                .and_then(|c| c.webhooks.iter().find(|w| w.id == id))
+                .map(redacted_webhook)
+                .as_ref(),
+        ),
+        _ => json(doc.prices.iter().find(|t| t.version == id)),
+    }
+}
+
+/// Whether a limit change by a customer's admin keeps within what the operator allows, given
+/// the document before it. Pure: the catalog runs it under its change lock.
+///
+/// The rules: a customer admin changes limits, alert rules and webhooks of its own customer
+/// only. A limit may be lowered freely (same shape, lower value); any other new or changed
+/// limit must be covered by one of the operator's ceilings (which validation then holds it
+/// under), enforced (`mode: enforce`) and not `credits` (credits come from grants). A limit
+/// may be deleted only where a ceiling covers it and it is not on the customer's top entity:
+/// that one stands for what was bought.
+pub fn customer_admin_guard(
+    doc: &ConfigDoc,
+    customer: &str,
+    op: &AdminOp,
+) -> Result<(), AdminError> {
+    if op.customer() != Some(customer) {
+        return Err(AdminError::Refused(format!(
+            "an admin key of `{customer}` changes only that customer"
+        )));
+    }
+    let refuse = |why: String| Err(AdminError::Refused(why));
+    let Some(c) = doc.customers.iter().find(|c| c.id == customer) else {
+        return Err(AdminError::NotFound(format!("customer `{customer}`")));
+    };
+    let covering = |l: &LimitDto| c.ceilings.iter().find(|x| x.covers(l));
+    match op {
+        AdminOp::PutLimit { limit, .. } => {
+            let before = c.limits.iter().find(|l| l.id == limit.id);
+            let same_shape = before.is_some_and(|b| {
+                let mut b = b.clone();
+                b.limit = limit.limit;
+                b == *limit
+            });
+            let lowered = before.is_some_and(|b| match (b.limit, limit.limit) {
+                (Some(old), Some(new)) => new <= old,
+                _ => false,
+            });
+            if same_shape && lowered {
+                return Ok(());
+            }
+            if limit.kind == KindDto::Credits {
+                return refuse("credits come from grants, which only the operator adds".into());
+            }
+            if limit.mode != crate::config::dto::ModeDto::Enforce {
+                return refuse(format!(
+                    "limit `{}`: an admin key sets enforced limits only; `soft` and `shadow` let usage past the limit",
+                    limit.id
+                ));
+            }
+            match covering(limit) {
+                Some(_) => Ok(()),
+                None => refuse(format!(
+                    "limit `{}`: no ceiling covers {} {}{}, so it can only be lowered; ask the operator for a ceiling",
+                    limit.id,
+                    limit.feature,
+                    limit.kind.as_str(),
+                    [&limit.period, &limit.window]
+                        .into_iter()
+                        .flatten()
+                        .map(|p| format!(" {p}"))
+                        .collect::<String>()
+                )),
+            }
+        }
+        AdminOp::DeleteLimit { id, .. } => {
+            let Some(limit) = c.limits.iter().find(|l| &l.id == id) else {
+                return Err(AdminError::NotFound(format!(
+                    "limit `{id}` of customer `{customer}`"
+                )));
+            };
+            let top = limit
+                .entity
+                .as_deref()
+                .is_some_and(|e| c.entities.iter().any(|x| x.id == e && x.parent.is_none()));
+            if top {
+                return refuse(format!(
+                    "limit `{id}` is on `{}`, the customer's top entity: it stands for what was bought; lower it instead",
+                    limit.entity.as_deref().unwrap_or_default()
+                ));
+            }
+            if covering(limit).is_none() {
+                return refuse(format!(
+                    "limit `{id}`: no ceiling covers it, so removing it could let usage past what was bought; lower it instead"
+                ));
+            }
+            Ok(())
+        }
+        AdminOp::PutAlertRule { .. }
+        | AdminOp::DeleteAlertRule { .. }
+        | AdminOp::PutWebhook { .. }
+        | AdminOp::DeleteWebhook { .. } => Ok(()),
+        _ => refuse(format!(
+            "only the operator changes a customer's {}s",
+            op.target().0
+        )),
+    }
+}
+
+/// One admin change as the store keeps it: the change, who made it and when, and the object
+/// it changed before and after (secrets hidden). The list of these is the audit log.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Logged {
+    pub op: AdminOp,
+    pub by: String,
+    /// Milliseconds since the epoch.
+    pub at: i64,
+    #[serde(default)]
+    pub before: Option<serde_json::Value>,
+    #[serde(default)]
+    pub after: Option<serde_json::Value>,
+}
+
+/// A stored entry: logged, or a bare change kept before changes were logged.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Stored {
+    Logged(Logged),
+    Bare(AdminOp),
 }
 
 #[derive(Debug)]
 struct State {
     /// The model sections of the config file.
     base: ConfigDoc,
-    /// Admin changes in force, in order.
-    ops: Vec<AdminOp>,
+    /// Admin changes in force, in order, with who made them.
+    ops: Vec<Logged>,
     /// `base` with `ops` applied: what the engine's model was built from.
     current: ConfigDoc,
     /// The store's revision of `ops` (see `AdminLog::save`).
@@ -210,7 +489,7 @@ pub struct Catalog {
 
 /// Stores the whole list of admin changes if the kept list is still at revision `base` (they
 /// are few; rewriting keeps the stored list exactly the list in force). The new revision.
-async fn save(engine: &Engine, ops: &[AdminOp], base: u64) -> Result<u64, AdminError> {
+async fn save(engine: &Engine, ops: &[Logged], base: u64) -> Result<u64, AdminError> {
     let encoded = ops
         .iter()
         .map(serde_json::to_vec)
@@ -222,7 +501,7 @@ async fn save(engine: &Engine, ops: &[AdminOp], base: u64) -> Result<u64, AdminE
 /// Admin changes as a store keeps them, decoded.
 #[derive(Debug, Clone, Default)]
 pub struct Kept {
-    pub ops: Vec<AdminOp>,
+    pub ops: Vec<Logged>,
     pub revision: u64,
     /// Entries that no longer parse, named; they are skipped.
     pub skipped: Vec<String>,
@@ -236,8 +515,15 @@ pub async fn load(engine: &Engine) -> Result<Kept, StoreError> {
         ..Kept::default()
     };
     for (i, bytes) in kept.entries.iter().enumerate() {
-        match serde_json::from_slice(bytes) {
-            Ok(op) => out.ops.push(op),
+        match serde_json::from_slice::<Stored>(bytes) {
+            Ok(Stored::Logged(l)) => out.ops.push(l),
+            Ok(Stored::Bare(op)) => out.ops.push(Logged {
+                op,
+                by: "unknown".into(),
+                at: 0,
+                before: None,
+                after: None,
+            }),
             Err(e) => out
                 .skipped
                 .push(format!("stored admin change {i} skipped: {e}")),
@@ -274,15 +560,44 @@ impl Catalog {
     /// decision; or changes nothing and says why. If another replica saved admin changes
     /// meanwhile, theirs are taken in first and `op` is applied on top of them.
     pub async fn apply(&self, engine: &Engine, op: AdminOp) -> Result<(), AdminError> {
+        self.apply_as(engine, op, &Principal::Operator, 0).await
+    }
+
+    /// [`Catalog::apply`] for `by` at `now` (ms): a customer admin's change must also pass
+    /// [`customer_admin_guard`] against the document it lands on; the change is logged with
+    /// who made it, when, and its object before and after.
+    pub async fn apply_as(
+        &self,
+        engine: &Engine,
+        op: AdminOp,
+        by: &Principal,
+        now: i64,
+    ) -> Result<(), AdminError> {
         let _changing = self.changing.lock().await;
         for _ in 0..SAVE_ATTEMPTS {
             let (mut next, mut ops, revision) = {
                 let state = self.state.lock();
                 (state.current.clone(), state.ops.clone(), state.revision)
             };
+            match by {
+                Principal::Operator => {}
+                Principal::Customer(c, Role::Admin) => customer_admin_guard(&next, c, &op)?,
+                _ => {
+                    return Err(AdminError::Refused(
+                        "this key cannot change the model".into(),
+                    ));
+                }
+            }
+            let before = subject(&next, &op);
             op.apply(&mut next)?;
             let model = build_model(&next, ADMIN_SOURCE).map_err(AdminError::Invalid)?;
-            ops.push(op.clone());
+            ops.push(Logged {
+                after: subject(&next, &op),
+                before,
+                op: op.clone(),
+                by: by.describe(),
+                at: now,
+            });
             // Stored before it takes effect: a change the store could not keep is refused.
             match save(engine, &ops, revision).await {
                 Ok(revision) => {
@@ -367,7 +682,7 @@ impl Catalog {
         &self,
         engine: &Engine,
         base: Option<ConfigDoc>,
-        ops: Vec<AdminOp>,
+        ops: Vec<Logged>,
         mut revision: u64,
         save_dropped: bool,
     ) -> Result<Vec<String>, AdminError> {
@@ -375,9 +690,9 @@ impl Catalog {
         let mut next = base.clone();
         let mut kept = Vec::with_capacity(ops.len());
         let mut dropped = Vec::new();
-        for op in ops {
-            match op.apply(&mut next) {
-                Ok(()) => kept.push(op),
+        for logged in ops {
+            match logged.op.apply(&mut next) {
+                Ok(()) => kept.push(logged),
                 Err(e) => dropped.push(format!("admin change dropped on reload: {e}")),
             }
         }
@@ -398,6 +713,17 @@ impl Catalog {
     /// How many admin changes are in force on top of the file.
     pub fn admin_changes(&self) -> usize {
         self.state.lock().ops.len()
+    }
+
+    /// The audit log: the admin changes in force, oldest first, for one customer or all.
+    pub fn audit(&self, customer: Option<&str>) -> Vec<Logged> {
+        self.state
+            .lock()
+            .ops
+            .iter()
+            .filter(|l| customer.is_none() || l.op.customer() == customer)
+            .cloned()
+            .collect()
     }
 
     /// The file's own document, without admin changes.

@@ -240,7 +240,7 @@ impl Service {
                 let hold: HoldId = item.hold_id.parse().map_err(
                     |e: crate::core::decision::ParseHoldIdError| refused(item, e.to_string()),
                 )?;
-                if !principal.may_access(&hold.customer) {
+                if !principal.may_decide(&hold.customer) {
                     let reason = BatchError::Foreign(hold.customer.clone()).to_string();
                     return Err(refused(item, reason));
                 }
@@ -359,6 +359,11 @@ impl Service {
     /// Reads the config in force (file plus admin changes).
     pub fn read_config<R>(&self, f: impl FnOnce(&ConfigDoc) -> R) -> R {
         self.catalog.read(f)
+    }
+
+    /// The audit log of admin changes, for one customer or all.
+    pub fn audit(&self, customer: Option<&str>) -> Vec<crate::catalog::Logged> {
+        self.catalog.audit(customer)
     }
 
     /// How many admin changes are in force on top of the file.
@@ -603,7 +608,7 @@ impl Service {
         items: &[IngestItem],
     ) -> Result<Vec<IngestStatus>, BatchError> {
         within_batch("events", items.len())?;
-        if let Some(foreign) = items.iter().find(|i| !principal.may_access(&i.customer)) {
+        if let Some(foreign) = items.iter().find(|i| !principal.may_decide(&i.customer)) {
             return Err(BatchError::Foreign(foreign.customer.clone()));
         }
         Ok(self.ingest_all(items).await)
@@ -611,8 +616,23 @@ impl Service {
 
     /// Applies an admin change; it is in force for the next decision.
     pub async fn admin(&self, op: AdminOp) -> Result<(), AdminError> {
-        let what = format!("{op:?}");
-        let result = self.catalog.apply(&self.engine, op).await;
+        self.admin_as(&Principal::Operator, op).await
+    }
+
+    /// An admin change made by `by`: a customer admin's is held to the ceiling guard; every
+    /// change is logged with who made it (the audit log).
+    pub async fn admin_as(&self, by: &Principal, op: AdminOp) -> Result<(), AdminError> {
+        let (kind, id) = op.target();
+        let what = format!(
+            "{} {kind} `{id}` of `{}` by {}",
+            op.action(),
+            op.customer().unwrap_or("-"),
+            by.describe()
+        );
+        let result = self
+            .catalog
+            .apply_as(&self.engine, op, by, self.now().millis())
+            .await;
         match &result {
             Ok(()) => {
                 tracing::info!(change = %what.chars().take(200).collect::<String>(), "admin change applied")

@@ -771,15 +771,21 @@ async fn openapi_document_covers_every_route_of_the_router() {
     documented.sort();
     let expected = [
         "DELETE /v1/customers/{customerId}",
+        "DELETE /v1/customers/{customerId}/alerts/{alertId}",
         "DELETE /v1/customers/{customerId}/entities/{entityId}",
         "DELETE /v1/customers/{customerId}/limits/{limitId}",
+        "DELETE /v1/customers/{customerId}/webhooks/{webhookId}",
+        "DELETE /v1/customers/{customerId}/webhooks/{webhookId}/secrets/previous",
         "DELETE /v1/prices/{version}",
         "GET /healthz",
         "GET /metrics",
         "GET /openapi.json",
+        "GET /v1/audit",
         "GET /v1/customers",
         "GET /v1/customers/{customerId}",
+        "GET /v1/customers/{customerId}/alerts",
         "GET /v1/customers/{customerId}/alerts/deliveries",
+        "GET /v1/customers/{customerId}/audit",
         "GET /v1/customers/{customerId}/entities",
         "GET /v1/customers/{customerId}/entities/{entityId}/budget",
         "GET /v1/customers/{customerId}/grants",
@@ -787,19 +793,24 @@ async fn openapi_document_covers_every_route_of_the_router() {
         "GET /v1/customers/{customerId}/usage/history",
         "GET /v1/customers/{customerId}/usage/stream",
         "GET /v1/customers/{customerId}/usage/top",
+        "GET /v1/customers/{customerId}/webhooks",
         "GET /v1/prices",
         "GET /v1/usage/stream",
         "POST /v1/customers",
+        "POST /v1/customers/{customerId}/alerts",
         "POST /v1/customers/{customerId}/entities",
         "POST /v1/customers/{customerId}/entitlements/check",
         "POST /v1/customers/{customerId}/grants",
         "POST /v1/customers/{customerId}/limits",
+        "POST /v1/customers/{customerId}/webhooks",
+        "POST /v1/customers/{customerId}/webhooks/{webhookId}/secrets",
         "POST /v1/customers/{customerId}/webhooks/{webhookId}/test",
         "POST /v1/holds/{holdId}/release",
         "POST /v1/holds/{holdId}/settle",
         "POST /v1/prices",
         "POST /v1/usage",
         "PUT /v1/customers/{customerId}",
+        "PUT /v1/customers/{customerId}/alerts/{alertId}",
         "PUT /v1/customers/{customerId}/entities/{entityId}",
         "PUT /v1/customers/{customerId}/limits/{limitId}",
         "PUT /v1/prices/{version}",
@@ -814,7 +825,9 @@ async fn openapi_document_covers_every_route_of_the_router() {
             .replace("{entityId}", "alice")
             .replace("{limitId}", "org-daily")
             .replace("{holdId}", "acme:1")
-            .replace("{version}", "v0");
+            .replace("{version}", "v0")
+            .replace("{alertId}", "a1")
+            .replace("{webhookId}", "w1");
         let (status, body) = api
             .call(
                 method.parse().unwrap(),

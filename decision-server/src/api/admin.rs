@@ -1,12 +1,13 @@
 //! HTTP handlers for the admin resources: customers, entities, limits, grants and prices.
-//! Changes need the operator token and take effect on the next decision; a customer's API key
-//! may read its own customer.
+//! Changes need the operator token (limits: or the customer's admin key, within its ceilings)
+//! and take effect on the next decision; a customer's API key may read its own customer.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 
 use super::dto::{CustomerList, ErrorBody};
-use super::{ApiError, ApiJson, ApiPath, AppState, Caller, Operator};
+use super::{ApiError, ApiJson, ApiPath, AppState, Caller, ManagingCaller, Operator};
+use crate::auth::Principal;
 use crate::catalog::AdminOp;
 use crate::config::dto::{CustomerDto, EntityDto, GrantDto, LimitDto, PriceTableDto};
 
@@ -29,19 +30,24 @@ fn read_customer<R>(
         })
 }
 
-/// Applies an operator's change and answers with `body` and `status`.
-async fn change<T>(
+/// Applies a change by `by` and answers with `body` and `status`.
+pub(super) async fn change<T>(
     state: &AppState,
+    by: &Principal,
     op: AdminOp,
     status: StatusCode,
     body: T,
 ) -> Result<(StatusCode, ApiJson<T>), ApiError> {
-    state.admin(op).await?;
+    state.admin_as(by, op).await?;
     Ok((status, ApiJson(body)))
 }
 
-async fn delete(state: &AppState, op: AdminOp) -> Result<StatusCode, ApiError> {
-    state.admin(op).await?;
+pub(super) async fn delete(
+    state: &AppState,
+    by: &Principal,
+    op: AdminOp,
+) -> Result<StatusCode, ApiError> {
+    state.admin_as(by, op).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -87,7 +93,7 @@ pub async fn create_customer(
         customer: body.clone(),
         create: true,
     };
-    change(&state, op, StatusCode::CREATED, body).await
+    change(&state, &Principal::Operator, op, StatusCode::CREATED, body).await
 }
 
 /// One customer, whole.
@@ -100,7 +106,20 @@ pub async fn get_customer(
     caller: Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<ApiJson<CustomerDto>, ApiError> {
-    read_customer(&state, &caller, &id, Clone::clone).map(ApiJson)
+    // Webhook secrets are shown once, when made; a customer's key never reads them back.
+    let operator = caller.0.is_operator();
+    read_customer(&state, &caller, &id, |c| {
+        let mut c = c.clone();
+        if !operator {
+            c.webhooks = c
+                .webhooks
+                .iter()
+                .map(crate::catalog::redacted_webhook)
+                .collect();
+        }
+        c
+    })
+    .map(ApiJson)
 }
 
 /// Creates or replaces a customer, whole.
@@ -120,7 +139,7 @@ pub async fn put_customer(
         customer: body.clone(),
         create: false,
     };
-    change(&state, op, StatusCode::OK, body).await
+    change(&state, &Principal::Operator, op, StatusCode::OK, body).await
 }
 
 /// Deletes a customer. Its counters stay in the store until it is created again.
@@ -133,7 +152,7 @@ pub async fn delete_customer(
     _op: Operator,
     ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    delete(&state, AdminOp::DeleteCustomer { id }).await
+    delete(&state, &Principal::Operator, AdminOp::DeleteCustomer { id }).await
 }
 
 /// A customer's entities.
@@ -166,7 +185,7 @@ pub async fn create_entity(
         entity: body.clone(),
         create: true,
     };
-    change(&state, op, StatusCode::CREATED, body).await
+    change(&state, &Principal::Operator, op, StatusCode::CREATED, body).await
 }
 
 /// Creates or replaces an entity (moving it to another parent, for instance).
@@ -187,7 +206,7 @@ pub async fn put_entity(
         entity: body.clone(),
         create: false,
     };
-    change(&state, op, StatusCode::OK, body).await
+    change(&state, &Principal::Operator, op, StatusCode::OK, body).await
 }
 
 /// Removes an entity. Refused while children or limits still name it.
@@ -200,7 +219,12 @@ pub async fn delete_entity(
     _op: Operator,
     ApiPath((customer, id)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    delete(&state, AdminOp::DeleteEntity { customer, id }).await
+    delete(
+        &state,
+        &Principal::Operator,
+        AdminOp::DeleteEntity { customer, id },
+    )
+    .await
 }
 
 /// A customer's limits.
@@ -224,16 +248,15 @@ pub async fn list_limits(
     security(("bearer" = [])))]
 pub async fn create_limit(
     State(state): State<AppState>,
-    _op: Operator,
-    ApiPath(customer): ApiPath<String>,
+    caller: ManagingCaller,
     ApiJson(body): ApiJson<LimitDto>,
 ) -> Result<(StatusCode, ApiJson<LimitDto>), ApiError> {
     let op = AdminOp::PutLimit {
-        customer,
+        customer: caller.customer,
         limit: body.clone(),
         create: true,
     };
-    change(&state, op, StatusCode::CREATED, body).await
+    change(&state, &caller.principal, op, StatusCode::CREATED, body).await
 }
 
 /// Creates or replaces a limit. Its counter carries over when the kind stays the same.
@@ -244,17 +267,17 @@ pub async fn create_limit(
     security(("bearer" = [])))]
 pub async fn put_limit(
     State(state): State<AppState>,
-    _op: Operator,
-    ApiPath((customer, id)): ApiPath<(String, String)>,
+    caller: ManagingCaller,
+    ApiPath((_customer, id)): ApiPath<(String, String)>,
     ApiJson(body): ApiJson<LimitDto>,
 ) -> Result<(StatusCode, ApiJson<LimitDto>), ApiError> {
     same_id(&id, &body.id)?;
     let op = AdminOp::PutLimit {
-        customer,
+        customer: caller.customer,
         limit: body.clone(),
         create: false,
     };
-    change(&state, op, StatusCode::OK, body).await
+    change(&state, &caller.principal, op, StatusCode::OK, body).await
 }
 
 /// Removes a limit.
@@ -264,10 +287,14 @@ pub async fn put_limit(
     security(("bearer" = [])))]
 pub async fn delete_limit(
     State(state): State<AppState>,
-    _op: Operator,
-    ApiPath((customer, id)): ApiPath<(String, String)>,
+    caller: ManagingCaller,
+    ApiPath((_customer, id)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    delete(&state, AdminOp::DeleteLimit { customer, id }).await
+    let op = AdminOp::DeleteLimit {
+        customer: caller.customer,
+        id,
+    };
+    delete(&state, &caller.principal, op).await
 }
 
 /// A customer's credit grants, as granted.
@@ -299,7 +326,7 @@ pub async fn create_grant(
         customer,
         grant: body.clone(),
     };
-    change(&state, op, StatusCode::CREATED, body).await
+    change(&state, &Principal::Operator, op, StatusCode::CREATED, body).await
 }
 
 /// The price tables, every version.
@@ -327,7 +354,7 @@ pub async fn create_prices(
         table: body.clone(),
         create: true,
     };
-    change(&state, op, StatusCode::CREATED, body).await
+    change(&state, &Principal::Operator, op, StatusCode::CREATED, body).await
 }
 
 /// Creates or replaces a price table version.
@@ -347,7 +374,7 @@ pub async fn put_prices(
         table: body.clone(),
         create: false,
     };
-    change(&state, op, StatusCode::OK, body).await
+    change(&state, &Principal::Operator, op, StatusCode::OK, body).await
 }
 
 /// Removes a price table version. Open holds keep the prices they were priced with.
@@ -360,5 +387,10 @@ pub async fn delete_prices(
     _op: Operator,
     ApiPath(version): ApiPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    delete(&state, AdminOp::DeletePrices { version }).await
+    delete(
+        &state,
+        &Principal::Operator,
+        AdminOp::DeletePrices { version },
+    )
+    .await
 }

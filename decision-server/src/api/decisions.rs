@@ -6,7 +6,7 @@ use super::dto::{
     CheckBody, CheckResult, CloseResult, ErrorBody, SettleBody, UsageBatch, UsageBatchResult,
     UsageEventResult, usage,
 };
-use super::{ApiError, ApiJson, ApiPath, AppState, Caller, ScopedCaller};
+use super::{ApiError, ApiJson, ApiPath, AppState, Caller, DecidingCaller};
 use crate::core::HoldId;
 use crate::engine::CheckRequest;
 use crate::metrics::Api;
@@ -28,7 +28,7 @@ use crate::store::CloseOutcome;
     security(("bearer" = [])))]
 pub async fn check(
     State(state): State<AppState>,
-    ScopedCaller { customer }: ScopedCaller,
+    DecidingCaller { customer }: DecidingCaller,
     ApiJson(body): ApiJson<CheckBody>,
 ) -> Result<ApiJson<CheckResult>, ApiError> {
     let req = CheckRequest {
@@ -70,7 +70,7 @@ fn close_result(hold: &HoldId, outcome: CloseOutcome) -> ApiJson<CloseResult> {
     security(("bearer" = [])))]
 pub async fn settle(
     State(state): State<AppState>,
-    _scope: ScopedCaller,
+    _scope: DecidingCaller,
     ApiPath(hold_id): ApiPath<String>,
     ApiJson(body): ApiJson<SettleBody>,
 ) -> Result<ApiJson<CloseResult>, ApiError> {
@@ -92,7 +92,7 @@ pub async fn settle(
     security(("bearer" = [])))]
 pub async fn release(
     State(state): State<AppState>,
-    _scope: ScopedCaller,
+    _scope: DecidingCaller,
     ApiPath(hold_id): ApiPath<String>,
 ) -> Result<ApiJson<CloseResult>, ApiError> {
     let hold = parse_hold(&hold_id)?;

@@ -607,3 +607,82 @@ pub struct DeliveryLog {
 pub struct TestDelivery {
     pub delivery_id: String,
 }
+
+/// A webhook as read back: its address and how many secrets sign its calls, never the
+/// secrets themselves.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookView {
+    pub id: String,
+    pub url: String,
+    /// 2 while a rotation is under way (the new and the previous secret both sign).
+    pub secrets: usize,
+}
+
+impl From<&crate::config::dto::WebhookDto> for WebhookView {
+    fn from(w: &crate::config::dto::WebhookDto) -> Self {
+        Self {
+            id: w.id.clone(),
+            url: w.url.clone(),
+            secrets: w.secrets.len(),
+        }
+    }
+}
+
+/// A new webhook: its id and address; the server makes its secret.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NewWebhookDto {
+    pub id: String,
+    pub url: String,
+}
+
+/// A webhook's new signing secret, shown this once.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookSecretDto {
+    pub id: String,
+    pub url: String,
+    pub secret: String,
+}
+
+/// One change in the audit log.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditEntryDto {
+    pub at: Option<DateTime<Utc>>,
+    /// `operator`, or `<customer>:<role>` for a customer's key.
+    pub by: String,
+    /// `create`, `update` or `delete`.
+    pub action: String,
+    /// `limit`, `alert`, `webhook`, `customer`, `entity`, `grant` or `prices`.
+    pub kind: String,
+    pub id: String,
+    pub customer: Option<String>,
+    pub before: Option<serde_json::Value>,
+    pub after: Option<serde_json::Value>,
+}
+
+impl From<&crate::catalog::Logged> for AuditEntryDto {
+    fn from(l: &crate::catalog::Logged) -> Self {
+        let (kind, id) = l.op.target();
+        Self {
+            at: (l.at > 0)
+                .then(|| DateTime::from_timestamp_millis(l.at))
+                .flatten(),
+            by: l.by.clone(),
+            action: l.op.action().to_string(),
+            kind: kind.to_string(),
+            id: id.to_string(),
+            customer: l.op.customer().map(str::to_string),
+            before: l.before.clone(),
+            after: l.after.clone(),
+        }
+    }
+}
+
+/// Audit entries, newest first.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditLog {
+    pub entries: Vec<AuditEntryDto>,
+}

@@ -4,6 +4,7 @@
 mod admin;
 mod decisions;
 pub mod dto;
+mod manage;
 mod usage;
 
 use std::sync::Arc;
@@ -69,6 +70,14 @@ impl ApiError {
             StatusCode::FORBIDDEN,
             "forbidden",
             format!("these credentials do not reach customer `{customer}`"),
+        )
+    }
+
+    pub fn read_only() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this API key is read-only (role `viewer`)",
         )
     }
 
@@ -157,6 +166,7 @@ impl From<AdminError> for ApiError {
         match e {
             AdminError::NotFound(_) => Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
             AdminError::Conflict(_) => Self::new(StatusCode::CONFLICT, "conflict", e.to_string()),
+            AdminError::Refused(_) => Self::new(StatusCode::FORBIDDEN, "refused", e.to_string()),
             AdminError::Invalid(errors) => Self {
                 status: StatusCode::UNPROCESSABLE_ENTITY,
                 code: "invalid_change",
@@ -207,7 +217,22 @@ impl Caller {
     }
 }
 
-/// A caller allowed to act for the customer named by the path (`customerId`, or the
+/// The customer a request's path names: `customerId`, or the customer part of `holdId`.
+async fn path_customer(parts: &mut Parts, state: &AppState) -> Result<String, ApiError> {
+    let ApiPath(params) =
+        ApiPath::<std::collections::HashMap<String, String>>::from_request_parts(parts, state)
+            .await?;
+    match (params.get("customerId"), params.get("holdId")) {
+        (Some(c), _) => Ok(c.clone()),
+        (None, Some(h)) => Ok(h
+            .parse::<crate::core::HoldId>()
+            .map_err(|e| ApiError::bad_request(e.to_string()))?
+            .customer),
+        (None, None) => Err(ApiError::bad_request("no customer in the path")),
+    }
+}
+
+/// A caller allowed to read for the customer named by the path (`customerId`, or the
 /// customer part of `holdId`). Checked before the body is read, so a foreign customer gets 403
 /// whatever it sends.
 #[derive(Debug)]
@@ -220,20 +245,58 @@ impl FromRequestParts<AppState> for ScopedCaller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let caller = Caller::from_request_parts(parts, state).await?;
-        let ApiPath(params) =
-            ApiPath::<std::collections::HashMap<String, String>>::from_request_parts(parts, state)
-                .await?;
-        let customer = match (params.get("customerId"), params.get("holdId")) {
-            (Some(c), _) => c.clone(),
-            (None, Some(h)) => {
-                h.parse::<crate::core::HoldId>()
-                    .map_err(|e| ApiError::bad_request(e.to_string()))?
-                    .customer
-            }
-            (None, None) => return Err(ApiError::bad_request("no customer in the path")),
-        };
+        let customer = path_customer(parts, state).await?;
         caller.for_customer(&customer)?;
         Ok(Self { customer })
+    }
+}
+
+/// A caller allowed to place and close holds for the path's customer (not a `viewer` key).
+#[derive(Debug)]
+pub struct DecidingCaller {
+    pub customer: String,
+}
+
+impl FromRequestParts<AppState> for DecidingCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        let customer = path_customer(parts, state).await?;
+        caller.for_customer(&customer)?;
+        if !caller.0.may_decide(&customer) {
+            return Err(ApiError::read_only());
+        }
+        Ok(Self { customer })
+    }
+}
+
+/// A caller allowed to manage the path's customer: the operator, or that customer's `admin`
+/// key (whose changes the catalog also holds to the operator's ceilings).
+#[derive(Debug)]
+pub struct ManagingCaller {
+    pub customer: String,
+    pub principal: Principal,
+}
+
+impl FromRequestParts<AppState> for ManagingCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        let customer = path_customer(parts, state).await?;
+        caller.for_customer(&customer)?;
+        if !caller.0.may_manage(&customer) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "changing this needs the operator token or an `admin` key of the customer",
+            ));
+        }
+        Ok(Self {
+            customer,
+            principal: caller.0,
+        })
     }
 }
 
@@ -393,6 +456,14 @@ pub fn router_and_doc(
         .routes(routes!(usage::stream_all))
         .routes(routes!(usage::deliveries))
         .routes(routes!(usage::test_webhook))
+        .routes(routes!(manage::list_alerts, manage::create_alert))
+        .routes(routes!(manage::put_alert, manage::delete_alert))
+        .routes(routes!(manage::list_webhooks, manage::create_webhook))
+        .routes(routes!(manage::delete_webhook))
+        .routes(routes!(manage::rotate_webhook))
+        .routes(routes!(manage::drop_previous_secret))
+        .routes(routes!(manage::customer_audit))
+        .routes(routes!(manage::audit))
         .with_state(state)
         .split_for_parts();
     let json = doc.to_json().unwrap_or_else(|_| "{}".to_string());

@@ -17,7 +17,7 @@ use super::dto::{
     BudgetDto, DeliveryDto, DeliveryLog, ErrorBody, TestDelivery, UsageHistory, UsageRecordEvent,
     UsageTop,
 };
-use super::{ApiError, ApiJson, ApiPath, AppState, Operator, ScopedCaller};
+use super::{ApiError, ApiJson, ApiPath, AppState, DecidingCaller, Operator, ScopedCaller};
 use crate::core::Name;
 use crate::core::rollup::Granularity;
 use crate::store::StoreError;
@@ -35,6 +35,21 @@ impl From<UsageError> for ApiError {
             ),
             UsageError::Store(e) => e.into(),
         }
+    }
+}
+
+/// A query string's only parameter `limit`: 1 to 1000, default 100.
+pub(super) fn limit_param(raw: Option<&str>) -> Result<usize, ApiError> {
+    let p = Params::parse(raw, &["limit"], false)?;
+    match p.get("limit") {
+        None => Ok(100),
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_parameter("limit", format!("`{v}` is not from 1 to 1000"))
+            }),
     }
 }
 
@@ -411,17 +426,7 @@ pub async fn deliveries(
     ScopedCaller { customer }: ScopedCaller,
     RawQuery(raw): RawQuery,
 ) -> Result<ApiJson<DeliveryLog>, ApiError> {
-    let p = Params::parse(raw.as_deref(), &["limit"], false)?;
-    let limit = match p.get("limit") {
-        None => 100,
-        Some(v) => v
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=1000).contains(n))
-            .ok_or_else(|| {
-                ApiError::bad_parameter("limit", format!("`{v}` is not from 1 to 1000"))
-            })?,
-    };
+    let limit = limit_param(raw.as_deref())?;
     let Some(c) = state.engine().model().customer(&customer).map(|c| c.id) else {
         return Err(UsageError::UnknownCustomer(customer).into());
     };
@@ -445,7 +450,7 @@ pub async fn deliveries(
     security(("bearer" = [])))]
 pub async fn test_webhook(
     State(state): State<AppState>,
-    ScopedCaller { customer }: ScopedCaller,
+    DecidingCaller { customer }: DecidingCaller,
     ApiPath((_customer, webhook)): ApiPath<(String, String)>,
 ) -> Result<(axum::http::StatusCode, ApiJson<TestDelivery>), ApiError> {
     match crate::alerts::test_delivery(state.engine(), &customer, &webhook).await? {

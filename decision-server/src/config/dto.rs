@@ -128,6 +128,17 @@ pub enum KindDto {
     Credits,
 }
 
+impl KindDto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KindDto::Rate => "rate",
+            KindDto::Quota => "quota",
+            KindDto::Concurrency => "concurrency",
+            KindDto::Credits => "credits",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum ModeDto {
@@ -206,6 +217,46 @@ pub struct CustomerDto {
     /// Threshold alerts on the customer's limits.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub alerts: Vec<AlertRuleDto>,
+    /// What the customer bought: no limit of the customer may be set above a ceiling that
+    /// matches it (same feature, kind, period and window), by anyone. The customer's admins
+    /// split and lower budgets under these; only the operator changes them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ceilings: Vec<CeilingDto>,
+}
+
+/// A ceiling: the most any matching limit of the customer may allow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CeilingDto {
+    pub feature: String,
+    pub kind: KindDto,
+    /// The `period` of the limits it covers (quota), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period: Option<String>,
+    /// The `window` of the limits it covers (rate), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
+    pub max: u64,
+}
+
+impl CeilingDto {
+    /// Whether this ceiling covers `limit`.
+    pub fn covers(&self, limit: &LimitDto) -> bool {
+        self.feature == limit.feature
+            && self.kind == limit.kind
+            && self.period == limit.period
+            && self.window == limit.window
+    }
+
+    /// `ai-tokens quota P1D`, for messages.
+    pub fn describe(&self) -> String {
+        let mut out = format!("{} {}", self.feature, self.kind.as_str());
+        for p in [&self.period, &self.window].into_iter().flatten() {
+            out.push(' ');
+            out.push_str(p);
+        }
+        out
+    }
 }
 
 /// A webhook endpoint, signed per the Standard Webhooks spec.

@@ -217,6 +217,10 @@ pub struct ApiKeyDto {
     pub customer: String,
     /// Hex SHA-256 of the whole key.
     pub sha256: String,
+    /// `app` (default: reads and decisions), `viewer` (reads only) or `admin` (also the
+    /// customer's own limits within its ceilings, alert rules and webhooks).
+    #[serde(default)]
+    pub role: crate::auth::Role,
 }
 
 /// Where one request attribute comes from when the ext_authz request does not carry it in
@@ -450,6 +454,7 @@ pub struct ApiKeySpec {
     pub id: String,
     pub customer: String,
     pub sha256: [u8; 32],
+    pub role: crate::auth::Role,
 }
 
 /// One configured gateway token: the SHA-256 of the whole token, and the customers it reaches
@@ -863,6 +868,7 @@ fn credentials(
                 id: k.id.clone(),
                 customer: k.customer.clone(),
                 sha256,
+                role: k.role,
             }),
             Err(m) => errors.push(format!("{path}.sha256"), m),
         }

@@ -566,6 +566,7 @@ impl Validator<'_> {
         let declared: HashSet<&str> = c.entities.iter().map(|e| e.id.as_str()).collect();
         let errors_before_limits = self.errors.len();
         let limits = self.limits(ctx, path, c, &entities, &declared);
+        self.ceilings(ctx, path, c);
         let limits_failed = self.errors.len() > errors_before_limits;
         let mut limits_by_entity: FxHashMap<crate::core::Sym, Vec<usize>> = FxHashMap::default();
         let mut limits_by_type: FxHashMap<usize, Vec<usize>> = FxHashMap::default();
@@ -918,6 +919,46 @@ impl Validator<'_> {
             }
         }
         out
+    }
+
+    /// `ceilings`: each names a known feature, no two cover the same limits, and no limit of
+    /// the customer is above a ceiling that covers it.
+    fn ceilings(&mut self, ctx: &Ctx<'_>, path: &str, c: &CustomerDto) {
+        for (i, ceiling) in c.ceilings.iter().enumerate() {
+            let cpath = format!("{path}.ceilings[{i}]");
+            if !ctx.feature_index.contains_key(&ceiling.feature) {
+                self.err(
+                    format!("{cpath}.feature"),
+                    format!("unknown feature `{}`", ceiling.feature),
+                );
+            }
+            if c.ceilings[..i].iter().any(|o| {
+                o.feature == ceiling.feature
+                    && o.kind == ceiling.kind
+                    && o.period == ceiling.period
+                    && o.window == ceiling.window
+            }) {
+                self.err(
+                    cpath.clone(),
+                    format!("a second ceiling for {}", ceiling.describe()),
+                );
+            }
+        }
+        for (i, l) in c.limits.iter().enumerate() {
+            let Some(value) = l.limit else { continue };
+            for ceiling in c.ceilings.iter().filter(|x| x.covers(l)) {
+                if value > ceiling.max {
+                    self.err(
+                        format!("{path}.limits[{i}].limit"),
+                        format!(
+                            "{value} is above the customer's ceiling of {} for {} (what it bought; only the operator raises a ceiling)",
+                            ceiling.max,
+                            ceiling.describe()
+                        ),
+                    );
+                }
+            }
+        }
     }
 
     fn limit_kind(&mut self, ctx: &Ctx<'_>, lpath: &str, l: &LimitDto) -> Option<LimitKind> {

@@ -460,7 +460,7 @@ impl Authorization for ExtAuthzService {
                 return Ok(Response::new(bad_input_response(settings, &reason)));
             }
         };
-        if !principal.may_access(&input.customer) {
+        if !principal.may_decide(&input.customer) {
             return Err(Status::permission_denied(format!(
                 "these credentials do not reach customer `{}`",
                 input.customer

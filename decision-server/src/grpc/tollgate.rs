@@ -316,7 +316,7 @@ impl TollgateService {
                 .map_err(|e: crate::core::decision::ParseHoldIdError| {
                     Status::invalid_argument(e.to_string())
                 })?;
-        if !principal.may_access(&hold.customer) {
+        if !principal.may_decide(&hold.customer) {
             return Err(forbidden(&hold.customer));
         }
         Ok(hold)
@@ -391,7 +391,7 @@ impl Tollgate for TollgateService {
     ) -> Result<Response<pb::CheckResponse>, Status> {
         let principal = self.principal(&request)?;
         let r = request.into_inner();
-        if !principal.may_access(&r.customer_id) {
+        if !principal.may_decide(&r.customer_id) {
             return Err(forbidden(&r.customer_id));
         }
         let req = CheckRequest {
@@ -501,7 +501,7 @@ impl Tollgate for TollgateService {
         let customer = req.customer_id;
         let filter = match (&principal, customer.is_empty()) {
             (Principal::Operator, true) => None,
-            (Principal::Customer(_) | Principal::Gateway(_), true) => {
+            (Principal::Customer(..) | Principal::Gateway(_), true) => {
                 return Err(Status::invalid_argument(
                     "customer_id is required with a customer API key",
                 ));

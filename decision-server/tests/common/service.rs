@@ -8,6 +8,12 @@ use tollgate::service::Service;
 pub const OPERATOR: &str = "op-token";
 pub const ACME_KEY: &str = "acme-key.acme-secret";
 pub const GLOBEX_KEY: &str = "globex-key.globex-secret";
+/// acme's admin key: also acme's limits (within its ceilings), alert rules and webhooks.
+pub const ACME_ADMIN: &str = "acme-admin.admin-secret";
+/// acme's read-only key.
+pub const ACME_VIEWER: &str = "acme-viewer.viewer-secret";
+/// globex's admin key.
+pub const GLOBEX_ADMIN: &str = "globex-admin.globex-admin-secret";
 /// What Envoy presents on the ext_authz listener: every customer.
 pub const GATEWAY: &str = "envoy.gateway-secret";
 /// A gateway token for acme only.
@@ -54,6 +60,9 @@ server:
     apiKeys:
       - {{ id: acme-key, customer: acme, sha256: {acme} }}
       - {{ id: globex-key, customer: globex, sha256: {globex} }}
+      - {{ id: acme-admin, customer: acme, sha256: {acme_admin}, role: admin }}
+      - {{ id: acme-viewer, customer: acme, sha256: {acme_viewer}, role: viewer }}
+      - {{ id: globex-admin, customer: globex, sha256: {globex_admin}, role: admin }}
     gatewayTokens:
       - {{ id: envoy, sha256: {gateway} }}
       - {{ id: edge-acme, sha256: {edge}, customers: [acme] }}
@@ -67,6 +76,9 @@ server:
         op = sha(OPERATOR),
         acme = sha(ACME_KEY),
         globex = sha(GLOBEX_KEY),
+        acme_admin = sha(ACME_ADMIN),
+        acme_viewer = sha(ACME_VIEWER),
+        globex_admin = sha(GLOBEX_ADMIN),
         gateway = sha(GATEWAY),
         edge = sha(ACME_GATEWAY),
     )

@@ -1,0 +1,554 @@
+//! Delegated administration: customer keys with roles, the operator's ceilings and the guard
+//! that holds a customer admin's limit changes under them, alert rules and webhooks a customer
+//! manages itself (secrets shown once), and the audit log of every change. The guard and the
+//! log run on every store; the HTTP rules through the router.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use tollgate::auth::{Principal, Role};
+use tollgate::catalog::{AdminError, AdminOp};
+use tollgate::config::dto::LimitDto;
+use tollgate::service::Service;
+use tollgate::store::CounterStore;
+
+use common::service::{
+    ACME_ADMIN, ACME_KEY, ACME_VIEWER, GLOBEX_ADMIN, GLOBEX_KEY, OPERATOR, config_with,
+};
+
+/// acme bought 200,000 `ai-tokens` a day per limit; it has no ceiling for a per-minute rate.
+const CEILINGS: &str =
+    "    ceilings:\n      - { feature: ai-tokens, kind: quota, period: P1D, max: 200000 }\n";
+
+/// The fixture with acme's ceilings, a per-minute user rate no ceiling covers, on `storage`.
+fn config(storage: &str) -> String {
+    let text = config_with(&format!("  logging: {{ level: warn }}\n  storage: {storage}"))
+        .replace(
+            "      - { id: user-daily, entityType: user, feature: ai-tokens, kind: quota, limit: 100000, period: P1D }\n",
+            &format!("      - {{ id: user-daily, entityType: user, feature: ai-tokens, kind: quota, limit: 100000, period: P1D }}\n      - {{ id: user-minute, entityType: user, feature: ai-tokens, kind: rate, limit: 5000, window: PT1M }}\n{CEILINGS}"),
+        );
+    assert!(text.contains("ceilings:"), "the fixture changed");
+    text
+}
+
+async fn service_on(store: Arc<dyn CounterStore>) -> Arc<Service> {
+    let loaded = tollgate::config::load(&config("{ kind: memory }"), "fixture.yaml").unwrap();
+    let engine = tollgate::Engine::new(loaded.model, store, Arc::new(tollgate::clock::SystemClock))
+        .await
+        .unwrap();
+    let service = Arc::new(Service::new(engine, loaded.doc, &loaded.server));
+    service.restore_admin_changes().await.unwrap();
+    service
+}
+
+fn limit(service: &Service, id: &str) -> LimitDto {
+    service.read_config(|d| {
+        d.customers
+            .iter()
+            .find(|c| c.id == "acme")
+            .unwrap()
+            .limits
+            .iter()
+            .find(|l| l.id == id)
+            .unwrap()
+            .clone()
+    })
+}
+
+fn with_value(mut l: LimitDto, value: u64) -> AdminOp {
+    l.limit = Some(value);
+    AdminOp::PutLimit {
+        customer: "acme".into(),
+        limit: l,
+        create: false,
+    }
+}
+
+fn refused(r: Result<(), AdminError>) -> String {
+    match r {
+        Err(AdminError::Refused(why)) => why,
+        Err(AdminError::Invalid(e)) => e.to_string(),
+        other => panic!("not refused: {other:?}"),
+    }
+}
+
+fn ceilings_hold_customer_admins_and_every_change_is_logged(
+    store: &dyn Fn() -> Arc<dyn CounterStore>,
+) {
+    // Made outside the test's runtime: the Redis stores connect on a shared one of their own.
+    let store = store();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let service = service_on(Arc::clone(&store)).await;
+        let admin = Principal::Customer("acme".into(), Role::Admin);
+
+        // Lowering a team's budget applies to the next decision.
+        let team = limit(&service, "team-daily");
+        service
+            .admin_as(&admin, with_value(team.clone(), 300))
+            .await
+            .unwrap();
+        let check = |usage: u64| {
+            let service = Arc::clone(&service);
+            async move {
+                let dims = [("userId".to_string(), "alice".to_string())].into();
+                let req = tollgate::CheckRequest {
+                    deadline: None,
+                    customer: "acme",
+                    feature: "ai-tokens",
+                    usage: tollgate::core::plan::Usage::units(usage),
+                    dimensions: &dims,
+                    dry_run: true,
+                };
+                service
+                    .check(tollgate::metrics::Api::Http, &req)
+                    .await
+                    .unwrap()
+            }
+        };
+        let d = check(400).await;
+        assert!(d.denial.is_some(), "the lowered team cap refuses 400");
+        assert_eq!(d.denial.unwrap().limit_id.as_str(), "team-daily");
+        assert!(check(250).await.denial.is_none());
+
+        // Raising within the ceiling is allowed; above it is refused with the reason.
+        service
+            .admin_as(&admin, with_value(team.clone(), 150_000))
+            .await
+            .unwrap();
+        let why = refused(
+            service
+                .admin_as(&admin, with_value(team.clone(), 250_000))
+                .await,
+        );
+        assert!(
+            why.contains("above the customer's ceiling of 200000 for ai-tokens quota P1D"),
+            "{why}"
+        );
+        // The same holds for the operator: the ceiling is what the customer bought.
+        let why = refused(service.admin(with_value(team.clone(), 250_000)).await);
+        assert!(why.contains("ceiling of 200000"), "{why}");
+
+        // A limit no ceiling covers can be lowered, never raised.
+        let minute = limit(&service, "user-minute");
+        service
+            .admin_as(&admin, with_value(minute.clone(), 4000))
+            .await
+            .unwrap();
+        let why = refused(
+            service
+                .admin_as(&admin, with_value(minute.clone(), 4500))
+                .await,
+        );
+        assert!(
+            why.contains("no ceiling covers ai-tokens rate PT1M"),
+            "{why}"
+        );
+        // Nor turned into a soft limit, which lets usage past it.
+        let mut soft = limit(&service, "team-daily");
+        soft.mode = tollgate::config::dto::ModeDto::Soft;
+        let why = refused(
+            service
+                .admin_as(
+                    &admin,
+                    AdminOp::PutLimit {
+                        customer: "acme".into(),
+                        limit: soft,
+                        create: false,
+                    },
+                )
+                .await,
+        );
+        assert!(why.contains("enforced limits only"), "{why}");
+        // New limits need a ceiling.
+        let mut new = limit(&service, "team-daily");
+        new.id = "ml-daily".into();
+        new.entity = Some("ml".into());
+        new.entity_type = None;
+        new.limit = Some(100);
+        service
+            .admin_as(
+                &admin,
+                AdminOp::PutLimit {
+                    customer: "acme".into(),
+                    limit: new,
+                    create: true,
+                },
+            )
+            .await
+            .unwrap();
+        // The top entity's limit stands for what was bought: lowered, never deleted.
+        let why = refused(
+            service
+                .admin_as(
+                    &admin,
+                    AdminOp::DeleteLimit {
+                        customer: "acme".into(),
+                        id: "org-daily".into(),
+                    },
+                )
+                .await,
+        );
+        assert!(why.contains("top entity"), "{why}");
+        service
+            .admin_as(
+                &admin,
+                AdminOp::DeleteLimit {
+                    customer: "acme".into(),
+                    id: "ml-daily".into(),
+                },
+            )
+            .await
+            .unwrap();
+        // Ceilings, entities and grants are the operator's; other customers are out of reach;
+        // viewer and app keys change nothing.
+        let customer = service.read_config(|d| d.customers[0].clone());
+        let why = refused(
+            service
+                .admin_as(
+                    &admin,
+                    AdminOp::PutCustomer {
+                        customer,
+                        create: false,
+                    },
+                )
+                .await,
+        );
+        assert!(why.contains("only the operator"), "{why}");
+        let globex = Principal::Customer("globex".into(), Role::Admin);
+        let why = refused(
+            service
+                .admin_as(&globex, with_value(team.clone(), 10))
+                .await,
+        );
+        assert!(why.contains("changes only that customer"), "{why}");
+        for role in [Role::Viewer, Role::App] {
+            let p = Principal::Customer("acme".into(), role);
+            refused(service.admin_as(&p, with_value(team.clone(), 10)).await);
+        }
+        assert_eq!(limit(&service, "team-daily").limit, Some(150_000));
+
+        // The audit log: who, what, before and after, oldest first.
+        let log = service.audit(Some("acme"));
+        let summary: Vec<(String, String, &str)> = log
+            .iter()
+            .map(|l| (l.by.clone(), l.op.target().1.to_string(), l.op.action()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("acme:admin".to_string(), "team-daily".to_string(), "update"),
+                ("acme:admin".to_string(), "team-daily".to_string(), "update"),
+                (
+                    "acme:admin".to_string(),
+                    "user-minute".to_string(),
+                    "update"
+                ),
+                ("acme:admin".to_string(), "ml-daily".to_string(), "create"),
+                ("acme:admin".to_string(), "ml-daily".to_string(), "delete"),
+            ]
+        );
+        assert_eq!(log[0].before.as_ref().unwrap()["limit"], 100_000);
+        assert_eq!(log[0].after.as_ref().unwrap()["limit"], 300);
+        assert!(log[0].at > 0);
+        assert!(log[4].after.is_none());
+
+        // Another replica (or a restart) on the same store has the same model and log, where
+        // the store keeps admin changes (all but the plain in-memory one).
+        let keeps = !store.admin_log().load().await.unwrap().entries.is_empty();
+        let again = service_on(store).await;
+        if keeps {
+            assert_eq!(limit(&again, "team-daily").limit, Some(150_000));
+            assert_eq!(again.audit(Some("acme")), log);
+        } else {
+            assert!(again.audit(Some("acme")).is_empty());
+        }
+    });
+}
+
+test_with_all_store_factories!(ceilings_hold_customer_admins_and_every_change_is_logged);
+
+/// The router over a service on the ceilings fixture, in memory.
+async fn router() -> (Arc<Service>, axum::Router) {
+    let loaded = tollgate::config::load(&config("{ kind: memory }"), "fixture.yaml").unwrap();
+    let service = tollgate::server::build_service(loaded).await.unwrap();
+    let router = tollgate::api::router(Arc::clone(&service), 65536);
+    (service, router)
+}
+
+async fn call(
+    router: &axum::Router,
+    method: Method,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {token}"))
+        .body(body.map_or(Body::empty(), |b| Body::from(b.to_string())))
+        .unwrap();
+    let resp = router.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn roles_decide_what_each_key_may_do_over_http() {
+    let (_service, r) = router().await;
+    let check =
+        json!({"featureId": "ai-tokens", "requestedUsage": 1, "dimensions": {"userId": "alice"}});
+    let team = json!({"id": "team-daily", "entityType": "team", "feature": "ai-tokens", "kind": "quota", "limit": 500, "period": "P1D"});
+    // A viewer reads but neither decides nor changes.
+    let (s, _) = call(
+        &r,
+        Method::GET,
+        "/v1/customers/acme/limits",
+        ACME_VIEWER,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, b) = call(
+        &r,
+        Method::POST,
+        "/v1/customers/acme/entitlements/check",
+        ACME_VIEWER,
+        Some(check.clone()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("read-only"),
+        "{b}"
+    );
+    for key in [ACME_VIEWER, ACME_KEY] {
+        let (s, b) = call(
+            &r,
+            Method::PUT,
+            "/v1/customers/acme/limits/team-daily",
+            key,
+            Some(team.clone()),
+        )
+        .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    }
+    // The admin lowers a team limit; above the ceiling the answer says why.
+    let (s, b) = call(
+        &r,
+        Method::PUT,
+        "/v1/customers/acme/limits/team-daily",
+        ACME_ADMIN,
+        Some(team.clone()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let mut over = team.clone();
+    over["limit"] = json!(900_000);
+    let (s, b) = call(
+        &r,
+        Method::PUT,
+        "/v1/customers/acme/limits/team-daily",
+        ACME_ADMIN,
+        Some(over),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    assert!(
+        b["error"]["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("ceiling of 200000"),
+        "{b}"
+    );
+    // Another customer's admin gets 403 on acme, reads and writes alike.
+    for (m, path) in [
+        (Method::GET, "/v1/customers/acme/limits"),
+        (Method::GET, "/v1/customers/acme/audit"),
+        (Method::PUT, "/v1/customers/acme/limits/team-daily"),
+        (Method::POST, "/v1/customers/acme/webhooks"),
+    ] {
+        let (s, _) = call(&r, m, path, GLOBEX_ADMIN, Some(team.clone())).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{path}");
+    }
+    let (s, _) = call(
+        &r,
+        Method::POST,
+        "/v1/customers/acme/entitlements/check",
+        GLOBEX_KEY,
+        Some(check),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // The audit log shows the change, who made it, before and after.
+    let (s, log) = call(
+        &r,
+        Method::GET,
+        "/v1/customers/acme/audit",
+        ACME_VIEWER,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let e = &log["entries"][0];
+    assert_eq!(e["by"], "acme:admin");
+    assert_eq!(
+        (e["kind"].as_str(), e["id"].as_str(), e["action"].as_str()),
+        (Some("limit"), Some("team-daily"), Some("update"))
+    );
+    assert_eq!(e["before"]["limit"], 100_000);
+    assert_eq!(e["after"]["limit"], 500);
+    let (s, _) = call(&r, Method::GET, "/v1/audit", ACME_ADMIN, None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "the whole log is the operator's");
+    let (s, all) = call(&r, Method::GET, "/v1/audit", OPERATOR, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(all["entries"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn webhook_secrets_are_shown_once_and_rotate_with_overlap() {
+    let (_service, r) = router().await;
+    let (s, made) = call(
+        &r,
+        Method::POST,
+        "/v1/customers/acme/webhooks",
+        ACME_ADMIN,
+        Some(json!({"id": "ops", "url": "http://127.0.0.1:9/hook"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{made}");
+    let first = made["secret"].as_str().unwrap().to_string();
+    assert!(first.starts_with("whsec_"));
+    // Never read back: not in the list, not in the customer, not in the audit log.
+    let (_, list) = call(
+        &r,
+        Method::GET,
+        "/v1/customers/acme/webhooks",
+        ACME_ADMIN,
+        None,
+    )
+    .await;
+    assert_eq!(
+        list,
+        json!([{"id": "ops", "url": "http://127.0.0.1:9/hook", "secrets": 1}])
+    );
+    for path in ["/v1/customers/acme", "/v1/customers/acme/audit"] {
+        let (_, body) = call(&r, Method::GET, path, ACME_ADMIN, None).await;
+        assert!(
+            !body.to_string().contains(&first),
+            "{path} shows the secret"
+        );
+    }
+    // Rotation: a new secret, the previous one still signing until dropped.
+    let (s, rotated) = call(
+        &r,
+        Method::POST,
+        "/v1/customers/acme/webhooks/ops/secrets",
+        ACME_ADMIN,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_ne!(rotated["secret"], first.as_str());
+    let (_, list) = call(
+        &r,
+        Method::GET,
+        "/v1/customers/acme/webhooks",
+        ACME_ADMIN,
+        None,
+    )
+    .await;
+    assert_eq!(list[0]["secrets"], 2);
+    let (s, _) = call(
+        &r,
+        Method::DELETE,
+        "/v1/customers/acme/webhooks/ops/secrets/previous",
+        ACME_ADMIN,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, list) = call(
+        &r,
+        Method::GET,
+        "/v1/customers/acme/webhooks",
+        ACME_ADMIN,
+        None,
+    )
+    .await;
+    assert_eq!(list[0]["secrets"], 1);
+    // An alert rule on the webhook; a viewer cannot add one.
+    let rule = json!({"id": "team-80", "entityType": "team", "feature": "ai-tokens", "percent": [80], "webhooks": ["ops"]});
+    let (s, _) = call(
+        &r,
+        Method::POST,
+        "/v1/customers/acme/alerts",
+        ACME_VIEWER,
+        Some(rule.clone()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, b) = call(
+        &r,
+        Method::POST,
+        "/v1/customers/acme/alerts",
+        ACME_ADMIN,
+        Some(rule),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let (_, rules) = call(
+        &r,
+        Method::GET,
+        "/v1/customers/acme/alerts",
+        ACME_VIEWER,
+        None,
+    )
+    .await;
+    assert_eq!(rules[0]["id"], "team-80");
+    // A webhook the rule uses cannot go (the model would be invalid); after the rule, it can.
+    let (s, _) = call(
+        &r,
+        Method::DELETE,
+        "/v1/customers/acme/webhooks/ops",
+        ACME_ADMIN,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    let (s, _) = call(
+        &r,
+        Method::DELETE,
+        "/v1/customers/acme/alerts/team-80",
+        ACME_ADMIN,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = call(
+        &r,
+        Method::DELETE,
+        "/v1/customers/acme/webhooks/ops",
+        ACME_ADMIN,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+}
