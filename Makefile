@@ -11,15 +11,15 @@ ENVOY_DIR := $(TOOLS)/envoy-$(ENVOY_VERSION)
 export TOLLGATE_ENVOY := $(ENVOY_DIR)/envoy/_bin/envoy
 export TOLLGATE_WASM := $(CURDIR)/target/$(WASM_TARGET)/release/tollgate_filter.wasm
 
-.PHONY: setup-skopeo wasm-image wasm-pin setup-redis setup-python demo test setup-rust setup-envoy fmt-check clippy wasm unit bench bench-grpc bench-envoy bench-store bench-redis-memory bench-usage
+.PHONY: setup-portal setup-browser setup-skopeo wasm-image wasm-pin setup-redis setup-python demo test setup-rust setup-envoy fmt-check clippy wasm unit bench bench-grpc bench-envoy bench-store bench-redis-memory bench-usage
 
 ## The demo: real Envoy, the WASM filter, the sidecar and a mock OpenAI upstream on loopback.
-demo: setup-rust setup-envoy wasm
+demo: setup-rust setup-envoy setup-portal wasm
 	$(CARGO) build --release --locked -p tollgate -p tollgate-tests
 	$(CURDIR)/target/release/tollgate-demo
 
 ## The whole test suite: toolchain set-up, format, lints, the wasm build and every test.
-test: setup-rust setup-envoy setup-redis setup-python setup-skopeo fmt-check clippy wasm unit
+test: setup-rust setup-envoy setup-redis setup-python setup-skopeo setup-portal setup-browser fmt-check clippy wasm unit
 
 setup-rust:
 	rustup target add $(WASM_TARGET)
@@ -51,15 +51,38 @@ setup-redis:
 ## end-to-end tests drive Envoy with them as users do. `kubernetes-validate` checks the
 ## manifests in k8s/ against the Kubernetes schemas, offline.
 VENV := $(TOOLS)/venv
-PY_PINS := openai==3.57.0 anthropic==2.14.0 kubernetes-validate==1.37.0
+PY_PINS := openai==3.57.0 anthropic==2.14.0 kubernetes-validate==1.37.0 playwright==1.65.2
 setup-python:
 	@if [ -x "$(VENV)/bin/python" ] && \
-		[ "$$("$(VENV)/bin/python" -m pip freeze 2>/dev/null | grep -c -x -F -f <(printf '%s\n' $(PY_PINS)))" = 3 ]; then \
+		[ "$$("$(VENV)/bin/python" -m pip freeze 2>/dev/null | grep -c -x -F -f <(printf '%s\n' $(PY_PINS)))" = $(words $(PY_PINS)) ]; then \
 		echo "$(PY_PINS) present in $(VENV)"; \
 	else \
 		python3 -m venv "$(VENV)" && \
 		"$(VENV)/bin/python" -m pip install --disable-pip-version-check --quiet $(PY_PINS) && \
 		"$(VENV)/bin/python" -m pip freeze | grep -x -F -f <(printf '%s\n' $(PY_PINS)); \
+	fi
+
+## The portal's browser libraries (htmx, uPlot), exactly as decision-server/portal/package-lock.json
+## pins them; the build embeds them in the binary.
+setup-portal:
+	@if [ -f decision-server/portal/node_modules/.package-lock.json ] && \
+		cmp -s decision-server/portal/package-lock.json decision-server/portal/node_modules/.package-lock.json.src 2>/dev/null; then \
+		echo "portal assets present"; \
+	else \
+		cd decision-server/portal && npm ci --no-audit --no-fund && cp package-lock.json node_modules/.package-lock.json.src; \
+	fi
+
+## Debian's Chromium, which the portal's browser tests drive headless through Playwright (from
+## PyPI, in the venv; Playwright cannot download its own browser here).
+setup-browser: setup-python
+	@if command -v chromium >/dev/null; then \
+		chromium --version; \
+	else \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || \
+			{ $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; } && \
+		chromium --version; \
 	fi
 
 ## Debian's skopeo, to inspect the filter's OCI image layout the way a registry client reads it.

@@ -12,6 +12,7 @@ pub mod grpc;
 pub mod jwt;
 pub mod metrics;
 pub mod net;
+pub mod portal;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -174,6 +174,7 @@ pub struct Service {
     stopping: tokio::sync::watch::Sender<bool>,
     alert_claims: crate::alerts::Claims,
     deliverer: Option<crate::alerts::deliver::Deliverer>,
+    sessions: crate::portal::session::Sessions,
 }
 
 impl Service {
@@ -188,6 +189,7 @@ impl Service {
             events,
             stopping: tokio::sync::watch::Sender::new(false),
             alert_claims: crate::alerts::Claims::default(),
+            sessions: crate::portal::session::Sessions::default(),
             deliverer: match crate::alerts::deliver::Deliverer::new() {
                 Ok(d) => Some(d),
                 Err(e) => {
@@ -359,6 +361,11 @@ impl Service {
     /// Reads the config in force (file plus admin changes).
     pub fn read_config<R>(&self, f: impl FnOnce(&ConfigDoc) -> R) -> R {
         self.catalog.read(f)
+    }
+
+    /// The portal's sessions.
+    pub fn sessions(&self) -> &crate::portal::session::Sessions {
+        &self.sessions
     }
 
     /// The audit log of admin changes, for one customer or all.

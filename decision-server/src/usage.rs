@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono_tz::Tz;
+use rustc_hash::FxHashMap;
 
 use crate::core::Name;
 use crate::core::model::{CustomerModel, LimitKind, Model};
@@ -244,21 +245,24 @@ pub async fn budget(
     customer_id: &str,
     entity_id: &str,
 ) -> Result<Budget, UsageError> {
-    let model = engine.model();
-    let c = customer(&model, customer_id)?;
-    let unknown = || UsageError::UnknownEntity {
+    let mut all = budgets(engine, customer_id, &[entity_id]).await?;
+    all.pop().ok_or_else(|| UsageError::UnknownEntity {
         customer: customer_id.to_string(),
         entity: entity_id.to_string(),
-    };
-    let sym = model.symbols.get(entity_id).ok_or_else(unknown)?;
-    let node = c.entities.get(&sym).ok_or_else(unknown)?;
-    let type_key = model
-        .chain_keys
-        .get(node.entity_type)
-        .map(Name::as_str)
-        .unwrap_or_default();
+    })
+}
+
+/// [`budget`] for several entities of one customer, reading the burn-rate buckets once (the
+/// portal's overview shows a page of entities at a time).
+pub async fn budgets(
+    engine: &Engine,
+    customer_id: &str,
+    entity_ids: &[&str],
+) -> Result<Vec<Budget>, UsageError> {
+    let model = engine.model();
+    let c = customer(&model, customer_id)?;
     let now = engine.now();
-    // The burn rate: this entity's units per feature over the last minutes, from minute
+    // The burn rate: each entity's units per feature over the last minutes, from minute
     // buckets (or the coarsest still kept, if minutes are configured shorter).
     let (g, from, to) = usage_query::plan_range(
         now.millis() - BURN_WINDOW_MILLIS,
@@ -268,78 +272,171 @@ pub async fn budget(
     )?;
     let rows = engine.store().usage_buckets(c.id, g, from, to).await?;
     let recent_millis = (now.millis() - from).max(1);
-    let on_entity = c.limits_by_entity.get(&sym).into_iter().flatten();
-    let on_type = c
-        .limits_by_type
-        .get(&node.entity_type)
-        .into_iter()
-        .flatten();
-    let mut limits = Vec::new();
-    for (i, inherited) in on_entity
-        .map(|i| (*i, false))
-        .chain(on_type.map(|i| (*i, true)))
-    {
-        let Some(limit) = c.limits.get(i) else {
-            continue;
+    let mut out = Vec::with_capacity(entity_ids.len());
+    for entity_id in entity_ids {
+        let unknown = || UsageError::UnknownEntity {
+            customer: customer_id.to_string(),
+            entity: (*entity_id).to_string(),
         };
-        let feature = model
-            .features
-            .get(limit.feature)
-            .map(|f| f.id.to_string())
+        let sym = model.symbols.get(entity_id).ok_or_else(unknown)?;
+        let node = c.entities.get(&sym).ok_or_else(unknown)?;
+        let type_key = model
+            .chain_keys
+            .get(node.entity_type)
+            .map(Name::as_str)
             .unwrap_or_default();
-        let used = engine
-            .counted(customer_id, entity_id, limit.id.as_str(), None)
-            .await?
-            .unwrap_or(0);
-        let recent_units: u64 = rows
-            .rows()
-            .filter(|(_, k, _)| k.feature.as_ref() == feature && k.get(type_key) == Some(entity_id))
-            .map(|(_, _, m)| m.units)
-            .sum();
-        let (cap, resets_at) = match &limit.kind {
-            LimitKind::Rate { limit, .. } => (Some(*limit), None),
-            LimitKind::Quota { limit, period } => {
-                (Some(*limit), Some(period.period_at(now).1.millis()))
-            }
-            LimitKind::Concurrency { limit } => (Some(u64::from(*limit)), None),
-            LimitKind::Credits { .. } => (None, None),
-        };
-        let remaining = cap.map(|l| l.saturating_sub(used));
-        let projected = match (&limit.kind, remaining) {
-            (LimitKind::Concurrency { .. }, _) | (_, None) => None,
-            (_, Some(r)) => usage_query::projected_exhaustion(
-                now.millis(),
-                r,
+        let on_entity = c.limits_by_entity.get(&sym).into_iter().flatten();
+        let on_type = c
+            .limits_by_type
+            .get(&node.entity_type)
+            .into_iter()
+            .flatten();
+        let mut limits = Vec::new();
+        for (i, inherited) in on_entity
+            .map(|i| (*i, false))
+            .chain(on_type.map(|i| (*i, true)))
+        {
+            let Some(limit) = c.limits.get(i) else {
+                continue;
+            };
+            let feature = model
+                .features
+                .get(limit.feature)
+                .map(|f| f.id.to_string())
+                .unwrap_or_default();
+            let used = engine
+                .counted(customer_id, entity_id, limit.id.as_str(), None)
+                .await?
+                .unwrap_or(0);
+            let recent_units: u64 = rows
+                .rows()
+                .filter(|(_, k, _)| {
+                    k.feature.as_ref() == feature && k.get(type_key) == Some(*entity_id)
+                })
+                .map(|(_, _, m)| m.units)
+                .sum();
+            let (cap, resets_at) = match &limit.kind {
+                LimitKind::Rate { limit, .. } => (Some(*limit), None),
+                LimitKind::Quota { limit, period } => {
+                    (Some(*limit), Some(period.period_at(now).1.millis()))
+                }
+                LimitKind::Concurrency { limit } => (Some(u64::from(*limit)), None),
+                LimitKind::Credits { .. } => (None, None),
+            };
+            let remaining = cap.map(|l| l.saturating_sub(used));
+            let projected = match (&limit.kind, remaining) {
+                (LimitKind::Concurrency { .. }, _) | (_, None) => None,
+                (_, Some(r)) => usage_query::projected_exhaustion(
+                    now.millis(),
+                    r,
+                    recent_units,
+                    recent_millis,
+                    resets_at,
+                ),
+            };
+            limits.push(LimitState {
+                limit_id: limit.id.to_string(),
+                feature,
+                kind: limit.kind.name(),
+                mode: limit.mode.as_str(),
+                inherited_from_type: inherited,
+                used,
+                limit: cap,
+                remaining,
+                resets_at,
+                projected_exhaustion: projected,
                 recent_units,
                 recent_millis,
-                resets_at,
-            ),
-        };
-        limits.push(LimitState {
-            limit_id: limit.id.to_string(),
-            feature,
-            kind: limit.kind.name(),
-            mode: limit.mode.as_str(),
-            inherited_from_type: inherited,
-            used,
-            limit: cap,
-            remaining,
-            resets_at,
-            projected_exhaustion: projected,
-            recent_units,
-            recent_millis,
+            });
+        }
+        out.push(Budget {
+            entity: (*entity_id).to_string(),
+            entity_type: model
+                .entity_types
+                .get(node.entity_type)
+                .map(|t| t.name.to_string())
+                .unwrap_or_default(),
+            at: now.millis(),
+            limits,
         });
     }
-    Ok(Budget {
-        entity: entity_id.to_string(),
-        entity_type: model
-            .entity_types
-            .get(node.entity_type)
-            .map(|t| t.name.to_string())
-            .unwrap_or_default(),
-        at: now.millis(),
-        limits,
-    })
+    Ok(out)
+}
+
+/// One entity in a page of the tree: its id, type and how many children it has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntityRow {
+    pub id: String,
+    pub entity_type: String,
+    pub children: usize,
+}
+
+/// A page of entities and how many there are in all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntityPage {
+    pub rows: Vec<EntityRow>,
+    pub total: usize,
+}
+
+/// A page of `customer_id`'s tree, sorted by id: the children of `parent` (the top level when
+/// `None`), or, with a `query`, every entity whose id contains it (case-insensitive). One pass
+/// over the customer's entities, so a customer with 100,000 users is paged, never listed.
+pub fn entity_page(
+    engine: &Engine,
+    customer_id: &str,
+    parent: Option<&str>,
+    query: Option<&str>,
+    offset: usize,
+    limit: usize,
+) -> Result<EntityPage, UsageError> {
+    let model = engine.model();
+    let c = customer(&model, customer_id)?;
+    let parent = match parent {
+        None => None,
+        Some(p) => Some(
+            model
+                .symbols
+                .get(p)
+                .filter(|s| c.entities.contains_key(s))
+                .ok_or_else(|| UsageError::UnknownEntity {
+                    customer: customer_id.to_string(),
+                    entity: p.to_string(),
+                })?,
+        ),
+    };
+    let query = query.map(str::to_lowercase).filter(|q| !q.is_empty());
+    let mut children: FxHashMap<crate::core::Sym, usize> = FxHashMap::default();
+    for node in c.entities.values() {
+        if let Some(p) = node.parent {
+            *children.entry(p).or_default() += 1;
+        }
+    }
+    let mut matching: Vec<(&str, crate::core::Sym, usize)> = c
+        .entities
+        .iter()
+        .filter(|(_, node)| match &query {
+            Some(q) => node.id.as_str().to_lowercase().contains(q.as_str()),
+            None => node.parent == parent,
+        })
+        .map(|(sym, node)| (node.id.as_str(), *sym, node.entity_type))
+        .collect();
+    matching.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let total = matching.len();
+    let rows = matching
+        .into_iter()
+        .skip(offset)
+        .take(limit)
+        .map(|(id, sym, t)| EntityRow {
+            id: id.to_string(),
+            entity_type: model
+                .entity_types
+                .get(t)
+                .map(|t| t.name.to_string())
+                .unwrap_or_default(),
+            children: children.get(&sym).copied().unwrap_or(0),
+        })
+        .collect();
+    Ok(EntityPage { rows, total })
 }
 
 /// What a follower of the usage stream receives.

@@ -317,6 +317,13 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        // The portal's pages call the API with their session cookie instead of a token: the
+        // same handlers and checks, plus the session's CSRF token on anything that changes.
+        if !parts.headers.contains_key(header::AUTHORIZATION)
+            && let Some(id) = crate::portal::session::cookie_in(&parts.headers)
+        {
+            return session_caller(parts, state, &id);
+        }
         let header = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -337,6 +344,34 @@ impl FromRequestParts<AppState> for Caller {
             .map(Caller)
             .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()))
     }
+}
+
+/// The caller a portal session stands for; a state-changing method must echo its CSRF token.
+fn session_caller(parts: &Parts, state: &AppState, id: &str) -> Result<Caller, ApiError> {
+    use crate::portal::session;
+    let signed = state
+        .sessions()
+        .get(&state.settings().credentials, id, state.now().millis())
+        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()))?;
+    let safe = matches!(
+        parts.method,
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    );
+    let presented = parts
+        .headers
+        .get(session::CSRF_HEADER)
+        .and_then(|v| v.to_str().ok());
+    if !safe && !session::csrf_ok(&signed, presented) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "csrf",
+            format!(
+                "a change made with a session cookie needs the session's `{}` header",
+                session::CSRF_HEADER
+            ),
+        ));
+    }
+    Ok(Caller(signed.principal))
 }
 
 #[derive(OpenApi)]
@@ -474,7 +509,25 @@ pub fn router_and_doc(
     (router, doc)
 }
 
-/// The HTTP router.
+/// The HTTP router: the API and the portal.
 pub fn router(state: AppState, max_body_bytes: usize) -> axum::Router {
-    router_and_doc(state, max_body_bytes).0
+    let portal = crate::portal::router(std::sync::Arc::clone(&state));
+    router_and_doc(state, max_body_bytes).0.merge(portal)
+}
+
+/// Usage history exactly as `GET /v1/customers/{customerId}/usage/history` answers it for
+/// `raw` (its query string), for a caller already allowed to read `customer`: the portal's
+/// CSV download is the chart's own data.
+pub async fn usage_history(
+    state: AppState,
+    customer: String,
+    raw: Option<String>,
+) -> Result<dto::UsageHistory, ApiError> {
+    usage::history(
+        State(state),
+        ScopedCaller { customer },
+        axum::extract::RawQuery(raw),
+    )
+    .await
+    .map(|ApiJson(h)| h)
 }

@@ -1,0 +1,257 @@
+// Tollgate portal: calls the HTTP API with the session cookie and the page's CSRF token, and
+// keeps the overview, the usage chart, the delivery log and the live feed current without a
+// reload. The API answers every refusal with a message; the page shows it as it is.
+"use strict";
+(function () {
+  const body = document.body;
+  const customer = body.dataset.customer;
+  const page = body.dataset.page;
+  const csrf = document.querySelector('meta[name="csrf-token"]')?.content || "";
+  const enc = encodeURIComponent;
+  const base = `/v1/customers/${enc(customer || "")}`;
+
+  async function api(method, url, data) {
+    const init = { method, headers: { "x-csrf-token": csrf }, credentials: "same-origin" };
+    if (data !== undefined) {
+      init.headers["content-type"] = "application/json";
+      init.body = JSON.stringify(data);
+    }
+    const r = await fetch(url, init);
+    let json = null;
+    try { json = await r.json(); } catch (_) { /* no body */ }
+    return { ok: r.ok, status: r.status, json };
+  }
+
+  function reason(res) {
+    const e = res.json && res.json.error;
+    if (!e) return `refused (${res.status})`;
+    return [e.message].concat(e.problems || []).join(" — ");
+  }
+
+  function showError(text) {
+    const el = document.getElementById("page-error");
+    if (!el) return;
+    el.textContent = text || "";
+    el.hidden = !text;
+  }
+
+  function cell(tr, text) {
+    const td = document.createElement("td");
+    td.textContent = text;
+    tr.appendChild(td);
+  }
+
+  // Overview: expand and collapse, and fresh bars every two seconds.
+  document.addEventListener("click", (ev) => {
+    const t = ev.target.closest(".toggle");
+    if (!t || t.classList.contains("leaf")) return;
+    const li = t.closest("li[data-entity]");
+    if (li.getAttribute("aria-expanded") === "true") {
+      ev.preventDefault();
+      ev.stopImmediatePropagation();
+      li.setAttribute("aria-expanded", "false");
+      li.querySelector(":scope > .kids").innerHTML = "";
+    } else {
+      li.setAttribute("aria-expanded", "true");
+    }
+  }, true);
+
+  async function refreshBars() {
+    const rows = Array.from(document.querySelectorAll("li[data-entity]")).slice(0, 200);
+    if (!rows.length) return;
+    const ids = rows.map((r) => r.dataset.entity);
+    const r = await fetch(`/portal/c/${enc(customer)}/budgets?ids=${ids.map(enc).join(",")}`, { credentials: "same-origin" });
+    if (!r.ok) return;
+    const all = await r.json();
+    for (const li of rows) {
+      const bars = all[li.dataset.entity];
+      if (!bars) continue;
+      let worst = "ok";
+      for (const b of bars) {
+        const el = li.querySelector(`:scope > .bars > [data-limit="${CSS.escape(b.limitId)}"]`);
+        if (!el) continue;
+        el.classList.remove("ok", "near", "over");
+        el.classList.add(b.state);
+        el.querySelector(".fill").style.width = `${b.pct}%`;
+        el.querySelector(".bar").setAttribute("aria-valuenow", b.used);
+        el.querySelector(".used").textContent = b.used;
+        el.querySelector(".remaining").textContent = b.remainingText;
+        if (b.state === "over" || (b.state === "near" && worst === "ok")) worst = b.state;
+      }
+      li.classList.remove("ok", "near", "over");
+      li.classList.add(worst);
+    }
+  }
+
+  // Usage explorer: the chart, top spenders and the CSV of what the chart shows.
+  let chart = null;
+  function explorerQuery() {
+    const f = document.getElementById("explore");
+    const range = Number(f.range.value);
+    const to = new Date();
+    const from = new Date(to.getTime() - range * 1000);
+    const q = new URLSearchParams({ from: from.toISOString(), to: to.toISOString(), windowSize: f.windowSize.value });
+    q.append("groupBy", f.groupBy.value);
+    return { q, by: f.groupBy.value, from, to };
+  }
+  async function refreshExplorer() {
+    const { q, by, from, to } = explorerQuery();
+    document.getElementById("csv").href = `/portal/c/${enc(customer)}/usage.csv?${q}`;
+    const h = await api("GET", `${base}/usage/history?${q}`);
+    if (!h.ok) { showError(reason(h)); return; }
+    showError("");
+    const series = h.json.series;
+    const empty = document.getElementById("chart-empty");
+    const host = document.getElementById("chart");
+    empty.hidden = series.length > 0;
+    const xs = series.length ? series[0].points.map((p) => Date.parse(p.windowStart) / 1000) : [];
+    const data = [xs].concat(series.map((s) => s.points.map((p) => p.measures.units)));
+    const names = series.map((s) => Object.values(s.groupBy).map((v) => v ?? "(none)").join(" · ") || "all");
+    const colors = ["#0969da", "#c62828", "#2e7d32", "#ef6c00", "#8250df", "#1b7c83", "#bf3989", "#57606a"];
+    if (chart) { chart.destroy(); chart = null; }
+    host.innerHTML = "";
+    if (series.length && window.uPlot) {
+      chart = new uPlot({
+        width: Math.max(host.clientWidth, 400), height: 320,
+        series: [{}].concat(names.map((n, i) => ({ label: n, stroke: colors[i % colors.length], width: 2 }))),
+        axes: [{}, { label: "units" }],
+      }, data, host);
+    }
+    host.dataset.series = String(series.length);
+    host.dataset.total = String(series.reduce((a, s) => a + s.points.reduce((b, p) => b + p.measures.units, 0), 0));
+    const t = new URLSearchParams({ by, from: from.toISOString(), to: to.toISOString(), limit: "10" });
+    const top = await api("GET", `${base}/usage/top?${t}`);
+    const tbody = document.querySelector("#top tbody");
+    document.getElementById("top-key").textContent = by;
+    tbody.innerHTML = "";
+    if (top.ok) {
+      for (const row of top.json.rows) {
+        const tr = document.createElement("tr");
+        cell(tr, row.value ?? "(none)"); cell(tr, row.measures.units); cell(tr, row.measures.requests);
+        tbody.appendChild(tr);
+      }
+    }
+  }
+
+  // Alerts: rules, webhooks (secret shown once), test deliveries and the delivery log.
+  async function refreshDeliveries() {
+    const r = await api("GET", `${base}/alerts/deliveries?limit=50`);
+    const tbody = document.querySelector("#deliveries tbody");
+    if (!r.ok || !tbody) return;
+    tbody.innerHTML = "";
+    for (const d of r.json.deliveries) {
+      const tr = document.createElement("tr");
+      tr.dataset.status = d.status;
+      cell(tr, d.createdAt); cell(tr, d.webhookId); cell(tr, d.eventType);
+      cell(tr, d.status); cell(tr, String((d.attempts || []).length));
+      tbody.appendChild(tr);
+    }
+  }
+  function wireAlerts() {
+    const reload = () => window.location.reload();
+    const act = async (method, url, data, then) => {
+      const r = await api(method, url, data);
+      if (!r.ok) { showError(reason(r)); return; }
+      showError("");
+      then(r);
+    };
+    document.querySelectorAll(".delete-rule").forEach((b) => b.addEventListener("click", () =>
+      act("DELETE", `${base}/alerts/${enc(b.dataset.id)}`, undefined, reload)));
+    document.querySelectorAll(".edit-rule").forEach((b) => b.addEventListener("click", () => {
+      const r = JSON.parse(b.dataset.json);
+      const f = document.getElementById("rule-form");
+      f.id.value = r.id; f.entityType.value = r.entityType || ""; f.entity.value = r.entity || "";
+      if (r.feature) f.feature.value = r.feature;
+      f.percent.value = (r.percent || []).join(", ");
+      f.querySelectorAll('input[name="webhooks"]').forEach((c) => { c.checked = (r.webhooks || []).includes(c.value); });
+      f.id.focus();
+    }));
+    const rf = document.getElementById("rule-form");
+    if (rf) rf.addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      const rule = { id: rf.id.value.trim(), feature: rf.feature.value,
+        percent: rf.percent.value.split(",").map((s) => s.trim()).filter(Boolean).map(Number),
+        webhooks: Array.from(rf.querySelectorAll('input[name="webhooks"]:checked')).map((c) => c.value) };
+      if (rf.entity.value.trim()) rule.entity = rf.entity.value.trim(); else if (rf.entityType.value) rule.entityType = rf.entityType.value;
+      const exists = document.querySelector(`tr[data-rule="${CSS.escape(rule.id)}"]`);
+      act(exists ? "PUT" : "POST", exists ? `${base}/alerts/${enc(rule.id)}` : `${base}/alerts`, rule, reload);
+    });
+    const showSecret = (r) => {
+      document.getElementById("secret-for").textContent = r.json.id;
+      document.getElementById("secret-value").textContent = r.json.secret;
+      document.getElementById("secret").hidden = false;
+    };
+    const hf = document.getElementById("hook-form");
+    if (hf) hf.addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      act("POST", `${base}/webhooks`, { id: hf.id.value.trim(), url: hf.url.value.trim() }, showSecret);
+    });
+    document.querySelectorAll(".rotate-hook").forEach((b) => b.addEventListener("click", () =>
+      act("POST", `${base}/webhooks/${enc(b.dataset.id)}/secrets`, undefined, showSecret)));
+    document.querySelectorAll(".retire-hook").forEach((b) => b.addEventListener("click", () =>
+      act("DELETE", `${base}/webhooks/${enc(b.dataset.id)}/secrets/previous`, undefined, reload)));
+    document.querySelectorAll(".delete-hook").forEach((b) => b.addEventListener("click", () =>
+      act("DELETE", `${base}/webhooks/${enc(b.dataset.id)}`, undefined, reload)));
+    document.querySelectorAll(".test-hook").forEach((b) => b.addEventListener("click", () =>
+      act("POST", `${base}/webhooks/${enc(b.dataset.id)}/test`, undefined, refreshDeliveries)));
+  }
+
+  // Limits: save one value; a refusal says why.
+  function wireLimits() {
+    document.querySelectorAll(".save-limit").forEach((b) => b.addEventListener("click", async () => {
+      const input = document.getElementById(`v-${b.dataset.id}`);
+      const limit = JSON.parse(input.dataset.json);
+      limit.limit = Number(input.value);
+      const status = document.getElementById("limit-status");
+      const r = await api("PUT", `${base}/limits/${enc(limit.id)}`, limit);
+      if (!r.ok) { showError(reason(r)); status.textContent = ""; return; }
+      showError("");
+      status.textContent = `Saved: ${limit.id} is now ${limit.limit}; it applies to the next request.`;
+      input.dataset.json = JSON.stringify(r.json);
+    }));
+  }
+
+  // Live: the customer's usage stream.
+  function wireLive() {
+    const status = document.getElementById("live-status");
+    const tbody = document.querySelector("#live tbody");
+    const es = new EventSource(`${base}/usage/stream`);
+    es.onopen = () => { status.textContent = "Live: new decisions appear at the top."; };
+    es.onerror = () => { status.textContent = "Reconnecting…"; };
+    const add = (kind, d) => {
+      const tr = document.createElement("tr");
+      tr.dataset.kind = kind;
+      if (kind === "alert") {
+        cell(tr, d.timestamp || new Date().toISOString());
+        cell(tr, `alert: ${d.type || ""}`);
+        cell(tr, (d.data && (d.data.entityId || d.data.entity)) || "");
+        cell(tr, (d.data && (d.data.currentUsage ?? d.data.used)) ?? "");
+        cell(tr, (d.data && (d.data.limitId || d.data.limit)) || "");
+      } else {
+        const a = d.attributes || {};
+        const who = Object.keys(a).filter((k) => k.endsWith("Id") && k !== "featureId").map((k) => a[k]).join(" › ");
+        cell(tr, d.at);
+        cell(tr, d.kind);
+        cell(tr, who);
+        cell(tr, d.measures.units);
+        cell(tr, d.measures.denied ? `denied${a.deniedBy ? " by " + a.deniedBy : ""}` : "granted");
+      }
+      tbody.prepend(tr);
+      while (tbody.rows.length > 200) tbody.deleteRow(-1);
+    };
+    es.addEventListener("usage", (e) => add("usage", JSON.parse(e.data)));
+    es.addEventListener("alert", (e) => add("alert", JSON.parse(e.data)));
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    if (page === "overview") setInterval(refreshBars, 2000);
+    if (page === "usage") {
+      document.getElementById("explore").addEventListener("change", refreshExplorer);
+      refreshExplorer();
+      setInterval(refreshExplorer, 3000);
+    }
+    if (page === "alerts") { wireAlerts(); refreshDeliveries(); setInterval(refreshDeliveries, 3000); }
+    if (page === "limits") wireLimits();
+    if (page === "live") wireLive();
+  });
+})();

@@ -1,0 +1,773 @@
+//! The self-service portal at `/portal/`: server-rendered pages (minijinja templates, htmx
+//! for partial updates, uPlot for charts, all embedded in the binary) over the same service
+//! calls and permission checks as the HTTP API, whose endpoints its pages call with the
+//! session cookie and the session's CSRF token.
+
+pub mod session;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, LazyLock};
+
+use axum::extract::{Form, Path, Query, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use minijinja::{Environment, Value, context};
+use serde::{Deserialize, Serialize};
+
+use crate::api::AppState;
+use crate::auth::Principal;
+use crate::usage::{Budget, EntityPage};
+
+/// Entities per page of the tree.
+const PAGE: usize = 25;
+/// Most entities one refresh of the bars asks about.
+const MAX_REFRESH: usize = 200;
+
+/// The templates, compiled into the binary.
+const TEMPLATES: [(&str, &str); 11] = [
+    (
+        "base.html",
+        include_str!("../../portal/templates/base.html"),
+    ),
+    (
+        "login.html",
+        include_str!("../../portal/templates/login.html"),
+    ),
+    (
+        "error.html",
+        include_str!("../../portal/templates/error.html"),
+    ),
+    (
+        "customers.html",
+        include_str!("../../portal/templates/customers.html"),
+    ),
+    (
+        "overview.html",
+        include_str!("../../portal/templates/overview.html"),
+    ),
+    (
+        "tree.html",
+        include_str!("../../portal/templates/tree.html"),
+    ),
+    (
+        "usage.html",
+        include_str!("../../portal/templates/usage.html"),
+    ),
+    (
+        "alerts.html",
+        include_str!("../../portal/templates/alerts.html"),
+    ),
+    (
+        "limits.html",
+        include_str!("../../portal/templates/limits.html"),
+    ),
+    (
+        "live.html",
+        include_str!("../../portal/templates/live.html"),
+    ),
+    (
+        "audit.html",
+        include_str!("../../portal/templates/audit.html"),
+    ),
+];
+
+static ENV: LazyLock<Environment<'static>> = LazyLock::new(|| {
+    let mut env = Environment::new();
+    for (name, text) in TEMPLATES {
+        // A template that does not compile is a build defect: every page is rendered by the
+        // tests, and rendering a missing template answers 500 naming it.
+        if let Err(e) = env.add_template(name, text) {
+            tracing::error!(template = name, error = %e, "a portal template does not compile");
+        }
+    }
+    env
+});
+
+/// The browser assets: the npm libraries (copied by build.rs) and the portal's own files.
+const ASSETS: [(&str, &str, &[u8]); 5] = [
+    (
+        "htmx.min.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!(concat!(env!("OUT_DIR"), "/portal/htmx.min.js")),
+    ),
+    (
+        "uPlot.iife.min.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!(concat!(env!("OUT_DIR"), "/portal/uPlot.iife.min.js")),
+    ),
+    (
+        "uPlot.min.css",
+        "text/css; charset=utf-8",
+        include_bytes!(concat!(env!("OUT_DIR"), "/portal/uPlot.min.css")),
+    ),
+    (
+        "portal.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../portal/static/portal.js"),
+    ),
+    (
+        "portal.css",
+        "text/css; charset=utf-8",
+        include_bytes!("../../portal/static/portal.css"),
+    ),
+];
+
+/// Headers every portal page carries: scripts and styles from the portal only (inline
+/// styles for the bars' widths), no framing, no sniffing, no referrer off-site.
+fn hardened(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+        ),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn render(status: StatusCode, name: &str, ctx: Value) -> Response {
+    let page = ENV
+        .get_template(name)
+        .and_then(|t| t.render(ctx))
+        .map_err(|e| {
+            let mut m = format!("the portal page `{name}` cannot be rendered: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                m.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            m
+        });
+    match page {
+        Ok(html) => hardened((status, axum::response::Html(html)).into_response()),
+        Err(m) => {
+            tracing::error!("{m}");
+            hardened((StatusCode::INTERNAL_SERVER_ERROR, m).into_response())
+        }
+    }
+}
+
+/// The portal's routes.
+pub fn router(state: AppState) -> axum::Router {
+    axum::Router::new()
+        .route("/portal", get(landing))
+        .route("/portal/", get(landing))
+        .route("/portal/login", get(login_page).post(login))
+        .route("/portal/logout", post(logout))
+        .route("/portal/assets/{name}", get(asset))
+        .route("/portal/customers", get(customers))
+        .route("/portal/c/{customer}/", get(overview))
+        .route("/portal/c/{customer}/tree", get(tree))
+        .route("/portal/c/{customer}/budgets", get(budgets))
+        .route("/portal/c/{customer}/usage", get(usage_page))
+        .route("/portal/c/{customer}/usage.csv", get(usage_csv))
+        .route("/portal/c/{customer}/alerts", get(alerts_page))
+        .route("/portal/c/{customer}/limits", get(limits_page))
+        .route("/portal/c/{customer}/live", get(live_page))
+        .route("/portal/c/{customer}/audit", get(audit_page))
+        .layer(axum::extract::DefaultBodyLimit::max(16 * 1024))
+        .with_state(state)
+}
+
+async fn asset(Path(name): Path<String>) -> Response {
+    match ASSETS.iter().find(|(n, _, _)| *n == name) {
+        Some((_, content_type, bytes)) => (
+            [
+                (header::CONTENT_TYPE, *content_type),
+                (header::CACHE_CONTROL, "no-cache"),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            ],
+            *bytes,
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "no such asset").into_response(),
+    }
+}
+
+/// The signed-in caller of a page, or the way to the sign-in page.
+struct Page {
+    principal: Principal,
+    csrf: String,
+}
+
+/// A page's refusal (the way to sign-in, or an error page), boxed: responses are large.
+type Refusal = Box<Response>;
+
+fn signed_in(state: &AppState, headers: &HeaderMap) -> Result<Page, Refusal> {
+    let to_login = || Box::new(Redirect::to("/portal/login").into_response());
+    let id = session::cookie_in(headers).ok_or_else(to_login)?;
+    let signed = state
+        .sessions()
+        .get(&state.settings().credentials, &id, state.now().millis())
+        .map_err(|_| to_login())?;
+    Ok(Page {
+        principal: signed.principal,
+        csrf: signed.csrf,
+    })
+}
+
+fn error_page(page: &Page, status: StatusCode, message: String) -> Response {
+    render(
+        status,
+        "error.html",
+        context! {
+            title => status.canonical_reason().unwrap_or("Error"),
+            csrf => page.csrf,
+            operator => page.principal.is_operator(),
+            signed_in_as => page.principal.describe(),
+            message,
+        },
+    )
+}
+
+/// A page of `customer` for the signed-in caller: 403 for a customer its credential does
+/// not reach (the same rule as the API's), 404 for one that does not exist.
+fn customer_page(state: &AppState, headers: &HeaderMap, customer: &str) -> Result<Page, Refusal> {
+    let page = signed_in(state, headers)?;
+    if !page.principal.may_access(customer) {
+        let message = format!("these credentials do not reach customer `{customer}`");
+        return Err(Box::new(error_page(&page, StatusCode::FORBIDDEN, message)));
+    }
+    if state.engine().model().customer(customer).is_none() {
+        let message = format!("customer `{customer}` not found");
+        return Err(Box::new(error_page(&page, StatusCode::NOT_FOUND, message)));
+    }
+    Ok(page)
+}
+
+/// What every page of a customer shows: who is signed in and what they may do.
+fn base(page: &Page, customer: &str, name: &str, title: &str) -> Value {
+    context! {
+        title,
+        page => name,
+        customer,
+        csrf => page.csrf,
+        operator => page.principal.is_operator(),
+        signed_in_as => page.principal.describe(),
+        can_manage => page.principal.may_manage(customer),
+    }
+}
+
+async fn landing(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    match signed_in(&state, &headers) {
+        Err(to_login) => *to_login,
+        Ok(page) => Redirect::to(&home(&page.principal)).into_response(),
+    }
+}
+
+fn home(p: &Principal) -> String {
+    match p {
+        Principal::Customer(c, _) => format!("/portal/c/{c}/"),
+        _ => "/portal/customers".to_string(),
+    }
+}
+
+async fn login_page() -> Response {
+    render(StatusCode::OK, "login.html", context! {})
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    token: String,
+}
+
+async fn login(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Form(form): Form<LoginForm>,
+) -> Response {
+    let now = state.now().millis();
+    match state
+        .sessions()
+        .create(&state.settings().credentials, form.token.trim(), now)
+    {
+        Ok((id, principal)) => {
+            let cookie = session::set_cookie(Some(&id), session::behind_tls(&headers));
+            let mut r = Redirect::to(&home(&principal)).into_response();
+            if let Ok(v) = HeaderValue::from_str(&cookie) {
+                r.headers_mut().insert(header::SET_COOKIE, v);
+            }
+            hardened(r)
+        }
+        Err(e) => render(
+            StatusCode::UNAUTHORIZED,
+            "login.html",
+            context! { error => e.to_string() },
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+struct LogoutForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+async fn logout(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Form(form): Form<LogoutForm>,
+) -> Response {
+    if let Some(id) = session::cookie_in(&headers) {
+        let signed = state
+            .sessions()
+            .get(&state.settings().credentials, &id, state.now().millis());
+        match signed {
+            Ok(s) if !session::csrf_ok(&s, Some(&form.csrf)) => {
+                return (
+                    StatusCode::FORBIDDEN,
+                    "sign-out needs the page's CSRF token",
+                )
+                    .into_response();
+            }
+            _ => state.sessions().remove(&id),
+        }
+    }
+    let cookie = session::set_cookie(None, session::behind_tls(&headers));
+    let mut r = Redirect::to("/portal/login").into_response();
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+async fn customers(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let page = match signed_in(&state, &headers) {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
+    let list: Vec<String> = state.read_config(|d| {
+        d.customers
+            .iter()
+            .filter(|c| page.principal.may_access(&c.id))
+            .map(|c| c.id.clone())
+            .collect()
+    });
+    render(
+        StatusCode::OK,
+        "customers.html",
+        context! {
+            title => "Customers",
+            page => "customers",
+            csrf => page.csrf,
+            operator => page.principal.is_operator(),
+            signed_in_as => page.principal.describe(),
+            customers => list,
+        },
+    )
+}
+
+/// One limit's bar.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Bar {
+    limit_id: String,
+    used: u64,
+    limit: Option<u64>,
+    limit_text: String,
+    remaining_text: String,
+    /// Filled share, 0 to 100.
+    pct: u64,
+    /// `ok`, `near` (80 % or more) or `over`.
+    state: &'static str,
+    resets_at: Option<String>,
+    exhaustion: Option<String>,
+}
+
+fn when(ms: i64) -> Option<String> {
+    chrono::DateTime::from_timestamp_millis(ms).map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
+}
+
+fn bars(b: &Budget) -> Vec<Bar> {
+    b.limits
+        .iter()
+        .map(|l| {
+            let (pct, state) = match l.limit {
+                Some(cap) if cap > 0 => {
+                    let pct = (u128::from(l.used) * 100 / u128::from(cap)).min(100);
+                    let pct = u64::try_from(pct).unwrap_or(100);
+                    let state = if l.used >= cap {
+                        "over"
+                    } else if pct >= 80 {
+                        "near"
+                    } else {
+                        "ok"
+                    };
+                    (pct, state)
+                }
+                Some(_) => (100, "over"),
+                None => (0, "ok"),
+            };
+            Bar {
+                limit_id: l.limit_id.clone(),
+                used: l.used,
+                limit: l.limit,
+                limit_text: l
+                    .limit
+                    .map_or_else(|| "credits".to_string(), |c| c.to_string()),
+                remaining_text: l
+                    .remaining
+                    .map_or_else(|| "—".to_string(), |r| r.to_string()),
+                pct,
+                state,
+                resets_at: l.resets_at.and_then(when),
+                exhaustion: l.projected_exhaustion.and_then(when),
+            }
+        })
+        .collect()
+}
+
+fn worst(bars: &[Bar]) -> &'static str {
+    if bars.iter().any(|b| b.state == "over") {
+        "over"
+    } else if bars.iter().any(|b| b.state == "near") {
+        "near"
+    } else {
+        "ok"
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct TreeQuery {
+    parent: Option<String>,
+    q: Option<String>,
+    #[serde(default)]
+    page: usize,
+}
+
+/// The tree rows of one page, with their bars.
+async fn tree_context(
+    state: &AppState,
+    customer: &str,
+    query: &TreeQuery,
+) -> Result<Value, crate::usage::UsageError> {
+    let EntityPage { rows, total } = crate::usage::entity_page(
+        state.engine(),
+        customer,
+        query.parent.as_deref(),
+        query.q.as_deref(),
+        query.page.saturating_mul(PAGE),
+        PAGE,
+    )?;
+    let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+    let budgets = crate::usage::budgets(state.engine(), customer, &ids).await?;
+    let shown = (query.page + 1).saturating_mul(PAGE).min(total);
+    let more = (shown < total).then(|| {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        if let Some(p) = &query.parent {
+            q.append_pair("parent", p);
+        }
+        if let Some(s) = &query.q {
+            q.append_pair("q", s);
+        }
+        q.append_pair("page", &(query.page + 1).to_string());
+        q.finish()
+    });
+    let rows: Vec<Value> = rows
+        .iter()
+        .zip(&budgets)
+        .map(|(r, b)| {
+            let limits = bars(b);
+            context! {
+                id => r.id,
+                entity_type => r.entity_type,
+                children => r.children,
+                state => worst(&limits),
+                limits,
+            }
+        })
+        .collect();
+    Ok(context! { rows, total, shown, more, customer })
+}
+
+async fn overview(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(customer): Path<String>,
+    Query(query): Query<TreeQuery>,
+) -> Response {
+    let page = match customer_page(&state, &headers, &customer) {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
+    match tree_context(&state, &customer, &query).await {
+        Ok(tree) => render(
+            StatusCode::OK,
+            "overview.html",
+            context! { ..base(&page, &customer, "overview", "Overview"), ..tree },
+        ),
+        Err(e) => error_page(&page, StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn tree(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(customer): Path<String>,
+    Query(query): Query<TreeQuery>,
+) -> Response {
+    let page = match customer_page(&state, &headers, &customer) {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
+    match tree_context(&state, &customer, &query).await {
+        Ok(tree) => render(StatusCode::OK, "tree.html", tree),
+        Err(e) => error_page(&page, StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+struct BudgetsQuery {
+    #[serde(default)]
+    ids: String,
+}
+
+/// Fresh bars for the entities on screen, as JSON (the overview polls it).
+async fn budgets(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(customer): Path<String>,
+    Query(query): Query<BudgetsQuery>,
+) -> Response {
+    if let Err(r) = customer_page(&state, &headers, &customer) {
+        return *r;
+    }
+    let ids: Vec<&str> = query
+        .ids
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .take(MAX_REFRESH)
+        .collect();
+    match crate::usage::budgets(state.engine(), &customer, &ids).await {
+        Ok(all) => {
+            let out: BTreeMap<String, Vec<Bar>> =
+                all.iter().map(|b| (b.entity.clone(), bars(b))).collect();
+            axum::Json(out).into_response()
+        }
+        Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    }
+}
+
+async fn usage_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(customer): Path<String>,
+) -> Response {
+    let page = match customer_page(&state, &headers, &customer) {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
+    let model = state.engine().model();
+    let mut group_keys: Vec<String> = model.chain_keys.iter().map(|k| k.to_string()).collect();
+    group_keys.extend(model.recorded_dimensions.iter().map(|k| k.to_string()));
+    group_keys.push("featureId".to_string());
+    group_keys.dedup();
+    render(
+        StatusCode::OK,
+        "usage.html",
+        context! { ..base(&page, &customer, "usage", "Usage explorer"), ..context! { group_keys } },
+    )
+}
+
+/// A CSV field: quoted when it holds a comma, quote or line break.
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// What the chart shows, as CSV: the history API's answer for the same query, one row per
+/// series and window.
+async fn usage_csv(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(customer): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    if let Err(r) = customer_page(&state, &headers, &customer) {
+        return *r;
+    }
+    let h = match crate::api::usage_history(Arc::clone(&state), customer.clone(), raw).await {
+        Ok(h) => h,
+        Err(e) => return e.into_response(),
+    };
+    let keys: Vec<String> = h
+        .series
+        .first()
+        .map(|s| s.group_by.keys().cloned().collect())
+        .unwrap_or_default();
+    let mut out = String::from("windowStart,windowEnd");
+    for k in &keys {
+        out.push(',');
+        out.push_str(&csv_field(k));
+    }
+    out.push_str(",units,requests,denied,credits\r\n");
+    for s in &h.series {
+        for p in &s.points {
+            out.push_str(&format!(
+                "{},{}",
+                p.window_start.to_rfc3339(),
+                p.window_end.to_rfc3339()
+            ));
+            for k in &keys {
+                out.push(',');
+                out.push_str(&csv_field(
+                    s.group_by
+                        .get(k)
+                        .cloned()
+                        .flatten()
+                        .as_deref()
+                        .unwrap_or(""),
+                ));
+            }
+            out.push_str(&format!(
+                ",{},{},{},{}\r\n",
+                p.measures.units, p.measures.requests, p.measures.denied, p.measures.credits
+            ));
+        }
+    }
+    (
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{customer}-usage.csv\""),
+            ),
+        ],
+        out,
+    )
+        .into_response()
+}
+
+async fn alerts_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(customer): Path<String>,
+) -> Response {
+    let page = match customer_page(&state, &headers, &customer) {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
+    let (rules, webhooks, features, entity_types) = state.read_config(|d| {
+        let c = d.customers.iter().find(|c| c.id == customer);
+        (
+            c.map(|c| c.alerts.clone()).unwrap_or_default(),
+            c.map(|c| {
+                c.webhooks
+                    .iter()
+                    .map(crate::api::dto::WebhookView::from)
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default(),
+            d.features.iter().map(|f| f.id.clone()).collect::<Vec<_>>(),
+            d.entity_types
+                .iter()
+                .map(|t| t.name.clone())
+                .collect::<Vec<_>>(),
+        )
+    });
+    render(
+        StatusCode::OK,
+        "alerts.html",
+        context! { ..base(&page, &customer, "alerts", "Alerts"), ..context! { rules, webhooks, features, entity_types } },
+    )
+}
+
+async fn limits_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(customer): Path<String>,
+) -> Response {
+    let page = match customer_page(&state, &headers, &customer) {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
+    let (limits, ceilings) = state.read_config(|d| {
+        let c = d.customers.iter().find(|c| c.id == customer);
+        let limits: Vec<Value> = c
+            .map(|c| c.limits.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|l| {
+                let json = serde_json::to_string(l).unwrap_or_default();
+                let mut v = serde_json::to_value(l).unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("json".into(), json.into());
+                }
+                Value::from_serialize(&v)
+            })
+            .collect();
+        (limits, c.map(|c| c.ceilings.clone()).unwrap_or_default())
+    });
+    render(
+        StatusCode::OK,
+        "limits.html",
+        context! { ..base(&page, &customer, "limits", "Limits"), ..context! { limits, ceilings } },
+    )
+}
+
+async fn live_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(customer): Path<String>,
+) -> Response {
+    match customer_page(&state, &headers, &customer) {
+        Ok(page) => render(
+            StatusCode::OK,
+            "live.html",
+            base(&page, &customer, "live", "Live"),
+        ),
+        Err(r) => *r,
+    }
+}
+
+async fn audit_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(customer): Path<String>,
+) -> Response {
+    let page = match customer_page(&state, &headers, &customer) {
+        Ok(p) => p,
+        Err(r) => return *r,
+    };
+    let entries: Vec<Value> = state
+        .audit(Some(&customer))
+        .iter()
+        .rev()
+        .take(500)
+        .map(|l| {
+            let e = crate::api::dto::AuditEntryDto::from(l);
+            let pretty = |v: &Option<serde_json::Value>| {
+                v.as_ref()
+                    .and_then(|v| serde_json::to_string_pretty(v).ok())
+            };
+            context! {
+                at => e.at.map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string()),
+                by => e.by,
+                action => e.action,
+                kind => e.kind,
+                id => e.id,
+                before => pretty(&e.before),
+                after => pretty(&e.after),
+            }
+        })
+        .collect();
+    render(
+        StatusCode::OK,
+        "audit.html",
+        context! { ..base(&page, &customer, "audit", "Audit log"), ..context! { entries } },
+    )
+}
