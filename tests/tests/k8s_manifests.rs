@@ -462,7 +462,11 @@ fn the_decision_server_dockerfile_matches_the_pods_and_the_binary() {
     assert!(text.contains("cargo build --release --locked -p tollgate"));
     // The portal's libraries come from the lock file, into the build stage.
     assert!(text.contains("npm ci") && text.contains("package-lock.json"));
-    assert!(text.contains("COPY --from=portal /portal/node_modules decision-server/portal/node_modules"));
+    assert!(
+        text.contains(
+            "COPY --from=portal /portal/node_modules decision-server/portal/node_modules"
+        )
+    );
     assert!(text.contains("ENTRYPOINT [\"/tollgate\"]"));
     let user = text
         .lines()

@@ -105,7 +105,7 @@
     const host = document.getElementById("chart");
     empty.hidden = series.length > 0;
     const xs = series.length ? series[0].points.map((p) => Date.parse(p.windowStart) / 1000) : [];
-    const data = [xs].concat(series.map((s) => s.points.map((p) => p.measures.units)));
+    const data = [xs].concat(series.map((s) => s.points.map((p) => p.units)));
     const names = series.map((s) => Object.values(s.groupBy).map((v) => v ?? "(none)").join(" · ") || "all");
     const colors = ["#0969da", "#c62828", "#2e7d32", "#ef6c00", "#8250df", "#1b7c83", "#bf3989", "#57606a"];
     if (chart) { chart.destroy(); chart = null; }
@@ -118,7 +118,7 @@
       }, data, host);
     }
     host.dataset.series = String(series.length);
-    host.dataset.total = String(series.reduce((a, s) => a + s.points.reduce((b, p) => b + p.measures.units, 0), 0));
+    host.dataset.total = String(series.reduce((a, s) => a + s.points.reduce((b, p) => b + p.units, 0), 0));
     const t = new URLSearchParams({ by, from: from.toISOString(), to: to.toISOString(), limit: "10" });
     const top = await api("GET", `${base}/usage/top?${t}`);
     const tbody = document.querySelector("#top tbody");
@@ -127,7 +127,7 @@
     if (top.ok) {
       for (const row of top.json.rows) {
         const tr = document.createElement("tr");
-        cell(tr, row.value ?? "(none)"); cell(tr, row.measures.units); cell(tr, row.measures.requests);
+        cell(tr, row.value ?? "(none)"); cell(tr, row.units); cell(tr, row.requests);
         tbody.appendChild(tr);
       }
     }
@@ -233,8 +233,8 @@
         cell(tr, d.at);
         cell(tr, d.kind);
         cell(tr, who);
-        cell(tr, d.measures.units);
-        cell(tr, d.measures.denied ? `denied${a.deniedBy ? " by " + a.deniedBy : ""}` : "granted");
+        cell(tr, d.units);
+        cell(tr, d.denied ? `denied${a.deniedBy ? " by " + a.deniedBy : ""}` : "granted");
       }
       tbody.prepend(tr);
       while (tbody.rows.length > 200) tbody.deleteRow(-1);

@@ -1,0 +1,348 @@
+#!/usr/bin/env python3
+"""Drives the Tollgate portal in Debian's Chromium (headless) through Playwright, as a
+customer's admins and viewers use it, against a running sidecar.
+
+One scenario per run (the Rust test `portal_browser` starts a fresh sidecar for each):
+  overview  sign in as acme's admin; usage made through the API moves the overview's bars and
+            the usage chart without a reload; the tree pages, searches and collapses; CSV.
+  alerts    an alert rule with a webhook made in the page; usage over its threshold; the test
+            receiver gets a correctly signed call; the delivery log shows it.
+  limits    lower a team limit in the page: the next decision over it is denied; raise one
+            above its ceiling: refused, with the reason on the page.
+  viewer    a viewer sees no controls, and a forged change is refused.
+  tenancy   globex's admin gets 403 on acme's pages and API; a change without the CSRF token
+            is refused.
+
+Prints one JSON object on success; any failed expectation raises (non-zero exit). Screenshots
+go to --artifacts.
+"""
+
+import argparse
+import base64
+import hashlib
+import hmac
+import http.server
+import json
+import os
+import re
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+from playwright.sync_api import expect, sync_playwright
+
+TIMEOUT_MS = 15_000
+
+
+def api(base, method, path, token=None, body=None, headers=None):
+    """One call to the sidecar's HTTP API: (status, parsed JSON or text)."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(base + path, data=data, method=method)
+    req.add_header("content-type", "application/json")
+    if token:
+        req.add_header("authorization", f"Bearer {token}")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            text = r.read().decode()
+            status = r.status
+    except urllib.error.HTTPError as e:
+        text = e.read().decode()
+        status = e.code
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+def spend(base, key, user, units):
+    """Usage through the API, as an application makes it: a check, then a settle."""
+    status, d = api(base, "POST", "/v1/customers/acme/entitlements/check", key,
+                    {"featureId": "ai-tokens", "requestedUsage": units, "dimensions": {"userId": user}})
+    assert status == 200, (status, d)
+    if not d["isGranted"]:
+        return d
+    status, s = api(base, "POST", f"/v1/holds/{d['holdId']}/settle", key, {"actualUsage": units})
+    assert status == 200, (status, s)
+    return d
+
+
+class Receiver(http.server.BaseHTTPRequestHandler):
+    """A webhook receiver on loopback that keeps every call."""
+    calls = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = self.rfile.read(int(self.headers.get("content-length", "0")))
+        Receiver.calls.append((dict(self.headers), body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *_):
+        pass
+
+
+def verify(secret, headers, body):
+    """Checks a Standard Webhooks signature: HMAC-SHA256 over `id.timestamp.body` with the
+    secret's bytes, one `v1,<base64>` per signing secret."""
+    h = {k.lower(): v for k, v in headers.items()}
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    signed = f"{h['webhook-id']}.{h['webhook-timestamp']}.".encode() + body
+    want = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    sigs = [s.split(",", 1)[1] for s in h["webhook-signature"].split() if s.startswith("v1,")]
+    return any(hmac.compare_digest(want, s) for s in sigs)
+
+
+def sign_in(page, portal, token):
+    page.goto(f"{portal}/portal/login")
+    page.get_by_label("Operator token or API key").fill(token)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(re.compile(r".*/portal/(c/[^/]+/|customers)$"))
+
+
+def shot(page, artifacts, name):
+    if artifacts:
+        os.makedirs(artifacts, exist_ok=True)
+        page.screenshot(path=os.path.join(artifacts, f"{name}.png"), full_page=True)
+
+
+def used_of(page, entity, limit):
+    loc = page.locator(f'li[data-entity="{entity}"] > .bars > [data-limit="{limit}"] .used')
+    return int(loc.inner_text())
+
+
+def wait_for(predicate, what, timeout=TIMEOUT_MS / 1000):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def scenario_overview(page, a):
+    sign_in(page, a.portal, a.admin)
+    expect(page.locator('li[data-entity="acme"]')).to_be_visible()
+    assert used_of(page, "acme", "org-daily") == 0
+    # Expand the organization: its teams appear, with their bars.
+    page.get_by_role("button", name=re.compile("Show the .* entities under acme")).click()
+    expect(page.locator('li[data-entity="research"]')).to_be_visible()
+    # Usage through the API moves the bars without a reload.
+    marker = page.evaluate("() => (window.__marker = Math.random())")
+    spend(a.api, a.app, "alice", 700)
+    wait_for(lambda: used_of(page, "research", "team-daily") == 700, "the research bar to show 700")
+    wait_for(lambda: used_of(page, "acme", "org-daily") == 700, "the org bar to show 700")
+    assert page.evaluate("() => window.__marker") == marker, "the page reloaded"
+    # Near the team's limit the row stands out.
+    spend(a.api, a.app, "alice", 7500)
+    expect(page.locator('li[data-entity="research"] [data-limit="team-daily"]')).to_have_class(re.compile("near"))
+    expect(page.locator('li[data-entity="research"]')).to_have_class(re.compile("near"))
+    shot(page, a.artifacts, "overview")
+    # Collapse, then search across the tree.
+    page.get_by_role("button", name=re.compile("Show the .* entities under acme")).click()
+    expect(page.locator('li[data-entity="research"]')).to_have_count(0)
+    page.get_by_label("Find an entity").fill("user-01")
+    expect(page.locator('li[data-entity="user-010"]')).to_be_visible()
+    # Paging: the big team lists 25 at a time.
+    page.get_by_label("Find an entity").fill("")
+    page.get_by_role("button", name=re.compile("Show the .* entities under acme")).click()
+    page.get_by_role("button", name=re.compile("Show the 60 entities under crowd")).click()
+    expect(page.locator('li[data-entity="crowd"] li[data-entity]')).to_have_count(25)
+    page.get_by_role("button", name=re.compile(r"Show more \(25 of 60\)")).click()
+    expect(page.locator('li[data-entity="crowd"] li[data-entity]')).to_have_count(50)
+
+    # The usage explorer: the chart moves without a reload; the CSV is what it shows.
+    page.get_by_role("link", name="Usage").click()
+    page.get_by_label("Window").select_option("MINUTE")
+    page.get_by_label("Range").select_option("3600")
+    chart = page.locator("#chart")
+    wait_for(lambda: chart.get_attribute("data-total") == "8200", "the chart to total 8200")
+    spend(a.api, a.app, "bob", 300)
+    wait_for(lambda: chart.get_attribute("data-total") == "8500", "the chart to total 8500")
+    expect(page.locator("#chart canvas")).to_have_count(1)
+    expect(page.locator("#top tbody tr").first).to_be_visible()
+    shot(page, a.artifacts, "usage")
+    with page.expect_download() as dl:
+        page.get_by_role("link", name="Download CSV").click()
+    csv = open(dl.value.path(), encoding="utf-8").read().splitlines()
+    assert csv[0].startswith("windowStart,windowEnd,"), csv[0]
+    total = sum(int(line.split(",")[-4]) for line in csv[1:])
+    assert total == 8500, total
+    # The live feed and the audit log render.
+    page.get_by_role("link", name="Live").click()
+    expect(page.locator("#live-status")).to_contain_text("Live")
+    spend(a.api, a.app, "bob", 5)
+    expect(page.locator("#live tbody tr").first).to_contain_text("bob")
+    shot(page, a.artifacts, "live")
+    return {"overview": "ok", "csvRows": len(csv) - 1}
+
+
+def scenario_alerts(page, a):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    hook = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    sign_in(page, a.portal, a.admin)
+    page.get_by_role("link", name="Alerts").click()
+    page.get_by_label("Webhook id").fill("ops")
+    page.get_by_label("Address (https://)").fill(hook)
+    page.get_by_role("button", name="Add webhook").click()
+    secret_box = page.locator("#secret-value")
+    expect(secret_box).to_contain_text("whsec_")
+    secret = secret_box.inner_text().strip()
+    shot(page, a.artifacts, "alerts-secret")
+    page.reload()
+    # Shown once: not on the page any more.
+    assert secret not in page.content()
+    page.get_by_label("Rule id").fill("team-80")
+    page.get_by_label("Entity type (every entity of it)").select_option("team")
+    page.get_by_label("Fire at percent of the limit (comma separated)").fill("80")
+    page.get_by_label("ops").check()
+    page.get_by_role("button", name="Save rule").click()
+    expect(page.locator('tr[data-rule="team-80"]')).to_be_visible()
+    # Usage over 80 % of research's 10,000.
+    spend(a.api, a.app, "alice", 8100)
+    wait_for(lambda: any(b"limit.threshold" in body or b"team-80" in body for _, body in Receiver.calls),
+             "the alert to reach the receiver")
+    headers, body = next((h, b) for h, b in Receiver.calls if b"team-80" in b or b"threshold" in b)
+    assert verify(secret, headers, body), "the alert's signature does not verify"
+    forged = body.replace(b"research", b"sales")
+    assert not verify(secret, headers, forged)
+    expect(page.locator('#deliveries tbody tr[data-status="delivered"]').first).to_be_visible(timeout=TIMEOUT_MS)
+    # A test delivery, then a rotation: the new secret signs the next call.
+    page.get_by_role("button", name="Send a test").click()
+    wait_for(lambda: any(b"webhook.test" in b for _, b in Receiver.calls), "the test delivery")
+    page.get_by_role("button", name="Rotate secret").click()
+    expect(secret_box).to_contain_text("whsec_")
+    rotated = secret_box.inner_text().strip()
+    assert rotated != secret
+    page.reload()
+    n = len(Receiver.calls)
+    page.get_by_role("button", name="Send a test").click()
+    wait_for(lambda: len(Receiver.calls) > n, "the test after rotation")
+    h2, b2 = Receiver.calls[-1]
+    assert verify(rotated, h2, b2), ("the new secret does not sign", h2)
+    assert verify(secret, h2, b2), ("the previous secret no longer signs", h2)
+    shot(page, a.artifacts, "alerts")
+    server.shutdown()
+    return {"alerts": "ok", "calls": len(Receiver.calls)}
+
+
+def scenario_limits(page, a):
+    sign_in(page, a.portal, a.admin)
+    page.get_by_role("link", name="Limits").click()
+    field = page.get_by_label("New value for team-daily")
+    field.fill("400")
+    page.locator('button.save-limit[data-id="team-daily"]').click()
+    expect(page.locator("#limit-status")).to_contain_text("team-daily is now 400")
+    # The next decision over it is denied.
+    d = spend(a.api, a.app, "alice", 500)
+    assert d["isGranted"] is False and d["accessDeniedReason"], d
+    assert any(c["limitId"] == "team-daily" and c["remaining"] < 500 for c in d["chain"]), d
+    assert spend(a.api, a.app, "alice", 300)["isGranted"] is True
+    # Above the ceiling: refused, and the page says why.
+    field.fill("900000")
+    page.locator('button.save-limit[data-id="team-daily"]').click()
+    err = page.locator("#page-error")
+    expect(err).to_be_visible()
+    expect(err).to_contain_text("ceiling of 200000")
+    shot(page, a.artifacts, "limits")
+    # The audit log shows who changed what.
+    page.get_by_role("link", name="Audit log").click()
+    expect(page.locator("#audit tbody tr").first).to_contain_text("acme:admin")
+    expect(page.locator("#audit tbody tr").first).to_contain_text("team-daily")
+    shot(page, a.artifacts, "audit")
+    return {"limits": "ok"}
+
+
+def scenario_viewer(page, a):
+    sign_in(page, a.portal, a.viewer)
+    page.get_by_role("link", name="Limits").click()
+    expect(page.locator("#limits")).to_be_visible()
+    expect(page.locator("button.save-limit")).to_have_count(0)
+    expect(page.locator("input[type=number]")).to_have_count(0)
+    page.get_by_role("link", name="Alerts").click()
+    expect(page.locator("#rule-form")).to_have_count(0)
+    expect(page.locator("#hook-form")).to_have_count(0)
+    # A forged change with the viewer's own session and CSRF token: refused by the API.
+    status = page.evaluate("""async () => {
+        const csrf = document.querySelector('meta[name="csrf-token"]').content;
+        const r = await fetch('/v1/customers/acme/limits/team-daily', {method: 'PUT',
+          headers: {'content-type': 'application/json', 'x-csrf-token': csrf},
+          body: JSON.stringify({id: 'team-daily', entityType: 'team', feature: 'ai-tokens',
+                                kind: 'quota', limit: 1, period: 'P1D'})});
+        return r.status; }""")
+    assert status == 403, status
+    shot(page, a.artifacts, "viewer-limits")
+    return {"viewer": "ok"}
+
+
+def scenario_tenancy(page, a):
+    sign_in(page, a.portal, a.globex)
+    resp = page.goto(f"{a.portal}/portal/c/acme/")
+    assert resp.status == 403, resp.status
+    expect(page.locator("p.error:visible")).to_contain_text("do not reach customer `acme`")
+    shot(page, a.artifacts, "forbidden")
+    for path in ["usage", "alerts", "limits", "live", "audit"]:
+        assert page.goto(f"{a.portal}/portal/c/acme/{path}").status == 403, path
+    statuses = page.evaluate("""async () => {
+        const csrf = document.querySelector('meta[name="csrf-token"]').content;
+        const get = await fetch('/v1/customers/acme/limits');
+        const put = await fetch('/v1/customers/acme/limits/team-daily', {method: 'PUT',
+          headers: {'content-type': 'application/json', 'x-csrf-token': csrf}, body: '{}'});
+        return [get.status, put.status]; }""")
+    assert statuses == [403, 403], statuses
+    # acme's admin, without the CSRF token: refused, and nothing changed.
+    page.context.clear_cookies()
+    sign_in(page, a.portal, a.admin)
+    result = page.evaluate("""async () => {
+        const r = await fetch('/v1/customers/acme/limits/team-daily', {method: 'PUT',
+          headers: {'content-type': 'application/json'},
+          body: JSON.stringify({id: 'team-daily', entityType: 'team', feature: 'ai-tokens',
+                                kind: 'quota', limit: 5, period: 'P1D'})});
+        return [r.status, (await r.json()).error.code]; }""")
+    assert result == [403, "csrf"], result
+    _, limits = api(a.api, "GET", "/v1/customers/acme/limits", a.admin)
+    assert next(l for l in limits if l["id"] == "team-daily")["limit"] == 10000
+    # Sign-out ends the session.
+    page.get_by_role("button", name="Sign out").click()
+    page.wait_for_url(re.compile(r".*/portal/login$"))
+    assert page.goto(f"{a.portal}/portal/c/acme/limits").url.endswith("/portal/login")
+    return {"tenancy": "ok"}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("scenario", choices=["overview", "alerts", "limits", "viewer", "tenancy"])
+    p.add_argument("--portal", required=True, help="the sidecar's HTTP address, http://127.0.0.1:PORT")
+    p.add_argument("--chromium", default="/usr/bin/chromium")
+    p.add_argument("--artifacts", default="")
+    a = p.parse_args()
+    a.api = a.portal
+    a.admin, a.viewer, a.app, a.globex = (os.environ[k] for k in (
+        "PORTAL_ACME_ADMIN", "PORTAL_ACME_VIEWER", "PORTAL_ACME_APP", "PORTAL_GLOBEX_ADMIN"))
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=a.chromium, headless=True,
+                                     args=["--no-sandbox", "--disable-dev-shm-usage"])
+        context = browser.new_context(viewport={"width": 1366, "height": 900}, accept_downloads=True)
+        context.set_default_timeout(TIMEOUT_MS)
+        page = context.new_page()
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+        try:
+            out = globals()[f"scenario_{a.scenario}"](page, a)
+        except Exception:
+            shot(page, a.artifacts, f"failed-{a.scenario}")
+            raise
+        finally:
+            browser.close()
+    # Refused requests the scenario provokes log console errors; script errors are defects.
+    script_errors = [e for e in errors if "Failed to load resource" not in e]
+    assert not script_errors, script_errors
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
