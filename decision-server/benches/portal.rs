@@ -146,7 +146,7 @@ async fn main_async() {
     let router = tollgate::api::router(Arc::clone(&service), 1 << 20);
     let (id, _) = service
         .sessions()
-        .create(&service.settings().credentials, OPERATOR, END_MS)
+        .create(&service.token_check(), OPERATOR, END_MS)
         .unwrap();
     let cookie = format!("tollgate_session={id}");
     let from = chrono::DateTime::from_timestamp_millis(END_MS - days as i64 * DAY_MS)

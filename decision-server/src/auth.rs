@@ -218,13 +218,7 @@ impl Credentials {
         header: Option<&str>,
         listener: Listener,
     ) -> Result<Principal, AuthError> {
-        let header = header.ok_or(AuthError::Missing)?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or(AuthError::Malformed)?;
+        let token = bearer_token(header)?;
         match self.authenticate(token)? {
             Principal::Gateway(_) if listener == Listener::Api => Err(AuthError::GatewayOnly),
             p => Ok(p),
@@ -283,6 +277,24 @@ pub fn xfcc_last_uris(xfcc: &str) -> Vec<&str> {
         .map(|(_, v)| v.trim().trim_matches('"'))
         .filter(|v| !v.is_empty())
         .collect()
+}
+
+/// The token of an `authorization: Bearer <token>` header.
+pub fn bearer_token(header: Option<&str>) -> Result<&str, AuthError> {
+    let header = header.ok_or(AuthError::Missing)?;
+    header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or(AuthError::Malformed)
+}
+
+/// Whether `token` is the key whose hex digest is `sha256_hex` (constant time over the digest).
+pub fn key_matches(token: &str, sha256_hex: &str) -> bool {
+    let mut stored = [0u8; 32];
+    hex::decode_to_slice(sha256_hex, &mut stored).is_ok()
+        && bool::from(sha256(token).ct_eq(&stored))
 }
 
 /// A new random secret: 32 bytes, hex.

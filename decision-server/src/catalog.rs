@@ -8,8 +8,8 @@ use parking_lot::Mutex;
 
 use crate::auth::{Principal, Role};
 use crate::config::dto::{
-    AlertRuleDto, ConfigDoc, CustomerDto, EntityDto, GrantDto, KindDto, LimitDto, PriceTableDto,
-    WebhookDto,
+    AlertRuleDto, ConfigDoc, CustomerDto, CustomerKeyDto, EntityDto, GrantDto, KindDto, LimitDto,
+    PriceTableDto, WebhookDto,
 };
 use crate::config::{ConfigErrors, build_model};
 use crate::engine::Engine;
@@ -73,6 +73,15 @@ pub enum AdminOp {
         create: bool,
     },
     DeleteWebhook {
+        customer: String,
+        id: String,
+    },
+    /// A key a customer's admin made (its digest; the key itself was shown once).
+    AddApiKey {
+        customer: String,
+        key: CustomerKeyDto,
+    },
+    DeleteApiKey {
         customer: String,
         id: String,
     },
@@ -243,6 +252,19 @@ impl AdminOp {
                 |w| &w.id,
                 format!("webhook `{id}` of customer `{customer}`"),
             ),
+            AdminOp::AddApiKey { customer, key } => put(
+                &mut customer_mut(doc, customer)?.api_keys,
+                key.clone(),
+                |k| &k.id,
+                true,
+                format!("API key `{}` of customer `{customer}`", key.id),
+            ),
+            AdminOp::DeleteApiKey { customer, id } => delete(
+                &mut customer_mut(doc, customer)?.api_keys,
+                id,
+                |k| &k.id,
+                format!("API key `{id}` of customer `{customer}`"),
+            ),
         }
     }
 
@@ -259,7 +281,9 @@ impl AdminOp {
             | AdminOp::PutAlertRule { customer, .. }
             | AdminOp::DeleteAlertRule { customer, .. }
             | AdminOp::PutWebhook { customer, .. }
-            | AdminOp::DeleteWebhook { customer, .. } => Some(customer),
+            | AdminOp::DeleteWebhook { customer, .. }
+            | AdminOp::AddApiKey { customer, .. }
+            | AdminOp::DeleteApiKey { customer, .. } => Some(customer),
             AdminOp::PutPrices { .. } | AdminOp::DeletePrices { .. } => None,
         }
     }
@@ -280,6 +304,8 @@ impl AdminOp {
             AdminOp::DeleteAlertRule { id, .. } => ("alert", id),
             AdminOp::PutWebhook { webhook, .. } => ("webhook", &webhook.id),
             AdminOp::DeleteWebhook { id, .. } => ("webhook", id),
+            AdminOp::AddApiKey { key, .. } => ("key", &key.id),
+            AdminOp::DeleteApiKey { id, .. } => ("key", id),
         }
     }
 
@@ -292,7 +318,8 @@ impl AdminOp {
             | AdminOp::PutPrices { create: true, .. }
             | AdminOp::PutAlertRule { create: true, .. }
             | AdminOp::PutWebhook { create: true, .. }
-            | AdminOp::AddGrant { .. } => "create",
+            | AdminOp::AddGrant { .. }
+            | AdminOp::AddApiKey { .. } => "create",
             AdminOp::PutCustomer { .. }
             | AdminOp::PutEntity { .. }
             | AdminOp::PutLimit { .. }
@@ -342,6 +369,7 @@ fn subject(doc: &ConfigDoc, op: &AdminOp) -> Option<serde_json::Value> {
                 .map(redacted_webhook)
                 .as_ref(),
         ),
+        "key" => json(customer.and_then(|c| c.api_keys.iter().find(|k| k.id == id))),
         _ => json(doc.prices.iter().find(|t| t.version == id)),
     }
 }
@@ -349,8 +377,8 @@ fn subject(doc: &ConfigDoc, op: &AdminOp) -> Option<serde_json::Value> {
 /// Whether a limit change by a customer's admin keeps within what the operator allows, given
 /// the document before it. Pure: the catalog runs it under its change lock.
 ///
-/// The rules: a customer admin changes limits, alert rules and webhooks of its own customer
-/// only. A limit may be lowered freely (same shape, lower value); any other new or changed
+/// The rules: a customer admin changes limits, alert rules, webhooks and API keys of its own
+/// customer only. A limit may be lowered freely (same shape, lower value); any other new or changed
 /// limit must be covered by one of the operator's ceilings (which validation then holds it
 /// under), enforced (`mode: enforce`) and not `credits` (credits come from grants). A limit
 /// may be deleted only where a ceiling covers it and it is not on the customer's top entity:
@@ -435,7 +463,9 @@ pub fn customer_admin_guard(
         AdminOp::PutAlertRule { .. }
         | AdminOp::DeleteAlertRule { .. }
         | AdminOp::PutWebhook { .. }
-        | AdminOp::DeleteWebhook { .. } => Ok(()),
+        | AdminOp::DeleteWebhook { .. }
+        | AdminOp::AddApiKey { .. }
+        | AdminOp::DeleteApiKey { .. } => Ok(()),
         _ => refuse(format!(
             "only the operator changes a customer's {}s",
             op.target().0

@@ -363,6 +363,55 @@ impl Service {
         self.catalog.read(f)
     }
 
+    /// Identifies a caller on `listener`: the configured credentials (and, on the ext_authz
+    /// listener, mesh peers), then the API keys customers' admins made (kept in the model).
+    pub fn authenticate_request(
+        &self,
+        header: Option<&str>,
+        client_cert: Option<&str>,
+        listener: crate::auth::Listener,
+    ) -> Result<Principal, crate::auth::AuthError> {
+        let result =
+            self.settings()
+                .credentials
+                .authenticate_request(header, client_cert, listener);
+        match result {
+            Err(crate::auth::AuthError::Invalid) => {
+                let token = crate::auth::bearer_token(header)?;
+                self.customer_key(token)
+                    .ok_or(crate::auth::AuthError::Invalid)
+            }
+            other => other,
+        }
+    }
+
+    /// [`Service::authenticate_request`] from an `authorization` header alone.
+    pub fn authenticate(
+        &self,
+        header: Option<&str>,
+        listener: crate::auth::Listener,
+    ) -> Result<Principal, crate::auth::AuthError> {
+        self.authenticate_request(header, None, listener)
+    }
+
+    /// Checks a bare token as the HTTP API would (for the portal's sessions).
+    pub fn token_check(&self) -> impl Fn(&str) -> Result<Principal, crate::auth::AuthError> + '_ {
+        move |token| self.authenticate(Some(&format!("Bearer {token}")), crate::auth::Listener::Api)
+    }
+
+    /// The principal of a key a customer's admin made, if `token` is one.
+    fn customer_key(&self, token: &str) -> Option<Principal> {
+        let (id, _) = token.split_once('.')?;
+        self.read_config(|d| {
+            d.customers.iter().find_map(|c| {
+                c.api_keys
+                    .iter()
+                    .find(|k| k.id == id && crate::auth::key_matches(token, &k.sha256))
+                    .map(|k| Principal::Customer(c.id.clone(), k.role))
+            })
+        })
+    }
+
     /// The portal's sessions.
     pub fn sessions(&self) -> &crate::portal::session::Sessions {
         &self.sessions

@@ -773,6 +773,7 @@ async fn openapi_document_covers_every_route_of_the_router() {
         "DELETE /v1/customers/{customerId}",
         "DELETE /v1/customers/{customerId}/alerts/{alertId}",
         "DELETE /v1/customers/{customerId}/entities/{entityId}",
+        "DELETE /v1/customers/{customerId}/keys/{keyId}",
         "DELETE /v1/customers/{customerId}/limits/{limitId}",
         "DELETE /v1/customers/{customerId}/webhooks/{webhookId}",
         "DELETE /v1/customers/{customerId}/webhooks/{webhookId}/secrets/previous",
@@ -789,6 +790,7 @@ async fn openapi_document_covers_every_route_of_the_router() {
         "GET /v1/customers/{customerId}/entities",
         "GET /v1/customers/{customerId}/entities/{entityId}/budget",
         "GET /v1/customers/{customerId}/grants",
+        "GET /v1/customers/{customerId}/keys",
         "GET /v1/customers/{customerId}/limits",
         "GET /v1/customers/{customerId}/usage/history",
         "GET /v1/customers/{customerId}/usage/stream",
@@ -801,6 +803,7 @@ async fn openapi_document_covers_every_route_of_the_router() {
         "POST /v1/customers/{customerId}/entities",
         "POST /v1/customers/{customerId}/entitlements/check",
         "POST /v1/customers/{customerId}/grants",
+        "POST /v1/customers/{customerId}/keys",
         "POST /v1/customers/{customerId}/limits",
         "POST /v1/customers/{customerId}/webhooks",
         "POST /v1/customers/{customerId}/webhooks/{webhookId}/secrets",
@@ -827,7 +830,8 @@ async fn openapi_document_covers_every_route_of_the_router() {
             .replace("{holdId}", "acme:1")
             .replace("{version}", "v0")
             .replace("{alertId}", "a1")
-            .replace("{webhookId}", "w1");
+            .replace("{webhookId}", "w1")
+            .replace("{keyId}", "k1");
         let (status, body) = api
             .call(
                 method.parse().unwrap(),

@@ -552,3 +552,119 @@ async fn webhook_secrets_are_shown_once_and_rotate_with_overlap() {
     .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
 }
+
+#[tokio::test]
+async fn customer_admins_make_and_revoke_their_own_keys() {
+    let (service, r) = router().await;
+    // Only a manager makes keys, and only for its own customer.
+    for key in [ACME_VIEWER, ACME_KEY, GLOBEX_ADMIN] {
+        let (s, _) = call(
+            &r,
+            Method::POST,
+            "/v1/customers/acme/keys",
+            key,
+            Some(json!({"role": "viewer"})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{key}");
+    }
+    let (s, made) = call(
+        &r,
+        Method::POST,
+        "/v1/customers/acme/keys",
+        ACME_ADMIN,
+        Some(json!({"role": "viewer", "label": "finance dashboard"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{made}");
+    let viewer = made["key"].as_str().unwrap().to_string();
+    let id = made["id"].as_str().unwrap().to_string();
+    assert!(viewer.starts_with(&format!("{id}.")));
+    // It works at once, with its role: reads, never decides.
+    let (s, _) = call(&r, Method::GET, "/v1/customers/acme/limits", &viewer, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let check =
+        json!({"featureId": "ai-tokens", "requestedUsage": 1, "dimensions": {"userId": "alice"}});
+    let (s, _) = call(
+        &r,
+        Method::POST,
+        "/v1/customers/acme/entitlements/check",
+        &viewer,
+        Some(check.clone()),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = call(
+        &r,
+        Method::GET,
+        "/v1/customers/globex/limits",
+        &viewer,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (_, app) = call(
+        &r,
+        Method::POST,
+        "/v1/customers/acme/keys",
+        ACME_ADMIN,
+        Some(json!({"role": "app"})),
+    )
+    .await;
+    let app = app["key"].as_str().unwrap().to_string();
+    let (s, b) = call(
+        &r,
+        Method::POST,
+        "/v1/customers/acme/entitlements/check",
+        &app,
+        Some(check),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    // A guessed secret for a real id is not the key.
+    let (s, _) = call(
+        &r,
+        Method::GET,
+        "/v1/customers/acme/limits",
+        &format!("{id}.guess"),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // Listed without the key or its digest; in the audit log as made by acme's admin.
+    let (_, list) = call(
+        &r,
+        Method::GET,
+        "/v1/customers/acme/keys",
+        ACME_VIEWER,
+        None,
+    )
+    .await;
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    assert!(!list.to_string().contains(&viewer) && !list.to_string().contains("sha256"));
+    let log = service.audit(Some("acme"));
+    assert_eq!(log[0].by, "acme:admin");
+    assert_eq!(log[0].op.target(), ("key", id.as_str()));
+    // A portal session signed in with it ends when it is revoked.
+    let (session, _) = service
+        .sessions()
+        .create(&service.token_check(), &viewer, service.now().millis())
+        .unwrap();
+    let (s, _) = call(
+        &r,
+        Method::DELETE,
+        &format!("/v1/customers/acme/keys/{id}"),
+        ACME_ADMIN,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = call(&r, Method::GET, "/v1/customers/acme/limits", &viewer, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(
+        service
+            .sessions()
+            .get(&service.token_check(), &session, service.now().millis())
+            .is_err()
+    );
+}

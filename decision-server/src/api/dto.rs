@@ -686,3 +686,44 @@ impl From<&crate::catalog::Logged> for AuditEntryDto {
 pub struct AuditLog {
     pub entries: Vec<AuditEntryDto>,
 }
+
+/// A customer-made API key as read back: never the key or its digest.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeyView {
+    pub id: String,
+    pub role: String,
+    pub label: Option<String>,
+}
+
+impl From<&crate::config::dto::CustomerKeyDto> for ApiKeyView {
+    fn from(k: &crate::config::dto::CustomerKeyDto) -> Self {
+        Self {
+            id: k.id.clone(),
+            role: k.role.as_str().to_string(),
+            label: k.label.clone(),
+        }
+    }
+}
+
+/// A new API key: its role and what it is for.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NewApiKeyDto {
+    /// `app`, `viewer` or `admin`.
+    #[schema(value_type = String)]
+    pub role: crate::auth::Role,
+    #[serde(default)]
+    pub label: Option<String>,
+}
+
+/// A new API key, shown this once.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeySecretDto {
+    pub id: String,
+    pub role: String,
+    pub label: Option<String>,
+    /// `<id>.<secret>`: send it as `authorization: Bearer <key>`.
+    pub key: String,
+}

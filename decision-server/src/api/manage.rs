@@ -1,5 +1,6 @@
 //! HTTP handlers a customer's admins use on their own customer (and the operator on any):
-//! alert rules, webhooks with secrets shown once and rotation, and the audit log of changes.
+//! alert rules, webhooks with secrets shown once and rotation, API keys for their own people
+//! and applications, and the audit log of changes.
 
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
@@ -7,12 +8,13 @@ use base64::Engine as _;
 
 use super::admin::{change, delete};
 use super::dto::{
-    AuditEntryDto, AuditLog, ErrorBody, NewWebhookDto, WebhookSecretDto, WebhookView,
+    ApiKeySecretDto, ApiKeyView, AuditEntryDto, AuditLog, ErrorBody, NewApiKeyDto, NewWebhookDto,
+    WebhookSecretDto, WebhookView,
 };
 use super::usage::limit_param;
 use super::{ApiError, ApiJson, ApiPath, AppState, ManagingCaller, Operator, ScopedCaller};
 use crate::catalog::AdminOp;
-use crate::config::dto::{AlertRuleDto, WebhookDto};
+use crate::config::dto::{AlertRuleDto, CustomerKeyDto, WebhookDto};
 
 /// Reads one of the customer's lists from the current document.
 fn customer_list<T>(
@@ -278,4 +280,68 @@ pub async fn audit(
 ) -> Result<ApiJson<AuditLog>, ApiError> {
     let limit = limit_param(raw.as_deref())?;
     Ok(ApiJson(audit_log(&state, None, limit)))
+}
+
+/// The API keys a customer's admins made (ids and roles; never the keys).
+#[utoipa::path(get, path = "/v1/customers/{customerId}/keys", tag = "admin",
+    params(("customerId" = String, Path)),
+    responses((status = 200, body = Vec<ApiKeyView>), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_keys(
+    State(state): State<AppState>,
+    ScopedCaller { customer }: ScopedCaller,
+) -> Result<ApiJson<Vec<ApiKeyView>>, ApiError> {
+    customer_list(&state, &customer, |c| {
+        c.api_keys.iter().map(ApiKeyView::from).collect()
+    })
+    .map(ApiJson)
+}
+
+/// Makes an API key for the customer (operator, or the customer's admin): the answer holds the
+/// key, shown this once; only its digest is kept.
+#[utoipa::path(post, path = "/v1/customers/{customerId}/keys", tag = "admin",
+    params(("customerId" = String, Path)), request_body = NewApiKeyDto,
+    responses((status = 201, body = ApiKeySecretDto), (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_key(
+    State(state): State<AppState>,
+    caller: ManagingCaller,
+    ApiJson(body): ApiJson<NewApiKeyDto>,
+) -> Result<(StatusCode, ApiJson<ApiKeySecretDto>), ApiError> {
+    // A random id (nobody picks one that collides with another customer's) and secret.
+    let id = format!("k{}", &crate::auth::random_secret()[..16]);
+    let key = format!("{id}.{}", crate::auth::random_secret());
+    let op = AdminOp::AddApiKey {
+        customer: caller.customer,
+        key: CustomerKeyDto {
+            id: id.clone(),
+            sha256: hex::encode(crate::auth::sha256(&key)),
+            role: body.role,
+            label: body.label.clone(),
+        },
+    };
+    let shown = ApiKeySecretDto {
+        id,
+        role: body.role.as_str().to_string(),
+        label: body.label,
+        key,
+    };
+    change(&state, &caller.principal, op, StatusCode::CREATED, shown).await
+}
+
+/// Revokes a key the customer's admins made: it stops working at once (sessions included).
+#[utoipa::path(delete, path = "/v1/customers/{customerId}/keys/{keyId}", tag = "admin",
+    params(("customerId" = String, Path), ("keyId" = String, Path)),
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delete_key(
+    State(state): State<AppState>,
+    caller: ManagingCaller,
+    ApiPath((_customer, id)): ApiPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let op = AdminOp::DeleteApiKey {
+        customer: caller.customer,
+        id,
+    };
+    delete(&state, &caller.principal, op).await
 }

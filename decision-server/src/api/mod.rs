@@ -338,9 +338,7 @@ impl FromRequestParts<AppState> for Caller {
             })
             .transpose()?;
         state
-            .settings()
-            .credentials
-            .authenticate_header(header, crate::auth::Listener::Api)
+            .authenticate(header, crate::auth::Listener::Api)
             .map(Caller)
             .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()))
     }
@@ -351,7 +349,7 @@ fn session_caller(parts: &Parts, state: &AppState, id: &str) -> Result<Caller, A
     use crate::portal::session;
     let signed = state
         .sessions()
-        .get(&state.settings().credentials, id, state.now().millis())
+        .get(&state.token_check(), id, state.now().millis())
         .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()))?;
     let safe = matches!(
         parts.method,
@@ -497,6 +495,8 @@ pub fn router_and_doc(
         .routes(routes!(manage::delete_webhook))
         .routes(routes!(manage::rotate_webhook))
         .routes(routes!(manage::drop_previous_secret))
+        .routes(routes!(manage::list_keys, manage::create_key))
+        .routes(routes!(manage::delete_key))
         .routes(routes!(manage::customer_audit))
         .routes(routes!(manage::audit))
         .with_state(state)

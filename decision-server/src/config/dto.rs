@@ -222,6 +222,24 @@ pub struct CustomerDto {
     /// split and lower budgets under these; only the operator changes them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ceilings: Vec<CeilingDto>,
+    /// API keys the customer's admins made for their own people and applications (the
+    /// server's `credentials.apiKeys` are the operator's): digests only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api_keys: Vec<CustomerKeyDto>,
+}
+
+/// A customer-made API key: its public id, the SHA-256 of the whole key, and its role.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CustomerKeyDto {
+    pub id: String,
+    pub sha256: String,
+    /// `app`, `viewer` or `admin`.
+    #[schema(value_type = String)]
+    pub role: crate::auth::Role,
+    /// What it is for, as its maker wrote it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
 }
 
 /// A ceiling: the most any matching limit of the customer may allow.

@@ -126,10 +126,22 @@ impl Validator<'_> {
         };
         let mut customers = FxHashMap::default();
         let mut seen = HashMap::new();
+        let mut key_ids = HashMap::new();
         for (ci, c) in doc.customers.iter().enumerate() {
             let path = format!("customers[{ci}]");
             self.check_id(format!("{path}.id"), &c.id);
             self.unique(&mut seen, "customer", &c.id, format!("{path}.id"));
+            for (ki, k) in c.api_keys.iter().enumerate() {
+                let kpath = format!("{path}.apiKeys[{ki}]");
+                self.check_id(format!("{kpath}.id"), &k.id);
+                self.unique(&mut key_ids, "API key", &k.id, format!("{kpath}.id"));
+                if k.sha256.len() != 64 || !k.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    self.err(
+                        format!("{kpath}.sha256"),
+                        "not a hex SHA-256 digest (64 hex digits)",
+                    );
+                }
+            }
             let model = self.customer(&ctx, &path, c);
             customers.insert(c.id.clone(), model);
         }

@@ -266,8 +266,6 @@ pub fn principal_of<T>(
         .get("x-forwarded-client-cert")
         .and_then(|v| v.to_str().ok());
     let principal = service
-        .settings()
-        .credentials
         .authenticate_request(header, client_cert, listener)
         .map_err(|e| Status::unauthenticated(e.to_string()))?;
     crate::server::mark_authenticated(request);

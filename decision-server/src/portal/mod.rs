@@ -209,7 +209,7 @@ fn signed_in(state: &AppState, headers: &HeaderMap) -> Result<Page, Refusal> {
     let id = session::cookie_in(headers).ok_or_else(to_login)?;
     let signed = state
         .sessions()
-        .get(&state.settings().credentials, &id, state.now().millis())
+        .get(&state.token_check(), &id, state.now().millis())
         .map_err(|_| to_login())?;
     Ok(Page {
         principal: signed.principal,
@@ -290,7 +290,7 @@ async fn login(
     let now = state.now().millis();
     match state
         .sessions()
-        .create(&state.settings().credentials, form.token.trim(), now)
+        .create(&state.token_check(), form.token.trim(), now)
     {
         Ok((id, principal)) => {
             let cookie = session::set_cookie(Some(&id), session::behind_tls(&headers));
@@ -322,7 +322,7 @@ async fn logout(
     if let Some(id) = session::cookie_in(&headers) {
         let signed = state
             .sessions()
-            .get(&state.settings().credentials, &id, state.now().millis());
+            .get(&state.token_check(), &id, state.now().millis());
         match signed {
             Ok(s) if !session::csrf_ok(&s, Some(&form.csrf)) => {
                 return (

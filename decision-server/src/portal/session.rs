@@ -8,7 +8,7 @@
 use dashmap::DashMap;
 use subtle::ConstantTimeEq;
 
-use crate::auth::{AuthError, Credentials, Principal};
+use crate::auth::{AuthError, Principal};
 
 /// The session cookie.
 pub const COOKIE: &str = "tollgate_session";
@@ -57,13 +57,11 @@ impl Sessions {
     /// token.
     pub fn create(
         &self,
-        credentials: &Credentials,
+        check: &dyn Fn(&str) -> Result<Principal, AuthError>,
         token: &str,
         now: i64,
     ) -> Result<(String, Principal), SessionError> {
-        let principal = credentials
-            .authenticate_header(Some(&format!("Bearer {token}")), crate::auth::Listener::Api)
-            .map_err(SessionError::Revoked)?;
+        let principal = check(token).map_err(SessionError::Revoked)?;
         if self.map.len() >= MAX_SESSIONS {
             self.map.retain(|_, s| s.expires_at > now);
             if self.map.len() >= MAX_SESSIONS {
@@ -85,7 +83,7 @@ impl Sessions {
     /// The session `id` stands for at `now`, with its credential checked again.
     pub fn get(
         &self,
-        credentials: &Credentials,
+        check: &dyn Fn(&str) -> Result<Principal, AuthError>,
         id: &str,
         now: i64,
     ) -> Result<Signed, SessionError> {
@@ -98,15 +96,10 @@ impl Sessions {
             self.map.remove(id);
             return Err(SessionError::Unknown);
         }
-        let principal = credentials
-            .authenticate_header(
-                Some(&format!("Bearer {}", session.token)),
-                crate::auth::Listener::Api,
-            )
-            .map_err(|e| {
-                self.map.remove(id);
-                SessionError::Revoked(e)
-            })?;
+        let principal = check(&session.token).map_err(|e| {
+            self.map.remove(id);
+            SessionError::Revoked(e)
+        })?;
         Ok(Signed {
             principal,
             csrf: session.csrf,
@@ -160,8 +153,13 @@ pub fn set_cookie(id: Option<&str>, secure: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::{Role, sha256};
+    use crate::auth::{Credentials, Listener, Role, sha256};
     use crate::config::server::ApiKeySpec;
+
+    /// A token check over `credentials`, as the service makes one.
+    fn check(c: &Credentials) -> impl Fn(&str) -> Result<Principal, AuthError> + '_ {
+        move |t| c.authenticate_header(Some(&format!("Bearer {t}")), Listener::Api)
+    }
 
     fn creds(with_key: bool) -> Credentials {
         let keys = if with_key {
@@ -182,29 +180,32 @@ mod tests {
         let s = Sessions::default();
         let c = creds(true);
         assert!(matches!(
-            s.create(&c, "acme-admin.wrong", 0),
+            s.create(&check(&c), "acme-admin.wrong", 0),
             Err(SessionError::Revoked(_))
         ));
-        let (id, p) = s.create(&c, "acme-admin.s3cret", 0).unwrap();
+        let (id, p) = s.create(&check(&c), "acme-admin.s3cret", 0).unwrap();
         assert_eq!(p, Principal::Customer("acme".into(), Role::Admin));
-        let signed = s.get(&c, &id, 1000).unwrap();
+        let signed = s.get(&check(&c), &id, 1000).unwrap();
         assert!(csrf_ok(&signed, Some(&signed.csrf)));
         assert!(!csrf_ok(&signed, Some("guess")));
         assert!(!csrf_ok(&signed, None));
         assert!(matches!(
-            s.get(&c, &id, TTL_MILLIS + 1),
+            s.get(&check(&c), &id, TTL_MILLIS + 1),
             Err(SessionError::Unknown)
         ));
-        let (id, _) = s.create(&c, "acme-admin.s3cret", 0).unwrap();
+        let (id, _) = s.create(&check(&c), "acme-admin.s3cret", 0).unwrap();
         // The key is gone from the (reloaded) config: the session ends.
         assert!(matches!(
-            s.get(&creds(false), &id, 1),
+            s.get(&check(&creds(false)), &id, 1),
             Err(SessionError::Revoked(_))
         ));
-        assert!(matches!(s.get(&c, &id, 1), Err(SessionError::Unknown)));
-        let (id, _) = s.create(&c, "acme-admin.s3cret", 0).unwrap();
+        assert!(matches!(
+            s.get(&check(&c), &id, 1),
+            Err(SessionError::Unknown)
+        ));
+        let (id, _) = s.create(&check(&c), "acme-admin.s3cret", 0).unwrap();
         s.remove(&id);
-        assert!(s.get(&c, &id, 1).is_err());
+        assert!(s.get(&check(&c), &id, 1).is_err());
     }
 
     #[test]
