@@ -248,10 +248,29 @@ def scenario_limits(page, a):
     expect(err).to_be_visible()
     expect(err).to_contain_text("ceiling of 200000")
     shot(page, a.artifacts, "limits")
+    # A viewer key for a dashboard, made here and shown once: it reads, and cannot decide.
+    page.get_by_role("link", name="Keys").click()
+    page.get_by_label("Role").select_option("viewer")
+    page.get_by_label("What it is for").fill("finance dashboard")
+    page.get_by_role("button", name="Make key").click()
+    expect(page.locator("#new-key-value")).to_contain_text(".")
+    key = page.locator("#new-key-value").inner_text().strip()
+    shot(page, a.artifacts, "keys")
+    status, _ = api(a.api, "GET", "/v1/customers/acme/limits", key)
+    assert status == 200, status
+    status, _ = api(a.api, "POST", "/v1/customers/acme/entitlements/check", key,
+                    {"featureId": "ai-tokens", "requestedUsage": 1, "dimensions": {"userId": "alice"}})
+    assert status == 403, status
+    page.reload()
+    assert key not in page.content(), "the key is shown once"
+    page.get_by_role("button", name="Revoke").click()
+    expect(page.locator("#keys tbody")).to_contain_text("No keys made here yet")
+    status, _ = api(a.api, "GET", "/v1/customers/acme/limits", key)
+    assert status == 401, status
     # The audit log shows who changed what.
     page.get_by_role("link", name="Audit log").click()
     expect(page.locator("#audit tbody tr").first).to_contain_text("acme:admin")
-    expect(page.locator("#audit tbody tr").first).to_contain_text("team-daily")
+    expect(page.locator("#audit tbody")).to_contain_text("team-daily")
     shot(page, a.artifacts, "audit")
     return {"limits": "ok"}
 
@@ -265,6 +284,9 @@ def scenario_viewer(page, a):
     page.get_by_role("link", name="Alerts").click()
     expect(page.locator("#rule-form")).to_have_count(0)
     expect(page.locator("#hook-form")).to_have_count(0)
+    page.get_by_role("link", name="Keys").click()
+    expect(page.locator("#key-form")).to_have_count(0)
+    expect(page.locator("button.revoke-key")).to_have_count(0)
     # A forged change with the viewer's own session and CSRF token: refused by the API.
     status = page.evaluate("""async () => {
         const csrf = document.querySelector('meta[name="csrf-token"]').content;
@@ -284,7 +306,7 @@ def scenario_tenancy(page, a):
     assert resp.status == 403, resp.status
     expect(page.locator("p.error:visible")).to_contain_text("do not reach customer `acme`")
     shot(page, a.artifacts, "forbidden")
-    for path in ["usage", "alerts", "limits", "live", "audit"]:
+    for path in ["usage", "alerts", "limits", "keys", "live", "audit"]:
         assert page.goto(f"{a.portal}/portal/c/acme/{path}").status == 403, path
     statuses = page.evaluate("""async () => {
         const csrf = document.querySelector('meta[name="csrf-token"]').content;

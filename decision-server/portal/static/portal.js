@@ -211,6 +211,26 @@
     }));
   }
 
+  // Keys: make one (shown once) or revoke one.
+  function wireKeys() {
+    const kf = document.getElementById("key-form");
+    if (kf) kf.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      const body = { role: kf.role.value };
+      if (kf.label.value.trim()) body.label = kf.label.value.trim();
+      const r = await api("POST", `${base}/keys`, body);
+      if (!r.ok) { showError(reason(r)); return; }
+      showError("");
+      document.getElementById("new-key-value").textContent = r.json.key;
+      document.getElementById("new-key").hidden = false;
+    });
+    document.querySelectorAll(".revoke-key").forEach((b) => b.addEventListener("click", async () => {
+      const r = await api("DELETE", `${base}/keys/${enc(b.dataset.id)}`);
+      if (!r.ok) { showError(reason(r)); return; }
+      window.location.reload();
+    }));
+  }
+
   // Live: the customer's usage stream.
   function wireLive() {
     const status = document.getElementById("live-status");
@@ -252,6 +272,7 @@
     }
     if (page === "alerts") { wireAlerts(); refreshDeliveries(); setInterval(refreshDeliveries, 3000); }
     if (page === "limits") wireLimits();
+    if (page === "keys") wireKeys();
     if (page === "live") wireLive();
   });
 })();

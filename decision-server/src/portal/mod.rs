@@ -25,7 +25,7 @@ const PAGE: usize = 25;
 const MAX_REFRESH: usize = 200;
 
 /// The templates, compiled into the binary.
-const TEMPLATES: [(&str, &str); 11] = [
+const TEMPLATES: [(&str, &str); 12] = [
     (
         "base.html",
         include_str!("../../portal/templates/base.html"),
@@ -69,6 +69,10 @@ const TEMPLATES: [(&str, &str); 11] = [
     (
         "audit.html",
         include_str!("../../portal/templates/audit.html"),
+    ),
+    (
+        "keys.html",
+        include_str!("../../portal/templates/keys.html"),
     ),
 ];
 
@@ -174,6 +178,7 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/portal/c/{customer}/usage.csv", get(usage_csv))
         .route("/portal/c/{customer}/alerts", get(alerts_page))
         .route("/portal/c/{customer}/limits", get(limits_page))
+        .route("/portal/c/{customer}/keys", get(keys_page))
         .route("/portal/c/{customer}/live", get(live_page))
         .route("/portal/c/{customer}/audit", get(audit_page))
         .layer(axum::extract::DefaultBodyLimit::max(16 * 1024))
@@ -244,6 +249,37 @@ fn customer_page(state: &AppState, headers: &HeaderMap, customer: &str) -> Resul
         return Err(Box::new(error_page(&page, StatusCode::NOT_FOUND, message)));
     }
     Ok(page)
+}
+
+/// A page of the customer named by the path, for a signed-in caller it reaches (or the
+/// refusal: the way to sign-in, 403 or 404).
+struct CustomerPage {
+    page: Page,
+    customer: String,
+}
+
+/// A refusal as a response (boxed: responses are large).
+struct Refused(Refusal);
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        *self.0
+    }
+}
+
+impl axum::extract::FromRequestParts<AppState> for CustomerPage {
+    type Rejection = Refused;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &AppState,
+    ) -> Result<Self, Refused> {
+        let Path(customer) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| Refused(Box::new(e.into_response())))?;
+        let page = customer_page(state, &parts.headers, &customer).map_err(Refused)?;
+        Ok(Self { page, customer })
+    }
 }
 
 /// What every page of a customer shows: who is signed in and what they may do.
@@ -493,35 +529,30 @@ async fn tree_context(
 
 async fn overview(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(customer): Path<String>,
+    cp: CustomerPage,
     Query(query): Query<TreeQuery>,
 ) -> Response {
-    let page = match customer_page(&state, &headers, &customer) {
-        Ok(p) => p,
-        Err(r) => return *r,
-    };
-    match tree_context(&state, &customer, &query).await {
-        Ok(tree) => render(
+    tree_page(&state, cp, &query, true).await
+}
+
+/// A page of the tree alone (htmx swaps it in).
+async fn tree(
+    State(state): State<AppState>,
+    cp: CustomerPage,
+    Query(query): Query<TreeQuery>,
+) -> Response {
+    tree_page(&state, cp, &query, false).await
+}
+
+/// The overview page (`whole`) or one page of its tree.
+async fn tree_page(state: &AppState, cp: CustomerPage, query: &TreeQuery, whole: bool) -> Response {
+    let CustomerPage { page, customer } = cp;
+    match tree_context(state, &customer, query).await {
+        Ok(tree) if whole => render(
             StatusCode::OK,
             "overview.html",
             context! { ..base(&page, &customer, "overview", "Overview"), ..tree },
         ),
-        Err(e) => error_page(&page, StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-    }
-}
-
-async fn tree(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(customer): Path<String>,
-    Query(query): Query<TreeQuery>,
-) -> Response {
-    let page = match customer_page(&state, &headers, &customer) {
-        Ok(p) => p,
-        Err(r) => return *r,
-    };
-    match tree_context(&state, &customer, &query).await {
         Ok(tree) => render(StatusCode::OK, "tree.html", tree),
         Err(e) => error_page(&page, StatusCode::BAD_REQUEST, e.to_string()),
     }
@@ -536,13 +567,9 @@ struct BudgetsQuery {
 /// Fresh bars for the entities on screen, as JSON (the overview polls it).
 async fn budgets(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(customer): Path<String>,
+    CustomerPage { customer, .. }: CustomerPage,
     Query(query): Query<BudgetsQuery>,
 ) -> Response {
-    if let Err(r) = customer_page(&state, &headers, &customer) {
-        return *r;
-    }
     let ids: Vec<&str> = query
         .ids
         .split(',')
@@ -561,13 +588,8 @@ async fn budgets(
 
 async fn usage_page(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(customer): Path<String>,
+    CustomerPage { page, customer }: CustomerPage,
 ) -> Response {
-    let page = match customer_page(&state, &headers, &customer) {
-        Ok(p) => p,
-        Err(r) => return *r,
-    };
     let model = state.engine().model();
     let mut group_keys: Vec<String> = model.chain_keys.iter().map(|k| k.to_string()).collect();
     group_keys.extend(model.recorded_dimensions.iter().map(|k| k.to_string()));
@@ -593,13 +615,9 @@ fn csv_field(s: &str) -> String {
 /// series and window.
 async fn usage_csv(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(customer): Path<String>,
+    CustomerPage { customer, .. }: CustomerPage,
     RawQuery(raw): RawQuery,
 ) -> Response {
-    if let Err(r) = customer_page(&state, &headers, &customer) {
-        return *r;
-    }
     let h = match crate::api::usage_history(Arc::clone(&state), customer.clone(), raw).await {
         Ok(h) => h,
         Err(e) => return e.into_response(),
@@ -654,13 +672,8 @@ async fn usage_csv(
 
 async fn alerts_page(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(customer): Path<String>,
+    CustomerPage { page, customer }: CustomerPage,
 ) -> Response {
-    let page = match customer_page(&state, &headers, &customer) {
-        Ok(p) => p,
-        Err(r) => return *r,
-    };
     let (rules, webhooks, features, entity_types) = state.read_config(|d| {
         let c = d.customers.iter().find(|c| c.id == customer);
         (
@@ -688,13 +701,8 @@ async fn alerts_page(
 
 async fn limits_page(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(customer): Path<String>,
+    CustomerPage { page, customer }: CustomerPage,
 ) -> Response {
-    let page = match customer_page(&state, &headers, &customer) {
-        Ok(p) => p,
-        Err(r) => return *r,
-    };
     let (limits, ceilings) = state.read_config(|d| {
         let c = d.customers.iter().find(|c| c.id == customer);
         let limits: Vec<Value> = c
@@ -719,30 +727,36 @@ async fn limits_page(
     )
 }
 
-async fn live_page(
+async fn keys_page(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(customer): Path<String>,
+    CustomerPage { page, customer }: CustomerPage,
 ) -> Response {
-    match customer_page(&state, &headers, &customer) {
-        Ok(page) => render(
-            StatusCode::OK,
-            "live.html",
-            base(&page, &customer, "live", "Live"),
-        ),
-        Err(r) => *r,
-    }
+    let keys: Vec<crate::api::dto::ApiKeyView> = state.read_config(|d| {
+        d.customers
+            .iter()
+            .find(|c| c.id == customer)
+            .map(|c| c.api_keys.iter().map(Into::into).collect())
+            .unwrap_or_default()
+    });
+    render(
+        StatusCode::OK,
+        "keys.html",
+        context! { ..base(&page, &customer, "keys", "API keys"), ..context! { keys } },
+    )
+}
+
+async fn live_page(CustomerPage { page, customer }: CustomerPage) -> Response {
+    render(
+        StatusCode::OK,
+        "live.html",
+        base(&page, &customer, "live", "Live"),
+    )
 }
 
 async fn audit_page(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(customer): Path<String>,
+    CustomerPage { page, customer }: CustomerPage,
 ) -> Response {
-    let page = match customer_page(&state, &headers, &customer) {
-        Ok(p) => p,
-        Err(r) => return *r,
-    };
     let entries: Vec<Value> = state
         .audit(Some(&customer))
         .iter()
