@@ -120,12 +120,33 @@ async fn ext_authz_needs_a_credential_that_reaches_the_customer() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     assert!(err.message().contains("ext_authz listener only"), "{err:?}");
+    // On the ext_authz listener a gateway also reports usage it let through while the
+    // sidecar was unreachable, for the customers it reaches only.
     let (rx_tx, rx) = watch::channel(false);
     let local = TollgateService::ext_authz(Arc::clone(&service), rx);
+    let event = |customer: &str| pb::UsageRecord {
+        idempotency_key: format!("bounded:{customer}-1"),
+        customer_id: customer.into(),
+        feature_id: "ai-tokens".into(),
+        usage: 5,
+        dimensions: [("userId".to_string(), "alice".to_string())].into(),
+        tokens: None,
+    };
+    local
+        .ingest_usage(authed(
+            pb::IngestUsageRequest {
+                events: vec![event("acme")],
+            },
+            GATEWAY,
+        ))
+        .await
+        .unwrap();
     let err = local
         .ingest_usage(authed(
-            pb::IngestUsageRequest { events: Vec::new() },
-            GATEWAY,
+            pb::IngestUsageRequest {
+                events: vec![event("globex")],
+            },
+            ACME_GATEWAY,
         ))
         .await
         .unwrap_err();

@@ -34,6 +34,10 @@ pub enum FailMode {
     Open,
     /// Answer `failStatus` with a JSON body.
     Closed,
+    /// Pass the request while the customer's allowance (`boundedPerMinute` units a minute,
+    /// shared by Envoy's worker threads) lasts, marked `x-tollgate-unchecked: bounded`, and
+    /// report what passed to the sidecar when it is back; past it, answer as `closed`.
+    Bounded,
 }
 
 /// What a hold is charged when content was delivered and the usage never came (a stream
@@ -78,6 +82,10 @@ struct ConfigDto {
     sidecar: SidecarDto,
     #[serde(default)]
     fail_mode: Option<FailMode>,
+    /// `failMode: bounded`: units a customer may pass per minute per Envoy while the sidecar
+    /// cannot answer.
+    #[serde(default)]
+    bounded_per_minute: Option<u64>,
     #[serde(default)]
     fail_status: Option<u16>,
     #[serde(default)]
@@ -265,6 +273,8 @@ pub struct FilterConfig {
     pub authorization: String,
     pub timeout: Duration,
     pub fail_mode: FailMode,
+    /// `failMode: bounded`: units per customer per minute per Envoy.
+    pub bounded_per_minute: u64,
     pub fail_status: u16,
     pub bad_input_status: u16,
     pub max_body_bytes: usize,
@@ -347,6 +357,12 @@ impl FilterConfig {
             "sidecar.timeoutMs",
         )?;
         let fail_status = status(dto.fail_status, 503, "failStatus")?;
+        if dto.fail_mode == Some(FailMode::Bounded) && dto.bounded_per_minute.unwrap_or(0) == 0 {
+            return Err(err(
+                "boundedPerMinute",
+                "`failMode: bounded` needs the units a customer may pass per minute while the sidecar is unreachable (at least 1)",
+            ));
+        }
         let bad_input_status = status(dto.bad_input_status, 400, "badInputStatus")?;
         let max_body_bytes = dto.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
         if max_body_bytes == 0 {
@@ -394,6 +410,7 @@ impl FilterConfig {
             authorization,
             timeout,
             fail_mode: dto.fail_mode.unwrap_or(FailMode::Closed),
+            bounded_per_minute: dto.bounded_per_minute.unwrap_or(0),
             fail_status,
             bad_input_status,
             max_body_bytes,
@@ -560,6 +577,8 @@ struct OverrideDto {
     #[serde(default)]
     fail_mode: Option<FailMode>,
     #[serde(default)]
+    bounded_per_minute: Option<u64>,
+    #[serde(default)]
     timeout_ms: Option<u64>,
     #[serde(default)]
     fail_status: Option<u16>,
@@ -580,6 +599,7 @@ struct OverrideDto {
 #[derive(Debug, Clone)]
 pub struct RouteOverride {
     pub fail_mode: Option<FailMode>,
+    pub bounded_per_minute: Option<u64>,
     pub timeout: Option<Duration>,
     pub fail_status: Option<u16>,
     pub disabled: bool,
@@ -604,6 +624,7 @@ impl RouteOverride {
             let mine = Self::one(i, &path)?;
             out = Self {
                 fail_mode: mine.fail_mode.or(out.fail_mode),
+                bounded_per_minute: mine.bounded_per_minute.or(out.bounded_per_minute),
                 timeout: mine.timeout.or(out.timeout),
                 fail_status: mine.fail_status.or(out.fail_status),
                 disabled: i.disabled.unwrap_or(out.disabled),
@@ -640,6 +661,7 @@ impl RouteOverride {
         }
         Ok(Self {
             fail_mode: o.fail_mode,
+            bounded_per_minute: o.bounded_per_minute,
             timeout,
             fail_status: o.fail_status,
             disabled: o.disabled.unwrap_or(false),
@@ -668,6 +690,8 @@ fn merge_settlement(a: SettlementDto, b: SettlementDto) -> SettlementDto {
 #[derive(Debug, Clone)]
 pub struct Effective {
     pub fail_mode: FailMode,
+    /// `failMode: bounded`: units per customer per minute (0: none, so nothing passes).
+    pub bounded_per_minute: u64,
     pub fail_status: u16,
     pub timeout: Duration,
     pub api: Api,
@@ -689,6 +713,9 @@ impl FilterConfig {
         };
         Ok(Effective {
             fail_mode: o.and_then(|o| o.fail_mode).unwrap_or(self.fail_mode),
+            bounded_per_minute: o
+                .and_then(|o| o.bounded_per_minute)
+                .unwrap_or(self.bounded_per_minute),
             fail_status: o.and_then(|o| o.fail_status).unwrap_or(self.fail_status),
             timeout: o.and_then(|o| o.timeout).unwrap_or(self.timeout),
             api: o.and_then(|o| o.api).unwrap_or(self.api),
@@ -701,6 +728,7 @@ impl FilterConfig {
     pub fn plain(&self) -> Effective {
         Effective {
             fail_mode: self.fail_mode,
+            bounded_per_minute: self.bounded_per_minute,
             fail_status: self.fail_status,
             timeout: self.timeout,
             api: self.api,
@@ -841,6 +869,30 @@ mod tests {
         assert_eq!(c.settlement.on_missing_usage, OnMissingUsage::Hold);
         assert_eq!(c.api, Api::Custom);
         assert_eq!(c.fail_status, 503);
+    }
+
+    #[test]
+    fn bounded_mode_needs_an_allowance_and_routes_may_set_their_own() {
+        let e = FilterConfig::parse(
+            br#"{"sidecar": {"cluster": "t", "token": "x"}, "failMode": "bounded"}"#,
+            |_| None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("boundedPerMinute"), "{e}");
+        let c = FilterConfig::parse(
+            br#"{"sidecar": {"cluster": "t", "token": "x"}, "failMode": "bounded", "boundedPerMinute": 5000}"#,
+            |_| None,
+        )
+        .unwrap();
+        assert_eq!(c.plain().fail_mode, FailMode::Bounded);
+        assert_eq!(c.plain().bounded_per_minute, 5000);
+        let o = RouteOverride::from_json(
+            serde_json::json!({"failMode": "bounded", "boundedPerMinute": 40}),
+            None,
+        )
+        .unwrap();
+        let e = c.effective(Some(&o)).unwrap();
+        assert_eq!((e.fail_mode, e.bounded_per_minute), (FailMode::Bounded, 40));
     }
 
     #[test]

@@ -286,6 +286,8 @@ pub enum FailAction {
     Open(String),
     /// Answer this.
     Closed(Reply),
+    /// Pass within the customer's bounded allowance; past it, answer this.
+    Bounded(Reply),
 }
 
 fn json_reply(status: u32, body: serde_json::Value) -> Reply {
@@ -302,24 +304,27 @@ fn json_reply(status: u32, body: serde_json::Value) -> Reply {
 pub fn on_failure(e: &Effective, failure: &Failure) -> FailAction {
     match e.fail_mode {
         FailMode::Open => FailAction::Open(format!("sidecar-{}", failure.code().replace('_', "-"))),
-        FailMode::Closed => {
-            let details = serde_json::json!({
-                "error": "usage_check_unavailable",
-                "reason": failure.code(),
-                "message": failure.to_string(),
-            });
-            let message = format!("Tollgate could not check this request's usage: {failure}");
-            let body =
-                error_body(e.api, ErrorKind::Unavailable, &message, &details).unwrap_or(details);
-            let mut reply = json_reply(u32::from(e.fail_status), body);
-            if matches!(failure.code(), "unauthenticated" | "permission_denied") {
-                reply
-                    .headers
-                    .push(("x-should-retry".into(), "false".into()));
-            }
-            FailAction::Closed(reply)
-        }
+        FailMode::Closed => FailAction::Closed(unavailable_reply(e, failure)),
+        FailMode::Bounded => FailAction::Bounded(unavailable_reply(e, failure)),
     }
+}
+
+/// The fail-closed answer, in the API's error shape.
+fn unavailable_reply(e: &Effective, failure: &Failure) -> Reply {
+    let details = serde_json::json!({
+        "error": "usage_check_unavailable",
+        "reason": failure.code(),
+        "message": failure.to_string(),
+    });
+    let message = format!("Tollgate could not check this request's usage: {failure}");
+    let body = error_body(e.api, ErrorKind::Unavailable, &message, &details).unwrap_or(details);
+    let mut reply = json_reply(u32::from(e.fail_status), body);
+    if matches!(failure.code(), "unauthenticated" | "permission_denied") {
+        reply
+            .headers
+            .push(("x-should-retry".into(), "false".into()));
+    }
+    reply
 }
 
 /// The answer to unusable input, in the API's error shape.

@@ -3,6 +3,7 @@
 //! `host` is built for wasm only, where the proxy-wasm host functions exist.
 
 pub mod api;
+pub mod bounded;
 pub mod close_queue;
 pub mod config;
 pub mod decision;

@@ -665,3 +665,106 @@ async fn an_unreadable_answer_and_an_error_status_follow_the_fail_mode() {
         assert_eq!(s.envoy.stat("wasmcustom.tollgate.granted").unwrap(), 0);
     }
 }
+
+/// `failMode: bounded`: with the sidecar killed, a customer's calls pass (marked) while its
+/// allowance lasts and the next is refused; when the sidecar is back (same port, same durable
+/// store), what passed is in the counters exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_mode_passes_within_the_allowance_and_reports_it_once_the_sidecar_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = tollgate_testkit::free_port();
+    let text = support::SIDECAR
+        .replace(
+            "extAuthz: \"127.0.0.1:0\"",
+            &format!("extAuthz: \"127.0.0.1:{port}\""),
+        )
+        .replace(
+            "  logging: { level: warn }",
+            "  logging: { level: warn }\n  storage: { kind: durable, path: counters.redb, durability: sync }",
+        );
+    assert!(text.contains(&format!("127.0.0.1:{port}")) && text.contains("durable"));
+    let path = dir.path().join("tollgate.yaml");
+    std::fs::write(&path, &text).unwrap();
+    let hold = hold_for(&chat_body(1, 5));
+    // Room for two calls' holds, not three.
+    let allowance = 2 * hold + hold / 2;
+    let sidecar = tollgate_testkit::Sidecar::start_at(&path).unwrap();
+    let mock = tollgate_testkit::MockLlm::start().unwrap();
+    let config = tollgate_testkit::envoy_config(FILTER, port, mock.port().unwrap())
+        .unwrap()
+        .replace(
+            "tollgate: { failMode: open }",
+            &format!("tollgate: {{ failMode: bounded, boundedPerMinute: {allowance} }}"),
+        );
+    assert!(config.contains("failMode: bounded"));
+    let envoy = tollgate_testkit::Envoy::start(&config).unwrap();
+    let mut s = Stack {
+        sidecar,
+        mock,
+        envoy,
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap(),
+    };
+    let h = [("authorization", INITECH.as_str()), ("x-team-id", "ops")];
+    const ROUTE: &str = "/open/v1/chat/completions";
+    let first = s.chat(ROUTE, &h, &chat_body(1, 5)).await;
+    assert_eq!(first.status, 200, "{}", first.text);
+    let before = first.total_tokens();
+    s.usage_settles_at("initech", json!({}), "initech-daily", before)
+        .await;
+
+    s.sidecar.proc.signal("KILL").unwrap();
+    s.sidecar.proc.kill();
+    // The allowance is per minute: start the outage's calls well inside one.
+    let in_minute = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        % 60;
+    if in_minute > 50 {
+        tokio::time::sleep(Duration::from_secs(61 - in_minute)).await;
+    }
+    let mut passed = 0;
+    for _ in 0..2 {
+        let r = s.chat(ROUTE, &h, &chat_body(1, 5)).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(
+            r.header("x-echo-x-tollgate-unchecked"),
+            Some("bounded"),
+            "{:?}",
+            r.headers
+        );
+        passed += r.total_tokens();
+    }
+    let refused = s.chat(ROUTE, &h, &chat_body(1, 5)).await;
+    assert_eq!(refused.status, 503, "{}", refused.text);
+    assert_eq!(refused.tollgate()["error"], "usage_check_unavailable");
+    assert_eq!(passed, 2 * true_usage(1, 5));
+
+    // Back on the same port and store: the passes are reported and counted once.
+    s.sidecar = tollgate_testkit::Sidecar::start_at(&path).unwrap();
+    s.usage_settles_at("initech", json!({}), "initech-daily", before + passed)
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        s.usage("initech", json!({}), "initech-daily").await,
+        before + passed,
+        "reported more than once"
+    );
+    assert_eq!(
+        s.envoy.stat("wasmcustom.tollgate.bounded_passed").unwrap(),
+        2
+    );
+    assert_eq!(
+        s.envoy.stat("wasmcustom.tollgate.bounded_refused").unwrap(),
+        1
+    );
+    assert_eq!(
+        s.envoy
+            .stat("wasmcustom.tollgate.bounded_reported")
+            .unwrap(),
+        2
+    );
+}

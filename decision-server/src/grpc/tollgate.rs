@@ -449,7 +449,9 @@ impl Tollgate for TollgateService {
         &self,
         request: Request<pb::IngestUsageRequest>,
     ) -> Result<Response<pb::IngestUsageResponse>, Status> {
-        let principal = self.principal_not_gateway(&request)?;
+        // A gateway reports here what it let through while the sidecar was unreachable
+        // (the filter's bounded fail mode), for the customers it reaches.
+        let principal = self.principal(&request)?;
         let items: Vec<IngestItem> = request
             .into_inner()
             .events

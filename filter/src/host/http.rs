@@ -35,6 +35,9 @@ pub(super) struct Http {
     tracker: Option<Tracker>,
     /// What the tracker of a granted request will need, known once the decision is asked for.
     pending: Option<Held>,
+    /// Under `failMode: bounded`: whom a pass would charge, and its hold id (`bounded:` and
+    /// the request id), known once the decision is asked for.
+    pass: Option<(String, crate::bounded::Pass)>,
 }
 
 /// The request's headers, read from the host in one call when the request starts: one host
@@ -101,6 +104,7 @@ impl Http {
             response_headers: Vec::new(),
             tracker: None,
             pending: None,
+            pass: None,
         }
     }
 
@@ -229,6 +233,23 @@ impl Http {
             .and_then(|d| u64::try_from(d.as_millis()).ok());
         let deadline = now.map(|n| decision::deadline_millis(n, timeout));
         let message = decision::check_request(&x, &info, deadline);
+        if e.fail_mode == crate::config::FailMode::Bounded
+            && let (Some(customer), Some(feature)) = (&x.customer, &x.feature)
+        {
+            let id = if info.id.is_empty() {
+                format!("{}-{}", now.unwrap_or(0), self.shared.next_serial())
+            } else {
+                info.id.clone()
+            };
+            self.pass = Some((
+                format!("{}{id}", crate::bounded::PREFIX),
+                crate::bounded::Pass {
+                    customer: customer.clone(),
+                    feature: feature.clone(),
+                    dimensions: x.dimensions.clone(),
+                },
+            ));
+        }
         self.pending = Some(Held {
             api: e.api,
             units: x.usage.unwrap_or(0),
@@ -274,6 +295,39 @@ impl Http {
                 Stats::bump(self.shared.stats.fail_closed);
                 self.reply(&reply);
                 Action::Pause
+            }
+            FailAction::Bounded(reply) => {
+                let e = self.effective();
+                let units = self.pending.as_ref().map_or(0, |h| h.units);
+                match self.pass.take() {
+                    Some((hold, pass))
+                        if take_allowance(&pass.customer, units, e.bounded_per_minute) =>
+                    {
+                        Stats::bump(self.shared.stats.bounded_passed);
+                        self.set_http_request_header(
+                            decision::HEADER_UNCHECKED,
+                            Some(crate::bounded::MARK),
+                        );
+                        match self.pending.take() {
+                            // Settled from the answer like a hold, then reported as usage.
+                            Some(held) if e.settlement.enabled => {
+                                self.shared.passes.borrow_mut().insert(hold.clone(), pass);
+                                self.tracker = Some(Tracker::new(hold, held));
+                            }
+                            // No settlement: the requested amount is what passed.
+                            _ => self
+                                .shared
+                                .report_pass(crate::bounded::record(&hold, &pass, units, None)),
+                        }
+                        Action::Continue
+                    }
+                    _ => {
+                        Stats::bump(self.shared.stats.bounded_refused);
+                        Stats::bump(self.shared.stats.fail_closed);
+                        self.reply(&reply);
+                        Action::Pause
+                    }
+                }
             }
         }
     }
@@ -470,6 +524,29 @@ impl HttpContext for Http {
         let outcome = self.tracker.as_mut().and_then(|t| t.on_end(&e.settlement));
         self.close(outcome);
     }
+}
+
+/// Takes `units` from `customer`'s allowance of this minute in Envoy's shared data, with
+/// compare-and-swap against the other worker threads; whether it fit.
+fn take_allowance(customer: &str, units: u64, per_minute: u64) -> bool {
+    let minute = hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs() / 60);
+    let key = crate::bounded::key(customer, minute);
+    // A lost race is tried again; a bounded number of times, as every loop here is.
+    for _ in 0..16 {
+        let (current, cas) = hostcalls::get_shared_data(&key).unwrap_or((None, None));
+        let Some(next) = crate::bounded::take(current.as_deref(), units, per_minute) else {
+            return false;
+        };
+        match hostcalls::set_shared_data(&key, Some(&next), cas) {
+            Ok(()) => return true,
+            Err(proxy_wasm::types::Status::CasMismatch) => continue,
+            Err(_) => return false,
+        }
+    }
+    false
 }
 
 struct HostViewResponse;

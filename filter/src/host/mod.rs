@@ -37,6 +37,10 @@ pub(super) struct Stats {
     usage_requested: u32,
     close_retried: u32,
     close_failed: u32,
+    bounded_passed: u32,
+    bounded_refused: u32,
+    bounded_reported: u32,
+    bounded_dropped: u32,
 }
 
 impl Stats {
@@ -55,6 +59,10 @@ impl Stats {
             usage_requested: d("tollgate.usage_requested"),
             close_retried: d("tollgate.close_retried"),
             close_failed: d("tollgate.close_failed"),
+            bounded_passed: d("tollgate.bounded_passed"),
+            bounded_refused: d("tollgate.bounded_refused"),
+            bounded_reported: d("tollgate.bounded_reported"),
+            bounded_dropped: d("tollgate.bounded_dropped"),
         }
     }
 
@@ -74,6 +82,12 @@ pub(super) struct Shared {
     stats: Stats,
     queue: RefCell<CloseQueue>,
     ticking: Cell<bool>,
+    /// A per-VM serial, for ids of requests that came without `x-request-id`.
+    serial: Cell<u64>,
+    /// Bounded passes whose usage is not known yet, by hold id.
+    passes: RefCell<HashMap<String, crate::bounded::Pass>>,
+    /// Usage of bounded passes to report to the sidecar (oldest first).
+    unreported: RefCell<std::collections::VecDeque<tollgate_proto::v1::UsageRecord>>,
     /// Route overrides by the route metadata bytes they were read from: parsed (regexes
     /// compiled) once per route, not once per request.
     overrides: RefCell<HashMap<Vec<u8>, Option<Rc<Resolved>>>>,
@@ -100,7 +114,39 @@ impl Shared {
         }
     }
 
+    pub(super) fn next_serial(&self) -> u64 {
+        let n = self.serial.get() + 1;
+        self.serial.set(n);
+        n
+    }
+
+    /// Keeps the usage of a bounded pass for the sidecar (bounded: the oldest go first).
+    pub(super) fn report_pass(&self, record: tollgate_proto::v1::UsageRecord) {
+        let mut q = self.unreported.borrow_mut();
+        if q.len() >= crate::bounded::MAX_PENDING {
+            q.pop_front();
+            Stats::bump(self.stats.bounded_dropped);
+        }
+        q.push_back(record);
+        drop(q);
+        self.keep_ticking();
+    }
+
     pub(super) fn close(&self, hold_id: &str, close: &Close, why: Option<Unknown>) {
+        // A bounded pass has no hold: its usage is reported as an ingested record instead.
+        if hold_id.starts_with(crate::bounded::PREFIX) {
+            if let Some(pass) = self.passes.borrow_mut().remove(hold_id)
+                && let Close::Settle(reading) = close
+            {
+                self.report_pass(crate::bounded::record(
+                    hold_id,
+                    &pass,
+                    reading.total,
+                    reading.tokens.clone(),
+                ));
+            }
+            return;
+        }
         if let Some(why) = why {
             Stats::bump(self.stats.usage_unknown);
             if matches!(close, Close::Settle(_)) {

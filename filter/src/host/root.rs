@@ -22,6 +22,8 @@ pub(super) struct Root {
     shared: Option<Rc<Shared>>,
     /// Batches sent and not yet answered, by call token.
     inflight: HashMap<u32, Vec<CloseJob>>,
+    /// Reports of bounded passes sent and not yet answered, by call token.
+    reporting: HashMap<u32, Vec<tollgate_proto::v1::UsageRecord>>,
 }
 
 fn now() -> SystemTime {
@@ -67,6 +69,37 @@ fn report(shared: &Shared, fates: Vec<Fate>) {
 
 impl Context for Root {
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, size: usize) {
+        if let (Some(shared), Some(records)) =
+            (self.shared.clone(), self.reporting.remove(&token_id))
+        {
+            let done = (status_code == 0)
+                .then(|| {
+                    self.get_grpc_call_response_body(0, size)
+                        .unwrap_or_default()
+                })
+                .and_then(|body| crate::bounded::ingest_done(&body, records.len()));
+            let mut q = shared.unreported.borrow_mut();
+            match done {
+                Some(done) => {
+                    // Done ones are counted; any the sidecar could not take go back first.
+                    for (record, ok) in records.into_iter().zip(done).rev() {
+                        if ok {
+                            Stats::bump(shared.stats.bounded_reported);
+                        } else {
+                            q.push_front(record);
+                        }
+                    }
+                }
+                // Unreachable again, or unreadable: the whole batch goes back, in order.
+                None => records.into_iter().rev().for_each(|r| q.push_front(r)),
+            }
+            let waiting = !q.is_empty();
+            drop(q);
+            if waiting {
+                shared.keep_ticking();
+            }
+            return;
+        }
         let (Some(shared), Some(jobs)) = (self.shared.clone(), self.inflight.remove(&token_id))
         else {
             return;
@@ -106,6 +139,9 @@ impl RootContext for Root {
                     stats: Stats::define(),
                     queue: RefCell::new(CloseQueue::default()),
                     ticking: Cell::new(false),
+                    serial: Cell::new(0),
+                    passes: RefCell::new(HashMap::new()),
+                    unreported: RefCell::new(std::collections::VecDeque::new()),
                     overrides: RefCell::new(HashMap::new()),
                 }));
                 true
@@ -149,7 +185,36 @@ impl RootContext for Root {
                 }
             }
         }
-        if shared.queue.borrow().is_empty() && hostcalls::set_tick_period(Duration::ZERO).is_ok() {
+        // Bounded passes' usage, one batch at a time (a sidecar that is still down answers
+        // with an error, and the batch waits for the next tick).
+        if self.reporting.is_empty() && !shared.unreported.borrow().is_empty() {
+            let batch: Vec<_> = {
+                let mut q = shared.unreported.borrow_mut();
+                let n = q.len().min(crate::bounded::BATCH);
+                q.drain(..n).collect()
+            };
+            match hostcalls::dispatch_grpc_call(
+                &shared.config.grpc_upstream,
+                settle::TOLLGATE_SERVICE,
+                "IngestUsage",
+                vec![("authorization", shared.config.authorization.as_bytes())],
+                Some(&crate::bounded::ingest_request(batch.clone())),
+                shared.config.settlement.timeout,
+            ) {
+                Ok(token) => {
+                    self.reporting.insert(token, batch);
+                }
+                Err(_) => {
+                    let mut q = shared.unreported.borrow_mut();
+                    batch.into_iter().rev().for_each(|r| q.push_front(r));
+                }
+            }
+        }
+        if shared.queue.borrow().is_empty()
+            && shared.unreported.borrow().is_empty()
+            && self.reporting.is_empty()
+            && hostcalls::set_tick_period(Duration::ZERO).is_ok()
+        {
             shared.ticking.set(false);
         }
     }
