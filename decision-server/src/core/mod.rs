@@ -4,6 +4,7 @@ pub mod alerts;
 pub mod counter;
 pub mod credits;
 pub mod decision;
+pub mod lease;
 pub mod ledger;
 pub mod model;
 pub mod period;
