@@ -698,15 +698,7 @@ async fn bounded_mode_passes_within_the_allowance_and_reports_it_once_the_sideca
         );
     assert!(config.contains("failMode: bounded"));
     let envoy = tollgate_testkit::Envoy::start(&config).unwrap();
-    let mut s = Stack {
-        sidecar,
-        mock,
-        envoy,
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap(),
-    };
+    let mut s = Stack::from_parts(sidecar, mock, envoy);
     let h = [("authorization", INITECH.as_str()), ("x-team-id", "ops")];
     const ROUTE: &str = "/open/v1/chat/completions";
     let first = s.chat(ROUTE, &h, &chat_body(1, 5)).await;

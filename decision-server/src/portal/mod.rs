@@ -330,11 +330,7 @@ async fn login(
     {
         Ok((id, principal)) => {
             let cookie = session::set_cookie(Some(&id), session::behind_tls(&headers));
-            let mut r = Redirect::to(&home(&principal)).into_response();
-            if let Ok(v) = HeaderValue::from_str(&cookie) {
-                r.headers_mut().insert(header::SET_COOKIE, v);
-            }
-            hardened(r)
+            hardened(redirect_setting(&home(&principal), &cookie))
         }
         Err(e) => render(
             StatusCode::UNAUTHORIZED,
@@ -371,8 +367,13 @@ async fn logout(
         }
     }
     let cookie = session::set_cookie(None, session::behind_tls(&headers));
-    let mut r = Redirect::to("/portal/login").into_response();
-    if let Ok(v) = HeaderValue::from_str(&cookie) {
+    redirect_setting("/portal/login", &cookie)
+}
+
+/// A redirect to `to` that sets `cookie`.
+fn redirect_setting(to: &str, cookie: &str) -> Response {
+    let mut r = Redirect::to(to).into_response();
+    if let Ok(v) = HeaderValue::from_str(cookie) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
     r

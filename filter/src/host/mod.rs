@@ -142,7 +142,7 @@ impl Shared {
                     hold_id,
                     &pass,
                     reading.total,
-                    reading.tokens.clone(),
+                    reading.tokens,
                 ));
             }
             return;

@@ -110,6 +110,11 @@ impl Stack {
         let mock = MockLlm::start().unwrap();
         let config = build(sidecar.ext_authz_port().unwrap(), mock.port().unwrap());
         let envoy = Envoy::start(&config).unwrap();
+        Self::from_parts(sidecar, mock, envoy)
+    }
+
+    /// A stack of processes started by the caller.
+    pub fn from_parts(sidecar: Sidecar, mock: MockLlm, envoy: Envoy) -> Self {
         Self {
             sidecar,
             mock,
