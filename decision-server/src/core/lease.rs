@@ -206,7 +206,151 @@ mod tests {
         )
     }
 
+    /// The shared store of the simulation: one quota counter with a cap, what is committed,
+    /// and what slices and exact holds hold on it.
+    #[derive(Debug)]
+    struct Store {
+        cap: u64,
+        committed: u64,
+        held: u64,
+    }
+
+    impl Store {
+        fn remaining(&self) -> u64 {
+            self.cap - self.committed - self.held
+        }
+
+        /// An atomic hold of `units`, as a decision script places it.
+        fn hold(&mut self, units: u64) -> bool {
+            let fits = units <= self.remaining();
+            if fits {
+                self.held += units;
+            }
+            fits
+        }
+
+        /// Closes a hold of `held` at `spent` units.
+        fn close(&mut self, held: u64, spent: u64) {
+            self.held -= held;
+            self.committed += spent;
+        }
+    }
+
+    /// A replica: its lease on the counter (if any), and its recent demand.
+    #[derive(Debug, Default)]
+    struct Replica {
+        lease: Option<Lease>,
+        recent: u64,
+    }
+
+    impl Replica {
+        /// Commits the lease's spending and gives the rest back (no local holds are open
+        /// between the simulation's decisions: each is settled at once).
+        fn renew(&mut self, store: &mut Store) {
+            if let Some(l) = self.lease.take() {
+                let r = l.renewal();
+                assert_eq!(r.carried, 0);
+                store.close(l.slice, r.commit);
+            }
+        }
+
+        /// One decision of `units`, settled at once at `actual`: from the lease if it has room,
+        /// else after a renewal with a new slice, else exactly. Whether it was granted.
+        fn decide(
+            &mut self,
+            store: &mut Store,
+            terms: &LeaseTerms,
+            units: u64,
+            actual: u64,
+            largest: u64,
+            now: i64,
+        ) -> bool {
+            self.recent += units;
+            if let Some(l) = self.lease.as_mut()
+                && l.hold(units, now)
+            {
+                let over = l.settle(units, actual);
+                store.committed += over;
+                return true;
+            }
+            self.renew(store);
+            let slice = slice_size(terms, store.remaining(), self.recent, largest);
+            if slice > 0 && store.hold(slice) {
+                let mut l = Lease::new(slice, now, terms);
+                if l.hold(units, now) {
+                    let over = l.settle(units, actual);
+                    store.committed += over;
+                    self.lease = Some(l);
+                    return true;
+                }
+                self.lease = Some(l);
+                self.renew(store);
+            }
+            // Exact, as without leases.
+            if store.hold(units) {
+                store.close(units, actual);
+                true
+            } else {
+                false
+            }
+        }
+    }
+
     proptest! {
+        /// Replicas racing one cap through leases, run to the end of the budget: nothing is
+        /// granted past the cap, the store ends holding nothing and counting exactly what was
+        /// spent, and the budget is used up to less than one request (no slice strands it).
+        #[test]
+        fn replicas_racing_a_cap_through_leases_never_overspend_and_use_it_up(
+            cap in 1u64..20_000,
+            replicas in 1usize..4,
+            requests in prop::collection::vec((0usize..4, 1u64..60, 0u64..60), 1..400),
+        ) {
+            let terms = LeaseTerms { max_share_permille: 250, ..LeaseTerms::default() };
+            let largest = 60;
+            let mut store = Store { cap, committed: 0, held: 0 };
+            let mut rs: Vec<Replica> = (0..replicas).map(|_| Replica::default()).collect();
+            let mut spent = 0u64;
+            // The race: the generated requests (any replica, any order), then every replica
+            // in turn asking until each has been refused twice in a row: the end of the budget
+            // with every replica still active (an idle one's slice would come back by renewal
+            // or expiry, which this does not model).
+            let decide = |rs: &mut Vec<Replica>, store: &mut Store, r: usize, units: u64, actual: u64| {
+                let actual = if actual == 0 { units } else { actual.min(units) };
+                let granted = rs[r].decide(store, &terms, units, actual, largest, 0);
+                (granted, actual)
+            };
+            for &(r, units, actual) in &requests {
+                let (granted, actual) = decide(&mut rs, &mut store, r % replicas, units, actual);
+                if granted {
+                    spent += actual;
+                }
+                prop_assert!(store.committed + store.held <= cap, "over the cap");
+            }
+            let (mut i, mut refused_in_a_row) = (0usize, 0usize);
+            while refused_in_a_row < replicas * 2 && i < 100_000 {
+                let units = 1 + (i as u64 * 7) % 59;
+                let (granted, actual) = decide(&mut rs, &mut store, i % replicas, units, 0);
+                if granted {
+                    spent += actual;
+                    refused_in_a_row = 0;
+                } else {
+                    refused_in_a_row += 1;
+                }
+                prop_assert!(store.committed + store.held <= cap, "over the cap");
+                i += 1;
+            }
+            for r in &mut rs {
+                r.renew(&mut store);
+            }
+            prop_assert_eq!(store.held, 0, "a slice is still out");
+            prop_assert_eq!(store.committed, spent, "the counter is not what was spent");
+            prop_assert!(store.committed <= cap);
+            if i < 100_000 {
+                prop_assert!(cap - store.committed < largest, "budget stranded: {} of {}", store.committed, cap);
+            }
+        }
+
         /// Against the exact answer (a store that holds `slice` units for this replica):
         /// every local grant is one the exact store would make within the slice; the only
         /// difference is denials; and the renewal accounts for every unit once.
