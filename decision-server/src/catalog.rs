@@ -423,6 +423,14 @@ pub fn customer_admin_guard(
                 ));
             }
             match covering(limit) {
+                // Said here in the customer's words (validation would say it too, for anyone).
+                Some(ceiling) if limit.limit.is_some_and(|v| v > ceiling.max) => refuse(format!(
+                    "limit `{}`: {} is above the customer's ceiling of {} for {} (what `{customer}` bought); only the operator raises a ceiling",
+                    limit.id,
+                    limit.limit.unwrap_or_default(),
+                    ceiling.max,
+                    ceiling.describe()
+                )),
                 Some(_) => Ok(()),
                 None => refuse(format!(
                     "limit `{}`: no ceiling covers {} {}{}, so it can only be lowered; ask the operator for a ceiling",

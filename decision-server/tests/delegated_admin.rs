@@ -370,12 +370,13 @@ async fn roles_decide_what_each_key_may_do_over_http() {
         Some(over),
     )
     .await;
-    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    assert_eq!(b["error"]["code"], "refused");
     assert!(
-        b["error"]["problems"][0]
+        b["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("ceiling of 200000"),
+            .contains("above the customer's ceiling of 200000 for ai-tokens quota P1D"),
         "{b}"
     );
     // Another customer's admin gets 403 on acme, reads and writes alike.
