@@ -4,6 +4,8 @@
 //! Admin changes are kept as an ordered list of operations over the file's document, so a
 //! reload of the file replays them on the new base instead of losing them.
 
+use std::collections::HashMap;
+
 use parking_lot::Mutex;
 
 use crate::auth::{Principal, Role};
@@ -514,6 +516,22 @@ struct State {
     current: ConfigDoc,
     /// The store's revision of `ops` (see `AdminLog::save`).
     revision: u64,
+    /// The API keys customers' admins made in `current`, by key id: the customer, the role and
+    /// the digest. Kept with `current` so authenticating a key is a lookup, not a scan of every
+    /// customer.
+    keys: HashMap<String, (String, Role, String)>,
+}
+
+/// The index of customer-made API keys of `doc` (see `State::keys`).
+fn key_index(doc: &ConfigDoc) -> HashMap<String, (String, Role, String)> {
+    doc.customers
+        .iter()
+        .flat_map(|c| {
+            c.api_keys
+                .iter()
+                .map(|k| (k.id.clone(), (c.id.clone(), k.role, k.sha256.clone())))
+        })
+        .collect()
 }
 
 /// The model document and its admin changes. Changes are serialised by one async lock held
@@ -580,6 +598,7 @@ impl Catalog {
     pub fn new(base: ConfigDoc) -> Self {
         Self {
             state: Mutex::new(State {
+                keys: key_index(&base),
                 current: base.clone(),
                 base,
                 ops: Vec::new(),
@@ -641,6 +660,7 @@ impl Catalog {
                 Ok(revision) => {
                     engine.replace_model(model).await?;
                     let mut state = self.state.lock();
+                    state.keys = key_index(&next);
                     state.current = next;
                     state.ops = ops;
                     state.revision = revision;
@@ -742,6 +762,7 @@ impl Catalog {
         *self.state.lock() = State {
             base,
             ops: kept,
+            keys: key_index(&next),
             current: next,
             revision,
         };
@@ -751,6 +772,16 @@ impl Catalog {
     /// How many admin changes are in force on top of the file.
     pub fn admin_changes(&self) -> usize {
         self.state.lock().ops.len()
+    }
+
+    /// The principal of a key a customer's admin made, if `token` is one (compared over its
+    /// digest in constant time).
+    pub fn customer_key(&self, token: &str) -> Option<Principal> {
+        let (id, _) = token.split_once('.')?;
+        let state = self.state.lock();
+        let (customer, role, digest) = state.keys.get(id)?;
+        crate::auth::key_matches(token, digest)
+            .then(|| Principal::Customer(customer.clone(), *role))
     }
 
     /// The audit log: the admin changes in force, oldest first, for one customer or all.

@@ -378,7 +378,8 @@ impl Service {
         match result {
             Err(crate::auth::AuthError::Invalid) => {
                 let token = crate::auth::bearer_token(header)?;
-                self.customer_key(token)
+                self.catalog
+                    .customer_key(token)
                     .ok_or(crate::auth::AuthError::Invalid)
             }
             other => other,
@@ -397,19 +398,6 @@ impl Service {
     /// Checks a bare token as the HTTP API would (for the portal's sessions).
     pub fn token_check(&self) -> impl Fn(&str) -> Result<Principal, crate::auth::AuthError> + '_ {
         move |token| self.authenticate(Some(&format!("Bearer {token}")), crate::auth::Listener::Api)
-    }
-
-    /// The principal of a key a customer's admin made, if `token` is one.
-    fn customer_key(&self, token: &str) -> Option<Principal> {
-        let (id, _) = token.split_once('.')?;
-        self.read_config(|d| {
-            d.customers.iter().find_map(|c| {
-                c.api_keys
-                    .iter()
-                    .find(|k| k.id == id && crate::auth::key_matches(token, &k.sha256))
-                    .map(|k| Principal::Customer(c.id.clone(), k.role))
-            })
-        })
     }
 
     /// The portal's sessions.

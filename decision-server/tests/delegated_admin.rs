@@ -8,11 +8,8 @@ mod common;
 
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::http::{Method, Request, StatusCode};
-use http_body_util::BodyExt;
-use serde_json::{Value, json};
-use tower::ServiceExt;
+use axum::http::{Method, StatusCode};
+use serde_json::json;
 
 use tollgate::auth::{Principal, Role};
 use tollgate::catalog::{AdminError, AdminOp};
@@ -21,7 +18,7 @@ use tollgate::service::Service;
 use tollgate::store::CounterStore;
 
 use common::service::{
-    ACME_ADMIN, ACME_KEY, ACME_VIEWER, GLOBEX_ADMIN, GLOBEX_KEY, OPERATOR, config_with,
+    ACME_ADMIN, ACME_KEY, ACME_VIEWER, GLOBEX_ADMIN, GLOBEX_KEY, OPERATOR, call, config_with,
 };
 
 /// acme bought 200,000 `ai-tokens` a day per limit; it has no ceiling for a per-minute rate.
@@ -282,29 +279,6 @@ async fn router() -> (Arc<Service>, axum::Router) {
     let service = tollgate::server::build_service(loaded).await.unwrap();
     let router = tollgate::api::router(Arc::clone(&service), 65536);
     (service, router)
-}
-
-async fn call(
-    router: &axum::Router,
-    method: Method,
-    path: &str,
-    token: &str,
-    body: Option<Value>,
-) -> (StatusCode, Value) {
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("content-type", "application/json")
-        .header("authorization", format!("Bearer {token}"))
-        .body(body.map_or(Body::empty(), |b| Body::from(b.to_string())))
-        .unwrap();
-    let resp = router.clone().oneshot(req).await.unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
 }
 
 #[tokio::test]

@@ -11,14 +11,13 @@ use crate::auth::Principal;
 use crate::catalog::AdminOp;
 use crate::config::dto::{CustomerDto, EntityDto, GrantDto, LimitDto, PriceTableDto};
 
-/// Reads one customer of the current document.
-fn read_customer<R>(
+/// Reads one customer of the current document (404 if it is not there), for a caller already
+/// allowed to read it.
+pub(super) fn customer_doc<R>(
     state: &AppState,
-    caller: &Caller,
     id: &str,
     f: impl FnOnce(&CustomerDto) -> R,
 ) -> Result<R, ApiError> {
-    caller.for_customer(id)?;
     state
         .read_config(|doc| doc.customers.iter().find(|c| c.id == id).map(f))
         .ok_or_else(|| {
@@ -28,6 +27,17 @@ fn read_customer<R>(
                 format!("customer `{id}` not found"),
             )
         })
+}
+
+/// Reads one customer of the current document, if `caller` reaches it.
+fn read_customer<R>(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    f: impl FnOnce(&CustomerDto) -> R,
+) -> Result<R, ApiError> {
+    caller.for_customer(id)?;
+    customer_doc(state, id, f)
 }
 
 /// Applies a change by `by` and answers with `body` and `status`.

@@ -6,7 +6,7 @@ use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use base64::Engine as _;
 
-use super::admin::{change, delete};
+use super::admin::{change, customer_doc, delete};
 use super::dto::{
     ApiKeySecretDto, ApiKeyView, AuditEntryDto, AuditLog, ErrorBody, NewApiKeyDto, NewWebhookDto,
     WebhookSecretDto, WebhookView,
@@ -15,23 +15,6 @@ use super::usage::limit_param;
 use super::{ApiError, ApiJson, ApiPath, AppState, ManagingCaller, Operator, ScopedCaller};
 use crate::catalog::AdminOp;
 use crate::config::dto::{AlertRuleDto, CustomerKeyDto, WebhookDto};
-
-/// Reads one of the customer's lists from the current document.
-fn customer_list<T>(
-    state: &AppState,
-    customer: &str,
-    f: impl FnOnce(&crate::config::dto::CustomerDto) -> T,
-) -> Result<T, ApiError> {
-    state
-        .read_config(|doc| doc.customers.iter().find(|c| c.id == customer).map(f))
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("customer `{customer}` not found"),
-            )
-        })
-}
 
 /// A customer's alert rules.
 #[utoipa::path(get, path = "/v1/customers/{customerId}/alerts", tag = "admin",
@@ -42,7 +25,7 @@ pub async fn list_alerts(
     State(state): State<AppState>,
     ScopedCaller { customer }: ScopedCaller,
 ) -> Result<ApiJson<Vec<AlertRuleDto>>, ApiError> {
-    customer_list(&state, &customer, |c| c.alerts.clone()).map(ApiJson)
+    customer_doc(&state, &customer, |c| c.alerts.clone()).map(ApiJson)
 }
 
 /// Adds an alert rule (operator, or the customer's admin key).
@@ -115,7 +98,7 @@ pub async fn list_webhooks(
     State(state): State<AppState>,
     ScopedCaller { customer }: ScopedCaller,
 ) -> Result<ApiJson<Vec<WebhookView>>, ApiError> {
-    customer_list(&state, &customer, |c| {
+    customer_doc(&state, &customer, |c| {
         c.webhooks.iter().map(WebhookView::from).collect()
     })
     .map(ApiJson)
@@ -211,7 +194,7 @@ pub async fn drop_previous_secret(
 }
 
 fn find_webhook(state: &AppState, customer: &str, id: &str) -> Result<WebhookDto, ApiError> {
-    customer_list(state, customer, |c| {
+    customer_doc(state, customer, |c| {
         c.webhooks.iter().find(|w| w.id == id).cloned()
     })?
     .ok_or_else(|| {
@@ -291,7 +274,7 @@ pub async fn list_keys(
     State(state): State<AppState>,
     ScopedCaller { customer }: ScopedCaller,
 ) -> Result<ApiJson<Vec<ApiKeyView>>, ApiError> {
-    customer_list(&state, &customer, |c| {
+    customer_doc(&state, &customer, |c| {
         c.api_keys.iter().map(ApiKeyView::from).collect()
     })
     .map(ApiJson)

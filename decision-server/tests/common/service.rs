@@ -1,7 +1,14 @@
 //! The sidecar fixture for the API and process tests: a 3-level tree (organization → team →
-//! user) for two customers, an operator token, one API key per customer and gateway tokens.
+//! user) for two customers, an operator token, one API key per customer and gateway tokens;
+//! and one call through the HTTP router.
 
 use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tower::ServiceExt;
 
 use tollgate::service::Service;
 
@@ -108,4 +115,29 @@ pub async fn org_counted(service: &Service, customer: &str) -> u64 {
         .await
         .unwrap()
         .unwrap_or(0)
+}
+
+/// One call through `router` with `authorization: Bearer <token>`: the status and the JSON
+/// body (`null` when there is none).
+pub async fn call(
+    router: &axum::Router,
+    method: Method,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {token}"))
+        .body(body.map_or(Body::empty(), |b| Body::from(b.to_string())))
+        .unwrap();
+    let resp = router.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
