@@ -109,6 +109,14 @@ impl CounterStore for Hooked {
     async fn record(&self, p: &Plan, key: &str, now: Timestamp) -> Result<bool, StoreError> {
         self.inner.record(p, key, now).await
     }
+    async fn record_local(
+        &self,
+        c: Name,
+        r: &[tollgate::core::rollup::LocalRecord],
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.inner.record_local(c, r, now).await
+    }
     async fn auto_entity(
         &self,
         c: Name,

@@ -14,7 +14,8 @@ use super::credits::GrantBalance;
 use super::model::Mode;
 use super::plan::{AmountRule, Plan, Usage, priced_credits};
 use super::rollup::{
-    Measures, RecordKind, RecordRef, RecordSettings, RollupChanges, Rollups, UsageRecord,
+    LocalRecord, Measures, RecordKind, RecordRef, RecordSettings, RollupChanges, Rollups,
+    UsageRecord,
 };
 use super::{HoldId, Timestamp};
 
@@ -291,6 +292,24 @@ impl Ledger {
         }
     }
 
+    /// Writes the records of decisions a replica made inside its leases (no counter changes:
+    /// the lease's own hold carries their units).
+    pub fn record_local(&mut self, records: &[LocalRecord]) {
+        if !self.records.enabled {
+            return;
+        }
+        for r in records {
+            let series =
+                self.rollups
+                    .series_id(&r.series, None, self.records.max_values_per_dimension);
+            let reference = RecordRef::Hold {
+                seq: r.seq,
+                tag: r.tag,
+            };
+            self.attribute(r.kind, series, r.at, r.measures, reference);
+        }
+    }
+
     /// A tracked ledger rebuilt from persisted rows.
     pub fn restore(
         counters: impl IntoIterator<Item = (CounterKey, CounterState)>,
@@ -556,7 +575,7 @@ impl Ledger {
             .map(|c| counter::read(&c.spec, self.counters.get(&c.key), c.amount, now))
             .collect();
         let blocking = first_blocking(plan, &readings);
-        if let (Some(b), true) = (blocking, hold && self.records.enabled)
+        if let (Some(b), true) = (blocking, hold && self.records.enabled && plan.record)
             && let Some(c) = plan.counters.get(b)
         {
             let series = self.rollups.series_id(
@@ -608,7 +627,7 @@ impl Ledger {
             d.counters.extend(parts.iter().map(|p| p.key));
             d.opened.push(seq);
         }
-        let record = self.records.enabled.then(|| HoldRecord {
+        let record = (self.records.enabled && plan.record).then(|| HoldRecord {
             series: self.rollups.series_id(
                 &plan.series,
                 None,
@@ -840,6 +859,7 @@ mod tests {
             max_settle: 10,
             hold_tag: 0,
             series: Default::default(),
+            record: true,
         }
     }
 

@@ -167,6 +167,10 @@ pub struct Plan {
     pub hold_tag: u128,
     /// What the decision's usage record is attributed to.
     pub series: SeriesDraft,
+    /// Whether the store writes usage records for this plan's hold and denial. Off for a
+    /// replica's lease (`store::leased`): its hold stands for many decisions, each recorded
+    /// with its own series when it is settled.
+    pub record: bool,
 }
 
 impl Plan {
@@ -451,6 +455,7 @@ impl Model {
             max_settle,
             hold_tag: 0,
             series,
+            record: true,
         }))
     }
 

@@ -284,6 +284,21 @@ pub enum RecordRef {
     Level(usize),
 }
 
+/// The usage record of a decision a replica made inside its lease, without the store: written
+/// to the store later, in a batch, as the store would have written it at `at`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalRecord {
+    /// Settled, released or expired (a local decision is never denied: without room in its
+    /// lease it goes to the store).
+    pub kind: RecordKind,
+    pub at: Timestamp,
+    pub series: SeriesDraft,
+    pub measures: Measures,
+    /// The local hold's number and tag.
+    pub seq: u64,
+    pub tag: u128,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum RecordKind {
     Settled,

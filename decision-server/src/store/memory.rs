@@ -19,7 +19,7 @@ use crate::core::counter::{CounterKey, CounterSpec};
 use crate::core::credits::GrantBalance;
 use crate::core::ledger::{CloseResult, Closing, KeyRetention, Ledger};
 use crate::core::plan::{Plan, Usage};
-use crate::core::rollup::{BucketScan, Granularity, RecordSettings};
+use crate::core::rollup::{BucketScan, Granularity, LocalRecord, RecordSettings};
 use crate::core::{Name, Sym, Timestamp};
 
 /// One customer's ledger and, in a journaled store, the commit it waits in.
@@ -371,6 +371,17 @@ impl CounterStore for MemoryStore {
             l.record(plan, idempotency_key, retention, now)
         })
         .await
+    }
+
+    async fn record_local(
+        &self,
+        customer: Name,
+        records: &[LocalRecord],
+        _now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let sym = customer.sym();
+        let book = self.book(sym);
+        self.write(sym, &book, |l| l.record_local(records)).await
     }
 
     async fn claim_alert(

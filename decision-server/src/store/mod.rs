@@ -3,11 +3,13 @@
 
 pub mod durable;
 pub mod events;
+pub mod leased;
 pub mod memory;
 pub mod redis;
 
 pub use self::redis::{RedisSettings, RedisStore, RedisTarget};
 pub use durable::{Durability, DurableStore};
+pub use leased::{LeaseStats, LeasedStore};
 pub use memory::MemoryStore;
 
 pub use crate::core::ledger::{AutoEntityOutcome, Reservation, StoredEntity};
@@ -16,7 +18,7 @@ use crate::core::alerts::Delivery;
 use crate::core::counter::CounterKey;
 use crate::core::credits::GrantBalance;
 use crate::core::plan::{Plan, Usage};
-use crate::core::rollup::{BucketScan, Granularity, RecordSettings};
+use crate::core::rollup::{BucketScan, Granularity, LocalRecord, RecordSettings};
 use crate::core::{Name, Timestamp};
 use events::EventPage;
 
@@ -168,6 +170,16 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
         idempotency_key: &str,
         now: Timestamp,
     ) -> Result<bool, StoreError>;
+
+    /// Writes the usage records of decisions a replica made inside its leases, in one call per
+    /// customer: each as the store would have recorded it at its own time. No counter changes
+    /// (the leases' holds carry the units).
+    async fn record_local(
+        &self,
+        customer: Name,
+        records: &[LocalRecord],
+        now: Timestamp,
+    ) -> Result<(), StoreError>;
 
     /// Finds the entity `id` created on the fly for this customer, or (if `create` is set and
     /// the customer has fewer than `max`) creates it as `proposed`, in one atomic step: the

@@ -137,9 +137,18 @@ pub fn redis_cluster_store(cluster: &RedisCluster) -> Arc<tollgate::store::Redis
 pub fn redis_store_on(target: tollgate::store::RedisTarget) -> Arc<tollgate::store::RedisStore> {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    redis_store_prefixed(target, &format!("t{n}"))
+}
+
+/// A Redis store under key prefix `prefix`: stores with one prefix are replicas sharing
+/// counters.
+pub fn redis_store_prefixed(
+    target: tollgate::store::RedisTarget,
+    prefix: &str,
+) -> Arc<tollgate::store::RedisStore> {
     let settings = tollgate::store::RedisSettings {
         target,
-        prefix: format!("t{n}"),
+        prefix: prefix.to_string(),
         timeout: std::time::Duration::from_secs(5),
         breaker_failures: 5,
         breaker_open: std::time::Duration::from_millis(500),

@@ -25,7 +25,9 @@ mod wire;
 
 use super::events::{EventPage, StreamEvent, StreamRetention};
 use crate::core::alerts::Delivery;
-use crate::core::rollup::{BucketScan, Granularity, Measures, RecordSettings, SeriesKey};
+use crate::core::rollup::{
+    BucketScan, Granularity, LocalRecord, Measures, RecordSettings, SeriesKey,
+};
 use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -45,7 +47,8 @@ use self::wire::{
     CounterArgs, DONE, ENTITY_ABSENT, ENTITY_CREATED, ENTITY_FOUND, ENTITY_FULL, HEADER,
     PRICES_PER_PART, SLOT_COUNTERS, SLOT_HOLDS_OPEN, SLOT_HOLDS_VERSION, SLOT_NEXT_EXPIRY,
     bad_reply, category_code, decode_event, decode_series, int, kind_code, measures_of,
-    push_record_draft, push_record_settings, result, rule_code, state_of, tag_text,
+    push_record_draft, push_record_settings, push_series_draft, record_kind_code, result,
+    rule_code, state_of, tag_text,
 };
 use super::{
     AdminLog, AutoEntityOutcome, CloseOutcome, CounterStore, HoldKey, Reservation, ReserveMode,
@@ -270,7 +273,15 @@ impl RedisStore {
         let usage = &plan.usage;
         let measures = Measures::of_call(usage.units, usage.tokens, plan.credits(usage));
         push_record_draft(&mut inv, plan, &measures);
-        self.push_record_settings(&mut inv);
+        if plan.record {
+            self.push_record_settings(&mut inv);
+        } else {
+            let off = RecordSettings {
+                enabled: false,
+                ..*self.records.read()
+            };
+            push_record_settings(&mut inv, &off, &StreamRetention::default());
+        }
         self.run_noting(plan.customer.sym(), &inv, sent).await
     }
 
@@ -739,6 +750,33 @@ impl CounterStore for RedisStore {
         let reply = self.run(customer.sym(), &inv).await?;
         let value = reply.get(HEADER).unwrap_or(&Value::Nil);
         Ok(state_of(value)?.map(|s| crate::core::counter::counted(spec, &s, now)))
+    }
+
+    async fn record_local(
+        &self,
+        customer: Name,
+        records: &[LocalRecord],
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let keys = self.keys(customer);
+        let mut inv = self.invocation(&keys, "locals", now);
+        inv.arg(records.len());
+        for r in records {
+            inv.arg(record_kind_code(r.kind))
+                .arg(r.at.millis())
+                .arg(r.seq)
+                .arg(tag_text(r.tag));
+            for m in r.measures.to_array() {
+                inv.arg(m);
+            }
+            push_series_draft(&mut inv, &r.series);
+        }
+        self.push_record_settings(&mut inv);
+        self.run(customer.sym(), &inv).await?;
+        Ok(())
     }
 
     async fn record(

@@ -58,7 +58,7 @@ local BASE = string.sub(META, 1, #META - 1)
 local REC_ARGS = 7
 local REC = false
 if op == 'reserve' or op == 'close' or op == 'record' or op == 'expire' or op == 'cancel'
-  or op == 'alert' then
+  or op == 'alert' or op == 'locals' then
   local b = #ARGV - REC_ARGS
   if ARGV[b + 1] == '1' then
     REC = {
@@ -605,6 +605,26 @@ local function record()
   return reply(1)
 end
 
+-- ARGV: 'locals', now, count, then per record: kind, time, hold number, tag, the nine
+-- measures, and its series draft; then the record settings. The records of decisions a
+-- replica made inside its leases, each attributed at its own time; no counter changes.
+local function locals()
+  if not REC then return reply(0) end
+  local p = 4
+  local call_now = now
+  for _ = 1, tonumber(ARGV[3]) do
+    local kind, at, seq, tag = tonumber(ARGV[p]), tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2]), ARGV[p + 3]
+    local m = measures_at(p + 4)
+    local draft, after = draft_at(p + 4 + MEASURES)
+    -- `attribute` buckets by `now`: each record by its own time.
+    now = at
+    attribute(kind, series_of(draft, nil), m, seq, tag)
+    now = call_now
+    p = after
+  end
+  return reply(0)
+end
+
 -- ARGV: 'grant', now, entity key index, field, id, priority, expires ('' for never),
 -- category (0 promotional, 1 paid), amount. Result: 1 added, 0 already there.
 local function grant()
@@ -807,6 +827,7 @@ elseif op == 'buckets' then return buckets()
 elseif op == 'events' then return events()
 elseif op == 'close' then return close()
 elseif op == 'record' then return record()
+elseif op == 'locals' then return locals()
 elseif op == 'grant' then return grant()
 elseif op == 'expire' then return sweep()
 elseif op == 'counted' then return counted()

@@ -13,7 +13,7 @@ use crate::core::credits::{CreditPool, GrantBalance};
 use crate::core::model::GrantCategory;
 use crate::core::plan::{AmountRule, Plan};
 use crate::core::rollup::{
-    Measures, RecordKind, RecordRef, RecordSettings, SeriesKey, UsageRecord,
+    Measures, RecordKind, RecordRef, RecordSettings, SeriesDraft, SeriesKey, UsageRecord,
 };
 use crate::core::window::{RING, WindowState};
 use crate::store::StoreError;
@@ -240,7 +240,18 @@ pub fn push_record_settings(
 /// then `measures`): the series draft with its attributes in byte order, each marked
 /// foldable when it is a dimension rather than a chain level.
 pub fn push_record_draft(inv: &mut ScriptInvocation<'_>, plan: &Plan, measures: &Measures) {
-    let d = &plan.series;
+    push_series_draft(inv, &plan.series);
+    for c in &plan.counters {
+        inv.arg(c.limit_id.as_str()).arg(c.level);
+    }
+    for m in measures.to_array() {
+        inv.arg(m);
+    }
+}
+
+/// A series draft (`redis.lua` `draft_at`): the feature, the attribute count, then each
+/// attribute in byte order, marked foldable when it is a dimension rather than a chain level.
+pub fn push_series_draft(inv: &mut ScriptInvocation<'_>, d: &SeriesDraft) {
     let mut attrs: Vec<(&str, &str, bool)> = d
         .chain
         .iter()
@@ -254,12 +265,24 @@ pub fn push_record_draft(inv: &mut ScriptInvocation<'_>, plan: &Plan, measures: 
     for (k, v, fold) in attrs {
         inv.arg(k).arg(v).arg(u8::from(fold));
     }
-    for c in &plan.counters {
-        inv.arg(c.limit_id.as_str()).arg(c.level);
-    }
-    for m in measures.to_array() {
-        inv.arg(m);
-    }
+}
+
+/// Record kinds and their codes in the script (`redis.lua`: `SETTLED, RELEASED, EXPIRED,
+/// INGESTED, DENIED`).
+const RECORD_KINDS: [(i64, RecordKind); 5] = [
+    (1, RecordKind::Settled),
+    (2, RecordKind::Released),
+    (3, RecordKind::Expired),
+    (4, RecordKind::Ingested),
+    (5, RecordKind::Denied),
+];
+
+/// The script's code for a record kind.
+pub fn record_kind_code(kind: RecordKind) -> i64 {
+    RECORD_KINDS
+        .iter()
+        .find_map(|(c, k)| (*k == kind).then_some(*c))
+        .unwrap_or(0)
 }
 
 /// A series as the script packs it: {feature, name, value, ...}.
@@ -287,16 +310,11 @@ pub fn measures_of(bytes: &[u8]) -> Option<Measures> {
     decode_measures(&rmpv::decode::read_value(&mut &bytes[..]).ok()?)
 }
 
-/// Record kinds (`redis.lua`: `SETTLED, RELEASED, EXPIRED, INGESTED, DENIED`).
+/// The record kind of a script's code.
 fn record_kind(code: i64) -> Option<RecordKind> {
-    Some(match code {
-        1 => RecordKind::Settled,
-        2 => RecordKind::Released,
-        3 => RecordKind::Expired,
-        4 => RecordKind::Ingested,
-        5 => RecordKind::Denied,
-        _ => return None,
-    })
+    RECORD_KINDS
+        .iter()
+        .find_map(|(c, k)| (*c == code).then_some(*k))
 }
 
 /// The alert kind on the stream (`redis.lua` `ALERT`): {6, time, body}.

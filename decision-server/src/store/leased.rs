@@ -1,0 +1,1058 @@
+//! Escrow leases in front of a shared store: a replica holds slices of its hot quota counters
+//! in the store (each slice a hold of its own there) and decides inside them in memory.
+//!
+//! What is leased: enforcing calendar quotas counted in the feature's units or per request
+//! (see `core::lease` for why rate windows, concurrency and credits are not). A decision whose
+//! every counter is covered by a usable lease with room is made here without a store call; one
+//! partly covered holds the covered part here and the rest in the store, and gives the local
+//! part back if the store denies; any other goes to the store exactly. A lease is usable for a
+//! decision only if the decision's hold would end before the lease's local validity does, so
+//! every local hold is closed (settled, released or expired at its held amount) inside the
+//! slice it was granted from.
+//!
+//! Invariant: what all replicas can grant is at most the cap, because every locally granted
+//! unit lies inside a slice already held in the store.
+//!
+//! Trade-off: a renewal is two store calls, the new slice placed before the old one is
+//! settled, not one: while both are held the replica holds more than it needs, which can only
+//! deny sooner, never overspend, and each call stays the store's ordinary reserve and settle
+//! (no second implementation of hold arithmetic per backend).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dashmap::DashMap;
+use parking_lot::Mutex;
+
+use super::{
+    AdminLog, AutoEntityOutcome, CloseOutcome, CounterStore, HoldKey, Reservation, ReserveMode,
+    StoreError, StoreStats, StoredEntity,
+};
+use crate::core::alerts::Delivery;
+use crate::core::counter::{CounterKey, CounterSpec, Reading};
+use crate::core::credits::GrantBalance;
+use crate::core::lease::{Lease, LeaseTerms, slice_size};
+use crate::core::model::Mode;
+use crate::core::plan::{AmountRule, Plan, PlannedCounter, Usage};
+use crate::core::rollup::{
+    BucketScan, Granularity, LocalRecord, Measures, RecordKind, RecordSettings, SeriesDraft,
+};
+use crate::core::{HoldId, Name, Timestamp};
+
+use super::events::EventPage;
+
+/// Local hold numbers carry this bit, so a settlement finds its hold here and not in the
+/// store (whose numbers count up from 1 and never reach it). Below 2^53, so a number is exact
+/// wherever it is written (a Redis script's doubles).
+const LOCAL_BIT: u64 = 1 << 52;
+
+/// Records waiting for their batch; past this many a customer's oldest are dropped (and
+/// counted) while the store is unreachable, so an outage cannot grow memory without bound.
+const MAX_PENDING_RECORDS: usize = 100_000;
+
+/// A batch is written at once when it reaches this many records (else at the next sweep).
+const FLUSH_AT: usize = 512;
+
+/// Counts since start, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LeaseStats {
+    /// Decisions made entirely inside leases.
+    pub local_decisions: u64,
+    /// Decisions that held part of their counters inside leases and the rest in the store.
+    pub partial_decisions: u64,
+    /// Decisions (holds) that went to the store for every counter.
+    pub store_decisions: u64,
+    /// Slices placed in the store (first leases and renewals).
+    pub slices_placed: u64,
+    /// Slices settled back (what was spent committed, the rest returned).
+    pub slices_returned: u64,
+    /// Store calls not made: a local decision's reserve and close.
+    pub store_calls_saved: u64,
+    /// Units of slices the store expired before they were returned (committed whole: the
+    /// overcount a lost replica or a long outage leaves).
+    pub stranded_units: u64,
+    /// Units held in the store by this replica's slices now.
+    pub outstanding_units: u64,
+    /// Records of local decisions dropped because the store stayed unreachable.
+    pub records_dropped: u64,
+}
+
+/// A lease's place: the counter and the period it counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct SlotKey {
+    key: CounterKey,
+    period: i64,
+}
+
+/// One slice as placed in the store.
+#[derive(Debug)]
+struct Gen {
+    lease: Lease,
+    store: HoldKey,
+    /// No new local holds; returned once its open holds close.
+    retired: bool,
+}
+
+/// This replica's leases on one counter and what it knows of the counter.
+#[derive(Debug)]
+struct Slot {
+    limit: u64,
+    reset_at: Timestamp,
+    /// The counter as the last decision planned it: the template of the next slice.
+    template: PlannedCounter,
+    /// Slices, the newest last.
+    gens: Vec<Gen>,
+    acquiring: bool,
+    /// Units asked of the counter since `window_start`, and in the window before.
+    recent: u64,
+    previous: u64,
+    window_start: i64,
+    last_asked: i64,
+    /// What the store counted, less this replica's slices, at the last placement.
+    others_used: u64,
+    /// What the store had left at the last placement (after the slice).
+    store_remaining: u64,
+}
+
+impl Slot {
+    /// The current slice, if a decision holding until `until` may use it now.
+    fn usable(&mut self, now: i64, until: i64) -> Option<&mut Gen> {
+        self.gens
+            .last_mut()
+            .filter(|g| !g.retired && until < g.lease.usable_until && now < g.lease.usable_until)
+    }
+
+    fn note_demand(&mut self, amount: u64, now: i64, ttl: i64) {
+        if now - self.window_start >= ttl {
+            self.previous = if now - self.window_start >= 2 * ttl {
+                0
+            } else {
+                self.recent
+            };
+            self.recent = 0;
+            self.window_start = now;
+        }
+        self.recent = self.recent.saturating_add(amount);
+        self.last_asked = now;
+    }
+
+    /// Units wanted over one lease lifetime at the recent rate: the last whole window, or
+    /// the current one extrapolated (from at least a tenth of a second, so a counter that
+    /// just got busy gets a useful slice at once rather than after a window).
+    fn rate_per_ttl(&self, now: i64, ttl: i64) -> u64 {
+        let elapsed = (now - self.window_start).clamp(100, ttl.max(100));
+        let current = u128::from(self.recent) * u128::from(ttl.unsigned_abs())
+            / u128::from(elapsed.unsigned_abs());
+        u64::try_from(current)
+            .unwrap_or(u64::MAX)
+            .max(self.previous)
+    }
+
+    fn reading(&self) -> Reading {
+        let mine: u64 = self.gens.iter().map(|g| g.lease.held + g.lease.spent).sum();
+        let used = self.others_used.saturating_add(mine);
+        Reading {
+            usage_limit: self.limit,
+            current_usage: used,
+            remaining: self.limit.saturating_sub(used),
+            reset_at: Some(self.reset_at),
+            fits: true,
+            retry_at: None,
+        }
+    }
+}
+
+/// One part of a local hold: its slice and what it holds there.
+#[derive(Debug, Clone)]
+struct LocalPart {
+    slot: SlotKey,
+    slice: u64,
+    held: u64,
+    rule: AmountRule,
+}
+
+#[derive(Debug)]
+struct LocalHold {
+    seq: u64,
+    tag: u128,
+    expires_at: Timestamp,
+    parts: Vec<LocalPart>,
+    /// The store's part of a partly covered decision (it records the decision).
+    store: Option<HoldKey>,
+    series: SeriesDraft,
+    usage: Usage,
+    max_settle: u64,
+}
+
+/// One customer's leases, local holds and unwritten records.
+#[derive(Debug, Default)]
+struct Book {
+    slots: HashMap<SlotKey, Slot>,
+    holds: HashMap<u128, LocalHold>,
+    records: Vec<LocalRecord>,
+    /// Slices the store could not take back yet (unreachable): tried again at each sweep.
+    unreturned: Vec<(HoldKey, Lease)>,
+}
+
+impl Book {
+    fn gen_mut(&mut self, slot: &SlotKey, slice: u64) -> Option<&mut Gen> {
+        self.slots
+            .get_mut(slot)?
+            .gens
+            .iter_mut()
+            .find(|g| g.store.seq == slice)
+    }
+
+    /// Closes a local hold's parts: settled at `actual` (`None`: released).
+    fn close_parts(&mut self, parts: &[LocalPart], actual: Option<&Usage>) {
+        for p in parts {
+            if let Some(g) = self.gen_mut(&p.slot, p.slice) {
+                match actual {
+                    Some(u) => {
+                        let amount = p.rule.amount(u);
+                        // Past the slice (a settlement over the hold, up to the feature's
+                        // `maxSettleUsage`): still spent here, and the slice's settlement
+                        // commits it, as an over-hold settlement does in the store.
+                        let over = g.lease.settle(p.held, amount);
+                        g.lease.spent += over;
+                    }
+                    None => g.lease.release(p.held),
+                }
+            }
+        }
+    }
+
+    /// Ends a local hold at its held amount, as a store's expiry does (at `at`).
+    fn expire_hold(&mut self, h: &LocalHold, at: Timestamp, dropped: &AtomicU64) {
+        for p in &h.parts {
+            if let Some(g) = self.gen_mut(&p.slot, p.slice) {
+                let over = g.lease.settle(p.held, p.held);
+                g.lease.spent += over;
+            }
+        }
+        if h.store.is_none() {
+            self.push_record(expired_record(h, at), dropped);
+        }
+    }
+
+    fn push_record(&mut self, r: LocalRecord, dropped: &AtomicU64) {
+        if self.records.len() >= MAX_PENDING_RECORDS {
+            self.records.remove(0);
+            dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        self.records.push(r);
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    local: AtomicU64,
+    partial: AtomicU64,
+    store: AtomicU64,
+    placed: AtomicU64,
+    returned: AtomicU64,
+    saved: AtomicU64,
+    stranded: AtomicU64,
+    dropped: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    inner: Arc<dyn CounterStore>,
+    terms: LeaseTerms,
+    books: DashMap<Name, Arc<Mutex<Book>>>,
+    next_seq: AtomicU64,
+    counters: Counters,
+}
+
+/// A counter store that decides inside escrow leases where it can, and in `inner` otherwise.
+#[derive(Debug, Clone)]
+pub struct LeasedStore {
+    shared: Arc<Shared>,
+}
+
+/// Whether a planned counter may be decided inside a lease, and where that lease lives.
+fn leasable(c: &PlannedCounter) -> Option<(SlotKey, u64, Timestamp)> {
+    match (&c.spec, c.mode, &c.rule) {
+        (
+            CounterSpec::Quota {
+                limit,
+                index,
+                reset_at,
+            },
+            Mode::Enforce,
+            AmountRule::Units | AmountRule::PerRequest,
+        ) => Some((
+            SlotKey {
+                key: c.key,
+                period: *index,
+            },
+            *limit,
+            *reset_at,
+        )),
+        _ => None,
+    }
+}
+
+impl LeasedStore {
+    pub fn new(inner: Arc<dyn CounterStore>, terms: LeaseTerms) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                inner,
+                terms,
+                books: DashMap::new(),
+                next_seq: AtomicU64::new(1),
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    pub fn terms(&self) -> LeaseTerms {
+        self.shared.terms
+    }
+
+    /// Counts since start, and the units this replica's slices hold now.
+    pub fn lease_stats(&self) -> LeaseStats {
+        let c = &self.shared.counters;
+        let outstanding = self
+            .shared
+            .books
+            .iter()
+            .map(|b| {
+                b.value()
+                    .lock()
+                    .slots
+                    .values()
+                    .flat_map(|s| s.gens.iter())
+                    .map(|g| g.lease.slice)
+                    .sum::<u64>()
+            })
+            .sum();
+        LeaseStats {
+            local_decisions: c.local.load(Ordering::Relaxed),
+            partial_decisions: c.partial.load(Ordering::Relaxed),
+            store_decisions: c.store.load(Ordering::Relaxed),
+            slices_placed: c.placed.load(Ordering::Relaxed),
+            slices_returned: c.returned.load(Ordering::Relaxed),
+            store_calls_saved: c.saved.load(Ordering::Relaxed),
+            stranded_units: c.stranded.load(Ordering::Relaxed),
+            outstanding_units: outstanding,
+            records_dropped: c.dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Returns every slice (what was spent committed, the rest given back) and writes every
+    /// pending record: for a replica that stops, and for checking the store once everything
+    /// is quiet. Open local holds are committed at their held amount, as their expiry would.
+    pub async fn return_all(&self, now: Timestamp) -> Result<(), StoreError> {
+        let shared = &self.shared;
+        for (customer, book) in shared.all_books() {
+            let (settles, records) = {
+                let mut b = book.lock();
+                let holds: Vec<LocalHold> = b.holds.drain().map(|(_, h)| h).collect();
+                for h in &holds {
+                    b.expire_hold(h, now, &shared.counters.dropped);
+                }
+                let mut settles = std::mem::take(&mut b.unreturned);
+                for slot in b.slots.values_mut() {
+                    for g in slot.gens.drain(..) {
+                        settles.push((g.store, g.lease));
+                    }
+                }
+                (settles, std::mem::take(&mut b.records))
+            };
+            shared.write_records(customer, records, now).await?;
+            for (key, lease) in settles {
+                shared.settle_slice(key, &lease, now).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn expired_record(h: &LocalHold, at: Timestamp) -> LocalRecord {
+    LocalRecord {
+        kind: RecordKind::Expired,
+        at,
+        series: h.series.clone(),
+        measures: Measures::of_call(h.usage.units, h.usage.tokens, 0),
+        seq: h.seq,
+        tag: h.tag,
+    }
+}
+
+impl Shared {
+    fn book(&self, customer: Name) -> Arc<Mutex<Book>> {
+        Arc::clone(self.books.entry(customer).or_default().value())
+    }
+
+    fn all_books(&self) -> Vec<(Name, Arc<Mutex<Book>>)> {
+        self.books
+            .iter()
+            .map(|e| (*e.key(), Arc::clone(e.value())))
+            .collect()
+    }
+
+    /// Settles a slice in the store at what was spent in it (returning the rest).
+    async fn settle_slice(
+        &self,
+        key: HoldKey,
+        lease: &Lease,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let spent = lease.spent + lease.held;
+        match self.inner.settle(key, &Usage::units(spent), now).await? {
+            CloseOutcome::Closed => {
+                self.counters.returned.fetch_add(1, Ordering::Relaxed);
+            }
+            CloseOutcome::AlreadyClosed => {
+                // The store expired it first and committed it whole.
+                let unused = lease.slice.saturating_sub(spent);
+                self.counters.stranded.fetch_add(unused, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_records(
+        &self,
+        customer: Name,
+        records: Vec<LocalRecord>,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        match self.inner.record_local(customer, &records, now).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // Kept for the next try, in order, ahead of newer ones.
+                let book = self.book(customer);
+                let mut b = book.lock();
+                let newer = std::mem::take(&mut b.records);
+                for r in records.into_iter().chain(newer) {
+                    b.push_record(r, &self.counters.dropped);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Places a new slice on `slot` of `customer`, sized from the slot's rate and what the
+    /// store had left; the slot's older slices retire.
+    async fn acquire(
+        self: Arc<Self>,
+        customer: Name,
+        slot: SlotKey,
+        remaining: u64,
+        now: Timestamp,
+    ) {
+        let (template, size) = {
+            let book = self.book(customer);
+            let mut b = book.lock();
+            let Some(s) = b.slots.get_mut(&slot) else {
+                return;
+            };
+            let largest = s.template.amount.max(1);
+            let size = slice_size(
+                &self.terms,
+                remaining,
+                s.rate_per_ttl(now.millis(), self.terms.ttl_ms),
+                largest,
+            );
+            if size == 0 {
+                s.acquiring = false;
+                return;
+            }
+            (s.template.clone(), size)
+        };
+        let plan = Plan {
+            customer,
+            chain: Vec::new(),
+            counters: vec![PlannedCounter {
+                amount: size,
+                rule: AmountRule::Units,
+                ..template
+            }],
+            usage: Usage::units(size),
+            hold_ttl_millis: self.terms.ttl_ms,
+            max_settle: crate::core::plan::MAX_EXACT,
+            hold_tag: rand::random::<u128>(),
+            series: SeriesDraft::default(),
+            record: false,
+        };
+        let placed = self.inner.reserve(&plan, ReserveMode::Hold, now).await;
+        let book = self.book(customer);
+        let mut b = book.lock();
+        let Some(s) = b.slots.get_mut(&slot) else {
+            return;
+        };
+        s.acquiring = false;
+        let Ok(r) = placed else {
+            return;
+        };
+        let (Some(hold), Some(reading)) = (r.hold, r.readings.first()) else {
+            return;
+        };
+        for g in &mut s.gens {
+            g.retired = true;
+        }
+        let mine: u64 = s.gens.iter().map(|g| g.lease.slice).sum::<u64>() + size;
+        s.others_used = reading.current_usage.saturating_sub(mine);
+        s.store_remaining = reading.remaining;
+        let mut lease = Lease::new(size, now.millis(), &self.terms);
+        lease.usable_until = lease
+            .usable_until
+            .min(s.reset_at.millis() - self.terms.skew_ms);
+        s.gens.push(Gen {
+            lease,
+            store: HoldKey {
+                customer,
+                seq: hold.seq,
+                tag: hold.tag,
+            },
+            retired: false,
+        });
+        self.counters.placed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Notes demand on a leasable counter: the slot (created or refreshed) and whether it
+    /// wants a slice placed now, with what the store has left.
+    fn want_slice<'b>(
+        &self,
+        b: &'b mut Book,
+        c: &PlannedCounter,
+        slot: SlotKey,
+        limit: u64,
+        reset_at: Timestamp,
+        now: i64,
+    ) -> &'b mut Slot {
+        let ttl = self.terms.ttl_ms;
+        let s = b.slots.entry(slot).or_insert_with(|| Slot {
+            limit,
+            reset_at,
+            template: c.clone(),
+            gens: Vec::new(),
+            acquiring: false,
+            recent: 0,
+            previous: 0,
+            window_start: now,
+            last_asked: now,
+            others_used: 0,
+            store_remaining: limit,
+        });
+        if s.limit != limit {
+            // The limit changed: slices sized for the old one are given back.
+            for g in &mut s.gens {
+                g.retired = true;
+            }
+            s.limit = limit;
+        }
+        s.template = c.clone();
+        s.note_demand(c.amount, now, ttl);
+        s
+    }
+}
+
+#[async_trait::async_trait]
+impl CounterStore for LeasedStore {
+    async fn reserve(
+        &self,
+        plan: &Plan,
+        mode: ReserveMode,
+        now: Timestamp,
+    ) -> Result<Reservation, StoreError> {
+        let shared = &self.shared;
+        if mode == ReserveMode::DryRun || plan.counters.is_empty() {
+            return shared.inner.reserve(plan, mode, now).await;
+        }
+        let n = plan.counters.len();
+        let until = now.millis().saturating_add(plan.hold_ttl_millis);
+        let mut local: Vec<Option<(LocalPart, Reading)>> = vec![None; n];
+        let mut want: Vec<(SlotKey, usize)> = Vec::new();
+        let book = shared.book(plan.customer);
+        let seq = LOCAL_BIT | shared.next_seq.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut b = book.lock();
+            for (i, c) in plan.counters.iter().enumerate() {
+                let Some((slot, limit, reset_at)) = leasable(c) else {
+                    continue;
+                };
+                let s = shared.want_slice(&mut b, c, slot, limit, reset_at, now.millis());
+                let granted = match s.usable(now.millis(), until) {
+                    Some(g) => {
+                        if g.lease.hold(c.amount, now.millis()) {
+                            Some(g.store.seq)
+                        } else {
+                            // Too little room for this request: the slice goes back (once
+                            // its holds close) so that what it holds is the store's again.
+                            g.retired = true;
+                            None
+                        }
+                    }
+                    None => None,
+                };
+                match granted {
+                    Some(slice) => {
+                        local[i] = Some((
+                            LocalPart {
+                                slot,
+                                slice,
+                                held: c.amount,
+                                rule: c.rule.clone(),
+                            },
+                            s.reading(),
+                        ));
+                    }
+                    None if !s.acquiring => {
+                        s.acquiring = true;
+                        want.push((slot, i));
+                    }
+                    None => {}
+                }
+            }
+            let parts: Vec<LocalPart> = local.iter().flatten().map(|(p, _)| p.clone()).collect();
+            if !parts.is_empty() {
+                // Entered before any store call, so a cancel that overtakes the call finds it.
+                b.holds.insert(
+                    plan.hold_tag,
+                    LocalHold {
+                        seq,
+                        tag: plan.hold_tag,
+                        expires_at: now.plus_millis(plan.hold_ttl_millis),
+                        parts,
+                        store: None,
+                        series: plan.series.clone(),
+                        usage: plan.usage,
+                        max_settle: plan.max_settle,
+                    },
+                );
+            }
+        }
+        let covered = local.iter().filter(|l| l.is_some()).count();
+        let held_here = covered > 0;
+        let local_hold_id = || HoldId {
+            customer: plan.customer.to_string(),
+            seq,
+            tag: plan.hold_tag,
+        };
+        if covered == n {
+            shared.counters.local.fetch_add(1, Ordering::Relaxed);
+            shared.counters.saved.fetch_add(2, Ordering::Relaxed);
+            return Ok(Reservation {
+                readings: local.into_iter().flatten().map(|(_, r)| r).collect(),
+                blocking: None,
+                hold: Some(local_hold_id()),
+            });
+        }
+        // The rest goes to the store, as a plan of the uncovered counters only.
+        let rest_index: Vec<usize> = (0..n).filter(|i| local[*i].is_none()).collect();
+        let rest;
+        let store_plan = if held_here {
+            let mut p = plan.clone();
+            p.counters = rest_index
+                .iter()
+                .filter_map(|i| plan.counters.get(*i).cloned())
+                .collect();
+            rest = p;
+            &rest
+        } else {
+            plan
+        };
+        let answer = shared.inner.reserve(store_plan, mode, now).await;
+        let rollback = |b: &mut Book| {
+            if let Some(h) = b.holds.remove(&plan.hold_tag) {
+                b.close_parts(&h.parts, None);
+            }
+        };
+        let r = match answer {
+            Ok(r) => r,
+            Err(e) => {
+                if held_here {
+                    rollback(&mut book.lock());
+                }
+                return Err(e);
+            }
+        };
+        // Slices for the counters that had none, sized from what the store has left.
+        for (slot, i) in want {
+            let remaining = rest_index
+                .iter()
+                .position(|j| *j == i)
+                .and_then(|k| r.readings.get(k))
+                .map_or(0, |r| r.remaining);
+            tokio::spawn(Arc::clone(shared).acquire(plan.customer, slot, remaining, now));
+        }
+        if !held_here {
+            shared.counters.store.fetch_add(1, Ordering::Relaxed);
+            return Ok(r);
+        }
+        let mut readings = Vec::with_capacity(n);
+        let mut store_readings = r.readings.into_iter();
+        let mut locals = local.into_iter();
+        for _ in 0..n {
+            match locals.next().flatten() {
+                Some((_, reading)) => readings.push(reading),
+                None => readings.push(store_readings.next().unwrap_or(Reading {
+                    usage_limit: 0,
+                    current_usage: 0,
+                    remaining: 0,
+                    reset_at: None,
+                    fits: false,
+                    retry_at: None,
+                })),
+            }
+        }
+        let blocking = r.blocking.and_then(|k| rest_index.get(k).copied());
+        let mut b = book.lock();
+        match (blocking, r.hold) {
+            (None, Some(store)) => {
+                if let Some(h) = b.holds.get_mut(&plan.hold_tag) {
+                    h.store = Some(HoldKey {
+                        customer: plan.customer,
+                        seq: store.seq,
+                        tag: store.tag,
+                    });
+                }
+                shared.counters.partial.fetch_add(1, Ordering::Relaxed);
+                Ok(Reservation {
+                    readings,
+                    blocking: None,
+                    hold: Some(local_hold_id()),
+                })
+            }
+            _ => {
+                rollback(&mut b);
+                Ok(Reservation {
+                    readings,
+                    blocking,
+                    hold: None,
+                })
+            }
+        }
+    }
+
+    async fn settle(
+        &self,
+        hold: HoldKey,
+        actual: &Usage,
+        now: Timestamp,
+    ) -> Result<CloseOutcome, StoreError> {
+        if hold.seq & LOCAL_BIT == 0 {
+            return self.shared.inner.settle(hold, actual, now).await;
+        }
+        self.close_local(hold, Some(actual), now).await
+    }
+
+    async fn release(&self, hold: HoldKey, now: Timestamp) -> Result<CloseOutcome, StoreError> {
+        if hold.seq & LOCAL_BIT == 0 {
+            return self.shared.inner.release(hold, now).await;
+        }
+        self.close_local(hold, None, now).await
+    }
+
+    async fn cancel(&self, customer: Name, tag: u128, now: Timestamp) -> Result<bool, StoreError> {
+        let shared = &self.shared;
+        let local = {
+            let book = shared.book(customer);
+            let mut b = book.lock();
+            b.holds.remove(&tag).map(|h| {
+                b.close_parts(&h.parts, None);
+            })
+        };
+        // The store part (or a whole store decision) under the same tag.
+        let in_store = shared.inner.cancel(customer, tag, now).await?;
+        Ok(local.is_some() || in_store)
+    }
+
+    async fn expire_due(&self, now: Timestamp) -> Result<usize, StoreError> {
+        let expired = self.maintain(now).await;
+        let in_store = self.shared.inner.expire_due(now).await?;
+        Ok(expired + in_store)
+    }
+
+    async fn add_grant(
+        &self,
+        customer: Name,
+        pool: CounterKey,
+        grant: GrantBalance,
+    ) -> Result<bool, StoreError> {
+        self.shared.inner.add_grant(customer, pool, grant).await
+    }
+
+    async fn counted(
+        &self,
+        customer: Name,
+        key: CounterKey,
+        spec: &CounterSpec,
+        now: Timestamp,
+    ) -> Result<Option<u64>, StoreError> {
+        self.shared.inner.counted(customer, key, spec, now).await
+    }
+
+    async fn record(
+        &self,
+        plan: &Plan,
+        idempotency_key: &str,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        self.shared.inner.record(plan, idempotency_key, now).await
+    }
+
+    async fn record_local(
+        &self,
+        customer: Name,
+        records: &[LocalRecord],
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.shared.inner.record_local(customer, records, now).await
+    }
+
+    async fn auto_entity(
+        &self,
+        customer: Name,
+        id: &str,
+        proposed: &StoredEntity,
+        max: u32,
+        create: bool,
+    ) -> Result<AutoEntityOutcome, StoreError> {
+        self.shared
+            .inner
+            .auto_entity(customer, id, proposed, max, create)
+            .await
+    }
+
+    async fn auto_entity_count(&self, customer: Name) -> Result<usize, StoreError> {
+        self.shared.inner.auto_entity_count(customer).await
+    }
+
+    fn stats(&self) -> StoreStats {
+        self.shared.inner.stats()
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.shared.inner.flush()
+    }
+
+    fn admin_log(&self) -> &dyn AdminLog {
+        self.shared.inner.admin_log()
+    }
+
+    fn configure_records(&self, settings: RecordSettings) {
+        self.shared.inner.configure_records(settings);
+    }
+
+    async fn usage_buckets(
+        &self,
+        customer: Name,
+        g: Granularity,
+        from: i64,
+        to: i64,
+    ) -> Result<BucketScan, StoreError> {
+        self.shared.inner.usage_buckets(customer, g, from, to).await
+    }
+
+    async fn read_events(
+        &self,
+        customer: Option<Name>,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<EventPage, StoreError> {
+        self.shared.inner.read_events(customer, after, max).await
+    }
+
+    async fn claim_alert(
+        &self,
+        customer: Name,
+        key: &str,
+        until: Option<i64>,
+        body: &str,
+        deliveries: &[Delivery],
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        self.shared
+            .inner
+            .claim_alert(customer, key, until, body, deliveries, now)
+            .await
+    }
+
+    async fn enqueue_deliveries(
+        &self,
+        customer: Name,
+        deliveries: &[Delivery],
+    ) -> Result<(), StoreError> {
+        self.shared
+            .inner
+            .enqueue_deliveries(customer, deliveries)
+            .await
+    }
+
+    async fn lease_deliveries(
+        &self,
+        customer: Name,
+        now: Timestamp,
+        lease_ms: i64,
+        max: usize,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        self.shared
+            .inner
+            .lease_deliveries(customer, now, lease_ms, max)
+            .await
+    }
+
+    async fn finish_delivery(&self, customer: Name, delivery: &Delivery) -> Result<(), StoreError> {
+        self.shared.inner.finish_delivery(customer, delivery).await
+    }
+
+    async fn deliveries(&self, customer: Name, max: usize) -> Result<Vec<Delivery>, StoreError> {
+        self.shared.inner.deliveries(customer, max).await
+    }
+
+    async fn rearm_alert(&self, customer: Name, key: &str) -> Result<bool, StoreError> {
+        self.shared.inner.rearm_alert(customer, key).await
+    }
+
+    fn event_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.inner.event_signal()
+    }
+}
+
+impl LeasedStore {
+    /// Settles or releases a local hold, and the store part of a partly covered one.
+    async fn close_local(
+        &self,
+        hold: HoldKey,
+        actual: Option<&Usage>,
+        now: Timestamp,
+    ) -> Result<CloseOutcome, StoreError> {
+        let shared = &self.shared;
+        let (store, flush) = {
+            let book = shared.book(hold.customer);
+            let mut b = book.lock();
+            let Some(h) = b.holds.get(&hold.tag).filter(|h| h.seq == hold.seq) else {
+                return Ok(CloseOutcome::AlreadyClosed);
+            };
+            if let Some(u) = actual
+                && u.largest_figure() > h.max_settle
+            {
+                return Err(StoreError::SettleTooLarge {
+                    hold: hold.to_string(),
+                    actual: u.largest_figure(),
+                    max: h.max_settle,
+                });
+            }
+            let Some(h) = b.holds.remove(&hold.tag) else {
+                return Ok(CloseOutcome::AlreadyClosed);
+            };
+            b.close_parts(&h.parts, actual);
+            if h.store.is_none() {
+                let (kind, measures) = match actual {
+                    Some(u) => (RecordKind::Settled, Measures::of_call(u.units, u.tokens, 0)),
+                    None => (RecordKind::Released, Measures::of_call(0, None, 0)),
+                };
+                b.push_record(
+                    LocalRecord {
+                        kind,
+                        at: now,
+                        series: h.series,
+                        measures,
+                        seq: h.seq,
+                        tag: hold.tag,
+                    },
+                    &shared.counters.dropped,
+                );
+            }
+            let flush = (b.records.len() >= FLUSH_AT).then(|| std::mem::take(&mut b.records));
+            (h.store, flush)
+        };
+        if let Some(records) = flush {
+            let shared = Arc::clone(shared);
+            let customer = hold.customer;
+            tokio::spawn(async move {
+                // A failure keeps them for the sweep's next try.
+                let _ = shared.write_records(customer, records, now).await;
+            });
+        }
+        if let Some(store) = store {
+            match actual {
+                Some(u) => shared.inner.settle(store, u, now).await?,
+                None => shared.inner.release(store, now).await?,
+            };
+        }
+        Ok(CloseOutcome::Closed)
+    }
+
+    /// The sweep's part: expires local holds at their held amount, returns slices that are
+    /// retired, idle or near their end, places the next slice of busy counters, and writes
+    /// pending records. Returns how many local holds expired. Failures are left for the next
+    /// sweep (a slice the store could not take back stays held there until its TTL).
+    async fn maintain(&self, now: Timestamp) -> usize {
+        let shared = &self.shared;
+        let t = shared.terms;
+        let mut expired = 0;
+        for (customer, book) in shared.all_books() {
+            let mut renew = Vec::new();
+            let (settles, records) = {
+                let mut b = book.lock();
+                let mut settles = std::mem::take(&mut b.unreturned);
+                let due: Vec<u128> = b
+                    .holds
+                    .iter()
+                    .filter(|(_, h)| h.expires_at <= now)
+                    .map(|(tag, _)| *tag)
+                    .collect();
+                for tag in due {
+                    if let Some(h) = b.holds.remove(&tag) {
+                        b.expire_hold(&h, h.expires_at, &shared.counters.dropped);
+                        expired += 1;
+                    }
+                }
+                let ms = now.millis();
+                for (key, s) in &mut b.slots {
+                    let idle = ms - s.last_asked > t.ttl_ms / 2;
+                    for g in &mut s.gens {
+                        if idle || ms >= g.lease.usable_until {
+                            g.retired = true;
+                        }
+                    }
+                    // Busy and its current slice past half its life or low: the next one.
+                    let current = s.gens.iter().rev().find(|g| !g.retired);
+                    let due_next = match current {
+                        Some(g) => {
+                            g.lease.usable_until - ms < (t.ttl_ms - t.skew_ms) / 2
+                                || g.lease.room() < s.rate_per_ttl(ms, t.ttl_ms) / 4
+                        }
+                        None => true,
+                    };
+                    if !idle && due_next && !s.acquiring && s.recent > 0 {
+                        s.acquiring = true;
+                        let returning: u64 = current.map_or(0, |g| g.lease.room());
+                        renew.push((*key, s.store_remaining.saturating_add(returning)));
+                    }
+                    let (done, keep): (Vec<Gen>, Vec<Gen>) = s
+                        .gens
+                        .drain(..)
+                        .partition(|g| g.retired && g.lease.held == 0);
+                    s.gens = keep;
+                    settles.extend(done.into_iter().map(|g| (g.store, g.lease)));
+                }
+                b.slots
+                    .retain(|_, s| !s.gens.is_empty() || ms - s.last_asked <= t.ttl_ms);
+                (settles, std::mem::take(&mut b.records))
+            };
+            for (slot, remaining) in renew {
+                Arc::clone(shared)
+                    .acquire(customer, slot, remaining, now)
+                    .await;
+            }
+            for (key, lease) in settles {
+                if shared.settle_slice(key, &lease, now).await.is_err() {
+                    book.lock().unreturned.push((key, lease));
+                }
+            }
+            let _ = shared.write_records(customer, records, now).await;
+        }
+        expired
+    }
+}
