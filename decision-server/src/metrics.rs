@@ -148,6 +148,88 @@ pub struct Metrics {
     values_folded: Counter,
     usage_series: Gauge,
     connections: ConnectionMetrics,
+    leases: LeaseMetrics,
+}
+
+/// The escrow leases' metrics (all zero while leases are off).
+#[derive(Debug, Default)]
+struct LeaseMetrics {
+    local: Counter,
+    partial: Counter,
+    store: Counter,
+    placed: Counter,
+    returned: Counter,
+    saved: Counter,
+    stranded: Counter,
+    outstanding: Gauge,
+    dropped: Counter,
+}
+
+impl LeaseMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        let r = registry.sub_registry_with_prefix("lease");
+        r.register(
+            "local_decisions",
+            "Decisions made entirely inside this replica's leases",
+            m.local.clone(),
+        );
+        r.register(
+            "partial_decisions",
+            "Decisions held partly inside leases and partly in the store",
+            m.partial.clone(),
+        );
+        r.register(
+            "store_decisions",
+            "Holds placed in the store for every counter (leases on)",
+            m.store.clone(),
+        );
+        r.register(
+            "slices_placed",
+            "Slices placed in the store (first leases and renewals)",
+            m.placed.clone(),
+        );
+        r.register(
+            "slices_returned",
+            "Slices settled back: spent committed, the rest returned",
+            m.returned.clone(),
+        );
+        r.register(
+            "store_calls_saved",
+            "Store calls not made thanks to local decisions",
+            m.saved.clone(),
+        );
+        r.register(
+            "stranded_units",
+            "Units of slices the store expired before their return (overcounted)",
+            m.stranded.clone(),
+        );
+        r.register(
+            "outstanding_units",
+            "Units held in the store by this replica's slices now",
+            m.outstanding.clone(),
+        );
+        r.register(
+            "records_dropped",
+            "Usage records of local decisions dropped while the store was unreachable",
+            m.dropped.clone(),
+        );
+        m
+    }
+
+    fn update(&self, s: &crate::store::LeaseStats) {
+        let catch_up = |c: &Counter, total: u64| c.inc_by(total.saturating_sub(c.get()));
+        catch_up(&self.local, s.local_decisions);
+        catch_up(&self.partial, s.partial_decisions);
+        catch_up(&self.store, s.store_decisions);
+        catch_up(&self.placed, s.slices_placed);
+        catch_up(&self.returned, s.slices_returned);
+        catch_up(&self.saved, s.store_calls_saved);
+        catch_up(&self.stranded, s.stranded_units);
+        catch_up(&self.dropped, s.records_dropped);
+        self.outstanding
+            .set(i64::try_from(s.outstanding_units).unwrap_or(i64::MAX));
+    }
 }
 
 impl Default for Metrics {
@@ -159,6 +241,7 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("tollgate");
+        let leases = LeaseMetrics::register(&mut registry);
         let decisions = Family::<DecisionLabels, Counter>::default();
         registry.register(
             "decisions",
@@ -262,6 +345,7 @@ impl Metrics {
             closes,
             ingested,
             reloads,
+            leases,
         }
     }
 
@@ -295,7 +379,10 @@ impl Metrics {
     }
 
     /// The text exposition, with the store's sizes as they are now.
-    pub fn render(&self, stats: StoreStats) -> String {
+    pub fn render(&self, stats: StoreStats, leases: Option<crate::store::LeaseStats>) -> String {
+        if let Some(l) = leases {
+            self.leases.update(&l);
+        }
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         self.counters_active.set(gauge(stats.counters));
         self.holds_open.set(gauge(stats.holds_open));

@@ -125,11 +125,18 @@ pub async fn open_store(storage: &Storage) -> anyhow::Result<Arc<dyn CounterStor
 /// Builds the engine and service for a loaded config.
 pub async fn build_service(loaded: Loaded) -> anyhow::Result<Arc<Service>> {
     let Loaded { doc, model, server } = loaded;
-    let store = open_store(&server.storage).await?;
+    let mut store = open_store(&server.storage).await?;
+    let leases = server.leases.map(|terms| {
+        tracing::info!(?terms, "escrow leases on");
+        crate::store::LeasedStore::new(Arc::clone(&store), terms)
+    });
+    if let Some(l) = &leases {
+        store = Arc::new(l.clone());
+    }
     let engine = Engine::new(model, store, Arc::new(SystemClock))
         .await
         .context("cannot seed the store with the config's grants")?;
-    let service = Arc::new(Service::new(engine, doc, &server));
+    let service = Arc::new(Service::new(engine, doc, &server).with_leases(leases));
     // Admin changes kept by the store (from before a restart, or made on another replica
     // sharing it) go back on the file.
     let restored = service
@@ -298,6 +305,9 @@ pub async fn run(config_path: PathBuf, workers: Workers) -> anyhow::Result<()> {
     sweeper.abort();
     deliverer.abort();
     reloader.abort();
+    if let Err(e) = service.return_leases().await {
+        tracing::warn!(error = %e, "leases not returned; the store commits them at their TTL");
+    }
     // Whatever the durability mode, a clean stop loses nothing.
     if let Err(e) = service.flush() {
         tracing::error!(error = %e, "could not store the last changes");

@@ -175,6 +175,9 @@ pub struct Service {
     alert_claims: crate::alerts::Claims,
     deliverer: Option<crate::alerts::deliver::Deliverer>,
     sessions: crate::portal::session::Sessions,
+    /// The escrow leases in front of the store, when enabled: their metrics, and their
+    /// return at a graceful stop.
+    leases: Option<crate::store::LeasedStore>,
 }
 
 impl Service {
@@ -190,6 +193,7 @@ impl Service {
             stopping: tokio::sync::watch::Sender::new(false),
             alert_claims: crate::alerts::Claims::default(),
             sessions: crate::portal::session::Sessions::default(),
+            leases: None,
             deliverer: match crate::alerts::deliver::Deliverer::new() {
                 Ok(d) => Some(d),
                 Err(e) => {
@@ -197,6 +201,23 @@ impl Service {
                     None
                 }
             },
+        }
+    }
+
+    /// Notes the leases in front of the engine's store (see [`Service::return_leases`]).
+    #[must_use]
+    pub fn with_leases(mut self, leases: Option<crate::store::LeasedStore>) -> Self {
+        self.leases = leases;
+        self
+    }
+
+    /// Gives every lease back to the store (what was spent committed, the rest returned) and
+    /// writes the records of local decisions: at a graceful stop, so a replica that leaves
+    /// strands nothing until its slices' TTL.
+    pub async fn return_leases(&self) -> Result<(), StoreError> {
+        match &self.leases {
+            Some(l) => l.return_all(self.engine.now()).await,
+            None => Ok(()),
         }
     }
 
@@ -331,7 +352,12 @@ impl Service {
 
     /// The Prometheus exposition of every metric, the store's included.
     pub fn render_metrics(&self) -> String {
-        self.metrics.render(self.engine.store().stats())
+        self.metrics.render(
+            self.engine.store().stats(),
+            self.leases
+                .as_ref()
+                .map(crate::store::LeasedStore::lease_stats),
+        )
     }
 
     /// The store's figures (open holds, counters, ...).

@@ -685,3 +685,42 @@ fn alert_rules_and_webhooks() {
         ],
     );
 }
+
+#[test]
+fn lease_settings() {
+    let redis = "kind: redis, url: \"redis://127.0.0.1:6379/\"";
+    // Off unless enabled; the document's holds (PT5M by default) must end inside a lease.
+    assert_eq!(
+        storage_errors(&format!("{{ {redis}, leases: {{ enabled: false }} }}")),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        storage_errors(&format!(
+            "{{ {redis}, leases: {{ enabled: true, ttl: PT10M, skew: PT3S, maxShare: 0.25, minSlice: 10 }} }}"
+        )),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        storage_errors(&format!("{{ {redis}, leases: {{ enabled: true }} }}")),
+        [
+            "tollgate.yaml: server.storage.leases.ttl: a lease usable for 28000 ms (ttl less skew) cannot hold a decision whose hold lives 300000 ms (`holdTtl`): make the lease longer or the holds shorter"
+        ]
+    );
+    assert_eq!(
+        storage_errors(&format!(
+            "{{ {redis}, leases: {{ enabled: true, ttl: PT1S, skew: PT2S, maxShare: 1.5 }} }}"
+        )),
+        [
+            "tollgate.yaml: server.storage.leases.ttl: 1000 ms must be longer than the skew margin (2000 ms)",
+            "tollgate.yaml: server.storage.leases.maxShare: 1.5 is not a fraction above 0 and at most 1",
+        ]
+    );
+    assert_eq!(
+        storage_errors(&format!(
+            "{{ {redis}, leases: {{ enabled: true, size: 3 }} }}"
+        ))
+        .len(),
+        1,
+        "an unknown field is refused"
+    );
+}

@@ -13,6 +13,8 @@ use common::{RedisCluster, RedisServer, dims, model, redis_store_prefixed, runti
 use tollgate::clock::{Clock, SystemClock};
 use tollgate::core::lease::LeaseTerms;
 use tollgate::core::plan::Usage;
+use tollgate::core::rollup::{Granularity, Measures};
+use tollgate::core::{Name, Timestamp};
 use tollgate::store::{CounterStore, LeasedStore, RedisTarget};
 use tollgate::{CheckRequest, Engine};
 
@@ -187,6 +189,32 @@ async fn race_with_leases(stores: Vec<Arc<dyn CounterStore>>, cap: u64) {
         .await
         .unwrap();
     assert_eq!(counted, Some(settled), "{label}: the counter disagrees");
+    // Every decision made in a lease was recorded once, with its own series, as the store
+    // records the others: the usage records add up to what was settled and granted.
+    let day = Granularity::Day;
+    let to = now.millis() + 86_400_000;
+    let from = day.start(Timestamp::from_millis(to - 3 * 86_400_000));
+    let scan = replicas[0]
+        .engine
+        .store()
+        .usage_buckets(Name::from("acme"), day, from, to)
+        .await
+        .unwrap();
+    let mut recorded = Measures::default();
+    let mut users = std::collections::HashSet::new();
+    for (_, series, m) in scan.rows() {
+        recorded.add(m);
+        users.insert(series.get("userId").map(str::to_string));
+    }
+    assert_eq!(recorded.units, settled, "{label}: usage records disagree");
+    assert_eq!(
+        recorded.requests, grants,
+        "{label}: a grant's record is missing"
+    );
+    assert!(
+        users.len() > 1 && !users.contains(&None),
+        "{label}: records lost their user: {users:?}"
+    );
     for s in &stats {
         assert_eq!(s.outstanding_units, 0, "{label}: a slice is still out");
         assert_eq!(s.stranded_units, 0, "{label}: a slice expired unreturned");

@@ -98,7 +98,22 @@ pub fn load(text: &str, file: &str) -> Result<Loaded, ConfigErrors> {
     let customers: HashSet<&str> = doc.customers.iter().map(|c| c.id.as_str()).collect();
     let server = server::ServerSettings::from_dto(&server_dto, file, &customers);
     match (model, server) {
-        (Ok(model), Ok(server)) => Ok(Loaded { doc, model, server }),
+        (Ok(model), Ok(server)) => {
+            if let Some(t) = server.leases
+                && t.ttl_ms - t.skew_ms <= model.hold_ttl_millis
+            {
+                return Err(ConfigErrors(vec![ConfigError {
+                    file: file.to_string(),
+                    path: "server.storage.leases.ttl".into(),
+                    message: format!(
+                        "a lease usable for {} ms (ttl less skew) cannot hold a decision whose hold lives {} ms (`holdTtl`): make the lease longer or the holds shorter",
+                        t.ttl_ms - t.skew_ms,
+                        model.hold_ttl_millis
+                    ),
+                }]));
+            }
+            Ok(Loaded { doc, model, server })
+        }
         (model, server) => {
             let mut errors = model.err().map(|e| e.0).unwrap_or_default();
             errors.extend(server.err().map(|e| e.0).unwrap_or_default());

@@ -166,6 +166,35 @@ pub struct StorageDto {
     /// `kind: redis`: how long an open breaker fails calls at once, in ms (default 1000).
     #[serde(default)]
     pub breaker_open_ms: Option<u64>,
+    /// Escrow leases: this replica decides inside slices of hot quota counters held in the
+    /// store, so most decisions make no store call. Off unless `enabled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leases: Option<LeasesDto>,
+}
+
+/// `server.storage.leases`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LeasesDto {
+    #[serde(default)]
+    pub enabled: bool,
+    /// ISO-8601 duration a slice lives in the store unrenewed (default `PT30S`): a replica
+    /// that dies overcounts by at most its unused slices, for this long. Must exceed the
+    /// document's `holdTtl` plus `skew`: a decision is made inside a lease only if its hold
+    /// ends before the lease does.
+    #[serde(default)]
+    pub ttl: Option<String>,
+    /// ISO-8601 duration by which the replica stops using a slice before the store's TTL
+    /// ends (default `PT2S`): the clock skew between the replica and the store's clock.
+    #[serde(default)]
+    pub skew: Option<String>,
+    /// The most of what a counter has left that one slice may take, from 0 to 1 (default
+    /// 0.1).
+    #[serde(default)]
+    pub max_share: Option<f64>,
+    /// Below this many units a slice is not worth a store call (default 1).
+    #[serde(default)]
+    pub min_slice: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -521,6 +550,8 @@ pub struct ServerSettings {
     pub max_body_bytes: usize,
     pub shutdown_grace_millis: i64,
     pub storage: Storage,
+    /// Escrow leases in front of the store, when enabled.
+    pub leases: Option<crate::core::lease::LeaseTerms>,
     pub connections: Connections,
     pub limits: RequestLimits,
 }
@@ -729,6 +760,11 @@ impl ServerSettings {
         let ext_authz = ext_authz(&dto.ext_authz, file, &mut errors);
         let shutdown_grace_millis = shutdown_grace(dto, &mut errors);
         let storage = storage(&dto.storage, file, &mut errors);
+        let leases = dto
+            .storage
+            .leases
+            .as_ref()
+            .and_then(|l| leases(l, &mut errors));
         let connections = connections(&dto.connections, &mut errors);
         let limits = request_limits(&dto.limits, &mut errors);
         let max_body_bytes = dto.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
@@ -753,6 +789,7 @@ impl ServerSettings {
             max_body_bytes,
             shutdown_grace_millis,
             storage,
+            leases,
             connections,
             limits,
         })
@@ -1081,6 +1118,40 @@ fn storage(dto: &StorageDto, file: &str, errors: &mut Errors<'_>) -> Storage {
         }
         StorageKindDto::Redis => Storage::Redis(redis_settings(dto, errors)),
     }
+}
+
+/// `server.storage.leases`: the lease terms when enabled.
+fn leases(dto: &LeasesDto, errors: &mut Errors<'_>) -> Option<crate::core::lease::LeaseTerms> {
+    let mut millis = |v: &Option<String>, default: &str, name: &str| {
+        parse_fixed_millis(v.as_deref().unwrap_or(default)).unwrap_or_else(|m| {
+            errors.push(format!("server.storage.leases.{name}"), m.to_string());
+            0
+        })
+    };
+    let ttl_ms = millis(&dto.ttl, "PT30S", "ttl");
+    let skew_ms = millis(&dto.skew, "PT2S", "skew");
+    if ttl_ms <= skew_ms {
+        errors.push(
+            "server.storage.leases.ttl",
+            format!("{ttl_ms} ms must be longer than the skew margin ({skew_ms} ms)"),
+        );
+    }
+    let share = dto.max_share.unwrap_or(0.1);
+    if !(share > 0.0 && share <= 1.0) {
+        errors.push(
+            "server.storage.leases.maxShare",
+            format!("{share} is not a fraction above 0 and at most 1"),
+        );
+    }
+    // Whole thousandths: a share finer than that buys nothing.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let max_share_permille = (share.clamp(0.001, 1.0) * 1000.0).round() as u32;
+    dto.enabled.then_some(crate::core::lease::LeaseTerms {
+        ttl_ms,
+        skew_ms,
+        max_share_permille,
+        min_slice: dto.min_slice.unwrap_or(1),
+    })
 }
 
 /// `server.connections`: per-listener caps and timeouts.
