@@ -128,7 +128,7 @@ pub async fn build_service(loaded: Loaded) -> anyhow::Result<Arc<Service>> {
     let mut store = open_store(&server.storage).await?;
     let leases = server.leases.map(|terms| {
         tracing::info!(?terms, "escrow leases on");
-        crate::store::LeasedStore::new(Arc::clone(&store), terms)
+        crate::store::LeasedStore::new(Arc::clone(&store), terms, Arc::new(SystemClock))
     });
     if let Some(l) = &leases {
         store = Arc::new(l.clone());

@@ -65,7 +65,7 @@ struct Replica {
 async fn replicas(stores: Vec<Arc<dyn CounterStore>>, cap: u64) -> Vec<Replica> {
     let mut out = Vec::new();
     for inner in stores {
-        let leases = LeasedStore::new(inner, terms());
+        let leases = LeasedStore::new(inner, terms(), Arc::new(SystemClock));
         let engine = Engine::new(
             model(&config(cap)),
             Arc::new(leases.clone()),
@@ -251,4 +251,301 @@ fn replicas_racing_a_cap_through_leases_in_one_process_never_overspend() {
     let inner: Arc<dyn CounterStore> = common::memory();
     let stores = (0..REPLICAS).map(|_| Arc::clone(&inner)).collect();
     runtime().block_on(race_with_leases(stores, 20_000));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Property: leases never grant what the exact store would refuse.
+
+mod exactness {
+    use super::*;
+    use proptest::prelude::*;
+    use tollgate::clock::ManualClock;
+    use tollgate::core::HoldId;
+
+    /// Every limit kind on one chain: quotas (leased) at the org and the user, a rolling rate
+    /// window and a concurrency limit (never leased) on the team, and a per-request quota.
+    const MODEL: &str = "holdTtl: PT2S\n\
+        entityTypes:\n  - name: org\n  - name: team\n    parents: [org]\n  - name: user\n    parents: [team]\n\
+        attribution:\n  - dimension: userId\n    entityType: user\n\
+        features:\n  - id: tokens\n    alsoDraws:\n      - { feature: calls, per: request }\n  - id: calls\n\
+        customers:\n  - id: acme\n    entities:\n      - { id: acme, type: org }\n      - { id: t, type: team, parent: acme }\n      - { id: u0, type: user, parent: t }\n      - { id: u1, type: user, parent: t }\n\
+        \x20   limits:\n\
+        \x20     - { id: cap, entity: acme, feature: tokens, kind: quota, limit: 400, period: P1M }\n\
+        \x20     - { id: user-day, entityType: user, feature: tokens, kind: quota, limit: 250, period: P1D }\n\
+        \x20     - { id: calls-day, entity: acme, feature: calls, kind: quota, limit: 90, period: P1D }\n\
+        \x20     - { id: team-rate, entity: t, feature: tokens, kind: rate, limit: 300, window: PT10S }\n\
+        \x20     - { id: team-slots, entity: t, feature: tokens, kind: concurrency, limit: 6 }\n";
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Check {
+            replica: usize,
+            user: usize,
+            size: u64,
+        },
+        /// Settles at `percent` of the hold: never over it here. A settlement over its hold is
+        /// charged ungated, with or without leases; a slice already held keeps its room, so
+        /// after one a replica may grant inside its slice what the exact store, which the
+        /// excess has filled, now refuses (both stay within the cap plus the excess).
+        /// `an_over_hold_settlement_reaches_the_store_at_once` covers it.
+        Settle {
+            pick: usize,
+            percent: u64,
+        },
+        Release {
+            pick: usize,
+        },
+        Sweep {
+            replica: usize,
+        },
+        /// Lets the replicas' slice placements run.
+        Yield,
+        Advance {
+            ms: i64,
+        },
+    }
+
+    fn ops() -> impl Strategy<Value = Vec<Op>> {
+        prop::collection::vec(
+            prop_oneof![
+                6 => (0usize..2, 0usize..2, 1u64..30).prop_map(|(replica, user, size)| Op::Check { replica, user, size }),
+                3 => (0usize..16, 0u64..=100).prop_map(|(pick, percent)| Op::Settle { pick, percent }),
+                1 => (0usize..16).prop_map(|pick| Op::Release { pick }),
+                1 => (0usize..2).prop_map(|replica| Op::Sweep { replica }),
+                2 => Just(Op::Yield),
+                1 => (1i64..3_000).prop_map(|ms| Op::Advance { ms }),
+            ],
+            1..120,
+        )
+    }
+
+    fn terms() -> LeaseTerms {
+        LeaseTerms {
+            ttl_ms: 6_000,
+            skew_ms: 500,
+            max_share_permille: 300,
+            min_slice: 1,
+        }
+    }
+
+    async fn decide(e: &Engine, user: usize, size: u64, dry_run: bool) -> tollgate::core::Decision {
+        let d = dims(&[("userId", &format!("u{user}"))]);
+        e.check(&CheckRequest {
+            customer: "acme",
+            feature: "tokens",
+            usage: Usage::units(size),
+            dimensions: &d,
+            dry_run,
+            deadline: None,
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Runs `ops` on two leased replicas sharing one in-memory store and on an exact store
+    /// that sees only what the replicas granted, in the same order.
+    async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+        let clock = ManualClock::new(common::at("2026-03-10T10:00:00Z"));
+        let shared: Arc<dyn CounterStore> = common::memory();
+        let mut leased = Vec::new();
+        for _ in 0..2 {
+            let l = LeasedStore::new(Arc::clone(&shared), terms(), Arc::new(clock.clone()));
+            let e = Engine::new(model(MODEL), Arc::new(l.clone()), Arc::new(clock.clone()))
+                .await
+                .unwrap();
+            leased.push((e, l));
+        }
+        let exact = Engine::new(model(MODEL), common::memory(), Arc::new(clock.clone()))
+            .await
+            .unwrap();
+        // Open grants: the replica's hold, the exact store's twin.
+        let mut open: Vec<(usize, HoldId, HoldId, u64)> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Check {
+                    replica,
+                    user,
+                    size,
+                } => {
+                    let (e, _) = &leased[replica];
+                    let d = decide(e, user, size, false).await;
+                    if d.granted {
+                        let twin = decide(&exact, user, size, false).await;
+                        prop_assert!(
+                            twin.granted,
+                            "a lease granted {size} to u{user} that the exact store refuses: {:?}",
+                            twin.denial
+                        );
+                        open.push((replica, d.hold_id.unwrap(), twin.hold_id.unwrap(), size));
+                    } else if decide(&exact, user, size, true).await.granted {
+                        // A denial the exact store would not make: only budget held in
+                        // slices can explain it (out now, or expired before its return and
+                        // counted whole).
+                        let held: u64 = leased
+                            .iter()
+                            .map(|(_, l)| {
+                                let s = l.lease_stats();
+                                s.outstanding_units + s.stranded_units
+                            })
+                            .sum();
+                        prop_assert!(
+                            held > 0,
+                            "denied {size} to u{user} with no slice out: {:?}",
+                            d.denial
+                        );
+                    }
+                }
+                Op::Settle { pick, percent } if !open.is_empty() => {
+                    let (r, h, twin, held) = open.remove(pick % open.len());
+                    let actual = held * percent / 100;
+                    let a = leased[r].0.settle(&h, Usage::units(actual)).await;
+                    let b = exact.settle(&twin, Usage::units(actual)).await;
+                    prop_assert_eq!(a.is_ok(), b.is_ok(), "settle: {:?} vs {:?}", a, b);
+                    if let (Ok(a), Ok(b)) = (a, b) {
+                        prop_assert_eq!(a, b, "a settlement's outcome differs");
+                    }
+                }
+                Op::Release { pick } if !open.is_empty() => {
+                    let (r, h, twin, _) = open.remove(pick % open.len());
+                    let a = leased[r].0.release(&h).await.unwrap();
+                    let b = exact.release(&twin).await.unwrap();
+                    prop_assert_eq!(a, b, "a release's outcome differs");
+                }
+                Op::Sweep { replica } => {
+                    leased[replica].0.expire_due().await.unwrap();
+                }
+                Op::Yield => {
+                    for _ in 0..8 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                Op::Advance { ms } => clock.advance_millis(ms),
+                _ => {}
+            }
+            // The shared store counts every slice whole until it comes back, so it never
+            // reads less than the exact store.
+            for (entity, limit) in [("acme", "cap"), ("u0", "user-day"), ("u1", "user-day")] {
+                let a = leased[0]
+                    .0
+                    .counted("acme", entity, limit, None)
+                    .await
+                    .unwrap();
+                let b = exact.counted("acme", entity, limit, None).await.unwrap();
+                prop_assert!(
+                    a.unwrap_or(0) >= b.unwrap_or(0),
+                    "{} {}: {:?} in the shared store, {:?} exact",
+                    entity,
+                    limit,
+                    a,
+                    b
+                );
+            }
+        }
+        // Everything returned: the shared counters equal the exact store's, but for slices
+        // the store expired before their replica gave them back (a replica that did not
+        // sweep within the TTL is one that died): those count whole, so the shared counters
+        // may be over by their unused part, never under.
+        let now = clock.now();
+        for (_, l) in &leased {
+            l.return_all(now).await.unwrap();
+        }
+        exact.expire_due().await.unwrap();
+        let stranded: u64 = leased
+            .iter()
+            .map(|(_, l)| l.lease_stats().stranded_units)
+            .sum();
+        for (entity, limit) in [
+            ("acme", "cap"),
+            ("u0", "user-day"),
+            ("u1", "user-day"),
+            ("acme", "calls-day"),
+        ] {
+            let a = leased[0]
+                .0
+                .counted("acme", entity, limit, None)
+                .await
+                .unwrap();
+            let b = exact.counted("acme", entity, limit, None).await.unwrap();
+            let (a, b) = (a.unwrap_or(0), b.unwrap_or(0));
+            prop_assert!(
+                a >= b && a - b <= stranded,
+                "{} {}: {} counted with leases, {} exact, {} stranded",
+                entity,
+                limit,
+                a,
+                b,
+                stranded
+            );
+        }
+        Ok(())
+    }
+
+    /// A decision held partly in slices, settled over its hold: the excess past the slices
+    /// reaches the store's counters at once, so a decision the store makes next sees it.
+    #[test]
+    fn an_over_hold_settlement_reaches_the_store_at_once() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let clock = ManualClock::new(common::at("2026-03-10T10:00:00Z"));
+            let inner: Arc<dyn CounterStore> = common::memory();
+            let l = LeasedStore::new(Arc::clone(&inner), terms(), Arc::new(clock.clone()));
+            let e = Engine::new(model(MODEL), Arc::new(l.clone()), Arc::new(clock.clone()))
+                .await
+                .unwrap();
+            // What the store counts, read without leases.
+            let store = Engine::new(model(MODEL), inner, Arc::new(clock.clone()))
+                .await
+                .unwrap();
+            let counted = |limit: &'static str, entity: &'static str| {
+                let store = &store;
+                async move {
+                    store
+                        .counted("acme", entity, limit, None)
+                        .await
+                        .unwrap()
+                        .unwrap()
+                }
+            };
+            // The first decision goes to the store and asks for slices; the next holds its
+            // quotas in them (the team's rate and slots are never leased: the store).
+            let first = decide(&e, 0, 5, false).await;
+            e.settle(first.hold_id.as_ref().unwrap(), Usage::units(5))
+                .await
+                .unwrap();
+            for _ in 0..8 {
+                tokio::task::yield_now().await;
+            }
+            let d = decide(&e, 0, 30, false).await;
+            assert!(d.granted);
+            assert_eq!(
+                l.lease_stats().partial_decisions,
+                1,
+                "{:?}",
+                l.lease_stats()
+            );
+            let slice = counted("cap", "acme").await - 5;
+            assert!((30..300).contains(&slice), "a slice of {slice}");
+            // 30 held, 300 settled: the slice is spent whole, the rest charged now.
+            e.settle(d.hold_id.as_ref().unwrap(), Usage::units(300))
+                .await
+                .unwrap();
+            assert_eq!(counted("cap", "acme").await, 305);
+            assert_eq!(counted("user-day", "u0").await, 305);
+            l.return_all(clock.now()).await.unwrap();
+            assert_eq!(counted("cap", "acme").await, 305);
+            assert_eq!(counted("user-day", "u0").await, 305);
+        });
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+        #[test]
+        fn leases_grant_nothing_the_exact_store_refuses(ops in ops()) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(run(ops))?;
+        }
+    }
 }

@@ -56,17 +56,32 @@ async fn metric(sidecar: &Sidecar, name: &str) -> u64 {
 
 /// Waits until the store's org counter reads `expected` (slices and holds end on their own:
 /// local holds after 5 s, idle slices after half their TTL), at most 30 s.
-async fn converges(s: &Sidecar, expected: u64) {
+async fn converges(replicas: &[Sidecar], expected: u64) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let counted = org_counter(s).await;
+        let counted = org_counter(&replicas[0]).await;
         if counted == expected {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the org counter reads {counted}, not the {expected} granted, 30 s after the load"
-        );
+        if Instant::now() > deadline {
+            let mut leases = Vec::new();
+            for r in replicas {
+                let mut m = Vec::new();
+                for name in [
+                    "local_decisions_total",
+                    "slices_placed_total",
+                    "slices_returned_total",
+                    "stranded_units_total",
+                    "outstanding_units",
+                ] {
+                    m.push((name, metric(r, &format!("tollgate_lease_{name}")).await));
+                }
+                leases.push(m);
+            }
+            panic!(
+                "the org counter reads {counted}, not the {expected} granted, 30 s after the load; leases: {leases:?}"
+            );
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -161,7 +176,7 @@ async fn three_replicas_with_leases_race_a_cap_to_its_end_and_the_counter_conver
         local += metric(r, "tollgate_lease_local_decisions_total").await;
     }
     assert!(local > 0, "no decision was made inside a lease");
-    converges(&replicas[0], granted).await;
+    converges(&replicas, granted).await;
     for r in &replicas {
         assert_eq!(metric(r, "tollgate_lease_stranded_units_total").await, 0);
     }
@@ -211,7 +226,7 @@ async fn redis_frozen_then_killed_mid_race_grants_only_inside_leases_and_converg
         tally.refused.load(Ordering::Relaxed) > 0,
         "no call met the fail mode"
     );
-    converges(&replicas[0], granted).await;
+    converges(&replicas, granted).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

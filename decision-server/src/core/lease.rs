@@ -139,7 +139,7 @@ impl Lease {
         Renewal {
             commit: self.spent,
             carried: self.held,
-            returned: self.slice - self.spent - self.held,
+            returned: self.slice.saturating_sub(self.spent + self.held),
         }
     }
 }

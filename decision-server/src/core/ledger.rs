@@ -774,7 +774,7 @@ impl Ledger {
                 counter::expire(state, &mark);
             }
         }
-        if self.records.enabled {
+        if self.records.enabled && plan.record {
             let series =
                 self.rollups
                     .series_id(&plan.series, None, self.records.max_values_per_dimension);

@@ -205,22 +205,35 @@ impl Book {
     }
 
     /// Closes a local hold's parts: settled at `actual` (`None`: released).
-    fn close_parts(&mut self, parts: &[LocalPart], actual: Option<&Usage>) {
+    /// Closes a local hold's parts: settled at `actual` (`None`: released). Returns what a
+    /// settlement over the hold spent past its slice, per counter: that must reach the store
+    /// at once (see [`Shared::charge_over`]), or a decision the store makes meanwhile would
+    /// not see it.
+    fn close_parts(&mut self, parts: &[LocalPart], actual: Option<&Usage>) -> Vec<PlannedCounter> {
+        let mut over = Vec::new();
         for p in parts {
-            if let Some(g) = self.gen_mut(&p.slot, p.slice) {
-                match actual {
-                    Some(u) => {
-                        let amount = p.rule.amount(u);
-                        // Past the slice (a settlement over the hold, up to the feature's
-                        // `maxSettleUsage`): still spent here, and the slice's settlement
-                        // commits it, as an over-hold settlement does in the store.
-                        let over = g.lease.settle(p.held, amount);
-                        g.lease.spent += over;
+            let Some(slot) = self.slots.get_mut(&p.slot) else {
+                continue;
+            };
+            let template = &slot.template;
+            let Some(g) = slot.gens.iter_mut().find(|g| g.store.seq == p.slice) else {
+                continue;
+            };
+            match actual {
+                Some(u) => {
+                    let excess = g.lease.settle(p.held, p.rule.amount(u));
+                    if excess > 0 {
+                        over.push(PlannedCounter {
+                            amount: excess,
+                            rule: AmountRule::Units,
+                            ..template.clone()
+                        });
                     }
-                    None => g.lease.release(p.held),
                 }
+                None => g.lease.release(p.held),
             }
         }
+        over
     }
 
     /// Ends a local hold at its held amount, as a store's expiry does (at `at`).
@@ -260,6 +273,10 @@ struct Counters {
 #[derive(Debug)]
 struct Shared {
     inner: Arc<dyn CounterStore>,
+    /// The replica's clock: a slice is placed at the time it is placed, not at the time of
+    /// the decision that asked for it (a late placement would otherwise start its TTL in
+    /// the past).
+    clock: Arc<dyn crate::clock::Clock>,
     terms: LeaseTerms,
     books: DashMap<Name, Arc<Mutex<Book>>>,
     next_seq: AtomicU64,
@@ -296,10 +313,15 @@ fn leasable(c: &PlannedCounter) -> Option<(SlotKey, u64, Timestamp)> {
 }
 
 impl LeasedStore {
-    pub fn new(inner: Arc<dyn CounterStore>, terms: LeaseTerms) -> Self {
+    pub fn new(
+        inner: Arc<dyn CounterStore>,
+        terms: LeaseTerms,
+        clock: Arc<dyn crate::clock::Clock>,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 inner,
+                clock,
                 terms,
                 books: DashMap::new(),
                 next_seq: AtomicU64::new(1),
@@ -415,6 +437,37 @@ impl Shared {
         Ok(())
     }
 
+    /// Charges what local settlements spent past their slices straight to the store's
+    /// counters, as an over-hold settlement is charged without leases (whether or not it
+    /// fits: the usage happened). Idempotent by the local hold's id.
+    async fn charge_over(
+        &self,
+        hold: HoldKey,
+        over: Vec<PlannedCounter>,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        if over.is_empty() {
+            return Ok(());
+        }
+        let units = over.iter().map(|c| c.amount).max().unwrap_or(0);
+        let plan = Plan {
+            customer: hold.customer,
+            chain: Vec::new(),
+            counters: over,
+            usage: Usage::units(units),
+            hold_ttl_millis: 0,
+            max_settle: units,
+            hold_tag: 0,
+            series: SeriesDraft::default(),
+            // The decision's own record (at its full amount) is the local one.
+            record: false,
+        };
+        self.inner
+            .record(&plan, &format!("lease-over:{hold}"), now)
+            .await?;
+        Ok(())
+    }
+
     async fn write_records(
         &self,
         customer: Name,
@@ -441,13 +494,8 @@ impl Shared {
 
     /// Places a new slice on `slot` of `customer`, sized from the slot's rate and what the
     /// store had left; the slot's older slices retire.
-    async fn acquire(
-        self: Arc<Self>,
-        customer: Name,
-        slot: SlotKey,
-        remaining: u64,
-        now: Timestamp,
-    ) {
+    async fn acquire(self: Arc<Self>, customer: Name, slot: SlotKey, remaining: u64) {
+        let now = self.clock.now();
         let (template, size) = {
             let book = self.book(customer);
             let mut b = book.lock();
@@ -682,7 +730,7 @@ impl CounterStore for LeasedStore {
                 .position(|j| *j == i)
                 .and_then(|k| r.readings.get(k))
                 .map_or(0, |r| r.remaining);
-            tokio::spawn(Arc::clone(shared).acquire(plan.customer, slot, remaining, now));
+            tokio::spawn(Arc::clone(shared).acquire(plan.customer, slot, remaining));
         }
         if !held_here {
             shared.counters.store.fetch_add(1, Ordering::Relaxed);
@@ -927,12 +975,20 @@ impl LeasedStore {
         now: Timestamp,
     ) -> Result<CloseOutcome, StoreError> {
         let shared = &self.shared;
-        let (store, flush) = {
+        let (store, flush, over) = {
             let book = shared.book(hold.customer);
             let mut b = book.lock();
             let Some(h) = b.holds.get(&hold.tag).filter(|h| h.seq == hold.seq) else {
                 return Ok(CloseOutcome::AlreadyClosed);
             };
+            if h.expires_at <= now {
+                // Past its TTL: expired at its held amount whether or not a sweep ran yet,
+                // as the store's own holds are.
+                if let Some(h) = b.holds.remove(&hold.tag) {
+                    b.expire_hold(&h, h.expires_at, &shared.counters.dropped);
+                }
+                return Ok(CloseOutcome::AlreadyClosed);
+            }
             if let Some(u) = actual
                 && u.largest_figure() > h.max_settle
             {
@@ -945,7 +1001,7 @@ impl LeasedStore {
             let Some(h) = b.holds.remove(&hold.tag) else {
                 return Ok(CloseOutcome::AlreadyClosed);
             };
-            b.close_parts(&h.parts, actual);
+            let over = b.close_parts(&h.parts, actual);
             if h.store.is_none() {
                 let (kind, measures) = match actual {
                     Some(u) => (RecordKind::Settled, Measures::of_call(u.units, u.tokens, 0)),
@@ -964,8 +1020,9 @@ impl LeasedStore {
                 );
             }
             let flush = (b.records.len() >= FLUSH_AT).then(|| std::mem::take(&mut b.records));
-            (h.store, flush)
+            (h.store, flush, over)
         };
+        shared.charge_over(hold, over, now).await?;
         if let Some(records) = flush {
             let shared = Arc::clone(shared);
             let customer = hold.customer;
@@ -1042,9 +1099,7 @@ impl LeasedStore {
                 (settles, std::mem::take(&mut b.records))
             };
             for (slot, remaining) in renew {
-                Arc::clone(shared)
-                    .acquire(customer, slot, remaining, now)
-                    .await;
+                Arc::clone(shared).acquire(customer, slot, remaining).await;
             }
             for (key, lease) in settles {
                 if shared.settle_slice(key, &lease, now).await.is_err() {
