@@ -11,7 +11,7 @@ ENVOY_DIR := $(TOOLS)/envoy-$(ENVOY_VERSION)
 export TOLLGATE_ENVOY := $(ENVOY_DIR)/envoy/_bin/envoy
 export TOLLGATE_WASM := $(CURDIR)/target/$(WASM_TARGET)/release/tollgate_filter.wasm
 
-.PHONY: bench-portal setup-portal setup-browser setup-skopeo wasm-image wasm-pin setup-redis setup-python demo test setup-rust setup-envoy fmt-check clippy wasm unit bench bench-grpc bench-envoy bench-store bench-redis-memory bench-usage
+.PHONY: bench-leases bench-portal setup-portal setup-browser setup-skopeo wasm-image wasm-pin setup-redis setup-python demo test setup-rust setup-envoy fmt-check clippy wasm unit bench bench-grpc bench-envoy bench-store bench-redis-memory bench-usage
 
 ## The demo: real Envoy, the WASM filter, the sidecar and a mock OpenAI upstream on loopback.
 demo: setup-rust setup-envoy setup-portal wasm
@@ -151,6 +151,10 @@ bench-redis-memory: setup-redis
 ## The portal's server time for a customer with 100,000 users and 30 days of history.
 bench-portal: setup-portal
 	$(CARGO) bench -q -p tollgate --bench portal
+
+## Escrow leases on Redis: no-op, in-memory, Redis without and with leases; CPU per decision.
+bench-leases: setup-redis
+	bench/leases.sh
 
 ## Attribution's costs: bytes per series, history queries, throughput on/off, stream delay.
 bench-usage: setup-redis

@@ -301,13 +301,16 @@ end
 local GRAIN = { 60000, 3600000, 86400000 }
 
 -- Appends a packed event to the customer's stream, trimmed to `most` events and `keep_ms`.
-local function append(event, most, keep_ms)
-  local stream = BASE .. 's'
-  redis.call('XADD', stream, 'MAXLEN', '~', most, '*', 'e', event)
+local function trim_stream(keep_ms)
   -- Stream ids carry Redis's clock, so the retention is measured on it.
   local t = redis.call('TIME')
   local server_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('XTRIM', stream, 'MINID', '~', server_ms - keep_ms)
+  redis.call('XTRIM', BASE .. 's', 'MINID', '~', server_ms - keep_ms)
+end
+
+local function append(event, most, keep_ms)
+  redis.call('XADD', BASE .. 's', 'MAXLEN', '~', most, '*', 'e', event)
+  trim_stream(keep_ms)
 end
 local MEASURES = 9
 local SETTLED, RELEASED, EXPIRED, INGESTED, DENIED, ALERT = 1, 2, 3, 4, 5, 6
@@ -608,20 +611,56 @@ end
 -- ARGV: 'locals', now, count, then per record: kind, time, hold number, tag, the nine
 -- measures, and its series draft; then the record settings. The records of decisions a
 -- replica made inside its leases, each attributed at its own time; no counter changes.
+-- As `attribute` for each, but a batch adds up its records per bucket and series first and
+-- writes each bucket field once, and trims the stream once.
 local function locals()
   if not REC then return reply(0) end
   local p = 4
-  local call_now = now
+  local sums, series_by_draft = {}, {}
+  local stream = BASE .. 's'
   for _ = 1, tonumber(ARGV[3]) do
     local kind, at, seq, tag = tonumber(ARGV[p]), tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2]), ARGV[p + 3]
     local m = measures_at(p + 4)
-    local draft, after = draft_at(p + 4 + MEASURES)
-    -- `attribute` buckets by `now`: each record by its own time.
-    now = at
-    attribute(kind, series_of(draft, nil), m, seq, tag)
-    now = call_now
+    local first = p + 4 + MEASURES
+    local draft, after = draft_at(first)
+    -- One series per distinct draft in the batch (folding reads the customer's values).
+    local dkey = table.concat(ARGV, '\0', first, after - 1)
+    local series = series_by_draft[dkey]
+    if not series then
+      series = series_of(draft, nil)
+      series_by_draft[dkey] = series
+    end
+    for gi, g in ipairs(GRAIN) do
+      local start = at - (at % g)
+      local keep_until = start + g + REC.ret[gi]
+      if keep_until > now then
+        local key = BASE .. 'r' .. gi .. ':' .. start
+        local b = sums[key]
+        if not b then
+          b = { keep = keep_until, by = {} }
+          sums[key] = b
+        end
+        local cur = b.by[series]
+        if not cur then
+          cur = { 0, 0, 0, 0, 0, 0, 0, 0, 0 }
+          b.by[series] = cur
+        end
+        for i = 1, MEASURES do cur[i] = cur[i] + m[i] end
+      end
+    end
+    redis.call('XADD', stream, 'MAXLEN', '~', REC.stream_max, '*', 'e', cmsgpack.pack({ kind, at, series, m, seq, tag }))
     p = after
   end
+  for key, b in pairs(sums) do
+    for series, add in pairs(b.by) do
+      local raw = redis.call('HGET', key, series)
+      local cur = raw and cmsgpack.unpack(raw) or { 0, 0, 0, 0, 0, 0, 0, 0, 0 }
+      for i = 1, MEASURES do cur[i] = cur[i] + add[i] end
+      redis.call('HSET', key, series, cmsgpack.pack(cur))
+    end
+    redis.call('PEXPIRE', key, b.keep - now)
+  end
+  trim_stream(REC.stream_ms)
   return reply(0)
 end
 
