@@ -549,3 +549,94 @@ mod exactness {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Alerts from decisions made inside leases.
+
+mod alerting {
+    use super::*;
+    use serde_json::Value;
+    use tollgate::alerts::{Claims, after_decision};
+    use tollgate::clock::ManualClock;
+    use tollgate::store::events::EventBody;
+
+    const MODEL: &str = "holdTtl: PT2S\n\
+        entityTypes:\n  - name: org\n  - name: team\n    parents: [org]\n  - name: user\n    parents: [team]\n\
+        attribution:\n  - dimension: userId\n    entityType: user\n\
+        features:\n  - id: tokens\n\
+        customers:\n  - id: acme\n    entities:\n      - { id: acme, type: org }\n      - { id: t, type: team, parent: acme }\n      - { id: u0, type: user, parent: t }\n\
+        \x20   limits:\n\
+        \x20     - { id: team-day, entityType: team, feature: tokens, kind: quota, limit: 1000, period: P1D }\n\
+        \x20   alerts:\n\
+        \x20     - { id: team-budget, entityType: team, limit: team-day, percent: [50, 80, 100] }\n";
+
+    /// One replica deciding inside its slices sees each crossing of its own spending when
+    /// it happens: every threshold fires once, at the decision that crossed it.
+    #[test]
+    fn thresholds_crossed_inside_a_lease_fire_once_each() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let clock = ManualClock::new(common::at("2026-03-10T10:00:00Z"));
+            let inner: Arc<dyn CounterStore> = common::memory();
+            let l = LeasedStore::new(Arc::clone(&inner), terms(), Arc::new(clock.clone()));
+            let e = Engine::new(model(MODEL), Arc::new(l.clone()), Arc::new(clock.clone()))
+                .await
+                .unwrap();
+            let claims = Claims::default();
+            let d = dims(&[("userId", "u0")]);
+            let mut fired_at = Vec::new();
+            let mut spent = 0;
+            for _ in 0..40 {
+                let decision = e
+                    .check(&CheckRequest {
+                        customer: "acme",
+                        feature: "tokens",
+                        usage: Usage::units(30),
+                        dimensions: &d,
+                        dry_run: false,
+                        deadline: None,
+                    })
+                    .await
+                    .unwrap();
+                let fired = after_decision(&e, &claims, "acme", &decision)
+                    .await
+                    .unwrap();
+                if decision.granted {
+                    spent += 30;
+                    e.settle(decision.hold_id.as_ref().unwrap(), Usage::units(30))
+                        .await
+                        .unwrap();
+                }
+                if fired > 0 {
+                    fired_at.push((spent, fired));
+                }
+                for _ in 0..8 {
+                    tokio::task::yield_now().await;
+                }
+                let _ = e.expire_due().await;
+            }
+            let stats = l.lease_stats();
+            assert!(stats.local_decisions > 10, "{stats:?}");
+            // 30 units a call: 50 % crossed at 510, 80 % at 810, 100 % never (990 + 30 > 1000).
+            assert_eq!(fired_at, [(510, 1), (810, 1)], "{stats:?}");
+            l.return_all(clock.now()).await.unwrap();
+            let events = inner
+                .read_events(Some(Name::from("acme")), None, 1000)
+                .await
+                .unwrap()
+                .events;
+            let alerts: Vec<Value> = events
+                .iter()
+                .filter_map(|e| match &*e.body {
+                    EventBody::Alert(a) => Some(serde_json::from_str(a).unwrap()),
+                    EventBody::Record(_) => None,
+                })
+                .collect();
+            let used: Vec<&Value> = alerts.iter().map(|a| &a["data"]["used"]).collect();
+            assert_eq!(used, [510, 810], "{alerts:?}");
+        });
+    }
+}

@@ -732,6 +732,24 @@ impl CounterStore for LeasedStore {
                 .map_or(0, |r| r.remaining);
             tokio::spawn(Arc::clone(shared).acquire(plan.customer, slot, remaining));
         }
+        let mut r = r;
+        {
+            // The store counts this replica's slices whole; what they have not spent yet is
+            // not usage, so the readings (answers, alerts) leave it out.
+            let b = book.lock();
+            for (k, reading) in r.readings.iter_mut().enumerate() {
+                let slot = rest_index
+                    .get(k)
+                    .and_then(|i| plan.counters.get(*i))
+                    .and_then(leasable)
+                    .and_then(|(slot, _, _)| b.slots.get(&slot));
+                if let Some(s) = slot {
+                    let unspent: u64 = s.gens.iter().map(|g| g.lease.room()).sum();
+                    reading.current_usage = reading.current_usage.saturating_sub(unspent);
+                    reading.remaining = reading.usage_limit.saturating_sub(reading.current_usage);
+                }
+            }
+        }
         if !held_here {
             shared.counters.store.fetch_add(1, Ordering::Relaxed);
             return Ok(r);
@@ -1092,19 +1110,25 @@ impl LeasedStore {
                         .drain(..)
                         .partition(|g| g.retired && g.lease.held == 0);
                     s.gens = keep;
+                    // What they spent is the store's committed usage from now on.
+                    s.others_used += done.iter().map(|g| g.lease.spent).sum::<u64>();
                     settles.extend(done.into_iter().map(|g| (g.store, g.lease)));
                 }
                 b.slots
                     .retain(|_, s| !s.gens.is_empty() || ms - s.last_asked <= t.ttl_ms);
                 (settles, std::mem::take(&mut b.records))
             };
-            for (slot, remaining) in renew {
-                Arc::clone(shared).acquire(customer, slot, remaining).await;
-            }
+            // Spent-out and idle slices go back first, so a placement's reading counts what
+            // they spent rather than their whole size. (A busy counter's current slice is
+            // retired by its successor's placement and goes back at the next sweep: never a
+            // moment without one.)
             for (key, lease) in settles {
                 if shared.settle_slice(key, &lease, now).await.is_err() {
                     book.lock().unreturned.push((key, lease));
                 }
+            }
+            for (slot, remaining) in renew {
+                Arc::clone(shared).acquire(customer, slot, remaining).await;
             }
             let _ = shared.write_records(customer, records, now).await;
         }
