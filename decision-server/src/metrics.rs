@@ -169,50 +169,55 @@ impl LeaseMetrics {
     fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
         let r = registry.sub_registry_with_prefix("lease");
-        r.register(
-            "local_decisions",
-            "Decisions made entirely inside this replica's leases",
-            m.local.clone(),
-        );
-        r.register(
-            "partial_decisions",
-            "Decisions held partly inside leases and partly in the store",
-            m.partial.clone(),
-        );
-        r.register(
-            "store_decisions",
-            "Holds placed in the store for every counter (leases on)",
-            m.store.clone(),
-        );
-        r.register(
-            "slices_placed",
-            "Slices placed in the store (first leases and renewals)",
-            m.placed.clone(),
-        );
-        r.register(
-            "slices_returned",
-            "Slices settled back: spent committed, the rest returned",
-            m.returned.clone(),
-        );
-        r.register(
-            "store_calls_saved",
-            "Store calls not made thanks to local decisions",
-            m.saved.clone(),
-        );
-        r.register(
-            "stranded_units",
-            "Units of slices the store expired before their return (overcounted)",
-            m.stranded.clone(),
-        );
+        let counters = [
+            (
+                "local_decisions",
+                "Decisions made entirely inside this replica's leases",
+                &m.local,
+            ),
+            (
+                "partial_decisions",
+                "Decisions held partly inside leases and partly in the store",
+                &m.partial,
+            ),
+            (
+                "store_decisions",
+                "Holds placed in the store for every counter (leases on)",
+                &m.store,
+            ),
+            (
+                "slices_placed",
+                "Slices placed in the store (first leases and renewals)",
+                &m.placed,
+            ),
+            (
+                "slices_returned",
+                "Slices settled back: spent committed, the rest returned",
+                &m.returned,
+            ),
+            (
+                "store_calls_saved",
+                "Store calls not made thanks to local decisions",
+                &m.saved,
+            ),
+            (
+                "stranded_units",
+                "Units of slices the store expired before their return (overcounted)",
+                &m.stranded,
+            ),
+            (
+                "records_dropped",
+                "Usage records of local decisions dropped while the store was unreachable",
+                &m.dropped,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            r.register(name, help, counter.clone());
+        }
         r.register(
             "outstanding_units",
             "Units held in the store by this replica's slices now",
             m.outstanding.clone(),
-        );
-        r.register(
-            "records_dropped",
-            "Usage records of local decisions dropped while the store was unreachable",
-            m.dropped.clone(),
         );
         m
     }

@@ -703,7 +703,7 @@ fn lease_settings() {
     assert_eq!(
         storage_errors(&format!("{{ {redis}, leases: {{ enabled: true }} }}")),
         [
-            "tollgate.yaml: server.storage.leases.ttl: a lease usable for 28000 ms (ttl less skew) cannot hold a decision whose hold lives 300000 ms (`holdTtl`): make the lease longer or the holds shorter"
+            "tollgate.yaml: server.storage.leases.ttl: a lease usable for 26500 ms (ttl, less skew, less 1500 ms to give it back) cannot hold a decision whose hold lives 300000 ms (`holdTtl`): make the lease longer or the holds shorter"
         ]
     );
     assert_eq!(

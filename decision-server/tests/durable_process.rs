@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::ext_authz::{check, hold_of, org_usage};
+use common::ext_authz::{check, hold_of, org_counter};
 use common::service::OPERATOR;
 use common::{LOOPBACK_PORT_0, Sidecar};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
@@ -18,19 +18,6 @@ use parking_lot::Mutex;
 use serde_json::json;
 
 const CLIENTS: usize = 16;
-
-/// The acme org counter after a restart.
-async fn org_counter(s: &Sidecar, http: &reqwest::Client) -> u64 {
-    let v = org_usage(s, http, 0).await;
-    v["chain"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["limitId"] == "org-daily")
-        .unwrap()["currentUsage"]
-        .as_u64()
-        .unwrap()
-}
 
 struct Load {
     /// Units granted, by the time the client saw the grant.
@@ -109,7 +96,7 @@ async fn crash_and_restart(storage: &str, window: Duration) {
     drop(sidecar);
     let sidecar = Sidecar::start_at(&config).unwrap();
     let http = reqwest::Client::new();
-    let restored = org_counter(&sidecar, &http).await;
+    let restored = org_counter(&sidecar).await;
     // At most one decision per client was in flight at the kill: committed, but its answer
     // never arrived.
     let in_flight = CLIENTS as u64 * 7;
@@ -153,13 +140,13 @@ async fn crash_and_restart(storage: &str, window: Duration) {
                 .unwrap()
         }
     };
-    let before = org_counter(&sidecar, &http).await;
+    let before = org_counter(&sidecar).await;
     let r = settle(hold.clone()).await;
     let status = r.status();
     let body: serde_json::Value = r.json().await.unwrap();
     assert!(status.is_success(), "{status}: {body}");
     assert_eq!(body["closed"], true, "{body}");
-    assert_eq!(org_counter(&sidecar, &http).await, before - (held - 1));
+    assert_eq!(org_counter(&sidecar).await, before - (held - 1));
     let again: serde_json::Value = settle(hold).await.json().await.unwrap();
     assert_eq!(again["closed"], false, "{again}");
 }

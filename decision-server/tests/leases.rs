@@ -62,6 +62,36 @@ struct Replica {
     leases: LeasedStore,
 }
 
+/// One replica with leases on a fresh in-memory store, on a manual clock: its engine, its
+/// leases, the store behind them and the clock. On a current-thread runtime, slice placements
+/// run when the test yields.
+async fn one_leased_replica(
+    yaml: &str,
+    terms: LeaseTerms,
+) -> (
+    Engine,
+    LeasedStore,
+    Arc<dyn CounterStore>,
+    tollgate::clock::ManualClock,
+) {
+    let clock = tollgate::clock::ManualClock::new(common::at("2026-03-10T10:00:00Z"));
+    let inner: Arc<dyn CounterStore> = common::memory();
+    let l = LeasedStore::new(Arc::clone(&inner), terms, Arc::new(clock.clone()));
+    let e = Engine::new(model(yaml), Arc::new(l.clone()), Arc::new(clock.clone()))
+        .await
+        .unwrap();
+    (e, l, inner, clock)
+}
+
+/// Runs `f` to completion on a current-thread runtime.
+fn on_one_thread<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
 async fn replicas(stores: Vec<Arc<dyn CounterStore>>, cap: u64) -> Vec<Replica> {
     let mut out = Vec::new();
     for inner in stores {
@@ -484,17 +514,9 @@ mod exactness {
     /// reaches the store's counters at once, so a decision the store makes next sees it.
     #[test]
     fn an_over_hold_settlement_reaches_the_store_at_once() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let clock = ManualClock::new(common::at("2026-03-10T10:00:00Z"));
-            let inner: Arc<dyn CounterStore> = common::memory();
-            let l = LeasedStore::new(Arc::clone(&inner), terms(), Arc::new(clock.clone()));
-            let e = Engine::new(model(MODEL), Arc::new(l.clone()), Arc::new(clock.clone()))
-                .await
-                .unwrap();
+        on_one_thread(async {
+            // Slices of 30 % of what is left: both quotas of the decision below fit in one.
+            let (e, l, inner, clock) = one_leased_replica(MODEL, terms()).await;
             // What the store counts, read without leases.
             let store = Engine::new(model(MODEL), inner, Arc::new(clock.clone()))
                 .await
@@ -544,8 +566,7 @@ mod exactness {
         #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
         #[test]
         fn leases_grant_nothing_the_exact_store_refuses(ops in ops()) {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(run(ops))?;
+            on_one_thread(run(ops))?;
         }
     }
 }
@@ -557,7 +578,6 @@ mod alerting {
     use super::*;
     use serde_json::Value;
     use tollgate::alerts::{Claims, after_decision};
-    use tollgate::clock::ManualClock;
     use tollgate::store::events::EventBody;
 
     const MODEL: &str = "holdTtl: PT2S\n\
@@ -574,17 +594,8 @@ mod alerting {
     /// it happens: every threshold fires once, at the decision that crossed it.
     #[test]
     fn thresholds_crossed_inside_a_lease_fire_once_each() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let clock = ManualClock::new(common::at("2026-03-10T10:00:00Z"));
-            let inner: Arc<dyn CounterStore> = common::memory();
-            let l = LeasedStore::new(Arc::clone(&inner), terms(), Arc::new(clock.clone()));
-            let e = Engine::new(model(MODEL), Arc::new(l.clone()), Arc::new(clock.clone()))
-                .await
-                .unwrap();
+        on_one_thread(async {
+            let (e, l, inner, clock) = one_leased_replica(MODEL, super::terms()).await;
             let claims = Claims::default();
             let d = dims(&[("userId", "u0")]);
             let mut fired_at = Vec::new();

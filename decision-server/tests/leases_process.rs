@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::ext_authz::{check, org_usage};
+use common::ext_authz::{check, metric, org_counter};
 use common::{LOOPBACK_PORT_0, RedisServer, Sidecar};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 
@@ -21,11 +21,11 @@ const USERS: [&str; 3] = ["alice", "bob", "carol"];
 const LARGEST: u64 = 13;
 
 /// The fixture config on Redis with leases on, holds of 5 s (a decision is made inside a
-/// lease only if its hold ends before the lease's 8 s less 1 s of skew), and acme's org cap
+/// lease only if its hold ends 1.5 s before the lease's 15 s less 1 s of skew), and acme's org cap
 /// at `cap`.
 fn config(redis: &RedisServer, timeout_ms: u64, cap: u64) -> String {
     let storage = format!(
-        "{{ kind: redis, url: \"{}\", prefix: tg, timeoutMs: {timeout_ms}, breakerFailures: 1000, leases: {{ enabled: true, ttl: PT8S, skew: PT1S }} }}",
+        "{{ kind: redis, url: \"{}\", prefix: tg, timeoutMs: {timeout_ms}, breakerFailures: 1000, leases: {{ enabled: true, ttl: PT15S, skew: PT1S }} }}",
         redis.url()
     );
     let text = common::service::config_with(&format!("{LOOPBACK_PORT_0}\n  storage: {storage}"));
@@ -33,25 +33,6 @@ fn config(redis: &RedisServer, timeout_ms: u64, cap: u64) -> String {
         &format!("limit: {}, period: P1D", common::service::ACME_ORG_CAP),
         &format!("limit: {cap}, period: P1D"),
     )
-}
-
-/// acme's org counter in the store, read through a replica with a dry run.
-async fn org_counter(s: &Sidecar) -> u64 {
-    let v = org_usage(s, &reqwest::Client::new(), 0).await;
-    v["chain"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no chain in {v}"))
-        .iter()
-        .find(|e| e["limitId"] == "org-daily")
-        .unwrap()["currentUsage"]
-        .as_u64()
-        .unwrap()
-}
-
-async fn metric(sidecar: &Sidecar, name: &str) -> u64 {
-    let m = sidecar.metrics().await.unwrap();
-    m.get(name, &[])
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{m}")) as u64
 }
 
 /// Waits until the store's org counter reads `expected` (slices and holds end on their own:
@@ -186,19 +167,27 @@ async fn three_replicas_with_leases_race_a_cap_to_its_end_and_the_counter_conver
 async fn redis_frozen_then_killed_mid_race_grants_only_inside_leases_and_converges() {
     // Persisted on every write, so a Redis killed and restarted keeps what it acknowledged.
     let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
-    let cap = 40_000;
+    let cap = 400_000;
     let text = config(&redis, 200, cap);
     let replicas: Vec<Sidecar> = (0..3).map(|_| Sidecar::start(&text).unwrap()).collect();
     let addrs: Vec<String> = replicas.iter().map(|r| r.ext_authz.clone()).collect();
     let tally = Arc::new(Tally::default());
     let tasks = load(&addrs, 24, &tally);
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let placed_before: u64 = {
-        let mut n = 0;
+    // Freeze Redis once every replica decides inside slices (at most 20 s of load).
+    let ramp = Instant::now() + Duration::from_secs(20);
+    let placed_before: u64 = loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut held = Vec::new();
         for r in &replicas {
-            n += metric(r, "tollgate_lease_outstanding_units").await;
+            held.push(metric(r, "tollgate_lease_outstanding_units").await);
         }
-        n
+        if held.iter().all(|h| *h > 0) {
+            break held.iter().sum();
+        }
+        assert!(
+            Instant::now() < ramp,
+            "the replicas hold no slices under load: {held:?}"
+        );
     };
     redis.pause();
     tally.outage.store(true, Ordering::Relaxed);
@@ -251,9 +240,9 @@ async fn a_replica_killed_holding_leases_loses_nothing_and_overcounts_at_most_it
     let unknown = tally.unknown.load(Ordering::Relaxed);
     assert!(unknown > 0, "no client saw the replica die");
     assert!(held_by_victim > 0, "the killed replica held no lease");
-    // Its slices expire in Redis after their 8 s TTL and are committed whole; the survivors'
+    // Its slices expire in Redis after their 15 s TTL and are committed whole; the survivors'
     // idle slices come back. Then the counter stays put.
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(17)).await;
     let counted = org_counter(&replicas[0]).await;
     assert!(
         counted >= granted,

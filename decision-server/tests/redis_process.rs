@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::ext_authz::{check, org_usage, race_one_cap};
+use common::ext_authz::{check, metric, org_counter, race_one_cap};
 use common::service::ACME_ORG_CAP;
 use common::{LOOPBACK_PORT_0, Sidecar};
 use common::{RedisCluster, RedisServer};
@@ -32,19 +32,6 @@ fn node(redis: &RedisServer, extra: &str) -> String {
         "{{ kind: redis, url: \"{}\", prefix: tg{extra}, timeoutMs: 5000 }}",
         redis.url()
     )
-}
-
-/// acme's org counter as a replica sees it (a dry run holds nothing).
-async fn org_counter(s: &Sidecar) -> u64 {
-    let v = org_usage(s, &reqwest::Client::new(), 0).await;
-    v["chain"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no chain in {v}"))
-        .iter()
-        .find(|e| e["limitId"] == "org-daily")
-        .unwrap()["currentUsage"]
-        .as_u64()
-        .unwrap()
 }
 
 async fn replicas_share_one_cap(storage: &str) -> Vec<Sidecar> {
@@ -202,12 +189,6 @@ async fn recovers(sidecar: &Sidecar) -> usize {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     unreachable!()
-}
-
-async fn metric(sidecar: &Sidecar, name: &str) -> u64 {
-    let m = sidecar.metrics().await.unwrap();
-    m.get(name, &[])
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{m}")) as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -99,15 +99,16 @@ pub fn load(text: &str, file: &str) -> Result<Loaded, ConfigErrors> {
     let server = server::ServerSettings::from_dto(&server_dto, file, &customers);
     match (model, server) {
         (Ok(model), Ok(server)) => {
+            let margin = crate::store::leased::RETURN_MARGIN_MS;
             if let Some(t) = server.leases
-                && t.ttl_ms - t.skew_ms <= model.hold_ttl_millis
+                && t.ttl_ms - t.skew_ms - margin <= model.hold_ttl_millis
             {
                 return Err(ConfigErrors(vec![ConfigError {
                     file: file.to_string(),
                     path: "server.storage.leases.ttl".into(),
                     message: format!(
-                        "a lease usable for {} ms (ttl less skew) cannot hold a decision whose hold lives {} ms (`holdTtl`): make the lease longer or the holds shorter",
-                        t.ttl_ms - t.skew_ms,
+                        "a lease usable for {} ms (ttl, less skew, less {margin} ms to give it back) cannot hold a decision whose hold lives {} ms (`holdTtl`): make the lease longer or the holds shorter",
+                        t.ttl_ms - t.skew_ms - margin,
                         model.hold_ttl_millis
                     ),
                 }]));

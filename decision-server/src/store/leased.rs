@@ -54,6 +54,11 @@ const MAX_PENDING_RECORDS: usize = 100_000;
 /// A batch is written at once when it reaches this many records (else at the next sweep).
 const FLUSH_AT: usize = 512;
 
+/// How long before a slice's local end its last local hold must end: the slice goes back at
+/// the first sweep after its holds close (the server sweeps every second), and must reach the
+/// store before the store's TTL (`skew` later), even if that sweep runs late.
+pub const RETURN_MARGIN_MS: i64 = 1_500;
+
 /// Counts since start, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LeaseStats {
@@ -113,14 +118,18 @@ struct Slot {
     others_used: u64,
     /// What the store had left at the last placement (after the slice).
     store_remaining: u64,
+    /// The hold TTL of the decisions on this counter (the model's `holdTtl`).
+    hold_ttl_ms: i64,
 }
 
 impl Slot {
     /// The current slice, if a decision holding until `until` may use it now.
     fn usable(&mut self, now: i64, until: i64) -> Option<&mut Gen> {
-        self.gens
-            .last_mut()
-            .filter(|g| !g.retired && until < g.lease.usable_until && now < g.lease.usable_until)
+        self.gens.last_mut().filter(|g| {
+            !g.retired
+                && until + RETURN_MARGIN_MS < g.lease.usable_until
+                && now < g.lease.usable_until
+        })
     }
 
     fn note_demand(&mut self, amount: u64, now: i64, ttl: i64) {
@@ -575,6 +584,7 @@ impl Shared {
         limit: u64,
         reset_at: Timestamp,
         now: i64,
+        hold_ttl_ms: i64,
     ) -> &'b mut Slot {
         let ttl = self.terms.ttl_ms;
         let s = b.slots.entry(slot).or_insert_with(|| Slot {
@@ -589,7 +599,9 @@ impl Shared {
             last_asked: now,
             others_used: 0,
             store_remaining: limit,
+            hold_ttl_ms,
         });
+        s.hold_ttl_ms = hold_ttl_ms;
         if s.limit != limit {
             // The limit changed: slices sized for the old one are given back.
             for g in &mut s.gens {
@@ -627,7 +639,15 @@ impl CounterStore for LeasedStore {
                 let Some((slot, limit, reset_at)) = leasable(c) else {
                     continue;
                 };
-                let s = shared.want_slice(&mut b, c, slot, limit, reset_at, now.millis());
+                let s = shared.want_slice(
+                    &mut b,
+                    c,
+                    slot,
+                    limit,
+                    reset_at,
+                    now.millis(),
+                    plan.hold_ttl_millis,
+                );
                 let granted = match s.usable(now.millis(), until) {
                     Some(g) => {
                         if g.lease.hold(c.amount, now.millis()) {
@@ -1093,9 +1113,13 @@ impl LeasedStore {
                     }
                     // Busy and its current slice past half its life or low: the next one.
                     let current = s.gens.iter().rev().find(|g| !g.retired);
+                    // A slice takes new holds while they can end before its return margin:
+                    // the next one is placed once half of that window has gone.
+                    let window = t.ttl_ms - t.skew_ms - RETURN_MARGIN_MS - s.hold_ttl_ms;
                     let due_next = match current {
                         Some(g) => {
-                            g.lease.usable_until - ms < (t.ttl_ms - t.skew_ms) / 2
+                            g.lease.usable_until - RETURN_MARGIN_MS - s.hold_ttl_ms - ms
+                                < window / 2
                                 || g.lease.room() < s.rate_per_ttl(ms, t.ttl_ms) / 4
                         }
                         None => true,

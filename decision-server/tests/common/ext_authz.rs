@@ -26,6 +26,29 @@ pub async fn org_usage(sidecar: &Sidecar, http: &reqwest::Client, usage: u64) ->
     .unwrap()
 }
 
+/// acme's org counter (`org-daily`) as `sidecar` reads it, with a dry run.
+pub async fn org_counter(sidecar: &Sidecar) -> u64 {
+    let v = org_usage(sidecar, &reqwest::Client::new(), 0).await;
+    v["chain"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no chain in {v}"))
+        .iter()
+        .find(|e| e["limitId"] == "org-daily")
+        .unwrap_or_else(|| panic!("no org-daily in {v}"))["currentUsage"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no currentUsage in {v}"))
+}
+
+/// A metric without labels from `sidecar`'s `/metrics`.
+pub async fn metric(sidecar: &Sidecar, name: &str) -> u64 {
+    let m = sidecar
+        .metrics()
+        .await
+        .unwrap_or_else(|e| panic!("no /metrics: {e}"));
+    m.get(name, &[])
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{m}")) as u64
+}
+
 /// An ext_authz check for acme's `ai-tokens` by `user`, with the gateway token Envoy sends.
 pub fn check(user: &str, usage: u64) -> tonic::Request<CheckRequest> {
     let ext = [
