@@ -580,9 +580,7 @@ impl Shared {
         &self,
         b: &'b mut Book,
         c: &PlannedCounter,
-        slot: SlotKey,
-        limit: u64,
-        reset_at: Timestamp,
+        (slot, limit, reset_at): (SlotKey, u64, Timestamp),
         now: i64,
         hold_ttl_ms: i64,
     ) -> &'b mut Slot {
@@ -636,18 +634,11 @@ impl CounterStore for LeasedStore {
         {
             let mut b = book.lock();
             for (i, c) in plan.counters.iter().enumerate() {
-                let Some((slot, limit, reset_at)) = leasable(c) else {
+                let Some(lease) = leasable(c) else {
                     continue;
                 };
-                let s = shared.want_slice(
-                    &mut b,
-                    c,
-                    slot,
-                    limit,
-                    reset_at,
-                    now.millis(),
-                    plan.hold_ttl_millis,
-                );
+                let slot = lease.0;
+                let s = shared.want_slice(&mut b, c, lease, now.millis(), plan.hold_ttl_millis);
                 let granted = match s.usable(now.millis(), until) {
                     Some(g) => {
                         if g.lease.hold(c.amount, now.millis()) {
