@@ -651,3 +651,50 @@ mod alerting {
         });
     }
 }
+
+/// A decision that asked for slices while the store was down asks again once it is back: the
+/// replica goes on deciding inside leases after an outage.
+#[test]
+fn slices_are_asked_for_again_after_the_store_failed() {
+    let mut server = RedisServer::start();
+    let store = redis_store_prefixed(RedisTarget::Node(server.url()), "leases-outage");
+    runtime().block_on(async {
+        let mut replicas = replicas(vec![store as Arc<dyn CounterStore>], 1_000_000).await;
+        let r = replicas.remove(0);
+        let d = dims(&[("userId", "u1")]);
+        let check = || {
+            let engine = Arc::clone(&r.engine);
+            let d = d.clone();
+            async move {
+                engine
+                    .check(&CheckRequest {
+                        customer: "acme",
+                        feature: "tokens",
+                        usage: Usage::units(1),
+                        dimensions: &d,
+                        dry_run: false,
+                        deadline: None,
+                    })
+                    .await
+            }
+        };
+        server.stop();
+        assert!(check().await.is_err(), "answered with Redis down");
+        server.restart();
+        // Redis is back (empty: no persistence); decisions reconnect and slices follow.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while r.leases.lease_stats().local_decisions == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "no decision inside a lease after the outage: {:?}",
+                r.leases.lease_stats()
+            );
+            if let Ok(dec) = check().await
+                && let Some(h) = dec.hold_id
+            {
+                r.engine.settle(&h, Usage::units(1)).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}

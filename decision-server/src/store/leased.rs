@@ -402,6 +402,26 @@ impl LeasedStore {
     }
 }
 
+/// Unmarks slots as acquiring when dropped, unless their placements were started.
+struct Unmark {
+    book: Arc<Mutex<Book>>,
+    slots: Vec<SlotKey>,
+}
+
+impl Drop for Unmark {
+    fn drop(&mut self) {
+        if self.slots.is_empty() {
+            return;
+        }
+        let mut b = self.book.lock();
+        for slot in &self.slots {
+            if let Some(s) = b.slots.get_mut(slot) {
+                s.acquiring = false;
+            }
+        }
+    }
+}
+
 fn expired_record(h: &LocalHold, at: Timestamp) -> LocalRecord {
     LocalRecord {
         kind: RecordKind::Expired,
@@ -719,6 +739,12 @@ impl CounterStore for LeasedStore {
         } else {
             plan
         };
+        // Should the store call fail or this call be dropped, the slots marked as acquiring
+        // are unmarked, so a later decision asks for their slices again.
+        let mut pending = Unmark {
+            book: Arc::clone(&book),
+            slots: want.iter().map(|(slot, _)| *slot).collect(),
+        };
         let answer = shared.inner.reserve(store_plan, mode, now).await;
         let rollback = |b: &mut Book| {
             if let Some(h) = b.holds.remove(&plan.hold_tag) {
@@ -735,6 +761,7 @@ impl CounterStore for LeasedStore {
             }
         };
         // Slices for the counters that had none, sized from what the store has left.
+        pending.slots.clear();
         for (slot, i) in want {
             let remaining = rest_index
                 .iter()
