@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
+use futures_util::StreamExt;
 use parking_lot::Mutex;
 
 use super::{
@@ -50,6 +51,9 @@ const LOCAL_BIT: u64 = 1 << 52;
 /// Records waiting for their batch; past this many a customer's oldest are dropped (and
 /// counted) while the store is unreachable, so an outage cannot grow memory without bound.
 const MAX_PENDING_RECORDS: usize = 100_000;
+
+/// The most slice placements or returns one sweep has in flight at once.
+const STORE_CALLS_AT_ONCE: usize = 32;
 
 /// A batch is written at once when it reaches this many records (else at the next sweep).
 const FLUSH_AT: usize = 512;
@@ -378,6 +382,7 @@ impl LeasedStore {
     /// is quiet. Open local holds are committed at their held amount, as their expiry would.
     pub async fn return_all(&self, now: Timestamp) -> Result<(), StoreError> {
         let shared = &self.shared;
+        let mut first = None;
         for (customer, book) in shared.all_books() {
             let (settles, records) = {
                 let mut b = book.lock();
@@ -393,12 +398,14 @@ impl LeasedStore {
                 }
                 (settles, std::mem::take(&mut b.records))
             };
-            shared.write_records(customer, records, now).await?;
-            for (key, lease) in settles {
-                shared.settle_slice(key, &lease, now).await?;
+            let written = shared.write_records(customer, records, now).await;
+            let returned = shared.settle_all(&book, settles, now).await;
+            // Every customer is tried; the first failure is the answer.
+            if let Err(e) = written.and(returned) {
+                first.get_or_insert(e);
             }
         }
-        Ok(())
+        first.map_or(Ok(()), Err)
     }
 }
 
@@ -495,6 +502,34 @@ impl Shared {
             .record(&plan, &format!("lease-over:{hold}"), now)
             .await?;
         Ok(())
+    }
+
+    /// Settles `slices` back, at most [`STORE_CALLS_AT_ONCE`] at a time; one the store could
+    /// not take is kept in `book` for the next sweep. Returns the first error.
+    async fn settle_all(
+        &self,
+        book: &Mutex<Book>,
+        slices: Vec<(HoldKey, Lease)>,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let failed: Vec<(HoldKey, Lease, StoreError)> = futures_util::stream::iter(slices)
+            .map(|(key, lease)| async move {
+                match self.settle_slice(key, &lease, now).await {
+                    Ok(()) => None,
+                    Err(e) => Some((key, lease, e)),
+                }
+            })
+            .buffer_unordered(STORE_CALLS_AT_ONCE)
+            .filter_map(std::future::ready)
+            .collect()
+            .await;
+        let mut first = None;
+        let mut b = book.lock();
+        for (key, lease, e) in failed {
+            b.unreturned.push((key, lease));
+            first.get_or_insert(e);
+        }
+        first.map_or(Ok(()), Err)
     }
 
     async fn write_records(
@@ -1164,14 +1199,13 @@ impl LeasedStore {
             // they spent rather than their whole size. (A busy counter's current slice is
             // retired by its successor's placement and goes back at the next sweep: never a
             // moment without one.)
-            for (key, lease) in settles {
-                if shared.settle_slice(key, &lease, now).await.is_err() {
-                    book.lock().unreturned.push((key, lease));
-                }
-            }
-            for (slot, remaining) in renew {
-                Arc::clone(shared).acquire(customer, slot, remaining).await;
-            }
+            // A failure is kept for the next sweep.
+            let _ = shared.settle_all(&book, settles, now).await;
+            futures_util::stream::iter(renew)
+                .for_each_concurrent(STORE_CALLS_AT_ONCE, |(slot, remaining)| {
+                    Arc::clone(shared).acquire(customer, slot, remaining)
+                })
+                .await;
             let _ = shared.write_records(customer, records, now).await;
         }
         expired
