@@ -1,6 +1,6 @@
-//! The real binary with escrow leases on a Redis store: three replicas racing one cap (never
-//! over it, run to within one request of it, the counter converging to exactly what was
-//! granted), Redis frozen and then killed and restarted mid-race (replicas keep granting inside
+//! The real binary with escrow leases on a Redis store: three replicas racing one cap on a
+//! node and on a 3-master Cluster (never over it, run to within one request of it, the
+//! counter converging to exactly what was granted), Redis frozen and then killed and restarted mid-race (replicas keep granting inside
 //! their leases, then follow the fail mode; the counters converge), and a replica killed while
 //! it holds leases (its slices expire in Redis and are committed: nothing lost, the overcount
 //! bounded by what it held).
@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::ext_authz::{check, metric, org_counter};
-use common::{LOOPBACK_PORT_0, RedisServer, Sidecar};
+use common::{LOOPBACK_PORT_0, RedisCluster, RedisServer, Sidecar};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 
 const SIZES: [u64; 4] = [1, 3, 7, 13];
@@ -29,9 +29,13 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// lease only if its hold ends 1.5 s before the lease's 15 s less 1 s of skew), and acme's org cap
 /// at `cap`.
 fn config(redis: &RedisServer, timeout_ms: u64, cap: u64) -> String {
+    config_on(&format!("url: \"{}\"", redis.url()), timeout_ms, cap)
+}
+
+/// The same on the Redis `target` (`url: …` or `cluster: [...]`).
+fn config_on(target: &str, timeout_ms: u64, cap: u64) -> String {
     let storage = format!(
-        "{{ kind: redis, url: \"{}\", prefix: tg, timeoutMs: {timeout_ms}, breakerFailures: 1000, leases: {{ enabled: true, ttl: PT15S, skew: PT1S }} }}",
-        redis.url()
+        "{{ kind: redis, {target}, prefix: tg, timeoutMs: {timeout_ms}, breakerFailures: 1000, leases: {{ enabled: true, ttl: PT15S, skew: PT1S }} }}"
     );
     let text = common::service::config_with(&format!("{LOOPBACK_PORT_0}\n  storage: {storage}"));
     format!("holdTtl: PT5S\n{text}").replace(
@@ -144,9 +148,23 @@ fn load(addrs: &[String], clients: usize, tally: &Arc<Tally>) -> Vec<tokio::task
 async fn three_replicas_with_leases_race_a_cap_to_its_end_and_the_counter_converges() {
     let _one_at_a_time = SERIAL.lock().await;
     let redis = RedisServer::start();
-    let cap = 3_000;
-    let text = config(&redis, 5_000, cap);
-    let replicas: Vec<Sidecar> = (0..3).map(|_| Sidecar::start(&text).unwrap()).collect();
+    race_to_the_end(&config(&redis, 5_000, 3_000), 3_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_with_leases_on_a_redis_cluster_race_a_cap_to_its_end() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let cluster = RedisCluster::start();
+    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let target = format!("cluster: [{}]", urls.join(", "));
+    race_to_the_end(&config_on(&target, 5_000, 3_000), 3_000).await;
+}
+
+/// Three replicas of `text`, 64 clients racing acme's org cap of `cap` to its end: never
+/// over, less than one request left, some decisions inside leases, and the counter
+/// converging to exactly what was granted with nothing stranded.
+async fn race_to_the_end(text: &str, cap: u64) {
+    let replicas: Vec<Sidecar> = (0..3).map(|_| Sidecar::start(text).unwrap()).collect();
     let addrs: Vec<String> = replicas.iter().map(|r| r.ext_authz.clone()).collect();
     let tally = Arc::new(Tally::default());
     for t in load(&addrs, 64, &tally) {
