@@ -85,6 +85,15 @@ impl CounterStore for Hooked {
     ) -> Result<CloseOutcome, StoreError> {
         self.inner.settle(h, u, now).await
     }
+    async fn renew(
+        &self,
+        old: HoldKey,
+        spent: u64,
+        next: &Plan,
+        now: Timestamp,
+    ) -> Result<(CloseOutcome, Reservation), StoreError> {
+        self.inner.renew(old, spent, next, now).await
+    }
     async fn release(&self, h: HoldKey, now: Timestamp) -> Result<CloseOutcome, StoreError> {
         self.inner.release(h, now).await
     }

@@ -698,3 +698,76 @@ fn slices_are_asked_for_again_after_the_store_failed() {
         }
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// The store step a renewal takes, on every store.
+
+test_with_all_stores!(a_renewal_settles_the_old_slice_and_takes_the_next_in_one_step);
+
+const CAP_MODEL: &str = "entityTypes:\n  - name: org\n  - name: team\n    parents: [org]\n  - name: user\n    parents: [team]\n\
+    attribution:\n  - dimension: userId\n    entityType: user\n\
+    features:\n  - id: tokens\n\
+    customers:\n  - id: acme\n    entities:\n      - { id: acme, type: org }\n      - { id: t, type: team, parent: acme }\n      - { id: u1, type: user, parent: t }\n\
+    \x20   limits:\n\
+    \x20     - { id: cap, entity: acme, feature: tokens, kind: quota, limit: 100, period: P1M }\n";
+
+/// With the cap full (a slice of 60 and a decision of 40), a renewal that spent 10 of its
+/// slice takes a next slice of 50: the 50 it returns is there for the next one in the same
+/// step (placing the next slice before returning the old could not). A renewal of a slice
+/// already gone says so, and still answers the reservation.
+fn a_renewal_settles_the_old_slice_and_takes_the_next_in_one_step(store: Arc<dyn CounterStore>) {
+    use tollgate::core::plan::{AutoEntities, Planned, Registry};
+    use tollgate::store::{CloseOutcome, HoldKey, ReserveMode};
+    let h = common::harness(CAP_MODEL, store, "2026-03-10T10:00:00Z");
+    let model = h.engine.model();
+    let auto = AutoEntities::default();
+    let d = dims(&[("userId", "u1")]);
+    let plan_of = |units: u64, tag: u128| {
+        let Planned::Ready(mut p) = model
+            .plan(
+                &Registry::new(&auto),
+                "acme",
+                "tokens",
+                Usage::units(units),
+                &d,
+                h.engine.now(),
+            )
+            .unwrap()
+        else {
+            panic!("u1 is in the tree")
+        };
+        p.hold_tag = tag;
+        p.record = false;
+        p.max_settle = 1 << 53;
+        p
+    };
+    let store = h.engine.store();
+    let now = h.engine.now();
+    let slice = h
+        .run(store.reserve(&plan_of(60, 1), ReserveMode::Hold, now))
+        .unwrap()
+        .hold
+        .unwrap();
+    let exact = h
+        .run(store.reserve(&plan_of(40, 2), ReserveMode::Hold, now))
+        .unwrap();
+    assert!(exact.hold.is_some(), "{exact:?}");
+    let old = HoldKey {
+        customer: Name::from("acme"),
+        seq: slice.seq,
+        tag: slice.tag,
+    };
+    let (outcome, next) = h.run(store.renew(old, 10, &plan_of(50, 3), now)).unwrap();
+    assert_eq!(outcome, CloseOutcome::Closed);
+    assert!(
+        next.hold.is_some(),
+        "the returned 50 was not there: {next:?}"
+    );
+    assert_eq!(h.counted("acme", "acme", "cap"), 100);
+    // The old slice is gone: said so, and the next reservation is answered (denied: full).
+    let (outcome, denied) = h.run(store.renew(old, 10, &plan_of(1, 4), now)).unwrap();
+    assert_eq!(outcome, CloseOutcome::AlreadyClosed);
+    assert_eq!(denied.blocking, Some(0));
+    assert!(denied.hold.is_none());
+    assert_eq!(h.counted("acme", "acme", "cap"), 100);
+}

@@ -13,10 +13,11 @@
 //! Invariant: what all replicas can grant is at most the cap, because every locally granted
 //! unit lies inside a slice already held in the store.
 //!
-//! Trade-off: a renewal is two store calls, the new slice placed before the old one is
-//! settled, not one: while both are held the replica holds more than it needs, which can only
-//! deny sooner, never overspend, and each call stays the store's ordinary reserve and settle
-//! (no second implementation of hold arithmetic per backend).
+//! A renewal is one store step (`CounterStore::renew`): the current slice settled at what it
+//! spent and the next one reserved, atomically, so what it returns is there for the next.
+//! Trade-off: a slice with local holds still open cannot be settled yet; its successor is
+//! placed first and it goes back once they close. While both are held the replica holds more
+//! than it needs, which can only deny sooner, never overspend.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -460,17 +461,22 @@ impl Shared {
         now: Timestamp,
     ) -> Result<(), StoreError> {
         let spent = lease.spent + lease.held;
-        match self.inner.settle(key, &Usage::units(spent), now).await? {
+        let outcome = self.inner.settle(key, &Usage::units(spent), now).await?;
+        self.note_return(outcome, lease);
+        Ok(())
+    }
+
+    /// Counts a slice's return: settled, or found expired (the store committed it whole).
+    fn note_return(&self, outcome: CloseOutcome, lease: &Lease) {
+        match outcome {
             CloseOutcome::Closed => {
                 self.counters.returned.fetch_add(1, Ordering::Relaxed);
             }
             CloseOutcome::AlreadyClosed => {
-                // The store expired it first and committed it whole.
-                let unused = lease.slice.saturating_sub(spent);
+                let unused = lease.slice.saturating_sub(lease.spent + lease.held);
                 self.counters.stranded.fetch_add(unused, Ordering::Relaxed);
             }
         }
-        Ok(())
     }
 
     /// Charges what local settlements spent past their slices straight to the store's
@@ -560,7 +566,7 @@ impl Shared {
     /// store had left; the slot's older slices retire.
     async fn acquire(self: Arc<Self>, customer: Name, slot: SlotKey, remaining: u64) {
         let now = self.clock.now();
-        let (template, size) = {
+        let (template, size, old) = {
             let book = self.book(customer);
             let mut b = book.lock();
             let Some(s) = b.slots.get_mut(&slot) else {
@@ -577,7 +583,13 @@ impl Shared {
                 s.acquiring = false;
                 return;
             }
-            (s.template.clone(), size)
+            // A current slice with nothing open in it is renewed in one store step: what it
+            // spent committed, the rest returned, the next one taken.
+            let old = match s.gens.last() {
+                Some(g) if !g.retired && g.lease.held == 0 => s.gens.pop(),
+                _ => None,
+            };
+            (s.template.clone(), size, old)
         };
         let plan = Plan {
             customer,
@@ -594,9 +606,23 @@ impl Shared {
             series: SeriesDraft::default(),
             record: false,
         };
-        let placed = self.inner.reserve(&plan, ReserveMode::Hold, now).await;
+        let placed = match &old {
+            Some(g) => match self.inner.renew(g.store, g.lease.spent, &plan, now).await {
+                Ok((outcome, r)) => {
+                    self.note_return(outcome, &g.lease);
+                    Ok(r)
+                }
+                Err(e) => Err(e),
+            },
+            None => self.inner.reserve(&plan, ReserveMode::Hold, now).await,
+        };
         let book = self.book(customer);
         let mut b = book.lock();
+        if let (Err(_), Some(g)) = (&placed, old) {
+            // Unknown whether the store took it back: tried again (settling a closed hold
+            // changes nothing) at the next sweep.
+            b.unreturned.push((g.store, g.lease));
+        }
         let Some(s) = b.slots.get_mut(&slot) else {
             return;
         };
@@ -882,6 +908,16 @@ impl CounterStore for LeasedStore {
             return self.shared.inner.settle(hold, actual, now).await;
         }
         self.close_local(hold, Some(actual), now).await
+    }
+
+    async fn renew(
+        &self,
+        old: HoldKey,
+        spent: u64,
+        next: &Plan,
+        now: Timestamp,
+    ) -> Result<(CloseOutcome, Reservation), StoreError> {
+        self.shared.inner.renew(old, spent, next, now).await
     }
 
     async fn release(&self, hold: HoldKey, now: Timestamp) -> Result<CloseOutcome, StoreError> {

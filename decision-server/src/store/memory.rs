@@ -301,6 +301,32 @@ impl CounterStore for MemoryStore {
         self.close(hold, Closing::Settle(actual), now).await
     }
 
+    async fn renew(
+        &self,
+        old: HoldKey,
+        spent: u64,
+        next: &Plan,
+        now: Timestamp,
+    ) -> Result<(CloseOutcome, Reservation), StoreError> {
+        let sym = next.customer.sym();
+        let book = self.book(sym);
+        let spent = Usage::units(spent);
+        let how = Closing::Settle(&spent);
+        let (closed, reservation) = self
+            .write(sym, &book, |l| {
+                let closed = l.close(old.seq, old.tag, how, now);
+                (closed, l.reserve(next, true, now))
+            })
+            .await?;
+        // The old slice gone already (expired, or a store that lost it) is no reason to lose
+        // the new one, which is placed either way.
+        let outcome = match closed {
+            CloseResult::Unknown => CloseOutcome::AlreadyClosed,
+            other => close_outcome(old, how, other)?,
+        };
+        Ok((outcome, reservation))
+    }
+
     async fn release(&self, hold: HoldKey, now: Timestamp) -> Result<CloseOutcome, StoreError> {
         self.close(hold, Closing::Release, now).await
     }

@@ -131,6 +131,18 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
         now: Timestamp,
     ) -> Result<CloseOutcome, StoreError>;
 
+    /// Settles hold `old` at `spent` units and, in the same atomic step, reserves `next` (of
+    /// the same customer): a replica's lease renewal, which commits what a slice spent,
+    /// returns the rest and takes the next slice with nothing in between. The settlement
+    /// happens whatever the reservation answers.
+    async fn renew(
+        &self,
+        old: HoldKey,
+        spent: u64,
+        next: &Plan,
+        now: Timestamp,
+    ) -> Result<(CloseOutcome, Reservation), StoreError>;
+
     /// Undoes a hold entirely. Idempotent.
     async fn release(&self, hold: HoldKey, now: Timestamp) -> Result<CloseOutcome, StoreError>;
 

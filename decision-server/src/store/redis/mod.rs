@@ -251,13 +251,15 @@ impl RedisStore {
     }
 
     /// Runs `op` on `plan`'s counters: `head` adds the operation's own arguments, then the
-    /// count of counters and a group each follow.
+    /// count of counters and a group each follow, then the record draft, then `tail`'s
+    /// arguments, then the record settings.
     async fn run_plan(
         &self,
         plan: &Plan,
         op: &str,
         now: Timestamp,
         head: impl FnOnce(&mut ScriptInvocation<'_>),
+        tail: impl FnOnce(&mut ScriptInvocation<'_>),
         sent: &AtomicBool,
     ) -> Result<Vec<Value>, StoreError> {
         let mut keys = self.keys(plan.customer);
@@ -273,6 +275,7 @@ impl RedisStore {
         let usage = &plan.usage;
         let measures = Measures::of_call(usage.units, usage.tokens, plan.credits(usage));
         push_record_draft(&mut inv, plan, &measures);
+        tail(&mut inv);
         if plan.record {
             self.push_record_settings(&mut inv);
         } else {
@@ -283,6 +286,100 @@ impl RedisStore {
             push_record_settings(&mut inv, &off, &StreamRetention::default());
         }
         self.run_noting(plan.customer.sym(), &inv, sent).await
+    }
+
+    /// A reservation (`reserve`), or with `renew` a hold settled at `spent` units first in
+    /// the same script call (`renew`). Returns the reservation and, for a renewal, the last
+    /// reply entry (the old hold's fate).
+    async fn reserve_op(
+        &self,
+        plan: &Plan,
+        mode: ReserveMode,
+        now: Timestamp,
+        renew: Option<(HoldKey, u64)>,
+    ) -> Result<(Reservation, Option<i64>), StoreError> {
+        let sent = AtomicBool::new(false);
+        let reply = self
+            .run_plan(
+                plan,
+                if renew.is_some() { "renew" } else { "reserve" },
+                now,
+                |inv| {
+                    inv.arg(u8::from(mode == ReserveMode::Hold))
+                        .arg(plan.hold_ttl_millis)
+                        .arg(tag_text(plan.hold_tag))
+                        .arg(plan.max_settle);
+                },
+                |inv| {
+                    if let Some((old, spent)) = renew {
+                        inv.arg(old.seq).arg(tag_text(old.tag)).arg(spent);
+                    }
+                },
+                &sent,
+            )
+            .await;
+        let mut reply = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                // The call may still run in Redis, late (a timeout, a connection lost after
+                // sending): the caller hears "unavailable", so whatever it holds must go.
+                if mode == ReserveMode::Hold && sent.load(Ordering::Relaxed) {
+                    self.canceller
+                        .cancel_soon(plan.customer.as_str(), plan.hold_tag, now);
+                }
+                return Err(e);
+            }
+        };
+        let renewed = match renew {
+            Some(_) => Some(
+                reply
+                    .pop()
+                    .as_ref()
+                    .and_then(int)
+                    .ok_or_else(|| bad_reply("renew"))?,
+            ),
+            None => None,
+        };
+        // `reserve()`: the blocking counter (1-based, 0 if none), the hold number (0 if none),
+        // then each counter's state before the call.
+        let blocking = result(&reply).ok_or_else(|| bad_reply("reserve"))?;
+        let seq = reply
+            .get(HEADER)
+            .and_then(int)
+            .ok_or_else(|| bad_reply("reserve"))?;
+        let before = reply
+            .get(HEADER + 1..)
+            .filter(|b| b.len() == plan.counters.len())
+            .ok_or_else(|| bad_reply("reserve: one state per counter expected"))?
+            .iter()
+            .map(state_of)
+            .collect::<Result<Vec<_>, _>>()?;
+        let placed = seq > 0;
+        if placed {
+            let expires = now.plus_millis(plan.hold_ttl_millis).millis();
+            if let Some(mut k) = self.known.get_mut(&plan.customer.sym()) {
+                k.next_expiry = Some(k.next_expiry.map_or(expires, |at| at.min(expires)));
+            }
+        }
+        let (readings, computed) = readings_from(plan, before, placed, now);
+        let blocking = usize::try_from(blocking)
+            .ok()
+            .and_then(|b| b.checked_sub(1));
+        if blocking != computed {
+            // The script decided; a disagreement means it and the core differ somewhere.
+            self.disagreements.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(customer = plan.customer.as_str(), script = ?blocking, core = ?computed, "redis script and core disagree on a decision");
+        }
+        let reservation = Reservation {
+            readings,
+            blocking,
+            hold: placed.then(|| HoldId {
+                customer: plan.customer.to_string(),
+                seq: seq as u64,
+                tag: plan.hold_tag,
+            }),
+        };
+        Ok((reservation, renewed))
     }
 
     fn push_record_settings(&self, inv: &mut ScriptInvocation<'_>) {
@@ -583,72 +680,27 @@ impl CounterStore for RedisStore {
         mode: ReserveMode,
         now: Timestamp,
     ) -> Result<Reservation, StoreError> {
-        let sent = AtomicBool::new(false);
-        let reply = self
-            .run_plan(
-                plan,
-                "reserve",
-                now,
-                |inv| {
-                    inv.arg(u8::from(mode == ReserveMode::Hold))
-                        .arg(plan.hold_ttl_millis)
-                        .arg(tag_text(plan.hold_tag))
-                        .arg(plan.max_settle);
-                },
-                &sent,
-            )
-            .await;
-        let reply = match reply {
-            Ok(r) => r,
-            Err(e) => {
-                // The call may still run in Redis, late (a timeout, a connection lost after
-                // sending): the caller hears "unavailable", so whatever it holds must go.
-                if mode == ReserveMode::Hold && sent.load(Ordering::Relaxed) {
-                    self.canceller
-                        .cancel_soon(plan.customer.as_str(), plan.hold_tag, now);
-                }
-                return Err(e);
-            }
+        let (reservation, _) = self.reserve_op(plan, mode, now, None).await?;
+        Ok(reservation)
+    }
+
+    async fn renew(
+        &self,
+        old: HoldKey,
+        spent: u64,
+        next: &Plan,
+        now: Timestamp,
+    ) -> Result<(CloseOutcome, Reservation), StoreError> {
+        let (reservation, closed) = self
+            .reserve_op(next, ReserveMode::Hold, now, Some((old, spent)))
+            .await?;
+        // `renew()` ends its reply with 0 when it closed the old hold, 1 when it was gone.
+        let outcome = if closed == Some(0) {
+            CloseOutcome::Closed
+        } else {
+            CloseOutcome::AlreadyClosed
         };
-        // `reserve()`: the blocking counter (1-based, 0 if none), the hold number (0 if none),
-        // then each counter's state before the call.
-        let blocking = result(&reply).ok_or_else(|| bad_reply("reserve"))?;
-        let seq = reply
-            .get(HEADER)
-            .and_then(int)
-            .ok_or_else(|| bad_reply("reserve"))?;
-        let before = reply
-            .get(HEADER + 1..)
-            .filter(|b| b.len() == plan.counters.len())
-            .ok_or_else(|| bad_reply("reserve: one state per counter expected"))?
-            .iter()
-            .map(state_of)
-            .collect::<Result<Vec<_>, _>>()?;
-        let placed = seq > 0;
-        if placed {
-            let expires = now.plus_millis(plan.hold_ttl_millis).millis();
-            if let Some(mut k) = self.known.get_mut(&plan.customer.sym()) {
-                k.next_expiry = Some(k.next_expiry.map_or(expires, |at| at.min(expires)));
-            }
-        }
-        let (readings, computed) = readings_from(plan, before, placed, now);
-        let blocking = usize::try_from(blocking)
-            .ok()
-            .and_then(|b| b.checked_sub(1));
-        if blocking != computed {
-            // The script decided; a disagreement means it and the core differ somewhere.
-            self.disagreements.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(customer = plan.customer.as_str(), script = ?blocking, core = ?computed, "redis script and core disagree on a decision");
-        }
-        Ok(Reservation {
-            readings,
-            blocking,
-            hold: placed.then(|| HoldId {
-                customer: plan.customer.to_string(),
-                seq: seq as u64,
-                tag: plan.hold_tag,
-            }),
-        })
+        Ok((outcome, reservation))
     }
 
     async fn settle(
@@ -795,6 +847,7 @@ impl CounterStore for RedisStore {
                         .arg(self.retention.millis)
                         .arg(self.retention.max_keys);
                 },
+                |_| {},
                 &AtomicBool::new(false),
             )
             .await?;

@@ -58,7 +58,7 @@ local BASE = string.sub(META, 1, #META - 1)
 local REC_ARGS = 7
 local REC = false
 if op == 'reserve' or op == 'close' or op == 'record' or op == 'expire' or op == 'cancel'
-  or op == 'alert' or op == 'locals' then
+  or op == 'alert' or op == 'locals' or op == 'renew' then
   local b = #ARGV - REC_ARGS
   if ARGV[b + 1] == '1' then
     REC = {
@@ -608,6 +608,27 @@ local function record()
   return reply(1)
 end
 
+-- ARGV: as 'reserve', then before the record settings the old hold's number, tag and the
+-- units it spent. A replica's lease renewal in one step: the old hold settled at those units
+-- (if it is still open), then the reservation. Result: as `reserve()`, then 0 if the old hold
+-- was closed here, 1 if it was gone.
+local function renew()
+  local b = #ARGV - REC_ARGS
+  local seq, tag, spent = tonumber(ARGV[b - 2]), ARGV[b - 1], tonumber(ARGV[b])
+  expire_due()
+  local raw = redis.call('HGET', HOLDS, tag)
+  local h = raw and cmsgpack.unpack(raw)
+  local gone = 1
+  if h and h[5] == seq then
+    -- A slice's hold counts its units (rule 0) and keeps no record: nothing priced to read.
+    close_hold(tag, h, 's', spent, 0, nil)
+    gone = 0
+  end
+  local out = reserve()
+  out[#out + 1] = gone
+  return out
+end
+
 -- ARGV: 'locals', now, count, then per record: kind, time, hold number, tag, the nine
 -- measures, and its series draft; then the record settings. The records of decisions a
 -- replica made inside its leases, each attributed at its own time; no counter changes.
@@ -856,6 +877,7 @@ local function deliveries()
 end
 
 if op == 'reserve' then return reserve()
+elseif op == 'renew' then return renew()
 elseif op == 'enqueue' then return enqueue()
 elseif op == 'lease' then return lease()
 elseif op == 'finish' then return finish()
