@@ -19,7 +19,7 @@
 //! placed first and it goes back once they close. While both are held the replica holds more
 //! than it needs, which can only deny sooner, never overspend.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -204,7 +204,7 @@ struct LocalHold {
 struct Book {
     slots: HashMap<SlotKey, Slot>,
     holds: HashMap<u128, LocalHold>,
-    records: Vec<LocalRecord>,
+    records: VecDeque<LocalRecord>,
     /// Slices the store could not take back yet (unreachable): tried again at each sweep.
     unreturned: Vec<(HoldKey, Lease)>,
 }
@@ -218,7 +218,6 @@ impl Book {
             .find(|g| g.store.seq == slice)
     }
 
-    /// Closes a local hold's parts: settled at `actual` (`None`: released).
     /// Closes a local hold's parts: settled at `actual` (`None`: released). Returns what a
     /// settlement over the hold spent past its slice, per counter: that must reach the store
     /// at once (see [`Shared::charge_over`]), or a decision the store makes meanwhile would
@@ -254,8 +253,8 @@ impl Book {
     fn expire_hold(&mut self, h: &LocalHold, at: Timestamp, dropped: &AtomicU64) {
         for p in &h.parts {
             if let Some(g) = self.gen_mut(&p.slot, p.slice) {
-                let over = g.lease.settle(p.held, p.held);
-                g.lease.spent += over;
+                // Spending what it held always fits the room it held: nothing past the slice.
+                g.lease.settle(p.held, p.held);
             }
         }
         if h.store.is_none() {
@@ -265,10 +264,10 @@ impl Book {
 
     fn push_record(&mut self, r: LocalRecord, dropped: &AtomicU64) {
         if self.records.len() >= MAX_PENDING_RECORDS {
-            self.records.remove(0);
+            self.records.pop_front();
             dropped.fetch_add(1, Ordering::Relaxed);
         }
-        self.records.push(r);
+        self.records.push_back(r);
     }
 }
 
@@ -279,7 +278,6 @@ struct Counters {
     store: AtomicU64,
     placed: AtomicU64,
     returned: AtomicU64,
-    saved: AtomicU64,
     stranded: AtomicU64,
     dropped: AtomicU64,
 }
@@ -344,10 +342,6 @@ impl LeasedStore {
         }
     }
 
-    pub fn terms(&self) -> LeaseTerms {
-        self.shared.terms
-    }
-
     /// Counts since start, and the units this replica's slices hold now.
     pub fn lease_stats(&self) -> LeaseStats {
         let c = &self.shared.counters;
@@ -371,7 +365,8 @@ impl LeasedStore {
             store_decisions: c.store.load(Ordering::Relaxed),
             slices_placed: c.placed.load(Ordering::Relaxed),
             slices_returned: c.returned.load(Ordering::Relaxed),
-            store_calls_saved: c.saved.load(Ordering::Relaxed),
+            // A local decision's reserve and close.
+            store_calls_saved: 2 * c.local.load(Ordering::Relaxed),
             stranded_units: c.stranded.load(Ordering::Relaxed),
             outstanding_units: outstanding,
             records_dropped: c.dropped.load(Ordering::Relaxed),
@@ -397,7 +392,7 @@ impl LeasedStore {
                         settles.push((g.store, g.lease));
                     }
                 }
-                (settles, std::mem::take(&mut b.records))
+                (settles, Vec::from(std::mem::take(&mut b.records)))
             };
             let written = shared.write_records(customer, records, now).await;
             let returned = shared.settle_all(&book, settles, now).await;
@@ -655,8 +650,8 @@ impl Shared {
         self.counters.placed.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Notes demand on a leasable counter: the slot (created or refreshed) and whether it
-    /// wants a slice placed now, with what the store has left.
+    /// Notes demand on a leasable counter and returns its slot, created or refreshed (a
+    /// changed limit retires the slot's slices).
     fn want_slice<'b>(
         &self,
         b: &'b mut Book,
@@ -779,7 +774,6 @@ impl CounterStore for LeasedStore {
         };
         if covered == n {
             shared.counters.local.fetch_add(1, Ordering::Relaxed);
-            shared.counters.saved.fetch_add(2, Ordering::Relaxed);
             return Ok(Reservation {
                 readings: local.into_iter().flatten().map(|(_, r)| r).collect(),
                 blocking: None,
@@ -1146,7 +1140,8 @@ impl LeasedStore {
                     &shared.counters.dropped,
                 );
             }
-            let flush = (b.records.len() >= FLUSH_AT).then(|| std::mem::take(&mut b.records));
+            let flush =
+                (b.records.len() >= FLUSH_AT).then(|| Vec::from(std::mem::take(&mut b.records)));
             (h.store, flush, over)
         };
         shared.charge_over(hold, over, now).await?;
@@ -1200,10 +1195,9 @@ impl LeasedStore {
                             g.retired = true;
                         }
                     }
-                    // Busy and its current slice past half its life or low: the next one.
+                    // Busy, and its current slice low or past half of the window in which it
+                    // takes new holds (holds that end before its return margin): the next one.
                     let current = s.gens.iter().rev().find(|g| !g.retired);
-                    // A slice takes new holds while they can end before its return margin:
-                    // the next one is placed once half of that window has gone.
                     let window = t.ttl_ms - t.skew_ms - RETURN_MARGIN_MS - s.hold_ttl_ms;
                     let due_next = match current {
                         Some(g) => {
@@ -1227,15 +1221,17 @@ impl LeasedStore {
                     s.others_used += done.iter().map(|g| g.lease.spent).sum::<u64>();
                     settles.extend(done.into_iter().map(|g| (g.store, g.lease)));
                 }
-                b.slots
-                    .retain(|_, s| !s.gens.is_empty() || ms - s.last_asked <= t.ttl_ms);
-                (settles, std::mem::take(&mut b.records))
+                // A slot whose placement is in flight stays, or the slice would be placed for
+                // nobody.
+                b.slots.retain(|_, s| {
+                    s.acquiring || !s.gens.is_empty() || ms - s.last_asked <= t.ttl_ms
+                });
+                (settles, Vec::from(std::mem::take(&mut b.records)))
             };
             // Spent-out and idle slices go back first, so a placement's reading counts what
-            // they spent rather than their whole size. (A busy counter's current slice is
-            // retired by its successor's placement and goes back at the next sweep: never a
-            // moment without one.)
-            // A failure is kept for the next sweep.
+            // they spent rather than their whole size. (A busy counter's current slice goes
+            // back in its successor's placement when nothing is open in it, else at a later
+            // sweep: never a moment without one.) A failure is kept for the next sweep.
             let _ = shared.settle_all(&book, settles, now).await;
             futures_util::stream::iter(renew)
                 .for_each_concurrent(STORE_CALLS_AT_ONCE, |(slot, remaining)| {

@@ -315,6 +315,15 @@ end
 local MEASURES = 9
 local SETTLED, RELEASED, EXPIRED, INGESTED, DENIED, ALERT = 1, 2, 3, 4, 5, 6
 
+-- Adds measures `add` to `series`'s field of bucket hash `key`, kept `keep_ms` from now.
+local function bucket_add(key, series, add, keep_ms)
+  local raw = redis.call('HGET', key, series)
+  local cur = raw and cmsgpack.unpack(raw) or { 0, 0, 0, 0, 0, 0, 0, 0, 0 }
+  for i = 1, MEASURES do cur[i] = cur[i] + add[i] end
+  redis.call('HSET', key, series, cmsgpack.pack(cur))
+  redis.call('PEXPIRE', key, keep_ms)
+end
+
 -- Adds measures `m` to `series` in the buckets holding now, and appends the event: kind,
 -- time, series, measures, and the reference (hold number and tag, an idempotency key, or the
 -- denying level).
@@ -323,14 +332,9 @@ local function attribute(kind, series, m, a, b)
     local start = now - (now % g)
     local keep_until = start + g + REC.ret[gi]
     if keep_until > now then
-      local key = BASE .. 'r' .. gi .. ':' .. start
-      local raw = redis.call('HGET', key, series)
-      local cur = raw and cmsgpack.unpack(raw) or { 0, 0, 0, 0, 0, 0, 0, 0, 0 }
-      for i = 1, MEASURES do cur[i] = cur[i] + m[i] end
-      redis.call('HSET', key, series, cmsgpack.pack(cur))
       -- Relative to this call's clock, not Redis's: the replicas' clock is the one counters
       -- and retention follow.
-      redis.call('PEXPIRE', key, keep_until - now)
+      bucket_add(BASE .. 'r' .. gi .. ':' .. start, series, m, keep_until - now)
     end
   end
   append(cmsgpack.pack({ kind, now, series, m, a or false, b or false }), REC.stream_max, REC.stream_ms)
@@ -673,13 +677,7 @@ local function locals()
     p = after
   end
   for key, b in pairs(sums) do
-    for series, add in pairs(b.by) do
-      local raw = redis.call('HGET', key, series)
-      local cur = raw and cmsgpack.unpack(raw) or { 0, 0, 0, 0, 0, 0, 0, 0, 0 }
-      for i = 1, MEASURES do cur[i] = cur[i] + add[i] end
-      redis.call('HSET', key, series, cmsgpack.pack(cur))
-    end
-    redis.call('PEXPIRE', key, b.keep - now)
+    for series, add in pairs(b.by) do bucket_add(key, series, add, b.keep - now) end
   end
   trim_stream(REC.stream_ms)
   return reply(0)
