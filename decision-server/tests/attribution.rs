@@ -18,6 +18,7 @@ type Store = Arc<dyn CounterStore>;
 test_with_all_stores!(
     every_unit_is_attributed_once_and_equals_what_was_counted,
     distinct_dimension_values_fold_past_the_customers_most,
+    local_record_batches_read_back_by_cursor_and_add_up,
 );
 
 const LIMITS: &str = r#"
@@ -178,4 +179,168 @@ fn distinct_dimension_values_fold_past_the_customers_most(store: Store) {
     assert_eq!(sum(&rows, "region", "ap").units, 0);
     // Entity ids are never folded: they are bounded by the model already.
     assert_eq!(sum(&rows, "userId", "u1").units, 5);
+}
+
+/// A replica's local records (written in batches by a leased store, `record_local`): each
+/// attributed at its own time, folded as any record, and in the stream once each, in order,
+/// between the events around them; a reader resumes after any one of them, also inside a
+/// batch (on Redis a batch of 1,100 is three stream entries), and pages never hold more
+/// than asked.
+fn local_record_batches_read_back_by_cursor_and_add_up(store: Store) {
+    use tollgate::core::rollup::{LocalRecord, SeriesDraft};
+    let h = harness(&config(2), store, "2026-03-10T10:00:00Z");
+    let store = h.engine.store();
+    let acme = Name::from("acme");
+    let t0 = {
+        use tollgate::clock::Clock;
+        h.clock.now().millis()
+    };
+    let users = ["u1", "u2", "u3"];
+    let regions = ["eu", "us", "ap"];
+    let record = |i: usize| LocalRecord {
+        kind: if i.is_multiple_of(10) {
+            RecordKind::Released
+        } else {
+            RecordKind::Settled
+        },
+        // Two minutes and more: 100 ms apart.
+        at: tollgate::core::Timestamp::from_millis(t0 + i as i64 * 100),
+        series: SeriesDraft {
+            feature: Name::from("tokens"),
+            chain: vec![
+                (Name::from("orgId"), Name::from("acme")),
+                (Name::from("userId"), Name::from(users[i % 3])),
+            ],
+            dimensions: vec![(Name::from("region"), regions[i % 3].into())],
+        },
+        measures: Measures {
+            units: (i % 7 + 1) as u64,
+            requests: 1,
+            ..Measures::default()
+        },
+        seq: (1 << 52) | i as u64,
+        tag: i as u128 + 1,
+    };
+    let all: Vec<LocalRecord> = (0..1_100).map(record).collect();
+    let now = tollgate::core::Timestamp::from_millis(t0);
+    assert!(h.ingest("acme", "tokens", tokens(1, 0, 0), &[("userId", "u1")], "k0"));
+    h.run(store.record_local(acme, &all[..600], now)).unwrap();
+    assert!(h.ingest("acme", "tokens", tokens(1, 0, 0), &[("userId", "u1")], "k1"));
+    h.run(store.record_local(acme, &all[600..], now)).unwrap();
+
+    // Read in pages of 7: every event once, in order.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..1_000 {
+        let page = h
+            .run(store.read_events(Some(acme), cursor.as_deref(), 7))
+            .unwrap();
+        assert!(!page.gap);
+        assert!(page.events.len() <= 7);
+        let Some(last) = page.events.last() else {
+            break;
+        };
+        cursor = Some(last.id.clone());
+        seen.extend(page.events);
+    }
+    let refs: Vec<String> = seen
+        .iter()
+        .map(|e| match &*e.body {
+            EventBody::Record(r) => match &r.reference {
+                tollgate::core::rollup::RecordRef::Hold { seq, tag } => {
+                    assert_eq!(*tag, u128::from(*seq & ((1 << 52) - 1)) + 1);
+                    format!("{}", seq & ((1 << 52) - 1))
+                }
+                tollgate::core::rollup::RecordRef::Key(k) => k.to_string(),
+                other => panic!("unexpected reference {other:?}"),
+            },
+            EventBody::Alert(_) => panic!("no alert was set"),
+        })
+        .collect();
+    let expected: Vec<String> = std::iter::once("k0".to_string())
+        .chain((0..600).map(|i| i.to_string()))
+        .chain(std::iter::once("k1".to_string()))
+        .chain((600..1_100).map(|i| i.to_string()))
+        .collect();
+    assert_eq!(refs, expected);
+    let ids: std::collections::HashSet<&str> = seen.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids.len(), seen.len(), "event ids are distinct");
+    // Each local record as it was made: its time, kind, measures and folded series.
+    for (e, i) in seen
+        .iter()
+        .filter(|e| !matches!(&*e.body, EventBody::Record(r) if r.kind == RecordKind::Ingested))
+        .zip(0..)
+    {
+        let EventBody::Record(r) = &*e.body else {
+            panic!("a record")
+        };
+        let want = record(i);
+        assert_eq!(
+            (r.kind, r.at, r.measures),
+            (want.kind, want.at, want.measures),
+            "record {i}"
+        );
+        assert_eq!(r.series.get("userId"), Some(users[i % 3]));
+        assert_eq!(
+            r.series.get("region"),
+            Some(if i % 3 == 2 { OTHER } else { regions[i % 3] })
+        );
+    }
+    // Resuming after any event gives exactly the events after it.
+    for at in [0, 1, 5, 511, 512, 513, 600, 601, 1_000, 1_101] {
+        let page = h
+            .run(store.read_events(Some(acme), Some(&seen[at].id), 2_000))
+            .unwrap();
+        let ids: Vec<&str> = page.events.iter().map(|e| e.id.as_str()).collect();
+        let want: Vec<&str> = seen[at + 1..].iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, want, "after event {at}");
+    }
+    let page = h.run(store.read_events(Some(acme), None, 1_000)).unwrap();
+    assert_eq!(page.events.len(), 1_000);
+
+    // The rollups: every unit once, each minute's records in that minute.
+    let units: u64 = all.iter().map(|r| r.measures.units).sum::<u64>() + 2;
+    for g in [Granularity::Minute, Granularity::Hour, Granularity::Day] {
+        let rows = buckets(&h, g);
+        assert_eq!(sum(&rows, "", "").units, units, "{g:?}");
+        assert_eq!(sum(&rows, "region", OTHER).requests, 1_100 / 3, "{g:?}");
+    }
+    let minutes = buckets(&h, Granularity::Minute);
+    for (start, _, _) in &minutes {
+        let want: u64 = all
+            .iter()
+            .filter(|r| Granularity::Minute.start(r.at) == *start)
+            .map(|r| r.measures.units)
+            .sum();
+        let ingested = u64::from(*start == Granularity::Minute.start(now));
+        let got: u64 = minutes
+            .iter()
+            .filter(|(s, _, _)| s == start)
+            .map(|(_, _, m)| m.units)
+            .sum();
+        assert_eq!(got, want + 2 * ingested, "minute {start}");
+    }
+
+    // A batch with more series than one script step writes to a bucket (2,500 users).
+    let wide: Vec<LocalRecord> = (0..2_500)
+        .map(|i| LocalRecord {
+            series: SeriesDraft {
+                chain: vec![(Name::from("userId"), Name::from(format!("w{i}").as_str()))],
+                ..record(1).series
+            },
+            at: now,
+            ..record(1)
+        })
+        .collect();
+    h.run(store.record_local(acme, &wide, now)).unwrap();
+    let rows = buckets(&h, Granularity::Hour);
+    let per_unit = record(1).measures.units;
+    for i in [0, 999, 1_000, 1_001, 2_499] {
+        assert_eq!(
+            sum(&rows, "userId", &format!("w{i}")).units,
+            per_unit,
+            "w{i}"
+        );
+    }
+    assert_eq!(sum(&rows, "", "").units, units + 2_500 * per_unit);
 }

@@ -57,7 +57,7 @@ const MAX_PENDING_RECORDS: usize = 100_000;
 const STORE_CALLS_AT_ONCE: usize = 32;
 
 /// A batch is written at once when it reaches this many records (else at the next sweep).
-const FLUSH_AT: usize = 512;
+const FLUSH_AT: usize = 1024;
 
 /// How long before a slice's local end its last local hold must end: the slice goes back at
 /// the first sweep after its holds close (the server sweeps every second), and must reach the

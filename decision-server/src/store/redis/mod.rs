@@ -45,10 +45,9 @@ use self::link::Link;
 use self::wire::{
     CLOSE_ALREADY_CLOSED, CLOSE_CLOSED, CLOSE_NEEDS_PRICES, CLOSE_NO_SUCH_HOLD, CLOSE_TOO_LARGE,
     CounterArgs, DONE, ENTITY_ABSENT, ENTITY_CREATED, ENTITY_FOUND, ENTITY_FULL, HEADER,
-    PRICES_PER_PART, SLOT_COUNTERS, SLOT_HOLDS_OPEN, SLOT_HOLDS_VERSION, SLOT_NEXT_EXPIRY,
-    bad_reply, category_code, decode_event, decode_series, int, kind_code, measures_of,
-    push_record_draft, push_record_settings, push_series_draft, record_kind_code, result,
-    rule_code, state_of, tag_text,
+    LocalBatch, PRICES_PER_PART, SLOT_COUNTERS, SLOT_HOLDS_OPEN, SLOT_HOLDS_VERSION,
+    SLOT_NEXT_EXPIRY, bad_reply, category_code, decode_event, decode_series, int, kind_code,
+    measures_of, push_record_draft, push_record_settings, result, rule_code, state_of, tag_text,
 };
 use super::{
     AdminLog, AutoEntityOutcome, CloseOutcome, CounterStore, HoldKey, Reservation, ReserveMode,
@@ -493,16 +492,15 @@ fn decode_deliveries(reply: &[Value]) -> Result<Vec<Delivery>, StoreError> {
         .collect()
 }
 
-/// Whether `s` is a stream id (`<ms>-<seq>`), as the script's `XRANGE` takes it.
-fn is_stream_id(s: &str) -> bool {
-    s.split_once('-').is_some_and(|(ms, seq)| {
-        !ms.is_empty()
-            && !seq.is_empty()
-            && ms.len() <= 20
-            && seq.len() <= 20
-            && ms.bytes().all(|b| b.is_ascii_digit())
-            && seq.bytes().all(|b| b.is_ascii_digit())
-    })
+/// Whether `s` is an event id as the script makes them: a stream id (`<ms>-<seq>`), or one
+/// inside a batch entry (`<ms>-<seq>.<index>`).
+fn is_event_id(s: &str) -> bool {
+    let digits = |x: &str| !x.is_empty() && x.len() <= 20 && x.bytes().all(|b| b.is_ascii_digit());
+    let (id, index) = s.split_once('.').unwrap_or((s, "0"));
+    digits(index)
+        && id
+            .split_once('-')
+            .is_some_and(|(ms, seq)| digits(ms) && digits(seq))
 }
 
 #[async_trait::async_trait]
@@ -635,7 +633,7 @@ impl CounterStore for RedisStore {
             ));
         };
         if let Some(a) = after
-            && !is_stream_id(a)
+            && !is_event_id(a)
         {
             return Err(StoreError::BadCursor(a.to_string()));
         }
@@ -813,19 +811,10 @@ impl CounterStore for RedisStore {
         if records.is_empty() {
             return Ok(());
         }
+        let batch = LocalBatch::pack(records).await?;
         let keys = self.keys(customer);
         let mut inv = self.invocation(&keys, "locals", now);
-        inv.arg(records.len());
-        for r in records {
-            inv.arg(record_kind_code(r.kind))
-                .arg(r.at.millis())
-                .arg(r.seq)
-                .arg(tag_text(r.tag));
-            for m in r.measures.to_array() {
-                inv.arg(m);
-            }
-            push_series_draft(&mut inv, &r.series);
-        }
+        batch.push(&mut inv);
         self.push_record_settings(&mut inv);
         self.run(customer.sym(), &inv).await?;
         Ok(())

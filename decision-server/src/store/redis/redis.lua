@@ -315,12 +315,27 @@ end
 local MEASURES = 9
 local SETTLED, RELEASED, EXPIRED, INGESTED, DENIED, ALERT = 1, 2, 3, 4, 5, 6
 
--- Adds measures `add` to `series`'s field of bucket hash `key`, kept `keep_ms` from now.
-local function bucket_add(key, series, add, keep_ms)
-  local raw = redis.call('HGET', key, series)
-  local cur = raw and cmsgpack.unpack(raw) or { 0, 0, 0, 0, 0, 0, 0, 0, 0 }
-  for i = 1, MEASURES do cur[i] = cur[i] + add[i] end
-  redis.call('HSET', key, series, cmsgpack.pack(cur))
+-- Adds measures to fields of bucket hash `key`, kept `keep_ms` from now: `by` maps each
+-- series to what it adds. One read and one write per 1,000 series (`unpack` takes a few
+-- thousand values at most), one expiry.
+local function bucket_add(key, by, keep_ms)
+  local names = {}
+  for series in pairs(by) do names[#names + 1] = series end
+  for first = 1, #names, 1000 do
+    local last = math.min(first + 999, #names)
+    local raw = redis.call('HMGET', key, unpack(names, first, last))
+    local set = {}
+    for i = first, last do
+      local series = names[i]
+      local r = raw[i - first + 1]
+      local cur = r and cmsgpack.unpack(r) or { 0, 0, 0, 0, 0, 0, 0, 0, 0 }
+      local add = by[series]
+      for j = 1, MEASURES do cur[j] = cur[j] + add[j] end
+      set[#set + 1] = series
+      set[#set + 1] = cmsgpack.pack(cur)
+    end
+    redis.call('HSET', key, unpack(set))
+  end
   redis.call('PEXPIRE', key, keep_ms)
 end
 
@@ -334,7 +349,7 @@ local function attribute(kind, series, m, a, b)
     if keep_until > now then
       -- Relative to this call's clock, not Redis's: the replicas' clock is the one counters
       -- and retention follow.
-      bucket_add(BASE .. 'r' .. gi .. ':' .. start, series, m, keep_until - now)
+      bucket_add(BASE .. 'r' .. gi .. ':' .. start, { [series] = m }, keep_until - now)
     end
   end
   append(cmsgpack.pack({ kind, now, series, m, a or false, b or false }), REC.stream_max, REC.stream_ms)
@@ -633,52 +648,89 @@ local function renew()
   return out
 end
 
--- ARGV: 'locals', now, count, then per record: kind, time, hold number, tag, the nine
--- measures, and its series draft; then the record settings. The records of decisions a
--- replica made inside its leases, each attributed at its own time; no counter changes.
--- As `attribute` for each, but a batch adds up its records per bucket and series first and
--- writes each bucket field once, and trims the stream once.
+-- ARGV: 'locals', now, the draft count and drafts (as `draft_at`), the sum count and per sum
+-- (draft number, minute start, nine measures), the entry count and per entry (packed events,
+-- their count), then the record settings (wire.rs `LocalBatch`). The records of
+-- decisions a replica made inside its leases, attributed at their own times; no counter
+-- changes. Each draft's series is made once (folding its values), each sum is added to its
+-- minute, hour and day buckets, and each entry is appended to the stream as it came, with
+-- the series list its events' draft numbers point into: `l` the events, `s` the series
+-- (read back by `entry_events`). The caller packed the events, so this call never touches
+-- one record: a batch costs Redis per distinct series and bucket, not per decision.
 local function locals()
   if not REC then return reply(0) end
   local p = 4
-  local sums, series_by_draft = {}, {}
-  local stream = BASE .. 's'
-  for _ = 1, tonumber(ARGV[3]) do
-    local kind, at, seq, tag = tonumber(ARGV[p]), tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2]), ARGV[p + 3]
-    local m = measures_at(p + 4)
-    local first = p + 4 + MEASURES
-    local draft, after = draft_at(first)
-    -- One series per distinct draft in the batch (folding reads the customer's values).
-    local dkey = table.concat(ARGV, '\0', first, after - 1)
-    local series = series_by_draft[dkey]
-    if not series then
-      series = series_of(draft, nil)
-      series_by_draft[dkey] = series
-    end
-    for gi, g in ipairs(GRAIN) do
-      local start = at - (at % g)
-      local keep_until = start + g + REC.ret[gi]
-      if keep_until > now then
-        local key = BASE .. 'r' .. gi .. ':' .. start
-        local b = sums[key]
-        if not b then
-          b = { keep = keep_until, by = {} }
-          sums[key] = b
-        end
-        local cur = b.by[series]
-        if not cur then
-          cur = { 0, 0, 0, 0, 0, 0, 0, 0, 0 }
-          b.by[series] = cur
-        end
-        for i = 1, MEASURES do cur[i] = cur[i] + m[i] end
-      end
-    end
-    redis.call('XADD', stream, 'MAXLEN', '~', REC.stream_max, '*', 'e', cmsgpack.pack({ kind, at, series, m, seq, tag }))
+  local series = {}
+  for i = 1, tonumber(ARGV[3]) do
+    local draft, after = draft_at(p)
+    series[i] = series_of(draft, nil)
     p = after
   end
-  for key, b in pairs(sums) do
-    for series, add in pairs(b.by) do bucket_add(key, series, add, b.keep - now) end
+  local sums, kept_by_minute = {}, {}
+  local n = tonumber(ARGV[p])
+  p = p + 1
+  for _ = 1, n do
+    local s, minute = series[tonumber(ARGV[p])], ARGV[p + 1]
+    local m = measures_at(p + 2)
+    -- A minute's three buckets, found once per minute in the batch.
+    local kept = kept_by_minute[minute]
+    if not kept then
+      kept = {}
+      local ms = tonumber(minute)
+      for gi, g in ipairs(GRAIN) do
+        local start = ms - (ms % g)
+        local keep_until = start + g + REC.ret[gi]
+        if keep_until > now then
+          local key = BASE .. 'r' .. gi .. ':' .. start
+          local b = sums[key]
+          if not b then
+            b = { keep = keep_until, by = {} }
+            sums[key] = b
+          end
+          kept[#kept + 1] = b
+        end
+      end
+      kept_by_minute[minute] = kept
+    end
+    for _, b in ipairs(kept) do
+      local cur = b.by[s]
+      if not cur then
+        cur = { 0, 0, 0, 0, 0, 0, 0, 0, 0 }
+        b.by[s] = cur
+      end
+      for i = 1, MEASURES do cur[i] = cur[i] + m[i] end
+    end
+    p = p + 2 + MEASURES
   end
+  for key, b in pairs(sums) do
+    bucket_add(key, b.by, b.keep - now)
+  end
+  local stream, packed = BASE .. 's', cmsgpack.pack(series)
+  local entries = tonumber(ARGV[p])
+  local extra = 0
+  for i = 1, entries do
+    local q = p + 1 + (i - 1) * 2
+    redis.call('XADD', stream, '*', 'l', ARGV[q], 's', packed)
+    extra = extra + tonumber(ARGV[q + 1]) - 1
+  end
+  -- MAXLEN counts entries and an entry here holds many events: the stream is trimmed to as
+  -- many entries as make its most events at the events per entry it has had (`sx` counts
+  -- the events beyond one per entry ever added, XINFO the entries ever added). XINFO also
+  -- returns the first and last entries, batches of tens of kilobytes, so the entry count
+  -- to keep (`sk`) is worked out again every 16th batch only.
+  local beyond = redis.call('HINCRBY', META, 'sx', extra)
+  local keep = tonumber(redis.call('HGET', META, 'sk') or 0)
+  if redis.call('HINCRBY', META, 'sb', 1) % 16 == 1 or keep == 0 then
+    local info = redis.call('XINFO', 'STREAM', stream)
+    for i = 1, #info, 2 do
+      if info[i] == 'entries-added' then
+        local added = tonumber(info[i + 1])
+        keep = math.max(1, math.floor(REC.stream_max * added / (added + beyond)))
+      end
+    end
+    redis.call('HSET', META, 'sk', keep)
+  end
+  redis.call('XTRIM', stream, 'MAXLEN', '~', keep)
   trim_stream(REC.stream_ms)
   return reply(0)
 end
@@ -751,32 +803,72 @@ local function buckets()
   return reply(0, out)
 end
 
+-- The events of stream entry `e`, packed: an `e` entry is one; an `l` entry (a batch of local
+-- records, see `locals`) is unpacked, each event given its series back.
+local function entry_events(e)
+  local f = e[2]
+  if f[1] ~= 'l' then return { f[2] } end
+  local evs, series = cmsgpack.unpack(f[2]), cmsgpack.unpack(f[4])
+  local out = {}
+  for i, ev in ipairs(evs) do
+    out[i] = cmsgpack.pack({ ev[1], ev[2], series[ev[3]], ev[4], ev[5], ev[6] })
+  end
+  return out
+end
+
+-- Whether stream id `a` (ms, seq) is before `b`.
+local function id_before(am, as, bm, bs)
+  return am < bm or (am == bm and as < bs)
+end
+
 -- ARGV: 'events', now, after ('' for the start), most. Result: whether events after `after`
--- were trimmed away (1/0), then (id, packed event) oldest first.
+-- were trimmed away (1/0), then (id, packed event) oldest first. An event's id is its
+-- entry's; inside a batch entry every event but the last is `<entry>.<index>`, so a cursor
+-- resumes inside an entry, and the last one's is the entry's own.
 local function events()
   local stream, after, most = BASE .. 's', ARGV[3], tonumber(ARGV[4])
   if redis.call('EXISTS', stream) == 0 then return reply(0, {}) end
   local gap = 0
-  local start = '-'
+  local start, within, skip = '-', nil, 0
   if after ~= '' then
-    start = '(' .. after
+    local am, as, ai = string.match(after, '^(%d+)-(%d+)%.(%d+)$')
+    if am then
+      within = am .. '-' .. as
+      start, skip = within, tonumber(ai) + 1
+    else
+      am, as = string.match(after, '^(%d+)-(%d+)$')
+      start = '(' .. after
+    end
     local info = redis.call('XINFO', 'STREAM', stream)
     for i = 1, #info, 2 do
-      if info[i] == 'max-deleted-entry-id' then
-        local d = info[i + 1]
-        local dm, ds = string.match(d, '^(%d+)-(%d+)$')
-        local am, as = string.match(after, '^(%d+)-(%d+)$')
-        if dm and am then
-          dm, ds, am, as = tonumber(dm), tonumber(ds), tonumber(am), tonumber(as)
-          if am < dm or (am == dm and as < ds) then gap = 1 end
+      if info[i] == 'max-deleted-entry-id' and am then
+        local dm, ds = string.match(info[i + 1], '^(%d+)-(%d+)$')
+        if dm then
+          dm, ds = tonumber(dm), tonumber(ds)
+          local cm, cs = tonumber(am), tonumber(as)
+          -- A cursor inside an entry that was deleted missed the rest of that entry.
+          if id_before(cm, cs, dm, ds) or (within and cm == dm and cs == ds) then gap = 1 end
         end
       end
     end
   end
-  local out = {}
-  for _, e in ipairs(redis.call('XRANGE', stream, start, '+', 'COUNT', most)) do
-    out[#out + 1] = e[1]
-    out[#out + 1] = e[2][2]
+  local out, n = {}, 0
+  -- Entries a few at a time: one may hold hundreds of events.
+  while n < most do
+    local page = redis.call('XRANGE', stream, start, '+', 'COUNT', math.min(most - n, 16))
+    if #page == 0 then break end
+    for _, e in ipairs(page) do
+      local evs = entry_events(e)
+      local first = 1
+      if within and e[1] == within then first = skip + 1 end
+      for i = first, #evs do
+        if n >= most then return reply(gap, out) end
+        out[#out + 1] = (i == #evs) and e[1] or (e[1] .. '.' .. (i - 1))
+        out[#out + 1] = evs[i]
+        n = n + 1
+      end
+      start = '(' .. e[1]
+    end
   end
   return reply(gap, out)
 end
