@@ -343,4 +343,32 @@ fn local_record_batches_read_back_by_cursor_and_add_up(store: Store) {
         );
     }
     assert_eq!(sum(&rows, "", "").units, units + 2_500 * per_unit);
+
+    // A draft with nothing to fold (no dimensions) lands in the very series field the store
+    // makes for the same chain: the ingest's, one field, not two that read alike.
+    let EventBody::Record(first) = &*seen[0].body else {
+        panic!("the first event is the ingest")
+    };
+    let key = first.series.clone();
+    let chain_only = LocalRecord {
+        series: SeriesDraft {
+            feature: Name::from(&*key.feature),
+            chain: key
+                .attrs
+                .iter()
+                .map(|(k, v)| (Name::from(&**k), Name::from(&**v)))
+                .collect(),
+            dimensions: Vec::new(),
+        },
+        at: now,
+        ..record(1)
+    };
+    h.run(store.record_local(acme, &[chain_only], now)).unwrap();
+    let same: Vec<Measures> = buckets(&h, Granularity::Hour)
+        .into_iter()
+        .filter(|(_, s, _)| *s == *key)
+        .map(|(_, _, m)| m)
+        .collect();
+    assert_eq!(same.len(), 1, "{same:?}");
+    assert_eq!(same[0].units, 2 + per_unit, "the two ingests and the local record");
 }

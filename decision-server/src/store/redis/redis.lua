@@ -648,7 +648,8 @@ local function renew()
   return out
 end
 
--- ARGV: 'locals', now, the draft count and drafts (as `draft_at`), the sum count and per sum
+-- ARGV: 'locals', now, the draft count and drafts (each 0 and its series packed, when
+-- nothing in it folds, else 1 and the draft as `draft_at`), the sum count and per sum
 -- (draft number, minute start, nine measures), the entry count and per entry (packed events,
 -- their count), then the record settings (wire.rs `LocalBatch`). The records of
 -- decisions a replica made inside its leases, attributed at their own times; no counter
@@ -662,9 +663,15 @@ local function locals()
   local p = 4
   local series = {}
   for i = 1, tonumber(ARGV[3]) do
-    local draft, after = draft_at(p)
-    series[i] = series_of(draft, nil)
-    p = after
+    if ARGV[p] == '0' then
+      -- Nothing in it folds: the caller packed the series as `series_of` would.
+      series[i] = ARGV[p + 1]
+      p = p + 2
+    else
+      local draft, after = draft_at(p + 1)
+      series[i] = series_of(draft, nil)
+      p = after
+    end
   end
   local sums, kept_by_minute = {}, {}
   local n = tonumber(ARGV[p])

@@ -251,22 +251,47 @@ pub fn push_record_draft(inv: &mut ScriptInvocation<'_>, plan: &Plan, measures: 
     }
 }
 
-/// A series draft (`redis.lua` `draft_at`): the feature, the attribute count, then each
-/// attribute in byte order, marked foldable when it is a dimension rather than a chain level.
-pub fn push_series_draft(inv: &mut ScriptInvocation<'_>, d: &SeriesDraft) {
+/// A draft's attributes in byte order, one value per name, each marked foldable when it is a
+/// dimension rather than a chain level (as `SeriesDraft::key_with` orders them).
+fn draft_attrs(d: &SeriesDraft) -> Vec<(&str, &str, bool)> {
     let mut attrs: Vec<(&str, &str, bool)> = d
         .chain
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str(), false))
         .chain(d.dimensions.iter().map(|(k, v)| (k.as_str(), &**v, true)))
         .collect();
-    // As `SeriesDraft::key_with`: sorted, one value per name.
     attrs.sort();
     attrs.dedup_by(|a, b| a.0 == b.0);
+    attrs
+}
+
+/// A series draft (`redis.lua` `draft_at`): the feature, the attribute count, then each
+/// attribute in byte order, marked foldable when it is a dimension rather than a chain level.
+pub fn push_series_draft(inv: &mut ScriptInvocation<'_>, d: &SeriesDraft) {
+    let attrs = draft_attrs(d);
     inv.arg(d.feature.as_str()).arg(attrs.len());
     for (k, v, fold) in attrs {
         inv.arg(k).arg(v).arg(u8::from(fold));
     }
+}
+
+/// The series a draft with nothing to fold makes, packed as the script's `series_of` packs
+/// it (msgpack `{feature, name, value, ...}`, strings as str, the shortest headers); `None`
+/// when a dimension value may fold, which only the script can tell.
+fn packed_series(d: &SeriesDraft) -> Result<Option<Vec<u8>>, StoreError> {
+    let attrs = draft_attrs(d);
+    if attrs.iter().any(|a| a.2) {
+        return Ok(None);
+    }
+    let mut out = Vec::with_capacity(16 + attrs.len() * 24);
+    let len = u32::try_from(1 + 2 * attrs.len()).map_err(packed)?;
+    rmp::encode::write_array_len(&mut out, len).map_err(packed)?;
+    rmp::encode::write_str(&mut out, d.feature.as_str()).map_err(packed)?;
+    for (k, v, _) in attrs {
+        rmp::encode::write_str(&mut out, k).map_err(packed)?;
+        rmp::encode::write_str(&mut out, v).map_err(packed)?;
+    }
+    Ok(Some(out))
 }
 
 /// The most local records one stream entry holds (`redis.lua` `locals`): a batch longer than
@@ -290,6 +315,8 @@ fn packed(e: impl std::fmt::Display) -> StoreError {
 /// cost Redis; a reader now unpacks an entry instead (see `events`), far less often.
 pub struct LocalBatch<'a> {
     drafts: Vec<&'a SeriesDraft>,
+    /// Each draft's series when nothing in it folds (see [`packed_series`]).
+    ready: Vec<Option<Vec<u8>>>,
     sums: std::collections::BTreeMap<(usize, i64), [u64; 9]>,
     entries: Vec<(Vec<u8>, usize)>,
 }
@@ -302,6 +329,7 @@ impl<'a> LocalBatch<'a> {
         use std::collections::btree_map::Entry;
         let mut batch = LocalBatch {
             drafts: Vec::new(),
+            ready: Vec::new(),
             sums: std::collections::BTreeMap::new(),
             entries: Vec::new(),
         };
@@ -312,10 +340,15 @@ impl<'a> LocalBatch<'a> {
             let len = u32::try_from(chunk.len()).map_err(packed)?;
             rmp::encode::write_array_len(&mut bytes, len).map_err(packed)?;
             for r in chunk {
-                let n = *numbers.entry(&r.series).or_insert_with(|| {
-                    batch.drafts.push(&r.series);
-                    batch.drafts.len()
-                });
+                let n = match numbers.get(&r.series) {
+                    Some(n) => *n,
+                    None => {
+                        batch.drafts.push(&r.series);
+                        batch.ready.push(packed_series(&r.series)?);
+                        numbers.insert(&r.series, batch.drafts.len());
+                        batch.drafts.len()
+                    }
+                };
                 let m = r.measures.to_array();
                 match batch.sums.entry((n, Granularity::Minute.start(r.at))) {
                     Entry::Vacant(v) => {
@@ -352,8 +385,16 @@ impl<'a> LocalBatch<'a> {
     /// The batch's arguments, in the script's order.
     pub fn push(self, inv: &mut ScriptInvocation<'_>) {
         inv.arg(self.drafts.len());
-        for d in self.drafts {
-            push_series_draft(inv, d);
+        for (d, ready) in self.drafts.into_iter().zip(self.ready) {
+            match ready {
+                Some(series) => {
+                    inv.arg(0).arg(series);
+                }
+                None => {
+                    inv.arg(1);
+                    push_series_draft(inv, d);
+                }
+            }
         }
         inv.arg(self.sums.len());
         for ((n, minute), m) in self.sums {
