@@ -370,5 +370,9 @@ fn local_record_batches_read_back_by_cursor_and_add_up(store: Store) {
         .map(|(_, _, m)| m)
         .collect();
     assert_eq!(same.len(), 1, "{same:?}");
-    assert_eq!(same[0].units, 2 + per_unit, "the two ingests and the local record");
+    assert_eq!(
+        same[0].units,
+        2 + per_unit,
+        "the two ingests and the local record"
+    );
 }

@@ -699,6 +699,95 @@ fn slices_are_asked_for_again_after_the_store_failed() {
     });
 }
 
+/// Settlements past their slices while Redis is down: the excess is kept and charged once
+/// Redis is back, so the counters end at exactly what was settled (never under).
+#[test]
+fn usage_past_a_slice_during_an_outage_is_charged_once_the_store_is_back() {
+    // Kept on disk at every write, so a restart loses nothing.
+    let mut server = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let store = redis_store_prefixed(RedisTarget::Node(server.url()), "leases-over-outage");
+    runtime().block_on(async {
+        let inner: Arc<dyn CounterStore> = store;
+        let mut replicas = replicas(vec![Arc::clone(&inner)], 1_000_000).await;
+        let r = replicas.remove(0);
+        let d = dims(&[("userId", "u1")]);
+        // A decision of one unit, and whether it was made inside leases.
+        let check = || async {
+            let before = r.leases.lease_stats().local_decisions;
+            let dec = r
+                .engine
+                .check(&CheckRequest {
+                    customer: "acme",
+                    feature: "tokens",
+                    usage: Usage::units(1),
+                    dimensions: &d,
+                    dry_run: false,
+                    deadline: None,
+                })
+                .await
+                .unwrap();
+            let local = r.leases.lease_stats().local_decisions > before;
+            (dec.hold_id.expect("granted"), local)
+        };
+        // Until slices are placed, decisions go to Redis (settled at 1).
+        let mut settled = 0u64;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let first = loop {
+            assert!(Instant::now() < deadline, "{:?}", r.leases.lease_stats());
+            let (hold, local) = check().await;
+            if local {
+                break hold;
+            }
+            r.engine.settle(&hold, Usage::units(1)).await.unwrap();
+            settled += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // Then local holds, kept open, until the slices' room is gone.
+        let mut locals = vec![first];
+        for _ in 0..10_000 {
+            let (hold, local) = check().await;
+            if !local {
+                r.engine.release(&hold).await.unwrap();
+                break;
+            }
+            locals.push(hold);
+        }
+        server.stop();
+        // Each settled at ten times its hold: past the slices' room, so most of it must reach
+        // Redis as an excess, which it cannot now.
+        for hold in &locals {
+            r.engine
+                .settle(hold, Usage::units(10))
+                .await
+                .expect("a local settlement stands while the store is away");
+            settled += 10;
+        }
+        server.restart();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while let Err(e) = r.leases.return_all(SystemClock.now()).await {
+            assert!(Instant::now() < deadline, "Redis did not come back: {e}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(r.leases.lease_stats().outstanding_units, 0);
+        let exact = Engine::new(model(&config(1_000_000)), inner, Arc::new(SystemClock))
+            .await
+            .unwrap();
+        for (entity, limit) in [("acme", "cap"), ("t1", "team-day"), ("u1", "user-day")] {
+            let counted = exact
+                .counted("acme", entity, limit, None)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                counted,
+                settled,
+                "{limit} of {entity} ({} local)",
+                locals.len()
+            );
+        }
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // The store step a renewal takes, on every store.
 

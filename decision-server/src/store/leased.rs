@@ -207,6 +207,9 @@ struct Book {
     records: VecDeque<LocalRecord>,
     /// Slices the store could not take back yet (unreachable): tried again at each sweep.
     unreturned: Vec<(HoldKey, Lease)>,
+    /// What settlements spent past their slices that the store could not be charged yet
+    /// (unreachable), by local hold: charged at each sweep (idempotent by the hold).
+    overs: VecDeque<(HoldKey, Vec<PlannedCounter>)>,
 }
 
 impl Book {
@@ -260,6 +263,18 @@ impl Book {
         if h.store.is_none() {
             self.push_record(expired_record(h, at), dropped);
         }
+    }
+
+    /// Keeps an excess for the next sweep; past [`MAX_PENDING_RECORDS`] the oldest is dropped
+    /// (usage then undercounted by it, said in the log).
+    fn keep_over(&mut self, hold: HoldKey, over: Vec<PlannedCounter>) {
+        if self.overs.len() >= MAX_PENDING_RECORDS
+            && let Some((h, o)) = self.overs.pop_front()
+        {
+            let units: u64 = o.iter().map(|c| c.amount).max().unwrap_or(0);
+            tracing::error!(hold = %h, units, "usage past a slice dropped: the store was unreachable too long");
+        }
+        self.overs.push_back((hold, over));
     }
 
     fn push_record(&mut self, r: LocalRecord, dropped: &AtomicU64) {
@@ -394,10 +409,11 @@ impl LeasedStore {
                 }
                 (settles, Vec::from(std::mem::take(&mut b.records)))
             };
+            let charged = shared.charge_kept(&book, now).await;
             let written = shared.write_records(customer, records, now).await;
             let returned = shared.settle_all(&book, settles, now).await;
             // Every customer is tried; the first failure is the answer.
-            if let Err(e) = written.and(returned) {
+            if let Err(e) = charged.and(written).and(returned) {
                 first.get_or_insert(e);
             }
         }
@@ -480,7 +496,7 @@ impl Shared {
     async fn charge_over(
         &self,
         hold: HoldKey,
-        over: Vec<PlannedCounter>,
+        over: &[PlannedCounter],
         now: Timestamp,
     ) -> Result<(), StoreError> {
         if over.is_empty() {
@@ -490,7 +506,7 @@ impl Shared {
         let plan = Plan {
             customer: hold.customer,
             chain: Vec::new(),
-            counters: over,
+            counters: over.to_vec(),
             usage: Usage::units(units),
             hold_ttl_millis: 0,
             max_settle: units,
@@ -502,6 +518,24 @@ impl Shared {
         self.inner
             .record(&plan, &format!("lease-over:{hold}"), now)
             .await?;
+        Ok(())
+    }
+
+    /// Charges the excesses `book` kept while the store was unreachable, oldest first; one the
+    /// store still refuses is kept again, with those after it.
+    async fn charge_kept(&self, book: &Mutex<Book>, now: Timestamp) -> Result<(), StoreError> {
+        let kept = std::mem::take(&mut book.lock().overs);
+        let mut kept = kept.into_iter();
+        while let Some((hold, over)) = kept.next() {
+            if let Err(e) = self.charge_over(hold, &over, now).await {
+                let mut b = book.lock();
+                let newer = std::mem::take(&mut b.overs);
+                for (h, o) in std::iter::once((hold, over)).chain(kept).chain(newer) {
+                    b.keep_over(h, o);
+                }
+                return Err(e);
+            }
+        }
         Ok(())
     }
 
@@ -1144,7 +1178,12 @@ impl LeasedStore {
                 (b.records.len() >= FLUSH_AT).then(|| Vec::from(std::mem::take(&mut b.records)));
             (h.store, flush, over)
         };
-        shared.charge_over(hold, over, now).await?;
+        if let Err(e) = shared.charge_over(hold, &over, now).await {
+            // The usage happened and the local hold is closed: what it spent past its slice
+            // waits for the store rather than being lost (the settlement itself stands).
+            tracing::warn!(%hold, error = %e, "usage past a slice kept until the store answers");
+            shared.book(hold.customer).lock().keep_over(hold, over);
+        }
         if let Some(records) = flush {
             let shared = Arc::clone(shared);
             let customer = hold.customer;
@@ -1232,6 +1271,7 @@ impl LeasedStore {
             // they spent rather than their whole size. (A busy counter's current slice goes
             // back in its successor's placement when nothing is open in it, else at a later
             // sweep: never a moment without one.) A failure is kept for the next sweep.
+            let _ = shared.charge_kept(&book, now).await;
             let _ = shared.settle_all(&book, settles, now).await;
             futures_util::stream::iter(renew)
                 .for_each_concurrent(STORE_CALLS_AT_ONCE, |(slot, remaining)| {
