@@ -2,7 +2,8 @@
 //! through a 3-master Redis Cluster, Redis stopped and frozen mid-load (every decision answers
 //! within the timeout, unavailable; decisions recover once it is back, with no restart), a
 //! replica killed mid-load (no granted usage lost from the counters), admin changes made on
-//! one replica reaching every replica, and an unreachable Redis refused at start.
+//! one replica reaching every replica, an unreachable Redis refused at start, and the portal
+//! answering 503 while Redis is down.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -441,4 +442,49 @@ async fn a_url_from_the_environment_connects_and_never_shows_in_errors() {
         err.contains("`server.storage.urlEnv` names `TOLLGATE_REDIS_URL`, which is not set"),
         "{err}"
     );
+}
+
+/// The portal's overview and the poll that refreshes its bars answer 503 while Redis is down,
+/// as the API does (not 400: nothing was wrong with the request), and answer again once
+/// Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_portal_answers_unavailable_while_redis_is_down() {
+    let mut redis = RedisServer::start();
+    let sidecar = Sidecar::start(&config(&node(&redis, "portal"))).unwrap();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let base = format!("http://{}", sidecar.http);
+    let signed_in = http
+        .post(format!("{base}/portal/login"))
+        .form(&[("token", common::service::ACME_ADMIN)])
+        .send()
+        .await
+        .unwrap();
+    let cookie = signed_in
+        .headers()
+        .get("set-cookie")
+        .expect("a session cookie")
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let status = |path: &'static str| {
+        let req = http.get(format!("{base}{path}")).header("cookie", &cookie);
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    const OVERVIEW: &str = "/portal/c/acme/";
+    const BARS: &str = "/portal/c/acme/budgets?ids=acme";
+    assert_eq!((status(OVERVIEW).await, status(BARS).await), (200, 200));
+    redis.stop();
+    assert_eq!((status(OVERVIEW).await, status(BARS).await), (503, 503));
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (status(OVERVIEW).await, status(BARS).await) != (200, 200) {
+        assert!(Instant::now() < deadline, "the portal did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

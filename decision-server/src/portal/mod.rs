@@ -555,7 +555,10 @@ async fn tree_page(state: &AppState, cp: CustomerPage, query: &TreeQuery, whole:
             context! { ..base(&page, &customer, "overview", "Overview"), ..tree },
         ),
         Ok(tree) => render(StatusCode::OK, "tree.html", tree),
-        Err(e) => error_page(&page, StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => {
+            let e = crate::api::ApiError::from(e);
+            error_page(&page, e.status, e.message)
+        }
     }
 }
 
@@ -583,7 +586,12 @@ async fn budgets(
                 all.iter().map(|b| (b.entity.clone(), bars(b))).collect();
             axum::Json(out).into_response()
         }
-        Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+        // As the API answers: 400 for a bad query, 404 for an unknown entity, 503 when the
+        // store is unreachable (the overview's poll then keeps the bars it has).
+        Err(e) => {
+            let e = crate::api::ApiError::from(e);
+            (e.status, e.message).into_response()
+        }
     }
 }
 
