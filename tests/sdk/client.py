@@ -124,6 +124,35 @@ def denied(args):
     return {"status": 200}
 
 
+def sequence(args):
+    """`--requests` chat calls one after another, non-streamed and streamed in turn, as an
+    application keeps calling through an outage: each one's status (after the SDK's own
+    retries), the upstream's echo of the `x-tollgate-unchecked` mark, and the usage the
+    answer reported."""
+    client = openai_client(args)
+    out = []
+    for i in range(args.requests):
+        streamed = i % 2 == 1
+        try:
+            raw = client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", max_tokens=args.max_tokens,
+                messages=[{"role": "user", "content": PROMPT}],
+                **({"stream": True, "stream_options": {"include_usage": True}} if streamed else {}))
+            usage = None
+            if streamed:
+                for chunk in raw.parse():
+                    if chunk.usage is not None:
+                        usage = chunk.usage.total_tokens
+            else:
+                usage = raw.parse().usage.total_tokens
+            out.append({"streamed": streamed, "status": raw.status_code, "usage": usage,
+                        "unchecked": raw.headers.get("x-echo-x-tollgate-unchecked")})
+        except openai.APIStatusError as e:
+            out.append({"streamed": streamed, "status": e.status_code, "usage": None,
+                        "unchecked": None, "body": e.body})
+    return out
+
+
 async def race(args):
     """Many SDK clients at once against one cap, random sizes and prompt lengths, each
     streamed or not: what was granted, by the usage each answer reported."""
@@ -184,6 +213,7 @@ SCENARIOS = {
     "messages-stream": messages_stream,
     "messages-cache": lambda a: messages_json(a, headers={"x-mock-cache": "100,50"}),
     "denied": denied,
+    "sequence": sequence,
 }
 
 

@@ -3,8 +3,9 @@
 //! upstream: every API streamed or not settles at the usage the model reported, whatever the
 //! client does (leaves at `[DONE]` while the upstream lingers, leaves before the usage, asks for
 //! compression, streams without asking for usage); denials read well in the SDK and a request
-//! that can never fit is not retried; SDK clients racing one cap never overspend it; and a
-//! stalled sidecar or Redis charges nothing for calls that timed out.
+//! that can never fit is not retried; SDK clients racing one cap never overspend it; a
+//! stalled sidecar or Redis charges nothing for calls that timed out; and through a bounded
+//! outage the SDK's calls and retries pass only within the allowance, counted once after.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
@@ -278,6 +279,69 @@ async fn a_stalled_sidecar_charges_nothing_for_calls_that_timed_out() {
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
     moved_by(&s, before, true_usage(2, 10)).await;
+}
+
+/// The official SDK through a route that fails `bounded`, with the sidecar killed: calls pass
+/// marked while the allowance lasts, then are refused, and the SDK's own retries of a refused
+/// call pass nothing more; when the sidecar is back, what passed is counted exactly once, at
+/// the usage each answer reported (streamed or not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_calls_through_a_bounded_outage_pass_within_the_allowance_and_are_counted_once() {
+    // The SDK's request (a prompt of 8 words, 20 tokens of output) holds about 48 units, 63
+    // streamed: room for two calls, not three.
+    let (mut s, path, _dir) = support::Stack::bounded(150);
+    let before = s.usage("initech", json!({}), "initech-daily").await;
+    s.kill_sidecar_early_in_a_minute().await;
+    let url = format!("{}/open", s.envoy.url);
+    let token = INITECH.trim_start_matches("Bearer ").to_string();
+    let out =
+        tokio::task::spawn_blocking(move || sdk(&url, &token, "sequence", &["--requests", "6"], T))
+            .await
+            .unwrap()
+            .unwrap();
+    let calls = out.as_array().unwrap();
+    let passed: Vec<&Value> = calls.iter().take_while(|c| c["status"] == 200).collect();
+    assert_eq!(
+        passed.len(),
+        2,
+        "one call non-streamed and one streamed fit: {out}"
+    );
+    for c in &passed {
+        assert_eq!(c["unchecked"], "bounded", "a pass not marked: {out}");
+        assert_eq!(c["usage"], SDK_USAGE, "{out}");
+    }
+    for c in &calls[passed.len()..] {
+        assert_eq!(
+            c["status"], 503,
+            "after the allowance, only refusals: {out}"
+        );
+        assert_eq!(
+            c["body"]["tollgate"]["error"], "usage_check_unavailable",
+            "{out}"
+        );
+    }
+    let refused = (calls.len() - passed.len()) as u64;
+    assert_eq!(
+        s.envoy.stat("wasmcustom.tollgate.bounded_passed").unwrap(),
+        passed.len() as u64,
+        "the SDK's retries passed more: {out}"
+    );
+    // The SDK retries a 503 twice: every attempt was refused.
+    assert_eq!(
+        s.envoy.stat("wasmcustom.tollgate.bounded_refused").unwrap(),
+        3 * refused,
+        "{out}"
+    );
+    s.sidecar = tollgate_testkit::Sidecar::start_at(&path).unwrap();
+    let want = before + passed.len() as u64 * SDK_USAGE;
+    s.usage_settles_at("initech", json!({}), "initech-daily", want)
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        s.usage("initech", json!({}), "initech-daily").await,
+        want,
+        "reported more than once"
+    );
 }
 
 /// The same one layer down: the sidecar on Redis, Redis stopped under load for 2 s. Checks

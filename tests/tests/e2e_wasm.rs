@@ -671,34 +671,10 @@ async fn an_unreadable_answer_and_an_error_status_follow_the_fail_mode() {
 /// store), what passed is in the counters exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bounded_mode_passes_within_the_allowance_and_reports_it_once_the_sidecar_is_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = tollgate_testkit::free_port();
-    let text = support::SIDECAR
-        .replace(
-            "extAuthz: \"127.0.0.1:0\"",
-            &format!("extAuthz: \"127.0.0.1:{port}\""),
-        )
-        .replace(
-            "  logging: { level: warn }",
-            "  logging: { level: warn }\n  storage: { kind: durable, path: counters.redb, durability: sync }",
-        );
-    assert!(text.contains(&format!("127.0.0.1:{port}")) && text.contains("durable"));
-    let path = dir.path().join("tollgate.yaml");
-    std::fs::write(&path, &text).unwrap();
     let hold = hold_for(&chat_body(1, 5));
     // Room for two calls' holds, not three.
     let allowance = 2 * hold + hold / 2;
-    let sidecar = tollgate_testkit::Sidecar::start_at(&path).unwrap();
-    let mock = tollgate_testkit::MockLlm::start().unwrap();
-    let config = tollgate_testkit::envoy_config(FILTER, port, mock.port().unwrap())
-        .unwrap()
-        .replace(
-            "tollgate: { failMode: open }",
-            &format!("tollgate: {{ failMode: bounded, boundedPerMinute: {allowance} }}"),
-        );
-    assert!(config.contains("failMode: bounded"));
-    let envoy = tollgate_testkit::Envoy::start(&config).unwrap();
-    let mut s = Stack::from_parts(sidecar, mock, envoy);
+    let (mut s, path, _dir) = Stack::bounded(allowance);
     let h = [("authorization", INITECH.as_str()), ("x-team-id", "ops")];
     const ROUTE: &str = "/open/v1/chat/completions";
     let first = s.chat(ROUTE, &h, &chat_body(1, 5)).await;
@@ -707,17 +683,7 @@ async fn bounded_mode_passes_within_the_allowance_and_reports_it_once_the_sideca
     s.usage_settles_at("initech", json!({}), "initech-daily", before)
         .await;
 
-    s.sidecar.proc.signal("KILL").unwrap();
-    s.sidecar.proc.kill();
-    // The allowance is per minute: start the outage's calls well inside one.
-    let in_minute = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        % 60;
-    if in_minute > 50 {
-        tokio::time::sleep(Duration::from_secs(61 - in_minute)).await;
-    }
+    s.kill_sidecar_early_in_a_minute().await;
     let mut passed = 0;
     for _ in 0..2 {
         let r = s.chat(ROUTE, &h, &chat_body(1, 5)).await;

@@ -126,6 +126,53 @@ impl Stack {
         }
     }
 
+    /// A stack whose sidecar keeps its counters in a durable file and listens on a fixed
+    /// port, so it can be killed and started again on the same port and store (from the
+    /// returned config file), and whose `/open/` route fails `bounded` with `allowance` units
+    /// per minute. The folder holds the config and the store.
+    pub fn bounded(allowance: u64) -> (Self, std::path::PathBuf, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let port = tollgate_testkit::free_port();
+        let text = SIDECAR
+            .replace(
+                "extAuthz: \"127.0.0.1:0\"",
+                &format!("extAuthz: \"127.0.0.1:{port}\""),
+            )
+            .replace(
+                "  logging: { level: warn }",
+                "  logging: { level: warn }\n  storage: { kind: durable, path: counters.redb, durability: sync }",
+            );
+        assert!(text.contains(&format!("127.0.0.1:{port}")) && text.contains("durable"));
+        let path = dir.path().join("tollgate.yaml");
+        std::fs::write(&path, &text).unwrap();
+        let sidecar = Sidecar::start_at(&path).unwrap();
+        let mock = MockLlm::start().unwrap();
+        let config = envoy_config("wasm-filter.yaml", port, mock.port().unwrap())
+            .unwrap()
+            .replace(
+                "tollgate: { failMode: open }",
+                &format!("tollgate: {{ failMode: bounded, boundedPerMinute: {allowance} }}"),
+            );
+        assert!(config.contains("failMode: bounded"));
+        let envoy = Envoy::start(&config).unwrap();
+        (Self::from_parts(sidecar, mock, envoy), path, dir)
+    }
+
+    /// Kills the sidecar (SIGKILL) and, the bounded allowance being per minute, waits if
+    /// needed so that what follows starts well inside one.
+    pub async fn kill_sidecar_early_in_a_minute(&mut self) {
+        self.sidecar.proc.signal("KILL").unwrap();
+        self.sidecar.proc.kill();
+        let in_minute = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            % 60;
+        if in_minute > 40 {
+            tokio::time::sleep(Duration::from_secs(61 - in_minute)).await;
+        }
+    }
+
     /// A chat completion through Envoy.
     pub async fn chat(&self, path: &str, headers: &[(&str, &str)], body: &Value) -> Reply {
         let mut req = self
