@@ -275,6 +275,62 @@ def scenario_limits(page, a):
     return {"limits": "ok"}
 
 
+def focused(page, selector):
+    return page.evaluate(
+        "(s) => !!document.activeElement && document.activeElement.matches(s)", selector)
+
+
+def tab_to(page, selector, limit=80, back=False):
+    """Presses Tab (Shift+Tab with `back`), as a keyboard user does, until the focus is on
+    `selector`; fails if it never gets there or if the focus there cannot be seen."""
+    for _ in range(limit):
+        if focused(page, selector):
+            seen = page.evaluate("""() => {
+                const s = getComputedStyle(document.activeElement);
+                const r = document.activeElement.getBoundingClientRect();
+                const ring = (s.outlineStyle !== 'none' && parseFloat(s.outlineWidth) > 0)
+                    || s.boxShadow !== 'none';
+                return ring && r.width > 0 && r.height > 0 && r.left >= 0 && r.top >= 0;
+            }""")
+            assert seen, f"the focus on {selector} cannot be seen"
+            return
+        page.keyboard.press("Shift+Tab" if back else "Tab")
+    raise AssertionError(f"Tab never reached {selector}")
+
+
+def scenario_keyboard(page, a):
+    """Everything a customer admin does here without the mouse: sign in, skip to the content,
+    open the tree, go to the limits, lower one, and see it applied."""
+    page.goto(f"{a.portal}/portal/login")
+    tab_to(page, "#token")
+    page.keyboard.type(a.admin)
+    page.keyboard.press("Enter")
+    page.wait_for_url(re.compile(r".*/portal/c/acme/$"))
+    # The first stop on every page is the skip link, shown when focused.
+    page.keyboard.press("Tab")
+    assert focused(page, "a.skip"), "the first Tab does not reach the skip link"
+    tab_to(page, "a.skip")
+    # Open the organization's subtree from its toggle.
+    tab_to(page, 'li[data-entity="acme"] > .node > button.toggle')
+    page.keyboard.press("Enter")
+    expect(page.locator('li[data-entity="research"]')).to_be_visible()
+    shot(page, a.artifacts, "keyboard-overview")
+    # Back up to the navigation, and to the Limits page.
+    tab_to(page, 'nav a[href$="/limits"]', back=True)
+    page.keyboard.press("Enter")
+    page.wait_for_url(re.compile(r".*/portal/c/acme/limits$"))
+    tab_to(page, "#v-team-daily")
+    page.keyboard.press("Control+A")
+    page.keyboard.type("450")
+    tab_to(page, 'button.save-limit[data-id="team-daily"]')
+    page.keyboard.press("Enter")
+    expect(page.locator("#limit-status")).to_contain_text("team-daily is now 450")
+    d = spend(a.api, a.app, "alice", 500)
+    assert d["isGranted"] is False, d
+    shot(page, a.artifacts, "keyboard-limits")
+    return {"keyboard": "ok"}
+
+
 def scenario_viewer(page, a):
     sign_in(page, a.portal, a.viewer)
     page.get_by_role("link", name="Limits").click()
@@ -336,7 +392,7 @@ def scenario_tenancy(page, a):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("scenario", choices=["overview", "alerts", "limits", "viewer", "tenancy"])
+    p.add_argument("scenario", choices=["overview", "alerts", "limits", "viewer", "tenancy", "keyboard"])
     p.add_argument("--portal", required=True, help="the sidecar's HTTP address, http://127.0.0.1:PORT")
     p.add_argument("--chromium", default="/usr/bin/chromium")
     p.add_argument("--artifacts", default="")

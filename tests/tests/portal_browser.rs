@@ -1,6 +1,7 @@
 //! The portal in a real browser: Debian's Chromium, headless, driven by Playwright
 //! (`tests/portal/portal.py`), against a sidecar process on loopback. Each scenario gets a
-//! fresh sidecar; screenshots of every page land in `target/portal-screenshots/`.
+//! fresh sidecar; screenshots of every page land in `target/portal-screenshots/`. One scenario
+//! uses the keyboard alone (Tab, Shift+Tab, Enter), with the focus visible at every stop.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::fmt::Write as _;
@@ -153,4 +154,10 @@ fn a_viewer_has_no_controls_and_a_forged_change_is_refused() {
 fn another_customer_gets_403_and_a_change_without_the_csrf_token_is_refused() {
     let out = scenario("tenancy");
     assert_eq!(out["tenancy"], "ok");
+}
+
+#[test]
+fn a_customer_admin_does_it_all_with_the_keyboard() {
+    let out = scenario("keyboard");
+    assert_eq!(out["keyboard"], "ok");
 }
