@@ -4,7 +4,8 @@
 //! client does (leaves at `[DONE]` while the upstream lingers, leaves before the usage, asks for
 //! compression, streams without asking for usage); denials read well in the SDK and a request
 //! that can never fit is not retried; SDK clients racing one cap never overspend it; a
-//! stalled sidecar or Redis charges nothing for calls that timed out; and through a bounded
+//! stalled sidecar or Redis charges nothing for calls that timed out; the race again on
+//! Redis with escrow leases, decisions made inside slices; and through a bounded
 //! outage the SDK's calls and retries pass only within the allowance, counted once after.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{INITECH, Stack, caller, chat_body, true_usage};
+use support::{GLOBEX, INITECH, Stack, caller, chat_body, true_usage};
 use tollgate_tests::sdk::sdk;
 
 const FILTER: &str = "wasm-filter.yaml";
@@ -182,11 +183,65 @@ async fn sdk_errors_name_the_limit_and_a_never_fitting_request_is_not_retried() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_clients_racing_one_cap_never_overspend_it() {
     let s = Stack::start(FILTER);
+    sdk_race_to_the_globex_cap(&s, 0).await;
+    let metrics = s.sidecar_metrics().await;
+    assert!(
+        metrics.get("tollgate_holds_open", &[]) == Some(0.0),
+        "a hold is left open"
+    );
+}
+
+/// The same race with the sidecar on Redis and escrow leases on: most decisions are made
+/// inside slices of the cap held in Redis, and still nothing is granted past it, and the
+/// counter read through the sidecar is exactly what the answers reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_clients_racing_one_cap_through_leases_never_overspend_it() {
+    let redis = tollgate_testkit::RedisServer::start();
+    let sidecar = support::SIDECAR.replace(
+        "  logging: { level: warn }",
+        &format!(
+            "  logging: {{ level: warn }}\n  storage: {{ kind: redis, url: \"{}\", timeoutMs: 5000, leases: {{ enabled: true, ttl: PT6M, skew: PT2S }} }}",
+            redis.url()
+        ),
+    );
+    assert!(sidecar.contains("leases"));
+    let s = Stack::start_full(FILTER, &sidecar, |c| c);
+    // A few calls one after another first: the first asks for a slice, the next are made
+    // inside it (a race alone may reach the cap before any slice is placed).
+    let labs = [("authorization", GLOBEX.as_str()), ("x-team-id", "labs")];
+    let local = |m: &tollgate_testkit::Metrics| {
+        m.get("tollgate_lease_local_decisions_total", &[])
+            .unwrap_or(0.0)
+    };
+    let mut before = 0;
+    // Bounded: 20 calls.
+    for _ in 0..20 {
+        let r = s
+            .chat("/v1/chat/completions", &labs, &chat_body(1, 5))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        before += r.total_tokens();
+        if local(&s.sidecar_metrics().await) > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let metrics = s.sidecar_metrics().await;
+    assert!(
+        local(&metrics) > 0.0,
+        "no decision was made inside a lease:\n{metrics}"
+    );
+    sdk_race_to_the_globex_cap(&s, before).await;
+}
+
+/// 24 asynchronous SDK clients race globex's cap of 2,000, `before` of it used already (8
+/// requests each, random prompts of 1-60 words and budgets of 1-40, half of them streamed):
+/// nothing past the cap, the cap reached, and once everything settled the counter is exactly
+/// the reported usage.
+async fn sdk_race_to_the_globex_cap(s: &Stack, before: u64) {
     let globex = caller("globex", None);
     let token = globex.trim_start_matches("Bearer ").to_string();
     let url = s.envoy.url.clone();
-    // 24 asynchronous SDK clients, 8 requests each, random prompts (1-60 words) and budgets
-    // (1-40), half of them streamed.
     let out = tokio::task::spawn_blocking(move || {
         sdk(
             &url,
@@ -211,21 +266,20 @@ async fn sdk_clients_racing_one_cap_never_overspend_it() {
     assert!(out["errors"].as_array().unwrap().is_empty(), "{out}");
     let granted = out["granted"].as_u64().unwrap();
     assert!(
-        granted <= support::GLOBEX_CAP,
-        "granted {granted} past the cap: {out}"
+        before + granted <= support::GLOBEX_CAP,
+        "granted {granted} past the cap ({before} used before): {out}"
     );
     assert!(
         out["denied"].as_u64().unwrap() > 0,
         "the cap was never reached: {out}"
     );
-    // Once everything settled, the counter is exactly the usage the answers reported.
-    s.usage_settles_at("globex", json!({"teamId": "labs"}), "globex-daily", granted)
-        .await;
-    let metrics = s.sidecar_metrics().await;
-    assert!(
-        metrics.get("tollgate_holds_open", &[]) == Some(0.0),
-        "a hold is left open"
-    );
+    s.usage_settles_at(
+        "globex",
+        json!({"teamId": "labs"}),
+        "globex-daily",
+        before + granted,
+    )
+    .await;
 }
 
 /// Requests through Envoy while the sidecar is stopped: every one that timed out is charged
