@@ -1,7 +1,7 @@
 //! The bounded fail mode's arithmetic: a customer's allowance of units per minute while the
-//! sidecar is unreachable, as a counter in Envoy's shared data (one per customer and minute,
-//! shared by the worker threads), and the record of each call that passed, reported to the
-//! sidecar with an idempotency key when it is back.
+//! sidecar is unreachable, as a counter in Envoy's shared data (one per customer, for the
+//! current minute, shared by the worker threads), and the record of each call that passed,
+//! reported to the sidecar with an idempotency key when it is back.
 //!
 //! The bound: at most `boundedPerMinute` units per customer per minute of outage, per Envoy
 //! (each Envoy has its own shared data).
@@ -19,19 +19,31 @@ pub const MAX_PENDING: usize = 10_000;
 /// Passes per `IngestUsage` call.
 pub const BATCH: usize = 500;
 
-/// The shared-data key of `customer`'s allowance in minute `minute` (since the epoch).
-pub fn key(customer: &str, minute: u64) -> String {
-    format!("tollgate.bounded.{minute}.{customer}")
+/// The shared-data key of `customer`'s allowance. One per customer, holding the minute it
+/// counts and what was taken in it: proxy-wasm cannot delete shared data, so a key per minute
+/// would leave one behind for every customer and minute of every outage.
+pub fn key(customer: &str) -> String {
+    format!("tollgate.bounded.{customer}")
 }
 
-/// The counter after taking `units` from an allowance of `per_minute`, given what the shared
-/// data holds now (`None` or unreadable: nothing taken yet); `None` when it does not fit.
-pub fn take(current: Option<&[u8]>, units: u64, per_minute: u64) -> Option<Vec<u8>> {
+/// The value after taking `units` in `minute` (since the epoch) from an allowance of
+/// `per_minute`, given what the shared data holds now (16 bytes: the minute, then what was
+/// taken in it; `None`, unreadable or an earlier minute: nothing taken yet); `None` when it
+/// does not fit.
+pub fn take(current: Option<&[u8]>, minute: u64, units: u64, per_minute: u64) -> Option<Vec<u8>> {
     let used = current
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map_or(0, u64::from_le_bytes);
+        .and_then(|b| <[u8; 16]>::try_from(b).ok())
+        .filter(|b| b[..8] == minute.to_le_bytes())
+        .map_or(0, |b| {
+            let mut u = [0u8; 8];
+            u.copy_from_slice(&b[8..]);
+            u64::from_le_bytes(u)
+        });
     let next = used.checked_add(units).filter(|n| *n <= per_minute)?;
-    Some(next.to_le_bytes().to_vec())
+    let mut out = Vec::with_capacity(16);
+    out.extend_from_slice(&minute.to_le_bytes());
+    out.extend_from_slice(&next.to_le_bytes());
+    Some(out)
 }
 
 /// What a bounded pass charged to, kept until its usage is known.
@@ -77,16 +89,21 @@ mod tests {
 
     #[test]
     fn the_allowance_is_taken_until_it_is_used_up() {
-        let a = take(None, 400, 1000).unwrap();
-        let b = take(Some(&a), 600, 1000).unwrap();
-        assert_eq!(u64::from_le_bytes(b.clone().try_into().unwrap()), 1000);
-        assert!(take(Some(&b), 1, 1000).is_none());
-        assert!(take(None, 1001, 1000).is_none());
-        assert!(take(Some(&u64::MAX.to_le_bytes()), 1, u64::MAX).is_none());
+        let a = take(None, 7, 400, 1000).unwrap();
+        let b = take(Some(&a), 7, 600, 1000).unwrap();
+        assert_eq!(b[..8], 7u64.to_le_bytes());
+        assert_eq!(b[8..], 1000u64.to_le_bytes());
+        assert!(take(Some(&b), 7, 1, 1000).is_none());
+        assert!(take(None, 7, 1001, 1000).is_none());
+        let full = [7u64.to_le_bytes(), u64::MAX.to_le_bytes()].concat();
+        assert!(take(Some(&full), 7, 1, u64::MAX).is_none());
+        // The next minute starts from nothing, in the same key.
+        let c = take(Some(&b), 8, 1000, 1000).unwrap();
+        assert_eq!(c[8..], 1000u64.to_le_bytes());
         // An unreadable value counts as nothing taken; a zero allowance passes nothing.
-        assert!(take(Some(b"junk"), 10, 10).is_some());
-        assert!(take(None, 1, 0).is_none());
-        assert_eq!(key("acme", 7), "tollgate.bounded.7.acme");
+        assert!(take(Some(b"junk"), 7, 10, 10).is_some());
+        assert!(take(None, 7, 1, 0).is_none());
+        assert_eq!(key("acme"), "tollgate.bounded.acme");
     }
 
     #[test]

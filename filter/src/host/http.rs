@@ -533,11 +533,11 @@ fn take_allowance(customer: &str, units: u64, per_minute: u64) -> bool {
         .ok()
         .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_secs() / 60);
-    let key = crate::bounded::key(customer, minute);
+    let key = crate::bounded::key(customer);
     // A lost race is tried again; a bounded number of times, as every loop here is.
     for _ in 0..16 {
         let (current, cas) = hostcalls::get_shared_data(&key).unwrap_or((None, None));
-        let Some(next) = crate::bounded::take(current.as_deref(), units, per_minute) else {
+        let Some(next) = crate::bounded::take(current.as_deref(), minute, units, per_minute) else {
             return false;
         };
         match hostcalls::set_shared_data(&key, Some(&next), cas) {
