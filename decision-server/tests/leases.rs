@@ -652,6 +652,22 @@ mod alerting {
     }
 }
 
+/// A check of one unit for user `u1` of acme.
+async fn one_unit_for_u1(
+    engine: &Engine,
+) -> Result<tollgate::core::Decision, tollgate::engine::DecisionError> {
+    engine
+        .check(&CheckRequest {
+            customer: "acme",
+            feature: "tokens",
+            usage: Usage::units(1),
+            dimensions: &dims(&[("userId", "u1")]),
+            dry_run: false,
+            deadline: None,
+        })
+        .await
+}
+
 /// A decision that asked for slices while the store was down asks again once it is back: the
 /// replica goes on deciding inside leases after an outage.
 #[test]
@@ -661,23 +677,7 @@ fn slices_are_asked_for_again_after_the_store_failed() {
     runtime().block_on(async {
         let mut replicas = replicas(vec![store as Arc<dyn CounterStore>], 1_000_000).await;
         let r = replicas.remove(0);
-        let d = dims(&[("userId", "u1")]);
-        let check = || {
-            let engine = Arc::clone(&r.engine);
-            let d = d.clone();
-            async move {
-                engine
-                    .check(&CheckRequest {
-                        customer: "acme",
-                        feature: "tokens",
-                        usage: Usage::units(1),
-                        dimensions: &d,
-                        dry_run: false,
-                        deadline: None,
-                    })
-                    .await
-            }
-        };
+        let check = || one_unit_for_u1(&r.engine);
         server.stop();
         assert!(check().await.is_err(), "answered with Redis down");
         server.restart();
@@ -710,22 +710,10 @@ fn usage_past_a_slice_during_an_outage_is_charged_once_the_store_is_back() {
         let inner: Arc<dyn CounterStore> = store;
         let mut replicas = replicas(vec![Arc::clone(&inner)], 1_000_000).await;
         let r = replicas.remove(0);
-        let d = dims(&[("userId", "u1")]);
         // A decision of one unit, and whether it was made inside leases.
         let check = || async {
             let before = r.leases.lease_stats().local_decisions;
-            let dec = r
-                .engine
-                .check(&CheckRequest {
-                    customer: "acme",
-                    feature: "tokens",
-                    usage: Usage::units(1),
-                    dimensions: &d,
-                    dry_run: false,
-                    deadline: None,
-                })
-                .await
-                .unwrap();
+            let dec = one_unit_for_u1(&r.engine).await.unwrap();
             let local = r.leases.lease_stats().local_decisions > before;
             (dec.hold_id.expect("granted"), local)
         };

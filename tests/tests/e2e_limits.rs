@@ -9,14 +9,13 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use support::{INITECH, SIDECAR, chat_body};
+use support::{INITECH, chat_body};
 use tollgate_testkit::{Envoy, MockLlm, Sidecar, envoy_config};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundreds_of_idle_connections_cannot_starve_envoys_checks() {
-    let config = SIDECAR.replace(
-        "  logging: { level: warn }",
-        "  logging: { level: warn }\n  connections: { idleTimeout: PT4S, authTimeout: PT2S, headerTimeout: PT2S }",
+    let config = support::sidecar_with(
+        "  connections: { idleTimeout: PT4S, authTimeout: PT2S, headerTimeout: PT2S }",
     );
     let sidecar = Sidecar::start_with_fd_limit(&config, 128).unwrap();
     // 300 connections to the HTTP listener (250 idle, 50 stopped half-way through a request's

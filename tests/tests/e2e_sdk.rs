@@ -197,13 +197,10 @@ async fn sdk_clients_racing_one_cap_never_overspend_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_clients_racing_one_cap_through_leases_never_overspend_it() {
     let redis = tollgate_testkit::RedisServer::start();
-    let sidecar = support::SIDECAR.replace(
-        "  logging: { level: warn }",
-        &format!(
-            "  logging: {{ level: warn }}\n  storage: {{ kind: redis, url: \"{}\", timeoutMs: 5000, leases: {{ enabled: true, ttl: PT6M, skew: PT2S }} }}",
-            redis.url()
-        ),
-    );
+    let sidecar = support::sidecar_with(&format!(
+        "  storage: {{ kind: redis, url: \"{}\", timeoutMs: 5000, leases: {{ enabled: true, ttl: PT6M, skew: PT2S }} }}",
+        redis.url()
+    ));
     assert!(sidecar.contains("leases"));
     let s = Stack::start_full(FILTER, &sidecar, |c| c);
     // A few calls one after another first: the first asks for a slice, the next are made
@@ -403,13 +400,10 @@ async fn sdk_calls_through_a_bounded_outage_pass_within_the_allowance_and_are_co
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_redis_leaves_no_hold_for_checks_answered_unavailable() {
     let redis = tollgate_testkit::RedisServer::start();
-    let sidecar = support::SIDECAR.replace(
-        "  logging: { level: warn }",
-        &format!(
-            "  logging: {{ level: warn }}\n  storage: {{ kind: redis, url: \"{}\", timeoutMs: 100, breakerFailures: 1000 }}",
-            redis.url()
-        ),
-    );
+    let sidecar = support::sidecar_with(&format!(
+        "  storage: {{ kind: redis, url: \"{}\", timeoutMs: 100, breakerFailures: 1000 }}",
+        redis.url()
+    ));
     let s = Arc::new(Stack::start_full(FILTER, &sidecar, |c| c));
     let granted = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let unavailable = Arc::new(std::sync::atomic::AtomicU64::new(0));

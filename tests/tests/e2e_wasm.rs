@@ -300,13 +300,10 @@ async fn a_killed_sidecar_fails_closed_with_503_and_open_marked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_follows_each_route_fail_mode_then_decisions_recover() {
     let mut redis = tollgate_testkit::RedisServer::start();
-    let sidecar = support::SIDECAR.replace(
-        "  logging: { level: warn }",
-        &format!(
-            "  logging: {{ level: warn }}\n  storage: {{ kind: redis, url: \"{}\", timeoutMs: 100 }}",
-            redis.url()
-        ),
-    );
+    let sidecar = support::sidecar_with(&format!(
+        "  storage: {{ kind: redis, url: \"{}\", timeoutMs: 100 }}",
+        redis.url()
+    ));
     let s = Stack::start_full(FILTER, &sidecar, |c| c);
     let h = [("authorization", INITECH.as_str()), ("x-team-id", "ops")];
     assert_eq!(s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await.status, 200);

@@ -66,6 +66,14 @@ pub static SIDECAR: LazyLock<String> = LazyLock::new(|| {
         .replace("{{GATEWAY}}", &gateway_token_config())
 });
 
+/// [`SIDECAR`] with `lines` added to its `server` section (each indented two spaces, for
+/// example `  storage: { kind: redis, url: ... }`).
+pub fn sidecar_with(lines: &str) -> String {
+    const LAST: &str = "  logging: { level: warn }";
+    assert!(SIDECAR.contains(LAST), "the sidecar config changed shape");
+    SIDECAR.replace(LAST, &format!("{LAST}\n{lines}"))
+}
+
 /// A caller of `customer` (claim `org`), as user `sub` if given: `Bearer <signed JWT>`.
 pub fn caller(customer: &str, sub: Option<&str>) -> String {
     let claims = match sub {
@@ -133,15 +141,12 @@ impl Stack {
     pub fn bounded(allowance: u64) -> (Self, std::path::PathBuf, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let port = tollgate_testkit::free_port();
-        let text = SIDECAR
-            .replace(
-                "extAuthz: \"127.0.0.1:0\"",
-                &format!("extAuthz: \"127.0.0.1:{port}\""),
-            )
-            .replace(
-                "  logging: { level: warn }",
-                "  logging: { level: warn }\n  storage: { kind: durable, path: counters.redb, durability: sync }",
-            );
+        let text =
+            sidecar_with("  storage: { kind: durable, path: counters.redb, durability: sync }")
+                .replace(
+                    "extAuthz: \"127.0.0.1:0\"",
+                    &format!("extAuthz: \"127.0.0.1:{port}\""),
+                );
         assert!(text.contains(&format!("127.0.0.1:{port}")) && text.contains("durable"));
         let path = dir.path().join("tollgate.yaml");
         std::fs::write(&path, &text).unwrap();

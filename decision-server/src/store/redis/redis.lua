@@ -728,6 +728,8 @@ local function locals()
   local beyond = redis.call('HINCRBY', META, 'sx', extra)
   local keep = tonumber(redis.call('HGET', META, 'sk') or 0)
   if redis.call('HINCRBY', META, 'sb', 1) % 16 == 1 or keep == 0 then
+    -- Without `entries-added` (Redis before 7.0): as many entries as events, as before.
+    keep = REC.stream_max
     local info = redis.call('XINFO', 'STREAM', stream)
     for i = 1, #info, 2 do
       if info[i] == 'entries-added' then

@@ -310,26 +310,29 @@ fn packed(e: impl std::fmt::Display) -> StoreError {
 /// `[{kind, time, draft number, measures, hold number, tag}, ...]` with its event count.
 ///
 /// Trade-off: the script stores each entry's bytes as they come and never builds or packs a
-/// record itself. Built there, every record cost Redis about 2.5 µs for its `XADD` and
-/// `cmsgpack.pack` and as much again for its arguments, most of what a local decision still
-/// cost Redis; a reader now unpacks an entry instead (see `events`), far less often.
+/// record itself. Built there, a record's `XADD` and `cmsgpack.pack` alone cost Redis about
+/// 2.5 µs (measured in a script), and records were 14 µs of Redis per local decision in all
+/// (`bench/README.md`); a reader now unpacks an entry instead (see `events`), far less often.
 pub struct LocalBatch<'a> {
-    drafts: Vec<&'a SeriesDraft>,
-    /// Each draft's series when nothing in it folds (see [`packed_series`]).
-    ready: Vec<Option<Vec<u8>>>,
+    /// The distinct series, in the order their numbers count from 1.
+    series: Vec<SeriesArg<'a>>,
     sums: std::collections::BTreeMap<(usize, i64), [u64; 9]>,
     entries: Vec<(Vec<u8>, usize)>,
 }
 
+/// A batch's series as the script takes it: packed here when nothing in it folds (see
+/// [`packed_series`]), else the draft for the script to fold.
+enum SeriesArg<'a> {
+    Packed(Vec<u8>),
+    Draft(&'a SeriesDraft),
+}
+
 impl<'a> LocalBatch<'a> {
-    /// Packs `records`, yielding to the runtime after each entry: a batch of thousands is
-    /// a millisecond or more of work, which would otherwise stall every decision waiting on
-    /// this worker at once.
+    /// Packs `records`, yielding to the runtime after each entry: the work grows with the
+    /// batch, and between entries the worker serves the decisions waiting on it.
     pub async fn pack(records: &'a [LocalRecord]) -> Result<Self, StoreError> {
-        use std::collections::btree_map::Entry;
         let mut batch = LocalBatch {
-            drafts: Vec::new(),
-            ready: Vec::new(),
+            series: Vec::new(),
             sums: std::collections::BTreeMap::new(),
             entries: Vec::new(),
         };
@@ -343,22 +346,21 @@ impl<'a> LocalBatch<'a> {
                 let n = match numbers.get(&r.series) {
                     Some(n) => *n,
                     None => {
-                        batch.drafts.push(&r.series);
-                        batch.ready.push(packed_series(&r.series)?);
-                        numbers.insert(&r.series, batch.drafts.len());
-                        batch.drafts.len()
+                        batch.series.push(match packed_series(&r.series)? {
+                            Some(bytes) => SeriesArg::Packed(bytes),
+                            None => SeriesArg::Draft(&r.series),
+                        });
+                        numbers.insert(&r.series, batch.series.len());
+                        batch.series.len()
                     }
                 };
                 let m = r.measures.to_array();
-                match batch.sums.entry((n, Granularity::Minute.start(r.at))) {
-                    Entry::Vacant(v) => {
-                        v.insert(m);
-                    }
-                    Entry::Occupied(mut o) => {
-                        for (sum, x) in o.get_mut().iter_mut().zip(m) {
-                            *sum = sum.saturating_add(x);
-                        }
-                    }
+                let sum = batch
+                    .sums
+                    .entry((n, Granularity::Minute.start(r.at)))
+                    .or_insert([0; 9]);
+                for (s, x) in sum.iter_mut().zip(m) {
+                    *s = s.saturating_add(x);
                 }
                 let mut tag = [0u8; 32];
                 hex::encode_to_slice(r.tag.to_be_bytes(), &mut tag).map_err(packed)?;
@@ -384,13 +386,13 @@ impl<'a> LocalBatch<'a> {
 
     /// The batch's arguments, in the script's order.
     pub fn push(self, inv: &mut ScriptInvocation<'_>) {
-        inv.arg(self.drafts.len());
-        for (d, ready) in self.drafts.into_iter().zip(self.ready) {
-            match ready {
-                Some(series) => {
-                    inv.arg(0).arg(series);
+        inv.arg(self.series.len());
+        for series in self.series {
+            match series {
+                SeriesArg::Packed(bytes) => {
+                    inv.arg(0).arg(bytes);
                 }
-                None => {
+                SeriesArg::Draft(d) => {
                     inv.arg(1);
                     push_series_draft(inv, d);
                 }
