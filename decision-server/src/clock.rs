@@ -48,3 +48,25 @@ impl Clock for ManualClock {
         Timestamp::from_millis(self.millis.load(Ordering::SeqCst))
     }
 }
+
+/// The system clock moved to read `start` at the moment it is made; from there time passes
+/// as it does. For tests and benchmarks whose outcome would otherwise depend on the time of
+/// day or the date they run at (daily quotas near midnight, projections before a reset).
+#[derive(Debug, Clone, Copy)]
+pub struct ShiftedClock {
+    offset_ms: i64,
+}
+
+impl ShiftedClock {
+    pub fn starting_at(start: Timestamp) -> Self {
+        Self {
+            offset_ms: start.millis() - SystemClock.now().millis(),
+        }
+    }
+}
+
+impl Clock for ShiftedClock {
+    fn now(&self) -> Timestamp {
+        SystemClock.now().plus_millis(self.offset_ms)
+    }
+}

@@ -124,16 +124,24 @@ pub async fn open_store(storage: &Storage) -> anyhow::Result<Arc<dyn CounterStor
 
 /// Builds the engine and service for a loaded config.
 pub async fn build_service(loaded: Loaded) -> anyhow::Result<Arc<Service>> {
+    build_service_with_clock(loaded, Arc::new(SystemClock)).await
+}
+
+/// As [`build_service`], reading the time from `clock` (tests pin the time of day with it).
+pub async fn build_service_with_clock(
+    loaded: Loaded,
+    clock: Arc<dyn crate::clock::Clock>,
+) -> anyhow::Result<Arc<Service>> {
     let Loaded { doc, model, server } = loaded;
     let mut store = open_store(&server.storage).await?;
     let leases = server.leases.map(|terms| {
         tracing::info!(?terms, "escrow leases on");
-        crate::store::LeasedStore::new(Arc::clone(&store), terms, Arc::new(SystemClock))
+        crate::store::LeasedStore::new(Arc::clone(&store), terms, Arc::clone(&clock))
     });
     if let Some(l) = &leases {
         store = Arc::new(l.clone());
     }
-    let engine = Engine::new(model, store, Arc::new(SystemClock))
+    let engine = Engine::new(model, store, clock)
         .await
         .context("cannot seed the store with the config's grants")?;
     let service = Arc::new(Service::new(engine, doc, &server).with_leases(leases));

@@ -121,10 +121,11 @@ impl CounterStore for Hooked {
     async fn record_local(
         &self,
         c: Name,
+        batch: tollgate::store::BatchId,
         r: &[tollgate::core::rollup::LocalRecord],
         now: Timestamp,
     ) -> Result<(), StoreError> {
-        self.inner.record_local(c, r, now).await
+        self.inner.record_local(c, batch, r, now).await
     }
     async fn auto_entity(
         &self,
@@ -147,6 +148,9 @@ impl CounterStore for Hooked {
     }
     fn admin_log(&self) -> &dyn AdminLog {
         self.inner.admin_log()
+    }
+    fn hold_relay(&self) -> &dyn tollgate::store::HoldRelay {
+        self.inner.hold_relay()
     }
     fn configure_records(&self, r: tollgate::core::rollup::RecordSettings) {
         self.inner.configure_records(r)
@@ -383,4 +387,60 @@ fn a_cancel_that_overtakes_its_reserve_makes_it_hold_nothing(store: Store) {
             .unwrap(),
         "once"
     );
+}
+
+/// A reserve that Redis runs twice (a Cluster client resends a script whose answer it lost)
+/// holds once: the second run answers with the first run's hold, and a cancel of the tag
+/// (what the caller does when it heard nothing) then leaves nothing behind.
+fn a_reserve_run_twice_holds_once(store: Store) {
+    let (h, _) = hooked(store);
+    let model = h.engine.model();
+    let auto = AutoEntities::default();
+    let dimensions = dims(&[("userId", "u1")]);
+    let Planned::Ready(mut plan) = model
+        .plan(
+            &Registry::new(&auto),
+            "acme",
+            "tokens",
+            Usage::units(100),
+            &dimensions,
+            h.engine.now(),
+        )
+        .unwrap()
+    else {
+        panic!("u1 is in the tree")
+    };
+    plan.hold_tag = 0x7e7e;
+    let store = h.engine.store();
+    let first = h
+        .run(store.reserve(&plan, ReserveMode::Hold, h.engine.now()))
+        .unwrap();
+    let again = h
+        .run(store.reserve(&plan, ReserveMode::Hold, h.engine.now()))
+        .unwrap();
+    assert_eq!(again.hold, first.hold, "the same hold, not a second one");
+    assert_eq!(h.counted("acme", "u1", "user-day"), 100, "held once");
+    assert_eq!(h.counted("acme", "u1", "user-slots"), 1, "one slot");
+    assert_eq!(
+        again.readings[0].current_usage, 100,
+        "the replay reads the counter as it is"
+    );
+    assert!(
+        h.run(store.cancel(plan.customer, plan.hold_tag, h.engine.now()))
+            .unwrap()
+    );
+    nothing_held(&h);
+    assert_eq!(h.engine.store().stats().script_disagreements, 0);
+}
+
+#[test]
+fn a_reserve_run_twice_holds_once_on_redis() {
+    let server = RedisServer::start();
+    a_reserve_run_twice_holds_once(redis_store(&server));
+}
+
+#[test]
+fn a_reserve_run_twice_holds_once_on_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    a_reserve_run_twice_holds_once(redis_cluster_store(&cluster));
 }

@@ -181,6 +181,11 @@ fn distinct_dimension_values_fold_past_the_customers_most(store: Store) {
     assert_eq!(sum(&rows, "userId", "u1").units, 5);
 }
 
+/// Batch `seq` of writer 7.
+fn batch(seq: u64) -> tollgate::store::BatchId {
+    tollgate::store::BatchId { writer: 7, seq }
+}
+
 /// A replica's local records (written in batches by a leased store, `record_local`): each
 /// attributed at its own time, folded as any record, and in the stream once each, in order,
 /// between the events around them; a reader resumes after any one of them, also inside a
@@ -224,9 +229,11 @@ fn local_record_batches_read_back_by_cursor_and_add_up(store: Store) {
     let all: Vec<LocalRecord> = (0..1_100).map(record).collect();
     let now = tollgate::core::Timestamp::from_millis(t0);
     assert!(h.ingest("acme", "tokens", tokens(1, 0, 0), &[("userId", "u1")], "k0"));
-    h.run(store.record_local(acme, &all[..600], now)).unwrap();
+    h.run(store.record_local(acme, batch(1), &all[..600], now))
+        .unwrap();
     assert!(h.ingest("acme", "tokens", tokens(1, 0, 0), &[("userId", "u1")], "k1"));
-    h.run(store.record_local(acme, &all[600..], now)).unwrap();
+    h.run(store.record_local(acme, batch(2), &all[600..], now))
+        .unwrap();
 
     // Read in pages of 7: every event once, in order.
     let mut seen = Vec::new();
@@ -332,7 +339,8 @@ fn local_record_batches_read_back_by_cursor_and_add_up(store: Store) {
             ..record(1)
         })
         .collect();
-    h.run(store.record_local(acme, &wide, now)).unwrap();
+    h.run(store.record_local(acme, batch(3), &wide, now))
+        .unwrap();
     let rows = buckets(&h, Granularity::Hour);
     let per_unit = record(1).measures.units;
     for i in [0, 999, 1_000, 1_001, 2_499] {
@@ -363,7 +371,8 @@ fn local_record_batches_read_back_by_cursor_and_add_up(store: Store) {
         at: now,
         ..record(1)
     };
-    h.run(store.record_local(acme, &[chain_only], now)).unwrap();
+    h.run(store.record_local(acme, batch(4), &[chain_only], now))
+        .unwrap();
     let same: Vec<Measures> = buckets(&h, Granularity::Hour)
         .into_iter()
         .filter(|(_, s, _)| *s == *key)

@@ -111,8 +111,10 @@ async fn replicas(stores: Vec<Arc<dyn CounterStore>>, cap: u64) -> Vec<Replica> 
     out
 }
 
-/// What one client got: units settled, grants made.
-async fn client(engine: Arc<Engine>, who: usize) -> (u64, u64) {
+/// What one client got: units settled, grants made. Every other hold is closed through
+/// `elsewhere`, another replica, as a Service in front of replicas sends a settlement to
+/// whichever it picks.
+async fn client(engine: Arc<Engine>, elsewhere: Arc<Engine>, who: usize) -> (u64, u64) {
     // Skewed: a quarter of the clients share two hot users, the rest spread over all.
     let user = if who.is_multiple_of(4) {
         format!("u{}", who % 2)
@@ -145,10 +147,11 @@ async fn client(engine: Arc<Engine>, who: usize) -> (u64, u64) {
             denied_in_a_row = 0;
             grants += 1;
             let hold = decision.hold_id.unwrap();
+            let closer = if n % 2 == 0 { &engine } else { &elsewhere };
             if n % 7 == 3 {
-                engine.release(&hold).await.unwrap();
+                closer.release(&hold).await.unwrap();
             } else {
-                engine.settle(&hold, Usage::units(size)).await.unwrap();
+                closer.settle(&hold, Usage::units(size)).await.unwrap();
                 settled += size;
             }
         } else {
@@ -164,8 +167,9 @@ async fn client(engine: Arc<Engine>, who: usize) -> (u64, u64) {
     (settled, grants)
 }
 
-/// 3 replicas × 64 clients race one cap with leases on: never over the cap, run to within
-/// one request of it, the counter ends at exactly what was settled, and no slice is left.
+/// 3 replicas × 64 clients race one cap with leases on, half of the holds closed through
+/// another replica than the one that granted them: never over the cap, run to within one
+/// request of it, the counter ends at exactly what was settled, and no slice is left.
 async fn race_with_leases(stores: Vec<Arc<dyn CounterStore>>, cap: u64) {
     let replicas = replicas(stores, cap).await;
     let stop = Arc::new(AtomicBool::new(false));
@@ -184,8 +188,13 @@ async fn race_with_leases(stores: Vec<Arc<dyn CounterStore>>, cap: u64) {
         .collect();
     let mut clients = Vec::new();
     for (i, r) in replicas.iter().enumerate() {
+        let elsewhere = &replicas[(i + 1) % replicas.len()].engine;
         for c in 0..CLIENTS {
-            clients.push(tokio::spawn(client(Arc::clone(&r.engine), i * CLIENTS + c)));
+            clients.push(tokio::spawn(client(
+                Arc::clone(&r.engine),
+                Arc::clone(elsewhere),
+                i * CLIENTS + c,
+            )));
         }
     }
     let mut settled = 0;
@@ -281,6 +290,123 @@ fn replicas_racing_a_cap_through_leases_in_one_process_never_overspend() {
     let inner: Arc<dyn CounterStore> = common::memory();
     let stores = (0..REPLICAS).map(|_| Arc::clone(&inner)).collect();
     runtime().block_on(race_with_leases(stores, 20_000));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Closes through another replica.
+
+/// Whether a hold id names a hold decided inside a lease (its number carries bit 52).
+fn is_local(hold: &tollgate::core::HoldId) -> bool {
+    hold.seq >= 1 << 52
+}
+
+/// Two replicas on `stores`: holds granted inside one replica's slices are settled, settled
+/// over their hold, and released through the other, each exactly once (a repeat changes
+/// nothing), and the counter ends at exactly what was settled once both have swept.
+async fn closes_through_another_replica(stores: Vec<Arc<dyn CounterStore>>) {
+    use tollgate::store::CloseOutcome;
+    let replicas = replicas(stores, 1_000_000).await;
+    let (a, b) = (&replicas[0].engine, &replicas[1].engine);
+    let d = dims(&[("userId", "u1")]);
+    let check = |units: u64| {
+        let d = &d;
+        async move {
+            a.check(&CheckRequest {
+                customer: "acme",
+                feature: "tokens",
+                usage: Usage::units(units),
+                dimensions: d,
+                dry_run: false,
+                deadline: None,
+            })
+            .await
+            .unwrap()
+            .hold_id
+            .unwrap()
+        }
+    };
+    // Busy enough on replica a that its decisions are made inside slices.
+    let mut settled = 0;
+    let mut warm = 0;
+    let hold = loop {
+        let h = check(100).await;
+        if is_local(&h) {
+            break h;
+        }
+        a.settle(&h, Usage::units(100)).await.unwrap();
+        settled += 100;
+        warm += 1;
+        assert!(warm < 200, "no decision was made inside a slice");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let over = check(100).await;
+    let released = check(100).await;
+    assert!(is_local(&over) && is_local(&released));
+
+    // Settled through b, at less than held; a repeat through b is already closed.
+    assert_eq!(
+        b.settle(&hold, Usage::units(10)).await.unwrap(),
+        CloseOutcome::Closed
+    );
+    assert_eq!(
+        b.settle(&hold, Usage::units(10)).await.unwrap(),
+        CloseOutcome::AlreadyClosed
+    );
+    settled += 10;
+    // Over its hold, and released, through b.
+    b.settle(&over, Usage::units(150)).await.unwrap();
+    settled += 150;
+    b.release(&released).await.unwrap();
+    // a's sweep applies them; afterwards a close through a finds them closed.
+    a.expire_due().await.unwrap();
+    for h in [&hold, &over, &released] {
+        assert_eq!(
+            a.settle(h, Usage::units(999)).await.unwrap(),
+            CloseOutcome::AlreadyClosed,
+            "{h:?} still open on the replica that granted it"
+        );
+    }
+    let now = SystemClock.now();
+    for r in &replicas {
+        r.leases.return_all(now).await.unwrap();
+    }
+    let counted = a.counted("acme", "acme", "cap", None).await.unwrap();
+    assert_eq!(counted, Some(settled), "settled {settled}");
+    let user = a.counted("acme", "u1", "user-day", None).await.unwrap();
+    assert_eq!(user, Some(settled));
+}
+
+#[test]
+fn a_hold_closes_through_another_replica_in_one_process() {
+    let inner: Arc<dyn CounterStore> = common::memory();
+    runtime().block_on(closes_through_another_replica(vec![
+        Arc::clone(&inner),
+        inner,
+    ]));
+}
+
+#[test]
+fn a_hold_closes_through_another_replica_on_redis() {
+    let server = RedisServer::start();
+    let stores = (0..2)
+        .map(|_| {
+            redis_store_prefixed(RedisTarget::Node(server.url()), "relay-node")
+                as Arc<dyn CounterStore>
+        })
+        .collect();
+    runtime().block_on(closes_through_another_replica(stores));
+}
+
+#[test]
+fn a_hold_closes_through_another_replica_on_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let stores = (0..2)
+        .map(|_| {
+            redis_store_prefixed(RedisTarget::Cluster(cluster.urls()), "relay-cluster")
+                as Arc<dyn CounterStore>
+        })
+        .collect();
+    runtime().block_on(closes_through_another_replica(stores));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -92,6 +92,10 @@ impl Api {
 
     /// As [`Api::on`], with `acme_extra` YAML (already indented) added to customer acme and
     /// `top` added at the top level.
+    ///
+    /// The service's clock starts at [`common::service::PINNED_START`] unless `acme_extra`
+    /// declares webhooks: a receiver checks a delivery's signed timestamp against its own
+    /// clock, so those run on the system clock.
     async fn with(max_points: usize, storage: &str, acme_extra: &str) -> Self {
         let config = format!(
             "usageRecords:\n  dimensions: [model]\n  maxQueryPoints: {max_points}\nalerting: {{ retrySchedule: [PT1S], timeoutMs: 2000 }}\n{}",
@@ -104,7 +108,11 @@ impl Api {
             &format!("{acme_extra}  - id: globex\n"),
             1,
         );
-        let service = common::service::service_from(&config).await;
+        let service = if acme_extra.contains("webhooks:") {
+            common::service::service_from(&config).await
+        } else {
+            common::service::service_from_pinned(&config).await
+        };
         Self {
             router: tollgate::api::router(Arc::clone(&service), 65536),
             service,
@@ -328,15 +336,16 @@ async fn day_windows_align_to_the_asked_time_zone() {
         }
     }
     assert_eq!(totals(&h["series"][0]).0, 130);
-    // Day buckets are whole UTC days: a range past the hours' retention cannot be cut at
-    // Berlin's midnight, and the answer says so instead of shifting the windows.
+    // Day buckets are whole UTC days: a range past the hours' retention (90 days before the
+    // pinned clock) cannot be cut at Berlin's midnight, and the answer says so instead of
+    // shifting the windows.
     let (status, e) = api
-        .get("/v1/customers/acme/usage/history?windowSize=DAY&timeZone=Europe/Berlin&from=2026-01-10T00:00:00Z&to=2026-01-12T00:00:00Z")
+        .get("/v1/customers/acme/usage/history?windowSize=DAY&timeZone=Europe/Berlin&from=2025-10-10T00:00:00Z&to=2025-10-12T00:00:00Z")
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
     assert_eq!(e["error"]["parameter"], "timeZone", "{e}");
     let (status, h) = api
-        .get("/v1/customers/acme/usage/history?windowSize=DAY&from=2026-01-10T00:00:00Z&to=2026-01-12T00:00:00Z")
+        .get("/v1/customers/acme/usage/history?windowSize=DAY&from=2025-10-10T00:00:00Z&to=2025-10-12T00:00:00Z")
         .await;
     assert_eq!(status, StatusCode::OK, "{h}");
     // Past every retention (days are kept two years).

@@ -186,6 +186,9 @@ pub struct Ledger {
     /// The next hold number. Hold numbers only grow, so any number below this one that is not
     /// open was closed: that is what makes settlement idempotent without remembering it.
     next_seq: u64,
+    /// The last batch of local records applied, by writer (not persisted: a batch is resent
+    /// only by a writer whose call may have run unanswered, on a networked store).
+    local_batches: FxHashMap<u32, u64>,
     /// Entities created on the fly, by id; their count is the customer's cap.
     entities: FxHashMap<Box<str>, StoredEntity>,
     /// What changed since the last [`Ledger::take_changes`]; `None` unless a store persists
@@ -293,11 +296,17 @@ impl Ledger {
     }
 
     /// Writes the records of decisions a replica made inside its leases (no counter changes:
-    /// the lease's own hold carries their units).
-    pub fn record_local(&mut self, records: &[LocalRecord]) {
+    /// the lease's own hold carries their units), unless batch `seq` of `writer` is at or
+    /// below the last one applied (the same batch sent again; `redis.lua` `locals()`).
+    pub fn record_local(&mut self, writer: u32, seq: u64, records: &[LocalRecord]) {
         if !self.records.enabled {
             return;
         }
+        let last = self.local_batches.entry(writer).or_insert(0);
+        if seq <= *last {
+            return;
+        }
+        *last = seq;
         for r in records {
             let series =
                 self.rollups

@@ -28,8 +28,8 @@ use futures_util::StreamExt;
 use parking_lot::Mutex;
 
 use super::{
-    AdminLog, AutoEntityOutcome, CloseOutcome, CounterStore, HoldKey, Reservation, ReserveMode,
-    StoreError, StoreStats, StoredEntity,
+    AdminLog, AutoEntityOutcome, BatchId, CloseOutcome, CounterStore, HoldKey, HoldRelay,
+    PostedClose, Reservation, ReserveMode, StoreError, StoreStats, StoredEntity,
 };
 use crate::core::alerts::Delivery;
 use crate::core::counter::{CounterKey, CounterSpec, Reading};
@@ -49,6 +49,16 @@ use super::events::EventPage;
 /// wherever it is written (a Redis script's doubles).
 const LOCAL_BIT: u64 = 1 << 52;
 
+/// Below [`LOCAL_BIT`], a local hold number carries the replica that granted it in these 20
+/// bits (from bit 32), so a close that reaches another replica is posted for that one.
+const REPLICA_SHIFT: u32 = 32;
+const REPLICA_MASK: u64 = 0xF_FFFF;
+
+/// The replica a local hold number names.
+fn replica_of(seq: u64) -> u32 {
+    ((seq >> REPLICA_SHIFT) & REPLICA_MASK) as u32
+}
+
 /// Records waiting for their batch; past this many a customer's oldest are dropped (and
 /// counted) while the store is unreachable, so an outage cannot grow memory without bound.
 const MAX_PENDING_RECORDS: usize = 100_000;
@@ -58,6 +68,11 @@ const STORE_CALLS_AT_ONCE: usize = 32;
 
 /// A batch is written at once when it reaches this many records (else at the next sweep).
 const FLUSH_AT: usize = 1024;
+
+/// A counter nobody asked for this long is idle: its slices go back at the sweep (every
+/// second in the server), and none is placed for it, so what a replica holds is back in the
+/// store within about two seconds of its last decision on it.
+const IDLE_MS: i64 = 1_000;
 
 /// How long before a slice's local end its last local hold must end: the slice goes back at
 /// the first sweep after its holds close (the server sweeps every second), and must reach the
@@ -210,6 +225,15 @@ struct Book {
     /// What settlements spent past their slices that the store could not be charged yet
     /// (unreachable), by local hold: charged at each sweep (idempotent by the hold).
     overs: VecDeque<(HoldKey, Vec<PlannedCounter>)>,
+    /// Store parts of partly covered holds whose close the store did not answer: closed at
+    /// each sweep until it does (a close of a closed hold changes nothing).
+    unclosed: Vec<(HoldKey, Option<Usage>, Timestamp)>,
+    /// The number of the last batch of records made for this customer.
+    batches: u64,
+    /// A batch sent and not answered: sent again, unchanged, before any newer record.
+    unsent: Option<(BatchId, Vec<LocalRecord>)>,
+    /// A batch is in flight.
+    writing: bool,
 }
 
 impl Book {
@@ -307,6 +331,10 @@ struct Shared {
     terms: LeaseTerms,
     books: DashMap<Name, Arc<Mutex<Book>>>,
     next_seq: AtomicU64,
+    /// This replica's number in its local hold numbers (random per process, never 0).
+    replica: u32,
+    /// Customers whose posted closes could not be read or applied: tried again next sweep.
+    relay_retry: Mutex<Vec<Name>>,
     counters: Counters,
 }
 
@@ -352,6 +380,12 @@ impl LeasedStore {
                 terms,
                 books: DashMap::new(),
                 next_seq: AtomicU64::new(1),
+                // Trade-off: random rather than handed out by the store, so starting needs no
+                // store call; two replicas of one Service draw the same number about once in a
+                // million pairs, and then a close sent to the wrong one of them is lost to its
+                // hold's expiry (charged at the held amount).
+                replica: (rand::random::<u32>() % REPLICA_MASK as u32) + 1,
+                relay_retry: Mutex::new(Vec::new()),
                 counters: Counters::default(),
             }),
         }
@@ -393,9 +427,10 @@ impl LeasedStore {
     /// is quiet. Open local holds are committed at their held amount, as their expiry would.
     pub async fn return_all(&self, now: Timestamp) -> Result<(), StoreError> {
         let shared = &self.shared;
+        self.apply_relayed().await;
         let mut first = None;
         for (customer, book) in shared.all_books() {
-            let (settles, records) = {
+            let settles = {
                 let mut b = book.lock();
                 let holds: Vec<LocalHold> = b.holds.drain().map(|(_, h)| h).collect();
                 for h in &holds {
@@ -407,10 +442,17 @@ impl LeasedStore {
                         settles.push((g.store, g.lease));
                     }
                 }
-                (settles, Vec::from(std::mem::take(&mut b.records)))
+                settles
             };
-            let charged = shared.charge_kept(&book, now).await;
-            let written = shared.write_records(customer, records, now).await;
+            let charged = shared
+                .charge_kept(&book, now)
+                .await
+                .and(shared.close_kept(&book).await);
+            // A batch that was waiting to be sent again, then the rest.
+            let mut written = Ok(());
+            for _ in 0..2 {
+                written = written.and(shared.write_records(customer, now).await);
+            }
             let returned = shared.settle_all(&book, settles, now).await;
             // Every customer is tried; the first failure is the answer.
             if let Err(e) = charged.and(written).and(returned) {
@@ -418,6 +460,22 @@ impl LeasedStore {
             }
         }
         first.map_or(Ok(()), Err)
+    }
+}
+
+/// Ends a customer's batch write: a batch not known to be written is kept to be sent again.
+struct Unsent {
+    book: Arc<Mutex<Book>>,
+    batch: Option<(BatchId, Vec<LocalRecord>)>,
+}
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        let mut b = self.book.lock();
+        b.writing = false;
+        if let Some(batch) = self.batch.take() {
+            b.unsent = Some(batch);
+        }
     }
 }
 
@@ -521,6 +579,33 @@ impl Shared {
         Ok(())
     }
 
+    /// Closes the store part of a partly covered hold: settled at `actual`, or released.
+    async fn close_store_part(
+        &self,
+        store: HoldKey,
+        actual: Option<Usage>,
+        now: Timestamp,
+    ) -> Result<CloseOutcome, StoreError> {
+        match actual {
+            Some(u) => self.inner.settle(store, &u, now).await,
+            None => self.inner.release(store, now).await,
+        }
+    }
+
+    /// Closes the store parts `book` kept while the store did not answer, each as of when
+    /// its close arrived; one still refused is kept for the next sweep.
+    async fn close_kept(&self, book: &Mutex<Book>) -> Result<(), StoreError> {
+        let kept = std::mem::take(&mut book.lock().unclosed);
+        let mut first = None;
+        for (store, actual, at) in kept {
+            if let Err(e) = self.close_store_part(store, actual, at).await {
+                book.lock().unclosed.push((store, actual, at));
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
     /// Charges the excesses `book` kept while the store was unreachable, oldest first; one the
     /// store still refuses is kept again, with those after it.
     async fn charge_kept(&self, book: &Mutex<Book>, now: Timestamp) -> Result<(), StoreError> {
@@ -567,28 +652,46 @@ impl Shared {
         first.map_or(Ok(()), Err)
     }
 
-    async fn write_records(
-        &self,
-        customer: Name,
-        records: Vec<LocalRecord>,
-        now: Timestamp,
-    ) -> Result<(), StoreError> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        match self.inner.record_local(customer, &records, now).await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                // Kept for the next try, in order, ahead of newer ones.
-                let book = self.book(customer);
-                let mut b = book.lock();
-                let newer = std::mem::take(&mut b.records);
-                for r in records.into_iter().chain(newer) {
-                    b.push_record(r, &self.counters.dropped);
-                }
-                Err(e)
+    /// Writes `customer`'s next batch of local records: the one sent before and not
+    /// answered, unchanged and under the same number (the store applies a batch once), or
+    /// else the records waiting, as a new batch. One batch of a customer is in flight at a
+    /// time, so batches reach the store in their order; a call while one is in flight writes
+    /// nothing (its records wait for the next).
+    async fn write_records(&self, customer: Name, now: Timestamp) -> Result<(), StoreError> {
+        let book = self.book(customer);
+        let batch = {
+            let mut b = book.lock();
+            if b.writing {
+                return Ok(());
             }
+            let batch = match b.unsent.take() {
+                Some(batch) => batch,
+                None if b.records.is_empty() => return Ok(()),
+                None => {
+                    b.batches += 1;
+                    let id = BatchId {
+                        writer: self.replica,
+                        seq: b.batches,
+                    };
+                    (id, Vec::from(std::mem::take(&mut b.records)))
+                }
+            };
+            b.writing = true;
+            batch
+        };
+        // Should this call be dropped mid-way, the batch is kept to be sent again.
+        let mut pending = Unsent {
+            book: Arc::clone(&book),
+            batch: Some(batch),
+        };
+        let Some((id, records)) = pending.batch.as_ref() else {
+            return Ok(());
+        };
+        let written = self.inner.record_local(customer, *id, records, now).await;
+        if written.is_ok() {
+            pending.batch = None;
         }
+        written
     }
 
     /// Places a new slice on `slot` of `customer`, sized from the slot's rate and what the
@@ -740,7 +843,9 @@ impl CounterStore for LeasedStore {
         let mut local: Vec<Option<(LocalPart, Reading)>> = vec![None; n];
         let mut want: Vec<(SlotKey, usize)> = Vec::new();
         let book = shared.book(plan.customer);
-        let seq = LOCAL_BIT | shared.next_seq.fetch_add(1, Ordering::Relaxed);
+        let seq = LOCAL_BIT
+            | (u64::from(shared.replica) << REPLICA_SHIFT)
+            | (shared.next_seq.fetch_add(1, Ordering::Relaxed) & 0xFFFF_FFFF);
         {
             let mut b = book.lock();
             for (i, c) in plan.counters.iter().enumerate() {
@@ -935,6 +1040,9 @@ impl CounterStore for LeasedStore {
         if hold.seq & LOCAL_BIT == 0 {
             return self.shared.inner.settle(hold, actual, now).await;
         }
+        if let Some(posted) = self.relay_close(hold, Some(*actual), now).await {
+            return posted;
+        }
         self.close_local(hold, Some(actual), now).await
     }
 
@@ -951,6 +1059,9 @@ impl CounterStore for LeasedStore {
     async fn release(&self, hold: HoldKey, now: Timestamp) -> Result<CloseOutcome, StoreError> {
         if hold.seq & LOCAL_BIT == 0 {
             return self.shared.inner.release(hold, now).await;
+        }
+        if let Some(posted) = self.relay_close(hold, None, now).await {
+            return posted;
         }
         self.close_local(hold, None, now).await
     }
@@ -1006,10 +1117,14 @@ impl CounterStore for LeasedStore {
     async fn record_local(
         &self,
         customer: Name,
+        batch: BatchId,
         records: &[LocalRecord],
         now: Timestamp,
     ) -> Result<(), StoreError> {
-        self.shared.inner.record_local(customer, records, now).await
+        self.shared
+            .inner
+            .record_local(customer, batch, records, now)
+            .await
     }
 
     async fn auto_entity(
@@ -1040,6 +1155,10 @@ impl CounterStore for LeasedStore {
 
     fn admin_log(&self) -> &dyn AdminLog {
         self.shared.inner.admin_log()
+    }
+
+    fn hold_relay(&self) -> &dyn HoldRelay {
+        self.shared.inner.hold_relay()
     }
 
     fn configure_records(&self, settings: RecordSettings) {
@@ -1174,8 +1293,7 @@ impl LeasedStore {
                     &shared.counters.dropped,
                 );
             }
-            let flush =
-                (b.records.len() >= FLUSH_AT).then(|| Vec::from(std::mem::take(&mut b.records)));
+            let flush = b.records.len() >= FLUSH_AT;
             (h.store, flush, over)
         };
         if let Err(e) = shared.charge_over(hold, &over, now).await {
@@ -1184,21 +1302,104 @@ impl LeasedStore {
             tracing::warn!(%hold, error = %e, "usage past a slice kept until the store answers");
             shared.book(hold.customer).lock().keep_over(hold, over);
         }
-        if let Some(records) = flush {
+        if flush {
             let shared = Arc::clone(shared);
             let customer = hold.customer;
             tokio::spawn(async move {
                 // A failure keeps them for the sweep's next try.
-                let _ = shared.write_records(customer, records, now).await;
+                let _ = shared.write_records(customer, now).await;
             });
         }
-        if let Some(store) = store {
-            match actual {
-                Some(u) => shared.inner.settle(store, u, now).await?,
-                None => shared.inner.release(store, now).await?,
-            };
+        if let Some(store) = store
+            && let Err(e) = shared.close_store_part(store, actual.copied(), now).await
+        {
+            // The local part is closed and the settlement stands: the store part is closed
+            // at a later sweep, at this usage and as of now.
+            tracing::warn!(%hold, error = %e, "store part of a hold closed once the store answers");
+            shared
+                .book(hold.customer)
+                .lock()
+                .unclosed
+                .push((store, actual.copied(), now));
         }
         Ok(CloseOutcome::Closed)
+    }
+
+    /// Posts the close of a local hold another replica granted for that replica, which
+    /// applies it at its next sweep; `None` when the hold is this replica's own.
+    async fn relay_close(
+        &self,
+        hold: HoldKey,
+        actual: Option<Usage>,
+        now: Timestamp,
+    ) -> Option<Result<CloseOutcome, StoreError>> {
+        let shared = &self.shared;
+        let replica = replica_of(hold.seq);
+        if replica == shared.replica {
+            return None;
+        }
+        let close = PostedClose {
+            seq: hold.seq,
+            tag: hold.tag,
+            actual,
+            at: now.millis(),
+        };
+        // A local hold ends before its slice's TTL does, so past that nothing can apply it.
+        let posted = shared
+            .inner
+            .hold_relay()
+            .post(hold.customer, replica, close, shared.terms.ttl_ms)
+            .await;
+        Some(posted.map(|added| {
+            if added {
+                CloseOutcome::Closed
+            } else {
+                CloseOutcome::AlreadyClosed
+            }
+        }))
+    }
+
+    /// Applies the closes other replicas posted for this one (at the time each arrived), then
+    /// forgets them. A customer whose closes could not be read or forgotten is tried again at
+    /// the next sweep; applying one twice changes nothing (the hold is gone after the first).
+    async fn apply_relayed(&self) {
+        let shared = &self.shared;
+        let relay = shared.inner.hold_relay();
+        let mut customers = std::mem::take(&mut *shared.relay_retry.lock());
+        match relay.customers(shared.replica).await {
+            Ok(more) => customers.extend(more),
+            Err(e) => tracing::debug!(error = %e, "closes posted for this replica not read"),
+        }
+        customers.sort_unstable_by_key(|c| c.as_str().to_string());
+        customers.dedup();
+        for customer in customers {
+            let applied = match relay.posted(customer, shared.replica).await {
+                Ok(closes) => closes,
+                Err(_) => {
+                    shared.relay_retry.lock().push(customer);
+                    continue;
+                }
+            };
+            for c in &applied {
+                let hold = HoldKey {
+                    customer,
+                    seq: c.seq,
+                    tag: c.tag,
+                };
+                let at = Timestamp::from_millis(c.at);
+                if let Err(e) = self.close_local(hold, c.actual.as_ref(), at).await {
+                    // A settlement over the hold's bound: refused as it would have been here.
+                    tracing::warn!(%hold, error = %e, "a close posted by another replica was refused");
+                }
+            }
+            if relay
+                .forget(customer, shared.replica, &applied)
+                .await
+                .is_err()
+            {
+                shared.relay_retry.lock().push(customer);
+            }
+        }
     }
 
     /// The sweep's part: expires local holds at their held amount, returns slices that are
@@ -1209,9 +1410,12 @@ impl LeasedStore {
         let shared = &self.shared;
         let t = shared.terms;
         let mut expired = 0;
+        // Before expiring anything: a close that arrived elsewhere before its hold's TTL
+        // closes the hold, however late this sweep reads it.
+        self.apply_relayed().await;
         for (customer, book) in shared.all_books() {
             let mut renew = Vec::new();
-            let (settles, records) = {
+            let settles = {
                 let mut b = book.lock();
                 let mut settles = std::mem::take(&mut b.unreturned);
                 let due: Vec<u128> = b
@@ -1228,7 +1432,7 @@ impl LeasedStore {
                 }
                 let ms = now.millis();
                 for (key, s) in &mut b.slots {
-                    let idle = ms - s.last_asked > t.ttl_ms / 2;
+                    let idle = ms - s.last_asked > IDLE_MS;
                     for g in &mut s.gens {
                         if idle || ms >= g.lease.usable_until {
                             g.retired = true;
@@ -1265,20 +1469,21 @@ impl LeasedStore {
                 b.slots.retain(|_, s| {
                     s.acquiring || !s.gens.is_empty() || ms - s.last_asked <= t.ttl_ms
                 });
-                (settles, Vec::from(std::mem::take(&mut b.records)))
+                settles
             };
             // Spent-out and idle slices go back first, so a placement's reading counts what
             // they spent rather than their whole size. (A busy counter's current slice goes
             // back in its successor's placement when nothing is open in it, else at a later
             // sweep: never a moment without one.) A failure is kept for the next sweep.
             let _ = shared.charge_kept(&book, now).await;
+            let _ = shared.close_kept(&book).await;
             let _ = shared.settle_all(&book, settles, now).await;
             futures_util::stream::iter(renew)
                 .for_each_concurrent(STORE_CALLS_AT_ONCE, |(slot, remaining)| {
                     Arc::clone(shared).acquire(customer, slot, remaining)
                 })
                 .await;
-            let _ = shared.write_records(customer, records, now).await;
+            let _ = shared.write_records(customer, now).await;
         }
         expired
     }

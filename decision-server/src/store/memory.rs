@@ -82,6 +82,8 @@ pub struct MemoryStore {
     journal: Option<Arc<dyn Journal>>,
     /// Holds released by `cancel`, since start.
     abandoned: AtomicU64,
+    /// Closes of leased holds waiting for the leased store that granted them.
+    relay: super::InProcessRelay,
 }
 
 impl Default for MemoryStore {
@@ -93,6 +95,7 @@ impl Default for MemoryStore {
             events: EventLog::new(0, crate::clock::SystemClock.now()),
             journal: None,
             abandoned: AtomicU64::new(0),
+            relay: super::InProcessRelay::default(),
         }
     }
 }
@@ -402,12 +405,16 @@ impl CounterStore for MemoryStore {
     async fn record_local(
         &self,
         customer: Name,
+        batch: super::BatchId,
         records: &[LocalRecord],
         _now: Timestamp,
     ) -> Result<(), StoreError> {
         let sym = customer.sym();
         let book = self.book(sym);
-        self.write(sym, &book, |l| l.record_local(records)).await
+        self.write(sym, &book, |l| {
+            l.record_local(batch.writer, batch.seq, records)
+        })
+        .await
     }
 
     async fn claim_alert(
@@ -519,6 +526,10 @@ impl CounterStore for MemoryStore {
             Some(j) => j.admin_log(),
             None => &NothingKept,
         }
+    }
+
+    fn hold_relay(&self) -> &dyn super::HoldRelay {
+        &self.relay
     }
 
     fn configure_records(&self, settings: RecordSettings) {

@@ -37,6 +37,15 @@ impl std::fmt::Display for HoldKey {
     }
 }
 
+/// A batch of local records: its writer (a leased store's replica number) and its number,
+/// counting up per writer and customer. A writer sends one batch of a customer at a time and
+/// sends a batch again, unchanged, until it is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchId {
+    pub writer: u32,
+    pub seq: u64,
+}
+
 /// Whether `reserve` places holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReserveMode {
@@ -185,10 +194,13 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
 
     /// Writes the usage records of decisions a replica made inside its leases, in one call per
     /// customer: each as the store would have recorded it at its own time. No counter changes
-    /// (the leases' holds carry the units).
+    /// (the leases' holds carry the units). A batch is written once: a store that may run a
+    /// call whose answer was lost (Redis) skips a batch at or below the last one `batch`'s
+    /// writer had applied for this customer.
     async fn record_local(
         &self,
         customer: Name,
+        batch: BatchId,
         records: &[LocalRecord],
         now: Timestamp,
     ) -> Result<(), StoreError>;
@@ -217,6 +229,9 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
 
     /// Where this store keeps the admin changes made through the API.
     fn admin_log(&self) -> &dyn AdminLog;
+
+    /// Where closes of escrow-lease holds wait for the replica that granted them.
+    fn hold_relay(&self) -> &dyn HoldRelay;
 
     /// Sets how usage records are kept (the engine calls it with each model in force).
     fn configure_records(&self, settings: RecordSettings);
@@ -319,5 +334,109 @@ impl AdminLog for NothingKept {
 
     async fn revision(&self) -> Result<Option<u64>, StoreError> {
         Ok(None)
+    }
+}
+
+/// A close of a hold that reached another replica than the one that granted it: the hold, the
+/// usage it is settled at (`None`: released), and when the close arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PostedClose {
+    pub seq: u64,
+    pub tag: u128,
+    pub actual: Option<Usage>,
+    pub at: i64,
+}
+
+/// Closes waiting for the replica that granted their holds (escrow leases decide inside a
+/// replica's own slices, so only that replica's book holds a local hold). A job of its own,
+/// reached as [`AdminLog`] is: a store several replicas share keeps them where every replica
+/// reaches them.
+///
+/// Invariant: a hold has at most one posted close, the first: a retried or repeated close
+/// posts nothing new, so a close is applied once however often it is sent.
+#[async_trait::async_trait]
+pub trait HoldRelay: Send + Sync {
+    /// Posts `close` of a hold of `customer` for replica `replica`, kept `keep_ms` (past it
+    /// the hold has expired anyway). False when one was posted for that hold already.
+    async fn post(
+        &self,
+        customer: Name,
+        replica: u32,
+        close: PostedClose,
+        keep_ms: i64,
+    ) -> Result<bool, StoreError>;
+
+    /// The customers with closes posted for `replica`, forgetting the list: each is read with
+    /// [`HoldRelay::posted`] next (a close posted meanwhile names its customer again).
+    async fn customers(&self, replica: u32) -> Result<Vec<Name>, StoreError>;
+
+    /// The closes posted for `replica` on `customer`'s holds.
+    async fn posted(&self, customer: Name, replica: u32) -> Result<Vec<PostedClose>, StoreError>;
+
+    /// Forgets closes that were applied (by their holds' numbers and tags).
+    async fn forget(
+        &self,
+        customer: Name,
+        replica: u32,
+        applied: &[PostedClose],
+    ) -> Result<(), StoreError>;
+}
+
+/// The hold relay of a store that lives in one process: replicas are leased stores over the
+/// same store object (tests, simulations), so a map is where they all look.
+#[derive(Debug, Default)]
+pub struct InProcessRelay {
+    posted: dashmap::DashMap<(Name, u32), Vec<PostedClose>>,
+}
+
+#[async_trait::async_trait]
+impl HoldRelay for InProcessRelay {
+    async fn post(
+        &self,
+        customer: Name,
+        replica: u32,
+        close: PostedClose,
+        _keep_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let mut list = self.posted.entry((customer, replica)).or_default();
+        if list
+            .iter()
+            .any(|c| c.seq == close.seq && c.tag == close.tag)
+        {
+            return Ok(false);
+        }
+        list.push(close);
+        Ok(true)
+    }
+
+    async fn customers(&self, replica: u32) -> Result<Vec<Name>, StoreError> {
+        Ok(self
+            .posted
+            .iter()
+            .filter(|e| e.key().1 == replica && !e.value().is_empty())
+            .map(|e| e.key().0)
+            .collect())
+    }
+
+    async fn posted(&self, customer: Name, replica: u32) -> Result<Vec<PostedClose>, StoreError> {
+        Ok(self
+            .posted
+            .get(&(customer, replica))
+            .map(|l| l.clone())
+            .unwrap_or_default())
+    }
+
+    async fn forget(
+        &self,
+        customer: Name,
+        replica: u32,
+        applied: &[PostedClose],
+    ) -> Result<(), StoreError> {
+        if let Some(mut list) = self.posted.get_mut(&(customer, replica)) {
+            list.retain(|c| !applied.iter().any(|a| a.seq == c.seq && a.tag == c.tag));
+        }
+        self.posted
+            .remove_if(&(customer, replica), |_, l| l.is_empty());
+        Ok(())
     }
 }

@@ -108,6 +108,23 @@ pub async fn service_from(text: &str) -> Arc<Service> {
         .expect("service")
 }
 
+/// A mid-morning on a Wednesday in the middle of a month: far from every daily, weekly and
+/// monthly reset, so a test that reads projections, resets or period boundaries gets the same
+/// answer whatever time of day it runs at.
+pub const PINNED_START: &str = "2026-03-11T10:00:00Z";
+
+/// As [`service_from`], on a clock that starts at [`PINNED_START`] and runs from there.
+pub async fn service_from_pinned(text: &str) -> Arc<Service> {
+    let loaded = tollgate::config::load(text, "fixture.yaml").expect("fixture config is valid");
+    let start = super::at(PINNED_START);
+    tollgate::server::build_service_with_clock(
+        loaded,
+        Arc::new(tollgate::clock::ShiftedClock::starting_at(start)),
+    )
+    .await
+    .expect("service")
+}
+
 /// What acme's org counter counts now.
 pub async fn org_counted(service: &Service, customer: &str) -> u64 {
     service

@@ -21,6 +21,7 @@ mod admin;
 mod cancel;
 mod keys;
 mod link;
+mod relay;
 mod wire;
 
 use super::events::{EventPage, StreamEvent, StreamRetention};
@@ -45,9 +46,10 @@ use self::link::Link;
 use self::wire::{
     CLOSE_ALREADY_CLOSED, CLOSE_CLOSED, CLOSE_NEEDS_PRICES, CLOSE_NO_SUCH_HOLD, CLOSE_TOO_LARGE,
     CounterArgs, DONE, ENTITY_ABSENT, ENTITY_CREATED, ENTITY_FOUND, ENTITY_FULL, HEADER,
-    LocalBatch, PRICES_PER_PART, SLOT_COUNTERS, SLOT_HOLDS_OPEN, SLOT_HOLDS_VERSION,
-    SLOT_NEXT_EXPIRY, bad_reply, category_code, decode_event, decode_series, int, kind_code,
-    measures_of, push_record_draft, push_record_settings, result, rule_code, state_of, tag_text,
+    LocalBatch, PRICES_PER_PART, RESERVE_REPLAYED, SLOT_COUNTERS, SLOT_HOLDS_OPEN,
+    SLOT_HOLDS_VERSION, SLOT_NEXT_EXPIRY, bad_reply, category_code, decode_event, decode_series,
+    int, kind_code, measures_of, push_record_draft, push_record_settings, result, rule_code,
+    state_of, tag_text,
 };
 use super::{
     AdminLog, AutoEntityOutcome, CloseOutcome, CounterStore, HoldKey, Reservation, ReserveMode,
@@ -113,6 +115,7 @@ pub struct RedisStore {
     link: Link,
     script: Script,
     admin_script: Script,
+    relay_script: Script,
     settings: RedisSettings,
     retention: KeyRetention,
     known: DashMap<Sym, Known, FxBuildHasher>,
@@ -157,6 +160,7 @@ impl RedisStore {
             link,
             script,
             admin_script: admin::script(),
+            relay_script: relay::script(),
             settings,
             retention,
             known: DashMap::default(),
@@ -354,17 +358,20 @@ impl RedisStore {
             .map(state_of)
             .collect::<Result<Vec<_>, _>>()?;
         let placed = seq > 0;
+        // A replay's states already hold its amount: read as they are, with no verdict to
+        // compare (the first run decided).
+        let replayed = blocking == RESERVE_REPLAYED;
         if placed {
             let expires = now.plus_millis(plan.hold_ttl_millis).millis();
             if let Some(mut k) = self.known.get_mut(&plan.customer.sym()) {
                 k.next_expiry = Some(k.next_expiry.map_or(expires, |at| at.min(expires)));
             }
         }
-        let (readings, computed) = readings_from(plan, before, placed, now);
+        let (readings, computed) = readings_from(plan, before, placed && !replayed, now);
         let blocking = usize::try_from(blocking)
             .ok()
             .and_then(|b| b.checked_sub(1));
-        if blocking != computed {
+        if !replayed && blocking != computed {
             // The script decided; a disagreement means it and the core differ somewhere.
             self.disagreements.fetch_add(1, Ordering::Relaxed);
             tracing::error!(customer = plan.customer.as_str(), script = ?blocking, core = ?computed, "redis script and core disagree on a decision");
@@ -805,6 +812,7 @@ impl CounterStore for RedisStore {
     async fn record_local(
         &self,
         customer: Name,
+        id: super::BatchId,
         records: &[LocalRecord],
         now: Timestamp,
     ) -> Result<(), StoreError> {
@@ -814,6 +822,7 @@ impl CounterStore for RedisStore {
         let batch = LocalBatch::pack(records).await?;
         let keys = self.keys(customer);
         let mut inv = self.invocation(&keys, "locals", now);
+        inv.arg(id.writer).arg(id.seq);
         batch.push(&mut inv);
         self.push_record_settings(&mut inv);
         self.run(customer.sym(), &inv).await?;
@@ -912,6 +921,10 @@ impl CounterStore for RedisStore {
     }
 
     fn admin_log(&self) -> &dyn AdminLog {
+        self
+    }
+
+    fn hold_relay(&self) -> &dyn super::HoldRelay {
         self
     }
 }

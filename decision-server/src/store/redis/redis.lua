@@ -460,6 +460,20 @@ local function reserve()
   local place, ttl, tag, max_settle = ARGV[3] == '1', tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
   local n = tonumber(ARGV[7])
   expire_due()
+  if place then
+    -- The same call again (a Cluster client resends a script whose answer it lost): the hold
+    -- that call placed stands and nothing is held or recorded twice. Answered as REPLAYED
+    -- with that hold's number and the states as they are now (wire.rs RESERVE_REPLAYED).
+    local raw = redis.call('HGET', HOLDS, tag)
+    if raw then
+      local now_states = {}
+      for i = 1, n do
+        local c = planned(8 + (i - 1) * GROUP)
+        now_states[i] = load(c.key, c.field).raw
+      end
+      return reply(-1, { cmsgpack.unpack(raw)[5], unpack(now_states, 1, n) })
+    end
+  end
   -- Cancelled before it ran (its caller gave up and the cancel overtook it): hold nothing.
   if place and redis.call('ZSCORE', CANCELLED, tag) then place = false end
   local counters, before = {}, {}
@@ -648,7 +662,7 @@ local function renew()
   return out
 end
 
--- ARGV: 'locals', now, the draft count and drafts (each 0 and its series packed, when
+-- ARGV: 'locals', now, the writer (a replica's number) and the batch's number, the draft count and drafts (each 0 and its series packed, when
 -- nothing in it folds, else 1 and the draft as `draft_at`), the sum count and per sum
 -- (draft number, minute start, nine measures), the entry count and per entry (packed events,
 -- their count), then the record settings (wire.rs `LocalBatch`). The records of
@@ -660,9 +674,16 @@ end
 -- one record: a batch costs Redis per distinct series and bucket, not per decision.
 local function locals()
   if not REC then return reply(0) end
-  local p = 4
+  -- A batch applies once: its writer numbers its batches of this customer and sends one at a
+  -- time, the same one again until answered, so a number at or below the last applied is a
+  -- batch that ran already (its answer was lost). The mark outlives any retry by far.
+  local mark = BASE .. 'lb:' .. ARGV[3]
+  local batch = tonumber(ARGV[4])
+  if batch <= tonumber(redis.call('GET', mark) or 0) then return reply(0) end
+  redis.call('SET', mark, batch, 'PX', 86400000)
+  local p = 6
   local series = {}
-  for i = 1, tonumber(ARGV[3]) do
+  for i = 1, tonumber(ARGV[5]) do
     if ARGV[p] == '0' then
       -- Nothing in it folds: the caller packed the series as `series_of` would.
       series[i] = ARGV[p + 1]

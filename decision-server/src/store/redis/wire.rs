@@ -46,6 +46,11 @@ pub const SLOT_NEXT_EXPIRY: usize = 3;
 pub const SLOT_HOLDS_VERSION: usize = 4;
 pub const HEADER: usize = 5;
 
+/// `reserve()`'s result when a hold under the call's tag is already open: the call ran
+/// before (its answer was lost and the client sent it again). The hold's number and the
+/// counters' states now (that hold included) follow, as for a placed hold.
+pub const RESERVE_REPLAYED: i64 = -1;
+
 /// `close()`'s results.
 pub const CLOSE_CLOSED: i64 = 0;
 pub const CLOSE_ALREADY_CLOSED: i64 = 1;
