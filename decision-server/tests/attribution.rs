@@ -234,6 +234,12 @@ fn local_record_batches_read_back_by_cursor_and_add_up(store: Store) {
     assert!(h.ingest("acme", "tokens", tokens(1, 0, 0), &[("userId", "u1")], "k1"));
     h.run(store.record_local(acme, batch(2), &all[600..], now))
         .unwrap();
+    // Sent again (its answer was lost, so the replica sends it once more), and an older
+    // batch late: each applies once.
+    h.run(store.record_local(acme, batch(2), &all[600..], now))
+        .unwrap();
+    h.run(store.record_local(acme, batch(1), &all[..600], now))
+        .unwrap();
 
     // Read in pages of 7: every event once, in order.
     let mut seen = Vec::new();

@@ -700,8 +700,23 @@ fn lease_settings() {
         )),
         Vec::<String>::new()
     );
+    // Enabled alone starts: the slice's life is derived from the holds it must outlive.
     assert_eq!(
         storage_errors(&format!("{{ {redis}, leases: {{ enabled: true }} }}")),
+        Vec::<String>::new()
+    );
+    let loaded = config::load(
+        &format!("{BASE}server:\n  storage: {{ {redis}, leases: {{ enabled: true }} }}\n"),
+        "tollgate.yaml",
+    )
+    .unwrap();
+    let terms = loaded.server.leases.unwrap();
+    assert_eq!(terms.ttl_ms, 300_000 + 2_000 + 1_500 + 30_000);
+    // A ttl given too short for the holds is refused, naming both.
+    assert_eq!(
+        storage_errors(&format!(
+            "{{ {redis}, leases: {{ enabled: true, ttl: PT30S }} }}"
+        )),
         [
             "tollgate.yaml: server.storage.leases.ttl: a lease usable for 26500 ms (ttl, less skew, less 1500 ms to give it back) cannot hold a decision whose hold lives 300000 ms (`holdTtl`): make the lease longer or the holds shorter"
         ]

@@ -902,6 +902,124 @@ fn usage_past_a_slice_during_an_outage_is_charged_once_the_store_is_back() {
     });
 }
 
+/// A partly covered decision (its quotas inside slices, its concurrency slot in the store)
+/// settled while Redis does not answer: the settlement stands, and once Redis is back the
+/// store part is settled at the reported usage (slot freed, record at the usage), not left
+/// to expire at its held amount; a second close answers already closed and changes nothing.
+#[test]
+fn a_store_part_refused_during_an_outage_is_closed_once_the_store_is_back() {
+    let mut server = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let store = redis_store_prefixed(RedisTarget::Node(server.url()), "leases-part-outage");
+    runtime().block_on(async {
+        let inner: Arc<dyn CounterStore> = store;
+        let leases = LeasedStore::new(Arc::clone(&inner), terms(), Arc::new(SystemClock));
+        let yaml = config(1_000_000).replace(
+            "    limits:\n",
+            "    limits:\n      - { id: user-slots, entityType: user, feature: tokens, kind: concurrency, limit: 1000 }\n",
+        );
+        let engine = Engine::new(model(&yaml), Arc::new(leases.clone()), Arc::new(SystemClock))
+            .await
+            .unwrap();
+        // Until slices are placed, decisions go to Redis whole (settled at 1).
+        let mut settled = 0u64;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let partial = loop {
+            assert!(Instant::now() < deadline, "{:?}", leases.lease_stats());
+            let before = leases.lease_stats().partial_decisions;
+            let hold = one_unit_for_u1(&engine).await.unwrap().hold_id.unwrap();
+            if leases.lease_stats().partial_decisions > before {
+                break hold;
+            }
+            engine.settle(&hold, Usage::units(1)).await.unwrap();
+            settled += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        server.stop();
+        let at = Instant::now();
+        engine
+            .settle(&partial, Usage::units(7))
+            .await
+            .expect("the settlement stands while the store is away");
+        settled += 7;
+        assert_eq!(
+            engine.settle(&partial, Usage::units(7)).await.unwrap(),
+            tollgate::store::CloseOutcome::AlreadyClosed
+        );
+        server.restart();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while let Err(e) = leases.return_all(SystemClock.now()).await {
+            assert!(Instant::now() < deadline, "Redis did not come back: {e}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Within the hold's TTL (PT3S), so nothing here is the expiry's doing.
+        assert!(at.elapsed() < Duration::from_millis(2_500), "{:?}", at.elapsed());
+        let exact = Engine::new(model(&yaml), Arc::clone(&inner), Arc::new(SystemClock))
+            .await
+            .unwrap();
+        let slots = exact.counted("acme", "u1", "user-slots", None).await.unwrap();
+        assert_eq!(slots.unwrap_or(0), 0, "the slot is free");
+        let user = exact.counted("acme", "u1", "user-day", None).await.unwrap();
+        assert_eq!(user, Some(settled));
+        // The store part's record says settled at 7, as the counters do.
+        let now = SystemClock.now();
+        let scan = inner
+            .usage_buckets(
+                Name::from("acme"),
+                Granularity::Day,
+                Granularity::Day.start(Timestamp::from_millis(now.millis() - 86_400_000)),
+                now.millis() + 86_400_000,
+            )
+            .await
+            .unwrap();
+        let mut recorded = Measures::default();
+        for (_, _, m) in scan.rows() {
+            recorded.add(m);
+        }
+        assert_eq!(recorded.units, settled, "usage records against the counter");
+    });
+}
+
+/// Once the load stops, a replica's slices are back in the store within about two seconds
+/// (the next sweeps after a second without a decision), and none is placed for nobody.
+#[test]
+fn idle_slices_come_back_within_seconds_and_none_is_placed_for_nobody() {
+    let inner: Arc<dyn CounterStore> = common::memory();
+    runtime().block_on(async {
+        let r = replicas(vec![inner], 1_000_000).await.remove(0);
+        let stop = Arc::new(AtomicBool::new(false));
+        // The server sweeps every second.
+        let sweep = {
+            let (engine, stop) = (Arc::clone(&r.engine), Arc::clone(&stop));
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = engine.expire_due().await;
+                    tokio::time::sleep(Duration::from_millis(1_000)).await;
+                }
+            })
+        };
+        let busy_until = Instant::now() + Duration::from_millis(2_500);
+        while Instant::now() < busy_until {
+            let hold = one_unit_for_u1(&r.engine).await.unwrap().hold_id.unwrap();
+            r.engine.settle(&hold, Usage::units(1)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let during = r.leases.lease_stats();
+        assert!(
+            during.local_decisions > 0 && during.outstanding_units > 0,
+            "{during:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(3_200)).await;
+        let after = r.leases.lease_stats();
+        stop.store(true, Ordering::Relaxed);
+        sweep.await.unwrap();
+        assert_eq!(after.outstanding_units, 0, "slices still out: {after:?}");
+        assert!(
+            after.slices_placed <= during.slices_placed + 1,
+            "slices placed with nobody asking: {during:?} then {after:?}"
+        );
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // The store step a renewal takes, on every store.
 

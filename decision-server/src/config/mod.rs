@@ -15,6 +15,11 @@ use dto::*;
 
 /// Hold TTL when the config names none.
 pub const DEFAULT_HOLD_TTL: &str = "PT5M";
+
+/// With no `server.storage.leases.ttl`, a slice lives this long in the store past what the
+/// document's `holdTtl`, the skew and the return margin need: the time in which it takes new
+/// decisions before its successor is due.
+pub const LEASE_WINDOW_MS: i64 = 30_000;
 /// Entities a customer may have created on the fly when the config names no maximum.
 pub const DEFAULT_MAX_AUTO_ENTITIES: u32 = 10_000;
 pub use crate::core::model::MAX_ID_LEN;
@@ -97,9 +102,21 @@ pub fn load(text: &str, file: &str) -> Result<Loaded, ConfigErrors> {
     let model = build_model(&doc, file);
     let customers: HashSet<&str> = doc.customers.iter().map(|c| c.id.as_str()).collect();
     let server = server::ServerSettings::from_dto(&server_dto, file, &customers);
+    let ttl_given = server_dto
+        .storage
+        .leases
+        .as_ref()
+        .is_some_and(|l| l.ttl.is_some());
     match (model, server) {
-        (Ok(model), Ok(server)) => {
+        (Ok(model), Ok(mut server)) => {
             let margin = crate::store::leased::RETURN_MARGIN_MS;
+            if let Some(t) = server.leases.as_mut()
+                && !ttl_given
+            {
+                // No `ttl` given: long enough for the document's holds, with a window of
+                // `LEASE_WINDOW_MS` in which a slice takes new decisions.
+                t.ttl_ms = model.hold_ttl_millis + t.skew_ms + margin + LEASE_WINDOW_MS;
+            }
             if let Some(t) = server.leases
                 && t.ttl_ms - t.skew_ms - margin <= model.hold_ttl_millis
             {

@@ -178,10 +178,11 @@ pub struct StorageDto {
 pub struct LeasesDto {
     #[serde(default)]
     pub enabled: bool,
-    /// ISO-8601 duration a slice lives in the store unrenewed (default `PT30S`): a replica
-    /// that dies overcounts by at most its unused slices, for this long. Must exceed the
-    /// document's `holdTtl` plus `skew`: a decision is made inside a lease only if its hold
-    /// ends before the lease does.
+    /// ISO-8601 duration a slice lives in the store unrenewed: a replica that dies
+    /// overcounts by at most its unused slices, for this long. Must exceed the document's
+    /// `holdTtl` plus `skew` plus 1.5 s: a decision is made inside a lease only if its hold
+    /// ends before the lease does. Default: exactly that, plus 30 s in which a slice takes
+    /// new decisions (with the default `holdTtl` of 5 minutes, about 5.6 minutes).
     #[serde(default)]
     pub ttl: Option<String>,
     /// ISO-8601 duration by which the replica stops using a slice before the store's TTL
