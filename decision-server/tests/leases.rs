@@ -149,9 +149,15 @@ async fn client(engine: Arc<Engine>, elsewhere: Arc<Engine>, who: usize) -> (u64
             let hold = decision.hold_id.unwrap();
             let closer = if n % 2 == 0 { &engine } else { &elsewhere };
             if n % 7 == 3 {
-                closer.release(&hold).await.unwrap();
+                let r = closer.release(&hold).await.unwrap();
+                if r != tollgate::store::CloseOutcome::Closed {
+                    eprintln!("DEBUG release {hold:?} {r:?} local={}", hold.seq >= 1 << 52);
+                }
             } else {
-                closer.settle(&hold, Usage::units(size)).await.unwrap();
+                let r = closer.settle(&hold, Usage::units(size)).await.unwrap();
+                if r != tollgate::store::CloseOutcome::Closed {
+                    eprintln!("DEBUG settle {hold:?} {r:?}");
+                }
                 settled += size;
             }
         } else {
@@ -216,6 +222,12 @@ async fn race_with_leases(stores: Vec<Arc<dyn CounterStore>>, cap: u64) {
     let local: u64 = stats.iter().map(|s| s.local_decisions).sum();
     let label = format!("cap {cap}: {grants} grants, {local} local, settled {settled}; {stats:?}");
     eprintln!("{label}");
+    let counted_now = replicas[0]
+        .engine
+        .counted("acme", "acme", "cap", None)
+        .await
+        .unwrap();
+    let label = format!("{label}; the cap counted {counted_now:?}");
     assert!(settled <= cap, "{label}: over the cap");
     assert!(
         cap - settled < LARGEST,
@@ -515,7 +527,7 @@ mod exactness {
             .await
             .unwrap();
         // Open grants: the replica's hold, the exact store's twin.
-        let mut open: Vec<(usize, HoldId, HoldId, u64)> = Vec::new();
+        let mut open: Vec<(usize, HoldId, HoldId, u64, i64)> = Vec::new();
         for op in ops {
             match op {
                 Op::Check {
@@ -532,7 +544,8 @@ mod exactness {
                             "a lease granted {size} to u{user} that the exact store refuses: {:?}",
                             twin.denial
                         );
-                        open.push((replica, d.hold_id.unwrap(), twin.hold_id.unwrap(), size));
+                        let at = clock.now().millis();
+                        open.push((replica, d.hold_id.unwrap(), twin.hold_id.unwrap(), size, at));
                     } else if decide(&exact, user, size, true).await.granted {
                         // A denial the exact store would not make: only budget held in
                         // slices can explain it (out now, or expired before its return and
@@ -544,15 +557,24 @@ mod exactness {
                                 s.outstanding_units + s.stranded_units
                             })
                             .sum();
+                        // Or the store part of a partly covered hold past its TTL, never
+                        // closed: it waits a relay margin longer for a close posted through
+                        // another replica.
+                        let now = clock.now().millis();
+                        let ttl = 2_000;
+                        let lingering = open.iter().any(|o| {
+                            now >= o.4 + ttl
+                                && now < o.4 + ttl + tollgate::store::leased::RELAY_MARGIN_MS
+                        });
                         prop_assert!(
-                            held > 0,
+                            held > 0 || lingering,
                             "denied {size} to u{user} with no slice out: {:?}",
                             d.denial
                         );
                     }
                 }
                 Op::Settle { pick, percent } if !open.is_empty() => {
-                    let (r, h, twin, held) = open.remove(pick % open.len());
+                    let (r, h, twin, held, _) = open.remove(pick % open.len());
                     let actual = held * percent / 100;
                     let a = leased[r].0.settle(&h, Usage::units(actual)).await;
                     let b = exact.settle(&twin, Usage::units(actual)).await;
@@ -562,7 +584,7 @@ mod exactness {
                     }
                 }
                 Op::Release { pick } if !open.is_empty() => {
-                    let (r, h, twin, _) = open.remove(pick % open.len());
+                    let (r, h, twin, _, _) = open.remove(pick % open.len());
                     let a = leased[r].0.release(&h).await.unwrap();
                     let b = exact.release(&twin).await.unwrap();
                     prop_assert_eq!(a, b, "a release's outcome differs");

@@ -69,6 +69,11 @@ const STORE_CALLS_AT_ONCE: usize = 32;
 /// A batch is written at once when it reaches this many records (else at the next sweep).
 const FLUSH_AT: usize = 1024;
 
+/// How much longer than its hold the store part of a partly covered decision lives in the
+/// store: a close posted through another replica just before the hold's TTL is applied here
+/// up to a sweep (a second) and its store calls later.
+pub const RELAY_MARGIN_MS: i64 = 2_000;
+
 /// A counter nobody asked for this long is idle: its slices go back at the sweep (every
 /// second in the server), and none is placed for it, so what a replica holds is back in the
 /// store within about two seconds of its last decision on it.
@@ -928,6 +933,10 @@ impl CounterStore for LeasedStore {
                 .iter()
                 .filter_map(|i| plan.counters.get(*i).cloned())
                 .collect();
+            // Its close may come through another replica, posted before the hold's TTL and
+            // applied here at a later sweep: the store part waits that long for it (a hold
+            // never closed is committed at its held amount that much later).
+            p.hold_ttl_millis = p.hold_ttl_millis.saturating_add(RELAY_MARGIN_MS);
             rest = p;
             &rest
         } else {
@@ -1380,18 +1389,21 @@ impl LeasedStore {
                     continue;
                 }
             };
-            for c in &applied {
-                let hold = HoldKey {
-                    customer,
-                    seq: c.seq,
-                    tag: c.tag,
-                };
-                let at = Timestamp::from_millis(c.at);
-                if let Err(e) = self.close_local(hold, c.actual.as_ref(), at).await {
-                    // A settlement over the hold's bound: refused as it would have been here.
-                    tracing::warn!(%hold, error = %e, "a close posted by another replica was refused");
-                }
-            }
+            futures_util::stream::iter(&applied)
+                .for_each_concurrent(STORE_CALLS_AT_ONCE, |c| async move {
+                    let hold = HoldKey {
+                        customer,
+                        seq: c.seq,
+                        tag: c.tag,
+                    };
+                    let at = Timestamp::from_millis(c.at);
+                    if let Err(e) = self.close_local(hold, c.actual.as_ref(), at).await {
+                        // A settlement over the hold's bound: refused as it would have been
+                        // here.
+                        tracing::warn!(%hold, error = %e, "a close posted by another replica was refused");
+                    }
+                })
+                .await;
             if relay
                 .forget(customer, shared.replica, &applied)
                 .await
@@ -1434,7 +1446,10 @@ impl LeasedStore {
                 for (key, s) in &mut b.slots {
                     let idle = ms - s.last_asked > IDLE_MS;
                     for g in &mut s.gens {
-                        if idle || ms >= g.lease.usable_until {
+                        // Past the last moment a hold can start in it (one that would end
+                        // before its return margin): it takes nothing more, so it goes back
+                        // as soon as its holds close rather than at its end.
+                        if idle || ms + RETURN_MARGIN_MS + s.hold_ttl_ms >= g.lease.usable_until {
                             g.retired = true;
                         }
                     }

@@ -52,19 +52,42 @@ impl Conn {
                 Conn::Cluster(c) => invocation.invoke_async::<Value>(c).await,
             }
         };
-        match tokio::time::timeout(timeout, call).await {
-            Ok(Ok(Value::Array(items))) => Ok(items),
-            Ok(Ok(other)) => Err(Failure::Reply(bad_reply(
+        match timed(call, timeout).await? {
+            Value::Array(items) => Ok(items),
+            other => Err(Failure::Reply(bad_reply(
                 &format!("{other:?}").chars().take(200).collect::<String>(),
             ))),
-            Ok(Err(e)) => Err(Failure::Transport(StoreError::Unavailable(format!(
-                "redis: {e}"
-            )))),
-            Err(_) => Err(Failure::Transport(StoreError::Unavailable(format!(
-                "redis: no answer within {} ms",
-                timeout.as_millis()
-            )))),
         }
+    }
+
+    /// Runs one plain command once, within `timeout`: for reads that must not run inside a
+    /// script (a script holds Redis for its whole run).
+    pub async fn command(&self, cmd: &redis::Cmd, timeout: Duration) -> Result<Value, Failure> {
+        let mut conn = self.clone();
+        let call = async {
+            match &mut conn {
+                Conn::Node(c) => cmd.query_async::<Value>(c).await,
+                Conn::Cluster(c) => cmd.query_async::<Value>(c).await,
+            }
+        };
+        timed(call, timeout).await
+    }
+}
+
+/// `call` within `timeout`, its failures as transport failures.
+async fn timed(
+    call: impl std::future::Future<Output = redis::RedisResult<Value>>,
+    timeout: Duration,
+) -> Result<Value, Failure> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Failure::Transport(StoreError::Unavailable(format!(
+            "redis: {e}"
+        )))),
+        Err(_) => Err(Failure::Transport(StoreError::Unavailable(format!(
+            "redis: no answer within {} ms",
+            timeout.as_millis()
+        )))),
     }
 }
 
@@ -181,6 +204,11 @@ impl Link {
         self.timeout
     }
 
+    /// Runs one plain command within the timeout, through the circuit breaker.
+    pub async fn command(&self, cmd: &redis::Cmd) -> Result<Value, StoreError> {
+        self.guarded(self.conn.command(cmd, self.timeout)).await
+    }
+
     /// Runs one script call within the timeout, through the circuit breaker; the reply's
     /// items. Sets `sent` once the call has gone to Redis (so a failure after it may still
     /// have run there, late).
@@ -189,6 +217,19 @@ impl Link {
         invocation: &ScriptInvocation<'_>,
         sent: &AtomicBool,
     ) -> Result<Vec<Value>, StoreError> {
+        self.guarded(async {
+            sent.store(true, Ordering::Relaxed);
+            self.conn.invoke(invocation, self.timeout).await
+        })
+        .await
+    }
+
+    /// Runs `call` unless the breaker is open (it is not started then), and tells the
+    /// breaker how it went: a transport failure counts against it, a bad reply does not.
+    async fn guarded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, Failure>>,
+    ) -> Result<T, StoreError> {
         if !self.breaker.is_call_permitted() {
             self.rejected.fetch_add(1, Ordering::Relaxed);
             return Err(StoreError::Unavailable(format!(
@@ -197,11 +238,10 @@ impl Link {
                 self.breaker_open.as_millis()
             )));
         }
-        sent.store(true, Ordering::Relaxed);
-        match self.conn.invoke(invocation, self.timeout).await {
-            Ok(items) => {
+        match call.await {
+            Ok(v) => {
                 self.breaker.on_success();
-                Ok(items)
+                Ok(v)
             }
             Err(Failure::Reply(e)) => Err(e),
             Err(Failure::Transport(e)) => {

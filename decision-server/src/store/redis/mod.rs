@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
+use futures_util::{StreamExt as _, TryStreamExt as _};
 use redis::{Script, ScriptInvocation, Value};
 use rustc_hash::FxBuildHasher;
 
@@ -126,6 +127,8 @@ pub struct RedisStore {
     records: Arc<parking_lot::RwLock<RecordSettings>>,
     /// Changes when this replica adds stream events.
     event_signal: tokio::sync::watch::Sender<u64>,
+    /// Turns for usage reads, per customer.
+    reads: DashMap<Sym, Arc<tokio::sync::Semaphore>, FxBuildHasher>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -168,6 +171,7 @@ impl RedisStore {
             disagreements: AtomicU64::new(0),
             records,
             event_signal: tokio::sync::watch::Sender::new(0),
+            reads: DashMap::default(),
         })
     }
 
@@ -523,20 +527,34 @@ impl CounterStore for RedisStore {
         from: i64,
         to: i64,
     ) -> Result<BucketScan, StoreError> {
-        let keys = self.keys(customer);
-        let mut inv = self.invocation(&keys, "buckets", Timestamp::default());
+        // A customer's reads take turns beyond a few at once, so no viewer can keep Redis
+        // busy for everyone.
+        let _turn = self.read_turn(customer).await?;
         let from = from.div_euclid(g.millis()) * g.millis();
-        inv.arg(g.index() + 1).arg(from).arg(to);
-        let reply = self.run(customer.sym(), &inv).await?;
+        let base = format!(
+            "{}:{{{customer}}}:r{}:",
+            self.settings.prefix,
+            g.index() + 1
+        );
+        let starts: Vec<i64> = std::iter::successors(Some(from), |s| Some(s + g.millis()))
+            .take_while(|s| *s < to)
+            .collect();
+        let buckets: Vec<(i64, Vec<(Vec<u8>, Vec<u8>)>)> = futures_util::stream::iter(starts)
+            .map(|start| {
+                let key = format!("{base}{start}");
+                async move { self.scan_hash(&key).await.map(|fields| (start, fields)) }
+            })
+            .buffered(BUCKETS_AT_ONCE)
+            .try_collect()
+            .await?;
+        let reply: Vec<(i64, Vec<u8>, Vec<u8>)> = buckets
+            .into_iter()
+            .flat_map(|(start, fields)| fields.into_iter().map(move |(s, m)| (start, s, m)))
+            .collect();
         // A series comes back once per bucket it is in: each distinct encoding is decoded once.
         let mut decoded: FxHashMap<&[u8], SeriesKey> = FxHashMap::default();
         let mut rows = Vec::new();
-        for row in reply.get(HEADER..).unwrap_or(&[]).chunks(3) {
-            let [start, Value::BulkString(series), Value::BulkString(m)] = row else {
-                return Err(bad_reply(
-                    "buckets: a row that is not (start, series, measures)",
-                ));
-            };
+        for (start, series, m) in &reply {
             let key = match decoded.get(series.as_slice()) {
                 Some(k) => k.clone(),
                 None => {
@@ -546,9 +564,8 @@ impl CounterStore for RedisStore {
                     k
                 }
             };
-            let start = int(start).ok_or_else(|| bad_reply("buckets: a bad bucket start"))?;
             let m = measures_of(m).ok_or_else(|| bad_reply("buckets: bad measures"))?;
-            rows.push((start, key, m));
+            rows.push((*start, key, m));
         }
         Ok(BucketScan::from_rows(rows))
     }
@@ -926,6 +943,70 @@ impl CounterStore for RedisStore {
 
     fn hold_relay(&self) -> &dyn super::HoldRelay {
         self
+    }
+}
+
+/// Usage buckets read at once by one query.
+const BUCKETS_AT_ONCE: usize = 4;
+
+/// Fields one `HSCAN` step reads: a step holds Redis for well under a millisecond, so
+/// decisions wait behind a read at most that long.
+const READ_PAGE: usize = 500;
+
+/// Usage reads of one customer in flight at once on this replica; more wait their turn.
+const READS_PER_CUSTOMER: usize = 2;
+
+/// How long a read waits for its turn before it is refused.
+const READ_TURN_WAIT: Duration = Duration::from_secs(10);
+
+impl RedisStore {
+    /// A turn to read `customer`'s usage: at most [`READS_PER_CUSTOMER`] at once.
+    async fn read_turn(
+        &self,
+        customer: Name,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, StoreError> {
+        let turns = Arc::clone(
+            self.reads
+                .entry(customer.sym())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(READS_PER_CUSTOMER)))
+                .value(),
+        );
+        match tokio::time::timeout(READ_TURN_WAIT, turns.acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(StoreError::Unavailable(format!(
+                "usage of customer `{customer}` is being read by {READS_PER_CUSTOMER} queries already; try again shortly"
+            ))),
+        }
+    }
+
+    /// Every field of hash `key` with its value, read in `HSCAN` steps outside any script
+    /// (a script would hold Redis for the whole read); a field seen twice (a step during a
+    /// rehash) is kept once.
+    async fn scan_hash(&self, key: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let mut out: FxHashMap<Vec<u8>, Vec<u8>> = FxHashMap::default();
+        let mut cursor = b"0".to_vec();
+        loop {
+            let mut cmd = redis::cmd("HSCAN");
+            cmd.arg(key)
+                .arg(cursor.as_slice())
+                .arg("COUNT")
+                .arg(READ_PAGE);
+            let Value::Array(reply) = self.link.command(&cmd).await? else {
+                return Err(bad_reply("HSCAN: not a list"));
+            };
+            let [Value::BulkString(next), Value::Array(items)] = reply.as_slice() else {
+                return Err(bad_reply("HSCAN: not (cursor, fields)"));
+            };
+            for pair in items.chunks(2) {
+                if let [Value::BulkString(f), Value::BulkString(v)] = pair {
+                    out.insert(f.clone(), v.clone());
+                }
+            }
+            if next.as_slice() == b"0" {
+                return Ok(out.into_iter().collect());
+            }
+            cursor = next.clone();
+        }
     }
 }
 

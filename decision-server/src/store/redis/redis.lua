@@ -815,24 +815,6 @@ local function sweep()
   return reply(n, nil, first[2] and tonumber(first[2]) or false)
 end
 
--- ARGV: 'buckets', now, size (1 minute, 2 hour, 3 day), from, to (ms; from aligned).
--- Result: 0, then (bucket start, series, packed measures) for every series of every bucket
--- kept with a start in [from, to).
-local function buckets()
-  local gi, from, to = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-  local g = GRAIN[gi]
-  local out = {}
-  for start = from, to - 1, g do
-    local kv = redis.call('HGETALL', BASE .. 'r' .. gi .. ':' .. start)
-    for i = 1, #kv, 2 do
-      out[#out + 1] = start
-      out[#out + 1] = kv[i]
-      out[#out + 1] = kv[i + 1]
-    end
-  end
-  return reply(0, out)
-end
-
 -- The events of stream entry `e`, packed: an `e` entry is one; an `l` entry (a batch of local
 -- records, see `locals`) is unpacked, each event given its series back.
 local function entry_events(e)
@@ -1004,7 +986,6 @@ elseif op == 'finish' then return finish()
 elseif op == 'deliveries' then return deliveries()
 elseif op == 'alert' then return alert()
 elseif op == 'rearm' then return rearm()
-elseif op == 'buckets' then return buckets()
 elseif op == 'events' then return events()
 elseif op == 'close' then return close()
 elseif op == 'record' then return record()
