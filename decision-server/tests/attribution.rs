@@ -391,3 +391,111 @@ fn local_record_batches_read_back_by_cursor_and_add_up(store: Store) {
         "the two ingests and the local record"
     );
 }
+
+/// A long usage read on Redis (2,000 series in each of 48 hour buckets) never holds
+/// decisions back: decisions sent while it runs are answered before it ends, because the read
+/// goes to Redis in small steps between them (a read inside one script would hold Redis for
+/// its whole run, and every decision would wait behind it).
+fn a_long_usage_read_lets_decisions_through(store: Store) {
+    use tollgate::core::rollup::{LocalRecord, SeriesDraft};
+    use tollgate::store::BatchId;
+    let h = harness(&config(2), store, "2026-03-10T10:00:00Z");
+    let store = h.engine.store();
+    let acme = Name::from("acme");
+    let now = {
+        use tollgate::clock::Clock;
+        h.clock.now()
+    };
+    const SERIES: usize = 2_000;
+    const HOURS: i64 = 48;
+    for hour in 0..HOURS {
+        let at = tollgate::core::Timestamp::from_millis(now.millis() - hour * 3_600_000);
+        let batch: Vec<LocalRecord> = (0..SERIES)
+            .map(|i| LocalRecord {
+                kind: RecordKind::Settled,
+                at,
+                series: SeriesDraft {
+                    feature: Name::from("tokens"),
+                    chain: vec![(Name::from("userId"), Name::from(format!("w{i}").as_str()))],
+                    dimensions: Vec::new(),
+                },
+                measures: Measures {
+                    units: 1,
+                    requests: 1,
+                    ..Measures::default()
+                },
+                seq: (1 << 52) | i as u64,
+                tag: i as u128 + 1,
+            })
+            .collect();
+        let id = BatchId {
+            writer: 9,
+            seq: hour as u64 + 1,
+        };
+        h.run(store.record_local(acme, id, &batch, now)).unwrap();
+    }
+    let from = now.millis() - HOURS * 3_600_000;
+    let to = now.millis() + 3_600_000;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (scan, during) = h.rt.block_on(async {
+        let read = async {
+            let scan = store
+                .usage_buckets(acme, Granularity::Hour, from, to)
+                .await
+                .unwrap();
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            scan
+        };
+        let decide = async {
+            let dims = common::dims(&[("userId", "u1")]);
+            let mut during = 0;
+            for _ in 0..100_000 {
+                if done.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let d = h
+                    .engine
+                    .check(&tollgate::CheckRequest {
+                        customer: "acme",
+                        feature: "tokens",
+                        usage: tollgate::core::plan::Usage::units(1),
+                        dimensions: &dims,
+                        dry_run: false,
+                        deadline: None,
+                    })
+                    .await
+                    .unwrap();
+                if let Some(hold) = d.hold_id {
+                    h.engine.release(&hold).await.unwrap();
+                }
+                if !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    during += 1;
+                }
+            }
+            during
+        };
+        tokio::join!(read, decide)
+    });
+    let units: u64 = scan.rows().map(|(_, _, m)| m.units).sum();
+    assert_eq!(
+        units,
+        SERIES as u64 * HOURS as u64,
+        "every bucket read whole"
+    );
+    assert!(
+        during >= 10,
+        "only {during} decisions were answered while the read ran"
+    );
+}
+
+#[test]
+fn a_long_usage_read_lets_decisions_through_on_redis() {
+    let server = common::RedisServer::start();
+    a_long_usage_read_lets_decisions_through(common::redis_store(&server));
+}
+
+#[test]
+fn a_long_usage_read_lets_decisions_through_on_a_redis_cluster() {
+    let cluster = common::RedisCluster::start();
+    a_long_usage_read_lets_decisions_through(common::redis_cluster_store(&cluster));
+}
