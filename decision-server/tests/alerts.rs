@@ -23,6 +23,7 @@ test_with_all_stores!(
     the_outbox_leases_each_delivery_to_one_caller_and_keeps_the_log,
     denial_bursts_and_projected_exhaustion_fire_once,
     ingested_usage_crosses_thresholds_too,
+    a_reading_that_jumps_past_a_threshold_fires_it_once,
 );
 
 const START: &str = "2026-03-10T10:00:00Z";
@@ -334,4 +335,48 @@ fn ingested_usage_crosses_thresholds_too(store: Store) {
         .map(|a| a["data"]["trigger"].to_string())
         .collect();
     assert_eq!(triggers.len(), 4, "{triggers:?}");
+}
+
+/// With escrow leases a replica's reading of a quota jumps when a slice placement brings in
+/// what other replicas spent: no single decision goes from under a threshold to over it. A
+/// quota's threshold fires once per period at the first decision that reads usage at or over
+/// it, here from two replicas, and never again that period.
+fn a_reading_that_jumps_past_a_threshold_fires_it_once(store: Store) {
+    let h = harness(&tree_with(LIMITS), Arc::clone(&store), START);
+    let h2 = harness(&tree_with(LIMITS), store, START);
+    let (claims, claims2) = (Claims::default(), Claims::default());
+    let jumped = |h: &Harness, units: u64, reads: u64| {
+        let mut d = h.check("acme", "tokens", units, &[("userId", "u1")]);
+        for e in &mut d.chain {
+            if e.limit_id == "team-day" {
+                e.current_usage = reads;
+            }
+        }
+        d
+    };
+    // Read at 620 after a 10-unit decision: the 50 % mark (500) lies before it.
+    let d = jumped(&h, 10, 620);
+    assert_eq!(
+        h.run(after_decision(&h.engine, &claims, "acme", &d))
+            .unwrap(),
+        1
+    );
+    // The next decisions, on this replica and the other, read over it too: nothing more.
+    let d = jumped(&h, 10, 630);
+    assert_eq!(
+        h.run(after_decision(&h.engine, &claims, "acme", &d))
+            .unwrap(),
+        0
+    );
+    let d = jumped(&h2, 10, 640);
+    assert_eq!(
+        h2.run(after_decision(&h2.engine, &claims2, "acme", &d))
+            .unwrap(),
+        0
+    );
+    let triggers: Vec<String> = alerts_on_stream(&h)
+        .iter()
+        .map(|a| a["data"]["trigger"].to_string())
+        .collect();
+    assert_eq!(triggers.len(), 1, "{triggers:?}");
 }

@@ -29,11 +29,18 @@ pub const EXHAUSTION_PROJECTED: &str = "limit.exhaustion_projected";
 pub const DENIAL_BURST: &str = "limit.denial_burst";
 
 /// Claim keys this replica holds, so it asks the store to re-arm only those it knows of
-/// (a check that stays under a threshold costs no store call).
+/// (a check that stays under a threshold costs no store call), and the period claims it has
+/// seen made (by it or another replica), so a decision over a quota's threshold asks the
+/// store once per period and replica, not once per decision.
 #[derive(Debug, Default)]
 pub struct Claims {
     held: DashSet<(String, String)>,
+    claimed: DashSet<(String, String)>,
 }
+
+/// Period claims a replica remembers; past this many it forgets them all (the store still
+/// answers each claim once: a forgotten one costs one store call, never a second alert).
+const MAX_CLAIMS_SEEN: usize = 100_000;
 
 /// 128 random bits in hex: alert and delivery ids are unguessable.
 fn random_id() -> String {
@@ -370,11 +377,20 @@ pub async fn after_decision(
     let store = engine.store();
     let mut fired = 0;
     for x in &crossed {
+        let seen = (customer.to_string(), x.key.clone());
+        if x.until.is_some() && claims.claimed.contains(&seen) {
+            continue;
+        }
         let id = random_id();
         let body = body(customer, x, &id, now);
         fired += usize::from(fire(engine, c, x.rule, &x.key, x.until, &id, &body).await?);
         if x.until.is_none() {
-            claims.held.insert((customer.to_string(), x.key.clone()));
+            claims.held.insert(seen);
+        } else {
+            if claims.claimed.len() >= MAX_CLAIMS_SEEN {
+                claims.claimed.clear();
+            }
+            claims.claimed.insert(seen);
         }
     }
     for r in rearm {

@@ -82,8 +82,12 @@ fn key(rule: &AlertRule, e: &ChainEntry, trigger: Trigger, until: Option<i64>) -
 /// The thresholds `chain` (a granted decision's, usage counted after its hold) crossed, and
 /// the claims of limits without periods that usage has fallen back under.
 ///
-/// A threshold is crossed when the usage before this decision was under it and is at or over
-/// it now. Credits are not watched: their size is what was granted, not a limit.
+/// A quota's threshold is crossed when the usage is at or over it: its claim lasts the
+/// period, so it fires once whichever decision (on whichever replica) first reads it there,
+/// even when a replica's reading jumps past it between decisions (escrow leases, where a
+/// slice placement brings in what other replicas spent). Other kinds cross when the usage
+/// before this decision was under the threshold and is at or over it now. Credits are not
+/// watched: their size is what was granted, not a limit.
 pub fn evaluate(
     model: &Model,
     customer: &CustomerModel,
@@ -109,7 +113,12 @@ pub fn evaluate(
                 .chain(rule.absolute.iter().map(|a| (Trigger::Absolute(*a), *a)));
             for (trigger, t) in thresholds {
                 let k = key(rule, e, trigger, until);
-                if before < t && t <= after {
+                let crossed_now = if until.is_some() {
+                    t <= after
+                } else {
+                    before < t && t <= after
+                };
+                if crossed_now {
                     crossed.push(Crossing {
                         rule: rule.id,
                         trigger,
