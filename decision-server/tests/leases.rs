@@ -1042,6 +1042,39 @@ fn idle_slices_come_back_within_seconds_and_none_is_placed_for_nobody() {
     });
 }
 
+/// What a replica reports as a quota's usage (budgets, `counted`) leaves out what its slices
+/// hold and have not spent: after calls settled inside slices, the usage is what they spent.
+#[test]
+fn a_quota_read_through_a_leased_replica_is_its_usage_not_its_slices() {
+    let inner: Arc<dyn CounterStore> = common::memory();
+    runtime().block_on(async {
+        let r = replicas(vec![inner], 1_000_000).await.remove(0);
+        let mut settled = 0;
+        let mut local = 0;
+        for _ in 0..200 {
+            let before = r.leases.lease_stats().local_decisions;
+            let hold = one_unit_for_u1(&r.engine).await.unwrap().hold_id.unwrap();
+            local += u64::from(r.leases.lease_stats().local_decisions > before);
+            r.engine.settle(&hold, Usage::units(1)).await.unwrap();
+            settled += 1;
+            if local >= 6 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let out = r.leases.lease_stats().outstanding_units;
+        assert!(local >= 6 && out > 0, "{:?}", r.leases.lease_stats());
+        for (entity, limit) in [("acme", "cap"), ("u1", "user-day"), ("t1", "team-day")] {
+            let used = r.engine.counted("acme", entity, limit, None).await.unwrap();
+            assert_eq!(
+                used,
+                Some(settled),
+                "{limit} of {entity} with {out} units in slices"
+            );
+        }
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // The store step a renewal takes, on every store.
 

@@ -1111,7 +1111,30 @@ impl CounterStore for LeasedStore {
         spec: &CounterSpec,
         now: Timestamp,
     ) -> Result<Option<u64>, StoreError> {
-        self.shared.inner.counted(customer, key, spec, now).await
+        let counted = self.shared.inner.counted(customer, key, spec, now).await?;
+        let CounterSpec::Quota { index, .. } = spec else {
+            return Ok(counted);
+        };
+        // The store counts this replica's slices whole; what they have not spent is not
+        // usage (as in a decision's readings). Other replicas' unspent slices still count
+        // until they come back.
+        let slot = SlotKey {
+            key,
+            period: *index,
+        };
+        let unspent: u64 = self
+            .shared
+            .books
+            .get(&customer)
+            .map(|b| {
+                b.value()
+                    .lock()
+                    .slots
+                    .get(&slot)
+                    .map_or(0, |s| s.gens.iter().map(|g| g.lease.room()).sum::<u64>())
+            })
+            .unwrap_or(0);
+        Ok(counted.map(|c| c.saturating_sub(unspent)))
     }
 
     async fn record(
