@@ -499,3 +499,97 @@ fn a_long_usage_read_lets_decisions_through_on_a_redis_cluster() {
     let cluster = common::RedisCluster::start();
     a_long_usage_read_lets_decisions_through(common::redis_cluster_store(&cluster));
 }
+
+/// The operator's stream on Redis, where each customer's events are a stream of its own:
+/// one page has every customer's events in one order, and resuming after any of them gives
+/// exactly the rest.
+fn the_operators_stream_merges_every_customer(store: Store) {
+    use tollgate::core::rollup::{LocalRecord, SeriesDraft};
+    use tollgate::store::BatchId;
+    let h = harness(&config(2), store, "2026-03-10T10:00:00Z");
+    let store = h.engine.store();
+    let now = {
+        use tollgate::clock::Clock;
+        h.clock.now()
+    };
+    let records = |n: usize| -> Vec<LocalRecord> {
+        (0..n)
+            .map(|i| LocalRecord {
+                kind: RecordKind::Settled,
+                at: now,
+                series: SeriesDraft {
+                    feature: Name::from("tokens"),
+                    chain: vec![(Name::from("userId"), Name::from("u1"))],
+                    dimensions: Vec::new(),
+                },
+                measures: Measures {
+                    units: 1,
+                    requests: 1,
+                    ..Measures::default()
+                },
+                seq: (1 << 52) | i as u64,
+                tag: i as u128 + 1,
+            })
+            .collect()
+    };
+    let mut written = 0;
+    for (i, (customer, n)) in [("acme", 3), ("globex", 4), ("acme", 2), ("globex", 1)]
+        .into_iter()
+        .enumerate()
+    {
+        let id = BatchId {
+            writer: 5,
+            seq: i as u64 + 1,
+        };
+        h.run(store.record_local(Name::from(customer), id, &records(n), now))
+            .unwrap();
+        written += n;
+        std::thread::sleep(std::time::Duration::from_millis(3));
+    }
+    assert!(h.ingest("acme", "tokens", tokens(1, 0, 0), &[("userId", "u1")], "k0"));
+    written += 1;
+    // A merged page stops a second short of now.
+    std::thread::sleep(std::time::Duration::from_millis(1_200));
+    let page = h.run(store.read_events(None, None, 100)).unwrap();
+    let ids: Vec<String> = page.events.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(ids.len(), written, "{ids:?}");
+    let customers: std::collections::HashSet<&str> =
+        page.events.iter().map(|e| e.customer.as_str()).collect();
+    assert_eq!(customers.len(), 2);
+    for (k, id) in ids.iter().enumerate() {
+        let rest = h.run(store.read_events(None, Some(id), 100)).unwrap();
+        let got: Vec<&String> = rest.events.iter().map(|e| &e.id).collect();
+        let want: Vec<&String> = ids[k + 1..].iter().collect();
+        assert_eq!(got, want, "after {id}");
+    }
+    // Pages of 2 read the same events.
+    let mut cursor: Option<String> = None;
+    let mut paged = Vec::new();
+    for _ in 0..100 {
+        let p = h
+            .run(store.read_events(None, cursor.as_deref(), 2))
+            .unwrap();
+        if p.events.is_empty() {
+            break;
+        }
+        cursor = p.events.last().map(|e| e.id.clone());
+        paged.extend(p.events.into_iter().map(|e| e.id));
+    }
+    assert_eq!(paged, ids);
+    assert!(matches!(
+        h.run(store.read_events(None, Some("nonsense"), 10)),
+        Err(tollgate::store::StoreError::BadCursor(_))
+    ));
+}
+
+#[test]
+fn the_operators_stream_merges_every_customer_on_redis() {
+    let server = common::RedisServer::start();
+    the_operators_stream_merges_every_customer(common::redis_store(&server));
+}
+
+#[test]
+fn the_operators_stream_merges_every_customer_on_a_redis_cluster() {
+    let cluster = common::RedisCluster::start();
+    the_operators_stream_merges_every_customer(common::redis_cluster_store(&cluster));
+}

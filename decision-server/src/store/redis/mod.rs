@@ -22,6 +22,7 @@ mod cancel;
 mod keys;
 mod link;
 mod relay;
+mod stream;
 mod wire;
 
 use super::events::{EventPage, StreamEvent, StreamRetention};
@@ -129,6 +130,8 @@ pub struct RedisStore {
     event_signal: tokio::sync::watch::Sender<u64>,
     /// Turns for usage reads, per customer.
     reads: DashMap<Sym, Arc<tokio::sync::Semaphore>, FxBuildHasher>,
+    /// Customers this process has added to the registry the operator's stream reads.
+    registered: dashmap::DashSet<Sym, FxBuildHasher>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -172,6 +175,7 @@ impl RedisStore {
             records,
             event_signal: tokio::sync::watch::Sender::new(0),
             reads: DashMap::default(),
+            registered: dashmap::DashSet::default(),
         })
     }
 
@@ -200,6 +204,9 @@ impl RedisStore {
         let reply = self.link.call(invocation, sent).await?;
         if reply.len() < HEADER {
             return Err(bad_reply("a reply without its header"));
+        }
+        if self.registered.insert(customer) {
+            self.register(Name::from(customer)).await;
         }
         let slot = |i: usize| reply.get(i).and_then(int);
         let mut known = self.known.entry(customer).or_default();
@@ -651,45 +658,10 @@ impl CounterStore for RedisStore {
         after: Option<&str>,
         max: usize,
     ) -> Result<EventPage, StoreError> {
-        let Some(customer) = customer else {
-            return Err(StoreError::Unavailable(
-                "redis: events are kept per customer; read each customer's stream".into(),
-            ));
-        };
-        if let Some(a) = after
-            && !is_event_id(a)
-        {
-            return Err(StoreError::BadCursor(a.to_string()));
+        match customer {
+            Some(customer) => self.customer_events(customer, after, max).await,
+            None => self.all_events(after, max).await,
         }
-        let keys = self.keys(customer);
-        let mut inv = self.invocation(&keys, "events", Timestamp::default());
-        inv.arg(after.unwrap_or("")).arg(max);
-        let reply = self.run(customer.sym(), &inv).await?;
-        let gap = result(&reply) == Some(1);
-        let events = reply
-            .get(HEADER..)
-            .unwrap_or(&[])
-            .chunks(2)
-            .map(|e| match e {
-                [id, Value::BulkString(body)] => {
-                    let id = match id {
-                        Value::BulkString(b) => String::from_utf8(b.clone()).ok()?,
-                        Value::SimpleString(s) => s.clone(),
-                        _ => return None,
-                    };
-                    let (at, body) = decode_event(body)?;
-                    Some(StreamEvent {
-                        id,
-                        customer,
-                        at,
-                        body: Arc::new(body),
-                    })
-                }
-                _ => None,
-            })
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| bad_reply("events: an event that does not decode"))?;
-        Ok(EventPage { events, gap })
     }
 
     fn event_signal(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -943,6 +915,52 @@ impl CounterStore for RedisStore {
 
     fn hold_relay(&self) -> &dyn super::HoldRelay {
         self
+    }
+}
+
+impl RedisStore {
+    /// One customer's events after `after`, at most `max`.
+    async fn customer_events(
+        &self,
+        customer: Name,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<EventPage, StoreError> {
+        if let Some(a) = after
+            && !is_event_id(a)
+        {
+            return Err(StoreError::BadCursor(a.to_string()));
+        }
+        let keys = self.keys(customer);
+
+        let mut inv = self.invocation(&keys, "events", Timestamp::default());
+        inv.arg(after.unwrap_or("")).arg(max);
+        let reply = self.run(customer.sym(), &inv).await?;
+        let gap = result(&reply) == Some(1);
+        let events = reply
+            .get(HEADER..)
+            .unwrap_or(&[])
+            .chunks(2)
+            .map(|e| match e {
+                [id, Value::BulkString(body)] => {
+                    let id = match id {
+                        Value::BulkString(b) => String::from_utf8(b.clone()).ok()?,
+                        Value::SimpleString(s) => s.clone(),
+                        _ => return None,
+                    };
+                    let (at, body) = decode_event(body)?;
+                    Some(StreamEvent {
+                        id,
+                        customer,
+                        at,
+                        body: Arc::new(body),
+                    })
+                }
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad_reply("events: an event that does not decode"))?;
+        Ok(EventPage { events, gap })
     }
 }
 
