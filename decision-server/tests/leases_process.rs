@@ -292,3 +292,189 @@ async fn a_replica_killed_holding_leases_loses_nothing_and_overcounts_at_most_it
         "the counter moved after every slice had ended"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Behind one Service: a check on one replica, its settlement on another.
+
+/// An API call with acme's key on `replica`: the status and the JSON body.
+async fn api(
+    http: &reqwest::Client,
+    replica: &Sidecar,
+    path: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let r = http
+        .post(format!("http://{}{path}", replica.http))
+        .bearer_auth(common::service::ACME_KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or_default())
+}
+
+/// Units of acme's `ai-tokens` in the usage history `replica` answers (hour windows over the
+/// last day).
+async fn history_units(http: &reqwest::Client, replica: &Sidecar) -> u64 {
+    let h: serde_json::Value = http
+        .get(format!(
+            "http://{}/v1/customers/acme/usage/history?windowSize=HOUR&featureId=ai-tokens",
+            replica.http
+        ))
+        .bearer_auth(common::service::ACME_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    h["series"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no series in {h}"))
+        .iter()
+        .flat_map(|s| s["points"].as_array().cloned().unwrap_or_default())
+        .map(|p| p["units"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// Three replicas of `text` behind one "Service": 24 clients check on one replica and settle
+/// (at part of what they held), or release, on the next one. Never over the cap; once the
+/// load stops every counter reads exactly what was settled, on every replica; the usage
+/// history every replica answers says the same; nothing is stranded.
+async fn settled_on_another_replica(text: &str, cap: u64) {
+    let replicas: Arc<Vec<Sidecar>> =
+        Arc::new((0..3).map(|_| Sidecar::start(text).unwrap()).collect());
+    let settled = Arc::new(AtomicU64::new(0));
+    let granted_open = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..24usize)
+        .map(|client| {
+            let (replicas, settled, open) = (
+                Arc::clone(&replicas),
+                Arc::clone(&settled),
+                Arc::clone(&granted_open),
+            );
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let mut refused_in_a_row = 0;
+                for i in 0..400usize {
+                    if Instant::now() > deadline || refused_in_a_row > 60 {
+                        break;
+                    }
+                    let size = SIZES[(client + i) % SIZES.len()];
+                    let on = &replicas[(client + i) % 3];
+                    let elsewhere = &replicas[(client + i + 1) % 3];
+                    let (status, d) = api(
+                        &http,
+                        on,
+                        "/v1/customers/acme/entitlements/check",
+                        serde_json::json!({
+                            "featureId": "ai-tokens",
+                            "requestedUsage": size,
+                            "dimensions": { "userId": USERS[(client + i) % USERS.len()] },
+                        }),
+                    )
+                    .await;
+                    if status != 200 || d["isGranted"] != true {
+                        refused_in_a_row += 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                    refused_in_a_row = 0;
+                    open.fetch_add(size, Ordering::Relaxed);
+                    let hold = d["holdId"].as_str().unwrap().to_string();
+                    // A release, or a settlement at part of the hold (never over it, so the
+                    // cap bounds what is settled).
+                    let actual = if i % 5 == 0 {
+                        0
+                    } else {
+                        size - (i as u64 % size)
+                    };
+                    let (status, s) = api(
+                        &http,
+                        elsewhere,
+                        &format!("/v1/holds/{hold}/settle"),
+                        serde_json::json!({ "actualUsage": actual }),
+                    )
+                    .await;
+                    assert_eq!(status, 200, "settle of {hold} on another replica: {s}");
+                    assert_eq!(
+                        s["closed"], true,
+                        "settle of {hold} on another replica: {s}"
+                    );
+                    open.fetch_sub(size, Ordering::Relaxed);
+                    settled.fetch_add(actual, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await.unwrap();
+    }
+    let settled = settled.load(Ordering::Relaxed);
+    assert!(settled <= cap, "settled {settled}, past the cap {cap}");
+    assert_eq!(granted_open.load(Ordering::Relaxed), 0);
+    // Relayed closes are applied at the granting replica's next sweep and idle slices go
+    // back within about two seconds: every replica then reads exactly what was settled.
+    for r in replicas.iter() {
+        converges(std::slice::from_ref(r), settled).await;
+    }
+    let http = reqwest::Client::new();
+    for r in replicas.iter() {
+        // Records of local decisions reach Redis with the next sweep's batch.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let units = history_units(&http, r).await;
+            if units == settled {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the history on {} says {units}, the counters {settled}",
+                r.http
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(metric(r, "tollgate_lease_stranded_units_total").await, 0);
+        // Idle slices go back at the sweeps after a second without a decision.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let out = metric(r, "tollgate_lease_outstanding_units").await;
+            if out == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{out} units still in slices on {} 5 s after the load",
+                r.http
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_on_another_replica_with_leases_on_redis() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    settled_on_another_replica(&config(&redis, 5_000, 3_000), 3_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_on_another_replica_with_leases_on_a_redis_cluster() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let cluster = RedisCluster::start();
+    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let target = format!("cluster: [{}]", urls.join(", "));
+    settled_on_another_replica(&config_on(&target, 5_000, 3_000), 3_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_on_another_replica_without_leases_on_redis() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let text = config(&redis, 5_000, 3_000)
+        .replace(", leases: { enabled: true, ttl: PT15S, skew: PT1S }", "");
+    assert!(!text.contains("leases"));
+    settled_on_another_replica(&text, 3_000).await;
+}
