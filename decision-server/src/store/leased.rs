@@ -536,19 +536,22 @@ impl Shared {
     ) -> Result<(), StoreError> {
         let spent = lease.spent + lease.held;
         let outcome = self.inner.settle(key, &Usage::units(spent), now).await?;
-        self.note_return(outcome, lease);
+        self.note_return(outcome, lease, now);
         Ok(())
     }
 
-    /// Counts a slice's return: settled, or found expired (the store committed it whole).
-    fn note_return(&self, outcome: CloseOutcome, lease: &Lease) {
+    /// Counts a slice's return: settled, or found closed. Found closed before the store's
+    /// TTL for it could have run out, an earlier attempt whose answer was lost returned it;
+    /// after, the store expired it and committed it whole (stranded).
+    fn note_return(&self, outcome: CloseOutcome, lease: &Lease, now: Timestamp) {
+        let expired = now.millis() >= lease.usable_until + self.terms.skew_ms;
         match outcome {
-            CloseOutcome::Closed => {
-                self.counters.returned.fetch_add(1, Ordering::Relaxed);
-            }
-            CloseOutcome::AlreadyClosed => {
+            CloseOutcome::AlreadyClosed if expired => {
                 let unused = lease.slice.saturating_sub(lease.spent + lease.held);
                 self.counters.stranded.fetch_add(unused, Ordering::Relaxed);
+            }
+            CloseOutcome::Closed | CloseOutcome::AlreadyClosed => {
+                self.counters.returned.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -746,7 +749,7 @@ impl Shared {
         let placed = match &old {
             Some(g) => match self.inner.renew(g.store, g.lease.spent, &plan, now).await {
                 Ok((outcome, r)) => {
-                    self.note_return(outcome, &g.lease);
+                    self.note_return(outcome, &g.lease, now);
                     Ok(r)
                 }
                 Err(e) => Err(e),
