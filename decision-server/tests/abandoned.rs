@@ -31,6 +31,8 @@ test_with_all_stores! {
     a_cancel_that_overtakes_its_reserve_makes_it_hold_nothing,
 }
 
+test_with_redis_stores!(a_reserve_run_twice_holds_once);
+
 const LIMITS: &str = r#"
 limits:
   - { id: user-day, entityType: user, feature: tokens, kind: quota, limit: 1000, period: P1D }
@@ -327,12 +329,12 @@ fn a_check_dropped_during_its_store_call_releases_its_hold(store: Store) {
     assert!(h.engine.store().stats().abandoned_released >= 1);
 }
 
-fn a_cancel_that_overtakes_its_reserve_makes_it_hold_nothing(store: Store) {
-    let (h, _) = hooked(store);
+/// The plan of a 100-unit check for u1, as the engine would hand it to the store.
+fn plan_for_u1(h: &Harness) -> Plan {
     let model = h.engine.model();
     let auto = AutoEntities::default();
     let dimensions = dims(&[("userId", "u1")]);
-    let Planned::Ready(mut plan) = model
+    let Planned::Ready(plan) = model
         .plan(
             &Registry::new(&auto),
             "acme",
@@ -345,6 +347,12 @@ fn a_cancel_that_overtakes_its_reserve_makes_it_hold_nothing(store: Store) {
     else {
         panic!("u1 is in the tree")
     };
+    plan
+}
+
+fn a_cancel_that_overtakes_its_reserve_makes_it_hold_nothing(store: Store) {
+    let (h, _) = hooked(store);
+    let mut plan = plan_for_u1(&h);
     plan.hold_tag = 0x5eed;
     let customer = plan.customer;
     let store = h.engine.store();
@@ -394,22 +402,7 @@ fn a_cancel_that_overtakes_its_reserve_makes_it_hold_nothing(store: Store) {
 /// (what the caller does when it heard nothing) then leaves nothing behind.
 fn a_reserve_run_twice_holds_once(store: Store) {
     let (h, _) = hooked(store);
-    let model = h.engine.model();
-    let auto = AutoEntities::default();
-    let dimensions = dims(&[("userId", "u1")]);
-    let Planned::Ready(mut plan) = model
-        .plan(
-            &Registry::new(&auto),
-            "acme",
-            "tokens",
-            Usage::units(100),
-            &dimensions,
-            h.engine.now(),
-        )
-        .unwrap()
-    else {
-        panic!("u1 is in the tree")
-    };
+    let mut plan = plan_for_u1(&h);
     plan.hold_tag = 0x7e7e;
     let store = h.engine.store();
     let first = h
@@ -431,16 +424,4 @@ fn a_reserve_run_twice_holds_once(store: Store) {
     );
     nothing_held(&h);
     assert_eq!(h.engine.store().stats().script_disagreements, 0);
-}
-
-#[test]
-fn a_reserve_run_twice_holds_once_on_redis() {
-    let server = RedisServer::start();
-    a_reserve_run_twice_holds_once(redis_store(&server));
-}
-
-#[test]
-fn a_reserve_run_twice_holds_once_on_a_redis_cluster() {
-    let cluster = RedisCluster::start();
-    a_reserve_run_twice_holds_once(redis_cluster_store(&cluster));
 }

@@ -21,6 +21,38 @@ test_with_all_stores!(
     local_record_batches_read_back_by_cursor_and_add_up,
 );
 
+test_with_redis_stores!(
+    a_long_usage_read_lets_decisions_through,
+    the_operators_stream_merges_every_customer,
+);
+
+/// `n` settled records of one unit each for `user` at `at`, numbered from `first`.
+fn settled_records(
+    at: tollgate::core::Timestamp,
+    user: &str,
+    first: usize,
+    n: usize,
+) -> Vec<tollgate::core::rollup::LocalRecord> {
+    (first..first + n)
+        .map(|i| tollgate::core::rollup::LocalRecord {
+            kind: RecordKind::Settled,
+            at,
+            series: tollgate::core::rollup::SeriesDraft {
+                feature: Name::from("tokens"),
+                chain: vec![(Name::from("userId"), Name::from(user))],
+                dimensions: Vec::new(),
+            },
+            measures: Measures {
+                units: 1,
+                requests: 1,
+                ..Measures::default()
+            },
+            seq: (1 << 52) | i as u64,
+            tag: i as u128 + 1,
+        })
+        .collect()
+}
+
 const LIMITS: &str = r#"
 limits:
   - { id: team-day, entityType: team, feature: tokens, kind: quota, limit: 1000, period: P1D }
@@ -397,7 +429,6 @@ fn local_record_batches_read_back_by_cursor_and_add_up(store: Store) {
 /// goes to Redis in small steps between them (a read inside one script would hold Redis for
 /// its whole run, and every decision would wait behind it).
 fn a_long_usage_read_lets_decisions_through(store: Store) {
-    use tollgate::core::rollup::{LocalRecord, SeriesDraft};
     use tollgate::store::BatchId;
     let h = harness(&config(2), store, "2026-03-10T10:00:00Z");
     let store = h.engine.store();
@@ -410,23 +441,8 @@ fn a_long_usage_read_lets_decisions_through(store: Store) {
     const HOURS: i64 = 48;
     for hour in 0..HOURS {
         let at = tollgate::core::Timestamp::from_millis(now.millis() - hour * 3_600_000);
-        let batch: Vec<LocalRecord> = (0..SERIES)
-            .map(|i| LocalRecord {
-                kind: RecordKind::Settled,
-                at,
-                series: SeriesDraft {
-                    feature: Name::from("tokens"),
-                    chain: vec![(Name::from("userId"), Name::from(format!("w{i}").as_str()))],
-                    dimensions: Vec::new(),
-                },
-                measures: Measures {
-                    units: 1,
-                    requests: 1,
-                    ..Measures::default()
-                },
-                seq: (1 << 52) | i as u64,
-                tag: i as u128 + 1,
-            })
+        let batch: Vec<_> = (0..SERIES)
+            .flat_map(|i| settled_records(at, &format!("w{i}"), i, 1))
             .collect();
         let id = BatchId {
             writer: 9,
@@ -488,23 +504,10 @@ fn a_long_usage_read_lets_decisions_through(store: Store) {
     );
 }
 
-#[test]
-fn a_long_usage_read_lets_decisions_through_on_redis() {
-    let server = common::RedisServer::start();
-    a_long_usage_read_lets_decisions_through(common::redis_store(&server));
-}
-
-#[test]
-fn a_long_usage_read_lets_decisions_through_on_a_redis_cluster() {
-    let cluster = common::RedisCluster::start();
-    a_long_usage_read_lets_decisions_through(common::redis_cluster_store(&cluster));
-}
-
 /// The operator's stream on Redis, where each customer's events are a stream of its own:
 /// one page has every customer's events in one order, and resuming after any of them gives
 /// exactly the rest.
 fn the_operators_stream_merges_every_customer(store: Store) {
-    use tollgate::core::rollup::{LocalRecord, SeriesDraft};
     use tollgate::store::BatchId;
     let h = harness(&config(2), store, "2026-03-10T10:00:00Z");
     let store = h.engine.store();
@@ -512,26 +515,7 @@ fn the_operators_stream_merges_every_customer(store: Store) {
         use tollgate::clock::Clock;
         h.clock.now()
     };
-    let records = |n: usize| -> Vec<LocalRecord> {
-        (0..n)
-            .map(|i| LocalRecord {
-                kind: RecordKind::Settled,
-                at: now,
-                series: SeriesDraft {
-                    feature: Name::from("tokens"),
-                    chain: vec![(Name::from("userId"), Name::from("u1"))],
-                    dimensions: Vec::new(),
-                },
-                measures: Measures {
-                    units: 1,
-                    requests: 1,
-                    ..Measures::default()
-                },
-                seq: (1 << 52) | i as u64,
-                tag: i as u128 + 1,
-            })
-            .collect()
-    };
+    let records = |n: usize| settled_records(now, "u1", 0, n);
     let mut written = 0;
     for (i, (customer, n)) in [("acme", 3), ("globex", 4), ("acme", 2), ("globex", 1)]
         .into_iter()
@@ -580,16 +564,4 @@ fn the_operators_stream_merges_every_customer(store: Store) {
         h.run(store.read_events(None, Some("nonsense"), 10)),
         Err(tollgate::store::StoreError::BadCursor(_))
     ));
-}
-
-#[test]
-fn the_operators_stream_merges_every_customer_on_redis() {
-    let server = common::RedisServer::start();
-    the_operators_stream_merges_every_customer(common::redis_store(&server));
-}
-
-#[test]
-fn the_operators_stream_merges_every_customer_on_a_redis_cluster() {
-    let cluster = common::RedisCluster::start();
-    the_operators_stream_merges_every_customer(common::redis_cluster_store(&cluster));
 }

@@ -60,6 +60,28 @@ macro_rules! test_with_all_stores {
     };
 }
 
+/// Runs each named test function `f(store)` on the Redis stores only (one node, a 3-master
+/// Cluster): for what only a networked store can do (run a call twice, read outside a script).
+#[macro_export]
+macro_rules! test_with_redis_stores {
+    ($($name:ident),+ $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn redis() {
+                    let server = $crate::common::RedisServer::start();
+                    super::$name($crate::common::redis_store(&server));
+                }
+                #[test]
+                fn redis_cluster() {
+                    let cluster = $crate::common::RedisCluster::start();
+                    super::$name($crate::common::redis_cluster_store(&cluster));
+                }
+            }
+        )+
+    };
+}
+
 /// Like `test_with_all_stores!`, for tests that need a fresh store per case: each named
 /// function gets a factory, `f(&dyn Fn() -> Arc<dyn CounterStore>)`.
 #[macro_export]
