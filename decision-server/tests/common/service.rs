@@ -30,7 +30,22 @@ pub const ACME_GATEWAY: &str = "edge-acme.edge-secret";
 pub const ACME_ORG_CAP: u64 = 1000;
 
 /// The fixture config with `listeners` spliced into its `server:` section.
+/// An anchor for the fixture's daily quotas twelve hours from now, on the hour: their day
+/// starts and ends at least eleven hours away from any test run on the fixture, whatever the
+/// time of day it runs at (a day ending mid-test would reset the counters it checks).
+pub fn daily_anchor() -> String {
+    (chrono::Utc::now() + chrono::Duration::hours(12))
+        .format("%Y-%m-%dT%H:00:00Z")
+        .to_string()
+}
+
 pub fn config_with(listeners: &str) -> String {
+    config_with_anchor(listeners, &daily_anchor())
+}
+
+/// The fixture with `listeners` (the `server:` section's other lines), its daily quotas
+/// anchored at `day` (RFC 3339).
+pub fn config_with_anchor(listeners: &str, day: &str) -> String {
     let sha = tollgate_testkit::sha256_hex;
     format!(
         r#"
@@ -50,16 +65,16 @@ customers:
       - {{ id: bob, type: user, parent: ml }}
       - {{ id: carol, type: user, parent: web }}
     limits:
-      - {{ id: org-daily, entity: acme, feature: ai-tokens, kind: quota, limit: {ACME_ORG_CAP}, period: P1D }}
-      - {{ id: team-daily, entityType: team, feature: ai-tokens, kind: quota, limit: 100000, period: P1D }}
-      - {{ id: user-daily, entityType: user, feature: ai-tokens, kind: quota, limit: 100000, period: P1D }}
+      - {{ id: org-daily, entity: acme, feature: ai-tokens, kind: quota, limit: {ACME_ORG_CAP}, period: P1D, anchor: {day} }}
+      - {{ id: team-daily, entityType: team, feature: ai-tokens, kind: quota, limit: 100000, period: P1D, anchor: {day} }}
+      - {{ id: user-daily, entityType: user, feature: ai-tokens, kind: quota, limit: 100000, period: P1D, anchor: {day} }}
   - id: globex
     entities:
       - {{ id: globex, type: organization }}
       - {{ id: ops, type: team, parent: globex }}
       - {{ id: dave, type: user, parent: ops }}
     limits:
-      - {{ id: org-daily, entity: globex, feature: ai-tokens, kind: quota, limit: 500, period: P1D }}
+      - {{ id: org-daily, entity: globex, feature: ai-tokens, kind: quota, limit: 500, period: P1D, anchor: {day} }}
 server:
 {listeners}
   credentials:
@@ -80,6 +95,7 @@ server:
   maxBodyBytes: 65536
 "#,
         types = tollgate_testkit::ORG_TEAM_USER,
+        day = day,
         op = sha(OPERATOR),
         acme = sha(ACME_KEY),
         globex = sha(GLOBEX_KEY),
@@ -112,6 +128,9 @@ pub async fn service_from(text: &str) -> Arc<Service> {
 /// monthly reset, so a test that reads projections, resets or period boundaries gets the same
 /// answer whatever time of day it runs at.
 pub const PINNED_START: &str = "2026-03-11T10:00:00Z";
+
+/// The fixture's daily anchor on the pinned clock: days end at 22:00, twelve hours after it.
+pub const PINNED_DAY_ANCHOR: &str = "2026-03-11T22:00:00Z";
 
 /// As [`service_from`], on a clock that starts at [`PINNED_START`] and runs from there.
 pub async fn service_from_pinned(text: &str) -> Arc<Service> {
