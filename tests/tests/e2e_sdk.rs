@@ -183,7 +183,7 @@ async fn sdk_errors_name_the_limit_and_a_never_fitting_request_is_not_retried() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_clients_racing_one_cap_never_overspend_it() {
     let s = Stack::start(FILTER);
-    sdk_race_to_the_globex_cap(&s, 0).await;
+    sdk_race_to_the_globex_cap(&s, 0, None).await;
     let metrics = s.sidecar_metrics().await;
     assert!(
         metrics.get("tollgate_holds_open", &[]) == Some(0.0),
@@ -228,14 +228,45 @@ async fn sdk_clients_racing_one_cap_through_leases_never_overspend_it() {
         local(&metrics) > 0.0,
         "no decision was made inside a lease:\n{metrics}"
     );
-    sdk_race_to_the_globex_cap(&s, before).await;
+    sdk_race_to_the_globex_cap(&s, before, None).await;
+}
+
+/// The race through leases again, with Redis calls timing out at 100 ms and Redis frozen
+/// four times for 0.3 s during it: calls refused while Redis is away fail closed (503) and
+/// are charged nothing, and every call that got through is charged exactly what it reported,
+/// although decisions, settlements and batches of records met timeouts whose calls ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_clients_racing_through_leases_while_redis_stalls_are_charged_exactly() {
+    let redis = Arc::new(tollgate_testkit::RedisServer::start());
+    let sidecar = support::sidecar_with(&format!(
+        "  storage: {{ kind: redis, url: \"{}\", timeoutMs: 100, breakerFailures: 1000, leases: {{ enabled: true, ttl: PT6M, skew: PT2S }} }}",
+        redis.url()
+    ));
+    let s = Stack::start_full(FILTER, &sidecar, |c| c);
+    sdk_race_to_the_globex_cap(&s, 0, Some(Arc::clone(&redis))).await;
 }
 
 /// 24 asynchronous SDK clients race globex's cap of 2,000, `before` of it used already (8
 /// requests each, random prompts of 1-60 words and budgets of 1-40, half of them streamed):
 /// nothing past the cap, the cap reached, and once everything settled the counter is exactly
-/// the reported usage.
-async fn sdk_race_to_the_globex_cap(s: &Stack, before: u64) {
+/// the reported usage. With `stall`, that Redis is frozen four times for 0.3 s during the
+/// race, and calls refused for it (503, fail closed) are allowed.
+async fn sdk_race_to_the_globex_cap(
+    s: &Stack,
+    before: u64,
+    stall: Option<Arc<tollgate_testkit::RedisServer>>,
+) {
+    let stalls = stall.map(|redis| {
+        std::thread::spawn(move || {
+            for _ in 0..4 {
+                std::thread::sleep(Duration::from_millis(500));
+                redis.pause();
+                std::thread::sleep(Duration::from_millis(300));
+                redis.resume();
+            }
+        })
+    });
+    let may_fail = stalls.is_some();
     let globex = caller("globex", None);
     let token = globex.trim_start_matches("Bearer ").to_string();
     let url = s.envoy.url.clone();
@@ -260,7 +291,15 @@ async fn sdk_race_to_the_globex_cap(s: &Stack, before: u64) {
     .await
     .unwrap()
     .unwrap();
-    assert!(out["errors"].as_array().unwrap().is_empty(), "{out}");
+    if let Some(t) = stalls {
+        t.join().unwrap();
+    }
+    let errors = out["errors"].as_array().unwrap();
+    assert!(
+        errors.is_empty()
+            || (may_fail && errors.iter().all(|e| e.as_str().unwrap_or("").starts_with("503"))),
+        "{out}"
+    );
     let granted = out["granted"].as_u64().unwrap();
     assert!(
         before + granted <= support::GLOBEX_CAP,
