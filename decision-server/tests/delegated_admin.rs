@@ -28,9 +28,11 @@ const CEILINGS: &str =
 /// The fixture with acme's ceilings, a per-minute user rate no ceiling covers, on `storage`.
 fn config(storage: &str) -> String {
     let text = config_with(&format!("  logging: {{ level: warn }}\n  storage: {storage}"))
-        .replace(
-            "      - { id: user-daily, entityType: user, feature: ai-tokens, kind: quota, limit: 100000, period: P1D }\n",
-            &format!("      - {{ id: user-daily, entityType: user, feature: ai-tokens, kind: quota, limit: 100000, period: P1D }}\n      - {{ id: user-minute, entityType: user, feature: ai-tokens, kind: rate, limit: 5000, window: PT1M }}\n{CEILINGS}"),
+        // acme's limits end its entry: the rate joins them, the ceilings follow.
+        .replacen(
+            "  - id: globex\n",
+            &format!("      - {{ id: user-minute, entityType: user, feature: ai-tokens, kind: rate, limit: 5000, window: PT1M }}\n{CEILINGS}  - id: globex\n"),
+            1,
         );
     assert!(text.contains("ceilings:"), "the fixture changed");
     text

@@ -297,7 +297,10 @@ async fn sdk_race_to_the_globex_cap(
     let errors = out["errors"].as_array().unwrap();
     assert!(
         errors.is_empty()
-            || (may_fail && errors.iter().all(|e| e.as_str().unwrap_or("").starts_with("503"))),
+            || (may_fail
+                && errors
+                    .iter()
+                    .all(|e| e.as_str().unwrap_or("").starts_with("503"))),
         "{out}"
     );
     let granted = out["granted"].as_u64().unwrap();
