@@ -1403,7 +1403,18 @@ impl LeasedStore {
         let mut customers = std::mem::take(&mut *shared.relay_retry.lock());
         match relay.customers(shared.replica).await {
             Ok(more) => customers.extend(more),
-            Err(e) => tracing::debug!(error = %e, "closes posted for this replica not read"),
+            Err(e) => {
+                // The index may have been taken by a call that ran unanswered: every customer
+                // with a local hold open (the only ones a close can be posted for) is read.
+                tracing::debug!(error = %e, "the relay's index not read: reading every customer with open holds");
+                customers.extend(
+                    shared
+                        .all_books()
+                        .into_iter()
+                        .filter(|(_, b)| !b.lock().holds.is_empty())
+                        .map(|(c, _)| c),
+                );
+            }
         }
         customers.sort_unstable_by_key(|c| c.as_str().to_string());
         customers.dedup();
