@@ -239,14 +239,7 @@ async fn admin_changes_and_credits_survive_a_restart() {
 
 /// acme's webhook delivery log at `url`.
 async fn delivery_log(http: &reqwest::Client, url: &str) -> serde_json::Value {
-    http.get(url)
-        .bearer_auth(common::service::ACME_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    common::service::get_json(http, url, common::service::ACME_KEY).await
 }
 
 /// An alert crossed before a SIGKILL is delivered after the restart: its delivery waits in

@@ -316,18 +316,11 @@ async fn api(
 /// Units of acme's `ai-tokens` in the usage history `replica` answers (hour windows over the
 /// last day).
 async fn history_units(http: &reqwest::Client, replica: &Sidecar) -> u64 {
-    let h: serde_json::Value = http
-        .get(format!(
-            "http://{}/v1/customers/acme/usage/history?windowSize=HOUR&featureId=ai-tokens",
-            replica.http
-        ))
-        .bearer_auth(common::service::ACME_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let url = format!(
+        "http://{}/v1/customers/acme/usage/history?windowSize=HOUR&featureId=ai-tokens",
+        replica.http
+    );
+    let h = common::service::get_json(http, &url, common::service::ACME_KEY).await;
     h["series"]
         .as_array()
         .unwrap_or_else(|| panic!("no series in {h}"))

@@ -144,6 +144,18 @@ pub async fn service_from_pinned(text: &str) -> Arc<Service> {
     .expect("service")
 }
 
+/// A GET of `url` with `token`: its JSON body.
+pub async fn get_json(http: &reqwest::Client, url: &str, token: &str) -> Value {
+    http.get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// What acme's org counter counts now.
 pub async fn org_counted(service: &Service, customer: &str) -> u64 {
     service
