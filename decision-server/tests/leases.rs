@@ -527,7 +527,10 @@ mod exactness {
             .await
             .unwrap();
         // Open grants: the replica's hold, the exact store's twin.
-        let mut open: Vec<(usize, HoldId, HoldId, u64, i64)> = Vec::new();
+        let mut open: Vec<(usize, HoldId, HoldId, u64, usize)> = Vec::new();
+        // Every grant's time, and whether it was closed before its TTL (PT2S).
+        const TTL: i64 = 2_000;
+        let mut grants: Vec<(i64, bool)> = Vec::new();
         for op in ops {
             match op {
                 Op::Check {
@@ -544,8 +547,9 @@ mod exactness {
                             "a lease granted {size} to u{user} that the exact store refuses: {:?}",
                             twin.denial
                         );
-                        let at = clock.now().millis();
-                        open.push((replica, d.hold_id.unwrap(), twin.hold_id.unwrap(), size, at));
+                        grants.push((clock.now().millis(), false));
+                        let g = grants.len() - 1;
+                        open.push((replica, d.hold_id.unwrap(), twin.hold_id.unwrap(), size, g));
                     } else if decide(&exact, user, size, true).await.granted {
                         // A denial the exact store would not make: only budget held in
                         // slices can explain it (out now, or expired before its return and
@@ -557,14 +561,14 @@ mod exactness {
                                 s.outstanding_units + s.stranded_units
                             })
                             .sum();
-                        // Or the store part of a partly covered hold past its TTL, never
-                        // closed: it waits a relay margin longer for a close posted through
+                        // Or the store part of a partly covered hold not closed within its
+                        // TTL: it waits a relay margin longer for a close posted through
                         // another replica.
                         let now = clock.now().millis();
-                        let ttl = 2_000;
-                        let lingering = open.iter().any(|o| {
-                            now >= o.4 + ttl
-                                && now < o.4 + ttl + tollgate::store::leased::RELAY_MARGIN_MS
+                        let lingering = grants.iter().any(|(at, closed)| {
+                            !closed
+                                && now >= at + TTL
+                                && now < at + TTL + tollgate::store::leased::RELAY_MARGIN_MS
                         });
                         prop_assert!(
                             held > 0 || lingering,
@@ -574,7 +578,10 @@ mod exactness {
                     }
                 }
                 Op::Settle { pick, percent } if !open.is_empty() => {
-                    let (r, h, twin, held, _) = open.remove(pick % open.len());
+                    let (r, h, twin, held, g) = open.remove(pick % open.len());
+                    if clock.now().millis() < grants[g].0 + TTL {
+                        grants[g].1 = true;
+                    }
                     let actual = held * percent / 100;
                     let a = leased[r].0.settle(&h, Usage::units(actual)).await;
                     let b = exact.settle(&twin, Usage::units(actual)).await;
@@ -584,7 +591,10 @@ mod exactness {
                     }
                 }
                 Op::Release { pick } if !open.is_empty() => {
-                    let (r, h, twin, _, _) = open.remove(pick % open.len());
+                    let (r, h, twin, _, g) = open.remove(pick % open.len());
+                    if clock.now().millis() < grants[g].0 + TTL {
+                        grants[g].1 = true;
+                    }
                     let a = leased[r].0.release(&h).await.unwrap();
                     let b = exact.release(&twin).await.unwrap();
                     prop_assert_eq!(a, b, "a release's outcome differs");
