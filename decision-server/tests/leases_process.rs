@@ -45,7 +45,7 @@ fn config_on(target: &str, timeout_ms: u64, cap: u64) -> String {
 }
 
 /// Waits until the store's org counter reads `expected` (slices and holds end on their own:
-/// local holds after 5 s, idle slices after half their TTL), at most 30 s.
+/// local holds after 5 s, idle slices a second or two after their last decision), at most 30 s.
 async fn converges(replicas: &[Sidecar], expected: u64) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -366,8 +366,9 @@ pub trait HoldRelay: Send + Sync {
         keep_ms: i64,
     ) -> Result<bool, StoreError>;
 
-    /// The customers with closes posted for `replica`, forgetting the list: each is read with
-    /// [`HoldRelay::posted`] next (a close posted meanwhile names its customer again).
+    /// The customers with closes posted for `replica`; each is read with
+    /// [`HoldRelay::posted`] next. A shared store may forget the list as it answers (a close
+    /// posted after that names its customer again); one that keeps it answers it again.
     async fn customers(&self, replica: u32) -> Result<Vec<Name>, StoreError>;
 
     /// The closes posted for `replica` on `customer`'s holds.
