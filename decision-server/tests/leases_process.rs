@@ -216,7 +216,14 @@ async fn redis_frozen_then_killed_mid_race_grants_only_inside_leases_and_converg
     };
     redis.pause();
     tally.outage.store(true, Ordering::Relaxed);
+    // Frozen 1.5 s, longer (up to 5 s, well inside the slices' 15 s) until some decision found
+    // no room in its replica's slices and met the fail mode: how long the slices last depends
+    // on how much each replica took just before, which varies from run to run.
+    let frozen = Instant::now();
     tokio::time::sleep(Duration::from_millis(1_500)).await;
+    while tally.refused.load(Ordering::Relaxed) == 0 && frozen.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     redis.stop();
     redis.restart();
     tally.outage.store(false, Ordering::Relaxed);
