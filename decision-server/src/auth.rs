@@ -119,6 +119,20 @@ pub enum AuthError {
     UnknownPeer(String),
 }
 
+impl AuthError {
+    /// What to tell a caller on `listener`. On the ext_authz listener the caller is Envoy (the
+    /// WASM filter's `sidecar.token`, or the `authorization` header of the ext_authz filter's
+    /// gRPC service), whose credential is a gateway token: the message names that, not the API
+    /// keys and operator token of the API listeners.
+    pub fn message_on(&self, listener: Listener) -> String {
+        match (self, listener) {
+            (Self::Missing, Listener::ExtAuthz) => "missing gateway token: Envoy must send `authorization: Bearer <gateway token>` (the WASM filter's `sidecar.token`, or the ext_authz gRPC service's `initial_metadata`)".into(),
+            (Self::Invalid, Listener::ExtAuthz) => "invalid gateway token: the token Envoy sent is none of `server.credentials.gatewayTokens` (check the WASM filter's `sidecar.token`, or the ext_authz gRPC service's `initial_metadata`)".into(),
+            _ => self.to_string(),
+        }
+    }
+}
+
 /// The configured credentials.
 #[derive(Debug, Default, Clone)]
 pub struct Credentials {

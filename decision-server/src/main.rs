@@ -59,7 +59,12 @@ enum Command {
 fn validate(file: &std::path::Path) -> ExitCode {
     match tollgate::config::load_path(file) {
         Ok(loaded) => {
-            for w in loaded.server.warnings() {
+            for w in loaded
+                .server
+                .warnings()
+                .into_iter()
+                .chain(loaded.model.skippable_limits())
+            {
                 eprintln!("{}: warning: {w}", file.display());
             }
             let model = &loaded.model;

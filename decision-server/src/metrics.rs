@@ -140,6 +140,8 @@ pub struct Metrics {
     holds_open: Gauge,
     customers_active: Gauge,
     closes: Family<ResultLabels, Counter>,
+    settle_excess: Counter,
+    settles_capped: Counter,
     ingested: Family<ResultLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     store_failures: Counter,
@@ -293,6 +295,18 @@ impl Metrics {
             "Settle and release calls by result",
             closes.clone(),
         );
+        let settle_excess = Counter::default();
+        registry.register(
+            "settle_excess_units",
+            "Usage reported by settlements above their hold's ceiling and not charged (a forged or broken report, or a model missing from the price table's context windows)",
+            settle_excess.clone(),
+        );
+        let settles_capped = Counter::default();
+        registry.register(
+            "settles_capped",
+            "Settlements that reported more than their hold's ceiling and were charged the ceiling",
+            settles_capped.clone(),
+        );
         let ingested = Family::<ResultLabels, Counter>::default();
         registry.register(
             "usage_events",
@@ -348,6 +362,8 @@ impl Metrics {
             holds_open,
             customers_active,
             closes,
+            settle_excess,
+            settles_capped,
             ingested,
             reloads,
             leases,
@@ -371,6 +387,12 @@ impl Metrics {
     /// `result`: `settled`, `released`, `already_closed`, `unknown_hold`, `error`.
     pub fn close(&self, result: &'static str) {
         self.closes.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// A settlement charged at its hold's ceiling: `excess` units reported above it.
+    pub fn settle_capped(&self, excess: u64) {
+        self.settles_capped.inc();
+        self.settle_excess.inc_by(excess);
     }
 
     /// `result`: `recorded`, `duplicate`, `rejected`.

@@ -133,6 +133,9 @@ pub async fn build_service_with_clock(
     clock: Arc<dyn crate::clock::Clock>,
 ) -> anyhow::Result<Arc<Service>> {
     let Loaded { doc, model, server } = loaded;
+    for w in model.skippable_limits() {
+        tracing::warn!("{w}");
+    }
     let mut store = open_store(&server.storage).await?;
     let leases = server.leases.map(|terms| {
         tracing::info!(?terms, "escrow leases on");

@@ -587,7 +587,29 @@ impl Service {
         hold: &HoldId,
         actual: Usage,
     ) -> Result<CloseOutcome, DecisionError> {
-        let result = self.engine.settle(hold, actual).await;
+        let mut result = self.engine.settle(hold, actual).await;
+        if let Err(DecisionError::Store(StoreError::SettleTooLarge {
+            actual: reported,
+            max,
+            ..
+        })) = result
+        {
+            // Real usage is never turned into free usage: a report above the hold's ceiling
+            // (a stored conversation, a file, or a forged report, which only a credential
+            // holder can send) is charged at the ceiling, and the rest is counted for an alert.
+            // The store refused the first try whole, so the second is the only one applied.
+            let excess = reported.saturating_sub(max);
+            self.metrics.settle_capped(excess);
+            tracing::warn!(
+                hold = %hold,
+                reported,
+                charged = max,
+                "a settlement reported more than its hold's ceiling; charged the ceiling (set the feature's maxSettleUsage or the model's contextWindow for more)"
+            );
+            let charged = actual.capped_at(max);
+            result = self.engine.settle(hold, charged).await;
+            return self.closed(hold, charged.units, EventKind::Settled, result);
+        }
         self.closed(hold, actual.units, EventKind::Settled, result)
     }
 

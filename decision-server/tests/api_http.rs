@@ -137,24 +137,6 @@ async fn settle_corrects_to_actual_and_is_idempotent() {
     let (_, body) = api.check(ACME_KEY, "acme", "alice", 300).await;
     let hold = body["holdId"].as_str().unwrap().to_string();
     let path = format!("/v1/holds/{hold}/settle");
-    // Ten times the request is the most a settlement may report: refused, nothing moves.
-    let (status, r) = api
-        .call(
-            Method::POST,
-            &path,
-            Some(ACME_KEY),
-            Some(json!({"actualUsage": 3001})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{r}");
-    assert_eq!(r["error"]["code"], "settle_too_large");
-    assert!(
-        r["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("at most 3000"),
-        "{r}"
-    );
     assert_eq!(api.acme_org().await, 300);
     let (status, r) = api
         .call(
@@ -196,6 +178,33 @@ async fn settle_corrects_to_actual_and_is_idempotent() {
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{r}");
+}
+
+#[tokio::test]
+async fn a_settlement_above_the_ceiling_is_charged_the_ceiling_and_the_excess_counted() {
+    let api = Api::new().await;
+    let (_, body) = api.check(ACME_KEY, "acme", "alice", 30).await;
+    let hold = body["holdId"].as_str().unwrap().to_string();
+    // Without a model, ten times the request is the ceiling: 301 is charged 300, not dropped.
+    let (status, r) = api
+        .call(
+            Method::POST,
+            &format!("/v1/holds/{hold}/settle"),
+            Some(ACME_KEY),
+            Some(json!({"actualUsage": 301})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{r}");
+    assert_eq!(r["closed"], true);
+    assert_eq!(api.acme_org().await, 300);
+    let (_, text) = api.call(Method::GET, "/metrics", None, None).await;
+    let text = text.as_str().unwrap();
+    for line in [
+        "tollgate_settles_capped_total 1",
+        "tollgate_settle_excess_units_total 1",
+    ] {
+        assert!(text.contains(line), "missing `{line}` in\n{text}");
+    }
 }
 
 #[tokio::test]

@@ -593,6 +593,24 @@ fn validate_warns_when_a_client_header_names_the_customer() {
     }
 }
 
+#[test]
+fn validate_warns_where_leaving_a_dimension_out_skips_a_limit() {
+    // `l-rate` is on users and `l-quota` on team t1; only `userId` names either level.
+    let model = config::parse(BASE, "tollgate.yaml").unwrap();
+    assert_eq!(
+        model.skippable_limits(),
+        [
+            "attribution: a request that carries none of `userId` is charged to the levels above alone, skipping acme/l-rate, acme/l-quota; set `required: true` on one of them (and on the filter's rule for it) if every request must be charged there"
+        ]
+    );
+    let required = with(
+        "    entityType: user\nfeatures:",
+        "    entityType: user\n    required: true\nfeatures:",
+    );
+    let model = config::parse(&required, "tollgate.yaml").unwrap();
+    assert!(model.skippable_limits().is_empty());
+}
+
 /// The errors of `BASE` with a `server.storage` section, loaded whole (model and server).
 fn storage_errors(storage: &str) -> Vec<String> {
     let text = format!("{BASE}server:\n  storage: {storage}\n");

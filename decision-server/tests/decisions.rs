@@ -36,6 +36,7 @@ test_with_all_stores! {
     derived_features_count_requests_and_price_credits,
     a_hold_id_with_another_tag_reaches_nothing,
     a_settlement_over_the_maximum_is_refused_and_changes_nothing,
+    a_call_to_a_model_may_settle_up_to_what_the_model_can_use,
     a_feature_sets_its_own_settlement_maximum,
     a_dry_run_creates_nothing,
     replicas_share_auto_entities_their_parents_and_the_cap,
@@ -532,6 +533,82 @@ limits:
     ));
     h.release(&hold);
     assert_eq!(h.counted("acme", "u1", "user-day"), 500);
+}
+
+/// A stored conversation, a file or an image makes a call use many times what its request
+/// looked like: for a call to a model the bound is what that model can use, not ten times the
+/// hold.
+fn a_call_to_a_model_may_settle_up_to_what_the_model_can_use(store: Store) {
+    let limits = r#"
+limits:
+  - { id: user-day, entityType: user, feature: tokens, kind: quota, limit: 100000000, period: P1D }
+"#;
+    let yaml = tree_with(limits).replace(
+        "cacheWritePerMillion: 2500000 }",
+        "cacheWritePerMillion: 2500000, contextWindow: 128000, maxOutput: 16384 }",
+    );
+    assert!(yaml.contains("contextWindow"));
+    let h = harness(&yaml, store, "2026-03-10T10:00:00Z");
+    let user = [("userId", "u1")];
+    // A Responses call with `previous_response_id`: held 76, reported 8,020.
+    let hold = h
+        .check(
+            "acme",
+            "tokens",
+            76,
+            &[("userId", "u1"), ("model", "big-4")],
+        )
+        .hold_id
+        .unwrap();
+    h.settle(&hold, 8_020);
+    assert_eq!(h.counted("acme", "u1", "user-day"), 8_020);
+    // The price table's window and output: 144,384 at most.
+    let hold = h
+        .check(
+            "acme",
+            "tokens",
+            76,
+            &[("userId", "u1"), ("model", "big-4")],
+        )
+        .hold_id
+        .unwrap();
+    assert!(matches!(
+        h.run(h.engine.settle(&hold, Usage::units(144_385))),
+        Err(DecisionError::Store(StoreError::SettleTooLarge {
+            max: 144_384,
+            ..
+        }))
+    ));
+    h.settle(&hold, 144_384);
+    // A model the table gives no window for: the default ceiling.
+    let hold = h
+        .check(
+            "acme",
+            "tokens",
+            98,
+            &[("userId", "u1"), ("model", "small")],
+        )
+        .hold_id
+        .unwrap();
+    assert!(matches!(
+        h.run(h.engine.settle(&hold, Usage::units(2_000_001))),
+        Err(DecisionError::Store(StoreError::SettleTooLarge {
+            max: 2_000_000,
+            ..
+        }))
+    ));
+    h.settle(&hold, 1_230);
+    assert_eq!(h.counted("acme", "u1", "user-day"), 8_020 + 144_384 + 1_230);
+    // No model: ten times the request, as before.
+    let hold = h.check("acme", "tokens", 5, &user).hold_id.unwrap();
+    assert!(matches!(
+        h.run(h.engine.settle(&hold, Usage::units(51))),
+        Err(DecisionError::Store(StoreError::SettleTooLarge {
+            max: 50,
+            ..
+        }))
+    ));
+    h.release(&hold);
 }
 
 fn a_feature_sets_its_own_settlement_maximum(store: Store) {

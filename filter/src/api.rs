@@ -160,6 +160,10 @@ pub struct UsageAcc {
     cache_write: Option<u64>,
     reasoning: Option<u64>,
     total: Option<u64>,
+    /// The output figure is only what an Anthropic stream's `message_start` said (1 or so,
+    /// before anything was generated): not final until a `message_delta` or a whole answer
+    /// reports it.
+    output_provisional: bool,
 }
 
 fn field(u: &Value, pointer: &str) -> Option<u64> {
@@ -185,6 +189,7 @@ impl UsageAcc {
                     cache_write: None,
                     reasoning: field(u, "/completion_tokens_details/reasoning_tokens"),
                     total: field(u, "/total_tokens"),
+                    output_provisional: false,
                 };
                 true
             }
@@ -205,13 +210,15 @@ impl UsageAcc {
                     cache_write: None,
                     reasoning: field(u, "/output_tokens_details/reasoning_tokens"),
                     total: field(u, "/total_tokens"),
+                    output_provisional: false,
                 };
                 true
             }
             Api::AnthropicMessages => {
                 // A stream's `message_start` carries the input side, each `message_delta` the
                 // output so far; a JSON answer carries all of it. Every field present wins.
-                let u = if doc.get("type").and_then(Value::as_str) == Some("message_start") {
+                let start = doc.get("type").and_then(Value::as_str) == Some("message_start");
+                let u = if start {
                     doc.pointer("/message/usage")
                 } else {
                     doc.get("usage")
@@ -225,12 +232,21 @@ impl UsageAcc {
                     }
                 };
                 take(&mut self.input, "/input_tokens");
+                if field(u, "/output_tokens").is_some() {
+                    self.output_provisional = start;
+                }
                 take(&mut self.output, "/output_tokens");
                 take(&mut self.cached, "/cache_read_input_tokens");
                 take(&mut self.cache_write, "/cache_creation_input_tokens");
                 true
             }
         }
+    }
+
+    /// Whether the output figure is still only the stream's opening one (see
+    /// `output_provisional`): a stream that ends here was left before its output was counted.
+    pub fn output_provisional(&self) -> bool {
+        self.output_provisional
     }
 
     /// The usage as the sidecar takes it, once any was reported.
@@ -473,6 +489,10 @@ mod tests {
                 "output_tokens": 1}}}),
         );
         assert_eq!(a.reading().unwrap().total, 163);
+        assert!(
+            a.output_provisional(),
+            "message_start's output is not final"
+        );
         a.absorb(
             Api::AnthropicMessages,
             &json!({"type": "message_delta", "usage": {"output_tokens": 40}}),
@@ -484,6 +504,7 @@ mod tests {
             (t.input, t.cache_write, t.cached, t.output),
             (12, 100, 50, 40)
         );
+        assert!(!a.output_provisional());
         assert_eq!(UsageAcc::default().reading(), None);
     }
 

@@ -129,7 +129,16 @@ impl Failure {
     /// Maps a failed gRPC call. Envoy reports timeouts as status 14 (UNAVAILABLE) too; only the
     /// message tells them apart.
     pub fn from_grpc(code: u32, message: Option<String>) -> Self {
-        let message = message.unwrap_or_default();
+        // A gRPC status message travels percent-encoded (`grpc-message`), and the host hands
+        // it on as it came: decode it once, here, so every answer and log reads as written.
+        let message = message
+            .map(|m| {
+                let m = percent_encoding::percent_decode_str(&m).decode_utf8_lossy();
+                // Envoy tells where the status came from after the message; the reader needs
+                // only the message.
+                m.strip_suffix("{via_upstream}").unwrap_or(&m).to_string()
+            })
+            .unwrap_or_default();
         if code == 4 || (code == 14 && message.contains("timeout")) {
             Self::Timeout
         } else {
@@ -254,6 +263,21 @@ pub fn shape_denial(api: Api, mut reply: Reply) -> Reply {
     let Ok(details) = serde_json::from_slice::<serde_json::Value>(&reply.body) else {
         return reply;
     };
+    if details["error"].as_str() == Some("bad_request") {
+        // The sidecar could not use the request (an unknown customer or team, a value too
+        // long): an invalid request for the SDKs, never a limit they would wait out.
+        let message = format!(
+            "Tollgate cannot use this request: {}",
+            details["message"].as_str().unwrap_or("bad request")
+        );
+        if let Some(body) = error_body(api, ErrorKind::BadRequest, &message, &details) {
+            reply.body = body.to_string().into_bytes();
+        }
+        reply
+            .headers
+            .push(("x-should-retry".into(), "false".into()));
+        return reply;
+    }
     let never_fits = details["neverFits"].as_bool() == Some(true);
     let retry_after = details["retryAfterSeconds"].as_u64();
     let mut message = format!(
@@ -503,6 +527,46 @@ mod tests {
                 s
             }
             .body
+        );
+    }
+
+    #[test]
+    fn input_the_sidecar_cannot_use_is_an_invalid_request_not_a_limit() {
+        let sidecar = Reply {
+            status: 400,
+            headers: vec![],
+            body: serde_json::json!({"error": "bad_request", "message": "customer `acme` has no entity `nope`"})
+                .to_string()
+                .into_bytes(),
+        };
+        let r = shape_denial(Api::OpenaiChat, sidecar.clone());
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["code"], "bad_request_input");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("no entity `nope`")
+        );
+        let r = shape_denial(Api::AnthropicMessages, sidecar);
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert!(
+            r.headers
+                .contains(&("x-should-retry".into(), "false".into()))
+        );
+    }
+
+    #[test]
+    fn a_grpc_message_reads_as_written() {
+        let f = Failure::from_grpc(
+            14,
+            Some("counter%20store%20unavailable:%20redis%3A timed out{via_upstream}".into()),
+        );
+        assert_eq!(
+            f.to_string(),
+            "the sidecar call failed with gRPC status 14: counter store unavailable: redis: timed out"
         );
     }
 

@@ -65,6 +65,25 @@ impl Seen {
     fn reading(&self) -> Option<UsageReading> {
         self.pointed.or_else(|| self.usage.reading())
     }
+
+    /// Usage was reported, but not its output yet (an Anthropic stream left before its
+    /// `message_delta`).
+    fn partial(&self) -> bool {
+        self.pointed.is_none() && self.usage.output_provisional()
+    }
+}
+
+impl UsageReading {
+    /// This reading with its output raised to at least `output` tokens (the total follows).
+    fn with_output_at_least(mut self, output: u64) -> Self {
+        if let Some(t) = self.tokens.as_mut()
+            && t.output < output
+        {
+            self.total = self.total.saturating_add(output - t.output);
+            t.output = output;
+        }
+        self
+    }
 }
 
 /// Scans an SSE stream chunk by chunk: every event's usage and content, keeping only the
@@ -175,6 +194,11 @@ impl SseScanner {
 
     pub fn reading(&self) -> Option<UsageReading> {
         self.seen.reading()
+    }
+
+    /// See [`Seen::partial`].
+    pub fn partial(&self) -> bool {
+        self.seen.partial()
     }
 
     pub fn content(&self) -> u64 {
@@ -370,6 +394,7 @@ impl Tracker {
     fn end(&mut self, s: &Settlement) -> Outcome {
         let mode = std::mem::replace(&mut self.mode, Mode::Done);
         let pointer = s.usage_pointer.as_deref();
+        let partial = mode == Mode::Sse && self.sse.partial();
         let (reading, content, unreadable) = match mode {
             Mode::Sse => (self.sse.reading(), Some(self.sse.content()), None),
             Mode::Json if self.too_large => (None, None, Some(Unknown::TooLarge)),
@@ -386,7 +411,20 @@ impl Tracker {
             Mode::Waiting | Mode::Done => (None, Some(0), None),
         };
         if let Some(r) = reading {
-            return (Close::Settle(r), None);
+            if !partial {
+                return (Close::Settle(r), None);
+            }
+            // The input side was reported, the output never was: the client left before the
+            // stream's end. The output is what the delivered content amounts to (the missing-
+            // usage policy decides, as for a stream without any usage).
+            let close = match (s.on_missing_usage, content) {
+                (OnMissingUsage::Release, _) => Close::Release,
+                (OnMissingUsage::Estimate, Some(bytes)) => {
+                    Close::Settle(r.with_output_at_least(s.estimate.tokens(bytes)))
+                }
+                (OnMissingUsage::Estimate | OnMissingUsage::Hold, _) => self.at_hold(),
+            };
+            return (close, Some(Unknown::NoUsage));
         }
         let delivered = match (mode, content) {
             (Mode::Sse, Some(c)) => c > 0,
@@ -671,6 +709,45 @@ mod tests {
             matches!(done, Some((Close::Settle(r), None)) if r.total == 12),
             "{done:?}"
         );
+    }
+
+    #[test]
+    fn an_anthropic_stream_left_before_message_delta_is_charged_its_delivered_output() {
+        let start = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":17,\"cache_read_input_tokens\":3,\"output_tokens\":1}}}\n\n";
+        let delta = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"0123456789abcdef\"}}\n\n";
+        for (policy, want) in [
+            // The input as reported, the output from the 32 bytes delivered (8 tokens).
+            (OnMissingUsage::Estimate, Some(17 + 3 + 8)),
+            (OnMissingUsage::Hold, Some(500)),
+            (OnMissingUsage::Release, None),
+        ] {
+            let s = settlement(policy);
+            let mut t = Tracker::new("h".into(), held(Api::AnthropicMessages));
+            t.on_headers(&s, Some(200), Some("text/event-stream"), None, None, false);
+            t.on_body(&s, start.as_bytes(), false);
+            t.on_body(&s, delta.as_bytes(), false);
+            t.on_body(&s, delta.as_bytes(), false);
+            let (close, why) = t.on_end(&s).unwrap();
+            assert_eq!(why, Some(Unknown::NoUsage), "{policy:?}");
+            match want {
+                Some(total) => assert!(
+                    matches!(close, Close::Settle(r) if r.total == total),
+                    "{policy:?}: {close:?}"
+                ),
+                None => assert_eq!(close, Close::Release),
+            }
+        }
+        // The estimate never lowers an output already reported as larger.
+        let r = UsageReading {
+            total: 30,
+            tokens: Some(pb::Tokens {
+                input: 10,
+                output: 20,
+                ..pb::Tokens::default()
+            }),
+        };
+        assert_eq!(r.with_output_at_least(5), r);
+        assert_eq!(r.with_output_at_least(25).total, 35);
     }
 
     #[test]

@@ -19,12 +19,21 @@ import openai
 PROMPT = "Summarise the quarterly report in three bullet points"
 
 
+def extra_headers(args):
+    """The `--header 'name: value'` options, as a dict."""
+    out = {}
+    for h in args.header:
+        name, _, value = h.partition(":")
+        out[name.strip()] = value.strip()
+    return out
+
+
 def openai_client(args, **kw):
     # The platform's JWT is the "API key": the SDK sends it as `Authorization: Bearer`.
     return openai.OpenAI(
         base_url=args.base_url + "/v1",
         api_key=args.token,
-        default_headers={"x-team-id": args.team, **kw.pop("headers", {})},
+        default_headers={"x-team-id": args.team, **extra_headers(args), **kw.pop("headers", {})},
         **kw,
     )
 
@@ -33,7 +42,7 @@ def anthropic_client(args, **kw):
     return anthropic.Anthropic(
         base_url=args.base_url,
         auth_token=args.token,
-        default_headers={"x-team-id": args.team, **kw.pop("headers", {})},
+        default_headers={"x-team-id": args.team, **extra_headers(args), **kw.pop("headers", {})},
         **kw,
     )
 
@@ -107,6 +116,30 @@ def messages_stream(args, headers=None):
     return {"text": text, "usage": usage_dict(final.usage)}
 
 
+def messages_stream_leave_early(args):
+    """`client.messages.stream`, read `--leave-after` text deltas, then close: before the
+    stream's `message_delta` (the mock paces its events with `x-mock-pace-ms`)."""
+    client = anthropic_client(args)
+    read = 0
+    with client.messages.stream(
+            model="claude-sonnet-4", max_tokens=args.max_tokens,
+            messages=[{"role": "user", "content": PROMPT}]) as stream:
+        for _ in stream.text_stream:
+            read += 1
+            if read >= args.leave_after:
+                break
+    return {"read": read}
+
+
+def chat_echo(args):
+    """A chat call: its status, its usage, and the request headers the upstream echoed."""
+    raw = openai_client(args).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", max_tokens=args.max_tokens,
+        messages=[{"role": "user", "content": PROMPT}])
+    echo = {k[len("x-echo-"):]: v for k, v in raw.headers.items() if k.startswith("x-echo-")}
+    return {"status": raw.status_code, "usage": usage_dict(raw.parse().usage), "echo": echo}
+
+
 def denied(args):
     """A request the SDK is refused: what `str(exception)` says, and the status."""
     try:
@@ -119,7 +152,10 @@ def denied(args):
                 model="gpt-4o-mini", max_tokens=args.max_tokens,
                 messages=[{"role": "user", "content": PROMPT}])
     except (openai.APIStatusError, anthropic.APIStatusError) as e:
-        return {"status": e.status_code, "message": str(e),
+        # OpenAI's SDK keeps the body's `error` object, Anthropic's the whole body.
+        body = e.body if isinstance(e.body, dict) else {}
+        err = body["error"] if isinstance(body.get("error"), dict) else body
+        return {"status": e.status_code, "message": str(e), "type": err.get("type"),
                 "should_retry": e.response.headers.get("x-should-retry")}
     return {"status": 200}
 
@@ -212,6 +248,8 @@ SCENARIOS = {
     "messages-json": messages_json,
     "messages-stream": messages_stream,
     "messages-cache": lambda a: messages_json(a, headers={"x-mock-cache": "100,50"}),
+    "messages-stream-leave-early": messages_stream_leave_early,
+    "chat-echo": chat_echo,
     "denied": denied,
     "sequence": sequence,
 }
@@ -227,6 +265,9 @@ def main():
     p.add_argument("--agents", type=int, default=24)
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--leave-after", type=int, default=10)
+    p.add_argument("--header", action="append", default=[],
+                   help="an extra request header, 'name: value' (repeatable)")
     p.add_argument("scenario", choices=sorted([*SCENARIOS, "race"]))
     args = p.parse_args()
     if args.scenario == "race":

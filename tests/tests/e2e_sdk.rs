@@ -387,11 +387,20 @@ async fn sdk_calls_through_a_bounded_outage_pass_within_the_allowance_and_are_co
     s.kill_sidecar_early_in_a_minute().await;
     let url = format!("{}/open", s.envoy.url);
     let token = INITECH.trim_start_matches("Bearer ").to_string();
-    let out =
-        tokio::task::spawn_blocking(move || sdk(&url, &token, "sequence", &["--requests", "6"], T))
-            .await
-            .unwrap()
-            .unwrap();
+    // Every call carries the same `x-request-id`, as apps that propagate a trace id send:
+    // each pass is still counted once.
+    let out = tokio::task::spawn_blocking(move || {
+        sdk(
+            &url,
+            &token,
+            "sequence",
+            &["--requests", "6", "--header", "x-request-id: trace-1"],
+            T,
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap();
     let calls = out.as_array().unwrap();
     let passed: Vec<&Value> = calls.iter().take_while(|c| c["status"] == 200).collect();
     assert_eq!(

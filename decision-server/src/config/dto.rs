@@ -59,6 +59,11 @@ pub struct AttributionDto {
     pub entity_type: String,
     #[serde(default)]
     pub on_unknown: OnUnknownDto,
+    /// Refuse (400) a request that does not carry this dimension, instead of charging it to
+    /// the levels above alone: set it where limits on this level must never be skipped (a
+    /// token without `sub`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub required: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -99,6 +104,13 @@ pub struct ModelPriceDto {
     /// Price of input written to the prompt cache; unset, the input price.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_write_per_million: Option<u64>,
+    /// The model's context window in tokens (input and output together). With `maxOutput`,
+    /// it sets how much one settlement of a call to this model may report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_window: Option<u64>,
+    /// The most output tokens one call to this model can produce.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -363,6 +363,7 @@ impl Validator<'_> {
                         OnUnknownDto::Reject => OnUnknown::Reject,
                         OnUnknownDto::Create => OnUnknown::Create,
                     },
+                    required: a.required,
                 }),
                 None => self.err(
                     format!("{path}.entityType"),
@@ -439,6 +440,8 @@ impl Validator<'_> {
                         cache_write_per_million: m
                             .cache_write_per_million
                             .unwrap_or(m.input_per_million),
+                        context_window: m.context_window,
+                        max_output: m.max_output,
                     }),
                     Err(e) => self.err(
                         format!("prices[{i}].models[{j}].match"),

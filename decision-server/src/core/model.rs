@@ -116,6 +116,8 @@ pub struct Attribution {
     pub dimension: String,
     pub entity_type: usize,
     pub on_unknown: OnUnknown,
+    /// A request without this dimension is refused, not charged to the levels above alone.
+    pub required: bool,
 }
 
 /// How a check of one feature also draws on another.
@@ -168,6 +170,106 @@ pub struct ModelPrice {
     pub output_per_million: u64,
     pub cached_per_million: u64,
     pub cache_write_per_million: u64,
+    /// Tokens of context (input and output together), when the table says.
+    pub context_window: Option<u64>,
+    /// The most output tokens of one call, when the table says.
+    pub max_output: Option<u64>,
+}
+
+impl ModelPrice {
+    /// The most one call to this model can really report, when the table says: its context
+    /// window plus its maximum output. Trade-off: generous (providers differ on whether the
+    /// window counts the output), since the ceiling only stops a report no call could make.
+    pub fn call_ceiling(&self) -> Option<u64> {
+        self.context_window
+            .map(|w| w.saturating_add(self.max_output.unwrap_or(0)))
+    }
+}
+
+impl Model {
+    /// Whether entity type `t` is `ancestor` or lies below it (through any of its parents).
+    fn is_at_or_below(&self, t: usize, ancestor: usize) -> bool {
+        let mut seen = vec![false; self.entity_types.len()];
+        let mut todo = vec![t];
+        while let Some(x) = todo.pop() {
+            if x == ancestor {
+                return true;
+            }
+            if let Some(s) = seen.get_mut(x)
+                && !*s
+            {
+                *s = true;
+                todo.extend(
+                    self.entity_types
+                        .get(x)
+                        .into_iter()
+                        .flat_map(|e| &e.parents),
+                );
+            }
+        }
+        false
+    }
+
+    /// Limits a request can skip by leaving dimensions out: a limit on a level below the root
+    /// applies only when some attribution dimension names that level or one below it (the
+    /// chain takes in every ancestor), so it can be skipped unless one of those is
+    /// `required`. One line per set of such dimensions, for `tollgate validate` and the log at
+    /// start.
+    pub fn skippable_limits(&self) -> Vec<String> {
+        let mut by_dims: std::collections::BTreeMap<Vec<String>, Vec<String>> =
+            std::collections::BTreeMap::new();
+        let mut customers = self.customers.values().collect::<Vec<_>>();
+        customers.sort_by(|x, y| x.id.as_str().cmp(y.id.as_str()));
+        for c in customers {
+            for l in &c.limits {
+                let level = match l.target {
+                    LimitTarget::EntityType(t) => Some(t),
+                    LimitTarget::Entity(e) => c.entities.get(&e).map(|n| n.entity_type),
+                };
+                let Some(level) = level.filter(|t| {
+                    self.entity_types
+                        .get(*t)
+                        .is_some_and(|e| !e.dimensional && !e.parents.is_empty())
+                }) else {
+                    continue;
+                };
+                let covering: Vec<&Attribution> = self
+                    .attribution
+                    .iter()
+                    .filter(|a| self.is_at_or_below(a.entity_type, level))
+                    .collect();
+                if covering.iter().any(|a| a.required) {
+                    continue;
+                }
+                let dims = covering.iter().map(|a| a.dimension.clone()).collect();
+                by_dims.entry(dims).or_default().push(format!(
+                    "{}/{}",
+                    c.id.as_str(),
+                    l.id.as_str()
+                ));
+            }
+        }
+        by_dims
+            .into_iter()
+            .map(|(dims, ids)| {
+                let shown = ids.len().min(5);
+                let more = if ids.len() > shown {
+                    format!(" and {} more", ids.len() - shown)
+                } else {
+                    String::new()
+                };
+                let names = dims
+                    .iter()
+                    .map(|d| format!("`{d}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                format!(
+                    "attribution: a request that carries none of {names} is charged to the levels above alone, skipping {}{more}; set `required: true` on one of them (and on the filter's rule for it) if every request must be charged there",
+                    ids[..shown].join(", "),
+                )
+            })
+            .collect()
+    }
 }
 
 /// One version of the price table.

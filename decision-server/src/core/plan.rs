@@ -41,6 +41,30 @@ impl Usage {
         }
     }
 
+    /// This usage cut down so that its largest figure is at most `max`: units to `max`,
+    /// and every token figure scaled by the same ratio (rounded down), so the split between
+    /// input, output and cache keeps its shape.
+    pub fn capped_at(&self, max: u64) -> Self {
+        let mut out = *self;
+        out.units = out.units.min(max);
+        if let Some(t) = out.tokens.as_mut() {
+            let sum = u128::from(t.input)
+                + u128::from(t.output)
+                + u128::from(t.cached)
+                + u128::from(t.cache_write);
+            if sum > u128::from(max) {
+                let scale =
+                    |v: u64| u64::try_from(u128::from(v) * u128::from(max) / sum).unwrap_or(max);
+                t.input = scale(t.input);
+                t.output = scale(t.output);
+                t.cached = scale(t.cached);
+                t.cache_write = scale(t.cache_write);
+                t.reasoning = t.reasoning.min(t.output);
+            }
+        }
+        out
+    }
+
     /// The largest figure this usage reports: its units, or its tokens added up. A settlement
     /// is bounded by this, so neither figure can carry an absurd amount past the bound.
     pub fn largest_figure(&self) -> u64 {
@@ -59,6 +83,12 @@ impl Usage {
 /// output budget) and a real call may exceed it a few times over; bounded, because without a
 /// bound one settlement of 2^64-1 units fills every quota of a chain and drains its credits.
 pub const DEFAULT_SETTLE_FACTOR: u64 = 10;
+
+/// The most one settlement of a call to a model may report when the price table gives no
+/// context window for it: above today's largest context windows (about a million tokens) and
+/// their output. A stored conversation, a file or an image can make a call use many times
+/// what its request looked like; only a report no call could make is cut.
+pub const DEFAULT_MODEL_CEILING: u64 = 2_000_000;
 
 /// 2^53: the largest whole number every store keeps exactly (a Lua number is a double).
 pub const MAX_EXACT: u64 = 1 << 53;
@@ -204,6 +234,13 @@ pub enum PlanError {
         customer: String,
         dimension: String,
         value: String,
+    },
+    #[error(
+        "the request carries no `{dimension}`, which every request must (its `{entity_type}` level has limits that must not be skipped: attribution `required`)"
+    )]
+    MissingDimension {
+        dimension: String,
+        entity_type: String,
     },
     #[error(
         "dimension `{dimension}` names entity `{value}`, which is a `{actual}`, not a `{expected}`"
@@ -442,7 +479,7 @@ impl Model {
             .features
             .get(feature)
             .and_then(|f| f.max_settle)
-            .unwrap_or_else(|| usage.units.max(1).saturating_mul(DEFAULT_SETTLE_FACTOR))
+            .unwrap_or_else(|| self.default_settle_bound(&usage, dimensions, now))
             // Exact in a double (Redis scripts count in Lua numbers); far above any real usage.
             .min(MAX_EXACT);
         let series = self.series_draft(feature, &chain, dimensions);
@@ -532,6 +569,28 @@ impl Model {
         }
     }
 
+    /// How much a settlement may report when the feature sets no `maxSettleUsage`: ten times
+    /// what was requested, and for a call to a model (a `model` dimension) at least what one
+    /// call to that model can use ([`ModelPrice::call_ceiling`], else
+    /// [`DEFAULT_MODEL_CEILING`]). A settlement above it is charged at it, the excess counted.
+    fn default_settle_bound(
+        &self,
+        usage: &Usage,
+        dimensions: &HashMap<String, String>,
+        now: Timestamp,
+    ) -> u64 {
+        let requested = usage.units.max(1).saturating_mul(DEFAULT_SETTLE_FACTOR);
+        let Some(model) = dimensions.get("model") else {
+            return requested;
+        };
+        let ceiling = self
+            .price_table_at(now)
+            .and_then(|t| t.models.iter().find(|p| p.pattern.matches(model)))
+            .and_then(ModelPrice::call_ceiling)
+            .unwrap_or(DEFAULT_MODEL_CEILING);
+        requested.max(ceiling)
+    }
+
     /// How a check of `feature` also draws on `other`, if it does.
     fn draw_rule(&self, feature: usize, other: usize) -> Option<DrawRule> {
         self.features
@@ -612,6 +671,12 @@ impl Model {
         let mut resolved = Vec::new();
         for rule in &self.attribution {
             let Some(value) = dimensions.get(&rule.dimension) else {
+                if rule.required {
+                    return Err(PlanError::MissingDimension {
+                        dimension: rule.dimension.clone(),
+                        entity_type: self.type_name(rule.entity_type).to_string(),
+                    });
+                }
                 continue;
             };
             let sym = auto
@@ -780,4 +845,39 @@ fn truncate(s: &str) -> String {
         end -= 1;
     }
     format!("{}…", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_capped_usage_keeps_its_shape_and_never_passes_the_cap() {
+        let u = Usage {
+            units: 10_000,
+            tokens: Some(TokenCounts {
+                input: 6_000,
+                output: 3_000,
+                cached: 1_000,
+                cache_write: 0,
+                reasoning: 2_500,
+            }),
+        };
+        let c = u.capped_at(1_000);
+        assert_eq!(c.units, 1_000);
+        let t = c.tokens.unwrap_or_default();
+        assert_eq!((t.input, t.output, t.cached), (600, 300, 100));
+        assert_eq!(t.reasoning, 300, "never more reasoning than output");
+        assert!(c.largest_figure() <= 1_000);
+        assert_eq!(u.capped_at(20_000), u, "under the cap: unchanged");
+        let huge = Usage {
+            units: 1,
+            tokens: Some(TokenCounts {
+                input: u64::MAX,
+                output: u64::MAX,
+                ..TokenCounts::default()
+            }),
+        };
+        assert!(huge.capped_at(MAX_EXACT).largest_figure() <= MAX_EXACT);
+    }
 }

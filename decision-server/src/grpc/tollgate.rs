@@ -267,7 +267,7 @@ pub fn principal_of<T>(
         .and_then(|v| v.to_str().ok());
     let principal = service
         .authenticate_request(header, client_cert, listener)
-        .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        .map_err(|e| Status::unauthenticated(e.message_on(listener)))?;
     crate::server::mark_authenticated(request);
     Ok(principal)
 }

@@ -236,13 +236,10 @@ impl Http {
         if e.fail_mode == crate::config::FailMode::Bounded
             && let (Some(customer), Some(feature)) = (&x.customer, &x.feature)
         {
-            let id = if info.id.is_empty() {
-                format!("{}-{}", now.unwrap_or(0), self.shared.next_serial())
-            } else {
-                info.id.clone()
-            };
+            // Never the client's `x-request-id`: apps that propagate a trace id send the same
+            // one on many calls, and each pass that reached the upstream must count once.
             self.pass = Some((
-                format!("{}{id}", crate::bounded::PREFIX),
+                format!("{}{}", crate::bounded::PREFIX, self.shared.unique_id()),
                 crate::bounded::Pass {
                     customer: customer.clone(),
                     feature: feature.clone(),
@@ -383,6 +380,14 @@ impl Context for Http {
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        // Only this filter marks a request unchecked: a client's own mark never reaches the
+        // upstream, on any route, whatever becomes of the request.
+        if self
+            .get_http_request_header(decision::HEADER_UNCHECKED)
+            .is_some()
+        {
+            self.set_http_request_header(decision::HEADER_UNCHECKED, None);
+        }
         let resolved = self.route_settings();
         if resolved.as_ref().is_some_and(|r| r.disabled) {
             return Action::Continue;

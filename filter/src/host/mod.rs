@@ -82,8 +82,10 @@ pub(super) struct Shared {
     stats: Stats,
     queue: RefCell<CloseQueue>,
     ticking: Cell<bool>,
-    /// A per-VM serial, for ids of requests that came without `x-request-id`.
+    /// A per-VM serial: with `nonce`, the id of each bounded pass.
     serial: Cell<u64>,
+    /// Random per VM configuration (see `root::vm_nonce`).
+    nonce: u64,
     /// Bounded passes whose usage is not known yet, by hold id.
     passes: RefCell<HashMap<String, crate::bounded::Pass>>,
     /// Usage of bounded passes to report to the sidecar (oldest first).
@@ -114,10 +116,11 @@ impl Shared {
         }
     }
 
-    pub(super) fn next_serial(&self) -> u64 {
+    /// A new id, unique across VMs and reloads: `<nonce>-<serial>` in hex.
+    pub(super) fn unique_id(&self) -> String {
         let n = self.serial.get() + 1;
         self.serial.set(n);
-        n
+        format!("{:016x}-{n:x}", self.nonce)
     }
 
     /// Keeps the usage of a bounded pass for the sidecar (bounded: the oldest go first).

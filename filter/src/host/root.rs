@@ -122,6 +122,22 @@ impl Context for Root {
     }
 }
 
+/// 64 random bits for this VM's configuration (the host's WASI `random_get`), so that ids this
+/// VM makes up never meet another VM's, or its own after a reload; the clock's nanoseconds if
+/// the host has no randomness.
+fn vm_nonce() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_ok() {
+        return u64::from_le_bytes(b);
+    }
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::SystemTime::UNIX_EPOCH).ok())
+        .map_or(0, |d| {
+            u64::try_from(d.as_nanos() & u128::from(u64::MAX)).unwrap_or(0)
+        })
+}
+
 impl RootContext for Root {
     fn on_configure(&mut self, size: usize) -> bool {
         let bytes =
@@ -140,6 +156,7 @@ impl RootContext for Root {
                     queue: RefCell::new(CloseQueue::default()),
                     ticking: Cell::new(false),
                     serial: Cell::new(0),
+                    nonce: vm_nonce(),
                     passes: RefCell::new(HashMap::new()),
                     unreported: RefCell::new(std::collections::VecDeque::new()),
                     overrides: RefCell::new(HashMap::new()),

@@ -14,7 +14,9 @@
 //! `x-mock-usage-header: 1` reports the total usage in an `x-usage-total-tokens` response header
 //! and leaves `usage` out of the body; `x-mock-linger-ms: N` keeps a stream open N ms after its
 //! last event (`[DONE]`) before ending it; `x-mock-cache: <write>,<read>` reports that many
-//! cache-written and cache-read input tokens (Anthropic) or cached tokens (OpenAI, the read).
+//! cache-written and cache-read input tokens (Anthropic) or cached tokens (OpenAI, the read);
+//! `x-mock-extra-prompt: N` adds N prompt tokens the request body does not show (a stored
+//! conversation, a file or an image); `x-mock-pace-ms: N` sends a stream's events N ms apart.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -165,6 +167,7 @@ fn answer(api: Api, headers: &HeaderMap, body: Value) -> Response {
         return (s, Json(error)).into_response();
     }
     let (prompt, completion) = usage_of(api, &body);
+    let prompt = prompt + header_number(headers, "x-mock-extra-prompt").unwrap_or(0);
     let cache = cache_of(headers);
     let model = body["model"].as_str().unwrap_or("mock-1").to_string();
     let text = "tok ".repeat(usize::try_from(completion).unwrap_or(0));
@@ -181,21 +184,27 @@ fn answer(api: Api, headers: &HeaderMap, body: Value) -> Response {
         return Json(whole(api, &model, &text, Some(usage))).into_response();
     }
     let broken = headers.contains_key("x-mock-break");
-    let linger = headers
-        .get("x-mock-linger-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(Duration::from_millis);
+    let linger = header_number(headers, "x-mock-linger-ms").map(Duration::from_millis);
+    let pace = header_number(headers, "x-mock-pace-ms")
+        .map_or(Duration::from_micros(200), Duration::from_millis);
     let include_usage =
         api != Api::Chat || body["stream_options"]["include_usage"].as_bool() == Some(true);
     let usage = include_usage.then(|| usage_json(api, prompt, completion, cache));
     let events = stream_events(api, &model, completion, usage, cache, broken);
-    let stream = async_stream::stream(events, linger);
+    let stream = async_stream::stream(events, pace, linger);
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// A whole number in the request header `name`.
+fn header_number(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
 }
 
 /// A whole (non-streamed) answer.
@@ -360,7 +369,7 @@ fn stream_events(
     events
 }
 
-/// The events as a body stream, 200 µs apart, then (with `linger`) an open wait before the end:
+/// The events as a body stream, `pace` apart, then (with `linger`) an open wait before the end:
 /// an upstream that finishes its response a little after its last event (`[DONE]`).
 mod async_stream {
     use std::time::Duration;
@@ -371,12 +380,10 @@ mod async_stream {
 
     pub fn stream(
         events: Vec<Result<Bytes, std::io::Error>>,
+        pace: Duration,
         linger: Option<Duration>,
     ) -> impl Stream<Item = Result<Bytes, std::io::Error>> {
-        let paced = tokio_stream::StreamExt::throttle(
-            tokio_stream::iter(events),
-            Duration::from_micros(200),
-        );
+        let paced = tokio_stream::StreamExt::throttle(tokio_stream::iter(events), pace);
         let tail = futures_util::stream::once(async move {
             if let Some(d) = linger {
                 tokio::time::sleep(d).await;
