@@ -21,6 +21,12 @@ pub enum Api {
     OpenaiResponses,
     /// `POST /v1/messages`.
     AnthropicMessages,
+    /// `POST /v1/embeddings`: the input is held, and `usage.prompt_tokens` settles it.
+    OpenaiEmbeddings,
+    /// The whole OpenAI API: each request's endpoint picks its preset (`endpoint::classify`).
+    Openai,
+    /// The whole Anthropic API, likewise.
+    Anthropic,
 }
 
 /// How a preset estimates what a request may spend, and what a response spent when it never
@@ -79,10 +85,10 @@ impl Api {
     /// Checks that the request's budget fields (`max_tokens`, `n`...) are whole numbers.
     pub fn check_budget(self, body: &Value) -> Result<(), NotABudget> {
         let fields: &[&'static str] = match self {
-            Api::Custom => &[],
-            Api::OpenaiChat => &["max_completion_tokens", "max_tokens", "n"],
+            Api::Custom | Api::OpenaiEmbeddings => &[],
+            Api::OpenaiChat | Api::Openai => &["max_completion_tokens", "max_tokens", "n"],
             Api::OpenaiResponses => &["max_output_tokens"],
-            Api::AnthropicMessages => &["max_tokens"],
+            Api::AnthropicMessages | Api::Anthropic => &["max_tokens"],
         };
         for field in fields {
             if let Some(v) = body.get(*field)
@@ -101,18 +107,28 @@ impl Api {
     /// The most output the request allows, if it says.
     pub fn output_budget(self, body: &Value) -> Option<u64> {
         match self {
-            Api::OpenaiChat | Api::Custom => {
+            Api::OpenaiChat | Api::Openai | Api::Custom => {
                 number(body, "max_completion_tokens").or_else(|| number(body, "max_tokens"))
             }
             Api::OpenaiResponses => number(body, "max_output_tokens"),
-            Api::AnthropicMessages => number(body, "max_tokens"),
+            Api::AnthropicMessages | Api::Anthropic => number(body, "max_tokens"),
+            // An embedding has no output tokens.
+            Api::OpenaiEmbeddings => Some(0),
         }
+    }
+
+    /// Whether answers come in OpenAI's shapes (usage, errors), as opposed to Anthropic's.
+    fn is_openai(self) -> bool {
+        matches!(
+            self,
+            Api::OpenaiChat | Api::OpenaiResponses | Api::OpenaiEmbeddings | Api::Openai
+        )
     }
 
     /// How many answers the request asks for (OpenAI chat's `n`).
     pub fn choices(self, body: &Value) -> u64 {
         match self {
-            Api::OpenaiChat => number(body, "n").unwrap_or(1).max(1),
+            Api::OpenaiChat | Api::Openai => number(body, "n").unwrap_or(1).max(1),
             _ => 1,
         }
     }
@@ -174,7 +190,7 @@ impl UsageAcc {
     /// Takes in whatever usage `doc` carries for `api`. Returns whether it carried any.
     pub fn absorb(&mut self, api: Api, doc: &Value) -> bool {
         match api {
-            Api::OpenaiChat | Api::Custom => {
+            Api::OpenaiChat | Api::Openai | Api::OpenaiEmbeddings | Api::Custom => {
                 let Some(u) = doc.get("usage").filter(|u| u.is_object()) else {
                     return false;
                 };
@@ -214,7 +230,7 @@ impl UsageAcc {
                 };
                 true
             }
-            Api::AnthropicMessages => {
+            Api::AnthropicMessages | Api::Anthropic => {
                 // A stream's `message_start` carries the input side, each `message_delta` the
                 // output so far; a JSON answer carries all of it. Every field present wins.
                 let start = doc.get("type").and_then(Value::as_str) == Some("message_start");
@@ -283,7 +299,9 @@ fn text_len(v: Option<&Value>) -> u64 {
 pub fn content_bytes(api: Api, doc: &Value) -> u64 {
     let mut n = 0u64;
     match api {
-        Api::OpenaiChat | Api::Custom => {
+        // Vectors are not generated text: an embedding without usage is its input alone.
+        Api::OpenaiEmbeddings => {}
+        Api::OpenaiChat | Api::Openai | Api::Custom => {
             for c in doc
                 .get("choices")
                 .and_then(Value::as_array)
@@ -329,7 +347,7 @@ pub fn content_bytes(api: Api, doc: &Value) -> u64 {
                 }
             }
         }
-        Api::AnthropicMessages => {
+        Api::AnthropicMessages | Api::Anthropic => {
             if let Some(d) = doc.get("delta") {
                 n += text_len(d.get("text"))
                     + text_len(d.get("partial_json"))
@@ -385,7 +403,7 @@ impl LimitKind {
 pub fn error_body(api: Api, kind: ErrorKind, message: &str, details: &Value) -> Option<Value> {
     match api {
         Api::Custom => None,
-        Api::OpenaiChat | Api::OpenaiResponses => {
+        openai if openai.is_openai() => {
             let (r#type, code) = match kind {
                 ErrorKind::Limit(LimitKind::Quota) => {
                     ("insufficient_quota", "usage_limit_exceeded")
@@ -399,7 +417,7 @@ pub fn error_body(api: Api, kind: ErrorKind, message: &str, details: &Value) -> 
                           "tollgate": details}
             }))
         }
-        Api::AnthropicMessages => {
+        _ => {
             let r#type = match kind {
                 ErrorKind::Limit(_) => "rate_limit_error",
                 ErrorKind::BadRequest => "invalid_request_error",
@@ -432,6 +450,31 @@ mod tests {
         assert_eq!(
             Api::AnthropicMessages.hold(&messages, 4000, &e),
             1000 + 1024
+        );
+    }
+
+    #[test]
+    fn an_embedding_holds_its_input_and_settles_at_its_prompt_tokens() {
+        let e = Estimate::default();
+        let body = json!({"model": "text-embedding-3-small", "input": "a b c", "max_tokens": 9});
+        assert_eq!(
+            Api::OpenaiEmbeddings.hold(&body, 80, &e),
+            20,
+            "no output budget"
+        );
+        let mut a = UsageAcc::default();
+        assert!(a.absorb(
+            Api::OpenaiEmbeddings,
+            &json!({"data": [{"embedding": "AAAA"}], "usage": {"prompt_tokens": 3, "total_tokens": 3}})
+        ));
+        assert_eq!(a.reading().unwrap().total, 3);
+        assert_eq!(
+            content_bytes(
+                Api::OpenaiEmbeddings,
+                &json!({"data": [{"embedding": "AAAA"}]})
+            ),
+            0,
+            "vectors are not generated text"
         );
     }
 

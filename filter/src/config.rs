@@ -104,9 +104,13 @@ struct ConfigDto {
     upstream_headers: Option<bool>,
     #[serde(default)]
     settlement: Option<SettlementDto>,
-    /// An API preset: `openai-chat`, `openai-responses`, `anthropic-messages`, or `custom`.
+    /// An API preset: `openai` or `anthropic` (the whole API, by endpoint), `openai-chat`,
+    /// `openai-responses`, `openai-embeddings`, `anthropic-messages`, or `custom`.
     #[serde(default)]
     api: Option<Api>,
+    /// What a whole-API preset does with an endpoint it does not know (default `deny`).
+    #[serde(default)]
+    unknown_endpoints: Option<UnknownEndpoints>,
     #[serde(default)]
     estimate: Option<EstimateDto>,
     /// Remove `accept-encoding` from governed requests, so the usage can be read from the
@@ -285,8 +289,23 @@ pub struct FilterConfig {
     pub upstream_headers: bool,
     pub settlement: Rc<Settlement>,
     pub api: Api,
+    pub unknown_endpoints: UnknownEndpoints,
     pub strip_accept_encoding: bool,
     pub instance: Option<String>,
+}
+
+/// What the `openai` and `anthropic` presets do with an endpoint they have no entry for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnknownEndpoints {
+    /// Refuse it (403 in the API's error shape): nothing a route governs passes unmetered.
+    #[default]
+    Deny,
+    /// Pass it ungoverned, marked `x-tollgate-unchecked: unknown-endpoint`.
+    Pass,
+    /// Hold `estimate.defaultMaxTokens` plus the body's estimate, and settle from an
+    /// OpenAI-style `usage` in the answer, else by `onMissingUsage`.
+    Hold,
 }
 
 /// Everything but the credential, which must never reach a log line.
@@ -421,6 +440,7 @@ impl FilterConfig {
             upstream_headers: dto.upstream_headers.unwrap_or(true),
             settlement: Rc::new(settlement),
             api: dto.api.unwrap_or_default(),
+            unknown_endpoints: dto.unknown_endpoints.unwrap_or_default(),
             strip_accept_encoding: dto.strip_accept_encoding.unwrap_or(true),
             instance: dto.instance,
         })
@@ -588,6 +608,8 @@ struct OverrideDto {
     #[serde(default)]
     api: Option<Api>,
     #[serde(default)]
+    unknown_endpoints: Option<UnknownEndpoints>,
+    #[serde(default)]
     usage: Option<RuleDto>,
     #[serde(default)]
     settlement: Option<SettlementDto>,
@@ -604,6 +626,7 @@ pub struct RouteOverride {
     pub fail_status: Option<u16>,
     pub disabled: bool,
     pub api: Option<Api>,
+    pub unknown_endpoints: Option<UnknownEndpoints>,
     pub usage: Option<Rc<Rule>>,
     pub settlement: Option<SettlementDto>,
 }
@@ -629,6 +652,7 @@ impl RouteOverride {
                 fail_status: mine.fail_status.or(out.fail_status),
                 disabled: i.disabled.unwrap_or(out.disabled),
                 api: mine.api.or(out.api),
+                unknown_endpoints: mine.unknown_endpoints.or(out.unknown_endpoints),
                 usage: mine.usage.or(out.usage),
                 settlement: match (out.settlement, mine.settlement) {
                     (Some(a), Some(b)) => Some(merge_settlement(a, b)),
@@ -666,6 +690,7 @@ impl RouteOverride {
             fail_status: o.fail_status,
             disabled: o.disabled.unwrap_or(false),
             api: o.api,
+            unknown_endpoints: o.unknown_endpoints,
             usage,
             settlement: o.settlement.clone(),
         })
@@ -695,6 +720,7 @@ pub struct Effective {
     pub fail_status: u16,
     pub timeout: Duration,
     pub api: Api,
+    pub unknown_endpoints: UnknownEndpoints,
     /// The route's own usage rule, over the filter's (and over the preset's estimate).
     pub usage: Option<Rc<Rule>>,
     pub settlement: Rc<Settlement>,
@@ -719,6 +745,9 @@ impl FilterConfig {
             fail_status: o.and_then(|o| o.fail_status).unwrap_or(self.fail_status),
             timeout: o.and_then(|o| o.timeout).unwrap_or(self.timeout),
             api: o.and_then(|o| o.api).unwrap_or(self.api),
+            unknown_endpoints: o
+                .and_then(|o| o.unknown_endpoints)
+                .unwrap_or(self.unknown_endpoints),
             usage: o.and_then(|o| o.usage.clone()),
             settlement,
         })
@@ -732,6 +761,7 @@ impl FilterConfig {
             fail_status: self.fail_status,
             timeout: self.timeout,
             api: self.api,
+            unknown_endpoints: self.unknown_endpoints,
             usage: None,
             settlement: Rc::clone(&self.settlement),
         }
@@ -963,6 +993,27 @@ mod tests {
         assert_eq!(c.plain().fail_mode, FailMode::Closed);
         let bad = RouteOverride::from_json(serde_json::json!({"failMode": 3}), None).unwrap_err();
         assert!(bad.to_string().contains("tollgate.failMode"), "{bad}");
+    }
+
+    #[test]
+    fn unknown_endpoints_are_denied_unless_the_filter_or_the_route_says_otherwise() {
+        let c = parse(r#"{"sidecar": {"cluster": "t", "token": "x"}, "api": "openai"}"#).unwrap();
+        assert_eq!(c.api, Api::Openai);
+        assert_eq!(c.plain().unknown_endpoints, UnknownEndpoints::Deny);
+        let c = parse(
+            r#"{"sidecar": {"cluster": "t", "token": "x"}, "api": "anthropic", "unknownEndpoints": "pass"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.plain().unknown_endpoints, UnknownEndpoints::Pass);
+        let o = RouteOverride::from_json(serde_json::json!({"unknownEndpoints": "hold"}), None)
+            .unwrap();
+        assert_eq!(
+            c.effective(Some(&o)).unwrap().unknown_endpoints,
+            UnknownEndpoints::Hold
+        );
+        let bad = RouteOverride::from_json(serde_json::json!({"unknownEndpoints": "maybe"}), None)
+            .unwrap_err();
+        assert!(bad.to_string().contains("unknownEndpoints"), "{bad}");
     }
 
     #[test]

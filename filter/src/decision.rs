@@ -351,6 +351,31 @@ fn unavailable_reply(e: &Effective, failure: &Failure) -> Reply {
     reply
 }
 
+/// The answer to an endpoint a whole-API preset has no entry for, on a route whose
+/// `unknownEndpoints` is `deny`: 403, in the API's error shape, not to be retried.
+pub fn unknown_endpoint_reply(api: Api, method: &str, path: &str) -> Reply {
+    let path: String = path
+        .split('?')
+        .next()
+        .unwrap_or("")
+        .chars()
+        .take(200)
+        .collect();
+    let details = serde_json::json!({
+        "error": "endpoint_not_governed",
+        "message": format!("{method} {path} is not an endpoint Tollgate meters"),
+    });
+    let message = format!(
+        "Tollgate does not meter {method} {path}, so this route refuses it (set the filter's or the route's `unknownEndpoints` to `pass` or `hold` to let it through)"
+    );
+    let body = error_body(api, ErrorKind::BadRequest, &message, &details).unwrap_or(details);
+    let mut reply = json_reply(403, body);
+    reply
+        .headers
+        .push(("x-should-retry".into(), "false".into()));
+    reply
+}
+
 /// The answer to unusable input, in the API's error shape.
 pub fn bad_input_reply(api: Api, status: u16, bad: &BadInput) -> Reply {
     let status = match bad {

@@ -3,10 +3,12 @@
 //! `host` is built for wasm only, where the proxy-wasm host functions exist.
 
 pub mod api;
+pub mod batch;
 pub mod bounded;
 pub mod close_queue;
 pub mod config;
 pub mod decision;
+pub mod endpoint;
 pub mod extract;
 pub mod pbjson;
 pub mod settle;

@@ -256,6 +256,9 @@ pub struct Held {
     pub prompt: u64,
     /// The filter added `include_usage`: take the usage-only event out of the client's stream.
     pub strip_usage: bool,
+    /// A gate (creating a batch, billed when its results are read): released as soon as the
+    /// answer starts, whatever it says.
+    pub release: bool,
 }
 
 /// Follows one granted request's response to its usage.
@@ -307,6 +310,10 @@ impl Tracker {
         usage_header: Option<&str>,
         end_of_stream: bool,
     ) -> Option<Outcome> {
+        if self.held.release {
+            self.mode = Mode::Done;
+            return Some((Close::Release, None));
+        }
         if !status.is_some_and(|s| (200..300).contains(&s)) {
             self.mode = Mode::Done;
             return Some(match s.on_upstream_error {
@@ -548,6 +555,7 @@ mod tests {
             units: 500,
             prompt: 40,
             strip_usage: false,
+            release: false,
         }
     }
 

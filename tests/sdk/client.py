@@ -140,6 +140,67 @@ def chat_echo(args):
     return {"status": raw.status_code, "usage": usage_dict(raw.parse().usage), "echo": echo}
 
 
+def embeddings(args):
+    r = openai_client(args).embeddings.create(model="text-embedding-3-small", input=PROMPT)
+    return {"vectors": len(r.data), "dims": len(r.data[0].embedding), "usage": usage_dict(r.usage)}
+
+
+def free_calls(args):
+    """The calls that cost no tokens: models (both SDKs), moderation, Anthropic's token count."""
+    o, a = openai_client(args), anthropic_client(args)
+    return {
+        "openai_models": [m.id for m in o.models.list()],
+        "anthropic_models": [m.id for m in a.models.list()],
+        "flagged": o.moderations.create(input=PROMPT).results[0].flagged,
+        "counted": a.messages.count_tokens(
+            model="claude-sonnet-4",
+            messages=[{"role": "user", "content": PROMPT}]).input_tokens,
+    }
+
+
+def openai_batch(args):
+    """Upload a batch's input (multipart), create the batch, read its output file
+    `--reads` times: what each step saw."""
+    client = openai_client(args)
+    line = json.dumps({"custom_id": "r-0", "method": "POST", "url": "/v1/chat/completions",
+                       "body": {"model": "gpt-4o-mini",
+                                "messages": [{"role": "user", "content": PROMPT}]}})
+    f = client.files.create(file=("input.jsonl", (line + "\n").encode()), purpose="batch")
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    batch = client.batches.retrieve(batch.id)
+    answers = []
+    for _ in range(args.reads):
+        text = client.files.content(batch.output_file_id).text
+        answers.append(sum(1 for l in text.splitlines()
+                           if json.loads(l)["response"]["status_code"] == 200))
+    return {"uploaded": f.bytes, "status": batch.status, "answers": answers}
+
+
+def anthropic_batch(args):
+    """Create a message batch and read its results `--reads` times."""
+    client = anthropic_client(args)
+    batch = client.messages.batches.create(requests=[
+        {"custom_id": f"r-{i}", "params": {"model": "claude-sonnet-4", "max_tokens": 20,
+                                          "messages": [{"role": "user", "content": PROMPT}]}}
+        for i in range(3)])
+    succeeded = []
+    for _ in range(args.reads):
+        succeeded.append(sum(1 for r in client.messages.batches.results(batch.id)
+                             if r.result.type == "succeeded"))
+    return {"status": batch.processing_status, "succeeded": succeeded}
+
+
+def unknown_endpoint(args):
+    """An endpoint the presets do not meter (image generation)."""
+    try:
+        openai_client(args).images.generate(model="gpt-image-1", prompt=PROMPT)
+    except openai.APIStatusError as e:
+        return {"status": e.status_code, "message": str(e), "type": e.body.get("type"),
+                "should_retry": e.response.headers.get("x-should-retry")}
+    return {"status": 200}
+
+
 def denied(args):
     """A request the SDK is refused: what `str(exception)` says, and the status."""
     try:
@@ -194,6 +255,9 @@ async def race(args):
     streamed or not: what was granted, by the usage each answer reported."""
     client = openai.AsyncOpenAI(base_url=args.base_url + "/v1", api_key=args.token,
                                 default_headers={"x-team-id": args.team}, max_retries=0)
+    anthropic_async = anthropic.AsyncAnthropic(
+        base_url=args.base_url, auth_token=args.token,
+        default_headers={"x-team-id": args.team}, max_retries=0)
     rng = random.Random(args.seed)
     granted, denied_n, errors = 0, 0, []
 
@@ -210,6 +274,32 @@ async def race(args):
             true_usage = n_words + min(budget, 24)
             try:
                 kind = local.random()
+                if args.mixed and kind >= 0.5:
+                    # Half the calls go elsewhere: embeddings (the input's words), a free model
+                    # listing, and Anthropic messages (streamed or not).
+                    if kind < 0.65:
+                        r = await client.embeddings.create(
+                            model="text-embedding-3-small", input=words)
+                        assert r.usage.total_tokens == n_words, r.usage
+                        granted += n_words
+                    elif kind < 0.75:
+                        await client.models.list()
+                    elif kind < 0.875:
+                        m = await anthropic_async.messages.create(
+                            model="claude-sonnet-4", max_tokens=budget,
+                            messages=[{"role": "user", "content": words}])
+                        assert m.usage.output_tokens == min(budget, 24), m.usage
+                        granted += true_usage
+                    else:
+                        async with anthropic_async.messages.stream(
+                                model="claude-sonnet-4", max_tokens=budget,
+                                messages=[{"role": "user", "content": words}]) as st:
+                            async for _ in st.text_stream:
+                                pass
+                            final = await st.get_final_message()
+                        assert final.usage.output_tokens == min(budget, 24), final.usage
+                        granted += true_usage
+                    continue
                 if kind < 0.4:
                     r = await client.chat.completions.create(
                         model="gpt-4o-mini", max_tokens=budget,
@@ -225,13 +315,14 @@ async def race(args):
                         if chunk.usage is not None:
                             assert chunk.usage.total_tokens == true_usage, chunk.usage
                 granted += true_usage
-            except openai.RateLimitError:
+            except (openai.RateLimitError, anthropic.RateLimitError):
                 denied_n += 1
-            except openai.APIStatusError as e:  # pragma: no cover - reported to the test
+            except (openai.APIStatusError, anthropic.APIStatusError) as e:  # pragma: no cover
                 errors.append(f"{e.status_code}: {e}")
 
     await asyncio.gather(*(agent(i) for i in range(args.agents)))
     await client.close()
+    await anthropic_async.close()
     return {"granted": granted, "denied": denied_n, "errors": errors}
 
 
@@ -250,6 +341,11 @@ SCENARIOS = {
     "messages-cache": lambda a: messages_json(a, headers={"x-mock-cache": "100,50"}),
     "messages-stream-leave-early": messages_stream_leave_early,
     "chat-echo": chat_echo,
+    "embeddings": embeddings,
+    "free-calls": free_calls,
+    "openai-batch": openai_batch,
+    "anthropic-batch": anthropic_batch,
+    "unknown-endpoint": unknown_endpoint,
     "denied": denied,
     "sequence": sequence,
 }
@@ -266,6 +362,9 @@ def main():
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--leave-after", type=int, default=10)
+    p.add_argument("--reads", type=int, default=1)
+    p.add_argument("--mixed", action="store_true",
+                   help="race: embeddings, free calls and Anthropic messages among the chats")
     p.add_argument("--header", action="append", default=[],
                    help="an extra request header, 'name: value' (repeatable)")
     p.add_argument("scenario", choices=sorted([*SCENARIOS, "race"]))

@@ -13,9 +13,11 @@ use serde_json::Value;
 use tollgate_proto::envoywire as wire;
 
 use super::{MAX_OVERRIDES, Resolved, Shared, Stats, log};
-use crate::api::ask_for_usage;
-use crate::config::{Effective, RouteOverride, StreamUsage};
+use crate::api::{Api, ask_for_usage};
+use crate::batch::BatchScan;
+use crate::config::{Effective, RouteOverride, StreamUsage, UnknownEndpoints};
 use crate::decision::{self, FailAction, Failure, Reply, Verdict};
+use crate::endpoint::{self, Endpoint};
 use crate::extract::{self, BadInput, Body, RequestView};
 use crate::pbjson::struct_to_json;
 use crate::settle::{self, Held, Tracker};
@@ -38,6 +40,17 @@ pub(super) struct Http {
     /// Under `failMode: bounded`: whom a pass would charge, and its hold id (`bounded:` and
     /// the request id), known once the decision is asked for.
     pass: Option<(String, crate::bounded::Pass)>,
+    /// The preset of this request's endpoint, when a whole-API preset picked one.
+    api: Option<Api>,
+    /// What the request holds whatever its body says (a gate holds one unit).
+    fixed_usage: Option<u64>,
+    /// An unknown endpoint held by policy: a body that is not JSON is read as no body, and
+    /// the hold is the default output budget plus the body's estimate.
+    default_hold: bool,
+    /// The gate's hold is released when the answer starts.
+    release_at_answer: bool,
+    /// A batch's results being read, and whom their usage is charged to.
+    batch: Option<(BatchScan, crate::bounded::Pass)>,
 }
 
 /// The request's headers, read from the host in one call when the request starts: one host
@@ -105,6 +118,11 @@ impl Http {
             tracker: None,
             pending: None,
             pass: None,
+            api: None,
+            fixed_usage: None,
+            default_hold: false,
+            release_at_answer: false,
+            batch: None,
         }
     }
 
@@ -208,7 +226,7 @@ impl Http {
     fn decide(&mut self, body: Option<&Value>, body_len: usize, strip_usage: bool) -> Action {
         let view = std::mem::take(&mut self.view);
         let e = self.effective();
-        let x = match extract::extract(
+        let mut x = match extract::extract(
             &self.shared.config,
             &e,
             &view,
@@ -220,6 +238,21 @@ impl Http {
             Ok(x) => x,
             Err(bad) => return self.bad_input(&bad),
         };
+        if let Some(units) = self.fixed_usage {
+            x.usage = Some(units);
+        } else if self.default_hold && x.usage.is_none() {
+            // The body's size when it was read, else what the request says it is.
+            let len = if body_len > 0 {
+                body_len
+            } else {
+                view.header("content-length")
+                    .and_then(|l| l.trim().parse::<usize>().ok())
+                    .unwrap_or(0)
+            };
+            let estimate = &e.settlement.estimate;
+            x.prompt = e.api.prompt_estimate(len, estimate);
+            x.usage = Some(x.prompt.saturating_add(estimate.default_max_tokens));
+        }
         let info = decision::RequestInfo {
             id: view.header("x-request-id").unwrap_or_default(),
             method: view.header(":method").unwrap_or_default(),
@@ -252,6 +285,7 @@ impl Http {
             units: x.usage.unwrap_or(0),
             prompt: x.prompt,
             strip_usage,
+            release: self.release_at_answer,
         });
         match hostcalls::dispatch_grpc_call(
             &self.shared.config.grpc_upstream,
@@ -274,9 +308,85 @@ impl Http {
     }
 
     fn effective(&self) -> Effective {
-        self.effective
+        let mut e = self
+            .effective
             .as_ref()
-            .map_or_else(|| self.shared.config.plain(), |r| r.effective.clone())
+            .map_or_else(|| self.shared.config.plain(), |r| r.effective.clone());
+        if let Some(api) = self.api {
+            e.api = api;
+        }
+        e
+    }
+
+    /// Sorts the request by endpoint (whole-API presets). `Some` when that already decides
+    /// what to do with it; `None` to go on to a decision.
+    fn route_endpoint(&mut self, e: &Effective) -> Option<Action> {
+        let method = self.view.header(":method").unwrap_or_default();
+        let path = self.view.path().unwrap_or_default();
+        match endpoint::classify(e.api, &method, &path) {
+            Endpoint::Metered(api) => {
+                self.api = Some(api);
+                None
+            }
+            Endpoint::Free => {
+                Stats::bump(self.shared.stats.free_passed);
+                Some(Action::Continue)
+            }
+            Endpoint::Gate(api) => {
+                self.api = Some(api);
+                self.fixed_usage = Some(1);
+                self.release_at_answer = true;
+                Some(self.decide(None, 0, false))
+            }
+            Endpoint::BatchResults(kind, id) => Some(self.follow_batch(kind, id)),
+            Endpoint::Unknown => match e.unknown_endpoints {
+                UnknownEndpoints::Deny => {
+                    Stats::bump(self.shared.stats.unknown_denied);
+                    let family = if e.api == Api::Anthropic {
+                        Api::AnthropicMessages
+                    } else {
+                        Api::OpenaiChat
+                    };
+                    self.reply(&decision::unknown_endpoint_reply(family, &method, &path));
+                    Some(Action::Pause)
+                }
+                UnknownEndpoints::Pass => {
+                    Stats::bump(self.shared.stats.unknown_passed);
+                    self.set_http_request_header(
+                        decision::HEADER_UNCHECKED,
+                        Some("unknown-endpoint"),
+                    );
+                    Some(Action::Continue)
+                }
+                UnknownEndpoints::Hold => {
+                    self.api = Some(Api::Custom);
+                    self.default_hold = true;
+                    None
+                }
+            },
+        }
+    }
+
+    /// A batch's results: no decision (the work is done and billed); whom it charges comes
+    /// from the rules, and the usage from the lines, reported once the results end.
+    fn follow_batch(&mut self, kind: endpoint::BatchKind, id: String) -> Action {
+        let view = std::mem::take(&mut self.view);
+        let e = self.effective();
+        let x = match extract::extract(&self.shared.config, &e, &view, Body { json: None, len: 0 })
+        {
+            Ok(x) => x,
+            Err(bad) => return self.bad_input(&bad),
+        };
+        if let (Some(customer), Some(feature)) = (x.customer, x.feature) {
+            let pass = crate::bounded::Pass {
+                customer,
+                feature,
+                dimensions: x.dimensions,
+            };
+            let max_line = e.settlement.max_response_bytes;
+            self.batch = Some((BatchScan::new(kind, id, max_line), pass));
+        }
+        Action::Continue
     }
 
     /// Applies the fail mode; returns the action for a callback that can still return one.
@@ -325,6 +435,17 @@ impl Http {
                         Action::Pause
                     }
                 }
+            }
+        }
+    }
+
+    /// The batch's results ended: their usage goes to the sidecar, once per batch and model.
+    fn report_batch(&mut self) {
+        if let Some((mut scan, pass)) = self.batch.take() {
+            scan.finish();
+            for record in scan.records(&pass) {
+                Stats::bump(self.shared.stats.batch_reported);
+                self.shared.report_pass(record);
             }
         }
     }
@@ -401,6 +522,11 @@ impl HttpContext for Http {
             // one still compresses it for the client.
             self.set_http_request_header("accept-encoding", None);
         }
+        if let Some(action) = self.route_endpoint(&e) {
+            return action;
+        }
+        let e = self.effective();
+        let config = &self.shared.config;
         if e.needs_body(config) && !end_of_stream {
             let limit = config.max_body_bytes;
             if let Some(len) = self
@@ -442,6 +568,8 @@ impl HttpContext for Http {
                 self.decide(Some(&body), bytes.len(), strip)
             }
             Ok(None) => self.decide(None, bytes.len(), false),
+            // An endpoint held by policy may carry any body (a file upload): it is only sized.
+            Err(_) if self.default_hold => self.decide(None, bytes.len(), false),
             Err(bad) => self.bad_input(&bad),
         }
     }
@@ -457,6 +585,7 @@ impl HttpContext for Http {
                 .unwrap_or_default();
             return match extract::parse_body(&bytes) {
                 Ok(body) => self.decide(body.as_ref(), bytes.len(), false),
+                Err(_) if self.default_hold => self.decide(None, bytes.len(), false),
                 Err(bad) => self.bad_input(&bad),
             };
         }
@@ -466,6 +595,21 @@ impl HttpContext for Http {
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         for (k, v) in std::mem::take(&mut self.response_headers) {
             self.set_http_response_header(&k, Some(&v));
+        }
+        if self.batch.is_some() {
+            // Only a whole, readable answer counts: its results are reported once, and a
+            // partial read would stand for the batch.
+            let status: Option<u32> =
+                HostViewResponse::header(":status").and_then(|v| v.parse().ok());
+            let encoded = HostViewResponse::header("content-encoding").is_some_and(|v| {
+                !v.trim().is_empty() && !v.trim().eq_ignore_ascii_case("identity")
+            });
+            if !status.is_some_and(|s| (200..300).contains(&s)) || encoded {
+                self.batch = None;
+            } else if end_of_stream {
+                self.report_batch();
+            }
+            return Action::Continue;
         }
         let e = self.effective();
         let Some(t) = self.tracker.as_mut() else {
@@ -493,6 +637,20 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if self.batch.is_some() {
+            let chunk = if size > 0 {
+                self.get_http_response_body(0, size).unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            if let Some((scan, _)) = self.batch.as_mut() {
+                scan.feed(&chunk);
+            }
+            if end_of_stream {
+                self.report_batch();
+            }
+            return Action::Continue;
+        }
         if self.tracker.is_none() {
             return Action::Continue;
         }
@@ -525,6 +683,11 @@ impl HttpContext for Http {
     }
 
     fn on_log(&mut self) {
+        if self.batch.take().is_some() {
+            // The client left before the results' end: nothing is reported, so a full read
+            // later still counts the whole batch.
+            Stats::bump(self.shared.stats.batch_partial);
+        }
         let e = self.effective();
         let outcome = self.tracker.as_mut().and_then(|t| t.on_end(&e.settlement));
         self.close(outcome);

@@ -41,6 +41,11 @@ pub(super) struct Stats {
     bounded_refused: u32,
     bounded_reported: u32,
     bounded_dropped: u32,
+    free_passed: u32,
+    unknown_denied: u32,
+    unknown_passed: u32,
+    batch_reported: u32,
+    batch_partial: u32,
 }
 
 impl Stats {
@@ -63,6 +68,11 @@ impl Stats {
             bounded_refused: d("tollgate.bounded_refused"),
             bounded_reported: d("tollgate.bounded_reported"),
             bounded_dropped: d("tollgate.bounded_dropped"),
+            free_passed: d("tollgate.free_passed"),
+            unknown_denied: d("tollgate.unknown_denied"),
+            unknown_passed: d("tollgate.unknown_passed"),
+            batch_reported: d("tollgate.batch_reported"),
+            batch_partial: d("tollgate.batch_partial"),
         }
     }
 

@@ -1,7 +1,14 @@
 //! A mock model upstream for the demo, the end-to-end tests and the Envoy benchmarks, speaking
-//! the three APIs Tollgate has presets for, JSON or SSE (`"stream": true`), with usage:
+//! the APIs Tollgate has presets for, JSON or SSE (`"stream": true`), with usage:
 //! OpenAI's `POST /v1/chat/completions` and `POST /v1/responses`, and Anthropic's
-//! `POST /v1/messages`, in the shapes their official SDKs parse.
+//! `POST /v1/messages`, in the shapes their official SDKs parse; and the endpoints around them
+//! that the SDKs call: embeddings, moderations, models, files (multipart uploads; the content
+//! of a batch's output file), batches, Anthropic's `count_tokens` and message batches.
+//!
+//! Batches are done at once. An OpenAI batch's output file (`file-out-…`) holds three answers
+//! of `gpt-4o-mini` with 10 prompt and 5 completion tokens each, and one failed request; an
+//! Anthropic batch's results hold two succeeded `claude-sonnet-4` messages of 12 input and 8
+//! output tokens, and one errored request. Embeddings report the input's words as tokens.
 //!
 //! Usage is deterministic, so callers can compute the true usage: prompt tokens are the
 //! whitespace-separated words of every message's (or `input`'s) text (at least 1), output
@@ -394,6 +401,169 @@ mod async_stream {
     }
 }
 
+/// OpenAI `POST /v1/embeddings`: one vector per input, base64 when asked (the SDK asks).
+async fn embeddings(Json(body): Json<Value>) -> Response {
+    let inputs = match &body["input"] {
+        Value::Array(items) => items.clone(),
+        other => vec![other.clone()],
+    };
+    let tokens = words(&body["input"]).max(1);
+    // [0.0, 0.5, 1.0] as little-endian float32s.
+    let vector = if body["encoding_format"] == "base64" {
+        json!("AAAAAAAAAD8AAIA/")
+    } else {
+        json!([0.0, 0.5, 1.0])
+    };
+    let data: Vec<Value> = (0..inputs.len())
+        .map(|i| json!({"object": "embedding", "index": i, "embedding": vector}))
+        .collect();
+    Json(
+        json!({"object": "list", "data": data, "model": body["model"],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}),
+    )
+    .into_response()
+}
+
+/// OpenAI `POST /v1/moderations`.
+async fn moderations() -> Response {
+    Json(json!({"id": "modr-mock", "model": "omni-moderation-latest",
+        "results": [{"flagged": false, "categories": {}, "category_scores": {},
+                     "category_applied_input_types": {}}]}))
+    .into_response()
+}
+
+/// `GET /v1/models`, in Anthropic's shape when the request carries `anthropic-version`.
+async fn models(headers: HeaderMap) -> Response {
+    if headers.contains_key("anthropic-version") {
+        return Json(json!({"data": [{"type": "model", "id": "claude-sonnet-4",
+            "display_name": "Claude Sonnet 4", "created_at": "2025-05-22T00:00:00Z"}],
+            "has_more": false, "first_id": "claude-sonnet-4", "last_id": "claude-sonnet-4"}))
+        .into_response();
+    }
+    Json(
+        json!({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model",
+        "created": 0, "owned_by": "mock"}]}),
+    )
+    .into_response()
+}
+
+/// OpenAI `POST /v1/files` (multipart): the file is not kept, only its size told.
+async fn upload(body: Bytes) -> Response {
+    Json(
+        json!({"id": "file-in-mock", "object": "file", "bytes": body.len(), "created_at": 0,
+        "filename": "input.jsonl", "purpose": "batch", "status": "processed"}),
+    )
+    .into_response()
+}
+
+fn batch_object(id: &str) -> Value {
+    json!({"id": id, "object": "batch", "endpoint": "/v1/chat/completions",
+        "input_file_id": "file-in-mock", "completion_window": "24h", "status": "completed",
+        "output_file_id": format!("file-out-{id}"), "error_file_id": null, "created_at": 0,
+        "request_counts": {"total": 4, "completed": 3, "failed": 1}})
+}
+
+/// OpenAI `POST /v1/batches`: done at once.
+async fn create_batch() -> Response {
+    Json(batch_object("batch_mock")).into_response()
+}
+
+/// OpenAI `GET /v1/batches/{id}`.
+async fn get_batch(axum::extract::Path(id): axum::extract::Path<String>) -> Response {
+    Json(batch_object(&id)).into_response()
+}
+
+/// OpenAI `GET /v1/files/{id}/content`: an output file's answers, or an input file's requests.
+async fn file_content(axum::extract::Path(id): axum::extract::Path<String>) -> Response {
+    let mut lines = Vec::new();
+    if id.starts_with("file-out-") {
+        for i in 0..3 {
+            lines.push(
+                json!({"id": format!("batch_req_{i}"), "custom_id": format!("r-{i}"),
+                "response": {"status_code": 200, "request_id": format!("req_{i}"),
+                    "body": whole(Api::Chat, "gpt-4o-mini", "tok tok tok tok tok ",
+                        Some(usage_json(Api::Chat, 10, 5, (0, 0))))},
+                "error": null}),
+            );
+        }
+        lines.push(json!({"id": "batch_req_x", "custom_id": "r-x",
+            "response": {"status_code": 500, "request_id": "req_x",
+                "body": {"error": {"message": "mock failure"},
+                         "usage": {"prompt_tokens": 99, "total_tokens": 99}}},
+            "error": null}));
+    } else {
+        lines.push(
+            json!({"custom_id": "r-0", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}}),
+        );
+    }
+    jsonl(&lines)
+}
+
+fn jsonl(lines: &[Value]) -> Response {
+    let mut text = String::new();
+    for l in lines {
+        text.push_str(&l.to_string());
+        text.push('\n');
+    }
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .body(Body::from(text))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Anthropic `POST /v1/messages/count_tokens`.
+async fn count_tokens(Json(body): Json<Value>) -> Response {
+    let tokens = (words(&body["messages"]) + words(&body["system"])).max(1);
+    Json(json!({"input_tokens": tokens})).into_response()
+}
+
+fn message_batch(headers: &HeaderMap, id: &str) -> Value {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1");
+    json!({"id": id, "type": "message_batch", "processing_status": "ended",
+        "request_counts": {"processing": 0, "succeeded": 2, "errored": 1, "canceled": 0,
+                           "expired": 0},
+        "created_at": "2026-01-01T00:00:00Z", "ended_at": "2026-01-01T00:00:01Z",
+        "expires_at": "2026-01-02T00:00:00Z", "archived_at": null, "cancel_initiated_at": null,
+        // Where the SDK fetches the results: back through whatever the client called.
+        "results_url": format!("http://{host}/v1/messages/batches/{id}/results")})
+}
+
+/// Anthropic `POST /v1/messages/batches`: done at once.
+async fn create_message_batch(headers: HeaderMap) -> Response {
+    Json(message_batch(&headers, "msgbatch_mock")).into_response()
+}
+
+/// Anthropic `GET /v1/messages/batches/{id}`.
+async fn get_message_batch(
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    Json(message_batch(&headers, &id)).into_response()
+}
+
+/// Anthropic `GET /v1/messages/batches/{id}/results`.
+async fn message_batch_results() -> Response {
+    let mut lines = Vec::new();
+    for i in 0..2 {
+        let mut message = whole(
+            Api::Messages,
+            "claude-sonnet-4",
+            "tok tok tok tok tok tok tok tok ",
+            Some(usage_json(Api::Messages, 12, 8, (0, 0))),
+        );
+        message["id"] = json!(format!("msg_{i}"));
+        lines.push(json!({"custom_id": format!("r-{i}"),
+            "result": {"type": "succeeded", "message": message}}));
+    }
+    lines.push(json!({"custom_id": "r-x", "result": {"type": "errored",
+        "error": {"type": "error", "error": {"type": "api_error", "message": "mock failure"}}}}));
+    jsonl(&lines)
+}
+
 async fn health() -> Result<&'static str, Infallible> {
     Ok("ok")
 }
@@ -405,6 +575,20 @@ async fn main() -> anyhow::Result<()> {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/responses", post(responses))
         .route("/v1/messages", post(messages))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/moderations", post(moderations))
+        .route("/v1/models", get(models))
+        .route("/v1/files", post(upload))
+        .route("/v1/files/{id}/content", get(file_content))
+        .route("/v1/batches", post(create_batch))
+        .route("/v1/batches/{id}", get(get_batch))
+        .route("/v1/messages/count_tokens", post(count_tokens))
+        .route("/v1/messages/batches", post(create_message_batch))
+        .route("/v1/messages/batches/{id}", get(get_message_batch))
+        .route(
+            "/v1/messages/batches/{id}/results",
+            get(message_batch_results),
+        )
         .route("/healthz", get(health))
         // Like the providers: compressed when the request accepts it (streams too).
         .layer(

@@ -239,10 +239,11 @@ impl Stack {
     }
 
     /// The sidecar's decision counters, summed over outcomes.
+    /// Decisions Envoy asked for (ext_authz `Check`s), not the tests' own dry runs.
     pub async fn sidecar_decisions(&self) -> u64 {
         self.sidecar_metrics()
             .await
-            .sum("tollgate_decisions_total", &[]) as u64
+            .sum("tollgate_decisions_total", &[("api", "ext_authz")]) as u64
     }
 }
 

@@ -1,0 +1,225 @@
+//! A batch's results as they stream by (JSON lines): the usage of every answer in them, added
+//! up per model, and the usage records that report it once per batch and model.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+use tollgate_proto::v1 as pb;
+
+use crate::api::UsageAcc;
+use crate::bounded::Pass;
+use crate::endpoint::BatchKind;
+
+/// Idempotency keys of batch usage start with this: `batch:<batch or file id>:<model>`, so
+/// results read twice, or through another Envoy, count once.
+pub const PREFIX: &str = "batch:";
+
+/// Usage added up over answers.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Sum {
+    pub total: u64,
+    pub tokens: pb::Tokens,
+    pub answers: u64,
+}
+
+/// Reads a batch's results chunk by chunk, keeping only the unfinished line between chunks.
+#[derive(Debug)]
+pub struct BatchScan {
+    kind: BatchKind,
+    id: String,
+    partial: Vec<u8>,
+    /// The unfinished line grew past `max_line` and is skipped to its end.
+    skipping: bool,
+    max_line: usize,
+    by_model: BTreeMap<String, Sum>,
+    /// Lines too long to read, so their usage is not counted.
+    pub skipped: u64,
+}
+
+impl BatchScan {
+    pub fn new(kind: BatchKind, id: String, max_line: usize) -> Self {
+        Self {
+            kind,
+            id,
+            partial: Vec::new(),
+            skipping: false,
+            max_line,
+            by_model: BTreeMap::new(),
+            skipped: 0,
+        }
+    }
+
+    pub fn feed(&mut self, chunk: &[u8]) {
+        let mut rest = chunk;
+        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+            let (head, tail) = rest.split_at(i);
+            rest = &tail[1..];
+            if self.skipping {
+                self.skipping = false;
+                continue;
+            }
+            if self.partial.is_empty() {
+                self.line(head);
+            } else {
+                let mut l = std::mem::take(&mut self.partial);
+                l.extend_from_slice(head);
+                self.line(&l);
+            }
+        }
+        if !self.skipping {
+            self.partial.extend_from_slice(rest);
+            if self.partial.len() > self.max_line {
+                self.partial = Vec::new();
+                self.skipping = true;
+                self.skipped += 1;
+            }
+        }
+    }
+
+    /// The end of the results: the last line, if it had no newline.
+    pub fn finish(&mut self) {
+        if !self.skipping && !self.partial.is_empty() {
+            let l = std::mem::take(&mut self.partial);
+            self.line(&l);
+        }
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        let Ok(doc) = serde_json::from_slice::<Value>(line.trim_ascii()) else {
+            return;
+        };
+        let answer = match self.kind {
+            BatchKind::OpenaiFile => doc.pointer("/response/body").filter(|_| {
+                doc.pointer("/response/status_code").and_then(Value::as_u64) == Some(200)
+            }),
+            BatchKind::AnthropicResults => doc.pointer("/result/message").filter(|_| {
+                doc.pointer("/result/type").and_then(Value::as_str) == Some("succeeded")
+            }),
+        };
+        let Some(answer) = answer else {
+            return;
+        };
+        let mut acc = UsageAcc::default();
+        acc.absorb(self.kind.api(), answer);
+        let Some(r) = acc.reading() else {
+            return;
+        };
+        let model = answer
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .chars()
+            .take(128)
+            .collect::<String>();
+        let sum = self.by_model.entry(model).or_default();
+        sum.total = sum.total.saturating_add(r.total);
+        sum.answers += 1;
+        if let Some(t) = r.tokens {
+            let s = &mut sum.tokens;
+            s.input = s.input.saturating_add(t.input);
+            s.output = s.output.saturating_add(t.output);
+            s.cached = s.cached.saturating_add(t.cached);
+            s.cache_write = s.cache_write.saturating_add(t.cache_write);
+            s.reasoning = s.reasoning.saturating_add(t.reasoning);
+        }
+    }
+
+    /// The usage seen, per model.
+    pub fn sums(&self) -> &BTreeMap<String, Sum> {
+        &self.by_model
+    }
+
+    /// One usage record per model for `pass` (its `model` dimension set to the answers').
+    pub fn records(&self, pass: &Pass) -> Vec<pb::UsageRecord> {
+        self.by_model
+            .iter()
+            .filter(|(_, s)| s.total > 0)
+            .map(|(model, s)| {
+                let mut dimensions: std::collections::HashMap<String, String> =
+                    pass.dimensions.iter().cloned().collect();
+                if !model.is_empty() {
+                    dimensions.insert("model".into(), model.clone());
+                }
+                pb::UsageRecord {
+                    idempotency_key: format!("{PREFIX}{}:{model}", self.id)
+                        .chars()
+                        .take(256)
+                        .collect(),
+                    customer_id: pass.customer.clone(),
+                    feature_id: pass.feature.clone(),
+                    usage: s.total,
+                    dimensions,
+                    tokens: Some(s.tokens),
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pass() -> Pass {
+        Pass {
+            customer: "acme".into(),
+            feature: "ai-tokens".into(),
+            dimensions: vec![
+                ("teamId".into(), "ops".into()),
+                ("model".into(), "x".into()),
+            ],
+        }
+    }
+
+    #[test]
+    fn an_openai_output_file_is_added_up_per_model_across_chunks() {
+        let line = |model: &str, p: u64, c: u64| {
+            format!(
+                "{{\"id\":\"r\",\"custom_id\":\"c\",\"response\":{{\"status_code\":200,\"body\":{{\"model\":\"{model}\",\"usage\":{{\"prompt_tokens\":{p},\"completion_tokens\":{c},\"total_tokens\":{}}}}}}},\"error\":null}}\n",
+                p + c
+            )
+        };
+        let failed = "{\"id\":\"r\",\"response\":{\"status_code\":500,\"body\":{\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":9,\"total_tokens\":18}}}}\n";
+        let text = format!(
+            "{}{}{failed}not json\n{}",
+            line("m1", 10, 5),
+            line("m2", 3, 1),
+            line("m1", 10, 5).trim_end()
+        );
+        let mut s = BatchScan::new(BatchKind::OpenaiFile, "file-out".into(), 1 << 20);
+        // Split anywhere, even inside a line.
+        for chunk in text.as_bytes().chunks(7) {
+            s.feed(chunk);
+        }
+        s.finish();
+        assert_eq!(s.sums()["m1"].total, 30);
+        assert_eq!(s.sums()["m1"].answers, 2);
+        assert_eq!(s.sums()["m2"].tokens.output, 1);
+        let r = s.records(&pass());
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].idempotency_key, "batch:file-out:m1");
+        assert_eq!(r[0].usage, 30);
+        assert_eq!(r[0].dimensions["model"], "m1");
+        assert_eq!(r[0].dimensions["teamId"], "ops");
+    }
+
+    #[test]
+    fn anthropic_results_count_succeeded_messages_only_and_long_lines_are_skipped() {
+        let ok = "{\"custom_id\":\"a\",\"result\":{\"type\":\"succeeded\",\"message\":{\"model\":\"claude\",\"usage\":{\"input_tokens\":7,\"output_tokens\":3,\"cache_read_input_tokens\":2}}}}\n";
+        let errored = "{\"custom_id\":\"b\",\"result\":{\"type\":\"errored\",\"error\":{}}}\n";
+        let long = format!("{{\"pad\":\"{}\"}}\n", "x".repeat(100));
+        let mut s = BatchScan::new(BatchKind::AnthropicResults, "mb".into(), 64);
+        s.feed(format!("{ok}{errored}{long}{ok}").as_bytes());
+        s.finish();
+        assert_eq!(s.sums()["claude"].total, 24);
+        assert_eq!(s.sums()["claude"].tokens.cached, 4);
+        assert_eq!(s.skipped, 0, "a long line within one chunk is read whole");
+        let mut s = BatchScan::new(BatchKind::AnthropicResults, "mb".into(), 64);
+        for chunk in long.as_bytes().chunks(16) {
+            s.feed(chunk);
+        }
+        s.feed(ok.as_bytes());
+        assert_eq!(s.skipped, 1);
+        assert_eq!(s.sums()["claude"].total, 12);
+    }
+}
