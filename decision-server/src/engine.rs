@@ -162,6 +162,9 @@ impl Engine {
         if past(req.deadline) {
             return Err(DecisionError::DeadlineExceeded);
         }
+        if !req.dry_run {
+            self.model.load().check_required(req.dimensions)?;
+        }
         let mut plan = self.plan(req, now, !req.dry_run).await?;
         if !req.dry_run {
             // From the thread's CSPRNG (ChaCha, seeded by the OS): the tag is what makes a hold
@@ -411,6 +414,7 @@ impl Engine {
         idempotency_key: &str,
     ) -> Result<bool, DecisionError> {
         let now = self.clock.now();
+        self.model.load().check_required(req.dimensions)?;
         let plan = self.plan(req, now, true).await?;
         Ok(self.store.record(&plan, idempotency_key, now).await?)
     }

@@ -569,6 +569,23 @@ impl Model {
         }
     }
 
+    /// Refuses a request that lacks a `required` attribution dimension, so it cannot be
+    /// charged to the levels above alone. Real checks and ingested usage only: a dry run (the
+    /// usage of a team, read without naming a user) skips it.
+    pub fn check_required(&self, dimensions: &HashMap<String, String>) -> Result<(), PlanError> {
+        match self
+            .attribution
+            .iter()
+            .find(|a| a.required && !dimensions.contains_key(&a.dimension))
+        {
+            Some(a) => Err(PlanError::MissingDimension {
+                dimension: a.dimension.clone(),
+                entity_type: self.type_name(a.entity_type).to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// How much a settlement may report when the feature sets no `maxSettleUsage`: ten times
     /// what was requested, and for a call to a model (a `model` dimension) at least what one
     /// call to that model can use ([`ModelPrice::call_ceiling`], else
@@ -671,12 +688,6 @@ impl Model {
         let mut resolved = Vec::new();
         for rule in &self.attribution {
             let Some(value) = dimensions.get(&rule.dimension) else {
-                if rule.required {
-                    return Err(PlanError::MissingDimension {
-                        dimension: rule.dimension.clone(),
-                        entity_type: self.type_name(rule.entity_type).to_string(),
-                    });
-                }
                 continue;
             };
             let sym = auto
