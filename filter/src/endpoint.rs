@@ -66,6 +66,14 @@ pub fn classify(api: Api, method: &str, path: &str) -> Endpoint {
         Api::Openai => match parts.as_slice() {
             ["chat", "completions"] if post => Endpoint::Metered(Api::OpenaiChat),
             ["responses"] if post => Endpoint::Metered(Api::OpenaiResponses),
+            // Stored answers and conversations: read, listed, updated, deleted; counting a
+            // prompt's tokens. No generation.
+            ["chat", "completions"] if get => Endpoint::Free,
+            ["chat", "completions", _] | ["chat", "completions", _, "messages"] => Endpoint::Free,
+            ["responses", "input_tokens"] if post => Endpoint::Free,
+            ["responses", _] | ["responses", _, "input_items"] => Endpoint::Free,
+            ["responses", _, "cancel"] if post => Endpoint::Free,
+            ["conversations", ..] => Endpoint::Free,
             ["embeddings"] if post => Endpoint::Metered(Api::OpenaiEmbeddings),
             // Moderation is free at OpenAI.
             ["moderations"] if post => Endpoint::Free,
@@ -91,6 +99,7 @@ pub fn classify(api: Api, method: &str, path: &str) -> Endpoint {
             ["messages", "batches"] | ["messages", "batches", _] => Endpoint::Free,
             ["messages", "batches", _, "cancel"] if post => Endpoint::Free,
             ["models"] | ["models", _] if get => Endpoint::Free,
+            ["files"] | ["files", _] | ["files", _, "content"] => Endpoint::Free,
             _ => Endpoint::Unknown,
         },
         one => Endpoint::Metered(one),
@@ -128,8 +137,15 @@ mod tests {
         assert_eq!(o("POST", "/v1/batches"), Endpoint::Gate(Api::OpenaiChat));
         assert_eq!(o("GET", "/v1/batches/b1"), Endpoint::Free);
         assert_eq!(o("POST", "/v1/batches/b1/cancel"), Endpoint::Free);
+        assert_eq!(o("GET", "/v1/responses/resp_1"), Endpoint::Free);
+        assert_eq!(o("GET", "/v1/responses/resp_1/input_items"), Endpoint::Free);
+        assert_eq!(o("DELETE", "/v1/responses/resp_1"), Endpoint::Free);
+        assert_eq!(o("POST", "/v1/responses/input_tokens"), Endpoint::Free);
+        assert_eq!(o("GET", "/v1/chat/completions"), Endpoint::Free);
+        assert_eq!(o("GET", "/v1/chat/completions/c1/messages"), Endpoint::Free);
+        assert_eq!(o("POST", "/v1/conversations/c1/items"), Endpoint::Free);
         assert_eq!(o("POST", "/v1/images/generations"), Endpoint::Unknown);
-        assert_eq!(o("GET", "/v1/chat/completions"), Endpoint::Unknown);
+        assert_eq!(o("POST", "/v1/audio/speech"), Endpoint::Unknown);
         assert_eq!(o("POST", "/v2/chat/completions"), Endpoint::Unknown);
 
         let a = |m, p| classify(Api::Anthropic, m, p);
