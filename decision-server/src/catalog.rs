@@ -376,6 +376,24 @@ fn subject(doc: &ConfigDoc, op: &AdminOp) -> Option<serde_json::Value> {
     }
 }
 
+/// Whether `l` holds `ceiling` for the whole customer: an enforced limit of the ceiling's shape
+/// on the top entity (`top`), one counter for everything (no scope, type or pooling), at most
+/// the ceiling.
+fn holds_ceiling(
+    l: &LimitDto,
+    ceiling: &crate::config::dto::CeilingDto,
+    top: Option<&str>,
+) -> bool {
+    top.is_some()
+        && l.entity.as_deref() == top
+        && l.entity_type.is_none()
+        && l.scope.is_empty()
+        && l.pool_by.is_none()
+        && l.mode == crate::config::dto::ModeDto::Enforce
+        && ceiling.covers(l)
+        && l.limit.is_some_and(|v| v <= ceiling.max)
+}
+
 /// Whether a limit change by a customer's admin keeps within what the operator allows, given
 /// the document before it. Pure: the catalog runs it under its change lock.
 ///
@@ -384,7 +402,9 @@ fn subject(doc: &ConfigDoc, op: &AdminOp) -> Option<serde_json::Value> {
 /// limit must be covered by one of the operator's ceilings (which validation then holds it
 /// under), enforced (`mode: enforce`) and not `credits` (credits come from grants). A limit
 /// may be deleted only where a ceiling covers it and it is not on the customer's top entity:
-/// that one stands for what was bought.
+/// that one stands for what was bought. Invariant: a ceiling held by a limit on the top entity
+/// stays held after any change a customer admin makes, and a limit is raised or added under a
+/// ceiling only while one is.
 pub fn customer_admin_guard(
     doc: &ConfigDoc,
     customer: &str,
@@ -400,8 +420,35 @@ pub fn customer_admin_guard(
         return Err(AdminError::NotFound(format!("customer `{customer}`")));
     };
     let covering = |l: &LimitDto| c.ceilings.iter().find(|x| x.covers(l));
+    let top = c
+        .entities
+        .iter()
+        .find(|e| e.parent.is_none())
+        .map(|e| e.id.as_str());
     match op {
         AdminOp::PutLimit { limit, .. } => {
+            // What the limits do after the change, not what they are called: every ceiling
+            // must stay held by an enforced limit on the top entity, unscoped and unpooled, so
+            // no move, scope, type or kind change spreads what was bought over many counters
+            // (a limit per user) or lets usage around it (a scope no request matches).
+            let after: Vec<&LimitDto> = c
+                .limits
+                .iter()
+                .filter(|l| l.id != limit.id)
+                .chain(std::iter::once(limit))
+                .collect();
+            for ceiling in &c.ceilings {
+                let had = c.limits.iter().any(|l| holds_ceiling(l, ceiling, top));
+                if had && !after.iter().any(|l| holds_ceiling(l, ceiling, top)) {
+                    return refuse(format!(
+                        "limit `{}` holds the customer's ceiling for {} (what `{customer}` bought): it must stay an enforced limit on `{}`, with no scope, `entityType` or `poolBy`, at most {}",
+                        limit.id,
+                        ceiling.describe(),
+                        top.unwrap_or_default(),
+                        ceiling.max
+                    ));
+                }
+            }
             let before = c.limits.iter().find(|l| l.id == limit.id);
             let same_shape = before.is_some_and(|b| {
                 let mut b = b.clone();
@@ -433,6 +480,15 @@ pub fn customer_admin_guard(
                     ceiling.max,
                     ceiling.describe()
                 )),
+                Some(ceiling) if !after.iter().any(|l| holds_ceiling(l, ceiling, top)) => {
+                    refuse(format!(
+                        "limit `{}`: no enforced limit on `{}` holds the ceiling for {}, so this one could let usage past what `{customer}` bought (one counter per user or per scope, each up to the ceiling); ask the operator for a limit on `{}`",
+                        limit.id,
+                        top.unwrap_or_default(),
+                        ceiling.describe(),
+                        top.unwrap_or_default()
+                    ))
+                }
                 Some(_) => Ok(()),
                 None => refuse(format!(
                     "limit `{}`: no ceiling covers {} {}{}, so it can only be lowered; ask the operator for a ceiling",

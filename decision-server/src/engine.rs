@@ -414,7 +414,17 @@ impl Engine {
         idempotency_key: &str,
     ) -> Result<bool, DecisionError> {
         let now = self.clock.now();
-        self.model.load().check_required(req.dimensions)?;
+        let model = self.model.load();
+        model.check_required(req.dimensions)?;
+        let max = model.ingest_bound(req.feature, req.dimensions, now);
+        if req.usage.largest_figure() > max {
+            return Err(PlanError::IngestTooLarge {
+                usage: req.usage.largest_figure(),
+                max,
+            }
+            .into());
+        }
+        drop(model);
         let plan = self.plan(req, now, true).await?;
         Ok(self.store.record(&plan, idempotency_key, now).await?)
     }

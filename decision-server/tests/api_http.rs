@@ -267,6 +267,23 @@ async fn ingest_counts_once_per_idempotency_key() {
     assert_eq!(api.acme_org().await, 5070);
     let (_, body) = api.check(ACME_KEY, "acme", "alice", 1).await;
     assert_eq!(body["isGranted"], false);
+    // But one event is bounded like a settlement: 2^64-1 units would fill every quota of the
+    // chain until the period resets. Refused, nothing recorded.
+    for usage in [u64::MAX, 2_000_001] {
+        let absurd = json!({"events": [{"idempotencyKey": format!("evt-{usage}"), "customerId": "acme", "featureId": "ai-tokens", "usage": usage, "dimensions": {"userId": "alice"}}]});
+        let (_, r) = api
+            .call(Method::POST, "/v1/usage", Some(ACME_KEY), Some(absurd))
+            .await;
+        assert_eq!(r["results"][0]["status"], "rejected", "{r}");
+        assert!(
+            r["results"][0]["error"]
+                .as_str()
+                .unwrap()
+                .contains("more than one event may (2000000"),
+            "{r}"
+        );
+    }
+    assert_eq!(api.acme_org().await, 5070);
 }
 
 #[tokio::test]

@@ -275,6 +275,81 @@ fn ceilings_hold_customer_admins_and_every_change_is_logged(
 
 test_with_all_store_factories!(ceilings_hold_customer_admins_and_every_change_is_logged);
 
+/// What the limit does after the change is what the ceiling holds: the org's limit (which holds
+/// acme's 200,000-a-day ceiling) cannot be moved to another entity, spread over every user,
+/// scoped to a model no request names, pooled or turned into a rate, though each such limit
+/// would be under the ceiling on its own; and with the org's limit gone from the top, nothing
+/// can be raised under the ceiling.
+#[tokio::test]
+async fn a_ceiling_stays_held_whatever_its_limit_is_changed_into() {
+    let service = service_on(common::memory()).await;
+    let admin = Principal::Customer("acme".into(), Role::Admin);
+    let org = limit(&service, "org-daily");
+    let put = |l: LimitDto| AdminOp::PutLimit {
+        customer: "acme".into(),
+        limit: l,
+        create: false,
+    };
+    let mut moved = org.clone();
+    moved.entity = Some("alice".into());
+    let mut per_user = org.clone();
+    per_user.entity = None;
+    per_user.entity_type = Some("user".into());
+    let mut scoped = org.clone();
+    scoped.scope = [("model".to_string(), "no-such-model".to_string())].into();
+    let mut pooled = org.clone();
+    pooled.pool_by = Some("userId".into());
+    let mut rate = org.clone();
+    rate.kind = tollgate::config::dto::KindDto::Rate;
+    rate.period = None;
+    rate.anchor = None;
+    rate.window = Some("PT1M".into());
+    for (what, l) in [
+        ("moved", moved),
+        ("per user", per_user),
+        ("scoped", scoped),
+        ("pooled", pooled),
+        ("a rate", rate),
+    ] {
+        let why = refused(service.admin_as(&admin, put(l)).await);
+        assert!(
+            why.contains("holds the customer's ceiling for ai-tokens quota P1D"),
+            "{what}: {why}"
+        );
+    }
+    assert_eq!(limit(&service, "org-daily"), org, "unchanged");
+    // Raising it within the ceiling, in place, is still allowed.
+    service
+        .admin_as(&admin, with_value(org.clone(), 150_000))
+        .await
+        .unwrap();
+
+    // Without a holder (the operator took the org's limit off), a customer admin raises
+    // nothing under the ceiling: a team limit of 200,000 each would add up past it.
+    service
+        .admin(AdminOp::DeleteLimit {
+            customer: "acme".into(),
+            id: "org-daily".into(),
+        })
+        .await
+        .unwrap();
+    let team = limit(&service, "team-daily");
+    let why = refused(
+        service
+            .admin_as(&admin, with_value(team.clone(), 150_000))
+            .await,
+    );
+    assert!(
+        why.contains("no enforced limit on `acme` holds the ceiling"),
+        "{why}"
+    );
+    // Lowering is still fine.
+    service
+        .admin_as(&admin, with_value(team, 100))
+        .await
+        .unwrap();
+}
+
 /// The router over a service on the ceilings fixture, in memory.
 async fn router() -> (Arc<Service>, axum::Router) {
     let loaded = tollgate::config::load(&config("{ kind: memory }"), "fixture.yaml").unwrap();

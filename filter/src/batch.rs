@@ -10,9 +10,15 @@ use crate::api::UsageAcc;
 use crate::bounded::Pass;
 use crate::endpoint::BatchKind;
 
-/// Idempotency keys of batch usage start with this: `batch:<batch or file id>:<model>`, so
-/// results read twice, or through another Envoy, count once.
+/// Idempotency keys of batch usage start with this: `batch:<batch or file id>:<model>:<n>`,
+/// so results read twice, or through another Envoy, count once.
 pub const PREFIX: &str = "batch:";
+
+/// The most units one record carries: a model's answers are cut into records of at most this
+/// (whole answers each, in the order the results list them, so every read cuts them alike),
+/// well under what the sidecar takes in one ingested event (what one call can use, by
+/// default 2,000,000).
+pub const CHUNK: u64 = 1_000_000;
 
 /// Usage added up over answers.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -31,7 +37,8 @@ pub struct BatchScan {
     /// The unfinished line grew past `max_line` and is skipped to its end.
     skipping: bool,
     max_line: usize,
-    by_model: BTreeMap<String, Sum>,
+    /// Per model, its answers cut into records of at most [`CHUNK`] units.
+    by_model: BTreeMap<String, Vec<Sum>>,
     /// Lines too long to read, so their usage is not counted.
     pub skipped: u64,
 }
@@ -111,7 +118,16 @@ impl BatchScan {
             .chars()
             .take(128)
             .collect::<String>();
-        let sum = self.by_model.entry(model).or_default();
+        let chunks = self.by_model.entry(model).or_default();
+        if chunks
+            .last()
+            .is_none_or(|c| c.answers > 0 && c.total.saturating_add(r.total) > CHUNK)
+        {
+            chunks.push(Sum::default());
+        }
+        let Some(sum) = chunks.last_mut() else {
+            return;
+        };
         sum.total = sum.total.saturating_add(r.total);
         sum.answers += 1;
         if let Some(t) = r.tokens {
@@ -124,24 +140,36 @@ impl BatchScan {
         }
     }
 
-    /// The usage seen, per model.
-    pub fn sums(&self) -> &BTreeMap<String, Sum> {
-        &self.by_model
+    /// The usage seen of `model`, all its records together.
+    pub fn total(&self, model: &str) -> Sum {
+        let mut out = Sum::default();
+        for c in self.by_model.get(model).into_iter().flatten() {
+            out.total += c.total;
+            out.answers += c.answers;
+            out.tokens.input += c.tokens.input;
+            out.tokens.output += c.tokens.output;
+            out.tokens.cached += c.tokens.cached;
+            out.tokens.cache_write += c.tokens.cache_write;
+            out.tokens.reasoning += c.tokens.reasoning;
+        }
+        out
     }
 
-    /// One usage record per model for `pass` (its `model` dimension set to the answers').
+    /// The usage records for `pass`: per model (its `model` dimension set to the answers'),
+    /// one per [`CHUNK`].
     pub fn records(&self, pass: &Pass) -> Vec<pb::UsageRecord> {
         self.by_model
             .iter()
-            .filter(|(_, s)| s.total > 0)
-            .map(|(model, s)| {
+            .flat_map(|(model, chunks)| chunks.iter().enumerate().map(move |(i, s)| (model, i, s)))
+            .filter(|(_, _, s)| s.total > 0)
+            .map(|(model, i, s)| {
                 let mut dimensions: std::collections::HashMap<String, String> =
                     pass.dimensions.iter().cloned().collect();
                 if !model.is_empty() {
                     dimensions.insert("model".into(), model.clone());
                 }
                 pb::UsageRecord {
-                    idempotency_key: format!("{PREFIX}{}:{model}", self.id)
+                    idempotency_key: format!("{PREFIX}{}:{model}:{i}", self.id)
                         .chars()
                         .take(256)
                         .collect(),
@@ -192,15 +220,31 @@ mod tests {
             s.feed(chunk);
         }
         s.finish();
-        assert_eq!(s.sums()["m1"].total, 30);
-        assert_eq!(s.sums()["m1"].answers, 2);
-        assert_eq!(s.sums()["m2"].tokens.output, 1);
+        assert_eq!(s.total("m1").total, 30);
+        assert_eq!(s.total("m1").answers, 2);
+        assert_eq!(s.total("m2").tokens.output, 1);
         let r = s.records(&pass());
         assert_eq!(r.len(), 2);
-        assert_eq!(r[0].idempotency_key, "batch:file-out:m1");
+        assert_eq!(r[0].idempotency_key, "batch:file-out:m1:0");
         assert_eq!(r[0].usage, 30);
         assert_eq!(r[0].dimensions["model"], "m1");
         assert_eq!(r[0].dimensions["teamId"], "ops");
+    }
+
+    #[test]
+    fn a_large_batch_is_cut_into_records_of_whole_answers() {
+        let line = format!(
+            "{{\"response\":{{\"status_code\":200,\"body\":{{\"model\":\"m\",\"usage\":{{\"prompt_tokens\":{},\"completion_tokens\":0,\"total_tokens\":{}}}}}}}}}\n",
+            CHUNK / 2 + 1,
+            CHUNK / 2 + 1
+        );
+        let mut s = BatchScan::new(BatchKind::OpenaiFile, "f".into(), 1 << 20);
+        s.feed(line.repeat(5).as_bytes());
+        let r = s.records(&pass());
+        assert_eq!(r.len(), 5, "two answers never fit one record");
+        assert!(r.iter().all(|x| x.usage <= CHUNK));
+        assert_eq!(r[4].idempotency_key, "batch:f:m:4");
+        assert_eq!(s.total("m").total, 5 * (CHUNK / 2 + 1));
     }
 
     #[test]
@@ -211,8 +255,8 @@ mod tests {
         let mut s = BatchScan::new(BatchKind::AnthropicResults, "mb".into(), 64);
         s.feed(format!("{ok}{errored}{long}{ok}").as_bytes());
         s.finish();
-        assert_eq!(s.sums()["claude"].total, 24);
-        assert_eq!(s.sums()["claude"].tokens.cached, 4);
+        assert_eq!(s.total("claude").total, 24);
+        assert_eq!(s.total("claude").tokens.cached, 4);
         assert_eq!(s.skipped, 0, "a long line within one chunk is read whole");
         let mut s = BatchScan::new(BatchKind::AnthropicResults, "mb".into(), 64);
         for chunk in long.as_bytes().chunks(16) {
@@ -220,6 +264,6 @@ mod tests {
         }
         s.feed(ok.as_bytes());
         assert_eq!(s.skipped, 1);
-        assert_eq!(s.sums()["claude"].total, 12);
+        assert_eq!(s.total("claude").total, 12);
     }
 }

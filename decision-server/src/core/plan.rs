@@ -236,6 +236,10 @@ pub enum PlanError {
         value: String,
     },
     #[error(
+        "the event records {usage} units, more than one event may ({max}: the feature's `maxSettleUsage`, else what one call to its model can use); split it, or raise the feature's `maxSettleUsage`"
+    )]
+    IngestTooLarge { usage: u64, max: u64 },
+    #[error(
         "the request carries no `{dimension}`, which every request must (its `{entity_type}` level has limits that must not be skipped: attribution `required`)"
     )]
     MissingDimension {
@@ -567,6 +571,33 @@ impl Model {
                 .unwrap_or_default(),
             kind: limit.kind.name(),
         }
+    }
+
+    /// The most one ingested event may record: the feature's `maxSettleUsage`, else what one
+    /// call to the event's model can use (a `model` dimension), else
+    /// [`DEFAULT_MODEL_CEILING`]. Usage that already happened is not checked against limits,
+    /// so without this bound one event of 2^64-1 units would fill every quota of its chain.
+    pub fn ingest_bound(
+        &self,
+        feature_id: &str,
+        dimensions: &HashMap<String, String>,
+        now: Timestamp,
+    ) -> u64 {
+        let own = self
+            .feature(feature_id)
+            .and_then(|f| self.features.get(f))
+            .and_then(|f| f.max_settle);
+        own.unwrap_or_else(|| {
+            dimensions
+                .get("model")
+                .and_then(|model| {
+                    self.price_table_at(now)
+                        .and_then(|t| t.models.iter().find(|p| p.pattern.matches(model)))
+                        .and_then(ModelPrice::call_ceiling)
+                })
+                .unwrap_or(DEFAULT_MODEL_CEILING)
+        })
+        .min(MAX_EXACT)
     }
 
     /// Refuses a request that lacks a `required` attribution dimension, so it cannot be

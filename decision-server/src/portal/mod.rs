@@ -611,12 +611,20 @@ async fn usage_page(
     )
 }
 
-/// A CSV field: quoted when it holds a comma, quote or line break.
+/// A CSV field of text a client chose (a dimension value, a group key): a value that a
+/// spreadsheet would run as a formula (a leading `=`, `+`, `-`, `@`, tab or carriage return)
+/// gets a leading `'`, as OWASP's CSV injection guidance says; quoted when it holds a comma,
+/// quote or line break. The figures of a row are numbers the server writes, never passed here.
 fn csv_field(s: &str) -> String {
+    let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        std::borrow::Cow::Owned(format!("'{s}"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    };
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
-        s.to_string()
+        s.into_owned()
     }
 }
 
@@ -793,4 +801,28 @@ async fn audit_page(
         "audit.html",
         context! { ..base(&page, &customer, "audit", "Audit log"), ..context! { entries } },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::csv_field;
+
+    #[test]
+    fn csv_fields_never_start_a_formula() {
+        for (value, cell) in [
+            ("=2+5", "'=2+5"),
+            ("@SUM(1+1)", "'@SUM(1+1)"),
+            ("+1+2", "'+1+2"),
+            ("-1+2", "'-1+2"),
+            (
+                "=HYPERLINK(\"http://x\",\"y\")",
+                "\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\"",
+            ),
+            ("\tcmd", "'\tcmd"),
+            ("gpt-4o", "gpt-4o"),
+            ("a,b", "\"a,b\""),
+        ] {
+            assert_eq!(csv_field(value), cell, "{value}");
+        }
+    }
 }
