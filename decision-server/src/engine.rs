@@ -117,6 +117,11 @@ impl Engine {
         self.clock.now()
     }
 
+    /// The clock decisions run on.
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        Arc::clone(&self.clock)
+    }
+
     /// Puts a new model in force for the next decision. Counters carry over: they are keyed
     /// by interned ids, which the new model shares.
     pub async fn replace_model(&self, model: Model) -> Result<(), StoreError> {

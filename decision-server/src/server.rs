@@ -394,11 +394,7 @@ async fn deliver(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
                 continue;
             }
         }
-        match service.deliver_due().await {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(attempts = n, "webhook deliveries attempted"),
-            Err(e) => tracing::warn!(error = %e, "webhook delivery pass failed"),
-        }
+        service.deliver_due();
     }
 }
 

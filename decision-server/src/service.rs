@@ -221,10 +221,19 @@ impl Service {
         }
     }
 
-    /// Sends the webhook deliveries due now; how many attempts were made.
-    pub async fn deliver_due(&self) -> Result<usize, StoreError> {
+    /// Starts sending the webhook deliveries due now, each customer's on its own task; how
+    /// many customers' passes were started.
+    pub fn deliver_due(&self) -> usize {
         match &self.deliverer {
-            Some(d) => d.pass(&self.engine).await,
+            Some(d) => d.pass(&self.engine),
+            None => 0,
+        }
+    }
+
+    /// Sends the webhook deliveries due now and waits for them; how many attempts were made.
+    pub async fn deliver_due_and_wait(&self) -> Result<usize, StoreError> {
+        match &self.deliverer {
+            Some(d) => d.pass_and_wait(&self.engine).await,
             None => Ok(0),
         }
     }

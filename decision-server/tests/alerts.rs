@@ -33,7 +33,7 @@ limits:
   - { id: team-day, entityType: team, feature: tokens, kind: quota, limit: 1000, period: P1D }
   - { id: user-hour, entityType: user, feature: requests, kind: rate, limit: 100, window: PT1H }
 webhooks:
-  - { id: ops, url: "http://127.0.0.1:9/hook", secrets: [whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw] }
+  - { id: ops, url: "https://hooks.example.com/hook", secrets: [whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw] }
 alerts:
   - { id: team-budget, entityType: team, limit: team-day, percent: [50, 80, 100], absolute: [900], webhooks: [ops] }
   - { id: user-pace, entity: u2, feature: requests, percent: [80] }

@@ -611,6 +611,48 @@ fn validate_warns_where_leaving_a_dimension_out_skips_a_limit() {
     assert!(model.skippable_limits().is_empty());
 }
 
+#[test]
+fn webhooks_never_point_inside_unless_the_operator_allows_a_range() {
+    let hook = |url: &str| {
+        format!(
+            "{BASE}    webhooks:\n      - {{ id: ops, url: \"{url}\", secrets: [whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw] }}\n"
+        )
+    };
+    for url in [
+        "http://127.0.0.1:9901/quitquitquit",
+        "https://10.0.0.8/hook",
+        "https://192.168.1.1/hook",
+        "https://172.20.0.1/hook",
+        "https://169.254.169.254/latest/meta-data",
+        "https://[fd00::1]/hook",
+        "https://[fe80::1]/hook",
+        "https://[::ffff:10.0.0.1]/hook",
+        "https://0.0.0.0/hook",
+        "https://metadata.google.internal/hook",
+        "https://localhost/hook",
+    ] {
+        let e = errors(&hook(url));
+        assert_eq!(e.len(), 1, "{url}: {e:?}");
+        assert!(e[0].contains("customers[0].webhooks[0].url"), "{e:?}");
+    }
+    // A public name is accepted (it is resolved, and checked again, on every delivery).
+    assert_errors(&hook("https://hooks.example.com/t"), &[]);
+    // The operator's range lets the tests' loopback receivers in, plain http included.
+    let allowed = format!(
+        "{}alerting: {{ allowTargets: [127.0.0.0/8] }}\n",
+        hook("http://127.0.0.1:9/hook")
+    );
+    assert_errors(&allowed, &[]);
+    let long = format!("https://hooks.example.com/{}", "a".repeat(3000));
+    assert!(errors(&hook(&long))[0].contains("over 2048"));
+    assert_errors(
+        &format!("{BASE}alerting: {{ allowTargets: [somewhere] }}\n"),
+        &[
+            "tollgate.yaml: alerting.allowTargets[0]: `somewhere` is not an address range like 10.0.0.0/8: invalid IP address syntax",
+        ],
+    );
+}
+
 /// The errors of `BASE` with a `server.storage` section, loaded whole (model and server).
 fn storage_errors(storage: &str) -> Vec<String> {
     let text = format!("{BASE}server:\n  storage: {storage}\n");
@@ -689,7 +731,7 @@ fn alert_rules_and_webhooks() {
     assert_errors(
         &bad,
         &[
-            "tollgate.yaml: customers[0].webhooks[0].url: `http://hooks.example.com/t` must be https (plain http only to a loopback receiver)",
+            "tollgate.yaml: customers[0].webhooks[0].url: `http://hooks.example.com/t` must be https (plain http only to an address in `alerting.allowTargets`)",
             "tollgate.yaml: customers[0].webhooks[0].secrets[0]: a webhook secret must start with `whsec_` followed by base64",
             "tollgate.yaml: customers[0].webhooks[1].secrets: at least one `whsec_` secret is needed",
             "tollgate.yaml: customers[0].alerts[0].entityType: unknown entity type `squad`",

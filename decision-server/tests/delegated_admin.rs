@@ -482,7 +482,7 @@ async fn webhook_secrets_are_shown_once_and_rotate_with_overlap() {
         Method::POST,
         "/v1/customers/acme/webhooks",
         ACME_ADMIN,
-        Some(json!({"id": "ops", "url": "http://127.0.0.1:9/hook"})),
+        Some(json!({"id": "ops", "url": "https://hooks.example.com/hook"})),
     )
     .await;
     assert_eq!(s, StatusCode::CREATED, "{made}");
@@ -499,7 +499,7 @@ async fn webhook_secrets_are_shown_once_and_rotate_with_overlap() {
     .await;
     assert_eq!(
         list,
-        json!([{"id": "ops", "url": "http://127.0.0.1:9/hook", "secrets": 1}])
+        json!([{"id": "ops", "url": "https://hooks.example.com/hook", "secrets": 1}])
     );
     for path in ["/v1/customers/acme", "/v1/customers/acme/audit"] {
         let (_, body) = call(&r, Method::GET, path, ACME_ADMIN, None).await;

@@ -263,7 +263,7 @@ async fn an_alert_crossed_before_a_kill_is_delivered_after_the_restart() {
         1,
     );
     let text = format!(
-        "alerting: {{ retrySchedule: [PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S] }}\n{text}"
+        "alerting: {{ retrySchedule: [PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S, PT1S], allowTargets: [127.0.0.0/8] }}\n{text}"
     );
     let config = dir.path().join("tollgate.yaml");
     std::fs::write(&config, &text).unwrap();

@@ -104,7 +104,7 @@ impl Api {
             common::service::daily_anchor()
         };
         let config = format!(
-            "usageRecords:\n  dimensions: [model]\n  maxQueryPoints: {max_points}\nalerting: {{ retrySchedule: [PT1S], timeoutMs: 2000 }}\n{}",
+            "usageRecords:\n  dimensions: [model]\n  maxQueryPoints: {max_points}\nalerting: {{ retrySchedule: [PT1S], timeoutMs: 2000, allowTargets: [127.0.0.0/8] }}\n{}",
             common::service::config_with_anchor(
                 &format!("  logging: {{ level: warn }}\n  storage: {storage}"),
                 &day
@@ -725,7 +725,7 @@ async fn a_crossed_threshold_is_delivered_signed_retried_and_logged() {
     );
 
     // First attempt: the receiver fails it.
-    assert_eq!(api.service.deliver_due().await.unwrap(), 1);
+    assert_eq!(api.service.deliver_due_and_wait().await.unwrap(), 1);
     let (_, log) = api.get("/v1/customers/acme/alerts/deliveries").await;
     let d = &log["deliveries"][0];
     assert_eq!(
@@ -734,9 +734,9 @@ async fn a_crossed_threshold_is_delivered_signed_retried_and_logged() {
         "{log}"
     );
     // Not due again before the schedule says.
-    assert_eq!(api.service.deliver_due().await.unwrap(), 0);
+    assert_eq!(api.service.deliver_due_and_wait().await.unwrap(), 0);
     tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
-    assert_eq!(api.service.deliver_due().await.unwrap(), 1);
+    assert_eq!(api.service.deliver_due_and_wait().await.unwrap(), 1);
     let (_, log) = api.get("/v1/customers/acme/alerts/deliveries").await;
     let d = &log["deliveries"][0];
     assert_eq!(d["status"], "delivered", "{log}");
@@ -768,7 +768,7 @@ async fn a_crossed_threshold_is_delivered_signed_retried_and_logged() {
         )
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{t}");
-    assert_eq!(api.service.deliver_due().await.unwrap(), 1);
+    assert_eq!(api.service.deliver_due_and_wait().await.unwrap(), 1);
     let calls = receiver.calls();
     let (headers, body) = calls.last().unwrap();
     wh.verify(body.as_bytes(), headers).unwrap();
@@ -809,5 +809,5 @@ async fn a_crossed_threshold_is_delivered_signed_retried_and_logged() {
     }
     // The crossing does not fire again within the day.
     assert!(api.spend("bob", "claude", 100, Some(100)).await);
-    assert_eq!(api.service.deliver_due().await.unwrap(), 0);
+    assert_eq!(api.service.deliver_due_and_wait().await.unwrap(), 0);
 }

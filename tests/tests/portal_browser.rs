@@ -38,6 +38,8 @@ features:
 alerting:
   retrySchedule: [PT1S, PT2S]
   timeoutMs: 2000
+  # The page's webhook goes to the test's receiver on loopback.
+  allowTargets: [127.0.0.0/8]
 customers:
   - id: acme
     entities:

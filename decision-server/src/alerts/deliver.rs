@@ -6,16 +6,28 @@
 //! leaves the delivery leased; when the lease ends another replica sends it again, under the
 //! same `webhook-id`, which receivers use to drop repeats (as the spec asks them to).
 
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
+use parking_lot::{Mutex, RwLock};
+
+use crate::clock::Clock;
 use crate::core::Timestamp;
 use crate::core::alerts::{Attempt, Delivery, next_attempt};
-use crate::core::model::Webhook;
+use crate::core::model::{AlertDelivery, Webhook};
+use crate::core::symbols::Name;
 use crate::engine::Engine;
-use crate::store::StoreError;
+use crate::store::{CounterStore, StoreError};
+
+use super::target::{Resolver, TargetPolicy};
 
 /// Deliveries one customer's pass leases at most.
 const PASS: usize = 64;
+/// Deliveries of one customer in flight at once: a customer's slow receiver holds at most this
+/// many of its own calls, and never another customer's.
+const IN_FLIGHT_PER_CUSTOMER: usize = 4;
 /// The longest answer of a receiver's error body kept in the log.
 const MAX_ERROR_CHARS: usize = 200;
 
@@ -23,58 +35,142 @@ const MAX_ERROR_CHARS: usize = 200;
 #[derive(Debug, Clone)]
 pub struct Deliverer {
     http: reqwest::Client,
+    /// Where webhooks may go (the model's `alerting.allowTargets`), read by the resolver on
+    /// every connection.
+    targets: Arc<RwLock<TargetPolicy>>,
+    /// Customers whose deliveries are being sent: one pass each at a time, each on a task of
+    /// its own.
+    busy: Arc<Mutex<HashSet<Name>>>,
 }
 
 impl Deliverer {
     pub fn new() -> Result<Self, reqwest::Error> {
+        let targets = Arc::new(RwLock::new(TargetPolicy::default()));
         Ok(Self {
             http: reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
+                // Every host name is resolved through the target policy: a name that resolves
+                // to loopback or a private address is refused at connection time.
+                .dns_resolver(Arc::new(Resolver::new(Arc::clone(&targets))))
                 .build()?,
+            targets,
+            busy: Arc::new(Mutex::new(HashSet::new())),
         })
     }
 
-    /// Sends every delivery due now, for every customer with webhooks; how many attempts
-    /// were made. A store that cannot be reached ends the pass; the next one tries again.
-    pub async fn pass(&self, engine: &Engine) -> Result<usize, StoreError> {
+    /// Starts sending every customer's due deliveries, each customer on its own task (one at
+    /// a time per customer), so one customer's slow or silent receiver never delays another's;
+    /// how many customers' passes were started. Must run inside a Tokio runtime.
+    ///
+    /// Trade-off: the pass returns before the calls end, so a store failure is logged by the
+    /// customer's task rather than returned.
+    pub fn pass(&self, engine: &Engine) -> usize {
         let model = engine.model();
-        let settings = &model.alerting;
-        let lease = settings.timeout_millis + 30_000;
-        let mut attempts = 0;
+        *self.targets.write() = model.alerting.targets.clone();
+        let mut started = 0;
         for c in model.customers.values().filter(|c| !c.webhooks.is_empty()) {
-            let now = engine.now();
-            let due = engine
-                .store()
-                .lease_deliveries(c.id, now, lease, PASS)
-                .await?;
-            for mut d in due {
-                let attempt = match c.webhooks.iter().find(|w| w.id == d.webhook.as_str()) {
-                    Some(w) => {
-                        self.send(w, &d, settings.timeout_millis, engine.now())
-                            .await
-                    }
-                    None => Attempt {
-                        at: engine.now().millis(),
-                        status: None,
-                        error: Some(format!("webhook `{}` no longer exists", d.webhook)),
-                    },
-                };
-                let ok = attempt.status.is_some_and(|s| (200..300).contains(&s));
-                d.attempts.push(attempt);
-                d.delivered = ok;
-                d.next_at = if ok {
-                    None
-                } else {
-                    next_attempt(
-                        &settings.retry_millis,
-                        d.attempts.len(),
-                        engine.now().millis(),
-                    )
-                };
-                engine.store().finish_delivery(c.id, &d).await?;
-                attempts += 1;
+            if !self.busy.lock().insert(c.id) {
+                continue;
             }
+            started += 1;
+            let this = self.clone();
+            let store = Arc::clone(engine.store());
+            let clock = engine.clock();
+            let customer = c.id;
+            let webhooks = c.webhooks.clone();
+            let settings = model.alerting.clone();
+            tokio::spawn(async move {
+                let r = this
+                    .customer_pass(&customer, &webhooks, &settings, store, clock)
+                    .await;
+                this.busy.lock().remove(&customer);
+                match r {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::debug!(customer = %customer, attempts = n, "webhook deliveries attempted")
+                    }
+                    Err(e) => {
+                        tracing::warn!(customer = %customer, error = %e, "webhook delivery pass failed")
+                    }
+                }
+            });
         }
+        started
+    }
+
+    /// Sends every customer's due deliveries now, customers side by side, and waits for all
+    /// of them; how many attempts were made. For a caller that needs the outcome (tests, a
+    /// one-off run); the server's loop uses [`Deliverer::pass`].
+    pub async fn pass_and_wait(&self, engine: &Engine) -> Result<usize, StoreError> {
+        let model = engine.model();
+        *self.targets.write() = model.alerting.targets.clone();
+        let passes = model
+            .customers
+            .values()
+            .filter(|c| !c.webhooks.is_empty())
+            .map(|c| {
+                self.customer_pass(
+                    &c.id,
+                    &c.webhooks,
+                    &model.alerting,
+                    Arc::clone(engine.store()),
+                    engine.clock(),
+                )
+            });
+        let mut attempts = 0;
+        for r in futures_util::future::join_all(passes).await {
+            attempts += r?;
+        }
+        Ok(attempts)
+    }
+
+    /// One customer's due deliveries, at most [`IN_FLIGHT_PER_CUSTOMER`] at once; how many
+    /// attempts were made.
+    async fn customer_pass(
+        &self,
+        customer: &Name,
+        webhooks: &[Webhook],
+        settings: &AlertDelivery,
+        store: Arc<dyn CounterStore>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<usize, StoreError> {
+        let lease = settings.timeout_millis + 30_000;
+        let due = store
+            .lease_deliveries(*customer, clock.now(), lease, PASS)
+            .await?;
+        let results: Vec<Result<(), StoreError>> = futures_util::stream::iter(due)
+            .map(|mut d| {
+                let store = Arc::clone(&store);
+                let clock = Arc::clone(&clock);
+                async move {
+                    let attempt = match webhooks.iter().find(|w| w.id == d.webhook.as_str()) {
+                        Some(w) => self.send(w, &d, settings.timeout_millis, clock.now()).await,
+                        None => Attempt {
+                            at: clock.now().millis(),
+                            status: None,
+                            error: Some(format!("webhook `{}` no longer exists", d.webhook)),
+                        },
+                    };
+                    let ok = attempt.status.is_some_and(|s| (200..300).contains(&s));
+                    d.attempts.push(attempt);
+                    d.delivered = ok;
+                    d.next_at = if ok {
+                        None
+                    } else {
+                        next_attempt(
+                            &settings.retry_millis,
+                            d.attempts.len(),
+                            clock.now().millis(),
+                        )
+                    };
+                    store.finish_delivery(*customer, &d).await
+                }
+            })
+            .buffer_unordered(IN_FLIGHT_PER_CUSTOMER)
+            .collect()
+            .await;
+        let attempts = results.len();
+        results.into_iter().collect::<Result<Vec<()>, _>>()?;
         Ok(attempts)
     }
 
@@ -85,6 +181,12 @@ impl Deliverer {
             status: None,
             error: Some(error),
         };
+        // An address in the URL is never resolved: checked here (a name is checked on every
+        // connection by the resolver). A webhook configured before the policy changed is
+        // refused too.
+        if let Err(why) = self.targets.read().check_url(&w.url) {
+            return failed(format!("not sent: {why}"));
+        }
         let ts = now.millis().div_euclid(1000);
         let signature = match super::sign::signature(&w.secrets, &d.id, ts, d.body.as_bytes()) {
             Ok(s) => s,

@@ -4,6 +4,7 @@
 
 pub mod deliver;
 pub mod sign;
+pub mod target;
 
 use std::collections::BTreeMap;
 

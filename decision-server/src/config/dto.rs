@@ -397,4 +397,9 @@ pub struct AlertingDto {
     /// How long one webhook call may take, in ms. Default 10000.
     #[serde(default)]
     pub timeout_ms: Option<u32>,
+    /// Address ranges (CIDR) webhooks may reach although they are loopback, private or
+    /// link-local, for receivers inside the operator's network. Default none: webhooks go to
+    /// public addresses only, over https (plain http only inside an allowed range).
+    #[serde(default)]
+    pub allow_targets: Option<Vec<String>>,
 }

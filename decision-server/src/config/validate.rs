@@ -116,7 +116,9 @@ impl Validator<'_> {
             .map(|t| Name::from(symbols.intern(&format!("{}Id", t.name))))
             .collect();
 
+        let alerting = self.alert_delivery(doc.alerting.as_ref());
         let ctx = Ctx {
+            targets: &alerting.targets,
             entity_types: &entity_types,
             type_index: &type_index,
             feature_index: &feature_index,
@@ -135,6 +137,11 @@ impl Validator<'_> {
                 let kpath = format!("{path}.apiKeys[{ki}]");
                 self.check_id(format!("{kpath}.id"), &k.id);
                 self.unique(&mut key_ids, "API key", &k.id, format!("{kpath}.id"));
+                if let Some(label) = &k.label
+                    && let Err(why) = check_text(label, MAX_LABEL)
+                {
+                    self.err(format!("{kpath}.label"), why);
+                }
                 if k.sha256.len() != 64 || !k.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
                     self.err(
                         format!("{kpath}.sha256"),
@@ -159,7 +166,7 @@ impl Validator<'_> {
             chain_keys,
             records,
             alert_hysteresis_percent: self.hysteresis(doc.alerting.as_ref()),
-            alerting: self.alert_delivery(doc.alerting.as_ref()),
+            alerting,
         }
     }
 
@@ -184,9 +191,25 @@ impl Validator<'_> {
                 10_000
             }
         };
+        let mut allow = Vec::new();
+        for (i, t) in dto
+            .and_then(|a| a.allow_targets.as_ref())
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            match t.parse::<ipnet::IpNet>() {
+                Ok(n) => allow.push(n),
+                Err(e) => self.err(
+                    format!("alerting.allowTargets[{i}]"),
+                    format!("`{t}` is not an address range like 10.0.0.0/8: {e}"),
+                ),
+            }
+        }
         AlertDelivery {
             retry_millis,
             timeout_millis,
+            targets: crate::alerts::target::TargetPolicy::new(allow),
         }
     }
 
@@ -606,7 +629,7 @@ impl Validator<'_> {
             auto_parents,
             max_auto_entities: c.max_auto_entities.unwrap_or(DEFAULT_MAX_AUTO_ENTITIES),
             alerts: Vec::new(),
-            webhooks: self.webhooks(path, c),
+            webhooks: self.webhooks(path, c, ctx.targets),
         };
         model.grants = self.grants(ctx, path, c, &model, &declared, limits_failed);
         model.alerts = self.alerts(ctx, path, c, &model, &declared);
@@ -615,29 +638,25 @@ impl Validator<'_> {
 
     /// A customer's webhook endpoints: unique ids, an http(s) URL (plain http only to a
     /// loopback host), and at least one `whsec_` secret that decodes.
-    fn webhooks(&mut self, path: &str, c: &CustomerDto) -> Vec<Webhook> {
+    fn webhooks(
+        &mut self,
+        path: &str,
+        c: &CustomerDto,
+        targets: &crate::alerts::target::TargetPolicy,
+    ) -> Vec<Webhook> {
         let mut seen = HashMap::new();
         let mut out = Vec::new();
         for (i, w) in c.webhooks.iter().enumerate() {
             let wpath = format!("{path}.webhooks[{i}]");
             self.check_id(format!("{wpath}.id"), &w.id);
             self.unique(&mut seen, "webhook", &w.id, format!("{wpath}.id"));
-            match reqwest::Url::parse(&w.url) {
-                Ok(u) if u.scheme() == "https" => {}
-                Ok(u)
-                    if u.scheme() == "http"
-                        && matches!(u.host_str(), Some("127.0.0.1" | "[::1]" | "localhost")) => {}
-                Ok(_) => self.err(
+            if w.url.len() > MAX_WEBHOOK_URL {
+                self.err(
                     format!("{wpath}.url"),
-                    format!(
-                        "`{}` must be https (plain http only to a loopback receiver)",
-                        w.url
-                    ),
-                ),
-                Err(e) => self.err(
-                    format!("{wpath}.url"),
-                    format!("`{}` is not a URL: {e}", w.url),
-                ),
+                    format!("is {} bytes, over {MAX_WEBHOOK_URL}", w.url.len()),
+                );
+            } else if let Err(e) = targets.check_url(&w.url) {
+                self.err(format!("{wpath}.url"), e);
             }
             if w.secrets.is_empty() {
                 self.err(
@@ -1182,7 +1201,34 @@ impl Validator<'_> {
 }
 
 /// What customer validation reads of the document's global parts.
+/// The longest webhook URL kept (a customer's admin key writes it).
+const MAX_WEBHOOK_URL: usize = 2048;
+/// The longest API key label kept.
+const MAX_LABEL: usize = 200;
+
+/// Free text a customer writes and others read (a key's label): at most `max` bytes, and no
+/// control or bidirectional-override characters (a label shown in a log or a page must read
+/// as what it says).
+fn check_text(text: &str, max: usize) -> Result<(), String> {
+    if text.len() > max {
+        return Err(format!("is {} bytes, over {max}", text.len()));
+    }
+    match text.chars().find(|c| {
+        c.is_control()
+            || ('\u{202a}'..='\u{202e}').contains(c)
+            || ('\u{2066}'..='\u{2069}').contains(c)
+    }) {
+        Some(c) => Err(format!(
+            "holds the control or direction character U+{:04X}",
+            u32::from(c)
+        )),
+        None => Ok(()),
+    }
+}
+
 struct Ctx<'a> {
+    /// Where webhooks may go.
+    targets: &'a crate::alerts::target::TargetPolicy,
     entity_types: &'a [EntityType],
     type_index: &'a HashMap<&'a str, usize>,
     feature_index: &'a FxHashMap<String, usize>,

@@ -409,6 +409,8 @@ pub struct AlertDelivery {
     pub retry_millis: Vec<i64>,
     /// How long one attempt may take.
     pub timeout_millis: i64,
+    /// Where webhooks may go.
+    pub targets: crate::alerts::target::TargetPolicy,
 }
 
 impl Model {
