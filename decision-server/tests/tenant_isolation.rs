@@ -214,3 +214,75 @@ async fn stored_text_is_bounded_and_clean() {
         assert!(s.is_client_error(), "{s}: {body}");
     }
 }
+
+/// Every decision of a customer evaluates its alert rules: a tenant gets a bounded number of
+/// rules, thresholds per rule and webhooks, so its rules cannot slow its own decisions down to
+/// where they crowd everyone else's.
+#[tokio::test]
+async fn alert_rules_thresholds_and_webhooks_have_a_budget_per_tenant() {
+    let (_service, router) = router_with("{ timeoutMs: 2000 }").await;
+    let rule = |id: &str, thresholds: usize| {
+        json!({"id": id, "entity": "acme", "limit": "org-daily",
+               "absolute": (1..=thresholds as u64).collect::<Vec<_>>()})
+    };
+    let post = |body: Value| {
+        let router = router.clone();
+        async move {
+            call(
+                &router,
+                Method::POST,
+                "/v1/customers/acme/alerts",
+                ACME_ADMIN,
+                Some(body),
+            )
+            .await
+        }
+    };
+    let (s, body) = post(rule("many", 1_000)).await;
+    assert!(s.is_client_error(), "{s}");
+    assert!(body.to_string().contains("maxThresholdsPerRule"), "{body}");
+    let (s, body) = post(rule("ten", 10)).await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    for i in 1..50 {
+        let (s, body) = post(rule(&format!("r{i}"), 1)).await;
+        assert_eq!(s, StatusCode::CREATED, "rule {i}: {body}");
+    }
+    let (s, body) = post(rule("one-too-many", 1)).await;
+    assert!(s.is_client_error(), "{s}");
+    assert!(body.to_string().contains("maxRulesPerCustomer"), "{body}");
+    // The other tenant's budget is its own.
+    let (s, body) = call(
+        &router,
+        Method::POST,
+        "/v1/customers/globex/alerts",
+        GLOBEX_ADMIN,
+        Some(json!({"id": "g", "entity": "globex", "limit": "org-daily", "percent": [50]})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    for i in 0..10 {
+        let url = format!("https://hooks.example.com/{i}");
+        let (s, _) = call(
+            &router,
+            Method::POST,
+            "/v1/customers/acme/webhooks",
+            ACME_ADMIN,
+            Some(json!({"id": format!("w{i}"), "url": url})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED);
+    }
+    let (s, body) = call(
+        &router,
+        Method::POST,
+        "/v1/customers/acme/webhooks",
+        ACME_ADMIN,
+        Some(json!({"id": "w10", "url": "https://hooks.example.com/10"})),
+    )
+    .await;
+    assert!(s.is_client_error(), "{s}");
+    assert!(
+        body.to_string().contains("maxWebhooksPerCustomer"),
+        "{body}"
+    );
+}

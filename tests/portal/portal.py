@@ -224,6 +224,20 @@ def scenario_alerts(page, a):
     h2, b2 = Receiver.calls[-1]
     assert verify(rotated, h2, b2), ("the new secret does not sign", h2)
     assert verify(secret, h2, b2), ("the previous secret no longer signs", h2)
+    # A rule id that tries to break out of the Edit button's attribute: the page keeps it as
+    # data (no attribute of its own appears), and Edit loads it whole.
+    hostile = 'x"autofocus="autofocus"onfocus="document.title=1"y'
+    status, body = api(a.api, "POST", "/v1/customers/acme/alerts", a.admin,
+                       {"id": hostile, "entity": "acme", "limit": "org-daily", "percent": [90]})
+    assert status == 201, (status, body)
+    page.reload()
+    assert page.locator("[onfocus]").count() == 0, "an attribute broke out of data-json"
+    assert page.locator("button[autofocus]").count() == 0
+    rules = [json.loads(b.get_attribute("data-json")) for b in page.locator("button.edit-rule").all()]
+    assert hostile in [r["id"] for r in rules], rules
+    i = [r["id"] for r in rules].index(hostile)
+    page.locator("button.edit-rule").nth(i).click()
+    expect(page.get_by_label("Rule id")).to_have_value(hostile)
     shot(page, a.artifacts, "alerts")
     server.shutdown()
     return {"alerts": "ok", "calls": len(Receiver.calls)}

@@ -402,4 +402,13 @@ pub struct AlertingDto {
     /// public addresses only, over https (plain http only inside an allowed range).
     #[serde(default)]
     pub allow_targets: Option<Vec<String>>,
+    /// Alert rules one customer may have. Default 50.
+    #[serde(default)]
+    pub max_rules_per_customer: Option<u32>,
+    /// Thresholds (`percent` and `absolute` together) one rule may have. Default 10.
+    #[serde(default)]
+    pub max_thresholds_per_rule: Option<u32>,
+    /// Webhooks one customer may have. Default 10.
+    #[serde(default)]
+    pub max_webhooks_per_customer: Option<u32>,
 }

@@ -118,7 +118,7 @@ impl Validator<'_> {
 
         let alerting = self.alert_delivery(doc.alerting.as_ref());
         let ctx = Ctx {
-            targets: &alerting.targets,
+            alerting: &alerting,
             entity_types: &entity_types,
             type_index: &type_index,
             feature_index: &feature_index,
@@ -206,10 +206,14 @@ impl Validator<'_> {
                 ),
             }
         }
+        let budget = |v: Option<u32>, default: usize| v.map_or(default, |n| n as usize);
         AlertDelivery {
             retry_millis,
             timeout_millis,
             targets: crate::alerts::target::TargetPolicy::new(allow),
+            max_rules: budget(dto.and_then(|a| a.max_rules_per_customer), 50),
+            max_thresholds: budget(dto.and_then(|a| a.max_thresholds_per_rule), 10),
+            max_webhooks: budget(dto.and_then(|a| a.max_webhooks_per_customer), 10),
         }
     }
 
@@ -629,7 +633,7 @@ impl Validator<'_> {
             auto_parents,
             max_auto_entities: c.max_auto_entities.unwrap_or(DEFAULT_MAX_AUTO_ENTITIES),
             alerts: Vec::new(),
-            webhooks: self.webhooks(path, c, ctx.targets),
+            webhooks: self.webhooks(path, c, ctx.alerting),
         };
         model.grants = self.grants(ctx, path, c, &model, &declared, limits_failed);
         model.alerts = self.alerts(ctx, path, c, &model, &declared);
@@ -638,14 +642,20 @@ impl Validator<'_> {
 
     /// A customer's webhook endpoints: unique ids, an http(s) URL (plain http only to a
     /// loopback host), and at least one `whsec_` secret that decodes.
-    fn webhooks(
-        &mut self,
-        path: &str,
-        c: &CustomerDto,
-        targets: &crate::alerts::target::TargetPolicy,
-    ) -> Vec<Webhook> {
+    fn webhooks(&mut self, path: &str, c: &CustomerDto, alerting: &AlertDelivery) -> Vec<Webhook> {
+        let targets = &alerting.targets;
         let mut seen = HashMap::new();
         let mut out = Vec::new();
+        if c.webhooks.len() > alerting.max_webhooks {
+            self.err(
+                format!("{path}.webhooks"),
+                format!(
+                    "{} webhooks, over the {} a customer may have (alerting.maxWebhooksPerCustomer)",
+                    c.webhooks.len(),
+                    alerting.max_webhooks
+                ),
+            );
+        }
         for (i, w) in c.webhooks.iter().enumerate() {
             let wpath = format!("{path}.webhooks[{i}]");
             self.check_id(format!("{wpath}.id"), &w.id);
@@ -690,6 +700,16 @@ impl Validator<'_> {
     ) -> Vec<AlertRule> {
         let mut seen = HashMap::new();
         let mut out = Vec::new();
+        if c.alerts.len() > ctx.alerting.max_rules {
+            self.err(
+                format!("{path}.alerts"),
+                format!(
+                    "{} alert rules, over the {} a customer may have (alerting.maxRulesPerCustomer): every decision of the customer evaluates them",
+                    c.alerts.len(),
+                    ctx.alerting.max_rules
+                ),
+            );
+        }
         for (i, a) in c.alerts.iter().enumerate() {
             let apath = format!("{path}.alerts[{i}]");
             let errors_before = self.errors.len();
@@ -782,6 +802,16 @@ impl Validator<'_> {
                 self.err(
                     format!("{apath}.percent"),
                     format!("{p} is not from 1 to 1000"),
+                );
+            }
+            let thresholds = a.percent.len() + a.absolute.len();
+            if thresholds > ctx.alerting.max_thresholds {
+                self.err(
+                    apath.clone(),
+                    format!(
+                        "{thresholds} thresholds, over the {} a rule may have (alerting.maxThresholdsPerRule): every decision of the customer evaluates them",
+                        ctx.alerting.max_thresholds
+                    ),
                 );
             }
             if a.absolute.contains(&0) {
@@ -1227,8 +1257,8 @@ fn check_text(text: &str, max: usize) -> Result<(), String> {
 }
 
 struct Ctx<'a> {
-    /// Where webhooks may go.
-    targets: &'a crate::alerts::target::TargetPolicy,
+    /// Where webhooks may go, and the per-customer alerting budgets.
+    alerting: &'a AlertDelivery,
     entity_types: &'a [EntityType],
     type_index: &'a HashMap<&'a str, usize>,
     feature_index: &'a FxHashMap<String, usize>,

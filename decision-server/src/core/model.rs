@@ -411,6 +411,11 @@ pub struct AlertDelivery {
     pub timeout_millis: i64,
     /// Where webhooks may go.
     pub targets: crate::alerts::target::TargetPolicy,
+    /// Per-customer budgets: what one tenant's rules can make every decision of its own
+    /// evaluate, and the server keep (alert rules, thresholds per rule, webhooks).
+    pub max_rules: usize,
+    pub max_thresholds: usize,
+    pub max_webhooks: usize,
 }
 
 impl Model {

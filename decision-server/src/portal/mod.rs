@@ -323,6 +323,13 @@ async fn login(
     headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> Response {
+    if !session::same_origin(&headers) {
+        return render(
+            StatusCode::FORBIDDEN,
+            "login.html",
+            context! { error => "sign in from the portal's own page" },
+        );
+    }
     let now = state.now().millis();
     match state
         .sessions()

@@ -16,15 +16,27 @@ pub const COOKIE: &str = "tollgate_session";
 pub const CSRF_HEADER: &str = "x-csrf-token";
 /// How long a session lasts after sign-in, in ms (8 hours: a working day).
 pub const TTL_MILLIS: i64 = 8 * 3600 * 1000;
-/// The most sessions kept at once; past it, expired ones are dropped, then sign-in refused.
+/// The most sessions kept at once; past it, expired ones are dropped, then sign-in refused
+/// (but for the operator).
 const MAX_SESSIONS: usize = 10_000;
+/// The most sessions one credential keeps: a new sign-in past it ends that credential's
+/// oldest session, so a loop of sign-ins with one key churns only its own sessions.
+pub const MAX_PER_KEY: usize = 10;
+/// The most sessions one customer's keys keep together, likewise: one tenant never fills the
+/// server's sessions, so another tenant (and the operator) can always sign in.
+pub const MAX_PER_CUSTOMER: usize = 100;
 
 #[derive(Debug, Clone)]
 struct Session {
     /// The credential signed in with, checked again on every request, so a key removed from
     /// the config (and reloaded) ends its sessions at once.
     token: String,
+    /// A digest of the credential, for its budget.
+    key: [u8; 32],
+    /// The customer the credential belongs to (none for the operator), for its budget.
+    customer: Option<String>,
     csrf: String,
+    created_at: i64,
     expires_at: i64,
 }
 
@@ -62,22 +74,49 @@ impl Sessions {
         now: i64,
     ) -> Result<(String, Principal), SessionError> {
         let principal = check(token).map_err(SessionError::Revoked)?;
-        if self.map.len() >= MAX_SESSIONS {
-            self.map.retain(|_, s| s.expires_at > now);
-            if self.map.len() >= MAX_SESSIONS {
-                return Err(SessionError::Full);
-            }
+        let key = crate::auth::sha256(token);
+        let customer = match &principal {
+            Principal::Customer(c, _) => Some(c.clone()),
+            _ => None,
+        };
+        self.map.retain(|_, s| s.expires_at > now);
+        self.make_room(|s| s.key == key, MAX_PER_KEY);
+        if let Some(c) = &customer {
+            self.make_room(|s| s.customer.as_ref() == Some(c), MAX_PER_CUSTOMER);
+        }
+        if self.map.len() >= MAX_SESSIONS && customer.is_some() {
+            return Err(SessionError::Full);
         }
         let id = crate::auth::random_secret();
         self.map.insert(
             id.clone(),
             Session {
                 token: token.to_string(),
+                key,
+                customer,
                 csrf: crate::auth::random_secret(),
+                created_at: now,
                 expires_at: now + TTL_MILLIS,
             },
         );
         Ok((id, principal))
+    }
+
+    /// Ends the oldest sessions matching `mine` until fewer than `max` are left.
+    fn make_room(&self, mine: impl Fn(&Session) -> bool, max: usize) {
+        let mut own: Vec<(i64, String)> = self
+            .map
+            .iter()
+            .filter(|e| mine(e.value()))
+            .map(|e| (e.value().created_at, e.key().clone()))
+            .collect();
+        if own.len() < max {
+            return;
+        }
+        own.sort();
+        for (_, id) in own.iter().take(own.len() + 1 - max) {
+            self.map.remove(id);
+        }
     }
 
     /// The session `id` stands for at `now`, with its credential checked again.
@@ -109,6 +148,24 @@ impl Sessions {
     /// Signs out.
     pub fn remove(&self, id: &str) {
         self.map.remove(id);
+    }
+}
+
+/// Whether a form post comes from the portal's own pages: a browser's `Sec-Fetch-Site` says
+/// `same-origin` (or `none`, typed by the user), else its `Origin` names this host. Sign-in
+/// has no session yet, hence no CSRF token: this keeps another site from posting a key.
+pub fn same_origin(headers: &axum::http::HeaderMap) -> bool {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = header("sec-fetch-site") {
+        return matches!(site, "same-origin" | "none");
+    }
+    match (header("origin"), header("host")) {
+        (Some(origin), Some(host)) => origin
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest.trim_end_matches('/') == host),
+        (Some(_), None) => false,
+        // No browser fetch metadata at all: not a cross-site browser post.
+        (None, _) => true,
     }
 }
 
@@ -206,6 +263,67 @@ mod tests {
         let (id, _) = s.create(&check(&c), "acme-admin.s3cret", 0).unwrap();
         s.remove(&id);
         assert!(s.get(&check(&c), &id, 1).is_err());
+    }
+
+    #[test]
+    fn one_key_signing_in_in_a_loop_churns_only_its_own_sessions() {
+        let keys = vec![
+            ApiKeySpec {
+                id: "acme-viewer".into(),
+                customer: "acme".into(),
+                sha256: sha256("acme-viewer.s3cret"),
+                role: Role::Viewer,
+            },
+            ApiKeySpec {
+                id: "globex-admin".into(),
+                customer: "globex".into(),
+                sha256: sha256("globex-admin.s3cret"),
+                role: Role::Admin,
+            },
+        ];
+        let c = Credentials::new(Some(sha256("operator-token")), &keys, &[]);
+        let s = Sessions::default();
+        let (first, _) = s.create(&check(&c), "acme-viewer.s3cret", 0).unwrap();
+        for i in 1..20_000 {
+            s.create(&check(&c), "acme-viewer.s3cret", i).unwrap();
+        }
+        assert_eq!(s.map.len(), MAX_PER_KEY, "one key keeps its own few");
+        assert!(
+            s.get(&check(&c), &first, 20_000).is_err(),
+            "the oldest was ended"
+        );
+        // Another tenant and the operator sign in as ever.
+        let (g, _) = s.create(&check(&c), "globex-admin.s3cret", 20_000).unwrap();
+        assert!(s.get(&check(&c), &g, 20_001).is_ok());
+        let (o, p) = s.create(&check(&c), "operator-token", 20_000).unwrap();
+        assert_eq!(p, Principal::Operator);
+        assert!(s.get(&check(&c), &o, 20_001).is_ok());
+    }
+
+    #[test]
+    fn sign_in_is_posted_from_the_portal_only() {
+        let h = |pairs: &[(&str, &str)]| {
+            let mut m = axum::http::HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(
+                    axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            m
+        };
+        assert!(same_origin(&h(&[("sec-fetch-site", "same-origin")])));
+        assert!(!same_origin(&h(&[("sec-fetch-site", "cross-site")])));
+        assert!(!same_origin(&h(&[("sec-fetch-site", "same-site")])));
+        assert!(same_origin(&h(&[
+            ("origin", "http://127.0.0.1:8080"),
+            ("host", "127.0.0.1:8080")
+        ])));
+        assert!(!same_origin(&h(&[
+            ("origin", "https://evil.example"),
+            ("host", "127.0.0.1:8080")
+        ])));
+        assert!(same_origin(&h(&[])), "curl and other non-browser clients");
     }
 
     #[test]
