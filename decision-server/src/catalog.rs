@@ -153,13 +153,31 @@ impl AdminOp {
     /// Applies the change to `doc`'s structure; validation of the result is the caller's.
     pub fn apply(&self, doc: &mut ConfigDoc) -> Result<(), AdminError> {
         match self {
-            AdminOp::PutCustomer { customer, create } => put(
-                &mut doc.customers,
-                customer.clone(),
-                |c| &c.id,
-                *create,
-                format!("customer `{}`", customer.id),
-            ),
+            AdminOp::PutCustomer { customer, create } => {
+                // A customer read back has its webhook secrets redacted: a redacted secret
+                // written back keeps the one it stands for (same webhook, same place).
+                let mut customer = customer.clone();
+                if let Some(before) = doc.customers.iter().find(|c| c.id == customer.id) {
+                    for w in &mut customer.webhooks {
+                        let old = before.webhooks.iter().find(|o| o.id == w.id);
+                        for (i, secret) in w.secrets.iter_mut().enumerate() {
+                            if secret == REDACTED
+                                && let Some(kept) = old.and_then(|o| o.secrets.get(i))
+                            {
+                                secret.clone_from(kept);
+                            }
+                        }
+                    }
+                }
+                let id = customer.id.clone();
+                put(
+                    &mut doc.customers,
+                    customer,
+                    |c| &c.id,
+                    *create,
+                    format!("customer `{id}`"),
+                )
+            }
             AdminOp::DeleteCustomer { id } => delete(
                 &mut doc.customers,
                 id,

@@ -124,7 +124,9 @@ impl BearerJwt {
             k.alg == head.alg && (head.kid.is_none() || k.kid.is_none() || k.kid == head.kid)
         });
         let mut validation = Validation::new(head.alg);
-        validation.required_spec_claims = ["iss".to_string()].into_iter().collect();
+        // A token without `exp` would be good forever once lifted from a log: refused.
+        validation.required_spec_claims =
+            ["iss".to_string(), "exp".to_string()].into_iter().collect();
         validation.leeway = LEEWAY_SECONDS;
         validation.validate_nbf = true;
         validation.set_issuer(&[&self.issuer]);
@@ -173,7 +175,23 @@ mod tests {
         json!({"keys": [{"kty": "oct", "kid": "k1", "k": k}]}).to_string()
     }
 
-    fn token(claims: serde_json::Value, key: &[u8]) -> String {
+    /// A token with `claims`, and an `exp` an hour ahead unless they carry one (`"exp": null`
+    /// for none).
+    fn token(mut claims: serde_json::Value, key: &[u8]) -> String {
+        if let Some(map) = claims.as_object_mut() {
+            match map.get("exp") {
+                None => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    map.insert("exp".into(), (now + 3600).into());
+                }
+                Some(serde_json::Value::Null) => {
+                    map.remove("exp");
+                }
+                Some(_) => {}
+            }
+        }
         let mut h = Header::new(Algorithm::HS256);
         h.kid = Some("k1".into());
         format!(
@@ -216,6 +234,14 @@ mod tests {
             v.verify(Some(&expired))
                 .unwrap_err()
                 .contains("ExpiredSignature")
+        );
+        let forever = token(
+            json!({"iss": "https://auth.example.com", "org": "acme", "exp": null}),
+            SECRET,
+        );
+        assert!(
+            v.verify(Some(&forever)).unwrap_err().contains("exp"),
+            "a token that never expires is refused"
         );
         let aimed = token(
             json!({"iss": "https://auth.example.com", "aud": "billing"}),

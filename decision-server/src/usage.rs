@@ -460,12 +460,21 @@ struct Follower {
     signal: tokio::sync::watch::Receiver<u64>,
     poll: Duration,
     stopping: tokio::sync::watch::Receiver<bool>,
+    /// The cursor a gap was last reported at: the same gap on an empty page is not news, and
+    /// reporting it again would spin (the cursor cannot move without an event).
+    gap_at: Option<Option<String>>,
 }
 
 impl Follower {
+    /// Whether `page` brings anything to hand on.
+    fn news(&self, page: &EventPage) -> bool {
+        !page.events.is_empty() || (page.gap && self.gap_at.as_ref() != Some(&self.cursor))
+    }
+
     fn take(&mut self, page: EventPage) {
-        if page.gap {
+        if page.gap && self.gap_at.as_ref() != Some(&self.cursor) {
             self.buffer.push_back(Followed::Gap);
+            self.gap_at = Some(self.cursor.clone());
         }
         if let Some(last) = page.events.last() {
             self.cursor = Some(last.id.clone());
@@ -498,6 +507,7 @@ pub async fn follow(
         signal,
         poll,
         stopping,
+        gap_at: None,
     };
     f.take(first);
     Ok(futures_util::stream::unfold(f, |mut f| async move {
@@ -515,7 +525,7 @@ pub async fn follow(
                 .read_events(f.customer, f.cursor.as_deref(), FOLLOW_PAGE)
                 .await
             {
-                Ok(page) if !page.events.is_empty() || page.gap => f.take(page),
+                Ok(page) if f.news(&page) => f.take(page),
                 Ok(_) => {
                     tokio::select! {
                         _ = f.signal.changed() => {}

@@ -596,8 +596,16 @@ async fn budgets(
         // As the API answers: 400 for a bad query, 404 for an unknown entity, 503 when the
         // store is unreachable (the overview's poll then keeps the bars it has).
         Err(e) => {
+            // JSON, never text a browser could sniff into a page: the message may repeat
+            // what the query asked for.
             let e = crate::api::ApiError::from(e);
-            (e.status, e.message).into_response()
+            hardened(
+                (
+                    e.status,
+                    axum::Json(serde_json::json!({"error": e.message})),
+                )
+                    .into_response(),
+            )
         }
     }
 }

@@ -15,15 +15,16 @@ use crate::core::{Name, Timestamp};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamRetention {
     pub millis: i64,
+    /// Per customer: one tenant's events only ever push out its own older ones.
     pub max_events: usize,
 }
 
 impl Default for StreamRetention {
-    /// An hour, and at most 200,000 events.
+    /// An hour, and at most 50,000 events per customer.
     fn default() -> Self {
         Self {
             millis: 3_600_000,
-            max_events: 200_000,
+            max_events: 50_000,
         }
     }
 }
@@ -63,10 +64,38 @@ struct Entry {
     body: Arc<EventBody>,
 }
 
+/// One customer's events, oldest first.
+#[derive(Debug, Default)]
+struct CustomerLog {
+    entries: VecDeque<Entry>,
+    /// The newest id of this customer's events that were let go (0: none).
+    dropped_through: u64,
+}
+
+impl CustomerLog {
+    /// Lets go of events past the retention at `now`.
+    fn trim(&mut self, r: StreamRetention, now: Timestamp) {
+        while self.entries.len() > r.max_events
+            || self
+                .entries
+                .front()
+                .is_some_and(|e| e.at.millis().saturating_add(r.millis) < now.millis())
+        {
+            if let Some(e) = self.entries.pop_front() {
+                self.dropped_through = self.dropped_through.max(e.id);
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
-    entries: VecDeque<Entry>,
+    /// Per customer, so one tenant's flood never pushes out another's events.
+    by_customer: std::collections::HashMap<Name, CustomerLog>,
     next: u64,
+    /// The first id this log numbered or was given back: a cursor from before it may have
+    /// missed events.
+    floor: u64,
     retention: StreamRetention,
 }
 
@@ -83,10 +112,12 @@ impl EventLog {
     /// in-memory store never reuses an id a client may hold).
     pub fn new(first: u64, now: Timestamp) -> Self {
         let clock_floor = u64::try_from(now.millis()).unwrap_or(0) << 16;
+        let next = first.max(clock_floor) + 1;
         Self {
             inner: Mutex::new(Inner {
-                entries: VecDeque::new(),
-                next: first.max(clock_floor) + 1,
+                by_customer: std::collections::HashMap::new(),
+                next,
+                floor: next,
                 retention: StreamRetention::default(),
             }),
             signal: watch::Sender::new(0),
@@ -105,12 +136,18 @@ impl EventLog {
         let mut inner = self.inner.lock();
         for (id, customer, at, body) in events {
             inner.next = inner.next.max(id + 1);
-            inner.entries.push_back(Entry {
-                id,
-                customer,
-                at,
-                body,
-            });
+            inner.floor = inner.floor.min(id);
+            inner
+                .by_customer
+                .entry(customer)
+                .or_default()
+                .entries
+                .push_back(Entry {
+                    id,
+                    customer,
+                    at,
+                    body,
+                });
         }
     }
 
@@ -126,10 +163,13 @@ impl EventLog {
         }
         let mut inner = self.inner.lock();
         let mut ids = Vec::with_capacity(bodies.len());
+        let mut next = inner.next;
+        let r = inner.retention;
+        let log = inner.by_customer.entry(customer).or_default();
         for (at, body) in bodies {
-            let id = inner.next;
-            inner.next += 1;
-            inner.entries.push_back(Entry {
+            let id = next;
+            next += 1;
+            log.entries.push_back(Entry {
                 id,
                 customer,
                 at,
@@ -137,15 +177,8 @@ impl EventLog {
             });
             ids.push(id);
         }
-        let r = inner.retention;
-        while inner.entries.len() > r.max_events
-            || inner
-                .entries
-                .front()
-                .is_some_and(|e| e.at.millis() + r.millis < now.millis())
-        {
-            inner.entries.pop_front();
-        }
+        log.trim(r, now);
+        inner.next = next;
         let last = inner.next - 1;
         drop(inner);
         self.signal.send_replace(last);
@@ -155,30 +188,29 @@ impl EventLog {
     /// Up to `max` events after `after` (of `customer` only, when given), oldest first.
     pub fn read(&self, customer: Option<Name>, after: Option<u64>, max: usize) -> EventPage {
         let inner = self.inner.lock();
-        let first = inner.entries.front().map(|e| e.id);
-        let start = match after {
-            Some(a) => inner.entries.partition_point(|e| e.id <= a),
-            None => 0,
+        let logs: Vec<&CustomerLog> = match customer {
+            Some(c) => inner.by_customer.get(&c).into_iter().collect(),
+            None => inner.by_customer.values().collect(),
         };
-        // A cursor older than the first event kept, with events dropped since, may have missed
-        // some; a cursor from before this log's numbering (another process) has too.
-        let gap = match (after, first) {
-            (Some(a), Some(f)) => a + 1 < f,
-            (Some(a), None) => a + 1 < inner.next,
-            (None, _) => false,
-        };
-        let events = inner
-            .entries
-            .range(start..)
-            .filter(|e| customer.is_none_or(|c| c == e.customer))
-            .take(max)
-            .map(|e| StreamEvent {
+        // Events of the customers read that were let go after the cursor may be missed; so may
+        // any from before this log's numbering (another process).
+        let gap = after
+            .is_some_and(|a| a + 1 < inner.floor || logs.iter().any(|l| l.dropped_through > a));
+        let mut events: Vec<StreamEvent> = Vec::new();
+        for l in logs {
+            let start = after.map_or(0, |a| l.entries.partition_point(|e| e.id <= a));
+            events.extend(l.entries.range(start..).take(max).map(|e| StreamEvent {
                 id: e.id.to_string(),
                 customer: e.customer,
                 at: e.at,
                 body: Arc::clone(&e.body),
-            })
-            .collect();
+            }));
+        }
+        if customer.is_none() {
+            // Every customer's log is in id order; together, in the order events happened.
+            events.sort_by_key(|e| e.id.parse::<u64>().unwrap_or(u64::MAX));
+            events.truncate(max);
+        }
         EventPage { events, gap }
     }
 
@@ -188,7 +220,12 @@ impl EventLog {
     }
 
     pub fn len(&self) -> usize {
-        self.inner.lock().entries.len()
+        self.inner
+            .lock()
+            .by_customer
+            .values()
+            .map(|l| l.entries.len())
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -226,9 +263,16 @@ mod tests {
             millis: i64::MAX / 2,
             max_events: 2,
         });
-        log.push(acme, vec![alert(4)], now);
+        log.push(acme, vec![alert(4), alert(5)], now);
         let late = log.read(None, Some(a[0]), 10);
         assert!(late.gap, "the event after the cursor was dropped");
-        assert_eq!(late.events.len(), 2);
+        assert_eq!(late.events.len(), 3, "acme's two newest and globex's");
+        // acme's flood pushed out only acme's own events: globex's one is still there, with
+        // no gap for a globex reader.
+        log.push(acme, (10..1000).map(alert).collect(), now);
+        let g_page = log.read(Some(globex), Some(a[1]), 10);
+        assert_eq!(g_page.events.len(), 1);
+        assert!(!g_page.gap);
+        assert_eq!(log.len(), 3);
     }
 }

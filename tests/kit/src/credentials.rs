@@ -32,6 +32,17 @@ pub fn signed_jwt(claims: &serde_json::Value, key: &[u8]) -> String {
     use base64::Engine as _;
     use hmac::Mac as _;
     let b = |s: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    // An hour from now unless the claims say (as identity providers issue them): verifiers
+    // refuse a token that never expires.
+    let mut claims = claims.clone();
+    if let Some(map) = claims.as_object_mut()
+        && !map.contains_key("exp")
+    {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        map.insert("exp".into(), (now + 3600).into());
+    }
     let signing_input = format!(
         "{}.{}",
         b(br#"{"alg":"HS256","typ":"JWT","kid":"k1"}"#),
