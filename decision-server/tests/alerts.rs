@@ -24,7 +24,32 @@ test_with_all_stores!(
     denial_bursts_and_projected_exhaustion_fire_once,
     ingested_usage_crosses_thresholds_too,
     a_reading_that_jumps_past_a_threshold_fires_it_once,
+    one_decision_claims_a_bounded_number_of_crossings_and_the_rest_follow,
 );
+
+/// Thirty thresholds crossed by one check: that decision claims eight (eight store calls,
+/// eight events), the customer's next decisions the rest, each exactly once.
+fn one_decision_claims_a_bounded_number_of_crossings_and_the_rest_follow(store: Store) {
+    let rules = r#"
+limits:
+  - { id: team-day, entityType: team, feature: tokens, kind: quota, limit: 100000, period: P1D }
+alerts:
+  - { id: a, entityType: team, limit: team-day, absolute: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10] }
+  - { id: b, entityType: team, limit: team-day, absolute: [11, 12, 13, 14, 15, 16, 17, 18, 19, 20] }
+  - { id: c, entityType: team, limit: team-day, absolute: [21, 22, 23, 24, 25, 26, 27, 28, 29, 30] }
+"#;
+    let h = harness(&tree_with(rules), store, START);
+    let claims = Claims::default();
+    let (granted, fired) = spend(&h, &claims, "u1", 50);
+    assert!(granted);
+    assert_eq!(fired, tollgate::alerts::MAX_CLAIMS_PER_DECISION);
+    let mut total = fired;
+    for _ in 0..10 {
+        total += spend(&h, &claims, "u1", 1).1;
+    }
+    assert_eq!(total, 30, "every crossing fired, once");
+    assert_eq!(alerts_on_stream(&h).len(), 30);
+}
 
 const START: &str = "2026-03-10T10:00:00Z";
 

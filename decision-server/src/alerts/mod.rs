@@ -360,6 +360,9 @@ pub async fn after_ingest(
 /// Claims every threshold `decision` crossed and re-arms the claims this replica holds that
 /// usage fell back under. Returns how many alerts fired. Alerts are a side effect of an
 /// answered decision: the caller logs a failure, the decision stands.
+/// Threshold crossings one decision claims at most (each is one store call and one event).
+pub const MAX_CLAIMS_PER_DECISION: usize = 8;
+
 pub async fn after_decision(
     engine: &Engine,
     claims: &Claims,
@@ -377,11 +380,19 @@ pub async fn after_decision(
     let now = engine.now();
     let store = engine.store();
     let mut fired = 0;
+    let mut claimed_now = 0;
     for x in &crossed {
         let seen = (customer.to_string(), x.key.clone());
         if x.until.is_some() && claims.claimed.contains(&seen) {
             continue;
         }
+        // A per-decision budget: a crossing past it is claimed by one of the customer's next
+        // decisions (usage stays over the threshold), so no single decision waits on many
+        // store calls, and no burst of events comes from one call.
+        if claimed_now == MAX_CLAIMS_PER_DECISION {
+            break;
+        }
+        claimed_now += 1;
         let id = random_id();
         let body = body(customer, x, &id, now);
         fired += usize::from(fire(engine, c, x.rule, &x.key, x.until, &id, &body).await?);
