@@ -128,7 +128,13 @@ fn mark_expired(holds: &mut [ModelHold], now: i64) {
 }
 
 fn run_ops(make: Factory<'_>, ops: &[Op]) -> Result<(), TestCaseError> {
-    let yaml = format!("holdTtl: PT10M\n{}", tree_with(PROP_LIMITS));
+    // The model the checks name ("small", priced by the `*` entry) can use 20 tokens a call,
+    // so the settlement bound, max(ten times the hold, the model's ceiling), is reached.
+    let yaml = format!("holdTtl: PT10M\n{}", tree_with(PROP_LIMITS)).replace(
+        r#"{ match: "*", inputPerMillion: 1000000, outputPerMillion: 1000000 }"#,
+        r#"{ match: "*", inputPerMillion: 1000000, outputPerMillion: 1000000, contextWindow: 20 }"#,
+    );
+    assert!(yaml.contains("contextWindow: 20"), "the fixture changed");
     let h = harness(&yaml, make(), "2026-03-10T10:00:00Z");
     let ttl_ms = 600_000;
     let mut holds: Vec<ModelHold> = Vec::new();
@@ -179,8 +185,9 @@ fn run_ops(make: Factory<'_>, ops: &[Op]) -> Result<(), TestCaseError> {
                 let n = holds.len();
                 let mh = &mut holds[hold % n];
                 let result = h.run(h.engine.settle(&mh.id, Usage::units(*actual)));
-                // An open hold settles up to ten times its amount; past that nothing changes.
-                let max = mh.amount.max(1) * 10;
+                // An open hold settles up to ten times its amount or the model's 20, whichever
+                // is more; past that nothing changes.
+                let max = (mh.amount.max(1) * 10).max(20);
                 if mh.fate == Fate::Open && *actual > max {
                     prop_assert!(
                         matches!(
