@@ -152,6 +152,9 @@ struct RunArgs {
     /// Customers the load is spread over (`c0`..).
     #[arg(long, default_value_t = 10)]
     customers: usize,
+    /// The first customer's number: `--first-customer 1 --customers 1` loads `c1` alone.
+    #[arg(long, default_value_t = 0)]
+    first_customer: usize,
     /// Distinct users over all customers.
     #[arg(long, default_value_t = 1000)]
     users: u64,
@@ -375,7 +378,10 @@ async fn run(args: &RunArgs, addr: &str) -> anyhow::Result<Outcome> {
                 } else {
                     rng.next() % args.users.max(1)
                 };
-                let customer = format!("c{}", user % args.customers.max(1) as u64);
+                let customer = format!(
+                    "c{}",
+                    args.first_customer as u64 + user % args.customers.max(1) as u64
+                );
                 let user = format!("u{user}");
                 let t0 = Instant::now();
                 let ok = match (client, grpc.as_mut()) {
@@ -762,6 +768,7 @@ async fn envoy_bench(
                     duration_secs,
                     connections: c,
                     customers: 10,
+                    first_customer: 0,
                     users,
                     usage: 16,
                     hot: 0,

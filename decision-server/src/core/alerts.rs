@@ -112,7 +112,9 @@ pub fn evaluate(
                 .map(|p| (Trigger::Percent(*p), percent_of(e.usage_limit, *p)))
                 .chain(rule.absolute.iter().map(|a| (Trigger::Absolute(*a), *a)));
             for (trigger, t) in thresholds {
-                let k = key(rule, e, trigger, until);
+                // The claim key is made only for a threshold that crossed or re-arms: most of
+                // a rule's thresholds do neither on a given decision, and a decision must not
+                // pay for each of them.
                 let crossed_now = if until.is_some() {
                     t <= after
                 } else {
@@ -124,13 +126,15 @@ pub fn evaluate(
                         trigger,
                         threshold: t,
                         entry: e.clone(),
-                        key: k,
+                        key: key(rule, e, trigger, until),
                         until,
                     });
                 } else if until.is_none() {
                     let margin = u128::from(t) * u128::from(model.alert_hysteresis_percent) / 100;
                     if u128::from(after) + margin < u128::from(t) {
-                        rearm.push(Rearm { key: k });
+                        rearm.push(Rearm {
+                            key: key(rule, e, trigger, until),
+                        });
                     }
                 }
             }
