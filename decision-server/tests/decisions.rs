@@ -549,66 +549,33 @@ limits:
     );
     assert!(yaml.contains("contextWindow"));
     let h = harness(&yaml, store, "2026-03-10T10:00:00Z");
-    let user = [("userId", "u1")];
-    // A Responses call with `previous_response_id`: held 76, reported 8,020.
-    let hold = h
-        .check(
-            "acme",
-            "tokens",
-            76,
-            &[("userId", "u1"), ("model", "big-4")],
-        )
-        .hold_id
-        .unwrap();
-    h.settle(&hold, 8_020);
-    assert_eq!(h.counted("acme", "u1", "user-day"), 8_020);
-    // The price table's window and output: 144,384 at most.
-    let hold = h
-        .check(
-            "acme",
-            "tokens",
-            76,
-            &[("userId", "u1"), ("model", "big-4")],
-        )
-        .hold_id
-        .unwrap();
-    assert!(matches!(
-        h.run(h.engine.settle(&hold, Usage::units(144_385))),
-        Err(DecisionError::Store(StoreError::SettleTooLarge {
-            max: 144_384,
-            ..
-        }))
-    ));
-    h.settle(&hold, 144_384);
+    // A hold of `units` for a call to `model` (none: no model dimension), whose settlement
+    // may report at most `max`: one more is refused, then `charged` settles it.
+    let call = |model: Option<&str>, units: u64, max: u64, charged: Option<u64>| {
+        let mut dims = vec![("userId", "u1")];
+        dims.extend(model.map(|m| ("model", m)));
+        let hold = h.check("acme", "tokens", units, &dims).hold_id.unwrap();
+        assert!(
+            matches!(
+                h.run(h.engine.settle(&hold, Usage::units(max + 1))),
+                Err(DecisionError::Store(StoreError::SettleTooLarge { max: m, .. })) if m == max
+            ),
+            "{model:?}: more than {max}"
+        );
+        match charged {
+            Some(c) => h.settle(&hold, c),
+            None => h.release(&hold),
+        }
+    };
+    // A Responses call with `previous_response_id`: held 76, reported 8,020, under the price
+    // table's window and output (144,384).
+    call(Some("big-4"), 76, 144_384, Some(8_020));
+    call(Some("big-4"), 76, 144_384, Some(144_384));
     // A model the table gives no window for: the default ceiling.
-    let hold = h
-        .check(
-            "acme",
-            "tokens",
-            98,
-            &[("userId", "u1"), ("model", "small")],
-        )
-        .hold_id
-        .unwrap();
-    assert!(matches!(
-        h.run(h.engine.settle(&hold, Usage::units(2_000_001))),
-        Err(DecisionError::Store(StoreError::SettleTooLarge {
-            max: 2_000_000,
-            ..
-        }))
-    ));
-    h.settle(&hold, 1_230);
+    call(Some("small"), 98, 2_000_000, Some(1_230));
     assert_eq!(h.counted("acme", "u1", "user-day"), 8_020 + 144_384 + 1_230);
     // No model: ten times the request, as before.
-    let hold = h.check("acme", "tokens", 5, &user).hold_id.unwrap();
-    assert!(matches!(
-        h.run(h.engine.settle(&hold, Usage::units(51))),
-        Err(DecisionError::Store(StoreError::SettleTooLarge {
-            max: 50,
-            ..
-        }))
-    ));
-    h.release(&hold);
+    call(None, 5, 50, None);
 }
 
 fn a_feature_sets_its_own_settlement_maximum(store: Store) {

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::{INITECH, SIDECAR, Stack, caller};
-use tollgate_tests::sdk::sdk;
 
 const FILTER: &str = "wasm-filter.yaml";
 const T: Duration = Duration::from_secs(60);
@@ -22,26 +21,12 @@ const T: Duration = Duration::from_secs(60);
 /// What the mock reports for the SDK client's prompt: 8 words.
 const PROMPT: u64 = 8;
 
-fn token_of(bearer: &str) -> String {
-    bearer.trim_start_matches("Bearer ").to_string()
-}
-
 async fn initech(s: &Stack) -> u64 {
-    s.usage("initech", json!({"teamId": "ops"}), "initech-daily")
-        .await
+    support::initech_ops(s).await
 }
 
-/// Runs `scenario` of the SDK client against `s` as `bearer`, with `extra` arguments.
 async fn run(s: &Stack, bearer: &str, scenario: &'static str, extra: &[&str]) -> Value {
-    let (url, token) = (s.envoy.url.clone(), token_of(bearer));
-    let extra: Vec<String> = extra.iter().map(ToString::to_string).collect();
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = extra.iter().map(String::as_str).collect();
-        sdk(&url, &token, scenario, &args, T)
-    })
-    .await
-    .unwrap()
-    .unwrap()
+    support::run_sdk(s, bearer, scenario, extra, T).await
 }
 
 /// Waits (bounded) until initech's counter stops at a value above `before` for a second, and

@@ -24,22 +24,11 @@ fn ops() -> Value {
 }
 
 async fn initech(s: &Stack) -> u64 {
-    s.usage("initech", ops(), "initech-daily").await
+    support::initech_ops(s).await
 }
 
 async fn run(s: &Stack, bearer: &str, scenario: &'static str, extra: &[&str]) -> Value {
-    let (url, token) = (
-        s.envoy.url.clone(),
-        bearer.trim_start_matches("Bearer ").to_string(),
-    );
-    let extra: Vec<String> = extra.iter().map(ToString::to_string).collect();
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = extra.iter().map(String::as_str).collect();
-        sdk(&url, &token, scenario, &args, T)
-    })
-    .await
-    .unwrap()
-    .unwrap()
+    support::run_sdk(s, bearer, scenario, extra, T).await
 }
 
 /// Waits a little and checks initech's counter stayed at `want`.

@@ -317,3 +317,32 @@ pub fn hold_for(body: &Value) -> u64 {
         .unwrap_or(4096);
     budget * body["n"].as_u64().unwrap_or(1) + (body.to_string().len() as u64).div_ceil(4)
 }
+
+/// Runs `scenario` of the official SDKs' client (`tests/sdk/client.py`) against `s`'s Envoy as
+/// `bearer` (`Bearer <jwt>`), with `extra` arguments, bounded by `timeout`: what it printed.
+pub async fn run_sdk(
+    s: &Stack,
+    bearer: &str,
+    scenario: &'static str,
+    extra: &[&str],
+    timeout: Duration,
+) -> Value {
+    let (url, token) = (
+        s.envoy.url.clone(),
+        bearer.trim_start_matches("Bearer ").to_string(),
+    );
+    let extra: Vec<String> = extra.iter().map(ToString::to_string).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = extra.iter().map(String::as_str).collect();
+        tollgate_tests::sdk::sdk(&url, &token, scenario, &args, timeout)
+    })
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+/// initech's daily counter for team `ops`.
+pub async fn initech_ops(s: &Stack) -> u64 {
+    s.usage("initech", json!({"teamId": "ops"}), "initech-daily")
+        .await
+}
