@@ -9,6 +9,7 @@ use tollgate_proto::v1 as pb;
 use crate::api::UsageAcc;
 use crate::bounded::Pass;
 use crate::endpoint::BatchKind;
+use crate::lines::{Lines, Piece};
 
 /// Idempotency keys of batch usage start with this: `batch:<batch or file id>:<model>:<n>`,
 /// so results read twice, or through another Envoy, count once.
@@ -33,14 +34,14 @@ pub struct Sum {
 pub struct BatchScan {
     kind: BatchKind,
     id: String,
-    partial: Vec<u8>,
-    /// The unfinished line grew past `max_line` and is skipped to its end.
-    skipping: bool,
+    lines: Lines,
     max_line: usize,
     /// Per model, its answers cut into records of at most [`CHUNK`] units.
     by_model: BTreeMap<String, Vec<Sum>>,
     /// Lines too long to read, so their usage is not counted.
     pub skipped: u64,
+    /// A line too long to read is passing by (its end not seen yet).
+    passing_long_line: bool,
 }
 
 impl BatchScan {
@@ -48,45 +49,33 @@ impl BatchScan {
         Self {
             kind,
             id,
-            partial: Vec::new(),
-            skipping: false,
+            lines: Lines::default(),
             max_line,
             by_model: BTreeMap::new(),
             skipped: 0,
+            passing_long_line: false,
         }
     }
 
     pub fn feed(&mut self, chunk: &[u8]) {
-        let mut rest = chunk;
-        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
-            let (head, tail) = rest.split_at(i);
-            rest = &tail[1..];
-            if self.skipping {
-                self.skipping = false;
-                continue;
+        // Out of `self` while it hands lines to `self.line`.
+        let mut lines = std::mem::take(&mut self.lines);
+        lines.feed(chunk, self.max_line, |piece| match piece {
+            Piece::Line(line) => self.line(line),
+            Piece::Skipped(bytes) => {
+                // A line too long to read: counted once, when it starts to pass by.
+                if !self.passing_long_line {
+                    self.skipped += 1;
+                }
+                self.passing_long_line = !bytes.ends_with(b"\n");
             }
-            if self.partial.is_empty() {
-                self.line(head);
-            } else {
-                let mut l = std::mem::take(&mut self.partial);
-                l.extend_from_slice(head);
-                self.line(&l);
-            }
-        }
-        if !self.skipping {
-            self.partial.extend_from_slice(rest);
-            if self.partial.len() > self.max_line {
-                self.partial = Vec::new();
-                self.skipping = true;
-                self.skipped += 1;
-            }
-        }
+        });
+        self.lines = lines;
     }
 
     /// The end of the results: the last line, if it had no newline.
     pub fn finish(&mut self) {
-        if !self.skipping && !self.partial.is_empty() {
-            let l = std::mem::take(&mut self.partial);
+        if let Some(l) = self.lines.finish() {
             self.line(&l);
         }
     }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod decision;
 pub mod endpoint;
 pub mod extract;
+pub mod lines;
 pub mod pbjson;
 pub mod settle;
 

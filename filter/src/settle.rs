@@ -8,6 +8,7 @@ use tollgate_proto::v1 as pb;
 
 use crate::api::{Api, UsageAcc, content_bytes};
 use crate::config::{OnMissingUsage, OnUpstreamError, Settlement};
+use crate::lines::{Lines, Piece};
 
 pub const TOLLGATE_SERVICE: &str = "tollgate.v1.Tollgate";
 pub const CLOSE_HOLDS: &str = "CloseHolds";
@@ -91,9 +92,7 @@ impl UsageReading {
 /// usage-only events the filter asked for on the client's behalf.
 #[derive(Debug, Default)]
 pub struct SseScanner {
-    partial: Vec<u8>,
-    /// The partial line grew past the cap and is being skipped to its end.
-    skipping: bool,
+    lines: Lines,
     seen: Seen,
     saw_done: bool,
     strip: bool,
@@ -115,48 +114,26 @@ impl SseScanner {
     /// lines but the stripped events (the unfinished last line waits for the next chunk).
     pub fn feed(&mut self, api: Api, chunk: &[u8], pointer: Option<&str>) -> Option<Vec<u8>> {
         let mut out = self.strip.then(|| Vec::with_capacity(chunk.len()));
-        let mut rest = chunk;
-        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
-            let (head, tail) = rest.split_at(i);
-            rest = &tail[1..];
-            if self.skipping {
-                // An over-long line: passed on as it came, never read.
-                self.skipping = false;
+        // Out of `self` while it hands lines to `self.line`.
+        let mut lines = std::mem::take(&mut self.lines);
+        lines.feed(chunk, MAX_SSE_LINE, |piece| match piece {
+            // An over-long line: passed on as it came, never read.
+            Piece::Skipped(bytes) => {
                 if let Some(o) = out.as_mut() {
-                    o.extend_from_slice(head);
+                    o.extend_from_slice(bytes);
+                }
+            }
+            Piece::Line(line) => {
+                let keep = self.line(api, line, pointer);
+                if let Some(o) = out.as_mut()
+                    && keep
+                {
+                    o.extend_from_slice(line);
                     o.push(b'\n');
                 }
-                continue;
             }
-            let line = if self.partial.is_empty() {
-                std::borrow::Cow::Borrowed(head)
-            } else {
-                let mut l = std::mem::take(&mut self.partial);
-                l.extend_from_slice(head);
-                std::borrow::Cow::Owned(l)
-            };
-            let keep = self.line(api, &line, pointer);
-            if let Some(o) = out.as_mut()
-                && keep
-            {
-                o.extend_from_slice(&line);
-                o.push(b'\n');
-            }
-        }
-        if self.skipping {
-            if let Some(o) = out.as_mut() {
-                o.extend_from_slice(rest);
-            }
-        } else {
-            self.partial.extend_from_slice(rest);
-            if self.partial.len() > MAX_SSE_LINE {
-                if let Some(o) = out.as_mut() {
-                    o.append(&mut self.partial);
-                }
-                self.partial.clear();
-                self.skipping = true;
-            }
-        }
+        });
+        self.lines = lines;
         out
     }
 
@@ -184,10 +161,7 @@ impl SseScanner {
     /// The end of the stream: the unfinished last line is read (and, when stripping, handed
     /// back if the client should get it).
     pub fn finish(&mut self, api: Api, pointer: Option<&str>) -> Option<Vec<u8>> {
-        if self.partial.is_empty() || self.skipping {
-            return None;
-        }
-        let line = std::mem::take(&mut self.partial);
+        let line = self.lines.finish()?;
         let keep = self.line(api, &line, pointer);
         (self.strip && keep).then_some(line)
     }
@@ -613,7 +587,7 @@ mod tests {
         for _ in 0..100 {
             out.extend(s.feed(Api::OpenaiChat, &[b'x'; 8192], None).unwrap());
         }
-        assert!(s.partial.len() <= MAX_SSE_LINE);
+        assert!(s.lines.kept() <= MAX_SSE_LINE);
         out.extend(
             s.feed(
                 Api::OpenaiChat,
