@@ -691,17 +691,20 @@ impl Catalog {
     /// decision; or changes nothing and says why. If another replica saved admin changes
     /// meanwhile, theirs are taken in first and `op` is applied on top of them.
     pub async fn apply(&self, engine: &Engine, op: AdminOp) -> Result<(), AdminError> {
-        self.apply_as(engine, op, &Principal::Operator, 0).await
+        self.apply_as(engine, op, &Principal::Operator, "operator", 0)
+            .await
     }
 
     /// [`Catalog::apply`] for `by` at `now` (ms): a customer admin's change must also pass
     /// [`customer_admin_guard`] against the document it lands on; the change is logged with
-    /// who made it, when, and its object before and after.
+    /// who made it (`who`: the principal, and the key it presented), when, and its object
+    /// before and after.
     pub async fn apply_as(
         &self,
         engine: &Engine,
         op: AdminOp,
         by: &Principal,
+        who: &str,
         now: i64,
     ) -> Result<(), AdminError> {
         let _changing = self.changing.lock().await;
@@ -726,7 +729,7 @@ impl Catalog {
                 after: subject(&next, &op),
                 before,
                 op: op.clone(),
-                by: by.describe(),
+                by: who.to_string(),
                 at: now,
             });
             // Stored before it takes effect: a change the store could not keep is refused.

@@ -722,17 +722,32 @@ impl Service {
 
     /// An admin change made by `by`: a customer admin's is held to the ceiling guard; every
     /// change is logged with who made it (the audit log).
+    /// A change by `by`.
     pub async fn admin_as(&self, by: &Principal, op: AdminOp) -> Result<(), AdminError> {
+        self.admin_by_key(by, None, op).await
+    }
+
+    /// A change by `by`, who presented API key `key` (if a customer's key): the audit log
+    /// names both.
+    pub async fn admin_by_key(
+        &self,
+        by: &Principal,
+        key: Option<&str>,
+        op: AdminOp,
+    ) -> Result<(), AdminError> {
         let (kind, id) = op.target();
+        let who = match key {
+            Some(k) => format!("{} (key {k})", by.describe()),
+            None => by.describe(),
+        };
         let what = format!(
-            "{} {kind} `{id}` of `{}` by {}",
+            "{} {kind} `{id}` of `{}` by {who}",
             op.action(),
             op.customer().unwrap_or("-"),
-            by.describe()
         );
         let result = self
             .catalog
-            .apply_as(&self.engine, op, by, self.now().millis())
+            .apply_as(&self.engine, op, by, &who, self.now().millis())
             .await;
         match &result {
             Ok(()) => {

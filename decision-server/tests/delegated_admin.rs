@@ -460,7 +460,10 @@ async fn roles_decide_what_each_key_may_do_over_http() {
     .await;
     assert_eq!(s, StatusCode::OK);
     let e = &log["entries"][0];
-    assert_eq!(e["by"], "acme:admin");
+    assert_eq!(
+        e["by"], "acme:admin (key acme-admin)",
+        "the key that made it"
+    );
     assert_eq!(
         (e["kind"].as_str(), e["id"].as_str(), e["action"].as_str()),
         (Some("limit"), Some("team-daily"), Some("update"))
@@ -695,7 +698,7 @@ async fn customer_admins_make_and_revoke_their_own_keys() {
     assert_eq!(list.as_array().unwrap().len(), 2);
     assert!(!list.to_string().contains(&viewer) && !list.to_string().contains("sha256"));
     let log = service.audit(Some("acme"));
-    assert_eq!(log[0].by, "acme:admin");
+    assert_eq!(log[0].by, "acme:admin (key acme-admin)");
     assert_eq!(log[0].op.target(), ("key", id.as_str()));
     // A portal session signed in with it ends when it is revoked.
     let (session, _) = service

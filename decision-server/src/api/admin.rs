@@ -52,12 +52,38 @@ pub(super) async fn change<T>(
     Ok((status, ApiJson(body)))
 }
 
+/// The same for a customer's manager, whose key the audit log names.
+pub(super) async fn change_by<T>(
+    state: &AppState,
+    by: &crate::api::ManagingCaller,
+    op: AdminOp,
+    status: StatusCode,
+    body: T,
+) -> Result<(StatusCode, ApiJson<T>), ApiError> {
+    state
+        .admin_by_key(&by.principal, by.key.as_deref(), op)
+        .await?;
+    Ok((status, ApiJson(body)))
+}
+
 pub(super) async fn delete(
     state: &AppState,
     by: &Principal,
     op: AdminOp,
 ) -> Result<StatusCode, ApiError> {
     state.admin_as(by, op).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The same for a customer's manager, whose key the audit log names.
+pub(super) async fn delete_by(
+    state: &AppState,
+    by: &crate::api::ManagingCaller,
+    op: AdminOp,
+) -> Result<StatusCode, ApiError> {
+    state
+        .admin_by_key(&by.principal, by.key.as_deref(), op)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -260,11 +286,11 @@ pub async fn create_limit(
     ApiJson(body): ApiJson<LimitDto>,
 ) -> Result<(StatusCode, ApiJson<LimitDto>), ApiError> {
     let op = AdminOp::PutLimit {
-        customer: caller.customer,
+        customer: caller.customer.clone(),
         limit: body.clone(),
         create: true,
     };
-    change(&state, &caller.principal, op, StatusCode::CREATED, body).await
+    change_by(&state, &caller, op, StatusCode::CREATED, body).await
 }
 
 /// Creates or replaces a limit. Its counter carries over when the kind stays the same.
@@ -281,11 +307,11 @@ pub async fn put_limit(
 ) -> Result<(StatusCode, ApiJson<LimitDto>), ApiError> {
     same_id(&id, &body.id)?;
     let op = AdminOp::PutLimit {
-        customer: caller.customer,
+        customer: caller.customer.clone(),
         limit: body.clone(),
         create: false,
     };
-    change(&state, &caller.principal, op, StatusCode::OK, body).await
+    change_by(&state, &caller, op, StatusCode::OK, body).await
 }
 
 /// Removes a limit.
@@ -299,10 +325,10 @@ pub async fn delete_limit(
     ApiPath((_customer, id)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let op = AdminOp::DeleteLimit {
-        customer: caller.customer,
+        customer: caller.customer.clone(),
         id,
     };
-    delete(&state, &caller.principal, op).await
+    delete_by(&state, &caller, op).await
 }
 
 /// A customer's credit grants, as granted.

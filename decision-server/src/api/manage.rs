@@ -6,7 +6,7 @@ use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use base64::Engine as _;
 
-use super::admin::{change, customer_doc, delete};
+use super::admin::{change_by, customer_doc, delete_by};
 use super::dto::{
     ApiKeySecretDto, ApiKeyView, AuditEntryDto, AuditLog, ErrorBody, NewApiKeyDto, NewWebhookDto,
     WebhookSecretDto, WebhookView,
@@ -40,11 +40,11 @@ pub async fn create_alert(
     ApiJson(body): ApiJson<AlertRuleDto>,
 ) -> Result<(StatusCode, ApiJson<AlertRuleDto>), ApiError> {
     let op = AdminOp::PutAlertRule {
-        customer: caller.customer,
+        customer: caller.customer.clone(),
         rule: body.clone(),
         create: true,
     };
-    change(&state, &caller.principal, op, StatusCode::CREATED, body).await
+    change_by(&state, &caller, op, StatusCode::CREATED, body).await
 }
 
 /// Creates or replaces an alert rule.
@@ -65,11 +65,11 @@ pub async fn put_alert(
         )));
     }
     let op = AdminOp::PutAlertRule {
-        customer: caller.customer,
+        customer: caller.customer.clone(),
         rule: body.clone(),
         create: false,
     };
-    change(&state, &caller.principal, op, StatusCode::OK, body).await
+    change_by(&state, &caller, op, StatusCode::OK, body).await
 }
 
 /// Removes an alert rule.
@@ -83,10 +83,10 @@ pub async fn delete_alert(
     ApiPath((_customer, id)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let op = AdminOp::DeleteAlertRule {
-        customer: caller.customer,
+        customer: caller.customer.clone(),
         id,
     };
-    delete(&state, &caller.principal, op).await
+    delete_by(&state, &caller, op).await
 }
 
 /// A customer's webhooks, without their secrets.
@@ -128,7 +128,7 @@ pub async fn create_webhook(
 ) -> Result<(StatusCode, ApiJson<WebhookSecretDto>), ApiError> {
     let secret = new_secret();
     let op = AdminOp::PutWebhook {
-        customer: caller.customer,
+        customer: caller.customer.clone(),
         webhook: WebhookDto {
             id: body.id.clone(),
             url: body.url.clone(),
@@ -141,7 +141,7 @@ pub async fn create_webhook(
         url: body.url,
         secret,
     };
-    change(&state, &caller.principal, op, StatusCode::CREATED, shown).await
+    change_by(&state, &caller, op, StatusCode::CREATED, shown).await
 }
 
 /// Rotates a webhook's secret: a new one (in the answer, shown this once) signs every call
@@ -166,11 +166,11 @@ pub async fn rotate_webhook(
         secret,
     };
     let op = AdminOp::PutWebhook {
-        customer: caller.customer,
+        customer: caller.customer.clone(),
         webhook,
         create: false,
     };
-    change(&state, &caller.principal, op, StatusCode::CREATED, shown).await
+    change_by(&state, &caller, op, StatusCode::CREATED, shown).await
 }
 
 /// Ends a rotation: only the newest secret signs from now on.
@@ -186,11 +186,11 @@ pub async fn drop_previous_secret(
     let mut webhook = find_webhook(&state, &caller.customer, &id)?;
     webhook.secrets.truncate(1);
     let op = AdminOp::PutWebhook {
-        customer: caller.customer,
+        customer: caller.customer.clone(),
         webhook,
         create: false,
     };
-    delete(&state, &caller.principal, op).await
+    delete_by(&state, &caller, op).await
 }
 
 fn find_webhook(state: &AppState, customer: &str, id: &str) -> Result<WebhookDto, ApiError> {
@@ -217,10 +217,10 @@ pub async fn delete_webhook(
     ApiPath((_customer, id)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let op = AdminOp::DeleteWebhook {
-        customer: caller.customer,
+        customer: caller.customer.clone(),
         id,
     };
-    delete(&state, &caller.principal, op).await
+    delete_by(&state, &caller, op).await
 }
 
 fn audit_log(state: &AppState, customer: Option<&str>, limit: usize) -> AuditLog {
@@ -295,7 +295,7 @@ pub async fn create_key(
     let id = format!("k{}", &crate::auth::random_secret()[..16]);
     let key = format!("{id}.{}", crate::auth::random_secret());
     let op = AdminOp::AddApiKey {
-        customer: caller.customer,
+        customer: caller.customer.clone(),
         key: CustomerKeyDto {
             id: id.clone(),
             sha256: hex::encode(crate::auth::sha256(&key)),
@@ -309,7 +309,7 @@ pub async fn create_key(
         label: body.label,
         key,
     };
-    change(&state, &caller.principal, op, StatusCode::CREATED, shown).await
+    change_by(&state, &caller, op, StatusCode::CREATED, shown).await
 }
 
 /// Revokes a key the customer's admins made: it stops working at once (sessions included).
@@ -323,8 +323,8 @@ pub async fn delete_key(
     ApiPath((_customer, id)): ApiPath<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     let op = AdminOp::DeleteApiKey {
-        customer: caller.customer,
+        customer: caller.customer.clone(),
         id,
     };
-    delete(&state, &caller.principal, op).await
+    delete_by(&state, &caller, op).await
 }

@@ -197,7 +197,19 @@ pub struct ApiPath<T>(pub T);
 
 /// The authenticated caller.
 #[derive(Debug)]
-pub struct Caller(pub Principal);
+pub struct Caller(pub Principal, pub Option<String>);
+
+/// The id of the API key a customer's caller presented (`<keyId>.<secret>`), for the audit
+/// log; `None` for the operator and gateways.
+fn key_id(principal: &Principal, token: Option<&str>) -> Option<String> {
+    match principal {
+        Principal::Customer(..) => token
+            .and_then(|t| crate::auth::bearer_token(Some(t)).ok())
+            .and_then(|t| t.split_once('.'))
+            .map(|(id, _)| id.chars().take(128).collect()),
+        _ => None,
+    }
+}
 
 impl Caller {
     pub fn for_customer(&self, customer: &str) -> Result<(), ApiError> {
@@ -277,6 +289,8 @@ impl FromRequestParts<AppState> for DecidingCaller {
 pub struct ManagingCaller {
     pub customer: String,
     pub principal: Principal,
+    /// The API key it presented (an admin key), for the audit log.
+    pub key: Option<String>,
 }
 
 impl FromRequestParts<AppState> for ManagingCaller {
@@ -296,6 +310,7 @@ impl FromRequestParts<AppState> for ManagingCaller {
         Ok(Self {
             customer,
             principal: caller.0,
+            key: caller.1,
         })
     }
 }
@@ -339,7 +354,10 @@ impl FromRequestParts<AppState> for Caller {
             .transpose()?;
         state
             .authenticate(header, crate::auth::Listener::Api)
-            .map(Caller)
+            .map(|p| {
+                let key = key_id(&p, header);
+                Caller(p, key)
+            })
             .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()))
     }
 }
@@ -369,7 +387,8 @@ fn session_caller(parts: &Parts, state: &AppState, id: &str) -> Result<Caller, A
             ),
         ));
     }
-    Ok(Caller(signed.principal))
+    let key = key_id(&signed.principal, Some(&format!("Bearer {}", signed.key)));
+    Ok(Caller(signed.principal, key))
 }
 
 #[derive(OpenApi)]

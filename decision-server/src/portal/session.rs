@@ -45,6 +45,8 @@ struct Session {
 pub struct Signed {
     pub principal: Principal,
     pub csrf: String,
+    /// The key id part of the credential (`<keyId>.<secret>`), for the audit log.
+    pub key: String,
 }
 
 /// Why a session is refused.
@@ -142,6 +144,11 @@ impl Sessions {
         Ok(Signed {
             principal,
             csrf: session.csrf,
+            key: session
+                .token
+                .split_once('.')
+                .map(|(id, _)| id.to_string())
+                .unwrap_or_default(),
         })
     }
 
