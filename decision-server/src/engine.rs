@@ -167,9 +167,6 @@ impl Engine {
         if past(req.deadline) {
             return Err(DecisionError::DeadlineExceeded);
         }
-        if !req.dry_run {
-            self.model.load().check_required(req.dimensions)?;
-        }
         let mut plan = self.plan(req, now, !req.dry_run).await?;
         if !req.dry_run {
             // From the thread's CSPRNG (ChaCha, seeded by the OS): the tag is what makes a hold
@@ -264,7 +261,8 @@ impl Engine {
     /// Resolves a request to its plan. An entity the request names that this process does not
     /// know is looked up in the store, and created there when `create` is set (within the
     /// customer's cap); without `create` (a dry run) one that does not exist is assumed, under
-    /// a placeholder, and nothing is created.
+    /// a placeholder, and nothing is created. A request that counts (`create`: a real check or
+    /// an ingested event) must carry every `required` dimension; a dry run need not.
     async fn plan(
         &self,
         req: &CheckRequest<'_>,
@@ -272,6 +270,9 @@ impl Engine {
         create: bool,
     ) -> Result<Plan, DecisionError> {
         let model = self.model.load_full();
+        if create {
+            model.check_required(req.dimensions)?;
+        }
         let mut assumed: Option<Assumed> = None;
         for _ in 0..MAX_LEARN {
             let registry = Registry {
@@ -420,7 +421,6 @@ impl Engine {
     ) -> Result<bool, DecisionError> {
         let now = self.clock.now();
         let model = self.model.load();
-        model.check_required(req.dimensions)?;
         let max = model.ingest_bound(req.feature, req.dimensions, now);
         if req.usage.largest_figure() > max {
             return Err(PlanError::IngestTooLarge {

@@ -398,14 +398,7 @@ impl Tracker {
             // The input side was reported, the output never was: the client left before the
             // stream's end. The output is what the delivered content amounts to (the missing-
             // usage policy decides, as for a stream without any usage).
-            let close = match (s.on_missing_usage, content) {
-                (OnMissingUsage::Release, _) => Close::Release,
-                (OnMissingUsage::Estimate, Some(bytes)) => {
-                    Close::Settle(r.with_output_at_least(s.estimate.tokens(bytes)))
-                }
-                (OnMissingUsage::Estimate | OnMissingUsage::Hold, _) => self.at_hold(),
-            };
-            return (close, Some(Unknown::NoUsage));
+            return (self.by_policy(s, content, Some(r)), Some(Unknown::NoUsage));
         }
         let delivered = match (mode, content) {
             (Mode::Sse, Some(c)) => c > 0,
@@ -415,13 +408,27 @@ impl Tracker {
             return (Close::Release, Some(Unknown::NothingDelivered));
         }
         let why = unreadable.unwrap_or(Unknown::NoUsage);
-        let close = match (s.on_missing_usage, content) {
+        (self.by_policy(s, content, None), Some(why))
+    }
+
+    /// The close for delivered content whose output was never reported, by
+    /// `onMissingUsage`: the estimate counts the output from the `content` bytes delivered,
+    /// over the `reported` input when the answer gave it, else over the prompt's estimate.
+    fn by_policy(
+        &self,
+        s: &Settlement,
+        content: Option<u64>,
+        reported: Option<UsageReading>,
+    ) -> Close {
+        match (s.on_missing_usage, content) {
             (OnMissingUsage::Release, _) => Close::Release,
-            (OnMissingUsage::Estimate, Some(bytes)) => Close::Settle(self.estimate(s, bytes)),
+            (OnMissingUsage::Estimate, Some(bytes)) => Close::Settle(match reported {
+                Some(r) => r.with_output_at_least(s.estimate.tokens(bytes)),
+                None => self.estimate(s, bytes),
+            }),
             // Nothing to count from (compressed, or too large to keep): charge the hold.
             (OnMissingUsage::Estimate | OnMissingUsage::Hold, _) => self.at_hold(),
-        };
-        (close, Some(why))
+        }
     }
 
     /// The documented estimate: the prompt's tokens from the request body's size, plus the

@@ -58,6 +58,13 @@ impl Deliverer {
         })
     }
 
+    /// The model in force, its target policy made the resolver's (a reload may change it).
+    fn model_in_force(&self, engine: &Engine) -> Arc<crate::core::model::Model> {
+        let model = engine.model();
+        *self.targets.write() = model.alerting.targets.clone();
+        model
+    }
+
     /// Starts sending every customer's due deliveries, each customer on its own task (one at
     /// a time per customer), so one customer's slow or silent receiver never delays another's;
     /// how many customers' passes were started. Must run inside a Tokio runtime.
@@ -65,8 +72,7 @@ impl Deliverer {
     /// Trade-off: the pass returns before the calls end, so a store failure is logged by the
     /// customer's task rather than returned.
     pub fn pass(&self, engine: &Engine) -> usize {
-        let model = engine.model();
-        *self.targets.write() = model.alerting.targets.clone();
+        let model = self.model_in_force(engine);
         let mut started = 0;
         for c in model.customers.values().filter(|c| !c.webhooks.is_empty()) {
             if !self.busy.lock().insert(c.id) {
@@ -102,8 +108,7 @@ impl Deliverer {
     /// of them; how many attempts were made. For a caller that needs the outcome (tests, a
     /// one-off run); the server's loop uses [`Deliverer::pass`].
     pub async fn pass_and_wait(&self, engine: &Engine) -> Result<usize, StoreError> {
-        let model = engine.model();
-        *self.targets.write() = model.alerting.targets.clone();
+        let model = self.model_in_force(engine);
         let passes = model
             .customers
             .values()
