@@ -11,7 +11,7 @@ ENVOY_DIR := $(TOOLS)/envoy-$(ENVOY_VERSION)
 export TOLLGATE_ENVOY := $(ENVOY_DIR)/envoy/_bin/envoy
 export TOLLGATE_WASM := $(CURDIR)/target/$(WASM_TARGET)/release/tollgate_filter.wasm
 
-.PHONY: bench-tenants bench-leases bench-portal setup-portal setup-browser setup-skopeo wasm-image wasm-pin setup-redis setup-python demo test setup-rust setup-envoy fmt-check clippy wasm unit bench bench-grpc bench-envoy bench-store bench-redis-memory bench-usage
+.PHONY: bench-usage-redis bench-tenants bench-leases bench-portal setup-portal setup-browser setup-skopeo wasm-image wasm-pin setup-redis setup-python demo test setup-rust setup-envoy fmt-check clippy wasm unit bench bench-grpc bench-envoy bench-store bench-redis-memory bench-usage
 
 ## The demo: real Envoy, the WASM filter, the sidecar and a mock OpenAI upstream on loopback.
 demo: setup-rust setup-envoy setup-portal wasm
@@ -159,6 +159,10 @@ bench-leases: setup-redis
 ## Attribution's costs: bytes per series, history queries, throughput on/off, stream delay.
 bench-usage: setup-redis
 	bench/usage.sh
+
+## Usage reads on Redis at 10,000 series and 30 days of hourly history; decisions beside them.
+bench-usage-redis: setup-redis
+	bench/usage-redis.sh
 
 ## One tenant's decision latency beside another whose alert rules are at the per-tenant budget.
 bench-tenants:

@@ -6,7 +6,15 @@
 //! - `PHASES`: `series,history` (default both).
 //! - `TEAMS` (1000), `MODELS` (10), `DAYS` (30), `STEP_MIN` (60): the history is one settled
 //!   call per (team, model) series every `STEP_MIN` minutes over `DAYS` days.
+//! - `FILL` (`calls`): how the month of history is written after the first two rounds:
+//!   `calls` (a check and a settle per record) or `local` (the batches of records a replica
+//!   with escrow leases writes, 1,000 records a call: the same buckets, far sooner).
 //! - `QUERIES` (20): timed runs of each query, after two untimed ones.
+//! - `LOOP_SECS` (0): afterwards, run the history queries over and over for this long, two at
+//!   once (a customer's most on one replica), printing `loop: start` first, so that a
+//!   decision load on the same store can be measured beside them (`bench/usage-redis.sh`).
+//! - `FILLED=1` (Redis only): the history is already in `REDIS_URL` from an earlier run with
+//!   the same sizes; only the queries run.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // benchmark harness code
 
 use std::collections::HashMap;
@@ -138,6 +146,48 @@ async fn fill(engine: &Engine, teams: usize, models: usize, round: u64) {
         .await;
 }
 
+/// One settled record for every (team, model) series at `at`, written as a leased replica's
+/// batches of local records; `batch` numbers the batches.
+async fn fill_local(engine: &Engine, teams: usize, models: usize, round: u64, at: Timestamp, batch: &mut u64) {
+    use tollgate::core::Name;
+    use tollgate::core::rollup::{LocalRecord, Measures, RecordKind, SeriesDraft};
+    let records: Vec<LocalRecord> = (0..teams)
+        .flat_map(|t| (0..models).map(move |m| (t, m)))
+        .map(|(t, m)| LocalRecord {
+            kind: RecordKind::Settled,
+            at,
+            series: SeriesDraft {
+                feature: Name::from("tokens"),
+                chain: vec![
+                    (Name::from("orgId"), Name::from("c0")),
+                    (Name::from("teamId"), Name::from(format!("t{t:04}").as_str())),
+                ],
+                dimensions: vec![(Name::from("model"), format!("model-{m}").into())],
+            },
+            measures: Measures {
+                units: 100 + (t as u64 * 7 + m as u64 * 13 + round) % 900,
+                requests: 1,
+                ..Measures::default()
+            },
+            seq: (round << 32) | (t * models + m) as u64,
+            tag: (u128::from(round) << 64) | (t * models + m) as u128,
+        })
+        .collect();
+    for chunk in records.chunks(1000) {
+        *batch += 1;
+        engine
+            .store()
+            .record_local(
+                Name::from("c0"),
+                tollgate::store::BatchId { writer: 7, seq: *batch },
+                chunk,
+                at,
+            )
+            .await
+            .unwrap();
+    }
+}
+
 fn history(
     from: i64,
     window: Granularity,
@@ -261,10 +311,17 @@ async fn main_async() {
     // Round 0 makes every series; round 1, in the same minute, adds the same records into the
     // existing series and buckets, so it costs only what every record costs (its event on the
     // usage stream). The difference is the series' own cost.
+    let filled = kind == "redis" && std::env::var("FILLED").is_ok_and(|v| v == "1");
     let m0 = meter.read(&engine);
-    fill(&engine, teams, models, 0).await;
+    if filled {
+        clock.set(Timestamp::from_millis(END_MS));
+    } else {
+        fill(&engine, teams, models, 0).await;
+    }
     let m1 = meter.read(&engine);
-    fill(&engine, teams, models, 1).await;
+    if !filled {
+        fill(&engine, teams, models, 1).await;
+    }
     let m2 = meter.read(&engine);
     let (first, second) = (m1.saturating_sub(m0), m2.saturating_sub(m1));
     println!(
@@ -289,15 +346,23 @@ async fn main_async() {
     let steps = (days as i64 * DAY_MS) / (step_min as i64 * 60_000);
     let before = meter.read(&engine);
     let filling = Instant::now();
-    for s in 1..steps {
-        clock.set(Timestamp::from_millis(start + s * step_min as i64 * 60_000));
-        fill(&engine, teams, models, s as u64).await;
+    let local = std::env::var("FILL").is_ok_and(|v| v == "local");
+    let mut batch = 0;
+    for s in (1..steps).filter(|_| !filled) {
+        let at = Timestamp::from_millis(start + s * step_min as i64 * 60_000);
+        clock.set(at);
+        if local {
+            fill_local(&engine, teams, models, s as u64, at, &mut batch).await;
+        } else {
+            fill(&engine, teams, models, s as u64).await;
+        }
     }
     clock.set(Timestamp::from_millis(END_MS));
-    let calls = steps as usize * series * 2;
+    let calls = steps as usize * series * if local { 1 } else { 2 };
     println!(
-        "history: {} calls ({} per series) in {:.1} s; {} grew {:.1} MiB",
+        "history: {} {} ({} per series) in {:.1} s; {} grew {:.1} MiB",
         calls,
+        if local { "records in local batches" } else { "calls" },
         steps,
         filling.elapsed().as_secs_f64(),
         meter.what(),
@@ -328,7 +393,7 @@ async fn main_async() {
             history(END_MS - DAY_MS, Granularity::Minute, &["model"], &[]),
         ),
     ];
-    for (label, req) in cases {
+    for (label, req) in cases.clone() {
         let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).unwrap();
         let mut points = 0;
         for i in 0..queries + 2 {
@@ -368,6 +433,32 @@ async fn main_async() {
         }
     }
     report(&format!("top 10 teamId over {d}"), &hist, 10);
+
+    let loop_secs = env("LOOP_SECS", 0);
+    if loop_secs > 0 {
+        println!("loop: start");
+        let deadline = Instant::now() + std::time::Duration::from_secs(loop_secs as u64);
+        let one = |offset: usize| {
+            let (engine, cases) = (&engine, &cases);
+            async move {
+                let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).unwrap();
+                let mut i = offset;
+                while Instant::now() < deadline {
+                    let (_, req) = &cases[i % cases.len()];
+                    let t0 = Instant::now();
+                    tollgate::usage::history(engine, "c0", req.clone())
+                        .await
+                        .unwrap();
+                    hist.record((t0.elapsed().as_micros() as u64).max(1)).unwrap();
+                    i += 1;
+                }
+                hist
+            }
+        };
+        let (mut a, b) = tokio::join!(one(0), one(2));
+        a.add(b).unwrap();
+        report(&format!("loop of every query above for {loop_secs} s"), &a, 0);
+    }
 }
 
 fn main() {

@@ -87,6 +87,11 @@ struct ResultLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HowLabels {
+    how: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ListenerLabels {
     listener: &'static str,
 }
@@ -140,6 +145,7 @@ pub struct Metrics {
     holds_open: Gauge,
     customers_active: Gauge,
     closes: Family<ResultLabels, Counter>,
+    bucket_reads: Family<HowLabels, Counter>,
     settle_excess: Counter,
     settles_capped: Counter,
     ingested: Family<ResultLabels, Counter>,
@@ -295,6 +301,12 @@ impl Metrics {
             "Settle and release calls by result",
             closes.clone(),
         );
+        let bucket_reads = Family::<HowLabels, Counter>::default();
+        registry.register(
+            "usage_bucket_reads",
+            "Usage buckets a networked store read: from a sealed copy, scanned whole, or only the series an index named",
+            bucket_reads.clone(),
+        );
         let settle_excess = Counter::default();
         registry.register(
             "settle_excess_units",
@@ -349,6 +361,7 @@ impl Metrics {
             connections.closed.clone(),
         );
         Self {
+            bucket_reads,
             connections,
             script_disagreements,
             values_folded,
@@ -421,6 +434,14 @@ impl Metrics {
         catch_up(&self.script_disagreements, stats.script_disagreements);
         catch_up(&self.values_folded, stats.values_folded);
         self.usage_series.set(gauge(stats.usage_series));
+        let r = stats.bucket_reads;
+        for (how, total) in [
+            ("sealed", r.sealed),
+            ("scanned", r.scanned),
+            ("indexed", r.indexed),
+        ] {
+            catch_up(&self.bucket_reads.get_or_create(&HowLabels { how }), total);
+        }
         let mut out = String::new();
         // Writing into a String cannot fail; an error would leave a partial page, not a panic.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

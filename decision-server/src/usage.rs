@@ -11,7 +11,7 @@ use rustc_hash::FxHashMap;
 
 use crate::core::Name;
 use crate::core::model::{CustomerModel, LimitKind, Model};
-use crate::core::rollup::{DENIED_BY, Granularity};
+use crate::core::rollup::{DENIED_BY, Granularity, ScanNeeds};
 use crate::core::usage_query::{
     self, FEATURE_KEY, HistoryQuery, HistorySeries, QueryError, SeriesFilter, TopRow,
 };
@@ -200,9 +200,10 @@ pub async fn history(
     let max_points = model.records.max_query_points;
     let plan = usage_query::plan_history(&q, now, &model.records, max_points)?;
     let (read_from, read_to) = plan.range();
+    let needs = q.filter.needs(q.group_by.iter().map(String::as_str), now);
     let rows = engine
         .store()
-        .usage_buckets(c.id, plan.granularity, read_from, read_to)
+        .usage_buckets(c.id, plan.granularity, read_from, read_to, &needs)
         .await?;
     let series = usage_query::group_history(&q, &plan, &rows, max_points)?;
     Ok(History {
@@ -227,8 +228,9 @@ pub async fn top(engine: &Engine, customer_id: &str, req: TopRequest) -> Result<
     let (from, to) = range(req.from, req.to, now);
     let (from, to, segments) = usage_query::plan_segments(from, to, now, &model.records)?;
     let mut scans = Vec::with_capacity(segments.len());
+    let needs = filter.needs([req.by.as_str()], now);
     for (g, a, b) in segments {
-        scans.push(engine.store().usage_buckets(c.id, g, a, b).await?);
+        scans.push(engine.store().usage_buckets(c.id, g, a, b, &needs).await?);
     }
     Ok(Top {
         rows: usage_query::top(&scans, &req.by, &filter, req.limit),
@@ -270,7 +272,10 @@ pub async fn budgets(
         now.millis(),
         &model.records,
     )?;
-    let rows = engine.store().usage_buckets(c.id, g, from, to).await?;
+    let rows = engine
+        .store()
+        .usage_buckets(c.id, g, from, to, &ScanNeeds::all(now.millis()))
+        .await?;
     let recent_millis = (now.millis() - from).max(1);
     let mut out = Vec::with_capacity(entity_ids.len());
     for entity_id in entity_ids {

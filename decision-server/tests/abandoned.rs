@@ -163,8 +163,9 @@ impl CounterStore for Hooked {
         g: tollgate::core::rollup::Granularity,
         from: i64,
         to: i64,
+        needs: &tollgate::core::rollup::ScanNeeds,
     ) -> Result<tollgate::core::rollup::BucketScan, StoreError> {
-        self.inner.usage_buckets(c, g, from, to).await
+        self.inner.usage_buckets(c, g, from, to, needs).await
     }
     async fn read_events(
         &self,

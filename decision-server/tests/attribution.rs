@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use common::{Harness, harness, tokens, tree_with};
 use tollgate::core::Name;
-use tollgate::core::rollup::{Granularity, Measures, OTHER, RecordKind, SeriesKey};
+use tollgate::core::rollup::{Granularity, Measures, OTHER, RecordKind, ScanNeeds, SeriesKey};
 use tollgate::store::CounterStore;
 use tollgate::store::events::EventBody;
 
@@ -74,7 +74,7 @@ fn buckets(h: &Harness, g: Granularity) -> Vec<(i64, SeriesKey, Measures)> {
     h.run(
         h.engine
             .store()
-            .usage_buckets(Name::from("acme"), g, from, to),
+            .usage_buckets(Name::from("acme"), g, from, to, &ScanNeeds::all(0)),
     )
     .unwrap()
     .rows()
@@ -456,7 +456,7 @@ fn a_long_usage_read_lets_decisions_through(store: Store) {
     let (scan, during) = h.rt.block_on(async {
         let read = async {
             let scan = store
-                .usage_buckets(acme, Granularity::Hour, from, to)
+                .usage_buckets(acme, Granularity::Hour, from, to, &ScanNeeds::all(0))
                 .await
                 .unwrap();
             done.store(true, std::sync::atomic::Ordering::SeqCst);

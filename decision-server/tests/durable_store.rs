@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{Harness, harness, tokens, tree_with};
 use tollgate::clock::Clock;
-use tollgate::core::rollup::Granularity;
+use tollgate::core::rollup::{Granularity, ScanNeeds};
 use tollgate::store::events::EventBody;
 use tollgate::store::{CloseOutcome, CounterStore, Durability, DurableStore};
 
@@ -38,7 +38,13 @@ fn attribution(h: &Harness) -> (Vec<String>, Vec<(String, String, u64)>) {
     let acme = tollgate::core::Name::from("acme");
     let to = h.clock.now().millis() + 3_600_000;
     let mut rows: Vec<String> = h
-        .run(store.usage_buckets(acme, Granularity::Hour, to - 86_400_000 * 2, to))
+        .run(store.usage_buckets(
+            acme,
+            Granularity::Hour,
+            to - 86_400_000 * 2,
+            to,
+            &ScanNeeds::all(0),
+        ))
         .unwrap()
         .rows()
         .map(|r| format!("{r:?}"))

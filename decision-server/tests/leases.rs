@@ -13,7 +13,7 @@ use common::{RedisCluster, RedisServer, dims, model, redis_store_prefixed, runti
 use tollgate::clock::{Clock, SystemClock};
 use tollgate::core::lease::LeaseTerms;
 use tollgate::core::plan::Usage;
-use tollgate::core::rollup::{Granularity, Measures};
+use tollgate::core::rollup::{Granularity, Measures, ScanNeeds};
 use tollgate::core::{Name, Timestamp};
 use tollgate::store::{CounterStore, LeasedStore, RedisTarget};
 use tollgate::{CheckRequest, Engine};
@@ -248,7 +248,7 @@ async fn race_with_leases(stores: Vec<Arc<dyn CounterStore>>, cap: u64) {
     let scan = replicas[0]
         .engine
         .store()
-        .usage_buckets(Name::from("acme"), day, from, to)
+        .usage_buckets(Name::from("acme"), day, from, to, &ScanNeeds::all(0))
         .await
         .unwrap();
     let mut recorded = Measures::default();
@@ -1000,6 +1000,7 @@ fn a_store_part_refused_during_an_outage_is_closed_once_the_store_is_back() {
                 Granularity::Day,
                 Granularity::Day.start(Timestamp::from_millis(now.millis() - 86_400_000)),
                 now.millis() + 86_400_000,
+                &ScanNeeds::all(0),
             )
             .await
             .unwrap();

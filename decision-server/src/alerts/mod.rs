@@ -15,7 +15,7 @@ use serde_json::json;
 use crate::core::alerts::{self, Crossing, Delivery, Trigger};
 use crate::core::decision::Decision;
 use crate::core::model::{AlertRule, CustomerModel, LimitTarget};
-use crate::core::rollup::{DENIED_BY, Granularity, SeriesKey};
+use crate::core::rollup::{DENIED_BY, Granularity, ScanNeeds, SeriesKey};
 use crate::core::{Name, Timestamp};
 use crate::engine::Engine;
 use crate::store::StoreError;
@@ -190,7 +190,13 @@ pub async fn background_pass(engine: &Engine) -> Result<usize, StoreError> {
         let from = g.start(Timestamp::from_millis(now.millis() - longest));
         let rows = engine
             .store()
-            .usage_buckets(c.id, g, from, now.millis() + g.millis())
+            .usage_buckets(
+                c.id,
+                g,
+                from,
+                now.millis() + g.millis(),
+                &ScanNeeds::all(now.millis()),
+            )
             .await?;
         for rule in rules {
             let (type_index, only) = match rule.target {

@@ -166,6 +166,10 @@ pub struct StorageDto {
     /// `kind: redis`: how long an open breaker fails calls at once, in ms (default 1000).
     #[serde(default)]
     pub breaker_open_ms: Option<u64>,
+    /// `kind: redis`: bucket rows one customer's usage reads may take a second on a replica
+    /// (default 1,000,000, with ten seconds' worth at once); a read past it answers 429.
+    #[serde(default)]
+    pub usage_read_rows_per_second: Option<u32>,
     /// Escrow leases: this replica decides inside slices of hot quota counters held in the
     /// store, so most decisions make no store call. Off unless `enabled`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -641,12 +645,20 @@ fn redis_settings(dto: &StorageDto, errors: &mut Errors<'_>) -> crate::store::Re
             format!("{breaker_open_ms} is not from 1 to 600000"),
         );
     }
+    let read_rows_per_second = dto.usage_read_rows_per_second.unwrap_or(1_000_000);
+    if !(1_000..=100_000_000).contains(&read_rows_per_second) {
+        errors.push(
+            "server.storage.usageReadRowsPerSecond",
+            format!("{read_rows_per_second} is not from 1000 to 100000000"),
+        );
+    }
     crate::store::RedisSettings {
         target,
         prefix,
         timeout: std::time::Duration::from_millis(timeout_ms),
         breaker_failures,
         breaker_open: std::time::Duration::from_millis(breaker_open_ms),
+        read_rows_per_second: read_rows_per_second.max(1),
     }
 }
 

@@ -326,6 +326,30 @@ pub type BucketKey = (Granularity, i64, u32);
 /// One bucket: the measures of every series that recorded in it, by series id.
 pub type Bucket = FxHashMap<u32, Measures>;
 
+/// What a usage read needs of the buckets, so that a store can read less than every series:
+/// the attributes the caller looks at (`None`: every one; the feature is always kept) and the
+/// values it filters on exactly. A store may answer with series that carry only `keys`,
+/// summed over the rest (rows must still pass `equals` when the caller filters them); an
+/// answer with every series whole is always right.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScanNeeds {
+    pub keys: Option<Vec<String>>,
+    pub equals: Vec<(String, String)>,
+    /// The reader's time: buckets that ended before it are closed.
+    pub now: i64,
+}
+
+impl ScanNeeds {
+    /// Every series whole.
+    pub fn all(now: i64) -> Self {
+        Self {
+            keys: None,
+            equals: Vec::new(),
+            now,
+        }
+    }
+}
+
 /// Buckets of one size read for a query: each bucket's start and contents, and the keys of
 /// the series their ids name. Grouping reads each series' key once, not once per bucket.
 #[derive(Debug, Clone, Default)]

@@ -9,7 +9,7 @@ use chrono_tz::Tz;
 
 use rustc_hash::FxHashMap;
 
-use super::rollup::{BucketScan, Granularity, Measures, RecordSettings, SeriesKey};
+use super::rollup::{BucketScan, Granularity, Measures, RecordSettings, ScanNeeds, SeriesKey};
 
 /// The attribute name a query uses for the feature (series carry it apart from attributes).
 pub const FEATURE_KEY: &str = "featureId";
@@ -47,6 +47,31 @@ impl SeriesFilter {
                 .equals
                 .iter()
                 .all(|(k, v)| attribute(key, k) == Some(v.as_str()))
+    }
+}
+
+impl SeriesFilter {
+    /// What a read for this filter needs of the store, when the caller looks at attributes
+    /// `keys` too: those and the filtered ones (the feature is always kept).
+    pub fn needs<'a>(&self, keys: impl IntoIterator<Item = &'a str>, now: i64) -> ScanNeeds {
+        let mut all: Vec<String> = keys
+            .into_iter()
+            .map(str::to_string)
+            .chain(self.equals.iter().map(|(k, _)| k.clone()))
+            .filter(|k| k != FEATURE_KEY)
+            .collect();
+        all.sort();
+        all.dedup();
+        ScanNeeds {
+            keys: Some(all),
+            equals: self
+                .equals
+                .iter()
+                .filter(|(k, _)| k != FEATURE_KEY)
+                .cloned()
+                .collect(),
+            now,
+        }
     }
 }
 

@@ -38,7 +38,8 @@ use crate::core::lease::{Lease, LeaseTerms, slice_size};
 use crate::core::model::Mode;
 use crate::core::plan::{AmountRule, Plan, PlannedCounter, Usage};
 use crate::core::rollup::{
-    BucketScan, Granularity, LocalRecord, Measures, RecordKind, RecordSettings, SeriesDraft,
+    BucketScan, Granularity, LocalRecord, Measures, RecordKind, RecordSettings, ScanNeeds,
+    SeriesDraft,
 };
 use crate::core::{HoldId, Name, Timestamp};
 
@@ -1206,8 +1207,12 @@ impl CounterStore for LeasedStore {
         g: Granularity,
         from: i64,
         to: i64,
+        needs: &ScanNeeds,
     ) -> Result<BucketScan, StoreError> {
-        self.shared.inner.usage_buckets(customer, g, from, to).await
+        self.shared
+            .inner
+            .usage_buckets(customer, g, from, to, needs)
+            .await
     }
 
     async fn read_events(

@@ -19,7 +19,7 @@ use crate::core::counter::{CounterKey, CounterSpec};
 use crate::core::credits::GrantBalance;
 use crate::core::ledger::{CloseResult, Closing, KeyRetention, Ledger};
 use crate::core::plan::{Plan, Usage};
-use crate::core::rollup::{BucketScan, Granularity, LocalRecord, RecordSettings};
+use crate::core::rollup::{BucketScan, Granularity, LocalRecord, RecordSettings, ScanNeeds};
 use crate::core::{Name, Sym, Timestamp};
 
 /// One customer's ledger and, in a journaled store, the commit it waits in.
@@ -542,6 +542,7 @@ impl CounterStore for MemoryStore {
         g: Granularity,
         from: i64,
         to: i64,
+        _needs: &ScanNeeds,
     ) -> Result<BucketScan, StoreError> {
         Ok(self
             .existing(customer.sym())

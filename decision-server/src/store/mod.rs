@@ -18,7 +18,7 @@ use crate::core::alerts::Delivery;
 use crate::core::counter::CounterKey;
 use crate::core::credits::GrantBalance;
 use crate::core::plan::{Plan, Usage};
-use crate::core::rollup::{BucketScan, Granularity, LocalRecord, RecordSettings};
+use crate::core::rollup::{BucketScan, Granularity, LocalRecord, RecordSettings, ScanNeeds};
 use crate::core::{Name, Timestamp};
 use events::EventPage;
 
@@ -84,6 +84,19 @@ pub struct StoreStats {
     pub values_folded: u64,
     /// Usage series (distinct feature, chain and dimension values) kept (in-process stores).
     pub usage_series: usize,
+    /// Usage buckets a networked store read, by how, since start.
+    pub bucket_reads: BucketReads,
+}
+
+/// How a networked store read usage buckets (store/redis/scan.rs), since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BucketReads {
+    /// Answered from a sealed copy in one fetch.
+    pub sealed: u64,
+    /// Read whole, field by field.
+    pub scanned: u64,
+    /// Only the fields of the series the index named for a filter.
+    pub indexed: u64,
 }
 
 /// What can go wrong in a store.
@@ -101,6 +114,9 @@ pub enum StoreError {
     AdminMoved(u64),
     #[error("bad stream cursor: {0}")]
     BadCursor(String),
+    /// A customer's usage reads took more than their budget; the message says when to retry.
+    #[error("{0}")]
+    ReadBudget(String),
 }
 
 /// The admin changes a store keeps: opaque encoded entries, in order, and the revision they
@@ -236,13 +252,15 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
     /// Sets how usage records are kept (the engine calls it with each model in force).
     fn configure_records(&self, settings: RecordSettings);
 
-    /// `customer`'s rollup buckets of size `g` starting in `[from, to)` (ms).
+    /// `customer`'s rollup buckets of size `g` starting in `[from, to)` (ms), with at least
+    /// what `needs` asks (see [`ScanNeeds`]).
     async fn usage_buckets(
         &self,
         customer: Name,
         g: Granularity,
         from: i64,
         to: i64,
+        needs: &ScanNeeds,
     ) -> Result<BucketScan, StoreError>;
 
     /// Up to `max` events of the usage stream after cursor `after` (an event id this store

@@ -168,13 +168,18 @@ pub fn redis_store_prefixed(
     target: tollgate::store::RedisTarget,
     prefix: &str,
 ) -> Arc<tollgate::store::RedisStore> {
-    let settings = tollgate::store::RedisSettings {
+    redis_store_with(tollgate::store::RedisSettings {
         target,
         prefix: prefix.to_string(),
         timeout: std::time::Duration::from_secs(5),
         breaker_failures: 5,
         breaker_open: std::time::Duration::from_millis(500),
-    };
+        read_rows_per_second: 1_000_000,
+    })
+}
+
+/// A Redis store with these settings, connected on the shared runtime.
+pub fn redis_store_with(settings: tollgate::store::RedisSettings) -> Arc<tollgate::store::RedisStore> {
     Arc::new(
         runtime()
             .block_on(tollgate::store::RedisStore::connect(

@@ -15,28 +15,29 @@
 //! (`tollgate_store_script_disagreements_total`) and fails the test harness.
 //!
 //! Modules: `link` (connection and breaker), `wire` (the script's numbers and packed states),
-//! `keys` (the key layout), `cancel` (lost decisions), `admin` (the shared admin changes).
+//! `keys` (the key layout), `cancel` (lost decisions), `admin` (the shared admin changes),
+//! `scan` (usage reads: bounded steps, the series index, seals), `stream` (the operator's
+//! stream), `relay` (closes through another replica).
 
 mod admin;
 mod cancel;
 mod keys;
 mod link;
 mod relay;
+mod scan;
 mod stream;
 mod wire;
 
 use super::events::{EventPage, StreamEvent, StreamRetention};
 use crate::core::alerts::Delivery;
 use crate::core::rollup::{
-    BucketScan, Granularity, LocalRecord, Measures, RecordSettings, SeriesKey,
+    BucketScan, Granularity, LocalRecord, Measures, RecordSettings, ScanNeeds,
 };
-use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use futures_util::{StreamExt as _, TryStreamExt as _};
 use redis::{Script, ScriptInvocation, Value};
 use rustc_hash::FxBuildHasher;
 
@@ -49,9 +50,8 @@ use self::wire::{
     CLOSE_ALREADY_CLOSED, CLOSE_CLOSED, CLOSE_NEEDS_PRICES, CLOSE_NO_SUCH_HOLD, CLOSE_TOO_LARGE,
     CounterArgs, DONE, ENTITY_ABSENT, ENTITY_CREATED, ENTITY_FOUND, ENTITY_FULL, HEADER,
     LocalBatch, PRICES_PER_PART, RESERVE_REPLAYED, SLOT_COUNTERS, SLOT_HOLDS_OPEN,
-    SLOT_HOLDS_VERSION, SLOT_NEXT_EXPIRY, bad_reply, category_code, decode_event, decode_series,
-    int, kind_code, measures_of, push_record_draft, push_record_settings, result, rule_code,
-    state_of, tag_text,
+    SLOT_HOLDS_VERSION, SLOT_NEXT_EXPIRY, bad_reply, category_code, decode_event, int, kind_code,
+    push_record_draft, push_record_settings, result, rule_code, state_of, tag_text,
 };
 use super::{
     AdminLog, AutoEntityOutcome, CloseOutcome, CounterStore, HoldKey, Reservation, ReserveMode,
@@ -91,6 +91,9 @@ pub struct RedisSettings {
     pub breaker_failures: u32,
     /// How long an open breaker fails calls at once before letting calls try again.
     pub breaker_open: Duration,
+    /// Rows (bucket fields and sealed rows) one customer's usage reads may take a second on
+    /// this replica, with ten seconds' worth at once.
+    pub read_rows_per_second: u32,
 }
 
 /// What this replica last saw of a customer, for metrics and the expiry sweep.
@@ -130,6 +133,10 @@ pub struct RedisStore {
     event_signal: tokio::sync::watch::Sender<u64>,
     /// Turns for usage reads, per customer.
     reads: DashMap<Sym, Arc<tokio::sync::Semaphore>, FxBuildHasher>,
+    /// Buckets read, by how.
+    read_counts: scan::ReadCounts,
+    /// Each customer's budget of rows read.
+    read_budget: scan::ReadBudget,
     /// Customers this process has added to the registry the operator's stream reads.
     registered: dashmap::DashSet<Sym, FxBuildHasher>,
 }
@@ -162,6 +169,7 @@ impl RedisStore {
             pending: Arc::new(AtomicUsize::new(0)),
             released: Arc::new(AtomicU64::new(0)),
         };
+        let read_budget = scan::read_budget(settings.read_rows_per_second);
         Ok(Self {
             link,
             script,
@@ -175,6 +183,8 @@ impl RedisStore {
             records,
             event_signal: tokio::sync::watch::Sender::new(0),
             reads: DashMap::default(),
+            read_counts: scan::ReadCounts::default(),
+            read_budget,
             registered: dashmap::DashSet::default(),
         })
     }
@@ -533,48 +543,9 @@ impl CounterStore for RedisStore {
         g: Granularity,
         from: i64,
         to: i64,
+        needs: &ScanNeeds,
     ) -> Result<BucketScan, StoreError> {
-        // A customer's reads take turns beyond a few at once, so no viewer can keep Redis
-        // busy for everyone.
-        let _turn = self.read_turn(customer).await?;
-        let from = from.div_euclid(g.millis()) * g.millis();
-        let base = format!(
-            "{}:{{{customer}}}:r{}:",
-            self.settings.prefix,
-            g.index() + 1
-        );
-        let starts: Vec<i64> = std::iter::successors(Some(from), |s| Some(s + g.millis()))
-            .take_while(|s| *s < to)
-            .collect();
-        let buckets: Vec<(i64, Vec<(Vec<u8>, Vec<u8>)>)> = futures_util::stream::iter(starts)
-            .map(|start| {
-                let key = format!("{base}{start}");
-                async move { self.scan_hash(&key).await.map(|fields| (start, fields)) }
-            })
-            .buffered(BUCKETS_AT_ONCE)
-            .try_collect()
-            .await?;
-        let reply: Vec<(i64, Vec<u8>, Vec<u8>)> = buckets
-            .into_iter()
-            .flat_map(|(start, fields)| fields.into_iter().map(move |(s, m)| (start, s, m)))
-            .collect();
-        // A series comes back once per bucket it is in: each distinct encoding is decoded once.
-        let mut decoded: FxHashMap<&[u8], SeriesKey> = FxHashMap::default();
-        let mut rows = Vec::new();
-        for (start, series, m) in &reply {
-            let key = match decoded.get(series.as_slice()) {
-                Some(k) => k.clone(),
-                None => {
-                    let k = decode_series(series)
-                        .ok_or_else(|| bad_reply("buckets: a series that does not decode"))?;
-                    decoded.insert(series.as_slice(), k.clone());
-                    k
-                }
-            };
-            let m = measures_of(m).ok_or_else(|| bad_reply("buckets: bad measures"))?;
-            rows.push((*start, key, m));
-        }
-        Ok(BucketScan::from_rows(rows))
+        self.read_buckets(customer, g, from, to, needs).await
     }
 
     async fn claim_alert(
@@ -901,6 +872,7 @@ impl CounterStore for RedisStore {
         stats.breaker_rejections = self.link.rejected.load(Ordering::Relaxed);
         stats.abandoned_released = self.canceller.released.load(Ordering::Relaxed);
         stats.script_disagreements = self.disagreements.load(Ordering::Relaxed);
+        stats.bucket_reads = self.read_counts.snapshot();
         stats
     }
 
@@ -961,70 +933,6 @@ impl RedisStore {
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| bad_reply("events: an event that does not decode"))?;
         Ok(EventPage { events, gap })
-    }
-}
-
-/// Usage buckets read at once by one query.
-const BUCKETS_AT_ONCE: usize = 4;
-
-/// Fields one `HSCAN` step reads: a step holds Redis for well under a millisecond, so
-/// decisions wait behind a read at most that long.
-const READ_PAGE: usize = 500;
-
-/// Usage reads of one customer in flight at once on this replica; more wait their turn.
-const READS_PER_CUSTOMER: usize = 2;
-
-/// How long a read waits for its turn before it is refused.
-const READ_TURN_WAIT: Duration = Duration::from_secs(10);
-
-impl RedisStore {
-    /// A turn to read `customer`'s usage: at most [`READS_PER_CUSTOMER`] at once.
-    async fn read_turn(
-        &self,
-        customer: Name,
-    ) -> Result<tokio::sync::OwnedSemaphorePermit, StoreError> {
-        let turns = Arc::clone(
-            self.reads
-                .entry(customer.sym())
-                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(READS_PER_CUSTOMER)))
-                .value(),
-        );
-        match tokio::time::timeout(READ_TURN_WAIT, turns.acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(permit),
-            _ => Err(StoreError::Unavailable(format!(
-                "usage of customer `{customer}` is being read by {READS_PER_CUSTOMER} queries already; try again shortly"
-            ))),
-        }
-    }
-
-    /// Every field of hash `key` with its value, read in `HSCAN` steps outside any script
-    /// (a script would hold Redis for the whole read); a field seen twice (a step during a
-    /// rehash) is kept once.
-    async fn scan_hash(&self, key: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
-        let mut out: FxHashMap<Vec<u8>, Vec<u8>> = FxHashMap::default();
-        let mut cursor = b"0".to_vec();
-        loop {
-            let mut cmd = redis::cmd("HSCAN");
-            cmd.arg(key)
-                .arg(cursor.as_slice())
-                .arg("COUNT")
-                .arg(READ_PAGE);
-            let Value::Array(reply) = self.link.command(&cmd).await? else {
-                return Err(bad_reply("HSCAN: not a list"));
-            };
-            let [Value::BulkString(next), Value::Array(items)] = reply.as_slice() else {
-                return Err(bad_reply("HSCAN: not (cursor, fields)"));
-            };
-            for pair in items.chunks(2) {
-                if let [Value::BulkString(f), Value::BulkString(v)] = pair {
-                    out.insert(f.clone(), v.clone());
-                }
-            }
-            if next.as_slice() == b"0" {
-                return Ok(out.into_iter().collect());
-            }
-            cursor = next.clone();
-        }
     }
 }
 

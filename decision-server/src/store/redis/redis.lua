@@ -315,12 +315,34 @@ end
 local MEASURES = 9
 local SETTLED, RELEASED, EXPIRED, INGESTED, DENIED, ALERT = 1, 2, 3, 4, 5, 6
 
--- Adds measures to fields of bucket hash `key`, kept `keep_ms` from now: `by` maps each
--- series to what it adds. One read and one write per 1,000 series (`unpack` takes a few
--- thousand values at most), one expiry.
-local function bucket_add(key, by, keep_ms)
+-- Series index (store/redis/scan.rs): for each 30-day period, a set per attribute
+-- (`x<period start>:<name>\0<value>`) of the series that recorded in a day of it, added when
+-- a series first appears in a day bucket; `xs` is the first day from which the index is
+-- complete (the day this script first indexed, or the next if that day had records already).
+-- A filtered usage read asks these sets which series to read, not every bucket field.
+local INDEX_PERIOD = 2592000000
+local DAY = 86400000
+local function index(series, day)
+  local period = day - (day % INDEX_PERIOD)
+  local keep = period + INDEX_PERIOD + REC.ret[3] - now
+  if keep <= 0 then return end
+  local s = cmsgpack.unpack(series)
+  for i = 2, #s - 1, 2 do
+    local k = BASE .. 'x' .. period .. ':' .. s[i] .. '\0' .. s[i + 1]
+    redis.call('SADD', k, series)
+    redis.call('PEXPIRE', k, keep)
+  end
+end
+
+-- Adds measures to fields of bucket hash `key` (size `gi`, starting at `start`), kept
+-- `keep_ms` from now: `by` maps each series to what it adds. One read and one write per
+-- 1,000 series (`unpack` takes a few thousand values at most), one expiry. The bucket's seals (`:z` rows, `:za` per-attribute sums, `:zt` totals, `:zp` a reader's claim;
+-- store/redis/scan.rs) are deleted: a seal that exists is the bucket as it stands.
+local function bucket_add(key, by, keep_ms, gi, start)
   local names = {}
   for series in pairs(by) do names[#names + 1] = series end
+  local fresh = gi == 3 and redis.call('EXISTS', key) == 0
+  local indexed = false
   for first = 1, #names, 1000 do
     local last = math.min(first + 999, #names)
     local raw = redis.call('HMGET', key, unpack(names, first, last))
@@ -328,6 +350,10 @@ local function bucket_add(key, by, keep_ms)
     for i = first, last do
       local series = names[i]
       local r = raw[i - first + 1]
+      if not r and gi == 3 then
+        index(series, start)
+        indexed = true
+      end
       local cur = r and cmsgpack.unpack(r) or { 0, 0, 0, 0, 0, 0, 0, 0, 0 }
       local add = by[series]
       for j = 1, MEASURES do cur[j] = cur[j] + add[j] end
@@ -337,6 +363,10 @@ local function bucket_add(key, by, keep_ms)
     redis.call('HSET', key, unpack(set))
   end
   redis.call('PEXPIRE', key, keep_ms)
+  if indexed then
+    redis.call('SET', BASE .. 'xs', fresh and start or start + DAY, 'NX')
+  end
+  redis.call('DEL', key .. ':z', key .. ':za', key .. ':zt', key .. ':zp')
 end
 
 -- Adds measures `m` to `series` in the buckets holding now, and appends the event: kind,
@@ -349,7 +379,7 @@ local function attribute(kind, series, m, a, b)
     if keep_until > now then
       -- Relative to this call's clock, not Redis's: the replicas' clock is the one counters
       -- and retention follow.
-      bucket_add(BASE .. 'r' .. gi .. ':' .. start, { [series] = m }, keep_until - now)
+      bucket_add(BASE .. 'r' .. gi .. ':' .. start, { [series] = m }, keep_until - now, gi, start)
     end
   end
   append(cmsgpack.pack({ kind, now, series, m, a or false, b or false }), REC.stream_max, REC.stream_ms)
@@ -712,7 +742,7 @@ local function locals()
           local key = BASE .. 'r' .. gi .. ':' .. start
           local b = sums[key]
           if not b then
-            b = { keep = keep_until, by = {} }
+            b = { keep = keep_until, by = {}, gi = gi, start = start }
             sums[key] = b
           end
           kept[#kept + 1] = b
@@ -731,7 +761,7 @@ local function locals()
     p = p + 2 + MEASURES
   end
   for key, b in pairs(sums) do
-    bucket_add(key, b.by, b.keep - now)
+    bucket_add(key, b.by, b.keep - now, b.gi, b.start)
   end
   local stream, packed = BASE .. 's', cmsgpack.pack(series)
   local entries = tonumber(ARGV[p])
@@ -978,7 +1008,25 @@ local function deliveries()
   return reply(0, redis.call('HMGET', BASE .. 'ob', unpack(ids)))
 end
 
+-- ARGV: 'seal', now, a bucket's key suffix (`r<g>:<start>`), the reader's claim token, then
+-- the bucket's rows (or '' when not kept), per-attribute sums and totals as the reader packed
+-- them (store/redis/scan.rs). Stored, expiring with the bucket, only if the claim (`:zp`) is
+-- still the reader's: any write to the bucket since it was claimed deleted the claim, and the
+-- copies would be stale. Result: 1 stored, 0 not.
+local function seal()
+  local key = BASE .. ARGV[3]
+  if redis.call('GET', key .. ':zp') ~= ARGV[4] then return reply(0) end
+  redis.call('DEL', key .. ':zp')
+  local ttl = redis.call('PTTL', key)
+  if ttl <= 0 then return reply(0) end
+  if ARGV[5] ~= '' then redis.call('SET', key .. ':z', ARGV[5], 'PX', ttl) end
+  redis.call('SET', key .. ':za', ARGV[6], 'PX', ttl)
+  redis.call('SET', key .. ':zt', ARGV[7], 'PX', ttl)
+  return reply(1)
+end
+
 if op == 'reserve' then return reserve()
+elseif op == 'seal' then return seal()
 elseif op == 'renew' then return renew()
 elseif op == 'enqueue' then return enqueue()
 elseif op == 'lease' then return lease()

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Usage reads on Redis at size (`make bench-usage-redis`): 10,000 series (1,000 teams x 10
+# models), one call per series every hour for 30 days (7.2 million calls), then
+# 1. the history queries and top spenders (benches/usage.rs): the first two runs of each scan
+#    and seal, the timed ones read as the buckets then stand;
+# 2. decision latency of a sidecar on the same Redis at `timeoutMs: 100` (Tollgate's gRPC
+#    Check + Settle, concurrency 16, its own customers under another key prefix): alone, then
+#    while a loop of those queries runs two at once, alternated `ROUNDS` times.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. bench/lib.sh
+bench_setup
+cargo build --release --locked -p tollgate --bench usage >&2
+ROUNDS=${ROUNDS:-2}
+N=${N:-150000}
+LOOP_SECS=${LOOP_SECS:-25}
+echo "# $(date -u +%F) $(nproc) cores: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(redis-server --version | cut -d' ' -f3)"
+redis_port=$(start_redis "$work")
+url="redis://127.0.0.1:$redis_port/"
+usage_bench=$(ls -t target/release/deps/usage-* | grep -v '\.d$' | head -1)
+
+echo "## fill, then the queries"
+STORE=redis REDIS_URL="$url" "$usage_bench" --bench | grep -v '^$'
+echo "Redis: $(redis-cli -p "$redis_port" info memory | grep -m1 '^used_memory_human' | tr -d '\r')"
+
+echo "## decisions alone and beside a loop of those queries (timeoutMs: 100)"
+"$LOAD" config --customers 10 --max-users 1000000 \
+  --storage "kind: redis, url: \"$url\", timeoutMs: 100, prefix: decide" > "$work/decide.yaml"
+target/release/tollgate serve --config "$work/decide.yaml" --workers 1 > "$work/side.out" 2>&1 &
+echo $! >> "$work/pid"
+for _ in $(seq 100); do grep -q ready "$work/side.out" && break; sleep 0.1; done
+addr=$(grep -o 'grpc=[^ ]*' "$work/side.out" | cut -d= -f2)
+decide() { # label
+  "$LOAD" --workers 1 run --target decide --addr "$addr" --concurrency 16 --requests "$N" \
+    --users 1000 --duration-secs "$((LOOP_SECS - 5))" --label "$1"
+}
+for round in $(seq "$ROUNDS"); do
+  decide "alone-$round"
+  FILLED=1 QUERIES=0 LOOP_SECS="$LOOP_SECS" STORE=redis REDIS_URL="$url" "$usage_bench" --bench \
+    > "$work/loop.out" 2>&1 &
+  loop=$!
+  for _ in $(seq 600); do grep -q 'loop: start' "$work/loop.out" && break; sleep 0.1; done
+  decide "beside-queries-$round"
+  wait "$loop"
+  grep '^query loop' "$work/loop.out"
+done
+echo "sidecar: $(curl -s "http://$(grep -o 'http=[^ ]*' "$work/side.out" | cut -d= -f2)/metrics" | grep -E '^tollgate_store_(failures|breaker)' | tr '\n' ' ')"
