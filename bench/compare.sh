@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Two builds of the sidecar side by side in one run, alternated, with the same load generator
 # (this checkout's) and the same loads: ext_authz `Check` in memory and on Redis (holds never
-# settled, as on the native ext_authz path), and gRPC Check then Settle on Redis with escrow
-# leases (as the WASM filter decides and settles). 10 customers, 1,000 users, 3 quota levels,
+# settled, as on the native ext_authz path), and gRPC Check then Settle on Redis without and
+# with escrow leases (as the WASM filter decides and settles; every settle is a usage record). 10 customers, 1,000 users, 3 quota levels,
 # concurrency 64; every row twice, A then B then A then B.
 #
 #   bench/compare.sh BEFORE_BINARY AFTER_BINARY
@@ -47,6 +47,7 @@ for round in 1 2; do
     bin=$A; [ "$side" = after ] && bin=$B
     run "$bin" "$side-memory" "kind: memory" check "$N"
     run "$bin" "$side-redis" "$redis" check "$((N / 3))"
+    run "$bin" "$side-redis-decide" "$redis" decide "$((N / 3))"
     run "$bin" "$side-leased" "$redis, leases: { enabled: true, ttl: PT60S, skew: PT2S }" decide "$N"
   done
   echo "# round $round done"

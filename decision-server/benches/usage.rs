@@ -13,6 +13,8 @@
 //! - `LOOP_SECS` (0): afterwards, run the history queries over and over for this long, two at
 //!   once (a customer's most on one replica), printing `loop: start` first, so that a
 //!   decision load on the same store can be measured beside them (`bench/usage-redis.sh`).
+//! - `READ_BUDGET` (Redis only): `usageReadRowsPerSecond` (the store's default when unset); a
+//!   read refused past it is counted in the loop, and fails the timed queries.
 //! - `FILLED=1` (Redis only): the history is already in `REDIS_URL` from an earlier run with
 //!   the same sizes; only the queries run.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // benchmark harness code
@@ -148,7 +150,14 @@ async fn fill(engine: &Engine, teams: usize, models: usize, round: u64) {
 
 /// One settled record for every (team, model) series at `at`, written as a leased replica's
 /// batches of local records; `batch` numbers the batches.
-async fn fill_local(engine: &Engine, teams: usize, models: usize, round: u64, at: Timestamp, batch: &mut u64) {
+async fn fill_local(
+    engine: &Engine,
+    teams: usize,
+    models: usize,
+    round: u64,
+    at: Timestamp,
+    batch: &mut u64,
+) {
     use tollgate::core::Name;
     use tollgate::core::rollup::{LocalRecord, Measures, RecordKind, SeriesDraft};
     let records: Vec<LocalRecord> = (0..teams)
@@ -160,7 +169,10 @@ async fn fill_local(engine: &Engine, teams: usize, models: usize, round: u64, at
                 feature: Name::from("tokens"),
                 chain: vec![
                     (Name::from("orgId"), Name::from("c0")),
-                    (Name::from("teamId"), Name::from(format!("t{t:04}").as_str())),
+                    (
+                        Name::from("teamId"),
+                        Name::from(format!("t{t:04}").as_str()),
+                    ),
                 ],
                 dimensions: vec![(Name::from("model"), format!("model-{m}").into())],
             },
@@ -179,7 +191,10 @@ async fn fill_local(engine: &Engine, teams: usize, models: usize, round: u64, at
             .store()
             .record_local(
                 Name::from("c0"),
-                tollgate::store::BatchId { writer: 7, seq: *batch },
+                tollgate::store::BatchId {
+                    writer: 7,
+                    seq: *batch,
+                },
                 chunk,
                 at,
             )
@@ -280,7 +295,12 @@ async fn main_async() {
             "kind: durable, path: {}, durability: batched",
             file.display()
         ),
-        "redis" => format!("kind: redis, url: \"{redis_url}\", timeoutMs: 5000"),
+        "redis" => format!(
+            "kind: redis, url: \"{redis_url}\", timeoutMs: 5000{}",
+            std::env::var("READ_BUDGET")
+                .map(|b| format!(", usageReadRowsPerSecond: {b}"))
+                .unwrap_or_default()
+        ),
         _ => "kind: memory".to_string(),
     };
     let loaded = tollgate::config::load(&config(teams, &storage), "usage-bench.yaml").unwrap();
@@ -362,7 +382,11 @@ async fn main_async() {
     println!(
         "history: {} {} ({} per series) in {:.1} s; {} grew {:.1} MiB",
         calls,
-        if local { "records in local batches" } else { "calls" },
+        if local {
+            "records in local batches"
+        } else {
+            "calls"
+        },
         steps,
         filling.elapsed().as_secs_f64(),
         meter.what(),
@@ -442,22 +466,38 @@ async fn main_async() {
             let (engine, cases) = (&engine, &cases);
             async move {
                 let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).unwrap();
-                let mut i = offset;
+                let (mut i, mut refused) = (offset, 0u64);
                 while Instant::now() < deadline {
                     let (_, req) = &cases[i % cases.len()];
                     let t0 = Instant::now();
-                    tollgate::usage::history(engine, "c0", req.clone())
-                        .await
-                        .unwrap();
-                    hist.record((t0.elapsed().as_micros() as u64).max(1)).unwrap();
+                    match tollgate::usage::history(engine, "c0", req.clone()).await {
+                        Ok(_) => hist
+                            .record((t0.elapsed().as_micros() as u64).max(1))
+                            .unwrap(),
+                        // Over the customer's read budget: as a dashboard would, wait a little.
+                        Err(tollgate::usage::UsageError::Store(
+                            tollgate::store::StoreError::ReadBudget(_),
+                        )) => {
+                            refused += 1;
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
                     i += 1;
                 }
-                hist
+                (hist, refused)
             }
         };
-        let (mut a, b) = tokio::join!(one(0), one(2));
+        let ((mut a, ra), (b, rb)) = tokio::join!(one(0), one(2));
         a.add(b).unwrap();
-        report(&format!("loop of every query above for {loop_secs} s"), &a, 0);
+        report(
+            &format!(
+                "loop of every query above for {loop_secs} s ({} refused over the read budget)",
+                ra + rb
+            ),
+            &a,
+            0,
+        );
     }
 }
 

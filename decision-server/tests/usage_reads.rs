@@ -9,8 +9,9 @@ mod common;
 use std::sync::Arc;
 
 use common::{Harness, harness, tree_with};
+use tollgate::core::Name;
 use tollgate::core::Timestamp;
-use tollgate::core::rollup::Granularity;
+use tollgate::core::rollup::{Granularity, LocalRecord, Measures, RecordKind, SeriesDraft};
 use tollgate::store::{BucketReads, CounterStore, RedisStore};
 use tollgate::usage::{HistoryRequest, TopRequest};
 
@@ -35,8 +36,6 @@ customers:
 /// `n` settled records of customer `customer` at `at`, each its own model (its own series),
 /// written as a leased replica's batches.
 fn records(h: &Harness, customer: &str, n: usize, at: Timestamp, batch: &mut u64) {
-    use tollgate::core::Name;
-    use tollgate::core::rollup::{LocalRecord, Measures, RecordKind, SeriesDraft};
     let all: Vec<LocalRecord> = (0..n)
         .map(|i| LocalRecord {
             kind: RecordKind::Settled,
@@ -288,17 +287,39 @@ fn reads_answer_as_in_process_whichever_way_a_bucket_is_read(store: Arc<RedisSto
         "the second reads scanned as much as the first: {first:?} then {second:?}"
     );
 
-    // Calls recorded into buckets already sealed (a past hour and day, and a new series in
-    // them): the next reads see them.
-    calls(&[&redis, &memory], start + DAY + 3 * HOUR + 60_000, 97);
+    // Records written into buckets already sealed, as a leased replica's batch that reaches
+    // the store late does (a past minute, hour and day, and new series in them): the next
+    // reads see them.
+    let late = Timestamp::from_millis(start + DAY + 3 * HOUR + 60_000);
+    let batch: Vec<LocalRecord> = [("u1", "m1"), ("u2", "m9"), ("u4", "m2")]
+        .iter()
+        .enumerate()
+        .map(|(i, (user, model))| LocalRecord {
+            kind: RecordKind::Settled,
+            at: late,
+            series: SeriesDraft {
+                feature: Name::from("tokens"),
+                chain: vec![(Name::from("userId"), Name::from(*user))],
+                dimensions: vec![(Name::from("model"), (*model).into())],
+            },
+            measures: Measures {
+                units: 11 + i as u64,
+                requests: 1,
+                ..Measures::default()
+            },
+            seq: (1 << 52) | i as u64,
+            tag: i as u128 + 1,
+        })
+        .collect();
     for h in [&redis, &memory] {
-        h.clock
-            .set(Timestamp::from_millis(start + DAY + 3 * HOUR + 90_000));
-        let d = h.check("acme", "tokens", 5, &[("userId", "u2"), ("model", "m9")]);
-        let Some(hold) = d.hold_id else {
-            panic!("denied: {d:?}")
-        };
-        h.settle(&hold, 5);
+        h.clock.set(Timestamp::from_millis(now));
+        h.run(h.engine.store().record_local(
+            Name::from("acme"),
+            tollgate::store::BatchId { writer: 9, seq: 1 },
+            &batch,
+            Timestamp::from_millis(now),
+        ))
+        .unwrap();
     }
     compare(
         &redis,

@@ -157,11 +157,9 @@ impl From<StoreError> for ApiError {
             ),
             StoreError::AdminMoved(_) => Self::new(StatusCode::CONFLICT, "conflict", e.to_string()),
             StoreError::BadCursor(_) => Self::bad_request(e.to_string()),
-            StoreError::ReadBudget(_) => Self::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "read_budget",
-                e.to_string(),
-            ),
+            StoreError::ReadBudget(_) => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "read_budget", e.to_string())
+            }
         }
     }
 }

@@ -179,7 +179,9 @@ pub fn redis_store_prefixed(
 }
 
 /// A Redis store with these settings, connected on the shared runtime.
-pub fn redis_store_with(settings: tollgate::store::RedisSettings) -> Arc<tollgate::store::RedisStore> {
+pub fn redis_store_with(
+    settings: tollgate::store::RedisSettings,
+) -> Arc<tollgate::store::RedisStore> {
     Arc::new(
         runtime()
             .block_on(tollgate::store::RedisStore::connect(

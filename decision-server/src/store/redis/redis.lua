@@ -341,7 +341,7 @@ end
 local function bucket_add(key, by, keep_ms, gi, start)
   local names = {}
   for series in pairs(by) do names[#names + 1] = series end
-  local fresh = gi == 3 and redis.call('EXISTS', key) == 0
+  local fresh = nil
   local indexed = false
   for first = 1, #names, 1000 do
     local last = math.min(first + 999, #names)
@@ -351,6 +351,7 @@ local function bucket_add(key, by, keep_ms, gi, start)
       local series = names[i]
       local r = raw[i - first + 1]
       if not r and gi == 3 then
+        if fresh == nil then fresh = redis.call('EXISTS', key) == 0 end
         index(series, start)
         indexed = true
       end
@@ -366,7 +367,12 @@ local function bucket_add(key, by, keep_ms, gi, start)
   if indexed then
     redis.call('SET', BASE .. 'xs', fresh and start or start + DAY, 'NX')
   end
-  redis.call('DEL', key .. ':z', key .. ':za', key .. ':zt', key .. ':zp')
+  -- A reader seals only buckets that ended SEAL_GRACE before its own now, so a bucket that
+  -- has not ended by this call's clock has no seal while the replicas' clocks agree within
+  -- that: a call recording now (nearly every call) deletes nothing.
+  if start + GRAIN[gi] <= now then
+    redis.call('DEL', key .. ':z', key .. ':za', key .. ':zt', key .. ':zp')
+  end
 end
 
 -- Adds measures `m` to `series` in the buckets holding now, and appends the event: kind,

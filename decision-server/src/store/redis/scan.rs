@@ -6,12 +6,15 @@
 //! read in `HSCAN` steps of [`READ_PAGE`] fields, a few buckets at a time, at most
 //! [`READS_PER_CUSTOMER`] reads of one customer at once on a replica.
 //!
-//! Seals: once a reader has scanned a closed bucket, it stores read copies of it
+//! Seals: once a reader has scanned a closed bucket (ended [`SEAL_GRACE_MS`] before the
+//! reader's now), it stores read copies of it
 //! next to the hash: `:zt` the totals per feature, `:za` the sums per feature and value of
 //! each attribute (then the totals), and for a day bucket `:z` its rows. A read that needs no attribute, one
 //! attribute, or every row of a day takes the copy in one `MGET` with other buckets' instead
 //! of scanning thousands of fields. Invariant: a seal that exists equals its bucket. Every
-//! write to a bucket deletes its seals and any reader's claim (`redis.lua` `bucket_add`); a
+//! write to a bucket that has ended by the writer's clock deletes its seals and any reader's
+//! claim (`redis.lua` `bucket_add`; one that has not ended cannot have any while the
+//! replicas' clocks agree within the grace); a
 //! reader claims the bucket (`:zp`, its random token) before it scans, and the script stores
 //! the copies only if the claim is still there (`redis.lua` `seal`). Trade-off: a sealed day
 //! bucket's rows are kept twice (hash and copy) for the bucket's retention; hour buckets keep
@@ -33,7 +36,7 @@ use redis::Value;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::RedisStore;
-use super::wire::{bad_reply, decode_series, measures_of, result};
+use super::wire::{SEAL_GRACE_MS, bad_reply, decode_series, measures_of, result};
 use crate::core::rollup::{BucketScan, Granularity, Measures, ScanNeeds, SeriesKey};
 use crate::core::{Name, Timestamp};
 use crate::store::{BucketReads, StoreError};
@@ -468,7 +471,7 @@ impl RedisStore {
         now: i64,
     ) -> Result<Fields, StoreError> {
         let key = format!("{}{start}", self.bucket_base(customer, g));
-        let closed = start + g.millis() <= now;
+        let closed = start + g.millis() + SEAL_GRACE_MS <= now;
         let token = format!("{:032x}", rand::random::<u128>());
         let claimed = closed && {
             let mut cmd = redis::cmd("SET");

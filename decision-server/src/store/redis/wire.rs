@@ -21,6 +21,12 @@ use crate::core::window::{RING, WindowState};
 use crate::store::StoreError;
 use crate::store::events::{EventBody, StreamRetention};
 
+/// How long after a bucket ends a reader may seal it (`redis.lua` `bucket_add`: "A reader
+/// seals only buckets that ended SEAL_GRACE before its own now"): a write into a bucket that
+/// has not ended by the writer's clock does not look for seals, which is right while the
+/// replicas' clocks agree within this.
+pub const SEAL_GRACE_MS: i64 = 300_000;
+
 /// Counter kinds (`redis.lua`: `local RATE, QUOTA, CONC, CRED = 1, 2, 3, 4`), the tag of each
 /// packed state.
 pub const KIND_RATE: u8 = 1;
