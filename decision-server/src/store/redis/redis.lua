@@ -329,8 +329,8 @@ local function index(series, day)
   local s = cmsgpack.unpack(series)
   for i = 2, #s - 1, 2 do
     local k = BASE .. 'x' .. period .. ':' .. s[i] .. '\0' .. s[i + 1]
-    redis.call('SADD', k, series)
-    redis.call('PEXPIRE', k, keep)
+    -- Already a member: the set is there with its expiry (the period's, fixed).
+    if redis.call('SADD', k, series) == 1 then redis.call('PEXPIRE', k, keep) end
   end
 end
 
