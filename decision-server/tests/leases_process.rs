@@ -456,23 +456,36 @@ async fn history_units(http: &reqwest::Client, replica: &Sidecar) -> u64 {
         .sum()
 }
 
+/// What happens to Redis while the load runs.
+enum Disturb<'a> {
+    Nothing,
+    /// These servers are frozen four times for 0.3 s.
+    Stall(&'a [&'a RedisServer]),
+    /// This server (persisting every write before it answers) is killed with SIGKILL a
+    /// second into the load and started again a second later.
+    Restart(&'a mut RedisServer),
+}
+
 /// Three replicas of `text` behind one "Service": 24 clients check on one replica and settle
 /// (at part of what they held), or release, on the next one, sending a refused settlement
-/// again as the filter's close queue does. Meanwhile the Redis servers in `stall` are frozen
-/// four times for 0.3 s. Never over the cap; once the load stops every counter reads
-/// exactly what was settled, on every replica; the usage history every replica answers says
-/// the same; nothing is stranded.
-async fn settled_on_another_replica(text: &str, cap: u64, stall: &[&RedisServer]) {
+/// again as the filter's close queue does. Meanwhile Redis is disturbed as `disturb` says.
+/// Never over the cap; once the load stops every counter reads exactly what was settled, on
+/// every replica; the usage history every replica answers says the same; nothing is
+/// stranded.
+async fn settled_on_another_replica(text: &str, cap: u64, disturb: Disturb<'_>) {
     let replicas: Arc<Vec<Sidecar>> =
         Arc::new((0..3).map(|_| Sidecar::start(text).unwrap()).collect());
     let settled = Arc::new(AtomicU64::new(0));
     let granted_open = Arc::new(AtomicU64::new(0));
+    // Calls answered 503 (the store out of reach), checks and settlements alike.
+    let unavailable = Arc::new(AtomicU64::new(0));
     let clients: Vec<_> = (0..24usize)
         .map(|client| {
-            let (replicas, settled, open) = (
+            let (replicas, settled, open, unavailable) = (
                 Arc::clone(&replicas),
                 Arc::clone(&settled),
                 Arc::clone(&granted_open),
+                Arc::clone(&unavailable),
             );
             tokio::spawn(async move {
                 let http = reqwest::Client::new();
@@ -496,6 +509,9 @@ async fn settled_on_another_replica(text: &str, cap: u64, stall: &[&RedisServer]
                         }),
                     )
                     .await;
+                    if status == 503 {
+                        unavailable.fetch_add(1, Ordering::Relaxed);
+                    }
                     if status != 200 || d["isGranted"] != true {
                         refused_in_a_row += 1;
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -524,6 +540,7 @@ async fn settled_on_another_replica(text: &str, cap: u64, stall: &[&RedisServer]
                         if status != 503 || tries > 100 {
                             break (status, s);
                         }
+                        unavailable.fetch_add(1, Ordering::Relaxed);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     };
                     assert_eq!(status, 200, "settle of {hold} on another replica: {s}");
@@ -539,18 +556,36 @@ async fn settled_on_another_replica(text: &str, cap: u64, stall: &[&RedisServer]
             })
         })
         .collect();
-    for _ in 0..if stall.is_empty() { 0 } else { 4 } {
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        for r in stall {
-            r.pause();
+    let restarted = matches!(disturb, Disturb::Restart(_));
+    match disturb {
+        Disturb::Nothing => {}
+        Disturb::Stall(stall) => {
+            for _ in 0..4 {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                for r in stall {
+                    r.pause();
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                for r in stall {
+                    r.resume();
+                }
+            }
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        for r in stall {
-            r.resume();
+        Disturb::Restart(redis) => {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            redis.stop();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::task::block_in_place(|| redis.restart());
         }
     }
     for c in clients {
         c.await.unwrap();
+    }
+    if restarted {
+        assert!(
+            unavailable.load(Ordering::Relaxed) > 0,
+            "no call met Redis down: the load ended before the restart"
+        );
     }
     let settled = settled.load(Ordering::Relaxed);
     assert!(settled <= cap, "settled {settled}, past the cap {cap}");
@@ -598,7 +633,7 @@ async fn settled_on_another_replica(text: &str, cap: u64, stall: &[&RedisServer]
 async fn settled_on_another_replica_with_leases_on_redis() {
     let _one_at_a_time = SERIAL.lock().await;
     let redis = RedisServer::start();
-    settled_on_another_replica(&config(&redis, 5_000, 3_000), 3_000, &[]).await;
+    settled_on_another_replica(&config(&redis, 5_000, 3_000), 3_000, Disturb::Nothing).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -607,7 +642,7 @@ async fn settled_on_another_replica_with_leases_on_a_redis_cluster() {
     let cluster = RedisCluster::start();
     let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
     let target = format!("cluster: [{}]", urls.join(", "));
-    settled_on_another_replica(&config_on(&target, 5_000, 3_000), 3_000, &[]).await;
+    settled_on_another_replica(&config_on(&target, 5_000, 3_000), 3_000, Disturb::Nothing).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -617,7 +652,7 @@ async fn settled_on_another_replica_without_leases_on_redis() {
     let text = config(&redis, 5_000, 3_000)
         .replace(", leases: { enabled: true, ttl: PT15S, skew: PT1S }", "");
     assert!(!text.contains("leases"));
-    settled_on_another_replica(&text, 3_000, &[]).await;
+    settled_on_another_replica(&text, 3_000, Disturb::Nothing).await;
 }
 
 /// The same with calls timing out at 100 ms while Redis stalls: checks and settlements that
@@ -626,7 +661,12 @@ async fn settled_on_another_replica_without_leases_on_redis() {
 async fn settled_on_another_replica_through_redis_stalls_with_leases() {
     let _one_at_a_time = SERIAL.lock().await;
     let redis = RedisServer::start();
-    settled_on_another_replica(&config(&redis, 100, 3_000), 3_000, &[&redis]).await;
+    settled_on_another_replica(
+        &config(&redis, 100, 3_000),
+        3_000,
+        Disturb::Stall(&[&redis]),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -636,7 +676,12 @@ async fn settled_on_another_replica_through_cluster_stalls_with_leases() {
     let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
     let target = format!("cluster: [{}]", urls.join(", "));
     let stall: Vec<&RedisServer> = cluster.nodes.iter().collect();
-    settled_on_another_replica(&config_on(&target, 100, 3_000), 3_000, &stall).await;
+    settled_on_another_replica(
+        &config_on(&target, 100, 3_000),
+        3_000,
+        Disturb::Stall(&stall),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -645,5 +690,24 @@ async fn settled_on_another_replica_through_redis_stalls_without_leases() {
     let redis = RedisServer::start();
     let text = config(&redis, 100, 3_000)
         .replace(", leases: { enabled: true, ttl: PT15S, skew: PT1S }", "");
-    settled_on_another_replica(&text, 3_000, &[&redis]).await;
+    settled_on_another_replica(&text, 3_000, Disturb::Stall(&[&redis])).await;
+}
+
+/// The same while Redis is killed and started again: checks and settlements refused while it
+/// is down are sent again, and once it is back every counter, history and slice converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_on_another_replica_through_a_redis_restart_with_leases() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let text = config(&redis, 100, 3_000);
+    settled_on_another_replica(&text, 3_000, Disturb::Restart(&mut redis)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_on_another_replica_through_a_redis_restart_without_leases() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let text = config(&redis, 100, 3_000)
+        .replace(", leases: { enabled: true, ttl: PT15S, skew: PT1S }", "");
+    settled_on_another_replica(&text, 3_000, Disturb::Restart(&mut redis)).await;
 }
