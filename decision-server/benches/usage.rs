@@ -209,18 +209,7 @@ fn history(
     group_by: &[&str],
     filters: &[(&str, &str)],
 ) -> HistoryRequest {
-    HistoryRequest {
-        feature: None,
-        from: Some(from),
-        to: Some(END_MS),
-        window,
-        group_by: group_by.iter().map(|s| s.to_string()).collect(),
-        filters: filters
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        tz: chrono_tz::UTC,
-    }
+    HistoryRequest::utc(from, END_MS, window, group_by, filters)
 }
 
 fn report(label: &str, hist: &Histogram<u64>, points: usize) {

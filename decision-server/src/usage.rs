@@ -50,6 +50,31 @@ pub struct HistoryRequest {
     pub tz: Tz,
 }
 
+impl HistoryRequest {
+    /// Every feature over `[from, to)` in UTC windows of `window`, grouped by `group_by` and
+    /// filtered on `filters` (attribute, value).
+    pub fn utc(
+        from: i64,
+        to: i64,
+        window: Granularity,
+        group_by: &[&str],
+        filters: &[(&str, &str)],
+    ) -> Self {
+        Self {
+            feature: None,
+            from: Some(from),
+            to: Some(to),
+            window,
+            group_by: group_by.iter().map(|s| (*s).to_string()).collect(),
+            filters: filters
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect(),
+            tz: chrono_tz::UTC,
+        }
+    }
+}
+
 /// A history answer: the range it covers (whole windows) and its series.
 #[derive(Debug, Clone)]
 pub struct History {

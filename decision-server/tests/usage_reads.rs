@@ -91,7 +91,7 @@ fn a_customer_past_its_read_budget_is_refused_and_another_is_not() {
         h.run(tollgate::usage::history(
             &h.engine,
             customer,
-            history(
+            HistoryRequest::utc(
                 at.millis(),
                 at.millis() + 60_000,
                 Granularity::Minute,
@@ -154,27 +154,6 @@ fn calls(stores: &[&Harness], at: i64, round: u64) {
     }
 }
 
-fn history(
-    from: i64,
-    to: i64,
-    window: Granularity,
-    group_by: &[&str],
-    filters: &[(&str, &str)],
-) -> HistoryRequest {
-    HistoryRequest {
-        feature: None,
-        from: Some(from),
-        to: Some(to),
-        window,
-        group_by: group_by.iter().map(|s| s.to_string()).collect(),
-        filters: filters
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        tz: chrono_tz::UTC,
-    }
-}
-
 /// A query's `groupBy` and filters.
 type Shape<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)]);
 
@@ -204,7 +183,7 @@ fn answers(h: &Harness, start: i64, now: i64) -> Vec<String> {
         (Granularity::Minute, now - 2 * HOUR),
     ] {
         for (group_by, filters) in shapes {
-            let req = history(from, now, window, group_by, filters);
+            let req = HistoryRequest::utc(from, now, window, group_by, filters);
             let h = h
                 .run(tollgate::usage::history(&h.engine, "acme", req))
                 .unwrap();
