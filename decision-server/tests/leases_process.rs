@@ -703,6 +703,35 @@ async fn settled_on_another_replica_through_a_redis_restart_with_leases() {
     settled_on_another_replica(&text, 3_000, Disturb::Restart(&mut redis)).await;
 }
 
+/// The same on a 3-master Cluster whose master for acme's slot is killed and started again
+/// (its slots stay its own: the outage is shorter than the node timeout).
+///
+/// Not run by default: in 2 of 9 runs a settlement was still answered 503 more than 5 s
+/// after the master was back (the Cluster connection, with the breaker re-opening on its
+/// failures, recovers later than a single node's). Run it with `--ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a Cluster master restart can leave settlements unavailable for more than 5 s; see the doc comment"]
+async fn settled_on_another_replica_through_a_cluster_master_restart_with_leases() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let mut cluster = RedisCluster::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let target = format!("cluster: [{}]", urls.join(", "));
+    let owner = cluster.owner_of("acme");
+    settled_on_another_replica(
+        &config_on(&target, 100, 3_000),
+        3_000,
+        Disturb::Restart(&mut cluster.nodes[owner]),
+    )
+    .await;
+    // The master restarted was acme's: it holds acme's keys.
+    let keys = cluster.keys_per_node();
+    assert_eq!(
+        keys.iter().max(),
+        keys.get(owner),
+        "keys per node {keys:?}, restarted {owner}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settled_on_another_replica_through_a_redis_restart_without_leases() {
     let _one_at_a_time = SERIAL.lock().await;

@@ -174,7 +174,8 @@ impl RedisServer {
         }
     }
 
-    /// Starts it again on the same port (empty: no persistence).
+    /// Starts it again on the same port, with its files (empty unless it was started with
+    /// persistence, e.g. `--appendonly yes`).
     pub fn restart(&mut self) {
         self.stop();
         assert!(
@@ -215,16 +216,14 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> Self {
-        let nodes: Vec<RedisServer> = (0..3)
-            .map(|_| {
-                RedisServer::start_with(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-node-timeout",
-                    "2000",
-                ])
-            })
-            .collect();
+        Self::start_with(&[])
+    }
+
+    /// Three masters with `extra` `redis-server` arguments each (for example persistence).
+    pub fn start_with(extra: &[&str]) -> Self {
+        let mut args = vec!["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"];
+        args.extend_from_slice(extra);
+        let nodes: Vec<RedisServer> = (0..3).map(|_| RedisServer::start_with(&args)).collect();
         let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
         args.extend(nodes.iter().map(RedisServer::addr));
         args.extend([
@@ -257,6 +256,32 @@ impl RedisCluster {
 
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The index in `nodes` of the master that serves the slot of hash tag `tag`.
+    pub fn owner_of(&self, tag: &str) -> usize {
+        let slot = self.nodes[0]
+            .cli(&["CLUSTER", "KEYSLOT", tag])
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .expect("CLUSTER KEYSLOT");
+        let slots = self.nodes[0]
+            .cli(&["CLUSTER", "SLOTS"])
+            .expect("CLUSTER SLOTS");
+        // redis-cli prints each range as: start, end, then the master's ip and port (and id).
+        let lines: Vec<&str> = slots.lines().map(str::trim).collect();
+        for w in lines.windows(4) {
+            if let (Ok(start), Ok(end), Ok(port)) = (
+                w[0].parse::<u64>(),
+                w[1].parse::<u64>(),
+                w[3].parse::<u16>(),
+            ) && w[2] == "127.0.0.1"
+                && (start..=end).contains(&slot)
+                && let Some(i) = self.nodes.iter().position(|n| n.port == port)
+            {
+                return i;
+            }
+        }
+        panic!("no master serves slot {slot}: {slots}")
     }
 
     /// Keys stored on each node.
