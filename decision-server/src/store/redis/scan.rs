@@ -36,7 +36,7 @@ use redis::Value;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::RedisStore;
-use super::wire::{SEAL_GRACE_MS, bad_reply, decode_series, measures_of, result};
+use super::wire::{SEAL_GRACE_MS, bad_reply, decode_series, measures_of};
 use crate::core::rollup::{BucketScan, Granularity, Measures, ScanNeeds, SeriesKey};
 use crate::core::{Name, Timestamp};
 use crate::store::{BucketReads, StoreError};
@@ -247,12 +247,13 @@ fn seal_copies(fields: &[(Vec<u8>, Vec<u8>)], keep_rows: bool) -> Option<[Vec<u8
     for (s, m) in fields {
         decoded.push((s.as_slice(), decode_series(s)?, measures(m)?));
     }
-    let mut rows = vec![SEAL_VERSION];
-    if keep_rows {
+    let rows = if keep_rows {
+        let mut rows = vec![SEAL_VERSION];
         push_rows(&mut rows, decoded.iter().map(|(s, _, m)| (*s, m)));
+        rows
     } else {
-        rows.clear();
-    }
+        Vec::new()
+    };
     // Totals per feature, and per attribute name the sums per (feature, value), a series
     // without the attribute under its feature alone.
     let mut totals: BTreeMap<&str, Measures> = BTreeMap::new();
@@ -494,9 +495,7 @@ impl RedisStore {
                 inv.arg(c.as_slice());
             }
             // A seal that is not stored costs the next reader a scan, nothing more.
-            if let Ok(reply) = self.run(customer.sym(), &inv).await {
-                let _ = result(&reply);
-            }
+            let _ = self.run(customer.sym(), &inv).await;
         }
         Ok(fields)
     }
