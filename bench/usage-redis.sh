@@ -11,6 +11,10 @@
 #    second Redis (the same work for this machine's two cores, none for the decisions' Redis),
 #    alternated `ROUNDS` times. Beside-same over beside-other is what the reads cost the
 #    decisions through Redis; alone over beside-other is what sharing two cores costs.
+#    Decisions come at a fixed `RATE` a second (open loop, each timed from when it was due),
+#    as a sidecar under a steady load sees them; `RATE=0` sends them as fast as the answers
+#    come back (closed loop), which fills both cores, so that anything else running on the
+#    machine lengthens every decision.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -19,6 +23,7 @@ cargo build --release --locked -p tollgate --bench usage >&2
 ROUNDS=${ROUNDS:-2}
 N=${N:-150000}
 LOOP_SECS=${LOOP_SECS:-25}
+RATE=${RATE:-2000}
 echo "# $(date -u +%F) $(nproc) cores: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(redis-server --version | cut -d' ' -f3)"
 redis_port=$(start_redis "$work")
 url="redis://127.0.0.1:$redis_port/"
@@ -41,7 +46,7 @@ sleep 2
 redis-cli -p "$other_port" replicaof no one > /dev/null
 echo "copy: $(redis-cli -p "$other_port" dbsize) keys"
 
-echo "## decisions alone and beside a loop of those queries (timeoutMs: 100)"
+echo "## decisions alone and beside a loop of those queries (timeoutMs: 100, rate ${RATE}/s, 0: closed loop)"
 "$LOAD" config --customers 10 --max-users 1000000 \
   --storage "kind: redis, url: \"$url\", timeoutMs: 100, prefix: decide" > "$work/decide.yaml"
 target/release/tollgate serve --config "$work/decide.yaml" --workers 1 > "$work/side.out" 2>&1 &
@@ -49,7 +54,7 @@ echo $! >> "$work/pid"
 for _ in $(seq 100); do grep -q ready "$work/side.out" && break; sleep 0.1; done
 addr=$(grep -o 'grpc=[^ ]*' "$work/side.out" | cut -d= -f2)
 decide() { # label
-  "$LOAD" --workers 1 run --target decide --addr "$addr" --concurrency 16 --requests "$N" \
+  "$LOAD" --workers 1 run --target decide --addr "$addr" --concurrency 16 --rate "$RATE" --requests "$N" \
     --users 1000 --duration-secs "$((LOOP_SECS - 5))" --label "$1"
 }
 beside() { # redis url of the queries, label

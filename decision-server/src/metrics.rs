@@ -152,6 +152,7 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     store_failures: Counter,
     breaker_rejections: Counter,
+    connections_replaced: Counter,
     script_disagreements: Counter,
     values_folded: Counter,
     usage_series: Gauge,
@@ -343,6 +344,12 @@ impl Metrics {
             "Store calls refused at once because the circuit breaker was open",
             breaker_rejections.clone(),
         );
+        let connections_replaced = Counter::default();
+        registry.register(
+            "store_connections_replaced",
+            "Redis Cluster connections replaced by new ones after every call failed for 2 s",
+            connections_replaced.clone(),
+        );
         let script_disagreements = Counter::default();
         registry.register(
             "store_script_disagreements",
@@ -368,6 +375,7 @@ impl Metrics {
             usage_series,
             store_failures,
             breaker_rejections,
+            connections_replaced,
             registry,
             decisions,
             latency,
@@ -431,6 +439,7 @@ impl Metrics {
         let catch_up = |c: &Counter, total: u64| c.inc_by(total.saturating_sub(c.get()));
         catch_up(&self.store_failures, stats.backend_failures);
         catch_up(&self.breaker_rejections, stats.breaker_rejections);
+        catch_up(&self.connections_replaced, stats.connections_replaced);
         catch_up(&self.script_disagreements, stats.script_disagreements);
         catch_up(&self.values_folded, stats.values_folded);
         self.usage_series.set(gauge(stats.usage_series));

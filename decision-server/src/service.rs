@@ -535,7 +535,7 @@ impl Service {
                 crate::alerts::after_decision(&self.engine, &self.alert_claims, req.customer, d)
                     .await
         {
-            tracing::warn!(customer = req.customer, error = %e, "an alert could not be claimed; it fires on the next crossing check");
+            tracing::warn!(customer = req.customer, error = %e, "an alert could not be claimed");
         }
         if let Ok(d) = &result
             && !d.dry_run
@@ -665,7 +665,7 @@ impl Service {
             && let Err(e) =
                 crate::alerts::after_ingest(&self.engine, &self.alert_claims, &req).await
         {
-            tracing::warn!(customer = req.customer, error = %e, "an alert could not be claimed; it fires on the next crossing check");
+            tracing::warn!(customer = req.customer, error = %e, "an alert could not be claimed");
         }
         Ok(Some(recorded))
     }

@@ -197,14 +197,17 @@ impl CounterStore for Hooked {
     async fn lease_deliveries(
         &self,
         c: Name,
+        lessee: &str,
         now: Timestamp,
         lease_ms: i64,
         max: usize,
     ) -> Result<Vec<Delivery>, StoreError> {
-        self.inner.lease_deliveries(c, now, lease_ms, max).await
+        self.inner
+            .lease_deliveries(c, lessee, now, lease_ms, max)
+            .await
     }
-    async fn finish_delivery(&self, c: Name, d: &Delivery) -> Result<(), StoreError> {
-        self.inner.finish_delivery(c, d).await
+    async fn finish_delivery(&self, c: Name, lessee: &str, d: &Delivery) -> Result<(), StoreError> {
+        self.inner.finish_delivery(c, lessee, d).await
     }
     async fn deliveries(&self, c: Name, max: usize) -> Result<Vec<Delivery>, StoreError> {
         self.inner.deliveries(c, max).await

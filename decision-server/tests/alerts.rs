@@ -249,30 +249,53 @@ fn the_outbox_leases_each_delivery_to_one_caller_and_keeps_the_log(store: Store)
     let at = |ms: i64| Timestamp::from_millis(ms);
     h.run(s.enqueue_deliveries(acme, &[delivery("msg_a", 1_000), delivery("msg_b", 2_000)]))
         .unwrap();
-    // Only what is due, oldest due first; a leased delivery is nobody else's until the lease
-    // ends.
+    // Only what is due, oldest due first; a leased delivery is no other lessee's until the
+    // lease ends.
     let first = h
-        .run(s.lease_deliveries(acme, at(1_500), 60_000, 10))
+        .run(s.lease_deliveries(acme, "a", at(1_500), 60_000, 10))
         .unwrap();
     assert_eq!(
         first.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
         ["msg_a"]
     );
     let second = h
-        .run(s.lease_deliveries(acme, at(2_500), 60_000, 10))
+        .run(s.lease_deliveries(acme, "b", at(2_500), 60_000, 10))
         .unwrap();
     assert_eq!(
         second.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
         ["msg_b"]
     );
     assert!(
-        h.run(s.lease_deliveries(acme, at(3_000), 60_000, 10))
+        h.run(s.lease_deliveries(acme, "c", at(3_000), 60_000, 10))
+            .unwrap()
+            .is_empty()
+    );
+    // A lessee that asks again gets back what it leased and has not finished (a lease whose
+    // answer it never heard), and nothing of another lessee's.
+    let lost = h
+        .run(s.lease_deliveries(acme, "b", at(3_000), 60_000, 10))
+        .unwrap();
+    assert_eq!(
+        lost.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+        ["msg_b"]
+    );
+    let mut b = lost[0].clone();
+    b.attempts.push(Attempt {
+        at: 3_000,
+        status: Some(204),
+        error: None,
+    });
+    b.delivered = true;
+    b.next_at = None;
+    h.run(s.finish_delivery(acme, "b", &b)).unwrap();
+    assert!(
+        h.run(s.lease_deliveries(acme, "b", at(3_500), 60_000, 10))
             .unwrap()
             .is_empty()
     );
     // A lease that ends unfinished (its replica died) is taken again.
     let again = h
-        .run(s.lease_deliveries(acme, at(61_500), 60_000, 10))
+        .run(s.lease_deliveries(acme, "c", at(61_500), 60_000, 10))
         .unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].id, "msg_a");
@@ -285,13 +308,16 @@ fn the_outbox_leases_each_delivery_to_one_caller_and_keeps_the_log(store: Store)
     });
     done.delivered = true;
     done.next_at = None;
-    h.run(s.finish_delivery(acme, &done)).unwrap();
-    assert!(
-        h.run(s.lease_deliveries(acme, at(500_000), 60_000, 10))
-            .unwrap()
-            .iter()
-            .all(|d| d.id != "msg_a")
-    );
+    h.run(s.finish_delivery(acme, "c", &done)).unwrap();
+    // The first lessee's lease of it ended when it was finished, by whoever finished it.
+    for lessee in ["a", "c"] {
+        assert!(
+            h.run(s.lease_deliveries(acme, lessee, at(500_000), 60_000, 10))
+                .unwrap()
+                .iter()
+                .all(|d| d.id != "msg_a")
+        );
+    }
     let log = h.run(s.deliveries(acme, 10)).unwrap();
     assert_eq!(
         log.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),

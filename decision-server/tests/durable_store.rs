@@ -308,7 +308,7 @@ fn alert_claims_survive_a_restart() {
         std::slice::from_ref(&outbox)
     );
     let leased = h
-        .run(store.lease_deliveries(acme, now, 60_000, 10))
+        .run(store.lease_deliveries(acme, "a", now, 60_000, 10))
         .unwrap();
     assert_eq!(leased.len(), 1);
     // Still claimed: a restart does not fire a crossing twice.

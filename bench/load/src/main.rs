@@ -167,6 +167,12 @@ struct RunArgs {
     hot: u64,
     #[arg(long, default_value_t = 80)]
     hot_percent: u64,
+    /// Open loop: send this many requests a second in all, each task at its share on a fixed
+    /// schedule, and time each from when it was due (a late start counts, so a stall is not
+    /// hidden by the requests it held back). 0: closed loop, each task sends when its last
+    /// answer came.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
     /// Run the same load against a no-op ext_authz server first, and print the ratio.
     #[arg(long)]
     calibrate: bool,
@@ -372,7 +378,19 @@ async fn run(args: &RunArgs, addr: &str) -> anyhow::Result<Outcome> {
                 Client::Decide(c) => Some(c.clone()),
                 _ => None,
             };
+            // Each task's share of the rate, started at a different offset.
+            let mut schedule = (args.rate > 0).then(|| {
+                let every = Duration::from_secs_f64(args.concurrency as f64 / args.rate as f64);
+                let first = tokio::time::Instant::now() + every.mul_f64(w as f64 / args.concurrency as f64);
+                let mut tick = tokio::time::interval_at(first, every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                tick
+            });
             while issued.fetch_add(1, Ordering::Relaxed) < args.requests && Instant::now() < deadline {
+                let due = match schedule.as_mut() {
+                    Some(tick) => Some(tick.tick().await.into_std()),
+                    None => None,
+                };
                 let user = if args.hot > 0 && rng.next() % 100 < args.hot_percent {
                     rng.next() % args.hot
                 } else {
@@ -383,7 +401,7 @@ async fn run(args: &RunArgs, addr: &str) -> anyhow::Result<Outcome> {
                     args.first_customer as u64 + user % args.customers.max(1) as u64
                 );
                 let user = format!("u{user}");
-                let t0 = Instant::now();
+                let t0 = due.unwrap_or_else(Instant::now);
                 let ok = match (client, grpc.as_mut()) {
                     (Client::Grpc(_), Some(c)) => match c.check(authz_request(&customer, &user, args.usage)).await {
                         Ok(r) => {

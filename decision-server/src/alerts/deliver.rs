@@ -28,6 +28,11 @@ const PASS: usize = 64;
 /// Deliveries of one customer in flight at once: a customer's slow receiver holds at most this
 /// many of its own calls, and never another customer's.
 const IN_FLIGHT_PER_CUSTOMER: usize = 4;
+/// Times an attempt's outcome is stored again when the store is out of reach (waiting 50 ms,
+/// then twice as long each time): storing it twice changes nothing, and one not stored is
+/// sent again by this replica's next pass (the lease stays its own), a second call to the
+/// receiver under the same `webhook-id`.
+const FINISH_TRIES: u32 = 4;
 /// The longest answer of a receiver's error body kept in the log.
 const MAX_ERROR_CHARS: usize = 200;
 
@@ -41,6 +46,9 @@ pub struct Deliverer {
     /// Customers whose deliveries are being sent: one pass each at a time, each on a task of
     /// its own.
     busy: Arc<Mutex<HashSet<Name>>>,
+    /// This deliverer's name as a lessee (128 random bits): a lease whose answer was lost is
+    /// taken again by its next pass, not left until the lease ends.
+    lessee: Arc<str>,
 }
 
 impl Deliverer {
@@ -55,6 +63,7 @@ impl Deliverer {
                 .build()?,
             targets,
             busy: Arc::new(Mutex::new(HashSet::new())),
+            lessee: super::random_id().into(),
         })
     }
 
@@ -141,7 +150,7 @@ impl Deliverer {
     ) -> Result<usize, StoreError> {
         let lease = settings.timeout_millis + 30_000;
         let due = store
-            .lease_deliveries(*customer, clock.now(), lease, PASS)
+            .lease_deliveries(*customer, &self.lessee, clock.now(), lease, PASS)
             .await?;
         let results: Vec<Result<(), StoreError>> = futures_util::stream::iter(due)
             .map(|mut d| {
@@ -168,7 +177,18 @@ impl Deliverer {
                             clock.now().millis(),
                         )
                     };
-                    store.finish_delivery(*customer, &d).await
+                    let mut wait = Duration::from_millis(50);
+                    let mut tries = 1;
+                    loop {
+                        match store.finish_delivery(*customer, &self.lessee, &d).await {
+                            Err(StoreError::Unavailable(_)) if tries < FINISH_TRIES => {
+                                tries += 1;
+                                tokio::time::sleep(wait).await;
+                                wait *= 2;
+                            }
+                            r => break r,
+                        }
+                    }
                 }
             })
             .buffer_unordered(IN_FLIGHT_PER_CUSTOMER)

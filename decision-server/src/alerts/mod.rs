@@ -7,6 +7,9 @@ pub mod sign;
 pub mod target;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use dashmap::DashSet;
 use rand::RngCore;
@@ -37,6 +40,82 @@ pub const DENIAL_BURST: &str = "limit.denial_burst";
 pub struct Claims {
     held: DashSet<(String, String)>,
     claimed: DashSet<(String, String)>,
+    /// Claims whose store call failed, being sent again in the background.
+    retrying: Arc<AtomicUsize>,
+}
+
+/// How long a claim whose store call failed is sent again before it is given up (logged).
+const CLAIM_PATIENCE: Duration = Duration::from_secs(600);
+/// The most claims sent again at once; past it a failed claim is logged and dropped.
+const MAX_CLAIMS_RETRYING: usize = 10_000;
+
+/// One threshold claim as the store takes it: the claim key, the alert's body and its
+/// deliveries, all made once so that sending it again changes nothing.
+struct Claim {
+    customer: Name,
+    key: String,
+    until: Option<i64>,
+    body: String,
+    deliveries: Vec<Delivery>,
+    now: Timestamp,
+}
+
+impl Claim {
+    async fn send(&self, store: &dyn crate::store::CounterStore) -> Result<bool, StoreError> {
+        store
+            .claim_alert(
+                self.customer,
+                &self.key,
+                self.until,
+                &self.body,
+                &self.deliveries,
+                self.now,
+            )
+            .await
+    }
+}
+
+impl Claims {
+    /// Sends `claim` again in the background until the store answers (backing off to 2 s).
+    ///
+    /// Why this is safe: a claim runs in one store step that claims its key only if no claim
+    /// on it still holds, so a call that ran although its answer was lost makes the next one
+    /// a no-op; the crossing fires once either way. Without it a crossing whose claim failed
+    /// (the store stalled just then) would never fire: later decisions start over the
+    /// threshold, so none crosses it again.
+    fn retry_later(&self, store: &Arc<dyn crate::store::CounterStore>, claim: Claim) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.retrying.fetch_add(1, Ordering::AcqRel) >= MAX_CLAIMS_RETRYING {
+            self.retrying.fetch_sub(1, Ordering::AcqRel);
+            tracing::error!(
+                key = claim.key,
+                "too many alert claims waiting for the store; this one is dropped"
+            );
+            return;
+        }
+        let (store, retrying) = (Arc::clone(store), Arc::clone(&self.retrying));
+        runtime.spawn(async move {
+            let started = Instant::now();
+            let mut wait = Duration::from_millis(50);
+            loop {
+                tokio::time::sleep(wait).await;
+                match claim.send(store.as_ref()).await {
+                    Ok(fired) => {
+                        tracing::debug!(key = claim.key, fired, "alert claim sent again");
+                        break;
+                    }
+                    Err(e) if started.elapsed() > CLAIM_PATIENCE => {
+                        tracing::error!(key = claim.key, error = %e, "cannot claim an alert; given up");
+                        break;
+                    }
+                    Err(_) => wait = (wait * 2).min(Duration::from_secs(2)),
+                }
+            }
+            retrying.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
 }
 
 /// Period claims a replica remembers; past this many it forgets them all (the store still
@@ -142,6 +221,21 @@ async fn fire(
     id: &str,
     body: &str,
 ) -> Result<bool, StoreError> {
+    claim_of(engine, c, rule, key, until, id, body)
+        .send(engine.store().as_ref())
+        .await
+}
+
+/// The claim of `key` for rule `rule`, delivered to the rule's webhooks.
+fn claim_of(
+    engine: &Engine,
+    c: &CustomerModel,
+    rule: Name,
+    key: &str,
+    until: Option<i64>,
+    id: &str,
+    body: &str,
+) -> Claim {
     let now = engine.now();
     let webhooks = c
         .alerts
@@ -154,10 +248,14 @@ async fn fire(
         .filter_map(|w| c.webhooks.get(*w))
         .map(|w| new_delivery(id, w.id.as_str(), body, now))
         .collect();
-    engine
-        .store()
-        .claim_alert(c.id, key, until, body, &deliveries, now)
-        .await
+    Claim {
+        customer: c.id,
+        key: key.to_string(),
+        until,
+        body: body.to_string(),
+        deliveries,
+        now,
+    }
 }
 
 /// Most entities one background pass projects per customer: a pass stays bounded whatever
@@ -401,7 +499,16 @@ pub async fn after_decision(
         claimed_now += 1;
         let id = random_id();
         let body = body(customer, x, &id, now);
-        fired += usize::from(fire(engine, c, x.rule, &x.key, x.until, &id, &body).await?);
+        let claim = claim_of(engine, c, x.rule, &x.key, x.until, &id, &body);
+        match claim.send(store.as_ref()).await {
+            Ok(f) => fired += usize::from(f),
+            // Out of reach (it may even have run): sent again until the store answers.
+            Err(StoreError::Unavailable(e)) => {
+                tracing::warn!(customer, key = x.key, error = %e, "an alert claim failed; it is sent again in the background");
+                claims.retry_later(store, claim);
+            }
+            Err(e) => return Err(e),
+        }
         if x.until.is_none() {
             claims.held.insert(seen);
         } else {

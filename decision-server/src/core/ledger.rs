@@ -206,6 +206,9 @@ pub struct Ledger {
     emitted_alerts: Vec<(Timestamp, String)>,
     /// Webhook deliveries: the outbox (those with `next_at`) and the log, by id.
     deliveries: FxHashMap<Box<str>, Delivery>,
+    /// Leased deliveries not finished yet, by id: their lessee (not persisted: a lessee is a
+    /// running process, and its leases end on their own).
+    leased: FxHashMap<Box<str>, Box<str>>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -414,17 +417,48 @@ impl Ledger {
             finished.sort();
             for (_, k) in finished.into_iter().take(over) {
                 self.deliveries.remove(&k);
+                self.leased.remove(&k);
                 self.touch_delivery(&k);
             }
         }
     }
 
-    /// Up to `max` deliveries due at `now`, each leased until `now + lease_ms` (its next
-    /// attempt moved there, so no other caller takes it meanwhile), oldest due first.
-    pub fn lease(&mut self, now: Timestamp, lease_ms: i64, max: usize) -> Vec<Delivery> {
+    /// Up to `max` deliveries for `lessee` at `now`, each leased until `now + lease_ms` (its
+    /// next attempt moved there, so no other lessee takes it meanwhile): first those `lessee`
+    /// leased and has not finished (a lease whose answer it never heard, on a networked
+    /// store; a lessee runs one pass per customer at a time, so none of them is being sent),
+    /// then those due, oldest due first.
+    pub fn lease(
+        &mut self,
+        lessee: &str,
+        now: Timestamp,
+        lease_ms: i64,
+        max: usize,
+    ) -> Vec<Delivery> {
+        let mut mine: Vec<Box<str>> = self
+            .leased
+            .iter()
+            .filter(|(_, by)| by.as_ref() == lessee)
+            .map(|(id, _)| id.clone())
+            .collect();
+        // As Redis returns a set's members: in no order that matters; sorted here for one.
+        mine.sort();
+        let mut ids: Vec<Box<str>> = Vec::new();
+        for id in mine {
+            let open = self
+                .deliveries
+                .get(&id)
+                .is_some_and(|d| d.next_at.is_some());
+            if open && ids.len() < max {
+                ids.push(id);
+            } else {
+                self.leased.remove(&id);
+            }
+        }
         let mut due: Vec<(i64, Box<str>)> = self
             .deliveries
             .iter()
+            .filter(|(k, _)| !ids.contains(k))
             .filter_map(|(k, d)| {
                 d.next_at
                     .filter(|at| *at <= now.millis())
@@ -432,12 +466,14 @@ impl Ledger {
             })
             .collect();
         due.sort();
+        ids.extend(due.into_iter().map(|(_, k)| k).take(max - ids.len()));
         let mut out = Vec::new();
-        for (_, k) in due.into_iter().take(max) {
+        for k in ids {
             if let Some(d) = self.deliveries.get_mut(&k) {
                 d.next_at = Some(now.millis() + lease_ms);
                 out.push(d.clone());
             }
+            self.leased.insert(k.clone(), lessee.into());
             self.touch_delivery(&k);
         }
         out
@@ -445,6 +481,7 @@ impl Ledger {
 
     /// Replaces a delivery after an attempt (its attempts, next time, delivered).
     pub fn finish(&mut self, d: Delivery) {
+        self.leased.remove(d.id.as_str());
         if self.deliveries.contains_key(d.id.as_str()) {
             self.touch_delivery(&d.id);
             self.deliveries.insert(d.id.as_str().into(), d);

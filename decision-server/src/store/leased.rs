@@ -1253,18 +1253,27 @@ impl CounterStore for LeasedStore {
     async fn lease_deliveries(
         &self,
         customer: Name,
+        lessee: &str,
         now: Timestamp,
         lease_ms: i64,
         max: usize,
     ) -> Result<Vec<Delivery>, StoreError> {
         self.shared
             .inner
-            .lease_deliveries(customer, now, lease_ms, max)
+            .lease_deliveries(customer, lessee, now, lease_ms, max)
             .await
     }
 
-    async fn finish_delivery(&self, customer: Name, delivery: &Delivery) -> Result<(), StoreError> {
-        self.shared.inner.finish_delivery(customer, delivery).await
+    async fn finish_delivery(
+        &self,
+        customer: Name,
+        lessee: &str,
+        delivery: &Delivery,
+    ) -> Result<(), StoreError> {
+        self.shared
+            .inner
+            .finish_delivery(customer, lessee, delivery)
+            .await
     }
 
     async fn deliveries(&self, customer: Name, max: usize) -> Result<Vec<Delivery>, StoreError> {

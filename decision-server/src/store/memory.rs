@@ -448,17 +448,23 @@ impl CounterStore for MemoryStore {
     async fn lease_deliveries(
         &self,
         customer: Name,
+        lessee: &str,
         now: Timestamp,
         lease_ms: i64,
         max: usize,
     ) -> Result<Vec<Delivery>, StoreError> {
         let sym = customer.sym();
         let book = self.book(sym);
-        self.write(sym, &book, |l| l.lease(now, lease_ms, max))
+        self.write(sym, &book, |l| l.lease(lessee, now, lease_ms, max))
             .await
     }
 
-    async fn finish_delivery(&self, customer: Name, delivery: &Delivery) -> Result<(), StoreError> {
+    async fn finish_delivery(
+        &self,
+        customer: Name,
+        _lessee: &str,
+        delivery: &Delivery,
+    ) -> Result<(), StoreError> {
         let sym = customer.sym();
         let book = self.book(sym);
         self.write(sym, &book, |l| l.finish(delivery.clone())).await

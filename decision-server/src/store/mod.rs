@@ -73,6 +73,8 @@ pub struct StoreStats {
     pub backend_failures: u64,
     /// Calls refused at once because the circuit breaker was open, since start.
     pub breaker_rejections: u64,
+    /// Connections to a Redis Cluster replaced after every call failed for a while, since start.
+    pub connections_replaced: u64,
     /// Holds released because their decision's caller was gone (or the store's answer was
     /// lost), since start.
     pub abandoned_released: u64,
@@ -294,18 +296,27 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
         deliveries: &[Delivery],
     ) -> Result<(), StoreError>;
 
-    /// Up to `max` of `customer`'s deliveries due at `now`, each leased for `lease_ms` (its
-    /// next attempt moved past the lease, so no other replica takes it meanwhile).
+    /// Up to `max` of `customer`'s deliveries for `lessee` at `now`, each leased for
+    /// `lease_ms` (its next attempt moved past the lease, so no other lessee takes it
+    /// meanwhile): first those `lessee` leased and has not finished, then those due
+    /// ([`crate::core::ledger::Ledger::lease`]). A lessee is one process's deliverer.
     async fn lease_deliveries(
         &self,
         customer: Name,
+        lessee: &str,
         now: Timestamp,
         lease_ms: i64,
         max: usize,
     ) -> Result<Vec<Delivery>, StoreError>;
 
-    /// Stores a delivery after an attempt: its attempts, its next time (`None`: finished).
-    async fn finish_delivery(&self, customer: Name, delivery: &Delivery) -> Result<(), StoreError>;
+    /// Stores a delivery after an attempt: its attempts, its next time (`None`: finished),
+    /// and ends `lessee`'s lease of it.
+    async fn finish_delivery(
+        &self,
+        customer: Name,
+        lessee: &str,
+        delivery: &Delivery,
+    ) -> Result<(), StoreError>;
 
     /// `customer`'s delivery log, newest first, at most `max`.
     async fn deliveries(&self, customer: Name, max: usize) -> Result<Vec<Delivery>, StoreError>;

@@ -583,23 +583,30 @@ impl CounterStore for RedisStore {
     async fn lease_deliveries(
         &self,
         customer: Name,
+        lessee: &str,
         now: Timestamp,
         lease_ms: i64,
         max: usize,
     ) -> Result<Vec<Delivery>, StoreError> {
         let keys = self.keys(customer);
         let mut inv = self.invocation(&keys, "lease", now);
-        inv.arg(lease_ms).arg(max);
+        inv.arg(lease_ms).arg(max).arg(lessee);
         let reply = self.run(customer.sym(), &inv).await?;
         decode_deliveries(&reply)
     }
 
-    async fn finish_delivery(&self, customer: Name, delivery: &Delivery) -> Result<(), StoreError> {
+    async fn finish_delivery(
+        &self,
+        customer: Name,
+        lessee: &str,
+        delivery: &Delivery,
+    ) -> Result<(), StoreError> {
         let keys = self.keys(customer);
         let mut inv = self.invocation(&keys, "finish", Timestamp::default());
         inv.arg(&delivery.id)
             .arg(delivery.next_at.map_or_else(String::new, |t| t.to_string()))
-            .arg(encode_delivery(delivery)?);
+            .arg(encode_delivery(delivery)?)
+            .arg(lessee);
         self.run(customer.sym(), &inv).await?;
         Ok(())
     }
@@ -870,6 +877,7 @@ impl CounterStore for RedisStore {
         }
         stats.backend_failures = self.link.failures.load(Ordering::Relaxed);
         stats.breaker_rejections = self.link.rejected.load(Ordering::Relaxed);
+        stats.connections_replaced = self.link.conn.replaced();
         stats.abandoned_released = self.canceller.released.load(Ordering::Relaxed);
         stats.script_disagreements = self.disagreements.load(Ordering::Relaxed);
         stats.bucket_reads = self.read_counts.snapshot();

@@ -980,23 +980,46 @@ local function enqueue()
   return reply(0)
 end
 
--- ARGV: 'lease', now, lease ms, most. Result: 0, then the encoded deliveries due, each now
--- due again after the lease.
+-- ARGV: 'lease', now, lease ms, most, lessee. Result: 0, then the encoded deliveries due,
+-- each now due again after the lease, first those `lessee` leased and has not finished (a
+-- lease whose answer it never heard: one replica's passes for a customer run one at a time,
+-- so none of them is being sent). `om:<lessee>` holds a lessee's unfinished leases and
+-- expires with its last lease, so a lessee that is gone leaves its deliveries to the next
+-- lease after theirs ends.
 local function lease()
   local until_ms, most = now + tonumber(ARGV[3]), tonumber(ARGV[4])
+  local mine = BASE .. 'om:' .. ARGV[5]
   local out = {}
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', BASE .. 'oq', '-inf', now, 'LIMIT', 0, most)) do
+  local ids = {}
+  local members = redis.call('SMEMBERS', mine)
+  table.sort(members)
+  for _, id in ipairs(members) do
+    if #ids < most and redis.call('ZSCORE', BASE .. 'oq', id) then
+      ids[#ids + 1] = id
+    else
+      redis.call('SREM', mine, id)
+    end
+  end
+  if #ids < most then
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', BASE .. 'oq', '-inf', now, 'LIMIT', 0, most - #ids)) do
+      if redis.call('SISMEMBER', mine, id) == 0 then ids[#ids + 1] = id end
+    end
+  end
+  for _, id in ipairs(ids) do
     redis.call('ZADD', BASE .. 'oq', until_ms, id)
+    redis.call('SADD', mine, id)
     local d = redis.call('HGET', BASE .. 'ob', id)
     if d then out[#out + 1] = d end
   end
+  if #ids > 0 then redis.call('PEXPIRE', mine, tonumber(ARGV[3])) end
   return reply(0, out)
 end
 
--- ARGV: 'finish', now, id, due ('' when finished), encoded. Stores the delivery if it is
--- still in the log. Result: 0.
+-- ARGV: 'finish', now, id, due ('' when finished), encoded, lessee. Stores the delivery if it
+-- is still in the log, and ends the lessee's lease of it. Result: 0.
 local function finish()
   local id, due, encoded = ARGV[3], ARGV[4], ARGV[5]
+  redis.call('SREM', BASE .. 'om:' .. ARGV[6], id)
   if redis.call('HEXISTS', BASE .. 'ob', id) == 0 then return reply(0) end
   redis.call('HSET', BASE .. 'ob', id, encoded)
   if due == '' then
