@@ -791,6 +791,7 @@ async fn envoy_bench(
                     usage: 16,
                     hot: 0,
                     hot_percent: 0,
+                    rate: 0,
                     calibrate: false,
                     label: format!("{name}#{round}"),
                 };
