@@ -342,8 +342,33 @@ async fn try_api(
 async fn settled_on_another_replica_with_one_killed_mid_load() {
     let _one_at_a_time = SERIAL.lock().await;
     let redis = RedisServer::start();
-    let text = config(&redis, 5_000, 1_000_000_000);
-    let mut replicas: Vec<Sidecar> = (0..3).map(|_| Sidecar::start(&text).unwrap()).collect();
+    one_killed_mid_load(&config(&redis, 5_000, 1_000_000_000), true).await;
+}
+
+/// The same with leases off: every hold lies in Redis, and any replica closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_on_another_replica_with_one_killed_mid_load_without_leases() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let text = config(&redis, 5_000, 1_000_000_000)
+        .replace(", leases: { enabled: true, ttl: PT15S, skew: PT1S }", "");
+    assert!(!text.contains("leases"));
+    one_killed_mid_load(&text, false).await;
+}
+
+/// The same on a 3-master Cluster with leases on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_on_another_replica_with_one_killed_mid_load_on_a_redis_cluster() {
+    let _one_at_a_time = SERIAL.lock().await;
+    let cluster = RedisCluster::start();
+    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let target = format!("cluster: [{}]", urls.join(", "));
+    one_killed_mid_load(&config_on(&target, 5_000, 1_000_000_000), true).await;
+}
+
+/// Three replicas of `text`, the first SIGKILLed mid-load; with `leases`, it held slices.
+async fn one_killed_mid_load(text: &str, leases: bool) {
+    let mut replicas: Vec<Sidecar> = (0..3).map(|_| Sidecar::start(text).unwrap()).collect();
     let addrs: Arc<Vec<String>> = Arc::new(replicas.iter().map(|r| r.http.clone()).collect());
     let (settled, unknown, stop) = (
         Arc::new(AtomicU64::new(0)),
@@ -420,7 +445,11 @@ async fn settled_on_another_replica_with_one_killed_mid_load() {
         settled.load(Ordering::Relaxed),
         unknown.load(Ordering::Relaxed),
     );
-    assert!(held_by_victim > 0, "the killed replica held no lease");
+    assert_eq!(
+        held_by_victim > 0,
+        leases,
+        "the killed replica held {held_by_victim} units in slices"
+    );
     // Its slices (15 s TTL) and holds (5 s) end in Redis, and are committed.
     tokio::time::sleep(Duration::from_secs(17)).await;
     let counted = org_counter(&replicas[0]).await;
