@@ -210,23 +210,8 @@ pub async fn test_delivery(
     Ok(Some(d.id))
 }
 
-/// Claims `key` for rule `rule` and, if this call claimed it, puts `body` on the stream and
-/// in the outbox for the rule's webhooks, in one store step; whether it fired.
-async fn fire(
-    engine: &Engine,
-    c: &CustomerModel,
-    rule: Name,
-    key: &str,
-    until: Option<i64>,
-    id: &str,
-    body: &str,
-) -> Result<bool, StoreError> {
-    claim_of(engine, c, rule, key, until, id, body)
-        .send(engine.store().as_ref())
-        .await
-}
-
-/// The claim of `key` for rule `rule`, delivered to the rule's webhooks.
+/// The claim of `key` for rule `rule`: sent, it claims the key and, if that call claimed it,
+/// puts `body` on the stream and in the outbox for the rule's webhooks, in one store step.
 fn claim_of(
     engine: &Engine,
     c: &CustomerModel,
@@ -355,7 +340,11 @@ pub async fn background_pass(engine: &Engine) -> Result<usize, StoreError> {
                     })
                     .to_string();
                     let until = Some((window + 1) * within);
-                    fired += usize::from(fire(engine, c, rule.id, &key, until, &id, &body).await?);
+                    fired += usize::from(
+                        claim_of(engine, c, rule.id, &key, until, &id, &body)
+                            .send(engine.store().as_ref())
+                            .await?,
+                    );
                 }
             }
             if let Some(horizon) = rule.exhaustion_within {
@@ -415,8 +404,11 @@ pub async fn background_pass(engine: &Engine) -> Result<usize, StoreError> {
                         .to_string();
                         // Once per period; without one, once per horizon.
                         let until = l.resets_at.or(Some(now.millis() + horizon));
-                        fired +=
-                            usize::from(fire(engine, c, rule.id, &key, until, &id, &body).await?);
+                        fired += usize::from(
+                            claim_of(engine, c, rule.id, &key, until, &id, &body)
+                                .send(engine.store().as_ref())
+                                .await?,
+                        );
                     }
                 }
             }
