@@ -40,8 +40,10 @@ pub const CLUSTER_REPLACE_AFTER: Duration = Duration::from_secs(2);
 pub struct Cluster {
     current: ArcSwap<ClusterConnection>,
     client: redis::cluster::ClusterClient,
-    /// Since when every call has failed (`None`: the last call reached Redis).
-    failing_since: parking_lot::Mutex<Option<Instant>>,
+    /// Since when every call has failed, in ms after `epoch` plus one (0: the last call
+    /// reached Redis). An atomic, not a lock: every call notes how it went.
+    failing_since: AtomicU64,
+    epoch: Instant,
     replacing: AtomicBool,
     /// Connections replaced, since start.
     pub replaced: AtomicU64,
@@ -56,20 +58,29 @@ impl Cluster {
     /// at the end of one [`CLUSTER_REPLACE_AFTER`] long starts a replacement in the
     /// background (one at a time; the spell then starts again).
     fn observe(self: &Arc<Self>, reached: bool) {
-        let mut since = self.failing_since.lock();
         if reached {
-            *since = None;
+            // A load first: calls that go well write nothing shared.
+            if self.failing_since.load(Ordering::Relaxed) != 0 {
+                self.failing_since.store(0, Ordering::Relaxed);
+            }
             return;
         }
-        let now = Instant::now();
-        let started = *since.get_or_insert(now);
-        if now.duration_since(started) < CLUSTER_REPLACE_AFTER
-            || self.replacing.swap(true, Ordering::AcqRel)
-        {
+        let now = u64::try_from(self.epoch.elapsed().as_millis())
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1);
+        let started =
+            match self
+                .failing_since
+                .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => now,
+                Err(since) => since,
+            };
+        let after = u64::try_from(CLUSTER_REPLACE_AFTER.as_millis()).unwrap_or(u64::MAX);
+        if now.saturating_sub(started) < after || self.replacing.swap(true, Ordering::AcqRel) {
             return;
         }
-        *since = Some(now);
-        drop(since);
+        self.failing_since.store(now, Ordering::Relaxed);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             self.replacing.store(false, Ordering::Release);
             return;
@@ -276,7 +287,8 @@ impl Link {
                 Conn::Cluster(Arc::new(Cluster {
                     current: ArcSwap::from_pointee(conn),
                     client,
-                    failing_since: parking_lot::Mutex::new(None),
+                    failing_since: AtomicU64::new(0),
+                    epoch: Instant::now(),
                     replacing: AtomicBool::new(false),
                     replaced: AtomicU64::new(0),
                 }))
