@@ -21,6 +21,7 @@ test_with_all_stores!(
     a_crossing_fires_once_per_period_across_replicas,
     limits_without_periods_rearm_by_hysteresis,
     the_outbox_leases_each_delivery_to_one_caller_and_keeps_the_log,
+    a_lessee_whose_leases_ran_out_still_gets_a_full_pass,
     denial_bursts_and_projected_exhaustion_fire_once,
     ingested_usage_crosses_thresholds_too,
     a_reading_that_jumps_past_a_threshold_fires_it_once,
@@ -331,6 +332,38 @@ fn the_outbox_leases_each_delivery_to_one_caller_and_keeps_the_log(store: Store)
     );
 }
 
+fn a_lessee_whose_leases_ran_out_still_gets_a_full_pass(store: Store) {
+    let h = harness(&tree_with(LIMITS), store, START);
+    let s = h.engine.store();
+    let acme = Name::from("acme");
+    let at = |ms: i64| Timestamp::from_millis(ms);
+    // Two due at once; three due later than the first two's lease will end.
+    let queued: Vec<Delivery> = (0..5)
+        .map(|i| {
+            delivery(
+                &format!("msg_{i}"),
+                if i < 2 { 1_000 + i } else { 3_000 + i },
+            )
+        })
+        .collect();
+    h.run(s.enqueue_deliveries(acme, &queued)).unwrap();
+    let ids = |ds: Vec<Delivery>| ds.into_iter().map(|d| d.id).collect::<Vec<_>>();
+    let first = ids(h
+        .run(s.lease_deliveries(acme, "a", at(2_000), 100, 2))
+        .unwrap());
+    assert_eq!(first, ["msg_0", "msg_1"]);
+    // Its answer lost and its lease run out (at 2,100): the two are due again, before all
+    // others, and are taken back first; the pass is still filled to its size with others due.
+    let again = ids(h
+        .run(s.lease_deliveries(acme, "a", at(5_000), 100, 3))
+        .unwrap());
+    assert_eq!(again, ["msg_0", "msg_1", "msg_2"]);
+    let other = ids(h
+        .run(s.lease_deliveries(acme, "b", at(5_000), 100, 10))
+        .unwrap());
+    assert_eq!(other, ["msg_3", "msg_4"]);
+}
+
 fn denial_bursts_and_projected_exhaustion_fire_once(store: Store) {
     let h = harness(&tree_with(LIMITS), store, START);
     let pass = || h.run(tollgate::alerts::background_pass(&h.engine)).unwrap();
@@ -368,7 +401,7 @@ fn ingested_usage_crosses_thresholds_too(store: Store) {
             deadline: None,
             customer: "acme",
             feature: "tokens",
-            usage: tollgate::core::plan::Usage::units(units),
+            usage: tollgate::core::usage::Usage::units(units),
             dimensions: &dimensions,
             dry_run: false,
         };

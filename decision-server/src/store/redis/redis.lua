@@ -1001,7 +1001,10 @@ local function lease()
     end
   end
   if #ids < most then
-    for _, id in ipairs(redis.call('ZRANGEBYSCORE', BASE .. 'oq', '-inf', now, 'LIMIT', 0, most - #ids)) do
+    -- `most`, not `most - #ids`: the lessee's own ids, due again once their lease ran out,
+    -- are among those returned and skipped, and must not take the places of others.
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', BASE .. 'oq', '-inf', now, 'LIMIT', 0, most)) do
+      if #ids >= most then break end
       if redis.call('SISMEMBER', mine, id) == 0 then ids[#ids + 1] = id end
     end
   end
