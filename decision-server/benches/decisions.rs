@@ -12,7 +12,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use futures_util::FutureExt;
 use tollgate::clock::ManualClock;
 use tollgate::core::Timestamp;
-use tollgate::core::plan::Usage;
+use tollgate::core::usage::Usage;
 use tollgate::store::MemoryStore;
 use tollgate::{CheckRequest, Engine};
 

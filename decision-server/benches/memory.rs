@@ -10,7 +10,7 @@ use std::time::Instant;
 use futures_util::FutureExt;
 use tollgate::clock::ManualClock;
 use tollgate::core::Timestamp;
-use tollgate::core::plan::Usage;
+use tollgate::core::usage::Usage;
 use tollgate::store::MemoryStore;
 use tollgate::{CheckRequest, Engine};
 

@@ -19,7 +19,7 @@ use hdrhistogram::Histogram;
 use http_body_util::BodyExt;
 use tollgate::clock::ManualClock;
 use tollgate::core::Timestamp;
-use tollgate::core::plan::Usage;
+use tollgate::core::usage::Usage;
 use tollgate::service::Service;
 use tollgate::{CheckRequest, Engine};
 use tower::ServiceExt;
@@ -143,7 +143,7 @@ async fn main_async() {
     );
 
     let service = Arc::new(Service::new(engine, loaded.doc, &loaded.server));
-    let router = tollgate::api::router(Arc::clone(&service), 1 << 20);
+    let router = tollgate::http::router(Arc::clone(&service), 1 << 20);
     let (id, _) = service
         .sessions()
         .create(&service.token_check(), OPERATOR, END_MS)

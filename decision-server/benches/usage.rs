@@ -28,8 +28,8 @@ use hdrhistogram::Histogram;
 use tollgate::clock::ManualClock;
 use tollgate::config::server::Storage;
 use tollgate::core::Timestamp;
-use tollgate::core::plan::Usage;
 use tollgate::core::rollup::Granularity;
+use tollgate::core::usage::Usage;
 use tollgate::usage::{HistoryRequest, TopRequest};
 use tollgate::{CheckRequest, Engine};
 

@@ -12,7 +12,31 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::server::{ApiKeySpec, GatewayTokenSpec, MeshPeerSpec};
+/// One configured API key: its customer and the SHA-256 of the whole key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeySpec {
+    pub id: String,
+    pub customer: String,
+    pub sha256: [u8; 32],
+    pub role: Role,
+}
+
+/// One configured gateway token: the SHA-256 of the whole token, and the customers it reaches
+/// (`None`: all).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayTokenSpec {
+    pub id: String,
+    pub sha256: [u8; 32],
+    pub customers: Option<Vec<String>>,
+}
+
+/// One configured mesh peer: the SPIFFE id its verified certificate carries, and the customers
+/// it reaches (`None`: all).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshPeerSpec {
+    pub spiffe_id: String,
+    pub customers: Option<Vec<String>>,
+}
 
 /// What a customer's API key may do for its customer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]

@@ -11,8 +11,9 @@ use crate::core::counter::{CounterKey, CounterSpec};
 use crate::core::credits::GrantBalance;
 use crate::core::model::CustomerModel;
 use crate::core::plan::{
-    ASSUMED_ID, Assumed, AutoEntities, AutoEntity, Plan, PlanError, Planned, Registry, Usage,
+    ASSUMED_ID, Assumed, AutoEntities, AutoEntity, Plan, PlanError, Planned, Registry,
 };
+use crate::core::usage::Usage;
 use crate::core::{ChainEntry, Decision, Denial, HoldId, Model, Symbols};
 use crate::store::{
     AutoEntityOutcome, CloseOutcome, CounterStore, HoldKey, ReserveMode, StoreError, StoredEntity,

@@ -9,12 +9,14 @@ pub mod config;
 pub mod core;
 pub mod engine;
 pub mod grpc;
+pub mod http;
 pub mod jwt;
 pub mod metrics;
 pub mod net;
 pub mod portal;
 pub mod server;
 pub mod service;
+pub mod session;
 pub mod store;
 pub mod usage;
 

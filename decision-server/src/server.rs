@@ -245,7 +245,7 @@ pub async fn run(config_path: PathBuf, workers: Workers) -> anyhow::Result<()> {
         .max_decoding_message_size(max_message),
     );
     spawn_grpc(grpc_router, grpc_bound, "grpc", budget.grpc);
-    let http_router = crate::api::router(Arc::clone(&service), settings.max_body_bytes);
+    let http_router = crate::http::router(Arc::clone(&service), settings.max_body_bytes);
     let http_incoming = incoming(
         http_bound,
         "http",

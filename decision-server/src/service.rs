@@ -13,7 +13,8 @@ use crate::catalog::{AdminError, AdminOp, Catalog};
 use crate::config::Loaded;
 use crate::config::dto::ConfigDoc;
 use crate::config::server::{ExtAuthzSettings, RequestLimits, ServerSettings};
-use crate::core::plan::{PlanError, Usage};
+use crate::core::plan::PlanError;
+use crate::core::usage::Usage;
 use crate::core::{Decision, HoldId, Timestamp};
 use crate::engine::{CheckRequest, DecisionError, Engine};
 use crate::metrics::{Api, Metrics, Outcome};
@@ -174,7 +175,7 @@ pub struct Service {
     stopping: tokio::sync::watch::Sender<bool>,
     alert_claims: crate::alerts::Claims,
     deliverer: Option<crate::alerts::deliver::Deliverer>,
-    sessions: crate::portal::session::Sessions,
+    sessions: crate::session::Sessions,
     /// The escrow leases in front of the store, when enabled: their metrics, and their
     /// return at a graceful stop.
     leases: Option<crate::store::LeasedStore>,
@@ -192,7 +193,7 @@ impl Service {
             events,
             stopping: tokio::sync::watch::Sender::new(false),
             alert_claims: crate::alerts::Claims::default(),
-            sessions: crate::portal::session::Sessions::default(),
+            sessions: crate::session::Sessions::default(),
             leases: None,
             deliverer: match crate::alerts::deliver::Deliverer::new() {
                 Ok(d) => Some(d),
@@ -436,7 +437,7 @@ impl Service {
     }
 
     /// The portal's sessions.
-    pub fn sessions(&self) -> &crate::portal::session::Sessions {
+    pub fn sessions(&self) -> &crate::session::Sessions {
         &self.sessions
     }
 

@@ -217,8 +217,8 @@ pub fn set_cookie(id: Option<&str>, secure: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::ApiKeySpec;
     use crate::auth::{Credentials, Listener, Role, sha256};
-    use crate::config::server::ApiKeySpec;
 
     /// A token check over `credentials`, as the service makes one.
     fn check(c: &Credentials) -> impl Fn(&str) -> Result<Principal, AuthError> + '_ {

@@ -14,7 +14,8 @@ use tollgate::clock::ManualClock;
 use tollgate::core::alerts::Delivery;
 use tollgate::core::counter::{CounterKey, CounterSpec};
 use tollgate::core::credits::GrantBalance;
-use tollgate::core::plan::{AutoEntities, Plan, Planned, Registry, Usage};
+use tollgate::core::plan::{AutoEntities, Plan, Planned, Registry};
+use tollgate::core::usage::Usage;
 use tollgate::core::{Name, Timestamp};
 use tollgate::store::{
     AdminLog, AutoEntityOutcome, CloseOutcome, CounterStore, HoldKey, Reservation, ReserveMode,

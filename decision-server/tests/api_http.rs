@@ -23,7 +23,7 @@ struct Api {
 impl Api {
     async fn new() -> Self {
         let service = common::service::service().await;
-        let router = tollgate::api::router(Arc::clone(&service), 65536);
+        let router = tollgate::http::router(Arc::clone(&service), 65536);
         Self { service, router }
     }
 

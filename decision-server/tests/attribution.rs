@@ -474,7 +474,7 @@ fn a_long_usage_read_lets_decisions_through(store: Store) {
                     .check(&tollgate::CheckRequest {
                         customer: "acme",
                         feature: "tokens",
-                        usage: tollgate::core::plan::Usage::units(1),
+                        usage: tollgate::core::usage::Usage::units(1),
                         dimensions: &dims,
                         dry_run: false,
                         deadline: None,

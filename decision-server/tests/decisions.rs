@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use common::*;
 use tollgate::core::model::Mode;
-use tollgate::core::plan::{PlanError, Usage};
+use tollgate::core::plan::PlanError;
+use tollgate::core::usage::Usage;
 use tollgate::core::{HoldId, Timestamp};
 use tollgate::store::{CloseOutcome, CounterStore, StoreError};
 use tollgate::{CheckRequest, DecisionError};
@@ -492,7 +493,7 @@ limits:
         tokens(400, 101, 0),
         Usage {
             units: 10,
-            tokens: Some(tollgate::core::plan::TokenCounts {
+            tokens: Some(tollgate::core::usage::TokenCounts {
                 input: u64::MAX,
                 output: u64::MAX,
                 ..Default::default()
@@ -949,7 +950,7 @@ grants:
     );
     let written = Usage {
         units: 700,
-        tokens: Some(tollgate::core::plan::TokenCounts {
+        tokens: Some(tollgate::core::usage::TokenCounts {
             input: 100,
             output: 200,
             cached: 0,

@@ -103,7 +103,7 @@ fn ceilings_hold_customer_admins_and_every_change_is_logged(
                     deadline: None,
                     customer: "acme",
                     feature: "ai-tokens",
-                    usage: tollgate::core::plan::Usage::units(usage),
+                    usage: tollgate::core::usage::Usage::units(usage),
                     dimensions: &dims,
                     dry_run: true,
                 };
@@ -354,7 +354,7 @@ async fn a_ceiling_stays_held_whatever_its_limit_is_changed_into() {
 async fn router() -> (Arc<Service>, axum::Router) {
     let loaded = tollgate::config::load(&config("{ kind: memory }"), "fixture.yaml").unwrap();
     let service = tollgate::server::build_service(loaded).await.unwrap();
-    let router = tollgate::api::router(Arc::clone(&service), 65536);
+    let router = tollgate::http::router(Arc::clone(&service), 65536);
     (service, router)
 }
 

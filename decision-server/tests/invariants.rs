@@ -14,7 +14,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use tollgate::DecisionError;
 use tollgate::core::HoldId;
-use tollgate::core::plan::Usage;
+use tollgate::core::usage::Usage;
 use tollgate::store::{CounterStore, StoreError};
 
 type Factory<'a> = &'a dyn Fn() -> Arc<dyn CounterStore>;

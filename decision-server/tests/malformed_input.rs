@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tollgate::CheckRequest;
-use tollgate::core::plan::Usage;
+use tollgate::core::usage::Usage;
 use tollgate::store::MemoryStore;
 
 const LIMITS: &str = r#"

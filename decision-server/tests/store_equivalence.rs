@@ -18,7 +18,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use tollgate::CheckRequest;
 use tollgate::core::HoldId;
-use tollgate::core::plan::Usage;
+use tollgate::core::usage::Usage;
 use tollgate::store::CounterStore;
 
 /// Every limit kind on every level, soft and shadow ones, and a credit pool of four grants that

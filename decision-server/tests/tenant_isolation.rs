@@ -22,7 +22,7 @@ async fn router_with(alerting: &str) -> (Arc<tollgate::service::Service>, axum::
         config_with("  logging: { level: warn }\n  storage: { kind: memory }")
     );
     let service = common::service::service_from(&config).await;
-    let router = tollgate::api::router(Arc::clone(&service), 65536);
+    let router = tollgate::http::router(Arc::clone(&service), 65536);
     (service, router)
 }
 
@@ -185,11 +185,13 @@ async fn webhooks_to_the_pods_own_services_are_refused() {
 }
 
 /// What one tenant reads back never holds another's or the server's secrets.
+/// Text a tenant stores is bounded per field well under the request's body limit (so the
+/// field's own bound refuses it, named in the error) and kept free of control characters.
 #[tokio::test]
 async fn stored_text_is_bounded_and_clean() {
     let (_service, router) = router_with("{ timeoutMs: 2000 }").await;
-    let long = format!("https://hooks.example.com/{}", "a".repeat(900_000));
-    let (s, _) = call(
+    let long = format!("https://hooks.example.com/{}", "a".repeat(40_000));
+    let (s, body) = call(
         &router,
         Method::POST,
         "/v1/customers/acme/webhooks",
@@ -197,11 +199,12 @@ async fn stored_text_is_bounded_and_clean() {
         Some(json!({"id": "ops", "url": long})),
     )
     .await;
-    assert!(s.is_client_error(), "{s}");
-    for label in [
-        "x".repeat(900_000),
-        "nul\u{0}".into(),
-        "rtl\u{202e}txt".into(),
+    assert!(s.is_client_error(), "{s}: {body}");
+    assert!(body.to_string().contains("over 2048"), "{body}");
+    for (label, why) in [
+        ("x".repeat(40_000), "over 200"),
+        ("nul\u{0}".into(), "U+0000"),
+        ("rtl\u{202e}txt".into(), "U+202E"),
     ] {
         let (s, body): (StatusCode, Value) = call(
             &router,
@@ -212,7 +215,203 @@ async fn stored_text_is_bounded_and_clean() {
         )
         .await;
         assert!(s.is_client_error(), "{s}: {body}");
+        assert!(body.to_string().contains(why), "{why}: {body}");
     }
+    let (s, body): (StatusCode, Value) = call(
+        &router,
+        Method::POST,
+        "/v1/customers/acme/keys",
+        ACME_ADMIN,
+        Some(json!({"role": "viewer", "label": "y".repeat(200)})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "the bound itself is kept: {body}");
+}
+
+/// A portal sign-in through the router with `token`: the session cookie, or the status.
+async fn sign_in(router: &axum::Router, token: &str) -> Result<String, StatusCode> {
+    use axum::body::Body;
+    use tower::ServiceExt as _;
+    let req = axum::http::Request::builder()
+        .method(Method::POST)
+        .uri("/portal/login")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("origin", "http://localhost")
+        .header("host", "localhost")
+        .header("sec-fetch-site", "same-origin")
+        .body(Body::from(format!("token={token}")))
+        .unwrap();
+    let resp = router.clone().oneshot(req).await.unwrap();
+    if !resp.status().is_redirection() {
+        return Err(resp.status());
+    }
+    let cookie = resp
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::to_string)
+        .ok_or(resp.status())?;
+    Ok(cookie)
+}
+
+/// Whether the portal answers `cookie`'s session with a signed-in page.
+async fn signed_in(router: &axum::Router, cookie: &str, page: &str) -> bool {
+    use axum::body::Body;
+    use tower::ServiceExt as _;
+    let req = axum::http::Request::builder()
+        .uri(page)
+        .header("cookie", cookie)
+        .body(Body::empty())
+        .unwrap();
+    router.clone().oneshot(req).await.unwrap().status() == StatusCode::OK
+}
+
+/// A tenant that signs in with its keys in a loop churns only its own sessions: the other
+/// tenant's open session stays, and it and the operator can still sign in.
+#[tokio::test]
+async fn a_sign_in_loop_churns_only_its_own_tenants_sessions() {
+    use common::service::{ACME_VIEWER, OPERATOR};
+    use tollgate::session::{MAX_PER_CUSTOMER, MAX_PER_KEY};
+    let (_service, router) = router_with("{ timeoutMs: 2000 }").await;
+    let globex = sign_in(&router, GLOBEX_ADMIN).await.unwrap();
+    assert!(signed_in(&router, &globex, "/portal/c/globex/").await);
+    let first = sign_in(&router, ACME_VIEWER).await.unwrap();
+    // Enough keys of its own to pass the customer's budget as well as each key's.
+    let mut keys = vec![ACME_VIEWER.to_string(), ACME_ADMIN.to_string()];
+    while keys.len() * MAX_PER_KEY <= MAX_PER_CUSTOMER + MAX_PER_KEY {
+        let (s, made) = call(
+            &router,
+            Method::POST,
+            "/v1/customers/acme/keys",
+            ACME_ADMIN,
+            Some(json!({"role": "viewer"})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED, "{made}");
+        keys.push(made["key"].as_str().unwrap().to_string());
+    }
+    // Far past both budgets, and past the server's cap of 10,000 were they shared.
+    let mut last = String::new();
+    for i in 0..10_500 {
+        let key = &keys[i % keys.len()];
+        last = sign_in(&router, key)
+            .await
+            .unwrap_or_else(|s| panic!("sign-in {i}: {s}"));
+    }
+    assert!(
+        !signed_in(&router, &first, "/portal/c/acme/").await,
+        "a key past its {MAX_PER_KEY} sessions ends its oldest"
+    );
+    assert!(signed_in(&router, &last, "/portal/c/acme/").await);
+    assert!(
+        signed_in(&router, &globex, "/portal/c/globex/").await,
+        "the other tenant's session was kept"
+    );
+    let again = sign_in(&router, GLOBEX_ADMIN).await.unwrap();
+    assert!(signed_in(&router, &again, "/portal/c/globex/").await);
+    let op = sign_in(&router, OPERATOR).await.unwrap();
+    assert!(signed_in(&router, &op, "/portal/customers").await);
+}
+
+/// `n` usage events for `customer` through `POST /v1/usage`, in batches under the body limit.
+async fn ingest(router: &axum::Router, customer: &str, key: &str, from: usize, n: usize) {
+    let user = if customer == "acme" { "alice" } else { "dave" };
+    for start in (from..from + n).step_by(250) {
+        let events: Vec<Value> = (start..(start + 250).min(from + n))
+            .map(|i| {
+                json!({"idempotencyKey": format!("{customer}-{i}"), "customerId": customer,
+                       "featureId": "ai-tokens", "usage": 1, "dimensions": {"userId": user}})
+            })
+            .collect();
+        let (s, body) = call(
+            router,
+            Method::POST,
+            "/v1/usage",
+            key,
+            Some(json!({ "events": events })),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        assert!(
+            body["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|r| r["status"] == "recorded"),
+            "{body}"
+        );
+    }
+}
+
+/// The ids and kinds (`usage`, `gap`) of the first `n` events a customer's usage stream
+/// sends after `after`.
+async fn stream_head(
+    router: &axum::Router,
+    customer: &str,
+    key: &str,
+    after: Option<&str>,
+    n: usize,
+) -> Vec<(String, String)> {
+    use axum::body::Body;
+    use http_body_util::BodyExt as _;
+    use tower::ServiceExt as _;
+    let query = after.map_or(String::new(), |a| format!("?after={a}"));
+    let req = axum::http::Request::builder()
+        .uri(format!("/v1/customers/{customer}/usage/stream{query}"))
+        .header("authorization", format!("Bearer {key}"))
+        .body(Body::empty())
+        .unwrap();
+    let resp = router.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut text = String::new();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while out.len() < n && Instant::now() < deadline {
+        let Ok(Some(Ok(frame))) = tokio::time::timeout(Duration::from_secs(2), body.frame()).await
+        else {
+            break;
+        };
+        if let Ok(data) = frame.into_data() {
+            text.push_str(&String::from_utf8_lossy(&data));
+        }
+        while let Some(end) = text.find("\n\n") {
+            let block: String = text.drain(..end + 2).collect();
+            let field = |name: &str| {
+                block
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.trim().to_string())
+            };
+            if let Some(kind) = field("event:") {
+                out.push((field("id:").unwrap_or_default(), kind));
+            }
+        }
+    }
+    out
+}
+
+/// One tenant's flood of usage events only pushes out its own older ones: the other tenant
+/// resumes its stream where it was, with no gap, after far more events than are kept.
+#[tokio::test]
+async fn a_tenants_event_flood_never_evicts_another_tenants_stream() {
+    let (service, router) = router_with("{ timeoutMs: 2000 }").await;
+    let kept = tollgate::store::events::StreamRetention::default().max_events;
+    ingest(&router, "globex", GLOBEX_KEY, 0, 1).await;
+    let head = stream_head(&router, "globex", GLOBEX_KEY, None, 1).await;
+    assert_eq!(head.len(), 1);
+    assert_eq!(head[0].1, "usage");
+    let cursor = head[0].0.clone();
+    ingest(&router, "acme", ACME_KEY, 0, kept + 500).await;
+    ingest(&router, "globex", GLOBEX_KEY, 1, 1).await;
+    let next = stream_head(&router, "globex", GLOBEX_KEY, Some(&cursor), 1).await;
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].1, "usage", "resumed without a gap: {next:?}");
+    // The flooding tenant lost its own oldest events, and is told so.
+    let acme = stream_head(&router, "acme", ACME_KEY, None, 2).await;
+    assert!(!acme.is_empty());
+    let _ = service;
 }
 
 /// Every decision of a customer evaluates its alert rules: a tenant gets a bounded number of

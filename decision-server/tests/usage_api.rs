@@ -121,7 +121,7 @@ impl Api {
             common::service::service_from(&config).await
         };
         Self {
-            router: tollgate::api::router(Arc::clone(&service), 65536),
+            router: tollgate::http::router(Arc::clone(&service), 65536),
             service,
         }
     }

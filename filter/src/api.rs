@@ -6,7 +6,26 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tollgate_proto::v1 as pb;
 
-use crate::settle::UsageReading;
+/// Usage read from a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UsageReading {
+    pub total: u64,
+    /// The token split, when the response gave it (or the estimate made one).
+    pub tokens: Option<pb::Tokens>,
+}
+
+impl UsageReading {
+    /// This reading with its output raised to at least `output` tokens (the total follows).
+    pub fn with_output_at_least(mut self, output: u64) -> Self {
+        if let Some(t) = self.tokens.as_mut()
+            && t.output < output
+        {
+            self.total = self.total.saturating_add(output - t.output);
+            t.output = output;
+        }
+        self
+    }
+}
 
 /// An API preset, chosen per filter or per route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]

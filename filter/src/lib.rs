@@ -12,6 +12,7 @@ pub mod endpoint;
 pub mod extract;
 pub mod lines;
 pub mod pbjson;
+pub mod report_queue;
 pub mod settle;
 
 #[cfg(target_arch = "wasm32")]

@@ -6,20 +6,12 @@ use prost::Message;
 use serde_json::Value;
 use tollgate_proto::v1 as pb;
 
-use crate::api::{Api, UsageAcc, content_bytes};
+use crate::api::{Api, UsageAcc, UsageReading, content_bytes};
 use crate::config::{OnMissingUsage, OnUpstreamError, Settlement};
 use crate::lines::{Lines, Piece};
 
 pub const TOLLGATE_SERVICE: &str = "tollgate.v1.Tollgate";
 pub const CLOSE_HOLDS: &str = "CloseHolds";
-
-/// Usage read from a response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct UsageReading {
-    pub total: u64,
-    /// The token split, when the response gave it (or the estimate made one).
-    pub tokens: Option<pb::Tokens>,
-}
 
 /// Reads usage for the plain form (no preset): the number at `pointer`, or an OpenAI-style
 /// `usage` object.
@@ -71,19 +63,6 @@ impl Seen {
     /// `message_delta`).
     fn partial(&self) -> bool {
         self.pointed.is_none() && self.usage.output_provisional()
-    }
-}
-
-impl UsageReading {
-    /// This reading with its output raised to at least `output` tokens (the total follows).
-    fn with_output_at_least(mut self, output: u64) -> Self {
-        if let Some(t) = self.tokens.as_mut()
-            && t.output < output
-        {
-            self.total = self.total.saturating_add(output - t.output);
-            t.output = output;
-        }
-        self
     }
 }
 

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::core::plan::{TokenCounts, Usage};
+use crate::core::usage::{TokenCounts, Usage};
 use crate::core::{ChainEntry, Decision, Timestamp};
 use crate::service::IngestStatus;
 

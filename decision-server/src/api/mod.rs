@@ -338,7 +338,7 @@ impl FromRequestParts<AppState> for Caller {
         // The portal's pages call the API with their session cookie instead of a token: the
         // same handlers and checks, plus the session's CSRF token on anything that changes.
         if !parts.headers.contains_key(header::AUTHORIZATION)
-            && let Some(id) = crate::portal::session::cookie_in(&parts.headers)
+            && let Some(id) = crate::session::cookie_in(&parts.headers)
         {
             return session_caller(parts, state, &id);
         }
@@ -367,7 +367,7 @@ impl FromRequestParts<AppState> for Caller {
 
 /// The caller a portal session stands for; a state-changing method must echo its CSRF token.
 fn session_caller(parts: &Parts, state: &AppState, id: &str) -> Result<Caller, ApiError> {
-    use crate::portal::session;
+    use crate::session;
     let signed = state
         .sessions()
         .get(&state.token_check(), id, state.now().millis())
@@ -529,12 +529,6 @@ pub fn router_and_doc(
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes));
     (router, doc)
-}
-
-/// The HTTP router: the API and the portal.
-pub fn router(state: AppState, max_body_bytes: usize) -> axum::Router {
-    let portal = crate::portal::router(std::sync::Arc::clone(&state));
-    router_and_doc(state, max_body_bytes).0.merge(portal)
 }
 
 /// Usage history exactly as `GET /v1/customers/{customerId}/usage/history` answers it for

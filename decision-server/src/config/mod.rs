@@ -109,7 +109,7 @@ pub fn load(text: &str, file: &str) -> Result<Loaded, ConfigErrors> {
         .is_some_and(|l| l.ttl.is_some());
     match (model, server) {
         (Ok(model), Ok(mut server)) => {
-            let margin = crate::store::leased::RETURN_MARGIN_MS;
+            let margin = crate::core::lease::RETURN_MARGIN_MS;
             if let Some(t) = server.leases.as_mut()
                 && !ttl_given
             {

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::{ConfigError, ConfigErrors};
+use crate::auth::{ApiKeySpec, GatewayTokenSpec, MeshPeerSpec};
 use crate::core::period::parse_fixed_millis;
 
 /// Where the ext_authz service listens unless configured: loopback, for the local Envoy.
@@ -480,32 +481,6 @@ impl Default for ExtAuthzSettings {
 pub enum LogFormat {
     Pretty,
     Json,
-}
-
-/// One configured API key: its customer and the SHA-256 of the whole key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiKeySpec {
-    pub id: String,
-    pub customer: String,
-    pub sha256: [u8; 32],
-    pub role: crate::auth::Role,
-}
-
-/// One configured gateway token: the SHA-256 of the whole token, and the customers it reaches
-/// (`None`: all).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GatewayTokenSpec {
-    pub id: String,
-    pub sha256: [u8; 32],
-    pub customers: Option<Vec<String>>,
-}
-
-/// One configured mesh peer: the SPIFFE id its verified certificate carries, and the customers
-/// it reaches (`None`: all).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MeshPeerSpec {
-    pub spiffe_id: String,
-    pub customers: Option<Vec<String>>,
 }
 
 /// Connection bounds, validated; `None` maxima are worked out from the descriptor limit at

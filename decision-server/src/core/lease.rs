@@ -21,6 +21,11 @@
 //! Invariant: what all replicas can grant is at most the cap, because every locally granted
 //! unit lies inside a slice already held in the store.
 
+/// How long before a slice's local end its last local hold must end: the slice goes back at
+/// the first sweep after its holds close (the server sweeps every second), and must reach the
+/// store before the store's TTL (`skew` later), even if that sweep runs late.
+pub const RETURN_MARGIN_MS: i64 = 1_500;
+
 /// How leases are sized and how long they live (`leases:` of a store's config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaseTerms {

@@ -12,11 +12,12 @@ use super::alerts::{Delivery, MAX_DELIVERIES_KEPT};
 use super::counter::{self, CounterKey, CounterSpec, CounterState, HoldMark, Reading};
 use super::credits::GrantBalance;
 use super::model::Mode;
-use super::plan::{AmountRule, Plan, Usage, priced_credits};
+use super::plan::{AmountRule, Plan, priced_credits};
 use super::rollup::{
     LocalRecord, Measures, RecordKind, RecordRef, RecordSettings, RollupChanges, Rollups,
     UsageRecord,
 };
+use super::usage::Usage;
 use super::{HoldId, Timestamp};
 
 /// What one hold placed on one counter.

@@ -11,6 +11,7 @@ pub mod period;
 pub mod plan;
 pub mod rollup;
 pub mod symbols;
+pub mod usage;
 pub mod usage_query;
 pub mod window;
 
@@ -19,8 +20,9 @@ pub use model::{
     Attribution, CustomerModel, EntityNode, EntityType, Feature, Limit, LimitKind, LimitTarget,
     Mode, Model, OnUnknown,
 };
-pub use plan::{Plan, PlanError, Usage};
+pub use plan::{Plan, PlanError};
 pub use symbols::{Name, Sym, Symbols};
+pub use usage::{TokenCounts, Usage};
 
 use std::fmt;
 

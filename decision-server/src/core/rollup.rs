@@ -9,8 +9,8 @@ use std::sync::Arc;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::Timestamp;
-use super::plan::TokenCounts;
 use super::symbols::Name;
+use super::usage::TokenCounts;
 
 /// What a folded dimension value reads as, once a customer has the most distinct values of
 /// that dimension its settings allow.

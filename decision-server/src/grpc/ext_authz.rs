@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::Listener;
 use crate::config::server::{ExtAuthzSettings, Source};
-use crate::core::plan::Usage;
+use crate::core::usage::Usage;
 use crate::core::{Decision, Timestamp};
 use crate::engine::{CheckRequest as Check, DecisionError};
 use crate::metrics::Api;

@@ -13,8 +13,8 @@ use tollgate_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Listener, Principal};
-use crate::core::plan::{TokenCounts, Usage};
 use crate::core::rollup::{RecordKind, RecordRef};
+use crate::core::usage::{TokenCounts, Usage};
 use crate::core::{ChainEntry, Decision, HoldId};
 use crate::engine::{CheckRequest, DecisionError};
 use crate::metrics::Api;

@@ -3,8 +3,6 @@
 //! calls and permission checks as the HTTP API, whose endpoints its pages call with the
 //! session cookie and the session's CSRF token.
 
-pub mod session;
-
 use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock};
 
@@ -17,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::AppState;
 use crate::auth::Principal;
+use crate::session;
 use crate::usage::{Budget, EntityPage};
 
 /// Entities per page of the tree.

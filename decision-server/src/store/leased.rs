@@ -34,13 +34,14 @@ use super::{
 use crate::core::alerts::Delivery;
 use crate::core::counter::{CounterKey, CounterSpec, Reading};
 use crate::core::credits::GrantBalance;
-use crate::core::lease::{Lease, LeaseTerms, slice_size};
+use crate::core::lease::{Lease, LeaseTerms, RETURN_MARGIN_MS, slice_size};
 use crate::core::model::Mode;
-use crate::core::plan::{AmountRule, Plan, PlannedCounter, Usage};
+use crate::core::plan::{AmountRule, Plan, PlannedCounter};
 use crate::core::rollup::{
     BucketScan, Granularity, LocalRecord, Measures, RecordKind, RecordSettings, ScanNeeds,
     SeriesDraft,
 };
+use crate::core::usage::Usage;
 use crate::core::{HoldId, Name, Timestamp};
 
 use super::events::EventPage;
@@ -79,11 +80,6 @@ pub const RELAY_MARGIN_MS: i64 = 2_000;
 /// second in the server), and none is placed for it, so what a replica holds is back in the
 /// store within about two seconds of its last decision on it.
 const IDLE_MS: i64 = 1_000;
-
-/// How long before a slice's local end its last local hold must end: the slice goes back at
-/// the first sweep after its holds close (the server sweeps every second), and must reach the
-/// store before the store's TTL (`skew` later), even if that sweep runs late.
-pub const RETURN_MARGIN_MS: i64 = 1_500;
 
 /// Counts since start, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

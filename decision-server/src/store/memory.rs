@@ -18,8 +18,9 @@ use crate::core::alerts::Delivery;
 use crate::core::counter::{CounterKey, CounterSpec};
 use crate::core::credits::GrantBalance;
 use crate::core::ledger::{CloseResult, Closing, KeyRetention, Ledger};
-use crate::core::plan::{Plan, Usage};
+use crate::core::plan::Plan;
 use crate::core::rollup::{BucketScan, Granularity, LocalRecord, RecordSettings, ScanNeeds};
+use crate::core::usage::Usage;
 use crate::core::{Name, Sym, Timestamp};
 
 /// One customer's ledger and, in a journaled store, the commit it waits in.

@@ -17,8 +17,9 @@ pub use crate::core::ledger::{AutoEntityOutcome, Reservation, StoredEntity};
 use crate::core::alerts::Delivery;
 use crate::core::counter::CounterKey;
 use crate::core::credits::GrantBalance;
-use crate::core::plan::{Plan, Usage};
+use crate::core::plan::Plan;
 use crate::core::rollup::{BucketScan, Granularity, LocalRecord, RecordSettings, ScanNeeds};
+use crate::core::usage::Usage;
 use crate::core::{Name, Timestamp};
 use events::EventPage;
 

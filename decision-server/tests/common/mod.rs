@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tollgate::clock::ManualClock;
-use tollgate::core::plan::{TokenCounts, Usage};
+use tollgate::core::usage::{TokenCounts, Usage};
 use tollgate::core::{Decision, HoldId, Model, Timestamp};
 use tollgate::store::CounterStore;
 use tollgate::{CheckRequest, Engine};

@@ -99,7 +99,7 @@ pub(super) struct Shared {
     /// Bounded passes whose usage is not known yet, by hold id.
     passes: RefCell<HashMap<String, crate::bounded::Pass>>,
     /// Usage of bounded passes to report to the sidecar (oldest first).
-    unreported: RefCell<std::collections::VecDeque<tollgate_proto::v1::UsageRecord>>,
+    unreported: RefCell<crate::report_queue::ReportQueue>,
     /// Route overrides by the route metadata bytes they were read from: parsed (regexes
     /// compiled) once per route, not once per request.
     overrides: RefCell<HashMap<Vec<u8>, Option<Rc<Resolved>>>>,
@@ -135,13 +135,9 @@ impl Shared {
 
     /// Keeps the usage of a bounded pass for the sidecar (bounded: the oldest go first).
     pub(super) fn report_pass(&self, record: tollgate_proto::v1::UsageRecord) {
-        let mut q = self.unreported.borrow_mut();
-        if q.len() >= crate::bounded::MAX_PENDING {
-            q.pop_front();
+        if self.unreported.borrow_mut().push(record) {
             Stats::bump(self.stats.bounded_dropped);
         }
-        q.push_back(record);
-        drop(q);
         self.keep_ticking();
     }
 

@@ -22,8 +22,6 @@ pub(super) struct Root {
     shared: Option<Rc<Shared>>,
     /// Batches sent and not yet answered, by call token.
     inflight: HashMap<u32, Vec<CloseJob>>,
-    /// Reports of bounded passes sent and not yet answered, by call token.
-    reporting: HashMap<u32, Vec<tollgate_proto::v1::UsageRecord>>,
 }
 
 fn now() -> SystemTime {
@@ -69,36 +67,24 @@ fn report(shared: &Shared, fates: Vec<Fate>) {
 
 impl Context for Root {
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, size: usize) {
-        if let (Some(shared), Some(records)) =
-            (self.shared.clone(), self.reporting.remove(&token_id))
-        {
-            let done = (status_code == 0)
-                .then(|| {
-                    self.get_grpc_call_response_body(0, size)
-                        .unwrap_or_default()
-                })
-                .and_then(|body| crate::bounded::ingest_done(&body, records.len()));
-            let mut q = shared.unreported.borrow_mut();
-            match done {
-                Some(done) => {
-                    // Done ones are counted; any the sidecar could not take go back first.
-                    for (record, ok) in records.into_iter().zip(done).rev() {
-                        if ok {
-                            Stats::bump(shared.stats.bounded_reported);
-                        } else {
-                            q.push_front(record);
-                        }
-                    }
+        if let Some(shared) = self.shared.clone() {
+            let n = shared.unreported.borrow().in_flight(token_id);
+            if let Some(n) = n {
+                let done = (status_code == 0)
+                    .then(|| {
+                        self.get_grpc_call_response_body(0, size)
+                            .unwrap_or_default()
+                    })
+                    .and_then(|body| crate::bounded::ingest_done(&body, n));
+                let answered = shared.unreported.borrow_mut().answered(token_id, done);
+                for _ in 0..answered.map_or(0, |a| a.reported) {
+                    Stats::bump(shared.stats.bounded_reported);
                 }
-                // Unreachable again, or unreadable: the whole batch goes back, in order.
-                None => records.into_iter().rev().for_each(|r| q.push_front(r)),
+                if !shared.unreported.borrow().is_idle() {
+                    shared.keep_ticking();
+                }
+                return;
             }
-            let waiting = !q.is_empty();
-            drop(q);
-            if waiting {
-                shared.keep_ticking();
-            }
-            return;
         }
         let (Some(shared), Some(jobs)) = (self.shared.clone(), self.inflight.remove(&token_id))
         else {
@@ -158,7 +144,7 @@ impl RootContext for Root {
                     serial: Cell::new(0),
                     nonce: vm_nonce(),
                     passes: RefCell::new(HashMap::new()),
-                    unreported: RefCell::new(std::collections::VecDeque::new()),
+                    unreported: RefCell::new(crate::report_queue::ReportQueue::default()),
                     overrides: RefCell::new(HashMap::new()),
                 }));
                 true
@@ -204,12 +190,8 @@ impl RootContext for Root {
         }
         // Bounded passes' usage, one batch at a time (a sidecar that is still down answers
         // with an error, and the batch waits for the next tick).
-        if self.reporting.is_empty() && !shared.unreported.borrow().is_empty() {
-            let batch: Vec<_> = {
-                let mut q = shared.unreported.borrow_mut();
-                let n = q.len().min(crate::bounded::BATCH);
-                q.drain(..n).collect()
-            };
+        let batch = shared.unreported.borrow_mut().take_batch();
+        if let Some(batch) = batch {
             match hostcalls::dispatch_grpc_call(
                 &shared.config.grpc_upstream,
                 settle::TOLLGATE_SERVICE,
@@ -218,18 +200,12 @@ impl RootContext for Root {
                 Some(&crate::bounded::ingest_request(batch.clone())),
                 shared.config.settlement.timeout,
             ) {
-                Ok(token) => {
-                    self.reporting.insert(token, batch);
-                }
-                Err(_) => {
-                    let mut q = shared.unreported.borrow_mut();
-                    batch.into_iter().rev().for_each(|r| q.push_front(r));
-                }
+                Ok(token) => shared.unreported.borrow_mut().sent(token, batch),
+                Err(_) => shared.unreported.borrow_mut().unsent(batch),
             }
         }
         if shared.queue.borrow().is_empty()
-            && shared.unreported.borrow().is_empty()
-            && self.reporting.is_empty()
+            && shared.unreported.borrow().is_idle()
             && hostcalls::set_tick_period(Duration::ZERO).is_ok()
         {
             shared.ticking.set(false);

@@ -61,7 +61,8 @@ use crate::core::counter::{CounterKey, CounterSpec};
 use crate::core::credits::GrantBalance;
 use crate::core::ledger::{KeyRetention, readings_from};
 use crate::core::model::Mode;
-use crate::core::plan::{Plan, PriceSnapshot, Usage};
+use crate::core::plan::{Plan, PriceSnapshot};
+use crate::core::usage::Usage;
 use crate::core::{HoldId, Name, Sym, Timestamp};
 
 /// The script every call runs; see its header for the key layout and the state encoding.
