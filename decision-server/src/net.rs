@@ -372,6 +372,14 @@ pub async fn serve_http(
     graceful.shutdown().await;
 }
 
+/// Notes that the connection a request came on presented a valid credential, which exempts
+/// it from the auth timeout (see [`ConnState`]).
+pub fn mark_authenticated<T>(request: &tonic::Request<T>) {
+    if let Some(state) = request.extensions().get::<ConnState>() {
+        state.authenticated();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

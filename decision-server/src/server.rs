@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use tonic::transport::Server;
 use tracing_subscriber::EnvFilter;
 
-use crate::net::{Bound, ConnState, ConnectionBudget, Timeouts, incoming};
+use crate::net::{Bound, ConnectionBudget, Timeouts, incoming};
 
 use crate::clock::SystemClock;
 use crate::config::server::{ListenAddr, LogFormat, ServerSettings, Storage};
@@ -336,14 +336,6 @@ pub async fn run(config_path: PathBuf, workers: Workers) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Notes that the connection a request came on presented a valid credential, which exempts
-/// it from the auth timeout (see [`ConnState`]).
-pub fn mark_authenticated<T>(request: &tonic::Request<T>) {
-    if let Some(state) = request.extensions().get::<ConnState>() {
-        state.authenticated();
-    }
 }
 
 /// Config errors as one `anyhow` error listing every problem.

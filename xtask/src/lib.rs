@@ -6,6 +6,8 @@
 //! layer's digest is the module's own sha256, and nothing (no tar, no gzip, no timestamp)
 //! stands between the two: the same module always makes the same image.
 
+pub mod modules;
+
 use std::collections::HashMap;
 use std::path::Path;
 

@@ -1,4 +1,5 @@
-//! `tollgate-xtask`: builds the filter's OCI image layout and rewrites the pins in `k8s/`.
+//! `tollgate-xtask`: builds the filter's OCI image layout and rewrites the pins in `k8s/`;
+//! prints and checks the module graphs.
 
 use std::path::PathBuf;
 
@@ -27,6 +28,9 @@ enum Command {
         #[arg(long)]
         pin: Option<PathBuf>,
     },
+    /// Prints which module names which in the sidecar and the filter, then any circle or
+    /// arrow against the layers (ARCHITECTURE.md); fails if there is one.
+    Modules,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +52,29 @@ fn main() -> anyhow::Result<()> {
                     println!("pinned: {}", k8s.join(file).display());
                 }
             }
+        }
+        Command::Modules => {
+            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+            let mut clean = true;
+            for (name, src, layers) in [
+                (
+                    "decision-server",
+                    "decision-server/src",
+                    tollgate_xtask::modules::SIDECAR_LAYERS,
+                ),
+                (
+                    "filter",
+                    "filter/src",
+                    tollgate_xtask::modules::FILTER_LAYERS,
+                ),
+            ] {
+                let graph = tollgate_xtask::modules::ModuleGraph::of(&root.join(src))?;
+                println!("# {name}\n{}", graph.render());
+                let findings = graph.check(layers);
+                print!("{findings}");
+                clean &= findings.is_clean();
+            }
+            anyhow::ensure!(clean, "the module graph breaks its layers");
         }
     }
     Ok(())

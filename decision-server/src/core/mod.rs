@@ -11,6 +11,7 @@ pub mod period;
 pub mod plan;
 pub mod rollup;
 pub mod symbols;
+pub mod target;
 pub mod usage;
 pub mod usage_query;
 pub mod window;

@@ -410,7 +410,7 @@ pub struct AlertDelivery {
     /// How long one attempt may take.
     pub timeout_millis: i64,
     /// Where webhooks may go.
-    pub targets: crate::alerts::target::TargetPolicy,
+    pub targets: super::target::TargetPolicy,
     /// Per-customer budgets: what one tenant's rules can make every decision of its own
     /// evaluate, and the server keep (alert rules, thresholds per rule, webhooks).
     pub max_rules: usize,

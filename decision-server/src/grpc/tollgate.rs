@@ -268,7 +268,7 @@ pub fn principal_of<T>(
     let principal = service
         .authenticate_request(header, client_cert, listener)
         .map_err(|e| Status::unauthenticated(e.message_on(listener)))?;
-    crate::server::mark_authenticated(request);
+    crate::net::mark_authenticated(request);
     Ok(principal)
 }
 
