@@ -189,6 +189,7 @@ async fn fill_local(
         *batch += 1;
         engine
             .store()
+            .usage()
             .record_local(
                 Name::from("c0"),
                 tollgate::store::BatchId {

@@ -101,7 +101,10 @@ impl Engine {
             clock,
             auto: AutoEntities::default(),
         };
-        engine.store.configure_records(engine.model().records);
+        engine
+            .store
+            .usage()
+            .configure_records(engine.model().records);
         engine.seed_grants(&engine.model()).await?;
         Ok(engine)
     }
@@ -127,7 +130,7 @@ impl Engine {
     /// by interned ids, which the new model shares.
     pub async fn replace_model(&self, model: Model) -> Result<(), StoreError> {
         self.seed_grants(&model).await?;
-        self.store.configure_records(model.records);
+        self.store.usage().configure_records(model.records);
         self.model.store(Arc::new(model));
         Ok(())
     }

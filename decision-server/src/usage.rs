@@ -228,6 +228,7 @@ pub async fn history(
     let needs = q.filter.needs(q.group_by.iter().map(String::as_str), now);
     let rows = engine
         .store()
+        .usage()
         .usage_buckets(c.id, plan.granularity, read_from, read_to, &needs)
         .await?;
     let series = usage_query::group_history(&q, &plan, &rows, max_points)?;
@@ -255,7 +256,13 @@ pub async fn top(engine: &Engine, customer_id: &str, req: TopRequest) -> Result<
     let mut scans = Vec::with_capacity(segments.len());
     let needs = filter.needs([req.by.as_str()], now);
     for (g, a, b) in segments {
-        scans.push(engine.store().usage_buckets(c.id, g, a, b, &needs).await?);
+        scans.push(
+            engine
+                .store()
+                .usage()
+                .usage_buckets(c.id, g, a, b, &needs)
+                .await?,
+        );
     }
     Ok(Top {
         rows: usage_query::top(&scans, &req.by, &filter, req.limit),
@@ -299,6 +306,7 @@ pub async fn budgets(
     )?;
     let rows = engine
         .store()
+        .usage()
         .usage_buckets(c.id, g, from, to, &ScanNeeds::all(now.millis()))
         .await?;
     let recent_millis = (now.millis() - from).max(1);
@@ -525,8 +533,9 @@ pub async fn follow(
     poll: Duration,
     stopping: tokio::sync::watch::Receiver<bool>,
 ) -> Result<impl futures_util::Stream<Item = Followed> + Send + 'static, StoreError> {
-    let signal = store.event_signal();
+    let signal = store.usage().event_signal();
     let first = store
+        .usage()
         .read_events(customer, after.as_deref(), FOLLOW_PAGE)
         .await?;
     let mut f = Follower {
@@ -552,6 +561,7 @@ pub async fn follow(
             f.signal.borrow_and_update();
             match f
                 .store
+                .usage()
                 .read_events(f.customer, f.cursor.as_deref(), FOLLOW_PAGE)
                 .await
             {

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use common::*;
 use tollgate::clock::ManualClock;
-use tollgate::core::alerts::Delivery;
 use tollgate::core::counter::{CounterKey, CounterSpec};
 use tollgate::core::credits::GrantBalance;
 use tollgate::core::plan::{AutoEntities, Plan, Planned, Registry};
@@ -121,15 +120,6 @@ impl CounterStore for Hooked {
     async fn record(&self, p: &Plan, key: &str, now: Timestamp) -> Result<bool, StoreError> {
         self.inner.record(p, key, now).await
     }
-    async fn record_local(
-        &self,
-        c: Name,
-        batch: tollgate::store::BatchId,
-        r: &[tollgate::core::rollup::LocalRecord],
-        now: Timestamp,
-    ) -> Result<(), StoreError> {
-        self.inner.record_local(c, batch, r, now).await
-    }
     async fn auto_entity(
         &self,
         c: Name,
@@ -155,66 +145,11 @@ impl CounterStore for Hooked {
     fn hold_relay(&self) -> &dyn tollgate::store::HoldRelay {
         self.inner.hold_relay()
     }
-    fn configure_records(&self, r: tollgate::core::rollup::RecordSettings) {
-        self.inner.configure_records(r)
+    fn usage(&self) -> &dyn tollgate::store::UsageStore {
+        self.inner.usage()
     }
-    async fn usage_buckets(
-        &self,
-        c: Name,
-        g: tollgate::core::rollup::Granularity,
-        from: i64,
-        to: i64,
-        needs: &tollgate::core::rollup::ScanNeeds,
-    ) -> Result<tollgate::core::rollup::BucketScan, StoreError> {
-        self.inner.usage_buckets(c, g, from, to, needs).await
-    }
-    async fn read_events(
-        &self,
-        c: Option<Name>,
-        after: Option<&str>,
-        max: usize,
-    ) -> Result<tollgate::store::events::EventPage, StoreError> {
-        self.inner.read_events(c, after, max).await
-    }
-    fn event_signal(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.inner.event_signal()
-    }
-    async fn claim_alert(
-        &self,
-        c: Name,
-        key: &str,
-        until: Option<i64>,
-        body: &str,
-        deliveries: &[Delivery],
-        now: Timestamp,
-    ) -> Result<bool, StoreError> {
-        self.inner
-            .claim_alert(c, key, until, body, deliveries, now)
-            .await
-    }
-    async fn enqueue_deliveries(&self, c: Name, d: &[Delivery]) -> Result<(), StoreError> {
-        self.inner.enqueue_deliveries(c, d).await
-    }
-    async fn lease_deliveries(
-        &self,
-        c: Name,
-        lessee: &str,
-        now: Timestamp,
-        lease_ms: i64,
-        max: usize,
-    ) -> Result<Vec<Delivery>, StoreError> {
-        self.inner
-            .lease_deliveries(c, lessee, now, lease_ms, max)
-            .await
-    }
-    async fn finish_delivery(&self, c: Name, lessee: &str, d: &Delivery) -> Result<(), StoreError> {
-        self.inner.finish_delivery(c, lessee, d).await
-    }
-    async fn deliveries(&self, c: Name, max: usize) -> Result<Vec<Delivery>, StoreError> {
-        self.inner.deliveries(c, max).await
-    }
-    async fn rearm_alert(&self, c: Name, key: &str) -> Result<bool, StoreError> {
-        self.inner.rearm_alert(c, key).await
+    fn alerts(&self) -> &dyn tollgate::store::AlertStore {
+        self.inner.alerts()
     }
 }
 

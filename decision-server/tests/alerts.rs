@@ -81,6 +81,7 @@ fn alerts_on_stream(h: &Harness) -> Vec<Value> {
     h.run(
         h.engine
             .store()
+            .usage()
             .read_events(Some(Name::from("acme")), None, 1000),
     )
     .unwrap()
@@ -248,33 +249,48 @@ fn the_outbox_leases_each_delivery_to_one_caller_and_keeps_the_log(store: Store)
     let s = h.engine.store();
     let acme = Name::from("acme");
     let at = |ms: i64| Timestamp::from_millis(ms);
-    h.run(s.enqueue_deliveries(acme, &[delivery("msg_a", 1_000), delivery("msg_b", 2_000)]))
-        .unwrap();
+    h.run(
+        s.alerts()
+            .enqueue_deliveries(acme, &[delivery("msg_a", 1_000), delivery("msg_b", 2_000)]),
+    )
+    .unwrap();
     // Only what is due, oldest due first; a leased delivery is no other lessee's until the
     // lease ends.
     let first = h
-        .run(s.lease_deliveries(acme, "a", at(1_500), 60_000, 10))
+        .run(
+            s.alerts()
+                .lease_deliveries(acme, "a", at(1_500), 60_000, 10),
+        )
         .unwrap();
     assert_eq!(
         first.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
         ["msg_a"]
     );
     let second = h
-        .run(s.lease_deliveries(acme, "b", at(2_500), 60_000, 10))
+        .run(
+            s.alerts()
+                .lease_deliveries(acme, "b", at(2_500), 60_000, 10),
+        )
         .unwrap();
     assert_eq!(
         second.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
         ["msg_b"]
     );
     assert!(
-        h.run(s.lease_deliveries(acme, "c", at(3_000), 60_000, 10))
-            .unwrap()
-            .is_empty()
+        h.run(
+            s.alerts()
+                .lease_deliveries(acme, "c", at(3_000), 60_000, 10)
+        )
+        .unwrap()
+        .is_empty()
     );
     // A lessee that asks again gets back what it leased and has not finished (a lease whose
     // answer it never heard), and nothing of another lessee's.
     let lost = h
-        .run(s.lease_deliveries(acme, "b", at(3_000), 60_000, 10))
+        .run(
+            s.alerts()
+                .lease_deliveries(acme, "b", at(3_000), 60_000, 10),
+        )
         .unwrap();
     assert_eq!(
         lost.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
@@ -288,15 +304,21 @@ fn the_outbox_leases_each_delivery_to_one_caller_and_keeps_the_log(store: Store)
     });
     b.delivered = true;
     b.next_at = None;
-    h.run(s.finish_delivery(acme, "b", &b)).unwrap();
+    h.run(s.alerts().finish_delivery(acme, "b", &b)).unwrap();
     assert!(
-        h.run(s.lease_deliveries(acme, "b", at(3_500), 60_000, 10))
-            .unwrap()
-            .is_empty()
+        h.run(
+            s.alerts()
+                .lease_deliveries(acme, "b", at(3_500), 60_000, 10)
+        )
+        .unwrap()
+        .is_empty()
     );
     // A lease that ends unfinished (its replica died) is taken again.
     let again = h
-        .run(s.lease_deliveries(acme, "c", at(61_500), 60_000, 10))
+        .run(
+            s.alerts()
+                .lease_deliveries(acme, "c", at(61_500), 60_000, 10),
+        )
         .unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].id, "msg_a");
@@ -309,24 +331,27 @@ fn the_outbox_leases_each_delivery_to_one_caller_and_keeps_the_log(store: Store)
     });
     done.delivered = true;
     done.next_at = None;
-    h.run(s.finish_delivery(acme, "c", &done)).unwrap();
+    h.run(s.alerts().finish_delivery(acme, "c", &done)).unwrap();
     // The first lessee's lease of it ended when it was finished, by whoever finished it.
     for lessee in ["a", "c"] {
         assert!(
-            h.run(s.lease_deliveries(acme, lessee, at(500_000), 60_000, 10))
-                .unwrap()
-                .iter()
-                .all(|d| d.id != "msg_a")
+            h.run(
+                s.alerts()
+                    .lease_deliveries(acme, lessee, at(500_000), 60_000, 10)
+            )
+            .unwrap()
+            .iter()
+            .all(|d| d.id != "msg_a")
         );
     }
-    let log = h.run(s.deliveries(acme, 10)).unwrap();
+    let log = h.run(s.alerts().deliveries(acme, 10)).unwrap();
     assert_eq!(
         log.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
         ["msg_b", "msg_a"]
     );
     assert_eq!(log[1], done);
     assert!(
-        h.run(s.deliveries(Name::from("globex"), 10))
+        h.run(s.alerts().deliveries(Name::from("globex"), 10))
             .unwrap()
             .is_empty()
     );
@@ -346,20 +371,20 @@ fn a_lessee_whose_leases_ran_out_still_gets_a_full_pass(store: Store) {
             )
         })
         .collect();
-    h.run(s.enqueue_deliveries(acme, &queued)).unwrap();
+    h.run(s.alerts().enqueue_deliveries(acme, &queued)).unwrap();
     let ids = |ds: Vec<Delivery>| ds.into_iter().map(|d| d.id).collect::<Vec<_>>();
     let first = ids(h
-        .run(s.lease_deliveries(acme, "a", at(2_000), 100, 2))
+        .run(s.alerts().lease_deliveries(acme, "a", at(2_000), 100, 2))
         .unwrap());
     assert_eq!(first, ["msg_0", "msg_1"]);
     // Its answer lost and its lease run out (at 2,100): the two are due again, before all
     // others, and are taken back first; the pass is still filled to its size with others due.
     let again = ids(h
-        .run(s.lease_deliveries(acme, "a", at(5_000), 100, 3))
+        .run(s.alerts().lease_deliveries(acme, "a", at(5_000), 100, 3))
         .unwrap());
     assert_eq!(again, ["msg_0", "msg_1", "msg_2"]);
     let other = ids(h
-        .run(s.lease_deliveries(acme, "b", at(5_000), 100, 10))
+        .run(s.alerts().lease_deliveries(acme, "b", at(5_000), 100, 10))
         .unwrap());
     assert_eq!(other, ["msg_3", "msg_4"]);
 }

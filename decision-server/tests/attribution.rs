@@ -71,11 +71,13 @@ fn buckets(h: &Harness, g: Granularity) -> Vec<(i64, SeriesKey, Measures)> {
     // Every bucket of the last days (the test's clock starts on 2026-03-10).
     let to = h.clock.now().millis() + 86_400_000;
     let from = g.start(tollgate::core::Timestamp::from_millis(to - 5 * 86_400_000));
-    h.run(
-        h.engine
-            .store()
-            .usage_buckets(Name::from("acme"), g, from, to, &ScanNeeds::all(0)),
-    )
+    h.run(h.engine.store().usage().usage_buckets(
+        Name::from("acme"),
+        g,
+        from,
+        to,
+        &ScanNeeds::all(0),
+    ))
     .unwrap()
     .rows()
     .map(|(start, key, m)| (start, key.clone(), *m))
@@ -149,7 +151,9 @@ fn every_unit_is_attributed_once_and_equals_what_was_counted(store: Store) {
     // The stream: every record once, in order, resumable after any event.
     let store = h.engine.store();
     let acme = Name::from("acme");
-    let page = h.run(store.read_events(Some(acme), None, 100)).unwrap();
+    let page = h
+        .run(store.usage().read_events(Some(acme), None, 100))
+        .unwrap();
     let kinds: Vec<RecordKind> = page
         .events
         .iter()
@@ -171,23 +175,31 @@ fn every_unit_is_attributed_once_and_equals_what_was_counted(store: Store) {
     assert!(!page.gap);
     let after = &page.events[1].id;
     let rest = h
-        .run(store.read_events(Some(acme), Some(after), 100))
+        .run(store.usage().read_events(Some(acme), Some(after), 100))
         .unwrap();
     let ids: Vec<&str> = rest.events.iter().map(|e| e.id.as_str()).collect();
     let expected: Vec<&str> = page.events[2..].iter().map(|e| e.id.as_str()).collect();
     assert_eq!(ids, expected);
     let last = &page.events[4].id;
     let none = h
-        .run(store.read_events(Some(acme), Some(last), 100))
+        .run(store.usage().read_events(Some(acme), Some(last), 100))
         .unwrap();
     assert!(none.events.is_empty() && !none.gap);
     assert!(
-        h.run(store.read_events(Some(acme), Some("not a cursor"), 10))
-            .is_err()
+        h.run(
+            store
+                .usage()
+                .read_events(Some(acme), Some("not a cursor"), 10)
+        )
+        .is_err()
     );
     // Another customer's stream has none of it.
     let other = h
-        .run(store.read_events(Some(Name::from("globex")), None, 10))
+        .run(
+            store
+                .usage()
+                .read_events(Some(Name::from("globex")), None, 10),
+        )
         .unwrap();
     assert!(other.events.is_empty());
 }
@@ -261,16 +273,16 @@ fn local_record_batches_read_back_by_cursor_and_add_up(store: Store) {
     let all: Vec<LocalRecord> = (0..1_100).map(record).collect();
     let now = tollgate::core::Timestamp::from_millis(t0);
     assert!(h.ingest("acme", "tokens", tokens(1, 0, 0), &[("userId", "u1")], "k0"));
-    h.run(store.record_local(acme, batch(1), &all[..600], now))
+    h.run(store.usage().record_local(acme, batch(1), &all[..600], now))
         .unwrap();
     assert!(h.ingest("acme", "tokens", tokens(1, 0, 0), &[("userId", "u1")], "k1"));
-    h.run(store.record_local(acme, batch(2), &all[600..], now))
+    h.run(store.usage().record_local(acme, batch(2), &all[600..], now))
         .unwrap();
     // Sent again (its answer was lost, so the replica sends it once more), and an older
     // batch late: each applies once.
-    h.run(store.record_local(acme, batch(2), &all[600..], now))
+    h.run(store.usage().record_local(acme, batch(2), &all[600..], now))
         .unwrap();
-    h.run(store.record_local(acme, batch(1), &all[..600], now))
+    h.run(store.usage().record_local(acme, batch(1), &all[..600], now))
         .unwrap();
 
     // Read in pages of 7: every event once, in order.
@@ -278,7 +290,7 @@ fn local_record_batches_read_back_by_cursor_and_add_up(store: Store) {
     let mut cursor: Option<String> = None;
     for _ in 0..1_000 {
         let page = h
-            .run(store.read_events(Some(acme), cursor.as_deref(), 7))
+            .run(store.usage().read_events(Some(acme), cursor.as_deref(), 7))
             .unwrap();
         assert!(!page.gap);
         assert!(page.events.len() <= 7);
@@ -334,13 +346,19 @@ fn local_record_batches_read_back_by_cursor_and_add_up(store: Store) {
     // Resuming after any event gives exactly the events after it.
     for at in [0, 1, 5, 511, 512, 513, 600, 601, 1_000, 1_101] {
         let page = h
-            .run(store.read_events(Some(acme), Some(&seen[at].id), 2_000))
+            .run(
+                store
+                    .usage()
+                    .read_events(Some(acme), Some(&seen[at].id), 2_000),
+            )
             .unwrap();
         let ids: Vec<&str> = page.events.iter().map(|e| e.id.as_str()).collect();
         let want: Vec<&str> = seen[at + 1..].iter().map(|e| e.id.as_str()).collect();
         assert_eq!(ids, want, "after event {at}");
     }
-    let page = h.run(store.read_events(Some(acme), None, 1_000)).unwrap();
+    let page = h
+        .run(store.usage().read_events(Some(acme), None, 1_000))
+        .unwrap();
     assert_eq!(page.events.len(), 1_000);
 
     // The rollups: every unit once, each minute's records in that minute.
@@ -377,7 +395,7 @@ fn local_record_batches_read_back_by_cursor_and_add_up(store: Store) {
             ..record(1)
         })
         .collect();
-    h.run(store.record_local(acme, batch(3), &wide, now))
+    h.run(store.usage().record_local(acme, batch(3), &wide, now))
         .unwrap();
     let rows = buckets(&h, Granularity::Hour);
     let per_unit = record(1).measures.units;
@@ -409,8 +427,12 @@ fn local_record_batches_read_back_by_cursor_and_add_up(store: Store) {
         at: now,
         ..record(1)
     };
-    h.run(store.record_local(acme, batch(4), &[chain_only], now))
-        .unwrap();
+    h.run(
+        store
+            .usage()
+            .record_local(acme, batch(4), &[chain_only], now),
+    )
+    .unwrap();
     let same: Vec<Measures> = buckets(&h, Granularity::Hour)
         .into_iter()
         .filter(|(_, s, _)| *s == *key)
@@ -448,7 +470,8 @@ fn a_long_usage_read_lets_decisions_through(store: Store) {
             writer: 9,
             seq: hour as u64 + 1,
         };
-        h.run(store.record_local(acme, id, &batch, now)).unwrap();
+        h.run(store.usage().record_local(acme, id, &batch, now))
+            .unwrap();
     }
     let from = now.millis() - HOURS * 3_600_000;
     let to = now.millis() + 3_600_000;
@@ -456,6 +479,7 @@ fn a_long_usage_read_lets_decisions_through(store: Store) {
     let (scan, during) = h.rt.block_on(async {
         let read = async {
             let scan = store
+                .usage()
                 .usage_buckets(acme, Granularity::Hour, from, to, &ScanNeeds::all(0))
                 .await
                 .unwrap();
@@ -525,8 +549,12 @@ fn the_operators_stream_merges_every_customer(store: Store) {
             writer: 5,
             seq: i as u64 + 1,
         };
-        h.run(store.record_local(Name::from(customer), id, &records(n), now))
-            .unwrap();
+        h.run(
+            store
+                .usage()
+                .record_local(Name::from(customer), id, &records(n), now),
+        )
+        .unwrap();
         written += n;
         std::thread::sleep(std::time::Duration::from_millis(3));
     }
@@ -534,14 +562,16 @@ fn the_operators_stream_merges_every_customer(store: Store) {
     written += 1;
     // A merged page stops a second short of now.
     std::thread::sleep(std::time::Duration::from_millis(1_200));
-    let page = h.run(store.read_events(None, None, 100)).unwrap();
+    let page = h.run(store.usage().read_events(None, None, 100)).unwrap();
     let ids: Vec<String> = page.events.iter().map(|e| e.id.clone()).collect();
     assert_eq!(ids.len(), written, "{ids:?}");
     let customers: std::collections::HashSet<&str> =
         page.events.iter().map(|e| e.customer.as_str()).collect();
     assert_eq!(customers.len(), 2);
     for (k, id) in ids.iter().enumerate() {
-        let rest = h.run(store.read_events(None, Some(id), 100)).unwrap();
+        let rest = h
+            .run(store.usage().read_events(None, Some(id), 100))
+            .unwrap();
         let got: Vec<&String> = rest.events.iter().map(|e| &e.id).collect();
         let want: Vec<&String> = ids[k + 1..].iter().collect();
         assert_eq!(got, want, "after {id}");
@@ -551,7 +581,7 @@ fn the_operators_stream_merges_every_customer(store: Store) {
     let mut paged = Vec::new();
     for _ in 0..100 {
         let p = h
-            .run(store.read_events(None, cursor.as_deref(), 2))
+            .run(store.usage().read_events(None, cursor.as_deref(), 2))
             .unwrap();
         if p.events.is_empty() {
             break;
@@ -561,7 +591,7 @@ fn the_operators_stream_merges_every_customer(store: Store) {
     }
     assert_eq!(paged, ids);
     assert!(matches!(
-        h.run(store.read_events(None, Some("nonsense"), 10)),
+        h.run(store.usage().read_events(None, Some("nonsense"), 10)),
         Err(tollgate::store::StoreError::BadCursor(_))
     ));
 }

@@ -38,7 +38,7 @@ fn attribution(h: &Harness) -> (Vec<String>, Vec<(String, String, u64)>) {
     let acme = tollgate::core::Name::from("acme");
     let to = h.clock.now().millis() + 3_600_000;
     let mut rows: Vec<String> = h
-        .run(store.usage_buckets(
+        .run(store.usage().usage_buckets(
             acme,
             Granularity::Hour,
             to - 86_400_000 * 2,
@@ -51,7 +51,7 @@ fn attribution(h: &Harness) -> (Vec<String>, Vec<(String, String, u64)>) {
         .collect();
     rows.sort();
     let events = h
-        .run(store.read_events(Some(acme), None, 1_000))
+        .run(store.usage().read_events(Some(acme), None, 1_000))
         .unwrap()
         .events
         .into_iter()
@@ -285,7 +285,7 @@ fn alert_claims_survive_a_restart() {
         let h = open(&path, Durability::Sync);
         let store = h.engine.store();
         assert!(
-            h.run(store.claim_alert(
+            h.run(store.alerts().claim_alert(
                 acme,
                 "k-period",
                 Some(5_000),
@@ -296,46 +296,70 @@ fn alert_claims_survive_a_restart() {
             .unwrap()
         );
         assert!(
-            h.run(store.claim_alert(acme, "k-hyst", None, "{}", &[], now))
-                .unwrap()
+            h.run(
+                store
+                    .alerts()
+                    .claim_alert(acme, "k-hyst", None, "{}", &[], now)
+            )
+            .unwrap()
         );
     }
     let h = open(&path, Durability::Sync);
     let store = h.engine.store();
     // The claim's delivery waits in the outbox after the restart.
     assert_eq!(
-        h.run(store.deliveries(acme, 10)).unwrap(),
+        h.run(store.alerts().deliveries(acme, 10)).unwrap(),
         std::slice::from_ref(&outbox)
     );
     let leased = h
-        .run(store.lease_deliveries(acme, "a", now, 60_000, 10))
+        .run(store.alerts().lease_deliveries(acme, "a", now, 60_000, 10))
         .unwrap();
     assert_eq!(leased.len(), 1);
     // Still claimed: a restart does not fire a crossing twice.
     assert!(
-        !h.run(store.claim_alert(acme, "k-period", Some(5_000), "{}", &[], now))
-            .unwrap()
+        !h.run(
+            store
+                .alerts()
+                .claim_alert(acme, "k-period", Some(5_000), "{}", &[], now)
+        )
+        .unwrap()
     );
     assert!(
-        !h.run(store.claim_alert(acme, "k-hyst", None, "{}", &[], now))
-            .unwrap()
+        !h.run(
+            store
+                .alerts()
+                .claim_alert(acme, "k-hyst", None, "{}", &[], now)
+        )
+        .unwrap()
     );
     // A period's claim lapses at its end; a re-armed claim can fire again.
     let later = tollgate::core::Timestamp::from_millis(5_000);
     assert!(
-        h.run(store.claim_alert(acme, "k-period", Some(9_000), "{}", &[], later))
-            .unwrap()
+        h.run(
+            store
+                .alerts()
+                .claim_alert(acme, "k-period", Some(9_000), "{}", &[], later)
+        )
+        .unwrap()
     );
-    assert!(h.run(store.rearm_alert(acme, "k-hyst")).unwrap());
+    assert!(h.run(store.alerts().rearm_alert(acme, "k-hyst")).unwrap());
     drop(h);
     let h = open(&path, Durability::Sync);
     let store = h.engine.store();
     assert!(
-        h.run(store.claim_alert(acme, "k-hyst", None, "{}", &[], later))
-            .unwrap()
+        h.run(
+            store
+                .alerts()
+                .claim_alert(acme, "k-hyst", None, "{}", &[], later)
+        )
+        .unwrap()
     );
     assert!(
-        !h.run(store.claim_alert(acme, "k-period", Some(9_000), "{}", &[], later))
-            .unwrap()
+        !h.run(
+            store
+                .alerts()
+                .claim_alert(acme, "k-period", Some(9_000), "{}", &[], later)
+        )
+        .unwrap()
     );
 }

@@ -248,6 +248,7 @@ async fn race_with_leases(stores: Vec<Arc<dyn CounterStore>>, cap: u64) {
     let scan = replicas[0]
         .engine
         .store()
+        .usage()
         .usage_buckets(Name::from("acme"), day, from, to, &ScanNeeds::all(0))
         .await
         .unwrap();
@@ -793,6 +794,7 @@ mod alerting {
             assert_eq!(fired_at, [(510, 1), (810, 1)], "{stats:?}");
             l.return_all(clock.now()).await.unwrap();
             let events = inner
+                .usage()
                 .read_events(Some(Name::from("acme")), None, 1000)
                 .await
                 .unwrap()
@@ -995,7 +997,7 @@ fn a_store_part_refused_during_an_outage_is_closed_once_the_store_is_back() {
         // The store part's record says settled at 7, as the counters do.
         let now = SystemClock.now();
         let scan = inner
-            .usage_buckets(
+            .usage().usage_buckets(
                 Name::from("acme"),
                 Granularity::Day,
                 Granularity::Day.start(Timestamp::from_millis(now.millis() - 86_400_000)),

@@ -56,7 +56,7 @@ fn records(h: &Harness, customer: &str, n: usize, at: Timestamp, batch: &mut u64
         .collect();
     for chunk in all.chunks(1000) {
         *batch += 1;
-        h.run(h.engine.store().record_local(
+        h.run(h.engine.store().usage().record_local(
             Name::from(customer),
             tollgate::store::BatchId {
                 writer: 1,
@@ -292,7 +292,7 @@ fn reads_answer_as_in_process_whichever_way_a_bucket_is_read(store: Arc<RedisSto
         .collect();
     for h in [&redis, &memory] {
         h.clock.set(Timestamp::from_millis(now));
-        h.run(h.engine.store().record_local(
+        h.run(h.engine.store().usage().record_local(
             Name::from("acme"),
             tollgate::store::BatchId { writer: 9, seq: 1 },
             &batch,

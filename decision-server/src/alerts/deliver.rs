@@ -150,6 +150,7 @@ impl Deliverer {
     ) -> Result<usize, StoreError> {
         let lease = settings.timeout_millis + 30_000;
         let due = store
+            .alerts()
             .lease_deliveries(*customer, &self.lessee, clock.now(), lease, PASS)
             .await?;
         let results: Vec<Result<(), StoreError>> = futures_util::stream::iter(due)
@@ -180,7 +181,11 @@ impl Deliverer {
                     let mut wait = Duration::from_millis(50);
                     let mut tries = 1;
                     loop {
-                        match store.finish_delivery(*customer, &self.lessee, &d).await {
+                        match store
+                            .alerts()
+                            .finish_delivery(*customer, &self.lessee, &d)
+                            .await
+                        {
                             Err(StoreError::Unavailable(_)) if tries < FINISH_TRIES => {
                                 tries += 1;
                                 tokio::time::sleep(wait).await;

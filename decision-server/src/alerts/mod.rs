@@ -63,6 +63,7 @@ struct Claim {
 impl Claim {
     async fn send(&self, store: &dyn crate::store::CounterStore) -> Result<bool, StoreError> {
         store
+            .alerts()
             .claim_alert(
                 self.customer,
                 &self.key,
@@ -205,6 +206,7 @@ pub async fn test_delivery(
     let d = new_delivery(&format!("test_{id}"), webhook, &body, now);
     engine
         .store()
+        .alerts()
         .enqueue_deliveries(c.id, std::slice::from_ref(&d))
         .await?;
     Ok(Some(d.id))
@@ -273,6 +275,7 @@ pub async fn background_pass(engine: &Engine) -> Result<usize, StoreError> {
         let from = g.start(Timestamp::from_millis(now.millis() - longest));
         let rows = engine
             .store()
+            .usage()
             .usage_buckets(
                 c.id,
                 g,
@@ -516,7 +519,7 @@ pub async fn after_decision(
             .remove(&(customer.to_string(), r.key.clone()))
             .is_some()
         {
-            store.rearm_alert(c.id, &r.key).await?;
+            store.alerts().rearm_alert(c.id, &r.key).await?;
         }
     }
     Ok(fired)

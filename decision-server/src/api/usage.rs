@@ -430,7 +430,7 @@ pub async fn deliveries(
     let Some(c) = state.engine().model().customer(&customer).map(|c| c.id) else {
         return Err(UsageError::UnknownCustomer(customer).into());
     };
-    let log = state.engine().store().deliveries(c, limit).await?;
+    let log = state.engine().store().alerts().deliveries(c, limit).await?;
     Ok(ApiJson(DeliveryLog {
         deliveries: log.iter().map(DeliveryDto::from).collect(),
     }))

@@ -301,7 +301,7 @@ impl Ledger {
 
     /// Writes the records of decisions a replica made inside its leases (no counter changes:
     /// the lease's own hold carries their units), unless batch `seq` of `writer` is at or
-    /// below the last one applied (the same batch sent again; `redis.lua` `locals()`).
+    /// below the last one applied (the same batch sent again; `lua/locals.lua` `locals()`).
     pub fn record_local(&mut self, writer: u32, seq: u64, records: &[LocalRecord]) {
         if !self.records.enabled {
             return;

@@ -28,23 +28,18 @@ use futures_util::StreamExt;
 use parking_lot::Mutex;
 
 use super::{
-    AdminLog, AutoEntityOutcome, BatchId, CloseOutcome, CounterStore, HoldKey, HoldRelay,
-    PostedClose, Reservation, ReserveMode, StoreError, StoreStats, StoredEntity,
+    AdminLog, AlertStore, AutoEntityOutcome, BatchId, CloseOutcome, CounterStore, HoldKey,
+    HoldRelay, PostedClose, Reservation, ReserveMode, StoreError, StoreStats, StoredEntity,
+    UsageStore,
 };
-use crate::core::alerts::Delivery;
 use crate::core::counter::{CounterKey, CounterSpec, Reading};
 use crate::core::credits::GrantBalance;
 use crate::core::lease::{Lease, LeaseTerms, RETURN_MARGIN_MS, slice_size};
 use crate::core::model::Mode;
 use crate::core::plan::{AmountRule, Plan, PlannedCounter};
-use crate::core::rollup::{
-    BucketScan, Granularity, LocalRecord, Measures, RecordKind, RecordSettings, ScanNeeds,
-    SeriesDraft,
-};
+use crate::core::rollup::{LocalRecord, Measures, RecordKind, SeriesDraft};
 use crate::core::usage::Usage;
 use crate::core::{HoldId, Name, Timestamp};
-
-use super::events::EventPage;
 
 /// Local hold numbers carry this bit, so a settlement finds its hold here and not in the
 /// store (whose numbers count up from 1 and never reach it). Below 2^53, so a number is exact
@@ -692,7 +687,11 @@ impl Shared {
         let Some((id, records)) = pending.batch.as_ref() else {
             return Ok(());
         };
-        let written = self.inner.record_local(customer, *id, records, now).await;
+        let written = self
+            .inner
+            .usage()
+            .record_local(customer, *id, records, now)
+            .await;
         if written.is_ok() {
             pending.batch = None;
         }
@@ -1146,19 +1145,6 @@ impl CounterStore for LeasedStore {
         self.shared.inner.record(plan, idempotency_key, now).await
     }
 
-    async fn record_local(
-        &self,
-        customer: Name,
-        batch: BatchId,
-        records: &[LocalRecord],
-        now: Timestamp,
-    ) -> Result<(), StoreError> {
-        self.shared
-            .inner
-            .record_local(customer, batch, records, now)
-            .await
-    }
-
     async fn auto_entity(
         &self,
         customer: Name,
@@ -1193,95 +1179,12 @@ impl CounterStore for LeasedStore {
         self.shared.inner.hold_relay()
     }
 
-    fn configure_records(&self, settings: RecordSettings) {
-        self.shared.inner.configure_records(settings);
+    fn usage(&self) -> &dyn UsageStore {
+        self.shared.inner.usage()
     }
 
-    async fn usage_buckets(
-        &self,
-        customer: Name,
-        g: Granularity,
-        from: i64,
-        to: i64,
-        needs: &ScanNeeds,
-    ) -> Result<BucketScan, StoreError> {
-        self.shared
-            .inner
-            .usage_buckets(customer, g, from, to, needs)
-            .await
-    }
-
-    async fn read_events(
-        &self,
-        customer: Option<Name>,
-        after: Option<&str>,
-        max: usize,
-    ) -> Result<EventPage, StoreError> {
-        self.shared.inner.read_events(customer, after, max).await
-    }
-
-    async fn claim_alert(
-        &self,
-        customer: Name,
-        key: &str,
-        until: Option<i64>,
-        body: &str,
-        deliveries: &[Delivery],
-        now: Timestamp,
-    ) -> Result<bool, StoreError> {
-        self.shared
-            .inner
-            .claim_alert(customer, key, until, body, deliveries, now)
-            .await
-    }
-
-    async fn enqueue_deliveries(
-        &self,
-        customer: Name,
-        deliveries: &[Delivery],
-    ) -> Result<(), StoreError> {
-        self.shared
-            .inner
-            .enqueue_deliveries(customer, deliveries)
-            .await
-    }
-
-    async fn lease_deliveries(
-        &self,
-        customer: Name,
-        lessee: &str,
-        now: Timestamp,
-        lease_ms: i64,
-        max: usize,
-    ) -> Result<Vec<Delivery>, StoreError> {
-        self.shared
-            .inner
-            .lease_deliveries(customer, lessee, now, lease_ms, max)
-            .await
-    }
-
-    async fn finish_delivery(
-        &self,
-        customer: Name,
-        lessee: &str,
-        delivery: &Delivery,
-    ) -> Result<(), StoreError> {
-        self.shared
-            .inner
-            .finish_delivery(customer, lessee, delivery)
-            .await
-    }
-
-    async fn deliveries(&self, customer: Name, max: usize) -> Result<Vec<Delivery>, StoreError> {
-        self.shared.inner.deliveries(customer, max).await
-    }
-
-    async fn rearm_alert(&self, customer: Name, key: &str) -> Result<bool, StoreError> {
-        self.shared.inner.rearm_alert(customer, key).await
-    }
-
-    fn event_signal(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.shared.inner.event_signal()
+    fn alerts(&self) -> &dyn AlertStore {
+        self.shared.inner.alerts()
     }
 }
 

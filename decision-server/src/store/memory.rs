@@ -10,8 +10,8 @@ use rustc_hash::FxBuildHasher;
 
 use super::events::{EventBody, EventLog, EventPage};
 use super::{
-    AdminLog, AutoEntityOutcome, CloseOutcome, CounterStore, HoldKey, NothingKept, Reservation,
-    ReserveMode, StoreError, StoreStats, StoredEntity,
+    AdminLog, AlertStore, AutoEntityOutcome, CloseOutcome, CounterStore, HoldKey, NothingKept,
+    Reservation, ReserveMode, StoreError, StoreStats, StoredEntity, UsageStore,
 };
 use crate::clock::Clock as _;
 use crate::core::alerts::Delivery;
@@ -403,6 +403,72 @@ impl CounterStore for MemoryStore {
         .await
     }
 
+    async fn auto_entity(
+        &self,
+        customer: Name,
+        id: &str,
+        proposed: &StoredEntity,
+        max: u32,
+        create: bool,
+    ) -> Result<AutoEntityOutcome, StoreError> {
+        let sym = customer.sym();
+        let book = self.book(sym);
+        self.write(sym, &book, |l| l.auto_entity(id, proposed, max, create))
+            .await
+    }
+
+    async fn auto_entity_count(&self, customer: Name) -> Result<usize, StoreError> {
+        Ok(self
+            .existing(customer.sym())
+            .map_or(0, |l| l.lock().ledger.auto_entity_count()))
+    }
+
+    fn stats(&self) -> StoreStats {
+        let mut stats = StoreStats {
+            customers: self.customers.len(),
+            abandoned_released: self.abandoned.load(Ordering::Relaxed),
+            ..StoreStats::default()
+        };
+        for (_, l) in self.all_entries() {
+            let b = l.lock();
+            stats.counters += b.ledger.counter_count();
+            stats.holds_open += b.ledger.open_holds();
+            let (folded, series) = b.ledger.rollups().counts();
+            stats.values_folded += folded;
+            stats.usage_series += series;
+        }
+        stats
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        match &self.journal {
+            Some(j) => j.flush(),
+            None => Ok(()),
+        }
+    }
+
+    fn admin_log(&self) -> &dyn AdminLog {
+        match &self.journal {
+            Some(j) => j.admin_log(),
+            None => &NothingKept,
+        }
+    }
+
+    fn hold_relay(&self) -> &dyn super::HoldRelay {
+        &self.relay
+    }
+
+    fn usage(&self) -> &dyn UsageStore {
+        self
+    }
+
+    fn alerts(&self) -> &dyn AlertStore {
+        self
+    }
+}
+
+#[async_trait::async_trait]
+impl UsageStore for MemoryStore {
     async fn record_local(
         &self,
         customer: Name,
@@ -418,6 +484,46 @@ impl CounterStore for MemoryStore {
         .await
     }
 
+    fn configure_records(&self, settings: RecordSettings) {
+        *self.records.write() = settings;
+    }
+
+    async fn usage_buckets(
+        &self,
+        customer: Name,
+        g: Granularity,
+        from: i64,
+        to: i64,
+        _needs: &ScanNeeds,
+    ) -> Result<BucketScan, StoreError> {
+        Ok(self
+            .existing(customer.sym())
+            .map(|b| b.lock().ledger.rollups().scan(g, from, to))
+            .unwrap_or_default())
+    }
+
+    async fn read_events(
+        &self,
+        customer: Option<Name>,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<EventPage, StoreError> {
+        let after = match after {
+            Some(text) => Some(text.parse::<u64>().map_err(|_| {
+                StoreError::BadCursor(format!("`{text}` is not an event id of this stream"))
+            })?),
+            None => None,
+        };
+        Ok(self.events.read(customer, after, max))
+    }
+
+    fn event_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.events.subscribe()
+    }
+}
+
+#[async_trait::async_trait]
+impl AlertStore for MemoryStore {
     async fn claim_alert(
         &self,
         customer: Name,
@@ -482,97 +588,5 @@ impl CounterStore for MemoryStore {
         let sym = customer.sym();
         let book = self.book(sym);
         self.write(sym, &book, |l| l.rearm_alert(key)).await
-    }
-
-    async fn auto_entity(
-        &self,
-        customer: Name,
-        id: &str,
-        proposed: &StoredEntity,
-        max: u32,
-        create: bool,
-    ) -> Result<AutoEntityOutcome, StoreError> {
-        let sym = customer.sym();
-        let book = self.book(sym);
-        self.write(sym, &book, |l| l.auto_entity(id, proposed, max, create))
-            .await
-    }
-
-    async fn auto_entity_count(&self, customer: Name) -> Result<usize, StoreError> {
-        Ok(self
-            .existing(customer.sym())
-            .map_or(0, |l| l.lock().ledger.auto_entity_count()))
-    }
-
-    fn stats(&self) -> StoreStats {
-        let mut stats = StoreStats {
-            customers: self.customers.len(),
-            abandoned_released: self.abandoned.load(Ordering::Relaxed),
-            ..StoreStats::default()
-        };
-        for (_, l) in self.all_entries() {
-            let b = l.lock();
-            stats.counters += b.ledger.counter_count();
-            stats.holds_open += b.ledger.open_holds();
-            let (folded, series) = b.ledger.rollups().counts();
-            stats.values_folded += folded;
-            stats.usage_series += series;
-        }
-        stats
-    }
-
-    fn flush(&self) -> Result<(), StoreError> {
-        match &self.journal {
-            Some(j) => j.flush(),
-            None => Ok(()),
-        }
-    }
-
-    fn admin_log(&self) -> &dyn AdminLog {
-        match &self.journal {
-            Some(j) => j.admin_log(),
-            None => &NothingKept,
-        }
-    }
-
-    fn hold_relay(&self) -> &dyn super::HoldRelay {
-        &self.relay
-    }
-
-    fn configure_records(&self, settings: RecordSettings) {
-        *self.records.write() = settings;
-    }
-
-    async fn usage_buckets(
-        &self,
-        customer: Name,
-        g: Granularity,
-        from: i64,
-        to: i64,
-        _needs: &ScanNeeds,
-    ) -> Result<BucketScan, StoreError> {
-        Ok(self
-            .existing(customer.sym())
-            .map(|b| b.lock().ledger.rollups().scan(g, from, to))
-            .unwrap_or_default())
-    }
-
-    async fn read_events(
-        &self,
-        customer: Option<Name>,
-        after: Option<&str>,
-        max: usize,
-    ) -> Result<EventPage, StoreError> {
-        let after = match after {
-            Some(text) => Some(text.parse::<u64>().map_err(|_| {
-                StoreError::BadCursor(format!("`{text}` is not an event id of this stream"))
-            })?),
-            None => None,
-        };
-        Ok(self.events.read(customer, after, max))
-    }
-
-    fn event_signal(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.events.subscribe()
     }
 }

@@ -211,19 +211,6 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
         now: Timestamp,
     ) -> Result<bool, StoreError>;
 
-    /// Writes the usage records of decisions a replica made inside its leases, in one call per
-    /// customer: each as the store would have recorded it at its own time. No counter changes
-    /// (the leases' holds carry the units). A batch is written once: a store that may run a
-    /// call whose answer was lost (Redis) skips a batch at or below the last one `batch`'s
-    /// writer had applied for this customer.
-    async fn record_local(
-        &self,
-        customer: Name,
-        batch: BatchId,
-        records: &[LocalRecord],
-        now: Timestamp,
-    ) -> Result<(), StoreError>;
-
     /// Finds the entity `id` created on the fly for this customer, or (if `create` is set and
     /// the customer has fewer than `max`) creates it as `proposed`, in one atomic step: the
     /// entities and their cap live where the counters do, so they survive restarts with them
@@ -252,6 +239,30 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
     /// Where closes of escrow-lease holds wait for the replica that granted them.
     fn hold_relay(&self) -> &dyn HoldRelay;
 
+    /// Where this store keeps usage records and the usage stream, and reads them.
+    fn usage(&self) -> &dyn UsageStore;
+
+    /// Where this store keeps alert claims and the webhook outbox.
+    fn alerts(&self) -> &dyn AlertStore;
+}
+
+/// Usage records and their reads: what a replica decided inside its leases, the rollup
+/// buckets, the usage stream. Reached through [`CounterStore::usage`].
+#[async_trait::async_trait]
+pub trait UsageStore: Send + Sync {
+    /// Writes the usage records of decisions a replica made inside its leases, in one call per
+    /// customer: each as the store would have recorded it at its own time. No counter changes
+    /// (the leases' holds carry the units). A batch is written once: a store that may run a
+    /// call whose answer was lost (Redis) skips a batch at or below the last one `batch`'s
+    /// writer had applied for this customer.
+    async fn record_local(
+        &self,
+        customer: Name,
+        batch: BatchId,
+        records: &[LocalRecord],
+        now: Timestamp,
+    ) -> Result<(), StoreError>;
+
     /// Sets how usage records are kept (the engine calls it with each model in force).
     fn configure_records(&self, settings: RecordSettings);
 
@@ -275,6 +286,15 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
         max: usize,
     ) -> Result<EventPage, StoreError>;
 
+    /// Changes whenever this process adds events (a shared store's other replicas add events
+    /// too: readers also poll).
+    fn event_signal(&self) -> tokio::sync::watch::Receiver<u64>;
+}
+
+/// Alert claims and the webhook outbox: one firing per crossing, one delivery per lease.
+/// Reached through [`CounterStore::alerts`].
+#[async_trait::async_trait]
+pub trait AlertStore: Send + Sync {
     /// Claims alert threshold `key` of `customer` until `until` (ms; `None`: until re-armed)
     /// and appends `body` to the customer's usage stream, in one atomic step; whether this
     /// call claimed it (`false`: claimed already and still held, nothing appended). One
@@ -324,10 +344,6 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
 
     /// Drops the claim on alert threshold `key`, so it can fire again; whether there was one.
     async fn rearm_alert(&self, customer: Name, key: &str) -> Result<bool, StoreError>;
-
-    /// Changes whenever this process adds events (a shared store's other replicas add events
-    /// too: readers also poll).
-    fn event_signal(&self) -> tokio::sync::watch::Receiver<u64>;
 }
 
 /// The admin changes made through the API, kept with a revision. A job of its own: a store

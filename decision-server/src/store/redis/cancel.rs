@@ -14,7 +14,7 @@ use crate::core::Timestamp;
 use crate::core::rollup::RecordSettings;
 use crate::store::events::StreamRetention;
 
-/// How long a cancelled decision's tag is remembered (`redis.lua` `cancel()`), so that its
+/// How long a cancelled decision's tag is remembered (`lua/ledger.lua` `cancel()`), so that its
 /// reserve, if it runs later still, holds nothing. Far longer than any call can be delayed in a
 /// live connection.
 const CANCEL_MEMORY_MS: i64 = 3_600_000;

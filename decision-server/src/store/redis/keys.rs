@@ -1,5 +1,5 @@
 //! The key layout: every key of a customer carries its `{customerId}` hash tag, so one script
-//! call touches one slot of one node (`redis.lua` header, KEYS). Keys are
+//! call touches one slot of one node (`lua/prelude.lua` header, KEYS). Keys are
 //! `<prefix>:{<customer>}:<suffix>`: a meta hash (next hold number, counter count), the open
 //! holds (hash, by tag) and their expiry (zset), the ingest keys (zset), the entities created
 //! on the fly (hash: id → type and parent; its length is the cap's count), the cancelled tags
@@ -11,7 +11,7 @@ use crate::core::Sym;
 use crate::core::counter::CounterKey;
 use crate::core::symbols::Symbols;
 
-/// The fixed keys of a customer, in the order the script reads them (`redis.lua`: `META,
+/// The fixed keys of a customer, in the order the script reads them (`lua/prelude.lua`: `META,
 /// HOLDS, EXPIRY, SEEN, AUTO, CANCELLED`); entity hashes follow from `KEYS[7]`.
 const FIXED: [&str; 6] = ["m", "h", "x", "k", "a", "c"];
 

@@ -1,5 +1,5 @@
 //! The Redis counter store: each customer's counters, holds and grants under one
-//! `{customerId}` hash tag, every call one Lua script (`redis.lua`) run atomically on that
+//! `{customerId}` hash tag, every call one Lua script (joined from `lua/` by `script.rs`) run atomically on that
 //! slot, against one node or a Redis Cluster; with timeouts and a circuit breaker.
 //!
 //! Design decision: the decision runs inside a Lua script, not as `WATCH`/`MULTI` around the
@@ -25,6 +25,7 @@ mod keys;
 mod link;
 mod relay;
 mod scan;
+mod script;
 mod stream;
 mod wire;
 
@@ -54,8 +55,8 @@ use self::wire::{
     push_record_draft, push_record_settings, result, rule_code, state_of, tag_text,
 };
 use super::{
-    AdminLog, AutoEntityOutcome, CloseOutcome, CounterStore, HoldKey, Reservation, ReserveMode,
-    StoreError, StoreStats, StoredEntity,
+    AdminLog, AlertStore, AutoEntityOutcome, CloseOutcome, CounterStore, HoldKey, Reservation,
+    ReserveMode, StoreError, StoreStats, StoredEntity, UsageStore,
 };
 use crate::core::counter::{CounterKey, CounterSpec};
 use crate::core::credits::GrantBalance;
@@ -64,9 +65,6 @@ use crate::core::model::Mode;
 use crate::core::plan::{Plan, PriceSnapshot};
 use crate::core::usage::Usage;
 use crate::core::{HoldId, Name, Sym, Timestamp};
-
-/// The script every call runs; see its header for the key layout and the state encoding.
-const LUA: &str = include_str!("redis.lua");
 
 /// Where the Redis store connects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,7 +157,7 @@ impl RedisStore {
         retention: KeyRetention,
     ) -> Result<Self, ConnectError> {
         let link = Link::connect(&settings).await?;
-        let script = Script::new(LUA);
+        let script = Script::new(&script::SOURCE);
         let records = Arc::new(parking_lot::RwLock::new(RecordSettings::default()));
         let canceller = Canceller {
             records: Arc::clone(&records),
@@ -534,119 +532,6 @@ fn is_event_id(s: &str) -> bool {
 
 #[async_trait::async_trait]
 impl CounterStore for RedisStore {
-    fn configure_records(&self, settings: RecordSettings) {
-        *self.records.write() = settings;
-    }
-
-    async fn usage_buckets(
-        &self,
-        customer: Name,
-        g: Granularity,
-        from: i64,
-        to: i64,
-        needs: &ScanNeeds,
-    ) -> Result<BucketScan, StoreError> {
-        self.read_buckets(customer, g, from, to, needs).await
-    }
-
-    async fn claim_alert(
-        &self,
-        customer: Name,
-        key: &str,
-        until: Option<i64>,
-        body: &str,
-        deliveries: &[Delivery],
-        now: Timestamp,
-    ) -> Result<bool, StoreError> {
-        let keys = self.keys(customer);
-        let mut inv = self.invocation(&keys, "alert", now);
-        inv.arg(key)
-            .arg(until.map_or_else(String::new, |u| u.to_string()))
-            .arg(body);
-        push_deliveries(&mut inv, deliveries)?;
-        self.push_record_settings(&mut inv);
-        let reply = self.run(customer.sym(), &inv).await?;
-        Ok(result(&reply) == Some(DONE))
-    }
-
-    async fn enqueue_deliveries(
-        &self,
-        customer: Name,
-        deliveries: &[Delivery],
-    ) -> Result<(), StoreError> {
-        let keys = self.keys(customer);
-        let mut inv = self.invocation(&keys, "enqueue", Timestamp::default());
-        push_deliveries(&mut inv, deliveries)?;
-        self.run(customer.sym(), &inv).await?;
-        Ok(())
-    }
-
-    async fn lease_deliveries(
-        &self,
-        customer: Name,
-        lessee: &str,
-        now: Timestamp,
-        lease_ms: i64,
-        max: usize,
-    ) -> Result<Vec<Delivery>, StoreError> {
-        let keys = self.keys(customer);
-        let mut inv = self.invocation(&keys, "lease", now);
-        inv.arg(lease_ms).arg(max).arg(lessee);
-        let reply = self.run(customer.sym(), &inv).await?;
-        decode_deliveries(&reply)
-    }
-
-    async fn finish_delivery(
-        &self,
-        customer: Name,
-        lessee: &str,
-        delivery: &Delivery,
-    ) -> Result<(), StoreError> {
-        let keys = self.keys(customer);
-        let mut inv = self.invocation(&keys, "finish", Timestamp::default());
-        inv.arg(&delivery.id)
-            .arg(delivery.next_at.map_or_else(String::new, |t| t.to_string()))
-            .arg(encode_delivery(delivery)?)
-            .arg(lessee);
-        self.run(customer.sym(), &inv).await?;
-        Ok(())
-    }
-
-    async fn deliveries(&self, customer: Name, max: usize) -> Result<Vec<Delivery>, StoreError> {
-        let keys = self.keys(customer);
-        let mut inv = self.invocation(&keys, "deliveries", Timestamp::default());
-        inv.arg(max.max(1));
-        let reply = self.run(customer.sym(), &inv).await?;
-        decode_deliveries(&reply)
-    }
-
-    async fn rearm_alert(&self, customer: Name, key: &str) -> Result<bool, StoreError> {
-        let keys = self.keys(customer);
-        let mut inv = self.invocation(&keys, "rearm", Timestamp::default());
-        inv.arg(key);
-        let reply = self.run(customer.sym(), &inv).await?;
-        Ok(result(&reply) == Some(DONE))
-    }
-
-    /// Per customer only: each customer's events are a Redis stream on its slot, and their
-    /// ids are the stream's. Following every customer is left to the caller, which knows the
-    /// customers (a stream across slots could not be written in the call that counts).
-    async fn read_events(
-        &self,
-        customer: Option<Name>,
-        after: Option<&str>,
-        max: usize,
-    ) -> Result<EventPage, StoreError> {
-        match customer {
-            Some(customer) => self.customer_events(customer, after, max).await,
-            None => self.all_events(after, max).await,
-        }
-    }
-
-    fn event_signal(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.event_signal.subscribe()
-    }
-
     async fn reserve(
         &self,
         plan: &Plan,
@@ -777,26 +662,6 @@ impl CounterStore for RedisStore {
         Ok(state_of(value)?.map(|s| crate::core::counter::counted(spec, &s, now)))
     }
 
-    async fn record_local(
-        &self,
-        customer: Name,
-        id: super::BatchId,
-        records: &[LocalRecord],
-        now: Timestamp,
-    ) -> Result<(), StoreError> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        let batch = LocalBatch::pack(records).await?;
-        let keys = self.keys(customer);
-        let mut inv = self.invocation(&keys, "locals", now);
-        inv.arg(id.writer).arg(id.seq);
-        batch.push(&mut inv);
-        self.push_record_settings(&mut inv);
-        self.run(customer.sym(), &inv).await?;
-        Ok(())
-    }
-
     async fn record(
         &self,
         plan: &Plan,
@@ -896,6 +761,153 @@ impl CounterStore for RedisStore {
 
     fn hold_relay(&self) -> &dyn super::HoldRelay {
         self
+    }
+
+    fn usage(&self) -> &dyn UsageStore {
+        self
+    }
+
+    fn alerts(&self) -> &dyn AlertStore {
+        self
+    }
+}
+
+#[async_trait::async_trait]
+impl UsageStore for RedisStore {
+    fn configure_records(&self, settings: RecordSettings) {
+        *self.records.write() = settings;
+    }
+
+    async fn usage_buckets(
+        &self,
+        customer: Name,
+        g: Granularity,
+        from: i64,
+        to: i64,
+        needs: &ScanNeeds,
+    ) -> Result<BucketScan, StoreError> {
+        self.read_buckets(customer, g, from, to, needs).await
+    }
+
+    /// Per customer only: each customer's events are a Redis stream on its slot, and their
+    /// ids are the stream's. Following every customer is left to the caller, which knows the
+    /// customers (a stream across slots could not be written in the call that counts).
+    async fn read_events(
+        &self,
+        customer: Option<Name>,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<EventPage, StoreError> {
+        match customer {
+            Some(customer) => self.customer_events(customer, after, max).await,
+            None => self.all_events(after, max).await,
+        }
+    }
+
+    fn event_signal(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.event_signal.subscribe()
+    }
+
+    async fn record_local(
+        &self,
+        customer: Name,
+        id: super::BatchId,
+        records: &[LocalRecord],
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let batch = LocalBatch::pack(records).await?;
+        let keys = self.keys(customer);
+        let mut inv = self.invocation(&keys, "locals", now);
+        inv.arg(id.writer).arg(id.seq);
+        batch.push(&mut inv);
+        self.push_record_settings(&mut inv);
+        self.run(customer.sym(), &inv).await?;
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl AlertStore for RedisStore {
+    async fn claim_alert(
+        &self,
+        customer: Name,
+        key: &str,
+        until: Option<i64>,
+        body: &str,
+        deliveries: &[Delivery],
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let keys = self.keys(customer);
+        let mut inv = self.invocation(&keys, "alert", now);
+        inv.arg(key)
+            .arg(until.map_or_else(String::new, |u| u.to_string()))
+            .arg(body);
+        push_deliveries(&mut inv, deliveries)?;
+        self.push_record_settings(&mut inv);
+        let reply = self.run(customer.sym(), &inv).await?;
+        Ok(result(&reply) == Some(DONE))
+    }
+
+    async fn enqueue_deliveries(
+        &self,
+        customer: Name,
+        deliveries: &[Delivery],
+    ) -> Result<(), StoreError> {
+        let keys = self.keys(customer);
+        let mut inv = self.invocation(&keys, "enqueue", Timestamp::default());
+        push_deliveries(&mut inv, deliveries)?;
+        self.run(customer.sym(), &inv).await?;
+        Ok(())
+    }
+
+    async fn lease_deliveries(
+        &self,
+        customer: Name,
+        lessee: &str,
+        now: Timestamp,
+        lease_ms: i64,
+        max: usize,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let keys = self.keys(customer);
+        let mut inv = self.invocation(&keys, "lease", now);
+        inv.arg(lease_ms).arg(max).arg(lessee);
+        let reply = self.run(customer.sym(), &inv).await?;
+        decode_deliveries(&reply)
+    }
+
+    async fn finish_delivery(
+        &self,
+        customer: Name,
+        lessee: &str,
+        delivery: &Delivery,
+    ) -> Result<(), StoreError> {
+        let keys = self.keys(customer);
+        let mut inv = self.invocation(&keys, "finish", Timestamp::default());
+        inv.arg(&delivery.id)
+            .arg(delivery.next_at.map_or_else(String::new, |t| t.to_string()))
+            .arg(encode_delivery(delivery)?)
+            .arg(lessee);
+        self.run(customer.sym(), &inv).await?;
+        Ok(())
+    }
+
+    async fn deliveries(&self, customer: Name, max: usize) -> Result<Vec<Delivery>, StoreError> {
+        let keys = self.keys(customer);
+        let mut inv = self.invocation(&keys, "deliveries", Timestamp::default());
+        inv.arg(max.max(1));
+        let reply = self.run(customer.sym(), &inv).await?;
+        decode_deliveries(&reply)
+    }
+
+    async fn rearm_alert(&self, customer: Name, key: &str) -> Result<bool, StoreError> {
+        let keys = self.keys(customer);
+        let mut inv = self.invocation(&keys, "rearm", Timestamp::default());
+        inv.arg(key);
+        let reply = self.run(customer.sym(), &inv).await?;
+        Ok(result(&reply) == Some(DONE))
     }
 }
 

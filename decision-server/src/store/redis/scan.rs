@@ -13,16 +13,16 @@
 //! attribute, or every row of a day takes the copy in one `MGET` with other buckets' instead
 //! of scanning thousands of fields. Invariant: a seal that exists equals its bucket. Every
 //! write to a bucket that has ended by the writer's clock deletes its seals and any reader's
-//! claim (`redis.lua` `bucket_add`; one that has not ended cannot have any while the
+//! claim (`lua/rollup.lua` `bucket_add`; one that has not ended cannot have any while the
 //! replicas' clocks agree within the grace); a
 //! reader claims the bucket (`:zp`, its random token) before it scans, and the script stores
-//! the copies only if the claim is still there (`redis.lua` `seal`). Trade-off: a sealed day
+//! the copies only if the claim is still there (`lua/seal.lua` `seal`). Trade-off: a sealed day
 //! bucket's rows are kept twice (hash and copy) for the bucket's retention; hour buckets keep
 //! only their sums (their rows are what a month of hour windows would read, and those queries
 //! ask for sums).
 //!
 //! The series index: a filtered read (an attribute equal to a value) with more than one
-//! attribute to keep asks the index sets (`redis.lua` `index`) which series can match and reads
+//! attribute to keep asks the index sets (`lua/rollup.lua` `index`) which series can match and reads
 //! only their fields (`HMGET`), from the first day the index is complete (`xs`); a read that
 //! starts earlier scans.
 
@@ -67,8 +67,8 @@ const CLAIM_MS: u64 = 30_000;
 /// The seals' layout version, their first value: a copy of another layout is read as absent.
 const SEAL_VERSION: u8 = 1;
 
-/// The index's period (`redis.lua` `INDEX_PERIOD`): one set per attribute value per period.
-const INDEX_PERIOD: i64 = 2_592_000_000;
+/// The index's period (`INDEX_PERIOD` in the script, written from this): one set per attribute value per period.
+pub const INDEX_PERIOD: i64 = 2_592_000_000;
 
 /// How long one read step waits for its customer's budget; a step that would wait longer is
 /// refused (429, with when to retry), so a read over budget fails at once rather than holding

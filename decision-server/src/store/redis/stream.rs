@@ -31,7 +31,7 @@ const STREAMS_AT_ONCE: usize = 8;
 const MAX_SEQ: u64 = u64::MAX;
 
 /// A stream id's millisecond, sequence and index inside its entry. An entry's last event
-/// carries the entry's bare id (`redis.lua` `events()`), so it sorts after the indexed ones.
+/// carries the entry's bare id (`lua/events.lua` `events()`), so it sorts after the indexed ones.
 fn position(id: &str) -> Option<(u64, u64, u64)> {
     let (entry, index) = match id.split_once('.') {
         Some((entry, index)) => (entry, index.parse().ok()?),

@@ -1,7 +1,8 @@
 //! The script's wire format, named once on the Rust side: its numbers for counter kinds,
 //! amount rules, grant categories and results, the slots of its reply header, the counter
 //! states it packs with msgpack, and the argument group of one planned counter. Each name
-//! says which part of `redis.lua` it mirrors; change both together.
+//! says which part of the script (`lua/`) it mirrors; change both together. The numbers the
+//! script needs too are written into it from here (`script.rs`).
 
 use std::sync::Arc;
 
@@ -21,29 +22,29 @@ use crate::core::window::{RING, WindowState};
 use crate::store::StoreError;
 use crate::store::events::{EventBody, StreamRetention};
 
-/// How long after a bucket ends a reader may seal it (`redis.lua` `bucket_add`: "A reader
+/// How long after a bucket ends a reader may seal it (`lua/rollup.lua` `bucket_add`: "A reader
 /// seals only buckets that ended SEAL_GRACE before its own now"): a write into a bucket that
 /// has not ended by the writer's clock does not look for seals, which is right while the
 /// replicas' clocks agree within this.
 pub const SEAL_GRACE_MS: i64 = 300_000;
 
-/// Counter kinds (`redis.lua`: `local RATE, QUOTA, CONC, CRED = 1, 2, 3, 4`), the tag of each
+/// Counter kinds (`RATE, QUOTA, CONC, CRED` in the script, written from these), the tag of each
 /// packed state.
 pub const KIND_RATE: u8 = 1;
 pub const KIND_QUOTA: u8 = 2;
 pub const KIND_CONCURRENCY: u8 = 3;
 pub const KIND_CREDITS: u8 = 4;
 
-/// Amount rules (`redis.lua` header: "rules are 0 units, 1 one per request, 2 priced").
+/// Amount rules (`lua/prelude.lua` header: "rules are 0 units, 1 one per request, 2 priced").
 pub const RULE_UNITS: u8 = 0;
 pub const RULE_PER_REQUEST: u8 = 1;
 pub const RULE_PRICED: u8 = 2;
 
-/// Grant categories (`redis.lua` `grant()`: "category (0 promotional, 1 paid)").
+/// Grant categories (`lua/entities.lua` `grant()`: "category (0 promotional, 1 paid)").
 pub const CATEGORY_PROMO: i64 = 0;
 pub const CATEGORY_PAID: i64 = 1;
 
-/// The reply header every call starts with (`redis.lua` `reply()`: `{result, holds open,
+/// The reply header every call starts with (`lua/ledger.lua` `reply()`: `{result, holds open,
 /// counters, earliest hold expiry, holds version}`); the operation's own items follow.
 pub const SLOT_RESULT: usize = 0;
 pub const SLOT_HOLDS_OPEN: usize = 1;
@@ -165,7 +166,7 @@ fn mp_array(v: &rmpv::Value) -> Option<&[rmpv::Value]> {
     }
 }
 
-/// A counter state as the script packs it (`redis.lua` header, "Counter states are msgpack
+/// A counter state as the script packs it (`lua/prelude.lua` header, "Counter states are msgpack
 /// arrays tagged by kind").
 fn decode_state(bytes: &[u8]) -> Option<CounterState> {
     let value = rmpv::decode::read_value(&mut &bytes[..]).ok()?;
@@ -232,9 +233,12 @@ pub fn state_of(v: &Value) -> Result<Option<CounterState>, StoreError> {
     }
 }
 
-/// The record settings every recording call ends with (`redis.lua` `REC_ARGS`): enabled,
-/// the three retentions, the most values of one dimension, the stream's retention and most
-/// events.
+/// How many record settings a recording call ends with (`REC_ARGS` in the script):
+/// [`push_record_settings`] pushes exactly these.
+pub const REC_ARGS: usize = 7;
+
+/// The record settings every recording call ends with (`REC_ARGS`): enabled, the three
+/// retentions, the most values of one dimension, the stream's retention and most events.
 pub fn push_record_settings(
     inv: &mut ScriptInvocation<'_>,
     s: &RecordSettings,
@@ -249,7 +253,7 @@ pub fn push_record_settings(
         .arg(stream.max_events);
 }
 
-/// A plan's record arguments (`redis.lua` `draft_at`, then each counter's limit id and level,
+/// A plan's record arguments (`lua/rollup.lua` `draft_at`, then each counter's limit id and level,
 /// then `measures`): the series draft with its attributes in byte order, each marked
 /// foldable when it is a dimension rather than a chain level.
 pub fn push_record_draft(inv: &mut ScriptInvocation<'_>, plan: &Plan, measures: &Measures) {
@@ -276,7 +280,7 @@ fn draft_attrs(d: &SeriesDraft) -> Vec<(&str, &str, bool)> {
     attrs
 }
 
-/// A series draft (`redis.lua` `draft_at`): the feature, the attribute count, then each
+/// A series draft (`lua/rollup.lua` `draft_at`): the feature, the attribute count, then each
 /// attribute in byte order, marked foldable when it is a dimension rather than a chain level.
 pub fn push_series_draft(inv: &mut ScriptInvocation<'_>, d: &SeriesDraft) {
     let attrs = draft_attrs(d);
@@ -305,7 +309,7 @@ fn packed_series(d: &SeriesDraft) -> Result<Option<Vec<u8>>, StoreError> {
     Ok(Some(out))
 }
 
-/// The most local records one stream entry holds (`redis.lua` `locals`): a batch longer than
+/// The most local records one stream entry holds (`lua/locals.lua` `locals`): a batch longer than
 /// this is written as several entries, so reading one never unpacks more than this many.
 pub const LOCALS_PER_ENTRY: usize = 512;
 
@@ -314,7 +318,7 @@ fn packed(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("redis: packing local records: {e}"))
 }
 
-/// A batch of one customer's local records as `redis.lua` `locals` takes it, after the
+/// A batch of one customer's local records as `lua/locals.lua` `locals` takes it, after the
 /// invocation's `now`: the distinct series drafts once each; the measures summed per draft
 /// and minute (the script adds each sum to its minute, hour and day buckets); then the events
 /// in entries of at most [`LOCALS_PER_ENTRY`], each packed here as msgpack
@@ -423,8 +427,8 @@ impl<'a> LocalBatch<'a> {
     }
 }
 
-/// Record kinds and their codes in the script (`redis.lua`: `SETTLED, RELEASED, EXPIRED,
-/// INGESTED, DENIED`).
+/// Record kinds and their codes in the script (`SETTLED, RELEASED, EXPIRED,
+/// INGESTED, DENIED` in the script, written from these).
 const RECORD_KINDS: [(i64, RecordKind); 5] = [
     (1, RecordKind::Settled),
     (2, RecordKind::Released),
@@ -473,8 +477,8 @@ fn record_kind(code: i64) -> Option<RecordKind> {
         .find_map(|(c, k)| (*c == code).then_some(*k))
 }
 
-/// The alert kind on the stream (`redis.lua` `ALERT`): {6, time, body}.
-const KIND_ALERT: i64 = 6;
+/// The alert kind on the stream (`ALERT` in the script, written from this): {6, time, body}.
+pub const KIND_ALERT: i64 = 6;
 
 /// A stream event as the script packs it: a record, or an alert.
 pub fn decode_event(bytes: &[u8]) -> Option<(Timestamp, EventBody)> {
@@ -519,7 +523,7 @@ fn decode_record(a: &[rmpv::Value]) -> Option<UsageRecord> {
     })
 }
 
-/// One planned counter, as the script's group of arguments (`redis.lua` `planned()`: entity
+/// One planned counter, as the script's group of arguments (`lua/counter.lua` `planned()`: entity
 /// key index, field, kind, limit, bucket or period index, enforcing, amount, rule, four prices).
 #[derive(Debug)]
 pub struct CounterArgs {

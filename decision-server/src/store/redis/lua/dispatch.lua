@@ -1,0 +1,23 @@
+-- Part `dispatch.lua` of the script: the operations by name, as decision-server/src/store/redis/mod.rs calls them.
+
+if op == 'reserve' then return reserve()
+elseif op == 'seal' then return seal()
+elseif op == 'renew' then return renew()
+elseif op == 'enqueue' then return enqueue()
+elseif op == 'lease' then return lease()
+elseif op == 'finish' then return finish()
+elseif op == 'deliveries' then return deliveries()
+elseif op == 'alert' then return alert()
+elseif op == 'rearm' then return rearm()
+elseif op == 'events' then return events()
+elseif op == 'close' then return close()
+elseif op == 'record' then return record()
+elseif op == 'locals' then return locals()
+elseif op == 'grant' then return grant()
+elseif op == 'expire' then return sweep()
+elseif op == 'counted' then return counted()
+elseif op == 'cancel' then return cancel()
+elseif op == 'entity' then return entity()
+elseif op == 'entities' then return entities()
+end
+return redis.error_reply('tollgate: unknown operation ' .. tostring(op))

@@ -1,0 +1,149 @@
+-- Part `rollup.lua` of the script: mirrors decision-server/src/core/rollup.rs (series, measures, minute/hour/day buckets, folding) and the stream's appends of decision-server/src/store/events.rs.
+
+-- Usage records (core/rollup.rs) ---------------------------------------------------------
+
+
+-- Appends a packed event to the customer's stream, trimmed to `most` events and `keep_ms`.
+local function trim_stream(keep_ms)
+  -- Stream ids carry Redis's clock, so the retention is measured on it.
+  local t = redis.call('TIME')
+  local server_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('XTRIM', BASE .. 's', 'MINID', '~', server_ms - keep_ms)
+end
+
+local function append(event, most, keep_ms)
+  redis.call('XADD', BASE .. 's', 'MAXLEN', '~', most, '*', 'e', event)
+  trim_stream(keep_ms)
+end
+
+-- Series index (store/redis/scan.rs): for each 30-day period, a set per attribute
+-- (`x<period start>:<name>\0<value>`) of the series that recorded in a day of it, added when
+-- a series first appears in a day bucket; `xs` is the first day from which the index is
+-- complete (the day this script first indexed, or the next if that day had records already).
+-- A filtered usage read asks these sets which series to read, not every bucket field.
+local function index(series, day)
+  local period = day - (day % INDEX_PERIOD)
+  local keep = period + INDEX_PERIOD + REC.ret[3] - now
+  if keep <= 0 then return end
+  local s = cmsgpack.unpack(series)
+  for i = 2, #s - 1, 2 do
+    local k = BASE .. 'x' .. period .. ':' .. s[i] .. '\0' .. s[i + 1]
+    -- Already a member: the set is there with its expiry (the period's, fixed).
+    if redis.call('SADD', k, series) == 1 then redis.call('PEXPIRE', k, keep) end
+  end
+end
+
+-- Adds measures to fields of bucket hash `key` (size `gi`, starting at `start`), kept
+-- `keep_ms` from now: `by` maps each series to what it adds. One read and one write per
+-- 1,000 series (`unpack` takes a few thousand values at most), one expiry. The bucket's seals (`:z` rows, `:za` per-attribute sums, `:zt` totals, `:zp` a reader's claim;
+-- store/redis/scan.rs) are deleted: a seal that exists is the bucket as it stands.
+local function bucket_add(key, by, keep_ms, gi, start)
+  local names = {}
+  for series in pairs(by) do names[#names + 1] = series end
+  local fresh = nil
+  local indexed = false
+  for first = 1, #names, 1000 do
+    local last = math.min(first + 999, #names)
+    local raw = redis.call('HMGET', key, unpack(names, first, last))
+    local set = {}
+    for i = first, last do
+      local series = names[i]
+      local r = raw[i - first + 1]
+      if not r and gi == 3 then
+        if fresh == nil then fresh = redis.call('EXISTS', key) == 0 end
+        index(series, start)
+        indexed = true
+      end
+      local cur = r and cmsgpack.unpack(r) or { 0, 0, 0, 0, 0, 0, 0, 0, 0 }
+      local add = by[series]
+      for j = 1, MEASURES do cur[j] = cur[j] + add[j] end
+      set[#set + 1] = series
+      set[#set + 1] = cmsgpack.pack(cur)
+    end
+    redis.call('HSET', key, unpack(set))
+  end
+  redis.call('PEXPIRE', key, keep_ms)
+  if indexed then
+    redis.call('SET', BASE .. 'xs', fresh and start or start + DAY, 'NX')
+  end
+  -- A reader seals only buckets that ended SEAL_GRACE before its own now, so a bucket that
+  -- has not ended by this call's clock has no seal while the replicas' clocks agree within
+  -- that: a call recording now (nearly every call) deletes nothing.
+  if start + GRAIN[gi] <= now then
+    redis.call('DEL', key .. ':z', key .. ':za', key .. ':zt', key .. ':zp')
+  end
+end
+
+-- Adds measures `m` to `series` in the buckets holding now, and appends the event: kind,
+-- time, series, measures, and the reference (hold number and tag, an idempotency key, or the
+-- denying level).
+local function attribute(kind, series, m, a, b)
+  for gi, g in ipairs(GRAIN) do
+    local start = now - (now % g)
+    local keep_until = start + g + REC.ret[gi]
+    if keep_until > now then
+      -- Relative to this call's clock, not Redis's: the replicas' clock is the one counters
+      -- and retention follow.
+      bucket_add(BASE .. 'r' .. gi .. ':' .. start, { [series] = m }, keep_until - now, gi, start)
+    end
+  end
+  append(cmsgpack.pack({ kind, now, series, m, a or false, b or false }), REC.stream_max, REC.stream_ms)
+end
+
+-- A dimension value as recorded: itself while the customer has fewer than its most distinct
+-- values of that dimension (or has seen it), `__other__` past that.
+local function fold(dim, v)
+  local seen = BASE .. 'd'
+  local f = dim .. '\0' .. v
+  if redis.call('HEXISTS', seen, f) == 1 then return v end
+  if tonumber(redis.call('HGET', seen, dim) or 0) >= REC.max_values then
+    redis.call('HINCRBY', seen, '\0folded', 1)
+    return '__other__'
+  end
+  redis.call('HSET', seen, f, 1)
+  redis.call('HINCRBY', seen, dim, 1)
+  return v
+end
+
+-- The series draft at ARGV[p..]: feature, attribute count, then (name, value, foldable 1/0)
+-- with the names in byte order. Returns the draft and the index after it.
+local function draft_at(p)
+  local d = { feature = ARGV[p], attrs = {} }
+  local n = tonumber(ARGV[p + 1])
+  p = p + 2
+  for _ = 1, n do
+    d.attrs[#d.attrs + 1] = { ARGV[p], ARGV[p + 1], ARGV[p + 2] == '1' }
+    p = p + 3
+  end
+  return d, p
+end
+
+-- The series of draft `d` (its dimension values folded), with `deniedBy` = `limit` in its
+-- place when given.
+local function series_of(d, limit)
+  local out = { d.feature }
+  local pending = limit
+  for _, a in ipairs(d.attrs) do
+    if pending and bytes_less('deniedBy', a[1]) then
+      out[#out + 1] = 'deniedBy'
+      out[#out + 1] = pending
+      pending = nil
+    end
+    if not (limit and a[1] == 'deniedBy') then
+      out[#out + 1] = a[1]
+      out[#out + 1] = a[3] and fold(a[1], a[2]) or a[2]
+    end
+  end
+  if pending then
+    out[#out + 1] = 'deniedBy'
+    out[#out + 1] = pending
+  end
+  return cmsgpack.pack(out)
+end
+
+-- Nine measures at ARGV[p..].
+local function measures_at(p)
+  local m = {}
+  for i = 1, MEASURES do m[i] = tonumber(ARGV[p + i - 1]) end
+  return m
+end
