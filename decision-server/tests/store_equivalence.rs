@@ -5,8 +5,11 @@
 //! (a single node, and a 3-master Cluster) side by side must give identical decisions (every
 //! chain entry: usage, limit, remaining, reset time, exceeded; denials and retry times; hold
 //! ids), identical close and ingest outcomes and identical counters, and the Redis store must
-//! count no disagreement between its script and the core. The Redis script re-implements the
-//! core's arithmetic; this is where a divergence would show first.
+//! count no disagreement between its script and the core. Alert claims, re-arms and outbox
+//! passes (lessees leasing, finishing and retrying deliveries) run beside them, and at the end
+//! the usage buckets of every size, the usage stream and the delivery log must be identical
+//! too. The Redis script re-implements the core's arithmetic; this is where a divergence would
+//! show first.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: failing loudly is the point
 
 mod common;
@@ -17,9 +20,13 @@ use common::*;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use tollgate::CheckRequest;
-use tollgate::core::HoldId;
+use tollgate::clock::Clock as _;
+use tollgate::core::alerts::{Attempt, Delivery};
+use tollgate::core::rollup::{Granularity, RecordRef, ScanNeeds};
 use tollgate::core::usage::Usage;
+use tollgate::core::{HoldId, Name};
 use tollgate::store::CounterStore;
+use tollgate::store::events::EventBody;
 
 /// Every limit kind on every level, soft and shadow ones, and a credit pool of four grants that
 /// differ in priority, expiry and category, drawn by price from token usage.
@@ -81,6 +88,22 @@ enum Op {
         expiry: usize,
         paid: bool,
     },
+    /// An alert claim on one of few keys, held for a while or until re-armed, with one
+    /// webhook delivery.
+    Claim {
+        key: usize,
+        hold_secs: Option<i64>,
+    },
+    Rearm {
+        key: usize,
+    },
+    /// A lessee's pass over the outbox; each delivery leased is then finished as delivered,
+    /// left unfinished (its lease runs out), or tried again a minute later.
+    Lease {
+        lessee: usize,
+        max: usize,
+        finish: u8,
+    },
 }
 
 const PRIORITIES: [u32; 2] = [1, 5];
@@ -106,6 +129,10 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (1..400u64, 0..2usize, 0..3usize, any::<bool>()).prop_map(
             |(amount, priority, expiry, paid)| Op::Grant { amount, priority, expiry, paid }
         ),
+        2 => (0..3usize, prop::option::of(prop_oneof![Just(30i64), Just(7_200i64)]))
+            .prop_map(|(key, hold_secs)| Op::Claim { key, hold_secs }),
+        1 => (0..3usize).prop_map(|key| Op::Rearm { key }),
+        2 => (0..2usize, 1..4usize, 0..3u8).prop_map(|(lessee, max, finish)| Op::Lease { lessee, max, finish }),
     ]
 }
 
@@ -223,8 +250,139 @@ fn run(redis: Arc<dyn CounterStore>, ops: &[Op]) -> Result<(), TestCaseError> {
                 let r = red.run(red.engine.replace_model(common::model(&yaml)));
                 prop_assert!(m.is_ok() && r.is_ok(), "step {}: {:?} {:?}", step, m, r);
             }
+            Op::Claim { key, hold_secs } => {
+                let now = mem.clock.now();
+                let until = hold_secs.map(|s| now.millis() + s * 1_000);
+                let body = format!(r#"{{"type":"limit.threshold","step":{step}}}"#);
+                let d = delivery(&format!("msg_{step}"), &body, now.millis());
+                let key = format!("alert-{key}");
+                let [m, r] = [&mem, &red].map(|h| {
+                    h.run(h.engine.store().alerts().claim_alert(
+                        acme(),
+                        &key,
+                        until,
+                        &body,
+                        std::slice::from_ref(&d),
+                        now,
+                    ))
+                    .map_err(|e| e.to_string())
+                });
+                prop_assert_eq!(m, r, "step {}: {:?}", step, op);
+            }
+            Op::Rearm { key } => {
+                let key = format!("alert-{key}");
+                let [m, r] = [&mem, &red].map(|h| {
+                    h.run(h.engine.store().alerts().rearm_alert(acme(), &key))
+                        .map_err(|e| e.to_string())
+                });
+                prop_assert_eq!(m, r, "step {}: {:?}", step, op);
+            }
+            Op::Lease {
+                lessee,
+                max,
+                finish,
+            } => {
+                let now = mem.clock.now();
+                let lessee = ["a", "b"][*lessee];
+                let [m, r] = [&mem, &red].map(|h| {
+                    h.run(h.engine.store().alerts().lease_deliveries(
+                        acme(),
+                        lessee,
+                        now,
+                        60_000,
+                        *max,
+                    ))
+                    .map_err(|e| e.to_string())
+                });
+                prop_assert_eq!(&m, &r, "step {}: {:?}", step, op);
+                for mut d in m.unwrap_or_default() {
+                    let status = match finish {
+                        0 => continue,
+                        1 => 204,
+                        _ => 503,
+                    };
+                    d.attempts.push(Attempt {
+                        at: now.millis(),
+                        status: Some(status),
+                        error: None,
+                    });
+                    d.delivered = status == 204;
+                    d.next_at = (!d.delivered).then_some(now.millis() + 60_000);
+                    for h in [&mem, &red] {
+                        h.run(
+                            h.engine
+                                .store()
+                                .alerts()
+                                .finish_delivery(acme(), lessee, &d),
+                        )
+                        .unwrap();
+                    }
+                }
+            }
         }
     }
+    let now = mem.clock.now().millis();
+    // Buckets past their retention are left out: the memory store drops them when it next
+    // writes, Redis when their keys expire by Redis's own clock, which this test's clock has
+    // run ahead of.
+    let records = mem.engine.model().records;
+    // Every bucket size over what each keeps (minutes a day, hours a month).
+    for (g, back) in [
+        (Granularity::Minute, 86_400_000),
+        (Granularity::Hour, 30 * 86_400_000),
+        (Granularity::Day, 400 * 86_400_000),
+    ] {
+        let [m, r] = [&mem, &red].map(|h| {
+            let scan = h
+                .run(h.engine.store().usage().usage_buckets(
+                    acme(),
+                    g,
+                    now - back,
+                    now + 86_400_000,
+                    &ScanNeeds::all(now),
+                ))
+                .unwrap();
+            let mut rows: Vec<String> = scan
+                .rows()
+                .filter(|(start, _, _)| !records.expired(g, *start, mem.clock.now()))
+                .map(|(start, k, m)| format!("{start} {k:?} {m:?}"))
+                .collect();
+            rows.sort();
+            rows
+        });
+        prop_assert_eq!(m, r, "{:?} buckets", g);
+    }
+    // The stream, within the retention of its last hour (each store trims by its own clock).
+    let [m, r] = [&mem, &red].map(|h| {
+        let page = h
+            .run(
+                h.engine
+                    .store()
+                    .usage()
+                    .read_events(Some(acme()), None, 100_000),
+            )
+            .unwrap();
+        page.events
+            .into_iter()
+            .filter(|e| e.at.millis() > now - 3_600_000)
+            .map(|e| match &*e.body {
+                EventBody::Record(rec) => {
+                    let mut rec = rec.clone();
+                    if let RecordRef::Hold { tag, .. } = &mut rec.reference {
+                        *tag = 0;
+                    }
+                    format!("{} {rec:?}", e.at.millis())
+                }
+                EventBody::Alert(body) => format!("{} alert {body}", e.at.millis()),
+            })
+            .collect::<Vec<_>>()
+    });
+    prop_assert_eq!(m, r, "the usage streams");
+    let [m, r] = [&mem, &red].map(|h| {
+        h.run(h.engine.store().alerts().deliveries(acme(), 1_000))
+            .unwrap()
+    });
+    prop_assert_eq!(m, r, "the delivery logs");
     for (entity, limit) in [
         ("u1", "user-rate"),
         ("u2", "user-slots"),
@@ -249,6 +407,22 @@ fn run(redis: Arc<dyn CounterStore>, ops: &[Op]) -> Result<(), TestCaseError> {
     );
     prop_assert_eq!(red.engine.store().stats().script_disagreements, 0);
     Ok(())
+}
+
+fn acme() -> Name {
+    Name::from("acme")
+}
+
+fn delivery(id: &str, body: &str, now: i64) -> Delivery {
+    Delivery {
+        id: id.into(),
+        webhook: "ops".into(),
+        body: body.into(),
+        created: now,
+        next_at: Some(now),
+        delivered: false,
+        attempts: Vec::new(),
+    }
 }
 
 /// A decision with its hold's random tag taken out: each store draws its own.

@@ -502,19 +502,32 @@ fn push_deliveries(
     Ok(())
 }
 
-/// The deliveries after a reply's header (a missing one, dropped from the log meanwhile, is
-/// skipped).
+/// The deliveries after a reply's header, each encoded and followed by when it is next due:
+/// the queue's score, which a lease moves, so it wins over the encoded `next_at` (`false`:
+/// finished, as encoded).
 fn decode_deliveries(reply: &[Value]) -> Result<Vec<Delivery>, StoreError> {
     reply
         .get(HEADER..)
         .unwrap_or(&[])
-        .iter()
-        .filter_map(|v| match v {
-            Value::BulkString(b) => Some(
-                serde_json::from_slice(b)
-                    .map_err(|e| bad_reply(&format!("a delivery that does not decode: {e}"))),
-            ),
-            _ => None,
+        .chunks(2)
+        .map(|pair| {
+            let Some(Value::BulkString(b)) = pair.first() else {
+                return Err(bad_reply("a delivery that is not bytes"));
+            };
+            let mut d: Delivery = serde_json::from_slice(b)
+                .map_err(|e| bad_reply(&format!("a delivery that does not decode: {e}")))?;
+            match pair.get(1) {
+                Some(Value::Int(due)) => d.next_at = Some(*due),
+                Some(Value::BulkString(due)) => {
+                    d.next_at = std::str::from_utf8(due)
+                        .ok()
+                        .and_then(|s| s.parse::<f64>().ok())
+                        .map(|f| f as i64)
+                        .or(d.next_at);
+                }
+                _ => {}
+            }
+            Ok(d)
         })
         .collect()
 }

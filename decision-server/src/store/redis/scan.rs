@@ -391,7 +391,9 @@ impl RedisStore {
         needs: &ScanNeeds,
     ) -> Result<BucketScan, StoreError> {
         let _turn = self.read_turn(customer).await?;
-        let from = from.div_euclid(g.millis()) * g.millis();
+        // The first bucket that starts at or after `from`, as the trait says (and the
+        // in-process stores read).
+        let from = -((-from).div_euclid(g.millis())) * g.millis();
         let starts: Vec<i64> = std::iter::successors(Some(from), |s| Some(s + g.millis()))
             .take_while(|s| *s < to)
             .collect();

@@ -4,24 +4,31 @@
 
 local function expire_due()
   local due = redis.call('ZRANGEBYSCORE', EXPIRY, '-inf', now)
+  -- In the order they expired, ties by hold number (as `Ledger::expire_due`), not by tag.
+  local holds = {}
   for _, tag in ipairs(due) do
     local raw = redis.call('HGET', HOLDS, tag)
-    if raw then
-      local h = cmsgpack.unpack(raw)
-      for _, part in ipairs(h[2]) do
-        if part[3][1] == CONC then
-          local e = load(part[1], part[2])
-          if e.st then
-            expire(e.st, part[3])
-            save(part[1], part[2], e)
-          end
+    if raw then holds[#holds + 1] = { tag, cmsgpack.unpack(raw) } end
+  end
+  table.sort(holds, function(a, b)
+    if a[2][1] ~= b[2][1] then return a[2][1] < b[2][1] end
+    return a[2][5] < b[2][5]
+  end)
+  for _, th in ipairs(holds) do
+    local tag, h = th[1], th[2]
+    for _, part in ipairs(h[2]) do
+      if part[3][1] == CONC then
+        local e = load(part[1], part[2])
+        if e.st then
+          expire(e.st, part[3])
+          save(part[1], part[2], e)
         end
       end
-      -- Expired at the held amount, as counted.
-      if REC and h[6] then attribute(EXPIRED, h[6], h[7], h[5], h[3]) end
-      redis.call('HDEL', HOLDS, tag)
-      holds_changed = true
     end
+    -- Expired at the held amount, as counted, at the time it expired.
+    if REC and h[6] then attribute(EXPIRED, h[6], h[7], h[5], h[3], h[1]) end
+    redis.call('HDEL', HOLDS, tag)
+    holds_changed = true
   end
   if #due > 0 then redis.call('ZREMRANGEBYSCORE', EXPIRY, '-inf', now) end
   return #due

@@ -58,39 +58,47 @@ local function enqueue()
   return reply(0)
 end
 
--- ARGV: 'lease', now, lease ms, most, lessee. Result: 0, then the encoded deliveries due,
--- each now due again after the lease, first those `lessee` leased and has not finished (a
--- lease whose answer it never heard: one replica's passes for a customer run one at a time,
--- so none of them is being sent). `om:<lessee>` holds a lessee's unfinished leases and
--- expires with its last lease, so a lessee that is gone leaves its deliveries to the next
--- lease after theirs ends.
+-- ARGV: 'lease', now, lease ms, most, lessee. Result: 0, then the encoded deliveries (each
+-- followed by the lease's end, its next due time now), first those `lessee` leased and has
+-- not finished (a lease whose answer it never heard: one replica's passes for a customer run
+-- one at a time, so none of them is being sent), then those due. `oo` names each unfinished
+-- lease's lessee (a lease that ran out and was taken by another lessee is that one's now);
+-- `om:<lessee>` lists a lessee's, checked against `oo`, and expires with its last lease.
 local function lease()
-  local until_ms, most = now + tonumber(ARGV[3]), tonumber(ARGV[4])
-  local mine = BASE .. 'om:' .. ARGV[5]
+  local until_ms, most, lessee = now + tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+  local mine = BASE .. 'om:' .. lessee
+  local owner = BASE .. 'oo'
   local out = {}
   local ids = {}
   local members = redis.call('SMEMBERS', mine)
   table.sort(members)
   for _, id in ipairs(members) do
-    if #ids < most and redis.call('ZSCORE', BASE .. 'oq', id) then
+    if #ids < most and redis.call('HGET', owner, id) == lessee
+      and redis.call('ZSCORE', BASE .. 'oq', id) then
       ids[#ids + 1] = id
     else
       redis.call('SREM', mine, id)
     end
   end
+  local taken = {}
+  for _, id in ipairs(ids) do taken[id] = true end
   if #ids < most then
     -- `most`, not `most - #ids`: the lessee's own ids, due again once their lease ran out,
     -- are among those returned and skipped, and must not take the places of others.
     for _, id in ipairs(redis.call('ZRANGEBYSCORE', BASE .. 'oq', '-inf', now, 'LIMIT', 0, most)) do
       if #ids >= most then break end
-      if redis.call('SISMEMBER', mine, id) == 0 then ids[#ids + 1] = id end
+      if not taken[id] then ids[#ids + 1] = id end
     end
   end
   for _, id in ipairs(ids) do
     redis.call('ZADD', BASE .. 'oq', until_ms, id)
     redis.call('SADD', mine, id)
+    redis.call('HSET', owner, id, lessee)
     local d = redis.call('HGET', BASE .. 'ob', id)
-    if d then out[#out + 1] = d end
+    if d then
+      out[#out + 1] = d
+      out[#out + 1] = until_ms
+    end
   end
   if #ids > 0 then redis.call('PEXPIRE', mine, tonumber(ARGV[3])) end
   return reply(0, out)
@@ -101,6 +109,7 @@ end
 local function finish()
   local id, due, encoded = ARGV[3], ARGV[4], ARGV[5]
   redis.call('SREM', BASE .. 'om:' .. ARGV[6], id)
+  redis.call('HDEL', BASE .. 'oo', id)
   if redis.call('HEXISTS', BASE .. 'ob', id) == 0 then return reply(0) end
   redis.call('HSET', BASE .. 'ob', id, encoded)
   if due == '' then
@@ -111,9 +120,17 @@ local function finish()
   return reply(0)
 end
 
--- ARGV: 'deliveries', now, most. Result: 0, then the encoded deliveries, newest first.
+-- ARGV: 'deliveries', now, most. Result: 0, then the encoded deliveries, newest first, each
+-- followed by when it is next due (the queue's score, which a lease moves) or false when done.
 local function deliveries()
   local ids = redis.call('ZREVRANGE', BASE .. 'ol', 0, tonumber(ARGV[3]) - 1)
-  if #ids == 0 then return reply(0, {}) end
-  return reply(0, redis.call('HMGET', BASE .. 'ob', unpack(ids)))
+  local out = {}
+  for _, id in ipairs(ids) do
+    local d = redis.call('HGET', BASE .. 'ob', id)
+    if d then
+      out[#out + 1] = d
+      out[#out + 1] = redis.call('ZSCORE', BASE .. 'oq', id) or false
+    end
+  end
+  return reply(0, out)
 end

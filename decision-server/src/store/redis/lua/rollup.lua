@@ -77,9 +77,11 @@ end
 -- Adds measures `m` to `series` in the buckets holding now, and appends the event: kind,
 -- time, series, measures, and the reference (hold number and tag, an idempotency key, or the
 -- denying level).
-local function attribute(kind, series, m, a, b)
+local function attribute(kind, series, m, a, b, at)
+  -- When it happened: now, but for an expiry, when the hold expired (as `Ledger::expire_due`).
+  at = at or now
   for gi, g in ipairs(GRAIN) do
-    local start = now - (now % g)
+    local start = at - (at % g)
     local keep_until = start + g + REC.ret[gi]
     if keep_until > now then
       -- Relative to this call's clock, not Redis's: the replicas' clock is the one counters
@@ -87,7 +89,7 @@ local function attribute(kind, series, m, a, b)
       bucket_add(BASE .. 'r' .. gi .. ':' .. start, { [series] = m }, keep_until - now, gi, start)
     end
   end
-  append(cmsgpack.pack({ kind, now, series, m, a or false, b or false }), REC.stream_max, REC.stream_ms)
+  append(cmsgpack.pack({ kind, at, series, m, a or false, b or false }), REC.stream_max, REC.stream_ms)
 end
 
 -- A dimension value as recorded: itself while the customer has fewer than its most distinct
