@@ -378,7 +378,7 @@ async fn deliver(service: Arc<Service>, mut shutdown: watch::Receiver<bool>) {
             _ = shutdown.changed() => return,
             _ = tick.tick() => {}
             _ = minute.tick() => {
-                match crate::alerts::background_pass(service.engine()).await {
+                match service.alerts_pass().await {
                     Ok(0) => {}
                     Ok(n) => tracing::debug!(fired = n, "projection and denial-burst alerts fired"),
                     Err(e) => tracing::warn!(error = %e, "projection and denial-burst pass failed"),

@@ -2,7 +2,6 @@
 //! with their query strings parsed strictly (an unknown or repeated parameter is a 400 naming it).
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{RawQuery, State};
@@ -18,11 +17,10 @@ use super::dto::{
     UsageTop,
 };
 use super::{ApiError, ApiJson, ApiPath, AppState, DecidingCaller, Operator, ScopedCaller};
-use crate::core::Name;
 use crate::core::rollup::Granularity;
 use crate::store::StoreError;
 use crate::store::events::EventBody;
-use crate::usage::{self, Followed, HistoryRequest, TopRequest, UsageError};
+use crate::usage::{Followed, HistoryRequest, TopRequest, UsageError};
 
 impl From<UsageError> for ApiError {
     fn from(e: UsageError) -> Self {
@@ -199,7 +197,7 @@ pub async fn history(
         group_by: p.group_by,
         filters: p.filters,
     };
-    let h = usage::history(state.engine(), &customer, req).await?;
+    let h = state.usage_history(&customer, req).await?;
     Ok(ApiJson((&h).into()))
 }
 
@@ -247,7 +245,7 @@ pub async fn top(
         filters: p.filters,
         limit,
     };
-    let t = usage::top(state.engine(), &customer, req).await?;
+    let t = state.usage_top(&customer, req).await?;
     Ok(ApiJson((&t).into()))
 }
 
@@ -268,13 +266,9 @@ pub async fn budget(
     ScopedCaller { customer }: ScopedCaller,
     ApiPath((_customer, entity)): ApiPath<(String, String)>,
 ) -> Result<ApiJson<BudgetDto>, ApiError> {
-    let b = usage::budget(state.engine(), &customer, &entity).await?;
+    let b = state.budget(&customer, &entity).await?;
     Ok(ApiJson((&b).into()))
 }
-
-/// How often a usage stream polls the store for other replicas' events, besides waking on
-/// this process's own: the bound on how late a replica's event reaches a subscriber elsewhere.
-const STREAM_POLL: Duration = Duration::from_millis(500);
 
 /// The usage stream as server-sent events: `event: usage` with the record as JSON and its id,
 /// `event: gap` when the cursor was older than what is kept, `event: unavailable` while the
@@ -306,30 +300,18 @@ async fn sse(
                 ApiError::bad_parameter("heartbeatSeconds", format!("`{v}` is not from 1 to 300"))
             })?,
     };
-    let name = match &customer {
-        Some(c) => {
-            if state.engine().model().customer(c).is_none() {
-                return Err(UsageError::UnknownCustomer(c.clone()).into());
-            }
-            Some(Name::from(c.as_str()))
-        }
-        None => None,
-    };
-    let follow = usage::follow(
-        Arc::clone(state.engine().store()),
-        name,
-        after,
-        STREAM_POLL,
-        state.stopping(),
-    )
-    .await
-    .map_err(|e| match e {
-        StoreError::BadCursor(c) => ApiError::bad_parameter(
-            "after",
-            format!("`{c}` is not an event id of this stream (send the `id` of an event received)"),
-        ),
-        e => e.into(),
-    })?;
+    let follow = state
+        .follow_usage(customer.as_deref(), after)
+        .await
+        .map_err(|e| match e {
+            UsageError::Store(StoreError::BadCursor(c)) => ApiError::bad_parameter(
+                "after",
+                format!(
+                    "`{c}` is not an event id of this stream (send the `id` of an event received)"
+                ),
+            ),
+            e => e.into(),
+        })?;
     let events = follow.map(|f| {
         let event = match f {
             Followed::Event(e) => match &*e.body {
@@ -427,10 +409,9 @@ pub async fn deliveries(
     RawQuery(raw): RawQuery,
 ) -> Result<ApiJson<DeliveryLog>, ApiError> {
     let limit = limit_param(raw.as_deref())?;
-    let Some(c) = state.engine().model().customer(&customer).map(|c| c.id) else {
+    let Some(log) = state.deliveries(&customer, limit).await? else {
         return Err(UsageError::UnknownCustomer(customer).into());
     };
-    let log = state.engine().store().alerts().deliveries(c, limit).await?;
     Ok(ApiJson(DeliveryLog {
         deliveries: log.iter().map(DeliveryDto::from).collect(),
     }))
@@ -453,7 +434,7 @@ pub async fn test_webhook(
     DecidingCaller { customer }: DecidingCaller,
     ApiPath((_customer, webhook)): ApiPath<(String, String)>,
 ) -> Result<(axum::http::StatusCode, ApiJson<TestDelivery>), ApiError> {
-    match crate::alerts::test_delivery(state.engine(), &customer, &webhook).await? {
+    match state.test_delivery(&customer, &webhook).await? {
         Some(id) => Ok((
             axum::http::StatusCode::ACCEPTED,
             ApiJson(TestDelivery { delivery_id: id }),

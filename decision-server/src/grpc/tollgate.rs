@@ -24,6 +24,7 @@ use crate::service::{
 use crate::store::events::EventBody;
 use crate::store::{CloseOutcome, StoreError};
 use crate::usage::Followed;
+use crate::usage::UsageError;
 
 use super::generated::tollgate_server::Tollgate;
 
@@ -170,28 +171,17 @@ impl TollgateService {
         customer: Option<String>,
         after: String,
     ) -> Result<Response<EventStream>, Status> {
-        let name = match &customer {
-            Some(c) if self.service.engine().model().customer(c).is_none() => {
-                return Err(Status::not_found(format!("no customer `{c}`")));
-            }
-            Some(c) => Some(crate::core::Name::from(c.as_str())),
-            None => None,
-        };
-        let after = (!after.is_empty()).then_some(after);
-        let follow = crate::usage::follow(
-            Arc::clone(self.service.engine().store()),
-            name,
-            after,
-            std::time::Duration::from_millis(500),
-            self.service.stopping(),
-        )
-        .await
-        .map_err(|e| match e {
-            StoreError::BadCursor(c) => {
-                Status::invalid_argument(format!("`{c}` is not an event id of this stream"))
-            }
-            e => Status::unavailable(e.to_string()),
-        })?;
+        let follow = self
+            .service
+            .follow_usage(customer.as_deref(), Some(after))
+            .await
+            .map_err(|e| match e {
+                UsageError::UnknownCustomer(c) => Status::not_found(format!("no customer `{c}`")),
+                UsageError::Store(StoreError::BadCursor(c)) => {
+                    Status::invalid_argument(format!("`{c}` is not an event id of this stream"))
+                }
+                e => Status::unavailable(e.to_string()),
+            })?;
         let mut shutdown = self.shutdown.clone();
         let stream = follow.map(|f| Ok(stream_event(f))).take_until(async move {
             let _ = shutdown.wait_for(|s| *s).await;

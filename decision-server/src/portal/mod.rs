@@ -243,7 +243,7 @@ fn customer_page(state: &AppState, headers: &HeaderMap, customer: &str) -> Resul
         let message = format!("these credentials do not reach customer `{customer}`");
         return Err(Box::new(error_page(&page, StatusCode::FORBIDDEN, message)));
     }
-    if state.engine().model().customer(customer).is_none() {
+    if !state.knows_customer(customer) {
         let message = format!("customer `{customer}` not found");
         return Err(Box::new(error_page(&page, StatusCode::NOT_FOUND, message)));
     }
@@ -495,8 +495,7 @@ async fn tree_context(
     customer: &str,
     query: &TreeQuery,
 ) -> Result<Value, crate::usage::UsageError> {
-    let EntityPage { rows, total } = crate::usage::entity_page(
-        state.engine(),
+    let EntityPage { rows, total } = state.entity_page(
         customer,
         query.parent.as_deref(),
         query.q.as_deref(),
@@ -504,7 +503,7 @@ async fn tree_context(
         PAGE,
     )?;
     let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
-    let budgets = crate::usage::budgets(state.engine(), customer, &ids).await?;
+    let budgets = state.budgets(customer, &ids).await?;
     let shown = (query.page + 1).saturating_mul(PAGE).min(total);
     let more = (shown < total).then(|| {
         let mut q = form_urlencoded::Serializer::new(String::new());
@@ -586,7 +585,7 @@ async fn budgets(
         .filter(|s| !s.is_empty())
         .take(MAX_REFRESH)
         .collect();
-    match crate::usage::budgets(state.engine(), &customer, &ids).await {
+    match state.budgets(&customer, &ids).await {
         Ok(all) => {
             let out: BTreeMap<String, Vec<Bar>> =
                 all.iter().map(|b| (b.entity.clone(), bars(b))).collect();
@@ -613,7 +612,7 @@ async fn usage_page(
     State(state): State<AppState>,
     CustomerPage { page, customer }: CustomerPage,
 ) -> Response {
-    let model = state.engine().model();
+    let model = state.model();
     let mut group_keys: Vec<String> = model.chain_keys.iter().map(|k| k.to_string()).collect();
     group_keys.extend(model.recorded_dimensions.iter().map(|k| k.to_string()));
     group_keys.push("featureId".to_string());
