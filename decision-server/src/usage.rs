@@ -113,7 +113,7 @@ pub const MAX_TOP: usize = 1_000;
 pub struct LimitState {
     pub limit_id: String,
     pub feature: String,
-    pub kind: &'static str,
+    pub kind: crate::core::model::KindName,
     pub mode: &'static str,
     /// Where the limit is set: on the entity itself, or on its type.
     pub inherited_from_type: bool,

@@ -66,7 +66,7 @@ fn rate_has_no_burst_at_the_window_edge(store: Store) {
     assert_eq!(
         (
             denial.limit_id.as_str(),
-            denial.kind,
+            denial.kind.as_str(),
             denial.entity_id.as_str()
         ),
         ("user-rate", "rate", "u1")
@@ -172,7 +172,7 @@ limits:
     assert!(a.granted && b.granted);
     let c = h.check("acme", "tokens", 1, &[("userId", "u1")]);
     assert!(!c.granted);
-    assert_eq!(c.denial.as_ref().unwrap().kind, "concurrency");
+    assert_eq!(c.denial.as_ref().unwrap().kind.as_str(), "concurrency");
     assert_eq!(c.denial.unwrap().retry_at, None);
     assert_eq!(h.counted("acme", "u1", "user-slots"), 2);
     h.settle(a.hold_id.as_ref().unwrap(), 4_000);

@@ -3,6 +3,7 @@
 //! without periods re-arm when usage falls back under the hysteresis margin.
 
 pub mod deliver;
+pub mod payload;
 pub mod sign;
 pub mod target;
 
@@ -13,15 +14,16 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashSet;
 use rand::RngCore;
-use serde_json::json;
 
 use crate::core::alerts::{self, Crossing, Delivery, Trigger};
 use crate::core::decision::Decision;
+use crate::core::model::KindName;
 use crate::core::model::{AlertRule, CustomerModel, LimitTarget};
 use crate::core::rollup::{DENIED_BY, Granularity, ScanNeeds, SeriesKey};
 use crate::core::{Name, Timestamp};
 use crate::engine::Engine;
 use crate::store::StoreError;
+use payload::{DenialBurstData, Envelope, ExhaustionData, TestData, ThresholdData, TriggerData};
 
 /// The Standard Webhooks event type of a crossed threshold.
 pub const THRESHOLD_CROSSED: &str = "limit.threshold_crossed";
@@ -31,6 +33,8 @@ pub const SOFT_LIMIT_EXCEEDED: &str = "limit.soft_exceeded";
 pub const EXHAUSTION_PROJECTED: &str = "limit.exhaustion_projected";
 /// The event type of a burst of denials.
 pub const DENIAL_BURST: &str = "limit.denial_burst";
+/// The `type` of a test call (`POST .../webhooks/{id}/test`).
+pub const WEBHOOK_TEST: &str = "webhook.test";
 
 /// Claim keys this replica holds, so it asks the store to re-arm only those it knows of
 /// (a check that stays under a threshold costs no store call), and the period claims it has
@@ -139,33 +143,35 @@ fn rfc3339(t: Timestamp) -> String {
 /// The alert body, in the Standard Webhooks payload shape: `type`, `timestamp`, `data`.
 fn body(customer: &str, c: &Crossing, id: &str, now: Timestamp) -> String {
     let (kind, trigger) = match c.trigger {
-        Trigger::Percent(p) => (THRESHOLD_CROSSED, json!({"percent": p})),
-        Trigger::Absolute(a) => (THRESHOLD_CROSSED, json!({"absolute": a})),
-        Trigger::SoftLimit => (SOFT_LIMIT_EXCEEDED, json!({"softLimit": true})),
+        Trigger::Percent(percent) => (THRESHOLD_CROSSED, TriggerData::Percent { percent }),
+        Trigger::Absolute(absolute) => (THRESHOLD_CROSSED, TriggerData::Absolute { absolute }),
+        Trigger::SoftLimit => (
+            SOFT_LIMIT_EXCEEDED,
+            TriggerData::SoftLimit { soft_limit: true },
+        ),
     };
-    let time = rfc3339;
     let e = &c.entry;
-    json!({
-        "type": kind,
-        "timestamp": time(now),
-        "data": {
-            "alertId": format!("alert_{id}"),
-            "ruleId": c.rule.as_str(),
-            "customerId": customer,
-            "entityId": e.entity_id.as_str(),
-            "entityType": e.entity_type.as_str(),
-            "limitId": e.limit_id.as_str(),
-            "featureId": e.feature_id.as_str(),
-            "limitKind": e.kind,
-            "trigger": trigger,
-            "threshold": c.threshold,
-            "used": e.current_usage,
-            "limit": e.usage_limit,
-            "remaining": e.remaining,
-            "resetsAt": e.reset_at.map(time),
-        }
-    })
-    .to_string()
+    Envelope {
+        kind,
+        timestamp: rfc3339(now),
+        data: ThresholdData {
+            alert_id: format!("alert_{id}"),
+            rule_id: c.rule.as_str(),
+            customer_id: customer,
+            entity_id: e.entity_id.as_str(),
+            entity_type: e.entity_type.as_str(),
+            limit_id: e.limit_id.as_str(),
+            feature_id: e.feature_id.as_str(),
+            limit_kind: e.kind,
+            trigger,
+            threshold: c.threshold,
+            used: e.current_usage,
+            limit: e.usage_limit,
+            remaining: e.remaining,
+            resets_at: e.reset_at.map(rfc3339),
+        },
+    }
+    .text()
 }
 
 /// A delivery of `body` to webhook `webhook`, due at once. One alert's deliveries to several
@@ -197,12 +203,16 @@ pub async fn test_delivery(
     }
     let now = engine.now();
     let id = random_id();
-    let body = json!({
-        "type": "webhook.test",
-        "timestamp": rfc3339(now),
-        "data": { "customerId": customer, "webhookId": webhook, "testId": format!("test_{id}") }
-    })
-    .to_string();
+    let body = Envelope {
+        kind: WEBHOOK_TEST,
+        timestamp: rfc3339(now),
+        data: TestData {
+            customer_id: customer,
+            webhook_id: webhook,
+            test_id: format!("test_{id}"),
+        },
+    }
+    .text();
     let d = new_delivery(&format!("test_{id}"), webhook, &body, now);
     engine
         .store()
@@ -327,21 +337,21 @@ pub async fn background_pass(engine: &Engine) -> Result<usize, StoreError> {
                     let window = now.millis().div_euclid(within);
                     let key = format!("{}\u{1f}{entity}\u{1f}denials\u{1f}{window}", rule.id);
                     let id = random_id();
-                    let body = json!({
-                        "type": DENIAL_BURST,
-                        "timestamp": rfc3339(now),
-                        "data": {
-                            "alertId": format!("alert_{id}"),
-                            "ruleId": rule.id.as_str(),
-                            "customerId": c.id.as_str(),
-                            "entityId": entity,
-                            "limitId": rule.limit.map(|l| l.to_string()),
-                            "denied": n,
-                            "count": count,
-                            "withinSeconds": within / 1000,
-                        }
-                    })
-                    .to_string();
+                    let body = Envelope {
+                        kind: DENIAL_BURST,
+                        timestamp: rfc3339(now),
+                        data: DenialBurstData {
+                            alert_id: format!("alert_{id}"),
+                            rule_id: rule.id.as_str(),
+                            customer_id: c.id.as_str(),
+                            entity_id: entity,
+                            limit_id: rule.limit.map(|l| l.to_string()),
+                            denied: n,
+                            count,
+                            within_seconds: within / 1000,
+                        },
+                    }
+                    .text();
                     let until = Some((window + 1) * within);
                     fired += usize::from(
                         claim_of(engine, c, rule.id, &key, until, &id, &body)
@@ -386,25 +396,25 @@ pub async fn background_pass(engine: &Engine) -> Result<usize, StoreError> {
                                 .map_or_else(|| "-".to_string(), |r| r.to_string())
                         );
                         let id = random_id();
-                        let body = json!({
-                            "type": EXHAUSTION_PROJECTED,
-                            "timestamp": rfc3339(now),
-                            "data": {
-                                "alertId": format!("alert_{id}"),
-                                "ruleId": rule.id.as_str(),
-                                "customerId": c.id.as_str(),
-                                "entityId": entity,
-                                "limitId": l.limit_id,
-                                "featureId": l.feature,
-                                "used": l.used,
-                                "limit": l.limit,
-                                "remaining": l.remaining,
-                                "projectedExhaustion": rfc3339(Timestamp::from_millis(at)),
-                                "resetsAt": l.resets_at.map(|r| rfc3339(Timestamp::from_millis(r))),
-                                "recentUnits": l.recent_units,
-                            }
-                        })
-                        .to_string();
+                        let body = Envelope {
+                            kind: EXHAUSTION_PROJECTED,
+                            timestamp: rfc3339(now),
+                            data: ExhaustionData {
+                                alert_id: format!("alert_{id}"),
+                                rule_id: rule.id.as_str(),
+                                customer_id: c.id.as_str(),
+                                entity_id: entity,
+                                limit_id: &l.limit_id,
+                                feature_id: &l.feature,
+                                used: l.used,
+                                limit: l.limit,
+                                remaining: l.remaining,
+                                projected_exhaustion: rfc3339(Timestamp::from_millis(at)),
+                                resets_at: l.resets_at.map(|r| rfc3339(Timestamp::from_millis(r))),
+                                recent_units: l.recent_units,
+                            },
+                        }
+                        .text();
                         // Once per period; without one, once per horizon.
                         let until = l.resets_at.or(Some(now.millis() + horizon));
                         fired += usize::from(
@@ -450,7 +460,7 @@ pub async fn after_ingest(
     // A dry run counts without this request: `current_usage` already holds the event, and
     // `requested` is what it added, so the crossing test reads before and after as for a
     // granted check.
-    d.chain.retain(|e| e.kind != "concurrency");
+    d.chain.retain(|e| e.kind != KindName::Concurrency);
     d.granted = true;
     d.dry_run = false;
     after_decision(engine, claims, req.customer, &d).await

@@ -2,7 +2,7 @@
 //! key that makes each crossing fire once per limit period.
 
 use super::decision::ChainEntry;
-use super::model::{AlertRule, CustomerModel, LimitTarget, Mode, Model};
+use super::model::{AlertRule, CustomerModel, KindName, LimitTarget, Mode, Model};
 use super::{Name, Timestamp};
 
 /// What a rule watches for.
@@ -98,11 +98,11 @@ pub fn evaluate(
     if customer.alerts.is_empty() {
         return (crossed, rearm);
     }
-    for e in chain.iter().filter(|e| e.kind != "credits") {
+    for e in chain.iter().filter(|e| e.kind != KindName::Credits) {
         let after = e.current_usage;
         let before = after.saturating_sub(e.requested);
         // A quota's claim lasts its period; other kinds re-arm by hysteresis.
-        let until = (e.kind == "quota")
+        let until = (e.kind == KindName::Quota)
             .then(|| e.reset_at.map(Timestamp::millis))
             .flatten();
         for rule in customer.alerts.iter().filter(|r| applies(model, r, e)) {

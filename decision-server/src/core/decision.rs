@@ -60,7 +60,7 @@ pub struct ChainEntry {
     pub entity_type: Name,
     pub limit_id: Name,
     pub feature_id: Name,
-    pub kind: &'static str,
+    pub kind: crate::core::model::KindName,
     pub mode: Mode,
     /// What this decision asked of the limit (units, or 1 for a concurrency slot).
     pub requested: u64,
@@ -82,7 +82,7 @@ pub struct Denial {
     pub level: usize,
     pub entity_id: Name,
     pub limit_id: Name,
-    pub kind: &'static str,
+    pub kind: crate::core::model::KindName,
     pub reason: String,
     /// The earliest time the same request could pass, if known. `None` when it depends on
     /// something else (a slot freed, a grant added) or can never pass.

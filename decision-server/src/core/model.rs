@@ -46,13 +46,47 @@ pub enum LimitKind {
 }
 
 impl LimitKind {
-    pub fn name(&self) -> &'static str {
+    pub fn name(&self) -> KindName {
         match self {
-            LimitKind::Rate { .. } => "rate",
-            LimitKind::Quota { .. } => "quota",
-            LimitKind::Concurrency { .. } => "concurrency",
-            LimitKind::Credits { .. } => "credits",
+            LimitKind::Rate { .. } => KindName::Rate,
+            LimitKind::Quota { .. } => KindName::Quota,
+            LimitKind::Concurrency { .. } => KindName::Concurrency,
+            LimitKind::Credits { .. } => KindName::Credits,
         }
+    }
+}
+
+/// A limit's kind without its settings: what a decision's chain entry and a denial name, and
+/// what code compares (never the kind's text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KindName {
+    Rate,
+    Quota,
+    Concurrency,
+    Credits,
+}
+
+impl KindName {
+    /// The kind as the config and the APIs spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KindName::Rate => "rate",
+            KindName::Quota => "quota",
+            KindName::Concurrency => "concurrency",
+            KindName::Credits => "credits",
+        }
+    }
+}
+
+impl std::fmt::Display for KindName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl serde::Serialize for KindName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
     }
 }
 

@@ -111,7 +111,7 @@ pub struct PlannedCounter {
     pub rule: AmountRule,
     pub limit_id: Name,
     pub feature_id: Name,
-    pub kind: &'static str,
+    pub kind: super::model::KindName,
 }
 
 /// Everything a store needs to decide one request atomically.

@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::Listener;
 use crate::config::server::{ExtAuthzSettings, Source};
+use crate::core::model::KindName;
 use crate::core::usage::Usage;
 use crate::core::{Decision, Timestamp};
 use crate::engine::{CheckRequest as Check, DecisionError};
@@ -268,7 +269,7 @@ pub fn decision_response(
             "remaining": entry.map(|e| e.remaining),
             "retryAfterSeconds": retry_after,
             // Larger than the whole limit: no amount of waiting lets it through.
-            "neverFits": entry.is_some_and(|e| e.kind != "credits" && e.requested > e.usage_limit),
+            "neverFits": entry.is_some_and(|e| e.kind != KindName::Credits && e.requested > e.usage_limit),
         });
         return denied(
             settings.deny_status,
