@@ -11,15 +11,22 @@ ENVOY_DIR := $(TOOLS)/envoy-$(ENVOY_VERSION)
 export TOLLGATE_ENVOY := $(ENVOY_DIR)/envoy/_bin/envoy
 export TOLLGATE_WASM := $(CURDIR)/target/$(WASM_TARGET)/release/tollgate_filter.wasm
 
-.PHONY: bench-usage-redis bench-tenants bench-leases bench-portal setup-portal setup-browser setup-skopeo wasm-image wasm-pin setup-redis setup-python demo test setup-rust setup-envoy fmt-check clippy wasm unit bench bench-grpc bench-envoy bench-store bench-redis-memory bench-usage
+.PHONY: release bench-usage-redis bench-tenants bench-leases bench-portal setup-portal setup-browser setup-skopeo wasm-image wasm-pin setup-redis setup-python demo test setup-rust setup-envoy fmt-check clippy wasm unit bench bench-grpc bench-envoy bench-store bench-redis-memory bench-usage
 
 ## The demo: real Envoy, the WASM filter, the sidecar and a mock OpenAI upstream on loopback.
-demo: setup-rust setup-envoy setup-portal wasm
-	$(CARGO) build --release --locked -p tollgate -p tollgate-tests
+demo: setup-rust setup-envoy wasm release
 	$(CURDIR)/target/release/tollgate-demo
+
+## The release binaries (the sidecar, the demo and mock upstream, the load generator) in one
+## build that the demo, the README's commands and the bench scripts share: the same packages,
+## so the same features, so none of them builds `tollgate` again.
+release: setup-portal
+	$(CARGO) build --release --locked $(RELEASE_PACKAGES)
 
 ## The whole test suite: toolchain set-up, format, lints, the wasm build and every test.
 # Incremental state is of no use to a build from scratch, and was a third of its disk.
+RELEASE_PACKAGES := -p tollgate -p tollgate-tests -p tollgate-load
+
 test: export CARGO_INCREMENTAL := 0
 test: setup-rust setup-envoy setup-redis setup-python setup-skopeo setup-portal setup-browser fmt-check clippy wasm unit
 

@@ -5,6 +5,6 @@
 # the machine's cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --locked -p tollgate -p tollgate-tests -p tollgate-load >&2
+make -s release >&2
 echo "# $(date -u +%F) $(nproc) cores: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 exec target/release/tollgate-load --workers 2 envoy-bench "$@"

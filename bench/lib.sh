@@ -4,7 +4,7 @@
 # bench_setup: builds the release binaries, makes the scratch folder `$work` (removed on exit,
 # with the processes whose pids are in `$work/pid` and `$work/redis.pid` stopped), sets `$LOAD`.
 bench_setup() {
-  cargo build --release --locked -p tollgate -p tollgate-tests -p tollgate-load >&2
+  make -s release >&2
   work=$(mktemp -d)
   trap 'kill $(cat "$work/pid" "$work/redis.pid" 2>/dev/null) 2>/dev/null || true; rm -rf "$work"' EXIT
   LOAD=target/release/tollgate-load

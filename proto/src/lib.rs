@@ -11,6 +11,14 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/tollgate.v1.rs"));
 }
 
+/// The tonic client of `tollgate.v1` (feature `client`): what a program that calls the sidecar
+/// needs, without building the sidecar.
+#[cfg(feature = "client")]
+pub mod client {
+    include!(concat!(env!("OUT_DIR"), "/client/tollgate.v1.rs"));
+    pub use tollgate_client::TollgateClient;
+}
+
 /// The subset of Envoy's ext_authz v3 (and route metadata) messages the WASM filter uses, with
 /// Envoy's field numbers; see `proto/tollgate/envoywire/v1/ext_authz.proto`.
 pub mod envoywire {

@@ -23,7 +23,7 @@ use envoy_types::ext_authz::v3::{CheckResponseExt, OkHttpResponseBuilder};
 use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use hdrhistogram::Histogram;
-use tollgate::grpc::TollgateClient;
+use tollgate_proto::client::TollgateClient;
 use tollgate_proto::v1::usage_event::Kind as UsageKind;
 use tollgate_proto::v1::{CheckRequest as DecideRequest, SettleRequest, WatchUsageRequest};
 use tonic::transport::Channel;
