@@ -644,6 +644,41 @@ impl Model {
         out
     }
 
+    /// The chain of the deepest entity `resolved` knows (`None`: it knows none); every other
+    /// known one must be its ancestor, or the dimensions contradict each other.
+    fn deepest_known(
+        &self,
+        auto: &Registry<'_>,
+        customer: &CustomerModel,
+        resolved: &[Resolved],
+    ) -> Result<Option<Vec<Sym>>, PlanError> {
+        let known: Vec<Sym> = resolved
+            .iter()
+            .filter_map(|r| match r {
+                Resolved::Known(s) => Some(*s),
+                Resolved::Unknown { .. } => None,
+            })
+            .collect();
+        let mut leaf_chain: Option<Vec<Sym>> = None;
+        for s in &known {
+            let chain = self.ancestors(customer, auto, *s);
+            if leaf_chain.as_ref().is_none_or(|c| chain.len() > c.len()) {
+                leaf_chain = Some(chain);
+            }
+        }
+        if let Some(chain) = &leaf_chain
+            && let Some(s) = known.iter().find(|s| !chain.contains(s))
+        {
+            let leaf = chain.first().copied().unwrap_or(*s);
+            return Err(PlanError::InconsistentDimensions {
+                customer: customer.id.to_string(),
+                a: self.symbols.resolve(leaf).to_string(),
+                b: self.symbols.resolve(*s).to_string(),
+            });
+        }
+        Ok(leaf_chain)
+    }
+
     fn resolve_chain(
         &self,
         auto: &Registry<'_>,
@@ -686,36 +721,7 @@ impl Model {
             }
         }
 
-        // The deepest known entity; every other known one must be its ancestor.
-        let known: Vec<Sym> = resolved
-            .iter()
-            .filter_map(|r| {
-                if let Resolved::Known(s) = r {
-                    Some(*s)
-                } else {
-                    None
-                }
-            })
-            .collect();
-        let mut leaf_chain: Option<Vec<Sym>> = None;
-        for s in &known {
-            let chain = self.ancestors(customer, auto, *s);
-            if leaf_chain.as_ref().is_none_or(|c| chain.len() > c.len()) {
-                leaf_chain = Some(chain);
-            }
-        }
-        if let Some(chain) = &leaf_chain {
-            for s in &known {
-                if !chain.contains(s) {
-                    let leaf = chain.first().copied().unwrap_or(*s);
-                    return Err(PlanError::InconsistentDimensions {
-                        customer: customer.id.to_string(),
-                        a: self.symbols.resolve(leaf).to_string(),
-                        b: self.symbols.resolve(*s).to_string(),
-                    });
-                }
-            }
-        }
+        let leaf_chain = self.deepest_known(auto, customer, &resolved)?;
 
         let unknown: Vec<(String, String, usize)> = resolved
             .into_iter()

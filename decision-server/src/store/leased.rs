@@ -830,6 +830,135 @@ impl Shared {
     }
 }
 
+/// A counter of a decision held inside a slice, with its reading there.
+type HeldHere = Option<(LocalPart, Reading)>;
+
+impl Shared {
+    /// Holds each of `plan`'s leasable counters inside this replica's slice where one has
+    /// room, and enters the local hold (`seq`) before any store call, so a cancel that
+    /// overtakes the call finds it. Per counter, its part and reading where held; and the
+    /// slots that need a slice (each marked as acquiring), with the counter's index.
+    fn hold_in_slices(
+        &self,
+        b: &mut Book,
+        plan: &Plan,
+        seq: u64,
+        now: Timestamp,
+    ) -> (Vec<HeldHere>, Vec<(SlotKey, usize)>) {
+        let until = now.millis().saturating_add(plan.hold_ttl_millis);
+        let mut local: Vec<HeldHere> = vec![None; plan.counters.len()];
+        let mut want = Vec::new();
+        for (i, c) in plan.counters.iter().enumerate() {
+            let Some(lease) = leasable(c) else {
+                continue;
+            };
+            let slot = lease.0;
+            let s = self.want_slice(b, c, lease, now.millis(), plan.hold_ttl_millis);
+            let granted = match s.usable(now.millis(), until) {
+                Some(g) => {
+                    if g.lease.hold(c.amount, now.millis()) {
+                        Some(g.store.seq)
+                    } else {
+                        // Too little room for this request: the slice goes back (once its
+                        // holds close) so that what it holds is the store's again.
+                        g.retired = true;
+                        None
+                    }
+                }
+                None => None,
+            };
+            match granted {
+                Some(slice) => {
+                    local[i] = Some((
+                        LocalPart {
+                            slot,
+                            slice,
+                            held: c.amount,
+                            rule: c.rule.clone(),
+                        },
+                        s.reading(),
+                    ));
+                }
+                None if !s.acquiring => {
+                    s.acquiring = true;
+                    want.push((slot, i));
+                }
+                None => {}
+            }
+        }
+        let parts: Vec<LocalPart> = local.iter().flatten().map(|(p, _)| p.clone()).collect();
+        if !parts.is_empty() {
+            b.holds.insert(
+                plan.hold_tag,
+                LocalHold {
+                    seq,
+                    tag: plan.hold_tag,
+                    expires_at: now.plus_millis(plan.hold_ttl_millis),
+                    parts,
+                    store: None,
+                    series: plan.series.clone(),
+                    usage: plan.usage,
+                    max_settle: plan.max_settle,
+                },
+            );
+        }
+        (local, want)
+    }
+}
+
+/// `plan` cut to the counters at `rest_index`, for the store part of a hold held partly here.
+/// Its close may come through another replica, posted before the hold's TTL and applied here
+/// at a later sweep: the store part waits that long for it (a hold never closed is committed
+/// at its held amount that much later).
+fn rest_of(plan: &Plan, rest_index: &[usize]) -> Plan {
+    let mut p = plan.clone();
+    p.counters = rest_index
+        .iter()
+        .filter_map(|i| plan.counters.get(*i).cloned())
+        .collect();
+    p.hold_ttl_millis = p.hold_ttl_millis.saturating_add(RELAY_MARGIN_MS);
+    p
+}
+
+/// The store counts this replica's slices whole; what they have not spent yet is not usage,
+/// so the store's `readings` (of the counters at `rest_index`) leave it out, for answers and
+/// alerts alike.
+fn leave_out_unspent(b: &Book, plan: &Plan, rest_index: &[usize], readings: &mut [Reading]) {
+    for (k, reading) in readings.iter_mut().enumerate() {
+        let slot = rest_index
+            .get(k)
+            .and_then(|i| plan.counters.get(*i))
+            .and_then(leasable)
+            .and_then(|(slot, _, _)| b.slots.get(&slot));
+        if let Some(s) = slot {
+            let unspent: u64 = s.gens.iter().map(|g| g.lease.room()).sum();
+            reading.current_usage = reading.current_usage.saturating_sub(unspent);
+            reading.remaining = reading.usage_limit.saturating_sub(reading.current_usage);
+        }
+    }
+}
+
+/// The `n` readings in the plan's order: each counter's from its slice where it was held
+/// here, else the store's next.
+fn merged(local: Vec<HeldHere>, store: Vec<Reading>, n: usize) -> Vec<Reading> {
+    let mut readings = Vec::with_capacity(n);
+    let mut store = store.into_iter();
+    for here in local.into_iter().take(n) {
+        match here {
+            Some((_, reading)) => readings.push(reading),
+            None => readings.push(store.next().unwrap_or(Reading {
+                usage_limit: 0,
+                current_usage: 0,
+                remaining: 0,
+                reset_at: None,
+                fits: false,
+                retry_at: None,
+            })),
+        }
+    }
+    readings
+}
+
 #[async_trait::async_trait]
 impl CounterStore for LeasedStore {
     async fn reserve(
@@ -843,71 +972,11 @@ impl CounterStore for LeasedStore {
             return shared.inner.reserve(plan, mode, now).await;
         }
         let n = plan.counters.len();
-        let until = now.millis().saturating_add(plan.hold_ttl_millis);
-        let mut local: Vec<Option<(LocalPart, Reading)>> = vec![None; n];
-        let mut want: Vec<(SlotKey, usize)> = Vec::new();
         let book = shared.book(plan.customer);
         let seq = LOCAL_BIT
             | (u64::from(shared.replica) << REPLICA_SHIFT)
             | (shared.next_seq.fetch_add(1, Ordering::Relaxed) & 0xFFFF_FFFF);
-        {
-            let mut b = book.lock();
-            for (i, c) in plan.counters.iter().enumerate() {
-                let Some(lease) = leasable(c) else {
-                    continue;
-                };
-                let slot = lease.0;
-                let s = shared.want_slice(&mut b, c, lease, now.millis(), plan.hold_ttl_millis);
-                let granted = match s.usable(now.millis(), until) {
-                    Some(g) => {
-                        if g.lease.hold(c.amount, now.millis()) {
-                            Some(g.store.seq)
-                        } else {
-                            // Too little room for this request: the slice goes back (once
-                            // its holds close) so that what it holds is the store's again.
-                            g.retired = true;
-                            None
-                        }
-                    }
-                    None => None,
-                };
-                match granted {
-                    Some(slice) => {
-                        local[i] = Some((
-                            LocalPart {
-                                slot,
-                                slice,
-                                held: c.amount,
-                                rule: c.rule.clone(),
-                            },
-                            s.reading(),
-                        ));
-                    }
-                    None if !s.acquiring => {
-                        s.acquiring = true;
-                        want.push((slot, i));
-                    }
-                    None => {}
-                }
-            }
-            let parts: Vec<LocalPart> = local.iter().flatten().map(|(p, _)| p.clone()).collect();
-            if !parts.is_empty() {
-                // Entered before any store call, so a cancel that overtakes the call finds it.
-                b.holds.insert(
-                    plan.hold_tag,
-                    LocalHold {
-                        seq,
-                        tag: plan.hold_tag,
-                        expires_at: now.plus_millis(plan.hold_ttl_millis),
-                        parts,
-                        store: None,
-                        series: plan.series.clone(),
-                        usage: plan.usage,
-                        max_settle: plan.max_settle,
-                    },
-                );
-            }
-        }
+        let (local, want) = shared.hold_in_slices(&mut book.lock(), plan, seq, now);
         let covered = local.iter().filter(|l| l.is_some()).count();
         let held_here = covered > 0;
         let local_hold_id = || HoldId {
@@ -927,16 +996,7 @@ impl CounterStore for LeasedStore {
         let rest_index: Vec<usize> = (0..n).filter(|i| local[*i].is_none()).collect();
         let rest;
         let store_plan = if held_here {
-            let mut p = plan.clone();
-            p.counters = rest_index
-                .iter()
-                .filter_map(|i| plan.counters.get(*i).cloned())
-                .collect();
-            // Its close may come through another replica, posted before the hold's TTL and
-            // applied here at a later sweep: the store part waits that long for it (a hold
-            // never closed is committed at its held amount that much later).
-            p.hold_ttl_millis = p.hold_ttl_millis.saturating_add(RELAY_MARGIN_MS);
-            rest = p;
+            rest = rest_of(plan, &rest_index);
             &rest
         } else {
             plan
@@ -953,7 +1013,7 @@ impl CounterStore for LeasedStore {
                 b.close_parts(&h.parts, None);
             }
         };
-        let r = match answer {
+        let mut r = match answer {
             Ok(r) => r,
             Err(e) => {
                 if held_here {
@@ -972,44 +1032,12 @@ impl CounterStore for LeasedStore {
                 .map_or(0, |r| r.remaining);
             tokio::spawn(Arc::clone(shared).acquire(plan.customer, slot, remaining));
         }
-        let mut r = r;
-        {
-            // The store counts this replica's slices whole; what they have not spent yet is
-            // not usage, so the readings (answers, alerts) leave it out.
-            let b = book.lock();
-            for (k, reading) in r.readings.iter_mut().enumerate() {
-                let slot = rest_index
-                    .get(k)
-                    .and_then(|i| plan.counters.get(*i))
-                    .and_then(leasable)
-                    .and_then(|(slot, _, _)| b.slots.get(&slot));
-                if let Some(s) = slot {
-                    let unspent: u64 = s.gens.iter().map(|g| g.lease.room()).sum();
-                    reading.current_usage = reading.current_usage.saturating_sub(unspent);
-                    reading.remaining = reading.usage_limit.saturating_sub(reading.current_usage);
-                }
-            }
-        }
+        leave_out_unspent(&book.lock(), plan, &rest_index, &mut r.readings);
         if !held_here {
             shared.counters.store.fetch_add(1, Ordering::Relaxed);
             return Ok(r);
         }
-        let mut readings = Vec::with_capacity(n);
-        let mut store_readings = r.readings.into_iter();
-        let mut locals = local.into_iter();
-        for _ in 0..n {
-            match locals.next().flatten() {
-                Some((_, reading)) => readings.push(reading),
-                None => readings.push(store_readings.next().unwrap_or(Reading {
-                    usage_limit: 0,
-                    current_usage: 0,
-                    remaining: 0,
-                    reset_at: None,
-                    fits: false,
-                    retry_at: None,
-                })),
-            }
-        }
+        let readings = merged(local, r.readings, n);
         let blocking = r.blocking.and_then(|k| rest_index.get(k).copied());
         let mut b = book.lock();
         match (blocking, r.hold) {
