@@ -86,6 +86,20 @@ fn bucket_key(customer: &str, g: Granularity, start: i64, id: u32) -> Vec<u8> {
     row_key(customer, &rest)
 }
 
+/// What [`bucket_key`] wrote after the customer, read back.
+fn read_bucket_key(k: &[u8]) -> Option<BucketKey> {
+    let g = k.first().and_then(|b| granularity_of(*b))?;
+    let start = k
+        .get(1..9)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(|b| i64::from_be_bytes(b) ^ i64::MIN)?;
+    let id = k
+        .get(9..13)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_be_bytes)?;
+    Some((g, start, id))
+}
+
 fn granularity_of(b: u8) -> Option<Granularity> {
     Granularity::ALL.into_iter().find(|g| *g as u8 == b)
 }
@@ -580,6 +594,55 @@ fn customer_rows<V: redb::Value + 'static>(
     Ok(())
 }
 
+/// The part of a row's key after the customer, as a table keys its rows.
+trait RowKey: Sized {
+    fn read(bytes: &[u8]) -> Option<Self>;
+}
+
+impl RowKey for u64 {
+    fn read(bytes: &[u8]) -> Option<Self> {
+        bytes.try_into().ok().map(u64::from_be_bytes)
+    }
+}
+
+impl RowKey for u32 {
+    fn read(bytes: &[u8]) -> Option<Self> {
+        bytes.try_into().ok().map(u32::from_be_bytes)
+    }
+}
+
+impl RowKey for Box<str> {
+    fn read(bytes: &[u8]) -> Option<Self> {
+        std::str::from_utf8(bytes).ok().map(Into::into)
+    }
+}
+
+/// A key the rows do not need (the value names itself).
+impl RowKey for () {
+    fn read(_: &[u8]) -> Option<Self> {
+        Some(())
+    }
+}
+
+/// Every row of a table whose values are postcard, decoded, with its customer; a row that does
+/// not decode names the table's `what` and the customer.
+fn decoded_rows<K: RowKey, V: serde::de::DeserializeOwned>(
+    txn: &redb::ReadTransaction,
+    table: TableDefinition<&[u8], &[u8]>,
+    what: &str,
+    open: &dyn Fn(redb::Error) -> OpenError,
+    corrupt: &dyn Fn(String) -> OpenError,
+    mut each: impl FnMut(&str, K, V),
+) -> Result<(), OpenError> {
+    customer_rows(txn, table, what, open, corrupt, |customer, k, v| {
+        let key = K::read(k).ok_or_else(|| corrupt(format!("{what} of `{customer}`: its key")))?;
+        let value =
+            postcard::from_bytes(v).map_err(|e| corrupt(format!("{what} of `{customer}`: {e}")))?;
+        each(customer, key, value);
+        Ok(())
+    })
+}
+
 /// What the file holds of one customer.
 #[derive(Default)]
 struct Restored {
@@ -623,37 +686,26 @@ fn restore(db: &Database, path: &Path) -> Result<Vec<(String, Ledger)>, OpenErro
             Ok(())
         },
     )?;
-    customer_rows(
+    decoded_rows(
         &txn,
         HOLDS,
         "a hold",
         &open,
         &corrupt,
-        |customer, seq, v| {
-            let seq = u64::from_be_bytes(
-                seq.try_into()
-                    .map_err(|_| corrupt(format!("a hold number of `{customer}`")))?,
-            );
-            let hold: Hold = postcard::from_bytes(v)
-                .map_err(|e| corrupt(format!("hold {customer}:{seq}: {e}")))?;
+        |customer, seq, hold: Hold| {
             let r = by_customer.entry(customer.to_string()).or_default();
             r.holds.push((seq, hold));
-            Ok(())
         },
     )?;
-    customer_rows(
+    decoded_rows(
         &txn,
         ENTITIES,
         "an entity",
         &open,
         &corrupt,
-        |customer, id, v| {
-            let id = std::str::from_utf8(id).map_err(|e| corrupt(format!("an entity id: {e}")))?;
-            let e: StoredEntity = postcard::from_bytes(v)
-                .map_err(|e| corrupt(format!("entity `{id}` of `{customer}`: {e}")))?;
+        |customer, id: Box<str>, e: StoredEntity| {
             let r = by_customer.entry(customer.to_string()).or_default();
-            r.entities.push((id.into(), e));
-            Ok(())
+            r.entities.push((id, e));
         },
     )?;
     let next = txn.open_table(NEXT_SEQ).map_err(|e| open(e.into()))?;
@@ -664,40 +716,26 @@ fn restore(db: &Database, path: &Path) -> Result<Vec<(String, Ledger)>, OpenErro
             .or_default()
             .next_seq = v.value();
     }
-    customer_rows(
+    decoded_rows(
         &txn,
         HOLD_RECORDS,
         "a hold record",
         &open,
         &corrupt,
-        |customer, seq, v| {
-            let seq = u64::from_be_bytes(
-                seq.try_into()
-                    .map_err(|_| corrupt(format!("a hold record number of `{customer}`")))?,
-            );
-            let r: HoldRecord = postcard::from_bytes(v)
-                .map_err(|e| corrupt(format!("hold record {customer}:{seq}: {e}")))?;
+        |customer, seq, r: HoldRecord| {
             let entry = by_customer.entry(customer.to_string()).or_default();
             entry.hold_records.insert(seq, r);
-            Ok(())
         },
     )?;
-    customer_rows(
+    decoded_rows(
         &txn,
         SERIES,
         "a usage series",
         &open,
         &corrupt,
-        |customer, id, v| {
-            let id = u32::from_be_bytes(
-                id.try_into()
-                    .map_err(|_| corrupt(format!("a usage series id of `{customer}`")))?,
-            );
-            let key: SeriesKey = postcard::from_bytes(v)
-                .map_err(|e| corrupt(format!("usage series {id} of `{customer}`: {e}")))?;
+        |customer, id, key: SeriesKey| {
             let entry = by_customer.entry(customer.to_string()).or_default();
             entry.series.push((id, key));
-            Ok(())
         },
     )?;
     customer_rows(
@@ -707,22 +745,12 @@ fn restore(db: &Database, path: &Path) -> Result<Vec<(String, Ledger)>, OpenErro
         &open,
         &corrupt,
         |customer, k, v| {
-            let bad = || corrupt(format!("a usage bucket key of `{customer}`"));
-            let g = k.first().and_then(|b| granularity_of(*b)).ok_or_else(bad)?;
-            let start = k
-                .get(1..9)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(|b| i64::from_be_bytes(b) ^ i64::MIN)
-                .ok_or_else(bad)?;
-            let id = k
-                .get(9..13)
-                .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                .map(u32::from_be_bytes)
-                .ok_or_else(bad)?;
+            let key = read_bucket_key(k)
+                .ok_or_else(|| corrupt(format!("a usage bucket key of `{customer}`")))?;
             let m: Measures = postcard::from_bytes(v)
                 .map_err(|e| corrupt(format!("usage bucket of `{customer}`: {e}")))?;
             let entry = by_customer.entry(customer.to_string()).or_default();
-            entry.buckets.push(((g, start, id), m));
+            entry.buckets.push((key, m));
             Ok(())
         },
     )?;
@@ -753,37 +781,42 @@ fn restore(db: &Database, path: &Path) -> Result<Vec<(String, Ledger)>, OpenErro
             Ok(())
         },
     )?;
-    customer_rows(
+    decoded_rows(
         &txn,
         DELIVERIES,
         "a delivery",
         &open,
         &corrupt,
-        |customer, _, v| {
-            let d: Delivery = postcard::from_bytes(v)
-                .map_err(|e| corrupt(format!("a delivery of `{customer}`: {e}")))?;
-            by_customer
-                .entry(customer.to_string())
-                .or_default()
-                .deliveries
-                .push(d);
-            Ok(())
+        |customer, (): (), d: Delivery| {
+            let entry = by_customer.entry(customer.to_string()).or_default();
+            entry.deliveries.push(d);
         },
     )?;
     Ok(by_customer
         .into_iter()
-        .map(|(c, mut r)| {
-            for (seq, hold) in &mut r.holds {
-                hold.record = r.hold_records.remove(seq);
-            }
-            let rollups = Rollups::restore(r.series, r.buckets);
-            let mut ledger =
-                Ledger::restore(r.counters, r.holds, r.next_seq, r.keys, r.entities, rollups);
-            ledger.restore_alerts(r.alerts);
-            ledger.restore_deliveries(r.deliveries);
-            (c, ledger)
-        })
+        .map(|(c, r)| (c, r.into_ledger()))
         .collect())
+}
+
+impl Restored {
+    /// The ledger these rows make.
+    fn into_ledger(mut self) -> Ledger {
+        for (seq, hold) in &mut self.holds {
+            hold.record = self.hold_records.remove(seq);
+        }
+        let rollups = Rollups::restore(self.series, self.buckets);
+        let mut ledger = Ledger::restore(
+            self.counters,
+            self.holds,
+            self.next_seq,
+            self.keys,
+            self.entities,
+            rollups,
+        );
+        ledger.restore_alerts(self.alerts);
+        ledger.restore_deliveries(self.deliveries);
+        ledger
+    }
 }
 
 /// The stream events kept, oldest first.
