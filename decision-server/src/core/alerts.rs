@@ -1,6 +1,8 @@
 //! Alert thresholds: which of a customer's rules a decision's chain crossed (pure), and the
 //! key that makes each crossing fire once per limit period.
 
+use rustc_hash::{FxHashMap, FxHashSet};
+
 use super::decision::ChainEntry;
 use super::model::{AlertRule, CustomerModel, KindName, LimitTarget, Mode, Model};
 use super::{Name, Timestamp};
@@ -152,6 +154,223 @@ pub fn evaluate(
         }
     }
     (crossed, rearm)
+}
+
+/// One customer's alert claims and webhook outbox: the part of its ledger alerts own, with
+/// what changed since it was last taken (for a persisting store).
+#[derive(Debug, Default, Clone)]
+pub struct AlertBook {
+    /// Thresholds claimed: key → until when (ms; `None`: until re-armed).
+    claims: FxHashMap<Box<str>, Option<i64>>,
+    /// Webhook deliveries: the outbox (those with `next_at`) and the log, by id.
+    deliveries: FxHashMap<Box<str>, Delivery>,
+    /// Leased deliveries not finished yet, by id: their lessee (not persisted: a lessee is a
+    /// running process, and its leases end on their own).
+    leased: FxHashMap<Box<str>, Box<str>>,
+    /// Claim keys and delivery ids changed since the last take; `None` unless tracked.
+    dirty: Option<Box<AlertDirty>>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct AlertDirty {
+    claims: FxHashSet<Box<str>>,
+    deliveries: FxHashSet<Box<str>>,
+}
+
+/// Claims made (`Some(until)`) or dropped (`None`), and deliveries added or changed (`Some`)
+/// or dropped from the log (`None`).
+pub type AlertChanges = (
+    Vec<(Box<str>, Option<Option<i64>>)>,
+    Vec<(Box<str>, Option<Delivery>)>,
+);
+
+impl AlertBook {
+    /// An empty book that records its changes for [`AlertBook::take_changes`].
+    pub fn tracked() -> Self {
+        Self {
+            dirty: Some(Box::default()),
+            ..Self::default()
+        }
+    }
+
+    /// Claims threshold `key` until `until`, and queues its `deliveries`, unless the key is
+    /// claimed already and its claim still holds at `now`. Whether this call claimed it.
+    pub fn claim(
+        &mut self,
+        key: &str,
+        until: Option<i64>,
+        deliveries: Vec<Delivery>,
+        now: Timestamp,
+    ) -> bool {
+        if let Some(held) = self.claims.get(key)
+            && held.is_none_or(|u| u > now.millis())
+        {
+            return false;
+        }
+        self.enqueue(deliveries);
+        self.claims.insert(key.into(), until);
+        self.touch_claim(key);
+        true
+    }
+
+    /// Re-arms threshold `key`; whether it was claimed.
+    pub fn rearm(&mut self, key: &str) -> bool {
+        let was = self.claims.remove(key).is_some();
+        if was {
+            self.touch_claim(key);
+        }
+        was
+    }
+
+    /// Puts back claims a persisting store kept.
+    pub fn restore_claims(&mut self, claims: impl IntoIterator<Item = (Box<str>, Option<i64>)>) {
+        self.claims.extend(claims);
+    }
+
+    /// What changed since the last call (empty for an untracked book).
+    pub fn take_changes(&mut self) -> AlertChanges {
+        let Some(dirty) = self.dirty.as_mut() else {
+            return AlertChanges::default();
+        };
+        let d = std::mem::take(dirty.as_mut());
+        (
+            d.claims
+                .into_iter()
+                .map(|k| {
+                    let v = self.claims.get(&k).copied();
+                    (k, v)
+                })
+                .collect(),
+            d.deliveries
+                .into_iter()
+                .map(|k| {
+                    let v = self.deliveries.get(&k).cloned();
+                    (k, v)
+                })
+                .collect(),
+        )
+    }
+
+    /// Whether a tracked book has changes not yet taken.
+    pub fn has_changes(&self) -> bool {
+        self.dirty
+            .as_ref()
+            .is_some_and(|d| !(d.claims.is_empty() && d.deliveries.is_empty()))
+    }
+
+    fn touch_delivery(&mut self, id: &str) {
+        if let Some(d) = self.dirty.as_mut() {
+            d.deliveries.insert(id.into());
+        }
+    }
+
+    fn touch_claim(&mut self, key: &str) {
+        if let Some(d) = self.dirty.as_mut() {
+            d.claims.insert(key.into());
+        }
+    }
+
+    /// Adds deliveries to the outbox; the log keeps the newest [`MAX_DELIVERIES_KEPT`],
+    /// dropping finished ones first.
+    pub fn enqueue(&mut self, new: Vec<Delivery>) {
+        for d in new {
+            self.touch_delivery(&d.id);
+            self.deliveries.insert(d.id.as_str().into(), d);
+        }
+        let over = self.deliveries.len().saturating_sub(MAX_DELIVERIES_KEPT);
+        if over > 0 {
+            let mut finished: Vec<(i64, Box<str>)> = self
+                .deliveries
+                .iter()
+                .filter(|(_, d)| d.next_at.is_none())
+                .map(|(k, d)| (d.created, k.clone()))
+                .collect();
+            finished.sort();
+            for (_, k) in finished.into_iter().take(over) {
+                self.deliveries.remove(&k);
+                self.leased.remove(&k);
+                self.touch_delivery(&k);
+            }
+        }
+    }
+
+    /// Up to `max` deliveries for `lessee` at `now`, each leased until `now + lease_ms` (its
+    /// next attempt moved there, so no other lessee takes it meanwhile): first those `lessee`
+    /// leased and has not finished (a lease whose answer it never heard, on a networked
+    /// store; a lessee runs one pass per customer at a time, so none of them is being sent),
+    /// then those due, oldest due first.
+    pub fn lease(
+        &mut self,
+        lessee: &str,
+        now: Timestamp,
+        lease_ms: i64,
+        max: usize,
+    ) -> Vec<Delivery> {
+        let mut mine: Vec<Box<str>> = self
+            .leased
+            .iter()
+            .filter(|(_, by)| by.as_ref() == lessee)
+            .map(|(id, _)| id.clone())
+            .collect();
+        // As Redis returns a set's members: in no order that matters; sorted here for one.
+        mine.sort();
+        let mut ids: Vec<Box<str>> = Vec::new();
+        for id in mine {
+            let open = self
+                .deliveries
+                .get(&id)
+                .is_some_and(|d| d.next_at.is_some());
+            if open && ids.len() < max {
+                ids.push(id);
+            } else {
+                self.leased.remove(&id);
+            }
+        }
+        let mut due: Vec<(i64, Box<str>)> = self
+            .deliveries
+            .iter()
+            .filter(|(k, _)| !ids.contains(k))
+            .filter_map(|(k, d)| {
+                d.next_at
+                    .filter(|at| *at <= now.millis())
+                    .map(|at| (at, k.clone()))
+            })
+            .collect();
+        due.sort();
+        ids.extend(due.into_iter().map(|(_, k)| k).take(max - ids.len()));
+        let mut out = Vec::new();
+        for k in ids {
+            if let Some(d) = self.deliveries.get_mut(&k) {
+                d.next_at = Some(now.millis() + lease_ms);
+                out.push(d.clone());
+            }
+            self.leased.insert(k.clone(), lessee.into());
+            self.touch_delivery(&k);
+        }
+        out
+    }
+
+    /// Replaces a delivery after an attempt (its attempts, next time, delivered).
+    pub fn finish(&mut self, d: Delivery) {
+        self.leased.remove(d.id.as_str());
+        if self.deliveries.contains_key(d.id.as_str()) {
+            self.touch_delivery(&d.id);
+            self.deliveries.insert(d.id.as_str().into(), d);
+        }
+    }
+
+    /// Up to `max` deliveries, newest first.
+    pub fn deliveries(&self, max: usize) -> Vec<Delivery> {
+        let mut all: Vec<&Delivery> = self.deliveries.values().collect();
+        all.sort_by(|a, b| b.created.cmp(&a.created).then(b.id.cmp(&a.id)));
+        all.into_iter().take(max).cloned().collect()
+    }
+
+    /// Puts back deliveries a persisting store kept.
+    pub fn restore_deliveries(&mut self, rows: impl IntoIterator<Item = Delivery>) {
+        self.deliveries
+            .extend(rows.into_iter().map(|d| (d.id.as_str().into(), d)));
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! One customer's counters, open holds and hold expiry: the "check all, then hold all" step
-//! and settlement, as plain data. In-process stores wrap one ledger per customer in a lock.
+//! and settlement, as plain data, beside its rollups and its alert book (`core::alerts`).
+//! In-process stores wrap one ledger per customer in a lock.
 
 use std::cmp::Reverse;
 use std::collections::hash_map::Entry;
@@ -8,7 +9,7 @@ use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
-use super::alerts::{Delivery, MAX_DELIVERIES_KEPT};
+use super::alerts::{AlertBook, Delivery};
 use super::counter::{self, CounterKey, CounterSpec, CounterState, HoldMark, Reading};
 use super::credits::GrantBalance;
 use super::model::Mode;
@@ -170,7 +171,11 @@ pub fn readings_from(
     (readings, blocking)
 }
 
-/// One customer's state.
+/// One customer's state, as an in-process store keeps it under the customer's lock: its
+/// counters, open holds and their expiry queue, hold numbers, ingest idempotency keys,
+/// entities created on the fly, usage rollups and the records made since they were last
+/// taken, and its [`AlertBook`] (alert claims and the webhook outbox); with what changed, for
+/// a persisting store.
 #[derive(Debug, Default, Clone)]
 pub struct Ledger {
     counters: FxHashMap<CounterKey, CounterState>,
@@ -201,15 +206,10 @@ pub struct Ledger {
     records: RecordSettings,
     /// Records made since the last [`Ledger::take_records`], for the usage stream.
     emitted: Vec<UsageRecord>,
-    /// Alert thresholds claimed: key → until when (ms; `None`: until re-armed).
-    alert_claims: FxHashMap<Box<str>, Option<i64>>,
+    /// Alert claims and the webhook outbox.
+    alerts: AlertBook,
     /// Alerts claimed since the last [`Ledger::take_alerts`]: when, and the encoded alert.
     emitted_alerts: Vec<(Timestamp, String)>,
-    /// Webhook deliveries: the outbox (those with `next_at`) and the log, by id.
-    deliveries: FxHashMap<Box<str>, Delivery>,
-    /// Leased deliveries not finished yet, by id: their lessee (not persisted: a lessee is a
-    /// running process, and its leases end on their own).
-    leased: FxHashMap<Box<str>, Box<str>>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -222,8 +222,6 @@ struct Dirty {
     /// takes ends up as it is now.
     keys: FxHashMap<Box<str>, Option<Timestamp>>,
     entities: Vec<Box<str>>,
-    alerts: rustc_hash::FxHashSet<Box<str>>,
-    deliveries: rustc_hash::FxHashSet<Box<str>>,
 }
 
 /// What changed in a ledger since the last [`Ledger::take_changes`]: the rows a persisting
@@ -256,6 +254,7 @@ impl Ledger {
         Self {
             dirty: Some(Box::default()),
             rollups: Rollups::tracked(),
+            alerts: AlertBook::tracked(),
             ..Self::default()
         }
     }
@@ -355,6 +354,7 @@ impl Ledger {
             return Changes::default();
         };
         let d = std::mem::take(dirty.as_mut());
+        let (alerts, deliveries) = self.alerts.take_changes();
         Changes {
             counters: d
                 .counters
@@ -375,60 +375,17 @@ impl Ledger {
                 .into_iter()
                 .filter_map(|id| self.entities.get(&id).map(|e| (id, e.clone())))
                 .collect(),
-            alerts: d
-                .alerts
-                .into_iter()
-                .map(|k| {
-                    let v = self.alert_claims.get(&k).copied();
-                    (k, v)
-                })
-                .collect(),
-            deliveries: d
-                .deliveries
-                .into_iter()
-                .map(|k| {
-                    let v = self.deliveries.get(&k).cloned();
-                    (k, v)
-                })
-                .collect(),
+            alerts,
+            deliveries,
         }
     }
 
-    fn touch_delivery(&mut self, id: &str) {
-        if let Some(d) = self.dirty.as_mut() {
-            d.deliveries.insert(id.into());
-        }
-    }
-
-    /// Adds deliveries to the outbox; the log keeps the newest [`MAX_DELIVERIES_KEPT`],
-    /// dropping finished ones first.
+    /// Adds deliveries to the outbox ([`AlertBook::enqueue`]).
     pub fn enqueue(&mut self, new: Vec<Delivery>) {
-        for d in new {
-            self.touch_delivery(&d.id);
-            self.deliveries.insert(d.id.as_str().into(), d);
-        }
-        let over = self.deliveries.len().saturating_sub(MAX_DELIVERIES_KEPT);
-        if over > 0 {
-            let mut finished: Vec<(i64, Box<str>)> = self
-                .deliveries
-                .iter()
-                .filter(|(_, d)| d.next_at.is_none())
-                .map(|(k, d)| (d.created, k.clone()))
-                .collect();
-            finished.sort();
-            for (_, k) in finished.into_iter().take(over) {
-                self.deliveries.remove(&k);
-                self.leased.remove(&k);
-                self.touch_delivery(&k);
-            }
-        }
+        self.alerts.enqueue(new);
     }
 
-    /// Up to `max` deliveries for `lessee` at `now`, each leased until `now + lease_ms` (its
-    /// next attempt moved there, so no other lessee takes it meanwhile): first those `lessee`
-    /// leased and has not finished (a lease whose answer it never heard, on a networked
-    /// store; a lessee runs one pass per customer at a time, so none of them is being sent),
-    /// then those due, oldest due first.
+    /// Up to `max` deliveries for `lessee` at `now` ([`AlertBook::lease`]).
     pub fn lease(
         &mut self,
         lessee: &str,
@@ -436,70 +393,22 @@ impl Ledger {
         lease_ms: i64,
         max: usize,
     ) -> Vec<Delivery> {
-        let mut mine: Vec<Box<str>> = self
-            .leased
-            .iter()
-            .filter(|(_, by)| by.as_ref() == lessee)
-            .map(|(id, _)| id.clone())
-            .collect();
-        // As Redis returns a set's members: in no order that matters; sorted here for one.
-        mine.sort();
-        let mut ids: Vec<Box<str>> = Vec::new();
-        for id in mine {
-            let open = self
-                .deliveries
-                .get(&id)
-                .is_some_and(|d| d.next_at.is_some());
-            if open && ids.len() < max {
-                ids.push(id);
-            } else {
-                self.leased.remove(&id);
-            }
-        }
-        let mut due: Vec<(i64, Box<str>)> = self
-            .deliveries
-            .iter()
-            .filter(|(k, _)| !ids.contains(k))
-            .filter_map(|(k, d)| {
-                d.next_at
-                    .filter(|at| *at <= now.millis())
-                    .map(|at| (at, k.clone()))
-            })
-            .collect();
-        due.sort();
-        ids.extend(due.into_iter().map(|(_, k)| k).take(max - ids.len()));
-        let mut out = Vec::new();
-        for k in ids {
-            if let Some(d) = self.deliveries.get_mut(&k) {
-                d.next_at = Some(now.millis() + lease_ms);
-                out.push(d.clone());
-            }
-            self.leased.insert(k.clone(), lessee.into());
-            self.touch_delivery(&k);
-        }
-        out
+        self.alerts.lease(lessee, now, lease_ms, max)
     }
 
-    /// Replaces a delivery after an attempt (its attempts, next time, delivered).
+    /// Replaces a delivery after an attempt ([`AlertBook::finish`]).
     pub fn finish(&mut self, d: Delivery) {
-        self.leased.remove(d.id.as_str());
-        if self.deliveries.contains_key(d.id.as_str()) {
-            self.touch_delivery(&d.id);
-            self.deliveries.insert(d.id.as_str().into(), d);
-        }
+        self.alerts.finish(d);
     }
 
     /// Up to `max` deliveries, newest first.
     pub fn deliveries(&self, max: usize) -> Vec<Delivery> {
-        let mut all: Vec<&Delivery> = self.deliveries.values().collect();
-        all.sort_by(|a, b| b.created.cmp(&a.created).then(b.id.cmp(&a.id)));
-        all.into_iter().take(max).cloned().collect()
+        self.alerts.deliveries(max)
     }
 
     /// Puts back deliveries a persisting store kept.
     pub fn restore_deliveries(&mut self, rows: impl IntoIterator<Item = Delivery>) {
-        self.deliveries
-            .extend(rows.into_iter().map(|d| (d.id.as_str().into(), d)));
+        self.alerts.restore_deliveries(rows);
     }
 
     /// Claims alert threshold `key` until `until` (ms; `None`: until re-armed) and emits
@@ -513,15 +422,8 @@ impl Ledger {
         deliveries: Vec<Delivery>,
         now: Timestamp,
     ) -> bool {
-        if let Some(held) = self.alert_claims.get(key)
-            && held.is_none_or(|u| u > now.millis())
-        {
+        if !self.alerts.claim(key, until, deliveries, now) {
             return false;
-        }
-        self.enqueue(deliveries);
-        self.alert_claims.insert(key.into(), until);
-        if let Some(d) = self.dirty.as_mut() {
-            d.alerts.insert(key.into());
         }
         self.emitted_alerts.push((now, body));
         true
@@ -529,11 +431,7 @@ impl Ledger {
 
     /// Re-arms alert threshold `key`; whether it was claimed.
     pub fn rearm_alert(&mut self, key: &str) -> bool {
-        let was = self.alert_claims.remove(key).is_some();
-        if was && let Some(d) = self.dirty.as_mut() {
-            d.alerts.insert(key.into());
-        }
-        was
+        self.alerts.rearm(key)
     }
 
     /// The alerts claimed since the last call, oldest first.
@@ -543,7 +441,7 @@ impl Ledger {
 
     /// Puts back alert claims a persisting store kept.
     pub fn restore_alerts(&mut self, claims: impl IntoIterator<Item = (Box<str>, Option<i64>)>) {
-        self.alert_claims.extend(claims);
+        self.alerts.restore_claims(claims);
     }
 
     /// Whether a tracked ledger has changes not yet taken.
@@ -554,10 +452,9 @@ impl Ledger {
                     && d.opened.is_empty()
                     && d.closed.is_empty()
                     && d.keys.is_empty()
-                    && d.entities.is_empty()
-                    && d.alerts.is_empty()
-                    && d.deliveries.is_empty())
+                    && d.entities.is_empty())
             })
+            || self.alerts.has_changes()
     }
 
     fn touch(&mut self, key: CounterKey) {
