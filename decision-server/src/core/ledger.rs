@@ -380,35 +380,14 @@ impl Ledger {
         }
     }
 
-    /// Adds deliveries to the outbox ([`AlertBook::enqueue`]).
-    pub fn enqueue(&mut self, new: Vec<Delivery>) {
-        self.alerts.enqueue(new);
+    /// The customer's alert claims and webhook outbox.
+    pub fn alerts(&self) -> &AlertBook {
+        &self.alerts
     }
 
-    /// Up to `max` deliveries for `lessee` at `now` ([`AlertBook::lease`]).
-    pub fn lease(
-        &mut self,
-        lessee: &str,
-        now: Timestamp,
-        lease_ms: i64,
-        max: usize,
-    ) -> Vec<Delivery> {
-        self.alerts.lease(lessee, now, lease_ms, max)
-    }
-
-    /// Replaces a delivery after an attempt ([`AlertBook::finish`]).
-    pub fn finish(&mut self, d: Delivery) {
-        self.alerts.finish(d);
-    }
-
-    /// Up to `max` deliveries, newest first.
-    pub fn deliveries(&self, max: usize) -> Vec<Delivery> {
-        self.alerts.deliveries(max)
-    }
-
-    /// Puts back deliveries a persisting store kept.
-    pub fn restore_deliveries(&mut self, rows: impl IntoIterator<Item = Delivery>) {
-        self.alerts.restore_deliveries(rows);
+    /// The customer's alert claims and webhook outbox, to change them.
+    pub fn alerts_mut(&mut self) -> &mut AlertBook {
+        &mut self.alerts
     }
 
     /// Claims alert threshold `key` until `until` (ms; `None`: until re-armed) and emits
@@ -429,19 +408,9 @@ impl Ledger {
         true
     }
 
-    /// Re-arms alert threshold `key`; whether it was claimed.
-    pub fn rearm_alert(&mut self, key: &str) -> bool {
-        self.alerts.rearm(key)
-    }
-
     /// The alerts claimed since the last call, oldest first.
     pub fn take_alerts(&mut self) -> Vec<(Timestamp, String)> {
         std::mem::take(&mut self.emitted_alerts)
-    }
-
-    /// Puts back alert claims a persisting store kept.
-    pub fn restore_alerts(&mut self, claims: impl IntoIterator<Item = (Box<str>, Option<i64>)>) {
-        self.alerts.restore_claims(claims);
     }
 
     /// Whether a tracked ledger has changes not yet taken.

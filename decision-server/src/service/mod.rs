@@ -25,7 +25,6 @@ use futures_util::future::join_all;
 mod admin;
 mod decide;
 mod read;
-pub use read::FOLLOW_POLL;
 
 /// How many usage events a slow watcher may fall behind before it misses some.
 const EVENT_BUFFER: usize = 4096;

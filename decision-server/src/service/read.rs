@@ -74,7 +74,7 @@ impl Service {
     /// The usage stream of `customer` (or of every customer), after cursor `after`, until the
     /// server stops: the one rule every front end's stream follows (a customer the model
     /// does not have is refused; the store's own events and other replicas', polled every
-    /// [`FOLLOW_POLL`]).
+    /// `FOLLOW_POLL`).
     pub async fn follow_usage(
         &self,
         customer: Option<&str>,

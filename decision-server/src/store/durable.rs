@@ -813,8 +813,8 @@ impl Restored {
             self.entities,
             rollups,
         );
-        ledger.restore_alerts(self.alerts);
-        ledger.restore_deliveries(self.deliveries);
+        ledger.alerts_mut().restore_claims(self.alerts);
+        ledger.alerts_mut().restore_deliveries(self.deliveries);
         ledger
     }
 }

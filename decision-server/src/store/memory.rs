@@ -548,7 +548,7 @@ impl AlertStore for MemoryStore {
     ) -> Result<(), StoreError> {
         let sym = customer.sym();
         let book = self.book(sym);
-        self.write(sym, &book, |l| l.enqueue(deliveries.to_vec()))
+        self.write(sym, &book, |l| l.alerts_mut().enqueue(deliveries.to_vec()))
             .await
     }
 
@@ -562,8 +562,10 @@ impl AlertStore for MemoryStore {
     ) -> Result<Vec<Delivery>, StoreError> {
         let sym = customer.sym();
         let book = self.book(sym);
-        self.write(sym, &book, |l| l.lease(lessee, now, lease_ms, max))
-            .await
+        self.write(sym, &book, |l| {
+            l.alerts_mut().lease(lessee, now, lease_ms, max)
+        })
+        .await
     }
 
     async fn finish_delivery(
@@ -574,19 +576,20 @@ impl AlertStore for MemoryStore {
     ) -> Result<(), StoreError> {
         let sym = customer.sym();
         let book = self.book(sym);
-        self.write(sym, &book, |l| l.finish(delivery.clone())).await
+        self.write(sym, &book, |l| l.alerts_mut().finish(delivery.clone()))
+            .await
     }
 
     async fn deliveries(&self, customer: Name, max: usize) -> Result<Vec<Delivery>, StoreError> {
         Ok(self
             .existing(customer.sym())
-            .map(|b| b.lock().ledger.deliveries(max))
+            .map(|b| b.lock().ledger.alerts().deliveries(max))
             .unwrap_or_default())
     }
 
     async fn rearm_alert(&self, customer: Name, key: &str) -> Result<bool, StoreError> {
         let sym = customer.sym();
         let book = self.book(sym);
-        self.write(sym, &book, |l| l.rearm_alert(key)).await
+        self.write(sym, &book, |l| l.alerts_mut().rearm(key)).await
     }
 }

@@ -320,7 +320,7 @@ pub trait AlertStore: Send + Sync {
     /// Up to `max` of `customer`'s deliveries for `lessee` at `now`, each leased for
     /// `lease_ms` (its next attempt moved past the lease, so no other lessee takes it
     /// meanwhile): first those `lessee` leased and has not finished, then those due
-    /// ([`crate::core::ledger::Ledger::lease`]). A lessee is one process's deliverer.
+    /// ([`crate::core::alerts::AlertBook::lease`]). A lessee is one process's deliverer.
     async fn lease_deliveries(
         &self,
         customer: Name,

@@ -1,4 +1,4 @@
--- Part `outbox.lua` of the script: mirrors decision-server/src/core/alerts.rs and the outbox of decision-server/src/core/ledger.rs (`claim_alert`, `enqueue`, `lease`, `finish`, `deliveries`).
+-- Part `outbox.lua` of the script: mirrors decision-server/src/core/alerts.rs (`AlertBook`: `claim`, `rearm`, `enqueue`, `lease`, `finish`, `deliveries`; the webhook outbox).
 
 -- ARGV: 'alert', now, key, until (ms, '' for "until re-armed"), body, the deliveries (see
 -- `enqueue_at`), then the record settings. Claims alert threshold `key` (the hash `al`: key -> until, -1 for none) unless
@@ -18,7 +18,7 @@ local function enqueue_at(p)
     redis.call('ZADD', BASE .. 'ol', tonumber(ARGV[q + 1]), id)
     redis.call('ZADD', BASE .. 'oq', tonumber(ARGV[q + 2]), id)
   end
-  -- Past the most, the oldest finished deliveries leave first (as `Ledger::enqueue`).
+  -- Past the most, the oldest finished deliveries leave first (as `AlertBook::enqueue`).
   local over = redis.call('ZCARD', BASE .. 'ol') - MAX_DELIVERIES
   if over > 0 then
     for _, id in ipairs(redis.call('ZRANGE', BASE .. 'ol', 0, -1)) do
