@@ -13,11 +13,24 @@ use serde_json::{Value, json};
 use tollgate::service::Service;
 use tower::ServiceExt;
 
-use common::service::{ACME_KEY, ACME_ORG_CAP, GLOBEX_KEY, OPERATOR, org_counted};
+use common::service::{ACME_KEY, ACME_ORG_CAP, Calls, GLOBEX_KEY, OPERATOR, org_counted};
 
 struct Api {
     service: Arc<Service>,
     router: axum::Router,
+}
+
+impl Calls for Api {
+    /// A body that is not JSON reads as a string.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        self.call(method, path, token, body).await
+    }
 }
 
 impl Api {
@@ -72,12 +85,7 @@ impl Api {
         user: &str,
         usage: u64,
     ) -> (StatusCode, Value) {
-        self.call(
-            Method::POST,
-            &format!("/v1/customers/{customer}/entitlements/check"),
-            Some(token),
-            Some(json!({"featureId": "ai-tokens", "requestedUsage": usage, "dimensions": {"userId": user}})),
-        )
+        self.post(&format!("/v1/customers/{customer}/entitlements/check"), token, json!({"featureId": "ai-tokens", "requestedUsage": usage, "dimensions": {"userId": user}}))
         .await
     }
 
@@ -138,43 +146,27 @@ async fn settle_corrects_to_actual_and_is_idempotent() {
     let hold = body["holdId"].as_str().unwrap().to_string();
     let path = format!("/v1/holds/{hold}/settle");
     assert_eq!(api.acme_org().await, 300);
-    let (status, r) = api
-        .call(
-            Method::POST,
-            &path,
-            Some(ACME_KEY),
-            Some(json!({"actualUsage": 120})),
-        )
-        .await;
+    let (status, r) = api.post(&path, ACME_KEY, json!({"actualUsage": 120})).await;
     assert_eq!(status, StatusCode::OK, "{r}");
     assert_eq!(r["closed"], true);
     assert_eq!(api.acme_org().await, 120);
-    let (status, r) = api
-        .call(
-            Method::POST,
-            &path,
-            Some(ACME_KEY),
-            Some(json!({"actualUsage": 999})),
-        )
-        .await;
+    let (status, r) = api.post(&path, ACME_KEY, json!({"actualUsage": 999})).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(r["closed"], false, "a second settle changes nothing");
     assert_eq!(api.acme_org().await, 120);
     let (status, r) = api
-        .call(
-            Method::POST,
+        .post(
             "/v1/holds/acme:999999:0123456789abcdef0123456789abcdef/settle",
-            Some(ACME_KEY),
-            Some(json!({"actualUsage": 1})),
+            ACME_KEY,
+            json!({"actualUsage": 1}),
         )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{r}");
     let (status, r) = api
-        .call(
-            Method::POST,
+        .post(
             "/v1/holds/not-a-hold/settle",
-            Some(OPERATOR),
-            Some(json!({"actualUsage": 1})),
+            OPERATOR,
+            json!({"actualUsage": 1}),
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{r}");
@@ -187,11 +179,10 @@ async fn a_settlement_above_the_ceiling_is_charged_the_ceiling_and_the_excess_co
     let hold = body["holdId"].as_str().unwrap().to_string();
     // Without a model, ten times the request is the ceiling: 301 is charged 300, not dropped.
     let (status, r) = api
-        .call(
-            Method::POST,
+        .post(
             &format!("/v1/holds/{hold}/settle"),
-            Some(ACME_KEY),
-            Some(json!({"actualUsage": 301})),
+            ACME_KEY,
+            json!({"actualUsage": 301}),
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{r}");
@@ -240,29 +231,20 @@ async fn ingest_counts_once_per_idempotency_key() {
     let api = Api::new().await;
     let event = json!({"idempotencyKey": "evt-1", "customerId": "acme", "featureId": "ai-tokens", "usage": 70, "dimensions": {"userId": "alice"}});
     let batch = json!({"events": [event.clone(), {"idempotencyKey": "evt-2", "customerId": "acme", "featureId": "nope", "usage": 1}]});
-    let (status, r) = api
-        .call(Method::POST, "/v1/usage", Some(ACME_KEY), Some(batch))
-        .await;
+    let (status, r) = api.post("/v1/usage", ACME_KEY, batch).await;
     assert_eq!(status, StatusCode::OK, "{r}");
     assert_eq!(r["results"][0]["status"], "recorded");
     assert_eq!(r["results"][1]["status"], "rejected");
     assert!(r["results"][1]["error"].as_str().unwrap().contains("nope"));
     assert_eq!(api.acme_org().await, 70);
     let (_, r) = api
-        .call(
-            Method::POST,
-            "/v1/usage",
-            Some(ACME_KEY),
-            Some(json!({"events": [event]})),
-        )
+        .post("/v1/usage", ACME_KEY, json!({"events": [event]}))
         .await;
     assert_eq!(r["results"][0]["status"], "duplicate");
     assert_eq!(api.acme_org().await, 70, "a duplicate key counts nothing");
     // Ingested usage counts even past the cap: it already happened.
     let big = json!({"events": [{"idempotencyKey": "evt-3", "customerId": "acme", "featureId": "ai-tokens", "usage": 5000, "dimensions": {"userId": "alice"}}]});
-    let (_, r) = api
-        .call(Method::POST, "/v1/usage", Some(ACME_KEY), Some(big))
-        .await;
+    let (_, r) = api.post("/v1/usage", ACME_KEY, big).await;
     assert_eq!(r["results"][0]["status"], "recorded");
     assert_eq!(api.acme_org().await, 5070);
     let (_, body) = api.check(ACME_KEY, "acme", "alice", 1).await;
@@ -271,9 +253,7 @@ async fn ingest_counts_once_per_idempotency_key() {
     // chain until the period resets. Refused, nothing recorded.
     for usage in [u64::MAX, 2_000_001] {
         let absurd = json!({"events": [{"idempotencyKey": format!("evt-{usage}"), "customerId": "acme", "featureId": "ai-tokens", "usage": usage, "dimensions": {"userId": "alice"}}]});
-        let (_, r) = api
-            .call(Method::POST, "/v1/usage", Some(ACME_KEY), Some(absurd))
-            .await;
+        let (_, r) = api.post("/v1/usage", ACME_KEY, absurd).await;
         assert_eq!(r["results"][0]["status"], "rejected", "{r}");
         assert!(
             r["results"][0]["error"]
@@ -292,47 +272,23 @@ async fn admin_changes_apply_to_the_next_decision() {
     // A new, tighter limit on team `ml`.
     let limit = json!({"id": "ml-small", "entity": "ml", "feature": "ai-tokens", "kind": "quota", "limit": 50, "period": "P1D"});
     let (status, r) = api
-        .call(
-            Method::POST,
-            "/v1/customers/acme/limits",
-            Some(OPERATOR),
-            Some(limit.clone()),
-        )
+        .post("/v1/customers/acme/limits", OPERATOR, limit.clone())
         .await;
     assert_eq!(status, StatusCode::CREATED, "{r}");
     let (_, body) = api.check(ACME_KEY, "acme", "alice", 60).await;
     assert_eq!(body["isGranted"], false);
     assert_eq!(body["deniedBy"]["limitId"], "ml-small");
-    let (status, _) = api
-        .call(
-            Method::POST,
-            "/v1/customers/acme/limits",
-            Some(OPERATOR),
-            Some(limit),
-        )
-        .await;
+    let (status, _) = api.post("/v1/customers/acme/limits", OPERATOR, limit).await;
     assert_eq!(status, StatusCode::CONFLICT);
     // Raised with PUT.
     let raised = json!({"id": "ml-small", "entity": "ml", "feature": "ai-tokens", "kind": "quota", "limit": 80, "period": "P1D"});
     let (status, _) = api
-        .call(
-            Method::PUT,
-            "/v1/customers/acme/limits/ml-small",
-            Some(OPERATOR),
-            Some(raised),
-        )
+        .put("/v1/customers/acme/limits/ml-small", OPERATOR, raised)
         .await;
     assert_eq!(status, StatusCode::OK);
     let (_, body) = api.check(ACME_KEY, "acme", "alice", 60).await;
     assert_eq!(body["isGranted"], true);
-    let (_, limits) = api
-        .call(
-            Method::GET,
-            "/v1/customers/acme/limits",
-            Some(ACME_KEY),
-            None,
-        )
-        .await;
+    let (_, limits) = api.get("/v1/customers/acme/limits", ACME_KEY).await;
     assert!(
         limits
             .as_array()
@@ -342,44 +298,32 @@ async fn admin_changes_apply_to_the_next_decision() {
     );
     // Removed.
     let (status, _) = api
-        .call(
-            Method::DELETE,
-            "/v1/customers/acme/limits/ml-small",
-            Some(OPERATOR),
-            None,
-        )
+        .delete("/v1/customers/acme/limits/ml-small", OPERATOR)
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (_, body) = api.check(ACME_KEY, "acme", "alice", 60).await;
     assert_eq!(body["isGranted"], true);
     let (status, _) = api
-        .call(
-            Method::DELETE,
-            "/v1/customers/acme/limits/ml-small",
-            Some(OPERATOR),
-            None,
-        )
+        .delete("/v1/customers/acme/limits/ml-small", OPERATOR)
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
     // A new entity is usable at once; one with an unknown parent is refused whole.
     let (status, r) = api
-        .call(
-            Method::POST,
+        .post(
             "/v1/customers/acme/entities",
-            Some(OPERATOR),
-            Some(json!({"id": "erin", "type": "user", "parent": "web"})),
+            OPERATOR,
+            json!({"id": "erin", "type": "user", "parent": "web"}),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{r}");
     let (_, body) = api.check(ACME_KEY, "acme", "erin", 5).await;
     assert_eq!(body["isGranted"], true, "{body}");
     let (status, r) = api
-        .call(
-            Method::POST,
+        .post(
             "/v1/customers/acme/entities",
-            Some(OPERATOR),
-            Some(json!({"id": "frank", "type": "user", "parent": "nowhere"})),
+            OPERATOR,
+            json!({"id": "frank", "type": "user", "parent": "nowhere"}),
         )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{r}");
@@ -390,14 +334,7 @@ async fn admin_changes_apply_to_the_next_decision() {
             .contains("nowhere"),
         "{r}"
     );
-    let (_, entities) = api
-        .call(
-            Method::GET,
-            "/v1/customers/acme/entities",
-            Some(OPERATOR),
-            None,
-        )
-        .await;
+    let (_, entities) = api.get("/v1/customers/acme/entities", OPERATOR).await;
     assert!(
         !entities
             .as_array()
@@ -409,34 +346,16 @@ async fn admin_changes_apply_to_the_next_decision() {
     // A customer created, read, used and deleted.
     let customer = json!({"id": "initech", "entities": [{"id": "initech", "type": "organization"}, {"id": "t", "type": "team", "parent": "initech"}, {"id": "u", "type": "user", "parent": "t"}],
         "limits": [{"id": "cap", "entity": "initech", "feature": "ai-tokens", "kind": "quota", "limit": 10, "period": "P1D"}]});
-    let (status, r) = api
-        .call(
-            Method::POST,
-            "/v1/customers",
-            Some(OPERATOR),
-            Some(customer),
-        )
-        .await;
+    let (status, r) = api.post("/v1/customers", OPERATOR, customer).await;
     assert_eq!(status, StatusCode::CREATED, "{r}");
     let (_, body) = api.check(OPERATOR, "initech", "u", 11).await;
     assert_eq!(body["isGranted"], false);
-    let (status, r) = api
-        .call(Method::GET, "/v1/customers/initech", Some(OPERATOR), None)
-        .await;
+    let (status, r) = api.get("/v1/customers/initech", OPERATOR).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(r["limits"][0]["id"], "cap");
-    let (_, list) = api
-        .call(Method::GET, "/v1/customers", Some(OPERATOR), None)
-        .await;
+    let (_, list) = api.get("/v1/customers", OPERATOR).await;
     assert_eq!(list["customers"], json!(["acme", "globex", "initech"]));
-    let (status, _) = api
-        .call(
-            Method::DELETE,
-            "/v1/customers/initech",
-            Some(OPERATOR),
-            None,
-        )
-        .await;
+    let (status, _) = api.delete("/v1/customers/initech", OPERATOR).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, body) = api.check(OPERATOR, "initech", "u", 1).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
@@ -448,101 +367,55 @@ async fn grants_and_prices_through_the_api() {
     // A credits limit needs grants: add the limit, then a grant, then spend.
     let limit =
         json!({"id": "org-credits", "entity": "acme", "feature": "ai-requests", "kind": "credits"});
-    let (status, r) = api
-        .call(
-            Method::POST,
-            "/v1/customers/acme/limits",
-            Some(OPERATOR),
-            Some(limit),
-        )
-        .await;
+    let (status, r) = api.post("/v1/customers/acme/limits", OPERATOR, limit).await;
     assert_eq!(status, StatusCode::CREATED, "{r}");
     let check =
         json!({"featureId": "ai-requests", "requestedUsage": 5, "dimensions": {"userId": "alice"}});
     let (_, body) = api
-        .call(
-            Method::POST,
+        .post(
             "/v1/customers/acme/entitlements/check",
-            Some(ACME_KEY),
-            Some(check.clone()),
+            ACME_KEY,
+            check.clone(),
         )
         .await;
     assert_eq!(body["isGranted"], false, "no grant yet: {body}");
     let grant = json!({"id": "g1", "entity": "acme", "feature": "ai-requests", "amount": 8, "category": "paid"});
     let (status, r) = api
-        .call(
-            Method::POST,
-            "/v1/customers/acme/grants",
-            Some(OPERATOR),
-            Some(grant.clone()),
-        )
+        .post("/v1/customers/acme/grants", OPERATOR, grant.clone())
         .await;
     assert_eq!(status, StatusCode::CREATED, "{r}");
     let (_, body) = api
-        .call(
-            Method::POST,
+        .post(
             "/v1/customers/acme/entitlements/check",
-            Some(ACME_KEY),
-            Some(check.clone()),
+            ACME_KEY,
+            check.clone(),
         )
         .await;
     assert_eq!(body["isGranted"], true, "{body}");
     let (_, body) = api
-        .call(
-            Method::POST,
-            "/v1/customers/acme/entitlements/check",
-            Some(ACME_KEY),
-            Some(check),
-        )
+        .post("/v1/customers/acme/entitlements/check", ACME_KEY, check)
         .await;
     assert_eq!(
         body["isGranted"], false,
         "8 credits cannot cover 10: {body}"
     );
-    let (status, _) = api
-        .call(
-            Method::POST,
-            "/v1/customers/acme/grants",
-            Some(OPERATOR),
-            Some(grant),
-        )
-        .await;
+    let (status, _) = api.post("/v1/customers/acme/grants", OPERATOR, grant).await;
     assert_eq!(status, StatusCode::CONFLICT);
-    let (_, grants) = api
-        .call(
-            Method::GET,
-            "/v1/customers/acme/grants",
-            Some(ACME_KEY),
-            None,
-        )
-        .await;
+    let (_, grants) = api.get("/v1/customers/acme/grants", ACME_KEY).await;
     assert_eq!(grants[0]["id"], "g1");
 
     let table = json!({"version": "v1", "effectiveFrom": "2026-01-01T00:00:00Z", "models": [{"match": "*", "inputPerMillion": 1, "outputPerMillion": 2}]});
-    let (status, r) = api
-        .call(
-            Method::POST,
-            "/v1/prices",
-            Some(OPERATOR),
-            Some(table.clone()),
-        )
-        .await;
+    let (status, r) = api.post("/v1/prices", OPERATOR, table.clone()).await;
     assert_eq!(status, StatusCode::CREATED, "{r}");
-    let (_, prices) = api
-        .call(Method::GET, "/v1/prices", Some(ACME_KEY), None)
-        .await;
+    let (_, prices) = api.get("/v1/prices", ACME_KEY).await;
     assert_eq!(prices[0]["version"], "v1");
-    let (status, _) = api
-        .call(Method::PUT, "/v1/prices/v2", Some(OPERATOR), Some(table))
-        .await;
+    let (status, _) = api.put("/v1/prices/v2", OPERATOR, table).await;
     assert_eq!(
         status,
         StatusCode::BAD_REQUEST,
         "path and body versions differ"
     );
-    let (status, _) = api
-        .call(Method::DELETE, "/v1/prices/v1", Some(OPERATOR), None)
-        .await;
+    let (status, _) = api.delete("/v1/prices/v1", OPERATOR).await;
     assert_eq!(status, StatusCode::NO_CONTENT);
 }
 
@@ -555,23 +428,12 @@ async fn credentials_are_checked_and_cross_customer_calls_change_nothing() {
     let (status, r) = api.call(Method::POST, path, None, Some(body.clone())).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{r}");
     assert_eq!(r["error"]["code"], "unauthorized");
-    let (status, _) = api
-        .call(Method::POST, path, Some("wrong"), Some(body.clone()))
-        .await;
+    let (status, _) = api.post(path, "wrong", body.clone()).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let (status, _) = api
-        .call(
-            Method::POST,
-            path,
-            Some("acme-key.wrong-secret"),
-            Some(body.clone()),
-        )
-        .await;
+    let (status, _) = api.post(path, "acme-key.wrong-secret", body.clone()).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     // acme's key for globex: 403, even with a malformed body, and nothing counted.
-    let (status, r) = api
-        .call(Method::POST, path, Some(ACME_KEY), Some(body.clone()))
-        .await;
+    let (status, r) = api.post(path, ACME_KEY, body.clone()).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{r}");
     let (status, _) = api
         .raw(Method::POST, path, Some(ACME_KEY), Body::from("{not json"))
@@ -579,17 +441,14 @@ async fn credentials_are_checked_and_cross_customer_calls_change_nothing() {
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(org_counted(&api.service, "globex").await, 0);
     // globex's own hold cannot be settled or released by acme.
-    let (_, r) = api
-        .call(Method::POST, path, Some(GLOBEX_KEY), Some(body))
-        .await;
+    let (_, r) = api.post(path, GLOBEX_KEY, body).await;
     let hold = r["holdId"].as_str().unwrap().to_string();
     for action in ["settle", "release"] {
         let (status, _) = api
-            .call(
-                Method::POST,
+            .post(
                 &format!("/v1/holds/{hold}/{action}"),
-                Some(ACME_KEY),
-                Some(json!({"actualUsage": 0})),
+                ACME_KEY,
+                json!({"actualUsage": 0}),
             )
             .await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{action}");
@@ -599,37 +458,20 @@ async fn credentials_are_checked_and_cross_customer_calls_change_nothing() {
     let batch = json!({"events": [
         {"idempotencyKey": "a", "customerId": "acme", "featureId": "ai-tokens", "usage": 1, "dimensions": {"userId": "alice"}},
         {"idempotencyKey": "b", "customerId": "globex", "featureId": "ai-tokens", "usage": 1, "dimensions": {"userId": "dave"}}]});
-    let (status, _) = api
-        .call(Method::POST, "/v1/usage", Some(ACME_KEY), Some(batch))
-        .await;
+    let (status, _) = api.post("/v1/usage", ACME_KEY, batch).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(api.acme_org().await, 0);
     // Admin: a customer key reads its own customer only and writes nothing.
-    let (status, _) = api
-        .call(Method::GET, "/v1/customers/acme", Some(ACME_KEY), None)
-        .await;
+    let (status, _) = api.get("/v1/customers/acme", ACME_KEY).await;
     assert_eq!(status, StatusCode::OK);
-    let (status, _) = api
-        .call(Method::GET, "/v1/customers/globex", Some(ACME_KEY), None)
-        .await;
+    let (status, _) = api.get("/v1/customers/globex", ACME_KEY).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    let (_, list) = api
-        .call(Method::GET, "/v1/customers", Some(ACME_KEY), None)
-        .await;
+    let (_, list) = api.get("/v1/customers", ACME_KEY).await;
     assert_eq!(list["customers"], json!(["acme"]));
     let limit = json!({"id": "x", "entity": "acme", "feature": "ai-tokens", "kind": "quota", "limit": 1, "period": "P1D"});
-    let (status, r) = api
-        .call(
-            Method::POST,
-            "/v1/customers/acme/limits",
-            Some(ACME_KEY),
-            Some(limit),
-        )
-        .await;
+    let (status, r) = api.post("/v1/customers/acme/limits", ACME_KEY, limit).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{r}");
-    let (status, _) = api
-        .call(Method::DELETE, "/v1/customers/acme", Some(ACME_KEY), None)
-        .await;
+    let (status, _) = api.delete("/v1/customers/acme", ACME_KEY).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(api.service.admin_changes(), 0);
 }
@@ -649,11 +491,10 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{r}");
     assert_eq!(r["error"]["code"], "malformed_body");
     let (status, r) = api
-        .call(
-            Method::POST,
+        .post(
             path,
-            Some(OPERATOR),
-            Some(json!({"featureId": "ai-tokens", "requestedUsage": "ten"})),
+            OPERATOR,
+            json!({"featureId": "ai-tokens", "requestedUsage": "ten"}),
         )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{r}");
@@ -665,20 +506,18 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         "{r}"
     );
     let (status, r) = api
-        .call(
-            Method::POST,
+        .post(
             path,
-            Some(OPERATOR),
-            Some(json!({"featureId": "ai-tokens", "requestedUsage": -5})),
+            OPERATOR,
+            json!({"featureId": "ai-tokens", "requestedUsage": -5}),
         )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{r}");
     let (status, r) = api
-        .call(
-            Method::POST,
+        .post(
             path,
-            Some(OPERATOR),
-            Some(json!({"featureId": "ai-tokens", "requestedUsage": 1, "surprise": 1})),
+            OPERATOR,
+            json!({"featureId": "ai-tokens", "requestedUsage": 1, "surprise": 1}),
         )
         .await;
     assert_eq!(
@@ -694,13 +533,19 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         .raw(Method::POST, path, Some(OPERATOR), Body::from(huge))
         .await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{r}");
-    let (status, r) = api.call(Method::POST, path, Some(OPERATOR), Some(json!({"featureId": "nope", "requestedUsage": 1, "dimensions": {"userId": "alice"}}))).await;
+    let (status, r) = api
+        .post(
+            path,
+            OPERATOR,
+            json!({"featureId": "nope", "requestedUsage": 1, "dimensions": {"userId": "alice"}}),
+        )
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{r}");
     assert!(
         r["error"]["message"].as_str().unwrap().contains("nope"),
         "{r}"
     );
-    let (status, r) = api.call(Method::POST, path, Some(OPERATOR), Some(json!({"featureId": "ai-tokens", "requestedUsage": 1, "dimensions": {"userId": "mallory"}}))).await;
+    let (status, r) = api.post(path, OPERATOR, json!({"featureId": "ai-tokens", "requestedUsage": 1, "dimensions": {"userId": "mallory"}})).await;
     assert_eq!(
         status,
         StatusCode::BAD_REQUEST,
@@ -711,11 +556,10 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let many: serde_json::Map<String, Value> =
         (0..40).map(|i| (format!("d{i}"), json!("x"))).collect();
     let (status, r) = api
-        .call(
-            Method::POST,
+        .post(
             path,
-            Some(OPERATOR),
-            Some(json!({"featureId": "ai-tokens", "requestedUsage": 1, "dimensions": many})),
+            OPERATOR,
+            json!({"featureId": "ai-tokens", "requestedUsage": 1, "dimensions": many}),
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{r}");
@@ -726,30 +570,17 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
             .contains("40 dimensions in one request; at most 32"),
         "{r}"
     );
-    let (status, r) = api
-        .call(
-            Method::POST,
-            "/v1/usage",
-            Some(OPERATOR),
-            Some(json!({"events": [{"idempotencyKey": "k-many", "customerId": "acme", "featureId": "ai-tokens", "usage": 1, "dimensions": many}]})),
-        )
+    let (status, r) = api.post("/v1/usage", OPERATOR, json!({"events": [{"idempotencyKey": "k-many", "customerId": "acme", "featureId": "ai-tokens", "usage": 1, "dimensions": many}]}))
         .await;
     assert_eq!(status, StatusCode::OK, "{r}");
     assert_eq!(r["results"][0]["status"], "rejected", "{r}");
     assert_eq!(api.acme_org().await, 0);
-    let (status, r) = api
-        .call(Method::GET, "/v2/nothing", Some(OPERATOR), None)
-        .await;
+    let (status, r) = api.get("/v2/nothing", OPERATOR).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(r["error"]["code"], "no_route");
     let events: Vec<Value> = (0..1001).map(|i| json!({"idempotencyKey": format!("k{i}"), "customerId": "acme", "featureId": "ai-tokens", "usage": 1})).collect();
     let (status, r) = api
-        .call(
-            Method::POST,
-            "/v1/usage",
-            Some(OPERATOR),
-            Some(json!({"events": events})),
-        )
+        .post("/v1/usage", OPERATOR, json!({"events": events}))
         .await;
     assert!(
         status == StatusCode::BAD_REQUEST || status == StatusCode::PAYLOAD_TOO_LARGE,

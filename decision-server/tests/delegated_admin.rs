@@ -18,7 +18,7 @@ use tollgate::service::Service;
 use tollgate::store::CounterStore;
 
 use common::service::{
-    ACME_ADMIN, ACME_KEY, ACME_VIEWER, GLOBEX_ADMIN, GLOBEX_KEY, OPERATOR, call, config_with,
+    ACME_ADMIN, ACME_KEY, ACME_VIEWER, Calls, GLOBEX_ADMIN, GLOBEX_KEY, OPERATOR, call, config_with,
 };
 
 /// acme bought 200,000 `ai-tokens` a day per limit; it has no ceiling for a per-minute rate.
@@ -365,23 +365,15 @@ async fn roles_decide_what_each_key_may_do_over_http() {
         json!({"featureId": "ai-tokens", "requestedUsage": 1, "dimensions": {"userId": "alice"}});
     let team = json!({"id": "team-daily", "entityType": "team", "feature": "ai-tokens", "kind": "quota", "limit": 500, "period": "P1D"});
     // A viewer reads but neither decides nor changes.
-    let (s, _) = call(
-        &r,
-        Method::GET,
-        "/v1/customers/acme/limits",
-        ACME_VIEWER,
-        None,
-    )
-    .await;
+    let (s, _) = r.get("/v1/customers/acme/limits", ACME_VIEWER).await;
     assert_eq!(s, StatusCode::OK);
-    let (s, b) = call(
-        &r,
-        Method::POST,
-        "/v1/customers/acme/entitlements/check",
-        ACME_VIEWER,
-        Some(check.clone()),
-    )
-    .await;
+    let (s, b) = r
+        .post(
+            "/v1/customers/acme/entitlements/check",
+            ACME_VIEWER,
+            check.clone(),
+        )
+        .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
     assert!(
         b["error"]["message"]
@@ -391,36 +383,25 @@ async fn roles_decide_what_each_key_may_do_over_http() {
         "{b}"
     );
     for key in [ACME_VIEWER, ACME_KEY] {
-        let (s, b) = call(
-            &r,
-            Method::PUT,
-            "/v1/customers/acme/limits/team-daily",
-            key,
-            Some(team.clone()),
-        )
-        .await;
+        let (s, b) = r
+            .put("/v1/customers/acme/limits/team-daily", key, team.clone())
+            .await;
         assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
     }
     // The admin lowers a team limit; above the ceiling the answer says why.
-    let (s, b) = call(
-        &r,
-        Method::PUT,
-        "/v1/customers/acme/limits/team-daily",
-        ACME_ADMIN,
-        Some(team.clone()),
-    )
-    .await;
+    let (s, b) = r
+        .put(
+            "/v1/customers/acme/limits/team-daily",
+            ACME_ADMIN,
+            team.clone(),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK, "{b}");
     let mut over = team.clone();
     over["limit"] = json!(900_000);
-    let (s, b) = call(
-        &r,
-        Method::PUT,
-        "/v1/customers/acme/limits/team-daily",
-        ACME_ADMIN,
-        Some(over),
-    )
-    .await;
+    let (s, b) = r
+        .put("/v1/customers/acme/limits/team-daily", ACME_ADMIN, over)
+        .await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
     assert_eq!(b["error"]["code"], "refused");
     assert!(
@@ -440,24 +421,12 @@ async fn roles_decide_what_each_key_may_do_over_http() {
         let (s, _) = call(&r, m, path, GLOBEX_ADMIN, Some(team.clone())).await;
         assert_eq!(s, StatusCode::FORBIDDEN, "{path}");
     }
-    let (s, _) = call(
-        &r,
-        Method::POST,
-        "/v1/customers/acme/entitlements/check",
-        GLOBEX_KEY,
-        Some(check),
-    )
-    .await;
+    let (s, _) = r
+        .post("/v1/customers/acme/entitlements/check", GLOBEX_KEY, check)
+        .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
     // The audit log shows the change, who made it, before and after.
-    let (s, log) = call(
-        &r,
-        Method::GET,
-        "/v1/customers/acme/audit",
-        ACME_VIEWER,
-        None,
-    )
-    .await;
+    let (s, log) = r.get("/v1/customers/acme/audit", ACME_VIEWER).await;
     assert_eq!(s, StatusCode::OK);
     let e = &log["entries"][0];
     assert_eq!(
@@ -470,9 +439,9 @@ async fn roles_decide_what_each_key_may_do_over_http() {
     );
     assert_eq!(e["before"]["limit"], 100_000);
     assert_eq!(e["after"]["limit"], 500);
-    let (s, _) = call(&r, Method::GET, "/v1/audit", ACME_ADMIN, None).await;
+    let (s, _) = r.get("/v1/audit", ACME_ADMIN).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "the whole log is the operator's");
-    let (s, all) = call(&r, Method::GET, "/v1/audit", OPERATOR, None).await;
+    let (s, all) = r.get("/v1/audit", OPERATOR).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(all["entries"].as_array().unwrap().len(), 1);
 }
@@ -480,32 +449,24 @@ async fn roles_decide_what_each_key_may_do_over_http() {
 #[tokio::test]
 async fn webhook_secrets_are_shown_once_and_rotate_with_overlap() {
     let (_service, r) = router().await;
-    let (s, made) = call(
-        &r,
-        Method::POST,
-        "/v1/customers/acme/webhooks",
-        ACME_ADMIN,
-        Some(json!({"id": "ops", "url": "https://hooks.example.com/hook"})),
-    )
-    .await;
+    let (s, made) = r
+        .post(
+            "/v1/customers/acme/webhooks",
+            ACME_ADMIN,
+            json!({"id": "ops", "url": "https://hooks.example.com/hook"}),
+        )
+        .await;
     assert_eq!(s, StatusCode::CREATED, "{made}");
     let first = made["secret"].as_str().unwrap().to_string();
     assert!(first.starts_with("whsec_"));
     // Never read back: not in the list, not in the customer, not in the audit log.
-    let (_, list) = call(
-        &r,
-        Method::GET,
-        "/v1/customers/acme/webhooks",
-        ACME_ADMIN,
-        None,
-    )
-    .await;
+    let (_, list) = r.get("/v1/customers/acme/webhooks", ACME_ADMIN).await;
     assert_eq!(
         list,
         json!([{"id": "ops", "url": "https://hooks.example.com/hook", "secrets": 1}])
     );
     for path in ["/v1/customers/acme", "/v1/customers/acme/audit"] {
-        let (_, body) = call(&r, Method::GET, path, ACME_ADMIN, None).await;
+        let (_, body) = r.get(path, ACME_ADMIN).await;
         assert!(
             !body.to_string().contains(&first),
             "{path} shows the secret"
@@ -522,89 +483,39 @@ async fn webhook_secrets_are_shown_once_and_rotate_with_overlap() {
     .await;
     assert_eq!(s, StatusCode::CREATED);
     assert_ne!(rotated["secret"], first.as_str());
-    let (_, list) = call(
-        &r,
-        Method::GET,
-        "/v1/customers/acme/webhooks",
-        ACME_ADMIN,
-        None,
-    )
-    .await;
+    let (_, list) = r.get("/v1/customers/acme/webhooks", ACME_ADMIN).await;
     assert_eq!(list[0]["secrets"], 2);
-    let (s, _) = call(
-        &r,
-        Method::DELETE,
-        "/v1/customers/acme/webhooks/ops/secrets/previous",
-        ACME_ADMIN,
-        None,
-    )
-    .await;
+    let (s, _) = r
+        .delete(
+            "/v1/customers/acme/webhooks/ops/secrets/previous",
+            ACME_ADMIN,
+        )
+        .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    let (_, list) = call(
-        &r,
-        Method::GET,
-        "/v1/customers/acme/webhooks",
-        ACME_ADMIN,
-        None,
-    )
-    .await;
+    let (_, list) = r.get("/v1/customers/acme/webhooks", ACME_ADMIN).await;
     assert_eq!(list[0]["secrets"], 1);
     // An alert rule on the webhook; a viewer cannot add one.
     let rule = json!({"id": "team-80", "entityType": "team", "feature": "ai-tokens", "percent": [80], "webhooks": ["ops"]});
-    let (s, _) = call(
-        &r,
-        Method::POST,
-        "/v1/customers/acme/alerts",
-        ACME_VIEWER,
-        Some(rule.clone()),
-    )
-    .await;
+    let (s, _) = r
+        .post("/v1/customers/acme/alerts", ACME_VIEWER, rule.clone())
+        .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
-    let (s, b) = call(
-        &r,
-        Method::POST,
-        "/v1/customers/acme/alerts",
-        ACME_ADMIN,
-        Some(rule),
-    )
-    .await;
+    let (s, b) = r.post("/v1/customers/acme/alerts", ACME_ADMIN, rule).await;
     assert_eq!(s, StatusCode::CREATED, "{b}");
-    let (_, rules) = call(
-        &r,
-        Method::GET,
-        "/v1/customers/acme/alerts",
-        ACME_VIEWER,
-        None,
-    )
-    .await;
+    let (_, rules) = r.get("/v1/customers/acme/alerts", ACME_VIEWER).await;
     assert_eq!(rules[0]["id"], "team-80");
     // A webhook the rule uses cannot go (the model would be invalid); after the rule, it can.
-    let (s, _) = call(
-        &r,
-        Method::DELETE,
-        "/v1/customers/acme/webhooks/ops",
-        ACME_ADMIN,
-        None,
-    )
-    .await;
+    let (s, _) = r
+        .delete("/v1/customers/acme/webhooks/ops", ACME_ADMIN)
+        .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
-    let (s, _) = call(
-        &r,
-        Method::DELETE,
-        "/v1/customers/acme/alerts/team-80",
-        ACME_ADMIN,
-        None,
-    )
-    .await;
+    let (s, _) = r
+        .delete("/v1/customers/acme/alerts/team-80", ACME_ADMIN)
+        .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    let (s, _) = call(
-        &r,
-        Method::DELETE,
-        "/v1/customers/acme/webhooks/ops",
-        ACME_ADMIN,
-        None,
-    )
-    .await;
+    let (s, _) = r
+        .delete("/v1/customers/acme/webhooks/ops", ACME_ADMIN)
+        .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
 }
 
@@ -613,88 +524,56 @@ async fn customer_admins_make_and_revoke_their_own_keys() {
     let (service, r) = router().await;
     // Only a manager makes keys, and only for its own customer.
     for key in [ACME_VIEWER, ACME_KEY, GLOBEX_ADMIN] {
-        let (s, _) = call(
-            &r,
-            Method::POST,
-            "/v1/customers/acme/keys",
-            key,
-            Some(json!({"role": "viewer"})),
-        )
-        .await;
+        let (s, _) = r
+            .post("/v1/customers/acme/keys", key, json!({"role": "viewer"}))
+            .await;
         assert_eq!(s, StatusCode::FORBIDDEN, "{key}");
     }
-    let (s, made) = call(
-        &r,
-        Method::POST,
-        "/v1/customers/acme/keys",
-        ACME_ADMIN,
-        Some(json!({"role": "viewer", "label": "finance dashboard"})),
-    )
-    .await;
+    let (s, made) = r
+        .post(
+            "/v1/customers/acme/keys",
+            ACME_ADMIN,
+            json!({"role": "viewer", "label": "finance dashboard"}),
+        )
+        .await;
     assert_eq!(s, StatusCode::CREATED, "{made}");
     let viewer = made["key"].as_str().unwrap().to_string();
     let id = made["id"].as_str().unwrap().to_string();
     assert!(viewer.starts_with(&format!("{id}.")));
     // It works at once, with its role: reads, never decides.
-    let (s, _) = call(&r, Method::GET, "/v1/customers/acme/limits", &viewer, None).await;
+    let (s, _) = r.get("/v1/customers/acme/limits", &viewer).await;
     assert_eq!(s, StatusCode::OK);
     let check =
         json!({"featureId": "ai-tokens", "requestedUsage": 1, "dimensions": {"userId": "alice"}});
-    let (s, _) = call(
-        &r,
-        Method::POST,
-        "/v1/customers/acme/entitlements/check",
-        &viewer,
-        Some(check.clone()),
-    )
-    .await;
+    let (s, _) = r
+        .post(
+            "/v1/customers/acme/entitlements/check",
+            &viewer,
+            check.clone(),
+        )
+        .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
-    let (s, _) = call(
-        &r,
-        Method::GET,
-        "/v1/customers/globex/limits",
-        &viewer,
-        None,
-    )
-    .await;
+    let (s, _) = r.get("/v1/customers/globex/limits", &viewer).await;
     assert_eq!(s, StatusCode::FORBIDDEN);
-    let (_, app) = call(
-        &r,
-        Method::POST,
-        "/v1/customers/acme/keys",
-        ACME_ADMIN,
-        Some(json!({"role": "app"})),
-    )
-    .await;
+    let (_, app) = r
+        .post(
+            "/v1/customers/acme/keys",
+            ACME_ADMIN,
+            json!({"role": "app"}),
+        )
+        .await;
     let app = app["key"].as_str().unwrap().to_string();
-    let (s, b) = call(
-        &r,
-        Method::POST,
-        "/v1/customers/acme/entitlements/check",
-        &app,
-        Some(check),
-    )
-    .await;
+    let (s, b) = r
+        .post("/v1/customers/acme/entitlements/check", &app, check)
+        .await;
     assert_eq!(s, StatusCode::OK, "{b}");
     // A guessed secret for a real id is not the key.
-    let (s, _) = call(
-        &r,
-        Method::GET,
-        "/v1/customers/acme/limits",
-        &format!("{id}.guess"),
-        None,
-    )
-    .await;
+    let (s, _) = r
+        .get("/v1/customers/acme/limits", &format!("{id}.guess"))
+        .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     // Listed without the key or its digest; in the audit log as made by acme's admin.
-    let (_, list) = call(
-        &r,
-        Method::GET,
-        "/v1/customers/acme/keys",
-        ACME_VIEWER,
-        None,
-    )
-    .await;
+    let (_, list) = r.get("/v1/customers/acme/keys", ACME_VIEWER).await;
     assert_eq!(list.as_array().unwrap().len(), 2);
     assert!(!list.to_string().contains(&viewer) && !list.to_string().contains("sha256"));
     let log = service.audit(Some("acme"));
@@ -705,16 +584,11 @@ async fn customer_admins_make_and_revoke_their_own_keys() {
         .sessions()
         .create(&service.token_check(), &viewer, service.now().millis())
         .unwrap();
-    let (s, _) = call(
-        &r,
-        Method::DELETE,
-        &format!("/v1/customers/acme/keys/{id}"),
-        ACME_ADMIN,
-        None,
-    )
-    .await;
+    let (s, _) = r
+        .delete(&format!("/v1/customers/acme/keys/{id}"), ACME_ADMIN)
+        .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    let (s, _) = call(&r, Method::GET, "/v1/customers/acme/limits", &viewer, None).await;
+    let (s, _) = r.get("/v1/customers/acme/limits", &viewer).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert!(
         service

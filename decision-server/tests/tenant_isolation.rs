@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use axum::http::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use common::service::{ACME_ADMIN, ACME_KEY, GLOBEX_ADMIN, GLOBEX_KEY, call, config_with};
+use common::service::{ACME_ADMIN, ACME_KEY, Calls, GLOBEX_ADMIN, GLOBEX_KEY, call, config_with};
 use common::webhooks::Receiver;
 
 /// The fixture with `alerting` settings `alerting` (YAML flow mapping).
@@ -66,14 +66,13 @@ impl Silent {
 }
 
 async fn add_webhook(router: &axum::Router, customer: &str, admin: &str, url: &str) -> StatusCode {
-    let (s, body) = call(
-        router,
-        Method::POST,
-        &format!("/v1/customers/{customer}/webhooks"),
-        admin,
-        Some(json!({"id": "ops", "url": url})),
-    )
-    .await;
+    let (s, body) = router
+        .post(
+            &format!("/v1/customers/{customer}/webhooks"),
+            admin,
+            json!({"id": "ops", "url": url}),
+        )
+        .await;
     assert!(
         s == StatusCode::CREATED || s.is_client_error(),
         "{s}: {body}"
@@ -160,14 +159,13 @@ async fn webhooks_to_the_pods_own_services_are_refused() {
         "https://[::ffff:127.0.0.1]/hook",
         "https://localhost/hook",
     ] {
-        let (s, body) = call(
-            &router,
-            Method::POST,
-            "/v1/customers/acme/webhooks",
-            ACME_ADMIN,
-            Some(json!({"id": "ops", "url": url})),
-        )
-        .await;
+        let (s, body) = router
+            .post(
+                "/v1/customers/acme/webhooks",
+                ACME_ADMIN,
+                json!({"id": "ops", "url": url}),
+            )
+            .await;
         assert!(s.is_client_error(), "{url}: {s} {body}");
         assert!(
             body["error"]["problems"][0]
@@ -191,14 +189,13 @@ async fn webhooks_to_the_pods_own_services_are_refused() {
 async fn stored_text_is_bounded_and_clean() {
     let (_service, router) = router_with("{ timeoutMs: 2000 }").await;
     let long = format!("https://hooks.example.com/{}", "a".repeat(40_000));
-    let (s, body) = call(
-        &router,
-        Method::POST,
-        "/v1/customers/acme/webhooks",
-        ACME_ADMIN,
-        Some(json!({"id": "ops", "url": long})),
-    )
-    .await;
+    let (s, body) = router
+        .post(
+            "/v1/customers/acme/webhooks",
+            ACME_ADMIN,
+            json!({"id": "ops", "url": long}),
+        )
+        .await;
     assert!(s.is_client_error(), "{s}: {body}");
     assert!(body.to_string().contains("over 2048"), "{body}");
     for (label, why) in [
@@ -206,25 +203,23 @@ async fn stored_text_is_bounded_and_clean() {
         ("nul\u{0}".into(), "U+0000"),
         ("rtl\u{202e}txt".into(), "U+202E"),
     ] {
-        let (s, body): (StatusCode, Value) = call(
-            &router,
-            Method::POST,
-            "/v1/customers/acme/keys",
-            ACME_ADMIN,
-            Some(json!({"role": "viewer", "label": label})),
-        )
-        .await;
+        let (s, body): (StatusCode, Value) = router
+            .post(
+                "/v1/customers/acme/keys",
+                ACME_ADMIN,
+                json!({"role": "viewer", "label": label}),
+            )
+            .await;
         assert!(s.is_client_error(), "{s}: {body}");
         assert!(body.to_string().contains(why), "{why}: {body}");
     }
-    let (s, body): (StatusCode, Value) = call(
-        &router,
-        Method::POST,
-        "/v1/customers/acme/keys",
-        ACME_ADMIN,
-        Some(json!({"role": "viewer", "label": "y".repeat(200)})),
-    )
-    .await;
+    let (s, body): (StatusCode, Value) = router
+        .post(
+            "/v1/customers/acme/keys",
+            ACME_ADMIN,
+            json!({"role": "viewer", "label": "y".repeat(200)}),
+        )
+        .await;
     assert_eq!(s, StatusCode::CREATED, "the bound itself is kept: {body}");
 }
 
@@ -280,14 +275,13 @@ async fn a_sign_in_loop_churns_only_its_own_tenants_sessions() {
     // Enough keys of its own to pass the customer's budget as well as each key's.
     let mut keys = vec![ACME_VIEWER.to_string(), ACME_ADMIN.to_string()];
     while keys.len() * MAX_PER_KEY <= MAX_PER_CUSTOMER + MAX_PER_KEY {
-        let (s, made) = call(
-            &router,
-            Method::POST,
-            "/v1/customers/acme/keys",
-            ACME_ADMIN,
-            Some(json!({"role": "viewer"})),
-        )
-        .await;
+        let (s, made) = router
+            .post(
+                "/v1/customers/acme/keys",
+                ACME_ADMIN,
+                json!({"role": "viewer"}),
+            )
+            .await;
         assert_eq!(s, StatusCode::CREATED, "{made}");
         keys.push(made["key"].as_str().unwrap().to_string());
     }
@@ -324,14 +318,9 @@ async fn ingest(router: &axum::Router, customer: &str, key: &str, from: usize, n
                        "featureId": "ai-tokens", "usage": 1, "dimensions": {"userId": user}})
             })
             .collect();
-        let (s, body) = call(
-            router,
-            Method::POST,
-            "/v1/usage",
-            key,
-            Some(json!({ "events": events })),
-        )
-        .await;
+        let (s, body) = router
+            .post("/v1/usage", key, json!({ "events": events }))
+            .await;
         assert_eq!(s, StatusCode::OK, "{body}");
         assert!(
             body["results"]
@@ -432,14 +421,9 @@ async fn alert_rules_thresholds_and_webhooks_have_a_budget_per_tenant() {
     let post = |body: Value| {
         let router = router.clone();
         async move {
-            call(
-                &router,
-                Method::POST,
-                "/v1/customers/acme/alerts",
-                ACME_ADMIN,
-                Some(body),
-            )
-            .await
+            router
+                .post("/v1/customers/acme/alerts", ACME_ADMIN, body)
+                .await
         }
     };
     let (s, body) = post(rule("many", 1_000)).await;
@@ -455,35 +439,32 @@ async fn alert_rules_thresholds_and_webhooks_have_a_budget_per_tenant() {
     assert!(s.is_client_error(), "{s}");
     assert!(body.to_string().contains("maxRulesPerCustomer"), "{body}");
     // The other tenant's budget is its own.
-    let (s, body) = call(
-        &router,
-        Method::POST,
-        "/v1/customers/globex/alerts",
-        GLOBEX_ADMIN,
-        Some(json!({"id": "g", "entity": "globex", "limit": "org-daily", "percent": [50]})),
-    )
-    .await;
+    let (s, body) = router
+        .post(
+            "/v1/customers/globex/alerts",
+            GLOBEX_ADMIN,
+            json!({"id": "g", "entity": "globex", "limit": "org-daily", "percent": [50]}),
+        )
+        .await;
     assert_eq!(s, StatusCode::CREATED, "{body}");
     for i in 0..10 {
         let url = format!("https://hooks.example.com/{i}");
-        let (s, _) = call(
-            &router,
-            Method::POST,
-            "/v1/customers/acme/webhooks",
-            ACME_ADMIN,
-            Some(json!({"id": format!("w{i}"), "url": url})),
-        )
-        .await;
+        let (s, _) = router
+            .post(
+                "/v1/customers/acme/webhooks",
+                ACME_ADMIN,
+                json!({"id": format!("w{i}"), "url": url}),
+            )
+            .await;
         assert_eq!(s, StatusCode::CREATED);
     }
-    let (s, body) = call(
-        &router,
-        Method::POST,
-        "/v1/customers/acme/webhooks",
-        ACME_ADMIN,
-        Some(json!({"id": "w10", "url": "https://hooks.example.com/10"})),
-    )
-    .await;
+    let (s, body) = router
+        .post(
+            "/v1/customers/acme/webhooks",
+            ACME_ADMIN,
+            json!({"id": "w10", "url": "https://hooks.example.com/10"}),
+        )
+        .await;
     assert!(s.is_client_error(), "{s}");
     assert!(
         body.to_string().contains("maxWebhooksPerCustomer"),

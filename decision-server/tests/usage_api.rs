@@ -12,7 +12,7 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-use common::service::{ACME_KEY, GLOBEX_KEY, OPERATOR};
+use common::service::{ACME_KEY, Calls, GLOBEX_KEY, OPERATOR};
 
 struct Api {
     router: axum::Router,
@@ -76,6 +76,18 @@ impl Sse {
                 self.text.push_str(std::str::from_utf8(&bytes).unwrap());
             }
         }
+    }
+}
+
+impl Calls for Api {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        self.router.send(method, path, token, body).await
     }
 }
 
@@ -175,22 +187,19 @@ impl Api {
         )
     }
 
-    async fn get(&self, path: &str) -> (StatusCode, Value) {
-        self.call(Method::GET, path, ACME_KEY, None).await
+    async fn read(&self, path: &str) -> (StatusCode, Value) {
+        Calls::get(self, path, ACME_KEY).await
     }
 
     /// A check for `user` with `model`; settled at `settle` units, or released when `None`.
     /// Returns whether it was granted.
     async fn spend(&self, user: &str, model: &str, requested: u64, settle: Option<u64>) -> bool {
         let (status, d) = self
-            .call(
-                Method::POST,
+            .post(
                 "/v1/customers/acme/entitlements/check",
                 ACME_KEY,
-                Some(
-                    json!({"featureId": "ai-tokens", "requestedUsage": requested,
+                json!({"featureId": "ai-tokens", "requestedUsage": requested,
                     "dimensions": {"userId": user, "model": model}}),
-                ),
             )
             .await;
         assert_eq!(status, StatusCode::OK, "{d}");
@@ -246,7 +255,7 @@ async fn history_attributes_every_unit_by_team_model_and_denying_limit() {
     api.spend_fixture().await;
 
     let (status, h) = api
-        .get("/v1/customers/acme/usage/history?groupBy=teamId&windowSize=HOUR")
+        .read("/v1/customers/acme/usage/history?groupBy=teamId&windowSize=HOUR")
         .await;
     assert_eq!(status, StatusCode::OK, "{h}");
     assert_eq!(h["windowSize"], "HOUR");
@@ -264,14 +273,14 @@ async fn history_attributes_every_unit_by_team_model_and_denying_limit() {
     }
 
     let (_, h) = api
-        .get("/v1/customers/acme/usage/history?groupBy=model&filter%5BteamId%5D=ml&featureId=ai-tokens")
+        .read("/v1/customers/acme/usage/history?groupBy=model&filter%5BteamId%5D=ml&featureId=ai-tokens")
         .await;
     assert_eq!(h["series"].as_array().unwrap().len(), 2, "{h}");
     assert_eq!(totals(series(&h, "model", Some("gpt-4o"))).0, 80);
     assert_eq!(totals(series(&h, "model", Some("claude"))).0, 50);
 
     let (_, h) = api
-        .get("/v1/customers/acme/usage/history?groupBy=deniedBy&groupBy=userId")
+        .read("/v1/customers/acme/usage/history?groupBy=deniedBy&groupBy=userId")
         .await;
     let denied = series(&h, "deniedBy", Some("org-daily"));
     assert_eq!(denied["groupBy"]["userId"], "carol");
@@ -279,7 +288,7 @@ async fn history_attributes_every_unit_by_team_model_and_denying_limit() {
 
     // No groupBy: one series with everything.
     let (_, h) = api
-        .get("/v1/customers/acme/usage/history?windowSize=DAY")
+        .read("/v1/customers/acme/usage/history?windowSize=DAY")
         .await;
     assert_eq!(h["series"].as_array().unwrap().len(), 1, "{h}");
     assert_eq!(totals(&h["series"][0]), (130, 3, 1));
@@ -300,12 +309,7 @@ async fn history_attributes_every_unit_by_team_model_and_denying_limit() {
 
     // Globex spent nothing, and sees none of acme's usage.
     let (status, h) = api
-        .call(
-            Method::GET,
-            "/v1/customers/globex/usage/history",
-            GLOBEX_KEY,
-            None,
-        )
+        .get("/v1/customers/globex/usage/history", GLOBEX_KEY)
         .await;
     assert_eq!(status, StatusCode::OK, "{h}");
     assert!(
@@ -323,7 +327,7 @@ async fn day_windows_align_to_the_asked_time_zone() {
     let api = Api::new(10_000).await;
     api.spend_fixture().await;
     let (status, h) = api
-        .get("/v1/customers/acme/usage/history?windowSize=DAY&timeZone=Europe/Berlin")
+        .read("/v1/customers/acme/usage/history?windowSize=DAY&timeZone=Europe/Berlin")
         .await;
     assert_eq!(status, StatusCode::OK, "{h}");
     assert_eq!(h["timeZone"], "Europe/Berlin");
@@ -347,17 +351,17 @@ async fn day_windows_align_to_the_asked_time_zone() {
     // pinned clock) cannot be cut at Berlin's midnight, and the answer says so instead of
     // shifting the windows.
     let (status, e) = api
-        .get("/v1/customers/acme/usage/history?windowSize=DAY&timeZone=Europe/Berlin&from=2025-10-10T00:00:00Z&to=2025-10-12T00:00:00Z")
+        .read("/v1/customers/acme/usage/history?windowSize=DAY&timeZone=Europe/Berlin&from=2025-10-10T00:00:00Z&to=2025-10-12T00:00:00Z")
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
     assert_eq!(e["error"]["parameter"], "timeZone", "{e}");
     let (status, h) = api
-        .get("/v1/customers/acme/usage/history?windowSize=DAY&from=2025-10-10T00:00:00Z&to=2025-10-12T00:00:00Z")
+        .read("/v1/customers/acme/usage/history?windowSize=DAY&from=2025-10-10T00:00:00Z&to=2025-10-12T00:00:00Z")
         .await;
     assert_eq!(status, StatusCode::OK, "{h}");
     // Past every retention (days are kept two years).
     let (status, e) = api
-        .get("/v1/customers/acme/usage/history?windowSize=DAY&from=2020-01-10T00:00:00Z&to=2020-01-12T00:00:00Z")
+        .read("/v1/customers/acme/usage/history?windowSize=DAY&from=2020-01-10T00:00:00Z&to=2020-01-12T00:00:00Z")
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
     assert_eq!(e["error"]["parameter"], "from", "{e}");
@@ -369,7 +373,7 @@ async fn top_spenders_and_budget_state() {
     api.spend_fixture().await;
 
     let (status, t) = api
-        .get("/v1/customers/acme/usage/top?by=userId&limit=2")
+        .read("/v1/customers/acme/usage/top?by=userId&limit=2")
         .await;
     assert_eq!(status, StatusCode::OK, "{t}");
     let rows = t["rows"].as_array().unwrap();
@@ -383,12 +387,12 @@ async fn top_spenders_and_budget_state() {
         (Some("bob"), Some(50))
     );
     let (_, t) = api
-        .get("/v1/customers/acme/usage/top?by=model&filter%5BuserId%5D=bob")
+        .read("/v1/customers/acme/usage/top?by=model&filter%5BuserId%5D=bob")
         .await;
     assert_eq!(t["rows"].as_array().unwrap().len(), 1, "{t}");
     assert_eq!(t["rows"][0]["value"], "claude");
 
-    let (status, b) = api.get("/v1/customers/acme/entities/ml/budget").await;
+    let (status, b) = api.read("/v1/customers/acme/entities/ml/budget").await;
     assert_eq!(status, StatusCode::OK, "{b}");
     assert_eq!(b["entityType"], "team");
     let team = &b["limits"][0];
@@ -402,7 +406,7 @@ async fn top_spenders_and_budget_state() {
     // 130 units in the last minutes will not spend 99,870 before the day ends.
     assert_eq!(team["projectedExhaustion"], Value::Null, "{b}");
 
-    let (_, b) = api.get("/v1/customers/acme/entities/acme/budget").await;
+    let (_, b) = api.read("/v1/customers/acme/entities/acme/budget").await;
     let org = &b["limits"][0];
     assert_eq!(
         (org["limitId"].as_str(), org["used"].as_u64()),
@@ -420,7 +424,7 @@ async fn top_spenders_and_budget_state() {
         "{b}"
     );
 
-    let (status, e) = api.get("/v1/customers/acme/entities/nobody/budget").await;
+    let (status, e) = api.read("/v1/customers/acme/entities/nobody/budget").await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{e}");
 }
 
@@ -455,7 +459,7 @@ async fn bad_parameters_get_a_400_that_names_them() {
         ("usage/top?by=userId&limit=ten", "limit"),
     ];
     for (query, param) in cases {
-        let (status, e) = api.get(&format!("/v1/customers/acme/{query}")).await;
+        let (status, e) = api.read(&format!("/v1/customers/acme/{query}")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {e}");
         assert_eq!(e["error"]["code"], "bad_parameter", "{query}: {e}");
         assert_eq!(e["error"]["parameter"], param, "{query}: {e}");
@@ -467,11 +471,13 @@ async fn bad_parameters_get_a_400_that_names_them() {
     // Groups × windows over the cap: 25 hours × 3 (user, model) pairs.
     api.spend_fixture().await;
     let (status, e) = api
-        .get("/v1/customers/acme/usage/history?windowSize=HOUR&groupBy=userId&groupBy=model")
+        .read("/v1/customers/acme/usage/history?windowSize=HOUR&groupBy=userId&groupBy=model")
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
     assert_eq!(e["error"]["parameter"], "groupBy", "{e}");
-    let (status, e) = api.get("/v1/customers/acme/usage/history?colour=red").await;
+    let (status, e) = api
+        .read("/v1/customers/acme/usage/history?colour=red")
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
     assert!(
         e["error"]["message"].as_str().unwrap().contains("`colour`"),
@@ -488,11 +494,11 @@ async fn a_customer_key_reads_only_its_own_usage() {
         "/v1/customers/acme/usage/top?by=userId",
         "/v1/customers/acme/entities/acme/budget",
     ] {
-        let (status, e) = api.call(Method::GET, path, GLOBEX_KEY, None).await;
+        let (status, e) = api.get(path, GLOBEX_KEY).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {e}");
-        let (status, _) = api.call(Method::GET, path, "globex-key.wrong", None).await;
+        let (status, _) = api.get(path, "globex-key.wrong").await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
-        let (status, b) = api.call(Method::GET, path, OPERATOR, None).await;
+        let (status, b) = api.get(path, OPERATOR).await;
         assert_eq!(status, StatusCode::OK, "{path}: {b}");
     }
 }
@@ -599,13 +605,7 @@ async fn the_push_stream_is_scoped_to_the_callers_customer() {
     let (_, all, _) = api.open("/v1/usage/stream", OPERATOR, None).await;
     let (mut globex, mut all) = (globex.unwrap(), all.unwrap());
     assert!(api.spend("alice", "gpt-4o", 10, Some(10)).await);
-    let (status, d) = api
-        .call(
-            Method::POST,
-            "/v1/customers/globex/entitlements/check",
-            GLOBEX_KEY,
-            Some(json!({"featureId": "ai-tokens", "requestedUsage": 5, "dimensions": {"userId": "dave"}})),
-        )
+    let (status, d) = api.post("/v1/customers/globex/entitlements/check", GLOBEX_KEY, json!({"featureId": "ai-tokens", "requestedUsage": 5, "dimensions": {"userId": "dave"}}))
         .await;
     assert_eq!(status, StatusCode::OK, "{d}");
     let hold = d["holdId"].as_str().unwrap();
@@ -659,7 +659,7 @@ async fn replicas_sharing_redis_see_each_others_usage_live() {
         "{e}"
     );
     // And B's queries read A's rollups: one store, one truth.
-    let (status, t) = b.get("/v1/customers/acme/usage/top?by=userId").await;
+    let (status, t) = b.read("/v1/customers/acme/usage/top?by=userId").await;
     assert_eq!(status, StatusCode::OK, "{t}");
     assert_eq!(t["rows"][0]["value"], "alice");
     assert_eq!(t["rows"][0]["units"], 80);
@@ -726,7 +726,7 @@ async fn a_crossed_threshold_is_delivered_signed_retried_and_logged() {
 
     // First attempt: the receiver fails it.
     assert_eq!(api.service.deliver_due_and_wait().await.unwrap(), 1);
-    let (_, log) = api.get("/v1/customers/acme/alerts/deliveries").await;
+    let (_, log) = api.read("/v1/customers/acme/alerts/deliveries").await;
     let d = &log["deliveries"][0];
     assert_eq!(
         (d["status"].as_str(), d["attempts"][0]["status"].as_u64()),
@@ -737,7 +737,7 @@ async fn a_crossed_threshold_is_delivered_signed_retried_and_logged() {
     assert_eq!(api.service.deliver_due_and_wait().await.unwrap(), 0);
     tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
     assert_eq!(api.service.deliver_due_and_wait().await.unwrap(), 1);
-    let (_, log) = api.get("/v1/customers/acme/alerts/deliveries").await;
+    let (_, log) = api.read("/v1/customers/acme/alerts/deliveries").await;
     let d = &log["deliveries"][0];
     assert_eq!(d["status"], "delivered", "{log}");
     assert_eq!(d["attempts"].as_array().unwrap().len(), 2);
@@ -777,7 +777,7 @@ async fn a_crossed_threshold_is_delivered_signed_retried_and_logged() {
         "webhook.test"
     );
     let (_, log) = api
-        .get("/v1/customers/acme/alerts/deliveries?limit=1")
+        .read("/v1/customers/acme/alerts/deliveries?limit=1")
         .await;
     assert_eq!(log["deliveries"].as_array().unwrap().len(), 1);
     assert_eq!(log["deliveries"][0]["id"], t["deliveryId"]);

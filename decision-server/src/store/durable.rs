@@ -575,23 +575,98 @@ fn writer(db: Arc<Database>, log: Arc<Log>) {
     }
 }
 
-/// Every row of a `customer ‖ key → value` table, handed to `each` as (customer, key, value).
-fn customer_rows<V: redb::Value + 'static>(
-    txn: &redb::ReadTransaction,
-    table: TableDefinition<&[u8], V>,
-    what: &str,
-    open: &dyn Fn(redb::Error) -> OpenError,
-    corrupt: &dyn Fn(String) -> OpenError,
-    mut each: impl FnMut(&str, &[u8], V::SelfType<'_>) -> Result<(), OpenError>,
-) -> Result<(), OpenError> {
-    let t = txn.open_table(table).map_err(|e| open(e.into()))?;
-    for row in t.iter().map_err(|e| open(e.into()))? {
-        let (k, v) = row.map_err(|e| open(e.into()))?;
-        let (customer, key) =
-            split_key(k.value()).ok_or_else(|| corrupt(format!("{what} row key")))?;
-        each(customer, key, v.value())?;
+/// Reads a store file's tables back, customer by customer, naming the file, the table's rows
+/// and the customer in every error.
+struct Rows<'a> {
+    txn: redb::ReadTransaction,
+    path: &'a Path,
+    by_customer: HashMap<String, Restored>,
+}
+
+fn open_error(path: &Path, e: redb::Error) -> OpenError {
+    OpenError::Open {
+        path: path.to_path_buf(),
+        source: Box::new(e),
     }
-    Ok(())
+}
+
+fn corrupt_error(path: &Path, message: String) -> OpenError {
+    OpenError::Corrupt {
+        path: path.to_path_buf(),
+        message,
+    }
+}
+
+impl<'a> Rows<'a> {
+    fn new(db: &Database, path: &'a Path) -> Result<Self, OpenError> {
+        let txn = db.begin_read().map_err(|e| open_error(path, e.into()))?;
+        Ok(Self {
+            txn,
+            path,
+            by_customer: HashMap::new(),
+        })
+    }
+
+    /// Every row of a `customer ‖ key → value` table, handed to `each` with what the file holds
+    /// of that customer; `each` says in its error what of the row was wrong.
+    fn raw<V: redb::Value + 'static>(
+        &mut self,
+        table: TableDefinition<&[u8], V>,
+        what: &str,
+        mut each: impl FnMut(&mut Restored, &[u8], V::SelfType<'_>) -> Result<(), String>,
+    ) -> Result<(), OpenError> {
+        let path = self.path;
+        let t = self
+            .txn
+            .open_table(table)
+            .map_err(|e| open_error(path, e.into()))?;
+        for row in t.iter().map_err(|e| open_error(path, e.into()))? {
+            let (k, v) = row.map_err(|e| open_error(path, e.into()))?;
+            let (customer, key) = split_key(k.value())
+                .ok_or_else(|| corrupt_error(path, format!("{what} row key")))?;
+            let r = self.by_customer.entry(customer.to_string()).or_default();
+            each(r, key, v.value())
+                .map_err(|e| corrupt_error(path, format!("{what} of `{customer}`: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Every row of a table whose values are postcard, decoded.
+    fn decoded<K: RowKey, V: serde::de::DeserializeOwned>(
+        &mut self,
+        table: TableDefinition<&[u8], &[u8]>,
+        what: &str,
+        mut each: impl FnMut(&mut Restored, K, V),
+    ) -> Result<(), OpenError> {
+        self.raw(table, what, |r, k, v| {
+            let key = K::read(k).ok_or("its key")?;
+            let value = postcard::from_bytes(v).map_err(|e| e.to_string())?;
+            each(r, key, value);
+            Ok(())
+        })
+    }
+
+    /// Each customer's next hold sequence number (a table keyed by the customer alone).
+    fn next_seqs(&mut self) -> Result<(), OpenError> {
+        let path = self.path;
+        let t = self
+            .txn
+            .open_table(NEXT_SEQ)
+            .map_err(|e| open_error(path, e.into()))?;
+        for row in t.iter().map_err(|e| open_error(path, e.into()))? {
+            let (k, v) = row.map_err(|e| open_error(path, e.into()))?;
+            let r = self.by_customer.entry(k.value().to_string()).or_default();
+            r.next_seq = v.value();
+        }
+        Ok(())
+    }
+
+    fn into_ledgers(self) -> Vec<(String, Ledger)> {
+        self.by_customer
+            .into_iter()
+            .map(|(c, r)| (c, r.into_ledger()))
+            .collect()
+    }
 }
 
 /// The part of a row's key after the customer, as a table keys its rows.
@@ -624,25 +699,6 @@ impl RowKey for () {
     }
 }
 
-/// Every row of a table whose values are postcard, decoded, with its customer; a row that does
-/// not decode names the table's `what` and the customer.
-fn decoded_rows<K: RowKey, V: serde::de::DeserializeOwned>(
-    txn: &redb::ReadTransaction,
-    table: TableDefinition<&[u8], &[u8]>,
-    what: &str,
-    open: &dyn Fn(redb::Error) -> OpenError,
-    corrupt: &dyn Fn(String) -> OpenError,
-    mut each: impl FnMut(&str, K, V),
-) -> Result<(), OpenError> {
-    customer_rows(txn, table, what, open, corrupt, |customer, k, v| {
-        let key = K::read(k).ok_or_else(|| corrupt(format!("{what} of `{customer}`: its key")))?;
-        let value =
-            postcard::from_bytes(v).map_err(|e| corrupt(format!("{what} of `{customer}`: {e}")))?;
-        each(customer, key, value);
-        Ok(())
-    })
-}
-
 /// What the file holds of one customer.
 #[derive(Default)]
 struct Restored {
@@ -660,142 +716,46 @@ struct Restored {
 
 /// Reads every row back into ledgers.
 fn restore(db: &Database, path: &Path) -> Result<Vec<(String, Ledger)>, OpenError> {
-    let corrupt = |message: String| OpenError::Corrupt {
-        path: path.to_path_buf(),
-        message,
-    };
-    let open = |e: redb::Error| OpenError::Open {
-        path: path.to_path_buf(),
-        source: Box::new(e),
-    };
-    let mut by_customer: HashMap<String, Restored> = HashMap::new();
-    let txn = db.begin_read().map_err(|e| open(e.into()))?;
-    customer_rows(
-        &txn,
-        COUNTERS,
-        "a counter",
-        &open,
-        &corrupt,
-        |customer, key, v| {
-            let key: CounterKey =
-                postcard::from_bytes(key).map_err(|e| corrupt(format!("a counter key: {e}")))?;
-            let state: CounterState = postcard::from_bytes(v)
-                .map_err(|e| corrupt(format!("counter state of `{customer}`: {e}")))?;
-            let r = by_customer.entry(customer.to_string()).or_default();
-            r.counters.push((key, state));
-            Ok(())
-        },
-    )?;
-    decoded_rows(
-        &txn,
-        HOLDS,
-        "a hold",
-        &open,
-        &corrupt,
-        |customer, seq, hold: Hold| {
-            let r = by_customer.entry(customer.to_string()).or_default();
-            r.holds.push((seq, hold));
-        },
-    )?;
-    decoded_rows(
-        &txn,
-        ENTITIES,
-        "an entity",
-        &open,
-        &corrupt,
-        |customer, id: Box<str>, e: StoredEntity| {
-            let r = by_customer.entry(customer.to_string()).or_default();
-            r.entities.push((id, e));
-        },
-    )?;
-    let next = txn.open_table(NEXT_SEQ).map_err(|e| open(e.into()))?;
-    for row in next.iter().map_err(|e| open(e.into()))? {
-        let (k, v) = row.map_err(|e| open(e.into()))?;
-        by_customer
-            .entry(k.value().to_string())
-            .or_default()
-            .next_seq = v.value();
-    }
-    decoded_rows(
-        &txn,
-        HOLD_RECORDS,
-        "a hold record",
-        &open,
-        &corrupt,
-        |customer, seq, r: HoldRecord| {
-            let entry = by_customer.entry(customer.to_string()).or_default();
-            entry.hold_records.insert(seq, r);
-        },
-    )?;
-    decoded_rows(
-        &txn,
-        SERIES,
-        "a usage series",
-        &open,
-        &corrupt,
-        |customer, id, key: SeriesKey| {
-            let entry = by_customer.entry(customer.to_string()).or_default();
-            entry.series.push((id, key));
-        },
-    )?;
-    customer_rows(
-        &txn,
-        BUCKETS,
-        "a usage bucket",
-        &open,
-        &corrupt,
-        |customer, k, v| {
-            let key = read_bucket_key(k)
-                .ok_or_else(|| corrupt(format!("a usage bucket key of `{customer}`")))?;
-            let m: Measures = postcard::from_bytes(v)
-                .map_err(|e| corrupt(format!("usage bucket of `{customer}`: {e}")))?;
-            let entry = by_customer.entry(customer.to_string()).or_default();
-            entry.buckets.push((key, m));
-            Ok(())
-        },
-    )?;
-    customer_rows(
-        &txn,
-        KEYS,
-        "an idempotency key",
-        &open,
-        &corrupt,
-        |customer, key, at| {
-            let key = std::str::from_utf8(key).map_err(|e| corrupt(format!("a key: {e}")))?;
-            let r = by_customer.entry(customer.to_string()).or_default();
-            r.keys.push((Timestamp::from_millis(at), key.into()));
-            Ok(())
-        },
-    )?;
-    customer_rows(
-        &txn,
-        ALERT_CLAIMS,
-        "an alert claim",
-        &open,
-        &corrupt,
-        |customer, key, until| {
-            let key =
-                std::str::from_utf8(key).map_err(|e| corrupt(format!("an alert key: {e}")))?;
-            let r = by_customer.entry(customer.to_string()).or_default();
-            r.alerts.push((key.into(), (until >= 0).then_some(until)));
-            Ok(())
-        },
-    )?;
-    decoded_rows(
-        &txn,
-        DELIVERIES,
-        "a delivery",
-        &open,
-        &corrupt,
-        |customer, (): (), d: Delivery| {
-            let entry = by_customer.entry(customer.to_string()).or_default();
-            entry.deliveries.push(d);
-        },
-    )?;
-    Ok(by_customer
-        .into_iter()
-        .map(|(c, r)| (c, r.into_ledger()))
-        .collect())
+    let mut rows = Rows::new(db, path)?;
+    rows.raw(COUNTERS, "a counter", |r, key, v| {
+        let key: CounterKey = postcard::from_bytes(key).map_err(|e| format!("its key: {e}"))?;
+        let state: CounterState = postcard::from_bytes(v).map_err(|e| e.to_string())?;
+        r.counters.push((key, state));
+        Ok(())
+    })?;
+    rows.decoded(HOLDS, "a hold", |r, seq, hold: Hold| {
+        r.holds.push((seq, hold))
+    })?;
+    rows.decoded(ENTITIES, "an entity", |r, id, e: StoredEntity| {
+        r.entities.push((id, e));
+    })?;
+    rows.next_seqs()?;
+    rows.decoded(HOLD_RECORDS, "a hold record", |r, seq, rec: HoldRecord| {
+        r.hold_records.insert(seq, rec);
+    })?;
+    rows.decoded(SERIES, "a usage series", |r, id, key: SeriesKey| {
+        r.series.push((id, key));
+    })?;
+    rows.raw(BUCKETS, "a usage bucket", |r, k, v| {
+        let key = read_bucket_key(k).ok_or("its key")?;
+        let m: Measures = postcard::from_bytes(v).map_err(|e| e.to_string())?;
+        r.buckets.push((key, m));
+        Ok(())
+    })?;
+    rows.raw(KEYS, "an idempotency key", |r, key, at| {
+        let key = std::str::from_utf8(key).map_err(|e| e.to_string())?;
+        r.keys.push((Timestamp::from_millis(at), key.into()));
+        Ok(())
+    })?;
+    rows.raw(ALERT_CLAIMS, "an alert claim", |r, key, until| {
+        let key = std::str::from_utf8(key).map_err(|e| e.to_string())?;
+        r.alerts.push((key.into(), (until >= 0).then_some(until)));
+        Ok(())
+    })?;
+    rows.decoded(DELIVERIES, "a delivery", |r, (): (), d: Delivery| {
+        r.deliveries.push(d);
+    })?;
+    Ok(rows.into_ledgers())
 }
 
 impl Restored {
@@ -821,19 +781,14 @@ impl Restored {
 
 /// The stream events kept, oldest first.
 fn restore_events(db: &Database, path: &Path) -> Result<Vec<KeptEvent>, OpenError> {
-    let open = |e: redb::Error| OpenError::Open {
-        path: path.to_path_buf(),
-        source: Box::new(e),
-    };
+    let open = |e: redb::Error| open_error(path, e);
     let txn = db.begin_read().map_err(|e| open(e.into()))?;
     let table = txn.open_table(EVENTS).map_err(|e| open(e.into()))?;
     let mut out = Vec::new();
     for row in table.iter().map_err(|e| open(e.into()))? {
         let (k, v) = row.map_err(|e| open(e.into()))?;
-        let (customer, at, body) = decode_event(v.value()).ok_or_else(|| OpenError::Corrupt {
-            path: path.to_path_buf(),
-            message: format!("stream event {}", k.value()),
-        })?;
+        let (customer, at, body) = decode_event(v.value())
+            .ok_or_else(|| corrupt_error(path, format!("stream event {}", k.value())))?;
         out.push((
             k.value(),
             crate::core::Name::from(customer.as_str()),
@@ -848,10 +803,7 @@ impl DurableStore {
     /// Opens (or creates) the store file at `path`, rebuilds every ledger from it, and returns
     /// the in-memory store that journals every change to it.
     pub fn open(path: &Path, durability: Durability) -> Result<MemoryStore, OpenError> {
-        let open = |e: redb::Error| OpenError::Open {
-            path: path.to_path_buf(),
-            source: Box::new(e),
-        };
+        let open = |e: redb::Error| open_error(path, e);
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| open(e.into()))?;
         }
@@ -982,5 +934,41 @@ mod tests {
         }
         assert_eq!(split_key(&[0]), None);
         assert_eq!(split_key(&[0, 9, b'a']), None);
+    }
+
+    /// A row that does not decode stops the open with an error that names the file, the
+    /// table's rows and the customer, instead of starting with part of the state.
+    #[test]
+    fn a_corrupt_row_names_the_file_the_rows_and_the_customer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tollgate.redb");
+        drop(DurableStore::open(&path, Durability::Sync).unwrap());
+        for (table, rest, value, says) in [
+            (HOLDS, &8u64.to_be_bytes()[..], &[0xff, 0xff][..], "a hold of `acme`"),
+            (HOLDS, &b"x"[..], &[][..], "a hold of `acme`: its key"),
+            (SERIES, &7u32.to_be_bytes()[..], &[0xff][..], "a usage series of `acme`"),
+        ] {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(table)
+                .unwrap()
+                .insert(&row_key("acme", rest)[..], value)
+                .unwrap();
+            txn.commit().unwrap();
+            drop(db);
+            let e = DurableStore::open(&path, Durability::Sync)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains(says) && e.contains("tollgate.redb"), "{e}");
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(table)
+                .unwrap()
+                .remove(&row_key("acme", rest)[..])
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        assert!(DurableStore::open(&path, Durability::Sync).is_ok());
     }
 }
