@@ -4,40 +4,15 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use axum::body::Body;
-use axum::http::{Method, Request, StatusCode};
-use http_body_util::BodyExt;
+use axum::http::{Method, StatusCode};
 use serde_json::{Value, json};
-use tollgate::service::Service;
-use tower::ServiceExt;
 
-use common::service::{ACME_KEY, ACME_ORG_CAP, Calls, GLOBEX_KEY, OPERATOR, org_counted};
-
-struct Api {
-    service: Arc<Service>,
-    router: axum::Router,
-}
-
-impl Calls for Api {
-    /// A body that is not JSON reads as a string.
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
-        self.call(method, path, token, body).await
-    }
-}
+use common::service::{ACME_KEY, ACME_ORG_CAP, Api, Calls, GLOBEX_KEY, OPERATOR, org_counted};
 
 impl Api {
     async fn new() -> Self {
-        let service = common::service::service().await;
-        let router = tollgate::http::router(Arc::clone(&service), 65536);
-        Self { service, router }
+        Self::over(common::service::service().await)
     }
 
     async fn raw(
@@ -47,35 +22,7 @@ impl Api {
         token: Option<&str>,
         body: Body,
     ) -> (StatusCode, Value) {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("content-type", "application/json");
-        if let Some(t) = token {
-            req = req.header("authorization", format!("Bearer {t}"));
-        }
-        let resp = self
-            .router
-            .clone()
-            .oneshot(req.body(body).unwrap())
-            .await
-            .unwrap();
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        let value = serde_json::from_slice(&bytes)
-            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
-        (status, value)
-    }
-
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
-        let body = body.map_or(Body::empty(), |b| Body::from(b.to_string()));
-        self.raw(method, path, token, body).await
+        common::service::send_body(&self.router, method, path, token, body).await
     }
 
     async fn check(
@@ -188,7 +135,7 @@ async fn a_settlement_above_the_ceiling_is_charged_the_ceiling_and_the_excess_co
     assert_eq!(status, StatusCode::OK, "{r}");
     assert_eq!(r["closed"], true);
     assert_eq!(api.acme_org().await, 300);
-    let (_, text) = api.call(Method::GET, "/metrics", None, None).await;
+    let (_, text) = api.send(Method::GET, "/metrics", None, None).await;
     let text = text.as_str().unwrap();
     for line in [
         "tollgate_settles_capped_total 1",
@@ -205,7 +152,7 @@ async fn release_undoes_the_hold() {
     let hold = body["holdId"].as_str().unwrap().to_string();
     assert_eq!(api.acme_org().await, 250);
     let (status, r) = api
-        .call(
+        .send(
             Method::POST,
             &format!("/v1/holds/{hold}/release"),
             Some(OPERATOR),
@@ -216,7 +163,7 @@ async fn release_undoes_the_hold() {
     assert_eq!(r["closed"], true);
     assert_eq!(api.acme_org().await, 0);
     let (_, r) = api
-        .call(
+        .send(
             Method::POST,
             &format!("/v1/holds/{hold}/release"),
             Some(OPERATOR),
@@ -425,7 +372,7 @@ async fn credentials_are_checked_and_cross_customer_calls_change_nothing() {
     let body =
         json!({"featureId": "ai-tokens", "requestedUsage": 10, "dimensions": {"userId": "dave"}});
     let path = "/v1/customers/globex/entitlements/check";
-    let (status, r) = api.call(Method::POST, path, None, Some(body.clone())).await;
+    let (status, r) = api.send(Method::POST, path, None, Some(body.clone())).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{r}");
     assert_eq!(r["error"]["code"], "unauthorized");
     let (status, _) = api.post(path, "wrong", body.clone()).await;
@@ -596,7 +543,7 @@ async fn metrics_count_decisions_by_outcome() {
     api.check(OPERATOR, "acme", "alice", 600).await;
     api.check(OPERATOR, "acme", "alice", 600).await;
     api.check(OPERATOR, "acme", "nobody", 1).await;
-    let (status, text) = api.call(Method::GET, "/metrics", None, None).await;
+    let (status, text) = api.send(Method::GET, "/metrics", None, None).await;
     assert_eq!(status, StatusCode::OK);
     let text = text.as_str().unwrap();
     for line in [
@@ -608,14 +555,14 @@ async fn metrics_count_decisions_by_outcome() {
     ] {
         assert!(text.contains(line), "missing `{line}` in\n{text}");
     }
-    let (status, h) = api.call(Method::GET, "/healthz", None, None).await;
+    let (status, h) = api.send(Method::GET, "/healthz", None, None).await;
     assert_eq!((status, h["status"].as_str()), (StatusCode::OK, Some("ok")));
 }
 
 #[tokio::test]
 async fn openapi_document_covers_every_route_of_the_router() {
     let api = Api::new().await;
-    let (status, doc) = api.call(Method::GET, "/openapi.json", None, None).await;
+    let (status, doc) = api.send(Method::GET, "/openapi.json", None, None).await;
     assert_eq!(status, StatusCode::OK);
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     let paths = doc["paths"].as_object().unwrap();
@@ -690,7 +637,7 @@ async fn openapi_document_covers_every_route_of_the_router() {
             .replace("{webhookId}", "w1")
             .replace("{keyId}", "k1");
         let (status, body) = api
-            .call(
+            .send(
                 method.parse().unwrap(),
                 &concrete,
                 Some("not-a-token"),
@@ -711,7 +658,7 @@ async fn openapi_document_covers_every_route_of_the_router() {
     }
     // A route the router does not have is not in the document either.
     let (status, _) = api
-        .call(Method::PATCH, "/v1/customers/acme", Some(OPERATOR), None)
+        .send(Method::PATCH, "/v1/customers/acme", Some(OPERATOR), None)
         .await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
 }

@@ -4,20 +4,13 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-use common::service::{ACME_KEY, Calls, GLOBEX_KEY, OPERATOR};
-
-struct Api {
-    router: axum::Router,
-    service: Arc<tollgate::service::Service>,
-}
+use common::service::{ACME_KEY, Api, Calls, GLOBEX_KEY, OPERATOR};
 
 /// An open event stream, read frame by frame.
 struct Sse {
@@ -79,18 +72,6 @@ impl Sse {
     }
 }
 
-impl Calls for Api {
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
-        self.router.send(method, path, token, body).await
-    }
-}
-
 impl Api {
     /// The fixture, recording the `model` dimension too, and at most `max_points` per query.
     async fn new(max_points: usize) -> Self {
@@ -132,20 +113,7 @@ impl Api {
         } else {
             common::service::service_from(&config).await
         };
-        Self {
-            router: tollgate::http::router(Arc::clone(&service), 65536),
-            service,
-        }
-    }
-
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        token: &str,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
-        common::service::call(&self.router, method, path, token, body).await
+        Self::over(service)
     }
 
     /// Opens an event stream; the status, and the stream when it is 200.
@@ -213,7 +181,7 @@ impl Api {
             ),
             None => (format!("/v1/holds/{hold}/release"), None),
         };
-        let (status, r) = self.call(Method::POST, &path, ACME_KEY, body).await;
+        let (status, r) = self.send(Method::POST, &path, Some(ACME_KEY), body).await;
         assert_eq!(status, StatusCode::OK, "{r}");
         true
     }
@@ -610,10 +578,10 @@ async fn the_push_stream_is_scoped_to_the_callers_customer() {
     assert_eq!(status, StatusCode::OK, "{d}");
     let hold = d["holdId"].as_str().unwrap();
     let (status, _) = api
-        .call(
+        .send(
             Method::POST,
             &format!("/v1/holds/{hold}/release"),
-            GLOBEX_KEY,
+            Some(GLOBEX_KEY),
             None,
         )
         .await;
@@ -760,10 +728,10 @@ async fn a_crossed_threshold_is_delivered_signed_retried_and_logged() {
 
     // A test delivery goes the same way and shows first in the log.
     let (status, t) = api
-        .call(
+        .send(
             Method::POST,
             "/v1/customers/acme/webhooks/ops/test",
-            ACME_KEY,
+            Some(ACME_KEY),
             None,
         )
         .await;
@@ -804,7 +772,7 @@ async fn a_crossed_threshold_is_delivered_signed_retried_and_logged() {
             StatusCode::NOT_FOUND,
         ),
     ] {
-        let (status, _) = api.call(method, path, key, None).await;
+        let (status, _) = api.send(method, path, Some(key), None).await;
         assert_eq!(status, expected, "{path}");
     }
     // The crossing does not fire again within the day.

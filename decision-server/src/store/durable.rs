@@ -944,9 +944,19 @@ mod tests {
         let path = dir.path().join("tollgate.redb");
         drop(DurableStore::open(&path, Durability::Sync).unwrap());
         for (table, rest, value, says) in [
-            (HOLDS, &8u64.to_be_bytes()[..], &[0xff, 0xff][..], "a hold of `acme`"),
+            (
+                HOLDS,
+                &8u64.to_be_bytes()[..],
+                &[0xff, 0xff][..],
+                "a hold of `acme`",
+            ),
             (HOLDS, &b"x"[..], &[][..], "a hold of `acme`: its key"),
-            (SERIES, &7u32.to_be_bytes()[..], &[0xff][..], "a usage series of `acme`"),
+            (
+                SERIES,
+                &7u32.to_be_bytes()[..],
+                &[0xff][..],
+                "a usage series of `acme`",
+            ),
         ] {
             let db = Database::create(&path).unwrap();
             let txn = db.begin_write().unwrap();

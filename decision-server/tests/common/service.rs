@@ -212,8 +212,23 @@ pub trait Calls {
     }
 }
 
-impl Calls for axum::Router {
-    /// A body that is not JSON reads as `null`.
+/// The sidecar's HTTP front end over a service, in process.
+pub struct Api {
+    pub service: Arc<Service>,
+    pub router: axum::Router,
+}
+
+impl Api {
+    /// The router over `service`, with the default 64 KiB body limit.
+    pub fn over(service: Arc<Service>) -> Self {
+        Self {
+            router: tollgate::http::router(Arc::clone(&service), 65536),
+            service,
+        }
+    }
+}
+
+impl Calls for Api {
     async fn send(
         &self,
         method: Method,
@@ -221,22 +236,51 @@ impl Calls for axum::Router {
         token: Option<&str>,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("content-type", "application/json");
-        if let Some(t) = token {
-            req = req.header("authorization", format!("Bearer {t}"));
-        }
-        let req = req
-            .body(body.map_or(Body::empty(), |b| Body::from(b.to_string())))
-            .unwrap();
-        let resp = self.clone().oneshot(req).await.unwrap();
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
+        self.router.send(method, path, token, body).await
+    }
+}
+
+/// One request through `router` with any body: the status and the body as JSON, as a string
+/// when it is not JSON, or `null` when it is empty.
+pub async fn send_body(
+    router: &axum::Router,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: Body,
+) -> (StatusCode, Value) {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = router
+        .clone()
+        .oneshot(req.body(body).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let value = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+    };
+    (status, value)
+}
+
+impl Calls for axum::Router {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let body = body.map_or(Body::empty(), |b| Body::from(b.to_string()));
+        send_body(self, method, path, token, body).await
     }
 }
