@@ -79,6 +79,7 @@ fn check_hold_settle(engine: &Engine, customer: &str, dims: &HashMap<String, Str
         usage: Usage::units(100),
         dimensions: dims,
         dry_run: false,
+        commit: false,
     }))
     .unwrap();
     assert!(d.granted && d.chain.len() == 12);
@@ -102,6 +103,7 @@ fn single_thread(c: &mut Criterion) {
                     usage: Usage::units(100),
                     dimensions: &d,
                     dry_run: false,
+                    commit: false,
                 }))
                 .unwrap();
                 total += start.elapsed();
@@ -125,6 +127,7 @@ fn single_thread(c: &mut Criterion) {
                 usage: Usage::units(100),
                 dimensions: &d,
                 dry_run: true,
+                commit: false,
             }))
             .unwrap()
         })

@@ -71,6 +71,7 @@ fn measure(counters_wanted: usize) {
             usage: Usage::units(10),
             dimensions: &dims,
             dry_run: false,
+            commit: false,
         }))
         .unwrap();
         assert!(d.granted);

@@ -121,6 +121,7 @@ async fn main_async() {
                     usage: Usage::units(1000),
                     dimensions: &dims,
                     dry_run: false,
+                    commit: false,
                 })
                 .await
                 .unwrap();

@@ -133,6 +133,7 @@ async fn fill(engine: &Engine, teams: usize, models: usize, round: u64) {
                     usage: Usage::units(1000),
                     dimensions: &dims,
                     dry_run: false,
+                    commit: false,
                 })
                 .await
                 .unwrap();

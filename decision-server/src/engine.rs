@@ -32,6 +32,9 @@ pub struct CheckRequest<'a> {
     pub dimensions: &'a HashMap<String, String>,
     /// Answer as a real check would, and hold nothing.
     pub dry_run: bool,
+    /// The usage is final: a grant counts it at once and places no hold (as does every check
+    /// of a feature with `commitAtCheck`).
+    pub commit: bool,
     /// When the caller stops waiting for the answer (Envoy's filter sends it). Past it nothing
     /// is decided, and a hold placed too late for the caller is released at once.
     pub deadline: Option<crate::core::Timestamp>,
@@ -179,15 +182,19 @@ impl Engine {
         }
         let mode = if req.dry_run {
             ReserveMode::DryRun
+        } else if req.commit || self.model.load().commits_at_check(req.feature) {
+            ReserveMode::Commit
         } else {
             ReserveMode::Hold
         };
+        // A commit is not taken back when its caller goes away: what it counted stays counted
+        // (at most once), as a request the caller gave up on after it was let through would.
         let mut guard = CancelOnDrop {
             store: Arc::clone(&self.store),
             customer: plan.customer,
             tag: plan.hold_tag,
             now,
-            armed: !req.dry_run,
+            armed: mode == ReserveMode::Hold,
         };
         let reservation = self.store.reserve(&plan, mode, now).await;
         guard.armed = false;

@@ -180,6 +180,7 @@ fn check_by(
         usage: Usage::units(units),
         dimensions: &dimensions,
         dry_run: false,
+        commit: false,
     }))
 }
 
@@ -233,6 +234,7 @@ fn a_check_dropped_during_its_store_call_releases_its_hold(store: Store) {
         usage: Usage::units(100),
         dimensions: &dimensions,
         dry_run: false,
+        commit: false,
     };
     // The caller gives up (Envoy resets the stream): the decision future is dropped while the
     // store has placed the hold and not yet answered.

@@ -429,6 +429,7 @@ fn ingested_usage_crosses_thresholds_too(store: Store) {
             usage: tollgate::core::usage::Usage::units(units),
             dimensions: &dimensions,
             dry_run: false,
+            commit: false,
         };
         assert!(h.run(h.engine.ingest(&req, key)).unwrap());
         h.run(tollgate::alerts::after_ingest(&h.engine, &claims, &req))

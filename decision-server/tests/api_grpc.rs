@@ -235,6 +235,34 @@ async fn ext_authz_context_extensions_carry_the_request_without_headers() {
     );
 }
 
+/// A route that sets `tollgate.commit: "true"` (as a per-route context extension in Envoy)
+/// counts each grant at once: no hold id for anyone, nothing open to expire; any other value
+/// is bad input, not a silent hold.
+#[tokio::test]
+async fn ext_authz_commit_counts_at_once_with_no_hold() {
+    let service = common::service::service().await;
+    let ext = [
+        ("tollgate.customer", "acme"),
+        ("tollgate.feature", "ai-tokens"),
+        ("tollgate.usage", "7"),
+        ("tollgate.dim.userId", "carol"),
+        ("tollgate.commit", "true"),
+    ];
+    for _ in 0..3 {
+        let r = authz(&service, &[], &ext).await;
+        assert_eq!(r.status.unwrap().code, Code::Ok as i32);
+        let meta = r.dynamic_metadata.unwrap_or_default();
+        assert!(!meta.fields.contains_key("holdId"), "{meta:?}");
+    }
+    assert_eq!(org_counted(&service, "acme").await, 21);
+    assert_eq!(service.store_stats().holds_open, 0);
+    let mut bad = ext;
+    bad[4] = ("tollgate.commit", "yes");
+    let r = authz(&service, &[], &bad).await;
+    assert_ne!(r.status.unwrap().code, Code::Ok as i32);
+    assert_eq!(org_counted(&service, "acme").await, 21);
+}
+
 #[tokio::test]
 async fn ext_authz_denial_carries_status_json_body_and_rate_limit_headers() {
     let service = common::service::service().await;

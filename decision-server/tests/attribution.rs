@@ -502,6 +502,7 @@ fn a_long_usage_read_lets_decisions_through(store: Store) {
                         dimensions: &dims,
                         dry_run: false,
                         deadline: None,
+                        commit: false,
                     })
                     .await
                     .unwrap();

@@ -43,6 +43,9 @@ test_with_all_stores! {
     replicas_share_auto_entities_their_parents_and_the_cap,
     auto_created_ids_obey_the_config_rules,
     ingest_keys_are_idempotent_kept_for_their_retention_and_evicted_oldest_first,
+    a_commit_counts_at_once_and_holds_nothing,
+    a_feature_that_commits_at_check_never_holds,
+    racing_commits_count_exactly_up_to_the_cap,
 }
 
 test_with_all_store_factories! {
@@ -738,6 +741,7 @@ fn bad_dimensions_are_errors_and_change_nothing(store: Store) {
             usage: Usage::units(1),
             dimensions: &dimensions,
             dry_run: false,
+            commit: false,
         }))
         .unwrap_err()
     };
@@ -1018,4 +1022,99 @@ fn ingest_keys_are_idempotent_kept_for_their_retention_and_evicted_oldest_first(
     h.clock.advance_millis(1);
     assert!(ingest("acme", "e", 1), "`e` is past its hour");
     assert_eq!(h.counted("acme", "acme", "org-day"), 2015);
+}
+
+const COMMITS: &str = r#"
+limits:
+  - { id: team-day, entityType: team, feature: tokens, kind: quota, limit: 1000, period: P1D }
+  - { id: user-slots, entityType: user, feature: tokens, kind: concurrency, limit: 1 }
+  - { id: org-credits, entity: acme, feature: credits, kind: credits }
+grants:
+  - { id: g, entity: acme, feature: credits, amount: 1000000, category: paid }
+"#;
+
+fn a_commit_counts_at_once_and_holds_nothing(store: Store) {
+    let h = harness(&tree_with(COMMITS), store, "2026-03-10T10:00:00Z");
+    let u1 = [("userId", "u1"), ("model", "small")];
+    let d = h.commit("acme", "tokens", Usage::units(400), &u1);
+    assert!(d.granted);
+    assert_eq!(d.hold_id, None);
+    let team = d.chain.iter().find(|e| e.limit_id == "team-day").unwrap();
+    assert_eq!((team.current_usage, team.remaining), (400, 600));
+    // The slot was taken and given back; the credits were drawn.
+    assert_eq!(h.counted("acme", "t1", "team-day"), 400);
+    assert_eq!(h.counted("acme", "u1", "user-slots"), 0);
+    assert_eq!(h.counted("acme", "acme", "org-credits"), 400);
+    assert_eq!(h.engine.store().stats().holds_open, 0);
+    // A concurrency limit is still checked: with the slot held, a commit is refused.
+    let held = h.check_usage("acme", "tokens", Usage::units(100), &u1);
+    let d = h.commit("acme", "tokens", Usage::units(1), &u1);
+    assert_eq!(d.denial.unwrap().limit_id, "user-slots");
+    h.release(held.hold_id.as_ref().unwrap());
+    // Past the cap, refused, and nothing changes.
+    assert!(h.commit("acme", "tokens", Usage::units(500), &u1).granted);
+    let d = h.commit("acme", "tokens", Usage::units(101), &u1);
+    assert_eq!(d.denial.unwrap().limit_id, "team-day");
+    assert_eq!(h.counted("acme", "t1", "team-day"), 900);
+    // Nothing expires later: it was counted once, at the decision.
+    h.advance_secs(3600);
+    assert_eq!(h.expire_due(), 0);
+    assert_eq!(h.counted("acme", "t1", "team-day"), 900);
+}
+
+fn a_feature_that_commits_at_check_never_holds(store: Store) {
+    let yaml = tree_with(
+        "limits:\n  - { id: user-requests, entityType: user, feature: requests, kind: quota, limit: 3, period: P1D }\n",
+    )
+    .replace("  - id: requests\n", "  - id: requests\n    commitAtCheck: true\n");
+    let h = harness(&yaml, store, "2026-03-10T10:00:00Z");
+    for _ in 0..3 {
+        let d = h.check("acme", "requests", 1, &[("userId", "u2")]);
+        assert!(d.granted && d.hold_id.is_none(), "{d:?}");
+    }
+    assert!(!h.check("acme", "requests", 1, &[("userId", "u2")]).granted);
+    assert_eq!(h.counted("acme", "u2", "user-requests"), 3);
+    assert_eq!(h.engine.store().stats().holds_open, 0);
+    // A dry run of it still holds and counts nothing.
+    let d = h.dry_run("acme", "requests", 1, &[("userId", "u3")]);
+    assert!(d.granted && d.hold_id.is_none());
+    assert_eq!(h.counted("acme", "u3", "user-requests"), 0);
+}
+
+/// Eight tasks commit 1 to 7 units at a time against one 1,000-unit cap until refused: the
+/// granted amounts sum to what the store counted, never past the cap, and the cap is filled
+/// to within the largest request.
+fn racing_commits_count_exactly_up_to_the_cap(store: Store) {
+    let h = Arc::new(harness(&tree_with(COMMITS), store, "2026-03-10T10:00:00Z"));
+    let granted: u64 = std::thread::scope(|s| {
+        let tasks: Vec<_> = (0..8u64)
+            .map(|t| {
+                let h = Arc::clone(&h);
+                s.spawn(move || {
+                    let mut sum = 0;
+                    let mut refused = 0;
+                    for i in 0..400u64 {
+                        let units = 1 + (t + i) % 7;
+                        let user = ["u1", "u2"][usize::from(i % 2 == 0)];
+                        let d =
+                            h.commit("acme", "tokens", Usage::units(units), &[("userId", user)]);
+                        if d.granted {
+                            sum += units;
+                        } else {
+                            refused += 1;
+                            if refused > 20 {
+                                break;
+                            }
+                        }
+                    }
+                    sum
+                })
+            })
+            .collect();
+        tasks.into_iter().map(|t| t.join().unwrap()).sum()
+    });
+    let counted = h.counted("acme", "t1", "team-day");
+    assert_eq!(granted, counted, "every granted unit counted once");
+    assert!(counted <= 1000 && counted > 1000 - 7, "{counted}");
+    assert_eq!(h.engine.store().stats().holds_open, 0);
 }

@@ -106,6 +106,7 @@ fn ceilings_hold_customer_admins_and_every_change_is_logged(
                     usage: tollgate::core::usage::Usage::units(usage),
                     dimensions: &dims,
                     dry_run: true,
+                    commit: false,
                 };
                 service
                     .check(tollgate::metrics::Api::Http, &req)

@@ -113,8 +113,13 @@ async fn replicas(stores: Vec<Arc<dyn CounterStore>>, cap: u64) -> Vec<Replica> 
 
 /// What one client got: units settled, grants made. Every other hold is closed through
 /// `elsewhere`, another replica, as a Service in front of replicas sends a settlement to
-/// whichever it picks.
-async fn client(engine: Arc<Engine>, elsewhere: Arc<Engine>, who: usize) -> (u64, u64) {
+/// whichever it picks. With `commit`, every check's usage is final: nothing is held or closed.
+async fn client(
+    engine: Arc<Engine>,
+    elsewhere: Arc<Engine>,
+    who: usize,
+    commit: bool,
+) -> (u64, u64) {
     // Skewed: a quarter of the clients share two hot users, the rest spread over all.
     let user = if who.is_multiple_of(4) {
         format!("u{}", who % 2)
@@ -140,10 +145,16 @@ async fn client(engine: Arc<Engine>, elsewhere: Arc<Engine>, who: usize) -> (u64
                 dimensions: &d,
                 dry_run: false,
                 deadline: None,
+                commit,
             })
             .await
             .unwrap();
-        if decision.granted {
+        if decision.granted && commit {
+            assert_eq!(decision.hold_id, None, "a commit holds nothing");
+            denied_in_a_row = 0;
+            grants += 1;
+            settled += size;
+        } else if decision.granted {
             denied_in_a_row = 0;
             grants += 1;
             let hold = decision.hold_id.unwrap();
@@ -175,8 +186,9 @@ async fn client(engine: Arc<Engine>, elsewhere: Arc<Engine>, who: usize) -> (u64
 
 /// 3 replicas × 64 clients race one cap with leases on, half of the holds closed through
 /// another replica than the one that granted them: never over the cap, run to within one
-/// request of it, the counter ends at exactly what was settled, and no slice is left.
-async fn race_with_leases(stores: Vec<Arc<dyn CounterStore>>, cap: u64) {
+/// request of it, the counter ends at exactly what was settled, and no slice is left. With
+/// `commit`, the checks commit instead, and the slices are renewed by what they committed.
+async fn race_with_leases(stores: Vec<Arc<dyn CounterStore>>, cap: u64, commit: bool) {
     let replicas = replicas(stores, cap).await;
     let stop = Arc::new(AtomicBool::new(false));
     // Each replica's sweep, as the server runs it (faster, so the test is short).
@@ -200,6 +212,7 @@ async fn race_with_leases(stores: Vec<Arc<dyn CounterStore>>, cap: u64) {
                 Arc::clone(&r.engine),
                 Arc::clone(elsewhere),
                 i * CLIENTS + c,
+                commit,
             )));
         }
     }
@@ -282,7 +295,7 @@ fn replicas_racing_a_cap_through_leases_on_redis_never_overspend() {
             redis_store_prefixed(RedisTarget::Node(server.url()), prefix) as Arc<dyn CounterStore>
         })
         .collect();
-    runtime().block_on(race_with_leases(stores, 20_000));
+    runtime().block_on(race_with_leases(stores, 20_000, false));
 }
 
 #[test]
@@ -295,14 +308,33 @@ fn replicas_racing_a_cap_through_leases_on_a_redis_cluster_never_overspend() {
                 as Arc<dyn CounterStore>
         })
         .collect();
-    runtime().block_on(race_with_leases(stores, 20_000));
+    runtime().block_on(race_with_leases(stores, 20_000, false));
 }
 
 #[test]
 fn replicas_racing_a_cap_through_leases_in_one_process_never_overspend() {
     let inner: Arc<dyn CounterStore> = common::memory();
     let stores = (0..REPLICAS).map(|_| Arc::clone(&inner)).collect();
-    runtime().block_on(race_with_leases(stores, 20_000));
+    runtime().block_on(race_with_leases(stores, 20_000, false));
+}
+
+#[test]
+fn replicas_committing_against_a_cap_through_leases_on_redis_count_exactly() {
+    let server = RedisServer::start();
+    let stores = (0..REPLICAS)
+        .map(|_| {
+            redis_store_prefixed(RedisTarget::Node(server.url()), "commits-node")
+                as Arc<dyn CounterStore>
+        })
+        .collect();
+    runtime().block_on(race_with_leases(stores, 20_000, true));
+}
+
+#[test]
+fn replicas_committing_against_a_cap_through_leases_in_one_process_count_exactly() {
+    let inner: Arc<dyn CounterStore> = common::memory();
+    let stores = (0..REPLICAS).map(|_| Arc::clone(&inner)).collect();
+    runtime().block_on(race_with_leases(stores, 20_000, true));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -331,6 +363,7 @@ async fn closes_through_another_replica(stores: Vec<Arc<dyn CounterStore>>) {
                 dimensions: d,
                 dry_run: false,
                 deadline: None,
+                commit: false,
             })
             .await
             .unwrap()
@@ -506,6 +539,7 @@ mod exactness {
             dimensions: &d,
             dry_run,
             deadline: None,
+            commit: false,
         })
         .await
         .unwrap()
@@ -768,6 +802,7 @@ mod alerting {
                         dimensions: &d,
                         dry_run: false,
                         deadline: None,
+                        commit: false,
                     })
                     .await
                     .unwrap();
@@ -824,6 +859,7 @@ async fn one_unit_for_u1(
             dimensions: &dims(&[("userId", "u1")]),
             dry_run: false,
             deadline: None,
+            commit: false,
         })
         .await
 }

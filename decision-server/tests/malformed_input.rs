@@ -64,6 +64,7 @@ proptest! {
             usage: Usage::units(units),
             dimensions: &dims,
             dry_run: false,
+            commit: false,
         }));
         let stats = h.engine.store().stats();
         match result {

@@ -56,7 +56,8 @@ enum Op {
         model: usize,
         input: u64,
         output: u64,
-        dry_run: bool,
+        /// 0: a hold, 1: a dry run, 2: a commit.
+        how: u8,
     },
     CheckCredits {
         user: usize,
@@ -116,8 +117,8 @@ const EXPIRIES: [Option<&str>; 3] = [
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        5 => (0..4usize, 0..2usize, 0..120u64, 0..120u64, prop::bool::weighted(0.15)).prop_map(
-            |(user, model, input, output, dry_run)| Op::Check { user, model, input, output, dry_run }
+        5 => (0..4usize, 0..2usize, 0..120u64, 0..120u64, prop::sample::select(vec![0u8, 0, 0, 0, 1, 2, 2])).prop_map(
+            |(user, model, input, output, how)| Op::Check { user, model, input, output, how }
         ),
         1 => (0..4usize, 0..400u64).prop_map(|(user, amount)| Op::CheckCredits { user, amount }),
         3 => (any::<prop::sample::Index>(), 0..150u64, 0..150u64, 0..40u64).prop_map(
@@ -149,21 +150,26 @@ fn run(redis: Arc<dyn CounterStore>, ops: &[Op]) -> Result<(), TestCaseError> {
                 model,
                 input,
                 output,
-                dry_run,
+                how,
             } => {
                 let usage = tokens(*input, *output, 0);
                 let dims = [("userId", USERS[*user]), ("model", MODELS[*model])];
-                let (m, r) = if *dry_run {
-                    let units = input + output;
-                    (
-                        mem.dry_run("acme", "tokens", units, &dims),
-                        red.dry_run("acme", "tokens", units, &dims),
-                    )
-                } else {
-                    (
+                let (m, r) = match how {
+                    1 => {
+                        let units = input + output;
+                        (
+                            mem.dry_run("acme", "tokens", units, &dims),
+                            red.dry_run("acme", "tokens", units, &dims),
+                        )
+                    }
+                    2 => (
+                        mem.commit("acme", "tokens", usage, &dims),
+                        red.commit("acme", "tokens", usage, &dims),
+                    ),
+                    _ => (
                         mem.check_usage("acme", "tokens", usage, &dims),
                         red.check_usage("acme", "tokens", usage, &dims),
-                    )
+                    ),
                 };
                 prop_assert_eq!(untagged(&m), untagged(&r), "step {}: {:?}", step, op);
                 holds.extend(m.hold_id.zip(r.hold_id));
@@ -221,6 +227,7 @@ fn run(redis: Arc<dyn CounterStore>, ops: &[Op]) -> Result<(), TestCaseError> {
                     usage: Usage::units(*units),
                     dimensions: &dims,
                     dry_run: false,
+                    commit: false,
                 };
                 let key = format!("k{key}");
                 let m = mem

@@ -35,6 +35,9 @@ pub mod ext_authz {
     /// When the caller stops waiting, in milliseconds since the Unix epoch: past it the sidecar
     /// decides nothing, and releases a hold it placed too late.
     pub const KEY_DEADLINE: &str = "tollgate.deadline";
+    /// `"true"`: the requested usage is final; a grant counts it at once and holds nothing
+    /// (set per route in Envoy for routes whose holds nobody settles).
+    pub const KEY_COMMIT: &str = "tollgate.commit";
     /// Followed by the dimension name: `tollgate.dim.teamId`.
     pub const KEY_DIMENSION_PREFIX: &str = "tollgate.dim.";
 

@@ -17,8 +17,8 @@ async fn native_ext_authz_grants_then_denies_at_the_team_cap() {
     let s = Stack::start(NATIVE);
     let carol = caller("acme", Some("carol"));
     let h = [("authorization", carol.as_str())];
-    // Each request holds the route's 256 tokens (no settlement on this path): one fits under
-    // research's 300, the second does not.
+    // Each request commits the route's 256 tokens at the grant (`tollgate.commit`: nothing
+    // settles on this path): one fits under research's 300, the second does not.
     let r = s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert!(
@@ -32,6 +32,8 @@ async fn native_ext_authz_grants_then_denies_at_the_team_cap() {
             .await,
         256
     );
+    let m = s.sidecar_metrics().await;
+    assert_eq!(m.get("tollgate_holds_open", &[]), Some(0.0), "a commit holds nothing");
     let r = s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await;
     assert_eq!(r.status, 429, "{}", r.text);
     let body = r.json();

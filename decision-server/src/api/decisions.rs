@@ -38,6 +38,7 @@ pub async fn check(
         usage: usage(body.requested_usage, body.tokens),
         dimensions: &body.dimensions,
         dry_run: body.dry_run,
+        commit: body.commit,
     };
     let d = state.check(Api::Http, &req).await?;
     Ok(ApiJson((&d).into()))

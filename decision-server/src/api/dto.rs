@@ -61,6 +61,10 @@ pub struct CheckBody {
     pub dry_run: bool,
     #[serde(default)]
     pub tokens: Option<TokensDto>,
+    /// The requested usage is final: a grant counts it at once and holds nothing (no hold id,
+    /// nothing to settle). A feature's `commitAtCheck` does the same for every check.
+    #[serde(default)]
+    pub commit: bool,
 }
 
 /// One limit on one level of the chain, as it stood for this decision.

@@ -90,6 +90,11 @@ pub struct FeatureDto {
     /// the requested usage of the hold being settled. A larger settlement is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_settle_usage: Option<u64>,
+    /// Every check's requested usage is final (a request count, a fixed cost, a route whose
+    /// holds nobody settles): a grant counts it at once and places no hold, so there is
+    /// nothing to settle, release or expire. Default false: a grant holds until settled.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub commit_at_check: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -441,6 +441,7 @@ impl Validator<'_> {
                 id: Name::from(&f.id),
                 also_draws: also,
                 max_settle: f.max_settle_usage,
+                commit_at_check: f.commit_at_check,
             });
         }
         (out, index)

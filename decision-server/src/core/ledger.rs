@@ -13,7 +13,7 @@ use super::alerts::{AlertBook, Delivery};
 use super::counter::{self, CounterKey, CounterSpec, CounterState, HoldMark, Reading};
 use super::credits::GrantBalance;
 use super::model::Mode;
-use super::plan::{AmountRule, Plan, priced_credits};
+use super::plan::{AmountRule, Plan, PlannedCounter, priced_credits};
 use super::rollup::{
     LocalRecord, Measures, RecordKind, RecordRef, RecordSettings, RollupChanges, Rollups,
     UsageRecord,
@@ -89,6 +89,20 @@ pub enum CloseResult {
     TooLarge { max: u64 },
 }
 
+/// What a reservation does once every counter has room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReserveMode {
+    /// Hold the amount on every counter until the hold is settled, released or expires.
+    Hold,
+    /// Count the amount at once, as a hold settled at its held amount would be, and place no
+    /// hold: for usage that is final when it is decided (a request count, a fixed cost, a
+    /// route nobody settles). A concurrency limit is checked but keeps no slot, since nothing
+    /// would give it back.
+    Commit,
+    /// Read every counter and answer as a real check would; change nothing.
+    DryRun,
+}
+
 /// The outcome of the atomic "check every counter, then hold every counter" step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
@@ -124,6 +138,21 @@ impl Default for KeyRetention {
     }
 }
 
+/// A counter's reading after a reservation applied `mode` to it: what a hold added, or what a
+/// commit counted (a concurrency slot taken and given back reads as before).
+fn after_reserve(
+    c: &PlannedCounter,
+    state: &CounterState,
+    before: &Reading,
+    mode: ReserveMode,
+    now: Timestamp,
+) -> Reading {
+    if mode == ReserveMode::Commit && matches!(c.spec, CounterSpec::Concurrency { .. }) {
+        return *before;
+    }
+    counter::after_hold(&c.spec, state, before, c.amount, now)
+}
+
 /// The first enforcing counter of `plan` whose reading does not fit: the one that denies.
 fn first_blocking(plan: &Plan, readings: &[Reading]) -> Option<usize> {
     plan.counters
@@ -135,11 +164,12 @@ fn first_blocking(plan: &Plan, readings: &[Reading]) -> Option<usize> {
 /// A reservation's readings and blocking counter worked out from the states its counters had
 /// before it, as [`Ledger::reserve`] works them out in place: for a store that decides and
 /// holds elsewhere (a Redis script) and hands back the states it read. `before[i]` is the
-/// state of `plan.counters[i]`; `held` says whether the hold was placed.
+/// state of `plan.counters[i]`; `applied` says what was done once every counter had room
+/// (`DryRun`: nothing, as when a replay or a cancel placed nothing).
 pub fn readings_from(
     plan: &Plan,
     before: Vec<Option<CounterState>>,
-    held: bool,
+    applied: ReserveMode,
     now: Timestamp,
 ) -> (Vec<Reading>, Option<usize>) {
     // A counter named twice in one plan is one state, as in a ledger.
@@ -156,15 +186,18 @@ pub fn readings_from(
         })
         .collect();
     let blocking = first_blocking(plan, &readings);
-    if held && blocking.is_none() {
+    if applied != ReserveMode::DryRun && blocking.is_none() {
         for (c, reading) in plan.counters.iter().zip(readings.iter_mut()) {
             let slot = states.entry(c.key).or_insert(None);
             if slot.is_none() {
                 *slot = CounterState::fresh(&c.spec, now);
             }
             if let Some(state) = slot {
-                counter::hold(&c.spec, state, c.amount, now);
-                *reading = counter::after_hold(&c.spec, state, reading, c.amount, now);
+                let mark = counter::hold(&c.spec, state, c.amount, now);
+                if applied == ReserveMode::Commit {
+                    counter::expire(state, &mark);
+                }
+                *reading = after_reserve(c, state, reading, applied, now);
             }
         }
     }
@@ -480,8 +513,9 @@ impl Ledger {
 
     /// Checks every counter of `plan` and, if every enforcing one fits and `hold` is set,
     /// holds on all of them. Due holds are expired first so the readings are current.
-    pub fn reserve(&mut self, plan: &Plan, hold: bool, now: Timestamp) -> Reservation {
+    pub fn reserve(&mut self, plan: &Plan, mode: ReserveMode, now: Timestamp) -> Reservation {
         self.expire_due(now);
+        let hold = mode != ReserveMode::DryRun;
         let mut readings: Vec<_> = plan
             .counters
             .iter()
@@ -509,6 +543,35 @@ impl Ledger {
             return Reservation {
                 readings,
                 blocking,
+                hold: None,
+            };
+        }
+        if mode == ReserveMode::Commit {
+            for (c, reading) in plan.counters.iter().zip(readings.iter_mut()) {
+                if let Some(state) = self.count_at_once(c, now) {
+                    *reading = after_reserve(c, state, reading, mode, now);
+                }
+            }
+            if self.records.enabled && plan.record {
+                let series = self.rollups.series_id(
+                    &plan.series,
+                    None,
+                    self.records.max_values_per_dimension,
+                );
+                let measures = Measures::of_call(
+                    plan.usage.units,
+                    plan.usage.tokens,
+                    plan.credits(&plan.usage),
+                );
+                let reference = RecordRef::Hold {
+                    seq: 0,
+                    tag: plan.hold_tag,
+                };
+                self.attribute(RecordKind::Committed, series, now, measures, reference);
+            }
+            return Reservation {
+                readings,
+                blocking: None,
                 hold: None,
             };
         }
@@ -673,19 +736,9 @@ impl Ledger {
         self.seen_order.insert((now, key.into()));
         if let Some(d) = self.dirty.as_mut() {
             d.keys.insert(key.into(), Some(now));
-            d.counters.extend(plan.counters.iter().map(|c| c.key));
         }
         for c in &plan.counters {
-            let state = match self.counters.entry(c.key) {
-                Entry::Occupied(o) => Some(o.into_mut()),
-                Entry::Vacant(v) => CounterState::fresh(&c.spec, now).map(|s| v.insert(s)),
-            };
-            if let Some(state) = state {
-                // Held and committed at once, as an expired hold is: a concurrency slot is taken
-                // and given back, every other counter keeps the amount.
-                let mark = counter::hold(&c.spec, state, c.amount, now);
-                counter::expire(state, &mark);
-            }
+            self.count_at_once(c, now);
         }
         if self.records.enabled && plan.record {
             let series =
@@ -702,6 +755,22 @@ impl Ledger {
             );
         }
         true
+    }
+
+    /// Counts `c`'s amount at once (ingested usage, a committed decision): held and committed
+    /// as an expired hold is, so a concurrency slot is taken and given back and every other
+    /// counter keeps the amount. The counter's state after, if it has one.
+    fn count_at_once(&mut self, c: &PlannedCounter, now: Timestamp) -> Option<&CounterState> {
+        if let Some(d) = self.dirty.as_mut() {
+            d.counters.insert(c.key);
+        }
+        let state = match self.counters.entry(c.key) {
+            Entry::Occupied(o) => Some(o.into_mut()),
+            Entry::Vacant(v) => CounterState::fresh(&c.spec, now).map(|s| v.insert(s)),
+        }?;
+        let mark = counter::hold(&c.spec, state, c.amount, now);
+        counter::expire(state, &mark);
+        Some(state)
     }
 
     /// Commits every hold whose TTL has passed at its held amount. Returns how many.

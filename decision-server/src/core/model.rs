@@ -172,6 +172,8 @@ pub struct Feature {
     /// The most usage one settlement of this feature may report; unset, a multiple of the
     /// requested usage (`plan::DEFAULT_SETTLE_FACTOR`).
     pub max_settle: Option<u64>,
+    /// Every check's usage is final: a grant counts it at once and places no hold.
+    pub commit_at_check: bool,
 }
 
 /// Paid credits are spent after promotional ones of the same priority and expiry.
@@ -455,6 +457,13 @@ pub struct AlertDelivery {
 impl Model {
     pub fn customer(&self, id: &str) -> Option<&CustomerModel> {
         self.customers.get(id)
+    }
+
+    /// Whether checks of feature `id` count at once instead of holding (`commitAtCheck`).
+    pub fn commits_at_check(&self, id: &str) -> bool {
+        self.feature(id)
+            .and_then(|i| self.features.get(i))
+            .is_some_and(|f| f.commit_at_check)
     }
 
     pub fn feature(&self, id: &str) -> Option<usize> {

@@ -306,6 +306,9 @@ pub enum RecordKind {
     Expired,
     Ingested,
     Denied,
+    /// A granted decision whose usage was final when it was made (`ReserveMode::Commit`):
+    /// counted at once, with no hold. Referenced as a hold numbered 0 with the decision's tag.
+    Committed,
 }
 
 impl RecordKind {
@@ -316,6 +319,7 @@ impl RecordKind {
             RecordKind::Expired => "expired",
             RecordKind::Ingested => "ingested",
             RecordKind::Denied => "denied",
+            RecordKind::Committed => "committed",
         }
     }
 }

@@ -27,7 +27,7 @@ use crate::metrics::Api;
 use crate::service::Service;
 
 pub use tollgate_proto::ext_authz::{
-    HEADER_HOLD_ID, HEADER_NO_LIMIT, HEADER_REMAINING, HEADER_UNCHECKED, KEY_CUSTOMER,
+    HEADER_HOLD_ID, HEADER_NO_LIMIT, HEADER_REMAINING, HEADER_UNCHECKED, KEY_COMMIT, KEY_CUSTOMER,
     KEY_DEADLINE, KEY_DIMENSION_PREFIX, KEY_FEATURE, KEY_USAGE, METADATA_HOLD_ID,
 };
 
@@ -40,6 +40,8 @@ pub struct Extracted {
     pub dimensions: HashMap<String, String>,
     /// `tollgate.deadline`: when the caller stops waiting, in ms since the epoch.
     pub deadline: Option<Timestamp>,
+    /// `tollgate.commit`: the usage is final; count it at once and hold nothing.
+    pub commit: bool,
 }
 
 /// What an ext_authz request offers besides its context extensions: its headers, and the
@@ -144,12 +146,23 @@ pub fn extract<'a>(
             },
         )?)),
     };
+    let commit = match extensions.get(KEY_COMMIT).map(|t| t.trim()) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(format!(
+                "context extension `{KEY_COMMIT}` is `{}`; `true` or `false` expected",
+                other.chars().take(32).collect::<String>()
+            ));
+        }
+    };
     Ok(Extracted {
         customer: customer.to_string(),
         feature: feature.to_string(),
         usage,
         dimensions,
         deadline,
+        commit,
     })
 }
 
@@ -474,6 +487,7 @@ impl Authorization for ExtAuthzService {
             usage: Usage::units(input.usage),
             dimensions: &input.dimensions,
             dry_run: false,
+            commit: input.commit,
         };
         match self.service.check(Api::ExtAuthz, &check).await {
             Ok(d) => Ok(Response::new(decision_response(

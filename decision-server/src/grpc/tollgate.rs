@@ -132,6 +132,7 @@ fn stream_event(f: Followed) -> pb::UsageEvent {
                 RecordKind::Expired => Kind::Expired,
                 RecordKind::Ingested => Kind::Ingested,
                 RecordKind::Denied => Kind::Denied,
+                RecordKind::Committed => Kind::Committed,
             };
             let hold_id = match r.reference {
                 RecordRef::Hold { seq, tag } => HoldId {
@@ -389,6 +390,7 @@ impl Tollgate for TollgateService {
             usage: usage(r.requested_usage, r.tokens),
             dimensions: &r.dimensions,
             dry_run: r.dry_run,
+            commit: r.commit,
         };
         let d = self
             .service

@@ -261,6 +261,7 @@ impl Service {
             usage: item.usage,
             dimensions: &item.dimensions,
             dry_run: false,
+            commit: false,
         };
         let recorded = self.engine.ingest(&req, &item.idempotency_key).await?;
         if recorded

@@ -290,10 +290,7 @@ impl CounterStore for MemoryStore {
     ) -> Result<Reservation, StoreError> {
         let sym = plan.customer.sym();
         let book = self.book(sym);
-        self.write(sym, &book, |l| {
-            l.reserve(plan, mode == ReserveMode::Hold, now)
-        })
-        .await
+        self.write(sym, &book, |l| l.reserve(plan, mode, now)).await
     }
 
     async fn settle(
@@ -319,7 +316,7 @@ impl CounterStore for MemoryStore {
         let (closed, reservation) = self
             .write(sym, &book, |l| {
                 let closed = l.close(old.seq, old.tag, how, now);
-                (closed, l.reserve(next, true, now))
+                (closed, l.reserve(next, ReserveMode::Hold, now))
             })
             .await?;
         // The old slice gone already (expired, or a store that lost it) is no reason to lose

@@ -12,7 +12,7 @@ pub use durable::{Durability, DurableStore};
 pub use leased::{LeaseStats, LeasedStore};
 pub use memory::MemoryStore;
 
-pub use crate::core::ledger::{AutoEntityOutcome, Reservation, StoredEntity};
+pub use crate::core::ledger::{AutoEntityOutcome, Reservation, ReserveMode, StoredEntity};
 
 use crate::core::alerts::Delivery;
 use crate::core::counter::CounterKey;
@@ -45,14 +45,6 @@ impl std::fmt::Display for HoldKey {
 pub struct BatchId {
     pub writer: u32,
     pub seq: u64,
-}
-
-/// Whether `reserve` places holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReserveMode {
-    Hold,
-    /// Read every counter and answer as a real check would; change nothing.
-    DryRun,
 }
 
 /// How an attempt to close a hold went.

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use tollgate::clock::ManualClock;
 use tollgate::core::usage::{TokenCounts, Usage};
 use tollgate::core::{Decision, HoldId, Model, Timestamp};
-use tollgate::store::CounterStore;
+use tollgate::store::{CounterStore, ReserveMode as Mode};
 use tollgate::{CheckRequest, Engine};
 
 /// Runs each named test function `f(store)` once per counter-store implementation, each as its own test, in the
@@ -292,7 +292,18 @@ impl Harness {
         usage: Usage,
         d: &[(&str, &str)],
     ) -> Decision {
-        self.decide(customer, feature, usage, d, false)
+        self.decide(customer, feature, usage, d, Mode::Hold)
+    }
+
+    /// A check whose usage is final: counted at once, no hold (`commit` on the API).
+    pub fn commit(
+        &self,
+        customer: &str,
+        feature: &str,
+        usage: Usage,
+        d: &[(&str, &str)],
+    ) -> Decision {
+        self.decide(customer, feature, usage, d, Mode::Commit)
     }
 
     /// Records usage under idempotency `key` as `POST /v1/usage` does; whether it was recorded.
@@ -312,6 +323,7 @@ impl Harness {
             usage,
             dimensions: &dimensions,
             dry_run: false,
+            commit: false,
         };
         self.run(self.engine.ingest(&req, key)).unwrap()
     }
@@ -323,7 +335,7 @@ impl Harness {
         units: u64,
         d: &[(&str, &str)],
     ) -> Decision {
-        self.decide(customer, feature, Usage::units(units), d, true)
+        self.decide(customer, feature, Usage::units(units), d, Mode::DryRun)
     }
 
     fn decide(
@@ -332,7 +344,7 @@ impl Harness {
         feature: &str,
         usage: Usage,
         d: &[(&str, &str)],
-        dry_run: bool,
+        mode: Mode,
     ) -> Decision {
         let dimensions = dims(d);
         self.rt
@@ -342,7 +354,8 @@ impl Harness {
                 feature,
                 usage,
                 dimensions: &dimensions,
-                dry_run,
+                dry_run: mode == Mode::DryRun,
+                commit: mode == Mode::Commit,
             }))
             .unwrap()
     }
@@ -363,6 +376,7 @@ impl Harness {
             usage: Usage::units(units),
             dimensions: &dimensions,
             dry_run: false,
+            commit: false,
         })) {
             Ok(d) => panic!("the check was answered: {d:?}"),
             Err(e) => e,

@@ -7,6 +7,39 @@ use super::*;
 pub(super) type HeldHere = Option<(LocalPart, Reading)>;
 
 impl Shared {
+    /// Writes the customer's pending local records on a task of their own, once a batch has
+    /// gathered (a failure keeps them for the sweep's next try).
+    pub(super) fn flush_records(self: Arc<Self>, customer: Name, now: Timestamp) {
+        tokio::spawn(async move {
+            let _ = self.write_records(customer, now).await;
+        });
+    }
+
+    /// Turns the local hold `hold_in_slices` entered for a committed decision into spending:
+    /// its parts settle at once at their held amounts, so the slices count them as spent (and
+    /// are renewed by them, as by settled holds). With `record`, the call's usage record is
+    /// kept for the store as a committed record; without, the store wrote it with its part.
+    pub(super) fn commit_local(&self, b: &mut Book, plan: &Plan, record: bool, now: Timestamp) {
+        let Some(h) = b.holds.remove(&plan.hold_tag) else {
+            return;
+        };
+        // Settled at the held usage, each part spends exactly what it held: nothing is over.
+        b.close_parts(&h.parts, Some(&plan.usage));
+        if record && plan.record {
+            b.push_record(
+                LocalRecord {
+                    kind: RecordKind::Committed,
+                    at: now,
+                    series: h.series,
+                    measures: Measures::of_call(plan.usage.units, plan.usage.tokens, 0),
+                    seq: 0,
+                    tag: plan.hold_tag,
+                },
+                &self.counters.dropped,
+            );
+        }
+    }
+
     /// Holds each of `plan`'s leasable counters inside this replica's slice where one has
     /// room, and enters the local hold (`seq`) before any store call, so a cancel that
     /// overtakes the call finds it. Per counter, its part and reading where held; and the
@@ -164,10 +197,23 @@ impl CounterStore for LeasedStore {
         };
         if covered == n {
             shared.counters.local.fetch_add(1, Ordering::Relaxed);
+            let hold = if mode == ReserveMode::Commit {
+                let pending = {
+                    let mut b = book.lock();
+                    shared.commit_local(&mut b, plan, true, now);
+                    b.records.len()
+                };
+                if pending >= FLUSH_AT {
+                    Arc::clone(shared).flush_records(plan.customer, now);
+                }
+                None
+            } else {
+                Some(local_hold_id())
+            };
             return Ok(Reservation {
                 readings: local.into_iter().flatten().map(|(_, r)| r).collect(),
                 blocking: None,
-                hold: Some(local_hold_id()),
+                hold,
             });
         }
         // The rest goes to the store, as a plan of the uncovered counters only.
@@ -219,6 +265,16 @@ impl CounterStore for LeasedStore {
         let blocking = r.blocking.and_then(|k| rest_index.get(k).copied());
         let mut b = book.lock();
         match (blocking, r.hold) {
+            (None, None) if mode == ReserveMode::Commit => {
+                // The store counted its part and wrote the call's record.
+                shared.commit_local(&mut b, plan, false, now);
+                shared.counters.partial.fetch_add(1, Ordering::Relaxed);
+                Ok(Reservation {
+                    readings,
+                    blocking: None,
+                    hold: None,
+                })
+            }
             (None, Some(store)) => {
                 if let Some(h) = b.holds.get_mut(&plan.hold_tag) {
                     h.store = Some(HoldKey {

@@ -398,12 +398,7 @@ impl LeasedStore {
             shared.book(hold.customer).lock().keep_over(hold, over);
         }
         if flush {
-            let shared = Arc::clone(shared);
-            let customer = hold.customer;
-            tokio::spawn(async move {
-                // A failure keeps them for the sweep's next try.
-                let _ = shared.write_records(customer, now).await;
-            });
+            Arc::clone(shared).flush_records(hold.customer, now);
         }
         if let Some(store) = store
             && let Err(e) = shared.close_store_part(store, actual.copied(), now).await

@@ -328,10 +328,14 @@ impl RedisStore {
                 if renew.is_some() { "renew" } else { "reserve" },
                 now,
                 |inv| {
-                    inv.arg(u8::from(mode == ReserveMode::Hold))
-                        .arg(plan.hold_ttl_millis)
-                        .arg(tag_text(plan.hold_tag))
-                        .arg(plan.max_settle);
+                    inv.arg(match mode {
+                        ReserveMode::DryRun => 0u8,
+                        ReserveMode::Hold => 1,
+                        ReserveMode::Commit => 2,
+                    })
+                    .arg(plan.hold_ttl_millis)
+                    .arg(tag_text(plan.hold_tag))
+                    .arg(plan.max_settle);
                 },
                 |inv| {
                     if let Some((old, spent)) = renew {
@@ -387,7 +391,13 @@ impl RedisStore {
                 k.next_expiry = Some(k.next_expiry.map_or(expires, |at| at.min(expires)));
             }
         }
-        let (readings, computed) = readings_from(plan, before, placed && !replayed, now);
+        let applied = match mode {
+            _ if replayed => ReserveMode::DryRun,
+            ReserveMode::Hold if placed => ReserveMode::Hold,
+            ReserveMode::Commit => ReserveMode::Commit,
+            _ => ReserveMode::DryRun,
+        };
+        let (readings, computed) = readings_from(plan, before, applied, now);
         let blocking = usize::try_from(blocking)
             .ok()
             .and_then(|b| b.checked_sub(1));

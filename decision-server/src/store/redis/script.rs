@@ -72,12 +72,13 @@ fn constants() -> String {
     );
     let _ = writeln!(
         s,
-        "local SETTLED, RELEASED, EXPIRED, INGESTED, DENIED, ALERT = {}, {}, {}, {}, {}, {}",
+        "local SETTLED, RELEASED, EXPIRED, INGESTED, DENIED, COMMITTED, ALERT = {}, {}, {}, {}, {}, {}, {}",
         kind(RecordKind::Settled),
         kind(RecordKind::Released),
         kind(RecordKind::Expired),
         kind(RecordKind::Ingested),
         kind(RecordKind::Denied),
+        kind(RecordKind::Committed),
         wire::KIND_ALERT
     );
     let _ = writeln!(s, "local INDEX_PERIOD = {INDEX_PERIOD}");

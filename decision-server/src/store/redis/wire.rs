@@ -428,13 +428,14 @@ impl<'a> LocalBatch<'a> {
 }
 
 /// Record kinds and their codes in the script (`SETTLED, RELEASED, EXPIRED,
-/// INGESTED, DENIED` in the script, written from these).
-const RECORD_KINDS: [(i64, RecordKind); 5] = [
+/// INGESTED, DENIED, COMMITTED` in the script, written from these; 6 is [`KIND_ALERT`]).
+const RECORD_KINDS: [(i64, RecordKind); 6] = [
     (1, RecordKind::Settled),
     (2, RecordKind::Released),
     (3, RecordKind::Expired),
     (4, RecordKind::Ingested),
     (5, RecordKind::Denied),
+    (7, RecordKind::Committed),
 ];
 
 /// The script's code for a record kind.

@@ -46,15 +46,26 @@ local function reply(result, extra, next_expiry)
   return out
 end
 
--- ARGV: 'reserve', now, hold (1/0), ttl ms, tag, max settle, counters, then a group per
+-- ARGV: 'reserve', now, mode (1 hold, 2 commit, 0 dry run), ttl ms, tag, max settle, counters, then a group per
 -- counter, then the series draft, each counter's (limit id, chain level), the held measures
 -- (what an expiry records), and the record settings. Result: the blocking counter (1-based, 0 if none), then the hold number (0 if
 -- none), then each counter's state before the call (false if it had none).
 local function reserve()
-  local place, ttl, tag, max_settle = ARGV[3] == '1', tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
+  local place, ttl, tag, max_settle = ARGV[3] ~= '0', tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
+  local commit = ARGV[3] == '2'
   local n = tonumber(ARGV[7])
   expire_due()
-  if place then
+  if commit and redis.call('ZSCORE', CANCELLED, tag) then
+    -- The same commit again (a resent script): it counted once; answered as REPLAYED with no
+    -- hold number and the states as they are now.
+    local now_states = {}
+    for i = 1, n do
+      local c = planned(8 + (i - 1) * GROUP)
+      now_states[i] = load(c.key, c.field).raw
+    end
+    return reply(-1, { 0, unpack(now_states, 1, n) })
+  end
+  if place and not commit then
     -- The same call again (a Cluster client resends a script whose answer it lost): the hold
     -- that call placed stands and nothing is held or recorded twice. Answered as REPLAYED
     -- with that hold's number and the states as they are now (wire.rs RESERVE_REPLAYED).
@@ -88,6 +99,24 @@ local function reserve()
   end
   if blocking > 0 or not place or n == 0 then
     return reply(blocking, { 0, unpack(before, 1, n) })
+  end
+  if commit then
+    -- Counted at once as `record()` counts, and no hold (`Ledger::reserve`, `ReserveMode::Commit`).
+    -- The tag joins the decided ones, so a resent call counts nothing more.
+    for i = 1, n do
+      local c = counters[i]
+      local e = load(c.key, c.field)
+      if not e.st then e.st = fresh(c) end
+      if e.st then
+        local mark = hold(c, e.st)
+        if mark then expire(e.st, mark) end
+        save(c.key, c.field, e)
+      end
+    end
+    redis.call('ZREMRANGEBYSCORE', CANCELLED, '-inf', now)
+    redis.call('ZADD', CANCELLED, now + ttl, tag)
+    if draft then attribute(COMMITTED, series_of(draft, nil), measures_at(limits_at + 2 * n), 0, tag) end
+    return reply(0, { 0, unpack(before, 1, n) })
   end
   local seq = math.max(tonumber(redis.call('HGET', META, 'seq') or 0), 1)
   redis.call('HSET', META, 'seq', seq + 1)
