@@ -31,7 +31,10 @@ test_with_all_stores! {
     a_cancel_that_overtakes_its_reserve_makes_it_hold_nothing,
 }
 
-test_with_redis_stores!(a_reserve_run_twice_holds_once);
+test_with_redis_stores!(
+    a_reserve_run_twice_holds_once,
+    a_commit_run_twice_counts_once
+);
 
 const LIMITS: &str = r#"
 limits:
@@ -365,5 +368,32 @@ fn a_reserve_run_twice_holds_once(store: Store) {
             .unwrap()
     );
     nothing_held(&h);
+    assert_eq!(h.engine.store().stats().script_disagreements, 0);
+}
+
+/// A commit whose answer was lost and that the Cluster client runs again counts once: the
+/// second run answers as the first decided, with no hold, and changes nothing.
+fn a_commit_run_twice_counts_once(store: Store) {
+    let (h, _) = hooked(store);
+    let mut plan = plan_for_u1(&h);
+    plan.hold_tag = 0xc0c0;
+    let store = h.engine.store();
+    let first = h
+        .run(store.reserve(&plan, ReserveMode::Commit, h.engine.now()))
+        .unwrap();
+    assert_eq!((first.blocking, &first.hold), (None, &None));
+    let again = h
+        .run(store.reserve(&plan, ReserveMode::Commit, h.engine.now()))
+        .unwrap();
+    assert_eq!((again.blocking, &again.hold), (None, &None));
+    assert_eq!(h.counted("acme", "u1", "user-day"), 100, "counted once");
+    assert_eq!(h.counted("acme", "u1", "user-slots"), 0, "no slot kept");
+    assert_eq!(again.readings[0].current_usage, 100);
+    // Another decision (another tag) counts as usual.
+    plan.hold_tag = 0xc0c1;
+    h.run(store.reserve(&plan, ReserveMode::Commit, h.engine.now()))
+        .unwrap();
+    assert_eq!(h.counted("acme", "u1", "user-day"), 200);
+    assert_eq!(h.engine.store().stats().holds_open, 0);
     assert_eq!(h.engine.store().stats().script_disagreements, 0);
 }

@@ -33,7 +33,11 @@ async fn native_ext_authz_grants_then_denies_at_the_team_cap() {
         256
     );
     let m = s.sidecar_metrics().await;
-    assert_eq!(m.get("tollgate_holds_open", &[]), Some(0.0), "a commit holds nothing");
+    assert_eq!(
+        m.get("tollgate_holds_open", &[]),
+        Some(0.0),
+        "a commit holds nothing"
+    );
     let r = s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await;
     assert_eq!(r.status, 429, "{}", r.text);
     let body = r.json();

@@ -176,6 +176,10 @@ struct RunArgs {
     /// Run the same load against a no-op ext_authz server first, and print the ratio.
     #[arg(long)]
     calibrate: bool,
+    /// Each check's usage is final: `tollgate.commit` on ext_authz, `commit` over HTTP, so a
+    /// grant counts at once and holds nothing.
+    #[arg(long)]
+    commit: bool,
     /// Label for the printed result line.
     #[arg(long, default_value = "tollgate")]
     label: String,
@@ -261,8 +265,13 @@ impl Rng {
 }
 
 /// An ext_authz check as Envoy sends it, with the gateway token.
-fn authz_request(customer: &str, user: &str, usage: u64) -> tonic::Request<CheckRequest> {
-    let ext: HashMap<String, String> = [
+fn authz_request(
+    customer: &str,
+    user: &str,
+    usage: u64,
+    commit: bool,
+) -> tonic::Request<CheckRequest> {
+    let mut ext: HashMap<String, String> = [
         ("tollgate.customer", customer.to_string()),
         ("tollgate.feature", "ai-tokens".to_string()),
         ("tollgate.usage", usage.to_string()),
@@ -271,6 +280,9 @@ fn authz_request(customer: &str, user: &str, usage: u64) -> tonic::Request<Check
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
+    if commit {
+        ext.insert("tollgate.commit".into(), "true".into());
+    }
     let mut r = tonic::Request::new(CheckRequest {
         attributes: Some(AttributeContext {
             context_extensions: ext,
@@ -403,7 +415,7 @@ async fn run(args: &RunArgs, addr: &str) -> anyhow::Result<Outcome> {
                 let user = format!("u{user}");
                 let t0 = due.unwrap_or_else(Instant::now);
                 let ok = match (client, grpc.as_mut()) {
-                    (Client::Grpc(_), Some(c)) => match c.check(authz_request(&customer, &user, args.usage)).await {
+                    (Client::Grpc(_), Some(c)) => match c.check(authz_request(&customer, &user, args.usage, args.commit)).await {
                         Ok(r) => {
                             let code = r.into_inner().status.map_or(-1, |s| s.code);
                             if code != 0 {
@@ -429,7 +441,7 @@ async fn run(args: &RunArgs, addr: &str) -> anyhow::Result<Outcome> {
                         let r = c
                             .post(format!("http://{addr}/v1/customers/{customer}/entitlements/check"))
                             .bearer_auth(BENCH_TOKEN)
-                            .json(&serde_json::json!({"featureId": "ai-tokens", "requestedUsage": args.usage, "dimensions": {"userId": user}}))
+                            .json(&serde_json::json!({"featureId": "ai-tokens", "requestedUsage": args.usage, "dimensions": {"userId": user}, "commit": args.commit}))
                             .send()
                             .await;
                         match r {
@@ -793,6 +805,7 @@ async fn envoy_bench(
                     hot_percent: 0,
                     rate: 0,
                     calibrate: false,
+                    commit: false,
                     label: format!("{name}#{round}"),
                 };
                 let o = run(&args, &args.addr).await?;
