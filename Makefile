@@ -11,7 +11,7 @@ ENVOY_DIR := $(TOOLS)/envoy-$(ENVOY_VERSION)
 export TOLLGATE_ENVOY := $(ENVOY_DIR)/envoy/_bin/envoy
 export TOLLGATE_WASM := $(CURDIR)/target/$(WASM_TARGET)/release/tollgate_filter.wasm
 
-.PHONY: release bench-usage-redis bench-tenants bench-leases bench-portal setup-portal setup-browser setup-skopeo wasm-image wasm-pin setup-redis setup-python demo test setup-rust setup-envoy fmt-check clippy wasm unit bench bench-grpc bench-envoy bench-store bench-redis-memory bench-usage
+.PHONY: release bench-vs-limitador bench-usage-redis bench-tenants bench-leases bench-portal setup-portal setup-browser setup-skopeo wasm-image wasm-pin setup-redis setup-python demo test setup-rust setup-envoy fmt-check clippy wasm unit bench bench-grpc bench-envoy bench-store bench-redis-memory bench-usage
 
 ## The demo: real Envoy, the WASM filter, the sidecar and a mock OpenAI upstream on loopback.
 demo: setup-rust setup-envoy wasm release
@@ -162,6 +162,10 @@ bench-portal: setup-portal
 ## Escrow leases on Redis: no-op, in-memory, Redis without and with leases; CPU per decision.
 bench-leases: setup-redis
 	bench/leases.sh
+
+## Tollgate beside the published limitador engine, every store, one run (bench/limitador/).
+bench-vs-limitador: setup-redis
+	bench/vs-limitador.sh
 
 ## Attribution's costs: bytes per series, history queries, throughput on/off, stream delay.
 bench-usage: setup-redis

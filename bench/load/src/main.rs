@@ -20,8 +20,12 @@ use envoy_types::ext_authz::v3::pb::{
     Authorization, AuthorizationServer, CheckRequest, CheckResponse,
 };
 use envoy_types::ext_authz::v3::{CheckResponseExt, OkHttpResponseBuilder};
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use hdrhistogram::Histogram;
 use tollgate_proto::client::TollgateClient;
 use tollgate_proto::v1::usage_event::Kind as UsageKind;
@@ -57,6 +61,9 @@ enum Target {
     /// Tollgate's own gRPC API (`--addr` is the gRPC listener): `Check`, then `Settle` of the
     /// hold at the requested usage, as the WASM filter does; every call leaves a usage record.
     Decide,
+    /// Envoy's rate-limit service API (`ShouldRateLimit`), as Limitador serves it: domain
+    /// `bench`, one descriptor with the request's `customer`, `team` and `user`, hits = usage.
+    Rls,
 }
 
 #[derive(Debug, Subcommand)]
@@ -295,6 +302,32 @@ fn authz_request(
     r
 }
 
+/// A rate-limit service request as Envoy's `ratelimit` filter sends it, for the same
+/// organization, team and user a Tollgate check names (ten teams a customer, as the bench
+/// config has).
+fn rls_request(customer: &str, user: &str, usage: u64) -> RateLimitRequest {
+    let team = user
+        .trim_start_matches('u')
+        .parse::<u64>()
+        .map_or(0, |n| n % 10);
+    let entry = |key: &str, value: String| Entry {
+        key: key.to_string(),
+        value,
+    };
+    RateLimitRequest {
+        domain: "bench".to_string(),
+        descriptors: vec![RateLimitDescriptor {
+            entries: vec![
+                entry("customer", customer.to_string()),
+                entry("team", format!("t{team}")),
+                entry("user", user.to_string()),
+            ],
+            ..RateLimitDescriptor::default()
+        }],
+        hits_addend: u32::try_from(usage).unwrap_or(u32::MAX),
+    }
+}
+
 #[derive(Debug)]
 struct Outcome {
     requests: u64,
@@ -333,6 +366,7 @@ impl Outcome {
 enum Client {
     Grpc(AuthorizationClient<Channel>),
     Decide(TollgateClient<Channel>),
+    Rls(RateLimitServiceClient<Channel>),
     Http(reqwest::Client, String),
     Proxy(reqwest::Client, String),
 }
@@ -352,6 +386,7 @@ async fn run(args: &RunArgs, addr: &str) -> anyhow::Result<Outcome> {
         clients.push(match args.target {
             Target::ExtAuthz => Client::Grpc(AuthorizationClient::new(channel_to(addr).await?)),
             Target::Decide => Client::Decide(TollgateClient::new(channel_to(addr).await?)),
+            Target::Rls => Client::Rls(RateLimitServiceClient::new(channel_to(addr).await?)),
             Target::Http => Client::Http(
                 reqwest::Client::builder()
                     .tcp_nodelay(true)
@@ -384,7 +419,11 @@ async fn run(args: &RunArgs, addr: &str) -> anyhow::Result<Outcome> {
             let client = &clients[w % clients.len()];
             let mut grpc = match client {
                 Client::Grpc(c) => Some(c.clone()),
-                Client::Http(..) | Client::Proxy(..) | Client::Decide(_) => None,
+                Client::Http(..) | Client::Proxy(..) | Client::Decide(_) | Client::Rls(_) => None,
+            };
+            let mut rls = match client {
+                Client::Rls(c) => Some(c.clone()),
+                _ => None,
             };
             let mut decide = match client {
                 Client::Decide(c) => Some(c.clone()),
@@ -429,6 +468,19 @@ async fn run(args: &RunArgs, addr: &str) -> anyhow::Result<Outcome> {
                         Some(c) => match check_and_settle(c, &customer, &user, args.usage).await {
                             Ok((granted, _)) => {
                                 if !granted {
+                                    denied += 1;
+                                }
+                                true
+                            }
+                            Err(_) => false,
+                        },
+                        None => false,
+                    },
+                    (Client::Rls(_), _) => match rls.as_mut() {
+                        Some(c) => match c.should_rate_limit(rls_request(&customer, &user, args.usage)).await {
+                            Ok(r) => {
+                                // 1 is OK; anything else is over the limit.
+                                if r.into_inner().overall_code != 1 {
                                     denied += 1;
                                 }
                                 true
