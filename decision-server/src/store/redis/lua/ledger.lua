@@ -1,4 +1,4 @@
--- Part `ledger.lua` of the script: mirrors decision-server/src/core/ledger.rs (`Ledger::reserve`, `close`, `cancel`, `record`, `renew`, `expire_due`).
+-- Part `ledger.lua` of the script: mirrors decision-server/src/core/ledger.rs (`Ledger::reserve`, `close`, `cancel`, `record`, `renew`, `expire_due`, `count_at_once`).
 
 -- The ledger (core/ledger.rs) -------------------------------------------------------------
 
@@ -32,6 +32,18 @@ local function expire_due()
   end
   if #due > 0 then redis.call('ZREMRANGEBYSCORE', EXPIRY, '-inf', now) end
   return #due
+end
+
+-- Counts counter `c`'s amount at once, as an expired hold is (`Ledger::count_at_once`): a
+-- concurrency slot is taken and given back, every other counter keeps the amount.
+local function count_at_once(c)
+  local e = load(c.key, c.field)
+  if not e.st then e.st = fresh(c) end
+  if e.st then
+    local mark = hold(c, e.st)
+    if mark then expire(e.st, mark) end
+    save(c.key, c.field, e)
+  end
 end
 
 local function reply(result, extra, next_expiry)
@@ -103,16 +115,7 @@ local function reserve()
   if commit then
     -- Counted at once as `record()` counts, and no hold (`Ledger::reserve`, `ReserveMode::Commit`).
     -- The tag joins the decided ones, so a resent call counts nothing more.
-    for i = 1, n do
-      local c = counters[i]
-      local e = load(c.key, c.field)
-      if not e.st then e.st = fresh(c) end
-      if e.st then
-        local mark = hold(c, e.st)
-        if mark then expire(e.st, mark) end
-        save(c.key, c.field, e)
-      end
-    end
+    for i = 1, n do count_at_once(counters[i]) end
     redis.call('ZREMRANGEBYSCORE', CANCELLED, '-inf', now)
     redis.call('ZADD', CANCELLED, now + ttl, tag)
     if draft then attribute(COMMITTED, series_of(draft, nil), measures_at(limits_at + 2 * n), 0, tag) end
@@ -247,16 +250,7 @@ local function record()
   if over > 0 then redis.call('ZPOPMIN', SEEN, over) end
   if redis.call('ZSCORE', SEEN, key) then return reply(0) end
   redis.call('ZADD', SEEN, now, key)
-  for i = 1, n do
-    local c = planned(7 + (i - 1) * GROUP)
-    local e = load(c.key, c.field)
-    if not e.st then e.st = fresh(c) end
-    if e.st then
-      local mark = hold(c, e.st)
-      if mark then expire(e.st, mark) end
-      save(c.key, c.field, e)
-    end
-  end
+  for i = 1, n do count_at_once(planned(7 + (i - 1) * GROUP)) end
   if REC then
     local draft, limits_at = draft_at(7 + n * GROUP)
     attribute(INGESTED, series_of(draft, nil), measures_at(limits_at + 2 * n), key, false)
