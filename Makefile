@@ -164,7 +164,14 @@ bench-leases: setup-redis
 	bench/leases.sh
 
 ## Tollgate beside the published limitador engine, every store, one run (bench/limitador/).
+## Its Redis storages need limitador's RocksDB feature, whose build needs libclang.
 bench-vs-limitador: setup-redis
+	@if [ -z "$$(find /usr/lib -name 'libclang.so*' -print -quit 2>/dev/null)" ]; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$$SUDO apt-get install -y -q libclang-dev >/dev/null 2>&1 || \
+			{ $$SUDO apt-get update -q && $$SUDO apt-get install -y -q libclang-dev; }; \
+	fi
 	bench/vs-limitador.sh
 
 ## Attribution's costs: bytes per series, history queries, throughput on/off, stream delay.

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Tollgate beside Limitador, one machine, one run, the same load generator and load: ext_authz
 # `Check` (Tollgate) or `ShouldRateLimit` (Limitador, the published `limitador` engine behind
-# Envoy's rate-limit API in `bench/limitador/`, in memory: its Redis storages need its RocksDB
-# feature to build, not taken on yet), 10 customers, 1,000 users, three levels
+# Envoy's rate-limit API in `bench/limitador/`, in memory, on Redis and `redis_cached`),
+# 10 customers, 1,000 users, three levels
 # (organization, team, user), concurrency 64 over 8 HTTP/2 connections, one server worker.
 # Tollgate's rows hold (never settled, as a route nobody settles), commit (`tollgate.commit`),
 # or Check + Settle over its gRPC API; the no-op ext_authz server calibrates the first row.
-# Prints every row, then the in-memory Tollgate rows' throughput over Limitador's.
+# Prints every row, then each Tollgate row over Limitador on the like store (memory and durable
+# over memory, Redis over Redis, Redis with leases over `redis_cached`).
 #
 #   bench/vs-limitador.sh          # ROUNDS=2, N=100000 requests a row
 set -euo pipefail
@@ -54,7 +55,7 @@ tollgate() { # label, storage, target (check|decide), more load arguments
 
 limitador() { # label, storage
   local label=$1 addr line
-  "$LIM" --storage "$2" --workers 1 > "$work/out" 2>&1 &
+  "$LIM" --storage "$2" --redis-url "$redis_url" --workers 1 > "$work/out" 2>&1 &
   echo $! > "$work/pid"
   for _ in $(seq 100); do grep -q ready "$work/out" && break; sleep 0.1; done
   addr=$(grep -o 'rls=[^ ]*' "$work/out" | cut -d= -f2)
@@ -68,6 +69,8 @@ limitador() { # label, storage
 leases="$redis, leases: { enabled: true, ttl: PT60S, skew: PT2S }"
 for round in $(seq "$ROUNDS"); do
   limitador limitador-memory memory
+  limitador limitador-redis redis
+  limitador limitador-redis-cached redis-cached
   tollgate tollgate-memory-hold "kind: memory" check "$( [ "$round" = 1 ] && echo --calibrate)"
   tollgate tollgate-memory-commit "kind: memory" check --commit
   tollgate tollgate-durable-commit "kind: durable, path: \"$work/t.redb\", durability: batched, commitIntervalMs: 100" check --commit
@@ -80,8 +83,13 @@ for round in $(seq "$ROUNDS"); do
 done
 
 ratio() { awk -v a="${sum[$1]}" -v b="${sum[$2]}" -v l="$1 / $2" 'BEGIN { printf "%-52s %.2f\n", l, (b > 0 ? a / b : 0) }'; }
-echo "# throughput over Limitador in memory, summed over $ROUNDS rounds"
-for t in tollgate-memory-hold tollgate-memory-commit tollgate-durable-commit tollgate-redis-hold \
-  tollgate-redis-commit tollgate-leased-commit tollgate-leased-check-settle; do
+echo "# throughput over Limitador on the same store, summed over $ROUNDS rounds"
+for t in tollgate-memory-hold tollgate-memory-commit tollgate-durable-commit; do
   ratio $t limitador-memory
+done
+for t in tollgate-redis-hold tollgate-redis-commit; do
+  ratio $t limitador-redis
+done
+for t in tollgate-leased-commit tollgate-leased-check-settle; do
+  ratio $t limitador-redis-cached
 done

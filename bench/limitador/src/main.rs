@@ -1,8 +1,8 @@
 //! Benchmark only: the published `limitador` engine (Kuadrant's rate limiter) behind Envoy's
 //! rate-limit service API (`envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`), with
-//! its in-memory storage, so that `bench/vs-limitador.sh` measures it beside Tollgate with the
-//! same load generator, on the same machine, in one run. (Its Redis storages need the crate's
-//! RocksDB feature to build, which this bench does not take on yet.)
+//! its in-memory, Redis and cached-Redis (`redis_cached`) storages, so that
+//! `bench/vs-limitador.sh` measures it beside Tollgate with the same load generator, on the same
+//! machine, in one run.
 //!
 //! The limits mirror the Tollgate bench config: three levels (organization, team, user), each a
 //! fixed-window counter large enough never to deny, keyed by the request's one descriptor's
@@ -19,13 +19,19 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
     RateLimitService, RateLimitServiceServer,
 };
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
-use limitador::RateLimiter;
 use limitador::limit::{Context, Expression, Limit, Namespace};
+use limitador::storage::redis::{AsyncRedisStorage, CachedRedisStorageBuilder};
+use limitador::{AsyncRateLimiter, RateLimiter};
 use tonic::{Request, Response, Status};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Storage {
     Memory,
+    /// `AsyncRedisStorage`: every decision is a Redis round trip.
+    Redis,
+    /// `CachedRedisStorage` with the library's defaults (as Limitador's server starts it): local
+    /// counters flushed to Redis in batches, so replicas may overshoot a limit between flushes.
+    RedisCached,
 }
 
 #[derive(Parser, Debug)]
@@ -41,10 +47,18 @@ struct Args {
     /// Counters the in-memory storage caches.
     #[arg(long, default_value_t = 1_000_000)]
     cache: u64,
+    /// Redis for `--storage redis` and `redis-cached` (loopback only).
+    #[arg(long, default_value = "redis://127.0.0.1:6379/")]
+    redis_url: String,
+}
+
+enum Limiter {
+    Blocking(RateLimiter),
+    Async(AsyncRateLimiter),
 }
 
 struct Service {
-    limiter: RateLimiter,
+    limiter: Limiter,
 }
 
 const NAMESPACE: &str = "bench";
@@ -94,10 +108,14 @@ impl RateLimitService for Service {
         let mut ctx = Context::default();
         ctx.list_binding("descriptors".into(), descriptors);
         let delta = u64::from(req.hits_addend.max(1));
-        let result = self
-            .limiter
-            .check_rate_limited_and_update(&namespace, &ctx, delta)
-            .map_err(|e| Status::unavailable(format!("limitador: {e}")))?;
+        let result = match &self.limiter {
+            Limiter::Blocking(l) => l.check_rate_limited_and_update(&namespace, &ctx, delta),
+            Limiter::Async(l) => {
+                l.check_rate_limited_and_update(&namespace, &ctx, delta)
+                    .await
+            }
+        }
+        .map_err(|e| Status::unavailable(format!("limitador: {e}")))?;
         let code = if result.limited {
             Code::OverLimit
         } else {
@@ -111,10 +129,33 @@ impl RateLimitService for Service {
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
-    let Storage::Memory = args.storage;
-    let limiter = RateLimiter::new(args.cache);
+    let redis = || -> anyhow::Result<&str> {
+        let url = args.redis_url.as_str();
+        anyhow::ensure!(
+            url.starts_with("redis://127.0.0.1:") || url.starts_with("redis://[::1]:"),
+            "Redis on loopback only, not {url}"
+        );
+        Ok(url)
+    };
+    let limiter = match args.storage {
+        Storage::Memory => Limiter::Blocking(RateLimiter::new(args.cache)),
+        Storage::Redis => Limiter::Async(AsyncRateLimiter::new_with_storage(Box::new(
+            AsyncRedisStorage::new(redis()?)
+                .await
+                .with_context(|| format!("Redis at {}", args.redis_url))?,
+        ))),
+        Storage::RedisCached => Limiter::Async(AsyncRateLimiter::new_with_storage(Box::new(
+            CachedRedisStorageBuilder::new(redis()?)
+                .build()
+                .await
+                .with_context(|| format!("Redis at {}", args.redis_url))?,
+        ))),
+    };
     for limit in limits()? {
-        limiter.add_limit(limit);
+        match &limiter {
+            Limiter::Blocking(l) => l.add_limit(limit),
+            Limiter::Async(l) => l.add_limit(limit),
+        };
     }
     anyhow::ensure!(
         args.listen.ip().is_loopback(),
