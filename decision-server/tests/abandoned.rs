@@ -33,7 +33,8 @@ test_with_all_stores! {
 
 test_with_redis_stores!(
     a_reserve_run_twice_holds_once,
-    a_commit_run_twice_counts_once
+    a_commit_run_twice_counts_once,
+    a_commit_is_guarded_against_a_resend_for_seconds_not_the_hold_ttl
 );
 
 const LIMITS: &str = r#"
@@ -396,4 +397,44 @@ fn a_commit_run_twice_counts_once(store: Store) {
     assert_eq!(h.counted("acme", "u1", "user-day"), 200);
     assert_eq!(h.engine.store().stats().holds_open, 0);
     assert_eq!(h.engine.store().stats().script_disagreements, 0);
+}
+
+/// A commit's tag guards against a resend of its script call for a few store timeouts (the
+/// tests' stores wait 5 s, so 20 s), not for the hold TTL (five minutes here): at production
+/// rates the TTL would keep millions of tags in Redis. Seen from outside: the same call resent
+/// within the window counts nothing more; once later calls have passed the window, its tag is
+/// gone and a resend (which no client sends that late) would count again.
+fn a_commit_is_guarded_against_a_resend_for_seconds_not_the_hold_ttl(store: Store) {
+    let (h, _) = hooked(store);
+    let mut plan = plan_for_u1(&h);
+    plan.hold_tag = 0xd0d0;
+    let store = h.engine.store();
+    let at = h.engine.now();
+    h.run(store.reserve(&plan, ReserveMode::Commit, at))
+        .unwrap();
+    h.advance_secs(19);
+    let mut other = plan_for_u1(&h);
+    other.hold_tag = 0xd0d1;
+    h.run(store.reserve(&other, ReserveMode::Commit, h.engine.now()))
+        .unwrap();
+    h.run(store.reserve(&plan, ReserveMode::Commit, at))
+        .unwrap();
+    assert_eq!(
+        h.counted("acme", "u1", "user-day"),
+        200,
+        "resent inside the window: once"
+    );
+    h.advance_secs(2);
+    other.hold_tag = 0xd0d2;
+    let now = h.engine.now();
+    assert_eq!(other.hold_ttl_millis, 300_000, "holds live five minutes");
+    h.run(store.reserve(&other, ReserveMode::Commit, now))
+        .unwrap();
+    h.run(store.reserve(&plan, ReserveMode::Commit, at))
+        .unwrap();
+    assert_eq!(
+        h.counted("acme", "u1", "user-day"),
+        400,
+        "21 s later the tag is no longer kept, though holds live five minutes"
+    );
 }

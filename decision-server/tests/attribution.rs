@@ -596,3 +596,39 @@ fn the_operators_stream_merges_every_customer(store: Store) {
         Err(tollgate::store::StoreError::BadCursor(_))
     ));
 }
+
+/// Every usage bucket a Redis store writes expires: the call that creates a bucket sets its
+/// expiry (fixed by the bucket's start and its granularity's retention), and the calls that
+/// add to it later leave it as it is, so none is kept forever.
+#[test]
+fn every_redis_bucket_expires_after_its_retention() {
+    let server = common::RedisServer::start();
+    let store =
+        common::redis_store_prefixed(tollgate::store::RedisTarget::Node(server.url()), "kept");
+    let h = harness(&config(100), store, "2026-03-10T10:00:00Z");
+    for (i, user) in ["u1", "u1", "u2", "u1", "u3"].into_iter().enumerate() {
+        let d = h.check("acme", "tokens", 10, &[("userId", user), ("region", "eu")]);
+        h.run(
+            h.engine
+                .settle(d.hold_id.as_ref().unwrap(), tokens(5, 5, 0)),
+        )
+        .unwrap();
+        if i == 2 {
+            h.advance_secs(61);
+        }
+    }
+    let keys = server
+        .cli(&["--scan", "--pattern", "kept:{acme}:r[123]:*"])
+        .unwrap();
+    let keys: Vec<&str> = keys.lines().filter(|k| !k.contains(":z")).collect();
+    // Two minute buckets, one hour bucket, one day bucket.
+    assert_eq!(keys.len(), 4, "{keys:?}");
+    for key in keys {
+        let ttl: i64 = server.cli(&["PTTL", key]).unwrap().trim().parse().unwrap();
+        // Day buckets are kept about two years by default; none without an expiry (-1).
+        assert!(
+            ttl > 0 && ttl <= 800 * 86_400_000,
+            "bucket {key} kept for {ttl} ms"
+        );
+    }
+}

@@ -333,7 +333,10 @@ impl RedisStore {
                         ReserveMode::Hold => 1,
                         ReserveMode::Commit => 2,
                     })
-                    .arg(plan.hold_ttl_millis)
+                    .arg(match mode {
+                        ReserveMode::Commit => commit_replay_window(self.link.timeout()),
+                        _ => plan.hold_ttl_millis,
+                    })
                     .arg(tag_text(plan.hold_tag))
                     .arg(plan.max_settle);
                 },
@@ -492,6 +495,17 @@ impl RedisStore {
 }
 
 /// A delivery as the script stores it: its JSON (the script only moves it around).
+/// How long a commit's tag stays among the decided ones (`lua/ledger.lua` `reserve()`), so
+/// that the same script call resent by the client (a lost answer, a Cluster redirect) counts
+/// nothing more. Trade-off: the hold TTL (five minutes by default) would keep every commit's
+/// tag that long, millions of entries at production rates; a resend is sent within one
+/// `timeoutMs` of the first, and both carry the same `now`, so a window of several timeouts,
+/// never under ten seconds, covers it unless Redis stalls longer than that between the two.
+pub(crate) fn commit_replay_window(timeout: std::time::Duration) -> i64 {
+    let four = i64::try_from(timeout.as_millis().saturating_mul(4)).unwrap_or(i64::MAX);
+    four.max(10_000)
+}
+
 fn encode_delivery(d: &Delivery) -> Result<String, StoreError> {
     serde_json::to_string(d).map_err(|e| StoreError::Unavailable(format!("a delivery: {e}")))
 }

@@ -58,7 +58,8 @@ local function reply(result, extra, next_expiry)
   return out
 end
 
--- ARGV: 'reserve', now, mode (1 hold, 2 commit, 0 dry run), ttl ms, tag, max settle, counters, then a group per
+-- ARGV: 'reserve', now, mode (1 hold, 2 commit, 0 dry run), ttl ms (a hold's; for a commit, how
+-- long its tag guards against a resend: mod.rs `commit_replay_window`), tag, max settle, counters, then a group per
 -- counter, then the series draft, each counter's (limit id, chain level), the held measures
 -- (what an expiry records), and the record settings. Result: the blocking counter (1-based, 0 if none), then the hold number (0 if
 -- none), then each counter's state before the call (false if it had none).

@@ -3,17 +3,22 @@
 -- Usage records (core/rollup.rs) ---------------------------------------------------------
 
 
--- Appends a packed event to the customer's stream, trimmed to `most` events and `keep_ms`.
-local function trim_stream(keep_ms)
-  -- Stream ids carry Redis's clock, so the retention is measured on it.
-  local t = redis.call('TIME')
-  local server_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- Trims the customer's stream to `keep_ms` before `server_ms` (Redis's clock: stream ids
+-- carry it, so the retention is measured on it; Redis's own TIME when not given).
+local function trim_stream(keep_ms, server_ms)
+  if not server_ms then
+    local t = redis.call('TIME')
+    server_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
   redis.call('XTRIM', BASE .. 's', 'MINID', '~', server_ms - keep_ms)
 end
 
+-- Appends a packed event to the customer's stream, trimmed to `most` events and `keep_ms`.
+-- The new entry's id starts with Redis's clock in milliseconds, which the trim reads instead
+-- of asking for TIME again.
 local function append(event, most, keep_ms)
-  redis.call('XADD', BASE .. 's', 'MAXLEN', '~', most, '*', 'e', event)
-  trim_stream(keep_ms)
+  local id = redis.call('XADD', BASE .. 's', 'MAXLEN', '~', most, '*', 'e', event)
+  trim_stream(keep_ms, tonumber(string.match(id, '^(%d+)')))
 end
 
 -- Series index (store/redis/scan.rs): for each 30-day period, a set per attribute
@@ -35,7 +40,9 @@ end
 
 -- Adds measures to fields of bucket hash `key` (size `gi`, starting at `start`), kept
 -- `keep_ms` from now: `by` maps each series to what it adds. One read and one write per
--- 1,000 series (`unpack` takes a few thousand values at most), one expiry. The bucket's seals (`:z` rows, `:za` per-attribute sums, `:zt` totals, `:zp` a reader's claim;
+-- 1,000 series (`unpack` takes a few thousand values at most), and an expiry set by the call
+-- that creates the bucket: a bucket's end of retention is fixed by its start, so a call that
+-- finds every series it adds to already there (nearly every call) leaves it as it is. The bucket's seals (`:z` rows, `:za` per-attribute sums, `:zt` totals, `:zp` a reader's claim;
 -- store/redis/scan.rs) are deleted: a seal that exists is the bucket as it stands.
 local function bucket_add(key, by, keep_ms, gi, start)
   local names = {}
@@ -49,10 +56,12 @@ local function bucket_add(key, by, keep_ms, gi, start)
     for i = first, last do
       local series = names[i]
       local r = raw[i - first + 1]
-      if not r and gi == 3 then
+      if not r then
         if fresh == nil then fresh = redis.call('EXISTS', key) == 0 end
-        index(series, start)
-        indexed = true
+        if gi == 3 then
+          index(series, start)
+          indexed = true
+        end
       end
       local cur = r and cmsgpack.unpack(r) or { 0, 0, 0, 0, 0, 0, 0, 0, 0 }
       local add = by[series]
@@ -62,7 +71,7 @@ local function bucket_add(key, by, keep_ms, gi, start)
     end
     redis.call('HSET', key, unpack(set))
   end
-  redis.call('PEXPIRE', key, keep_ms)
+  if fresh then redis.call('PEXPIRE', key, keep_ms) end
   if indexed then
     redis.call('SET', BASE .. 'xs', fresh and start or start + DAY, 'NX')
   end
