@@ -15,10 +15,12 @@ end
 
 -- Appends a packed event to the customer's stream, trimmed to `most` events and `keep_ms`.
 -- The new entry's id starts with Redis's clock in milliseconds, which the trim reads instead
--- of asking for TIME again.
+-- of asking for TIME again. The count is trimmed on every append; the age on about one in 16
+-- (the new id's millisecond), so an event may outlive `keep_ms` until a few more appends.
 local function append(event, most, keep_ms)
   local id = redis.call('XADD', BASE .. 's', 'MAXLEN', '~', most, '*', 'e', event)
-  trim_stream(keep_ms, tonumber(string.match(id, '^(%d+)')))
+  local server_ms = tonumber(string.match(id, '^(%d+)'))
+  if server_ms % 16 == 0 then trim_stream(keep_ms, server_ms) end
 end
 
 -- Series index (store/redis/scan.rs): for each 30-day period, a set per attribute
