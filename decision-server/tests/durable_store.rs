@@ -156,6 +156,54 @@ fn restart_keeps_everything(durability: Durability) {
     assert_eq!(snapshot(&h), after, "state after a second restart");
 }
 
+/// Decisions committed at once (no hold) survive a restart as counted usage and as their
+/// records, once: nothing is open to expire or settle afterwards, and nothing counts twice.
+fn commits_survive_a_restart_counted_once(durability: Durability) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tollgate.redb");
+    let (before, records) = {
+        let h = open(&path, durability);
+        for (user, units) in [("u1", 30), ("u2", 20), ("u1", 5)] {
+            let d = h.commit("acme", "tokens", tokens(units, 0, 0), &[("userId", user)]);
+            assert!(d.granted && d.hold_id.is_none(), "{d:?}");
+        }
+        let before = snapshot(&h);
+        assert_eq!(before[5], 0, "no hold open");
+        assert_eq!(before[0], 55, "counted at once: {before:?}");
+        (before, attribution(&h))
+    };
+    let h = open(&path, durability);
+    assert_eq!(snapshot(&h), before, "state after the restart");
+    let (rollups, events) = attribution(&h);
+    assert_eq!(
+        (rollups, events.clone()),
+        records,
+        "records after the restart"
+    );
+    let kinds: Vec<_> = events.iter().map(|(_, k, u)| (k.as_str(), *u)).collect();
+    assert_eq!(
+        kinds,
+        [("Committed", 30), ("Committed", 20), ("Committed", 5)]
+    );
+    // Past every hold TTL: nothing expires, so nothing more is counted or recorded.
+    h.advance_secs(3_600);
+    h.expire_due();
+    assert_eq!(h.counted("acme", "acme", "org-month"), 55);
+    assert_eq!(attribution(&h).1.len(), 3);
+}
+
+#[test]
+fn commits_survive_a_restart_counted_once_sync() {
+    commits_survive_a_restart_counted_once(Durability::Sync);
+}
+
+#[test]
+fn commits_survive_a_restart_counted_once_batched() {
+    commits_survive_a_restart_counted_once(Durability::Batched {
+        interval: Duration::from_millis(50),
+    });
+}
+
 #[test]
 fn restart_keeps_everything_sync() {
     restart_keeps_everything(Durability::Sync);

@@ -93,7 +93,8 @@ local function reserve()
     end
   end
   -- Cancelled before it ran (its caller gave up and the cancel overtook it): hold nothing.
-  if place and redis.call('ZSCORE', CANCELLED, tag) then place = false end
+  -- (A commit asked this above: its tag there is a replay.)
+  if place and not commit and redis.call('ZSCORE', CANCELLED, tag) then place = false end
   local counters, before = {}, {}
   local blocking = 0
   for i = 1, n do
