@@ -632,3 +632,50 @@ fn every_redis_bucket_expires_after_its_retention() {
         );
     }
 }
+
+/// A Redis node that lost the function library (a restart without persistence, a failover to
+/// an empty node, `FUNCTION FLUSH`) gets it again on the next call, which then runs: decisions
+/// and their records go on with nothing lost or counted twice.
+#[test]
+fn a_redis_node_that_lost_the_library_gets_it_again() {
+    let server = common::RedisServer::start();
+    let store =
+        common::redis_store_prefixed(tollgate::store::RedisTarget::Node(server.url()), "lib");
+    let h = harness(&config(100), store, "2026-03-10T10:00:00Z");
+    let dims = [("userId", "u1"), ("region", "eu")];
+    let a = h.check("acme", "tokens", 10, &dims);
+    let libraries = server.cli(&["FUNCTION", "LIST"]).unwrap();
+    assert!(libraries.contains("tollgate_"), "{libraries}");
+    assert_eq!(server.cli(&["FUNCTION", "FLUSH"]).unwrap().trim(), "OK");
+    let b = h.check("acme", "tokens", 20, &dims);
+    assert!(a.granted && b.granted);
+    assert_eq!(
+        h.counted("acme", "t1", "team-day"),
+        30,
+        "both held, once each"
+    );
+    assert!(
+        server
+            .cli(&["FUNCTION", "LIST"])
+            .unwrap()
+            .contains("tollgate_")
+    );
+    for d in [a, b] {
+        h.run(
+            h.engine
+                .settle(d.hold_id.as_ref().unwrap(), tokens(5, 0, 0)),
+        )
+        .unwrap();
+    }
+    let events = h
+        .run(
+            h.engine
+                .store()
+                .usage()
+                .read_events(Some(Name::from("acme")), None, 100),
+        )
+        .unwrap()
+        .events;
+    assert_eq!(events.len(), 2, "one record per settle");
+    assert_eq!(h.counted("acme", "t1", "team-day"), 10);
+}

@@ -2,7 +2,9 @@
 
 use std::sync::atomic::AtomicBool;
 
-use redis::{Script, ScriptInvocation, Value};
+use redis::{Script, Value};
+
+use super::call::{Call, Code};
 
 use super::RedisStore;
 use super::wire::{bad_reply, int};
@@ -22,22 +24,22 @@ end
 return {tonumber(redis.call('GET', KEYS[1]) or 0), redis.call('LRANGE', KEYS[2], 0, -1)}
 ";
 
-pub fn script() -> Script {
-    Script::new(ADMIN_LUA)
+pub fn script() -> Code {
+    Code::Script(Script::new(ADMIN_LUA))
 }
 
 impl RedisStore {
     /// The shared admin changes' keys: one hash tag, so the save script is atomic on a Cluster
     /// too. The suffixes differ from every customer key's, whatever the customer's id.
-    fn admin_invocation(&self, op: &str) -> ScriptInvocation<'_> {
-        let mut inv = self.admin_script.prepare_invoke();
+    fn admin_invocation(&self, op: &str) -> Call<'_> {
+        let mut inv = self.admin_script.call();
         inv.key(format!("{}:{{admin}}:rev", self.settings.prefix))
             .key(format!("{}:{{admin}}:ops", self.settings.prefix))
             .arg(op);
         inv
     }
 
-    async fn admin_call(&self, inv: &ScriptInvocation<'_>) -> Result<Vec<Value>, StoreError> {
+    async fn admin_call(&self, inv: &Call<'_>) -> Result<Vec<Value>, StoreError> {
         self.link.call(inv, &AtomicBool::new(false)).await
     }
 }

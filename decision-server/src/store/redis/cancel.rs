@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use redis::{Script, ScriptInvocation, Value};
+use redis::Value;
+
+use super::call::{Call, Code};
 
 use super::keys::CallKeys;
 use super::link::Conn;
@@ -29,7 +31,7 @@ const MAX_PENDING_CANCELS: usize = 100_000;
 #[derive(Clone)]
 pub struct Canceller {
     pub conn: Conn,
-    pub script: Script,
+    pub script: Code,
     /// How usage records are kept: a cancel releases (a record) and expires due holds.
     pub records: Arc<parking_lot::RwLock<RecordSettings>>,
     pub prefix: String,
@@ -40,8 +42,8 @@ pub struct Canceller {
 
 impl Canceller {
     /// The cancel call for `tag` on `keys`.
-    pub fn invocation(&self, keys: &CallKeys, tag: u128, now: Timestamp) -> ScriptInvocation<'_> {
-        let mut inv = self.script.prepare_invoke();
+    pub fn invocation(&self, keys: &CallKeys, tag: u128, now: Timestamp) -> Call<'_> {
+        let mut inv = self.script.call();
         for k in &keys.keys {
             inv.key(k);
         }

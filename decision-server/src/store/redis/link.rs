@@ -10,9 +10,11 @@ use arc_swap::ArcSwap;
 use failsafe::StateMachine;
 use failsafe::backoff::Constant;
 use failsafe::failure_policy::ConsecutiveFailures;
+use redis::Value;
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
-use redis::{ScriptInvocation, Value};
+
+use super::call::Call;
 
 use super::wire::bad_reply;
 use super::{RedisSettings, RedisTarget};
@@ -129,17 +131,17 @@ impl Conn {
     /// Runs `invocation` once, within `timeout`; the reply's items.
     pub async fn invoke(
         &self,
-        invocation: &ScriptInvocation<'_>,
+        invocation: &Call<'_>,
         timeout: Duration,
     ) -> Result<Vec<Value>, Failure> {
         let reply = match self {
             Conn::Node(c) => {
                 let mut c = c.clone();
-                timed(invocation.invoke_async::<Value>(&mut c), timeout).await
+                timed(invocation.run(&mut c), timeout).await
             }
             Conn::Cluster(cluster) => {
                 let mut c = cluster.connection();
-                let reply = timed(invocation.invoke_async::<Value>(&mut c), timeout).await;
+                let reply = timed(invocation.run(&mut c), timeout).await;
                 cluster.observe(!matches!(reply, Err(Failure::Transport(_))));
                 reply
             }
@@ -325,7 +327,7 @@ impl Link {
     /// have run there, late).
     pub async fn call(
         &self,
-        invocation: &ScriptInvocation<'_>,
+        invocation: &Call<'_>,
         sent: &AtomicBool,
     ) -> Result<Vec<Value>, StoreError> {
         self.guarded(async {

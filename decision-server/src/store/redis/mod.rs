@@ -20,6 +20,7 @@
 //! stream), `relay` (closes through another replica).
 
 mod admin;
+mod call;
 mod cancel;
 mod keys;
 mod link;
@@ -39,7 +40,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use redis::{Script, ScriptInvocation, Value};
+use redis::Value;
+
+use self::call::{Call, Code};
 use rustc_hash::FxBuildHasher;
 
 pub use link::ConnectError;
@@ -117,9 +120,9 @@ struct Known {
 /// hold changes.
 pub struct RedisStore {
     link: Link,
-    script: Script,
-    admin_script: Script,
-    relay_script: Script,
+    script: Code,
+    admin_script: Code,
+    relay_script: Code,
     settings: RedisSettings,
     retention: KeyRetention,
     known: DashMap<Sym, Known, FxBuildHasher>,
@@ -157,7 +160,7 @@ impl RedisStore {
         retention: KeyRetention,
     ) -> Result<Self, ConnectError> {
         let link = Link::connect(&settings).await?;
-        let script = Script::new(&script::SOURCE);
+        let script = Code::Library(&script::LIBRARY);
         let records = Arc::new(parking_lot::RwLock::new(RecordSettings::default()));
         let canceller = Canceller {
             records: Arc::clone(&records),
@@ -194,11 +197,7 @@ impl RedisStore {
     }
 
     /// Runs one call of the customer script and notes what its header says of the customer.
-    async fn run(
-        &self,
-        customer: Sym,
-        invocation: &ScriptInvocation<'_>,
-    ) -> Result<Vec<Value>, StoreError> {
+    async fn run(&self, customer: Sym, invocation: &Call<'_>) -> Result<Vec<Value>, StoreError> {
         self.run_noting(customer, invocation, &AtomicBool::new(false))
             .await
     }
@@ -207,7 +206,7 @@ impl RedisStore {
     async fn run_noting(
         &self,
         customer: Sym,
-        invocation: &ScriptInvocation<'_>,
+        invocation: &Call<'_>,
         sent: &AtomicBool,
     ) -> Result<Vec<Value>, StoreError> {
         let reply = self.link.call(invocation, sent).await?;
@@ -242,8 +241,8 @@ impl RedisStore {
     }
 
     /// An invocation of `op` on `keys`, with `now` as the second argument.
-    fn invocation<'a>(&'a self, keys: &CallKeys, op: &str, now: Timestamp) -> ScriptInvocation<'a> {
-        let mut inv = self.script.prepare_invoke();
+    fn invocation<'a>(&'a self, keys: &CallKeys, op: &str, now: Timestamp) -> Call<'a> {
+        let mut inv = self.script.call();
         for k in &keys.keys {
             inv.key(k);
         }
@@ -281,8 +280,8 @@ impl RedisStore {
         plan: &Plan,
         op: &str,
         now: Timestamp,
-        head: impl FnOnce(&mut ScriptInvocation<'_>),
-        tail: impl FnOnce(&mut ScriptInvocation<'_>),
+        head: impl FnOnce(&mut Call<'_>),
+        tail: impl FnOnce(&mut Call<'_>),
         sent: &AtomicBool,
     ) -> Result<Vec<Value>, StoreError> {
         let mut keys = self.keys(plan.customer);
@@ -421,7 +420,7 @@ impl RedisStore {
         Ok((reservation, renewed))
     }
 
-    fn push_record_settings(&self, inv: &mut ScriptInvocation<'_>) {
+    fn push_record_settings(&self, inv: &mut Call<'_>) {
         push_record_settings(inv, &self.records.read(), &StreamRetention::default());
     }
 
@@ -512,10 +511,7 @@ fn encode_delivery(d: &Delivery) -> Result<String, StoreError> {
 
 /// Deliveries as the script's `enqueue_at` takes them: a count, then (id, created, due,
 /// encoded) each.
-fn push_deliveries(
-    inv: &mut ScriptInvocation<'_>,
-    deliveries: &[Delivery],
-) -> Result<(), StoreError> {
+fn push_deliveries(inv: &mut Call<'_>, deliveries: &[Delivery]) -> Result<(), StoreError> {
     inv.arg(deliveries.len());
     for d in deliveries {
         inv.arg(&d.id)

@@ -4,7 +4,9 @@
 
 use std::sync::atomic::AtomicBool;
 
-use redis::{Script, ScriptInvocation, Value};
+use redis::{Script, Value};
+
+use super::call::{Call, Code};
 
 use super::RedisStore;
 use super::wire::bad_reply;
@@ -37,8 +39,8 @@ for i = 2, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
 return {0}
 ";
 
-pub fn script() -> Script {
-    Script::new(RELAY_LUA)
+pub fn script() -> Code {
+    Code::Script(Script::new(RELAY_LUA))
 }
 
 /// A hold's field in the relay hash.
@@ -76,7 +78,7 @@ impl RedisStore {
         op: &str,
         args: &[&[u8]],
     ) -> Result<Vec<Value>, StoreError> {
-        let mut inv: ScriptInvocation<'_> = self.relay_script.prepare_invoke();
+        let mut inv: Call<'_> = self.relay_script.call();
         inv.key(key).arg(op);
         for a in args {
             inv.arg(*a);

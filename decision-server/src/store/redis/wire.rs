@@ -6,7 +6,9 @@
 
 use std::sync::Arc;
 
-use redis::{ScriptInvocation, Value};
+use redis::Value;
+
+use super::call::Call;
 use rustc_hash::FxHashMap;
 
 use crate::core::Timestamp;
@@ -239,11 +241,7 @@ pub const REC_ARGS: usize = 7;
 
 /// The record settings every recording call ends with (`REC_ARGS`): enabled, the three
 /// retentions, the most values of one dimension, the stream's retention and most events.
-pub fn push_record_settings(
-    inv: &mut ScriptInvocation<'_>,
-    s: &RecordSettings,
-    stream: &StreamRetention,
-) {
+pub fn push_record_settings(inv: &mut Call<'_>, s: &RecordSettings, stream: &StreamRetention) {
     inv.arg(u8::from(s.enabled));
     for ms in s.retention_millis {
         inv.arg(ms);
@@ -256,7 +254,7 @@ pub fn push_record_settings(
 /// A plan's record arguments (`lua/rollup.lua` `draft_at`, then each counter's limit id and level,
 /// then `measures`): the series draft with its attributes in byte order, each marked
 /// foldable when it is a dimension rather than a chain level.
-pub fn push_record_draft(inv: &mut ScriptInvocation<'_>, plan: &Plan, measures: &Measures) {
+pub fn push_record_draft(inv: &mut Call<'_>, plan: &Plan, measures: &Measures) {
     push_series_draft(inv, &plan.series);
     for c in &plan.counters {
         inv.arg(c.limit_id.as_str()).arg(c.level);
@@ -282,7 +280,7 @@ fn draft_attrs(d: &SeriesDraft) -> Vec<(&str, &str, bool)> {
 
 /// A series draft (`lua/rollup.lua` `draft_at`): the feature, the attribute count, then each
 /// attribute in byte order, marked foldable when it is a dimension rather than a chain level.
-pub fn push_series_draft(inv: &mut ScriptInvocation<'_>, d: &SeriesDraft) {
+pub fn push_series_draft(inv: &mut Call<'_>, d: &SeriesDraft) {
     let attrs = draft_attrs(d);
     inv.arg(d.feature.as_str()).arg(attrs.len());
     for (k, v, fold) in attrs {
@@ -400,7 +398,7 @@ impl<'a> LocalBatch<'a> {
     }
 
     /// The batch's arguments, in the script's order.
-    pub fn push(self, inv: &mut ScriptInvocation<'_>) {
+    pub fn push(self, inv: &mut Call<'_>) {
         inv.arg(self.series.len());
         for series in self.series {
             match series {
@@ -540,7 +538,7 @@ pub struct CounterArgs {
 }
 
 impl CounterArgs {
-    pub fn push(&self, inv: &mut ScriptInvocation<'_>) {
+    pub fn push(&self, inv: &mut Call<'_>) {
         inv.arg(self.key)
             .arg(&self.field)
             .arg(self.kind)
