@@ -5,13 +5,15 @@
 
 use redis::{Cmd, ErrorKind, RedisError, RedisResult, ServerErrorKind, ToRedisArgs, Value};
 
-use super::script::Library;
-
 /// Code Redis runs.
 #[derive(Debug, Clone)]
 pub enum Code {
-    /// The customer library ([`super::script::LIBRARY`]), called by its function's name.
-    Library(&'static Library),
+    /// A function library (the customer library, `script::LIBRARY`): the function calls name,
+    /// and the library's source to load.
+    Library {
+        function: &'static str,
+        source: &'static str,
+    },
     /// A small script of its own (the shared admin changes, the close relay).
     Script(redis::Script),
 }
@@ -24,14 +26,6 @@ impl Code {
             keys: Vec::new(),
             args: Vec::new(),
         }
-    }
-}
-
-impl std::fmt::Debug for Library {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Library")
-            .field("function", &self.function)
-            .finish_non_exhaustive()
     }
 }
 
@@ -56,9 +50,9 @@ impl Call<'_> {
 
     fn cmd(&self) -> Cmd {
         let mut cmd = match self.code {
-            Code::Library(l) => {
+            Code::Library { function, .. } => {
                 let mut c = redis::cmd("FCALL");
-                c.arg(&l.function);
+                c.arg(*function);
                 c
             }
             Code::Script(s) => {
@@ -80,7 +74,7 @@ impl Call<'_> {
     /// Whether `e` says Redis does not have this call's code.
     fn code_missing(&self, e: &RedisError) -> bool {
         match self.code {
-            Code::Library(_) => {
+            Code::Library { .. } => {
                 e.detail()
                     .is_some_and(|d| d.starts_with("Function not found"))
                     || e.to_string().contains("Function not found")
@@ -95,11 +89,11 @@ impl Call<'_> {
         match self.cmd().query_async::<Value>(con).await {
             Err(e) if self.code_missing(&e) => {
                 match self.code {
-                    Code::Library(l) => {
+                    Code::Library { source, .. } => {
                         redis::cmd("FUNCTION")
                             .arg("LOAD")
                             .arg("REPLACE")
-                            .arg(&l.source)
+                            .arg(*source)
                             .query_async::<Value>(con)
                             .await?;
                     }

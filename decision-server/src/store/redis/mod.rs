@@ -160,7 +160,10 @@ impl RedisStore {
         retention: KeyRetention,
     ) -> Result<Self, ConnectError> {
         let link = Link::connect(&settings).await?;
-        let script = Code::Library(&script::LIBRARY);
+        let script = Code::Library {
+            function: &script::LIBRARY.function,
+            source: &script::LIBRARY.source,
+        };
         let records = Arc::new(parking_lot::RwLock::new(RecordSettings::default()));
         let canceller = Canceller {
             records: Arc::clone(&records),
