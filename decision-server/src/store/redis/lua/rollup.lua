@@ -40,42 +40,33 @@ local function index(series, day)
   end
 end
 
--- Adds measures to fields of bucket hash `key` (size `gi`, starting at `start`), kept
--- `keep_ms` from now: `by` maps each series to what it adds. One read and one write per
--- 1,000 series (`unpack` takes a few thousand values at most), and an expiry set by the call
--- that creates the bucket: a bucket's end of retention is fixed by its start, so a call that
--- finds every series it adds to already there (nearly every call) leaves it as it is. The bucket's seals (`:z` rows, `:za` per-attribute sums, `:zt` totals, `:zp` a reader's claim;
--- store/redis/scan.rs) are deleted: a seal that exists is the bucket as it stands.
-local function bucket_add(key, by, keep_ms, gi, start)
-  local names = {}
-  for series in pairs(by) do names[#names + 1] = series end
-  local fresh = nil
-  local indexed = false
-  for first = 1, #names, 1000 do
-    local last = math.min(first + 999, #names)
-    local raw = redis.call('HMGET', key, unpack(names, first, last))
-    local set = {}
-    for i = first, last do
-      local series = names[i]
-      local r = raw[i - first + 1]
-      if not r then
-        if fresh == nil then fresh = redis.call('EXISTS', key) == 0 end
-        if gi == 3 then
-          index(series, start)
-          indexed = true
-        end
-      end
-      local cur = r and cmsgpack.unpack(r) or { 0, 0, 0, 0, 0, 0, 0, 0, 0 }
-      local add = by[series]
-      for j = 1, MEASURES do cur[j] = cur[j] + add[j] end
-      set[#set + 1] = series
-      set[#set + 1] = cmsgpack.pack(cur)
+-- Bucket hash `key` (size `gi`, starting at `start`) holds packed measures per series, kept
+-- `keep_ms` from now. The expiry is set by the call that creates the bucket: a bucket's end of
+-- retention is fixed by its start, so a call that finds every series it adds to already there
+-- (nearly every call) leaves it as it is. Its seals (`:z` rows, `:za` per-attribute sums, `:zt`
+-- totals, `:zp` a reader's claim; store/redis/scan.rs) are deleted by any write: a seal that
+-- exists is the bucket as it stands.
+
+-- The packed measures of `series` in bucket `key` once `add` is added to `r` (what it held;
+-- false: the series is new to the bucket, which `st` notes, with whether the bucket is new).
+local function merged(key, series, r, add, gi, start, st)
+  if not r then
+    if st.fresh == nil then st.fresh = redis.call('EXISTS', key) == 0 end
+    if gi == 3 then
+      index(series, start)
+      st.indexed = true
     end
-    redis.call('HSET', key, unpack(set))
   end
-  if fresh then redis.call('PEXPIRE', key, keep_ms) end
-  if indexed then
-    redis.call('SET', BASE .. 'xs', fresh and start or start + DAY, 'NX')
+  local cur = r and cmsgpack.unpack(r) or { 0, 0, 0, 0, 0, 0, 0, 0, 0 }
+  for j = 1, MEASURES do cur[j] = cur[j] + add[j] end
+  return cmsgpack.pack(cur)
+end
+
+-- After a write to bucket `key`: its expiry if the write made it, the index's start, seals.
+local function bucket_done(key, keep_ms, gi, start, st)
+  if st.fresh then redis.call('PEXPIRE', key, keep_ms) end
+  if st.indexed then
+    redis.call('SET', BASE .. 'xs', st.fresh and start or start + DAY, 'NX')
   end
   -- A reader seals only buckets that ended SEAL_GRACE before its own now, so a bucket that
   -- has not ended by this call's clock has no seal while the replicas' clocks agree within
@@ -83,6 +74,35 @@ local function bucket_add(key, by, keep_ms, gi, start)
   if start + GRAIN[gi] <= now then
     redis.call('DEL', key .. ':z', key .. ':za', key .. ':zt', key .. ':zp')
   end
+end
+
+-- Adds measures to bucket `key`: `by` maps each series to what it adds. One read and one write
+-- per 1,000 series (`unpack` takes a few thousand values at most).
+local function bucket_add(key, by, keep_ms, gi, start)
+  local names = {}
+  for series in pairs(by) do names[#names + 1] = series end
+  local st = {}
+  for first = 1, #names, 1000 do
+    local last = math.min(first + 999, #names)
+    local raw = redis.call('HMGET', key, unpack(names, first, last))
+    local set = {}
+    for i = first, last do
+      local series = names[i]
+      set[#set + 1] = series
+      set[#set + 1] = merged(key, series, raw[i - first + 1], by[series], gi, start, st)
+    end
+    redis.call('HSET', key, unpack(set))
+  end
+  bucket_done(key, keep_ms, gi, start, st)
+end
+
+-- Adds measures `m` of one series to bucket `key` (what a decision, settle or expiry adds):
+-- as `bucket_add`, with a plain read and no lists.
+local function bucket_add_one(key, series, m, keep_ms, gi, start)
+  local st = {}
+  local r = redis.call('HGET', key, series)
+  redis.call('HSET', key, series, merged(key, series, r, m, gi, start, st))
+  bucket_done(key, keep_ms, gi, start, st)
 end
 
 -- Adds measures `m` to `series` in the buckets holding now, and appends the event: kind,
@@ -97,7 +117,7 @@ local function attribute(kind, series, m, a, b, at)
     if keep_until > now then
       -- Relative to this call's clock, not Redis's: the replicas' clock is the one counters
       -- and retention follow.
-      bucket_add(BASE .. 'r' .. gi .. ':' .. start, { [series] = m }, keep_until - now, gi, start)
+      bucket_add_one(BASE .. 'r' .. gi .. ':' .. start, series, m, keep_until - now, gi, start)
     end
   end
   append(cmsgpack.pack({ kind, at, series, m, a or false, b or false }), REC.stream_max, REC.stream_ms)
