@@ -14,7 +14,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Turns transparent huge pages off for this process (`PR_SET_THP_DISABLE`), before the
 /// sidecar allocates its working memory. Trade-off: mimalloc asks for huge pages on its arenas,
 /// and every first touch of one makes the kernel zero 2 MiB on the request's thread; as holds,
-/// usage records and buffers grow, that put 8–19 % of the sidecar's CPU in `clear_page_erms`
+/// usage records and buffers grow, that put up to 19 % of the sidecar's CPU in `clear_page_erms`
 /// and stalls of 15–100 ms on a decision. Ordinary 4 KiB pages fault in small steps: in one
 /// run, 54,000/s with p99 14 ms became 67,000/s with p99 2 ms (bench/README.md). A kernel
 /// that refuses the call (not Linux, a sandbox) leaves the setting as it is.

@@ -125,15 +125,34 @@ fn an_invalid_config_is_refused_at_start_with_file_and_path() {
     );
 }
 
-/// Resident memory of a process, from `/proc`.
-fn rss_bytes(pid: u32) -> u64 {
+/// Field `name` of a process's `/proc/<pid>/status`, trimmed.
+fn status_field(pid: u32, name: &str) -> Option<String> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(|v| v.trim().to_string())
+}
+
+/// Resident memory of a process, from `/proc`.
+fn rss_bytes(pid: u32) -> u64 {
+    status_field(pid, "VmRSS")
+        .and_then(|v| v.trim_end_matches("kB").trim().parse::<u64>().ok())
         .unwrap()
         * 1024
+}
+
+/// `serve` turns transparent huge pages off for its own process (a growing heap would zero
+/// 2 MiB on a request's thread at each first touch; bench/README.md).
+#[test]
+fn the_sidecar_turns_transparent_huge_pages_off_for_itself() {
+    let sidecar = Sidecar::start(&common::service::config_with(LOOPBACK_PORT_0)).unwrap();
+    let pid = sidecar.proc.pid().unwrap();
+    assert_eq!(
+        status_field(pid, "THP_enabled").as_deref(),
+        Some("0"),
+        "THP_enabled in /proc/{pid}/status"
+    );
 }
 
 /// An ext_authz check for alice with `dims` extra dimensions of `len`-byte values.
