@@ -250,6 +250,10 @@ async fn noop(listen: &str) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     println!("noop ready ext_authz={}", l.local_addr()?);
+    serve_noop(l).await
+}
+
+async fn serve_noop(l: tokio::net::TcpListener) -> anyhow::Result<()> {
     let incoming = tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .add_service(AuthorizationServer::new(Noop))
@@ -833,8 +837,27 @@ async fn envoy_bench(
                 r#""model": { "body": "/model" }"#,
                 r#""model": { "constant": "m" }"#,
             );
+        // The filter loaded and run on every request, but off for the route: what having the
+        // VM in the chain costs without the decision call.
+        let off = wasm_config.replace(
+            "- match: { prefix: \"/\" }\n                          route:",
+            "- match: { prefix: \"/\" }\n                          metadata: { filter_metadata: { tollgate: { disabled: true } } }\n                          route:",
+        );
+        if off == wasm_config {
+            bail!("the bench config has no catch-all route to turn the filter off on");
+        }
         extra.push(("wasm-no-settle", Envoy::start(&no_settle)?));
         extra.push(("wasm-no-settle-no-body", Envoy::start(&no_body)?));
+        extra.push(("wasm-off", Envoy::start(&off)?));
+        // Envoy's native ext_authz against the no-op server: what the gRPC call costs Envoy
+        // whatever the server does.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let noop_port = l.local_addr()?.port();
+        tokio::spawn(serve_noop(l));
+        extra.push((
+            "native-noop",
+            Envoy::start(&envoy_config("native-ext-authz.yaml", noop_port, up)?)?,
+        ));
     }
     let mut paths = vec![("no-filter", &plain), ("wasm", &wasm), ("native", &native)];
     paths.extend(extra.iter().map(|(n, e)| (*n, e)));
