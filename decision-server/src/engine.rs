@@ -489,6 +489,20 @@ impl Engine {
         limit_id: &str,
         pool: Option<&str>,
     ) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .inspect(customer, entity_id, limit_id, pool)
+            .await?
+            .map(|r| r.used))
+    }
+
+    /// [`Engine::counted`], with a credit pool's grants and balance.
+    pub async fn inspect(
+        &self,
+        customer: &str,
+        entity_id: &str,
+        limit_id: &str,
+        pool: Option<&str>,
+    ) -> Result<Option<crate::core::counter::Inspection>, StoreError> {
         let model = self.model.load_full();
         let Some(c) = model.customer(customer) else {
             return Ok(None);
@@ -507,7 +521,7 @@ impl Engine {
         };
         let now = self.clock.now();
         let spec = CounterSpec::of(&limit.kind, partition.is_some(), now);
-        self.store.counted(c.id, key, &spec, now).await
+        self.store.inspect(c.id, key, &spec, now).await
     }
 
     /// How many entities `customer` has had created on the fly, as the store counts them.

@@ -17,7 +17,7 @@ use crate::core::usage_query::{
 };
 use crate::engine::Engine;
 use crate::store::events::{EventPage, StreamEvent};
-use crate::store::{CounterStore, StoreError};
+use crate::store::{CounterStore, StoreError, StoredEntity};
 
 /// Why a usage query was not answered.
 #[derive(Debug, thiserror::Error)]
@@ -118,7 +118,7 @@ pub struct LimitState {
     /// Where the limit is set: on the entity itself, or on its type.
     pub inherited_from_type: bool,
     pub used: u64,
-    /// `None` for credits, whose size is what was granted.
+    /// For a credit pool, what its unexpired grants gave.
     pub limit: Option<u64>,
     pub remaining: Option<u64>,
     /// When a calendar quota starts over.
@@ -316,19 +316,23 @@ pub async fn budgets(
             customer: customer_id.to_string(),
             entity: (*entity_id).to_string(),
         };
-        let sym = model.symbols.get(entity_id).ok_or_else(unknown)?;
-        let node = c.entities.get(&sym).ok_or_else(unknown)?;
+        let (sym, entity_type) = match model
+            .symbols
+            .get(entity_id)
+            .and_then(|s| c.entities.get(&s).map(|n| (s, n.entity_type)))
+        {
+            Some(found) => found,
+            None => created_on_the_fly(engine, &model, c, entity_id)
+                .await?
+                .ok_or_else(unknown)?,
+        };
         let type_key = model
             .chain_keys
-            .get(node.entity_type)
+            .get(entity_type)
             .map(Name::as_str)
             .unwrap_or_default();
         let on_entity = c.limits_by_entity.get(&sym).into_iter().flatten();
-        let on_type = c
-            .limits_by_type
-            .get(&node.entity_type)
-            .into_iter()
-            .flatten();
+        let on_type = c.limits_by_type.get(&entity_type).into_iter().flatten();
         let mut limits = Vec::new();
         for (i, inherited) in on_entity
             .map(|i| (*i, false))
@@ -342,10 +346,11 @@ pub async fn budgets(
                 .get(limit.feature)
                 .map(|f| f.id.to_string())
                 .unwrap_or_default();
-            let used = engine
-                .counted(customer_id, entity_id, limit.id.as_str(), None)
+            let inspected = engine
+                .inspect(customer_id, entity_id, limit.id.as_str(), None)
                 .await?
-                .unwrap_or(0);
+                .unwrap_or_default();
+            let used = inspected.used;
             let recent_units: u64 = rows
                 .rows()
                 .filter(|(_, k, _)| {
@@ -359,11 +364,18 @@ pub async fn budgets(
                     (Some(*limit), Some(period.period_at(now).1.millis()))
                 }
                 LimitKind::Concurrency { limit } => (Some(u64::from(*limit)), None),
-                LimitKind::Credits { .. } => (None, None),
+                // What the unexpired grants gave (0 before the first grant).
+                LimitKind::Credits { .. } => (Some(inspected.granted.unwrap_or(0)), None),
             };
-            let remaining = cap.map(|l| l.saturating_sub(used));
+            let remaining = match inspected.available {
+                Some(left) => Some(left),
+                None => cap.map(|l| l.saturating_sub(used)),
+            };
+            // A projection means something only for what runs out and stays out until a
+            // calendar reset or a new grant: quotas and credit pools. A rolling rate limit
+            // recovers on its own within its window, and a concurrency slot frees at once.
             let projected = match (&limit.kind, remaining) {
-                (LimitKind::Concurrency { .. }, _) | (_, None) => None,
+                (LimitKind::Rate { .. } | LimitKind::Concurrency { .. }, _) | (_, None) => None,
                 (_, Some(r)) => usage_query::projected_exhaustion(
                     now.millis(),
                     r,
@@ -391,7 +403,7 @@ pub async fn budgets(
             entity: (*entity_id).to_string(),
             entity_type: model
                 .entity_types
-                .get(node.entity_type)
+                .get(entity_type)
                 .map(|t| t.name.to_string())
                 .unwrap_or_default(),
             at: now.millis(),
@@ -399,6 +411,35 @@ pub async fn budgets(
         });
     }
     Ok(out)
+}
+
+/// Entity `id` of `c` as the store created it on the fly: its symbol (interned here, since the
+/// store holds it and the customer's cap bounds how many there are) and its type.
+async fn created_on_the_fly(
+    engine: &Engine,
+    model: &Model,
+    c: &CustomerModel,
+    id: &str,
+) -> Result<Option<(crate::core::Sym, usize)>, UsageError> {
+    let probe = StoredEntity {
+        entity_type: String::new(),
+        parent: String::new(),
+    };
+    let found = engine
+        .store()
+        .auto_entity(c.id, id, &probe, 0, false)
+        .await?;
+    let crate::store::AutoEntityOutcome::Found(e) = found else {
+        return Ok(None);
+    };
+    let Some(t) = model
+        .entity_types
+        .iter()
+        .position(|t| t.name.as_str() == e.entity_type)
+    else {
+        return Ok(None);
+    };
+    Ok(Some((model.symbols.intern(id), t)))
 }
 
 /// One entity in a page of the tree: its id, type and how many children it has.
@@ -416,10 +457,49 @@ pub struct EntityPage {
     pub total: usize,
 }
 
+/// One entity of a customer's tree as the portal lists it: from the model, or created on the
+/// fly (then kept in the store, where every replica sees it).
+struct TreeNode<'a> {
+    id: &'a str,
+    entity_type: &'a str,
+    parent: Option<&'a str>,
+}
+
+/// Every entity of `c`: the model's, then those the store created on the fly (`auto`).
+fn tree_nodes<'a>(
+    model: &'a Model,
+    c: &'a CustomerModel,
+    auto: &'a [(String, StoredEntity)],
+) -> impl Iterator<Item = TreeNode<'a>> {
+    let type_name = |t: usize| model.entity_types.get(t).map_or("", |t| t.name.as_str());
+    let known = c.entities.values().map(move |node| TreeNode {
+        id: node.id.as_str(),
+        entity_type: type_name(node.entity_type),
+        parent: node.parent.map(|p| model.symbols.resolve(p)),
+    });
+    // An id in the model wins over a stored one of the same name (an entity added to the
+    // configuration after it was created on the fly).
+    let created = auto
+        .iter()
+        .filter(|(id, _)| {
+            model
+                .symbols
+                .get(id)
+                .is_none_or(|s| !c.entities.contains_key(&s))
+        })
+        .map(|(id, e)| TreeNode {
+            id: id.as_str(),
+            entity_type: e.entity_type.as_str(),
+            parent: Some(e.parent.as_str()),
+        });
+    known.chain(created)
+}
+
 /// A page of `customer_id`'s tree, sorted by id: the children of `parent` (the top level when
 /// `None`), or, with a `query`, every entity whose id contains it (case-insensitive). One pass
-/// over the customer's entities, so a customer with 100,000 users is paged, never listed.
-pub fn entity_page(
+/// over the customer's entities, those created on the fly included, so a customer with
+/// 100,000 users is paged, never listed.
+pub async fn entity_page(
     engine: &Engine,
     customer_id: &str,
     parent: Option<&str>,
@@ -429,49 +509,38 @@ pub fn entity_page(
 ) -> Result<EntityPage, UsageError> {
     let model = engine.model();
     let c = customer(&model, customer_id)?;
-    let parent = match parent {
-        None => None,
-        Some(p) => Some(
-            model
-                .symbols
-                .get(p)
-                .filter(|s| c.entities.contains_key(s))
-                .ok_or_else(|| UsageError::UnknownEntity {
-                    customer: customer_id.to_string(),
-                    entity: p.to_string(),
-                })?,
-        ),
-    };
+    let auto = engine.store().auto_entities(c.id).await?;
     let query = query.map(str::to_lowercase).filter(|q| !q.is_empty());
-    let mut children: FxHashMap<crate::core::Sym, usize> = FxHashMap::default();
-    for node in c.entities.values() {
+    let mut children: FxHashMap<&str, usize> = FxHashMap::default();
+    let mut parent_known = parent.is_none();
+    for node in tree_nodes(&model, c, &auto) {
+        parent_known |= Some(node.id) == parent;
         if let Some(p) = node.parent {
             *children.entry(p).or_default() += 1;
         }
     }
-    let mut matching: Vec<(&str, crate::core::Sym, usize)> = c
-        .entities
-        .iter()
-        .filter(|(_, node)| match &query {
-            Some(q) => node.id.as_str().to_lowercase().contains(q.as_str()),
+    if !parent_known {
+        return Err(UsageError::UnknownEntity {
+            customer: customer_id.to_string(),
+            entity: parent.unwrap_or_default().to_string(),
+        });
+    }
+    let mut matching: Vec<TreeNode<'_>> = tree_nodes(&model, c, &auto)
+        .filter(|node| match &query {
+            Some(q) => node.id.to_lowercase().contains(q.as_str()),
             None => node.parent == parent,
         })
-        .map(|(sym, node)| (node.id.as_str(), *sym, node.entity_type))
         .collect();
-    matching.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    matching.sort_unstable_by(|a, b| a.id.cmp(b.id));
     let total = matching.len();
     let rows = matching
         .into_iter()
         .skip(offset)
         .take(limit)
-        .map(|(id, sym, t)| EntityRow {
-            id: id.to_string(),
-            entity_type: model
-                .entity_types
-                .get(t)
-                .map(|t| t.name.to_string())
-                .unwrap_or_default(),
-            children: children.get(&sym).copied().unwrap_or(0),
+        .map(|node| EntityRow {
+            id: node.id.to_string(),
+            entity_type: node.entity_type.to_string(),
+            children: children.get(node.id).copied().unwrap_or(0),
         })
         .collect();
     Ok(EntityPage { rows, total })

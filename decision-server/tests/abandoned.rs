@@ -112,14 +112,14 @@ impl CounterStore for Hooked {
     async fn add_grant(&self, c: Name, k: CounterKey, g: GrantBalance) -> Result<bool, StoreError> {
         self.inner.add_grant(c, k, g).await
     }
-    async fn counted(
+    async fn inspect(
         &self,
         c: Name,
         k: CounterKey,
         s: &CounterSpec,
         now: Timestamp,
-    ) -> Result<Option<u64>, StoreError> {
-        self.inner.counted(c, k, s, now).await
+    ) -> Result<Option<tollgate::core::counter::Inspection>, StoreError> {
+        self.inner.inspect(c, k, s, now).await
     }
     async fn record(&self, p: &Plan, key: &str, now: Timestamp) -> Result<bool, StoreError> {
         self.inner.record(p, key, now).await
@@ -136,6 +136,12 @@ impl CounterStore for Hooked {
     }
     async fn auto_entity_count(&self, c: Name) -> Result<usize, StoreError> {
         self.inner.auto_entity_count(c).await
+    }
+    async fn auto_entities(
+        &self,
+        c: Name,
+    ) -> Result<Vec<(String, tollgate::store::StoredEntity)>, StoreError> {
+        self.inner.auto_entities(c).await
     }
     fn stats(&self) -> StoreStats {
         self.inner.stats()

@@ -559,6 +559,73 @@ async fn metrics_count_decisions_by_outcome() {
     assert_eq!((status, h["status"].as_str()), (StatusCode::OK, Some("ok")));
 }
 
+/// The files a reader follows: every Markdown file of the repository and the portal's pages and
+/// script (the browser calls the API too), outside build output and installed packages.
+fn documents(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if path.is_dir() {
+            if !name.starts_with('.') && !["target", "node_modules"].contains(&name.as_str()) {
+                documents(&path, out);
+            }
+        } else if name.ends_with(".md") || name.ends_with(".html") || name == "portal.js" {
+            out.push(path);
+        }
+    }
+}
+
+/// Every sidecar API path a README, doc or portal page names is one the server answers
+/// (`{id}` and `<id>` stand for any segment), so no walkthrough sends a reader to a 404.
+#[tokio::test]
+async fn every_api_path_the_docs_name_exists() {
+    let api = Api::new().await;
+    let (_, doc) = api.send(Method::GET, "/openapi.json", None, None).await;
+    let shape = |p: &str| -> String {
+        p.split('/')
+            .map(|seg| {
+                if seg.starts_with('{') || seg.starts_with('<') {
+                    "*"
+                } else {
+                    seg
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("/")
+    };
+    let served: Vec<String> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|p| shape(p))
+        .collect();
+    let named = regex_lite::Regex::new(
+        r"/v1/(?:customers|holds|usage|prices|audit)(?:/(?:\{[A-Za-z]+\}|<[A-Za-z-]+>|[A-Za-z0-9_-]+))*",
+    )
+    .unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut files = Vec::new();
+    documents(&root, &mut files);
+    assert!(files.len() > 5, "found the docs: {files:?}");
+    let mut missing = Vec::new();
+    let mut seen = 0;
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        for m in named.find_iter(&text) {
+            seen += 1;
+            if !served.contains(&shape(m.as_str())) {
+                missing.push(format!("{}: {}", file.display(), m.as_str()));
+            }
+        }
+    }
+    assert!(seen > 20, "the docs name the API ({seen} paths)");
+    assert!(
+        missing.is_empty(),
+        "paths no route serves:\n{}",
+        missing.join("\n")
+    );
+}
+
 #[tokio::test]
 async fn openapi_document_covers_every_route_of_the_router() {
     let api = Api::new().await;

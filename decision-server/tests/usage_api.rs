@@ -90,6 +90,32 @@ impl Api {
     /// declares webhooks: a receiver checks a delivery's signed timestamp against its own
     /// clock, so those run on the system clock.
     async fn with(max_points: usize, storage: &str, acme_extra: &str) -> Self {
+        Self::edited(max_points, storage, acme_extra, |c| c).await
+    }
+
+    /// As [`Api::with`], with users created on first sight (under team ml unless a team is
+    /// named).
+    async fn creating_users(storage: &str, acme_extra: &str) -> Self {
+        let extra = format!("    autoCreateParents:\n      user: ml\n{acme_extra}");
+        Self::edited(10_000, storage, &extra, |c| {
+            let from = "  - dimension: userId\n    entityType: user\n";
+            assert!(c.contains(from), "the fixture attributes userId");
+            c.replacen(
+                from,
+                "  - dimension: userId\n    entityType: user\n    onUnknown: create\n",
+                1,
+            )
+        })
+        .await
+    }
+
+    /// As [`Api::with`], with `edit` applied to the whole configuration.
+    async fn edited(
+        max_points: usize,
+        storage: &str,
+        acme_extra: &str,
+        edit: impl FnOnce(String) -> String,
+    ) -> Self {
         let pinned = !acme_extra.contains("webhooks:");
         let day = if pinned {
             common::service::PINNED_DAY_ANCHOR.to_string()
@@ -103,11 +129,11 @@ impl Api {
                 &day
             )
         );
-        let config = config.replacen(
+        let config = edit(config.replacen(
             "  - id: globex\n",
             &format!("{acme_extra}  - id: globex\n"),
             1,
-        );
+        ));
         let service = if pinned {
             common::service::service_from_pinned(&config).await
         } else {
@@ -394,6 +420,138 @@ async fn top_spenders_and_budget_state() {
 
     let (status, e) = api.read("/v1/customers/acme/entities/nobody/budget").await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{e}");
+}
+
+/// Users created on first sight are in the tree, in search and in budgets, on every replica
+/// sharing the store (`on` is one storage section, `second` a replica on the same store or
+/// the same replica).
+async fn created_users_are_listed_searched_and_budgeted(a: &Api, b: &Api) {
+    assert!(a.spend("zed", "gpt-4o", 100, Some(70)).await);
+    assert!(a.spend("zoe", "gpt-4o", 10, Some(5)).await);
+    for api in [a, b] {
+        let page = api
+            .service
+            .entity_page("acme", Some("ml"), None, 0, 25)
+            .await
+            .unwrap();
+        let ids: Vec<&str> = page.rows.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["alice", "bob", "zed", "zoe"], "ml's children");
+        assert_eq!(page.total, 4);
+        let top = api
+            .service
+            .entity_page("acme", None, None, 0, 25)
+            .await
+            .unwrap();
+        assert_eq!(top.rows[0].id, "acme");
+        assert_eq!(top.rows[0].children, 2);
+        let ml = api
+            .service
+            .entity_page("acme", Some("acme"), None, 0, 25)
+            .await
+            .unwrap();
+        let ml = ml.rows.iter().find(|r| r.id == "ml").unwrap();
+        assert_eq!(ml.children, 4, "created users count under their team");
+        // Paged like the model's entities.
+        let second = api
+            .service
+            .entity_page("acme", Some("ml"), None, 2, 1)
+            .await
+            .unwrap();
+        assert_eq!(
+            (second.rows[0].id.as_str(), second.total),
+            ("zed", 4),
+            "page 3 of 1"
+        );
+        let found = api
+            .service
+            .entity_page("acme", None, Some("ZE"), 0, 25)
+            .await
+            .unwrap();
+        let ids: Vec<&str> = found.rows.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["zed"],
+            "search is case-insensitive and finds created users"
+        );
+        assert_eq!(found.rows[0].entity_type, "user");
+
+        let (status, budget) = api.read("/v1/customers/acme/entities/zed/budget").await;
+        assert_eq!(status, StatusCode::OK, "{budget}");
+        assert_eq!(budget["entityType"], "user");
+        let user = &budget["limits"][0];
+        assert_eq!(user["limitId"], "user-daily");
+        assert_eq!(user["inheritedFromType"], true);
+        assert_eq!(user["used"], 70, "{budget}");
+        assert_eq!(user["remaining"], 100_000 - 70);
+    }
+    // Another customer's created users are not this one's, and an id never seen is still 404.
+    let (status, e) = a.read("/v1/customers/acme/entities/nobody/budget").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{e}");
+    let (status, e) = Calls::get(a, "/v1/customers/globex/entities/zed/budget", GLOBEX_KEY).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{e}");
+}
+
+#[tokio::test]
+async fn created_users_are_in_the_tree_search_and_budgets_in_memory() {
+    let api = Api::creating_users("{ kind: memory }", "").await;
+    created_users_are_listed_searched_and_budgeted(&api, &api).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn created_users_are_in_the_tree_search_and_budgets_of_every_redis_replica() {
+    let redis = tokio::task::spawn_blocking(common::RedisServer::start)
+        .await
+        .unwrap();
+    let storage = format!("{{ kind: redis, url: \"{}\" }}", redis.url());
+    let a = Api::creating_users(&storage, "").await;
+    let b = Api::creating_users(&storage, "").await;
+    // B never decided for zed or zoe: it learns them from Redis.
+    created_users_are_listed_searched_and_budgeted(&a, &b).await;
+}
+
+/// A credit pool's budget states what its grants gave and what is left; rate limits, which
+/// recover on their own, never show a projected exhaustion, while quotas may.
+#[tokio::test]
+async fn credit_pools_show_their_grants_and_rate_limits_never_run_out() {
+    let extra = "      - { id: org-credits, entity: acme, feature: ai-requests, kind: credits }\n      - { id: user-minute, entityType: user, feature: ai-tokens, kind: rate, limit: 1000, window: PT1M }\n    grants:\n      - { id: g1, entity: acme, feature: ai-requests, amount: 500, category: paid }\n      - { id: g2, entity: acme, feature: ai-requests, amount: 300, category: promo }\n";
+    let api = Api::with(10_000, "{ kind: memory }", extra).await;
+    for _ in 0..3 {
+        let (status, d) = api
+            .post(
+                "/v1/customers/acme/entitlements/check",
+                ACME_KEY,
+                json!({"featureId": "ai-requests", "requestedUsage": 100,
+                    "dimensions": {"userId": "alice"}, "commit": true}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{d}");
+        assert_eq!(d["isGranted"], true, "{d}");
+    }
+    let (status, b) = api.read("/v1/customers/acme/entities/acme/budget").await;
+    assert_eq!(status, StatusCode::OK, "{b}");
+    let limits = b["limits"].as_array().unwrap();
+    let pool = limits
+        .iter()
+        .find(|l| l["limitId"] == "org-credits")
+        .unwrap_or_else(|| panic!("{b}"));
+    assert_eq!(pool["kind"], "credits");
+    assert_eq!(pool["used"], 300, "{b}");
+    assert_eq!(pool["limit"], 800, "what the grants gave: {b}");
+    assert_eq!(pool["remaining"], 500, "{b}");
+    assert_eq!(pool["resetsAt"], Value::Null);
+
+    // 80 tokens in the last minutes against a 1,000-a-minute rate: nothing runs out.
+    assert!(api.spend("alice", "gpt-4o", 100, Some(80)).await);
+    let (_, b) = api.read("/v1/customers/acme/entities/alice/budget").await;
+    let rate = b["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["limitId"] == "user-minute")
+        .unwrap_or_else(|| panic!("{b}"));
+    assert_eq!(rate["kind"], "rate");
+    assert_eq!(rate["recentUnits"], 80, "{b}");
+    assert_eq!(rate["projectedExhaustion"], Value::Null, "{b}");
 }
 
 #[tokio::test]

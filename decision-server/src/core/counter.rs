@@ -321,6 +321,28 @@ pub fn expire(state: &mut CounterState, mark: &HoldMark) {
     }
 }
 
+/// A counter as inspection reads it: the units it counts and, for a credit pool, what its
+/// unexpired grants gave in all (the pool's "limit") and what is left to spend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Inspection {
+    pub used: u64,
+    pub granted: Option<u64>,
+    pub available: Option<u64>,
+}
+
+/// [`counted`], with a credit pool's grants and balance.
+pub fn inspect(spec: &CounterSpec, state: &CounterState, now: Timestamp) -> Inspection {
+    let (granted, available) = match state {
+        CounterState::Credits(pool) => (Some(pool.granted(now)), Some(pool.available(now))),
+        _ => (None, None),
+    };
+    Inspection {
+        used: counted(spec, state, now),
+        granted,
+        available,
+    }
+}
+
 /// The units a counter currently counts, for invariants and inspection: window usage, period
 /// usage, slots in flight, or credits spent from the pool's grants plus debt.
 pub fn counted(spec: &CounterSpec, state: &CounterState, now: Timestamp) -> u64 {

@@ -503,6 +503,14 @@ impl Ledger {
         self.entities.len()
     }
 
+    /// The entities created on the fly, in no order.
+    pub fn auto_entities(&self) -> Vec<(String, StoredEntity)> {
+        self.entities
+            .iter()
+            .map(|(id, e)| (id.to_string(), e.clone()))
+            .collect()
+    }
+
     pub fn counter_count(&self) -> usize {
         self.counters.len()
     }
@@ -820,10 +828,15 @@ impl Ledger {
         }
     }
 
-    pub fn counted(&self, key: CounterKey, spec: &CounterSpec, now: Timestamp) -> Option<u64> {
+    pub fn inspect(
+        &self,
+        key: CounterKey,
+        spec: &CounterSpec,
+        now: Timestamp,
+    ) -> Option<counter::Inspection> {
         self.counters
             .get(&key)
-            .map(|s| counter::counted(spec, s, now))
+            .map(|s| counter::inspect(spec, s, now))
     }
 }
 

@@ -495,13 +495,15 @@ async fn tree_context(
     customer: &str,
     query: &TreeQuery,
 ) -> Result<Value, crate::usage::UsageError> {
-    let EntityPage { rows, total } = state.entity_page(
-        customer,
-        query.parent.as_deref(),
-        query.q.as_deref(),
-        query.page.saturating_mul(PAGE),
-        PAGE,
-    )?;
+    let EntityPage { rows, total } = state
+        .entity_page(
+            customer,
+            query.parent.as_deref(),
+            query.q.as_deref(),
+            query.page.saturating_mul(PAGE),
+            PAGE,
+        )
+        .await?;
     let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
     let budgets = state.budgets(customer, &ids).await?;
     let shown = (query.page + 1).saturating_mul(PAGE).min(total);

@@ -55,7 +55,7 @@ impl Service {
 
     /// A page of `customer`'s entities under `parent` (the roots when `None`), those matching
     /// `query` when given.
-    pub fn entity_page(
+    pub async fn entity_page(
         &self,
         customer: &str,
         parent: Option<&str>,
@@ -63,7 +63,7 @@ impl Service {
         offset: usize,
         limit: usize,
     ) -> Result<EntityPage, UsageError> {
-        crate::usage::entity_page(&self.engine, customer, parent, query, offset, limit)
+        crate::usage::entity_page(&self.engine, customer, parent, query, offset, limit).await
     }
 
     /// The budget of one entity of `customer`.

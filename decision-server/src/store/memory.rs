@@ -15,7 +15,7 @@ use super::{
 };
 use crate::clock::Clock as _;
 use crate::core::alerts::Delivery;
-use crate::core::counter::{CounterKey, CounterSpec};
+use crate::core::counter::{CounterKey, CounterSpec, Inspection};
 use crate::core::credits::GrantBalance;
 use crate::core::ledger::{CloseResult, Closing, KeyRetention, Ledger};
 use crate::core::plan::Plan;
@@ -373,16 +373,16 @@ impl CounterStore for MemoryStore {
         self.write(sym, &book, |l| l.add_grant(pool, grant)).await
     }
 
-    async fn counted(
+    async fn inspect(
         &self,
         customer: Name,
         key: CounterKey,
         spec: &CounterSpec,
         now: Timestamp,
-    ) -> Result<Option<u64>, StoreError> {
+    ) -> Result<Option<Inspection>, StoreError> {
         Ok(self
             .existing(customer.sym())
-            .and_then(|l| l.lock().ledger.counted(key, spec, now)))
+            .and_then(|l| l.lock().ledger.inspect(key, spec, now)))
     }
 
     async fn record(
@@ -418,6 +418,16 @@ impl CounterStore for MemoryStore {
         Ok(self
             .existing(customer.sym())
             .map_or(0, |l| l.lock().ledger.auto_entity_count()))
+    }
+
+    async fn auto_entities(
+        &self,
+        customer: Name,
+    ) -> Result<Vec<(String, StoredEntity)>, StoreError> {
+        Ok(self
+            .existing(customer.sym())
+            .map(|l| l.lock().ledger.auto_entities())
+            .unwrap_or_default())
     }
 
     fn stats(&self) -> StoreStats {

@@ -184,6 +184,16 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
         grant: GrantBalance,
     ) -> Result<bool, StoreError>;
 
+    /// A counter as it reads now (see `core::counter::inspect`), or `None` if it has no state.
+    /// For inspection and invariants, not for decisions.
+    async fn inspect(
+        &self,
+        customer: Name,
+        key: CounterKey,
+        spec: &crate::core::counter::CounterSpec,
+        now: Timestamp,
+    ) -> Result<Option<crate::core::counter::Inspection>, StoreError>;
+
     /// The units a counter counts now (see `core::counter::counted`), or `None` if it has no
     /// state. For inspection and invariants, not for decisions.
     async fn counted(
@@ -192,7 +202,12 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
         key: CounterKey,
         spec: &crate::core::counter::CounterSpec,
         now: Timestamp,
-    ) -> Result<Option<u64>, StoreError>;
+    ) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .inspect(customer, key, spec, now)
+            .await?
+            .map(|r| r.used))
+    }
 
     /// Records usage that was never gated on every counter of `plan`, unless `idempotency_key`
     /// was already recorded for this customer (see `KeyRetention`). Returns whether it was.
@@ -218,6 +233,14 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
 
     /// How many entities were created on the fly for this customer.
     async fn auto_entity_count(&self, customer: Name) -> Result<usize, StoreError>;
+
+    /// Every entity created on the fly for this customer, in no order: at most the customer's
+    /// `maxAutoEntities`, so the list is bounded. The portal's tree, search and budgets read
+    /// them here, where every replica sharing the store sees the same set.
+    async fn auto_entities(
+        &self,
+        customer: Name,
+    ) -> Result<Vec<(String, StoredEntity)>, StoreError>;
 
     /// Sizes as this process knows them (a shared store reports what this replica last saw).
     fn stats(&self) -> StoreStats;

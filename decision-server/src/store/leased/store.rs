@@ -365,16 +365,16 @@ impl CounterStore for LeasedStore {
         self.shared.inner.add_grant(customer, pool, grant).await
     }
 
-    async fn counted(
+    async fn inspect(
         &self,
         customer: Name,
         key: CounterKey,
         spec: &CounterSpec,
         now: Timestamp,
-    ) -> Result<Option<u64>, StoreError> {
-        let counted = self.shared.inner.counted(customer, key, spec, now).await?;
+    ) -> Result<Option<crate::core::counter::Inspection>, StoreError> {
+        let inspected = self.shared.inner.inspect(customer, key, spec, now).await?;
         let CounterSpec::Quota { index, .. } = spec else {
-            return Ok(counted);
+            return Ok(inspected);
         };
         // The store counts this replica's slices whole; what they have not spent is not
         // usage (as in a decision's readings). Other replicas' unspent slices still count
@@ -395,7 +395,10 @@ impl CounterStore for LeasedStore {
                     .map_or(0, |s| s.gens.iter().map(|g| g.lease.room()).sum::<u64>())
             })
             .unwrap_or(0);
-        Ok(counted.map(|c| c.saturating_sub(unspent)))
+        Ok(inspected.map(|r| crate::core::counter::Inspection {
+            used: r.used.saturating_sub(unspent),
+            ..r
+        }))
     }
 
     async fn record(
@@ -423,6 +426,13 @@ impl CounterStore for LeasedStore {
 
     async fn auto_entity_count(&self, customer: Name) -> Result<usize, StoreError> {
         self.shared.inner.auto_entity_count(customer).await
+    }
+
+    async fn auto_entities(
+        &self,
+        customer: Name,
+    ) -> Result<Vec<(String, StoredEntity)>, StoreError> {
+        self.shared.inner.auto_entities(customer).await
     }
 
     fn stats(&self) -> StoreStats {

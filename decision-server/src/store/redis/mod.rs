@@ -52,8 +52,8 @@ use self::keys::{CallKeys, field};
 use self::link::Link;
 use self::wire::{
     CLOSE_ALREADY_CLOSED, CLOSE_CLOSED, CLOSE_NEEDS_PRICES, CLOSE_NO_SUCH_HOLD, CLOSE_TOO_LARGE,
-    CounterArgs, DONE, ENTITY_ABSENT, ENTITY_CREATED, ENTITY_FOUND, ENTITY_FULL, HEADER,
-    LocalBatch, PRICES_PER_PART, RESERVE_REPLAYED, SLOT_COUNTERS, SLOT_HOLDS_OPEN,
+    CounterArgs, DONE, ENTITY_ABSENT, ENTITY_CREATED, ENTITY_FOUND, ENTITY_FULL, ENTITY_PAGE,
+    HEADER, LocalBatch, PRICES_PER_PART, RESERVE_REPLAYED, SLOT_COUNTERS, SLOT_HOLDS_OPEN,
     SLOT_HOLDS_VERSION, SLOT_NEXT_EXPIRY, bad_reply, category_code, decode_event, int, kind_code,
     push_record_draft, push_record_settings, result, rule_code, state_of, tag_text,
 };
@@ -566,6 +566,10 @@ fn is_event_id(s: &str) -> bool {
             .is_some_and(|(ms, seq)| digits(ms) && digits(seq))
 }
 
+/// Most `entitypage()` calls one listing makes: enough for 32 million entities, far past any
+/// customer's cap; a scan that runs longer is a bad reply, not a loop.
+const MAX_ENTITY_PAGES: usize = (1 << 25) / ENTITY_PAGE;
+
 #[async_trait::async_trait]
 impl CounterStore for RedisStore {
     async fn reserve(
@@ -682,20 +686,20 @@ impl CounterStore for RedisStore {
         Ok(result(&reply) == Some(DONE))
     }
 
-    async fn counted(
+    async fn inspect(
         &self,
         customer: Name,
         key: CounterKey,
         spec: &CounterSpec,
         now: Timestamp,
-    ) -> Result<Option<u64>, StoreError> {
+    ) -> Result<Option<crate::core::counter::Inspection>, StoreError> {
         let mut keys = self.keys(customer);
         let index = keys.entity(key.entity);
         let mut inv = self.invocation(&keys, "counted", now);
         inv.arg(index).arg(field(key));
         let reply = self.run(customer.sym(), &inv).await?;
         let value = reply.get(HEADER).unwrap_or(&Value::Nil);
-        Ok(state_of(value)?.map(|s| crate::core::counter::counted(spec, &s, now)))
+        Ok(state_of(value)?.map(|s| crate::core::counter::inspect(spec, &s, now)))
     }
 
     async fn record(
@@ -766,6 +770,48 @@ impl CounterStore for RedisStore {
             )
             .await?;
         Ok(result(&reply).unwrap_or(0).max(0) as usize)
+    }
+
+    async fn auto_entities(
+        &self,
+        customer: Name,
+    ) -> Result<Vec<(String, StoredEntity)>, StoreError> {
+        let keys = self.keys(customer);
+        let mut out = Vec::new();
+        let mut cursor = "0".to_string();
+        // Read a page per call, so no call holds Redis for long however many there are; the
+        // hash is bounded by the customer's cap, and a scan that never ends is a bad reply.
+        for _ in 0..MAX_ENTITY_PAGES {
+            let mut inv = self.invocation(&keys, "entitypage", Timestamp::default());
+            inv.arg(&cursor);
+            let reply = self.run(customer.sym(), &inv).await?;
+            let text = |v: &Value| match v {
+                Value::BulkString(b) => String::from_utf8(b.clone())
+                    .map_err(|_| bad_reply("an entity field that is not text")),
+                _ => Err(bad_reply("an entity page item that is not a string")),
+            };
+            let items = reply.get(HEADER..).unwrap_or_default();
+            let (next, rest) = items
+                .split_first()
+                .ok_or_else(|| bad_reply("an entity page without its cursor"))?;
+            for e in rest.chunks(3) {
+                let [id, entity_type, parent] = e else {
+                    return Err(bad_reply("an entity page with a partial entity"));
+                };
+                out.push((
+                    text(id)?,
+                    StoredEntity {
+                        entity_type: text(entity_type)?,
+                        parent: text(parent)?,
+                    },
+                ));
+            }
+            cursor = text(next)?;
+            if cursor == "0" {
+                return Ok(out);
+            }
+        }
+        Err(bad_reply("an entity scan that did not end"))
     }
 
     fn stats(&self) -> StoreStats {

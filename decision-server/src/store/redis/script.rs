@@ -100,6 +100,7 @@ fn constants() -> String {
     let _ = writeln!(s, "local INDEX_PERIOD = {INDEX_PERIOD}");
     let _ = writeln!(s, "local DAY = {}", Granularity::Day.millis());
     let _ = writeln!(s, "local MAX_DELIVERIES = {MAX_DELIVERIES_KEPT}");
+    let _ = writeln!(s, "local ENTITY_PAGE = {}", wire::ENTITY_PAGE);
     s
 }
 

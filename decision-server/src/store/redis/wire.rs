@@ -77,6 +77,9 @@ pub const ENTITY_CREATED: i64 = 1;
 pub const ENTITY_FULL: i64 = 2;
 pub const ENTITY_ABSENT: i64 = 3;
 
+/// Entities one `entitypage()` call scans (`lua/entities.lua`: `HSCAN ... COUNT ENTITY_PAGE`).
+pub const ENTITY_PAGE: usize = 512;
+
 /// `record()`'s and `grant()`'s "done" (1) against "already there" (0); `cancel()`'s
 /// "released" (1) against "remembered" (0).
 pub const DONE: i64 = 1;

@@ -21,6 +21,7 @@ redis.register_function(FUNCTION_NAME, function(keys, args)
   elseif op == 'cancel' then return cancel()
   elseif op == 'entity' then return entity()
   elseif op == 'entities' then return entities()
+  elseif op == 'entitypage' then return entitypage()
   end
   return redis.error_reply('tollgate: unknown operation ' .. tostring(op))
 end)

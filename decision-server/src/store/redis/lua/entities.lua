@@ -43,6 +43,21 @@ local function entities()
   return reply(redis.call('HLEN', AUTO))
 end
 
+-- ARGV: 'entitypage', now, cursor. Result: 0, then the next cursor ('0' at the end) and
+-- each entity of this page as id, type, parent. A page per call, so none holds Redis for long.
+local function entitypage()
+  local page = redis.call('HSCAN', AUTO, ARGV[3], 'COUNT', ENTITY_PAGE)
+  local out = { page[1] }
+  local pairs = page[2]
+  for i = 1, #pairs, 2 do
+    local e = cmsgpack.unpack(pairs[i + 1])
+    out[#out + 1] = pairs[i]
+    out[#out + 1] = e[1]
+    out[#out + 1] = e[2]
+  end
+  return reply(0, out)
+end
+
 -- ARGV: 'expire', now. Result: how many holds expired; the header has the next expiry.
 local function sweep()
   local n = expire_due()
