@@ -21,6 +21,8 @@ pub enum Api {
 }
 
 impl Api {
+    pub const ALL: [Api; 3] = [Api::ExtAuthz, Api::Grpc, Api::Http];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Api::ExtAuthz => "ext_authz",
@@ -45,6 +47,15 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Granted,
+        Outcome::Denied,
+        Outcome::ShadowDenied,
+        Outcome::BadInput,
+        Outcome::Error,
+        Outcome::Late,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Granted => "granted",
@@ -56,6 +67,22 @@ impl Outcome {
         }
     }
 }
+
+/// How a settle or release call ended.
+pub const CLOSE_RESULTS: [&str; 6] = [
+    "settled",
+    "released",
+    "already_closed",
+    "unknown_hold",
+    "too_large",
+    "error",
+];
+/// How an ingested usage event ended.
+pub const INGEST_RESULTS: [&str; 3] = ["recorded", "duplicate", "rejected"];
+/// How a config reload ended.
+pub const RELOAD_RESULTS: [&str; 2] = ["applied", "rejected"];
+/// The listeners that count their connections.
+pub const LISTENERS: [&str; 3] = ["ext_authz", "grpc", "http"];
 
 /// Label values in snake_case, as Prometheus labels usually are.
 macro_rules! label_value {
@@ -367,6 +394,35 @@ impl Metrics {
             "Connections the sidecar refused (listener full) or closed (idle, no credential in time)",
             connections.closed.clone(),
         );
+        // Every series a dashboard or alert rule names exists from the start, at zero: a rate
+        // over a series that appears only at its first event reads as "no data", not 0.
+        for api in Api::ALL {
+            let _ = latency.get_or_create(&ApiLabels { api });
+            for outcome in Outcome::ALL {
+                let _ = decisions.get_or_create(&DecisionLabels { api, outcome });
+            }
+        }
+        for result in CLOSE_RESULTS {
+            let _ = closes.get_or_create(&ResultLabels { result });
+        }
+        for result in INGEST_RESULTS {
+            let _ = ingested.get_or_create(&ResultLabels { result });
+        }
+        for result in RELOAD_RESULTS {
+            let _ = reloads.get_or_create(&ResultLabels { result });
+        }
+        for how in ["sealed", "scanned", "indexed"] {
+            let _ = bucket_reads.get_or_create(&HowLabels { how });
+        }
+        for listener in LISTENERS {
+            let _ = connections.open.get_or_create(&ListenerLabels { listener });
+            for reason in crate::net::CloseReason::ALL {
+                let _ = connections.closed.get_or_create(&ClosedLabels {
+                    listener,
+                    reason: reason.as_str(),
+                });
+            }
+        }
         Self {
             bucket_reads,
             connections,
@@ -405,8 +461,9 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// `result`: `settled`, `released`, `already_closed`, `unknown_hold`, `error`.
+    /// `result`: one of [`CLOSE_RESULTS`].
     pub fn close(&self, result: &'static str) {
+        debug_assert!(CLOSE_RESULTS.contains(&result), "close result {result}");
         self.closes.get_or_create(&ResultLabels { result }).inc();
     }
 
@@ -416,13 +473,15 @@ impl Metrics {
         self.settle_excess.inc_by(excess);
     }
 
-    /// `result`: `recorded`, `duplicate`, `rejected`.
+    /// `result`: one of [`INGEST_RESULTS`].
     pub fn ingest(&self, result: &'static str) {
+        debug_assert!(INGEST_RESULTS.contains(&result), "ingest result {result}");
         self.ingested.get_or_create(&ResultLabels { result }).inc();
     }
 
-    /// `result`: `applied` or `rejected`.
+    /// `result`: one of [`RELOAD_RESULTS`].
     pub fn reload(&self, result: &'static str) {
+        debug_assert!(RELOAD_RESULTS.contains(&result), "reload result {result}");
         self.reloads.get_or_create(&ResultLabels { result }).inc();
     }
 

@@ -81,6 +81,12 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    pub const ALL: [CloseReason; 3] = [
+        CloseReason::Full,
+        CloseReason::Idle,
+        CloseReason::Unauthenticated,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             CloseReason::Full => "full",

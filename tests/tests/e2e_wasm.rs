@@ -91,7 +91,12 @@ async fn grants_then_denies_at_the_team_cap_though_the_user_has_budget() {
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
-    assert!(s.envoy.stat("wasmcustom.tollgate.denied").unwrap() >= 1);
+    assert!(
+        s.envoy
+            .stat("wasmcustom.tollgate_filter.denied_total")
+            .unwrap()
+            >= 1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,7 +211,12 @@ async fn json_and_sse_responses_settle_to_the_true_usage() {
     s.usage_settles_at("initech", dims, "initech-daily", want)
         .await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while s.envoy.stat("wasmcustom.tollgate.released").unwrap() < 1 {
+    while s
+        .envoy
+        .stat("wasmcustom.tollgate_filter.released_total")
+        .unwrap()
+        < 1
+    {
         assert!(
             Instant::now() < deadline,
             "the error's hold was not released"
@@ -214,18 +224,29 @@ async fn json_and_sse_responses_settle_to_the_true_usage() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(
-        s.envoy.stat("wasmcustom.tollgate.usage_unknown").unwrap(),
+        s.envoy
+            .stat("wasmcustom.tollgate_filter.usage_unknown_total")
+            .unwrap(),
         2
     );
     assert_eq!(
-        s.envoy.stat("wasmcustom.tollgate.usage_estimated").unwrap(),
+        s.envoy
+            .stat("wasmcustom.tollgate_filter.usage_estimated_total")
+            .unwrap(),
         1
     );
     assert_eq!(
-        s.envoy.stat("wasmcustom.tollgate.usage_requested").unwrap(),
+        s.envoy
+            .stat("wasmcustom.tollgate_filter.usage_requested_total")
+            .unwrap(),
         1
     );
-    assert_eq!(s.envoy.stat("wasmcustom.tollgate.settled").unwrap(), 4);
+    assert_eq!(
+        s.envoy
+            .stat("wasmcustom.tollgate_filter.settled_total")
+            .unwrap(),
+        4
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,9 +313,24 @@ async fn a_killed_sidecar_fails_closed_with_503_and_open_marked() {
         "the upstream did not see the request marked: {:?}",
         open.headers
     );
-    assert_eq!(s.envoy.stat("wasmcustom.tollgate.fail_closed").unwrap(), 1);
-    assert_eq!(s.envoy.stat("wasmcustom.tollgate.fail_open").unwrap(), 1);
-    assert_eq!(s.envoy.stat("wasmcustom.tollgate.denied").unwrap(), 0);
+    assert_eq!(
+        s.envoy
+            .stat("wasmcustom.tollgate_filter.fail_closed_total")
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        s.envoy
+            .stat("wasmcustom.tollgate_filter.fail_open_total")
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        s.envoy
+            .stat("wasmcustom.tollgate_filter.denied_total")
+            .unwrap(),
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,8 +368,18 @@ async fn redis_down_follows_each_route_fail_mode_then_decisions_recover() {
         // never left to the client's 30 s: a generous bound for a loaded machine.
         assert!(started.elapsed() < Duration::from_secs(5));
     }
-    assert_eq!(s.envoy.stat("wasmcustom.tollgate.fail_closed").unwrap(), 5);
-    assert_eq!(s.envoy.stat("wasmcustom.tollgate.denied").unwrap(), 0);
+    assert_eq!(
+        s.envoy
+            .stat("wasmcustom.tollgate_filter.fail_closed_total")
+            .unwrap(),
+        5
+    );
+    assert_eq!(
+        s.envoy
+            .stat("wasmcustom.tollgate_filter.denied_total")
+            .unwrap(),
+        0
+    );
 
     // Back (empty: this Redis keeps nothing), with no sidecar or Envoy restart.
     redis.restart();
@@ -541,7 +587,12 @@ async fn malformed_input_is_refused_before_any_decision() {
         before,
         "the sidecar was called"
     );
-    assert_eq!(s.envoy.stat("wasmcustom.tollgate.bad_input").unwrap(), 4);
+    assert_eq!(
+        s.envoy
+            .stat("wasmcustom.tollgate_filter.bad_input_total")
+            .unwrap(),
+        4
+    );
     // The same stack still serves good requests.
     assert_eq!(s.chat(COMPLETIONS, &ok, &chat_body(1, 5)).await.status, 200);
 }
@@ -599,7 +650,12 @@ async fn the_customer_is_the_verified_claim_never_a_client_header() {
         )
         .await;
     assert_eq!(r.status, 401, "{}", r.text);
-    assert_eq!(s.envoy.stat("wasmcustom.tollgate.granted").unwrap(), 1);
+    assert_eq!(
+        s.envoy
+            .stat("wasmcustom.tollgate_filter.granted_total")
+            .unwrap(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -659,7 +715,12 @@ async fn an_unreadable_answer_and_an_error_status_follow_the_fail_mode() {
             Some(format!("sidecar-{}", reason.replace('_', "-")).as_str()),
             "{answer:?}"
         );
-        assert_eq!(s.envoy.stat("wasmcustom.tollgate.granted").unwrap(), 0);
+        assert_eq!(
+            s.envoy
+                .stat("wasmcustom.tollgate_filter.granted_total")
+                .unwrap(),
+            0
+        );
     }
 }
 
@@ -709,16 +770,20 @@ async fn bounded_mode_passes_within_the_allowance_and_reports_it_once_the_sideca
         "reported more than once"
     );
     assert_eq!(
-        s.envoy.stat("wasmcustom.tollgate.bounded_passed").unwrap(),
+        s.envoy
+            .stat("wasmcustom.tollgate_filter.bounded_passed_total")
+            .unwrap(),
         2
     );
     assert_eq!(
-        s.envoy.stat("wasmcustom.tollgate.bounded_refused").unwrap(),
+        s.envoy
+            .stat("wasmcustom.tollgate_filter.bounded_refused_total")
+            .unwrap(),
         1
     );
     assert_eq!(
         s.envoy
-            .stat("wasmcustom.tollgate.bounded_reported")
+            .stat("wasmcustom.tollgate_filter.bounded_reported_total")
             .unwrap(),
         2
     );

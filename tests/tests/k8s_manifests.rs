@@ -171,10 +171,12 @@ fn the_config_map_holds_a_valid_config_and_the_pod_matches_it() {
     }
 }
 
-fn is_istio(o: &Value) -> bool {
+/// Whether `o` is a custom resource whose CRD schema `k8s/schemas/` holds (Istio's kinds and the
+/// Prometheus Operator's), rather than a core object the Kubernetes schemas cover.
+fn has_crd_schema(o: &Value) -> bool {
     o["apiVersion"]
         .as_str()
-        .is_some_and(|v| v.contains(".istio.io/"))
+        .is_some_and(|v| v.contains(".istio.io/") || v.starts_with("monitoring.coreos.com/"))
 }
 
 /// The strict schema `k8s/schemas/index.json` lists for an object's apiVersion and kind.
@@ -213,10 +215,10 @@ fn schema_errors(o: &Value) -> Vec<String> {
 }
 
 #[test]
-fn every_istio_object_validates_against_its_crd_schema() {
+fn every_custom_resource_validates_against_its_crd_schema() {
     let mut seen = std::collections::BTreeSet::new();
     for dir in kustomizations() {
-        for o in build(&dir).iter().filter(|o| is_istio(o)) {
+        for o in build(&dir).iter().filter(|o| has_crd_schema(o)) {
             seen.insert(o["kind"].as_str().unwrap().to_string());
             let errors = schema_errors(o);
             assert!(
@@ -235,9 +237,54 @@ fn every_istio_object_validates_against_its_crd_schema() {
         "ServiceEntry",
         "AuthorizationPolicy",
         "RequestAuthentication",
+        "ServiceMonitor",
+        "PodMonitor",
+        "PrometheusRule",
     ] {
         assert!(seen.contains(kind), "no {kind} was validated: {seen:?}");
     }
+}
+
+/// The ServiceMonitor scrapes the decision server's Service as built: its selector matches the
+/// Service's labels and its port is one of the Service's, serving `/metrics`.
+#[test]
+fn the_service_monitor_selects_the_decision_servers_metrics_port() {
+    let base = build(&k8s().join("base"));
+    let service = of_kind(&base, "Service")[0];
+    let monitoring = build(&k8s().join("monitoring"));
+    let monitor = of_kind(&monitoring, "ServiceMonitor")[0];
+    for (k, v) in monitor["spec"]["selector"]["matchLabels"]
+        .as_mapping()
+        .unwrap()
+    {
+        assert_eq!(
+            &service["metadata"]["labels"][k.as_str().unwrap()],
+            v,
+            "the Service carries {k:?}"
+        );
+    }
+    assert_eq!(
+        monitor["metadata"]["namespace"], service["metadata"]["namespace"],
+        "a ServiceMonitor selects Services of its own namespace"
+    );
+    let endpoint = &monitor["spec"]["endpoints"][0];
+    let port = endpoint["port"].as_str().unwrap();
+    let http = service["spec"]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"].as_str() == Some(port))
+        .unwrap_or_else(|| panic!("the Service has no port `{port}`"));
+    assert_eq!(
+        http["port"], 9190,
+        "the HTTP listener, which serves /metrics"
+    );
+    assert_eq!(endpoint["path"], "/metrics");
+    let dashboard = of_kind(&monitoring, "ConfigMap")[0];
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+    let json: serde_json::Value =
+        serde_json::from_str(dashboard["data"]["tollgate.json"].as_str().unwrap()).unwrap();
+    assert_eq!(json["uid"], "tollgate-overview");
 }
 
 /// Finds the first object of `kind` in `overlay`'s build.
@@ -275,6 +322,21 @@ fn a_misspelled_field_fails_validation() {
     let mut policy = object("istio-ext-authz", "AuthorizationPolicy");
     policy["spec"]["action"] = "CUSTOMISED".into();
     assert!(!schema_errors(&policy).is_empty());
+
+    // A monitoring object: a misspelled field of a scrape endpoint.
+    let mut monitor = object("../monitoring", "ServiceMonitor");
+    assert!(schema_errors(&monitor).is_empty());
+    monitor["spec"]["endpoints"][0]
+        .as_mapping_mut()
+        .unwrap()
+        .insert("intervall".into(), "30s".into());
+    assert!(
+        schema_errors(&monitor)
+            .iter()
+            .any(|e| e.contains("intervall")),
+        "{:?}",
+        schema_errors(&monitor)
+    );
 
     // A core object: kubernetes-validate in strict mode refuses an unknown field.
     let mut deployment = object("redis", "Deployment");
@@ -322,7 +384,7 @@ fn kubernetes_validate(objects: &[&Value]) -> Result<(), String> {
 fn every_core_object_validates_against_the_kubernetes_schemas() {
     for dir in kustomizations() {
         let objects = build(&dir);
-        let core: Vec<&Value> = objects.iter().filter(|o| !is_istio(o)).collect();
+        let core: Vec<&Value> = objects.iter().filter(|o| !has_crd_schema(o)).collect();
         assert!(!core.is_empty(), "{}", dir.display());
         if let Err(report) = kubernetes_validate(&core) {
             panic!(

@@ -22,7 +22,8 @@ pub(super) fn log(level: LogLevel, message: &str) {
     let _ = hostcalls::log(level, message);
 }
 
-/// The filter's counters, as Envoy stats (`wasmcustom.tollgate.*`).
+/// The filter's counters, as Envoy stats (`wasmcustom.tollgate_filter.*_total`; Prometheus
+/// `tollgate_filter_*_total`).
 #[derive(Debug, Default, Clone, Copy)]
 pub(super) struct Stats {
     granted: u32,
@@ -52,27 +53,27 @@ impl Stats {
     pub(super) fn define() -> Self {
         let d = |name: &str| hostcalls::define_metric(MetricType::Counter, name).unwrap_or(0);
         Self {
-            granted: d("tollgate.granted"),
-            denied: d("tollgate.denied"),
-            bad_input: d("tollgate.bad_input"),
-            fail_open: d("tollgate.fail_open"),
-            fail_closed: d("tollgate.fail_closed"),
-            settled: d("tollgate.settled"),
-            released: d("tollgate.released"),
-            usage_unknown: d("tollgate.usage_unknown"),
-            usage_estimated: d("tollgate.usage_estimated"),
-            usage_requested: d("tollgate.usage_requested"),
-            close_retried: d("tollgate.close_retried"),
-            close_failed: d("tollgate.close_failed"),
-            bounded_passed: d("tollgate.bounded_passed"),
-            bounded_refused: d("tollgate.bounded_refused"),
-            bounded_reported: d("tollgate.bounded_reported"),
-            bounded_dropped: d("tollgate.bounded_dropped"),
-            free_passed: d("tollgate.free_passed"),
-            unknown_denied: d("tollgate.unknown_denied"),
-            unknown_passed: d("tollgate.unknown_passed"),
-            batch_reported: d("tollgate.batch_reported"),
-            batch_partial: d("tollgate.batch_partial"),
+            granted: d("tollgate_filter.granted_total"),
+            denied: d("tollgate_filter.denied_total"),
+            bad_input: d("tollgate_filter.bad_input_total"),
+            fail_open: d("tollgate_filter.fail_open_total"),
+            fail_closed: d("tollgate_filter.fail_closed_total"),
+            settled: d("tollgate_filter.settled_total"),
+            released: d("tollgate_filter.released_total"),
+            usage_unknown: d("tollgate_filter.usage_unknown_total"),
+            usage_estimated: d("tollgate_filter.usage_estimated_total"),
+            usage_requested: d("tollgate_filter.usage_requested_total"),
+            close_retried: d("tollgate_filter.close_retried_total"),
+            close_failed: d("tollgate_filter.close_failed_total"),
+            bounded_passed: d("tollgate_filter.bounded_passed_total"),
+            bounded_refused: d("tollgate_filter.bounded_refused_total"),
+            bounded_reported: d("tollgate_filter.bounded_reported_total"),
+            bounded_dropped: d("tollgate_filter.bounded_dropped_total"),
+            free_passed: d("tollgate_filter.free_passed_total"),
+            unknown_denied: d("tollgate_filter.unknown_denied_total"),
+            unknown_passed: d("tollgate_filter.unknown_passed_total"),
+            batch_reported: d("tollgate_filter.batch_reported_total"),
+            batch_partial: d("tollgate_filter.batch_partial_total"),
         }
     }
 

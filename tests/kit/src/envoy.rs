@@ -145,6 +145,11 @@ impl Envoy {
             .with_context(|| format!("no stat `{name}` in {text:?}"))
     }
 
+    /// Envoy's `/stats/prometheus` page.
+    pub fn prometheus(&self) -> anyhow::Result<String> {
+        http_get(&self.admin, "/stats/prometheus")
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
