@@ -658,6 +658,14 @@ async fn the_push_stream_delivers_records_live_and_resumes_without_repeats() {
     assert_eq!(seen[0].1["attributes"]["model"], "gpt-4o");
     assert!(seen[0].1["holdId"].as_str().unwrap().starts_with("acme:"));
     assert_eq!(seen[3].1["attributes"]["deniedBy"], "org-daily");
+    // A denial spent nothing, and says what it asked for.
+    assert_eq!(
+        (seen[3].1["units"].as_u64(), seen[3].1["asked"].as_u64()),
+        (Some(0), Some(5000)),
+        "{}",
+        seen[3].1
+    );
+    assert_eq!(seen[0].1.get("asked"), None, "only denials carry `asked`");
     // A heartbeat comes while nothing happens.
     let beat = sse.next_raw(false).await;
     assert_eq!(beat.event, ":heartbeat", "{beat:?}");
@@ -820,6 +828,23 @@ async fn replicas_sharing_redis_see_each_others_usage_live() {
         }
     }
     assert_eq!(settled, [Some(80), Some(10)]);
+    // A denial written by the script says what it asked for.
+    assert!(!a.spend("carol", "gpt-4o", 5000, Some(1)).await);
+    let d = loop {
+        let v: Value = serde_json::from_str(&sse.next().await.data).unwrap();
+        if v["kind"] == "denied" {
+            break v;
+        }
+    };
+    assert_eq!(
+        (
+            d["units"].as_u64(),
+            d["asked"].as_u64(),
+            d["deniedAtLevel"].as_u64()
+        ),
+        (Some(0), Some(5000), Some(2)),
+        "the org's limit refused 5,000 asked: {d}"
+    );
 }
 
 use common::webhooks::{Receiver, WHSEC};

@@ -12,6 +12,11 @@ One scenario per run (the Rust test `portal_browser` starts a fresh sidecar for 
   viewer    a viewer sees no controls, and a forged change is refused.
   tenancy   globex's admin gets 403 on acme's pages and API; a change without the CSRF token
             is refused.
+  live      the live page follows usage made after it opened: paged (25 a page), "who" in the
+            hierarchy's order, a denial with what it asked for, filters; the server restarts
+            (the harness restarts it when this prints `restart`, then writes `restarted` on
+            stdin): the page says the session ended and offers the sign-in, and after it
+            follows usage again.
 
 Prints one JSON object on success; any failed expectation raises (non-zero exit). Screenshots
 go to --artifacts.
@@ -404,9 +409,64 @@ def scenario_tenancy(page, a):
     return {"tenancy": "ok"}
 
 
+def live_rows(page):
+    """The live table's rows on the current page, as lists of cell texts."""
+    return page.eval_on_selector_all(
+        "#live tbody tr", "rows => rows.map(r => Array.from(r.cells).map(c => c.innerText))")
+
+
+def scenario_live(page, a):
+    sign_in(page, a.portal, a.admin)
+    page.goto(f"{a.portal}/portal/c/acme/live")
+    expect(page.locator("#live-status")).to_have_text(re.compile("^Live"))
+    expect(page.locator("#live-empty")).to_be_visible()
+    # Made after the page opened: one call of alice (research), 30 of the crowd, and one
+    # refusal by the team's daily limit (10,000).
+    spend(a.api, a.app, "alice", 120)
+    for i in range(1, 31):
+        spend(a.api, a.app, f"user-{i:03}", 10)
+    d = spend(a.api, a.app, "bob", 20_000)
+    assert not d["isGranted"], d
+    expect(page.locator("#live-range")).to_have_text("1–25 of 32")
+    assert len(live_rows(page)) == 25
+    top = live_rows(page)[0]
+    # time, event, who (root first), model, units (what it asked), outcome.
+    assert top[1:] == ["denied", "acme › sales › bob", "", "20,000 asked", "denied by team-daily"], top
+    expect(page.locator("#live-empty")).to_be_hidden()
+    page.get_by_role("button", name="Older").click()
+    expect(page.locator("#live-range")).to_have_text("26–32 of 32")
+    last = live_rows(page)[-1]
+    assert last[1:] == ["settled", "acme › research › alice", "", "120", "granted"], last
+    page.get_by_role("button", name="Newer").click()
+    page.get_by_label("Filter", exact=True).fill("alice")
+    expect(page.locator("#live-range")).to_have_text("1–1 of 1 matching (32 kept)")
+    page.get_by_label("Filter", exact=True).fill("")
+    page.get_by_label("Show").select_option("denied")
+    expect(page.locator("#live-range")).to_have_text("1–1 of 1 matching (32 kept)")
+    page.get_by_label("Show").select_option("all")
+    shot(page, a.artifacts, "live")
+
+    # The server restarts: sessions are gone, so the page says so and offers the sign-in
+    # rather than reconnecting forever.
+    print("restart", flush=True)
+    assert sys.stdin.readline().strip() == "restarted"
+    expect(page.locator("#live-signin")).to_be_visible(timeout=30_000)
+    expect(page.locator("#live-status")).to_have_text(re.compile("signed out"))
+    shot(page, a.artifacts, "live-signed-out")
+    page.get_by_role("link", name="sign in again").click()
+    page.wait_for_url(re.compile(r".*/portal/login$"))
+    sign_in(page, a.portal, a.admin)
+    page.goto(f"{a.portal}/portal/c/acme/live")
+    expect(page.locator("#live-status")).to_have_text(re.compile("^Live"))
+    spend(a.api, a.app, "alice", 7)
+    expect(page.locator("#live tbody tr").first).to_contain_text("acme › research › alice")
+    assert live_rows(page)[0][4] == "7", live_rows(page)[0]
+    return {"live": "ok"}
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("scenario", choices=["overview", "alerts", "limits", "viewer", "tenancy", "keyboard"])
+    p.add_argument("scenario", choices=["overview", "alerts", "limits", "viewer", "tenancy", "keyboard", "live"])
     p.add_argument("--portal", required=True, help="the sidecar's HTTP address, http://127.0.0.1:PORT")
     p.add_argument("--chromium", default="/usr/bin/chromium")
     p.add_argument("--artifacts", default="")

@@ -83,6 +83,13 @@ server:
 /// Runs one scenario of `tests/portal/portal.py` against a fresh sidecar, bounded in time.
 fn scenario(name: &str) -> serde_json::Value {
     let sidecar = Sidecar::start(&config()).unwrap();
+    drive(name, sidecar)
+}
+
+/// Runs `name` with the sidecar on the durable store and a fixed HTTP port; when the script
+/// prints `restart`, the sidecar is killed and started again on the same file and port (its
+/// sessions, kept in memory, are gone), and the script is told `restarted` on its stdin.
+fn drive(name: &str, sidecar: Sidecar) -> serde_json::Value {
     let python = tollgate_tests::sdk::sdk_python().unwrap();
     let chromium =
         std::env::var("TOLLGATE_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
@@ -102,12 +109,42 @@ fn scenario(name: &str) -> serde_json::Value {
         .env("PORTAL_ACME_VIEWER", VIEWER)
         .env("PORTAL_ACME_APP", APP)
         .env("PORTAL_GLOBEX_ADMIN", GLOBEX_ADMIN)
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // The script's lines, read as they come, so a `restart` can be answered while it waits.
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut sidecar = Some(sidecar);
+    let mut printed = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
+        while let Ok(line) = lines.try_recv() {
+            if line == "restart" {
+                let old = sidecar.take().unwrap();
+                let config = old.config.clone();
+                old.proc.signal("KILL").unwrap();
+                drop(old);
+                sidecar = Some(Sidecar::start_at(&config).unwrap());
+                let stdin = child.stdin.as_mut().unwrap();
+                std::io::Write::write_all(stdin, b"restarted\n").unwrap();
+                std::io::Write::flush(stdin).unwrap();
+            }
+            printed.push(line);
+        }
         if child.try_wait().unwrap().is_some() {
             break;
         }
@@ -118,7 +155,9 @@ fn scenario(name: &str) -> serde_json::Value {
         std::thread::sleep(Duration::from_millis(100));
     }
     let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    reader.join().unwrap();
+    printed.extend(lines.try_iter());
+    let stdout = printed.join("\n");
     assert!(
         out.status.success(),
         "the `{name}` browser scenario failed (screenshot in {}):\n{stdout}\n{}",
@@ -162,4 +201,27 @@ fn another_customer_gets_403_and_a_change_without_the_csrf_token_is_refused() {
 fn a_customer_admin_does_it_all_with_the_keyboard() {
     let out = scenario("keyboard");
     assert_eq!(out["keyboard"], "ok");
+}
+
+/// The live page: paged, filtered, in hierarchy order, denials with what they asked for; after
+/// the server restarts (on the durable store, the same port), it offers the sign-in instead of
+/// reconnecting forever, and follows usage again after it.
+#[test]
+fn the_live_page_pages_filters_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = tollgate_testkit::free_port();
+    let text = config()
+        .replace(
+            "http: \"127.0.0.1:0\"",
+            &format!("http: \"127.0.0.1:{port}\""),
+        )
+        .replace(
+            "storage: { kind: memory }",
+            "storage: { kind: durable, path: counters.redb, durability: sync }",
+        );
+    assert!(text.contains(&format!("127.0.0.1:{port}")) && text.contains("durable"));
+    let path = dir.path().join("tollgate.yaml");
+    std::fs::write(&path, &text).unwrap();
+    let out = drive("live", Sidecar::start_at(&path).unwrap());
+    assert_eq!(out["live"], "ok");
 }

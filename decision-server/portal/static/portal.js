@@ -231,36 +231,131 @@
     }));
   }
 
-  // Live: the customer's usage stream.
+  // Live: the customer's usage stream, kept (the newest `kept` events) and paged, filtered in
+  // the page; "who" in the hierarchy's order; after a restart it reconnects where it left off,
+  // or says the session ended.
   function wireLive() {
     const status = document.getElementById("live-status");
-    const tbody = document.querySelector("#live tbody");
-    const es = new EventSource(`${base}/usage/stream`);
-    es.onopen = () => { status.textContent = "Live: new decisions appear at the top."; };
-    es.onerror = () => { status.textContent = "Reconnecting…"; };
-    const add = (kind, d) => {
-      const tr = document.createElement("tr");
-      tr.dataset.kind = kind;
+    const signin = document.getElementById("live-signin");
+    const table = document.getElementById("live");
+    const tbody = table.querySelector("tbody");
+    const empty = document.getElementById("live-empty");
+    const range = document.getElementById("live-range");
+    const newer = document.getElementById("live-newer");
+    const older = document.getElementById("live-older");
+    const form = document.getElementById("live-filter");
+    const chain = (table.dataset.chain || "").split(",").filter(Boolean);
+    let labels = {};
+    try { labels = JSON.parse(table.dataset.labels || "{}"); } catch (_) { /* none */ }
+    const kept = Number(table.dataset.kept) || 1000;
+    const perPage = Number(table.dataset.perPage) || 25;
+    const events = []; // newest first
+    let page = 0;
+    let lastId = null;
+    let retry = 1000;
+    const spend = new Set(["settled", "released", "expired", "committed", "ingested"]);
+    const fmt = (n) => (typeof n === "number" ? n.toLocaleString("en") : (n ?? ""));
+
+    const who = (a) => chain.filter((k) => a[k]).map((k) => a[k]).join(" › ");
+    function entry(kind, d) {
       if (kind === "alert") {
-        cell(tr, d.timestamp || new Date().toISOString());
-        cell(tr, `alert: ${d.type || ""}`);
-        cell(tr, (d.data && (d.data.entityId || d.data.entity)) || "");
-        cell(tr, (d.data && (d.data.currentUsage ?? d.data.used)) ?? "");
-        cell(tr, (d.data && (d.data.limitId || d.data.limit)) || "");
-      } else {
-        const a = d.attributes || {};
-        const who = Object.keys(a).filter((k) => k.endsWith("Id") && k !== "featureId").map((k) => a[k]).join(" › ");
-        cell(tr, d.at);
-        cell(tr, d.kind);
-        cell(tr, who);
-        cell(tr, d.units);
-        cell(tr, d.denied ? `denied${a.deniedBy ? " by " + a.deniedBy : ""}` : "granted");
+        const x = d.data || {};
+        return {
+          kind: "alert", at: d.timestamp || new Date().toISOString(), event: `alert: ${d.type || ""}`,
+          who: x.entityId || x.entity || "", model: "", units: fmt(x.currentUsage ?? x.used),
+          outcome: x.limitId || x.limit || "",
+        };
       }
-      tbody.prepend(tr);
-      while (tbody.rows.length > 200) tbody.deleteRow(-1);
-    };
-    es.addEventListener("usage", (e) => add("usage", JSON.parse(e.data)));
-    es.addEventListener("alert", (e) => add("alert", JSON.parse(e.data)));
+      const a = d.attributes || {};
+      const denied = d.kind === "denied";
+      return {
+        kind: d.kind, at: d.at, event: d.kind, who: who(a), model: a.model || "",
+        units: denied ? `${fmt(d.asked ?? 0)} asked` : fmt(d.units),
+        outcome: denied ? `denied by ${a.deniedBy || "a limit"}` : "granted",
+      };
+    }
+    function shown() {
+      const q = form.q.value.trim().toLowerCase();
+      const show = form.show.value;
+      return events.filter((e) => {
+        if (show === "denied" && e.kind !== "denied") return false;
+        if (show === "spend" && !spend.has(e.kind)) return false;
+        if (show === "alert" && e.kind !== "alert") return false;
+        return !q || [e.who, e.model, e.event, e.outcome].join(" ").toLowerCase().includes(q);
+      });
+    }
+    function draw() {
+      const all = shown();
+      const pages = Math.max(1, Math.ceil(all.length / perPage));
+      page = Math.min(page, pages - 1);
+      const start = page * perPage;
+      tbody.replaceChildren();
+      for (const e of all.slice(start, start + perPage)) {
+        const tr = document.createElement("tr");
+        tr.dataset.kind = e.kind;
+        for (const v of [e.at, e.event, e.who, e.model, e.units, e.outcome]) cell(tr, v);
+        tbody.appendChild(tr);
+      }
+      empty.hidden = events.length > 0;
+      range.textContent = all.length
+        ? `${start + 1}–${Math.min(start + perPage, all.length)} of ${all.length}${all.length < events.length ? ` matching (${events.length} kept)` : ""}`
+        : (events.length ? "nothing matches the filter" : "");
+      newer.disabled = page === 0;
+      older.disabled = page >= pages - 1;
+    }
+    function add(kind, d) {
+      events.unshift(entry(kind, d));
+      if (events.length > kept) events.length = kept;
+      if (!form.paused.checked) draw();
+    }
+    newer.addEventListener("click", () => { page = Math.max(0, page - 1); draw(); });
+    older.addEventListener("click", () => { page += 1; draw(); });
+    form.addEventListener("input", () => { page = 0; draw(); });
+    form.addEventListener("submit", (ev) => ev.preventDefault());
+
+    // The stream answered with an error status: a 401/403 means the session is gone (a
+    // restarted server keeps none), anything else is worth another try.
+    async function refusal(url) {
+      const ctl = new AbortController();
+      try {
+        const r = await fetch(url, { credentials: "same-origin", signal: ctl.signal });
+        ctl.abort();
+        return r.status;
+      } catch (_) {
+        return 0;
+      }
+    }
+    function connect() {
+      const url = `${base}/usage/stream${lastId ? `?after=${enc(lastId)}` : ""}`;
+      const es = new EventSource(url);
+      es.onopen = () => {
+        retry = 1000;
+        signin.hidden = true;
+        status.textContent = "Live: new events appear at the top.";
+      };
+      es.onerror = async () => {
+        if (es.readyState !== EventSource.CLOSED) { status.textContent = "Reconnecting…"; return; }
+        es.close();
+        const code = await refusal(url);
+        if (code === 401 || code === 403) {
+          status.textContent = "Not following: signed out.";
+          signin.hidden = false;
+          return;
+        }
+        status.textContent = `Reconnecting in ${Math.round(retry / 1000)} s…`;
+        setTimeout(connect, retry);
+        retry = Math.min(retry * 2, 30000);
+      };
+      const take = (kind) => (ev) => {
+        if (ev.lastEventId) lastId = ev.lastEventId;
+        add(kind, JSON.parse(ev.data));
+      };
+      es.addEventListener("usage", take("usage"));
+      es.addEventListener("alert", take("alert"));
+      es.addEventListener("gap", () => { status.textContent = "Live (some older events were missed while away)."; });
+    }
+    draw();
+    connect();
   }
 
   document.addEventListener("DOMContentLoaded", () => {

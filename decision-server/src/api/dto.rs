@@ -498,11 +498,19 @@ pub struct UsageRecordEvent {
     /// For a denial: the chain level (0 is the leaf) of the limit that blocked it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub denied_at_level: Option<usize>,
+    /// For a denial: the units of the feature the call asked for (`units` is 0: nothing was
+    /// spent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub asked: Option<u64>,
 }
 
 impl UsageRecordEvent {
     pub fn new(id: &str, customer: &str, r: &crate::core::rollup::UsageRecord) -> Self {
         use crate::core::rollup::RecordRef;
+        let asked = match &r.reference {
+            RecordRef::Denial { asked, .. } => Some(*asked),
+            _ => None,
+        };
         let (hold_id, idempotency_key, denied_at_level) = match &r.reference {
             RecordRef::Hold { seq, tag } => (
                 Some(
@@ -517,7 +525,7 @@ impl UsageRecordEvent {
                 None,
             ),
             RecordRef::Key(k) => (None, Some(k.to_string()), None),
-            RecordRef::Level(l) => (None, None, Some(*l)),
+            RecordRef::Level(l) | RecordRef::Denial { level: l, .. } => (None, None, Some(*l)),
         };
         Self {
             id: id.to_string(),
@@ -535,6 +543,7 @@ impl UsageRecordEvent {
             hold_id,
             idempotency_key,
             denied_at_level,
+            asked,
         }
     }
 }

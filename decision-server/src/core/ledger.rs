@@ -538,7 +538,10 @@ impl Ledger {
                 Some(c.limit_id),
                 self.records.max_values_per_dimension,
             );
-            let reference = RecordRef::Level(c.level);
+            let reference = RecordRef::Denial {
+                level: c.level,
+                asked: plan.usage.units,
+            };
             self.attribute(
                 RecordKind::Denied,
                 series,

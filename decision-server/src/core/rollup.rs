@@ -280,8 +280,13 @@ pub enum RecordRef {
     Hold { seq: u64, tag: u128 },
     /// An ingested event's idempotency key.
     Key(Box<str>),
-    /// A denial: the chain level of the limit that blocked it (0 is the leaf).
+    /// A denial recorded before denials kept what they asked for: the chain level of the limit
+    /// that blocked it (0 is the leaf). Still read from older durable files.
     Level(usize),
+    /// A denial: the chain level of the limit that blocked it (0 is the leaf) and the units of
+    /// the feature the call asked for (nothing was spent: its measures count the denial only).
+    /// Last among the variants, so older durable files still decode.
+    Denial { level: usize, asked: u64 },
 }
 
 /// The usage record of a decision a replica made inside its lease, without the store: written

@@ -777,12 +777,75 @@ async fn keys_page(
     )
 }
 
-async fn live_page(CustomerPage { page, customer }: CustomerPage) -> Response {
+async fn live_page(
+    State(state): State<AppState>,
+    CustomerPage { page, customer }: CustomerPage,
+) -> Response {
+    let model = state.model();
+    // "Who" reads root first, in the order of the hierarchy, whatever order a record's
+    // attributes come in.
+    let chain: Vec<String> = model.chain_keys.iter().map(|k| k.to_string()).collect();
+    let labels = key_labels(&model);
     render(
         StatusCode::OK,
         "live.html",
-        base(&page, &customer, "live", "Live"),
+        context! { ..base(&page, &customer, "live", "Live"), ..context! {
+            chain => chain.join(","),
+            labels => serde_json::to_string(&labels).unwrap_or_default(),
+            kept => LIVE_KEPT,
+            per_page => LIVE_PAGE,
+        } },
     )
+}
+
+/// Live events a page keeps (older ones leave as new ones come) and shows per page.
+const LIVE_KEPT: usize = 1_000;
+const LIVE_PAGE: usize = 25;
+
+/// A human name for each key usage is recorded by: an entity type's level by its type
+/// ("organizationId" → "Organization"), a dimension by its name ("model" → "Model",
+/// "projectId" → "Project"), and the feature and denying limit.
+fn key_labels(model: &crate::core::model::Model) -> BTreeMap<String, String> {
+    fn capital(s: &str) -> String {
+        let mut c = s.chars();
+        c.next()
+            .map(|f| f.to_uppercase().chain(c).collect())
+            .unwrap_or_default()
+    }
+    fn words(key: &str) -> String {
+        let key = key
+            .strip_suffix("Id")
+            .filter(|k| !k.is_empty())
+            .unwrap_or(key);
+        let mut out = String::new();
+        for ch in key.chars() {
+            if ch.is_uppercase() || ch == '_' || ch == '-' {
+                out.push(' ');
+            }
+            if ch != '_' && ch != '-' {
+                out.extend(ch.to_lowercase());
+            }
+        }
+        capital(out.trim())
+    }
+    let mut labels = BTreeMap::new();
+    for (key, t) in model.chain_keys.iter().zip(&model.entity_types) {
+        labels.insert(key.to_string(), words(t.name.as_str()));
+    }
+    for d in &model.recorded_dimensions {
+        labels
+            .entry(d.to_string())
+            .or_insert_with(|| words(d.as_str()));
+    }
+    labels.insert(
+        crate::core::usage_query::FEATURE_KEY.to_string(),
+        "Feature".into(),
+    );
+    labels.insert(
+        crate::core::rollup::DENIED_BY.to_string(),
+        "Denying limit".into(),
+    );
+    labels
 }
 
 async fn audit_page(

@@ -500,7 +500,7 @@ pub fn decode_event(bytes: &[u8]) -> Option<(Timestamp, EventBody)> {
 }
 
 /// A usage record as the script packs it: {kind, time, series, measures, a, b}, where (a, b)
-/// is (hold number, tag), (idempotency key, false) or (denying level, false).
+/// is (hold number, tag), (idempotency key, false) or (denying level, units asked).
 fn decode_record(a: &[rmpv::Value]) -> Option<UsageRecord> {
     let kind = record_kind(mp_int(a.first()?)?)?;
     let series = match a.get(2)? {
@@ -510,7 +510,11 @@ fn decode_record(a: &[rmpv::Value]) -> Option<UsageRecord> {
     };
     let reference = match kind {
         RecordKind::Ingested => RecordRef::Key(a.get(4)?.as_str()?.into()),
-        RecordKind::Denied => RecordRef::Level(usize::try_from(mp_u64(a.get(4)?)?).ok()?),
+        // An entry written before denials kept what they asked for has `false` there: 0.
+        RecordKind::Denied => RecordRef::Denial {
+            level: usize::try_from(mp_u64(a.get(4)?)?).ok()?,
+            asked: a.get(5).and_then(mp_u64).unwrap_or(0),
+        },
         _ => RecordRef::Hold {
             seq: mp_u64(a.get(4)?)?,
             tag: u128::from_str_radix(a.get(5)?.as_str()?, 16).ok()?,

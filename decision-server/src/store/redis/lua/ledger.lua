@@ -109,7 +109,8 @@ local function reserve()
   if blocking > 0 and draft then
     local limit, level = ARGV[limits_at + 2 * (blocking - 1)], tonumber(ARGV[limits_at + 2 * blocking - 1])
     local m = { 0, 0, 0, 0, 0, 0, 0, 0, 1 }
-    attribute(DENIED, series_of(draft, limit), m, level, false)
+    -- What the call asked for: the units of the held measures (`RecordRef::Denial`'s `asked`).
+    attribute(DENIED, series_of(draft, limit), m, level, measures_at(limits_at + 2 * n)[1])
   end
   if blocking > 0 or not place or n == 0 then
     return reply(blocking, { 0, unpack(before, 1, n) })
