@@ -665,6 +665,49 @@ pub async fn load(engine: &Engine) -> Result<Kept, StoreError> {
 /// Names admin changes in validation errors, where a file name would be.
 const ADMIN_SOURCE: &str = "admin change";
 
+/// The kinds of object whose admin changes can be dropped to bring back the file's version.
+/// API keys are revoked, not restored; grants are credit history and stay.
+pub const RESTORABLE: [&str; 4] = ["limit", "entity", "alert", "webhook"];
+
+/// An object admin changes changed on top of the file (see [`Catalog::overrides`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Override {
+    pub customer: String,
+    pub kind: &'static str,
+    pub id: String,
+    /// The file's version (`None`: the file does not have it; a change made it).
+    pub file: Option<serde_json::Value>,
+    /// The version in force (`None`: a change deleted it).
+    pub in_force: Option<serde_json::Value>,
+    pub changes: usize,
+    pub last_by: String,
+    /// Milliseconds since the epoch.
+    pub last_at: i64,
+}
+
+impl std::fmt::Display for Override {
+    /// One line for the reload log: what stays over the file and how to drop it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match (&self.file, &self.in_force) {
+            (Some(_), Some(_)) => "changed",
+            (None, _) => "added",
+            (Some(_), None) => "deleted",
+        };
+        write!(
+            f,
+            "{} `{}` of `{}` {state} by admin changes ({}, last by {}): they win over the file's version until dropped (DELETE /v1/customers/{}/overrides/{}/{})",
+            self.kind,
+            self.id,
+            self.customer,
+            self.changes,
+            self.last_by,
+            self.customer,
+            self.kind,
+            self.id
+        )
+    }
+}
+
 /// Attempts at an admin change while other replicas keep saving theirs first.
 const SAVE_ATTEMPTS: usize = 5;
 
@@ -708,11 +751,8 @@ impl Catalog {
         now: i64,
     ) -> Result<(), AdminError> {
         let _changing = self.changing.lock().await;
-        for _ in 0..SAVE_ATTEMPTS {
-            let (mut next, mut ops, revision) = {
-                let state = self.state.lock();
-                (state.current.clone(), state.ops.clone(), state.revision)
-            };
+        self.save_in_force(engine, |_base, current, mut ops| {
+            let mut next = current.clone();
             match by {
                 Principal::Operator => {}
                 Principal::Customer(c, Role::Admin) => customer_admin_guard(&next, c, &op)?,
@@ -724,7 +764,6 @@ impl Catalog {
             }
             let before = subject(&next, &op);
             op.apply(&mut next)?;
-            let model = build_model(&next, ADMIN_SOURCE).map_err(AdminError::Invalid)?;
             ops.push(Logged {
                 after: subject(&next, &op),
                 before,
@@ -732,6 +771,137 @@ impl Catalog {
                 by: who.to_string(),
                 at: now,
             });
+            Ok((next, ops))
+        })
+        .await
+    }
+
+    /// Drops every admin change in force to `kind` `id` of `customer`, so the file's version of
+    /// it applies again (an object the changes made goes; one they deleted comes back). A
+    /// customer's admin may drop only changes its own customer's keys made: one the operator
+    /// made stands until the operator drops it. Returns how many changes were dropped.
+    pub async fn restore(
+        &self,
+        engine: &Engine,
+        customer: &str,
+        kind: &str,
+        id: &str,
+        by: &Principal,
+    ) -> Result<usize, AdminError> {
+        if !RESTORABLE.contains(&kind) {
+            return Err(AdminError::NotFound(format!(
+                "kind `{kind}` (restorable: {})",
+                RESTORABLE.join(", ")
+            )));
+        }
+        let _changing = self.changing.lock().await;
+        let mut dropped = 0;
+        self.save_in_force(engine, |base, _current, ops| {
+            let touches =
+                |l: &Logged| l.op.customer() == Some(customer) && l.op.target() == (kind, id);
+            let mine = format!("{customer}:");
+            match by {
+                Principal::Operator => {}
+                Principal::Customer(c, Role::Admin) if c == customer => {
+                    if let Some(l) = ops.iter().find(|l| touches(l) && !l.by.starts_with(&mine)) {
+                        return Err(AdminError::Refused(format!(
+                            "{kind} `{id}` was changed by {}; only the operator can restore the file's version",
+                            l.by
+                        )));
+                    }
+                }
+                _ => {
+                    return Err(AdminError::Refused(format!(
+                        "this key cannot restore `{customer}`'s configuration"
+                    )));
+                }
+            }
+            let (gone, kept): (Vec<Logged>, Vec<Logged>) = ops.into_iter().partition(touches);
+            if gone.is_empty() {
+                return Err(AdminError::NotFound(format!(
+                    "an admin change to {kind} `{id}` of `{customer}`"
+                )));
+            }
+            dropped = gone.len();
+            let mut next = base.clone();
+            for l in &kept {
+                // A later change that needs the dropped one (a limit on an entity it made)
+                // cannot stand without it: nothing is dropped, and the reason is given.
+                l.op.apply(&mut next).map_err(|e| {
+                    AdminError::Refused(format!(
+                        "cannot restore {kind} `{id}`: the admin change to {} `{}` depends on it ({e})",
+                        l.op.target().0,
+                        l.op.target().1
+                    ))
+                })?;
+            }
+            Ok((next, kept))
+        })
+        .await?;
+        Ok(dropped)
+    }
+
+    /// Every object admin changes changed on top of the file, of one customer or all: what
+    /// the file says, what is in force, and who changed it last.
+    pub fn overrides(&self, customer: Option<&str>) -> Vec<Override> {
+        let state = self.state.lock();
+        let mut out: Vec<Override> = Vec::new();
+        for l in &state.ops {
+            let (kind, id) = l.op.target();
+            let Some(c) = l.op.customer() else { continue };
+            if !RESTORABLE.contains(&kind) || customer.is_some_and(|x| x != c) {
+                continue;
+            }
+            match out
+                .iter_mut()
+                .find(|o| o.customer == c && o.kind == kind && o.id == id)
+            {
+                Some(o) => {
+                    o.changes += 1;
+                    o.last_by.clone_from(&l.by);
+                    o.last_at = l.at;
+                }
+                None => out.push(Override {
+                    customer: c.to_string(),
+                    kind,
+                    id: id.to_string(),
+                    file: subject(&state.base, &l.op),
+                    in_force: subject(&state.current, &l.op),
+                    changes: 1,
+                    last_by: l.by.clone(),
+                    last_at: l.at,
+                }),
+            }
+        }
+        out
+    }
+
+    /// Saves the admin changes that `change` makes of those in force and puts them in force
+    /// for the next decision. `change` gets the file's document, the document in force and the
+    /// changes in force, and returns the next document and changes; if another replica saved
+    /// admin changes meanwhile, theirs are taken in and `change` runs again on them. Called
+    /// with `changing` held.
+    async fn save_in_force(
+        &self,
+        engine: &Engine,
+        mut change: impl FnMut(
+            &ConfigDoc,
+            &ConfigDoc,
+            Vec<Logged>,
+        ) -> Result<(ConfigDoc, Vec<Logged>), AdminError>,
+    ) -> Result<(), AdminError> {
+        for _ in 0..SAVE_ATTEMPTS {
+            let (base, current, ops, revision) = {
+                let state = self.state.lock();
+                (
+                    state.base.clone(),
+                    state.current.clone(),
+                    state.ops.clone(),
+                    state.revision,
+                )
+            };
+            let (next, ops) = change(&base, &current, ops)?;
+            let model = build_model(&next, ADMIN_SOURCE).map_err(AdminError::Invalid)?;
             // Stored before it takes effect: a change the store could not keep is refused.
             match save(engine, &ops, revision).await {
                 Ok(revision) => {

@@ -470,6 +470,9 @@ fn reject(service: &Service, errors: &ConfigErrors) {
     }
 }
 
+/// Objects held by admin changes a reload names one by one; past this, only how many more.
+const MAX_KEPT_LOGGED: usize = 20;
+
 /// Validates the config `text` read from `path` and, only if it is valid, puts it in force.
 /// Returns whether it did.
 async fn reload_text(service: &Service, path: &Path, text: &str, running: &ServerSettings) -> bool {
@@ -488,12 +491,29 @@ async fn reload_text(service: &Service, path: &Path, text: &str, running: &Serve
         tracing::warn!("listener addresses changed in the config; they take effect on restart");
     }
     match service.reload(loaded).await {
-        Ok(dropped) => {
-            for d in dropped {
+        Ok(r) => {
+            for d in r.dropped {
                 tracing::warn!("{d}");
             }
             service.reload_counted("applied");
-            tracing::info!(file = %path.display(), "config reloaded");
+            tracing::info!(
+                file = %path.display(),
+                admin_changes_kept = r.kept.len(),
+                "config reloaded"
+            );
+            for o in &r.shadowed {
+                tracing::warn!("the file's edit does not apply: {o}");
+            }
+            // Every hold over the file, named (a bounded number of lines).
+            for o in r.kept.iter().take(MAX_KEPT_LOGGED) {
+                tracing::info!("kept over the file: {o}");
+            }
+            if r.kept.len() > MAX_KEPT_LOGGED {
+                tracing::info!(
+                    "and {} more objects held by admin changes (GET /v1/customers/<id>/overrides)",
+                    r.kept.len() - MAX_KEPT_LOGGED
+                );
+            }
             true
         }
         Err(e) => {

@@ -598,3 +598,123 @@ async fn customer_admins_make_and_revoke_their_own_keys() {
             .is_err()
     );
 }
+
+/// Admin changes win over the config file until dropped: they are listed with the file's
+/// version, a reload that edits what they hold says so, and dropping them brings the file's
+/// version back. A customer's admin drops only its own customer's changes; this is also its
+/// way back from lowering a limit no ceiling covers.
+#[tokio::test]
+async fn changes_over_the_file_are_listed_named_on_reload_and_dropped_to_restore_it() {
+    let (service, r) = router().await;
+    let minute = |limit: u64| json!({"id": "user-minute", "entityType": "user", "feature": "ai-tokens", "kind": "rate", "limit": limit, "window": "PT1M"});
+    // No ceiling covers the per-minute rate: the admin may lower it, not raise it back.
+    let (s, b) = r
+        .put(
+            "/v1/customers/acme/limits/user-minute",
+            ACME_ADMIN,
+            minute(100),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, b) = r
+        .put(
+            "/v1/customers/acme/limits/user-minute",
+            ACME_ADMIN,
+            minute(5000),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+
+    // Listed, with the file's version and the one in force; viewers read it too.
+    let (s, o) = r.get("/v1/customers/acme/overrides", ACME_VIEWER).await;
+    assert_eq!(s, StatusCode::OK, "{o}");
+    let o = o.as_array().unwrap();
+    assert_eq!(o.len(), 1, "{o:?}");
+    assert_eq!(
+        (o[0]["kind"].as_str(), o[0]["id"].as_str()),
+        (Some("limit"), Some("user-minute"))
+    );
+    assert_eq!(o[0]["file"]["limit"], 5000);
+    assert_eq!(o[0]["inForce"]["limit"], 100);
+    assert_eq!(o[0]["changes"], 1);
+    assert!(
+        o[0]["lastChangedBy"]
+            .as_str()
+            .unwrap()
+            .starts_with("acme:admin"),
+        "{o:?}"
+    );
+    let (s, _) = r.get("/v1/customers/globex/overrides", ACME_ADMIN).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+
+    // The operator edits the file: the admin change still wins, and the reload says so.
+    let edited = config("{ kind: memory }").replace(
+        "kind: rate, limit: 5000, window: PT1M",
+        "kind: rate, limit: 6000, window: PT1M",
+    );
+    assert_ne!(edited, config("{ kind: memory }"));
+    let reloaded = service
+        .reload(tollgate::config::load(&edited, "fixture.yaml").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(reloaded.kept.len(), 1);
+    let shadowed: Vec<String> = reloaded.shadowed.iter().map(ToString::to_string).collect();
+    assert_eq!(shadowed.len(), 1, "{shadowed:?}");
+    assert!(
+        shadowed[0].starts_with("limit `user-minute` of `acme` changed by admin changes")
+            && shadowed[0].contains("DELETE /v1/customers/acme/overrides/limit/user-minute"),
+        "{shadowed:?}"
+    );
+    assert_eq!(limit(&service, "user-minute").limit, Some(100));
+
+    // A viewer cannot drop it; the admin can, and the file's edited version applies.
+    let (s, _) = r
+        .delete(
+            "/v1/customers/acme/overrides/limit/user-minute",
+            ACME_VIEWER,
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, b) = r
+        .delete("/v1/customers/acme/overrides/limit/user-minute", ACME_ADMIN)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{b}");
+    assert_eq!(limit(&service, "user-minute").limit, Some(6000));
+    let (_, o) = r.get("/v1/customers/acme/overrides", ACME_ADMIN).await;
+    assert_eq!(o, json!([]));
+    let (s, b) = r
+        .delete("/v1/customers/acme/overrides/limit/user-minute", ACME_ADMIN)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "nothing left to drop: {b}");
+
+    // The operator's change stands against the customer's admin; the operator drops it.
+    let (s, b) = r
+        .put(
+            "/v1/customers/acme/limits/user-minute",
+            OPERATOR,
+            minute(10),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, b) = r
+        .delete("/v1/customers/acme/overrides/limit/user-minute", ACME_ADMIN)
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("changed by operator"),
+        "{b}"
+    );
+    let (s, _) = r
+        .delete("/v1/customers/acme/overrides/limit/user-minute", OPERATOR)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(limit(&service, "user-minute").limit, Some(6000));
+    // Keys are revoked, not restored.
+    let (s, _) = r
+        .delete("/v1/customers/acme/overrides/key/k1", OPERATOR)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}

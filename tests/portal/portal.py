@@ -266,7 +266,40 @@ def scenario_limits(page, a):
     err = page.locator("#page-error")
     expect(err).to_be_visible()
     expect(err).to_contain_text("ceiling of 200000")
+    # The field shows what is in force, not the refused value.
+    expect(field).to_have_value("400")
+    expect(page.locator("#limit-status")).to_contain_text("team-daily is still 400")
+    # Changed here: marked, and listed over the file's 10,000.
+    expect(page.locator('tr[data-limit="team-daily"] .changed')).to_be_visible()
+    expect(page.locator('tr[data-override="limit/team-daily"]')).to_contain_text("10000")
     shot(page, a.artifacts, "limits")
+
+    # Lowering a limit no ceiling covers is asked first; keeping it changes nothing.
+    minute = page.get_by_label("New value for user-minute")
+    minute.fill("50000")
+    page.locator('button.save-limit[data-id="user-minute"]').click()
+    warning = page.get_by_role("alertdialog")
+    expect(warning).to_contain_text("No ceiling covers user-minute")
+    shot(page, a.artifacts, "limits-lower-warning")
+    page.get_by_role("button", name="Keep it").click()
+    expect(warning).to_be_hidden()
+    expect(minute).to_have_value("100000")
+    _, limits = api(a.api, "GET", "/v1/customers/acme/limits", a.admin)
+    assert next(l for l in limits if l["id"] == "user-minute")["limit"] == 100000
+    # Lowered after all: it cannot be raised back by the admin...
+    minute.fill("50000")
+    page.locator('button.save-limit[data-id="user-minute"]').click()
+    page.get_by_role("button", name="Lower it").click()
+    expect(page.locator("#limit-status")).to_contain_text("user-minute is now 50000")
+    minute.fill("100000")
+    page.locator('button.save-limit[data-id="user-minute"]').click()
+    expect(page.locator("#page-error")).to_be_visible()
+    expect(minute).to_have_value("50000")
+    # ...but restoring the file's version brings it back.
+    page.locator('tr[data-override="limit/user-minute"] button.restore').click()
+    expect(page.locator("#limit-status")).to_contain_text("Restored: limit user-minute")
+    expect(page.get_by_label("New value for user-minute")).to_have_value("100000")
+    expect(page.locator('tr[data-override="limit/user-minute"]')).to_have_count(0)
     # A viewer key for a dashboard, made here and shown once: it reads, and cannot decide.
     page.get_by_role("link", name="Keys").click()
     page.get_by_label("Role").select_option("viewer")

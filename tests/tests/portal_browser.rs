@@ -52,6 +52,8 @@ customers:
 {crowd}    limits:
       - {{ id: org-daily, entity: acme, feature: ai-tokens, kind: quota, limit: 100000, period: P1D }}
       - {{ id: team-daily, entityType: team, feature: ai-tokens, kind: quota, limit: 10000, period: P1D }}
+      # No ceiling covers a per-minute rate: a customer's admin can lower it, not raise it back.
+      - {{ id: user-minute, entityType: user, feature: ai-tokens, kind: rate, limit: 100000, window: PT1M }}
     ceilings:
       - {{ feature: ai-tokens, kind: quota, period: P1D, max: 200000 }}
   - id: globex

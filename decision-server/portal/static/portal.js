@@ -198,16 +198,45 @@
 
   // Limits: save one value; a refusal says why.
   function wireLimits() {
+    const status = document.getElementById("limit-status");
+    const warning = document.getElementById("lower-warning");
+    const isOperator = document.body.dataset.operator === "true";
+    // Lowering a limit no ceiling covers is one-way for a customer's admin: asked first, in
+    // the page (a button to confirm, one to keep it).
+    const confirmLower = (text) => new Promise((resolve) => {
+      document.getElementById("lower-warning-text").textContent = text;
+      warning.hidden = false;
+      const yes = document.getElementById("lower-confirm");
+      const no = document.getElementById("lower-cancel");
+      const done = (v) => () => { warning.hidden = true; yes.onclick = null; no.onclick = null; resolve(v); };
+      yes.onclick = done(true);
+      no.onclick = done(false);
+      no.focus();
+    });
     document.querySelectorAll(".save-limit").forEach((b) => b.addEventListener("click", async () => {
       const input = document.getElementById(`v-${b.dataset.id}`);
-      const limit = JSON.parse(input.dataset.json);
-      limit.limit = Number(input.value);
-      const status = document.getElementById("limit-status");
+      const stored = JSON.parse(input.dataset.json);
+      const limit = Object.assign({}, stored, { limit: Number(input.value) });
+      if (!isOperator && input.dataset.covered !== "true" && limit.limit < stored.limit) {
+        const ok = await confirmLower(`No ceiling covers ${limit.id}: once it is ${limit.limit}, you cannot raise it again yourself. Only restoring the configuration file's value (below, once saved) or the operator can. Lower it from ${stored.limit} to ${limit.limit}?`);
+        if (!ok) { input.value = stored.limit; status.textContent = `${limit.id} kept at ${stored.limit}.`; return; }
+      }
       const r = await api("PUT", `${base}/limits/${enc(limit.id)}`, limit);
-      if (!r.ok) { showError(reason(r)); status.textContent = ""; return; }
+      if (!r.ok) {
+        showError(reason(r));
+        // The field shows what is in force, not the value that was refused.
+        input.value = stored.limit;
+        status.textContent = `${limit.id} is still ${stored.limit}.`;
+        return;
+      }
       showError("");
-      status.textContent = `Saved: ${limit.id} is now ${limit.limit}; it applies to the next request.`;
-      input.dataset.json = JSON.stringify(r.json);
+      // Shown again from the server: the value in force, marked as changed over the file.
+      window.location.assign(`${window.location.pathname}?saved=${enc(limit.id)}`);
+    }));
+    document.querySelectorAll(".restore").forEach((b) => b.addEventListener("click", async () => {
+      const r = await api("DELETE", `${base}/overrides/${enc(b.dataset.kind)}/${enc(b.dataset.id)}`);
+      if (!r.ok) { showError(reason(r)); return; }
+      window.location.assign(`${window.location.pathname}?restored=${enc(b.dataset.kind)}:${enc(b.dataset.id)}`);
     }));
   }
 

@@ -5,7 +5,7 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 
-use super::dto::{CustomerList, ErrorBody};
+use super::dto::{CustomerList, ErrorBody, OverrideDto};
 use super::{ApiError, ApiJson, ApiPath, AppState, Caller, ManagingCaller, Operator};
 use crate::auth::Principal;
 use crate::catalog::AdminOp;
@@ -427,4 +427,50 @@ pub async fn delete_prices(
         AdminOp::DeletePrices { version },
     )
     .await
+}
+
+/// What admin changes hold over the config file for a customer: each limit, entity, alert rule
+/// or webhook changed, added or deleted through the API or the portal, with the file's version
+/// and the one in force. They win over the file, later edits of it included, until dropped.
+#[utoipa::path(get, path = "/v1/customers/{customerId}/overrides", tag = "admin",
+    params(("customerId" = String, Path)),
+    responses((status = 200, body = Vec<OverrideDto>), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_overrides(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<ApiJson<Vec<OverrideDto>>, ApiError> {
+    read_customer(&state, &caller, &id, |_| ())?;
+    Ok(ApiJson(
+        state
+            .overrides(Some(&id))
+            .iter()
+            .map(OverrideDto::from)
+            .collect(),
+    ))
+}
+
+/// Drops the admin changes to one object, so the file's version applies again (an object they
+/// added goes, one they deleted comes back). A customer's admin may drop only changes made
+/// with its own customer's keys; the operator's stand until the operator drops them.
+#[utoipa::path(delete, path = "/v1/customers/{customerId}/overrides/{kind}/{id}", tag = "admin",
+    params(("customerId" = String, Path), ("kind" = String, Path, description = "`limit`, `entity`, `alert` or `webhook`"), ("id" = String, Path)),
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn drop_override(
+    State(state): State<AppState>,
+    caller: ManagingCaller,
+    ApiPath((_customer, kind, id)): ApiPath<(String, String, String)>,
+) -> Result<StatusCode, ApiError> {
+    state
+        .restore(
+            &caller.principal,
+            caller.key.as_deref(),
+            &caller.customer,
+            &kind,
+            &id,
+        )
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }

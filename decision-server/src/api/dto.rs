@@ -740,3 +740,37 @@ pub struct ApiKeySecretDto {
     /// `<id>.<secret>`: send it as `authorization: Bearer <key>`.
     pub key: String,
 }
+
+/// An object admin changes hold over the config file (`GET .../overrides`): while they stand,
+/// they win over the file's version, including edits made to the file later.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OverrideDto {
+    /// `limit`, `entity`, `alert` or `webhook`.
+    pub kind: String,
+    pub id: String,
+    /// The file's version; `null` when a change added it.
+    #[schema(value_type = Object)]
+    pub file: Option<serde_json::Value>,
+    /// The version in force; `null` when a change deleted it.
+    #[schema(value_type = Object)]
+    pub in_force: Option<serde_json::Value>,
+    /// How many admin changes made it what it is.
+    pub changes: usize,
+    pub last_changed_by: String,
+    pub last_changed_at: DateTime<Utc>,
+}
+
+impl From<&crate::catalog::Override> for OverrideDto {
+    fn from(o: &crate::catalog::Override) -> Self {
+        Self {
+            kind: o.kind.to_string(),
+            id: o.id.clone(),
+            file: o.file.clone(),
+            in_force: o.in_force.clone(),
+            changes: o.changes,
+            last_changed_by: o.last_by.clone(),
+            last_changed_at: ms_time(o.last_at),
+        }
+    }
+}

@@ -501,6 +501,8 @@ pub fn router_and_doc(
         .routes(routes!(admin::put_entity, admin::delete_entity))
         .routes(routes!(admin::list_limits, admin::create_limit))
         .routes(routes!(admin::put_limit, admin::delete_limit))
+        .routes(routes!(admin::list_overrides))
+        .routes(routes!(admin::drop_override))
         .routes(routes!(admin::list_grants, admin::create_grant))
         .routes(routes!(admin::list_prices, admin::create_prices))
         .routes(routes!(admin::put_prices, admin::delete_prices))

@@ -731,12 +731,22 @@ async fn alerts_page(
     )
 }
 
+/// What the limits page was reloaded after: a save or a restore, said in its status line.
+#[derive(Debug, Deserialize)]
+struct LimitsQuery {
+    saved: Option<String>,
+    restored: Option<String>,
+}
+
 async fn limits_page(
     State(state): State<AppState>,
     CustomerPage { page, customer }: CustomerPage,
+    Query(q): Query<LimitsQuery>,
 ) -> Response {
+    let overrides = state.overrides(Some(&customer));
     let (limits, ceilings) = state.read_config(|d| {
         let c = d.customers.iter().find(|c| c.id == customer);
+        let ceilings = c.map(|c| c.ceilings.as_slice()).unwrap_or_default();
         let limits: Vec<Value> = c
             .map(|c| c.limits.as_slice())
             .unwrap_or_default()
@@ -746,16 +756,71 @@ async fn limits_page(
                 let mut v = serde_json::to_value(l).unwrap_or_default();
                 if let Some(o) = v.as_object_mut() {
                     o.insert("json".into(), json.into());
+                    // A customer's admin raises only under a ceiling: lowering one no ceiling
+                    // covers is a one-way step for it, which the page warns about first.
+                    o.insert(
+                        "covered".into(),
+                        ceilings.iter().any(|x| x.covers(l)).into(),
+                    );
+                    if let Some(ov) = overrides.iter().find(|x| x.kind == "limit" && x.id == l.id) {
+                        o.insert(
+                            "fileLimit".into(),
+                            ov.file
+                                .as_ref()
+                                .and_then(|f| f.get("limit").cloned())
+                                .unwrap_or(serde_json::Value::Null),
+                        );
+                    }
                 }
                 Value::from_serialize(&v)
             })
             .collect();
-        (limits, c.map(|c| c.ceilings.clone()).unwrap_or_default())
+        (limits, ceilings.to_vec())
     });
+    let mine = format!("{customer}:");
+    let overrides: Vec<Value> = overrides
+        .iter()
+        .map(|o| {
+            let show = |v: &Option<serde_json::Value>| {
+                v.as_ref()
+                    .map(|v| v.get("limit").map_or_else(|| "present".to_string(), ToString::to_string))
+            };
+            context! {
+                kind => o.kind,
+                id => o.id,
+                file => show(&o.file),
+                in_force => show(&o.in_force),
+                changes => o.changes,
+                by => o.last_by,
+                at => crate::api::dto::OverrideDto::from(o).last_changed_at.format("%Y-%m-%d %H:%M UTC").to_string(),
+                // A customer's admin drops only changes its own customer's keys made.
+                restorable => page.principal.is_operator() || o.last_by.starts_with(&mine),
+            }
+        })
+        .collect();
+    let customer_admin = !page.principal.is_operator();
+    let status = match (&q.saved, &q.restored) {
+        (Some(id), _) => limits
+            .iter()
+            .find(|l| {
+                l.get_attr("id")
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .as_deref()
+                    == Some(id.as_str())
+            })
+            .and_then(|l| l.get_attr("limit").ok())
+            .map(|v| format!("Saved: {id} is now {v}; it applies to the next request.")),
+        (_, Some(what)) => Some(format!(
+            "Restored: {} is as the configuration file says.",
+            what.replacen(':', " ", 1)
+        )),
+        _ => None,
+    };
     render(
         StatusCode::OK,
         "limits.html",
-        context! { ..base(&page, &customer, "limits", "Limits"), ..context! { limits, ceilings } },
+        context! { ..base(&page, &customer, "limits", "Limits"), ..context! { limits, ceilings, overrides, customer_admin, status } },
     )
 }
 

@@ -3,6 +3,18 @@
 
 use super::*;
 
+/// What a reload did with the admin changes in force.
+#[derive(Debug, Clone)]
+pub struct Reloaded {
+    /// Changes that no longer apply to the new file, dropped (as messages).
+    pub dropped: Vec<String>,
+    /// Objects admin changes still hold over the file.
+    pub kept: Vec<crate::catalog::Override>,
+    /// Of those, the ones whose version in the file this reload changed: the edit does not
+    /// apply while the admin changes stand.
+    pub shadowed: Vec<crate::catalog::Override>,
+}
+
 impl Service {
     /// Reads the config in force (file plus admin changes).
     pub fn read_config<R>(&self, f: impl FnOnce(&ConfigDoc) -> R) -> R {
@@ -44,11 +56,61 @@ impl Service {
 
     /// Puts a reloaded config in force: the model (admin changes replayed on it), the
     /// credentials and the ext_authz mapping. On error nothing changes.
-    pub async fn reload(&self, loaded: Loaded) -> Result<Vec<String>, AdminError> {
+    pub async fn reload(&self, loaded: Loaded) -> Result<Reloaded, AdminError> {
+        let before = self.catalog.overrides(None);
         let dropped = self.catalog.rebase(&self.engine, loaded.doc).await?;
         self.settings
             .store(Arc::new(Reloadable::from(&loaded.server)));
-        Ok(dropped)
+        let kept = self.catalog.overrides(None);
+        // An object the file changed in this reload while admin changes hold it: the edit
+        // does not apply, which the reload must say rather than pass over.
+        let shadowed = kept
+            .iter()
+            .filter(|o| {
+                before.iter().any(|b| {
+                    (&b.customer, b.kind, &b.id) == (&o.customer, o.kind, &o.id) && b.file != o.file
+                })
+            })
+            .cloned()
+            .collect();
+        Ok(Reloaded {
+            dropped,
+            kept,
+            shadowed,
+        })
+    }
+
+    /// The objects admin changes hold over the file (see [`crate::catalog::Override`]).
+    pub fn overrides(&self, customer: Option<&str>) -> Vec<crate::catalog::Override> {
+        self.catalog.overrides(customer)
+    }
+
+    /// Drops the admin changes to `kind` `id` of `customer`, so the file's version applies
+    /// again; `by` (with API key `key`) is logged.
+    pub async fn restore(
+        &self,
+        by: &Principal,
+        key: Option<&str>,
+        customer: &str,
+        kind: &str,
+        id: &str,
+    ) -> Result<usize, AdminError> {
+        let result = self
+            .catalog
+            .restore(&self.engine, customer, kind, id, by)
+            .await;
+        let who = match key {
+            Some(k) => format!("{} (key {k})", by.describe()),
+            None => by.describe(),
+        };
+        match &result {
+            Ok(n) => tracing::info!(
+                customer, kind, id, by = %who, changes_dropped = n,
+                "admin changes dropped: the file's version applies again"
+            ),
+            Err(e) => tracing::info!(error = %e, "restoring the file's version refused"),
+        }
+        result
     }
 
     /// Applies an admin change; it is in force for the next decision.
