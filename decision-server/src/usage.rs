@@ -272,6 +272,106 @@ pub async fn top(engine: &Engine, customer_id: &str, req: TopRequest) -> Result<
     })
 }
 
+/// The periods a spend query compares: the last day (in hours), week or month (in days).
+pub const SPEND_DAYS: [u32; 3] = [1, 7, 30];
+
+/// A spend request: the last `days` against the `days` before, by one key.
+#[derive(Debug, Clone)]
+pub struct SpendRequest {
+    pub by: String,
+    pub days: u32,
+    pub feature: Option<String>,
+    pub filters: Vec<(String, String)>,
+}
+
+/// A spend answer: the periods it compared and what they added up to, with the operator's
+/// currency when one is set.
+#[derive(Debug, Clone)]
+pub struct Spend {
+    pub by: String,
+    pub days: u32,
+    pub previous_from: i64,
+    pub from: i64,
+    pub to: i64,
+    pub window: Granularity,
+    pub report: usage_query::SpendReport,
+    pub currency: Option<crate::core::model::Currency>,
+}
+
+/// What `customer_id` spent in the last `days` against the `days` before, by `by`: credits
+/// (charged, or its calls' tokens priced with the price table in force when they were
+/// recorded), units, calls and denials, over time and by value, and what refused the denials.
+pub async fn spend(
+    engine: &Engine,
+    customer_id: &str,
+    req: SpendRequest,
+) -> Result<Spend, UsageError> {
+    let model = engine.model();
+    let c = customer(&model, customer_id)?;
+    check_keys(&model, "by", [req.by.as_str()])?;
+    if !SPEND_DAYS.contains(&req.days) {
+        return Err(QueryError::new("days", "must be 1, 7 or 30").into());
+    }
+    let filter = filter(&model, req.feature.as_ref(), &req.filters)?;
+    let now = engine.now().millis();
+    let window = if req.days == 1 {
+        Granularity::Hour
+    } else {
+        Granularity::Day
+    };
+    let w = window.millis();
+    // Whole windows, the current one last: the last 24 hours, or the last 7 or 30 days.
+    let to = now - now.rem_euclid(w) + w;
+    let span = i64::from(req.days) * Granularity::Day.millis();
+    let (from, previous_from) = (to - span, to - 2 * span);
+    let (_, _, segments) =
+        usage_query::plan_segments(previous_from.max(0), now, now, &model.records)?;
+    let needs = filter.needs([req.by.as_str(), "model", DENIED_BY], now);
+    let mut scans = Vec::with_capacity(segments.len());
+    for (g, a, b) in segments {
+        scans.push(
+            engine
+                .store()
+                .usage()
+                .usage_buckets(c.id, g, a, b, &needs)
+                .await?,
+        );
+    }
+    let q = usage_query::SpendQuery {
+        by: req.by.clone(),
+        filter,
+        previous_from,
+        from,
+        to,
+        window_millis: w,
+    };
+    // One price lookup per table and model, however many buckets.
+    let mut prices: FxHashMap<(i64, String), Option<crate::core::plan::PriceSnapshot>> =
+        FxHashMap::default();
+    let report = usage_query::spend(&scans, &q, |at, name| {
+        let table = model.price_table_at(crate::core::Timestamp::from_millis(at))?;
+        *prices
+            .entry((table.effective_from.millis(), name.to_string()))
+            .or_insert_with(|| {
+                table
+                    .models
+                    .iter()
+                    .find(|p| p.pattern.matches(name))
+                    .map(crate::core::plan::PriceSnapshot::from)
+            })
+    });
+    Ok(Spend {
+        by: req.by,
+        days: req.days,
+        previous_from,
+        from,
+        to,
+        window,
+        report,
+        currency: model.currency.clone(),
+    })
+}
+
 /// Every limit on entity `entity_id` of `customer_id`: usage, remaining, reset and the
 /// projected exhaustion from the recent burn rate.
 pub async fn budget(

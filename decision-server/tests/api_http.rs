@@ -666,6 +666,7 @@ async fn openapi_document_covers_every_route_of_the_router() {
         "GET /v1/customers/{customerId}/limits",
         "GET /v1/customers/{customerId}/overrides",
         "GET /v1/customers/{customerId}/usage/history",
+        "GET /v1/customers/{customerId}/usage/spend",
         "GET /v1/customers/{customerId}/usage/stream",
         "GET /v1/customers/{customerId}/usage/top",
         "GET /v1/customers/{customerId}/webhooks",

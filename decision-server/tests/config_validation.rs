@@ -799,3 +799,29 @@ fn lease_settings() {
         "an unknown field is refused"
     );
 }
+
+#[test]
+fn a_currency_needs_an_iso_code_and_a_positive_worth_of_at_most_six_decimals() {
+    assert_errors(
+        &format!("{BASE}currency: {{ code: EUR, perCredit: 0.000001 }}\n"),
+        &[],
+    );
+    let loaded = tollgate::config::load(
+        &format!("{BASE}currency: {{ code: USD, perCredit: 0.01 }}\n"),
+        "t.yaml",
+    )
+    .unwrap();
+    let c = loaded.model.currency.unwrap();
+    assert_eq!((c.code.as_str(), c.micros_per_credit), ("USD", 10_000));
+    assert_errors(
+        &format!("{BASE}currency: {{ code: usd, perCredit: 0.0000001 }}\n"),
+        &[
+            "tollgate.yaml: currency.code: `usd` is not an ISO 4217 code (three capital letters)",
+            "tollgate.yaml: currency.perCredit: 0.0000001 is not a positive amount of at most six decimals",
+        ],
+    );
+    assert_errors(
+        &format!("{BASE}currency: {{ code: USD, perCredit: -1 }}\n"),
+        &["tollgate.yaml: currency.perCredit: -1 is not a positive amount of at most six decimals"],
+    );
+}

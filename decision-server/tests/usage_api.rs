@@ -554,6 +554,151 @@ async fn credit_pools_show_their_grants_and_rate_limits_never_run_out() {
     assert_eq!(rate["projectedExhaustion"], Value::Null, "{b}");
 }
 
+/// Spend in credits and money: tokens priced per model with the price table in force, by team
+/// and by model, with the denials by the limit that refused them; the numbers add up to what
+/// was settled, and a customer without a currency gets credits only.
+#[tokio::test]
+async fn spend_prices_tokens_per_model_in_credits_and_money() {
+    let prices = "prices:\n  - version: v1\n    effectiveFrom: 2026-01-01T00:00:00Z\n    models:\n      - { match: \"gpt-4*\", inputPerMillion: 250, outputPerMillion: 1000 }\n      - { match: \"claude*\", inputPerMillion: 300, outputPerMillion: 1500 }\ncurrency: { code: USD, perCredit: 0.01 }\n";
+    // The org's cap raised to a million tokens a day, so the calls below fit.
+    let org = |c: String| {
+        let from = "id: org-daily, entity: acme, feature: ai-tokens, kind: quota, limit: 1000,";
+        assert!(c.contains(from), "the fixture's org cap");
+        c.replacen(
+            from,
+            "id: org-daily, entity: acme, feature: ai-tokens, kind: quota, limit: 1000000,",
+            1,
+        )
+    };
+    let api = Api::edited(10_000, "{ kind: memory }", "", |c| {
+        format!("{prices}{}", org(c))
+    })
+    .await;
+    // Each call: a hold, settled with its token split.
+    let call = |user: &'static str, model: &'static str, input: u64, output: u64| {
+        let api = &api;
+        async move {
+            let (_, d) = api
+                .post(
+                    "/v1/customers/acme/entitlements/check",
+                    ACME_KEY,
+                    json!({"featureId": "ai-tokens", "requestedUsage": input + output,
+                        "dimensions": {"userId": user, "model": model}}),
+                )
+                .await;
+            let hold = d["holdId"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{d}"))
+                .to_string();
+            let (s, r) = api
+                .post(
+                    &format!("/v1/holds/{hold}/settle"),
+                    ACME_KEY,
+                    json!({"actualUsage": input + output, "tokens": {"input": input, "output": output}}),
+                )
+                .await;
+            assert_eq!(s, StatusCode::OK, "{r}");
+        }
+    };
+    // Per million: gpt-4o 250 in, 1,000 out; claude 300 in, 1,500 out.
+    call("alice", "gpt-4o", 20_000, 10_000).await; // 5 + 10 = 15 credits (team ml)
+    call("bob", "claude-3", 40_000, 6_000).await; // 12 + 9 = 21 credits (team ml)
+    call("carol", "gpt-4o", 4_000, 0).await; // 1 credit (team web)
+    assert!(
+        !api.spend("carol", "gpt-4o", 2_000_000, Some(1)).await,
+        "refused by her own cap"
+    );
+
+    let (status, s) = api
+        .read("/v1/customers/acme/usage/spend?by=teamId&days=1")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{s}");
+    assert_eq!(s["currency"], "USD");
+    assert_eq!(s["windowSize"], "HOUR");
+    assert_eq!(s["total"]["credits"], 37, "{s}");
+    assert_eq!(s["total"]["amount"], "0.37");
+    assert_eq!(s["total"]["units"], 30_000 + 46_000 + 4_000);
+    assert_eq!(s["total"]["requests"], 3);
+    assert_eq!(s["total"]["denied"], 1);
+    assert_eq!(s["previous"]["credits"], 0);
+    assert_eq!(s["change"], Value::Null, "nothing before to compare with");
+    let rows = s["rows"].as_array().unwrap();
+    let team = |name: &str| {
+        rows.iter()
+            .find(|r| r["value"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {s}"))
+    };
+    assert_eq!(
+        (
+            team("ml")["credits"].as_u64(),
+            team("ml")["amount"].as_str()
+        ),
+        (Some(36), Some("0.36"))
+    );
+    assert_eq!(team("web")["credits"], 1);
+    assert_eq!(rows[0]["value"], "ml", "the most credits first");
+    let points: u64 = s["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["credits"].as_u64().unwrap())
+        .sum();
+    assert_eq!(points, 37, "the windows add up to the total");
+    assert_eq!(s["points"].as_array().unwrap().len(), 24);
+    assert_eq!(
+        s["denials"],
+        json!([{"limitId": "user-daily", "denied": 1}])
+    );
+    assert_eq!(s["movers"][0]["value"], "ml", "moved most from nothing");
+
+    let (_, m) = api
+        .read("/v1/customers/acme/usage/spend?by=model&days=7")
+        .await;
+    assert_eq!(m["windowSize"], "DAY");
+    assert_eq!(m["points"].as_array().unwrap().len(), 7);
+    let by_model: Vec<(Option<&str>, Option<u64>)> = m["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["value"].as_str(), r["credits"].as_u64()))
+        .collect();
+    assert_eq!(
+        by_model,
+        [(Some("claude-3"), Some(21)), (Some("gpt-4o"), Some(16))]
+    );
+
+    for (query, parameter) in [
+        ("days=1", "by"),
+        ("by=teamId&days=2", "days"),
+        ("by=nope", "by"),
+        ("by=teamId&limit=0", "limit"),
+    ] {
+        let (status, e) = api
+            .read(&format!("/v1/customers/acme/usage/spend?{query}"))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {e}");
+        assert_eq!(e["error"]["parameter"], parameter, "{query}: {e}");
+    }
+    let (status, _) =
+        Calls::get(&api, "/v1/customers/acme/usage/spend?by=teamId", GLOBEX_KEY).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // Without a currency: credits, no amounts.
+    let plain = Api::edited(10_000, "{ kind: memory }", "", |c| {
+        let prices = prices.replace("currency: { code: USD, perCredit: 0.01 }\n", "");
+        format!("{prices}{}", org(c))
+    })
+    .await;
+    assert!(plain.spend("alice", "gpt-4o", 10, Some(10)).await);
+    let (_, p) = plain
+        .read("/v1/customers/acme/usage/spend?by=teamId&days=1")
+        .await;
+    assert_eq!(
+        (p["currency"].clone(), p["total"]["amount"].clone()),
+        (Value::Null, Value::Null)
+    );
+}
+
 #[tokio::test]
 async fn bad_parameters_get_a_400_that_names_them() {
     let api = Api::new(60).await;

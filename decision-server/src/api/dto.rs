@@ -774,3 +774,148 @@ impl From<&crate::catalog::Override> for OverrideDto {
         }
     }
 }
+
+/// Money for `credits` at the operator's `currency`: a decimal with two places, rounded half
+/// up from exact millionths.
+pub fn money(currency: Option<&crate::core::model::Currency>, credits: u64) -> Option<String> {
+    let micros = currency?.micros(credits);
+    let cents = (micros + 5_000) / 10_000;
+    Some(format!("{}.{:02}", cents / 100, cents % 100))
+}
+
+/// One period's figures (`GET .../usage/spend`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SpendFigures {
+    /// Credits: charged, or the calls' tokens priced with the price table in force then.
+    pub credits: u64,
+    /// The credits in the operator's currency (`currency`), when one is set.
+    pub amount: Option<String>,
+    /// Units of the feature (summed across features unless `featureId` names one).
+    pub units: u64,
+    pub requests: u64,
+    pub denied: u64,
+}
+
+/// Credits in one window of the period.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SpendPoint {
+    pub window_start: DateTime<Utc>,
+    pub credits: u64,
+    pub amount: Option<String>,
+}
+
+/// One value of the key, this period and the one before.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SpendRowDto {
+    /// `null` for records without the key.
+    pub value: Option<String>,
+    #[serde(flatten)]
+    pub figures: SpendFigures,
+    pub previous_credits: u64,
+    /// Credits over the previous period's, minus one (`0.25` is 25 % more); `null` when the
+    /// previous period spent nothing.
+    pub change: Option<f64>,
+}
+
+/// Denials of the period by the limit that refused them.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DenialCount {
+    pub limit_id: Option<String>,
+    pub denied: u64,
+}
+
+/// `GET /v1/customers/{id}/usage/spend`: the last day, week or month against the one before.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SpendDto {
+    pub by: String,
+    pub days: u32,
+    pub window_size: String,
+    pub previous_from: DateTime<Utc>,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    /// The ISO 4217 code of every `amount`; `null` (and no amounts) when the operator set none.
+    pub currency: Option<String>,
+    pub total: SpendFigures,
+    pub previous: SpendFigures,
+    pub change: Option<f64>,
+    pub points: Vec<SpendPoint>,
+    /// The values that spent the most credits (then units) first, at most `limit`.
+    pub rows: Vec<SpendRowDto>,
+    /// The values whose credits moved the most against the previous period, up or down.
+    pub movers: Vec<SpendRowDto>,
+    pub denials: Vec<DenialCount>,
+}
+
+fn change(now: u64, before: u64) -> Option<f64> {
+    // Precision is not at stake in a ratio shown as a percentage.
+    #[allow(clippy::cast_precision_loss)]
+    (before > 0).then(|| now as f64 / before as f64 - 1.0)
+}
+
+impl SpendDto {
+    /// The answer for `s`, with at most `limit` rows and `movers` movers.
+    pub fn new(s: &crate::usage::Spend, limit: usize, movers: usize) -> Self {
+        let cur = s.currency.as_ref();
+        let figures = |m: &crate::core::rollup::Measures, credits: u64| SpendFigures {
+            credits,
+            amount: money(cur, credits),
+            units: m.units,
+            requests: m.requests,
+            denied: m.denied,
+        };
+        let row = |r: &crate::core::usage_query::SpendRow| SpendRowDto {
+            value: r.value.clone(),
+            figures: figures(&r.measures, r.credits),
+            previous_credits: r.previous_credits,
+            change: change(r.credits, r.previous_credits),
+        };
+        let r = &s.report;
+        let mut moved: Vec<&crate::core::usage_query::SpendRow> = r
+            .rows
+            .iter()
+            .filter(|x| x.credits != x.previous_credits)
+            .collect();
+        moved.sort_by(|a, b| {
+            b.credits
+                .abs_diff(b.previous_credits)
+                .cmp(&a.credits.abs_diff(a.previous_credits))
+                .then(a.value.cmp(&b.value))
+        });
+        Self {
+            by: s.by.clone(),
+            days: s.days,
+            window_size: s.window.name().to_string(),
+            previous_from: ms_time(s.previous_from),
+            from: ms_time(s.from),
+            to: ms_time(s.to),
+            currency: cur.map(|c| c.code.clone()),
+            total: figures(&r.measures, r.credits),
+            previous: figures(&r.previous, r.previous_credits),
+            change: change(r.credits, r.previous_credits),
+            points: r
+                .points
+                .iter()
+                .map(|(at, credits)| SpendPoint {
+                    window_start: ms_time(*at),
+                    credits: *credits,
+                    amount: money(cur, *credits),
+                })
+                .collect(),
+            rows: r.rows.iter().take(limit).map(row).collect(),
+            movers: moved.into_iter().take(movers).map(row).collect(),
+            denials: r
+                .denials
+                .iter()
+                .map(|(l, n)| DenialCount {
+                    limit_id: l.clone(),
+                    denied: *n,
+                })
+                .collect(),
+        }
+    }
+}

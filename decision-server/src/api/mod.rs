@@ -508,6 +508,7 @@ pub fn router_and_doc(
         .routes(routes!(admin::put_prices, admin::delete_prices))
         .routes(routes!(usage::history))
         .routes(routes!(usage::top))
+        .routes(routes!(usage::spend))
         .routes(routes!(usage::budget))
         .routes(routes!(usage::stream))
         .routes(routes!(usage::stream_all))

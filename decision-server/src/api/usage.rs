@@ -13,8 +13,8 @@ use chrono_tz::Tz;
 use futures_util::StreamExt;
 
 use super::dto::{
-    BudgetDto, DeliveryDto, DeliveryLog, ErrorBody, TestDelivery, UsageHistory, UsageRecordEvent,
-    UsageTop,
+    BudgetDto, DeliveryDto, DeliveryLog, ErrorBody, SpendDto, TestDelivery, UsageHistory,
+    UsageRecordEvent, UsageTop,
 };
 use super::{ApiError, ApiJson, ApiPath, AppState, DecidingCaller, Operator, ScopedCaller};
 use crate::core::rollup::Granularity;
@@ -247,6 +247,57 @@ pub async fn top(
     };
     let t = state.usage_top(&customer, req).await?;
     Ok(ApiJson((&t).into()))
+}
+
+/// What the customer spent in the last day, week or month against the one before, by a key:
+/// credits (charged, or the calls' tokens priced with the price table in force when they were
+/// recorded) and, with the operator's `currency`, money; over time, by value with each value's
+/// change, the values that moved most, and the denials by the limit that refused them.
+#[utoipa::path(get, path = "/v1/customers/{customerId}/usage/spend", tag = "usage",
+    params(
+        ("customerId" = String, Path, description = "The customer"),
+        ("by" = String, Query, description = "The key to break spend down by: an entity level (`teamId`), a recorded dimension (`model`) or featureId"),
+        ("days" = Option<u32>, Query, description = "1 (in hours), 7 or 30 (in days); default 7"),
+        ("featureId" = Option<String>, Query, description = "Only this feature"),
+        ("limit" = Option<usize>, Query, description = "Rows, 1 to 1000 (default 20)"),
+        ("filter[key]" = Option<String>, Query, description = "Only records whose `key` equals the value"),
+    ),
+    responses(
+        (status = 200, body = SpendDto),
+        (status = 400, body = ErrorBody, description = "A bad parameter; `error.parameter` names it"),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn spend(
+    State(state): State<AppState>,
+    ScopedCaller { customer }: ScopedCaller,
+    RawQuery(raw): RawQuery,
+) -> Result<ApiJson<SpendDto>, ApiError> {
+    let p = Params::parse(raw.as_deref(), &["by", "days", "featureId", "limit"], false)?;
+    let by = p
+        .get("by")
+        .ok_or_else(|| ApiError::bad_parameter("by", "is required (for example `by=teamId`)"))?;
+    let number = |name: &'static str, default: usize| -> Result<usize, ApiError> {
+        match p.get(name) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| ApiError::bad_parameter(name, format!("`{v}` is not a number"))),
+        }
+    };
+    let limit = number("limit", 20)?;
+    if !(1..=crate::usage::MAX_TOP).contains(&limit) {
+        return Err(ApiError::bad_parameter("limit", "must be from 1 to 1000"));
+    }
+    let days = u32::try_from(number("days", 7)?).unwrap_or(0);
+    let req = crate::usage::SpendRequest {
+        by: by.to_string(),
+        days,
+        feature: p.get("featureId").map(str::to_string),
+        filters: p.filters,
+    };
+    let s = state.usage_spend(&customer, req).await?;
+    Ok(ApiJson(SpendDto::new(&s, limit, 5)))
 }
 
 /// Every limit on an entity (set on it or on its type): usage, limit, remaining, reset time

@@ -26,6 +26,10 @@ pub struct ConfigDoc {
     /// How alerts re-arm and are delivered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alerting: Option<AlertingDto>,
+    /// What one credit is worth in money, for the portal and the spend API. Unset: spend is
+    /// shown in credits only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<CurrencyDto>,
     /// Listeners, storage, credentials, the ext_authz mapping and logging (`tollgate serve`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Object)]
@@ -385,6 +389,17 @@ pub struct RetentionDto {
     pub hour: Option<String>,
     #[serde(default)]
     pub day: Option<String>,
+}
+
+/// `currency`: what one credit (the unit prices are given in) is worth.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CurrencyDto {
+    /// ISO 4217 code: `USD`, `EUR`.
+    pub code: String,
+    /// What one credit is worth in that currency (at most six decimals): `0.01` when prices
+    /// are in cents.
+    pub per_credit: f64,
 }
 
 /// `alerting`: how alerts re-arm and how webhooks are retried.

@@ -2,6 +2,7 @@
 //! limits, grants, prices) and builds the decision model from it, collecting every problem
 //! with its path instead of stopping at the first.
 
+use crate::core::model::Currency;
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
@@ -167,7 +168,41 @@ impl Validator<'_> {
             records,
             alert_hysteresis_percent: self.hysteresis(doc.alerting.as_ref()),
             alerting,
+            currency: doc.currency.as_ref().and_then(|c| self.currency(c)),
         }
+    }
+
+    /// `currency`: an ISO 4217 code and a positive worth per credit of at most six decimals.
+    fn currency(&mut self, dto: &CurrencyDto) -> Option<Currency> {
+        let code_ok = dto.code.len() == 3 && dto.code.bytes().all(|b| b.is_ascii_uppercase());
+        if !code_ok {
+            self.err(
+                "currency.code",
+                format!(
+                    "`{}` is not an ISO 4217 code (three capital letters)",
+                    dto.code.chars().take(16).collect::<String>()
+                ),
+            );
+        }
+        let micros = dto.per_credit * 1_000_000.0;
+        let exact = (micros - micros.round()).abs() < 1e-6;
+        if !(dto.per_credit.is_finite() && dto.per_credit > 0.0 && micros <= 1e15 && exact) {
+            self.err(
+                "currency.perCredit",
+                format!(
+                    "{} is not a positive amount of at most six decimals",
+                    dto.per_credit
+                ),
+            );
+            return None;
+        }
+        // Checked finite, positive and under 1e15 above: the cast keeps it whole.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let micros_per_credit = micros.round() as u64;
+        code_ok.then(|| Currency {
+            code: dto.code.clone(),
+            micros_per_credit,
+        })
     }
 
     fn alert_delivery(&mut self, dto: Option<&AlertingDto>) -> AlertDelivery {

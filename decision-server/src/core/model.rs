@@ -436,6 +436,23 @@ pub struct Model {
     pub alert_hysteresis_percent: u32,
     /// How webhooks are retried and timed out.
     pub alerting: AlertDelivery,
+    /// What a credit is worth in money, when the operator said.
+    pub currency: Option<Currency>,
+}
+
+/// What one credit is worth in a currency, in millionths of its unit (exact for the six
+/// decimals a price needs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Currency {
+    pub code: String,
+    pub micros_per_credit: u64,
+}
+
+impl Currency {
+    /// `credits` in millionths of the currency's unit.
+    pub fn micros(&self, credits: u64) -> u128 {
+        u128::from(credits) * u128::from(self.micros_per_credit)
+    }
 }
 
 /// Webhook delivery settings.

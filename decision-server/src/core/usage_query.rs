@@ -853,3 +853,261 @@ mod tests {
         assert_eq!(projected_exhaustion(5, 0, 1, 1, None), Some(5));
     }
 }
+
+/// The credits a bucket's measures stand for: what its calls were charged when their feature
+/// is priced (`credits`), else its token split priced at `price` (its model's price in force
+/// then), else none: units that are not tokens (requests, a feature of its own unit) have no
+/// price. Trade-off: a bucket's tokens are priced together, rounded up once, not call by call.
+pub fn spend_credits(m: &Measures, price: Option<&super::plan::PriceSnapshot>) -> u64 {
+    if m.credits > 0 {
+        return m.credits;
+    }
+    let tokens = m
+        .input
+        .saturating_add(m.output)
+        .saturating_add(m.cached)
+        .saturating_add(m.cache_write);
+    match price {
+        Some(p) if tokens > 0 => p.price(&super::usage::Usage {
+            units: m.units,
+            tokens: Some(super::usage::TokenCounts {
+                input: m.input,
+                output: m.output,
+                cached: m.cached,
+                cache_write: m.cache_write,
+                reasoning: m.reasoning,
+            }),
+        }),
+        _ => 0,
+    }
+}
+
+/// A spend query over bucket scans: the period `[from, to)` against `[previous_from, from)`,
+/// by one key, the period's credits in windows of `window_millis`.
+#[derive(Debug, Clone)]
+pub struct SpendQuery {
+    pub by: String,
+    pub filter: SeriesFilter,
+    pub previous_from: i64,
+    pub from: i64,
+    pub to: i64,
+    pub window_millis: i64,
+}
+
+/// One value of the key: its measures and credits in the period and the one before.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpendRow {
+    pub value: Option<String>,
+    pub measures: Measures,
+    pub credits: u64,
+    pub previous: Measures,
+    pub previous_credits: u64,
+}
+
+/// What [`spend`] adds up.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpendReport {
+    pub measures: Measures,
+    pub credits: u64,
+    pub previous: Measures,
+    pub previous_credits: u64,
+    /// The period's credits by window start (every window, zero included).
+    pub points: Vec<(i64, u64)>,
+    /// Every value of the key, the most credits first (then the most units).
+    pub rows: Vec<SpendRow>,
+    /// Denials in the period by the limit that refused them, the most first.
+    pub denials: Vec<(Option<String>, u64)>,
+}
+
+/// Adds up `scans` for `q`: each bucket row's credits ([`spend_credits`], priced by
+/// `price_of(bucket start, model)`), into the period or the one before by its start.
+pub fn spend(
+    scans: &[BucketScan],
+    q: &SpendQuery,
+    mut price_of: impl FnMut(i64, &str) -> Option<super::plan::PriceSnapshot>,
+) -> SpendReport {
+    let mut report = SpendReport::default();
+    let mut rows: BTreeMap<Option<&str>, SpendRow> = BTreeMap::new();
+    let mut denials: BTreeMap<Option<&str>, u64> = BTreeMap::new();
+    let window = q.window_millis.max(1);
+    let mut points: BTreeMap<i64, u64> = BTreeMap::new();
+    let mut w = q.from - q.from.rem_euclid(window);
+    while w < q.to {
+        points.insert(w, 0);
+        w += window;
+    }
+    for scan in scans {
+        for (start, key, m) in scan.rows() {
+            if start < q.previous_from || start >= q.to || !q.filter.matches(key) {
+                continue;
+            }
+            let price = key.get("model").and_then(|model| price_of(start, model));
+            let credits = spend_credits(m, price.as_ref());
+            let row = rows.entry(attribute(key, &q.by)).or_default();
+            if start >= q.from {
+                report.measures.add(m);
+                report.credits = report.credits.saturating_add(credits);
+                row.measures.add(m);
+                row.credits = row.credits.saturating_add(credits);
+                let at = start - start.rem_euclid(window);
+                *points.entry(at).or_default() += credits;
+                if m.denied > 0 {
+                    *denials
+                        .entry(key.get(super::rollup::DENIED_BY))
+                        .or_default() += m.denied;
+                }
+            } else {
+                report.previous.add(m);
+                report.previous_credits = report.previous_credits.saturating_add(credits);
+                row.previous.add(m);
+                row.previous_credits = row.previous_credits.saturating_add(credits);
+            }
+        }
+    }
+    report.points = points.into_iter().collect();
+    report.rows = rows
+        .into_iter()
+        .map(|(v, mut row)| {
+            row.value = v.map(str::to_string);
+            row
+        })
+        .collect();
+    report.rows.sort_by(|a, b| {
+        b.credits
+            .cmp(&a.credits)
+            .then(b.measures.units.cmp(&a.measures.units))
+            .then(a.value.cmp(&b.value))
+    });
+    let mut denials: Vec<(Option<String>, u64)> = denials
+        .into_iter()
+        .map(|(k, n)| (k.map(str::to_string), n))
+        .collect();
+    denials.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    report.denials = denials;
+    report
+}
+
+#[cfg(test)]
+mod spend_tests {
+    use super::*;
+    use crate::core::plan::PriceSnapshot;
+
+    const GPT: PriceSnapshot = PriceSnapshot {
+        input_per_million: 250,
+        output_per_million: 1_000,
+        cached_per_million: 125,
+        cache_write_per_million: 250,
+    };
+
+    fn key(team: &str, model: &str) -> SeriesKey {
+        // Attributes sorted by name, as records keep them.
+        SeriesKey {
+            feature: "ai-tokens".into(),
+            attrs: vec![
+                ("model".into(), model.into()),
+                ("teamId".into(), team.into()),
+            ],
+        }
+    }
+
+    fn tokens(input: u64, output: u64) -> Measures {
+        Measures {
+            units: input + output,
+            input,
+            output,
+            requests: 1,
+            ..Measures::default()
+        }
+    }
+
+    #[test]
+    fn spend_splits_the_periods_prices_each_model_and_counts_denials() {
+        const H: i64 = 3_600_000;
+        let denied = SeriesKey {
+            feature: "ai-tokens".into(),
+            attrs: vec![
+                ("deniedBy".into(), "team-daily".into()),
+                ("model".into(), "gpt-4o".into()),
+                ("teamId".into(), "web".into()),
+            ],
+        };
+        let scan = BucketScan::from_rows([
+            // The previous period: ml spent 1 M input on gpt.
+            (H, key("ml", "gpt-4o"), tokens(1_000_000, 0)),
+            // This period: ml 2 M output on gpt, web 1 M input on an unpriced model, a denial.
+            (5 * H, key("ml", "gpt-4o"), tokens(0, 2_000_000)),
+            (6 * H, key("web", "llama"), tokens(1_000_000, 0)),
+            (
+                6 * H,
+                denied,
+                Measures {
+                    denied: 1,
+                    ..Measures::default()
+                },
+            ),
+            // Outside both periods.
+            (20 * H, key("ml", "gpt-4o"), tokens(9, 9)),
+        ]);
+        let q = SpendQuery {
+            by: "teamId".into(),
+            filter: SeriesFilter::default(),
+            previous_from: 0,
+            from: 4 * H,
+            to: 8 * H,
+            window_millis: H,
+        };
+        let r = spend(&[scan], &q, |_, model| (model == "gpt-4o").then_some(GPT));
+        assert_eq!((r.credits, r.previous_credits), (2_000, 250));
+        assert_eq!(r.measures.denied, 1);
+        assert_eq!(
+            r.points,
+            vec![(4 * H, 0), (5 * H, 2_000), (6 * H, 0), (7 * H, 0)],
+            "every window of the period, zero included"
+        );
+        let ml = &r.rows[0];
+        assert_eq!(
+            (ml.value.as_deref(), ml.credits, ml.previous_credits),
+            (Some("ml"), 2_000, 250)
+        );
+        let web = &r.rows[1];
+        assert_eq!((web.value.as_deref(), web.credits), (Some("web"), 0));
+        assert_eq!(
+            web.measures.units, 1_000_000,
+            "unpriced tokens still count as units"
+        );
+        assert_eq!(r.denials, vec![(Some("team-daily".to_string()), 1)]);
+    }
+
+    #[test]
+    fn charged_credits_win_then_tokens_are_priced_and_plain_units_are_not() {
+        let charged = Measures {
+            units: 1_000,
+            input: 1_000,
+            credits: 7,
+            ..Measures::default()
+        };
+        assert_eq!(spend_credits(&charged, Some(&GPT)), 7);
+        let tokens = Measures {
+            units: 3_000_000,
+            input: 2_000_000,
+            output: 1_000_000,
+            ..Measures::default()
+        };
+        // 2 M input at 250 and 1 M output at 1,000 per million.
+        assert_eq!(spend_credits(&tokens, Some(&GPT)), 1_500);
+        assert_eq!(spend_credits(&tokens, None), 0, "no price for the model");
+        let requests = Measures {
+            units: 40,
+            requests: 40,
+            ..Measures::default()
+        };
+        assert_eq!(spend_credits(&requests, Some(&GPT)), 0);
+        // Rounded up once for the bucket.
+        let one = Measures {
+            units: 1,
+            input: 1,
+            ..Measures::default()
+        };
+        assert_eq!(spend_credits(&one, Some(&GPT)), 1);
+    }
+}

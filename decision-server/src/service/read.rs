@@ -44,6 +44,15 @@ impl Service {
         crate::usage::top(&self.engine, customer, req).await
     }
 
+    /// What `customer` spent, period over period.
+    pub async fn usage_spend(
+        &self,
+        customer: &str,
+        req: crate::usage::SpendRequest,
+    ) -> Result<crate::usage::Spend, UsageError> {
+        crate::usage::spend(&self.engine, customer, req).await
+    }
+
     /// The budgets of `entities` of `customer`, in order.
     pub async fn budgets(
         &self,
