@@ -12,6 +12,8 @@ One scenario per run (the Rust test `portal_browser` starts a fresh sidecar for 
   viewer    a viewer sees no controls, and a forged change is refused.
   tenancy   globex's admin gets 403 on acme's pages and API; a change without the CSRF token
             is refused.
+  spend     the first screen in money: priced calls on two models; every figure equals the
+            spend API's, by team and by model; denials by limit; a team drills down to the tree.
   live      the live page follows usage made after it opened: paged (25 a page), "who" in the
             hierarchy's order, a denial with what it asked for, filters; the server restarts
             (the harness restarts it when this prints `restart`, then writes `restarted` on
@@ -442,6 +444,66 @@ def scenario_tenancy(page, a):
     return {"tenancy": "ok"}
 
 
+def call(base, key, user, model, tokens_in, tokens_out):
+    """One priced call, as a gateway makes it: a check, then a settle with the token split."""
+    units = tokens_in + tokens_out
+    status, d = api(base, "POST", "/v1/customers/acme/entitlements/check", key,
+                    {"featureId": "ai-tokens", "requestedUsage": units,
+                     "dimensions": {"userId": user, "model": model}})
+    assert status == 200 and d["isGranted"], (status, d)
+    status, s = api(base, "POST", f"/v1/holds/{d['holdId']}/settle", key,
+                    {"actualUsage": units, "tokens": {"input": tokens_in, "output": tokens_out}})
+    assert status == 200, (status, s)
+
+
+def table_rows(page, selector):
+    return page.eval_on_selector_all(
+        f"{selector} tbody tr", "rows => rows.map(r => Array.from(r.cells).map(c => c.innerText))")
+
+
+def scenario_spend(page, a):
+    sign_in(page, a.portal, a.admin)
+    # Nothing yet: the empty state says what to do next.
+    expect(page.locator("#spend-empty")).to_be_visible()
+    expect(page.locator("#spend-total")).to_have_text("$0.00")
+    # Prices per million tokens: gpt-4o 2,500 in and 10,000 out, claude 3,000 and 15,000; a
+    # credit is worth $0.01. research (alice): 4,000 in + 2,000 out of gpt-4o = 10 + 20 = 30.
+    call(a.api, a.app, "alice", "gpt-4o", 4_000, 2_000)
+    # sales (bob): 2,000 in + 1,000 out of claude = 6 + 15 = 21.
+    call(a.api, a.app, "bob", "claude-3", 2_000, 1_000)
+    d = spend(a.api, a.app, "bob", 20_000)  # over sales' 10,000 a day
+    assert not d["isGranted"], d
+    _, want = api(a.api, "GET", "/v1/customers/acme/usage/spend?by=teamId&days=7&limit=10", a.admin)
+    assert want["total"]["credits"] == 51 and want["total"]["amount"] == "0.51", want
+    expect(page.locator("#spend-total")).to_have_text("$0.51", timeout=20_000)
+    expect(page.locator("#spend-credits")).to_have_text("51 credits")
+    expect(page.locator("#spend-change")).to_have_text("new")
+    expect(page.locator("#spend-requests")).to_have_text(str(want["total"]["requests"]))
+    expect(page.locator("#spend-denied")).to_have_text("1")
+    expect(page.locator("#spend-empty")).to_be_hidden()
+    rows = table_rows(page, "#spend-rows")
+    shown = [(r[0], r[1], r[2]) for r in rows]
+    expected = [(x["value"], f"${x['amount']}", f"{x['credits']:,}") for x in want["rows"]]
+    assert shown == expected, (shown, expected)
+    assert rows[0][0] == "research" and rows[0][4] == "59 %", rows
+    assert table_rows(page, "#spend-denials") == [["team-daily", "1"]]
+    shot(page, a.artifacts, "overview-spend")
+    # By model, over the last 24 hours: the same total, split per model.
+    page.locator("#spend-form select[name=by]").select_option("model")
+    page.locator("#spend-form select[name=days]").select_option("1")
+    expect(page.locator("#spend-by")).to_have_text("Model")
+    # The denied check named no model: its row spent nothing.
+    wait_for(lambda: [r[0] for r in table_rows(page, "#spend-rows")] == ["gpt-4o", "claude-3", "(none)"],
+             "the rows by model")
+    assert [r[1] for r in table_rows(page, "#spend-rows")] == ["$0.30", "$0.21", "$0.00"]
+    # Drill down from a team to its place in the tree, with its limits.
+    page.locator("#spend-form select[name=by]").select_option("teamId")
+    page.locator("#spend-rows a", has_text="sales").click()
+    expect(page.locator('li[data-entity="sales"]')).to_be_visible()
+    expect(page.locator('li[data-entity="sales"] [data-limit="team-daily"]')).to_be_visible()
+    return {"spend": "ok"}
+
+
 def live_rows(page):
     """The live table's rows on the current page, as lists of cell texts."""
     return page.eval_on_selector_all(
@@ -499,7 +561,7 @@ def scenario_live(page, a):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("scenario", choices=["overview", "alerts", "limits", "viewer", "tenancy", "keyboard", "live"])
+    p.add_argument("scenario", choices=["overview", "alerts", "limits", "viewer", "tenancy", "keyboard", "live", "spend"])
     p.add_argument("--portal", required=True, help="the sidecar's HTTP address, http://127.0.0.1:PORT")
     p.add_argument("--chromium", default="/usr/bin/chromium")
     p.add_argument("--artifacts", default="")

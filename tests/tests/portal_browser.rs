@@ -35,6 +35,15 @@ holdTtl: PT5M
     entityType: user
 features:
   - id: ai-tokens
+usageRecords:
+  dimensions: [model]
+prices:
+  - version: v1
+    effectiveFrom: 2026-01-01T00:00:00Z
+    models:
+      - {{ match: "gpt-4*", inputPerMillion: 2500, outputPerMillion: 10000 }}
+      - {{ match: "claude*", inputPerMillion: 3000, outputPerMillion: 15000 }}
+currency: {{ code: USD, perCredit: 0.01 }}
 alerting:
   retrySchedule: [PT1S, PT2S]
   timeoutMs: 2000
@@ -226,4 +235,13 @@ fn the_live_page_pages_filters_and_survives_a_restart() {
     std::fs::write(&path, &text).unwrap();
     let out = drive("live", Sidecar::start_at(&path).unwrap());
     assert_eq!(out["live"], "ok");
+}
+
+/// The first screen in money: calls with token splits on two models, priced per model; every
+/// figure the page shows equals the spend API's, by team and by model; a denial is shown with
+/// the limit that refused it; a team drills down to the tree.
+#[test]
+fn the_first_screen_shows_spend_in_money_as_the_api_counts_it() {
+    let out = scenario("spend");
+    assert_eq!(out["spend"], "ok");
 }

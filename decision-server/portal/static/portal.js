@@ -122,7 +122,8 @@
     const t = new URLSearchParams({ by, from: from.toISOString(), to: to.toISOString(), limit: "10" });
     const top = await api("GET", `${base}/usage/top?${t}`);
     const tbody = document.querySelector("#top tbody");
-    document.getElementById("top-key").textContent = by;
+    const byField = document.querySelector('#explore select[name="groupBy"]');
+    document.getElementById("top-key").textContent = byField ? byField.options[byField.selectedIndex].text : by;
     tbody.innerHTML = "";
     if (top.ok) {
       for (const row of top.json.rows) {
@@ -131,6 +132,92 @@
         tbody.appendChild(tr);
       }
     }
+  }
+
+  // Overview: spend in money (or credits), period over period, by the chosen key.
+  async function refreshSpend() {
+    const form = document.getElementById("spend-form");
+    const section = document.getElementById("spend");
+    const by = form.by.value;
+    const q = new URLSearchParams({ by, days: form.days.value, limit: "10" });
+    const r = await api("GET", `${base}/usage/spend?${q}`);
+    if (!r.ok) { showError(reason(r)); return; }
+    const s = r.json;
+    const entityKeys = (section.dataset.entityKeys || "").split(",");
+    const money = (amount, credits) => {
+      if (s.currency && amount !== null && amount !== undefined) {
+        try {
+          return new Intl.NumberFormat("en", { style: "currency", currency: s.currency }).format(Number(amount));
+        } catch (_) { return `${amount} ${s.currency}`; }
+      }
+      return `${credits.toLocaleString("en")} credits`;
+    };
+    const pct = (change, now) => {
+      if (change === null || change === undefined) return now > 0 ? "new" : "—";
+      const p = Math.round(change * 100);
+      return `${p > 0 ? "+" : ""}${p} %`;
+    };
+    const label = form.by.options[form.by.selectedIndex].text;
+    document.getElementById("spend-total").textContent = money(s.total.amount, s.total.credits);
+    document.getElementById("spend-credits").textContent = s.currency ? `${s.total.credits.toLocaleString("en")} credits` : "";
+    document.getElementById("spend-change").textContent = pct(s.change, s.total.credits);
+    document.getElementById("spend-previous").textContent = `before: ${money(s.previous.amount, s.previous.credits)}`;
+    document.getElementById("spend-requests").textContent = s.total.requests.toLocaleString("en");
+    document.getElementById("spend-denied").textContent = s.total.denied.toLocaleString("en");
+    section.dataset.credits = String(s.total.credits);
+    document.getElementById("spend-empty").hidden = s.total.credits > 0 || s.total.requests > 0 || s.total.denied > 0;
+    // One bar a window, as tall as its share of the busiest window.
+    const bars = document.getElementById("spend-bars");
+    const most = Math.max(1, ...s.points.map((p) => p.credits));
+    bars.replaceChildren(...s.points.map((p) => {
+      const b = document.createElement("span");
+      b.className = "bar-col";
+      b.style.height = `${Math.round((p.credits / most) * 100)}%`;
+      b.title = `${p.windowStart}: ${money(p.amount, p.credits)}`;
+      return b;
+    }));
+    document.getElementById("spend-by").textContent = label;
+    const who = (v) => {
+      const td = document.createElement("td");
+      if (v === null || v === undefined) { td.textContent = "(none)"; return td; }
+      if (entityKeys.includes(by)) {
+        // Drill down: the entity in the tree, with its limits.
+        const a = document.createElement("a");
+        a.href = `/portal/c/${enc(customer)}/?q=${enc(v)}`;
+        a.textContent = v;
+        td.appendChild(a);
+      } else {
+        td.textContent = v;
+      }
+      return td;
+    };
+    const rows = document.querySelector("#spend-rows tbody");
+    rows.replaceChildren(...s.rows.map((row) => {
+      const tr = document.createElement("tr");
+      tr.dataset.value = row.value ?? "";
+      tr.appendChild(who(row.value));
+      cell(tr, money(row.amount, row.credits));
+      cell(tr, row.credits.toLocaleString("en"));
+      cell(tr, pct(row.change, row.credits));
+      cell(tr, s.total.credits ? `${Math.round((row.credits / s.total.credits) * 100)} %` : "—");
+      return tr;
+    }));
+    const movers = document.querySelector("#spend-movers tbody");
+    movers.replaceChildren(...s.movers.map((row) => {
+      const tr = document.createElement("tr");
+      tr.appendChild(who(row.value));
+      cell(tr, row.previousCredits.toLocaleString("en"));
+      cell(tr, row.credits.toLocaleString("en"));
+      cell(tr, pct(row.change, row.credits));
+      return tr;
+    }));
+    const denials = document.querySelector("#spend-denials tbody");
+    denials.replaceChildren(...s.denials.map((d) => {
+      const tr = document.createElement("tr");
+      cell(tr, d.limitId ?? "(unknown)");
+      cell(tr, d.denied.toLocaleString("en"));
+      return tr;
+    }));
   }
 
   // Alerts: rules, webhooks (secret shown once), test deliveries and the delivery log.
@@ -388,7 +475,12 @@
   }
 
   document.addEventListener("DOMContentLoaded", () => {
-    if (page === "overview") setInterval(refreshBars, 2000);
+    if (page === "overview") {
+      setInterval(refreshBars, 2000);
+      document.getElementById("spend-form").addEventListener("change", refreshSpend);
+      refreshSpend();
+      setInterval(refreshSpend, 5000);
+    }
     if (page === "usage") {
       document.getElementById("explore").addEventListener("change", refreshExplorer);
       refreshExplorer();

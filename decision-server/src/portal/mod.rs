@@ -532,7 +532,7 @@ async fn tree_context(
             }
         })
         .collect();
-    Ok(context! { rows, total, shown, more, customer })
+    Ok(context! { rows, total, shown, more, customer, q => query.q })
 }
 
 async fn overview(
@@ -559,7 +559,7 @@ async fn tree_page(state: &AppState, cp: CustomerPage, query: &TreeQuery, whole:
         Ok(tree) if whole => render(
             StatusCode::OK,
             "overview.html",
-            context! { ..base(&page, &customer, "overview", "Overview"), ..tree },
+            context! { ..base(&page, &customer, "overview", "Overview"), ..tree, ..spend_context(state) },
         ),
         Ok(tree) => render(StatusCode::OK, "tree.html", tree),
         Err(e) => {
@@ -614,11 +614,10 @@ async fn usage_page(
     State(state): State<AppState>,
     CustomerPage { page, customer }: CustomerPage,
 ) -> Response {
-    let model = state.model();
-    let mut group_keys: Vec<String> = model.chain_keys.iter().map(|k| k.to_string()).collect();
-    group_keys.extend(model.recorded_dimensions.iter().map(|k| k.to_string()));
-    group_keys.push("featureId".to_string());
-    group_keys.dedup();
+    // The same keys, with the same human names, as the overview's spend.
+    let group_keys = spend_context(&state)
+        .get_attr("spend_keys")
+        .unwrap_or_default();
     render(
         StatusCode::OK,
         "usage.html",
@@ -861,6 +860,30 @@ async fn live_page(
             per_page => LIVE_PAGE,
         } },
     )
+}
+
+/// The overview's spend section: the keys spend breaks down by, with human names, and the one
+/// it opens on (the level under the root, "by team", when there is one).
+fn spend_context(state: &AppState) -> Value {
+    let model = state.model();
+    let labels = key_labels(&model);
+    let mut keys: Vec<String> = model.chain_keys.iter().map(|k| k.to_string()).collect();
+    keys.extend(model.recorded_dimensions.iter().map(|k| k.to_string()));
+    keys.push(crate::core::usage_query::FEATURE_KEY.to_string());
+    keys.dedup();
+    let default_by = keys.get(1).or(keys.first()).cloned().unwrap_or_default();
+    let keys: Vec<(String, String)> = keys
+        .into_iter()
+        .map(|k| {
+            let label = labels.get(&k).cloned().unwrap_or_else(|| k.clone());
+            (k, label)
+        })
+        .collect();
+    context! {
+        spend_keys => keys,
+        default_by,
+        entity_keys => model.chain_keys.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(","),
+    }
 }
 
 /// Live events a page keeps (older ones leave as new ones come) and shows per page.
