@@ -5,8 +5,10 @@
 //! Run: `cargo bench -p tollgate --bench portal` (`make bench-portal`).
 //!
 //! - `USERS` (100000) in `TEAMS` (100) teams; `DAYS` (30) of history, one settled call per
-//!   team every hour, each by the next user of the team.
+//!   team every hour, each by the next user of the team, on one of two priced models with its
+//!   token split (so the first screen's spend prices every bucket).
 //! - `RUNS` (50): timed runs of each request, after three untimed ones.
+//! - `REDIS_URL`: run on that Redis instead of the in-memory store.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // benchmark harness code
 
 use std::collections::HashMap;
@@ -37,12 +39,16 @@ fn env(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn config(teams: usize, users: usize) -> String {
+fn config(teams: usize, users: usize, storage: &str) -> String {
     let mut s = String::from(
         "entityTypes:\n  - name: organization\n  - name: team\n    parents: [organization]\n  - name: user\n    parents: [team]\n\
          attribution:\n  - { dimension: userId, entityType: user, onUnknown: reject }\n\
          features:\n  - id: ai-tokens\n\
-         usageRecords: { maxValuesPerDimension: 200000 }\n\
+         usageRecords: { maxValuesPerDimension: 200000, dimensions: [model] }\n\
+         prices:\n  - version: v1\n    effectiveFrom: 2020-01-01T00:00:00Z\n    models:\n\
+         \x20     - { match: \"gpt-4*\", inputPerMillion: 2500, outputPerMillion: 10000 }\n\
+         \x20     - { match: \"claude*\", inputPerMillion: 3000, outputPerMillion: 15000 }\n\
+         currency: { code: USD, perCredit: 0.01 }\n\
          customers:\n  - id: c0\n    entities:\n      - { id: c0, type: organization }\n",
     );
     for t in 0..teams {
@@ -63,7 +69,7 @@ fn config(teams: usize, users: usize) -> String {
          \x20     - { id: user-daily, entityType: user, feature: ai-tokens, kind: quota, limit: 1000000, period: P1D }\n",
     );
     s.push_str(&format!(
-        "server:\n  storage: {{ kind: memory }}\n  credentials:\n    operatorTokenSha256: {}\n",
+        "server:\n  storage: {storage}\n  credentials:\n    operatorTokenSha256: {}\n",
         hex::encode(<sha2::Sha256 as sha2::Digest>::digest(OPERATOR.as_bytes()))
     ));
     s
@@ -88,7 +94,13 @@ async fn main_async() {
         env("RUNS", 50),
     );
     let t0 = Instant::now();
-    let loaded = tollgate::config::load(&config(teams, users), "portal-bench.yaml").unwrap();
+    let storage = match std::env::var("REDIS_URL") {
+        Ok(url) => format!("{{ kind: redis, url: \"{url}\" }}"),
+        Err(_) => "{ kind: memory }".to_string(),
+    };
+    println!("# storage: {storage}");
+    let loaded =
+        tollgate::config::load(&config(teams, users, &storage), "portal-bench.yaml").unwrap();
     let store = tollgate::server::open_store(&loaded.server.storage)
         .await
         .unwrap();
@@ -111,8 +123,12 @@ async fn main_async() {
         for (t, n) in next_user.iter_mut().enumerate() {
             let user = t + (*n % (users / teams)) * teams;
             *n += 1;
-            let dims: HashMap<String, String> =
-                [("userId".to_string(), format!("user-{user:06}"))].into();
+            let model = if calls % 3 == 0 { "claude-3" } else { "gpt-4o" };
+            let dims: HashMap<String, String> = [
+                ("userId".to_string(), format!("user-{user:06}")),
+                ("model".to_string(), model.to_string()),
+            ]
+            .into();
             let d = engine
                 .check(&CheckRequest {
                     deadline: None,
@@ -126,10 +142,18 @@ async fn main_async() {
                 .await
                 .unwrap();
             assert!(d.granted);
+            let (input, output) = (60 + calls as u64 % 600, 40 + calls as u64 % 300);
             engine
                 .settle(
                     d.hold_id.as_ref().unwrap(),
-                    Usage::units(100 + (calls as u64 % 900)),
+                    Usage {
+                        units: input + output,
+                        tokens: Some(tollgate::core::usage::TokenCounts {
+                            input,
+                            output,
+                            ..Default::default()
+                        }),
+                    },
                 )
                 .await
                 .unwrap();
@@ -195,6 +219,22 @@ async fn main_async() {
                 enc(&from),
                 enc(&to)
             ),
+        ),
+        (
+            "first screen: spend by team, 30 days",
+            "/v1/customers/c0/usage/spend?by=teamId&days=30&limit=10".to_string(),
+        ),
+        (
+            "first screen: spend by team, 7 days",
+            "/v1/customers/c0/usage/spend?by=teamId&days=7&limit=10".to_string(),
+        ),
+        (
+            "first screen: spend by user, 7 days",
+            "/v1/customers/c0/usage/spend?by=userId&days=7&limit=10".to_string(),
+        ),
+        (
+            "first screen: spend by model, 24 hours",
+            "/v1/customers/c0/usage/spend?by=model&days=1&limit=10".to_string(),
         ),
         (
             "explorer: CSV, 30 days by team",

@@ -324,8 +324,11 @@ pub async fn spend(
     let to = now - now.rem_euclid(w) + w;
     let span = i64::from(req.days) * Granularity::Day.millis();
     let (from, previous_from) = (to - span, to - 2 * span);
+    // Whole windows only, to the end of the current one: today's day bucket is kept current
+    // with every record, so day windows read day buckets alone (no hour or minute buckets at
+    // the edge).
     let (_, _, segments) =
-        usage_query::plan_segments(previous_from.max(0), now, now, &model.records)?;
+        usage_query::plan_segments(previous_from.max(0), to, now, &model.records)?;
     let needs = filter.needs([req.by.as_str(), "model", DENIED_BY], now);
     let mut scans = Vec::with_capacity(segments.len());
     for (g, a, b) in segments {
@@ -557,44 +560,6 @@ pub struct EntityPage {
     pub total: usize,
 }
 
-/// One entity of a customer's tree as the portal lists it: from the model, or created on the
-/// fly (then kept in the store, where every replica sees it).
-struct TreeNode<'a> {
-    id: &'a str,
-    entity_type: &'a str,
-    parent: Option<&'a str>,
-}
-
-/// Every entity of `c`: the model's, then those the store created on the fly (`auto`).
-fn tree_nodes<'a>(
-    model: &'a Model,
-    c: &'a CustomerModel,
-    auto: &'a [(String, StoredEntity)],
-) -> impl Iterator<Item = TreeNode<'a>> {
-    let type_name = |t: usize| model.entity_types.get(t).map_or("", |t| t.name.as_str());
-    let known = c.entities.values().map(move |node| TreeNode {
-        id: node.id.as_str(),
-        entity_type: type_name(node.entity_type),
-        parent: node.parent.map(|p| model.symbols.resolve(p)),
-    });
-    // An id in the model wins over a stored one of the same name (an entity added to the
-    // configuration after it was created on the fly).
-    let created = auto
-        .iter()
-        .filter(|(id, _)| {
-            model
-                .symbols
-                .get(id)
-                .is_none_or(|s| !c.entities.contains_key(&s))
-        })
-        .map(|(id, e)| TreeNode {
-            id: id.as_str(),
-            entity_type: e.entity_type.as_str(),
-            parent: Some(e.parent.as_str()),
-        });
-    known.chain(created)
-}
-
 /// A page of `customer_id`'s tree, sorted by id: the children of `parent` (the top level when
 /// `None`), or, with a `query`, every entity whose id contains it (case-insensitive). One pass
 /// over the customer's entities, those created on the fly included, so a customer with
@@ -609,38 +574,80 @@ pub async fn entity_page(
 ) -> Result<EntityPage, UsageError> {
     let model = engine.model();
     let c = customer(&model, customer_id)?;
-    let auto = engine.store().auto_entities(c.id).await?;
-    let query = query.map(str::to_lowercase).filter(|q| !q.is_empty());
-    let mut children: FxHashMap<&str, usize> = FxHashMap::default();
-    let mut parent_known = parent.is_none();
-    for node in tree_nodes(&model, c, &auto) {
-        parent_known |= Some(node.id) == parent;
+    let stored = engine.store().auto_entities(c.id).await?;
+    // An id in the model wins over a stored one of the same name (an entity added to the
+    // configuration after it was created on the fly).
+    let auto: Vec<&(String, StoredEntity)> = stored
+        .iter()
+        .filter(|(id, _)| {
+            model
+                .symbols
+                .get(id)
+                .is_none_or(|s| !c.entities.contains_key(&s))
+        })
+        .collect();
+    let type_name = |t: usize| model.entity_types.get(t).map_or("", |t| t.name.as_str());
+    // Children by parent: the model's entities by symbol (no string work for the 100,000),
+    // those created on the fly by the parent's id.
+    let mut children: FxHashMap<crate::core::Sym, usize> = FxHashMap::default();
+    for node in c.entities.values() {
         if let Some(p) = node.parent {
             *children.entry(p).or_default() += 1;
         }
     }
-    if !parent_known {
-        return Err(UsageError::UnknownEntity {
-            customer: customer_id.to_string(),
-            entity: parent.unwrap_or_default().to_string(),
-        });
+    let mut auto_children: FxHashMap<&str, usize> = FxHashMap::default();
+    for (_, e) in &auto {
+        *auto_children.entry(e.parent.as_str()).or_default() += 1;
     }
-    let mut matching: Vec<TreeNode<'_>> = tree_nodes(&model, c, &auto)
-        .filter(|node| match &query {
-            Some(q) => node.id.to_lowercase().contains(q.as_str()),
-            None => node.parent == parent,
+    let parent_sym = match parent {
+        None => None,
+        Some(p) => {
+            let known = model.symbols.get(p).filter(|s| c.entities.contains_key(s));
+            if known.is_none() && !auto.iter().any(|(id, _)| id == p) {
+                return Err(UsageError::UnknownEntity {
+                    customer: customer_id.to_string(),
+                    entity: p.to_string(),
+                });
+            }
+            known
+        }
+    };
+    let query = query.map(str::to_lowercase).filter(|q| !q.is_empty());
+    let hit = |id: &str| {
+        query
+            .as_ref()
+            .is_some_and(|q| id.to_lowercase().contains(q.as_str()))
+    };
+    // (id, type name, symbol when the model has it)
+    let mut matching: Vec<(&str, &str, Option<crate::core::Sym>)> = c
+        .entities
+        .iter()
+        .filter(|(_, node)| match &query {
+            Some(_) => hit(node.id.as_str()),
+            // A parent only an entity created on the fly has: no model entity under it.
+            None => parent.is_some() == node.parent.is_some() && node.parent == parent_sym,
         })
+        .map(|(sym, node)| (node.id.as_str(), type_name(node.entity_type), Some(*sym)))
         .collect();
-    matching.sort_unstable_by(|a, b| a.id.cmp(b.id));
+    matching.extend(
+        auto.iter()
+            .filter(|(id, e)| match &query {
+                Some(_) => hit(id),
+                None => Some(e.parent.as_str()) == parent,
+            })
+            .map(|(id, e)| (id.as_str(), e.entity_type.as_str(), None)),
+    );
+    matching.sort_unstable_by(|a, b| a.0.cmp(b.0));
     let total = matching.len();
     let rows = matching
         .into_iter()
         .skip(offset)
         .take(limit)
-        .map(|node| EntityRow {
-            id: node.id.to_string(),
-            entity_type: node.entity_type.to_string(),
-            children: children.get(node.id).copied().unwrap_or(0),
+        .map(|(id, t, sym)| EntityRow {
+            id: id.to_string(),
+            entity_type: t.to_string(),
+            children: sym.and_then(|s| children.get(&s)).copied().unwrap_or(0)
+                + auto_children.get(id).copied().unwrap_or(0),
         })
         .collect();
     Ok(EntityPage { rows, total })
