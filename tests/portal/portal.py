@@ -501,6 +501,14 @@ def scenario_spend(page, a):
     page.locator("#spend-rows a", has_text="sales").click()
     expect(page.locator('li[data-entity="sales"]')).to_be_visible()
     expect(page.locator('li[data-entity="sales"] [data-limit="team-daily"]')).to_be_visible()
+    # The operator sees every customer, and each one's first screen the same way.
+    page.get_by_role("button", name="Sign out").click()
+    sign_in(page, a.portal, a.operator)
+    expect(page.get_by_role("link", name="acme")).to_be_visible()
+    shot(page, a.artifacts, "operator-customers")
+    page.goto(f"{a.portal}/portal/c/acme/")
+    expect(page.locator("#spend-total")).to_have_text("$0.51")
+    shot(page, a.artifacts, "operator-overview")
     return {"spend": "ok"}
 
 
@@ -567,8 +575,9 @@ def main():
     p.add_argument("--artifacts", default="")
     a = p.parse_args()
     a.api = a.portal
-    a.admin, a.viewer, a.app, a.globex = (os.environ[k] for k in (
-        "PORTAL_ACME_ADMIN", "PORTAL_ACME_VIEWER", "PORTAL_ACME_APP", "PORTAL_GLOBEX_ADMIN"))
+    a.admin, a.viewer, a.app, a.globex, a.operator = (os.environ[k] for k in (
+        "PORTAL_ACME_ADMIN", "PORTAL_ACME_VIEWER", "PORTAL_ACME_APP", "PORTAL_GLOBEX_ADMIN",
+        "PORTAL_OPERATOR"))
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=a.chromium, headless=True,
                                      args=["--no-sandbox", "--disable-dev-shm-usage"])

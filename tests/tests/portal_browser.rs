@@ -120,6 +120,7 @@ fn drive(name: &str, sidecar: Sidecar) -> serde_json::Value {
         .env("PORTAL_ACME_VIEWER", VIEWER)
         .env("PORTAL_ACME_APP", APP)
         .env("PORTAL_GLOBEX_ADMIN", GLOBEX_ADMIN)
+        .env("PORTAL_OPERATOR", OPERATOR)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
