@@ -123,7 +123,11 @@ async fn main_async() {
         for (t, n) in next_user.iter_mut().enumerate() {
             let user = t + (*n % (users / teams)) * teams;
             *n += 1;
-            let model = if calls.is_multiple_of(3) { "claude-3" } else { "gpt-4o" };
+            let model = if calls.is_multiple_of(3) {
+                "claude-3"
+            } else {
+                "gpt-4o"
+            };
             let dims: HashMap<String, String> = [
                 ("userId".to_string(), format!("user-{user:06}")),
                 ("model".to_string(), model.to_string()),

@@ -63,6 +63,7 @@
     const r = await fetch(`/portal/c/${enc(customer)}/budgets?ids=${ids.map(enc).join(",")}`, { credentials: "same-origin" });
     if (!r.ok) return;
     const all = await r.json();
+    let moved = false;
     for (const li of rows) {
       const bars = all[li.dataset.entity];
       if (!bars) continue;
@@ -74,6 +75,7 @@
         el.classList.add(b.state);
         el.querySelector(".fill").style.width = `${b.pct}%`;
         el.querySelector(".bar").setAttribute("aria-valuenow", b.used);
+        if (el.querySelector(".used").textContent !== String(b.used)) moved = true;
         el.querySelector(".used").textContent = b.used;
         el.querySelector(".remaining").textContent = b.remainingText;
         if (b.state === "over" || (b.state === "near" && worst === "ok")) worst = b.state;
@@ -81,6 +83,9 @@
       li.classList.remove("ok", "near", "over");
       li.classList.add(worst);
     }
+    // Usage moved: the spend above follows at once rather than at its own next refresh, so the
+    // two never tell different stories for long.
+    if (moved && document.getElementById("spend")) refreshSpend();
   }
 
   // Usage explorer: the chart, top spenders and the CSV of what the chart shows.
@@ -200,6 +205,7 @@
       cell(tr, row.credits.toLocaleString("en"));
       cell(tr, pct(row.change, row.credits));
       cell(tr, s.total.credits ? `${Math.round((row.credits / s.total.credits) * 100)} %` : "—");
+      cell(tr, row.units.toLocaleString("en"));
       return tr;
     }));
     const movers = document.querySelector("#spend-movers tbody");
