@@ -14,6 +14,9 @@ One scenario per run (the Rust test `portal_browser` starts a fresh sidecar for 
             is refused.
   spend     the first screen in money: priced calls on two models; every figure equals the
             spend API's, by team and by model; denials by limit; a team drills down to the tree.
+  tour      after real traffic through Envoy (made by the Rust test), as the admin, the
+            viewer and the operator: the first screen's figures are the spend API's, the credit
+            pool's counter is the spend, created users are in the tree.
   live      the live page follows usage made after it opened: paged (25 a page), "who" in the
             hierarchy's order, a denial with what it asked for, filters; the server restarts
             (the harness restarts it when this prints `restart`, then writes `restarted` on
@@ -512,6 +515,53 @@ def scenario_spend(page, a):
     return {"spend": "ok"}
 
 
+def scenario_tour(page, a):
+    """After real traffic through Envoy (made by the Rust test): as acme's admin, its viewer and
+    the operator, every figure of the first screen is the spend API's, and the credit pool's
+    counter is the spend; users created on first sight are in the tree; the pool shows its grant."""
+    _, want = api(a.api, "GET", "/v1/customers/acme/usage/spend?by=teamId&days=7&limit=10", a.admin)
+    _, budget = api(a.api, "GET", "/v1/customers/acme/entities/acme/budget", a.admin)
+    pool = next(x for x in budget["limits"] if x["limitId"] == "acme-credits")
+    # The counter and the records agree: what the pool was charged is the period's spend.
+    assert pool["used"] == want["total"]["credits"] > 0, (pool, want["total"])
+    assert pool["limit"] == 1_000_000 and pool["remaining"] == 1_000_000 - pool["used"], pool
+    assert want["total"]["requests"] == 5 and want["total"]["denied"] == 1, want["total"]
+    assert want["denials"] == [{"limitId": "research-daily", "denied": 1}], want["denials"]
+    _, zed = api(a.api, "GET", "/v1/customers/acme/entities/zed/budget", a.admin)
+    assert zed["entityType"] == "user", zed
+
+    def dollars(amount):
+        return f"${float(amount):,.2f}"
+
+    for who, token in [("admin", a.admin), ("viewer", a.viewer), ("operator", a.operator)]:
+        page.context.clear_cookies()
+        sign_in(page, a.portal, token)
+        page.goto(f"{a.portal}/portal/c/acme/")
+        expect(page.locator("#spend-total")).to_have_text(dollars(want["total"]["amount"]))
+        expect(page.locator("#spend-credits")).to_have_text(f"{want['total']['credits']:,} credits")
+        expect(page.locator("#spend-requests")).to_have_text(str(want["total"]["requests"]))
+        expect(page.locator("#spend-denied")).to_have_text("1")
+        rows = table_rows(page, "#spend-rows")
+        shown = [(r[0], r[1], r[2], r[5]) for r in rows]
+        expected = [(x["value"] or "(none)", dollars(x["amount"]), f"{x['credits']:,}", f"{x['units']:,}")
+                    for x in want["rows"]]
+        assert shown == expected, (who, shown, expected)
+        assert table_rows(page, "#spend-denials") == [["research-daily", "1"]], who
+        # The pool's bar: what was used of what the grant gave.
+        nums = page.locator('li[data-entity="acme"] > .bars > [data-limit="acme-credits"] .nums')
+        expect(nums).to_contain_text(f"{pool['used']} / 1000000")
+        # Users created on first sight are found, with their budgets.
+        page.fill("#q", "z")
+        expect(page.locator('li[data-entity="zed"]')).to_be_visible()
+        expect(page.locator('li[data-entity="zoe"]')).to_be_visible()
+        expect(page.locator('li[data-entity="zed"] [data-limit="user-daily"]')).to_be_visible()
+        shot(page, a.artifacts, f"tour-{who}")
+        if who == "viewer":
+            page.goto(f"{a.portal}/portal/c/acme/limits")
+            expect(page.locator("button.save-limit")).to_have_count(0)
+    return {"tour": "ok"}
+
+
 def live_rows(page):
     """The live table's rows on the current page, as lists of cell texts."""
     return page.eval_on_selector_all(
@@ -569,7 +619,7 @@ def scenario_live(page, a):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("scenario", choices=["overview", "alerts", "limits", "viewer", "tenancy", "keyboard", "live", "spend"])
+    p.add_argument("scenario", choices=["overview", "alerts", "limits", "viewer", "tenancy", "keyboard", "live", "spend", "tour"])
     p.add_argument("--portal", required=True, help="the sidecar's HTTP address, http://127.0.0.1:PORT")
     p.add_argument("--chromium", default="/usr/bin/chromium")
     p.add_argument("--artifacts", default="")

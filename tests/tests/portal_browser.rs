@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use tollgate_testkit::{Sidecar, root, sha256_hex};
 
+mod support;
+
 const ADMIN: &str = "acme-admin.portal-admin-secret";
 const VIEWER: &str = "acme-viewer.portal-viewer-secret";
 const APP: &str = "acme-app.portal-app-secret";
@@ -94,13 +96,15 @@ server:
 /// Runs one scenario of `tests/portal/portal.py` against a fresh sidecar, bounded in time.
 fn scenario(name: &str) -> serde_json::Value {
     let sidecar = Sidecar::start(&config()).unwrap();
-    drive(name, sidecar)
+    let http = sidecar.http.clone();
+    drive(name, &http, Some(sidecar))
 }
 
-/// Runs `name` with the sidecar on the durable store and a fixed HTTP port; when the script
-/// prints `restart`, the sidecar is killed and started again on the same file and port (its
-/// sessions, kept in memory, are gone), and the script is told `restarted` on its stdin.
-fn drive(name: &str, sidecar: Sidecar) -> serde_json::Value {
+/// Runs scenario `name` against the sidecar whose HTTP listener is `http`. When the script
+/// prints `restart`, `sidecar` (which must then be given, on a fixed port) is killed and
+/// started again on the same file (its sessions, kept in memory, are gone), and the script is
+/// told `restarted` on its stdin.
+fn drive(name: &str, http: &str, sidecar: Option<Sidecar>) -> serde_json::Value {
     let python = tollgate_tests::sdk::sdk_python().unwrap();
     let chromium =
         std::env::var("TOLLGATE_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
@@ -112,7 +116,7 @@ fn drive(name: &str, sidecar: Sidecar) -> serde_json::Value {
     let mut child = Command::new(python)
         .arg(root().join("tests/portal/portal.py"))
         .arg(name)
-        .args(["--portal", &format!("http://{}", sidecar.http)])
+        .args(["--portal", &format!("http://{http}")])
         .args(["--chromium", &chromium])
         .arg("--artifacts")
         .arg(&artifacts)
@@ -140,7 +144,7 @@ fn drive(name: &str, sidecar: Sidecar) -> serde_json::Value {
             }
         }
     });
-    let mut sidecar = Some(sidecar);
+    let mut sidecar = sidecar;
     let mut printed = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
@@ -234,7 +238,9 @@ fn the_live_page_pages_filters_and_survives_a_restart() {
     assert!(text.contains(&format!("127.0.0.1:{port}")) && text.contains("durable"));
     let path = dir.path().join("tollgate.yaml");
     std::fs::write(&path, &text).unwrap();
-    let out = drive("live", Sidecar::start_at(&path).unwrap());
+    let sidecar = Sidecar::start_at(&path).unwrap();
+    let http = sidecar.http.clone();
+    let out = drive("live", &http, Some(sidecar));
     assert_eq!(out["live"], "ok");
 }
 
@@ -245,4 +251,117 @@ fn the_live_page_pages_filters_and_survives_a_restart() {
 fn the_first_screen_shows_spend_in_money_as_the_api_counts_it() {
     let out = scenario("spend");
     assert_eq!(out["spend"], "ok");
+}
+
+/// The sidecar of the end-to-end stack made a priced, self-service one: users created on first
+/// sight (under `research`), every call also drawing priced credits from acme's pool (a grant
+/// of 1,000,000), the model recorded, a currency, acme's admin and viewer keys, and this file's
+/// operator token.
+fn tour_sidecar() -> String {
+    let mut text = support::SIDECAR.clone();
+    let edits = [
+        (
+            "  - dimension: userId\n    entityType: user\n",
+            "  - dimension: userId\n    entityType: user\n    onUnknown: create\n",
+        ),
+        (
+            "features:\n  - id: ai-tokens\n",
+            "features:\n  - id: ai-tokens\n    alsoDraws:\n      - { feature: credits, per: price }\n  - id: credits\nusageRecords:\n  dimensions: [model]\nprices:\n  - version: v1\n    effectiveFrom: 2026-01-01T00:00:00Z\n    models:\n      - { match: \"gpt-4o*\", inputPerMillion: 1000000, outputPerMillion: 4000000 }\ncurrency: { code: USD, perCredit: 0.01 }\n",
+        ),
+        (
+            "      - { id: user-daily, entityType: user, feature: ai-tokens, kind: quota, limit: 10000, period: P1D }\n",
+            "      - { id: user-daily, entityType: user, feature: ai-tokens, kind: quota, limit: 10000, period: P1D }\n      - { id: acme-credits, entity: acme, feature: credits, kind: credits }\n    grants:\n      - { id: g1, entity: acme, feature: credits, amount: 1000000, category: paid }\n    autoCreateParents:\n      user: research\n",
+        ),
+        (
+            "    operatorTokenSha256: 61112491d046c3f6f8ab801f170d9b2d0c734a17ceff60dee92123fb507cfc3f\n",
+            &format!(
+                "    operatorTokenSha256: {}\n    apiKeys:\n      - {{ id: acme-admin, customer: acme, sha256: {}, role: admin }}\n      - {{ id: acme-viewer, customer: acme, sha256: {}, role: viewer }}\n      - {{ id: acme-app, customer: acme, sha256: {} }}\n      - {{ id: globex-admin, customer: globex, sha256: {}, role: admin }}\n",
+                sha256_hex(OPERATOR),
+                sha256_hex(ADMIN),
+                sha256_hex(VIEWER),
+                sha256_hex(APP),
+                sha256_hex(GLOBEX_ADMIN)
+            ),
+        ),
+    ];
+    for (from, to) in edits {
+        assert!(
+            text.contains(from),
+            "the stack's sidecar config changed: {from}"
+        );
+        text = text.replacen(from, to, 1);
+    }
+    text
+}
+
+/// The tour after real traffic through Envoy with the filter: chats by configured users and
+/// by users created on first sight, their usage settled from the mock provider's answers and
+/// charged to acme's credit pool. As the customer's admin, its viewer and the operator, the
+/// first screen's every figure is the spend API's and the pool's counter; the created users are
+/// in the tree and their budgets answer; the pool shows its grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tour_after_traffic_through_envoy_shows_every_number_as_the_api_and_counters_do() {
+    let s = support::Stack::start_full("wasm-filter.yaml", &tour_sidecar(), |c| c);
+    for (user, team, words, max) in [
+        ("alice", "research", 30, 20),
+        ("zed", "research", 12, 10),
+        ("zoe", "research", 8, 24),
+        ("bob", "sales", 20, 16),
+        ("zed", "research", 5, 5),
+    ] {
+        let bearer = support::caller("acme", Some(user));
+        let r = s
+            .chat(
+                "/v1/chat/completions",
+                &[("authorization", bearer.as_str()), ("x-team-id", team)],
+                &support::chat_body(words, max),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{user}: {}", r.text);
+    }
+    // One over research's 300 a day: refused by it.
+    let bearer = support::caller("acme", Some("alice"));
+    let r = s
+        .chat(
+            "/v1/chat/completions",
+            &[
+                ("authorization", bearer.as_str()),
+                ("x-team-id", "research"),
+            ],
+            &support::chat_body(10, 400),
+        )
+        .await;
+    assert_eq!(r.status, 429, "{}", r.text);
+    // Settlement is batched by the filter: wait until the pool's counter stops moving.
+    let http = format!("http://{}", s.sidecar.http);
+    let mut last = None;
+    for _ in 0..100 {
+        let (_, b) = get_json(&http, "/v1/customers/acme/entities/acme/budget", ADMIN).await;
+        let used = b["limits"]
+            .as_array()
+            .and_then(|l| l.iter().find(|x| x["limitId"] == "acme-credits"))
+            .map(|x| x["used"].clone());
+        if used.is_some() && used == last {
+            break;
+        }
+        last = used;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let http = s.sidecar.http.clone();
+    let out = tokio::task::spawn_blocking(move || drive("tour", &http, None))
+        .await
+        .unwrap();
+    assert_eq!(out["tour"], "ok", "{out}");
+    drop(s);
+}
+
+async fn get_json(base: &str, path: &str, token: &str) -> (u16, serde_json::Value) {
+    let r = reqwest::Client::new()
+        .get(format!("{base}{path}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
 }
