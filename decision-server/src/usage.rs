@@ -253,23 +253,34 @@ pub async fn top(engine: &Engine, customer_id: &str, req: TopRequest) -> Result<
     let now = engine.now().millis();
     let (from, to) = range(req.from, req.to, now);
     let (from, to, segments) = usage_query::plan_segments(from, to, now, &model.records)?;
-    let mut scans = Vec::with_capacity(segments.len());
     let needs = filter.needs([req.by.as_str()], now);
-    for (g, a, b) in segments {
-        scans.push(
-            engine
-                .store()
-                .usage()
-                .usage_buckets(c.id, g, a, b, &needs)
-                .await?,
-        );
-    }
+    let scans = read_segments(engine, c.id, segments, &needs).await?;
     Ok(Top {
         rows: usage_query::top(&scans, &req.by, &filter, req.limit),
         by: req.by,
         from,
         to,
     })
+}
+
+/// The buckets of `segments` of `customer`, one store read each, in order.
+async fn read_segments(
+    engine: &Engine,
+    customer: Name,
+    segments: Vec<usage_query::Segment>,
+    needs: &ScanNeeds,
+) -> Result<Vec<crate::core::rollup::BucketScan>, UsageError> {
+    let mut scans = Vec::with_capacity(segments.len());
+    for (g, a, b) in segments {
+        scans.push(
+            engine
+                .store()
+                .usage()
+                .usage_buckets(customer, g, a, b, needs)
+                .await?,
+        );
+    }
+    Ok(scans)
 }
 
 /// The periods a spend query compares: the last day (in hours), week or month (in days).
@@ -330,16 +341,7 @@ pub async fn spend(
     let (_, _, segments) =
         usage_query::plan_segments(previous_from.max(0), to, now, &model.records)?;
     let needs = filter.needs([req.by.as_str(), "model", DENIED_BY], now);
-    let mut scans = Vec::with_capacity(segments.len());
-    for (g, a, b) in segments {
-        scans.push(
-            engine
-                .store()
-                .usage()
-                .usage_buckets(c.id, g, a, b, &needs)
-                .await?,
-        );
-    }
+    let scans = read_segments(engine, c.id, segments, &needs).await?;
     let q = usage_query::SpendQuery {
         by: req.by.clone(),
         filter,

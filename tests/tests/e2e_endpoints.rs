@@ -52,12 +52,7 @@ async fn free_endpoints_pass_without_a_decision_and_embeddings_are_metered() {
         decisions,
         "a free call was checked"
     );
-    assert_eq!(
-        s.envoy
-            .stat("wasmcustom.tollgate_filter.free_passed_total")
-            .unwrap(),
-        4
-    );
+    assert_eq!(s.envoy.filter_stat("free_passed").unwrap(), 4);
     stays_at(&s, before, "a free call was charged").await;
 
     // Embeddings: held for the input, settled at the reported prompt tokens (8 words).
@@ -86,9 +81,7 @@ async fn a_batch_is_gated_when_created_and_charged_once_when_its_results_are_rea
         .await;
     stays_at(&s, before + 45, "the results were charged twice").await;
     assert_eq!(
-        s.envoy
-            .stat("wasmcustom.tollgate_filter.released_total")
-            .unwrap(),
+        s.envoy.filter_stat("released").unwrap(),
         1,
         "the gate's hold was released"
     );
@@ -166,12 +159,7 @@ async fn an_endpoint_without_a_preset_is_refused_by_default() {
     );
     assert_eq!(out["should_retry"], "false", "{out}");
     assert_eq!(s.sidecar_decisions().await, decisions);
-    assert_eq!(
-        s.envoy
-            .stat("wasmcustom.tollgate_filter.unknown_denied_total")
-            .unwrap(),
-        1
-    );
+    assert_eq!(s.envoy.filter_stat("unknown_denied").unwrap(), 1);
     stays_at(&s, before, "a refused call was charged").await;
 }
 
@@ -202,9 +190,7 @@ async fn sdk_agents_racing_with_mixed_endpoints_are_charged_exactly_what_was_rep
         .await;
     stays_at(&s, before + granted, "charged more than reported").await;
     assert_eq!(
-        s.envoy
-            .stat("wasmcustom.tollgate_filter.usage_unknown_total")
-            .unwrap(),
+        s.envoy.filter_stat("usage_unknown").unwrap(),
         0,
         "every answer's usage was read"
     );

@@ -76,18 +76,8 @@ async fn every_api_streamed_or_not_settles_at_the_reported_usage() {
         moved_by(&s, before, delta).await;
     }
     // Nothing left open: every hold was closed by a settlement.
-    assert_eq!(
-        s.envoy
-            .stat("wasmcustom.tollgate_filter.released_total")
-            .unwrap(),
-        0
-    );
-    assert_eq!(
-        s.envoy
-            .stat("wasmcustom.tollgate_filter.usage_unknown_total")
-            .unwrap(),
-        0
-    );
+    assert_eq!(s.envoy.filter_stat("released").unwrap(), 0);
+    assert_eq!(s.envoy.filter_stat("usage_unknown").unwrap(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -431,17 +421,13 @@ async fn sdk_calls_through_a_bounded_outage_pass_within_the_allowance_and_are_co
     }
     let refused = (calls.len() - passed.len()) as u64;
     assert_eq!(
-        s.envoy
-            .stat("wasmcustom.tollgate_filter.bounded_passed_total")
-            .unwrap(),
+        s.envoy.filter_stat("bounded_passed").unwrap(),
         passed.len() as u64,
         "the SDK's retries passed more: {out}"
     );
     // The SDK retries a 503 twice: every attempt was refused.
     assert_eq!(
-        s.envoy
-            .stat("wasmcustom.tollgate_filter.bounded_refused_total")
-            .unwrap(),
+        s.envoy.filter_stat("bounded_refused").unwrap(),
         3 * refused,
         "{out}"
     );

@@ -91,12 +91,7 @@ async fn grants_then_denies_at_the_team_cap_though_the_user_has_budget() {
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
-    assert!(
-        s.envoy
-            .stat("wasmcustom.tollgate_filter.denied_total")
-            .unwrap()
-            >= 1
-    );
+    assert!(s.envoy.filter_stat("denied").unwrap() >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,42 +206,17 @@ async fn json_and_sse_responses_settle_to_the_true_usage() {
     s.usage_settles_at("initech", dims, "initech-daily", want)
         .await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while s
-        .envoy
-        .stat("wasmcustom.tollgate_filter.released_total")
-        .unwrap()
-        < 1
-    {
+    while s.envoy.filter_stat("released").unwrap() < 1 {
         assert!(
             Instant::now() < deadline,
             "the error's hold was not released"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        s.envoy
-            .stat("wasmcustom.tollgate_filter.usage_unknown_total")
-            .unwrap(),
-        2
-    );
-    assert_eq!(
-        s.envoy
-            .stat("wasmcustom.tollgate_filter.usage_estimated_total")
-            .unwrap(),
-        1
-    );
-    assert_eq!(
-        s.envoy
-            .stat("wasmcustom.tollgate_filter.usage_requested_total")
-            .unwrap(),
-        1
-    );
-    assert_eq!(
-        s.envoy
-            .stat("wasmcustom.tollgate_filter.settled_total")
-            .unwrap(),
-        4
-    );
+    assert_eq!(s.envoy.filter_stat("usage_unknown").unwrap(), 2);
+    assert_eq!(s.envoy.filter_stat("usage_estimated").unwrap(), 1);
+    assert_eq!(s.envoy.filter_stat("usage_requested").unwrap(), 1);
+    assert_eq!(s.envoy.filter_stat("settled").unwrap(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -313,24 +283,9 @@ async fn a_killed_sidecar_fails_closed_with_503_and_open_marked() {
         "the upstream did not see the request marked: {:?}",
         open.headers
     );
-    assert_eq!(
-        s.envoy
-            .stat("wasmcustom.tollgate_filter.fail_closed_total")
-            .unwrap(),
-        1
-    );
-    assert_eq!(
-        s.envoy
-            .stat("wasmcustom.tollgate_filter.fail_open_total")
-            .unwrap(),
-        1
-    );
-    assert_eq!(
-        s.envoy
-            .stat("wasmcustom.tollgate_filter.denied_total")
-            .unwrap(),
-        0
-    );
+    assert_eq!(s.envoy.filter_stat("fail_closed").unwrap(), 1);
+    assert_eq!(s.envoy.filter_stat("fail_open").unwrap(), 1);
+    assert_eq!(s.envoy.filter_stat("denied").unwrap(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -368,18 +323,8 @@ async fn redis_down_follows_each_route_fail_mode_then_decisions_recover() {
         // never left to the client's 30 s: a generous bound for a loaded machine.
         assert!(started.elapsed() < Duration::from_secs(5));
     }
-    assert_eq!(
-        s.envoy
-            .stat("wasmcustom.tollgate_filter.fail_closed_total")
-            .unwrap(),
-        5
-    );
-    assert_eq!(
-        s.envoy
-            .stat("wasmcustom.tollgate_filter.denied_total")
-            .unwrap(),
-        0
-    );
+    assert_eq!(s.envoy.filter_stat("fail_closed").unwrap(), 5);
+    assert_eq!(s.envoy.filter_stat("denied").unwrap(), 0);
 
     // Back (empty: this Redis keeps nothing), with no sidecar or Envoy restart.
     redis.restart();
@@ -587,12 +532,7 @@ async fn malformed_input_is_refused_before_any_decision() {
         before,
         "the sidecar was called"
     );
-    assert_eq!(
-        s.envoy
-            .stat("wasmcustom.tollgate_filter.bad_input_total")
-            .unwrap(),
-        4
-    );
+    assert_eq!(s.envoy.filter_stat("bad_input").unwrap(), 4);
     // The same stack still serves good requests.
     assert_eq!(s.chat(COMPLETIONS, &ok, &chat_body(1, 5)).await.status, 200);
 }
@@ -650,12 +590,7 @@ async fn the_customer_is_the_verified_claim_never_a_client_header() {
         )
         .await;
     assert_eq!(r.status, 401, "{}", r.text);
-    assert_eq!(
-        s.envoy
-            .stat("wasmcustom.tollgate_filter.granted_total")
-            .unwrap(),
-        1
-    );
+    assert_eq!(s.envoy.filter_stat("granted").unwrap(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -715,12 +650,7 @@ async fn an_unreadable_answer_and_an_error_status_follow_the_fail_mode() {
             Some(format!("sidecar-{}", reason.replace('_', "-")).as_str()),
             "{answer:?}"
         );
-        assert_eq!(
-            s.envoy
-                .stat("wasmcustom.tollgate_filter.granted_total")
-                .unwrap(),
-            0
-        );
+        assert_eq!(s.envoy.filter_stat("granted").unwrap(), 0);
     }
 }
 
@@ -769,22 +699,7 @@ async fn bounded_mode_passes_within_the_allowance_and_reports_it_once_the_sideca
         before + passed,
         "reported more than once"
     );
-    assert_eq!(
-        s.envoy
-            .stat("wasmcustom.tollgate_filter.bounded_passed_total")
-            .unwrap(),
-        2
-    );
-    assert_eq!(
-        s.envoy
-            .stat("wasmcustom.tollgate_filter.bounded_refused_total")
-            .unwrap(),
-        1
-    );
-    assert_eq!(
-        s.envoy
-            .stat("wasmcustom.tollgate_filter.bounded_reported_total")
-            .unwrap(),
-        2
-    );
+    assert_eq!(s.envoy.filter_stat("bounded_passed").unwrap(), 2);
+    assert_eq!(s.envoy.filter_stat("bounded_refused").unwrap(), 1);
+    assert_eq!(s.envoy.filter_stat("bounded_reported").unwrap(), 2);
 }

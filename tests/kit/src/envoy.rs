@@ -145,6 +145,12 @@ impl Envoy {
             .with_context(|| format!("no stat `{name}` in {text:?}"))
     }
 
+    /// The Tollgate filter's counter `name` (`granted`, `fail_open`...), as the filter names it
+    /// in Envoy's stats (`wasmcustom.tollgate_filter.<name>_total`).
+    pub fn filter_stat(&self, name: &str) -> anyhow::Result<u64> {
+        self.stat(&format!("wasmcustom.tollgate_filter.{name}_total"))
+    }
+
     /// Envoy's `/stats/prometheus` page.
     pub fn prometheus(&self) -> anyhow::Result<String> {
         http_get(&self.admin, "/stats/prometheus")

@@ -269,10 +269,10 @@ impl Demo {
             "   fail-open route   /open/v1/... -> {status}, upstream saw x-tollgate-unchecked: {mark}"
         );
         for stat in ["granted", "denied", "settled", "fail_closed", "fail_open"] {
-            let name = format!("wasmcustom.tollgate_filter.{stat}_total");
             println!(
-                "   envoy stat {name:<32} {}",
-                self.envoy.stat(&name).unwrap_or(0)
+                "   envoy stat {:<48} {}",
+                format!("wasmcustom.tollgate_filter.{stat}_total"),
+                self.envoy.filter_stat(stat).unwrap_or(0)
             );
         }
         Ok(())
