@@ -469,6 +469,7 @@ def scenario_spend(page, a):
     # Nothing yet: the empty state says what to do next.
     expect(page.locator("#spend-empty")).to_be_visible()
     expect(page.locator("#spend-total")).to_have_text("$0.00")
+    expect(page.locator("#nothing-runs-out")).to_be_visible()
     # Prices per million tokens: gpt-4o 2,500 in and 10,000 out, claude 3,000 and 15,000; a
     # credit is worth $0.01. research (alice): 4,000 in + 2,000 out of gpt-4o = 10 + 20 = 30.
     call(a.api, a.app, "alice", "gpt-4o", 4_000, 2_000)
@@ -490,6 +491,18 @@ def scenario_spend(page, a):
     assert shown == expected, (shown, expected)
     assert rows[0][0] == "research" and rows[0][4] == "59 %", rows
     assert table_rows(page, "#spend-denials") == [["team-daily", "1"]]
+    # About to run out: research's daily 10,000, 6,000 spent in the last minutes, runs out
+    # before midnight at this pace, as the budget API projects it (unless the day ends first).
+    _, b = api(a.api, "GET", "/v1/customers/acme/entities/research/budget", a.admin)
+    team = next(x for x in b["limits"] if x["limitId"] == "team-daily")
+    page.reload()
+    soon = page.locator('#running-out tr[data-entity="research"][data-limit="team-daily"]')
+    if team["projectedExhaustion"]:
+        expect(soon).to_be_visible()
+        expect(soon).to_contain_text("6000 / 10000")
+    else:
+        expect(soon).to_have_count(0)
+    expect(page.locator("#spend-total")).to_have_text("$0.51")
     shot(page, a.artifacts, "overview-spend")
     # By model, over the last 24 hours: the same total, split per model.
     page.locator("#spend-form select[name=by]").select_option("model")

@@ -555,11 +555,16 @@ async fn tree(
 /// The overview page (`whole`) or one page of its tree.
 async fn tree_page(state: &AppState, cp: CustomerPage, query: &TreeQuery, whole: bool) -> Response {
     let CustomerPage { page, customer } = cp;
+    let running_out = if whole {
+        running_out(state, &customer).await
+    } else {
+        Vec::new()
+    };
     match tree_context(state, &customer, query).await {
         Ok(tree) if whole => render(
             StatusCode::OK,
             "overview.html",
-            context! { ..base(&page, &customer, "overview", "Overview"), ..tree, ..spend_context(state) },
+            context! { ..base(&page, &customer, "overview", "Overview"), ..tree, ..spend_context(state), ..context! { running_out } },
         ),
         Ok(tree) => render(StatusCode::OK, "tree.html", tree),
         Err(e) => {
@@ -860,6 +865,56 @@ async fn live_page(
             per_page => LIVE_PAGE,
         } },
     )
+}
+
+/// Most entities the first screen looks at for budgets about to run out: the top of the tree
+/// and the level under it (teams, workspaces), never every user.
+const RUNNING_OUT_SCOPE: usize = 100;
+
+/// The budgets of the top of the tree and the level under it that run out before they reset at
+/// the last 15 minutes' pace (quotas and credit pools only: a rate or a concurrency slot
+/// recovers on its own), the soonest first.
+async fn running_out(state: &AppState, customer: &str) -> Vec<Value> {
+    let mut ids: Vec<String> = Vec::new();
+    if let Ok(top) = state.entity_page(customer, None, None, 0, 10).await {
+        for root in top.rows {
+            if let Ok(under) = state
+                .entity_page(customer, Some(&root.id), None, 0, RUNNING_OUT_SCOPE)
+                .await
+            {
+                ids.extend(under.rows.into_iter().map(|r| r.id));
+            }
+            ids.push(root.id);
+        }
+    }
+    ids.truncate(RUNNING_OUT_SCOPE);
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let Ok(budgets) = state.budgets(customer, &refs).await else {
+        return Vec::new();
+    };
+    let mut soon: Vec<(i64, Value)> = Vec::new();
+    for b in &budgets {
+        for l in &b.limits {
+            let Some(at) = l.projected_exhaustion else {
+                continue;
+            };
+            soon.push((
+                at,
+                context! {
+                    entity => b.entity,
+                    entity_type => b.entity_type,
+                    limit_id => l.limit_id,
+                    used => l.used,
+                    limit => l.limit,
+                    remaining => l.remaining,
+                    runs_out => when(at),
+                    resets => l.resets_at.and_then(when),
+                },
+            ));
+        }
+    }
+    soon.sort_by_key(|(at, _)| *at);
+    soon.into_iter().map(|(_, v)| v).collect()
 }
 
 /// The overview's spend section: the keys spend breaks down by, with human names, and the one
