@@ -521,6 +521,12 @@ def scenario_spend(page, a):
     page.get_by_role("button", name="Sign out").click()
     sign_in(page, a.portal, a.operator)
     expect(page.get_by_role("link", name="acme")).to_be_visible()
+    # Every customer with its week's spend, as its own spend API counts it.
+    acme = page.locator('#customers tr[data-customer="acme"]')
+    expect(acme.locator(".spent")).to_have_text("$0.51")
+    expect(acme.locator(".calls")).to_have_text("2")
+    expect(acme.locator(".denied")).to_have_text("1")
+    expect(page.locator('#customers tr[data-customer="globex"] .spent')).to_have_text("$0.00")
     shot(page, a.artifacts, "operator-customers")
     page.goto(f"{a.portal}/portal/c/acme/")
     expect(page.locator("#spend-total")).to_have_text("$0.51")

@@ -226,6 +226,33 @@
     }));
   }
 
+  // Customers (the operator): each customer's spend of the last 7 days, a few at a time.
+  async function fillCustomers() {
+    const rows = Array.from(document.querySelectorAll("#customers tr[data-customer]"));
+    const fill = async (tr) => {
+      const c = tr.dataset.customer;
+      const r = await api("GET", `/v1/customers/${enc(c)}/usage/spend?by=featureId&days=7&limit=1`);
+      const put = (cls, text) => { tr.querySelector(`.${cls}`).textContent = text; };
+      if (!r.ok) { put("spent", reason(r)); return; }
+      const s = r.json;
+      let spent = `${s.total.credits.toLocaleString("en")} credits`;
+      if (s.currency && s.total.amount !== null) {
+        try {
+          spent = new Intl.NumberFormat("en", { style: "currency", currency: s.currency }).format(Number(s.total.amount));
+        } catch (_) { spent = `${s.total.amount} ${s.currency}`; }
+      }
+      put("spent", spent);
+      put("credits", s.total.credits.toLocaleString("en"));
+      put("change", s.change === null ? (s.total.credits > 0 ? "new" : "—") : `${Math.round(s.change * 100)} %`);
+      put("calls", s.total.requests.toLocaleString("en"));
+      put("denied", s.total.denied.toLocaleString("en"));
+    };
+    // Four at a time: a long list does not flood the server.
+    for (let i = 0; i < rows.length; i += 4) {
+      await Promise.all(rows.slice(i, i + 4).map(fill));
+    }
+  }
+
   // Alerts: rules, webhooks (secret shown once), test deliveries and the delivery log.
   async function refreshDeliveries() {
     const r = await api("GET", `${base}/alerts/deliveries?limit=50`);
@@ -494,6 +521,7 @@
     }
     if (page === "alerts") { wireAlerts(); refreshDeliveries(); setInterval(refreshDeliveries, 3000); }
     if (page === "limits") wireLimits();
+    if (page === "customers") fillCustomers();
     if (page === "keys") wireKeys();
     if (page === "live") wireLive();
   });
