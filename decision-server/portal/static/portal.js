@@ -97,10 +97,10 @@
     const from = new Date(to.getTime() - range * 1000);
     const q = new URLSearchParams({ from: from.toISOString(), to: to.toISOString(), windowSize: f.windowSize.value });
     q.append("groupBy", f.groupBy.value);
-    return { q, by: f.groupBy.value, from, to };
+    return { q, by: f.groupBy.value, from, to, measure: f.measure ? f.measure.value : "units" };
   }
   async function refreshExplorer() {
-    const { q, by, from, to } = explorerQuery();
+    const { q, by, from, to, measure } = explorerQuery();
     document.getElementById("csv").href = `/portal/c/${enc(customer)}/usage.csv?${q}`;
     const h = await api("GET", `${base}/usage/history?${q}`);
     if (!h.ok) { showError(reason(h)); return; }
@@ -110,7 +110,7 @@
     const host = document.getElementById("chart");
     empty.hidden = series.length > 0;
     const xs = series.length ? series[0].points.map((p) => Date.parse(p.windowStart) / 1000) : [];
-    const data = [xs].concat(series.map((s) => s.points.map((p) => p.units)));
+    const data = [xs].concat(series.map((s) => s.points.map((p) => p[measure] ?? 0)));
     const names = series.map((s) => Object.values(s.groupBy).map((v) => v ?? "(none)").join(" · ") || "all");
     const colors = ["#0969da", "#c62828", "#2e7d32", "#ef6c00", "#8250df", "#1b7c83", "#bf3989", "#57606a"];
     if (chart) { chart.destroy(); chart = null; }
@@ -119,7 +119,7 @@
       chart = new uPlot({
         width: Math.max(host.clientWidth, 400), height: 320,
         series: [{}].concat(names.map((n, i) => ({ label: n, stroke: colors[i % colors.length], width: 2 }))),
-        axes: [{}, { label: "units" }],
+        axes: [{}, { label: measure === "requests" ? "calls" : measure }],
       }, data, host);
     }
     host.dataset.series = String(series.length);
@@ -134,6 +134,7 @@
       for (const row of top.json.rows) {
         const tr = document.createElement("tr");
         cell(tr, row.value ?? "(none)"); cell(tr, row.units); cell(tr, row.requests);
+        cell(tr, row.credits ?? 0); cell(tr, row.denied ?? 0);
         tbody.appendChild(tr);
       }
     }
