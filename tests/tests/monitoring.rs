@@ -202,7 +202,11 @@ async fn dashboards_alerts_and_docs_name_only_metrics_the_binaries_export_from_t
     // And every family the sidecar exports, and every counter of the filter's, is documented.
     let undocumented: Vec<String> = families(&sidecar_page)
         .into_iter()
-        .chain(families(&envoy_page).into_iter().filter(|f| f.starts_with("tollgate_")))
+        .chain(
+            families(&envoy_page)
+                .into_iter()
+                .filter(|f| f.starts_with("tollgate_")),
+        )
         .filter(|f| !documented.contains(f))
         .collect();
     assert!(
