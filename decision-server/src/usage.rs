@@ -350,20 +350,23 @@ pub async fn spend(
         to,
         window_millis: w,
     };
-    // One price lookup per table and model, however many buckets.
-    let mut prices: FxHashMap<(i64, String), Option<crate::core::plan::PriceSnapshot>> =
+    // One price lookup per table and model, however many buckets (looked up by the borrowed
+    // name: a row costs no allocation once its model was priced).
+    let mut prices: FxHashMap<i64, FxHashMap<String, Option<crate::core::plan::PriceSnapshot>>> =
         FxHashMap::default();
     let report = usage_query::spend(&scans, &q, |at, name| {
         let table = model.price_table_at(crate::core::Timestamp::from_millis(at))?;
-        *prices
-            .entry((table.effective_from.millis(), name.to_string()))
-            .or_insert_with(|| {
-                table
-                    .models
-                    .iter()
-                    .find(|p| p.pattern.matches(name))
-                    .map(crate::core::plan::PriceSnapshot::from)
-            })
+        let known = prices.entry(table.effective_from.millis()).or_default();
+        if let Some(p) = known.get(name) {
+            return *p;
+        }
+        let p = table
+            .models
+            .iter()
+            .find(|p| p.pattern.matches(name))
+            .map(crate::core::plan::PriceSnapshot::from);
+        known.insert(name.to_string(), p);
+        p
     });
     Ok(Spend {
         by: req.by,
