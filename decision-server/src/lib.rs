@@ -18,6 +18,7 @@ pub mod server;
 pub mod service;
 pub mod session;
 pub mod store;
+pub mod trial;
 pub mod usage;
 
 pub use engine::{CheckRequest, DecisionError, Engine};

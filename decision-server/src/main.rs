@@ -1,4 +1,5 @@
-//! The `tollgate` command line: serve a config, validate one, or make credentials for one.
+//! The `tollgate` command line: serve a config, validate one, make credentials for one, or
+//! make a trial identity provider's key and tokens.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,6 +67,47 @@ enum Command {
         /// The key's public id (default `<customer>-key`).
         #[arg(long)]
         id: Option<String>,
+        /// What the customer's key may do: `app` (reads and decisions), `viewer` (reads
+        /// only) or `admin` (also the customer's limits, alerts and webhooks).
+        #[arg(long, requires = "customer", value_parser = ["app", "viewer", "admin"])]
+        role: Option<String>,
+    },
+    /// For trials without an identity provider: make an Ed25519 signing key
+    /// (`<dir>/signing-key.pem`, kept secret) and the JWKS that verifies its tokens
+    /// (`<dir>/jwks.json`, one line, for Envoy's `jwt_authn`). Production uses the company's
+    /// identity provider instead.
+    TrialKey {
+        /// Where to write the two files (made if missing).
+        #[arg(long, default_value = "trial")]
+        dir: PathBuf,
+        /// Replace a key that is already there.
+        #[arg(long)]
+        force: bool,
+    },
+    /// For trials: print a JWT signed with the trial key, naming the customer who pays
+    /// (claim `org`) and the user (claim `sub`).
+    TrialToken {
+        /// The signing key `tollgate trial-key` made.
+        #[arg(long, default_value = "trial/signing-key.pem")]
+        key: PathBuf,
+        /// The customer (claim `org`).
+        #[arg(long)]
+        customer: String,
+        /// The user (claim `sub`).
+        #[arg(long)]
+        user: Option<String>,
+        /// The issuer (claim `iss`); Envoy's `jwt_authn` provider must name the same.
+        #[arg(long, default_value = tollgate::trial::TRIAL_ISSUER)]
+        issuer: String,
+        /// The audience (claim `aud`), if the verifier asks for one.
+        #[arg(long)]
+        audience: Option<String>,
+        /// How long the token is good for, in minutes.
+        #[arg(long, default_value_t = 60)]
+        minutes: u64,
+        /// More claims, `name=value` (for example `team=research`); repeatable.
+        #[arg(long = "claim", value_name = "NAME=VALUE")]
+        claims: Vec<String>,
     },
 }
 
@@ -99,7 +141,12 @@ fn validate(file: &std::path::Path) -> ExitCode {
     }
 }
 
-fn keygen(customer: Option<String>, gateway: Option<String>, id: Option<String>) {
+fn keygen(
+    customer: Option<String>,
+    gateway: Option<String>,
+    id: Option<String>,
+    role: Option<String>,
+) {
     let secret = tollgate::auth::random_secret();
     if let Some(gateway) = gateway {
         let token = format!("{gateway}.{secret}");
@@ -125,14 +172,87 @@ fn keygen(customer: Option<String>, gateway: Option<String>, id: Option<String>)
         Some(customer) => {
             let id = id.unwrap_or_else(|| format!("{customer}-key"));
             let key = format!("{id}.{secret}");
-            println!("API key for `{customer}` (keep it secret): {key}");
+            let role = role.as_deref().unwrap_or("app");
+            println!("API key for `{customer}`, role {role} (keep it secret): {key}");
             println!("config, under server.credentials.apiKeys:");
             println!(
-                "  - {{ id: {id}, customer: {customer}, sha256: {} }}",
+                "  - {{ id: {id}, customer: {customer}, role: {role}, sha256: {} }}",
                 hex::encode(tollgate::auth::sha256(&key))
             );
         }
     }
+}
+
+fn trial_key(dir: &std::path::Path, force: bool) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let key_path = dir.join("signing-key.pem");
+    let jwks_path = dir.join("jwks.json");
+    if key_path.exists() && !force {
+        // Idempotent: the key stays, and its JWKS is written again from it.
+        let pem = std::fs::read_to_string(&key_path)
+            .with_context(|| format!("cannot read {}", key_path.display()))?;
+        let jwks =
+            tollgate::trial::jwks_of(&pem).with_context(|| key_path.display().to_string())?;
+        std::fs::write(&jwks_path, format!("{jwks}\n"))
+            .with_context(|| format!("cannot write {}", jwks_path.display()))?;
+        println!(
+            "{} is already there (kept; --force makes a new one); {} written from it",
+            key_path.display(),
+            jwks_path.display()
+        );
+        return Ok(());
+    }
+    let (pem, jwks) = tollgate::trial::new_key()?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot make {}", dir.display()))?;
+    // Readable by its owner only: whoever reads it can sign tokens for any customer.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&key_path)
+        .with_context(|| format!("cannot write {}", key_path.display()))?;
+    file.write_all(pem.as_bytes())
+        .with_context(|| format!("cannot write {}", key_path.display()))?;
+    std::fs::write(&jwks_path, format!("{jwks}\n"))
+        .with_context(|| format!("cannot write {}", jwks_path.display()))?;
+    println!(
+        "signing key (for trials; keep it secret): {}\nits JWKS (for Envoy's jwt_authn, issuer `{}`): {}",
+        key_path.display(),
+        tollgate::trial::TRIAL_ISSUER,
+        jwks_path.display()
+    );
+    Ok(())
+}
+
+fn trial_token(key: &std::path::Path, claims: tollgate::trial::TokenClaims) -> anyhow::Result<()> {
+    let pem = std::fs::read_to_string(key).with_context(|| {
+        format!(
+            "cannot read the signing key {} (make one with `tollgate trial-key`)",
+            key.display()
+        )
+    })?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("the clock is before 1970")?
+        .as_secs();
+    let token =
+        tollgate::trial::token(&pem, &claims, now).with_context(|| key.display().to_string())?;
+    println!("{token}");
+    Ok(())
+}
+
+fn claim_pairs(pairs: &[String]) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    pairs
+        .iter()
+        .map(|p| {
+            p.split_once('=')
+                .filter(|(k, _)| !k.is_empty())
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--claim `{p}` is not NAME=VALUE"))
+        })
+        .collect()
 }
 
 fn serve(config: PathBuf, workers: Option<usize>) -> anyhow::Result<()> {
@@ -169,16 +289,43 @@ fn main() -> ExitCode {
             customer,
             gateway,
             id,
+            role,
         } => {
-            keygen(customer, gateway, id);
+            keygen(customer, gateway, id, role);
             ExitCode::SUCCESS
         }
-        Command::Serve { config, workers } => match serve(config, workers) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("tollgate: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::TrialKey { dir, force } => finish(trial_key(&dir, force)),
+        Command::TrialToken {
+            key,
+            customer,
+            user,
+            issuer,
+            audience,
+            minutes,
+            claims,
+        } => finish(claim_pairs(&claims).and_then(|extra| {
+            trial_token(
+                &key,
+                tollgate::trial::TokenClaims {
+                    issuer,
+                    customer,
+                    user,
+                    audience,
+                    ttl_seconds: minutes.saturating_mul(60),
+                    extra,
+                },
+            )
+        })),
+        Command::Serve { config, workers } => finish(serve(config, workers)),
+    }
+}
+
+fn finish(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tollgate: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -119,17 +119,36 @@ impl Decision {
                 .iter()
                 .find(|e| e.level == d.level && e.limit_id == d.limit_id);
         }
-        // Tightest by share left, not by units: the limits of one chain count different
-        // things (tokens, requests, slots, credits).
-        self.chain
-            .iter()
-            .filter(|e| e.mode == Mode::Enforce)
-            .min_by(|a, b| {
-                let left_a = u128::from(a.remaining) * u128::from(b.usage_limit.max(1));
-                let left_b = u128::from(b.remaining) * u128::from(a.usage_limit.max(1));
-                left_a.cmp(&left_b)
-            })
+        least_left(self.chain.iter().filter(|e| e.mode == Mode::Enforce))
     }
+
+    /// The limit the `RateLimit-*` headers describe: [`Self::tightest`] among the limits that
+    /// count the request's units (rate, quota, credits). A concurrency limit counts calls in
+    /// flight, not units: `RateLimit-Limit: 8` for eight slots reads as eight tokens to a
+    /// client, so a decision bound only by slots gets no such headers.
+    pub fn tightest_metered(&self) -> Option<&ChainEntry> {
+        use crate::core::model::KindName;
+        if let Some(d) = &self.denial {
+            return (d.kind != KindName::Concurrency)
+                .then(|| self.tightest())
+                .flatten();
+        }
+        least_left(
+            self.chain
+                .iter()
+                .filter(|e| e.mode == Mode::Enforce && e.kind != KindName::Concurrency),
+        )
+    }
+}
+
+/// The entry with the smallest share left. By share, not by units: the limits of one chain
+/// count different things (tokens, requests, slots, credits).
+fn least_left<'a>(entries: impl Iterator<Item = &'a ChainEntry>) -> Option<&'a ChainEntry> {
+    entries.min_by(|a, b| {
+        let left_a = u128::from(a.remaining) * u128::from(b.usage_limit.max(1));
+        let left_b = u128::from(b.remaining) * u128::from(a.usage_limit.max(1));
+        left_a.cmp(&left_b)
+    })
 }
 
 #[cfg(test)]
@@ -163,5 +182,68 @@ mod tests {
         ] {
             assert!(bad.parse::<HoldId>().is_err(), "{bad} parsed");
         }
+    }
+
+    fn entry(
+        limit: &str,
+        kind: crate::core::model::KindName,
+        limit_of: u64,
+        left: u64,
+    ) -> ChainEntry {
+        ChainEntry {
+            level: 0,
+            entity_id: "research".into(),
+            entity_type: "team".into(),
+            limit_id: limit.into(),
+            feature_id: "ai-tokens".into(),
+            kind,
+            mode: Mode::Enforce,
+            requested: 1,
+            usage_limit: limit_of,
+            current_usage: limit_of - left,
+            remaining: left,
+            reset_at: None,
+            exceeded: false,
+        }
+    }
+
+    #[test]
+    fn rate_limit_headers_describe_units_never_concurrency_slots() {
+        use crate::core::model::KindName;
+        // Two of eight slots left is a smaller share than 500 of 1,000 tokens.
+        let d = Decision {
+            granted: true,
+            hold_id: None,
+            dry_run: false,
+            no_matching_limit: false,
+            chain: vec![
+                entry("slots", KindName::Concurrency, 8, 2),
+                entry("daily", KindName::Quota, 1000, 500),
+            ],
+            denial: None,
+        };
+        assert_eq!(d.tightest().map(|e| e.limit_id.as_str()), Some("slots"));
+        assert_eq!(
+            d.tightest_metered().map(|e| e.limit_id.as_str()),
+            Some("daily")
+        );
+        let only_slots = Decision {
+            chain: vec![entry("slots", KindName::Concurrency, 8, 2)],
+            ..d.clone()
+        };
+        assert!(only_slots.tightest_metered().is_none());
+        let denied = Decision {
+            granted: false,
+            denial: Some(Denial {
+                level: 0,
+                entity_id: "research".into(),
+                limit_id: "slots".into(),
+                kind: KindName::Concurrency,
+                reason: "no slot".into(),
+                retry_at: None,
+            }),
+            ..d
+        };
+        assert!(denied.tightest_metered().is_none());
     }
 }

@@ -186,7 +186,7 @@ fn seconds_until(at: Option<Timestamp>, now: Timestamp) -> Option<u64> {
 
 /// `RateLimit-*` headers for the tightest limit of a decision.
 fn rate_limit_headers(d: &Decision, now: Timestamp) -> Vec<HeaderValueOption> {
-    let Some(e) = d.tightest() else {
+    let Some(e) = d.tightest_metered() else {
         return Vec::new();
     };
     let mut out = vec![
@@ -291,7 +291,7 @@ pub fn decision_response(
             body.to_string(),
         );
     }
-    let remaining = d.tightest().map(|e| e.remaining);
+    let remaining = d.tightest_metered().map(|e| e.remaining);
     let mut upstream = Vec::new();
     let mut meta = HashMap::new();
     if let Some(h) = &d.hold_id {
