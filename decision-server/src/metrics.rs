@@ -79,6 +79,8 @@ pub const CLOSE_RESULTS: [&str; 6] = [
 ];
 /// How an ingested usage event ended.
 pub const INGEST_RESULTS: [&str; 3] = ["recorded", "duplicate", "rejected"];
+/// What a request Envoy's access log reported did to its hold.
+pub const ACCESS_LOG_RESULTS: [&str; 5] = ["settled", "held", "released", "no_hold", "unreadable"];
 /// How a config reload ended.
 pub const RELOAD_RESULTS: [&str; 2] = ["applied", "rejected"];
 /// The listeners that count their connections.
@@ -176,6 +178,7 @@ pub struct Metrics {
     settle_excess: Counter,
     settles_capped: Counter,
     ingested: Family<ResultLabels, Counter>,
+    access_log: Family<ResultLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     store_failures: Counter,
     breaker_rejections: Counter,
@@ -353,6 +356,12 @@ impl Metrics {
             "Ingested usage events by result",
             ingested.clone(),
         );
+        let access_log = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "access_log_reports",
+            "Finished requests Envoy's access log reported, by what closed their hold: settled at the reported usage, held (charged what was held) or released by policy, no hold to close, or unreadable",
+            access_log.clone(),
+        );
         let reloads = Family::<ResultLabels, Counter>::default();
         registry.register(
             "config_reloads",
@@ -411,6 +420,9 @@ impl Metrics {
         for result in RELOAD_RESULTS {
             let _ = reloads.get_or_create(&ResultLabels { result });
         }
+        for result in ACCESS_LOG_RESULTS {
+            let _ = access_log.get_or_create(&ResultLabels { result });
+        }
         for how in ["sealed", "scanned", "indexed"] {
             let _ = bucket_reads.get_or_create(&HowLabels { how });
         }
@@ -442,6 +454,7 @@ impl Metrics {
             settle_excess,
             settles_capped,
             ingested,
+            access_log,
             reloads,
             leases,
         }
@@ -477,6 +490,17 @@ impl Metrics {
     pub fn ingest(&self, result: &'static str) {
         debug_assert!(INGEST_RESULTS.contains(&result), "ingest result {result}");
         self.ingested.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// `result`: one of [`ACCESS_LOG_RESULTS`].
+    pub fn access_log(&self, result: &'static str) {
+        debug_assert!(
+            ACCESS_LOG_RESULTS.contains(&result),
+            "access log result {result}"
+        );
+        self.access_log
+            .get_or_create(&ResultLabels { result })
+            .inc();
     }
 
     /// `result`: one of [`RELOAD_RESULTS`].

@@ -20,6 +20,7 @@ use crate::clock::SystemClock;
 use crate::config::server::{ListenAddr, LogFormat, ServerSettings, Storage};
 use crate::config::{self, ConfigErrors, Loaded};
 use crate::engine::Engine;
+use crate::grpc::access_log::{AccessLogServiceServer, AccessLogSettlement};
 use crate::grpc::{ExtAuthzService, TollgateServer, TollgateService};
 use crate::service::Service;
 use crate::store::{CounterStore, DurableStore, MemoryStore};
@@ -219,6 +220,13 @@ pub async fn run(config_path: PathBuf, workers: Workers) -> anyhow::Result<()> {
         )
         .add_service(
             TollgateServer::new(TollgateService::ext_authz(
+                Arc::clone(&service),
+                shutdown_rx.clone(),
+            ))
+            .max_decoding_message_size(max_message),
+        )
+        .add_service(
+            AccessLogServiceServer::new(AccessLogSettlement::new(
                 Arc::clone(&service),
                 shutdown_rx.clone(),
             ))

@@ -39,9 +39,12 @@ def openai_client(args, **kw):
 
 
 def anthropic_client(args, **kw):
+    # `auth_token` sends `Authorization: Bearer`; `--anthropic-api-key` passes the JWT as the
+    # SDK's `api_key` instead (`x-api-key`), as most Anthropic code is written.
+    key = {"api_key": args.token} if args.anthropic_api_key else {"auth_token": args.token}
     return anthropic.Anthropic(
         base_url=args.base_url,
-        auth_token=args.token,
+        **key,
         default_headers={"x-team-id": args.team, **extra_headers(args), **kw.pop("headers", {})},
         **kw,
     )
@@ -365,6 +368,8 @@ def main():
     p.add_argument("--reads", type=int, default=1)
     p.add_argument("--mixed", action="store_true",
                    help="race: embeddings, free calls and Anthropic messages among the chats")
+    p.add_argument("--anthropic-api-key", action="store_true",
+                   help="give the token to the Anthropic SDK as `api_key`, not `auth_token`")
     p.add_argument("--header", action="append", default=[],
                    help="an extra request header, 'name: value' (repeatable)")
     p.add_argument("scenario", choices=sorted([*SCENARIOS, "race"]))

@@ -1,43 +1,97 @@
 //! End to end through Envoy's own ext_authz filter (no WASM) and the real sidecar: the
 //! customer and user from the claims jwt_authn verified, the team from a header, feature and
-//! usage from per-route `context_extensions`, the gateway token in the call's metadata; grant,
-//! denial at the team cap, and both fail modes.
+//! usage from per-route `context_extensions`, the gateway token in the call's metadata; holds
+//! settled from Envoy's gRPC access log, denial at the team cap, and both fail modes.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
 
 use serde_json::json;
-use support::{INITECH, RESEARCH_CAP, Stack, caller, chat_body};
+use std::time::{Duration, Instant};
+
+use support::{INITECH, RESEARCH_CAP, SIDECAR, Stack, caller, chat_body, initech_ops};
 
 const NATIVE: &str = "native-ext-authz.yaml";
 const COMPLETIONS: &str = "/v1/chat/completions";
 
+/// [`SIDECAR`] settling the native path's holds from Envoy's access log.
+fn settling_sidecar() -> String {
+    const USAGE: &str = "    usage: { header: x-tollgate-usage }\n";
+    assert!(SIDECAR.contains(USAGE), "the sidecar config changed shape");
+    SIDECAR.replace(
+        USAGE,
+        &format!("{USAGE}    settlement: {{ onMissing: held }}\n"),
+    )
+}
+
+/// Waits (bounded) until no hold is open.
+async fn holds_closed(s: &Stack) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let open = s.sidecar_metrics().await.get("tollgate_holds_open", &[]);
+        if open == Some(0.0) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{open:?} holds still open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn native_ext_authz_grants_then_denies_at_the_team_cap() {
-    let s = Stack::start(NATIVE);
+async fn native_ext_authz_settles_from_envoys_access_log_then_denies_at_the_team_cap() {
+    let s = Stack::start_full(NATIVE, &settling_sidecar(), |c| c);
     let carol = caller("acme", Some("carol"));
-    let h = [("authorization", carol.as_str())];
-    // Each request commits the route's 256 tokens at the grant (`tollgate.commit`: nothing
-    // settles on this path): one fits under research's 300, the second does not.
+    let report = ("x-mock-report-usage", "x-tollgate-actual-usage");
+    // A client's copies of Tollgate's upstream headers are forged: Envoy drops them.
+    let h = [
+        ("authorization", carol.as_str()),
+        report,
+        ("x-tollgate-hold-id", "forged"),
+        ("x-tollgate-unchecked", "forged"),
+    ];
+    // The route holds 256 (research's cap is 300); the upstream reports 1 + 5 = 6 in its
+    // response header, Envoy's access log brings it to the sidecar, the hold settles at 6
+    // long before its five-minute TTL.
     let r = s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await;
     assert_eq!(r.status, 200, "{}", r.text);
-    assert!(
-        r.header("x-echo-x-tollgate-hold-id").is_none(),
-        "the hold id goes upstream only when asked for: {:?}",
-        r.headers
-    );
+    for forged in ["x-echo-x-tollgate-hold-id", "x-echo-x-tollgate-unchecked"] {
+        assert!(
+            r.header(forged).is_none(),
+            "{forged} reached the upstream: {:?}",
+            r.headers
+        );
+    }
+    assert_eq!(r.header("x-tollgate-actual-usage"), Some("6"));
     assert!(r.header("ratelimit-remaining").is_some(), "{:?}", r.headers);
+    s.usage_settles_at("acme", json!({"userId": "carol"}), "research-daily", 6)
+        .await;
+    holds_closed(&s).await;
+    // An upstream that fails and reports nothing: released (`onUpstreamError`, default).
+    let failing = [("authorization", carol.as_str()), ("x-mock-status", "500")];
+    let r = s.chat(COMPLETIONS, &failing, &chat_body(1, 5)).await;
+    assert_eq!(r.status, 500, "{}", r.text);
+    holds_closed(&s).await;
     assert_eq!(
         s.usage("acme", json!({"userId": "carol"}), "research-daily")
             .await,
-        256
+        6
     );
+    // A success that reports nothing: charged what it held (`onMissing: held`).
+    let silent = [("authorization", carol.as_str())];
+    let r = s.chat(COMPLETIONS, &silent, &chat_body(1, 5)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    s.usage_settles_at("acme", json!({"userId": "carol"}), "research-daily", 262)
+        .await;
+    holds_closed(&s).await;
     let m = s.sidecar_metrics().await;
-    assert_eq!(
-        m.get("tollgate_holds_open", &[]),
-        Some(0.0),
-        "a commit holds nothing"
-    );
+    for (result, n) in [("settled", 1.0), ("released", 1.0), ("held", 1.0)] {
+        assert_eq!(
+            m.get("tollgate_access_log_reports_total", &[("result", result)]),
+            Some(n),
+            "{result}"
+        );
+    }
+    // 262 + 256 does not fit under 300.
     let r = s.chat(COMPLETIONS, &h, &chat_body(1, 5)).await;
     assert_eq!(r.status, 429, "{}", r.text);
     let body = r.json();
@@ -51,6 +105,15 @@ async fn native_ext_authz_grants_then_denies_at_the_team_cap() {
     ] {
         assert!(r.header(h).is_some(), "denial lacks {h}: {:?}", r.headers);
     }
+    // A denial holds nothing, so Envoy reports nothing for it.
+    let m = s.sidecar_metrics().await;
+    assert_eq!(
+        m.get(
+            "tollgate_access_log_reports_total",
+            &[("result", "no_hold")]
+        ),
+        Some(0.0)
+    );
     // A verified token that names no customer: bad input, nothing held.
     let no_org = format!(
         "Bearer {}",
@@ -74,6 +137,34 @@ async fn native_ext_authz_grants_then_denies_at_the_team_cap() {
     // No token: jwt_authn refuses before any decision.
     let r = s.chat(COMPLETIONS, &[], &chat_body(1, 5)).await;
     assert_eq!(r.status, 401, "{}", r.text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_settlement_configured_the_native_path_holds_until_the_ttl_and_a_commit_route_counts_at_once()
+ {
+    let s = Stack::start(NATIVE);
+    let h = [("authorization", INITECH.as_str()), ("x-team-id", "ops")];
+    let report = ("x-mock-report-usage", "x-tollgate-actual-usage");
+    // The fail-open route commits its fixed price: nothing held.
+    let r = s
+        .chat(
+            "/open/v1/chat/completions",
+            &[h[0], h[1], report],
+            &chat_body(1, 5),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(initech_ops(&s).await, 256);
+    // The settled route without `server.extAuthz.settlement`: the report is read and dropped,
+    // the hold stays open at 256 until its TTL.
+    let r = s
+        .chat(COMPLETIONS, &[h[0], h[1], report], &chat_body(1, 5))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(initech_ops(&s).await, 512);
+    let m = s.sidecar_metrics().await;
+    assert_eq!(m.get("tollgate_holds_open", &[]), Some(1.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -323,6 +323,36 @@ pub struct ExtAuthzDto {
     /// provider cannot).
     #[serde(default)]
     pub bearer_jwt: Option<BearerJwtDto>,
+    /// Settle the native path's holds from Envoy's access log (its gRPC access log service
+    /// sends each finished request to this listener). Absent: holds wait for the route's
+    /// `tollgate.commit`, the API, or their TTL.
+    #[serde(default)]
+    pub settlement: Option<SettlementDto>,
+}
+
+/// `server.extAuthz.settlement`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SettlementDto {
+    /// The response header that carries the request's actual usage in whole units (Envoy
+    /// must log it: `additional_response_headers_to_log`). Default `x-tollgate-actual-usage`.
+    #[serde(default)]
+    pub usage_header: Option<String>,
+    /// A finished request that reports no usage: `held` charges what it held (the default),
+    /// `release` charges nothing.
+    #[serde(default)]
+    pub on_missing: Option<ClosePolicyDto>,
+    /// A request whose upstream failed (a 5xx, or no response at all) and reports no usage.
+    /// Default `release`.
+    #[serde(default)]
+    pub on_upstream_error: Option<ClosePolicyDto>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ClosePolicyDto {
+    Held,
+    Release,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -455,7 +485,39 @@ pub struct ExtAuthzSettings {
     pub upstream_hold_id: bool,
     /// Verifies the caller's bearer JWT for `jwtClaim` sources (see [`BearerJwtDto`]).
     pub bearer_jwt: Option<std::sync::Arc<crate::jwt::BearerJwt>>,
+    /// Settling holds from Envoy's access log; `None`: its reports are not read.
+    pub settlement: Option<Settlement>,
 }
+
+/// How a finished request reported in Envoy's access log closes its hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement {
+    /// Lower-case response header with the actual usage.
+    pub usage_header: String,
+    pub on_missing: ClosePolicy,
+    pub on_upstream_error: ClosePolicy,
+}
+
+/// What closes a hold whose request reported no usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClosePolicy {
+    /// Charge what was held.
+    Held,
+    /// Charge nothing.
+    Release,
+}
+
+impl From<ClosePolicyDto> for ClosePolicy {
+    fn from(d: ClosePolicyDto) -> Self {
+        match d {
+            ClosePolicyDto::Held => ClosePolicy::Held,
+            ClosePolicyDto::Release => ClosePolicy::Release,
+        }
+    }
+}
+
+/// The default `server.extAuthz.settlement.usageHeader`.
+pub const DEFAULT_USAGE_HEADER: &str = "x-tollgate-actual-usage";
 
 impl Default for ExtAuthzSettings {
     /// The customer has no header by default: a header is whatever the client sends, and the
@@ -473,6 +535,7 @@ impl Default for ExtAuthzSettings {
             upstream_headers: true,
             upstream_hold_id: false,
             bearer_jwt: None,
+            settlement: None,
         }
     }
 }
@@ -1051,6 +1114,30 @@ fn ext_authz(e: &ExtAuthzDto, file: &str, errors: &mut Errors<'_>) -> ExtAuthzSe
             .bearer_jwt
             .as_ref()
             .and_then(|b| bearer_jwt(b, file, errors)),
+        settlement: e.settlement.as_ref().map(|s| settlement(s, errors)),
+    }
+}
+
+/// `server.extAuthz.settlement`: the header name must be one Envoy can log.
+fn settlement(dto: &SettlementDto, errors: &mut Errors<'_>) -> Settlement {
+    let usage_header = dto
+        .usage_header
+        .as_deref()
+        .unwrap_or(DEFAULT_USAGE_HEADER)
+        .to_ascii_lowercase();
+    let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if usage_header.is_empty() || !usage_header.chars().all(token) {
+        errors.push(
+            "server.extAuthz.settlement.usageHeader",
+            format!("`{usage_header}` is not an HTTP header name"),
+        );
+    }
+    Settlement {
+        usage_header,
+        on_missing: dto.on_missing.map_or(ClosePolicy::Held, Into::into),
+        on_upstream_error: dto
+            .on_upstream_error
+            .map_or(ClosePolicy::Release, Into::into),
     }
 }
 

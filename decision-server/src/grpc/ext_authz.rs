@@ -26,6 +26,9 @@ use crate::engine::{CheckRequest as Check, DecisionError};
 use crate::metrics::Api;
 use crate::service::Service;
 
+/// The dynamic metadata key of the units a grant held, when the access log settles.
+pub const METADATA_HELD: &str = "heldUsage";
+
 pub use tollgate_proto::ext_authz::{
     HEADER_HOLD_ID, HEADER_NO_LIMIT, HEADER_REMAINING, HEADER_UNCHECKED, KEY_COMMIT, KEY_CUSTOMER,
     KEY_DEADLINE, KEY_DIMENSION_PREFIX, KEY_FEATURE, KEY_USAGE, METADATA_HOLD_ID,
@@ -199,6 +202,23 @@ fn rate_limit_headers(d: &Decision, now: Timestamp) -> Vec<HeaderValueOption> {
     out
 }
 
+/// A header for the upstream request: it replaces one of the same name the client sent.
+fn upstream_header(key: &str, value: impl Into<String>) -> HeaderValueOption {
+    use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+    HeaderValueOption {
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd.into(),
+        ..header(key, value)
+    }
+}
+
+/// Tollgate's names for the upstream: only Tollgate sets them, so a client's are forged.
+const UPSTREAM_NAMES: [&str; 4] = [
+    HEADER_HOLD_ID,
+    HEADER_REMAINING,
+    HEADER_NO_LIMIT,
+    HEADER_UNCHECKED,
+];
+
 fn ok_status() -> Option<rpc::Status> {
     Some(rpc::Status {
         code: tonic::Code::Ok.into(),
@@ -297,26 +317,43 @@ pub fn decision_response(
     if let Some(h) = &d.hold_id {
         let h = h.to_string();
         if settings.upstream_hold_id {
-            upstream.push(header(HEADER_HOLD_ID, h.clone()));
+            upstream.push(upstream_header(HEADER_HOLD_ID, h.clone()));
         }
         meta.insert(METADATA_HOLD_ID.to_string(), string_value(h));
     }
     if let Some(r) = remaining {
         if settings.upstream_headers {
-            upstream.push(header(HEADER_REMAINING, r.to_string()));
+            upstream.push(upstream_header(HEADER_REMAINING, r.to_string()));
         }
         meta.insert("remaining".to_string(), string_value(r.to_string()));
     }
     if d.no_matching_limit {
         if settings.upstream_headers {
-            upstream.push(header(HEADER_NO_LIMIT, "true"));
+            upstream.push(upstream_header(HEADER_NO_LIMIT, "true"));
         }
         meta.insert("noMatchingLimit".to_string(), string_value("true"));
     }
+    // Where the upstream is told to trust these names, a client's copy of one this answer
+    // does not set is removed (Envoy's own ext_authz filter applies it; the WASM filter sets
+    // its own).
+    let headers_to_remove = if settings.upstream_headers || settings.upstream_hold_id {
+        UPSTREAM_NAMES
+            .iter()
+            .filter(|n| {
+                !upstream
+                    .iter()
+                    .any(|h| h.header.as_ref().is_some_and(|h| h.key == **n))
+            })
+            .map(|n| (*n).to_string())
+            .collect()
+    } else {
+        Vec::new()
+    };
     CheckResponse {
         status: ok_status(),
         http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
             headers: upstream,
+            headers_to_remove,
             response_headers_to_add: rl,
             ..OkHttpResponse::default()
         })),
@@ -490,11 +527,22 @@ impl Authorization for ExtAuthzService {
             commit: input.commit,
         };
         match self.service.check(Api::ExtAuthz, &check).await {
-            Ok(d) => Ok(Response::new(decision_response(
-                settings,
-                &d,
-                self.service.now(),
-            ))),
+            Ok(d) => {
+                let mut response = decision_response(settings, &d, self.service.now());
+                // Settling from the access log needs what was held, for the `held` policy;
+                // Envoy keeps it in the request's metadata, out of the client's reach.
+                if settings.settlement.is_some() && d.hold_id.is_some() {
+                    response
+                        .dynamic_metadata
+                        .get_or_insert_with(Struct::default)
+                        .fields
+                        .insert(
+                            METADATA_HELD.to_string(),
+                            string_value(input.usage.to_string()),
+                        );
+                }
+                Ok(Response::new(response))
+            }
             Err(DecisionError::Plan(e)) => {
                 Ok(Response::new(bad_input_response(settings, &e.to_string())))
             }

@@ -1,5 +1,7 @@
-//! The gRPC front ends: Envoy's ext_authz v3 and Tollgate's own `tollgate.v1` service.
+//! The gRPC front ends: Envoy's ext_authz v3 and access log service, and Tollgate's own
+//! `tollgate.v1` service.
 
+pub mod access_log;
 pub mod ext_authz;
 pub mod tollgate;
 

@@ -270,6 +270,11 @@ impl Service {
             .decision(api, Outcome::BadInput, std::time::Duration::ZERO);
     }
 
+    /// Counts a request Envoy's access log reported, by what it did to its hold.
+    pub fn access_log_counted(&self, result: &'static str) {
+        self.metrics.access_log(result);
+    }
+
     /// Counts a config reload attempt by how it ended (`applied`, `rejected`).
     pub fn reload_counted(&self, result: &'static str) {
         self.metrics.reload(result);

@@ -71,6 +71,11 @@ impl Envoy {
     /// Envoy runs in its own process group so that signals meant for the test runner (or a
     /// script that exits) do not reach it; the handle kills it.
     pub fn start(config: &str) -> anyhow::Result<Self> {
+        Self::start_env(config, &[])
+    }
+
+    /// [`Envoy::start`] with more environment variables (a provider's key).
+    pub fn start_env(config: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir().context("cannot make a temp dir")?;
         let path = dir.path().join("envoy.yaml");
         std::fs::write(&path, config).context("cannot write the Envoy config")?;
@@ -91,6 +96,7 @@ impl Envoy {
             .arg("--admin-address-path")
             .arg(&admin_file)
             .env("TOLLGATE_GATEWAY_TOKEN", GATEWAY_TOKEN)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
@@ -221,6 +227,43 @@ pub fn envoy_config(file: &str, sidecar_port: u16, upstream_port: u16) -> anyhow
             ("JWT_ISSUER", JWT_ISSUER.to_string()),
             ("JWT_JWKS", jwks()),
             ("GATEWAY_TOKEN", GATEWAY_TOKEN.to_string()),
+        ],
+    )
+}
+
+/// Where a provider config (`envoy/openai-provider.yaml`, `envoy/anthropic-provider.yaml`)
+/// sends calls: the provider's name (SNI, `Host`, the certificate's name), its address and
+/// port, and the CA file that verifies it.
+#[derive(Debug, Clone)]
+pub struct ProviderTarget {
+    pub host: String,
+    pub address: String,
+    pub port: u16,
+    pub ca: String,
+}
+
+/// Renders a provider config for the given sidecar port and provider, with the release filter.
+pub fn provider_config(
+    file: &str,
+    sidecar_port: u16,
+    provider: &ProviderTarget,
+) -> anyhow::Result<String> {
+    let path = root().join("envoy").join(file);
+    let template = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    render(
+        &template,
+        &[
+            ("LISTEN_PORT", "0".into()),
+            ("ADMIN_PORT", "0".into()),
+            ("SIDECAR_PORT", sidecar_port.to_string()),
+            ("WASM", wasm_module()?.display().to_string()),
+            ("JWT_ISSUER", JWT_ISSUER.to_string()),
+            ("JWT_JWKS", jwks()),
+            ("PROVIDER_HOST", provider.host.clone()),
+            ("PROVIDER_ADDRESS", provider.address.clone()),
+            ("PROVIDER_PORT", provider.port.to_string()),
+            ("PROVIDER_CA", provider.ca.clone()),
         ],
     )
 }

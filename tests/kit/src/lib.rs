@@ -15,7 +15,9 @@ pub use credentials::{
     GATEWAY_TOKEN, JWT_ISSUER, JWT_KEY, bearer_for, gateway_token_config, jwks, signed_jwt,
     unsigned_bearer,
 };
-pub use envoy::{Envoy, envoy_binary, envoy_config, render, wasm_module};
+pub use envoy::{
+    Envoy, ProviderTarget, envoy_binary, envoy_config, provider_config, render, wasm_module,
+};
 pub use fixtures::{ORG_TEAM_USER, sha256_hex};
 pub use metrics::Metrics;
 pub use proc::{Proc, root};

@@ -17,9 +17,15 @@ pub struct MockLlm {
 
 impl MockLlm {
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(&[])
+    }
+
+    /// Starts it with more command-line arguments (`--tls-cert`, `--require-key`, …).
+    pub fn start_with(args: &[&str]) -> anyhow::Result<Self> {
         let bin = workspace_bin("tollgate-mock-llm", "TOLLGATE_MOCK_BIN")?;
         let mut child = Command::new(&bin)
             .args(["--listen", "127.0.0.1:0"])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -23,7 +23,15 @@
 //! last event (`[DONE]`) before ending it; `x-mock-cache: <write>,<read>` reports that many
 //! cache-written and cache-read input tokens (Anthropic) or cached tokens (OpenAI, the read);
 //! `x-mock-extra-prompt: N` adds N prompt tokens the request body does not show (a stored
-//! conversation, a file or an image); `x-mock-pace-ms: N` sends a stream's events N ms apart.
+//! conversation, a file or an image); `x-mock-pace-ms: N` sends a stream's events N ms apart;
+//! `x-mock-report-usage: <name>` also reports a JSON answer's total usage in response header
+//! `<name>`, as a service on Envoy's native ext_authz path does for its access log.
+//!
+//! As a stand-in for a real provider (`--tls-cert`, `--tls-key`, `--require-key`): HTTPS only,
+//! every request must carry the provider's key (`authorization: Bearer <key>` or
+//! `x-api-key: <key>`) or gets the provider's 401, and each answer carries
+//! `x-echo-request`: every request header it received and the TLS server name (SNI) the
+//! client asked for, as JSON, so a test sees exactly what reached the provider.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -50,6 +58,125 @@ struct Args {
     /// Address to listen on (port 0 picks a free port; the bound address is printed).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
+    /// Serve HTTPS with this PEM certificate chain (with `--tls-key`).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Refuse (401, in the provider's error shape) every request that does not carry this key.
+    #[arg(long)]
+    require_key: Option<String>,
+}
+
+/// The provider's key, if one is required.
+#[derive(Clone)]
+struct Provider {
+    key: Option<std::sync::Arc<str>>,
+}
+
+/// The TLS server name a connection asked for, put on each of its requests.
+#[derive(Clone)]
+struct ServerName(Option<String>);
+
+/// Checks the provider's key and echoes what arrived, as a provider stand-in.
+async fn provider_gate(
+    axum::extract::State(provider): axum::extract::State<Provider>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(key) = provider.key else {
+        return next.run(request).await;
+    };
+    let headers = request.headers();
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    let mut seen = serde_json::Map::new();
+    for (name, value) in headers {
+        seen.insert(
+            name.as_str().to_string(),
+            String::from_utf8_lossy(value.as_bytes())
+                .into_owned()
+                .into(),
+        );
+    }
+    let sni = request
+        .extensions()
+        .get::<ServerName>()
+        .and_then(|s| s.0.clone());
+    let echo = json!({"headers": seen, "sni": sni}).to_string();
+    let mut response = if bearer == Some(&*key) || api_key == Some(&*key) {
+        next.run(request).await
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": {"message": "Incorrect API key provided.",
+                "type": "invalid_request_error", "code": "invalid_api_key"}})),
+        )
+            .into_response()
+    };
+    if let Ok(v) = axum::http::HeaderValue::from_str(&echo) {
+        response.headers_mut().insert("x-echo-request", v);
+    }
+    response
+}
+
+/// Serves `app` over TLS with the certificate chain and key in `cert` and `key` (PEM).
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("cannot read {}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{} is not a PEM certificate chain", cert.display()))?;
+    let private = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("{} is not a PEM private key", key.display()))?;
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?
+        .with_no_client_auth()
+        .with_single_cert(chain, private)
+        .context("the certificate does not fit the key")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => accepted.context("accept")?,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            // A client that fails the handshake (wrong name, no trust) is simply dropped.
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let name = ServerName(tls.get_ref().1.server_name().map(str::to_string));
+            let service = hyper::service::service_fn(
+                move |mut request: axum::extract::Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(name.clone());
+                    let app = app.clone();
+                    async move {
+                        use tower::ServiceExt as _;
+                        app.oneshot(request.map(Body::new)).await
+                    }
+                },
+            );
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
+        });
+    }
 }
 
 const MAX_COMPLETION: u64 = 24;
@@ -188,7 +315,18 @@ fn answer(api: Api, headers: &HeaderMap, body: Value) -> Response {
     }
     if body["stream"].as_bool() != Some(true) {
         let usage = usage_json(api, prompt, completion, cache);
-        return Json(whole(api, &model, &text, Some(usage))).into_response();
+        let mut response = Json(whole(api, &model, &text, Some(usage))).into_response();
+        if let Some(name) = headers
+            .get("x-mock-report-usage")
+            .and_then(|v| axum::http::HeaderName::try_from(v.as_bytes()).ok())
+        {
+            let (write, read) = cache;
+            response.headers_mut().insert(
+                name,
+                axum::http::HeaderValue::from(prompt + completion + write + read),
+            );
+        }
+        return response;
     }
     let broken = headers.contains_key("x-mock-break");
     let linger = header_number(headers, "x-mock-linger-ms").map(Duration::from_millis);
@@ -590,6 +728,12 @@ async fn main() -> anyhow::Result<()> {
             get(message_batch_results),
         )
         .route("/healthz", get(health))
+        .layer(axum::middleware::from_fn_with_state(
+            Provider {
+                key: args.require_key.as_deref().map(std::sync::Arc::from),
+            },
+            provider_gate,
+        ))
         // Like the providers: compressed when the request accepts it (streams too).
         .layer(
             tower_http::compression::CompressionLayer::new()
@@ -601,6 +745,9 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     println!("mock-llm ready addr={addr}");
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        return serve_tls(listener, app, cert, key).await;
+    }
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
