@@ -71,6 +71,11 @@ enum Command {
         /// only) or `admin` (also the customer's limits, alerts and webhooks).
         #[arg(long, requires = "customer", value_parser = ["app", "viewer", "admin"])]
         role: Option<String>,
+        /// Print only shell `export` lines (the secret and its SHA-256) for scripts:
+        /// `TOLLGATE_GATEWAY_TOKEN`/`_SHA256`, `TOLLGATE_API_KEY`/`_SHA256`/`_ID`, or
+        /// `TOLLGATE_OPERATOR_TOKEN`/`_SHA256`.
+        #[arg(long)]
+        env: bool,
     },
     /// For trials without an identity provider: make an Ed25519 signing key
     /// (`<dir>/signing-key.pem`, kept secret) and the JWKS that verifies its tokens
@@ -141,46 +146,80 @@ fn validate(file: &std::path::Path) -> ExitCode {
     }
 }
 
+/// What `keygen` made: the secret, its SHA-256, and how to print them.
+struct Made {
+    /// What it is, for people.
+    what: String,
+    /// The shell variable prefix, for `--env`.
+    var: &'static str,
+    secret: String,
+    /// The config section and the line that accepts it.
+    section: &'static str,
+    config_line: String,
+    id: Option<String>,
+}
+
 fn keygen(
     customer: Option<String>,
     gateway: Option<String>,
     id: Option<String>,
     role: Option<String>,
+    env: bool,
 ) {
     let secret = tollgate::auth::random_secret();
-    if let Some(gateway) = gateway {
+    let made = if let Some(gateway) = gateway {
         let token = format!("{gateway}.{secret}");
-        println!("gateway token (keep it secret; give it to Envoy): {token}");
-        println!("config, under server.credentials.gatewayTokens:");
+        let sha = hex::encode(tollgate::auth::sha256(&token));
+        Made {
+            what: "gateway token (keep it secret; give it to Envoy)".into(),
+            var: "TOLLGATE_GATEWAY_TOKEN",
+            config_line: format!("  - {{ id: {gateway}, sha256: {sha} }}"),
+            section: "config, under server.credentials.gatewayTokens:",
+            secret: token,
+            id: None,
+        }
+    } else if let Some(customer) = customer {
+        let id = id.unwrap_or_else(|| format!("{customer}-key"));
+        let key = format!("{id}.{secret}");
+        let role = role.as_deref().unwrap_or("app");
+        let sha = hex::encode(tollgate::auth::sha256(&key));
+        Made {
+            what: format!("API key for `{customer}`, role {role} (keep it secret)"),
+            var: "TOLLGATE_API_KEY",
+            config_line: format!(
+                "  - {{ id: {id}, customer: {customer}, role: {role}, sha256: {sha} }}"
+            ),
+            section: "config, under server.credentials.apiKeys:",
+            secret: key,
+            id: Some(id),
+        }
+    } else {
+        let sha = hex::encode(tollgate::auth::sha256(&secret));
+        Made {
+            what: "operator token (keep it secret)".into(),
+            var: "TOLLGATE_OPERATOR_TOKEN",
+            config_line: format!("  server:\n    credentials:\n      operatorTokenSha256: {sha}"),
+            section: "config:",
+            secret,
+            id: None,
+        }
+    };
+    if env {
+        // Hex, dots and dashes only: safe unquoted in a shell.
+        println!("export {}={}", made.var, made.secret);
         println!(
-            "  - {{ id: {gateway}, sha256: {} }}",
-            hex::encode(tollgate::auth::sha256(&token))
+            "export {}_SHA256={}",
+            made.var,
+            hex::encode(tollgate::auth::sha256(&made.secret))
         );
+        if let Some(id) = &made.id {
+            println!("export {}_ID={id}", made.var);
+        }
         return;
     }
-    match customer {
-        None => {
-            let token = secret;
-            println!("operator token (keep it secret): {token}");
-            println!("config:");
-            println!("  server:\n    credentials:");
-            println!(
-                "      operatorTokenSha256: {}",
-                hex::encode(tollgate::auth::sha256(&token))
-            );
-        }
-        Some(customer) => {
-            let id = id.unwrap_or_else(|| format!("{customer}-key"));
-            let key = format!("{id}.{secret}");
-            let role = role.as_deref().unwrap_or("app");
-            println!("API key for `{customer}`, role {role} (keep it secret): {key}");
-            println!("config, under server.credentials.apiKeys:");
-            println!(
-                "  - {{ id: {id}, customer: {customer}, role: {role}, sha256: {} }}",
-                hex::encode(tollgate::auth::sha256(&key))
-            );
-        }
-    }
+    println!("{}: {}", made.what, made.secret);
+    println!("{}", made.section);
+    println!("{}", made.config_line);
 }
 
 fn trial_key(dir: &std::path::Path, force: bool) -> anyhow::Result<()> {
@@ -290,8 +329,9 @@ fn main() -> ExitCode {
             gateway,
             id,
             role,
+            env,
         } => {
-            keygen(customer, gateway, id, role);
+            keygen(customer, gateway, id, role, env);
             ExitCode::SUCCESS
         }
         Command::TrialKey { dir, force } => finish(trial_key(&dir, force)),

@@ -7,7 +7,7 @@
 mod support;
 
 use serde_json::json;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::{INITECH, RESEARCH_CAP, SIDECAR, Stack, caller, chat_body, initech_ops};
 
@@ -22,19 +22,6 @@ fn settling_sidecar() -> String {
         USAGE,
         &format!("{USAGE}    settlement: {{ onMissing: held }}\n"),
     )
-}
-
-/// Waits (bounded) until no hold is open.
-async fn holds_closed(s: &Stack) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let open = s.sidecar_metrics().await.get("tollgate_holds_open", &[]);
-        if open == Some(0.0) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{open:?} holds still open");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,12 +52,12 @@ async fn native_ext_authz_settles_from_envoys_access_log_then_denies_at_the_team
     assert!(r.header("ratelimit-remaining").is_some(), "{:?}", r.headers);
     s.usage_settles_at("acme", json!({"userId": "carol"}), "research-daily", 6)
         .await;
-    holds_closed(&s).await;
+    s.holds_closed().await;
     // An upstream that fails and reports nothing: released (`onUpstreamError`, default).
     let failing = [("authorization", carol.as_str()), ("x-mock-status", "500")];
     let r = s.chat(COMPLETIONS, &failing, &chat_body(1, 5)).await;
     assert_eq!(r.status, 500, "{}", r.text);
-    holds_closed(&s).await;
+    s.holds_closed().await;
     assert_eq!(
         s.usage("acme", json!({"userId": "carol"}), "research-daily")
             .await,
@@ -82,7 +69,7 @@ async fn native_ext_authz_settles_from_envoys_access_log_then_denies_at_the_team
     assert_eq!(r.status, 200, "{}", r.text);
     s.usage_settles_at("acme", json!({"userId": "carol"}), "research-daily", 262)
         .await;
-    holds_closed(&s).await;
+    s.holds_closed().await;
     let m = s.sidecar_metrics().await;
     for (result, n) in [("settled", 1.0), ("released", 1.0), ("held", 1.0)] {
         assert_eq!(

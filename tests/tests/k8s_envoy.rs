@@ -73,6 +73,18 @@ fn istio_gateway(
     clusters: Vec<Value>,
     upstream_port: u16,
 ) -> String {
+    istio_gateway_logging(issuer, filters, clusters, upstream_port, Vec::new())
+}
+
+/// [`istio_gateway`] with the HTTP connection manager's `access_log` entries a Telemetry
+/// resource gives it.
+fn istio_gateway_logging(
+    issuer: &str,
+    filters: Vec<Value>,
+    clusters: Vec<Value>,
+    upstream_port: u16,
+    access_log: Vec<Value>,
+) -> String {
     let jwt = json!({
         "name": "envoy.filters.http.jwt_authn",
         "typed_config": {
@@ -120,6 +132,7 @@ fn istio_gateway(
                     "typed_config": {
                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                         "stat_prefix": "outbound_0.0.0.0_8080",
+                        "access_log": access_log,
                         "route_config": {
                             "name": "http.8080",
                             "virtual_hosts": [{
@@ -586,6 +599,21 @@ fn custom_policy_filters(
     ]
 }
 
+/// The access log Istio puts on the gateway for a Telemetry resource naming an `envoyHttpAls`
+/// provider: Envoy's gRPC access logger to the provider's service cluster, the provider's log
+/// name and extra response headers, Envoy's default buffering (no flush interval is set).
+fn http_als(provider: &Value, cluster: &str, host: &str) -> Value {
+    json!({ "name": "envoy.access_loggers.http_grpc", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+        "common_config": {
+            "log_name": provider["logName"],
+            "transport_api_version": "V3",
+            "grpc_service": { "envoy_grpc": { "cluster_name": cluster, "authority": host } }
+        },
+        "additional_response_headers_to_log": provider["additionalResponseHeadersToLog"]
+    } })
+}
+
 /// The overlay's `tollgate.yaml` (from its ConfigMap) as JSON.
 fn config_map_config(objects: &[Value]) -> Value {
     let cm = objects
@@ -612,13 +640,27 @@ async fn the_ext_authz_provider_checks_calls_across_the_mesh_hop_and_refuses_wha
         .find(|o| o["kind"] == "AuthorizationPolicy" && o["spec"]["action"] == "CUSTOM")
         .unwrap()
         .clone();
-    let provider = mesh_config["meshConfig"]["extensionProviders"]
+    let providers = mesh_config["meshConfig"]["extensionProviders"]
         .as_array()
-        .unwrap()
+        .unwrap();
+    let provider = providers
         .iter()
         .find(|p| p["name"] == policy["spec"]["provider"]["name"])
         .expect("the policy's provider is registered")["envoyExtAuthzGrpc"]
         .clone();
+    // The Telemetry resource turns on the settlement provider's access log for the gateway.
+    let telemetry = of_kind(&objects, "Telemetry");
+    assert_eq!(
+        telemetry["spec"]["selector"], policy["spec"]["selector"],
+        "the access log is on the gateway the policy checks"
+    );
+    let als = providers
+        .iter()
+        .find(|p| p["name"] == telemetry["spec"]["accessLogging"][0]["providers"][0]["name"])
+        .expect("the Telemetry's provider is registered")["envoyHttpAls"]
+        .clone();
+    assert_eq!(als["service"], provider["service"]);
+    assert_eq!(als["port"], provider["port"]);
     // The provider names the decision server's Service and its ext_authz port.
     let service = of_kind(&objects, "Service");
     let host = format!(
@@ -673,7 +715,7 @@ async fn the_ext_authz_provider_checks_calls_across_the_mesh_hop_and_refuses_wha
     // overlay's key set replaced by the test identity provider's.
     let mut sidecar: Value = serde_yaml_ng::from_str(&SIDECAR.replace(
         "kind: quota, limit: 300, period: P1D",
-        "kind: quota, limit: 2100, period: P1D",
+        "kind: quota, limit: 1100, period: P1D",
     ))
     .unwrap();
     let mut ext = config["server"]["extAuthz"].clone();
@@ -710,14 +752,23 @@ async fn the_ext_authz_provider_checks_calls_across_the_mesh_hop_and_refuses_wha
             &tollgate_id,
         );
         let filters = custom_policy_filters(&policy, &provider, &cluster_name, &host);
-        let config = istio_gateway(&issuer, filters.clone(), vec![cluster], upstream_port);
+        let config = istio_gateway_logging(
+            &issuer,
+            filters.clone(),
+            vec![cluster],
+            upstream_port,
+            vec![http_als(&als, &cluster_name, &host)],
+        );
         inbound = Some((proxy, proxy_port, filters));
         config
     });
     let (proxy, proxy_port, filters) = inbound.unwrap();
 
-    // A verified caller: checked across the mTLS hop, granted twice, then refused at the
-    // team's cap. Each grant holds the fixed amount (ext_authz never sees the answer).
+    // A verified caller: checked across the mTLS hop. Each grant holds the fixed amount
+    // (ext_authz sees no body); the gateway's access log brings each finished call back across
+    // the same hop, and its hold settles at the usage the model service reported (20 prompt
+    // and 24 output tokens), or at what it held when it reported none; then the team's cap
+    // (1,100 here) refuses a third.
     let alice = format!(
         "Bearer {}",
         signed_jwt(
@@ -727,16 +778,33 @@ async fn the_ext_authz_provider_checks_calls_across_the_mesh_hop_and_refuses_wha
     );
     let dims = json!({ "userId": "alice", "teamId": "research" });
     let headers = [("authorization", alice.as_str())];
-    for _ in 0..2 {
-        let r = stack
-            .chat("/v1/chat/completions", &headers, &chat_body(20, 1000))
-            .await;
-        assert_eq!(r.status, 200, "{}", r.text);
+    let reporting = [
+        ("authorization", alice.as_str()),
+        ("x-mock-report-usage", "x-tollgate-actual-usage"),
+    ];
+    let r = stack
+        .chat("/v1/chat/completions", &reporting, &chat_body(20, 1000))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    stack
+        .usage_settles_at("acme", dims.clone(), "research-daily", 44)
+        .await;
+    let r = stack
+        .chat("/v1/chat/completions", &headers, &chat_body(20, 1000))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    stack
+        .usage_settles_at("acme", dims.clone(), "research-daily", 44 + held)
+        .await;
+    stack.holds_closed().await;
+    let m = stack.sidecar_metrics().await;
+    for result in ["settled", "held"] {
+        assert_eq!(
+            m.get("tollgate_access_log_reports_total", &[("result", result)]),
+            Some(1.0),
+            "{result}"
+        );
     }
-    assert_eq!(
-        stack.usage("acme", dims.clone(), "research-daily").await,
-        2 * held
-    );
     let denied = stack
         .chat("/v1/chat/completions", &headers, &chat_body(20, 1000))
         .await;
@@ -768,7 +836,7 @@ async fn the_ext_authz_provider_checks_calls_across_the_mesh_hop_and_refuses_wha
         .await;
     assert_ne!(other.status, 401, "{}", other.text);
     assert_eq!(checked().await, decisions);
-    assert_eq!(stack.usage("acme", dims, "research-daily").await, 2 * held);
+    assert_eq!(stack.usage("acme", dims, "research-daily").await, 44 + held);
 
     // Another workload of the mesh, with a valid certificate of the same root but not the
     // gateway's identity, gets the provider's error status: its calls are never checked.

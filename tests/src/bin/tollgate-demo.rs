@@ -1,8 +1,10 @@
 //! The demo: real Envoy with Tollgate's WASM filter, the sidecar on the example config and a
 //! mock OpenAI upstream, all on loopback ports the OS picks. It sends requests for two teams of
-//! one customer until a team cap denies, shows a hold settled down to the true usage, then
-//! stops the sidecar and shows a fail-closed and a fail-open request. Everything it started is
-//! stopped on exit, on error and on Ctrl-C.
+//! one customer until a team cap denies, shows a hold settled down to the true usage, where
+//! the tokens went (the usage API the portal reads) and the portal's address (waiting for
+//! Enter when it runs in a terminal, so the portal can be opened), then stops the sidecar and
+//! shows a fail-closed and a fail-open request, and ends with the next step. Everything it
+//! started is stopped on exit, on error and on Ctrl-C.
 
 use std::time::{Duration, Instant};
 
@@ -144,6 +146,48 @@ impl Demo {
         }
     }
 
+    /// Step 3: the usage by team and user, as the portal shows it, and the portal's address.
+    async fn history(&self) -> anyhow::Result<()> {
+        println!(
+            "\n3. Where the tokens went: the usage API the portal reads, by team and by user."
+        );
+        for by in ["teamId", "userId"] {
+            let v: Value = self
+                .http
+                .get(format!(
+                    "http://{}/v1/customers/acme/usage/top?by={by}",
+                    self.sidecar.http
+                ))
+                .bearer_auth(OPERATOR)
+                .send()
+                .await?
+                .json()
+                .await?;
+            for row in v["rows"].as_array().context("no usage rows")? {
+                println!(
+                    "   {by:<7} {:<9} {:>5} tokens in {:>2} calls, {} denied",
+                    row["value"].as_str().unwrap_or("?"),
+                    row["units"],
+                    row["requests"],
+                    row["denied"]
+                );
+            }
+        }
+        println!(
+            "   The portal: http://{}/portal/  (sign in with the operator token `{OPERATOR}`)",
+            self.sidecar.http
+        );
+        // In a terminal, a pause to look; piped (a test, CI), straight on.
+        if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+            println!(
+                "   Press Enter to go on: the next step kills the sidecar, and the portal with it."
+            );
+            let mut line = String::new();
+            tokio::task::spawn_blocking(move || std::io::stdin().read_line(&mut line)).await??;
+        }
+        Ok(())
+    }
+
     async fn run(&mut self) -> anyhow::Result<()> {
         println!(
             "\n1. Two teams of acme spend tokens; research's daily cap is 400, sales' is 5,000."
@@ -244,7 +288,9 @@ impl Demo {
             bail!("the hold did not settle to the true usage");
         }
 
-        println!("\n3. The sidecar stops (SIGKILL).");
+        self.history().await?;
+
+        println!("\n4. The sidecar stops (SIGKILL).");
         self.sidecar.proc.kill();
         let (status, _, text) = self
             .chat("/v1/chat/completions", "sales", "bob", 50, false)
@@ -292,5 +338,12 @@ async fn main() -> anyhow::Result<()> {
     };
     drop(demo);
     println!("\nstopped Envoy, the sidecar and the mock upstream");
+    if outcome.is_ok() {
+        println!(
+            "\nNext: README.md, \"Your first governed call\": the same by hand, with your own keys,\n\
+             leaving the sidecar, its portal and Envoy running; envoy/README.md, \"A real provider\",\n\
+             to put a real OpenAI or Anthropic key behind it."
+        );
+    }
     outcome
 }

@@ -233,6 +233,19 @@ impl Stack {
         }
     }
 
+    /// Waits (bounded) until no hold is open: the last ones settled, released or expired.
+    pub async fn holds_closed(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let open = self.sidecar_metrics().await.get("tollgate_holds_open", &[]);
+            if open == Some(0.0) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{open:?} holds still open");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// The sidecar's `/metrics` page.
     pub async fn sidecar_metrics(&self) -> Metrics {
         self.sidecar.metrics().await.unwrap()

@@ -1,0 +1,134 @@
+//! The README's "Your first governed call", run as written: its shell blocks, in order, as one
+//! bash script in a copy of the repository's files it names (`envoy/`,
+//! `decision-server/examples/`), with the build outputs of this checkout (`target/`, `.tools/`)
+//! linked in. Two departures, both about the build: the block that runs `make` is skipped (the
+//! test suite has built everything its own way), and `target/release/` reads as the directory
+//! of the binaries this test run built. The ports are the README's own (8000, 8080, 9190–9192,
+//! 9901, all loopback, below the range the OS hands out for port 0, so the other tests never
+//! take them).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::Read as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tollgate_testkit::root;
+
+/// The ```sh blocks of the README section titled `title`, in order.
+fn shell_blocks(readme: &str, title: &str) -> Vec<String> {
+    let start = readme
+        .find(&format!("\n## {title}\n"))
+        .unwrap_or_else(|| panic!("the README has no section `{title}`"));
+    let rest = &readme[start + 1..];
+    let end = rest[3..].find("\n## ").map_or(rest.len(), |i| i + 3);
+    let section = &rest[..end];
+    let mut blocks = Vec::new();
+    let mut lines = section.lines();
+    while let Some(line) = lines.next() {
+        if line.trim() == "```sh" {
+            let block: Vec<&str> = lines.by_ref().take_while(|l| l.trim() != "```").collect();
+            blocks.push(block.join("\n"));
+        }
+    }
+    blocks
+}
+
+/// Copies `rel` (a directory of the repository) into `to`.
+fn copy_dir(rel: &str, to: &Path) {
+    let from = root().join(rel);
+    for entry in std::fs::read_dir(&from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(rel).join(entry.file_name());
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn the_readmes_first_governed_call_runs_as_written() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let blocks = shell_blocks(&readme, "Your first governed call");
+    assert!(blocks.len() >= 8, "only {} blocks", blocks.len());
+    let (built, blocks): (Vec<String>, Vec<String>) = blocks
+        .into_iter()
+        .partition(|b| b.trim_start().starts_with("make "));
+    assert_eq!(built.len(), 1, "one build step: {built:?}");
+
+    // The binaries this run built (the tests' profile), where the README says target/release.
+    let bin = tollgate_testkit::proc::workspace_bin("tollgate", "TOLLGATE_BIN").unwrap();
+    let bin_dir = bin.parent().unwrap().display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    for rel in ["envoy", "decision-server/examples"] {
+        copy_dir(rel, dir.path());
+    }
+    for rel in ["target", ".tools"] {
+        std::os::unix::fs::symlink(root().join(rel), dir.path().join(rel)).unwrap();
+    }
+    let script = format!(
+        "set -euo pipefail\n{}\n",
+        blocks
+            .join("\n")
+            .replace("target/release/", &format!("{bin_dir}/"))
+    );
+    let log = dir.path().join("out.txt");
+    let mut child = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::from(
+            std::fs::File::create(log.with_extension("err")).unwrap(),
+        ))
+        // Its own group: whatever it leaves running is stopped with it.
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let pgid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pgid}")])
+        .stderr(Stdio::null())
+        .status();
+    let _ = child.wait();
+    let mut out = String::new();
+    std::fs::File::open(&log)
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let err = std::fs::read_to_string(log.with_extension("err")).unwrap_or_default();
+    let status =
+        status.unwrap_or_else(|| panic!("the README's commands ran past 120 s\n{out}\n{err}"));
+    assert!(
+        status.success(),
+        "the README's commands failed ({status})\n{out}\n{err}"
+    );
+
+    // The governed call: granted, with the budget left; then the oversized one refused by
+    // research's daily limit; the usage by user shows alice; the portal answers.
+    let lower = out.to_ascii_lowercase();
+    assert!(lower.contains("http/1.1 200"), "{out}");
+    assert!(lower.contains("ratelimit-remaining:"), "{out}");
+    assert!(out.contains("\"usage\""), "{out}");
+    assert!(out.contains("research-daily-tokens"), "{out}");
+    assert!(out.contains("\"value\":\"alice\""), "{out}");
+    assert!(out.contains("portal: 200"), "{out}");
+    // The trial files are where the README says, the key readable by its owner only.
+    let key = dir.path().join("trial/signing-key.pem");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mode & 0o077, 0, "the signing key is readable by others");
+}
