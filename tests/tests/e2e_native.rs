@@ -35,6 +35,7 @@ async fn native_ext_authz_settles_from_envoys_access_log_then_denies_at_the_team
         report,
         ("x-tollgate-hold-id", "forged"),
         ("x-tollgate-unchecked", "forged"),
+        ("x-tollgate-remaining", "999999"),
     ];
     // The route holds 256 (research's cap is 300); the upstream reports 1 + 5 = 6 in its
     // response header, Envoy's access log brings it to the sidecar, the hold settles at 6
@@ -48,6 +49,18 @@ async fn native_ext_authz_settles_from_envoys_access_log_then_denies_at_the_team
             r.headers
         );
     }
+    // The real one, from the sidecar's answer, replaces the client's.
+    assert_ne!(
+        r.header("x-echo-x-tollgate-remaining"),
+        Some("999999"),
+        "{:?}",
+        r.headers
+    );
+    assert!(
+        r.header("x-echo-x-tollgate-remaining").is_some(),
+        "{:?}",
+        r.headers
+    );
     assert_eq!(r.header("x-tollgate-actual-usage"), Some("6"));
     assert!(r.header("ratelimit-remaining").is_some(), "{:?}", r.headers);
     s.usage_settles_at("acme", json!({"userId": "carol"}), "research-daily", 6)

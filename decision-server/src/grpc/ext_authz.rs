@@ -333,10 +333,11 @@ pub fn decision_response(
         }
         meta.insert("noMatchingLimit".to_string(), string_value("true"));
     }
-    // Where the upstream is told to trust these names, a client's copy of one this answer
-    // does not set is removed (Envoy's own ext_authz filter applies it; the WASM filter sets
-    // its own).
-    let headers_to_remove = if settings.upstream_headers || settings.upstream_hold_id {
+    // Where the upstream settles holds by `x-tollgate-hold-id`, a client's copy of a name
+    // this answer does not set is removed (Envoy's own ext_authz filter applies it). Only
+    // then: these strings cost every grant, and `envoy/native-ext-authz.yaml` drops the
+    // client's copies at the route anyway; the names this answer sets replace the client's.
+    let headers_to_remove = if settings.upstream_hold_id {
         UPSTREAM_NAMES
             .iter()
             .filter(|n| {
