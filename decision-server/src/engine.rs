@@ -167,6 +167,23 @@ impl Engine {
     /// Checks every limit on every level of the chain and, if all pass, holds the requested
     /// usage on all of them in one atomic step.
     pub async fn check(&self, req: &CheckRequest<'_>) -> Result<Decision, DecisionError> {
+        self.decide(req, false).await
+    }
+
+    /// Extends a streamed call's hold by `req.usage` (its next slice) as a hold of its own: the
+    /// same atomic check of every level and limit kind, credits and prices, leases and
+    /// replicas, but without another concurrency slot or per-request count (the call already
+    /// holds those) and without a usage record (the call's first hold records its whole usage
+    /// when it settles; the filter releases the slices then).
+    pub async fn extend(&self, req: &CheckRequest<'_>) -> Result<Decision, DecisionError> {
+        self.decide(req, true).await
+    }
+
+    async fn decide(
+        &self,
+        req: &CheckRequest<'_>,
+        extension: bool,
+    ) -> Result<Decision, DecisionError> {
         let now = self.clock.now();
         let past = |deadline: Option<crate::core::Timestamp>| {
             deadline.is_some_and(|d| self.clock.now() > d)
@@ -175,6 +192,11 @@ impl Engine {
             return Err(DecisionError::DeadlineExceeded);
         }
         let mut plan = self.plan(req, now, !req.dry_run).await?;
+        if extension {
+            plan.counters
+                .retain(|c| !matches!(c.rule, crate::core::plan::AmountRule::PerRequest));
+            plan.record = false;
+        }
         if !req.dry_run {
             // From the thread's CSPRNG (ChaCha, seeded by the OS): the tag is what makes a hold
             // id unguessable.

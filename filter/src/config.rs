@@ -76,6 +76,72 @@ pub enum StreamUsage {
     Off,
 }
 
+/// How a streamed call holds its output (`settlement.streaming.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum StreamMode {
+    /// The whole worst case up front, as a non-streamed call.
+    #[default]
+    Off,
+    /// A first slice, extended slice by slice as the output grows; cut when refused.
+    Extend,
+    /// Slices, but once admitted the stream may finish up to its declared output budget past
+    /// a refused extension; the overshoot is counted.
+    ExtendFinish,
+}
+
+/// What a stream does when an extension cannot reach the sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum MidStreamDown {
+    /// Finish, up to its declared output budget (the worst case a non-streamed call holds).
+    #[default]
+    Finish,
+    /// End it as a refusal would.
+    Cut,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StreamingDto {
+    #[serde(default)]
+    mode: Option<StreamMode>,
+    #[serde(default)]
+    first_slice: Option<u64>,
+    #[serde(default)]
+    slice: Option<u64>,
+    #[serde(default)]
+    ask_ahead: Option<u64>,
+    #[serde(default)]
+    on_sidecar_down: Option<MidStreamDown>,
+}
+
+/// Pay-as-you-stream: how a streamed call holds its output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Streaming {
+    pub mode: StreamMode,
+    /// Output tokens the first hold covers, beside the prompt's estimate.
+    pub first_slice: u64,
+    /// Output tokens each extension adds.
+    pub slice: u64,
+    /// Ask for the next slice when fewer than this many tokens of the held ones are left, so
+    /// the stream never waits on the answer.
+    pub ask_ahead: u64,
+    pub on_sidecar_down: MidStreamDown,
+}
+
+impl Default for Streaming {
+    fn default() -> Self {
+        Self {
+            mode: StreamMode::Off,
+            first_slice: 256,
+            slice: 512,
+            ask_ahead: 256,
+            on_sidecar_down: MidStreamDown::Finish,
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct ConfigDto {
@@ -183,6 +249,8 @@ pub struct SettlementDto {
     timeout_ms: Option<u64>,
     #[serde(default)]
     max_response_bytes: Option<usize>,
+    #[serde(default)]
+    streaming: Option<StreamingDto>,
 }
 
 /// Where a value comes from.
@@ -232,6 +300,7 @@ pub struct Settlement {
     pub timeout: Duration,
     /// The most of a JSON response body kept to read usage from.
     pub max_response_bytes: usize,
+    pub streaming: Streaming,
 }
 
 impl Settlement {
@@ -262,6 +331,30 @@ impl Settlement {
         }
         if let Some(b) = o.max_response_bytes {
             s.max_response_bytes = b;
+        }
+        if let Some(st) = &o.streaming {
+            let mut v = s.streaming;
+            if let Some(m) = st.mode {
+                v.mode = m;
+            }
+            for (given, field, name) in [
+                (st.first_slice, &mut v.first_slice, "firstSlice"),
+                (st.slice, &mut v.slice, "slice"),
+            ] {
+                if let Some(n) = given {
+                    if n == 0 {
+                        return Err(err(format!("{path}.streaming.{name}"), "must be above 0"));
+                    }
+                    *field = n;
+                }
+            }
+            if let Some(a) = st.ask_ahead {
+                v.ask_ahead = a;
+            }
+            if let Some(d) = st.on_sidecar_down {
+                v.on_sidecar_down = d;
+            }
+            s.streaming = v;
         }
         Ok(s)
     }
@@ -421,6 +514,7 @@ impl FilterConfig {
             estimate,
             timeout: Duration::from_millis(1000),
             max_response_bytes: 4 * 1024 * 1024,
+            streaming: Streaming::default(),
         };
         let settlement = base.with(&dto.settlement.unwrap_or_default(), "settlement")?;
         Ok(Self {
@@ -708,6 +802,16 @@ fn merge_settlement(a: SettlementDto, b: SettlementDto) -> SettlementDto {
         stream_usage: b.stream_usage.or(a.stream_usage),
         timeout_ms: b.timeout_ms.or(a.timeout_ms),
         max_response_bytes: b.max_response_bytes.or(a.max_response_bytes),
+        streaming: match (a.streaming, b.streaming) {
+            (Some(a), Some(b)) => Some(StreamingDto {
+                mode: b.mode.or(a.mode),
+                first_slice: b.first_slice.or(a.first_slice),
+                slice: b.slice.or(a.slice),
+                ask_ahead: b.ask_ahead.or(a.ask_ahead),
+                on_sidecar_down: b.on_sidecar_down.or(a.on_sidecar_down),
+            }),
+            (a, b) => b.or(a),
+        },
     }
 }
 

@@ -16,8 +16,8 @@ pub const AUTHZ_METHOD: &str = "Check";
 
 pub use tollgate_proto::ext_authz::HEADER_UNCHECKED;
 use tollgate_proto::ext_authz::{
-    HEADER_HOLD_ID, KEY_CUSTOMER, KEY_DEADLINE, KEY_DIMENSION_PREFIX, KEY_FEATURE, KEY_USAGE,
-    METADATA_HOLD_ID,
+    HEADER_HOLD_ID, KEY_CUSTOMER, KEY_DEADLINE, KEY_DIMENSION_PREFIX, KEY_EXTENDS, KEY_FEATURE,
+    KEY_USAGE, METADATA_HOLD_ID,
 };
 
 /// Request facts sent along for the sidecar's logs.
@@ -41,7 +41,21 @@ pub fn deadline_millis(now_millis: u64, timeout: std::time::Duration) -> u64 {
 /// The ext_authz `CheckRequest` for one request, encoded. `deadline` (ms since the epoch) tells
 /// the sidecar when the filter stops waiting.
 pub fn check_request(x: &Extracted, info: &RequestInfo, deadline: Option<u64>) -> Vec<u8> {
-    let mut ext = std::collections::HashMap::with_capacity(4 + x.dimensions.len());
+    check_request_extending(x, info, deadline, None)
+}
+
+/// [`check_request`] for the next slice of a streamed call: `x.usage` is the slice, and
+/// `extends` the call's first hold id (`tollgate.extends`).
+pub fn check_request_extending(
+    x: &Extracted,
+    info: &RequestInfo,
+    deadline: Option<u64>,
+    extends: Option<&str>,
+) -> Vec<u8> {
+    let mut ext = std::collections::HashMap::with_capacity(5 + x.dimensions.len());
+    if let Some(h) = extends {
+        ext.insert(KEY_EXTENDS.to_string(), h.to_string());
+    }
     if let Some(d) = deadline {
         ext.insert(KEY_DEADLINE.to_string(), d.to_string());
     }

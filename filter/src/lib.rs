@@ -14,6 +14,7 @@ pub mod lines;
 pub mod pbjson;
 pub mod report_queue;
 pub mod settle;
+pub mod stream;
 
 #[cfg(target_arch = "wasm32")]
 mod host;

@@ -212,6 +212,10 @@ pub struct Held {
     /// A gate (creating a batch, billed when its results are read): released as soon as the
     /// answer starts, whatever it says.
     pub release: bool,
+    /// A stream held in slices (`settlement.streaming`): `units` is its first hold, and it may
+    /// grow to `worst`, what a non-streamed call holds.
+    pub streaming: Option<crate::config::Streaming>,
+    pub worst: u64,
 }
 
 /// Follows one granted request's response to its usage.
@@ -225,6 +229,8 @@ pub struct Tracker {
     /// Response body bytes delivered.
     delivered: u64,
     sse: SseScanner,
+    /// The slices of a stream held in slices, once its answer turned out to be a stream.
+    slices: Option<crate::stream::Slices>,
 }
 
 impl Tracker {
@@ -241,7 +247,31 @@ impl Tracker {
             } else {
                 SseScanner::default()
             },
+            slices: None,
         }
+    }
+
+    /// The slices of this call, when it is a stream held in slices.
+    pub fn slices_mut(&mut self) -> Option<&mut crate::stream::Slices> {
+        self.slices.as_mut()
+    }
+
+    /// Units the stream has used so far: its usage where the stream reported some (Anthropic
+    /// reports the output as it goes), else the prompt's estimate and the content delivered
+    /// at the documented bytes per token (text, tool-call arguments and thinking alike).
+    pub fn used(&self, s: &Settlement) -> u64 {
+        let estimated = self
+            .held
+            .prompt
+            .saturating_add(s.estimate.tokens(self.sse.content()));
+        self.sse
+            .reading()
+            .map_or(estimated, |r| r.total.max(estimated))
+    }
+
+    /// The next slice to ask for, if it is time.
+    pub fn next_slice(&self, s: &Settlement) -> Option<u64> {
+        self.slices.as_ref()?.next_ask(self.used(s))
     }
 
     pub fn hold_id(&self) -> &str {
@@ -295,6 +325,15 @@ impl Tracker {
         } else {
             Mode::Json
         };
+        if self.mode == Mode::Sse
+            && let Some(policy) = self.held.streaming
+        {
+            self.slices = Some(crate::stream::Slices::new(
+                policy,
+                self.held.units,
+                self.held.worst,
+            ));
+        }
         if end_of_stream {
             return Some(self.end(s));
         }
@@ -309,6 +348,18 @@ impl Tracker {
         chunk: &[u8],
         end_of_stream: bool,
     ) -> (Option<Outcome>, Option<Vec<u8>>) {
+        if let Some(slices) = self.slices.as_mut() {
+            if slices.is_cut() {
+                // Ended for the client: what the upstream still sends goes nowhere.
+                return (None, Some(Vec::new()));
+            }
+            if let Some(end) = slices.take_cut() {
+                // Refused: this chunk becomes the API's error event and the stream's end; the
+                // hold settles at what was delivered before it.
+                let outcome = (self.mode != Mode::Done).then(|| self.end(s));
+                return (outcome, Some(end));
+            }
+        }
         let pointer = s.usage_pointer.as_deref();
         self.delivered = self
             .delivered
@@ -426,9 +477,20 @@ impl Tracker {
 
     fn at_hold(&self) -> Close {
         Close::Settle(UsageReading {
-            total: self.held.units,
+            total: self
+                .slices
+                .as_ref()
+                .map_or(self.held.units, |x| x.covered()),
             tokens: None,
         })
+    }
+
+    /// The granted slices' holds, to release once the call's first hold settles the whole.
+    pub fn take_extensions(&mut self) -> Vec<String> {
+        self.slices
+            .as_mut()
+            .map(crate::stream::Slices::take_extensions)
+            .unwrap_or_default()
     }
 }
 
@@ -506,11 +568,74 @@ mod tests {
             estimate: Estimate::default(),
             timeout: Duration::from_secs(1),
             max_response_bytes: 1024,
+            streaming: crate::config::Streaming::default(),
         }
+    }
+
+    /// A chat stream's content chunk of `n` tokens of "tok ".
+    fn chunk(n: usize) -> Vec<u8> {
+        let text = "tok ".repeat(n);
+        format!("data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{text}\"}}}}]}}\n\n")
+            .into_bytes()
+    }
+
+    #[test]
+    fn a_sliced_stream_asks_ahead_and_a_refusal_ends_it_with_the_error_then_drops_the_rest() {
+        let s = settlement(OnMissingUsage::Estimate);
+        let policy = crate::config::Streaming {
+            mode: crate::config::StreamMode::Extend,
+            first_slice: 64,
+            slice: 64,
+            ask_ahead: 32,
+            on_sidecar_down: crate::config::MidStreamDown::Finish,
+        };
+        let mut t = Tracker::new(
+            "h-0".into(),
+            Held {
+                streaming: Some(policy),
+                worst: 4010,
+                units: 74,
+                prompt: 10,
+                ..held(Api::OpenaiChat)
+            },
+        );
+        assert_eq!(
+            t.on_headers(&s, Some(200), Some("text/event-stream"), None, None, false),
+            None
+        );
+        let (out, replaced) = t.on_body(&s, &chunk(20), false);
+        assert_eq!((out, replaced), (None, None));
+        assert_eq!(t.used(&s), 30);
+        assert_eq!(t.next_slice(&s), None, "44 of 74 left: not yet");
+        t.on_body(&s, &chunk(20), false);
+        assert_eq!(t.next_slice(&s), Some(64), "24 left: ask");
+        t.slices_mut().unwrap().asked();
+        t.slices_mut().unwrap().granted("h-1".into(), 64);
+        t.on_body(&s, &chunk(60), false);
+        assert_eq!(t.next_slice(&s), Some(64), "110 used of 138: ask");
+        t.slices_mut().unwrap().asked();
+        t.slices_mut()
+            .unwrap()
+            .refused(b"data: {\"error\":{}}\n\n".to_vec());
+        // The next chunk becomes the end; the hold settles at what was delivered (10 + 100).
+        let (out, replaced) = t.on_body(&s, &chunk(5), false);
+        assert_eq!(replaced.as_deref(), Some(&b"data: {\"error\":{}}\n\n"[..]));
+        let (close, why) = out.unwrap();
+        assert_eq!(why, Some(Unknown::NoUsage));
+        assert!(
+            matches!(close, Close::Settle(ref r) if r.total == 110),
+            "{close:?}"
+        );
+        // Whatever the upstream still sends is dropped, and nothing closes twice.
+        assert_eq!(t.on_body(&s, &chunk(5), false), (None, Some(Vec::new())));
+        assert_eq!(t.on_end(&s), None);
+        assert_eq!(t.take_extensions(), vec!["h-1".to_string()]);
     }
 
     fn held(api: Api) -> Held {
         Held {
+            streaming: None,
+            worst: 0,
             api,
             units: 500,
             prompt: 40,

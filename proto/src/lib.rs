@@ -38,6 +38,10 @@ pub mod ext_authz {
     /// `"true"`: the requested usage is final; a grant counts it at once and holds nothing
     /// (set per route in Envoy for routes whose holds nobody settles).
     pub const KEY_COMMIT: &str = "tollgate.commit";
+    /// The hold id of a streamed call this check extends by its usage (the next slice): the
+    /// same atomic check of every level, without another concurrency slot or request count,
+    /// and without a usage record of its own (the call's first hold records the whole).
+    pub const KEY_EXTENDS: &str = "tollgate.extends";
     /// Followed by the dimension name: `tollgate.dim.teamId`.
     pub const KEY_DIMENSION_PREFIX: &str = "tollgate.dim.";
 

@@ -329,7 +329,64 @@ async def race(args):
     return {"granted": granted, "denied": denied_n, "errors": errors}
 
 
+def cut(run):
+    """Runs a streamed scenario that a refused slice may end: what arrived before the end,
+    and the error the SDK raised (its class and message), if any."""
+    got = {"text": ""}
+    try:
+        got.update(run(got))
+    except (openai.APIError, anthropic.APIError) as e:
+        got["error"] = {"class": type(e).__name__, "message": str(e)}
+    return got
+
+
+def chat_stream_cut(args):
+    def run(got):
+        stream = openai_client(args).chat.completions.create(
+            model="gpt-4o-mini", max_tokens=args.max_tokens, stream=True,
+            stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": PROMPT}])
+        usage = None
+        for chunk in stream:
+            if chunk.usage is not None:
+                usage = usage_dict(chunk.usage)
+            for c in chunk.choices:
+                got["text"] += c.delta.content or ""
+        return {"usage": usage}
+    return cut(run)
+
+
+def responses_stream_cut(args):
+    def run(got):
+        stream = openai_client(args).responses.create(
+            model="gpt-4o-mini", input=PROMPT, max_output_tokens=args.max_tokens, stream=True)
+        usage = None
+        for event in stream:
+            if event.type == "response.output_text.delta":
+                got["text"] += event.delta
+            elif event.type == "response.completed":
+                usage = usage_dict(event.response.usage)
+        return {"usage": usage}
+    return cut(run)
+
+
+def messages_stream_cut(args):
+    def run(got):
+        client = anthropic_client(args)
+        with client.messages.stream(
+                model="claude-sonnet-4", max_tokens=args.max_tokens,
+                messages=[{"role": "user", "content": PROMPT}]) as stream:
+            for text in stream.text_stream:
+                got["text"] += text
+            final = stream.get_final_message()
+        return {"usage": usage_dict(final.usage)}
+    return cut(run)
+
+
 SCENARIOS = {
+    "chat-stream-cut": chat_stream_cut,
+    "responses-stream-cut": responses_stream_cut,
+    "messages-stream-cut": messages_stream_cut,
     "chat-json": chat_json,
     "chat-stream": lambda a: chat_stream(a),
     "chat-stream-no-usage": lambda a: chat_stream(a, include_usage=False),

@@ -31,7 +31,7 @@ pub const METADATA_HELD: &str = "heldUsage";
 
 pub use tollgate_proto::ext_authz::{
     HEADER_HOLD_ID, HEADER_NO_LIMIT, HEADER_REMAINING, HEADER_UNCHECKED, KEY_COMMIT, KEY_CUSTOMER,
-    KEY_DEADLINE, KEY_DIMENSION_PREFIX, KEY_FEATURE, KEY_USAGE, METADATA_HOLD_ID,
+    KEY_DEADLINE, KEY_DIMENSION_PREFIX, KEY_EXTENDS, KEY_FEATURE, KEY_USAGE, METADATA_HOLD_ID,
 };
 
 /// What the ext_authz request asks, after extraction.
@@ -45,6 +45,8 @@ pub struct Extracted {
     pub deadline: Option<Timestamp>,
     /// `tollgate.commit`: the usage is final; count it at once and hold nothing.
     pub commit: bool,
+    /// `tollgate.extends`: the streamed call whose hold this check extends by `usage`.
+    pub extends: Option<crate::core::HoldId>,
 }
 
 /// What an ext_authz request offers besides its context extensions: its headers, and the
@@ -159,6 +161,27 @@ pub fn extract<'a>(
             ));
         }
     };
+    let extends = match extensions.get(KEY_EXTENDS) {
+        None => None,
+        Some(text) => {
+            let hold = text
+                .trim()
+                .parse::<crate::core::HoldId>()
+                .map_err(|e| format!("context extension `{KEY_EXTENDS}` is not a hold id: {e}"))?;
+            // A slice is charged to the call it extends: never across customers.
+            if hold.customer != *customer {
+                return Err(format!(
+                    "context extension `{KEY_EXTENDS}` names a hold of another customer"
+                ));
+            }
+            if commit {
+                return Err(format!(
+                    "`{KEY_EXTENDS}` and `{KEY_COMMIT}` together: a slice is always held"
+                ));
+            }
+            Some(hold)
+        }
+    };
     Ok(Extracted {
         customer: customer.to_string(),
         feature: feature.to_string(),
@@ -166,6 +189,7 @@ pub fn extract<'a>(
         dimensions,
         deadline,
         commit,
+        extends,
     })
 }
 
@@ -527,7 +551,12 @@ impl Authorization for ExtAuthzService {
             dry_run: false,
             commit: input.commit,
         };
-        match self.service.check(Api::ExtAuthz, &check).await {
+        let decided = if input.extends.is_some() {
+            self.service.extend(Api::ExtAuthz, &check).await
+        } else {
+            self.service.check(Api::ExtAuthz, &check).await
+        };
+        match decided {
             Ok(d) => {
                 let mut response = decision_response(settings, &d, self.service.now());
                 // Settling from the access log needs what was held, for the `held` policy;

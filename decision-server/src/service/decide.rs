@@ -107,8 +107,28 @@ impl Service {
 
     /// A decision, counted in metrics by `api` and outcome, and streamed to watchers.
     pub async fn check(&self, api: Api, req: &CheckRequest<'_>) -> Result<Decision, DecisionError> {
+        self.decide(api, req, false).await
+    }
+
+    /// A streamed call's next slice (see [`crate::engine::Engine::extend`]): decided, counted,
+    /// alerted and streamed as a check is.
+    pub async fn extend(
+        &self,
+        api: Api,
+        req: &CheckRequest<'_>,
+    ) -> Result<Decision, DecisionError> {
+        self.decide(api, req, true).await
+    }
+
+    async fn decide(
+        &self,
+        api: Api,
+        req: &CheckRequest<'_>,
+        extension: bool,
+    ) -> Result<Decision, DecisionError> {
         let started = Instant::now();
         let result = match bounded_dimensions(req.dimensions, &self.settings().limits) {
+            Ok(()) if extension => self.engine.extend(req).await,
             Ok(()) => self.engine.check(req).await,
             Err(e) => Err(e.into()),
         };

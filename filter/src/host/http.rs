@@ -51,6 +51,10 @@ pub(super) struct Http {
     release_at_answer: bool,
     /// A batch's results being read, and whom their usage is charged to.
     batch: Option<(BatchScan, crate::bounded::Pass)>,
+    /// A stream held in slices: what its extension calls carry (the first call's values and
+    /// request facts), and the token of the one in flight.
+    slicing: Option<(extract::Extracted, decision::RequestInfo)>,
+    slice_call: Option<(u32, u64)>,
 }
 
 /// The request's headers, read from the host in one call when the request starts: one host
@@ -123,6 +127,8 @@ impl Http {
             default_hold: false,
             release_at_answer: false,
             batch: None,
+            slicing: None,
+            slice_call: None,
         }
     }
 
@@ -259,6 +265,23 @@ impl Http {
             path: view.path().unwrap_or_default(),
             host: view.header(":authority").unwrap_or_default(),
         };
+        // Pay as you stream: a streamed call holds its prompt and a first slice, not its whole
+        // output budget; the rest is asked for slice by slice as it runs.
+        let worst = x.usage.unwrap_or(0);
+        let streaming = (e.settlement.enabled
+            && e.settlement.streaming.mode != crate::config::StreamMode::Off
+            && self.fixed_usage.is_none()
+            && matches!(
+                e.api,
+                Api::OpenaiChat | Api::OpenaiResponses | Api::AnthropicMessages
+            )
+            && body.is_some_and(|b| b["stream"].as_bool() == Some(true)))
+        .then_some(e.settlement.streaming);
+        if let Some(policy) = streaming {
+            let first = x.prompt.saturating_add(policy.first_slice);
+            x.usage = Some(worst.min(first));
+            self.slicing = Some((x.clone(), info.clone()));
+        }
         let timeout = e.timeout;
         let now = hostcalls::get_current_time()
             .ok()
@@ -286,6 +309,8 @@ impl Http {
             prompt: x.prompt,
             strip_usage,
             release: self.release_at_answer,
+            streaming,
+            worst,
         });
         match hostcalls::dispatch_grpc_call(
             &self.shared.config.grpc_upstream,
@@ -451,14 +476,105 @@ impl Http {
     }
 
     fn close(&mut self, outcome: Option<settle::Outcome>) {
-        if let (Some((close, why)), Some(t)) = (outcome, self.tracker.as_ref()) {
+        if let (Some((close, why)), Some(t)) = (outcome, self.tracker.as_mut()) {
             self.shared.close(t.hold_id(), &close, why);
+            // The first hold carries the whole usage; the slices it grew by go.
+            for slice in t.take_extensions().iter().filter(|h| !h.is_empty()) {
+                self.shared.close(slice, &settle::Close::Release, None);
+            }
+        }
+    }
+
+    /// Asks the sidecar for the stream's next slice of `units`, ahead of need.
+    fn ask_slice(&mut self, units: u64) {
+        let (Some((base, info)), Some(t)) = (self.slicing.as_ref(), self.tracker.as_ref()) else {
+            return;
+        };
+        let mut x = base.clone();
+        x.usage = Some(units);
+        let timeout = self.effective().timeout;
+        let now = hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .and_then(|d| u64::try_from(d.as_millis()).ok());
+        let deadline = now.map(|n| decision::deadline_millis(n, timeout));
+        let message = decision::check_request_extending(&x, info, deadline, Some(t.hold_id()));
+        match hostcalls::dispatch_grpc_call(
+            &self.shared.config.grpc_upstream,
+            decision::AUTHZ_SERVICE,
+            decision::AUTHZ_METHOD,
+            vec![("authorization", self.shared.config.authorization.as_bytes())],
+            Some(&message),
+            timeout,
+        ) {
+            Ok(token) => {
+                self.slice_call = Some((token, units));
+                if let Some(slices) = self.tracker.as_mut().and_then(Tracker::slices_mut) {
+                    slices.asked();
+                }
+            }
+            Err(e) => self.slice_answered(Verdict::Fail(Failure::Dispatch(format!("{e:?}")))),
+        }
+    }
+
+    /// The answer to a slice: more held, the stream's end (in the API's shape), or, with the
+    /// sidecar unreachable, `onSidecarDown`.
+    fn slice_answered(&mut self, verdict: Verdict) {
+        let units = self.slice_call.take().map_or(0, |(_, u)| u);
+        let api = self.effective().api;
+        let Some(slices) = self.tracker.as_mut().and_then(Tracker::slices_mut) else {
+            return;
+        };
+        match verdict {
+            Verdict::Grant(g) => match g.hold_id {
+                Some(hold) => {
+                    Stats::bump(self.shared.stats.stream_extended);
+                    slices.granted(hold, units);
+                }
+                // No limit applies any more (a reload): nothing to hold, nothing to stop.
+                None => slices.granted(String::new(), units),
+            },
+            Verdict::Deny(reply) => {
+                Stats::bump(self.shared.stats.stream_refused);
+                let shaped = decision::shape_denial(api, reply);
+                slices.refused(crate::stream::cut_event(api, &shaped.body));
+            }
+            Verdict::Fail(f) => {
+                Stats::bump(self.shared.stats.stream_unreachable);
+                log(
+                    LogLevel::Warn,
+                    &format!("a stream's next slice could not be asked for: {f:?}"),
+                );
+                let reply = decision::Reply {
+                    status: 503,
+                    headers: Vec::new(),
+                    body: serde_json::json!({"error": "unavailable",
+                        "message": "the usage service could not be reached mid-stream"})
+                    .to_string()
+                    .into_bytes(),
+                };
+                let shaped = decision::shape_denial(api, reply);
+                slices.unreachable(crate::stream::cut_event(api, &shaped.body));
+            }
         }
     }
 }
 
 impl Context for Http {
-    fn on_grpc_call_response(&mut self, _token_id: u32, status_code: u32, size: usize) {
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, size: usize) {
+        if self.slice_call.is_some_and(|(t, _)| t == token_id) {
+            let verdict = if status_code != 0 {
+                let (code, message) = hostcalls::get_grpc_status().unwrap_or((status_code, None));
+                Verdict::Fail(Failure::from_grpc(code, message))
+            } else {
+                let body = self
+                    .get_grpc_call_response_body(0, size)
+                    .unwrap_or_default();
+                decision::verdict(&body, false)
+            };
+            self.slice_answered(verdict);
+            return;
+        }
         self.deciding = false;
         let verdict = if status_code != 0 {
             let (code, message) = hostcalls::get_grpc_status().unwrap_or((status_code, None));
@@ -660,6 +776,11 @@ impl HttpContext for Http {
             Vec::new()
         };
         let e = self.effective();
+        let was_cut = self
+            .tracker
+            .as_mut()
+            .and_then(Tracker::slices_mut)
+            .is_some_and(|x| x.is_cut());
         let Some((outcome, replaced)) = self
             .tracker
             .as_mut()
@@ -667,6 +788,15 @@ impl HttpContext for Http {
         else {
             return Action::Continue;
         };
+        let cut_now = !was_cut
+            && self
+                .tracker
+                .as_mut()
+                .and_then(Tracker::slices_mut)
+                .is_some_and(|x| x.is_cut());
+        if cut_now {
+            Stats::bump(self.shared.stats.stream_cut);
+        }
         if let Some(bytes) = replaced
             && hostcalls::set_buffer(
                 proxy_wasm::types::BufferType::HttpResponseBody,
@@ -679,6 +809,19 @@ impl HttpContext for Http {
             log(LogLevel::Warn, "cannot rewrite a response chunk");
         }
         self.close(outcome);
+        if was_cut && !end_of_stream {
+            // The client has its error event and the stream's end; the upstream is still
+            // generating. Resetting closes it, so the provider stops.
+            let _ = hostcalls::reset_http_response();
+            return Action::Continue;
+        }
+        if let Some(units) = self
+            .tracker
+            .as_ref()
+            .and_then(|t| t.next_slice(&e.settlement))
+        {
+            self.ask_slice(units);
+        }
         Action::Continue
     }
 

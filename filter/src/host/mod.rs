@@ -47,6 +47,10 @@ pub(super) struct Stats {
     unknown_passed: u32,
     batch_reported: u32,
     batch_partial: u32,
+    stream_extended: u32,
+    stream_refused: u32,
+    stream_unreachable: u32,
+    stream_cut: u32,
 }
 
 impl Stats {
@@ -74,6 +78,10 @@ impl Stats {
             unknown_passed: d("tollgate_filter.unknown_passed_total"),
             batch_reported: d("tollgate_filter.batch_reported_total"),
             batch_partial: d("tollgate_filter.batch_partial_total"),
+            stream_extended: d("tollgate_filter.stream_extended_total"),
+            stream_refused: d("tollgate_filter.stream_refused_total"),
+            stream_unreachable: d("tollgate_filter.stream_unreachable_total"),
+            stream_cut: d("tollgate_filter.stream_cut_total"),
         }
     }
 

@@ -24,6 +24,7 @@
 //! cache-written and cache-read input tokens (Anthropic) or cached tokens (OpenAI, the read);
 //! `x-mock-extra-prompt: N` adds N prompt tokens the request body does not show (a stored
 //! conversation, a file or an image); `x-mock-pace-ms: N` sends a stream's events N ms apart;
+//! `x-mock-output-tokens: N` answers N output tokens whatever the request's budget;
 //! `x-mock-report-usage: <name>` also reports a JSON answer's total usage in response header
 //! `<name>`, as a service on Envoy's native ext_authz path does for its access log.
 //!
@@ -301,6 +302,8 @@ fn answer(api: Api, headers: &HeaderMap, body: Value) -> Response {
         return (s, Json(error)).into_response();
     }
     let (prompt, completion) = usage_of(api, &body);
+    // A long answer on demand, whatever the request's budget says.
+    let completion = header_number(headers, "x-mock-output-tokens").unwrap_or(completion);
     let prompt = prompt + header_number(headers, "x-mock-extra-prompt").unwrap_or(0);
     let cache = cache_of(headers);
     let model = body["model"].as_str().unwrap_or("mock-1").to_string();

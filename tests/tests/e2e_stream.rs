@@ -1,0 +1,114 @@
+//! Pay as you stream, through real Envoy with the WASM filter and the official SDKs: a streamed
+//! call holds its prompt and a first slice, asks for the next slice ahead of need, and is ended
+//! in the API's own error shape when a slice is refused; the hold settles at what was
+//! delivered.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::{INITECH, RESEARCH_CAP, Stack, caller, initech_ops, run_sdk};
+
+/// The shipped WASM config with streams held in slices: 64 output tokens first, 64 more per
+/// slice, asked for when fewer than 32 held ones are left.
+fn sliced(config: String) -> String {
+    const SETTLEMENT: &str = r#""settlement": { "onMissingUsage": "estimate", "timeoutMs": 1000 }"#;
+    assert!(config.contains(SETTLEMENT), "the WASM config changed shape");
+    config.replace(
+        SETTLEMENT,
+        r#""settlement": { "onMissingUsage": "estimate", "timeoutMs": 1000, "streaming": { "mode": "extend", "firstSlice": 64, "slice": 64, "askAhead": 32 } }"#,
+    )
+}
+
+fn start() -> Stack {
+    Stack::start_with("wasm-filter.yaml", sliced)
+}
+
+/// Words of text, at the filter's 4 bytes a token.
+fn tokens(text: &str) -> u64 {
+    (text.len() as u64).div_ceil(4)
+}
+
+/// What a scenario of the SDKs' client printed, run as `bearer` with a long answer.
+async fn sdk(s: &Stack, bearer: &str, scenario: &'static str, extra: &[&str]) -> Value {
+    let mut args = vec![
+        "--max-tokens",
+        "4000",
+        "--header",
+        "x-mock-output-tokens: 1000",
+    ];
+    args.extend_from_slice(extra);
+    run_sdk(s, bearer, scenario, &args, Duration::from_secs(60)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_past_what_the_budget_has_left_is_cut_in_each_apis_shape_and_charged_what_it_delivered()
+ {
+    let carol = caller("acme", Some("carol"));
+    for (scenario, extra) in [
+        ("chat-stream-cut", &[][..]),
+        ("responses-stream-cut", &[][..]),
+        ("messages-stream-cut", &["--api", "anthropic"][..]),
+    ] {
+        // A fresh sidecar each: research's 300 tokens a day, all left.
+        let s = start();
+        let mut args = vec!["--team", "research"];
+        args.extend_from_slice(extra);
+        // 4,000 tokens would never fit research's 300: a worst-case hold is refused outright.
+        let out = sdk(&s, &carol, scenario, &args).await;
+        let error = &out["error"];
+        assert!(
+            error["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("research-daily")),
+            "{scenario}: the SDK did not raise an error naming the limit: {out}"
+        );
+        let text = out["text"].as_str().unwrap();
+        assert!(
+            tokens(text) > 64,
+            "{scenario}: the stream was not extended before the cut: {out}"
+        );
+        s.holds_closed().await;
+        let charged = s
+            .usage("acme", json!({"userId": "carol"}), "research-daily")
+            .await;
+        // What it delivered and its prompt's estimate: within the cap, never the 1,000 tokens
+        // it would have run to.
+        assert!(
+            charged >= tokens(text) && charged <= tokens(text) + 64,
+            "{scenario}: charged {charged} for {} delivered tokens",
+            tokens(text)
+        );
+        assert!(
+            charged <= RESEARCH_CAP,
+            "{scenario}: {charged} over the cap"
+        );
+        let stat = |name| s.envoy.filter_stat(name).unwrap();
+        assert_eq!(stat("stream_cut"), 1, "{scenario}");
+        assert_eq!(stat("stream_refused"), 1, "{scenario}");
+        assert!(stat("stream_extended") >= 1, "{scenario}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_with_budget_left_runs_to_its_end_with_a_handful_of_slices() {
+    let s = start();
+    let before = initech_ops(&s).await;
+    let out = sdk(&s, &INITECH, "chat-stream-cut", &[]).await;
+    assert!(out.get("error").is_none(), "{out}");
+    let usage = &out["usage"];
+    assert_eq!(usage["completion_tokens"], 1000, "{out}");
+    let reported = usage["total_tokens"].as_u64().unwrap();
+    s.holds_closed().await;
+    assert_eq!(initech_ops(&s).await - before, reported);
+    // 1,000 tokens from a first slice of 64 in slices of 64: about 15 extensions, one call
+    // each, for 1,000 content chunks.
+    let extended = s.envoy.filter_stat("stream_extended").unwrap();
+    assert!(
+        (10..=20).contains(&extended),
+        "{extended} extensions for 1,000 chunks"
+    );
+    assert_eq!(s.envoy.filter_stat("stream_cut").unwrap(), 0);
+}
