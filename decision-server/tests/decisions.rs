@@ -46,6 +46,7 @@ test_with_all_stores! {
     a_commit_counts_at_once_and_holds_nothing,
     a_feature_that_commits_at_check_never_holds,
     racing_commits_count_exactly_up_to_the_cap,
+    a_streams_slice_is_checked_like_a_call_but_takes_no_second_slot,
 }
 
 test_with_all_store_factories! {
@@ -1117,4 +1118,48 @@ fn racing_commits_count_exactly_up_to_the_cap(store: Store) {
     assert_eq!(granted, counted, "every granted unit counted once");
     assert!(counted <= 1000 && counted > 1000 - 7, "{counted}");
     assert_eq!(h.engine.store().stats().holds_open, 0);
+}
+
+/// A streamed call's next slice (`Engine::extend`): checked on every level like a call, held on
+/// the unit limits, but it takes no concurrency slot (the call has one); the call then settles
+/// its first hold at the whole usage and releases its slices.
+fn a_streams_slice_is_checked_like_a_call_but_takes_no_second_slot(store: Store) {
+    let limits = r#"
+limits:
+  - { id: user-slots, entityType: user, feature: tokens, kind: concurrency, limit: 1 }
+  - { id: org-day, entity: acme, feature: tokens, kind: quota, limit: 1000, period: P1D }
+"#;
+    let h = harness(&tree_with(limits), store, "2026-03-10T10:00:00Z");
+    let first = h.check("acme", "tokens", 300, &[("userId", "u1")]);
+    assert!(first.granted);
+    assert_eq!(h.counted("acme", "u1", "user-slots"), 1);
+    let dimensions = dims(&[("userId", "u1")]);
+    let slice = |units: u64| {
+        h.run(h.engine.extend(&CheckRequest {
+            deadline: None,
+            customer: "acme",
+            feature: "tokens",
+            usage: Usage::units(units),
+            dimensions: &dimensions,
+            dry_run: false,
+            commit: false,
+        }))
+        .unwrap()
+    };
+    // The slot is taken, yet the slice is granted: it asks for none.
+    let s1 = slice(400);
+    assert!(s1.granted, "{s1:?}");
+    assert!(s1.chain.iter().all(|e| e.kind.as_str() != "concurrency"));
+    assert_eq!(h.counted("acme", "u1", "user-slots"), 1);
+    assert_eq!(h.counted("acme", "acme", "org-day"), 700);
+    // The next one does not fit the quota: refused, naming it, holding nothing.
+    let s2 = slice(400);
+    assert!(!s2.granted);
+    assert_eq!(s2.denial.as_ref().unwrap().limit_id.as_str(), "org-day");
+    assert_eq!(h.counted("acme", "acme", "org-day"), 700);
+    // The call used 650: its first hold settles at the whole, its slice is released.
+    h.settle(first.hold_id.as_ref().unwrap(), 650);
+    h.release(s1.hold_id.as_ref().unwrap());
+    assert_eq!(h.counted("acme", "acme", "org-day"), 650);
+    assert_eq!(h.counted("acme", "u1", "user-slots"), 0);
 }

@@ -112,3 +112,78 @@ async fn a_stream_with_budget_left_runs_to_its_end_with_a_handful_of_slices() {
     );
     assert_eq!(s.envoy.filter_stat("stream_cut").unwrap(), 0);
 }
+
+/// One streamed chat of `output` tokens (asking for up to 500), read to its end: its status,
+/// the content tokens it delivered, and whether it ended with the error event.
+async fn stream_chat(s: &Stack, bearer: &str, output: u64) -> (u16, u64, bool) {
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 500, "stream": true,
+        "messages": [{"role": "user", "content": "go"}]});
+    let mut r = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.envoy.url))
+        .header("authorization", bearer)
+        .header("content-type", "application/json")
+        .header("x-mock-output-tokens", output.to_string())
+        .header("x-mock-pace-ms", "2")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let mut text = Vec::new();
+    // A reset after the error event ends the read with an error: what arrived counts.
+    while let Ok(Some(chunk)) = r.chunk().await {
+        text.extend_from_slice(&chunk);
+    }
+    let text = String::from_utf8_lossy(&text);
+    let delivered = text.matches("tok ").count() as u64;
+    (status, delivered, text.contains("usage_limit_exceeded"))
+}
+
+/// 16 streams at once against globex's 2,000-token cap, each asking for up to 500 tokens and
+/// answering 300: (calls admitted, content tokens delivered, streams cut, the cap's counter).
+async fn sixteen_streams(s: &Stack) -> (usize, u64, usize, u64) {
+    let bearer = support::GLOBEX.clone();
+    let calls = (0..16).map(|_| stream_chat(s, &bearer, 300));
+    let results = futures_util::future::join_all(calls).await;
+    s.holds_closed().await;
+    let counted = s.usage("globex", json!({}), "globex-daily").await;
+    (
+        results.iter().filter(|r| r.0 == 200).count(),
+        results.iter().map(|r| r.1).sum(),
+        results.iter().filter(|r| r.2).count(),
+        counted,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_parallel_streams_never_overspend_by_more_than_a_slice_each_and_twice_as_many_get_in()
+ {
+    // Worst-case holds: each call holds its 500 tokens and prompt, so about four fit at once.
+    let whole = Stack::start("wasm-filter.yaml");
+    let (admitted_whole, delivered_whole, _, counted_whole) = sixteen_streams(&whole).await;
+    assert!(counted_whole <= support::GLOBEX_CAP);
+    assert!(delivered_whole <= counted_whole);
+    drop(whole);
+
+    let sliced = start();
+    let (admitted, delivered, cut, counted) = sixteen_streams(&sliced).await;
+    assert!(
+        admitted >= 2 * admitted_whole,
+        "sliced holds admitted {admitted}, worst-case holds {admitted_whole}"
+    );
+    // What the streams delivered is what was counted (prompts aside), and the counter never
+    // passes the cap by more than one slice per stream in flight.
+    assert!(
+        delivered <= counted,
+        "delivered {delivered}, counted {counted}"
+    );
+    assert!(
+        counted <= support::GLOBEX_CAP + 16 * 64,
+        "counted {counted} past the cap and a slice per stream"
+    );
+    assert!(cut >= 1, "no stream was cut at the cap");
+    eprintln!(
+        "16 streams at a 2,000 cap: worst-case holds admitted {admitted_whole} (counted {counted_whole}); slices admitted {admitted}, cut {cut}, delivered {delivered} content tokens, counted {counted}"
+    );
+}
