@@ -187,3 +187,102 @@ async fn sixteen_parallel_streams_never_overspend_by_more_than_a_slice_each_and_
         "16 streams at a 2,000 cap: worst-case holds admitted {admitted_whole} (counted {counted_whole}); slices admitted {admitted}, cut {cut}, delivered {delivered} content tokens, counted {counted}"
     );
 }
+
+/// The units the usage records of `customer` add up to today (settled calls; a stream's
+/// slices write none).
+async fn recorded(s: &Stack, customer: &str) -> u64 {
+    let v: Value = s
+        .http
+        .get(format!(
+            "http://{}/v1/customers/{customer}/usage/top?by=featureId",
+            s.sidecar.http
+        ))
+        .bearer_auth(support::OPERATOR)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["rows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{v}"))
+        .iter()
+        .map(|r| r["units"].as_u64().unwrap())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slices_across_two_replicas_on_redis_with_leases_survive_one_killed_mid_stream_and_count_once()
+ {
+    let redis = tollgate_testkit::RedisServer::start();
+    let sidecar = support::sidecar_with(&format!(
+        "  storage: {{ kind: redis, url: \"{}\", timeoutMs: 5000, leases: {{ enabled: true, ttl: PT6M, skew: PT2S }} }}",
+        redis.url()
+    ));
+    let a = tollgate_testkit::Sidecar::start(&sidecar).unwrap();
+    let b = tollgate_testkit::Sidecar::start(&sidecar).unwrap();
+    let (port_a, port_b) = (a.ext_authz_port().unwrap(), b.ext_authz_port().unwrap());
+    let mock = tollgate_testkit::MockLlm::start().unwrap();
+    // Envoy's sidecar cluster with both replicas, round robin: a call's first hold, its
+    // slices and its closes land on either.
+    let one = format!(
+        "              - endpoint:\n                  address:\n                    socket_address: {{ address: 127.0.0.1, port_value: {port_a} }}\n"
+    );
+    let config = sliced(
+        tollgate_testkit::envoy_config("wasm-filter.yaml", port_a, mock.port().unwrap()).unwrap(),
+    );
+    assert!(config.contains(&one), "the sidecar endpoint changed shape");
+    let config = config.replace(
+        &one,
+        &format!(
+            "{one}{}",
+            one.replace(&port_a.to_string(), &port_b.to_string())
+        ),
+    );
+    let envoy = tollgate_testkit::Envoy::start(&config).unwrap();
+    let s = Stack::from_parts(a, mock, envoy);
+    let mut b = b;
+    // 8 streams of 400 tokens (slices of 64), 2 ms apart a token: under a second each. One
+    // replica is killed a quarter of the way in; the route's `onSidecarDown: finish` lets
+    // every stream that loses a slice to it run on.
+    let bearer = support::INITECH.clone();
+    let calls = (0..8).map(|_| stream_chat(&s, &bearer, 400));
+    let kill = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        b.proc.signal("KILL").unwrap();
+        b.proc.kill();
+    };
+    let (results, ()) = tokio::join!(futures_util::future::join_all(calls), kill);
+    for (status, delivered, cut) in &results {
+        assert_eq!(*status, 200);
+        assert!(!cut, "a stream was cut though the cap is far");
+        assert_eq!(*delivered, 400, "a stream did not run to its end");
+    }
+    // Each call's usage is recorded once, by its first hold, whichever replica closed it:
+    // 400 output tokens and 1 prompt token each (the mock's count). (Read from the records:
+    // a replica's open-holds gauge learns of closes made on another one only at its next
+    // lease sync.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let units = recorded(&s, "initech").await;
+        if units == 8 * 401 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline && units < 8 * 401,
+            "recorded {units}, the streams used {}",
+            8 * 401
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let extended = s.envoy.filter_stat("stream_extended").unwrap();
+    let unreachable = s.envoy.filter_stat("stream_unreachable").unwrap();
+    assert!(
+        extended >= 8,
+        "{extended} slices for 8 streams of 400 tokens"
+    );
+    eprintln!(
+        "two replicas, one killed: {extended} slices granted, {unreachable} could not reach a replica"
+    );
+}
