@@ -95,21 +95,36 @@ async fn a_stream_past_what_the_budget_has_left_is_cut_in_each_apis_shape_and_ch
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_with_budget_left_runs_to_its_end_with_a_handful_of_slices() {
     let s = start();
-    let before = initech_ops(&s).await;
-    let out = sdk(&s, &INITECH, "chat-stream-cut", &[]).await;
-    assert!(out.get("error").is_none(), "{out}");
-    let usage = &out["usage"];
-    assert_eq!(usage["completion_tokens"], 1000, "{out}");
-    let reported = usage["total_tokens"].as_u64().unwrap();
-    s.holds_closed().await;
-    assert_eq!(initech_ops(&s).await - before, reported);
-    // 1,000 tokens from a first slice of 64 in slices of 64: about 15 extensions, one call
-    // each, for 1,000 content chunks.
-    let extended = s.envoy.filter_stat("stream_extended").unwrap();
-    assert!(
-        (10..=20).contains(&extended),
-        "{extended} extensions for 1,000 chunks"
-    );
+    let mut slices = 0;
+    for (scenario, extra) in [
+        ("chat-stream-cut", &[][..]),
+        ("responses-stream-cut", &[][..]),
+        ("messages-stream-cut", &["--api", "anthropic"][..]),
+    ] {
+        let before = initech_ops(&s).await;
+        let out = sdk(&s, &INITECH, scenario, extra).await;
+        assert!(out.get("error").is_none(), "{scenario}: {out}");
+        assert_eq!(
+            tokens(out["text"].as_str().unwrap()),
+            1000,
+            "{scenario}: {out}"
+        );
+        let usage = &out["usage"];
+        let reported = usage["total_tokens"].as_u64().unwrap_or_else(|| {
+            usage["input_tokens"].as_u64().unwrap() + usage["output_tokens"].as_u64().unwrap()
+        });
+        s.holds_closed().await;
+        assert_eq!(initech_ops(&s).await - before, reported, "{scenario}");
+        // 1,000 tokens from a first slice of 64 in slices of 64: about 15 extensions, one
+        // call each, for 1,000 content chunks.
+        let now = s.envoy.filter_stat("stream_extended").unwrap();
+        let extended = now - slices;
+        slices = now;
+        assert!(
+            (10..=20).contains(&extended),
+            "{scenario}: {extended} extensions for 1,000 chunks"
+        );
+    }
     assert_eq!(s.envoy.filter_stat("stream_cut").unwrap(), 0);
 }
 
@@ -140,14 +155,20 @@ async fn stream_chat(s: &Stack, bearer: &str, output: u64) -> (u16, u64, bool) {
     (status, delivered, text.contains("usage_limit_exceeded"))
 }
 
-/// 16 streams at once against globex's 2,000-token cap, each asking for up to 500 tokens and
-/// answering 300: (calls admitted, content tokens delivered, streams cut, the cap's counter).
-async fn sixteen_streams(s: &Stack) -> (usize, u64, usize, u64) {
-    let bearer = support::GLOBEX.clone();
-    let calls = (0..16).map(|_| stream_chat(s, &bearer, 300));
+/// 16 streams at once as `bearer`, each asking for up to 500 tokens and answering 300:
+/// (calls admitted, content tokens delivered, streams cut, limit `limit`'s counter as read
+/// for `dims` of `customer`).
+async fn sixteen_streams(
+    s: &Stack,
+    bearer: &str,
+    customer: &str,
+    dims: Value,
+    limit: &str,
+) -> (usize, u64, usize, u64) {
+    let calls = (0..16).map(|_| stream_chat(s, bearer, 300));
     let results = futures_util::future::join_all(calls).await;
     s.holds_closed().await;
-    let counted = s.usage("globex", json!({}), "globex-daily").await;
+    let counted = s.usage(customer, dims, limit).await;
     (
         results.iter().filter(|r| r.0 == 200).count(),
         results.iter().map(|r| r.1).sum(),
@@ -156,18 +177,22 @@ async fn sixteen_streams(s: &Stack) -> (usize, u64, usize, u64) {
     )
 }
 
+async fn globex(s: &Stack) -> (usize, u64, usize, u64) {
+    sixteen_streams(s, &support::GLOBEX, "globex", json!({}), "globex-daily").await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_parallel_streams_never_overspend_by_more_than_a_slice_each_and_twice_as_many_get_in()
  {
     // Worst-case holds: each call holds its 500 tokens and prompt, so about four fit at once.
     let whole = Stack::start("wasm-filter.yaml");
-    let (admitted_whole, delivered_whole, _, counted_whole) = sixteen_streams(&whole).await;
+    let (admitted_whole, delivered_whole, _, counted_whole) = globex(&whole).await;
     assert!(counted_whole <= support::GLOBEX_CAP);
     assert!(delivered_whole <= counted_whole);
     drop(whole);
 
     let sliced = start();
-    let (admitted, delivered, cut, counted) = sixteen_streams(&sliced).await;
+    let (admitted, delivered, cut, counted) = globex(&sliced).await;
     assert!(
         admitted >= 2 * admitted_whole,
         "sliced holds admitted {admitted}, worst-case holds {admitted_whole}"
@@ -285,4 +310,33 @@ async fn slices_across_two_replicas_on_redis_with_leases_survive_one_killed_mid_
     eprintln!(
         "two replicas, one killed: {extended} slices granted, {unreachable} could not reach a replica"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_streams_of_a_roomy_team_stop_at_the_org_cap_that_binds_first() {
+    // acme's organization at 1,500 a day, research (its team) at 100,000: the org binds.
+    let sidecar = support::SIDECAR
+        .replace(
+            "kind: quota, limit: 1000000, period: P1D }\n      - { id: research-daily",
+            "kind: quota, limit: 1500, period: P1D }\n      - { id: research-daily",
+        )
+        .replace(
+            "kind: quota, limit: 300, period: P1D",
+            "kind: quota, limit: 100000, period: P1D",
+        );
+    assert!(sidecar.contains("limit: 1500") && sidecar.contains("limit: 100000"));
+    let s = Stack::start_full("wasm-filter.yaml", &sidecar, sliced);
+    let carol = caller("acme", Some("carol"));
+    let (admitted, delivered, cut, org) =
+        sixteen_streams(&s, &carol, "acme", json!({"userId": "carol"}), "org-daily").await;
+    let team = s
+        .usage("acme", json!({"userId": "carol"}), "research-daily")
+        .await;
+    assert_eq!(admitted, 16, "every stream's first slice fits");
+    assert!(cut >= 1, "none was cut at the org's cap");
+    assert!(
+        delivered <= org && org <= 1500 + 16 * 64,
+        "org {org}, delivered {delivered}"
+    );
+    assert_eq!(team, org, "the team counts what the org does");
 }
