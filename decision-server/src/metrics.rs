@@ -179,6 +179,7 @@ pub struct Metrics {
     settles_capped: Counter,
     ingested: Family<ResultLabels, Counter>,
     access_log: Family<ResultLabels, Counter>,
+    slices: Family<ResultLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     store_failures: Counter,
     breaker_rejections: Counter,
@@ -362,6 +363,12 @@ impl Metrics {
             "Finished requests Envoy's access log reported, by what closed their hold: settled at the reported usage, held (charged what was held) or released by policy, no hold to close, or unreadable",
             access_log.clone(),
         );
+        let slices = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "stream_slices",
+            "Slices streamed calls asked for to extend their holds (`tollgate.extends`), by outcome (also counted in tollgate_decisions_total)",
+            slices.clone(),
+        );
         let reloads = Family::<ResultLabels, Counter>::default();
         registry.register(
             "config_reloads",
@@ -423,6 +430,11 @@ impl Metrics {
         for result in ACCESS_LOG_RESULTS {
             let _ = access_log.get_or_create(&ResultLabels { result });
         }
+        for outcome in Outcome::ALL {
+            let _ = slices.get_or_create(&ResultLabels {
+                result: outcome.as_str(),
+            });
+        }
         for how in ["sealed", "scanned", "indexed"] {
             let _ = bucket_reads.get_or_create(&HowLabels { how });
         }
@@ -455,6 +467,7 @@ impl Metrics {
             settles_capped,
             ingested,
             access_log,
+            slices,
             reloads,
             leases,
         }
@@ -490,6 +503,15 @@ impl Metrics {
     pub fn ingest(&self, result: &'static str) {
         debug_assert!(INGEST_RESULTS.contains(&result), "ingest result {result}");
         self.ingested.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// A streamed call's slice, by how it was decided.
+    pub fn slice(&self, outcome: Outcome) {
+        self.slices
+            .get_or_create(&ResultLabels {
+                result: outcome.as_str(),
+            })
+            .inc();
     }
 
     /// `result`: one of [`ACCESS_LOG_RESULTS`].

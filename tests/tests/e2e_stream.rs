@@ -126,6 +126,12 @@ async fn a_stream_with_budget_left_runs_to_its_end_with_a_handful_of_slices() {
         );
     }
     assert_eq!(s.envoy.filter_stat("stream_cut").unwrap(), 0);
+    // The sidecar decided each slice as one: the same count on both sides.
+    let m = s.sidecar_metrics().await;
+    assert_eq!(
+        m.get("tollgate_stream_slices_total", &[("result", "granted")]),
+        Some(slices as f64)
+    );
 }
 
 /// One streamed chat of `output` tokens (asking for up to 500), read to its end: its status,

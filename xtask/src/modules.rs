@@ -15,7 +15,7 @@ use syn::visit::Visit;
 pub const SIDECAR_LAYERS: &[&[&str]] = &[
     &["core"],
     &["clock", "auth", "jwt"],
-    &["store", "session"],
+    &["store", "session", "trial"],
     &["engine"],
     &["usage"],
     &["alerts"],
@@ -34,6 +34,7 @@ pub const SIDECAR_LAYERS: &[&[&str]] = &[
 pub const FILTER_LAYERS: &[&[&str]] = &[
     &["api", "lines", "pbjson", "bounded"],
     &["config", "endpoint"],
+    &["stream"],
     &["extract", "settle", "batch"],
     &["decision", "close_queue", "report_queue"],
     &["host"],

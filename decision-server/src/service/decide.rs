@@ -141,6 +141,9 @@ impl Service {
             Err(DecisionError::DeadlineExceeded) => Outcome::Late,
         };
         self.metrics.decision(api, outcome, started.elapsed());
+        if extension {
+            self.metrics.slice(outcome);
+        }
         match &result {
             Err(e) => {
                 tracing::debug!(customer = req.customer, feature = req.feature, error = %e, "decision failed")
