@@ -135,6 +135,24 @@ enum Cmd {
         #[arg(long)]
         breakdown: bool,
     },
+    /// Pay as you stream through Envoy: streamed chats held in slices, each by its own user
+    /// whose daily quota ends it mid-way; prints the slices per call and, from the filter's
+    /// histogram, the time from a refused slice to the chunk that ends the stream.
+    StreamCut {
+        #[arg(long, default_value_t = 96)]
+        streams: usize,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// The mock's pause between tokens, ms (a model writing 50 tokens a second: 20).
+        #[arg(long, default_value_t = 5)]
+        pace_ms: u64,
+        /// Each user's daily quota, where the streams are cut.
+        #[arg(long, default_value_t = 600)]
+        quota: u64,
+        /// Output tokens per slice (the first slice too).
+        #[arg(long, default_value_t = 64)]
+        slice: u64,
+    },
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -187,6 +205,10 @@ struct RunArgs {
     /// grant counts at once and holds nothing.
     #[arg(long)]
     commit: bool,
+    /// Each check is a streamed call's next slice (`tollgate.extends` naming a hold of the
+    /// same customer), as the filter asks while a stream runs.
+    #[arg(long, conflicts_with = "commit")]
+    extends: bool,
     /// Label for the printed result line.
     #[arg(long, default_value = "tollgate")]
     label: String,
@@ -281,6 +303,7 @@ fn authz_request(
     user: &str,
     usage: u64,
     commit: bool,
+    extends: bool,
 ) -> tonic::Request<CheckRequest> {
     let mut ext: HashMap<String, String> = [
         ("tollgate.customer", customer.to_string()),
@@ -293,6 +316,14 @@ fn authz_request(
     .collect();
     if commit {
         ext.insert("tollgate.commit".into(), "true".into());
+    }
+    if extends {
+        // The slice's parent: any well-formed hold id of the customer (the sidecar checks the
+        // customer, not that the parent is still open).
+        ext.insert(
+            "tollgate.extends".into(),
+            format!("{customer}:1:{:032x}", 0x5eed_u128),
+        );
     }
     let mut r = tonic::Request::new(CheckRequest {
         attributes: Some(AttributeContext {
@@ -458,7 +489,7 @@ async fn run(args: &RunArgs, addr: &str) -> anyhow::Result<Outcome> {
                 let user = format!("u{user}");
                 let t0 = due.unwrap_or_else(Instant::now);
                 let ok = match (client, grpc.as_mut()) {
-                    (Client::Grpc(_), Some(c)) => match c.check(authz_request(&customer, &user, args.usage, args.commit)).await {
+                    (Client::Grpc(_), Some(c)) => match c.check(authz_request(&customer, &user, args.usage, args.commit, args.extends)).await {
                         Ok(r) => {
                             let code = r.into_inner().status.map_or(-1, |s| s.code);
                             if code != 0 {
@@ -768,6 +799,13 @@ async fn main_async(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
+        Cmd::StreamCut {
+            streams,
+            concurrency,
+            pace_ms,
+            quota,
+            slice,
+        } => stream_cut(streams, concurrency, pace_ms, quota, slice).await,
         Cmd::Run(args) => {
             if args.calibrate {
                 if args.target != Target::ExtAuthz {
@@ -804,6 +842,112 @@ fn without_filter(config: &str) -> anyhow::Result<String> {
         .find("                  - name: envoy.filters.http.router")
         .context("no router in the config")?;
     Ok(format!("{}{}", &config[..start], &config[end..]))
+}
+
+/// One streamed chat through Envoy as `user` of customer c0, read to its end: whether the
+/// stream ended with the limit's error event, and the content tokens delivered.
+async fn cut_stream(
+    http: &reqwest::Client,
+    url: &str,
+    user: &str,
+    pace_ms: u64,
+) -> anyhow::Result<(bool, u64)> {
+    let body = serde_json::json!({"model": "gpt-4o-mini", "max_tokens": 4000, "stream": true,
+        "messages": [{"role": "user", "content": "write"}]});
+    let mut r = http
+        .post(format!("{url}/v1/chat/completions"))
+        .header(
+            "authorization",
+            tollgate_testkit::bearer_for("c0", serde_json::json!({ "sub": user })),
+        )
+        .header("content-type", "application/json")
+        .header("x-mock-output-tokens", "4000")
+        .header("x-mock-pace-ms", pace_ms.to_string())
+        .body(body.to_string())
+        .send()
+        .await?;
+    let mut text = Vec::new();
+    while let Ok(Some(chunk)) = r.chunk().await {
+        text.extend_from_slice(&chunk);
+    }
+    let text = String::from_utf8_lossy(&text);
+    Ok((
+        text.contains("usage_limit_exceeded"),
+        text.matches("tok ").count() as u64,
+    ))
+}
+
+async fn stream_cut(
+    streams: usize,
+    concurrency: usize,
+    pace_ms: u64,
+    quota: u64,
+    slice: u64,
+) -> anyhow::Result<()> {
+    use futures_util::StreamExt as _;
+    use tollgate_testkit::{Envoy, MockLlm, Sidecar, envoy_config};
+    let mock = MockLlm::start()?;
+    let sidecar_config = config(1, 1_000_000, "PT10M", true).replace(
+        "kind: quota, limit: 1000000000, period: P1D",
+        &format!("kind: quota, limit: {quota}, period: P1D"),
+    );
+    let sidecar = Sidecar::start(&sidecar_config)?;
+    const SETTLEMENT: &str = r#""settlement": { "onMissingUsage": "estimate", "timeoutMs": 1000 }"#;
+    let envoy_cfg = envoy_config("wasm-filter.yaml", sidecar.ext_authz_port()?, mock.port()?)?;
+    if !envoy_cfg.contains(SETTLEMENT) {
+        bail!("the WASM config changed shape");
+    }
+    let envoy = Envoy::start(&envoy_cfg.replace(
+        SETTLEMENT,
+        &format!(
+            r#""settlement": {{ "onMissingUsage": "estimate", "timeoutMs": 1000, "streaming": {{ "mode": "extend", "firstSlice": {slice}, "slice": {slice}, "askAhead": {} }} }}"#,
+            slice / 2
+        ),
+    ))?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()?;
+    let started = Instant::now();
+    let results: Vec<anyhow::Result<(bool, u64)>> = futures_util::stream::iter(0..streams)
+        .map(|i| {
+            let (http, url) = (http.clone(), envoy.url.clone());
+            async move { cut_stream(&http, &url, &format!("u{i}"), pace_ms).await }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    let elapsed = started.elapsed();
+    let mut cut = 0;
+    let mut delivered = 0;
+    for r in results {
+        let (c, d) = r?;
+        cut += usize::from(c);
+        delivered += d;
+    }
+    let extended = envoy.filter_stat("stream_extended")?;
+    let stats = envoy.stats_text("tollgate_filter.stream_cut_delay_us")?;
+    println!(
+        "# {} cores: {}",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(
+                |c| c.lines().find(|l| l.starts_with("model name")).map(|l| l
+                    .split(':')
+                    .nth(1)
+                    .unwrap_or("")
+                    .trim()
+                    .to_string())
+            )
+            .unwrap_or_default()
+    );
+    println!(
+        "stream-cut streams={streams} concurrency={concurrency} pace_ms={pace_ms} quota={quota} slice={slice} elapsed={:.2}s cut={cut} delivered_tokens={delivered} slices_per_call={:.2}",
+        elapsed.as_secs_f64(),
+        extended as f64 / streams as f64
+    );
+    println!("refused slice -> end of stream (µs, Envoy's histogram): {stats}");
+    Ok(())
 }
 
 async fn envoy_bench(
@@ -881,6 +1025,7 @@ async fn envoy_bench(
                     rate: 0,
                     calibrate: false,
                     commit: false,
+                    extends: false,
                     label: format!("{name}#{round}"),
                 };
                 let o = run(&args, &args.addr).await?;

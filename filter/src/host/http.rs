@@ -55,6 +55,8 @@ pub(super) struct Http {
     /// request facts), and the token of the one in flight.
     slicing: Option<(extract::Extracted, decision::RequestInfo)>,
     slice_call: Option<(u32, u64)>,
+    /// When a slice was refused, for the time to the stream's end.
+    refused_at: Option<SystemTime>,
 }
 
 /// The request's headers, read from the host in one call when the request starts: one host
@@ -129,6 +131,7 @@ impl Http {
             batch: None,
             slicing: None,
             slice_call: None,
+            refused_at: None,
         }
     }
 
@@ -536,6 +539,7 @@ impl Http {
             },
             Verdict::Deny(reply) => {
                 Stats::bump(self.shared.stats.stream_refused);
+                self.refused_at = hostcalls::get_current_time().ok();
                 let shaped = decision::shape_denial(api, reply);
                 slices.refused(crate::stream::cut_event(api, &shaped.body));
             }
@@ -796,6 +800,13 @@ impl HttpContext for Http {
                 .is_some_and(|x| x.is_cut());
         if cut_now {
             Stats::bump(self.shared.stats.stream_cut);
+            if let (Some(at), Ok(now)) = (self.refused_at, hostcalls::get_current_time()) {
+                let us = now.duration_since(at).map_or(0, |d| d.as_micros());
+                Stats::record(
+                    self.shared.stats.stream_cut_delay_us,
+                    u64::try_from(us).unwrap_or(u64::MAX),
+                );
+            }
         }
         if let Some(bytes) = replaced
             && hostcalls::set_buffer(

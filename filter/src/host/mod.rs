@@ -51,6 +51,8 @@ pub(super) struct Stats {
     stream_refused: u32,
     stream_unreachable: u32,
     stream_cut: u32,
+    /// Histogram: µs from a refused slice's answer to the chunk that ends the stream.
+    pub(super) stream_cut_delay_us: u32,
 }
 
 impl Stats {
@@ -82,6 +84,17 @@ impl Stats {
             stream_refused: d("tollgate_filter.stream_refused_total"),
             stream_unreachable: d("tollgate_filter.stream_unreachable_total"),
             stream_cut: d("tollgate_filter.stream_cut_total"),
+            stream_cut_delay_us: hostcalls::define_metric(
+                MetricType::Histogram,
+                "tollgate_filter.stream_cut_delay_us",
+            )
+            .unwrap_or(0),
+        }
+    }
+
+    pub(super) fn record(id: u32, value: u64) {
+        if id != 0 {
+            let _ = hostcalls::record_metric(id, value);
         }
     }
 

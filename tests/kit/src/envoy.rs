@@ -158,6 +158,13 @@ impl Envoy {
     }
 
     /// Envoy's `/stats/prometheus` page.
+    /// The `/stats` lines of the stats whose names contain `filter` (for a histogram, its
+    /// quantiles as Envoy prints them).
+    pub fn stats_text(&self, filter: &str) -> anyhow::Result<String> {
+        let text = http_get(&self.admin, &format!("/stats?filter={filter}"))?;
+        Ok(text.lines().collect::<Vec<_>>().join("; "))
+    }
+
     pub fn prometheus(&self) -> anyhow::Result<String> {
         http_get(&self.admin, "/stats/prometheus")
     }
