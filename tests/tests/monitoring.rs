@@ -137,6 +137,12 @@ fn documented_filter_stats() -> Vec<String> {
         out.len() >= 20,
         "the table lists the filter's stats: {out:?}"
     );
+    // And its histograms, named after the table ("one histogram: `<name>`").
+    for part in table.split("histogram: `").skip(1) {
+        if let Some(name) = part.split('`').next() {
+            out.push(format!("tollgate_filter_{name}"));
+        }
+    }
     out
 }
 
