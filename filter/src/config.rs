@@ -251,6 +251,10 @@ pub struct SettlementDto {
     max_response_bytes: Option<usize>,
     #[serde(default)]
     streaming: Option<StreamingDto>,
+    /// The output budget held for a request that names none, lower than
+    /// `estimate.defaultMaxTokens` (a route of short answers).
+    #[serde(default)]
+    default_max_tokens: Option<u64>,
 }
 
 /// Where a value comes from.
@@ -331,6 +335,18 @@ impl Settlement {
         }
         if let Some(b) = o.max_response_bytes {
             s.max_response_bytes = b;
+        }
+        if let Some(n) = o.default_max_tokens {
+            if n == 0 || n > s.estimate.default_max_tokens {
+                return Err(err(
+                    format!("{path}.defaultMaxTokens"),
+                    format!(
+                        "{n}: a route may lower the default output budget (1 to {}), not raise it",
+                        s.estimate.default_max_tokens
+                    ),
+                ));
+            }
+            s.estimate.default_max_tokens = n;
         }
         if let Some(st) = &o.streaming {
             let mut v = s.streaming;
@@ -802,6 +818,7 @@ fn merge_settlement(a: SettlementDto, b: SettlementDto) -> SettlementDto {
         stream_usage: b.stream_usage.or(a.stream_usage),
         timeout_ms: b.timeout_ms.or(a.timeout_ms),
         max_response_bytes: b.max_response_bytes.or(a.max_response_bytes),
+        default_max_tokens: b.default_max_tokens.or(a.default_max_tokens),
         streaming: match (a.streaming, b.streaming) {
             (Some(a), Some(b)) => Some(StreamingDto {
                 mode: b.mode.or(a.mode),
@@ -1118,6 +1135,45 @@ mod tests {
         let bad = RouteOverride::from_json(serde_json::json!({"unknownEndpoints": "maybe"}), None)
             .unwrap_err();
         assert!(bad.to_string().contains("unknownEndpoints"), "{bad}");
+    }
+
+    #[test]
+    fn a_route_lowers_the_default_output_budget_and_sets_its_streaming() {
+        let c = parse(
+            r#"{"sidecar": {"cluster": "t", "token": "x"}, "estimate": {"defaultMaxTokens": 2048}}"#,
+        )
+        .unwrap();
+        let o = RouteOverride::from_json(
+            serde_json::json!({"settlement": {"defaultMaxTokens": 256,
+                "streaming": {"mode": "extend-finish", "slice": 128}}}),
+            None,
+        )
+        .unwrap();
+        let e = c.effective(Some(&o)).unwrap();
+        assert_eq!(e.settlement.estimate.default_max_tokens, 256);
+        assert_eq!(e.settlement.streaming.mode, StreamMode::ExtendFinish);
+        assert_eq!(e.settlement.streaming.slice, 128);
+        assert_eq!(e.settlement.streaming.first_slice, 256, "default kept");
+        assert_eq!(c.plain().settlement.estimate.default_max_tokens, 2048);
+        for (meta, says) in [
+            (
+                serde_json::json!({"settlement": {"defaultMaxTokens": 4096}}),
+                "not raise it",
+            ),
+            (
+                serde_json::json!({"settlement": {"streaming": {"slice": 0}}}),
+                "streaming.slice",
+            ),
+            (
+                serde_json::json!({"settlement": {"streaming": {"mode": "sometimes"}}}),
+                "mode",
+            ),
+        ] {
+            let err = RouteOverride::from_json(meta, None)
+                .and_then(|o| c.effective(Some(&o)).map(|_| ()))
+                .unwrap_err();
+            assert!(err.to_string().contains(says), "{err}");
+        }
     }
 
     #[test]

@@ -346,3 +346,38 @@ async fn sixteen_streams_of_a_roomy_team_stop_at_the_org_cap_that_binds_first() 
     );
     assert_eq!(team, org, "the team counts what the org does");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_extend_finish_a_refused_stream_runs_to_its_budget_and_its_overshoot_is_counted() {
+    let s = Stack::start_with("wasm-filter.yaml", |c| {
+        sliced(c).replace(r#""mode": "extend""#, r#""mode": "extend-finish""#)
+    });
+    let carol = caller("acme", Some("carol"));
+    let out = sdk(&s, &carol, "chat-stream-cut", &["--team", "research"]).await;
+    assert!(out.get("error").is_none(), "{out}");
+    assert_eq!(tokens(out["text"].as_str().unwrap()), 1000, "{out}");
+    let reported = out["usage"]["total_tokens"].as_u64().unwrap();
+    s.holds_closed().await;
+    // Charged what it used, past research's 300: the admitted stream finished.
+    let counted = s
+        .usage("acme", json!({"userId": "carol"}), "research-daily")
+        .await;
+    assert_eq!(counted, reported);
+    assert!(counted > RESEARCH_CAP);
+    let stat = |name| s.envoy.filter_stat(name).unwrap();
+    assert_eq!(stat("stream_refused"), 1);
+    assert_eq!(stat("stream_cut"), 0);
+    let over = stat("stream_overshoot_units");
+    assert!(
+        over > 0 && over < reported,
+        "overshoot {over} of {reported} reported"
+    );
+    // The next call of the team is refused: the cap is spent.
+    let again = sdk(&s, &carol, "chat-stream-cut", &["--team", "research"]).await;
+    assert!(
+        again["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("research-daily")),
+        "{again}"
+    );
+}

@@ -480,6 +480,12 @@ impl Http {
 
     fn close(&mut self, outcome: Option<settle::Outcome>) {
         if let (Some((close, why)), Some(t)) = (outcome, self.tracker.as_mut()) {
+            if let (settle::Close::Settle(reading), Some(slices)) = (&close, t.slices_mut()) {
+                Stats::add(
+                    self.shared.stats.stream_overshoot_units,
+                    reading.total.saturating_sub(slices.covered()),
+                );
+            }
             self.shared.close(t.hold_id(), &close, why);
             // The first hold carries the whole usage; the slices it grew by go.
             for slice in t.take_extensions().iter().filter(|h| !h.is_empty()) {

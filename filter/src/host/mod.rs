@@ -51,6 +51,9 @@ pub(super) struct Stats {
     stream_refused: u32,
     stream_unreachable: u32,
     stream_cut: u32,
+    /// Units streams delivered past what they held (`extend-finish`, or `onSidecarDown:
+    /// finish`).
+    pub(super) stream_overshoot_units: u32,
     /// Histogram: µs from a refused slice's answer to the chunk that ends the stream.
     pub(super) stream_cut_delay_us: u32,
 }
@@ -84,11 +87,18 @@ impl Stats {
             stream_refused: d("tollgate_filter.stream_refused_total"),
             stream_unreachable: d("tollgate_filter.stream_unreachable_total"),
             stream_cut: d("tollgate_filter.stream_cut_total"),
+            stream_overshoot_units: d("tollgate_filter.stream_overshoot_units_total"),
             stream_cut_delay_us: hostcalls::define_metric(
                 MetricType::Histogram,
                 "tollgate_filter.stream_cut_delay_us",
             )
             .unwrap_or(0),
+        }
+    }
+
+    pub(super) fn add(id: u32, n: u64) {
+        if id != 0 && n > 0 {
+            let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 
