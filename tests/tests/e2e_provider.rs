@@ -156,16 +156,13 @@ async fn the_openai_provider_gets_its_own_key_over_tls_and_never_the_callers_cre
             .as_u64()
             .unwrap_or_else(|| panic!("{scenario}: {out}"));
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while initech_ops(&s).await != before + reported {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "initech counts {}, the provider reported {}",
-            initech_ops(&s).await - before,
-            reported
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    s.usage_settles_at(
+        "initech",
+        json!({"teamId": "ops"}),
+        "initech-daily",
+        before + reported,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,16 +215,13 @@ async fn the_anthropic_provider_gets_its_own_key_from_either_sdk_credential() {
             .unwrap_or_else(|| panic!("{scenario}: {out}"))
             + u["output_tokens"].as_u64().unwrap();
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while initech_ops(&s).await != before + reported {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "initech counts {}, the provider reported {}",
-            initech_ops(&s).await - before,
-            reported
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    s.usage_settles_at(
+        "initech",
+        json!({"teamId": "ops"}),
+        "initech-daily",
+        before + reported,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -286,12 +286,7 @@ impl Http {
             self.slicing = Some((x.clone(), info.clone()));
         }
         let timeout = e.timeout;
-        let now = hostcalls::get_current_time()
-            .ok()
-            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-            .and_then(|d| u64::try_from(d.as_millis()).ok());
-        let deadline = now.map(|n| decision::deadline_millis(n, timeout));
-        let message = decision::check_request(&x, &info, deadline);
+        let message = decision::check_request(&x, &info, deadline_for(timeout));
         if e.fail_mode == crate::config::FailMode::Bounded
             && let (Some(customer), Some(feature)) = (&x.customer, &x.feature)
         {
@@ -315,14 +310,7 @@ impl Http {
             streaming,
             worst,
         });
-        match hostcalls::dispatch_grpc_call(
-            &self.shared.config.grpc_upstream,
-            decision::AUTHZ_SERVICE,
-            decision::AUTHZ_METHOD,
-            vec![("authorization", self.shared.config.authorization.as_bytes())],
-            Some(&message),
-            timeout,
-        ) {
+        match self.dispatch_check(&message, timeout) {
             Ok(_) => {
                 self.deciding = true;
                 Action::Pause
@@ -478,6 +466,34 @@ impl Http {
         }
     }
 
+    /// Sends an ext_authz `Check` to the sidecar, with the gateway token; the call's token.
+    fn dispatch_check(
+        &self,
+        message: &[u8],
+        timeout: std::time::Duration,
+    ) -> Result<u32, proxy_wasm::types::Status> {
+        hostcalls::dispatch_grpc_call(
+            &self.shared.config.grpc_upstream,
+            decision::AUTHZ_SERVICE,
+            decision::AUTHZ_METHOD,
+            vec![("authorization", self.shared.config.authorization.as_bytes())],
+            Some(message),
+            timeout,
+        )
+    }
+
+    /// What a `Check` call answered: its verdict, or the failure its gRPC status means.
+    fn answer(&self, status_code: u32, size: usize, upstream_headers: bool) -> Verdict {
+        if status_code != 0 {
+            let (code, message) = hostcalls::get_grpc_status().unwrap_or((status_code, None));
+            return Verdict::Fail(Failure::from_grpc(code, message));
+        }
+        let body = self
+            .get_grpc_call_response_body(0, size)
+            .unwrap_or_default();
+        decision::verdict(&body, upstream_headers)
+    }
+
     fn close(&mut self, outcome: Option<settle::Outcome>) {
         if let (Some((close, why)), Some(t)) = (outcome, self.tracker.as_mut()) {
             if let (settle::Close::Settle(reading), Some(slices)) = (&close, t.slices_mut()) {
@@ -502,20 +518,9 @@ impl Http {
         let mut x = base.clone();
         x.usage = Some(units);
         let timeout = self.effective().timeout;
-        let now = hostcalls::get_current_time()
-            .ok()
-            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-            .and_then(|d| u64::try_from(d.as_millis()).ok());
-        let deadline = now.map(|n| decision::deadline_millis(n, timeout));
-        let message = decision::check_request_extending(&x, info, deadline, Some(t.hold_id()));
-        match hostcalls::dispatch_grpc_call(
-            &self.shared.config.grpc_upstream,
-            decision::AUTHZ_SERVICE,
-            decision::AUTHZ_METHOD,
-            vec![("authorization", self.shared.config.authorization.as_bytes())],
-            Some(&message),
-            timeout,
-        ) {
+        let message =
+            decision::check_request_extending(&x, info, deadline_for(timeout), Some(t.hold_id()));
+        match self.dispatch_check(&message, timeout) {
             Ok(token) => {
                 self.slice_call = Some((token, units));
                 if let Some(slices) = self.tracker.as_mut().and_then(Tracker::slices_mut) {
@@ -573,28 +578,13 @@ impl Http {
 impl Context for Http {
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, size: usize) {
         if self.slice_call.is_some_and(|(t, _)| t == token_id) {
-            let verdict = if status_code != 0 {
-                let (code, message) = hostcalls::get_grpc_status().unwrap_or((status_code, None));
-                Verdict::Fail(Failure::from_grpc(code, message))
-            } else {
-                let body = self
-                    .get_grpc_call_response_body(0, size)
-                    .unwrap_or_default();
-                decision::verdict(&body, false)
-            };
+            // A slice's answer: no upstream headers to add, the request went long ago.
+            let verdict = self.answer(status_code, size, false);
             self.slice_answered(verdict);
             return;
         }
         self.deciding = false;
-        let verdict = if status_code != 0 {
-            let (code, message) = hostcalls::get_grpc_status().unwrap_or((status_code, None));
-            Verdict::Fail(Failure::from_grpc(code, message))
-        } else {
-            let body = self
-                .get_grpc_call_response_body(0, size)
-                .unwrap_or_default();
-            decision::verdict(&body, self.shared.config.upstream_headers)
-        };
+        let verdict = self.answer(status_code, size, self.shared.config.upstream_headers);
         match verdict {
             Verdict::Grant(g) => {
                 Stats::bump(self.shared.stats.granted);
@@ -852,6 +842,15 @@ impl HttpContext for Http {
         let outcome = self.tracker.as_mut().and_then(|t| t.on_end(&e.settlement));
         self.close(outcome);
     }
+}
+
+/// When the sidecar should stop deciding a call made now with `timeout` (ms since the epoch).
+fn deadline_for(timeout: std::time::Duration) -> Option<u64> {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .and_then(|d| u64::try_from(d.as_millis()).ok())
+        .map(|n| decision::deadline_millis(n, timeout))
 }
 
 /// Takes `units` from `customer`'s allowance of this minute in Envoy's shared data, with

@@ -218,23 +218,35 @@ fn listener_port(admin: &str) -> Option<u16> {
     u16::try_from(port).ok().filter(|p| *p != 0)
 }
 
-/// Renders `envoy/<file>` for the given sidecar and upstream ports, with the release filter.
-pub fn envoy_config(file: &str, sidecar_port: u16, upstream_port: u16) -> anyhow::Result<String> {
+/// Renders `envoy/<file>` with the listeners on free ports, the given sidecar port, the
+/// release filter, the tests' identity provider and gateway token, and `more` placeholders.
+fn render_envoy(
+    file: &str,
+    sidecar_port: u16,
+    more: Vec<(&str, String)>,
+) -> anyhow::Result<String> {
     let path = root().join("envoy").join(file);
     let template = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {}", path.display()))?;
-    render(
-        &template,
-        &[
-            ("LISTEN_PORT", "0".into()),
-            ("ADMIN_PORT", "0".into()),
-            ("SIDECAR_PORT", sidecar_port.to_string()),
-            ("UPSTREAM_PORT", upstream_port.to_string()),
-            ("WASM", wasm_module()?.display().to_string()),
-            ("JWT_ISSUER", JWT_ISSUER.to_string()),
-            ("JWT_JWKS", jwks()),
-            ("GATEWAY_TOKEN", GATEWAY_TOKEN.to_string()),
-        ],
+    let mut values = vec![
+        ("LISTEN_PORT", "0".into()),
+        ("ADMIN_PORT", "0".into()),
+        ("SIDECAR_PORT", sidecar_port.to_string()),
+        ("WASM", wasm_module()?.display().to_string()),
+        ("JWT_ISSUER", JWT_ISSUER.to_string()),
+        ("JWT_JWKS", jwks()),
+        ("GATEWAY_TOKEN", GATEWAY_TOKEN.to_string()),
+    ];
+    values.extend(more);
+    render(&template, &values)
+}
+
+/// Renders `envoy/<file>` for the given sidecar and upstream ports, with the release filter.
+pub fn envoy_config(file: &str, sidecar_port: u16, upstream_port: u16) -> anyhow::Result<String> {
+    render_envoy(
+        file,
+        sidecar_port,
+        vec![("UPSTREAM_PORT", upstream_port.to_string())],
     )
 }
 
@@ -255,18 +267,10 @@ pub fn provider_config(
     sidecar_port: u16,
     provider: &ProviderTarget,
 ) -> anyhow::Result<String> {
-    let path = root().join("envoy").join(file);
-    let template = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    render(
-        &template,
-        &[
-            ("LISTEN_PORT", "0".into()),
-            ("ADMIN_PORT", "0".into()),
-            ("SIDECAR_PORT", sidecar_port.to_string()),
-            ("WASM", wasm_module()?.display().to_string()),
-            ("JWT_ISSUER", JWT_ISSUER.to_string()),
-            ("JWT_JWKS", jwks()),
+    render_envoy(
+        file,
+        sidecar_port,
+        vec![
             ("PROVIDER_HOST", provider.host.clone()),
             ("PROVIDER_ADDRESS", provider.address.clone()),
             ("PROVIDER_PORT", provider.port.to_string()),
