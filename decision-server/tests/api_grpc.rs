@@ -986,3 +986,46 @@ async fn next(s: &mut EventStream) -> pb::UsageEvent {
         .unwrap()
         .unwrap()
 }
+
+/// `tollgate.extends` (a stream's next slice) is for the gateway's streams: a customer's own
+/// key cannot use it to hold around its concurrency limit, nor may a slice name another
+/// customer's hold or be a commit.
+#[tokio::test]
+async fn only_the_gateway_extends_a_streams_hold_and_only_its_customers_own() {
+    let service = common::service::service().await;
+    let slice = |parent: &'static str| {
+        [
+            ("tollgate.customer", "globex"),
+            ("tollgate.feature", "ai-tokens"),
+            ("tollgate.usage", "10"),
+            ("tollgate.extends", parent),
+        ]
+    };
+    let own = "globex:1:0123456789abcdef0123456789abcdef";
+    let err = authz_as(&service, Some(GLOBEX_KEY), &[], &slice(own))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("tollgate.extends"), "{err:?}");
+    assert_eq!(org_counted(&service, "globex").await, 0, "nothing was held");
+    let r = authz(&service, &[], &slice(own)).await;
+    assert_eq!(r.status.unwrap().code, Code::Ok as i32);
+    assert_eq!(org_counted(&service, "globex").await, 10);
+    // Another customer's hold, a malformed id, a commit: bad input, nothing held.
+    for (parent, says) in [
+        (
+            "acme:1:0123456789abcdef0123456789abcdef",
+            "another customer",
+        ),
+        ("globex:x", "not a hold id"),
+    ] {
+        let r = authz(&service, &[], &slice(parent)).await;
+        assert_ne!(r.status.as_ref().unwrap().code, Code::Ok as i32, "{parent}");
+        assert!(format!("{r:?}").contains(says), "{parent}: {r:?}");
+    }
+    let mut commit = slice(own).to_vec();
+    commit.push(("tollgate.commit", "true"));
+    let r = authz(&service, &[], &commit).await;
+    assert!(format!("{r:?}").contains("a slice is always held"), "{r:?}");
+    assert_eq!(org_counted(&service, "globex").await, 10);
+}

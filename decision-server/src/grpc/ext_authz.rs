@@ -17,7 +17,7 @@ use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
-use crate::auth::Listener;
+use crate::auth::{Listener, Principal};
 use crate::config::server::{ExtAuthzSettings, Source};
 use crate::core::model::KindName;
 use crate::core::usage::Usage;
@@ -540,6 +540,14 @@ impl Authorization for ExtAuthzService {
             return Err(Status::permission_denied(format!(
                 "these credentials do not reach customer `{}`",
                 input.customer
+            )));
+        }
+        // A slice holds units without a concurrency slot: only the gateway that holds the
+        // stream asks for one. A customer's own key could otherwise hold around its
+        // concurrency limit.
+        if input.extends.is_some() && matches!(principal, Principal::Customer(..)) {
+            return Err(Status::permission_denied(format!(
+                "`{KEY_EXTENDS}` is for the gateway's streams: a customer's API key cannot extend holds"
             )));
         }
         let check = Check {
