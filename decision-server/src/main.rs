@@ -227,41 +227,44 @@ fn trial_key(dir: &std::path::Path, force: bool) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let key_path = dir.join("signing-key.pem");
     let jwks_path = dir.join("jwks.json");
-    if key_path.exists() && !force {
-        // Idempotent: the key stays, and its JWKS is written again from it.
+    // Idempotent: a key already there stays (`--force` replaces it), and its JWKS is written
+    // again from it.
+    let kept = key_path.exists() && !force;
+    let jwks = if kept {
         let pem = std::fs::read_to_string(&key_path)
             .with_context(|| format!("cannot read {}", key_path.display()))?;
-        let jwks =
-            tollgate::trial::jwks_of(&pem).with_context(|| key_path.display().to_string())?;
-        std::fs::write(&jwks_path, format!("{jwks}\n"))
-            .with_context(|| format!("cannot write {}", jwks_path.display()))?;
+        tollgate::trial::jwks_of(&pem).with_context(|| key_path.display().to_string())?
+    } else {
+        let (pem, jwks) = tollgate::trial::new_key()?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot make {}", dir.display()))?;
+        // Readable by its owner only: whoever reads it can sign tokens for any customer.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&key_path)
+            .with_context(|| format!("cannot write {}", key_path.display()))?;
+        file.write_all(pem.as_bytes())
+            .with_context(|| format!("cannot write {}", key_path.display()))?;
+        jwks
+    };
+    std::fs::write(&jwks_path, format!("{jwks}\n"))
+        .with_context(|| format!("cannot write {}", jwks_path.display()))?;
+    if kept {
         println!(
             "{} is already there (kept; --force makes a new one); {} written from it",
             key_path.display(),
             jwks_path.display()
         );
-        return Ok(());
+    } else {
+        println!(
+            "signing key (for trials; keep it secret): {}\nits JWKS (for Envoy's jwt_authn, issuer `{}`): {}",
+            key_path.display(),
+            tollgate::trial::TRIAL_ISSUER,
+            jwks_path.display()
+        );
     }
-    let (pem, jwks) = tollgate::trial::new_key()?;
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot make {}", dir.display()))?;
-    // Readable by its owner only: whoever reads it can sign tokens for any customer.
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&key_path)
-        .with_context(|| format!("cannot write {}", key_path.display()))?;
-    file.write_all(pem.as_bytes())
-        .with_context(|| format!("cannot write {}", key_path.display()))?;
-    std::fs::write(&jwks_path, format!("{jwks}\n"))
-        .with_context(|| format!("cannot write {}", jwks_path.display()))?;
-    println!(
-        "signing key (for trials; keep it secret): {}\nits JWKS (for Envoy's jwt_authn, issuer `{}`): {}",
-        key_path.display(),
-        tollgate::trial::TRIAL_ISSUER,
-        jwks_path.display()
-    );
     Ok(())
 }
 

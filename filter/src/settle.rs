@@ -610,7 +610,7 @@ mod tests {
         t.on_body(&s, &chunk(20), false);
         assert_eq!(t.next_slice(&s), Some(64), "24 left: ask");
         t.slices_mut().unwrap().asked();
-        t.slices_mut().unwrap().granted("h-1".into(), 64);
+        t.slices_mut().unwrap().granted(Some("h-1".into()), 64);
         t.on_body(&s, &chunk(60), false);
         assert_eq!(t.next_slice(&s), Some(64), "110 used of 138: ask");
         t.slices_mut().unwrap().asked();

@@ -74,10 +74,12 @@ impl Slices {
         self.asking = true;
     }
 
-    pub fn granted(&mut self, hold_id: String, units: u64) {
+    /// A slice granted: held under `hold_id`, or under none when no limit applies any more
+    /// (a reload): covered either way, released only when held.
+    pub fn granted(&mut self, hold_id: Option<String>, units: u64) {
         self.asking = false;
         self.covered = self.covered.saturating_add(units);
-        self.extensions.push(hold_id);
+        self.extensions.extend(hold_id);
     }
 
     /// A slice refused: under `extend`, the stream ends with `cut` (the API's error event);
@@ -186,13 +188,13 @@ mod tests {
         assert_eq!(s.next_ask(70), Some(200), "50 left: ask now");
         s.asked();
         assert_eq!(s.next_ask(119), None, "one at a time");
-        s.granted("h-1".into(), 200);
+        s.granted(Some("h-1".into()), 200);
         assert_eq!(s.covered(), 320);
         assert_eq!(s.next_ask(200), None);
         // The last slice is what is left of the declared budget.
         assert_eq!(s.next_ask(280), Some(130));
         s.asked();
-        s.granted("h-2".into(), 130);
+        s.granted(Some("h-2".into()), 130);
         assert_eq!(s.next_ask(449), None, "the whole budget is held");
         assert_eq!(s.extended(), 2);
         assert_eq!(

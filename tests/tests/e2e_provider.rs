@@ -101,6 +101,30 @@ fn assert_clean(seen: &Value, secrets: &[&str]) {
     }
 }
 
+/// Runs each SDK scenario as initech's `ops` team: the counter ends at the sum of the usage
+/// each call reported (OpenAI's `total_tokens`, or Anthropic's input and output).
+async fn sdk_calls_settle_exactly(s: &Stack, scenarios: &[(&'static str, &[&str])]) {
+    let before = initech_ops(s).await;
+    let mut reported = 0;
+    for (scenario, extra) in scenarios {
+        let out = run_sdk(s, &INITECH, scenario, extra, Duration::from_secs(60)).await;
+        let u = &out["usage"];
+        reported += u["total_tokens"].as_u64().unwrap_or_else(|| {
+            u["input_tokens"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{scenario}: {out}"))
+                + u["output_tokens"].as_u64().unwrap()
+        });
+    }
+    s.usage_settles_at(
+        "initech",
+        json!({"teamId": "ops"}),
+        "initech-daily",
+        before + reported,
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_provider_gets_its_own_key_over_tls_and_never_the_callers_credentials() {
     let tls = ProviderTls::new();
@@ -147,20 +171,13 @@ async fn the_openai_provider_gets_its_own_key_over_tls_and_never_the_callers_cre
     assert_eq!(r.status, 401, "{}", r.text);
     assert!(r.header("x-echo-request").is_none(), "{:?}", r.headers);
     // The official SDK, streamed and not: the counter ends at what the provider reported.
-    let before = initech_ops(&s).await;
-    let mut reported = 0;
-    for scenario in ["chat-json", "chat-stream", "responses-stream"] {
-        let out = run_sdk(&s, &INITECH, scenario, &[], Duration::from_secs(60)).await;
-        let u = &out["usage"];
-        reported += u["total_tokens"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("{scenario}: {out}"));
-    }
-    s.usage_settles_at(
-        "initech",
-        json!({"teamId": "ops"}),
-        "initech-daily",
-        before + reported,
+    sdk_calls_settle_exactly(
+        &s,
+        &[
+            ("chat-json", &[]),
+            ("chat-stream", &[]),
+            ("responses-stream", &[]),
+        ],
     )
     .await;
 }
@@ -202,24 +219,12 @@ async fn the_anthropic_provider_gets_its_own_key_from_either_sdk_credential() {
     // Two calls of 3 prompt and 5 output tokens.
     s.usage_settles_at("acme", json!({"userId": "carol"}), "user-daily", 16)
         .await;
-    let before = initech_ops(&s).await;
-    let mut reported = 0;
-    for (scenario, extra) in [
-        ("messages-json", &["--anthropic-api-key"][..]),
-        ("messages-stream", &[][..]),
-    ] {
-        let out = run_sdk(&s, &INITECH, scenario, extra, Duration::from_secs(60)).await;
-        let u = &out["usage"];
-        reported += u["input_tokens"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("{scenario}: {out}"))
-            + u["output_tokens"].as_u64().unwrap();
-    }
-    s.usage_settles_at(
-        "initech",
-        json!({"teamId": "ops"}),
-        "initech-daily",
-        before + reported,
+    sdk_calls_settle_exactly(
+        &s,
+        &[
+            ("messages-json", &["--anthropic-api-key"]),
+            ("messages-stream", &[]),
+        ],
     )
     .await;
 }

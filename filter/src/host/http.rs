@@ -504,8 +504,8 @@ impl Http {
             }
             self.shared.close(t.hold_id(), &close, why);
             // The first hold carries the whole usage; the slices it grew by go.
-            for slice in t.take_extensions().iter().filter(|h| !h.is_empty()) {
-                self.shared.close(slice, &settle::Close::Release, None);
+            for slice in t.take_extensions() {
+                self.shared.close(&slice, &settle::Close::Release, None);
             }
         }
     }
@@ -540,14 +540,10 @@ impl Http {
             return;
         };
         match verdict {
-            Verdict::Grant(g) => match g.hold_id {
-                Some(hold) => {
-                    Stats::bump(self.shared.stats.stream_extended);
-                    slices.granted(hold, units);
-                }
-                // No limit applies any more (a reload): nothing to hold, nothing to stop.
-                None => slices.granted(String::new(), units),
-            },
+            Verdict::Grant(g) => {
+                Stats::bump(self.shared.stats.stream_extended);
+                slices.granted(g.hold_id, units);
+            }
             Verdict::Deny(reply) => {
                 Stats::bump(self.shared.stats.stream_refused);
                 self.refused_at = hostcalls::get_current_time().ok();
