@@ -13,7 +13,7 @@ use crate::core::model::CustomerModel;
 use crate::core::plan::{
     ASSUMED_ID, Assumed, AutoEntities, AutoEntity, Plan, PlanError, Planned, Registry,
 };
-use crate::core::usage::Usage;
+use crate::core::usage::{StreamEnd, Usage};
 use crate::core::{ChainEntry, Decision, Denial, HoldId, Model, Symbols};
 use crate::store::{
     AutoEntityOutcome, CloseOutcome, CounterStore, HoldKey, ReserveMode, StoreError, StoredEntity,
@@ -486,8 +486,30 @@ impl Engine {
         hold: &HoldId,
         actual: Usage,
     ) -> Result<CloseOutcome, DecisionError> {
+        self.settle_ended(hold, actual, None).await
+    }
+
+    /// [`Engine::settle`], and a streamed call's `end` on its record.
+    pub async fn settle_ended(
+        &self,
+        hold: &HoldId,
+        actual: Usage,
+        end: Option<StreamEnd>,
+    ) -> Result<CloseOutcome, DecisionError> {
         let key = self.hold_key(hold)?;
-        Ok(self.store.settle(key, &actual, self.clock.now()).await?)
+        Ok(self
+            .store
+            .settle_ended(key, &actual, end, self.clock.now())
+            .await?)
+    }
+
+    /// A streamed call's end as a gateway reports it, checked against `customer`'s limits
+    /// (see [`CustomerModel::stream_end`]); `None` for a customer the model no longer has.
+    pub fn stream_end(&self, customer: &str, cut: bool, by: &str) -> Option<StreamEnd> {
+        self.model
+            .load()
+            .customer(customer)
+            .map(|c| c.stream_end(cut, by))
     }
 
     /// Undoes the hold. Idempotent.

@@ -12,6 +12,7 @@ use rustc_hash::FxHashMap;
 use crate::core::Name;
 use crate::core::model::{CustomerModel, LimitKind, Model};
 use crate::core::rollup::{DENIED_BY, Granularity, ScanNeeds};
+use crate::core::usage::{CUT_BY, FINISHED_PAST};
 use crate::core::usage_query::{
     self, FEATURE_KEY, HistoryQuery, HistorySeries, QueryError, SeriesFilter, TopRow,
 };
@@ -145,17 +146,22 @@ fn customer<'a>(model: &'a Model, id: &str) -> Result<&'a CustomerModel, UsageEr
         .ok_or_else(|| UsageError::UnknownCustomer(id.to_string()))
 }
 
+/// Keys every record may carry besides the model's: the limit that denied a call, and how a
+/// streamed call the gateway stepped into ended.
+const RECORD_KEYS: [&str; 3] = [DENIED_BY, CUT_BY, FINISHED_PAST];
+
 /// Whether `key` names something a record carries: the feature, an entity type's level
-/// (`<type>Id`), a recorded dimension, or the limit that denied.
+/// (`<type>Id`), a recorded dimension, the limit that denied, or how a stream ended.
 fn known_key(model: &Model, key: &str) -> bool {
     key == FEATURE_KEY
-        || key == DENIED_BY
+        || RECORD_KEYS.contains(&key)
         || model.chain_keys.iter().any(|k| k.as_str() == key)
         || model.recorded_dimensions.iter().any(|k| k.as_str() == key)
 }
 
 fn keys_hint(model: &Model) -> String {
-    let mut keys: Vec<&str> = vec![FEATURE_KEY, DENIED_BY];
+    let mut keys: Vec<&str> = vec![FEATURE_KEY];
+    keys.extend(RECORD_KEYS);
     keys.extend(model.chain_keys.iter().map(Name::as_str));
     keys.extend(model.recorded_dimensions.iter().map(Name::as_str));
     keys.join(", ")

@@ -14,7 +14,7 @@ use tollgate::clock::ManualClock;
 use tollgate::core::counter::{CounterKey, CounterSpec};
 use tollgate::core::credits::GrantBalance;
 use tollgate::core::plan::{AutoEntities, Plan, Planned, Registry};
-use tollgate::core::usage::Usage;
+use tollgate::core::usage::{StreamEnd, Usage};
 use tollgate::core::{Name, Timestamp};
 use tollgate::store::{
     AdminLog, AutoEntityOutcome, CloseOutcome, CounterStore, HoldKey, Reservation, ReserveMode,
@@ -83,13 +83,14 @@ impl CounterStore for Hooked {
         }
         r
     }
-    async fn settle(
+    async fn settle_ended(
         &self,
         h: HoldKey,
         u: &Usage,
+        end: Option<StreamEnd>,
         now: Timestamp,
     ) -> Result<CloseOutcome, StoreError> {
-        self.inner.settle(h, u, now).await
+        self.inner.settle_ended(h, u, end, now).await
     }
     async fn renew(
         &self,

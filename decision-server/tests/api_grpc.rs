@@ -776,7 +776,7 @@ async fn close_holds_settles_and_releases_many_with_a_result_each() {
     let close = |id: &str, actual: Option<u64>| pb::HoldClose {
         hold_id: id.into(),
         actual_usage: actual,
-        tokens: None,
+        ..Default::default()
     };
     let request = pb::CloseHoldsRequest {
         holds: vec![

@@ -8,8 +8,10 @@ mod common;
 use std::sync::Arc;
 
 use common::{Harness, harness, tokens, tree_with};
+use tollgate::api::dto::UsageRecordEvent;
 use tollgate::core::Name;
 use tollgate::core::rollup::{Granularity, Measures, OTHER, RecordKind, ScanNeeds, SeriesKey};
+use tollgate::core::usage::{CUT_BY, FINISHED_PAST, SIDECAR_UNREACHABLE, Usage};
 use tollgate::store::CounterStore;
 use tollgate::store::events::EventBody;
 
@@ -17,6 +19,7 @@ type Store = Arc<dyn CounterStore>;
 
 test_with_all_stores!(
     every_unit_is_attributed_once_and_equals_what_was_counted,
+    a_streams_end_is_on_its_settle_record_with_bounded_values,
     distinct_dimension_values_fold_past_the_customers_most,
     local_record_batches_read_back_by_cursor_and_add_up,
 );
@@ -93,6 +96,69 @@ fn sum(rows: &[(i64, SeriesKey, Measures)], key: &str, value: &str) -> Measures 
         }
     }
     m
+}
+
+/// A streamed call the gateway cut (or let finish past a refusal) settles with how it ended:
+/// its record carries `cutBy` / `finishedPast`, the rollups group by it, the units are the
+/// same as any settle's, and a value that is not the customer's limit (or
+/// `sidecar-unreachable`) is recorded as `__other__`, never as sent.
+fn a_streams_end_is_on_its_settle_record_with_bounded_values(store: Store) {
+    let h = harness(&config(100), store, "2026-03-10T10:00:00Z");
+    let u1 = [("userId", "u1")];
+    let ended = |by: &str, cut: bool, units: u64| {
+        let hold = h.check("acme", "tokens", 50, &u1).hold_id.unwrap();
+        let end = h.engine.stream_end("acme", cut, by);
+        assert!(end.is_some(), "acme is in the model");
+        h.run(h.engine.settle_ended(&hold, Usage::units(units), end))
+            .unwrap();
+        hold.to_string()
+    };
+    let cut = ended("team-day", true, 40);
+    let past = ended(SIDECAR_UNREACHABLE, false, 70);
+    let forged = ended("made-up-by-a-caller-1234", true, 5);
+    let plain = h.check("acme", "tokens", 50, &u1).hold_id.unwrap();
+    h.settle(&plain, 3);
+    assert_eq!(h.counted("acme", "t1", "team-day"), 40 + 70 + 5 + 3);
+
+    let acme = Name::from("acme");
+    let page = h
+        .run(h.engine.store().usage().read_events(Some(acme), None, 100))
+        .unwrap();
+    let attrs = |hold: &str| -> Vec<(String, String)> {
+        let found: Vec<_> = page
+            .events
+            .iter()
+            .filter_map(|e| match &*e.body {
+                EventBody::Record(r) if r.kind == RecordKind::Settled => {
+                    let id = UsageRecordEvent::new(&e.id, "acme", r).hold_id?;
+                    (id == hold).then(|| {
+                        r.series
+                            .attrs
+                            .iter()
+                            .filter(|(k, _)| [CUT_BY, FINISHED_PAST].contains(&k.as_ref()))
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect()
+                    })
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(found.len(), 1, "one settle record for {hold}");
+        found.into_iter().next().unwrap_or_default()
+    };
+    let pair = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+    assert_eq!(attrs(&cut), pair(CUT_BY, "team-day"));
+    assert_eq!(attrs(&past), pair(FINISHED_PAST, SIDECAR_UNREACHABLE));
+    assert_eq!(attrs(&forged), pair(CUT_BY, OTHER));
+    assert_eq!(attrs(&plain.to_string()), Vec::new());
+
+    // The rollups keep them apart and add up to what was counted.
+    let rows = buckets(&h, Granularity::Minute);
+    assert_eq!(sum(&rows, CUT_BY, "team-day").units, 40);
+    assert_eq!(sum(&rows, CUT_BY, OTHER).units, 5);
+    assert_eq!(sum(&rows, FINISHED_PAST, SIDECAR_UNREACHABLE).units, 70);
+    assert_eq!(sum(&rows, "", "").units, 40 + 70 + 5 + 3);
+    assert_eq!(sum(&rows, "", "").requests, 4);
 }
 
 fn every_unit_is_attributed_once_and_equals_what_was_counted(store: Store) {

@@ -155,15 +155,14 @@ mod tests {
         CloseJob::new(pb::HoldClose {
             hold_id: id.into(),
             actual_usage: Some(5),
-            tokens: None,
+            ..Default::default()
         })
     }
 
     fn release(id: &str) -> CloseJob {
         CloseJob::new(pb::HoldClose {
             hold_id: id.into(),
-            actual_usage: None,
-            tokens: None,
+            ..Default::default()
         })
     }
 

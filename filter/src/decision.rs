@@ -317,6 +317,14 @@ pub fn shape_denial(api: Api, mut reply: Reply) -> Reply {
     reply
 }
 
+/// The id of the limit a denial names (its body's `limitId`), empty when it names none.
+pub fn limit_of(denial_body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(denial_body)
+        .ok()
+        .and_then(|d| d["limitId"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 /// What to do when the sidecar gave no answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FailAction {

@@ -9,6 +9,7 @@ use tollgate_proto::v1 as pb;
 use crate::api::{Api, UsageAcc, UsageReading, content_bytes};
 use crate::config::{OnMissingUsage, OnUpstreamError, Settlement};
 use crate::lines::{Lines, Piece};
+use crate::stream::Ending;
 
 pub const TOLLGATE_SERVICE: &str = "tollgate.v1.Tollgate";
 pub const CLOSE_HOLDS: &str = "CloseHolds";
@@ -485,6 +486,11 @@ impl Tracker {
         })
     }
 
+    /// How the stream ended, if a slice was refused or unanswered.
+    pub fn ending(&self) -> Option<Ending> {
+        self.slices.as_ref().and_then(crate::stream::Slices::ending)
+    }
+
     /// The granted slices' holds, to release once the call's first hold settles the whole.
     pub fn take_extensions(&mut self) -> Vec<String> {
         self.slices
@@ -494,18 +500,28 @@ impl Tracker {
     }
 }
 
-/// The `CloseHolds` item that carries a close.
-pub fn hold_close(hold_id: &str, close: &Close) -> pb::HoldClose {
+/// The `CloseHolds` item that carries a close, and how a streamed call ended when a slice was
+/// refused or unanswered (for its settle record).
+pub fn hold_close(hold_id: &str, close: &Close, ending: Option<Ending>) -> pb::HoldClose {
     match close {
         Close::Settle(r) => pb::HoldClose {
             hold_id: hold_id.to_string(),
             actual_usage: Some(r.total),
             tokens: r.tokens,
+            stream_end: ending.map(|e| pb::StreamEnd {
+                how: if e.cut {
+                    pb::stream_end::How::Cut
+                } else {
+                    pb::stream_end::How::FinishedPast
+                } as i32,
+                by: e.by,
+            }),
         },
         Close::Release => pb::HoldClose {
             hold_id: hold_id.to_string(),
             actual_usage: None,
             tokens: None,
+            stream_end: None,
         },
     }
 }
@@ -616,7 +632,7 @@ mod tests {
         t.slices_mut().unwrap().asked();
         t.slices_mut()
             .unwrap()
-            .refused(b"data: {\"error\":{}}\n\n".to_vec());
+            .refused(b"data: {\"error\":{}}\n\n".to_vec(), "team-daily");
         // The next chunk becomes the end; the hold settles at what was delivered (10 + 100).
         let (out, replaced) = t.on_body(&s, &chunk(5), false);
         assert_eq!(replaced.as_deref(), Some(&b"data: {\"error\":{}}\n\n"[..]));
@@ -630,6 +646,13 @@ mod tests {
         assert_eq!(t.on_body(&s, &chunk(5), false), (None, Some(Vec::new())));
         assert_eq!(t.on_end(&s), None);
         assert_eq!(t.take_extensions(), vec!["h-1".to_string()]);
+        // The settle says it was cut, and by what.
+        let item = hold_close("h-0", &close, t.ending());
+        let end = item.stream_end.unwrap();
+        assert_eq!(
+            (end.how(), end.by.as_str()),
+            (pb::stream_end::How::Cut, "team-daily")
+        );
     }
 
     fn held(api: Api) -> Held {
@@ -908,7 +931,7 @@ mod tests {
             Some((Close::Settle(r), Some(Unknown::TooLarge))) if r.total == 500
         ));
         // The close messages.
-        let release = hold_close("h", &Close::Release);
+        let release = hold_close("h", &Close::Release, None);
         assert_eq!(
             (release.hold_id.as_str(), release.actual_usage),
             ("h", None)
@@ -919,8 +942,10 @@ mod tests {
                 total: 5,
                 tokens: None,
             }),
+            None,
         );
         assert_eq!(settle.actual_usage, Some(5));
+        assert_eq!(settle.stream_end, None);
         let bytes = close_holds_request(vec![release, settle]);
         assert_eq!(
             pb::CloseHoldsRequest::decode(bytes.as_slice())

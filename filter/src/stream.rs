@@ -28,6 +28,18 @@ pub enum Stopped {
     Unreachable,
 }
 
+/// The value a stream's record names when the sidecar could not be asked for a slice (the
+/// sidecar's `SIDECAR_UNREACHABLE`).
+pub const SIDECAR_UNREACHABLE: &str = "sidecar-unreachable";
+
+/// How a stream ended once a slice was refused or unanswered, for its settle record: cut for
+/// the client, or let run on; `by` the limit that refused, or [`SIDECAR_UNREACHABLE`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ending {
+    pub cut: bool,
+    pub by: String,
+}
+
 /// One streamed call's slices.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Slices {
@@ -44,6 +56,8 @@ pub struct Slices {
     extensions: Vec<String>,
     state: State,
     stopped: Option<Stopped>,
+    /// The limit that refused a slice, when one was refused.
+    refused_by: String,
 }
 
 impl Slices {
@@ -56,6 +70,7 @@ impl Slices {
             extensions: Vec::new(),
             state: State::Open,
             stopped: None,
+            refused_by: String::new(),
         }
     }
 
@@ -82,11 +97,12 @@ impl Slices {
         self.extensions.extend(hold_id);
     }
 
-    /// A slice refused: under `extend`, the stream ends with `cut` (the API's error event);
-    /// under `extend-finish`, it runs on without more slices.
-    pub fn refused(&mut self, cut: Vec<u8>) {
+    /// A slice refused by limit `by`: under `extend`, the stream ends with `cut` (the API's
+    /// error event); under `extend-finish`, it runs on without more slices.
+    pub fn refused(&mut self, cut: Vec<u8>, by: &str) {
         self.asking = false;
         self.stopped = Some(Stopped::Refused);
+        self.refused_by = by.to_string();
         self.state = match self.policy.mode {
             StreamMode::ExtendFinish => State::Finishing,
             StreamMode::Extend | StreamMode::Off => State::CutPending(cut),
@@ -125,6 +141,17 @@ impl Slices {
 
     pub fn stopped(&self) -> Option<Stopped> {
         self.stopped
+    }
+
+    /// How the stream ended, once a slice was refused or unanswered: what its settle record
+    /// says.
+    pub fn ending(&self) -> Option<Ending> {
+        let by = match self.stopped? {
+            Stopped::Refused => self.refused_by.clone(),
+            Stopped::Unreachable => SIDECAR_UNREACHABLE.to_string(),
+        };
+        let cut = matches!(self.state, State::CutPending(_) | State::Cut);
+        Some(Ending { cut, by })
     }
 
     /// The granted slices' hold ids, handed over once to be released.
@@ -208,20 +235,29 @@ mod tests {
     fn a_refusal_cuts_under_extend_and_lets_it_finish_under_extend_finish() {
         let mut cut = Slices::new(policy(StreamMode::Extend), 100, 1000);
         cut.asked();
-        cut.refused(b"bye".to_vec());
+        cut.refused(b"bye".to_vec(), "team-daily");
         assert_eq!(cut.next_ask(99), None);
         assert!(!cut.is_cut());
         assert_eq!(cut.take_cut(), Some(b"bye".to_vec()));
         assert!(cut.is_cut());
         assert_eq!(cut.take_cut(), None, "the end goes out once");
         assert_eq!(cut.stopped(), Some(Stopped::Refused));
+        let ending = |cut: bool, by: &str| {
+            Some(Ending {
+                cut,
+                by: by.to_string(),
+            })
+        };
+        assert_eq!(cut.ending(), ending(true, "team-daily"));
 
         let mut finish = Slices::new(policy(StreamMode::ExtendFinish), 100, 1000);
+        assert_eq!(finish.ending(), None, "nothing refused yet");
         finish.asked();
-        finish.refused(b"bye".to_vec());
+        finish.refused(b"bye".to_vec(), "org-monthly");
         assert_eq!(finish.take_cut(), None);
         assert!(!finish.is_cut());
         assert_eq!(finish.next_ask(99), None, "no more slices");
+        assert_eq!(finish.ending(), ending(false, "org-monthly"));
     }
 
     #[test]
@@ -231,12 +267,25 @@ mod tests {
         finish.unreachable(b"bye".to_vec());
         assert_eq!(finish.take_cut(), None);
         assert_eq!(finish.stopped(), Some(Stopped::Unreachable));
+        assert_eq!(
+            finish.ending().map(|e| (e.cut, e.by)),
+            Some((false, SIDECAR_UNREACHABLE.to_string()))
+        );
         let mut p = policy(StreamMode::Extend);
         p.on_sidecar_down = MidStreamDown::Cut;
         let mut cut = Slices::new(p, 100, 1000);
         cut.asked();
         cut.unreachable(b"bye".to_vec());
+        assert_eq!(
+            cut.ending().map(|e| e.cut),
+            Some(true),
+            "cut before its end went out"
+        );
         assert_eq!(cut.take_cut(), Some(b"bye".to_vec()));
+        assert_eq!(
+            cut.ending().map(|e| (e.cut, e.by)),
+            Some((true, SIDECAR_UNREACHABLE.to_string()))
+        );
     }
 
     #[test]

@@ -616,6 +616,22 @@ def scenario_live(page, a):
     page.get_by_label("Show").select_option("denied")
     expect(page.locator("#live-range")).to_have_text("1–1 of 1 matching (32 kept)")
     page.get_by_label("Show").select_option("all")
+    # A stream the gateway cut when its next slice was refused settles with how it ended: the
+    # row says so and by which limit, and the "cut streams" filter finds it alone.
+    status, d = api(a.api, "POST", "/v1/customers/acme/entitlements/check", a.app,
+                    {"featureId": "ai-tokens", "requestedUsage": 64, "dimensions": {"userId": "alice"}})
+    assert status == 200 and d["isGranted"], (status, d)
+    status, s = api(a.api, "POST", f"/v1/holds/{d['holdId']}/settle", a.app,
+                    {"actualUsage": 64, "streamEnd": {"how": "cut", "by": "team-daily"}})
+    assert status == 200 and s["closed"], (status, s)
+    expect(page.locator("#live-range")).to_have_text("1–25 of 33")
+    top = live_rows(page)[0]
+    assert top[1:] == ["settled · stream cut", "acme › research › alice", "", "64",
+                       "stream cut by team-daily"], top
+    assert page.locator("#live tbody tr").first.get_attribute("data-kind") == "cut"
+    page.get_by_label("Show").select_option("cut")
+    expect(page.locator("#live-range")).to_have_text("1–1 of 1 matching (33 kept)")
+    page.get_by_label("Show").select_option("all")
     shot(page, a.artifacts, "live")
 
     # The server restarts: sessions are gone, so the page says so and offers the sign-in

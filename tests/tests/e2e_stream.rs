@@ -6,6 +6,7 @@
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -84,6 +85,13 @@ async fn a_stream_past_what_the_budget_has_left_is_cut_in_each_apis_shape_and_ch
         assert!(
             charged <= RESEARCH_CAP,
             "{scenario}: {charged} over the cap"
+        );
+        // Its usage record says it was cut, and by which limit.
+        let cut = top_by(&s, "acme", "cutBy").await;
+        assert_eq!(
+            cut.get("research-daily"),
+            Some(&(charged, 1)),
+            "{scenario}: {cut:?}"
         );
         let stat = |name| s.envoy.filter_stat(name).unwrap();
         assert_eq!(stat("stream_cut"), 1, "{scenario}");
@@ -219,6 +227,38 @@ async fn sixteen_parallel_streams_never_overspend_by_more_than_a_slice_each_and_
     );
 }
 
+/// The usage `customer` recorded today by the value of record key `by` (`cutBy`,
+/// `finishedPast`): value → (units, calls); records without the key under "".
+async fn top_by(s: &Stack, customer: &str, by: &str) -> BTreeMap<String, (u64, u64)> {
+    let v: Value = s
+        .http
+        .get(format!(
+            "http://{}/v1/customers/{customer}/usage/top?by={by}",
+            s.sidecar.http
+        ))
+        .bearer_auth(support::OPERATOR)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["rows"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{v}"))
+        .iter()
+        .map(|r| {
+            (
+                r["value"].as_str().unwrap_or_default().to_string(),
+                (
+                    r["units"].as_u64().unwrap(),
+                    r["requests"].as_u64().unwrap(),
+                ),
+            )
+        })
+        .collect()
+}
+
 /// The units the usage records of `customer` add up to today (settled calls; a stream's
 /// slices write none).
 async fn recorded(s: &Stack, customer: &str) -> u64 {
@@ -313,6 +353,22 @@ async fn slices_across_two_replicas_on_redis_with_leases_survive_one_killed_mid_
         extended >= 8,
         "{extended} slices for 8 streams of 400 tokens"
     );
+    // Each stream that lost a slice to the killed replica ran on, and its record says so
+    // (whichever replica settled it, its first hold in a lease or in Redis).
+    let ran_past = top_by(&s, "initech", "finishedPast").await;
+    let past = ran_past
+        .get("sidecar-unreachable")
+        .copied()
+        .unwrap_or((0, 0));
+    assert_eq!(past, (unreachable * 401, unreachable), "{ran_past:?}");
+    assert_eq!(
+        top_by(&s, "initech", "cutBy")
+            .await
+            .keys()
+            .collect::<Vec<_>>(),
+        vec![""],
+        "nothing was cut"
+    );
     eprintln!(
         "two replicas, one killed: {extended} slices granted, {unreachable} could not reach a replica"
     );
@@ -367,6 +423,9 @@ async fn under_extend_finish_a_refused_stream_runs_to_its_budget_and_its_oversho
     let stat = |name| s.envoy.filter_stat(name).unwrap();
     assert_eq!(stat("stream_refused"), 1);
     assert_eq!(stat("stream_cut"), 0);
+    // Its record says it ran past the limit that refused it.
+    let past = top_by(&s, "acme", "finishedPast").await;
+    assert_eq!(past.get("research-daily"), Some(&(counted, 1)), "{past:?}");
     let over = stat("stream_overshoot_units");
     assert!(
         over > 0 && over < reported,

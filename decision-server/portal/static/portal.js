@@ -418,10 +418,21 @@
       }
       const a = d.attributes || {};
       const denied = d.kind === "denied";
+      // A streamed call the gateway ended: cut for the client, or let run past a refusal.
+      const by = (v) => (v === "sidecar-unreachable" ? "the sidecar being unreachable" : v);
+      let outcome = denied ? `denied by ${a.deniedBy || "a limit"}` : "granted";
+      let event = d.kind;
+      if (a.cutBy) {
+        event = `${d.kind} · stream cut`;
+        outcome = `stream cut by ${by(a.cutBy)}`;
+      } else if (a.finishedPast) {
+        event = `${d.kind} · ran past`;
+        outcome = `stream ran past ${by(a.finishedPast)}`;
+      }
       return {
-        kind: d.kind, at: d.at, event: d.kind, who: who(a), model: a.model || "",
+        kind: d.kind, at: d.at, event, who: who(a), model: a.model || "",
         units: denied ? `${fmt(d.asked ?? 0)} asked` : fmt(d.units),
-        outcome: denied ? `denied by ${a.deniedBy || "a limit"}` : "granted",
+        outcome, cut: Boolean(a.cutBy),
       };
     }
     function shown() {
@@ -429,6 +440,7 @@
       const show = form.show.value;
       return events.filter((e) => {
         if (show === "denied" && e.kind !== "denied") return false;
+        if (show === "cut" && !e.cut) return false;
         if (show === "spend" && !spend.has(e.kind)) return false;
         if (show === "alert" && e.kind !== "alert") return false;
         return !q || [e.who, e.model, e.event, e.outcome].join(" ").toLowerCase().includes(q);
@@ -442,7 +454,7 @@
       tbody.replaceChildren();
       for (const e of all.slice(start, start + perPage)) {
         const tr = document.createElement("tr");
-        tr.dataset.kind = e.kind;
+        tr.dataset.kind = e.cut ? "cut" : e.kind;
         for (const v of [e.at, e.event, e.who, e.model, e.units, e.outcome]) cell(tr, v);
         tbody.appendChild(tr);
       }

@@ -77,7 +77,11 @@ pub async fn settle(
 ) -> Result<ApiJson<CloseResult>, ApiError> {
     let hold = parse_hold(&hold_id)?;
     let outcome = state
-        .settle(&hold, usage(body.actual_usage, body.tokens))
+        .settle_ended(
+            &hold,
+            usage(body.actual_usage, body.tokens),
+            body.stream_end.as_ref().map(Into::into),
+        )
         .await?;
     Ok(close_result(&hold, outcome))
 }

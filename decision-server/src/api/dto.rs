@@ -176,6 +176,39 @@ pub struct SettleBody {
     pub actual_usage: u64,
     #[serde(default)]
     pub tokens: Option<TokensDto>,
+    /// A streamed call the caller ended for its client, or let finish, when its next slice
+    /// was refused or could not be asked for: recorded on the settle record (`cutBy` or
+    /// `finishedPast`).
+    #[serde(default)]
+    pub stream_end: Option<StreamEndDto>,
+}
+
+/// How a streamed call held in slices ended.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StreamEndDto {
+    pub how: StreamEndHow,
+    /// The id of the limit that refused the slice, or `sidecar-unreachable`; anything else is
+    /// recorded as `__other__`.
+    pub by: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum StreamEndHow {
+    /// Ended for the client before the model's end.
+    Cut,
+    /// Let run to its declared output budget.
+    FinishedPast,
+}
+
+impl<'a> From<&'a StreamEndDto> for crate::service::ReportedEnd<'a> {
+    fn from(d: &'a StreamEndDto) -> Self {
+        Self {
+            cut: d.how == StreamEndHow::Cut,
+            by: &d.by,
+        }
+    }
 }
 
 /// How a settle or release went.
@@ -485,7 +518,10 @@ pub struct UsageRecordEvent {
     pub kind: String,
     pub at: DateTime<Utc>,
     pub feature_id: String,
-    /// The entity chain (`<type>Id`) and the recorded dimensions; `deniedBy` on a denial.
+    /// The entity chain (`<type>Id`) and the recorded dimensions; `deniedBy` on a denial;
+    /// on a streamed call's settle, `cutBy` (ended for the client when the limit named refused
+    /// its next slice, or `sidecar-unreachable`) or `finishedPast` (let run to its declared
+    /// budget past that).
     pub attributes: std::collections::BTreeMap<String, String>,
     #[serde(flatten)]
     pub measures: MeasuresDto,

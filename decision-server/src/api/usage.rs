@@ -168,7 +168,7 @@ fn time_zone(v: Option<&str>) -> Result<Tz, ApiError> {
         ("from" = Option<String>, Query, description = "RFC 3339 start (default: a day before `to`)"),
         ("to" = Option<String>, Query, description = "RFC 3339 end, exclusive (default: now)"),
         ("windowSize" = Option<String>, Query, description = "MINUTE, HOUR (default) or DAY"),
-        ("groupBy" = Option<Vec<String>>, Query, description = "Repeatable: featureId, an entity level (`teamId`), a recorded dimension (`model`) or `deniedBy`"),
+        ("groupBy" = Option<Vec<String>>, Query, description = "Repeatable: featureId, an entity level (`teamId`), a recorded dimension (`model`), `deniedBy`, `cutBy` or `finishedPast`"),
         ("filter[key]" = Option<String>, Query, description = "Only records whose `key` equals the value; repeatable with distinct keys"),
         ("timeZone" = Option<String>, Query, description = "IANA zone windows align to (default UTC)"),
     ),

@@ -18,7 +18,7 @@ use super::rollup::{
     LocalRecord, Measures, RecordKind, RecordRef, RecordSettings, RollupChanges, Rollups,
     UsageRecord,
 };
-use super::usage::Usage;
+use super::usage::{StreamEnd, Usage};
 use super::{HoldId, Timestamp};
 
 /// What one hold placed on one counter.
@@ -116,7 +116,8 @@ pub struct Reservation {
 /// How a hold was closed, for callers that record events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Closing<'a> {
-    Settle(&'a Usage),
+    /// At this usage; a streamed call's end, if the gateway stepped in, goes on its record.
+    Settle(&'a Usage, Option<StreamEnd>),
     Release,
 }
 
@@ -663,7 +664,7 @@ impl Ledger {
                 CloseResult::Unknown
             };
         };
-        if let Closing::Settle(actual) = how
+        if let Closing::Settle(actual, _) = how
             && actual.largest_figure() > open.max_settle
         {
             return CloseResult::TooLarge {
@@ -679,15 +680,20 @@ impl Ledger {
                 continue;
             };
             match how {
-                Closing::Settle(actual) => {
+                Closing::Settle(actual, _) => {
                     counter::settle(state, &part.mark, part.held, part.rule.amount(actual), now)
                 }
                 Closing::Release => counter::release(state, &part.mark, part.held, now),
             }
         }
         if let Some(r) = hold.record {
+            let mut series = r.series;
+            if let Closing::Settle(_, Some(end)) = how {
+                let (name, value) = end.attribute();
+                series = self.rollups.series_with(series, name, value.as_str());
+            }
             let (kind, measures) = match how {
-                Closing::Settle(actual) => (
+                Closing::Settle(actual, _) => (
                     RecordKind::Settled,
                     Measures::of_call(
                         actual.units,
@@ -697,7 +703,7 @@ impl Ledger {
                 ),
                 Closing::Release => (RecordKind::Released, Measures::of_call(0, None, 0)),
             };
-            self.attribute(kind, r.series, now, measures, RecordRef::Hold { seq, tag });
+            self.attribute(kind, series, now, measures, RecordRef::Hold { seq, tag });
         }
         CloseResult::Closed
     }

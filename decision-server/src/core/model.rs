@@ -8,6 +8,7 @@ use super::period::CalendarPeriod;
 use rustc_hash::FxHashMap;
 
 use super::symbols::{Name, Sym, Symbols};
+use super::usage::{SIDECAR_UNREACHABLE, StreamEnd};
 use super::window::RollingWindow;
 
 /// Whether a limit may deny.
@@ -497,6 +498,30 @@ impl Model {
 }
 
 impl CustomerModel {
+    /// A streamed call's end as a gateway reports it (`cut`, or finished past a refusal, by
+    /// `by`), its value checked: one of this customer's limit ids, or `sidecar-unreachable`;
+    /// anything else reads as `__other__`, so a caller cannot add distinct values to the
+    /// records (or strings to the symbol table).
+    pub fn stream_end(&self, cut: bool, by: &str) -> StreamEnd {
+        let by = self
+            .limits
+            .iter()
+            .map(|l| l.id)
+            .find(|id| id.as_str() == by)
+            .unwrap_or_else(|| {
+                Name::from(if by == SIDECAR_UNREACHABLE {
+                    SIDECAR_UNREACHABLE
+                } else {
+                    super::rollup::OTHER
+                })
+            });
+        if cut {
+            StreamEnd::Cut(by)
+        } else {
+            StreamEnd::FinishedPast(by)
+        }
+    }
+
     /// The credits limit that holds `entity`'s balance of `feature`: one on the entity itself,
     /// else one on its type.
     pub fn credits_limit_for(&self, entity: Sym, feature: usize) -> Option<&Limit> {

@@ -538,15 +538,34 @@ impl Rollups {
             }
         });
         self.folded += folded;
+        let id = self.intern(key);
+        self.drafts.entry(hash).or_insert(id);
+        id
+    }
+
+    /// The id of series `id` with attribute `name` set to `value` (a settle record that says
+    /// how its stream ended), made if new. The value is not folded: callers pass only bounded
+    /// values (a customer's limit ids).
+    pub fn series_with(&mut self, id: u32, name: &str, value: &str) -> u32 {
+        let Some(base) = self.series.get(id as usize) else {
+            return id;
+        };
+        let mut key = SeriesKey::clone(base);
+        key.attrs.retain(|(k, _)| k.as_ref() != name);
+        key.attrs.push((name.into(), value.into()));
+        key.attrs.sort();
+        self.intern(key)
+    }
+
+    /// The id of `key`, made if new.
+    fn intern(&mut self, key: SeriesKey) -> u32 {
         if let Some(id) = self.ids.get(&key) {
-            self.drafts.entry(hash).or_insert(*id);
             return *id;
         }
         let id = u32::try_from(self.series.len()).unwrap_or(u32::MAX);
         let key = Arc::new(key);
         self.ids.insert(Arc::clone(&key), id);
         self.series.push(key);
-        self.drafts.entry(hash).or_insert(id);
         if let Some(d) = self.dirty.as_mut() {
             d.series.push(id);
         }

@@ -83,9 +83,11 @@ pub mod option_as_text {
     }
 }
 
-/// An id as a name: a symbol that reads as its string. `Copy`, 4 bytes.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Name(Sym);
+/// An id as a name: a symbol that reads as its string. `Copy`, 4 bytes. Serialized as its
+/// text (deserializing interns it: for data the servers wrote, never for a caller's input).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Name(#[serde(with = "as_text")] Sym);
 
 impl Name {
     pub fn sym(self) -> Sym {

@@ -1,6 +1,8 @@
 //! What a call uses: its units and, for model calls, its token breakdown. A leaf of the core:
 //! planning prices it, rollups add it up, and neither needs the other for it.
 
+use super::symbols::Name;
+
 /// Token counts of one call, for pricing. `input` excludes the cached and cache-written
 /// tokens; `reasoning` is part of `output` (recorded, not priced apart).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -21,6 +23,35 @@ pub struct Usage {
     pub units: u64,
     /// The token breakdown, when known; it prices credits precisely.
     pub tokens: Option<TokenCounts>,
+}
+
+/// How a streamed call held in slices ended when the gateway stepped in: recorded on its
+/// settle record as the attribute [`StreamEnd::attribute`] names, so that history and the live
+/// view tell a cut call from one that ran to its end. The value is the limit that refused the
+/// next slice, or [`SIDECAR_UNREACHABLE`] (a bounded set: the customer's limit ids).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum StreamEnd {
+    /// Ended for the client before the model's end.
+    Cut(Name),
+    /// Refused (or not answered) but let run to its declared output budget.
+    FinishedPast(Name),
+}
+
+/// A [`StreamEnd`]'s value when the sidecar could not be asked for the next slice.
+pub const SIDECAR_UNREACHABLE: &str = "sidecar-unreachable";
+/// The record attribute of a cut stream.
+pub const CUT_BY: &str = "cutBy";
+/// The record attribute of a stream that ran past a refusal.
+pub const FINISHED_PAST: &str = "finishedPast";
+
+impl StreamEnd {
+    /// The record attribute and its value.
+    pub fn attribute(self) -> (&'static str, Name) {
+        match self {
+            StreamEnd::Cut(by) => (CUT_BY, by),
+            StreamEnd::FinishedPast(by) => (FINISHED_PAST, by),
+        }
+    }
 }
 
 impl Usage {

@@ -19,7 +19,8 @@ use crate::core::{ChainEntry, Decision, HoldId};
 use crate::engine::{CheckRequest, DecisionError};
 use crate::metrics::Api;
 use crate::service::{
-    BatchError, CloseError, CloseItem, EventKind, IngestItem, IngestStatus, Service, UsageEvent,
+    BatchError, CloseError, CloseItem, EventKind, IngestItem, IngestStatus, ReportedEnd, Service,
+    UsageEvent,
 };
 use crate::store::events::EventBody;
 use crate::store::{CloseOutcome, StoreError};
@@ -325,6 +326,10 @@ impl TollgateService {
             .map(|h| CloseItem {
                 hold_id: &h.hold_id,
                 usage: h.actual_usage.map(|u| usage(u, h.tokens)),
+                end: h.stream_end.as_ref().map(|e| ReportedEnd {
+                    cut: e.how() == pb::stream_end::How::Cut,
+                    by: &e.by,
+                }),
             })
             .collect();
         let results = self

@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// One close of a batch: the hold, the usage to settle at (`None` releases it) and, for a
+/// streamed call the gateway stepped into, how it ended.
+type Closing = (HoldId, Option<Usage>, Option<crate::core::usage::StreamEnd>);
+
 impl Service {
     /// Closes a batch of holds for `principal`, a result each, in order. A hold whose id does
     /// not parse or whose customer the principal does not reach is refused on its own; the
@@ -17,7 +21,7 @@ impl Service {
             hold: item.hold_id.to_string(),
             reason,
         };
-        let parsed: Vec<Result<(HoldId, Option<Usage>), CloseError>> = items
+        let parsed: Vec<Result<Closing, CloseError>> = items
             .iter()
             .map(|item| {
                 let hold: HoldId = item.hold_id.parse().map_err(
@@ -27,10 +31,14 @@ impl Service {
                     let reason = BatchError::Foreign(hold.customer.clone()).to_string();
                     return Err(refused(item, reason));
                 }
-                Ok((hold, item.usage))
+                let end = item
+                    .end
+                    .filter(|_| item.usage.is_some())
+                    .and_then(|e| self.engine.stream_end(&hold.customer, e.cut, e.by));
+                Ok((hold, item.usage, end))
             })
             .collect();
-        let closes: Vec<(HoldId, Option<Usage>)> = parsed
+        let closes: Vec<Closing> = parsed
             .iter()
             .filter_map(|p| p.as_ref().ok().cloned())
             .collect();
@@ -38,7 +46,7 @@ impl Service {
         Ok(parsed
             .into_iter()
             .map(|p| {
-                let (hold, _) = p?;
+                let (hold, _, _) = p?;
                 match outcomes.next() {
                     Some(Ok(outcome)) => Ok(outcome),
                     Some(Err(error)) => Err(CloseError::Failed {
@@ -56,15 +64,12 @@ impl Service {
     }
 
     /// Settles (`Some(usage)`) or releases (`None`) many holds, a result each, in order.
-    async fn close_many(
-        &self,
-        closes: &[(HoldId, Option<Usage>)],
-    ) -> Vec<Result<CloseOutcome, DecisionError>> {
+    async fn close_many(&self, closes: &[Closing]) -> Vec<Result<CloseOutcome, DecisionError>> {
         // Joined rather than awaited one by one: every close does its store work on the first
         // poll, so in sync mode they all share one commit.
-        let results = join_all(closes.iter().map(|(hold, usage)| async move {
+        let results = join_all(closes.iter().map(|(hold, usage, end)| async move {
             match usage {
-                Some(u) => self.engine.settle(hold, *u).await,
+                Some(u) => self.engine.settle_ended(hold, *u, *end).await,
                 None => self.engine.release(hold).await,
             }
         }))
@@ -72,7 +77,7 @@ impl Service {
         closes
             .iter()
             .zip(results)
-            .map(|((hold, usage), r)| match usage {
+            .map(|((hold, usage, _), r)| match usage {
                 Some(u) => self.closed(hold, u.units, EventKind::Settled, r),
                 None => self.closed(hold, 0, EventKind::Released, r),
             })
@@ -221,7 +226,18 @@ impl Service {
         hold: &HoldId,
         actual: Usage,
     ) -> Result<CloseOutcome, DecisionError> {
-        let mut result = self.engine.settle(hold, actual).await;
+        self.settle_ended(hold, actual, None).await
+    }
+
+    /// [`Service::settle`], and how a streamed call ended, for its record.
+    pub async fn settle_ended(
+        &self,
+        hold: &HoldId,
+        actual: Usage,
+        end: Option<ReportedEnd<'_>>,
+    ) -> Result<CloseOutcome, DecisionError> {
+        let end = end.and_then(|e| self.engine.stream_end(&hold.customer, e.cut, e.by));
+        let mut result = self.engine.settle_ended(hold, actual, end).await;
         if let Err(DecisionError::Store(StoreError::SettleTooLarge {
             actual: reported,
             max,
@@ -241,7 +257,7 @@ impl Service {
                 "a settlement reported more than its hold's ceiling; charged the ceiling (set the feature's maxSettleUsage or the model's contextWindow for more)"
             );
             let charged = actual.capped_at(max);
-            result = self.engine.settle(hold, charged).await;
+            result = self.engine.settle_ended(hold, charged, end).await;
             return self.closed(hold, charged.units, EventKind::Settled, result);
         }
         self.closed(hold, actual.units, EventKind::Settled, result)

@@ -141,6 +141,16 @@ pub enum BatchError {
 pub struct CloseItem<'a> {
     pub hold_id: &'a str,
     pub usage: Option<Usage>,
+    /// A streamed call the gateway cut or let finish past a refusal (ignored on a release).
+    pub end: Option<ReportedEnd<'a>>,
+}
+
+/// How a streamed call ended, as the gateway reports it: cut (`true`) or finished past a
+/// refusal, and by what (a limit id, or `sidecar-unreachable`); checked before it is recorded.
+#[derive(Debug, Clone, Copy)]
+pub struct ReportedEnd<'a> {
+    pub cut: bool,
+    pub by: &'a str,
 }
 
 /// Why one hold of a close batch was not closed.

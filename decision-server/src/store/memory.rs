@@ -20,7 +20,7 @@ use crate::core::credits::GrantBalance;
 use crate::core::ledger::{CloseResult, Closing, KeyRetention, Ledger};
 use crate::core::plan::Plan;
 use crate::core::rollup::{BucketScan, Granularity, LocalRecord, RecordSettings, ScanNeeds};
-use crate::core::usage::Usage;
+use crate::core::usage::{StreamEnd, Usage};
 use crate::core::{Name, Sym, Timestamp};
 
 /// One customer's ledger and, in a journaled store, the commit it waits in.
@@ -272,7 +272,7 @@ pub(crate) fn close_outcome(
         CloseResult::TooLarge { max } => Err(StoreError::SettleTooLarge {
             hold: hold.to_string(),
             actual: match how {
-                Closing::Settle(u) => u.largest_figure(),
+                Closing::Settle(u, _) => u.largest_figure(),
                 Closing::Release => 0,
             },
             max,
@@ -293,13 +293,14 @@ impl CounterStore for MemoryStore {
         self.write(sym, &book, |l| l.reserve(plan, mode, now)).await
     }
 
-    async fn settle(
+    async fn settle_ended(
         &self,
         hold: HoldKey,
         actual: &Usage,
+        end: Option<StreamEnd>,
         now: Timestamp,
     ) -> Result<CloseOutcome, StoreError> {
-        self.close(hold, Closing::Settle(actual), now).await
+        self.close(hold, Closing::Settle(actual, end), now).await
     }
 
     async fn renew(
@@ -312,7 +313,7 @@ impl CounterStore for MemoryStore {
         let sym = next.customer.sym();
         let book = self.book(sym);
         let spent = Usage::units(spent);
-        let how = Closing::Settle(&spent);
+        let how = Closing::Settle(&spent, None);
         let (closed, reservation) = self
             .write(sym, &book, |l| {
                 let closed = l.close(old.seq, old.tag, how, now);

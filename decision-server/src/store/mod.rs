@@ -19,7 +19,7 @@ use crate::core::counter::CounterKey;
 use crate::core::credits::GrantBalance;
 use crate::core::plan::Plan;
 use crate::core::rollup::{BucketScan, Granularity, LocalRecord, RecordSettings, ScanNeeds};
-use crate::core::usage::Usage;
+use crate::core::usage::{StreamEnd, Usage};
 use crate::core::{Name, Timestamp};
 use events::EventPage;
 
@@ -148,6 +148,18 @@ pub trait CounterStore: Send + Sync + std::fmt::Debug {
         &self,
         hold: HoldKey,
         actual: &Usage,
+        now: Timestamp,
+    ) -> Result<CloseOutcome, StoreError> {
+        self.settle_ended(hold, actual, None, now).await
+    }
+
+    /// [`CounterStore::settle`], and a streamed call's `end` (when the gateway cut it or let
+    /// it run past a refusal) set on its usage record as [`StreamEnd::attribute`] names.
+    async fn settle_ended(
+        &self,
+        hold: HoldKey,
+        actual: &Usage,
+        end: Option<StreamEnd>,
         now: Timestamp,
     ) -> Result<CloseOutcome, StoreError>;
 
@@ -406,6 +418,9 @@ pub struct PostedClose {
     pub tag: u128,
     pub actual: Option<Usage>,
     pub at: i64,
+    /// How a streamed call ended, for its record. Absent in closes posted before it existed.
+    #[serde(default)]
+    pub end: Option<StreamEnd>,
 }
 
 /// Closes waiting for the replica that granted their holds (escrow leases decide inside a

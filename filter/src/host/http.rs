@@ -502,10 +502,11 @@ impl Http {
                     reading.total.saturating_sub(slices.covered()),
                 );
             }
-            self.shared.close(t.hold_id(), &close, why);
+            self.shared.close(t.hold_id(), &close, why, t.ending());
             // The first hold carries the whole usage; the slices it grew by go.
             for slice in t.take_extensions() {
-                self.shared.close(&slice, &settle::Close::Release, None);
+                self.shared
+                    .close(&slice, &settle::Close::Release, None, None);
             }
         }
     }
@@ -547,8 +548,9 @@ impl Http {
             Verdict::Deny(reply) => {
                 Stats::bump(self.shared.stats.stream_refused);
                 self.refused_at = hostcalls::get_current_time().ok();
+                let by = decision::limit_of(&reply.body);
                 let shaped = decision::shape_denial(api, reply);
-                slices.refused(crate::stream::cut_event(api, &shaped.body));
+                slices.refused(crate::stream::cut_event(api, &shaped.body), &by);
             }
             Verdict::Fail(f) => {
                 Stats::bump(self.shared.stats.stream_unreachable);

@@ -173,7 +173,15 @@ impl Shared {
         self.keep_ticking();
     }
 
-    pub(super) fn close(&self, hold_id: &str, close: &Close, why: Option<Unknown>) {
+    /// Queues the close of `hold_id`; `ending` says how a streamed call ended when a slice was
+    /// refused or unanswered.
+    pub(super) fn close(
+        &self,
+        hold_id: &str,
+        close: &Close,
+        why: Option<Unknown>,
+        ending: Option<crate::stream::Ending>,
+    ) {
         // A bounded pass has no hold: its usage is reported as an ingested record instead.
         if hold_id.starts_with(crate::bounded::PREFIX) {
             if let Some(pass) = self.passes.borrow_mut().remove(hold_id)
@@ -200,7 +208,7 @@ impl Shared {
                 &format!("hold {hold_id}: usage unknown ({why:?}); closing by policy: {close:?}"),
             );
         }
-        self.enqueue(CloseJob::new(settle::hold_close(hold_id, close)));
+        self.enqueue(CloseJob::new(settle::hold_close(hold_id, close, ending)));
     }
 }
 

@@ -128,7 +128,7 @@ pub(super) struct Book {
     pub(super) overs: VecDeque<(HoldKey, Vec<PlannedCounter>)>,
     /// Store parts of partly covered holds whose close the store did not answer: closed at
     /// each sweep until it does (a close of a closed hold changes nothing).
-    pub(super) unclosed: Vec<(HoldKey, Option<Usage>, Timestamp)>,
+    pub(super) unclosed: Vec<(HoldKey, Option<Usage>, Option<StreamEnd>, Timestamp)>,
     /// The number of the last batch of records made for this customer.
     pub(super) batches: u64,
     /// A batch sent and not answered: sent again, unchanged, before any newer record.

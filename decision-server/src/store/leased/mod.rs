@@ -38,7 +38,7 @@ use crate::core::lease::{Lease, LeaseTerms, RETURN_MARGIN_MS, slice_size};
 use crate::core::model::Mode;
 use crate::core::plan::{AmountRule, Plan, PlannedCounter};
 use crate::core::rollup::{LocalRecord, Measures, RecordKind, SeriesDraft};
-use crate::core::usage::Usage;
+use crate::core::usage::{StreamEnd, Usage};
 use crate::core::{HoldId, Name, Timestamp};
 
 /// Local hold numbers carry this bit, so a settlement finds its hold here and not in the

@@ -301,19 +301,20 @@ impl CounterStore for LeasedStore {
         }
     }
 
-    async fn settle(
+    async fn settle_ended(
         &self,
         hold: HoldKey,
         actual: &Usage,
+        end: Option<StreamEnd>,
         now: Timestamp,
     ) -> Result<CloseOutcome, StoreError> {
         if hold.seq & LOCAL_BIT == 0 {
-            return self.shared.inner.settle(hold, actual, now).await;
+            return self.shared.inner.settle_ended(hold, actual, end, now).await;
         }
-        if let Some(posted) = self.relay_close(hold, Some(*actual), now).await {
+        if let Some(posted) = self.relay_close(hold, Some(*actual), end, now).await {
             return posted;
         }
-        self.close_local(hold, Some(actual), now).await
+        self.close_local(hold, Some(actual), end, now).await
     }
 
     async fn renew(
@@ -330,10 +331,10 @@ impl CounterStore for LeasedStore {
         if hold.seq & LOCAL_BIT == 0 {
             return self.shared.inner.release(hold, now).await;
         }
-        if let Some(posted) = self.relay_close(hold, None, now).await {
+        if let Some(posted) = self.relay_close(hold, None, None, now).await {
             return posted;
         }
-        self.close_local(hold, None, now).await
+        self.close_local(hold, None, None, now).await
     }
 
     async fn cancel(&self, customer: Name, tag: u128, now: Timestamp) -> Result<bool, StoreError> {

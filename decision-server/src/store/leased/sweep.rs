@@ -81,10 +81,11 @@ impl Shared {
         &self,
         store: HoldKey,
         actual: Option<Usage>,
+        end: Option<StreamEnd>,
         now: Timestamp,
     ) -> Result<CloseOutcome, StoreError> {
         match actual {
-            Some(u) => self.inner.settle(store, &u, now).await,
+            Some(u) => self.inner.settle_ended(store, &u, end, now).await,
             None => self.inner.release(store, now).await,
         }
     }
@@ -94,9 +95,9 @@ impl Shared {
     pub(super) async fn close_kept(&self, book: &Mutex<Book>) -> Result<(), StoreError> {
         let kept = std::mem::take(&mut book.lock().unclosed);
         let mut first = None;
-        for (store, actual, at) in kept {
-            if let Err(e) = self.close_store_part(store, actual, at).await {
-                book.lock().unclosed.push((store, actual, at));
+        for (store, actual, end, at) in kept {
+            if let Err(e) = self.close_store_part(store, actual, end, at).await {
+                book.lock().unclosed.push((store, actual, end, at));
                 first.get_or_insert(e);
             }
         }
@@ -341,6 +342,7 @@ impl LeasedStore {
         &self,
         hold: HoldKey,
         actual: Option<&Usage>,
+        end: Option<StreamEnd>,
         now: Timestamp,
     ) -> Result<CloseOutcome, StoreError> {
         let shared = &self.shared;
@@ -376,11 +378,18 @@ impl LeasedStore {
                     Some(u) => (RecordKind::Settled, Measures::of_call(u.units, u.tokens, 0)),
                     None => (RecordKind::Released, Measures::of_call(0, None, 0)),
                 };
+                let mut series = h.series;
+                if let (Some(end), Some(_)) = (end, actual) {
+                    // Never folded, as a chain level is not: its values are the customer's
+                    // limit ids.
+                    let (name, value) = end.attribute();
+                    series.chain.push((Name::from(name), value));
+                }
                 b.push_record(
                     LocalRecord {
                         kind,
                         at: now,
-                        series: h.series,
+                        series,
                         measures,
                         seq: h.seq,
                         tag: hold.tag,
@@ -401,7 +410,9 @@ impl LeasedStore {
             Arc::clone(shared).flush_records(hold.customer, now);
         }
         if let Some(store) = store
-            && let Err(e) = shared.close_store_part(store, actual.copied(), now).await
+            && let Err(e) = shared
+                .close_store_part(store, actual.copied(), end, now)
+                .await
         {
             // The local part is closed and the settlement stands: the store part is closed
             // at a later sweep, at this usage and as of now.
@@ -410,7 +421,7 @@ impl LeasedStore {
                 .book(hold.customer)
                 .lock()
                 .unclosed
-                .push((store, actual.copied(), now));
+                .push((store, actual.copied(), end, now));
         }
         Ok(CloseOutcome::Closed)
     }
@@ -421,6 +432,7 @@ impl LeasedStore {
         &self,
         hold: HoldKey,
         actual: Option<Usage>,
+        end: Option<StreamEnd>,
         now: Timestamp,
     ) -> Option<Result<CloseOutcome, StoreError>> {
         let shared = &self.shared;
@@ -433,6 +445,7 @@ impl LeasedStore {
             tag: hold.tag,
             actual,
             at: now.millis(),
+            end,
         };
         // A local hold ends before its slice's TTL does, so past that nothing can apply it.
         let posted = shared
@@ -489,7 +502,7 @@ impl LeasedStore {
                         tag: c.tag,
                     };
                     let at = Timestamp::from_millis(c.at);
-                    if let Err(e) = self.close_local(hold, c.actual.as_ref(), at).await {
+                    if let Err(e) = self.close_local(hold, c.actual.as_ref(), c.end, at).await {
                         // A settlement over the hold's bound: refused as it would have been
                         // here.
                         tracing::warn!(%hold, error = %e, "a close posted by another replica was refused");

@@ -66,7 +66,7 @@ use crate::core::credits::GrantBalance;
 use crate::core::ledger::{KeyRetention, readings_from};
 use crate::core::model::Mode;
 use crate::core::plan::{Plan, PriceSnapshot};
-use crate::core::usage::Usage;
+use crate::core::usage::{StreamEnd, Usage};
 use crate::core::{HoldId, Name, Sym, Timestamp};
 
 /// Where the Redis store connects.
@@ -435,6 +435,7 @@ impl RedisStore {
         &self,
         hold: HoldKey,
         actual: Option<&Usage>,
+        end: Option<StreamEnd>,
         now: Timestamp,
     ) -> Result<CloseOutcome, StoreError> {
         let keys = self.keys(hold.customer);
@@ -454,6 +455,11 @@ impl RedisStore {
                 .arg(t.cached)
                 .arg(t.cache_write)
                 .arg(t.reasoning);
+            let (name, value) = end.map_or(("", ""), |e| {
+                let (name, value) = e.attribute();
+                (name, value.as_str())
+            });
+            inv.arg(name).arg(value);
             self.push_record_settings(&mut inv);
             inv
         };
@@ -601,17 +607,18 @@ impl CounterStore for RedisStore {
         Ok((outcome, reservation))
     }
 
-    async fn settle(
+    async fn settle_ended(
         &self,
         hold: HoldKey,
         actual: &Usage,
+        end: Option<StreamEnd>,
         now: Timestamp,
     ) -> Result<CloseOutcome, StoreError> {
-        self.close(hold, Some(actual), now).await
+        self.close(hold, Some(actual), end, now).await
     }
 
     async fn release(&self, hold: HoldKey, now: Timestamp) -> Result<CloseOutcome, StoreError> {
-        self.close(hold, None, now).await
+        self.close(hold, None, None, now).await
     }
 
     async fn cancel(&self, customer: Name, tag: u128, now: Timestamp) -> Result<bool, StoreError> {

@@ -154,8 +154,10 @@ local function reserve()
 end
 
 -- Settles (`how` 's', at `units`, priced parts from ARGV[first_priced..], the token split
--- `tokens`) or releases (anything else) the open hold `h` under `tag`, and forgets it.
-local function close_hold(tag, h, how, units, first_priced, tokens)
+-- `tokens`, and `ended` = {attribute, value} on the record for a streamed call the gateway
+-- cut or let finish past a refusal) or releases (anything else) the open hold `h` under
+-- `tag`, and forgets it.
+local function close_hold(tag, h, how, units, first_priced, tokens, ended)
   local p = first_priced
   local credits = 0
   for _, part in ipairs(h[2]) do
@@ -180,7 +182,8 @@ local function close_hold(tag, h, how, units, first_priced, tokens)
   if REC and h[6] then
     if how == 's' then
       local t = tokens or { 0, 0, 0, 0, 0 }
-      attribute(SETTLED, h[6], { units, t[1], t[2], t[3], t[4], t[5], credits, 1, 0 }, h[5], h[3])
+      local series = ended and series_with(h[6], ended[1], ended[2]) or h[6]
+      attribute(SETTLED, series, { units, t[1], t[2], t[3], t[4], t[5], credits, 1, 0 }, h[5], h[3])
     else
       attribute(RELEASED, h[6], { 0, 0, 0, 0, 0, 0, 0, 1, 0 }, h[5], h[3])
     end
@@ -193,11 +196,12 @@ end
 -- ARGV: 'close', now, hold number, 's' (settle) or 'r' (release), actual units, tag, the
 -- largest figure the usage reports, then the amounts of the hold's priced parts in order, if
 -- the caller has priced them, then the token split (input, output, cached, cache write,
--- reasoning), and the record settings.
+-- reasoning), how a streamed call ended (its record's attribute and value, '' '' for none),
+-- and the record settings.
 -- Result: 0 closed, 1 already closed, 2 no such hold (or another tag), 3 the priced parts'
 -- prices are needed first (then their per-million prices follow, four per part; nothing
 -- changed), 4 the usage is over the hold's max settle (which follows; nothing changed).
-local CLOSE_TAIL = 5 + REC_ARGS
+local CLOSE_TAIL = 7 + REC_ARGS
 local function close()
   local seq, how, units = tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
   local tag, figure = ARGV[6], tonumber(ARGV[7])
@@ -225,7 +229,8 @@ local function close()
   local t = #ARGV - CLOSE_TAIL
   local tokens = { tonumber(ARGV[t + 1]), tonumber(ARGV[t + 2]), tonumber(ARGV[t + 3]),
     tonumber(ARGV[t + 4]), tonumber(ARGV[t + 5]) }
-  close_hold(tag, h, how, units, 8, tokens)
+  local ended = ARGV[t + 6] ~= '' and { ARGV[t + 6], ARGV[t + 7] } or nil
+  close_hold(tag, h, how, units, 8, tokens, ended)
   return reply(0)
 end
 

@@ -174,6 +174,30 @@ local function series_of(d, limit)
   return cmsgpack.pack(out)
 end
 
+-- Packed series `packed` with attribute `name` = `value` in its byte-order place (replacing
+-- one of that name): a settle record that says how its stream ended (`Rollups::series_with`).
+local function series_with(packed, name, value)
+  local s = cmsgpack.unpack(packed)
+  local out = { s[1] }
+  local pending = true
+  for i = 2, #s - 1, 2 do
+    if pending and bytes_less(name, s[i]) then
+      out[#out + 1] = name
+      out[#out + 1] = value
+      pending = false
+    end
+    if s[i] ~= name then
+      out[#out + 1] = s[i]
+      out[#out + 1] = s[i + 1]
+    end
+  end
+  if pending then
+    out[#out + 1] = name
+    out[#out + 1] = value
+  end
+  return cmsgpack.pack(out)
+end
+
 -- Nine measures at ARGV[p..].
 local function measures_at(p)
   local m = {}
