@@ -99,6 +99,18 @@ pub enum MidStreamDown {
     Finish,
     /// End it as a refusal would.
     Cut,
+    /// Go on a slice at a time within the customer's bounded allowance (`boundedPerMinute`,
+    /// the one `failMode: bounded` draws from), asking the sidecar again for each next slice;
+    /// past the allowance, end it as a refusal would.
+    Bounded,
+}
+
+/// The error for a stream policy that draws on an allowance the settings do not give.
+fn bounded_needs_allowance(path: &str) -> ConfigError {
+    err(
+        format!("{path}.streaming.onSidecarDown"),
+        "`bounded` needs `boundedPerMinute` (at least 1): the units a customer may pass per minute while the sidecar is unreachable",
+    )
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -533,6 +545,11 @@ impl FilterConfig {
             streaming: Streaming::default(),
         };
         let settlement = base.with(&dto.settlement.unwrap_or_default(), "settlement")?;
+        if settlement.streaming.on_sidecar_down == MidStreamDown::Bounded
+            && dto.bounded_per_minute.unwrap_or(0) == 0
+        {
+            return Err(bounded_needs_allowance("settlement"));
+        }
         Ok(Self {
             grpc_upstream: grpc_upstream(&dto.sidecar.cluster),
             cluster: dto.sidecar.cluster,
@@ -858,11 +875,18 @@ impl FilterConfig {
             ),
             None => Rc::clone(&self.settlement),
         };
+        let bounded_per_minute = o
+            .and_then(|o| o.bounded_per_minute)
+            .unwrap_or(self.bounded_per_minute);
+        if settlement.streaming.on_sidecar_down == MidStreamDown::Bounded && bounded_per_minute == 0
+        {
+            return Err(bounded_needs_allowance(
+                "route metadata tollgate.settlement",
+            ));
+        }
         Ok(Effective {
             fail_mode: o.and_then(|o| o.fail_mode).unwrap_or(self.fail_mode),
-            bounded_per_minute: o
-                .and_then(|o| o.bounded_per_minute)
-                .unwrap_or(self.bounded_per_minute),
+            bounded_per_minute,
             fail_status: o.and_then(|o| o.fail_status).unwrap_or(self.fail_status),
             timeout: o.and_then(|o| o.timeout).unwrap_or(self.timeout),
             api: o.and_then(|o| o.api).unwrap_or(self.api),
@@ -1155,6 +1179,27 @@ mod tests {
         assert_eq!(e.settlement.streaming.slice, 128);
         assert_eq!(e.settlement.streaming.first_slice, 256, "default kept");
         assert_eq!(c.plain().settlement.estimate.default_max_tokens, 2048);
+        // Mid-stream on the bounded allowance: only with one, on the route or the filter.
+        let bounded = RouteOverride::from_json(
+            serde_json::json!({"boundedPerMinute": 500,
+                "settlement": {"streaming": {"onSidecarDown": "bounded"}}}),
+            None,
+        )
+        .unwrap();
+        let e = c.effective(Some(&bounded)).unwrap();
+        assert_eq!(
+            e.settlement.streaming.on_sidecar_down,
+            MidStreamDown::Bounded
+        );
+        let no_allowance = parse(
+            r#"{"sidecar": {"cluster": "t", "token": "x"},
+                "settlement": {"streaming": {"mode": "extend", "onSidecarDown": "bounded"}}}"#,
+        )
+        .unwrap_err();
+        assert!(
+            no_allowance.to_string().contains("boundedPerMinute"),
+            "{no_allowance}"
+        );
         for (meta, says) in [
             (
                 serde_json::json!({"settlement": {"defaultMaxTokens": 4096}}),
@@ -1167,6 +1212,10 @@ mod tests {
             (
                 serde_json::json!({"settlement": {"streaming": {"mode": "sometimes"}}}),
                 "mode",
+            ),
+            (
+                serde_json::json!({"settlement": {"streaming": {"onSidecarDown": "bounded"}}}),
+                "boundedPerMinute",
             ),
         ] {
             let err = RouteOverride::from_json(meta, None)

@@ -58,6 +58,9 @@ pub struct Slices {
     stopped: Option<Stopped>,
     /// The limit that refused a slice, when one was refused.
     refused_by: String,
+    /// Units covered by the bounded allowance while the sidecar was unreachable
+    /// (`onSidecarDown: bounded`), not held by the sidecar.
+    on_allowance: u64,
 }
 
 impl Slices {
@@ -71,6 +74,7 @@ impl Slices {
             state: State::Open,
             stopped: None,
             refused_by: String::new(),
+            on_allowance: 0,
         }
     }
 
@@ -109,14 +113,27 @@ impl Slices {
         };
     }
 
-    /// The sidecar could not answer: `onSidecarDown` decides.
+    /// The sidecar could not answer, and (under `onSidecarDown: bounded`) the allowance had
+    /// no room for the slice: `onSidecarDown` decides.
     pub fn unreachable(&mut self, cut: Vec<u8>) {
         self.asking = false;
         self.stopped = Some(Stopped::Unreachable);
         self.state = match self.policy.on_sidecar_down {
             MidStreamDown::Finish => State::Finishing,
-            MidStreamDown::Cut => State::CutPending(cut),
+            MidStreamDown::Cut | MidStreamDown::Bounded => State::CutPending(cut),
         };
+    }
+
+    /// The sidecar could not answer and the slice was taken from the customer's bounded
+    /// allowance instead: covered, held by nobody; the next slice asks the sidecar again.
+    pub fn granted_on_allowance(&mut self, units: u64) {
+        self.granted(None, units);
+        self.on_allowance = self.on_allowance.saturating_add(units);
+    }
+
+    /// Whether an unanswered slice may be taken from the bounded allowance.
+    pub fn draws_on_allowance(&self) -> bool {
+        self.policy.on_sidecar_down == MidStreamDown::Bounded
     }
 
     /// The end of the stream for the client, once, when a refusal asked for it.
@@ -146,9 +163,12 @@ impl Slices {
     /// How the stream ended, once a slice was refused or unanswered: what its settle record
     /// says.
     pub fn ending(&self) -> Option<Ending> {
-        let by = match self.stopped? {
-            Stopped::Refused => self.refused_by.clone(),
-            Stopped::Unreachable => SIDECAR_UNREACHABLE.to_string(),
+        let by = match self.stopped {
+            Some(Stopped::Refused) => self.refused_by.clone(),
+            Some(Stopped::Unreachable) => SIDECAR_UNREACHABLE.to_string(),
+            // It ran on the bounded allowance for a while: past what the sidecar granted.
+            None if self.on_allowance > 0 => SIDECAR_UNREACHABLE.to_string(),
+            None => return None,
         };
         let cut = matches!(self.state, State::CutPending(_) | State::Cut);
         Some(Ending { cut, by })
@@ -286,6 +306,38 @@ mod tests {
             cut.ending().map(|e| (e.cut, e.by)),
             Some((true, SIDECAR_UNREACHABLE.to_string()))
         );
+    }
+
+    #[test]
+    fn on_the_bounded_allowance_a_stream_goes_on_a_slice_at_a_time_then_is_cut() {
+        let mut p = policy(StreamMode::Extend);
+        p.on_sidecar_down = MidStreamDown::Bounded;
+        let mut s = Slices::new(p, 100, 1000);
+        assert!(s.draws_on_allowance());
+        s.asked();
+        // Unanswered, taken from the allowance: covered, no hold to release, asks again.
+        s.granted_on_allowance(64);
+        assert_eq!(s.covered(), 164);
+        assert!(s.take_extensions().is_empty());
+        assert_eq!(
+            s.next_ask(140),
+            Some(200),
+            "the next slice asks the sidecar again"
+        );
+        assert_eq!(
+            s.ending().map(|e| (e.cut, e.by)),
+            Some((false, SIDECAR_UNREACHABLE.to_string())),
+            "ran past what the sidecar granted"
+        );
+        // The allowance is spent: cut as a refusal would.
+        s.asked();
+        s.unreachable(b"bye".to_vec());
+        assert_eq!(s.take_cut(), Some(b"bye".to_vec()));
+        assert_eq!(
+            s.ending().map(|e| (e.cut, e.by)),
+            Some((true, SIDECAR_UNREACHABLE.to_string()))
+        );
+        assert!(!Slices::new(policy(StreamMode::Extend), 1, 2).draws_on_allowance());
     }
 
     #[test]

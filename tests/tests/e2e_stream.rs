@@ -440,3 +440,69 @@ async fn under_extend_finish_a_refused_stream_runs_to_its_budget_and_its_oversho
         "{again}"
     );
 }
+
+/// `onSidecarDown: bounded`: with the sidecar killed mid-stream, the stream goes on a slice at
+/// a time on the customer's bounded allowance (192 units a minute: three slices of 64), asking
+/// the sidecar again for each, and is cut in the API's shape once the allowance is spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_bounded_allowance_a_stream_outlives_its_sidecar_by_the_allowance_then_is_cut() {
+    let s = Stack::start_with("wasm-filter.yaml", |c| {
+        let c = sliced(c);
+        let streaming = r#""streaming": { "mode": "extend","#;
+        assert!(c.contains(streaming) && c.contains(r#""settlement": {"#));
+        c.replace(
+            streaming,
+            r#""streaming": { "onSidecarDown": "bounded", "mode": "extend","#,
+        )
+        .replacen(
+            r#""settlement": {"#,
+            r#""boundedPerMinute": 192, "settlement": {"#,
+            1,
+        )
+    });
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 2000, "stream": true,
+        "messages": [{"role": "user", "content": "go"}]});
+    let call = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.envoy.url))
+        .header("authorization", INITECH.as_str())
+        .header("content-type", "application/json")
+        .header("x-mock-output-tokens", "1000")
+        .header("x-mock-pace-ms", "2")
+        .body(body.to_string())
+        .send();
+    let mut r = call.await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let mut text = Vec::new();
+    let mut killed = false;
+    // Killed once the first slice is in use; the read stops at the reset after the cut.
+    while let Ok(Some(chunk)) = r.chunk().await {
+        text.extend_from_slice(&chunk);
+        if !killed && String::from_utf8_lossy(&text).matches("tok ").count() >= 40 {
+            s.sidecar.signal("KILL").unwrap();
+            killed = true;
+        }
+    }
+    assert!(killed, "the stream ended before the sidecar was killed");
+    let text = String::from_utf8_lossy(&text);
+    let delivered = text.matches("tok ").count() as u64;
+    assert!(
+        text.contains("could not be reached mid-stream"),
+        "not ended with the error event: {text}"
+    );
+    let stat = |name| s.envoy.filter_stat(name).unwrap();
+    assert_eq!(stat("stream_bounded"), 3, "three slices fit 192 units");
+    assert_eq!(stat("stream_bounded_units"), 192);
+    assert_eq!(
+        stat("stream_unreachable"),
+        4,
+        "three on the allowance, one past it"
+    );
+    assert_eq!(stat("stream_cut"), 1);
+    // At least the first slice and the allowance, and never the 1,000 it would have run to.
+    let held = 64 + 64 * stat("stream_extended") + 192;
+    assert!(
+        delivered >= 64 + 192 && delivered <= held + 32,
+        "{delivered} delivered with {held} covered"
+    );
+}

@@ -536,7 +536,9 @@ impl Http {
     /// sidecar unreachable, `onSidecarDown`.
     fn slice_answered(&mut self, verdict: Verdict) {
         let units = self.slice_call.take().map_or(0, |(_, u)| u);
-        let api = self.effective().api;
+        let e = self.effective();
+        let (api, per_minute) = (e.api, e.bounded_per_minute);
+        let customer = self.slicing.as_ref().and_then(|(x, _)| x.customer.clone());
         let Some(slices) = self.tracker.as_mut().and_then(Tracker::slices_mut) else {
             return;
         };
@@ -558,6 +560,17 @@ impl Http {
                     LogLevel::Warn,
                     &format!("a stream's next slice could not be asked for: {f:?}"),
                 );
+                // `onSidecarDown: bounded`: the slice from the customer's allowance, if it
+                // has room; the next one asks the sidecar again.
+                if slices.draws_on_allowance()
+                    && let Some(customer) = customer
+                    && take_allowance(&customer, units, per_minute)
+                {
+                    Stats::bump(self.shared.stats.stream_bounded);
+                    Stats::add(self.shared.stats.stream_bounded_units, units);
+                    slices.granted_on_allowance(units);
+                    return;
+                }
                 let reply = decision::Reply {
                     status: 503,
                     headers: Vec::new(),

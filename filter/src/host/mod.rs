@@ -51,6 +51,9 @@ pub(super) struct Stats {
     stream_refused: u32,
     stream_unreachable: u32,
     stream_cut: u32,
+    /// Slices taken from the bounded allowance with the sidecar unreachable, and their units.
+    stream_bounded: u32,
+    pub(super) stream_bounded_units: u32,
     /// Units streams delivered past what they held (`extend-finish`, or `onSidecarDown:
     /// finish`).
     pub(super) stream_overshoot_units: u32,
@@ -87,6 +90,8 @@ impl Stats {
             stream_refused: d("tollgate_filter.stream_refused_total"),
             stream_unreachable: d("tollgate_filter.stream_unreachable_total"),
             stream_cut: d("tollgate_filter.stream_cut_total"),
+            stream_bounded: d("tollgate_filter.stream_bounded_total"),
+            stream_bounded_units: d("tollgate_filter.stream_bounded_units_total"),
             stream_overshoot_units: d("tollgate_filter.stream_overshoot_units_total"),
             stream_cut_delay_us: hostcalls::define_metric(
                 MetricType::Histogram,
