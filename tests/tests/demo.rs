@@ -17,6 +17,9 @@ fn the_demo_runs_to_its_end_and_points_at_the_next_step() {
     );
     for step in [
         "DENIED",
+        "limit.threshold_crossed 50% of research-daily-tokens",
+        "limit.threshold_crossed 80% of research-daily-tokens",
+        "(signature verified)",
         "counter now",
         "Where the tokens went",
         "teamId  research",

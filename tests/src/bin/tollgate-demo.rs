@@ -1,11 +1,13 @@
 //! The demo: real Envoy with Tollgate's WASM filter, the sidecar on the example config and a
 //! mock OpenAI upstream, all on loopback ports the OS picks. It sends requests for two teams of
-//! one customer until a team cap denies, shows a hold settled down to the true usage, where
+//! one customer until a team cap denies (and the budget alerts reach an ops webhook receiver,
+//! signed), shows a hold settled down to the true usage, where
 //! the tokens went (the usage API the portal reads) and the portal's address (waiting for
 //! Enter when it runs in a terminal, so the portal can be opened), then stops the sidecar and
 //! shows a fail-closed and a fail-open request, and ends with the next step. Everything it
 //! started is stopped on exit, on error and on Ctrl-C.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -15,17 +17,79 @@ use tollgate_testkit::{
 };
 
 const OPERATOR: &str = "demo-operator-token";
+/// DEMO ONLY: the secret the demo's alert webhook is signed with.
+const WEBHOOK_SECRET: &str = "whsec_dG9sbGdhdGUtZGVtby13ZWJob29rLXNlY3JldCEhISE=";
 
 struct Demo {
     sidecar: Sidecar,
     _mock: MockLlm,
     envoy: Envoy,
+    hooks: Receiver,
     http: reqwest::Client,
 }
 
-/// The example config with its listeners moved to free ports, and the gateway token the
-/// demo's Envoy presents.
-fn sidecar_config() -> anyhow::Result<String> {
+/// A webhook receiver on loopback, as a team's ops endpoint: it keeps every call's headers and
+/// body for the demo to show.
+struct Receiver {
+    url: String,
+    calls: Arc<Mutex<Vec<(axum::http::HeaderMap, axum::body::Bytes)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Receiver {
+    async fn start() -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/hooks/tollgate", listener.local_addr()?);
+        let calls: Arc<Mutex<Vec<_>>> = Arc::default();
+        let kept = Arc::clone(&calls);
+        let app = axum::Router::new().route(
+            "/hooks/tollgate",
+            axum::routing::post(
+                move |headers: axum::http::HeaderMap, body: axum::body::Bytes| async move {
+                    if let Ok(mut calls) = kept.lock() {
+                        calls.push((headers, body));
+                    }
+                    axum::http::StatusCode::NO_CONTENT
+                },
+            ),
+        );
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { url, calls, task })
+    }
+
+    /// The calls received so far, each verified against the secret (Standard Webhooks).
+    fn received(&self) -> Vec<(bool, Value)> {
+        let verifier = standardwebhooks::Webhook::new(WEBHOOK_SECRET).ok();
+        self.calls
+            .lock()
+            .map(|calls| {
+                calls
+                    .iter()
+                    .map(|(headers, body)| {
+                        let signed = verifier
+                            .as_ref()
+                            .is_some_and(|v| v.verify(body, headers).is_ok());
+                        (signed, serde_json::from_slice(body).unwrap_or(Value::Null))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The example config with its listeners moved to free ports, the gateway token the demo's
+/// Envoy presents, and an alert on research's budget (50 % and 80 %) sent to `hook`, a
+/// receiver on loopback (which `alerting.allowTargets` lets in; webhooks never go to loopback
+/// otherwise).
+fn sidecar_config(hook: &str) -> anyhow::Result<String> {
     let path = root().join("decision-server/examples/gateway-demo.yaml");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read {}", path.display()))?;
@@ -45,6 +109,19 @@ fn sidecar_config() -> anyhow::Result<String> {
         .and_then(|s| s.get_mut("credentials"))
         .context("the example config has no server.credentials")?;
     credentials["gatewayTokens"] = gateway["credentials"]["gatewayTokens"].clone();
+    let alerting: serde_yaml_ng::Value = serde_yaml_ng::from_str(&format!(
+        "webhooks:\n  - {{ id: ops, url: \"{hook}\", secrets: [\"{WEBHOOK_SECRET}\"] }}\n\
+         alerts:\n  - {{ id: research-budget, entity: research, limit: research-daily-tokens, percent: [50, 80], webhooks: [ops] }}\n\
+         allowTargets: [127.0.0.1/32]\n"
+    ))?;
+    let acme = doc
+        .get_mut("customers")
+        .and_then(|c| c.get_mut(0))
+        .context("the example config has no customer")?;
+    acme["webhooks"] = alerting["webhooks"].clone();
+    acme["alerts"] = alerting["alerts"].clone();
+    doc["alerting"] = serde_yaml_ng::from_str("{}")?;
+    doc["alerting"]["allowTargets"] = alerting["allowTargets"].clone();
     Ok(serde_yaml_ng::to_string(&doc)?)
 }
 
@@ -54,10 +131,12 @@ fn jwt(sub: &str) -> String {
 }
 
 impl Demo {
-    fn start() -> anyhow::Result<Self> {
+    async fn start() -> anyhow::Result<Self> {
         let mock = MockLlm::start()?;
         println!("  mock OpenAI upstream     http://{}", mock.addr);
-        let sidecar = Sidecar::start(&sidecar_config()?)?;
+        let hooks = Receiver::start().await?;
+        println!("  ops webhook receiver     {}", hooks.url);
+        let sidecar = Sidecar::start(&sidecar_config(&hooks.url)?)?;
         println!(
             "  tollgate sidecar         ext_authz {}  http {}",
             sidecar.ext_authz, sidecar.http
@@ -75,6 +154,7 @@ impl Demo {
             sidecar,
             _mock: mock,
             envoy,
+            hooks,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()?,
@@ -144,6 +224,39 @@ impl Demo {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// The alerts research's spending set off, as the ops receiver got them: signed, once
+    /// each.
+    async fn alerts(&self) -> anyhow::Result<()> {
+        println!("\n   The ops team's webhook receiver got research's budget alerts, signed:");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let received = loop {
+            let received = self.hooks.received();
+            if received.len() >= 2 || Instant::now() > deadline {
+                break received;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if received.is_empty() {
+            bail!("no alert reached the webhook receiver");
+        }
+        for (signed, body) in &received {
+            let d = &body["data"];
+            println!(
+                "   {} {}% of {}: {} of {} used  (signature {})",
+                body["type"].as_str().unwrap_or("?"),
+                d["trigger"]["percent"],
+                d["limitId"].as_str().unwrap_or("?"),
+                d["used"],
+                d["limit"],
+                if *signed { "verified" } else { "INVALID" }
+            );
+            if !signed {
+                bail!("an alert's signature did not verify");
+            }
+        }
+        Ok(())
     }
 
     /// Step 3: the usage by team and user, as the portal shows it, and the portal's address.
@@ -258,6 +371,7 @@ impl Demo {
         if !denied {
             bail!("the research cap never denied");
         }
+        self.alerts().await?;
 
         println!("\n2. A settled hold: a streamed call for sales holds 500 tokens, then settles.");
         let before = self.team_usage("sales", "sales-daily-tokens").await?;
@@ -328,7 +442,7 @@ impl Demo {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     println!("Tollgate demo: starting processes on loopback");
-    let mut demo = Demo::start()?;
+    let mut demo = Demo::start().await?;
     let outcome = tokio::select! {
         r = demo.run() => r,
         _ = tokio::signal::ctrl_c() => {
