@@ -533,6 +533,29 @@ fn a_bearer_jwt_needs_an_issuer_and_a_usable_key_set() {
 }
 
 #[test]
+fn headers_removed_before_the_upstream_are_names_envoy_may_remove() {
+    let errors =
+        |list: &str| server_errors(&format!("  extAuthz:\n    removeUpstreamHeaders: {list}\n"));
+    assert_eq!(
+        errors("[Authorization, x-api-key, authorization]"),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        errors("[host, \":authority\", \"bad name\"]"),
+        [
+            "tollgate.yaml: server.extAuthz.removeUpstreamHeaders[0]: `host`: Envoy does not remove `host` or pseudo-headers",
+            "tollgate.yaml: server.extAuthz.removeUpstreamHeaders[1]: `:authority`: Envoy does not remove `host` or pseudo-headers",
+            "tollgate.yaml: server.extAuthz.removeUpstreamHeaders[2]: `bad name` is not a header name",
+        ]
+    );
+    let many: Vec<String> = (0..17).map(|i| format!("x-h{i}")).collect();
+    assert_eq!(
+        errors(&format!("[{}]", many.join(", "))),
+        ["tollgate.yaml: server.extAuthz.removeUpstreamHeaders: 17 names, at most 16"]
+    );
+}
+
+#[test]
 fn ext_authz_sources_and_connection_bounds() {
     assert_eq!(
         server_errors(

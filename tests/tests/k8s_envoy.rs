@@ -786,6 +786,17 @@ async fn the_ext_authz_provider_checks_calls_across_the_mesh_hop_and_refuses_wha
         .chat("/v1/chat/completions", &reporting, &chat_body(20, 1000))
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
+    // The gateway forwards the caller's token for the check to verify (`forwardOriginalToken`,
+    // the jwt_authn `forward: true` above); the grant has Envoy remove it before the model
+    // service (the overlay's `removeUpstreamHeaders`).
+    assert_eq!(
+        of_kind(&objects, "RequestAuthentication")["spec"]["jwtRules"][0]["forwardOriginalToken"],
+        true
+    );
+    assert!(
+        r.headers.get("x-echo-authorization").is_none(),
+        "the caller's token reached the model service"
+    );
     stack
         .usage_settles_at("acme", dims.clone(), "research-daily", 44)
         .await;

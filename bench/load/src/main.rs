@@ -246,7 +246,7 @@ fn config(customers: usize, max_users: usize, hold_ttl: &str, quotas: bool) -> S
     }
     let _ = write!(
         out,
-        "server:\n  listeners: {{ extAuthz: \"127.0.0.1:0\", grpc: \"127.0.0.1:0\", http: \"127.0.0.1:0\" }}\n  credentials:\n    operatorTokenSha256: {sha}\n{gateway}  extAuthz:\n    customer: {{ jwtClaim: org }}\n    dimensions:\n      userId: {{ jwtClaim: sub }}\n  logging: {{ level: warn }}\n",
+        "server:\n  listeners: {{ extAuthz: \"127.0.0.1:0\", grpc: \"127.0.0.1:0\", http: \"127.0.0.1:0\" }}\n  credentials:\n    operatorTokenSha256: {sha}\n{gateway}  extAuthz:\n    customer: {{ jwtClaim: org }}\n    dimensions:\n      userId: {{ jwtClaim: sub }}\n    settlement: {{ usageHeader: x-tollgate-actual-usage }}\n  logging: {{ level: warn }}\n",
         gateway = tollgate_testkit::gateway_token_config()
     );
     out
@@ -547,6 +547,9 @@ async fn run(args: &RunArgs, addr: &str) -> anyhow::Result<Outcome> {
                             .post(format!("http://{addr}/v1/chat/completions"))
                             .header("content-type", "application/json")
                             .header("authorization", bearer(&customer, &user))
+                            // The mock reports the usage in a response header too, as a service
+                            // on the native path does for the access log that settles it.
+                            .header("x-mock-report-usage", "x-tollgate-actual-usage")
                             .body(CHAT_BODY)
                             .send()
                             .await;

@@ -318,6 +318,12 @@ pub struct ExtAuthzDto {
     /// upstream (or whatever it logs to) has no use for it otherwise.
     #[serde(default)]
     pub upstream_hold_id: Option<bool>,
+    /// Request headers Envoy removes before the upstream on every grant: the caller's
+    /// credential where the proxy must forward it for this check to read (Istio's CUSTOM
+    /// provider with `forwardOriginalToken`), so the model service never sees it. At most 16
+    /// names; `host` and pseudo-headers are refused.
+    #[serde(default)]
+    pub remove_upstream_headers: Vec<String>,
     /// Verify the caller's own `authorization: Bearer <jwt>` here, for `jwtClaim` sources,
     /// when the proxy sends no verified payload in the request's metadata (Istio's CUSTOM
     /// provider cannot).
@@ -483,6 +489,8 @@ pub struct ExtAuthzSettings {
     pub bad_input_status: u16,
     pub upstream_headers: bool,
     pub upstream_hold_id: bool,
+    /// Lower-case names removed from the request before the upstream on every grant.
+    pub remove_upstream: Vec<String>,
     /// Verifies the caller's bearer JWT for `jwtClaim` sources (see [`BearerJwtDto`]).
     pub bearer_jwt: Option<std::sync::Arc<crate::jwt::BearerJwt>>,
     /// Settling holds from Envoy's access log; `None`: its reports are not read.
@@ -534,6 +542,7 @@ impl Default for ExtAuthzSettings {
             bad_input_status: 400,
             upstream_headers: true,
             upstream_hold_id: false,
+            remove_upstream: Vec::new(),
             bearer_jwt: None,
             settlement: None,
         }
@@ -1110,12 +1119,48 @@ fn ext_authz(e: &ExtAuthzDto, file: &str, errors: &mut Errors<'_>) -> ExtAuthzSe
         bad_input_status,
         upstream_headers: e.upstream_headers.unwrap_or(true),
         upstream_hold_id: e.upstream_hold_id.unwrap_or(false),
+        remove_upstream: remove_upstream(&e.remove_upstream_headers, errors),
         bearer_jwt: e
             .bearer_jwt
             .as_ref()
             .and_then(|b| bearer_jwt(b, file, errors)),
         settlement: e.settlement.as_ref().map(|s| settlement(s, errors)),
     }
+}
+
+/// The most names `server.extAuthz.removeUpstreamHeaders` may list: each one is a string on
+/// every grant's answer.
+const MAX_REMOVED_HEADERS: usize = 16;
+
+/// `server.extAuthz.removeUpstreamHeaders`: header names Envoy may remove (not `host` or a
+/// pseudo-header, which Envoy refuses to mutate), lower-cased, each once.
+fn remove_upstream(names: &[String], errors: &mut Errors<'_>) -> Vec<String> {
+    const PATH: &str = "server.extAuthz.removeUpstreamHeaders";
+    if names.len() > MAX_REMOVED_HEADERS {
+        errors.push(
+            PATH,
+            format!("{} names, at most {MAX_REMOVED_HEADERS}", names.len()),
+        );
+        return Vec::new();
+    }
+    let mut out: Vec<String> = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        let lower = name.to_ascii_lowercase();
+        if lower == "host" || lower.starts_with(':') {
+            errors.push(
+                format!("{PATH}[{i}]"),
+                format!("`{name}`: Envoy does not remove `host` or pseudo-headers"),
+            );
+        } else if axum::http::HeaderName::from_bytes(lower.as_bytes()).is_err() {
+            errors.push(
+                format!("{PATH}[{i}]"),
+                format!("`{name}` is not a header name"),
+            );
+        } else if !out.contains(&lower) {
+            out.push(lower);
+        }
+    }
+    out
 }
 
 /// `server.extAuthz.settlement`: the header name must be one Envoy can log.

@@ -361,7 +361,7 @@ pub fn decision_response(
     // this answer does not set is removed (Envoy's own ext_authz filter applies it). Only
     // then: these strings cost every grant, and `envoy/native-ext-authz.yaml` drops the
     // client's copies at the route anyway; the names this answer sets replace the client's.
-    let headers_to_remove = if settings.upstream_hold_id {
+    let mut headers_to_remove: Vec<String> = if settings.upstream_hold_id {
         UPSTREAM_NAMES
             .iter()
             .filter(|n| {
@@ -374,6 +374,8 @@ pub fn decision_response(
     } else {
         Vec::new()
     };
+    // The caller's credential, where the proxy forwarded it only for this check to read.
+    headers_to_remove.extend(settings.remove_upstream.iter().cloned());
     CheckResponse {
         status: ok_status(),
         http_response: Some(HttpResponse::OkResponse(OkHttpResponse {

@@ -237,7 +237,8 @@ fn cache_of(headers: &HeaderMap) -> (u64, u64) {
 }
 
 /// Request headers echoed back as `x-echo-<name>`, so a test can see what reached the upstream.
-const ECHOED: [&str; 6] = [
+const ECHOED: [&str; 7] = [
+    "authorization",
     "x-envoy-auth-failure-mode-allowed",
     "x-tollgate-hold-id",
     "x-tollgate-remaining",
