@@ -228,21 +228,11 @@ async fn sixteen_parallel_streams_never_overspend_by_more_than_a_slice_each_and_
 }
 
 /// The usage `customer` recorded today by the value of record key `by` (`cutBy`,
-/// `finishedPast`): value → (units, calls); records without the key under "".
+/// `finishedPast`, `featureId`): value → (units, calls); records without the key under "".
 async fn top_by(s: &Stack, customer: &str, by: &str) -> BTreeMap<String, (u64, u64)> {
-    let v: Value = s
-        .http
-        .get(format!(
-            "http://{}/v1/customers/{customer}/usage/top?by={by}",
-            s.sidecar.http
-        ))
-        .bearer_auth(support::OPERATOR)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = s
+        .operator_api(&format!("/v1/customers/{customer}/usage/top?by={by}"), None)
+        .await;
     v["rows"]
         .as_array()
         .unwrap_or_else(|| panic!("{v}"))
@@ -262,24 +252,10 @@ async fn top_by(s: &Stack, customer: &str, by: &str) -> BTreeMap<String, (u64, u
 /// The units the usage records of `customer` add up to today (settled calls; a stream's
 /// slices write none).
 async fn recorded(s: &Stack, customer: &str) -> u64 {
-    let v: Value = s
-        .http
-        .get(format!(
-            "http://{}/v1/customers/{customer}/usage/top?by=featureId",
-            s.sidecar.http
-        ))
-        .bearer_auth(support::OPERATOR)
-        .send()
+    top_by(s, customer, "featureId")
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["rows"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{v}"))
-        .iter()
-        .map(|r| r["units"].as_u64().unwrap())
+        .values()
+        .map(|(units, _)| units)
         .sum()
 }
 

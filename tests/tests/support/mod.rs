@@ -191,22 +191,30 @@ impl Stack {
         Reply::from(req.send().await.unwrap()).await
     }
 
-    /// A limit's current usage, by a dry-run check that holds nothing.
-    pub async fn usage(&self, customer: &str, dims: Value, limit_id: &str) -> u64 {
-        let v: Value = self
-            .http
-            .post(format!(
-                "http://{}/v1/customers/{customer}/entitlements/check",
-                self.sidecar.http
-            ))
-            .bearer_auth(OPERATOR)
-            .json(&json!({"featureId": "ai-tokens", "requestedUsage": 0, "dimensions": dims, "dryRun": true}))
+    /// The sidecar's HTTP API answer to `path` (a GET, or a POST of `body`) as the operator.
+    pub async fn operator_api(&self, path: &str, body: Option<Value>) -> Value {
+        let url = format!("http://{}{path}", self.sidecar.http);
+        let req = match body {
+            Some(b) => self.http.post(url).json(&b),
+            None => self.http.get(url),
+        };
+        req.bearer_auth(OPERATOR)
             .send()
             .await
             .unwrap()
             .json()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// A limit's current usage, by a dry-run check that holds nothing.
+    pub async fn usage(&self, customer: &str, dims: Value, limit_id: &str) -> u64 {
+        let v = self
+            .operator_api(
+                &format!("/v1/customers/{customer}/entitlements/check"),
+                Some(json!({"featureId": "ai-tokens", "requestedUsage": 0, "dimensions": dims, "dryRun": true})),
+            )
+            .await;
         v["chain"]
             .as_array()
             .unwrap_or_else(|| panic!("no chain in {v}"))
