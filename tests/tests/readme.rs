@@ -5,7 +5,8 @@
 //! test suite has built everything its own way), and `target/release/` reads as the directory
 //! of the binaries this test run built. The ports are the README's own (8000, 8080, 9190–9192,
 //! 9901, all loopback, below the range the OS hands out for port 0, so the other tests never
-//! take them).
+//! take them). Beside it, the other READMEs' commands that can run here, and a check of every
+//! relative link in the Markdown.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::Read as _;
@@ -48,6 +49,55 @@ fn copy_dir(rel: &str, to: &Path) {
     }
 }
 
+/// Runs `script` with bash in `dir` (its own process group, stopped whole when it ends or
+/// after `limit`), with `envs` added: its exit status (`None` past the limit), stdout and
+/// stderr.
+fn run_bash(
+    dir: &Path,
+    script: &str,
+    envs: &[(&str, &str)],
+    limit: Duration,
+) -> (Option<std::process::ExitStatus>, String, String) {
+    let log = dir.join("out.txt");
+    let mut child = Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::from(
+            std::fs::File::create(log.with_extension("err")).unwrap(),
+        ))
+        // Its own group: whatever it leaves running is stopped with it.
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let pgid = child.id();
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pgid}")])
+        .stderr(Stdio::null())
+        .status();
+    let _ = child.wait();
+    let mut out = String::new();
+    std::fs::File::open(&log)
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let err = std::fs::read_to_string(log.with_extension("err")).unwrap_or_default();
+    (status, out, err)
+}
+
 #[test]
 fn the_readmes_first_governed_call_runs_as_written() {
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
@@ -74,42 +124,7 @@ fn the_readmes_first_governed_call_runs_as_written() {
             .join("\n")
             .replace("target/release/", &format!("{bin_dir}/"))
     );
-    let log = dir.path().join("out.txt");
-    let mut child = Command::new("bash")
-        .arg("-c")
-        .arg(&script)
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(Stdio::from(
-            std::fs::File::create(log.with_extension("err")).unwrap(),
-        ))
-        // Its own group: whatever it leaves running is stopped with it.
-        .process_group(0)
-        .spawn()
-        .unwrap();
-    let pgid = child.id();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let _ = Command::new("kill")
-        .args(["-KILL", "--", &format!("-{pgid}")])
-        .stderr(Stdio::null())
-        .status();
-    let _ = child.wait();
-    let mut out = String::new();
-    std::fs::File::open(&log)
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let err = std::fs::read_to_string(log.with_extension("err")).unwrap_or_default();
+    let (status, out, err) = run_bash(dir.path(), &script, &[], Duration::from_secs(120));
     let status =
         status.unwrap_or_else(|| panic!("the README's commands ran past 120 s\n{out}\n{err}"));
     assert!(
@@ -131,6 +146,81 @@ fn the_readmes_first_governed_call_runs_as_written() {
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
     assert_eq!(mode & 0o077, 0, "the signing key is readable by others");
+}
+
+/// envoy/README's "A real provider" commands, as written but for the last step: the `sed`
+/// that renders the OpenAI config from a trial key set, then Envoy started with that file in
+/// `--mode validate` (it loads every listener, cluster, secret and the WASM filter without
+/// serving, since the real provider and its key are not here). And decision-server/README's
+/// `validate` of its example config.
+#[test]
+fn the_other_readmes_runnable_commands_run_as_written() {
+    let bin = tollgate_testkit::proc::workspace_bin("tollgate", "TOLLGATE_BIN").unwrap();
+    let bin_dir = bin.parent().unwrap().display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    for rel in ["envoy", "decision-server/examples"] {
+        copy_dir(rel, dir.path());
+    }
+    for rel in ["target", ".tools"] {
+        std::os::unix::fs::symlink(root().join(rel), dir.path().join(rel)).unwrap();
+    }
+    let trial = Command::new(&bin)
+        .args(["trial-key", "--dir", "trial"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(trial.status.success(), "{trial:?}");
+
+    let envoy_readme = std::fs::read_to_string(root().join("envoy/README.md")).unwrap();
+    let blocks = shell_blocks(&envoy_readme, "A real provider");
+    assert_eq!(blocks.len(), 1, "{blocks:?}");
+    let block = blocks[0].trim_end();
+    const RUN: &str = "envoy -c trial/envoy-openai.yaml --concurrency 2";
+    assert!(
+        block.ends_with(RUN),
+        "the recipe no longer ends by starting Envoy: {block}"
+    );
+    let script = format!("set -euo pipefail\n{block} --mode validate\n");
+    let (status, out, err) = run_bash(
+        dir.path(),
+        &script,
+        &[("TOLLGATE_GATEWAY_TOKEN", "envoy.trial-gateway-token")],
+        Duration::from_secs(60),
+    );
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the provider recipe failed ({status:?})\n{out}\n{err}"
+    );
+    assert!(
+        format!("{out}{err}").contains("configuration 'trial/envoy-openai.yaml' OK"),
+        "{out}\n{err}"
+    );
+    let rendered = std::fs::read_to_string(dir.path().join("trial/envoy-openai.yaml")).unwrap();
+    assert!(
+        !rendered.contains("{{"),
+        "a placeholder was left: {rendered}"
+    );
+    let jwks = std::fs::read_to_string(dir.path().join("trial/jwks.json")).unwrap();
+    assert!(
+        rendered.contains(jwks.trim()),
+        "the trial key set is not inline"
+    );
+
+    let server_readme = std::fs::read_to_string(root().join("decision-server/README.md")).unwrap();
+    let validate = server_readme
+        .lines()
+        .find(|l| l.starts_with("target/release/tollgate validate "))
+        .expect("decision-server/README shows `tollgate validate`");
+    let (status, out, err) = run_bash(
+        dir.path(),
+        &validate.replace("target/release/", &format!("{bin_dir}/")),
+        &[],
+        Duration::from_secs(30),
+    );
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "`{validate}` failed\n{out}\n{err}"
+    );
 }
 
 /// GitHub's anchor for a heading: lower case, spaces to dashes, punctuation dropped.
