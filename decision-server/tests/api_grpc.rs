@@ -496,7 +496,7 @@ async fn tollgate_check_settle_release_round_trip() {
             pb::SettleRequest {
                 hold_id: hold.into(),
                 actual_usage: actual,
-                tokens: None,
+                ..pb::SettleRequest::default()
             },
             ACME_KEY,
         )
@@ -630,7 +630,7 @@ async fn tollgate_credentials_and_cross_customer_refusals() {
             pb::SettleRequest {
                 hold_id: hold.clone(),
                 actual_usage: 0,
-                tokens: None,
+                ..pb::SettleRequest::default()
             },
             GLOBEX_KEY,
         ))
@@ -716,7 +716,7 @@ async fn watch_usage_streams_a_customers_decisions_and_settlements() {
         pb::SettleRequest {
             hold_id: hold.clone(),
             actual_usage: 650,
-            tokens: None,
+            ..pb::SettleRequest::default()
         },
         OPERATOR,
     ))
@@ -922,7 +922,7 @@ async fn resumable_watch_usage_streams_records_with_ids_and_resumes() {
         pb::SettleRequest {
             hold_id: hold.clone(),
             actual_usage: 650,
-            tokens: None,
+            ..pb::SettleRequest::default()
         },
         OPERATOR,
     ))
@@ -950,6 +950,36 @@ async fn resumable_watch_usage_streams_records_with_ids_and_resumes() {
         .unwrap()
         .into_inner();
     assert_eq!(next(&mut resumed).await.event_id, settled.event_id);
+    // A streamed call cut when its next slice was refused says so on its record, by limit.
+    let cut = svc
+        .check(authed(check_msg("acme", "alice", 10), OPERATOR))
+        .await
+        .unwrap()
+        .into_inner()
+        .hold_id;
+    svc.settle(authed(
+        pb::SettleRequest {
+            hold_id: cut.clone(),
+            actual_usage: 7,
+            stream_end: Some(pb::StreamEnd {
+                how: pb::stream_end::How::Cut as i32,
+                by: "org-daily".into(),
+            }),
+            ..pb::SettleRequest::default()
+        },
+        OPERATOR,
+    ))
+    .await
+    .unwrap();
+    let e = next(&mut stream).await;
+    assert_eq!(
+        (
+            e.kind(),
+            e.hold_id.as_str(),
+            e.attributes.get("cutBy").map(String::as_str)
+        ),
+        (Kind::Settled, cut.as_str(), Some("org-daily"))
+    );
     // A bad cursor and a foreign customer are refused.
     let Err(bad) = svc.watch_usage(watch("not-an-id")).await else {
         panic!("a bad cursor was accepted");

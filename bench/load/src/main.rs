@@ -640,7 +640,7 @@ async fn check_and_settle(
         c.settle(operator(SettleRequest {
             hold_id: answer.hold_id.clone(),
             actual_usage: usage,
-            tokens: None,
+            ..SettleRequest::default()
         }))
         .await?;
     }
@@ -693,7 +693,7 @@ async fn stream_delay(
             .settle(operator(SettleRequest {
                 hold_id: answer.hold_id.clone(),
                 actual_usage: 3,
-                tokens: None,
+                ..SettleRequest::default()
             }))
             .await?;
         let found = tokio::time::timeout(Duration::from_secs(10), async {

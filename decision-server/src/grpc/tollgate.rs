@@ -313,6 +313,14 @@ impl TollgateService {
     }
 }
 
+/// A stream's end as the wire carries it.
+fn reported_end(e: &pb::StreamEnd) -> ReportedEnd<'_> {
+    ReportedEnd {
+        cut: e.how() == pb::stream_end::How::Cut,
+        by: &e.by,
+    }
+}
+
 impl TollgateService {
     /// Closes every hold it may (one commit wait for all), a result each, in order.
     async fn close_all(
@@ -326,10 +334,7 @@ impl TollgateService {
             .map(|h| CloseItem {
                 hold_id: &h.hold_id,
                 usage: h.actual_usage.map(|u| usage(u, h.tokens)),
-                end: h.stream_end.as_ref().map(|e| ReportedEnd {
-                    cut: e.how() == pb::stream_end::How::Cut,
-                    by: &e.by,
-                }),
+                end: h.stream_end.as_ref().map(reported_end),
             })
             .collect();
         let results = self
@@ -413,7 +418,11 @@ impl Tollgate for TollgateService {
         let r = request.into_inner();
         let outcome = self
             .service
-            .settle(&hold, usage(r.actual_usage, r.tokens))
+            .settle_ended(
+                &hold,
+                usage(r.actual_usage, r.tokens),
+                r.stream_end.as_ref().map(reported_end),
+            )
             .await
             .map_err(decision_status)?;
         Ok(Response::new(pb::SettleResponse {
