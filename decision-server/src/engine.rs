@@ -40,6 +40,18 @@ pub struct CheckRequest<'a> {
     pub deadline: Option<crate::core::Timestamp>,
 }
 
+/// What a check is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// A whole call: held at its requested usage, recorded when it closes.
+    Call,
+    /// The first hold of a call streamed in slices, which may grow to `budget` units; it
+    /// settles the whole stream.
+    StreamStart { budget: u64 },
+    /// A streamed call's next slice (see [`Engine::extend`]).
+    Slice,
+}
+
 /// Why a call failed. A failed call changes no counter.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecisionError {
@@ -167,7 +179,19 @@ impl Engine {
     /// Checks every limit on every level of the chain and, if all pass, holds the requested
     /// usage on all of them in one atomic step.
     pub async fn check(&self, req: &CheckRequest<'_>) -> Result<Decision, DecisionError> {
-        self.decide(req, false).await
+        self.decide(req, Purpose::Call).await
+    }
+
+    /// [`Engine::check`] for the first hold of a call streamed in slices that may grow to
+    /// `budget` units: that hold settles the whole stream, so its settlement ceiling is what
+    /// `budget` may report, not ten times the first slice (a long stream would otherwise be
+    /// charged the ceiling, not its usage).
+    pub async fn start_stream(
+        &self,
+        req: &CheckRequest<'_>,
+        budget: u64,
+    ) -> Result<Decision, DecisionError> {
+        self.decide(req, Purpose::StreamStart { budget }).await
     }
 
     /// Extends a streamed call's hold by `req.usage` (its next slice) as a hold of its own: the
@@ -176,13 +200,14 @@ impl Engine {
     /// holds those) and without a usage record (the call's first hold records its whole usage
     /// when it settles; the filter releases the slices then).
     pub async fn extend(&self, req: &CheckRequest<'_>) -> Result<Decision, DecisionError> {
-        self.decide(req, true).await
+        self.decide(req, Purpose::Slice).await
     }
 
-    async fn decide(
+    /// A check of `req` for `purpose` (see [`Purpose`]).
+    pub async fn decide(
         &self,
         req: &CheckRequest<'_>,
-        extension: bool,
+        purpose: Purpose,
     ) -> Result<Decision, DecisionError> {
         let now = self.clock.now();
         let past = |deadline: Option<crate::core::Timestamp>| {
@@ -192,10 +217,21 @@ impl Engine {
             return Err(DecisionError::DeadlineExceeded);
         }
         let mut plan = self.plan(req, now, !req.dry_run).await?;
-        if extension {
-            plan.counters
-                .retain(|c| !matches!(c.rule, crate::core::plan::AmountRule::PerRequest));
-            plan.record = false;
+        match purpose {
+            Purpose::Call => {}
+            Purpose::Slice => {
+                plan.counters
+                    .retain(|c| !matches!(c.rule, crate::core::plan::AmountRule::PerRequest));
+                plan.record = false;
+            }
+            Purpose::StreamStart { budget } => {
+                let model = self.model.load();
+                if let Some(feature) = model.feature(req.feature) {
+                    let whole =
+                        model.settle_bound(feature, &Usage::units(budget), req.dimensions, now);
+                    plan.max_settle = plan.max_settle.max(whole);
+                }
+            }
         }
         if !req.dry_run {
             // From the thread's CSPRNG (ChaCha, seeded by the OS): the tag is what makes a hold

@@ -1058,4 +1058,35 @@ async fn only_the_gateway_extends_a_streams_hold_and_only_its_customers_own() {
     let r = authz(&service, &[], &commit).await;
     assert!(format!("{r:?}").contains("a slice is always held"), "{r:?}");
     assert_eq!(org_counted(&service, "globex").await, 10);
+
+    // A stream's first hold with its budget: the gateway's only, a number, never on a slice.
+    let start = |budget: &'static str| {
+        [
+            ("tollgate.customer", "globex"),
+            ("tollgate.feature", "ai-tokens"),
+            ("tollgate.usage", "10"),
+            ("tollgate.budget", budget),
+        ]
+    };
+    let err = authz_as(&service, Some(GLOBEX_KEY), &[], &start("4000"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("tollgate.budget"), "{err:?}");
+    let r = authz(&service, &[], &start("4000")).await;
+    assert_eq!(r.status.unwrap().code, Code::Ok as i32);
+    assert_eq!(org_counted(&service, "globex").await, 20);
+    let r = authz(&service, &[], &start("lots")).await;
+    assert!(
+        format!("{r:?}").contains("a whole number of units"),
+        "{r:?}"
+    );
+    let mut both = slice(own).to_vec();
+    both.push(("tollgate.budget", "4000"));
+    let r = authz(&service, &[], &both).await;
+    assert!(
+        format!("{r:?}").contains("for a stream's first hold"),
+        "{r:?}"
+    );
+    assert_eq!(org_counted(&service, "globex").await, 20);
 }

@@ -47,6 +47,7 @@ test_with_all_stores! {
     a_feature_that_commits_at_check_never_holds,
     racing_commits_count_exactly_up_to_the_cap,
     a_streams_slice_is_checked_like_a_call_but_takes_no_second_slot,
+    a_streams_first_hold_settles_up_to_its_budget_where_a_call_is_capped,
 }
 
 test_with_all_store_factories! {
@@ -1162,4 +1163,67 @@ limits:
     h.release(s1.hold_id.as_ref().unwrap());
     assert_eq!(h.counted("acme", "acme", "org-day"), 650);
     assert_eq!(h.counted("acme", "u1", "user-slots"), 0);
+}
+
+/// The first hold of a stream held in slices settles the whole stream: its settlement ceiling
+/// is what the declared budget may report (`Engine::start_stream`), where a call's is ten
+/// times what it held (no `model` dimension here). A long stream is charged its usage, not
+/// the first slice's ceiling.
+fn a_streams_first_hold_settles_up_to_its_budget_where_a_call_is_capped(store: Store) {
+    let limits = r#"
+limits:
+  - { id: org-day, entity: acme, feature: tokens, kind: quota, limit: 100000, period: P1D }
+"#;
+    let h = harness(&tree_with(limits), store, "2026-03-10T10:00:00Z");
+    let dimensions = dims(&[("userId", "u1")]);
+    let req = CheckRequest {
+        deadline: None,
+        customer: "acme",
+        feature: "tokens",
+        usage: Usage::units(100),
+        dimensions: &dimensions,
+        dry_run: false,
+        commit: false,
+    };
+    let stream = h.run(h.engine.start_stream(&req, 4_000)).unwrap();
+    let call = h.run(h.engine.check(&req)).unwrap();
+    assert!(stream.granted && call.granted);
+    assert_eq!(h.counted("acme", "acme", "org-day"), 200);
+    // 3,000 used: the stream settles at it; the call's 100 allow at most 1,000.
+    let settled = h.run(
+        h.engine
+            .settle(stream.hold_id.as_ref().unwrap(), Usage::units(3_000)),
+    );
+    assert_eq!(settled, Ok(CloseOutcome::Closed));
+    let capped = h.run(
+        h.engine
+            .settle(call.hold_id.as_ref().unwrap(), Usage::units(3_000)),
+    );
+    assert!(
+        matches!(
+            capped,
+            Err(DecisionError::Store(StoreError::SettleTooLarge {
+                max: 1_000,
+                ..
+            }))
+        ),
+        "{capped:?}"
+    );
+    assert_eq!(h.counted("acme", "acme", "org-day"), 3_000 + 100);
+    // Past the budget's own ceiling (ten times 4,000), the stream is refused too.
+    let again = h.run(h.engine.start_stream(&req, 4_000)).unwrap();
+    let over = h.run(
+        h.engine
+            .settle(again.hold_id.as_ref().unwrap(), Usage::units(40_001)),
+    );
+    assert!(
+        matches!(
+            over,
+            Err(DecisionError::Store(StoreError::SettleTooLarge {
+                max: 40_000,
+                ..
+            }))
+        ),
+        "{over:?}"
+    );
 }

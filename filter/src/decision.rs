@@ -16,8 +16,8 @@ pub const AUTHZ_METHOD: &str = "Check";
 
 pub use tollgate_proto::ext_authz::HEADER_UNCHECKED;
 use tollgate_proto::ext_authz::{
-    HEADER_HOLD_ID, KEY_CUSTOMER, KEY_DEADLINE, KEY_DIMENSION_PREFIX, KEY_EXTENDS, KEY_FEATURE,
-    KEY_USAGE, METADATA_HOLD_ID,
+    HEADER_HOLD_ID, KEY_BUDGET, KEY_CUSTOMER, KEY_DEADLINE, KEY_DIMENSION_PREFIX, KEY_EXTENDS,
+    KEY_FEATURE, KEY_USAGE, METADATA_HOLD_ID,
 };
 
 /// Request facts sent along for the sidecar's logs.
@@ -41,20 +41,38 @@ pub fn deadline_millis(now_millis: u64, timeout: std::time::Duration) -> u64 {
 /// The ext_authz `CheckRequest` for one request, encoded. `deadline` (ms since the epoch) tells
 /// the sidecar when the filter stops waiting.
 pub fn check_request(x: &Extracted, info: &RequestInfo, deadline: Option<u64>) -> Vec<u8> {
-    check_request_extending(x, info, deadline, None)
+    check_request_for(x, info, deadline, Part::Call)
 }
 
-/// [`check_request`] for the next slice of a streamed call: `x.usage` is the slice, and
-/// `extends` the call's first hold id (`tollgate.extends`).
-pub fn check_request_extending(
+/// What part of a call a check asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part<'a> {
+    /// The whole call.
+    Call,
+    /// The first hold of a call streamed in slices, which may grow to `budget` units
+    /// (`tollgate.budget`: its settlement ceiling covers the whole stream).
+    StreamStart { budget: u64 },
+    /// A streamed call's next slice: `x.usage` is the slice, `extends` the call's first hold
+    /// id (`tollgate.extends`).
+    Slice { extends: &'a str },
+}
+
+/// [`check_request`] for a `part` of a streamed call.
+pub fn check_request_for(
     x: &Extracted,
     info: &RequestInfo,
     deadline: Option<u64>,
-    extends: Option<&str>,
+    part: Part<'_>,
 ) -> Vec<u8> {
     let mut ext = std::collections::HashMap::with_capacity(5 + x.dimensions.len());
-    if let Some(h) = extends {
-        ext.insert(KEY_EXTENDS.to_string(), h.to_string());
+    match part {
+        Part::Call => {}
+        Part::StreamStart { budget } => {
+            ext.insert(KEY_BUDGET.to_string(), budget.to_string());
+        }
+        Part::Slice { extends } => {
+            ext.insert(KEY_EXTENDS.to_string(), extends.to_string());
+        }
     }
     if let Some(d) = deadline {
         ext.insert(KEY_DEADLINE.to_string(), d.to_string());
@@ -461,6 +479,24 @@ mod tests {
         );
         assert_eq!(deadline_millis(1_000, Duration::from_millis(100)), 1_075);
         assert_eq!(a.request.unwrap().http.unwrap().method, "POST");
+        assert!(!a.context_extensions.contains_key("tollgate.budget"));
+        assert!(!a.context_extensions.contains_key("tollgate.extends"));
+        // A stream's first hold carries its budget; a slice, the hold it extends.
+        let ext = |part| {
+            wire::CheckRequest::decode(check_request_for(&x, &info, None, part).as_slice())
+                .unwrap()
+                .attributes
+                .unwrap()
+                .context_extensions
+        };
+        let start = ext(Part::StreamStart { budget: 4_096 });
+        assert_eq!(start["tollgate.budget"], "4096");
+        assert!(!start.contains_key("tollgate.extends"));
+        let slice = ext(Part::Slice {
+            extends: "acme:7:ab",
+        });
+        assert_eq!(slice["tollgate.extends"], "acme:7:ab");
+        assert!(!slice.contains_key("tollgate.budget"));
     }
 
     #[test]

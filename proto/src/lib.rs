@@ -42,6 +42,10 @@ pub mod ext_authz {
     /// same atomic check of every level, without another concurrency slot or request count,
     /// and without a usage record of its own (the call's first hold records the whole).
     pub const KEY_EXTENDS: &str = "tollgate.extends";
+    /// A streamed call's declared budget (what a non-streamed call would hold), on its first
+    /// hold when it is held in slices: that hold settles the whole stream, so its settlement
+    /// ceiling covers the budget rather than ten times the first slice.
+    pub const KEY_BUDGET: &str = "tollgate.budget";
     /// Followed by the dimension name: `tollgate.dim.teamId`.
     pub const KEY_DIMENSION_PREFIX: &str = "tollgate.dim.";
 

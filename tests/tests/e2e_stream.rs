@@ -482,3 +482,28 @@ async fn on_the_bounded_allowance_a_stream_outlives_its_sidecar_by_the_allowance
         "{delivered} delivered with {held} covered"
     );
 }
+
+/// A stream held in slices settles its whole usage on its first hold, whose ceiling without a
+/// `model` dimension would be ten times that first hold (64 tokens and the prompt): the filter
+/// declares the stream's budget with it (`tollgate.budget`), so a stream of 1,000 tokens is
+/// charged 1,000 tokens, not the first hold's ceiling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_stream_without_a_model_dimension_is_charged_its_whole_usage() {
+    const MODEL: &str = r#",
+                                "model": { "body": "/model" }"#;
+    let s = Stack::start_with("wasm-filter.yaml", |c| {
+        assert!(c.contains(MODEL), "the WASM config changed shape");
+        sliced(c.replace(MODEL, ""))
+    });
+    let (status, delivered, cut) = stream_chat(&s, &INITECH, 1000).await;
+    assert_eq!((status, delivered, cut), (200, 1000, false));
+    s.holds_closed().await;
+    // 1,000 output tokens and 1 prompt token (the mock's count), recorded and counted once.
+    assert_eq!(recorded(&s, "initech").await, 1001);
+    let m = s.sidecar_metrics().await;
+    assert_eq!(
+        m.sum("tollgate_settles_capped_total", &[]),
+        0.0,
+        "a settlement was charged a ceiling instead of its usage"
+    );
+}

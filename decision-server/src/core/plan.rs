@@ -413,13 +413,7 @@ impl Model {
                 counters.push(self.planned(level, node.entity, limit, rule, &req));
             }
         }
-        let max_settle = self
-            .features
-            .get(feature)
-            .and_then(|f| f.max_settle)
-            .unwrap_or_else(|| self.default_settle_bound(&usage, dimensions, now))
-            // Exact in a double (Redis scripts count in Lua numbers); far above any real usage.
-            .min(MAX_EXACT);
+        let max_settle = self.settle_bound(feature, &usage, dimensions, now);
         let series = self.series_draft(feature, &chain, dimensions);
         Ok(Planned::Ready(Plan {
             customer: customer.id,
@@ -549,6 +543,23 @@ impl Model {
             }),
             None => Ok(()),
         }
+    }
+
+    /// How much a settlement of a hold of `usage` of feature `feature` may report: the
+    /// feature's `maxSettleUsage`, else the default bound below.
+    pub fn settle_bound(
+        &self,
+        feature: usize,
+        usage: &Usage,
+        dimensions: &HashMap<String, String>,
+        now: Timestamp,
+    ) -> u64 {
+        self.features
+            .get(feature)
+            .and_then(|f| f.max_settle)
+            .unwrap_or_else(|| self.default_settle_bound(usage, dimensions, now))
+            // Exact in a double (Redis scripts count in Lua numbers); far above any real usage.
+            .min(MAX_EXACT)
     }
 
     /// How much a settlement may report when the feature sets no `maxSettleUsage`: ten times

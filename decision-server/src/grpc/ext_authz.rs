@@ -30,8 +30,9 @@ use crate::service::Service;
 pub const METADATA_HELD: &str = "heldUsage";
 
 pub use tollgate_proto::ext_authz::{
-    HEADER_HOLD_ID, HEADER_NO_LIMIT, HEADER_REMAINING, HEADER_UNCHECKED, KEY_COMMIT, KEY_CUSTOMER,
-    KEY_DEADLINE, KEY_DIMENSION_PREFIX, KEY_EXTENDS, KEY_FEATURE, KEY_USAGE, METADATA_HOLD_ID,
+    HEADER_HOLD_ID, HEADER_NO_LIMIT, HEADER_REMAINING, HEADER_UNCHECKED, KEY_BUDGET, KEY_COMMIT,
+    KEY_CUSTOMER, KEY_DEADLINE, KEY_DIMENSION_PREFIX, KEY_EXTENDS, KEY_FEATURE, KEY_USAGE,
+    METADATA_HOLD_ID,
 };
 
 /// What the ext_authz request asks, after extraction.
@@ -47,6 +48,9 @@ pub struct Extracted {
     pub commit: bool,
     /// `tollgate.extends`: the streamed call whose hold this check extends by `usage`.
     pub extends: Option<crate::core::HoldId>,
+    /// `tollgate.budget`: this is the first hold of a call streamed in slices that may grow
+    /// to this many units.
+    pub budget: Option<u64>,
 }
 
 /// What an ext_authz request offers besides its context extensions: its headers, and the
@@ -182,6 +186,23 @@ pub fn extract<'a>(
             Some(hold)
         }
     };
+    let budget = match extensions.get(KEY_BUDGET) {
+        None => None,
+        Some(text) => {
+            let budget = text.trim().parse::<u64>().map_err(|_| {
+                format!(
+                    "context extension `{KEY_BUDGET}` is `{}`; a whole number of units expected",
+                    text.chars().take(32).collect::<String>()
+                )
+            })?;
+            if extends.is_some() || commit {
+                return Err(format!(
+                    "`{KEY_BUDGET}` is for a stream's first hold: not with `{KEY_EXTENDS}` or `{KEY_COMMIT}`"
+                ));
+            }
+            Some(budget)
+        }
+    };
     Ok(Extracted {
         customer: customer.to_string(),
         feature: feature.to_string(),
@@ -190,6 +211,7 @@ pub fn extract<'a>(
         deadline,
         commit,
         extends,
+        budget,
     })
 }
 
@@ -552,6 +574,13 @@ impl Authorization for ExtAuthzService {
                 "`{KEY_EXTENDS}` is for the gateway's streams: a customer's API key cannot extend holds"
             )));
         }
+        // The settlement ceiling guards a customer against absurd reports; only the gateway
+        // that counts the stream may widen it to the stream's budget.
+        if input.budget.is_some() && matches!(principal, Principal::Customer(..)) {
+            return Err(Status::permission_denied(format!(
+                "`{KEY_BUDGET}` is for the gateway's streams: a customer's API key cannot set a hold's ceiling"
+            )));
+        }
         let check = Check {
             deadline: input.deadline,
             customer: &input.customer,
@@ -561,10 +590,14 @@ impl Authorization for ExtAuthzService {
             dry_run: false,
             commit: input.commit,
         };
-        let decided = if input.extends.is_some() {
-            self.service.extend(Api::ExtAuthz, &check).await
-        } else {
-            self.service.check(Api::ExtAuthz, &check).await
+        let decided = match (&input.extends, input.budget) {
+            (Some(_), _) => self.service.extend(Api::ExtAuthz, &check).await,
+            (None, Some(budget)) => {
+                self.service
+                    .start_stream(Api::ExtAuthz, &check, budget)
+                    .await
+            }
+            (None, None) => self.service.check(Api::ExtAuthz, &check).await,
         };
         match decided {
             Ok(d) => {

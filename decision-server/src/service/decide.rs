@@ -2,6 +2,7 @@
 //! in the metrics by interface and outcome and announced to usage watchers.
 
 use super::*;
+use crate::engine::Purpose;
 
 /// One close of a batch: the hold, the usage to settle at (`None` releases it) and, for a
 /// streamed call the gateway stepped into, how it ended.
@@ -112,7 +113,19 @@ impl Service {
 
     /// A decision, counted in metrics by `api` and outcome, and streamed to watchers.
     pub async fn check(&self, api: Api, req: &CheckRequest<'_>) -> Result<Decision, DecisionError> {
-        self.decide(api, req, false).await
+        self.decide(api, req, Purpose::Call).await
+    }
+
+    /// The first hold of a call streamed in slices (see
+    /// [`crate::engine::Engine::start_stream`]): decided, counted, alerted and streamed as a
+    /// check is.
+    pub async fn start_stream(
+        &self,
+        api: Api,
+        req: &CheckRequest<'_>,
+        budget: u64,
+    ) -> Result<Decision, DecisionError> {
+        self.decide(api, req, Purpose::StreamStart { budget }).await
     }
 
     /// A streamed call's next slice (see [`crate::engine::Engine::extend`]): decided, counted,
@@ -122,19 +135,19 @@ impl Service {
         api: Api,
         req: &CheckRequest<'_>,
     ) -> Result<Decision, DecisionError> {
-        self.decide(api, req, true).await
+        self.decide(api, req, Purpose::Slice).await
     }
 
     async fn decide(
         &self,
         api: Api,
         req: &CheckRequest<'_>,
-        extension: bool,
+        purpose: Purpose,
     ) -> Result<Decision, DecisionError> {
         let started = Instant::now();
+        let extension = purpose == Purpose::Slice;
         let result = match bounded_dimensions(req.dimensions, &self.settings().limits) {
-            Ok(()) if extension => self.engine.extend(req).await,
-            Ok(()) => self.engine.check(req).await,
+            Ok(()) => self.engine.decide(req, purpose).await,
             Err(e) => Err(e.into()),
         };
         let outcome = match &result {

@@ -286,7 +286,13 @@ impl Http {
             self.slicing = Some((x.clone(), info.clone()));
         }
         let timeout = e.timeout;
-        let message = decision::check_request(&x, &info, deadline_for(timeout));
+        let part = match streaming {
+            // Its first hold settles the whole stream: the sidecar bounds that settlement by
+            // what the call may use, not by ten times the first slice.
+            Some(_) => decision::Part::StreamStart { budget: worst },
+            None => decision::Part::Call,
+        };
+        let message = decision::check_request_for(&x, &info, deadline_for(timeout), part);
         if e.fail_mode == crate::config::FailMode::Bounded
             && let (Some(customer), Some(feature)) = (&x.customer, &x.feature)
         {
@@ -519,8 +525,14 @@ impl Http {
         let mut x = base.clone();
         x.usage = Some(units);
         let timeout = self.effective().timeout;
-        let message =
-            decision::check_request_extending(&x, info, deadline_for(timeout), Some(t.hold_id()));
+        let message = decision::check_request_for(
+            &x,
+            info,
+            deadline_for(timeout),
+            decision::Part::Slice {
+                extends: t.hold_id(),
+            },
+        );
         match self.dispatch_check(&message, timeout) {
             Ok(token) => {
                 self.slice_call = Some((token, units));
