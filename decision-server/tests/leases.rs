@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::{RedisCluster, RedisServer, dims, model, redis_store_prefixed, runtime};
 use tollgate::clock::{Clock, SystemClock};
 use tollgate::core::lease::LeaseTerms;
-use tollgate::core::rollup::{Granularity, Measures, ScanNeeds};
+use tollgate::core::rollup::{Granularity, Measures, RecordKind, ScanNeeds};
 use tollgate::core::usage::Usage;
 use tollgate::core::{Name, Timestamp};
 use tollgate::store::{CounterStore, LeasedStore, RedisTarget};
@@ -350,6 +350,7 @@ fn is_local(hold: &tollgate::core::HoldId) -> bool {
 /// nothing), and the counter ends at exactly what was settled once both have swept.
 async fn closes_through_another_replica(stores: Vec<Arc<dyn CounterStore>>) {
     use tollgate::store::CloseOutcome;
+    let store = Arc::clone(&stores[0]);
     let replicas = replicas(stores, 1_000_000).await;
     let (a, b) = (&replicas[0].engine, &replicas[1].engine);
     let d = dims(&[("userId", "u1")]);
@@ -388,10 +389,31 @@ async fn closes_through_another_replica(stores: Vec<Arc<dyn CounterStore>>) {
     let over = check(100).await;
     let released = check(100).await;
     assert!(is_local(&over) && is_local(&released));
+    // A streamed call's slice, decided inside a slice too: released through b, it makes no
+    // record (the call's first hold records the whole).
+    let slice = a
+        .extend(&CheckRequest {
+            customer: "acme",
+            feature: "tokens",
+            usage: Usage::units(100),
+            dimensions: &d,
+            dry_run: false,
+            deadline: None,
+            commit: false,
+        })
+        .await
+        .unwrap()
+        .hold_id
+        .unwrap();
+    assert!(is_local(&slice));
+    b.release(&slice).await.unwrap();
 
-    // Settled through b, at less than held; a repeat through b is already closed.
+    // Settled through b, at less than held, as a stream cut by the cap (the end travels with
+    // the posted close); a repeat through b is already closed.
+    let cut = a.stream_end("acme", true, "cap");
+    assert!(cut.is_some());
     assert_eq!(
-        b.settle(&hold, Usage::units(10)).await.unwrap(),
+        b.settle_ended(&hold, Usage::units(10), cut).await.unwrap(),
         CloseOutcome::Closed
     );
     assert_eq!(
@@ -420,6 +442,30 @@ async fn closes_through_another_replica(stores: Vec<Arc<dyn CounterStore>>) {
     assert_eq!(counted, Some(settled), "settled {settled}");
     let user = a.counted("acme", "u1", "user-day", None).await.unwrap();
     assert_eq!(user, Some(settled));
+    // One record per call: the warm-up's, the three above (one released), none for the slice;
+    // the cut one says so.
+    let acme = tollgate::core::Name::from("acme");
+    let page = store
+        .usage()
+        .read_events(Some(acme), None, 1_000)
+        .await
+        .unwrap();
+    let records: Vec<_> = page
+        .events
+        .iter()
+        .filter_map(|e| match &*e.body {
+            tollgate::store::events::EventBody::Record(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    let kinds = |k: RecordKind| records.iter().filter(|r| r.kind == k).count();
+    assert_eq!(kinds(RecordKind::Released), 1, "{records:#?}");
+    assert_eq!(kinds(RecordKind::Settled), warm + 2, "{records:#?}");
+    let cut_by: Vec<_> = records
+        .iter()
+        .filter_map(|r| r.series.get(tollgate::core::usage::CUT_BY))
+        .collect();
+    assert_eq!(cut_by, ["cap"]);
 }
 
 #[test]

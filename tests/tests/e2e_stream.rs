@@ -15,12 +15,11 @@ use support::{INITECH, RESEARCH_CAP, Stack, caller, initech_ops, run_sdk};
 /// The shipped WASM config with streams held in slices: 64 output tokens first, 64 more per
 /// slice, asked for when fewer than 32 held ones are left.
 fn sliced(config: String) -> String {
-    const SETTLEMENT: &str = r#""settlement": { "onMissingUsage": "estimate", "timeoutMs": 1000 }"#;
-    assert!(config.contains(SETTLEMENT), "the WASM config changed shape");
-    config.replace(
-        SETTLEMENT,
-        r#""settlement": { "onMissingUsage": "estimate", "timeoutMs": 1000, "streaming": { "mode": "extend", "firstSlice": 64, "slice": 64, "askAhead": 32 } }"#,
+    tollgate_testkit::with_streaming(
+        &config,
+        r#"{ "mode": "extend", "firstSlice": 64, "slice": 64, "askAhead": 32 }"#,
     )
+    .unwrap()
 }
 
 fn start() -> Stack {
@@ -260,7 +259,7 @@ async fn recorded(s: &Stack, customer: &str) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slices_across_two_replicas_on_redis_with_leases_survive_one_killed_mid_stream_and_count_once()
+async fn slices_across_two_replicas_on_redis_with_leases_survive_one_killed_mid_stream_and_never_count_twice()
  {
     let redis = tollgate_testkit::RedisServer::start();
     let sidecar = support::sidecar_with(&format!(
@@ -306,28 +305,46 @@ async fn slices_across_two_replicas_on_redis_with_leases_survive_one_killed_mid_
         assert!(!cut, "a stream was cut though the cap is far");
         assert_eq!(*delivered, 400, "a stream did not run to its end");
     }
-    // Each call's usage is recorded once, by its first hold, whichever replica closed it:
-    // 400 output tokens and 1 prompt token each (the mock's count). (Read from the records:
-    // a replica's open-holds gauge learns of closes made on another one only at its next
-    // lease sync.)
+    // Each call's usage is recorded at most once, by its first hold, whichever replica closed
+    // it, at the 401 tokens it used (400 output, 1 prompt: the mock's count). The exception is
+    // the documented bound of a dead replica: a call whose first hold was a local lease hold
+    // of the killed replica has its close posted for that replica, which never applies it; the
+    // hold counts at its slice's size when the slice expires, and no record is made
+    // (decision-server/docs/leases.md, "A replica that dies"). Whether the killed replica had
+    // taken a lease by then depends on the machine's pace. (Read from the records: a replica's
+    // open-holds gauge learns of closes made on another one only at its next lease sync.)
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let units = recorded(&s, "initech").await;
-        if units == 8 * 401 {
-            break;
+    let mut last = (0, 0);
+    let mut steady = 0;
+    let (units, calls) = loop {
+        let now = top_by(&s, "initech", "featureId")
+            .await
+            .values()
+            .fold((0, 0), |(u, c), (units, calls)| (u + units, c + calls));
+        steady = if now == last { steady + 1 } else { 0 };
+        last = now;
+        if now.1 >= 8 || steady >= 20 || std::time::Instant::now() > deadline {
+            break now;
         }
-        assert!(
-            std::time::Instant::now() < deadline && units < 8 * 401,
-            "recorded {units}, the streams used {}",
-            8 * 401
-        );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    };
+    assert!(
+        (1..=8).contains(&calls),
+        "{calls} calls recorded for 8 streams"
+    );
+    assert_eq!(
+        units,
+        401 * calls,
+        "a call was recorded at other than its usage, or twice"
+    );
     let extended = s.envoy.filter_stat("stream_extended").unwrap();
     let unreachable = s.envoy.filter_stat("stream_unreachable").unwrap();
+    // Every stream outgrows its first slice, so each asked at least once; one that could not
+    // reach a replica stops asking (and runs on), so at most one unreachable slice each. How
+    // many were granted before the kill depends on the machine's pace.
     assert!(
-        extended >= 8,
-        "{extended} slices for 8 streams of 400 tokens"
+        extended >= 1 && extended + unreachable >= 8 && unreachable <= 8,
+        "{extended} slices granted and {unreachable} unreachable for 8 streams of 400 tokens"
     );
     // Each stream that lost a slice to the killed replica ran on, and its record says so
     // (whichever replica settled it, its first hold in a lease or in Redis).
@@ -336,7 +353,14 @@ async fn slices_across_two_replicas_on_redis_with_leases_survive_one_killed_mid_
         .get("sidecar-unreachable")
         .copied()
         .unwrap_or((0, 0));
-    assert_eq!(past, (unreachable * 401, unreachable), "{ran_past:?}");
+    assert!(
+        past.0 == 401 * past.1 && past.1 <= unreachable,
+        "{ran_past:?} for {unreachable} unreachable slices"
+    );
+    if calls == 8 {
+        // Nothing stranded on the killed replica: every stream that lost a slice says so.
+        assert_eq!(past.1, unreachable, "{ran_past:?}");
+    }
     assert_eq!(
         top_by(&s, "initech", "cutBy")
             .await
@@ -346,7 +370,7 @@ async fn slices_across_two_replicas_on_redis_with_leases_survive_one_killed_mid_
         "nothing was cut"
     );
     eprintln!(
-        "two replicas, one killed: {extended} slices granted, {unreachable} could not reach a replica"
+        "two replicas, one killed: {extended} slices granted, {unreachable} could not reach a replica, {calls} of 8 calls recorded"
     );
 }
 

@@ -895,18 +895,14 @@ async fn stream_cut(
         &format!("kind: quota, limit: {quota}, period: P1D"),
     );
     let sidecar = Sidecar::start(&sidecar_config)?;
-    const SETTLEMENT: &str = r#""settlement": { "onMissingUsage": "estimate", "timeoutMs": 1000 }"#;
     let envoy_cfg = envoy_config("wasm-filter.yaml", sidecar.ext_authz_port()?, mock.port()?)?;
-    if !envoy_cfg.contains(SETTLEMENT) {
-        bail!("the WASM config changed shape");
-    }
-    let envoy = Envoy::start(&envoy_cfg.replace(
-        SETTLEMENT,
+    let envoy = Envoy::start(&tollgate_testkit::with_streaming(
+        &envoy_cfg,
         &format!(
-            r#""settlement": {{ "onMissingUsage": "estimate", "timeoutMs": 1000, "streaming": {{ "mode": "extend", "firstSlice": {slice}, "slice": {slice}, "askAhead": {} }} }}"#,
+            r#"{{ "mode": "extend", "firstSlice": {slice}, "slice": {slice}, "askAhead": {} }}"#,
             slice / 2
         ),
-    ))?;
+    )?)?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
         .build()?;

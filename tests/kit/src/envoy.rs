@@ -250,6 +250,23 @@ pub fn envoy_config(file: &str, sidecar_port: u16, upstream_port: u16) -> anyhow
     )
 }
 
+/// A rendered `wasm-filter.yaml` with pay as you stream on: its filter settlement given
+/// `streaming` (the JSON object of `settlement.streaming`, such as `{ "mode": "extend",
+/// "firstSlice": 64, "slice": 64, "askAhead": 32 }`). Fails if the config changed shape.
+pub fn with_streaming(config: &str, streaming: &str) -> anyhow::Result<String> {
+    const SETTLEMENT: &str = r#""settlement": { "onMissingUsage": "estimate", "timeoutMs": 1000 }"#;
+    anyhow::ensure!(
+        config.contains(SETTLEMENT),
+        "the WASM config's settlement changed shape"
+    );
+    Ok(config.replace(
+        SETTLEMENT,
+        &format!(
+            r#""settlement": {{ "onMissingUsage": "estimate", "timeoutMs": 1000, "streaming": {streaming} }}"#
+        ),
+    ))
+}
+
 /// Where a provider config (`envoy/openai-provider.yaml`, `envoy/anthropic-provider.yaml`)
 /// sends calls: the provider's name (SNI, `Host`, the certificate's name), its address and
 /// port, and the CA file that verifies it.

@@ -17,6 +17,7 @@ pub use credentials::{
 };
 pub use envoy::{
     Envoy, ProviderTarget, envoy_binary, envoy_config, provider_config, render, wasm_module,
+    with_streaming,
 };
 pub use fixtures::{ORG_TEAM_USER, sha256_hex};
 pub use metrics::Metrics;

@@ -1,7 +1,8 @@
 //! The demo: real Envoy with Tollgate's WASM filter, the sidecar on the example config and a
 //! mock OpenAI upstream, all on loopback ports the OS picks. It sends requests for two teams of
 //! one customer until a team cap denies (and the budget alerts reach an ops webhook receiver,
-//! signed), shows a hold settled down to the true usage, where
+//! signed), shows a hold settled down to the true usage and a stream held slice by slice and
+//! cut when its team's budget runs out, where
 //! the tokens went (the usage API the portal reads) and the portal's address (waiting for
 //! Enter when it runs in a terminal, so the portal can be opened), then stops the sidecar and
 //! shows a fail-closed and a fail-open request, and ends with the next step. Everything it
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use tollgate_testkit::{
-    Envoy, MockLlm, Sidecar, bearer_for, envoy_config, gateway_token_config, root,
+    Envoy, MockLlm, Sidecar, bearer_for, envoy_config, gateway_token_config, root, with_streaming,
 };
 
 const OPERATOR: &str = "demo-operator-token";
@@ -141,10 +142,11 @@ impl Demo {
             "  tollgate sidecar         ext_authz {}  http {}",
             sidecar.ext_authz, sidecar.http
         );
-        let envoy = Envoy::start(&envoy_config(
-            "wasm-filter.yaml",
-            sidecar.ext_authz_port()?,
-            mock.port()?,
+        // Pay as you stream on: a streamed call holds its prompt and 128 output tokens, then
+        // 256 more at a time, asked for when fewer than 128 held ones are left.
+        let envoy = Envoy::start(&with_streaming(
+            &envoy_config("wasm-filter.yaml", sidecar.ext_authz_port()?, mock.port()?)?,
+            r#"{ "mode": "extend", "firstSlice": 128, "slice": 256, "askAhead": 128 }"#,
         )?)?;
         println!(
             "  envoy + WASM filter      {}  (admin {})",
@@ -169,6 +171,20 @@ impl Demo {
         max_tokens: u64,
         stream: bool,
     ) -> anyhow::Result<(u16, reqwest::header::HeaderMap, String)> {
+        self.chat_with(path, team, user, max_tokens, stream, &[])
+            .await
+    }
+
+    /// [`Demo::chat`] with more request headers (the mock upstream's `x-mock-*` knobs).
+    async fn chat_with(
+        &self,
+        path: &str,
+        team: &str,
+        user: &str,
+        max_tokens: u64,
+        stream: bool,
+        extra: &[(&str, &str)],
+    ) -> anyhow::Result<(u16, reqwest::header::HeaderMap, String)> {
         let mut body = json!({
             "model": "gpt-4o-mini",
             "max_tokens": max_tokens,
@@ -178,19 +194,33 @@ impl Demo {
             body["stream"] = json!(true);
             body["stream_options"] = json!({"include_usage": true});
         }
-        let r = self
+        let mut req = self
             .http
             .post(format!("{}{path}", self.envoy.url))
             .header("content-type", "application/json")
             .header("x-team-id", team)
-            .header("authorization", jwt(user))
+            .header("authorization", jwt(user));
+        for (k, v) in extra {
+            req = req.header(*k, *v);
+        }
+        if stream {
+            // A long stream paced by the mock runs for seconds, more on a loaded machine.
+            req = req.timeout(Duration::from_secs(60));
+        }
+        let r = req
             .body(body.to_string())
             .send()
             .await
             .context("the request through Envoy failed")?;
         let status = r.status().as_u16();
         let headers = r.headers().clone();
-        Ok((status, headers, r.text().await?))
+        // A stream cut mid-way ends with a reset after its error event: what arrived counts.
+        let mut text = Vec::new();
+        let mut r = r;
+        while let Ok(Some(chunk)) = r.chunk().await {
+            text.extend_from_slice(&chunk);
+        }
+        Ok((status, headers, String::from_utf8_lossy(&text).into_owned()))
     }
 
     async fn team_usage(&self, team: &str, limit: &str) -> anyhow::Result<u64> {
@@ -224,6 +254,73 @@ impl Demo {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// A stream longer than what sales has left: extended slice by slice while it runs, then
+    /// cut in OpenAI's streaming error shape when a slice is refused; charged what it
+    /// delivered, and its usage record says it was cut and by which limit.
+    async fn cut_stream(&self) -> anyhow::Result<()> {
+        let before = self.team_usage("sales", "sales-daily-tokens").await?;
+        println!(
+            "\n   A long stream for sales (max_tokens 8,000; the model would write 6,000 tokens) with\n   {} of its 5,000 left:",
+            5_000u64.saturating_sub(before)
+        );
+        let (status, _, text) = self
+            .chat_with(
+                "/v1/chat/completions",
+                "sales",
+                "bob",
+                8_000,
+                true,
+                &[("x-mock-output-tokens", "6000"), ("x-mock-pace-ms", "1")],
+            )
+            .await?;
+        if status != 200 {
+            bail!("the long stream was not admitted ({status}): {text}");
+        }
+        let delivered = text.matches("tok ").count();
+        let error = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .find_map(|v| v["error"]["message"].as_str().map(str::to_string))
+            .context("the stream was not ended with an error event")?;
+        println!(
+            "   admitted on its first slice, extended {} times while it ran, cut after {delivered} tokens:",
+            self.envoy.filter_stat("stream_extended").unwrap_or(0)
+        );
+        println!("   data: {{\"error\": {{\"message\": \"{error}\", ...}}}}  then data: [DONE]");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let cut_by = loop {
+            let v: Value = self
+                .http
+                .get(format!(
+                    "http://{}/v1/customers/acme/usage/top?by=cutBy",
+                    self.sidecar.http
+                ))
+                .bearer_auth(OPERATOR)
+                .send()
+                .await?
+                .json()
+                .await?;
+            let row = v["rows"]
+                .as_array()
+                .and_then(|rows| rows.iter().find(|r| r["value"].is_string()))
+                .cloned();
+            match row {
+                Some(row) => break row,
+                None if Instant::now() > deadline => bail!("no record of the cut: {v}"),
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let after = self.team_usage("sales", "sales-daily-tokens").await?;
+        println!(
+            "   sales counter now {after} (+{}); its usage record: cutBy {} ({} tokens)",
+            after.saturating_sub(before),
+            cut_by["value"].as_str().unwrap_or("?"),
+            cut_by["units"]
+        );
+        Ok(())
     }
 
     /// The alerts research's spending set off, as the ops receiver got them: signed, once
@@ -373,7 +470,9 @@ impl Demo {
         }
         self.alerts().await?;
 
-        println!("\n2. A settled hold: a streamed call for sales holds 500 tokens, then settles.");
+        println!(
+            "\n2. A settled hold: a streamed call for sales (max_tokens 500) holds its prompt and a\n   first slice of 128 tokens, asks for more while it runs, then settles."
+        );
         let before = self.team_usage("sales", "sales-daily-tokens").await?;
         let (status, _, text) = self
             .chat("/v1/chat/completions", "sales", "bob", 500, true)
@@ -392,7 +491,7 @@ impl Demo {
             .usage_becomes("sales", "sales-daily-tokens", before + reported)
             .await?;
         println!(
-            "   sales counter before {before}, the call held its max_tokens (500) and its prompt while it ran,"
+            "   sales counter before {before}, the call held its prompt and 128 tokens while it ran,"
         );
         println!(
             "   the stream's final chunk reported {reported} tokens: counter now {after} (+{})",
@@ -401,6 +500,7 @@ impl Demo {
         if after != before + reported {
             bail!("the hold did not settle to the true usage");
         }
+        self.cut_stream().await?;
 
         self.history().await?;
 

@@ -113,6 +113,9 @@ pub(super) struct LocalHold {
     pub(super) series: SeriesDraft,
     pub(super) usage: Usage,
     pub(super) max_settle: u64,
+    /// Whether its close or expiry makes a usage record (`Plan::record`: not for a stream's
+    /// slice, whose call's first hold records the whole).
+    pub(super) record: bool,
 }
 
 /// One customer's leases, local holds and unwritten records.
@@ -189,7 +192,7 @@ impl Book {
                 g.lease.settle(p.held, p.held);
             }
         }
-        if h.store.is_none() {
+        if h.store.is_none() && h.record {
             self.push_record(expired_record(h, at), dropped);
         }
     }

@@ -105,6 +105,7 @@ impl Shared {
                     series: plan.series.clone(),
                     usage: plan.usage,
                     max_settle: plan.max_settle,
+                    record: plan.record,
                 },
             );
         }

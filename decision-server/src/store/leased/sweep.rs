@@ -373,7 +373,7 @@ impl LeasedStore {
                 return Ok(CloseOutcome::AlreadyClosed);
             };
             let over = b.close_parts(&h.parts, actual);
-            if h.store.is_none() {
+            if h.store.is_none() && h.record {
                 let (kind, measures) = match actual {
                     Some(u) => (RecordKind::Settled, Measures::of_call(u.units, u.tokens, 0)),
                     None => (RecordKind::Released, Measures::of_call(0, None, 0)),
