@@ -354,23 +354,21 @@ async fn closes_through_another_replica(stores: Vec<Arc<dyn CounterStore>>) {
     let replicas = replicas(stores, 1_000_000).await;
     let (a, b) = (&replicas[0].engine, &replicas[1].engine);
     let d = dims(&[("userId", "u1")]);
+    let req = CheckRequest {
+        customer: "acme",
+        feature: "tokens",
+        usage: Usage::units(100),
+        dimensions: &d,
+        dry_run: false,
+        deadline: None,
+        commit: false,
+    };
     let check = |units: u64| {
-        let d = &d;
-        async move {
-            a.check(&CheckRequest {
-                customer: "acme",
-                feature: "tokens",
-                usage: Usage::units(units),
-                dimensions: d,
-                dry_run: false,
-                deadline: None,
-                commit: false,
-            })
-            .await
-            .unwrap()
-            .hold_id
-            .unwrap()
-        }
+        let req = CheckRequest {
+            usage: Usage::units(units),
+            ..req
+        };
+        async move { a.check(&req).await.unwrap().hold_id.unwrap() }
     };
     // Busy enough on replica a that its decisions are made inside slices.
     let mut settled = 0;
@@ -391,20 +389,7 @@ async fn closes_through_another_replica(stores: Vec<Arc<dyn CounterStore>>) {
     assert!(is_local(&over) && is_local(&released));
     // A streamed call's slice, decided inside a slice too: released through b, it makes no
     // record (the call's first hold records the whole).
-    let slice = a
-        .extend(&CheckRequest {
-            customer: "acme",
-            feature: "tokens",
-            usage: Usage::units(100),
-            dimensions: &d,
-            dry_run: false,
-            deadline: None,
-            commit: false,
-        })
-        .await
-        .unwrap()
-        .hold_id
-        .unwrap();
+    let slice = a.extend(&req).await.unwrap().hold_id.unwrap();
     assert!(is_local(&slice));
     b.release(&slice).await.unwrap();
 

@@ -49,6 +49,22 @@ fn copy_dir(rel: &str, to: &Path) {
     }
 }
 
+/// A directory holding a copy of the files the READMEs' commands name (`envoy/`,
+/// `decision-server/examples/`) and this checkout's build outputs (`target/`, `.tools/`)
+/// linked in; and the `tollgate` binary this test run built (the tests' profile), which the
+/// READMEs' `target/release/` stands for.
+fn workdir() -> (tempfile::TempDir, std::path::PathBuf) {
+    let bin = tollgate_testkit::proc::workspace_bin("tollgate", "TOLLGATE_BIN").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for rel in ["envoy", "decision-server/examples"] {
+        copy_dir(rel, dir.path());
+    }
+    for rel in ["target", ".tools"] {
+        std::os::unix::fs::symlink(root().join(rel), dir.path().join(rel)).unwrap();
+    }
+    (dir, bin)
+}
+
 /// Runs `script` with bash in `dir` (its own process group, stopped whole when it ends or
 /// after `limit`), with `envs` added: its exit status (`None` past the limit), stdout and
 /// stderr.
@@ -108,16 +124,8 @@ fn the_readmes_first_governed_call_runs_as_written() {
         .partition(|b| b.trim_start().starts_with("make "));
     assert_eq!(built.len(), 1, "one build step: {built:?}");
 
-    // The binaries this run built (the tests' profile), where the README says target/release.
-    let bin = tollgate_testkit::proc::workspace_bin("tollgate", "TOLLGATE_BIN").unwrap();
+    let (dir, bin) = workdir();
     let bin_dir = bin.parent().unwrap().display().to_string();
-    let dir = tempfile::tempdir().unwrap();
-    for rel in ["envoy", "decision-server/examples"] {
-        copy_dir(rel, dir.path());
-    }
-    for rel in ["target", ".tools"] {
-        std::os::unix::fs::symlink(root().join(rel), dir.path().join(rel)).unwrap();
-    }
     let script = format!(
         "set -euo pipefail\n{}\n",
         blocks
@@ -155,15 +163,8 @@ fn the_readmes_first_governed_call_runs_as_written() {
 /// `validate` of its example config.
 #[test]
 fn the_other_readmes_runnable_commands_run_as_written() {
-    let bin = tollgate_testkit::proc::workspace_bin("tollgate", "TOLLGATE_BIN").unwrap();
+    let (dir, bin) = workdir();
     let bin_dir = bin.parent().unwrap().display().to_string();
-    let dir = tempfile::tempdir().unwrap();
-    for rel in ["envoy", "decision-server/examples"] {
-        copy_dir(rel, dir.path());
-    }
-    for rel in ["target", ".tools"] {
-        std::os::unix::fs::symlink(root().join(rel), dir.path().join(rel)).unwrap();
-    }
     let trial = Command::new(&bin)
         .args(["trial-key", "--dir", "trial"])
         .current_dir(dir.path())

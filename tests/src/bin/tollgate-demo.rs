@@ -256,6 +256,21 @@ impl Demo {
         }
     }
 
+    /// acme's usage today by record key `by` (`teamId`, `cutBy`...), as the portal reads it.
+    async fn usage_top(&self, by: &str) -> anyhow::Result<Value> {
+        Ok(self
+            .http
+            .get(format!(
+                "http://{}/v1/customers/acme/usage/top?by={by}",
+                self.sidecar.http
+            ))
+            .bearer_auth(OPERATOR)
+            .send()
+            .await?
+            .json()
+            .await?)
+    }
+
     /// A stream longer than what sales has left: extended slice by slice while it runs, then
     /// cut in OpenAI's streaming error shape when a slice is refused; charged what it
     /// delivered, and its usage record says it was cut and by which limit.
@@ -292,17 +307,7 @@ impl Demo {
         println!("   data: {{\"error\": {{\"message\": \"{error}\", ...}}}}  then data: [DONE]");
         let deadline = Instant::now() + Duration::from_secs(5);
         let cut_by = loop {
-            let v: Value = self
-                .http
-                .get(format!(
-                    "http://{}/v1/customers/acme/usage/top?by=cutBy",
-                    self.sidecar.http
-                ))
-                .bearer_auth(OPERATOR)
-                .send()
-                .await?
-                .json()
-                .await?;
+            let v = self.usage_top("cutBy").await?;
             let row = v["rows"]
                 .as_array()
                 .and_then(|rows| rows.iter().find(|r| r["value"].is_string()))
@@ -362,17 +367,7 @@ impl Demo {
             "\n3. Where the tokens went: the usage API the portal reads, by team and by user."
         );
         for by in ["teamId", "userId"] {
-            let v: Value = self
-                .http
-                .get(format!(
-                    "http://{}/v1/customers/acme/usage/top?by={by}",
-                    self.sidecar.http
-                ))
-                .bearer_auth(OPERATOR)
-                .send()
-                .await?
-                .json()
-                .await?;
+            let v = self.usage_top(by).await?;
             for row in v["rows"].as_array().context("no usage rows")? {
                 println!(
                     "   {by:<7} {:<9} {:>5} tokens in {:>2} calls, {} denied",
